@@ -1,0 +1,561 @@
+//! The command line (SPEC §1): argument definitions and what each command does.
+
+use crate::config::{Config, ConfigError, ConfigSource};
+use crate::daemon::{self, Controls};
+use crate::drain::{DrainSettings, Drainer};
+use crate::sandbox::{Faults, Sandbox, SandboxOptions};
+use crate::store::{self, outbox};
+use crate::sync::{PassSettings, ScanKind, sync_business};
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+
+/// Exit code for an invalid or missing configuration (EX_CONFIG).
+pub const EXIT_CONFIG: u8 = 78;
+
+/// leadsync: mirrors Thumbtack leads into SQLite and sends job-status
+/// transitions from an outbox table back to Thumbtack.
+#[derive(Debug, Parser)]
+#[command(name = "leadsync", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file; repeat to merge several (later wins). Default:
+    /// /etc/leadsync/leadsync.toml then /etc/leadsync/conf.d/*.toml.
+    #[arg(long = "config", value_name = "FILE", global = true)]
+    pub config: Vec<PathBuf>,
+    /// Log format on stderr (the level comes from LEADSYNC_LOG, e.g. `debug`).
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The daemon: scheduled poller and outbox drainer until SIGTERM/SIGINT.
+    Run,
+    /// One sync pass for all (or one) business, then exit.
+    Sync {
+        /// Only this business.
+        #[arg(long, value_name = "ID")]
+        business: Option<String>,
+        /// A full scan (every page; marks leads no longer listed as missing).
+        #[arg(long)]
+        full: bool,
+    },
+    /// Attempt every due outbox row once (in each negotiation's order), then exit.
+    Drain,
+    /// Insert one outbox row, with the table's own validation; prints its id.
+    Enqueue(EnqueueArgs),
+    /// Inspect and act on outbox rows.
+    Outbox {
+        #[command(subcommand)]
+        command: OutboxCommand,
+    },
+    /// Per business: last sync, lead count, needs-reauth; outbox counts.
+    Status {
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Configuration commands.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+    /// OAuth commands.
+    Auth {
+        #[command(subcommand)]
+        command: AuthCommand,
+    },
+    /// Run the built-in simulated Thumbtack API until stopped.
+    Sandbox(SandboxArgs),
+    /// The whole flow against the sandbox, with no credentials or configuration.
+    Demo {
+        /// The demo database (replaced on every run).
+        #[arg(long, default_value = "leadsync-demo.db")]
+        database: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// The lead's negotiationID.
+    #[arg(long, value_name = "ID")]
+    pub negotiation: String,
+    /// not_scheduled, appt_scheduled, job_complete, invoice_paid, customer_cancel or pro_cancel.
+    #[arg(long)]
+    pub status: String,
+    /// When the status changed on your platform: RFC 3339 with a zone.
+    #[arg(long, value_name = "TIME")]
+    pub at: String,
+    /// Invoice amount in cents (job_complete and invoice_paid only).
+    #[arg(long, value_name = "N", allow_hyphen_values = true)]
+    pub invoice_cents: Option<String>,
+    /// The business (default: the lead's business in the mirror).
+    #[arg(long, value_name = "ID")]
+    pub business: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum OutboxCommand {
+    /// Show outbox rows.
+    List {
+        /// Only rows in this state.
+        #[arg(long, value_parser = ["pending", "sending", "sent", "dead", "canceled"])]
+        state: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put dead rows back to pending (attempts reset).
+    Retry {
+        /// Row ids.
+        #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
+        ids: Vec<i64>,
+        /// Every dead row.
+        #[arg(long)]
+        all_dead: bool,
+    },
+    /// Cancel pending rows (they are never sent).
+    Cancel {
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate and print the effective configuration, secrets masked.
+    Check,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuthCommand {
+    /// Exchange an OAuth authorization code; store the business's refresh token.
+    Exchange {
+        #[arg(long, value_name = "ID")]
+        business: String,
+        #[arg(long)]
+        code: String,
+        #[arg(long, value_name = "URI")]
+        redirect_uri: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct SandboxArgs {
+    /// Address to listen on (loopback).
+    #[arg(long, default_value = "127.0.0.1:8765")]
+    pub listen: std::net::SocketAddr,
+    /// Seed of the generated data.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    #[arg(long, default_value_t = 3)]
+    pub businesses: usize,
+    #[arg(long, default_value_t = 60)]
+    pub leads_per_business: usize,
+    /// Largest page a listing returns.
+    #[arg(long, default_value_t = 100)]
+    pub max_page_size: usize,
+    /// Lifetime of issued access tokens, in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub token_ttl_secs: u64,
+    /// Latency added to every API response, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// Share of API requests answered 500/502/503.
+    #[arg(long, default_value_t = 0.0)]
+    pub error_rate: f64,
+    /// Share answered 429 with Retry-After.
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_429: f64,
+    #[arg(long, default_value_t = 1)]
+    pub retry_after_secs: u64,
+    /// Share answered 202 (WAF challenge).
+    #[arg(long, default_value_t = 0.0)]
+    pub rate_202: f64,
+    /// Share that hang for --timeout-ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub timeout_rate: f64,
+    #[arg(long, default_value_t = 60_000)]
+    pub timeout_ms: u64,
+    /// Share whose connection is closed without an answer.
+    #[arg(long, default_value_t = 0.0)]
+    pub reset_rate: f64,
+    /// Share with a broken body.
+    #[arg(long, default_value_t = 0.0)]
+    pub malformed_rate: f64,
+    /// Negotiations whose job-status posts are refused (400).
+    #[arg(long, value_name = "ID")]
+    pub refuse: Vec<String>,
+    /// Write a ready-to-use leadsync configuration (and token files) into DIR.
+    #[arg(long, value_name = "DIR")]
+    pub write_config: Option<PathBuf>,
+    /// With --write-config: static access tokens instead of OAuth grants.
+    #[arg(long)]
+    pub static_tokens: bool,
+}
+
+impl Command {
+    /// The log level used when LEADSYNC_LOG is not set.
+    pub fn default_log_level(&self) -> &'static str {
+        match self {
+            Command::Run
+            | Command::Sync { .. }
+            | Command::Drain
+            | Command::Sandbox(_)
+            | Command::Auth { .. } => "info",
+            Command::Demo { .. } => "off",
+            _ => "warn",
+        }
+    }
+}
+
+/// A failure that should exit with a given code after its message.
+pub fn exit_code_of(e: &anyhow::Error) -> u8 {
+    if e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some()) {
+        EXIT_CONFIG
+    } else {
+        1
+    }
+}
+
+/// Runs a parsed command; returns the process exit code.
+pub async fn execute(cli: Cli) -> Result<u8> {
+    let source = ConfigSource {
+        files: cli.config.clone(),
+    };
+    let load = || -> Result<Config> { Ok(source.load()?) };
+    match cli.command {
+        Command::Run => {
+            let config = load()?;
+            let controls = Controls::default();
+            spawn_signal_handlers(&controls)?;
+            daemon::run_with(config, Some(source), controls).await?;
+            Ok(0)
+        }
+        Command::Sync { business, full } => sync(load()?, business, full).await,
+        Command::Drain => drain(load()?).await,
+        Command::Enqueue(args) => enqueue(&load()?, args),
+        Command::Outbox { command } => outbox_command(&load()?, command),
+        Command::Status { json } => {
+            let config = load()?;
+            let conn = store::open_connection(config.database(), false)?;
+            let report = crate::status::report(&conn, &config)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", crate::status::render_text(&report));
+            }
+            Ok(0)
+        }
+        Command::Config {
+            command: ConfigCommand::Check,
+        } => {
+            let config = load()?;
+            let files: Vec<String> = config
+                .files
+                .iter()
+                .map(|f| f.display().to_string())
+                .collect();
+            println!("# configuration is valid");
+            println!(
+                "# files: {}",
+                if files.is_empty() {
+                    "(none)".into()
+                } else {
+                    files.join(", ")
+                }
+            );
+            if let Some(s) = &config.client_secret_source {
+                println!("# client secret from: {s}");
+            }
+            if config.businesses.is_empty() {
+                println!("# warning: no business is configured");
+            }
+            print!("{}", config.to_masked_toml());
+            Ok(0)
+        }
+        Command::Auth {
+            command:
+                AuthCommand::Exchange {
+                    business,
+                    code,
+                    redirect_uri,
+                },
+        } => auth_exchange(load()?, &business, &code, &redirect_uri).await,
+        Command::Sandbox(args) => sandbox(args).await,
+        Command::Demo { database } => crate::demo::run(&database).await,
+    }
+}
+
+/// SIGTERM/SIGINT stop the daemon; SIGHUP reloads its configuration.
+fn spawn_signal_handlers(controls: &Controls) -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let c = controls.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                _ = term.recv() => { tracing::info!("SIGTERM received"); c.shutdown.cancel(); }
+                _ = int.recv() => { tracing::info!("SIGINT received"); c.shutdown.cancel(); }
+                _ = hup.recv() => { tracing::info!("SIGHUP received: reloading the configuration"); c.reload.notify_one(); }
+            }
+        }
+    });
+    Ok(())
+}
+
+/// A token cancelled by SIGTERM or SIGINT (for the one-shot commands).
+fn stop_on_signal() -> Result<CancellationToken> {
+    let controls = Controls::default();
+    spawn_signal_handlers(&controls)?;
+    Ok(controls.shutdown)
+}
+
+async fn sync(config: Config, business: Option<String>, full: bool) -> Result<u8> {
+    let selected: Vec<String> = match &business {
+        Some(id) => match config.business(id) {
+            None => bail!("business {id} is not in the configuration"),
+            Some(b) if !b.enabled => bail!("business {id} is disabled (enabled = false)"),
+            Some(b) => vec![b.id.clone()],
+        },
+        None => config
+            .businesses
+            .iter()
+            .filter(|b| b.enabled)
+            .map(|b| b.id.clone())
+            .collect(),
+    };
+    if selected.is_empty() {
+        println!("no enabled business is configured: nothing to sync");
+        return Ok(0);
+    }
+    let stop = stop_on_signal()?;
+    let session = crate::app::Session::open(config).await?;
+    let settings = PassSettings {
+        page_size: session.config.file.poll.page_size,
+        stop_after_unchanged_pages: session.config.file.poll.stop_after_unchanged_pages,
+    };
+    let kind = if full { ScanKind::Full } else { ScanKind::Head };
+    let slots = Arc::new(tokio::sync::Semaphore::new(
+        session.config.file.daemon.sync_concurrency,
+    ));
+    let mut tasks = tokio::task::JoinSet::new();
+    for id in selected {
+        let (store, client, slots, stop) = (
+            session.store.clone(),
+            session.client.clone(),
+            slots.clone(),
+            stop.clone(),
+        );
+        tasks.spawn(async move {
+            let _slot = slots.acquire_owned().await;
+            sync_business(&store, &client, &id, kind, settings, &stop).await
+        });
+    }
+    let mut reports = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        reports.push(r.context("a sync task failed")?);
+    }
+    reports.sort_by(|a, b| a.business_id.cmp(&b.business_id));
+    let failed = reports.iter().filter(|r| !r.is_ok()).count();
+    for r in &reports {
+        println!("{}", r.summary());
+    }
+    if failed > 0 {
+        println!("{failed} of {} businesses failed", reports.len());
+        return Ok(1);
+    }
+    Ok(0)
+}
+
+async fn drain(config: Config) -> Result<u8> {
+    let stop = stop_on_signal()?;
+    let session = crate::app::Session::open(config).await?;
+    let drainer = Arc::new(Drainer::new(
+        session.store.clone(),
+        session.client.clone(),
+        DrainSettings::from_config(&session.config),
+    ));
+    let s = drainer.drain_once(&stop).await?;
+    println!(
+        "drained: {} sent, {} to retry later, {} dead, {} held for re-authorization",
+        s.sent, s.retried, s.dead, s.held
+    );
+    if !session.auth.blocked().is_empty() {
+        println!(
+            "businesses needing re-authorization: {}",
+            session.auth.blocked().join(", ")
+        );
+    }
+    Ok(if s.all_sent() { 0 } else { 1 })
+}
+
+fn enqueue(config: &Config, args: EnqueueArgs) -> Result<u8> {
+    let invoice = match args.invoice_cents.as_deref() {
+        None => None,
+        Some(v) => match v.trim().parse::<i64>() {
+            Ok(n) => Some(n),
+            Err(_) => bail!(
+                "enqueue rejected: outbox: invoice_amount_in_cents must be a whole number of cents (got {v:?})"
+            ),
+        },
+    };
+    let conn = store::open_connection(config.database(), true)?;
+    let t = outbox::NewTransition {
+        negotiation_id: args.negotiation,
+        business_id: args.business,
+        status: args.status,
+        partner_status_changed_at: args.at,
+        invoice_amount_in_cents: invoice,
+    };
+    let id = outbox::enqueue(&conn, &t).context("enqueue rejected")?;
+    println!("{id}");
+    Ok(0)
+}
+
+fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
+    match command {
+        OutboxCommand::List { state, json } => {
+            let conn = store::open_connection(config.database(), false)?;
+            let rows = outbox::list(&conn, state.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(0);
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:>6}  {:<20} {:<16} {:<26} {:>10}  {:<9} {:>4}  {}",
+                "ID", "NEGOTIATION", "STATUS", "CHANGED AT", "CENTS", "STATE", "TRY", "LAST ERROR"
+            )?;
+            for r in &rows {
+                writeln!(
+                    out,
+                    "{:>6}  {:<20} {:<16} {:<26} {:>10}  {:<9} {:>4}  {}",
+                    r.id,
+                    r.negotiation_id,
+                    r.status,
+                    r.partner_status_changed_at,
+                    r.invoice_amount_in_cents
+                        .map(|c| c.to_string())
+                        .unwrap_or_default(),
+                    r.state,
+                    r.attempts,
+                    r.last_error.as_deref().unwrap_or("")
+                )?;
+            }
+            if rows.is_empty() {
+                writeln!(out, "(no rows)")?;
+            }
+            Ok(0)
+        }
+        OutboxCommand::Retry { ids, all_dead } => {
+            let mut conn = store::open_connection(config.database(), false)?;
+            let now = crate::time::now();
+            if all_dead {
+                let ids = outbox::retry_all_dead(&conn, &now)?;
+                println!("{} dead rows are pending again: {ids:?}", ids.len());
+                return Ok(0);
+            }
+            report_each(outbox::retry_dead(&mut conn, &ids, &now)?, "pending again")
+        }
+        OutboxCommand::Cancel { ids } => {
+            let mut conn = store::open_connection(config.database(), false)?;
+            report_each(outbox::cancel(&mut conn, &ids)?, "canceled")
+        }
+    }
+}
+
+fn report_each(results: Vec<(i64, std::result::Result<(), String>)>, done: &str) -> Result<u8> {
+    let mut failed = false;
+    for (id, r) in results {
+        match r {
+            Ok(()) => println!("row {id}: {done}"),
+            Err(e) => {
+                eprintln!("leadsync: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+async fn auth_exchange(
+    config: Config,
+    business: &str,
+    code: &str,
+    redirect_uri: &str,
+) -> Result<u8> {
+    let mirror = {
+        let path = config.database().to_path_buf();
+        tokio::task::spawn_blocking(move || store::Store::open(&path)).await??
+    };
+    let auth = crate::thumbtack::Auth::new(&config, Some(mirror), Default::default())?;
+    auth.exchange_code(business, code, redirect_uri).await?;
+    println!(
+        "stored a new refresh token for business {business} in {}; a running daemon picks it up at its next sync",
+        config.file.oauth.token_store.display()
+    );
+    Ok(0)
+}
+
+async fn sandbox(args: SandboxArgs) -> Result<u8> {
+    let options = SandboxOptions {
+        listen: args.listen,
+        seed: args.seed,
+        businesses: args.businesses,
+        leads_per_business: args.leads_per_business,
+        max_page_size: args.max_page_size,
+        access_token_ttl_secs: args.token_ttl_secs,
+        faults: Faults {
+            latency_ms: args.latency_ms,
+            error_5xx: args.error_rate,
+            rate_429: args.rate_429,
+            retry_after_secs: args.retry_after_secs,
+            waf_202: args.rate_202,
+            timeout: args.timeout_rate,
+            timeout_ms: args.timeout_ms,
+            reset: args.reset_rate,
+            malformed: args.malformed_rate,
+        },
+        ..SandboxOptions::default()
+    };
+    let sandbox = Sandbox::start(options).await?;
+    for id in &args.refuse {
+        sandbox.refuse(id);
+    }
+    println!("sandbox listening on {}", sandbox.base_url());
+    println!("  token endpoint: {}", sandbox.token_url());
+    let (client_id, client_secret) = sandbox.client_credentials();
+    println!("  OAuth client: {client_id} / {client_secret}");
+    for b in sandbox.businesses() {
+        println!("  business {} ({}): {} leads", b.id, b.name, b.leads);
+    }
+    if let Some(dir) = &args.write_config {
+        let path = sandbox.write_fixture(dir, !args.static_tokens)?;
+        println!("  configuration written: {}", path.display());
+        println!("  try: leadsync --config {} sync --full", path.display());
+    }
+    println!(
+        "  inspect: GET {}/_sandbox/deliveries, /_sandbox/stats; stop with Ctrl-C",
+        sandbox.base_url()
+    );
+    std::io::stdout().flush()?;
+    let stop = stop_on_signal()?;
+    stop.cancelled().await;
+    sandbox.stop().await;
+    Ok(0)
+}

@@ -1,0 +1,733 @@
+//! Configuration: TOML files layered with figment, `LEADSYNC_*` environment
+//! overrides, validation that names the file and the key, masked secrets.
+
+use crate::secret::Secret;
+use figment::providers::{Env, Format, Toml};
+use figment::value::Value;
+use figment::{Figment, Metadata, Source};
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::HashMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// The main configuration file read when no `--config` is given.
+pub const DEFAULT_CONFIG_FILE: &str = "/etc/leadsync/leadsync.toml";
+/// The drop-in directory read after the main file, `*.toml` in lexical order.
+pub const DEFAULT_CONF_D: &str = "/etc/leadsync/conf.d";
+/// Prefix of the environment overrides (`__` nests).
+pub const ENV_PREFIX: &str = "LEADSYNC_";
+/// Environment variables with the prefix that are not configuration keys.
+const ENV_NOT_CONFIG: &[&str] = &["log", "log_format"];
+
+/// A configuration that cannot be used; the process exits with 78 (EX_CONFIG).
+#[derive(Debug, Clone)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError(msg.into()))
+}
+
+// ---------------------------------------------------------------------------
+// The file format. Every section denies unknown keys.
+
+/// The configuration as written in the files (defaults filled in).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// The SQLite mirror.
+    #[serde(default = "default_database")]
+    pub database: PathBuf,
+    #[serde(default)]
+    pub api: ApiConfig,
+    #[serde(default)]
+    pub oauth: OauthConfig,
+    #[serde(default)]
+    pub poll: PollConfig,
+    #[serde(default)]
+    pub outbox: OutboxConfig,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
+    #[serde(default)]
+    pub businesses: Vec<BusinessConfig>,
+}
+
+fn default_database() -> PathBuf {
+    PathBuf::from("/var/lib/leadsync/leadsync.db")
+}
+
+/// `[api]`: where and how requests are sent.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApiConfig {
+    pub base_url: String,
+    pub timeout_secs: u64,
+    pub user_agent: String,
+    pub max_requests_per_second: f64,
+    /// Retries of a failed read (listing page) within one pass.
+    pub read_retries: usize,
+    /// First delay between read retries, in milliseconds (exponential with jitter).
+    pub read_retry_initial_ms: u64,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            base_url: "https://api.thumbtack.com".into(),
+            timeout_secs: 30,
+            user_agent: format!("leadsync/{}", env!("CARGO_PKG_VERSION")),
+            max_requests_per_second: 5.0,
+            read_retries: 3,
+            read_retry_initial_ms: 1000,
+        }
+    }
+}
+
+/// `[oauth]`: the refresh-token grant and where rotated tokens live.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OauthConfig {
+    pub token_url: String,
+    pub audience: String,
+    pub client_id: Option<String>,
+    pub client_secret_file: Option<PathBuf>,
+    /// Usually given as `LEADSYNC_OAUTH__CLIENT_SECRET`, not written in a file.
+    pub client_secret: Option<Secret>,
+    pub token_store: PathBuf,
+}
+
+impl Default for OauthConfig {
+    fn default() -> Self {
+        OauthConfig {
+            token_url: "https://auth.thumbtack.com/oauth2/token".into(),
+            audience: "urn:partner-api".into(),
+            client_id: None,
+            client_secret_file: None,
+            client_secret: None,
+            token_store: PathBuf::from("/var/lib/leadsync/tokens.db"),
+        }
+    }
+}
+
+/// `[poll]`: when and how much the poller reads.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PollConfig {
+    pub schedule: String,
+    pub full_schedule: String,
+    pub page_size: u32,
+    pub stop_after_unchanged_pages: u32,
+}
+
+impl Default for PollConfig {
+    fn default() -> Self {
+        PollConfig {
+            schedule: "0 */5 * * * *".into(),
+            full_schedule: "0 17 3 * * *".into(),
+            page_size: 20,
+            stop_after_unchanged_pages: 1,
+        }
+    }
+}
+
+/// `[outbox]`: the drainer.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct OutboxConfig {
+    pub poll_interval_ms: u64,
+    pub concurrency: usize,
+    pub max_attempts: u32,
+    /// Seconds; fractions allowed.
+    pub backoff_initial_secs: f64,
+    /// Seconds; also caps `Retry-After`.
+    pub backoff_max_secs: f64,
+}
+
+impl Default for OutboxConfig {
+    fn default() -> Self {
+        OutboxConfig {
+            poll_interval_ms: 1000,
+            concurrency: 4,
+            max_attempts: 20,
+            backoff_initial_secs: 2.0,
+            backoff_max_secs: 3600.0,
+        }
+    }
+}
+
+/// `[daemon]`: process-level settings (not in SPEC §2; documented in the README).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// How long in-flight requests may finish after SIGTERM.
+    pub shutdown_timeout_secs: u64,
+    /// How many businesses `leadsync sync` (and a burst of scheduled passes) runs at once.
+    pub sync_concurrency: usize,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            shutdown_timeout_secs: 10,
+            sync_concurrency: 4,
+        }
+    }
+}
+
+/// One `[[businesses]]` entry.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct BusinessConfig {
+    #[serde(deserialize_with = "id_text")]
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_token_file: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schedule: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub full_schedule: Option<String>,
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// Thumbtack ids are text; a TOML integer (exact in i64) is accepted and kept as text.
+fn id_text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        Text(String),
+        Int(i64),
+    }
+    Ok(match Id::deserialize(d)? {
+        Id::Text(s) => s,
+        Id::Int(i) => i.to_string(),
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The validated configuration the program runs on.
+
+/// Where a business's API token comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TokenSource {
+    /// The initial OAuth grant; rotated tokens then live in the token store.
+    Refresh(PathBuf),
+    /// A static bearer token (sandbox, testing).
+    Static(PathBuf),
+}
+
+/// A business as the program uses it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Business {
+    pub id: String,
+    pub name: Option<String>,
+    pub token: TokenSource,
+    /// Head-scan cron expression, normalised to six fields.
+    pub schedule: String,
+    /// Full-scan cron expression, normalised to six fields.
+    pub full_schedule: String,
+    pub enabled: bool,
+}
+
+/// The validated, effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: FileConfig,
+    pub businesses: Vec<Business>,
+    /// The OAuth client secret, when any business uses the refresh-token grant.
+    pub client_secret: Option<Secret>,
+    /// Where the client secret came from (for `config check`).
+    pub client_secret_source: Option<String>,
+    /// The files read, in order.
+    pub files: Vec<PathBuf>,
+}
+
+impl Config {
+    /// The mirror database path.
+    pub fn database(&self) -> &Path {
+        &self.file.database
+    }
+
+    /// The business with this id, if configured.
+    pub fn business(&self, id: &str) -> Option<&Business> {
+        self.businesses.iter().find(|b| b.id == id)
+    }
+
+    /// True when some business uses the OAuth refresh-token grant.
+    pub fn uses_oauth(&self) -> bool {
+        self.businesses
+            .iter()
+            .any(|b| matches!(b.token, TokenSource::Refresh(_)))
+    }
+
+    /// Validates an in-memory file configuration (tests, demo, benchmarks).
+    pub fn from_file_config(file: FileConfig) -> Result<Config, ConfigError> {
+        let figment = Figment::from(figment::providers::Serialized::defaults(&file));
+        validate(&figment, file, Vec::new())
+    }
+
+    /// The effective configuration as TOML, secrets masked.
+    pub fn to_masked_toml(&self) -> String {
+        let mut file = self.file.clone();
+        file.oauth.client_secret = self.client_secret.clone();
+        for (b, resolved) in file.businesses.iter_mut().zip(&self.businesses) {
+            b.schedule = Some(resolved.schedule.clone());
+            b.full_schedule = Some(resolved.full_schedule.clone());
+        }
+        toml::to_string_pretty(&file).unwrap_or_else(|e| format!("# cannot render: {e}\n"))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Loading.
+
+/// Which files to read: the `--config` list, or the defaults.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// `--config` files in order; empty means the default locations.
+    pub files: Vec<PathBuf>,
+}
+
+impl ConfigSource {
+    /// Reads, merges and validates the configuration (files, then the
+    /// process's `LEADSYNC_*` environment).
+    pub fn load(&self) -> Result<Config, ConfigError> {
+        let files = self.resolve_files()?;
+        let mut figment = Figment::new();
+        for f in &files {
+            // admerge: `[[businesses]]` from several files add up; other keys: later wins.
+            figment = figment.admerge(Toml::file_exact(f));
+        }
+        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG));
+        let file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        validate(&figment, file, files)
+    }
+
+    fn resolve_files(&self) -> Result<Vec<PathBuf>, ConfigError> {
+        if !self.files.is_empty() {
+            for f in &self.files {
+                if !f.is_file() {
+                    return err(format!(
+                        "{}: configuration file does not exist or is not a file (given with --config)",
+                        f.display()
+                    ));
+                }
+            }
+            return Ok(self.files.clone());
+        }
+        let mut files = Vec::new();
+        let main = PathBuf::from(DEFAULT_CONFIG_FILE);
+        if main.is_file() {
+            files.push(main);
+        }
+        files.extend(conf_d_files(Path::new(DEFAULT_CONF_D))?);
+        if files.is_empty() {
+            return err(format!(
+                "no configuration: {DEFAULT_CONFIG_FILE} does not exist and {DEFAULT_CONF_D}/ has no *.toml file; \
+                 create one (see config/leadsync.toml in the source) or pass --config FILE"
+            ));
+        }
+        Ok(files)
+    }
+}
+
+/// `dir/*.toml` in lexical order; a missing directory is empty.
+fn conf_d_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return err(format!("{}: cannot read directory: {e}", dir.display())),
+    };
+    let mut files: Vec<PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// Where a value came from, in the user's words.
+fn origin(md: Option<&Metadata>, path: &[String]) -> String {
+    let key = path.join(".");
+    match md {
+        Some(Metadata {
+            source: Some(Source::File(f)),
+            ..
+        }) => format!("{}: key `{key}`", f.display()),
+        Some(md) if md.name.contains("environment") => {
+            let var = path
+                .iter()
+                .map(|p| p.to_ascii_uppercase())
+                .collect::<Vec<_>>()
+                .join("__");
+            format!("environment variable {ENV_PREFIX}{var}")
+        }
+        _ => format!("key `{key}`"),
+    }
+}
+
+fn describe_figment_error(e: figment::Error) -> ConfigError {
+    let lines: Vec<String> = e
+        .into_iter()
+        .map(|e| {
+            let path: Vec<String> = e.path.iter().filter(|p| *p != "default").cloned().collect();
+            let what = match &e.kind {
+                figment::error::Kind::UnknownField(f, expected) => format!(
+                    "unknown key `{f}` (expected one of: {})",
+                    expected.join(", ")
+                ),
+                figment::error::Kind::Message(m) => m.trim_end().to_string(),
+                other => other.to_string(),
+            };
+            if path.is_empty() {
+                let file = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
+                    Some(Source::File(f)) => f.display().to_string(),
+                    _ => "configuration".into(),
+                };
+                format!("{file}: {what}")
+            } else {
+                format!("{}: {what}", origin(e.metadata.as_ref(), &path))
+            }
+        })
+        .collect();
+    ConfigError(lines.join("\n"))
+}
+
+/// Locates a top-level key for error messages.
+fn locate(figment: &Figment, key: &str) -> String {
+    let path: Vec<String> = key.split('.').map(String::from).collect();
+    origin(figment.find_metadata(key), &path)
+}
+
+/// Locates `businesses[index].field` for error messages.
+fn locate_business(figment: &Figment, index: usize, field: &str) -> String {
+    let md = figment
+        .find_value("businesses")
+        .ok()
+        .and_then(|v| match v {
+            Value::Array(_, items) => items.get(index).map(|i| i.tag()),
+            _ => None,
+        })
+        .and_then(|tag| figment.get_metadata(tag));
+    let path = vec!["businesses".into(), index.to_string(), field.into()];
+    origin(md, &path)
+}
+
+/// Normalises a cron expression to six fields and checks it with the parser
+/// the scheduler itself uses.
+pub fn normalize_cron(expr: &str) -> Result<String, String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let six = match fields.len() {
+        5 => format!("0 {}", fields.join(" ")),
+        6 => fields.join(" "),
+        n => {
+            return Err(format!(
+                "cron expression `{expr}` has {n} fields; expected 6 (sec min hour day month weekday) or 5"
+            ));
+        }
+    };
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Required)
+        .dom_and_dow(true)
+        .build()
+        .parse(&six)
+        .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))?;
+    Ok(six)
+}
+
+fn check_readable(path: &Path, what: &str, at: &str) -> Result<(), ConfigError> {
+    match std::fs::read(path) {
+        Ok(_) => Ok(()),
+        Err(e) => err(format!(
+            "{at}: {what} {} cannot be read: {e}",
+            path.display()
+        )),
+    }
+}
+
+fn validate(
+    figment: &Figment,
+    file: FileConfig,
+    files: Vec<PathBuf>,
+) -> Result<Config, ConfigError> {
+    if file.database.as_os_str().is_empty() {
+        return err(format!(
+            "{}: must not be empty",
+            locate(figment, "database")
+        ));
+    }
+    let api = &file.api;
+    match reqwest::Url::parse(&api.base_url) {
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+        _ => {
+            return err(format!(
+                "{}: `{}` is not an http(s) URL",
+                locate(figment, "api.base_url"),
+                api.base_url
+            ));
+        }
+    }
+    if api.timeout_secs == 0 {
+        return err(format!(
+            "{}: must be at least 1",
+            locate(figment, "api.timeout_secs")
+        ));
+    }
+    if api.user_agent.trim().is_empty() {
+        return err(format!(
+            "{}: must not be empty",
+            locate(figment, "api.user_agent")
+        ));
+    }
+    if !(api.max_requests_per_second.is_finite() && api.max_requests_per_second > 0.0) {
+        return err(format!(
+            "{}: must be a number greater than 0",
+            locate(figment, "api.max_requests_per_second")
+        ));
+    }
+    let poll = &file.poll;
+    if !(1..=1000).contains(&poll.page_size) {
+        return err(format!(
+            "{}: must be between 1 and 1000",
+            locate(figment, "poll.page_size")
+        ));
+    }
+    if poll.stop_after_unchanged_pages == 0 {
+        return err(format!(
+            "{}: must be at least 1",
+            locate(figment, "poll.stop_after_unchanged_pages")
+        ));
+    }
+    let schedule = normalize_cron(&poll.schedule)
+        .or_else(|e| err(format!("{}: {e}", locate(figment, "poll.schedule"))))?;
+    let full_schedule = normalize_cron(&poll.full_schedule)
+        .or_else(|e| err(format!("{}: {e}", locate(figment, "poll.full_schedule"))))?;
+    let outbox = &file.outbox;
+    if outbox.poll_interval_ms < 10 {
+        return err(format!(
+            "{}: must be at least 10",
+            locate(figment, "outbox.poll_interval_ms")
+        ));
+    }
+    if !(1..=256).contains(&outbox.concurrency) {
+        return err(format!(
+            "{}: must be between 1 and 256",
+            locate(figment, "outbox.concurrency")
+        ));
+    }
+    if outbox.max_attempts == 0 {
+        return err(format!(
+            "{}: must be at least 1",
+            locate(figment, "outbox.max_attempts")
+        ));
+    }
+    for key in ["backoff_initial_secs", "backoff_max_secs"] {
+        let v = if key == "backoff_initial_secs" {
+            outbox.backoff_initial_secs
+        } else {
+            outbox.backoff_max_secs
+        };
+        if !(v.is_finite() && v > 0.0) {
+            return err(format!(
+                "{}: must be a number of seconds greater than 0",
+                locate(figment, &format!("outbox.{key}"))
+            ));
+        }
+    }
+    if outbox.backoff_max_secs < outbox.backoff_initial_secs {
+        return err(format!(
+            "{}: must not be smaller than outbox.backoff_initial_secs",
+            locate(figment, "outbox.backoff_max_secs")
+        ));
+    }
+    if file.daemon.sync_concurrency == 0 {
+        return err(format!(
+            "{}: must be at least 1",
+            locate(figment, "daemon.sync_concurrency")
+        ));
+    }
+
+    let mut businesses: Vec<Business> = Vec::new();
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for (i, b) in file.businesses.iter().enumerate() {
+        let at_id = locate_business(figment, i, "id");
+        if b.id.is_empty() || !b.id.bytes().all(|c| c.is_ascii_digit()) {
+            return err(format!(
+                "{at_id}: business id `{}` is not a string of digits",
+                b.id
+            ));
+        }
+        if let Some(first) = seen.get(&b.id) {
+            return err(format!(
+                "{at_id}: business {} is configured twice (first at {first})",
+                b.id
+            ));
+        }
+        seen.insert(b.id.clone(), at_id.clone());
+        let token = match (&b.refresh_token_file, &b.access_token_file) {
+            (Some(r), None) => {
+                let at = locate_business(figment, i, "refresh_token_file");
+                check_readable(r, "refresh token file", &at)?;
+                TokenSource::Refresh(r.clone())
+            }
+            (None, Some(a)) => {
+                let at = locate_business(figment, i, "access_token_file");
+                check_readable(a, "access token file", &at)?;
+                let content = std::fs::read_to_string(a).unwrap_or_default();
+                if content.trim().is_empty() {
+                    return err(format!("{at}: access token file {} is empty", a.display()));
+                }
+                TokenSource::Static(a.clone())
+            }
+            (None, None) => {
+                return err(format!(
+                    "{}: business {} has no token source: set refresh_token_file (OAuth grant) or access_token_file",
+                    locate_business(figment, i, "refresh_token_file"),
+                    b.id
+                ));
+            }
+            (Some(_), Some(_)) => {
+                return err(format!(
+                    "{}: business {} has both refresh_token_file and access_token_file; keep one",
+                    locate_business(figment, i, "access_token_file"),
+                    b.id
+                ));
+            }
+        };
+        let own = |field: &str, v: &Option<String>, default: &String| match v {
+            Some(expr) => normalize_cron(expr)
+                .or_else(|e| err(format!("{}: {e}", locate_business(figment, i, field)))),
+            None => Ok(default.clone()),
+        };
+        businesses.push(Business {
+            id: b.id.clone(),
+            name: b.name.clone(),
+            token,
+            schedule: own("schedule", &b.schedule, &schedule)?,
+            full_schedule: own("full_schedule", &b.full_schedule, &full_schedule)?,
+            enabled: b.enabled,
+        });
+    }
+
+    let uses_oauth = businesses
+        .iter()
+        .any(|b| matches!(b.token, TokenSource::Refresh(_)));
+    let (client_secret, client_secret_source) = resolve_client_secret(figment, &file)?;
+    if uses_oauth {
+        if file
+            .oauth
+            .client_id
+            .as_deref()
+            .is_none_or(|c| c.trim().is_empty())
+        {
+            return err(format!(
+                "{}: required because a business uses refresh_token_file",
+                locate(figment, "oauth.client_id")
+            ));
+        }
+        if client_secret.is_none() {
+            return err(format!(
+                "{}: no OAuth client secret: set oauth.client_secret_file, load the credential `client_secret` \
+                 (systemd LoadCredential=), or set {ENV_PREFIX}OAUTH__CLIENT_SECRET",
+                locate(figment, "oauth.client_secret_file")
+            ));
+        }
+        if reqwest::Url::parse(&file.oauth.token_url).is_err() {
+            return err(format!(
+                "{}: `{}` is not a URL",
+                locate(figment, "oauth.token_url"),
+                file.oauth.token_url
+            ));
+        }
+        if same_file(&file.oauth.token_store, &file.database) {
+            return err(format!(
+                "{}: the token store must not be the mirror database ({})",
+                locate(figment, "oauth.token_store"),
+                file.database.display()
+            ));
+        }
+    }
+
+    Ok(Config {
+        file,
+        businesses,
+        client_secret,
+        client_secret_source,
+        files,
+    })
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    a == b || matches!((a.canonicalize(), b.canonicalize()), (Ok(x), Ok(y)) if x == y)
+}
+
+/// The client secret: the `client_secret` value (normally the environment),
+/// else `client_secret_file`, else `$CREDENTIALS_DIRECTORY/client_secret`.
+fn resolve_client_secret(
+    figment: &Figment,
+    file: &FileConfig,
+) -> Result<(Option<Secret>, Option<String>), ConfigError> {
+    if let Some(s) = &file.oauth.client_secret {
+        let trimmed = Secret::new(s.expose().trim());
+        if trimmed.is_empty() {
+            return err(format!(
+                "{}: is empty",
+                locate(figment, "oauth.client_secret")
+            ));
+        }
+        return Ok((Some(trimmed), Some(locate(figment, "oauth.client_secret"))));
+    }
+    if let Some(path) = &file.oauth.client_secret_file {
+        let at = locate(figment, "oauth.client_secret_file");
+        let secret = read_secret_file(path).or_else(|e| err(format!("{at}: {e}")))?;
+        return Ok((Some(secret), Some(path.display().to_string())));
+    }
+    if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+        let path = Path::new(&dir).join("client_secret");
+        if path.exists() {
+            let secret = read_secret_file(&path)
+                .or_else(|e| err(format!("systemd credential client_secret: {e}")))?;
+            return Ok((Some(secret), Some(path.display().to_string())));
+        }
+    }
+    Ok((None, None))
+}
+
+/// Reads a secret file, trimmed; empty or unreadable is an error.
+pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
+    let content = std::fs::read_to_string(path)
+        .map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
+    let trimmed = content.trim();
+    if trimmed.is_empty() {
+        return Err(format!("{} is empty", path.display()));
+    }
+    Ok(Secret::new(trimmed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn five_field_cron_gets_seconds() {
+        assert_eq!(normalize_cron("*/5 * * * *").unwrap(), "0 */5 * * * *");
+        assert_eq!(normalize_cron("0 17 3 * * *").unwrap(), "0 17 3 * * *");
+        assert!(normalize_cron("61 * * * * *").is_err());
+        assert!(normalize_cron("every day").is_err());
+    }
+}

@@ -1,0 +1,297 @@
+//! `leadsync demo` (SPEC §7): the whole flow against the in-process sandbox,
+//! with no network, credentials or configuration, narrated as it goes.
+
+use crate::app::Session;
+use crate::config::ConfigSource;
+use crate::drain::{DrainSettings, Drainer};
+use crate::sandbox::{Faults, Mutation, Sandbox, SandboxOptions};
+use crate::sync::{PassSettings, ScanKind, sync_business};
+use anyhow::{Context, Result};
+use std::io::Write;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+fn say(line: impl AsRef<str>) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", line.as_ref());
+    let _ = out.flush();
+}
+
+fn remove_database(path: &Path) -> Result<()> {
+    for suffix in ["", "-wal", "-shm", "-journal", ".lock"] {
+        let mut p = path.as_os_str().to_owned();
+        p.push(suffix);
+        match std::fs::remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot remove {}", Path::new(&p).display()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs the demo, writing the mirror to `database`.
+pub async fn run(database: &Path) -> Result<u8> {
+    let started = Instant::now();
+    let tokens = database.with_file_name(format!(
+        "{}-tokens.db",
+        database
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .unwrap_or("leadsync-demo")
+    ));
+    remove_database(database)?;
+    remove_database(&tokens)?;
+    say(
+        "leadsync demo: the whole flow against the built-in Thumbtack sandbox (loopback only, no credentials)\n",
+    );
+
+    let sandbox = Sandbox::start(SandboxOptions {
+        businesses: 3,
+        leads_per_business: 45,
+        access_token_ttl_secs: 600,
+        ..SandboxOptions::default()
+    })
+    .await?;
+    let businesses = sandbox.businesses();
+    say(format!(
+        "[1/6] sandbox started at {} with {} businesses and {} leads (seed 42)",
+        sandbox.base_url(),
+        businesses.len(),
+        businesses.iter().map(|b| b.leads).sum::<usize>()
+    ));
+
+    let fixture = std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()));
+    let config_path = sandbox.write_fixture(&fixture, true)?;
+    let mut config = ConfigSource {
+        files: vec![config_path],
+    }
+    .load()?;
+    config.file.database = database.to_path_buf();
+    config.file.oauth.token_store = tokens.clone();
+    config.file.outbox.concurrency = 1;
+    config.file.outbox.backoff_initial_secs = 1.0;
+    config.file.outbox.backoff_max_secs = 5.0;
+    config.file.poll.page_size = 20;
+    say(format!(
+        "[2/6] each business authorized with an OAuth refresh token; rotated tokens go to {}\n      mirror: {}",
+        tokens.display(),
+        database.display()
+    ));
+
+    let session = Session::open(config).await?;
+    let stop = CancellationToken::new();
+    let settings = PassSettings {
+        page_size: session.config.file.poll.page_size,
+        stop_after_unchanged_pages: 1,
+    };
+    say("[3/6] full sync of every business, page by page:");
+    for b in &businesses {
+        let r = sync_business(
+            &session.store,
+            &session.client,
+            &b.id,
+            ScanKind::Full,
+            settings,
+            &stop,
+        )
+        .await;
+        say(format!("      {}", r.summary()));
+    }
+
+    let first = &businesses[0];
+    let ids = sandbox.lead_ids(&first.id);
+    let added = sandbox.mutate(Mutation::AddLeads {
+        business_id: first.id.clone(),
+        count: 2,
+    })?;
+    let current = sandbox
+        .lead_json(&ids[1])
+        .and_then(|j| serde_json::from_str::<serde_json::Value>(&j).ok())
+        .and_then(|v| v["status"].as_str().map(str::to_string))
+        .unwrap_or_default();
+    let new_status = if current == "Canceled" {
+        "Picked"
+    } else {
+        "Canceled"
+    };
+    sandbox.mutate(Mutation::SetStatus {
+        negotiation_id: ids[1].clone(),
+        status: new_status.into(),
+    })?;
+    let removed = ids[ids.len() - 1].clone();
+    sandbox.mutate(Mutation::Remove {
+        negotiation_id: removed.clone(),
+    })?;
+    say(format!(
+        "[4/6] on Thumbtack's side, business {}: 2 new leads, lead {} went from {current} to {new_status}, lead {} removed",
+        first.id, ids[1], removed
+    ));
+    let r = sync_business(
+        &session.store,
+        &session.client,
+        &first.id,
+        ScanKind::Head,
+        settings,
+        &stop,
+    )
+    .await;
+    say(format!(
+        "      head scan (stops at the first page with nothing new): {}",
+        r.summary()
+    ));
+    let r = sync_business(
+        &session.store,
+        &session.client,
+        &first.id,
+        ScanKind::Full,
+        settings,
+        &stop,
+    )
+    .await;
+    say(format!(
+        "      full scan (finds removals):                          {}",
+        r.summary()
+    ));
+
+    // The partner's software writes the outbox with plain SQL.
+    let refused = ids[3].clone();
+    sandbox.refuse(&refused);
+    let external = rusqlite::Connection::open(database)?;
+    external.busy_timeout(Duration::from_secs(5))?;
+    let inserts = [
+        (
+            added[0].as_str(),
+            "job_complete",
+            "2026-11-20T16:45:00-05:00",
+            Some(125_000),
+        ),
+        (
+            added[0].as_str(),
+            "appt_scheduled",
+            "2026-11-18T09:30:00Z",
+            None,
+        ),
+        (
+            ids[1].as_str(),
+            "appt_scheduled",
+            "2026-11-19T14:00:00.250+01:00",
+            None,
+        ),
+        (
+            ids[2].as_str(),
+            "customer_cancel",
+            "2026-11-21T08:00:00Z",
+            None,
+        ),
+        (
+            refused.as_str(),
+            "invoice_paid",
+            "2026-11-22T12:00:00Z",
+            Some(9_900),
+        ),
+    ];
+    say(
+        "[5/6] the partner's software inserts 5 transitions with plain SQL (two for one lead, out of time order):",
+    );
+    for (negotiation, status, at, cents) in inserts {
+        external.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, invoice_amount_in_cents)
+             VALUES (?1, ?2, ?3, ?4)",
+            rusqlite::params![negotiation, status, at, cents],
+        )?;
+        say(format!(
+            "      #{} {negotiation} {status:<15} at {at}{}",
+            external.last_insert_rowid(),
+            cents
+                .map(|c| format!(", invoice {c} cents"))
+                .unwrap_or_default()
+        ));
+    }
+    let bad = external.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES ('1', 'done', 'now')",
+        [],
+    );
+    if let Err(e) = bad {
+        say(format!(
+            "      and a bad row is refused by the table itself: {e}"
+        ));
+    }
+
+    say("[6/6] draining the outbox (the sandbox answers some requests with 429 Retry-After: 1):");
+    sandbox.set_faults(Faults {
+        rate_429: 0.4,
+        retry_after_secs: 1,
+        ..Faults::default()
+    });
+    let drainer = Arc::new(Drainer::new(
+        session.store.clone(),
+        session.client.clone(),
+        DrainSettings::from_config(&session.config),
+    ));
+    for round in 1..=8 {
+        let s = drainer.drain_once(&stop).await?;
+        say(format!(
+            "      round {round}: {} sent, {} to retry (backoff persisted in the row), {} dead",
+            s.sent, s.retried, s.dead
+        ));
+        let pending = session
+            .store
+            .call(|c| Ok(crate::store::outbox::counts(c)?.pending))
+            .await?;
+        if pending == 0 {
+            break;
+        }
+        if round == 4 {
+            sandbox.set_faults(Faults::default());
+        }
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+    }
+    say("      Thumbtack (the sandbox) received, in this order:");
+    for d in sandbox.deliveries() {
+        say(format!(
+            "        {} {:<15} partnerStatusChangedAt {}{}",
+            d.negotiation_id,
+            d.status,
+            d.partner_status_changed_at,
+            d.invoice_amount_in_cents
+                .map(|c| format!(", invoiceAmountInCents {c}"))
+                .unwrap_or_default()
+        ));
+    }
+    let report = {
+        let config = session.config.clone();
+        session
+            .store
+            .call(move |c| crate::status::report(c, &config))
+            .await?
+    };
+    say("\nleadsync status:\n");
+    for line in crate::status::render_text(&report).lines() {
+        say(format!("  {line}"));
+    }
+    drop(session);
+    sandbox.stop().await;
+    let _ = std::fs::remove_dir_all(&fixture);
+
+    let db = database.display();
+    say(format!(
+        "\ndone in {:.1}s. Look at the result with sqlite3:\n",
+        started.elapsed().as_secs_f64()
+    ));
+    for q in [
+        "SELECT business_id, count(*) AS leads, count(missing_since) AS missing FROM negotiations GROUP BY 1",
+        "SELECT negotiation_id, status, customer_name, city, created_at FROM negotiations ORDER BY created_at DESC LIMIT 5",
+        "SELECT negotiation_id, kind, old_status, new_status, changed_fields FROM negotiation_changes WHERE kind <> 'new'",
+        "SELECT id, negotiation_id, status, state, attempts, last_http_status, last_error FROM outbox",
+        "SELECT outbox_id, attempt, http_status, outcome, error FROM outbox_attempts ORDER BY id",
+        "SELECT json_extract(payload, '$.sandboxExtension.bigNumber'), json_extract(payload, '$.customer.displayName') FROM negotiations LIMIT 3",
+    ] {
+        say(format!("  sqlite3 -header -column {db} \"{q}\""));
+    }
+    Ok(0)
+}

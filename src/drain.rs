@@ -1,0 +1,431 @@
+//! The outbox drainer: claims due rows (one per negotiation, in order),
+//! posts them, and records every attempt and outcome in the table. Retry
+//! state lives in the rows, so a restart neither forgets a backoff nor
+//! resends in a burst.
+
+use crate::config::Config;
+use crate::store::Store;
+use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Finish};
+use crate::thumbtack::model::JobStatusBody;
+use crate::thumbtack::{Client, Disposition};
+use backon::BackoffBuilder;
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+/// How often blocked businesses are checked for a new grant.
+const REAUTH_RECHECK: Duration = Duration::from_secs(30);
+
+/// The drainer's settings, from `[outbox]`.
+#[derive(Debug, Clone)]
+pub struct DrainSettings {
+    pub poll_interval: Duration,
+    pub concurrency: usize,
+    pub max_attempts: i64,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+    /// Businesses whose rows are sent.
+    pub configured: HashSet<String>,
+    /// Configured but `enabled = false`: their rows wait.
+    pub disabled: Vec<String>,
+    /// The business of rows that cannot tell theirs, when only one is configured.
+    pub default_business: Option<String>,
+}
+
+impl DrainSettings {
+    /// The settings a configuration asks for.
+    pub fn from_config(c: &Config) -> DrainSettings {
+        let o = &c.file.outbox;
+        DrainSettings {
+            poll_interval: Duration::from_millis(o.poll_interval_ms),
+            concurrency: o.concurrency,
+            max_attempts: i64::from(o.max_attempts),
+            backoff_initial: Duration::from_secs_f64(o.backoff_initial_secs),
+            backoff_max: Duration::from_secs_f64(o.backoff_max_secs),
+            configured: c.businesses.iter().map(|b| b.id.clone()).collect(),
+            disabled: c
+                .businesses
+                .iter()
+                .filter(|b| !b.enabled)
+                .map(|b| b.id.clone())
+                .collect(),
+            default_business: match c.businesses.as_slice() {
+                [only] => Some(only.id.clone()),
+                _ => None,
+            },
+        }
+    }
+}
+
+/// The delay before attempt `attempt + 1`: exponential from the initial
+/// delay, with jitter, capped — computed from the persisted attempt count.
+pub fn backoff_delay(attempt: i64, initial: Duration, max: Duration) -> Duration {
+    let n = usize::try_from(attempt.max(1) - 1).unwrap_or(0);
+    backon::ExponentialBuilder::default()
+        .with_min_delay(initial)
+        .with_max_delay(max)
+        .with_factor(2.0)
+        .with_jitter()
+        .without_max_times()
+        .build()
+        .nth(n)
+        .unwrap_or(max)
+        .min(max)
+}
+
+/// What became of one claimed row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowResult {
+    Sent,
+    Retry,
+    Dead,
+    /// Held back until its business is re-authorized.
+    Held,
+}
+
+/// Totals of a `drain` pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DrainSummary {
+    pub sent: u64,
+    pub retried: u64,
+    pub dead: u64,
+    pub held: u64,
+}
+
+impl DrainSummary {
+    fn add(&mut self, r: RowResult) {
+        match r {
+            RowResult::Sent => self.sent += 1,
+            RowResult::Retry => self.retried += 1,
+            RowResult::Dead => self.dead += 1,
+            RowResult::Held => self.held += 1,
+        }
+    }
+
+    /// True when every attempted row was sent.
+    pub fn all_sent(&self) -> bool {
+        self.retried == 0 && self.dead == 0 && self.held == 0
+    }
+}
+
+/// The drainer.
+pub struct Drainer {
+    store: Store,
+    /// Settings and client; a configuration reload swaps them.
+    current: std::sync::RwLock<(Arc<DrainSettings>, Arc<Client>)>,
+}
+
+impl Drainer {
+    /// A drainer over a store and a client.
+    pub fn new(store: Store, client: Arc<Client>, settings: DrainSettings) -> Drainer {
+        Drainer {
+            store,
+            current: std::sync::RwLock::new((Arc::new(settings), client)),
+        }
+    }
+
+    /// Takes new settings and a new client (after a configuration reload).
+    pub fn update(&self, settings: DrainSettings, client: Arc<Client>) {
+        if let Ok(mut c) = self.current.write() {
+            *c = (Arc::new(settings), client);
+        }
+    }
+
+    fn settings(&self) -> Arc<DrainSettings> {
+        self.current
+            .read()
+            .map(|c| c.0.clone())
+            .unwrap_or_else(|p| p.into_inner().0.clone())
+    }
+
+    fn client(&self) -> Arc<Client> {
+        self.current
+            .read()
+            .map(|c| c.1.clone())
+            .unwrap_or_else(|p| p.into_inner().1.clone())
+    }
+
+    fn filter(&self, skip_ids: Vec<i64>) -> ClaimFilter {
+        let settings = self.settings();
+        let mut blocked = self.client().auth().blocked();
+        blocked.extend(settings.disabled.iter().cloned());
+        ClaimFilter {
+            blocked_businesses: blocked,
+            skip_ids,
+            default_business: settings.default_business.clone(),
+        }
+    }
+
+    async fn claim(&self, limit: usize, skip_ids: Vec<i64>) -> anyhow::Result<Vec<Claimed>> {
+        let filter = self.filter(skip_ids);
+        let now = crate::time::now();
+        self.store
+            .call(move |c| outbox::claim(c, &now, limit, &filter))
+            .await
+    }
+
+    /// Sends one claimed row and records the outcome.
+    #[tracing::instrument(skip_all, fields(outbox_id = row.id, negotiation_id = %row.negotiation_id, attempt = row.attempt))]
+    pub async fn process(&self, row: Claimed) -> RowResult {
+        let (finish, attempts, result) = self.attempt(&row).await;
+        let now = crate::time::now();
+        // The outcome must land: a locked database is waited out, not dropped.
+        let mut tries = 0;
+        loop {
+            let (f, a, n) = (finish.clone(), attempts.clone(), now.clone());
+            match self
+                .store
+                .call(move |c| outbox::finish(c, row.id, &f, &a, &n))
+                .await
+            {
+                Ok(()) => break,
+                Err(e) if tries < 60 => {
+                    tries += 1;
+                    warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => {
+                    error!(error = %format!("{e:#}"),
+                        "cannot record the outcome; the row stays `sending` and is sent again after a restart");
+                    break;
+                }
+            }
+        }
+        result
+    }
+
+    async fn attempt(&self, row: &Claimed) -> (Finish, Vec<Attempt>, RowResult) {
+        let started_at = crate::time::now();
+        let settings = self.settings();
+        let max_attempts = settings.max_attempts;
+        let retry_or_dead = |delay: Duration| {
+            if row.attempt >= max_attempts {
+                (Finish::Dead, RowResult::Dead)
+            } else {
+                let at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                (
+                    Finish::Retry {
+                        next_attempt_at: crate::time::fmt(at),
+                    },
+                    RowResult::Retry,
+                )
+            }
+        };
+        let backoff = backoff_delay(row.attempt, settings.backoff_initial, settings.backoff_max);
+        let waiting = |why: String| {
+            let (finish, result) = retry_or_dead(backoff);
+            let why = if result == RowResult::Dead {
+                format!("gave up after {} attempts: {why}", row.attempt)
+            } else {
+                why
+            };
+            warn!(error = %why, "row cannot be sent yet");
+            let a = Attempt {
+                attempt: row.attempt,
+                started_at: started_at.clone(),
+                http_status: None,
+                outcome: "waiting",
+                error: Some(why),
+                trace_id: None,
+                duration_ms: 0,
+            };
+            (finish, vec![a], result)
+        };
+
+        let business_id = match &row.business_id {
+            Some(b) if settings.configured.contains(b) => b.clone(),
+            Some(b) => return waiting(format!("business {b} is not in the configuration")),
+            None => {
+                return waiting(format!(
+                    "no business for negotiation {}: the row has no business_id and the lead is not in the mirror yet; \
+                     it is tried again after later syncs",
+                    row.negotiation_id
+                ));
+            }
+        };
+        let Some(at) = crate::time::to_utc_z(&row.partner_status_changed_at) else {
+            let a = Attempt {
+                attempt: row.attempt,
+                started_at,
+                http_status: None,
+                outcome: "dead",
+                error: Some(format!(
+                    "partner_status_changed_at {:?} is not an RFC 3339 time",
+                    row.partner_status_changed_at
+                )),
+                trace_id: None,
+                duration_ms: 0,
+            };
+            return (Finish::Dead, vec![a], RowResult::Dead);
+        };
+        let body = JobStatusBody {
+            status: row.status.clone(),
+            partner_status_changed_at: at,
+            invoice_amount_in_cents: row.invoice_amount_in_cents,
+        };
+        let delivery = self
+            .client()
+            .post_job_status(&business_id, &row.negotiation_id, &body)
+            .await;
+        let (finish, result) = match &delivery.result {
+            Ok(()) => (Finish::Sent, RowResult::Sent),
+            Err(e) => match e.disposition {
+                Disposition::Dead => (Finish::Dead, RowResult::Dead),
+                Disposition::Reauth => (Finish::Hold, RowResult::Held),
+                Disposition::Retry | Disposition::Refresh => {
+                    retry_or_dead(e.retry_after.unwrap_or(backoff))
+                }
+            },
+        };
+        let last = delivery.exchanges.len().saturating_sub(1);
+        // Dead because the attempts ran out, not because Thumbtack refused it.
+        let gave_up = result == RowResult::Dead
+            && matches!(&delivery.result, Err(e) if e.disposition != Disposition::Dead);
+        let outcome = match result {
+            RowResult::Sent => "sent",
+            RowResult::Retry => "retry",
+            RowResult::Dead => "dead",
+            RowResult::Held => "reauth",
+        };
+        let attempts = delivery
+            .exchanges
+            .iter()
+            .enumerate()
+            .map(|(i, x)| Attempt {
+                attempt: row.attempt,
+                started_at: crate::time::fmt(x.started_at),
+                http_status: x.http_status,
+                outcome: if i == last { outcome } else { "refresh" },
+                error: match &x.error {
+                    Some(e) if i == last && gave_up => {
+                        Some(format!("gave up after {} attempts: {e}", row.attempt))
+                    }
+                    e => e.clone(),
+                },
+                trace_id: x.trace_id.clone(),
+                duration_ms: x.duration.as_millis() as i64,
+            })
+            .collect();
+        match (&delivery.result, result) {
+            (Ok(()), _) => info!(business_id, "sent"),
+            (Err(e), RowResult::Dead) => error!(business_id, error = %e, "dead: not sent"),
+            (Err(e), _) => warn!(business_id, error = %e, ?result, "not sent yet"),
+        }
+        (finish, attempts, result)
+    }
+
+    /// `leadsync drain`: attempts every due row once, respecting each
+    /// negotiation's order (a row sent lets the next one of its negotiation go).
+    pub async fn drain_once(
+        self: &Arc<Self>,
+        stop: &CancellationToken,
+    ) -> anyhow::Result<DrainSummary> {
+        let mut summary = DrainSummary::default();
+        let mut attempted: Vec<i64> = Vec::new();
+        let mut inflight: JoinSet<RowResult> = JoinSet::new();
+        loop {
+            if !stop.is_cancelled() {
+                let free = self.settings().concurrency.saturating_sub(inflight.len());
+                let claimed = self.claim(free, attempted.clone()).await?;
+                for row in claimed {
+                    attempted.push(row.id);
+                    let me = self.clone();
+                    inflight.spawn(async move { me.process(row).await });
+                }
+            }
+            match inflight.join_next().await {
+                Some(Ok(r)) => summary.add(r),
+                Some(Err(e)) => error!(error = %e, "a send task failed"),
+                None => break,
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The daemon's loop: looks for due rows every `poll_interval` (and as
+    /// soon as a send finishes) until `stop`, then lets in-flight sends
+    /// finish within `grace`.
+    pub async fn run(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        grace: Duration,
+        heartbeat: Arc<AtomicI64>,
+    ) {
+        let mut inflight: JoinSet<RowResult> = JoinSet::new();
+        let mut last_recheck = Instant::now();
+        loop {
+            let (settings, client) = (self.settings(), self.client());
+            // Wake at least every second so the watchdog sees the loop alive.
+            let tick = settings.poll_interval.min(Duration::from_secs(1));
+            heartbeat.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+            if stop.is_cancelled() {
+                break;
+            }
+            if last_recheck.elapsed() >= REAUTH_RECHECK {
+                last_recheck = Instant::now();
+                for business_id in client.auth().blocked() {
+                    let _ = client.auth().token(&business_id).await;
+                }
+            }
+            let free = settings.concurrency.saturating_sub(inflight.len());
+            // After a 429 nobody sends: do not hold rows in `sending` meanwhile.
+            let paused = client.budget().paused_for();
+            if free > 0 && paused.is_none() {
+                match self.claim(free, Vec::new()).await {
+                    Ok(claimed) => {
+                        for row in claimed {
+                            let me = self.clone();
+                            inflight.spawn(async move { me.process(row).await });
+                        }
+                    }
+                    Err(e) => {
+                        error!(error = %format!("{e:#}"), "cannot claim outbox rows; trying again")
+                    }
+                }
+            }
+            let wait = paused.map_or(tick, |p| p.min(tick));
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                Some(_) = inflight.join_next(), if !inflight.is_empty() => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+        if !inflight.is_empty() {
+            info!(
+                in_flight = inflight.len(),
+                "waiting for in-flight sends to finish"
+            );
+            let finished = tokio::time::timeout(grace, async {
+                while inflight.join_next().await.is_some() {}
+            })
+            .await;
+            if finished.is_err() {
+                warn!(
+                    in_flight = inflight.len(),
+                    "in-flight sends did not finish in time; their rows stay `sending` and are sent again at the next start"
+                );
+                inflight.abort_all();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_from_the_attempt_count_and_is_capped() {
+        let (i, m) = (Duration::from_secs(2), Duration::from_secs(60));
+        for attempt in 1..=3 {
+            let d = backoff_delay(attempt, i, m);
+            let base = i * 2u32.pow(attempt as u32 - 1);
+            assert!(d >= base && d <= base * 2, "attempt {attempt}: {d:?}");
+        }
+        assert_eq!(backoff_delay(30, i, m), m);
+    }
+}

@@ -1,0 +1,42 @@
+//! The `leadsync` binary: parses the command line and hands over to the library.
+
+use clap::Parser;
+use leadsync::cli::{Cli, EXIT_CONFIG, execute, exit_code_of};
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // --help and --version are not failures; SPEC §1 has no usage code: 1.
+            return ExitCode::from(if e.use_stderr() { 1 } else { 0 });
+        }
+    };
+    leadsync::logging::init(cli.log_format, cli.command.default_log_level());
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("leadsync: error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let result = runtime.block_on(execute(cli));
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let code = exit_code_of(&e);
+            let what = if code == EXIT_CONFIG {
+                "configuration error"
+            } else {
+                "error"
+            };
+            eprintln!("leadsync: {what}: {e:#}");
+            ExitCode::from(code)
+        }
+    }
+}

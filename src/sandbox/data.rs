@@ -1,0 +1,210 @@
+//! Deterministic generated businesses and leads: the same seed gives the
+//! same data, with realistic variety (unicode, nested objects, both creation
+//! field names, unknown fields, 64-bit integers).
+
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use serde_json::{Value, json};
+
+/// A generated business.
+#[derive(Debug, Clone)]
+pub struct SbBusiness {
+    pub id: String,
+    pub name: String,
+    /// Newest first, as the listing returns them.
+    pub leads: Vec<SbLead>,
+}
+
+/// A generated lead, kept as the exact JSON the API serves.
+#[derive(Debug, Clone)]
+pub struct SbLead {
+    pub id: String,
+    pub json: String,
+}
+
+const BUSINESS_NAMES: &[&str] = &[
+    "Robert's Remodeling",
+    "Ökologische Gärten GmbH",
+    "Señora Limpieza",
+    "Bright Spark Électricité",
+    "Pipe Dreams Plumbing",
+    "北京装修",
+    "Hammer & Nail Co.",
+    "Zoë's Painting",
+];
+const CUSTOMERS: &[&str] = &[
+    "Olivia Y.",
+    "Zoë Ø.",
+    "José Álvarez",
+    "李雷",
+    "Σοφία Κ.",
+    "Noa 🌵 B.",
+    "Łukasz W.",
+    "Siobhán O'Neill",
+    "Nguyễn Ngọc Anh",
+    "Ahmed Ü.",
+];
+const PLACES: &[(&str, &str, &str)] = &[
+    ("San Francisco", "CA", "94117"),
+    ("San José", "CA", "95110"),
+    ("Austin", "TX", "78701"),
+    ("Brooklyn", "NY", "11201"),
+    ("Coeur d'Alene", "ID", "83814"),
+    ("Española", "NM", "87532"),
+];
+const CATEGORIES: &[&str] = &[
+    "Kitchen Remodel",
+    "House Cleaning",
+    "Plumbing",
+    "Électricien",
+    "Landscaping",
+    "Roof Repair",
+    "Local Moving (under 50 miles)",
+    "Interior Painting",
+];
+/// Statuses as seen in the wild: free text, mixed case.
+pub const LEAD_STATUSES: &[&str] = &["active", "Open", "Canceled", "Picked", "active", "Open"];
+const ANSWERS: &[&str] = &[
+    "Full kitchen renovation",
+    "Two bedrooms, one bath — \"deep clean\" please",
+    "Leaking faucet\nand a running toilet",
+    "Within 2 weeks",
+    "Budget: $5,000–$10,000",
+];
+
+/// The instant the oldest generated data is relative to (stable across runs).
+pub fn epoch() -> DateTime<Utc> {
+    Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0)
+        .single()
+        .unwrap_or_else(Utc::now)
+}
+
+/// An 18-digit id unique within `taken`.
+fn fresh_id(
+    rng: &mut fastrand::Rng,
+    prefix: u64,
+    taken: &mut std::collections::HashSet<String>,
+) -> String {
+    loop {
+        let id =
+            (prefix * 100_000_000_000_000_000 + rng.u64(0..100_000_000_000_000_000)).to_string();
+        if taken.insert(id.clone()) {
+            return id;
+        }
+    }
+}
+
+/// The businesses and their leads for a seed.
+pub fn generate(
+    seed: u64,
+    businesses: usize,
+    leads_per_business: usize,
+) -> (Vec<SbBusiness>, std::collections::HashSet<String>) {
+    let mut rng = fastrand::Rng::with_seed(seed);
+    let mut taken = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(businesses);
+    let mut sequence: u64 = 0;
+    for b in 0..businesses {
+        let id = fresh_id(&mut rng, 4, &mut taken);
+        let name = BUSINESS_NAMES[b % BUSINESS_NAMES.len()].to_string();
+        let mut leads = Vec::with_capacity(leads_per_business);
+        for i in 0..leads_per_business {
+            // Newest first: lead 0 is the most recent.
+            let created = epoch() - Duration::minutes(37 * i as i64 + b as i64);
+            let lead_id = fresh_id(&mut rng, 5, &mut taken);
+            leads.push(SbLead {
+                json: render(&lead_value(
+                    &mut rng, &lead_id, &id, &name, created, sequence,
+                )),
+                id: lead_id,
+            });
+            sequence += 1;
+        }
+        out.push(SbBusiness { id, name, leads });
+    }
+    (out, taken)
+}
+
+/// A new lead (for the "add leads" mutation).
+pub fn new_lead(
+    rng: &mut fastrand::Rng,
+    taken: &mut std::collections::HashSet<String>,
+    business: &SbBusiness,
+    created: DateTime<Utc>,
+    sequence: u64,
+) -> SbLead {
+    let id = fresh_id(rng, 5, taken);
+    SbLead {
+        json: render(&lead_value(
+            rng,
+            &id,
+            &business.id,
+            &business.name,
+            created,
+            sequence,
+        )),
+        id,
+    }
+}
+
+fn lead_value(
+    rng: &mut fastrand::Rng,
+    id: &str,
+    business_id: &str,
+    business_name: &str,
+    created: DateTime<Utc>,
+    sequence: u64,
+) -> Value {
+    let (city, state, zip) = PLACES[rng.usize(0..PLACES.len())];
+    let details: Vec<Value> = (0..rng.usize(1..4))
+        .map(|i| {
+            let question = ["Project scope", "When do you need this?", "Anything else?"][i];
+            json!({
+                "question": question,
+                "answer": ANSWERS[rng.usize(0..ANSWERS.len())],
+            })
+        })
+        .collect();
+    let created_text = created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut v = json!({
+        "negotiationID": id,
+        "status": LEAD_STATUSES[rng.usize(0..LEAD_STATUSES.len())],
+        "category": {
+            "categoryID": (201_565_295_100_608_806u64 + rng.u64(0..1000)).to_string(),
+            "name": CATEGORIES[rng.usize(0..CATEGORIES.len())],
+        },
+        "customer": {
+            "customerID": (519_153_480_034_934_784u64 + rng.u64(0..1_000_000)).to_string(),
+            "displayName": CUSTOMERS[rng.usize(0..CUSTOMERS.len())],
+            "location": {"city": city, "state": state, "zipCode": zip},
+        },
+        "business": {"businessID": business_id, "name": business_name},
+        "details": details,
+        "request": {
+            "description": format!("Request #{sequence}: {}", ANSWERS[rng.usize(0..ANSWERS.len())]),
+            "schedule": {"type": if rng.bool() { "flexible" } else { "specific" }, "dates": []},
+        },
+        "leadPrice": format!("${}.{:02}", rng.u32(5..60), rng.u32(0..100)),
+        "chargeState": if rng.bool() { "Charged" } else { "NotCharged" },
+        // Unknown to leadsync: must survive byte for byte, 64-bit integers included.
+        "sandboxExtension": {
+            "bigNumber": 9_007_199_254_740_993u64 + sequence,
+            "nested": {"deep": [1, {"k": "v"}, null], "flag": true, "ratio": 0.125},
+        },
+    });
+    // Both creation field names are seen in the wild.
+    let key = if sequence % 2 == 0 {
+        "createTime"
+    } else {
+        "createdAt"
+    };
+    v[key] = Value::String(created_text);
+    if rng.u8(0..3) == 0 {
+        v["estimate"] = json!({"total": format!("${}.00", rng.u32(100..5000)), "unit": "fixed"});
+    }
+    v
+}
+
+/// Serialises a lead the way the sandbox serves it.
+pub fn render(v: &Value) -> String {
+    serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
+}

@@ -1,0 +1,401 @@
+//! The built-in simulated Thumbtack API (SPEC §6): the one fake used by the
+//! tests, the demo and the benchmarks. It serves SPEC §5 on loopback from
+//! seeded data, with single-use rotating refresh tokens, short-lived access
+//! tokens, a job-status endpoint that records every accepted delivery, and
+//! knobs for latency, faults and lead mutations.
+
+pub mod data;
+mod server;
+
+use anyhow::{Context, Result};
+use data::{SbBusiness, SbLead};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// How a sandbox starts.
+#[derive(Debug, Clone)]
+pub struct SandboxOptions {
+    pub listen: SocketAddr,
+    pub seed: u64,
+    pub businesses: usize,
+    pub leads_per_business: usize,
+    /// The largest `limit` a listing honours (larger ones are clamped).
+    pub max_page_size: usize,
+    /// Lifetime of issued access tokens.
+    pub access_token_ttl_secs: u64,
+    pub client_id: String,
+    pub client_secret: String,
+    pub faults: Faults,
+}
+
+impl Default for SandboxOptions {
+    fn default() -> Self {
+        SandboxOptions {
+            listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            seed: 42,
+            businesses: 3,
+            leads_per_business: 60,
+            max_page_size: 100,
+            access_token_ttl_secs: 3600,
+            client_id: "sandbox-client".into(),
+            client_secret: "sandbox-secret".into(),
+            faults: Faults::default(),
+        }
+    }
+}
+
+/// Fault knobs for the API routes (listing, get, job status). Rates are
+/// probabilities per request; faults strike before a request is processed,
+/// so a faulted job status is never recorded as delivered.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Faults {
+    /// Added to every API response.
+    pub latency_ms: u64,
+    /// 500/502/503, half of them HTML pages.
+    pub error_5xx: f64,
+    /// 429 with `Retry-After`, alternately in seconds and as an HTTP date.
+    pub rate_429: f64,
+    pub retry_after_secs: u64,
+    /// 202: Thumbtack's WAF challenge.
+    pub waf_202: f64,
+    /// Hang for `timeout_ms` (beyond the client's timeout) before answering 504.
+    pub timeout: f64,
+    pub timeout_ms: u64,
+    /// Close the connection without an answer.
+    pub reset: f64,
+    /// A broken body: truncated JSON with 200 on reads, garbage with 500 on writes.
+    pub malformed: f64,
+}
+
+/// A job status the sandbox accepted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Delivery {
+    /// Order of acceptance, from 1.
+    pub seq: u64,
+    pub negotiation_id: String,
+    pub business_id: String,
+    pub status: String,
+    /// Exactly as received.
+    pub partner_status_changed_at: String,
+    pub invoice_amount_in_cents: Option<i64>,
+    pub received_at: String,
+    pub user_agent: Option<String>,
+}
+
+/// Lead mutations, to make the mirror notice changes.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Mutation {
+    /// New leads at the head of a business's listing.
+    AddLeads { business_id: String, count: usize },
+    /// A lead's `status` changes.
+    SetStatus {
+        negotiation_id: String,
+        status: String,
+    },
+    /// A nested field changes (only a full scan finds it on an old lead).
+    DeepChange { negotiation_id: String },
+    /// The lead disappears from listings (and `GET` answers 404).
+    Remove { negotiation_id: String },
+    /// A removed lead comes back where it was.
+    Restore { negotiation_id: String },
+}
+
+/// Request counts, per route and per business.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Stats {
+    pub requests: u64,
+    /// e.g. `list 468046965846925323`, `job-status`, `token refresh_token`.
+    pub by_route: BTreeMap<String, u64>,
+    /// Refresh tokens presented a second time (always refused).
+    pub reused_refresh_tokens: u64,
+    pub faults_injected: u64,
+}
+
+struct RefreshEntry {
+    business_id: String,
+    used: bool,
+}
+
+pub(crate) struct State {
+    rng: fastrand::Rng,
+    businesses: Vec<SbBusiness>,
+    removed: HashMap<String, (usize, usize, SbLead)>,
+    taken_ids: HashSet<String>,
+    refresh_tokens: HashMap<String, RefreshEntry>,
+    access_tokens: HashMap<String, (String, Instant)>,
+    static_tokens: HashMap<String, String>,
+    auth_codes: HashMap<String, String>,
+    deliveries: Vec<Delivery>,
+    refuse: HashSet<String>,
+    faults: Faults,
+    stats: Stats,
+    sequence: u64,
+    options: SandboxOptions,
+}
+
+impl State {
+    fn token(&mut self, prefix: &str) -> String {
+        format!("{prefix}{:016x}{:016x}", self.rng.u64(..), self.rng.u64(..))
+    }
+
+    fn business(&self, id: &str) -> Option<&SbBusiness> {
+        self.businesses.iter().find(|b| b.id == id)
+    }
+
+    fn find_lead(&self, negotiation_id: &str) -> Option<(usize, usize)> {
+        self.businesses.iter().enumerate().find_map(|(bi, b)| {
+            b.leads
+                .iter()
+                .position(|l| l.id == negotiation_id)
+                .map(|li| (bi, li))
+        })
+    }
+
+    fn count(&mut self, route: String) {
+        self.stats.requests += 1;
+        *self.stats.by_route.entry(route).or_default() += 1;
+    }
+}
+
+/// A running sandbox. Dropping it stops the server.
+pub struct Sandbox {
+    addr: SocketAddr,
+    state: Arc<Mutex<State>>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// A business as the sandbox has it.
+#[derive(Debug, Clone, Serialize)]
+pub struct BusinessInfo {
+    pub id: String,
+    pub name: String,
+    pub leads: usize,
+}
+
+impl Sandbox {
+    /// Generates the data and starts serving.
+    pub async fn start(options: SandboxOptions) -> Result<Sandbox> {
+        let (businesses, taken_ids) =
+            data::generate(options.seed, options.businesses, options.leads_per_business);
+        let sequence = (options.businesses * options.leads_per_business) as u64;
+        let mut state = State {
+            rng: fastrand::Rng::with_seed(options.seed ^ 0x5eed_0f_7e57),
+            businesses,
+            removed: HashMap::new(),
+            taken_ids,
+            refresh_tokens: HashMap::new(),
+            access_tokens: HashMap::new(),
+            static_tokens: HashMap::new(),
+            auth_codes: HashMap::new(),
+            deliveries: Vec::new(),
+            refuse: HashSet::new(),
+            faults: options.faults.clone(),
+            stats: Stats::default(),
+            sequence,
+            options: options.clone(),
+        };
+        // Static tokens are derived from the seed so a fixture written once keeps working.
+        for b in state.businesses.clone() {
+            let token = format!("sbx_static_{}_{:x}", b.id, options.seed);
+            state.static_tokens.insert(token, b.id.clone());
+        }
+        let listener = tokio::net::TcpListener::bind(options.listen)
+            .await
+            .with_context(|| format!("sandbox cannot listen on {}", options.listen))?;
+        let addr = listener.local_addr()?;
+        let state = Arc::new(Mutex::new(state));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(server::serve(listener, state.clone(), stop.clone()));
+        Ok(Sandbox {
+            addr,
+            state,
+            stop,
+            task: Some(task),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The listening address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `api.base_url` for this sandbox.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// `oauth.token_url` for this sandbox.
+    pub fn token_url(&self) -> String {
+        format!("http://{}/oauth2/token", self.addr)
+    }
+
+    /// The OAuth client id and secret the token endpoint accepts.
+    pub fn client_credentials(&self) -> (String, String) {
+        let s = self.lock();
+        (s.options.client_id.clone(), s.options.client_secret.clone())
+    }
+
+    /// The generated businesses.
+    pub fn businesses(&self) -> Vec<BusinessInfo> {
+        self.lock()
+            .businesses
+            .iter()
+            .map(|b| BusinessInfo {
+                id: b.id.clone(),
+                name: b.name.clone(),
+                leads: b.leads.len(),
+            })
+            .collect()
+    }
+
+    /// A business's lead ids, newest first.
+    pub fn lead_ids(&self, business_id: &str) -> Vec<String> {
+        self.lock()
+            .business(business_id)
+            .map(|b| b.leads.iter().map(|l| l.id.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// A lead's JSON exactly as served.
+    pub fn lead_json(&self, negotiation_id: &str) -> Option<String> {
+        let s = self.lock();
+        let (bi, li) = s.find_lead(negotiation_id)?;
+        Some(s.businesses[bi].leads[li].json.clone())
+    }
+
+    /// A static bearer token for the business (never expires).
+    pub fn static_token(&self, business_id: &str) -> Option<String> {
+        self.lock()
+            .static_tokens
+            .iter()
+            .find(|(_, b)| *b == business_id)
+            .map(|(t, _)| t.clone())
+    }
+
+    /// A fresh refresh token for the business (an initial grant).
+    pub fn mint_refresh_token(&self, business_id: &str) -> String {
+        let mut s = self.lock();
+        let t = s.token("sbx_rt_");
+        s.refresh_tokens.insert(
+            t.clone(),
+            RefreshEntry {
+                business_id: business_id.to_string(),
+                used: false,
+            },
+        );
+        t
+    }
+
+    /// A single-use authorization code for the business.
+    pub fn mint_auth_code(&self, business_id: &str) -> String {
+        let mut s = self.lock();
+        let c = s.token("sbx_code_");
+        s.auth_codes.insert(c.clone(), business_id.to_string());
+        c
+    }
+
+    /// Every accepted job status, in order of acceptance.
+    pub fn deliveries(&self) -> Vec<Delivery> {
+        self.lock().deliveries.clone()
+    }
+
+    /// Request counts so far.
+    pub fn stats(&self) -> Stats {
+        self.lock().stats.clone()
+    }
+
+    /// How many listing requests a business has received.
+    pub fn list_requests(&self, business_id: &str) -> u64 {
+        self.lock()
+            .stats
+            .by_route
+            .get(&format!("list {business_id}"))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Replaces the fault knobs.
+    pub fn set_faults(&self, faults: Faults) {
+        self.lock().faults = faults;
+    }
+
+    /// Makes the job-status endpoint refuse (400) transitions of this lead.
+    pub fn refuse(&self, negotiation_id: &str) {
+        self.lock().refuse.insert(negotiation_id.to_string());
+    }
+
+    /// Applies a mutation; returns the ids it created or touched.
+    pub fn mutate(&self, m: Mutation) -> Result<Vec<String>> {
+        server::mutate(&mut self.lock(), m)
+    }
+
+    /// Writes a ready-to-use leadsync configuration for this sandbox into
+    /// `dir`: token files, the client secret, and `leadsync.toml`. With
+    /// `oauth`, businesses get refresh-token grants; otherwise static tokens.
+    pub fn write_fixture(&self, dir: &Path, oauth: bool) -> Result<PathBuf> {
+        std::fs::create_dir_all(dir.join("tokens"))?;
+        let (client_id, client_secret) = self.client_credentials();
+        let mut toml = format!(
+            "# Written by leadsync's sandbox for {base}\n\
+             database = \"{db}\"\n\n[api]\nbase_url = \"{base}\"\nmax_requests_per_second = 50\n\n",
+            base = self.base_url(),
+            db = dir.join("leadsync.db").display(),
+        );
+        if oauth {
+            std::fs::write(dir.join("client_secret"), format!("{client_secret}\n"))?;
+            toml.push_str(&format!(
+                "[oauth]\ntoken_url = \"{}\"\nclient_id = \"{client_id}\"\nclient_secret_file = \"{}\"\ntoken_store = \"{}\"\n\n",
+                self.token_url(),
+                dir.join("client_secret").display(),
+                dir.join("tokens.db").display()
+            ));
+        }
+        for b in self.businesses() {
+            let file = dir.join("tokens").join(&b.id);
+            let (key, token) = if oauth {
+                ("refresh_token_file", self.mint_refresh_token(&b.id))
+            } else {
+                (
+                    "access_token_file",
+                    self.static_token(&b.id).unwrap_or_default(),
+                )
+            };
+            std::fs::write(&file, format!("{token}\n"))?;
+            let name = b.name.replace('\\', "\\\\").replace('"', "\\\"");
+            toml.push_str(&format!(
+                "[[businesses]]\nid = \"{}\"\nname = \"{name}\"\n{key} = \"{}\"\n\n",
+                b.id,
+                file.display()
+            ));
+        }
+        let path = dir.join("leadsync.toml");
+        std::fs::write(&path, toml)?;
+        Ok(path)
+    }
+
+    /// Stops serving and waits for the server task.
+    pub async fn stop(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Sandbox {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}

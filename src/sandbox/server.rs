@@ -1,0 +1,752 @@
+//! The sandbox's HTTP side: routes of SPEC §5, the token endpoint, faults,
+//! and `/_sandbox/*` control routes for a sandbox run as its own process.
+
+use super::data;
+use super::{Delivery, Faults, Mutation, State};
+use anyhow::{Result, anyhow};
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+type Shared = Arc<Mutex<State>>;
+
+/// Returned by a handler to drop the connection without an answer.
+#[derive(Debug)]
+struct Reset;
+
+impl std::fmt::Display for Reset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("sandbox fault: connection reset")
+    }
+}
+
+impl std::error::Error for Reset {}
+
+pub(super) async fn serve(listener: TcpListener, state: Shared, stop: CancellationToken) {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            accepted = listener.accept() => {
+                let Ok((stream, _)) = accepted else { continue };
+                let _ = stream.set_nodelay(true);
+                let state = state.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+        }
+    }
+    connections.abort_all();
+}
+
+fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &'static str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
+    r
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    respond(status, "application/json", v.to_string())
+}
+
+fn trace_id(state: &Shared) -> String {
+    let mut s = lock(state);
+    format!("{:016x}{:016x}", s.rng.u64(..), s.rng.u64(..))
+}
+
+/// A ProblemDetails response with a traceID, as Thumbtack sends.
+fn problem(state: &Shared, status: StatusCode, title: &str, detail: &str) -> Response<Full<Bytes>> {
+    let mut r = json_response(
+        status,
+        &json!({
+            "type": "about:blank",
+            "title": title,
+            "status": status.as_u16(),
+            "detail": detail,
+            "traceID": trace_id(state),
+        }),
+    );
+    r.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/problem+json"),
+    );
+    r
+}
+
+fn oauth_error(status: StatusCode, error: &str, description: &str) -> Response<Full<Bytes>> {
+    json_response(
+        status,
+        &json!({"error": error, "error_description": description}),
+    )
+}
+
+async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Reset> {
+    let method = req.method().clone();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let headers = req.headers().clone();
+    let body = match req.into_body().collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return Err(Reset),
+    };
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+
+    match (&method, segments.as_slice()) {
+        (&Method::POST, ["oauth2", "token"]) => {
+            Ok(token_endpoint(&state, header("authorization"), &body))
+        }
+        (_, ["_sandbox", rest @ ..]) => Ok(control(&state, &method, rest, &body)),
+        (_, ["api", "v4", rest @ ..]) => {
+            let route = match (&method, rest) {
+                (&Method::GET, ["businesses", b, "negotiations"]) => format!("list {b}"),
+                (&Method::GET, ["negotiations", _]) => "get".to_string(),
+                (&Method::POST, ["negotiations", _, "job-status"]) => "job-status".to_string(),
+                _ => "unknown".to_string(),
+            };
+            let faults = {
+                let mut s = lock(&state);
+                s.count(route);
+                s.faults.clone()
+            };
+            if faults.latency_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
+            }
+            if let Some(r) = inject_fault(&state, &faults, &method).await? {
+                return Ok(r);
+            }
+            let Some(business) = authenticate(&state, header("authorization")) else {
+                return Ok(problem(
+                    &state,
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    "invalid token. failure reason(s): [token is not active]",
+                ));
+            };
+            Ok(match (&method, rest) {
+                (&Method::GET, ["businesses", b, "negotiations"]) => {
+                    list(&state, &business, b, &query)
+                }
+                (&Method::GET, ["negotiations", n]) => get_one(&state, &business, n),
+                (&Method::POST, ["negotiations", n, "job-status"]) => {
+                    job_status(&state, &business, n, &body, header("user-agent"))
+                }
+                _ => problem(
+                    &state,
+                    StatusCode::NOT_FOUND,
+                    "Not Found",
+                    &format!("no route for {method} {path}"),
+                ),
+            })
+        }
+        _ => Ok(problem(
+            &state,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("no route for {method} {path}"),
+        )),
+    }
+}
+
+/// Rolls the dice for the configured faults; `Some` is the faulted answer.
+async fn inject_fault(
+    state: &Shared,
+    f: &Faults,
+    method: &Method,
+) -> Result<Option<Response<Full<Bytes>>>, Reset> {
+    let roll = |s: &mut State, p: f64| p > 0.0 && s.rng.f64() < p;
+    enum Fault {
+        Reset,
+        Timeout,
+        ServerError(u16, bool),
+        TooMany(bool),
+        Waf,
+        Malformed,
+    }
+    let fault = {
+        let mut s = lock(state);
+        let fault = if roll(&mut s, f.reset) {
+            Some(Fault::Reset)
+        } else if roll(&mut s, f.timeout) {
+            Some(Fault::Timeout)
+        } else if roll(&mut s, f.error_5xx) {
+            let code = [500, 502, 503][s.rng.usize(0..3)];
+            Some(Fault::ServerError(code, s.rng.bool()))
+        } else if roll(&mut s, f.rate_429) {
+            Some(Fault::TooMany(s.rng.bool()))
+        } else if roll(&mut s, f.waf_202) {
+            Some(Fault::Waf)
+        } else if roll(&mut s, f.malformed) {
+            Some(Fault::Malformed)
+        } else {
+            None
+        };
+        if fault.is_some() {
+            s.stats.faults_injected += 1;
+        }
+        fault
+    };
+    Ok(match fault {
+        None => None,
+        Some(Fault::Reset) => return Err(Reset),
+        Some(Fault::Timeout) => {
+            tokio::time::sleep(Duration::from_millis(f.timeout_ms.max(1))).await;
+            Some(respond(
+                StatusCode::GATEWAY_TIMEOUT,
+                "text/plain",
+                "upstream timed out",
+            ))
+        }
+        Some(Fault::ServerError(code, html)) => {
+            let status = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            Some(if html {
+                respond(
+                    status,
+                    "text/html",
+                    format!(
+                        "<html><head><title>{code}</title></head><body><h1>{code} {}</h1><hr>nginx</body></html>",
+                        status.canonical_reason().unwrap_or("")
+                    ),
+                )
+            } else {
+                problem(
+                    state,
+                    status,
+                    status.canonical_reason().unwrap_or("Error"),
+                    "sandbox fault",
+                )
+            })
+        }
+        Some(Fault::TooMany(as_date)) => {
+            let mut r = problem(
+                state,
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too Many Requests",
+                "rate limited",
+            );
+            let value = if as_date {
+                // An HTTP date has whole seconds: round up so the wait is never shorter.
+                let at =
+                    chrono::Utc::now() + chrono::Duration::seconds(f.retry_after_secs as i64 + 1);
+                at.format("%a, %d %b %Y %H:%M:%S GMT").to_string()
+            } else {
+                f.retry_after_secs.to_string()
+            };
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                r.headers_mut().insert("retry-after", v);
+            }
+            Some(r)
+        }
+        Some(Fault::Waf) => Some(respond(
+            StatusCode::ACCEPTED,
+            "text/html",
+            "<html><body><script>/* challenge */</script></body></html>",
+        )),
+        Some(Fault::Malformed) => Some(if method == Method::GET {
+            respond(
+                StatusCode::OK,
+                "application/json",
+                r#"{"data":[{"negotiationID":"1","#,
+            )
+        } else {
+            respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "application/json",
+                "{not json",
+            )
+        }),
+    })
+}
+
+/// The business a bearer token grants, if it is valid now.
+fn authenticate(state: &Shared, authorization: Option<String>) -> Option<String> {
+    let token = authorization?.strip_prefix("Bearer ")?.trim().to_string();
+    let s = lock(state);
+    if let Some(b) = s.static_tokens.get(&token) {
+        return Some(b.clone());
+    }
+    match s.access_tokens.get(&token) {
+        Some((b, expires)) if Instant::now() < *expires => Some(b.clone()),
+        _ => None,
+    }
+}
+
+/// Page tokens are opaque to clients: an offset, scrambled, tied to the business.
+fn page_token(business: &str, offset: usize) -> String {
+    format!("{:x}.{:x}", offset as u64 ^ 0x5a5a_a5a5, tag(business))
+}
+
+fn tag(business: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(business.as_bytes()) & 0xffff
+}
+
+fn offset_of(business: &str, token: &str) -> Option<usize> {
+    let (o, t) = token.split_once('.')?;
+    (u64::from_str_radix(t, 16).ok()? == tag(business))
+        .then(|| {
+            u64::from_str_radix(o, 16)
+                .ok()
+                .map(|o| (o ^ 0x5a5a_a5a5) as usize)
+        })
+        .flatten()
+}
+
+fn list(
+    state: &Shared,
+    token_business: &str,
+    business: &str,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    if token_business != business {
+        return problem(
+            state,
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            &format!("this token does not grant access to business {business}"),
+        );
+    }
+    let params: HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let s = lock(state);
+    let Some(b) = s.business(business) else {
+        drop(s);
+        return problem(
+            state,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("business {business} not found"),
+        );
+    };
+    let max = s.options.max_page_size.max(1);
+    let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+        None => 20.min(max),
+        Some(Ok(l)) if l >= 1 => l.min(max),
+        Some(_) => {
+            drop(s);
+            return problem(
+                state,
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "limit must be a positive integer",
+            );
+        }
+    };
+    let offset = match params.get("pageToken") {
+        None => 0,
+        Some(t) => match offset_of(business, t) {
+            Some(o) => o,
+            None => {
+                drop(s);
+                return problem(
+                    state,
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request",
+                    "invalid pageToken",
+                );
+            }
+        },
+    };
+    let end = (offset + limit).min(b.leads.len());
+    let items: Vec<&str> = b
+        .leads
+        .get(offset.min(end)..end)
+        .unwrap_or(&[])
+        .iter()
+        .map(|l| l.json.as_str())
+        .collect();
+    let mut body = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 128);
+    body.push_str("{\"data\":[");
+    body.push_str(&items.join(","));
+    body.push_str(&format!("],\"pagination\":{{\"limit\":{limit}"));
+    if end < b.leads.len() {
+        body.push_str(&format!(
+            ",\"nextPageToken\":\"{}\"",
+            page_token(business, end)
+        ));
+    }
+    body.push_str("}}");
+    respond(StatusCode::OK, "application/json", body)
+}
+
+fn get_one(state: &Shared, token_business: &str, negotiation_id: &str) -> Response<Full<Bytes>> {
+    let found = {
+        let s = lock(state);
+        s.find_lead(negotiation_id).map(|(bi, li)| {
+            (
+                s.businesses[bi].id.clone(),
+                s.businesses[bi].leads[li].json.clone(),
+            )
+        })
+    };
+    match found {
+        Some((b, json)) if b == token_business => respond(StatusCode::OK, "application/json", json),
+        Some(_) => problem(
+            state,
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "this token does not grant access to this negotiation",
+        ),
+        None => problem(
+            state,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("negotiation {negotiation_id} not found"),
+        ),
+    }
+}
+
+const JOB_STATUSES: [&str; 6] = [
+    "not_scheduled",
+    "appt_scheduled",
+    "job_complete",
+    "invoice_paid",
+    "customer_cancel",
+    "pro_cancel",
+];
+
+fn job_status(
+    state: &Shared,
+    token_business: &str,
+    negotiation_id: &str,
+    body: &[u8],
+    user_agent: Option<String>,
+) -> Response<Full<Bytes>> {
+    let bad = |detail: &str| problem(state, StatusCode::BAD_REQUEST, "Bad Request", detail);
+    let owner = {
+        let s = lock(state);
+        s.find_lead(negotiation_id)
+            .map(|(bi, _)| s.businesses[bi].id.clone())
+    };
+    match owner {
+        None => {
+            return problem(
+                state,
+                StatusCode::NOT_FOUND,
+                "Not Found",
+                &format!("negotiation {negotiation_id} not found"),
+            );
+        }
+        Some(b) if b != token_business => {
+            return problem(
+                state,
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "this token does not grant access to this negotiation",
+            );
+        }
+        Some(_) => {}
+    }
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(body) else {
+        return bad("the body must be a JSON object");
+    };
+    let Some(status) = body.get("status").and_then(Value::as_str) else {
+        return bad("status is required");
+    };
+    if !JOB_STATUSES.contains(&status) {
+        return bad(&format!(
+            "status must be one of {}",
+            JOB_STATUSES.join(", ")
+        ));
+    }
+    let Some(at) = body.get("partnerStatusChangedAt").and_then(Value::as_str) else {
+        return bad("partnerStatusChangedAt is required");
+    };
+    if chrono::DateTime::parse_from_rfc3339(at).is_err() {
+        return bad("partnerStatusChangedAt must be an RFC 3339 timestamp");
+    }
+    let amount = match body.get("invoiceAmountInCents") {
+        None | Some(Value::Null) => None,
+        Some(v) => match v.as_i64() {
+            Some(a) if a >= 0 && matches!(status, "job_complete" | "invoice_paid") => Some(a),
+            Some(a) if a >= 0 => {
+                return bad("invoiceAmountInCents applies only to job_complete and invoice_paid");
+            }
+            _ => return bad("invoiceAmountInCents must be a non-negative integer"),
+        },
+    };
+    let mut s = lock(state);
+    if s.refuse.contains(negotiation_id) {
+        drop(s);
+        return problem(
+            state,
+            StatusCode::BAD_REQUEST,
+            "Invalid transition",
+            &format!("negotiation {negotiation_id} does not accept the transition to {status}"),
+        );
+    }
+    let seq = s.deliveries.len() as u64 + 1;
+    s.deliveries.push(Delivery {
+        seq,
+        negotiation_id: negotiation_id.to_string(),
+        business_id: token_business.to_string(),
+        status: status.to_string(),
+        partner_status_changed_at: at.to_string(),
+        invoice_amount_in_cents: amount,
+        received_at: crate::time::now(),
+        user_agent,
+    });
+    drop(s);
+    json_response(
+        StatusCode::OK,
+        &json!({"negotiationID": negotiation_id, "status": status}),
+    )
+}
+
+fn token_endpoint(
+    state: &Shared,
+    authorization: Option<String>,
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
+    let mut s = lock(state);
+    let client_ok = authorization
+        .as_deref()
+        .and_then(|a| a.strip_prefix("Basic "))
+        .and_then(|b| {
+            base64::engine::general_purpose::STANDARD
+                .decode(b.trim())
+                .ok()
+        })
+        .and_then(|b| String::from_utf8(b).ok())
+        .is_some_and(|pair| pair == format!("{}:{}", s.options.client_id, s.options.client_secret));
+    let grant = form.get("grant_type").cloned().unwrap_or_default();
+    s.count(format!("token {grant}"));
+    if !client_ok {
+        return oauth_error(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            "client authentication failed",
+        );
+    }
+    if form.get("audience").map(String::as_str) != Some("urn:partner-api") {
+        return oauth_error(
+            StatusCode::BAD_GATEWAY,
+            "proxy_oauth_failed",
+            "audience must be urn:partner-api",
+        );
+    }
+    let business = match grant.as_str() {
+        "refresh_token" => {
+            let presented = form.get("refresh_token").cloned().unwrap_or_default();
+            match s.refresh_tokens.get_mut(&presented) {
+                None => {
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "unknown refresh token",
+                    );
+                }
+                Some(e) if e.used => {
+                    s.stats.reused_refresh_tokens += 1;
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "refresh token has already been used",
+                    );
+                }
+                Some(e) => {
+                    e.used = true;
+                    e.business_id.clone()
+                }
+            }
+        }
+        "authorization_code" => {
+            if form.get("redirect_uri").is_none_or(|u| u.is_empty()) {
+                return oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_request",
+                    "redirect_uri is required",
+                );
+            }
+            let code = form.get("code").cloned().unwrap_or_default();
+            match s.auth_codes.remove(&code) {
+                Some(b) => b,
+                None => {
+                    return oauth_error(
+                        StatusCode::BAD_REQUEST,
+                        "invalid_grant",
+                        "unknown or used authorization code",
+                    );
+                }
+            }
+        }
+        other => {
+            return oauth_error(
+                StatusCode::BAD_REQUEST,
+                "unsupported_grant_type",
+                &format!("grant_type {other:?} is not supported"),
+            );
+        }
+    };
+    let ttl = s.options.access_token_ttl_secs;
+    let access = s.token("sbx_at_");
+    let refresh = s.token("sbx_rt_");
+    s.access_tokens.insert(
+        access.clone(),
+        (business.clone(), Instant::now() + Duration::from_secs(ttl)),
+    );
+    s.refresh_tokens.insert(
+        refresh.clone(),
+        super::RefreshEntry {
+            business_id: business,
+            used: false,
+        },
+    );
+    json_response(
+        StatusCode::OK,
+        &json!({
+            "access_token": access,
+            "token_type": "bearer",
+            "expires_in": ttl,
+            "refresh_token": refresh,
+            "scope": "supply::negotiations.read supply::negotiations.write offline_access",
+        }),
+    )
+}
+
+/// `/_sandbox/*`: inspection and knobs for a sandbox in its own process.
+fn control(state: &Shared, method: &Method, rest: &[&str], body: &[u8]) -> Response<Full<Bytes>> {
+    let ok = |v: Value| json_response(StatusCode::OK, &v);
+    let bad = |m: String| json_response(StatusCode::BAD_REQUEST, &json!({"error": m}));
+    let mut s = lock(state);
+    match (method, rest) {
+        (&Method::GET, ["deliveries"]) => ok(json!(s.deliveries)),
+        (&Method::GET, ["stats"]) => ok(json!(s.stats)),
+        (&Method::GET, ["businesses"]) => ok(json!(
+            s.businesses
+                .iter()
+                .map(|b| json!({"id": b.id, "name": b.name, "leads": b.leads.len()}))
+                .collect::<Vec<_>>()
+        )),
+        (&Method::GET, ["faults"]) => ok(json!(s.faults)),
+        (&Method::POST, ["faults"]) => match serde_json::from_slice::<Faults>(body) {
+            Ok(f) => {
+                s.faults = f;
+                ok(json!(s.faults))
+            }
+            Err(e) => bad(format!("bad faults: {e}")),
+        },
+        (&Method::POST, ["mutate"]) => match serde_json::from_slice::<Mutation>(body) {
+            Ok(m) => match mutate(&mut s, m) {
+                Ok(ids) => ok(json!({"ids": ids})),
+                Err(e) => bad(e.to_string()),
+            },
+            Err(e) => bad(format!("bad mutation: {e}")),
+        },
+        (&Method::POST, ["refuse", n]) => {
+            s.refuse.insert((*n).to_string());
+            ok(json!({"refused": n}))
+        }
+        (&Method::POST, ["authorize", b]) => {
+            let code = s.token("sbx_code_");
+            s.auth_codes.insert(code.clone(), (*b).to_string());
+            ok(json!({"code": code}))
+        }
+        _ => json_response(
+            StatusCode::NOT_FOUND,
+            &json!({"error": "unknown control route"}),
+        ),
+    }
+}
+
+/// Applies a lead mutation to the sandbox's data.
+pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
+    match m {
+        Mutation::AddLeads { business_id, count } => {
+            let bi = s
+                .businesses
+                .iter()
+                .position(|b| b.id == business_id)
+                .ok_or_else(|| anyhow!("business {business_id} not found"))?;
+            let mut ids = Vec::new();
+            for _ in 0..count {
+                s.sequence += 1;
+                let lead = data::new_lead(
+                    &mut s.rng,
+                    &mut s.taken_ids,
+                    &s.businesses[bi],
+                    chrono::Utc::now(),
+                    s.sequence,
+                );
+                ids.push(lead.id.clone());
+                s.businesses[bi].leads.insert(0, lead);
+            }
+            Ok(ids)
+        }
+        Mutation::SetStatus {
+            negotiation_id,
+            status,
+        } => {
+            edit(s, &negotiation_id, |v| {
+                v["status"] = Value::String(status.clone())
+            })?;
+            Ok(vec![negotiation_id])
+        }
+        Mutation::DeepChange { negotiation_id } => {
+            let n = s.rng.u32(..);
+            edit(s, &negotiation_id, |v| {
+                v["customer"]["location"]["zipCode"] = Value::String(format!("{:05}", n % 100_000));
+                v["sandboxExtension"]["nested"]["revision"] = json!(n);
+            })?;
+            Ok(vec![negotiation_id])
+        }
+        Mutation::Remove { negotiation_id } => {
+            let (bi, li) = s
+                .find_lead(&negotiation_id)
+                .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))?;
+            let lead = s.businesses[bi].leads.remove(li);
+            s.removed.insert(negotiation_id.clone(), (bi, li, lead));
+            Ok(vec![negotiation_id])
+        }
+        Mutation::Restore { negotiation_id } => {
+            let (bi, li, lead) = s
+                .removed
+                .remove(&negotiation_id)
+                .ok_or_else(|| anyhow!("negotiation {negotiation_id} was not removed"))?;
+            let leads = &mut s.businesses[bi].leads;
+            leads.insert(li.min(leads.len()), lead);
+            Ok(vec![negotiation_id])
+        }
+    }
+}
+
+fn edit(s: &mut State, negotiation_id: &str, f: impl FnOnce(&mut Value)) -> Result<()> {
+    let (bi, li) = s
+        .find_lead(negotiation_id)
+        .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))?;
+    let lead = &mut s.businesses[bi].leads[li];
+    let mut v: Value = serde_json::from_str(&lead.json)?;
+    f(&mut v);
+    lead.json = data::render(&v);
+    Ok(())
+}

@@ -1,0 +1,271 @@
+//! `leadsync status`: what the database says about each business and the outbox.
+
+use crate::config::Config;
+use crate::store::outbox;
+use anyhow::Result;
+use chrono::Utc;
+use rusqlite::Connection;
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// The whole report (`status --json` prints it as is).
+#[derive(Debug, Serialize)]
+pub struct StatusReport {
+    pub database: String,
+    pub generated_at: String,
+    pub businesses: Vec<BusinessStatus>,
+    pub outbox: OutboxStatus,
+}
+
+/// One business.
+#[derive(Debug, Serialize)]
+pub struct BusinessStatus {
+    pub business_id: String,
+    pub name: Option<String>,
+    /// In the current configuration.
+    pub configured: bool,
+    pub enabled: bool,
+    pub leads: i64,
+    /// Leads the last full scan no longer listed.
+    pub missing: i64,
+    pub last_sync_started_at: Option<String>,
+    pub last_sync_finished_at: Option<String>,
+    pub last_sync_kind: Option<String>,
+    /// `ok` or `error`; `null` when never synced.
+    pub last_sync_outcome: Option<String>,
+    pub last_sync_age_secs: Option<i64>,
+    pub last_error: Option<String>,
+    pub last_full_sync_at: Option<String>,
+    pub needs_reauth: bool,
+    pub needs_reauth_reason: Option<String>,
+}
+
+/// The outbox.
+#[derive(Debug, Serialize)]
+pub struct OutboxStatus {
+    #[serde(flatten)]
+    pub counts: outbox::Counts,
+    pub oldest_pending_age_secs: Option<i64>,
+    /// The most recent dead rows (up to 10).
+    pub recent_dead: Vec<DeadRow>,
+}
+
+/// A dead row, for the operator.
+#[derive(Debug, Serialize)]
+pub struct DeadRow {
+    pub id: i64,
+    pub negotiation_id: String,
+    pub status: String,
+    pub last_http_status: Option<i64>,
+    pub last_trace_id: Option<String>,
+    pub last_error: Option<String>,
+}
+
+fn age_secs(t: &Option<String>) -> Option<i64> {
+    t.as_deref()
+        .and_then(crate::time::parse)
+        .map(|t| (Utc::now() - t).num_seconds().max(0))
+}
+
+/// Reads the report. Configured businesses the database has not seen yet
+/// are listed as never synced.
+pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
+    let mut leads: HashMap<String, (i64, i64)> = HashMap::new();
+    {
+        let mut stmt = conn.prepare(
+            "SELECT business_id, count(*), count(missing_since) FROM negotiations GROUP BY business_id",
+        )?;
+        let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get(1)?, r.get(2)?)))?;
+        for row in rows {
+            let (b, n, m) = row?;
+            leads.insert(b, (n, m));
+        }
+    }
+    let mut businesses = Vec::new();
+    {
+        let mut stmt = conn.prepare(
+            "SELECT business_id, name, configured, enabled, last_sync_started_at, last_sync_finished_at,
+                    last_sync_kind, last_sync_outcome, last_error, last_full_sync_at, needs_reauth,
+                    needs_reauth_reason
+               FROM businesses ORDER BY configured DESC, business_id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(BusinessStatus {
+                business_id: r.get(0)?,
+                name: r.get(1)?,
+                configured: r.get::<_, i64>(2)? == 1,
+                enabled: r.get::<_, i64>(3)? == 1,
+                last_sync_started_at: r.get(4)?,
+                last_sync_finished_at: r.get(5)?,
+                last_sync_kind: r.get(6)?,
+                last_sync_outcome: r.get(7)?,
+                last_error: r.get(8)?,
+                last_full_sync_at: r.get(9)?,
+                needs_reauth: r.get::<_, i64>(10)? == 1,
+                needs_reauth_reason: r.get(11)?,
+                leads: 0,
+                missing: 0,
+                last_sync_age_secs: None,
+            })
+        })?;
+        for row in rows {
+            businesses.push(row?);
+        }
+    }
+    // The database's view of "configured" is as of the last run; the
+    // configuration read now is the truth.
+    for b in &mut businesses {
+        let now_configured = config.business(&b.business_id);
+        b.configured = now_configured.is_some();
+        if let Some(c) = now_configured {
+            b.enabled = c.enabled;
+            b.name = c.name.clone().or(b.name.take());
+        }
+    }
+    for c in &config.businesses {
+        if !businesses.iter().any(|b| b.business_id == c.id) {
+            businesses.push(BusinessStatus {
+                business_id: c.id.clone(),
+                name: c.name.clone(),
+                configured: true,
+                enabled: c.enabled,
+                leads: 0,
+                missing: 0,
+                last_sync_started_at: None,
+                last_sync_finished_at: None,
+                last_sync_kind: None,
+                last_sync_outcome: None,
+                last_sync_age_secs: None,
+                last_error: None,
+                last_full_sync_at: None,
+                needs_reauth: false,
+                needs_reauth_reason: None,
+            });
+        }
+    }
+    for b in &mut businesses {
+        let (n, m) = leads.get(&b.business_id).copied().unwrap_or((0, 0));
+        b.leads = n;
+        b.missing = m;
+        b.last_sync_age_secs = age_secs(&b.last_sync_finished_at);
+    }
+    let counts = outbox::counts(conn)?;
+    let oldest_pending_age_secs = age_secs(&counts.oldest_pending_created_at);
+    let mut recent_dead = Vec::new();
+    {
+        let mut stmt = conn.prepare(
+            "SELECT id, negotiation_id, status, last_http_status, last_trace_id, last_error
+               FROM outbox WHERE state = 'dead' ORDER BY id DESC LIMIT 10",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(DeadRow {
+                id: r.get(0)?,
+                negotiation_id: r.get(1)?,
+                status: r.get(2)?,
+                last_http_status: r.get(3)?,
+                last_trace_id: r.get(4)?,
+                last_error: r.get(5)?,
+            })
+        })?;
+        for row in rows {
+            recent_dead.push(row?);
+        }
+    }
+    Ok(StatusReport {
+        database: config.database().display().to_string(),
+        generated_at: crate::time::now(),
+        businesses,
+        outbox: OutboxStatus {
+            counts,
+            oldest_pending_age_secs,
+            recent_dead,
+        },
+    })
+}
+
+fn ago(secs: Option<i64>) -> String {
+    match secs {
+        None => "never".into(),
+        Some(s) => {
+            let now = Utc::now();
+            format!(
+                "{} ago",
+                crate::time::age(now - chrono::Duration::seconds(s), now)
+            )
+        }
+    }
+}
+
+/// The report as a table for people.
+pub fn render_text(r: &StatusReport) -> String {
+    let mut out = format!("database: {}\n\nbusinesses:\n", r.database);
+    if r.businesses.is_empty() {
+        out.push_str("  (none configured)\n");
+    }
+    out.push_str(&format!(
+        "  {:<20} {:<24} {:>7}  {:<12} {:<7} {}\n",
+        "BUSINESS", "NAME", "LEADS", "LAST SYNC", "RESULT", "NOTES"
+    ));
+    for b in &r.businesses {
+        let mut notes = Vec::new();
+        if b.needs_reauth {
+            notes.push(format!(
+                "NEEDS RE-AUTHORIZATION: {}",
+                b.needs_reauth_reason
+                    .as_deref()
+                    .unwrap_or("the token was refused")
+            ));
+        }
+        if !b.configured {
+            notes.push("not in the configuration".into());
+        } else if !b.enabled {
+            notes.push("disabled".into());
+        }
+        if b.missing > 0 {
+            notes.push(format!("{} missing", b.missing));
+        }
+        if b.last_sync_outcome.as_deref() == Some("error")
+            && let Some(e) = &b.last_error
+            && !b.needs_reauth
+        {
+            notes.push(format!("error: {e}"));
+        }
+        let name: String = b
+            .name
+            .clone()
+            .unwrap_or_default()
+            .chars()
+            .take(24)
+            .collect();
+        out.push_str(&format!(
+            "  {:<20} {:<24} {:>7}  {:<12} {:<7} {}\n",
+            b.business_id,
+            name,
+            b.leads,
+            ago(b.last_sync_age_secs),
+            b.last_sync_outcome.as_deref().unwrap_or("-"),
+            notes.join("; ")
+        ));
+    }
+    let c = &r.outbox.counts;
+    out.push_str(&format!(
+        "\noutbox: {} pending, {} sending, {} sent, {} dead, {} canceled\n",
+        c.pending, c.sending, c.sent, c.dead, c.canceled
+    ));
+    if let Some(age) = r.outbox.oldest_pending_age_secs {
+        out.push_str(&format!("  oldest pending: {}\n", ago(Some(age))));
+    }
+    if !r.outbox.recent_dead.is_empty() {
+        out.push_str("  dead rows (newest first; `leadsync outbox retry ID` sends one again):\n");
+        for d in &r.outbox.recent_dead {
+            out.push_str(&format!(
+                "    #{} negotiation {} {}: {}\n",
+                d.id,
+                d.negotiation_id,
+                d.status,
+                d.last_error.as_deref().unwrap_or("(no error recorded)")
+            ));
+        }
+    }
+    out
+}

@@ -1,0 +1,459 @@
+//! The mirror: negotiations, their changes, businesses and sync runs.
+
+use crate::config::Business;
+use crate::thumbtack::model::Lead;
+use anyhow::Result;
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde_json::{Map, Value};
+
+/// An unchanged lead's `last_seen_at` is rewritten only when older than this,
+/// so that re-listing unchanged leads writes nothing (README: "last_seen_at").
+pub const LAST_SEEN_GRANULARITY: chrono::Duration = chrono::Duration::hours(1);
+
+/// What a page write is part of.
+#[derive(Debug, Clone)]
+pub struct PageContext {
+    pub business_id: String,
+    pub run_id: i64,
+    /// Full scans remember every lead they list, to find the missing ones.
+    pub full: bool,
+    /// The observation time written to the rows.
+    pub now: String,
+    /// `last_seen_at` values older than this are refreshed.
+    pub stale_before: String,
+}
+
+/// Counts of one page write.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageStats {
+    pub inserted: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+}
+
+const SEEN_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS seen_in_run (
+    run_id INTEGER NOT NULL, negotiation_id TEXT NOT NULL,
+    PRIMARY KEY (run_id, negotiation_id)) WITHOUT ROWID";
+
+/// Writes one listing page in one transaction: new leads inserted, changed
+/// ones updated with a change row, unchanged ones left alone.
+pub fn write_page(conn: &mut Connection, ctx: &PageContext, leads: &[Lead]) -> Result<PageStats> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut stats = PageStats::default();
+    {
+        let mut lookup = tx.prepare_cached(
+            "SELECT payload_hash, last_seen_at, missing_since, business_id, status
+               FROM negotiations WHERE negotiation_id = ?1",
+        )?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
+                 payload_hash, category, customer_name, city, zip, first_seen_at, last_seen_at,
+                 changed_at, missing_since)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, NULL)",
+        )?;
+        let mut change = tx.prepare_cached(
+            "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind,
+                 old_status, new_status, changed_fields, old_payload, sync_run_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+        )?;
+        let mut touch = tx.prepare_cached(
+            "UPDATE negotiations SET last_seen_at = ?2 WHERE negotiation_id = ?1",
+        )?;
+        let mut reappear = tx.prepare_cached(
+            "UPDATE negotiations SET missing_since = NULL, last_seen_at = ?2 WHERE negotiation_id = ?1",
+        )?;
+        let mut old_payload =
+            tx.prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?;
+        let mut update = tx.prepare_cached(
+            "UPDATE negotiations SET business_id = ?2, status = ?3, created_at = ?4, payload = ?5,
+                 payload_hash = ?6, category = ?7, customer_name = ?8, city = ?9, zip = ?10,
+                 last_seen_at = ?11, changed_at = ?11, missing_since = NULL
+             WHERE negotiation_id = ?1",
+        )?;
+        let mut seen = if ctx.full {
+            tx.execute(SEEN_TABLE, [])?;
+            Some(tx.prepare_cached(
+                "INSERT OR IGNORE INTO temp.seen_in_run (run_id, negotiation_id) VALUES (?1, ?2)",
+            )?)
+        } else {
+            None
+        };
+        for lead in leads {
+            if let Some(seen) = seen.as_mut() {
+                seen.execute(params![ctx.run_id, lead.negotiation_id])?;
+            }
+            let existing = lookup
+                .query_row([&lead.negotiation_id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                        r.get::<_, String>(3)?,
+                        r.get::<_, Option<String>>(4)?,
+                    ))
+                })
+                .optional()?;
+            let Some((hash, last_seen, missing_since, business_id, old_status)) = existing else {
+                insert.execute(params![
+                    lead.negotiation_id,
+                    ctx.business_id,
+                    lead.status,
+                    lead.created_at,
+                    lead.payload,
+                    lead.hash,
+                    lead.category,
+                    lead.customer_name,
+                    lead.city,
+                    lead.zip,
+                    ctx.now,
+                ])?;
+                change.execute(params![
+                    lead.negotiation_id,
+                    ctx.business_id,
+                    ctx.now,
+                    "new",
+                    Option::<String>::None,
+                    lead.status,
+                    Option::<String>::None,
+                    Option::<String>::None,
+                    ctx.run_id,
+                ])?;
+                stats.inserted += 1;
+                continue;
+            };
+            let mut changed_fields = None;
+            if hash != lead.hash || business_id != ctx.business_id {
+                let old: String = old_payload.query_row([&lead.negotiation_id], |r| r.get(0))?;
+                let fields = differing_fields(&old, &lead.payload);
+                if !fields.is_empty() || business_id != ctx.business_id {
+                    changed_fields = Some((old, fields));
+                }
+            }
+            if missing_since.is_some() {
+                reappear.execute(params![lead.negotiation_id, ctx.now])?;
+                change.execute(params![
+                    lead.negotiation_id,
+                    ctx.business_id,
+                    ctx.now,
+                    "reappeared",
+                    old_status,
+                    lead.status,
+                    Option::<String>::None,
+                    Option::<String>::None,
+                    ctx.run_id,
+                ])?;
+            }
+            match changed_fields {
+                Some((old, fields)) => {
+                    update.execute(params![
+                        lead.negotiation_id,
+                        ctx.business_id,
+                        lead.status,
+                        lead.created_at,
+                        lead.payload,
+                        lead.hash,
+                        lead.category,
+                        lead.customer_name,
+                        lead.city,
+                        lead.zip,
+                        ctx.now,
+                    ])?;
+                    change.execute(params![
+                        lead.negotiation_id,
+                        ctx.business_id,
+                        ctx.now,
+                        "changed",
+                        old_status,
+                        lead.status,
+                        serde_json::to_string(&fields)?,
+                        old,
+                        ctx.run_id,
+                    ])?;
+                    stats.updated += 1;
+                }
+                None if missing_since.is_some() => stats.updated += 1,
+                None => {
+                    if last_seen < ctx.stale_before {
+                        touch.execute(params![lead.negotiation_id, ctx.now])?;
+                    }
+                    stats.unchanged += 1;
+                }
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(stats)
+}
+
+/// Top-level keys whose values differ between two JSON objects (an empty list
+/// when they are equal as JSON, e.g. only key order or spacing differs).
+pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
+    let parse = |s: &str| serde_json::from_str::<Map<String, Value>>(s).ok();
+    match (parse(old), parse(new)) {
+        (Some(a), Some(b)) => {
+            let mut keys: Vec<String> = a
+                .iter()
+                .filter(|(k, v)| b.get(*k) != Some(v))
+                .map(|(k, _)| k.clone())
+                .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
+                .collect();
+            keys.sort();
+            keys
+        }
+        _ if old == new => Vec::new(),
+        _ => vec!["*".into()],
+    }
+}
+
+/// Registers a sync pass; returns its `sync_runs` id.
+pub fn start_run(conn: &Connection, business_id: &str, kind: &str, now: &str) -> Result<i64> {
+    conn.execute(
+        "INSERT INTO sync_runs (business_id, kind, started_at) VALUES (?1, ?2, ?3)",
+        params![business_id, kind, now],
+    )?;
+    let id = conn.last_insert_rowid();
+    conn.execute(
+        "UPDATE businesses SET last_sync_started_at = ?2 WHERE business_id = ?1",
+        params![business_id, now],
+    )?;
+    Ok(id)
+}
+
+/// The totals of a sync pass.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RunStats {
+    pub pages: i64,
+    pub seen: i64,
+    pub inserted: i64,
+    pub updated: i64,
+    pub unchanged: i64,
+    pub missing: i64,
+    pub skipped: i64,
+}
+
+impl RunStats {
+    /// Adds one page's counts.
+    pub fn add_page(&mut self, p: PageStats, skipped: i64) {
+        self.pages += 1;
+        self.seen += p.inserted + p.updated + p.unchanged;
+        self.inserted += p.inserted;
+        self.updated += p.updated;
+        self.unchanged += p.unchanged;
+        self.skipped += skipped;
+    }
+}
+
+/// Closes a sync pass: its `sync_runs` row and the business's summary.
+pub fn finish_run(
+    conn: &mut Connection,
+    run_id: i64,
+    business_id: &str,
+    kind: &str,
+    stats: &RunStats,
+    error: Option<&str>,
+    now: &str,
+) -> Result<()> {
+    let tx = conn.transaction()?;
+    let outcome = if error.is_some() { "error" } else { "ok" };
+    tx.execute(
+        "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, pages = ?4, seen = ?5, inserted = ?6,
+             updated = ?7, unchanged = ?8, missing = ?9, skipped = ?10, error = ?11
+         WHERE id = ?1",
+        params![
+            run_id,
+            now,
+            outcome,
+            stats.pages,
+            stats.seen,
+            stats.inserted,
+            stats.updated,
+            stats.unchanged,
+            stats.missing,
+            stats.skipped,
+            error
+        ],
+    )?;
+    tx.execute(
+        "UPDATE businesses SET last_sync_finished_at = ?2, last_sync_outcome = ?3, last_error = ?4,
+             last_sync_kind = ?5,
+             last_full_sync_at = CASE WHEN ?5 = 'full' AND ?3 = 'ok' THEN ?2 ELSE last_full_sync_at END
+         WHERE business_id = ?1",
+        params![business_id, now, outcome, error, kind],
+    )?;
+    tx.execute(SEEN_TABLE, [])?;
+    tx.execute("DELETE FROM temp.seen_in_run WHERE run_id = ?1", [run_id])?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// Records a pass that did not run (the business needs re-authorization).
+pub fn record_skipped_run(
+    conn: &mut Connection,
+    business_id: &str,
+    kind: &str,
+    reason: &str,
+    now: &str,
+) -> Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "INSERT INTO sync_runs (business_id, kind, started_at, finished_at, outcome, error)
+         VALUES (?1, ?2, ?3, ?3, 'skipped', ?4)",
+        params![business_id, kind, now, reason],
+    )?;
+    tx.execute(
+        "UPDATE businesses SET last_sync_started_at = ?2, last_sync_finished_at = ?2,
+             last_sync_outcome = 'error', last_error = ?3, last_sync_kind = ?4
+         WHERE business_id = ?1",
+        params![business_id, now, reason, kind],
+    )?;
+    tx.commit()?;
+    Ok(())
+}
+
+/// After a successful full scan: marks the business's leads it did not list
+/// as missing (with a change row each); returns how many.
+pub fn mark_missing(
+    conn: &mut Connection,
+    business_id: &str,
+    run_id: i64,
+    now: &str,
+) -> Result<i64> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute(SEEN_TABLE, [])?;
+    let missing: Vec<(String, Option<String>)> = {
+        let mut stmt = tx.prepare(
+            "UPDATE negotiations SET missing_since = ?3
+              WHERE business_id = ?1 AND missing_since IS NULL
+                AND negotiation_id NOT IN (SELECT negotiation_id FROM temp.seen_in_run WHERE run_id = ?2)
+             RETURNING negotiation_id, status",
+        )?;
+        stmt.query_map(params![business_id, run_id, now], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })?
+        .collect::<rusqlite::Result<_>>()?
+    };
+    {
+        let mut change = tx.prepare_cached(
+            "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind,
+                 old_status, new_status, sync_run_id)
+             VALUES (?1, ?2, ?3, 'missing', ?4, ?4, ?5)",
+        )?;
+        for (id, status) in &missing {
+            change.execute(params![id, business_id, now, status, run_id])?;
+        }
+    }
+    tx.commit()?;
+    Ok(missing.len() as i64)
+}
+
+/// Makes the `businesses` table match the configuration (rows are never
+/// deleted: a business removed from the configuration keeps its history).
+pub fn upsert_businesses(conn: &mut Connection, businesses: &[Business]) -> Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute("UPDATE businesses SET configured = 0", [])?;
+    {
+        let mut stmt = tx.prepare(
+            "INSERT INTO businesses (business_id, name, enabled, configured) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT (business_id) DO UPDATE SET name = excluded.name,
+                 enabled = excluded.enabled, configured = 1",
+        )?;
+        for b in businesses {
+            stmt.execute(params![b.id, b.name, b.enabled])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// Sets or clears a business's `needs_reauth` flag.
+pub fn set_needs_reauth(
+    conn: &Connection,
+    business_id: &str,
+    reason: Option<&str>,
+    now: &str,
+) -> Result<()> {
+    match reason {
+        Some(reason) => conn.execute(
+            "INSERT INTO businesses (business_id, needs_reauth, needs_reauth_since, needs_reauth_reason)
+             VALUES (?1, 1, ?2, ?3)
+             ON CONFLICT (business_id) DO UPDATE SET needs_reauth = 1,
+                 needs_reauth_since = COALESCE(needs_reauth_since, excluded.needs_reauth_since),
+                 needs_reauth_reason = excluded.needs_reauth_reason",
+            params![business_id, now, reason],
+        )?,
+        None => conn.execute(
+            "UPDATE businesses SET needs_reauth = 0, needs_reauth_since = NULL, needs_reauth_reason = NULL
+             WHERE business_id = ?1 AND needs_reauth = 1",
+            params![business_id],
+        )?,
+    };
+    Ok(())
+}
+
+/// Closes passes left `running` by a process that stopped; returns how many.
+pub fn interrupt_running(conn: &Connection, now: &str, why: &str) -> Result<usize> {
+    let n = conn.execute(
+        "UPDATE sync_runs SET outcome = 'error', finished_at = ?1, error = ?2 WHERE outcome = 'running'",
+        params![now, why],
+    )?;
+    conn.execute(
+        "UPDATE businesses SET last_sync_outcome = 'error', last_error = ?2, last_sync_finished_at = ?1
+          WHERE last_sync_started_at IS NOT NULL
+            AND (last_sync_finished_at IS NULL OR last_sync_finished_at < last_sync_started_at)",
+        params![now, why],
+    )?;
+    Ok(n)
+}
+
+/// Which business a lead belongs to, when the mirror has it.
+pub fn business_of(conn: &Connection, negotiation_id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT business_id FROM negotiations WHERE negotiation_id = ?1",
+            [negotiation_id],
+            |r| r.get(0),
+        )
+        .optional()?)
+}
+
+/// Businesses flagged `needs_reauth`, with the reason (business id → reason).
+pub fn needs_reauth_map(conn: &Connection) -> Result<std::collections::HashMap<String, String>> {
+    let mut stmt = conn.prepare(
+        "SELECT business_id, COALESCE(needs_reauth_reason, 'needs re-authorization')
+           FROM businesses WHERE needs_reauth = 1",
+    )?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Businesses that never had a successful full scan.
+pub fn never_fully_synced(conn: &Connection) -> Result<std::collections::HashSet<String>> {
+    let mut stmt =
+        conn.prepare("SELECT business_id FROM businesses WHERE last_full_sync_at IS NULL")?;
+    let rows = stmt
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_order_and_spacing_are_not_changes() {
+        assert!(
+            differing_fields(r#"{"a":1,"b":{"c":2}}"#, r#"{ "b": {"c":2}, "a": 1 }"#).is_empty()
+        );
+        assert_eq!(
+            differing_fields(r#"{"a":1,"b":2}"#, r#"{"a":1,"b":3,"d":0}"#),
+            vec!["b".to_string(), "d".to_string()]
+        );
+        assert_eq!(
+            differing_fields(r#"{"n":9007199254740993}"#, r#"{"n":9007199254740992}"#),
+            vec!["n".to_string()]
+        );
+    }
+}

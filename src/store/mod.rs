@@ -1,0 +1,232 @@
+//! SQLite: the only module that writes SQL. One writer thread owns the
+//! daemon's connection; readers (sqlite3, Datasette, the CLI) never block it
+//! thanks to WAL.
+
+pub mod mirror;
+pub mod outbox;
+pub mod tokens;
+
+use anyhow::{Context, Result, anyhow, bail};
+use rusqlite::{Connection, OpenFlags};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// How long a statement waits for another writer (the partner's program, say)
+/// before it fails with "database is locked".
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The numbered migrations; `PRAGMA user_version` records the last applied.
+fn migrations() -> Vec<(i64, String)> {
+    let checks = include_str!("migrations/outbox_checks.sql");
+    let v1 = format!(
+        "{}\nCREATE TRIGGER outbox_validate_insert BEFORE INSERT ON outbox BEGIN\n{checks}END;\n\
+         CREATE TRIGGER outbox_validate_update BEFORE UPDATE OF negotiation_id, business_id, status, \
+         partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{checks}END;\n",
+        include_str!("migrations/0001_initial.sql")
+    );
+    vec![(1, v1)]
+}
+
+/// The schema version this binary writes.
+pub fn schema_version() -> i64 {
+    migrations().last().map(|(v, _)| *v).unwrap_or(0)
+}
+
+/// Opens (creating if `create`) the mirror with leadsync's settings and
+/// applies pending migrations.
+pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
+    if !create && !path.exists() {
+        bail!(
+            "database {} does not exist yet: it is created by `leadsync run`, `sync`, `drain` or `enqueue`",
+            path.display()
+        );
+    }
+    if create
+        && let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.is_dir()
+    {
+        bail!(
+            "cannot create database {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        );
+    }
+    let mut flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    if create {
+        flags |= OpenFlags::SQLITE_OPEN_CREATE;
+    }
+    let mut conn = Connection::open_with_flags(path, flags)
+        .with_context(|| format!("cannot open database {}", path.display()))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let mode: String = conn
+        .query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))
+        .with_context(|| format!("cannot switch {} to WAL mode", path.display()))?;
+    if !mode.eq_ignore_ascii_case("wal") {
+        bail!(
+            "database {} refused WAL mode (journal_mode is {mode})",
+            path.display()
+        );
+    }
+    conn.execute_batch(
+        "PRAGMA synchronous = NORMAL;
+         PRAGMA foreign_keys = ON;
+         PRAGMA journal_size_limit = 67108864;",
+    )?;
+    migrate(&mut conn).with_context(|| format!("cannot migrate database {}", path.display()))?;
+    Ok(conn)
+}
+
+/// Applies every migration newer than the database's `user_version`.
+pub fn migrate(conn: &mut Connection) -> Result<()> {
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let latest = schema_version();
+    if current > latest {
+        bail!(
+            "the database has schema version {current}, newer than this leadsync knows ({latest}); \
+             run a newer leadsync"
+        );
+    }
+    for (version, sql) in migrations() {
+        if version <= current {
+            continue;
+        }
+        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+        // Another process may have migrated while we waited for the lock.
+        let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        if now >= version {
+            continue;
+        }
+        tx.execute_batch(&sql)
+            .with_context(|| format!("migration {version} failed"))?;
+        tx.pragma_update(None, "user_version", version)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+type Job = Box<dyn FnOnce(&mut Connection) + Send>;
+
+/// The daemon's handle on the mirror: every statement runs on one writer
+/// thread that owns the connection, never on an async worker.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+}
+
+impl Store {
+    /// Opens the mirror (creating and migrating it) and starts its writer thread.
+    pub fn open(path: &Path) -> Result<Store> {
+        let mut conn = open_connection(path, true)?;
+        let (jobs, rx) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("leadsync-db".into())
+            .spawn(move || {
+                for job in rx {
+                    // A panic in one job must not take the writer down with it.
+                    let _ =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
+                }
+            })
+            .context("cannot start the database thread")?;
+        Ok(Store {
+            jobs,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `f` on the writer thread and waits for its result.
+    pub async fn call<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Box::new(move |conn| {
+                let _ = tx.send(f(conn));
+            }))
+            .map_err(|_| anyhow!("the database thread has stopped"))?;
+        rx.await
+            .map_err(|_| anyhow!("the database thread stopped before answering (a bug)"))?
+    }
+}
+
+/// An exclusive hold on a database for one leadsync process that sends
+/// requests (`run`, `sync`, `drain`): two of them would reset each other's
+/// in-flight rows and race for single-use refresh tokens.
+pub struct ProcessLock {
+    _file: File,
+}
+
+impl ProcessLock {
+    /// Takes the lock next to the database (`<database>.lock`) or says who holds it.
+    pub fn acquire(database: &Path) -> Result<ProcessLock> {
+        let mut name = database.as_os_str().to_owned();
+        name.push(".lock");
+        let path = PathBuf::from(name);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let holder = std::fs::read_to_string(&path).unwrap_or_default();
+                bail!(
+                    "another leadsync process (pid {}) is running against {}; \
+                     `leadsync run` already syncs and drains on schedule — stop it first to run this by hand",
+                    holder.trim(),
+                    database.display()
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("cannot lock {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        use std::io::Write;
+        (&file).write_all(std::process::id().to_string().as_bytes())?;
+        Ok(ProcessLock { _file: file })
+    }
+}
+
+/// Maps a SQLite error from a write by the outbox's triggers or constraints
+/// to its message alone (`outbox: status must be ...`).
+pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {
+    match e {
+        rusqlite::Error::SqliteFailure(f, Some(msg))
+            if f.code == rusqlite::ErrorCode::ConstraintViolation =>
+        {
+            Some(msg.clone())
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        drop(open_connection(&path, true).unwrap());
+        let conn = open_connection(&path, true).unwrap();
+        let v: i64 = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, schema_version());
+    }
+}

@@ -1,0 +1,336 @@
+//! One sync pass of one business: list its negotiations page by page into
+//! the mirror. A head scan stops once pages stop bringing news; a full scan
+//! reads everything and maintains `missing_since`.
+
+use crate::store::Store;
+use crate::store::mirror::{self, PageContext, RunStats};
+use crate::thumbtack::model::Page;
+use crate::thumbtack::{ApiError, Client, Disposition};
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// A pass that reads this many pages is stopped: a listing that long is a
+/// pagination loop, not data.
+const MAX_PAGES: i64 = 1_000_000;
+
+/// Which pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScanKind {
+    /// The newest pages, until `stop_after_unchanged_pages` bring nothing new.
+    Head,
+    /// Every page; leads no longer listed are marked missing.
+    Full,
+}
+
+impl ScanKind {
+    /// The name stored in `sync_runs.kind`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ScanKind::Head => "head",
+            ScanKind::Full => "full",
+        }
+    }
+}
+
+/// How much a pass reads.
+#[derive(Debug, Clone, Copy)]
+pub struct PassSettings {
+    pub page_size: u32,
+    pub stop_after_unchanged_pages: u32,
+}
+
+/// How a pass ended.
+#[derive(Debug, Clone)]
+pub enum PassOutcome {
+    Ok(RunStats),
+    /// Failed after `RunStats` were written (whole pages only).
+    Failed(RunStats, String),
+    /// Not run: the business needs re-authorization.
+    Skipped(String),
+}
+
+/// A finished pass.
+#[derive(Debug, Clone)]
+pub struct PassReport {
+    pub business_id: String,
+    pub kind: ScanKind,
+    pub outcome: PassOutcome,
+    pub elapsed: Duration,
+}
+
+impl PassReport {
+    /// True when the pass ran and succeeded.
+    pub fn is_ok(&self) -> bool {
+        matches!(self.outcome, PassOutcome::Ok(_))
+    }
+
+    /// One line for people.
+    pub fn summary(&self) -> String {
+        let secs = self.elapsed.as_secs_f64();
+        match &self.outcome {
+            PassOutcome::Ok(s) => format!(
+                "{}: ok — {} scan, {} pages, {} leads seen: {} new, {} changed, {} unchanged, {} newly missing ({secs:.1}s)",
+                self.business_id,
+                self.kind.as_str(),
+                s.pages,
+                s.seen,
+                s.inserted,
+                s.updated,
+                s.unchanged,
+                s.missing
+            ),
+            PassOutcome::Failed(s, e) => format!(
+                "{}: FAILED — {} scan after {} pages ({} new, {} changed): {e}",
+                self.business_id,
+                self.kind.as_str(),
+                s.pages,
+                s.inserted,
+                s.updated
+            ),
+            PassOutcome::Skipped(r) => format!("{}: SKIPPED — {r}", self.business_id),
+        }
+    }
+}
+
+async fn fetch(
+    client: Arc<Client>,
+    business_id: String,
+    page_size: u32,
+    token: Option<String>,
+) -> Result<Page, ApiError> {
+    client
+        .list_page(&business_id, page_size, token.as_deref())
+        .await
+}
+
+/// Runs one pass. Errors are recorded in `sync_runs` and `businesses` and
+/// returned in the report; they never affect other businesses.
+#[tracing::instrument(skip_all, fields(business_id = %business_id, kind = kind.as_str()))]
+pub async fn sync_business(
+    store: &Store,
+    client: &Arc<Client>,
+    business_id: &str,
+    kind: ScanKind,
+    settings: PassSettings,
+    stop: &CancellationToken,
+) -> PassReport {
+    let started = Instant::now();
+    let report = |outcome| PassReport {
+        business_id: business_id.to_string(),
+        kind,
+        outcome,
+        elapsed: started.elapsed(),
+    };
+
+    // A business waiting for re-authorization is not called; the check also
+    // notices a new token file (or `auth exchange`) and resumes it.
+    if client.auth().reauth_reason(business_id).is_some()
+        && let Err(e) = client.auth().token(business_id).await
+        && e.disposition == Disposition::Reauth
+    {
+        let (id, k, reason, now) = (
+            business_id.to_string(),
+            kind.as_str(),
+            e.message.clone(),
+            crate::time::now(),
+        );
+        if let Err(err) = store
+            .call(move |c| mirror::record_skipped_run(c, &id, k, &reason, &now))
+            .await
+        {
+            warn!(error = %format!("{err:#}"), "cannot record the skipped pass");
+        }
+        info!(reason = %e.message, "pass skipped: the business needs re-authorization");
+        return report(PassOutcome::Skipped(e.message));
+    }
+
+    let run_id = {
+        let (id, k, now) = (business_id.to_string(), kind.as_str(), crate::time::now());
+        match store
+            .call(move |c| mirror::start_run(c, &id, k, &now))
+            .await
+        {
+            Ok(id) => id,
+            Err(e) => {
+                return report(PassOutcome::Failed(
+                    RunStats::default(),
+                    format!("cannot record the pass: {e:#}"),
+                ));
+            }
+        }
+    };
+    let mut stats = RunStats::default();
+    let result = read_pages(
+        store,
+        client,
+        business_id,
+        kind,
+        settings,
+        run_id,
+        &mut stats,
+        stop,
+    )
+    .await;
+    let result = match result {
+        Ok(()) if kind == ScanKind::Full => {
+            let (id, now) = (business_id.to_string(), crate::time::now());
+            match store
+                .call(move |c| mirror::mark_missing(c, &id, run_id, &now))
+                .await
+            {
+                Ok(n) => {
+                    stats.missing = n;
+                    Ok(())
+                }
+                Err(e) => Err(format!("cannot mark missing leads: {e:#}")),
+            }
+        }
+        other => other,
+    };
+    let error = result.as_ref().err().cloned();
+    {
+        let (id, k, now, s, err) = (
+            business_id.to_string(),
+            kind.as_str(),
+            crate::time::now(),
+            stats,
+            error.clone(),
+        );
+        if let Err(e) = store
+            .call(move |c| mirror::finish_run(c, run_id, &id, k, &s, err.as_deref(), &now))
+            .await
+        {
+            warn!(error = %format!("{e:#}"), "cannot record the end of the pass");
+        }
+    }
+    match error {
+        None => {
+            info!(
+                pages = stats.pages,
+                seen = stats.seen,
+                new = stats.inserted,
+                changed = stats.updated,
+                missing = stats.missing,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "pass finished"
+            );
+            report(PassOutcome::Ok(stats))
+        }
+        Some(e) => {
+            warn!(pages = stats.pages, error = %e, "pass failed");
+            report(PassOutcome::Failed(stats, e))
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_pages(
+    store: &Store,
+    client: &Arc<Client>,
+    business_id: &str,
+    kind: ScanKind,
+    settings: PassSettings,
+    run_id: i64,
+    stats: &mut RunStats,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let full = kind == ScanKind::Full;
+    let mut seen_tokens: HashSet<String> = HashSet::new();
+    let mut unchanged_pages = 0u32;
+    let mut page = fetch(
+        client.clone(),
+        business_id.to_string(),
+        settings.page_size,
+        None,
+    )
+    .await
+    .map_err(|e| e.message)?;
+    loop {
+        let next = page.next_page_token.take();
+        if let Some(t) = &next
+            && !seen_tokens.insert(t.clone())
+        {
+            return Err(format!(
+                "pagination loops: page token {t:?} came back twice"
+            ));
+        }
+        // A full scan reads the next page while this one is written.
+        let prefetch = match (&next, full) {
+            (Some(t), true) => Some(tokio::spawn(fetch(
+                client.clone(),
+                business_id.to_string(),
+                settings.page_size,
+                Some(t.clone()),
+            ))),
+            _ => None,
+        };
+        if page.skipped > 0 {
+            warn!(
+                skipped = page.skipped,
+                "list entries without a negotiationID were not stored"
+            );
+        }
+        let now_t = chrono::Utc::now();
+        let ctx = PageContext {
+            business_id: business_id.to_string(),
+            run_id,
+            full,
+            now: crate::time::fmt(now_t),
+            stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
+        };
+        let skipped = page.skipped;
+        let leads = std::mem::take(&mut page.leads);
+        let written = store
+            .call(move |c| mirror::write_page(c, &ctx, &leads))
+            .await;
+        let page_stats = match written {
+            Ok(s) => s,
+            Err(e) => {
+                if let Some(p) = prefetch {
+                    p.abort();
+                }
+                return Err(format!("cannot write page {}: {e:#}", stats.pages + 1));
+            }
+        };
+        stats.add_page(page_stats, skipped);
+        if page_stats.inserted + page_stats.updated == 0 {
+            unchanged_pages += 1;
+        } else {
+            unchanged_pages = 0;
+        }
+        let done = next.is_none()
+            || (!full && unchanged_pages >= settings.stop_after_unchanged_pages)
+            || stats.pages >= MAX_PAGES;
+        if done || stop.is_cancelled() {
+            if let Some(p) = prefetch {
+                p.abort();
+            }
+            if !done {
+                return Err("interrupted by shutdown".into());
+            }
+            if next.is_some() && stats.pages >= MAX_PAGES {
+                return Err(format!(
+                    "stopped after {MAX_PAGES} pages: the listing does not end"
+                ));
+            }
+            return Ok(());
+        }
+        page = match prefetch {
+            Some(p) => p
+                .await
+                .map_err(|e| format!("page task failed: {e}"))?
+                .map_err(|e| e.message)?,
+            None => fetch(
+                client.clone(),
+                business_id.to_string(),
+                settings.page_size,
+                next,
+            )
+            .await
+            .map_err(|e| e.message)?,
+        };
+    }
+}

@@ -1,0 +1,437 @@
+//! Requests to Thumbtack: timeouts, user agent, the shared rate budget,
+//! bearer tokens from [`Auth`], one refresh on 401, and retried reads.
+
+use super::auth::Auth;
+use super::model::{JobStatusBody, Page, parse_page};
+use super::problem::{ApiError, Disposition, describe_unreadable, is_success, parse_retry_after};
+use crate::config::Config;
+use crate::secret::Secret;
+use backon::{ExponentialBuilder, Retryable};
+use chrono::{DateTime, Utc};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::warn;
+
+/// How the client talks to the API.
+#[derive(Debug, Clone)]
+pub struct ClientSettings {
+    /// Requests go to `{base_url}/api/v4/...`.
+    pub base_url: String,
+    pub timeout: Duration,
+    pub user_agent: String,
+    pub max_requests_per_second: f64,
+    /// Caps `Retry-After` (and every backoff).
+    pub backoff_max: Duration,
+    /// Retries of a failed read (GET) before the pass gives up.
+    pub read_retries: usize,
+    /// First delay between read retries (exponential with jitter after).
+    pub read_retry_initial: Duration,
+}
+
+impl ClientSettings {
+    /// The settings a configuration asks for.
+    pub fn from_config(c: &Config) -> ClientSettings {
+        ClientSettings {
+            base_url: c.file.api.base_url.trim_end_matches('/').to_string(),
+            timeout: Duration::from_secs(c.file.api.timeout_secs),
+            user_agent: c.file.api.user_agent.clone(),
+            max_requests_per_second: c.file.api.max_requests_per_second,
+            backoff_max: Duration::from_secs_f64(c.file.outbox.backoff_max_secs),
+            read_retries: c.file.api.read_retries,
+            read_retry_initial: Duration::from_millis(c.file.api.read_retry_initial_ms),
+        }
+    }
+}
+
+/// Builds the HTTP client every request of the process shares (rustls, no OpenSSL).
+pub fn http_client(timeout: Duration, user_agent: &str) -> anyhow::Result<reqwest::Client> {
+    // reqwest is built without a default crypto provider; ring is ours.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::ACCEPT,
+        reqwest::header::HeaderValue::from_static("application/json"),
+    );
+    Ok(reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .user_agent(user_agent)
+        .default_headers(headers)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build()?)
+}
+
+/// The client-wide request budget (`api.max_requests_per_second`), shared by
+/// the poller and the drainer, and the pause a 429 imposes on all of them.
+#[derive(Debug)]
+pub struct RateBudget {
+    interval: Duration,
+    slots: Mutex<Slots>,
+}
+
+#[derive(Debug)]
+struct Slots {
+    next: Instant,
+    paused_until: Instant,
+}
+
+impl RateBudget {
+    /// A budget of `per_second` requests per second.
+    pub fn new(per_second: f64) -> RateBudget {
+        let now = Instant::now();
+        RateBudget {
+            interval: Duration::from_secs_f64(1.0 / per_second.max(1e-6)),
+            slots: Mutex::new(Slots {
+                next: now,
+                paused_until: now,
+            }),
+        }
+    }
+
+    /// Waits for this request's turn.
+    pub async fn acquire(&self) {
+        let at = {
+            let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+            let at = Instant::now().max(s.next).max(s.paused_until);
+            s.next = at + self.interval;
+            at
+        };
+        tokio::time::sleep_until(at.into()).await;
+    }
+
+    /// Holds every request back for `d` (after a 429).
+    pub fn pause(&self, d: Duration) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.paused_until = s.paused_until.max(Instant::now() + d);
+    }
+
+    /// How long requests are still held back by a 429, if at all.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.paused_until.checked_duration_since(Instant::now())
+    }
+}
+
+/// One HTTP exchange (or a failure to get a token), for the record.
+#[derive(Debug, Clone)]
+pub struct Exchange {
+    pub started_at: DateTime<Utc>,
+    pub duration: Duration,
+    pub http_status: Option<u16>,
+    pub trace_id: Option<String>,
+    /// `None` on success.
+    pub error: Option<String>,
+}
+
+/// The outcome of a job-status post: every exchange it took, and the result.
+#[derive(Debug)]
+pub struct Delivery {
+    pub exchanges: Vec<Exchange>,
+    pub result: Result<(), ApiError>,
+}
+
+/// The Thumbtack API client.
+pub struct Client {
+    http: reqwest::Client,
+    settings: ClientSettings,
+    budget: Arc<RateBudget>,
+    auth: Arc<Auth>,
+}
+
+impl Client {
+    /// A client with its own rate budget.
+    pub fn new(settings: ClientSettings, auth: Arc<Auth>) -> anyhow::Result<Client> {
+        let budget = Arc::new(RateBudget::new(settings.max_requests_per_second));
+        Client::with_budget(settings, auth, budget)
+    }
+
+    /// A client sharing an existing budget (after a configuration reload).
+    pub fn with_budget(
+        settings: ClientSettings,
+        auth: Arc<Auth>,
+        budget: Arc<RateBudget>,
+    ) -> anyhow::Result<Client> {
+        Ok(Client {
+            http: http_client(settings.timeout, &settings.user_agent)?,
+            settings,
+            budget,
+            auth,
+        })
+    }
+
+    /// The rate budget (shared by everything this client sends).
+    pub fn budget(&self) -> &Arc<RateBudget> {
+        &self.budget
+    }
+
+    /// The token provider.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// The settings in use.
+    pub fn settings(&self) -> &ClientSettings {
+        &self.settings
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}/api/v4/{path}", self.settings.base_url)
+    }
+
+    /// One request with the business's current token.
+    async fn exchange(
+        &self,
+        business_id: &str,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&[u8]>,
+    ) -> (Exchange, Option<Secret>, Result<bytes::Bytes, ApiError>) {
+        let started_at = Utc::now();
+        let start = Instant::now();
+        let record = |status: Option<u16>, r: &Result<bytes::Bytes, ApiError>| Exchange {
+            started_at,
+            duration: start.elapsed(),
+            http_status: status,
+            trace_id: r.as_ref().err().and_then(|e| e.trace_id.clone()),
+            error: r.as_ref().err().map(|e| e.message.clone()),
+        };
+        let token = match self.auth.token(business_id).await {
+            Ok(t) => t,
+            Err(e) => {
+                let r = Err(e);
+                return (record(None, &r), None, r);
+            }
+        };
+        self.budget.acquire().await;
+        let mut req = self.http.request(method, url).bearer_auth(token.expose());
+        if let Some(body) = body {
+            req = req
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(body.to_vec());
+        }
+        let result = match req.send().await {
+            Err(e) => Err(ApiError::transport(&e)),
+            Ok(resp) => {
+                let status = resp.status();
+                let retry_after = resp
+                    .headers()
+                    .get(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, Utc::now(), self.settings.backoff_max));
+                let is_html = resp
+                    .headers()
+                    .get(reqwest::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|v| v.contains("text/html"));
+                match resp.bytes().await {
+                    Err(e) => Err(ApiError::retry(
+                        Some(status.as_u16()),
+                        format!("HTTP {status}: the body could not be read: {e}"),
+                    )),
+                    Ok(body) if is_success(status.as_u16()) && is_html => Err(ApiError::retry(
+                        Some(status.as_u16()),
+                        format!(
+                            "HTTP {status} with {}: not an API response",
+                            describe_unreadable(&body)
+                        ),
+                    )),
+                    Ok(body) if is_success(status.as_u16()) => Ok(body),
+                    Ok(body) => {
+                        let e = ApiError::from_response(
+                            status.as_u16(),
+                            status.canonical_reason().unwrap_or(""),
+                            retry_after,
+                            &body,
+                        );
+                        if status.as_u16() == 429 {
+                            self.budget
+                                .pause(retry_after.unwrap_or(Duration::from_secs(1)));
+                        }
+                        Err(e)
+                    }
+                }
+            }
+        };
+        let status = match &result {
+            Ok(_) => None,
+            Err(e) => e.http_status,
+        };
+        let mut ex = record(status, &result);
+        if result.is_ok() {
+            ex.http_status = Some(200);
+        }
+        (ex, Some(token), result)
+    }
+
+    /// One request; on 401 the token is refreshed once and the request sent again.
+    async fn exchange_with_refresh(
+        &self,
+        business_id: &str,
+        method: reqwest::Method,
+        url: &str,
+        body: Option<&[u8]>,
+        log: &mut Vec<Exchange>,
+    ) -> Result<bytes::Bytes, ApiError> {
+        let (ex, token, first) = self.exchange(business_id, method.clone(), url, body).await;
+        log.push(ex);
+        match first {
+            Err(e) if e.disposition == Disposition::Refresh => {
+                if let Some(token) = token {
+                    self.auth.invalidate(business_id, &token).await;
+                }
+                let (ex, _, second) = self.exchange(business_id, method, url, body).await;
+                log.push(ex);
+                second.map_err(|mut e| {
+                    if e.disposition == Disposition::Refresh {
+                        // A fresh token refused again: a missing scope, or Thumbtack's side.
+                        e.disposition = Disposition::Retry;
+                        e.message = format!(
+                            "{} (again after a token refresh: is a scope such as supply::negotiations.write missing?)",
+                            e.message
+                        );
+                        if let Some(last) = log.last_mut() {
+                            last.error = Some(e.message.clone());
+                        }
+                    }
+                    e
+                })
+            }
+            other => other,
+        }
+    }
+
+    /// A GET, retried with backoff (honouring `Retry-After`) while the error is retryable.
+    async fn get_retried<T>(
+        &self,
+        business_id: &str,
+        url: &str,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<T, ApiError> {
+        let backoff = ExponentialBuilder::default()
+            .with_min_delay(self.settings.read_retry_initial)
+            .with_max_delay(self.settings.backoff_max)
+            .with_max_times(self.settings.read_retries)
+            .with_total_delay(Some(self.settings.backoff_max))
+            .with_jitter();
+        let attempt = || async {
+            let mut log = Vec::new();
+            let body = self
+                .exchange_with_refresh(business_id, reqwest::Method::GET, url, None, &mut log)
+                .await?;
+            parse(&body)
+                .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
+        };
+        attempt
+            .retry(backoff)
+            .when(ApiError::is_retryable)
+            .adjust(|e, planned| planned.map(|d| e.retry_after.unwrap_or(d)))
+            .notify(|e, d| warn!(business_id, error = %e, retry_in = ?d, "read failed; retrying"))
+            .await
+    }
+
+    /// One page of a business's negotiations.
+    pub async fn list_page(
+        &self,
+        business_id: &str,
+        limit: u32,
+        page_token: Option<&str>,
+    ) -> Result<Page, ApiError> {
+        let mut url =
+            reqwest::Url::parse(&self.url(&format!("businesses/{business_id}/negotiations")))
+                .map_err(|e| ApiError::retry(None, format!("bad URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("limit", &limit.to_string());
+        if let Some(t) = page_token {
+            url.query_pairs_mut().append_pair("pageToken", t);
+        }
+        self.get_retried(business_id, url.as_str(), parse_page)
+            .await
+    }
+
+    /// One negotiation, as the raw JSON object.
+    pub async fn get_negotiation(
+        &self,
+        business_id: &str,
+        negotiation_id: &str,
+    ) -> Result<String, ApiError> {
+        let url = self.url(&format!("negotiations/{}", path_segment(negotiation_id)));
+        self.get_retried(business_id, &url, |b| {
+            let v: &serde_json::value::RawValue =
+                serde_json::from_slice(b).map_err(|e| format!("not JSON: {e}"))?;
+            Ok(v.get().to_string())
+        })
+        .await
+    }
+
+    /// Posts one job status, once (with one token refresh on 401). Retries
+    /// are the drainer's, from the row's persisted attempt count.
+    pub async fn post_job_status(
+        &self,
+        business_id: &str,
+        negotiation_id: &str,
+        body: &JobStatusBody,
+    ) -> Delivery {
+        let url = self.url(&format!(
+            "negotiations/{}/job-status",
+            path_segment(negotiation_id)
+        ));
+        let mut exchanges = Vec::new();
+        let result = match serde_json::to_vec(body) {
+            Ok(json) => self
+                .exchange_with_refresh(
+                    business_id,
+                    reqwest::Method::POST,
+                    &url,
+                    Some(&json),
+                    &mut exchanges,
+                )
+                .await
+                .map(|_| ()),
+            Err(e) => Err(ApiError {
+                disposition: Disposition::Dead,
+                http_status: None,
+                trace_id: None,
+                retry_after: None,
+                message: format!("cannot encode the request: {e}"),
+            }),
+        };
+        Delivery { exchanges, result }
+    }
+}
+
+/// Percent-encodes an id for a URL path segment.
+fn path_segment(s: &str) -> String {
+    let mut u = reqwest::Url::parse("http://x/").expect("static URL");
+    u.path_segments_mut().expect("base URL").push(s);
+    u.path().trim_start_matches('/').to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_budget_spaces_requests_and_a_pause_holds_them() {
+        let b = RateBudget::new(50.0);
+        let t = Instant::now();
+        for _ in 0..6 {
+            b.acquire().await;
+        }
+        // 6 requests at 50/s: the 6th goes 100 ms after the first.
+        assert!(
+            t.elapsed() >= Duration::from_millis(95),
+            "{:?}",
+            t.elapsed()
+        );
+        b.pause(Duration::from_millis(200));
+        let t = Instant::now();
+        b.acquire().await;
+        assert!(t.elapsed() >= Duration::from_millis(190));
+    }
+
+    #[test]
+    fn ids_are_escaped_in_paths() {
+        assert_eq!(path_segment("519153480500518912"), "519153480500518912");
+        assert_eq!(path_segment("a/b c"), "a%2Fb%20c");
+    }
+}

@@ -1,0 +1,302 @@
+//! Errors from Thumbtack: ProblemDetails bodies, `Retry-After`, and the one
+//! classification of SPEC §4's table (sent / retry / refresh / reauth / dead).
+
+use serde_json::Value;
+use std::fmt;
+use std::time::Duration;
+
+/// What to do after a response or a failure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disposition {
+    /// Try again later, with backoff (202, 403, 408, 429, 5xx, network, unreadable body).
+    Retry,
+    /// 401: refresh the business's token once and try again.
+    Refresh,
+    /// The business's token was refused and cannot be refreshed: a person must re-authorize.
+    Reauth,
+    /// Any other 4xx: the request itself is wrong; sending it again will not help.
+    Dead,
+}
+
+/// SPEC §4's table, for a status that is not a success.
+pub fn classify_status(status: u16) -> Disposition {
+    match status {
+        401 => Disposition::Refresh,
+        202 | 403 | 408 | 429 => Disposition::Retry,
+        400..=499 => Disposition::Dead,
+        // 5xx, and anything unexpected (1xx, a 3xx that was not followed).
+        _ => Disposition::Retry,
+    }
+}
+
+/// True for the statuses that mean the request was done: 2xx except 202,
+/// which is Thumbtack's WAF challenge, not a success.
+pub fn is_success(status: u16) -> bool {
+    (200..300).contains(&status) && status != 202
+}
+
+/// A ProblemDetails body (`type`, `title`, `status`, `detail`, `traceID`,
+/// `errors`), read leniently: any field may be missing or of another type.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Problem {
+    pub kind: Option<String>,
+    pub title: Option<String>,
+    pub status: Option<u16>,
+    pub detail: Option<String>,
+    pub trace_id: Option<String>,
+    pub errors: Option<Value>,
+}
+
+impl Problem {
+    /// Parses a body; `None` when it is not a JSON object.
+    pub fn parse(body: &[u8]) -> Option<Problem> {
+        let Value::Object(map) = serde_json::from_slice::<Value>(body).ok()? else {
+            return None;
+        };
+        let text = |k: &str| match map.get(k) {
+            Some(Value::String(s)) if !s.is_empty() => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        Some(Problem {
+            kind: text("type"),
+            title: text("title").or_else(|| text("error")),
+            status: map.get("status").and_then(|v| match v {
+                Value::Number(n) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+                Value::String(s) => s.parse().ok(),
+                _ => None,
+            }),
+            detail: text("detail")
+                .or_else(|| text("error_description"))
+                .or_else(|| text("message")),
+            trace_id: text("traceID")
+                .or_else(|| text("traceId"))
+                .or_else(|| text("trace_id")),
+            errors: map.get("errors").cloned().filter(|v| !v.is_null()),
+        })
+    }
+
+    /// `title: detail` and the field errors, for people.
+    pub fn summary(&self) -> String {
+        let mut s = match (&self.title, &self.detail) {
+            (Some(t), Some(d)) if t != d => format!("{t}: {d}"),
+            (Some(t), _) => t.clone(),
+            (None, Some(d)) => d.clone(),
+            (None, None) => String::new(),
+        };
+        if let Some(errors) = &self.errors {
+            let e = errors.to_string();
+            let e: String = e.chars().take(300).collect();
+            s = if s.is_empty() {
+                e
+            } else {
+                format!("{s} ({e})")
+            };
+        }
+        s
+    }
+}
+
+/// A failed call to Thumbtack, classified.
+#[derive(Debug, Clone)]
+pub struct ApiError {
+    pub disposition: Disposition,
+    /// `None` when no HTTP response arrived.
+    pub http_status: Option<u16>,
+    pub trace_id: Option<String>,
+    /// From `Retry-After`, already capped.
+    pub retry_after: Option<Duration>,
+    /// For people: what happened, with the problem's title/detail and traceID.
+    pub message: String,
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+impl ApiError {
+    /// An error response, classified by its status.
+    pub fn from_response(
+        status: u16,
+        reason: &str,
+        retry_after: Option<Duration>,
+        body: &[u8],
+    ) -> ApiError {
+        let problem = Problem::parse(body);
+        let trace_id = problem.as_ref().and_then(|p| p.trace_id.clone());
+        let mut message = format!("HTTP {status} {reason}").trim_end().to_string();
+        if status == 202 {
+            message.push_str(" (a WAF challenge, not a success)");
+        }
+        match problem
+            .as_ref()
+            .map(Problem::summary)
+            .filter(|s| !s.is_empty())
+        {
+            Some(summary) => message = format!("{message}: {summary}"),
+            None if !body.is_empty() => {
+                message = format!("{message}: {}", describe_unreadable(body));
+            }
+            None => {}
+        }
+        if let Some(t) = &trace_id {
+            message = format!("{message} (traceID {t})");
+        }
+        ApiError {
+            disposition: classify_status(status),
+            http_status: Some(status),
+            trace_id,
+            retry_after,
+            message,
+        }
+    }
+
+    /// A transport failure (connect, reset, timeout): always retried.
+    pub fn transport(e: &reqwest::Error) -> ApiError {
+        let what = if e.is_timeout() {
+            "timed out"
+        } else if e.is_connect() {
+            "could not connect"
+        } else {
+            "connection failed"
+        };
+        ApiError::retry(None, format!("{what}: {}", error_chain(e)))
+    }
+
+    /// A retryable failure with a message.
+    pub fn retry(http_status: Option<u16>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            disposition: Disposition::Retry,
+            http_status,
+            trace_id: None,
+            retry_after: None,
+            message: message.into(),
+        }
+    }
+
+    /// The business's token was refused for good.
+    pub fn reauth(message: impl Into<String>) -> ApiError {
+        ApiError {
+            disposition: Disposition::Reauth,
+            http_status: None,
+            trace_id: None,
+            retry_after: None,
+            message: message.into(),
+        }
+    }
+
+    /// True when trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.disposition == Disposition::Retry
+    }
+}
+
+/// A reqwest error with its sources, which carry the useful part.
+fn error_chain(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(inner) = source {
+        let t = inner.to_string();
+        if !s.contains(&t) {
+            s = format!("{s}: {t}");
+        }
+        source = inner.source();
+    }
+    s
+}
+
+/// A short description of a body that is not JSON (an HTML error page, say).
+pub fn describe_unreadable(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let squeezed: String = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    let kind = if squeezed.starts_with('<') {
+        "an HTML page"
+    } else {
+        "a body that is not JSON"
+    };
+    let excerpt: String = squeezed.chars().take(120).collect();
+    format!("{kind} ({} bytes: {excerpt})", body.len())
+}
+
+/// Parses `Retry-After`: delay-seconds or an HTTP date; capped at `cap`.
+pub fn parse_retry_after(
+    value: &str,
+    now: chrono::DateTime<chrono::Utc>,
+    cap: Duration,
+) -> Option<Duration> {
+    let v = value.trim();
+    let d = if let Ok(secs) = v.parse::<u64>() {
+        Duration::from_secs(secs)
+    } else if let Ok(secs) = v.parse::<f64>() {
+        if !(secs.is_finite() && secs >= 0.0) {
+            return None;
+        }
+        Duration::from_secs_f64(secs.min(cap.as_secs_f64()))
+    } else {
+        let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+        (when.with_timezone(&chrono::Utc) - now)
+            .to_std()
+            .unwrap_or(Duration::ZERO)
+    };
+    Some(d.min(cap))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_of_spec_section_4() {
+        assert!(is_success(200) && is_success(204) && !is_success(202));
+        for s in [202, 403, 408, 429, 500, 502, 503] {
+            assert_eq!(classify_status(s), Disposition::Retry, "{s}");
+        }
+        assert_eq!(classify_status(401), Disposition::Refresh);
+        for s in [400, 404, 409, 422, 451] {
+            assert_eq!(classify_status(s), Disposition::Dead, "{s}");
+        }
+    }
+
+    #[test]
+    fn retry_after_both_forms_capped() {
+        let now = chrono::DateTime::parse_from_rfc3339("2015-10-21T07:27:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let cap = Duration::from_secs(3600);
+        assert_eq!(
+            parse_retry_after("7", now, cap),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT", now, cap),
+            Some(Duration::from_secs(60))
+        );
+        assert_eq!(parse_retry_after("99999", now, cap), Some(cap));
+        assert_eq!(
+            parse_retry_after("Wed, 21 Oct 2015 07:00:00 GMT", now, cap),
+            Some(Duration::ZERO)
+        );
+        assert_eq!(parse_retry_after("soon", now, cap), None);
+    }
+
+    #[test]
+    fn problem_details_and_html_bodies() {
+        let e = ApiError::from_response(
+            400,
+            "Bad Request",
+            None,
+            br#"{"type":"about:blank","title":"Bad Request","status":400,"detail":"status is invalid","traceID":"abc123"}"#,
+        );
+        assert_eq!(e.disposition, Disposition::Dead);
+        assert_eq!(e.trace_id.as_deref(), Some("abc123"));
+        assert!(e.message.contains("status is invalid") && e.message.contains("abc123"));
+        let e =
+            ApiError::from_response(502, "Bad Gateway", None, b"<html><body>nginx</body></html>");
+        assert_eq!(e.disposition, Disposition::Retry);
+        assert!(e.message.contains("HTML"));
+    }
+}
