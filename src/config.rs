@@ -414,6 +414,18 @@ fn locate(figment: &Figment, key: &str) -> String {
     origin(figment.find_metadata(key), &path)
 }
 
+/// Names `key` in the file that holds `near` (for a key that is missing but
+/// belongs beside one that is set).
+fn locate_beside(figment: &Figment, key: &str, near: &str) -> String {
+    let path: Vec<String> = key.split('.').map(String::from).collect();
+    origin(
+        figment
+            .find_metadata(key)
+            .or_else(|| figment.find_metadata(near)),
+        &path,
+    )
+}
+
 /// Locates `businesses[index].field` for error messages.
 fn locate_business(figment: &Figment, index: usize, field: &str) -> String {
     let md = figment
@@ -644,7 +656,7 @@ fn validate(
             return err(format!(
                 "{}: no OAuth client secret: set oauth.client_secret_file, load the credential `client_secret` \
                  (systemd LoadCredential=), or set {ENV_PREFIX}OAUTH__CLIENT_SECRET",
-                locate(figment, "oauth.client_secret_file")
+                locate_beside(figment, "oauth.client_secret_file", "oauth.client_id")
             ));
         }
         if reqwest::Url::parse(&file.oauth.token_url).is_err() {

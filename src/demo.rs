@@ -27,7 +27,8 @@ fn remove_database(path: &Path) -> Result<()> {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => {
-                return Err(e).with_context(|| format!("cannot remove {}", Path::new(&p).display()));
+                return Err(e)
+                    .with_context(|| format!("cannot remove {}", Path::new(&p).display()));
             }
         }
     }

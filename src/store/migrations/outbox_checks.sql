@@ -15,7 +15,8 @@ SELECT RAISE(ABORT, 'outbox: partner_status_changed_at must be an RFC 3339 time 
                CASE WHEN substr(t, 20, 1) = '.' THEN ltrim(substr(t, 21), '0123456789')
                     ELSE substr(t, 20) END AS zone
           FROM (SELECT NEW.partner_status_changed_at AS t))
- WHERE NOT (
+ -- COALESCE: any NULL on the way (strftime of a non-time) means "not valid"
+ WHERE NOT COALESCE((
        typeof(t) = 'text'
    AND substr(t, 1, 19) GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]'
    -- a real date and time: normalising must not change it (rejects Feb 30, 24:00, :60)
@@ -25,7 +26,7 @@ SELECT RAISE(ABORT, 'outbox: partner_status_changed_at must be an RFC 3339 time 
    -- then the zone, and nothing after it
    AND (zone = 'Z'
         OR (zone GLOB '[+-][0-2][0-9]:[0-5][0-9]' AND CAST(substr(zone, 2, 2) AS INTEGER) <= 23))
- );
+ ), 0);
 SELECT RAISE(ABORT, 'outbox: invoice_amount_in_cents must be a whole number of cents')
  WHERE NEW.invoice_amount_in_cents IS NOT NULL AND typeof(NEW.invoice_amount_in_cents) <> 'integer';
 SELECT RAISE(ABORT, 'outbox: invoice_amount_in_cents must not be negative')

@@ -1,0 +1,173 @@
+//! Shared test helpers: a sandbox on loopback, a temp directory with a
+//! configuration for it, the real binary, and waits with deadlines.
+#![allow(dead_code)]
+
+use leadsync::config::{Config, ConfigSource};
+use leadsync::sandbox::{Sandbox, SandboxOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+/// The binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_leadsync"))
+}
+
+/// A sandbox, a temp directory and a configuration pointing at both.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub sandbox: Sandbox,
+    /// Written by the sandbox: database, api, oauth, businesses.
+    pub fixture: PathBuf,
+    /// Test-specific settings, merged after the fixture.
+    pub overrides: PathBuf,
+}
+
+/// Fast settings for tests: everything on short timers.
+pub const FAST: &str = r#"
+[api]
+timeout_secs = 5
+max_requests_per_second = 1000
+read_retries = 0
+read_retry_initial_ms = 50
+
+[poll]
+page_size = 10
+
+[outbox]
+poll_interval_ms = 100
+concurrency = 4
+max_attempts = 5
+backoff_initial_secs = 0.2
+backoff_max_secs = 2
+
+[daemon]
+shutdown_timeout_secs = 5
+"#;
+
+impl Env {
+    /// A sandbox with `options` and a configuration using OAuth grants (or static tokens).
+    pub async fn new(options: SandboxOptions, oauth: bool, overrides: &str) -> Env {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sandbox = Sandbox::start(options).await.expect("sandbox starts");
+        let fixture = sandbox
+            .write_fixture(&dir.path().join("fixture"), oauth)
+            .expect("fixture");
+        let overrides_path = dir.path().join("overrides.toml");
+        std::fs::write(&overrides_path, overrides).expect("overrides");
+        Env {
+            dir,
+            sandbox,
+            fixture,
+            overrides: overrides_path,
+        }
+    }
+
+    /// The default small sandbox with static tokens and [`FAST`] settings.
+    pub async fn small() -> Env {
+        Env::new(SandboxOptions::default(), false, FAST).await
+    }
+
+    /// The configuration files, in order.
+    pub fn config_files(&self) -> Vec<PathBuf> {
+        vec![self.fixture.clone(), self.overrides.clone()]
+    }
+
+    /// Replaces the overrides file.
+    pub fn set_overrides(&self, toml: &str) {
+        std::fs::write(&self.overrides, toml).expect("overrides");
+    }
+
+    /// The configuration, loaded the way the binary loads it.
+    pub fn config(&self) -> Config {
+        ConfigSource {
+            files: self.config_files(),
+        }
+        .load()
+        .expect("test configuration is valid")
+    }
+
+    /// The mirror database path.
+    pub fn database(&self) -> PathBuf {
+        self.dir.path().join("fixture").join("leadsync.db")
+    }
+
+    /// A plain SQLite connection, as a user's program would open one.
+    pub fn sql(&self) -> rusqlite::Connection {
+        let c = rusqlite::Connection::open(self.database()).expect("open database");
+        c.busy_timeout(Duration::from_secs(10))
+            .expect("busy timeout");
+        c
+    }
+
+    /// `leadsync --config fixture --config overrides ARGS...`.
+    pub fn cli(&self) -> Command {
+        let mut c = Command::new(bin());
+        for f in self.config_files() {
+            c.arg("--config").arg(f);
+        }
+        c.env_remove("LEADSYNC_LOG");
+        c
+    }
+
+    /// Runs the CLI to completion.
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cli().args(args).output().expect("run leadsync")
+    }
+
+    /// Business ids of the sandbox, in order.
+    pub fn business_ids(&self) -> Vec<String> {
+        self.sandbox
+            .businesses()
+            .into_iter()
+            .map(|b| b.id)
+            .collect()
+    }
+}
+
+/// stdout and stderr as one string, for messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Waits until `f` is true or the deadline passes (then panics with `what`).
+pub async fn wait_until(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !f() {
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Blocking variant of [`wait_until`].
+pub fn wait_until_blocking(what: &str, deadline: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + deadline;
+    while !f() {
+        if Instant::now() > end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// Counts rows of a query returning one integer.
+pub fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
+    conn.query_row(sql, [], |r| r.get(0))
+        .unwrap_or_else(|e| panic!("{sql}: {e}"))
+}
+
+/// Writes a file and returns its path.
+pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
+    let p = dir.join(name);
+    if let Some(parent) = p.parent() {
+        std::fs::create_dir_all(parent).expect("mkdir");
+    }
+    std::fs::write(&p, content).expect("write file");
+    p
+}

@@ -1,0 +1,368 @@
+//! Configuration errors exit 78 naming the file and the key; overrides
+//! layer as SPEC §2 says; secrets are never printed.
+
+mod common;
+
+use common::{bin, text, write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+struct Dir {
+    dir: tempfile::TempDir,
+    token: PathBuf,
+}
+
+impl Dir {
+    fn new() -> Dir {
+        let dir = tempfile::tempdir().unwrap();
+        let token = write(
+            dir.path(),
+            "tokens/468046965846925323",
+            "sbx_static_secret_token_value\n",
+        );
+        Dir { dir, token }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A valid base configuration using a static token.
+    fn base(&self) -> String {
+        format!(
+            "database = \"{db}\"\n\n[[businesses]]\nid = \"468046965846925323\"\nname = \"Robert's Remodeling\"\naccess_token_file = \"{t}\"\n",
+            db = self.path().join("m.db").display(),
+            t = self.token.display()
+        )
+    }
+
+    fn file(&self, name: &str, content: &str) -> PathBuf {
+        write(self.path(), name, content)
+    }
+}
+
+fn check(files: &[&Path], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(bin());
+    for f in files {
+        c.arg("--config").arg(f);
+    }
+    c.args(["config", "check"]);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.env_remove("CREDENTIALS_DIRECTORY");
+    c.output().unwrap()
+}
+
+/// Asserts exit 78 and that the message names everything in `needles`.
+fn assert_config_error(o: &Output, needles: &[&str]) {
+    let t = text(o);
+    assert_eq!(
+        o.status.code(),
+        Some(78),
+        "expected exit 78, got {:?}:\n{t}",
+        o.status.code()
+    );
+    for n in needles {
+        assert!(t.contains(n), "message should name {n:?}:\n{t}");
+    }
+}
+
+#[test]
+fn a_valid_configuration_is_printed_with_defaults() {
+    let d = Dir::new();
+    let f = d.file("a.toml", &d.base());
+    let o = check(&[&f], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("configuration is valid"), "{t}");
+    assert!(t.contains("concurrency = 4"), "defaults are shown: {t}");
+    assert!(t.contains("schedule = \"0 */5 * * * *\""), "{t}");
+    assert!(t.contains("468046965846925323"), "{t}");
+}
+
+#[test]
+fn unknown_keys_are_refused_at_every_level() {
+    let d = Dir::new();
+    let top = d.file("top.toml", &format!("databse = \"x\"\n{}", d.base()));
+    assert_config_error(
+        &check(&[&top], &[]),
+        &["top.toml", "databse", "unknown key"],
+    );
+
+    let section = d.file(
+        "section.toml",
+        &format!("{}\n[outbox]\nconcurency = 3\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&section], &[]),
+        &["section.toml", "outbox.concurency"],
+    );
+
+    let business = d.file("business.toml", &format!("{}enabeld = false\n", d.base()));
+    assert_config_error(
+        &check(&[&business], &[]),
+        &["business.toml", "businesses.0.enabeld"],
+    );
+}
+
+#[test]
+fn wrong_types_and_syntax_errors_name_the_place() {
+    let d = Dir::new();
+    let wrong = d.file(
+        "wrong.toml",
+        &format!("{}\n[outbox]\nconcurrency = \"many\"\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&wrong], &[]),
+        &["wrong.toml", "outbox.concurrency", "many"],
+    );
+
+    let broken = d.file(
+        "broken.toml",
+        "database = \"x\"\n[outbox\nconcurrency = 3\n",
+    );
+    assert_config_error(&check(&[&broken], &[]), &["broken.toml", "line 2"]);
+}
+
+#[test]
+fn business_ids_must_be_digits_and_unique_across_files() {
+    let d = Dir::new();
+    let bad = d.file(
+        "bad.toml",
+        &d.base()
+            .replace("id = \"468046965846925323\"", "id = \"abc-123\""),
+    );
+    assert_config_error(
+        &check(&[&bad], &[]),
+        &["bad.toml", "businesses.0.id", "abc-123", "digits"],
+    );
+
+    // conf.d style: each file adds a business; the same id twice is an error naming the second file.
+    let first = d.file("conf.d/10-first.toml", &d.base());
+    let second = d.file(
+        "conf.d/20-second.toml",
+        &format!(
+            "[[businesses]]\nid = \"468046965846925323\"\naccess_token_file = \"{}\"\n",
+            d.token.display()
+        ),
+    );
+    assert_config_error(
+        &check(&[&first, &second], &[]),
+        &["20-second.toml", "businesses.1.id", "twice"],
+    );
+}
+
+#[test]
+fn cron_expressions_are_checked_and_five_fields_accepted() {
+    let d = Dir::new();
+    let bad = d.file(
+        "cron.toml",
+        &format!("{}\n[poll]\nschedule = \"0 */5 * * * * * *\"\n", d.base()),
+    );
+    assert_config_error(&check(&[&bad], &[]), &["cron.toml", "poll.schedule"]);
+
+    let bad_value = d.file(
+        "cron2.toml",
+        &format!("{}\n[poll]\nfull_schedule = \"0 61 * * * *\"\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&bad_value], &[]),
+        &["cron2.toml", "poll.full_schedule"],
+    );
+
+    let per_business = d.file(
+        "cron3.toml",
+        &format!("{}schedule = \"every day\"\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&per_business], &[]),
+        &["cron3.toml", "businesses.0.schedule"],
+    );
+
+    let five = d.file(
+        "five.toml",
+        &format!("{}\n[poll]\nschedule = \"*/10 * * * *\"\n", d.base()),
+    );
+    let o = check(&[&five], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("schedule = \"0 */10 * * * *\""),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn token_sources_must_be_exactly_one_readable_file() {
+    let d = Dir::new();
+    let neither = d.file(
+        "neither.toml",
+        &format!(
+            "database = \"{}\"\n[[businesses]]\nid = \"1\"\n",
+            d.path().join("m.db").display()
+        ),
+    );
+    assert_config_error(
+        &check(&[&neither], &[]),
+        &["neither.toml", "no token source"],
+    );
+
+    let both = d.file(
+        "both.toml",
+        &format!(
+            "{}refresh_token_file = \"{}\"\n",
+            d.base(),
+            d.token.display()
+        ),
+    );
+    assert_config_error(&check(&[&both], &[]), &["both.toml", "both"]);
+
+    let missing = d.file(
+        "missing.toml",
+        &d.base()
+            .replace(&d.token.display().to_string(), "/nonexistent/token"),
+    );
+    assert_config_error(
+        &check(&[&missing], &[]),
+        &[
+            "missing.toml",
+            "businesses.0.access_token_file",
+            "/nonexistent/token",
+        ],
+    );
+}
+
+#[test]
+fn a_missing_config_file_is_an_error() {
+    let o = check(&[Path::new("/nonexistent/leadsync.toml")], &[]);
+    assert_config_error(&o, &["/nonexistent/leadsync.toml", "does not exist"]);
+}
+
+#[test]
+fn environment_overrides_files_and_later_files_override_earlier() {
+    let d = Dir::new();
+    let a = d.file(
+        "a.toml",
+        &format!(
+            "{}\n[outbox]\nconcurrency = 2\nmax_attempts = 7\n",
+            d.base()
+        ),
+    );
+    let b = d.file("b.toml", "[outbox]\nconcurrency = 3\n");
+    let o = check(&[&a, &b], &[]);
+    assert!(
+        text(&o).contains("concurrency = 3"),
+        "later file wins: {}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("max_attempts = 7"),
+        "earlier keys stay: {}",
+        text(&o)
+    );
+
+    let o = check(&[&a, &b], &[("LEADSYNC_OUTBOX__CONCURRENCY", "8")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("concurrency = 8"),
+        "environment wins: {}",
+        text(&o)
+    );
+
+    let o = check(&[&a], &[("LEADSYNC_OUTBOX__CONCURRENCY", "lots")]);
+    assert_config_error(&o, &["LEADSYNC_OUTBOX__CONCURRENCY"]);
+
+    // The log level variable is not a configuration key.
+    let o = check(&[&a], &[("LEADSYNC_LOG", "debug")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+fn oauth_base(d: &Dir) -> String {
+    format!(
+        "database = \"{db}\"\n[oauth]\nclient_id = \"partner-app\"\ntoken_store = \"{ts}\"\n\n[[businesses]]\nid = \"468046965846925323\"\nrefresh_token_file = \"{t}\"\n",
+        db = d.path().join("m.db").display(),
+        ts = d.path().join("tokens.db").display(),
+        t = d.token.display()
+    )
+}
+
+#[test]
+fn secrets_are_masked_wherever_they_come_from() {
+    let d = Dir::new();
+    let secret = "cs_live_9f8e7d6c5b4a";
+    let secret_file = d.file("client_secret", &format!("{secret}\n"));
+
+    let from_file = d.file(
+        "file.toml",
+        &format!("{}\n", oauth_base(&d)).replace(
+            "client_id = \"partner-app\"",
+            &format!(
+                "client_id = \"partner-app\"\nclient_secret_file = \"{}\"",
+                secret_file.display()
+            ),
+        ),
+    );
+    let o = check(&[&from_file], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains(secret), "secret printed: {}", text(&o));
+    assert!(
+        !text(&o).contains("sbx_static_secret_token_value"),
+        "token printed"
+    );
+
+    let plain = d.file("plain.toml", &oauth_base(&d));
+    let o = check(&[&plain], &[("LEADSYNC_OAUTH__CLIENT_SECRET", secret)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains(secret), "secret printed: {}", text(&o));
+    assert!(
+        text(&o).contains("client_secret = \"********\""),
+        "{}",
+        text(&o)
+    );
+
+    let creds = tempfile::tempdir().unwrap();
+    write(creds.path(), "client_secret", secret);
+    let mut c = Command::new(bin());
+    c.args(["--config"]).arg(&plain).args(["config", "check"]);
+    c.env("CREDENTIALS_DIRECTORY", creds.path());
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains(secret));
+    assert!(text(&o).contains("client secret from"), "{}", text(&o));
+
+    // A refresh-token business without any client secret is a configuration error.
+    let o = check(&[&plain], &[]);
+    assert_config_error(&o, &["plain.toml", "client secret"]);
+}
+
+#[test]
+fn the_documented_example_is_accepted_when_its_files_exist() {
+    let d = Dir::new();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/leadsync.toml"))
+            .unwrap();
+    let etc = d.path().join("etc");
+    let var = d.path().join("var");
+    std::fs::create_dir_all(&var).unwrap();
+    let example = example
+        .replace("/etc/leadsync/", &format!("{}/", etc.display()))
+        .replace("/var/lib/leadsync/", &format!("{}/", var.display()));
+    // Create every file the example points at.
+    for line in example.lines() {
+        let line = line.trim_start_matches('#').trim();
+        if let Some((key, value)) = line.split_once('=')
+            && key.trim().ends_with("_file")
+            && let Some(path) = value.split('"').nth(1)
+        {
+            write(
+                Path::new("/"),
+                path.trim_start_matches('/'),
+                "example-secret\n",
+            );
+        }
+    }
+    let f = d.file("example.toml", &example);
+    let o = check(&[&f], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

@@ -1,0 +1,421 @@
+//! The outbox as another program sees it: plain SQL inserts validated by the
+//! table itself; WAL readers beside the writer; the outbox commands.
+
+mod common;
+
+use common::{Env, count, text};
+use leadsync::store::{self, Store};
+use rusqlite::{Connection, params};
+use std::time::Duration;
+
+fn fresh() -> (tempfile::TempDir, Connection) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    drop(store::open_connection(&path, true).unwrap());
+    // From here on, a plain connection: what a partner's program has.
+    let conn = Connection::open(&path).unwrap();
+    (dir, conn)
+}
+
+fn insert(
+    conn: &Connection,
+    negotiation: Option<&str>,
+    status: Option<&str>,
+    at: Option<&str>,
+    cents: Option<rusqlite::types::Value>,
+) -> Result<usize, String> {
+    conn.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, invoice_amount_in_cents)
+         VALUES (?1, ?2, ?3, ?4)",
+        params![negotiation, status, at, cents],
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn rejected(r: Result<usize, String>, needle: &str) {
+    match r {
+        Ok(_) => panic!("row accepted; expected a rejection mentioning {needle:?}"),
+        Err(e) => assert!(
+            e.contains(needle),
+            "message {e:?} should mention {needle:?}"
+        ),
+    }
+}
+
+#[test]
+fn bad_rows_are_rejected_with_messages_a_person_understands() {
+    let (_d, c) = fresh();
+    let n = Some("519153480500518912");
+    let at = Some("2024-06-14T09:30:00Z");
+    rejected(
+        insert(&c, n, Some("done"), at, None),
+        "status must be one of",
+    );
+    rejected(insert(&c, n, None, at, None), "status must be one of");
+    rejected(
+        insert(&c, None, Some("job_complete"), at, None),
+        "negotiation_id is required",
+    );
+    rejected(
+        insert(&c, Some(""), Some("job_complete"), at, None),
+        "negotiation_id is required",
+    );
+    rejected(
+        insert(&c, n, Some("job_complete"), None, None),
+        "partner_status_changed_at is required",
+    );
+    for bad_time in [
+        "now",
+        "2024-06-14",
+        "2024-06-14T09:30:00",  // no zone
+        "2024-06-14 09:30:00Z", // no T
+        "2024-02-30T09:30:00Z", // no such day
+        "2023-02-29T09:30:00Z", // not a leap year
+        "2024-06-14T24:00:00Z",
+        "2024-06-14T09:60:00Z",
+        "2024-06-14T09:30:00.Z", // empty fraction
+        "2024-06-14T09:30:00+25:00",
+        "2024-06-14T09:30:00Zjunk",
+        "14/06/2024 09:30",
+    ] {
+        let r = insert(&c, n, Some("appt_scheduled"), Some(bad_time), None);
+        assert!(
+            r.as_ref()
+                .is_err_and(|e| e.contains("must be an RFC 3339 time")),
+            "{bad_time:?} should be rejected as not RFC 3339, got {r:?}"
+        );
+    }
+    rejected(
+        insert(&c, n, Some("job_complete"), at, Some((-1i64).into())),
+        "must not be negative",
+    );
+    rejected(
+        insert(&c, n, Some("appt_scheduled"), at, Some(100i64.into())),
+        "only allowed with status job_complete or invoice_paid",
+    );
+    rejected(
+        insert(&c, n, Some("job_complete"), at, Some(12.5f64.into())),
+        "whole number of cents",
+    );
+    rejected(
+        c.execute(
+            "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at) VALUES ('1', 'acme', 'job_complete', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .map_err(|e| e.to_string()),
+        "business_id must be",
+    );
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM outbox"),
+        0,
+        "nothing was written"
+    );
+}
+
+#[test]
+fn the_three_time_forms_and_amounts_are_accepted() {
+    let (_d, c) = fresh();
+    let n = Some("519153480500518912");
+    for at in [
+        "2024-06-14T09:30:00Z",
+        "2024-06-14T11:30:00+02:00",
+        "2024-06-14T09:30:00.123456Z",
+        "2024-06-14T04:30:00.5-05:00",
+        "2024-02-29T23:59:59Z",
+    ] {
+        insert(&c, n, Some("appt_scheduled"), Some(at), None)
+            .unwrap_or_else(|e| panic!("{at}: {e}"));
+    }
+    insert(
+        &c,
+        n,
+        Some("job_complete"),
+        Some("2024-06-14T09:30:00Z"),
+        Some(125000i64.into()),
+    )
+    .unwrap();
+    insert(
+        &c,
+        n,
+        Some("invoice_paid"),
+        Some("2024-06-14T09:30:00Z"),
+        Some(0i64.into()),
+    )
+    .unwrap();
+    // A number given as text is stored as an integer (column affinity) and accepted.
+    insert(
+        &c,
+        n,
+        Some("invoice_paid"),
+        Some("2024-06-14T09:30:00Z"),
+        Some("4200".to_string().into()),
+    )
+    .unwrap();
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0"
+        ),
+        8
+    );
+    // The ordering column holds the instant in UTC whatever the zone.
+    let utc: String = c
+        .query_row("SELECT changed_at_utc FROM outbox WHERE partner_status_changed_at = '2024-06-14T11:30:00+02:00'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(utc, "2024-06-14T09:30:00.000Z");
+}
+
+#[test]
+fn updates_are_validated_like_inserts() {
+    let (_d, c) = fresh();
+    insert(
+        &c,
+        Some("1"),
+        Some("appt_scheduled"),
+        Some("2024-06-14T09:30:00Z"),
+        None,
+    )
+    .unwrap();
+    let e = c
+        .execute("UPDATE outbox SET status = 'finished'", [])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("status must be one of"), "{e}");
+    let e = c
+        .execute("UPDATE outbox SET state = 'lost'", [])
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("CHECK"), "{e}");
+}
+
+#[test]
+fn migrations_are_idempotent_and_the_schema_is_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    for _ in 0..3 {
+        let c = store::open_connection(&path, true).unwrap();
+        assert_eq!(count(&c, "PRAGMA user_version"), store::schema_version());
+    }
+    let c = Connection::open(&path).unwrap();
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    for table in [
+        "negotiations",
+        "negotiation_changes",
+        "businesses",
+        "sync_runs",
+        "outbox",
+        "outbox_attempts",
+    ] {
+        assert_eq!(
+            count(
+                &c,
+                &format!(
+                    "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = '{table}'"
+                )
+            ),
+            1,
+            "{table}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readers_are_not_blocked_while_the_writer_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("m.db");
+    let store = Store::open(&path).unwrap();
+    // The daemon's writer holds a write transaction open...
+    let (held_tx, held_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let writer = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .call(move |c| {
+                    let tx = c.transaction()?;
+                    tx.execute(
+                        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+                        [],
+                    )?;
+                    held_tx.send(()).ok();
+                    release_rx.recv_timeout(Duration::from_secs(10)).ok();
+                    tx.commit()?;
+                    Ok(())
+                })
+                .await
+        })
+    };
+    held_rx.recv_timeout(Duration::from_secs(10)).unwrap();
+    // ...and a reader (sqlite3, Datasette) reads at once, without waiting.
+    let reader = Connection::open(&path).unwrap();
+    reader.busy_timeout(Duration::ZERO).unwrap();
+    let t = std::time::Instant::now();
+    assert_eq!(
+        count(&reader, "SELECT count(*) FROM outbox"),
+        0,
+        "uncommitted row invisible"
+    );
+    assert!(t.elapsed() < Duration::from_millis(500));
+    release_tx.send(()).unwrap();
+    writer.await.unwrap().unwrap();
+    assert_eq!(count(&reader, "SELECT count(*) FROM outbox"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enqueue_and_outbox_commands_end_to_end() {
+    let env = Env::small().await;
+    let n = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
+
+    let o = env.run(&[
+        "enqueue",
+        "--negotiation",
+        &n,
+        "--status",
+        "job_complete",
+        "--at",
+        "2024-06-14T11:30:00+02:00",
+        "--invoice-cents",
+        "125000",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let id: i64 = String::from_utf8_lossy(&o.stdout)
+        .trim()
+        .parse()
+        .expect("prints the row id");
+
+    // The same validation as the table, and nothing written.
+    let o = env.run(&[
+        "enqueue",
+        "--negotiation",
+        &n,
+        "--status",
+        "finished",
+        "--at",
+        "2024-06-14T09:30:00Z",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("status must be one of"), "{}", text(&o));
+    let o = env.run(&[
+        "enqueue",
+        "--negotiation",
+        &n,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "yesterday",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("RFC 3339"), "{}", text(&o));
+    let o = env.run(&[
+        "enqueue",
+        "--negotiation",
+        &n,
+        "--status",
+        "job_complete",
+        "--at",
+        "2024-06-14T09:30:00Z",
+        "--invoice-cents",
+        "-5",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("must not be negative"), "{}", text(&o));
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM outbox"), 1);
+
+    let o = env.run(&["outbox", "list", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows[0]["id"], id);
+    assert_eq!(rows[0]["state"], "pending");
+    assert_eq!(rows[0]["invoice_amount_in_cents"], 125000);
+    assert_eq!(
+        rows[0]["partner_status_changed_at"],
+        "2024-06-14T11:30:00+02:00"
+    );
+
+    // Only dead rows can be retried; only pending ones canceled.
+    let o = env.run(&["outbox", "retry", &id.to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains(&format!("row {id} is pending, not dead")),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["outbox", "retry", "999"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("999 does not exist"), "{}", text(&o));
+
+    env.sql()
+        .execute(
+            "UPDATE outbox SET state = 'dead', attempts = 20, last_error = 'x' WHERE id = ?1",
+            [id],
+        )
+        .unwrap();
+    let o = env.run(&["outbox", "list", "--state", "dead"]);
+    assert!(text(&o).contains(&n), "{}", text(&o));
+    let o = env.run(&["outbox", "retry", "--all-dead"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0"
+        ),
+        1
+    );
+
+    let o = env.run(&["outbox", "cancel", &id.to_string()]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'canceled'"
+        ),
+        1
+    );
+    let o = env.run(&["outbox", "cancel", &id.to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("only pending rows can be canceled"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_before_the_first_run_and_after() {
+    let env = Env::small().await;
+    let o = env.run(&["status"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(text(&o).contains("does not exist yet"), "{}", text(&o));
+
+    let o = env.run(&["sync", "--full"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.run(&[
+        "enqueue",
+        "--negotiation",
+        "1",
+        "--status",
+        "pro_cancel",
+        "--at",
+        "2024-06-14T09:30:00Z",
+    ]);
+    let o = env.run(&["status", "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let businesses = s["businesses"].as_array().unwrap();
+    assert_eq!(businesses.len(), 3);
+    for b in businesses {
+        assert_eq!(b["leads"], 60, "{b}");
+        assert_eq!(b["last_sync_outcome"], "ok");
+        assert_eq!(b["needs_reauth"], false);
+        assert!(b["last_sync_age_secs"].as_i64().unwrap() < 60);
+        assert!(b["last_full_sync_at"].is_string());
+    }
+    assert_eq!(s["outbox"]["pending"], 1);
+    assert_eq!(s["outbox"]["dead"], 0);
+    assert!(s["outbox"]["oldest_pending_age_secs"].is_number());
+    let o = env.run(&["status"]);
+    assert!(text(&o).contains("outbox: 1 pending"), "{}", text(&o));
+}
