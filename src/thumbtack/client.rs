@@ -12,6 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::warn;
 
+/// The most time a read spends waiting between its retries.
+const READ_RETRY_BUDGET: Duration = Duration::from_secs(120);
+
 /// How the client talks to the API.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -311,7 +314,7 @@ impl Client {
             .with_min_delay(self.settings.read_retry_initial)
             .with_max_delay(self.settings.backoff_max)
             .with_max_times(self.settings.read_retries)
-            .with_total_delay(Some(self.settings.backoff_max))
+            .with_total_delay(Some(READ_RETRY_BUDGET))
             .with_jitter();
         let attempt = || async {
             let mut log = Vec::new();

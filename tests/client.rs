@@ -1,0 +1,399 @@
+//! The Thumbtack client against the sandbox: pagination, each response
+//! class of SPEC §4, Retry-After, the rate budget, payload fidelity, and the
+//! sandbox's token rotation.
+
+mod common;
+
+use common::{Env, FAST};
+use leadsync::sandbox::{Faults, SandboxOptions};
+use leadsync::thumbtack::model::JobStatusBody;
+use leadsync::thumbtack::{Auth, Client, ClientSettings, Disposition};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn client(env: &Env) -> Arc<Client> {
+    let config = env.config();
+    let auth = Arc::new(Auth::new(&config, None, HashMap::new()).unwrap());
+    Arc::new(Client::new(ClientSettings::from_config(&config), auth).unwrap())
+}
+
+async fn all_pages(c: &Client, business: &str, limit: u32) -> (Vec<String>, Vec<String>) {
+    let (mut ids, mut payloads, mut token) = (Vec::new(), Vec::new(), None::<String>);
+    loop {
+        let page = c
+            .list_page(business, limit, token.as_deref())
+            .await
+            .expect("page");
+        for l in page.leads {
+            ids.push(l.negotiation_id);
+            payloads.push(l.payload);
+        }
+        match page.next_page_token {
+            Some(t) => token = Some(t),
+            None => return (ids, payloads),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pagination_reads_every_lead_exactly_as_served() {
+    let env = Env::small().await;
+    let c = client(&env);
+    let b = env.business_ids()[0].clone();
+    let (ids, payloads) = all_pages(&c, &b, 7).await;
+    assert_eq!(
+        ids,
+        env.sandbox.lead_ids(&b),
+        "every lead, newest first, once"
+    );
+    assert_eq!(env.sandbox.list_requests(&b), 9, "60 leads by 7 is 9 pages");
+    for (id, payload) in ids.iter().zip(&payloads) {
+        assert_eq!(
+            Some(payload.clone()),
+            env.sandbox.lead_json(id),
+            "byte for byte"
+        );
+    }
+    assert!(
+        payloads
+            .iter()
+            .any(|p| p.contains("\"bigNumber\":9007199254740993"))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_above_the_maximum_is_clamped_and_followed() {
+    let env = Env::new(
+        SandboxOptions {
+            max_page_size: 25,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let c = client(&env);
+    let b = env.business_ids()[1].clone();
+    let first = c.list_page(&b, 500, None).await.unwrap();
+    assert_eq!(first.leads.len(), 25);
+    let (ids, _) = all_pages(&c, &b, 500).await;
+    assert_eq!(ids.len(), 60);
+}
+
+async fn fault_error(env: &Env, c: &Client, faults: Faults) -> leadsync::thumbtack::ApiError {
+    env.sandbox.set_faults(faults);
+    let b = env.business_ids()[0].clone();
+    let e = c
+        .list_page(&b, 10, None)
+        .await
+        .expect_err("the fault fails the read");
+    env.sandbox.set_faults(Faults::default());
+    e
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transient_failure_is_classified_retry() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("timeout_secs = 5", "timeout_secs = 1"),
+    )
+    .await;
+    let c = client(&env);
+
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            error_5xx: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(e.disposition, Disposition::Retry);
+    assert!(matches!(e.http_status, Some(500 | 502 | 503)), "{e:?}");
+
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            rate_429: 1.0,
+            retry_after_secs: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(e.disposition, Disposition::Retry);
+    assert_eq!(e.http_status, Some(429));
+    let ra = e.retry_after.expect("Retry-After parsed");
+    assert!(
+        ra >= Duration::from_secs(1) && ra <= Duration::from_secs(4),
+        "{ra:?}"
+    );
+    assert!(
+        c.budget().paused_for().is_some(),
+        "a 429 pauses every request of the process"
+    );
+
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            waf_202: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        (e.disposition, e.http_status),
+        (Disposition::Retry, Some(202))
+    );
+    assert!(e.message.contains("WAF"), "{}", e.message);
+
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            timeout: 1.0,
+            timeout_ms: 3000,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((e.disposition, e.http_status), (Disposition::Retry, None));
+    assert!(e.message.contains("timed out"), "{}", e.message);
+
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            reset: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!((e.disposition, e.http_status), (Disposition::Retry, None));
+
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            malformed: 1.0,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(e.disposition, Disposition::Retry);
+    assert!(e.message.contains("unreadable"), "{}", e.message);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_are_retried_with_backoff_until_they_succeed() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("read_retries = 0", "read_retries = 8"),
+    )
+    .await;
+    let c = client(&env);
+    env.sandbox.set_faults(Faults {
+        error_5xx: 0.5,
+        reset: 0.1,
+        ..Default::default()
+    });
+    let b = env.business_ids()[2].clone();
+    let (ids, _) = all_pages(&c, &b, 10).await;
+    assert_eq!(ids.len(), 60);
+    assert!(
+        env.sandbox.stats().faults_injected > 0,
+        "the faults did strike"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_tokens_forbidden_businesses_and_missing_leads() {
+    let env = Env::small().await;
+    let ids = env.business_ids();
+    // 401 with a static token that stays refused: the business needs re-authorization.
+    std::fs::write(
+        env.dir.path().join("fixture/tokens").join(&ids[0]),
+        "not-a-valid-token\n",
+    )
+    .unwrap();
+    // 403: a token of another business.
+    let other = env.sandbox.static_token(&ids[2]).unwrap();
+    std::fs::write(env.dir.path().join("fixture/tokens").join(&ids[1]), other).unwrap();
+    let c = client(&env);
+
+    let e = c.list_page(&ids[0], 10, None).await.unwrap_err();
+    assert_eq!(e.disposition, Disposition::Reauth, "{e:?}");
+    assert!(c.auth().blocked().contains(&ids[0]));
+
+    let e = c.list_page(&ids[1], 10, None).await.unwrap_err();
+    assert_eq!(
+        (e.disposition, e.http_status),
+        (Disposition::Retry, Some(403))
+    );
+    assert!(e.message.contains("does not grant"), "{}", e.message);
+
+    let e = c
+        .get_negotiation(&ids[2], "100000000000000000")
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.disposition, e.http_status),
+        (Disposition::Dead, Some(404))
+    );
+    assert!(
+        e.trace_id.as_deref().is_some_and(|t| !t.is_empty()),
+        "{e:?}"
+    );
+    assert!(e.message.contains("traceID"), "{}", e.message);
+
+    let lead = env.sandbox.lead_ids(&ids[2])[0].clone();
+    let raw = c.get_negotiation(&ids[2], &lead).await.unwrap();
+    assert_eq!(Some(raw), env.sandbox.lead_json(&lead));
+
+    env.sandbox.refuse(&lead);
+    let body = JobStatusBody {
+        status: "job_complete".into(),
+        partner_status_changed_at: "2024-06-14T09:30:00Z".into(),
+        invoice_amount_in_cents: Some(125000),
+    };
+    let d = c.post_job_status(&ids[2], &lead, &body).await;
+    let e = d.result.unwrap_err();
+    assert_eq!(
+        (e.disposition, e.http_status),
+        (Disposition::Dead, Some(400))
+    );
+    assert!(e.trace_id.is_some());
+    assert_eq!(d.exchanges.len(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_expired_access_token_is_refreshed_once_for_concurrent_callers() {
+    let env = Env::new(
+        SandboxOptions {
+            access_token_ttl_secs: 1,
+            ..Default::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let c = client(&env);
+    let b = env.business_ids()[0].clone();
+    let calls: Vec<_> = (0..12)
+        .map(|_| {
+            let (c, b) = (c.clone(), b.clone());
+            tokio::spawn(async move { c.list_page(&b, 5, None).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().expect("every concurrent read succeeds");
+    }
+    let refreshes = env
+        .sandbox
+        .stats()
+        .by_route
+        .get("token refresh_token")
+        .copied();
+    assert_eq!(
+        refreshes,
+        Some(1),
+        "one refresh for twelve concurrent callers"
+    );
+    // After expiry, the next call refreshes (with the rotated token, never the used one).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    c.list_page(&b, 5, None).await.expect("read after expiry");
+    let stats = env.sandbox.stats();
+    assert_eq!(stats.by_route.get("token refresh_token").copied(), Some(2));
+    assert_eq!(stats.reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_budget_is_shared_by_every_caller() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace(
+            "max_requests_per_second = 1000",
+            "max_requests_per_second = 20",
+        ),
+    )
+    .await;
+    let c = client(&env);
+    let ids = env.business_ids();
+    let start = Instant::now();
+    let calls: Vec<_> = (0..11)
+        .map(|i| {
+            let (c, b) = (c.clone(), ids[i % 3].clone());
+            tokio::spawn(async move { c.list_page(&b, 5, None).await })
+        })
+        .collect();
+    for call in calls {
+        call.await.unwrap().unwrap();
+    }
+    // 11 requests at 20/s: the last may start no sooner than 500 ms after the first.
+    assert!(
+        start.elapsed() >= Duration::from_millis(490),
+        "{:?}",
+        start.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_refuses_a_reused_refresh_token() {
+    let env = Env::small().await;
+    let b = env.business_ids()[0].clone();
+    let rt = env.sandbox.mint_refresh_token(&b);
+    let (id, secret) = env.sandbox.client_credentials();
+    let http = reqwest::Client::new();
+    let post = |token: String| {
+        http.post(env.sandbox.token_url())
+            .basic_auth(&id, Some(&secret))
+            .form(&[
+                ("grant_type", "refresh_token"),
+                ("refresh_token", token.as_str()),
+                ("audience", "urn:partner-api"),
+            ])
+            .send()
+    };
+    let first: serde_json::Value = post(rt.clone()).await.unwrap().json().await.unwrap();
+    assert!(first["access_token"].is_string() && first["refresh_token"].is_string());
+    assert_ne!(
+        first["refresh_token"].as_str(),
+        Some(rt.as_str()),
+        "rotated"
+    );
+    let second = post(rt).await.unwrap();
+    assert_eq!(second.status(), 400);
+    let body: serde_json::Value = second.json().await.unwrap();
+    assert_eq!(body["error"], "invalid_grant");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_status_is_posted_with_the_original_instant_and_user_agent() {
+    let env = Env::small().await;
+    let c = client(&env);
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[3].clone();
+    let body = JobStatusBody {
+        status: "invoice_paid".into(),
+        partner_status_changed_at: "2024-06-14T09:30:00.250Z".into(),
+        invoice_amount_in_cents: Some(0),
+    };
+    let d = c.post_job_status(&b, &lead, &body).await;
+    assert!(d.result.is_ok(), "{:?}", d.result);
+    let got = env.sandbox.deliveries();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].negotiation_id, lead);
+    assert_eq!(got[0].partner_status_changed_at, "2024-06-14T09:30:00.250Z");
+    assert_eq!(got[0].invoice_amount_in_cents, Some(0));
+    assert_eq!(
+        got[0].user_agent.as_deref(),
+        Some(concat!("leadsync/", env!("CARGO_PKG_VERSION")))
+    );
+}

@@ -1,0 +1,473 @@
+//! The poller: passes into the mirror, change tracking, early stop,
+//! isolation of failing businesses, whole pages only, no overlap.
+
+mod common;
+
+use common::{Env, FAST, count, text};
+use leadsync::app::Session;
+use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
+use leadsync::sync::{PassOutcome, PassSettings, ScanKind, sync_business};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const SETTINGS: PassSettings = PassSettings {
+    page_size: 10,
+    stop_after_unchanged_pages: 1,
+};
+
+async fn pass(s: &Session, business: &str, kind: ScanKind) -> leadsync::sync::PassReport {
+    sync_business(
+        &s.store,
+        &s.client,
+        business,
+        kind,
+        SETTINGS,
+        &CancellationToken::new(),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_sync_mirrors_every_lead_exactly() {
+    let env = Env::small().await;
+    let o = env.run(&["sync", "--full"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("60 new"), "{}", text(&o));
+    let db = env.sql();
+    for b in env.business_ids() {
+        assert_eq!(
+            count(
+                &db,
+                &format!("SELECT count(*) FROM negotiations WHERE business_id = '{b}'")
+            ),
+            60
+        );
+        for id in env.sandbox.lead_ids(&b) {
+            let payload: String = db
+                .query_row(
+                    "SELECT payload FROM negotiations WHERE negotiation_id = ?1",
+                    [&id],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(
+                Some(payload),
+                env.sandbox.lead_json(&id),
+                "payload of {id} byte for byte"
+            );
+        }
+    }
+    // Every lead has created_at, whichever field name it came with.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE created_at IS NULL"
+        ),
+        0
+    );
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE payload LIKE '%\"createdAt\"%'"
+        ) > 0
+    );
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE payload LIKE '%\"createTime\"%'"
+        ) > 0
+    );
+    // json_extract reaches unknown nested fields; 64-bit integers survive.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE json_extract(payload, '$.sandboxExtension.nested.deep[1].k') = 'v'"
+        ),
+        180
+    );
+    let big: i64 = db
+        .query_row(
+            "SELECT min(json_extract(payload, '$.sandboxExtension.bigNumber')) FROM negotiations",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(big, 9_007_199_254_740_993);
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE customer_name IN ('Zoë Ø.', '李雷', 'Noa 🌵 B.')"
+        ) > 0
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'ok' AND kind = 'full' AND pages = 6 AND inserted = 60"
+        ),
+        3
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiation_changes WHERE kind = 'new'"
+        ),
+        180
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM businesses WHERE last_sync_outcome = 'ok' AND last_full_sync_at IS NOT NULL"
+        ),
+        3
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_changed_removed_and_reappearing_leads() {
+    let env = Env::small().await;
+    let s = Session::open(env.config()).await.unwrap();
+    let b = env.business_ids()[0].clone();
+    assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
+    let ids = env.sandbox.lead_ids(&b);
+
+    let added = env
+        .sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 3,
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::SetStatus {
+            negotiation_id: ids[0].clone(),
+            status: "Hired".into(),
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[5].clone(),
+        })
+        .unwrap();
+    // A change deep in the list: only a full scan reads that far.
+    env.sandbox
+        .mutate(Mutation::DeepChange {
+            negotiation_id: ids[55].clone(),
+        })
+        .unwrap();
+
+    let head = pass(&s, &b, ScanKind::Head).await;
+    let PassOutcome::Ok(h) = &head.outcome else {
+        panic!("{}", head.summary())
+    };
+    assert_eq!((h.inserted, h.updated), (3, 1), "{}", head.summary());
+
+    let full = pass(&s, &b, ScanKind::Full).await;
+    let PassOutcome::Ok(f) = &full.outcome else {
+        panic!("{}", full.summary())
+    };
+    assert_eq!(
+        (f.inserted, f.updated, f.missing),
+        (0, 1, 1),
+        "{}",
+        full.summary()
+    );
+
+    let db = env.sql();
+    let status: String = db
+        .query_row(
+            "SELECT status FROM negotiations WHERE negotiation_id = ?1",
+            [&ids[0]],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(status, "Hired");
+    let (old, new): (String, String) = db
+        .query_row(
+            "SELECT old_status, new_status FROM negotiation_changes WHERE negotiation_id = ?1 AND kind = 'changed'",
+            [&ids[0]],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_ne!(old, "Hired");
+    assert_eq!(new, "Hired");
+    let fields: String = db
+        .query_row("SELECT changed_fields FROM negotiation_changes WHERE negotiation_id = ?1 AND kind = 'changed'", [&ids[55]], |r| r.get(0))
+        .unwrap();
+    assert_eq!(fields, r#"["customer","sandboxExtension"]"#);
+    for id in &added {
+        assert_eq!(
+            count(
+                &db,
+                &format!(
+                    "SELECT count(*) FROM negotiations WHERE negotiation_id = '{id}' AND missing_since IS NULL"
+                )
+            ),
+            1
+        );
+    }
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM negotiations WHERE negotiation_id = '{}' AND missing_since IS NOT NULL",
+                ids[5]
+            )
+        ),
+        1
+    );
+
+    // It comes back: missing_since is cleared and the reappearance recorded.
+    env.sandbox
+        .mutate(Mutation::Restore {
+            negotiation_id: ids[5].clone(),
+        })
+        .unwrap();
+    let full = pass(&s, &b, ScanKind::Full).await;
+    assert!(full.is_ok(), "{}", full.summary());
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM negotiations WHERE negotiation_id = '{}' AND missing_since IS NULL",
+                ids[5]
+            )
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM negotiation_changes WHERE negotiation_id = '{}' AND kind IN ('missing', 'reappeared')",
+                ids[5]
+            )
+        ),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resync_of_unchanged_leads_writes_nothing_to_them() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let db = env.sql();
+    db.execute_batch(
+        "CREATE TABLE test_writes (n INTEGER);
+         CREATE TRIGGER test_count_updates AFTER UPDATE ON negotiations BEGIN INSERT INTO test_writes VALUES (1); END;
+         CREATE TRIGGER test_count_inserts AFTER INSERT ON negotiations BEGIN INSERT INTO test_writes VALUES (1); END;",
+    )
+    .unwrap();
+    let o = env.run(&["sync", "--full"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("0 new, 0 changed, 60 unchanged"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM test_writes"),
+        0,
+        "no lead row was written"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_scan_stops_at_the_first_page_without_news() {
+    let env = Env::small().await;
+    let s = Session::open(env.config()).await.unwrap();
+    let ids = env.business_ids();
+    for b in &ids {
+        assert!(pass(&s, b, ScanKind::Full).await.is_ok());
+    }
+    let before = env.sandbox.list_requests(&ids[0]);
+    let head = pass(&s, &ids[0], ScanKind::Head).await;
+    assert!(head.is_ok());
+    assert_eq!(
+        env.sandbox.list_requests(&ids[0]) - before,
+        1,
+        "nothing new: one page read"
+    );
+
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: ids[0].clone(),
+            count: 25,
+        })
+        .unwrap();
+    let before = env.sandbox.list_requests(&ids[0]);
+    let head = pass(&s, &ids[0], ScanKind::Head).await;
+    let PassOutcome::Ok(h) = &head.outcome else {
+        panic!("{}", head.summary())
+    };
+    assert_eq!(h.inserted, 25);
+    // Pages 1-3 bring the 25 new leads, page 4 nothing: four requests of the 9 pages.
+    assert_eq!(
+        env.sandbox.list_requests(&ids[0]) - before,
+        4,
+        "{}",
+        head.summary()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_failing_business_does_not_stop_the_others() {
+    let env = Env::small().await;
+    let ids = env.business_ids();
+    let tokens = env.dir.path().join("fixture/tokens");
+    std::fs::write(tokens.join(&ids[0]), "revoked-token\n").unwrap(); // 401, refused for good
+    std::fs::write(
+        tokens.join(&ids[1]),
+        env.sandbox.static_token(&ids[2]).unwrap(),
+    )
+    .unwrap(); // 403
+    let o = env.run(&["sync", "--full"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(
+        t.contains(&format!("{}: FAILED", ids[0])) && t.contains("re-authorization"),
+        "{t}"
+    );
+    assert!(
+        t.contains(&format!("{}: FAILED", ids[1])) && t.contains("403"),
+        "{t}"
+    );
+    assert!(t.contains(&format!("{}: ok", ids[2])), "{t}");
+    assert!(t.contains("2 of 3 businesses failed"), "{t}");
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM negotiations WHERE business_id = '{}'",
+                ids[2]
+            )
+        ),
+        60
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT needs_reauth FROM businesses WHERE business_id = '{}'",
+                ids[0]
+            )
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM businesses WHERE business_id = '{}' AND last_sync_outcome = 'error' AND last_error LIKE '%403%'",
+                ids[1]
+            )
+        ),
+        1
+    );
+
+    // Only the selected business, and a clear error for an unknown one.
+    let o = env.run(&["sync", "--business", &ids[2]]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = env.run(&["sync", "--business", "123"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("business 123 is not in the configuration"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_page_fails_the_pass_without_a_partial_page() {
+    let env = Env::small().await;
+    env.sandbox.set_faults(Faults {
+        malformed: 0.25,
+        ..Default::default()
+    });
+    for _ in 0..3 {
+        env.run(&["sync", "--full"]);
+    }
+    let db = env.sql();
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'error' AND error LIKE '%unreadable%'"
+        ) > 0
+    );
+    for b in env.business_ids() {
+        let n = count(
+            &db,
+            &format!("SELECT count(*) FROM negotiations WHERE business_id = '{b}'"),
+        );
+        assert_eq!(
+            n % 10,
+            0,
+            "business {b} has {n} leads: only whole pages of 10 are written"
+        );
+        // A failed full scan never marks leads missing.
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL"
+            ),
+            0
+        );
+    }
+    // Once the faults stop, the next pass completes the mirror.
+    env.sandbox.set_faults(Faults::default());
+    let o = env.run(&["sync", "--full"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 180);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_passes_of_a_business_never_overlap() {
+    let overrides = FAST.replace(
+        "[poll]\npage_size = 10\n",
+        "[poll]\npage_size = 10\nschedule = \"* * * * * *\"\nfull_schedule = \"0 0 0 1 1 *\"\nstop_after_unchanged_pages = 100\n",
+    );
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            ..Default::default()
+        },
+        false,
+        &overrides,
+    )
+    .await;
+    // Each pass reads 6 pages at 250 ms: longer than the one-second schedule.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 250,
+        ..Default::default()
+    });
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    let db = env.database();
+    common::wait_until("four finished passes", Duration::from_secs(30), || {
+        rusqlite::Connection::open(&db)
+            .ok()
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )
+                .ok()
+            })
+            .is_some_and(|n| n >= 4)
+    })
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    let runs: Vec<(String, String)> = {
+        let c = env.sql();
+        let mut st = c.prepare("SELECT started_at, finished_at FROM sync_runs WHERE finished_at IS NOT NULL ORDER BY started_at").unwrap();
+        st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    for pair in runs.windows(2) {
+        assert!(pair[1].0 >= pair[0].1, "passes overlap: {pair:?}");
+    }
+}
