@@ -311,6 +311,19 @@ impl Sandbox {
         self.lock().deliveries.clone()
     }
 
+    /// Every secret the sandbox knows: issued access and refresh tokens,
+    /// static tokens and the client secret (tests search logs for them).
+    pub fn issued_secrets(&self) -> Vec<String> {
+        let s = self.lock();
+        s.access_tokens
+            .keys()
+            .chain(s.refresh_tokens.keys())
+            .chain(s.static_tokens.keys())
+            .cloned()
+            .chain(std::iter::once(s.options.client_secret.clone()))
+            .collect()
+    }
+
     /// Request counts so far.
     pub fn stats(&self) -> Stats {
         self.lock().stats.clone()

@@ -492,21 +492,23 @@ impl Auth {
             ),
         });
         drop(state);
-        self.set_reauth(&p, None).await;
+        // This process may not know the mirror's flag: clear it regardless.
+        self.set_reauth_forced(&p, None, true).await;
         Ok(())
     }
 
     /// Records (or clears) the business's need for re-authorization, in memory and in the mirror.
     async fn set_reauth(&self, p: &Provider, reason: Option<String>) {
-        let changed = match p.reauth.lock() {
-            Ok(mut r) => {
-                let changed = r.is_some() != reason.is_some();
-                *r = reason.clone();
-                changed
-            }
-            Err(_) => false,
-        };
-        if !changed {
+        self.set_reauth_forced(p, reason, false).await;
+    }
+
+    async fn set_reauth_forced(&self, p: &Provider, reason: Option<String>, force: bool) {
+        let previous = p
+            .reauth
+            .lock()
+            .map(|mut r| std::mem::replace(&mut *r, reason.clone()))
+            .unwrap_or_default();
+        if !force && previous.is_some() == reason.is_some() {
             return;
         }
         match &reason {
