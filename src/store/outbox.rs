@@ -324,9 +324,10 @@ pub fn finish(
         }
     }
     let last = attempts.last();
-    let http_status = last.and_then(|a| a.http_status);
+    // The last HTTP status received (a token refusal after a 401 has none).
+    let http_status = attempts.iter().rev().find_map(|a| a.http_status);
     let error = last.and_then(|a| a.error.clone());
-    let trace_id = last.and_then(|a| a.trace_id.clone());
+    let trace_id = attempts.iter().rev().find_map(|a| a.trace_id.clone());
     match finish {
         Finish::Sent => tx.execute(
             "UPDATE outbox SET state = 'sent', sent_at = ?2, sending_since = NULL, last_error = NULL,

@@ -110,6 +110,25 @@ impl Env {
         c
     }
 
+    /// Starts `leadsync run` in the background, its logs appended to `daemon.log`.
+    pub fn spawn_daemon(&self) -> std::process::Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("daemon.log"))
+            .expect("log file");
+        self.cli()
+            .arg("run")
+            .stderr(log)
+            .spawn()
+            .expect("start leadsync run")
+    }
+
+    /// What the background daemons logged so far.
+    pub fn daemon_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
     /// Runs the CLI to completion.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cli().args(args).output().expect("run leadsync")
