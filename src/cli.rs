@@ -438,8 +438,8 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             let mut out = std::io::stdout().lock();
             writeln!(
                 out,
-                "{:>6}  {:<20} {:<16} {:<26} {:>10}  {:<9} {:>4}  {}",
-                "ID", "NEGOTIATION", "STATUS", "CHANGED AT", "CENTS", "STATE", "TRY", "LAST ERROR"
+                "{:>6}  {:<20} {:<16} {:<26} {:>10}  {:<9} {:>4}  LAST ERROR",
+                "ID", "NEGOTIATION", "STATUS", "CHANGED AT", "CENTS", "STATE", "TRY"
             )?;
             for r in &rows {
                 writeln!(

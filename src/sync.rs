@@ -163,6 +163,7 @@ pub async fn sync_business(
         }
     };
     let mut stats = RunStats::default();
+    let mut seen = HashSet::new();
     let result = read_pages(
         store,
         client,
@@ -171,6 +172,7 @@ pub async fn sync_business(
         settings,
         run_id,
         &mut stats,
+        &mut seen,
         stop,
     )
     .await;
@@ -178,7 +180,7 @@ pub async fn sync_business(
         Ok(()) if kind == ScanKind::Full => {
             let (id, now) = (business_id.to_string(), crate::time::now());
             match store
-                .call(move |c| mirror::mark_missing(c, &id, run_id, &now))
+                .call(move |c| mirror::mark_missing(c, &id, run_id, &seen, &now))
                 .await
             {
                 Ok(n) => {
@@ -235,6 +237,7 @@ async fn read_pages(
     settings: PassSettings,
     run_id: i64,
     stats: &mut RunStats,
+    seen: &mut HashSet<u64>,
     stop: &CancellationToken,
 ) -> Result<(), String> {
     let full = kind == ScanKind::Full;
@@ -274,10 +277,16 @@ async fn read_pages(
             );
         }
         let now_t = chrono::Utc::now();
+        if full {
+            seen.extend(
+                page.leads
+                    .iter()
+                    .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
+            );
+        }
         let ctx = PageContext {
             business_id: business_id.to_string(),
             run_id,
-            full,
             now: crate::time::fmt(now_t),
             stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
         };

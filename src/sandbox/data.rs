@@ -192,7 +192,7 @@ fn lead_value(
         },
     });
     // Both creation field names are seen in the wild.
-    let key = if sequence % 2 == 0 {
+    let key = if sequence.is_multiple_of(2) {
         "createTime"
     } else {
         "createdAt"

@@ -187,7 +187,7 @@ impl Sandbox {
             data::generate(options.seed, options.businesses, options.leads_per_business);
         let sequence = (options.businesses * options.leads_per_business) as u64;
         let mut state = State {
-            rng: fastrand::Rng::with_seed(options.seed ^ 0x5eed_0f_7e57),
+            rng: fastrand::Rng::with_seed(options.seed ^ 0x005e_ed0f_7e57),
             businesses,
             removed: HashMap::new(),
             taken_ids,

@@ -15,8 +15,6 @@ pub const LAST_SEEN_GRANULARITY: chrono::Duration = chrono::Duration::hours(1);
 pub struct PageContext {
     pub business_id: String,
     pub run_id: i64,
-    /// Full scans remember every lead they list, to find the missing ones.
-    pub full: bool,
     /// The observation time written to the rows.
     pub now: String,
     /// `last_seen_at` values older than this are refreshed.
@@ -31,9 +29,11 @@ pub struct PageStats {
     pub unchanged: i64,
 }
 
-const SEEN_TABLE: &str = "CREATE TEMP TABLE IF NOT EXISTS seen_in_run (
-    run_id INTEGER NOT NULL, negotiation_id TEXT NOT NULL,
-    PRIMARY KEY (run_id, negotiation_id)) WITHOUT ROWID";
+/// A 64-bit fingerprint of a lead id: what a full scan remembers of each
+/// lead it listed (8 bytes a lead, never the listing itself).
+pub fn id_fingerprint(negotiation_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(negotiation_id.as_bytes())
+}
 
 /// Writes one listing page in one transaction: new leads inserted, changed
 /// ones updated with a change row, unchanged ones left alone.
@@ -70,18 +70,7 @@ pub fn write_page(conn: &mut Connection, ctx: &PageContext, leads: &[Lead]) -> R
                  last_seen_at = ?11, changed_at = ?11, missing_since = NULL
              WHERE negotiation_id = ?1",
         )?;
-        let mut seen = if ctx.full {
-            tx.execute(SEEN_TABLE, [])?;
-            Some(tx.prepare_cached(
-                "INSERT OR IGNORE INTO temp.seen_in_run (run_id, negotiation_id) VALUES (?1, ?2)",
-            )?)
-        } else {
-            None
-        };
         for lead in leads {
-            if let Some(seen) = seen.as_mut() {
-                seen.execute(params![ctx.run_id, lead.negotiation_id])?;
-            }
             let existing = lookup
                 .query_row([&lead.negotiation_id], |r| {
                     Ok((
@@ -280,8 +269,6 @@ pub fn finish_run(
          WHERE business_id = ?1",
         params![business_id, now, outcome, error, kind],
     )?;
-    tx.execute(SEEN_TABLE, [])?;
-    tx.execute("DELETE FROM temp.seen_in_run WHERE run_id = ?1", [run_id])?;
     tx.commit()?;
     Ok(())
 }
@@ -310,35 +297,43 @@ pub fn record_skipped_run(
     Ok(())
 }
 
-/// After a successful full scan: marks the business's leads it did not list
-/// as missing (with a change row each); returns how many.
+/// After a successful full scan: marks the business's leads whose id
+/// fingerprint the scan did not see as missing (with a change row each);
+/// returns how many.
 pub fn mark_missing(
     conn: &mut Connection,
     business_id: &str,
     run_id: i64,
+    seen: &std::collections::HashSet<u64>,
     now: &str,
 ) -> Result<i64> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute(SEEN_TABLE, [])?;
     let missing: Vec<(String, Option<String>)> = {
         let mut stmt = tx.prepare(
-            "UPDATE negotiations SET missing_since = ?3
-              WHERE business_id = ?1 AND missing_since IS NULL
-                AND negotiation_id NOT IN (SELECT negotiation_id FROM temp.seen_in_run WHERE run_id = ?2)
-             RETURNING negotiation_id, status",
+            "SELECT negotiation_id, status FROM negotiations
+              WHERE business_id = ?1 AND missing_since IS NULL",
         )?;
-        stmt.query_map(params![business_id, run_id, now], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?
-        .collect::<rusqlite::Result<_>>()?
+        let rows = stmt.query_map([business_id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+        let mut missing = Vec::new();
+        for row in rows {
+            let (id, status) = row?;
+            if !seen.contains(&id_fingerprint(&id)) {
+                missing.push((id, status));
+            }
+        }
+        missing
     };
     {
+        let mut mark = tx.prepare_cached(
+            "UPDATE negotiations SET missing_since = ?2 WHERE negotiation_id = ?1",
+        )?;
         let mut change = tx.prepare_cached(
             "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind,
                  old_status, new_status, sync_run_id)
              VALUES (?1, ?2, ?3, 'missing', ?4, ?4, ?5)",
         )?;
         for (id, status) in &missing {
+            mark.execute(params![id, now])?;
             change.execute(params![id, business_id, now, status, run_id])?;
         }
     }

@@ -69,9 +69,14 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
             path.display()
         );
     }
+    // A checkpoint every 10,000 pages (about 40 MB of WAL) rather than
+    // SQLite's 1,000: a first full sync rewrites the same index pages many
+    // times, and checkpointing them ten times as often made it 40% slower
+    // (README, "Performance"). The WAL file is trimmed back to 64 MB after.
     conn.execute_batch(
         "PRAGMA synchronous = NORMAL;
          PRAGMA foreign_keys = ON;
+         PRAGMA wal_autocheckpoint = 10000;
          PRAGMA journal_size_limit = 67108864;",
     )?;
     migrate(&mut conn).with_context(|| format!("cannot migrate database {}", path.display()))?;

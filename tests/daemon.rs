@@ -1,0 +1,307 @@
+//! The daemon as systemd runs it: notify protocol and watchdog, SIGTERM with
+//! work in flight, SIGHUP reloads, log formats, and the demo.
+
+mod common;
+
+use common::{Env, bin, count, text, wait_until_blocking};
+use leadsync::sandbox::Faults;
+use std::os::unix::net::UnixDatagram;
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    let r = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(r, 0, "kill failed");
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("the daemon did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notify_ready_status_watchdog_and_stopping() {
+    let env = Env::small().await;
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut child = env
+        .cli()
+        .arg("run")
+        .env("NOTIFY_SOCKET", &socket_path)
+        .env("WATCHDOG_USEC", "1000000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+
+    let mut messages: Vec<(Instant, String)> = Vec::new();
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    let mut ready_at = None;
+    while start.elapsed() < Duration::from_secs(20) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            if m.contains("READY=1") && ready_at.is_none() {
+                ready_at = Some(Instant::now());
+            }
+            messages.push((Instant::now(), m));
+        }
+        if ready_at.is_some_and(|r| r.elapsed() > Duration::from_millis(5200)) {
+            break;
+        }
+    }
+    let ready_at = ready_at.expect("READY=1 was sent");
+    let pings = messages
+        .iter()
+        .filter(|(t, m)| {
+            m.contains("WATCHDOG=1")
+                && *t > ready_at
+                && t.duration_since(ready_at) <= Duration::from_secs(5)
+        })
+        .count();
+    assert!(pings >= 4, "{pings} watchdog pings in 5 s: {messages:?}");
+    let status = messages
+        .iter()
+        .find(|(_, m)| m.starts_with("STATUS="))
+        .expect("a STATUS line");
+    assert!(
+        status.1.contains("leads") && status.1.contains("outbox"),
+        "{}",
+        status.1
+    );
+
+    signal(&child, libc::SIGTERM);
+    let exit = wait_exit(&mut child, Duration::from_secs(15));
+    assert_eq!(exit.code(), Some(0));
+    let mut stopping = false;
+    while let Ok(n) = socket.recv(&mut buf) {
+        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+    }
+    assert!(stopping, "STOPPING=1 was sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_in_flight_send_finish_and_records_it() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let lead = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
+    let mut child = env.spawn_daemon();
+    // Every request now takes 1.5 s: the send below is in flight when SIGTERM comes.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 1500,
+        ..Default::default()
+    });
+    env.run(&[
+        "enqueue",
+        "--negotiation",
+        &lead,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2026-11-01T10:00:00Z",
+    ]);
+    wait_until_blocking("the row is being sent", Duration::from_secs(10), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'sending'",
+        ) == 1
+    });
+    signal(&child, libc::SIGTERM);
+    let t = Instant::now();
+    let exit = wait_exit(&mut child, Duration::from_secs(15));
+    assert_eq!(exit.code(), Some(0), "{}", env.daemon_log());
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "bounded by shutdown_timeout_secs: {:?}",
+        t.elapsed()
+    );
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'sent'"
+        ),
+        1,
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(env.sandbox.deliveries().len(), 1);
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'running'"
+        ),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_adds_a_business_and_a_broken_file_keeps_the_old_configuration() {
+    let env = Env::small().await;
+    // Start with two of the three businesses; the third lives in extra.toml, empty at first.
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let cut = fixture.rfind("[[businesses]]").unwrap();
+    std::fs::write(&env.fixture, &fixture[..cut]).unwrap();
+    let extra = env.dir.path().join("extra.toml");
+    std::fs::write(&extra, "").unwrap();
+    let third = env.business_ids()[2].clone();
+
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let mut child = env
+        .cli()
+        .arg("--config")
+        .arg(&extra)
+        .arg("run")
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_until_blocking(
+        "the first two businesses synced",
+        Duration::from_secs(20),
+        || env.database().exists() && count(&env.sql(), "SELECT count(*) FROM negotiations") == 120,
+    );
+
+    std::fs::write(&extra, &fixture[cut..]).unwrap();
+    signal(&child, libc::SIGHUP);
+    wait_until_blocking("the added business synced", Duration::from_secs(20), || {
+        count(
+            &env.sql(),
+            &format!("SELECT count(*) FROM negotiations WHERE business_id = '{third}'"),
+        ) == 60
+    });
+
+    std::fs::write(&extra, "[[businesses]\nid = \"1\"\n").unwrap();
+    signal(&child, libc::SIGHUP);
+    wait_until_blocking(
+        "the failed reload is logged",
+        Duration::from_secs(10),
+        || env.daemon_log().contains("configuration reload failed"),
+    );
+    assert!(child.try_wait().unwrap().is_none(), "still running");
+    assert!(
+        env.daemon_log().contains("extra.toml"),
+        "the error names the file: {}",
+        env.daemon_log()
+    );
+    // And still working, with the third business kept.
+    let lead = env.sandbox.lead_ids(&third)[0].clone();
+    env.run(&[
+        "enqueue",
+        "--negotiation",
+        &lead,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2026-11-01T10:00:00Z",
+    ]);
+    wait_until_blocking("the row is sent", Duration::from_secs(10), || {
+        env.sandbox.deliveries().len() == 1
+    });
+
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_are_plain_under_journald_and_json_on_request() {
+    let env = Env::small().await;
+    let o = env
+        .cli()
+        .args(["sync"])
+        .env("JOURNAL_STREAM", "8:1234")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert!(err.lines().count() >= 3, "{err}");
+    for line in err.lines() {
+        assert!(
+            !line.starts_with("20"),
+            "no timestamp of our own under journald: {line}"
+        );
+        assert!(
+            !line.contains('\u{1b}'),
+            "no colours under journald: {line:?}"
+        );
+    }
+    let o = env
+        .cli()
+        .args(["--log-format", "json", "sync"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    let mut with_business = 0;
+    for line in err.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(v["level"].is_string() && v["message"].is_string(), "{line}");
+        if line.contains("business_id") {
+            with_business += 1;
+        }
+    }
+    assert!(with_business >= 3, "spans carry the business id: {err}");
+}
+
+#[test]
+fn the_demo_runs_end_to_end_without_configuration() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Instant::now();
+    let o = std::process::Command::new(bin())
+        .arg("demo")
+        .current_dir(dir.path())
+        .env_remove("LEADSYNC_LOG")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(t.elapsed() < Duration::from_secs(60));
+    for step in [
+        "[1/6]",
+        "[3/6]",
+        "[6/6]",
+        "received, in this order",
+        "sqlite3",
+    ] {
+        assert!(out.contains(step), "missing {step:?}:\n{out}");
+    }
+    let db = rusqlite::Connection::open(dir.path().join("leadsync-demo.db")).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 137);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL"
+        ),
+        1
+    );
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox WHERE state = 'sent'"),
+        4
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE state = 'dead' AND last_http_status = 400 AND last_trace_id IS NOT NULL"
+        ),
+        1
+    );
+    // It can run again in the same place: the database is replaced.
+    let o = std::process::Command::new(bin())
+        .arg("demo")
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
