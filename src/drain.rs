@@ -149,40 +149,77 @@ impl Drainer {
             .unwrap_or_else(|p| p.into_inner().1.clone())
     }
 
-    fn filter(&self, skip_ids: Vec<i64>) -> ClaimFilter {
+    fn filter(&self) -> ClaimFilter {
         let settings = self.settings();
         let mut blocked = self.client().auth().blocked();
         blocked.extend(settings.disabled.iter().cloned());
         ClaimFilter {
             blocked_businesses: blocked,
-            skip_ids,
             default_business: settings.default_business.clone(),
         }
     }
 
-    async fn claim(&self, limit: usize, skip_ids: Vec<i64>) -> anyhow::Result<Vec<Claimed>> {
-        let filter = self.filter(skip_ids);
-        let now = crate::time::now();
+    /// Claims up to `limit` rows due by `due_by` (now, when `None`).
+    async fn claim(&self, limit: usize, due_by: Option<String>) -> anyhow::Result<Vec<Claimed>> {
+        let filter = self.filter();
+        let due_by = due_by.unwrap_or_else(crate::time::now);
         self.store
-            .call(move |c| outbox::claim(c, &now, limit, &filter))
+            .call(move |c| outbox::claim(c, &due_by, limit, &filter))
             .await
     }
 
-    /// Sends one claimed row and records the outcome.
+    /// Sends a claimed row and records the outcome; while rows end final
+    /// (sent or dead) and the next row of the same negotiation may go, sends
+    /// that one too. Returns what became of each row.
+    pub async fn process_chain(
+        &self,
+        first: Claimed,
+        due_by: Option<String>,
+        stop: CancellationToken,
+    ) -> Vec<RowResult> {
+        let mut results = Vec::new();
+        let mut row = Some(first);
+        while let Some(current) = row.take() {
+            let (result, next) = self.process(current, due_by.as_deref(), &stop).await;
+            results.push(result);
+            row = next;
+        }
+        results
+    }
+
+    /// Sends one claimed row, records the outcome, and claims the next row
+    /// of its negotiation when this one ended final and we are not stopping.
     #[tracing::instrument(skip_all, fields(outbox_id = row.id, negotiation_id = %row.negotiation_id, attempt = row.attempt))]
-    pub async fn process(&self, row: Claimed) -> RowResult {
+    async fn process(
+        &self,
+        row: Claimed,
+        due_by: Option<&str>,
+        stop: &CancellationToken,
+    ) -> (RowResult, Option<Claimed>) {
         let (finish, attempts, result) = self.attempt(&row).await;
         let now = crate::time::now();
+        let follow = matches!(result, RowResult::Sent | RowResult::Dead) && !stop.is_cancelled();
         // The outcome must land: a locked database is waited out, not dropped.
         let mut tries = 0;
         loop {
             let (f, a, n) = (finish.clone(), attempts.clone(), now.clone());
-            match self
+            let next = follow.then(|| {
+                (
+                    due_by.map_or_else(crate::time::now, str::to_string),
+                    self.filter(),
+                )
+            });
+            let recorded = self
                 .store
-                .call(move |c| outbox::finish(c, row.id, &f, &a, &n))
-                .await
-            {
-                Ok(()) => break,
+                .call(move |c| {
+                    let next = next
+                        .as_ref()
+                        .map(|(due_by, filter)| outbox::NextOf { due_by, filter });
+                    outbox::finish(c, row.id, &f, &a, &n, next)
+                })
+                .await;
+            match recorded {
+                Ok(next) => return (result, next),
                 Err(e) if tries < 60 => {
                     tries += 1;
                     warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying");
@@ -191,11 +228,10 @@ impl Drainer {
                 Err(e) => {
                     error!(error = %format!("{e:#}"),
                         "cannot record the outcome; the row stays `sending` and is sent again after a restart");
-                    break;
+                    return (result, None);
                 }
             }
         }
-        result
     }
 
     async fn attempt(&self, row: &Claimed) -> (Finish, Vec<Attempt>, RowResult) {
@@ -318,27 +354,28 @@ impl Drainer {
         (finish, attempts, result)
     }
 
-    /// `leadsync drain`: attempts every due row once, respecting each
-    /// negotiation's order (a row sent lets the next one of its negotiation go).
+    /// `leadsync drain`: attempts every row due when it starts, once,
+    /// respecting each negotiation's order (a row sent lets the next one of
+    /// its negotiation go). A row that fails is due again only after the
+    /// start, so it is not attempted twice.
     pub async fn drain_once(
         self: &Arc<Self>,
         stop: &CancellationToken,
     ) -> anyhow::Result<DrainSummary> {
         let mut summary = DrainSummary::default();
-        let mut attempted: Vec<i64> = Vec::new();
-        let mut inflight: JoinSet<RowResult> = JoinSet::new();
+        let started = crate::time::now();
+        let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         loop {
             if !stop.is_cancelled() {
                 let free = self.settings().concurrency.saturating_sub(inflight.len());
-                let claimed = self.claim(free, attempted.clone()).await?;
+                let claimed = self.claim(free, Some(started.clone())).await?;
                 for row in claimed {
-                    attempted.push(row.id);
-                    let me = self.clone();
-                    inflight.spawn(async move { me.process(row).await });
+                    let (me, due_by, stop) = (self.clone(), Some(started.clone()), stop.clone());
+                    inflight.spawn(async move { me.process_chain(row, due_by, stop).await });
                 }
             }
             match inflight.join_next().await {
-                Some(Ok(r)) => summary.add(r),
+                Some(Ok(results)) => results.into_iter().for_each(|r| summary.add(r)),
                 Some(Err(e)) => error!(error = %e, "a send task failed"),
                 None => break,
             }
@@ -355,7 +392,7 @@ impl Drainer {
         grace: Duration,
         heartbeat: Arc<AtomicI64>,
     ) {
-        let mut inflight: JoinSet<RowResult> = JoinSet::new();
+        let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         let mut last_recheck = Instant::now();
         loop {
             let (settings, client) = (self.settings(), self.client());
@@ -375,11 +412,11 @@ impl Drainer {
             // After a 429 nobody sends: do not hold rows in `sending` meanwhile.
             let paused = client.budget().paused_for();
             if free > 0 && paused.is_none() {
-                match self.claim(free, Vec::new()).await {
+                match self.claim(free, None).await {
                     Ok(claimed) => {
                         for row in claimed {
-                            let me = self.clone();
-                            inflight.spawn(async move { me.process(row).await });
+                            let (me, stop) = (self.clone(), stop.clone());
+                            inflight.spawn(async move { me.process_chain(row, None, stop).await });
                         }
                     }
                     Err(e) => {

@@ -1,0 +1,282 @@
+#!/usr/bin/env python3
+"""leadsync benchmarks, against the built-in sandbox on loopback.
+
+    python3 bench/run.py            # everything (a few minutes on 2 cores)
+    python3 bench/run.py --quick    # smaller sizes, for a smoke run
+
+Uses only public tools: the release binary, Python's standard library and
+GNU time (/usr/bin/time) for peak RSS. Results are printed and written to
+bench/out/results.md.
+
+1. Poller: full sync of 100,000 leads (20 businesses x 5,000, page size 100)
+   into a fresh database, then an unchanged re-sync (with a trigger counting
+   any write to `negotiations`), and peak RSS at 25k / 50k / 100k leads.
+   A plain Python urllib + sqlite3 script doing the same work is timed too.
+2. Drainer: 10,000 transitions over 2,000 negotiations, sandbox latency
+   20 ms per request, outbox.concurrency = 16; then the delay from INSERT to
+   delivery of single rows into an idle daemon (poll_interval_ms = 1000).
+"""
+
+import argparse
+import datetime
+import json
+import os
+import random
+import re
+import shutil
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BIN = os.path.join(ROOT, "target", "release", "leadsync")
+TIME = "/usr/bin/time"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Sandbox:
+    """`leadsync sandbox` in its own process, with a configuration written for it."""
+
+    def __init__(self, workdir, businesses, leads, latency_ms=0):
+        self.dir = workdir
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen(
+            [BIN, "sandbox", "--listen", f"127.0.0.1:{self.port}", "--businesses", str(businesses),
+             "--leads-per-business", str(leads), "--max-page-size", "100", "--latency-ms", str(latency_ms),
+             "--write-config", workdir, "--static-tokens"],
+            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        for line in self.proc.stdout:
+            if "configuration written" in line:
+                break
+        self.config = os.path.join(workdir, "leadsync.toml")
+
+    def get(self, path):
+        with urllib.request.urlopen(self.base + path) as r:
+            return json.load(r)
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def write_overrides(workdir, **outbox):
+    path = os.path.join(workdir, "bench.toml")
+    lines = ["[api]", "max_requests_per_second = 100000", "", "[poll]", "page_size = 100", "", "[outbox]"]
+    lines += [f"{k} = {v}" for k, v in outbox.items()]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return path
+
+
+def timed(args):
+    """Runs leadsync under GNU time; returns (wall seconds, peak RSS MiB, stdout)."""
+    out = subprocess.run([TIME, "-v", BIN] + args, capture_output=True, text=True)
+    if out.returncode != 0:
+        sys.exit(f"leadsync {' '.join(args)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): (\S+)", out.stderr).group(1)
+    parts = [float(p) for p in wall.split(":")]
+    seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
+    rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
+    return seconds, rss_kb / 1024, out.stdout
+
+
+def python_baseline(sandbox, businesses, db_path):
+    """What a plain script does: list every page, insert every payload, one transaction per page."""
+    tokens = {}
+    with open(sandbox.config) as f:
+        text = f.read()
+    for bid, token_file in re.findall(r'id = "(\d+)"\nname = "[^"]*"\naccess_token_file = "([^"]+)"', text):
+        with open(token_file) as t:
+            tokens[bid] = t.read().strip()
+    start = time.monotonic()
+    db = sqlite3.connect(db_path)
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE negotiations (negotiation_id TEXT PRIMARY KEY, business_id TEXT, status TEXT, payload TEXT)")
+    n = 0
+    for bid in list(tokens)[:businesses]:
+        page_token = None
+        while True:
+            url = f"{sandbox.base}/api/v4/businesses/{bid}/negotiations?limit=100"
+            if page_token:
+                url += f"&pageToken={page_token}"
+            req = urllib.request.Request(url, headers={"Authorization": f"Bearer {tokens[bid]}"})
+            with urllib.request.urlopen(req) as r:
+                page = json.load(r)
+            with db:
+                for lead in page["data"]:
+                    db.execute("INSERT OR REPLACE INTO negotiations VALUES (?, ?, ?, ?)",
+                               (lead["negotiationID"], bid, lead.get("status"), json.dumps(lead)))
+                    n += 1
+            page_token = page.get("pagination", {}).get("nextPageToken")
+            if not page_token:
+                break
+    db.close()
+    return time.monotonic() - start, n
+
+
+def bench_sync(quick, results):
+    per_business = 1250 if quick else 5000
+    sizes = [per_business // 4, per_business // 2, per_business]
+    rss = []
+    for leads in sizes:
+        work = tempfile.mkdtemp(prefix="leadsync-bench-")
+        sb = Sandbox(work, 20, leads)
+        try:
+            overrides = write_overrides(work)
+            total = 20 * leads
+            wall, peak, _ = timed(["--config", sb.config, "--config", overrides, "sync", "--full"])
+            rss.append((total, peak))
+            if leads != per_business:
+                continue
+            db_path = os.path.join(work, "leadsync.db")
+            db = sqlite3.connect(db_path)
+            got = db.execute("SELECT count(*) FROM negotiations").fetchone()[0]
+            assert got == total, f"mirrored {got} of {total} leads"
+            db.executescript("""
+                CREATE TABLE bench_writes (n INTEGER);
+                CREATE TRIGGER bench_u AFTER UPDATE ON negotiations BEGIN INSERT INTO bench_writes VALUES (1); END;
+                CREATE TRIGGER bench_i AFTER INSERT ON negotiations BEGIN INSERT INTO bench_writes VALUES (1); END;
+            """)
+            db.close()
+            rewall, repeak, _ = timed(["--config", sb.config, "--config", overrides, "sync", "--full"])
+            db = sqlite3.connect(db_path)
+            rewrites = db.execute("SELECT count(*) FROM bench_writes").fetchone()[0]
+            db.close()
+            base_wall, base_n = python_baseline(sb, 20, os.path.join(work, "baseline.db"))
+            results["sync"] = {
+                "leads": total,
+                "full_wall_s": round(wall, 2),
+                "full_leads_per_s": round(total / wall),
+                "full_peak_rss_mib": round(peak, 1),
+                "resync_wall_s": round(rewall, 2),
+                "resync_speedup": round(wall / rewall, 1),
+                "resync_payload_rewrites": rewrites,
+                "resync_peak_rss_mib": round(repeak, 1),
+                "python_baseline_wall_s": round(base_wall, 2),
+                "python_baseline_leads": base_n,
+            }
+        finally:
+            sb.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    results["sync"]["peak_rss_by_leads"] = [{"leads": n, "peak_rss_mib": round(m, 1)} for n, m in rss]
+
+
+def bench_drain(quick, results):
+    negotiations = 400 if quick else 2000
+    work = tempfile.mkdtemp(prefix="leadsync-bench-")
+    sb = Sandbox(work, 20, negotiations // 20, latency_ms=20)
+    try:
+        overrides = write_overrides(work, concurrency=16)
+        timed(["--config", sb.config, "--config", overrides, "sync", "--full"])
+        db_path = os.path.join(work, "leadsync.db")
+        db = sqlite3.connect(db_path)
+        ids = [r[0] for r in db.execute("SELECT negotiation_id FROM negotiations")]
+        rows = [(n, s, f"2024-06-{10 + k:02d}T10:00:00Z")
+                for n in ids
+                for k, s in enumerate(["appt_scheduled", "job_complete", "invoice_paid", "not_scheduled", "pro_cancel"])]
+        random.Random(7).shuffle(rows)
+        db.executemany("INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?, ?, ?)", rows)
+        db.commit()
+        wall, peak, out = timed(["--config", sb.config, "--config", overrides, "drain"])
+        sent = db.execute("SELECT count(*) FROM outbox WHERE state = 'sent'").fetchone()[0]
+        assert sent == len(rows), f"{sent} of {len(rows)} sent: {out}"
+        results["drain"] = {
+            "transitions": len(rows),
+            "negotiations": len(ids),
+            "latency_ms": 20,
+            "concurrency": 16,
+            "wall_s": round(wall, 2),
+            "transitions_per_s": round(len(rows) / wall),
+            "ceiling_per_s": round(16 * 1000 / 20),
+            "peak_rss_mib": round(peak, 1),
+        }
+
+        # Idle delay: one row at a time into a running daemon (default poll interval).
+        idle = write_overrides(work, concurrency=16, poll_interval_ms=1000)
+        log = open(os.path.join(work, "daemon.log"), "w")
+        daemon = subprocess.Popen([BIN, "--config", sb.config, "--config", idle, "run"], stderr=log)
+        try:
+            time.sleep(2)
+            delays = []
+            rnd = random.Random(11)
+            for i in range(20 if not quick else 8):
+                before = len(sb.get("/_sandbox/deliveries"))
+                time.sleep(rnd.uniform(0.0, 1.0))
+                t0 = time.time()
+                db.execute("INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?, 'appt_scheduled', ?)",
+                           (ids[i], f"2024-07-01T10:00:{i:02d}Z"))
+                db.commit()
+                while True:
+                    d = sb.get("/_sandbox/deliveries")
+                    if len(d) > before:
+                        received = d[-1]["received_at"].replace("Z", "+00:00")
+                        t1 = datetime.datetime.fromisoformat(received).timestamp()
+                        delays.append((t1 - t0) * 1000)
+                        break
+                    time.sleep(0.005)
+            delays.sort()
+            results["idle_delay"] = {
+                "rows": len(delays),
+                "poll_interval_ms": 1000,
+                "p50_ms": round(statistics.median(delays)),
+                "p90_ms": round(delays[int(len(delays) * 0.9) - 1]),
+                "max_ms": round(delays[-1]),
+            }
+        finally:
+            daemon.terminate()
+            daemon.wait()
+    finally:
+        sb.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    ap.add_argument("--only", choices=["sync", "drain"], help="run one of the two benchmarks")
+    args = ap.parse_args()
+    if not os.path.exists(TIME):
+        sys.exit("GNU time is needed at /usr/bin/time (Debian: apt-get install time)")
+    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    results = {"machine": f"{os.cpu_count()} cores", "quick": args.quick}
+    if args.only != "drain":
+        bench_sync(args.quick, results)
+    if args.only != "sync":
+        bench_drain(args.quick, results)
+    lines = ["| benchmark | result | target |", "|---|---|---|"]
+    if "sync" in results:
+        s = results["sync"]
+        lines += [
+            f"| full sync, {s['leads']:,} leads | {s['full_wall_s']} s, **{s['full_leads_per_s']:,} leads/s** | ≥ 50,000 leads/s |",
+            f"| unchanged re-sync | {s['resync_wall_s']} s ({s['resync_speedup']}× faster), {s['resync_payload_rewrites']} lead rows written | ≥ 2× faster, 0 rewrites |",
+            "| peak RSS, full sync | " + ", ".join(f"{r['leads']:,} leads: {r['peak_rss_mib']} MiB" for r in s["peak_rss_by_leads"]) + " | ≤ 64 MiB, flat |",
+            f"| plain Python (urllib + sqlite3), same sync | {s['python_baseline_wall_s']} s | (reference) |",
+        ]
+    if "drain" in results:
+        d, i = results["drain"], results["idle_delay"]
+        lines += [
+            f"| drain {d['transitions']:,} transitions / {d['negotiations']:,} negotiations, 20 ms, concurrency 16 | {d['wall_s']} s, **{d['transitions_per_s']} transitions/s** (ceiling {d['ceiling_per_s']}) | ≥ 500/s |",
+            f"| INSERT → delivery, idle daemon, poll 1000 ms | p50 {i['p50_ms']} ms, p90 {i['p90_ms']} ms, max {i['max_ms']} ms | p50 ≤ 1050 ms |",
+        ]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.join(ROOT, "bench", "out"), exist_ok=True)
+    with open(os.path.join(ROOT, "bench", "out", "results.md"), "w") as f:
+        f.write(table + "\n\n```json\n" + json.dumps(results, indent=2) + "\n```\n")
+    with open(os.path.join(ROOT, "bench", "out", "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
