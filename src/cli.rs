@@ -26,7 +26,13 @@ pub struct Cli {
     #[arg(long = "config", value_name = "FILE", global = true)]
     pub config: Vec<PathBuf>,
     /// Log format on stderr (the level comes from LEADSYNC_LOG, e.g. `debug`).
-    #[arg(long, value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        value_enum,
+        default_value = "text",
+        global = true,
+        env = "LEADSYNC_LOG_FORMAT"
+    )]
     pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,

@@ -7,7 +7,6 @@ use figment::value::Value;
 use figment::{Figment, Metadata, Source};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::HashMap;
-use std::fmt;
 use std::path::{Path, PathBuf};
 
 /// The main configuration file read when no `--config` is given.
@@ -20,16 +19,9 @@ pub const ENV_PREFIX: &str = "LEADSYNC_";
 const ENV_NOT_CONFIG: &[&str] = &["log", "log_format"];
 
 /// A configuration that cannot be used; the process exits with 78 (EX_CONFIG).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
 pub struct ConfigError(pub String);
-
-impl fmt::Display for ConfigError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for ConfigError {}
 
 fn err<T>(msg: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError(msg.into()))

@@ -22,16 +22,9 @@ use tokio_util::sync::CancellationToken;
 type Shared = Arc<Mutex<State>>;
 
 /// Returned by a handler to drop the connection without an answer.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("sandbox fault: connection reset")]
 struct Reset;
-
-impl std::fmt::Display for Reset {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("sandbox fault: connection reset")
-    }
-}
-
-impl std::error::Error for Reset {}
 
 pub(super) async fn serve(listener: TcpListener, state: Shared, stop: CancellationToken) {
     let mut connections = JoinSet::new();

@@ -2,7 +2,6 @@
 //! classification of SPEC §4's table (sent / retry / refresh / reauth / dead).
 
 use serde_json::Value;
-use std::fmt;
 use std::time::Duration;
 
 /// What to do after a response or a failure.
@@ -98,7 +97,8 @@ impl Problem {
 }
 
 /// A failed call to Thumbtack, classified.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{message}")]
 pub struct ApiError {
     pub disposition: Disposition,
     /// `None` when no HTTP response arrived.
@@ -109,14 +109,6 @@ pub struct ApiError {
     /// For people: what happened, with the problem's title/detail and traceID.
     pub message: String,
 }
-
-impl fmt::Display for ApiError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
-impl std::error::Error for ApiError {}
 
 impl ApiError {
     /// An error response, classified by its status.
