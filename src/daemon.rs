@@ -137,10 +137,42 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
+/// Sends states to the service manager (`NOTIFY_SOCKET`, a path or an
+/// abstract `@name`); a no-op when not run by one.
 fn notify(state: &[NotifyState]) {
-    if let Err(e) = sd_notify::notify(state) {
+    let result = match std::env::var_os("NOTIFY_SOCKET") {
+        None => Ok(()),
+        Some(s) if s.as_encoded_bytes().first() == Some(&b'@') => {
+            notify_abstract(&s.as_encoded_bytes()[1..], state)
+        }
+        Some(_) => sd_notify::notify(state),
+    };
+    if let Err(e) = result {
         warn!(error = %e, "cannot notify systemd");
     }
+}
+
+/// sd-notify connects to filesystem paths only; systemd may hand out an
+/// abstract socket.
+fn notify_abstract(name: &[u8], state: &[NotifyState]) -> std::io::Result<()> {
+    use std::os::linux::net::SocketAddrExt;
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    socket.connect_addr(&addr)?;
+    let message: String = state.iter().map(|s| format!("{s}\n")).collect();
+    socket.send(message.as_bytes())?;
+    Ok(())
+}
+
+/// Whether both work loops showed progress recently enough for a watchdog ping.
+fn loops_alive(
+    now_ms: i64,
+    scheduler_beat_ms: i64,
+    drainer_beat_ms: i64,
+    stale_after: Duration,
+) -> bool {
+    let fresh = |beat: i64| Duration::from_millis((now_ms - beat).max(0) as u64) <= stale_after;
+    fresh(scheduler_beat_ms) && fresh(drainer_beat_ms)
 }
 
 struct Daemon {
@@ -386,16 +418,19 @@ impl Daemon {
         let mut since_status = Duration::ZERO;
         loop {
             tokio::time::sleep(tick).await;
-            if let Some(_w) = watchdog {
-                let now = now_ms();
-                let age = |beat: &AtomicI64| {
-                    Duration::from_millis((now - beat.load(Ordering::Relaxed)).max(0) as u64)
-                };
-                let (sched, drain) = (age(&self.scheduler_beat), age(&self.drain_beat));
-                if sched <= stale_after && drain <= stale_after {
+            if watchdog.is_some() {
+                let (sched, drain) = (
+                    self.scheduler_beat.load(Ordering::Relaxed),
+                    self.drain_beat.load(Ordering::Relaxed),
+                );
+                if loops_alive(now_ms(), sched, drain, stale_after) {
                     notify(&[NotifyState::Watchdog]);
                 } else {
-                    error!(scheduler_idle = ?sched, drainer_idle = ?drain, "a work loop is stuck; withholding the watchdog ping");
+                    error!(
+                        scheduler_idle_ms = now_ms() - sched,
+                        drainer_idle_ms = now_ms() - drain,
+                        "a work loop is stuck; withholding the watchdog ping so systemd restarts leadsync"
+                    );
                 }
             }
             since_status += tick;
@@ -404,5 +439,18 @@ impl Daemon {
                 self.send_status().await;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stale_loop_withholds_the_watchdog() {
+        let stale = Duration::from_secs(3);
+        assert!(loops_alive(10_000, 9_000, 9_500, stale));
+        assert!(!loops_alive(10_000, 6_000, 9_500, stale), "scheduler stuck");
+        assert!(!loops_alive(10_000, 9_900, 1_000, stale), "drainer stuck");
     }
 }

@@ -189,6 +189,52 @@ async fn every_transient_failure_is_classified_retry() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_sends_both_retry_after_forms_and_both_parse() {
+    let env = Env::small().await;
+    env.sandbox.set_faults(Faults {
+        rate_429: 1.0,
+        retry_after_secs: 2,
+        ..Default::default()
+    });
+    let b = env.business_ids()[0].clone();
+    let token = env.sandbox.static_token(&b).unwrap();
+    let http = reqwest::Client::new();
+    let (mut seconds, mut dates) = (0, 0);
+    for _ in 0..20 {
+        let r = http
+            .get(format!(
+                "{}/api/v4/businesses/{b}/negotiations",
+                env.sandbox.base_url()
+            ))
+            .bearer_auth(&token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 429);
+        let value = r.headers()["retry-after"].to_str().unwrap().to_string();
+        if value.parse::<u64>().is_ok() {
+            seconds += 1;
+        } else {
+            dates += 1;
+        }
+        let d = leadsync::thumbtack::problem::parse_retry_after(
+            &value,
+            chrono::Utc::now(),
+            Duration::from_secs(60),
+        )
+        .unwrap_or_else(|| panic!("{value:?} does not parse"));
+        assert!(
+            d >= Duration::from_secs(1) && d <= Duration::from_secs(4),
+            "{value:?} -> {d:?}"
+        );
+    }
+    assert!(
+        seconds > 0 && dates > 0,
+        "{seconds} in seconds, {dates} as dates"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_are_retried_with_backoff_until_they_succeed() {
     let env = Env::new(
         SandboxOptions::default(),

@@ -331,6 +331,23 @@ fn secrets_are_masked_wherever_they_come_from() {
     assert!(!text(&o).contains(secret));
     assert!(text(&o).contains("client secret from"), "{}", text(&o));
 
+    // A client secret file that is not there.
+    let gone = d.file(
+        "gone.toml",
+        &oauth_base(&d).replace(
+            "client_id = \"partner-app\"",
+            "client_id = \"partner-app\"\nclient_secret_file = \"/nonexistent/client_secret\"",
+        ),
+    );
+    assert_config_error(
+        &check(&[&gone], &[]),
+        &[
+            "gone.toml",
+            "oauth.client_secret_file",
+            "/nonexistent/client_secret",
+        ],
+    );
+
     // A refresh-token business without any client secret is a configuration error.
     let o = check(&[&plain], &[]);
     assert_config_error(&o, &["plain.toml", "client secret"]);

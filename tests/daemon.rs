@@ -93,6 +93,33 @@ async fn notify_ready_status_watchdog_and_stopping() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abstract_notify_socket_works_too() {
+    use std::os::linux::net::SocketAddrExt;
+    let env = Env::small().await;
+    let name = format!("leadsync-test-{}", std::process::id());
+    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name.as_bytes()).unwrap();
+    let socket = UnixDatagram::bind_addr(&addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let mut child = env
+        .cli()
+        .arg("run")
+        .env("NOTIFY_SOCKET", format!("@{name}"))
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut buf = [0u8; 4096];
+    let n = socket.recv(&mut buf).expect("a notification");
+    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_lets_an_in_flight_send_finish_and_records_it() {
     let env = Env::small().await;
     assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));

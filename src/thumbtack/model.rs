@@ -191,10 +191,21 @@ pub struct JobStatusBody {
 #[derive(Debug, Deserialize)]
 pub struct TokenResponse {
     pub access_token: String,
-    #[serde(default)]
+    /// Seconds, as a number or a numeric string.
+    #[serde(default, deserialize_with = "lenient_seconds")]
     pub expires_in: Option<u64>,
     #[serde(default)]
     pub refresh_token: Option<String>,
+}
+
+fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    Ok(match serde_json::Value::deserialize(d)? {
+        serde_json::Value::Number(n) => {
+            n.as_u64().or_else(|| n.as_f64().map(|f| f.max(0.0) as u64))
+        }
+        serde_json::Value::String(s) => s.trim().parse::<f64>().ok().map(|f| f.max(0.0) as u64),
+        _ => None,
+    })
 }
 
 /// An OAuth error body.
@@ -225,6 +236,18 @@ mod tests {
         assert_eq!(lead.created_at.as_deref(), Some("2024-06-13T17:18:01Z"));
         assert_eq!(lead.customer_name.as_deref(), Some("Zoë"));
         assert_eq!(lead.zip.as_deref(), Some("95110"));
+    }
+
+    #[test]
+    fn token_lifetimes_as_numbers_or_strings() {
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":"3600"}"#).unwrap();
+        assert_eq!(t.expires_in, Some(3600));
+        let t: TokenResponse =
+            serde_json::from_str(r#"{"access_token":"a","expires_in":5}"#).unwrap();
+        assert_eq!(t.expires_in, Some(5));
+        let t: TokenResponse = serde_json::from_str(r#"{"access_token":"a"}"#).unwrap();
+        assert_eq!(t.expires_in, None);
     }
 
     #[test]
