@@ -3,6 +3,7 @@
 
 use super::data;
 use super::{Delivery, Faults, Mutation, State};
+use crate::thumbtack::model::JOB_STATUSES;
 use anyhow::{Result, anyhow};
 use base64::Engine;
 use bytes::Bytes;
@@ -417,15 +418,6 @@ fn get_one(state: &Shared, token_business: &str, negotiation_id: &str) -> Respon
         ),
     }
 }
-
-const JOB_STATUSES: [&str; 6] = [
-    "not_scheduled",
-    "appt_scheduled",
-    "job_complete",
-    "invoice_paid",
-    "customer_cancel",
-    "pro_cancel",
-];
 
 fn job_status(
     state: &Shared,

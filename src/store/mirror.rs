@@ -29,6 +29,50 @@ pub struct PageStats {
     pub unchanged: i64,
 }
 
+/// The lead's columns in the order the INSERT and UPDATE statements bind them.
+fn lead_columns<'a>(lead: &'a Lead, ctx: &'a PageContext) -> [&'a dyn rusqlite::ToSql; 11] {
+    [
+        &lead.negotiation_id,
+        &ctx.business_id,
+        &lead.status,
+        &lead.created_at,
+        &lead.payload,
+        &lead.hash,
+        &lead.category,
+        &lead.customer_name,
+        &lead.city,
+        &lead.zip,
+        &ctx.now,
+    ]
+}
+
+/// What a `negotiation_changes` row records beyond the lead and the pass.
+struct Change<'a> {
+    kind: &'static str,
+    old_status: Option<&'a str>,
+    changed_fields: Option<String>,
+    old_payload: Option<&'a str>,
+}
+
+fn record_change(
+    stmt: &mut rusqlite::CachedStatement<'_>,
+    lead: &Lead,
+    ctx: &PageContext,
+    c: Change<'_>,
+) -> rusqlite::Result<usize> {
+    stmt.execute(params![
+        lead.negotiation_id,
+        ctx.business_id,
+        ctx.now,
+        c.kind,
+        c.old_status,
+        lead.status,
+        c.changed_fields,
+        c.old_payload,
+        ctx.run_id,
+    ])
+}
+
 /// A 64-bit fingerprint of a lead id: what a full scan remembers of each
 /// lead it listed (8 bytes a lead, never the listing itself).
 pub fn id_fingerprint(negotiation_id: &str) -> u64 {
@@ -83,30 +127,14 @@ pub fn write_page(conn: &mut Connection, ctx: &PageContext, leads: &[Lead]) -> R
                 })
                 .optional()?;
             let Some((hash, last_seen, missing_since, business_id, old_status)) = existing else {
-                insert.execute(params![
-                    lead.negotiation_id,
-                    ctx.business_id,
-                    lead.status,
-                    lead.created_at,
-                    lead.payload,
-                    lead.hash,
-                    lead.category,
-                    lead.customer_name,
-                    lead.city,
-                    lead.zip,
-                    ctx.now,
-                ])?;
-                change.execute(params![
-                    lead.negotiation_id,
-                    ctx.business_id,
-                    ctx.now,
-                    "new",
-                    Option::<String>::None,
-                    lead.status,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    ctx.run_id,
-                ])?;
+                insert.execute(&lead_columns(lead, ctx)[..])?;
+                let c = Change {
+                    kind: "new",
+                    old_status: None,
+                    changed_fields: None,
+                    old_payload: None,
+                };
+                record_change(&mut change, lead, ctx, c)?;
                 stats.inserted += 1;
                 continue;
             };
@@ -120,44 +148,24 @@ pub fn write_page(conn: &mut Connection, ctx: &PageContext, leads: &[Lead]) -> R
             }
             if missing_since.is_some() {
                 reappear.execute(params![lead.negotiation_id, ctx.now])?;
-                change.execute(params![
-                    lead.negotiation_id,
-                    ctx.business_id,
-                    ctx.now,
-                    "reappeared",
-                    old_status,
-                    lead.status,
-                    Option::<String>::None,
-                    Option::<String>::None,
-                    ctx.run_id,
-                ])?;
+                let c = Change {
+                    kind: "reappeared",
+                    old_status: old_status.as_deref(),
+                    changed_fields: None,
+                    old_payload: None,
+                };
+                record_change(&mut change, lead, ctx, c)?;
             }
             match changed_fields {
                 Some((old, fields)) => {
-                    update.execute(params![
-                        lead.negotiation_id,
-                        ctx.business_id,
-                        lead.status,
-                        lead.created_at,
-                        lead.payload,
-                        lead.hash,
-                        lead.category,
-                        lead.customer_name,
-                        lead.city,
-                        lead.zip,
-                        ctx.now,
-                    ])?;
-                    change.execute(params![
-                        lead.negotiation_id,
-                        ctx.business_id,
-                        ctx.now,
-                        "changed",
-                        old_status,
-                        lead.status,
-                        serde_json::to_string(&fields)?,
-                        old,
-                        ctx.run_id,
-                    ])?;
+                    update.execute(&lead_columns(lead, ctx)[..])?;
+                    let c = Change {
+                        kind: "changed",
+                        old_status: old_status.as_deref(),
+                        changed_fields: Some(serde_json::to_string(&fields)?),
+                        old_payload: Some(&old),
+                    };
+                    record_change(&mut change, lead, ctx, c)?;
                     stats.updated += 1;
                 }
                 None if missing_since.is_some() => stats.updated += 1,

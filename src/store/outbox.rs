@@ -4,19 +4,6 @@ use anyhow::{Result, bail};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
-/// The six job statuses Thumbtack accepts.
-pub const STATUSES: [&str; 6] = [
-    "not_scheduled",
-    "appt_scheduled",
-    "job_complete",
-    "invoice_paid",
-    "customer_cancel",
-    "pro_cancel",
-];
-
-/// The row states.
-pub const STATES: [&str; 5] = ["pending", "sending", "sent", "dead", "canceled"];
-
 /// A transition to enqueue, as `leadsync enqueue` takes it.
 #[derive(Debug, Clone)]
 pub struct NewTransition {

@@ -173,6 +173,16 @@ pub fn parse_page(body: &[u8]) -> Result<Page, String> {
     Ok(page)
 }
 
+/// The job statuses `POST /negotiations/{id}/job-status` accepts (the Leads page).
+pub const JOB_STATUSES: [&str; 6] = [
+    "not_scheduled",
+    "appt_scheduled",
+    "job_complete",
+    "invoice_paid",
+    "customer_cancel",
+    "pro_cancel",
+];
+
 /// The body of `POST /negotiations/{id}/job-status`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct JobStatusBody {
