@@ -400,13 +400,23 @@ async fn drain(config: Config) -> Result<u8> {
         "drained: {} sent, {} to retry later, {} dead, {} held for re-authorization",
         s.sent, s.retried, s.dead, s.held
     );
-    if !session.auth.blocked().is_empty() {
+    let blocked = session.auth.blocked();
+    let waiting = if blocked.is_empty() {
+        0
+    } else {
+        let b = blocked.clone();
+        session
+            .store
+            .call(move |c| outbox::pending_for(c, &b))
+            .await?
+    };
+    if waiting > 0 {
         println!(
-            "businesses needing re-authorization: {}",
-            session.auth.blocked().join(", ")
+            "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
+            blocked.join(", ")
         );
     }
-    Ok(if s.all_sent() { 0 } else { 1 })
+    Ok(if s.all_sent() && waiting == 0 { 0 } else { 1 })
 }
 
 fn enqueue(config: &Config, args: EnqueueArgs) -> Result<u8> {

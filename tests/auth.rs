@@ -153,6 +153,12 @@ async fn a_refused_grant_marks_only_its_business_until_a_new_grant_arrives() {
     ]);
     let o = env.run(&["drain"]);
     assert!(text(&o).contains("1 sent"), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(1), "held rows are not a success");
+    assert!(
+        text(&o).contains("1 rows wait for businesses needing re-authorization"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(
         count(
             &db,

@@ -495,6 +495,17 @@ pub fn counts(conn: &Connection) -> Result<Counts> {
     Ok(c)
 }
 
+/// Pending rows whose business (the row's, or its lead's) is one of `businesses`.
+pub fn pending_for(conn: &Connection, businesses: &[String]) -> Result<i64> {
+    Ok(conn.query_row(
+        "SELECT count(*) FROM outbox o LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
+          WHERE o.state = 'pending'
+            AND COALESCE(o.business_id, n.business_id) IN (SELECT value FROM json_each(?1))",
+        [serde_json::to_string(businesses)?],
+        |r| r.get(0),
+    )?)
+}
+
 /// The earliest `next_attempt_at` of a pending row, to know when to look again.
 pub fn next_due(conn: &Connection) -> Result<Option<String>> {
     Ok(conn
