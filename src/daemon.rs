@@ -81,7 +81,11 @@ pub async fn run_with(
         "leadsync started"
     );
 
-    let mut scheduler = daemon.schedule().await?;
+    let mut scheduler = daemon.build_scheduler(&session.config).await?;
+    scheduler
+        .start()
+        .await
+        .context("cannot start the scheduler")?;
     daemon.start_initial_passes(None).await;
     let drainer = daemon.spawn_drainer();
     let monitor = tokio::spawn(daemon.clone().monitor());
@@ -110,14 +114,22 @@ pub async fn run_with(
     info!("stopping: finishing in-flight work");
     daemon.stop.cancel();
     let _ = scheduler.shutdown().await;
+    // One bound for everything in flight: the drainer gives up on its sends
+    // after `grace` (their rows are resent at the next start), and passes
+    // still running then are recorded as interrupted.
     let grace = Duration::from_secs(daemon.config().file.daemon.shutdown_timeout_secs);
-    let _ = drainer.await;
     daemon.passes.close();
-    if tokio::time::timeout(grace, daemon.passes.wait())
+    let in_flight = async {
+        let _ = drainer.await;
+        daemon.passes.wait().await;
+    };
+    if tokio::time::timeout(grace + Duration::from_millis(500), in_flight)
         .await
         .is_err()
     {
-        warn!("sync passes did not stop in time; they are recorded as interrupted");
+        warn!(
+            "in-flight work did not finish in time; unfinished passes are recorded as interrupted"
+        );
     }
     monitor.abort();
     let now = crate::time::now();
@@ -250,12 +262,12 @@ impl Daemon {
         });
     }
 
-    /// Cron jobs for every enabled business, plus the scheduler's heartbeat.
-    async fn schedule(self: &Arc<Self>) -> Result<JobScheduler> {
+    /// A scheduler (not started) with cron jobs for every enabled business
+    /// of `config`, plus the scheduler's heartbeat.
+    async fn build_scheduler(self: &Arc<Self>, config: &Config) -> Result<JobScheduler> {
         let scheduler = JobScheduler::new()
             .await
             .context("cannot start the scheduler")?;
-        let config = self.config();
         for b in config.businesses.iter().filter(|b| b.enabled) {
             for (expr, kind) in [
                 (&b.schedule, ScanKind::Head),
@@ -285,10 +297,6 @@ impl Daemon {
             .add(heartbeat)
             .await
             .context("cannot add the heartbeat")?;
-        scheduler
-            .start()
-            .await
-            .context("cannot start the scheduler")?;
         Ok(scheduler)
     }
 
@@ -314,53 +322,68 @@ impl Daemon {
     }
 
     fn spawn_drainer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
-        let config = self.config();
-        let grace = Duration::from_secs(config.file.daemon.shutdown_timeout_secs);
         let drainer = self.drainer.clone();
-        tokio::spawn(drainer.run(self.stop.clone(), grace, self.drain_beat.clone()))
+        tokio::spawn(drainer.run(self.stop.clone(), self.drain_beat.clone()))
     }
 
-    /// Applies a reloaded configuration without a restart.
+    /// Applies a reloaded configuration without a restart. Everything that
+    /// can fail is prepared first, so a failure leaves the old configuration
+    /// fully in place.
     async fn apply(self: &Arc<Self>, new: Config, scheduler: &mut JobScheduler) -> Result<()> {
         let old = self.config();
-        if new.database() != old.database() {
-            warn!(
-                from = %old.database().display(),
-                to = %new.database().display(),
-                "`database` changed: that takes a restart; keeping the open database"
-            );
-        }
         let mut new = new;
+        for (what, changed) in [
+            ("database", new.database() != old.database()),
+            (
+                "oauth.token_store",
+                new.file.oauth.token_store != old.file.oauth.token_store,
+            ),
+            (
+                "daemon.sync_concurrency",
+                new.file.daemon.sync_concurrency != old.file.daemon.sync_concurrency,
+            ),
+        ] {
+            if changed {
+                warn!(
+                    "`{what}` changed: that takes a restart; keeping the current value until then"
+                );
+            }
+        }
         new.file.database = old.file.database.clone();
+        new.file.oauth.token_store = old.file.oauth.token_store.clone();
+        new.file.daemon.sync_concurrency = old.file.daemon.sync_concurrency;
         let added: Vec<String> = new
             .businesses
             .iter()
-            .filter(|b| {
-                old.business(&b.id).is_none() || old.business(&b.id).is_some_and(|o| !o.enabled)
-            })
+            .filter(|b| b.enabled && old.business(&b.id).is_none_or(|o| !o.enabled))
             .map(|b| b.id.clone())
             .collect();
+        let next_scheduler = self.build_scheduler(&new).await?;
+        let client = Arc::new(Client::with_budget(
+            ClientSettings::from_config(&new),
+            self.auth.clone(),
+            self.client().budget().clone(),
+        )?);
         let businesses = new.businesses.clone();
         self.store
             .call(move |c| mirror::upsert_businesses(c, &businesses))
             .await?;
+
         self.auth.reconfigure(&new);
-        let settings = ClientSettings::from_config(&new);
-        let client = Arc::new(Client::with_budget(
-            settings,
-            self.auth.clone(),
-            self.client().budget().clone(),
-        )?);
         if let Ok(mut c) = self.client.write() {
-            *c = client;
+            *c = client.clone();
         }
         self.drainer
-            .update(DrainSettings::from_config(&new), self.client());
+            .update(DrainSettings::from_config(&new), client);
         if let Ok(mut c) = self.config.write() {
             *c = Arc::new(new);
         }
         let _ = scheduler.shutdown().await;
-        *scheduler = self.schedule().await?;
+        *scheduler = next_scheduler;
+        scheduler
+            .start()
+            .await
+            .context("cannot start the scheduler")?;
         self.start_initial_passes(Some(&added)).await;
         Ok(())
     }

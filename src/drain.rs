@@ -34,6 +34,8 @@ pub struct DrainSettings {
     pub disabled: Vec<String>,
     /// The business of rows that cannot tell theirs, when only one is configured.
     pub default_business: Option<String>,
+    /// How long in-flight sends may finish after a stop.
+    pub shutdown_grace: Duration,
 }
 
 impl DrainSettings {
@@ -57,6 +59,7 @@ impl DrainSettings {
                 [only] => Some(only.id.clone()),
                 _ => None,
             },
+            shutdown_grace: Duration::from_secs(c.file.daemon.shutdown_timeout_secs),
         }
     }
 }
@@ -385,13 +388,8 @@ impl Drainer {
 
     /// The daemon's loop: looks for due rows every `poll_interval` (and as
     /// soon as a send finishes) until `stop`, then lets in-flight sends
-    /// finish within `grace`.
-    pub async fn run(
-        self: Arc<Self>,
-        stop: CancellationToken,
-        grace: Duration,
-        heartbeat: Arc<AtomicI64>,
-    ) {
+    /// finish within the shutdown grace.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken, heartbeat: Arc<AtomicI64>) {
         let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         let mut last_recheck = Instant::now();
         loop {
@@ -436,6 +434,7 @@ impl Drainer {
                 in_flight = inflight.len(),
                 "waiting for in-flight sends to finish"
             );
+            let grace = self.settings().shutdown_grace;
             let finished = tokio::time::timeout(grace, async {
                 while inflight.join_next().await.is_some() {}
             })
