@@ -425,7 +425,7 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<u8> {
         Some(v) => match v.trim().parse::<i64>() {
             Ok(n) => Some(n),
             Err(_) => bail!(
-                "enqueue rejected: outbox: invoice_amount_in_cents must be a whole number of cents (got {v:?})"
+                "enqueue: rejected: outbox: invoice_amount_in_cents must be a whole number of cents (got {v:?})"
             ),
         },
     };
@@ -437,7 +437,7 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<u8> {
         partner_status_changed_at: args.at,
         invoice_amount_in_cents: invoice,
     };
-    let id = outbox::enqueue(&conn, &t).context("enqueue rejected")?;
+    let id = outbox::enqueue(&conn, &t).context("enqueue")?;
     println!("{id}");
     Ok(0)
 }

@@ -223,9 +223,13 @@ impl Drainer {
                 .await;
             match recorded {
                 Ok(next) => return (result, next),
-                Err(e) if tries < 60 => {
+                // While running, keep trying (a row left `sending` would wait
+                // for the next start); once stopping, give up after a few.
+                Err(e) if !stop.is_cancelled() || tries < 5 => {
+                    if tries % 30 == 0 {
+                        warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying every second");
+                    }
                     tries += 1;
-                    warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying");
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => {

@@ -608,3 +608,55 @@ async fn kill_9_mid_drain_loses_nothing_and_keeps_order() {
         "interrupted attempts are recorded"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writer_holding_the_lock_mid_drain_delays_but_loses_nothing() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        latency_ms: 30,
+        ..Default::default()
+    });
+    let leads: Vec<String> = env
+        .business_ids()
+        .iter()
+        .flat_map(|b| env.sandbox.lead_ids(b)[..5].to_vec())
+        .collect();
+    let db = env.sql();
+    for (i, lead) in leads.iter().enumerate() {
+        for k in 0..3 {
+            db.execute(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', ?2)",
+                rusqlite::params![lead, format!("2024-06-14T10:{i:02}:{k:02}Z")],
+            )
+            .unwrap();
+        }
+    }
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    common::wait_until("the drain is under way", Duration::from_secs(20), || {
+        env.sandbox.deliveries().len() >= 5
+    })
+    .await;
+    // Another program takes the write lock for 2.5 s (under the 10 s busy timeout).
+    let path = env.database();
+    let holder = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(path).unwrap();
+        c.execute_batch("BEGIN IMMEDIATE").unwrap();
+        std::thread::sleep(Duration::from_millis(2500));
+        c.execute_batch("ROLLBACK").unwrap();
+    });
+    holder.join().unwrap();
+    common::wait_until("every row sent", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'sent'",
+        ) == 45
+    })
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    let d = env.sandbox.deliveries();
+    assert_eq!(d.len(), 45, "exactly once");
+    assert_in_order(&d);
+}

@@ -206,6 +206,14 @@ impl ProcessLock {
     }
 }
 
+/// True when SQLite gave up waiting for another connection's lock.
+pub fn is_busy(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+    )
+}
+
 /// Maps a SQLite error from a write by the outbox's triggers or constraints
 /// to its message alone (`outbox: status must be ...`).
 pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {

@@ -31,8 +31,12 @@ pub fn enqueue(conn: &Connection, t: &NewTransition) -> Result<i64> {
     );
     match r {
         Ok(_) => Ok(conn.last_insert_rowid()),
+        Err(e) if super::is_busy(&e) => bail!(
+            "the database stayed locked by another program for {} s; nothing was written — try again",
+            super::BUSY_TIMEOUT.as_secs()
+        ),
         Err(e) => match super::constraint_message(&e) {
-            Some(msg) => bail!("{msg}"),
+            Some(msg) => bail!("rejected: {msg}"),
             None => Err(e.into()),
         },
     }
