@@ -321,7 +321,7 @@ async fn refused_tokens_forbidden_businesses_and_missing_leads() {
 async fn an_expired_access_token_is_refreshed_once_for_concurrent_callers() {
     let env = Env::new(
         SandboxOptions {
-            access_token_ttl_secs: 1,
+            access_token_ttl_secs: 3,
             ..Default::default()
         },
         true,
@@ -351,7 +351,7 @@ async fn an_expired_access_token_is_refreshed_once_for_concurrent_callers() {
         "one refresh for twelve concurrent callers"
     );
     // After expiry, the next call refreshes (with the rotated token, never the used one).
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(3100)).await;
     c.list_page(&b, 5, None).await.expect("read after expiry");
     let stats = env.sandbox.stats();
     assert_eq!(stats.by_route.get("token refresh_token").copied(), Some(2));
