@@ -482,11 +482,7 @@ async fn rows_inserted_while_the_daemon_drains_are_all_delivered_once_in_order()
     });
     let stop = CancellationToken::new();
     let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
-    let leads: Vec<String> = env
-        .business_ids()
-        .iter()
-        .flat_map(|b| env.sandbox.lead_ids(b)[..10].to_vec())
-        .collect();
+    let leads = env.first_leads(10);
     let db = env.database();
     common::wait_until("the first sync", Duration::from_secs(20), || {
         rusqlite::Connection::open(&db).ok().and_then(|c| {
@@ -542,11 +538,7 @@ async fn kill_9_mid_drain_loses_nothing_and_keeps_order() {
         error_5xx: 0.1,
         ..Default::default()
     });
-    let leads: Vec<String> = env
-        .business_ids()
-        .iter()
-        .flat_map(|b| env.sandbox.lead_ids(b)[..4].to_vec())
-        .collect();
+    let leads = env.first_leads(4);
     let db = env.sql();
     let mut expected = 0;
     // 12 negotiations x 5 transitions, each negotiation's rows inserted newest first.
@@ -617,11 +609,7 @@ async fn a_writer_holding_the_lock_mid_drain_delays_but_loses_nothing() {
         latency_ms: 30,
         ..Default::default()
     });
-    let leads: Vec<String> = env
-        .business_ids()
-        .iter()
-        .flat_map(|b| env.sandbox.lead_ids(b)[..5].to_vec())
-        .collect();
+    let leads = env.first_leads(5);
     let db = env.sql();
     for (i, lead) in leads.iter().enumerate() {
         for k in 0..3 {

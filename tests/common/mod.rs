@@ -134,6 +134,14 @@ impl Env {
         self.cli().args(args).output().expect("run leadsync")
     }
 
+    /// The newest `per_business` leads of every business, business by business.
+    pub fn first_leads(&self, per_business: usize) -> Vec<String> {
+        self.business_ids()
+            .iter()
+            .flat_map(|b| self.sandbox.lead_ids(b)[..per_business].to_vec())
+            .collect()
+    }
+
     /// Business ids of the sandbox, in order.
     pub fn business_ids(&self) -> Vec<String> {
         self.sandbox
