@@ -26,7 +26,13 @@ fn migrations() -> Vec<(i64, String)> {
          partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{checks}END;\n",
         include_str!("migrations/0001_initial.sql")
     );
-    vec![(1, v1)]
+    vec![
+        (1, v1),
+        (
+            2,
+            include_str!("migrations/0002_lead_shapes.sql").to_string(),
+        ),
+    ]
 }
 
 /// The schema version this binary writes.
