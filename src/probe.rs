@@ -6,12 +6,13 @@
 
 use crate::config::{Config, TokenSource};
 use crate::lead::LeadRow;
+use crate::store::ProcessLock;
 use crate::store::mirror::differing_fields;
 use crate::thumbtack::client::Response;
 use crate::thumbtack::model::{parse_lead_body, parse_page};
 use crate::thumbtack::paging::{End, Listing, Step};
 use crate::thumbtack::{ApiError, Auth, Client, ClientSettings};
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use base64::Engine;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
@@ -186,8 +187,17 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     let Some(business) = config.business(business_id).cloned() else {
         bail!("business {business_id} is not in the configuration");
     };
-    // No mirror: the probe writes nothing (a refresh still rotates the
-    // grant in the token store, as any request would).
+    // A refresh-token grant is single-use: a probe refreshing it while the
+    // daemon does the same could get the grant refused for both. So, like
+    // `sync`, it runs only while no other leadsync process sends requests.
+    let _lock = match business.token {
+        TokenSource::Refresh(_) => Some(ProcessLock::acquire(config.database()).context(
+            "probe refreshes the business's OAuth token, which the running daemon also uses",
+        )?),
+        TokenSource::Static(_) => None,
+    };
+    // No mirror: the probe writes nothing to it (a refresh still rotates
+    // the grant in the token store, as any request would).
     let auth = Arc::new(Auth::new(&config, None, HashMap::new())?);
     let client = Client::new(ClientSettings::from_config(&config), auth.clone())?;
     let report = probe(&client, &auth, &business.id, &business.token, &config).await?;

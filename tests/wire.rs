@@ -520,3 +520,25 @@ async fn probe_reports_a_refused_listing_and_fails() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_of_an_oauth_grant_refuses_to_race_a_running_daemon() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            ..Default::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let session = leadsync::app::Session::open(env.config()).await.unwrap();
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("another leadsync process"), "{out}");
+    assert_eq!(env.sandbox.stats().requests, 0, "nothing was sent");
+    drop(session);
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 0, "{out}");
+}

@@ -272,7 +272,8 @@ pub fn first_line(body: &[u8]) -> String {
 /// Response headers that may carry Thumbtack's trace id on any response
 /// (the ProblemDetails body carries it on errors). An assumption: Thumbtack
 /// documents the body field only.
-const TRACE_HEADERS: [&str; 4] = ["x-trace-id", "x-traceid", "traceid", "x-request-id"];
+/// (No `x-request-id`: a proxy's id would pass for Thumbtack's.)
+const TRACE_HEADERS: [&str; 3] = ["x-trace-id", "x-traceid", "traceid"];
 
 /// The trace id of a successful response: a trace header, or a top-level
 /// `traceID` of a small JSON body (never a whole listing re-read for it).
