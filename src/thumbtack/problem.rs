@@ -177,7 +177,11 @@ impl ApiError {
     /// A 3xx: redirects are never followed (a POST turned into a GET could
     /// look like success); retried, with where it pointed.
     pub fn redirected(status: u16, reason: &str, location: Option<&str>) -> ApiError {
-        let to = location.unwrap_or("(no Location header)");
+        let to: String = location
+            .unwrap_or("(no Location header)")
+            .chars()
+            .take(300)
+            .collect();
         ApiError::retry(
             Some(status),
             format!(
