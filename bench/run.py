@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,11 +106,9 @@ def python_baseline(sandbox, businesses, db_path):
     db.execute("CREATE TABLE negotiations (negotiation_id TEXT PRIMARY KEY, business_id TEXT, status TEXT, payload TEXT)")
     n = 0
     for bid in list(tokens)[:businesses]:
-        page_token = None
+        query = "limit=100"
         while True:
-            url = f"{sandbox.base}/api/v4/businesses/{bid}/negotiations?limit=100"
-            if page_token:
-                url += f"&pageToken={page_token}"
+            url = f"{sandbox.base}/api/v4/businesses/{bid}/negotiations?{query}"
             req = urllib.request.Request(url, headers={"Authorization": f"Bearer {tokens[bid]}"})
             with urllib.request.urlopen(req) as r:
                 page = json.load(r)
@@ -118,8 +117,13 @@ def python_baseline(sandbox, businesses, db_path):
                     db.execute("INSERT OR REPLACE INTO negotiations VALUES (?, ?, ?, ?)",
                                (lead["negotiationID"], bid, lead.get("status"), json.dumps(lead)))
                     n += 1
-            page_token = page.get("pagination", {}).get("nextPageToken")
-            if not page_token:
+            # The sandbox's default, the documented v4 style: the next page's query in `next`.
+            pagination = page.get("pagination", {})
+            if pagination.get("next"):
+                query = urllib.parse.urlsplit(pagination["next"]).query
+            elif pagination.get("nextPageToken"):
+                query = urllib.parse.urlencode({"limit": 100, "pageToken": pagination["nextPageToken"]})
+            else:
                 break
     db.close()
     return time.monotonic() - start, n

@@ -3,7 +3,7 @@
 use crate::config::{Config, ConfigError, ConfigSource};
 use crate::daemon::{self, Controls};
 use crate::drain::{DrainSettings, Drainer};
-use crate::sandbox::{Faults, Sandbox, SandboxOptions};
+use crate::sandbox::{Faults, Pagination, Sandbox, SandboxOptions, Shape};
 use crate::store::{self, outbox};
 use crate::sync::{PassSettings, ScanKind, sync_business};
 use anyhow::{Context, Result, bail};
@@ -57,6 +57,10 @@ pub enum Command {
         /// A full scan (every page; marks leads no longer listed as missing).
         #[arg(long)]
         full: bool,
+        /// With --full: mark leads missing even when more than half of a
+        /// business's leads (and more than 20) vanished at once.
+        #[arg(long, requires = "full")]
+        accept_missing: bool,
     },
     /// Attempt every due outbox row once (in each negotiation's order), then exit.
     Drain,
@@ -85,6 +89,16 @@ pub enum Command {
     },
     /// Run the built-in simulated Thumbtack API until stopped.
     Sandbox(SandboxArgs),
+    /// Read-only check of what the API really answers for a business: one
+    /// list page and one GET (run it against staging first).
+    Probe {
+        /// The business to look at (must be in the configuration).
+        #[arg(long, value_name = "ID")]
+        business: String,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
     /// The whole flow against the sandbox, with no credentials or configuration.
     Demo {
         /// The demo database (replaced on every run).
@@ -200,6 +214,18 @@ pub struct SandboxArgs {
     /// Share with a broken body.
     #[arg(long, default_value_t = 0.0)]
     pub malformed_rate: f64,
+    /// Share answered with a 301 redirect.
+    #[arg(long, default_value_t = 0.0)]
+    pub redirect_rate: f64,
+    /// Share answered with a 404 HTML page (as a proxy sends).
+    #[arg(long, default_value_t = 0.0)]
+    pub html_404_rate: f64,
+    /// How listings are paged.
+    #[arg(long, value_enum, default_value_t = Pagination::Next)]
+    pub pagination: Pagination,
+    /// Which published lead shape the leads follow.
+    #[arg(long, value_enum, default_value_t = Shape::Mixed)]
+    pub shape: Shape,
     /// Negotiations whose job-status posts are refused (400).
     #[arg(long, value_name = "ID")]
     pub refuse: Vec<String>,
@@ -220,6 +246,7 @@ impl Command {
             | Command::Drain
             | Command::Sandbox(_)
             | Command::Auth { .. } => "info",
+            Command::Probe { .. } => "warn",
             Command::Demo { .. } => "off",
             _ => "warn",
         }
@@ -249,7 +276,11 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             daemon::run_with(config, Some(source), controls).await?;
             Ok(0)
         }
-        Command::Sync { business, full } => sync(load()?, business, full).await,
+        Command::Sync {
+            business,
+            full,
+            accept_missing,
+        } => sync(load()?, business, full, accept_missing).await,
         Command::Drain => drain(load()?).await,
         Command::Enqueue(args) => enqueue(&load()?, args),
         Command::Outbox { command } => outbox_command(&load()?, command),
@@ -300,6 +331,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                 },
         } => auth_exchange(load()?, &business, &code, &redirect_uri).await,
         Command::Sandbox(args) => sandbox(args).await,
+        Command::Probe { business, json } => crate::probe::run(load()?, &business, json).await,
         Command::Demo { database } => crate::demo::run(&database).await,
     }
 }
@@ -330,7 +362,12 @@ fn stop_on_signal() -> Result<CancellationToken> {
     Ok(controls.shutdown)
 }
 
-async fn sync(config: Config, business: Option<String>, full: bool) -> Result<u8> {
+async fn sync(
+    config: Config,
+    business: Option<String>,
+    full: bool,
+    accept_missing: bool,
+) -> Result<u8> {
     let selected: Vec<String> = match &business {
         Some(id) => match config.business(id) {
             None => bail!("business {id} is not in the configuration"),
@@ -353,6 +390,7 @@ async fn sync(config: Config, business: Option<String>, full: bool) -> Result<u8
     let settings = PassSettings {
         page_size: session.config.file.poll.page_size,
         stop_after_unchanged_pages: session.config.file.poll.stop_after_unchanged_pages,
+        accept_missing,
     };
     let kind = if full { ScanKind::Full } else { ScanKind::Head };
     let slots = Arc::new(tokio::sync::Semaphore::new(
@@ -546,14 +584,29 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
             timeout_ms: args.timeout_ms,
             reset: args.reset_rate,
             malformed: args.malformed_rate,
+            redirect: args.redirect_rate,
+            html_404: args.html_404_rate,
         },
+        pagination: args.pagination,
+        shape: args.shape,
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;
     for id in &args.refuse {
         sandbox.refuse(id);
     }
-    println!("sandbox listening on {}", sandbox.base_url());
+    println!(
+        "sandbox listening on {} ({} pagination, {} lead shape)",
+        sandbox.base_url(),
+        args.pagination
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default(),
+        args.shape
+            .to_possible_value()
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    );
     println!("  token endpoint: {}", sandbox.token_url());
     let (client_id, client_secret) = sandbox.client_credentials();
     println!("  OAuth client: {client_id} / {client_secret}");

@@ -245,6 +245,7 @@ impl Daemon {
             let settings = PassSettings {
                 page_size: config.file.poll.page_size,
                 stop_after_unchanged_pages: config.file.poll.stop_after_unchanged_pages,
+                accept_missing: false,
             };
             let report = sync_business(
                 &me.store,

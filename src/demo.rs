@@ -89,6 +89,7 @@ pub async fn run(database: &Path) -> Result<u8> {
     let settings = PassSettings {
         page_size: session.config.file.poll.page_size,
         stop_after_unchanged_pages: 1,
+        accept_missing: false,
     };
     say("[3/6] full sync of every business, page by page:");
     for b in &businesses {

@@ -3,8 +3,9 @@
 //! reads everything and maintains `missing_since`.
 
 use crate::store::Store;
-use crate::store::mirror::{self, PageContext, RunStats};
+use crate::store::mirror::{self, Missing, PageContext, RunEnd, RunStats};
 use crate::thumbtack::model::Page;
+use crate::thumbtack::paging::{Cursor, End, Listing, Step, Style};
 use crate::thumbtack::{ApiError, Client, Disposition};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -40,11 +41,15 @@ impl ScanKind {
 pub struct PassSettings {
     pub page_size: u32,
     pub stop_after_unchanged_pages: u32,
+    /// A full scan may mark more than half of the leads missing at once
+    /// (`sync --full --accept-missing`); otherwise it refuses to.
+    pub accept_missing: bool,
 }
 
 /// How a pass ended.
 #[derive(Debug, Clone)]
 pub enum PassOutcome {
+    /// Succeeded (`RunStats::end_unknown` says when nothing could be marked missing).
     Ok(RunStats),
     /// Failed after `RunStats` were written (whole pages only).
     Failed(RunStats, String),
@@ -72,7 +77,7 @@ impl PassReport {
         let secs = self.elapsed.as_secs_f64();
         match &self.outcome {
             PassOutcome::Ok(s) => format!(
-                "{}: ok — {} scan, {} pages, {} leads seen: {} new, {} changed, {} unchanged, {} newly missing ({secs:.1}s)",
+                "{}: ok — {} scan, {} pages, {} leads seen: {} new, {} changed, {} unchanged, {} newly missing ({secs:.1}s){}",
                 self.business_id,
                 self.kind.as_str(),
                 s.pages,
@@ -80,7 +85,12 @@ impl PassReport {
                 s.inserted,
                 s.updated,
                 s.unchanged,
-                s.missing
+                s.missing,
+                if s.end_unknown {
+                    format!("; note: {}", unknown_end_note(self.kind))
+                } else {
+                    String::new()
+                }
             ),
             PassOutcome::Failed(s, e) => format!(
                 "{}: FAILED — {} scan after {} pages ({} new, {} changed): {e}",
@@ -95,15 +105,19 @@ impl PassReport {
     }
 }
 
-async fn fetch(
-    client: Arc<Client>,
-    business_id: String,
-    page_size: u32,
-    token: Option<String>,
-) -> Result<Page, ApiError> {
-    client
-        .list_page(&business_id, page_size, token.as_deref())
-        .await
+/// What an unknown end means for a pass of this kind.
+fn unknown_end_note(kind: ScanKind) -> &'static str {
+    match kind {
+        ScanKind::Full => {
+            "the listing's end is unknown (a full page with no pagination marker): \
+             no lead was marked missing"
+        }
+        ScanKind::Head => "the listing's end is unknown (a full page with no pagination marker)",
+    }
+}
+
+async fn fetch(client: Arc<Client>, business_id: String, cursor: Cursor) -> Result<Page, ApiError> {
+    client.list_page(&business_id, &cursor).await
 }
 
 /// Runs one pass. Errors are recorded in `sync_runs` and `businesses` and
@@ -164,6 +178,7 @@ pub async fn sync_business(
     };
     let mut stats = RunStats::default();
     let mut seen = HashSet::new();
+    let mut style = None;
     let result = read_pages(
         store,
         client,
@@ -173,36 +188,62 @@ pub async fn sync_business(
         run_id,
         &mut stats,
         &mut seen,
+        &mut style,
         stop,
     )
     .await;
     let result = match result {
-        Ok(()) if kind == ScanKind::Full => {
-            let (id, now) = (business_id.to_string(), crate::time::now());
+        Ok(End::Unknown) => {
+            stats.end_unknown = true;
+            Ok(())
+        }
+        Ok(_) if kind == ScanKind::Full => {
+            let (id, now, accept) = (
+                business_id.to_string(),
+                crate::time::now(),
+                settings.accept_missing,
+            );
             match store
-                .call(move |c| mirror::mark_missing(c, &id, run_id, &seen, &now))
+                .call(move |c| mirror::mark_missing(c, &id, run_id, &seen, accept, &now))
                 .await
             {
-                Ok(n) => {
+                Ok(Missing::Marked(n)) => {
                     stats.missing = n;
                     Ok(())
                 }
+                Ok(Missing::Refused { would, present }) => Err(format!(
+                    "listing looks truncated: {would} of {present} leads would go missing; none was marked — \
+                     if they really are gone, run `leadsync sync --business {business_id} --full --accept-missing`"
+                )),
                 Err(e) => Err(format!("cannot mark missing leads: {e:#}")),
             }
         }
-        other => other,
+        Ok(_) => Ok(()),
+        Err(e) => Err(e),
     };
     let error = result.as_ref().err().cloned();
     {
-        let (id, k, now, s, err) = (
+        let (id, k, now, s, err, note, pagination) = (
             business_id.to_string(),
             kind.as_str(),
             crate::time::now(),
             stats,
             error.clone(),
+            stats.end_unknown.then(|| unknown_end_note(kind)),
+            style.map(Style::as_str),
         );
         if let Err(e) = store
-            .call(move |c| mirror::finish_run(c, run_id, &id, k, &s, err.as_deref(), &now))
+            .call(move |c| {
+                let end = RunEnd {
+                    kind: k,
+                    stats: &s,
+                    error: err.as_deref(),
+                    note,
+                    pagination,
+                    now: &now,
+                };
+                mirror::finish_run(c, run_id, &id, &end)
+            })
             .await
         {
             warn!(error = %format!("{e:#}"), "cannot record the end of the pass");
@@ -216,9 +257,13 @@ pub async fn sync_business(
                 new = stats.inserted,
                 changed = stats.updated,
                 missing = stats.missing,
+                pagination = style.map(Style::as_str).unwrap_or("none"),
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "pass finished"
             );
+            if stats.end_unknown {
+                warn!(note = unknown_end_note(kind), "pass finished with a note");
+            }
             report(PassOutcome::Ok(stats))
         }
         Some(e) => {
@@ -238,35 +283,25 @@ async fn read_pages(
     run_id: i64,
     stats: &mut RunStats,
     seen: &mut HashSet<u64>,
+    style: &mut Option<Style>,
     stop: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<End, String> {
     let full = kind == ScanKind::Full;
-    let mut seen_tokens: HashSet<String> = HashSet::new();
+    let mut listing = Listing::new(client.base_url(), settings.page_size)?;
     let mut unchanged_pages = 0u32;
-    let mut page = fetch(
-        client.clone(),
-        business_id.to_string(),
-        settings.page_size,
-        None,
-    )
-    .await
-    .map_err(|e| e.message)?;
+    let mut page = fetch(client.clone(), business_id.to_string(), listing.first())
+        .await
+        .map_err(|e| e.message)?;
     loop {
-        let next = page.next_page_token.take();
-        if let Some(t) = &next
-            && !seen_tokens.insert(t.clone())
-        {
-            return Err(format!(
-                "pagination loops: page token {t:?} came back twice"
-            ));
-        }
+        let step = listing.advance(&page);
+        *style = Some(listing.style());
+        let step = step?;
         // A full scan reads the next page while this one is written.
-        let prefetch = match (&next, full) {
-            (Some(t), true) => Some(tokio::spawn(fetch(
+        let prefetch = match (&step, full) {
+            (Step::Next(cursor), true) => Some(tokio::spawn(fetch(
                 client.clone(),
                 business_id.to_string(),
-                settings.page_size,
-                Some(t.clone()),
+                cursor.clone(),
             ))),
             _ => None,
         };
@@ -286,7 +321,7 @@ async fn read_pages(
         }
         let ctx = PageContext {
             business_id: business_id.to_string(),
-            run_id,
+            run_id: Some(run_id),
             now: crate::time::fmt(now_t),
             stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
         };
@@ -310,36 +345,34 @@ async fn read_pages(
         } else {
             unchanged_pages = 0;
         }
-        let done = next.is_none()
-            || (!full && unchanged_pages >= settings.stop_after_unchanged_pages)
-            || stats.pages >= MAX_PAGES;
-        if done || stop.is_cancelled() {
+        let next = match step {
+            Step::End(end) => return Ok(end),
+            Step::Next(cursor) => cursor,
+        };
+        let head_done = !full && unchanged_pages >= settings.stop_after_unchanged_pages;
+        if head_done || stats.pages >= MAX_PAGES || stop.is_cancelled() {
             if let Some(p) = prefetch {
                 p.abort();
             }
-            if !done {
-                return Err("interrupted by shutdown".into());
+            if head_done {
+                // A head scan never marks anything missing: its end is its own.
+                return Ok(End::Known);
             }
-            if next.is_some() && stats.pages >= MAX_PAGES {
+            if stats.pages >= MAX_PAGES {
                 return Err(format!(
                     "stopped after {MAX_PAGES} pages: the listing does not end"
                 ));
             }
-            return Ok(());
+            return Err("interrupted by shutdown".into());
         }
         page = match prefetch {
             Some(p) => p
                 .await
                 .map_err(|e| format!("page task failed: {e}"))?
                 .map_err(|e| e.message)?,
-            None => fetch(
-                client.clone(),
-                business_id.to_string(),
-                settings.page_size,
-                next,
-            )
-            .await
-            .map_err(|e| e.message)?,
+            None => fetch(client.clone(), business_id.to_string(), next)
+                .await
+                .map_err(|e| e.message)?,
         };
     }
 }

@@ -7,6 +7,7 @@ mod common;
 use common::{Env, FAST};
 use leadsync::sandbox::{Faults, SandboxOptions};
 use leadsync::thumbtack::model::JobStatusBody;
+use leadsync::thumbtack::paging::{Cursor, End, Listing, Step};
 use leadsync::thumbtack::{Auth, Client, ClientSettings, Disposition};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,19 +20,22 @@ fn client(env: &Env) -> Arc<Client> {
 }
 
 async fn all_pages(c: &Client, business: &str, limit: u32) -> (Vec<String>, Vec<String>) {
-    let (mut ids, mut payloads, mut token) = (Vec::new(), Vec::new(), None::<String>);
+    let (mut ids, mut payloads) = (Vec::new(), Vec::new());
+    let mut listing = Listing::new(c.base_url(), limit).expect("base URL");
+    let mut cursor = listing.first();
     loop {
-        let page = c
-            .list_page(business, limit, token.as_deref())
-            .await
-            .expect("page");
+        let page = c.list_page(business, &cursor).await.expect("page");
+        let step = listing.advance(&page).expect("pagination");
         for l in page.leads {
             ids.push(l.negotiation_id);
             payloads.push(l.payload);
         }
-        match page.next_page_token {
-            Some(t) => token = Some(t),
-            None => return (ids, payloads),
+        match step {
+            Step::Next(next) => cursor = next,
+            Step::End(end) => {
+                assert_eq!(end, End::Known);
+                return (ids, payloads);
+            }
         }
     }
 }
@@ -75,7 +79,7 @@ async fn a_limit_above_the_maximum_is_clamped_and_followed() {
     .await;
     let c = client(&env);
     let b = env.business_ids()[1].clone();
-    let first = c.list_page(&b, 500, None).await.unwrap();
+    let first = c.list_page(&b, &Cursor::first(500)).await.unwrap();
     assert_eq!(first.leads.len(), 25);
     let (ids, _) = all_pages(&c, &b, 500).await;
     assert_eq!(ids.len(), 60);
@@ -85,7 +89,7 @@ async fn fault_error(env: &Env, c: &Client, faults: Faults) -> leadsync::thumbta
     env.sandbox.set_faults(faults);
     let b = env.business_ids()[0].clone();
     let e = c
-        .list_page(&b, 10, None)
+        .list_page(&b, &Cursor::first(10))
         .await
         .expect_err("the fault fails the read");
     env.sandbox.set_faults(Faults::default());
@@ -272,11 +276,11 @@ async fn refused_tokens_forbidden_businesses_and_missing_leads() {
     std::fs::write(env.dir.path().join("fixture/tokens").join(&ids[1]), other).unwrap();
     let c = client(&env);
 
-    let e = c.list_page(&ids[0], 10, None).await.unwrap_err();
+    let e = c.list_page(&ids[0], &Cursor::first(10)).await.unwrap_err();
     assert_eq!(e.disposition, Disposition::Reauth, "{e:?}");
     assert!(c.auth().blocked().contains(&ids[0]));
 
-    let e = c.list_page(&ids[1], 10, None).await.unwrap_err();
+    let e = c.list_page(&ids[1], &Cursor::first(10)).await.unwrap_err();
     assert_eq!(
         (e.disposition, e.http_status),
         (Disposition::Retry, Some(403))
@@ -333,7 +337,7 @@ async fn an_expired_access_token_is_refreshed_once_for_concurrent_callers() {
     let calls: Vec<_> = (0..12)
         .map(|_| {
             let (c, b) = (c.clone(), b.clone());
-            tokio::spawn(async move { c.list_page(&b, 5, None).await })
+            tokio::spawn(async move { c.list_page(&b, &Cursor::first(5)).await })
         })
         .collect();
     for call in calls {
@@ -352,7 +356,9 @@ async fn an_expired_access_token_is_refreshed_once_for_concurrent_callers() {
     );
     // After expiry, the next call refreshes (with the rotated token, never the used one).
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    c.list_page(&b, 5, None).await.expect("read after expiry");
+    c.list_page(&b, &Cursor::first(5))
+        .await
+        .expect("read after expiry");
     let stats = env.sandbox.stats();
     assert_eq!(stats.by_route.get("token refresh_token").copied(), Some(2));
     assert_eq!(stats.reused_refresh_tokens, 0);
@@ -375,7 +381,7 @@ async fn the_rate_budget_is_shared_by_every_caller() {
     let calls: Vec<_> = (0..11)
         .map(|i| {
             let (c, b) = (c.clone(), ids[i % 3].clone());
-            tokio::spawn(async move { c.list_page(&b, 5, None).await })
+            tokio::spawn(async move { c.list_page(&b, &Cursor::first(5)).await })
         })
         .collect();
     for call in calls {

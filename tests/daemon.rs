@@ -196,7 +196,16 @@ async fn sighup_adds_a_business_and_a_broken_file_keeps_the_old_configuration() 
     wait_until_blocking(
         "the first two businesses synced",
         Duration::from_secs(20),
-        || env.database().exists() && count(&env.sql(), "SELECT count(*) FROM negotiations") == 120,
+        // Until the daemon's migrations commit, the table may not exist yet.
+        || {
+            env.database().exists()
+                && env
+                    .sql()
+                    .query_row("SELECT count(*) FROM negotiations", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .is_ok_and(|n| n == 120)
+        },
     );
 
     std::fs::write(&extra, &fixture[cut..]).unwrap();

@@ -440,6 +440,7 @@ async fn a_waiting_row_holds_back_only_its_own_negotiation() {
     let settings = leadsync::sync::PassSettings {
         page_size: 10,
         stop_after_unchanged_pages: 1,
+        accept_missing: false,
     };
     let pass = leadsync::sync::sync_business(
         &rig.session.store,

@@ -31,18 +31,57 @@ const BUSINESS_NAMES: &[&str] = &[
     "Hammer & Nail Co.",
     "Zoë's Painting",
 ];
-const CUSTOMERS: &[&str] = &[
-    "Olivia Y.",
-    "Zoë Ø.",
-    "José Álvarez",
-    "李雷",
-    "Σοφία Κ.",
-    "Noa 🌵 B.",
-    "Łukasz W.",
-    "Siobhán O'Neill",
-    "Nguyễn Ngọc Anh",
-    "Ahmed Ü.",
+/// First and last names (the schema shape sends them apart; the Leads
+/// page's shape sends `displayName`). An empty last name happens.
+const CUSTOMERS: &[(&str, &str)] = &[
+    ("Olivia", "Y."),
+    ("Zoë", "Ø."),
+    ("José", "Álvarez"),
+    ("李雷", ""),
+    ("Σοφία", "Κ."),
+    ("Noa 🌵", "B."),
+    ("Łukasz", "W."),
+    ("Siobhán", "O'Neill"),
+    ("Nguyễn", "Ngọc Anh"),
+    ("Ahmed", "Ü."),
 ];
+
+/// Which published shape the sandbox's leads follow (SPEC §5, §6).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Shape {
+    /// The Leads page's example: `createTime`, `category`,
+    /// `customer.displayName`, `customer.location`.
+    Docs,
+    /// The API schema `NegotiationV4`, as real deliveries carry it:
+    /// `createdAt`, `request{category, location}`, `customer.firstName`/
+    /// `lastName`/`phone`, `leadPrice`, `chargeState`.
+    Schema,
+    /// Both, alternating lead by lead.
+    #[default]
+    Mixed,
+}
+
+impl Shape {
+    /// True when the lead with this sequence number takes the schema shape.
+    fn schema_for(self, sequence: u64) -> bool {
+        match self {
+            Shape::Docs => false,
+            Shape::Schema => true,
+            Shape::Mixed => sequence % 2 == 1,
+        }
+    }
+}
 const PLACES: &[(&str, &str, &str)] = &[
     ("San Francisco", "CA", "94117"),
     ("San José", "CA", "95110"),
@@ -98,6 +137,7 @@ pub fn generate(
     seed: u64,
     businesses: usize,
     leads_per_business: usize,
+    shape: Shape,
 ) -> (Vec<SbBusiness>, std::collections::HashSet<String>) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let mut taken = std::collections::HashSet::new();
@@ -113,7 +153,7 @@ pub fn generate(
             let lead_id = fresh_id(&mut rng, 5, &mut taken);
             leads.push(SbLead {
                 json: render(&lead_value(
-                    &mut rng, &lead_id, &id, &name, created, sequence,
+                    &mut rng, &lead_id, &id, &name, created, sequence, shape,
                 )),
                 id: lead_id,
             });
@@ -131,6 +171,7 @@ pub fn new_lead(
     business: &SbBusiness,
     created: DateTime<Utc>,
     sequence: u64,
+    shape: Shape,
 ) -> SbLead {
     let id = fresh_id(rng, 5, taken);
     SbLead {
@@ -141,6 +182,7 @@ pub fn new_lead(
             &business.name,
             created,
             sequence,
+            shape,
         )),
         id,
     }
@@ -153,6 +195,7 @@ fn lead_value(
     business_name: &str,
     created: DateTime<Utc>,
     sequence: u64,
+    shape: Shape,
 ) -> Value {
     let (city, state, zip) = PLACES[rng.usize(0..PLACES.len())];
     let details: Vec<Value> = (0..rng.usize(1..4))
@@ -164,40 +207,79 @@ fn lead_value(
             })
         })
         .collect();
-    let created_text = created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    let mut v = json!({
-        "negotiationID": id,
-        "status": LEAD_STATUSES[rng.usize(0..LEAD_STATUSES.len())],
-        "category": {
-            "categoryID": (201_565_295_100_608_806u64 + rng.u64(0..1000)).to_string(),
-            "name": CATEGORIES[rng.usize(0..CATEGORIES.len())],
-        },
-        "customer": {
-            "customerID": (519_153_480_034_934_784u64 + rng.u64(0..1_000_000)).to_string(),
-            "displayName": CUSTOMERS[rng.usize(0..CUSTOMERS.len())],
-            "location": {"city": city, "state": state, "zipCode": zip},
-        },
-        "business": {"businessID": business_id, "name": business_name},
-        "details": details,
-        "request": {
-            "description": format!("Request #{sequence}: {}", ANSWERS[rng.usize(0..ANSWERS.len())]),
-            "schedule": {"type": if rng.bool() { "flexible" } else { "specific" }, "dates": []},
-        },
-        "leadPrice": format!("${}.{:02}", rng.u32(5..60), rng.u32(0..100)),
-        "chargeState": if rng.bool() { "Charged" } else { "NotCharged" },
-        // Unknown to leadsync: must survive byte for byte, 64-bit integers included.
-        "sandboxExtension": {
-            "bigNumber": 9_007_199_254_740_993u64 + sequence,
-            "nested": {"deep": [1, {"k": "v"}, null], "flag": true, "ratio": 0.125},
-        },
+    let (first, last) = CUSTOMERS[rng.usize(0..CUSTOMERS.len())];
+    let category = json!({
+        "categoryID": (201_565_295_100_608_806u64 + rng.u64(0..1000)).to_string(),
+        "name": CATEGORIES[rng.usize(0..CATEGORIES.len())],
     });
-    // Both creation field names are seen in the wild.
-    let key = if sequence.is_multiple_of(2) {
-        "createTime"
+    let customer_id = (519_153_480_034_934_784u64 + rng.u64(0..1_000_000)).to_string();
+    let description = format!(
+        "Request #{sequence}: {}",
+        ANSWERS[rng.usize(0..ANSWERS.len())]
+    );
+    // Unknown to leadsync: must survive byte for byte, 64-bit integers included.
+    let extension = json!({
+        "bigNumber": 9_007_199_254_740_993u64 + sequence,
+        "nested": {"deep": [1, {"k": "v"}, null], "flag": true, "ratio": 0.125},
+    });
+    let mut v = if shape.schema_for(sequence) {
+        // Real deliveries: `createdAt`, sometimes with an offset other than Z.
+        let created_text = match chrono::FixedOffset::west_opt(5 * 3600) {
+            Some(offset) if sequence % 4 == 1 => created
+                .with_timezone(&offset)
+                .to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+            _ => created.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        };
+        let cents = rng.u32(500..6000);
+        let status = ["Open", "Canceled", "Picked", "Open"][rng.usize(0..4)];
+        let charge_state = ["Created", "Pending", "Charged", "Refunded"][rng.usize(0..4)];
+        let title = format!("{} request", category["name"].as_str().unwrap_or("A"));
+        json!({
+            "negotiationID": id,
+            "createdAt": created_text,
+            "status": status,
+            "request": {
+                "requestID": (319_153_480_034_934_784u64 + sequence).to_string(),
+                "category": category,
+                "title": title,
+                "description": description,
+                "schedule": {"type": if rng.bool() { "flexible" } else { "specific" }, "dates": []},
+                "location": {"address1": format!("{} Main St", rng.u32(1..999)), "address2": null, "city": city, "state": state, "zipCode": zip},
+                "details": details,
+            },
+            "customer": {
+                "customerID": customer_id,
+                "firstName": first,
+                "lastName": last,
+                "phone": format!("+1 (555) {:03}-{:04}", rng.u32(100..999), rng.u32(0..10_000)),
+            },
+            "business": {"businessID": business_id, "name": business_name},
+            "leadPrice": format!("${}.{:02}", cents / 100, cents % 100),
+            "leadPriceBreakdown": {"subtotal": format!("${}.{:02}", cents / 100, cents % 100), "salesTax": "$0.00"},
+            "chargeState": charge_state,
+            "sandboxExtension": extension,
+        })
     } else {
-        "createdAt"
+        let display = if last.is_empty() {
+            first.to_string()
+        } else {
+            format!("{first} {last}")
+        };
+        json!({
+            "negotiationID": id,
+            "status": LEAD_STATUSES[rng.usize(0..LEAD_STATUSES.len())],
+            "category": category,
+            "customer": {
+                "customerID": customer_id,
+                "displayName": display,
+                "location": {"city": city, "state": state, "zipCode": zip},
+            },
+            "business": {"businessID": business_id, "name": business_name},
+            "details": details,
+            "createTime": created.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            "sandboxExtension": extension,
+        })
     };
-    v[key] = Value::String(created_text);
     if rng.u8(0..3) == 0 {
         v["estimate"] = json!({"total": format!("${}.00", rng.u32(100..5000)), "unit": "fixed"});
     }

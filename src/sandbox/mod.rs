@@ -8,6 +8,7 @@ pub mod data;
 mod server;
 
 use anyhow::{Context, Result};
+pub use data::Shape;
 use data::{SbBusiness, SbLead};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -30,7 +31,27 @@ pub struct SandboxOptions {
     pub access_token_ttl_secs: u64,
     pub client_id: String,
     pub client_secret: String,
+    /// How listings are paged (default `next`, the documented v4 style).
+    pub pagination: Pagination,
+    /// Which published shape leads follow (default `mixed`).
+    pub shape: Shape,
     pub faults: Faults,
+}
+
+/// How the sandbox pages a listing (SPEC §5, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Pagination {
+    /// `{"limit", "offset", "next": "http://HOST/v4/...?limit=N&offset=K"}`:
+    /// the documented v4 style (note the path without `/api`).
+    #[default]
+    Next,
+    /// `{"limit", "nextPageToken"}`, read back from `pageToken`.
+    Token,
+    /// `{"limit", "offset"}` and nothing else: pages run while they are full.
+    Offset,
+    /// `{"limit"}` only: a client cannot know where the listing ends.
+    None,
 }
 
 impl Default for SandboxOptions {
@@ -44,6 +65,8 @@ impl Default for SandboxOptions {
             access_token_ttl_secs: 3600,
             client_id: "sandbox-client".into(),
             client_secret: "sandbox-secret".into(),
+            pagination: Pagination::default(),
+            shape: Shape::default(),
             faults: Faults::default(),
         }
     }
@@ -71,6 +94,10 @@ pub struct Faults {
     pub reset: f64,
     /// A broken body: truncated JSON with 200 on reads, garbage with 500 on writes.
     pub malformed: f64,
+    /// A 301 to another place (a moved or mistyped `api.base_url`).
+    pub redirect: f64,
+    /// A 404 HTML page, as a proxy in front of the API sends.
+    pub html_404: f64,
 }
 
 /// A job status the sandbox accepted.
@@ -183,8 +210,12 @@ pub struct BusinessInfo {
 impl Sandbox {
     /// Generates the data and starts serving.
     pub async fn start(options: SandboxOptions) -> Result<Sandbox> {
-        let (businesses, taken_ids) =
-            data::generate(options.seed, options.businesses, options.leads_per_business);
+        let (businesses, taken_ids) = data::generate(
+            options.seed,
+            options.businesses,
+            options.leads_per_business,
+            options.shape,
+        );
         let sequence = (options.businesses * options.leads_per_business) as u64;
         let mut state = State {
             rng: fastrand::Rng::with_seed(options.seed ^ 0x005e_ed0f_7e57),
@@ -342,6 +373,11 @@ impl Sandbox {
     /// Replaces the fault knobs.
     pub fn set_faults(&self, faults: Faults) {
         self.lock().faults = faults;
+    }
+
+    /// Changes how listings are paged from now on.
+    pub fn set_pagination(&self, pagination: Pagination) {
+        self.lock().options.pagination = pagination;
     }
 
     /// Makes the job-status endpoint refuse (400) transitions of this lead.

@@ -22,6 +22,9 @@ use tokio_util::sync::CancellationToken;
 
 type Shared = Arc<Mutex<State>>;
 
+/// The scopes every token the sandbox issues carries.
+const SCOPES: &str = "supply::negotiations.read supply::negotiations.write offline_access";
+
 /// Returned by a handler to drop the connection without an answer.
 #[derive(Debug, thiserror::Error)]
 #[error("sandbox fault: connection reset")]
@@ -137,7 +140,8 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             if faults.latency_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
             }
-            if let Some(r) = inject_fault(&state, &faults, &method).await? {
+            let host = header("host").unwrap_or_else(|| "127.0.0.1".into());
+            if let Some(r) = inject_fault(&state, &faults, &method, &host, &path).await? {
                 return Ok(r);
             }
             let Some(business) = authenticate(&state, header("authorization")) else {
@@ -148,9 +152,9 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                     "invalid token. failure reason(s): [token is not active]",
                 ));
             };
-            Ok(match (&method, rest) {
+            let mut response = match (&method, rest) {
                 (&Method::GET, ["businesses", b, "negotiations"]) => {
-                    list(&state, &business, b, &query)
+                    list(&state, &business, b, &query, &host)
                 }
                 (&Method::GET, ["negotiations", n]) => get_one(&state, &business, n),
                 (&Method::POST, ["negotiations", n, "job-status"]) => {
@@ -162,7 +166,14 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                     "Not Found",
                     &format!("no route for {method} {path}"),
                 ),
-            })
+            };
+            // Successes carry a trace id too (errors have theirs in the body).
+            if response.status().is_success()
+                && let Ok(v) = HeaderValue::from_str(&trace_id(&state))
+            {
+                response.headers_mut().insert("x-trace-id", v);
+            }
+            Ok(response)
         }
         _ => Ok(problem(
             &state,
@@ -178,6 +189,8 @@ async fn inject_fault(
     state: &Shared,
     f: &Faults,
     method: &Method,
+    host: &str,
+    path: &str,
 ) -> Result<Option<Response<Full<Bytes>>>, Reset> {
     let roll = |s: &mut State, p: f64| p > 0.0 && s.rng.f64() < p;
     enum Fault {
@@ -187,6 +200,8 @@ async fn inject_fault(
         TooMany(bool),
         Waf,
         Malformed,
+        Redirect,
+        Html404,
     }
     let fault = {
         let mut s = lock(state);
@@ -203,6 +218,10 @@ async fn inject_fault(
             Some(Fault::Waf)
         } else if roll(&mut s, f.malformed) {
             Some(Fault::Malformed)
+        } else if roll(&mut s, f.redirect) {
+            Some(Fault::Redirect)
+        } else if roll(&mut s, f.html_404) {
+            Some(Fault::Html404)
         } else {
             None
         };
@@ -267,6 +286,22 @@ async fn inject_fault(
             "text/html",
             "<html><body><script>/* challenge */</script></body></html>",
         )),
+        Some(Fault::Redirect) => {
+            let mut r = respond(
+                StatusCode::MOVED_PERMANENTLY,
+                "text/html",
+                "<html><body>Moved</body></html>",
+            );
+            if let Ok(v) = HeaderValue::from_str(&format!("http://{host}/moved{path}")) {
+                r.headers_mut().insert(hyper::header::LOCATION, v);
+            }
+            Some(r)
+        }
+        Some(Fault::Html404) => Some(respond(
+            StatusCode::NOT_FOUND,
+            "text/html",
+            "<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head>\n<body><h1>Not Found</h1><hr>nginx</body></html>\n",
+        )),
         Some(Fault::Malformed) => Some(if method == Method::GET {
             respond(
                 StatusCode::OK,
@@ -321,6 +356,7 @@ fn list(
     token_business: &str,
     business: &str,
     query: &str,
+    host: &str,
 ) -> Response<Full<Bytes>> {
     if token_business != business {
         return problem(
@@ -355,9 +391,21 @@ fn list(
             );
         }
     };
-    let offset = match params.get("pageToken") {
-        None => 0,
-        Some(t) => match offset_of(business, t) {
+    let offset = match (params.get("pageToken"), params.get("offset")) {
+        (None, None) => 0,
+        (None, Some(o)) => match o.parse::<usize>() {
+            Ok(o) => o,
+            Err(_) => {
+                drop(s);
+                return problem(
+                    state,
+                    StatusCode::BAD_REQUEST,
+                    "Bad Request",
+                    "offset must be a non-negative integer",
+                );
+            }
+        },
+        (Some(t), _) => match offset_of(business, t) {
             Some(o) => o,
             None => {
                 drop(s);
@@ -378,15 +426,31 @@ fn list(
         .iter()
         .map(|l| l.json.as_str())
         .collect();
-    let mut body = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 128);
+    let more = end < b.leads.len();
+    let mut body = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 256);
     body.push_str("{\"data\":[");
     body.push_str(&items.join(","));
     body.push_str(&format!("],\"pagination\":{{\"limit\":{limit}"));
-    if end < b.leads.len() {
-        body.push_str(&format!(
-            ",\"nextPageToken\":\"{}\"",
-            page_token(business, end)
-        ));
+    match s.options.pagination {
+        super::Pagination::Token => {
+            if more {
+                body.push_str(&format!(
+                    ",\"nextPageToken\":\"{}\"",
+                    page_token(business, end)
+                ));
+            }
+        }
+        super::Pagination::Next => {
+            body.push_str(&format!(",\"offset\":{offset}"));
+            if more {
+                // As Thumbtack's other v4 lists: this host, a path without `/api`.
+                body.push_str(&format!(
+                    ",\"next\":\"http://{host}/v4/businesses/{business}/negotiations?limit={limit}&offset={end}\""
+                ));
+            }
+        }
+        super::Pagination::Offset => body.push_str(&format!(",\"offset\":{offset}")),
+        super::Pagination::None => {}
     }
     body.push_str("}}");
     respond(StatusCode::OK, "application/json", body)
@@ -594,7 +658,15 @@ fn token_endpoint(
         }
     };
     let ttl = s.options.access_token_ttl_secs;
-    let access = s.token("sbx_at_");
+    // JWT-shaped (unsigned): `leadsync probe` reads the scopes from it.
+    let claims = json!({"sub": business, "aud": "urn:partner-api", "scope": SCOPES});
+    let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    let access = format!(
+        "{}.{}.{}",
+        b64.encode(br#"{"alg":"none","typ":"JWT"}"#),
+        b64.encode(claims.to_string()),
+        s.token("sbx_at_")
+    );
     let refresh = s.token("sbx_rt_");
     s.access_tokens.insert(
         access.clone(),
@@ -614,7 +686,7 @@ fn token_endpoint(
             "token_type": "bearer",
             "expires_in": ttl,
             "refresh_token": refresh,
-            "scope": "supply::negotiations.read supply::negotiations.write offline_access",
+            "scope": SCOPES,
         }),
     )
 }
@@ -682,6 +754,7 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
                     &s.businesses[bi],
                     chrono::Utc::now(),
                     s.sequence,
+                    s.options.shape,
                 );
                 ids.push(lead.id.clone());
                 s.businesses[bi].leads.insert(0, lead);
@@ -700,7 +773,13 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
         Mutation::DeepChange { negotiation_id } => {
             let n = s.rng.u32(..);
             edit(s, &negotiation_id, |v| {
-                v["customer"]["location"]["zipCode"] = Value::String(format!("{:05}", n % 100_000));
+                let zip = Value::String(format!("{:05}", n % 100_000));
+                // Wherever the lead's shape keeps its zip code.
+                if v["request"]["location"].is_object() {
+                    v["request"]["location"]["zipCode"] = zip;
+                } else {
+                    v["customer"]["location"]["zipCode"] = zip;
+                }
                 v["sandboxExtension"]["nested"]["revision"] = json!(n);
             })?;
             Ok(vec![negotiation_id])

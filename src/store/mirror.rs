@@ -1,7 +1,7 @@
 //! The mirror: negotiations, their changes, businesses and sync runs.
 
 use crate::config::Business;
-use crate::thumbtack::model::Lead;
+use crate::lead::LeadRow;
 use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde_json::{Map, Value};
@@ -10,11 +10,12 @@ use serde_json::{Map, Value};
 /// so that re-listing unchanged leads writes nothing (README: "last_seen_at").
 pub const LAST_SEEN_GRANULARITY: chrono::Duration = chrono::Duration::hours(1);
 
-/// What a page write is part of.
+/// What a page write (or one webhook lead) is part of.
 #[derive(Debug, Clone)]
 pub struct PageContext {
     pub business_id: String,
-    pub run_id: i64,
+    /// The sync pass (`sync_runs.id`); `None` for a lead that came another way.
+    pub run_id: Option<i64>,
     /// The observation time written to the rows.
     pub now: String,
     /// `last_seen_at` values older than this are refreshed.
@@ -30,7 +31,7 @@ pub struct PageStats {
 }
 
 /// The lead's columns in the order the INSERT and UPDATE statements bind them.
-fn lead_columns<'a>(lead: &'a Lead, ctx: &'a PageContext) -> [&'a dyn rusqlite::ToSql; 11] {
+fn lead_columns<'a>(lead: &'a LeadRow, ctx: &'a PageContext) -> [&'a dyn rusqlite::ToSql; 14] {
     [
         &lead.negotiation_id,
         &ctx.business_id,
@@ -42,6 +43,9 @@ fn lead_columns<'a>(lead: &'a Lead, ctx: &'a PageContext) -> [&'a dyn rusqlite::
         &lead.customer_name,
         &lead.city,
         &lead.zip,
+        &lead.customer_phone,
+        &lead.lead_price,
+        &lead.charge_state,
         &ctx.now,
     ]
 }
@@ -55,12 +59,17 @@ struct Change<'a> {
 }
 
 fn record_change(
-    stmt: &mut rusqlite::CachedStatement<'_>,
-    lead: &Lead,
+    tx: &Connection,
+    lead: &LeadRow,
     ctx: &PageContext,
     c: Change<'_>,
 ) -> rusqlite::Result<usize> {
-    stmt.execute(params![
+    tx.prepare_cached(
+        "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind,
+             old_status, new_status, changed_fields, old_payload, sync_run_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+    )?
+    .execute(params![
         lead.negotiation_id,
         ctx.business_id,
         ctx.now,
@@ -79,103 +88,124 @@ pub fn id_fingerprint(negotiation_id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(negotiation_id.as_bytes())
 }
 
-/// Writes one listing page in one transaction: new leads inserted, changed
-/// ones updated with a change row, unchanged ones left alone.
-pub fn write_page(conn: &mut Connection, ctx: &PageContext, leads: &[Lead]) -> Result<PageStats> {
-    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut stats = PageStats::default();
-    {
-        let mut lookup = tx.prepare_cached(
+/// What [`upsert_lead`] did with a lead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Upserted {
+    /// First seen: inserted, with a `new` change row.
+    Inserted,
+    /// Its payload (or business) changed: updated, with a `changed` change row.
+    Changed,
+    /// It was missing and is listed again, unchanged (a `reappeared` row).
+    Reappeared,
+    /// Same payload: nothing written (but `last_seen_at`, at most hourly).
+    Unchanged,
+}
+
+/// Writes one lead, inside the caller's transaction: inserted when new,
+/// updated with a change row when its payload changed, left alone when not.
+/// The one path every lead takes into the mirror, polled or not.
+pub fn upsert_lead(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result<Upserted> {
+    let existing = tx
+        .prepare_cached(
             "SELECT payload_hash, last_seen_at, missing_since, business_id, status
                FROM negotiations WHERE negotiation_id = ?1",
-        )?;
-        let mut insert = tx.prepare_cached(
+        )?
+        .query_row([&lead.negotiation_id], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })
+        .optional()?;
+    let Some((hash, last_seen, missing_since, business_id, old_status)) = existing else {
+        tx.prepare_cached(
             "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
-                 payload_hash, category, customer_name, city, zip, first_seen_at, last_seen_at,
-                 changed_at, missing_since)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?11, ?11, NULL)",
-        )?;
-        let mut change = tx.prepare_cached(
-            "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind,
-                 old_status, new_status, changed_fields, old_payload, sync_run_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-        )?;
-        let mut touch = tx.prepare_cached(
-            "UPDATE negotiations SET last_seen_at = ?2 WHERE negotiation_id = ?1",
-        )?;
-        let mut reappear = tx.prepare_cached(
+                 payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
+                 charge_state, first_seen_at, last_seen_at, changed_at, missing_since)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL)",
+        )?
+        .execute(&lead_columns(lead, ctx)[..])?;
+        let c = Change {
+            kind: "new",
+            old_status: None,
+            changed_fields: None,
+            old_payload: None,
+        };
+        record_change(tx, lead, ctx, c)?;
+        return Ok(Upserted::Inserted);
+    };
+    let mut changed_fields = None;
+    if hash != lead.hash || business_id != ctx.business_id {
+        let old: String = tx
+            .prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?
+            .query_row([&lead.negotiation_id], |r| r.get(0))?;
+        let fields = differing_fields(&old, &lead.payload);
+        if !fields.is_empty() || business_id != ctx.business_id {
+            changed_fields = Some((old, fields));
+        }
+    }
+    if missing_since.is_some() {
+        tx.prepare_cached(
             "UPDATE negotiations SET missing_since = NULL, last_seen_at = ?2 WHERE negotiation_id = ?1",
-        )?;
-        let mut old_payload =
-            tx.prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?;
-        let mut update = tx.prepare_cached(
-            "UPDATE negotiations SET business_id = ?2, status = ?3, created_at = ?4, payload = ?5,
-                 payload_hash = ?6, category = ?7, customer_name = ?8, city = ?9, zip = ?10,
-                 last_seen_at = ?11, changed_at = ?11, missing_since = NULL
-             WHERE negotiation_id = ?1",
-        )?;
-        for lead in leads {
-            let existing = lookup
-                .query_row([&lead.negotiation_id], |r| {
-                    Ok((
-                        r.get::<_, i64>(0)?,
-                        r.get::<_, String>(1)?,
-                        r.get::<_, Option<String>>(2)?,
-                        r.get::<_, String>(3)?,
-                        r.get::<_, Option<String>>(4)?,
-                    ))
-                })
-                .optional()?;
-            let Some((hash, last_seen, missing_since, business_id, old_status)) = existing else {
-                insert.execute(&lead_columns(lead, ctx)[..])?;
-                let c = Change {
-                    kind: "new",
-                    old_status: None,
-                    changed_fields: None,
-                    old_payload: None,
-                };
-                record_change(&mut change, lead, ctx, c)?;
-                stats.inserted += 1;
-                continue;
+        )?
+        .execute(params![lead.negotiation_id, ctx.now])?;
+        let c = Change {
+            kind: "reappeared",
+            old_status: old_status.as_deref(),
+            changed_fields: None,
+            old_payload: None,
+        };
+        record_change(tx, lead, ctx, c)?;
+    }
+    Ok(match changed_fields {
+        Some((old, fields)) => {
+            tx.prepare_cached(
+                "UPDATE negotiations SET business_id = ?2, status = ?3, created_at = ?4, payload = ?5,
+                     payload_hash = ?6, category = ?7, customer_name = ?8, city = ?9, zip = ?10,
+                     customer_phone = ?11, lead_price = ?12, charge_state = ?13,
+                     last_seen_at = ?14, changed_at = ?14, missing_since = NULL
+                 WHERE negotiation_id = ?1",
+            )?
+            .execute(&lead_columns(lead, ctx)[..])?;
+            let c = Change {
+                kind: "changed",
+                old_status: old_status.as_deref(),
+                changed_fields: Some(serde_json::to_string(&fields)?),
+                old_payload: Some(&old),
             };
-            let mut changed_fields = None;
-            if hash != lead.hash || business_id != ctx.business_id {
-                let old: String = old_payload.query_row([&lead.negotiation_id], |r| r.get(0))?;
-                let fields = differing_fields(&old, &lead.payload);
-                if !fields.is_empty() || business_id != ctx.business_id {
-                    changed_fields = Some((old, fields));
-                }
+            record_change(tx, lead, ctx, c)?;
+            Upserted::Changed
+        }
+        None if missing_since.is_some() => Upserted::Reappeared,
+        None => {
+            if last_seen < ctx.stale_before {
+                tx.prepare_cached(
+                    "UPDATE negotiations SET last_seen_at = ?2 WHERE negotiation_id = ?1",
+                )?
+                .execute(params![lead.negotiation_id, ctx.now])?;
             }
-            if missing_since.is_some() {
-                reappear.execute(params![lead.negotiation_id, ctx.now])?;
-                let c = Change {
-                    kind: "reappeared",
-                    old_status: old_status.as_deref(),
-                    changed_fields: None,
-                    old_payload: None,
-                };
-                record_change(&mut change, lead, ctx, c)?;
-            }
-            match changed_fields {
-                Some((old, fields)) => {
-                    update.execute(&lead_columns(lead, ctx)[..])?;
-                    let c = Change {
-                        kind: "changed",
-                        old_status: old_status.as_deref(),
-                        changed_fields: Some(serde_json::to_string(&fields)?),
-                        old_payload: Some(&old),
-                    };
-                    record_change(&mut change, lead, ctx, c)?;
-                    stats.updated += 1;
-                }
-                None if missing_since.is_some() => stats.updated += 1,
-                None => {
-                    if last_seen < ctx.stale_before {
-                        touch.execute(params![lead.negotiation_id, ctx.now])?;
-                    }
-                    stats.unchanged += 1;
-                }
-            }
+            Upserted::Unchanged
+        }
+    })
+}
+
+/// Writes one listing page in one transaction: new leads inserted, changed
+/// ones updated with a change row, unchanged ones left alone.
+pub fn write_page(
+    conn: &mut Connection,
+    ctx: &PageContext,
+    leads: &[LeadRow],
+) -> Result<PageStats> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut stats = PageStats::default();
+    for lead in leads {
+        match upsert_lead(&tx, ctx, lead)? {
+            Upserted::Inserted => stats.inserted += 1,
+            Upserted::Changed | Upserted::Reappeared => stats.updated += 1,
+            Upserted::Unchanged => stats.unchanged += 1,
         }
     }
     tx.commit()?;
@@ -226,6 +256,9 @@ pub struct RunStats {
     pub unchanged: i64,
     pub missing: i64,
     pub skipped: i64,
+    /// The last page was full and carried no marker: the listing may go on,
+    /// so nothing was marked missing.
+    pub end_unknown: bool,
 }
 
 impl RunStats {
@@ -240,25 +273,38 @@ impl RunStats {
     }
 }
 
+/// How a sync pass ended, for its `sync_runs` row.
+#[derive(Debug, Clone, Copy)]
+pub struct RunEnd<'a> {
+    pub kind: &'a str,
+    pub stats: &'a RunStats,
+    /// The pass failed with this error (`outcome` = `error`).
+    pub error: Option<&'a str>,
+    /// The pass succeeded with this remark (`outcome` = `ok`, kept in `error`),
+    /// e.g. a listing whose end was unknown.
+    pub note: Option<&'a str>,
+    /// The pagination style seen (`next`, `token`, `offset`, `single`).
+    pub pagination: Option<&'a str>,
+    pub now: &'a str,
+}
+
 /// Closes a sync pass: its `sync_runs` row and the business's summary.
 pub fn finish_run(
     conn: &mut Connection,
     run_id: i64,
     business_id: &str,
-    kind: &str,
-    stats: &RunStats,
-    error: Option<&str>,
-    now: &str,
+    end: &RunEnd<'_>,
 ) -> Result<()> {
     let tx = conn.transaction()?;
-    let outcome = if error.is_some() { "error" } else { "ok" };
+    let outcome = if end.error.is_some() { "error" } else { "ok" };
+    let stats = end.stats;
     tx.execute(
         "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, pages = ?4, seen = ?5, inserted = ?6,
-             updated = ?7, unchanged = ?8, missing = ?9, skipped = ?10, error = ?11
+             updated = ?7, unchanged = ?8, missing = ?9, skipped = ?10, error = ?11, pagination = ?12
          WHERE id = ?1",
         params![
             run_id,
-            now,
+            end.now,
             outcome,
             stats.pages,
             stats.seen,
@@ -267,7 +313,8 @@ pub fn finish_run(
             stats.unchanged,
             stats.missing,
             stats.skipped,
-            error
+            end.error.or(end.note),
+            end.pagination
         ],
     )?;
     tx.execute(
@@ -275,7 +322,7 @@ pub fn finish_run(
              last_sync_kind = ?5,
              last_full_sync_at = CASE WHEN ?5 = 'full' AND ?3 = 'ok' THEN ?2 ELSE last_full_sync_at END
          WHERE business_id = ?1",
-        params![business_id, now, outcome, error, kind],
+        params![business_id, end.now, outcome, end.error, end.kind],
     )?;
     tx.commit()?;
     Ok(())
@@ -305,17 +352,34 @@ pub fn record_skipped_run(
     Ok(())
 }
 
+/// A full scan may not newly mark more than this many leads missing, when
+/// they are also more than half of the business's present leads, without
+/// `--accept-missing` (SPEC §5, "Mass-missing guard").
+pub const MASS_MISSING_MIN: i64 = 20;
+
+/// What [`mark_missing`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Missing {
+    /// This many leads were newly marked missing.
+    Marked(i64),
+    /// Nothing was marked: `would` of the `present` leads would have gone
+    /// missing at once, which looks like a truncated listing.
+    Refused { would: i64, present: i64 },
+}
+
 /// After a successful full scan: marks the business's leads whose id
-/// fingerprint the scan did not see as missing (with a change row each);
-/// returns how many.
+/// fingerprint the scan did not see as missing (with a change row each),
+/// unless that would be a mass disappearance and `accept_mass` is false.
 pub fn mark_missing(
     conn: &mut Connection,
     business_id: &str,
     run_id: i64,
     seen: &std::collections::HashSet<u64>,
+    accept_mass: bool,
     now: &str,
-) -> Result<i64> {
+) -> Result<Missing> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut present = 0i64;
     let missing: Vec<(String, Option<String>)> = {
         let mut stmt = tx.prepare(
             "SELECT negotiation_id, status FROM negotiations
@@ -325,12 +389,17 @@ pub fn mark_missing(
         let mut missing = Vec::new();
         for row in rows {
             let (id, status) = row?;
+            present += 1;
             if !seen.contains(&id_fingerprint(&id)) {
                 missing.push((id, status));
             }
         }
         missing
     };
+    let would = missing.len() as i64;
+    if !accept_mass && would > MASS_MISSING_MIN && would * 2 > present {
+        return Ok(Missing::Refused { would, present });
+    }
     {
         let mut mark = tx.prepare_cached(
             "UPDATE negotiations SET missing_since = ?2 WHERE negotiation_id = ?1",
@@ -346,7 +415,7 @@ pub fn mark_missing(
         }
     }
     tx.commit()?;
-    Ok(missing.len() as i64)
+    Ok(Missing::Marked(would))
 }
 
 /// Makes the `businesses` table match the configuration (rows are never

@@ -26,7 +26,13 @@ fn migrations() -> Vec<(i64, String)> {
          partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{checks}END;\n",
         include_str!("migrations/0001_initial.sql")
     );
-    vec![(1, v1)]
+    vec![
+        (1, v1),
+        (
+            2,
+            include_str!("migrations/0002_lead_shapes.sql").to_string(),
+        ),
+    ]
 }
 
 /// The schema version this binary writes.
@@ -241,5 +247,103 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
+    }
+
+    #[test]
+    fn version_2_back_fills_the_columns_of_both_shapes_from_the_payload() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("v1.db")).unwrap();
+        let (_, v1) = migrations().remove(0);
+        conn.execute_batch(&v1).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        let schema = r#"{"negotiationID":"1","createdAt":"2026-01-01T00:00:00Z",
+            "request":{"category":{"name":"Plumbing"},"location":{"city":"Austin","zipCode":"78701"}},
+            "customer":{"firstName":"Zoë","lastName":"Ø.","phone":"+1 555 0100"},
+            "leadPrice":"$25.00","chargeState":"Charged"}"#;
+        let docs = r#"{"negotiationID":"2","category":{"name":"Roofing"},
+            "customer":{"displayName":"Ann B.","location":{"city":"Reno","zipCode":"89501"}}}"#;
+        let only_first =
+            r#"{"negotiationID":"3","customer":{"firstName":"李雷","lastName":""},"leadPrice":25}"#;
+        for (id, payload) in [("1", schema), ("2", docs), ("3", only_first)] {
+            conn.execute(
+                "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                     first_seen_at, last_seen_at, changed_at)
+                 VALUES (?1, 'b', ?2, 0, 't', 't', 't')",
+                [id, payload],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        let row = |id: &str| -> [Option<String>; 7] {
+            conn.query_row(
+                "SELECT category, customer_name, city, zip, customer_phone, lead_price, charge_state
+                   FROM negotiations WHERE negotiation_id = ?1",
+                [id],
+                |r| {
+                    Ok([
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ])
+                },
+            )
+            .unwrap()
+        };
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            row("1"),
+            [
+                s("Plumbing"),
+                s("Zoë Ø."),
+                s("Austin"),
+                s("78701"),
+                s("+1 555 0100"),
+                s("$25.00"),
+                s("Charged")
+            ]
+        );
+        assert_eq!(
+            row("2"),
+            [
+                s("Roofing"),
+                s("Ann B."),
+                s("Reno"),
+                s("89501"),
+                None,
+                None,
+                None
+            ]
+        );
+        assert_eq!(row("3"), [None, s("李雷"), None, None, None, s("25"), None]);
+        // The same columns as the wire module fills from the same payloads.
+        for (id, payload) in [("1", schema), ("2", docs), ("3", only_first)] {
+            let lead = crate::thumbtack::model::parse_lead_body(payload).unwrap();
+            let cols = row(id);
+            assert_eq!(
+                [
+                    lead.category,
+                    lead.customer_name,
+                    lead.city,
+                    lead.zip,
+                    lead.customer_phone,
+                    lead.lead_price,
+                    lead.charge_state
+                ],
+                cols,
+                "lead {id}"
+            );
+        }
+        let typ: String = conn
+            .query_row(
+                "SELECT typeof(lead_price) FROM negotiations WHERE negotiation_id = '3'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(typ, "text");
     }
 }

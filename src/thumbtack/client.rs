@@ -3,7 +3,10 @@
 
 use super::auth::Auth;
 use super::model::{JobStatusBody, Page, parse_page};
-use super::problem::{ApiError, Disposition, describe_unreadable, is_success, parse_retry_after};
+use super::paging::Cursor;
+use super::problem::{
+    ApiError, Disposition, describe_unreadable, is_success, parse_retry_after, trace_id_of,
+};
 use crate::config::Config;
 use crate::secret::Secret;
 use backon::{ExponentialBuilder, Retryable};
@@ -61,6 +64,9 @@ pub fn http_client(timeout: Duration, user_agent: &str) -> anyhow::Result<reqwes
         .user_agent(user_agent)
         .default_headers(headers)
         .pool_idle_timeout(Duration::from_secs(60))
+        // Never followed (SPEC §5): a POST turned into a GET could look like
+        // success, and a moved API is a configuration to fix, not to guess.
+        .redirect(reqwest::redirect::Policy::none())
         .build()?)
 }
 
@@ -126,6 +132,15 @@ pub struct Exchange {
     pub error: Option<String>,
 }
 
+/// A successful response (2xx other than 202).
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub trace_id: Option<String>,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: bytes::Bytes,
+}
+
 /// The outcome of a job-status post: every exchange it took, and the result.
 #[derive(Debug)]
 pub struct Delivery {
@@ -188,14 +203,17 @@ impl Client {
         method: reqwest::Method,
         url: &str,
         body: Option<&[u8]>,
-    ) -> (Exchange, Option<Secret>, Result<bytes::Bytes, ApiError>) {
+    ) -> (Exchange, Option<Secret>, Result<Response, ApiError>) {
         let started_at = Utc::now();
         let start = Instant::now();
-        let record = |status: Option<u16>, r: &Result<bytes::Bytes, ApiError>| Exchange {
+        let record = |status: Option<u16>, r: &Result<Response, ApiError>| Exchange {
             started_at,
             duration: start.elapsed(),
             http_status: status,
-            trace_id: r.as_ref().err().and_then(|e| e.trace_id.clone()),
+            trace_id: match r {
+                Ok(resp) => resp.trace_id.clone(),
+                Err(e) => e.trace_id.clone(),
+            },
             error: r.as_ref().err().map(|e| e.message.clone()),
         };
         let token = match self.auth.token(business_id).await {
@@ -216,20 +234,27 @@ impl Client {
             Err(e) => Err(ApiError::transport(&e)),
             Ok(resp) => {
                 let status = resp.status();
-                let retry_after = resp
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| parse_retry_after(v, Utc::now(), self.settings.backoff_max));
-                let is_html = resp
-                    .headers()
-                    .get(reqwest::header::CONTENT_TYPE)
-                    .and_then(|v| v.to_str().ok())
-                    .is_some_and(|v| v.contains("text/html"));
+                let header = |name: reqwest::header::HeaderName| {
+                    resp.headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string)
+                };
+                let retry_after = header(reqwest::header::RETRY_AFTER)
+                    .and_then(|v| parse_retry_after(&v, Utc::now(), self.settings.backoff_max));
+                let is_html =
+                    header(reqwest::header::CONTENT_TYPE).is_some_and(|v| v.contains("text/html"));
+                let location = header(reqwest::header::LOCATION);
+                let headers = resp.headers().clone();
                 match resp.bytes().await {
                     Err(e) => Err(ApiError::retry(
                         Some(status.as_u16()),
                         format!("HTTP {status}: the body could not be read: {e}"),
+                    )),
+                    Ok(_) if status.is_redirection() => Err(ApiError::redirected(
+                        status.as_u16(),
+                        status.canonical_reason().unwrap_or(""),
+                        location.as_deref(),
                     )),
                     Ok(body) if is_success(status.as_u16()) && is_html => Err(ApiError::retry(
                         Some(status.as_u16()),
@@ -238,7 +263,12 @@ impl Client {
                             describe_unreadable(&body)
                         ),
                     )),
-                    Ok(body) if is_success(status.as_u16()) => Ok(body),
+                    Ok(body) if is_success(status.as_u16()) => Ok(Response {
+                        status: status.as_u16(),
+                        trace_id: trace_id_of(&headers, &body),
+                        headers,
+                        body,
+                    }),
                     Ok(body) => {
                         let e = ApiError::from_response(
                             status.as_u16(),
@@ -256,13 +286,10 @@ impl Client {
             }
         };
         let status = match &result {
-            Ok(_) => None,
+            Ok(r) => Some(r.status),
             Err(e) => e.http_status,
         };
-        let mut ex = record(status, &result);
-        if result.is_ok() {
-            ex.http_status = Some(200);
-        }
+        let ex = record(status, &result);
         (ex, Some(token), result)
     }
 
@@ -274,7 +301,7 @@ impl Client {
         url: &str,
         body: Option<&[u8]>,
         log: &mut Vec<Exchange>,
-    ) -> Result<bytes::Bytes, ApiError> {
+    ) -> Result<Response, ApiError> {
         let (ex, token, first) = self.exchange(business_id, method.clone(), url, body).await;
         log.push(ex);
         match first {
@@ -318,10 +345,10 @@ impl Client {
             .with_jitter();
         let attempt = || async {
             let mut log = Vec::new();
-            let body = self
+            let response = self
                 .exchange_with_refresh(business_id, reqwest::Method::GET, url, None, &mut log)
                 .await?;
-            parse(&body)
+            parse(&response.body)
                 .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
         };
         attempt
@@ -332,23 +359,41 @@ impl Client {
             .await
     }
 
-    /// One page of a business's negotiations.
-    pub async fn list_page(
-        &self,
-        business_id: &str,
-        limit: u32,
-        page_token: Option<&str>,
-    ) -> Result<Page, ApiError> {
-        let mut url =
-            reqwest::Url::parse(&self.url(&format!("businesses/{business_id}/negotiations")))
-                .map_err(|e| ApiError::retry(None, format!("bad URL: {e}")))?;
-        url.query_pairs_mut()
-            .append_pair("limit", &limit.to_string());
-        if let Some(t) = page_token {
-            url.query_pairs_mut().append_pair("pageToken", t);
+    /// The list path of a business's negotiations with a page's query.
+    pub fn list_url(&self, business_id: &str, cursor: &Cursor) -> Result<String, ApiError> {
+        let mut url = reqwest::Url::parse(&self.url(&format!(
+            "businesses/{}/negotiations",
+            path_segment(business_id)
+        )))
+        .map_err(|e| ApiError::retry(None, format!("bad URL: {e}")))?;
+        if !cursor.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(cursor.query.iter());
         }
-        self.get_retried(business_id, url.as_str(), parse_page)
+        Ok(url.into())
+    }
+
+    /// The base URL requests go to (`api.base_url`).
+    pub fn base_url(&self) -> &str {
+        &self.settings.base_url
+    }
+
+    /// One page of a business's negotiations (retried while retryable).
+    pub async fn list_page(&self, business_id: &str, cursor: &Cursor) -> Result<Page, ApiError> {
+        let url = self.list_url(business_id, cursor)?;
+        self.get_retried(business_id, &url, parse_page).await
+    }
+
+    /// One GET, once (one token refresh on 401, no other retry), with the
+    /// whole response: what `leadsync probe` shows.
+    pub async fn get_once(&self, business_id: &str, url: &str) -> Result<Response, ApiError> {
+        let mut log = Vec::new();
+        self.exchange_with_refresh(business_id, reqwest::Method::GET, url, None, &mut log)
             .await
+    }
+
+    /// The URL of one negotiation.
+    pub fn negotiation_url(&self, negotiation_id: &str) -> String {
+        self.url(&format!("negotiations/{}", path_segment(negotiation_id)))
     }
 
     /// One negotiation, as the raw JSON object.
@@ -357,7 +402,7 @@ impl Client {
         business_id: &str,
         negotiation_id: &str,
     ) -> Result<String, ApiError> {
-        let url = self.url(&format!("negotiations/{}", path_segment(negotiation_id)));
+        let url = self.negotiation_url(negotiation_id);
         self.get_retried(business_id, &url, |b| {
             let v: &serde_json::value::RawValue =
                 serde_json::from_slice(b).map_err(|e| format!("not JSON: {e}"))?;

@@ -5,8 +5,9 @@
 pub mod auth;
 pub mod client;
 pub mod model;
+pub mod paging;
 pub mod problem;
 
 pub use auth::Auth;
-pub use client::{Client, ClientSettings, Delivery, Exchange, RateBudget};
+pub use client::{Client, ClientSettings, Delivery, Exchange, RateBudget, Response};
 pub use problem::{ApiError, Disposition};

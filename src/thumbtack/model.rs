@@ -1,34 +1,47 @@
 //! Wire types (SPEC §5), tolerant of unknown fields: a lead is kept as the
-//! JSON object exactly as received, plus a few fields read from it.
+//! JSON object exactly as received, plus the convenience columns read from
+//! either published shape.
 
+use crate::lead::LeadRow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-
-/// A negotiation from a listing, ready for the mirror.
-#[derive(Debug, Clone)]
-pub struct Lead {
-    pub negotiation_id: String,
-    /// The JSON object exactly as received (every field, unknown ones included).
-    pub payload: String,
-    /// xxh3-64 of `payload`, to skip unchanged leads without reading them back.
-    pub hash: i64,
-    pub status: Option<String>,
-    /// `createTime` or `createdAt`, in UTC when it parses.
-    pub created_at: Option<String>,
-    pub category: Option<String>,
-    pub customer_name: Option<String>,
-    pub city: Option<String>,
-    pub zip: Option<String>,
-}
 
 /// One page of `GET /businesses/{id}/negotiations`.
 #[derive(Debug, Clone, Default)]
 pub struct Page {
-    pub leads: Vec<Lead>,
+    pub leads: Vec<LeadRow>,
     /// Entries that are not objects with a `negotiationID` (logged, counted, not stored).
     pub skipped: i64,
-    /// The next page's token, when `pagination.nextPageToken` is a non-empty string.
+    /// What the page said about the listing (see `paging.rs` for what it means).
+    pub markers: Markers,
+}
+
+impl Page {
+    /// Every entry of `data`, stored or skipped: what "a full page" counts.
+    pub fn entries(&self) -> u64 {
+        self.leads.len() as u64 + self.skipped as u64
+    }
+}
+
+/// The pagination markers of one page, as sent (SPEC §5 "List").
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Markers {
+    /// The body was a bare JSON array (no envelope, no markers).
+    pub bare_array: bool,
+    /// `pagination.limit`, when a non-negative integer.
+    pub limit: Option<u64>,
+    /// `pagination.offset`, when a non-negative integer.
+    pub offset: Option<u64>,
+    /// `pagination.next`, when a non-empty string.
+    pub next: Option<String>,
+    /// `pagination.nextPageToken`, when a non-empty string.
     pub next_page_token: Option<String>,
+    /// `pagination.next` is present, even as null or "".
+    pub next_key: bool,
+    /// `pagination.nextPageToken` is present, even as null or "".
+    pub token_key: bool,
+    /// The `pagination` object exactly as sent (for `probe`).
+    pub raw: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -39,14 +52,9 @@ struct Envelope<'a> {
     pagination: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize, Default)]
-struct Pagination<'a> {
-    #[serde(rename = "nextPageToken", borrow, default)]
-    next_page_token: Option<&'a RawValue>,
-}
-
-/// The fields leadsync reads from a lead; each is parsed on its own so a
-/// field of an unexpected type is ignored, never fatal.
+/// The fields leadsync reads from a lead, in both published shapes (the
+/// Leads page's example and the `NegotiationV4` schema); each is parsed on
+/// its own, so a field of an unexpected type is ignored, never fatal.
 #[derive(Deserialize)]
 struct LeadFields<'a> {
     #[serde(rename = "negotiationID", borrow, default)]
@@ -61,18 +69,38 @@ struct LeadFields<'a> {
     category: Option<&'a RawValue>,
     #[serde(borrow, default)]
     customer: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    request: Option<&'a RawValue>,
+    #[serde(rename = "leadPrice", borrow, default)]
+    lead_price: Option<&'a RawValue>,
+    #[serde(rename = "chargeState", borrow, default)]
+    charge_state: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct Named {
-    #[serde(default)]
-    name: Option<serde_json::Value>,
+struct Named<'a> {
+    #[serde(borrow, default)]
+    name: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Request<'a> {
+    #[serde(borrow, default)]
+    category: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    location: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
 struct Customer<'a> {
     #[serde(rename = "displayName", borrow, default)]
     display_name: Option<&'a RawValue>,
+    #[serde(rename = "firstName", borrow, default)]
+    first_name: Option<&'a RawValue>,
+    #[serde(rename = "lastName", borrow, default)]
+    last_name: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    phone: Option<&'a RawValue>,
     #[serde(borrow, default)]
     location: Option<&'a RawValue>,
 }
@@ -85,84 +113,143 @@ struct Location<'a> {
     zip_code: Option<&'a RawValue>,
 }
 
-/// A JSON string or number as text; anything else is `None`.
+/// A JSON string, or a number as the text it was sent as; anything else
+/// (and an empty string) is `None`.
 fn text(raw: Option<&RawValue>) -> Option<String> {
-    let raw = raw?;
-    match serde_json::from_str::<serde_json::Value>(raw.get()).ok()? {
-        serde_json::Value::String(s) => Some(s),
-        serde_json::Value::Number(n) => Some(n.to_string()),
+    let raw = raw?.get().trim();
+    match raw.as_bytes().first()? {
+        b'"' => serde_json::from_str::<String>(raw)
+            .ok()
+            .filter(|s| !s.is_empty()),
+        b'-' | b'0'..=b'9' => Some(raw.to_string()),
         _ => None,
     }
 }
 
-/// Reads one list entry; `None` when it is not an object with a `negotiationID`.
-pub fn parse_lead(raw: &RawValue) -> Option<Lead> {
+/// A nested object of the lead, when the field is one.
+fn object<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
+    let raw = raw?;
+    if !raw.get().trim_start().starts_with('{') {
+        return None;
+    }
+    serde_json::from_str(raw.get()).ok()
+}
+
+/// Reads one lead (a list entry or a GET body); `None` when it is not an
+/// object with a `negotiationID`. Each convenience column takes the first
+/// present of its fields (SPEC §5): category `request.category.name`, then
+/// `category.name`; customer name `customer.displayName`, then
+/// `firstName + " " + lastName`; city and zip `request.location`, then
+/// `customer.location`.
+pub fn parse_lead(raw: &RawValue) -> Option<LeadRow> {
     let payload = raw.get();
     if !payload.trim_start().starts_with('{') {
         return None;
     }
     let f: LeadFields = serde_json::from_str(payload).ok()?;
-    let negotiation_id = text(f.negotiation_id).filter(|s| !s.is_empty())?;
+    let negotiation_id = text(f.negotiation_id)?;
     let created_at = text(f.create_time)
         .or_else(|| text(f.created_at))
         .map(|t| crate::time::to_utc_z(&t).unwrap_or(t));
-    let category = f
-        .category
-        .and_then(|c| serde_json::from_str::<Named>(c.get()).ok())
-        .and_then(|n| match n.name {
-            Some(serde_json::Value::String(s)) => Some(s),
-            _ => None,
-        });
-    let customer = f
-        .customer
-        .and_then(|c| serde_json::from_str::<Customer>(c.get()).ok());
-    let location = customer
+    let request: Option<Request> = object(f.request);
+    let customer: Option<Customer> = object(f.customer);
+    let request_location: Option<Location> = request.as_ref().and_then(|r| object(r.location));
+    let customer_location: Option<Location> = customer.as_ref().and_then(|c| object(c.location));
+    let name_of = |raw: Option<&RawValue>| object::<Named>(raw).and_then(|n| text(n.name));
+    let category = request
         .as_ref()
-        .and_then(|c| c.location)
-        .and_then(|l| serde_json::from_str::<Location>(l.get()).ok());
-    Some(Lead {
+        .and_then(|r| name_of(r.category))
+        .or_else(|| name_of(f.category));
+    let customer_name = customer.as_ref().and_then(|c| {
+        text(c.display_name).or_else(|| {
+            let parts: Vec<String> = [text(c.first_name), text(c.last_name)]
+                .into_iter()
+                .flatten()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .collect();
+            (!parts.is_empty()).then(|| parts.join(" "))
+        })
+    });
+    let located = |pick: for<'l> fn(&Location<'l>) -> Option<&'l RawValue>| {
+        request_location
+            .as_ref()
+            .and_then(|l| text(pick(l)))
+            .or_else(|| customer_location.as_ref().and_then(|l| text(pick(l))))
+    };
+    Some(LeadRow {
         hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
         status: text(f.status),
         created_at,
         category,
-        customer_name: customer.and_then(|c| text(c.display_name)),
-        city: location.as_ref().and_then(|l| text(l.city)),
-        zip: location.and_then(|l| text(l.zip_code)),
+        customer_name,
+        city: located(|l| l.city),
+        zip: located(|l| l.zip_code),
+        customer_phone: customer.as_ref().and_then(|c| text(c.phone)),
+        lead_price: text(f.lead_price),
+        charge_state: text(f.charge_state),
         negotiation_id,
         payload: payload.to_string(),
     })
 }
 
-/// Parses a listing page: `{"data": [...], "pagination": {"nextPageToken": ...}}`
-/// (a bare array is read as a single last page).
+/// Reads a lead from a whole body (`GET /negotiations/{id}`, a webhook's `data`).
+pub fn parse_lead_body(body: &str) -> Option<LeadRow> {
+    let raw: &RawValue = serde_json::from_str(body).ok()?;
+    parse_lead(raw)
+}
+
+/// A non-negative integer, sent as a number or a numeric string.
+fn count_of(raw: Option<&RawValue>) -> Option<u64> {
+    text(raw).and_then(|t| t.trim().parse::<u64>().ok())
+}
+
+fn markers_of(pagination: Option<&RawValue>) -> Markers {
+    let Some(raw) = pagination else {
+        return Markers::default();
+    };
+    let mut m = Markers {
+        raw: Some(raw.get().to_string()),
+        ..Markers::default()
+    };
+    // A map, not a struct: a key sent as null still counts as sent.
+    let Some(p) = object::<std::collections::BTreeMap<String, &RawValue>>(Some(raw)) else {
+        return m;
+    };
+    let field = |k: &str| p.get(k).copied();
+    m.next_key = field("next").is_some();
+    m.token_key = field("nextPageToken").is_some();
+    m.next = text(field("next"));
+    m.next_page_token = text(field("nextPageToken"));
+    m.offset = count_of(field("offset"));
+    m.limit = count_of(field("limit"));
+    m
+}
+
+/// Parses a listing page: `{"data": [...], "pagination": {...}}` (a bare
+/// array is read as a page without markers).
 pub fn parse_page(body: &[u8]) -> Result<Page, String> {
     let text_body = std::str::from_utf8(body).map_err(|_| "the page is not UTF-8".to_string())?;
-    let (entries, next_page_token) = if text_body.trim_start().starts_with('[') {
+    let (entries, markers) = if text_body.trim_start().starts_with('[') {
         let entries: Vec<&RawValue> = serde_json::from_str(text_body)
             .map_err(|e| format!("the page is not valid JSON: {e}"))?;
-        (entries, None)
+        let markers = Markers {
+            bare_array: true,
+            ..Markers::default()
+        };
+        (entries, markers)
     } else {
         let env: Envelope = serde_json::from_str(text_body)
             .map_err(|e| format!("the page is not a JSON object with a data array: {e}"))?;
         let data = env
             .data
             .ok_or_else(|| "the page has no `data` array".to_string())?;
-        let next = env
-            .pagination
-            .and_then(|p| serde_json::from_str::<Pagination>(p.get()).ok())
-            .and_then(|p| p.next_page_token)
-            .and_then(
-                |t| match serde_json::from_str::<serde_json::Value>(t.get()).ok()? {
-                    serde_json::Value::String(s) if !s.is_empty() => Some(s),
-                    _ => None,
-                },
-            );
-        (data, next)
+        (data, markers_of(env.pagination))
     };
     let mut page = Page {
         leads: Vec::with_capacity(entries.len()),
         skipped: 0,
-        next_page_token,
+        markers,
     };
     for raw in entries {
         match parse_lead(raw) {
@@ -239,13 +326,48 @@ mod tests {
         let page = parse_page(body.as_bytes()).unwrap();
         assert_eq!(page.leads.len(), 1);
         assert_eq!(page.skipped, 2);
-        assert_eq!(page.next_page_token.as_deref(), Some("abc"));
+        assert_eq!(page.markers.next_page_token.as_deref(), Some("abc"));
+        assert_eq!(page.markers.limit, Some(2));
+        assert_eq!(page.entries(), 3);
         let lead = &page.leads[0];
         assert!(lead.payload.contains("9007199254740993"));
         assert!(lead.payload.contains(r#""city":"San José""#));
         assert_eq!(lead.created_at.as_deref(), Some("2024-06-13T17:18:01Z"));
         assert_eq!(lead.customer_name.as_deref(), Some("Zoë"));
         assert_eq!(lead.zip.as_deref(), Some("95110"));
+    }
+
+    #[test]
+    fn the_schema_shape_fills_the_same_columns() {
+        let lead = parse_lead_body(
+            r#"{"negotiationID":"1","createdAt":"2026-01-01T04:30:00.250-05:00","status":"Open",
+                "request":{"category":{"categoryID":"9","name":"Plumbing"},
+                           "location":{"address1":"1 Main St","city":"Austin","state":"TX","zipCode":"78701"}},
+                "customer":{"customerID":"5","firstName":"Zoë","lastName":"Ø.","phone":"+1 555 0100"},
+                "leadPrice":"$25.00","chargeState":"Charged"}"#,
+        )
+        .unwrap();
+        assert_eq!(lead.created_at.as_deref(), Some("2026-01-01T09:30:00.250Z"));
+        assert_eq!(lead.category.as_deref(), Some("Plumbing"));
+        assert_eq!(lead.customer_name.as_deref(), Some("Zoë Ø."));
+        assert_eq!(lead.city.as_deref(), Some("Austin"));
+        assert_eq!(lead.zip.as_deref(), Some("78701"));
+        assert_eq!(lead.customer_phone.as_deref(), Some("+1 555 0100"));
+        assert_eq!(lead.lead_price.as_deref(), Some("$25.00"));
+        assert_eq!(lead.charge_state.as_deref(), Some("Charged"));
+        // The first present field wins; a price sent as a number keeps its text.
+        let lead = parse_lead_body(
+            r#"{"negotiationID":"2","category":{"name":"Docs"},"request":{"category":{"name":"Schema"}},
+                "customer":{"displayName":"","firstName":"Ann","location":{"city":"Reno","zipCode":89501}},
+                "leadPrice":25.10}"#,
+        )
+        .unwrap();
+        assert_eq!(lead.category.as_deref(), Some("Schema"));
+        assert_eq!(lead.customer_name.as_deref(), Some("Ann"));
+        assert_eq!(lead.city.as_deref(), Some("Reno"));
+        assert_eq!(lead.zip.as_deref(), Some("89501"));
+        assert_eq!(lead.lead_price.as_deref(), Some("25.10"));
+        assert_eq!(lead.customer_phone, None);
     }
 
     #[test]
@@ -263,7 +385,8 @@ mod tests {
     #[test]
     fn last_page_and_odd_types() {
         let page = parse_page(br#"{"data":[{"negotiationID":123,"status":{"x":1},"category":"plain"}],"pagination":{"nextPageToken":""}}"#).unwrap();
-        assert_eq!(page.next_page_token, None);
+        assert_eq!(page.markers.next_page_token, None);
+        assert!(page.markers.token_key);
         assert_eq!(page.leads[0].negotiation_id, "123");
         assert_eq!(page.leads[0].status, None);
         assert!(parse_page(b"<html>").is_err());

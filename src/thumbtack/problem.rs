@@ -75,6 +75,16 @@ impl Problem {
         })
     }
 
+    /// True when the object has a ProblemDetails field: the API's own answer,
+    /// not some JSON a proxy or another service sent.
+    pub fn is_problem_details(&self) -> bool {
+        self.kind.is_some()
+            || self.status.is_some()
+            || self.trace_id.is_some()
+            || self.errors.is_some()
+            || (self.title.is_some() && self.detail.is_some())
+    }
+
     /// `title: detail` and the field errors, for people.
     pub fn summary(&self) -> String {
         let mut s = match (&self.title, &self.detail) {
@@ -118,9 +128,26 @@ impl ApiError {
         retry_after: Option<Duration>,
         body: &[u8],
     ) -> ApiError {
-        let problem = Problem::parse(body);
+        let problem = Problem::parse(body).filter(Problem::is_problem_details);
         let trace_id = problem.as_ref().and_then(|p| p.trace_id.clone());
         let mut message = format!("HTTP {status} {reason}").trim_end().to_string();
+        let mut disposition = classify_status(status);
+        if disposition == Disposition::Dead && problem.is_none() {
+            // Not the API's answer (a proxy's page, a wrong base_url): a
+            // refusal only counts when Thumbtack itself gave it.
+            disposition = Disposition::Retry;
+            return ApiError {
+                disposition,
+                http_status: Some(status),
+                trace_id: None,
+                retry_after,
+                message: format!(
+                    "{message}, not from the API (the body is not a ProblemDetails object; \
+                     its first line: {}): retried; check api.base_url",
+                    first_line(body)
+                ),
+            };
+        }
         if status == 202 {
             message.push_str(" (a WAF challenge, not a success)");
         }
@@ -139,12 +166,29 @@ impl ApiError {
             message = format!("{message} (traceID {t})");
         }
         ApiError {
-            disposition: classify_status(status),
+            disposition,
             http_status: Some(status),
             trace_id,
             retry_after,
             message,
         }
+    }
+
+    /// A 3xx: redirects are never followed (a POST turned into a GET could
+    /// look like success); retried, with where it pointed.
+    pub fn redirected(status: u16, reason: &str, location: Option<&str>) -> ApiError {
+        let to: String = location
+            .unwrap_or("(no Location header)")
+            .chars()
+            .take(300)
+            .collect();
+        ApiError::retry(
+            Some(status),
+            format!(
+                "{}: redirected to {to}: check api.base_url (redirects are never followed)",
+                format!("HTTP {status} {reason}").trim_end()
+            ),
+        )
     }
 
     /// A transport failure (connect, reset, timeout): always retried.
@@ -212,6 +256,54 @@ pub fn describe_unreadable(body: &[u8]) -> String {
     };
     let excerpt: String = squeezed.chars().take(120).collect();
     format!("{kind} ({} bytes: {excerpt})", body.len())
+}
+
+/// The first non-blank line of a body, shortened: what a non-API answer said.
+pub fn first_line(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    match text.lines().map(str::trim).find(|l| !l.is_empty()) {
+        None => "(empty body)".to_string(),
+        Some(line) => {
+            let mut s: String = line.chars().take(200).collect();
+            if line.chars().count() > 200 {
+                s.push('…');
+            }
+            s
+        }
+    }
+}
+
+/// Response headers that may carry Thumbtack's trace id on any response
+/// (the ProblemDetails body carries it on errors). An assumption: Thumbtack
+/// documents the body field only.
+/// (No `x-request-id`: a proxy's id would pass for Thumbtack's.)
+const TRACE_HEADERS: [&str; 3] = ["x-trace-id", "x-traceid", "traceid"];
+
+/// The trace id of a successful response: a trace header, or a top-level
+/// `traceID` of a small JSON body (never a whole listing re-read for it).
+pub fn trace_id_of(headers: &reqwest::header::HeaderMap, body: &[u8]) -> Option<String> {
+    let from_header = TRACE_HEADERS.iter().find_map(|h| {
+        headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::trim)
+            .filter(|v| !v.is_empty())
+            .map(str::to_string)
+    });
+    from_header.or_else(|| {
+        if body.len() > 16 * 1024 {
+            return None;
+        }
+        #[derive(serde::Deserialize)]
+        struct Traced {
+            #[serde(rename = "traceID", default)]
+            trace_id: Option<String>,
+        }
+        serde_json::from_slice::<Traced>(body)
+            .ok()
+            .and_then(|t| t.trace_id)
+            .filter(|t| !t.is_empty())
+    })
 }
 
 /// Parses `Retry-After`: delay-seconds or an HTTP date; capped at `cap`.

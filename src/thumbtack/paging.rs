@@ -1,0 +1,319 @@
+//! How a listing is paged (SPEC §5 "List"): the one place that decides,
+//! from what each page says, which page comes next and whether the end of
+//! the listing is known. Three styles are read, whichever a page carries:
+//! `pagination.next` (a URL whose query is applied to our own list path),
+//! `pagination.nextPageToken` (sent back as `pageToken`), and
+//! `pagination.offset` (the next page is `offset + len(data)` while pages
+//! come back full).
+
+use super::model::{Markers, Page};
+use serde::Serialize;
+use std::collections::HashSet;
+
+/// The pagination style of a listing (`sync_runs.pagination`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Style {
+    /// `pagination.next`: a URL of the next page.
+    Next,
+    /// `pagination.nextPageToken`, sent back as `pageToken`.
+    Token,
+    /// `pagination.offset` (and `limit`) with no next marker.
+    Offset,
+    /// No marker at all: one page (or a listing whose end cannot be known).
+    Single,
+}
+
+impl Style {
+    /// The name stored in `sync_runs.pagination`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Style::Next => "next",
+            Style::Token => "token",
+            Style::Offset => "offset",
+            Style::Single => "single",
+        }
+    }
+}
+
+/// The query of one list request, applied to
+/// `{base_url}/api/v4/businesses/{id}/negotiations`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub query: Vec<(String, String)>,
+}
+
+impl Cursor {
+    /// The first page of a listing read `limit` leads at a time.
+    pub fn first(limit: u32) -> Cursor {
+        Cursor {
+            query: vec![("limit".into(), limit.max(1).to_string())],
+        }
+    }
+
+    /// The query as URL text (`limit=10&offset=10`), for messages and loop checks.
+    pub fn to_query_string(&self) -> String {
+        serde_urlencoded::to_string(&self.query).unwrap_or_default()
+    }
+}
+
+/// How a listing ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum End {
+    /// The last page said so (a short page, or a cursor style that stopped).
+    Known,
+    /// A full page with no marker: there may be more leads than were listed.
+    Unknown,
+}
+
+/// What to do after a page.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Step {
+    Next(Cursor),
+    End(End),
+}
+
+/// The pagination state of one pass over a business's listing.
+#[derive(Debug)]
+pub struct Listing {
+    limit: u32,
+    base: reqwest::Url,
+    style: Option<Style>,
+    requested: HashSet<String>,
+}
+
+/// Hosts a `pagination.next` may name besides `api.base_url`'s own: the
+/// documented `next` carries the production host even where the request
+/// went elsewhere. Its host is never contacted either way (only its query
+/// is used); another host means the response is not what we think it is.
+fn thumbtack_host(host: &str) -> bool {
+    host == "thumbtack.com" || host.ends_with(".thumbtack.com")
+}
+
+impl Listing {
+    /// A listing read `limit` leads at a time from `base_url`.
+    pub fn new(base_url: &str, limit: u32) -> Result<Listing, String> {
+        let base = reqwest::Url::parse(base_url)
+            .map_err(|e| format!("api.base_url {base_url:?} is not a URL: {e}"))?;
+        Ok(Listing {
+            limit: limit.max(1),
+            base,
+            style: None,
+            requested: HashSet::new(),
+        })
+    }
+
+    /// The first page's request.
+    pub fn first(&mut self) -> Cursor {
+        let c = Cursor::first(self.limit);
+        self.requested.insert(c.to_query_string());
+        c
+    }
+
+    /// The style seen so far (`single` until a page carries a marker).
+    pub fn style(&self) -> Style {
+        self.style.unwrap_or(Style::Single)
+    }
+
+    fn with_limit(&self, mut query: Vec<(String, String)>) -> Vec<(String, String)> {
+        if !query.iter().any(|(k, _)| k == "limit") {
+            query.insert(0, ("limit".into(), self.limit.to_string()));
+        }
+        query
+    }
+
+    fn seen_first(&mut self, style: Style) {
+        if self.style.is_none() || self.style == Some(Style::Single) {
+            self.style = Some(style);
+        }
+    }
+
+    /// Decides what follows `page`. An error means the listing cannot be
+    /// trusted (a `next` on another host, a loop): the pass fails.
+    pub fn advance(&mut self, page: &Page) -> Result<Step, String> {
+        let m: &Markers = &page.markers;
+        let entries = page.entries();
+        let limit = m.limit.filter(|l| *l > 0).unwrap_or(u64::from(self.limit));
+        let query = if let Some(next) = &m.next {
+            self.seen_first(Style::Next);
+            let url = reqwest::Url::options()
+                .base_url(Some(&self.base))
+                .parse(next)
+                .map_err(|e| format!("pagination.next {next:?} is not a URL: {e}"))?;
+            let host = url.host_str().unwrap_or("");
+            if Some(host) != self.base.host_str() && !thumbtack_host(host) {
+                return Err(format!(
+                    "pagination.next names another host ({host}); it is never followed: \
+                     check api.base_url ({})",
+                    self.base
+                ));
+            }
+            let query: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| (k.into_owned(), v.into_owned()))
+                .collect();
+            if query.iter().all(|(k, _)| k == "limit") {
+                return Err(format!(
+                    "pagination.next {next:?} names no page (no offset or token in its query)"
+                ));
+            }
+            self.with_limit(query)
+        } else if let Some(token) = &m.next_page_token {
+            self.seen_first(Style::Token);
+            vec![
+                ("limit".into(), self.limit.to_string()),
+                ("pageToken".into(), token.clone()),
+            ]
+        } else if m.next_key
+            || m.token_key
+            || matches!(self.style, Some(Style::Next | Style::Token))
+        {
+            // A cursor style that simply stops: the end is known.
+            self.seen_first(if m.token_key && !m.next_key {
+                Style::Token
+            } else {
+                Style::Next
+            });
+            return Ok(Step::End(End::Known));
+        } else if let Some(offset) = m.offset {
+            self.seen_first(Style::Offset);
+            if entries == 0 || entries < limit {
+                return Ok(Step::End(End::Known));
+            }
+            vec![
+                ("limit".into(), self.limit.to_string()),
+                ("offset".into(), (offset + entries).to_string()),
+            ]
+        } else {
+            // No marker at all: only a short page says the listing ended.
+            self.seen_first(Style::Single);
+            return Ok(Step::End(if entries < limit {
+                End::Known
+            } else {
+                End::Unknown
+            }));
+        };
+        let cursor = Cursor { query };
+        if !self.requested.insert(cursor.to_query_string()) {
+            return Err(format!(
+                "pagination loops: the page {:?} was already requested in this pass",
+                cursor.to_query_string()
+            ));
+        }
+        Ok(Step::Next(cursor))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::thumbtack::model::parse_page;
+
+    fn page(body: &str) -> Page {
+        parse_page(body.as_bytes()).unwrap()
+    }
+
+    fn leads(n: usize) -> String {
+        (0..n)
+            .map(|i| format!(r#"{{"negotiationID":"{i}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn next_query(step: Step) -> String {
+        match step {
+            Step::Next(c) => c.to_query_string(),
+            other => panic!("expected a next page, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_documented_next_applies_only_its_query() {
+        let mut l = Listing::new("http://127.0.0.1:9", 2).unwrap();
+        assert_eq!(l.first().to_query_string(), "limit=2");
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":0,"next":"https://api.thumbtack.com/v4/businesses/1/negotiations?limit=2&offset=2"}}}}"#,
+            leads(2)
+        ));
+        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&offset=2");
+        assert_eq!(l.style(), Style::Next);
+        // The last page: no next, short, or simply stopping.
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":2}}}}"#,
+            leads(2)
+        ));
+        // A next-style listing that simply stops, full page or not.
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+        assert_eq!(l.style(), Style::Next);
+    }
+
+    #[test]
+    fn a_next_on_another_host_or_in_a_loop_is_an_error() {
+        let mut l = Listing::new("http://127.0.0.1:9", 2).unwrap();
+        l.first();
+        let p = page(r#"{"data":[],"pagination":{"next":"https://evil.example/v4/x?offset=2"}}"#);
+        assert!(l.advance(&p).unwrap_err().contains("another host"));
+        // Relative and same-host URLs are fine.
+        let p = page(r#"{"data":[],"pagination":{"next":"/v4/x?offset=2"}}"#);
+        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&offset=2");
+        assert!(l.advance(&p).unwrap_err().contains("loops"));
+        let p = page(r#"{"data":[],"pagination":{"next":"http://127.0.0.1:9/v4/x"}}"#);
+        assert!(l.advance(&p).unwrap_err().contains("names no page"));
+    }
+
+    #[test]
+    fn tokens_offsets_and_the_two_kinds_of_end() {
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"nextPageToken":"t1"}}}}"#,
+            leads(2)
+        ));
+        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&pageToken=t1");
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2}}}}"#,
+            leads(2)
+        ));
+        assert_eq!(
+            l.advance(&p).unwrap(),
+            Step::End(End::Known),
+            "a token listing that stops"
+        );
+        assert_eq!(l.style(), Style::Token);
+
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":"2","offset":0}}}}"#,
+            leads(2)
+        ));
+        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&offset=2");
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":2}}}}"#,
+            leads(1)
+        ));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+        assert_eq!(l.style(), Style::Offset);
+
+        // A full first page with no marker: the end is unknown.
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2}}}}"#,
+            leads(2)
+        ));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown));
+        assert_eq!(l.style(), Style::Single);
+        let p = page(&format!("[{}]", leads(2)));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown));
+        let p = page(&format!("[{}]", leads(1)));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+        // A null next is a cursor style that stopped.
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"next":null}}}}"#,
+            leads(2)
+        ));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+    }
+}

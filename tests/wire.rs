@@ -1,0 +1,544 @@
+//! The real Thumbtack wire (SPEC §5): every pagination style with full and
+//! head scans, known and unknown ends, the mass-missing guard, both lead
+//! shapes, responses that did not come from the API, and `leadsync probe`.
+
+mod common;
+
+use common::{Env, FAST, count, text};
+use leadsync::sandbox::{Faults, Mutation, Pagination, SandboxOptions, Shape};
+use leadsync::thumbtack::paging::Cursor;
+use leadsync::thumbtack::{Auth, Client, ClientSettings, Disposition};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+async fn env_with(pagination: Pagination, shape: Shape, businesses: usize) -> Env {
+    Env::new(
+        SandboxOptions {
+            businesses,
+            pagination,
+            shape,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await
+}
+
+fn missing_ids(env: &Env) -> BTreeSet<String> {
+    let db = env.sql();
+    let mut st = db
+        .prepare("SELECT negotiation_id FROM negotiations WHERE missing_since IS NOT NULL")
+        .unwrap();
+    st.query_map([], |r| r.get::<_, String>(0))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+}
+
+fn last_run(env: &Env) -> (String, String, Option<String>, Option<String>, i64) {
+    env.sql()
+        .query_row(
+            "SELECT kind, outcome, pagination, error, missing FROM sync_runs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
+        )
+        .unwrap()
+}
+
+fn sync(env: &Env, args: &[&str]) -> (i32, String) {
+    let mut all = vec!["sync"];
+    all.extend_from_slice(args);
+    let o = env.run(&all);
+    (o.status.code().unwrap_or(-1), text(&o))
+}
+
+/// One style, end to end: head and full scans mirror every lead, a full
+/// scan marks exactly the removed leads missing, the guard refuses a listing
+/// that lost 80% of its leads until `--accept-missing`, and an unknown end
+/// marks nothing.
+async fn style_end_to_end(style: Pagination, name: &str) {
+    let env = env_with(style, Shape::Mixed, 1).await;
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    assert_eq!(ids.len(), 60);
+
+    // A head scan of an empty mirror reads to the end: every page is news.
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    let db = env.sql();
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 60, "{out}");
+    let (kind, outcome, pagination, error, _) = last_run(&env);
+    assert_eq!(
+        (
+            kind.as_str(),
+            outcome.as_str(),
+            pagination.as_deref(),
+            error
+        ),
+        ("head", "ok", Some(name), None)
+    );
+    // A full scan of the same listing: nothing new, nothing missing.
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("0 new, 0 changed, 60 unchanged, 0 newly missing"),
+        "{out}"
+    );
+    assert_eq!(last_run(&env).2.as_deref(), Some(name));
+
+    // Three leads go (first page, middle, last page), two arrive.
+    let removed: BTreeSet<String> = [3, 31, 59].iter().map(|&i| ids[i].clone()).collect();
+    for id in &removed {
+        env.sandbox
+            .mutate(Mutation::Remove {
+                negotiation_id: id.clone(),
+            })
+            .unwrap();
+    }
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 2,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("2 new"), "{out}");
+    assert!(
+        missing_ids(&env).is_empty(),
+        "a head scan marks nothing missing"
+    );
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env), removed, "exactly the removed leads");
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 62);
+
+    // The listing silently shrinks by 80%: 48 of the 59 present leads vanish.
+    let listed = env.sandbox.lead_ids(&b);
+    let vanished: BTreeSet<String> = listed[..48].iter().cloned().collect();
+    for id in &vanished {
+        env.sandbox
+            .mutate(Mutation::Remove {
+                negotiation_id: id.clone(),
+            })
+            .unwrap();
+    }
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("listing looks truncated: 48 of 59 leads would go missing"),
+        "{out}"
+    );
+    assert!(out.contains("--accept-missing"), "{out}");
+    assert_eq!(missing_ids(&env), removed, "the guard marked nothing");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("error", 0));
+    assert!(error.unwrap_or_default().contains("48 of 59"));
+    // The operator accepts it.
+    let (code, out) = sync(&env, &["--full", "--accept-missing"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("48 newly missing"), "{out}");
+    let expected: BTreeSet<String> = removed.union(&vanished).cloned().collect();
+    assert_eq!(missing_ids(&env), expected);
+
+    // An unknown end (a full page, no marker): the pass succeeds, says so,
+    // and marks nothing, though only 10 of the 11 listed leads were read.
+    env.sandbox.set_pagination(Pagination::None);
+    for args in [&["--full"][..], &[][..]] {
+        let (code, out) = sync(&env, args);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("end is unknown"), "{out}");
+        let (_, outcome, pagination, error, missing) = last_run(&env);
+        assert_eq!(
+            (outcome.as_str(), pagination.as_deref(), missing),
+            ("ok", Some("single"), 0)
+        );
+        assert!(error.unwrap_or_default().contains("no pagination marker"));
+        assert_eq!(missing_ids(&env), expected, "nothing newly missing");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_style_scans_mirror_everything_and_mark_exactly_the_removed() {
+    style_end_to_end(Pagination::Next, "next").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_style_scans_mirror_everything_and_mark_exactly_the_removed() {
+    style_end_to_end(Pagination::Token, "token").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offset_style_scans_mirror_everything_and_mark_exactly_the_removed() {
+    style_end_to_end(Pagination::Offset, "offset").await;
+}
+
+fn lead_value(env: &Env, id: &str) -> serde_json::Value {
+    serde_json::from_str(&env.sandbox.lead_json(id).unwrap()).unwrap()
+}
+
+type Columns = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+);
+
+fn columns(env: &Env, id: &str) -> Columns {
+    env.sql()
+        .query_row(
+            "SELECT created_at, category, customer_name, city, zip, customer_phone, lead_price, charge_state
+               FROM negotiations WHERE negotiation_id = ?1",
+            [id],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                    r.get(5)?,
+                    r.get(6)?,
+                    r.get(7)?,
+                ))
+            },
+        )
+        .unwrap()
+}
+
+fn utc(t: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(t)
+        .unwrap()
+        .with_timezone(&chrono::Utc)
+        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schema_shape_fills_every_column() {
+    let env = env_with(Pagination::Next, Shape::Schema, 1).await;
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let b = env.business_ids()[0].clone();
+    let mut offsets = 0;
+    for id in env.sandbox.lead_ids(&b) {
+        let v = lead_value(&env, &id);
+        let (created, category, name, city, zip, phone, price, charge) = columns(&env, &id);
+        let sent = v["createdAt"].as_str().unwrap();
+        if !sent.ends_with('Z') {
+            offsets += 1;
+        }
+        assert_eq!(
+            created.as_deref(),
+            Some(utc(sent).as_str()),
+            "UTC whatever the offset"
+        );
+        assert_eq!(
+            category.as_deref(),
+            v["request"]["category"]["name"].as_str()
+        );
+        let first = v["customer"]["firstName"].as_str().unwrap();
+        let last = v["customer"]["lastName"].as_str().unwrap();
+        let expected = if last.is_empty() {
+            first.to_string()
+        } else {
+            format!("{first} {last}")
+        };
+        assert_eq!(name, Some(expected), "First Last");
+        assert_eq!(city.as_deref(), v["request"]["location"]["city"].as_str());
+        assert_eq!(zip.as_deref(), v["request"]["location"]["zipCode"].as_str());
+        assert_eq!(phone.as_deref(), v["customer"]["phone"].as_str());
+        assert_eq!(
+            price.as_deref(),
+            v["leadPrice"].as_str(),
+            "the price as sent"
+        );
+        assert!(price.unwrap().starts_with('$'));
+        assert_eq!(charge.as_deref(), v["chargeState"].as_str());
+    }
+    assert!(offsets > 0, "some createdAt values carry an offset");
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE typeof(lead_price) <> 'text'"
+        ),
+        0,
+        "lead_price is text, never a number"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_docs_shape_fills_its_columns_and_leaves_the_rest_empty() {
+    let env = env_with(Pagination::Token, Shape::Docs, 1).await;
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let b = env.business_ids()[0].clone();
+    for id in env.sandbox.lead_ids(&b) {
+        let v = lead_value(&env, &id);
+        let (created, category, name, city, zip, phone, price, charge) = columns(&env, &id);
+        assert_eq!(created.as_deref(), v["createTime"].as_str());
+        assert_eq!(category.as_deref(), v["category"]["name"].as_str());
+        assert_eq!(name.as_deref(), v["customer"]["displayName"].as_str());
+        assert_eq!(city.as_deref(), v["customer"]["location"]["city"].as_str());
+        assert_eq!(
+            zip.as_deref(),
+            v["customer"]["location"]["zipCode"].as_str()
+        );
+        assert_eq!((phone, price, charge), (None, None, None));
+    }
+}
+
+fn client(env: &Env) -> Arc<Client> {
+    let config = env.config();
+    let auth = Arc::new(Auth::new(&config, None, HashMap::new()).unwrap());
+    Arc::new(Client::new(ClientSettings::from_config(&config), auth).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redirects_and_html_404s_are_retried_never_followed_or_dead() {
+    let env = env_with(Pagination::Next, Shape::Mixed, 1).await;
+    let c = client(&env);
+    let b = env.business_ids()[0].clone();
+
+    env.sandbox.set_faults(Faults {
+        redirect: 1.0,
+        ..Default::default()
+    });
+    let e = c.list_page(&b, &Cursor::first(10)).await.unwrap_err();
+    assert_eq!(e.disposition, Disposition::Retry);
+    assert_eq!(e.http_status, Some(301));
+    assert!(
+        e.message.contains(&format!(
+            "redirected to {}/moved/api/v4/businesses/{b}/negotiations",
+            env.sandbox.base_url()
+        )) && e.message.contains("check api.base_url"),
+        "{}",
+        e.message
+    );
+    assert_eq!(
+        env.sandbox.stats().requests,
+        1,
+        "the redirect was not followed"
+    );
+
+    env.sandbox.set_faults(Faults {
+        html_404: 1.0,
+        ..Default::default()
+    });
+    let e = c.list_page(&b, &Cursor::first(10)).await.unwrap_err();
+    assert_eq!(e.disposition, Disposition::Retry, "{}", e.message);
+    assert_eq!(e.http_status, Some(404));
+    assert!(
+        e.message.contains("not from the API") && e.message.contains("<!DOCTYPE html>"),
+        "the body's first line is recorded: {}",
+        e.message
+    );
+
+    // The drainer: a job status under either fault stays pending, counted, never dead.
+    env.sandbox.set_faults(Faults::default());
+    assert_eq!(sync(&env, &[]).0, 0);
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    for (faults, status, needle) in [
+        (
+            Faults {
+                redirect: 1.0,
+                ..Default::default()
+            },
+            301,
+            "redirected to",
+        ),
+        (
+            Faults {
+                html_404: 1.0,
+                ..Default::default()
+            },
+            404,
+            "not from the API",
+        ),
+    ] {
+        env.sandbox.set_faults(faults);
+        let o = env.run(&[
+            "enqueue",
+            "--negotiation",
+            &lead,
+            "--status",
+            "appt_scheduled",
+            "--at",
+            "2026-01-02T10:00:00Z",
+        ]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        let row: i64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+        let o = env.run(&["drain"]);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        let (state, attempts, http, error): (String, i64, i64, String) = env
+            .sql()
+            .query_row(
+                "SELECT state, attempts, last_http_status, last_error FROM outbox WHERE id = ?1",
+                [row],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .unwrap();
+        assert_eq!((state.as_str(), attempts, http), ("pending", 1, status));
+        assert!(error.contains(needle), "{error}");
+        env.sql()
+            .execute("UPDATE outbox SET state = 'canceled' WHERE id = ?1", [row])
+            .unwrap();
+    }
+    assert!(env.sandbox.deliveries().is_empty());
+
+    // A success records its real status and trace id.
+    env.sandbox.set_faults(Faults::default());
+    let o = env.run(&[
+        "enqueue",
+        "--negotiation",
+        &lead,
+        "--status",
+        "job_complete",
+        "--at",
+        "2026-01-03T10:00:00Z",
+    ]);
+    let row: i64 = String::from_utf8_lossy(&o.stdout).trim().parse().unwrap();
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (http, trace): (i64, Option<String>) = env
+        .sql()
+        .query_row(
+            "SELECT last_http_status, last_trace_id FROM outbox WHERE id = ?1",
+            [row],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(http, 200);
+    assert!(
+        trace.is_some_and(|t| !t.is_empty()),
+        "trace id of a success"
+    );
+}
+
+fn probe(env: &Env, business: &str, json: bool) -> (i32, String) {
+    let mut args = vec!["probe", "--business", business];
+    if json {
+        args.push("--json");
+    }
+    let o = env.run(&args);
+    (o.status.code().unwrap_or(-1), text(&o))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_shows_each_style_in_text_and_json() {
+    for (style, name, next) in [
+        (Pagination::Next, "next", Some("?limit=10&offset=10")),
+        (Pagination::Token, "token", Some("?limit=10&pageToken=")),
+        (Pagination::Offset, "offset", Some("?limit=10&offset=10")),
+        (Pagination::None, "single", None),
+    ] {
+        let env = Env::new(
+            SandboxOptions {
+                businesses: 1,
+                pagination: style,
+                ..Default::default()
+            },
+            true,
+            FAST,
+        )
+        .await;
+        let b = env.business_ids()[0].clone();
+        let first = env.sandbox.lead_ids(&b)[0].clone();
+        let (code, out) = probe(&env, &b, false);
+        assert_eq!(code, 0, "{out}");
+        for needle in [
+            &format!("list: GET /api/v4/businesses/{b}/negotiations?limit=10"),
+            "HTTP 200, traceID ",
+            &format!("pagination style: {name}"),
+            &format!("lead {first}"),
+            "top-level keys: ",
+            "negotiationID",
+            "columns filled: ",
+            &format!("get: GET /api/v4/negotiations/{first}"),
+            "the listed entry and the GET body are the same",
+            "scopes: supply::negotiations.read",
+            "probe: ok",
+        ] {
+            assert!(out.contains(needle), "{name}: {needle:?} in\n{out}");
+        }
+        match next {
+            Some(q) => assert!(out.contains(&format!("next page: {q}")), "{out}"),
+            None => assert!(out.contains("end of the listing: UNKNOWN"), "{out}"),
+        }
+        assert!(!out.contains("traceID (none)"), "{out}");
+
+        let (code, out) = probe(&env, &b, true);
+        assert_eq!(code, 0, "{out}");
+        let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+        assert_eq!(v["pagination"]["style"], name);
+        assert_eq!(v["list"]["http_status"], 200);
+        assert_eq!(v["lead"]["negotiation_id"], first.as_str());
+        assert_eq!(v["comparison"]["same"], true);
+        assert_eq!(v["token"]["kind"], "oauth");
+        assert!(
+            v["lead"]["filled"]["customer_name"].is_string(),
+            "{}",
+            v["lead"]
+        );
+        assert!(
+            v["lead"]["top_level_keys"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("negotiationID"))
+        );
+        // Read-only: the mirror was never created.
+        assert!(!env.database().exists());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_reports_a_refused_listing_and_fails() {
+    let env = env_with(Pagination::Next, Shape::Schema, 1).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_faults(Faults {
+        html_404: 1.0,
+        ..Default::default()
+    });
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("HTTP 404") && out.contains("not from the API"),
+        "{out}"
+    );
+    assert!(out.contains("probe: FAILED"), "{out}");
+    assert!(out.contains("the access token is opaque"), "{out}");
+    let (code, out) = probe(&env, "123", false);
+    assert_eq!(code, 1);
+    assert!(
+        out.contains("business 123 is not in the configuration"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_of_an_oauth_grant_refuses_to_race_a_running_daemon() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            ..Default::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let session = leadsync::app::Session::open(env.config()).await.unwrap();
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("another leadsync process"), "{out}");
+    assert_eq!(env.sandbox.stats().requests, 0, "nothing was sent");
+    drop(session);
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 0, "{out}");
+}
