@@ -7,7 +7,7 @@ pub mod outbox;
 pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -26,8 +26,27 @@ fn migrations() -> Vec<(i64, String)> {
          partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{checks}END;\n",
         include_str!("migrations/0001_initial.sql")
     );
-    vec![(1, v1)]
+    let checks3 = include_str!("migrations/0003_outbox_checks.sql");
+    let v3 = format!(
+        "{}\nCREATE TRIGGER outbox_validate_insert BEFORE INSERT ON outbox BEGIN\n{checks3}END;\n\
+         CREATE TRIGGER outbox_validate_update BEFORE UPDATE OF negotiation_id, business_id, status, \
+         partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}END;\n",
+        include_str!("migrations/0003_outbox.sql")
+    );
+    vec![(1, v1), (3, v3)]
 }
+
+/// First statement of the outbox's UPDATE trigger (schema 3): a row's content
+/// is what was (or is being) sent once it leaves `pending`.
+const OUTBOX_FROZEN: &str = "SELECT RAISE(ABORT, 'outbox: a row''s content (negotiation_id, business_id, status, \
+partner_status_changed_at, invoice_amount_in_cents) can only change while it is pending; this row is sending, \
+sent, dead or canceled: to correct a transition, insert a new row')
+ WHERE OLD.state <> 'pending'
+   AND (NEW.negotiation_id IS NOT OLD.negotiation_id OR NEW.business_id IS NOT OLD.business_id
+        OR NEW.status IS NOT OLD.status
+        OR NEW.partner_status_changed_at IS NOT OLD.partner_status_changed_at
+        OR NEW.invoice_amount_in_cents IS NOT OLD.invoice_amount_in_cents);
+";
 
 /// The schema version this binary writes.
 pub fn schema_version() -> i64 {
@@ -97,17 +116,34 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
         if version <= current {
             continue;
         }
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Another process may have migrated while we waited for the lock.
-        let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if now >= version {
-            continue;
-        }
-        tx.execute_batch(&sql)
-            .with_context(|| format!("migration {version} failed"))?;
-        tx.pragma_update(None, "user_version", version)?;
-        tx.commit()?;
+        // Foreign keys off around a migration (they cannot change inside a
+        // transaction): rebuilding a table (migration 3) drops the old one,
+        // and with them on that would cascade into `outbox_attempts`.
+        conn.pragma_update(None, "foreign_keys", false)?;
+        let applied = apply_migration(conn, version, &sql);
+        conn.pragma_update(None, "foreign_keys", true)?;
+        applied?;
     }
+    Ok(())
+}
+
+fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Another process may have migrated while we waited for the lock.
+    let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if now >= version {
+        return Ok(());
+    }
+    tx.execute_batch(sql)
+        .with_context(|| format!("migration {version} failed"))?;
+    let broken: Option<String> = tx
+        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+        .optional()?;
+    if let Some(table) = broken {
+        bail!("migration {version} failed: it left rows of {table} pointing at nothing");
+    }
+    tx.pragma_update(None, "user_version", version)?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -212,6 +248,14 @@ pub fn is_busy(e: &rusqlite::Error) -> bool {
         e.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
+}
+
+/// True when an error from a [`Store::call`] is SQLite giving up on a lock
+/// (worth trying again), as opposed to anything else (not worth it).
+pub fn is_busy_error(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<rusqlite::Error>())
+        .any(is_busy)
 }
 
 /// Maps a SQLite error from a write by the outbox's triggers or constraints
