@@ -342,20 +342,29 @@ impl Drainer {
             match recorded {
                 Ok((Recorded::Yes, next)) => return (result, next),
                 Ok((Recorded::RowDeleted, _)) => {
-                    warn!(outbox_id = id, ?result,
-                        "the row was deleted while it was being sent; its outcome is not recorded");
+                    warn!(
+                        outbox_id = id,
+                        ?result,
+                        "the row was deleted while it was being sent; its outcome is not recorded"
+                    );
                     return (result, None);
                 }
                 Ok((Recorded::RowChanged(state), _)) => {
-                    warn!(outbox_id = id, ?result, state,
+                    warn!(
+                        outbox_id = id,
+                        ?result,
+                        state,
                         "the row was changed while it was being sent (it is now {state}); \
-                         the attempt is recorded, the row keeps what was done to it");
+                         the attempt is recorded, the row keeps what was done to it"
+                    );
                     return (result, None);
                 }
                 // Only a locked database is worth waiting out. While running,
                 // keep trying (a row left `sending` would wait for the next
                 // start); once stopping, give up after a few.
-                Err(e) if crate::store::is_busy_error(&e) && (!stop.is_cancelled() || tries < 5) => {
+                Err(e)
+                    if crate::store::is_busy_error(&e) && (!stop.is_cancelled() || tries < 5) =>
+                {
                     if tries % 30 == 0 {
                         warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying every second");
                     }

@@ -287,3 +287,92 @@ mod tests {
         assert_eq!(v, schema_version());
     }
 }
+
+#[cfg(test)]
+mod migration_3 {
+    use super::*;
+
+    /// A database left by schema 1, with rows schema 3 would refuse.
+    fn schema_1(path: &Path) -> Connection {
+        let mut conn = Connection::open(path).unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        let (_, v1) = migrations().into_iter().next().unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch(&v1).unwrap();
+        tx.pragma_update(None, "user_version", 1).unwrap();
+        tx.commit().unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES
+                 ('11', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                 ('12', 'appt_scheduled', '2024-06-14T09:30:00+15:00'),
+                 (X'3132', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                 ('14', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                 ('15', 'appt_scheduled', '2024-06-14T09:30:00Z');
+             DELETE FROM outbox WHERE id = 5;
+             UPDATE outbox SET state = 'sent', attempts = 3 WHERE id = 1;
+             INSERT INTO outbox_attempts (outbox_id, attempt, started_at, outcome)
+                 VALUES (1, 1, 'x', 'retry'), (1, 2, 'x', 'retry'), (4, 1, 'x', 'retry');",
+        )
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn rebuild_keeps_rows_ids_attempts_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        drop(schema_1(&path));
+        let conn = open_connection(&path, true).unwrap();
+        let n = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(n("PRAGMA user_version"), schema_version());
+        let ids: String = conn
+            .query_row(
+                "SELECT group_concat(id) FROM (SELECT id FROM outbox ORDER BY id)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(ids, "1,2,3,4");
+        assert_eq!(n("SELECT count(*) FROM outbox"), 4);
+        assert_eq!(
+            n("SELECT attempts FROM outbox WHERE id = 1 AND state = 'sent'"),
+            3
+        );
+        assert_eq!(
+            n("SELECT count(*) FROM outbox WHERE id = 3 AND typeof(negotiation_id) = 'blob'"),
+            1,
+            "a bad row is kept as it was (the drainer fails it alone)"
+        );
+        assert_eq!(n("SELECT count(*) FROM outbox_attempts"), 3);
+        assert_eq!(
+            n("SELECT count(*) FROM outbox WHERE late = 0 AND waiting_for IS NULL"),
+            4
+        );
+        // The attempts still belong to their rows: deleting one takes its history.
+        conn.execute("DELETE FROM outbox WHERE id = 1", []).unwrap();
+        assert_eq!(n("SELECT count(*) FROM outbox_attempts"), 1);
+        // AUTOINCREMENT: no id is handed out twice, not even the highest.
+        conn.execute("DELETE FROM outbox WHERE id = 4", []).unwrap();
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('16', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+        assert!(
+            conn.last_insert_rowid() >= 5,
+            "{}",
+            conn.last_insert_rowid()
+        );
+        // The new triggers are in place.
+        assert!(
+            conn.execute(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                 VALUES (X'31', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+                [],
+            )
+            .is_err()
+        );
+        assert_eq!(n("PRAGMA foreign_keys"), 1);
+    }
+}

@@ -238,12 +238,17 @@ struct Candidate {
     content: std::result::Result<Claimed, String>,
     /// The row's own `business_id` (a claim fills it in when NULL).
     own_business: Option<String>,
+    /// The business an open row of the same negotiation is put aside for.
+    behind: Option<String>,
 }
 
 /// The columns a claim reads, in the order [`candidate_from_row`] expects.
 const CANDIDATE_COLUMNS: &str = "o.id, o.negotiation_id, o.business_id,
     COALESCE(o.business_id, n.business_id, :default_business),
-    o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.attempts, o.changed_at_utc";
+    o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.attempts, o.changed_at_utc,
+    (SELECT w.waiting_for FROM outbox w INDEXED BY outbox_open_by_negotiation
+      WHERE w.negotiation_id = o.negotiation_id AND w.state IN ('pending', 'sending')
+        AND w.waiting_for IS NOT NULL LIMIT 1)";
 
 /// Reads a candidate leniently: whatever a partner's program wrote, the
 /// claim goes on; a row that cannot be sent is reported, not fatal.
@@ -265,11 +270,13 @@ fn candidate_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
         let negotiation_id = text(r.get_ref(1).map_err(|e| e.to_string())?, "negotiation_id")?
             .ok_or("negotiation_id is NULL")?;
         if negotiation_id.is_empty() || !negotiation_id.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(format!("negotiation_id {negotiation_id:?} is not text of digits"));
+            return Err(format!(
+                "negotiation_id {negotiation_id:?} is not text of digits"
+            ));
         }
         let business_id = text(r.get_ref(3).map_err(|e| e.to_string())?, "business_id")?;
-        let status = text(r.get_ref(4).map_err(|e| e.to_string())?, "status")?
-            .ok_or("status is NULL")?;
+        let status =
+            text(r.get_ref(4).map_err(|e| e.to_string())?, "status")?.ok_or("status is NULL")?;
         let at = text(
             r.get_ref(5).map_err(|e| e.to_string())?,
             "partner_status_changed_at",
@@ -306,10 +313,15 @@ fn candidate_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
         rusqlite::types::ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
         _ => None,
     };
+    let behind = match r.get_ref(9)? {
+        rusqlite::types::ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        _ => None,
+    };
     Ok(Candidate {
         id,
         content: read(),
         own_business,
+        behind,
     })
 }
 
@@ -320,6 +332,8 @@ enum Taken {
     Parked,
     /// Failed alone: it cannot be read or sent.
     Dead,
+    /// Not first in line after all.
+    Skipped,
 }
 
 /// Marks a row that cannot be read or sent `dead`, alone, with why.
@@ -349,13 +363,24 @@ fn take(
     now: &str,
 ) -> Result<Taken> {
     let id = candidate.id;
-    let mut c = match candidate.content {
+    let mut c = match candidate.content.clone() {
         Ok(c) => c,
         Err(why) => {
             fail_alone(tx, id, &why, now)?;
             return Ok(Taken::Dead);
         }
     };
+    // Behind a row put aside: it waits with it (it would only be walked
+    // over, claim after claim, otherwise).
+    if let Some(business_id) = &candidate.behind {
+        return match filter.wait_reason(business_id) {
+            Some(why) => {
+                park(tx, id, business_id, &why, now)?;
+                Ok(Taken::Parked)
+            }
+            None => Ok(Taken::Skipped),
+        };
+    }
     if let Some(business_id) = &c.business_id
         && let Some(why) = filter.wait_reason(business_id)
     {
@@ -398,7 +423,8 @@ fn take(
     Ok(Taken::Claimed(c))
 }
 
-/// Puts one row aside for its business.
+/// Puts one row aside for its business, with the pending rows of its
+/// negotiation (they wait behind it anyway).
 fn park(
     tx: &rusqlite::Transaction<'_>,
     id: i64,
@@ -408,6 +434,12 @@ fn park(
 ) -> Result<()> {
     tx.prepare_cached("UPDATE outbox SET waiting_for = ?2, last_error = ?3 WHERE id = ?1")?
         .execute(params![id, business_id, why])?;
+    tx.prepare_cached(
+        "UPDATE outbox SET waiting_for = ?2, last_error = ?3
+          WHERE negotiation_id = (SELECT negotiation_id FROM outbox WHERE id = ?1)
+            AND state = 'pending' AND waiting_for IS NULL",
+    )?
+    .execute(params![id, business_id, why])?;
     tx.prepare_cached(
         "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
          ON CONFLICT (business_id) DO NOTHING",
@@ -470,6 +502,13 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
               WHERE business_id = ?1 AND state = 'pending' AND waiting_for IS NULL",
             params![business_id, why],
         )?;
+        // Rows that name no business: theirs is their lead's.
+        tx.execute(
+            "UPDATE outbox SET waiting_for = ?1, last_error = ?2
+              WHERE negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
+                AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL",
+            params![business_id, why],
+        )?;
         tx.execute(
             "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
              ON CONFLICT (business_id) DO UPDATE SET reason = excluded.reason",
@@ -514,7 +553,12 @@ pub fn claim(
                     AND (:after_id = -9223372036854775808
                          OR o.next_attempt_at > :after_at
                          OR (o.next_attempt_at = :after_at AND o.id > :after_id))
-                    AND (o.changed_at_utc IS NULL OR NOT EXISTS (
+                    AND (o.changed_at_utc IS NULL
+                         OR EXISTS (SELECT 1 FROM outbox w INDEXED BY outbox_open_by_negotiation
+                                     WHERE w.negotiation_id = o.negotiation_id
+                                       AND w.state IN ('pending', 'sending')
+                                       AND w.waiting_for IS NOT NULL)
+                         OR NOT EXISTS (
                         SELECT 1 FROM outbox p
                          WHERE p.negotiation_id = o.negotiation_id
                            AND p.state IN ('pending', 'sending')
@@ -535,21 +579,37 @@ pub fn claim(
                         ":after_id": after.1,
                         ":page": page as i64,
                     },
-                    |r| Ok((candidate_from_row(r)?, r.get::<_, rusqlite::types::Value>(9)?)),
+                    |r| {
+                        Ok((
+                            candidate_from_row(r)?,
+                            r.get::<_, rusqlite::types::Value>(10)?,
+                        ))
+                    },
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
         let full = candidates.len() == page;
+        let mut set_aside = false;
         for (candidate, next_attempt_at) in candidates {
             if claimed.len() == limit {
                 break;
             }
             after = (next_attempt_at, candidate.id);
-            if let Taken::Claimed(c) = take(&tx, candidate, filter, &now)? {
-                claimed.push(c);
+            match take(&tx, candidate, filter, &now)? {
+                Taken::Claimed(c) => claimed.push(c),
+                Taken::Parked | Taken::Dead => set_aside = true,
+                Taken::Skipped => {}
             }
         }
-        if claimed.len() == limit || !full {
+        if claimed.len() == limit {
+            break;
+        }
+        if set_aside {
+            // A row that died or was put aside may have held back later rows
+            // of its negotiation, anywhere in the walk: walk again from the
+            // start (each row leaves the walk once, so this ends).
+            after = (rusqlite::types::Value::Null, i64::MIN);
+        } else if !full {
             break;
         }
     }
@@ -583,16 +643,16 @@ fn claim_head_of(
                 ":default_business": filter.default_business,
             },
             |r| {
-                let due = match r.get_ref(10)? {
+                let due = match r.get_ref(11)? {
                     rusqlite::types::ValueRef::Text(t) => t <= due_by.as_bytes(),
                     _ => true,
                 };
                 Ok((
                     candidate_from_row(r)?,
-                    matches!(r.get_ref(9)?, rusqlite::types::ValueRef::Text(b"pending")),
+                    matches!(r.get_ref(10)?, rusqlite::types::ValueRef::Text(b"pending")),
                     due,
-                    r.get::<_, bool>(11)?,
                     r.get::<_, bool>(12)?,
+                    r.get::<_, bool>(13)?,
                 ))
             },
         )
@@ -605,7 +665,7 @@ fn claim_head_of(
     }
     match take(tx, candidate, filter, &crate::time::now())? {
         Taken::Claimed(c) => Ok(Some(c)),
-        Taken::Parked | Taken::Dead => Ok(None),
+        Taken::Parked | Taken::Dead | Taken::Skipped => Ok(None),
     }
 }
 
