@@ -488,7 +488,7 @@ async fn a_hanging_token_endpoint_stalls_neither_claims_nor_the_heartbeat() {
         rig.env.business_ids()[0].clone(),
         rig.env.business_ids()[1].clone(),
     );
-    assert_eq!(rig.session.auth.blocked(), [b.clone()]);
+    assert_eq!(rig.session.auth.blocked(), std::slice::from_ref(&b));
     // Business 0 has a fresh access token; then the token endpoint stops answering.
     rig.session.auth.token(&a).await.unwrap();
     let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
