@@ -548,3 +548,27 @@ fn zone_offsets_beyond_14_hours_are_refused() {
         0
     );
 }
+
+#[test]
+fn a_waiting_row_that_leaves_pending_waits_for_nothing() {
+    let (_d, c) = fresh();
+    insert(
+        &c,
+        Some("1"),
+        Some("appt_scheduled"),
+        Some("2024-06-14T09:30:00Z"),
+        None,
+    )
+    .unwrap();
+    c.execute_batch(
+        "UPDATE outbox SET waiting_for = '2';
+         UPDATE outbox SET state = 'canceled';
+         UPDATE outbox SET state = 'pending';",
+    )
+    .unwrap();
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM outbox WHERE waiting_for IS NULL"),
+        1,
+        "put back by hand, the row is due, not aside for good"
+    );
+}

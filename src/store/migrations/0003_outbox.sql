@@ -68,5 +68,13 @@ CREATE TABLE outbox_waits (
     since       TEXT NOT NULL
 );
 
+-- A row that leaves `pending` (canceled, sent...) waits for nothing: were
+-- it put back to pending by hand, it must be due, not aside for good.
+CREATE TRIGGER outbox_left_pending AFTER UPDATE OF state ON outbox
+  WHEN NEW.state <> 'pending' AND NEW.waiting_for IS NOT NULL
+BEGIN
+    UPDATE outbox SET waiting_for = NULL WHERE id = NEW.id;
+END;
+
 -- The validating triggers (INSERT and UPDATE) are created by the migration
 -- runner from 0003_outbox_checks.sql.
