@@ -18,6 +18,9 @@ pub const ENV_PREFIX: &str = "LEADSYNC_";
 /// Environment variables with the prefix that are not configuration keys.
 const ENV_NOT_CONFIG: &[&str] = &["log", "log_format"];
 
+/// The largest `outbox.backoff_max_secs`: 7 days.
+pub const MAX_BACKOFF_SECS: f64 = 7.0 * 86400.0;
+
 /// A configuration that cannot be used; the process exits with 78 (EX_CONFIG).
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{0}")]
@@ -73,7 +76,7 @@ impl Default for ApiConfig {
     fn default() -> Self {
         ApiConfig {
             base_url: "https://api.thumbtack.com".into(),
-            timeout_secs: 30,
+            timeout_secs: 20,
             user_agent: format!("leadsync/{}", env!("CARGO_PKG_VERSION")),
             max_requests_per_second: 5.0,
             read_retries: 3,
@@ -167,7 +170,7 @@ pub struct DaemonConfig {
 impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
-            shutdown_timeout_secs: 10,
+            shutdown_timeout_secs: 25,
             sync_concurrency: 4,
         }
     }
@@ -553,10 +556,25 @@ fn validate(
             ));
         }
     }
+    // Larger delays overflow time arithmetic; a week is already "an operator must act".
+    if outbox.backoff_max_secs > MAX_BACKOFF_SECS {
+        return err(format!(
+            "{}: must be at most {MAX_BACKOFF_SECS} seconds (7 days)",
+            locate(figment, "outbox.backoff_max_secs")
+        ));
+    }
     if outbox.backoff_max_secs < outbox.backoff_initial_secs {
         return err(format!(
             "{}: must not be smaller than outbox.backoff_initial_secs",
             locate(figment, "outbox.backoff_max_secs")
+        ));
+    }
+    // A stop that cuts a send short makes a duplicate at the next start.
+    if file.daemon.shutdown_timeout_secs < api.timeout_secs {
+        return err(format!(
+            "{}: must not be shorter than api.timeout_secs ({} s): a send cut short by a stop is sent again at the next start",
+            locate(figment, "daemon.shutdown_timeout_secs"),
+            api.timeout_secs
         ));
     }
     if file.daemon.sync_concurrency == 0 {

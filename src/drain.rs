@@ -5,11 +5,10 @@
 
 use crate::config::Config;
 use crate::store::Store;
-use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Finish};
+use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Finish, Recorded};
 use crate::thumbtack::model::JobStatusBody;
 use crate::thumbtack::{Client, Disposition};
-use backon::BackoffBuilder;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
@@ -20,6 +19,47 @@ use tracing::{error, info, warn};
 /// How often blocked businesses are checked for a new grant.
 const REAUTH_RECHECK: Duration = Duration::from_secs(30);
 
+/// Token refreshes a re-authorization recheck runs at once.
+const RECHECK_CONCURRENCY: usize = 4;
+
+/// `leadsync drain`: claims that fail in a row, with nothing in flight,
+/// before the pass gives up.
+const CLAIM_FAILURES_BEFORE_GIVING_UP: u32 = 5;
+
+/// Why a business's rows wait (SPEC §4): they are put aside without
+/// counting attempts and never go dead for it; `last_error` says why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitReason {
+    /// `enabled = false`.
+    Disabled,
+    /// Its grant was refused: a person must re-authorize it (the reason given).
+    NeedsReauth(String),
+    /// The application's OAuth client was refused (no business is marked).
+    OAuthClientRefused(String),
+}
+
+impl WaitReason {
+    /// The row's `last_error` while it waits.
+    pub fn describe(&self, business_id: &str) -> String {
+        match self {
+            WaitReason::Disabled => {
+                format!("waiting: business {business_id} is disabled (enabled = false)")
+            }
+            WaitReason::NeedsReauth(why) if why.contains(business_id) => format!("waiting: {why}"),
+            WaitReason::NeedsReauth(why) => {
+                format!("waiting: business {business_id} needs re-authorization: {why}")
+            }
+            WaitReason::OAuthClientRefused(why) => format!(
+                "waiting: the OAuth client was refused ({why}); business {business_id} sends again once it is accepted"
+            ),
+        }
+    }
+}
+
+/// More businesses whose rows wait, from outside the drainer (the auth
+/// side: an OAuth client refused). Called at every claim.
+pub type WaitHook = Arc<dyn Fn() -> Vec<(String, WaitReason)> + Send + Sync>;
+
 /// The drainer's settings, from `[outbox]`.
 #[derive(Debug, Clone)]
 pub struct DrainSettings {
@@ -29,13 +69,15 @@ pub struct DrainSettings {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     /// Businesses whose rows are sent.
-    pub configured: HashSet<String>,
+    pub configured: Arc<HashSet<String>>,
     /// Configured but `enabled = false`: their rows wait.
     pub disabled: Vec<String>,
     /// The business of rows that cannot tell theirs, when only one is configured.
     pub default_business: Option<String>,
     /// How long in-flight sends may finish after a stop.
     pub shutdown_grace: Duration,
+    /// How often businesses needing re-authorization are tried again.
+    pub reauth_recheck: Duration,
 }
 
 impl DrainSettings {
@@ -48,7 +90,7 @@ impl DrainSettings {
             max_attempts: i64::from(o.max_attempts),
             backoff_initial: Duration::from_secs_f64(o.backoff_initial_secs),
             backoff_max: Duration::from_secs_f64(o.backoff_max_secs),
-            configured: c.businesses.iter().map(|b| b.id.clone()).collect(),
+            configured: Arc::new(c.businesses.iter().map(|b| b.id.clone()).collect()),
             disabled: c
                 .businesses
                 .iter()
@@ -60,24 +102,40 @@ impl DrainSettings {
                 _ => None,
             },
             shutdown_grace: Duration::from_secs(c.file.daemon.shutdown_timeout_secs),
+            reauth_recheck: REAUTH_RECHECK,
         }
     }
 }
 
 /// The delay before attempt `attempt + 1`: exponential from the initial
-/// delay, with jitter, capped — computed from the persisted attempt count.
+/// delay with jitter (between 1× and 2× the step), computed from the
+/// persisted attempt count, and capped with jitter kept at the cap (between
+/// 90% and 100% of it), so that rows failed by one outage do not all come
+/// back in the same second.
 pub fn backoff_delay(attempt: i64, initial: Duration, max: Duration) -> Duration {
-    let n = usize::try_from(attempt.max(1) - 1).unwrap_or(0);
-    backon::ExponentialBuilder::default()
-        .with_min_delay(initial)
-        .with_max_delay(max)
-        .with_factor(2.0)
-        .with_jitter()
-        .without_max_times()
-        .build()
-        .nth(n)
-        .unwrap_or(max)
-        .min(max)
+    let step = attempt.clamp(1, 64) - 1;
+    let base = initial.as_secs_f64() * 2f64.powi(step as i32);
+    let jittered = base * (1.0 + fastrand::f64());
+    let cap = max.as_secs_f64();
+    let secs = if jittered.is_finite() && jittered < cap {
+        jittered
+    } else {
+        cap * (1.0 - 0.1 * fastrand::f64())
+    };
+    Duration::try_from_secs_f64(secs).unwrap_or(max).min(max)
+}
+
+/// SPEC §4's retry delay: the larger of the backoff and `Retry-After`, both
+/// capped by `max`. A `Retry-After: 0` (or a date in the past) never makes
+/// a row retry sooner than its backoff.
+pub fn retry_delay(
+    attempt: i64,
+    initial: Duration,
+    max: Duration,
+    retry_after: Option<Duration>,
+) -> Duration {
+    let backoff = backoff_delay(attempt, initial, max);
+    retry_after.map_or(backoff, |r| backoff.max(r.min(max)))
 }
 
 /// What became of one claimed row.
@@ -120,6 +178,10 @@ pub struct Drainer {
     store: Store,
     /// Settings and client; a configuration reload swaps them.
     current: std::sync::RwLock<(Arc<DrainSettings>, Arc<Client>)>,
+    /// The filter whose waits the table was last brought in line with.
+    applied: std::sync::Mutex<Option<ClaimFilter>>,
+    /// More wait reasons, set by the auth side (see [`WaitHook`]).
+    wait_hook: std::sync::RwLock<Option<WaitHook>>,
 }
 
 impl Drainer {
@@ -128,6 +190,8 @@ impl Drainer {
         Drainer {
             store,
             current: std::sync::RwLock::new((Arc::new(settings), client)),
+            applied: std::sync::Mutex::new(None),
+            wait_hook: std::sync::RwLock::new(None),
         }
     }
 
@@ -152,23 +216,75 @@ impl Drainer {
             .unwrap_or_else(|p| p.into_inner().1.clone())
     }
 
+    /// Adds wait reasons from outside (the auth side's "OAuth client refused").
+    pub fn set_wait_hook(&self, hook: WaitHook) {
+        if let Ok(mut h) = self.wait_hook.write() {
+            *h = Some(hook);
+        }
+    }
+
+    /// Every configured business whose rows must wait now, and why. A new
+    /// reason is one more line here (or one more entry from the hook).
+    pub fn wait_reasons(&self) -> HashMap<String, WaitReason> {
+        let (settings, client) = (self.settings(), self.client());
+        let mut reasons = HashMap::new();
+        for b in &settings.disabled {
+            reasons.insert(b.clone(), WaitReason::Disabled);
+        }
+        for b in client.auth().blocked() {
+            let why = client.auth().reauth_reason(&b).unwrap_or_default();
+            reasons.entry(b).or_insert(WaitReason::NeedsReauth(why));
+        }
+        let hook = self.wait_hook.read().ok().and_then(|h| h.clone());
+        if let Some(hook) = hook {
+            for (b, why) in hook() {
+                reasons.entry(b).or_insert(why);
+            }
+        }
+        reasons.retain(|b, _| settings.configured.contains(b));
+        reasons
+    }
+
     fn filter(&self) -> ClaimFilter {
         let settings = self.settings();
-        let mut blocked = self.client().auth().blocked();
-        blocked.extend(settings.disabled.iter().cloned());
         ClaimFilter {
-            blocked_businesses: blocked,
+            waiting: self
+                .wait_reasons()
+                .into_iter()
+                .map(|(b, why)| {
+                    let text = why.describe(&b);
+                    (b, text)
+                })
+                .collect(),
+            configured: settings.configured.clone(),
             default_business: settings.default_business.clone(),
         }
     }
 
-    /// Claims up to `limit` rows due by `due_by` (now, when `None`).
+    /// Claims up to `limit` rows due by `due_by` (now, when `None`), first
+    /// bringing the rows put aside in line when the businesses' state changed.
     async fn claim(&self, limit: usize, due_by: Option<String>) -> anyhow::Result<Vec<Claimed>> {
         let filter = self.filter();
+        let changed = self
+            .applied
+            .lock()
+            .map(|a| a.as_ref() != Some(&filter))
+            .unwrap_or(true);
         let due_by = due_by.unwrap_or_else(crate::time::now);
-        self.store
-            .call(move |c| outbox::claim(c, &due_by, limit, &filter))
-            .await
+        let for_claim = filter.clone();
+        let claimed = self
+            .store
+            .call(move |c| {
+                if changed {
+                    outbox::sync_waits(c, &for_claim)?;
+                }
+                outbox::claim(c, &due_by, limit, &for_claim)
+            })
+            .await?;
+        if changed && let Ok(mut a) = self.applied.lock() {
+            *a = Some(filter);
+        }
+        Ok(claimed)
     }
 
     /// Sends a claimed row and records the outcome; while rows end final
@@ -202,10 +318,12 @@ impl Drainer {
         let (finish, attempts, result) = self.attempt(&row).await;
         let now = crate::time::now();
         let follow = matches!(result, RowResult::Sent | RowResult::Dead) && !stop.is_cancelled();
+        let id = row.id;
+        let row = Arc::new(row);
         // The outcome must land: a locked database is waited out, not dropped.
         let mut tries = 0;
         loop {
-            let (f, a, n) = (finish.clone(), attempts.clone(), now.clone());
+            let (f, a, n, sent) = (finish.clone(), attempts.clone(), now.clone(), row.clone());
             let next = follow.then(|| {
                 (
                     due_by.map_or_else(crate::time::now, str::to_string),
@@ -218,14 +336,35 @@ impl Drainer {
                     let next = next
                         .as_ref()
                         .map(|(due_by, filter)| outbox::NextOf { due_by, filter });
-                    outbox::finish(c, row.id, &f, &a, &n, next)
+                    outbox::finish(c, &sent, &f, &a, &n, next)
                 })
                 .await;
             match recorded {
-                Ok(next) => return (result, next),
-                // While running, keep trying (a row left `sending` would wait
-                // for the next start); once stopping, give up after a few.
-                Err(e) if !stop.is_cancelled() || tries < 5 => {
+                Ok((Recorded::Yes, next)) => return (result, next),
+                Ok((Recorded::RowDeleted, _)) => {
+                    warn!(
+                        outbox_id = id,
+                        ?result,
+                        "the row was deleted while it was being sent; its outcome is not recorded"
+                    );
+                    return (result, None);
+                }
+                Ok((Recorded::RowChanged(state), _)) => {
+                    warn!(
+                        outbox_id = id,
+                        ?result,
+                        state,
+                        "the row was changed while it was being sent (it is now {state}); \
+                         the attempt is recorded, the row keeps what was done to it"
+                    );
+                    return (result, None);
+                }
+                // Only a locked database is worth waiting out. While running,
+                // keep trying (a row left `sending` would wait for the next
+                // start); once stopping, give up after a few.
+                Err(e)
+                    if crate::store::is_busy_error(&e) && (!stop.is_cancelled() || tries < 5) =>
+                {
                     if tries % 30 == 0 {
                         warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying every second");
                     }
@@ -233,7 +372,7 @@ impl Drainer {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(e) => {
-                    error!(error = %format!("{e:#}"),
+                    error!(outbox_id = id, error = %format!("{e:#}"),
                         "cannot record the outcome; the row stays `sending` and is sent again after a restart");
                     return (result, None);
                 }
@@ -249,7 +388,11 @@ impl Drainer {
             if row.attempt >= max_attempts {
                 (Finish::Dead, RowResult::Dead)
             } else {
-                let at = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or_default();
+                // Configuration bounds the delay to 7 days; never to zero.
+                let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::days(7));
+                let at = chrono::Utc::now()
+                    .checked_add_signed(delay)
+                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
                 (
                     Finish::Retry {
                         next_attempt_at: crate::time::fmt(at),
@@ -281,7 +424,21 @@ impl Drainer {
 
         let business_id = match &row.business_id {
             Some(b) if settings.configured.contains(b) => b.clone(),
-            Some(b) => return waiting(format!("business {b} is not in the configuration")),
+            // Removed by a reload since the claim: it waits, as the claim would have it.
+            Some(b) => {
+                let why = format!("waiting: business {b} is not in the configuration");
+                warn!(error = %why, "row cannot be sent yet");
+                let a = Attempt {
+                    attempt: row.attempt,
+                    started_at,
+                    http_status: None,
+                    outcome: "waiting",
+                    error: Some(why),
+                    trace_id: None,
+                    duration_ms: 0,
+                };
+                return (Finish::Hold, vec![a], RowResult::Held);
+            }
             None => {
                 return waiting(format!(
                     "no business for negotiation {}: the row has no business_id and the lead is not in the mirror yet; \
@@ -319,9 +476,12 @@ impl Drainer {
             Err(e) => match e.disposition {
                 Disposition::Dead => (Finish::Dead, RowResult::Dead),
                 Disposition::Reauth => (Finish::Hold, RowResult::Held),
-                Disposition::Retry | Disposition::Refresh => {
-                    retry_or_dead(e.retry_after.unwrap_or(backoff))
-                }
+                Disposition::Retry | Disposition::Refresh => retry_or_dead(retry_delay(
+                    row.attempt,
+                    settings.backoff_initial,
+                    settings.backoff_max,
+                    e.retry_after,
+                )),
             },
         };
         let last = delivery.exchanges.len().saturating_sub(1);
@@ -354,6 +514,10 @@ impl Drainer {
             })
             .collect();
         match (&delivery.result, result) {
+            (Ok(()), _) if row.late => info!(
+                business_id,
+                "sent late: a later transition of this negotiation was already sent (late = 1)"
+            ),
             (Ok(()), _) => info!(business_id, "sent"),
             (Err(e), RowResult::Dead) => error!(business_id, error = %e, "dead: not sent"),
             (Err(e), _) => warn!(business_id, error = %e, ?result, "not sent yet"),
@@ -372,13 +536,40 @@ impl Drainer {
         let mut summary = DrainSummary::default();
         let started = crate::time::now();
         let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
+        let mut failures = 0;
         loop {
             if !stop.is_cancelled() {
                 let free = self.settings().concurrency.saturating_sub(inflight.len());
-                let claimed = self.claim(free, Some(started.clone())).await?;
-                for row in claimed {
-                    let (me, due_by, stop) = (self.clone(), Some(started.clone()), stop.clone());
-                    inflight.spawn(async move { me.process_chain(row, due_by, stop).await });
+                // A failed claim never drops the sends in flight: they finish
+                // and record their outcome; the claim is tried again.
+                match self.claim(free, Some(started.clone())).await {
+                    Ok(claimed) => {
+                        failures = 0;
+                        for row in claimed {
+                            let (me, due_by, stop) =
+                                (self.clone(), Some(started.clone()), stop.clone());
+                            inflight
+                                .spawn(async move { me.process_chain(row, due_by, stop).await });
+                        }
+                    }
+                    Err(e) => {
+                        failures += 1;
+                        error!(error = %format!("{e:#}"), in_flight = inflight.len(),
+                            "cannot claim outbox rows; sends in flight go on and claiming is tried again");
+                        if inflight.is_empty() {
+                            if failures >= CLAIM_FAILURES_BEFORE_GIVING_UP {
+                                return Err(e.context(format!(
+                                    "cannot claim outbox rows ({failures} tries); {} sent, {} retried, {} dead before that",
+                                    summary.sent, summary.retried, summary.dead
+                                )));
+                            }
+                            tokio::select! {
+                                _ = stop.cancelled() => {}
+                                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            }
+                            continue;
+                        }
+                    }
                 }
             }
             match inflight.join_next().await {
@@ -396,6 +587,7 @@ impl Drainer {
     pub async fn run(self: Arc<Self>, stop: CancellationToken, heartbeat: Arc<AtomicI64>) {
         let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         let mut last_recheck = Instant::now();
+        let mut recheck: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let (settings, client) = (self.settings(), self.client());
             // Wake at least every second so the watchdog sees the loop alive.
@@ -404,10 +596,15 @@ impl Drainer {
             if stop.is_cancelled() {
                 break;
             }
-            if last_recheck.elapsed() >= REAUTH_RECHECK {
+            // Off the claim path: a hanging token endpoint must stall
+            // neither claiming nor the heartbeat. One round at a time.
+            if last_recheck.elapsed() >= settings.reauth_recheck
+                && recheck.as_ref().is_none_or(|r| r.is_finished())
+            {
                 last_recheck = Instant::now();
-                for business_id in client.auth().blocked() {
-                    let _ = client.auth().token(&business_id).await;
+                let blocked = client.auth().blocked();
+                if !blocked.is_empty() {
+                    recheck = Some(tokio::spawn(recheck_tokens(client.clone(), blocked)));
                 }
             }
             let free = settings.concurrency.saturating_sub(inflight.len());
@@ -451,7 +648,29 @@ impl Drainer {
                 inflight.abort_all();
             }
         }
+        // A refresh and the write of its rotated token are not cut short.
+        if let Some(r) = recheck
+            && !r.is_finished()
+        {
+            let _ = tokio::time::timeout(self.settings().shutdown_grace, r).await;
+        }
     }
+}
+
+/// Tries the tokens of businesses waiting for re-authorization (a new
+/// token file is picked up this way), a few at a time.
+async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
+    let mut running = JoinSet::new();
+    for business_id in businesses {
+        while running.len() >= RECHECK_CONCURRENCY {
+            running.join_next().await;
+        }
+        let client = client.clone();
+        running.spawn(async move {
+            let _ = client.auth().token(&business_id).await;
+        });
+    }
+    while running.join_next().await.is_some() {}
 }
 
 #[cfg(test)]
@@ -466,6 +685,13 @@ mod tests {
             let base = i * 2u32.pow(attempt as u32 - 1);
             assert!(d >= base && d <= base * 2, "attempt {attempt}: {d:?}");
         }
-        assert_eq!(backoff_delay(30, i, m), m);
+        for _ in 0..50 {
+            let d = backoff_delay(30, i, m);
+            assert!(d <= m && d >= m.mul_f64(0.9), "{d:?}");
+        }
+        let spread: HashSet<Duration> = (0..20).map(|_| backoff_delay(30, i, m)).collect();
+        assert!(spread.len() > 1, "jitter is kept at the cap");
+        let week = Duration::from_secs(7 * 86400);
+        assert!(backoff_delay(i64::MAX, i, week) >= week.mul_f64(0.9));
     }
 }

@@ -415,3 +415,160 @@ async fn status_before_the_first_run_and_after() {
     let o = env.run(&["status"]);
     assert!(text(&o).contains("outbox: 1 pending"), "{}", text(&o));
 }
+
+#[test]
+fn content_is_frozen_once_a_row_leaves_pending() {
+    // Issue 11, defect 1: a row edited while in flight ended `sent` with
+    // content Thumbtack never got.
+    let (_d, c) = fresh();
+    for _ in 0..4 {
+        insert(
+            &c,
+            Some("519153480500518912"),
+            Some("job_complete"),
+            Some("2024-06-14T09:30:00Z"),
+            Some(100i64.into()),
+        )
+        .unwrap();
+    }
+    c.execute("UPDATE outbox SET state = 'sending' WHERE id = 1", [])
+        .unwrap();
+    c.execute("UPDATE outbox SET state = 'sent' WHERE id = 2", [])
+        .unwrap();
+    c.execute("UPDATE outbox SET state = 'canceled' WHERE id = 3", [])
+        .unwrap();
+    for id in 1..=3 {
+        for edit in [
+            "status = 'invoice_paid'",
+            "partner_status_changed_at = '2024-06-15T09:30:00Z'",
+            "invoice_amount_in_cents = 200",
+            "negotiation_id = '1'",
+            "business_id = '2'",
+        ] {
+            let e = c
+                .execute(&format!("UPDATE outbox SET {edit} WHERE id = {id}"), [])
+                .map_err(|e| e.to_string());
+            rejected(e, "can only change while it is pending");
+        }
+    }
+    // Pending: the partner may still correct it; an unchanged value is no edit.
+    c.execute(
+        "UPDATE outbox SET status = 'invoice_paid', invoice_amount_in_cents = 150 WHERE id = 4",
+        [],
+    )
+    .unwrap();
+    c.execute(
+        "UPDATE outbox SET status = 'job_complete' WHERE id = 2 AND 0",
+        [],
+    )
+    .unwrap();
+    c.execute("UPDATE outbox SET status = status WHERE id = 2", [])
+        .unwrap();
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM outbox WHERE status = 'job_complete' AND invoice_amount_in_cents = 100"
+        ),
+        3
+    );
+}
+
+#[test]
+fn row_ids_are_never_reused() {
+    // Issue 11, defect 1: a deleted-and-reinserted id must not inherit an old outcome.
+    let (_d, c) = fresh();
+    let add = || {
+        insert(
+            &c,
+            Some("1"),
+            Some("appt_scheduled"),
+            Some("2024-06-14T09:30:00Z"),
+            None,
+        )
+        .unwrap();
+        c.last_insert_rowid()
+    };
+    assert_eq!((add(), add(), add()), (1, 2, 3));
+    c.execute("DELETE FROM outbox WHERE id = 3", []).unwrap();
+    assert_eq!(add(), 4, "id 3 is not given again");
+}
+
+#[test]
+fn negotiation_ids_must_be_text_of_digits() {
+    // Issue 11, defect 2: a BLOB id passed the trigger and then failed every claim.
+    let (_d, c) = fresh();
+    for value in [
+        "X'3531393135'",
+        "CAST('519153480500518912' AS BLOB)",
+        "'51915abc'",
+        "' 519153480500518912'",
+        "12.5",
+    ] {
+        let r = c
+            .execute(
+                &format!(
+                    "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                     VALUES ({value}, 'appt_scheduled', '2024-06-14T09:30:00Z')"
+                ),
+                [],
+            )
+            .map_err(|e| e.to_string());
+        rejected(r, "negotiation_id must be text of digits");
+    }
+    c.execute("UPDATE outbox SET negotiation_id = X'31' WHERE 0", [])
+        .unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM outbox"), 0);
+}
+
+#[test]
+fn zone_offsets_beyond_14_hours_are_refused() {
+    // Issue 11, defect 6: SQLite's date functions cannot read +15:00 ... +23:59,
+    // so the row's instant was NULL and broke ordering.
+    let (_d, c) = fresh();
+    let n = Some("519153480500518912");
+    for bad in [
+        "2024-06-14T09:30:00+15:00",
+        "2024-06-14T09:30:00+23:59",
+        "2024-06-14T09:30:00.5-14:01",
+        "2024-06-14T09:30:00-18:00",
+    ] {
+        rejected(
+            insert(&c, n, Some("appt_scheduled"), Some(bad), None),
+            "zone offset beyond +14:00/-14:00",
+        );
+    }
+    for good in ["2024-06-14T09:30:00+14:00", "2024-06-14T09:30:00.25-14:00"] {
+        insert(&c, n, Some("appt_scheduled"), Some(good), None).unwrap();
+    }
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM outbox WHERE changed_at_utc IS NULL"
+        ),
+        0
+    );
+}
+
+#[test]
+fn a_waiting_row_that_leaves_pending_waits_for_nothing() {
+    let (_d, c) = fresh();
+    insert(
+        &c,
+        Some("1"),
+        Some("appt_scheduled"),
+        Some("2024-06-14T09:30:00Z"),
+        None,
+    )
+    .unwrap();
+    c.execute_batch(
+        "UPDATE outbox SET waiting_for = '2';
+         UPDATE outbox SET state = 'canceled';
+         UPDATE outbox SET state = 'pending';",
+    )
+    .unwrap();
+    assert_eq!(
+        count(&c, "SELECT count(*) FROM outbox WHERE waiting_for IS NULL"),
+        1,
+        "put back by hand, the row is due, not aside for good"
+    );
+}

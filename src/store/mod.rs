@@ -7,7 +7,7 @@ pub mod outbox;
 pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
-use rusqlite::{Connection, OpenFlags};
+use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -26,14 +26,34 @@ fn migrations() -> Vec<(i64, String)> {
          partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{checks}END;\n",
         include_str!("migrations/0001_initial.sql")
     );
+    let checks3 = include_str!("migrations/0003_outbox_checks.sql");
+    let v3 = format!(
+        "{}\nCREATE TRIGGER outbox_validate_insert BEFORE INSERT ON outbox BEGIN\n{checks3}END;\n\
+         CREATE TRIGGER outbox_validate_update BEFORE UPDATE OF negotiation_id, business_id, status, \
+         partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}END;\n",
+        include_str!("migrations/0003_outbox.sql")
+    );
     vec![
         (1, v1),
         (
             2,
             include_str!("migrations/0002_lead_shapes.sql").to_string(),
         ),
+        (3, v3),
     ]
 }
+
+/// First statement of the outbox's UPDATE trigger (schema 3): a row's content
+/// is what was (or is being) sent once it leaves `pending`.
+const OUTBOX_FROZEN: &str = "SELECT RAISE(ABORT, 'outbox: a row''s content (negotiation_id, business_id, status, \
+partner_status_changed_at, invoice_amount_in_cents) can only change while it is pending; this row is sending, \
+sent, dead or canceled: to correct a transition, insert a new row')
+ WHERE OLD.state <> 'pending'
+   AND (NEW.negotiation_id IS NOT OLD.negotiation_id OR NEW.business_id IS NOT OLD.business_id
+        OR NEW.status IS NOT OLD.status
+        OR NEW.partner_status_changed_at IS NOT OLD.partner_status_changed_at
+        OR NEW.invoice_amount_in_cents IS NOT OLD.invoice_amount_in_cents);
+";
 
 /// The schema version this binary writes.
 pub fn schema_version() -> i64 {
@@ -103,17 +123,34 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
         if version <= current {
             continue;
         }
-        let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-        // Another process may have migrated while we waited for the lock.
-        let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-        if now >= version {
-            continue;
-        }
-        tx.execute_batch(&sql)
-            .with_context(|| format!("migration {version} failed"))?;
-        tx.pragma_update(None, "user_version", version)?;
-        tx.commit()?;
+        // Foreign keys off around a migration (they cannot change inside a
+        // transaction): rebuilding a table (migration 3) drops the old one,
+        // and with them on that would cascade into `outbox_attempts`.
+        conn.pragma_update(None, "foreign_keys", false)?;
+        let applied = apply_migration(conn, version, &sql);
+        conn.pragma_update(None, "foreign_keys", true)?;
+        applied?;
     }
+    Ok(())
+}
+
+fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    // Another process may have migrated while we waited for the lock.
+    let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if now >= version {
+        return Ok(());
+    }
+    tx.execute_batch(sql)
+        .with_context(|| format!("migration {version} failed"))?;
+    let broken: Option<String> = tx
+        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+        .optional()?;
+    if let Some(table) = broken {
+        bail!("migration {version} failed: it left rows of {table} pointing at nothing");
+    }
+    tx.pragma_update(None, "user_version", version)?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -218,6 +255,14 @@ pub fn is_busy(e: &rusqlite::Error) -> bool {
         e.sqlite_error_code(),
         Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
     )
+}
+
+/// True when an error from a [`Store::call`] is SQLite giving up on a lock
+/// (worth trying again), as opposed to anything else (not worth it).
+pub fn is_busy_error(e: &anyhow::Error) -> bool {
+    e.chain()
+        .filter_map(|c| c.downcast_ref::<rusqlite::Error>())
+        .any(is_busy)
 }
 
 /// Maps a SQLite error from a write by the outbox's triggers or constraints
@@ -345,5 +390,94 @@ mod tests {
             )
             .unwrap();
         assert_eq!(typ, "text");
+    }
+}
+
+#[cfg(test)]
+mod migration_3 {
+    use super::*;
+
+    /// A database left by schema 1, with rows schema 3 would refuse.
+    fn schema_1(path: &Path) -> Connection {
+        let mut conn = Connection::open(path).unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        let (_, v1) = migrations().into_iter().next().unwrap();
+        let tx = conn.transaction().unwrap();
+        tx.execute_batch(&v1).unwrap();
+        tx.pragma_update(None, "user_version", 1).unwrap();
+        tx.commit().unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES
+                 ('11', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                 ('12', 'appt_scheduled', '2024-06-14T09:30:00+15:00'),
+                 (X'3132', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                 ('14', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                 ('15', 'appt_scheduled', '2024-06-14T09:30:00Z');
+             DELETE FROM outbox WHERE id = 5;
+             UPDATE outbox SET state = 'sent', attempts = 3 WHERE id = 1;
+             INSERT INTO outbox_attempts (outbox_id, attempt, started_at, outcome)
+                 VALUES (1, 1, 'x', 'retry'), (1, 2, 'x', 'retry'), (4, 1, 'x', 'retry');",
+        )
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn rebuild_keeps_rows_ids_attempts_and_history() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        drop(schema_1(&path));
+        let conn = open_connection(&path, true).unwrap();
+        let n = |sql: &str| conn.query_row(sql, [], |r| r.get::<_, i64>(0)).unwrap();
+        assert_eq!(n("PRAGMA user_version"), schema_version());
+        let ids: String = conn
+            .query_row(
+                "SELECT group_concat(id) FROM (SELECT id FROM outbox ORDER BY id)",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(ids, "1,2,3,4");
+        assert_eq!(n("SELECT count(*) FROM outbox"), 4);
+        assert_eq!(
+            n("SELECT attempts FROM outbox WHERE id = 1 AND state = 'sent'"),
+            3
+        );
+        assert_eq!(
+            n("SELECT count(*) FROM outbox WHERE id = 3 AND typeof(negotiation_id) = 'blob'"),
+            1,
+            "a bad row is kept as it was (the drainer fails it alone)"
+        );
+        assert_eq!(n("SELECT count(*) FROM outbox_attempts"), 3);
+        assert_eq!(
+            n("SELECT count(*) FROM outbox WHERE late = 0 AND waiting_for IS NULL"),
+            4
+        );
+        // The attempts still belong to their rows: deleting one takes its history.
+        conn.execute("DELETE FROM outbox WHERE id = 1", []).unwrap();
+        assert_eq!(n("SELECT count(*) FROM outbox_attempts"), 1);
+        // AUTOINCREMENT: no id is handed out twice, not even the highest.
+        conn.execute("DELETE FROM outbox WHERE id = 4", []).unwrap();
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('16', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+        assert!(
+            conn.last_insert_rowid() >= 5,
+            "{}",
+            conn.last_insert_rowid()
+        );
+        // The new triggers are in place.
+        assert!(
+            conn.execute(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                 VALUES (X'31', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+                [],
+            )
+            .is_err()
+        );
+        assert_eq!(n("PRAGMA foreign_keys"), 1);
     }
 }

@@ -3,6 +3,8 @@
 use anyhow::{Result, bail};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 /// A transition to enqueue, as `leadsync enqueue` takes it.
 #[derive(Debug, Clone)]
@@ -69,27 +71,44 @@ pub fn list(conn: &Connection, state: Option<&str>) -> Result<Vec<OutboxRow>> {
                 last_http_status, last_trace_id, created_at, sent_at
            FROM outbox WHERE ?1 IS NULL OR state = ?1 ORDER BY id",
     )?;
+    // Leniently: a row a partner's program wrote with a BLOB or a number
+    // where text belongs is shown, not an error for the whole list.
     let rows = stmt
         .query_map([state], |r| {
             Ok(OutboxRow {
                 id: r.get(0)?,
-                negotiation_id: r.get(1)?,
-                business_id: r.get(2)?,
-                status: r.get(3)?,
-                partner_status_changed_at: r.get(4)?,
-                invoice_amount_in_cents: r.get(5)?,
-                state: r.get(6)?,
-                attempts: r.get(7)?,
-                next_attempt_at: r.get(8)?,
-                last_error: r.get(9)?,
-                last_http_status: r.get(10)?,
-                last_trace_id: r.get(11)?,
-                created_at: r.get(12)?,
-                sent_at: r.get(13)?,
+                negotiation_id: shown(r, 1)?.unwrap_or_default(),
+                business_id: shown(r, 2)?,
+                status: shown(r, 3)?.unwrap_or_default(),
+                partner_status_changed_at: shown(r, 4)?.unwrap_or_default(),
+                invoice_amount_in_cents: r.get(5).ok(),
+                state: shown(r, 6)?.unwrap_or_default(),
+                attempts: r.get(7).unwrap_or_default(),
+                next_attempt_at: shown(r, 8)?.unwrap_or_default(),
+                last_error: shown(r, 9)?,
+                last_http_status: r.get(10).ok().flatten(),
+                last_trace_id: shown(r, 11)?,
+                created_at: shown(r, 12)?.unwrap_or_default(),
+                sent_at: shown(r, 13)?,
             })
         })?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     Ok(rows)
+}
+
+/// A column as text for people, whatever its type (a BLOB shows as hex).
+fn shown(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<String>> {
+    use rusqlite::types::ValueRef;
+    Ok(match r.get_ref(i)? {
+        ValueRef::Null => None,
+        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        ValueRef::Integer(n) => Some(n.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Blob(b) => Some(format!(
+            "x'{}'",
+            b.iter().map(|x| format!("{x:02x}")).collect::<String>()
+        )),
+    })
 }
 
 fn state_of(conn: &Connection, id: i64) -> Result<Option<String>> {
@@ -150,7 +169,8 @@ pub fn cancel(conn: &mut Connection, ids: &[i64]) -> Result<Vec<(i64, Result<(),
             None => Err(format!("outbox row {id} does not exist")),
             Some(s) if s == "pending" => {
                 tx.execute(
-                    "UPDATE outbox SET state = 'canceled', last_error = 'canceled by an operator'
+                    "UPDATE outbox SET state = 'canceled', last_error = 'canceled by an operator',
+                         waiting_for = NULL
                       WHERE id = ?1",
                     [id],
                 )?;
@@ -181,52 +201,329 @@ pub struct Claimed {
     pub invoice_amount_in_cents: Option<i64>,
     /// This attempt's number (1 for the first).
     pub attempt: i64,
+    /// A later transition of the negotiation was already sent (SPEC §4: sent anyway).
+    pub late: bool,
 }
 
 /// Which rows a claim may take.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClaimFilter {
-    /// Businesses whose rows stay pending (needs re-authorization, disabled).
-    pub blocked_businesses: Vec<String>,
+    /// Configured businesses whose rows wait, and why (needs
+    /// re-authorization, disabled, OAuth client refused): the text goes to
+    /// the rows' `last_error`.
+    pub waiting: HashMap<String, String>,
+    /// The configured businesses; the rows of any other business wait.
+    pub configured: Arc<HashSet<String>>,
     /// The business of rows that name none and whose lead is not mirrored,
     /// when exactly one business is configured.
     pub default_business: Option<String>,
 }
 
-/// The columns a claim reads, in the order [`claimed_from_row`] expects.
-const CLAIM_COLUMNS: &str =
-    "o.id, o.negotiation_id, COALESCE(o.business_id, n.business_id, :default_business),
-    o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.attempts";
+impl ClaimFilter {
+    /// Why rows of `business_id` must wait now, or `None` when they may go.
+    pub fn wait_reason(&self, business_id: &str) -> Option<String> {
+        if let Some(why) = self.waiting.get(business_id) {
+            return Some(why.clone());
+        }
+        (!self.configured.contains(business_id)).then(|| {
+            format!("waiting: business {business_id} is not in the configuration (add it, or cancel the row)")
+        })
+    }
+}
 
-fn claimed_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Claimed> {
-    Ok(Claimed {
-        id: r.get(0)?,
-        negotiation_id: r.get(1)?,
-        business_id: r.get(2)?,
-        status: r.get(3)?,
-        partner_status_changed_at: r.get(4)?,
-        invoice_amount_in_cents: r.get(5)?,
-        attempt: r.get::<_, i64>(6)? + 1,
+/// A due row as read for a claim, before anything is decided about it.
+struct Candidate {
+    id: i64,
+    /// The row's content, or why it cannot be read (a BLOB id, bad UTF-8...).
+    content: std::result::Result<Claimed, String>,
+    /// The row's own `business_id` (a claim fills it in when NULL).
+    own_business: Option<String>,
+    /// The business an open row of the same negotiation is put aside for.
+    behind: Option<String>,
+}
+
+/// The columns a claim reads, in the order [`candidate_from_row`] expects.
+const CANDIDATE_COLUMNS: &str = "o.id, o.negotiation_id, o.business_id,
+    COALESCE(o.business_id, n.business_id, :default_business),
+    o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.attempts, o.changed_at_utc,
+    (SELECT w.waiting_for FROM outbox w INDEXED BY outbox_open_by_negotiation
+      WHERE w.negotiation_id = o.negotiation_id AND w.state IN ('pending', 'sending')
+        AND w.waiting_for IS NOT NULL LIMIT 1)";
+
+/// Reads a candidate leniently: whatever a partner's program wrote, the
+/// claim goes on; a row that cannot be sent is reported, not fatal.
+fn candidate_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
+    use rusqlite::types::ValueRef;
+    let id: i64 = r.get(0)?;
+    fn text(v: ValueRef<'_>, column: &str) -> std::result::Result<Option<String>, String> {
+        match v {
+            ValueRef::Null => Ok(None),
+            ValueRef::Text(t) => std::str::from_utf8(t)
+                .map(|s| Some(s.to_string()))
+                .map_err(|_| format!("{column} is not valid UTF-8 text")),
+            ValueRef::Blob(b) => Err(format!("{column} is a BLOB of {} bytes, not text", b.len())),
+            ValueRef::Integer(i) => Err(format!("{column} is the number {i}, not text")),
+            ValueRef::Real(f) => Err(format!("{column} is the number {f}, not text")),
+        }
+    }
+    let read = || -> std::result::Result<Claimed, String> {
+        let negotiation_id = text(r.get_ref(1).map_err(|e| e.to_string())?, "negotiation_id")?
+            .ok_or("negotiation_id is NULL")?;
+        if negotiation_id.is_empty() || !negotiation_id.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(format!(
+                "negotiation_id {negotiation_id:?} is not text of digits"
+            ));
+        }
+        let business_id = text(r.get_ref(3).map_err(|e| e.to_string())?, "business_id")?;
+        let status =
+            text(r.get_ref(4).map_err(|e| e.to_string())?, "status")?.ok_or("status is NULL")?;
+        let at = text(
+            r.get_ref(5).map_err(|e| e.to_string())?,
+            "partner_status_changed_at",
+        )?
+        .ok_or("partner_status_changed_at is NULL")?;
+        let invoice = match r.get_ref(6).map_err(|e| e.to_string())? {
+            ValueRef::Null => None,
+            ValueRef::Integer(i) => Some(i),
+            _ => return Err("invoice_amount_in_cents is not a whole number".into()),
+        };
+        let attempts = match r.get_ref(7).map_err(|e| e.to_string())? {
+            ValueRef::Integer(i) => i,
+            _ => return Err("attempts is not a whole number".into()),
+        };
+        // SQLite could not read the instant (a zone offset beyond ±14:00 from
+        // before schema 3): it cannot be ordered, so it is never "first in line".
+        if matches!(r.get_ref(8), Ok(ValueRef::Null) | Err(_)) {
+            return Err(format!(
+                "partner_status_changed_at {at:?} cannot be read as an instant (a zone offset beyond ±14:00?)"
+            ));
+        }
+        Ok(Claimed {
+            id,
+            negotiation_id,
+            business_id,
+            status,
+            partner_status_changed_at: at,
+            invoice_amount_in_cents: invoice,
+            attempt: attempts.saturating_add(1),
+            late: false,
+        })
+    };
+    let own_business = match r.get_ref(2)? {
+        rusqlite::types::ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        _ => None,
+    };
+    let behind = match r.get_ref(9)? {
+        rusqlite::types::ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+        _ => None,
+    };
+    Ok(Candidate {
+        id,
+        content: read(),
+        own_business,
+        behind,
     })
 }
 
-/// Marks claimed rows `sending` and counts their attempt.
-fn mark_sending(tx: &rusqlite::Transaction<'_>, claimed: &[Claimed]) -> Result<()> {
-    let now = crate::time::now();
-    let mut mark = tx.prepare_cached(
-        "UPDATE outbox SET state = 'sending', attempts = ?2, sending_since = ?3,
-             business_id = COALESCE(business_id, ?4)
-          WHERE id = ?1",
+/// What a claim did with one candidate.
+enum Taken {
+    Claimed(Claimed),
+    /// Put aside until its business may send.
+    Parked,
+    /// Failed alone: it cannot be read or sent.
+    Dead,
+    /// Not first in line after all.
+    Skipped,
+}
+
+/// Marks a row that cannot be read or sent `dead`, alone, with why.
+fn fail_alone(tx: &rusqlite::Transaction<'_>, id: i64, why: &str, now: &str) -> Result<()> {
+    let why = format!("cannot be sent: {why}; insert a corrected row");
+    tx.execute(
+        "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error, duration_ms)
+         SELECT id, CAST(attempts AS INTEGER), ?2, NULL, 'dead', ?3, 0 FROM outbox WHERE id = ?1",
+        params![id, now, why],
     )?;
-    for c in claimed {
-        mark.execute(params![c.id, c.attempt, now, c.business_id])?;
+    tx.execute(
+        "UPDATE outbox SET state = 'dead', sending_since = NULL, waiting_for = NULL, last_error = ?2
+          WHERE id = ?1",
+        params![id, why],
+    )?;
+    tracing::error!(outbox_id = id, error = %why, "outbox row marked dead");
+    Ok(())
+}
+
+/// Decides about one candidate (a pending, due, first-in-line row): fails
+/// it alone, puts it aside for its business, or marks it `sending` and
+/// counts the attempt.
+fn take(
+    tx: &rusqlite::Transaction<'_>,
+    candidate: Candidate,
+    filter: &ClaimFilter,
+    now: &str,
+) -> Result<Taken> {
+    let id = candidate.id;
+    let mut c = match candidate.content.clone() {
+        Ok(c) => c,
+        Err(why) => {
+            fail_alone(tx, id, &why, now)?;
+            return Ok(Taken::Dead);
+        }
+    };
+    // Behind a row put aside: it waits with it (it would only be walked
+    // over, claim after claim, otherwise).
+    if let Some(business_id) = &candidate.behind {
+        return match filter.wait_reason(business_id) {
+            Some(why) => {
+                park(tx, id, business_id, &why, now)?;
+                Ok(Taken::Parked)
+            }
+            None => Ok(Taken::Skipped),
+        };
     }
+    if let Some(business_id) = &c.business_id
+        && let Some(why) = filter.wait_reason(business_id)
+    {
+        park(tx, id, business_id, &why, now)?;
+        return Ok(Taken::Parked);
+    }
+    // The business is filled in while the row is still pending (its content
+    // is frozen once it is `sending`).
+    if candidate.own_business.is_none()
+        && let Some(b) = &c.business_id
+    {
+        let filled = tx.execute(
+            "UPDATE outbox SET business_id = ?2 WHERE id = ?1 AND business_id IS NULL",
+            params![id, b],
+        );
+        if let Err(e) = filled {
+            match super::constraint_message(&e) {
+                Some(msg) => {
+                    fail_alone(tx, id, &msg, now)?;
+                    return Ok(Taken::Dead);
+                }
+                None => return Err(e.into()),
+            }
+        }
+    }
+    c.late = tx
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox s INDEXED BY outbox_sent_by_negotiation
+                             WHERE s.negotiation_id = o.negotiation_id AND s.state = 'sent'
+                               AND (s.changed_at_utc > o.changed_at_utc
+                                    OR (s.changed_at_utc = o.changed_at_utc AND s.id > o.id)))
+               FROM outbox o WHERE o.id = ?1",
+        )?
+        .query_row([id], |r| r.get(0))?;
+    tx.prepare_cached(
+        "UPDATE outbox SET state = 'sending', attempts = ?2, sending_since = ?3, late = ?4
+          WHERE id = ?1",
+    )?
+    .execute(params![id, c.attempt, now, c.late])?;
+    Ok(Taken::Claimed(c))
+}
+
+/// Puts one row aside for its business, with the pending rows of its
+/// negotiation (they wait behind it anyway).
+fn park(
+    tx: &rusqlite::Transaction<'_>,
+    id: i64,
+    business_id: &str,
+    why: &str,
+    now: &str,
+) -> Result<()> {
+    tx.prepare_cached("UPDATE outbox SET waiting_for = ?2, last_error = ?3 WHERE id = ?1")?
+        .execute(params![id, business_id, why])?;
+    tx.prepare_cached(
+        "UPDATE outbox SET waiting_for = ?2, last_error = ?3
+          WHERE negotiation_id = (SELECT negotiation_id FROM outbox WHERE id = ?1)
+            AND state = 'pending' AND waiting_for IS NULL",
+    )?
+    .execute(params![id, business_id, why])?;
+    tx.prepare_cached(
+        "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
+         ON CONFLICT (business_id) DO NOTHING",
+    )?
+    .execute(params![business_id, why, now])?;
+    Ok(())
+}
+
+/// Brings the rows put aside in line with `filter`: rows of a business that
+/// may send again come back (due as they were), rows of a business that
+/// started waiting are put aside, in bulk. Costs the number of waiting
+/// businesses and of rows that move, never the rows that stay aside; the
+/// drainer calls it when its view of the businesses changes.
+pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
+    let now = crate::time::now();
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let recorded: Vec<(String, String)> = tx
+        .prepare("SELECT business_id, reason FROM outbox_waits")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut known = HashSet::new();
+    for (business_id, reason) in recorded {
+        match filter.wait_reason(&business_id) {
+            None => {
+                tx.execute(
+                    "UPDATE outbox SET waiting_for = NULL, last_error = NULL
+                      WHERE waiting_for = ?1 AND state = 'pending'",
+                    [&business_id],
+                )?;
+                tx.execute(
+                    "UPDATE outbox SET waiting_for = NULL WHERE waiting_for = ?1",
+                    [&business_id],
+                )?;
+                tx.execute(
+                    "DELETE FROM outbox_waits WHERE business_id = ?1",
+                    [&business_id],
+                )?;
+            }
+            Some(why) => {
+                if why != reason {
+                    tx.execute(
+                        "UPDATE outbox SET last_error = ?2 WHERE waiting_for = ?1 AND state = 'pending'",
+                        params![business_id, why],
+                    )?;
+                    tx.execute(
+                        "UPDATE outbox_waits SET reason = ?2 WHERE business_id = ?1",
+                        params![business_id, why],
+                    )?;
+                }
+                known.insert(business_id);
+            }
+        }
+    }
+    for (business_id, why) in &filter.waiting {
+        if known.contains(business_id) {
+            continue;
+        }
+        tx.execute(
+            "UPDATE outbox INDEXED BY outbox_ready_by_business SET waiting_for = ?1, last_error = ?2
+              WHERE business_id = ?1 AND state = 'pending' AND waiting_for IS NULL",
+            params![business_id, why],
+        )?;
+        // Rows that name no business: theirs is their lead's.
+        tx.execute(
+            "UPDATE outbox SET waiting_for = ?1, last_error = ?2
+              WHERE negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
+                AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL",
+            params![business_id, why],
+        )?;
+        tx.execute(
+            "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
+             ON CONFLICT (business_id) DO UPDATE SET reason = excluded.reason",
+            params![business_id, why, now],
+        )?;
+    }
+    tx.commit()?;
     Ok(())
 }
 
 /// Claims up to `limit` rows due by `due_by`, at most one per negotiation
 /// and only the first open row of each (in order of the instant, then id);
-/// marks them `sending` and counts the attempt.
+/// marks them `sending` and counts the attempt. On the way, a row that
+/// cannot be read fails alone (`dead`), and a row whose business must wait
+/// is put aside without counting an attempt.
 pub fn claim(
     conn: &mut Connection,
     due_by: &str,
@@ -236,50 +533,93 @@ pub fn claim(
     if limit == 0 {
         return Ok(Vec::new());
     }
+    let now = crate::time::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    // INDEXED BY: walk the due rows in order and stop at `limit`. Left to
-    // itself (no statistics) the planner sorted every pending row for each
-    // claim, which made draining 10,000 rows quadratic.
-    let claimed = {
-        let mut select = tx.prepare_cached(&format!(
-            "SELECT {CLAIM_COLUMNS}
-               FROM outbox o INDEXED BY outbox_due
-               LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
-              WHERE o.state = 'pending' AND o.next_attempt_at <= :due_by
-                AND NOT EXISTS (
-                    SELECT 1 FROM outbox p
-                     WHERE p.negotiation_id = o.negotiation_id
-                       AND p.state IN ('pending', 'sending')
-                       AND p.id <> o.id
-                       AND (p.state = 'sending'
-                            OR p.changed_at_utc < o.changed_at_utc
-                            OR (p.changed_at_utc = o.changed_at_utc AND p.id < o.id)))
-                AND COALESCE(o.business_id, n.business_id, :default_business, '')
-                    NOT IN (SELECT value FROM json_each(:blocked))
-              ORDER BY o.next_attempt_at, o.id
-              LIMIT :limit"
-        ))?;
-        let blocked = serde_json::to_string(&filter.blocked_businesses)?;
-        select
-            .query_map(
-                rusqlite::named_params! {
-                    ":due_by": due_by,
-                    ":blocked": blocked,
-                    ":default_business": filter.default_business,
-                    ":limit": limit as i64,
-                },
-                claimed_from_row,
-            )?
-            .collect::<rusqlite::Result<Vec<_>>>()?
-    };
-    mark_sending(&tx, &claimed)?;
+    let page = (limit * 2).clamp(16, 256);
+    let mut claimed = Vec::new();
+    let mut after: (rusqlite::types::Value, i64) = (rusqlite::types::Value::Null, i64::MIN);
+    loop {
+        // INDEXED BY: walk the due rows in order and stop at a page. Left to
+        // itself (no statistics) the planner sorted every pending row for
+        // each claim, which made draining 10,000 rows quadratic. Rows put
+        // aside for their business are not in this index at all.
+        let candidates = {
+            let mut select = tx.prepare_cached(&format!(
+                "SELECT {CANDIDATE_COLUMNS}, o.next_attempt_at
+                   FROM outbox o INDEXED BY outbox_due
+                   LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
+                  WHERE o.state = 'pending' AND o.waiting_for IS NULL
+                    AND o.next_attempt_at <= :due_by
+                    AND (:after_id = -9223372036854775808
+                         OR o.next_attempt_at > :after_at
+                         OR (o.next_attempt_at = :after_at AND o.id > :after_id))
+                    AND (o.changed_at_utc IS NULL
+                         OR EXISTS (SELECT 1 FROM outbox w INDEXED BY outbox_open_by_negotiation
+                                     WHERE w.negotiation_id = o.negotiation_id
+                                       AND w.state IN ('pending', 'sending')
+                                       AND w.waiting_for IS NOT NULL)
+                         OR NOT EXISTS (
+                        SELECT 1 FROM outbox p
+                         WHERE p.negotiation_id = o.negotiation_id
+                           AND p.state IN ('pending', 'sending')
+                           AND p.id <> o.id
+                           AND (p.state = 'sending'
+                                OR p.changed_at_utc IS NULL
+                                OR p.changed_at_utc < o.changed_at_utc
+                                OR (p.changed_at_utc = o.changed_at_utc AND p.id < o.id))))
+                  ORDER BY o.next_attempt_at, o.id
+                  LIMIT :page"
+            ))?;
+            select
+                .query_map(
+                    rusqlite::named_params! {
+                        ":due_by": due_by,
+                        ":default_business": filter.default_business,
+                        ":after_at": after.0,
+                        ":after_id": after.1,
+                        ":page": page as i64,
+                    },
+                    |r| {
+                        Ok((
+                            candidate_from_row(r)?,
+                            r.get::<_, rusqlite::types::Value>(10)?,
+                        ))
+                    },
+                )?
+                .collect::<rusqlite::Result<Vec<_>>>()?
+        };
+        let full = candidates.len() == page;
+        let mut set_aside = false;
+        for (candidate, next_attempt_at) in candidates {
+            if claimed.len() == limit {
+                break;
+            }
+            after = (next_attempt_at, candidate.id);
+            match take(&tx, candidate, filter, &now)? {
+                Taken::Claimed(c) => claimed.push(c),
+                Taken::Parked | Taken::Dead => set_aside = true,
+                Taken::Skipped => {}
+            }
+        }
+        if claimed.len() == limit {
+            break;
+        }
+        if set_aside {
+            // A row that died or was put aside may have held back later rows
+            // of its negotiation, anywhere in the walk: walk again from the
+            // start (each row leaves the walk once, so this ends).
+            after = (rusqlite::types::Value::Null, i64::MIN);
+        } else if !full {
+            break;
+        }
+    }
     tx.commit()?;
     Ok(claimed)
 }
 
 /// Inside a transaction: claims the negotiation's first open row if it is
-/// pending, due by `due_by`, of a business not blocked, and no other row of
-/// the negotiation is being sent.
+/// pending, due by `due_by`, not put aside, and no other row of the
+/// negotiation is being sent (with the same checks as [`claim`]).
 fn claim_head_of(
     tx: &rusqlite::Transaction<'_>,
     negotiation_id: &str,
@@ -287,7 +627,7 @@ fn claim_head_of(
     filter: &ClaimFilter,
 ) -> Result<Option<Claimed>> {
     let mut select = tx.prepare_cached(&format!(
-        "SELECT {CLAIM_COLUMNS}, o.state, o.next_attempt_at,
+        "SELECT {CANDIDATE_COLUMNS}, o.state, o.next_attempt_at, o.waiting_for IS NULL,
                 EXISTS (SELECT 1 FROM outbox s WHERE s.negotiation_id = o.negotiation_id
                           AND s.state = 'sending' AND s.id <> o.id)
            FROM outbox o INDEXED BY outbox_open_by_negotiation
@@ -303,27 +643,30 @@ fn claim_head_of(
                 ":default_business": filter.default_business,
             },
             |r| {
+                let due = match r.get_ref(11)? {
+                    rusqlite::types::ValueRef::Text(t) => t <= due_by.as_bytes(),
+                    _ => true,
+                };
                 Ok((
-                    claimed_from_row(r)?,
-                    r.get::<_, String>(7)?,
-                    r.get::<_, String>(8)?,
-                    r.get::<_, bool>(9)?,
+                    candidate_from_row(r)?,
+                    matches!(r.get_ref(10)?, rusqlite::types::ValueRef::Text(b"pending")),
+                    due,
+                    r.get::<_, bool>(12)?,
+                    r.get::<_, bool>(13)?,
                 ))
             },
         )
         .optional()?;
-    let Some((claimed, state, next_attempt_at, other_sending)) = head else {
+    let Some((candidate, pending, due, not_aside, other_sending)) = head else {
         return Ok(None);
     };
-    let blocked = claimed
-        .business_id
-        .as_ref()
-        .is_some_and(|b| filter.blocked_businesses.contains(b));
-    if state != "pending" || next_attempt_at.as_str() > due_by || other_sending || blocked {
+    if !pending || !due || !not_aside || other_sending {
         return Ok(None);
     }
-    mark_sending(tx, std::slice::from_ref(&claimed))?;
-    Ok(Some(claimed))
+    match take(tx, candidate, filter, &crate::time::now())? {
+        Taken::Claimed(c) => Ok(Some(c)),
+        Taken::Parked | Taken::Dead | Taken::Skipped => Ok(None),
+    }
 }
 
 /// One HTTP attempt (or a wait without one), for `outbox_attempts`.
@@ -348,7 +691,7 @@ pub enum Finish {
     },
     Dead,
     /// Back to pending without counting the attempt: its business must be
-    /// re-authorized first.
+    /// re-authorized (or configured) first.
     Hold,
 }
 
@@ -359,19 +702,60 @@ pub struct NextOf<'a> {
     pub filter: &'a ClaimFilter,
 }
 
-/// Records a claimed row's attempts and its new state, in one transaction;
-/// with `next`, also claims the next row of the same negotiation when it may
-/// go now, so a negotiation's rows follow each other without a new search.
+/// Whether [`finish`] could write the outcome on the row.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Recorded {
+    /// The row took the outcome.
+    Yes,
+    /// The row was deleted while it was sent: nothing is written.
+    RowDeleted,
+    /// The row was changed while it was sent (canceled, put back to pending,
+    /// edited, or claimed again): the attempts are recorded, the row keeps
+    /// what the user did. The row's state now.
+    RowChanged(String),
+}
+
+/// Records a claimed row's attempts and its new state, in one transaction,
+/// only if the row is still `sending` with the content that was sent; with
+/// `next`, also claims the next row of the same negotiation when it may go
+/// now, so a negotiation's rows follow each other without a new search.
 pub fn finish(
     conn: &mut Connection,
-    id: i64,
+    row: &Claimed,
     finish: &Finish,
     attempts: &[Attempt],
     now: &str,
     next: Option<NextOf<'_>>,
-) -> Result<Option<Claimed>> {
+) -> Result<(Recorded, Option<Claimed>)> {
+    let id = row.id;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    {
+    let current: Option<(Option<String>, bool)> = tx
+        .prepare_cached(
+            "SELECT CASE WHEN typeof(state) = 'text' THEN state END,
+                    negotiation_id IS ?2 AND business_id IS ?3 AND status IS ?4
+                    AND partner_status_changed_at IS ?5 AND invoice_amount_in_cents IS ?6
+                    AND attempts IS ?7
+               FROM outbox WHERE id = ?1",
+        )?
+        .query_row(
+            params![
+                id,
+                row.negotiation_id,
+                row.business_id,
+                row.status,
+                row.partner_status_changed_at,
+                row.invoice_amount_in_cents,
+                row.attempt
+            ],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    let recorded = match current {
+        None => Recorded::RowDeleted,
+        Some((Some(state), true)) if state == "sending" => Recorded::Yes,
+        Some((state, _)) => Recorded::RowChanged(state.unwrap_or_default()),
+    };
+    if recorded != Recorded::RowDeleted {
         let mut log = tx.prepare_cached(
             "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome,
                  error, trace_id, duration_ms)
@@ -390,6 +774,10 @@ pub fn finish(
             ])?;
         }
     }
+    if recorded != Recorded::Yes {
+        tx.commit()?;
+        return Ok((recorded, None));
+    }
     let last = attempts.last();
     // The last HTTP status received (a token refusal after a 401 has none).
     let http_status = attempts.iter().rev().find_map(|a| a.http_status);
@@ -399,41 +787,34 @@ pub fn finish(
         Finish::Sent => tx.execute(
             "UPDATE outbox SET state = 'sent', sent_at = ?2, sending_since = NULL, last_error = NULL,
                  last_http_status = ?3, last_trace_id = ?4
-              WHERE id = ?1",
+              WHERE id = ?1 AND state = 'sending'",
             params![id, now, http_status, trace_id],
         )?,
         Finish::Retry { next_attempt_at } => tx.execute(
             "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, sending_since = NULL,
                  last_error = ?3, last_http_status = ?4, last_trace_id = ?5
-              WHERE id = ?1",
+              WHERE id = ?1 AND state = 'sending'",
             params![id, next_attempt_at, error, http_status, trace_id],
         )?,
         Finish::Dead => tx.execute(
             "UPDATE outbox SET state = 'dead', sending_since = NULL, last_error = ?2,
                  last_http_status = ?3, last_trace_id = ?4
-              WHERE id = ?1",
+              WHERE id = ?1 AND state = 'sending'",
             params![id, error, http_status, trace_id],
         )?,
         Finish::Hold => tx.execute(
             "UPDATE outbox SET state = 'pending', attempts = max(attempts - 1, 0), next_attempt_at = ?2,
                  sending_since = NULL, last_error = ?3, last_http_status = ?4, last_trace_id = ?5
-              WHERE id = ?1",
+              WHERE id = ?1 AND state = 'sending'",
             params![id, now, error, http_status, trace_id],
         )?,
     };
     let claimed = match next {
-        Some(next) => {
-            let negotiation_id: String = tx.query_row(
-                "SELECT negotiation_id FROM outbox WHERE id = ?1",
-                [id],
-                |r| r.get(0),
-            )?;
-            claim_head_of(&tx, &negotiation_id, next.due_by, next.filter)?
-        }
+        Some(next) => claim_head_of(&tx, &row.negotiation_id, next.due_by, next.filter)?,
         None => None,
     };
     tx.commit()?;
-    Ok(claimed)
+    Ok((Recorded::Yes, claimed))
 }
 
 /// At start-up: rows left `sending` by a process that stopped go back to
@@ -514,7 +895,7 @@ pub fn pending_for(conn: &Connection, businesses: &[String]) -> Result<i64> {
 pub fn next_due(conn: &Connection) -> Result<Option<String>> {
     Ok(conn
         .query_row(
-            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending'",
+            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending' AND waiting_for IS NULL",
             [],
             |r| r.get(0),
         )

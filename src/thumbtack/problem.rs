@@ -306,7 +306,9 @@ pub fn trace_id_of(headers: &reqwest::header::HeaderMap, body: &[u8]) -> Option<
     })
 }
 
-/// Parses `Retry-After`: delay-seconds or an HTTP date; capped at `cap`.
+/// Parses `Retry-After`: delay-seconds or an HTTP date (RFC 9110 §5.6.7:
+/// IMF-fixdate, the obsolete RFC 850 form and asctime); capped at `cap`. A
+/// date in the past is zero (the caller keeps its own backoff as a floor).
 pub fn parse_retry_after(
     value: &str,
     now: chrono::DateTime<chrono::Utc>,
@@ -321,12 +323,45 @@ pub fn parse_retry_after(
         }
         Duration::from_secs_f64(secs.min(cap.as_secs_f64()))
     } else {
-        let when = chrono::DateTime::parse_from_rfc2822(v).ok()?;
-        (when.with_timezone(&chrono::Utc) - now)
+        (parse_http_date(v, now)? - now)
             .to_std()
             .unwrap_or(Duration::ZERO)
     };
     Some(d.min(cap))
+}
+
+/// An HTTP date in any of its three forms, as UTC.
+fn parse_http_date(
+    v: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> Option<chrono::DateTime<chrono::Utc>> {
+    use chrono::{Datelike, NaiveDate, NaiveDateTime, TimeZone};
+    let v = v.split_whitespace().collect::<Vec<_>>().join(" ");
+    // IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT (and RFC 2822 variants).
+    if let Ok(t) = chrono::DateTime::parse_from_rfc2822(&v) {
+        return Some(t.with_timezone(&chrono::Utc));
+    }
+    // asctime: Sun Nov  6 08:49:37 1994
+    if let Ok(t) = NaiveDateTime::parse_from_str(&v, "%a %b %e %H:%M:%S %Y") {
+        return Some(chrono::Utc.from_utc_datetime(&t));
+    }
+    // RFC 850: Sunday, 06-Nov-94 08:49:37 GMT; a two-digit year more than 50
+    // years ahead is the most recent past year with those digits.
+    let rest = v.split_once(", ")?.1.strip_suffix(" GMT")?;
+    let (date, time) = rest.split_once(' ')?;
+    let mut parts = date.split('-');
+    let (day, month, yy) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() || yy.len() != 2 {
+        return None;
+    }
+    let yy: i32 = yy.parse().ok()?;
+    let mut year = now.year() - now.year().rem_euclid(100) + yy;
+    if year > now.year() + 50 {
+        year -= 100;
+    }
+    let date = NaiveDate::parse_from_str(&format!("{day} {month} {year}"), "%d %b %Y").ok()?;
+    let time = chrono::NaiveTime::parse_from_str(time, "%H:%M:%S").ok()?;
+    Some(chrono::Utc.from_utc_datetime(&date.and_time(time)))
 }
 
 #[cfg(test)]
@@ -365,6 +400,35 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after("soon", now, cap), None);
+    }
+
+    #[test]
+    fn retry_after_all_three_http_date_forms() {
+        let now = chrono::DateTime::parse_from_rfc3339("1994-11-06T08:48:37Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        let cap = Duration::from_secs(3600);
+        let minute = Some(Duration::from_secs(60));
+        for form in [
+            "Sun, 06 Nov 1994 08:49:37 GMT",
+            "Sunday, 06-Nov-94 08:49:37 GMT",
+            "Sun Nov  6 08:49:37 1994",
+        ] {
+            assert_eq!(parse_retry_after(form, now, cap), minute, "{form}");
+        }
+        // A two-digit year is never taken for one more than 50 years ahead.
+        let now = chrono::DateTime::parse_from_rfc3339("2030-01-01T00:00:00Z")
+            .unwrap()
+            .with_timezone(&chrono::Utc);
+        assert_eq!(
+            parse_retry_after("Thursday, 01-Jan-30 00:01:00 GMT", now, cap),
+            minute
+        );
+        assert_eq!(
+            parse_retry_after("Friday, 01-Jan-99 00:00:00 GMT", now, cap),
+            Some(Duration::ZERO),
+            "1999, in the past"
+        );
     }
 
     #[test]

@@ -1,0 +1,785 @@
+//! The outbox at its edges (issue 11): rows edited, canceled or deleted in
+//! flight, rows that cannot be read, `Retry-After` against the backoff, a
+//! failing claim, late rows, rows waiting for their business, a hanging
+//! token endpoint, and a second writer racing the drainer under faults.
+
+mod common;
+
+use common::{Env, FAST, count};
+use leadsync::app::Session;
+use leadsync::drain::{DrainSettings, Drainer};
+use leadsync::sandbox::{Faults, SandboxOptions};
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+struct Rig {
+    env: Env,
+    session: Session,
+    drainer: Arc<Drainer>,
+}
+
+impl Rig {
+    async fn new(overrides: &str) -> Rig {
+        Rig::open(overrides, false, None).await
+    }
+
+    /// With OAuth grants or static tokens; `needs_reauth`: a business the
+    /// mirror flags as waiting for re-authorization when the session opens.
+    async fn open(overrides: &str, oauth: bool, needs_reauth: Option<usize>) -> Rig {
+        let env = Env::new(SandboxOptions::default(), oauth, overrides).await;
+        assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+        if let Some(i) = needs_reauth {
+            env.sql()
+                .execute(
+                    "UPDATE businesses SET needs_reauth = 1, needs_reauth_reason = 'refused in a test'
+                      WHERE business_id = ?1",
+                    [&env.business_ids()[i]],
+                )
+                .unwrap();
+        }
+        let session = Session::open(env.config()).await.unwrap();
+        let drainer = Arc::new(Drainer::new(
+            session.store.clone(),
+            session.client.clone(),
+            DrainSettings::from_config(&session.config),
+        ));
+        Rig {
+            env,
+            session,
+            drainer,
+        }
+    }
+
+    fn lead(&self, business: usize, n: usize) -> String {
+        self.env
+            .sandbox
+            .lead_ids(&self.env.business_ids()[business])[n]
+            .clone()
+    }
+
+    fn insert(&self, negotiation: &str, status: &str, at: &str) -> i64 {
+        let db = self.env.sql();
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, ?2, ?3)",
+            rusqlite::params![negotiation, status, at],
+        )
+        .unwrap();
+        db.last_insert_rowid()
+    }
+
+    fn sql(&self, sql: &str) {
+        self.env.sql().execute_batch(sql).unwrap();
+    }
+
+    fn state(&self, id: i64) -> (String, i64, Option<String>) {
+        self.env
+            .sql()
+            .query_row(
+                "SELECT state, attempts, last_error FROM outbox WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    }
+
+    fn count(&self, sql: &str) -> i64 {
+        count(&self.env.sql(), sql)
+    }
+
+    async fn drain(&self) -> leadsync::drain::DrainSummary {
+        self.drainer
+            .drain_once(&CancellationToken::new())
+            .await
+            .unwrap()
+    }
+
+    /// `drain` in the background, to act on rows while they are in flight.
+    fn drain_in_background(
+        &self,
+    ) -> tokio::task::JoinHandle<anyhow::Result<leadsync::drain::DrainSummary>> {
+        let d = self.drainer.clone();
+        tokio::spawn(async move { d.drain_once(&CancellationToken::new()).await })
+    }
+
+    async fn wait_sending(&self, n: i64) {
+        common::wait_until(
+            &format!("{n} rows in flight"),
+            Duration::from_secs(20),
+            || self.count("SELECT count(*) FROM outbox WHERE state = 'sending'") >= n,
+        )
+        .await;
+    }
+
+    /// (negotiation, status, instant in UTC) of every delivery.
+    fn delivered(&self) -> HashSet<(String, String, String)> {
+        self.env
+            .sandbox
+            .deliveries()
+            .into_iter()
+            .map(|d| {
+                (
+                    d.negotiation_id,
+                    d.status,
+                    leadsync::time::to_utc_z(&d.partner_status_changed_at).unwrap(),
+                )
+            })
+            .collect()
+    }
+}
+
+fn with_latency(ms: u64) -> Faults {
+    Faults {
+        latency_ms: ms,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_lands_only_on_the_row_that_was_sent() {
+    // Defect 1: `finish` wrote `sent` on whatever the row had become.
+    let rig = Rig::new(FAST).await;
+    let canceled = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let edited = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let untouched = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.env.sandbox.set_faults(with_latency(1500));
+    let drain = rig.drain_in_background();
+    rig.wait_sending(3).await;
+    // The partner's program, with plain SQL, while the three are in flight.
+    rig.sql(&format!(
+        "UPDATE outbox SET state = 'canceled' WHERE id = {canceled};
+         UPDATE outbox SET state = 'pending' WHERE id = {edited};
+         UPDATE outbox SET status = 'pro_cancel' WHERE id = {edited};"
+    ));
+    drain.await.unwrap().unwrap();
+    rig.env.sandbox.set_faults(Faults::default());
+    rig.drain().await;
+
+    assert_eq!(
+        rig.state(canceled).0,
+        "canceled",
+        "the user's cancel stands"
+    );
+    assert_eq!(rig.state(untouched).0, "sent");
+    // Every `sent` row's content is what Thumbtack got.
+    let delivered = rig.delivered();
+    let db = rig.env.sql();
+    let mut stmt = db
+        .prepare(
+            "SELECT id, negotiation_id, status, changed_at_utc FROM outbox WHERE state = 'sent'",
+        )
+        .unwrap();
+    let sent: Vec<(i64, String, String, String)> = stmt
+        .query_map([], |r| {
+            let at: String = r.get(3)?;
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, at.replace(".000Z", "Z")))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for (id, n, status, at) in sent {
+        assert!(
+            delivered.contains(&(n.clone(), status.clone(), at.clone())),
+            "row {id} says sent {status} {at}, Thumbtack got {delivered:?}"
+        );
+    }
+    assert_eq!(
+        rig.state(edited).0,
+        "sent",
+        "the edited row goes out with its new content"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_that_cannot_be_read_fails_alone() {
+    // Defect 2: a BLOB negotiation_id failed every claim, stopping the drainer.
+    let rig = Rig::new(FAST).await;
+    // Rows written before schema 3, or past a dropped trigger.
+    rig.sql(
+        "DROP TRIGGER outbox_validate_insert;
+         INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES (X'3531393135', 'appt_scheduled', '2024-06-14T09:30:00Z');
+         INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES (CAST(X'FF3531' AS TEXT), 'appt_scheduled', '2024-06-14T09:30:00Z');
+         INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('51915x', 'appt_scheduled', '2024-06-14T09:30:00Z');",
+    );
+    let good = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 1, "{s:?}");
+    assert_eq!(rig.state(good).0, "sent");
+    for id in 1..=3 {
+        let (state, _, error) = rig.state(id);
+        assert_eq!(state, "dead", "row {id}");
+        let error = error.unwrap_or_default();
+        assert!(error.contains("cannot be sent"), "row {id}: {error}");
+    }
+    assert!(rig.state(1).2.unwrap().contains("BLOB"));
+    assert!(rig.state(2).2.unwrap().contains("UTF-8"));
+    // `outbox list` still shows them.
+    let out = rig.env.run(&["outbox", "list", "--json"]);
+    assert!(out.status.success(), "{}", common::text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_zero_keeps_the_backoff() {
+    // Defect 3: `Retry-After: 0` replaced the backoff, spinning a row through its attempts.
+    let rig = Rig::new(
+        &FAST
+            .replace("backoff_initial_secs = 0.2", "backoff_initial_secs = 30")
+            .replace("backoff_max_secs = 2", "backoff_max_secs = 120"),
+    )
+    .await;
+    rig.env.sandbox.set_faults(Faults {
+        rate_429: 1.0,
+        retry_after_secs: 0,
+        ..Default::default()
+    });
+    let ids: Vec<i64> = (0..2)
+        .map(|i| rig.insert(&rig.lead(0, i), "appt_scheduled", "2024-06-14T09:30:00Z"))
+        .collect();
+    rig.drain().await;
+    for id in ids {
+        let at: String = rig
+            .env
+            .sql()
+            .query_row(
+                "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let due = (leadsync::time::parse(&at).unwrap() - chrono::Utc::now()).num_seconds();
+        assert!(
+            due >= 25,
+            "row {id}: due in {due} s, not after its 30 s backoff"
+        );
+        assert_eq!(rig.state(id).1, 1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_while_sending_frees_its_slot() {
+    // Defect 4: recording the attempt of a deleted row failed on the foreign
+    // key and was retried forever, holding a concurrency slot.
+    let rig = Rig::new(&FAST.replace("concurrency = 4", "concurrency = 1")).await;
+    let deleted = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let next = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.env.sandbox.set_faults(with_latency(1000));
+    let drain = rig.drain_in_background();
+    rig.wait_sending(1).await;
+    rig.sql(&format!(
+        "PRAGMA foreign_keys = ON; DELETE FROM outbox WHERE id = {deleted};"
+    ));
+    let s = tokio::time::timeout(Duration::from_secs(30), drain)
+        .await
+        .expect("the drain ends: the deleted row's task gave its slot back")
+        .unwrap()
+        .unwrap();
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(rig.state(next).0, "sent");
+    assert_eq!(rig.count("SELECT count(*) FROM outbox"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_claim_lets_in_flight_sends_finish() {
+    // Defect 5: `claim(...).await?` dropped the JoinSet, aborting sends in flight.
+    let rig = Rig::new(&FAST.replace("concurrency = 4", "concurrency = 2")).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    for k in 0..3 {
+        rig.insert(&b, "appt_scheduled", &format!("2024-06-14T1{k}:30:00Z"));
+    }
+    rig.env.sandbox.set_faults(with_latency(700));
+    let drain = rig.drain_in_background();
+    rig.wait_sending(2).await;
+    // The next claim fails (its index is gone); the sends in flight must not.
+    rig.sql("DROP INDEX outbox_due");
+    let r = tokio::time::timeout(Duration::from_secs(60), drain)
+        .await
+        .expect("the drain ends")
+        .unwrap();
+    assert!(r.is_err(), "claims kept failing: {r:?}");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state = 'sending'"),
+        0,
+        "no row left `sending` without a crash"
+    );
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state = 'sent'"),
+        4
+    );
+    assert_eq!(rig.env.sandbox.deliveries().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_without_an_instant_is_never_first_in_line() {
+    // Defect 6: +15:00 made the instant NULL; NULL comparisons let two rows
+    // of one negotiation go out together.
+    let rig = Rig::new(FAST).await;
+    let n = rig.lead(0, 0);
+    rig.sql(&format!(
+        "DROP TRIGGER outbox_validate_insert;
+         INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('{n}', 'appt_scheduled', '2024-06-14T09:30:00+15:00');"
+    ));
+    let later = rig.insert(&n, "job_complete", "2024-06-15T09:30:00Z");
+    let s = rig.drain().await;
+    let (state, _, error) = rig.state(1);
+    assert_eq!(state, "dead", "{s:?}");
+    assert!(error.unwrap().contains("cannot be read as an instant"));
+    assert_eq!(rig.state(later).0, "sent");
+    let statuses: Vec<String> = rig
+        .env
+        .sandbox
+        .deliveries()
+        .into_iter()
+        .map(|d| d.status)
+        .collect();
+    assert_eq!(statuses, ["job_complete"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_rows_are_sent_and_marked_late() {
+    // Defect 7: a row earlier than an already-sent one went out unremarked.
+    let rig = Rig::new(FAST).await;
+    let n = rig.lead(0, 0);
+    let first = rig.insert(&n, "job_complete", "2024-06-14T12:00:00Z");
+    rig.drain().await;
+    let inserted_late = rig.insert(&n, "appt_scheduled", "2024-06-14T10:00:00Z");
+    let retried = rig.insert(&n, "not_scheduled", "2024-06-14T09:00:00Z");
+    rig.sql(&format!(
+        "UPDATE outbox SET state = 'dead' WHERE id = {retried}"
+    ));
+    rig.drain().await;
+    assert_eq!(rig.state(inserted_late).0, "sent");
+    let out = rig.env.run(&["outbox", "retry", &retried.to_string()]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    rig.drain().await;
+    let after = rig.insert(&n, "invoice_paid", "2024-06-14T13:00:00Z");
+    rig.drain().await;
+    let late = |id: i64| {
+        rig.count(&format!(
+            "SELECT late FROM outbox WHERE id = {id} AND state = 'sent'"
+        ))
+    };
+    assert_eq!(
+        (late(first), late(inserted_late), late(retried), late(after)),
+        (0, 1, 1, 0)
+    );
+    assert_eq!(rig.env.sandbox.deliveries().len(), 4, "late rows are sent");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_waiting_for_their_business_are_outside_what_a_claim_walks() {
+    // Defect 8: every claim rescanned the held rows inside BEGIN IMMEDIATE.
+    let rig = Rig::new(FAST).await;
+    let b = rig.env.business_ids()[0].clone();
+    let token_file = rig.env.dir.path().join("fixture/tokens").join(&b);
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    std::fs::write(&token_file, "revoked\n").unwrap();
+    let db = rig.env.sql();
+    db.execute_batch("BEGIN").unwrap();
+    for i in 0..3000 {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', ?2)",
+            rusqlite::params![rig.lead(0, i % 60), format!("2024-06-14T09:{:02}:{:02}Z", i / 60, i % 60)],
+        )
+        .unwrap();
+    }
+    db.execute_batch("COMMIT").unwrap();
+    let other = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = rig.drain().await;
+    assert!(s.sent == 1 && s.held >= 1, "{s:?}");
+    assert_eq!(rig.state(other).0, "sent");
+    rig.drain().await;
+    // A claim walks the due index: none of the 3,000 held rows is in it.
+    assert_eq!(
+        rig.count(
+            "SELECT count(*) FROM outbox INDEXED BY outbox_due
+              WHERE state = 'pending' AND waiting_for IS NULL AND next_attempt_at <= '9999'"
+        ),
+        0
+    );
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM outbox WHERE waiting_for = '{b}' AND attempts = 0
+                AND last_error LIKE 'waiting: %re-authoriz%'"
+        )),
+        3000
+    );
+    // Re-authorized: they come back and go out.
+    std::fs::write(&token_file, token).unwrap();
+    assert!(rig.session.auth.token(&b).await.is_ok());
+    rig.env.sandbox.set_faults(Faults::default());
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 3000, "{s:?}");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE waiting_for IS NOT NULL"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_of_a_removed_business_wait_without_counting_attempts() {
+    // Defect 9: the waiting path counted attempts, so rows of a business
+    // removed from the configuration died without one HTTP attempt.
+    let rig = Rig::new(&FAST.replace("max_attempts = 5", "max_attempts = 2")).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let id = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let named = {
+        let db = rig.env.sql();
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+             VALUES (?1, '123456789', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [rig.lead(0, 1)],
+        )
+        .unwrap();
+        db.last_insert_rowid()
+    };
+    for _ in 0..4 {
+        rig.sql(
+            "UPDATE outbox SET next_attempt_at = '2000-01-01T00:00:00Z' WHERE state = 'pending'",
+        );
+        rig.drain().await;
+    }
+    for row in [id, named] {
+        let (state, attempts, error) = rig.state(row);
+        assert_eq!((state.as_str(), attempts), ("pending", 0), "row {row}");
+        assert!(
+            error
+                .unwrap_or_default()
+                .contains("not in the configuration"),
+            "row {row}"
+        );
+    }
+    assert_eq!(rig.env.sandbox.deliveries().len(), 0);
+    // Configured again: its row goes out.
+    rig.drainer.update(full, rig.session.client.clone());
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 1, "{s:?}");
+    assert_eq!(rig.state(id).0, "sent");
+    assert_eq!(rig.state(named).1, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_token_endpoint_stalls_neither_claims_nor_the_heartbeat() {
+    // Defect 12: the re-auth recheck awaited each blocked business's refresh
+    // inside the drain loop.
+    let overrides = FAST
+        .replace("timeout_secs = 5", "timeout_secs = 15")
+        .replace("shutdown_timeout_secs = 5", "shutdown_timeout_secs = 15");
+    // Business 1 waits for re-authorization (a flag left by a previous run).
+    let rig = Rig::open(&overrides, true, Some(1)).await;
+    let (a, b) = (
+        rig.env.business_ids()[0].clone(),
+        rig.env.business_ids()[1].clone(),
+    );
+    assert_eq!(rig.session.auth.blocked(), std::slice::from_ref(&b));
+    // Business 0 has a fresh access token; then the token endpoint stops answering.
+    rig.session.auth.token(&a).await.unwrap();
+    let hole = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let accepted = Arc::new(AtomicI64::new(0));
+    {
+        let (hole, accepted) = (hole.try_clone().unwrap(), accepted.clone());
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in hole.incoming().flatten() {
+                accepted.fetch_add(1, Ordering::SeqCst);
+                held.push(conn); // never answered
+            }
+        });
+    }
+    rig.env.set_overrides(&format!(
+        "{overrides}\n[oauth]\ntoken_url = \"http://{}/oauth2/token\"\n",
+        hole.local_addr().unwrap()
+    ));
+    rig.session.auth.reconfigure(&rig.env.config());
+
+    let mut settings = DrainSettings::from_config(&rig.session.config);
+    settings.reauth_recheck = Duration::from_millis(50);
+    let drainer = Arc::new(Drainer::new(
+        rig.session.store.clone(),
+        rig.session.client.clone(),
+        settings,
+    ));
+    let stop = CancellationToken::new();
+    let heartbeat = Arc::new(AtomicI64::new(0));
+    let run = tokio::spawn(drainer.run(stop.clone(), heartbeat.clone()));
+    common::wait_until(
+        "the recheck reaches the token endpoint",
+        Duration::from_secs(10),
+        || accepted.load(Ordering::SeqCst) > 0,
+    )
+    .await;
+    let beat = heartbeat.load(Ordering::SeqCst);
+    let id = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    common::wait_until(
+        "a row of another business is sent while the refresh hangs",
+        Duration::from_secs(5),
+        || rig.state(id).0 == "sent",
+    )
+    .await;
+    common::wait_until("the heartbeat goes on", Duration::from_secs(3), || {
+        heartbeat.load(Ordering::SeqCst) > beat
+    })
+    .await;
+    assert_eq!(
+        accepted.load(Ordering::SeqCst),
+        1,
+        "one recheck round at a time"
+    );
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the drainer stops within the refresh's bound")
+        .unwrap();
+}
+
+/// What the second writer last did to a row, as the table confirmed it.
+#[derive(Debug, Clone)]
+enum Intent {
+    /// Send this content (status, instant).
+    Send(String, String),
+    Cancel,
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_racing_the_drainer_under_faults() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST
+            .replace("max_attempts = 5", "max_attempts = 1000")
+            .replace("backoff_initial_secs = 0.2", "backoff_initial_secs = 0.05")
+            .replace("backoff_max_secs = 2", "backoff_max_secs = 0.3")
+            .replace("poll_interval_ms = 100", "poll_interval_ms = 20"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        latency_ms: 15,
+        error_5xx: 0.2,
+        reset: 0.05,
+        ..Default::default()
+    });
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    let leads = env.first_leads(3);
+    let path = env.database();
+    // Another process's connection, in a thread: inserts, edits pending rows,
+    // cancels rows, and remembers what each row should end as.
+    let writer = std::thread::spawn(move || {
+        let c = rusqlite::Connection::open(&path).unwrap();
+        c.busy_timeout(Duration::from_secs(10)).unwrap();
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut intents: HashMap<i64, Intent> = HashMap::new();
+        let mut instant = 0u32;
+        let mut next_instant = || {
+            instant += 1;
+            // Shuffled: some rows come earlier than rows already sent (late).
+            let s = (instant * 7919) % 86_000 + instant % 7;
+            format!(
+                "2024-06-14T{:02}:{:02}:{:02}Z",
+                s / 3600 % 24,
+                s / 60 % 60,
+                s % 60
+            )
+        };
+        let statuses = [
+            "appt_scheduled",
+            "not_scheduled",
+            "customer_cancel",
+            "pro_cancel",
+        ];
+        for step in 0..400 {
+            let ids: Vec<i64> = intents.keys().copied().collect();
+            let op = if ids.is_empty() { 0 } else { rng.u8(0..10) };
+            match op {
+                0..=4 => {
+                    let (status, at) = (statuses[rng.usize(0..4)], next_instant());
+                    c.execute(
+                        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, ?2, ?3)",
+                        rusqlite::params![leads[rng.usize(0..leads.len())], status, at],
+                    )
+                    .unwrap();
+                    intents.insert(c.last_insert_rowid(), Intent::Send(status.into(), at));
+                }
+                5..=7 => {
+                    let id = ids[rng.usize(0..ids.len())];
+                    let (status, at) = (statuses[rng.usize(0..4)], next_instant());
+                    let changed = c
+                        .execute(
+                            "UPDATE outbox SET status = ?2, partner_status_changed_at = ?3 WHERE id = ?1 AND state = 'pending'",
+                            rusqlite::params![id, status, at],
+                        )
+                        .unwrap();
+                    if changed == 1 {
+                        intents.insert(id, Intent::Send(status.into(), at));
+                    }
+                }
+                _ => {
+                    let id = ids[rng.usize(0..ids.len())];
+                    let changed = c
+                        .execute(
+                            "UPDATE outbox SET state = 'canceled' WHERE id = ?1 AND state = 'pending'",
+                            [id],
+                        )
+                        .unwrap();
+                    if changed == 1 {
+                        intents.insert(id, Intent::Cancel);
+                    }
+                }
+            }
+            // Sent rows are frozen: an edit is refused with the table's message.
+            if step % 50 == 49
+                && let Some(id) = c
+                    .query_row(
+                        "SELECT id FROM outbox WHERE state = 'sent' LIMIT 1",
+                        [],
+                        |r| r.get::<_, i64>(0),
+                    )
+                    .ok()
+            {
+                let e = c
+                    .execute(
+                        "UPDATE outbox SET status = 'pro_cancel' WHERE id = ?1",
+                        [id],
+                    )
+                    .unwrap_err();
+                assert!(
+                    e.to_string().contains("only change while it is pending"),
+                    "{e}"
+                );
+            }
+            std::thread::sleep(Duration::from_millis(rng.u64(0..8)));
+        }
+        intents
+    });
+    let intents = tokio::task::spawn_blocking(move || writer.join().unwrap())
+        .await
+        .unwrap();
+    common::wait_until(
+        "every row sent or canceled",
+        Duration::from_secs(120),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM outbox WHERE state NOT IN ('sent', 'canceled')",
+            ) == 0
+        },
+    )
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+
+    // Every row ends as the user's last action implies, its recorded outcome
+    // matching its content.
+    let db = env.sql();
+    let rows: HashMap<i64, (String, String, String, String, i64)> = db
+        .prepare(
+            "SELECT id, state, status, partner_status_changed_at, changed_at_utc, late FROM outbox",
+        )
+        .unwrap()
+        .query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                (r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?),
+            ))
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rows.len(), intents.len());
+    let deliveries = env.sandbox.deliveries();
+    let mut by_content: HashMap<(String, String, String), usize> = HashMap::new();
+    for d in &deliveries {
+        *by_content
+            .entry((
+                d.negotiation_id.clone(),
+                d.status.clone(),
+                d.partner_status_changed_at.clone(),
+            ))
+            .or_default() += 1;
+    }
+    let negotiation_of: HashMap<i64, String> = db
+        .prepare("SELECT id, negotiation_id FROM outbox")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for (id, intent) in &intents {
+        let (state, status, at, _, _) = &rows[id];
+        let key = (negotiation_of[id].clone(), status.clone(), at.clone());
+        match intent {
+            Intent::Cancel => {
+                assert_eq!(state, "canceled", "row {id}");
+                assert_eq!(
+                    by_content.get(&key),
+                    None,
+                    "canceled row {id} was delivered"
+                );
+            }
+            Intent::Send(s, t) => {
+                assert_eq!((state.as_str(), status, at), ("sent", s, t), "row {id}");
+                assert_eq!(
+                    by_content.get(&key),
+                    Some(&1),
+                    "row {id} delivered exactly once"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        deliveries.len(),
+        rows.values().filter(|r| r.0 == "sent").count(),
+        "no delivery that no row accounts for"
+    );
+    // Per negotiation, non-late rows went out in order of their instants.
+    let instant: HashMap<(String, String, String), (String, i64)> = intents
+        .keys()
+        .map(|id| {
+            let (_, status, at, utc, late) = &rows[id];
+            (
+                (negotiation_of[id].clone(), status.clone(), at.clone()),
+                (utc.clone(), *late),
+            )
+        })
+        .collect();
+    let mut last: HashMap<String, String> = HashMap::new();
+    let mut late_rows = 0;
+    for d in &deliveries {
+        let (utc, late) = &instant[&(
+            d.negotiation_id.clone(),
+            d.status.clone(),
+            d.partner_status_changed_at.clone(),
+        )];
+        if *late == 1 {
+            late_rows += 1;
+            continue;
+        }
+        if let Some(before) = last.get(&d.negotiation_id) {
+            assert!(
+                before < utc,
+                "negotiation {}: {utc} after {before}",
+                d.negotiation_id
+            );
+        }
+        last.insert(d.negotiation_id.clone(), utc.clone());
+    }
+    assert!(late_rows > 0, "the shuffled instants made some rows late");
+}
