@@ -246,9 +246,8 @@ struct Candidate {
 const CANDIDATE_COLUMNS: &str = "o.id, o.negotiation_id, o.business_id,
     COALESCE(o.business_id, n.business_id, :default_business),
     o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.attempts, o.changed_at_utc,
-    (SELECT w.waiting_for FROM outbox w INDEXED BY outbox_open_by_negotiation
-      WHERE w.negotiation_id = o.negotiation_id AND w.state IN ('pending', 'sending')
-        AND w.waiting_for IS NOT NULL LIMIT 1)";
+    (SELECT w.waiting_for FROM outbox w INDEXED BY outbox_waiting_by_negotiation
+      WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL LIMIT 1)";
 
 /// Reads a candidate leniently: whatever a partner's program wrote, the
 /// claim goes on; a row that cannot be sent is reported, not fatal.
@@ -556,9 +555,9 @@ pub fn claim(
                          OR o.next_attempt_at > :after_at
                          OR (o.next_attempt_at = :after_at AND o.id > :after_id))
                     AND (o.changed_at_utc IS NULL
-                         OR EXISTS (SELECT 1 FROM outbox w INDEXED BY outbox_open_by_negotiation
+                         -- a probe into an index of the rows put aside only
+                         OR EXISTS (SELECT 1 FROM outbox w INDEXED BY outbox_waiting_by_negotiation
                                      WHERE w.negotiation_id = o.negotiation_id
-                                       AND w.state IN ('pending', 'sending')
                                        AND w.waiting_for IS NOT NULL)
                          OR NOT EXISTS (
                         SELECT 1 FROM outbox p
