@@ -656,7 +656,8 @@ async fn a_second_writer_racing_the_drainer_under_faults() {
             {
                 let e = c
                     .execute(
-                        "UPDATE outbox SET status = 'pro_cancel' WHERE id = ?1",
+                        "UPDATE outbox SET status = CASE status WHEN 'pro_cancel' THEN 'not_scheduled'
+                             ELSE 'pro_cancel' END WHERE id = ?1",
                         [id],
                     )
                     .unwrap_err();

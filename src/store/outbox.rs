@@ -246,9 +246,8 @@ struct Candidate {
 const CANDIDATE_COLUMNS: &str = "o.id, o.negotiation_id, o.business_id,
     COALESCE(o.business_id, n.business_id, :default_business),
     o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.attempts, o.changed_at_utc,
-    (SELECT w.waiting_for FROM outbox w INDEXED BY outbox_open_by_negotiation
-      WHERE w.negotiation_id = o.negotiation_id AND w.state IN ('pending', 'sending')
-        AND w.waiting_for IS NOT NULL LIMIT 1)";
+    (SELECT w.waiting_for FROM outbox w INDEXED BY outbox_waiting_by_negotiation
+      WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL LIMIT 1)";
 
 /// Reads a candidate leniently: whatever a partner's program wrote, the
 /// claim goes on; a row that cannot be sent is reported, not fatal.
@@ -535,7 +534,9 @@ pub fn claim(
     }
     let now = crate::time::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let page = (limit * 2).clamp(16, 256);
+    // A page of `limit`: every candidate costs its negotiation's order check,
+    // and most claims (a slot freed by one send) want one row.
+    let page = limit.min(256);
     let mut claimed = Vec::new();
     let mut after: (rusqlite::types::Value, i64) = (rusqlite::types::Value::Null, i64::MIN);
     loop {
@@ -554,9 +555,9 @@ pub fn claim(
                          OR o.next_attempt_at > :after_at
                          OR (o.next_attempt_at = :after_at AND o.id > :after_id))
                     AND (o.changed_at_utc IS NULL
-                         OR EXISTS (SELECT 1 FROM outbox w INDEXED BY outbox_open_by_negotiation
+                         -- a probe into an index of the rows put aside only
+                         OR EXISTS (SELECT 1 FROM outbox w INDEXED BY outbox_waiting_by_negotiation
                                      WHERE w.negotiation_id = o.negotiation_id
-                                       AND w.state IN ('pending', 'sending')
                                        AND w.waiting_for IS NOT NULL)
                          OR NOT EXISTS (
                         SELECT 1 FROM outbox p
@@ -729,31 +730,64 @@ pub fn finish(
 ) -> Result<(Recorded, Option<Claimed>)> {
     let id = row.id;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let current: Option<(Option<String>, bool)> = tx
-        .prepare_cached(
-            "SELECT CASE WHEN typeof(state) = 'text' THEN state END,
-                    negotiation_id IS ?2 AND business_id IS ?3 AND status IS ?4
-                    AND partner_status_changed_at IS ?5 AND invoice_amount_in_cents IS ?6
-                    AND attempts IS ?7
-               FROM outbox WHERE id = ?1",
-        )?
-        .query_row(
-            params![
-                id,
-                row.negotiation_id,
-                row.business_id,
-                row.status,
-                row.partner_status_changed_at,
-                row.invoice_amount_in_cents,
-                row.attempt
-            ],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .optional()?;
-    let recorded = match current {
-        None => Recorded::RowDeleted,
-        Some((Some(state), true)) if state == "sending" => Recorded::Yes,
-        Some((state, _)) => Recorded::RowChanged(state.unwrap_or_default()),
+    let last = attempts.last();
+    // The last HTTP status received (a token refusal after a 401 has none).
+    let http_status = attempts.iter().rev().find_map(|a| a.http_status);
+    let error = last.and_then(|a| a.error.clone());
+    let trace_id = attempts.iter().rev().find_map(|a| a.trace_id.clone());
+    // Only on the row as it was sent: still `sending`, same content, same
+    // claim (attempt number); anything else is what the user did meanwhile.
+    const SAME_ROW: &str = "id = ?1 AND state = 'sending' AND negotiation_id IS ?11
+        AND business_id IS ?12 AND status IS ?13 AND partner_status_changed_at IS ?14
+        AND invoice_amount_in_cents IS ?15 AND attempts IS ?16";
+    let (state, next_attempt_at, attempts_change) = match finish {
+        Finish::Sent => ("sent", None, 0),
+        Finish::Retry { next_attempt_at } => ("pending", Some(next_attempt_at.as_str()), 0),
+        Finish::Dead => ("dead", None, 0),
+        Finish::Hold => ("pending", Some(now), 1),
+    };
+    let updated = tx
+        .prepare_cached(&format!(
+            "UPDATE outbox SET state = ?2, sending_since = NULL,
+                 sent_at = CASE WHEN ?2 = 'sent' THEN ?3 ELSE sent_at END,
+                 next_attempt_at = COALESCE(?4, next_attempt_at),
+                 attempts = max(attempts - ?5, 0),
+                 last_error = CASE WHEN ?2 = 'sent' THEN NULL ELSE ?6 END,
+                 last_http_status = ?7, last_trace_id = ?8
+              WHERE {SAME_ROW}"
+        ))?
+        .execute(params![
+            id,
+            state,
+            now,
+            next_attempt_at,
+            attempts_change,
+            error,
+            http_status,
+            trace_id,
+            rusqlite::types::Null,
+            rusqlite::types::Null,
+            row.negotiation_id,
+            row.business_id,
+            row.status,
+            row.partner_status_changed_at,
+            row.invoice_amount_in_cents,
+            row.attempt
+        ])?;
+    let recorded = if updated == 1 {
+        Recorded::Yes
+    } else {
+        match tx
+            .query_row(
+                "SELECT CASE WHEN typeof(state) = 'text' THEN state END FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .optional()?
+        {
+            None => Recorded::RowDeleted,
+            Some(state) => Recorded::RowChanged(state.unwrap_or_default()),
+        }
     };
     if recorded != Recorded::RowDeleted {
         let mut log = tx.prepare_cached(
@@ -778,37 +812,6 @@ pub fn finish(
         tx.commit()?;
         return Ok((recorded, None));
     }
-    let last = attempts.last();
-    // The last HTTP status received (a token refusal after a 401 has none).
-    let http_status = attempts.iter().rev().find_map(|a| a.http_status);
-    let error = last.and_then(|a| a.error.clone());
-    let trace_id = attempts.iter().rev().find_map(|a| a.trace_id.clone());
-    match finish {
-        Finish::Sent => tx.execute(
-            "UPDATE outbox SET state = 'sent', sent_at = ?2, sending_since = NULL, last_error = NULL,
-                 last_http_status = ?3, last_trace_id = ?4
-              WHERE id = ?1 AND state = 'sending'",
-            params![id, now, http_status, trace_id],
-        )?,
-        Finish::Retry { next_attempt_at } => tx.execute(
-            "UPDATE outbox SET state = 'pending', next_attempt_at = ?2, sending_since = NULL,
-                 last_error = ?3, last_http_status = ?4, last_trace_id = ?5
-              WHERE id = ?1 AND state = 'sending'",
-            params![id, next_attempt_at, error, http_status, trace_id],
-        )?,
-        Finish::Dead => tx.execute(
-            "UPDATE outbox SET state = 'dead', sending_since = NULL, last_error = ?2,
-                 last_http_status = ?3, last_trace_id = ?4
-              WHERE id = ?1 AND state = 'sending'",
-            params![id, error, http_status, trace_id],
-        )?,
-        Finish::Hold => tx.execute(
-            "UPDATE outbox SET state = 'pending', attempts = max(attempts - 1, 0), next_attempt_at = ?2,
-                 sending_since = NULL, last_error = ?3, last_http_status = ?4, last_trace_id = ?5
-              WHERE id = ?1 AND state = 'sending'",
-            params![id, now, error, http_status, trace_id],
-        )?,
-    };
     let claimed = match next {
         Some(next) => claim_head_of(&tx, &row.negotiation_id, next.due_by, next.filter)?,
         None => None,
