@@ -87,6 +87,11 @@ pub enum Command {
         #[command(subcommand)]
         command: AuthCommand,
     },
+    /// Manage Thumbtack webhook subscriptions pointing at webhooks.public_url.
+    Webhooks {
+        #[command(subcommand)]
+        command: WebhooksCommand,
+    },
     /// Run the built-in simulated Thumbtack API until stopped.
     Sandbox(SandboxArgs),
     /// Read-only check of what the API really answers for a business: one
@@ -149,6 +154,33 @@ pub enum OutboxCommand {
     Cancel {
         #[arg(required = true)]
         ids: Vec<i64>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WebhooksCommand {
+    /// Register webhooks.public_url for each business that has no webhook there yet.
+    Register {
+        /// Only these businesses (repeat); default: every enabled business.
+        #[arg(long = "business", value_name = "ID")]
+        business: Vec<String>,
+        /// Event types, comma-separated (default NegotiationCreatedV4,MessageCreatedV4).
+        #[arg(long, value_name = "E,E", value_delimiter = ',')]
+        events: Vec<String>,
+    },
+    /// List each business's webhooks.
+    List {
+        #[arg(long, value_name = "ID")]
+        business: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete one webhook.
+    Delete {
+        #[arg(long, value_name = "ID")]
+        business: String,
+        #[arg(long, value_name = "WEBHOOK_ID")]
+        webhook: String,
     },
 }
 
@@ -226,6 +258,15 @@ pub struct SandboxArgs {
     /// Which published lead shape the leads follow.
     #[arg(long, value_enum, default_value_t = Shape::Mixed)]
     pub shape: Shape,
+    /// Send every webhook delivery twice.
+    #[arg(long)]
+    pub webhook_twice: bool,
+    /// Send each batch of webhook deliveries in reverse order.
+    #[arg(long)]
+    pub webhook_out_of_order: bool,
+    /// Webhook deliveries sent at once.
+    #[arg(long, default_value_t = 16)]
+    pub webhook_concurrency: usize,
     /// Negotiations whose job-status posts are refused (400).
     #[arg(long, value_name = "ID")]
     pub refuse: Vec<String>,
@@ -282,6 +323,20 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             accept_missing,
         } => sync(load()?, business, full, accept_missing).await,
         Command::Drain => drain(load()?).await,
+        Command::Webhooks { command } => {
+            let config = load()?;
+            match command {
+                WebhooksCommand::Register { business, events } => {
+                    crate::webhooks::register(&config, &business, &events).await
+                }
+                WebhooksCommand::List { business, json } => {
+                    crate::webhooks::list(&config, business, json).await
+                }
+                WebhooksCommand::Delete { business, webhook } => {
+                    crate::webhooks::delete(&config, &business, &webhook).await
+                }
+            }
+        }
         Command::Enqueue(args) => enqueue(&load()?, args),
         Command::Outbox { command } => outbox_command(&load()?, command),
         Command::Status { json } => {
@@ -586,9 +641,12 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
             malformed: args.malformed_rate,
             redirect: args.redirect_rate,
             html_404: args.html_404_rate,
+            webhook_twice: args.webhook_twice,
+            webhook_out_of_order: args.webhook_out_of_order,
         },
         pagination: args.pagination,
         shape: args.shape,
+        webhook_concurrency: args.webhook_concurrency,
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;
@@ -619,7 +677,7 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         println!("  try: leadsync --config {} sync --full", path.display());
     }
     println!(
-        "  inspect: GET {}/_sandbox/deliveries, /_sandbox/stats; stop with Ctrl-C",
+        "  inspect: GET {}/_sandbox/deliveries, /_sandbox/webhook-deliveries, /_sandbox/stats; stop with Ctrl-C",
         sandbox.base_url()
     );
     std::io::stdout().flush()?;

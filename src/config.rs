@@ -51,6 +51,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
+    pub webhooks: WebhooksConfig,
+    #[serde(default)]
     pub businesses: Vec<BusinessConfig>,
 }
 
@@ -176,6 +178,79 @@ impl Default for DaemonConfig {
     }
 }
 
+/// `[webhooks]`: the receiver of Thumbtack's deliveries (SPEC §8).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WebhooksConfig {
+    /// `host:port` to listen on; the receiver is off when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    pub path: String,
+    /// What `webhooks register` gives Thumbtack.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_url: Option<String>,
+    /// Basic auth user (with `password_file`, `$CREDENTIALS_DIRECTORY/webhook_password`
+    /// or `LEADSYNC_WEBHOOKS__PASSWORD`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<PathBuf>,
+    /// Usually given as `LEADSYNC_WEBHOOKS__PASSWORD`, not written in a file.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
+    /// A custom header instead of Basic (with `header_value_file`,
+    /// `$CREDENTIALS_DIRECTORY/webhook_header_value` or `LEADSYNC_WEBHOOKS__HEADER_VALUE`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_value_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub header_value: Option<Secret>,
+    /// Larger bodies are refused with 413.
+    pub max_body_bytes: usize,
+    /// A client that has not sent its whole request in this time is cut off.
+    pub read_timeout_secs: u64,
+}
+
+impl Default for WebhooksConfig {
+    fn default() -> Self {
+        WebhooksConfig {
+            listen: None,
+            path: "/thumbtack/webhooks".into(),
+            public_url: None,
+            username: None,
+            password_file: None,
+            password: None,
+            header: None,
+            header_value_file: None,
+            header_value: None,
+            max_body_bytes: 1_048_576,
+            read_timeout_secs: 10,
+        }
+    }
+}
+
+/// How deliveries authenticate (compared in constant time by the receiver).
+#[derive(Debug, Clone, PartialEq)]
+pub enum WebhookAuth {
+    /// HTTP Basic.
+    Basic { username: String, password: Secret },
+    /// A custom header (name in lower case) and its value.
+    Header { name: String, value: Secret },
+}
+
+/// The validated `[webhooks]` section, when credentials are configured.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Webhooks {
+    /// `None`: no receiver in this process (registration only).
+    pub listen: Option<std::net::SocketAddr>,
+    pub path: String,
+    pub public_url: Option<String>,
+    pub auth: WebhookAuth,
+    pub max_body_bytes: usize,
+    pub read_timeout: std::time::Duration,
+}
+
 /// One `[[businesses]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -250,6 +325,8 @@ pub struct Config {
     pub client_secret_source: Option<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
+    /// `[webhooks]`, when credentials are configured (always when `listen` is set).
+    pub webhooks: Option<Webhooks>,
 }
 
 impl Config {
@@ -280,6 +357,16 @@ impl Config {
     pub fn to_masked_toml(&self) -> String {
         let mut file = self.file.clone();
         file.oauth.client_secret = self.client_secret.clone();
+        if let Some(w) = &self.webhooks {
+            match &w.auth {
+                WebhookAuth::Basic { password, .. } => {
+                    file.webhooks.password = Some(password.clone())
+                }
+                WebhookAuth::Header { value, .. } => {
+                    file.webhooks.header_value = Some(value.clone())
+                }
+            }
+        }
         for (b, resolved) in file.businesses.iter_mut().zip(&self.businesses) {
             b.schedule = Some(resolved.schedule.clone());
             b.full_schedule = Some(resolved.full_schedule.clone());
@@ -685,13 +772,194 @@ fn validate(
         }
     }
 
+    let webhooks = validate_webhooks(figment, &file.webhooks)?;
     Ok(Config {
         file,
         businesses,
         client_secret,
         client_secret_source,
         files,
+        webhooks,
     })
+}
+
+/// True for `localhost` and loopback addresses.
+pub fn is_loopback_host(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// Checks `webhooks.public_url`: an absolute https URL (http only on loopback).
+pub fn check_public_url(url: &str) -> Result<(), String> {
+    let u = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
+    let host = u.host_str().unwrap_or("");
+    match u.scheme() {
+        "https" if !host.is_empty() => Ok(()),
+        "http" if is_loopback_host(host) => Ok(()),
+        _ => Err(format!(
+            "`{url}` is not https: Thumbtack delivers to https URLs only (http is accepted for a loopback host)"
+        )),
+    }
+}
+
+fn validate_webhooks(
+    figment: &Figment,
+    w: &WebhooksConfig,
+) -> Result<Option<Webhooks>, ConfigError> {
+    let listen = match &w.listen {
+        None => None,
+        Some(l) => Some(
+            l.parse::<std::net::SocketAddr>()
+                .or_else(|_| {
+                    use std::net::ToSocketAddrs;
+                    l.to_socket_addrs()
+                        .ok()
+                        .and_then(|mut a| a.next())
+                        .ok_or(())
+                })
+                .or_else(|()| {
+                    err(format!(
+                        "{}: `{l}` is not an address to listen on (host:port, e.g. 127.0.0.1:8780)",
+                        locate(figment, "webhooks.listen")
+                    ))
+                })?,
+        ),
+    };
+    if !w.path.starts_with('/') || w.path.contains(['?', '#', ' ']) || w.path.len() < 2 {
+        return err(format!(
+            "{}: `{}` must be a path such as /thumbtack/webhooks",
+            locate(figment, "webhooks.path"),
+            w.path
+        ));
+    }
+    if let Some(url) = &w.public_url {
+        check_public_url(url)
+            .or_else(|e| err(format!("{}: {e}", locate(figment, "webhooks.public_url"))))?;
+    }
+    if w.max_body_bytes < 1024 {
+        return err(format!(
+            "{}: must be at least 1024",
+            locate(figment, "webhooks.max_body_bytes")
+        ));
+    }
+    if w.read_timeout_secs == 0 {
+        return err(format!(
+            "{}: must be at least 1",
+            locate(figment, "webhooks.read_timeout_secs")
+        ));
+    }
+    let credential = |value: &Option<Secret>,
+                      file: &Option<PathBuf>,
+                      key: &str,
+                      file_key: &str,
+                      credential: &str| {
+        if let Some(v) = value {
+            let v = Secret::new(v.expose().trim());
+            if v.is_empty() {
+                return err(format!("{}: is empty", locate(figment, key)));
+            }
+            return Ok(Some(v));
+        }
+        if let Some(path) = file {
+            let at = locate(figment, file_key);
+            return read_secret_file(path)
+                .map(Some)
+                .or_else(|e| err(format!("{at}: {e}")));
+        }
+        if let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") {
+            let path = Path::new(&dir).join(credential);
+            if path.exists() {
+                return read_secret_file(&path)
+                    .map(Some)
+                    .or_else(|e| err(format!("systemd credential {credential}: {e}")));
+            }
+        }
+        Ok(None)
+    };
+    let auth = match (&w.username, &w.header) {
+        (Some(_), Some(_)) => {
+            return err(format!(
+                "{}: set either username (Basic auth) or header, not both",
+                locate(figment, "webhooks.header")
+            ));
+        }
+        (Some(user), None) => {
+            if user.is_empty() || user.contains(':') {
+                return err(format!(
+                    "{}: must be non-empty and without `:`",
+                    locate(figment, "webhooks.username")
+                ));
+            }
+            match credential(
+                &w.password,
+                &w.password_file,
+                "webhooks.password",
+                "webhooks.password_file",
+                "webhook_password",
+            )? {
+                Some(password) => Some(WebhookAuth::Basic {
+                    username: user.clone(),
+                    password,
+                }),
+                None => {
+                    return err(format!(
+                        "{}: no webhook password: set webhooks.password_file, load the credential \
+                         `webhook_password` (systemd LoadCredential=), or set {ENV_PREFIX}WEBHOOKS__PASSWORD",
+                        locate_beside(figment, "webhooks.password_file", "webhooks.username")
+                    ));
+                }
+            }
+        }
+        (None, Some(header)) => {
+            if axum::http::HeaderName::from_bytes(header.as_bytes()).is_err()
+                || header.eq_ignore_ascii_case("authorization")
+            {
+                return err(format!(
+                    "{}: `{header}` is not a usable header name",
+                    locate(figment, "webhooks.header")
+                ));
+            }
+            match credential(
+                &w.header_value,
+                &w.header_value_file,
+                "webhooks.header_value",
+                "webhooks.header_value_file",
+                "webhook_header_value",
+            )? {
+                Some(value) => Some(WebhookAuth::Header {
+                    name: header.to_ascii_lowercase(),
+                    value,
+                }),
+                None => {
+                    return err(format!(
+                        "{}: no header value: set webhooks.header_value_file, load the credential \
+                         `webhook_header_value`, or set {ENV_PREFIX}WEBHOOKS__HEADER_VALUE",
+                        locate_beside(figment, "webhooks.header_value_file", "webhooks.header")
+                    ));
+                }
+            }
+        }
+        (None, None) => None,
+    };
+    match auth {
+        Some(auth) => Ok(Some(Webhooks {
+            listen,
+            path: w.path.clone(),
+            public_url: w.public_url.clone(),
+            auth,
+            max_body_bytes: w.max_body_bytes,
+            read_timeout: std::time::Duration::from_secs(w.read_timeout_secs),
+        })),
+        None if listen.is_some() => err(format!(
+            "{}: the receiver needs credentials: set webhooks.username with password_file \
+             (Basic auth), or webhooks.header with header_value_file",
+            locate(figment, "webhooks.listen")
+        )),
+        None => Ok(None),
+    }
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

@@ -73,6 +73,31 @@ pub async fn run_with(
             DrainSettings::from_config(&session.config),
         )),
     });
+    // The receiver is bound before READY=1: a port that is taken fails the start.
+    let receiver = match session.config.webhooks.as_ref() {
+        Some(w) => match w.listen {
+            Some(addr) => {
+                let listener = crate::serve::bind(addr, "webhooks.listen").await?;
+                let router = crate::serve::webhooks::router(w, session.store.clone(), None);
+                let options = crate::serve::ServeOptions {
+                    header_read_timeout: w.read_timeout,
+                    shutdown_grace: Duration::from_secs(
+                        session.config.file.daemon.shutdown_timeout_secs,
+                    ),
+                    ..Default::default()
+                };
+                info!(listen = %listener.local_addr().unwrap_or(addr), path = %w.path, "webhook receiver listening");
+                Some(tokio::spawn(crate::serve::serve(
+                    listener,
+                    router,
+                    daemon.stop.clone(),
+                    options,
+                )))
+            }
+            None => None,
+        },
+        None => None,
+    };
     notify(&[NotifyState::Ready]);
     daemon.send_status().await;
     info!(
@@ -122,6 +147,9 @@ pub async fn run_with(
     let in_flight = async {
         let _ = drainer.await;
         daemon.passes.wait().await;
+        if let Some(r) = receiver {
+            let _ = r.await;
+        }
     };
     if tokio::time::timeout(grace + Duration::from_millis(500), in_flight)
         .await
@@ -335,6 +363,7 @@ impl Daemon {
         let mut new = new;
         for (what, changed) in [
             ("database", new.database() != old.database()),
+            ("webhooks", new.webhooks != old.webhooks),
             (
                 "oauth.token_store",
                 new.file.oauth.token_store != old.file.oauth.token_store,
@@ -351,6 +380,8 @@ impl Daemon {
             }
         }
         new.file.database = old.file.database.clone();
+        new.webhooks = old.webhooks.clone();
+        new.file.webhooks = old.file.webhooks.clone();
         new.file.oauth.token_store = old.file.oauth.token_store.clone();
         new.file.daemon.sync_concurrency = old.file.daemon.sync_concurrency;
         let added: Vec<String> = new

@@ -60,7 +60,7 @@ pub async fn run(database: &Path) -> Result<u8> {
     .await?;
     let businesses = sandbox.businesses();
     say(format!(
-        "[1/6] sandbox started at {} with {} businesses and {} leads (seed 42)",
+        "[1/7] sandbox started at {} with {} businesses and {} leads (seed 42)",
         sandbox.base_url(),
         businesses.len(),
         businesses.iter().map(|b| b.leads).sum::<usize>()
@@ -79,7 +79,7 @@ pub async fn run(database: &Path) -> Result<u8> {
     config.file.outbox.backoff_max_secs = 5.0;
     config.file.poll.page_size = 20;
     say(format!(
-        "[2/6] each business authorized with an OAuth refresh token; rotated tokens go to {}\n      mirror: {}",
+        "[2/7] each business authorized with an OAuth refresh token; rotated tokens go to {}\n      mirror: {}",
         tokens.display(),
         database.display()
     ));
@@ -91,7 +91,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         stop_after_unchanged_pages: 1,
         accept_missing: false,
     };
-    say("[3/6] full sync of every business, page by page:");
+    say("[3/7] full sync of every business, page by page:");
     for b in &businesses {
         let r = sync_business(
             &session.store,
@@ -130,7 +130,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         negotiation_id: removed.clone(),
     })?;
     say(format!(
-        "[4/6] on Thumbtack's side, business {}: 2 new leads, lead {} went from {current} to {new_status}, lead {} removed",
+        "[4/7] on Thumbtack's side, business {}: 2 new leads, lead {} went from {current} to {new_status}, lead {} removed",
         first.id, ids[1], removed
     ));
     let r = sync_business(
@@ -198,7 +198,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         ),
     ];
     say(
-        "[5/6] the partner's software inserts 5 transitions with plain SQL (two for one lead, out of time order):",
+        "[5/7] the partner's software inserts 5 transitions with plain SQL (two for one lead, out of time order):",
     );
     for (negotiation, status, at, cents) in inserts {
         external.execute(
@@ -224,7 +224,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         ));
     }
 
-    say("[6/6] draining the outbox (the sandbox answers some requests with 429 Retry-After: 1):");
+    say("[6/7] draining the outbox (the sandbox answers some requests with 429 Retry-After: 1):");
     sandbox.set_faults(Faults {
         rate_429: 0.4,
         retry_after_secs: 1,
@@ -265,6 +265,8 @@ pub async fn run(database: &Path) -> Result<u8> {
                 .unwrap_or_default()
         ));
     }
+    realtime(&session, &sandbox, &first.id, &external).await?;
+
     let report = {
         let config = session.config.clone();
         session
@@ -292,8 +294,121 @@ pub async fn run(database: &Path) -> Result<u8> {
         "SELECT id, negotiation_id, status, state, attempts, last_http_status, last_error FROM outbox",
         "SELECT outbox_id, attempt, http_status, outcome, error FROM outbox_attempts ORDER BY id",
         "SELECT json_extract(payload, '$.sandboxExtension.bigNumber'), json_extract(payload, '$.customer.displayName') FROM negotiations LIMIT 3",
+        "SELECT id, event_type, business_id, negotiation_id, message_id, outcome FROM webhook_events",
+        "SELECT message_id, negotiation_id, sender, sent_at, text, source FROM messages",
     ] {
         say(format!("  sqlite3 -header -column {db} \"{q}\""));
     }
     Ok(0)
+}
+
+/// Waits (up to 10 s) until `sql` counts at least one row; the time it took.
+async fn visible_after(
+    external: &rusqlite::Connection,
+    sql: &str,
+    since: Instant,
+) -> Result<Duration> {
+    let deadline = since + Duration::from_secs(10);
+    loop {
+        let n: i64 = external.query_row(sql, [], |r| r.get(0))?;
+        if n > 0 {
+            return Ok(since.elapsed());
+        }
+        if Instant::now() > deadline {
+            anyhow::bail!("nothing arrived within 10 s: {sql}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// The real-time path: a webhook receiver in this process, registered with
+/// the sandbox; a new lead and a customer message arrive by webhook.
+async fn realtime(
+    session: &Session,
+    sandbox: &Sandbox,
+    business_id: &str,
+    external: &rusqlite::Connection,
+) -> Result<()> {
+    use crate::config::{WebhookAuth, Webhooks};
+    use crate::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+    let listener = crate::serve::bind(([127, 0, 0, 1], 0).into(), "demo webhook receiver").await?;
+    let addr = listener.local_addr()?;
+    let password = format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..));
+    let settings = Webhooks {
+        listen: Some(addr),
+        path: "/thumbtack/webhooks".into(),
+        public_url: Some(format!("http://{addr}/thumbtack/webhooks")),
+        auth: WebhookAuth::Basic {
+            username: "thumbtack".into(),
+            password: crate::secret::Secret::new(password.clone()),
+        },
+        max_body_bytes: 1 << 20,
+        read_timeout: Duration::from_secs(10),
+    };
+    let stop = CancellationToken::new();
+    let server = tokio::spawn(crate::serve::serve(
+        listener,
+        crate::serve::webhooks::router(&settings, session.store.clone(), None),
+        stop.clone(),
+        crate::serve::ServeOptions::default(),
+    ));
+    let url = settings.public_url.clone().unwrap_or_default();
+    let created = session
+        .client
+        .create_webhook(
+            business_id,
+            &RegisterBody {
+                webhook_url: url.clone(),
+                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
+                enabled: true,
+                auth: RegisterAuth::Basic {
+                    username: "thumbtack".into(),
+                    password,
+                },
+            },
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot register the webhook: {e}"))?;
+    say(format!(
+        "[7/7] real time: a webhook receiver listens on {url} (Basic auth);\n      registered with the sandbox for business {business_id} as webhook {}",
+        created.webhook_id
+    ));
+    let t = Instant::now();
+    let lead = sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: business_id.to_string(),
+            count: 1,
+        })?
+        .remove(0);
+    let took = visible_after(
+        external,
+        &format!("SELECT count(*) FROM negotiations WHERE negotiation_id = '{lead}'"),
+        t,
+    )
+    .await?;
+    say(format!(
+        "      new lead {lead}: in the mirror {:.1} ms after the sandbox created it (NegotiationCreatedV4, no poll)",
+        took.as_secs_f64() * 1000.0
+    ));
+    let t = Instant::now();
+    let message = sandbox
+        .mutate(Mutation::AddMessage {
+            negotiation_id: lead.clone(),
+            text: "Hi! Could you come on Tuesday morning?".into(),
+            from: None,
+        })?
+        .remove(0);
+    let took = visible_after(
+        external,
+        &format!("SELECT count(*) FROM messages WHERE message_id = '{message}'"),
+        t,
+    )
+    .await?;
+    say(format!(
+        "      customer message {message} on it: in `messages` {:.1} ms later (MessageCreatedV4)",
+        took.as_secs_f64() * 1000.0
+    ));
+    stop.cancel();
+    let _ = server.await;
+    Ok(())
 }

@@ -11,15 +11,18 @@ pub mod config;
 pub mod daemon;
 pub mod demo;
 pub mod drain;
+pub mod ingest;
 pub mod lead;
 pub mod logging;
 pub mod probe;
 pub mod sandbox;
 pub mod secret;
+pub mod serve;
 pub mod status;
 pub mod store;
 pub mod sync;
 pub mod thumbtack;
 pub mod time;
+pub mod webhooks;
 
 pub use daemon::run;

@@ -322,6 +322,7 @@ async fn read_pages(
         let ctx = PageContext {
             business_id: business_id.to_string(),
             run_id: Some(run_id),
+            source: mirror::Source::Poll,
             now: crate::time::fmt(now_t),
             stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
         };

@@ -305,16 +305,34 @@ fn the_demo_runs_end_to_end_without_configuration() {
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(t.elapsed() < Duration::from_secs(60));
     for step in [
-        "[1/6]",
-        "[3/6]",
-        "[6/6]",
+        "[1/7]",
+        "[3/7]",
+        "[6/7]",
+        "[7/7]",
+        "ms after the sandbox created it",
+        "in `messages`",
         "received, in this order",
         "sqlite3",
     ] {
         assert!(out.contains(step), "missing {step:?}:\n{out}");
     }
     let db = rusqlite::Connection::open(dir.path().join("leadsync-demo.db")).unwrap();
-    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 137);
+    // 135 generated, 2 added by the sandbox, 1 by the webhook step.
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 138);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiation_changes WHERE source = 'webhook'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM messages WHERE source = 'webhook' AND sender = 'Customer'"
+        ),
+        1
+    );
     assert_eq!(
         count(
             &db,

@@ -6,6 +6,7 @@
 
 pub mod data;
 mod server;
+pub mod webhooks;
 
 use anyhow::{Context, Result};
 pub use data::Shape;
@@ -36,6 +37,8 @@ pub struct SandboxOptions {
     /// Which published shape leads follow (default `mixed`).
     pub shape: Shape,
     pub faults: Faults,
+    /// Webhook deliveries sent at once.
+    pub webhook_concurrency: usize,
 }
 
 /// How the sandbox pages a listing (SPEC §5, §6).
@@ -68,6 +71,7 @@ impl Default for SandboxOptions {
             pagination: Pagination::default(),
             shape: Shape::default(),
             faults: Faults::default(),
+            webhook_concurrency: 16,
         }
     }
 }
@@ -98,6 +102,10 @@ pub struct Faults {
     pub redirect: f64,
     /// A 404 HTML page, as a proxy in front of the API sends.
     pub html_404: f64,
+    /// Webhooks: send every delivery twice.
+    pub webhook_twice: bool,
+    /// Webhooks: send each batch of deliveries in reverse order.
+    pub webhook_out_of_order: bool,
 }
 
 /// A job status the sandbox accepted.
@@ -132,6 +140,13 @@ pub enum Mutation {
     Remove { negotiation_id: String },
     /// A removed lead comes back where it was.
     Restore { negotiation_id: String },
+    /// A message on a lead (from the customer unless `from` says `Business`).
+    AddMessage {
+        negotiation_id: String,
+        text: String,
+        #[serde(default)]
+        from: Option<String>,
+    },
 }
 
 /// Request counts, per route and per business.
@@ -165,6 +180,11 @@ pub(crate) struct State {
     stats: Stats,
     sequence: u64,
     options: SandboxOptions,
+    webhooks: Vec<webhooks::Subscription>,
+    webhook_log: Vec<webhooks::DeliveryLog>,
+    webhook_tx: Option<tokio::sync::mpsc::UnboundedSender<webhooks::Job>>,
+    /// Messages per negotiation, oldest first (exact JSON).
+    messages: HashMap<String, Vec<String>>,
 }
 
 impl State {
@@ -232,7 +252,13 @@ impl Sandbox {
             stats: Stats::default(),
             sequence,
             options: options.clone(),
+            webhooks: Vec::new(),
+            webhook_log: Vec::new(),
+            webhook_tx: None,
+            messages: HashMap::new(),
         };
+        let (webhook_tx, webhook_rx) = tokio::sync::mpsc::unbounded_channel();
+        state.webhook_tx = Some(webhook_tx);
         // Static tokens are derived from the seed so a fixture written once keeps working.
         for b in state.businesses.clone() {
             let token = format!("sbx_static_{}_{:x}", b.id, options.seed);
@@ -245,6 +271,12 @@ impl Sandbox {
         let state = Arc::new(Mutex::new(state));
         let stop = CancellationToken::new();
         let task = tokio::spawn(server::serve(listener, state.clone(), stop.clone()));
+        tokio::spawn(webhooks::run(
+            state.clone(),
+            webhook_rx,
+            options.webhook_concurrency,
+            stop.clone(),
+        ));
         Ok(Sandbox {
             addr,
             state,
@@ -352,6 +384,21 @@ impl Sandbox {
             .chain(s.static_tokens.keys())
             .cloned()
             .chain(std::iter::once(s.options.client_secret.clone()))
+            .collect()
+    }
+
+    /// Every webhook delivery so far, in order of creation.
+    pub fn webhook_deliveries(&self) -> Vec<webhooks::DeliveryLog> {
+        self.lock().webhook_log.clone()
+    }
+
+    /// Registered webhooks of a business, as the API lists them.
+    pub fn webhooks(&self, business_id: &str) -> Vec<serde_json::Value> {
+        self.lock()
+            .webhooks
+            .iter()
+            .filter(|w| w.business_id == business_id)
+            .map(|w| w.to_json())
             .collect()
     }
 

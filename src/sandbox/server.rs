@@ -130,6 +130,7 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 (&Method::GET, ["businesses", b, "negotiations"]) => format!("list {b}"),
                 (&Method::GET, ["negotiations", _]) => "get".to_string(),
                 (&Method::POST, ["negotiations", _, "job-status"]) => "job-status".to_string(),
+                (m, ["businesses", _, "webhooks", ..]) => format!("webhooks {m}"),
                 _ => "unknown".to_string(),
             };
             let faults = {
@@ -160,6 +161,15 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 (&Method::POST, ["negotiations", n, "job-status"]) => {
                     job_status(&state, &business, n, &body, header("user-agent"))
                 }
+                (m, ["businesses", b, "webhooks", rest @ ..]) if *b == business => {
+                    webhooks_api(&state, m, b, rest, &body)
+                }
+                (_, ["businesses", b, "webhooks", ..]) => problem(
+                    &state,
+                    StatusCode::FORBIDDEN,
+                    "Forbidden",
+                    &format!("this token does not grant access to business {b}"),
+                ),
                 _ => problem(
                     &state,
                     StatusCode::NOT_FOUND,
@@ -698,6 +708,13 @@ fn control(state: &Shared, method: &Method, rest: &[&str], body: &[u8]) -> Respo
     let mut s = lock(state);
     match (method, rest) {
         (&Method::GET, ["deliveries"]) => ok(json!(s.deliveries)),
+        (&Method::GET, ["webhook-deliveries"]) => ok(json!(s.webhook_log)),
+        (&Method::GET, ["webhooks"]) => ok(json!(
+            s.webhooks
+                .iter()
+                .map(super::webhooks::Subscription::to_json)
+                .collect::<Vec<_>>()
+        )),
         (&Method::GET, ["stats"]) => ok(json!(s.stats)),
         (&Method::GET, ["businesses"]) => ok(json!(
             s.businesses
@@ -759,6 +776,13 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
                 ids.push(lead.id.clone());
                 s.businesses[bi].leads.insert(0, lead);
             }
+            let items: Vec<(Option<String>, Option<String>, String)> = s.businesses[bi].leads
+                [..ids.len()]
+                .iter()
+                .rev()
+                .map(|l| (Some(l.id.clone()), None, l.json.clone()))
+                .collect();
+            super::webhooks::enqueue(s, &business_id, "NegotiationCreatedV4", &items);
             Ok(ids)
         }
         Mutation::SetStatus {
@@ -792,6 +816,56 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
             s.removed.insert(negotiation_id.clone(), (bi, li, lead));
             Ok(vec![negotiation_id])
         }
+        Mutation::AddMessage {
+            negotiation_id,
+            text,
+            from,
+        } => {
+            let (bi, _) = s
+                .find_lead(&negotiation_id)
+                .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))?;
+            let from = from.unwrap_or_else(|| "Customer".into());
+            if from != "Customer" && from != "Business" {
+                return Err(anyhow!("from must be Customer or Business, not {from:?}"));
+            }
+            let business = s.businesses[bi].clone();
+            s.sequence += 1;
+            let message_id = (600_000_000_000_000_000u64 + s.sequence).to_string();
+            let who = if from == "Customer" {
+                let lead: Value = serde_json::from_str(
+                    &business.leads[s.find_lead(&negotiation_id).map_or(0, |(_, li)| li)].json,
+                )?;
+                json!({"customer": {
+                    "customerID": lead["customer"]["customerID"],
+                    "displayName": lead["customer"]["displayName"],
+                }})
+            } else {
+                json!({"business": {"businessID": business.id, "displayName": business.name}})
+            };
+            let mut message = json!({
+                "messageID": message_id,
+                "negotiationID": negotiation_id,
+                "from": from,
+                "text": text,
+                "attachments": [],
+                "sentAt": crate::time::now(),
+            });
+            if let (Some(m), Some(w)) = (message.as_object_mut(), who.as_object()) {
+                m.extend(w.clone());
+            }
+            let json = data::render(&message);
+            s.messages
+                .entry(negotiation_id.clone())
+                .or_default()
+                .push(json.clone());
+            super::webhooks::enqueue(
+                s,
+                &business.id,
+                "MessageCreatedV4",
+                &[(Some(negotiation_id), Some(message_id.clone()), json)],
+            );
+            Ok(vec![message_id])
+        }
         Mutation::Restore { negotiation_id } => {
             let (bi, li, lead) = s
                 .removed
@@ -813,4 +887,115 @@ fn edit(s: &mut State, negotiation_id: &str, f: impl FnOnce(&mut Value)) -> Resu
     f(&mut v);
     lead.json = data::render(&v);
     Ok(())
+}
+
+/// `/api/v4/businesses/{id}/webhooks[/{webhookID}]`: list, create, get, delete.
+fn webhooks_api(
+    state: &Shared,
+    method: &Method,
+    business: &str,
+    rest: &[&str],
+    body: &[u8],
+) -> Response<Full<Bytes>> {
+    use super::webhooks::{HookAuth, Subscription};
+    let bad = |detail: &str| problem(state, StatusCode::BAD_REQUEST, "Bad Request", detail);
+    let not_found = |id: &str| {
+        problem(
+            state,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("webhook {id} not found"),
+        )
+    };
+    match (method, rest) {
+        (&Method::GET, []) => {
+            let s = lock(state);
+            let list: Vec<Value> = s
+                .webhooks
+                .iter()
+                .filter(|w| w.business_id == business)
+                .map(Subscription::to_json)
+                .collect();
+            json_response(StatusCode::OK, &json!({"data": list}))
+        }
+        (&Method::POST, []) => {
+            let Ok(Value::Object(b)) = serde_json::from_slice::<Value>(body) else {
+                return bad("the body must be a JSON object");
+            };
+            let Some(url) = b.get("webhookURL").and_then(Value::as_str) else {
+                return bad("webhookURL is required");
+            };
+            let loopback = reqwest::Url::parse(url).ok().is_some_and(|u| {
+                u.scheme() == "https"
+                    || (u.scheme() == "http"
+                        && u.host_str().is_some_and(crate::config::is_loopback_host))
+            });
+            if !loopback {
+                return bad("webhookURL must be an https URL");
+            }
+            let event_types: Vec<String> = match b.get("eventTypes").and_then(Value::as_array) {
+                Some(a) if !a.is_empty() && a.iter().all(Value::is_string) => a
+                    .iter()
+                    .filter_map(|v| v.as_str().map(str::to_string))
+                    .collect(),
+                _ => return bad("eventTypes must be a non-empty array of strings"),
+            };
+            let auth = match b.get("auth") {
+                None | Some(Value::Null) => None,
+                Some(a) => match serde_json::from_value::<HookAuth>(a.clone()) {
+                    Ok(a) => Some(a),
+                    Err(_) => {
+                        return bad("auth must be {username, password} or {header, value}");
+                    }
+                },
+            };
+            let enabled = b.get("enabled").and_then(Value::as_bool).unwrap_or(true);
+            let mut s = lock(state);
+            let webhook_id = format!("{:x}", s.rng.u64(..));
+            let sub = Subscription {
+                webhook_id,
+                business_id: business.to_string(),
+                url: url.to_string(),
+                event_types,
+                enabled,
+                auth,
+            };
+            let out = sub.to_json();
+            s.webhooks.push(sub);
+            json_response(StatusCode::OK, &out)
+        }
+        (&Method::GET, [id]) => {
+            let s = lock(state);
+            match s
+                .webhooks
+                .iter()
+                .find(|w| w.business_id == business && w.webhook_id == *id)
+            {
+                Some(w) => json_response(StatusCode::OK, &w.to_json()),
+                None => {
+                    drop(s);
+                    not_found(id)
+                }
+            }
+        }
+        (&Method::DELETE, [id]) => {
+            let mut s = lock(state);
+            let before = s.webhooks.len();
+            s.webhooks
+                .retain(|w| !(w.business_id == business && w.webhook_id == *id));
+            let removed = s.webhooks.len() < before;
+            drop(s);
+            if removed {
+                respond(StatusCode::NO_CONTENT, "application/json", "")
+            } else {
+                not_found(id)
+            }
+        }
+        _ => problem(
+            state,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "Method Not Allowed",
+            "unsupported method on webhooks",
+        ),
+    }
 }

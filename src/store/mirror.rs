@@ -16,10 +16,31 @@ pub struct PageContext {
     pub business_id: String,
     /// The sync pass (`sync_runs.id`); `None` for a lead that came another way.
     pub run_id: Option<i64>,
+    /// Recorded in `negotiation_changes.source`.
+    pub source: Source,
     /// The observation time written to the rows.
     pub now: String,
     /// `last_seen_at` values older than this are refreshed.
     pub stale_before: String,
+}
+
+/// Where a lead came from, as `negotiation_changes.source` records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// A listing page of a sync pass.
+    Poll,
+    /// A `NegotiationCreatedV4` webhook delivery.
+    Webhook,
+}
+
+impl Source {
+    /// The value stored in `negotiation_changes.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Source::Poll => "poll",
+            Source::Webhook => "webhook",
+        }
+    }
 }
 
 /// Counts of one page write.
@@ -66,8 +87,8 @@ fn record_change(
 ) -> rusqlite::Result<usize> {
     tx.prepare_cached(
         "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind,
-             old_status, new_status, changed_fields, old_payload, sync_run_id)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+             old_status, new_status, changed_fields, old_payload, sync_run_id, source)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
     )?
     .execute(params![
         lead.negotiation_id,
@@ -79,6 +100,7 @@ fn record_change(
         c.changed_fields,
         c.old_payload,
         ctx.run_id,
+        ctx.source.as_str(),
     ])
 }
 
@@ -99,15 +121,26 @@ pub enum Upserted {
     Reappeared,
     /// Same payload: nothing written (but `last_seen_at`, at most hourly).
     Unchanged,
+    /// The mirrored copy changed after `keep_if_changed_after`: nothing was
+    /// written. `identical` says whether the payload equals the mirrored one.
+    Kept { identical: bool },
 }
 
 /// Writes one lead, inside the caller's transaction: inserted when new,
 /// updated with a change row when its payload changed, left alone when not.
-/// The one path every lead takes into the mirror, polled or not.
-pub fn upsert_lead(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result<Upserted> {
+/// The one path every lead takes into the mirror, polled or by webhook. With
+/// `keep_if_changed_after` (a webhook's event time, UTC), a known lead whose
+/// mirrored copy changed after that instant is left as it is: an older
+/// snapshot never rolls a lead back.
+pub fn upsert_lead(
+    tx: &Connection,
+    ctx: &PageContext,
+    lead: &LeadRow,
+    keep_if_changed_after: Option<&str>,
+) -> Result<Upserted> {
     let existing = tx
         .prepare_cached(
-            "SELECT payload_hash, last_seen_at, missing_since, business_id, status
+            "SELECT payload_hash, last_seen_at, missing_since, business_id, status, changed_at
                FROM negotiations WHERE negotiation_id = ?1",
         )?
         .query_row([&lead.negotiation_id], |r| {
@@ -117,10 +150,12 @@ pub fn upsert_lead(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result
                 r.get::<_, Option<String>>(2)?,
                 r.get::<_, String>(3)?,
                 r.get::<_, Option<String>>(4)?,
+                r.get::<_, String>(5)?,
             ))
         })
         .optional()?;
-    let Some((hash, last_seen, missing_since, business_id, old_status)) = existing else {
+    let Some((hash, last_seen, missing_since, business_id, old_status, changed_at)) = existing
+    else {
         tx.prepare_cached(
             "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
                  payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
@@ -146,6 +181,11 @@ pub fn upsert_lead(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result
         if !fields.is_empty() || business_id != ctx.business_id {
             changed_fields = Some((old, fields));
         }
+    }
+    if keep_if_changed_after.is_some_and(|t| changed_at.as_str() > t) {
+        return Ok(Upserted::Kept {
+            identical: changed_fields.is_none(),
+        });
     }
     if missing_since.is_some() {
         tx.prepare_cached(
@@ -202,10 +242,10 @@ pub fn write_page(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut stats = PageStats::default();
     for lead in leads {
-        match upsert_lead(&tx, ctx, lead)? {
+        match upsert_lead(&tx, ctx, lead, None)? {
             Upserted::Inserted => stats.inserted += 1,
             Upserted::Changed | Upserted::Reappeared => stats.updated += 1,
-            Upserted::Unchanged => stats.unchanged += 1,
+            Upserted::Unchanged | Upserted::Kept { .. } => stats.unchanged += 1,
         }
     }
     tx.commit()?;
@@ -381,11 +421,16 @@ pub fn mark_missing(
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut present = 0i64;
     let missing: Vec<(String, Option<String>)> = {
+        // A lead first seen after the scan started (a webhook delivery
+        // meanwhile) could not be in its listing: it is not missing.
         let mut stmt = tx.prepare(
             "SELECT negotiation_id, status FROM negotiations
-              WHERE business_id = ?1 AND missing_since IS NULL",
+              WHERE business_id = ?1 AND missing_since IS NULL
+                AND first_seen_at < COALESCE((SELECT started_at FROM sync_runs WHERE id = ?2), ?3)",
         )?;
-        let rows = stmt.query_map([business_id], |r| Ok((r.get::<_, String>(0)?, r.get(1)?)))?;
+        let rows = stmt.query_map(params![business_id, run_id, now], |r| {
+            Ok((r.get::<_, String>(0)?, r.get(1)?))
+        })?;
         let mut missing = Vec::new();
         for row in rows {
             let (id, status) = row?;

@@ -2,15 +2,17 @@
 //! daemon's connection; readers (sqlite3, Datasette, the CLI) never block it
 //! thanks to WAL.
 
+pub mod messages;
 pub mod mirror;
 pub mod outbox;
 pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use std::collections::VecDeque;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 /// How long a statement waits for another writer (the partner's program, say)
@@ -40,6 +42,7 @@ fn migrations() -> Vec<(i64, String)> {
             include_str!("migrations/0002_lead_shapes.sql").to_string(),
         ),
         (3, v3),
+        (4, include_str!("migrations/0004_webhooks.sql").to_string()),
     ]
 }
 
@@ -156,11 +159,148 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
 
+/// The writer thread's work: urgent jobs (a webhook delivery waiting for its
+/// answer) go before queued ones (listing pages, drainer bookkeeping), so a
+/// delivery waits for at most the one job in progress, not for a full sync's
+/// backlog.
+#[derive(Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct QueueState {
+    urgent: VecDeque<Job>,
+    normal: VecDeque<Job>,
+    /// Handles alive; the thread stops when the last one is dropped and
+    /// the queue is empty.
+    handles: usize,
+    /// Urgent jobs run in a row: after [`URGENT_STREAK`] a waiting normal job
+    /// goes, so a flood of deliveries slows a sync pass but never stops it.
+    streak: usize,
+    /// The writer thread is gone: jobs are refused (their callers get an error).
+    closed: bool,
+}
+
+/// See [`QueueState::streak`].
+const URGENT_STREAK: usize = 16;
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn push(&self, job: Job, urgent: bool) {
+        let mut s = self.lock();
+        if s.closed {
+            // Dropping the job drops its answer channel: the caller sees an error.
+            return;
+        }
+        if urgent {
+            s.urgent.push_back(job);
+        } else {
+            s.normal.push_back(job);
+        }
+        drop(s);
+        self.ready.notify_one();
+    }
+
+    /// The next job, or `None` once every handle is gone and nothing is left.
+    fn pop(&self) -> Option<Job> {
+        let mut s = self.lock();
+        loop {
+            let take_normal = s.streak >= URGENT_STREAK || s.urgent.is_empty();
+            let job = if take_normal {
+                s.streak = 0;
+                s.normal.pop_front().or_else(|| s.urgent.pop_front())
+            } else {
+                s.streak += 1;
+                s.urgent.pop_front()
+            };
+            if job.is_some() {
+                return job;
+            }
+            if s.handles == 0 {
+                return None;
+            }
+            s = self.ready.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+/// One handle's share of the queue: counts handles so that the writer
+/// thread ends with the last of them.
+struct Handle(Arc<Queue>);
+
+impl Handle {
+    fn new(queue: Arc<Queue>) -> Handle {
+        queue.lock().handles += 1;
+        Handle(queue)
+    }
+}
+
+impl Clone for Handle {
+    fn clone(&self) -> Handle {
+        Handle::new(self.0.clone())
+    }
+}
+
+impl Drop for Handle {
+    fn drop(&mut self) {
+        self.0.lock().handles -= 1;
+        self.0.ready.notify_all();
+    }
+}
+
+/// WAL size from which the background checkpointer copies frames back.
+const CHECKPOINT_AT_BYTES: u64 = 4 << 20;
+
+/// Copies the WAL back into the database from its own connection (PASSIVE:
+/// never waits for the writer or readers) while the WAL is larger than
+/// [`CHECKPOINT_AT_BYTES`], until the store's writer thread is gone.
+fn spawn_checkpointer(path: &Path, queue: std::sync::Weak<Queue>) {
+    let db = path.to_path_buf();
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = PathBuf::from(wal);
+    let spawned = std::thread::Builder::new()
+        .name("leadsync-checkpoint".into())
+        .spawn(move || {
+            let mut conn: Option<Connection> = None;
+            while queue.strong_count() > 0 {
+                // When nothing was written since the last pass this is a
+                // no-op that reads the WAL index only.
+                std::thread::sleep(Duration::from_millis(100));
+                let size = std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0);
+                if size < CHECKPOINT_AT_BYTES {
+                    continue;
+                }
+                if conn.is_none() {
+                    conn = Connection::open_with_flags(
+                        &db,
+                        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .ok();
+                }
+                let Some(c) = &conn else { continue };
+                // PASSIVE: copies what no reader still needs, waits for nobody.
+                if let Err(e) = c.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                    tracing::debug!(error = %e, "checkpoint failed; the writer's backstop still applies");
+                    conn = None;
+                }
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the checkpoint thread; the writer checkpoints itself");
+    }
+}
+
 /// The daemon's handle on the mirror: every statement runs on one writer
 /// thread that owns the connection, never on an async worker.
 #[derive(Clone)]
 pub struct Store {
-    jobs: mpsc::Sender<Job>,
+    jobs: Handle,
     path: PathBuf,
 }
 
@@ -168,17 +308,37 @@ impl Store {
     /// Opens the mirror (creating and migrating it) and starts its writer thread.
     pub fn open(path: &Path) -> Result<Store> {
         let mut conn = open_connection(path, true)?;
-        let (jobs, rx) = mpsc::channel::<Job>();
+        // The writer still checkpoints every 10,000 pages (it is the only
+        // one that can finish a checkpoint while it keeps writing, so that
+        // the WAL restarts), but a second connection copies the WAL back in
+        // the background meanwhile, so the writer's checkpoint finds little
+        // left to copy: a 40 MB checkpoint inline took the writer away for
+        // 100-400 ms, which a webhook delivery waiting for its 200 felt.
+        let queue = Arc::new(Queue::default());
+        let queue_for_checkpoints = queue.clone();
+        let jobs = Handle::new(queue.clone());
         std::thread::Builder::new()
             .name("leadsync-db".into())
             .spawn(move || {
-                for job in rx {
+                /// Whatever ends this thread, later jobs fail instead of waiting forever.
+                struct Closer(Arc<Queue>);
+                impl Drop for Closer {
+                    fn drop(&mut self) {
+                        let mut s = self.0.lock();
+                        s.closed = true;
+                        s.urgent.clear();
+                        s.normal.clear();
+                    }
+                }
+                let _closer = Closer(queue.clone());
+                while let Some(job) = queue.pop() {
                     // A panic in one job must not take the writer down with it.
                     let _ =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
             })
             .context("cannot start the database thread")?;
+        spawn_checkpointer(path, Arc::downgrade(&queue_for_checkpoints));
         Ok(Store {
             jobs,
             path: path.to_path_buf(),
@@ -196,14 +356,33 @@ impl Store {
         F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
+        self.run(f, false).await
+    }
+
+    /// Like [`Store::call`], ahead of every queued job that is not urgent:
+    /// for a request whose sender waits on the answer (a webhook delivery).
+    pub async fn call_urgent<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        self.run(f, true).await
+    }
+
+    async fn run<R, F>(&self, f: F, urgent: bool) -> Result<R>
+    where
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.jobs
-            .send(Box::new(move |conn| {
+        self.jobs.0.push(
+            Box::new(move |conn| {
                 let _ = tx.send(f(conn));
-            }))
-            .map_err(|_| anyhow!("the database thread has stopped"))?;
+            }),
+            urgent,
+        );
         rx.await
-            .map_err(|_| anyhow!("the database thread stopped before answering (a bug)"))?
+            .map_err(|_| anyhow!("the database thread stopped before answering"))?
     }
 }
 
@@ -281,6 +460,62 @@ pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn urgent_jobs_overtake_queued_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("q.db")).unwrap();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        // Hold the writer until both jobs below are queued.
+        let s = store.clone();
+        let blocker = tokio::spawn(async move {
+            s.call(move |_| {
+                let _ = release_rx.recv();
+                Ok(())
+            })
+            .await
+        });
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (o1, o2, s1, s2) = (order.clone(), order.clone(), store.clone(), store.clone());
+        let normal = tokio::spawn(async move {
+            s1.call(move |_| {
+                o1.lock().unwrap().push("normal");
+                Ok(())
+            })
+            .await
+        });
+        let queued = |n: usize| {
+            let q = store.jobs.0.lock();
+            q.normal.len() + q.urgent.len() == n
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while !queued(1) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the normal job never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let urgent = tokio::spawn(async move {
+            s2.call_urgent(move |_| {
+                o2.lock().unwrap().push("urgent");
+                Ok(())
+            })
+            .await
+        });
+        while !queued(2) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the urgent job never queued"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        release_tx.send(()).unwrap();
+        blocker.await.unwrap().unwrap();
+        normal.await.unwrap().unwrap();
+        urgent.await.unwrap().unwrap();
+        assert_eq!(*order.lock().unwrap(), vec!["urgent", "normal"]);
+    }
 
     #[test]
     fn migrations_are_idempotent() {

@@ -7,6 +7,7 @@ use super::paging::Cursor;
 use super::problem::{
     ApiError, Disposition, describe_unreadable, is_success, parse_retry_after, trace_id_of,
 };
+use super::webhook::{RegisterBody, Subscription, parse_subscriptions};
 use crate::config::Config;
 use crate::secret::Secret;
 use backon::{ExponentialBuilder, Retryable};
@@ -444,6 +445,70 @@ impl Client {
             }),
         };
         Delivery { exchanges, result }
+    }
+}
+
+impl Client {
+    /// The business's webhook subscriptions (`GET /businesses/{id}/webhooks`).
+    pub async fn list_webhooks(&self, business_id: &str) -> Result<Vec<Subscription>, ApiError> {
+        let url = self.url(&format!(
+            "businesses/{}/webhooks",
+            path_segment(business_id)
+        ));
+        self.get_retried(business_id, &url, parse_subscriptions)
+            .await
+    }
+
+    /// Registers a webhook (`POST /businesses/{id}/webhooks`), once.
+    pub async fn create_webhook(
+        &self,
+        business_id: &str,
+        body: &RegisterBody,
+    ) -> Result<Subscription, ApiError> {
+        let url = self.url(&format!(
+            "businesses/{}/webhooks",
+            path_segment(business_id)
+        ));
+        let json = serde_json::to_vec(body).map_err(|e| ApiError {
+            disposition: Disposition::Dead,
+            http_status: None,
+            trace_id: None,
+            retry_after: None,
+            message: format!("cannot encode the request: {e}"),
+        })?;
+        let mut log = Vec::new();
+        let answer = self
+            .exchange_with_refresh(
+                business_id,
+                reqwest::Method::POST,
+                &url,
+                Some(&json),
+                &mut log,
+            )
+            .await?;
+        serde_json::from_slice(&answer.body).map_err(|e| {
+            ApiError::retry(
+                Some(200),
+                format!("the webhook was created but the answer is unreadable: {e}"),
+            )
+        })
+    }
+
+    /// Deletes a webhook (`DELETE /businesses/{id}/webhooks/{webhookID}`), once.
+    pub async fn delete_webhook(
+        &self,
+        business_id: &str,
+        webhook_id: &str,
+    ) -> Result<(), ApiError> {
+        let url = self.url(&format!(
+            "businesses/{}/webhooks/{}",
+            path_segment(business_id),
+            path_segment(webhook_id)
+        ));
+        let mut log = Vec::new();
+        self.exchange_with_refresh(business_id, reqwest::Method::DELETE, &url, None, &mut log)
+            .await
+            .map(|_| ())
     }
 }
 

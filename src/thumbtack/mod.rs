@@ -7,6 +7,7 @@ pub mod client;
 pub mod model;
 pub mod paging;
 pub mod problem;
+pub mod webhook;
 
 pub use auth::Auth;
 pub use client::{Client, ClientSettings, Delivery, Exchange, RateBudget, Response};

@@ -1,0 +1,312 @@
+//! The webhook receiver (SPEC §8): `POST {path}` from Thumbtack, checked
+//! (credentials in constant time, size, read time, envelope), then stored in
+//! `webhook_events` and applied to the mirror in one transaction on the
+//! writer thread; only then the 2xx.
+
+use crate::config::{WebhookAuth, Webhooks};
+use crate::store::Store;
+use crate::store::messages::{self, Outcome};
+use crate::thumbtack::webhook::parse_delivery;
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use base64::Engine;
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tracing::{debug, info, warn};
+
+/// Counts what the receiver did, for whoever reports on it (metrics, tests).
+pub trait DeliveryObserver: Send + Sync {
+    /// One request answered: the event type (`-` before it is known), the
+    /// outcome (`applied`, ..., or `unauthorized`, `too_large`, `bad_request`,
+    /// `timeout`, `error`) and how long it took.
+    fn observe(&self, event_type: &str, outcome: &str, elapsed: Duration);
+}
+
+/// Credentials as the receiver keeps them: digests, so that comparing costs
+/// the same whatever the presented value.
+enum Expected {
+    Basic {
+        username: [u8; 32],
+        password: [u8; 32],
+    },
+    Header {
+        name: String,
+        value: [u8; 32],
+    },
+}
+
+fn digest(bytes: &[u8]) -> [u8; 32] {
+    Sha256::digest(bytes).into()
+}
+
+/// Equality of two digests without an early exit.
+fn same(a: &[u8; 32], b: &[u8; 32]) -> bool {
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl Expected {
+    fn new(auth: &WebhookAuth) -> Expected {
+        match auth {
+            WebhookAuth::Basic { username, password } => Expected::Basic {
+                username: digest(username.as_bytes()),
+                password: digest(password.expose().as_bytes()),
+            },
+            WebhookAuth::Header { name, value } => Expected::Header {
+                name: name.clone(),
+                value: digest(value.expose().as_bytes()),
+            },
+        }
+    }
+
+    fn accepts(&self, headers: &HeaderMap) -> bool {
+        match self {
+            Expected::Basic { username, password } => {
+                let Some(presented) = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| {
+                        let (scheme, rest) = v.trim().split_once(' ')?;
+                        scheme.eq_ignore_ascii_case("basic").then_some(rest.trim())
+                    })
+                    .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+                else {
+                    return false;
+                };
+                let (user, pass) = match presented.iter().position(|&c| c == b':') {
+                    Some(i) => (&presented[..i], &presented[i + 1..]),
+                    None => (&presented[..], &b""[..]),
+                };
+                // Both compared, always: no shortcut on a wrong user name.
+                let user_ok = same(&digest(user), username);
+                let pass_ok = same(&digest(pass), password);
+                user_ok & pass_ok
+            }
+            Expected::Header { name, value } => {
+                let mut values = headers.get_all(name.as_str()).iter();
+                match (values.next(), values.next()) {
+                    (Some(v), None) => same(&digest(v.as_bytes()), value),
+                    _ => false,
+                }
+            }
+        }
+    }
+
+    fn challenge(&self) -> Option<HeaderValue> {
+        match self {
+            Expected::Basic { .. } => Some(HeaderValue::from_static(
+                "Basic realm=\"leadsync webhooks\", charset=\"UTF-8\"",
+            )),
+            Expected::Header { .. } => None,
+        }
+    }
+}
+
+struct Receiver {
+    store: Store,
+    expected: Expected,
+    max_body_bytes: usize,
+    read_timeout: Duration,
+    observer: Option<Arc<dyn DeliveryObserver>>,
+}
+
+impl Receiver {
+    fn done(&self, event_type: &str, outcome: &str, started: Instant) {
+        if let Some(o) = &self.observer {
+            o.observe(event_type, outcome, started.elapsed());
+        }
+    }
+}
+
+fn answer(status: StatusCode, body: serde_json::Value) -> Response {
+    (status, axum::Json(body)).into_response()
+}
+
+/// The receiver's routes: `POST {path}`; any other method on it is 405,
+/// any other path 404.
+pub fn router(
+    settings: &Webhooks,
+    store: Store,
+    observer: Option<Arc<dyn DeliveryObserver>>,
+) -> Router {
+    let receiver = Arc::new(Receiver {
+        store,
+        expected: Expected::new(&settings.auth),
+        max_body_bytes: settings.max_body_bytes,
+        read_timeout: settings.read_timeout,
+        observer,
+    });
+    Router::new()
+        .route(&settings.path, post(receive))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(
+            settings.max_body_bytes,
+        ))
+        .fallback(|| async {
+            answer(
+                StatusCode::NOT_FOUND,
+                serde_json::json!({"error": "not found: webhooks are received on the configured webhooks.path"}),
+            )
+        })
+        .with_state(receiver)
+}
+
+/// True when the body failed because it exceeded the size limit.
+fn is_too_large(e: &axum::Error) -> bool {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(s) = source {
+        if s.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        source = s.source();
+    }
+    false
+}
+
+async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
+    let started = Instant::now();
+    if !r.expected.accepts(request.headers()) {
+        debug!("webhook delivery refused: missing or wrong credentials");
+        r.done("-", "unauthorized", started);
+        let mut resp = answer(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"error": "missing or wrong credentials"}),
+        );
+        if let Some(c) = r.expected.challenge() {
+            resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
+        }
+        return resp;
+    }
+    let body: Body = request.into_body();
+    let bytes = match tokio::time::timeout(
+        r.read_timeout,
+        axum::body::to_bytes(body, r.max_body_bytes),
+    )
+    .await
+    {
+        Err(_) => {
+            r.done("-", "timeout", started);
+            return answer(
+                StatusCode::REQUEST_TIMEOUT,
+                serde_json::json!({"error": "the request body was not received in time"}),
+            );
+        }
+        Ok(Err(e)) if is_too_large(&e) => {
+            r.done("-", "too_large", started);
+            return answer(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                serde_json::json!({"error": format!("the body is larger than {} bytes", r.max_body_bytes)}),
+            );
+        }
+        Ok(Err(e)) => {
+            r.done("-", "bad_request", started);
+            return answer(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": format!("the body could not be read: {e}")}),
+            );
+        }
+        Ok(Ok(b)) => b,
+    };
+    let delivery = match parse_delivery(&bytes) {
+        Ok(d) => d,
+        Err(reason) => {
+            debug!(reason, "webhook delivery refused");
+            r.done("-", "bad_request", started);
+            return answer(
+                StatusCode::BAD_REQUEST,
+                serde_json::json!({"error": reason}),
+            );
+        }
+    };
+    // parse_delivery has checked that the body is UTF-8.
+    let body = String::from_utf8_lossy(&bytes).into_owned();
+    let event_type = delivery.event_type.clone();
+    let (row, effect) = crate::ingest::delivery_effect(delivery, &body, crate::time::now());
+    let stored = r
+        .store
+        .call_urgent(move |c| messages::record_delivery(c, &row, &effect).map(|rec| (rec, row)))
+        .await;
+    match stored {
+        Ok((rec, row)) => {
+            r.done(&event_type, rec.outcome.as_str(), started);
+            let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+            if rec.outcome == Outcome::Applied {
+                info!(
+                    event_type,
+                    event_id = rec.event_id,
+                    business_id = row.business_id.as_deref().unwrap_or("-"),
+                    negotiation_id = row.negotiation_id.as_deref().unwrap_or("-"),
+                    message_id = row.message_id.as_deref().unwrap_or("-"),
+                    elapsed_ms,
+                    "webhook delivery applied"
+                );
+            } else {
+                debug!(
+                    event_type,
+                    event_id = rec.event_id,
+                    outcome = rec.outcome.as_str(),
+                    error = rec.error.as_deref().unwrap_or(""),
+                    "webhook delivery stored"
+                );
+            }
+            answer(
+                StatusCode::OK,
+                serde_json::json!({
+                    "outcome": rec.outcome.as_str(),
+                    "eventID": rec.event_id,
+                    "error": rec.error,
+                }),
+            )
+        }
+        Err(e) => {
+            warn!(event_type, error = %format!("{e:#}"), "cannot store a webhook delivery; answering 503 so that it is delivered again");
+            r.done(&event_type, "error", started);
+            let mut resp = answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"error": "the delivery could not be stored; deliver it again"}),
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            resp
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    #[test]
+    fn basic_credentials_are_checked_whole() {
+        let e = Expected::new(&WebhookAuth::Basic {
+            username: "thumbtack".into(),
+            password: Secret::new("s3cret:with:colons"),
+        });
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(v).unwrap());
+            h
+        };
+        let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+        assert!(e.accepts(&with(&format!(
+            "Basic {}",
+            b64("thumbtack:s3cret:with:colons")
+        ))));
+        assert!(e.accepts(&with(&format!(
+            "basic  {}",
+            b64("thumbtack:s3cret:with:colons")
+        ))));
+        assert!(!e.accepts(&with(&format!("Basic {}", b64("thumbtack:s3cret")))));
+        assert!(!e.accepts(&with(&format!("Basic {}", b64("other:s3cret:with:colons")))));
+        assert!(!e.accepts(&with(&format!(
+            "Bearer {}",
+            b64("thumbtack:s3cret:with:colons")
+        ))));
+        assert!(!e.accepts(&with("Basic !!!")));
+        assert!(!e.accepts(&HeaderMap::new()));
+    }
+}

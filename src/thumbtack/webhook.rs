@@ -1,0 +1,401 @@
+//! Webhook deliveries on the wire (SPEC §8, THUMBTACK.md "Webhooks"): the
+//! envelope `{"event": {eventType, webhookID, triggeredAt, ...}, "data": {...}}`,
+//! the two event types leadsync applies, and the subscription objects of
+//! `/businesses/{id}/webhooks`. Every assumption about their shape is here.
+
+use super::model::parse_lead;
+use crate::lead::LeadRow;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A new lead.
+pub const NEGOTIATION_CREATED: &str = "NegotiationCreatedV4";
+/// A new message on a lead.
+pub const MESSAGE_CREATED: &str = "MessageCreatedV4";
+/// What `webhooks register` subscribes to by default.
+pub const DEFAULT_EVENTS: [&str; 2] = [NEGOTIATION_CREATED, MESSAGE_CREATED];
+
+/// A delivery whose envelope is readable.
+#[derive(Debug)]
+pub struct Delivery {
+    pub event_type: String,
+    pub webhook_id: Option<String>,
+    pub triggered_at: Option<String>,
+    pub content: Content,
+}
+
+/// What a delivery carries, as far as leadsync acts on it.
+#[derive(Debug)]
+pub enum Content {
+    /// `NegotiationCreatedV4` with a usable negotiation.
+    Negotiation {
+        lead: LeadRow,
+        /// `data.business.businessID`, else `data.businessID`.
+        business_id: Option<String>,
+    },
+    /// `MessageCreatedV4` with a usable message.
+    Message(Message),
+    /// An event type leadsync does not apply.
+    Other,
+    /// A known event type whose `data` cannot be used: the reason.
+    Unusable {
+        reason: String,
+        negotiation_id: Option<String>,
+        message_id: Option<String>,
+    },
+}
+
+/// A message (`MessageV4`), ready for the mirror.
+#[derive(Debug, Clone)]
+pub struct Message {
+    pub message_id: String,
+    pub negotiation_id: String,
+    /// `data.business.businessID`, else `data.businessID`, when the message names one.
+    pub business_id: Option<String>,
+    /// `sentAt` in UTC when it parses, else as sent.
+    pub sent_at: Option<String>,
+    /// `from`: `Customer` or `Business`.
+    pub sender: Option<String>,
+    pub text: Option<String>,
+    /// The message object exactly as received.
+    pub payload: String,
+}
+
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct Event<'a> {
+    #[serde(rename = "eventType", borrow, default)]
+    event_type: Option<&'a RawValue>,
+    #[serde(rename = "webhookID", borrow, default)]
+    webhook_id: Option<&'a RawValue>,
+    #[serde(rename = "triggeredAt", borrow, default)]
+    triggered_at: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize, Default)]
+struct Ids<'a> {
+    #[serde(rename = "negotiationID", borrow, default)]
+    negotiation_id: Option<&'a RawValue>,
+    #[serde(rename = "messageID", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(rename = "businessID", borrow, default)]
+    business_id: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    business: Option<&'a RawValue>,
+    #[serde(rename = "sentAt", borrow, default)]
+    sent_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    from: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+}
+
+/// A JSON string, else `None` (ids are strings on the wire: a number is refused).
+fn string(raw: Option<&RawValue>) -> Option<String> {
+    match serde_json::from_str::<serde_json::Value>(raw?.get()).ok()? {
+        serde_json::Value::String(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn is_object(raw: &RawValue) -> bool {
+    raw.get().trim_start().starts_with('{')
+}
+
+/// Why an id field cannot be used, or the id.
+fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
+    match raw {
+        None => Err(format!("data has no {name}")),
+        Some(r) => match string(Some(r)) {
+            Some(s) if !s.trim().is_empty() => Ok(s),
+            Some(_) => Err(format!("data.{name} is empty")),
+            None => Err(format!(
+                "data.{name} is {}, not a string",
+                r.get().chars().take(40).collect::<String>()
+            )),
+        },
+    }
+}
+
+/// `data.business.businessID`, else `data.businessID` (strings only).
+fn business_of(ids: &Ids) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Business<'a> {
+        #[serde(rename = "businessID", borrow, default)]
+        business_id: Option<&'a RawValue>,
+    }
+    ids.business
+        .filter(|b| is_object(b))
+        .and_then(|b| serde_json::from_str::<Business>(b.get()).ok())
+        .and_then(|b| string(b.business_id))
+        .or_else(|| string(ids.business_id))
+        .filter(|s| !s.is_empty())
+}
+
+/// Reads a delivery. `Err` is the reason for a 400: not JSON, not an
+/// object, or no `event.eventType` string. Everything past the envelope is
+/// judged per event type into [`Content`], never an error.
+pub fn parse_delivery(body: &[u8]) -> Result<Delivery, String> {
+    let text = std::str::from_utf8(body).map_err(|_| "the body is not UTF-8".to_string())?;
+    let value: &RawValue =
+        serde_json::from_str(text).map_err(|e| format!("the body is not JSON: {e}"))?;
+    if !is_object(value) {
+        return Err("the body is not a JSON object".into());
+    }
+    let env: Envelope = serde_json::from_str(value.get())
+        .map_err(|e| format!("the body is not a delivery envelope: {e}"))?;
+    let event = env
+        .event
+        .filter(|e| is_object(e))
+        .ok_or_else(|| "the body has no `event` object".to_string())?;
+    let event: Event =
+        serde_json::from_str(event.get()).map_err(|e| format!("`event` is not readable: {e}"))?;
+    let event_type = string(event.event_type)
+        .filter(|t| !t.trim().is_empty())
+        .ok_or_else(|| "`event.eventType` is missing or not a string".to_string())?;
+    let text_or_number = |raw: Option<&RawValue>| {
+        raw.and_then(
+            |r| match serde_json::from_str::<serde_json::Value>(r.get()).ok()? {
+                serde_json::Value::String(s) => Some(s),
+                serde_json::Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            },
+        )
+    };
+    let content = match event_type.as_str() {
+        NEGOTIATION_CREATED => negotiation(env.data),
+        MESSAGE_CREATED => message(env.data),
+        _ => Content::Other,
+    };
+    Ok(Delivery {
+        event_type,
+        webhook_id: text_or_number(event.webhook_id),
+        triggered_at: text_or_number(event.triggered_at),
+        content,
+    })
+}
+
+fn unusable(reason: String) -> Content {
+    Content::Unusable {
+        reason,
+        negotiation_id: None,
+        message_id: None,
+    }
+}
+
+fn data_ids(data: Option<&RawValue>) -> Result<(&RawValue, Ids<'_>), String> {
+    let data = data.ok_or_else(|| "the delivery has no `data`".to_string())?;
+    if !is_object(data) {
+        return Err("`data` is not a JSON object".into());
+    }
+    let ids: Ids =
+        serde_json::from_str(data.get()).map_err(|e| format!("`data` is not readable: {e}"))?;
+    Ok((data, ids))
+}
+
+fn negotiation(data: Option<&RawValue>) -> Content {
+    let (data, ids) = match data_ids(data) {
+        Ok(d) => d,
+        Err(reason) => return unusable(reason),
+    };
+    if let Err(reason) = id_field(ids.negotiation_id, "negotiationID") {
+        return unusable(reason);
+    }
+    let business_id = business_of(&ids);
+    match parse_lead(data) {
+        Some(lead) => Content::Negotiation { lead, business_id },
+        None => unusable("`data` is not a negotiation".into()),
+    }
+}
+
+fn message(data: Option<&RawValue>) -> Content {
+    let (data, ids) = match data_ids(data) {
+        Ok(d) => d,
+        Err(reason) => return unusable(reason),
+    };
+    let message_id = id_field(ids.message_id, "messageID");
+    let negotiation_id = id_field(ids.negotiation_id, "negotiationID");
+    let (message_id, negotiation_id) = match (message_id, negotiation_id) {
+        (Ok(m), Ok(n)) => (m, n),
+        (m, n) => {
+            let reason = [m.as_ref().err(), n.as_ref().err()]
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("; ");
+            return Content::Unusable {
+                reason,
+                negotiation_id: n.ok(),
+                message_id: m.ok(),
+            };
+        }
+    };
+    let sent_at = string(ids.sent_at).map(|t| crate::time::to_utc_z(&t).unwrap_or(t));
+    Content::Message(Message {
+        business_id: business_of(&ids),
+        sent_at,
+        sender: string(ids.from),
+        text: string(ids.text),
+        message_id,
+        negotiation_id,
+        payload: data.get().to_string(),
+    })
+}
+
+/// A webhook subscription as `GET /businesses/{id}/webhooks` lists it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Subscription {
+    #[serde(rename = "webhookID", deserialize_with = "id_text")]
+    pub webhook_id: String,
+    #[serde(rename = "webhookURL", default)]
+    pub webhook_url: String,
+    #[serde(default)]
+    pub enabled: Option<bool>,
+    #[serde(rename = "eventTypes", default)]
+    pub event_types: Vec<String>,
+    #[serde(rename = "authType", default, skip_serializing_if = "Option::is_none")]
+    pub auth_type: Option<String>,
+}
+
+fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(s) => Ok(s),
+        serde_json::Value::Number(n) => Ok(n.to_string()),
+        other => Err(serde::de::Error::custom(format!(
+            "webhookID is {other}, not a string"
+        ))),
+    }
+}
+
+/// Reads a list of subscriptions: `{"data": [...]}` or a bare array.
+pub fn parse_subscriptions(body: &[u8]) -> Result<Vec<Subscription>, String> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum List {
+        Envelope { data: Vec<Subscription> },
+        Bare(Vec<Subscription>),
+    }
+    match serde_json::from_slice::<List>(body) {
+        Ok(List::Envelope { data }) | Ok(List::Bare(data)) => Ok(data),
+        Err(e) => Err(format!("not a list of webhooks: {e}")),
+    }
+}
+
+/// How Thumbtack authenticates to the receiver, as registered.
+#[derive(Clone, Serialize)]
+#[serde(untagged)]
+pub enum RegisterAuth {
+    Basic { username: String, password: String },
+    Header { header: String, value: String },
+}
+
+impl std::fmt::Debug for RegisterAuth {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegisterAuth::Basic { username, .. } => write!(
+                f,
+                "Basic {{ username: {username:?}, password: {} }}",
+                crate::secret::MASK
+            ),
+            RegisterAuth::Header { header, .. } => write!(
+                f,
+                "Header {{ header: {header:?}, value: {} }}",
+                crate::secret::MASK
+            ),
+        }
+    }
+}
+
+/// The body of `POST /businesses/{id}/webhooks`.
+#[derive(Debug, Clone, Serialize)]
+pub struct RegisterBody {
+    #[serde(rename = "webhookURL")]
+    pub webhook_url: String,
+    #[serde(rename = "eventTypes")]
+    pub event_types: Vec<String>,
+    pub enabled: bool,
+    pub auth: RegisterAuth,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn registered_credentials_never_print() {
+        let a = RegisterAuth::Basic {
+            username: "t".into(),
+            password: "pw-123456".into(),
+        };
+        assert!(!format!("{a:?}").contains("pw-123456"));
+        assert!(serde_json::to_string(&a).unwrap().contains("pw-123456"));
+    }
+
+    #[test]
+    fn envelopes_that_are_refused() {
+        for (body, why) in [
+            (&b"{\"event\":"[..], "not JSON"),
+            (b"[1,2]", "not a JSON object"),
+            (b"{\"data\":{}}", "no `event`"),
+            (b"{\"event\":{\"webhookID\":\"1\"}}", "eventType"),
+            (b"{\"event\":{\"eventType\":7}}", "eventType"),
+            (b"\xff\xfe", "UTF-8"),
+        ] {
+            let e = parse_delivery(body).unwrap_err();
+            assert!(e.contains(why), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_lead_keeps_every_byte_and_finds_its_business() {
+        let body = br#"{"event":{"eventType":"NegotiationCreatedV4","webhookID":"w1","triggeredAt":"2026-01-01T00:00:00Z"},
+            "data":{"negotiationID":"519153480500518912","business":{"businessID":"468046965846925323"},"x":9007199254740993}}"#;
+        let d = parse_delivery(body).unwrap();
+        assert_eq!(d.webhook_id.as_deref(), Some("w1"));
+        let Content::Negotiation { lead, business_id } = d.content else {
+            panic!("not a negotiation: {:?}", d.content)
+        };
+        assert_eq!(business_id.as_deref(), Some("468046965846925323"));
+        assert!(lead.payload.contains("9007199254740993"));
+        assert!(lead.payload.starts_with("{\"negotiationID\""));
+    }
+
+    #[test]
+    fn unusable_negotiations_and_messages_say_why() {
+        for (data, why) in [
+            ("", "no `data`"),
+            (r#","data":[1]"#, "not a JSON object"),
+            (r#","data":{"x":1}"#, "no negotiationID"),
+            (
+                r#","data":{"negotiationID":519153480500518912}"#,
+                "not a string",
+            ),
+        ] {
+            let body = format!(r#"{{"event":{{"eventType":"NegotiationCreatedV4"}}{data}}}"#);
+            match parse_delivery(body.as_bytes()).unwrap().content {
+                Content::Unusable { reason, .. } => assert!(reason.contains(why), "{reason}"),
+                other => panic!("{data}: {other:?}"),
+            }
+        }
+        let body = r#"{"event":{"eventType":"MessageCreatedV4"},"data":{"negotiationID":"5"}}"#;
+        match parse_delivery(body.as_bytes()).unwrap().content {
+            Content::Unusable {
+                reason,
+                negotiation_id,
+                ..
+            } => {
+                assert!(reason.contains("messageID"), "{reason}");
+                assert_eq!(negotiation_id.as_deref(), Some("5"));
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! `leadsync webhooks register|list|delete` (SPEC §8): Thumbtack webhook
+//! subscriptions of the configured businesses, pointing at
+//! `webhooks.public_url` with the receiver's credentials.
+
+use crate::config::{Config, ConfigError, WebhookAuth, check_public_url};
+use crate::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+use crate::thumbtack::{Auth, Client, ClientSettings};
+use anyhow::{Result, bail};
+use std::sync::Arc;
+
+/// A client for commands that run beside the daemon (no process lock).
+async fn client(config: &Config) -> Result<Client> {
+    let mirror = {
+        let path = config.database().to_path_buf();
+        tokio::task::spawn_blocking(move || crate::store::Store::open(&path)).await??
+    };
+    let needs_reauth = mirror
+        .call(|c| crate::store::mirror::needs_reauth_map(c))
+        .await?;
+    let auth = Arc::new(Auth::new(config, Some(mirror), needs_reauth)?);
+    Client::new(ClientSettings::from_config(config), auth)
+}
+
+/// The businesses a command acts on: the given ones (each must be
+/// configured), else every enabled one.
+fn selected(config: &Config, given: &[String]) -> Result<Vec<String>> {
+    if given.is_empty() {
+        return Ok(config
+            .businesses
+            .iter()
+            .filter(|b| b.enabled)
+            .map(|b| b.id.clone())
+            .collect());
+    }
+    for id in given {
+        if config.business(id).is_none() {
+            bail!("business {id} is not in the configuration");
+        }
+    }
+    Ok(given.to_vec())
+}
+
+/// Registers `public_url` for each business unless a subscription already
+/// points there; one line per business; exit 1 if any failed.
+pub async fn register(config: &Config, businesses: &[String], events: &[String]) -> Result<u8> {
+    let Some(w) = &config.webhooks else {
+        return Err(ConfigError(
+            "[webhooks]: no credentials: set webhooks.username with password_file (or header with \
+             header_value_file) so that Thumbtack can authenticate its deliveries"
+                .into(),
+        )
+        .into());
+    };
+    let Some(public_url) = &w.public_url else {
+        return Err(ConfigError(
+            "[webhooks]: public_url is not set: the https URL where Thumbtack reaches the receiver"
+                .into(),
+        )
+        .into());
+    };
+    check_public_url(public_url).map_err(|e| ConfigError(format!("webhooks.public_url: {e}")))?;
+    let events: Vec<String> = if events.is_empty() {
+        DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect()
+    } else {
+        events
+            .iter()
+            .map(|e| e.trim().to_string())
+            .filter(|e| !e.is_empty())
+            .collect()
+    };
+    let auth = match &w.auth {
+        WebhookAuth::Basic { username, password } => RegisterAuth::Basic {
+            username: username.clone(),
+            password: password.expose().to_string(),
+        },
+        WebhookAuth::Header { name, value } => RegisterAuth::Header {
+            header: name.clone(),
+            value: value.expose().to_string(),
+        },
+    };
+    let ids = selected(config, businesses)?;
+    if ids.is_empty() {
+        println!("no enabled business is configured: nothing to register");
+        return Ok(0);
+    }
+    let client = client(config).await?;
+    let mut failed = false;
+    for id in ids {
+        let existing = match client.list_webhooks(&id).await {
+            Ok(list) => list,
+            Err(e) => {
+                println!("error {id}: cannot list its webhooks: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        if let Some(found) = existing.iter().find(|s| s.webhook_url == *public_url) {
+            let missing: Vec<&String> = events
+                .iter()
+                .filter(|e| !found.event_types.contains(e))
+                .collect();
+            let mut note = String::new();
+            if found.enabled == Some(false) {
+                note.push_str(", but it is disabled");
+            }
+            if !missing.is_empty() {
+                note.push_str(&format!(
+                    ", without {}: delete it (leadsync webhooks delete --business {id} --webhook {}) and register again",
+                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
+                    found.webhook_id
+                ));
+            }
+            println!(
+                "already registered {id} (webhook {}){note}",
+                found.webhook_id
+            );
+            continue;
+        }
+        let body = RegisterBody {
+            webhook_url: public_url.clone(),
+            event_types: events.clone(),
+            enabled: true,
+            auth: auth.clone(),
+        };
+        match client.create_webhook(&id, &body).await {
+            Ok(s) => println!("registered {id} (webhook {})", s.webhook_id),
+            Err(e) => {
+                println!("error {id}: {e}");
+                failed = true;
+            }
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// Lists each business's subscriptions, one line each.
+pub async fn list(config: &Config, business: Option<String>, json: bool) -> Result<u8> {
+    let ids = selected(config, business.as_slice())?;
+    let client = client(config).await?;
+    let mut failed = false;
+    let mut all = Vec::new();
+    for id in ids {
+        match client.list_webhooks(&id).await {
+            Ok(list) if json => all.push(serde_json::json!({"businessID": id, "webhooks": list})),
+            Ok(list) if list.is_empty() => println!("{id}: no webhook"),
+            Ok(list) => {
+                for s in list {
+                    println!(
+                        "{id} webhook {} {} {} [{}]",
+                        s.webhook_id,
+                        if s.enabled == Some(false) {
+                            "disabled"
+                        } else {
+                            "enabled"
+                        },
+                        s.webhook_url,
+                        s.event_types.join(",")
+                    );
+                }
+            }
+            Err(e) => {
+                if json {
+                    all.push(serde_json::json!({"businessID": id, "error": e.to_string()}));
+                } else {
+                    println!("error {id}: {e}");
+                }
+                failed = true;
+            }
+        }
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&all)?);
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+/// Deletes one subscription.
+pub async fn delete(config: &Config, business: &str, webhook: &str) -> Result<u8> {
+    selected(config, &[business.to_string()])?;
+    let client = client(config).await?;
+    match client.delete_webhook(business, webhook).await {
+        Ok(()) => {
+            println!("deleted {business} webhook {webhook}");
+            Ok(0)
+        }
+        Err(e) => {
+            println!("error {business}: cannot delete webhook {webhook}: {e}");
+            Ok(1)
+        }
+    }
+}

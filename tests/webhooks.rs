@@ -1,0 +1,805 @@
+//! The webhook receiver through its real listener (SPEC §8): credentials,
+//! sizes, envelopes, idempotence, and what each delivery leaves in the
+//! mirror; the sandbox's subscriptions and deliveries; `webhooks register`.
+
+mod common;
+
+use base64::Engine;
+use common::{Env, FAST, count, wait_until};
+use leadsync::sandbox::SandboxOptions;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const PASSWORD: &str = "hook-pass-7f3a9c";
+
+/// A free loopback port (bound, read, released: the daemon binds it next).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Receiver {
+    env: Env,
+    addr: SocketAddr,
+    stop: CancellationToken,
+    daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+    http: reqwest::Client,
+}
+
+const PATH: &str = "/thumbtack/webhooks";
+
+impl Receiver {
+    /// The daemon in-process with the receiver on, Basic auth (or `auth` TOML lines).
+    async fn start_with(auth: Option<&str>, extra: &str) -> Receiver {
+        let port = free_port();
+        let env = Env::new(SandboxOptions::default(), false, "").await;
+        let password_file = common::write(env.dir.path(), "webhook_password", PASSWORD);
+        let auth = auth.map(str::to_string).unwrap_or(format!(
+            "username = \"thumbtack\"\npassword_file = \"{}\"\n",
+            password_file.display()
+        ));
+        env.set_overrides(&format!(
+            "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:{port}\"\npath = \"{PATH}\"\n\
+             public_url = \"http://127.0.0.1:{port}{PATH}\"\nmax_body_bytes = 65536\n\
+             read_timeout_secs = 2\n{auth}{extra}"
+        ));
+        let config = env.config();
+        let stop = CancellationToken::new();
+        let daemon = tokio::spawn(leadsync::run(config, stop.clone()));
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        while tokio::net::TcpStream::connect(addr).await.is_err() {
+            assert!(
+                std::time::Instant::now() < end,
+                "the receiver never listened"
+            );
+            assert!(!daemon.is_finished(), "the daemon stopped");
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Receiver {
+            env,
+            addr,
+            stop,
+            daemon,
+            http: reqwest::Client::new(),
+        }
+    }
+
+    async fn start() -> Receiver {
+        Receiver::start_with(None, "").await
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn basic(user: &str, pass: &str) -> String {
+        format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+        )
+    }
+
+    async fn post(&self, body: impl Into<reqwest::Body>) -> (u16, String) {
+        self.post_as(Some(Receiver::basic("thumbtack", PASSWORD)), body)
+            .await
+    }
+
+    async fn post_as(
+        &self,
+        authorization: Option<String>,
+        body: impl Into<reqwest::Body>,
+    ) -> (u16, String) {
+        let mut req = self
+            .http
+            .post(self.url(PATH))
+            .header("content-type", "application/json")
+            .body(body);
+        if let Some(a) = authorization {
+            req = req.header("authorization", a);
+        }
+        let resp = req.send().await.expect("request");
+        let status = resp.status().as_u16();
+        (status, resp.text().await.unwrap_or_default())
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        self.daemon.await.unwrap().unwrap();
+    }
+
+    fn business(&self) -> String {
+        self.env.business_ids()[0].clone()
+    }
+}
+
+fn lead_delivery(negotiation_id: &str, business_id: &str) -> String {
+    format!(
+        r#"{{"event":{{"eventType":"NegotiationCreatedV4","webhookID":"wh-1","triggeredAt":"2026-11-28T04:00:00Z"}},
+"data":{{"negotiationID":"{negotiation_id}","business":{{"businessID":"{business_id}","name":"X"}},"status":"Open",
+"createdAt":"2026-11-28T03:59:59-05:00","request":{{"category":{{"name":"Plumbing"}},"location":{{"city":"Austin","zipCode":"78701"}}}},
+"customer":{{"customerID":"c1","firstName":"Zoë","lastName":"Ø"}},"leadPrice":"$25.00","big":9007199254740993}}}}"#
+    )
+}
+
+fn message_delivery(message_id: &str, negotiation_id: &str) -> String {
+    format!(
+        r#"{{"event":{{"eventType":"MessageCreatedV4","webhookID":"wh-1","triggeredAt":"2026-11-28T04:00:01Z"}},
+"data":{{"messageID":"{message_id}","negotiationID":"{negotiation_id}","from":"Customer",
+"customer":{{"customerID":"c1","displayName":"Zoë Ø."}},"text":"Is Tuesday ok? — ünïcode","attachments":[],"sentAt":"2026-11-28T05:00:01+01:00"}}}}"#
+    )
+}
+
+fn rows(env: &Env) -> (i64, i64, i64, i64) {
+    let c = env.sql();
+    (
+        count(&c, "SELECT count(*) FROM webhook_events"),
+        count(&c, "SELECT count(*) FROM negotiations"),
+        count(&c, "SELECT count(*) FROM negotiation_changes"),
+        count(&c, "SELECT count(*) FROM messages"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_deliveries_get_their_status_and_store_nothing() {
+    let r = Receiver::start().await;
+    let business = r.business();
+    // Let the first full sync finish so that counts stay still.
+    wait_until("the first sync", Duration::from_secs(60), || {
+        count(
+            &r.env.sql(),
+            "SELECT count(*) FROM businesses WHERE last_sync_outcome IS NOT NULL",
+        ) == 3
+    })
+    .await;
+    let before = rows(&r.env);
+    let good = lead_delivery("900000000000000001", &business);
+    let auth = |u: &str, p: &str| Some(Receiver::basic(u, p));
+    let cases: Vec<(&str, Option<String>, String, u16)> = vec![
+        (
+            "wrong password",
+            auth("thumbtack", "nope"),
+            good.clone(),
+            401,
+        ),
+        ("wrong user", auth("someone", PASSWORD), good.clone(), 401),
+        ("no auth", None, good.clone(), 401),
+        (
+            "bearer instead of basic",
+            Some(format!("Bearer {PASSWORD}")),
+            good.clone(),
+            401,
+        ),
+        (
+            "2 MB body",
+            auth("thumbtack", PASSWORD),
+            format!(
+                r#"{{"event":{{"eventType":"NegotiationCreatedV4"}},"data":{{"negotiationID":"1","pad":"{}"}}}}"#,
+                "x".repeat(2 << 20)
+            ),
+            413,
+        ),
+        (
+            "truncated JSON",
+            auth("thumbtack", PASSWORD),
+            good[..good.len() / 2].to_string(),
+            400,
+        ),
+        (
+            "JSON array",
+            auth("thumbtack", PASSWORD),
+            format!("[{good}]"),
+            400,
+        ),
+        (
+            "missing event",
+            auth("thumbtack", PASSWORD),
+            r#"{"data":{"negotiationID":"900000000000000002"}}"#.into(),
+            400,
+        ),
+        (
+            "event without eventType",
+            auth("thumbtack", PASSWORD),
+            r#"{"event":{"webhookID":"w"},"data":{}}"#.into(),
+            400,
+        ),
+        (
+            "empty body",
+            auth("thumbtack", PASSWORD),
+            String::new(),
+            400,
+        ),
+    ];
+    for (what, authorization, body, status) in cases {
+        let (got, text) = r.post_as(authorization, body).await;
+        assert_eq!(got, status, "{what}: {text}");
+        assert!(!text.contains(PASSWORD), "{what}: the password leaked");
+        assert_eq!(rows(&r.env), before, "{what}: something was stored");
+    }
+    // 401 carries the Basic challenge.
+    let resp = r
+        .http
+        .post(r.url(PATH))
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 401);
+    assert!(
+        resp.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Basic ")
+    );
+    // Other methods and paths.
+    let get = r
+        .http
+        .get(r.url(PATH))
+        .header("authorization", Receiver::basic("thumbtack", PASSWORD))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(get.status().as_u16(), 405, "GET on the path");
+    let other = r
+        .http
+        .post(r.url("/other"))
+        .header("authorization", Receiver::basic("thumbtack", PASSWORD))
+        .body(good.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status().as_u16(), 404, "another path");
+    assert_eq!(rows(&r.env), before, "405/404 stored something");
+
+    // Accepted but unusable: kept in webhook_events only, acknowledged.
+    let accepted: Vec<(&str, String, &str)> = vec![
+        (
+            "missing data",
+            r#"{"event":{"eventType":"NegotiationCreatedV4"}}"#.into(),
+            "ignored",
+        ),
+        (
+            "data without negotiationID",
+            r#"{"event":{"eventType":"NegotiationCreatedV4"},"data":{"status":"Open"}}"#.into(),
+            "ignored",
+        ),
+        (
+            "negotiationID is a number",
+            format!(
+                r#"{{"event":{{"eventType":"NegotiationCreatedV4"}},"data":{{"negotiationID":900000000000000003,"businessID":"{business}"}}}}"#
+            ),
+            "ignored",
+        ),
+        (
+            "business not configured",
+            lead_delivery("900000000000000004", "111111111111111111"),
+            "unknown_business",
+        ),
+        (
+            "unknown event type",
+            r#"{"event":{"eventType":"ReviewCreatedV4","webhookID":"w"},"data":{"reviewID":"r1"}}"#
+                .into(),
+            "ignored",
+        ),
+    ];
+    for (i, (what, body, outcome)) in accepted.iter().enumerate() {
+        let (got, text) = r.post(body.clone()).await;
+        assert_eq!(got, 200, "{what}: {text}");
+        assert!(text.contains(outcome), "{what}: {text}");
+        let after = rows(&r.env);
+        assert_eq!(after.0, before.0 + i as i64 + 1, "{what}: one event row");
+        assert_eq!(
+            (after.1, after.2, after.3),
+            (before.1, before.2, before.3),
+            "{what}: the mirror changed"
+        );
+        let c = r.env.sql();
+        let (stored_outcome, payload): (String, String) = c
+            .query_row(
+                "SELECT outcome, payload FROM webhook_events ORDER BY id DESC LIMIT 1",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(&stored_outcome, outcome, "{what}");
+        assert_eq!(&payload, body, "{what}: payload kept exactly");
+    }
+    let c = r.env.sql();
+    let error: String = c
+        .query_row(
+            "SELECT error FROM webhook_events WHERE payload LIKE '%900000000000000003%'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert!(error.contains("not a string"), "{error}");
+
+    // The daemon kept serving: a good delivery after all of that is applied.
+    let (got, text) = r.post(good.clone()).await;
+    assert_eq!(got, 200, "{text}");
+    assert!(text.contains("applied"), "{text}");
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lead_and_a_message_are_applied_once() {
+    let r = Receiver::start().await;
+    let business = r.business();
+    // Let the first full sync finish so that counts stay still.
+    wait_until("the first sync", Duration::from_secs(60), || {
+        count(
+            &r.env.sql(),
+            "SELECT count(*) FROM businesses WHERE last_sync_outcome IS NOT NULL",
+        ) == 3
+    })
+    .await;
+    let lead = "900000000000000010";
+    let body = lead_delivery(lead, &business);
+    let (status, text) = r.post(body.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"applied\""), "{text}");
+    let c = r.env.sql();
+    let (b, payload, city, source): (String, String, Option<String>, String) = c
+        .query_row(
+            "SELECT n.business_id, n.payload, n.city, ch.source FROM negotiations n
+               JOIN negotiation_changes ch USING (negotiation_id) WHERE negotiation_id = ?1",
+            [lead],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(b, business);
+    assert_eq!(source, "webhook");
+    let data_start = body.find("\"data\":").unwrap() + 7;
+    assert_eq!(
+        payload,
+        body[data_start..body.len() - 1],
+        "data kept byte for byte"
+    );
+    let _ = city;
+
+    // The same delivery again: only webhook_events changes.
+    let before = rows(&r.env);
+    let (status, text) = r.post(body.clone()).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"duplicate\""), "{text}");
+    let after = rows(&r.env);
+    assert_eq!(after.0, before.0 + 1);
+    assert_eq!((after.1, after.2, after.3), (before.1, before.2, before.3));
+
+    // A different snapshot of the lead: an older event never rolls the
+    // mirror back; a newer one is applied like a polled change.
+    let stale = body.replace("\"status\":\"Open\"", "\"status\":\"Canceled\"");
+    let (status, text) = r.post(stale.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(
+        text.contains("\"duplicate\"") && text.contains("newer copy"),
+        "{text}"
+    );
+    let c = r.env.sql();
+    let mirrored: String = c
+        .query_row(
+            "SELECT status FROM negotiations WHERE negotiation_id = ?1",
+            [lead],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(mirrored, "Open");
+    let newer = stale.replace("2026-11-28T04:00:00Z", "2099-01-01T00:00:00+01:00");
+    let (status, text) = r.post(newer).await;
+    assert!(status == 200 && text.contains("\"applied\""), "{text}");
+    let (mirrored, kind, fields, source): (String, String, String, String) = c
+        .query_row(
+            "SELECT n.status, ch.kind, ch.changed_fields, ch.source FROM negotiations n
+               JOIN negotiation_changes ch USING (negotiation_id)
+              WHERE negotiation_id = ?1 ORDER BY ch.id DESC LIMIT 1",
+            [lead],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        (
+            mirrored.as_str(),
+            kind.as_str(),
+            fields.as_str(),
+            source.as_str()
+        ),
+        ("Canceled", "changed", "[\"status\"]", "webhook")
+    );
+
+    // A message (arriving before its negotiation is fine too), twice.
+    for (message, negotiation) in [("m-1", lead), ("m-2", "900000000000000099")] {
+        let body = message_delivery(message, negotiation);
+        let (status, text) = r.post(body.clone()).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("\"applied\""), "{text}");
+        let (status, text) = r.post(body).await;
+        assert_eq!(status, 200);
+        assert!(text.contains("\"duplicate\""), "{text}");
+    }
+    let c = r.env.sql();
+    let (sender, sent_at, b, source, text): (String, String, Option<String>, String, String) = c
+        .query_row(
+            "SELECT sender, sent_at, business_id, source, text FROM messages WHERE message_id = 'm-1'",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?, row.get(4)?)),
+        )
+        .unwrap();
+    assert_eq!(sender, "Customer");
+    assert_eq!(sent_at, "2026-11-28T04:00:01Z");
+    assert_eq!(
+        b.as_deref(),
+        Some(business.as_str()),
+        "business from the mirrored lead"
+    );
+    assert_eq!(source, "webhook");
+    assert!(text.contains("ünïcode"));
+    assert_eq!(count(&c, "SELECT count(*) FROM messages"), 2);
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM webhook_events WHERE outcome = 'duplicate'"
+        ),
+        4
+    );
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_custom_header_instead_of_basic() {
+    let dir = tempfile::tempdir().unwrap();
+    let value = common::write(dir.path(), "hv", "header-secret-123\n");
+    let r = Receiver::start_with(
+        Some(&format!(
+            "header = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\n",
+            value.display()
+        )),
+        "",
+    )
+    .await;
+    let body = lead_delivery("900000000000000020", &r.business());
+    for (value, status) in [
+        (None, 401),
+        (Some("wrong"), 401),
+        (Some("header-secret-123"), 200),
+    ] {
+        let mut req = r.http.post(r.url(PATH)).body(body.clone());
+        if let Some(v) = value {
+            req = req.header("x-leadsync-token", v);
+        }
+        let resp = req.send().await.unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{value:?}");
+        if status == 401 {
+            assert!(resp.headers().get("www-authenticate").is_none());
+        }
+    }
+    // Basic credentials do not open a header-authenticated receiver.
+    let (status, _) = r.post(body).await;
+    assert_eq!(status, 401);
+    r.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_client_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = Receiver::start().await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    let head = format!(
+        "POST {PATH} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n{{\"event\":",
+        Receiver::basic("thumbtack", PASSWORD)
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    // read_timeout_secs = 2: the answer (408) and the close come well before 20 s.
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the slow client was never cut off");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert_eq!(rows(&r.env).0, 0);
+    r.stop().await;
+}
+
+fn last_line_ok(o: &std::process::Output) -> String {
+    common::text(o)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_delivers_to_a_registered_receiver() {
+    let r = Receiver::start().await;
+    let env = &r.env;
+    // Registration through the real binary, idempotent.
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(0), "{}", last_line_ok(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(out.matches("registered ").count(), 3, "{out}");
+    assert!(!out.contains("already"), "{out}");
+    assert!(
+        !common::text(&o).contains(PASSWORD),
+        "the password was printed"
+    );
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(0));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(out.matches("already registered ").count(), 3, "{out}");
+    let business = r.business();
+    assert_eq!(env.sandbox.webhooks(&business).len(), 1);
+    let o = env.run(&["webhooks", "list", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&format!("http://{}{PATH}", r.addr)),
+        "{}",
+        common::text(&o)
+    );
+
+    // A new lead and a customer message arrive in the mirror.
+    let ids = env
+        .sandbox
+        .mutate(leadsync::sandbox::Mutation::AddLeads {
+            business_id: business.clone(),
+            count: 2,
+        })
+        .unwrap();
+    let message = env
+        .sandbox
+        .mutate(leadsync::sandbox::Mutation::AddMessage {
+            negotiation_id: ids[0].clone(),
+            text: "Can you come Tuesday?".into(),
+            from: None,
+        })
+        .unwrap();
+    wait_until("the leads and the message", Duration::from_secs(30), || {
+        let c = env.sql();
+        count(
+            &c,
+            &format!(
+                "SELECT count(*) FROM negotiations WHERE negotiation_id IN ('{}', '{}')",
+                ids[0], ids[1]
+            ),
+        ) == 2
+            && count(
+                &c,
+                &format!(
+                    "SELECT count(*) FROM messages WHERE message_id = '{}'",
+                    message[0]
+                ),
+            ) == 1
+    })
+    .await;
+    let c = env.sql();
+    let payload: String = c
+        .query_row(
+            "SELECT payload FROM negotiations WHERE negotiation_id = ?1",
+            [&ids[0]],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(Some(payload), env.sandbox.lead_json(&ids[0]));
+    let log = env.sandbox.webhook_deliveries();
+    assert_eq!(log.len(), 3);
+    assert!(log.iter().all(|d| d.state == "delivered"), "{log:?}");
+
+    // Twice and out of order: each lead still lands once.
+    let mut faults = leadsync::sandbox::Faults {
+        webhook_twice: true,
+        webhook_out_of_order: true,
+        ..Default::default()
+    };
+    env.sandbox.set_faults(faults.clone());
+    let more = env
+        .sandbox
+        .mutate(leadsync::sandbox::Mutation::AddLeads {
+            business_id: business.clone(),
+            count: 3,
+        })
+        .unwrap();
+    wait_until(
+        "six deliveries acknowledged",
+        Duration::from_secs(30),
+        || {
+            env.sandbox
+                .webhook_deliveries()
+                .iter()
+                .filter(|d| d.state == "delivered")
+                .count()
+                == 9
+        },
+    )
+    .await;
+    let c = env.sql();
+    for id in &more {
+        assert_eq!(
+            count(
+                &c,
+                &format!("SELECT count(*) FROM negotiation_changes WHERE negotiation_id = '{id}'")
+            ),
+            1,
+            "one change row for {id}"
+        );
+        assert_eq!(
+            count(
+                &c,
+                &format!(
+                    "SELECT count(*) FROM webhook_events WHERE negotiation_id = '{id}' AND outcome = 'duplicate'"
+                )
+            ),
+            1
+        );
+    }
+    faults.webhook_twice = false;
+    faults.webhook_out_of_order = false;
+    env.sandbox.set_faults(faults);
+
+    // The receiver down: the sandbox retries until it is back.
+    r.stop.cancel();
+    let Receiver {
+        env, daemon, addr, ..
+    } = r;
+    daemon.await.unwrap().unwrap();
+    let late = env
+        .sandbox
+        .mutate(leadsync::sandbox::Mutation::AddLeads {
+            business_id: business.clone(),
+            count: 1,
+        })
+        .unwrap();
+    wait_until("a failed attempt", Duration::from_secs(30), || {
+        env.sandbox
+            .webhook_deliveries()
+            .last()
+            .is_some_and(|d| d.attempts >= 1 && d.state == "pending")
+    })
+    .await;
+    // The poller, meanwhile, sees the webhook leads as unchanged.
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let c = env.sql();
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM negotiation_changes WHERE kind = 'changed'"
+        ),
+        0,
+        "a lead that came by webhook was rewritten by the poller"
+    );
+    assert_eq!(
+        count(
+            &c,
+            &format!(
+                "SELECT count(*) FROM negotiation_changes WHERE negotiation_id = '{}' AND source = 'poll'",
+                late[0]
+            )
+        ),
+        1,
+        "the poller found the lead the receiver missed"
+    );
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    wait_until("the retried delivery", Duration::from_secs(60), || {
+        env.sandbox
+            .webhook_deliveries()
+            .last()
+            .is_some_and(|d| d.state == "delivered")
+    })
+    .await;
+    let c = env.sql();
+    let outcome: String = c
+        .query_row(
+            "SELECT outcome FROM webhook_events WHERE negotiation_id = ?1",
+            [&late[0]],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(outcome, "duplicate", "already mirrored by the poller");
+    let _ = addr;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registration_needs_https_and_credentials() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "x-secret\n");
+    for (webhooks, complaint) in [
+        (
+            format!(
+                "public_url = \"http://leads.example.com/hooks\"\nusername = \"t\"\npassword_file = \"{}\"\n",
+                pw.display()
+            ),
+            "not https",
+        ),
+        (
+            "listen = \"127.0.0.1:1\"\n".to_string(),
+            "needs credentials",
+        ),
+        (
+            "listen = \"127.0.0.1:1\"\nusername = \"t\"\n".to_string(),
+            "no webhook password",
+        ),
+        (
+            format!(
+                "username = \"t\"\npassword_file = \"{}\"\nheader = \"X-A\"\n",
+                pw.display()
+            ),
+            "not both",
+        ),
+    ] {
+        env.set_overrides(&format!("{FAST}\n[webhooks]\n{webhooks}"));
+        let o = env.run(&["config", "check"]);
+        assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+        assert!(common::text(&o).contains(complaint), "{}", common::text(&o));
+    }
+    // Without public_url, register says so (78); config check masks the password.
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+    assert!(common::text(&o).contains("public_url"));
+    let o = env.run(&["config", "check"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert!(
+        !common::text(&o).contains("x-secret"),
+        "{}",
+        common::text(&o)
+    );
+    // A business that is not configured: one error line, exit 1... or refused up front.
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/h\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["webhooks", "register", "--business", "123"]);
+    assert_eq!(o.status.code(), Some(1), "{}", common::text(&o));
+    assert!(common::text(&o).contains("not in the configuration"));
+}
+
+/// A lead that arrives by webhook while a full scan runs was not in that
+/// scan's listing: the scan must not mark it missing.
+#[test]
+fn a_full_scan_does_not_mark_a_lead_that_arrived_during_it_missing() {
+    use leadsync::store::messages::{Effect, EventRow, record_delivery};
+    use leadsync::store::mirror;
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = leadsync::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+    let business = "468046965846925323";
+    conn.execute(
+        "INSERT INTO businesses (business_id, name) VALUES (?1, 'B')",
+        [business],
+    )
+    .unwrap();
+    let run = mirror::start_run(&conn, business, "full", "2026-11-28T04:00:00.000Z").unwrap();
+    let body = lead_delivery("900000000000000030", business);
+    let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes()).unwrap();
+    let (row, effect): (EventRow, Effect) =
+        leadsync::ingest::delivery_effect(d, &body, "2026-11-28T04:00:01.000Z".into());
+    let rec = record_delivery(&mut conn, &row, &effect).unwrap();
+    assert_eq!(rec.outcome.as_str(), "applied");
+    let missing = mirror::mark_missing(
+        &mut conn,
+        business,
+        run,
+        &std::collections::HashSet::new(),
+        false,
+        "2026-11-28T04:00:02.000Z",
+    )
+    .unwrap();
+    assert!(
+        matches!(missing, mirror::Missing::Marked(0)),
+        "the webhook lead was marked missing: {missing:?}"
+    );
+    // A lead first seen before the scan and not listed by it is still marked.
+    let run = mirror::start_run(&conn, business, "full", "2026-11-28T04:00:03.000Z").unwrap();
+    let missing = mirror::mark_missing(
+        &mut conn,
+        business,
+        run,
+        &std::collections::HashSet::new(),
+        false,
+        "2026-11-28T04:00:04.000Z",
+    )
+    .unwrap();
+    assert!(matches!(missing, mirror::Missing::Marked(1)), "{missing:?}");
+}
