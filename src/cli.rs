@@ -448,6 +448,7 @@ async fn sync(
         accept_missing,
     };
     let kind = if full { ScanKind::Full } else { ScanKind::Head };
+    let messages = crate::messages::MessageSettings::from_config(&session.config);
     let slots = Arc::new(tokio::sync::Semaphore::new(
         session.config.file.daemon.sync_concurrency,
     ));
@@ -461,18 +462,38 @@ async fn sync(
         );
         tasks.spawn(async move {
             let _slot = slots.acquire_owned().await;
-            sync_business(&store, &client, &id, kind, settings, &stop).await
+            let report = sync_business(&store, &client, &id, kind, settings, &stop).await;
+            // The conversations of the leads the pass found new or changed;
+            // a failure here is reported but does not fail the pass.
+            let polled = if messages.sync && report.is_ok() {
+                Some(
+                    crate::messages::poll_after_pass(&store, &client, &id, messages, &stop)
+                        .await
+                        .map(|r| r.summary(&id))
+                        .unwrap_or_else(|e| format!("{id}: messages — cannot poll: {e:#}")),
+                )
+            } else {
+                None
+            };
+            (report, polled)
         });
     }
     let mut reports = Vec::new();
     while let Some(r) = tasks.join_next().await {
         reports.push(r.context("a sync task failed")?);
     }
-    reports.sort_by(|a, b| a.business_id.cmp(&b.business_id));
+    reports.sort_by(|a, b| a.0.business_id.cmp(&b.0.business_id));
+    let reports: Vec<_> = reports
+        .into_iter()
+        .map(|(r, polled)| {
+            println!("{}", r.summary());
+            if let Some(p) = polled {
+                println!("{p}");
+            }
+            r
+        })
+        .collect();
     let failed = reports.iter().filter(|r| !r.is_ok()).count();
-    for r in &reports {
-        println!("{}", r.summary());
-    }
     if failed > 0 {
         println!("{failed} of {} businesses failed", reports.len());
         return Ok(1);

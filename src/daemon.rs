@@ -287,6 +287,22 @@ impl Daemon {
             if !report.is_ok() {
                 warn!("{}", report.summary());
             }
+            let messages = crate::messages::MessageSettings::from_config(&config);
+            if messages.sync && report.is_ok() {
+                match crate::messages::poll_after_pass(
+                    &me.store,
+                    &me.client(),
+                    &business_id,
+                    messages,
+                    &me.stop,
+                )
+                .await
+                {
+                    Ok(r) if !r.failed.is_empty() => warn!("{}", r.summary(&business_id)),
+                    Ok(_) => {}
+                    Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),
+                }
+            }
             me.send_status().await;
         });
     }

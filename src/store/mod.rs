@@ -43,6 +43,7 @@ fn migrations() -> Vec<(i64, String)> {
         ),
         (3, v3),
         (4, include_str!("migrations/0004_webhooks.sql").to_string()),
+        (7, include_str!("migrations/0007_messages.sql").to_string()),
     ]
 }
 

@@ -1,0 +1,219 @@
+//! Messages (SPEC §9): polled conversations, paged back by `sentBefore`,
+//! never duplicated; replies through `message_outbox`.
+
+mod common;
+
+use common::{Env, FAST, count, text};
+use leadsync::sandbox::{Mutation, SandboxOptions};
+use leadsync::store::messages::{self, MessageSource};
+use leadsync::thumbtack::model::parse_message;
+
+fn with_messages() -> String {
+    format!("{FAST}\n[messages]\nsync = true\n")
+}
+
+/// Stores some of the sandbox's messages as a webhook would have.
+fn deliver_by_webhook(env: &Env, negotiation_id: &str, indexes: &[usize]) -> Vec<String> {
+    let all = env.sandbox.messages(negotiation_id);
+    let chosen: Vec<_> = indexes
+        .iter()
+        .map(|&i| {
+            let raw: Box<serde_json::value::RawValue> = serde_json::from_str(&all[i].json).unwrap();
+            parse_message(&raw).unwrap()
+        })
+        .collect();
+    let mut conn = leadsync::store::open_connection(&env.database(), true).unwrap();
+    let w = messages::insert_messages(
+        &mut conn,
+        negotiation_id,
+        None,
+        &chosen,
+        MessageSource::Webhook,
+        &leadsync::time::now(),
+    )
+    .unwrap();
+    assert_eq!(w.inserted, chosen.len() as i64);
+    chosen.into_iter().map(|m| m.message_id).collect()
+}
+
+fn pages_of(db: &rusqlite::Connection, negotiation_id: &str) -> (String, i64) {
+    db.query_row(
+        "SELECT outcome, pages FROM message_polls WHERE negotiation_id = ?1",
+        [negotiation_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_is_read_back_in_pages_of_twenty_without_duplicates() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    let conversation = env.sandbox.messages(&long);
+    assert_eq!(conversation.len(), 45);
+    // A webhook delivered the newest message and two older ones first.
+    let by_webhook = deliver_by_webhook(&env, &long, &[44, 30, 3]);
+
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("messages — 60 leads polled"),
+        "{}",
+        text(&o)
+    );
+
+    let db = env.sql();
+    let q = |sql: &str| count(&db, &sql.replace("{n}", &long));
+    assert_eq!(
+        q("SELECT count(*) FROM messages WHERE negotiation_id = '{n}'"),
+        45
+    );
+    assert_eq!(
+        q("SELECT count(DISTINCT message_id) FROM messages WHERE negotiation_id = '{n}'"),
+        45
+    );
+    assert_eq!(
+        pages_of(&db, &long),
+        ("ok".to_string(), 3),
+        "three pages of 20, 20, 5"
+    );
+    for id in &by_webhook {
+        let source: String = db
+            .query_row(
+                "SELECT source FROM messages WHERE message_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            source, "webhook",
+            "a message already mirrored is left as it was"
+        );
+    }
+    assert_eq!(
+        q("SELECT count(*) FROM messages WHERE negotiation_id = '{n}' AND source = 'poll'"),
+        42
+    );
+    // Every message exactly as served, in time order.
+    let mirrored: Vec<(String, String, String)> = db
+        .prepare("SELECT message_id, payload, sender FROM messages WHERE negotiation_id = ?1 ORDER BY sent_at")
+        .unwrap()
+        .query_map([&long], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    for (m, (id, payload, sender)) in conversation.iter().zip(&mirrored) {
+        assert_eq!((&m.id, &m.json, &m.from), (id, payload, sender));
+    }
+    // Every lead of the business has its whole conversation.
+    let expected: usize = env
+        .sandbox
+        .lead_ids(&business)
+        .iter()
+        .map(|l| env.sandbox.messages(l).len())
+        .sum();
+    assert_eq!(count(&db, "SELECT count(*) FROM messages"), expected as i64);
+
+    // Two new messages and a change: the next pass reads one page and stops
+    // at what the first poll already read.
+    env.sandbox
+        .mutate(Mutation::AddMessages {
+            negotiation_id: long.clone(),
+            count: 2,
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::SetStatus {
+            negotiation_id: long.clone(),
+            status: "Picked".into(),
+        })
+        .unwrap();
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("messages — 1 leads polled, 2 new messages"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM messages WHERE negotiation_id = '{n}'"),
+        47
+    );
+    assert_eq!(pages_of(&db, &long), ("ok".to_string(), 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lead_failing_is_recorded_and_blocks_neither_its_row_nor_the_others() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let leads = env.sandbox.lead_ids(&business);
+    let refused = leads[5].clone();
+    env.sandbox.refuse(&refused);
+
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the pass itself succeeded: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("1 failed"), "{}", text(&o));
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM negotiations WHERE negotiation_id = '{refused}'")
+        ),
+        1
+    );
+    let (outcome, error): (String, String) = db
+        .query_row(
+            "SELECT outcome, error FROM message_polls WHERE negotiation_id = ?1",
+            [&refused],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome, "error");
+    assert!(error.contains("active leads only"), "{error}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'ok'"
+        ),
+        leads.len() as i64 - 1
+    );
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{long}'")
+        ),
+        45
+    );
+
+    // Nothing changed, but the failed lead is polled again after the next pass.
+    let before = env
+        .sandbox
+        .stats()
+        .by_route
+        .get("messages")
+        .copied()
+        .unwrap_or(0);
+    let o = env.run(&["sync", "--business", &business]);
+    assert!(
+        text(&o).contains("messages — 1 leads polled"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(env.sandbox.stats().by_route["messages"], before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_messages_sync_no_conversation_is_read() {
+    let env = Env::small().await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("messages"), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().by_route.get("messages"), None);
+}
