@@ -66,6 +66,8 @@ pub enum Command {
     Drain,
     /// Insert one outbox row, with the table's own validation; prints its id.
     Enqueue(EnqueueArgs),
+    /// Insert one reply into message_outbox, with the table's own validation; prints its id.
+    Reply(ReplyArgs),
     /// Inspect and act on outbox rows.
     Outbox {
         #[command(subcommand)]
@@ -126,6 +128,19 @@ pub struct EnqueueArgs {
     /// Invoice amount in cents (job_complete and invoice_paid only).
     #[arg(long, value_name = "N", allow_hyphen_values = true)]
     pub invoice_cents: Option<String>,
+    /// The business (default: the lead's business in the mirror).
+    #[arg(long, value_name = "ID")]
+    pub business: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ReplyArgs {
+    /// The lead's negotiationID.
+    #[arg(long, value_name = "ID")]
+    pub negotiation: String,
+    /// The message (at most 5,000 characters).
+    #[arg(long, allow_hyphen_values = true)]
+    pub text: String,
     /// The business (default: the lead's business in the mirror).
     #[arg(long, value_name = "ID")]
     pub business: Option<String>,
@@ -338,6 +353,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             }
         }
         Command::Enqueue(args) => enqueue(&load()?, args),
+        Command::Reply(args) => reply(&load()?, args),
         Command::Outbox { command } => outbox_command(&load()?, command),
         Command::Status { json } => {
             let config = load()?;
@@ -552,6 +568,18 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<u8> {
         invoice_amount_in_cents: invoice,
     };
     let id = outbox::enqueue(&conn, &t).context("enqueue")?;
+    println!("{id}");
+    Ok(0)
+}
+
+fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
+    let conn = store::open_connection(config.database(), true)?;
+    let m = outbox::NewMessage {
+        negotiation_id: args.negotiation,
+        business_id: args.business,
+        text: args.text,
+    };
+    let id = outbox::enqueue_message(&conn, &m).context("reply")?;
     println!("{id}");
     Ok(0)
 }

@@ -217,3 +217,142 @@ async fn without_messages_sync_no_conversation_is_read() {
     assert!(!text(&o).contains("messages"), "{}", text(&o));
     assert_eq!(env.sandbox.stats().by_route.get("messages"), None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_message_outbox_rows_are_refused_by_the_table_with_readable_messages() {
+    let env = Env::small().await;
+    let lead = env.first_leads(1)[0].clone();
+    drop(leadsync::store::open_connection(&env.database(), true).unwrap());
+    let db = env.sql();
+    let long = "é".repeat(5001);
+    let refused: &[(&str, &str)] = &[
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('abc', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (NULL, 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (' 5191', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (5.19e20, 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (x'3531', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, business_id, text) VALUES ('{n}', 'acme', 'hi')",
+            "business_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', NULL)",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', '')",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', ' ' || char(10, 9) || ' ')",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', x'6869')",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', '{long}')",
+            "at most 5000 characters",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text, state) VALUES ('{n}', 'hi', 'sent')",
+            "a new row is pending",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text, attempts) VALUES ('{n}', 'hi', 3)",
+            "a new row is pending",
+        ),
+    ];
+    for (sql, why) in refused {
+        let sql = sql.replace("{n}", &lead).replace("{long}", &long);
+        let e = db
+            .execute(&sql, [])
+            .expect_err(&format!("accepted: {sql}"))
+            .to_string();
+        assert!(
+            e.contains("message_outbox: ") && e.contains(why),
+            "{sql}: {e}"
+        );
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM message_outbox"), 0);
+
+    // At the limit, in characters (not bytes), it is accepted.
+    let at_limit = "é".repeat(5000);
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+        [&lead, &at_limit],
+    )
+    .unwrap();
+    let id = db.last_insert_rowid();
+    // Content changes while pending; never once the row left pending.
+    db.execute(
+        "UPDATE message_outbox SET text = 'On my way!' WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    let e = db
+        .execute(
+            "UPDATE message_outbox SET state = 'bogus' WHERE id = ?1",
+            [id],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("message_outbox: state must be one of"), "{e}");
+    db.execute(
+        "UPDATE message_outbox SET state = 'sent' WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    for sql in [
+        "UPDATE message_outbox SET text = 'changed' WHERE id = ?1",
+        "UPDATE message_outbox SET negotiation_id = '1' WHERE id = ?1",
+        "UPDATE message_outbox SET business_id = '1' WHERE id = ?1",
+    ] {
+        let e = db.execute(sql, [id]).unwrap_err().to_string();
+        assert!(
+            e.contains("can change only while it is pending"),
+            "{sql}: {e}"
+        );
+    }
+    let text: String = db
+        .query_row("SELECT text FROM message_outbox WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(text, "On my way!");
+
+    // `leadsync reply` goes through the same checks.
+    let o = env.run(&["reply", "--negotiation", &lead, "--text", "  "]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("rejected: message_outbox: text is required"),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["reply", "--negotiation", &lead, "--text", "-- see you at 9"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        (id + 1).to_string()
+    );
+}

@@ -905,3 +905,31 @@ pub fn next_due(conn: &Connection) -> Result<Option<String>> {
         .optional()?
         .flatten())
 }
+
+/// A reply to enqueue, as `leadsync reply` takes it.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub negotiation_id: String,
+    pub business_id: Option<String>,
+    pub text: String,
+}
+
+/// Inserts one `message_outbox` row through the table's own validation; the
+/// error is the table's message (`message_outbox: text must be ...`).
+pub fn enqueue_message(conn: &Connection, m: &NewMessage) -> Result<i64> {
+    let r = conn.execute(
+        "INSERT INTO message_outbox (negotiation_id, business_id, text) VALUES (?1, ?2, ?3)",
+        params![m.negotiation_id, m.business_id, m.text],
+    );
+    match r {
+        Ok(_) => Ok(conn.last_insert_rowid()),
+        Err(e) if super::is_busy(&e) => bail!(
+            "the database stayed locked by another program for {} s; nothing was written — try again",
+            super::BUSY_TIMEOUT.as_secs()
+        ),
+        Err(e) => match super::constraint_message(&e) {
+            Some(msg) => bail!("rejected: {msg}"),
+            None => Err(e.into()),
+        },
+    }
+}
