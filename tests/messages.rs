@@ -334,12 +334,12 @@ async fn hostile_message_outbox_rows_are_refused_by_the_table_with_readable_mess
             "{sql}: {e}"
         );
     }
-    let text: String = db
+    let kept: String = db
         .query_row("SELECT text FROM message_outbox WHERE id = ?1", [id], |r| {
             r.get(0)
         })
         .unwrap();
-    assert_eq!(text, "On my way!");
+    assert_eq!(kept, "On my way!");
 
     // `leadsync reply` goes through the same checks.
     let o = env.run(&["reply", "--negotiation", &lead, "--text", "  "]);
