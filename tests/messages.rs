@@ -4,8 +4,11 @@
 mod common;
 
 use common::{Env, FAST, count, text};
-use leadsync::sandbox::{Mutation, SandboxOptions};
+use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
 use leadsync::store::messages::{self, MessageSource};
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 use leadsync::thumbtack::model::parse_message;
 
 fn with_messages() -> String {
@@ -354,5 +357,85 @@ async fn hostile_message_outbox_rows_are_refused_by_the_table_with_readable_mess
     assert_eq!(
         String::from_utf8_lossy(&o.stdout).trim(),
         (id + 1).to_string()
+    );
+}
+
+/// The replies the sandbox accepted, per negotiation, in order of acceptance.
+fn replies_by_negotiation(env: &Env) -> HashMap<String, Vec<String>> {
+    let mut by: HashMap<String, Vec<String>> = HashMap::new();
+    for r in env.sandbox.replies() {
+        by.entry(r.negotiation_id).or_default().push(r.text);
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_replies_under_faults_are_each_sent_once_in_id_order() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST
+            .replace("concurrency = 4", "concurrency = 8")
+            .replace("max_attempts = 5", "max_attempts = 100")
+            .replace("backoff_max_secs = 2", "backoff_max_secs = 0.5"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        latency_ms: 2,
+        error_5xx: 0.1,
+        rate_429: 0.05,
+        retry_after_secs: 0,
+        waf_202: 0.05,
+        reset: 0.03,
+        malformed: 0.05,
+        ..Default::default()
+    });
+    let leads: Vec<String> = env.first_leads(17).into_iter().take(50).collect();
+    let db = env.sql();
+    // Ten replies per negotiation, the negotiations interleaved.
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for k in 0..10 {
+        for lead in &leads {
+            let text = format!("reply {k} to {lead}: on my way 🚐");
+            db.execute(
+                "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+                rusqlite::params![lead, text],
+            )
+            .unwrap();
+            expected.entry(lead.clone()).or_default().push(text);
+        }
+    }
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    common::wait_until("every reply sent", Duration::from_secs(120), || {
+        count(&env.sql(), "SELECT count(*) FROM message_outbox WHERE state = 'sent'") == 500
+    })
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+
+    assert!(env.sandbox.stats().faults_injected > 50, "the faults struck");
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 500, "each reply sent once");
+    assert_eq!(replies_by_negotiation(&env), expected, "in id order per negotiation");
+    // The id Thumbtack gave each message is kept on its row.
+    let mut stmt = db
+        .prepare("SELECT text, message_id FROM message_outbox ORDER BY id")
+        .unwrap();
+    let ids: HashMap<String, Option<String>> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    for r in &replies {
+        assert_eq!(ids[&r.text].as_deref(), Some(r.message_id.as_str()));
+    }
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_outbox_attempts WHERE outcome = 'retry'"
+        ) > 0,
+        "failed attempts are in the attempts log"
     );
 }
