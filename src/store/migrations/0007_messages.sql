@@ -65,12 +65,25 @@ CREATE TABLE message_outbox (
     created_at        TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     sent_at           TEXT,
     message_id        TEXT,                 -- from the response, when it has one
-    sending_since     TEXT
+    sending_since     TEXT,
+    -- 1: sent after a later reply of the same negotiation had already been
+    -- sent (retried after being dead)
+    late              INTEGER NOT NULL DEFAULT 0 CHECK (late IN (0, 1)),
+    -- while set, the row waits for this business (not configured, disabled,
+    -- needs re-authorization, OAuth client refused); last_error says why
+    waiting_for       TEXT
 );
-CREATE INDEX message_outbox_due ON message_outbox (next_attempt_at, id) WHERE state = 'pending';
+-- The same indexes as the outbox's, replies being ordered by id alone.
+CREATE INDEX message_outbox_due ON message_outbox (next_attempt_at, id)
+    WHERE state = 'pending' AND waiting_for IS NULL;
 CREATE INDEX message_outbox_open_by_negotiation ON message_outbox (negotiation_id, id)
     WHERE state IN ('pending', 'sending');
+CREATE INDEX message_outbox_sent_by_negotiation ON message_outbox (negotiation_id, id)
+    WHERE state = 'sent';
 CREATE INDEX message_outbox_by_state ON message_outbox (state, id);
+CREATE INDEX message_outbox_waiting ON message_outbox (waiting_for) WHERE waiting_for IS NOT NULL;
+CREATE INDEX message_outbox_ready_by_business ON message_outbox (business_id)
+    WHERE state = 'pending' AND waiting_for IS NULL;
 
 -- One row per HTTP attempt of a message_outbox row: the same columns as
 -- outbox_attempts, `outbox_id` being the message_outbox row's id.
@@ -100,9 +113,10 @@ CREATE TRIGGER message_outbox_validate_insert BEFORE INSERT ON message_outbox BE
         OR trim(NEW.text, ' ' || char(9, 10, 13)) = '';
     SELECT RAISE(ABORT, 'message_outbox: text must be at most 5000 characters')
      WHERE length(NEW.text) > 5000;
-    SELECT RAISE(ABORT, 'message_outbox: a new row is pending: leave state, attempts, sent_at and message_id out')
+    SELECT RAISE(ABORT, 'message_outbox: a new row is pending: leave state, attempts, sent_at, message_id, late and waiting_for out')
      WHERE NEW.state IS NOT 'pending' OR NEW.attempts IS NOT 0
-        OR NEW.sent_at IS NOT NULL OR NEW.message_id IS NOT NULL;
+        OR NEW.sent_at IS NOT NULL OR NEW.message_id IS NOT NULL
+        OR NEW.late IS NOT 0 OR NEW.waiting_for IS NOT NULL;
 END;
 
 CREATE TRIGGER message_outbox_validate_update BEFORE UPDATE OF negotiation_id, business_id, text
