@@ -321,8 +321,8 @@ pub struct OAuthError {
 pub struct Message {
     pub message_id: String,
     pub negotiation_id: Option<String>,
-    /// `sentAt` in UTC with milliseconds (so that text order is time order)
-    /// when it parses, else as sent.
+    /// `sentAt` in UTC `Z` form (as precise as sent) when it parses, else as
+    /// sent: the same form a webhook delivery of the message is stored in.
     pub sent_at: Option<String>,
     /// `from`: `Customer` or `Business`.
     pub sender: Option<String>,
@@ -367,11 +367,9 @@ pub fn parse_message(raw: &RawValue) -> Option<Message> {
     Some(Message {
         message_id,
         negotiation_id: text(f.negotiation_id).filter(|s| !s.is_empty()),
-        sent_at: sent_at_raw.as_deref().map(|t| {
-            crate::time::parse(t)
-                .map(crate::time::fmt)
-                .unwrap_or_else(|| t.to_string())
-        }),
+        sent_at: sent_at_raw
+            .as_deref()
+            .map(|t| crate::time::to_utc_z(t).unwrap_or_else(|| t.to_string())),
         sender: text(f.from),
         text: text(f.text),
         sent_at_raw,
@@ -510,7 +508,7 @@ mod tests {
         assert_eq!(page.skipped, 2);
         let m = &page.messages[0];
         assert_eq!(m.message_id, "600000000000000001");
-        assert_eq!(m.sent_at.as_deref(), Some("2024-06-13T17:18:01.000Z"));
+        assert_eq!(m.sent_at.as_deref(), Some("2024-06-13T17:18:01Z"));
         assert_eq!(m.sent_at_raw.as_deref(), Some("2024-06-13T19:18:01+02:00"));
         assert_eq!(m.sender.as_deref(), Some("Customer"));
         assert_eq!(m.text.as_deref(), Some("Hi é 👍"));
