@@ -150,6 +150,9 @@ pub struct ReplyArgs {
 pub enum OutboxCommand {
     /// Show outbox rows.
     List {
+        /// `transition` (the outbox table) or `message` (message_outbox).
+        #[arg(long, default_value = "transition", value_name = "KIND")]
+        kind: outbox::Kind,
         /// Only rows in this state.
         #[arg(long, value_parser = ["pending", "sending", "sent", "dead", "canceled"])]
         state: Option<String>,
@@ -158,6 +161,9 @@ pub enum OutboxCommand {
     },
     /// Put dead rows back to pending (attempts reset).
     Retry {
+        /// `transition` (the outbox table) or `message` (message_outbox).
+        #[arg(long, default_value = "transition", value_name = "KIND")]
+        kind: outbox::Kind,
         /// Row ids.
         #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
         ids: Vec<i64>,
@@ -167,6 +173,9 @@ pub enum OutboxCommand {
     },
     /// Cancel pending rows (they are never sent).
     Cancel {
+        /// `transition` (the outbox table) or `message` (message_outbox).
+        #[arg(long, default_value = "transition", value_name = "KIND")]
+        kind: outbox::Kind,
         #[arg(required = true)]
         ids: Vec<i64>,
     },
@@ -586,7 +595,47 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
 
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
     match command {
-        OutboxCommand::List { state, json } => {
+        OutboxCommand::List {
+            kind: outbox::Kind::Message,
+            state,
+            json,
+        } => {
+            let conn = store::open_connection(config.database(), false)?;
+            let rows = outbox::list_messages(&conn, state.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(0);
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:>6}  {:<20} {:<9} {:>4}  {:<40}  LAST ERROR",
+                "ID", "NEGOTIATION", "STATE", "TRY", "TEXT"
+            )?;
+            for r in &rows {
+                let mut text: String = r.text.chars().take(40).collect();
+                text = text.replace(['\n', '\r', '\t'], " ");
+                if r.text.chars().count() > 40 {
+                    text.pop();
+                    text.push('…');
+                }
+                writeln!(
+                    out,
+                    "{:>6}  {:<20} {:<9} {:>4}  {:<40}  {}",
+                    r.id,
+                    r.negotiation_id,
+                    r.state,
+                    r.attempts,
+                    text,
+                    r.last_error.as_deref().unwrap_or("")
+                )?;
+            }
+            if rows.is_empty() {
+                writeln!(out, "(no rows)")?;
+            }
+            Ok(0)
+        }
+        OutboxCommand::List { state, json, .. } => {
             let conn = store::open_connection(config.database(), false)?;
             let rows = outbox::list(&conn, state.as_deref())?;
             if json {
@@ -620,19 +669,30 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             }
             Ok(0)
         }
-        OutboxCommand::Retry { ids, all_dead } => {
+        OutboxCommand::Retry {
+            kind,
+            ids,
+            all_dead,
+        } => {
             let mut conn = store::open_connection(config.database(), false)?;
             let now = crate::time::now();
             if all_dead {
-                let ids = outbox::retry_all_dead(&conn, &now)?;
-                println!("{} dead rows are pending again: {ids:?}", ids.len());
+                let ids = outbox::retry_all_dead(&conn, kind, &now)?;
+                println!(
+                    "{} dead rows of {} are pending again: {ids:?}",
+                    ids.len(),
+                    kind.table()
+                );
                 return Ok(0);
             }
-            report_each(outbox::retry_dead(&mut conn, &ids, &now)?, "pending again")
+            report_each(
+                outbox::retry_dead(&mut conn, kind, &ids, &now)?,
+                "pending again",
+            )
         }
-        OutboxCommand::Cancel { ids } => {
+        OutboxCommand::Cancel { kind, ids } => {
             let mut conn = store::open_connection(config.database(), false)?;
-            report_each(outbox::cancel(&mut conn, &ids)?, "canceled")
+            report_each(outbox::cancel(&mut conn, kind, &ids)?, "canceled")
         }
     }
 }

@@ -1,12 +1,16 @@
 //! The outbox drainer: claims due rows (one per negotiation, in order),
-//! posts them, and records every attempt and outcome in the table. Retry
+//! posts them, and records every attempt and outcome in the table. One
+//! drainer sends both outboxes — job-status transitions (`outbox`) and
+//! replies (`message_outbox`): the same claiming, order per negotiation,
+//! backoff, classification, attempts log and crash recovery; only what is
+//! posted differs ([`outbox::Kind`], [`outbox::Content`]). Retry
 //! state lives in the rows, so a restart neither forgets a backoff nor
 //! resends in a burst.
 
 use crate::config::Config;
 use crate::store::Store;
-use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Finish, Recorded};
-use crate::thumbtack::model::JobStatusBody;
+use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Content, Finish, Kind, Recorded};
+use crate::thumbtack::model::{JobStatusBody, MessageBody};
 use crate::thumbtack::{Client, Disposition};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -182,6 +186,9 @@ pub struct Drainer {
     applied: std::sync::Mutex<Option<ClaimFilter>>,
     /// More wait reasons, set by the auth side (see [`WaitHook`]).
     wait_hook: std::sync::RwLock<Option<WaitHook>>,
+    /// Which table the next claim looks at first: alternating, so that a
+    /// full queue of one kind never starves the other.
+    replies_first: std::sync::atomic::AtomicBool,
 }
 
 impl Drainer {
@@ -192,6 +199,7 @@ impl Drainer {
             current: std::sync::RwLock::new((Arc::new(settings), client)),
             applied: std::sync::Mutex::new(None),
             wait_hook: std::sync::RwLock::new(None),
+            replies_first: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -272,13 +280,23 @@ impl Drainer {
             .unwrap_or(true);
         let due_by = due_by.unwrap_or_else(crate::time::now);
         let for_claim = filter.clone();
+        let order = if self.replies_first.fetch_xor(true, Ordering::Relaxed) {
+            [Kind::Message, Kind::Transition]
+        } else {
+            [Kind::Transition, Kind::Message]
+        };
         let claimed = self
             .store
             .call(move |c| {
                 if changed {
                     outbox::sync_waits(c, &for_claim)?;
                 }
-                outbox::claim(c, &due_by, limit, &for_claim)
+                let mut claimed = Vec::new();
+                for kind in order {
+                    let free = limit.saturating_sub(claimed.len());
+                    claimed.extend(outbox::claim(c, kind, &due_by, free, &for_claim)?);
+                }
+                Ok(claimed)
             })
             .await?;
         if changed && let Ok(mut a) = self.applied.lock() {
@@ -308,7 +326,7 @@ impl Drainer {
 
     /// Sends one claimed row, records the outcome, and claims the next row
     /// of its negotiation when this one ended final and we are not stopping.
-    #[tracing::instrument(skip_all, fields(outbox_id = row.id, negotiation_id = %row.negotiation_id, attempt = row.attempt))]
+    #[tracing::instrument(skip_all, fields(kind = row.kind.as_str(), outbox_id = row.id, negotiation_id = %row.negotiation_id, attempt = row.attempt))]
     async fn process(
         &self,
         row: Claimed,
@@ -447,32 +465,46 @@ impl Drainer {
                 ));
             }
         };
-        let Some(at) = crate::time::to_utc_z(&row.partner_status_changed_at) else {
-            let a = Attempt {
-                attempt: row.attempt,
-                started_at,
-                http_status: None,
-                outcome: "dead",
-                error: Some(format!(
-                    "partner_status_changed_at {:?} is not an RFC 3339 time",
-                    row.partner_status_changed_at
-                )),
-                trace_id: None,
-                duration_ms: 0,
-            };
-            return (Finish::Dead, vec![a], RowResult::Dead);
+        let client = self.client();
+        let (delivery, message_id) = match &row.content {
+            Content::Transition {
+                status,
+                partner_status_changed_at,
+                invoice_amount_in_cents,
+            } => {
+                let Some(at) = crate::time::to_utc_z(partner_status_changed_at) else {
+                    let a = Attempt {
+                        attempt: row.attempt,
+                        started_at,
+                        http_status: None,
+                        outcome: "dead",
+                        error: Some(format!(
+                            "partner_status_changed_at {partner_status_changed_at:?} is not an RFC 3339 time"
+                        )),
+                        trace_id: None,
+                        duration_ms: 0,
+                    };
+                    return (Finish::Dead, vec![a], RowResult::Dead);
+                };
+                let body = JobStatusBody {
+                    status: status.clone(),
+                    partner_status_changed_at: at,
+                    invoice_amount_in_cents: *invoice_amount_in_cents,
+                };
+                let delivery = client
+                    .post_job_status(&business_id, &row.negotiation_id, &body)
+                    .await;
+                (delivery, None)
+            }
+            Content::Message { text } => {
+                let body = MessageBody { text: text.clone() };
+                client
+                    .post_message(&business_id, &row.negotiation_id, &body)
+                    .await
+            }
         };
-        let body = JobStatusBody {
-            status: row.status.clone(),
-            partner_status_changed_at: at,
-            invoice_amount_in_cents: row.invoice_amount_in_cents,
-        };
-        let delivery = self
-            .client()
-            .post_job_status(&business_id, &row.negotiation_id, &body)
-            .await;
         let (finish, result) = match &delivery.result {
-            Ok(()) => (Finish::Sent, RowResult::Sent),
+            Ok(()) => (Finish::Sent { message_id }, RowResult::Sent),
             Err(e) => match e.disposition {
                 Disposition::Dead => (Finish::Dead, RowResult::Dead),
                 Disposition::Reauth => (Finish::Hold, RowResult::Held),
@@ -516,7 +548,7 @@ impl Drainer {
         match (&delivery.result, result) {
             (Ok(()), _) if row.late => info!(
                 business_id,
-                "sent late: a later transition of this negotiation was already sent (late = 1)"
+                "sent late: a later row of this negotiation was already sent (late = 1)"
             ),
             (Ok(()), _) => info!(business_id, "sent"),
             (Err(e), RowResult::Dead) => error!(business_id, error = %e, "dead: not sent"),

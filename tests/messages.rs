@@ -6,10 +6,10 @@ mod common;
 use common::{Env, FAST, count, text};
 use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
 use leadsync::store::messages::{self, MessageSource};
+use leadsync::thumbtack::model::parse_message;
 use std::collections::HashMap;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-use leadsync::thumbtack::model::parse_message;
 
 fn with_messages() -> String {
     format!("{FAST}\n[messages]\nsync = true\n")
@@ -409,16 +409,26 @@ async fn five_hundred_replies_under_faults_are_each_sent_once_in_id_order() {
     let stop = CancellationToken::new();
     let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
     common::wait_until("every reply sent", Duration::from_secs(120), || {
-        count(&env.sql(), "SELECT count(*) FROM message_outbox WHERE state = 'sent'") == 500
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM message_outbox WHERE state = 'sent'",
+        ) == 500
     })
     .await;
     stop.cancel();
     daemon.await.unwrap().unwrap();
 
-    assert!(env.sandbox.stats().faults_injected > 50, "the faults struck");
+    assert!(
+        env.sandbox.stats().faults_injected > 50,
+        "the faults struck"
+    );
     let replies = env.sandbox.replies();
     assert_eq!(replies.len(), 500, "each reply sent once");
-    assert_eq!(replies_by_negotiation(&env), expected, "in id order per negotiation");
+    assert_eq!(
+        replies_by_negotiation(&env),
+        expected,
+        "in id order per negotiation"
+    );
     // The id Thumbtack gave each message is kept on its row.
     let mut stmt = db
         .prepare("SELECT text, message_id FROM message_outbox ORDER BY id")

@@ -82,6 +82,8 @@ CREATE INDEX message_outbox_sent_by_negotiation ON message_outbox (negotiation_i
     WHERE state = 'sent';
 CREATE INDEX message_outbox_by_state ON message_outbox (state, id);
 CREATE INDEX message_outbox_waiting ON message_outbox (waiting_for) WHERE waiting_for IS NOT NULL;
+CREATE INDEX message_outbox_waiting_by_negotiation ON message_outbox (negotiation_id)
+    WHERE waiting_for IS NOT NULL;
 CREATE INDEX message_outbox_ready_by_business ON message_outbox (business_id)
     WHERE state = 'pending' AND waiting_for IS NULL;
 
