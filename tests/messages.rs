@@ -449,3 +449,177 @@ async fn five_hundred_replies_under_faults_are_each_sent_once_in_id_order() {
         "failed attempts are in the attempts log"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reply_dies_alone_and_the_operator_commands_cover_replies() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let leads = env.first_leads(1);
+    let (refused, fine) = (leads[0].clone(), leads[1].clone());
+    env.sandbox.refuse(&refused);
+    let reply = |lead: &str, message: &str| -> i64 {
+        let o = env.run(&["reply", "--negotiation", lead, "--text", message]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
+    let dead = reply(&refused, "first");
+    let after_dead = reply(&refused, "second");
+    let canceled = reply(&fine, "never mind");
+    let sent = reply(&fine, "on my way");
+    let o = env.run(&[
+        "outbox",
+        "cancel",
+        "--kind",
+        "message",
+        &canceled.to_string(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The transition table has no such row: the kind matters.
+    let o = env.run(&["outbox", "cancel", &sent.to_string()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("outbox row 4 does not exist"),
+        "{}",
+        text(&o)
+    );
+
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(1), "a dead row: {}", text(&o));
+    assert!(
+        text(&o).contains("1 sent, 0 to retry later, 2 dead"),
+        "{}",
+        text(&o)
+    );
+    let db = env.sql();
+    let row = |id: i64| -> (String, Option<i64>, Option<String>, Option<String>) {
+        db.query_row(
+            "SELECT state, last_http_status, last_error, message_id FROM message_outbox WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+    };
+    let (state, http, error, _) = row(dead);
+    assert_eq!((state.as_str(), http), ("dead", Some(400)));
+    assert!(error.unwrap().contains("does not accept messages"));
+    assert_eq!(
+        row(after_dead).0,
+        "dead",
+        "a dead row holds nothing back: the next one was tried"
+    );
+    assert_eq!(row(canceled).0, "canceled");
+    let (state, http, _, message_id) = row(sent);
+    assert_eq!((state.as_str(), http), ("sent", Some(200)));
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(message_id.as_deref(), Some(replies[0].message_id.as_str()));
+    assert_eq!(replies[0].text, "on my way");
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM message_outbox_attempts WHERE outbox_id = {dead} AND http_status = 400"
+            )
+        ),
+        1
+    );
+
+    let o = env.run(&["outbox", "list", "--kind", "message", "--state", "dead"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not accept messages"),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["outbox", "list", "--kind", "message", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 4);
+    assert_eq!(rows[3]["message_id"], replies[0].message_id.as_str());
+    let o = env.run(&["status"]);
+    assert!(
+        text(&o).contains("message_outbox: 0 pending, 0 sending, 1 sent, 2 dead, 1 canceled"),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status["messages"]["outbox"]["dead"], 2);
+
+    // Retried, it goes again (and is refused again: 400 is final).
+    let o = env.run(&["outbox", "retry", "--kind", "message", "--all-dead"]);
+    assert!(
+        text(&o).contains("2 dead rows of message_outbox are pending again"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(row(dead).0, "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_send_loses_no_reply_and_keeps_id_order() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        latency_ms: 60,
+        error_5xx: 0.1,
+        ..Default::default()
+    });
+    let leads = env.first_leads(4);
+    let db = env.sql();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for k in 0..5 {
+        for lead in &leads {
+            let text = format!("reply {k}");
+            db.execute(
+                "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+                rusqlite::params![lead, text],
+            )
+            .unwrap();
+            expected.entry(lead.clone()).or_default().push(text);
+        }
+    }
+    for round in 0..2 {
+        let mut child = env.spawn_daemon();
+        let target = 15 * (round + 1);
+        common::wait_until(
+            "some replies before the kill",
+            Duration::from_secs(30),
+            || env.sandbox.replies().len() >= target,
+        )
+        .await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let mut child = env.spawn_daemon();
+    common::wait_until(
+        "every reply sent after restarts",
+        Duration::from_secs(60),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM message_outbox WHERE state = 'sent'",
+            ) == 60
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A reply in flight at a kill may go twice (README), never out of order.
+    let mut by = replies_by_negotiation(&env);
+    for texts in by.values_mut() {
+        texts.dedup();
+    }
+    assert_eq!(by, expected);
+    let replies = env.sandbox.replies().len();
+    assert!(replies <= 60 + 2 * 4, "{replies} replies for 60 rows");
+    let interrupted = count(
+        &env.sql(),
+        "SELECT count(*) FROM message_outbox_attempts WHERE outcome = 'interrupted'",
+    ) as usize;
+    assert!(
+        interrupted >= replies - 60,
+        "every duplicate comes from an attempt a kill interrupted ({interrupted} for {} duplicates)",
+        replies - 60
+    );
+}
