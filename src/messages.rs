@@ -203,6 +203,9 @@ async fn poll_lead(
         };
         poll.pages += 1;
         let listed = page.messages.len() + page.skipped as usize;
+        // The end: a page shorter than the limit (the server's, when it
+        // answered a lower one than asked for).
+        let limit = page.limit.map_or(PAGE_SIZE, |l| l.min(PAGE_SIZE));
         if page.skipped > 0 {
             warn!(
                 negotiation_id,
@@ -241,7 +244,7 @@ async fn poll_lead(
                 return poll;
             }
         }
-        if reached_known || listed < PAGE_SIZE as usize {
+        if reached_known || listed < limit as usize {
             return poll;
         }
         // The next page ends before the oldest message of this one.

@@ -339,6 +339,14 @@ pub struct MessagePage {
     pub messages: Vec<Message>,
     /// Entries that are not objects with a `messageID` (counted, not stored).
     pub skipped: i64,
+    /// `pagination.limit` as the server answered it (it may lower the one asked for).
+    pub limit: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+struct LimitOnly {
+    #[serde(default)]
+    limit: Option<serde_json::Value>,
 }
 
 #[derive(Deserialize)]
@@ -381,15 +389,22 @@ pub fn parse_message(raw: &RawValue) -> Option<Message> {
 /// (a bare array is read the same way).
 pub fn parse_message_page(body: &[u8]) -> Result<MessagePage, String> {
     let body = std::str::from_utf8(body).map_err(|_| "the page is not UTF-8".to_string())?;
+    let mut page = MessagePage::default();
     let entries: Vec<&RawValue> = if body.trim_start().starts_with('[') {
         serde_json::from_str(body).map_err(|e| format!("the page is not valid JSON: {e}"))?
     } else {
         let env: Envelope = serde_json::from_str(body)
             .map_err(|e| format!("the page is not a JSON object with a data array: {e}"))?;
+        page.limit = env
+            .pagination
+            .and_then(|p| serde_json::from_str::<LimitOnly>(p.get()).ok())
+            .and_then(|p| p.limit)
+            .and_then(|l| l.as_u64())
+            .and_then(|l| u32::try_from(l).ok())
+            .filter(|l| *l > 0);
         env.data
             .ok_or_else(|| "the page has no `data` array".to_string())?
     };
-    let mut page = MessagePage::default();
     for raw in entries {
         match parse_message(raw) {
             Some(m) => page.messages.push(m),
@@ -506,6 +521,7 @@ mod tests {
         let page = parse_message_page(body.as_bytes()).unwrap();
         assert_eq!(page.messages.len(), 1);
         assert_eq!(page.skipped, 2);
+        assert_eq!(page.limit, Some(20));
         let m = &page.messages[0];
         assert_eq!(m.message_id, "600000000000000001");
         assert_eq!(m.sent_at.as_deref(), Some("2024-06-13T17:18:01Z"));
