@@ -509,7 +509,7 @@ async fn a_refused_reply_dies_alone_and_the_operator_commands_cover_replies() {
     );
     assert_eq!(row(canceled).0, "canceled");
     let (state, http, _, message_id) = row(sent);
-    assert_eq!((state.as_str(), http), ("sent", Some(200)));
+    assert_eq!((state.as_str(), http), ("sent", Some(201)));
     let replies = env.sandbox.replies();
     assert_eq!(replies.len(), 1);
     assert_eq!(message_id.as_deref(), Some(replies[0].message_id.as_str()));
