@@ -52,6 +52,7 @@ pub struct FileConfig {
     pub daemon: DaemonConfig,
     #[serde(default)]
     pub webhooks: WebhooksConfig,
+    #[serde(default)]
     pub messages: MessagesConfig,
     #[serde(default)]
     pub businesses: Vec<BusinessConfig>,

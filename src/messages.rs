@@ -234,7 +234,14 @@ async fn poll_lead(
         );
         match store
             .call(move |c| {
-                messages::insert_messages(c, &n, Some(&b), &page.messages, MessageSource::Poll, &now)
+                messages::insert_messages(
+                    c,
+                    &n,
+                    Some(&b),
+                    &page.messages,
+                    MessageSource::Poll,
+                    &now,
+                )
             })
             .await
         {

@@ -4,8 +4,8 @@
 
 use super::mirror::{self, PageContext, Source, Upserted};
 use crate::lead::LeadRow;
-use anyhow::Result;
 use crate::thumbtack::model::Message;
+use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 
