@@ -623,3 +623,49 @@ async fn kill_9_mid_send_loses_no_reply_and_keeps_id_order() {
         replies - 60
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_reply_is_delivered_to_the_sandbox_webhooks_as_a_business_message() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let business = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&business)[0].clone();
+    let token = env.sandbox.static_token(&business).unwrap();
+    // A subscription whose receiver is not listening: the delivery is logged.
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v4/businesses/{business}/webhooks",
+            env.sandbox.base_url()
+        ))
+        .bearer_auth(token)
+        .json(&serde_json::json!({
+            "webhookURL": "http://127.0.0.1:9/hooks",
+            "eventTypes": ["MessageCreatedV4"],
+            "enabled": true,
+            "auth": {"username": "u", "password": "p"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let o = env.run(&["reply", "--negotiation", &lead, "--text", "See you at 9"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.run(&["drain"]).status.code(), Some(0));
+    let reply = env.sandbox.replies().pop().unwrap();
+    let delivered = env
+        .sandbox
+        .webhook_deliveries()
+        .into_iter()
+        .find(|d| d.message_id.as_deref() == Some(reply.message_id.as_str()))
+        .expect("a MessageCreatedV4 delivery for the reply");
+    assert_eq!(delivered.event_type, "MessageCreatedV4");
+    assert_eq!(delivered.negotiation_id.as_deref(), Some(lead.as_str()));
+    let m = env
+        .sandbox
+        .messages(&lead)
+        .into_iter()
+        .find(|m| m.id == reply.message_id)
+        .unwrap();
+    assert_eq!(m.from, "Business");
+    assert!(m.json.contains(r#""from":"Business""#));
+}
