@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for an invalid or missing configuration (EX_CONFIG).
@@ -110,6 +111,22 @@ pub enum Command {
         #[arg(long, default_value = "leadsync-demo.db")]
         database: PathBuf,
     },
+    /// Copy the mirror to FILE (SQLite online backup; safe while the daemon runs; never the token store).
+    Backup {
+        /// Where the copy goes (a new file, unless --force).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print shell completions for SHELL to stdout.
+    Completions {
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -388,7 +405,58 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         Command::Sandbox(args) => sandbox(args).await,
         Command::Probe { business, json } => crate::probe::run(load()?, &business, json).await,
         Command::Demo { database } => crate::demo::run(&database).await,
+        Command::Backup { file, force } => backup(&load()?, file, force).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "leadsync", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man => {
+            let cmd = <Cli as clap::CommandFactory>::command();
+            let mut out = Vec::new();
+            clap_mangen::Man::new(cmd)
+                .render(&mut out)
+                .context("cannot render the man page")?;
+            std::io::stdout().write_all(&out)?;
+            Ok(0)
+        }
     }
+}
+
+/// `leadsync backup FILE`: progress on a terminal, one line at the end.
+async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
+    use std::io::IsTerminal;
+    let database = config.database().to_path_buf();
+    let show = std::io::stderr().is_terminal();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut last = Instant::now();
+        store::backup::backup(&database, &file, force, |copied, total| {
+            if show && (copied == total || last.elapsed() >= Duration::from_millis(200)) {
+                last = Instant::now();
+                let pct = if total > 0 { copied * 100 / total } else { 100 };
+                eprint!("\rbackup: {pct:>3}% ({copied} of {total} pages)");
+                if copied == total {
+                    eprintln!();
+                }
+            }
+        })
+        .map(|r| (r, file))
+    })
+    .await
+    .context("the backup task failed")?;
+    let (r, file) = report?;
+    println!(
+        "backed up {} to {}: {} pages, {:.1} MiB, {} leads, {} outbox rows, schema version {}, in {:.1} s",
+        config.database().display(),
+        file.display(),
+        r.pages,
+        r.bytes as f64 / (1024.0 * 1024.0),
+        r.leads,
+        r.outbox_rows,
+        r.schema_version,
+        r.elapsed.as_secs_f64()
+    );
+    Ok(0)
 }
 
 /// SIGTERM/SIGINT stop the daemon; SIGHUP reloads its configuration.

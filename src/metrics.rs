@@ -356,11 +356,11 @@ impl Collector for Tables {
                 .iter()
                 .map(|(table, age)| ([("table", table.as_str())], *age)),
         )?;
-        gauge_family(
+        gauge(
             &mut encoder,
             "businesses_needing_reauth",
             "Configured businesses waiting for re-authorization",
-            std::iter::once(([("scope", "configured")], t.needs_reauth.len() as f64)),
+            t.needs_reauth.len() as f64,
         )?;
         gauge_family(
             &mut encoder,
@@ -378,11 +378,17 @@ impl Collector for Tables {
                 .iter()
                 .map(|(b, ts)| ([("business_id", b.as_str())], *ts)),
         )?;
-        gauge_family(
+        gauge(
             &mut encoder,
             "tables_refreshed_timestamp_seconds",
             "When these table gauges were read from the mirror (Unix time)",
-            std::iter::once(([("source", "mirror")], t.read_at)),
+            t.read_at,
+        )?;
+        gauge(
+            &mut encoder,
+            "tables_refresh_duration_seconds",
+            "How long the last reading of these table gauges took",
+            t.read_seconds,
         )?;
         Ok(())
     }
@@ -399,6 +405,17 @@ fn gauge_family<L: EncodeLabelSet>(
         metric.encode_family(&labels)?.encode_gauge(&value)?;
     }
     Ok(())
+}
+
+fn gauge(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: f64,
+) -> Result<(), std::fmt::Error> {
+    encoder
+        .encode_descriptor(name, help, None, MetricType::Gauge)?
+        .encode_gauge(&value)
 }
 
 /// `leadsync_build_info{version="..."} 1`.

@@ -35,6 +35,8 @@ pub struct TableGauges {
     pub last_ok_sync: Vec<(String, f64)>,
     /// Unix time of this reading.
     pub read_at: f64,
+    /// How long the reading took, in seconds.
+    pub read_seconds: f64,
 }
 
 /// The outbox tables whose rows are counted, when they exist (the message
@@ -47,6 +49,7 @@ const STATES: &[&str] = &["pending", "sending", "sent", "dead", "canceled"];
 
 /// Reads the gauges.
 pub fn read(conn: &mut Connection) -> Result<TableGauges> {
+    let started = std::time::Instant::now();
     let tx = conn.transaction()?;
     let now = chrono::Utc::now();
     let mut g = TableGauges {
@@ -133,5 +136,6 @@ pub fn read(conn: &mut Connection) -> Result<TableGauges> {
         g.oldest_pending.push((table.to_string(), age));
     }
     tx.commit()?;
+    g.read_seconds = started.elapsed().as_secs_f64();
     Ok(g)
 }
