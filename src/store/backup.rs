@@ -223,3 +223,49 @@ fn publish(partial: &Path, dest: &Path, force: bool) -> Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another connection commits between every step: the copy neither
+    /// restarts (progress only grows) nor takes in the later rows.
+    #[test]
+    fn the_copy_is_one_snapshot_while_another_connection_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let setup = Connection::open(&db).unwrap();
+        setup
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE negotiations (id INTEGER PRIMARY KEY, payload TEXT);
+                 CREATE TABLE outbox (id INTEGER PRIMARY KEY);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+                 INSERT INTO negotiations (payload) SELECT printf('%.2000c', 'x') FROM n;",
+            )
+            .unwrap();
+        let writer = Connection::open(&db).unwrap();
+        let mut seen = Vec::new();
+        let dest = dir.path().join("copy.db");
+        let report = backup(&db, &dest, false, |copied, total| {
+            seen.push((copied, total));
+            writer
+                .execute(
+                    "INSERT INTO negotiations (payload) VALUES (printf('%.2000c', 'y'))",
+                    [],
+                )
+                .unwrap();
+        })
+        .unwrap();
+        assert!(seen.len() > 5, "several steps: {seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[1].0 >= w[0].0),
+            "the copy restarted: {seen:?}"
+        );
+        assert_eq!(report.leads, 3000, "only the rows of the snapshot");
+        let live: i64 = writer
+            .query_row("SELECT count(*) FROM negotiations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(live, 3000 + seen.len() as i64);
+    }
+}
