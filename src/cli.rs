@@ -520,6 +520,7 @@ async fn sync(
         session.config.file.daemon.sync_concurrency,
     ));
     let mut tasks = tokio::task::JoinSet::new();
+    let progress = SyncProgress::start(selected.len());
     for id in selected {
         let (store, client, slots, stop) = (
             session.store.clone(),
@@ -535,6 +536,12 @@ async fn sync(
     let mut reports = Vec::new();
     while let Some(r) = tasks.join_next().await {
         reports.push(r.context("a sync task failed")?);
+        if let Some(p) = &progress {
+            p.finished(reports.len());
+        }
+    }
+    if let Some(p) = progress {
+        p.stop().await;
     }
     reports.sort_by(|a, b| a.business_id.cmp(&b.business_id));
     let failed = reports.iter().filter(|r| !r.is_ok()).count();
@@ -546,6 +553,67 @@ async fn sync(
         return Ok(1);
     }
     Ok(0)
+}
+
+/// The progress line of a long `sync` (pages, leads, rate) on stderr, shown
+/// only on a terminal and never under journald.
+struct SyncProgress {
+    done: Arc<std::sync::atomic::AtomicUsize>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SyncProgress {
+    /// How long a sync runs before its progress shows, and how often it is redrawn.
+    const EVERY: Duration = Duration::from_millis(500);
+
+    fn start(businesses: usize) -> Option<SyncProgress> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() || std::env::var_os("JOURNAL_STREAM").is_some() {
+            return None;
+        }
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (pages0, leads0) = crate::metrics::sync_totals();
+        let started = Instant::now();
+        let task = {
+            let (done, stop) = (done.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut shown = false;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Self::EVERY) => {}
+                    }
+                    let (pages, leads) = crate::metrics::sync_totals();
+                    let (pages, leads) = (pages - pages0, leads - leads0);
+                    let secs = started.elapsed().as_secs_f64();
+                    // Drawn at column 0 and the cursor left there, so that a
+                    // log line written meanwhile replaces it instead of
+                    // continuing it.
+                    eprint!(
+                        "\r\x1b[Ksync: {} of {businesses} businesses done, {pages} pages, {leads} leads ({:.0} leads/s, {secs:.0} s)\r",
+                        done.load(std::sync::atomic::Ordering::Relaxed),
+                        leads as f64 / secs.max(0.001),
+                    );
+                    shown = true;
+                }
+                if shown {
+                    eprint!("\r\x1b[K");
+                }
+            })
+        };
+        Some(SyncProgress { done, stop, task })
+    }
+
+    fn finished(&self, n: usize) {
+        self.done.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 async fn drain(config: Config) -> Result<u8> {

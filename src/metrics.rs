@@ -8,6 +8,7 @@
 //! scrape only encodes memory: it never waits for the database.
 
 use crate::store::gauges::TableGauges;
+use crate::store::mirror::PageStats;
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::MetricType;
@@ -15,7 +16,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::Duration;
 
@@ -42,6 +43,17 @@ struct PassLabels {
     business_id: String,
     kind: String,
     outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BusinessLabels {
+    business_id: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LeadLabels {
+    business_id: String,
+    change: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -89,6 +101,11 @@ struct Metrics {
     registry: Registry,
     sync_passes: Family<PassLabels, Counter>,
     sync_duration: Histograms<KindLabels>,
+    sync_pages: Family<BusinessLabels, Counter>,
+    sync_leads: Family<LeadLabels, Counter>,
+    /// Process totals of pages and leads read, for `sync`'s progress line.
+    pages_read: AtomicU64,
+    leads_read: AtomicU64,
     sends: Family<SendLabels, Counter>,
     send_duration: Histograms<KindLabels>,
     http_requests: Family<HttpLabels, Counter>,
@@ -108,6 +125,10 @@ impl Metrics {
             registry: Registry::default(),
             sync_passes: Family::default(),
             sync_duration: Family::new_with_constructor(pass_buckets),
+            sync_pages: Family::default(),
+            sync_leads: Family::default(),
+            pages_read: AtomicU64::new(0),
+            leads_read: AtomicU64::new(0),
             sends: Family::default(),
             send_duration: Family::new_with_constructor(send_buckets),
             http_requests: Family::default(),
@@ -126,6 +147,16 @@ impl Metrics {
             "sync_pass_duration_seconds",
             "Duration of sync passes by kind",
             m.sync_duration.clone(),
+        );
+        registry.register(
+            "sync_pages",
+            "Listing pages written by sync passes, by business",
+            m.sync_pages.clone(),
+        );
+        registry.register(
+            "sync_leads",
+            "Leads read by sync passes, by business and change (new, changed, unchanged)",
+            m.sync_leads.clone(),
         );
         registry.register(
             "sends",
@@ -185,6 +216,41 @@ pub fn sync_pass(business_id: &str, kind: &str, outcome: &str, elapsed: Duration
             })
             .observe(elapsed.as_secs_f64());
     }
+}
+
+/// Records one listing page written by a pass.
+pub fn sync_page(business_id: &str, page: &PageStats) {
+    let m = &*METRICS;
+    m.sync_pages
+        .get_or_create(&BusinessLabels {
+            business_id: business_id.to_string(),
+        })
+        .inc();
+    for (change, n) in [
+        ("new", page.inserted),
+        ("changed", page.updated),
+        ("unchanged", page.unchanged),
+    ] {
+        m.sync_leads
+            .get_or_create(&LeadLabels {
+                business_id: business_id.to_string(),
+                change,
+            })
+            .inc_by(n.max(0) as u64);
+    }
+    m.pages_read.fetch_add(1, Ordering::Relaxed);
+    m.leads_read.fetch_add(
+        (page.inserted + page.updated + page.unchanged).max(0) as u64,
+        Ordering::Relaxed,
+    );
+}
+
+/// Pages and leads read by sync passes in this process so far.
+pub fn sync_totals() -> (u64, u64) {
+    (
+        METRICS.pages_read.load(Ordering::Relaxed),
+        METRICS.leads_read.load(Ordering::Relaxed),
+    )
 }
 
 /// Records one outbox row's attempt: `kind` is what was sent (`transition`,

@@ -354,6 +354,7 @@ async fn read_pages(
             }
         };
         stats.add_page(page_stats, skipped);
+        crate::metrics::sync_page(business_id, &page_stats);
         if page_stats.inserted + page_stats.updated == 0 {
             unchanged_pages += 1;
         } else {
