@@ -427,10 +427,11 @@ pub async fn execute(cli: Cli) -> Result<u8> {
 async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
     use std::io::IsTerminal;
     let database = config.database().to_path_buf();
+    let token_store = config.file.oauth.token_store.clone();
     let show = std::io::stderr().is_terminal();
     let report = tokio::task::spawn_blocking(move || {
         let mut last = Instant::now();
-        store::backup::backup(&database, &file, force, |copied, total| {
+        store::backup::backup(&database, &[&token_store], &file, force, |copied, total| {
             if show && (copied == total || last.elapsed() >= Duration::from_millis(200)) {
                 last = Instant::now();
                 let pct = if total > 0 { copied * 100 / total } else { 100 };

@@ -342,7 +342,8 @@ pub fn encode(openmetrics: bool) -> String {
 }
 
 /// The path of a Thumbtack URL as a label: below `/api/v4/`, with every
-/// segment of digits (an id) replaced by `{id}`, so that labels stay few.
+/// segment that looks like an id (digits, or anything but a short path
+/// word) replaced by `{id}`, so that labels stay few and carry no data.
 pub fn endpoint_of(url: &str) -> String {
     let path = match url.find("://") {
         Some(i) => {
@@ -357,15 +358,20 @@ pub fn endpoint_of(url: &str) -> String {
         .or_else(|| path.strip_prefix("/v4/"))
         .unwrap_or(path.trim_start_matches('/'));
     path.split('/')
-        .map(|s| {
-            if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
-                "{id}"
-            } else {
-                s
-            }
-        })
+        .map(|s| if is_path_word(s) { s } else { "{id}" })
         .collect::<Vec<_>>()
         .join("/")
+}
+
+/// `negotiations`, `job-status`, `oauth2`: short words that name a route,
+/// not an id (no more than two digits, nothing but letters, digits, `-`, `_`).
+fn is_path_word(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 32
+        && s.bytes().filter(u8::is_ascii_digit).count() <= 2
+        && s.bytes().any(|b| b.is_ascii_alphabetic())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// The table gauges, swapped in whole by [`set_tables`].
@@ -516,6 +522,14 @@ mod tests {
             "negotiations/{id}/job-status"
         );
         assert_eq!(endpoint_of("https://x/oauth2/token"), "oauth2/token");
+        assert_eq!(
+            endpoint_of("http://h/api/v4/negotiations/abc123def456/messages?sentBefore=x"),
+            "negotiations/{id}/messages"
+        );
+        assert_eq!(
+            endpoint_of("http://h/api/v4/negotiations/a%2Fb/x"),
+            "negotiations/{id}/x"
+        );
     }
 
     #[test]

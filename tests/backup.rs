@@ -183,6 +183,14 @@ async fn backup_refuses_to_overwrite_without_force_and_never_the_mirror() {
     let wal = format!("{}-wal", db.display());
     let out = env.run(&["backup", "--force", &wal]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Nor over the token store.
+    let tokens = env.config().file.oauth.token_store;
+    assert!(tokens.exists(), "the OAuth sync stored tokens");
+    let before = std::fs::read(&tokens).expect("read");
+    let out = env.run(&["backup", "--force", tokens.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("token store"), "{}", text(&out));
+    assert_eq!(std::fs::read(&tokens).expect("read"), before);
 
     // No temporary file is left behind, even after a refusal.
     let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())

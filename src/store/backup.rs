@@ -32,9 +32,11 @@ pub struct BackupReport {
 }
 
 /// Copies the mirror at `database` to `dest`. `dest` must not exist unless
-/// `force`. `progress(copied, total)` is called after each step.
+/// `force`, and must not be the mirror or any of `protected` (the token
+/// store). `progress(copied, total)` is called after each step.
 pub fn backup(
     database: &Path,
+    protected: &[&Path],
     dest: &Path,
     force: bool,
     mut progress: impl FnMut(i64, i64),
@@ -47,6 +49,13 @@ pub fn backup(
         bail!(
             "{} is the mirror itself (or one of its files); give another path",
             dest.display()
+        );
+    }
+    if let Some(p) = protected.iter().find(|p| is_database_file(p, dest)) {
+        bail!(
+            "{} is the token store ({}) or one of its files; give another path",
+            dest.display(),
+            p.display()
         );
     }
     if dest.is_dir() {
@@ -88,6 +97,9 @@ pub fn backup(
 /// True when `dest` names the mirror or its WAL, shared-memory or lock file.
 fn is_database_file(database: &Path, dest: &Path) -> bool {
     let canonical = |p: &Path| {
+        if let Ok(full) = p.canonicalize() {
+            return Some(full);
+        }
         // The file may not exist yet: compare its directory, then its name.
         let dir = p
             .parent()
@@ -131,7 +143,7 @@ fn copy_to(
     .with_context(|| format!("cannot open database {}", database.display()))?;
     source.busy_timeout(super::BUSY_TIMEOUT)?;
     // One snapshot for the whole copy (see the module comment).
-    source.execute_batch("BEGIN DEFERRED")?;
+    source.execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")?;
     let schema_version: i64 = source
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .with_context(|| format!("cannot read database {}", database.display()))?;
@@ -247,7 +259,7 @@ mod tests {
         let writer = Connection::open(&db).unwrap();
         let mut seen = Vec::new();
         let dest = dir.path().join("copy.db");
-        let report = backup(&db, &dest, false, |copied, total| {
+        let report = backup(&db, &[], &dest, false, |copied, total| {
             seen.push((copied, total));
             writer
                 .execute(
