@@ -34,11 +34,11 @@ dpkg-deb -c "$deb"
 contents=$(dpkg-deb -c "$deb")
 fail=0
 for want in \
-    "-rwxr-xr-x root/root .* ./usr/bin/leadsync$" \
+    "-rwxr-xr-x (root/root|0/0) .* ./usr/bin/leadsync$" \
     "./usr/lib/systemd/system/leadsync.service$" \
     "./usr/lib/sysusers.d/leadsync.conf$" \
     "./usr/lib/tmpfiles.d/leadsync.conf$" \
-    "-rw-r----- root/root .* ./etc/leadsync/leadsync.toml$" \
+    "-rw-r----- (root/root|0/0) .* ./etc/leadsync/leadsync.toml$" \
     "./usr/share/man/man1/leadsync.1.gz$" \
     "./usr/share/bash-completion/completions/leadsync$" \
     "./usr/share/zsh/vendor-completions/_leadsync$" \
