@@ -136,7 +136,7 @@ def main():
         else:
             sys.exit("the first full sync did not finish in 10 minutes")
         # Wait for a reading of the complete mirror.
-        while sum(v for k, v in series(body, "leadsync_leads").items() if 'state="present"' in k) < total:
+        while sum(series(body, "leadsync_leads").values()) < total:
             time.sleep(0.2)
             r = scraper.scrape()
             body = r[1] if r else body

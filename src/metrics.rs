@@ -389,25 +389,10 @@ impl Collector for Tables {
         gauge_family(
             &mut encoder,
             "leads",
-            "Leads in the mirror by business (missing: no longer listed by a full scan)",
-            t.leads.iter().flat_map(|l| {
-                [
-                    (
-                        [
-                            ("business_id", l.business_id.as_str()),
-                            ("state", "present"),
-                        ],
-                        l.present as f64,
-                    ),
-                    (
-                        [
-                            ("business_id", l.business_id.as_str()),
-                            ("state", "missing"),
-                        ],
-                        l.missing as f64,
-                    ),
-                ]
-            }),
+            "Leads in the mirror by business (those marked missing included)",
+            t.leads
+                .iter()
+                .map(|l| ([("business_id", l.business_id.as_str())], l.leads as f64)),
         )?;
         gauge_family(
             &mut encoder,
