@@ -410,7 +410,12 @@ impl Drainer {
                 why
             };
             warn!(error = %why, "row cannot be sent yet");
-            crate::metrics::send("transition", "waiting", None);
+            let outcome = if result == RowResult::Dead {
+                "dead"
+            } else {
+                "waiting"
+            };
+            crate::metrics::send("transition", outcome, None);
             let a = Attempt {
                 attempt: row.attempt,
                 started_at: started_at.clone(),
