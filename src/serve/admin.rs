@@ -118,8 +118,45 @@ async fn readyz(State(health): State<Arc<Health>>) -> Response {
 pub struct Admin {
     health: Arc<Health>,
     stop: CancellationToken,
-    server: tokio::task::JoinHandle<()>,
+    /// Fires when the listener's thread has stopped serving.
+    server: tokio::sync::oneshot::Receiver<()>,
     refresher: tokio::task::JoinHandle<()>,
+}
+
+/// Serves `router` on a thread of its own (a one-thread runtime), so that a
+/// scrape or a health probe never queues behind the daemon's busy workers
+/// (a first full sync parses pages on all of them), until `stop`.
+fn serve_on_own_thread(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.into_std()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("leadsync-admin".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the admin listener's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        super::serve(listener, router, stop, super::ServeOptions::default()).await
+                    }
+                    Err(e) => tracing::error!(error = %e, "admin listener failed"),
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok(done_rx)
 }
 
 impl Admin {
@@ -158,12 +195,7 @@ impl Admin {
             })
         };
         let local = listener.local_addr().unwrap_or(addr);
-        let server = tokio::spawn(super::serve(
-            listener,
-            router(health.clone()),
-            stop.clone(),
-            super::ServeOptions::default(),
-        ));
+        let server = serve_on_own_thread(listener, router(health.clone()), stop.clone())?;
         info!(listen = %local, "admin listener: /metrics, /healthz, /readyz");
         Ok(Some(Admin {
             health,
