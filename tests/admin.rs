@@ -90,10 +90,8 @@ fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
             let mut parts = rest.splitn(3, ' ');
             let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
             match kw {
-                "HELP" => {
-                    if !is_name(name, true) || !helps.insert(name.to_string()) {
-                        return Err(at("bad or repeated HELP".into()));
-                    }
+                "HELP" if !is_name(name, true) || !helps.insert(name.to_string()) => {
+                    return Err(at("bad or repeated HELP".into()));
                 }
                 "TYPE" => {
                     let t = parts.next().unwrap_or("");

@@ -117,7 +117,7 @@ fn is_database_file(database: &Path, dest: &Path) -> bool {
         .any(|suffix| {
             let mut name = db.as_os_str().to_owned();
             name.push(suffix);
-            PathBuf::from(name) == dest
+            name == dest.as_os_str()
         })
 }
 
