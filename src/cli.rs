@@ -412,12 +412,8 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             Ok(0)
         }
         Command::Man => {
-            let cmd = <Cli as clap::CommandFactory>::command();
-            let mut out = Vec::new();
-            clap_mangen::Man::new(cmd)
-                .render(&mut out)
-                .context("cannot render the man page")?;
-            std::io::stdout().write_all(&out)?;
+            let page = crate::manpage::render().context("cannot render the man page")?;
+            std::io::stdout().write_all(&page)?;
             Ok(0)
         }
     }
