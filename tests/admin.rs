@@ -6,7 +6,7 @@
 mod common;
 
 use common::{Env, FAST, count, text};
-use leadsync::sandbox::{Mutation, SandboxOptions};
+use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::Child;
 use std::time::Duration;
@@ -441,6 +441,20 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
         ),
         sent_before + 1.0
     );
+
+    // A 429 pauses every request and is counted, with its status.
+    env.sandbox.set_faults(Faults {
+        rate_429: 1.0,
+        retry_after_secs: 1,
+        ..Faults::default()
+    });
+    wait_metrics(&base, "a 429 pause counted", |s| {
+        value(s, "leadsync_rate_limit_pauses_total", &[]) >= 1.0
+            && value(s, "leadsync_http_requests_total", &[("status", "429")]) >= 1.0
+            && value(s, "leadsync_sync_passes_total", &[("outcome", "error")]) >= 1.0
+    })
+    .await;
+    env.sandbox.set_faults(Faults::default());
 
     // Nothing secret is in the scrape.
     let (_, _, body) = get(&format!("{base}/metrics")).await.expect("scrape");
