@@ -564,3 +564,61 @@ async fn a_taken_admin_port_stops_the_daemon_with_the_key() {
         text(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_while_stopping() {
+    let port = free_port();
+    let env = Env::new(
+        SandboxOptions {
+            leads_per_business: 5,
+            faults: Faults {
+                latency_ms: 3000,
+                ..Faults::default()
+            },
+            ..SandboxOptions::default()
+        },
+        false,
+        &admin_overrides(port, ""),
+    )
+    .await;
+    let mut daemon = Daemon(env.spawn_daemon());
+    let base = format!("http://127.0.0.1:{port}");
+    wait_metrics(&base, "the first passes", |s| {
+        value(s, "leadsync_sync_passes_total", &[("outcome", "ok")]) >= 3.0
+    })
+    .await;
+    assert_eq!(get(&format!("{base}/readyz")).await.map(|r| r.0), Some(200));
+    // A send in flight holds the shutdown open for a while.
+    let lead = env.first_leads(1)[0].clone();
+    env.sql()
+        .execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [&lead],
+        )
+        .expect("insert");
+    common::wait_until("the row is in flight", Duration::from_secs(20), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'sending'",
+        ) == 1
+    })
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = None;
+    while std::time::Instant::now() < end {
+        match get(&format!("{base}/readyz")).await {
+            Some((503, _, body)) => {
+                seen = Some(body);
+                break;
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            None => break,
+        }
+    }
+    let body = seen.expect("/readyz answered 503 during the shutdown");
+    assert!(body.contains("stopping"), "{body}");
+    let status = daemon.0.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}
