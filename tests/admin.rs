@@ -298,12 +298,20 @@ fn the_parser_refuses_what_prometheus_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_after_a_pass_and_a_send() {
-    let port = free_port();
+    let (port, hook_port) = (free_port(), free_port());
+    let pw_dir = tempfile::tempdir().expect("dir");
+    let pw = pw_dir.path().join("webhook_password");
+    std::fs::write(&pw, "hook-secret\n").expect("password");
+    let webhooks = format!(
+        "\n[webhooks]\nlisten = \"127.0.0.1:{hook_port}\"\npath = \"/hooks\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+        pw.display()
+    );
     let env = Env::new(
         SandboxOptions::default(),
         true,
         // Head scans every second, so that passes keep coming.
-        &admin_overrides(port, "").replace("[poll]\n", "[poll]\nschedule = \"* * * * * *\"\n"),
+        &admin_overrides(port, &webhooks)
+            .replace("[poll]\n", "[poll]\nschedule = \"* * * * * *\"\n"),
     )
     .await;
     let _daemon = Daemon(env.spawn_daemon());
@@ -455,6 +463,41 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
     })
     .await;
     env.sandbox.set_faults(Faults::default());
+
+    // A webhook delivery, and a refused one, are counted by type and outcome.
+    let delivery = r#"{"event":{"eventType":"ReviewCreatedV4","webhookID":"w1","triggeredAt":"2026-11-28T06:00:00Z"},"data":{}}"#;
+    let hook = format!("http://127.0.0.1:{hook_port}/hooks");
+    let ok = http()
+        .post(&hook)
+        .basic_auth("thumbtack", Some("hook-secret"))
+        .header("content-type", "application/json")
+        .body(delivery)
+        .send()
+        .await
+        .expect("deliver");
+    assert_eq!(ok.status().as_u16(), 200);
+    let refused = http()
+        .post(&hook)
+        .body(delivery)
+        .send()
+        .await
+        .expect("deliver");
+    assert_eq!(refused.status().as_u16(), 401);
+    let s = wait_metrics(&base, "the deliveries counted", |s| {
+        value(
+            s,
+            "leadsync_webhook_deliveries_total",
+            &[("event_type", "ReviewCreatedV4"), ("outcome", "ignored")],
+        ) == 1.0
+    })
+    .await;
+    assert!(
+        value(
+            &s,
+            "leadsync_webhook_deliveries_total",
+            &[("outcome", "unauthorized")]
+        ) >= 1.0
+    );
 
     // Nothing secret is in the scrape.
     let (_, _, body) = get(&format!("{base}/metrics")).await.expect("scrape");
