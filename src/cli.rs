@@ -11,6 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for an invalid or missing configuration (EX_CONFIG).
@@ -110,6 +111,22 @@ pub enum Command {
         #[arg(long, default_value = "leadsync-demo.db")]
         database: PathBuf,
     },
+    /// Copy the mirror to FILE (SQLite online backup; safe while the daemon runs; never the token store).
+    Backup {
+        /// Where the copy goes (a new file, unless --force).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print shell completions for SHELL to stdout.
+    Completions {
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -388,7 +405,55 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         Command::Sandbox(args) => sandbox(args).await,
         Command::Probe { business, json } => crate::probe::run(load()?, &business, json).await,
         Command::Demo { database } => crate::demo::run(&database).await,
+        Command::Backup { file, force } => backup(&load()?, file, force).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "leadsync", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man => {
+            let page = crate::manpage::render().context("cannot render the man page")?;
+            std::io::stdout().write_all(&page)?;
+            Ok(0)
+        }
     }
+}
+
+/// `leadsync backup FILE`: progress on a terminal, one line at the end.
+async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
+    use std::io::IsTerminal;
+    let database = config.database().to_path_buf();
+    let token_store = config.file.oauth.token_store.clone();
+    let show = std::io::stderr().is_terminal();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut last = Instant::now();
+        store::backup::backup(&database, &[&token_store], &file, force, |copied, total| {
+            if show && (copied == total || last.elapsed() >= Duration::from_millis(200)) {
+                last = Instant::now();
+                let pct = if total > 0 { copied * 100 / total } else { 100 };
+                eprint!("\rbackup: {pct:>3}% ({copied} of {total} pages)");
+                if copied == total {
+                    eprintln!();
+                }
+            }
+        })
+        .map(|r| (r, file))
+    })
+    .await
+    .context("the backup task failed")?;
+    let (r, file) = report?;
+    println!(
+        "backed up {} to {}: {} pages, {:.1} MiB, {} leads, {} outbox rows, schema version {}, in {:.1} s",
+        config.database().display(),
+        file.display(),
+        r.pages,
+        r.bytes as f64 / (1024.0 * 1024.0),
+        r.leads,
+        r.outbox_rows,
+        r.schema_version,
+        r.elapsed.as_secs_f64()
+    );
+    Ok(0)
 }
 
 /// SIGTERM/SIGINT stop the daemon; SIGHUP reloads its configuration.
@@ -452,6 +517,7 @@ async fn sync(
         session.config.file.daemon.sync_concurrency,
     ));
     let mut tasks = tokio::task::JoinSet::new();
+    let progress = SyncProgress::start(selected.len());
     for id in selected {
         let (store, client, slots, stop) = (
             session.store.clone(),
@@ -467,6 +533,12 @@ async fn sync(
     let mut reports = Vec::new();
     while let Some(r) = tasks.join_next().await {
         reports.push(r.context("a sync task failed")?);
+        if let Some(p) = &progress {
+            p.finished(reports.len());
+        }
+    }
+    if let Some(p) = progress {
+        p.stop().await;
     }
     reports.sort_by(|a, b| a.business_id.cmp(&b.business_id));
     let failed = reports.iter().filter(|r| !r.is_ok()).count();
@@ -478,6 +550,67 @@ async fn sync(
         return Ok(1);
     }
     Ok(0)
+}
+
+/// The progress line of a long `sync` (pages, leads, rate) on stderr, shown
+/// only on a terminal and never under journald.
+struct SyncProgress {
+    done: Arc<std::sync::atomic::AtomicUsize>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SyncProgress {
+    /// How long a sync runs before its progress shows, and how often it is redrawn.
+    const EVERY: Duration = Duration::from_millis(500);
+
+    fn start(businesses: usize) -> Option<SyncProgress> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() || std::env::var_os("JOURNAL_STREAM").is_some() {
+            return None;
+        }
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (pages0, leads0) = crate::metrics::sync_totals();
+        let started = Instant::now();
+        let task = {
+            let (done, stop) = (done.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut shown = false;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Self::EVERY) => {}
+                    }
+                    let (pages, leads) = crate::metrics::sync_totals();
+                    let (pages, leads) = (pages - pages0, leads - leads0);
+                    let secs = started.elapsed().as_secs_f64();
+                    // Drawn at column 0 and the cursor left there, so that a
+                    // log line written meanwhile replaces it instead of
+                    // continuing it.
+                    eprint!(
+                        "\r\x1b[Ksync: {} of {businesses} businesses done, {pages} pages, {leads} leads ({:.0} leads/s, {secs:.0} s)\r",
+                        done.load(std::sync::atomic::Ordering::Relaxed),
+                        leads as f64 / secs.max(0.001),
+                    );
+                    shown = true;
+                }
+                if shown {
+                    eprint!("\r\x1b[K");
+                }
+            })
+        };
+        Some(SyncProgress { done, stop, task })
+    }
+
+    fn finished(&self, n: usize) {
+        self.done.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
 }
 
 async fn drain(config: Config) -> Result<u8> {

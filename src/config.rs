@@ -53,6 +53,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub webhooks: WebhooksConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub businesses: Vec<BusinessConfig>,
 }
 
@@ -251,6 +253,34 @@ pub struct Webhooks {
     pub read_timeout: std::time::Duration,
 }
 
+/// `[admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`); off
+/// when `listen` is absent.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `IP:port` to listen on, e.g. `127.0.0.1:9187`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Needed to listen on an address other than loopback.
+    pub allow_remote: bool,
+    /// How often the table gauges (leads, outbox rows) are read from the mirror, in seconds.
+    pub refresh_secs: f64,
+    /// `/healthz` answers 503 when the scheduler or the drainer loop has not
+    /// beaten for this many seconds.
+    pub stale_after_secs: f64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            allow_remote: false,
+            refresh_secs: 15.0,
+            stale_after_secs: 30.0,
+        }
+    }
+}
+
 /// One `[[businesses]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -325,6 +355,8 @@ pub struct Config {
     pub client_secret_source: Option<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
+    /// `admin.listen`, parsed: the admin listener's address, if on.
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// `[webhooks]`, when credentials are configured (always when `listen` is set).
     pub webhooks: Option<Webhooks>,
 }
@@ -670,6 +702,7 @@ fn validate(
             locate(figment, "daemon.sync_concurrency")
         ));
     }
+    let admin_listen = validate_admin(figment, &file.admin)?;
 
     let mut businesses: Vec<Business> = Vec::new();
     let mut seen: HashMap<String, String> = HashMap::new();
@@ -780,6 +813,7 @@ fn validate(
         client_secret_source,
         files,
         webhooks,
+        admin_listen,
     })
 }
 
@@ -960,6 +994,40 @@ fn validate_webhooks(
         )),
         None => Ok(None),
     }
+}
+
+/// `[admin]`: a socket address, loopback unless `allow_remote`, and sane timers.
+fn validate_admin(
+    figment: &Figment,
+    admin: &AdminConfig,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    for (key, v) in [
+        ("refresh_secs", admin.refresh_secs),
+        ("stale_after_secs", admin.stale_after_secs),
+    ] {
+        if !(v.is_finite() && v >= 0.05) {
+            return err(format!(
+                "{}: must be a number of seconds, at least 0.05",
+                locate(figment, &format!("admin.{key}"))
+            ));
+        }
+    }
+    let Some(listen) = &admin.listen else {
+        return Ok(None);
+    };
+    let at = locate(figment, "admin.listen");
+    let addr: std::net::SocketAddr = listen.trim().parse().or_else(|_| {
+        err(format!(
+            "{at}: `{listen}` is not an IP address with a port, such as 127.0.0.1:9187"
+        ))
+    })?;
+    if !addr.ip().is_loopback() && !admin.allow_remote {
+        return err(format!(
+            "{at}: {addr} is not a loopback address; the admin listener has no authentication, \
+             so set admin.allow_remote = true to expose it (behind a firewall)"
+        ));
+    }
+    Ok(Some(addr))
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

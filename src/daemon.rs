@@ -98,6 +98,13 @@ pub async fn run_with(
         },
         None => None,
     };
+    let admin = crate::serve::admin::Admin::start(
+        &session.config,
+        session.store.path().to_path_buf(),
+        daemon.scheduler_beat.clone(),
+        daemon.drain_beat.clone(),
+    )
+    .await?;
     notify(&[NotifyState::Ready]);
     daemon.send_status().await;
     info!(
@@ -136,6 +143,9 @@ pub async fn run_with(
 
     // Shutdown: no new work; in-flight requests finish within the bound.
     notify(&[NotifyState::Stopping]);
+    if let Some(admin) = &admin {
+        admin.stopping();
+    }
     info!("stopping: finishing in-flight work");
     daemon.stop.cancel();
     let _ = scheduler.shutdown().await;
@@ -160,6 +170,9 @@ pub async fn run_with(
         );
     }
     monitor.abort();
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
     let now = crate::time::now();
     if let Err(e) = daemon
         .store
@@ -372,6 +385,7 @@ impl Daemon {
                 "daemon.sync_concurrency",
                 new.file.daemon.sync_concurrency != old.file.daemon.sync_concurrency,
             ),
+            ("[admin]", new.file.admin != old.file.admin),
         ] {
             if changed {
                 warn!(
@@ -384,6 +398,8 @@ impl Daemon {
         new.file.webhooks = old.file.webhooks.clone();
         new.file.oauth.token_store = old.file.oauth.token_store.clone();
         new.file.daemon.sync_concurrency = old.file.daemon.sync_concurrency;
+        new.file.admin = old.file.admin.clone();
+        new.admin_listen = old.admin_listen;
         let added: Vec<String> = new
             .businesses
             .iter()

@@ -410,6 +410,12 @@ impl Drainer {
                 why
             };
             warn!(error = %why, "row cannot be sent yet");
+            let outcome = if result == RowResult::Dead {
+                "dead"
+            } else {
+                "waiting"
+            };
+            crate::metrics::send("transition", outcome, None);
             let a = Attempt {
                 attempt: row.attempt,
                 started_at: started_at.clone(),
@@ -460,6 +466,7 @@ impl Drainer {
                 trace_id: None,
                 duration_ms: 0,
             };
+            crate::metrics::send("transition", "dead", None);
             return (Finish::Dead, vec![a], RowResult::Dead);
         };
         let body = JobStatusBody {
@@ -513,6 +520,8 @@ impl Drainer {
                 duration_ms: x.duration.as_millis() as i64,
             })
             .collect();
+        let took = delivery.exchanges.iter().map(|x| x.duration).sum();
+        crate::metrics::send("transition", outcome, Some(took));
         match (&delivery.result, result) {
             (Ok(()), _) if row.late => info!(
                 business_id,

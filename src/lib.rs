@@ -14,6 +14,8 @@ pub mod drain;
 pub mod ingest;
 pub mod lead;
 pub mod logging;
+pub mod manpage;
+pub mod metrics;
 pub mod probe;
 pub mod sandbox;
 pub mod secret;

@@ -72,6 +72,15 @@ impl PassReport {
         matches!(self.outcome, PassOutcome::Ok(_))
     }
 
+    /// `ok`, `error` or `skipped`, as in `sync_runs.outcome`.
+    pub fn outcome_name(&self) -> &'static str {
+        match self.outcome {
+            PassOutcome::Ok(_) => "ok",
+            PassOutcome::Failed(..) => "error",
+            PassOutcome::Skipped(_) => "skipped",
+        }
+    }
+
     /// One line for people.
     pub fn summary(&self) -> String {
         let secs = self.elapsed.as_secs_f64();
@@ -132,11 +141,15 @@ pub async fn sync_business(
     stop: &CancellationToken,
 ) -> PassReport {
     let started = Instant::now();
-    let report = |outcome| PassReport {
-        business_id: business_id.to_string(),
-        kind,
-        outcome,
-        elapsed: started.elapsed(),
+    let report = |outcome| {
+        let r = PassReport {
+            business_id: business_id.to_string(),
+            kind,
+            outcome,
+            elapsed: started.elapsed(),
+        };
+        crate::metrics::sync_pass(business_id, kind.as_str(), r.outcome_name(), r.elapsed);
+        r
     };
 
     // A business waiting for re-authorization is not called; the check also
@@ -341,6 +354,7 @@ async fn read_pages(
             }
         };
         stats.add_page(page_stats, skipped);
+        crate::metrics::sync_page(business_id, &page_stats);
         if page_stats.inserted + page_stats.updated == 0 {
             unchanged_pages += 1;
         } else {

@@ -2,6 +2,8 @@
 //! daemon's connection; readers (sqlite3, Datasette, the CLI) never block it
 //! thanks to WAL.
 
+pub mod backup;
+pub mod gauges;
 pub mod messages;
 pub mod mirror;
 pub mod outbox;

@@ -320,6 +320,11 @@ impl Auth {
             ("audience", oauth.audience.as_str()),
         ];
         let response = self.post_token(&oauth, &form).await;
+        crate::metrics::token_refresh(
+            response
+                .as_ref()
+                .map_or_else(TokenFailure::outcome, |_| "ok"),
+        );
         let tokens = match response {
             Ok(t) => t,
             Err(TokenFailure::Refused { error, description }) => {
@@ -403,8 +408,10 @@ impl Auth {
             .form(form)
             .send()
             .await
+            .inspect_err(|_| crate::metrics::http_request("POST", "oauth2/token", None))
             .map_err(|e| TokenFailure::Transient(format!("token endpoint unreachable: {e}")))?;
         let status = resp.status().as_u16();
+        crate::metrics::http_request("POST", "oauth2/token", Some(status));
         let body = resp
             .bytes()
             .await
@@ -540,4 +547,15 @@ enum TokenFailure {
     },
     /// The endpoint could not be reached or answered oddly; try again later.
     Transient(String),
+}
+
+impl TokenFailure {
+    /// The `outcome` label of the token-refresh metric.
+    fn outcome(&self) -> &'static str {
+        match self {
+            TokenFailure::Refused { error, .. } if error == "invalid_grant" => "invalid_grant",
+            TokenFailure::Refused { .. } => "refused",
+            TokenFailure::Transient(_) => "transient",
+        }
+    }
 }

@@ -111,6 +111,7 @@ impl RateBudget {
 
     /// Holds every request back for `d` (after a 429).
     pub fn pause(&self, d: Duration) {
+        crate::metrics::rate_limit_pause(d);
         let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         s.paused_until = s.paused_until.max(Instant::now() + d);
     }
@@ -225,6 +226,7 @@ impl Client {
             }
         };
         self.budget.acquire().await;
+        let metric_method = method.clone();
         let mut req = self.http.request(method, url).bearer_auth(token.expose());
         if let Some(body) = body {
             req = req
@@ -232,9 +234,13 @@ impl Client {
                 .body(body.to_vec());
         }
         let result = match req.send().await {
-            Err(e) => Err(ApiError::transport(&e)),
+            Err(e) => {
+                crate::metrics::http_request(metric_method.as_str(), url, None);
+                Err(ApiError::transport(&e))
+            }
             Ok(resp) => {
                 let status = resp.status();
+                crate::metrics::http_request(metric_method.as_str(), url, Some(status.as_u16()));
                 let header = |name: reqwest::header::HeaderName| {
                     resp.headers()
                         .get(name)
