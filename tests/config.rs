@@ -383,3 +383,64 @@ fn the_documented_example_is_accepted_when_its_files_exist() {
     let o = check(&[&f], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// Thousands of businesses, one conf.d file each: loading is linear (it was
+/// quadratic: locating each entry cloned the whole merged document), and an
+/// error in the last file still names that file and its key. The bound is
+/// ~10× what a loaded debug build needs; the measured figures live in the
+/// README's Performance section (bench/many.py).
+#[test]
+fn thousands_of_conf_d_files_load_quickly_and_errors_still_name_the_file() {
+    const N: usize = 5_000;
+    let d = Dir::new();
+    let main = d.file(
+        "leadsync.toml",
+        &format!("database = \"{}\"\n", d.path().join("m.db").display()),
+    );
+    let mut files = vec![main];
+    for i in 0..N {
+        files.push(d.file(
+            &format!("conf.d/{i:05}.toml"),
+            &format!(
+                "[[businesses]]\nid = \"{}\"\nname = \"Pro {i}\"\naccess_token_file = \"{}\"\n",
+                100_000_000_000 + i,
+                d.token.display()
+            ),
+        ));
+    }
+    let refs: Vec<&Path> = files.iter().map(|f| f.as_path()).collect();
+    let started = std::time::Instant::now();
+    let o = check(&refs, &[]);
+    let took = started.elapsed();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "config check of {N} businesses took {took:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .matches("[[businesses]]")
+            .count(),
+        N
+    );
+
+    let last = d.file(
+        "conf.d/99999.toml",
+        &format!(
+            "[[businesses]]\nid = \"{}\"\naccess_token_file = \"{}\"\n",
+            100_000_000_000usize + 17,
+            d.token.display()
+        ),
+    );
+    files.push(last);
+    let refs: Vec<&Path> = files.iter().map(|f| f.as_path()).collect();
+    assert_config_error(
+        &check(&refs, &[]),
+        &[
+            "99999.toml",
+            &format!("businesses.{N}.id"),
+            "twice",
+            "00017.toml",
+        ],
+    );
+}
