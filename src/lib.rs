@@ -16,6 +16,7 @@ pub mod lead;
 pub mod logging;
 pub mod probe;
 pub mod sandbox;
+pub mod schedule;
 pub mod secret;
 pub mod serve;
 pub mod status;

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 
 /// Dependencies are quiet unless asked for by name in `LEADSYNC_LOG`.
 const QUIET_DEPENDENCIES: &str =
-    "tokio_cron_scheduler=warn,hyper=warn,hyper_util=warn,reqwest=warn,rustls=warn";
+    "hyper=warn,hyper_util=warn,reqwest=warn,rustls=warn";
 
 /// Installs the global subscriber. The level comes from `LEADSYNC_LOG`
 /// (env-filter syntax, e.g. `debug` or `leadsync=debug`), else `default_level`.
