@@ -747,7 +747,17 @@ impl Daemon {
         if let Ok(mut c) = self.config.write() {
             *c = new;
         }
-        *self.lock_schedules() = schedules;
+        {
+            // The timer may have moved on since the copy was taken: keep its
+            // next occurrences, so no occurrence fires twice.
+            let mut live = self.lock_schedules();
+            for (key, g) in schedules.groups.iter_mut() {
+                if let Some(current) = live.groups.get(key) {
+                    g.next = current.next;
+                }
+            }
+            *live = schedules;
+        }
         self.schedules_changed.notify_one();
         for id in &gone {
             let orphans = self.lock_queue().remove(id);
