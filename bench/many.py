@@ -165,6 +165,17 @@ def run_size(n, keep):
             except socket.timeout:
                 return False
         wait_for("READY=1", 300, ready, every=0)
+        # Keep reading the socket, as systemd does.
+        import threading
+        def drain_notify():
+            while True:
+                try:
+                    sock.recv(4096)
+                except socket.timeout:
+                    pass
+                except OSError:
+                    return
+        threading.Thread(target=drain_notify, daemon=True).start()
         out["ready_s"] = time.monotonic() - t0
         all_ok = f"SELECT count(*) FROM businesses WHERE configured = 1 AND last_sync_outcome = 'ok'"
         wait_for("every business ok", 1800, lambda: count(db, all_ok) >= n, every=0.2)

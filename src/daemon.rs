@@ -231,26 +231,30 @@ fn now_ms() -> i64 {
 }
 
 /// Sends states to the service manager (`NOTIFY_SOCKET`, a path or an
-/// abstract `@name`); a no-op when not run by one.
+/// abstract `@name`); a no-op when not run by one. The send never blocks: a
+/// manager that stops reading its socket loses a STATUS line, it never
+/// stalls the runtime thread that sent it (and with it signal handling).
 fn notify(state: &[NotifyState]) {
     let result = match std::env::var_os("NOTIFY_SOCKET") {
         None => Ok(()),
-        Some(s) if s.as_encoded_bytes().first() == Some(&b'@') => {
-            notify_abstract(&s.as_encoded_bytes()[1..], state)
-        }
-        Some(_) => sd_notify::notify(state),
+        Some(s) => notify_to(s.as_encoded_bytes(), state),
     };
     if let Err(e) = result {
         warn!(error = %e, "cannot notify systemd");
     }
 }
 
-/// sd-notify connects to filesystem paths only; systemd may hand out an
-/// abstract socket.
-fn notify_abstract(name: &[u8], state: &[NotifyState]) -> std::io::Result<()> {
+fn notify_to(socket_name: &[u8], state: &[NotifyState]) -> std::io::Result<()> {
     use std::os::linux::net::SocketAddrExt;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    use std::os::unix::ffi::OsStrExt;
+    let addr = match socket_name.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+        None => {
+            std::os::unix::net::SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(socket_name))?
+        }
+    };
     let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    socket.set_nonblocking(true)?;
     socket.connect_addr(&addr)?;
     let message: String = state.iter().map(|s| format!("{s}\n")).collect();
     socket.send(message.as_bytes())?;

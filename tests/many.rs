@@ -294,3 +294,36 @@ async fn sigterm_during_a_reload_stops_the_daemon_promptly() {
     assert!(env.daemon_log().contains("stopped"), "{}", env.daemon_log());
     drop(writer);
 }
+
+/// A service manager that stops reading its notify socket must not stall
+/// the daemon: the bench's first 10,000-business run hung there (both
+/// runtime threads blocked in a STATUS send, SIGHUP and SIGTERM unanswered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
+    let env = Env::small().await;
+    let path = env.dir.path().join("deaf.sock");
+    let _socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let mut daemon = Running(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "200000")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut daemon.0;
+    wait_until_blocking(
+        "the socket's queue is full",
+        Duration::from_secs(30),
+        || env.daemon_log().contains("cannot notify systemd"),
+    );
+    signal(child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(child, Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        env.daemon_log()
+    );
+}
