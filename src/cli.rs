@@ -443,7 +443,9 @@ async fn sync(
         println!("no enabled business is configured: nothing to sync");
         return Ok(0);
     }
-    if let Some(code) = sync_through_daemon(&config, business.as_deref(), full).await? {
+    if let Some(code) =
+        sync_through_daemon(&config, business.as_deref(), full, accept_missing).await?
+    {
         return Ok(code);
     }
     let stop = stop_on_signal()?;
@@ -493,6 +495,7 @@ async fn sync_through_daemon(
     config: &Config,
     business: Option<&str>,
     full: bool,
+    accept_missing: bool,
 ) -> Result<Option<u8>> {
     let path = config.database();
     if !path.exists() {
@@ -504,7 +507,7 @@ async fn sync_through_daemon(
     let pid = store::ProcessLock::holder(path);
     let conn = store::open_connection(path, false)?;
     let kind = if full { "full" } else { "head" };
-    let id = store::requests::insert(&conn, business, kind)
+    let id = store::requests::insert(&conn, business, kind, accept_missing)
         .context("cannot ask the running daemon (insert into sync_requests)")?;
     eprintln!(
         "leadsync: the daemon (pid {}) is running: asked it for this sync (sync_requests row {id}); waiting for it",

@@ -287,6 +287,8 @@ struct RequestState {
     /// (business id, the line `leadsync sync` prints for it).
     lines: Vec<(String, String)>,
     failed: usize,
+    /// `sync --full --accept-missing`.
+    accept_missing: bool,
 }
 
 impl RequestState {
@@ -403,7 +405,13 @@ impl Daemon {
         let settings = PassSettings {
             page_size: config.file.poll.page_size,
             stop_after_unchanged_pages: config.file.poll.stop_after_unchanged_pages,
-            accept_missing: false,
+            // A request with --accept-missing lets this pass accept it.
+            accept_missing: {
+                let states = lock(&self.requests);
+                job.requests
+                    .iter()
+                    .any(|id| states.get(id).is_some_and(|s| s.accept_missing))
+            },
         };
         let report = sync_business(
             &self.store,
@@ -584,6 +592,7 @@ impl Daemon {
             id,
             RequestState {
                 remaining: ids.len(),
+                accept_missing: r.accept_missing,
                 ..Default::default()
             },
         );

@@ -12,6 +12,7 @@ pub struct NewRequest {
     pub business_id: Option<String>,
     /// `head` or `full`.
     pub kind: String,
+    pub accept_missing: bool,
 }
 
 /// A request as its asker sees it.
@@ -28,10 +29,15 @@ pub struct Request {
 }
 
 /// Inserts a request; returns its id.
-pub fn insert(conn: &Connection, business_id: Option<&str>, kind: &str) -> Result<i64> {
+pub fn insert(
+    conn: &Connection,
+    business_id: Option<&str>,
+    kind: &str,
+    accept_missing: bool,
+) -> Result<i64> {
     conn.execute(
-        "INSERT INTO sync_requests (business_id, kind) VALUES (?1, ?2)",
-        params![business_id, kind],
+        "INSERT INTO sync_requests (business_id, kind, accept_missing) VALUES (?1, ?2, ?3)",
+        params![business_id, kind, accept_missing],
     )?;
     Ok(conn.last_insert_rowid())
 }
@@ -62,7 +68,7 @@ pub fn get(conn: &Connection, id: i64) -> Result<Option<Request>> {
 /// Requests nobody has taken yet, oldest first.
 pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, business_id, kind FROM sync_requests
+        "SELECT id, business_id, kind, accept_missing FROM sync_requests
           WHERE started_at IS NULL AND finished_at IS NULL ORDER BY id",
     )?;
     let rows = stmt
@@ -71,6 +77,7 @@ pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
                 id: r.get(0)?,
                 business_id: r.get(1)?,
                 kind: r.get(2)?,
+                accept_missing: r.get::<_, i64>(3)? == 1,
             })
         })?
         .collect::<rusqlite::Result<_>>()?;

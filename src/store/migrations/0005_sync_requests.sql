@@ -13,6 +13,9 @@ CREATE TABLE sync_requests (
     business_id   TEXT CHECK (business_id IS NULL
                               OR (business_id <> '' AND business_id NOT GLOB '*[^0-9]*')),
     kind          TEXT NOT NULL DEFAULT 'head' CHECK (kind IN ('head', 'full')),
+    -- 1: a full scan may mark more than half of a business's leads missing
+    -- (`sync --full --accept-missing`).
+    accept_missing INTEGER NOT NULL DEFAULT 0 CHECK (accept_missing IN (0, 1)),
     requested_at  TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%fZ', 'now')),
     started_at    TEXT,
     finished_at   TEXT,
