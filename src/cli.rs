@@ -391,6 +391,9 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
+            for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {
+                println!("{line}");
+            }
             print!("{}", config.to_masked_toml());
             Ok(0)
         }
@@ -505,6 +508,11 @@ async fn sync(
         println!("no enabled business is configured: nothing to sync");
         return Ok(0);
     }
+    if let Some(code) =
+        sync_through_daemon(&config, business.as_deref(), full, accept_missing).await?
+    {
+        return Ok(code);
+    }
     let stop = stop_on_signal()?;
     let session = crate::app::Session::open(config).await?;
     let settings = PassSettings {
@@ -610,6 +618,86 @@ impl SyncProgress {
     async fn stop(self) {
         self.stop.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// While a daemon holds the lock, `sync` asks it through `sync_requests`
+/// (SPEC §10), waits for its answer, and prints the lines a local pass
+/// prints; `None` when no daemon runs (the caller runs the pass itself).
+async fn sync_through_daemon(
+    config: &Config,
+    business: Option<&str>,
+    full: bool,
+    accept_missing: bool,
+) -> Result<Option<u8>> {
+    let path = config.database();
+    if !path.exists() {
+        return Ok(None);
+    }
+    if store::ProcessLock::try_acquire(path)?.is_some() {
+        return Ok(None); // released at once: Session::open takes it again
+    }
+    let pid = store::ProcessLock::holder(path);
+    let conn = store::open_connection(path, false)?;
+    let kind = if full { "full" } else { "head" };
+    let id = store::requests::insert(&conn, business, kind, accept_missing)
+        .context("cannot ask the running daemon (insert into sync_requests)")?;
+    eprintln!(
+        "leadsync: the daemon (pid {}) is running: asked it for this sync (sync_requests row {id}); waiting for it",
+        pid.map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into())
+    );
+    let daemon_alive = || pid.is_none_or(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+    let mut gone_seen = false;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let Some(r) = store::requests::get(&conn, id)? else {
+            bail!("sync_requests row {id} was deleted before the daemon answered it");
+        };
+        if r.finished_at.is_some() {
+            if let Some(summary) = r.summary.as_deref().filter(|s| !s.is_empty())
+                && r.outcome.as_deref() != Some("refused")
+            {
+                println!("{summary}");
+            }
+            return match r.outcome.as_deref() {
+                Some("ok") => Ok(Some(0)),
+                Some("refused") => bail!(
+                    "the running daemon refused the request: {}",
+                    r.error.as_deref().unwrap_or("no reason recorded")
+                ),
+                _ => {
+                    if let Some(e) = r.error.as_deref().filter(|e| e.starts_with("interrupted")) {
+                        eprintln!("leadsync: {e}");
+                    }
+                    Ok(Some(1))
+                }
+            };
+        }
+        // A daemon that stops answers its open requests first: look at the
+        // row once more after seeing it gone before giving up.
+        if daemon_alive() {
+            gone_seen = false;
+            continue;
+        }
+        if !gone_seen {
+            gone_seen = true;
+            continue;
+        }
+        let now = crate::time::now();
+        if r.started_at.is_none()
+            && store::requests::withdraw(
+                &conn,
+                id,
+                "withdrawn: the daemon stopped before taking it",
+                &now,
+            )?
+        {
+            bail!("the daemon stopped before taking the request; run `leadsync sync` again");
+        }
+        if r.started_at.is_some() {
+            bail!("the daemon stopped before finishing the request (sync_requests row {id})");
+        }
     }
 }
 

@@ -349,6 +349,9 @@ pub struct Business {
 pub struct Config {
     pub file: FileConfig,
     pub businesses: Vec<Business>,
+    /// Business id → position in `businesses` (lookups stay constant-time
+    /// with thousands of businesses).
+    index: HashMap<String, usize>,
     /// The OAuth client secret, when any business uses the refresh-token grant.
     pub client_secret: Option<Secret>,
     /// Where the client secret came from (for `config check`).
@@ -369,7 +372,7 @@ impl Config {
 
     /// The business with this id, if configured.
     pub fn business(&self, id: &str) -> Option<&Business> {
-        self.businesses.iter().find(|b| b.id == id)
+        self.index.get(id).and_then(|&i| self.businesses.get(i))
     }
 
     /// True when some business uses the OAuth refresh-token grant.
@@ -540,18 +543,36 @@ fn locate_beside(figment: &Figment, key: &str, near: &str) -> String {
     )
 }
 
-/// Locates `businesses[index].field` for error messages.
-fn locate_business(figment: &Figment, index: usize, field: &str) -> String {
-    let md = figment
-        .find_value("businesses")
-        .ok()
-        .and_then(|v| match v {
-            Value::Array(_, items) => items.get(index).map(|i| i.tag()),
-            _ => None,
-        })
-        .and_then(|tag| figment.get_metadata(tag));
-    let path = vec!["businesses".into(), index.to_string(), field.into()];
-    origin(md, &path)
+/// Locates `businesses[index].field` for error messages. The index of where
+/// each entry came from is built once, on the first error that needs it:
+/// asking figment per business clones the whole merged document each time,
+/// which made loading quadratic in the number of businesses.
+struct BusinessLocator<'a> {
+    figment: &'a Figment,
+    tags: std::cell::OnceCell<Vec<figment::value::Tag>>,
+}
+
+impl<'a> BusinessLocator<'a> {
+    fn new(figment: &'a Figment) -> BusinessLocator<'a> {
+        BusinessLocator {
+            figment,
+            tags: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn at(&self, index: usize, field: &str) -> String {
+        let tags = self
+            .tags
+            .get_or_init(|| match self.figment.find_value("businesses") {
+                Ok(Value::Array(_, items)) => items.iter().map(|i| i.tag()).collect(),
+                _ => Vec::new(),
+            });
+        let md = tags
+            .get(index)
+            .and_then(|tag| self.figment.get_metadata(*tag));
+        let path = vec!["businesses".into(), index.to_string(), field.into()];
+        origin(md, &path)
+    }
 }
 
 /// Normalises a cron expression to six fields and checks it with the parser
@@ -576,14 +597,15 @@ pub fn normalize_cron(expr: &str) -> Result<String, String> {
     Ok(six)
 }
 
-fn check_readable(path: &Path, what: &str, at: &str) -> Result<(), ConfigError> {
-    match std::fs::read(path) {
-        Ok(_) => Ok(()),
-        Err(e) => err(format!(
-            "{at}: {what} {} cannot be read: {e}",
+/// Reads a token file; `at` names the key, computed only on error.
+fn read_readable(path: &Path, what: &str, at: impl Fn() -> String) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).or_else(|e| {
+        err(format!(
+            "{}: {what} {} cannot be read: {e}",
+            at(),
             path.display()
-        )),
-    }
+        ))
+    })
 }
 
 fn validate(
@@ -704,35 +726,43 @@ fn validate(
     }
     let admin_listen = validate_admin(figment, &file.admin)?;
 
-    let mut businesses: Vec<Business> = Vec::new();
-    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut businesses: Vec<Business> = Vec::with_capacity(file.businesses.len());
+    let mut seen: HashMap<String, usize> = HashMap::with_capacity(file.businesses.len());
+    let locator = BusinessLocator::new(figment);
+    let locate_business = |_: &Figment, i: usize, field: &str| locator.at(i, field);
     for (i, b) in file.businesses.iter().enumerate() {
-        let at_id = locate_business(figment, i, "id");
         if b.id.is_empty() || !b.id.bytes().all(|c| c.is_ascii_digit()) {
             return err(format!(
-                "{at_id}: business id `{}` is not a string of digits",
+                "{}: business id `{}` is not a string of digits",
+                locate_business(figment, i, "id"),
                 b.id
             ));
         }
         if let Some(first) = seen.get(&b.id) {
             return err(format!(
-                "{at_id}: business {} is configured twice (first at {first})",
-                b.id
+                "{}: business {} is configured twice (first at {})",
+                locate_business(figment, i, "id"),
+                b.id,
+                locate_business(figment, *first, "id")
             ));
         }
-        seen.insert(b.id.clone(), at_id.clone());
+        seen.insert(b.id.clone(), i);
         let token = match (&b.refresh_token_file, &b.access_token_file) {
             (Some(r), None) => {
-                let at = locate_business(figment, i, "refresh_token_file");
-                check_readable(r, "refresh token file", &at)?;
+                read_readable(r, "refresh token file", || {
+                    locate_business(figment, i, "refresh_token_file")
+                })?;
                 TokenSource::Refresh(r.clone())
             }
             (None, Some(a)) => {
-                let at = locate_business(figment, i, "access_token_file");
-                check_readable(a, "access token file", &at)?;
-                let content = std::fs::read_to_string(a).unwrap_or_default();
-                if content.trim().is_empty() {
-                    return err(format!("{at}: access token file {} is empty", a.display()));
+                let at = || locate_business(figment, i, "access_token_file");
+                let content = read_readable(a, "access token file", at)?;
+                if content.trim_ascii().is_empty() {
+                    return err(format!(
+                        "{}: access token file {} is empty",
+                        at(),
+                        a.display()
+                    ));
                 }
                 TokenSource::Static(a.clone())
             }
@@ -806,9 +836,15 @@ fn validate(
     }
 
     let webhooks = validate_webhooks(figment, &file.webhooks)?;
+    let index = businesses
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.id.clone(), i))
+        .collect();
     Ok(Config {
         file,
         businesses,
+        index,
         client_secret,
         client_secret_source,
         files,

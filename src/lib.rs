@@ -18,6 +18,7 @@ pub mod manpage;
 pub mod metrics;
 pub mod probe;
 pub mod sandbox;
+pub mod schedule;
 pub mod secret;
 pub mod serve;
 pub mod status;

@@ -6,8 +6,7 @@ use std::io::IsTerminal;
 use tracing_subscriber::EnvFilter;
 
 /// Dependencies are quiet unless asked for by name in `LEADSYNC_LOG`.
-const QUIET_DEPENDENCIES: &str =
-    "tokio_cron_scheduler=warn,hyper=warn,hyper_util=warn,reqwest=warn,rustls=warn";
+const QUIET_DEPENDENCIES: &str = "hyper=warn,hyper_util=warn,reqwest=warn,rustls=warn";
 
 /// Installs the global subscriber. The level comes from `LEADSYNC_LOG`
 /// (env-filter syntax, e.g. `debug` or `leadsync=debug`), else `default_level`.

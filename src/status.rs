@@ -14,7 +14,21 @@ pub struct StatusReport {
     pub database: String,
     pub generated_at: String,
     pub businesses: Vec<BusinessStatus>,
+    /// The running daemon's schedules and how far behind each is (empty
+    /// when no daemon has written them).
+    pub schedules: Vec<ScheduleStatus>,
     pub outbox: OutboxStatus,
+}
+
+/// One schedule of the running daemon (SPEC §11).
+#[derive(Debug, Serialize)]
+pub struct ScheduleStatus {
+    #[serde(flatten)]
+    pub lag: crate::store::requests::ScheduleLag,
+    /// How long the oldest waiting pass has been due; 0 when none waits.
+    pub lag_secs: i64,
+    /// The daemon has not refreshed these figures for over two minutes.
+    pub stale: bool,
 }
 
 /// One business.
@@ -122,8 +136,10 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             b.name = c.name.clone().or(b.name.take());
         }
     }
+    let known: std::collections::HashSet<String> =
+        businesses.iter().map(|b| b.business_id.clone()).collect();
     for c in &config.businesses {
-        if !businesses.iter().any(|b| b.business_id == c.id) {
+        if !known.contains(&c.id) {
             businesses.push(BusinessStatus {
                 business_id: c.id.clone(),
                 name: c.name.clone(),
@@ -171,10 +187,23 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             recent_dead.push(row?);
         }
     }
+    let schedules = crate::store::requests::read_lag(conn)?
+        .into_iter()
+        .map(|lag| {
+            let lag_secs = age_secs(&lag.oldest_due_at).unwrap_or(0);
+            let stale = age_secs(&Some(lag.updated_at.clone())).is_none_or(|a| a > 120);
+            ScheduleStatus {
+                lag,
+                lag_secs,
+                stale,
+            }
+        })
+        .collect();
     Ok(StatusReport {
         database: config.database().display().to_string(),
         generated_at: crate::time::now(),
         businesses,
+        schedules,
         outbox: OutboxStatus {
             counts,
             oldest_pending_age_secs,
@@ -246,6 +275,34 @@ pub fn render_text(r: &StatusReport) -> String {
             b.last_sync_outcome.as_deref().unwrap_or("-"),
             notes.join("; ")
         ));
+    }
+    if !r.schedules.is_empty() {
+        out.push_str("\nschedules (the running daemon's queue):\n");
+        for s in &r.schedules {
+            let lag = if s.lag.waiting > 0 {
+                format!(
+                    "{} waiting, lag {}",
+                    s.lag.waiting,
+                    crate::time::age(
+                        Utc::now() - chrono::Duration::seconds(s.lag_secs),
+                        Utc::now()
+                    )
+                )
+            } else {
+                "none waiting, no lag".into()
+            };
+            out.push_str(&format!(
+                "  {:<4} `{}`: {} businesses, {lag}{}\n",
+                s.lag.kind,
+                s.lag.schedule,
+                s.lag.businesses,
+                if s.stale {
+                    " (not refreshed for over 2 minutes: is the daemon running?)"
+                } else {
+                    ""
+                }
+            ));
+        }
     }
     let c = &r.outbox.counts;
     out.push_str(&format!(

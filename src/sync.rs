@@ -17,8 +17,8 @@ use tracing::{info, warn};
 /// pagination loop, not data.
 const MAX_PAGES: i64 = 1_000_000;
 
-/// Which pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which pass (a full scan covers everything a head scan does: `Full > Head`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ScanKind {
     /// The newest pages, until `stop_after_unchanged_pages` bring nothing new.
     Head,
@@ -27,6 +27,15 @@ pub enum ScanKind {
 }
 
 impl ScanKind {
+    /// The kind named `head` or `full`.
+    pub fn parse(name: &str) -> Option<ScanKind> {
+        match name {
+            "head" => Some(ScanKind::Head),
+            "full" => Some(ScanKind::Full),
+            _ => None,
+        }
+    }
+
     /// The name stored in `sync_runs.kind`.
     pub fn as_str(self) -> &'static str {
         match self {

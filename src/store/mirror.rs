@@ -465,21 +465,55 @@ pub fn mark_missing(
 
 /// Makes the `businesses` table match the configuration (rows are never
 /// deleted: a business removed from the configuration keeps its history).
-pub fn upsert_businesses(conn: &mut Connection, businesses: &[Business]) -> Result<()> {
+/// Only rows that differ are written, so a reload that adds one business to
+/// ten thousand writes one row.
+pub fn upsert_businesses(conn: &mut Connection, businesses: &[Business]) -> Result<usize> {
     let tx = conn.transaction()?;
-    tx.execute("UPDATE businesses SET configured = 0", [])?;
+    let mut written = 0;
     {
-        let mut stmt = tx.prepare(
+        let mut current: std::collections::HashMap<String, (Option<String>, bool, bool)> =
+            std::collections::HashMap::new();
+        let mut stmt =
+            tx.prepare("SELECT business_id, name, enabled, configured FROM businesses")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                (
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)? == 1,
+                    r.get::<_, i64>(3)? == 1,
+                ),
+            ))
+        })?;
+        for row in rows {
+            let (id, state) = row?;
+            current.insert(id, state);
+        }
+        let mut upsert = tx.prepare(
             "INSERT INTO businesses (business_id, name, enabled, configured) VALUES (?1, ?2, ?3, 1)
              ON CONFLICT (business_id) DO UPDATE SET name = excluded.name,
                  enabled = excluded.enabled, configured = 1",
         )?;
         for b in businesses {
-            stmt.execute(params![b.id, b.name, b.enabled])?;
+            match current.remove(&b.id) {
+                Some((name, enabled, true)) if name == b.name && enabled == b.enabled => {}
+                _ => {
+                    upsert.execute(params![b.id, b.name, b.enabled])?;
+                    written += 1;
+                }
+            }
+        }
+        let mut unconfigure =
+            tx.prepare("UPDATE businesses SET configured = 0 WHERE business_id = ?1")?;
+        for (id, (_, _, configured)) in current {
+            if configured {
+                unconfigure.execute([id])?;
+                written += 1;
+            }
         }
     }
     tx.commit()?;
-    Ok(())
+    Ok(written)
 }
 
 /// Sets or clears a business's `needs_reauth` flag.

@@ -7,6 +7,7 @@ pub mod gauges;
 pub mod messages;
 pub mod mirror;
 pub mod outbox;
+pub mod requests;
 pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -45,6 +46,10 @@ fn migrations() -> Vec<(i64, String)> {
         ),
         (3, v3),
         (4, include_str!("migrations/0004_webhooks.sql").to_string()),
+        (
+            5,
+            include_str!("migrations/0005_sync_requests.sql").to_string(),
+        ),
     ]
 }
 
@@ -398,9 +403,22 @@ pub struct ProcessLock {
 impl ProcessLock {
     /// Takes the lock next to the database (`<database>.lock`) or says who holds it.
     pub fn acquire(database: &Path) -> Result<ProcessLock> {
-        let mut name = database.as_os_str().to_owned();
-        name.push(".lock");
-        let path = PathBuf::from(name);
+        match ProcessLock::try_acquire(database)? {
+            Some(lock) => Ok(lock),
+            None => bail!(
+                "another leadsync process (pid {}) is running against {}; \
+                 `leadsync run` already syncs and drains on schedule — stop it first to run this by hand",
+                ProcessLock::holder(database)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                database.display()
+            ),
+        }
+    }
+
+    /// Takes the lock, or `None` when another process holds it.
+    pub fn try_acquire(database: &Path) -> Result<Option<ProcessLock>> {
+        let path = lock_path(database);
         let file = std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -410,15 +428,7 @@ impl ProcessLock {
             .with_context(|| format!("cannot open lock file {}", path.display()))?;
         match file.try_lock() {
             Ok(()) => {}
-            Err(std::fs::TryLockError::WouldBlock) => {
-                let holder = std::fs::read_to_string(&path).unwrap_or_default();
-                bail!(
-                    "another leadsync process (pid {}) is running against {}; \
-                     `leadsync run` already syncs and drains on schedule — stop it first to run this by hand",
-                    holder.trim(),
-                    database.display()
-                );
-            }
+            Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
@@ -426,8 +436,23 @@ impl ProcessLock {
         file.set_len(0)?;
         use std::io::Write;
         (&file).write_all(std::process::id().to_string().as_bytes())?;
-        Ok(ProcessLock { _file: file })
+        Ok(Some(ProcessLock { _file: file }))
     }
+
+    /// The pid the lock file names (the holder's, while it is held).
+    pub fn holder(database: &Path) -> Option<u32> {
+        std::fs::read_to_string(lock_path(database))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+}
+
+fn lock_path(database: &Path) -> PathBuf {
+    let mut name = database.as_os_str().to_owned();
+    name.push(".lock");
+    PathBuf::from(name)
 }
 
 /// True when SQLite gave up waiting for another connection's lock.
