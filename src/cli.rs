@@ -4,6 +4,7 @@ use crate::config::{Config, ConfigError, ConfigSource};
 use crate::daemon::{self, Controls};
 use crate::drain::{DrainSettings, Drainer};
 use crate::sandbox::{Faults, Pagination, Sandbox, SandboxOptions, Shape};
+use crate::secret::Secret;
 use crate::store::{self, outbox};
 use crate::sync::{PassSettings, ScanKind, sync_business};
 use anyhow::{Context, Result, bail};
@@ -192,12 +193,20 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuthCommand {
-    /// Exchange an OAuth authorization code; store the business's refresh token.
+    /// Exchange an OAuth authorization code; store the grant's refresh token.
     Exchange {
         #[arg(long, value_name = "ID")]
         business: String,
-        #[arg(long)]
-        code: String,
+        /// The code (visible in `ps` and shell history: prefer --code-file).
+        #[arg(
+            long,
+            conflicts_with = "code_file",
+            required_unless_present = "code_file"
+        )]
+        code: Option<String>,
+        /// A file holding the code; `-` reads it from standard input.
+        #[arg(long, value_name = "FILE")]
+        code_file: Option<PathBuf>,
         #[arg(long, value_name = "URI")]
         redirect_uri: String,
     },
@@ -382,9 +391,14 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                 AuthCommand::Exchange {
                     business,
                     code,
+                    code_file,
                     redirect_uri,
                 },
-        } => auth_exchange(load()?, &business, &code, &redirect_uri).await,
+        } => {
+            let config = load()?;
+            let code = read_code(code, code_file.as_deref())?;
+            auth_exchange(config, &business, &code, &redirect_uri).await
+        }
         Command::Sandbox(args) => sandbox(args).await,
         Command::Probe { business, json } => crate::probe::run(load()?, &business, json).await,
         Command::Demo { database } => crate::demo::run(&database).await,
@@ -468,6 +482,7 @@ async fn sync(
     while let Some(r) = tasks.join_next().await {
         reports.push(r.context("a sync task failed")?);
     }
+    session.auth.settle(settle_bound(&session.config)).await;
     reports.sort_by(|a, b| a.business_id.cmp(&b.business_id));
     let failed = reports.iter().filter(|r| !r.is_ok()).count();
     for r in &reports {
@@ -488,7 +503,9 @@ async fn drain(config: Config) -> Result<u8> {
         session.client.clone(),
         DrainSettings::from_config(&session.config),
     ));
-    let s = drainer.drain_once(&stop).await?;
+    let s = drainer.drain_once(&stop).await;
+    session.auth.settle(settle_bound(&session.config)).await;
+    let s = s?;
     println!(
         "drained: {} sent, {} to retry later, {} dead, {} held for re-authorization",
         s.sent, s.retried, s.dead, s.held
@@ -602,23 +619,62 @@ fn report_each(results: Vec<(i64, std::result::Result<(), String>)>, done: &str)
     Ok(if failed { 1 } else { 0 })
 }
 
+/// The authorization code from `--code` or `--code-file` (`-`: standard input).
+fn read_code(code: Option<String>, file: Option<&std::path::Path>) -> Result<Secret> {
+    let text = match (code, file) {
+        (Some(c), _) => c,
+        (None, Some(p)) if p == std::path::Path::new("-") => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("cannot read the code from standard input")?;
+            s
+        }
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the code file {}", p.display()))?,
+        (None, None) => bail!("give the code with --code-file FILE (or - for stdin) or --code"),
+    };
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        bail!("the authorization code is empty");
+    }
+    Ok(Secret::new(text))
+}
+
 async fn auth_exchange(
     config: Config,
     business: &str,
-    code: &str,
+    code: &Secret,
     redirect_uri: &str,
 ) -> Result<u8> {
     let mirror = {
         let path = config.database().to_path_buf();
         tokio::task::spawn_blocking(move || store::Store::open(&path)).await??
     };
-    let auth = crate::thumbtack::Auth::new(&config, Some(mirror), Default::default())?;
-    auth.exchange_code(business, code, redirect_uri).await?;
+    let auth = crate::app::open_auth(&config, Some(mirror), Default::default())?;
+    let result = auth.exchange_code(business, code, redirect_uri).await;
+    auth.settle(settle_bound(&config)).await;
+    result?;
+    let sharing: Vec<&str> = match config.business(business).map(|b| &b.token) {
+        Some(crate::config::TokenSource::Refresh(file)) => config
+            .businesses
+            .iter()
+            .filter(|b| matches!(&b.token, crate::config::TokenSource::Refresh(f) if f == file))
+            .map(|b| b.id.as_str())
+            .collect(),
+        _ => vec![business],
+    };
     println!(
-        "stored a new refresh token for business {business} in {}; a running daemon picks it up at its next sync",
+        "stored a new grant for business(es) {} in {}; a running daemon picks it up at its next sync",
+        sharing.join(", "),
         config.file.oauth.token_store.display()
     );
     Ok(0)
+}
+
+/// How long a command waits at its end for token refreshes in flight.
+pub fn settle_bound(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(config.file.api.timeout_secs) * 3
+        + std::time::Duration::from_secs(1)
 }
 
 async fn sandbox(args: SandboxArgs) -> Result<u8> {

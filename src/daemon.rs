@@ -159,6 +159,11 @@ pub async fn run_with(
             "in-flight work did not finish in time; unfinished passes are recorded as interrupted"
         );
     }
+    // A refresh in flight finishes and its rotated token is stored before we exit.
+    daemon
+        .auth
+        .settle(crate::cli::settle_bound(&daemon.config()))
+        .await;
     monitor.abort();
     let now = crate::time::now();
     if let Err(e) = daemon

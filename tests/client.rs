@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 fn client(env: &Env) -> Arc<Client> {
     let config = env.config();
-    let auth = Arc::new(Auth::new(&config, None, HashMap::new()).unwrap());
+    let auth = Arc::new(Auth::new(&config, None, None, HashMap::new()).unwrap());
     Arc::new(Client::new(ClientSettings::from_config(&config), auth).unwrap())
 }
 

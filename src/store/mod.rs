@@ -43,6 +43,10 @@ fn migrations() -> Vec<(i64, String)> {
         ),
         (3, v3),
         (4, include_str!("migrations/0004_webhooks.sql").to_string()),
+        (
+            6,
+            include_str!("migrations/0006_auth_alerts.sql").to_string(),
+        ),
     ]
 }
 
