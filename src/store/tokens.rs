@@ -453,6 +453,33 @@ fn adopt(
     seed_sha256: Option<&str>,
     businesses: &[String],
 ) -> Result<()> {
+    // Plain reads first: nothing to adopt is the common case, and it must
+    // not wait for another process's write lock.
+    let by_seed = match seed_sha256 {
+        Some(seed) => c
+            .query_row(
+                "SELECT 1 FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL LIMIT 1",
+                [seed],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some(),
+        None => false,
+    };
+    let mut legacy = false;
+    for b in businesses {
+        legacy |= c
+            .query_row(
+                "SELECT 1 FROM refresh_tokens WHERE business_id = ?1",
+                [b],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+    }
+    if !by_seed && !legacy {
+        return Ok(());
+    }
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
     if tx
         .query_row("SELECT 1 FROM grants WHERE grant_key = ?1", [grant], |_| {
