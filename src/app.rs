@@ -89,7 +89,7 @@ pub fn open_auth(
 }
 
 /// The token store, as auth's narrow persistence interface.
-struct StoreGrants(TokenStore);
+pub struct StoreGrants(pub TokenStore);
 
 impl GrantStore for StoreGrants {
     fn load(

@@ -127,6 +127,9 @@ pub struct TokenFaults {
     /// as long as the token it was rotated to is still unused. 0 (the
     /// default): any reuse is refused, the strictest server.
     pub grace_secs: u64,
+    /// Answer every API request `401 required scope(s) [...] not found`
+    /// (a grant without the needed scope), whatever the token.
+    pub missing_scope: bool,
 }
 
 impl Default for TokenFaults {
@@ -137,6 +140,7 @@ impl Default for TokenFaults {
             hold_after_rotate_ms: 0,
             lose_after_rotate: 0,
             grace_secs: 0,
+            missing_scope: false,
         }
     }
 }

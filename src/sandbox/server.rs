@@ -154,6 +154,14 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             if let Some(r) = inject_fault(&state, &faults, &method, &host, &path).await? {
                 return Ok(r);
             }
+            if lock(&state).token_faults.missing_scope {
+                return Ok(problem(
+                    &state,
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    "required scope(s) [supply::negotiations.write] not found",
+                ));
+            }
             let Some(granted) = authenticate(&state, header("authorization")) else {
                 return Ok(problem(
                     &state,

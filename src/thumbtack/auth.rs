@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio_util::task::TaskTracker;
@@ -142,6 +143,9 @@ struct Chain {
     file: PathBuf,
     state: Arc<tokio::sync::Mutex<ChainState>>,
     reauth: Mutex<Option<String>>,
+    /// This process has cleared the chain's "unsaved" alert (another
+    /// process may have left one).
+    unsaved_alert_cleared: AtomicBool,
 }
 
 /// A static bearer token from a file.
@@ -168,6 +172,8 @@ struct Inner {
     chains: Mutex<HashMap<String, Arc<Chain>>>,
     /// Why the OAuth client is refused, and since when.
     client_refused: Mutex<Option<(String, Instant)>>,
+    /// This process has cleared the client alert (a previous run may have left one).
+    client_alert_cleared: AtomicBool,
     /// Refresh units in flight (shutdown waits for them).
     tasks: TaskTracker,
 }
@@ -281,6 +287,7 @@ impl Auth {
                 members: RwLock::new(HashMap::new()),
                 chains: Mutex::new(HashMap::new()),
                 client_refused: Mutex::new(None),
+                client_alert_cleared: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
             }),
         };
@@ -343,6 +350,7 @@ impl Auth {
                                 file: file.clone(),
                                 state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
                                 reauth: Mutex::new(None),
+                                unsaved_alert_cleared: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -635,6 +643,7 @@ impl Inner {
     }
 
     async fn set_client_refused(&self, message: &str) {
+        self.client_alert_cleared.store(false, Ordering::SeqCst);
         let first = match self.client_refused.lock() {
             Ok(mut r) => {
                 let first = r.is_none();
@@ -669,9 +678,11 @@ impl Inner {
             .unwrap_or(false);
         if was {
             info!("the OAuth client is accepted again");
-            if let Some(r) = &self.recorder {
-                r.alert(CLIENT_ALERT.into(), None).await;
-            }
+        }
+        if !self.client_alert_cleared.swap(true, Ordering::SeqCst)
+            && let Some(r) = &self.recorder
+        {
+            r.alert(CLIENT_ALERT.into(), None).await;
         }
     }
 
@@ -989,7 +1000,11 @@ impl Inner {
                     state.refused_access = None;
                     let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
                     match blocking(move || s.save(&key, expected, &w)).await {
-                        Ok(Written::Stored(_)) => {}
+                        Ok(Written::Stored(_)) => {
+                            if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
+                                self.alert(format!("unsaved:{}", chain.key), None).await;
+                            }
+                        }
                         Ok(Written::Conflict(found)) => {
                             warn!(grant = %file, generation = found,
                                 "the token store took a newer grant while refreshing; keeping the stored one");
@@ -1000,6 +1015,7 @@ impl Inner {
                                 "cannot store the rotated refresh token; it is kept in memory, its access token \
                                  is not used, and no new refresh starts until the store takes it — \
                                  do not stop leadsync before this is fixed");
+                            chain.unsaved_alert_cleared.store(false, Ordering::SeqCst);
                             self.alert(
                                 format!("unsaved:{}", chain.key),
                                 Some(format!(
@@ -1040,7 +1056,7 @@ impl Inner {
                     self.alert(
                         format!("file-refused:{}", chain.key),
                         Some(format!(
-                            "token file {file} refused ({m}); using the stored token"
+                            "token file {file} refused; using the stored token ({m})"
                         )),
                     )
                     .await;

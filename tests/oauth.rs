@@ -1,0 +1,506 @@
+//! OAuth rotation under stress (issue 12) and the token endpoint's
+//! classification (SPEC §5): a rotated refresh token is never lost, never
+//! reused, never leaked; a refused OAuth client marks no business.
+
+mod common;
+
+use common::{Env, FAST, count, text, wait_until};
+use leadsync::sandbox::{SandboxOptions, TokenFaults};
+use leadsync::store::tokens::{GrantWrite, StoredGrant, TokenStore, Written};
+use leadsync::thumbtack::auth::GrantStore;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+async fn oauth_env(ttl: u64, overrides: &str) -> Env {
+    Env::new(
+        SandboxOptions {
+            access_token_ttl_secs: ttl,
+            ..Default::default()
+        },
+        true,
+        overrides,
+    )
+    .await
+}
+
+fn refreshes(env: &Env) -> u64 {
+    env.sandbox
+        .stats()
+        .by_route
+        .get("token refresh_token")
+        .copied()
+        .unwrap_or(0)
+}
+
+fn reauth_count(env: &Env) -> i64 {
+    count(
+        &env.sql(),
+        "SELECT count(*) FROM businesses WHERE needs_reauth = 1",
+    )
+}
+
+fn token_file(env: &Env, business: &str) -> std::path::PathBuf {
+    env.dir.path().join("fixture/tokens").join(business)
+}
+
+fn enqueue(env: &Env, negotiation: &str, business: &str) {
+    let o = env.run(&[
+        "enqueue",
+        "--negotiation",
+        negotiation,
+        "--business",
+        business,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2026-11-01T10:00:00Z",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// Every text column of every mirror table, `status --json`, `config check`
+/// and the daemon's log: none may hold a token or secret the sandbox issued.
+fn assert_no_secret_anywhere(env: &Env, more: &str) {
+    let mut seen = String::from(more);
+    seen.push_str(&env.daemon_log());
+    for args in [&["status", "--json"][..], &["config", "check"][..]] {
+        let o = env
+            .cli()
+            .args(args)
+            .env("LEADSYNC_LOG", "trace")
+            .output()
+            .unwrap();
+        seen.push_str(&text(&o));
+    }
+    let db = env.sql();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for t in tables {
+        let columns: Vec<String> = db
+            .prepare(&format!("SELECT name FROM pragma_table_info('{t}')"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for c in columns {
+            let mut stmt = db
+                .prepare(&format!(
+                    "SELECT \"{c}\" FROM \"{t}\" WHERE typeof(\"{c}\") = 'text'"
+                ))
+                .unwrap();
+            let values = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+            for v in values {
+                seen.push_str(&v.unwrap());
+                seen.push('\n');
+            }
+        }
+    }
+    for s in env.sandbox.issued_secrets() {
+        assert!(
+            !seen.contains(&s),
+            "secret {s} was found in logs, status, config check or the mirror"
+        );
+    }
+}
+
+#[cfg(unix)]
+fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    let r = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0, "kill failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_token_endpoint_holds_a_rotated_token_loses_nothing() {
+    // A shutdown bound shorter than the held answer: the refresh must still
+    // finish and store its rotated token before the process exits.
+    let env = oauth_env(
+        2,
+        &FAST.replace("shutdown_timeout_secs = 5", "shutdown_timeout_secs = 1"),
+    )
+    .await;
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_after_rotate_ms: 3000,
+        ..Default::default()
+    });
+    let mut child = env.spawn_daemon();
+    wait_until(
+        "a refresh token rotated and its answer held",
+        Duration::from_secs(60),
+        || env.sandbox.stats().rotations >= 1,
+    )
+    .await;
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "daemon exit: {status:?}\n{}",
+        env.daemon_log()
+    );
+    env.sandbox.set_token_faults(TokenFaults::default());
+
+    // After the restart every business refreshes with its stored rotated token.
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the stored access tokens expire
+    let before = refreshes(&env);
+    let o = env.run(&["sync"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&o),
+        env.daemon_log()
+    );
+    assert!(refreshes(&env) > before, "the restart refreshed");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert!(!text(&o).contains("invalid_grant"), "{}", text(&o));
+    assert!(!env.daemon_log().contains("invalid_grant"));
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_oauth_client_marks_no_business_and_its_rows_wait_uncounted() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    env.sandbox.set_token_faults(TokenFaults {
+        invalid_client: true,
+        ..Default::default()
+    });
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("OAuth client refused"), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "no business is marked");
+
+    let lead = env.sandbox.lead_ids(&ids[0])[0].clone();
+    enqueue(&env, &lead, &ids[0]);
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0"
+        ),
+        1,
+        "the row waits without counting an attempt"
+    );
+    let last_error: String = db
+        .query_row("SELECT last_error FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert!(last_error.contains("OAuth client refused"), "{last_error}");
+    assert_eq!(reauth_count(&env), 0);
+
+    let o = env.run(&["status"]);
+    assert_eq!(
+        text(&o).matches("OAuth client refused").count(),
+        1,
+        "shown once:\n{}",
+        text(&o)
+    );
+    let o = env.run(&["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["auth_alerts"].as_array().map(Vec::len), Some(1));
+
+    // Fixed: the next run refreshes, the row goes out, the alert is gone.
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.deliveries().len(), 1);
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = env.run(&["status"]);
+    assert!(!text(&o).contains("OAuth client refused"), "{}", text(&o));
+    assert_no_secret_anywhere(&env, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_oauth_failed_is_the_clients_refusal_not_the_businesss() {
+    let env = oauth_env(3600, FAST).await;
+    env.sandbox.set_token_faults(TokenFaults {
+        proxy_oauth_failed: true,
+        ..Default::default()
+    });
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("proxy_oauth_failed"), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "no business is marked");
+    let o = env.run(&["status"]);
+    assert!(text(&o).contains("oauth.audience"), "{}", text(&o));
+    // The grants are intact: once the audience is right, every business syncs.
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_token_response_is_asked_again_with_the_same_refresh_token() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        lose_after_rotate: 1,
+        grace_secs: 60,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stats = env.sandbox.stats();
+    assert_eq!(refreshes(&env), 2, "the lost refresh and its one retry");
+    assert_eq!(stats.grace_replays, 1, "the retry presented the same token");
+    assert_eq!(stats.reused_refresh_tokens, 0);
+    // The chain continues from the token the lost answer carried.
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_token_file_does_not_poison_the_stored_chain() {
+    let env = oauth_env(1, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Someone puts a mistyped (or an old, used) token in the file.
+    std::fs::write(token_file(&env, &b), "sbx_rt_mistyped\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the access token expires
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0);
+    let o = env.run(&["status"]);
+    assert!(
+        text(&o).contains("refused; using the stored token"),
+        "{}",
+        text(&o)
+    );
+    // The refused file is not presented again; the chain keeps working.
+    let before = refreshes(&env);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), before + 1);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_token_store_refresh_once() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    // A second configuration with its own mirror, sharing the token store.
+    let other = common::write(
+        env.dir.path(),
+        "other.toml",
+        &format!(
+            "database = \"{}\"\n",
+            env.dir.path().join("other.db").display()
+        ),
+    );
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_after_rotate_ms: 1500,
+        ..Default::default()
+    });
+    let first = env.cli().args(["sync", "--business", &b]).output();
+    let first = tokio::task::spawn_blocking(move || first);
+    wait_until("the first process rotated", Duration::from_secs(30), || {
+        env.sandbox.stats().rotations >= 1
+    })
+    .await;
+    let mut second = Command::new(common::bin());
+    for f in env.config_files() {
+        second.arg("--config").arg(f);
+    }
+    let second = second
+        .arg("--config")
+        .arg(&other)
+        .args(["sync", "--business", &b])
+        .env_remove("LEADSYNC_LOG")
+        .output()
+        .unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_eq!(refreshes(&env), 1, "one refresh for both processes");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_businesses_on_one_grant_share_one_chain() {
+    let env = oauth_env(1, FAST).await;
+    let ids = env.business_ids();
+    // One pro's grant covers businesses 0 and 1: both name the same file.
+    let shared = token_file(&env, &ids[0]);
+    std::fs::write(&shared, env.sandbox.mint_grant(&[&ids[0], &ids[1]])).unwrap();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let fixture = fixture.replace(
+        &token_file(&env, &ids[1]).display().to_string(),
+        &shared.display().to_string(),
+    );
+    std::fs::write(&env.fixture, fixture).unwrap();
+
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Businesses 0 and 1 share one refresh; business 2 has its own.
+    assert_eq!(refreshes(&env), 2);
+    let db = env.sql();
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 180);
+    // Across expiry and processes the shared chain keeps rotating.
+    for _ in 0..2 {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let o = env.run(&["sync"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    assert_eq!(refreshes(&env), 6);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+
+    // A refused grant marks both of its businesses, and only them.
+    std::fs::write(&shared, "sbx_rt_other_grant\n").unwrap();
+    let conn = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    let key = shared.canonicalize().unwrap().display().to_string();
+    let n = conn
+        .execute(
+            "UPDATE grants SET refused_at = 'x', refused_reason = 'refused (test)' WHERE grant_key = ?1",
+            [&key],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "one stored chain for the shared grant");
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 2, "{}", text(&o));
+}
+
+/// The token store, with writes that fail while `fail` is set.
+struct FlakyStore {
+    inner: leadsync::app::StoreGrants,
+    fail: Arc<AtomicBool>,
+}
+
+impl GrantStore for FlakyStore {
+    fn load(
+        &self,
+        grant: &str,
+        seed: Option<&str>,
+        businesses: &[String],
+    ) -> anyhow::Result<Option<StoredGrant>> {
+        self.inner.load(grant, seed, businesses)
+    }
+    fn save(&self, grant: &str, expected: i64, write: &GrantWrite) -> anyhow::Result<Written> {
+        if self.fail.load(Ordering::SeqCst) {
+            anyhow::bail!("disk I/O error (test)");
+        }
+        self.inner.save(grant, expected, write)
+    }
+    fn refuse(
+        &self,
+        grant: &str,
+        expected: i64,
+        file: Option<&str>,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        self.inner.refuse(grant, expected, file, reason)
+    }
+    fn refuse_file(&self, grant: &str, file: &str) -> anyhow::Result<()> {
+        self.inner.refuse_file(grant, file)
+    }
+    fn forget_access(&self, grant: &str, token: &leadsync::secret::Secret) -> anyhow::Result<()> {
+        self.inner.forget_access(grant, token)
+    }
+    fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
+        self.inner.try_lock(grant)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_the_store_refuses_is_kept_and_no_refresh_starts_until_it_is_stored() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(true));
+    let store = FlakyStore {
+        inner: leadsync::app::StoreGrants(
+            TokenStore::open(&config.file.oauth.token_store).unwrap(),
+        ),
+        fail: fail.clone(),
+    };
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    let e = auth
+        .token(&b)
+        .await
+        .expect_err("no access token before the store took the rotated one");
+    assert!(e.message.contains("cannot be stored"), "{}", e.message);
+    assert_eq!(refreshes(&env), 1);
+    // A changed token file does not start a refresh meanwhile either.
+    std::fs::write(token_file(&env, &b), env.sandbox.mint_refresh_token(&b)).unwrap();
+    for _ in 0..3 {
+        let e = auth.token(&b).await.expect_err("still unsaved");
+        assert!(e.message.contains("not stored yet"), "{}", e.message);
+    }
+    assert_eq!(
+        refreshes(&env),
+        1,
+        "no second refresh while the rotated token is unsaved"
+    );
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b)
+        .await
+        .expect("stored now: its access token is handed out");
+    assert_eq!(refreshes(&env), 1);
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    // Another process continues the stored chain.
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_with_a_fresh_token_does_not_start_a_refresh_storm() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    enqueue(&env, &lead, &b);
+    env.sandbox.set_token_faults(TokenFaults {
+        missing_scope: true,
+        ..Default::default()
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    wait_until(
+        "the row tried several times",
+        Duration::from_secs(30),
+        || count(&env.sql(), "SELECT max(attempts) FROM outbox") >= 3,
+    )
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    // One refresh per grant (three businesses): every later 401 came with a
+    // fresh token and is retried with backoff, not refreshed again.
+    assert!(
+        refreshes(&env) <= 3,
+        "refreshes from 401s are limited: {}",
+        refreshes(&env)
+    );
+    let errors: String = env
+        .sql()
+        .query_row(
+            "SELECT group_concat(error, ' | ') FROM outbox_attempts",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(errors.contains("missing scope?"), "{errors}");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
