@@ -77,7 +77,18 @@ pub fn open_auth(
     mirror: Option<Store>,
     needs_reauth: HashMap<String, String>,
 ) -> Result<Auth> {
-    let grants: Option<Arc<dyn GrantStore>> = if config.uses_oauth() {
+    open_auth_with(config, mirror, needs_reauth, config.uses_oauth())
+}
+
+/// [`open_auth`], opening the token store also when no business uses OAuth
+/// yet (onboarding the first grant).
+pub fn open_auth_with(
+    config: &Config,
+    mirror: Option<Store>,
+    needs_reauth: HashMap<String, String>,
+    open_store: bool,
+) -> Result<Auth> {
+    let grants: Option<Arc<dyn GrantStore>> = if open_store {
         Some(Arc::new(StoreGrants(TokenStore::open(
             &config.file.oauth.token_store,
         )?)))

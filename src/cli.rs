@@ -195,8 +195,15 @@ pub enum ConfigCommand {
 pub enum AuthCommand {
     /// Exchange an OAuth authorization code; store the grant's refresh token.
     Exchange {
-        #[arg(long, value_name = "ID")]
-        business: String,
+        /// A configured business: the grant goes to its refresh_token_file's chain.
+        #[arg(long, value_name = "ID", required_unless_present = "token_file")]
+        business: Option<String>,
+        /// Onboarding a new grant: the token file to create (mode 0600) for it.
+        #[arg(long, value_name = "FILE", conflicts_with = "business")]
+        token_file: Option<PathBuf>,
+        /// Write DIR/<businessID>.toml for every business the grant covers.
+        #[arg(long, value_name = "DIR")]
+        write_conf: Option<PathBuf>,
         /// The code (visible in `ps` and shell history: prefer --code-file).
         #[arg(
             long,
@@ -321,6 +328,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run => {
             let config = load()?;
+            config.require_client_secret()?;
             let controls = Controls::default();
             spawn_signal_handlers(&controls)?;
             daemon::run_with(config, Some(source), controls).await?;
@@ -330,10 +338,10 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             business,
             full,
             accept_missing,
-        } => sync(load()?, business, full, accept_missing).await,
-        Command::Drain => drain(load()?).await,
+        } => sync(with_secret(load()?)?, business, full, accept_missing).await,
+        Command::Drain => drain(with_secret(load()?)?).await,
         Command::Webhooks { command } => {
-            let config = load()?;
+            let config = with_secret(load()?)?;
             match command {
                 WebhooksCommand::Register { business, events } => {
                     crate::webhooks::register(&config, &business, &events).await
@@ -383,6 +391,14 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
+            if config.uses_oauth()
+                && let Some(p) = &config.client_secret_problem
+            {
+                println!(
+                    "# warning: {} (only `run`, `sync`, `drain` and `auth exchange` need it)",
+                    p.replace('\n', " ")
+                );
+            }
             print!("{}", config.to_masked_toml());
             Ok(0)
         }
@@ -390,19 +406,47 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             command:
                 AuthCommand::Exchange {
                     business,
+                    token_file,
+                    write_conf,
                     code,
                     code_file,
                     redirect_uri,
                 },
         } => {
-            let config = load()?;
+            let config = with_secret(load()?)?;
+            if config.client_secret.is_none() || config.file.oauth.client_id.is_none() {
+                return Err(
+                    ConfigError(config.client_secret_problem.clone().unwrap_or_else(|| {
+                        "auth exchange needs oauth.client_id and a client secret".into()
+                    }))
+                    .into(),
+                );
+            }
+            if let Some(dir) = &write_conf
+                && !dir.is_dir()
+            {
+                bail!("--write-conf {}: not a directory", dir.display());
+            }
             let code = read_code(code, code_file.as_deref())?;
-            auth_exchange(config, &business, &code, &redirect_uri).await
+            let target = match (business, token_file) {
+                (Some(b), _) => ExchangeTarget::Business(b),
+                (None, Some(f)) => ExchangeTarget::File(f),
+                (None, None) => bail!("give --business ID or --token-file FILE"),
+            };
+            auth_exchange(config, target, &code, &redirect_uri, write_conf.as_deref()).await
         }
         Command::Sandbox(args) => sandbox(args).await,
-        Command::Probe { business, json } => crate::probe::run(load()?, &business, json).await,
+        Command::Probe { business, json } => {
+            crate::probe::run(with_secret(load()?)?, &business, json).await
+        }
         Command::Demo { database } => crate::demo::run(&database).await,
     }
+}
+
+/// The configuration of a command that calls the token endpoint: its client secret must be readable.
+fn with_secret(config: Config) -> Result<Config> {
+    config.require_client_secret()?;
+    Ok(config)
 }
 
 /// SIGTERM/SIGINT stop the daemon; SIGHUP reloads its configuration.
@@ -640,34 +684,104 @@ fn read_code(code: Option<String>, file: Option<&std::path::Path>) -> Result<Sec
     Ok(Secret::new(text))
 }
 
+/// Where `auth exchange` puts the grant.
+enum ExchangeTarget {
+    /// The chain of a configured business's refresh_token_file.
+    Business(String),
+    /// A new token file (onboarding).
+    File(PathBuf),
+}
+
 async fn auth_exchange(
     config: Config,
-    business: &str,
+    target: ExchangeTarget,
     code: &Secret,
     redirect_uri: &str,
+    write_conf: Option<&std::path::Path>,
 ) -> Result<u8> {
     let mirror = {
         let path = config.database().to_path_buf();
         tokio::task::spawn_blocking(move || store::Store::open(&path)).await??
     };
-    let auth = crate::app::open_auth(&config, Some(mirror), Default::default())?;
-    let result = auth.exchange_code(business, code, redirect_uri).await;
-    auth.settle(settle_bound(&config)).await;
-    result?;
-    let sharing: Vec<&str> = match config.business(business).map(|b| &b.token) {
-        Some(crate::config::TokenSource::Refresh(file)) => config
-            .businesses
-            .iter()
-            .filter(|b| matches!(&b.token, crate::config::TokenSource::Refresh(f) if f == file))
-            .map(|b| b.id.as_str())
-            .collect(),
-        _ => vec![business],
+    let auth = crate::app::open_auth_with(&config, Some(mirror), Default::default(), true)?;
+    let result = match &target {
+        ExchangeTarget::Business(b) => auth.exchange_code(b, code, redirect_uri).await,
+        ExchangeTarget::File(f) => auth.exchange_code_into(f, code, redirect_uri).await,
     };
+    auth.settle(settle_bound(&config)).await;
+    let access = result?;
+    let file = match &target {
+        ExchangeTarget::Business(b) => match config.business(b).map(|b| &b.token) {
+            Some(crate::config::TokenSource::Refresh(file)) => file.clone(),
+            _ => bail!("business {b} has no refresh_token_file"),
+        },
+        ExchangeTarget::File(f) => f.clone(),
+    };
+    let sharing: Vec<&str> = config
+        .businesses
+        .iter()
+        .filter(|b| matches!(&b.token, crate::config::TokenSource::Refresh(f) if *f == file))
+        .map(|b| b.id.as_str())
+        .collect();
     println!(
-        "stored a new grant for business(es) {} in {}; a running daemon picks it up at its next sync",
-        sharing.join(", "),
-        config.file.oauth.token_store.display()
+        "stored the new grant of {} in {}{}; a running daemon picks it up at its next sync",
+        file.display(),
+        config.file.oauth.token_store.display(),
+        if sharing.is_empty() {
+            String::new()
+        } else {
+            format!(" (configured businesses naming it: {})", sharing.join(", "))
+        }
     );
+    let covered = match auth.businesses_of(&config.file.api.base_url, &access).await {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("leadsync: warning: {e:#}");
+            if write_conf.is_some() {
+                bail!("cannot write configuration files without the grant's business list");
+            }
+            return Ok(0);
+        }
+    };
+    println!("the grant covers {} business(es):", covered.len());
+    for (id, name) in &covered {
+        println!("  {id}  {}", name.as_deref().unwrap_or(""));
+    }
+    if let Some(dir) = write_conf {
+        for (id, name) in &covered {
+            if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
+                eprintln!("leadsync: warning: skipping business id {id:?}: not a string of digits");
+                continue;
+            }
+            let path = dir.join(format!("{id}.toml"));
+            if config.business(id).is_some() {
+                println!("  {id} is configured already: no file written");
+                continue;
+            }
+            if path.exists() {
+                println!("  {} exists: left as it is", path.display());
+                continue;
+            }
+            let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+            let mut text = format!(
+                "# Written by `leadsync auth exchange` at {}: one grant covers the businesses\n\
+                 # naming the same refresh_token_file.\n[[businesses]]\nid = {}\n",
+                crate::time::now(),
+                quote(id)
+            );
+            if let Some(n) = name {
+                text.push_str(&format!("name = {}\n", quote(n)));
+            }
+            text.push_str(&format!(
+                "refresh_token_file = {}\n",
+                quote(&file.display().to_string())
+            ));
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("  wrote {}", path.display());
+        }
+        println!("then: systemctl reload leadsync");
+    }
     Ok(0)
 }
 

