@@ -565,10 +565,15 @@ async fn drain(config: Config) -> Result<u8> {
             .await?
     };
     if waiting > 0 {
-        println!(
-            "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
-            blocked.join(", ")
-        );
+        match session.auth.client_refused() {
+            Some(why) => {
+                println!("{waiting} rows wait: OAuth client refused: {why} (see `leadsync status`)")
+            }
+            None => println!(
+                "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
+                blocked.join(", ")
+            ),
+        }
     }
     Ok(if s.all_sent() && waiting == 0 { 0 } else { 1 })
 }
