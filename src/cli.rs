@@ -283,6 +283,19 @@ pub struct SandboxArgs {
     /// Webhook deliveries sent at once.
     #[arg(long, default_value_t = 16)]
     pub webhook_concurrency: usize,
+    /// Token endpoint: answer every request `invalid_client` (401).
+    #[arg(long)]
+    pub token_invalid_client: bool,
+    /// Token endpoint: answer every request 502 `proxy_oauth_failed` (a wrong audience).
+    #[arg(long)]
+    pub token_proxy_oauth_failed: bool,
+    /// Token endpoint: hold a refresh's answer this long after rotating.
+    #[arg(long, default_value_t = 0)]
+    pub token_hold_ms: u64,
+    /// Token endpoint: seconds a used refresh token may be presented again
+    /// for the same answer (0: any reuse is refused).
+    #[arg(long, default_value_t = 0)]
+    pub token_grace_secs: u64,
     /// Negotiations whose job-status posts are refused (400).
     #[arg(long, value_name = "ID")]
     pub refuse: Vec<String>,
@@ -825,6 +838,13 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;
+    sandbox.set_token_faults(crate::sandbox::TokenFaults {
+        invalid_client: args.token_invalid_client,
+        proxy_oauth_failed: args.token_proxy_oauth_failed,
+        hold_after_rotate_ms: args.token_hold_ms,
+        grace_secs: args.token_grace_secs,
+        ..Default::default()
+    });
     for id in &args.refuse {
         sandbox.refuse(id);
     }
