@@ -215,6 +215,30 @@ async fn a_lost_token_response_is_asked_again_with_the_same_refresh_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_token_answer_is_never_quoted() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        truncate_after_rotate: 1,
+        grace_secs: 60,
+        ..Default::default()
+    });
+    let o = env
+        .cli()
+        .args(["sync", "--business", &b])
+        .env("LEADSYNC_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("unreadable token response ("),
+        "{}",
+        text(&o)
+    );
+    assert_no_secret_anywhere(&env, &text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_token_file_does_not_poison_the_stored_chain() {
     let env = oauth_env(1, FAST).await;
     let b = env.business_ids()[0].clone();

@@ -122,6 +122,9 @@ pub struct TokenFaults {
     /// Drop the connection instead of answering, after rotating, for this
     /// many successful refreshes (the answer is lost).
     pub lose_after_rotate: u32,
+    /// Cut the answer's body short (a broken proxy), after rotating, for
+    /// this many successful refreshes: the body still carries the new tokens.
+    pub truncate_after_rotate: u32,
     /// How long a used refresh token may be presented again and get the
     /// same answer (Thumbtack's grace period for retrying the same request),
     /// as long as the token it was rotated to is still unused. 0 (the

@@ -780,6 +780,15 @@ fn token_endpoint(
         if s.token_faults.lose_after_rotate > 0 {
             s.token_faults.lose_after_rotate -= 1;
             lose = true;
+        } else if s.token_faults.truncate_after_rotate > 0 {
+            s.token_faults.truncate_after_rotate -= 1;
+            let body = answer.to_string();
+            let cut = body.len() * 2 / 3;
+            return (
+                respond(StatusCode::OK, "application/json", body[..cut].to_string()),
+                hold,
+                false,
+            );
         }
     }
     (json_response(StatusCode::OK, &answer), hold, lose)

@@ -230,13 +230,18 @@ impl TokenStore {
             }
         }
         let file = dir.join(&sha256_hex(grant)[..32]);
+        if std::fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "the grant lock {} is a symbolic link: refusing it",
+                file.display()
+            );
+        }
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
-            .custom_flags(0o400_000) // O_NOFOLLOW on Linux
             .open(&file)
             .with_context(|| format!("cannot open the grant lock {}", file.display()))?;
         match file.try_lock() {

@@ -395,6 +395,22 @@ impl Auth {
         self.inner.client_refused_now()
     }
 
+    /// The businesses whose rows wait because the OAuth client is refused
+    /// (every business on a grant), with the reason; empty while it is not.
+    pub fn client_refused_businesses(&self) -> Vec<(String, String)> {
+        let Some(why) = self.inner.client_refused_now() else {
+            return Vec::new();
+        };
+        let Ok(members) = self.inner.members.read() else {
+            return Vec::new();
+        };
+        members
+            .iter()
+            .filter(|(_, m)| matches!(m, Member::Grant(_)))
+            .map(|(id, _)| (id.clone(), why.clone()))
+            .collect()
+    }
+
     /// A valid access token for the business: the cached one, or a new one.
     pub async fn token(&self, business_id: &str) -> Result<Secret, ApiError> {
         let Some(member) = self.inner.member(business_id) else {
