@@ -624,3 +624,54 @@ fn run_as_root_a_command_refuses_files_of_the_service_user() {
         "no root-owned database created"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_of_the_previous_version_is_adopted_per_grant() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    // The previous version rotated the file's token once and kept the new
+    // one per business.
+    let initial = std::fs::read_to_string(token_file(&env, &b)).unwrap();
+    let (id, secret) = env.sandbox.client_credentials();
+    let http = leadsync::thumbtack::client::http_client(Duration::from_secs(5), "test").unwrap();
+    let answer: serde_json::Value = http
+        .post(env.sandbox.token_url())
+        .basic_auth(&id, Some(&secret))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", initial.trim()),
+            ("audience", "urn:partner-api"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rotated = answer["refresh_token"].as_str().unwrap().to_string();
+    let store = env.dir.path().join("fixture/tokens.db");
+    {
+        let c = rusqlite::Connection::open(&store).unwrap();
+        c.execute_batch(
+            "CREATE TABLE refresh_tokens (business_id TEXT PRIMARY KEY, refresh_token TEXT NOT NULL,
+                 generation INTEGER NOT NULL, seed_sha256 TEXT, source TEXT NOT NULL,
+                 updated_at TEXT NOT NULL, refused_at TEXT, refused_reason TEXT);",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO refresh_tokens VALUES (?1, ?2, 3, ?3, 'refresh', '2026-11-01T00:00:00Z', NULL, NULL)",
+            rusqlite::params![
+                b,
+                rotated,
+                leadsync::store::tokens::sha256_hex(initial.trim())
+            ],
+        )
+        .unwrap();
+    }
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    let c = rusqlite::Connection::open(&store).unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM refresh_tokens"), 0, "moved");
+    assert_eq!(count(&c, "SELECT generation FROM grants"), 4);
+}
