@@ -497,12 +497,26 @@ fn adopt(
         return Ok(());
     }
     if let Some(seed) = seed_sha256 {
-        let moved = tx.execute(
-            "UPDATE grants SET grant_key = ?1
-              WHERE grant_key = (SELECT grant_key FROM grants WHERE seed_sha256 = ?2 AND refused_at IS NULL
-                                  ORDER BY updated_at DESC LIMIT 1)",
-            params![grant, seed],
-        )?;
+        let from: Option<String> = tx
+            .query_row(
+                "SELECT grant_key FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL
+                  ORDER BY updated_at DESC LIMIT 1",
+                [seed],
+                |r| r.get(0),
+            )
+            .optional()?;
+        // Only a chain whose file is gone moved here: a file that still
+        // exists names a live grant of its own (two files with the same
+        // content are two grants), and taking its row would let two chains
+        // refresh one token.
+        let from = from.filter(|k| !Path::new(k).exists());
+        let moved = match from {
+            Some(from) => tx.execute(
+                "UPDATE grants SET grant_key = ?1 WHERE grant_key = ?2",
+                params![grant, from],
+            )?,
+            None => 0,
+        };
         if moved > 0 {
             tracing::info!(
                 grant,
@@ -576,6 +590,31 @@ mod tests {
         assert!(g.refused.is_none());
         assert!(s.mark_refused("g", 2, None, "invalid_grant").unwrap());
         assert!(s.get("g", None, &[]).unwrap().unwrap().refused.is_some());
+    }
+
+    #[test]
+    fn a_moved_token_file_keeps_its_chain_but_a_live_one_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old = dir.path().join("old");
+        std::fs::write(&old, "t0").unwrap();
+        let old_key = old.display().to_string();
+        let w = GrantWrite {
+            seed_sha256: Some(sha256_hex("t0")),
+            ..write("t1")
+        };
+        s.put(&old_key, 0, &w).unwrap();
+        // Another file with the same content while the first still exists: its own grant.
+        assert!(
+            s.get("copy", Some(&sha256_hex("t0")), &[])
+                .unwrap()
+                .is_none()
+        );
+        // The file moved: the chain follows it.
+        std::fs::remove_file(&old).unwrap();
+        let g = s.get("new", Some(&sha256_hex("t0")), &[]).unwrap().unwrap();
+        assert_eq!(g.refresh_token.expose(), "t1");
+        assert!(s.get(&old_key, None, &[]).unwrap().is_none());
     }
 
     #[test]
