@@ -261,8 +261,14 @@ async fn a_stale_token_file_does_not_poison_the_stored_chain() {
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let o = env.run(&["sync", "--business", &b]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    assert_eq!(refreshes(&env), before + 1);
+    assert!(refreshes(&env) > before);
+    assert!(
+        !text(&o).contains("the token file was refused"),
+        "{}",
+        text(&o)
+    );
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -308,7 +314,8 @@ async fn two_processes_on_one_token_store_refresh_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_businesses_on_one_grant_share_one_chain() {
-    let env = oauth_env(1, FAST).await;
+    // Tokens live 4 s: long enough that no pass outlives one under load.
+    let env = oauth_env(4, FAST).await;
     let ids = env.business_ids();
     // One pro's grant covers businesses 0 and 1: both name the same file.
     let shared = token_file(&env, &ids[0]);
@@ -327,12 +334,10 @@ async fn two_businesses_on_one_grant_share_one_chain() {
     let db = env.sql();
     assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 180);
     // Across expiry and processes the shared chain keeps rotating.
-    for _ in 0..2 {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let o = env.run(&["sync"]);
-        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    }
-    assert_eq!(refreshes(&env), 6);
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 4);
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     assert_eq!(reauth_count(&env), 0);
 
@@ -347,7 +352,7 @@ async fn two_businesses_on_one_grant_share_one_chain() {
         )
         .unwrap();
     assert_eq!(n, 1, "one stored chain for the shared grant");
-    tokio::time::sleep(Duration::from_millis(1100)).await;
+    tokio::time::sleep(Duration::from_millis(4100)).await;
     let o = env.run(&["sync"]);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_eq!(reauth_count(&env), 2, "{}", text(&o));
