@@ -496,6 +496,11 @@ impl Sandbox {
     /// `oauth`, businesses get refresh-token grants; otherwise static tokens.
     pub fn write_fixture(&self, dir: &Path, oauth: bool) -> Result<PathBuf> {
         std::fs::create_dir_all(dir.join("tokens"))?;
+        // It holds the token store and the grants: the owner's alone, as in production.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let (client_id, client_secret) = self.client_credentials();
         let mut toml = format!(
             "# Written by leadsync's sandbox for {base}\n\
