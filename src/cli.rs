@@ -4,6 +4,7 @@ use crate::config::{Config, ConfigError, ConfigSource};
 use crate::daemon::{self, Controls};
 use crate::drain::{DrainSettings, Drainer};
 use crate::sandbox::{Faults, Pagination, Sandbox, SandboxOptions, Shape};
+use crate::secret::Secret;
 use crate::store::{self, outbox};
 use crate::sync::{PassSettings, ScanKind, sync_business};
 use anyhow::{Context, Result, bail};
@@ -209,12 +210,27 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuthCommand {
-    /// Exchange an OAuth authorization code; store the business's refresh token.
+    /// Exchange an OAuth authorization code; store the grant's refresh token.
     Exchange {
-        #[arg(long, value_name = "ID")]
-        business: String,
-        #[arg(long)]
-        code: String,
+        /// A configured business: the grant goes to its refresh_token_file's chain.
+        #[arg(long, value_name = "ID", required_unless_present = "token_file")]
+        business: Option<String>,
+        /// Onboarding a new grant: the token file to create (mode 0600) for it.
+        #[arg(long, value_name = "FILE", conflicts_with = "business")]
+        token_file: Option<PathBuf>,
+        /// Write DIR/<businessID>.toml for every business the grant covers.
+        #[arg(long, value_name = "DIR")]
+        write_conf: Option<PathBuf>,
+        /// The code (visible in `ps` and shell history: prefer --code-file).
+        #[arg(
+            long,
+            conflicts_with = "code_file",
+            required_unless_present = "code_file"
+        )]
+        code: Option<String>,
+        /// A file holding the code; `-` reads it from standard input.
+        #[arg(long, value_name = "FILE")]
+        code_file: Option<PathBuf>,
         #[arg(long, value_name = "URI")]
         redirect_uri: String,
     },
@@ -284,6 +300,19 @@ pub struct SandboxArgs {
     /// Webhook deliveries sent at once.
     #[arg(long, default_value_t = 16)]
     pub webhook_concurrency: usize,
+    /// Token endpoint: answer every request `invalid_client` (401).
+    #[arg(long)]
+    pub token_invalid_client: bool,
+    /// Token endpoint: answer every request 502 `proxy_oauth_failed` (a wrong audience).
+    #[arg(long)]
+    pub token_proxy_oauth_failed: bool,
+    /// Token endpoint: hold a refresh's answer this long after rotating.
+    #[arg(long, default_value_t = 0)]
+    pub token_hold_ms: u64,
+    /// Token endpoint: seconds a used refresh token may be presented again
+    /// for the same answer (0: any reuse is refused).
+    #[arg(long, default_value_t = 0)]
+    pub token_grace_secs: u64,
     /// Negotiations whose job-status posts are refused (400).
     #[arg(long, value_name = "ID")]
     pub refuse: Vec<String>,
@@ -329,6 +358,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run => {
             let config = load()?;
+            config.require_client_secret()?;
             let controls = Controls::default();
             spawn_signal_handlers(&controls)?;
             daemon::run_with(config, Some(source), controls).await?;
@@ -338,10 +368,10 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             business,
             full,
             accept_missing,
-        } => sync(load()?, business, full, accept_missing).await,
-        Command::Drain => drain(load()?).await,
+        } => sync(with_secret(load()?)?, business, full, accept_missing).await,
+        Command::Drain => drain(with_secret(load()?)?).await,
         Command::Webhooks { command } => {
-            let config = load()?;
+            let config = with_secret(load()?)?;
             match command {
                 WebhooksCommand::Register { business, events } => {
                     crate::webhooks::register(&config, &business, &events).await
@@ -394,6 +424,14 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {
                 println!("{line}");
             }
+            if config.uses_oauth()
+                && let Some(p) = &config.client_secret_problem
+            {
+                println!(
+                    "# warning: {} (only `run`, `sync`, `drain` and `auth exchange` need it)",
+                    p.replace('\n', " ")
+                );
+            }
             print!("{}", config.to_masked_toml());
             Ok(0)
         }
@@ -401,12 +439,39 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             command:
                 AuthCommand::Exchange {
                     business,
+                    token_file,
+                    write_conf,
                     code,
+                    code_file,
                     redirect_uri,
                 },
-        } => auth_exchange(load()?, &business, &code, &redirect_uri).await,
+        } => {
+            let config = with_secret(load()?)?;
+            if config.client_secret.is_none() || config.file.oauth.client_id.is_none() {
+                return Err(
+                    ConfigError(config.client_secret_problem.clone().unwrap_or_else(|| {
+                        "auth exchange needs oauth.client_id and a client secret".into()
+                    }))
+                    .into(),
+                );
+            }
+            if let Some(dir) = &write_conf
+                && !dir.is_dir()
+            {
+                bail!("--write-conf {}: not a directory", dir.display());
+            }
+            let code = read_code(code, code_file.as_deref())?;
+            let target = match (business, token_file) {
+                (Some(b), _) => ExchangeTarget::Business(b),
+                (None, Some(f)) => ExchangeTarget::File(f),
+                (None, None) => bail!("give --business ID or --token-file FILE"),
+            };
+            auth_exchange(config, target, &code, &redirect_uri, write_conf.as_deref()).await
+        }
         Command::Sandbox(args) => sandbox(args).await,
-        Command::Probe { business, json } => crate::probe::run(load()?, &business, json).await,
+        Command::Probe { business, json } => {
+            crate::probe::run(with_secret(load()?)?, &business, json).await
+        }
         Command::Demo { database } => crate::demo::run(&database).await,
         Command::Backup { file, force } => backup(&load()?, file, force).await,
         Command::Completions { shell } => {
@@ -457,6 +522,12 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
         r.elapsed.as_secs_f64()
     );
     Ok(0)
+}
+
+/// The configuration of a command that calls the token endpoint: its client secret must be readable.
+fn with_secret(config: Config) -> Result<Config> {
+    config.require_client_secret()?;
+    Ok(config)
 }
 
 /// SIGTERM/SIGINT stop the daemon; SIGHUP reloads its configuration.
@@ -548,6 +619,7 @@ async fn sync(
     if let Some(p) = progress {
         p.stop().await;
     }
+    session.auth.settle(settle_bound(&session.config)).await;
     reports.sort_by(|a, b| a.business_id.cmp(&b.business_id));
     let failed = reports.iter().filter(|r| !r.is_ok()).count();
     for r in &reports {
@@ -709,7 +781,9 @@ async fn drain(config: Config) -> Result<u8> {
         session.client.clone(),
         DrainSettings::from_config(&session.config),
     ));
-    let s = drainer.drain_once(&stop).await?;
+    let s = drainer.drain_once(&stop).await;
+    session.auth.settle(settle_bound(&session.config)).await;
+    let s = s?;
     println!(
         "drained: {} sent, {} to retry later, {} dead, {} held for re-authorization",
         s.sent, s.retried, s.dead, s.held
@@ -725,10 +799,15 @@ async fn drain(config: Config) -> Result<u8> {
             .await?
     };
     if waiting > 0 {
-        println!(
-            "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
-            blocked.join(", ")
-        );
+        match session.auth.client_refused() {
+            Some(why) => {
+                println!("{waiting} rows wait: OAuth client refused: {why} (see `leadsync status`)")
+            }
+            None => println!(
+                "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
+                blocked.join(", ")
+            ),
+        }
     }
     Ok(if s.all_sent() && waiting == 0 { 0 } else { 1 })
 }
@@ -823,23 +902,132 @@ fn report_each(results: Vec<(i64, std::result::Result<(), String>)>, done: &str)
     Ok(if failed { 1 } else { 0 })
 }
 
+/// The authorization code from `--code` or `--code-file` (`-`: standard input).
+fn read_code(code: Option<String>, file: Option<&std::path::Path>) -> Result<Secret> {
+    let text = match (code, file) {
+        (Some(c), _) => c,
+        (None, Some(p)) if p == std::path::Path::new("-") => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("cannot read the code from standard input")?;
+            s
+        }
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the code file {}", p.display()))?,
+        (None, None) => bail!("give the code with --code-file FILE (or - for stdin) or --code"),
+    };
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        bail!("the authorization code is empty");
+    }
+    Ok(Secret::new(text))
+}
+
+/// Where `auth exchange` puts the grant.
+enum ExchangeTarget {
+    /// The chain of a configured business's refresh_token_file.
+    Business(String),
+    /// A new token file (onboarding).
+    File(PathBuf),
+}
+
 async fn auth_exchange(
     config: Config,
-    business: &str,
-    code: &str,
+    target: ExchangeTarget,
+    code: &Secret,
     redirect_uri: &str,
+    write_conf: Option<&std::path::Path>,
 ) -> Result<u8> {
     let mirror = {
         let path = config.database().to_path_buf();
         tokio::task::spawn_blocking(move || store::Store::open(&path)).await??
     };
-    let auth = crate::thumbtack::Auth::new(&config, Some(mirror), Default::default())?;
-    auth.exchange_code(business, code, redirect_uri).await?;
+    let auth = crate::app::open_auth_with(&config, Some(mirror), Default::default(), true)?;
+    let result = match &target {
+        ExchangeTarget::Business(b) => auth.exchange_code(b, code, redirect_uri).await,
+        ExchangeTarget::File(f) => auth.exchange_code_into(f, code, redirect_uri).await,
+    };
+    auth.settle(settle_bound(&config)).await;
+    let access = result?;
+    let file = match &target {
+        ExchangeTarget::Business(b) => match config.business(b).map(|b| &b.token) {
+            Some(crate::config::TokenSource::Refresh(file)) => file.clone(),
+            _ => bail!("business {b} has no refresh_token_file"),
+        },
+        ExchangeTarget::File(f) => f.clone(),
+    };
+    let sharing: Vec<&str> = config
+        .businesses
+        .iter()
+        .filter(|b| matches!(&b.token, crate::config::TokenSource::Refresh(f) if *f == file))
+        .map(|b| b.id.as_str())
+        .collect();
     println!(
-        "stored a new refresh token for business {business} in {}; a running daemon picks it up at its next sync",
-        config.file.oauth.token_store.display()
+        "stored the new grant of {} in {}{}; a running daemon picks it up at its next sync",
+        file.display(),
+        config.file.oauth.token_store.display(),
+        if sharing.is_empty() {
+            String::new()
+        } else {
+            format!(" (configured businesses naming it: {})", sharing.join(", "))
+        }
     );
+    let covered = match auth.businesses_of(&config.file.api.base_url, &access).await {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("leadsync: warning: {e:#}");
+            if write_conf.is_some() {
+                bail!("cannot write configuration files without the grant's business list");
+            }
+            return Ok(0);
+        }
+    };
+    println!("the grant covers {} business(es):", covered.len());
+    for (id, name) in &covered {
+        println!("  {id}  {}", name.as_deref().unwrap_or(""));
+    }
+    if let Some(dir) = write_conf {
+        for (id, name) in &covered {
+            if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
+                eprintln!("leadsync: warning: skipping business id {id:?}: not a string of digits");
+                continue;
+            }
+            let path = dir.join(format!("{id}.toml"));
+            if config.business(id).is_some() {
+                println!("  {id} is configured already: no file written");
+                continue;
+            }
+            if path.exists() {
+                println!("  {} exists: left as it is", path.display());
+                continue;
+            }
+            let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+            let mut text = format!(
+                "# Written by `leadsync auth exchange` at {}: one grant covers the businesses\n\
+                 # naming the same refresh_token_file.\n[[businesses]]\nid = {}\n",
+                crate::time::now(),
+                quote(id)
+            );
+            if let Some(n) = name {
+                text.push_str(&format!("name = {}\n", quote(n)));
+            }
+            text.push_str(&format!(
+                "refresh_token_file = {}\n",
+                quote(&file.display().to_string())
+            ));
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("  wrote {}", path.display());
+        }
+        println!("then: systemctl reload leadsync");
+    }
     Ok(0)
+}
+
+/// How long a command waits at its end for token refreshes in flight.
+pub fn settle_bound(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(config.file.api.timeout_secs) * 3
+        + std::time::Duration::from_secs(1)
 }
 
 async fn sandbox(args: SandboxArgs) -> Result<u8> {
@@ -871,6 +1059,13 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;
+    sandbox.set_token_faults(crate::sandbox::TokenFaults {
+        invalid_client: args.token_invalid_client,
+        proxy_oauth_failed: args.token_proxy_oauth_failed,
+        hold_after_rotate_ms: args.token_hold_ms,
+        grace_secs: args.token_grace_secs,
+        ..Default::default()
+    });
     for id in &args.refuse {
         sandbox.refuse(id);
     }

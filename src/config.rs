@@ -110,7 +110,9 @@ impl Default for OauthConfig {
             client_id: None,
             client_secret_file: None,
             client_secret: None,
-            token_store: PathBuf::from("/var/lib/leadsync/tokens.db"),
+            // Not in the state directory itself: the partner's group may
+            // enter that one (StateDirectoryMode=0770).
+            token_store: PathBuf::from("/var/lib/leadsync/private/tokens.db"),
         }
     }
 }
@@ -356,6 +358,12 @@ pub struct Config {
     pub client_secret: Option<Secret>,
     /// Where the client secret came from (for `config check`).
     pub client_secret_source: Option<String>,
+    /// Why no client secret could be read although a business uses OAuth:
+    /// an error for the commands that call the token endpoint
+    /// ([`Config::require_client_secret`]), a warning for the others (the
+    /// systemd unit loads the secret as a credential an operator's shell
+    /// does not have).
+    pub client_secret_problem: Option<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
     /// `admin.listen`, parsed: the admin listener's address, if on.
@@ -373,6 +381,14 @@ impl Config {
     /// The business with this id, if configured.
     pub fn business(&self, id: &str) -> Option<&Business> {
         self.index.get(id).and_then(|&i| self.businesses.get(i))
+    }
+
+    /// For commands that call the token endpoint: the client secret must be there.
+    pub fn require_client_secret(&self) -> Result<(), ConfigError> {
+        match &self.client_secret_problem {
+            Some(p) if self.uses_oauth() => Err(ConfigError(p.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// True when some business uses the OAuth refresh-token grant.
@@ -431,7 +447,12 @@ impl ConfigSource {
             figment = figment.admerge(Toml::file_exact(f));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG));
-        let file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        // The secret exactly as set: the environment provider would read a
+        // numeric-looking secret as a number (and drop leading zeros).
+        if let Ok(raw) = std::env::var(format!("{ENV_PREFIX}OAUTH__CLIENT_SECRET")) {
+            file.oauth.client_secret = Some(Secret::new(raw));
+        }
         validate(&figment, file, files)
     }
 
@@ -799,7 +820,11 @@ fn validate(
     let uses_oauth = businesses
         .iter()
         .any(|b| matches!(b.token, TokenSource::Refresh(_)));
-    let (client_secret, client_secret_source) = resolve_client_secret(figment, &file)?;
+    let (client_secret, client_secret_source, mut client_secret_problem) =
+        match resolve_client_secret(figment, &file) {
+            Ok((secret, source)) => (secret, source, None),
+            Err(e) => (None, None, Some(e.0)),
+        };
     if uses_oauth {
         if file
             .oauth
@@ -812,19 +837,30 @@ fn validate(
                 locate(figment, "oauth.client_id")
             ));
         }
-        if client_secret.is_none() {
-            return err(format!(
+        if client_secret.is_none() && client_secret_problem.is_none() {
+            client_secret_problem = Some(format!(
                 "{}: no OAuth client secret: set oauth.client_secret_file, load the credential `client_secret` \
                  (systemd LoadCredential=), or set {ENV_PREFIX}OAUTH__CLIENT_SECRET",
                 locate_beside(figment, "oauth.client_secret_file", "oauth.client_id")
             ));
         }
-        if reqwest::Url::parse(&file.oauth.token_url).is_err() {
-            return err(format!(
-                "{}: `{}` is not a URL",
-                locate(figment, "oauth.token_url"),
-                file.oauth.token_url
-            ));
+        match reqwest::Url::parse(&file.oauth.token_url) {
+            Err(_) => {
+                return err(format!(
+                    "{}: `{}` is not a URL",
+                    locate(figment, "oauth.token_url"),
+                    file.oauth.token_url
+                ));
+            }
+            // The client secret and every refresh token travel in this request.
+            Ok(u) if u.scheme() != "https" && !is_loopback_host(u.host_str().unwrap_or("")) => {
+                return err(format!(
+                    "{}: `{}` must use https (plain http is accepted only for a loopback host such as the sandbox)",
+                    locate(figment, "oauth.token_url"),
+                    file.oauth.token_url
+                ));
+            }
+            Ok(_) => {}
         }
         if same_file(&file.oauth.token_store, &file.database) {
             return err(format!(
@@ -847,6 +883,7 @@ fn validate(
         index,
         client_secret,
         client_secret_source,
+        client_secret_problem,
         files,
         webhooks,
         admin_listen,

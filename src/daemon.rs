@@ -218,6 +218,11 @@ pub async fn run_with(
             "in-flight work did not finish in time; unfinished passes are recorded as interrupted"
         );
     }
+    // A refresh in flight finishes and its rotated token is stored before we exit.
+    daemon
+        .auth
+        .settle(crate::cli::settle_bound(&daemon.config()))
+        .await;
     monitor.abort();
     if let Some(admin) = admin {
         admin.stop().await;
@@ -709,6 +714,7 @@ impl Daemon {
     /// prepared first, so a failure leaves the old configuration in place.
     async fn apply(self: &Arc<Self>, new: Config) -> Result<Reloaded> {
         let started = Instant::now();
+        new.require_client_secret()?;
         let old = self.config();
         let mut new = new;
         for (what, changed) in [

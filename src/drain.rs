@@ -231,9 +231,15 @@ impl Drainer {
         for b in &settings.disabled {
             reasons.insert(b.clone(), WaitReason::Disabled);
         }
+        let client_refused = client.auth().client_refused();
         for b in client.auth().blocked() {
-            let why = client.auth().reauth_reason(&b).unwrap_or_default();
-            reasons.entry(b).or_insert(WaitReason::NeedsReauth(why));
+            // Blocked without a reason of its own: its OAuth client is refused.
+            let why = match (client.auth().reauth_reason(&b), &client_refused) {
+                (Some(why), _) => WaitReason::NeedsReauth(why),
+                (None, Some(why)) => WaitReason::OAuthClientRefused(why.clone()),
+                (None, None) => WaitReason::NeedsReauth(String::new()),
+            };
+            reasons.entry(b).or_insert(why);
         }
         let hook = self.wait_hook.read().ok().and_then(|h| h.clone());
         if let Some(hook) = hook {

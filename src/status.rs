@@ -13,6 +13,9 @@ use std::collections::HashMap;
 pub struct StatusReport {
     pub database: String,
     pub generated_at: String,
+    /// OAuth conditions a person must see once, not per business (the
+    /// client refused, a token file refused, a rotated token not stored).
+    pub auth_alerts: Vec<AuthAlert>,
     pub businesses: Vec<BusinessStatus>,
     /// The running daemon's schedules and how far behind each is (empty
     /// when no daemon has written them).
@@ -29,6 +32,13 @@ pub struct ScheduleStatus {
     pub lag_secs: i64,
     /// The daemon has not refreshed these figures for over two minutes.
     pub stale: bool,
+}
+
+/// One OAuth condition.
+#[derive(Debug, Serialize)]
+pub struct AuthAlert {
+    pub message: String,
+    pub since: String,
 }
 
 /// One business.
@@ -199,9 +209,14 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             }
         })
         .collect();
+    let auth_alerts = crate::store::mirror::auth_alerts(conn)?
+        .into_iter()
+        .map(|(message, since)| AuthAlert { message, since })
+        .collect();
     Ok(StatusReport {
         database: config.database().display().to_string(),
         generated_at: crate::time::now(),
+        auth_alerts,
         businesses,
         schedules,
         outbox: OutboxStatus {
@@ -227,7 +242,18 @@ fn ago(secs: Option<i64>) -> String {
 
 /// The report as a table for people.
 pub fn render_text(r: &StatusReport) -> String {
-    let mut out = format!("database: {}\n\nbusinesses:\n", r.database);
+    let mut out = format!("database: {}\n", r.database);
+    if !r.auth_alerts.is_empty() {
+        out.push_str("\nOAuth:\n");
+        for a in &r.auth_alerts {
+            out.push_str(&format!("  ! {} (since {})\n", a.message, a.since));
+        }
+    }
+    out.push_str("\nbusinesses:\n");
+    let client_refused = r
+        .auth_alerts
+        .iter()
+        .any(|a| a.message.starts_with("OAuth client refused"));
     if r.businesses.is_empty() {
         out.push_str("  (none configured)\n");
     }
@@ -256,6 +282,7 @@ pub fn render_text(r: &StatusReport) -> String {
         if b.last_sync_outcome.as_deref() == Some("error")
             && let Some(e) = &b.last_error
             && !b.needs_reauth
+            && !(client_refused && e.contains("OAuth client refused"))
         {
             notes.push(format!("error: {e}"));
         }

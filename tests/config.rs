@@ -339,17 +339,39 @@ fn secrets_are_masked_wherever_they_come_from() {
             "client_id = \"partner-app\"\nclient_secret_file = \"/nonexistent/client_secret\"",
         ),
     );
-    assert_config_error(
-        &check(&[&gone], &[]),
-        &[
-            "gone.toml",
-            "oauth.client_secret_file",
-            "/nonexistent/client_secret",
-        ],
+    let o = check(&[&gone], &[]);
+    assert_eq!(o.status.code(), Some(0), "a warning only: {}", text(&o));
+    assert!(
+        text(&o).contains("oauth.client_secret_file")
+            && text(&o).contains("/nonexistent/client_secret"),
+        "{}",
+        text(&o)
     );
 
-    // A refresh-token business without any client secret is a configuration error.
+    // A numeric-looking secret is taken as text and never echoed.
+    for numeric in ["0012345678", "12345678901234567890123456789", "1.5e10"] {
+        let o = check(&[&plain], &[("LEADSYNC_OAUTH__CLIENT_SECRET", numeric)]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert!(!text(&o).contains(numeric), "secret printed: {}", text(&o));
+    }
+
+    // Without any client secret, `config check` (and the other commands that
+    // never call the token endpoint) still works and warns; `sync` refuses.
     let o = check(&[&plain], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("warning") && text(&o).contains("client secret"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&plain)
+        .arg("sync")
+        .env_remove("LEADSYNC_OAUTH__CLIENT_SECRET")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
     assert_config_error(&o, &["plain.toml", "client secret"]);
 }
 

@@ -541,6 +541,34 @@ pub fn set_needs_reauth(
     Ok(())
 }
 
+/// Sets (keeping its first `since`) or clears an auth alert.
+pub fn set_auth_alert(
+    conn: &Connection,
+    key: &str,
+    message: Option<&str>,
+    now: &str,
+) -> Result<()> {
+    match message {
+        Some(m) => conn.execute(
+            "INSERT INTO auth_alerts (alert_key, message, since) VALUES (?1, ?2, ?3)
+             ON CONFLICT (alert_key) DO UPDATE SET message = excluded.message",
+            params![key, m, now],
+        )?,
+        None => conn.execute("DELETE FROM auth_alerts WHERE alert_key = ?1", [key])?,
+    };
+    Ok(())
+}
+
+/// Every auth alert (message, since), oldest first.
+pub fn auth_alerts(conn: &Connection) -> Result<Vec<(String, String)>> {
+    let mut stmt =
+        conn.prepare("SELECT message, since FROM auth_alerts ORDER BY since, alert_key")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
 /// Closes passes left `running` by a process that stopped; returns how many.
 pub fn interrupt_running(conn: &Connection, now: &str, why: &str) -> Result<usize> {
     let n = conn.execute(

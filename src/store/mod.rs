@@ -50,6 +50,10 @@ fn migrations() -> Vec<(i64, String)> {
             5,
             include_str!("migrations/0005_sync_requests.sql").to_string(),
         ),
+        (
+            6,
+            include_str!("migrations/0006_auth_alerts.sql").to_string(),
+        ),
     ]
 }
 
@@ -70,9 +74,56 @@ pub fn schema_version() -> i64 {
     migrations().last().map(|(v, _)| *v).unwrap_or(0)
 }
 
+/// The name of a uid, from /etc/passwd (the uid itself when unknown).
+fn user_name(uid: u32) -> String {
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|p| {
+            p.lines().find_map(|l| {
+                let mut f = l.split(':');
+                let name = f.next()?;
+                (f.nth(1)?.parse::<u32>().ok()? == uid).then(|| name.to_string())
+            })
+        })
+        .unwrap_or_else(|| uid.to_string())
+}
+
+/// Run as root, refuses to open `path` when it (or, not existing yet, its
+/// directory) belongs to another user: root would leave files behind (the
+/// database, its journal or WAL) that the service user cannot open.
+pub fn refuse_foreign_as_root(path: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(me) = std::fs::metadata("/proc/self").map(|m| m.uid()) else {
+        return Ok(());
+    };
+    if me != 0 {
+        return Ok(());
+    }
+    let owner = match std::fs::metadata(path) {
+        Ok(m) => m.uid(),
+        Err(_) => match path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            Some(dir) => match std::fs::metadata(dir) {
+                Ok(m) => m.uid(),
+                Err(_) => return Ok(()),
+            },
+            None => return Ok(()),
+        },
+    };
+    if owner != 0 {
+        let user = user_name(owner);
+        bail!(
+            "{what} {} belongs to {user}: run as root, leadsync would leave root-owned files there that \
+             {user} cannot open; run the command as that user: `sudo -u {user} leadsync ...`",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
 /// Opens (creating if `create`) the mirror with leadsync's settings and
 /// applies pending migrations.
 pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
+    refuse_foreign_as_root(path, "database")?;
     if !create && !path.exists() {
         bail!(
             "database {} does not exist yet: it is created by `leadsync run`, `sync`, `drain` or `enqueue`",

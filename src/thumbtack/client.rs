@@ -312,9 +312,19 @@ impl Client {
         let (ex, token, first) = self.exchange(business_id, method.clone(), url, body).await;
         log.push(ex);
         match first {
-            Err(e) if e.disposition == Disposition::Refresh => {
-                if let Some(token) = token {
-                    self.auth.invalidate(business_id, &token).await;
+            Err(mut e) if e.disposition == Disposition::Refresh => {
+                let refresh = match &token {
+                    Some(token) => self.auth.invalidate(business_id, token).await,
+                    None => true,
+                };
+                if !refresh {
+                    // The token is fresh: refreshing again would only burn a rotation.
+                    e.disposition = Disposition::Retry;
+                    e.message = format!("401 with a fresh token: missing scope? ({})", e.message);
+                    if let Some(last) = log.last_mut() {
+                        last.error = Some(e.message.clone());
+                    }
+                    return Err(e);
                 }
                 let (ex, _, second) = self.exchange(business_id, method, url, body).await;
                 log.push(ex);
