@@ -76,7 +76,12 @@ fn main() -> anyhow::Result<()> {
                         l.charge_state,
                         now
                     ])?;
-                    change.execute(rusqlite::params![l.negotiation_id, business_id, now, l.status])?;
+                    change.execute(rusqlite::params![
+                        l.negotiation_id,
+                        business_id,
+                        now,
+                        l.status
+                    ])?;
                     n += 1;
                 }
             }
