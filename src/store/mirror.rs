@@ -144,18 +144,24 @@ pub fn upsert_lead(
                FROM negotiations WHERE negotiation_id = ?1",
         )?
         .query_row([&lead.negotiation_id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, String>(5)?,
-            ))
+            // The unchanged path (most leads of most passes) compares the
+            // stored columns in place and allocates nothing; the old status
+            // is copied out only for a lead that may get a change row.
+            let hash = r.get::<_, i64>(0)?;
+            let stale = r.get_ref(1)?.as_str()? < ctx.stale_before.as_str();
+            let missing = !matches!(r.get_ref(2)?, rusqlite::types::ValueRef::Null);
+            let same_business = r.get_ref(3)?.as_str()? == ctx.business_id;
+            let old_status = if missing || hash != lead.hash || !same_business {
+                r.get::<_, Option<String>>(4)?
+            } else {
+                None
+            };
+            let changed_at = r.get_ref(5)?.as_str()?;
+            let keep = keep_if_changed_after.is_some_and(|t| changed_at > t);
+            Ok((hash, stale, missing, same_business, old_status, keep))
         })
         .optional()?;
-    let Some((hash, last_seen, missing_since, business_id, old_status, changed_at)) = existing
-    else {
+    let Some((hash, stale, missing, same_business, old_status, keep)) = existing else {
         tx.prepare_cached(
             "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
                  payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
@@ -173,21 +179,21 @@ pub fn upsert_lead(
         return Ok(Upserted::Inserted);
     };
     let mut changed_fields = None;
-    if hash != lead.hash || business_id != ctx.business_id {
+    if hash != lead.hash || !same_business {
         let old: String = tx
             .prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?
             .query_row([&lead.negotiation_id], |r| r.get(0))?;
         let fields = differing_fields(&old, &lead.payload);
-        if !fields.is_empty() || business_id != ctx.business_id {
+        if !fields.is_empty() || !same_business {
             changed_fields = Some((old, fields));
         }
     }
-    if keep_if_changed_after.is_some_and(|t| changed_at.as_str() > t) {
+    if keep {
         return Ok(Upserted::Kept {
             identical: changed_fields.is_none(),
         });
     }
-    if missing_since.is_some() {
+    if missing {
         tx.prepare_cached(
             "UPDATE negotiations SET missing_since = NULL, last_seen_at = ?2 WHERE negotiation_id = ?1",
         )?
@@ -219,9 +225,9 @@ pub fn upsert_lead(
             record_change(tx, lead, ctx, c)?;
             Upserted::Changed
         }
-        None if missing_since.is_some() => Upserted::Reappeared,
+        None if missing => Upserted::Reappeared,
         None => {
-            if last_seen < ctx.stale_before {
+            if stale {
                 tx.prepare_cached(
                     "UPDATE negotiations SET last_seen_at = ?2 WHERE negotiation_id = ?1",
                 )?
