@@ -1341,6 +1341,18 @@ impl Inner {
     }
 }
 
+impl TokenFailure {
+    /// The `outcome` label of the token-refresh metric.
+    fn outcome(&self) -> &'static str {
+        match self {
+            TokenFailure::GrantRefused(_) => "invalid_grant",
+            TokenFailure::ClientRefused(_) => "client_refused",
+            TokenFailure::Lost(_) => "lost",
+            TokenFailure::Transient(_) => "transient",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1375,17 +1387,5 @@ mod tests {
         // expires_in 0 is floored: the token is reused for a while, not refreshed per request.
         let (a, _) = Inner::access_of(t.access_token, t.expires_in);
         assert!(a.expires_at > Instant::now() + Duration::from_millis(500));
-    }
-}
-
-impl TokenFailure {
-    /// The `outcome` label of the token-refresh metric.
-    fn outcome(&self) -> &'static str {
-        match self {
-            TokenFailure::GrantRefused(_) => "invalid_grant",
-            TokenFailure::ClientRefused(_) => "client_refused",
-            TokenFailure::Lost(_) => "lost",
-            TokenFailure::Transient(_) => "transient",
-        }
     }
 }
