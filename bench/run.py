@@ -51,14 +51,14 @@ def free_port():
 class Sandbox:
     """`leadsync sandbox` in its own process, with a configuration written for it."""
 
-    def __init__(self, workdir, businesses, leads, latency_ms=0):
+    def __init__(self, workdir, businesses, leads, latency_ms=0, shape=None):
         self.dir = workdir
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [BIN, "sandbox", "--listen", f"127.0.0.1:{self.port}", "--businesses", str(businesses),
              "--leads-per-business", str(leads), "--max-page-size", "100", "--latency-ms", str(latency_ms),
-             "--write-config", workdir, "--static-tokens"],
+             "--write-config", workdir, "--static-tokens"] + (["--shape", shape] if shape else []),
             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         for line in self.proc.stdout:
             if "configuration written" in line:
@@ -74,17 +74,21 @@ class Sandbox:
         self.proc.wait()
 
 
-def write_overrides(workdir, **outbox):
+def write_overrides(workdir, sync_concurrency=None, **outbox):
     path = os.path.join(workdir, "bench.toml")
-    lines = ["[api]", "max_requests_per_second = 100000", "", "[poll]", "page_size = 100", "", "[outbox]"]
+    lines = ["[api]", "max_requests_per_second = 100000", "", "[poll]", "page_size = 100", ""]
+    if sync_concurrency is not None:
+        lines += ["[daemon]", f"sync_concurrency = {sync_concurrency}", ""]
+    lines += ["[outbox]"]
     lines += [f"{k} = {v}" for k, v in outbox.items()]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
 
 
-def timed(args):
-    """Runs leadsync under GNU time; returns (wall seconds, peak RSS MiB, stdout)."""
+def timed(args, cpu=False):
+    """Runs leadsync under GNU time; returns (wall seconds, peak RSS MiB, stdout),
+    and CPU seconds (user + system) after them when `cpu`."""
     out = subprocess.run([TIME, "-v", BIN] + args, capture_output=True, text=True)
     if out.returncode != 0:
         sys.exit(f"leadsync {' '.join(args)} failed:\n{out.stdout}\n{out.stderr[-3000:]}")
@@ -92,6 +96,10 @@ def timed(args):
     parts = [float(p) for p in wall.split(":")]
     seconds = sum(p * 60 ** i for i, p in enumerate(reversed(parts)))
     rss_kb = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", out.stderr).group(1))
+    if cpu:
+        user = float(re.search(r"User time \(seconds\): (\S+)", out.stderr).group(1))
+        system = float(re.search(r"System time \(seconds\): (\S+)", out.stderr).group(1))
+        return seconds, rss_kb / 1024, out.stdout, user + system
     return seconds, rss_kb / 1024, out.stdout
 
 
@@ -177,6 +185,123 @@ def bench_sync(quick, results):
             sb.stop()
             shutil.rmtree(work, ignore_errors=True)
     results["sync"]["peak_rss_by_leads"] = [{"leads": n, "peak_rss_mib": round(m, 1)} for n, m in rss]
+
+def tokens_of(sandbox):
+    with open(sandbox.config) as f:
+        text = f.read()
+    out = {}
+    for bid, token_file in re.findall(r'id = "(\d+)"\nname = "[^"]*"\naccess_token_file = "([^"]+)"', text):
+        with open(token_file) as t:
+            out[bid] = t.read().strip()
+    return out
+
+
+def fetch_floor(sandbox, per_business):
+    """The fetch floor: every page of every business, in order, over one
+    keep-alive connection; the bytes are read and nothing is parsed.
+    Returns (wall seconds, bytes)."""
+    import http.client
+    tokens = tokens_of(sandbox)
+    conn = http.client.HTTPConnection("127.0.0.1", sandbox.port)
+    n = 0
+    start = time.monotonic()
+    for bid, token in tokens.items():
+        for offset in range(0, per_business, 100):
+            conn.request("GET", f"/api/v4/businesses/{bid}/negotiations?limit=100&offset={offset}",
+                         headers={"Authorization": f"Bearer {token}"})
+            r = conn.getresponse()
+            body = r.read()
+            if r.status != 200:
+                sys.exit(f"fetch floor: HTTP {r.status}")
+            n += len(body)
+    wall = time.monotonic() - start
+    conn.close()
+    return wall, n
+
+
+def write_floor(businesses, per_business):
+    """The write floor: examples/write_floor.rs (same rows, the mirror's
+    schema, indexes and pragmas, one transaction per page, no HTTP, no JSON).
+    Returns (wall seconds, CPU seconds) of the writes alone."""
+    work = tempfile.mkdtemp(prefix="leadsync-bench-")
+    try:
+        exe = os.path.join(ROOT, "target", "release", "examples", "write_floor")
+        out = subprocess.run([exe, os.path.join(work, "floor.db"), str(businesses), str(per_business)],
+                             capture_output=True, text=True, check=True)
+        r = json.loads(out.stdout.strip().splitlines()[-1])
+        assert r["rows"] == businesses * per_business
+        return r["wall_s"], r["cpu_s"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def load():
+    return round(os.getloadavg()[0], 1)
+
+
+def bench_limit(quick, results, rss400):
+    """Issue 16: the sync against its physical limit, max(fetch floor, write
+    floor), schema-shaped payloads, concurrency 1 and 4, latency 0 and 2 ms."""
+    per_business = 1250 if quick else 5000
+    total = 20 * per_business
+    wf_wall, wf_cpu = min((write_floor(20, per_business) for _ in range(3)), key=lambda r: r[0])
+    out = {"leads": total, "write_floor_wall_s": round(wf_wall, 3), "write_floor_cpu_s": round(wf_cpu, 3),
+           "runs": []}
+    for latency in (0, 2):
+        work = tempfile.mkdtemp(prefix="leadsync-bench-")
+        sb = Sandbox(work, 20, per_business, latency_ms=latency, shape="schema")
+        try:
+            ff = min(fetch_floor(sb, per_business)[0] for _ in range(3))
+            floor = max(ff, wf_wall)
+            db_path = os.path.join(work, "leadsync.db")
+            for conc in (1, 4):
+                for suffix in ("", "-wal", "-shm"):
+                    if os.path.exists(db_path + suffix):
+                        os.remove(db_path + suffix)
+                overrides = write_overrides(work, sync_concurrency=conc)
+                args = ["--config", sb.config, "--config", overrides, "sync", "--full"]
+                la = load()
+                wall, peak, _, cpu = timed(args, cpu=True)
+                db = sqlite3.connect(db_path)
+                got = db.execute("SELECT count(*) FROM negotiations").fetchone()[0]
+                assert got == total, f"mirrored {got} of {total} leads"
+                db.executescript("""
+                    CREATE TABLE bench_writes (n INTEGER);
+                    CREATE TRIGGER bench_u AFTER UPDATE ON negotiations BEGIN INSERT INTO bench_writes VALUES (1); END;
+                    CREATE TRIGGER bench_i AFTER INSERT ON negotiations BEGIN INSERT INTO bench_writes VALUES (1); END;
+                """)
+                db.close()
+                rla = load()
+                rewall, repeak, _, recpu = timed(args, cpu=True)
+                db = sqlite3.connect(db_path)
+                rewrites = db.execute("SELECT count(*) FROM bench_writes").fetchone()[0]
+                db.executescript("DROP TRIGGER bench_u; DROP TRIGGER bench_i; DROP TABLE bench_writes;")
+                db.close()
+                out["runs"].append({
+                    "latency_ms": latency, "concurrency": conc,
+                    "fetch_floor_s": round(ff, 3), "limit_s": round(floor, 3),
+                    "full_wall_s": round(wall, 2), "full_cpu_s": round(cpu, 2), "full_peak_rss_mib": round(peak, 1),
+                    "full_vs_limit": round(wall / floor, 2), "full_load": la,
+                    "resync_wall_s": round(rewall, 2), "resync_cpu_s": round(recpu, 2),
+                    "resync_vs_fetch_floor": round(rewall / ff, 2), "resync_rows_written": rewrites,
+                    "resync_peak_rss_mib": round(repeak, 1), "resync_load": rla,
+                })
+        finally:
+            sb.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    rss = []
+    for leads in ([per_business // 4, per_business] + ([per_business * 4] if rss400 else [])):
+        work = tempfile.mkdtemp(prefix="leadsync-bench-")
+        sb = Sandbox(work, 20, leads, shape="schema")
+        try:
+            overrides = write_overrides(work, sync_concurrency=4)
+            _, peak, _ = timed(["--config", sb.config, "--config", overrides, "sync", "--full"])
+            rss.append({"leads": 20 * leads, "peak_rss_mib": round(peak, 1)})
+        finally:
+            sb.stop()
+            shutil.rmtree(work, ignore_errors=True)
+    out["peak_rss_by_leads"] = rss
+    results["limit"] = out
 
 
 def bench_drain(quick, results):
@@ -295,14 +420,18 @@ def bench_mixed(quick, results):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    ap.add_argument("--only", choices=["sync", "drain", "mixed"], help="run one of the benchmarks")
+    ap.add_argument("--only", choices=["sync", "drain", "mixed", "limit"], help="run one of the benchmarks")
+    ap.add_argument("--rss-400k", action="store_true", help="also measure peak RSS at 400,000 leads (limit)")
     args = ap.parse_args()
     if not os.path.exists(TIME):
         sys.exit("GNU time is needed at /usr/bin/time (Debian: apt-get install time)")
-    subprocess.run(["cargo", "build", "--release", "--quiet"], cwd=ROOT, check=True)
+    subprocess.run(["cargo", "build", "--release", "--quiet", "--bin", "leadsync", "--example", "write_floor"],
+                   cwd=ROOT, check=True)
     results = {"machine": f"{os.cpu_count()} cores", "quick": args.quick}
     if args.only in (None, "sync"):
         bench_sync(args.quick, results)
+    if args.only in (None, "limit"):
+        bench_limit(args.quick, results, args.rss_400k)
     if args.only in (None, "drain"):
         bench_drain(args.quick, results)
     if args.only in (None, "mixed"):
@@ -316,6 +445,19 @@ def main():
             "| peak RSS, full sync | " + ", ".join(f"{r['leads']:,} leads: {r['peak_rss_mib']} MiB" for r in s["peak_rss_by_leads"]) + " | ≤ 64 MiB, flat |",
             f"| plain Python (urllib + sqlite3), same sync | {s['python_baseline_wall_s']} s | (reference) |",
         ]
+    if "limit" in results:
+        m = results["limit"]
+        lines += [f"| write floor (rusqlite, same rows, page transactions) | {m['write_floor_wall_s']} s wall, {m['write_floor_cpu_s']} s CPU | |"]
+        for r in m["runs"]:
+            lines += [
+                f"| full sync, {m['leads']:,} schema leads, latency {r['latency_ms']} ms, concurrency {r['concurrency']} "
+                f"(fetch floor {r['fetch_floor_s']} s, limit {r['limit_s']} s) | {r['full_wall_s']} s = **{r['full_vs_limit']}× limit**, "
+                f"CPU {r['full_cpu_s']} s, RSS {r['full_peak_rss_mib']} MiB, load {r['full_load']} | CPU ≤ 1.0 s, ≤ 1.5× limit |",
+                f"| unchanged re-sync, latency {r['latency_ms']} ms, concurrency {r['concurrency']} | {r['resync_wall_s']} s = "
+                f"**{r['resync_vs_fetch_floor']}× fetch floor**, CPU {r['resync_cpu_s']} s, {r['resync_rows_written']} rows written, "
+                f"load {r['resync_load']} | ≤ 1.3× fetch floor, 0 rows |",
+            ]
+        lines += ["| peak RSS, schema leads | " + ", ".join(f"{r['leads']:,}: {r['peak_rss_mib']} MiB" for r in m["peak_rss_by_leads"]) + " | ≤ 64 MiB, flat |"]
     if "drain" in results:
         d, i = results["drain"], results["idle_delay"]
         lines += [

@@ -2,9 +2,13 @@
 //! crash recovery, and the API client with its token providers.
 
 use crate::config::Config;
+use crate::secret::Secret;
+use crate::store::tokens::{GrantWrite, StoredGrant, TokenStore, Written};
 use crate::store::{ProcessLock, Store, mirror, outbox};
+use crate::thumbtack::auth::{AuthRecorder, BoxFuture, GrantStore};
 use crate::thumbtack::{Auth, Client, ClientSettings};
 use anyhow::Result;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::{info, warn};
 
@@ -50,7 +54,7 @@ impl Session {
                 "sync passes left running by a stopped process were recorded as interrupted"
             );
         }
-        let auth = Arc::new(Auth::new(&config, Some(store.clone()), needs_reauth)?);
+        let auth = Arc::new(open_auth(&config, Some(store.clone()), needs_reauth)?);
         let client = Arc::new(Client::new(
             ClientSettings::from_config(&config),
             auth.clone(),
@@ -61,6 +65,116 @@ impl Session {
             auth,
             client,
             _lock: lock,
+        })
+    }
+}
+
+/// The token providers of a configuration: the token store (opened when a
+/// business uses the refresh-token grant) for grants, the mirror (when
+/// given) for re-authorization flags and alerts.
+pub fn open_auth(
+    config: &Config,
+    mirror: Option<Store>,
+    needs_reauth: HashMap<String, String>,
+) -> Result<Auth> {
+    open_auth_with(config, mirror, needs_reauth, config.uses_oauth())
+}
+
+/// [`open_auth`], opening the token store also when no business uses OAuth
+/// yet (onboarding the first grant).
+pub fn open_auth_with(
+    config: &Config,
+    mirror: Option<Store>,
+    needs_reauth: HashMap<String, String>,
+    open_store: bool,
+) -> Result<Auth> {
+    let grants: Option<Arc<dyn GrantStore>> = if open_store {
+        Some(Arc::new(StoreGrants(TokenStore::open(
+            &config.file.oauth.token_store,
+        )?)))
+    } else {
+        None
+    };
+    let recorder = mirror.map(|m| Arc::new(MirrorRecorder(m)) as Arc<dyn AuthRecorder>);
+    Auth::new(config, grants, recorder, needs_reauth)
+}
+
+/// The token store, as auth's narrow persistence interface.
+pub struct StoreGrants(pub TokenStore);
+
+impl GrantStore for StoreGrants {
+    fn load(
+        &self,
+        grant: &str,
+        seed_sha256: Option<&str>,
+        businesses: &[String],
+    ) -> Result<Option<StoredGrant>> {
+        self.0.get(grant, seed_sha256, businesses)
+    }
+
+    fn save(&self, grant: &str, expected: i64, write: &GrantWrite) -> Result<Written> {
+        self.0.put(grant, expected, write)
+    }
+
+    fn refuse(
+        &self,
+        grant: &str,
+        expected: i64,
+        file_sha256: Option<&str>,
+        reason: &str,
+    ) -> Result<bool> {
+        self.0.mark_refused(grant, expected, file_sha256, reason)
+    }
+
+    fn refuse_file(&self, grant: &str, file_sha256: &str) -> Result<()> {
+        self.0.mark_file_refused(grant, file_sha256)
+    }
+
+    fn forget_access(&self, grant: &str, access_token: &Secret) -> Result<()> {
+        self.0.forget_access(grant, access_token)
+    }
+
+    fn try_lock(&self, grant: &str) -> Result<Option<Box<dyn Send>>> {
+        Ok(self
+            .0
+            .try_lock_grant(grant)?
+            .map(|l| Box::new(l) as Box<dyn Send>))
+    }
+}
+
+/// Auth's flags and alerts, written to the mirror.
+struct MirrorRecorder(Store);
+
+impl AuthRecorder for MirrorRecorder {
+    fn needs_reauth(&self, business_ids: Vec<String>, reason: Option<String>) -> BoxFuture {
+        let store = self.0.clone();
+        Box::pin(async move {
+            let now = crate::time::now();
+            let ids = business_ids.clone();
+            if let Err(e) = store
+                .call(move |c| {
+                    for id in &ids {
+                        mirror::set_needs_reauth(c, id, reason.as_deref(), &now)?;
+                    }
+                    Ok(())
+                })
+                .await
+            {
+                tracing::error!(businesses = ?business_ids, error = %format!("{e:#}"), "cannot record needs_reauth in the mirror");
+            }
+        })
+    }
+
+    fn alert(&self, key: String, message: Option<String>) -> BoxFuture {
+        let store = self.0.clone();
+        Box::pin(async move {
+            let now = crate::time::now();
+            if let Err(e) = store
+                .call(move |c| mirror::set_auth_alert(c, &key, message.as_deref(), &now))
+                .await
+            {
+                tracing::error!(error = %format!("{e:#}"), "cannot record an auth alert in the mirror");
+            }
         })
     }
 }

@@ -4,6 +4,7 @@ use crate::config::{Config, ConfigError, ConfigSource};
 use crate::daemon::{self, Controls};
 use crate::drain::{DrainSettings, Drainer};
 use crate::sandbox::{Faults, Pagination, Sandbox, SandboxOptions, Shape};
+use crate::secret::Secret;
 use crate::store::{self, outbox};
 use crate::sync::{PassSettings, ScanKind, sync_business};
 use anyhow::{Context, Result, bail};
@@ -11,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 /// Exit code for an invalid or missing configuration (EX_CONFIG).
@@ -112,6 +114,22 @@ pub enum Command {
         #[arg(long, default_value = "leadsync-demo.db")]
         database: PathBuf,
     },
+    /// Copy the mirror to FILE (SQLite online backup; safe while the daemon runs; never the token store).
+    Backup {
+        /// Where the copy goes (a new file, unless --force).
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+        /// Replace FILE if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print shell completions for SHELL to stdout.
+    Completions {
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to stdout.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -216,12 +234,27 @@ pub enum ConfigCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum AuthCommand {
-    /// Exchange an OAuth authorization code; store the business's refresh token.
+    /// Exchange an OAuth authorization code; store the grant's refresh token.
     Exchange {
-        #[arg(long, value_name = "ID")]
-        business: String,
-        #[arg(long)]
-        code: String,
+        /// A configured business: the grant goes to its refresh_token_file's chain.
+        #[arg(long, value_name = "ID", required_unless_present = "token_file")]
+        business: Option<String>,
+        /// Onboarding a new grant: the token file to create (mode 0600) for it.
+        #[arg(long, value_name = "FILE", conflicts_with = "business")]
+        token_file: Option<PathBuf>,
+        /// Write DIR/<businessID>.toml for every business the grant covers.
+        #[arg(long, value_name = "DIR")]
+        write_conf: Option<PathBuf>,
+        /// The code (visible in `ps` and shell history: prefer --code-file).
+        #[arg(
+            long,
+            conflicts_with = "code_file",
+            required_unless_present = "code_file"
+        )]
+        code: Option<String>,
+        /// A file holding the code; `-` reads it from standard input.
+        #[arg(long, value_name = "FILE")]
+        code_file: Option<PathBuf>,
         #[arg(long, value_name = "URI")]
         redirect_uri: String,
     },
@@ -291,6 +324,19 @@ pub struct SandboxArgs {
     /// Webhook deliveries sent at once.
     #[arg(long, default_value_t = 16)]
     pub webhook_concurrency: usize,
+    /// Token endpoint: answer every request `invalid_client` (401).
+    #[arg(long)]
+    pub token_invalid_client: bool,
+    /// Token endpoint: answer every request 502 `proxy_oauth_failed` (a wrong audience).
+    #[arg(long)]
+    pub token_proxy_oauth_failed: bool,
+    /// Token endpoint: hold a refresh's answer this long after rotating.
+    #[arg(long, default_value_t = 0)]
+    pub token_hold_ms: u64,
+    /// Token endpoint: seconds a used refresh token may be presented again
+    /// for the same answer (0: any reuse is refused).
+    #[arg(long, default_value_t = 0)]
+    pub token_grace_secs: u64,
     /// Negotiations whose job-status posts are refused (400).
     #[arg(long, value_name = "ID")]
     pub refuse: Vec<String>,
@@ -336,6 +382,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     match cli.command {
         Command::Run => {
             let config = load()?;
+            config.require_client_secret()?;
             let controls = Controls::default();
             spawn_signal_handlers(&controls)?;
             daemon::run_with(config, Some(source), controls).await?;
@@ -345,10 +392,10 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             business,
             full,
             accept_missing,
-        } => sync(load()?, business, full, accept_missing).await,
-        Command::Drain => drain(load()?).await,
+        } => sync(with_secret(load()?)?, business, full, accept_missing).await,
+        Command::Drain => drain(with_secret(load()?)?).await,
         Command::Webhooks { command } => {
-            let config = load()?;
+            let config = with_secret(load()?)?;
             match command {
                 WebhooksCommand::Register { business, events } => {
                     crate::webhooks::register(&config, &business, &events).await
@@ -399,6 +446,17 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
+            for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {
+                println!("{line}");
+            }
+            if config.uses_oauth()
+                && let Some(p) = &config.client_secret_problem
+            {
+                println!(
+                    "# warning: {} (only `run`, `sync`, `drain` and `auth exchange` need it)",
+                    p.replace('\n', " ")
+                );
+            }
             print!("{}", config.to_masked_toml());
             Ok(0)
         }
@@ -406,14 +464,95 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             command:
                 AuthCommand::Exchange {
                     business,
+                    token_file,
+                    write_conf,
                     code,
+                    code_file,
                     redirect_uri,
                 },
-        } => auth_exchange(load()?, &business, &code, &redirect_uri).await,
+        } => {
+            let config = with_secret(load()?)?;
+            if config.client_secret.is_none() || config.file.oauth.client_id.is_none() {
+                return Err(
+                    ConfigError(config.client_secret_problem.clone().unwrap_or_else(|| {
+                        "auth exchange needs oauth.client_id and a client secret".into()
+                    }))
+                    .into(),
+                );
+            }
+            if let Some(dir) = &write_conf
+                && !dir.is_dir()
+            {
+                bail!("--write-conf {}: not a directory", dir.display());
+            }
+            let code = read_code(code, code_file.as_deref())?;
+            let target = match (business, token_file) {
+                (Some(b), _) => ExchangeTarget::Business(b),
+                (None, Some(f)) => ExchangeTarget::File(f),
+                (None, None) => bail!("give --business ID or --token-file FILE"),
+            };
+            auth_exchange(config, target, &code, &redirect_uri, write_conf.as_deref()).await
+        }
         Command::Sandbox(args) => sandbox(args).await,
-        Command::Probe { business, json } => crate::probe::run(load()?, &business, json).await,
+        Command::Probe { business, json } => {
+            crate::probe::run(with_secret(load()?)?, &business, json).await
+        }
         Command::Demo { database } => crate::demo::run(&database).await,
+        Command::Backup { file, force } => backup(&load()?, file, force).await,
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "leadsync", &mut std::io::stdout());
+            Ok(0)
+        }
+        Command::Man => {
+            let page = crate::manpage::render().context("cannot render the man page")?;
+            std::io::stdout().write_all(&page)?;
+            Ok(0)
+        }
     }
+}
+
+/// `leadsync backup FILE`: progress on a terminal, one line at the end.
+async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
+    use std::io::IsTerminal;
+    let database = config.database().to_path_buf();
+    let token_store = config.file.oauth.token_store.clone();
+    let show = std::io::stderr().is_terminal();
+    let report = tokio::task::spawn_blocking(move || {
+        let mut last = Instant::now();
+        store::backup::backup(&database, &[&token_store], &file, force, |copied, total| {
+            if show && (copied == total || last.elapsed() >= Duration::from_millis(200)) {
+                last = Instant::now();
+                let pct = if total > 0 { copied * 100 / total } else { 100 };
+                eprint!("\rbackup: {pct:>3}% ({copied} of {total} pages)");
+                if copied == total {
+                    eprintln!();
+                }
+            }
+        })
+        .map(|r| (r, file))
+    })
+    .await
+    .context("the backup task failed")?;
+    let (r, file) = report?;
+    println!(
+        "backed up {} to {}: {} pages, {:.1} MiB, {} leads, {} outbox rows, schema version {}, in {:.1} s",
+        config.database().display(),
+        file.display(),
+        r.pages,
+        r.bytes as f64 / (1024.0 * 1024.0),
+        r.leads,
+        r.outbox_rows,
+        r.schema_version,
+        r.elapsed.as_secs_f64()
+    );
+    Ok(0)
+}
+
+/// The configuration of a command that calls the token endpoint: its client secret must be readable.
+fn with_secret(config: Config) -> Result<Config> {
+    config.require_client_secret()?;
+    Ok(config)
 }
 
 /// SIGTERM/SIGINT stop the daemon; SIGHUP reloads its configuration.
@@ -465,6 +604,11 @@ async fn sync(
         println!("no enabled business is configured: nothing to sync");
         return Ok(0);
     }
+    if let Some(code) =
+        sync_through_daemon(&config, business.as_deref(), full, accept_missing).await?
+    {
+        return Ok(code);
+    }
     let stop = stop_on_signal()?;
     let session = crate::app::Session::open(config).await?;
     let settings = PassSettings {
@@ -478,6 +622,7 @@ async fn sync(
         session.config.file.daemon.sync_concurrency,
     ));
     let mut tasks = tokio::task::JoinSet::new();
+    let progress = SyncProgress::start(selected.len());
     for id in selected {
         let (store, client, slots, stop) = (
             session.store.clone(),
@@ -506,7 +651,14 @@ async fn sync(
     let mut reports = Vec::new();
     while let Some(r) = tasks.join_next().await {
         reports.push(r.context("a sync task failed")?);
+        if let Some(p) = &progress {
+            p.finished(reports.len());
+        }
     }
+    if let Some(p) = progress {
+        p.stop().await;
+    }
+    session.auth.settle(settle_bound(&session.config)).await;
     reports.sort_by(|a, b| a.0.business_id.cmp(&b.0.business_id));
     let reports: Vec<_> = reports
         .into_iter()
@@ -526,6 +678,147 @@ async fn sync(
     Ok(0)
 }
 
+/// The progress line of a long `sync` (pages, leads, rate) on stderr, shown
+/// only on a terminal and never under journald.
+struct SyncProgress {
+    done: Arc<std::sync::atomic::AtomicUsize>,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl SyncProgress {
+    /// How long a sync runs before its progress shows, and how often it is redrawn.
+    const EVERY: Duration = Duration::from_millis(500);
+
+    fn start(businesses: usize) -> Option<SyncProgress> {
+        use std::io::IsTerminal;
+        if !std::io::stderr().is_terminal() || std::env::var_os("JOURNAL_STREAM").is_some() {
+            return None;
+        }
+        let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = CancellationToken::new();
+        let (pages0, leads0) = crate::metrics::sync_totals();
+        let started = Instant::now();
+        let task = {
+            let (done, stop) = (done.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut shown = false;
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(Self::EVERY) => {}
+                    }
+                    let (pages, leads) = crate::metrics::sync_totals();
+                    let (pages, leads) = (pages - pages0, leads - leads0);
+                    let secs = started.elapsed().as_secs_f64();
+                    // Drawn at column 0 and the cursor left there, so that a
+                    // log line written meanwhile replaces it instead of
+                    // continuing it.
+                    eprint!(
+                        "\r\x1b[Ksync: {} of {businesses} businesses done, {pages} pages, {leads} leads ({:.0} leads/s, {secs:.0} s)\r",
+                        done.load(std::sync::atomic::Ordering::Relaxed),
+                        leads as f64 / secs.max(0.001),
+                    );
+                    shown = true;
+                }
+                if shown {
+                    eprint!("\r\x1b[K");
+                }
+            })
+        };
+        Some(SyncProgress { done, stop, task })
+    }
+
+    fn finished(&self, n: usize) {
+        self.done.store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    async fn stop(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// While a daemon holds the lock, `sync` asks it through `sync_requests`
+/// (SPEC §10), waits for its answer, and prints the lines a local pass
+/// prints; `None` when no daemon runs (the caller runs the pass itself).
+async fn sync_through_daemon(
+    config: &Config,
+    business: Option<&str>,
+    full: bool,
+    accept_missing: bool,
+) -> Result<Option<u8>> {
+    let path = config.database();
+    if !path.exists() {
+        return Ok(None);
+    }
+    if store::ProcessLock::try_acquire(path)?.is_some() {
+        return Ok(None); // released at once: Session::open takes it again
+    }
+    let pid = store::ProcessLock::holder(path);
+    let conn = store::open_connection(path, false)?;
+    let kind = if full { "full" } else { "head" };
+    let id = store::requests::insert(&conn, business, kind, accept_missing)
+        .context("cannot ask the running daemon (insert into sync_requests)")?;
+    eprintln!(
+        "leadsync: the daemon (pid {}) is running: asked it for this sync (sync_requests row {id}); waiting for it",
+        pid.map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into())
+    );
+    let daemon_alive = || pid.is_none_or(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+    let mut gone_seen = false;
+    loop {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        let Some(r) = store::requests::get(&conn, id)? else {
+            bail!("sync_requests row {id} was deleted before the daemon answered it");
+        };
+        if r.finished_at.is_some() {
+            if let Some(summary) = r.summary.as_deref().filter(|s| !s.is_empty())
+                && r.outcome.as_deref() != Some("refused")
+            {
+                println!("{summary}");
+            }
+            return match r.outcome.as_deref() {
+                Some("ok") => Ok(Some(0)),
+                Some("refused") => bail!(
+                    "the running daemon refused the request: {}",
+                    r.error.as_deref().unwrap_or("no reason recorded")
+                ),
+                _ => {
+                    if let Some(e) = r.error.as_deref().filter(|e| e.starts_with("interrupted")) {
+                        eprintln!("leadsync: {e}");
+                    }
+                    Ok(Some(1))
+                }
+            };
+        }
+        // A daemon that stops answers its open requests first: look at the
+        // row once more after seeing it gone before giving up.
+        if daemon_alive() {
+            gone_seen = false;
+            continue;
+        }
+        if !gone_seen {
+            gone_seen = true;
+            continue;
+        }
+        let now = crate::time::now();
+        if r.started_at.is_none()
+            && store::requests::withdraw(
+                &conn,
+                id,
+                "withdrawn: the daemon stopped before taking it",
+                &now,
+            )?
+        {
+            bail!("the daemon stopped before taking the request; run `leadsync sync` again");
+        }
+        if r.started_at.is_some() {
+            bail!("the daemon stopped before finishing the request (sync_requests row {id})");
+        }
+    }
+}
+
 async fn drain(config: Config) -> Result<u8> {
     let stop = stop_on_signal()?;
     let session = crate::app::Session::open(config).await?;
@@ -534,7 +827,9 @@ async fn drain(config: Config) -> Result<u8> {
         session.client.clone(),
         DrainSettings::from_config(&session.config),
     ));
-    let s = drainer.drain_once(&stop).await?;
+    let s = drainer.drain_once(&stop).await;
+    session.auth.settle(settle_bound(&session.config)).await;
+    let s = s?;
     println!(
         "drained: {} sent, {} to retry later, {} dead, {} held for re-authorization",
         s.sent, s.retried, s.dead, s.held
@@ -550,10 +845,15 @@ async fn drain(config: Config) -> Result<u8> {
             .await?
     };
     if waiting > 0 {
-        println!(
-            "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
-            blocked.join(", ")
-        );
+        match session.auth.client_refused() {
+            Some(why) => {
+                println!("{waiting} rows wait: OAuth client refused: {why} (see `leadsync status`)")
+            }
+            None => println!(
+                "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
+                blocked.join(", ")
+            ),
+        }
     }
     Ok(if s.all_sent() && waiting == 0 { 0 } else { 1 })
 }
@@ -711,23 +1011,132 @@ fn report_each(results: Vec<(i64, std::result::Result<(), String>)>, done: &str)
     Ok(if failed { 1 } else { 0 })
 }
 
+/// The authorization code from `--code` or `--code-file` (`-`: standard input).
+fn read_code(code: Option<String>, file: Option<&std::path::Path>) -> Result<Secret> {
+    let text = match (code, file) {
+        (Some(c), _) => c,
+        (None, Some(p)) if p == std::path::Path::new("-") => {
+            let mut s = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
+                .context("cannot read the code from standard input")?;
+            s
+        }
+        (None, Some(p)) => std::fs::read_to_string(p)
+            .with_context(|| format!("cannot read the code file {}", p.display()))?,
+        (None, None) => bail!("give the code with --code-file FILE (or - for stdin) or --code"),
+    };
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        bail!("the authorization code is empty");
+    }
+    Ok(Secret::new(text))
+}
+
+/// Where `auth exchange` puts the grant.
+enum ExchangeTarget {
+    /// The chain of a configured business's refresh_token_file.
+    Business(String),
+    /// A new token file (onboarding).
+    File(PathBuf),
+}
+
 async fn auth_exchange(
     config: Config,
-    business: &str,
-    code: &str,
+    target: ExchangeTarget,
+    code: &Secret,
     redirect_uri: &str,
+    write_conf: Option<&std::path::Path>,
 ) -> Result<u8> {
     let mirror = {
         let path = config.database().to_path_buf();
         tokio::task::spawn_blocking(move || store::Store::open(&path)).await??
     };
-    let auth = crate::thumbtack::Auth::new(&config, Some(mirror), Default::default())?;
-    auth.exchange_code(business, code, redirect_uri).await?;
+    let auth = crate::app::open_auth_with(&config, Some(mirror), Default::default(), true)?;
+    let result = match &target {
+        ExchangeTarget::Business(b) => auth.exchange_code(b, code, redirect_uri).await,
+        ExchangeTarget::File(f) => auth.exchange_code_into(f, code, redirect_uri).await,
+    };
+    auth.settle(settle_bound(&config)).await;
+    let access = result?;
+    let file = match &target {
+        ExchangeTarget::Business(b) => match config.business(b).map(|b| &b.token) {
+            Some(crate::config::TokenSource::Refresh(file)) => file.clone(),
+            _ => bail!("business {b} has no refresh_token_file"),
+        },
+        ExchangeTarget::File(f) => f.clone(),
+    };
+    let sharing: Vec<&str> = config
+        .businesses
+        .iter()
+        .filter(|b| matches!(&b.token, crate::config::TokenSource::Refresh(f) if *f == file))
+        .map(|b| b.id.as_str())
+        .collect();
     println!(
-        "stored a new refresh token for business {business} in {}; a running daemon picks it up at its next sync",
-        config.file.oauth.token_store.display()
+        "stored the new grant of {} in {}{}; a running daemon picks it up at its next sync",
+        file.display(),
+        config.file.oauth.token_store.display(),
+        if sharing.is_empty() {
+            String::new()
+        } else {
+            format!(" (configured businesses naming it: {})", sharing.join(", "))
+        }
     );
+    let covered = match auth.businesses_of(&config.file.api.base_url, &access).await {
+        Ok(list) => list,
+        Err(e) => {
+            eprintln!("leadsync: warning: {e:#}");
+            if write_conf.is_some() {
+                bail!("cannot write configuration files without the grant's business list");
+            }
+            return Ok(0);
+        }
+    };
+    println!("the grant covers {} business(es):", covered.len());
+    for (id, name) in &covered {
+        println!("  {id}  {}", name.as_deref().unwrap_or(""));
+    }
+    if let Some(dir) = write_conf {
+        for (id, name) in &covered {
+            if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
+                eprintln!("leadsync: warning: skipping business id {id:?}: not a string of digits");
+                continue;
+            }
+            let path = dir.join(format!("{id}.toml"));
+            if config.business(id).is_some() {
+                println!("  {id} is configured already: no file written");
+                continue;
+            }
+            if path.exists() {
+                println!("  {} exists: left as it is", path.display());
+                continue;
+            }
+            let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+            let mut text = format!(
+                "# Written by `leadsync auth exchange` at {}: one grant covers the businesses\n\
+                 # naming the same refresh_token_file.\n[[businesses]]\nid = {}\n",
+                crate::time::now(),
+                quote(id)
+            );
+            if let Some(n) = name {
+                text.push_str(&format!("name = {}\n", quote(n)));
+            }
+            text.push_str(&format!(
+                "refresh_token_file = {}\n",
+                quote(&file.display().to_string())
+            ));
+            std::fs::write(&path, text)
+                .with_context(|| format!("cannot write {}", path.display()))?;
+            println!("  wrote {}", path.display());
+        }
+        println!("then: systemctl reload leadsync");
+    }
     Ok(0)
+}
+
+/// How long a command waits at its end for token refreshes in flight.
+pub fn settle_bound(config: &Config) -> std::time::Duration {
+    std::time::Duration::from_secs(config.file.api.timeout_secs) * 3
+        + std::time::Duration::from_secs(1)
 }
 
 async fn sandbox(args: SandboxArgs) -> Result<u8> {
@@ -759,6 +1168,13 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;
+    sandbox.set_token_faults(crate::sandbox::TokenFaults {
+        invalid_client: args.token_invalid_client,
+        proxy_oauth_failed: args.token_proxy_oauth_failed,
+        hold_after_rotate_ms: args.token_hold_ms,
+        grace_secs: args.token_grace_secs,
+        ..Default::default()
+    });
     for id in &args.refuse {
         sandbox.refuse(id);
     }

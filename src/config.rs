@@ -53,6 +53,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub webhooks: WebhooksConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub messages: MessagesConfig,
     #[serde(default)]
     pub businesses: Vec<BusinessConfig>,
@@ -110,7 +112,9 @@ impl Default for OauthConfig {
             client_id: None,
             client_secret_file: None,
             client_secret: None,
-            token_store: PathBuf::from("/var/lib/leadsync/tokens.db"),
+            // Not in the state directory itself: the partner's group may
+            // enter that one (StateDirectoryMode=0770).
+            token_store: PathBuf::from("/var/lib/leadsync/private/tokens.db"),
         }
     }
 }
@@ -272,6 +276,34 @@ pub struct Webhooks {
     pub read_timeout: std::time::Duration,
 }
 
+/// `[admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`); off
+/// when `listen` is absent.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// `IP:port` to listen on, e.g. `127.0.0.1:9187`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen: Option<String>,
+    /// Needed to listen on an address other than loopback.
+    pub allow_remote: bool,
+    /// How often the table gauges (leads, outbox rows) are read from the mirror, in seconds.
+    pub refresh_secs: f64,
+    /// `/healthz` answers 503 when the scheduler or the drainer loop has not
+    /// beaten for this many seconds.
+    pub stale_after_secs: f64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: None,
+            allow_remote: false,
+            refresh_secs: 15.0,
+            stale_after_secs: 30.0,
+        }
+    }
+}
+
 /// One `[[businesses]]` entry.
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -340,12 +372,23 @@ pub struct Business {
 pub struct Config {
     pub file: FileConfig,
     pub businesses: Vec<Business>,
+    /// Business id → position in `businesses` (lookups stay constant-time
+    /// with thousands of businesses).
+    index: HashMap<String, usize>,
     /// The OAuth client secret, when any business uses the refresh-token grant.
     pub client_secret: Option<Secret>,
     /// Where the client secret came from (for `config check`).
     pub client_secret_source: Option<String>,
+    /// Why no client secret could be read although a business uses OAuth:
+    /// an error for the commands that call the token endpoint
+    /// ([`Config::require_client_secret`]), a warning for the others (the
+    /// systemd unit loads the secret as a credential an operator's shell
+    /// does not have).
+    pub client_secret_problem: Option<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
+    /// `admin.listen`, parsed: the admin listener's address, if on.
+    pub admin_listen: Option<std::net::SocketAddr>,
     /// `[webhooks]`, when credentials are configured (always when `listen` is set).
     pub webhooks: Option<Webhooks>,
 }
@@ -358,7 +401,15 @@ impl Config {
 
     /// The business with this id, if configured.
     pub fn business(&self, id: &str) -> Option<&Business> {
-        self.businesses.iter().find(|b| b.id == id)
+        self.index.get(id).and_then(|&i| self.businesses.get(i))
+    }
+
+    /// For commands that call the token endpoint: the client secret must be there.
+    pub fn require_client_secret(&self) -> Result<(), ConfigError> {
+        match &self.client_secret_problem {
+            Some(p) if self.uses_oauth() => Err(ConfigError(p.clone())),
+            _ => Ok(()),
+        }
     }
 
     /// True when some business uses the OAuth refresh-token grant.
@@ -417,7 +468,12 @@ impl ConfigSource {
             figment = figment.admerge(Toml::file_exact(f));
         }
         figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG));
-        let file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        // The secret exactly as set: the environment provider would read a
+        // numeric-looking secret as a number (and drop leading zeros).
+        if let Ok(raw) = std::env::var(format!("{ENV_PREFIX}OAUTH__CLIENT_SECRET")) {
+            file.oauth.client_secret = Some(Secret::new(raw));
+        }
         validate(&figment, file, files)
     }
 
@@ -529,18 +585,36 @@ fn locate_beside(figment: &Figment, key: &str, near: &str) -> String {
     )
 }
 
-/// Locates `businesses[index].field` for error messages.
-fn locate_business(figment: &Figment, index: usize, field: &str) -> String {
-    let md = figment
-        .find_value("businesses")
-        .ok()
-        .and_then(|v| match v {
-            Value::Array(_, items) => items.get(index).map(|i| i.tag()),
-            _ => None,
-        })
-        .and_then(|tag| figment.get_metadata(tag));
-    let path = vec!["businesses".into(), index.to_string(), field.into()];
-    origin(md, &path)
+/// Locates `businesses[index].field` for error messages. The index of where
+/// each entry came from is built once, on the first error that needs it:
+/// asking figment per business clones the whole merged document each time,
+/// which made loading quadratic in the number of businesses.
+struct BusinessLocator<'a> {
+    figment: &'a Figment,
+    tags: std::cell::OnceCell<Vec<figment::value::Tag>>,
+}
+
+impl<'a> BusinessLocator<'a> {
+    fn new(figment: &'a Figment) -> BusinessLocator<'a> {
+        BusinessLocator {
+            figment,
+            tags: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn at(&self, index: usize, field: &str) -> String {
+        let tags = self
+            .tags
+            .get_or_init(|| match self.figment.find_value("businesses") {
+                Ok(Value::Array(_, items)) => items.iter().map(|i| i.tag()).collect(),
+                _ => Vec::new(),
+            });
+        let md = tags
+            .get(index)
+            .and_then(|tag| self.figment.get_metadata(*tag));
+        let path = vec!["businesses".into(), index.to_string(), field.into()];
+        origin(md, &path)
+    }
 }
 
 /// Normalises a cron expression to six fields and checks it with the parser
@@ -565,14 +639,15 @@ pub fn normalize_cron(expr: &str) -> Result<String, String> {
     Ok(six)
 }
 
-fn check_readable(path: &Path, what: &str, at: &str) -> Result<(), ConfigError> {
-    match std::fs::read(path) {
-        Ok(_) => Ok(()),
-        Err(e) => err(format!(
-            "{at}: {what} {} cannot be read: {e}",
+/// Reads a token file; `at` names the key, computed only on error.
+fn read_readable(path: &Path, what: &str, at: impl Fn() -> String) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).or_else(|e| {
+        err(format!(
+            "{}: {what} {} cannot be read: {e}",
+            at(),
             path.display()
-        )),
-    }
+        ))
+    })
 }
 
 fn validate(
@@ -697,36 +772,45 @@ fn validate(
             locate(figment, "messages.max_leads_per_pass")
         ));
     }
+    let admin_listen = validate_admin(figment, &file.admin)?;
 
-    let mut businesses: Vec<Business> = Vec::new();
-    let mut seen: HashMap<String, String> = HashMap::new();
+    let mut businesses: Vec<Business> = Vec::with_capacity(file.businesses.len());
+    let mut seen: HashMap<String, usize> = HashMap::with_capacity(file.businesses.len());
+    let locator = BusinessLocator::new(figment);
+    let locate_business = |_: &Figment, i: usize, field: &str| locator.at(i, field);
     for (i, b) in file.businesses.iter().enumerate() {
-        let at_id = locate_business(figment, i, "id");
         if b.id.is_empty() || !b.id.bytes().all(|c| c.is_ascii_digit()) {
             return err(format!(
-                "{at_id}: business id `{}` is not a string of digits",
+                "{}: business id `{}` is not a string of digits",
+                locate_business(figment, i, "id"),
                 b.id
             ));
         }
         if let Some(first) = seen.get(&b.id) {
             return err(format!(
-                "{at_id}: business {} is configured twice (first at {first})",
-                b.id
+                "{}: business {} is configured twice (first at {})",
+                locate_business(figment, i, "id"),
+                b.id,
+                locate_business(figment, *first, "id")
             ));
         }
-        seen.insert(b.id.clone(), at_id.clone());
+        seen.insert(b.id.clone(), i);
         let token = match (&b.refresh_token_file, &b.access_token_file) {
             (Some(r), None) => {
-                let at = locate_business(figment, i, "refresh_token_file");
-                check_readable(r, "refresh token file", &at)?;
+                read_readable(r, "refresh token file", || {
+                    locate_business(figment, i, "refresh_token_file")
+                })?;
                 TokenSource::Refresh(r.clone())
             }
             (None, Some(a)) => {
-                let at = locate_business(figment, i, "access_token_file");
-                check_readable(a, "access token file", &at)?;
-                let content = std::fs::read_to_string(a).unwrap_or_default();
-                if content.trim().is_empty() {
-                    return err(format!("{at}: access token file {} is empty", a.display()));
+                let at = || locate_business(figment, i, "access_token_file");
+                let content = read_readable(a, "access token file", at)?;
+                if content.trim_ascii().is_empty() {
+                    return err(format!(
+                        "{}: access token file {} is empty",
+                        at(),
+                        a.display()
+                    ));
                 }
                 TokenSource::Static(a.clone())
             }
@@ -763,7 +847,11 @@ fn validate(
     let uses_oauth = businesses
         .iter()
         .any(|b| matches!(b.token, TokenSource::Refresh(_)));
-    let (client_secret, client_secret_source) = resolve_client_secret(figment, &file)?;
+    let (client_secret, client_secret_source, mut client_secret_problem) =
+        match resolve_client_secret(figment, &file) {
+            Ok((secret, source)) => (secret, source, None),
+            Err(e) => (None, None, Some(e.0)),
+        };
     if uses_oauth {
         if file
             .oauth
@@ -776,19 +864,30 @@ fn validate(
                 locate(figment, "oauth.client_id")
             ));
         }
-        if client_secret.is_none() {
-            return err(format!(
+        if client_secret.is_none() && client_secret_problem.is_none() {
+            client_secret_problem = Some(format!(
                 "{}: no OAuth client secret: set oauth.client_secret_file, load the credential `client_secret` \
                  (systemd LoadCredential=), or set {ENV_PREFIX}OAUTH__CLIENT_SECRET",
                 locate_beside(figment, "oauth.client_secret_file", "oauth.client_id")
             ));
         }
-        if reqwest::Url::parse(&file.oauth.token_url).is_err() {
-            return err(format!(
-                "{}: `{}` is not a URL",
-                locate(figment, "oauth.token_url"),
-                file.oauth.token_url
-            ));
+        match reqwest::Url::parse(&file.oauth.token_url) {
+            Err(_) => {
+                return err(format!(
+                    "{}: `{}` is not a URL",
+                    locate(figment, "oauth.token_url"),
+                    file.oauth.token_url
+                ));
+            }
+            // The client secret and every refresh token travel in this request.
+            Ok(u) if u.scheme() != "https" && !is_loopback_host(u.host_str().unwrap_or("")) => {
+                return err(format!(
+                    "{}: `{}` must use https (plain http is accepted only for a loopback host such as the sandbox)",
+                    locate(figment, "oauth.token_url"),
+                    file.oauth.token_url
+                ));
+            }
+            Ok(_) => {}
         }
         if same_file(&file.oauth.token_store, &file.database) {
             return err(format!(
@@ -800,13 +899,21 @@ fn validate(
     }
 
     let webhooks = validate_webhooks(figment, &file.webhooks)?;
+    let index = businesses
+        .iter()
+        .enumerate()
+        .map(|(i, b)| (b.id.clone(), i))
+        .collect();
     Ok(Config {
         file,
         businesses,
+        index,
         client_secret,
         client_secret_source,
+        client_secret_problem,
         files,
         webhooks,
+        admin_listen,
     })
 }
 
@@ -987,6 +1094,40 @@ fn validate_webhooks(
         )),
         None => Ok(None),
     }
+}
+
+/// `[admin]`: a socket address, loopback unless `allow_remote`, and sane timers.
+fn validate_admin(
+    figment: &Figment,
+    admin: &AdminConfig,
+) -> Result<Option<std::net::SocketAddr>, ConfigError> {
+    for (key, v) in [
+        ("refresh_secs", admin.refresh_secs),
+        ("stale_after_secs", admin.stale_after_secs),
+    ] {
+        if !(v.is_finite() && v >= 0.05) {
+            return err(format!(
+                "{}: must be a number of seconds, at least 0.05",
+                locate(figment, &format!("admin.{key}"))
+            ));
+        }
+    }
+    let Some(listen) = &admin.listen else {
+        return Ok(None);
+    };
+    let at = locate(figment, "admin.listen");
+    let addr: std::net::SocketAddr = listen.trim().parse().or_else(|_| {
+        err(format!(
+            "{at}: `{listen}` is not an IP address with a port, such as 127.0.0.1:9187"
+        ))
+    })?;
+    if !addr.ip().is_loopback() && !admin.allow_remote {
+        return err(format!(
+            "{at}: {addr} is not a loopback address; the admin listener has no authentication, \
+             so set admin.allow_remote = true to expose it (behind a firewall)"
+        ));
+    }
+    Ok(Some(addr))
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {

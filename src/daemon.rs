@@ -5,23 +5,25 @@
 use crate::app::Session;
 use crate::config::{Config, ConfigSource};
 use crate::drain::{DrainSettings, Drainer};
-use crate::store::{Store, mirror, outbox};
-use crate::sync::{PassSettings, ScanKind, sync_business};
+use crate::schedule::{Job, Origin, Pushed, ScheduleKey, Schedules, SyncQueue};
+use crate::store::{Store, mirror, outbox, requests};
+use crate::sync::{PassOutcome, PassReport, PassSettings, ScanKind, sync_business};
 use crate::thumbtack::{Auth, Client, ClientSettings};
-use anyhow::{Context, Result};
+use anyhow::Result;
 use sd_notify::NotifyState;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
-use tokio::sync::{Notify, Semaphore};
-use tokio_cron_scheduler::{Job, JobScheduler};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 /// How often the one-line `STATUS=` summary is refreshed.
 const STATUS_EVERY: Duration = Duration::from_secs(10);
+/// How often `sync_requests` is looked at ("within about a second").
+const REQUESTS_EVERY: Duration = Duration::from_millis(500);
 
 /// What can happen to a running daemon from outside.
 #[derive(Clone, Default)]
@@ -55,16 +57,42 @@ pub async fn run_with(
     if config.businesses.is_empty() {
         warn!("no business is configured: nothing will be synced or sent until one is added");
     }
+    let schedules = Schedules::from_config(&config, chrono::Utc::now())
+        .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
     let session = Session::open(config).await?;
+    {
+        let now = crate::time::now();
+        let closed = session
+            .store
+            .call(move |c| {
+                requests::interrupt_started(
+                    c,
+                    "interrupted: leadsync stopped before this request finished",
+                    &now,
+                )
+            })
+            .await?;
+        if closed > 0 {
+            info!(
+                requests = closed,
+                "sync requests left unfinished by a stopped process were recorded as interrupted"
+            );
+        }
+    }
     let daemon = Arc::new(Daemon {
         store: session.store.clone(),
         auth: session.auth.clone(),
         client: RwLock::new(session.client.clone()),
         config: RwLock::new(session.config.clone()),
-        guards: Mutex::new(HashMap::new()),
         passes: TaskTracker::new(),
         stop: controls.shutdown.child_token(),
-        sync_slots: Arc::new(Semaphore::new(session.config.file.daemon.sync_concurrency)),
+        queue: Mutex::new(SyncQueue::default()),
+        work: Notify::new(),
+        schedules: Mutex::new(schedules),
+        schedules_changed: Notify::new(),
+        requests: Mutex::new(HashMap::new()),
+        lag_written: Mutex::new(None),
+        last_status_ms: AtomicI64::new(0),
         scheduler_beat: Arc::new(AtomicI64::new(now_ms())),
         drain_beat: Arc::new(AtomicI64::new(now_ms())),
         drainer: Arc::new(Drainer::new(
@@ -98,24 +126,32 @@ pub async fn run_with(
         },
         None => None,
     };
+    let admin = crate::serve::admin::Admin::start(
+        &session.config,
+        session.store.path().to_path_buf(),
+        daemon.scheduler_beat.clone(),
+        daemon.drain_beat.clone(),
+    )
+    .await?;
     notify(&[NotifyState::Ready]);
     daemon.send_status().await;
     info!(
         database = %session.store.path().display(),
         businesses = session.config.businesses.len(),
+        schedules = daemon.lock_schedules().groups.len(),
         "leadsync started"
     );
 
-    let mut scheduler = daemon.build_scheduler(&session.config).await?;
-    scheduler
-        .start()
-        .await
-        .context("cannot start the scheduler")?;
-    daemon.start_initial_passes(None).await;
+    daemon.queue_initial_passes(None).await;
+    for _ in 0..session.config.file.daemon.sync_concurrency {
+        daemon.passes.spawn(daemon.clone().worker());
+    }
+    let timer = tokio::spawn(daemon.clone().timer());
+    let taker = tokio::spawn(daemon.clone().take_requests());
     let drainer = daemon.spawn_drainer();
     let monitor = tokio::spawn(daemon.clone().monitor());
 
-    loop {
+    'serve: loop {
         tokio::select! {
             _ = controls.shutdown.cancelled() => break,
             _ = controls.reload.notified() => {
@@ -123,10 +159,28 @@ pub async fn run_with(
                     warn!("reload requested, but this daemon was not started from configuration files");
                     continue;
                 };
-                match source.load() {
-                    Err(e) => error!(error = %e, "configuration reload failed; keeping the previous configuration"),
-                    Ok(new) => match daemon.apply(new, &mut scheduler).await {
-                        Ok(()) => info!("configuration reloaded"),
+                // Reading thousands of files takes a while: it runs off this
+                // loop, which keeps answering SIGTERM meanwhile.
+                let source = source.clone();
+                let load = tokio::task::spawn_blocking(move || source.load());
+                let loaded = tokio::select! {
+                    _ = controls.shutdown.cancelled() => {
+                        info!("stopping during a configuration reload; the reload is abandoned");
+                        break 'serve;
+                    }
+                    loaded = load => loaded,
+                };
+                match loaded {
+                    Err(e) => error!(error = %e, "configuration reload failed (a bug); keeping the previous configuration"),
+                    Ok(Err(e)) => error!(error = %e, "configuration reload failed; keeping the previous configuration"),
+                    Ok(Ok(new)) => match daemon.apply(new).await {
+                        Ok(r) => info!(
+                            added = r.added,
+                            removed = r.removed,
+                            rows_written = r.rows_written,
+                            elapsed_ms = r.started.elapsed().as_millis() as u64,
+                            "configuration reloaded"
+                        ),
                         Err(e) => error!(error = %format!("{e:#}"), "configuration reload failed; keeping the previous configuration"),
                     },
                 }
@@ -136,9 +190,14 @@ pub async fn run_with(
 
     // Shutdown: no new work; in-flight requests finish within the bound.
     notify(&[NotifyState::Stopping]);
+    if let Some(admin) = &admin {
+        admin.stopping();
+    }
     info!("stopping: finishing in-flight work");
     daemon.stop.cancel();
-    let _ = scheduler.shutdown().await;
+    daemon.work.notify_waiters();
+    let _ = timer.await;
+    let _ = taker.await;
     // One bound for everything in flight: the drainer gives up on its sends
     // after `grace` (their rows are resent at the next start), and passes
     // still running then are recorded as interrupted.
@@ -159,11 +218,23 @@ pub async fn run_with(
             "in-flight work did not finish in time; unfinished passes are recorded as interrupted"
         );
     }
+    // A refresh in flight finishes and its rotated token is stored before we exit.
+    daemon
+        .auth
+        .settle(crate::cli::settle_bound(&daemon.config()))
+        .await;
     monitor.abort();
+    if let Some(admin) = admin {
+        admin.stop().await;
+    }
+    daemon.close_requests().await;
     let now = crate::time::now();
     if let Err(e) = daemon
         .store
-        .call(move |c| mirror::interrupt_running(c, &now, "interrupted by shutdown"))
+        .call(move |c| {
+            requests::write_lag(c, &[])?;
+            mirror::interrupt_running(c, &now, "interrupted by shutdown")
+        })
         .await
     {
         warn!(error = %format!("{e:#}"), "cannot record interrupted passes");
@@ -178,26 +249,30 @@ fn now_ms() -> i64 {
 }
 
 /// Sends states to the service manager (`NOTIFY_SOCKET`, a path or an
-/// abstract `@name`); a no-op when not run by one.
+/// abstract `@name`); a no-op when not run by one. The send never blocks: a
+/// manager that stops reading its socket loses a STATUS line, it never
+/// stalls the runtime thread that sent it (and with it signal handling).
 fn notify(state: &[NotifyState]) {
     let result = match std::env::var_os("NOTIFY_SOCKET") {
         None => Ok(()),
-        Some(s) if s.as_encoded_bytes().first() == Some(&b'@') => {
-            notify_abstract(&s.as_encoded_bytes()[1..], state)
-        }
-        Some(_) => sd_notify::notify(state),
+        Some(s) => notify_to(s.as_encoded_bytes(), state),
     };
     if let Err(e) = result {
         warn!(error = %e, "cannot notify systemd");
     }
 }
 
-/// sd-notify connects to filesystem paths only; systemd may hand out an
-/// abstract socket.
-fn notify_abstract(name: &[u8], state: &[NotifyState]) -> std::io::Result<()> {
+fn notify_to(socket_name: &[u8], state: &[NotifyState]) -> std::io::Result<()> {
     use std::os::linux::net::SocketAddrExt;
-    let addr = std::os::unix::net::SocketAddr::from_abstract_name(name)?;
+    use std::os::unix::ffi::OsStrExt;
+    let addr = match socket_name.strip_prefix(b"@") {
+        Some(name) => std::os::unix::net::SocketAddr::from_abstract_name(name)?,
+        None => {
+            std::os::unix::net::SocketAddr::from_pathname(std::ffi::OsStr::from_bytes(socket_name))?
+        }
+    };
     let socket = std::os::unix::net::UnixDatagram::unbound()?;
+    socket.set_nonblocking(true)?;
     socket.connect_addr(&addr)?;
     let message: String = state.iter().map(|s| format!("{s}\n")).collect();
     socket.send(message.as_bytes())?;
@@ -215,19 +290,66 @@ fn loops_alive(
     fresh(scheduler_beat_ms) && fresh(drainer_beat_ms)
 }
 
+/// What a reload changed.
+struct Reloaded {
+    started: Instant,
+    added: usize,
+    removed: usize,
+    rows_written: usize,
+}
+
+/// A `sync_requests` row being worked on.
+#[derive(Default)]
+struct RequestState {
+    remaining: usize,
+    /// (business id, the line `leadsync sync` prints for it).
+    lines: Vec<(String, String)>,
+    failed: usize,
+    /// `sync --full --accept-missing`.
+    accept_missing: bool,
+}
+
+impl RequestState {
+    /// The outcome and the lines to print, as a local `leadsync sync` prints them.
+    fn render(mut self) -> (&'static str, String) {
+        self.lines.sort();
+        let n = self.lines.len();
+        let mut summary: Vec<String> = self.lines.into_iter().map(|(_, l)| l).collect();
+        if self.failed > 0 {
+            summary.push(format!("{} of {n} businesses failed", self.failed));
+        }
+        let outcome = if self.failed > 0 { "error" } else { "ok" };
+        (outcome, summary.join("\n"))
+    }
+}
+
 struct Daemon {
     store: Store,
     auth: Arc<Auth>,
     client: RwLock<Arc<Client>>,
     config: RwLock<Arc<Config>>,
-    /// One per business: a pass holds it, so passes of a business never overlap.
-    guards: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// The pass workers.
     passes: TaskTracker,
     stop: CancellationToken,
-    sync_slots: Arc<Semaphore>,
+    /// Due passes, oldest first; never two of one business.
+    queue: Mutex<SyncQueue>,
+    /// Wakes the workers when the queue gets work.
+    work: Notify,
+    /// One timer per distinct schedule, not per business.
+    schedules: Mutex<Schedules>,
+    schedules_changed: Notify,
+    /// `sync_requests` rows taken and not yet answered.
+    requests: Mutex<HashMap<i64, RequestState>>,
+    /// The backlog last written to `schedule_lag`, and when.
+    lag_written: Mutex<Option<(Vec<requests::ScheduleLag>, i64)>>,
+    last_status_ms: AtomicI64,
     scheduler_beat: Arc<AtomicI64>,
     drain_beat: Arc<AtomicI64>,
     drainer: Arc<Drainer>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl Daemon {
@@ -245,125 +367,358 @@ impl Daemon {
             .unwrap_or_else(|p| p.into_inner().clone())
     }
 
-    /// Starts a pass unless one of the same business is running (then the
-    /// tick is skipped and logged).
-    fn start_pass(self: &Arc<Self>, business_id: String, kind: ScanKind) {
-        if self.stop.is_cancelled() {
-            return;
-        }
-        let guard = {
-            let mut guards = self.guards.lock().unwrap_or_else(|p| p.into_inner());
-            guards.entry(business_id.clone()).or_default().clone()
-        };
-        let Ok(held) = guard.try_lock_owned() else {
-            info!(
-                business_id,
-                kind = kind.as_str(),
-                "a pass of this business is still running; this tick is skipped"
-            );
-            return;
-        };
-        let me = self.clone();
-        self.passes.spawn(async move {
-            let _held = held;
-            let Ok(_slot) = me.sync_slots.clone().acquire_owned().await else {
-                return;
-            };
-            let config = me.config();
-            let settings = PassSettings {
-                page_size: config.file.poll.page_size,
-                stop_after_unchanged_pages: config.file.poll.stop_after_unchanged_pages,
-                accept_missing: false,
-            };
-            let report = sync_business(
-                &me.store,
-                &me.client(),
-                &business_id,
-                kind,
-                settings,
-                &me.stop,
-            )
-            .await;
-            if !report.is_ok() {
-                warn!("{}", report.summary());
-            }
-            let messages = crate::messages::MessageSettings::from_config(&config);
-            if messages.sync && report.is_ok() {
-                match crate::messages::poll_after_pass(
-                    &me.store,
-                    &me.client(),
-                    &business_id,
-                    messages,
-                    &me.stop,
-                )
-                .await
-                {
-                    Ok(r) if !r.failed.is_empty() => warn!("{}", r.summary(&business_id)),
-                    Ok(_) => {}
-                    Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),
-                }
-            }
-            me.send_status().await;
-        });
+    fn lock_queue(&self) -> std::sync::MutexGuard<'_, SyncQueue> {
+        lock(&self.queue)
     }
 
-    /// A scheduler (not started) with cron jobs for every enabled business
-    /// of `config`, plus the scheduler's heartbeat.
-    async fn build_scheduler(self: &Arc<Self>, config: &Config) -> Result<JobScheduler> {
-        let scheduler = JobScheduler::new()
-            .await
-            .context("cannot start the scheduler")?;
-        for b in config.businesses.iter().filter(|b| b.enabled) {
-            for (expr, kind) in [
-                (&b.schedule, ScanKind::Head),
-                (&b.full_schedule, ScanKind::Full),
-            ] {
-                let me = self.clone();
-                let id = b.id.clone();
-                let job = Job::new_async(expr.as_str(), move |_, _| {
-                    let me = me.clone();
-                    let id = id.clone();
-                    Box::pin(async move { me.start_pass(id, kind) })
-                })
-                .with_context(|| format!("business {}: cannot schedule `{expr}`", b.id))?;
-                scheduler
-                    .add(job)
-                    .await
-                    .context("cannot add a scheduled job")?;
+    fn lock_schedules(&self) -> std::sync::MutexGuard<'_, Schedules> {
+        lock(&self.schedules)
+    }
+
+    /// A worker: takes the oldest due pass, runs it, answers its requests.
+    async fn worker(self: Arc<Self>) {
+        loop {
+            let job = loop {
+                if self.stop.is_cancelled() {
+                    return;
+                }
+                let notified = self.work.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if let Some(job) = self.lock_queue().pop() {
+                    break job;
+                }
+                tokio::select! {
+                    _ = notified => {}
+                    _ = self.stop.cancelled() => return,
+                }
+            };
+            let report = self.run_pass(&job).await;
+            self.lock_queue().finish(&job.business_id);
+            self.work.notify_waiters();
+            self.answer(
+                &job.requests,
+                &job.business_id,
+                report.summary(),
+                report.is_ok(),
+            )
+            .await;
+            // STATUS= after passes, but not after each of thousands.
+            if now_ms() - self.last_status_ms.load(Ordering::Relaxed) >= 2_000 {
+                self.send_status().await;
             }
         }
-        let beat = self.scheduler_beat.clone();
-        let heartbeat = Job::new_async("* * * * * *", move |_, _| {
-            let beat = beat.clone();
-            Box::pin(async move { beat.store(now_ms(), Ordering::Relaxed) })
-        })
-        .context("cannot schedule the heartbeat")?;
-        scheduler
-            .add(heartbeat)
+    }
+
+    async fn run_pass(&self, job: &Job) -> PassReport {
+        let config = self.config();
+        if config.business(&job.business_id).is_none_or(|b| !b.enabled) {
+            return PassReport {
+                business_id: job.business_id.clone(),
+                kind: job.kind,
+                outcome: PassOutcome::Skipped("no longer in the configuration (reloaded)".into()),
+                elapsed: Duration::ZERO,
+            };
+        }
+        let settings = PassSettings {
+            page_size: config.file.poll.page_size,
+            stop_after_unchanged_pages: config.file.poll.stop_after_unchanged_pages,
+            // A request with --accept-missing lets this pass accept it.
+            accept_missing: {
+                let states = lock(&self.requests);
+                job.requests
+                    .iter()
+                    .any(|id| states.get(id).is_some_and(|s| s.accept_missing))
+            },
+        };
+        let report = sync_business(
+            &self.store,
+            &self.client(),
+            &job.business_id,
+            job.kind,
+            settings,
+            &self.stop,
+        )
+        .await;
+        if !report.is_ok() {
+            warn!("{}", report.summary());
+        }
+        // The conversations of the leads the pass found new or changed; a
+        // failure here is logged and recorded, never fails the pass.
+        let messages = crate::messages::MessageSettings::from_config(&config);
+        if messages.sync && report.is_ok() {
+            match crate::messages::poll_after_pass(
+                &self.store,
+                &self.client(),
+                &job.business_id,
+                messages,
+                &self.stop,
+            )
             .await
-            .context("cannot add the heartbeat")?;
-        Ok(scheduler)
+            {
+                Ok(r) if !r.failed.is_empty() => warn!("{}", r.summary(&job.business_id)),
+                Ok(_) => {}
+                Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),
+            }
+        }
+        report
+    }
+
+    /// Wants a pass of each business in `ids`.
+    fn enqueue(
+        &self,
+        ids: &[String],
+        kind: ScanKind,
+        due_ms: i64,
+        origin: Origin,
+    ) -> (usize, Vec<String>) {
+        let mut queued = 0;
+        let mut skipped = Vec::new();
+        {
+            let mut queue = self.lock_queue();
+            for id in ids {
+                match queue.push(id, kind, due_ms, origin.clone()) {
+                    Pushed::Skipped => skipped.push(id.clone()),
+                    Pushed::Merged => {}
+                    Pushed::Queued | Pushed::AfterRunning => queued += 1,
+                }
+            }
+        }
+        self.work.notify_waiters();
+        (queued, skipped)
+    }
+
+    /// The timer: one per distinct schedule. Each occurrence queues its
+    /// businesses, due at the occurrence's time. Wakes at least once a
+    /// second (the scheduler's heartbeat for the watchdog).
+    async fn timer(self: Arc<Self>) {
+        loop {
+            self.scheduler_beat.store(now_ms(), Ordering::Relaxed);
+            let now = chrono::Utc::now();
+            let (due, next) = {
+                let mut schedules = self.lock_schedules();
+                let due: Vec<(ScheduleKey, i64, Vec<String>)> = schedules
+                    .take_due(now)
+                    .into_iter()
+                    .filter_map(|(key, at)| {
+                        let ids = schedules
+                            .groups
+                            .get(&key)?
+                            .businesses
+                            .iter()
+                            .cloned()
+                            .collect();
+                        Some((key, at.timestamp_millis(), ids))
+                    })
+                    .collect();
+                (due, schedules.next_due())
+            };
+            for (key, at_ms, ids) in due {
+                let kind = key.kind;
+                let n = ids.len();
+                let (queued, skipped) =
+                    self.enqueue(&ids, kind, at_ms, Origin::Schedule(key.clone()));
+                let behind = n - queued - skipped.len();
+                if !skipped.is_empty() {
+                    if skipped.len() <= 20 {
+                        info!(schedule = %key, businesses = ?skipped, "a pass of these businesses is still running; this tick is skipped for them");
+                    } else {
+                        info!(schedule = %key, skipped = skipped.len(), "passes still running; this tick is skipped for them");
+                    }
+                }
+                if behind > 0 {
+                    warn!(schedule = %key, behind, "passes from an earlier occurrence still wait: this schedule is behind (see `leadsync status`; `config check` shows the budget arithmetic)");
+                }
+            }
+            self.write_lag().await;
+            let wait = next
+                .and_then(|n| (n - chrono::Utc::now()).to_std().ok())
+                .unwrap_or(Duration::ZERO)
+                .clamp(Duration::from_millis(5), Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.schedules_changed.notified() => {}
+                _ = self.stop.cancelled() => return,
+            }
+        }
+    }
+
+    /// Takes `sync_requests` rows other programs (and `leadsync sync`) insert.
+    async fn take_requests(self: Arc<Self>) {
+        let mut every = tokio::time::interval(REQUESTS_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {}
+                _ = self.stop.cancelled() => return,
+            }
+            let new = match self.store.call(|c| requests::new_requests(c)).await {
+                Ok(new) => new,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot read sync_requests");
+                    continue;
+                }
+            };
+            for r in new {
+                self.accept(r).await;
+            }
+        }
+    }
+
+    async fn accept(&self, r: requests::NewRequest) {
+        let config = self.config();
+        let kind = ScanKind::parse(&r.kind).unwrap_or(ScanKind::Head);
+        let ids: Result<Vec<String>, String> = match &r.business_id {
+            Some(id) => match config.business(id) {
+                None => Err(format!("business {id} is not in the configuration")),
+                Some(b) if !b.enabled => {
+                    Err(format!("business {id} is disabled (enabled = false)"))
+                }
+                Some(b) => Ok(vec![b.id.clone()]),
+            },
+            None => Ok(config
+                .businesses
+                .iter()
+                .filter(|b| b.enabled)
+                .map(|b| b.id.clone())
+                .collect()),
+        };
+        let (id, now) = (r.id, crate::time::now());
+        let ids = match ids {
+            Err(e) => {
+                warn!(request = id, error = %e, "sync request refused");
+                let result = self
+                    .store
+                    .call(move |c| requests::finish(c, id, "refused", Some(&e), &e, &now))
+                    .await;
+                if let Err(e) = result {
+                    warn!(request = id, error = %format!("{e:#}"), "cannot record a refused sync request");
+                }
+                return;
+            }
+            Ok(ids) if ids.is_empty() => {
+                let line = "no enabled business is configured: nothing to sync";
+                let _ = self
+                    .store
+                    .call(move |c| requests::finish(c, id, "ok", None, line, &now))
+                    .await;
+                return;
+            }
+            Ok(ids) => ids,
+        };
+        match self
+            .store
+            .call(move |c| requests::mark_started(c, id, &now))
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => return, // withdrawn by its asker meanwhile
+            Err(e) => {
+                warn!(request = id, error = %format!("{e:#}"), "cannot take a sync request");
+                return;
+            }
+        }
+        info!(
+            request = id,
+            kind = kind.as_str(),
+            businesses = ids.len(),
+            "sync request taken"
+        );
+        lock(&self.requests).insert(
+            id,
+            RequestState {
+                remaining: ids.len(),
+                accept_missing: r.accept_missing,
+                ..Default::default()
+            },
+        );
+        self.enqueue(&ids, kind, now_ms(), Origin::Request(id));
+    }
+
+    /// Records a pass's line in the requests it answers; a request whose
+    /// passes have all ended is finished.
+    async fn answer(&self, request_ids: &[i64], business_id: &str, line: String, ok: bool) {
+        if request_ids.is_empty() {
+            return;
+        }
+        let mut done = Vec::new();
+        {
+            let mut states = lock(&self.requests);
+            for id in request_ids {
+                let Some(st) = states.get_mut(id) else {
+                    continue;
+                };
+                st.lines.push((business_id.to_string(), line.clone()));
+                st.failed += usize::from(!ok);
+                st.remaining = st.remaining.saturating_sub(1);
+                if st.remaining == 0
+                    && let Some(st) = states.remove(id)
+                {
+                    done.push((*id, st));
+                }
+            }
+        }
+        for (id, st) in done {
+            let (outcome, summary) = st.render();
+            let now = crate::time::now();
+            let err = (outcome == "error").then(|| "some passes failed".to_string());
+            if let Err(e) = self
+                .store
+                .call(move |c| requests::finish(c, id, outcome, err.as_deref(), &summary, &now))
+                .await
+            {
+                warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request");
+            }
+        }
+    }
+
+    /// At shutdown: requests still open end as interrupted, with the lines
+    /// of the passes that did run.
+    async fn close_requests(&self) {
+        let open: Vec<(i64, RequestState)> = lock(&self.requests).drain().collect();
+        for (id, st) in open {
+            let (_, summary) = st.render();
+            let now = crate::time::now();
+            let _ = self
+                .store
+                .call(move |c| {
+                    requests::finish(
+                        c,
+                        id,
+                        "error",
+                        Some("interrupted: leadsync stopped before every pass of this request ran"),
+                        &summary,
+                        &now,
+                    )
+                })
+                .await;
+        }
     }
 
     /// A pass for each enabled business at start (or when added by a reload):
     /// a full scan when it never had one, else a head scan.
-    async fn start_initial_passes(self: &Arc<Self>, only: Option<&[String]>) {
+    async fn queue_initial_passes(self: &Arc<Self>, only: Option<&[String]>) {
         let never = self
             .store
             .call(|c| mirror::never_fully_synced(c))
             .await
             .unwrap_or_default();
-        for b in self.config().businesses.iter().filter(|b| b.enabled) {
-            if only.is_some_and(|ids| !ids.contains(&b.id)) {
+        let only: Option<std::collections::HashSet<&String>> = only.map(|o| o.iter().collect());
+        let config = self.config();
+        let (mut full, mut head) = (Vec::new(), Vec::new());
+        for b in config.businesses.iter().filter(|b| b.enabled) {
+            if only.as_ref().is_some_and(|o| !o.contains(&b.id)) {
                 continue;
             }
-            let kind = if never.contains(&b.id) {
-                ScanKind::Full
+            if never.contains(&b.id) {
+                full.push(b.id.clone());
             } else {
-                ScanKind::Head
-            };
-            self.start_pass(b.id.clone(), kind);
+                head.push(b.id.clone());
+            }
         }
+        let now = now_ms();
+        self.enqueue(&full, ScanKind::Full, now, Origin::Initial);
+        self.enqueue(&head, ScanKind::Head, now, Origin::Initial);
     }
 
     fn spawn_drainer(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
@@ -371,10 +726,13 @@ impl Daemon {
         tokio::spawn(drainer.run(self.stop.clone(), self.drain_beat.clone()))
     }
 
-    /// Applies a reloaded configuration without a restart. Everything that
-    /// can fail is prepared first, so a failure leaves the old configuration
-    /// fully in place.
-    async fn apply(self: &Arc<Self>, new: Config, scheduler: &mut JobScheduler) -> Result<()> {
+    /// Applies a reloaded configuration without a restart, touching only
+    /// the businesses that changed (their schedule entries, their rows in
+    /// `businesses`, their queued passes). Everything that can fail is
+    /// prepared first, so a failure leaves the old configuration in place.
+    async fn apply(self: &Arc<Self>, new: Config) -> Result<Reloaded> {
+        let started = Instant::now();
+        new.require_client_secret()?;
         let old = self.config();
         let mut new = new;
         for (what, changed) in [
@@ -388,6 +746,7 @@ impl Daemon {
                 "daemon.sync_concurrency",
                 new.file.daemon.sync_concurrency != old.file.daemon.sync_concurrency,
             ),
+            ("[admin]", new.file.admin != old.file.admin),
         ] {
             if changed {
                 warn!(
@@ -400,22 +759,37 @@ impl Daemon {
         new.file.webhooks = old.file.webhooks.clone();
         new.file.oauth.token_store = old.file.oauth.token_store.clone();
         new.file.daemon.sync_concurrency = old.file.daemon.sync_concurrency;
+        new.file.admin = old.file.admin.clone();
+        new.admin_listen = old.admin_listen;
+        let enabled = |c: &Config, id: &str| c.business(id).is_some_and(|b| b.enabled);
         let added: Vec<String> = new
             .businesses
             .iter()
-            .filter(|b| b.enabled && old.business(&b.id).is_none_or(|o| !o.enabled))
+            .filter(|b| b.enabled && !enabled(&old, &b.id))
             .map(|b| b.id.clone())
             .collect();
-        let next_scheduler = self.build_scheduler(&new).await?;
+        let gone: Vec<String> = old
+            .businesses
+            .iter()
+            .filter(|b| b.enabled && !enabled(&new, &b.id))
+            .map(|b| b.id.clone())
+            .collect();
+        let now = chrono::Utc::now();
+        let mut schedules = self.lock_schedules().clone();
+        crate::schedule::apply_diff(&mut schedules, &old, &new, now)
+            .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
         let client = Arc::new(Client::with_budget(
             ClientSettings::from_config(&new),
             self.auth.clone(),
             self.client().budget().clone(),
         )?);
-        let businesses = new.businesses.clone();
-        self.store
-            .call(move |c| mirror::upsert_businesses(c, &businesses))
-            .await?;
+        let new = Arc::new(new);
+        let rows_written = {
+            let new = new.clone();
+            self.store
+                .call(move |c| mirror::upsert_businesses(c, &new.businesses))
+                .await?
+        };
 
         self.auth.reconfigure(&new);
         if let Ok(mut c) = self.client.write() {
@@ -424,20 +798,110 @@ impl Daemon {
         self.drainer
             .update(DrainSettings::from_config(&new), client);
         if let Ok(mut c) = self.config.write() {
-            *c = Arc::new(new);
+            *c = new;
         }
-        let _ = scheduler.shutdown().await;
-        *scheduler = next_scheduler;
-        scheduler
-            .start()
+        {
+            // The timer may have moved on since the copy was taken: keep its
+            // next occurrences, so no occurrence fires twice.
+            let mut live = self.lock_schedules();
+            for (key, g) in schedules.groups.iter_mut() {
+                if let Some(current) = live.groups.get(key) {
+                    g.next = current.next;
+                }
+            }
+            *live = schedules;
+        }
+        self.schedules_changed.notify_one();
+        for id in &gone {
+            let orphans = self.lock_queue().remove(id);
+            for request in orphans {
+                self.answer(
+                    &[request],
+                    id,
+                    format!("{id}: SKIPPED — removed from the configuration by a reload"),
+                    false,
+                )
+                .await;
+            }
+        }
+        self.queue_initial_passes(Some(&added)).await;
+        Ok(Reloaded {
+            started,
+            added: added.len(),
+            removed: gone.len(),
+            rows_written,
+        })
+    }
+
+    /// Writes each schedule's backlog to `schedule_lag` when it changed (and
+    /// at least once a minute, so `status` can tell a live daemon's figures).
+    /// Called by the timer about once a second; writes nothing while idle.
+    async fn write_lag(&self) {
+        let rows: Vec<requests::ScheduleLag> = {
+            let lag = self.lock_queue().lag();
+            let schedules = self.lock_schedules();
+            schedules
+                .groups
+                .iter()
+                .map(|(key, g)| {
+                    let (waiting, oldest) = lag.get(key).copied().unwrap_or((0, 0));
+                    requests::ScheduleLag {
+                        kind: key.kind.as_str().to_string(),
+                        schedule: key.expr.clone(),
+                        businesses: g.businesses.len() as i64,
+                        waiting: waiting as i64,
+                        oldest_due_at: (waiting > 0)
+                            .then(|| chrono::DateTime::from_timestamp_millis(oldest))
+                            .flatten()
+                            .map(crate::time::fmt),
+                        updated_at: String::new(),
+                    }
+                })
+                .collect()
+        };
+        let now = now_ms();
+        {
+            let written = lock(&self.lag_written);
+            if let Some((last, at)) = written.as_ref()
+                && *last == rows
+                && now - at < 60_000
+            {
+                return;
+            }
+        }
+        let stamp = crate::time::now();
+        let stamped: Vec<requests::ScheduleLag> = rows
+            .iter()
+            .cloned()
+            .map(|mut r| {
+                r.updated_at = stamp.clone();
+                r
+            })
+            .collect();
+        match self
+            .store
+            .call(move |c| requests::write_lag(c, &stamped))
             .await
-            .context("cannot start the scheduler")?;
-        self.start_initial_passes(Some(&added)).await;
-        Ok(())
+        {
+            Ok(()) => *lock(&self.lag_written) = Some((rows, now)),
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot record the schedules' lag"),
+        }
     }
 
     /// The one-line summary systemd shows (`STATUS=`).
     async fn send_status(&self) {
+        self.last_status_ms.store(now_ms(), Ordering::Relaxed);
+        let (waiting, oldest) = {
+            let q = self.lock_queue();
+            (q.waiting(), q.oldest_due_ms())
+        };
+        let backlog = match oldest {
+            Some(due) if waiting > 0 => format!(
+                "; {waiting} passes waiting, oldest due {}s ago",
+                (now_ms() - due).max(0) / 1000
+            ),
+            _ => String::new(),
+        };
         let line = self
             .store
             .call(|c| {
@@ -470,7 +934,7 @@ impl Daemon {
                     String::new()
                 };
                 format!(
-                    "{leads} leads, {last}; outbox: {} pending, {} dead{reauth}",
+                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{reauth}",
                     counts.pending + counts.sending,
                     counts.dead
                 )

@@ -239,9 +239,15 @@ impl Drainer {
         for b in &settings.disabled {
             reasons.insert(b.clone(), WaitReason::Disabled);
         }
+        let client_refused = client.auth().client_refused();
         for b in client.auth().blocked() {
-            let why = client.auth().reauth_reason(&b).unwrap_or_default();
-            reasons.entry(b).or_insert(WaitReason::NeedsReauth(why));
+            // Blocked without a reason of its own: its OAuth client is refused.
+            let why = match (client.auth().reauth_reason(&b), &client_refused) {
+                (Some(why), _) => WaitReason::NeedsReauth(why),
+                (None, Some(why)) => WaitReason::OAuthClientRefused(why.clone()),
+                (None, None) => WaitReason::NeedsReauth(String::new()),
+            };
+            reasons.entry(b).or_insert(why);
         }
         let hook = self.wait_hook.read().ok().and_then(|h| h.clone());
         if let Some(hook) = hook {
@@ -428,6 +434,12 @@ impl Drainer {
                 why
             };
             warn!(error = %why, "row cannot be sent yet");
+            let outcome = if result == RowResult::Dead {
+                "dead"
+            } else {
+                "waiting"
+            };
+            crate::metrics::send(row.kind.as_str(), outcome, None);
             let a = Attempt {
                 attempt: row.attempt,
                 started_at: started_at.clone(),
@@ -484,6 +496,7 @@ impl Drainer {
                         trace_id: None,
                         duration_ms: 0,
                     };
+                    crate::metrics::send(row.kind.as_str(), "dead", None);
                     return (Finish::Dead, vec![a], RowResult::Dead);
                 };
                 let body = JobStatusBody {
@@ -545,6 +558,8 @@ impl Drainer {
                 duration_ms: x.duration.as_millis() as i64,
             })
             .collect();
+        let took = delivery.exchanges.iter().map(|x| x.duration).sum();
+        crate::metrics::send(row.kind.as_str(), outcome, Some(took));
         match (&delivery.result, result) {
             (Ok(()), _) if row.late => info!(
                 business_id,

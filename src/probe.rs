@@ -198,9 +198,12 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     };
     // No mirror: the probe writes nothing to it (a refresh still rotates
     // the grant in the token store, as any request would).
-    let auth = Arc::new(Auth::new(&config, None, HashMap::new())?);
+    let auth = Arc::new(crate::app::open_auth(&config, None, HashMap::new())?);
     let client = Client::new(ClientSettings::from_config(&config), auth.clone())?;
-    let report = probe(&client, &auth, &business.id, &business.token, &config).await?;
+    let report = probe(&client, &auth, &business.id, &business.token, &config).await;
+    // A refresh it started is stored before the process exits.
+    auth.settle(crate::cli::settle_bound(&config)).await;
+    let report = report?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

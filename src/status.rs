@@ -13,7 +13,13 @@ use std::collections::HashMap;
 pub struct StatusReport {
     pub database: String,
     pub generated_at: String,
+    /// OAuth conditions a person must see once, not per business (the
+    /// client refused, a token file refused, a rotated token not stored).
+    pub auth_alerts: Vec<AuthAlert>,
     pub businesses: Vec<BusinessStatus>,
+    /// The running daemon's schedules and how far behind each is (empty
+    /// when no daemon has written them).
+    pub schedules: Vec<ScheduleStatus>,
     pub outbox: OutboxStatus,
     /// The mirrored conversations and `message_outbox`.
     pub messages: MessagesStatus,
@@ -27,6 +33,24 @@ pub struct MessagesStatus {
     /// `message_outbox` rows by state.
     pub outbox: outbox::Counts,
     pub oldest_pending_age_secs: Option<i64>,
+}
+
+/// One schedule of the running daemon (SPEC §11).
+#[derive(Debug, Serialize)]
+pub struct ScheduleStatus {
+    #[serde(flatten)]
+    pub lag: crate::store::requests::ScheduleLag,
+    /// How long the oldest waiting pass has been due; 0 when none waits.
+    pub lag_secs: i64,
+    /// The daemon has not refreshed these figures for over two minutes.
+    pub stale: bool,
+}
+
+/// One OAuth condition.
+#[derive(Debug, Serialize)]
+pub struct AuthAlert {
+    pub message: String,
+    pub since: String,
 }
 
 /// One business.
@@ -134,8 +158,10 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             b.name = c.name.clone().or(b.name.take());
         }
     }
+    let known: std::collections::HashSet<String> =
+        businesses.iter().map(|b| b.business_id.clone()).collect();
     for c in &config.businesses {
-        if !businesses.iter().any(|b| b.business_id == c.id) {
+        if !known.contains(&c.id) {
             businesses.push(BusinessStatus {
                 business_id: c.id.clone(),
                 name: c.name.clone(),
@@ -189,11 +215,29 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
         oldest_pending_age_secs: age_secs(&message_outbox.oldest_pending_created_at),
         outbox: message_outbox,
     };
+    let schedules = crate::store::requests::read_lag(conn)?
+        .into_iter()
+        .map(|lag| {
+            let lag_secs = age_secs(&lag.oldest_due_at).unwrap_or(0);
+            let stale = age_secs(&Some(lag.updated_at.clone())).is_none_or(|a| a > 120);
+            ScheduleStatus {
+                lag,
+                lag_secs,
+                stale,
+            }
+        })
+        .collect();
+    let auth_alerts = crate::store::mirror::auth_alerts(conn)?
+        .into_iter()
+        .map(|(message, since)| AuthAlert { message, since })
+        .collect();
     Ok(StatusReport {
         messages,
         database: config.database().display().to_string(),
         generated_at: crate::time::now(),
+        auth_alerts,
         businesses,
+        schedules,
         outbox: OutboxStatus {
             counts,
             oldest_pending_age_secs,
@@ -217,7 +261,18 @@ fn ago(secs: Option<i64>) -> String {
 
 /// The report as a table for people.
 pub fn render_text(r: &StatusReport) -> String {
-    let mut out = format!("database: {}\n\nbusinesses:\n", r.database);
+    let mut out = format!("database: {}\n", r.database);
+    if !r.auth_alerts.is_empty() {
+        out.push_str("\nOAuth:\n");
+        for a in &r.auth_alerts {
+            out.push_str(&format!("  ! {} (since {})\n", a.message, a.since));
+        }
+    }
+    out.push_str("\nbusinesses:\n");
+    let client_refused = r
+        .auth_alerts
+        .iter()
+        .any(|a| a.message.starts_with("OAuth client refused"));
     if r.businesses.is_empty() {
         out.push_str("  (none configured)\n");
     }
@@ -246,6 +301,7 @@ pub fn render_text(r: &StatusReport) -> String {
         if b.last_sync_outcome.as_deref() == Some("error")
             && let Some(e) = &b.last_error
             && !b.needs_reauth
+            && !(client_refused && e.contains("OAuth client refused"))
         {
             notes.push(format!("error: {e}"));
         }
@@ -265,6 +321,34 @@ pub fn render_text(r: &StatusReport) -> String {
             b.last_sync_outcome.as_deref().unwrap_or("-"),
             notes.join("; ")
         ));
+    }
+    if !r.schedules.is_empty() {
+        out.push_str("\nschedules (the running daemon's queue):\n");
+        for s in &r.schedules {
+            let lag = if s.lag.waiting > 0 {
+                format!(
+                    "{} waiting, lag {}",
+                    s.lag.waiting,
+                    crate::time::age(
+                        Utc::now() - chrono::Duration::seconds(s.lag_secs),
+                        Utc::now()
+                    )
+                )
+            } else {
+                "none waiting, no lag".into()
+            };
+            out.push_str(&format!(
+                "  {:<4} `{}`: {} businesses, {lag}{}\n",
+                s.lag.kind,
+                s.lag.schedule,
+                s.lag.businesses,
+                if s.stale {
+                    " (not refreshed for over 2 minutes: is the daemon running?)"
+                } else {
+                    ""
+                }
+            ));
+        }
     }
     let c = &r.outbox.counts;
     out.push_str(&format!(

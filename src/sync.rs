@@ -17,8 +17,8 @@ use tracing::{info, warn};
 /// pagination loop, not data.
 const MAX_PAGES: i64 = 1_000_000;
 
-/// Which pass.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which pass (a full scan covers everything a head scan does: `Full > Head`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum ScanKind {
     /// The newest pages, until `stop_after_unchanged_pages` bring nothing new.
     Head,
@@ -27,6 +27,15 @@ pub enum ScanKind {
 }
 
 impl ScanKind {
+    /// The kind named `head` or `full`.
+    pub fn parse(name: &str) -> Option<ScanKind> {
+        match name {
+            "head" => Some(ScanKind::Head),
+            "full" => Some(ScanKind::Full),
+            _ => None,
+        }
+    }
+
     /// The name stored in `sync_runs.kind`.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -70,6 +79,15 @@ impl PassReport {
     /// True when the pass ran and succeeded.
     pub fn is_ok(&self) -> bool {
         matches!(self.outcome, PassOutcome::Ok(_))
+    }
+
+    /// `ok`, `error` or `skipped`, as in `sync_runs.outcome`.
+    pub fn outcome_name(&self) -> &'static str {
+        match self.outcome {
+            PassOutcome::Ok(_) => "ok",
+            PassOutcome::Failed(..) => "error",
+            PassOutcome::Skipped(_) => "skipped",
+        }
     }
 
     /// One line for people.
@@ -132,11 +150,15 @@ pub async fn sync_business(
     stop: &CancellationToken,
 ) -> PassReport {
     let started = Instant::now();
-    let report = |outcome| PassReport {
-        business_id: business_id.to_string(),
-        kind,
-        outcome,
-        elapsed: started.elapsed(),
+    let report = |outcome| {
+        let r = PassReport {
+            business_id: business_id.to_string(),
+            kind,
+            outcome,
+            elapsed: started.elapsed(),
+        };
+        crate::metrics::sync_pass(business_id, kind.as_str(), r.outcome_name(), r.elapsed);
+        r
     };
 
     // A business waiting for re-authorization is not called; the check also
@@ -341,6 +363,7 @@ async fn read_pages(
             }
         };
         stats.add_page(page_stats, skipped);
+        crate::metrics::sync_page(business_id, &page_stats);
         if page_stats.inserted + page_stats.updated == 0 {
             unchanged_pages += 1;
         } else {

@@ -4,7 +4,7 @@
 
 use crate::config::{Config, ConfigError, WebhookAuth, check_public_url};
 use crate::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
-use crate::thumbtack::{Auth, Client, ClientSettings};
+use crate::thumbtack::{Client, ClientSettings};
 use anyhow::{Result, bail};
 use std::sync::Arc;
 
@@ -17,7 +17,9 @@ async fn client(config: &Config) -> Result<Client> {
     let needs_reauth = mirror
         .call(|c| crate::store::mirror::needs_reauth_map(c))
         .await?;
-    let auth = Arc::new(Auth::new(config, Some(mirror), needs_reauth)?);
+    // The token store's grant locks keep this process and the daemon from
+    // refreshing one grant at once.
+    let auth = Arc::new(crate::app::open_auth(config, Some(mirror), needs_reauth)?);
     Client::new(ClientSettings::from_config(config), auth)
 }
 

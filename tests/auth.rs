@@ -299,6 +299,8 @@ async fn no_secret_reaches_the_logs_or_the_mirror() {
     let mirror = String::from_utf8_lossy(&mirror);
     let secrets = env.sandbox.issued_secrets();
     assert!(secrets.len() > 6);
+    // Every text column of the mirror, `status --json` and `config check` too.
+    common::assert_no_secret_anywhere(&env, &logs);
     for s in secrets
         .iter()
         .chain(std::iter::once(&"sbx_rt_refused_one".to_string()))

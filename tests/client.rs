@@ -8,14 +8,14 @@ use common::{Env, FAST};
 use leadsync::sandbox::{Faults, SandboxOptions};
 use leadsync::thumbtack::model::JobStatusBody;
 use leadsync::thumbtack::paging::{Cursor, End, Listing, Step};
-use leadsync::thumbtack::{Auth, Client, ClientSettings, Disposition};
+use leadsync::thumbtack::{Client, ClientSettings, Disposition};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 fn client(env: &Env) -> Arc<Client> {
     let config = env.config();
-    let auth = Arc::new(Auth::new(&config, None, HashMap::new()).unwrap());
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
     Arc::new(Client::new(ClientSettings::from_config(&config), auth).unwrap())
 }
 

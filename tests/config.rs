@@ -339,17 +339,39 @@ fn secrets_are_masked_wherever_they_come_from() {
             "client_id = \"partner-app\"\nclient_secret_file = \"/nonexistent/client_secret\"",
         ),
     );
-    assert_config_error(
-        &check(&[&gone], &[]),
-        &[
-            "gone.toml",
-            "oauth.client_secret_file",
-            "/nonexistent/client_secret",
-        ],
+    let o = check(&[&gone], &[]);
+    assert_eq!(o.status.code(), Some(0), "a warning only: {}", text(&o));
+    assert!(
+        text(&o).contains("oauth.client_secret_file")
+            && text(&o).contains("/nonexistent/client_secret"),
+        "{}",
+        text(&o)
     );
 
-    // A refresh-token business without any client secret is a configuration error.
+    // A numeric-looking secret is taken as text and never echoed.
+    for numeric in ["0012345678", "12345678901234567890123456789", "1.5e10"] {
+        let o = check(&[&plain], &[("LEADSYNC_OAUTH__CLIENT_SECRET", numeric)]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert!(!text(&o).contains(numeric), "secret printed: {}", text(&o));
+    }
+
+    // Without any client secret, `config check` (and the other commands that
+    // never call the token endpoint) still works and warns; `sync` refuses.
     let o = check(&[&plain], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("warning") && text(&o).contains("client secret"),
+        "{}",
+        text(&o)
+    );
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&plain)
+        .arg("sync")
+        .env_remove("LEADSYNC_OAUTH__CLIENT_SECRET")
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
     assert_config_error(&o, &["plain.toml", "client secret"]);
 }
 
@@ -382,4 +404,128 @@ fn the_documented_example_is_accepted_when_its_files_exist() {
     let f = d.file("example.toml", &example);
     let o = check(&[&f], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// Thousands of businesses, one conf.d file each: loading is linear (it was
+/// quadratic: locating each entry cloned the whole merged document), and an
+/// error in the last file still names that file and its key. The bound is
+/// ~10× what a loaded debug build needs; the measured figures live in the
+/// README's Performance section (bench/many.py).
+#[test]
+fn thousands_of_conf_d_files_load_quickly_and_errors_still_name_the_file() {
+    const N: usize = 5_000;
+    let d = Dir::new();
+    let main = d.file(
+        "leadsync.toml",
+        &format!("database = \"{}\"\n", d.path().join("m.db").display()),
+    );
+    let mut files = vec![main];
+    for i in 0..N {
+        files.push(d.file(
+            &format!("conf.d/{i:05}.toml"),
+            &format!(
+                "[[businesses]]\nid = \"{}\"\nname = \"Pro {i}\"\naccess_token_file = \"{}\"\n",
+                100_000_000_000 + i,
+                d.token.display()
+            ),
+        ));
+    }
+    let refs: Vec<&Path> = files.iter().map(|f| f.as_path()).collect();
+    let started = std::time::Instant::now();
+    let o = check(&refs, &[]);
+    let took = started.elapsed();
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        took < std::time::Duration::from_secs(30),
+        "config check of {N} businesses took {took:?}"
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout)
+            .matches("[[businesses]]")
+            .count(),
+        N
+    );
+
+    let last = d.file(
+        "conf.d/99999.toml",
+        &format!(
+            "[[businesses]]\nid = \"{}\"\naccess_token_file = \"{}\"\n",
+            100_000_000_000usize + 17,
+            d.token.display()
+        ),
+    );
+    files.push(last);
+    let refs: Vec<&Path> = files.iter().map(|f| f.as_path()).collect();
+    assert_config_error(
+        &check(&refs, &[]),
+        &[
+            "99999.toml",
+            &format!("businesses.{N}.id"),
+            "twice",
+            "00017.toml",
+        ],
+    );
+}
+
+/// `config check` shows the request budget arithmetic and warns when the
+/// schedules need more than `api.max_requests_per_second` (SPEC §11).
+#[test]
+fn config_check_warns_when_the_budget_cannot_keep_up() {
+    let d = Dir::new();
+    let mut toml = format!(
+        "database = \"{}\"\n[api]\nmax_requests_per_second = 5\n[poll]\nschedule = \"*/5 * * * *\"\nstop_after_unchanged_pages = 2\n",
+        d.path().join("m.db").display()
+    );
+    for i in 0..1_000 {
+        toml.push_str(&format!(
+            "[[businesses]]\nid = \"{}\"\naccess_token_file = \"{}\"\n",
+            500_000 + i,
+            d.token.display()
+        ));
+    }
+    let f = d.file("many.toml", &toml);
+    let o = check(&[&f], &[]);
+    assert!(
+        o.status.success(),
+        "a warning is not an error: {}",
+        text(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    // 1,000 × 2 pages every 300 s = 6.67 requests/s > 5.
+    assert!(
+        out.contains("# budget: head scans `0 */5 * * * *`: 1000 businesses × 2 pages ÷ 300 s = 6.67 requests/s"),
+        "{out}"
+    );
+    assert!(
+        out.contains("# budget: full scans `0 17 3 * * *`: 1000 businesses × ≥ 1 page ÷ 86400 s = 0.01 requests/s"),
+        "{out}"
+    );
+    assert!(
+        out.contains(
+            "# warning: the schedules need ≥ 6.68 requests/s but api.max_requests_per_second = 5"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("needs ≥ 400 s of requests at 5 requests/s, but it comes every 300 s"),
+        "{out}"
+    );
+
+    // The same businesses fit in a larger budget: the arithmetic, no warning.
+    let f = d.file(
+        "many.toml",
+        &toml.replace(
+            "max_requests_per_second = 5",
+            "max_requests_per_second = 10",
+        ),
+    );
+    let o = check(&[&f], &[]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(
+            "# budget: together ≥ 6.68 requests/s of api.max_requests_per_second = 10 (67%)"
+        ),
+        "{out}"
+    );
+    assert!(!out.contains("# warning"), "{out}");
 }

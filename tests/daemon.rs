@@ -9,6 +9,32 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
+/// A daemon that is killed when the test ends, even by a panic: a failed
+/// assertion must not leave a `leadsync run` behind.
+struct Guard(Child);
+
+impl std::ops::Deref for Guard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Guard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 fn signal(child: &Child, sig: i32) {
     // SAFETY: kill(2) on our own child's pid.
     let r = unsafe { libc::kill(child.id() as i32, sig) };
@@ -37,14 +63,15 @@ async fn notify_ready_status_watchdog_and_stopping() {
     socket
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let mut child = env
-        .cli()
-        .arg("run")
-        .env("NOTIFY_SOCKET", &socket_path)
-        .env("WATCHDOG_USEC", "1000000")
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .env("WATCHDOG_USEC", "1000000")
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
 
     let mut messages: Vec<(Instant, String)> = Vec::new();
     let mut buf = [0u8; 4096];
@@ -102,13 +129,14 @@ async fn an_abstract_notify_socket_works_too() {
     socket
         .set_read_timeout(Some(Duration::from_secs(20)))
         .unwrap();
-    let mut child = env
-        .cli()
-        .arg("run")
-        .env("NOTIFY_SOCKET", format!("@{name}"))
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", format!("@{name}"))
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let mut buf = [0u8; 4096];
     let n = socket.recv(&mut buf).expect("a notification");
     assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
@@ -124,7 +152,7 @@ async fn sigterm_lets_an_in_flight_send_finish_and_records_it() {
     let env = Env::small().await;
     assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
     let lead = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
-    let mut child = env.spawn_daemon();
+    let mut child = Guard(env.spawn_daemon());
     // Every request now takes 1.5 s: the send below is in flight when SIGTERM comes.
     env.sandbox.set_faults(Faults {
         latency_ms: 1500,
@@ -185,14 +213,15 @@ async fn sighup_adds_a_business_and_a_broken_file_keeps_the_old_configuration() 
     let third = env.business_ids()[2].clone();
 
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
-    let mut child = env
-        .cli()
-        .arg("--config")
-        .arg(&extra)
-        .arg("run")
-        .stderr(log)
-        .spawn()
-        .unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("--config")
+            .arg(&extra)
+            .arg("run")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
     wait_until_blocking(
         "the first two businesses synced",
         Duration::from_secs(20),

@@ -39,6 +39,18 @@ impl Rig {
                     [&env.business_ids()[i]],
                 )
                 .unwrap();
+            // The access tokens that sync stored are gone too: a recheck
+            // must ask the token endpoint, not adopt a stored token.
+            let tokens = env.dir.path().join("fixture/tokens.db");
+            if oauth && tokens.exists() {
+                rusqlite::Connection::open(&tokens)
+                    .unwrap()
+                    .execute(
+                        "UPDATE grants SET access_token = NULL, access_expires_at = NULL",
+                        [],
+                    )
+                    .unwrap();
+            }
         }
         let session = Session::open(env.config()).await.unwrap();
         let drainer = Arc::new(Drainer::new(

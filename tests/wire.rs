@@ -7,7 +7,7 @@ mod common;
 use common::{Env, FAST, count, text};
 use leadsync::sandbox::{Faults, Mutation, Pagination, SandboxOptions, Shape};
 use leadsync::thumbtack::paging::Cursor;
-use leadsync::thumbtack::{Auth, Client, ClientSettings, Disposition};
+use leadsync::thumbtack::{Client, ClientSettings, Disposition};
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -296,7 +296,7 @@ async fn the_docs_shape_fills_its_columns_and_leaves_the_rest_empty() {
 
 fn client(env: &Env) -> Arc<Client> {
     let config = env.config();
-    let auth = Arc::new(Auth::new(&config, None, HashMap::new()).unwrap());
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
     Arc::new(Client::new(ClientSettings::from_config(&config), auth).unwrap())
 }
 

@@ -108,6 +108,33 @@ pub struct Faults {
     pub webhook_out_of_order: bool,
 }
 
+/// Token-endpoint faults and behaviour (SPEC §6).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TokenFaults {
+    /// Answer every token request `401 invalid_client`.
+    pub invalid_client: bool,
+    /// Answer every token request `502 proxy_oauth_failed` (a wrong audience).
+    pub proxy_oauth_failed: bool,
+    /// Hold a successful refresh's answer this long after the token was
+    /// already rotated (a client that gives up meanwhile loses the new token).
+    pub hold_after_rotate_ms: u64,
+    /// Drop the connection instead of answering, after rotating, for this
+    /// many successful refreshes (the answer is lost).
+    pub lose_after_rotate: u32,
+    /// Cut the answer's body short (a broken proxy), after rotating, for
+    /// this many successful refreshes: the body still carries the new tokens.
+    pub truncate_after_rotate: u32,
+    /// How long a used refresh token may be presented again and get the
+    /// same answer (Thumbtack's grace period for retrying the same request),
+    /// as long as the token it was rotated to is still unused. 0 (the
+    /// default): any reuse is refused, the strictest server.
+    pub grace_secs: u64,
+    /// Answer every API request `401 required scope(s) [...] not found`
+    /// (a grant without the needed scope), whatever the token.
+    pub missing_scope: bool,
+}
+
 /// A job status the sandbox accepted.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Delivery {
@@ -175,14 +202,20 @@ pub struct Stats {
     pub requests: u64,
     /// e.g. `list 468046965846925323`, `job-status`, `token refresh_token`.
     pub by_route: BTreeMap<String, u64>,
-    /// Refresh tokens presented a second time (always refused).
+    /// Refresh tokens presented a second time and refused (outside the grace period).
     pub reused_refresh_tokens: u64,
+    /// Refresh tokens presented again within the grace period (same answer).
+    pub grace_replays: u64,
+    /// Successful refreshes (rotations).
+    pub rotations: u64,
     pub faults_injected: u64,
 }
 
 struct RefreshEntry {
-    business_id: String,
-    used: bool,
+    /// The businesses the grant covers (one pro's account).
+    businesses: Vec<String>,
+    /// When it was first used, and the answer it got (replayed within the grace period).
+    used: Option<(Instant, serde_json::Value, String)>,
 }
 
 pub(crate) struct State {
@@ -191,9 +224,10 @@ pub(crate) struct State {
     removed: HashMap<String, (usize, usize, SbLead)>,
     taken_ids: HashSet<String>,
     refresh_tokens: HashMap<String, RefreshEntry>,
-    access_tokens: HashMap<String, (String, Instant)>,
+    access_tokens: HashMap<String, (Vec<String>, Instant)>,
     static_tokens: HashMap<String, String>,
-    auth_codes: HashMap<String, String>,
+    auth_codes: HashMap<String, Vec<String>>,
+    token_faults: TokenFaults,
     deliveries: Vec<Delivery>,
     /// Each lead's conversation, oldest first, generated on first use so a
     /// large sandbox does not pay for conversations nobody reads.
@@ -343,6 +377,7 @@ impl Sandbox {
             access_tokens: HashMap::new(),
             static_tokens: HashMap::new(),
             auth_codes: HashMap::new(),
+            token_faults: TokenFaults::default(),
             deliveries: Vec::new(),
             conversations: HashMap::new(),
             long_conversations: HashSet::new(),
@@ -453,13 +488,19 @@ impl Sandbox {
 
     /// A fresh refresh token for the business (an initial grant).
     pub fn mint_refresh_token(&self, business_id: &str) -> String {
+        self.mint_grant(&[business_id])
+    }
+
+    /// A fresh refresh token for a grant covering several businesses (one
+    /// pro's account).
+    pub fn mint_grant(&self, business_ids: &[&str]) -> String {
         let mut s = self.lock();
         let t = s.token("sbx_rt_");
         s.refresh_tokens.insert(
             t.clone(),
             RefreshEntry {
-                business_id: business_id.to_string(),
-                used: false,
+                businesses: business_ids.iter().map(|b| b.to_string()).collect(),
+                used: None,
             },
         );
         t
@@ -467,10 +508,23 @@ impl Sandbox {
 
     /// A single-use authorization code for the business.
     pub fn mint_auth_code(&self, business_id: &str) -> String {
+        self.mint_grant_code(&[business_id])
+    }
+
+    /// A single-use authorization code for a grant covering several businesses.
+    pub fn mint_grant_code(&self, business_ids: &[&str]) -> String {
         let mut s = self.lock();
         let c = s.token("sbx_code_");
-        s.auth_codes.insert(c.clone(), business_id.to_string());
+        s.auth_codes.insert(
+            c.clone(),
+            business_ids.iter().map(|b| b.to_string()).collect(),
+        );
         c
+    }
+
+    /// Replaces the token-endpoint faults.
+    pub fn set_token_faults(&self, faults: TokenFaults) {
+        self.lock().token_faults = faults;
     }
 
     /// Every accepted job status, in order of acceptance.
@@ -573,6 +627,11 @@ impl Sandbox {
     /// `oauth`, businesses get refresh-token grants; otherwise static tokens.
     pub fn write_fixture(&self, dir: &Path, oauth: bool) -> Result<PathBuf> {
         std::fs::create_dir_all(dir.join("tokens"))?;
+        // It holds the token store and the grants: the owner's alone, as in production.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
         let (client_id, client_secret) = self.client_credentials();
         let mut toml = format!(
             "# Written by leadsync's sandbox for {base}\n\

@@ -23,7 +23,8 @@ use tokio_util::sync::CancellationToken;
 type Shared = Arc<Mutex<State>>;
 
 /// The scopes every token the sandbox issues carries.
-const SCOPES: &str = "supply::negotiations.read supply::negotiations.write offline_access";
+const SCOPES: &str =
+    "supply::negotiations.read supply::negotiations.write supply::businesses.list offline_access";
 
 /// Returned by a handler to drop the connection without an answer.
 #[derive(Debug, thiserror::Error)]
@@ -122,7 +123,15 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
 
     match (&method, segments.as_slice()) {
         (&Method::POST, ["oauth2", "token"]) => {
-            Ok(token_endpoint(&state, header("authorization"), &body))
+            let (response, hold, lose) = token_endpoint(&state, header("authorization"), &body);
+            // The token is already rotated: a client that gives up now loses it.
+            if hold > 0 {
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+            }
+            if lose {
+                return Err(Reset);
+            }
+            Ok(response)
         }
         (_, ["_sandbox", rest @ ..]) => Ok(control(&state, &method, rest, &body)),
         (_, ["api", "v4", rest @ ..]) => {
@@ -147,7 +156,15 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             if let Some(r) = inject_fault(&state, &faults, &method, &host, &path).await? {
                 return Ok(r);
             }
-            let Some(business) = authenticate(&state, header("authorization")) else {
+            if lock(&state).token_faults.missing_scope {
+                return Ok(problem(
+                    &state,
+                    StatusCode::UNAUTHORIZED,
+                    "Unauthorized",
+                    "required scope(s) [supply::negotiations.write] not found",
+                ));
+            }
+            let Some(granted) = authenticate(&state, header("authorization")) else {
                 return Ok(problem(
                     &state,
                     StatusCode::UNAUTHORIZED,
@@ -155,7 +172,21 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                     "invalid token. failure reason(s): [token is not active]",
                 ));
             };
+            // A grant covers several businesses: act as the one the request is about.
+            let about = match rest {
+                ["businesses", b, "negotiations"] => Some((*b).to_string()),
+                ["negotiations", n, ..] => {
+                    let s = lock(&state);
+                    s.find_lead(n).map(|(bi, _)| s.businesses[bi].id.clone())
+                }
+                _ => None,
+            };
+            let business = match about {
+                Some(b) if granted.contains(&b) => b,
+                _ => granted.first().cloned().unwrap_or_default(),
+            };
             let mut response = match (&method, rest) {
+                (&Method::GET, ["businesses"]) => businesses_of(&state, &granted),
                 (&Method::GET, ["businesses", b, "negotiations"]) => {
                     list(&state, &business, b, &query, &host)
                 }
@@ -336,17 +367,47 @@ async fn inject_fault(
     })
 }
 
-/// The business a bearer token grants, if it is valid now.
-fn authenticate(state: &Shared, authorization: Option<String>) -> Option<String> {
+/// The businesses a bearer token grants, if it is valid now.
+fn authenticate(state: &Shared, authorization: Option<String>) -> Option<Vec<String>> {
     let token = authorization?.strip_prefix("Bearer ")?.trim().to_string();
     let s = lock(state);
     if let Some(b) = s.static_tokens.get(&token) {
-        return Some(b.clone());
+        return Some(vec![b.clone()]);
     }
     match s.access_tokens.get(&token) {
         Some((b, expires)) if Instant::now() < *expires => Some(b.clone()),
         _ => None,
     }
+}
+
+/// `GET /api/v4/businesses`: the businesses the token covers.
+fn businesses_of(state: &Shared, granted: &[String]) -> Response<Full<Bytes>> {
+    let s = lock(state);
+    let data: Vec<Value> = granted
+        .iter()
+        .filter_map(|id| s.business(id))
+        .map(|b| json!({"businessID": b.id, "name": b.name, "imageURL": null}))
+        .collect();
+    json_response(
+        StatusCode::OK,
+        &json!({"data": data, "pagination": {"limit": 20}}),
+    )
+}
+
+/// The client credentials of a Basic header: each part form-urlencoded
+/// before base64 (RFC 6749 §2.3.1).
+fn basic_credentials(authorization: Option<&str>) -> Option<(String, String)> {
+    let b = authorization?.strip_prefix("Basic ")?;
+    let pair = base64::engine::general_purpose::STANDARD
+        .decode(b.trim())
+        .ok()?;
+    let pair = String::from_utf8(pair).ok()?;
+    let (id, secret) = pair.split_once(':')?;
+    let decode = |v: &str| -> Option<String> {
+        let m: HashMap<String, String> = serde_urlencoded::from_str(&format!("v={v}")).ok()?;
+        m.get("v").cloned().or(Some(String::new()))
+    };
+    Some((decode(id)?, decode(secret)?))
 }
 
 /// Page tokens are opaque to clients: an offset, scrambled, tied to the business.
@@ -743,95 +804,103 @@ fn reply(
     respond(StatusCode::CREATED, "application/json", m.json)
 }
 
+/// The token endpoint: the answer, how long to hold it, and whether to
+/// drop the connection instead (after the token was rotated).
 fn token_endpoint(
     state: &Shared,
     authorization: Option<String>,
     body: &[u8],
-) -> Response<Full<Bytes>> {
+) -> (Response<Full<Bytes>>, u64, bool) {
+    let now_answer = |r| (r, 0, false);
     let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
     let mut s = lock(state);
-    let client_ok = authorization
-        .as_deref()
-        .and_then(|a| a.strip_prefix("Basic "))
-        .and_then(|b| {
-            base64::engine::general_purpose::STANDARD
-                .decode(b.trim())
-                .ok()
-        })
-        .and_then(|b| String::from_utf8(b).ok())
-        .is_some_and(|pair| pair == format!("{}:{}", s.options.client_id, s.options.client_secret));
+    let client_ok = basic_credentials(authorization.as_deref())
+        .is_some_and(|(id, secret)| id == s.options.client_id && secret == s.options.client_secret);
     let grant = form.get("grant_type").cloned().unwrap_or_default();
     s.count(format!("token {grant}"));
-    if !client_ok {
-        return oauth_error(
+    let faults = s.token_faults.clone();
+    if !client_ok || faults.invalid_client {
+        return now_answer(oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "client authentication failed",
-        );
+        ));
     }
-    if form.get("audience").map(String::as_str) != Some("urn:partner-api") {
-        return oauth_error(
+    if faults.proxy_oauth_failed
+        || form.get("audience").map(String::as_str) != Some("urn:partner-api")
+    {
+        return now_answer(oauth_error(
             StatusCode::BAD_GATEWAY,
             "proxy_oauth_failed",
             "audience must be urn:partner-api",
-        );
+        ));
     }
-    let business = match grant.as_str() {
+    let businesses = match grant.as_str() {
         "refresh_token" => {
             let presented = form.get("refresh_token").cloned().unwrap_or_default();
-            match s.refresh_tokens.get_mut(&presented) {
+            let grace = Duration::from_secs(faults.grace_secs);
+            let (businesses, used) = match s.refresh_tokens.get(&presented) {
                 None => {
-                    return oauth_error(
+                    return now_answer(oauth_error(
                         StatusCode::BAD_REQUEST,
                         "invalid_grant",
                         "unknown refresh token",
-                    );
+                    ));
                 }
-                Some(e) if e.used => {
-                    s.stats.reused_refresh_tokens += 1;
-                    return oauth_error(
-                        StatusCode::BAD_REQUEST,
-                        "invalid_grant",
-                        "refresh token has already been used",
-                    );
+                Some(e) => (e.businesses.clone(), e.used.clone()),
+            };
+            if let Some((at, answer, rotated_to)) = used {
+                // The same request again, within the grace period, while its
+                // successor is unused: the same answer (its response was lost).
+                let successor_unused = s
+                    .refresh_tokens
+                    .get(&rotated_to)
+                    .is_some_and(|e| e.used.is_none());
+                if at.elapsed() <= grace && successor_unused {
+                    s.stats.grace_replays += 1;
+                    return now_answer(json_response(StatusCode::OK, &answer));
                 }
-                Some(e) => {
-                    e.used = true;
-                    e.business_id.clone()
-                }
+                s.stats.reused_refresh_tokens += 1;
+                return now_answer(oauth_error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_grant",
+                    "refresh token has already been used",
+                ));
             }
+            businesses
         }
         "authorization_code" => {
             if form.get("redirect_uri").is_none_or(|u| u.is_empty()) {
-                return oauth_error(
+                return now_answer(oauth_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_request",
                     "redirect_uri is required",
-                );
+                ));
             }
             let code = form.get("code").cloned().unwrap_or_default();
             match s.auth_codes.remove(&code) {
                 Some(b) => b,
                 None => {
-                    return oauth_error(
+                    return now_answer(oauth_error(
                         StatusCode::BAD_REQUEST,
                         "invalid_grant",
                         "unknown or used authorization code",
-                    );
+                    ));
                 }
             }
         }
         other => {
-            return oauth_error(
+            return now_answer(oauth_error(
                 StatusCode::BAD_REQUEST,
                 "unsupported_grant_type",
                 &format!("grant_type {other:?} is not supported"),
-            );
+            ));
         }
     };
     let ttl = s.options.access_token_ttl_secs;
     // JWT-shaped (unsigned): `leadsync probe` reads the scopes from it.
-    let claims = json!({"sub": business, "aud": "urn:partner-api", "scope": SCOPES});
+    let sub = businesses.first().cloned().unwrap_or_default();
+    let claims = json!({"sub": sub, "aud": "urn:partner-api", "scope": SCOPES});
     let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
     let access = format!(
         "{}.{}.{}",
@@ -842,25 +911,49 @@ fn token_endpoint(
     let refresh = s.token("sbx_rt_");
     s.access_tokens.insert(
         access.clone(),
-        (business.clone(), Instant::now() + Duration::from_secs(ttl)),
+        (
+            businesses.clone(),
+            Instant::now() + Duration::from_secs(ttl),
+        ),
     );
     s.refresh_tokens.insert(
         refresh.clone(),
         super::RefreshEntry {
-            business_id: business,
-            used: false,
+            businesses,
+            used: None,
         },
     );
-    json_response(
-        StatusCode::OK,
-        &json!({
-            "access_token": access,
-            "token_type": "bearer",
-            "expires_in": ttl,
-            "refresh_token": refresh,
-            "scope": SCOPES,
-        }),
-    )
+    let answer = json!({
+        "access_token": access,
+        "token_type": "bearer",
+        "expires_in": ttl,
+        "refresh_token": refresh,
+        "scope": SCOPES,
+    });
+    let mut hold = 0;
+    let mut lose = false;
+    if grant == "refresh_token" {
+        let presented = form.get("refresh_token").cloned().unwrap_or_default();
+        if let Some(e) = s.refresh_tokens.get_mut(&presented) {
+            e.used = Some((Instant::now(), answer.clone(), refresh));
+        }
+        s.stats.rotations += 1;
+        hold = faults.hold_after_rotate_ms;
+        if s.token_faults.lose_after_rotate > 0 {
+            s.token_faults.lose_after_rotate -= 1;
+            lose = true;
+        } else if s.token_faults.truncate_after_rotate > 0 {
+            s.token_faults.truncate_after_rotate -= 1;
+            let body = answer.to_string();
+            let cut = body.len() * 2 / 3;
+            return (
+                respond(StatusCode::OK, "application/json", body[..cut].to_string()),
+                hold,
+                false,
+            );
+        }
+    }
+    (json_response(StatusCode::OK, &answer), hold, lose)
 }
 
 /// `/_sandbox/*`: inspection and knobs for a sandbox in its own process.
@@ -906,8 +999,17 @@ fn control(state: &Shared, method: &Method, rest: &[&str], body: &[u8]) -> Respo
         }
         (&Method::POST, ["authorize", b]) => {
             let code = s.token("sbx_code_");
-            s.auth_codes.insert(code.clone(), (*b).to_string());
+            s.auth_codes.insert(code.clone(), vec![(*b).to_string()]);
             ok(json!({"code": code}))
+        }
+        (&Method::POST, ["token-faults"]) => {
+            match serde_json::from_slice::<super::TokenFaults>(body) {
+                Ok(f) => {
+                    s.token_faults = f;
+                    ok(json!(s.token_faults))
+                }
+                Err(e) => bad(format!("bad token faults: {e}")),
+            }
         }
         _ => json_response(
             StatusCode::NOT_FOUND,

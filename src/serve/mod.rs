@@ -3,6 +3,7 @@
 //! with a header-read timeout and a bounded graceful shutdown, so every
 //! listener of the daemon behaves the same way.
 
+pub mod admin;
 pub mod webhooks;
 
 use anyhow::{Context, Result};

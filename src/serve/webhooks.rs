@@ -116,6 +116,7 @@ struct Receiver {
 
 impl Receiver {
     fn done(&self, event_type: &str, outcome: &str, started: Instant) {
+        crate::metrics::webhook_delivery(event_type, outcome);
         if let Some(o) = &self.observer {
             o.observe(event_type, outcome, started.elapsed());
         }

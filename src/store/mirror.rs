@@ -144,18 +144,24 @@ pub fn upsert_lead(
                FROM negotiations WHERE negotiation_id = ?1",
         )?
         .query_row([&lead.negotiation_id], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, Option<String>>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, Option<String>>(4)?,
-                r.get::<_, String>(5)?,
-            ))
+            // The unchanged path (most leads of most passes) compares the
+            // stored columns in place and allocates nothing; the old status
+            // is copied out only for a lead that may get a change row.
+            let hash = r.get::<_, i64>(0)?;
+            let stale = r.get_ref(1)?.as_str()? < ctx.stale_before.as_str();
+            let missing = !matches!(r.get_ref(2)?, rusqlite::types::ValueRef::Null);
+            let same_business = r.get_ref(3)?.as_str()? == ctx.business_id;
+            let old_status = if missing || hash != lead.hash || !same_business {
+                r.get::<_, Option<String>>(4)?
+            } else {
+                None
+            };
+            let changed_at = r.get_ref(5)?.as_str()?;
+            let keep = keep_if_changed_after.is_some_and(|t| changed_at > t);
+            Ok((hash, stale, missing, same_business, old_status, keep))
         })
         .optional()?;
-    let Some((hash, last_seen, missing_since, business_id, old_status, changed_at)) = existing
-    else {
+    let Some((hash, stale, missing, same_business, old_status, keep)) = existing else {
         tx.prepare_cached(
             "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
                  payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
@@ -173,21 +179,21 @@ pub fn upsert_lead(
         return Ok(Upserted::Inserted);
     };
     let mut changed_fields = None;
-    if hash != lead.hash || business_id != ctx.business_id {
+    if hash != lead.hash || !same_business {
         let old: String = tx
             .prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?
             .query_row([&lead.negotiation_id], |r| r.get(0))?;
         let fields = differing_fields(&old, &lead.payload);
-        if !fields.is_empty() || business_id != ctx.business_id {
+        if !fields.is_empty() || !same_business {
             changed_fields = Some((old, fields));
         }
     }
-    if keep_if_changed_after.is_some_and(|t| changed_at.as_str() > t) {
+    if keep {
         return Ok(Upserted::Kept {
             identical: changed_fields.is_none(),
         });
     }
-    if missing_since.is_some() {
+    if missing {
         tx.prepare_cached(
             "UPDATE negotiations SET missing_since = NULL, last_seen_at = ?2 WHERE negotiation_id = ?1",
         )?
@@ -219,9 +225,9 @@ pub fn upsert_lead(
             record_change(tx, lead, ctx, c)?;
             Upserted::Changed
         }
-        None if missing_since.is_some() => Upserted::Reappeared,
+        None if missing => Upserted::Reappeared,
         None => {
-            if last_seen < ctx.stale_before {
+            if stale {
                 tx.prepare_cached(
                     "UPDATE negotiations SET last_seen_at = ?2 WHERE negotiation_id = ?1",
                 )?
@@ -465,21 +471,55 @@ pub fn mark_missing(
 
 /// Makes the `businesses` table match the configuration (rows are never
 /// deleted: a business removed from the configuration keeps its history).
-pub fn upsert_businesses(conn: &mut Connection, businesses: &[Business]) -> Result<()> {
+/// Only rows that differ are written, so a reload that adds one business to
+/// ten thousand writes one row.
+pub fn upsert_businesses(conn: &mut Connection, businesses: &[Business]) -> Result<usize> {
     let tx = conn.transaction()?;
-    tx.execute("UPDATE businesses SET configured = 0", [])?;
+    let mut written = 0;
     {
-        let mut stmt = tx.prepare(
+        let mut current: std::collections::HashMap<String, (Option<String>, bool, bool)> =
+            std::collections::HashMap::new();
+        let mut stmt =
+            tx.prepare("SELECT business_id, name, enabled, configured FROM businesses")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                (
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, i64>(2)? == 1,
+                    r.get::<_, i64>(3)? == 1,
+                ),
+            ))
+        })?;
+        for row in rows {
+            let (id, state) = row?;
+            current.insert(id, state);
+        }
+        let mut upsert = tx.prepare(
             "INSERT INTO businesses (business_id, name, enabled, configured) VALUES (?1, ?2, ?3, 1)
              ON CONFLICT (business_id) DO UPDATE SET name = excluded.name,
                  enabled = excluded.enabled, configured = 1",
         )?;
         for b in businesses {
-            stmt.execute(params![b.id, b.name, b.enabled])?;
+            match current.remove(&b.id) {
+                Some((name, enabled, true)) if name == b.name && enabled == b.enabled => {}
+                _ => {
+                    upsert.execute(params![b.id, b.name, b.enabled])?;
+                    written += 1;
+                }
+            }
+        }
+        let mut unconfigure =
+            tx.prepare("UPDATE businesses SET configured = 0 WHERE business_id = ?1")?;
+        for (id, (_, _, configured)) in current {
+            if configured {
+                unconfigure.execute([id])?;
+                written += 1;
+            }
         }
     }
     tx.commit()?;
-    Ok(())
+    Ok(written)
 }
 
 /// Sets or clears a business's `needs_reauth` flag.
@@ -505,6 +545,34 @@ pub fn set_needs_reauth(
         )?,
     };
     Ok(())
+}
+
+/// Sets (keeping its first `since`) or clears an auth alert.
+pub fn set_auth_alert(
+    conn: &Connection,
+    key: &str,
+    message: Option<&str>,
+    now: &str,
+) -> Result<()> {
+    match message {
+        Some(m) => conn.execute(
+            "INSERT INTO auth_alerts (alert_key, message, since) VALUES (?1, ?2, ?3)
+             ON CONFLICT (alert_key) DO UPDATE SET message = excluded.message",
+            params![key, m, now],
+        )?,
+        None => conn.execute("DELETE FROM auth_alerts WHERE alert_key = ?1", [key])?,
+    };
+    Ok(())
+}
+
+/// Every auth alert (message, since), oldest first.
+pub fn auth_alerts(conn: &Connection) -> Result<Vec<(String, String)>> {
+    let mut stmt =
+        conn.prepare("SELECT message, since FROM auth_alerts ORDER BY since, alert_key")?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
 }
 
 /// Closes passes left `running` by a process that stopped; returns how many.

@@ -464,8 +464,6 @@ struct Candidate {
     id: i64,
     /// The row's content, or why it cannot be read (a BLOB id, bad UTF-8...).
     content: std::result::Result<Claimed, String>,
-    /// The row's own `business_id` (a claim fills it in when NULL).
-    own_business: Option<String>,
     /// The business an open row of the same negotiation is put aside for.
     behind: Option<String>,
 }
@@ -572,10 +570,6 @@ fn candidate_from_row(
             late: false,
         })
     };
-    let own_business = match r.get_ref(base + 2)? {
-        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
-        _ => None,
-    };
     let behind = match r.get_ref(base + 5)? {
         ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
         _ => None,
@@ -583,7 +577,6 @@ fn candidate_from_row(
     Ok(Candidate {
         id,
         content: read(),
-        own_business,
         behind,
     })
 }
@@ -665,39 +658,33 @@ fn take(
         park(tx, kind, id, business_id, &why, now)?;
         return Ok(Taken::Parked);
     }
-    // The business is filled in while the row is still pending (its content
-    // is frozen once it is `sending`).
-    if candidate.own_business.is_none()
-        && let Some(b) = &c.business_id
-    {
-        let filled = tx.execute(
-            &format!("UPDATE {table} SET business_id = ?2 WHERE id = ?1 AND business_id IS NULL"),
-            params![id, b],
-        );
-        if let Err(e) = filled {
-            match super::constraint_message(&e) {
-                Some(msg) => {
-                    fail_alone(tx, kind, id, &msg, now)?;
-                    return Ok(Taken::Dead);
-                }
-                None => return Err(e.into()),
-            }
-        }
-    }
-    c.late = tx
+    // One statement: the business is filled in (when the row names none)
+    // as the row leaves `pending` (the frozen-content rule reads the old
+    // state), and whether it is late comes back with it.
+    let marked = tx
         .prepare_cached(&format!(
-            "SELECT EXISTS (SELECT 1 FROM {table} s INDEXED BY {table}_sent_by_negotiation
-                             WHERE s.negotiation_id = o.negotiation_id AND s.state = 'sent'
-                               AND {})
-               FROM {table} o WHERE o.id = ?1",
-            kind.goes_after("s", "o")
+            "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3,
+                 business_id = COALESCE(business_id, ?4),
+                 late = EXISTS (SELECT 1 FROM {table} s INDEXED BY {table}_sent_by_negotiation
+                                 WHERE s.negotiation_id = {table}.negotiation_id AND s.state = 'sent'
+                                   AND {after})
+              WHERE id = ?1
+              RETURNING late",
+            after = kind.goes_after("s", table)
         ))?
-        .query_row([id], |r| r.get(0))?;
-    tx.prepare_cached(&format!(
-        "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3, late = ?4
-          WHERE id = ?1"
-    ))?
-    .execute(params![id, c.attempt, now, c.late])?;
+        .query_row(params![id, c.attempt, now, c.business_id], |r| {
+            r.get::<_, bool>(0)
+        });
+    match marked {
+        Ok(late) => c.late = late,
+        Err(e) => match super::constraint_message(&e) {
+            Some(msg) => {
+                fail_alone(tx, kind, id, &msg, now)?;
+                return Ok(Taken::Dead);
+            }
+            None => return Err(e.into()),
+        },
+    }
     Ok(Taken::Claimed(c))
 }
 

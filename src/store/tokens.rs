@@ -1,25 +1,65 @@
-//! The token store: each business's latest refresh token, written durably
-//! and atomically (SQLite, rollback journal, `synchronous = FULL`) in a file
+//! The token store: each OAuth grant's latest refresh token (and the access
+//! token that came with it), written durably and atomically in a SQLite file
 //! of its own with mode 0600 — never inside the mirror.
+//!
+//! A grant is one pro's authorization; it is keyed by the
+//! `refresh_token_file` that businesses name (businesses naming the same
+//! file share the grant). Every write is a compare-and-set on the row's
+//! `generation`, so a writer that read an older row never overwrites a newer
+//! one. A per-grant lock file keeps two processes from refreshing the same
+//! chain at once.
 
 use crate::secret::Secret;
 use anyhow::{Context, Result, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use sha2::{Digest, Sha256};
+use std::fs::File;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// A business's stored refresh token.
+/// The schema version this binary writes (`PRAGMA user_version`).
+/// 0: `refresh_tokens` keyed by business (before grants were shared).
+/// 2: `grants` keyed by grant, with the access token and generation CAS.
+const SCHEMA_VERSION: i64 = 2;
+
+/// A grant's stored state.
 #[derive(Debug, Clone)]
-pub struct StoredToken {
+pub struct StoredGrant {
+    /// Empty when the store has none (a refused initial grant).
     pub refresh_token: Secret,
-    /// Increases with every stored token.
+    /// Increases with every write; 0 for a row that never held a token.
     pub generation: i64,
-    /// SHA-256 (hex) of the `refresh_token_file` content this chain started
-    /// from; a different file content means a person re-authorized.
+    /// SHA-256 (hex) of the token file content the chain started from (or
+    /// that was current when `auth exchange` stored it): a different file
+    /// content means a person put a new grant there.
     pub seed_sha256: Option<String>,
-    /// Set when Thumbtack refused this token: the reason.
+    /// SHA-256 of a token file content Thumbtack refused while the stored
+    /// chain was kept.
+    pub file_refused_sha256: Option<String>,
+    /// The access token issued with the refresh token, and its expiry (RFC 3339).
+    pub access_token: Option<(Secret, String)>,
+    /// Set when Thumbtack refused the stored token: the reason.
     pub refused: Option<String>,
+}
+
+/// What a write stores.
+#[derive(Debug, Clone)]
+pub struct GrantWrite {
+    pub refresh_token: Secret,
+    pub access_token: Option<(Secret, String)>,
+    pub seed_sha256: Option<String>,
+    /// `refresh` or `auth exchange`.
+    pub source: String,
+}
+
+/// The outcome of a compare-and-set write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Written {
+    /// Stored; the row's new generation.
+    Stored(i64),
+    /// The row had another generation (someone else wrote meanwhile): nothing written.
+    Conflict(i64),
 }
 
 /// Handle on the token store file; cheap to clone. Calls block: use them
@@ -30,17 +70,83 @@ pub struct TokenStore {
     path: PathBuf,
 }
 
+/// A held per-grant lock (released on drop).
+pub struct GrantLock {
+    _file: File,
+}
+
+/// SHA-256 of a text, hex.
+pub fn sha256_hex(text: &str) -> String {
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// The uid this process runs as (without libc: the owner of `/proc/self`).
+fn current_uid() -> Option<u32> {
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// Refuses a path that is a symlink or belongs to another user.
+fn check_owned(path: &Path, what: &str) -> Result<()> {
+    let meta = std::fs::symlink_metadata(path)
+        .with_context(|| format!("cannot inspect {what} {}", path.display()))?;
+    if meta.file_type().is_symlink() {
+        bail!(
+            "{what} {} is a symbolic link: refusing it (point oauth.token_store at the real file)",
+            path.display()
+        );
+    }
+    if let Some(uid) = current_uid()
+        && meta.uid() != uid
+    {
+        bail!(
+            "{what} {} belongs to uid {}, not to the user leadsync runs as (uid {uid}): refusing it; \
+             run leadsync as its service user (`sudo -u leadsync leadsync ...`)",
+            path.display(),
+            meta.uid()
+        );
+    }
+    Ok(())
+}
+
 impl TokenStore {
-    /// Opens (creating with mode 0600) the token store.
+    /// Opens (creating with mode 0600) the token store. Its directory is
+    /// created (mode 0700) when only it is missing; a store that is a
+    /// symlink or belongs to another user is refused.
     pub fn open(path: &Path) -> Result<TokenStore> {
+        super::refuse_foreign_as_root(path, "token store")?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && !dir.is_dir()
         {
-            bail!(
-                "cannot open token store {}: directory {} does not exist",
-                path.display(),
-                dir.display()
-            );
+            let grandparent_exists = dir
+                .parent()
+                .is_none_or(|g| g.as_os_str().is_empty() || g.is_dir());
+            if !grandparent_exists {
+                bail!(
+                    "cannot open token store {}: directory {} does not exist",
+                    path.display(),
+                    dir.display()
+                );
+            }
+            std::fs::DirBuilder::new()
+                .mode(0o700)
+                .create(dir)
+                .with_context(|| {
+                    format!(
+                        "cannot create the token store's directory {}",
+                        dir.display()
+                    )
+                })?;
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Ok(meta) = std::fs::metadata(dir)
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            tracing::warn!(directory = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
+                "the token store's directory can be entered by other users: make it mode 0700 \
+                 (a group that can write there can delete or replace the store)");
         }
         // Create the file ourselves so it is never readable by others, even briefly.
         match std::fs::OpenOptions::new()
@@ -51,6 +157,7 @@ impl TokenStore {
         {
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                check_owned(path, "token store")?;
                 let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
                 if mode & 0o077 != 0 {
                     tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
@@ -65,27 +172,26 @@ impl TokenStore {
         }
         let conn = Connection::open_with_flags(
             path,
-            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX
+                | OpenFlags::SQLITE_OPEN_NOFOLLOW,
         )
         .with_context(|| format!("cannot open token store {}", path.display()))?;
         conn.busy_timeout(std::time::Duration::from_secs(10))?;
-        // The journal (created with the database's mode) makes each write
-        // atomic; FULL makes it durable before we use what it protects.
+        // The rollback journal (created with the database's mode) makes each
+        // write atomic. FULL syncs the database and the journal but not the
+        // directory after the journal is deleted, so a power cut right after
+        // a commit can bring the journal back and roll the commit back —
+        // losing a rotated token Thumbtack already considers current. EXTRA
+        // also syncs the directory: a commit is durable before we use what
+        // it protects.
         conn.execute_batch(
             "PRAGMA journal_mode = DELETE;
-             PRAGMA synchronous = FULL;
-             CREATE TABLE IF NOT EXISTS refresh_tokens (
-                 business_id    TEXT PRIMARY KEY,
-                 refresh_token  TEXT NOT NULL,
-                 generation     INTEGER NOT NULL,
-                 seed_sha256    TEXT,
-                 source         TEXT NOT NULL,
-                 updated_at     TEXT NOT NULL,
-                 refused_at     TEXT,
-                 refused_reason TEXT
-             );",
+             PRAGMA synchronous = EXTRA;",
         )
         .with_context(|| format!("cannot initialise token store {}", path.display()))?;
+        migrate(&conn)
+            .with_context(|| format!("cannot initialise token store {}", path.display()))?;
         Ok(TokenStore {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
@@ -97,77 +203,458 @@ impl TokenStore {
         &self.path
     }
 
-    fn with<R>(&self, f: impl FnOnce(&Connection) -> Result<R>) -> Result<R> {
-        let conn = self
+    fn with<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
+        let mut conn = self
             .conn
             .lock()
             .map_err(|_| anyhow::anyhow!("token store lock poisoned"))?;
-        f(&conn)
+        f(&mut conn)
     }
 
-    /// The latest stored token of a business.
-    pub fn get(&self, business_id: &str) -> Result<Option<StoredToken>> {
-        self.with(|c| {
-            Ok(c.query_row(
-                "SELECT refresh_token, generation, seed_sha256, refused_reason
-                   FROM refresh_tokens WHERE business_id = ?1",
-                [business_id],
-                |r| {
-                    Ok(StoredToken {
-                        refresh_token: Secret::new(r.get::<_, String>(0)?),
-                        generation: r.get(1)?,
-                        seed_sha256: r.get(2)?,
-                        refused: r.get(3)?,
-                    })
-                },
-            )
-            .optional()?)
-        })
+    /// Tries to take the grant's cross-process lock; `None` while another
+    /// process (or handle) holds it.
+    pub fn try_lock_grant(&self, grant: &str) -> Result<Option<GrantLock>> {
+        let dir = PathBuf::from(format!("{}.locks", self.path.display()));
+        if !dir.is_dir() {
+            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "cannot create the token store's lock directory {}",
+                            dir.display()
+                        )
+                    });
+                }
+            }
+        }
+        let file = dir.join(&sha256_hex(grant)[..32]);
+        if std::fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "the grant lock {} is a symbolic link: refusing it",
+                file.display()
+            );
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&file)
+            .with_context(|| format!("cannot open the grant lock {}", file.display()))?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(GrantLock { _file: file })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).context("cannot lock the grant's lock file")
+            }
+        }
     }
 
-    /// Stores a business's new refresh token durably; returns its generation.
-    pub fn put(
+    /// The grant's stored state. When the store has no row for it yet, a
+    /// row left under another key for the same initial token file content
+    /// (`seed_sha256`; the file was moved) or a per-business row of one of
+    /// `businesses` (written before grants were shared) is adopted.
+    pub fn get(
         &self,
-        business_id: &str,
-        token: &Secret,
+        grant: &str,
         seed_sha256: Option<&str>,
-        source: &str,
-    ) -> Result<i64> {
+        businesses: &[String],
+    ) -> Result<Option<StoredGrant>> {
         self.with(|c| {
-            let generation: i64 = c.query_row(
-                "INSERT INTO refresh_tokens (business_id, refresh_token, generation, seed_sha256, source, updated_at)
-                 VALUES (?1, ?2, 1, ?3, ?4, ?5)
-                 ON CONFLICT (business_id) DO UPDATE SET refresh_token = excluded.refresh_token,
-                     generation = generation + 1, seed_sha256 = excluded.seed_sha256,
-                     source = excluded.source, updated_at = excluded.updated_at,
-                     refused_at = NULL, refused_reason = NULL
-                 RETURNING generation",
-                params![business_id, token.expose(), seed_sha256, source, crate::time::now()],
-                |r| r.get(0),
-            )?;
-            Ok(generation)
+            if let Some(g) = read_grant(c, grant)? {
+                return Ok(Some(g));
+            }
+            adopt(c, grant, seed_sha256, businesses)?;
+            read_grant(c, grant)
         })
-        .with_context(|| format!("cannot store the rotated refresh token of business {business_id} in {}", self.path.display()))
     }
 
-    /// Records that Thumbtack refused the business's stored token.
+    /// Stores a grant's new refresh token if the row still has generation
+    /// `expected` (0: no row, or a row that never held a token).
+    pub fn put(&self, grant: &str, expected: i64, w: &GrantWrite) -> Result<Written> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let found: Option<i64> = tx
+                .query_row(
+                    "SELECT generation FROM grants WHERE grant_key = ?1",
+                    [grant],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if found.unwrap_or(0) != expected {
+                return Ok(Written::Conflict(found.unwrap_or(0)));
+            }
+            let (access, expires) = match &w.access_token {
+                Some((a, e)) => (Some(a.expose()), Some(e.as_str())),
+                None => (None, None),
+            };
+            let generation = expected + 1;
+            tx.execute(
+                "INSERT INTO grants (grant_key, refresh_token, generation, seed_sha256, access_token,
+                     access_expires_at, source, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (grant_key) DO UPDATE SET refresh_token = excluded.refresh_token,
+                     generation = excluded.generation, seed_sha256 = excluded.seed_sha256,
+                     access_token = excluded.access_token, access_expires_at = excluded.access_expires_at,
+                     source = excluded.source, updated_at = excluded.updated_at,
+                     refused_at = NULL, refused_reason = NULL",
+                params![
+                    grant,
+                    w.refresh_token.expose(),
+                    generation,
+                    w.seed_sha256,
+                    access,
+                    expires,
+                    w.source,
+                    crate::time::now()
+                ],
+            )?;
+            tx.commit()?;
+            Ok(Written::Stored(generation))
+        })
+        .with_context(|| {
+            format!(
+                "cannot store the rotated refresh token of the grant in {} in {}",
+                grant,
+                self.path.display()
+            )
+        })
+    }
+
+    /// Records that Thumbtack refused the grant's token, if the row still
+    /// has generation `expected`; `seed_sha256` (the token file refused, when
+    /// no chain was stored) keeps a restart from presenting it again.
+    /// Returns false when the row changed meanwhile (nothing written).
     pub fn mark_refused(
         &self,
-        business_id: &str,
+        grant: &str,
+        expected: i64,
         seed_sha256: Option<&str>,
         reason: &str,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         self.with(|c| {
-            c.execute(
-                "INSERT INTO refresh_tokens (business_id, refresh_token, generation, seed_sha256, source,
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let found: Option<i64> = tx
+                .query_row(
+                    "SELECT generation FROM grants WHERE grant_key = ?1",
+                    [grant],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            if found.unwrap_or(0) != expected {
+                return Ok(false);
+            }
+            let now = crate::time::now();
+            tx.execute(
+                "INSERT INTO grants (grant_key, refresh_token, generation, seed_sha256, source,
                      updated_at, refused_at, refused_reason)
                  VALUES (?1, '', 0, ?2, 'refused', ?3, ?3, ?4)
-                 ON CONFLICT (business_id) DO UPDATE SET refused_at = excluded.refused_at,
-                     refused_reason = excluded.refused_reason,
+                 ON CONFLICT (grant_key) DO UPDATE SET refused_at = excluded.refused_at,
+                     refused_reason = excluded.refused_reason, access_token = NULL,
+                     access_expires_at = NULL,
                      seed_sha256 = COALESCE(excluded.seed_sha256, seed_sha256)",
-                params![business_id, seed_sha256, crate::time::now(), reason],
+                params![grant, seed_sha256, now, reason],
+            )?;
+            tx.commit()?;
+            Ok(true)
+        })
+    }
+
+    /// Records that Thumbtack refused a token file content while the stored
+    /// chain stays in use (a stale or mistyped file).
+    pub fn mark_file_refused(&self, grant: &str, file_sha256: &str) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE grants SET file_refused_sha256 = ?2 WHERE grant_key = ?1",
+                params![grant, file_sha256],
             )?;
             Ok(())
         })
+    }
+
+    /// Forgets a stored access token the API refused (401), so no process adopts it.
+    pub fn forget_access(&self, grant: &str, access_token: &Secret) -> Result<()> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE grants SET access_token = NULL, access_expires_at = NULL
+                  WHERE grant_key = ?1 AND access_token = ?2",
+                params![grant, access_token.expose()],
+            )?;
+            Ok(())
+        })
+    }
+}
+
+fn migrate(c: &Connection) -> Result<()> {
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    if version > SCHEMA_VERSION {
+        bail!(
+            "the token store has schema version {version}, newer than this leadsync knows ({SCHEMA_VERSION}); run a newer leadsync"
+        );
+    }
+    if version == SCHEMA_VERSION {
+        return Ok(());
+    }
+    c.execute_batch(
+        "BEGIN IMMEDIATE;
+         CREATE TABLE IF NOT EXISTS refresh_tokens (
+             business_id    TEXT PRIMARY KEY,
+             refresh_token  TEXT NOT NULL,
+             generation     INTEGER NOT NULL,
+             seed_sha256    TEXT,
+             source         TEXT NOT NULL,
+             updated_at     TEXT NOT NULL,
+             refused_at     TEXT,
+             refused_reason TEXT
+         );
+         CREATE TABLE IF NOT EXISTS grants (
+             grant_key           TEXT PRIMARY KEY,
+             refresh_token       TEXT NOT NULL,
+             generation          INTEGER NOT NULL,
+             seed_sha256         TEXT,
+             file_refused_sha256 TEXT,
+             access_token        TEXT,
+             access_expires_at   TEXT,
+             source              TEXT NOT NULL,
+             updated_at          TEXT NOT NULL,
+             refused_at          TEXT,
+             refused_reason      TEXT
+         );
+         PRAGMA user_version = 2;
+         COMMIT;",
+    )?;
+    Ok(())
+}
+
+fn read_grant(c: &Connection, grant: &str) -> Result<Option<StoredGrant>> {
+    Ok(c.query_row(
+        "SELECT refresh_token, generation, seed_sha256, file_refused_sha256, access_token,
+                access_expires_at, refused_reason
+           FROM grants WHERE grant_key = ?1",
+        [grant],
+        |r| {
+            let access: Option<String> = r.get(4)?;
+            let expires: Option<String> = r.get(5)?;
+            Ok(StoredGrant {
+                refresh_token: Secret::new(r.get::<_, String>(0)?),
+                generation: r.get(1)?,
+                seed_sha256: r.get(2)?,
+                file_refused_sha256: r.get(3)?,
+                access_token: access.zip(expires).map(|(a, e)| (Secret::new(a), e)),
+                refused: r.get(6)?,
+            })
+        },
+    )
+    .optional()?)
+}
+
+/// Moves a row stored under another key (same initial file content) or a
+/// per-business row of the old schema to `grant`, in one transaction.
+fn adopt(
+    c: &mut Connection,
+    grant: &str,
+    seed_sha256: Option<&str>,
+    businesses: &[String],
+) -> Result<()> {
+    // Plain reads first: nothing to adopt is the common case, and it must
+    // not wait for another process's write lock.
+    let by_seed = match seed_sha256 {
+        Some(seed) => c
+            .query_row(
+                "SELECT 1 FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL LIMIT 1",
+                [seed],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some(),
+        None => false,
+    };
+    let mut legacy = false;
+    for b in businesses {
+        legacy |= c
+            .query_row(
+                "SELECT 1 FROM refresh_tokens WHERE business_id = ?1",
+                [b],
+                |_| Ok(()),
+            )
+            .optional()?
+            .is_some();
+    }
+    if !by_seed && !legacy {
+        return Ok(());
+    }
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    if tx
+        .query_row("SELECT 1 FROM grants WHERE grant_key = ?1", [grant], |_| {
+            Ok(())
+        })
+        .optional()?
+        .is_some()
+    {
+        return Ok(());
+    }
+    if let Some(seed) = seed_sha256 {
+        let from: Option<String> = tx
+            .query_row(
+                "SELECT grant_key FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL
+                  ORDER BY updated_at DESC LIMIT 1",
+                [seed],
+                |r| r.get(0),
+            )
+            .optional()?;
+        // Only a chain whose file is gone moved here: a file that still
+        // exists names a live grant of its own (two files with the same
+        // content are two grants), and taking its row would let two chains
+        // refresh one token.
+        let from = from.filter(|k| !Path::new(k).exists());
+        let moved = match from {
+            Some(from) => tx.execute(
+                "UPDATE grants SET grant_key = ?1 WHERE grant_key = ?2",
+                params![grant, from],
+            )?,
+            None => 0,
+        };
+        if moved > 0 {
+            tracing::info!(
+                grant,
+                "the grant's token file moved: adopting its stored chain"
+            );
+            tx.commit()?;
+            return Ok(());
+        }
+    }
+    // The newest usable per-business token of the grant's businesses wins:
+    // two businesses given the same initial token had two chains, and only
+    // the one rotated last can still be valid.
+    let mut best: Option<(String, String, i64, Option<String>)> = None;
+    for b in businesses {
+        let row: Option<(String, String, i64, Option<String>)> = tx
+            .query_row(
+                "SELECT refresh_token, updated_at, generation, seed_sha256 FROM refresh_tokens
+                  WHERE business_id = ?1 AND refresh_token <> '' AND refused_at IS NULL",
+                [b],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()?;
+        if let Some(row) = row
+            && best.as_ref().is_none_or(|b| row.1 > b.1)
+        {
+            best = Some(row);
+        }
+    }
+    if let Some((token, _, generation, seed)) = best {
+        tx.execute(
+            "INSERT INTO grants (grant_key, refresh_token, generation, seed_sha256, source, updated_at)
+             VALUES (?1, ?2, ?3, ?4, 'adopted', ?5)",
+            params![grant, token, generation.max(1), seed, crate::time::now()],
+        )?;
+        for b in businesses {
+            tx.execute("DELETE FROM refresh_tokens WHERE business_id = ?1", [b])?;
+        }
+        tracing::info!(
+            grant,
+            "adopted a per-business token of an older token store as the grant's chain"
+        );
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(token: &str) -> GrantWrite {
+        GrantWrite {
+            refresh_token: Secret::new(token),
+            access_token: None,
+            seed_sha256: None,
+            source: "refresh".into(),
+        }
+    }
+
+    #[test]
+    fn writes_are_compare_and_set_on_the_generation() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        assert_eq!(s.put("g", 0, &write("a")).unwrap(), Written::Stored(1));
+        assert_eq!(s.put("g", 0, &write("b")).unwrap(), Written::Conflict(1));
+        assert_eq!(s.put("g", 1, &write("c")).unwrap(), Written::Stored(2));
+        // A refusal seen by a writer that read generation 1 must not mark the newer token.
+        assert!(!s.mark_refused("g", 1, None, "invalid_grant").unwrap());
+        let g = s.get("g", None, &[]).unwrap().unwrap();
+        assert_eq!(g.refresh_token.expose(), "c");
+        assert!(g.refused.is_none());
+        assert!(s.mark_refused("g", 2, None, "invalid_grant").unwrap());
+        assert!(s.get("g", None, &[]).unwrap().unwrap().refused.is_some());
+    }
+
+    #[test]
+    fn a_moved_token_file_keeps_its_chain_but_a_live_one_is_not_taken() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old = dir.path().join("old");
+        std::fs::write(&old, "t0").unwrap();
+        let old_key = old.display().to_string();
+        let w = GrantWrite {
+            seed_sha256: Some(sha256_hex("t0")),
+            ..write("t1")
+        };
+        s.put(&old_key, 0, &w).unwrap();
+        // Another file with the same content while the first still exists: its own grant.
+        assert!(
+            s.get("copy", Some(&sha256_hex("t0")), &[])
+                .unwrap()
+                .is_none()
+        );
+        // The file moved: the chain follows it.
+        std::fs::remove_file(&old).unwrap();
+        let g = s.get("new", Some(&sha256_hex("t0")), &[]).unwrap().unwrap();
+        assert_eq!(g.refresh_token.expose(), "t1");
+        assert!(s.get(&old_key, None, &[]).unwrap().is_none());
+    }
+
+    #[test]
+    fn commits_sync_the_directory_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let (sync, journal): (i64, String) = s
+            .with(|c| {
+                Ok((
+                    c.query_row("PRAGMA synchronous", [], |r| r.get(0))?,
+                    c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?,
+                ))
+            })
+            .unwrap();
+        // 3 = EXTRA: with a rollback journal, FULL alone may lose a commit at a power cut.
+        assert_eq!((sync, journal.as_str()), (3, "delete"));
+    }
+
+    #[test]
+    fn the_grant_lock_excludes_a_second_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.db");
+        let a = TokenStore::open(&path).unwrap();
+        let b = TokenStore::open(&path).unwrap();
+        let held = a.try_lock_grant("g").unwrap();
+        assert!(held.is_some());
+        assert!(b.try_lock_grant("g").unwrap().is_none());
+        assert!(b.try_lock_grant("other").unwrap().is_some());
+        drop(held);
+        assert!(b.try_lock_grant("g").unwrap().is_some());
+    }
+
+    #[test]
+    fn a_symlinked_store_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.db");
+        TokenStore::open(&real).unwrap();
+        let link = dir.path().join("link.db");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let e = TokenStore::open(&link).err().unwrap();
+        assert!(format!("{e:#}").contains("symbolic link"), "{e:#}");
     }
 }

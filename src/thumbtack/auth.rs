@@ -1,22 +1,85 @@
 //! Access tokens per business: static ones from a file, or OAuth
 //! refresh-token grants whose single-use, rotating refresh tokens are stored
 //! durably before the access token they came with is used.
+//!
+//! A grant (one pro's authorization) is named by its `refresh_token_file`;
+//! businesses naming the same file share one chain: one refresh at a time,
+//! one stored token, one re-authorization flag. A refresh and the write of
+//! its rotated token run as one detached task that no caller can cancel;
+//! shutdown waits for it ([`Auth::settle`]). Persistence goes through
+//! [`GrantStore`] and what a person must see through [`AuthRecorder`]: this
+//! module knows the token endpoint, not SQL.
 
 use super::model::{OAuthError, TokenResponse};
-use super::problem::{ApiError, Disposition, describe_unreadable};
+use super::problem::{ApiError, Disposition};
 use crate::config::{Config, TokenSource};
 use crate::secret::Secret;
-use crate::store::Store;
-use crate::store::tokens::TokenStore;
-use sha2::{Digest, Sha256};
+use crate::store::tokens::{GrantWrite, StoredGrant, Written, sha256_hex};
+use base64::Engine;
 use std::collections::HashMap;
-use std::path::Path;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 /// Assumed lifetime of an access token whose response gives no `expires_in`.
 const DEFAULT_EXPIRES_IN: u64 = 3600;
+/// The shortest lifetime believed: `expires_in: 0` must not cause a refresh
+/// per request. (Real tokens live an hour; the sandbox's tests use seconds.)
+const MIN_EXPIRES_IN: u64 = 1;
+/// How often refreshes are tried again while the OAuth client is refused.
+pub const CLIENT_REFUSED_RETRY: Duration = Duration::from_secs(300);
+/// Immediate retries of a refresh whose response was lost (Thumbtack's grace period).
+const LOST_RESPONSE_RETRIES: usize = 2;
+/// At most one refresh per grant per this interval because of 401s (or
+/// half the token's lifetime, when shorter).
+const REFRESH_ON_401_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A boxed future, for the object-safe traits below.
+pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Where grants are kept (the token store). Calls block: auth runs them on
+/// the blocking pool.
+pub trait GrantStore: Send + Sync {
+    /// The grant's stored state (adopting a moved or older row, see the store).
+    fn load(
+        &self,
+        grant: &str,
+        seed_sha256: Option<&str>,
+        businesses: &[String],
+    ) -> anyhow::Result<Option<StoredGrant>>;
+    /// A compare-and-set write on the generation.
+    fn save(&self, grant: &str, expected: i64, write: &GrantWrite) -> anyhow::Result<Written>;
+    /// Marks the stored token refused, if the generation is still `expected`.
+    fn refuse(
+        &self,
+        grant: &str,
+        expected: i64,
+        file_sha256: Option<&str>,
+        reason: &str,
+    ) -> anyhow::Result<bool>;
+    /// Remembers a refused token file content while the stored chain is kept.
+    fn refuse_file(&self, grant: &str, file_sha256: &str) -> anyhow::Result<()>;
+    /// Forgets an access token the API refused.
+    fn forget_access(&self, grant: &str, access_token: &Secret) -> anyhow::Result<()>;
+    /// The grant's cross-process lock, if free now.
+    fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>>;
+}
+
+/// What a person must see (`status`, the mirror), recorded by the caller.
+pub trait AuthRecorder: Send + Sync {
+    /// These businesses need re-authorization (`Some(reason)`) or no longer do.
+    fn needs_reauth(&self, business_ids: Vec<String>, reason: Option<String>) -> BoxFuture;
+    /// An operator-visible condition, set (`Some`) or cleared, by key.
+    fn alert(&self, key: String, message: Option<String>) -> BoxFuture;
+}
+
+/// The alert key of a refused OAuth client.
+pub const CLIENT_ALERT: &str = "oauth-client";
 
 /// The OAuth client (SPEC §5 token endpoint).
 #[derive(Clone)]
@@ -27,90 +90,215 @@ struct OAuthClient {
     client_secret: Secret,
 }
 
+impl OAuthClient {
+    /// `Basic base64(urlencode(id):urlencode(secret))` (RFC 6749 §2.3.1).
+    fn basic(&self) -> Secret {
+        let enc = |v: &str| {
+            serde_urlencoded::to_string([("v", v)])
+                .map(|s| s[2..].to_string())
+                .unwrap_or_default()
+        };
+        let pair = format!(
+            "{}:{}",
+            enc(&self.client_id),
+            enc(self.client_secret.expose())
+        );
+        Secret::new(format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(pair)
+        ))
+    }
+}
+
+#[derive(Clone)]
 struct Access {
     token: Secret,
-    /// `None`: a static token, valid until refused.
-    expires_at: Option<Instant>,
+    expires_at: Instant,
+}
+
+/// A rotated refresh token the store has not taken yet.
+#[derive(Clone)]
+struct Unsaved {
+    expected: i64,
+    write: GrantWrite,
+    access: Access,
+    error: String,
 }
 
 #[derive(Default)]
-struct State {
+struct ChainState {
     access: Option<Access>,
-    /// Fingerprint of a static token that got a 401.
-    refused_static: Option<String>,
-    /// A rotated refresh token the store could not take (kept so it is not lost).
-    unsaved_refresh: Option<(Secret, Option<String>)>,
+    unsaved: Option<Unsaved>,
+    /// Until when the access token counts as fresh: a 401 then is not
+    /// about expiry, and refreshing again would only burn a rotation.
+    fresh_until: Option<Instant>,
+    /// Fingerprint of an access token the API refused: never adopted again.
+    refused_access: Option<String>,
 }
 
-/// One business's tokens. The async mutex serialises refreshes: at most one
-/// is in flight, and concurrent callers wait for its result.
-struct Provider {
-    business_id: String,
-    source: TokenSource,
-    state: tokio::sync::Mutex<State>,
-    /// Why a person must re-authorize this business, while they must.
+/// One grant's chain of refresh tokens. Never dropped while the process
+/// runs, so a reload keeps its lock and any unsaved token.
+struct Chain {
+    key: String,
+    file: PathBuf,
+    state: Arc<tokio::sync::Mutex<ChainState>>,
     reauth: Mutex<Option<String>>,
+    /// This process has cleared the chain's "unsaved" alert (another
+    /// process may have left one).
+    unsaved_alert_cleared: AtomicBool,
+}
+
+/// A static bearer token from a file.
+struct StaticToken {
+    business_id: String,
+    file: PathBuf,
+    state: Mutex<(Option<Secret>, Option<String>)>,
+    reauth: Mutex<Option<String>>,
+}
+
+#[derive(Clone)]
+enum Member {
+    Static(Arc<StaticToken>),
+    Grant(Arc<Chain>),
+}
+
+struct Inner {
+    http: reqwest::Client,
+    timeout: Duration,
+    oauth: RwLock<Option<OAuthClient>>,
+    store: Option<Arc<dyn GrantStore>>,
+    recorder: Option<Arc<dyn AuthRecorder>>,
+    members: RwLock<HashMap<String, Member>>,
+    chains: Mutex<HashMap<String, Arc<Chain>>>,
+    /// Why the OAuth client is refused, and since when.
+    client_refused: Mutex<Option<(String, Instant)>>,
+    /// This process has cleared the client alert (a previous run may have left one).
+    client_alert_cleared: AtomicBool,
+    /// Refresh units in flight (shutdown waits for them).
+    tasks: TaskTracker,
 }
 
 /// Token providers for every configured business.
 pub struct Auth {
-    http: reqwest::Client,
-    oauth: RwLock<Option<OAuthClient>>,
-    store: Option<TokenStore>,
-    mirror: Option<Store>,
-    providers: RwLock<HashMap<String, Arc<Provider>>>,
+    inner: Arc<Inner>,
 }
 
-/// SHA-256 of a secret, hex; identifies a token file's content without keeping it.
-pub fn fingerprint(secret: &str) -> String {
-    Sha256::digest(secret.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+/// Why a refresh did not produce a token.
+enum Failure {
+    /// Try again later.
+    Retry(String),
+    /// The grant was refused: a person must re-authorize.
+    Reauth(String),
+    /// The application's OAuth configuration is refused; no business is at fault.
+    ClientRefused(String),
 }
 
-fn read_token_file(path: &Path) -> Result<String, ApiError> {
+impl From<Failure> for ApiError {
+    fn from(f: Failure) -> ApiError {
+        match f {
+            Failure::Retry(m) => ApiError::retry(None, m),
+            Failure::Reauth(m) => ApiError::reauth(m),
+            Failure::ClientRefused(m) => client_refused_error(&m),
+        }
+    }
+}
+
+/// Rows of a business whose OAuth client is refused wait like those of a
+/// business needing re-authorization: a person must act, no attempt counts.
+fn client_refused_error(m: &str) -> ApiError {
+    ApiError {
+        disposition: Disposition::Reauth,
+        http_status: None,
+        trace_id: None,
+        retry_after: None,
+        message: format!("OAuth client refused: {m}"),
+    }
+}
+
+/// What the token endpoint answered.
+enum TokenFailure {
+    /// `invalid_grant`: this grant is refused.
+    GrantRefused(String),
+    /// The client's configuration is refused (`invalid_client`, a wrong audience, ...).
+    ClientRefused(String),
+    /// The request may have been processed but the answer was lost.
+    Lost(String),
+    /// Not processed, or not worth an immediate retry: later.
+    Transient(String),
+}
+
+/// The grant key of a refresh token file: its canonical path.
+pub fn grant_key(file: &Path) -> String {
+    file.canonicalize()
+        .unwrap_or_else(|_| file.to_path_buf())
+        .display()
+        .to_string()
+}
+
+fn read_token_file(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path)
         .map(|s| s.trim().to_string())
-        .map_err(|e| {
-            ApiError::retry(
-                None,
-                format!("cannot read token file {}: {e}", path.display()),
-            )
-        })
+        .map_err(|e| Failure::Retry(format!("cannot read token file {}: {e}", path.display())))
+}
+
+/// A short, printable excerpt of a server-written description (never a token body).
+fn excerpt(s: &str) -> String {
+    s.chars().filter(|c| !c.is_control()).take(200).collect()
+}
+
+async fn blocking<R: Send + 'static>(
+    f: impl FnOnce() -> anyhow::Result<R> + Send + 'static,
+) -> anyhow::Result<R> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| anyhow::anyhow!("token store task failed: {e}"))?
+}
+
+fn wall_after(d: Duration) -> String {
+    crate::time::fmt(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default())
+}
+
+fn instant_of(rfc3339: &str) -> Option<Instant> {
+    let at = crate::time::parse(rfc3339)?;
+    let left = (at - chrono::Utc::now()).to_std().ok()?;
+    Some(Instant::now() + left)
 }
 
 impl Auth {
-    /// Providers for the configuration's businesses. Opens the token store
-    /// when a business uses the refresh-token grant. `needs_reauth` carries
-    /// the flags a previous run left in the mirror (business id → reason).
+    /// Providers for the configuration's businesses. `store` keeps grants
+    /// (required once a business uses the refresh-token grant); `recorder`
+    /// records re-authorization flags and alerts. `needs_reauth` carries the
+    /// flags a previous run left (business id → reason).
     pub fn new(
         config: &Config,
-        mirror: Option<Store>,
+        store: Option<Arc<dyn GrantStore>>,
+        recorder: Option<Arc<dyn AuthRecorder>>,
         needs_reauth: HashMap<String, String>,
     ) -> anyhow::Result<Auth> {
-        let http = super::client::http_client(
-            Duration::from_secs(config.file.api.timeout_secs),
-            &config.file.api.user_agent,
-        )?;
-        let store = if config.uses_oauth() {
-            Some(TokenStore::open(&config.file.oauth.token_store)?)
-        } else {
-            None
-        };
+        let timeout = Duration::from_secs(config.file.api.timeout_secs);
+        let http = super::client::http_client(timeout, &config.file.api.user_agent)?;
         let auth = Auth {
-            http,
-            oauth: RwLock::new(None),
-            store,
-            mirror,
-            providers: RwLock::new(HashMap::new()),
+            inner: Arc::new(Inner {
+                http,
+                timeout,
+                oauth: RwLock::new(None),
+                store,
+                recorder,
+                members: RwLock::new(HashMap::new()),
+                chains: Mutex::new(HashMap::new()),
+                client_refused: Mutex::new(None),
+                client_alert_cleared: AtomicBool::new(false),
+                tasks: TaskTracker::new(),
+            }),
         };
         auth.reconfigure(config);
-        if let Ok(providers) = auth.providers.read() {
-            for (id, reason) in needs_reauth {
-                if let Some(p) = providers.get(&id)
-                    && let Ok(mut r) = p.reauth.lock()
-                {
+        for (id, reason) in needs_reauth {
+            if let Some(m) = auth.inner.member(&id) {
+                let slot = match &m {
+                    Member::Static(s) => &s.reauth,
+                    Member::Grant(c) => &c.reauth,
+                };
+                if let Ok(mut r) = slot.lock() {
                     *r = Some(reason);
                 }
             }
@@ -118,8 +306,9 @@ impl Auth {
         Ok(auth)
     }
 
-    /// Applies a new configuration: providers of unchanged businesses keep
-    /// their tokens; new ones are added, removed ones dropped.
+    /// Applies a new configuration. Chains are kept by grant, whatever
+    /// happens to the businesses naming them: a reload never loses a refresh
+    /// lock or an unsaved rotated token.
     pub fn reconfigure(&self, config: &Config) {
         let oauth = match (&config.file.oauth.client_id, &config.client_secret) {
             (Some(id), Some(secret)) => Some(OAuthClient {
@@ -130,39 +319,64 @@ impl Auth {
             }),
             _ => None,
         };
-        if let Ok(mut o) = self.oauth.write() {
+        if let Ok(mut o) = self.inner.oauth.write() {
             *o = oauth;
         }
-        if let Ok(mut providers) = self.providers.write() {
-            let old = std::mem::take(&mut *providers);
-            for b in &config.businesses {
-                let p = match old.get(&b.id) {
-                    Some(p) if p.source == b.token => p.clone(),
-                    _ => Arc::new(Provider {
+        let Ok(mut chains) = self.inner.chains.lock() else {
+            return;
+        };
+        let Ok(mut members) = self.inner.members.write() else {
+            return;
+        };
+        let old = std::mem::take(&mut *members);
+        for b in &config.businesses {
+            let m = match &b.token {
+                TokenSource::Static(file) => match old.get(&b.id) {
+                    Some(Member::Static(s)) if s.file == *file => Member::Static(s.clone()),
+                    _ => Member::Static(Arc::new(StaticToken {
                         business_id: b.id.clone(),
-                        source: b.token.clone(),
-                        state: tokio::sync::Mutex::new(State::default()),
+                        file: file.clone(),
+                        state: Mutex::new((None, None)),
                         reauth: Mutex::new(None),
-                    }),
-                };
-                providers.insert(b.id.clone(), p);
-            }
+                    })),
+                },
+                TokenSource::Refresh(file) => {
+                    let key = grant_key(file);
+                    let chain = chains
+                        .entry(key.clone())
+                        .or_insert_with(|| {
+                            Arc::new(Chain {
+                                key,
+                                file: file.clone(),
+                                state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
+                                reauth: Mutex::new(None),
+                                unsaved_alert_cleared: AtomicBool::new(false),
+                            })
+                        })
+                        .clone();
+                    Member::Grant(chain)
+                }
+            };
+            members.insert(b.id.clone(), m);
         }
     }
 
-    fn provider(&self, business_id: &str) -> Option<Arc<Provider>> {
-        self.providers.read().ok()?.get(business_id).cloned()
-    }
-
-    /// Businesses that need a person to re-authorize them.
+    /// Businesses whose rows and passes must wait: they need
+    /// re-authorization, or their OAuth client is refused.
     pub fn blocked(&self) -> Vec<String> {
-        let Ok(providers) = self.providers.read() else {
+        let Ok(members) = self.inner.members.read() else {
             return Vec::new();
         };
-        let mut ids: Vec<String> = providers
-            .values()
-            .filter(|p| p.reauth.lock().map(|r| r.is_some()).unwrap_or(false))
-            .map(|p| p.business_id.clone())
+        let client_refused = self.inner.client_refused_now().is_some();
+        let mut ids: Vec<String> = members
+            .iter()
+            .filter(|(_, m)| match m {
+                Member::Static(s) => s.reauth.lock().map(|r| r.is_some()).unwrap_or(false),
+                Member::Grant(c) => {
+                    client_refused || c.reauth.lock().map(|r| r.is_some()).unwrap_or(false)
+                }
+            })
+            .map(|(id, _)| id.clone())
             .collect();
         ids.sort();
         ids
@@ -170,225 +384,872 @@ impl Auth {
 
     /// Why the business needs re-authorization, if it does.
     pub fn reauth_reason(&self, business_id: &str) -> Option<String> {
-        self.provider(business_id)?.reauth.lock().ok()?.clone()
+        match self.inner.member(business_id)? {
+            Member::Static(s) => s.reauth.lock().ok()?.clone(),
+            Member::Grant(c) => c.reauth.lock().ok()?.clone(),
+        }
+    }
+
+    /// Why the OAuth client is refused, while it is.
+    pub fn client_refused(&self) -> Option<String> {
+        self.inner.client_refused_now()
+    }
+
+    /// The businesses whose rows wait because the OAuth client is refused
+    /// (every business on a grant), with the reason; empty while it is not.
+    pub fn client_refused_businesses(&self) -> Vec<(String, String)> {
+        let Some(why) = self.inner.client_refused_now() else {
+            return Vec::new();
+        };
+        let Ok(members) = self.inner.members.read() else {
+            return Vec::new();
+        };
+        members
+            .iter()
+            .filter(|(_, m)| matches!(m, Member::Grant(_)))
+            .map(|(id, _)| (id.clone(), why.clone()))
+            .collect()
     }
 
     /// A valid access token for the business: the cached one, or a new one.
     pub async fn token(&self, business_id: &str) -> Result<Secret, ApiError> {
-        let Some(p) = self.provider(business_id) else {
+        let Some(member) = self.inner.member(business_id) else {
             return Err(ApiError::retry(
                 None,
                 format!("business {business_id} is not in the configuration"),
             ));
         };
-        let mut state = p.state.lock().await;
-        if let Some(a) = &state.access
-            && a.expires_at.is_none_or(|e| Instant::now() < e)
+        match member {
+            Member::Static(s) => self.inner.static_token(&s).await,
+            Member::Grant(chain) => {
+                let state = chain.state.clone().lock_owned().await;
+                if let Some(a) = &state.access
+                    && Instant::now() < a.expires_at
+                {
+                    return Ok(a.token.clone());
+                }
+                if state.unsaved.is_none()
+                    && let Some(m) = self.inner.client_refused_recently()
+                {
+                    return Err(client_refused_error(&m));
+                }
+                // The refresh and the write of its rotated token are one unit
+                // that runs to its end even if this caller is cancelled.
+                let inner = self.inner.clone();
+                let unit = self
+                    .inner
+                    .tasks
+                    .spawn(async move { inner.refresh_unit(chain, state).await });
+                match unit.await {
+                    Ok(r) => r,
+                    Err(e) => Err(ApiError::retry(
+                        None,
+                        format!("the token refresh task failed: {e}"),
+                    )),
+                }
+            }
+        }
+    }
+
+    /// Forgets a token the API refused (401), so the next call gets a new
+    /// one. Returns false when no refresh will follow: the token came from
+    /// a refresh less than a minute ago (a 401 then is not about expiry —
+    /// a missing scope, most likely), so refreshing again would only burn
+    /// a rotation.
+    pub async fn invalidate(&self, business_id: &str, used: &Secret) -> bool {
+        let Some(member) = self.inner.member(business_id) else {
+            return false;
+        };
+        match member {
+            Member::Static(s) => {
+                if let Ok(mut st) = s.state.lock()
+                    && st.0.as_ref() == Some(used)
+                {
+                    st.0 = None;
+                    st.1 = Some(sha256_hex(used.expose()));
+                }
+                true
+            }
+            Member::Grant(chain) => {
+                let mut state = chain.state.lock().await;
+                if state.access.as_ref().is_none_or(|a| a.token != *used) {
+                    // Another caller already replaced it.
+                    return true;
+                }
+                if state.fresh_until.is_some_and(|t| Instant::now() < t) {
+                    return false;
+                }
+                state.access = None;
+                state.refused_access = Some(sha256_hex(used.expose()));
+                drop(state);
+                if let Some(store) = self.inner.store.clone() {
+                    let (key, used) = (chain.key.clone(), used.clone());
+                    self.inner.tasks.spawn(async move {
+                        let _ = blocking(move || store.forget_access(&key, &used)).await;
+                    });
+                }
+                true
+            }
+        }
+    }
+
+    /// Waits (up to `bound`) for refreshes in flight and the writes of their
+    /// rotated tokens; a rotated token still unsaved is tried once more and,
+    /// if it cannot be stored, reported loudly.
+    pub async fn settle(&self, bound: Duration) {
+        let inner = &self.inner;
+        inner.tasks.close();
+        if tokio::time::timeout(bound, inner.tasks.wait())
+            .await
+            .is_err()
         {
-            return Ok(a.token.clone());
+            warn!("a token refresh did not finish before shutdown");
         }
-        state.access = None;
-        let result = match &p.source {
-            TokenSource::Static(file) => Self::load_static(&p, &mut state, file),
-            TokenSource::Refresh(file) => self.refresh(&p, &mut state, file).await,
+        inner.tasks.reopen();
+        let chains: Vec<Arc<Chain>> = inner
+            .chains
+            .lock()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default();
+        for chain in chains {
+            let Ok(mut state) = chain.state.clone().try_lock_owned() else {
+                continue;
+            };
+            if state.unsaved.is_none() {
+                continue;
+            }
+            let _ = inner.save_unsaved(&chain, &mut state).await;
+            if let Some(u) = &state.unsaved {
+                error!(grant = %chain.file.display(), error = %u.error,
+                    "leadsync stops with a rotated refresh token it could not store: the grant must be \
+                     re-authorized (`leadsync auth exchange`) unless the store becomes writable before \
+                     the next refresh in another process");
+            }
+        }
+    }
+
+    /// The authorization-code grant (`leadsync auth exchange`): stores the
+    /// grant of the business's `refresh_token_file` (shared by every business
+    /// naming it) and clears their re-authorization flag. Returns the new
+    /// access token (to list the businesses the grant covers).
+    pub async fn exchange_code(
+        &self,
+        business_id: &str,
+        code: &Secret,
+        redirect_uri: &str,
+    ) -> anyhow::Result<Secret> {
+        let Some(Member::Grant(chain)) = self.inner.member(business_id) else {
+            anyhow::bail!(
+                "business {business_id} is not in the configuration with a refresh_token_file; \
+                 set refresh_token_file to use OAuth"
+            );
         };
+        self.exchange_on(chain, code, redirect_uri, false).await
+    }
+
+    /// Onboarding: the authorization-code grant for a new token file. The
+    /// file is created empty (mode 0600) before the code is spent, then holds
+    /// the grant's initial refresh token, which the token store keeps too.
+    pub async fn exchange_code_into(
+        &self,
+        file: &Path,
+        code: &Secret,
+        redirect_uri: &str,
+    ) -> anyhow::Result<Secret> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(file)
+            .map_err(|e| anyhow::anyhow!("cannot create the token file {}: {e}", file.display()))?;
+        let key = grant_key(file);
+        let chain = self
+            .inner
+            .chains
+            .lock()
+            .map_err(|_| anyhow::anyhow!("auth state poisoned"))?
+            .entry(key.clone())
+            .or_insert_with(|| {
+                Arc::new(Chain {
+                    key,
+                    file: file.to_path_buf(),
+                    state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
+                    reauth: Mutex::new(None),
+                    unsaved_alert_cleared: AtomicBool::new(false),
+                })
+            })
+            .clone();
+        self.exchange_on(chain, code, redirect_uri, true).await
+    }
+
+    /// The businesses a grant's access token covers (`GET /api/v4/businesses`): id and name.
+    pub async fn businesses_of(
+        &self,
+        base_url: &str,
+        access_token: &Secret,
+    ) -> anyhow::Result<Vec<(String, Option<String>)>> {
+        let url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
+        let resp = self
+            .inner
+            .http
+            .get(&url)
+            .bearer_auth(access_token.expose())
+            .send()
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot list the grant's businesses: {}",
+                    ApiError::transport(&e)
+                )
+            })?;
+        let status = resp.status().as_u16();
+        let body = resp.bytes().await?;
+        if !super::problem::is_success(status) {
+            anyhow::bail!(
+                "cannot list the grant's businesses: {}",
+                ApiError::from_response(status, "", None, &body)
+            );
+        }
+        let v: serde_json::Value = serde_json::from_slice(&body)
+            .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
+        let list = v
+            .get("data")
+            .and_then(|d| d.as_array())
+            .or_else(|| v.as_array());
+        Ok(list
+            .into_iter()
+            .flatten()
+            .filter_map(|b| {
+                let id = match b.get("businessID")? {
+                    serde_json::Value::String(s) => s.clone(),
+                    serde_json::Value::Number(n) => n.to_string(),
+                    _ => return None,
+                };
+                let name = b.get("name").and_then(|n| n.as_str()).map(str::to_string);
+                Some((id, name))
+            })
+            .collect())
+    }
+
+    async fn exchange_on(
+        &self,
+        chain: Arc<Chain>,
+        code: &Secret,
+        redirect_uri: &str,
+        write_file: bool,
+    ) -> anyhow::Result<Secret> {
+        let inner = &self.inner;
+        let oauth = inner
+            .oauth()
+            .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
+        let store = inner
+            .store()
+            .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
+        // Read the file before spending the single-use code.
+        let seed =
+            read_token_file(&chain.file).map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
+        let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
+        let mut state = chain.state.clone().lock_owned().await;
+        let _lock = inner
+            .lock_grant(&chain)
+            .await
+            .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
+        let form = [
+            ("grant_type", "authorization_code"),
+            ("code", code.expose()),
+            ("redirect_uri", redirect_uri),
+            ("audience", oauth.audience.as_str()),
+        ];
+        let tokens = match inner.post_token(&oauth, &form).await {
+            Ok(t) => t,
+            Err(TokenFailure::GrantRefused(m)) => anyhow::bail!(
+                "the authorization code was refused ({m}); codes are single-use and short-lived: authorize again"
+            ),
+            Err(TokenFailure::ClientRefused(m)) => anyhow::bail!("OAuth client refused: {m}"),
+            Err(TokenFailure::Lost(m) | TokenFailure::Transient(m)) => anyhow::bail!("{m}"),
+        };
+        let Some(refresh) = tokens.refresh_token.filter(|t| !t.is_empty()) else {
+            anyhow::bail!(
+                "the token response has no refresh_token: was the offline_access scope requested?"
+            );
+        };
+        let access = Inner::access_of(tokens.access_token, tokens.expires_in);
+        let seed_fp = if write_file {
+            // The file holds the initial token; the store the same, as its seed.
+            std::fs::write(&chain.file, format!("{}\n", refresh.expose())).map_err(|e| {
+                anyhow::anyhow!("cannot write the token file {}: {e}", chain.file.display())
+            })?;
+            Some(sha256_hex(refresh.expose()))
+        } else {
+            seed_fp
+        };
+        let write = GrantWrite {
+            refresh_token: refresh,
+            access_token: Some((access.0.token.clone(), access.1.clone())),
+            seed_sha256: seed_fp.clone(),
+            source: "auth exchange".into(),
+        };
+        let businesses = inner.members_of(&chain);
+        let mut stored = false;
+        for _ in 0..3 {
+            let (s, key, fp, b) = (
+                store.clone(),
+                chain.key.clone(),
+                seed_fp.clone(),
+                businesses.clone(),
+            );
+            let expected = blocking(move || s.load(&key, fp.as_deref(), &b))
+                .await?
+                .map(|r| r.generation)
+                .unwrap_or(0);
+            let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
+            if let Written::Stored(_) = blocking(move || s.save(&key, expected, &w)).await? {
+                stored = true;
+                break;
+            }
+        }
+        if !stored {
+            anyhow::bail!(
+                "the token store kept changing while storing the new grant; run the exchange again"
+            );
+        }
+        state.unsaved = None;
+        state.refused_access = None;
+        state.fresh_until = Some(Instant::now() + REFRESH_ON_401_INTERVAL);
+        state.access = Some(access.0.clone());
         drop(state);
-        match &result {
-            Ok(_) => self.set_reauth(&p, None).await,
-            Err(e) if e.disposition == Disposition::Reauth => {
-                self.set_reauth(&p, Some(e.message.clone())).await
-            }
-            Err(_) => {}
-        }
-        result
+        inner.clear_client_refused().await;
+        // This process may not know the mirror's flag: clear it regardless.
+        inner.set_reauth(&chain, None, true).await;
+        Ok(access.0.token)
+    }
+}
+
+impl Inner {
+    fn member(&self, business_id: &str) -> Option<Member> {
+        self.members.read().ok()?.get(business_id).cloned()
     }
 
-    /// Forgets a token the API refused (401), so the next call gets a new one.
-    pub async fn invalidate(&self, business_id: &str, used: &Secret) {
-        let Some(p) = self.provider(business_id) else {
-            return;
+    /// The businesses naming this chain's grant.
+    fn members_of(&self, chain: &Arc<Chain>) -> Vec<String> {
+        let Ok(members) = self.members.read() else {
+            return Vec::new();
         };
-        let mut state = p.state.lock().await;
-        if state.access.as_ref().is_some_and(|a| a.token == *used) {
-            state.access = None;
-            if matches!(p.source, TokenSource::Static(_)) {
-                state.refused_static = Some(fingerprint(used.expose()));
+        let mut ids: Vec<String> = members
+            .iter()
+            .filter(|(_, m)| matches!(m, Member::Grant(c) if Arc::ptr_eq(c, chain)))
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn client_refused_now(&self) -> Option<String> {
+        self.client_refused
+            .lock()
+            .ok()?
+            .as_ref()
+            .map(|(m, _)| m.clone())
+    }
+
+    /// The refusal, while the next retry is not due.
+    fn client_refused_recently(&self) -> Option<String> {
+        let r = self.client_refused.lock().ok()?;
+        match r.as_ref() {
+            Some((m, at)) if at.elapsed() < CLIENT_REFUSED_RETRY => Some(m.clone()),
+            _ => None,
+        }
+    }
+
+    async fn set_client_refused(&self, message: &str) {
+        self.client_alert_cleared.store(false, Ordering::SeqCst);
+        let first = match self.client_refused.lock() {
+            Ok(mut r) => {
+                let first = r.is_none();
+                *r = Some((message.to_string(), Instant::now()));
+                first
+            }
+            Err(_) => false,
+        };
+        if first {
+            error!(
+                "OAuth client refused: {message}; no business is marked for re-authorization, \
+                 their rows wait, and refreshes are tried again every 5 minutes"
+            );
+            if let Some(r) = &self.recorder {
+                r.alert(
+                    CLIENT_ALERT.into(),
+                    Some(format!(
+                        "OAuth client refused: {message} (check oauth.client_id, the client secret \
+                         and oauth.audience; retried every 5 minutes)"
+                    )),
+                )
+                .await;
             }
         }
     }
 
-    fn load_static(p: &Provider, state: &mut State, file: &Path) -> Result<Secret, ApiError> {
-        let token = read_token_file(file)?;
-        if token.is_empty() {
-            return Err(ApiError::reauth(format!(
-                "business {} needs a token: access_token_file {} is empty",
-                p.business_id,
-                file.display()
-            )));
+    async fn clear_client_refused(&self) {
+        let was = self
+            .client_refused
+            .lock()
+            .map(|mut r| r.take().is_some())
+            .unwrap_or(false);
+        if was {
+            info!("the OAuth client is accepted again");
         }
-        let fp = fingerprint(&token);
-        if state.refused_static.as_deref() == Some(fp.as_str()) {
-            return Err(ApiError::reauth(format!(
-                "business {} needs re-authorization: its static access token was refused (HTTP 401); \
-                 put a valid token in {}",
-                p.business_id,
-                file.display()
-            )));
+        if !self.client_alert_cleared.swap(true, Ordering::SeqCst)
+            && let Some(r) = &self.recorder
+        {
+            r.alert(CLIENT_ALERT.into(), None).await;
         }
-        let token = Secret::new(token);
-        state.access = Some(Access {
-            token: token.clone(),
-            expires_at: None,
-        });
-        Ok(token)
     }
 
-    fn oauth(&self) -> Result<OAuthClient, ApiError> {
+    async fn alert(&self, key: String, message: Option<String>) {
+        if let Some(r) = &self.recorder {
+            r.alert(key, message).await;
+        }
+    }
+
+    /// Records (or clears) the need for re-authorization of every business of the chain.
+    async fn set_reauth(&self, chain: &Arc<Chain>, reason: Option<String>, force: bool) {
+        let previous = chain
+            .reauth
+            .lock()
+            .map(|mut r| std::mem::replace(&mut *r, reason.clone()))
+            .unwrap_or_default();
+        if !force && previous == reason {
+            return;
+        }
+        let businesses = self.members_of(chain);
+        match &reason {
+            Some(r) => warn!(businesses = ?businesses, "{r}"),
+            None if previous.is_some() => {
+                info!(businesses = ?businesses, "grant re-authorized; resuming its businesses' syncs and outbox rows")
+            }
+            None => {}
+        }
+        if let Some(r) = &self.recorder {
+            r.needs_reauth(businesses, reason).await;
+        }
+    }
+
+    async fn static_token(&self, s: &StaticToken) -> Result<Secret, ApiError> {
+        if let Ok(st) = s.state.lock()
+            && let Some(t) = &st.0
+        {
+            return Ok(t.clone());
+        }
+        let result = (|| {
+            let token = read_token_file(&s.file)?;
+            if token.is_empty() {
+                return Err(Failure::Reauth(format!(
+                    "business {} needs a token: access_token_file {} is empty",
+                    s.business_id,
+                    s.file.display()
+                )));
+            }
+            let mut st = s
+                .state
+                .lock()
+                .map_err(|_| Failure::Retry("token state poisoned".into()))?;
+            if st.1.as_deref() == Some(sha256_hex(&token).as_str()) {
+                return Err(Failure::Reauth(format!(
+                    "business {} needs re-authorization: its static access token was refused (HTTP 401); \
+                     put a valid token in {}",
+                    s.business_id,
+                    s.file.display()
+                )));
+            }
+            let token = Secret::new(token);
+            st.0 = Some(token.clone());
+            Ok(token)
+        })();
+        let reason = match &result {
+            Ok(_) => None,
+            Err(Failure::Reauth(m)) => Some(m.clone()),
+            Err(_) => return result.map_err(Into::into),
+        };
+        let previous = s
+            .reauth
+            .lock()
+            .map(|mut r| std::mem::replace(&mut *r, reason.clone()))
+            .unwrap_or_default();
+        if previous != reason
+            && let Some(r) = &self.recorder
+        {
+            if let Some(m) = &reason {
+                warn!(business_id = %s.business_id, "{m}");
+            }
+            r.needs_reauth(vec![s.business_id.clone()], reason).await;
+        }
+        result.map_err(Into::into)
+    }
+
+    fn oauth(&self) -> Result<OAuthClient, Failure> {
         self.oauth
             .read()
             .ok()
             .and_then(|o| o.clone())
             .ok_or_else(|| {
-                ApiError::retry(
-                    None,
-                    "OAuth is not configured (oauth.client_id and a client secret)",
+                Failure::Retry(
+                    "OAuth is not configured (oauth.client_id and a client secret)".into(),
                 )
             })
     }
 
-    fn token_store(&self) -> Result<TokenStore, ApiError> {
-        self.store
-            .clone()
-            .ok_or_else(|| ApiError::retry(None, "the token store is not open (a restart is needed after adding the first OAuth business)"))
+    fn store(&self) -> Result<Arc<dyn GrantStore>, Failure> {
+        self.store.clone().ok_or_else(|| {
+            Failure::Retry(
+                "the token store is not open (a restart is needed after adding the first OAuth business)"
+                    .into(),
+            )
+        })
     }
 
-    /// The refresh-token grant, with rotation stored before use.
-    async fn refresh(
-        &self,
-        p: &Provider,
-        state: &mut State,
-        file: &Path,
-    ) -> Result<Secret, ApiError> {
-        let oauth = self.oauth()?;
-        let store = self.token_store()?;
-        let business_id = p.business_id.clone();
-        let seed = read_token_file(file)?;
-        let seed_fp = (!seed.is_empty()).then(|| fingerprint(&seed));
-
-        let (current, chain_fp) = match state.unsaved_refresh.clone() {
-            Some(unsaved) => unsaved,
-            None => {
-                let stored = {
-                    let store = store.clone();
-                    let id = business_id.clone();
-                    tokio::task::spawn_blocking(move || store.get(&id))
-                        .await
-                        .map_err(|e| {
-                            ApiError::retry(None, format!("token store task failed: {e}"))
-                        })?
-                        .map_err(|e| {
-                            ApiError::retry(None, format!("cannot read the token store: {e:#}"))
-                        })?
-                };
-                let seed_is_new =
-                    seed_fp.is_some() && stored.as_ref().is_none_or(|s| s.seed_sha256 != seed_fp);
-                match stored {
-                    _ if seed_is_new => (Secret::new(seed), seed_fp.clone()),
-                    Some(s) if s.refused.is_some() => {
-                        return Err(ApiError::reauth(format!(
-                            "business {business_id} needs re-authorization: {}; put a new grant in {} \
-                             or run `leadsync auth exchange --business {business_id} ...`",
-                            s.refused.unwrap_or_default(),
-                            file.display()
-                        )));
-                    }
-                    Some(s) if !s.refresh_token.is_empty() => (s.refresh_token, s.seed_sha256),
-                    _ => {
-                        return Err(ApiError::reauth(format!(
-                            "business {business_id} has no refresh token: {} is empty and the token store has none; \
-                             run `leadsync auth exchange --business {business_id} ...`",
-                            file.display()
-                        )));
-                    }
+    /// Takes the grant's cross-process lock, waiting while another process
+    /// refreshes it (bounded: a refresh takes at most a few request timeouts).
+    async fn lock_grant(&self, chain: &Chain) -> Result<Box<dyn Send>, Failure> {
+        let store = self.store()?;
+        let deadline = Instant::now() + self.timeout * 4 + Duration::from_secs(5);
+        loop {
+            let (s, key) = (store.clone(), chain.key.clone());
+            match blocking(move || s.try_lock(&key)).await {
+                Ok(Some(lock)) => return Ok(lock),
+                Ok(None) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
-            }
-        };
-
-        let form = [
-            ("grant_type", "refresh_token"),
-            ("refresh_token", current.expose()),
-            ("audience", oauth.audience.as_str()),
-        ];
-        let response = self.post_token(&oauth, &form).await;
-        let tokens = match response {
-            Ok(t) => t,
-            Err(TokenFailure::Refused { error, description }) => {
-                let reason = format!(
-                    "the refresh token was refused ({error}{})",
-                    description.map(|d| format!(": {d}")).unwrap_or_default()
-                );
-                if error == "invalid_grant" {
-                    // Durable: a restart must not replay a refused token.
-                    let store = store.clone();
-                    let id = business_id.clone();
-                    let fp = chain_fp.clone();
-                    let r = reason.clone();
-                    let _ = tokio::task::spawn_blocking(move || {
-                        store.mark_refused(&id, fp.as_deref(), &r)
-                    })
-                    .await;
-                    state.unsaved_refresh = None;
+                Ok(None) => {
+                    return Err(Failure::Retry(format!(
+                        "another leadsync process has been refreshing the grant in {} for too long; trying again later",
+                        chain.file.display()
+                    )));
                 }
-                return Err(ApiError::reauth(format!(
-                    "business {business_id} needs re-authorization: {reason}; put a new grant in {} \
-                     or run `leadsync auth exchange --business {business_id} ...`",
-                    file.display()
-                )));
-            }
-            Err(TokenFailure::Transient(msg)) => {
-                return Err(ApiError::retry(
-                    None,
-                    format!("token refresh for business {business_id} failed: {msg}"),
-                ));
-            }
-        };
-
-        // Rotation: the new refresh token is stored before the access token is used.
-        let next = tokens.refresh_token.map(Secret::new).unwrap_or(current);
-        let saved = {
-            let store = store.clone();
-            let id = business_id.clone();
-            let next = next.clone();
-            let fp = chain_fp.clone();
-            tokio::task::spawn_blocking(move || store.put(&id, &next, fp.as_deref(), "refresh"))
-                .await
-        };
-        match saved {
-            Ok(Ok(_)) => state.unsaved_refresh = None,
-            Ok(Err(e)) => {
-                error!(business_id, error = %format!("{e:#}"),
-                    "cannot store the rotated refresh token; keeping it in memory and retrying at the next refresh — \
-                     if leadsync stops before then, the business must be re-authorized");
-                state.unsaved_refresh = Some((next, chain_fp));
-            }
-            Err(e) => {
-                error!(business_id, error = %e, "token store task failed; keeping the rotated refresh token in memory");
-                state.unsaved_refresh = Some((next, chain_fp));
+                Err(e) => return Err(Failure::Retry(format!("{e:#}"))),
             }
         }
-        let expires_in = tokens.expires_in.unwrap_or(DEFAULT_EXPIRES_IN);
-        let margin = Duration::from_secs(expires_in)
-            .mul_f64(0.1)
-            .min(Duration::from_secs(60));
-        let token = Secret::new(tokens.access_token);
-        state.access = Some(Access {
-            token: token.clone(),
-            expires_at: Some(
-                Instant::now() + Duration::from_secs(expires_in).saturating_sub(margin),
-            ),
-        });
-        info!(business_id, expires_in, "access token refreshed");
-        Ok(token)
+    }
+
+    /// The access token of a response, with its expiry (monotonic and wall clock).
+    fn access_of(token: Secret, expires_in: Option<u64>) -> (Access, String) {
+        let lifetime =
+            Duration::from_secs(expires_in.unwrap_or(DEFAULT_EXPIRES_IN).max(MIN_EXPIRES_IN));
+        let margin = lifetime.mul_f64(0.1).min(Duration::from_secs(60));
+        let valid_for = lifetime.saturating_sub(margin);
+        (
+            Access {
+                token,
+                expires_at: Instant::now() + valid_for,
+            },
+            wall_after(valid_for),
+        )
+    }
+
+    /// A refresh (and the write of its rotated token), then what a person
+    /// must see of its outcome. Runs detached; holds the chain's lock.
+    async fn refresh_unit(
+        self: Arc<Self>,
+        chain: Arc<Chain>,
+        mut state: tokio::sync::OwnedMutexGuard<ChainState>,
+    ) -> Result<Secret, ApiError> {
+        let outcome = self.refresh_locked(&chain, &mut state).await;
+        match &outcome {
+            Ok(_) => {
+                self.clear_client_refused().await;
+                self.set_reauth(&chain, None, false).await;
+            }
+            Err(Failure::Reauth(m)) => self.set_reauth(&chain, Some(m.clone()), false).await,
+            Err(Failure::ClientRefused(m)) => self.set_client_refused(m).await,
+            Err(Failure::Retry(_)) => {}
+        }
+        drop(state);
+        outcome.map_err(Into::into)
+    }
+
+    /// Stores an unsaved rotated token; Ok(true) when stored (or superseded).
+    async fn save_unsaved(&self, chain: &Chain, state: &mut ChainState) -> Result<bool, Failure> {
+        let Some(u) = state.unsaved.take() else {
+            return Ok(true);
+        };
+        let store = self.store()?;
+        let (key, w, expected) = (chain.key.clone(), u.write.clone(), u.expected);
+        let alert_key = format!("unsaved:{}", chain.key);
+        match blocking(move || store.save(&key, expected, &w)).await {
+            Ok(Written::Stored(_)) => {
+                info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
+                self.alert(alert_key, None).await;
+                if Instant::now() < u.access.expires_at {
+                    state.access = Some(u.access);
+                }
+                Ok(true)
+            }
+            Ok(Written::Conflict(found)) => {
+                warn!(grant = %chain.file.display(), generation = found,
+                    "the token store took a newer grant meanwhile (auth exchange?); dropping the unsaved rotated token");
+                self.alert(alert_key, None).await;
+                Ok(true)
+            }
+            Err(e) => {
+                let error = format!("{e:#}");
+                error!(grant = %chain.file.display(), error = %error,
+                    "STILL cannot store the rotated refresh token; it is kept in memory and no new refresh \
+                     starts until it is stored — do not stop leadsync before this is fixed");
+                state.unsaved = Some(Unsaved { error, ..u });
+                Ok(false)
+            }
+        }
+    }
+
+    async fn refresh_locked(
+        &self,
+        chain: &Arc<Chain>,
+        state: &mut ChainState,
+    ) -> Result<Secret, Failure> {
+        let oauth = self.oauth()?;
+        let store = self.store()?;
+        let file = chain.file.display().to_string();
+        // A refresh never starts while the previous rotated token is unsaved:
+        // it would use up the only valid token while the store keeps an older one.
+        if state.unsaved.is_some() {
+            if !self.save_unsaved(chain, state).await? {
+                let e = state
+                    .unsaved
+                    .as_ref()
+                    .map(|u| u.error.clone())
+                    .unwrap_or_default();
+                return Err(Failure::Retry(format!(
+                    "the rotated refresh token of the grant in {file} is not stored yet ({e}); \
+                     no new refresh until it is"
+                )));
+            }
+            if let Some(a) = &state.access {
+                return Ok(a.token.clone());
+            }
+        }
+        let _lock = self.lock_grant(chain).await?;
+        let seed = read_token_file(&chain.file)?;
+        let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
+        let businesses = self.members_of(chain);
+        let who = if businesses.len() == 1 {
+            format!("business {}", businesses[0])
+        } else {
+            format!("businesses {}", businesses.join(", "))
+        };
+        let row = {
+            let (s, key, fp, b) = (
+                store.clone(),
+                chain.key.clone(),
+                seed_fp.clone(),
+                businesses.clone(),
+            );
+            blocking(move || s.load(&key, fp.as_deref(), &b))
+                .await
+                .map_err(|e| Failure::Retry(format!("cannot read the token store: {e:#}")))?
+        };
+        // Another process (or an exchange) may have refreshed meanwhile.
+        if let Some(r) = &row
+            && r.refused.is_none()
+            && let Some((token, expires)) = &r.access_token
+            && state.refused_access.as_deref() != Some(sha256_hex(token.expose()).as_str())
+            && let Some(at) = instant_of(expires)
+            && at > Instant::now() + Duration::from_secs(5)
+        {
+            state.access = Some(Access {
+                token: token.clone(),
+                expires_at: at,
+            });
+            return Ok(token.clone());
+        }
+        let expected = row.as_ref().map(|r| r.generation).unwrap_or(0);
+        let stored = row
+            .as_ref()
+            .filter(|r| r.refused.is_none() && !r.refresh_token.is_empty())
+            .map(|r| r.refresh_token.clone());
+        let file_is_new = seed_fp.is_some()
+            && row
+                .as_ref()
+                .is_none_or(|r| r.seed_sha256 != seed_fp && r.file_refused_sha256 != seed_fp);
+        let mut candidates: Vec<(bool, Secret)> = Vec::new();
+        if file_is_new {
+            candidates.push((true, Secret::new(seed)));
+        }
+        if let Some(s) = &stored {
+            candidates.push((false, s.clone()));
+        }
+        if candidates.is_empty() {
+            return Err(Failure::Reauth(match row.and_then(|r| r.refused) {
+                Some(refused) => format!(
+                    "{who} needs re-authorization: {refused}; put a new grant in {file} \
+                     or run `leadsync auth exchange --business {} ...`",
+                    businesses.first().map(String::as_str).unwrap_or("ID")
+                ),
+                None => format!(
+                    "{who} has no refresh token: {file} is empty and the token store has none; \
+                     run `leadsync auth exchange --business {} ...`",
+                    businesses.first().map(String::as_str).unwrap_or("ID")
+                ),
+            }));
+        }
+        let previous_seed = row.as_ref().and_then(|r| r.seed_sha256.clone());
+        for (from_file, presented) in candidates {
+            match self.post_refresh(&oauth, &presented).await {
+                Ok(tokens) => {
+                    // No (or an empty) refresh_token: the presented one stays valid.
+                    let next = tokens
+                        .refresh_token
+                        .filter(|t| !t.is_empty())
+                        .unwrap_or(presented);
+                    let (access, wall) = Self::access_of(tokens.access_token, tokens.expires_in);
+                    let write = GrantWrite {
+                        refresh_token: next,
+                        access_token: Some((access.token.clone(), wall)),
+                        seed_sha256: if from_file {
+                            seed_fp.clone()
+                        } else {
+                            previous_seed.clone()
+                        },
+                        source: "refresh".into(),
+                    };
+                    state.fresh_until = Some(
+                        Instant::now()
+                            + REFRESH_ON_401_INTERVAL.min(
+                                access.expires_at.saturating_duration_since(Instant::now()) / 2,
+                            ),
+                    );
+                    state.refused_access = None;
+                    let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
+                    match blocking(move || s.save(&key, expected, &w)).await {
+                        Ok(Written::Stored(_)) => {
+                            if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
+                                self.alert(format!("unsaved:{}", chain.key), None).await;
+                            }
+                        }
+                        Ok(Written::Conflict(found)) => {
+                            warn!(grant = %file, generation = found,
+                                "the token store took a newer grant while refreshing; keeping the stored one");
+                        }
+                        Err(e) => {
+                            let error = format!("{e:#}");
+                            error!(grant = %file, error = %error,
+                                "cannot store the rotated refresh token; it is kept in memory, its access token \
+                                 is not used, and no new refresh starts until the store takes it — \
+                                 do not stop leadsync before this is fixed");
+                            chain.unsaved_alert_cleared.store(false, Ordering::SeqCst);
+                            self.alert(
+                                format!("unsaved:{}", chain.key),
+                                Some(format!(
+                                    "the rotated refresh token of {who} cannot be stored in the token store \
+                                     ({error}); leadsync keeps it in memory and retries: fix the store \
+                                     before stopping leadsync"
+                                )),
+                            )
+                            .await;
+                            state.unsaved = Some(Unsaved {
+                                expected,
+                                write,
+                                access,
+                                error: error.clone(),
+                            });
+                            return Err(Failure::Retry(format!(
+                                "the rotated refresh token of the grant in {file} cannot be stored ({error})"
+                            )));
+                        }
+                    }
+                    if from_file {
+                        self.alert(format!("file-refused:{}", chain.key), None)
+                            .await;
+                    }
+                    info!(businesses = ?businesses, expires_in = tokens.expires_in, "access token refreshed");
+                    let token = access.token.clone();
+                    state.access = Some(access);
+                    return Ok(token);
+                }
+                Err(TokenFailure::GrantRefused(m)) if from_file && stored.is_some() => {
+                    warn!(grant = %file, "the token file was refused by Thumbtack ({m}); using the stored token");
+                    if let Some(fp) = seed_fp.clone() {
+                        let (s, key) = (store.clone(), chain.key.clone());
+                        if let Err(e) = blocking(move || s.refuse_file(&key, &fp)).await {
+                            warn!(error = %format!("{e:#}"), "cannot record the refused token file");
+                        }
+                    }
+                    self.alert(
+                        format!("file-refused:{}", chain.key),
+                        Some(format!(
+                            "token file {file} refused; using the stored token ({m})"
+                        )),
+                    )
+                    .await;
+                }
+                Err(TokenFailure::GrantRefused(m)) => {
+                    let reason = format!("the refresh token was refused ({m})");
+                    let file_fp = if from_file { seed_fp.clone() } else { None };
+                    let (s, key, r) = (store.clone(), chain.key.clone(), reason.clone());
+                    match blocking(move || s.refuse(&key, expected, file_fp.as_deref(), &r)).await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            return Err(Failure::Retry(format!(
+                                "the grant in {file} changed in the token store while it was refreshed \
+                                 (auth exchange?); trying again with the new one"
+                            )));
+                        }
+                        Err(e) => {
+                            warn!(error = %format!("{e:#}"), "cannot record the refused grant in the token store");
+                        }
+                    }
+                    return Err(Failure::Reauth(format!(
+                        "{who} needs re-authorization: {reason}; put a new grant in {file} \
+                         or run `leadsync auth exchange --business {} ...`",
+                        businesses.first().map(String::as_str).unwrap_or("ID")
+                    )));
+                }
+                Err(TokenFailure::ClientRefused(m)) => return Err(Failure::ClientRefused(m)),
+                Err(TokenFailure::Lost(m) | TokenFailure::Transient(m)) => {
+                    return Err(Failure::Retry(format!(
+                        "token refresh for {who} failed: {m}"
+                    )));
+                }
+            }
+        }
+        Err(Failure::Retry(format!("token refresh for {who} failed")))
+    }
+
+    /// The refresh-token grant; a lost answer is asked again at once with
+    /// the same refresh token (Thumbtack's grace period for retries).
+    async fn post_refresh(
+        &self,
+        oauth: &OAuthClient,
+        refresh_token: &Secret,
+    ) -> Result<TokenResponse, TokenFailure> {
+        let form = [
+            ("grant_type", "refresh_token"),
+            ("refresh_token", refresh_token.expose()),
+            ("audience", oauth.audience.as_str()),
+        ];
+        let mut retries = 0;
+        loop {
+            let response = self.post_token(oauth, &form).await;
+            crate::metrics::token_refresh(
+                response
+                    .as_ref()
+                    .map_or_else(TokenFailure::outcome, |_| "ok"),
+            );
+            match response {
+                Err(TokenFailure::Lost(m)) if retries < LOST_RESPONSE_RETRIES => {
+                    retries += 1;
+                    warn!(error = %m, retry = retries,
+                        "the token response was lost; asking again at once with the same refresh token");
+                }
+                Err(TokenFailure::Lost(m)) => {
+                    return Err(TokenFailure::Lost(format!(
+                        "{m} ({} attempts; the grant may need re-authorization if Thumbtack rotated it)",
+                        retries + 1
+                    )));
+                }
+                other => return other,
+            }
+        }
     }
 
     async fn post_token(
@@ -396,148 +1257,135 @@ impl Auth {
         oauth: &OAuthClient,
         form: &[(&str, &str)],
     ) -> Result<TokenResponse, TokenFailure> {
+        let mut basic =
+            reqwest::header::HeaderValue::from_str(oauth.basic().expose()).map_err(|_| {
+                TokenFailure::ClientRefused("the client id cannot be sent in a header".into())
+            })?;
+        basic.set_sensitive(true);
         let resp = self
             .http
             .post(&oauth.token_url)
-            .basic_auth(&oauth.client_id, Some(oauth.client_secret.expose()))
+            .header(reqwest::header::AUTHORIZATION, basic)
             .form(form)
             .send()
             .await
-            .map_err(|e| TokenFailure::Transient(format!("token endpoint unreachable: {e}")))?;
+            .map_err(|e| {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    return TokenFailure::Transient(
+                        "token endpoint unreachable: could not connect".into(),
+                    );
+                } else {
+                    "connection failed"
+                };
+                TokenFailure::Lost(format!("token endpoint {what} after the request was sent"))
+            })?;
         let status = resp.status().as_u16();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| TokenFailure::Transient(format!("token response unreadable: {e}")))?;
+        let body = resp.bytes().await.map_err(|e| {
+            TokenFailure::Lost(format!(
+                "token response lost while reading it ({})",
+                if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "connection failed"
+                }
+            ))
+        })?;
         if (200..300).contains(&status) && status != 202 {
-            return serde_json::from_slice::<TokenResponse>(&body).map_err(|e| {
-                TokenFailure::Transient(format!(
-                    "token response is not a token ({e}): {}",
-                    describe_unreadable(&body)
-                ))
-            });
+            // Never quote this body: it holds tokens.
+            return serde_json::from_slice::<TokenResponse>(&body)
+                .ok()
+                .filter(|t| !t.access_token.is_empty())
+                .ok_or_else(|| {
+                    TokenFailure::Lost(format!("unreadable token response ({} bytes)", body.len()))
+                });
         }
         let oauth_error: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
-        match (status, oauth_error.error) {
-            (400..=499, Some(error)) if status != 408 && status != 429 => {
-                Err(TokenFailure::Refused {
-                    error,
-                    description: oauth_error.error_description,
-                })
+        let describe = |code: &str| match oauth_error.error_description.as_deref() {
+            Some(d) if !d.is_empty() => format!("{code}: {}", excerpt(d)),
+            _ => code.to_string(),
+        };
+        let proxy_failed = oauth_error.error.as_deref() == Some("proxy_oauth_failed")
+            || (status == 502
+                && body
+                    .windows(b"proxy_oauth_failed".len())
+                    .any(|w| w == b"proxy_oauth_failed"));
+        if proxy_failed {
+            return Err(TokenFailure::ClientRefused(format!(
+                "HTTP {status} {} (a wrong oauth.audience?)",
+                describe("proxy_oauth_failed")
+            )));
+        }
+        match (status, oauth_error.error.as_deref()) {
+            (_, Some("invalid_grant")) => {
+                Err(TokenFailure::GrantRefused(describe("invalid_grant")))
             }
-            (400 | 401, None) => Err(TokenFailure::Refused {
-                error: format!("HTTP {status}"),
-                description: Some(describe_unreadable(&body)),
-            }),
-            _ => Err(TokenFailure::Transient(format!(
-                "token endpoint answered HTTP {status}: {}",
-                describe_unreadable(&body)
+            (408 | 429, _) | (500..=599, _) => Err(TokenFailure::Transient(format!(
+                "token endpoint answered HTTP {status} ({} bytes)",
+                body.len()
             ))),
-        }
-    }
-
-    /// The authorization-code grant (`leadsync auth exchange`): stores the
-    /// business's new refresh token and clears its re-authorization flag.
-    pub async fn exchange_code(
-        &self,
-        business_id: &str,
-        code: &str,
-        redirect_uri: &str,
-    ) -> anyhow::Result<()> {
-        let p = self
-            .provider(business_id)
-            .ok_or_else(|| anyhow::anyhow!("business {business_id} is not in the configuration"))?;
-        let TokenSource::Refresh(file) = &p.source else {
-            anyhow::bail!(
-                "business {business_id} uses access_token_file; set refresh_token_file to use OAuth"
-            );
-        };
-        let oauth = self.oauth().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let store = self.token_store().map_err(|e| anyhow::anyhow!("{e}"))?;
-        let form = [
-            ("grant_type", "authorization_code"),
-            ("code", code),
-            ("redirect_uri", redirect_uri),
-            ("audience", oauth.audience.as_str()),
-        ];
-        let tokens = match self.post_token(&oauth, &form).await {
-            Ok(t) => t,
-            Err(TokenFailure::Refused { error, description }) => anyhow::bail!(
-                "the authorization code was refused ({error}{}); codes are single-use and short-lived: authorize again",
-                description.map(|d| format!(": {d}")).unwrap_or_default()
-            ),
-            Err(TokenFailure::Transient(m)) => anyhow::bail!("{m}"),
-        };
-        let Some(refresh) = tokens.refresh_token else {
-            anyhow::bail!(
-                "the token response has no refresh_token: was the offline_access scope requested?"
-            );
-        };
-        // The current file's content is recorded so it is not taken for a newer grant.
-        let seed = read_token_file(file).map_err(|e| anyhow::anyhow!("{e}"))?;
-        let seed_fp = (!seed.is_empty()).then(|| fingerprint(&seed));
-        let id = business_id.to_string();
-        let refresh = Secret::new(refresh);
-        tokio::task::spawn_blocking(move || {
-            store.put(&id, &refresh, seed_fp.as_deref(), "auth exchange")
-        })
-        .await??;
-        let mut state = p.state.lock().await;
-        state.unsaved_refresh = None;
-        state.access = Some(Access {
-            token: Secret::new(tokens.access_token),
-            expires_at: Some(
-                Instant::now()
-                    + Duration::from_secs(tokens.expires_in.unwrap_or(DEFAULT_EXPIRES_IN) / 2),
-            ),
-        });
-        drop(state);
-        // This process may not know the mirror's flag: clear it regardless.
-        self.set_reauth_forced(&p, None, true).await;
-        Ok(())
-    }
-
-    /// Records (or clears) the business's need for re-authorization, in memory and in the mirror.
-    async fn set_reauth(&self, p: &Provider, reason: Option<String>) {
-        self.set_reauth_forced(p, reason, false).await;
-    }
-
-    async fn set_reauth_forced(&self, p: &Provider, reason: Option<String>, force: bool) {
-        let previous = p
-            .reauth
-            .lock()
-            .map(|mut r| std::mem::replace(&mut *r, reason.clone()))
-            .unwrap_or_default();
-        if !force && previous.is_some() == reason.is_some() {
-            return;
-        }
-        match &reason {
-            Some(r) => warn!(business_id = %p.business_id, "{r}"),
-            None => {
-                info!(business_id = %p.business_id, "business re-authorized; resuming its syncs and outbox rows")
-            }
-        }
-        if let Some(mirror) = &self.mirror {
-            let id = p.business_id.clone();
-            let now = crate::time::now();
-            if let Err(e) = mirror
-                .call(move |c| {
-                    crate::store::mirror::set_needs_reauth(c, &id, reason.as_deref(), &now)
-                })
-                .await
-            {
-                error!(business_id = %p.business_id, error = %format!("{e:#}"), "cannot record needs_reauth in the mirror");
-            }
+            (400..=499, Some(code)) => Err(TokenFailure::ClientRefused(format!(
+                "HTTP {status} {}",
+                describe(&excerpt(code))
+            ))),
+            (401 | 403, None) => Err(TokenFailure::ClientRefused(format!(
+                "HTTP {status} from the token endpoint ({} bytes)",
+                body.len()
+            ))),
+            _ => Err(TokenFailure::Transient(format!(
+                "token endpoint answered HTTP {status} ({} bytes)",
+                body.len()
+            ))),
         }
     }
 }
 
-enum TokenFailure {
-    /// The token endpoint refused the grant (an OAuth error such as invalid_grant).
-    Refused {
-        error: String,
-        description: Option<String>,
-    },
-    /// The endpoint could not be reached or answered oddly; try again later.
-    Transient(String),
+impl TokenFailure {
+    /// The `outcome` label of the token-refresh metric.
+    fn outcome(&self) -> &'static str {
+        match self {
+            TokenFailure::GrantRefused(_) => "invalid_grant",
+            TokenFailure::ClientRefused(_) => "client_refused",
+            TokenFailure::Lost(_) => "lost",
+            TokenFailure::Transient(_) => "transient",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_credentials_are_form_urlencoded_first() {
+        let c = OAuthClient {
+            token_url: String::new(),
+            audience: String::new(),
+            client_id: "id:1".into(),
+            client_secret: Secret::new("s3c+r/t %"),
+        };
+        let b = c.basic();
+        let encoded = b.expose().strip_prefix("Basic ").unwrap();
+        let pair = base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .unwrap();
+        assert_eq!(String::from_utf8(pair).unwrap(), "id%3A1:s3c%2Br%2Ft+%25");
+    }
+
+    #[test]
+    fn token_responses_print_masked() {
+        let t: TokenResponse = serde_json::from_str(
+            r#"{"access_token":"at-secret-1","refresh_token":"rt-secret-2","expires_in":0}"#,
+        )
+        .unwrap();
+        let d = format!("{t:?}");
+        assert!(
+            !d.contains("at-secret-1") && !d.contains("rt-secret-2"),
+            "{d}"
+        );
+        // expires_in 0 is floored: the token is reused for a while, not refreshed per request.
+        let (a, _) = Inner::access_of(t.access_token, t.expires_in);
+        assert!(a.expires_at > Instant::now() + Duration::from_millis(500));
+    }
 }

@@ -113,6 +113,7 @@ impl RateBudget {
 
     /// Holds every request back for `d` (after a 429).
     pub fn pause(&self, d: Duration) {
+        crate::metrics::rate_limit_pause(d);
         let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
         s.paused_until = s.paused_until.max(Instant::now() + d);
     }
@@ -227,6 +228,7 @@ impl Client {
             }
         };
         self.budget.acquire().await;
+        let metric_method = method.clone();
         let mut req = self.http.request(method, url).bearer_auth(token.expose());
         if let Some(body) = body {
             req = req
@@ -234,9 +236,13 @@ impl Client {
                 .body(body.to_vec());
         }
         let result = match req.send().await {
-            Err(e) => Err(ApiError::transport(&e)),
+            Err(e) => {
+                crate::metrics::http_request(metric_method.as_str(), url, None);
+                Err(ApiError::transport(&e))
+            }
             Ok(resp) => {
                 let status = resp.status();
+                crate::metrics::http_request(metric_method.as_str(), url, Some(status.as_u16()));
                 let header = |name: reqwest::header::HeaderName| {
                     resp.headers()
                         .get(name)
@@ -308,9 +314,19 @@ impl Client {
         let (ex, token, first) = self.exchange(business_id, method.clone(), url, body).await;
         log.push(ex);
         match first {
-            Err(e) if e.disposition == Disposition::Refresh => {
-                if let Some(token) = token {
-                    self.auth.invalidate(business_id, &token).await;
+            Err(mut e) if e.disposition == Disposition::Refresh => {
+                let refresh = match &token {
+                    Some(token) => self.auth.invalidate(business_id, token).await,
+                    None => true,
+                };
+                if !refresh {
+                    // The token is fresh: refreshing again would only burn a rotation.
+                    e.disposition = Disposition::Retry;
+                    e.message = format!("401 with a fresh token: missing scope? ({})", e.message);
+                    if let Some(last) = log.last_mut() {
+                        last.error = Some(e.message.clone());
+                    }
+                    return Err(e);
                 }
                 let (ex, _, second) = self.exchange(business_id, method, url, body).await;
                 log.push(ex);

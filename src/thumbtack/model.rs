@@ -284,15 +284,15 @@ pub struct JobStatusBody {
     pub invoice_amount_in_cents: Option<i64>,
 }
 
-/// A successful token response.
+/// A successful token response; its tokens print masked.
 #[derive(Debug, Deserialize)]
 pub struct TokenResponse {
-    pub access_token: String,
+    pub access_token: crate::secret::Secret,
     /// Seconds, as a number or a numeric string.
     #[serde(default, deserialize_with = "lenient_seconds")]
     pub expires_in: Option<u64>,
     #[serde(default)]
-    pub refresh_token: Option<String>,
+    pub refresh_token: Option<crate::secret::Secret>,
 }
 
 fn lenient_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {

@@ -198,3 +198,54 @@ pub fn write(dir: &Path, name: &str, content: &str) -> PathBuf {
     std::fs::write(&p, content).expect("write file");
     p
 }
+
+/// Every text column of every mirror table, `status --json`, `config check`
+/// and the daemon's log: none may hold a token or secret the sandbox issued.
+pub fn assert_no_secret_anywhere(env: &Env, more: &str) {
+    let mut seen = String::from(more);
+    seen.push_str(&env.daemon_log());
+    for args in [&["status", "--json"][..], &["config", "check"][..]] {
+        let o = env
+            .cli()
+            .args(args)
+            .env("LEADSYNC_LOG", "trace")
+            .output()
+            .unwrap();
+        seen.push_str(&text(&o));
+    }
+    let db = env.sql();
+    let tables: Vec<String> = db
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    for t in tables {
+        let columns: Vec<String> = db
+            .prepare(&format!("SELECT name FROM pragma_table_info('{t}')"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        for c in columns {
+            let mut stmt = db
+                .prepare(&format!(
+                    "SELECT \"{c}\" FROM \"{t}\" WHERE typeof(\"{c}\") = 'text'"
+                ))
+                .unwrap();
+            let values = stmt.query_map([], |r| r.get::<_, String>(0)).unwrap();
+            for v in values {
+                seen.push_str(&v.unwrap());
+                seen.push('\n');
+            }
+        }
+    }
+    for s in env.sandbox.issued_secrets() {
+        assert!(
+            !seen.contains(&s),
+            "secret {s} was found in logs, status, config check or the mirror"
+        );
+    }
+}

@@ -2,20 +2,8 @@
 -- through a message outbox (SPEC §9). Table and column names are a public
 -- interface, like the rest of the schema.
 
--- One row per message, from webhooks or polling. Created here only when the
--- webhooks migration has not created it already (same columns).
-CREATE TABLE IF NOT EXISTS messages (
-    message_id      TEXT PRIMARY KEY,       -- messageID
-    negotiation_id  TEXT NOT NULL,
-    business_id     TEXT,
-    sent_at         TEXT,                   -- sentAt, in UTC
-    sender          TEXT,                   -- from: Customer / Business
-    text            TEXT,
-    payload         TEXT NOT NULL,          -- the JSON object exactly as received
-    source          TEXT NOT NULL,          -- webhook / poll
-    first_seen_at   TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_negotiation ON messages (negotiation_id, sent_at);
+-- The `messages` table itself is schema 4's (the webhooks migration); this
+-- version adds polling and replies to it.
 
 -- The last message poll of each lead (`[messages] sync = true`): a lead whose
 -- poll failed is polled again after its business's next pass.

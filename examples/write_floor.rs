@@ -1,0 +1,94 @@
+//! The write floor for `bench/run.py`: the same rows a first full sync
+//! writes (the sandbox's generated leads, columns already extracted), written
+//! straight through rusqlite into a database with the mirror's schema,
+//! indexes and pragmas (`store::open_connection`), one transaction per page,
+//! a `negotiations` row and its `new` change row per lead. No HTTP, no JSON
+//! work inside the timed part. Prints one JSON line: wall and CPU seconds of
+//! the writes alone.
+//!
+//!     cargo run --release --example write_floor -- DB BUSINESSES LEADS_PER_BUSINESS [PAGE]
+
+use leadsync::sandbox::data::{Shape, generate};
+use leadsync::thumbtack::model::parse_lead_body;
+use std::time::Instant;
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut u: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut u) };
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(u.ru_utime) + t(u.ru_stime)
+}
+
+fn main() -> anyhow::Result<()> {
+    let args: Vec<String> = std::env::args().collect();
+    let usage = "usage: write_floor DB BUSINESSES LEADS_PER_BUSINESS [PAGE]";
+    let db = args.get(1).ok_or_else(|| anyhow::anyhow!(usage))?;
+    let businesses: usize = args.get(2).ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
+    let per: usize = args.get(3).ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
+    let page: usize = args.get(4).map(|p| p.parse()).transpose()?.unwrap_or(100);
+
+    let (data, _) = generate(7, businesses, per, Shape::Schema);
+    let rows: Vec<(String, Vec<_>)> = data
+        .iter()
+        .map(|b| {
+            let leads = b
+                .leads
+                .iter()
+                .filter_map(|l| parse_lead_body(&l.json))
+                .collect();
+            (b.id.clone(), leads)
+        })
+        .collect();
+    let now = leadsync::time::fmt(chrono::Utc::now());
+    let mut conn = leadsync::store::open_connection(std::path::Path::new(db), true)?;
+
+    let (wall0, cpu0) = (Instant::now(), cpu_seconds());
+    let mut n = 0usize;
+    for (business_id, leads) in &rows {
+        for chunk in leads.chunks(page) {
+            let tx = conn.transaction()?;
+            {
+                let mut ins = tx.prepare_cached(
+                    "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
+                         payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
+                         charge_state, first_seen_at, last_seen_at, changed_at, missing_since)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL)",
+                )?;
+                let mut change = tx.prepare_cached(
+                    "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind, new_status)
+                     VALUES (?1, ?2, ?3, 'new', ?4)",
+                )?;
+                for l in chunk {
+                    ins.execute(rusqlite::params![
+                        l.negotiation_id,
+                        business_id,
+                        l.status,
+                        l.created_at,
+                        l.payload,
+                        l.hash,
+                        l.category,
+                        l.customer_name,
+                        l.city,
+                        l.zip,
+                        l.customer_phone,
+                        l.lead_price,
+                        l.charge_state,
+                        now
+                    ])?;
+                    change.execute(rusqlite::params![
+                        l.negotiation_id,
+                        business_id,
+                        now,
+                        l.status
+                    ])?;
+                    n += 1;
+                }
+            }
+            tx.commit()?;
+        }
+    }
+    let (wall, cpu) = (wall0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
+    println!(r#"{{"rows": {n}, "wall_s": {wall:.3}, "cpu_s": {cpu:.3}}}"#);
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The admin listener (`[admin] listen`, SPEC §10): `GET /metrics` in the
+//! Prometheus text format, `GET /healthz` (200 while the scheduler and the
+//! drainer loops beat, else 503 with the reason), `GET /readyz` (200 once
+//! the mirror is open and migrated, 503 while stopping or when the mirror
+//! cannot be read).
+
+use crate::config::Config;
+use crate::store;
+use anyhow::Result;
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// What `/healthz` and `/readyz` look at.
+#[derive(Debug)]
+pub struct Health {
+    /// Unix milliseconds of the scheduler loop's last beat.
+    pub scheduler_beat: Arc<AtomicI64>,
+    /// Unix milliseconds of the drainer loop's last beat.
+    pub drain_beat: Arc<AtomicI64>,
+    /// A loop silent for longer is stuck.
+    pub stale_after: Duration,
+    /// Cancelled when the daemon starts shutting down.
+    pub stopping: CancellationToken,
+    /// Why the last reading of the mirror failed, if it did.
+    pub mirror_error: Mutex<Option<String>>,
+}
+
+impl Health {
+    /// `None` while both loops beat, else why not.
+    pub fn problem(&self, now_ms: i64) -> Option<String> {
+        let mut stuck = Vec::new();
+        for (name, beat) in [
+            ("scheduler", &self.scheduler_beat),
+            ("drainer", &self.drain_beat),
+        ] {
+            let idle = Duration::from_millis((now_ms - beat.load(Ordering::Relaxed)).max(0) as u64);
+            if idle > self.stale_after {
+                stuck.push(format!(
+                    "the {name} loop has not beaten for {:.1} s (limit {:.1} s)",
+                    idle.as_secs_f64(),
+                    self.stale_after.as_secs_f64()
+                ));
+            }
+        }
+        (!stuck.is_empty()).then(|| stuck.join("; "))
+    }
+}
+
+/// The router of the admin listener.
+pub fn router(health: Arc<Health>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(health)
+}
+
+async fn metrics(headers: HeaderMap) -> Response {
+    // OpenMetrics only for a scraper that asks for it; Prometheus text otherwise.
+    let openmetrics = headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("application/openmetrics-text"));
+    let body = crate::metrics::encode(openmetrics);
+    let content_type = if openmetrics {
+        crate::metrics::OPENMETRICS_CONTENT_TYPE
+    } else {
+        crate::metrics::PROMETHEUS_CONTENT_TYPE
+    };
+    ([(header::CONTENT_TYPE, content_type)], body).into_response()
+}
+
+async fn healthz(State(health): State<Arc<Health>>) -> Response {
+    let now = chrono::Utc::now().timestamp_millis();
+    match health.problem(now) {
+        None => (
+            StatusCode::OK,
+            "ok: the scheduler and the drainer loops beat\n",
+        )
+            .into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unhealthy: {why}\n"),
+        )
+            .into_response(),
+    }
+}
+
+async fn readyz(State(health): State<Arc<Health>>) -> Response {
+    if health.stopping.is_cancelled() {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: stopping\n").into_response();
+    }
+    let mirror_error = health
+        .mirror_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    match mirror_error {
+        Some(e) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: the mirror cannot be read: {e}\n"),
+        )
+            .into_response(),
+        None => (StatusCode::OK, "ready\n").into_response(),
+    }
+}
+
+/// A running admin listener and its table-gauge refresher.
+pub struct Admin {
+    health: Arc<Health>,
+    stop: CancellationToken,
+    /// Fires when the listener's thread has stopped serving.
+    server: tokio::sync::oneshot::Receiver<()>,
+    refresher: tokio::task::JoinHandle<()>,
+}
+
+/// Serves `router` on a thread of its own (a one-thread runtime), so that a
+/// scrape or a health probe never queues behind the daemon's busy workers
+/// (a first full sync parses pages on all of them), until `stop`.
+fn serve_on_own_thread(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    stop: CancellationToken,
+) -> Result<tokio::sync::oneshot::Receiver<()>> {
+    let listener = listener.into_std()?;
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("leadsync-admin".into())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot start the admin listener's runtime");
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                match tokio::net::TcpListener::from_std(listener) {
+                    Ok(listener) => {
+                        super::serve(listener, router, stop, super::ServeOptions::default()).await
+                    }
+                    Err(e) => tracing::error!(error = %e, "admin listener failed"),
+                }
+            });
+            let _ = done_tx.send(());
+        })?;
+    Ok(done_rx)
+}
+
+impl Admin {
+    /// Binds `[admin] listen` (when set), reads the table gauges once, and
+    /// starts serving. A listen address that cannot be bound is an error.
+    pub async fn start(
+        config: &Config,
+        database: PathBuf,
+        scheduler_beat: Arc<AtomicI64>,
+        drain_beat: Arc<AtomicI64>,
+    ) -> Result<Option<Admin>> {
+        let Some(addr) = config.admin_listen else {
+            return Ok(None);
+        };
+        let listener = super::bind(addr, "admin.listen").await?;
+        let health = Arc::new(Health {
+            scheduler_beat,
+            drain_beat,
+            stale_after: Duration::from_secs_f64(config.file.admin.stale_after_secs),
+            stopping: CancellationToken::new(),
+            mirror_error: Mutex::new(None),
+        });
+        let stop = CancellationToken::new();
+        let every = Duration::from_secs_f64(config.file.admin.refresh_secs);
+        let mut reader = TableReader::new(database);
+        reader.refresh(&health).await;
+        let refresher = {
+            let (health, stop) = (health.clone(), stop.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => break,
+                        _ = tokio::time::sleep(every) => reader.refresh(&health).await,
+                    }
+                }
+            })
+        };
+        let local = listener.local_addr().unwrap_or(addr);
+        let server = serve_on_own_thread(listener, router(health.clone()), stop.clone())?;
+        info!(listen = %local, "admin listener: /metrics, /healthz, /readyz");
+        Ok(Some(Admin {
+            health,
+            stop,
+            server,
+            refresher,
+        }))
+    }
+
+    /// Shutdown has begun: `/readyz` answers 503 from now on.
+    pub fn stopping(&self) {
+        self.health.stopping.cancel();
+    }
+
+    /// Stops serving (open connections get a second to finish).
+    pub async fn stop(self) {
+        self.stopping();
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.server).await;
+        self.refresher.abort();
+    }
+}
+
+/// Reads the table gauges through its own read connection (WAL: it never
+/// waits for the daemon's writer, nor holds it up).
+struct TableReader {
+    database: PathBuf,
+    conn: Option<rusqlite::Connection>,
+}
+
+impl TableReader {
+    fn new(database: PathBuf) -> TableReader {
+        TableReader {
+            database,
+            conn: None,
+        }
+    }
+
+    async fn refresh(&mut self, health: &Health) {
+        let database = self.database.clone();
+        let conn = self.conn.take();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut conn = match conn {
+                Some(c) => c,
+                None => store::open_connection(&database, false)?,
+            };
+            let gauges = store::gauges::read(&mut conn);
+            Ok::<_, anyhow::Error>((conn, gauges))
+        })
+        .await;
+        let error = match result {
+            Ok(Ok((conn, Ok(gauges)))) => {
+                self.conn = Some(conn);
+                crate::metrics::set_tables(gauges);
+                None
+            }
+            // A failed reading drops the connection: the next one starts afresh.
+            Ok(Ok((_, Err(e)))) | Ok(Err(e)) => Some(format!("{e:#}")),
+            Err(e) => Some(format!("the reading task failed: {e}")),
+        };
+        if let Some(e) = &error {
+            warn!(error = %e, "cannot read the mirror for the metrics");
+        }
+        *health
+            .mirror_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = error;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_silent_loop_is_named() {
+        let h = Health {
+            scheduler_beat: Arc::new(AtomicI64::new(10_000)),
+            drain_beat: Arc::new(AtomicI64::new(4_000)),
+            stale_after: Duration::from_secs(3),
+            stopping: CancellationToken::new(),
+            mirror_error: Mutex::new(None),
+        };
+        let why = h.problem(10_500).expect("the drainer is stale");
+        assert!(
+            why.contains("drainer loop has not beaten for 6.5 s"),
+            "{why}"
+        );
+        assert!(!why.contains("scheduler"), "{why}");
+        assert_eq!(h.problem(6_000), None);
+    }
+}

@@ -1,0 +1,283 @@
+//! `leadsync backup FILE`: a consistent copy of the mirror through SQLite's
+//! online backup API, safe while the daemon writes.
+//!
+//! The copy is one snapshot: a read transaction is held on the mirror for
+//! the whole copy, so the pages copied step by step all belong to the same
+//! moment (WAL: the daemon keeps writing meanwhile, and the backup never
+//! restarts because of it). The copy is written beside FILE under a
+//! temporary name, checked, and only then renamed to FILE: a failed or
+//! interrupted backup never leaves a partial FILE. The token store is a
+//! different database and is never part of it.
+
+use anyhow::{Context, Result, bail};
+use rusqlite::backup::{Backup, StepResult};
+use rusqlite::{Connection, OpenFlags};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Pages copied per step (1 MiB with 4 KiB pages): progress is reported
+/// between steps.
+const PAGES_PER_STEP: i32 = 256;
+
+/// What a finished backup copied.
+#[derive(Debug, Clone)]
+pub struct BackupReport {
+    pub pages: i64,
+    pub bytes: u64,
+    pub elapsed: Duration,
+    pub leads: i64,
+    pub outbox_rows: i64,
+    pub schema_version: i64,
+}
+
+/// Copies the mirror at `database` to `dest`. `dest` must not exist unless
+/// `force`, and must not be the mirror or any of `protected` (the token
+/// store). `progress(copied, total)` is called after each step.
+pub fn backup(
+    database: &Path,
+    protected: &[&Path],
+    dest: &Path,
+    force: bool,
+    mut progress: impl FnMut(i64, i64),
+) -> Result<BackupReport> {
+    let started = Instant::now();
+    if !database.is_file() {
+        bail!("database {} does not exist", database.display());
+    }
+    if is_database_file(database, dest) {
+        bail!(
+            "{} is the mirror itself (or one of its files); give another path",
+            dest.display()
+        );
+    }
+    if let Some(p) = protected.iter().find(|p| is_database_file(p, dest)) {
+        bail!(
+            "{} is the token store ({}) or one of its files; give another path",
+            dest.display(),
+            p.display()
+        );
+    }
+    if dest.is_dir() {
+        bail!("{} is a directory; give a file name", dest.display());
+    }
+    if dest.exists() && !force {
+        bail!(
+            "{} already exists; use --force to replace it",
+            dest.display()
+        );
+    }
+    let dir = match dest.parent().filter(|d| !d.as_os_str().is_empty()) {
+        Some(d) => d.to_path_buf(),
+        None => PathBuf::from("."),
+    };
+    if !dir.is_dir() {
+        bail!("directory {} does not exist", dir.display());
+    }
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "backup".into());
+    let partial = dir.join(format!(".{name}.partial-{}", std::process::id()));
+    let result = copy_to(database, &partial, &mut progress).and_then(|report| {
+        publish(&partial, dest, force)?;
+        Ok(report)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&partial);
+        let mut journal = partial.as_os_str().to_owned();
+        journal.push("-journal");
+        let _ = std::fs::remove_file(PathBuf::from(journal));
+    }
+    let mut report = result?;
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// True when `dest` names the mirror or its WAL, shared-memory or lock file.
+fn is_database_file(database: &Path, dest: &Path) -> bool {
+    let canonical = |p: &Path| {
+        if let Ok(full) = p.canonicalize() {
+            return Some(full);
+        }
+        // The file may not exist yet: compare its directory, then its name.
+        let dir = p
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        dir.canonicalize()
+            .ok()
+            .map(|d| d.join(p.file_name().unwrap_or_default()))
+    };
+    let (Some(db), Some(dest)) = (canonical(database), canonical(dest)) else {
+        return false;
+    };
+    ["", "-wal", "-shm", "-journal", ".lock"]
+        .iter()
+        .any(|suffix| {
+            let mut name = db.as_os_str().to_owned();
+            name.push(suffix);
+            name == dest.as_os_str()
+        })
+}
+
+fn copy_to(
+    database: &Path,
+    partial: &Path,
+    progress: &mut impl FnMut(i64, i64),
+) -> Result<BackupReport> {
+    // Created here, mode 0600: the copy holds customer data, and must not be
+    // readable by others even for a moment.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(partial)
+        .with_context(|| format!("cannot create {}", partial.display()))?;
+    // Read-write without create: SQLite needs the WAL index to read a WAL
+    // database; nothing is written to the mirror.
+    let source = Connection::open_with_flags(
+        database,
+        OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open database {}", database.display()))?;
+    source.busy_timeout(super::BUSY_TIMEOUT)?;
+    // One snapshot for the whole copy (see the module comment).
+    source.execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")?;
+    let schema_version: i64 = source
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .with_context(|| format!("cannot read database {}", database.display()))?;
+    let mut copy =
+        Connection::open(partial).with_context(|| format!("cannot open {}", partial.display()))?;
+    let pages = {
+        let backup = Backup::new(&source, &mut copy).context("cannot start the backup")?;
+        let mut stalls = 0u32;
+        loop {
+            match backup.step(PAGES_PER_STEP).context("backup step failed")? {
+                StepResult::Done => break,
+                StepResult::More => {
+                    let p = backup.progress();
+                    progress(i64::from(p.pagecount - p.remaining), i64::from(p.pagecount));
+                }
+                // The copy's own file is locked by someone else: wait a little.
+                StepResult::Busy | StepResult::Locked => {
+                    stalls += 1;
+                    if stalls > 200 {
+                        bail!(
+                            "the backup stayed locked for 10 s; is another program using {}?",
+                            partial.display()
+                        );
+                    }
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                _ => bail!("unexpected backup step result"),
+            }
+        }
+        let p = backup.progress();
+        progress(i64::from(p.pagecount), i64::from(p.pagecount));
+        i64::from(p.pagecount)
+    };
+    source.execute_batch("COMMIT")?;
+    drop(source);
+    // A self-contained single file (the mirror's WAL flag is copied with its pages).
+    let mode: String = copy.query_row("PRAGMA journal_mode = DELETE", [], |r| r.get(0))?;
+    if !mode.eq_ignore_ascii_case("delete") {
+        bail!("the copy refused journal_mode DELETE ({mode})");
+    }
+    let check: String = copy.query_row("PRAGMA quick_check", [], |r| r.get(0))?;
+    if check != "ok" {
+        bail!("the copy failed its check: {check}");
+    }
+    let count = |table: &str| -> Result<i64> {
+        Ok(copy.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))?)
+    };
+    let (leads, outbox_rows) = (count("negotiations")?, count("outbox")?);
+    copy.close()
+        .map_err(|(_, e)| e)
+        .context("cannot close the copy")?;
+    let bytes = std::fs::metadata(partial)?.len();
+    Ok(BackupReport {
+        pages,
+        bytes,
+        elapsed: Duration::ZERO,
+        leads,
+        outbox_rows,
+        schema_version,
+    })
+}
+
+/// Moves the finished copy to `dest`: replacing it only with `force`, and
+/// never over a file that appeared meanwhile otherwise.
+fn publish(partial: &Path, dest: &Path, force: bool) -> Result<()> {
+    std::fs::File::open(partial)?
+        .sync_all()
+        .with_context(|| format!("cannot sync {}", partial.display()))?;
+    if force {
+        std::fs::rename(partial, dest)
+            .with_context(|| format!("cannot move the copy to {}", dest.display()))?;
+    } else {
+        // A hard link fails if `dest` exists: no check-then-write race.
+        match std::fs::hard_link(partial, dest) {
+            Ok(()) => std::fs::remove_file(partial)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists || dest.exists() => bail!(
+                "{} already exists; use --force to replace it",
+                dest.display()
+            ),
+            // A file system without hard links: a plain rename.
+            Err(_) => std::fs::rename(partial, dest)
+                .with_context(|| format!("cannot move the copy to {}", dest.display()))?,
+        }
+    }
+    if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty())
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Another connection commits between every step: the copy neither
+    /// restarts (progress only grows) nor takes in the later rows.
+    #[test]
+    fn the_copy_is_one_snapshot_while_another_connection_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let setup = Connection::open(&db).unwrap();
+        setup
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE negotiations (id INTEGER PRIMARY KEY, payload TEXT);
+                 CREATE TABLE outbox (id INTEGER PRIMARY KEY);
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+                 INSERT INTO negotiations (payload) SELECT printf('%.2000c', 'x') FROM n;",
+            )
+            .unwrap();
+        let writer = Connection::open(&db).unwrap();
+        let mut seen = Vec::new();
+        let dest = dir.path().join("copy.db");
+        let report = backup(&db, &[], &dest, false, |copied, total| {
+            seen.push((copied, total));
+            writer
+                .execute(
+                    "INSERT INTO negotiations (payload) VALUES (printf('%.2000c', 'y'))",
+                    [],
+                )
+                .unwrap();
+        })
+        .unwrap();
+        assert!(seen.len() > 5, "several steps: {seen:?}");
+        assert!(
+            seen.windows(2).all(|w| w[1].0 >= w[0].0),
+            "the copy restarted: {seen:?}"
+        );
+        assert_eq!(report.leads, 3000, "only the rows of the snapshot");
+        let live: i64 = writer
+            .query_row("SELECT count(*) FROM negotiations", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(live, 3000 + seen.len() as i64);
+    }
+}

@@ -1,0 +1,668 @@
+//! The admin listener from outside, as Prometheus and a load balancer see
+//! it: `/metrics` parsed by the exposition-format rules with specific series
+//! moving after a pass and a send, `/healthz` turning 503 while a loop is
+//! really stuck, `/readyz`, and the loopback rule.
+
+mod common;
+
+use common::{Env, FAST, count, text};
+use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::process::Child;
+use std::time::Duration;
+
+/// A free loopback port (bound, then released for the daemon).
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+struct Daemon(Child);
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
+        let _ = self.0.wait();
+    }
+}
+
+/// A plain HTTP client (leadsync's builder installs the TLS provider).
+fn http() -> reqwest::Client {
+    leadsync::thumbtack::client::http_client(Duration::from_secs(5), "admin-test").expect("client")
+}
+
+async fn get(url: &str) -> Option<(u16, String, String)> {
+    let client = http();
+    let r = client.get(url).send().await.ok()?;
+    let status = r.status().as_u16();
+    let ct = r
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Some((status, ct, r.text().await.ok()?))
+}
+
+/// One sample of the text format.
+#[derive(Debug, Clone)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// Parses the Prometheus text exposition format (0.0.4) and checks its
+/// rules: HELP/TYPE before samples, valid metric and label names, quoted
+/// and escaped label values, float values, one TYPE per family, no
+/// duplicate series, sample names that fit their family's type, cumulative
+/// histogram buckets ending in `+Inf` equal to `_count`.
+fn parse_exposition(text: &str) -> Result<Vec<Sample>, String> {
+    fn is_name(s: &str, colon: bool) -> bool {
+        let mut chars = s.chars();
+        chars
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || (colon && c == ':'))
+            && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || (colon && c == ':'))
+    }
+    fn value(s: &str) -> Result<f64, String> {
+        match s {
+            "+Inf" => Ok(f64::INFINITY),
+            "-Inf" => Ok(f64::NEG_INFINITY),
+            "NaN" => Ok(f64::NAN),
+            _ => s.parse().map_err(|_| format!("bad value {s:?}")),
+        }
+    }
+    let mut types: HashMap<String, String> = HashMap::new();
+    let mut helps: HashSet<String> = HashSet::new();
+    let mut samples = Vec::new();
+    let mut series = HashSet::new();
+    if !text.ends_with('\n') {
+        return Err("the exposition must end with a newline".into());
+    }
+    for (n, line) in text.lines().enumerate() {
+        let at = |m: String| format!("line {}: {m}: {line:?}", n + 1);
+        if line.is_empty() {
+            continue;
+        }
+        if let Some(rest) = line.strip_prefix("# ") {
+            let mut parts = rest.splitn(3, ' ');
+            let (kw, name) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+            match kw {
+                "HELP" if !is_name(name, true) || !helps.insert(name.to_string()) => {
+                    return Err(at("bad or repeated HELP".into()));
+                }
+                "TYPE" => {
+                    let t = parts.next().unwrap_or("");
+                    if !["counter", "gauge", "histogram", "summary", "untyped"].contains(&t) {
+                        return Err(at(format!("unknown type {t}")));
+                    }
+                    if samples.iter().any(|s: &Sample| s.name.starts_with(name)) {
+                        return Err(at("TYPE after samples of its family".into()));
+                    }
+                    if types.insert(name.to_string(), t.to_string()).is_some() {
+                        return Err(at("repeated TYPE".into()));
+                    }
+                }
+                _ => {}
+            }
+            continue;
+        }
+        if line.starts_with('#') {
+            continue;
+        }
+        // name{labels} value [timestamp]
+        let name_end = line.find(['{', ' ']).ok_or_else(|| at("no value".into()))?;
+        let name = &line[..name_end];
+        if !is_name(name, true) {
+            return Err(at(format!("bad metric name {name:?}")));
+        }
+        let mut labels = BTreeMap::new();
+        let mut rest = &line[name_end..];
+        if let Some(body) = rest.strip_prefix('{') {
+            let mut chars = body.char_indices().peekable();
+            loop {
+                // label name
+                let start = chars
+                    .peek()
+                    .map(|(i, _)| *i)
+                    .ok_or_else(|| at("open labels".into()))?;
+                if body[start..].starts_with('}') {
+                    rest = &body[start + 1..];
+                    break;
+                }
+                let eq = body[start..]
+                    .find('=')
+                    .ok_or_else(|| at("label without =".into()))?
+                    + start;
+                let lname = &body[start..eq];
+                if !is_name(lname, false) {
+                    return Err(at(format!("bad label name {lname:?}")));
+                }
+                while chars.peek().is_some_and(|(i, _)| *i <= eq) {
+                    chars.next();
+                }
+                if chars.next().map(|(_, c)| c) != Some('"') {
+                    return Err(at("label value not quoted".into()));
+                }
+                let mut v = String::new();
+                loop {
+                    match chars.next().map(|(_, c)| c) {
+                        Some('\\') => match chars.next().map(|(_, c)| c) {
+                            Some('\\') => v.push('\\'),
+                            Some('"') => v.push('"'),
+                            Some('n') => v.push('\n'),
+                            other => return Err(at(format!("bad escape {other:?}"))),
+                        },
+                        Some('"') => break,
+                        Some('\n') | None => return Err(at("unterminated label value".into())),
+                        Some(c) => v.push(c),
+                    }
+                }
+                if labels.insert(lname.to_string(), v).is_some() {
+                    return Err(at(format!("label {lname} twice")));
+                }
+                match chars.peek().map(|(_, c)| *c) {
+                    Some(',') => {
+                        chars.next();
+                    }
+                    Some('}') => {}
+                    _ => return Err(at("expected , or }".into())),
+                }
+            }
+        }
+        let mut fields = rest.trim_start_matches(' ').split(' ');
+        let v = value(fields.next().unwrap_or("")).map_err(at)?;
+        if let Some(ts) = fields.next()
+            && ts.parse::<i64>().is_err()
+        {
+            return Err(at("bad timestamp".into()));
+        }
+        // The family: the name itself, or without a type's suffix.
+        let family = [
+            ("", ""),
+            ("_total", "counter"),
+            ("_bucket", "histogram"),
+            ("_sum", "histogram"),
+            ("_count", "histogram"),
+        ]
+        .iter()
+        .find_map(|(suffix, t)| {
+            let base = name.strip_suffix(suffix)?;
+            let declared = types.get(base)?;
+            (suffix.is_empty() || declared == t).then(|| declared.clone())
+        })
+        .ok_or_else(|| at(format!("sample {name} has no TYPE of its family")))?;
+        if family == "counter" && v < 0.0 {
+            return Err(at("negative counter".into()));
+        }
+        if !series.insert(format!("{name}{labels:?}")) {
+            return Err(at("duplicate series".into()));
+        }
+        samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value: v,
+        });
+    }
+    // Histograms: cumulative buckets, +Inf equal to _count.
+    for s in samples.iter().filter(|s| s.name.ends_with("_count")) {
+        let base = s.name.trim_end_matches("_count");
+        if types.get(base).map(String::as_str) != Some("histogram") {
+            continue;
+        }
+        let mut buckets: Vec<(f64, f64)> = samples
+            .iter()
+            .filter(|b| b.name == format!("{base}_bucket"))
+            .filter(|b| {
+                let mut l = b.labels.clone();
+                l.remove("le");
+                l == s.labels
+            })
+            .map(|b| (value(&b.labels["le"]).unwrap_or(f64::NAN), b.value))
+            .collect();
+        buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        if buckets.windows(2).any(|w| w[1].1 < w[0].1) {
+            return Err(format!("{base}: buckets are not cumulative"));
+        }
+        match buckets.last() {
+            Some((le, n)) if le.is_infinite() && *n == s.value => {}
+            _ => return Err(format!("{base}: no +Inf bucket equal to _count")),
+        }
+    }
+    Ok(samples)
+}
+
+/// The value of the series `name` whose labels include `want` (0 when absent).
+fn value(samples: &[Sample], name: &str, want: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|s| s.name == name)
+        .filter(|s| {
+            want.iter()
+                .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|s| s.value)
+        .sum()
+}
+
+async fn scrape(base: &str) -> Option<Vec<Sample>> {
+    let (status, ct, body) = get(&format!("{base}/metrics")).await?;
+    assert_eq!(status, 200);
+    assert!(ct.starts_with("text/plain; version=0.0.4"), "{ct}");
+    Some(parse_exposition(&body).unwrap_or_else(|e| panic!("{e}\n{body}")))
+}
+
+/// Waits until a scrape satisfies `f` (the listener may not be up yet).
+async fn wait_metrics(base: &str, what: &str, f: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = scrape(base).await;
+        if let Some(s) = &s
+            && f(s)
+        {
+            return s.clone();
+        }
+        if std::time::Instant::now() > end {
+            let dump: Vec<String> = s
+                .unwrap_or_default()
+                .iter()
+                .map(|x| format!("{} {:?} {}", x.name, x.labels, x.value))
+                .collect();
+            panic!("timed out waiting for: {what}\n{}", dump.join("\n"));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn admin_overrides(port: u16, extra: &str) -> String {
+    format!("{FAST}\n[admin]\nlisten = \"127.0.0.1:{port}\"\nrefresh_secs = 0.2\n{extra}")
+}
+
+#[test]
+fn the_parser_refuses_what_prometheus_refuses() {
+    let ok = "# HELP a_total x\n# TYPE a_total counter\na_total{b=\"q\\\"\"} 1\n";
+    assert!(parse_exposition(ok).is_ok());
+    for bad in [
+        "a_total 1\n",                          // no TYPE
+        "# TYPE a counter\na_total{b=\"1} 1\n", // unterminated
+        "# TYPE a gauge\na{1b=\"x\"} 1\n",      // bad label name
+        "# TYPE a gauge\na 1\na 2\n",           // duplicate
+        "# TYPE a gauge\na one\n",              // bad value
+        "# TYPE h histogram\nh_bucket{le=\"1\"} 2\nh_bucket{le=\"+Inf\"} 1\nh_count 1\nh_sum 0\n",
+    ] {
+        assert!(parse_exposition(bad).is_err(), "accepted: {bad}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_and_move_after_a_pass_and_a_send() {
+    let (port, hook_port) = (free_port(), free_port());
+    let pw_dir = tempfile::tempdir().expect("dir");
+    let pw = pw_dir.path().join("webhook_password");
+    std::fs::write(&pw, "hook-secret\n").expect("password");
+    let webhooks = format!(
+        "\n[webhooks]\nlisten = \"127.0.0.1:{hook_port}\"\npath = \"/hooks\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+        pw.display()
+    );
+    let env = Env::new(
+        SandboxOptions::default(),
+        true,
+        // Head scans every second, so that passes keep coming.
+        &admin_overrides(port, &webhooks)
+            .replace("[poll]\n", "[poll]\nschedule = \"* * * * * *\"\n"),
+    )
+    .await;
+    let _daemon = Daemon(env.spawn_daemon());
+    let base = format!("http://127.0.0.1:{port}");
+    let b = env.business_ids()[0].clone();
+
+    // Every business's first (full) pass, the leads gauge, the token refreshes.
+    let leads_in_mirror = |b: &str| {
+        count(
+            &env.sql(),
+            &format!("SELECT count(*) FROM negotiations WHERE business_id = '{b}'"),
+        ) as f64
+    };
+    let s = wait_metrics(&base, "a first full pass of every business", |s| {
+        env.business_ids().iter().all(|id| {
+            value(
+                s,
+                "leadsync_sync_passes_total",
+                &[("business_id", id), ("kind", "full"), ("outcome", "ok")],
+            ) >= 1.0
+        })
+    })
+    .await;
+    assert!(value(&s, "leadsync_token_refreshes_total", &[("outcome", "ok")]) >= 3.0);
+    assert!(
+        value(
+            &s,
+            "leadsync_http_requests_total",
+            &[
+                ("endpoint", "GET businesses/{id}/negotiations"),
+                ("status", "200")
+            ]
+        ) >= 18.0,
+        "60 leads per business, page size 10"
+    );
+    assert!(
+        value(
+            &s,
+            "leadsync_sync_pass_duration_seconds_count",
+            &[("kind", "full")]
+        ) >= 3.0
+    );
+    assert_eq!(value(&s, "leadsync_build_info", &[]), 1.0);
+    let heads = value(
+        &s,
+        "leadsync_sync_passes_total",
+        &[("business_id", &b), ("kind", "head"), ("outcome", "ok")],
+    );
+
+    // A pass that brings new leads moves the pass counter and the leads gauge.
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 5,
+        })
+        .expect("add leads");
+    let s = wait_metrics(&base, "a head pass with the 5 new leads counted", |s| {
+        value(
+            s,
+            "leadsync_sync_passes_total",
+            &[("business_id", &b), ("kind", "head"), ("outcome", "ok")],
+        ) > heads
+            && value(s, "leadsync_leads", &[("business_id", &b)]) == 65.0
+    })
+    .await;
+    assert_eq!(leads_in_mirror(&b), 65.0);
+    assert_eq!(value(&s, "leadsync_businesses_needing_reauth", &[]), 0.0);
+
+    // A send moves the send counter, the POST counter and the outbox gauges.
+    let sent_before = value(
+        &s,
+        "leadsync_sends_total",
+        &[("kind", "transition"), ("outcome", "sent")],
+    );
+    let posts_before = value(
+        &s,
+        "leadsync_http_requests_total",
+        &[
+            ("endpoint", "POST negotiations/{id}/job-status"),
+            ("status", "200"),
+        ],
+    );
+    let lead = env.sandbox.lead_ids(&b)[10].clone();
+    env.sql()
+        .execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [&lead],
+        )
+        .expect("insert");
+    let s = wait_metrics(&base, "the send counted and the row shown sent", |s| {
+        value(
+            s,
+            "leadsync_sends_total",
+            &[("kind", "transition"), ("outcome", "sent")],
+        ) == sent_before + 1.0
+            && value(
+                s,
+                "leadsync_outbox_rows",
+                &[("table", "outbox"), ("state", "sent")],
+            ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(
+            &s,
+            "leadsync_http_requests_total",
+            &[
+                ("endpoint", "POST negotiations/{id}/job-status"),
+                ("status", "200")
+            ]
+        ),
+        posts_before + 1.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "leadsync_outbox_rows",
+            &[("table", "outbox"), ("state", "pending")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "leadsync_outbox_oldest_pending_age_seconds",
+            &[("table", "outbox")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        value(
+            &s,
+            "leadsync_send_duration_seconds_count",
+            &[("kind", "transition")]
+        ),
+        sent_before + 1.0
+    );
+
+    // A 429 pauses every request and is counted, with its status.
+    env.sandbox.set_faults(Faults {
+        rate_429: 1.0,
+        retry_after_secs: 1,
+        ..Faults::default()
+    });
+    wait_metrics(&base, "a 429 pause counted", |s| {
+        value(s, "leadsync_rate_limit_pauses_total", &[]) >= 1.0
+            && value(s, "leadsync_http_requests_total", &[("status", "429")]) >= 1.0
+            && value(s, "leadsync_sync_passes_total", &[("outcome", "error")]) >= 1.0
+    })
+    .await;
+    env.sandbox.set_faults(Faults::default());
+
+    // A webhook delivery, and a refused one, are counted by type and outcome.
+    let delivery = r#"{"event":{"eventType":"ReviewCreatedV4","webhookID":"w1","triggeredAt":"2026-11-28T06:00:00Z"},"data":{}}"#;
+    let hook = format!("http://127.0.0.1:{hook_port}/hooks");
+    let ok = http()
+        .post(&hook)
+        .basic_auth("thumbtack", Some("hook-secret"))
+        .header("content-type", "application/json")
+        .body(delivery)
+        .send()
+        .await
+        .expect("deliver");
+    assert_eq!(ok.status().as_u16(), 200);
+    let refused = http()
+        .post(&hook)
+        .body(delivery)
+        .send()
+        .await
+        .expect("deliver");
+    assert_eq!(refused.status().as_u16(), 401);
+    let s = wait_metrics(&base, "the deliveries counted", |s| {
+        value(
+            s,
+            "leadsync_webhook_deliveries_total",
+            &[("event_type", "ReviewCreatedV4"), ("outcome", "ignored")],
+        ) == 1.0
+    })
+    .await;
+    assert!(
+        value(
+            &s,
+            "leadsync_webhook_deliveries_total",
+            &[("outcome", "unauthorized")]
+        ) >= 1.0
+    );
+
+    // Nothing secret is in the scrape.
+    let (_, _, body) = get(&format!("{base}/metrics")).await.expect("scrape");
+    for secret in env.sandbox.issued_secrets() {
+        assert!(!body.contains(&secret), "a token appears in /metrics");
+    }
+    // OpenMetrics for a scraper that asks for it.
+    let om = http()
+        .get(format!("{base}/metrics"))
+        .header("accept", "application/openmetrics-text; version=1.0.0")
+        .send()
+        .await
+        .expect("scrape");
+    assert!(
+        om.headers()["content-type"]
+            .to_str()
+            .unwrap_or("")
+            .starts_with("application/openmetrics-text")
+    );
+    assert!(om.text().await.unwrap_or_default().ends_with("# EOF\n"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_while_the_drainer_is_stuck() {
+    let port = free_port();
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides(port, "stale_after_secs = 1\n"),
+    )
+    .await;
+    let _daemon = Daemon(env.spawn_daemon());
+    let base = format!("http://127.0.0.1:{port}");
+    let status = |path: &'static str| {
+        let url = format!("{base}{path}");
+        async move { get(&url).await.map(|(s, _, body)| (s, body)) }
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    while status("/healthz").await.map(|r| r.0) != Some(200) {
+        assert!(
+            std::time::Instant::now() < end,
+            "healthz never answered 200"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status("/readyz").await.map(|r| r.0), Some(200));
+
+    // Another program holds the write lock: the drainer's claim waits for it
+    // (busy timeout), so the drainer loop stops beating.
+    let holder = env.sql();
+    holder
+        .execute_batch("BEGIN IMMEDIATE")
+        .expect("take the write lock");
+    let mut unhealthy = None;
+    let end = std::time::Instant::now() + Duration::from_secs(8);
+    while std::time::Instant::now() < end {
+        if let Some((503, body)) = status("/healthz").await {
+            unhealthy = Some(body);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    holder.execute_batch("ROLLBACK").expect("release the lock");
+    let body = unhealthy.expect("healthz turned 503 while the drainer was stuck");
+    // (Under heavy load the scheduler's one-second heartbeat may lag too;
+    // the drainer is the loop that must be named.)
+    assert!(body.contains("drainer loop has not beaten"), "{body}");
+
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while status("/healthz").await.map(|r| r.0) != Some(200) {
+        assert!(std::time::Instant::now() < end, "healthz did not recover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status("/nope").await.map(|r| r.0), Some(404));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_admin_address_needs_allow_remote() {
+    let env = Env::small().await;
+    env.set_overrides(&format!("{FAST}\n[admin]\nlisten = \"0.0.0.0:9187\"\n"));
+    let out = env.run(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+    assert!(
+        text(&out).contains("admin.listen") && text(&out).contains("allow_remote"),
+        "{}",
+        text(&out)
+    );
+    env.set_overrides(&format!(
+        "{FAST}\n[admin]\nlisten = \"0.0.0.0:9187\"\nallow_remote = true\n"
+    ));
+    let out = env.run(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    env.set_overrides(&format!("{FAST}\n[admin]\nlisten = \"localhost\"\n"));
+    let out = env.run(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(78), "{}", text(&out));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_taken_admin_port_stops_the_daemon_with_the_key() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = taken.local_addr().expect("addr").port();
+    let env = Env::new(SandboxOptions::default(), false, &admin_overrides(port, "")).await;
+    let out = env.run(&["run"]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("admin.listen: cannot listen on"),
+        "{}",
+        text(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_turns_503_while_stopping() {
+    let port = free_port();
+    let env = Env::new(
+        SandboxOptions {
+            leads_per_business: 5,
+            faults: Faults {
+                latency_ms: 3000,
+                ..Faults::default()
+            },
+            ..SandboxOptions::default()
+        },
+        false,
+        &admin_overrides(port, ""),
+    )
+    .await;
+    let mut daemon = Daemon(env.spawn_daemon());
+    let base = format!("http://127.0.0.1:{port}");
+    wait_metrics(&base, "the first passes", |s| {
+        value(s, "leadsync_sync_passes_total", &[("outcome", "ok")]) >= 3.0
+    })
+    .await;
+    assert_eq!(get(&format!("{base}/readyz")).await.map(|r| r.0), Some(200));
+    // A send in flight holds the shutdown open for a while.
+    let lead = env.first_leads(1)[0].clone();
+    env.sql()
+        .execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [&lead],
+        )
+        .expect("insert");
+    common::wait_until("the row is in flight", Duration::from_secs(20), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'sending'",
+        ) == 1
+    })
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    let mut seen = None;
+    while std::time::Instant::now() < end {
+        match get(&format!("{base}/readyz")).await {
+            Some((503, _, body)) => {
+                seen = Some(body);
+                break;
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            None => break,
+        }
+    }
+    let body = seen.expect("/readyz answered 503 during the shutdown");
+    assert!(body.contains("stopping"), "{body}");
+    let status = daemon.0.wait().expect("wait");
+    assert_eq!(status.code(), Some(0));
+}

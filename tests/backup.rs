@@ -1,0 +1,202 @@
+//! `leadsync backup FILE`: a consistent copy while a sync and another
+//! program write, never the token store, never over a file without --force.
+
+mod common;
+
+use common::{Env, FAST, count, text};
+use leadsync::sandbox::SandboxOptions;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+/// Checks one backup: intact, and holding every row committed before it
+/// started — as one snapshot (no gaps in the outbox ids, every lead with
+/// its first-sighting change row, since both are written in one transaction).
+fn check_backup(path: &std::path::Path, outbox_committed: i64, leads_committed: i64) -> (i64, i64) {
+    let c = rusqlite::Connection::open_with_flags(path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("open the backup");
+    let integrity: String = c
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
+    assert_eq!(integrity, "ok");
+    let mode: String = c
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .expect("journal_mode");
+    assert_eq!(mode, "delete", "the copy is one self-contained file");
+    let (rows, max_id): (i64, i64) = c
+        .query_row(
+            "SELECT count(*), coalesce(max(id), 0) FROM outbox",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("outbox");
+    assert!(
+        max_id >= outbox_committed,
+        "the backup lost committed outbox rows: has up to {max_id}, {outbox_committed} were committed before it started"
+    );
+    assert_eq!(rows, max_id, "outbox ids in the backup have gaps");
+    let leads = count(&c, "SELECT count(*) FROM negotiations");
+    assert!(
+        leads >= leads_committed,
+        "the backup lost committed leads: {leads} < {leads_committed}"
+    );
+    assert_eq!(
+        leads,
+        count(
+            &c,
+            "SELECT count(*) FROM negotiation_changes WHERE kind = 'new'"
+        ),
+        "a page's leads and its change rows come from different moments"
+    );
+    let tables = count(
+        &c,
+        "SELECT count(*) FROM sqlite_master WHERE name = 'refresh_tokens'",
+    );
+    assert_eq!(tables, 0, "the token store must never be in a backup");
+    (rows, leads)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_while_a_sync_and_a_program_write() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 3,
+            leads_per_business: 3000,
+            ..SandboxOptions::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let mut sync = env
+        .cli()
+        .args(["sync", "--full"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start sync");
+    common::wait_until_blocking(
+        "the sync created the mirror",
+        Duration::from_secs(30),
+        || {
+            env.database().exists()
+                && rusqlite::Connection::open(env.database())
+                    .and_then(|c| {
+                        c.query_row("SELECT count(*) FROM negotiations", [], |r| {
+                            r.get::<_, i64>(0)
+                        })
+                    })
+                    .is_ok_and(|n| n > 0)
+        },
+    );
+
+    // Another program inserts outbox rows, one transaction each, all along.
+    let committed = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (committed, stop, db) = (committed.clone(), stop.clone(), env.database());
+        std::thread::spawn(move || {
+            let c = rusqlite::Connection::open(db).expect("open");
+            c.busy_timeout(Duration::from_secs(10))
+                .expect("busy timeout");
+            let mut n = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                n += 1;
+                c.execute(
+                    "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+                    [format!("{}", 900_000_000 + n)],
+                )
+                .expect("insert");
+                committed.store(c.last_insert_rowid(), Ordering::SeqCst);
+                // Pacing, so that the sync gets the write lock too.
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        })
+    };
+
+    let mut while_syncing = 0;
+    let mut copies = 0;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let syncing = sync.try_wait().expect("sync status").is_none();
+        let outbox_before = committed.load(Ordering::SeqCst);
+        let leads_before = count(&env.sql(), "SELECT count(*) FROM negotiations");
+        let file = env.dir.path().join(format!("copy-{copies}.db"));
+        let out = env.run(&["backup", file.to_str().expect("path")]);
+        assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("backed up"),
+            "{}",
+            text(&out)
+        );
+        check_backup(&file, outbox_before, leads_before);
+        copies += 1;
+        let still = sync.try_wait().expect("sync status").is_none();
+        if syncing && still {
+            while_syncing += 1;
+        }
+        if (!still && copies >= 2) || while_syncing >= 3 || Instant::now() > deadline {
+            break;
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer.join().expect("writer");
+    let status = sync.wait().expect("sync");
+    assert!(status.success(), "the sync failed");
+    assert!(
+        while_syncing >= 1,
+        "no backup ran while the sync was writing"
+    );
+
+    // After everything: the last copy equals the mirror.
+    let file = env.dir.path().join("final.db");
+    let out = env.run(&["backup", file.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let (rows, leads) = check_backup(&file, committed.load(Ordering::SeqCst), 9000);
+    assert_eq!(rows, count(&env.sql(), "SELECT count(*) FROM outbox"));
+    assert_eq!(leads, 9000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backup_refuses_to_overwrite_without_force_and_never_the_mirror() {
+    let env = Env::new(SandboxOptions::default(), true, FAST).await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let file = env.dir.path().join("copy.db");
+    std::fs::write(&file, "precious").expect("write");
+
+    let out = env.run(&["backup", file.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("--force"), "{}", text(&out));
+    assert_eq!(std::fs::read_to_string(&file).expect("read"), "precious");
+
+    let out = env.run(&["backup", "--force", file.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    check_backup(&file, 0, 180);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&file).expect("stat").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "a copy of customer data is private");
+
+    let db = env.database();
+    let out = env.run(&["backup", "--force", db.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("the mirror itself"), "{}", text(&out));
+    let wal = format!("{}-wal", db.display());
+    let out = env.run(&["backup", "--force", &wal]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    // Nor over the token store.
+    let tokens = env.config().file.oauth.token_store;
+    assert!(tokens.exists(), "the OAuth sync stored tokens");
+    let before = std::fs::read(&tokens).expect("read");
+    let out = env.run(&["backup", "--force", tokens.to_str().expect("path")]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("token store"), "{}", text(&out));
+    assert_eq!(std::fs::read(&tokens).expect("read"), before);
+
+    // No temporary file is left behind, even after a refusal.
+    let leftovers: Vec<_> = std::fs::read_dir(env.dir.path())
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}

@@ -1,0 +1,329 @@
+//! Many businesses (SPEC §10–11) against the running daemon: "sync now"
+//! through `sync_requests`, passes that never overlap, each schedule's lag
+//! in `status`, and a reload that never blocks SIGTERM.
+
+mod common;
+
+use common::{Env, FAST, count, text, wait_until_blocking};
+use leadsync::sandbox::{Faults, SandboxOptions};
+use std::process::Child;
+use std::time::{Duration, Instant};
+
+/// Schedules that never fire during a test: passes come only from requests
+/// and the initial pass.
+const NEVER: &str =
+    "\n[poll]\npage_size = 10\nschedule = \"0 0 0 1 1 *\"\nfull_schedule = \"0 0 0 1 1 *\"\n";
+
+fn signal(child: &Child, sig: i32) {
+    // SAFETY: kill(2) on our own child's pid.
+    let r = unsafe { libc::kill(child.id() as i32, sig) };
+    assert_eq!(r, 0, "kill failed");
+}
+
+fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
+    let end = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > end {
+            let _ = child.kill();
+            panic!("the daemon did not exit within {within:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Kills the daemon if a test fails before stopping it.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The summary line without its timing, for comparing a daemon's answer
+/// with a local pass.
+fn shape(line: &str) -> String {
+    match line.rfind(" (") {
+        Some(i) if line.ends_with("s)") => line[..i].to_string(),
+        _ => line.to_string(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_now_round_trip_with_the_daemon_running() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("[poll]\npage_size = 10\n", NEVER),
+    )
+    .await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let mut daemon = Running(env.spawn_daemon());
+    let child = &mut daemon.0;
+    wait_until_blocking("the initial passes", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
+            ) == 3
+    });
+
+    // One business, head scan: the daemon runs it and `sync` prints its line.
+    let o = env.run(&["sync", "--business", &ids[0]]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(
+        out.starts_with(&format!("{}: ok — head scan", ids[0])),
+        "{out}"
+    );
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("sync_requests row"),
+        "{}",
+        text(&o)
+    );
+    let daemon_line = shape(out.trim());
+
+    // Every business, full scan: one line each, in business order.
+    let o = env.run(&["sync", "--full"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let lines: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(lines.len(), 3, "{lines:?}");
+    for (line, id) in lines.iter().zip(&ids) {
+        assert!(line.starts_with(&format!("{id}: ok — full scan")), "{line}");
+    }
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE outcome = 'ok' AND finished_at IS NOT NULL"
+        ),
+        2
+    );
+
+    // An unknown business: refused by the command, and by the daemon when
+    // another program inserts the row.
+    let o = env.run(&["sync", "--business", "999"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("999"), "{}", text(&o));
+    env.sql()
+        .execute(
+            "INSERT INTO sync_requests (business_id, kind) VALUES ('999', 'full')",
+            [],
+        )
+        .unwrap();
+    wait_until_blocking("the daemon refuses 999", Duration::from_secs(10), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE business_id = '999' AND outcome = 'refused'
+               AND error LIKE '%999%not in the configuration%'",
+        ) == 1
+    });
+    // The table itself refuses what is not a request.
+    let bad = env.sql().execute(
+        "INSERT INTO sync_requests (business_id, kind) VALUES ('12a', 'head')",
+        [],
+    );
+    assert!(bad.is_err(), "a business id that is not digits is refused");
+
+    // A failing pass: exit 1 and the same lines as a local pass.
+    env.sandbox.set_faults(Faults {
+        error_5xx: 1.0,
+        ..Faults::default()
+    });
+    let o = env.run(&["sync", "--business", &ids[1]]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert!(
+        out.starts_with(&format!("{}: FAILED — head scan", ids[1])),
+        "{out}"
+    );
+    assert!(out.contains("1 of 1 businesses failed"), "{out}");
+    env.sandbox.set_faults(Faults::default());
+
+    signal(child, libc::SIGTERM);
+    assert_eq!(wait_exit(child, Duration::from_secs(15)).code(), Some(0));
+
+    // Without the daemon, the command runs the pass itself and prints the same line.
+    let o = env.run(&["sync", "--business", &ids[0]]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let local = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_eq!(shape(local.trim()), daemon_line);
+    assert!(
+        !String::from_utf8_lossy(&o.stderr).contains("sync_requests"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passes_of_a_business_never_overlap_and_status_shows_the_lag() {
+    // Passes take ~1.5 s, the schedule fires every second, one worker:
+    // ticks find passes running (skipped), the schedule falls behind, and
+    // status says by how much.
+    let options = SandboxOptions {
+        faults: Faults {
+            latency_ms: 700,
+            ..Faults::default()
+        },
+        ..SandboxOptions::default()
+    };
+    let overrides = FAST.replace(
+        "[poll]\npage_size = 10\n",
+        "[poll]\npage_size = 60\nschedule = \"* * * * * *\"\nfull_schedule = \"0 0 0 1 1 *\"\n",
+    ) + "sync_concurrency = 1\n";
+    let env = Env::new(options, false, &overrides).await;
+    let mut daemon = Running(env.spawn_daemon());
+    let child = &mut daemon.0;
+    wait_until_blocking("a few passes of each", Duration::from_secs(60), || {
+        env.daemon_log().contains("leadsync started")
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM (SELECT business_id FROM sync_runs WHERE outcome = 'ok'
+                   GROUP BY business_id HAVING count(*) >= 3)",
+            ) == 3
+    });
+    // One worker, three businesses of ~0.7 s passes, a tick every second:
+    // passes wait, and status says for how long.
+    wait_until_blocking(
+        "status shows waiting passes",
+        Duration::from_secs(30),
+        || {
+            let o = env.run(&["status", "--json"]);
+            let json: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap_or_default();
+            json["schedules"].as_array().is_some_and(|a| {
+                a.iter()
+                    .any(|s| s["kind"] == "head" && s["waiting"].as_i64() > Some(0))
+            })
+        },
+    );
+    let status = env.run(&["status", "--json"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let head = json["schedules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["kind"] == "head")
+        .unwrap_or_else(|| panic!("a head schedule in {json}"))
+        .clone();
+    assert_eq!(head["schedule"], "* * * * * *");
+    assert_eq!(head["businesses"], 3);
+    let text_status = env.run(&["status"]);
+    let t = String::from_utf8_lossy(&text_status.stdout).to_string();
+    assert!(t.contains("head `* * * * * *`: 3 businesses"), "{t}");
+
+    signal(child, libc::SIGTERM);
+    assert_eq!(wait_exit(child, Duration::from_secs(15)).code(), Some(0));
+    // Never two passes of one business at once.
+    let sql = env.sql();
+    let mut stmt = sql
+        .prepare(
+            "SELECT business_id, started_at, finished_at FROM sync_runs
+              WHERE finished_at IS NOT NULL ORDER BY business_id, id",
+        )
+        .unwrap();
+    let runs: Vec<(String, String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    for pair in runs.windows(2) {
+        if pair[0].0 == pair[1].0 {
+            assert!(
+                pair[1].1 >= pair[0].2,
+                "passes overlap: {:?} and {:?}",
+                pair[0],
+                pair[1]
+            );
+        }
+    }
+    assert!(
+        env.daemon_log().contains("this tick is skipped"),
+        "{}",
+        env.daemon_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_reload_stops_the_daemon_promptly() {
+    let env = Env::small().await;
+    let mut daemon = Running(env.spawn_daemon());
+    let child = &mut daemon.0;
+    wait_until_blocking("the daemon started", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+    });
+    // The reloaded configuration names a token file that blocks whoever
+    // reads it (a FIFO nobody writes): loading it never finishes.
+    let fifo = env.dir.path().join("blocking-token");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo(3) on a path in our temp directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    env.set_overrides(&format!(
+        "{FAST}\n[[businesses]]\nid = \"777\"\naccess_token_file = \"{}\"\n",
+        fifo.display()
+    ));
+    signal(child, libc::SIGHUP);
+    // A non-blocking open for writing succeeds once a reader waits on the
+    // FIFO: then the daemon is inside the load. Holding this end open
+    // without writing keeps its read blocked.
+    let mut writer = None;
+    wait_until_blocking("the reload reads the FIFO", Duration::from_secs(20), || {
+        use std::os::unix::fs::OpenOptionsExt;
+        writer = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo)
+            .ok();
+        writer.is_some()
+    });
+    signal(child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(child, Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        env.daemon_log()
+    );
+    assert!(env.daemon_log().contains("stopped"), "{}", env.daemon_log());
+    drop(writer);
+}
+
+/// A service manager that stops reading its notify socket must not stall
+/// the daemon: the bench's first 10,000-business run hung there (both
+/// runtime threads blocked in a STATUS send, SIGHUP and SIGTERM unanswered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
+    let env = Env::small().await;
+    let path = env.dir.path().join("deaf.sock");
+    let _socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let mut daemon = Running(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &path)
+            .env("WATCHDOG_USEC", "200000")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    let child = &mut daemon.0;
+    wait_until_blocking(
+        "the socket's queue is full",
+        Duration::from_secs(30),
+        || env.daemon_log().contains("cannot notify systemd"),
+    );
+    signal(child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(child, Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        env.daemon_log()
+    );
+}

@@ -1,0 +1,684 @@
+//! OAuth rotation under stress (issue 12) and the token endpoint's
+//! classification (SPEC §5): a rotated refresh token is never lost, never
+//! reused, never leaked; a refused OAuth client marks no business.
+
+mod common;
+
+use common::{Env, FAST, assert_no_secret_anywhere, count, text, wait_until};
+use leadsync::sandbox::{SandboxOptions, TokenFaults};
+use leadsync::store::tokens::{GrantWrite, StoredGrant, TokenStore, Written};
+use leadsync::thumbtack::auth::GrantStore;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+async fn oauth_env(ttl: u64, overrides: &str) -> Env {
+    Env::new(
+        SandboxOptions {
+            access_token_ttl_secs: ttl,
+            ..Default::default()
+        },
+        true,
+        overrides,
+    )
+    .await
+}
+
+fn refreshes(env: &Env) -> u64 {
+    env.sandbox
+        .stats()
+        .by_route
+        .get("token refresh_token")
+        .copied()
+        .unwrap_or(0)
+}
+
+fn reauth_count(env: &Env) -> i64 {
+    count(
+        &env.sql(),
+        "SELECT count(*) FROM businesses WHERE needs_reauth = 1",
+    )
+}
+
+fn token_file(env: &Env, business: &str) -> std::path::PathBuf {
+    env.dir.path().join("fixture/tokens").join(business)
+}
+
+fn enqueue(env: &Env, negotiation: &str, business: &str) {
+    let o = env.run(&[
+        "enqueue",
+        "--negotiation",
+        negotiation,
+        "--business",
+        business,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2026-11-01T10:00:00Z",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[cfg(unix)]
+fn sigterm(child: &std::process::Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    let r = unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(r, 0, "kill failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_while_the_token_endpoint_holds_a_rotated_token_loses_nothing() {
+    // The refresh must finish and store its rotated token before the
+    // process exits, whatever else the shutdown cuts short. (Before the
+    // shutdown bound had to cover the request timeout, this test ran with a
+    // 1 s bound and failed on the old code.)
+    let env = oauth_env(2, FAST).await;
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_after_rotate_ms: 3000,
+        ..Default::default()
+    });
+    let mut child = env.spawn_daemon();
+    wait_until(
+        "a refresh token rotated and its answer held",
+        Duration::from_secs(60),
+        || env.sandbox.stats().rotations >= 1,
+    )
+    .await;
+    sigterm(&child);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        status.success(),
+        "daemon exit: {status:?}\n{}",
+        env.daemon_log()
+    );
+    env.sandbox.set_token_faults(TokenFaults::default());
+
+    // After the restart every business refreshes with its stored rotated token.
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the stored access tokens expire
+    let before = refreshes(&env);
+    let o = env.run(&["sync"]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&o),
+        env.daemon_log()
+    );
+    assert!(refreshes(&env) > before, "the restart refreshed");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert!(!text(&o).contains("invalid_grant"), "{}", text(&o));
+    assert!(!env.daemon_log().contains("invalid_grant"));
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_oauth_client_marks_no_business_and_its_rows_wait_uncounted() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    env.sandbox.set_token_faults(TokenFaults {
+        invalid_client: true,
+        ..Default::default()
+    });
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("OAuth client refused"), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "no business is marked");
+
+    let lead = env.sandbox.lead_ids(&ids[0])[0].clone();
+    enqueue(&env, &lead, &ids[0]);
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0"
+        ),
+        1,
+        "the row waits without counting an attempt"
+    );
+    let last_error: String = db
+        .query_row("SELECT last_error FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert!(
+        last_error.contains("OAuth client refused")
+            || last_error.contains("OAuth client was refused"),
+        "{last_error}"
+    );
+    assert_eq!(reauth_count(&env), 0);
+
+    let o = env.run(&["status"]);
+    assert_eq!(
+        text(&o).matches("OAuth client refused").count(),
+        1,
+        "shown once:\n{}",
+        text(&o)
+    );
+    let o = env.run(&["status", "--json"]);
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(report["auth_alerts"].as_array().map(Vec::len), Some(1));
+
+    // Fixed: the next run refreshes, the row goes out, the alert is gone.
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.deliveries().len(), 1);
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = env.run(&["status"]);
+    assert!(!text(&o).contains("OAuth client refused"), "{}", text(&o));
+    assert_no_secret_anywhere(&env, "");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_oauth_failed_is_the_clients_refusal_not_the_businesss() {
+    let env = oauth_env(3600, FAST).await;
+    env.sandbox.set_token_faults(TokenFaults {
+        proxy_oauth_failed: true,
+        ..Default::default()
+    });
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("proxy_oauth_failed"), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "no business is marked");
+    let o = env.run(&["status"]);
+    assert!(text(&o).contains("oauth.audience"), "{}", text(&o));
+    // The grants are intact: once the audience is right, every business syncs.
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_token_response_is_asked_again_with_the_same_refresh_token() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        lose_after_rotate: 1,
+        grace_secs: 60,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let stats = env.sandbox.stats();
+    assert_eq!(refreshes(&env), 2, "the lost refresh and its one retry");
+    assert_eq!(stats.grace_replays, 1, "the retry presented the same token");
+    assert_eq!(stats.reused_refresh_tokens, 0);
+    // The chain continues from the token the lost answer carried.
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_token_answer_is_never_quoted() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        truncate_after_rotate: 1,
+        grace_secs: 60,
+        ..Default::default()
+    });
+    let o = env
+        .cli()
+        .args(["sync", "--business", &b])
+        .env("LEADSYNC_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("unreadable token response ("),
+        "{}",
+        text(&o)
+    );
+    assert_no_secret_anywhere(&env, &text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_token_file_does_not_poison_the_stored_chain() {
+    let env = oauth_env(1, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Someone puts a mistyped (or an old, used) token in the file.
+    std::fs::write(token_file(&env, &b), "sbx_rt_mistyped\n").unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await; // the access token expires
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0);
+    let o = env.run(&["status"]);
+    assert!(
+        text(&o).contains("refused; using the stored token"),
+        "{}",
+        text(&o)
+    );
+    // The refused file is not presented again; the chain keeps working.
+    let before = refreshes(&env);
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(refreshes(&env) > before);
+    assert!(
+        !text(&o).contains("the token file was refused"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_processes_on_one_token_store_refresh_once() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    // A second configuration with its own mirror, sharing the token store.
+    let other = common::write(
+        env.dir.path(),
+        "other.toml",
+        &format!(
+            "database = \"{}\"\n",
+            env.dir.path().join("other.db").display()
+        ),
+    );
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_after_rotate_ms: 1500,
+        ..Default::default()
+    });
+    let first = env.cli().args(["sync", "--business", &b]).output();
+    let first = tokio::task::spawn_blocking(move || first);
+    wait_until("the first process rotated", Duration::from_secs(30), || {
+        env.sandbox.stats().rotations >= 1
+    })
+    .await;
+    let mut second = Command::new(common::bin());
+    for f in env.config_files() {
+        second.arg("--config").arg(f);
+    }
+    let second = second
+        .arg("--config")
+        .arg(&other)
+        .args(["sync", "--business", &b])
+        .env_remove("LEADSYNC_LOG")
+        .output()
+        .unwrap();
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first.status.code(), Some(0), "{}", text(&first));
+    assert_eq!(second.status.code(), Some(0), "{}", text(&second));
+    assert_eq!(refreshes(&env), 1, "one refresh for both processes");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_businesses_on_one_grant_share_one_chain() {
+    // Tokens live 4 s: long enough that no pass outlives one under load.
+    let env = oauth_env(4, FAST).await;
+    let ids = env.business_ids();
+    // One pro's grant covers businesses 0 and 1: both name the same file.
+    let shared = token_file(&env, &ids[0]);
+    std::fs::write(&shared, env.sandbox.mint_grant(&[&ids[0], &ids[1]])).unwrap();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let fixture = fixture.replace(
+        &token_file(&env, &ids[1]).display().to_string(),
+        &shared.display().to_string(),
+    );
+    std::fs::write(&env.fixture, fixture).unwrap();
+
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // Businesses 0 and 1 share one refresh; business 2 has its own.
+    assert_eq!(refreshes(&env), 2);
+    let db = env.sql();
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 180);
+    // Across expiry and processes the shared chain keeps rotating.
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 4);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+
+    // A refused grant marks both of its businesses, and only them.
+    std::fs::write(&shared, "sbx_rt_other_grant\n").unwrap();
+    let conn = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    let key = shared.canonicalize().unwrap().display().to_string();
+    let n = conn
+        .execute(
+            "UPDATE grants SET refused_at = 'x', refused_reason = 'refused (test)' WHERE grant_key = ?1",
+            [&key],
+        )
+        .unwrap();
+    assert_eq!(n, 1, "one stored chain for the shared grant");
+    tokio::time::sleep(Duration::from_millis(4100)).await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 2, "{}", text(&o));
+}
+
+/// The token store, with writes that fail while `fail` is set.
+struct FlakyStore {
+    inner: leadsync::app::StoreGrants,
+    fail: Arc<AtomicBool>,
+}
+
+impl GrantStore for FlakyStore {
+    fn load(
+        &self,
+        grant: &str,
+        seed: Option<&str>,
+        businesses: &[String],
+    ) -> anyhow::Result<Option<StoredGrant>> {
+        self.inner.load(grant, seed, businesses)
+    }
+    fn save(&self, grant: &str, expected: i64, write: &GrantWrite) -> anyhow::Result<Written> {
+        if self.fail.load(Ordering::SeqCst) {
+            anyhow::bail!("disk I/O error (test)");
+        }
+        self.inner.save(grant, expected, write)
+    }
+    fn refuse(
+        &self,
+        grant: &str,
+        expected: i64,
+        file: Option<&str>,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        self.inner.refuse(grant, expected, file, reason)
+    }
+    fn refuse_file(&self, grant: &str, file: &str) -> anyhow::Result<()> {
+        self.inner.refuse_file(grant, file)
+    }
+    fn forget_access(&self, grant: &str, token: &leadsync::secret::Secret) -> anyhow::Result<()> {
+        self.inner.forget_access(grant, token)
+    }
+    fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
+        self.inner.try_lock(grant)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_the_store_refuses_is_kept_and_no_refresh_starts_until_it_is_stored() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(true));
+    let store = FlakyStore {
+        inner: leadsync::app::StoreGrants(
+            TokenStore::open(&config.file.oauth.token_store).unwrap(),
+        ),
+        fail: fail.clone(),
+    };
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    let e = auth
+        .token(&b)
+        .await
+        .expect_err("no access token before the store took the rotated one");
+    assert!(e.message.contains("cannot be stored"), "{}", e.message);
+    assert_eq!(refreshes(&env), 1);
+    // A changed token file does not start a refresh meanwhile either.
+    std::fs::write(token_file(&env, &b), env.sandbox.mint_refresh_token(&b)).unwrap();
+    for _ in 0..3 {
+        let e = auth.token(&b).await.expect_err("still unsaved");
+        assert!(e.message.contains("not stored yet"), "{}", e.message);
+    }
+    assert_eq!(
+        refreshes(&env),
+        1,
+        "no second refresh while the rotated token is unsaved"
+    );
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b)
+        .await
+        .expect("stored now: its access token is handed out");
+    assert_eq!(refreshes(&env), 1);
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    // Another process continues the stored chain.
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_401_with_a_fresh_token_does_not_start_a_refresh_storm() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    enqueue(&env, &lead, &b);
+    env.sandbox.set_token_faults(TokenFaults {
+        missing_scope: true,
+        ..Default::default()
+    });
+    let stop = tokio_util::sync::CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    wait_until(
+        "the row tried several times",
+        Duration::from_secs(30),
+        || count(&env.sql(), "SELECT max(attempts) FROM outbox") >= 3,
+    )
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    // One refresh per grant (three businesses): every later 401 came with a
+    // fresh token and is retried with backoff, not refreshed again.
+    assert!(
+        refreshes(&env) <= 3,
+        "refreshes from 401s are limited: {}",
+        refreshes(&env)
+    );
+    let errors: String = env
+        .sql()
+        .query_row(
+            "SELECT group_concat(error, ' | ') FROM outbox_attempts",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(errors.contains("missing scope?"), "{errors}");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_exchanges_a_code_from_stdin_and_writes_a_conf_per_covered_business() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    // A configuration with the OAuth client but no business yet.
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let base = common::write(env.dir.path(), "base.toml", &head);
+    let conf_d = env.dir.path().join("conf.d");
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    std::fs::create_dir_all(&grants).unwrap();
+    let token_file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
+
+    let run = |extra: &[&std::path::Path], args: &[&str], stdin: Option<&str>| {
+        let mut c = Command::new(common::bin());
+        for f in [&base, &env.overrides] {
+            c.arg("--config").arg(f);
+        }
+        for f in extra {
+            c.arg("--config").arg(f);
+        }
+        c.args(args).env_remove("LEADSYNC_LOG");
+        c.stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        let mut child = c.spawn().unwrap();
+        if let Some(s) = stdin {
+            use std::io::Write;
+            child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        }
+        drop(child.stdin.take());
+        child.wait_with_output().unwrap()
+    };
+    let o = run(
+        &[],
+        &[
+            "auth",
+            "exchange",
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--code-file",
+            "-",
+            "--redirect-uri",
+            "https://partner.example/callback",
+            "--write-conf",
+            conf_d.to_str().unwrap(),
+        ],
+        Some(&format!("{code}\n")),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains(&code), "the code is never printed");
+    for id in &ids[..2] {
+        assert!(text(&o).contains(id.as_str()), "lists {id}: {}", text(&o));
+        assert!(conf_d.join(format!("{id}.toml")).is_file());
+    }
+    assert!(!conf_d.join(format!("{}.toml", ids[2])).exists());
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+
+    // The written configuration works: both businesses sync on the one grant.
+    let confs: Vec<std::path::PathBuf> = ids[..2]
+        .iter()
+        .map(|id| conf_d.join(format!("{id}.toml")))
+        .collect();
+    let refs: Vec<&std::path::Path> = confs.iter().map(|p| p.as_path()).collect();
+    let o = run(&refs, &["sync"], None);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 120);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[test]
+fn a_plain_http_token_url_is_refused_unless_loopback() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = common::write(dir.path(), "rt", "sbx_rt_x\n");
+    let secret = common::write(dir.path(), "cs", "secret\n");
+    for (url, ok) in [
+        ("http://auth.example.com/oauth2/token", false),
+        ("http://127.0.0.1:8765/oauth2/token", true),
+        ("https://auth.thumbtack.com/oauth2/token", true),
+    ] {
+        let f = common::write(
+            dir.path(),
+            "c.toml",
+            &format!(
+                "database = \"{db}\"\n[oauth]\ntoken_url = \"{url}\"\nclient_id = \"x\"\nclient_secret_file = \"{cs}\"\ntoken_store = \"{ts}\"\n\n[[businesses]]\nid = \"1\"\nrefresh_token_file = \"{rt}\"\n",
+                db = dir.path().join("m.db").display(),
+                cs = secret.display(),
+                ts = dir.path().join("t.db").display(),
+                rt = token.display()
+            ),
+        );
+        let o = Command::new(common::bin())
+            .arg("--config")
+            .arg(&f)
+            .args(["config", "check"])
+            .output()
+            .unwrap();
+        let code = if ok { 0 } else { 78 };
+        assert_eq!(o.status.code(), Some(code), "{url}: {}", text(&o));
+    }
+}
+
+#[test]
+fn run_as_root_a_command_refuses_files_of_the_service_user() {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata("/proc/self")
+        .map(|m| m.uid())
+        .unwrap_or(1)
+        != 0
+    {
+        return; // only root can show it
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let state = dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::os::unix::fs::chown(&state, Some(65534), Some(65534)).unwrap();
+    let f = common::write(
+        dir.path(),
+        "c.toml",
+        &format!("database = \"{}\"\n", state.join("leadsync.db").display()),
+    );
+    let o = Command::new(common::bin())
+        .arg("--config")
+        .arg(&f)
+        .args([
+            "enqueue",
+            "--negotiation",
+            "1",
+            "--status",
+            "job_complete",
+            "--at",
+            "2026-01-01T00:00:00Z",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(text(&o).contains("sudo -u"), "{}", text(&o));
+    assert!(
+        !state.join("leadsync.db").exists(),
+        "no root-owned database created"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_of_the_previous_version_is_adopted_per_grant() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    // The previous version rotated the file's token once and kept the new
+    // one per business.
+    let initial = std::fs::read_to_string(token_file(&env, &b)).unwrap();
+    let (id, secret) = env.sandbox.client_credentials();
+    let http = leadsync::thumbtack::client::http_client(Duration::from_secs(5), "test").unwrap();
+    let answer: serde_json::Value = http
+        .post(env.sandbox.token_url())
+        .basic_auth(&id, Some(&secret))
+        .form(&[
+            ("grant_type", "refresh_token"),
+            ("refresh_token", initial.trim()),
+            ("audience", "urn:partner-api"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let rotated = answer["refresh_token"].as_str().unwrap().to_string();
+    let store = env.dir.path().join("fixture/tokens.db");
+    {
+        let c = rusqlite::Connection::open(&store).unwrap();
+        c.execute_batch(
+            "CREATE TABLE refresh_tokens (business_id TEXT PRIMARY KEY, refresh_token TEXT NOT NULL,
+                 generation INTEGER NOT NULL, seed_sha256 TEXT, source TEXT NOT NULL,
+                 updated_at TEXT NOT NULL, refused_at TEXT, refused_reason TEXT);",
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO refresh_tokens VALUES (?1, ?2, 3, ?3, 'refresh', '2026-11-01T00:00:00Z', NULL, NULL)",
+            rusqlite::params![
+                b,
+                rotated,
+                leadsync::store::tokens::sha256_hex(initial.trim())
+            ],
+        )
+        .unwrap();
+    }
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    let c = rusqlite::Connection::open(&store).unwrap();
+    assert_eq!(count(&c, "SELECT count(*) FROM refresh_tokens"), 0, "moved");
+    assert_eq!(count(&c, "SELECT generation FROM grants"), 4);
+}
