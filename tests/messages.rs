@@ -360,6 +360,67 @@ async fn hostile_message_outbox_rows_are_refused_by_the_table_with_readable_mess
     );
 }
 
+/// SQLite's `length()` stops at a NUL, and its `trim()` knows only the
+/// characters it is given: a long text behind a NUL, or a text of Unicode
+/// spaces only, must be refused by the table too, not left to die at the
+/// claim (the drainer counts every character and trims every space).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_outbox_refuses_text_hidden_behind_a_nul_or_of_unicode_spaces_only() {
+    let env = Env::small().await;
+    let lead = env.first_leads(1)[0].clone();
+    drop(leadsync::store::open_connection(&env.database(), true).unwrap());
+    let db = env.sql();
+    let long = "x".repeat(6000);
+    let refused: &[(&str, &str)] = &[
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', char(0) || '{long}')",
+            "NUL",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', 'hi' || char(0))",
+            "NUL",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', char(160, 12288, 8203 - 3, 11, 12, 133))",
+            "text is required",
+        ),
+    ];
+    for (sql, why) in refused {
+        let sql = sql.replace("{n}", &lead).replace("{long}", &long);
+        let shown: String = sql.chars().take(120).collect();
+        let e = db
+            .execute(&sql, [])
+            .expect_err(&format!("accepted: {shown}"))
+            .to_string();
+        assert!(
+            e.contains("message_outbox: ") && e.contains(why),
+            "{shown}: {e}"
+        );
+    }
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'hi')",
+        [&lead],
+    )
+    .unwrap();
+    let id = db.last_insert_rowid();
+    for sql in [
+        "UPDATE message_outbox SET text = char(0) || '{long}' WHERE id = ?1",
+        "UPDATE message_outbox SET text = char(12288) WHERE id = ?1",
+    ] {
+        let sql = sql.replace("{long}", &long);
+        let shown: String = sql.chars().take(120).collect();
+        db.execute(&sql, [id])
+            .expect_err(&format!("accepted: {shown}"));
+    }
+    // Unicode letters and a non-breaking space inside a text are fine.
+    db.execute(
+        "UPDATE message_outbox SET text = 'Bis gleich' || char(160) || '👋' WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM message_outbox"), 1);
+}
+
 /// The replies the sandbox accepted, per negotiation, in order of acceptance.
 fn replies_by_negotiation(env: &Env) -> HashMap<String, Vec<String>> {
     let mut by: HashMap<String, Vec<String>> = HashMap::new();

@@ -91,6 +91,9 @@ CREATE TABLE message_outbox_attempts (
 CREATE INDEX message_outbox_attempts_by_row ON message_outbox_attempts (outbox_id, id);
 
 -- The table refuses bad rows itself, with messages a person can act on.
+-- "Blank" is every Unicode White_Space character (what the drainer trims);
+-- a NUL is refused because SQLite's length() stops at it, which would let
+-- any length through.
 CREATE TRIGGER message_outbox_validate_insert BEFORE INSERT ON message_outbox BEGIN
     SELECT RAISE(ABORT, 'message_outbox: negotiation_id must be the lead''s negotiationID as text of digits (quote it: ''519153480500518912'')')
      WHERE NEW.negotiation_id IS NULL OR typeof(NEW.negotiation_id) <> 'text'
@@ -98,9 +101,12 @@ CREATE TRIGGER message_outbox_validate_insert BEFORE INSERT ON message_outbox BE
     SELECT RAISE(ABORT, 'message_outbox: business_id must be a Thumbtack business id (text of digits) or NULL')
      WHERE NEW.business_id IS NOT NULL
        AND (typeof(NEW.business_id) <> 'text' OR NEW.business_id = '' OR NEW.business_id GLOB '*[^0-9]*');
+    SELECT RAISE(ABORT, 'message_outbox: text must not contain NUL characters (char(0))')
+     WHERE typeof(NEW.text) = 'text' AND instr(NEW.text, char(0)) > 0;
     SELECT RAISE(ABORT, 'message_outbox: text is required: the message to send, as text that is not blank')
      WHERE NEW.text IS NULL OR typeof(NEW.text) <> 'text'
-        OR trim(NEW.text, ' ' || char(9, 10, 13)) = '';
+        OR trim(NEW.text, char(9, 10, 11, 12, 13, 32, 133, 160, 5760, 8192, 8193, 8194, 8195, 8196,
+                                8197, 8198, 8199, 8200, 8201, 8202, 8232, 8233, 8239, 8287, 12288)) = '';
     SELECT RAISE(ABORT, 'message_outbox: text must be at most 5000 characters')
      WHERE length(NEW.text) > 5000;
     SELECT RAISE(ABORT, 'message_outbox: a new row is pending: leave state, attempts, sent_at, message_id, late and waiting_for out')
@@ -121,9 +127,12 @@ CREATE TRIGGER message_outbox_validate_update BEFORE UPDATE OF negotiation_id, b
     SELECT RAISE(ABORT, 'message_outbox: business_id must be a Thumbtack business id (text of digits) or NULL')
      WHERE NEW.business_id IS NOT NULL
        AND (typeof(NEW.business_id) <> 'text' OR NEW.business_id = '' OR NEW.business_id GLOB '*[^0-9]*');
+    SELECT RAISE(ABORT, 'message_outbox: text must not contain NUL characters (char(0))')
+     WHERE typeof(NEW.text) = 'text' AND instr(NEW.text, char(0)) > 0;
     SELECT RAISE(ABORT, 'message_outbox: text is required: the message to send, as text that is not blank')
      WHERE NEW.text IS NULL OR typeof(NEW.text) <> 'text'
-        OR trim(NEW.text, ' ' || char(9, 10, 13)) = '';
+        OR trim(NEW.text, char(9, 10, 11, 12, 13, 32, 133, 160, 5760, 8192, 8193, 8194, 8195, 8196,
+                                8197, 8198, 8199, 8200, 8201, 8202, 8232, 8233, 8239, 8287, 12288)) = '';
     SELECT RAISE(ABORT, 'message_outbox: text must be at most 5000 characters')
      WHERE length(NEW.text) > 5000;
 END;
