@@ -297,12 +297,32 @@ impl Drainer {
                 if changed {
                     outbox::sync_waits(c, &for_claim)?;
                 }
+                // Each kind is claimed in its own transaction: rows of the
+                // first are `sending` once it commits, so a failure of the
+                // second must not drop them (they would wait for a restart).
+                // The other kind is still tried; the error is the claim's
+                // only when nothing was claimed.
                 let mut claimed = Vec::new();
+                let mut failed = None;
                 for kind in order {
                     let free = limit.saturating_sub(claimed.len());
-                    claimed.extend(outbox::claim(c, kind, &due_by, free, &for_claim)?);
+                    match outbox::claim(c, kind, &due_by, free, &for_claim) {
+                        Ok(rows) => claimed.extend(rows),
+                        Err(e) => {
+                            let e = e.context(format!("cannot claim {} rows", kind.table()));
+                            failed.get_or_insert(e);
+                        }
+                    }
                 }
-                Ok(claimed)
+                match failed {
+                    Some(e) if claimed.is_empty() => Err(e),
+                    Some(e) => {
+                        error!(error = %format!("{e:#}"), claimed = claimed.len(),
+                            "cannot claim rows of one outbox; the rows claimed from the other are sent");
+                        Ok(claimed)
+                    }
+                    None => Ok(claimed),
+                }
             })
             .await?;
         if changed && let Ok(mut a) = self.applied.lock() {

@@ -421,6 +421,50 @@ async fn message_outbox_refuses_text_hidden_behind_a_nul_or_of_unicode_spaces_on
     assert_eq!(count(&db, "SELECT count(*) FROM message_outbox"), 1);
 }
 
+/// One claim takes both kinds, each in its own transaction: when the second
+/// fails, the rows the first one marked `sending` must still be sent — not
+/// dropped, left `sending` until the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reply_claim_does_not_strand_the_transitions_claimed_with_it() {
+    let env = Env::small().await;
+    let leads = env.first_leads(1);
+    drop(leadsync::store::open_connection(&env.database(), true).unwrap());
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+         VALUES (?1, ?2, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        [&leads[0], &env.business_ids()[0]],
+    )
+    .unwrap();
+    // A partner's trigger that fails at run time (an integer overflow: an
+    // error, not a constraint) whenever a reply is claimed: every claim of
+    // a reply errors (a locked database or a full disk would do the same).
+    db.execute_batch(&format!(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{}', 'hi');
+         CREATE TRIGGER partner_audit AFTER UPDATE OF state ON message_outbox
+          WHEN NEW.state = 'sending'
+         BEGIN SELECT abs(-9223372036854775807 - 1); END;",
+        leads[1]
+    ))
+    .unwrap();
+    let o = env.run(&["drain"]);
+    let state: String = db
+        .query_row("SELECT state FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "sent", "{}", text(&o));
+    assert_eq!(env.sandbox.deliveries().len(), 1, "{}", text(&o));
+    // The reply is untouched, and the failure is reported.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_outbox WHERE state = 'pending' AND attempts = 0"
+        ),
+        1
+    );
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("integer overflow"), "{}", text(&o));
+}
+
 /// The replies the sandbox accepted, per negotiation, in order of acceptance.
 fn replies_by_negotiation(env: &Env) -> HashMap<String, Vec<String>> {
     let mut by: HashMap<String, Vec<String>> = HashMap::new();
