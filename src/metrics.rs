@@ -435,6 +435,32 @@ impl Collector for Tables {
                 .iter()
                 .map(|(b, ts)| ([("business_id", b.as_str())], *ts)),
         )?;
+        let by_schedule = |f: fn(&crate::store::gauges::ScheduleGauge) -> f64| {
+            t.schedules.iter().map(move |g| {
+                (
+                    [("kind", g.kind.as_str()), ("schedule", g.schedule.as_str())],
+                    f(g),
+                )
+            })
+        };
+        gauge_family(
+            &mut encoder,
+            "schedule_businesses",
+            "Businesses on each schedule (one timer per distinct schedule)",
+            by_schedule(|g| g.businesses as f64),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "schedule_waiting_passes",
+            "Passes of each schedule due and waiting for a worker",
+            by_schedule(|g| g.waiting as f64),
+        )?;
+        gauge_family(
+            &mut encoder,
+            "schedule_lag_seconds",
+            "How long the oldest waiting pass of each schedule has been due (0 when none waits)",
+            by_schedule(|g| g.lag_seconds),
+        )?;
         gauge(
             &mut encoder,
             "tables_refreshed_timestamp_seconds",

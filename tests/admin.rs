@@ -380,6 +380,19 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
     assert_eq!(leads_in_mirror(&b), 65.0);
     assert_eq!(value(&s, "leadsync_businesses_needing_reauth", &[]), 0.0);
 
+    // Each schedule's backlog (issue 17: status and metrics show the lag).
+    let every_second = [("kind", "head"), ("schedule", "* * * * * *")];
+    let s = wait_metrics(&base, "the head schedule's backlog", |s| {
+        value(s, "leadsync_schedule_businesses", &every_second) == 3.0
+    })
+    .await;
+    assert!(value(&s, "leadsync_schedule_waiting_passes", &every_second) >= 0.0);
+    assert!(
+        s.iter().any(|x| x.name == "leadsync_schedule_lag_seconds"
+            && x.labels.get("schedule").map(String::as_str) == Some("* * * * * *")),
+        "the lag series exists even at 0"
+    );
+
     // A send moves the send counter, the POST counter and the outbox gauges.
     let sent_before = value(
         &s,

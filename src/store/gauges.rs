@@ -20,6 +20,20 @@ pub struct RowCount {
     pub rows: i64,
 }
 
+/// One schedule's backlog, as the daemon last wrote it to `schedule_lag`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScheduleGauge {
+    /// `head` or `full`.
+    pub kind: String,
+    /// The cron expression (schedules are few: one per distinct expression).
+    pub schedule: String,
+    pub businesses: i64,
+    /// Passes of this schedule due and waiting for a worker.
+    pub waiting: i64,
+    /// How long the oldest of them has been due, in seconds (0 when none waits).
+    pub lag_seconds: f64,
+}
+
 /// One reading of the mirror for the metrics.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TableGauges {
@@ -31,6 +45,8 @@ pub struct TableGauges {
     pub needs_reauth: Vec<String>,
     /// Per business: Unix time of the end of its last successful pass.
     pub last_ok_sync: Vec<(String, f64)>,
+    /// Each schedule's backlog.
+    pub schedules: Vec<ScheduleGauge>,
     /// Unix time of this reading.
     pub read_at: f64,
     /// How long the reading took, in seconds.
@@ -125,6 +141,35 @@ pub fn read(conn: &mut Connection) -> Result<TableGauges> {
                 ((now - t).num_milliseconds().max(0) as f64) / 1000.0
             });
         g.oldest_pending.push((table.to_string(), age));
+    }
+    {
+        let mut stmt = tx.prepare_cached(
+            "SELECT kind, schedule, businesses, waiting, oldest_due_at
+               FROM schedule_lag ORDER BY kind DESC, schedule",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, Option<String>>(4)?,
+            ))
+        })?;
+        for row in rows {
+            let (kind, schedule, businesses, waiting, oldest) = row?;
+            let lag_seconds = match oldest.as_deref().and_then(crate::time::parse) {
+                Some(t) if waiting > 0 => ((now - t).num_milliseconds().max(0) as f64) / 1000.0,
+                _ => 0.0,
+            };
+            g.schedules.push(ScheduleGauge {
+                kind,
+                schedule,
+                businesses,
+                waiting,
+                lag_seconds,
+            });
+        }
     }
     tx.commit()?;
     g.read_seconds = started.elapsed().as_secs_f64();
