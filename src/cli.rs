@@ -893,6 +893,14 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// Text for a table on a terminal: every control character (line breaks,
+/// tabs, escape sequences a row could carry) becomes a space.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
     match command {
         OutboxCommand::List {
@@ -913,8 +921,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                 "ID", "NEGOTIATION", "STATE", "TRY", "TEXT"
             )?;
             for r in &rows {
-                let mut text: String = r.text.chars().take(40).collect();
-                text = text.replace(['\n', '\r', '\t'], " ");
+                let mut text = printable(&r.text.chars().take(40).collect::<String>());
                 if r.text.chars().count() > 40 {
                     text.pop();
                     text.push('…');
@@ -927,7 +934,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                     r.state,
                     r.attempts,
                     text,
-                    r.last_error.as_deref().unwrap_or("")
+                    printable(r.last_error.as_deref().unwrap_or(""))
                 )?;
             }
             if rows.is_empty() {

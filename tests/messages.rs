@@ -419,6 +419,24 @@ async fn message_outbox_refuses_text_hidden_behind_a_nul_or_of_unicode_spaces_on
     )
     .unwrap();
     assert_eq!(count(&db, "SELECT count(*) FROM message_outbox"), 1);
+
+    // Control characters are text the table takes, but `outbox list` does
+    // not replay them to the operator's terminal (an escape sequence could
+    // rewrite the screen).
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text)
+         VALUES (?1, 'a' || char(27) || '[2J' || char(7) || 'b' || char(155) || 'c')",
+        [&lead],
+    )
+    .unwrap();
+    let o = env.run(&["outbox", "list", "--kind", "message"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "{shown:?}"
+    );
+    assert!(shown.contains("a [2J b c"), "{shown:?}");
 }
 
 /// One claim takes both kinds, each in its own transaction: when the second
