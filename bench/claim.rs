@@ -108,7 +108,9 @@ fn measure(conn: &mut Connection, old_query: bool, claims: usize) -> Run {
         let got = if old_query {
             schema_1_claim(conn, &now, BATCH)
         } else {
-            outbox::claim(conn, &now, BATCH, &filter).unwrap().len()
+            outbox::claim(conn, outbox::Kind::Transition, &now, BATCH, &filter)
+                .unwrap()
+                .len()
         };
         times.push(start.elapsed());
         assert_eq!(got, BATCH, "every fresh row is claimed");
@@ -185,7 +187,14 @@ fn main() {
         // aside, once: timed on its own.
         let start = Instant::now();
         outbox::sync_waits(&mut conn, &filter()).unwrap();
-        outbox::claim(&mut conn, &leadsync::time::now(), BATCH, &filter()).unwrap();
+        outbox::claim(
+            &mut conn,
+            outbox::Kind::Transition,
+            &leadsync::time::now(),
+            BATCH,
+            &filter(),
+        )
+        .unwrap();
         let aside = start.elapsed();
         let r = measure(&mut conn, false, CLAIMS);
         eprintln!("{held} held: p50 {:?} p99 {:?}", r.p50, r.p99);

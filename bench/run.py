@@ -15,6 +15,9 @@ bench/out/results.md.
 2. Drainer: 10,000 transitions over 2,000 negotiations, sandbox latency
    20 ms per request, outbox.concurrency = 16; then the delay from INSERT to
    delivery of single rows into an idle daemon (poll_interval_ms = 1000).
+3. Mixed drain: the same setup with 6,000 transitions and 4,000 replies
+   (message_outbox) over the same 2,000 negotiations, shuffled: the one
+   drainer sends both.
 """
 
 import argparse
@@ -370,10 +373,54 @@ def bench_drain(quick, results):
         shutil.rmtree(work, ignore_errors=True)
 
 
+def bench_mixed(quick, results):
+    negotiations = 400 if quick else 2000
+    work = tempfile.mkdtemp(prefix="leadsync-bench-")
+    sb = Sandbox(work, 20, negotiations // 20, latency_ms=20)
+    try:
+        overrides = write_overrides(work, concurrency=16)
+        timed(["--config", sb.config, "--config", overrides, "sync", "--full"])
+        db_path = os.path.join(work, "leadsync.db")
+        db = sqlite3.connect(db_path)
+        ids = [r[0] for r in db.execute("SELECT negotiation_id FROM negotiations")]
+        transitions = [(n, s, f"2024-06-{10 + k:02d}T10:00:00Z")
+                       for n in ids
+                       for k, s in enumerate(["appt_scheduled", "job_complete", "invoice_paid"])]
+        replies = [(n, f"Reply {k} — see you soon 👋") for n in ids for k in range(2)]
+        rows = [("t", r) for r in transitions] + [("m", r) for r in replies]
+        random.Random(7).shuffle(rows)
+        for kind, r in rows:
+            if kind == "t":
+                db.execute("INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?, ?, ?)", r)
+            else:
+                db.execute("INSERT INTO message_outbox (negotiation_id, text) VALUES (?, ?)", r)
+        db.commit()
+        wall, peak, out = timed(["--config", sb.config, "--config", overrides, "drain"])
+        sent = db.execute("SELECT (SELECT count(*) FROM outbox WHERE state = 'sent')"
+                          " + (SELECT count(*) FROM message_outbox WHERE state = 'sent')").fetchone()[0]
+        assert sent == len(rows), f"{sent} of {len(rows)} sent: {out}"
+        got = len(sb.get("/_sandbox/replies"))
+        assert got == len(replies), f"the sandbox accepted {got} of {len(replies)} replies"
+        results["mixed"] = {
+            "transitions": len(transitions),
+            "replies": len(replies),
+            "negotiations": len(ids),
+            "latency_ms": 20,
+            "concurrency": 16,
+            "wall_s": round(wall, 2),
+            "rows_per_s": round(len(rows) / wall),
+            "ceiling_per_s": round(16 * 1000 / 20),
+            "peak_rss_mib": round(peak, 1),
+        }
+    finally:
+        sb.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    ap.add_argument("--only", choices=["sync", "drain", "limit"], help="run one of the benchmarks")
+    ap.add_argument("--only", choices=["sync", "drain", "mixed", "limit"], help="run one of the benchmarks")
     ap.add_argument("--rss-400k", action="store_true", help="also measure peak RSS at 400,000 leads (limit)")
     args = ap.parse_args()
     if not os.path.exists(TIME):
@@ -387,6 +434,8 @@ def main():
         bench_limit(args.quick, results, args.rss_400k)
     if args.only in (None, "drain"):
         bench_drain(args.quick, results)
+    if args.only in (None, "mixed"):
+        bench_mixed(args.quick, results)
     lines = ["| benchmark | result | target |", "|---|---|---|"]
     if "sync" in results:
         s = results["sync"]
@@ -414,6 +463,11 @@ def main():
         lines += [
             f"| drain {d['transitions']:,} transitions / {d['negotiations']:,} negotiations, 20 ms, concurrency 16 | {d['wall_s']} s, **{d['transitions_per_s']} transitions/s** (ceiling {d['ceiling_per_s']}) | ≥ 500/s |",
             f"| INSERT → delivery, idle daemon, poll 1000 ms | p50 {i['p50_ms']} ms, p90 {i['p90_ms']} ms, max {i['max_ms']} ms | p50 ≤ 1050 ms |",
+        ]
+    if "mixed" in results:
+        m = results["mixed"]
+        lines += [
+            f"| drain {m['transitions']:,} transitions + {m['replies']:,} replies / {m['negotiations']:,} negotiations, 20 ms, concurrency 16 | {m['wall_s']} s, **{m['rows_per_s']} rows/s** (ceiling {m['ceiling_per_s']}) | ≥ 500/s |",
         ]
     table = "\n".join(lines)
     print(table)

@@ -68,6 +68,8 @@ pub enum Command {
     Drain,
     /// Insert one outbox row, with the table's own validation; prints its id.
     Enqueue(EnqueueArgs),
+    /// Insert one reply into message_outbox, with the table's own validation; prints its id.
+    Reply(ReplyArgs),
     /// Inspect and act on outbox rows.
     Outbox {
         #[command(subcommand)]
@@ -149,10 +151,26 @@ pub struct EnqueueArgs {
     pub business: Option<String>,
 }
 
+#[derive(Debug, Args)]
+pub struct ReplyArgs {
+    /// The lead's negotiationID.
+    #[arg(long, value_name = "ID")]
+    pub negotiation: String,
+    /// The message (at most 5,000 characters).
+    #[arg(long, allow_hyphen_values = true)]
+    pub text: String,
+    /// The business (default: the lead's business in the mirror).
+    #[arg(long, value_name = "ID")]
+    pub business: Option<String>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum OutboxCommand {
     /// Show outbox rows.
     List {
+        /// `transition` (the outbox table) or `message` (message_outbox).
+        #[arg(long, default_value = "transition", value_name = "KIND")]
+        kind: outbox::Kind,
         /// Only rows in this state.
         #[arg(long, value_parser = ["pending", "sending", "sent", "dead", "canceled"])]
         state: Option<String>,
@@ -161,6 +179,9 @@ pub enum OutboxCommand {
     },
     /// Put dead rows back to pending (attempts reset).
     Retry {
+        /// `transition` (the outbox table) or `message` (message_outbox).
+        #[arg(long, default_value = "transition", value_name = "KIND")]
+        kind: outbox::Kind,
         /// Row ids.
         #[arg(required_unless_present = "all_dead", conflicts_with = "all_dead")]
         ids: Vec<i64>,
@@ -170,6 +191,9 @@ pub enum OutboxCommand {
     },
     /// Cancel pending rows (they are never sent).
     Cancel {
+        /// `transition` (the outbox table) or `message` (message_outbox).
+        #[arg(long, default_value = "transition", value_name = "KIND")]
+        kind: outbox::Kind,
         #[arg(required = true)]
         ids: Vec<i64>,
     },
@@ -385,6 +409,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             }
         }
         Command::Enqueue(args) => enqueue(&load()?, args),
+        Command::Reply(args) => reply(&load()?, args),
         Command::Outbox { command } => outbox_command(&load()?, command),
         Command::Status { json } => {
             let config = load()?;
@@ -592,6 +617,7 @@ async fn sync(
         accept_missing,
     };
     let kind = if full { ScanKind::Full } else { ScanKind::Head };
+    let messages = crate::messages::MessageSettings::from_config(&session.config);
     let slots = Arc::new(tokio::sync::Semaphore::new(
         session.config.file.daemon.sync_concurrency,
     ));
@@ -606,7 +632,20 @@ async fn sync(
         );
         tasks.spawn(async move {
             let _slot = slots.acquire_owned().await;
-            sync_business(&store, &client, &id, kind, settings, &stop).await
+            let report = sync_business(&store, &client, &id, kind, settings, &stop).await;
+            // The conversations of the leads the pass found new or changed;
+            // a failure here is reported but does not fail the pass.
+            let polled = if messages.sync && report.is_ok() {
+                Some(
+                    crate::messages::poll_after_pass(&store, &client, &id, messages, &stop)
+                        .await
+                        .map(|r| r.summary(&id))
+                        .unwrap_or_else(|e| format!("{id}: messages — cannot poll: {e:#}")),
+                )
+            } else {
+                None
+            };
+            (report, polled)
         });
     }
     let mut reports = Vec::new();
@@ -620,11 +659,18 @@ async fn sync(
         p.stop().await;
     }
     session.auth.settle(settle_bound(&session.config)).await;
-    reports.sort_by(|a, b| a.business_id.cmp(&b.business_id));
+    reports.sort_by(|a, b| a.0.business_id.cmp(&b.0.business_id));
+    let reports: Vec<_> = reports
+        .into_iter()
+        .map(|(r, polled)| {
+            println!("{}", r.summary());
+            if let Some(p) = polled {
+                println!("{p}");
+            }
+            r
+        })
+        .collect();
     let failed = reports.iter().filter(|r| !r.is_ok()).count();
-    for r in &reports {
-        println!("{}", r.summary());
-    }
     if failed > 0 {
         println!("{failed} of {} businesses failed", reports.len());
         return Ok(1);
@@ -835,9 +881,68 @@ fn enqueue(config: &Config, args: EnqueueArgs) -> Result<u8> {
     Ok(0)
 }
 
+fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
+    let conn = store::open_connection(config.database(), true)?;
+    let m = outbox::NewMessage {
+        negotiation_id: args.negotiation,
+        business_id: args.business,
+        text: args.text,
+    };
+    let id = outbox::enqueue_message(&conn, &m).context("reply")?;
+    println!("{id}");
+    Ok(0)
+}
+
+/// Text for a table on a terminal: every control character (line breaks,
+/// tabs, escape sequences a row could carry) becomes a space.
+fn printable(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
     match command {
-        OutboxCommand::List { state, json } => {
+        OutboxCommand::List {
+            kind: outbox::Kind::Message,
+            state,
+            json,
+        } => {
+            let conn = store::open_connection(config.database(), false)?;
+            let rows = outbox::list_messages(&conn, state.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(0);
+            }
+            let mut out = std::io::stdout().lock();
+            writeln!(
+                out,
+                "{:>6}  {:<20} {:<9} {:>4}  {:<40}  LAST ERROR",
+                "ID", "NEGOTIATION", "STATE", "TRY", "TEXT"
+            )?;
+            for r in &rows {
+                let mut text = printable(&r.text.chars().take(40).collect::<String>());
+                if r.text.chars().count() > 40 {
+                    text.pop();
+                    text.push('…');
+                }
+                writeln!(
+                    out,
+                    "{:>6}  {:<20} {:<9} {:>4}  {:<40}  {}",
+                    r.id,
+                    r.negotiation_id,
+                    r.state,
+                    r.attempts,
+                    text,
+                    printable(r.last_error.as_deref().unwrap_or(""))
+                )?;
+            }
+            if rows.is_empty() {
+                writeln!(out, "(no rows)")?;
+            }
+            Ok(0)
+        }
+        OutboxCommand::List { state, json, .. } => {
             let conn = store::open_connection(config.database(), false)?;
             let rows = outbox::list(&conn, state.as_deref())?;
             if json {
@@ -871,19 +976,30 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             }
             Ok(0)
         }
-        OutboxCommand::Retry { ids, all_dead } => {
+        OutboxCommand::Retry {
+            kind,
+            ids,
+            all_dead,
+        } => {
             let mut conn = store::open_connection(config.database(), false)?;
             let now = crate::time::now();
             if all_dead {
-                let ids = outbox::retry_all_dead(&conn, &now)?;
-                println!("{} dead rows are pending again: {ids:?}", ids.len());
+                let ids = outbox::retry_all_dead(&conn, kind, &now)?;
+                println!(
+                    "{} dead rows of {} are pending again: {ids:?}",
+                    ids.len(),
+                    kind.table()
+                );
                 return Ok(0);
             }
-            report_each(outbox::retry_dead(&mut conn, &ids, &now)?, "pending again")
+            report_each(
+                outbox::retry_dead(&mut conn, kind, &ids, &now)?,
+                "pending again",
+            )
         }
-        OutboxCommand::Cancel { ids } => {
+        OutboxCommand::Cancel { kind, ids } => {
             let mut conn = store::open_connection(config.database(), false)?;
-            report_each(outbox::cancel(&mut conn, &ids)?, "canceled")
+            report_each(outbox::cancel(&mut conn, kind, &ids)?, "canceled")
         }
     }
 }

@@ -55,6 +55,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub admin: AdminConfig,
     #[serde(default)]
+    pub messages: MessagesConfig,
+    #[serde(default)]
     pub businesses: Vec<BusinessConfig>,
 }
 
@@ -230,6 +232,25 @@ impl Default for WebhooksConfig {
             header_value: None,
             max_body_bytes: 1_048_576,
             read_timeout_secs: 10,
+        }
+    }
+}
+
+/// `[messages]`: the conversation of each lead (SPEC §9).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MessagesConfig {
+    /// Poll the conversation of each lead a pass finds new or changed.
+    pub sync: bool,
+    /// Leads polled after one pass at most (the rest wait for the next pass).
+    pub max_leads_per_pass: usize,
+}
+
+impl Default for MessagesConfig {
+    fn default() -> Self {
+        MessagesConfig {
+            sync: false,
+            max_leads_per_pass: 200,
         }
     }
 }
@@ -743,6 +764,12 @@ fn validate(
         return err(format!(
             "{}: must be at least 1",
             locate(figment, "daemon.sync_concurrency")
+        ));
+    }
+    if file.messages.max_leads_per_pass == 0 {
+        return err(format!(
+            "{}: must be at least 1",
+            locate(figment, "messages.max_leads_per_pass")
         ));
     }
     let admin_listen = validate_admin(figment, &file.admin)?;

@@ -443,6 +443,24 @@ impl Daemon {
         if !report.is_ok() {
             warn!("{}", report.summary());
         }
+        // The conversations of the leads the pass found new or changed; a
+        // failure here is logged and recorded, never fails the pass.
+        let messages = crate::messages::MessageSettings::from_config(&config);
+        if messages.sync && report.is_ok() {
+            match crate::messages::poll_after_pass(
+                &self.store,
+                &self.client(),
+                &job.business_id,
+                messages,
+                &self.stop,
+            )
+            .await
+            {
+                Ok(r) if !r.failed.is_empty() => warn!("{}", r.summary(&job.business_id)),
+                Ok(_) => {}
+                Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),
+            }
+        }
         report
     }
 

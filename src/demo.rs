@@ -296,6 +296,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         "SELECT json_extract(payload, '$.sandboxExtension.bigNumber'), json_extract(payload, '$.customer.displayName') FROM negotiations LIMIT 3",
         "SELECT id, event_type, business_id, negotiation_id, message_id, outcome FROM webhook_events",
         "SELECT message_id, negotiation_id, sender, sent_at, text, source FROM messages",
+        "SELECT id, negotiation_id, state, message_id, sent_at, text FROM message_outbox",
     ] {
         say(format!("  sqlite3 -header -column {db} \"{q}\""));
     }
@@ -408,6 +409,46 @@ async fn realtime(
         "      customer message {message} on it: in `messages` {:.1} ms later (MessageCreatedV4)",
         took.as_secs_f64() * 1000.0
     ));
+    // The reply, written by "the partner's software" with plain SQL, goes
+    // out through message_outbox and comes back as a Business message.
+    sandbox.set_faults(Faults::default());
+    let t = Instant::now();
+    external.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'Tuesday 9:00 works. See you then!')",
+        [&lead],
+    )?;
+    let drainer = Arc::new(Drainer::new(
+        session.store.clone(),
+        session.client.clone(),
+        DrainSettings::from_config(&session.config),
+    ));
+    let s = drainer.drain_once(&CancellationToken::new()).await?;
+    let sent: Option<String> = external
+        .query_row(
+            "SELECT message_id FROM message_outbox WHERE negotiation_id = ?1 AND state = 'sent'",
+            [&lead],
+            |r| r.get(0),
+        )
+        .ok()
+        .flatten();
+    match sent {
+        Some(id) => {
+            let took = visible_after(
+                external,
+                &format!("SELECT count(*) FROM messages WHERE message_id = '{id}' AND sender = 'Business'"),
+                t,
+            )
+            .await?;
+            say(format!(
+                "      reply via message_outbox: sent as message {id}, back in `messages` as from Business {:.1} ms after the INSERT",
+                took.as_secs_f64() * 1000.0
+            ));
+        }
+        None => say(format!(
+            "      reply via message_outbox: not sent ({} to retry, {} dead)",
+            s.retried, s.dead
+        )),
+    }
     stop.cancel();
     let _ = server.await;
     Ok(())

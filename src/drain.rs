@@ -1,12 +1,16 @@
 //! The outbox drainer: claims due rows (one per negotiation, in order),
-//! posts them, and records every attempt and outcome in the table. Retry
+//! posts them, and records every attempt and outcome in the table. One
+//! drainer sends both outboxes — job-status transitions (`outbox`) and
+//! replies (`message_outbox`): the same claiming, order per negotiation,
+//! backoff, classification, attempts log and crash recovery; only what is
+//! posted differs ([`outbox::Kind`], [`outbox::Content`]). Retry
 //! state lives in the rows, so a restart neither forgets a backoff nor
 //! resends in a burst.
 
 use crate::config::Config;
 use crate::store::Store;
-use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Finish, Recorded};
-use crate::thumbtack::model::JobStatusBody;
+use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Content, Finish, Kind, Recorded};
+use crate::thumbtack::model::{JobStatusBody, MessageBody};
 use crate::thumbtack::{Client, Disposition};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -182,6 +186,9 @@ pub struct Drainer {
     applied: std::sync::Mutex<Option<ClaimFilter>>,
     /// More wait reasons, set by the auth side (see [`WaitHook`]).
     wait_hook: std::sync::RwLock<Option<WaitHook>>,
+    /// Which table the next claim looks at first: alternating, so that a
+    /// full queue of one kind never starves the other.
+    replies_first: std::sync::atomic::AtomicBool,
 }
 
 impl Drainer {
@@ -192,6 +199,7 @@ impl Drainer {
             current: std::sync::RwLock::new((Arc::new(settings), client)),
             applied: std::sync::Mutex::new(None),
             wait_hook: std::sync::RwLock::new(None),
+            replies_first: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -278,13 +286,43 @@ impl Drainer {
             .unwrap_or(true);
         let due_by = due_by.unwrap_or_else(crate::time::now);
         let for_claim = filter.clone();
+        let order = if self.replies_first.fetch_xor(true, Ordering::Relaxed) {
+            [Kind::Message, Kind::Transition]
+        } else {
+            [Kind::Transition, Kind::Message]
+        };
         let claimed = self
             .store
             .call(move |c| {
                 if changed {
                     outbox::sync_waits(c, &for_claim)?;
                 }
-                outbox::claim(c, &due_by, limit, &for_claim)
+                // Each kind is claimed in its own transaction: rows of the
+                // first are `sending` once it commits, so a failure of the
+                // second must not drop them (they would wait for a restart).
+                // The other kind is still tried; the error is the claim's
+                // only when nothing was claimed.
+                let mut claimed = Vec::new();
+                let mut failed = None;
+                for kind in order {
+                    let free = limit.saturating_sub(claimed.len());
+                    match outbox::claim(c, kind, &due_by, free, &for_claim) {
+                        Ok(rows) => claimed.extend(rows),
+                        Err(e) => {
+                            let e = e.context(format!("cannot claim {} rows", kind.table()));
+                            failed.get_or_insert(e);
+                        }
+                    }
+                }
+                match failed {
+                    Some(e) if claimed.is_empty() => Err(e),
+                    Some(e) => {
+                        error!(error = %format!("{e:#}"), claimed = claimed.len(),
+                            "cannot claim rows of one outbox; the rows claimed from the other are sent");
+                        Ok(claimed)
+                    }
+                    None => Ok(claimed),
+                }
             })
             .await?;
         if changed && let Ok(mut a) = self.applied.lock() {
@@ -314,7 +352,7 @@ impl Drainer {
 
     /// Sends one claimed row, records the outcome, and claims the next row
     /// of its negotiation when this one ended final and we are not stopping.
-    #[tracing::instrument(skip_all, fields(outbox_id = row.id, negotiation_id = %row.negotiation_id, attempt = row.attempt))]
+    #[tracing::instrument(skip_all, fields(kind = row.kind.as_str(), outbox_id = row.id, negotiation_id = %row.negotiation_id, attempt = row.attempt))]
     async fn process(
         &self,
         row: Claimed,
@@ -421,7 +459,7 @@ impl Drainer {
             } else {
                 "waiting"
             };
-            crate::metrics::send("transition", outcome, None);
+            crate::metrics::send(row.kind.as_str(), outcome, None);
             let a = Attempt {
                 attempt: row.attempt,
                 started_at: started_at.clone(),
@@ -459,33 +497,47 @@ impl Drainer {
                 ));
             }
         };
-        let Some(at) = crate::time::to_utc_z(&row.partner_status_changed_at) else {
-            let a = Attempt {
-                attempt: row.attempt,
-                started_at,
-                http_status: None,
-                outcome: "dead",
-                error: Some(format!(
-                    "partner_status_changed_at {:?} is not an RFC 3339 time",
-                    row.partner_status_changed_at
-                )),
-                trace_id: None,
-                duration_ms: 0,
-            };
-            crate::metrics::send("transition", "dead", None);
-            return (Finish::Dead, vec![a], RowResult::Dead);
+        let client = self.client();
+        let (delivery, message_id) = match &row.content {
+            Content::Transition {
+                status,
+                partner_status_changed_at,
+                invoice_amount_in_cents,
+            } => {
+                let Some(at) = crate::time::to_utc_z(partner_status_changed_at) else {
+                    let a = Attempt {
+                        attempt: row.attempt,
+                        started_at,
+                        http_status: None,
+                        outcome: "dead",
+                        error: Some(format!(
+                            "partner_status_changed_at {partner_status_changed_at:?} is not an RFC 3339 time"
+                        )),
+                        trace_id: None,
+                        duration_ms: 0,
+                    };
+                    crate::metrics::send(row.kind.as_str(), "dead", None);
+                    return (Finish::Dead, vec![a], RowResult::Dead);
+                };
+                let body = JobStatusBody {
+                    status: status.clone(),
+                    partner_status_changed_at: at,
+                    invoice_amount_in_cents: *invoice_amount_in_cents,
+                };
+                let delivery = client
+                    .post_job_status(&business_id, &row.negotiation_id, &body)
+                    .await;
+                (delivery, None)
+            }
+            Content::Message { text } => {
+                let body = MessageBody { text: text.clone() };
+                client
+                    .post_message(&business_id, &row.negotiation_id, &body)
+                    .await
+            }
         };
-        let body = JobStatusBody {
-            status: row.status.clone(),
-            partner_status_changed_at: at,
-            invoice_amount_in_cents: row.invoice_amount_in_cents,
-        };
-        let delivery = self
-            .client()
-            .post_job_status(&business_id, &row.negotiation_id, &body)
-            .await;
         let (finish, result) = match &delivery.result {
-            Ok(()) => (Finish::Sent, RowResult::Sent),
+            Ok(()) => (Finish::Sent { message_id }, RowResult::Sent),
             Err(e) => match e.disposition {
                 Disposition::Dead => (Finish::Dead, RowResult::Dead),
                 Disposition::Reauth => (Finish::Hold, RowResult::Held),
@@ -527,11 +579,11 @@ impl Drainer {
             })
             .collect();
         let took = delivery.exchanges.iter().map(|x| x.duration).sum();
-        crate::metrics::send("transition", outcome, Some(took));
+        crate::metrics::send(row.kind.as_str(), outcome, Some(took));
         match (&delivery.result, result) {
             (Ok(()), _) if row.late => info!(
                 business_id,
-                "sent late: a later transition of this negotiation was already sent (late = 1)"
+                "sent late: a later row of this negotiation was already sent (late = 1)"
             ),
             (Ok(()), _) => info!(business_id, "sent"),
             (Err(e), RowResult::Dead) => error!(business_id, error = %e, "dead: not sent"),

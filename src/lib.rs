@@ -15,6 +15,7 @@ pub mod ingest;
 pub mod lead;
 pub mod logging;
 pub mod manpage;
+pub mod messages;
 pub mod metrics;
 pub mod probe;
 pub mod sandbox;

@@ -1,7 +1,7 @@
 //! `leadsync status`: what the database says about each business and the outbox.
 
 use crate::config::Config;
-use crate::store::outbox;
+use crate::store::{messages, outbox};
 use anyhow::Result;
 use chrono::Utc;
 use rusqlite::Connection;
@@ -21,6 +21,18 @@ pub struct StatusReport {
     /// when no daemon has written them).
     pub schedules: Vec<ScheduleStatus>,
     pub outbox: OutboxStatus,
+    /// The mirrored conversations and `message_outbox`.
+    pub messages: MessagesStatus,
+}
+
+/// Messages: the mirror's and the replies to send.
+#[derive(Debug, Serialize)]
+pub struct MessagesStatus {
+    #[serde(flatten)]
+    pub mirrored: messages::MessageCounts,
+    /// `message_outbox` rows by state.
+    pub outbox: outbox::Counts,
+    pub oldest_pending_age_secs: Option<i64>,
 }
 
 /// One schedule of the running daemon (SPEC §11).
@@ -197,6 +209,12 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             recent_dead.push(row?);
         }
     }
+    let message_outbox = outbox::counts_of(conn, outbox::Kind::Message)?;
+    let messages = MessagesStatus {
+        mirrored: messages::counts(conn)?,
+        oldest_pending_age_secs: age_secs(&message_outbox.oldest_pending_created_at),
+        outbox: message_outbox,
+    };
     let schedules = crate::store::requests::read_lag(conn)?
         .into_iter()
         .map(|lag| {
@@ -214,6 +232,7 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
         .map(|(message, since)| AuthAlert { message, since })
         .collect();
     Ok(StatusReport {
+        messages,
         database: config.database().display().to_string(),
         generated_at: crate::time::now(),
         auth_alerts,
@@ -350,6 +369,29 @@ pub fn render_text(r: &StatusReport) -> String {
                 d.last_error.as_deref().unwrap_or("(no error recorded)")
             ));
         }
+    }
+    let m = &r.messages;
+    out.push_str(&format!(
+        "\nmessages: {} mirrored ({} from customers, {} from the business){}\n",
+        m.mirrored.total,
+        m.mirrored.from_customers,
+        m.mirrored.from_business,
+        if m.mirrored.failed_polls > 0 {
+            format!(
+                "; {} leads whose conversation could not be read (see message_polls)",
+                m.mirrored.failed_polls
+            )
+        } else {
+            String::new()
+        }
+    ));
+    let c = &m.outbox;
+    out.push_str(&format!(
+        "message_outbox: {} pending, {} sending, {} sent, {} dead, {} canceled\n",
+        c.pending, c.sending, c.sent, c.dead, c.canceled
+    ));
+    if let Some(age) = m.oldest_pending_age_secs {
+        out.push_str(&format!("  oldest pending reply: {}\n", ago(Some(age))));
     }
     out
 }

@@ -463,6 +463,56 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
         sent_before + 1.0
     );
 
+    // A reply is counted as a message (not as a transition), with the POST
+    // to its own endpoint and the message outbox's gauges.
+    let transitions_sent = value(
+        &s,
+        "leadsync_sends_total",
+        &[("kind", "transition"), ("outcome", "sent")],
+    );
+    env.sql()
+        .execute(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'On my way!')",
+            [&lead],
+        )
+        .expect("insert reply");
+    let s = wait_metrics(&base, "the reply counted and shown sent", |s| {
+        value(
+            s,
+            "leadsync_sends_total",
+            &[("kind", "message"), ("outcome", "sent")],
+        ) == 1.0
+            && value(
+                s,
+                "leadsync_outbox_rows",
+                &[("table", "message_outbox"), ("state", "sent")],
+            ) == 1.0
+    })
+    .await;
+    assert_eq!(
+        value(
+            &s,
+            "leadsync_sends_total",
+            &[("kind", "transition"), ("outcome", "sent")],
+        ),
+        transitions_sent
+    );
+    assert_eq!(
+        value(
+            &s,
+            "leadsync_send_duration_seconds_count",
+            &[("kind", "message")]
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &s,
+            "leadsync_http_requests_total",
+            &[("endpoint", "POST negotiations/{id}/messages")]
+        ) >= 1.0
+    );
+
     // A 429 pauses every request and is counted, with its status.
     env.sandbox.set_faults(Faults {
         rate_429: 1.0,

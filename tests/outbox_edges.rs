@@ -1,7 +1,8 @@
 //! The outbox at its edges (issue 11): rows edited, canceled or deleted in
 //! flight, rows that cannot be read, `Retry-After` against the backoff, a
 //! failing claim, late rows, rows waiting for their business, a hanging
-//! token endpoint, and a second writer racing the drainer under faults.
+//! token endpoint, and a second writer racing the drainer under faults; and
+//! the same edges for replies (message_outbox).
 
 mod common;
 
@@ -795,4 +796,223 @@ async fn a_second_writer_racing_the_drainer_under_faults() {
         last.insert(d.negotiation_id.clone(), utc.clone());
     }
     assert!(late_rows > 0, "the shuffled instants made some rows late");
+}
+
+// The same edges for replies (`message_outbox`): one drainer, one claim,
+// one finish — these hold them to it.
+
+impl Rig {
+    fn reply(&self, negotiation: &str, text: &str) -> i64 {
+        let db = self.env.sql();
+        db.execute(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+            [negotiation, text],
+        )
+        .unwrap();
+        db.last_insert_rowid()
+    }
+
+    fn reply_state(&self, id: i64) -> (String, i64, Option<String>) {
+        self.env
+            .sql()
+            .query_row(
+                "SELECT state, attempts, last_error FROM message_outbox WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+    }
+
+    async fn wait_replies_sending(&self, n: i64) {
+        common::wait_until(
+            &format!("{n} replies in flight"),
+            Duration::from_secs(20),
+            || self.count("SELECT count(*) FROM message_outbox WHERE state = 'sending'") >= n,
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_outcome_lands_only_on_the_row_that_was_sent_and_its_text_is_frozen_in_flight() {
+    let rig = Rig::new(FAST).await;
+    let canceled = rig.reply(&rig.lead(0, 0), "first");
+    let edited = rig.reply(&rig.lead(1, 0), "second");
+    let untouched = rig.reply(&rig.lead(2, 0), "third");
+    rig.env.sandbox.set_faults(with_latency(1500));
+    let drain = rig.drain_in_background();
+    rig.wait_replies_sending(3).await;
+    // In flight: the business was filled in as the row left pending, and
+    // the text cannot change any more.
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM message_outbox WHERE id = {untouched} AND business_id = '{}'",
+            rig.env.business_ids()[2]
+        )),
+        1
+    );
+    let refused = rig
+        .env
+        .sql()
+        .execute(
+            "UPDATE message_outbox SET text = 'changed in flight' WHERE id = ?1",
+            [untouched],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains("can change only while it is pending"),
+        "{refused}"
+    );
+    rig.sql(&format!(
+        "UPDATE message_outbox SET state = 'canceled' WHERE id = {canceled};
+         UPDATE message_outbox SET state = 'pending' WHERE id = {edited};
+         UPDATE message_outbox SET text = 'second, corrected' WHERE id = {edited};"
+    ));
+    drain.await.unwrap().unwrap();
+    rig.env.sandbox.set_faults(Faults::default());
+    rig.drain().await;
+
+    assert_eq!(rig.reply_state(canceled).0, "canceled");
+    assert_eq!(rig.reply_state(untouched).0, "sent");
+    assert_eq!(rig.reply_state(edited).0, "sent");
+    let received: HashSet<(String, String)> = rig
+        .env
+        .sandbox
+        .replies()
+        .into_iter()
+        .map(|r| (r.negotiation_id, r.text))
+        .collect();
+    let db = rig.env.sql();
+    let mut stmt = db
+        .prepare("SELECT negotiation_id, text FROM message_outbox WHERE state = 'sent'")
+        .unwrap();
+    let sent: Vec<(String, String)> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(sent.len(), 2, "{sent:?}");
+    for row in sent {
+        assert!(
+            received.contains(&row),
+            "{row:?} is sent, Thumbtack got {received:?}"
+        );
+    }
+    // The attempts of the row changed in flight are recorded all the same.
+    assert!(
+        rig.count(&format!(
+            "SELECT count(*) FROM message_outbox_attempts WHERE outbox_id = {canceled}"
+        )) >= 1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn late_replies_are_sent_and_marked_late_and_ids_are_never_reused() {
+    let rig = Rig::new(FAST).await;
+    let n = rig.lead(0, 0);
+    let first = rig.reply(&n, "one");
+    rig.drain().await;
+    let retried = rig.reply(&n, "two");
+    let after_it = rig.reply(&n, "three");
+    rig.sql(&format!(
+        "UPDATE message_outbox SET state = 'dead' WHERE id = {retried}"
+    ));
+    rig.drain().await;
+    assert_eq!(rig.reply_state(after_it).0, "sent");
+    let out = rig
+        .env
+        .run(&["outbox", "retry", "--kind", "message", &retried.to_string()]);
+    assert!(out.status.success(), "{}", common::text(&out));
+    rig.drain().await;
+    let late = |id: i64| {
+        rig.count(&format!(
+            "SELECT late FROM message_outbox WHERE id = {id} AND state = 'sent'"
+        ))
+    };
+    assert_eq!((late(first), late(retried), late(after_it)), (0, 1, 0));
+    let texts: Vec<String> = rig
+        .env
+        .sandbox
+        .replies()
+        .into_iter()
+        .map(|r| r.text)
+        .collect();
+    assert_eq!(texts, ["one", "three", "two"], "the late reply is sent");
+    // AUTOINCREMENT: a deleted last row's id is not given again, so id
+    // order stays insertion order.
+    rig.sql(&format!("DELETE FROM message_outbox WHERE id = {after_it}"));
+    assert!(rig.reply(&n, "four") > after_it);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replies_of_a_removed_or_refused_business_wait_without_counting_attempts() {
+    let rig = Rig::new(&FAST.replace("max_attempts = 5", "max_attempts = 2")).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    // Business 0 loses its grant: its replies wait for re-authorization.
+    let b0 = rig.env.business_ids()[0].clone();
+    let token_file = rig.env.dir.path().join("fixture/tokens").join(&b0);
+    let token = std::fs::read_to_string(&token_file).unwrap();
+    std::fs::write(&token_file, "revoked\n").unwrap();
+    let of_removed = rig.reply(&rig.lead(2, 0), "to the removed business");
+    for i in 0..20 {
+        rig.reply(&rig.lead(0, i % 5), &format!("reply {i}"));
+    }
+    let other = rig.reply(&rig.lead(1, 0), "to the business that works");
+    for _ in 0..4 {
+        rig.sql(
+            "UPDATE message_outbox SET next_attempt_at = '2000-01-01T00:00:00Z' WHERE state = 'pending'",
+        );
+        rig.drain().await;
+    }
+    assert_eq!(rig.reply_state(other).0, "sent");
+    let (state, attempts, error) = rig.reply_state(of_removed);
+    assert_eq!((state.as_str(), attempts), ("pending", 0));
+    assert!(
+        error
+            .unwrap_or_default()
+            .contains("not in the configuration"),
+        "the removed business's reply says why it waits"
+    );
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM message_outbox WHERE waiting_for = '{b0}' AND attempts = 0
+                AND state = 'pending' AND last_error LIKE 'waiting: %'"
+        )),
+        20
+    );
+    assert_eq!(rig.env.sandbox.replies().len(), 1);
+    // Configured again and re-authorized: they go out, in id order per lead.
+    std::fs::write(&token_file, token).unwrap();
+    assert!(rig.session.auth.token(&b0).await.is_ok());
+    rig.drainer.update(full, rig.session.client.clone());
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 21, "{s:?}");
+    assert_eq!(
+        rig.count(
+            "SELECT count(*) FROM message_outbox WHERE waiting_for IS NOT NULL OR state <> 'sent'"
+        ),
+        0
+    );
+    let mut by_lead: HashMap<String, Vec<String>> = HashMap::new();
+    for r in rig.env.sandbox.replies() {
+        by_lead.entry(r.negotiation_id).or_default().push(r.text);
+    }
+    for i in 0..5 {
+        let want: Vec<String> = (0..20)
+            .filter(|j| j % 5 == i)
+            .map(|j| format!("reply {j}"))
+            .collect();
+        assert_eq!(by_lead[&rig.lead(0, i)], want);
+    }
 }

@@ -290,3 +290,125 @@ fn lead_value(
 pub fn render(v: &Value) -> String {
     serde_json::to_string(v).unwrap_or_else(|_| "{}".into())
 }
+
+/// One message of a lead's conversation, kept as the exact JSON the API serves.
+#[derive(Debug, Clone)]
+pub struct SbMessage {
+    pub id: String,
+    pub sent_at: DateTime<Utc>,
+    /// `Customer` or `Business`.
+    pub from: String,
+    pub text: String,
+    pub json: String,
+}
+
+/// How many messages a lead's seeded conversation has: `long` for the
+/// designated long conversation, else 0–3 by the lead id.
+pub fn seeded_message_count(seed: u64, negotiation_id: &str, long: bool) -> usize {
+    if long {
+        return LONG_CONVERSATION;
+    }
+    (xxhash_rust::xxh3::xxh3_64_with_seed(negotiation_id.as_bytes(), seed) % 4) as usize
+}
+
+/// The length of the one long conversation each business has (its newest
+/// lead at generation): more than two pages of the largest `limit` (20).
+pub const LONG_CONVERSATION: usize = 45;
+
+const CUSTOMER_LINES: &[&str] = &[
+    "Hi! Are you available next week?",
+    "Can you give me a rough estimate?",
+    "Thanks — that works for me 👍",
+    "Could you come on Saturday morning instead?",
+    "Here's the address: 12 Rue de l'Église, apt \"B\"",
+];
+const BUSINESS_LINES: &[&str] = &[
+    "Hello! Yes, we have openings on Tuesday and Thursday.",
+    "Roughly $350–$500 depending on materials.",
+    "Great, see you then.",
+    "Saturday at 9:00 works. Naïve question: is there parking?",
+];
+
+/// A lead's seeded conversation, oldest first: deterministic from the seed
+/// and the lead, one message every 13 minutes after the lead was created.
+pub fn seeded_messages(
+    seed: u64,
+    business_id: &str,
+    business_name: &str,
+    lead_json: &str,
+    negotiation_id: &str,
+    count: usize,
+) -> Vec<SbMessage> {
+    let lead: Value = serde_json::from_str(lead_json).unwrap_or(Value::Null);
+    let created = ["createTime", "createdAt"]
+        .iter()
+        .find_map(|k| lead[*k].as_str())
+        .and_then(|t| DateTime::parse_from_rfc3339(t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or_else(epoch);
+    let mut rng = fastrand::Rng::with_seed(xxhash_rust::xxh3::xxh3_64_with_seed(
+        negotiation_id.as_bytes(),
+        seed ^ 0x6d65_7373,
+    ));
+    (0..count)
+        .map(|k| {
+            let from = if k % 3 == 2 { "Business" } else { "Customer" };
+            let lines = if from == "Business" {
+                BUSINESS_LINES
+            } else {
+                CUSTOMER_LINES
+            };
+            let text = format!("{} (#{})", lines[rng.usize(0..lines.len())], k + 1);
+            // 6 then 18 digits: never a lead's or a business's id.
+            let id = (600_000_000_000_000_000u64 + rng.u64(0..100_000_000_000_000_000)).to_string();
+            message(
+                &id,
+                negotiation_id,
+                business_id,
+                business_name,
+                &lead,
+                from,
+                &text,
+                created + Duration::minutes(13 * (k as i64 + 1)),
+            )
+        })
+        .collect()
+}
+
+/// A `MessageV4` as the API serves it.
+#[allow(clippy::too_many_arguments)]
+pub fn message(
+    id: &str,
+    negotiation_id: &str,
+    business_id: &str,
+    business_name: &str,
+    lead: &Value,
+    from: &str,
+    text: &str,
+    sent_at: DateTime<Utc>,
+) -> SbMessage {
+    let mut v = json!({
+        "messageID": id,
+        "negotiationID": negotiation_id,
+        "from": from,
+        "text": text,
+        "attachments": [],
+        "sentAt": sent_at.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+    });
+    if from == "Business" {
+        v["business"] = json!({"businessID": business_id, "displayName": business_name});
+    } else {
+        let customer = &lead["customer"];
+        v["customer"] = json!({
+            "customerID": customer["customerID"],
+            "displayName": customer["displayName"].as_str().unwrap_or("Customer"),
+        });
+    }
+    SbMessage {
+        id: id.to_string(),
+        sent_at,
+        from: from.to_string(),
+        text: text.to_string(),
+        json: render(&v),
+    }
+}

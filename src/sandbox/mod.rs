@@ -10,7 +10,7 @@ pub mod webhooks;
 
 use anyhow::{Context, Result};
 pub use data::Shape;
-use data::{SbBusiness, SbLead};
+use data::{SbBusiness, SbLead, SbMessage};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -150,6 +150,21 @@ pub struct Delivery {
     pub user_agent: Option<String>,
 }
 
+/// A reply (`POST /negotiations/{id}/messages`) the sandbox accepted.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Reply {
+    /// Order of acceptance, from 1.
+    pub seq: u64,
+    pub negotiation_id: String,
+    pub business_id: String,
+    /// The id the response gave it.
+    pub message_id: String,
+    /// Exactly as received.
+    pub text: String,
+    pub received_at: String,
+    pub user_agent: Option<String>,
+}
+
 /// Lead mutations, to make the mirror notice changes.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -173,6 +188,11 @@ pub enum Mutation {
         text: String,
         #[serde(default)]
         from: Option<String>,
+    },
+    /// New customer messages at the end of a lead's conversation.
+    AddMessages {
+        negotiation_id: String,
+        count: usize,
     },
 }
 
@@ -209,6 +229,12 @@ pub(crate) struct State {
     auth_codes: HashMap<String, Vec<String>>,
     token_faults: TokenFaults,
     deliveries: Vec<Delivery>,
+    /// Each lead's conversation, oldest first, generated on first use so a
+    /// large sandbox does not pay for conversations nobody reads.
+    conversations: HashMap<String, Vec<SbMessage>>,
+    /// The lead of each business whose conversation is long (three pages).
+    long_conversations: HashSet<String>,
+    replies: Vec<Reply>,
     refuse: HashSet<String>,
     faults: Faults,
     stats: Stats,
@@ -217,8 +243,6 @@ pub(crate) struct State {
     webhooks: Vec<webhooks::Subscription>,
     webhook_log: Vec<webhooks::DeliveryLog>,
     webhook_tx: Option<tokio::sync::mpsc::UnboundedSender<webhooks::Job>>,
-    /// Messages per negotiation, oldest first (exact JSON).
-    messages: HashMap<String, Vec<String>>,
 }
 
 impl State {
@@ -237,6 +261,79 @@ impl State {
                 .position(|l| l.id == negotiation_id)
                 .map(|li| (bi, li))
         })
+    }
+
+    /// A lead's conversation (generated from the seed on first use);
+    /// `None` when the lead is not listed.
+    fn conversation(&mut self, negotiation_id: &str) -> Option<&mut Vec<SbMessage>> {
+        if !self.conversations.contains_key(negotiation_id) {
+            let (bi, li) = self.find_lead(negotiation_id)?;
+            let b = &self.businesses[bi];
+            let long = self.long_conversations.contains(negotiation_id);
+            let count = data::seeded_message_count(self.options.seed, negotiation_id, long);
+            let messages = data::seeded_messages(
+                self.options.seed,
+                &b.id,
+                &b.name,
+                &b.leads[li].json,
+                negotiation_id,
+                count,
+            );
+            self.conversations
+                .insert(negotiation_id.to_string(), messages);
+        } else {
+            self.find_lead(negotiation_id)?;
+        }
+        self.conversations.get_mut(negotiation_id)
+    }
+
+    /// Appends a message sent now (strictly after the conversation's last,
+    /// so that paging by time never sees two at the same instant).
+    fn append_message(
+        &mut self,
+        negotiation_id: &str,
+        from: &str,
+        text: &str,
+    ) -> Option<SbMessage> {
+        let (bi, li) = self.find_lead(negotiation_id)?;
+        let (business_id, business_name) = (
+            self.businesses[bi].id.clone(),
+            self.businesses[bi].name.clone(),
+        );
+        let lead: serde_json::Value =
+            serde_json::from_str(&self.businesses[bi].leads[li].json).unwrap_or_default();
+        let id =
+            (600_000_000_000_000_000u64 + self.rng.u64(0..100_000_000_000_000_000)).to_string();
+        let conversation = self.conversation(negotiation_id)?;
+        let mut sent_at = chrono::Utc::now();
+        if let Some(last) = conversation.last()
+            && sent_at <= last.sent_at
+        {
+            sent_at = last.sent_at + chrono::Duration::milliseconds(1);
+        }
+        let m = data::message(
+            &id,
+            negotiation_id,
+            &business_id,
+            &business_name,
+            &lead,
+            from,
+            text,
+            sent_at,
+        );
+        conversation.push(m.clone());
+        // Every new message, a reply included, goes to the registered webhooks.
+        webhooks::enqueue(
+            self,
+            &business_id,
+            "MessageCreatedV4",
+            &[(
+                Some(negotiation_id.to_string()),
+                Some(m.id.clone()),
+                m.json.clone(),
+            )],
+        );
+        Some(m)
     }
 
     fn count(&mut self, route: String) {
@@ -282,6 +379,9 @@ impl Sandbox {
             auth_codes: HashMap::new(),
             token_faults: TokenFaults::default(),
             deliveries: Vec::new(),
+            conversations: HashMap::new(),
+            long_conversations: HashSet::new(),
+            replies: Vec::new(),
             refuse: HashSet::new(),
             faults: options.faults.clone(),
             stats: Stats::default(),
@@ -290,10 +390,14 @@ impl Sandbox {
             webhooks: Vec::new(),
             webhook_log: Vec::new(),
             webhook_tx: None,
-            messages: HashMap::new(),
         };
         let (webhook_tx, webhook_rx) = tokio::sync::mpsc::unbounded_channel();
         state.webhook_tx = Some(webhook_tx);
+        state.long_conversations = state
+            .businesses
+            .iter()
+            .filter_map(|b| b.leads.first().map(|l| l.id.clone()))
+            .collect();
         // Static tokens are derived from the seed so a fixture written once keeps working.
         for b in state.businesses.clone() {
             let token = format!("sbx_static_{}_{:x}", b.id, options.seed);
@@ -428,6 +532,32 @@ impl Sandbox {
         self.lock().deliveries.clone()
     }
 
+    /// A lead's conversation as served, oldest first (empty for an unknown lead).
+    pub fn messages(&self, negotiation_id: &str) -> Vec<SbMessage> {
+        self.lock()
+            .conversation(negotiation_id)
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// The business's lead with the long seeded conversation
+    /// ([`data::LONG_CONVERSATION`] messages): its newest lead at start.
+    pub fn long_conversation_lead(&self, business_id: &str) -> Option<String> {
+        let s = self.lock();
+        s.business(business_id)
+            .and_then(|b| {
+                b.leads
+                    .iter()
+                    .find(|l| s.long_conversations.contains(&l.id))
+            })
+            .map(|l| l.id.clone())
+    }
+
+    /// Every accepted reply, in order of acceptance.
+    pub fn replies(&self) -> Vec<Reply> {
+        self.lock().replies.clone()
+    }
+
     /// Every secret the sandbox knows: issued access and refresh tokens,
     /// static tokens and the client secret (tests search logs for them).
     pub fn issued_secrets(&self) -> Vec<String> {
@@ -481,7 +611,8 @@ impl Sandbox {
         self.lock().options.pagination = pagination;
     }
 
-    /// Makes the job-status endpoint refuse (400) transitions of this lead.
+    /// Makes the job-status and reply endpoints refuse (400) this lead, and
+    /// its message history answer 403 (history is for active leads only).
     pub fn refuse(&self, negotiation_id: &str) {
         self.lock().refuse.insert(negotiation_id.to_string());
     }

@@ -2,7 +2,7 @@
 //! and `/_sandbox/*` control routes for a sandbox run as its own process.
 
 use super::data;
-use super::{Delivery, Faults, Mutation, State};
+use super::{Delivery, Faults, Mutation, Reply, State};
 use crate::thumbtack::model::JOB_STATUSES;
 use anyhow::{Result, anyhow};
 use base64::Engine;
@@ -140,6 +140,8 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 (&Method::GET, ["negotiations", _]) => "get".to_string(),
                 (&Method::POST, ["negotiations", _, "job-status"]) => "job-status".to_string(),
                 (m, ["businesses", _, "webhooks", ..]) => format!("webhooks {m}"),
+                (&Method::GET, ["negotiations", _, "messages"]) => "messages".to_string(),
+                (&Method::POST, ["negotiations", _, "messages"]) => "reply".to_string(),
                 _ => "unknown".to_string(),
             };
             let faults = {
@@ -201,6 +203,12 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                     "Forbidden",
                     &format!("this token does not grant access to business {b}"),
                 ),
+                (&Method::GET, ["negotiations", n, "messages"]) => {
+                    list_messages(&state, &business, n, &query)
+                }
+                (&Method::POST, ["negotiations", n, "messages"]) => {
+                    reply(&state, &business, n, &body, header("user-agent"))
+                }
                 _ => problem(
                     &state,
                     StatusCode::NOT_FOUND,
@@ -642,6 +650,160 @@ fn job_status(
     )
 }
 
+/// The refusal when the lead does not exist or the token's business does
+/// not own it; `None` when it may be used.
+fn not_owned(
+    state: &Shared,
+    token_business: &str,
+    negotiation_id: &str,
+) -> Option<Response<Full<Bytes>>> {
+    let owner = {
+        let s = lock(state);
+        s.find_lead(negotiation_id)
+            .map(|(bi, _)| s.businesses[bi].id.clone())
+    };
+    match owner {
+        None => Some(problem(
+            state,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("negotiation {negotiation_id} not found"),
+        )),
+        Some(b) if b != token_business => Some(problem(
+            state,
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "this token does not grant access to this negotiation",
+        )),
+        Some(_) => None,
+    }
+}
+
+/// `GET /negotiations/{id}/messages`: `limit` 1–20 (default 10), `sentBefore`
+/// and `sentAfter` (exclusive), newest first, `{"data", "pagination": {"limit"}}`.
+fn list_messages(
+    state: &Shared,
+    token_business: &str,
+    negotiation_id: &str,
+    query: &str,
+) -> Response<Full<Bytes>> {
+    if let Some(r) = not_owned(state, token_business, negotiation_id) {
+        return r;
+    }
+    let bad = |detail: &str| problem(state, StatusCode::BAD_REQUEST, "Bad Request", detail);
+    let params: HashMap<String, String> = match serde_urlencoded::from_str(query) {
+        Ok(p) => p,
+        Err(_) => return bad("the query string cannot be read"),
+    };
+    let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+        None => 10,
+        Some(Ok(l)) if (1..=20).contains(&l) => l,
+        Some(_) => return bad("limit must be an integer from 1 to 20"),
+    };
+    let mut bounds = [None, None];
+    for (i, key) in ["sentBefore", "sentAfter"].iter().enumerate() {
+        if let Some(t) = params.get(*key) {
+            match chrono::DateTime::parse_from_rfc3339(t) {
+                Ok(t) => bounds[i] = Some(t.with_timezone(&chrono::Utc)),
+                Err(_) => return bad(&format!("{key} must be an RFC 3339 timestamp")),
+            }
+        }
+    }
+    let [before, after] = bounds;
+    if lock(state).refuse.contains(negotiation_id) {
+        return problem(
+            state,
+            StatusCode::FORBIDDEN,
+            "Forbidden",
+            "message history is available for active leads only",
+        );
+    }
+    let items: Vec<String> = {
+        let mut s = lock(state);
+        let Some(conversation) = s.conversation(negotiation_id) else {
+            drop(s);
+            return problem(
+                state,
+                StatusCode::NOT_FOUND,
+                "Not Found",
+                &format!("negotiation {negotiation_id} not found"),
+            );
+        };
+        conversation
+            .iter()
+            .rev()
+            .filter(|m| before.is_none_or(|b| m.sent_at < b))
+            .filter(|m| after.is_none_or(|a| m.sent_at > a))
+            .take(limit)
+            .map(|m| m.json.clone())
+            .collect()
+    };
+    respond(
+        StatusCode::OK,
+        "application/json",
+        format!(
+            "{{\"data\":[{}],\"pagination\":{{\"limit\":{limit}}}}}",
+            items.join(",")
+        ),
+    )
+}
+
+/// `POST /negotiations/{id}/messages` with `{"text"}`: recorded, appended to
+/// the conversation as from the business, answered with the message.
+fn reply(
+    state: &Shared,
+    token_business: &str,
+    negotiation_id: &str,
+    body: &[u8],
+    user_agent: Option<String>,
+) -> Response<Full<Bytes>> {
+    if let Some(r) = not_owned(state, token_business, negotiation_id) {
+        return r;
+    }
+    let bad = |detail: &str| problem(state, StatusCode::BAD_REQUEST, "Bad Request", detail);
+    let Ok(Value::Object(body)) = serde_json::from_slice::<Value>(body) else {
+        return bad("the body must be a JSON object");
+    };
+    let text = match body.get("text").and_then(Value::as_str) {
+        Some(t) if !t.trim().is_empty() => t,
+        _ => return bad("text is required"),
+    };
+    if text.chars().count() > 5000 {
+        return bad("text must be at most 5000 characters");
+    }
+    let mut s = lock(state);
+    if s.refuse.contains(negotiation_id) {
+        drop(s);
+        return problem(
+            state,
+            StatusCode::BAD_REQUEST,
+            "Invalid message",
+            &format!("negotiation {negotiation_id} does not accept messages"),
+        );
+    }
+    let Some(m) = s.append_message(negotiation_id, "Business", text) else {
+        drop(s);
+        return problem(
+            state,
+            StatusCode::NOT_FOUND,
+            "Not Found",
+            &format!("negotiation {negotiation_id} not found"),
+        );
+    };
+    let seq = s.replies.len() as u64 + 1;
+    s.replies.push(Reply {
+        seq,
+        negotiation_id: negotiation_id.to_string(),
+        business_id: token_business.to_string(),
+        message_id: m.id.clone(),
+        text: text.to_string(),
+        received_at: crate::time::now(),
+        user_agent,
+    });
+    drop(s);
+    respond(StatusCode::CREATED, "application/json", m.json)
+}
+
 /// The token endpoint: the answer, how long to hold it, and whether to
 /// drop the connection instead (after the token was rotated).
 fn token_endpoint(
@@ -808,6 +970,7 @@ fn control(state: &Shared, method: &Method, rest: &[&str], body: &[u8]) -> Respo
                 .map(super::webhooks::Subscription::to_json)
                 .collect::<Vec<_>>()
         )),
+        (&Method::GET, ["replies"]) => ok(json!(s.replies)),
         (&Method::GET, ["stats"]) => ok(json!(s.stats)),
         (&Method::GET, ["businesses"]) => ok(json!(
             s.businesses
@@ -930,42 +1093,13 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
             if from != "Customer" && from != "Business" {
                 return Err(anyhow!("from must be Customer or Business, not {from:?}"));
             }
-            let business = s.businesses[bi].clone();
-            s.sequence += 1;
-            let message_id = (600_000_000_000_000_000u64 + s.sequence).to_string();
-            let who = if from == "Customer" {
-                let lead: Value = serde_json::from_str(
-                    &business.leads[s.find_lead(&negotiation_id).map_or(0, |(_, li)| li)].json,
-                )?;
-                json!({"customer": {
-                    "customerID": lead["customer"]["customerID"],
-                    "displayName": lead["customer"]["displayName"],
-                }})
-            } else {
-                json!({"business": {"businessID": business.id, "displayName": business.name}})
-            };
-            let mut message = json!({
-                "messageID": message_id,
-                "negotiationID": negotiation_id,
-                "from": from,
-                "text": text,
-                "attachments": [],
-                "sentAt": crate::time::now(),
-            });
-            if let (Some(m), Some(w)) = (message.as_object_mut(), who.as_object()) {
-                m.extend(w.clone());
-            }
-            let json = data::render(&message);
-            s.messages
-                .entry(negotiation_id.clone())
-                .or_default()
-                .push(json.clone());
-            super::webhooks::enqueue(
-                s,
-                &business.id,
-                "MessageCreatedV4",
-                &[(Some(negotiation_id), Some(message_id.clone()), json)],
-            );
+            let _ = bi;
+            // One conversation: the message is listed by GET .../messages
+            // and delivered to the webhooks (by append_message).
+            let m = s
+                .append_message(&negotiation_id, &from, &text)
+                .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))?;
+            let message_id = m.id;
             Ok(vec![message_id])
         }
         Mutation::Restore { negotiation_id } => {
@@ -977,6 +1111,17 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
             leads.insert(li.min(leads.len()), lead);
             Ok(vec![negotiation_id])
         }
+        Mutation::AddMessages {
+            negotiation_id,
+            count,
+        } => (0..count)
+            .map(|k| {
+                let text = format!("Customer follow-up {} 💬", k + 1);
+                s.append_message(&negotiation_id, "Customer", &text)
+                    .map(|m| m.id)
+                    .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))
+            })
+            .collect(),
     }
 }
 

@@ -53,8 +53,8 @@ pub struct TableGauges {
     pub read_seconds: f64,
 }
 
-/// The outbox tables whose rows are counted, when they exist (the message
-/// outbox arrives with a later migration).
+/// The outbox tables whose rows are counted, when they exist (`message_outbox`
+/// since schema 7).
 const OUTBOX_TABLES: &[&str] = &["outbox", "message_outbox"];
 
 /// Every state a row can be in; each is reported, zero included, so that a

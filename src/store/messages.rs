@@ -1,10 +1,13 @@
 //! Messages and webhook deliveries: `messages`, `webhook_events`, and the one
-//! transaction that stores a delivery together with its effect.
+//! transaction that stores a delivery together with its effect; and what
+//! message polling remembers (`message_polls`, `message_poll_cursors`).
 
 use super::mirror::{self, PageContext, Source, Upserted};
 use crate::lead::LeadRow;
+use crate::thumbtack::model::Message;
 use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use serde::Serialize;
 
 /// A message row (SPEC §9), source-agnostic.
 #[derive(Debug, Clone)]
@@ -216,4 +219,225 @@ pub fn insert_message(conn: &Connection, m: &MessageRow, now: &str) -> Result<bo
             now
         ])?;
     Ok(n > 0)
+}
+
+/// Where a message came from (`messages.source`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageSource {
+    Webhook,
+    Poll,
+}
+
+impl MessageSource {
+    /// The value stored in `messages.source`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageSource::Webhook => "webhook",
+            MessageSource::Poll => "poll",
+        }
+    }
+}
+
+/// What writing a batch of messages did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Written {
+    /// Messages new to the mirror.
+    pub inserted: i64,
+    /// Ids that were already in the mirror (nothing was changed for them).
+    pub already_known: Vec<String>,
+}
+
+/// Inserts messages in one transaction, keyed by `message_id`: a message
+/// already in the mirror (from a webhook, an earlier poll) is left as it is.
+/// `negotiation_id` is used when a message does not name its own.
+pub fn insert_messages(
+    conn: &mut Connection,
+    negotiation_id: &str,
+    business_id: Option<&str>,
+    messages: &[Message],
+    source: MessageSource,
+    now: &str,
+) -> Result<Written> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut written = Written::default();
+    {
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO messages (message_id, negotiation_id, business_id, sent_at, sender, text,
+                 payload, source, first_seen_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+             ON CONFLICT (message_id) DO NOTHING",
+        )?;
+        for m in messages {
+            let n = insert.execute(params![
+                m.message_id,
+                m.negotiation_id.as_deref().unwrap_or(negotiation_id),
+                business_id,
+                m.sent_at,
+                m.sender,
+                m.text,
+                m.payload,
+                source.as_str(),
+                now,
+            ])?;
+            if n == 0 {
+                written.already_known.push(m.message_id.clone());
+            } else {
+                written.inserted += 1;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(written)
+}
+
+/// The leads to poll after a pass of `business_id`: those found new, changed
+/// or back since the business's cursor (oldest first), then those whose last
+/// poll failed; at most `limit` in all. Also returns the change id to move
+/// the cursor to once they are polled.
+pub fn leads_to_poll(
+    conn: &Connection,
+    business_id: &str,
+    limit: usize,
+) -> Result<(Vec<String>, Option<i64>)> {
+    let cursor: i64 = conn
+        .query_row(
+            "SELECT last_change_id FROM message_poll_cursors WHERE business_id = ?1",
+            [business_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .unwrap_or(0);
+    let mut leads = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut new_cursor = None;
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, negotiation_id FROM negotiation_changes
+                    INDEXED BY negotiation_changes_news_by_business
+              WHERE business_id = ?1 AND id > ?2 AND kind IN ('new', 'changed', 'reappeared')
+              ORDER BY id",
+        )?;
+        let mut rows = stmt.query(params![business_id, cursor])?;
+        while let Some(r) = rows.next()? {
+            let (id, negotiation_id): (i64, String) = (r.get(0)?, r.get(1)?);
+            if seen.contains(&negotiation_id) {
+                new_cursor = Some(id);
+                continue;
+            }
+            if leads.len() >= limit {
+                break;
+            }
+            seen.insert(negotiation_id.clone());
+            leads.push(negotiation_id);
+            new_cursor = Some(id);
+        }
+    }
+    if leads.len() < limit {
+        let mut stmt = conn.prepare_cached(
+            "SELECT negotiation_id FROM message_polls
+              WHERE business_id = ?1 AND outcome = 'error' ORDER BY polled_at LIMIT ?2",
+        )?;
+        let failed = stmt
+            .query_map(params![business_id, limit as i64], |r| {
+                r.get::<_, String>(0)
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        for n in failed {
+            if leads.len() < limit && seen.insert(n.clone()) {
+                leads.push(n);
+            }
+        }
+    }
+    Ok((leads, new_cursor))
+}
+
+/// Moves a business's cursor forward (never back).
+pub fn advance_cursor(conn: &Connection, business_id: &str, change_id: i64) -> Result<()> {
+    conn.execute(
+        "INSERT INTO message_poll_cursors (business_id, last_change_id) VALUES (?1, ?2)
+         ON CONFLICT (business_id) DO UPDATE SET last_change_id = max(last_change_id, excluded.last_change_id)",
+        params![business_id, change_id],
+    )?;
+    Ok(())
+}
+
+/// The outcome of polling one lead's conversation.
+#[derive(Debug, Clone)]
+pub struct PollRecord<'a> {
+    pub negotiation_id: &'a str,
+    pub business_id: &'a str,
+    pub polled_at: &'a str,
+    pub error: Option<&'a str>,
+    pub pages: i64,
+    pub new_messages: i64,
+    /// The newest `sent_at` up to which the lead's history is in the mirror.
+    pub complete_through: Option<&'a str>,
+}
+
+/// Records a lead's last poll (`message_polls`).
+pub fn record_poll(conn: &Connection, p: &PollRecord<'_>) -> Result<()> {
+    conn.execute(
+        "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, error, pages,
+             new_messages, complete_through)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+         ON CONFLICT (negotiation_id) DO UPDATE SET business_id = excluded.business_id,
+             polled_at = excluded.polled_at, outcome = excluded.outcome, error = excluded.error,
+             pages = excluded.pages, new_messages = excluded.new_messages,
+             complete_through = excluded.complete_through",
+        params![
+            p.negotiation_id,
+            p.business_id,
+            p.polled_at,
+            if p.error.is_some() { "error" } else { "ok" },
+            p.error,
+            p.pages,
+            p.new_messages,
+            p.complete_through
+        ],
+    )?;
+    Ok(())
+}
+
+/// Up to when a lead's history is known to be in the mirror (`None`: never
+/// read completely; the next poll reads it to the end).
+pub fn complete_through(conn: &Connection, negotiation_id: &str) -> Result<Option<String>> {
+    Ok(conn
+        .query_row(
+            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            [negotiation_id],
+            |r| r.get(0),
+        )
+        .optional()?
+        .flatten())
+}
+
+/// Messages in the mirror, for `status`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MessageCounts {
+    pub total: i64,
+    pub from_customers: i64,
+    pub from_business: i64,
+    /// Leads whose last message poll failed.
+    pub failed_polls: i64,
+}
+
+/// Counts messages and failed polls.
+pub fn counts(conn: &Connection) -> Result<MessageCounts> {
+    let (total, from_customers, from_business) = conn.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE sender = 'Customer'),
+                count(*) FILTER (WHERE sender = 'Business') FROM messages",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+    )?;
+    let failed_polls = conn.query_row(
+        "SELECT count(*) FROM message_polls WHERE outcome = 'error'",
+        [],
+        |r| r.get(0),
+    )?;
+    Ok(MessageCounts {
+        total,
+        from_customers,
+        from_business,
+        failed_polls,
+    })
 }

@@ -54,6 +54,7 @@ fn migrations() -> Vec<(i64, String)> {
             6,
             include_str!("migrations/0006_auth_alerts.sql").to_string(),
         ),
+        (7, include_str!("migrations/0007_messages.sql").to_string()),
     ]
 }
 

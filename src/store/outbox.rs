@@ -1,10 +1,129 @@
-//! The outbox: claim / finish / recover, attempts, and the operator's commands.
+//! The outboxes: claim / finish / recover, attempts, and the operator's
+//! commands, for both tables the drainer sends — `outbox` (job-status
+//! transitions) and `message_outbox` (replies). One machinery; [`Kind`] says
+//! what differs: the table, its attempts log, the content and the order.
 
 use anyhow::{Result, bail};
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+
+/// What an outbox row sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    /// A job-status transition (`outbox`), ordered by its instant, then id.
+    Transition,
+    /// A reply (`message_outbox`), ordered by id.
+    Message,
+}
+
+impl Kind {
+    /// Both kinds.
+    pub const ALL: [Kind; 2] = [Kind::Transition, Kind::Message];
+
+    /// `transition` or `message` (as `outbox list --kind` takes it).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Transition => "transition",
+            Kind::Message => "message",
+        }
+    }
+
+    /// The table of rows to send.
+    pub fn table(self) -> &'static str {
+        match self {
+            Kind::Transition => "outbox",
+            Kind::Message => "message_outbox",
+        }
+    }
+
+    /// Its attempts log (same columns for both).
+    pub fn attempts_table(self) -> &'static str {
+        match self {
+            Kind::Transition => "outbox_attempts",
+            Kind::Message => "message_outbox_attempts",
+        }
+    }
+
+    /// The content columns a claim reads, after the common ones.
+    fn content_columns(self) -> &'static str {
+        match self {
+            Kind::Transition => {
+                "o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.changed_at_utc"
+            }
+            Kind::Message => "o.text",
+        }
+    }
+
+    /// How many columns [`Kind::content_columns`] has.
+    fn content_len(self) -> usize {
+        match self {
+            Kind::Transition => 4,
+            Kind::Message => 1,
+        }
+    }
+
+    /// SQL: row `p` goes out before row `o` of the same negotiation (a
+    /// transition whose instant SQLite cannot read goes first, so that it
+    /// fails alone instead of holding the others back forever).
+    fn goes_before(self, p: &str, o: &str) -> String {
+        match self {
+            Kind::Transition => format!(
+                "({p}.changed_at_utc IS NULL OR {p}.changed_at_utc < {o}.changed_at_utc
+                  OR ({p}.changed_at_utc = {o}.changed_at_utc AND {p}.id < {o}.id))"
+            ),
+            Kind::Message => format!("{p}.id < {o}.id"),
+        }
+    }
+
+    /// SQL: row `s` goes out after row `o` of the same negotiation.
+    fn goes_after(self, s: &str, o: &str) -> String {
+        match self {
+            Kind::Transition => format!(
+                "({s}.changed_at_utc > {o}.changed_at_utc
+                  OR ({s}.changed_at_utc = {o}.changed_at_utc AND {s}.id > {o}.id))"
+            ),
+            Kind::Message => format!("{s}.id > {o}.id"),
+        }
+    }
+
+    /// SQL: the order of a negotiation's rows.
+    fn order(self) -> &'static str {
+        match self {
+            Kind::Transition => "o.changed_at_utc, o.id",
+            Kind::Message => "o.id",
+        }
+    }
+
+    /// SQL: a row with no place in the order (always first in line).
+    fn unordered(self) -> &'static str {
+        match self {
+            Kind::Transition => "o.changed_at_utc IS NULL",
+            Kind::Message => "0",
+        }
+    }
+
+    /// What the row is, in log lines and errors.
+    pub fn row_name(self) -> &'static str {
+        match self {
+            Kind::Transition => "outbox row",
+            Kind::Message => "message_outbox row",
+        }
+    }
+}
+
+impl std::str::FromStr for Kind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Kind, String> {
+        match s {
+            "transition" => Ok(Kind::Transition),
+            "message" => Ok(Kind::Message),
+            other => Err(format!("kind must be transition or message, not {other:?}")),
+        }
+    }
+}
 
 /// A transition to enqueue, as `leadsync enqueue` takes it.
 #[derive(Debug, Clone)]
@@ -96,6 +215,53 @@ pub fn list(conn: &Connection, state: Option<&str>) -> Result<Vec<OutboxRow>> {
     Ok(rows)
 }
 
+/// One `message_outbox` row as users see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct MessageOutboxRow {
+    pub id: i64,
+    pub negotiation_id: String,
+    pub business_id: Option<String>,
+    pub text: String,
+    pub state: String,
+    pub attempts: i64,
+    pub next_attempt_at: String,
+    pub last_error: Option<String>,
+    pub last_http_status: Option<i64>,
+    pub last_trace_id: Option<String>,
+    pub created_at: String,
+    pub sent_at: Option<String>,
+    pub message_id: Option<String>,
+}
+
+/// `message_outbox` rows in id order, optionally of one state.
+pub fn list_messages(conn: &Connection, state: Option<&str>) -> Result<Vec<MessageOutboxRow>> {
+    let mut stmt = conn.prepare(
+        "SELECT id, negotiation_id, business_id, text, state, attempts, next_attempt_at,
+                last_error, last_http_status, last_trace_id, created_at, sent_at, message_id
+           FROM message_outbox WHERE ?1 IS NULL OR state = ?1 ORDER BY id",
+    )?;
+    let rows = stmt
+        .query_map([state], |r| {
+            Ok(MessageOutboxRow {
+                id: r.get(0)?,
+                negotiation_id: shown(r, 1)?.unwrap_or_default(),
+                business_id: shown(r, 2)?,
+                text: shown(r, 3)?.unwrap_or_default(),
+                state: shown(r, 4)?.unwrap_or_default(),
+                attempts: r.get(5).unwrap_or_default(),
+                next_attempt_at: shown(r, 6)?.unwrap_or_default(),
+                last_error: shown(r, 7)?,
+                last_http_status: r.get(8).ok().flatten(),
+                last_trace_id: shown(r, 9)?,
+                created_at: shown(r, 10)?.unwrap_or_default(),
+                sent_at: shown(r, 11)?,
+                message_id: shown(r, 12)?,
+            })
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(rows)
+}
+
 /// A column as text for people, whatever its type (a BLOB shows as hex).
 fn shown(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<String>> {
     use rusqlite::types::ValueRef;
@@ -111,9 +277,13 @@ fn shown(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<String>> {
     })
 }
 
-fn state_of(conn: &Connection, id: i64) -> Result<Option<String>> {
+fn state_of(conn: &Connection, kind: Kind, id: i64) -> Result<Option<String>> {
     Ok(conn
-        .query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+        .query_row(
+            &format!("SELECT state FROM {} WHERE id = ?1", kind.table()),
+            [id],
+            |r| r.get(0),
+        )
         .optional()?)
 }
 
@@ -121,24 +291,29 @@ fn state_of(conn: &Connection, id: i64) -> Result<Option<String>> {
 /// id, `Ok(())` or why it was not changed.
 pub fn retry_dead(
     conn: &mut Connection,
+    kind: Kind,
     ids: &[i64],
     now: &str,
 ) -> Result<Vec<(i64, Result<(), String>)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::new();
+    let row = kind.row_name();
     for &id in ids {
-        let r = match state_of(&tx, id)? {
-            None => Err(format!("outbox row {id} does not exist")),
+        let r = match state_of(&tx, kind, id)? {
+            None => Err(format!("{row} {id} does not exist")),
             Some(s) if s == "dead" => {
                 tx.execute(
-                    "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?2,
-                         last_error = NULL WHERE id = ?1",
+                    &format!(
+                        "UPDATE {} SET state = 'pending', attempts = 0, next_attempt_at = ?2,
+                             last_error = NULL WHERE id = ?1",
+                        kind.table()
+                    ),
                     params![id, now],
                 )?;
                 Ok(())
             }
             Some(s) => Err(format!(
-                "outbox row {id} is {s}, not dead; only dead rows can be retried"
+                "{row} {id} is {s}, not dead; only dead rows can be retried"
             )),
         };
         out.push((id, r));
@@ -148,11 +323,12 @@ pub fn retry_dead(
 }
 
 /// Puts every dead row back to pending; returns their ids.
-pub fn retry_all_dead(conn: &Connection, now: &str) -> Result<Vec<i64>> {
-    let mut stmt = conn.prepare(
-        "UPDATE outbox SET state = 'pending', attempts = 0, next_attempt_at = ?1, last_error = NULL
+pub fn retry_all_dead(conn: &Connection, kind: Kind, now: &str) -> Result<Vec<i64>> {
+    let mut stmt = conn.prepare(&format!(
+        "UPDATE {} SET state = 'pending', attempts = 0, next_attempt_at = ?1, last_error = NULL
           WHERE state = 'dead' RETURNING id",
-    )?;
+        kind.table()
+    ))?;
     let mut ids = stmt
         .query_map([now], |r| r.get(0))?
         .collect::<rusqlite::Result<Vec<i64>>>()?;
@@ -161,26 +337,34 @@ pub fn retry_all_dead(conn: &Connection, now: &str) -> Result<Vec<i64>> {
 }
 
 /// Cancels pending rows (never sent). Returns, per id, `Ok(())` or why not.
-pub fn cancel(conn: &mut Connection, ids: &[i64]) -> Result<Vec<(i64, Result<(), String>)>> {
+pub fn cancel(
+    conn: &mut Connection,
+    kind: Kind,
+    ids: &[i64],
+) -> Result<Vec<(i64, Result<(), String>)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut out = Vec::new();
+    let row = kind.row_name();
     for &id in ids {
-        let r = match state_of(&tx, id)? {
-            None => Err(format!("outbox row {id} does not exist")),
+        let r = match state_of(&tx, kind, id)? {
+            None => Err(format!("{row} {id} does not exist")),
             Some(s) if s == "pending" => {
                 tx.execute(
-                    "UPDATE outbox SET state = 'canceled', last_error = 'canceled by an operator',
-                         waiting_for = NULL
-                      WHERE id = ?1",
+                    &format!(
+                        "UPDATE {} SET state = 'canceled', last_error = 'canceled by an operator',
+                             waiting_for = NULL
+                          WHERE id = ?1",
+                        kind.table()
+                    ),
                     [id],
                 )?;
                 Ok(())
             }
             Some(s) if s == "sending" => Err(format!(
-                "outbox row {id} is being sent right now and cannot be canceled"
+                "{row} {id} is being sent right now and cannot be canceled"
             )),
             Some(s) => Err(format!(
-                "outbox row {id} is {s}; only pending rows can be canceled"
+                "{row} {id} is {s}; only pending rows can be canceled"
             )),
         };
         out.push((id, r));
@@ -189,19 +373,63 @@ pub fn cancel(conn: &mut Connection, ids: &[i64]) -> Result<Vec<(i64, Result<(),
     Ok(out)
 }
 
+/// What a claimed row sends, as it was read when it was claimed.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Content {
+    Transition {
+        status: String,
+        partner_status_changed_at: String,
+        invoice_amount_in_cents: Option<i64>,
+    },
+    Message {
+        text: String,
+    },
+}
+
+impl Content {
+    /// SQL comparing the row's content columns with [`Content::values`]
+    /// bound from `?first` on.
+    fn matches(&self, first: usize) -> String {
+        match self {
+            Content::Transition { .. } => format!(
+                "status IS ?{} AND partner_status_changed_at IS ?{} AND invoice_amount_in_cents IS ?{}",
+                first,
+                first + 1,
+                first + 2
+            ),
+            Content::Message { .. } => format!("text IS ?{first}"),
+        }
+    }
+
+    fn values(&self) -> Vec<rusqlite::types::Value> {
+        use rusqlite::types::Value;
+        match self {
+            Content::Transition {
+                status,
+                partner_status_changed_at,
+                invoice_amount_in_cents,
+            } => vec![
+                Value::Text(status.clone()),
+                Value::Text(partner_status_changed_at.clone()),
+                invoice_amount_in_cents.map_or(Value::Null, Value::Integer),
+            ],
+            Content::Message { text } => vec![Value::Text(text.clone())],
+        }
+    }
+}
+
 /// A row claimed for sending (now in state `sending`).
 #[derive(Debug, Clone)]
 pub struct Claimed {
+    pub kind: Kind,
     pub id: i64,
     pub negotiation_id: String,
     /// The row's business, or the lead's in the mirror, or the only configured one.
     pub business_id: Option<String>,
-    pub status: String,
-    pub partner_status_changed_at: String,
-    pub invoice_amount_in_cents: Option<i64>,
+    pub content: Content,
     /// This attempt's number (1 for the first).
     pub attempt: i64,
-    /// A later transition of the negotiation was already sent (SPEC §4: sent anyway).
+    /// A later row of the negotiation was already sent (SPEC §4: sent anyway).
     pub late: bool,
 }
 
@@ -240,18 +468,40 @@ struct Candidate {
     behind: Option<String>,
 }
 
-/// The columns a claim reads, in the order [`candidate_from_row`] expects.
+/// The columns a claim reads, in the order [`candidate_from_row`] expects:
+/// these, then the kind's content columns.
 const CANDIDATE_COLUMNS: &str = "o.id, o.negotiation_id, o.business_id,
-    COALESCE(o.business_id, n.business_id, :default_business),
-    o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.attempts, o.changed_at_utc,
-    (SELECT w.waiting_for FROM outbox w INDEXED BY outbox_waiting_by_negotiation
-      WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL LIMIT 1)";
+    COALESCE(o.business_id, n.business_id, :default_business), o.attempts";
 
-/// Reads a candidate leniently: whatever a partner's program wrote, the
-/// claim goes on; a row that cannot be sent is reported, not fatal.
-fn candidate_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
+/// The columns [`candidate_from_row`] reads for `kind`: the common ones,
+/// the business an open row of the same negotiation is put aside for, then
+/// the content.
+fn candidate_columns(kind: Kind) -> String {
+    let table = kind.table();
+    format!(
+        "{CANDIDATE_COLUMNS},
+         (SELECT w.waiting_for FROM {table} w INDEXED BY {table}_waiting_by_negotiation
+           WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL LIMIT 1),
+         {}",
+        kind.content_columns()
+    )
+}
+
+/// How many columns [`candidate_columns`] has.
+fn candidate_len(kind: Kind) -> usize {
+    6 + kind.content_len()
+}
+
+/// Reads a candidate leniently from column `base` on: whatever a partner's
+/// program wrote, the claim goes on; a row that cannot be sent is reported,
+/// not fatal.
+fn candidate_from_row(
+    r: &rusqlite::Row<'_>,
+    kind: Kind,
+    base: usize,
+) -> rusqlite::Result<Candidate> {
     use rusqlite::types::ValueRef;
-    let id: i64 = r.get(0)?;
+    let id: i64 = r.get(base)?;
     fn text(v: ValueRef<'_>, column: &str) -> std::result::Result<Option<String>, String> {
         match v {
             ValueRef::Null => Ok(None),
@@ -263,51 +513,65 @@ fn candidate_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Candidate> {
             ValueRef::Real(f) => Err(format!("{column} is the number {f}, not text")),
         }
     }
+    let col = |i: usize| r.get_ref(base + i).map_err(|e| e.to_string());
     let read = || -> std::result::Result<Claimed, String> {
-        let negotiation_id = text(r.get_ref(1).map_err(|e| e.to_string())?, "negotiation_id")?
-            .ok_or("negotiation_id is NULL")?;
+        let negotiation_id = text(col(1)?, "negotiation_id")?.ok_or("negotiation_id is NULL")?;
         if negotiation_id.is_empty() || !negotiation_id.bytes().all(|b| b.is_ascii_digit()) {
             return Err(format!(
                 "negotiation_id {negotiation_id:?} is not text of digits"
             ));
         }
-        let business_id = text(r.get_ref(3).map_err(|e| e.to_string())?, "business_id")?;
-        let status =
-            text(r.get_ref(4).map_err(|e| e.to_string())?, "status")?.ok_or("status is NULL")?;
-        let at = text(
-            r.get_ref(5).map_err(|e| e.to_string())?,
-            "partner_status_changed_at",
-        )?
-        .ok_or("partner_status_changed_at is NULL")?;
-        let invoice = match r.get_ref(6).map_err(|e| e.to_string())? {
-            ValueRef::Null => None,
-            ValueRef::Integer(i) => Some(i),
-            _ => return Err("invoice_amount_in_cents is not a whole number".into()),
-        };
-        let attempts = match r.get_ref(7).map_err(|e| e.to_string())? {
+        let business_id = text(col(3)?, "business_id")?;
+        let attempts = match col(4)? {
             ValueRef::Integer(i) => i,
             _ => return Err("attempts is not a whole number".into()),
         };
-        // SQLite could not read the instant (a zone offset beyond ±14:00 from
-        // before schema 3): it cannot be ordered, so it is never "first in line".
-        if matches!(r.get_ref(8), Ok(ValueRef::Null) | Err(_)) {
-            return Err(format!(
-                "partner_status_changed_at {at:?} cannot be read as an instant (a zone offset beyond ±14:00?)"
-            ));
-        }
+        let content = match kind {
+            Kind::Transition => {
+                let status = text(col(6)?, "status")?.ok_or("status is NULL")?;
+                let at = text(col(7)?, "partner_status_changed_at")?
+                    .ok_or("partner_status_changed_at is NULL")?;
+                let invoice = match col(8)? {
+                    ValueRef::Null => None,
+                    ValueRef::Integer(i) => Some(i),
+                    _ => return Err("invoice_amount_in_cents is not a whole number".into()),
+                };
+                // SQLite could not read the instant (a zone offset beyond ±14:00 from
+                // before schema 3): it cannot be ordered, so it is never "first in line".
+                if matches!(col(9), Ok(ValueRef::Null) | Err(_)) {
+                    return Err(format!(
+                        "partner_status_changed_at {at:?} cannot be read as an instant (a zone offset beyond ±14:00?)"
+                    ));
+                }
+                Content::Transition {
+                    status,
+                    partner_status_changed_at: at,
+                    invoice_amount_in_cents: invoice,
+                }
+            }
+            Kind::Message => {
+                let text = text(col(6)?, "text")?.ok_or("text is NULL")?;
+                if text.trim().is_empty() {
+                    return Err("text is blank".into());
+                }
+                if text.chars().count() > 5000 {
+                    return Err("text is longer than 5000 characters".into());
+                }
+                Content::Message { text }
+            }
+        };
         Ok(Claimed {
+            kind,
             id,
             negotiation_id,
             business_id,
-            status,
-            partner_status_changed_at: at,
-            invoice_amount_in_cents: invoice,
+            content,
             attempt: attempts.saturating_add(1),
             late: false,
         })
     };
-    let behind = match r.get_ref(9)? {
-        rusqlite::types::ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
+    let behind = match r.get_ref(base + 5)? {
+        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
         _ => None,
     };
     Ok(Candidate {
@@ -329,19 +593,32 @@ enum Taken {
 }
 
 /// Marks a row that cannot be read or sent `dead`, alone, with why.
-fn fail_alone(tx: &rusqlite::Transaction<'_>, id: i64, why: &str, now: &str) -> Result<()> {
+fn fail_alone(
+    tx: &rusqlite::Transaction<'_>,
+    kind: Kind,
+    id: i64,
+    why: &str,
+    now: &str,
+) -> Result<()> {
     let why = format!("cannot be sent: {why}; insert a corrected row");
     tx.execute(
-        "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error, duration_ms)
-         SELECT id, CAST(attempts AS INTEGER), ?2, NULL, 'dead', ?3, 0 FROM outbox WHERE id = ?1",
+        &format!(
+            "INSERT INTO {} (outbox_id, attempt, started_at, http_status, outcome, error, duration_ms)
+             SELECT id, CAST(attempts AS INTEGER), ?2, NULL, 'dead', ?3, 0 FROM {} WHERE id = ?1",
+            kind.attempts_table(),
+            kind.table()
+        ),
         params![id, now, why],
     )?;
     tx.execute(
-        "UPDATE outbox SET state = 'dead', sending_since = NULL, waiting_for = NULL, last_error = ?2
-          WHERE id = ?1",
+        &format!(
+            "UPDATE {} SET state = 'dead', sending_since = NULL, waiting_for = NULL, last_error = ?2
+              WHERE id = ?1",
+            kind.table()
+        ),
         params![id, why],
     )?;
-    tracing::error!(outbox_id = id, error = %why, "outbox row marked dead");
+    tracing::error!(outbox_id = id, kind = kind.as_str(), error = %why, "{} marked dead", kind.row_name());
     Ok(())
 }
 
@@ -350,15 +627,17 @@ fn fail_alone(tx: &rusqlite::Transaction<'_>, id: i64, why: &str, now: &str) -> 
 /// counts the attempt.
 fn take(
     tx: &rusqlite::Transaction<'_>,
+    kind: Kind,
     candidate: Candidate,
     filter: &ClaimFilter,
     now: &str,
 ) -> Result<Taken> {
     let id = candidate.id;
+    let table = kind.table();
     let mut c = match candidate.content.clone() {
         Ok(c) => c,
         Err(why) => {
-            fail_alone(tx, id, &why, now)?;
+            fail_alone(tx, kind, id, &why, now)?;
             return Ok(Taken::Dead);
         }
     };
@@ -367,7 +646,7 @@ fn take(
     if let Some(business_id) = &candidate.behind {
         return match filter.wait_reason(business_id) {
             Some(why) => {
-                park(tx, id, business_id, &why, now)?;
+                park(tx, kind, id, business_id, &why, now)?;
                 Ok(Taken::Parked)
             }
             None => Ok(Taken::Skipped),
@@ -376,24 +655,23 @@ fn take(
     if let Some(business_id) = &c.business_id
         && let Some(why) = filter.wait_reason(business_id)
     {
-        park(tx, id, business_id, &why, now)?;
+        park(tx, kind, id, business_id, &why, now)?;
         return Ok(Taken::Parked);
     }
     // One statement: the business is filled in (when the row names none)
     // as the row leaves `pending` (the frozen-content rule reads the old
     // state), and whether it is late comes back with it.
     let marked = tx
-        .prepare_cached(
-            "UPDATE outbox SET state = 'sending', attempts = ?2, sending_since = ?3,
+        .prepare_cached(&format!(
+            "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3,
                  business_id = COALESCE(business_id, ?4),
-                 late = EXISTS (SELECT 1 FROM outbox s INDEXED BY outbox_sent_by_negotiation
-                                 WHERE s.negotiation_id = outbox.negotiation_id AND s.state = 'sent'
-                                   AND (s.changed_at_utc > outbox.changed_at_utc
-                                        OR (s.changed_at_utc = outbox.changed_at_utc
-                                            AND s.id > outbox.id)))
+                 late = EXISTS (SELECT 1 FROM {table} s INDEXED BY {table}_sent_by_negotiation
+                                 WHERE s.negotiation_id = {table}.negotiation_id AND s.state = 'sent'
+                                   AND {after})
               WHERE id = ?1
               RETURNING late",
-        )?
+            after = kind.goes_after("s", table)
+        ))?
         .query_row(params![id, c.attempt, now, c.business_id], |r| {
             r.get::<_, bool>(0)
         });
@@ -401,7 +679,7 @@ fn take(
         Ok(late) => c.late = late,
         Err(e) => match super::constraint_message(&e) {
             Some(msg) => {
-                fail_alone(tx, id, &msg, now)?;
+                fail_alone(tx, kind, id, &msg, now)?;
                 return Ok(Taken::Dead);
             }
             None => return Err(e.into()),
@@ -414,18 +692,22 @@ fn take(
 /// negotiation (they wait behind it anyway).
 fn park(
     tx: &rusqlite::Transaction<'_>,
+    kind: Kind,
     id: i64,
     business_id: &str,
     why: &str,
     now: &str,
 ) -> Result<()> {
-    tx.prepare_cached("UPDATE outbox SET waiting_for = ?2, last_error = ?3 WHERE id = ?1")?
-        .execute(params![id, business_id, why])?;
-    tx.prepare_cached(
-        "UPDATE outbox SET waiting_for = ?2, last_error = ?3
-          WHERE negotiation_id = (SELECT negotiation_id FROM outbox WHERE id = ?1)
-            AND state = 'pending' AND waiting_for IS NULL",
-    )?
+    let table = kind.table();
+    tx.prepare_cached(&format!(
+        "UPDATE {table} SET waiting_for = ?2, last_error = ?3 WHERE id = ?1"
+    ))?
+    .execute(params![id, business_id, why])?;
+    tx.prepare_cached(&format!(
+        "UPDATE {table} SET waiting_for = ?2, last_error = ?3
+          WHERE negotiation_id = (SELECT negotiation_id FROM {table} WHERE id = ?1)
+            AND state = 'pending' AND waiting_for IS NULL"
+    ))?
     .execute(params![id, business_id, why])?;
     tx.prepare_cached(
         "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
@@ -451,15 +733,20 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
     for (business_id, reason) in recorded {
         match filter.wait_reason(&business_id) {
             None => {
-                tx.execute(
-                    "UPDATE outbox SET waiting_for = NULL, last_error = NULL
-                      WHERE waiting_for = ?1 AND state = 'pending'",
-                    [&business_id],
-                )?;
-                tx.execute(
-                    "UPDATE outbox SET waiting_for = NULL WHERE waiting_for = ?1",
-                    [&business_id],
-                )?;
+                for kind in Kind::ALL {
+                    let table = kind.table();
+                    tx.execute(
+                        &format!(
+                            "UPDATE {table} SET waiting_for = NULL, last_error = NULL
+                              WHERE waiting_for = ?1 AND state = 'pending'"
+                        ),
+                        [&business_id],
+                    )?;
+                    tx.execute(
+                        &format!("UPDATE {table} SET waiting_for = NULL WHERE waiting_for = ?1"),
+                        [&business_id],
+                    )?;
+                }
                 tx.execute(
                     "DELETE FROM outbox_waits WHERE business_id = ?1",
                     [&business_id],
@@ -467,10 +754,15 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
             }
             Some(why) => {
                 if why != reason {
-                    tx.execute(
-                        "UPDATE outbox SET last_error = ?2 WHERE waiting_for = ?1 AND state = 'pending'",
-                        params![business_id, why],
-                    )?;
+                    for kind in Kind::ALL {
+                        tx.execute(
+                            &format!(
+                                "UPDATE {} SET last_error = ?2 WHERE waiting_for = ?1 AND state = 'pending'",
+                                kind.table()
+                            ),
+                            params![business_id, why],
+                        )?;
+                    }
                     tx.execute(
                         "UPDATE outbox_waits SET reason = ?2 WHERE business_id = ?1",
                         params![business_id, why],
@@ -484,18 +776,25 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
         if known.contains(business_id) {
             continue;
         }
-        tx.execute(
-            "UPDATE outbox INDEXED BY outbox_ready_by_business SET waiting_for = ?1, last_error = ?2
-              WHERE business_id = ?1 AND state = 'pending' AND waiting_for IS NULL",
-            params![business_id, why],
-        )?;
-        // Rows that name no business: theirs is their lead's.
-        tx.execute(
-            "UPDATE outbox SET waiting_for = ?1, last_error = ?2
-              WHERE negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
-                AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL",
-            params![business_id, why],
-        )?;
+        for kind in Kind::ALL {
+            let table = kind.table();
+            tx.execute(
+                &format!(
+                    "UPDATE {table} INDEXED BY {table}_ready_by_business SET waiting_for = ?1, last_error = ?2
+                      WHERE business_id = ?1 AND state = 'pending' AND waiting_for IS NULL"
+                ),
+                params![business_id, why],
+            )?;
+            // Rows that name no business: theirs is their lead's.
+            tx.execute(
+                &format!(
+                    "UPDATE {table} SET waiting_for = ?1, last_error = ?2
+                      WHERE negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
+                        AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL"
+                ),
+                params![business_id, why],
+            )?;
+        }
         tx.execute(
             "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
              ON CONFLICT (business_id) DO UPDATE SET reason = excluded.reason",
@@ -513,6 +812,7 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
 /// is put aside without counting an attempt.
 pub fn claim(
     conn: &mut Connection,
+    kind: Kind,
     due_by: &str,
     limit: usize,
     filter: &ClaimFilter,
@@ -534,30 +834,31 @@ pub fn claim(
         // aside for their business are not in this index at all.
         let candidates = {
             let mut select = tx.prepare_cached(&format!(
-                "SELECT {CANDIDATE_COLUMNS}, o.next_attempt_at
-                   FROM outbox o INDEXED BY outbox_due
+                "SELECT o.next_attempt_at, {columns}
+                   FROM {table} o INDEXED BY {table}_due
                    LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
                   WHERE o.state = 'pending' AND o.waiting_for IS NULL
                     AND o.next_attempt_at <= :due_by
                     AND (:after_id = -9223372036854775808
                          OR o.next_attempt_at > :after_at
                          OR (o.next_attempt_at = :after_at AND o.id > :after_id))
-                    AND (o.changed_at_utc IS NULL
+                    AND ({unordered}
                          -- a probe into an index of the rows put aside only
-                         OR EXISTS (SELECT 1 FROM outbox w INDEXED BY outbox_waiting_by_negotiation
+                         OR EXISTS (SELECT 1 FROM {table} w INDEXED BY {table}_waiting_by_negotiation
                                      WHERE w.negotiation_id = o.negotiation_id
                                        AND w.waiting_for IS NOT NULL)
                          OR NOT EXISTS (
-                        SELECT 1 FROM outbox p
+                        SELECT 1 FROM {table} p
                          WHERE p.negotiation_id = o.negotiation_id
                            AND p.state IN ('pending', 'sending')
                            AND p.id <> o.id
-                           AND (p.state = 'sending'
-                                OR p.changed_at_utc IS NULL
-                                OR p.changed_at_utc < o.changed_at_utc
-                                OR (p.changed_at_utc = o.changed_at_utc AND p.id < o.id))))
+                           AND (p.state = 'sending' OR {before})))
                   ORDER BY o.next_attempt_at, o.id
-                  LIMIT :page"
+                  LIMIT :page",
+                columns = candidate_columns(kind),
+                table = kind.table(),
+                unordered = kind.unordered(),
+                before = kind.goes_before("p", "o"),
             ))?;
             select
                 .query_map(
@@ -570,8 +871,8 @@ pub fn claim(
                     },
                     |r| {
                         Ok((
-                            candidate_from_row(r)?,
-                            r.get::<_, rusqlite::types::Value>(10)?,
+                            candidate_from_row(r, kind, 1)?,
+                            r.get::<_, rusqlite::types::Value>(0)?,
                         ))
                     },
                 )?
@@ -584,7 +885,7 @@ pub fn claim(
                 break;
             }
             after = (next_attempt_at, candidate.id);
-            match take(&tx, candidate, filter, &now)? {
+            match take(&tx, kind, candidate, filter, &now)? {
                 Taken::Claimed(c) => claimed.push(c),
                 Taken::Parked | Taken::Dead => set_aside = true,
                 Taken::Skipped => {}
@@ -611,20 +912,25 @@ pub fn claim(
 /// negotiation is being sent (with the same checks as [`claim`]).
 fn claim_head_of(
     tx: &rusqlite::Transaction<'_>,
+    kind: Kind,
     negotiation_id: &str,
     due_by: &str,
     filter: &ClaimFilter,
 ) -> Result<Option<Claimed>> {
     let mut select = tx.prepare_cached(&format!(
-        "SELECT {CANDIDATE_COLUMNS}, o.state, o.next_attempt_at, o.waiting_for IS NULL,
-                EXISTS (SELECT 1 FROM outbox s WHERE s.negotiation_id = o.negotiation_id
+        "SELECT {columns}, o.state, o.next_attempt_at, o.waiting_for IS NULL,
+                EXISTS (SELECT 1 FROM {table} s WHERE s.negotiation_id = o.negotiation_id
                           AND s.state = 'sending' AND s.id <> o.id)
-           FROM outbox o INDEXED BY outbox_open_by_negotiation
+           FROM {table} o INDEXED BY {table}_open_by_negotiation
            LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
           WHERE o.negotiation_id = :negotiation_id AND o.state IN ('pending', 'sending')
-          ORDER BY o.changed_at_utc, o.id
-          LIMIT 1"
+          ORDER BY {order}
+          LIMIT 1",
+        columns = candidate_columns(kind),
+        table = kind.table(),
+        order = kind.order(),
     ))?;
+    let extra = candidate_len(kind);
     let head = select
         .query_row(
             rusqlite::named_params! {
@@ -632,16 +938,19 @@ fn claim_head_of(
                 ":default_business": filter.default_business,
             },
             |r| {
-                let due = match r.get_ref(11)? {
+                let due = match r.get_ref(extra + 1)? {
                     rusqlite::types::ValueRef::Text(t) => t <= due_by.as_bytes(),
                     _ => true,
                 };
                 Ok((
-                    candidate_from_row(r)?,
-                    matches!(r.get_ref(10)?, rusqlite::types::ValueRef::Text(b"pending")),
+                    candidate_from_row(r, kind, 0)?,
+                    matches!(
+                        r.get_ref(extra)?,
+                        rusqlite::types::ValueRef::Text(b"pending")
+                    ),
                     due,
-                    r.get::<_, bool>(12)?,
-                    r.get::<_, bool>(13)?,
+                    r.get::<_, bool>(extra + 2)?,
+                    r.get::<_, bool>(extra + 3)?,
                 ))
             },
         )
@@ -652,7 +961,7 @@ fn claim_head_of(
     if !pending || !due || !not_aside || other_sending {
         return Ok(None);
     }
-    match take(tx, candidate, filter, &crate::time::now())? {
+    match take(tx, kind, candidate, filter, &crate::time::now())? {
         Taken::Claimed(c) => Ok(Some(c)),
         Taken::Parked | Taken::Dead | Taken::Skipped => Ok(None),
     }
@@ -673,7 +982,10 @@ pub struct Attempt {
 /// How a claimed row ends this time.
 #[derive(Debug, Clone)]
 pub enum Finish {
-    Sent,
+    /// With the id Thumbtack gave a sent message, when its response had one.
+    Sent {
+        message_id: Option<String>,
+    },
     /// Back to pending until `next_attempt_at`.
     Retry {
         next_attempt_at: String,
@@ -716,58 +1028,69 @@ pub fn finish(
     now: &str,
     next: Option<NextOf<'_>>,
 ) -> Result<(Recorded, Option<Claimed>)> {
+    use rusqlite::types::Value;
     let id = row.id;
+    let (table, attempts_table) = (row.kind.table(), row.kind.attempts_table());
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let last = attempts.last();
     // The last HTTP status received (a token refusal after a 401 has none).
     let http_status = attempts.iter().rev().find_map(|a| a.http_status);
     let error = last.and_then(|a| a.error.clone());
     let trace_id = attempts.iter().rev().find_map(|a| a.trace_id.clone());
+    let (state, next_attempt_at, attempts_change, message_id) = match finish {
+        Finish::Sent { message_id } => ("sent", None, 0, message_id.clone()),
+        Finish::Retry { next_attempt_at } => ("pending", Some(next_attempt_at.clone()), 0, None),
+        Finish::Dead => ("dead", None, 0, None),
+        Finish::Hold => ("pending", Some(now.to_string()), 1, None),
+    };
+    let text = |v: Option<String>| v.map_or(Value::Null, Value::Text);
+    let int = |v: Option<i64>| v.map_or(Value::Null, Value::Integer);
+    let mut values: Vec<Value> = vec![
+        Value::Integer(id),
+        Value::Text(state.into()),
+        Value::Text(now.into()),
+        text(next_attempt_at),
+        Value::Integer(attempts_change),
+        text(error),
+        int(http_status.map(i64::from)),
+        text(trace_id),
+        text(message_id),
+        Value::Null,
+        Value::Text(row.negotiation_id.clone()),
+        text(row.business_id.clone()),
+    ];
+    values.extend(row.content.values());
+    values.push(Value::Integer(row.attempt));
     // Only on the row as it was sent: still `sending`, same content, same
     // claim (attempt number); anything else is what the user did meanwhile.
-    const SAME_ROW: &str = "id = ?1 AND state = 'sending' AND negotiation_id IS ?11
-        AND business_id IS ?12 AND status IS ?13 AND partner_status_changed_at IS ?14
-        AND invoice_amount_in_cents IS ?15 AND attempts IS ?16";
-    let (state, next_attempt_at, attempts_change) = match finish {
-        Finish::Sent => ("sent", None, 0),
-        Finish::Retry { next_attempt_at } => ("pending", Some(next_attempt_at.as_str()), 0),
-        Finish::Dead => ("dead", None, 0),
-        Finish::Hold => ("pending", Some(now), 1),
+    let same_row = format!(
+        "id = ?1 AND state = 'sending' AND negotiation_id IS ?11 AND business_id IS ?12
+         AND {} AND attempts IS ?{}",
+        row.content.matches(13),
+        values.len()
+    );
+    // A sent message keeps the id Thumbtack gave it.
+    let message_id_column = match row.kind {
+        Kind::Transition => "",
+        Kind::Message => ", message_id = CASE WHEN ?2 = 'sent' THEN ?9 ELSE message_id END",
     };
     let updated = tx
         .prepare_cached(&format!(
-            "UPDATE outbox SET state = ?2, sending_since = NULL,
+            "UPDATE {table} SET state = ?2, sending_since = NULL,
                  sent_at = CASE WHEN ?2 = 'sent' THEN ?3 ELSE sent_at END,
                  next_attempt_at = COALESCE(?4, next_attempt_at),
                  attempts = max(attempts - ?5, 0),
                  last_error = CASE WHEN ?2 = 'sent' THEN NULL ELSE ?6 END,
-                 last_http_status = ?7, last_trace_id = ?8
-              WHERE {SAME_ROW}"
+                 last_http_status = ?7, last_trace_id = ?8{message_id_column}
+              WHERE {same_row}"
         ))?
-        .execute(params![
-            id,
-            state,
-            now,
-            next_attempt_at,
-            attempts_change,
-            error,
-            http_status,
-            trace_id,
-            rusqlite::types::Null,
-            rusqlite::types::Null,
-            row.negotiation_id,
-            row.business_id,
-            row.status,
-            row.partner_status_changed_at,
-            row.invoice_amount_in_cents,
-            row.attempt
-        ])?;
+        .execute(rusqlite::params_from_iter(values))?;
     let recorded = if updated == 1 {
         Recorded::Yes
     } else {
         match tx
             .query_row(
-                "SELECT CASE WHEN typeof(state) = 'text' THEN state END FROM outbox WHERE id = ?1",
+                &format!("SELECT CASE WHEN typeof(state) = 'text' THEN state END FROM {table} WHERE id = ?1"),
                 [id],
                 |r| r.get::<_, Option<String>>(0),
             )
@@ -778,11 +1101,11 @@ pub fn finish(
         }
     };
     if recorded != Recorded::RowDeleted {
-        let mut log = tx.prepare_cached(
-            "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome,
+        let mut log = tx.prepare_cached(&format!(
+            "INSERT INTO {attempts_table} (outbox_id, attempt, started_at, http_status, outcome,
                  error, trace_id, duration_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?;
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        ))?;
         for a in attempts {
             log.execute(params![
                 id,
@@ -801,7 +1124,7 @@ pub fn finish(
         return Ok((recorded, None));
     }
     let claimed = match next {
-        Some(next) => claim_head_of(&tx, &row.negotiation_id, next.due_by, next.filter)?,
+        Some(next) => claim_head_of(&tx, row.kind, &row.negotiation_id, next.due_by, next.filter)?,
         None => None,
     };
     tx.commit()?;
@@ -810,27 +1133,40 @@ pub fn finish(
 
 /// At start-up: rows left `sending` by a process that stopped go back to
 /// pending, due now, with the interrupted attempt recorded. Returns their ids.
-pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<i64>> {
-    const WHY: &str = "interrupted: leadsync stopped before the response was recorded; \
-                       the transition may or may not have reached Thumbtack and is sent again";
+pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    tx.execute(
-        "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
-         SELECT id, attempts, COALESCE(sending_since, ?1), NULL, 'interrupted', ?2
-           FROM outbox WHERE state = 'sending'",
-        params![now, WHY],
-    )?;
-    let ids = {
-        let mut stmt = tx.prepare(
-            "UPDATE outbox SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
+    let mut recovered = Vec::new();
+    for kind in Kind::ALL {
+        let why = format!(
+            "interrupted: leadsync stopped before the response was recorded; \
+             the {} may or may not have reached Thumbtack and is sent again",
+            match kind {
+                Kind::Transition => "transition",
+                Kind::Message => "message",
+            }
+        );
+        tx.execute(
+            &format!(
+                "INSERT INTO {} (outbox_id, attempt, started_at, http_status, outcome, error)
+                 SELECT id, attempts, COALESCE(sending_since, ?1), NULL, 'interrupted', ?2
+                   FROM {} WHERE state = 'sending'",
+                kind.attempts_table(),
+                kind.table()
+            ),
+            params![now, why],
+        )?;
+        let mut stmt = tx.prepare(&format!(
+            "UPDATE {} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
                  last_error = ?2, last_http_status = NULL
               WHERE state = 'sending' RETURNING id",
-        )?;
-        stmt.query_map(params![now, WHY], |r| r.get(0))?
-            .collect::<rusqlite::Result<Vec<i64>>>()?
-    };
+            kind.table()
+        ))?;
+        for id in stmt.query_map(params![now, why], |r| r.get(0))? {
+            recovered.push((kind, id?));
+        }
+    }
     tx.commit()?;
-    Ok(ids)
+    Ok(recovered)
 }
 
 /// Row counts by state and the oldest pending row's creation time.
@@ -844,10 +1180,18 @@ pub struct Counts {
     pub oldest_pending_created_at: Option<String>,
 }
 
-/// Counts rows by state.
+/// Counts `outbox` rows (transitions) by state.
 pub fn counts(conn: &Connection) -> Result<Counts> {
+    counts_of(conn, Kind::Transition)
+}
+
+/// Counts the rows of one kind's table by state.
+pub fn counts_of(conn: &Connection, kind: Kind) -> Result<Counts> {
+    let table = kind.table();
     let mut c = Counts::default();
-    let mut stmt = conn.prepare_cached("SELECT state, count(*) FROM outbox GROUP BY state")?;
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT state, count(*) FROM {table} GROUP BY state"
+    ))?;
     let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))?;
     for row in rows {
         let (state, n) = row?;
@@ -862,7 +1206,7 @@ pub fn counts(conn: &Connection) -> Result<Counts> {
     }
     c.oldest_pending_created_at = conn
         .query_row(
-            "SELECT min(created_at) FROM outbox WHERE state IN ('pending', 'sending')",
+            &format!("SELECT min(created_at) FROM {table} WHERE state IN ('pending', 'sending')"),
             [],
             |r| r.get(0),
         )
@@ -871,25 +1215,68 @@ pub fn counts(conn: &Connection) -> Result<Counts> {
     Ok(c)
 }
 
-/// Pending rows whose business (the row's, or its lead's) is one of `businesses`.
+/// Pending rows of both tables whose business (the row's, or its lead's) is
+/// one of `businesses`.
 pub fn pending_for(conn: &Connection, businesses: &[String]) -> Result<i64> {
-    Ok(conn.query_row(
-        "SELECT count(*) FROM outbox o LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
-          WHERE o.state = 'pending'
-            AND COALESCE(o.business_id, n.business_id) IN (SELECT value FROM json_each(?1))",
-        [serde_json::to_string(businesses)?],
-        |r| r.get(0),
-    )?)
+    let businesses = serde_json::to_string(businesses)?;
+    let mut total = 0;
+    for kind in Kind::ALL {
+        total += conn.query_row(
+            &format!(
+                "SELECT count(*) FROM {} o LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
+                  WHERE o.state = 'pending'
+                    AND COALESCE(o.business_id, n.business_id) IN (SELECT value FROM json_each(?1))",
+                kind.table()
+            ),
+            [&businesses],
+            |r| r.get::<_, i64>(0),
+        )?;
+    }
+    Ok(total)
 }
 
-/// The earliest `next_attempt_at` of a pending row, to know when to look again.
+/// The earliest `next_attempt_at` of a pending row of either table, to know
+/// when to look again.
 pub fn next_due(conn: &Connection) -> Result<Option<String>> {
     Ok(conn
         .query_row(
-            "SELECT min(next_attempt_at) FROM outbox WHERE state = 'pending' AND waiting_for IS NULL",
+            "SELECT min(t) FROM (
+                 SELECT min(next_attempt_at) AS t FROM outbox
+                  WHERE state = 'pending' AND waiting_for IS NULL
+                 UNION ALL
+                 SELECT min(next_attempt_at) FROM message_outbox
+                  WHERE state = 'pending' AND waiting_for IS NULL)",
             [],
             |r| r.get(0),
         )
         .optional()?
         .flatten())
+}
+
+/// A reply to enqueue, as `leadsync reply` takes it.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub negotiation_id: String,
+    pub business_id: Option<String>,
+    pub text: String,
+}
+
+/// Inserts one `message_outbox` row through the table's own validation; the
+/// error is the table's message (`message_outbox: text must be ...`).
+pub fn enqueue_message(conn: &Connection, m: &NewMessage) -> Result<i64> {
+    let r = conn.execute(
+        "INSERT INTO message_outbox (negotiation_id, business_id, text) VALUES (?1, ?2, ?3)",
+        params![m.negotiation_id, m.business_id, m.text],
+    );
+    match r {
+        Ok(_) => Ok(conn.last_insert_rowid()),
+        Err(e) if super::is_busy(&e) => bail!(
+            "the database stayed locked by another program for {} s; nothing was written — try again",
+            super::BUSY_TIMEOUT.as_secs()
+        ),
+        Err(e) => match super::constraint_message(&e) {
+            Some(msg) => bail!("rejected: {msg}"),
+            None => Err(e.into()),
+        },
+    }
 }

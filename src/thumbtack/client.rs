@@ -2,7 +2,9 @@
 //! bearer tokens from [`Auth`], one refresh on 401, and retried reads.
 
 use super::auth::Auth;
-use super::model::{JobStatusBody, Page, parse_page};
+use super::model::{
+    JobStatusBody, MessageBody, MessagePage, Page, parse_message_page, parse_page, sent_message_id,
+};
 use super::paging::Cursor;
 use super::problem::{
     ApiError, Disposition, describe_unreadable, is_success, parse_retry_after, trace_id_of,
@@ -461,6 +463,82 @@ impl Client {
             }),
         };
         Delivery { exchanges, result }
+    }
+
+    /// One page of a lead's conversation, newest first: `limit` (1–20)
+    /// messages sent before `sent_before` (as the API gave it), or the newest.
+    pub async fn list_messages(
+        &self,
+        business_id: &str,
+        negotiation_id: &str,
+        limit: u32,
+        sent_before: Option<&str>,
+    ) -> Result<MessagePage, ApiError> {
+        let mut url = reqwest::Url::parse(&self.url(&format!(
+            "negotiations/{}/messages",
+            path_segment(negotiation_id)
+        )))
+        .map_err(|e| ApiError::retry(None, format!("bad URL: {e}")))?;
+        url.query_pairs_mut()
+            .append_pair("limit", &limit.to_string());
+        if let Some(t) = sent_before {
+            url.query_pairs_mut().append_pair("sentBefore", t);
+        }
+        self.get_retried(business_id, url.as_str(), parse_message_page)
+            .await
+    }
+
+    /// Posts one reply, once (with one token refresh on 401); on success,
+    /// the message id the response carries, if any. Retries are the drainer's.
+    pub async fn post_message(
+        &self,
+        business_id: &str,
+        negotiation_id: &str,
+        body: &MessageBody,
+    ) -> (Delivery, Option<String>) {
+        let url = self.url(&format!(
+            "negotiations/{}/messages",
+            path_segment(negotiation_id)
+        ));
+        let (delivery, response) = self.post_once(business_id, &url, body).await;
+        (delivery, response.as_deref().and_then(sent_message_id))
+    }
+
+    /// One POST of a JSON body (with one token refresh on 401): every
+    /// exchange, the result, and the response body on success.
+    async fn post_once(
+        &self,
+        business_id: &str,
+        url: &str,
+        body: &impl serde::Serialize,
+    ) -> (Delivery, Option<bytes::Bytes>) {
+        let mut exchanges = Vec::new();
+        let (result, response) = match serde_json::to_vec(body) {
+            Ok(json) => match self
+                .exchange_with_refresh(
+                    business_id,
+                    reqwest::Method::POST,
+                    url,
+                    Some(&json),
+                    &mut exchanges,
+                )
+                .await
+            {
+                Ok(r) => (Ok(()), Some(r.body)),
+                Err(e) => (Err(e), None),
+            },
+            Err(e) => (
+                Err(ApiError {
+                    disposition: Disposition::Dead,
+                    http_status: None,
+                    trace_id: None,
+                    retry_after: None,
+                    message: format!("cannot encode the request: {e}"),
+                }),
+                None,
+            ),
+        };
+        (Delivery { exchanges, result }, response)
     }
 }
 

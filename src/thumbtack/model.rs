@@ -314,6 +314,126 @@ pub struct OAuthError {
     pub error_description: Option<String>,
 }
 
+/// A message (`MessageV4`) from a conversation listing or a webhook, ready
+/// for the mirror. Only `messageID` is required; every other field is read
+/// when present and of the expected type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    pub message_id: String,
+    pub negotiation_id: Option<String>,
+    /// `sentAt` in UTC `Z` form (as precise as sent) when it parses, else as
+    /// sent: the same form a webhook delivery of the message is stored in.
+    pub sent_at: Option<String>,
+    /// `from`: `Customer` or `Business`.
+    pub sender: Option<String>,
+    pub text: Option<String>,
+    /// `sentAt` exactly as sent: what `sentBefore` is given when paging back.
+    pub sent_at_raw: Option<String>,
+    /// The JSON object exactly as received.
+    pub payload: String,
+}
+
+/// One page of `GET /negotiations/{id}/messages`, newest first.
+#[derive(Debug, Clone, Default)]
+pub struct MessagePage {
+    pub messages: Vec<Message>,
+    /// Entries that are not objects with a `messageID` (counted, not stored).
+    pub skipped: i64,
+    /// `pagination.limit` as the server answered it (it may lower the one asked for).
+    pub limit: Option<u32>,
+}
+
+#[derive(Deserialize, Default)]
+struct LimitOnly {
+    #[serde(default)]
+    limit: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+struct MessageFields<'a> {
+    #[serde(rename = "messageID", borrow, default)]
+    message_id: Option<&'a RawValue>,
+    #[serde(rename = "negotiationID", borrow, default)]
+    negotiation_id: Option<&'a RawValue>,
+    #[serde(rename = "sentAt", borrow, default)]
+    sent_at: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    from: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    text: Option<&'a RawValue>,
+}
+
+/// Reads one message; `None` when it is not an object with a `messageID`.
+pub fn parse_message(raw: &RawValue) -> Option<Message> {
+    let payload = raw.get();
+    if !payload.trim_start().starts_with('{') {
+        return None;
+    }
+    let f: MessageFields = serde_json::from_str(payload).ok()?;
+    let message_id = text(f.message_id).filter(|s| !s.is_empty())?;
+    let sent_at_raw = text(f.sent_at);
+    Some(Message {
+        message_id,
+        negotiation_id: text(f.negotiation_id).filter(|s| !s.is_empty()),
+        sent_at: sent_at_raw
+            .as_deref()
+            .map(|t| crate::time::to_utc_z(t).unwrap_or_else(|| t.to_string())),
+        sender: text(f.from),
+        text: text(f.text),
+        sent_at_raw,
+        payload: payload.to_string(),
+    })
+}
+
+/// Parses a conversation page: `{"data": [...], "pagination": {"limit": N}}`
+/// (a bare array is read the same way).
+pub fn parse_message_page(body: &[u8]) -> Result<MessagePage, String> {
+    let body = std::str::from_utf8(body).map_err(|_| "the page is not UTF-8".to_string())?;
+    let mut page = MessagePage::default();
+    let entries: Vec<&RawValue> = if body.trim_start().starts_with('[') {
+        serde_json::from_str(body).map_err(|e| format!("the page is not valid JSON: {e}"))?
+    } else {
+        let env: Envelope = serde_json::from_str(body)
+            .map_err(|e| format!("the page is not a JSON object with a data array: {e}"))?;
+        page.limit = env
+            .pagination
+            .and_then(|p| serde_json::from_str::<LimitOnly>(p.get()).ok())
+            .and_then(|p| p.limit)
+            .and_then(|l| l.as_u64())
+            .and_then(|l| u32::try_from(l).ok())
+            .filter(|l| *l > 0);
+        env.data
+            .ok_or_else(|| "the page has no `data` array".to_string())?
+    };
+    for raw in entries {
+        match parse_message(raw) {
+            Some(m) => page.messages.push(m),
+            None => page.skipped += 1,
+        }
+    }
+    Ok(page)
+}
+
+/// The body of `POST /negotiations/{id}/messages`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MessageBody {
+    pub text: String,
+}
+
+/// The id of a sent message, from the response to its `POST`. The response
+/// is not documented: `messageID` at the top or under `data` is read, and
+/// anything else (an empty body included) means "no id".
+pub fn sent_message_id(body: &[u8]) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    [&v["messageID"], &v["data"]["messageID"]]
+        .into_iter()
+        .find_map(|id| match id {
+            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
+            serde_json::Value::Number(n) => Some(n.to_string()),
+            _ => None,
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -391,5 +511,33 @@ mod tests {
         assert_eq!(page.leads[0].status, None);
         assert!(parse_page(b"<html>").is_err());
         assert!(parse_page(br#"{"items":[]}"#).is_err());
+    }
+
+    #[test]
+    fn a_message_page_keeps_each_message_exactly() {
+        let body = r#"{"data":[{"messageID":"600000000000000001","negotiationID":"519153480500518912","from":"Customer",
+            "customer":{"customerID":"1","displayName":"Zoë"},"text":"Hi \u00e9 👍","attachments":[],"sentAt":"2024-06-13T19:18:01+02:00","x":9007199254740993},
+            {"text":"no id"}, 3],"pagination":{"limit":20}}"#;
+        let page = parse_message_page(body.as_bytes()).unwrap();
+        assert_eq!(page.messages.len(), 1);
+        assert_eq!(page.skipped, 2);
+        assert_eq!(page.limit, Some(20));
+        let m = &page.messages[0];
+        assert_eq!(m.message_id, "600000000000000001");
+        assert_eq!(m.sent_at.as_deref(), Some("2024-06-13T17:18:01Z"));
+        assert_eq!(m.sent_at_raw.as_deref(), Some("2024-06-13T19:18:01+02:00"));
+        assert_eq!(m.sender.as_deref(), Some("Customer"));
+        assert_eq!(m.text.as_deref(), Some("Hi é 👍"));
+        assert!(m.payload.contains("9007199254740993"));
+        assert!(parse_message_page(b"<html>").is_err());
+        assert_eq!(
+            sent_message_id(br#"{"messageID":"7"}"#).as_deref(),
+            Some("7")
+        );
+        assert_eq!(
+            sent_message_id(br#"{"data":{"messageID":8}}"#).as_deref(),
+            Some("8")
+        );
+        assert_eq!(sent_message_id(b""), None);
     }
 }

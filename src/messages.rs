@@ -1,0 +1,275 @@
+//! Message polling (`[messages] sync = true`): after a pass of a business,
+//! the conversation of each lead it found new or changed is read back page
+//! by page (`sentBefore`) until a message already in the mirror, or the end.
+//! One lead failing is recorded in `message_polls` and polled again after
+//! the next pass; it never holds back its mirror row or the other leads.
+
+use crate::config::Config;
+use crate::store::Store;
+use crate::store::messages::{self, MessageSource, PollRecord};
+use crate::thumbtack::Client;
+use chrono::{DateTime, Utc};
+use std::sync::Arc;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// The largest `limit` the messages list takes (THUMBTACK.md, "Messages").
+pub const PAGE_SIZE: u32 = 20;
+
+/// A conversation longer than this many pages is not read further in one
+/// poll: paging that does not end is a loop, not a conversation.
+const MAX_PAGES: i64 = 500;
+
+/// The poller's settings, from `[messages]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MessageSettings {
+    pub sync: bool,
+    /// Leads polled after one pass at most; the rest wait for the next pass.
+    pub max_leads_per_pass: usize,
+}
+
+impl MessageSettings {
+    /// The settings a configuration asks for.
+    pub fn from_config(c: &Config) -> MessageSettings {
+        MessageSettings {
+            sync: c.file.messages.sync,
+            max_leads_per_pass: c.file.messages.max_leads_per_pass,
+        }
+    }
+}
+
+/// What one poll after a pass did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollReport {
+    pub leads: usize,
+    pub new_messages: i64,
+    /// Leads whose conversation could not be read, with the reason.
+    pub failed: Vec<(String, String)>,
+}
+
+impl PollReport {
+    /// One line for people.
+    pub fn summary(&self, business_id: &str) -> String {
+        let mut s = format!(
+            "{business_id}: messages — {} leads polled, {} new messages",
+            self.leads, self.new_messages
+        );
+        if !self.failed.is_empty() {
+            s.push_str(&format!(
+                ", {} failed (retried after the next pass; see message_polls): {}",
+                self.failed.len(),
+                self.failed
+                    .iter()
+                    .take(3)
+                    .map(|(n, e)| format!("{n}: {e}"))
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ));
+        }
+        s
+    }
+}
+
+/// Polls the conversations of the leads `business_id`'s passes found new or
+/// changed since the last poll (and those whose last poll failed).
+#[tracing::instrument(skip_all, fields(business_id = %business_id))]
+pub async fn poll_after_pass(
+    store: &Store,
+    client: &Arc<Client>,
+    business_id: &str,
+    settings: MessageSettings,
+    stop: &CancellationToken,
+) -> anyhow::Result<PollReport> {
+    let (id, limit) = (business_id.to_string(), settings.max_leads_per_pass);
+    let (leads, cursor) = store
+        .call(move |c| messages::leads_to_poll(c, &id, limit))
+        .await?;
+    let mut report = PollReport::default();
+    for negotiation_id in leads {
+        if stop.is_cancelled() {
+            // The cursor stays: these leads are polled after the next pass.
+            return Ok(report);
+        }
+        let known = {
+            let n = negotiation_id.clone();
+            store
+                .call(move |c| messages::complete_through(c, &n))
+                .await?
+                .and_then(|t| crate::time::parse(&t))
+        };
+        let poll = poll_lead(store, client, business_id, &negotiation_id, known, stop).await;
+        let (pages, new, error) = (poll.pages, poll.new, poll.error);
+        // Only a poll that read back to the mark (or the end) extends it.
+        let complete_through = match &error {
+            None => known.max(poll.newest),
+            Some(_) => known,
+        }
+        .map(crate::time::fmt);
+        report.leads += 1;
+        report.new_messages += new;
+        if let Some(e) = &error {
+            warn!(negotiation_id, error = %e, "cannot read the lead's messages");
+            report.failed.push((negotiation_id.clone(), e.clone()));
+        }
+        let (b, now) = (business_id.to_string(), crate::time::now());
+        store
+            .call(move |c| {
+                messages::record_poll(
+                    c,
+                    &PollRecord {
+                        negotiation_id: &negotiation_id,
+                        business_id: &b,
+                        polled_at: &now,
+                        error: error.as_deref(),
+                        pages,
+                        new_messages: new,
+                        complete_through: complete_through.as_deref(),
+                    },
+                )
+            })
+            .await?;
+    }
+    if let Some(cursor) = cursor {
+        let b = business_id.to_string();
+        store
+            .call(move |c| messages::advance_cursor(c, &b, cursor))
+            .await?;
+    }
+    if report.leads > 0 {
+        info!(
+            leads = report.leads,
+            new_messages = report.new_messages,
+            failed = report.failed.len(),
+            "messages polled"
+        );
+    }
+    Ok(report)
+}
+
+/// How one lead's poll went.
+struct LeadPoll {
+    pages: i64,
+    new: i64,
+    /// The newest `sentAt` seen (UTC).
+    newest: Option<DateTime<Utc>>,
+    error: Option<String>,
+}
+
+/// Reads one lead's conversation back from the newest message until it
+/// reaches `complete_through` (the newest message of the last complete
+/// poll: everything before it is in the mirror), or the end. A message the
+/// mirror has from a webhook is not such a mark: a webhook brings one
+/// message, not the history before it.
+async fn poll_lead(
+    store: &Store,
+    client: &Arc<Client>,
+    business_id: &str,
+    negotiation_id: &str,
+    complete_through: Option<DateTime<Utc>>,
+    stop: &CancellationToken,
+) -> LeadPoll {
+    let mut poll = LeadPoll {
+        pages: 0,
+        new: 0,
+        newest: None,
+        error: None,
+    };
+    let mut before: Option<(DateTime<Utc>, String)> = None;
+    loop {
+        if poll.pages >= MAX_PAGES {
+            poll.error = Some(format!(
+                "stopped after {MAX_PAGES} pages: the conversation does not end"
+            ));
+            return poll;
+        }
+        if stop.is_cancelled() {
+            poll.error = Some("interrupted by shutdown".into());
+            return poll;
+        }
+        let page = match client
+            .list_messages(
+                business_id,
+                negotiation_id,
+                PAGE_SIZE,
+                before.as_ref().map(|(_, raw)| raw.as_str()),
+            )
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => {
+                poll.error = Some(e.message);
+                return poll;
+            }
+        };
+        poll.pages += 1;
+        let listed = page.messages.len() + page.skipped as usize;
+        // The end: a page shorter than the limit (the server's, when it
+        // answered a lower one than asked for).
+        let limit = page.limit.map_or(PAGE_SIZE, |l| l.min(PAGE_SIZE));
+        if page.skipped > 0 {
+            warn!(
+                negotiation_id,
+                skipped = page.skipped,
+                "messages without a messageID were not stored"
+            );
+        }
+        let times: Vec<(DateTime<Utc>, String)> = page
+            .messages
+            .iter()
+            .filter_map(|m| {
+                let raw = m.sent_at_raw.as_ref()?;
+                Some((crate::time::parse(raw)?, raw.clone()))
+            })
+            .collect();
+        let oldest = times.iter().min_by_key(|(t, _)| *t).cloned();
+        if let Some((t, _)) = times.iter().max_by_key(|(t, _)| *t) {
+            poll.newest = poll.newest.max(Some(*t));
+        }
+        let reached_known =
+            complete_through.is_some_and(|known| times.iter().any(|(t, _)| *t <= known));
+        let (n, b, now) = (
+            negotiation_id.to_string(),
+            business_id.to_string(),
+            crate::time::now(),
+        );
+        match store
+            .call(move |c| {
+                messages::insert_messages(
+                    c,
+                    &n,
+                    Some(&b),
+                    &page.messages,
+                    MessageSource::Poll,
+                    &now,
+                )
+            })
+            .await
+        {
+            Ok(written) => poll.new += written.inserted,
+            Err(e) => {
+                poll.error = Some(format!("cannot store messages: {e:#}"));
+                return poll;
+            }
+        }
+        if reached_known || listed < limit as usize {
+            return poll;
+        }
+        // The next page ends before the oldest message of this one.
+        match oldest {
+            None => {
+                poll.error = Some(
+                    "a full page of messages without a readable sentAt: cannot page back".into(),
+                );
+                return poll;
+            }
+            Some((t, _)) if before.as_ref().is_some_and(|(b, _)| t >= *b) => {
+                poll.error = Some(
+                    "paging back by sentBefore does not advance: every message of a full page was sent at the same time"
+                        .into(),
+                );
+                return poll;
+            }
+            Some(o) => before = Some(o),
+        }
+    }
+}

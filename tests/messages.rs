@@ -1,0 +1,794 @@
+//! Messages (SPEC §9): polled conversations, paged back by `sentBefore`,
+//! never duplicated; replies through `message_outbox`.
+
+mod common;
+
+use common::{Env, FAST, count, text};
+use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
+use leadsync::store::messages::{self, MessageSource};
+use leadsync::thumbtack::model::parse_message;
+use std::collections::HashMap;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+fn with_messages() -> String {
+    format!("{FAST}\n[messages]\nsync = true\n")
+}
+
+/// Stores some of the sandbox's messages as a webhook would have.
+fn deliver_by_webhook(env: &Env, negotiation_id: &str, indexes: &[usize]) -> Vec<String> {
+    let all = env.sandbox.messages(negotiation_id);
+    let chosen: Vec<_> = indexes
+        .iter()
+        .map(|&i| {
+            let raw: Box<serde_json::value::RawValue> = serde_json::from_str(&all[i].json).unwrap();
+            parse_message(&raw).unwrap()
+        })
+        .collect();
+    let mut conn = leadsync::store::open_connection(&env.database(), true).unwrap();
+    let w = messages::insert_messages(
+        &mut conn,
+        negotiation_id,
+        None,
+        &chosen,
+        MessageSource::Webhook,
+        &leadsync::time::now(),
+    )
+    .unwrap();
+    assert_eq!(w.inserted, chosen.len() as i64);
+    chosen.into_iter().map(|m| m.message_id).collect()
+}
+
+fn pages_of(db: &rusqlite::Connection, negotiation_id: &str) -> (String, i64) {
+    db.query_row(
+        "SELECT outcome, pages FROM message_polls WHERE negotiation_id = ?1",
+        [negotiation_id],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_conversation_is_read_back_in_pages_of_twenty_without_duplicates() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    let conversation = env.sandbox.messages(&long);
+    assert_eq!(conversation.len(), 45);
+    // A webhook delivered the newest message and two older ones first.
+    let by_webhook = deliver_by_webhook(&env, &long, &[44, 30, 3]);
+
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("messages — 60 leads polled"),
+        "{}",
+        text(&o)
+    );
+
+    let db = env.sql();
+    let q = |sql: &str| count(&db, &sql.replace("{n}", &long));
+    assert_eq!(
+        q("SELECT count(*) FROM messages WHERE negotiation_id = '{n}'"),
+        45
+    );
+    assert_eq!(
+        q("SELECT count(DISTINCT message_id) FROM messages WHERE negotiation_id = '{n}'"),
+        45
+    );
+    assert_eq!(
+        pages_of(&db, &long),
+        ("ok".to_string(), 3),
+        "three pages of 20, 20, 5"
+    );
+    for id in &by_webhook {
+        let source: String = db
+            .query_row(
+                "SELECT source FROM messages WHERE message_id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            source, "webhook",
+            "a message already mirrored is left as it was"
+        );
+    }
+    assert_eq!(
+        q("SELECT count(*) FROM messages WHERE negotiation_id = '{n}' AND source = 'poll'"),
+        42
+    );
+    // Every message exactly as served, in time order.
+    let mirrored: Vec<(String, String, String)> = db
+        .prepare("SELECT message_id, payload, sender FROM messages WHERE negotiation_id = ?1 ORDER BY sent_at")
+        .unwrap()
+        .query_map([&long], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    for (m, (id, payload, sender)) in conversation.iter().zip(&mirrored) {
+        assert_eq!((&m.id, &m.json, &m.from), (id, payload, sender));
+    }
+    // Every lead of the business has its whole conversation.
+    let expected: usize = env
+        .sandbox
+        .lead_ids(&business)
+        .iter()
+        .map(|l| env.sandbox.messages(l).len())
+        .sum();
+    assert_eq!(count(&db, "SELECT count(*) FROM messages"), expected as i64);
+
+    // Two new messages and a change: the next pass reads one page and stops
+    // at what the first poll already read.
+    env.sandbox
+        .mutate(Mutation::AddMessages {
+            negotiation_id: long.clone(),
+            count: 2,
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::SetStatus {
+            negotiation_id: long.clone(),
+            status: "Picked".into(),
+        })
+        .unwrap();
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("messages — 1 leads polled, 2 new messages"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(
+        q("SELECT count(*) FROM messages WHERE negotiation_id = '{n}'"),
+        47
+    );
+    assert_eq!(pages_of(&db, &long), ("ok".to_string(), 1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_lead_failing_is_recorded_and_blocks_neither_its_row_nor_the_others() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let leads = env.sandbox.lead_ids(&business);
+    let refused = leads[5].clone();
+    env.sandbox.refuse(&refused);
+
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "the pass itself succeeded: {}",
+        text(&o)
+    );
+    assert!(text(&o).contains("1 failed"), "{}", text(&o));
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM negotiations WHERE negotiation_id = '{refused}'")
+        ),
+        1
+    );
+    let (outcome, error): (String, String) = db
+        .query_row(
+            "SELECT outcome, error FROM message_polls WHERE negotiation_id = ?1",
+            [&refused],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome, "error");
+    assert!(error.contains("active leads only"), "{error}");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'ok'"
+        ),
+        leads.len() as i64 - 1
+    );
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{long}'")
+        ),
+        45
+    );
+
+    // Nothing changed, but the failed lead is polled again after the next pass.
+    let before = env
+        .sandbox
+        .stats()
+        .by_route
+        .get("messages")
+        .copied()
+        .unwrap_or(0);
+    let o = env.run(&["sync", "--business", &business]);
+    assert!(
+        text(&o).contains("messages — 1 leads polled"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(env.sandbox.stats().by_route["messages"], before + 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_messages_sync_no_conversation_is_read() {
+    let env = Env::small().await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("messages"), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().by_route.get("messages"), None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_message_outbox_rows_are_refused_by_the_table_with_readable_messages() {
+    let env = Env::small().await;
+    let lead = env.first_leads(1)[0].clone();
+    drop(leadsync::store::open_connection(&env.database(), true).unwrap());
+    let db = env.sql();
+    let long = "é".repeat(5001);
+    let refused: &[(&str, &str)] = &[
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('abc', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (NULL, 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (' 5191', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (5.19e20, 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (x'3531', 'hi')",
+            "negotiation_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, business_id, text) VALUES ('{n}', 'acme', 'hi')",
+            "business_id must be",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', NULL)",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', '')",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', ' ' || char(10, 9) || ' ')",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', x'6869')",
+            "text is required",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', '{long}')",
+            "at most 5000 characters",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text, state) VALUES ('{n}', 'hi', 'sent')",
+            "a new row is pending",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text, attempts) VALUES ('{n}', 'hi', 3)",
+            "a new row is pending",
+        ),
+    ];
+    for (sql, why) in refused {
+        let sql = sql.replace("{n}", &lead).replace("{long}", &long);
+        let e = db
+            .execute(&sql, [])
+            .expect_err(&format!("accepted: {sql}"))
+            .to_string();
+        assert!(
+            e.contains("message_outbox: ") && e.contains(why),
+            "{sql}: {e}"
+        );
+    }
+    assert_eq!(count(&db, "SELECT count(*) FROM message_outbox"), 0);
+
+    // At the limit, in characters (not bytes), it is accepted.
+    let at_limit = "é".repeat(5000);
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+        [&lead, &at_limit],
+    )
+    .unwrap();
+    let id = db.last_insert_rowid();
+    // Content changes while pending; never once the row left pending.
+    db.execute(
+        "UPDATE message_outbox SET text = 'On my way!' WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    let e = db
+        .execute(
+            "UPDATE message_outbox SET state = 'bogus' WHERE id = ?1",
+            [id],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("message_outbox: state must be one of"), "{e}");
+    db.execute(
+        "UPDATE message_outbox SET state = 'sent' WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    for sql in [
+        "UPDATE message_outbox SET text = 'changed' WHERE id = ?1",
+        "UPDATE message_outbox SET negotiation_id = '1' WHERE id = ?1",
+        "UPDATE message_outbox SET business_id = '1' WHERE id = ?1",
+    ] {
+        let e = db.execute(sql, [id]).unwrap_err().to_string();
+        assert!(
+            e.contains("can change only while it is pending"),
+            "{sql}: {e}"
+        );
+    }
+    let kept: String = db
+        .query_row("SELECT text FROM message_outbox WHERE id = ?1", [id], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    assert_eq!(kept, "On my way!");
+
+    // `leadsync reply` goes through the same checks.
+    let o = env.run(&["reply", "--negotiation", &lead, "--text", "  "]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(
+        text(&o).contains("rejected: message_outbox: text is required"),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["reply", "--negotiation", &lead, "--text", "-- see you at 9"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        String::from_utf8_lossy(&o.stdout).trim(),
+        (id + 1).to_string()
+    );
+}
+
+/// SQLite's `length()` stops at a NUL, and its `trim()` knows only the
+/// characters it is given: a long text behind a NUL, or a text of Unicode
+/// spaces only, must be refused by the table too, not left to die at the
+/// claim (the drainer counts every character and trims every space).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_outbox_refuses_text_hidden_behind_a_nul_or_of_unicode_spaces_only() {
+    let env = Env::small().await;
+    let lead = env.first_leads(1)[0].clone();
+    drop(leadsync::store::open_connection(&env.database(), true).unwrap());
+    let db = env.sql();
+    let long = "x".repeat(6000);
+    let refused: &[(&str, &str)] = &[
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', char(0) || '{long}')",
+            "NUL",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', 'hi' || char(0))",
+            "NUL",
+        ),
+        (
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{n}', char(160, 12288, 8203 - 3, 11, 12, 133))",
+            "text is required",
+        ),
+    ];
+    for (sql, why) in refused {
+        let sql = sql.replace("{n}", &lead).replace("{long}", &long);
+        let shown: String = sql.chars().take(120).collect();
+        let e = db
+            .execute(&sql, [])
+            .expect_err(&format!("accepted: {shown}"))
+            .to_string();
+        assert!(
+            e.contains("message_outbox: ") && e.contains(why),
+            "{shown}: {e}"
+        );
+    }
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'hi')",
+        [&lead],
+    )
+    .unwrap();
+    let id = db.last_insert_rowid();
+    for sql in [
+        "UPDATE message_outbox SET text = char(0) || '{long}' WHERE id = ?1",
+        "UPDATE message_outbox SET text = char(12288) WHERE id = ?1",
+    ] {
+        let sql = sql.replace("{long}", &long);
+        let shown: String = sql.chars().take(120).collect();
+        db.execute(&sql, [id])
+            .expect_err(&format!("accepted: {shown}"));
+    }
+    // Unicode letters and a non-breaking space inside a text are fine.
+    db.execute(
+        "UPDATE message_outbox SET text = 'Bis gleich' || char(160) || '👋' WHERE id = ?1",
+        [id],
+    )
+    .unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM message_outbox"), 1);
+
+    // Control characters are text the table takes, but `outbox list` does
+    // not replay them to the operator's terminal (an escape sequence could
+    // rewrite the screen).
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text)
+         VALUES (?1, 'a' || char(27) || '[2J' || char(7) || 'b' || char(155) || 'c')",
+        [&lead],
+    )
+    .unwrap();
+    let o = env.run(&["outbox", "list", "--kind", "message"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "{shown:?}"
+    );
+    assert!(shown.contains("a [2J b c"), "{shown:?}");
+}
+
+/// One claim takes both kinds, each in its own transaction: when the second
+/// fails, the rows the first one marked `sending` must still be sent — not
+/// dropped, left `sending` until the next start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_reply_claim_does_not_strand_the_transitions_claimed_with_it() {
+    let env = Env::small().await;
+    let leads = env.first_leads(1);
+    drop(leadsync::store::open_connection(&env.database(), true).unwrap());
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+         VALUES (?1, ?2, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        [&leads[0], &env.business_ids()[0]],
+    )
+    .unwrap();
+    // A partner's trigger that fails at run time (an integer overflow: an
+    // error, not a constraint) whenever a reply is claimed: every claim of
+    // a reply errors (a locked database or a full disk would do the same).
+    db.execute_batch(&format!(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{}', 'hi');
+         CREATE TRIGGER partner_audit AFTER UPDATE OF state ON message_outbox
+          WHEN NEW.state = 'sending'
+         BEGIN SELECT abs(-9223372036854775807 - 1); END;",
+        leads[1]
+    ))
+    .unwrap();
+    let o = env.run(&["drain"]);
+    let state: String = db
+        .query_row("SELECT state FROM outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "sent", "{}", text(&o));
+    assert_eq!(env.sandbox.deliveries().len(), 1, "{}", text(&o));
+    // The reply is untouched, and the failure is reported.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_outbox WHERE state = 'pending' AND attempts = 0"
+        ),
+        1
+    );
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("integer overflow"), "{}", text(&o));
+}
+
+/// The replies the sandbox accepted, per negotiation, in order of acceptance.
+fn replies_by_negotiation(env: &Env) -> HashMap<String, Vec<String>> {
+    let mut by: HashMap<String, Vec<String>> = HashMap::new();
+    for r in env.sandbox.replies() {
+        by.entry(r.negotiation_id).or_default().push(r.text);
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_replies_under_faults_are_each_sent_once_in_id_order() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST
+            .replace("concurrency = 4", "concurrency = 8")
+            .replace("max_attempts = 5", "max_attempts = 100")
+            .replace("backoff_max_secs = 2", "backoff_max_secs = 0.5"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        latency_ms: 2,
+        error_5xx: 0.1,
+        rate_429: 0.05,
+        retry_after_secs: 0,
+        waf_202: 0.05,
+        reset: 0.03,
+        malformed: 0.05,
+        ..Default::default()
+    });
+    let leads: Vec<String> = env.first_leads(17).into_iter().take(50).collect();
+    let db = env.sql();
+    // Ten replies per negotiation, the negotiations interleaved.
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for k in 0..10 {
+        for lead in &leads {
+            let text = format!("reply {k} to {lead}: on my way 🚐");
+            db.execute(
+                "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+                rusqlite::params![lead, text],
+            )
+            .unwrap();
+            expected.entry(lead.clone()).or_default().push(text);
+        }
+    }
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    common::wait_until("every reply sent", Duration::from_secs(120), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM message_outbox WHERE state = 'sent'",
+        ) == 500
+    })
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+
+    assert!(
+        env.sandbox.stats().faults_injected > 50,
+        "the faults struck"
+    );
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 500, "each reply sent once");
+    assert_eq!(
+        replies_by_negotiation(&env),
+        expected,
+        "in id order per negotiation"
+    );
+    // The id Thumbtack gave each message is kept on its row.
+    let mut stmt = db
+        .prepare("SELECT text, message_id FROM message_outbox ORDER BY id")
+        .unwrap();
+    let ids: HashMap<String, Option<String>> = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    for r in &replies {
+        assert_eq!(ids[&r.text].as_deref(), Some(r.message_id.as_str()));
+    }
+    assert!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_outbox_attempts WHERE outcome = 'retry'"
+        ) > 0,
+        "failed attempts are in the attempts log"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_reply_dies_alone_and_the_operator_commands_cover_replies() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let leads = env.first_leads(1);
+    let (refused, fine) = (leads[0].clone(), leads[1].clone());
+    env.sandbox.refuse(&refused);
+    let reply = |lead: &str, message: &str| -> i64 {
+        let o = env.run(&["reply", "--negotiation", lead, "--text", message]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        String::from_utf8_lossy(&o.stdout).trim().parse().unwrap()
+    };
+    let dead = reply(&refused, "first");
+    let after_dead = reply(&refused, "second");
+    let canceled = reply(&fine, "never mind");
+    let sent = reply(&fine, "on my way");
+    let o = env.run(&[
+        "outbox",
+        "cancel",
+        "--kind",
+        "message",
+        &canceled.to_string(),
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // The transition table has no such row: the kind matters.
+    let o = env.run(&["outbox", "cancel", &sent.to_string()]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("outbox row 4 does not exist"),
+        "{}",
+        text(&o)
+    );
+
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(1), "a dead row: {}", text(&o));
+    assert!(
+        text(&o).contains("1 sent, 0 to retry later, 2 dead"),
+        "{}",
+        text(&o)
+    );
+    let db = env.sql();
+    let row = |id: i64| -> (String, Option<i64>, Option<String>, Option<String>) {
+        db.query_row(
+            "SELECT state, last_http_status, last_error, message_id FROM message_outbox WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+        )
+        .unwrap()
+    };
+    let (state, http, error, _) = row(dead);
+    assert_eq!((state.as_str(), http), ("dead", Some(400)));
+    assert!(error.unwrap().contains("does not accept messages"));
+    assert_eq!(
+        row(after_dead).0,
+        "dead",
+        "a dead row holds nothing back: the next one was tried"
+    );
+    assert_eq!(row(canceled).0, "canceled");
+    let (state, http, _, message_id) = row(sent);
+    assert_eq!((state.as_str(), http), ("sent", Some(201)));
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 1);
+    assert_eq!(message_id.as_deref(), Some(replies[0].message_id.as_str()));
+    assert_eq!(replies[0].text, "on my way");
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM message_outbox_attempts WHERE outbox_id = {dead} AND http_status = 400"
+            )
+        ),
+        1
+    );
+
+    let o = env.run(&["outbox", "list", "--kind", "message", "--state", "dead"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not accept messages"),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["outbox", "list", "--kind", "message", "--json"]);
+    let rows: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 4);
+    assert_eq!(rows[3]["message_id"], replies[0].message_id.as_str());
+    let o = env.run(&["status"]);
+    assert!(
+        text(&o).contains("message_outbox: 0 pending, 0 sending, 1 sent, 2 dead, 1 canceled"),
+        "{}",
+        text(&o)
+    );
+    let o = env.run(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(status["messages"]["outbox"]["dead"], 2);
+
+    // Retried, it goes again (and is refused again: 400 is final).
+    let o = env.run(&["outbox", "retry", "--kind", "message", "--all-dead"]);
+    assert!(
+        text(&o).contains("2 dead rows of message_outbox are pending again"),
+        "{}",
+        text(&o)
+    );
+    assert_eq!(row(dead).0, "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_send_loses_no_reply_and_keeps_id_order() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        latency_ms: 60,
+        error_5xx: 0.1,
+        ..Default::default()
+    });
+    let leads = env.first_leads(4);
+    let db = env.sql();
+    let mut expected: HashMap<String, Vec<String>> = HashMap::new();
+    for k in 0..5 {
+        for lead in &leads {
+            let text = format!("reply {k}");
+            db.execute(
+                "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+                rusqlite::params![lead, text],
+            )
+            .unwrap();
+            expected.entry(lead.clone()).or_default().push(text);
+        }
+    }
+    for round in 0..2 {
+        let mut child = env.spawn_daemon();
+        let target = 15 * (round + 1);
+        common::wait_until(
+            "some replies before the kill",
+            Duration::from_secs(30),
+            || env.sandbox.replies().len() >= target,
+        )
+        .await;
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+    }
+    let mut child = env.spawn_daemon();
+    common::wait_until(
+        "every reply sent after restarts",
+        Duration::from_secs(60),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM message_outbox WHERE state = 'sent'",
+            ) == 60
+        },
+    )
+    .await;
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    // A reply in flight at a kill may go twice (README), never out of order.
+    let mut by = replies_by_negotiation(&env);
+    for texts in by.values_mut() {
+        texts.dedup();
+    }
+    assert_eq!(by, expected);
+    let replies = env.sandbox.replies().len();
+    assert!(replies <= 60 + 2 * 4, "{replies} replies for 60 rows");
+    let interrupted = count(
+        &env.sql(),
+        "SELECT count(*) FROM message_outbox_attempts WHERE outcome = 'interrupted'",
+    ) as usize;
+    assert!(
+        interrupted >= replies - 60,
+        "every duplicate comes from an attempt a kill interrupted ({interrupted} for {} duplicates)",
+        replies - 60
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sent_reply_is_delivered_to_the_sandbox_webhooks_as_a_business_message() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let business = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&business)[0].clone();
+    let token = env.sandbox.static_token(&business).unwrap();
+    // A subscription whose receiver is not listening: the delivery is logged.
+    let r = reqwest::Client::new()
+        .post(format!(
+            "{}/api/v4/businesses/{business}/webhooks",
+            env.sandbox.base_url()
+        ))
+        .bearer_auth(token)
+        .json(&serde_json::json!({
+            "webhookURL": "http://127.0.0.1:9/hooks",
+            "eventTypes": ["MessageCreatedV4"],
+            "enabled": true,
+            "auth": {"username": "u", "password": "p"},
+        }))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    let o = env.run(&["reply", "--negotiation", &lead, "--text", "See you at 9"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.run(&["drain"]).status.code(), Some(0));
+    let reply = env.sandbox.replies().pop().unwrap();
+    let delivered = env
+        .sandbox
+        .webhook_deliveries()
+        .into_iter()
+        .find(|d| d.message_id.as_deref() == Some(reply.message_id.as_str()))
+        .expect("a MessageCreatedV4 delivery for the reply");
+    assert_eq!(delivered.event_type, "MessageCreatedV4");
+    assert_eq!(delivered.negotiation_id.as_deref(), Some(lead.as_str()));
+    let m = env
+        .sandbox
+        .messages(&lead)
+        .into_iter()
+        .find(|m| m.id == reply.message_id)
+        .unwrap();
+    assert_eq!(m.from, "Business");
+    assert!(m.json.contains(r#""from":"Business""#));
+}
