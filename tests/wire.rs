@@ -216,7 +216,7 @@ fn utc(t: &str) -> String {
     chrono::DateTime::parse_from_rfc3339(t)
         .unwrap()
         .with_timezone(&chrono::Utc)
-        .to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -282,7 +282,7 @@ async fn the_docs_shape_fills_its_columns_and_leaves_the_rest_empty() {
     for id in env.sandbox.lead_ids(&b) {
         let v = lead_value(&env, &id);
         let (created, category, name, city, zip, phone, price, charge) = columns(&env, &id);
-        assert_eq!(created.as_deref(), v["createTime"].as_str());
+        assert_eq!(created, v["createTime"].as_str().map(utc));
         assert_eq!(category.as_deref(), v["category"]["name"].as_str());
         assert_eq!(name.as_deref(), v["customer"]["displayName"].as_str());
         assert_eq!(city.as_deref(), v["customer"]["location"]["city"].as_str());
