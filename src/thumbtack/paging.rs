@@ -227,9 +227,15 @@ impl Listing {
             if entries == 0 || entries < limit {
                 return Ok(Step::End(End::Known));
             }
+            let Some(next) = offset.checked_add(entries) else {
+                return Err(format!(
+                    "pagination.offset {offset} leaves no room for a next page: \
+                     the listing cannot be read past it"
+                ));
+            };
             vec![
                 ("limit".into(), self.limit.to_string()),
-                ("offset".into(), (offset + entries).to_string()),
+                ("offset".into(), next.to_string()),
             ]
         } else {
             // No marker at all: only a short page says the listing ended.
@@ -451,5 +457,16 @@ mod tests {
             ));
             assert!(matches!(l.advance(&p), Ok(Step::Next(_))));
         }
+    }
+
+    #[test]
+    fn an_offset_at_the_end_of_the_integers_fails_the_pass_not_the_process() {
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":18446744073709551615}}}}"#,
+            leads(2)
+        ));
+        assert!(l.advance(&p).unwrap_err().contains("offset"));
     }
 }
