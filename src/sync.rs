@@ -219,7 +219,20 @@ pub async fn sync_business(
             stats.end_unknown = true;
             Ok(())
         }
-        Ok(_) if kind == ScanKind::Full => {
+        Ok(_) if kind == ScanKind::Full => 'full: {
+            if let Err(e) = confirm_unseen(
+                store,
+                client,
+                business_id,
+                settings,
+                run_id,
+                &mut seen,
+                stop,
+            )
+            .await
+            {
+                break 'full Err(e);
+            }
             let (id, now, accept) = (
                 business_id.to_string(),
                 crate::time::now(),
@@ -293,6 +306,73 @@ pub async fn sync_business(
             report(PassOutcome::Failed(stats, e))
         }
     }
+}
+
+/// Before a full scan marks leads missing: a listing read by position
+/// (offset paging, and cursors that hide an offset) that lost a lead while
+/// the scan was between two pages shifted the later leads one place, and
+/// the lead at the page boundary was never listed to the scan though it
+/// exists. When some present leads went unlisted, the listing is read once
+/// more (nothing written) and a lead listed by either reading is not
+/// missing; one that is really gone is absent from both.
+async fn confirm_unseen(
+    store: &Store,
+    client: &Arc<Client>,
+    business_id: &str,
+    settings: PassSettings,
+    run_id: i64,
+    seen: &mut HashSet<u64>,
+    stop: &CancellationToken,
+) -> Result<(), String> {
+    let unseen = {
+        let (id, now, snapshot) = (business_id.to_string(), crate::time::now(), seen.clone());
+        store
+            .call(move |c| mirror::count_unseen(c, &id, run_id, &snapshot, &now))
+            .await
+            .map_err(|e| format!("cannot count unlisted leads: {e:#}"))?
+    };
+    if unseen == 0 {
+        return Ok(());
+    }
+    let mut listing = Listing::new(client.base_url(), settings.page_size)?;
+    let mut cursor = listing.first();
+    let mut pages = 0i64;
+    loop {
+        if stop.is_cancelled() {
+            return Err("interrupted by shutdown".into());
+        }
+        let page = client.list_page(business_id, &cursor).await.map_err(|e| {
+            format!(
+                "re-reading the listing to confirm {unseen} unlisted leads: {}",
+                e.message
+            )
+        })?;
+        pages += 1;
+        seen.extend(
+            page.leads
+                .iter()
+                .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
+        );
+        match listing.advance(&page)? {
+            Step::Next(next) => cursor = next,
+            Step::End(End::Known) => break,
+            Step::End(End::Unknown) => {
+                return Err(
+                    "re-reading the listing to confirm unlisted leads: its end is unknown".into(),
+                );
+            }
+        }
+        if pages >= MAX_PAGES {
+            return Err(format!(
+                "stopped after {MAX_PAGES} pages: the listing does not end"
+            ));
+        }
+    }
+    info!(
+        unseen,
+        pages, "unlisted leads confirmed by a second reading of the listing"
+    );
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]

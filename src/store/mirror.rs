@@ -469,6 +469,30 @@ pub fn mark_missing(
     Ok(Missing::Marked(would))
 }
 
+/// How many of the business's present leads (known before the pass started)
+/// a full scan did not list: what [`mark_missing`] would mark. Read only.
+pub fn count_unseen(
+    conn: &Connection,
+    business_id: &str,
+    run_id: i64,
+    seen: &std::collections::HashSet<u64>,
+    now: &str,
+) -> Result<i64> {
+    let mut stmt = conn.prepare(
+        "SELECT negotiation_id FROM negotiations
+          WHERE business_id = ?1 AND missing_since IS NULL
+            AND first_seen_at < COALESCE((SELECT started_at FROM sync_runs WHERE id = ?2), ?3)",
+    )?;
+    let mut rows = stmt.query(params![business_id, run_id, now])?;
+    let mut unseen = 0;
+    while let Some(r) = rows.next()? {
+        if !seen.contains(&id_fingerprint(r.get_ref(0)?.as_str()?)) {
+            unseen += 1;
+        }
+    }
+    Ok(unseen)
+}
+
 /// Makes the `businesses` table match the configuration (rows are never
 /// deleted: a business removed from the configuration keeps its history).
 /// Only rows that differ are written, so a reload that adds one business to

@@ -55,6 +55,10 @@ fn migrations() -> Vec<(i64, String)> {
             include_str!("migrations/0006_auth_alerts.sql").to_string(),
         ),
         (7, include_str!("migrations/0007_messages.sql").to_string()),
+        (
+            11,
+            include_str!("migrations/0011_created_at_millis.sql").to_string(),
+        ),
     ]
 }
 
@@ -611,6 +615,42 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
+    }
+
+    #[test]
+    fn version_11_gives_created_at_its_milliseconds() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate(&mut conn).unwrap();
+        for (id, at) in [
+            ("1", "2026-01-01T00:00:00Z"),
+            ("2", "2026-01-01T00:00:00.500Z"),
+            ("3", "1718357400"),
+        ] {
+            conn.execute(
+                "INSERT INTO negotiations (negotiation_id, business_id, created_at, payload,
+                     payload_hash, first_seen_at, last_seen_at, changed_at)
+                 VALUES (?1, 'b', ?2, '{}', 0, 't', 't', 't')",
+                [id, at],
+            )
+            .unwrap();
+        }
+        conn.pragma_update(None, "user_version", 10).unwrap();
+        migrate(&mut conn).unwrap();
+        let at: Vec<String> = conn
+            .prepare("SELECT created_at FROM negotiations ORDER BY created_at")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            at,
+            [
+                "1718357400",
+                "2026-01-01T00:00:00.000Z",
+                "2026-01-01T00:00:00.500Z"
+            ]
+        );
     }
 
     #[test]

@@ -65,22 +65,55 @@ pub fn get(conn: &Connection, id: i64) -> Result<Option<Request>> {
         .optional()?)
 }
 
-/// Requests nobody has taken yet, oldest first.
+/// Requests nobody has taken yet, oldest first. A row the table's checks
+/// let through but that is no request (a `business_id` written as a BLOB:
+/// its bytes pass the digits check) is refused here, alone, so that it
+/// never stops the rows after it from being read.
 pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, business_id, kind, accept_missing FROM sync_requests
-          WHERE started_at IS NULL AND finished_at IS NULL ORDER BY id",
-    )?;
-    let rows = stmt
-        .query_map([], |r| {
-            Ok(NewRequest {
-                id: r.get(0)?,
-                business_id: r.get(1)?,
+    let mut bad = Vec::new();
+    let mut rows = Vec::new();
+    {
+        let mut stmt = conn.prepare_cached(
+            "SELECT id, business_id, kind, accept_missing FROM sync_requests
+              WHERE started_at IS NULL AND finished_at IS NULL ORDER BY id",
+        )?;
+        let mut q = stmt.query([])?;
+        while let Some(r) = q.next()? {
+            let id: i64 = r.get(0)?;
+            let business_id = match r.get_ref(1)? {
+                rusqlite::types::ValueRef::Null => None,
+                rusqlite::types::ValueRef::Text(t) => match std::str::from_utf8(t) {
+                    Ok(t) => Some(t.to_string()),
+                    Err(_) => {
+                        bad.push(id);
+                        continue;
+                    }
+                },
+                _ => {
+                    bad.push(id);
+                    continue;
+                }
+            };
+            rows.push(NewRequest {
+                id,
+                business_id,
                 kind: r.get(2)?,
                 accept_missing: r.get::<_, i64>(3)? == 1,
-            })
-        })?
-        .collect::<rusqlite::Result<_>>()?;
+            });
+        }
+    }
+    for id in bad {
+        let why = "business_id is not text: write it as a quoted string of digits, \
+                   e.g. VALUES ('468046965846925323', 'full')";
+        conn.execute(
+            "UPDATE sync_requests SET started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+                    finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
+                    outcome = 'refused', error = ?2, summary = ?2
+              WHERE id = ?1 AND finished_at IS NULL",
+            params![id, why],
+        )?;
+        tracing::warn!(request = id, error = why, "sync request refused");
+    }
     Ok(rows)
 }
 
@@ -189,4 +222,48 @@ pub fn read_lag(conn: &Connection) -> Result<Vec<ScheduleLag>> {
         })?
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn() -> Connection {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::store::migrate(&mut c).unwrap();
+        c
+    }
+
+    #[test]
+    fn a_row_the_table_could_not_refuse_is_refused_alone_and_stalls_nothing() {
+        let c = conn();
+        insert(&c, Some("12"), "head", false).unwrap();
+        // The CHECK reads a BLOB's bytes as digits, and TEXT affinity keeps
+        // a BLOB a BLOB: a program's `sqlite3` typo gets this far.
+        c.execute(
+            "INSERT INTO sync_requests (business_id, kind) VALUES (x'3334', 'full')",
+            [],
+        )
+        .unwrap();
+        c.execute(
+            "INSERT INTO sync_requests (id, business_id, kind) VALUES (-5, '56', 'head')",
+            [],
+        )
+        .unwrap();
+        let new = new_requests(&c).unwrap();
+        let ids: Vec<(i64, Option<String>)> =
+            new.iter().map(|r| (r.id, r.business_id.clone())).collect();
+        assert_eq!(ids, vec![(-5, Some("56".into())), (1, Some("12".into()))]);
+        let bad: (Option<String>, Option<String>) = c
+            .query_row(
+                "SELECT outcome, error FROM sync_requests WHERE id = 2",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(bad.0.as_deref(), Some("refused"));
+        assert!(bad.1.unwrap().contains("business_id"));
+        // Taken once: the next look finds it no more.
+        assert_eq!(new_requests(&c).unwrap().len(), 2);
+    }
 }

@@ -126,6 +126,24 @@ fn text(raw: Option<&RawValue>) -> Option<String> {
     }
 }
 
+/// A lead's time in the mirror's form (UTC, milliseconds at least, so that
+/// text order is time order; a finer fraction is kept). What is not an
+/// RFC 3339 time, or leaves the years 0000–9999 once in UTC, stays as sent.
+fn lead_time(t: String) -> String {
+    use chrono::{Datelike, SecondsFormat, Timelike};
+    match crate::time::parse(&t) {
+        Some(u) if (0..=9999).contains(&u.year()) => u.to_rfc3339_opts(
+            if u.nanosecond() % 1_000_000 == 0 {
+                SecondsFormat::Millis
+            } else {
+                SecondsFormat::AutoSi
+            },
+            true,
+        ),
+        _ => t,
+    }
+}
+
 /// A nested object of the lead, when the field is one.
 fn object<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
     let raw = raw?;
@@ -150,7 +168,7 @@ pub fn parse_lead(raw: &RawValue) -> Option<LeadRow> {
     let negotiation_id = text(f.negotiation_id)?;
     let created_at = text(f.create_time)
         .or_else(|| text(f.created_at))
-        .map(|t| crate::time::to_utc_z(&t).unwrap_or(t));
+        .map(lead_time);
     let request: Option<Request> = object(f.request);
     let customer: Option<Customer> = object(f.customer);
     let request_location: Option<Location> = request.as_ref().and_then(|r| object(r.location));
@@ -452,7 +470,7 @@ mod tests {
         let lead = &page.leads[0];
         assert!(lead.payload.contains("9007199254740993"));
         assert!(lead.payload.contains(r#""city":"San José""#));
-        assert_eq!(lead.created_at.as_deref(), Some("2024-06-13T17:18:01Z"));
+        assert_eq!(lead.created_at.as_deref(), Some("2024-06-13T17:18:01.000Z"));
         assert_eq!(lead.customer_name.as_deref(), Some("Zoë"));
         assert_eq!(lead.zip.as_deref(), Some("95110"));
     }
@@ -539,5 +557,49 @@ mod tests {
             Some("8")
         );
         assert_eq!(sent_message_id(b""), None);
+    }
+
+    #[test]
+    fn created_at_sorts_as_time_whatever_its_precision_or_offset() {
+        let at = |v: &str| {
+            parse_lead_body(&format!(r#"{{"negotiationID":"1","createdAt":{v}}}"#))
+                .unwrap()
+                .created_at
+        };
+        // Milliseconds always, as every other leadsync timestamp: a whole
+        // second and a fraction of the same second sort in time order.
+        let whole = at(r#""2024-06-14T09:30:00Z""#).unwrap();
+        let half = at(r#""2024-06-14T11:30:00.5+02:00""#).unwrap();
+        assert_eq!(whole, "2024-06-14T09:30:00.000Z");
+        assert_eq!(half, "2024-06-14T09:30:00.500Z");
+        assert!(whole < half);
+        // Finer than a millisecond is kept.
+        assert_eq!(
+            at(r#""2024-06-14T09:30:00.123456Z""#).as_deref(),
+            Some("2024-06-14T09:30:00.123456Z")
+        );
+        // The widest offsets RFC 3339 allows.
+        assert_eq!(
+            at(r#""2024-06-14T23:59:00+23:59""#).as_deref(),
+            Some("2024-06-14T00:00:00.000Z")
+        );
+        assert_eq!(
+            at(r#""2024-06-14T00:00:00-23:59""#).as_deref(),
+            Some("2024-06-14T23:59:00.000Z")
+        );
+        // An instant that leaves four-digit years in UTC is kept as sent
+        // (never "+10000-..." or "-0001-...", which sort wrongly).
+        assert_eq!(
+            at(r#""9999-12-31T23:59:00-23:59""#).as_deref(),
+            Some("9999-12-31T23:59:00-23:59")
+        );
+        assert_eq!(
+            at(r#""0000-01-01T00:00:00+01:00""#).as_deref(),
+            Some("0000-01-01T00:00:00+01:00")
+        );
+        // What is no time at all stays as sent; null and "" are no value.
+        assert_eq!(at("1718357400").as_deref(), Some("1718357400"));
+        assert_eq!(at("null"), None);
+        assert_eq!(at(r#""""#), None);
     }
 }

@@ -81,7 +81,17 @@ pub struct Listing {
     base: reqwest::Url,
     style: Option<Style>,
     requested: HashSet<String>,
+    /// A fingerprint of each non-empty page's lead ids: a server that
+    /// ignores the cursor (and echoes a new offset or token each time)
+    /// serves the same leads again, and is caught there.
+    contents: HashSet<u64>,
+    /// Empty pages in a row that still named a next page.
+    empty_run: u32,
 }
+
+/// Empty pages in a row a token listing may send before it is taken for
+/// one that never ends.
+const MAX_EMPTY_PAGES: u32 = 3;
 
 /// Hosts a `pagination.next` may name besides `api.base_url`'s own: the
 /// documented `next` carries the production host even where the request
@@ -101,6 +111,8 @@ impl Listing {
             base,
             style: None,
             requested: HashSet::new(),
+            contents: HashSet::new(),
+            empty_run: 0,
         })
     }
 
@@ -135,6 +147,29 @@ impl Listing {
         let m: &Markers = &page.markers;
         let entries = page.entries();
         let limit = m.limit.filter(|l| *l > 0).unwrap_or(u64::from(self.limit));
+        if !page.leads.is_empty() {
+            let mut h = xxhash_rust::xxh3::Xxh3::new();
+            for lead in &page.leads {
+                h.update(lead.negotiation_id.as_bytes());
+                h.update(b"\0");
+            }
+            if !self.contents.insert(h.digest()) {
+                return Err(format!(
+                    "pagination does not advance: a page lists the same leads as an earlier \
+                     page of this pass (the server seems to ignore {}); the pass stops",
+                    if m.next.is_some() || m.next_page_token.is_some() {
+                        "the next page it names"
+                    } else {
+                        "`offset`"
+                    }
+                ));
+            }
+        }
+        if entries == 0 && (m.next.is_some() || m.next_page_token.is_some()) {
+            self.empty_run += 1;
+        } else {
+            self.empty_run = 0;
+        }
         let query = if let Some(next) = &m.next {
             self.seen_first(Style::Next);
             let url = reqwest::Url::options()
@@ -158,9 +193,20 @@ impl Listing {
                     "pagination.next {next:?} names no page (no offset or token in its query)"
                 ));
             }
+            if entries == 0 && query.iter().any(|(k, _)| k == "offset") {
+                // Nothing at this offset: nothing after it either, whatever
+                // `next` says (some lists always name one).
+                return Ok(Step::End(End::Known));
+            }
             self.with_limit(query)
         } else if let Some(token) = &m.next_page_token {
             self.seen_first(Style::Token);
+            if self.empty_run > MAX_EMPTY_PAGES {
+                return Err(format!(
+                    "pagination does not end: {} empty pages in a row, each naming a next page",
+                    self.empty_run
+                ));
+            }
             vec![
                 ("limit".into(), self.limit.to_string()),
                 ("pageToken".into(), token.clone()),
@@ -181,9 +227,15 @@ impl Listing {
             if entries == 0 || entries < limit {
                 return Ok(Step::End(End::Known));
             }
+            let Some(next) = offset.checked_add(entries) else {
+                return Err(format!(
+                    "pagination.offset {offset} leaves no room for a next page: \
+                     the listing cannot be read past it"
+                ));
+            };
             vec![
                 ("limit".into(), self.limit.to_string()),
-                ("offset".into(), (offset + entries).to_string()),
+                ("offset".into(), next.to_string()),
             ]
         } else {
             // No marker at all: only a short page says the listing ended.
@@ -214,8 +266,11 @@ mod tests {
         parse_page(body.as_bytes()).unwrap()
     }
 
+    /// `n` leads, with ids no other call gave.
     fn leads(n: usize) -> String {
-        (0..n)
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let from = NEXT.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+        (from..from + n)
             .map(|i| format!(r#"{{"negotiationID":"{i}"}}"#))
             .collect::<Vec<_>>()
             .join(",")
@@ -255,9 +310,16 @@ mod tests {
         let p = page(r#"{"data":[],"pagination":{"next":"https://evil.example/v4/x?offset=2"}}"#);
         assert!(l.advance(&p).unwrap_err().contains("another host"));
         // Relative and same-host URLs are fine.
-        let p = page(r#"{"data":[],"pagination":{"next":"/v4/x?offset=2"}}"#);
-        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&offset=2");
-        assert!(l.advance(&p).unwrap_err().contains("loops"));
+        let p = |data: String| {
+            page(&format!(
+                r#"{{"data":[{data}],"pagination":{{"next":"/v4/x?offset=2"}}}}"#
+            ))
+        };
+        assert_eq!(
+            next_query(l.advance(&p(leads(2))).unwrap()),
+            "limit=2&offset=2"
+        );
+        assert!(l.advance(&p(leads(2))).unwrap_err().contains("loops"));
         let p = page(r#"{"data":[],"pagination":{"next":"http://127.0.0.1:9/v4/x"}}"#);
         assert!(l.advance(&p).unwrap_err().contains("names no page"));
     }
@@ -315,5 +377,96 @@ mod tests {
             leads(2)
         ));
         assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+    }
+
+    #[test]
+    fn a_server_that_ignores_the_cursor_is_caught_not_read_forever() {
+        const SAME: &str = r#"{"negotiationID":"a"},{"negotiationID":"b"}"#;
+        // Offset style: the server echoes the offset asked for but always
+        // serves the first page, so every offset is new.
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let mut failed = None;
+        for i in 0..5u64 {
+            let p = page(&format!(
+                r#"{{"data":[{SAME}],"pagination":{{"limit":2,"offset":{}}}}}"#,
+                i * 2
+            ));
+            if let Err(e) = l.advance(&p) {
+                failed = Some((i, e));
+                break;
+            }
+        }
+        let (at, e) = failed.expect("the same page over and over was read as new pages");
+        assert_eq!(at, 1, "caught on the first repeat");
+        assert!(e.contains("same leads"), "{e}");
+        // Next style, with fresh `next` URLs each time.
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let p = |o: u64| {
+            page(&format!(
+                r#"{{"data":[{SAME}],"pagination":{{"next":"/v4/x?limit=2&offset={o}"}}}}"#
+            ))
+        };
+        assert!(l.advance(&p(2)).is_ok());
+        assert!(l.advance(&p(4)).unwrap_err().contains("same leads"));
+        // A next that never stops, on empty pages past the end.
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let mut steps = 0;
+        let mut o = 2;
+        loop {
+            let p = page(&format!(
+                r#"{{"data":[],"pagination":{{"next":"/v4/x?limit=2&offset={o}"}}}}"#
+            ));
+            match l.advance(&p) {
+                Ok(Step::Next(_)) if steps < 100 => {}
+                other => {
+                    assert!(
+                        matches!(other, Ok(Step::End(End::Known)) | Err(_)),
+                        "{other:?}"
+                    );
+                    break;
+                }
+            }
+            steps += 1;
+            o += 2;
+        }
+        assert!(steps < 100, "empty pages were followed {steps} times");
+        // Tokens on empty pages: a few are followed, not forever.
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let e = (0..100)
+            .find_map(|i| {
+                let p = page(&format!(
+                    r#"{{"data":[],"pagination":{{"nextPageToken":"t{i}"}}}}"#
+                ));
+                l.advance(&p).err()
+            })
+            .expect("empty token pages were followed 100 times");
+        assert!(e.contains("empty pages"), "{e}");
+        // Different leads on each page keep the listing going.
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        for i in 0..5u64 {
+            let p = page(&format!(
+                r#"{{"data":[{{"negotiationID":"{}"}},{{"negotiationID":"{}"}}],"pagination":{{"limit":2,"offset":{}}}}}"#,
+                i * 2,
+                i * 2 + 1,
+                i * 2
+            ));
+            assert!(matches!(l.advance(&p), Ok(Step::Next(_))));
+        }
+    }
+
+    #[test]
+    fn an_offset_at_the_end_of_the_integers_fails_the_pass_not_the_process() {
+        let mut l = Listing::new("http://h", 2).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":18446744073709551615}}}}"#,
+            leads(2)
+        ));
+        assert!(l.advance(&p).unwrap_err().contains("offset"));
     }
 }
