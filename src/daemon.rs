@@ -7,7 +7,7 @@ use crate::config::{Config, ConfigSource};
 use crate::drain::{DrainSettings, Drainer};
 use crate::schedule::{Job, Origin, Pushed, ScheduleKey, Schedules, SyncQueue};
 use crate::store::{Store, mirror, outbox, requests};
-use crate::sync::{PassOutcome, PassReport, PassSettings, ScanKind, sync_business};
+use crate::sync::{PANICKED, PassOutcome, PassReport, PassSettings, ScanKind, sync_business};
 use crate::thumbtack::{Auth, Client, ClientSettings};
 use anyhow::Result;
 use sd_notify::NotifyState;
@@ -393,7 +393,26 @@ impl Daemon {
                     _ = self.stop.cancelled() => return,
                 }
             };
-            let report = self.run_pass(&job).await;
+            let report = {
+                let (me, j) = (self.clone(), job.clone());
+                guarded(
+                    &job.business_id,
+                    job.kind,
+                    async move { me.run_pass(&j).await },
+                )
+                .await
+            };
+            if report.panicked() {
+                // Its sync_runs row would read `running` until the next start.
+                let (id, why) = (job.business_id.clone(), report.summary());
+                let closed = self
+                    .store
+                    .call(move |c| mirror::interrupt_running_of(c, &id, &crate::time::now(), &why))
+                    .await;
+                if let Err(e) = closed {
+                    warn!(error = %format!("{e:#}"), "cannot close the panicked pass's run");
+                }
+            }
             self.lock_queue().finish(&job.business_id);
             self.work.notify_waiters();
             self.answer(
@@ -977,9 +996,64 @@ impl Daemon {
     }
 }
 
+/// Runs one pass as its own task, so that a panic inside it fails that pass
+/// instead of killing the worker: a dead worker never calls
+/// `SyncQueue::finish`, and its business would stay "running" in the queue,
+/// never synced again until a restart.
+async fn guarded<F>(business_id: &str, kind: ScanKind, pass: F) -> PassReport
+where
+    F: std::future::Future<Output = PassReport> + Send + 'static,
+{
+    let started = Instant::now();
+    match tokio::spawn(pass).await {
+        Ok(report) => report,
+        Err(e) => {
+            let why = if e.is_panic() {
+                let payload = e.into_panic();
+                let what = payload
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| payload.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                format!("{PANICKED}: {what}")
+            } else {
+                format!("{PANICKED}: cancelled")
+            };
+            error!(business_id, "{why}");
+            PassReport {
+                business_id: business_id.to_string(),
+                kind,
+                outcome: PassOutcome::Failed(mirror::RunStats::default(), why),
+                elapsed: started.elapsed(),
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_pass_fails_alone_and_the_worker_goes_on() {
+        let report = guarded("b1", ScanKind::Head, async {
+            panic!("boom");
+        })
+        .await;
+        assert!(!report.is_ok());
+        assert!(report.panicked());
+        assert!(report.summary().contains("boom"), "{}", report.summary());
+        let ok = guarded("b1", ScanKind::Full, async {
+            PassReport {
+                business_id: "b1".into(),
+                kind: ScanKind::Full,
+                outcome: PassOutcome::Ok(mirror::RunStats::default()),
+                elapsed: Duration::ZERO,
+            }
+        })
+        .await;
+        assert!(ok.is_ok() && !ok.panicked());
+    }
 
     #[test]
     fn a_stale_loop_withholds_the_watchdog() {

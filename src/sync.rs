@@ -66,6 +66,10 @@ pub enum PassOutcome {
     Skipped(String),
 }
 
+/// How the error of a pass that died of a panic begins (in its report and
+/// in `sync_runs.error`).
+pub const PANICKED: &str = "the pass panicked";
+
 /// A finished pass.
 #[derive(Debug, Clone)]
 pub struct PassReport {
@@ -76,6 +80,11 @@ pub struct PassReport {
 }
 
 impl PassReport {
+    /// True when the pass died of a panic (the daemon's workers catch it).
+    pub fn panicked(&self) -> bool {
+        matches!(&self.outcome, PassOutcome::Failed(_, why) if why.starts_with(PANICKED))
+    }
+
     /// True when the pass ran and succeeded.
     pub fn is_ok(&self) -> bool {
         matches!(self.outcome, PassOutcome::Ok(_))

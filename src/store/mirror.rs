@@ -599,6 +599,28 @@ pub fn auth_alerts(conn: &Connection) -> Result<Vec<(String, String)>> {
     Ok(rows)
 }
 
+/// Closes the `running` passes of one business (its pass died of a panic
+/// while the process goes on); returns how many.
+pub fn interrupt_running_of(
+    conn: &Connection,
+    business_id: &str,
+    now: &str,
+    why: &str,
+) -> Result<usize> {
+    let n = conn.execute(
+        "UPDATE sync_runs SET outcome = 'error', finished_at = ?1, error = ?2
+          WHERE outcome = 'running' AND business_id = ?3",
+        params![now, why, business_id],
+    )?;
+    conn.execute(
+        "UPDATE businesses SET last_sync_outcome = 'error', last_error = ?2, last_sync_finished_at = ?1
+          WHERE business_id = ?3 AND last_sync_started_at IS NOT NULL
+            AND (last_sync_finished_at IS NULL OR last_sync_finished_at < last_sync_started_at)",
+        params![now, why, business_id],
+    )?;
+    Ok(n)
+}
+
 /// Closes passes left `running` by a process that stopped; returns how many.
 pub fn interrupt_running(conn: &Connection, now: &str, why: &str) -> Result<usize> {
     let n = conn.execute(
