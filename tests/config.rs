@@ -529,3 +529,39 @@ fn config_check_warns_when_the_budget_cannot_keep_up() {
     );
     assert!(!out.contains("# warning"), "{out}");
 }
+
+#[test]
+fn a_webhook_path_is_a_plain_path_not_a_route_pattern() {
+    // The path becomes an axum route: `:x`, `*x` and braces are route
+    // syntax there (a panic at start, or a wildcard), so the configuration
+    // refuses them instead of the daemon failing later.
+    let d = Dir::new();
+    let pw = d.file("webhook_password", "hook-pass\n");
+    for (i, path) in ["/hooks/:token", "/hooks/*rest", "/hooks/{id}", "/hooks/{"]
+        .iter()
+        .enumerate()
+    {
+        let f = d.file(
+            &format!("p{i}.toml"),
+            &format!(
+                "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\npath = \"{path}\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+                d.base(),
+                pw.display()
+            ),
+        );
+        assert_config_error(
+            &check(&[&f], &[]),
+            &[&format!("p{i}.toml"), "webhooks.path"],
+        );
+    }
+    let ok = d.file(
+        "ok.toml",
+        &format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\npath = \"/thumbtack/web-hooks_v1.0~x\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+            d.base(),
+            pw.display()
+        ),
+    );
+    let o = check(&[&ok], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
