@@ -565,3 +565,33 @@ fn a_webhook_path_is_a_plain_path_not_a_route_pattern() {
     let o = check(&[&ok], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+#[test]
+fn webhook_credentials_are_masked_in_config_check() {
+    let d = Dir::new();
+    let inline = d.file(
+        "inline.toml",
+        &format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nusername = \"thumbtack\"\npassword = \"inline-hook-pass-77\"\n",
+            d.base()
+        ),
+    );
+    let o = check(&[&inline], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(!t.contains("inline-hook-pass-77"), "{t}");
+    let header = d.file(
+        "header.toml",
+        &format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nheader = \"X-Hook\"\n",
+            d.base()
+        ),
+    );
+    let o = check(
+        &[&header],
+        &[("LEADSYNC_WEBHOOKS__HEADER_VALUE", "env-hook-value-88")],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(!t.contains("env-hook-value-88"), "{t}");
+}
