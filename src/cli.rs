@@ -12,6 +12,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -518,6 +519,22 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
     let database = config.database().to_path_buf();
     let token_store = config.file.oauth.token_store.clone();
     let show = std::io::stderr().is_terminal();
+    // Ctrl-C or SIGTERM stops the copy between steps, so that its temporary
+    // file is removed instead of left beside FILE by a killed process.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+        let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let flag = interrupted.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            flag.store(true, Ordering::SeqCst);
+        });
+    }
     let report = tokio::task::spawn_blocking(move || {
         let mut last = Instant::now();
         store::backup::backup(&database, &[&token_store], &file, force, |copied, total| {
@@ -529,6 +546,7 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
                     eprintln!();
                 }
             }
+            !interrupted.load(Ordering::SeqCst)
         })
         .map(|r| (r, file))
     })

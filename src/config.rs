@@ -962,9 +962,15 @@ fn validate_webhooks(
                 })?,
         ),
     };
-    if !w.path.starts_with('/') || w.path.contains(['?', '#', ' ']) || w.path.len() < 2 {
+    // Letters, digits, `-._~` and `/` only: the path becomes an axum route,
+    // where `:x`, `*x` and braces are capture syntax (or a panic at start).
+    let plain = w
+        .path
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-._~/".contains(&b));
+    if !w.path.starts_with('/') || !plain || w.path.len() < 2 {
         return err(format!(
-            "{}: `{}` must be a path such as /thumbtack/webhooks",
+            "{}: `{}` must be a path such as /thumbtack/webhooks (letters, digits, `-._~/`)",
             locate(figment, "webhooks.path"),
             w.path
         ));

@@ -106,7 +106,7 @@ pub async fn run_with(
         Some(w) => match w.listen {
             Some(addr) => {
                 let listener = crate::serve::bind(addr, "webhooks.listen").await?;
-                let router = crate::serve::webhooks::router(w, session.store.clone(), None);
+                let router = crate::serve::webhooks::router(w, session.store.clone());
                 let options = crate::serve::ServeOptions {
                     header_read_timeout: w.read_timeout,
                     shutdown_grace: Duration::from_secs(

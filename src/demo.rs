@@ -349,7 +349,7 @@ async fn realtime(
     let stop = CancellationToken::new();
     let server = tokio::spawn(crate::serve::serve(
         listener,
-        crate::serve::webhooks::router(&settings, session.store.clone(), None),
+        crate::serve::webhooks::router(&settings, session.store.clone()),
         stop.clone(),
         crate::serve::ServeOptions::default(),
     ));

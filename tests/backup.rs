@@ -200,3 +200,63 @@ async fn backup_refuses_to_overwrite_without_force_and_never_the_mirror() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+/// SIGINT or SIGTERM in the middle of a copy: the backup stops, removes its
+/// temporary file and leaves no FILE (or, if it had already finished, a
+/// whole one); a big database's copy is never left half-written in the
+/// destination directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_backup_leaves_nothing_behind() {
+    let env = Env::new(SandboxOptions::default(), true, FAST).await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    // About 96 MiB of pages, so that the copy takes a while.
+    env.sql()
+        .execute_batch(
+            "CREATE TABLE pad (x BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 24000)
+             INSERT INTO pad SELECT randomblob(4000) FROM n;",
+        )
+        .expect("pad the mirror");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let partials = || {
+        std::fs::read_dir(out_dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+            .count()
+    };
+    for signal in ["-INT", "-TERM"] {
+        let file = out_dir.path().join(format!("copy{signal}.db"));
+        let mut child = env
+            .cli()
+            .args(["backup", file.to_str().expect("path")])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn backup");
+        let end = Instant::now() + Duration::from_secs(60);
+        while partials() == 0 && child.try_wait().expect("try_wait").is_none() {
+            assert!(Instant::now() < end, "the backup never started its copy");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let killed = std::process::Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .expect("kill");
+        let status = child.wait().expect("wait");
+        assert_eq!(
+            partials(),
+            0,
+            "{signal}: a temporary copy was left behind ({status:?}, kill {killed:?})"
+        );
+        if status.success() {
+            check_backup(&file, 0, 180);
+        } else {
+            assert!(
+                !file.exists(),
+                "{signal}: an interrupted backup left {}",
+                file.display()
+            );
+        }
+    }
+}

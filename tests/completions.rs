@@ -68,3 +68,40 @@ fn the_man_page_is_roff_with_every_command() {
         assert!(out.contains(word), "{word} missing from the man page");
     }
 }
+
+/// The package's tmpfiles.d entry is applied at every boot (`d` lines reset
+/// mode and owner of existing directories), so it must agree with what the
+/// CLI does as the service user: `sudo -u leadsync leadsync auth exchange
+/// --token-file /etc/leadsync/tokens/X --write-conf /etc/leadsync/conf.d`
+/// creates files in both directories, and grants stay the service user's
+/// alone (the partner's group, which writes the outbox, must not read them).
+#[test]
+fn tmpfiles_let_the_service_user_onboard_and_keep_grants_private() {
+    let tmpfiles = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/leadsync.tmpfile"
+    ))
+    .expect("read the tmpfiles.d entry");
+    let entry = |path: &str| -> Vec<String> {
+        tmpfiles
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f.len() >= 5 && f[0] == "d" && f[1] == path)
+            .unwrap_or_else(|| panic!("no `d {path}` line in\n{tmpfiles}"))
+    };
+    let tokens = entry("/etc/leadsync/tokens");
+    assert_eq!(
+        (tokens[2].as_str(), tokens[3].as_str()),
+        ("0700", "leadsync"),
+        "grants: the service user's alone, writable by `auth exchange`: {tokens:?}"
+    );
+    let conf_d = entry("/etc/leadsync/conf.d");
+    assert_eq!(
+        conf_d[3], "leadsync",
+        "`auth exchange --write-conf` runs as leadsync: {conf_d:?}"
+    );
+    assert!(
+        conf_d[2].ends_with(['0', '4', '5']),
+        "conf.d is not world-writable: {conf_d:?}"
+    );
+}

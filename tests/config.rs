@@ -529,3 +529,69 @@ fn config_check_warns_when_the_budget_cannot_keep_up() {
     );
     assert!(!out.contains("# warning"), "{out}");
 }
+
+#[test]
+fn a_webhook_path_is_a_plain_path_not_a_route_pattern() {
+    // The path becomes an axum route: `:x`, `*x` and braces are route
+    // syntax there (a panic at start, or a wildcard), so the configuration
+    // refuses them instead of the daemon failing later.
+    let d = Dir::new();
+    let pw = d.file("webhook_password", "hook-pass\n");
+    for (i, path) in ["/hooks/:token", "/hooks/*rest", "/hooks/{id}", "/hooks/{"]
+        .iter()
+        .enumerate()
+    {
+        let f = d.file(
+            &format!("p{i}.toml"),
+            &format!(
+                "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\npath = \"{path}\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+                d.base(),
+                pw.display()
+            ),
+        );
+        assert_config_error(
+            &check(&[&f], &[]),
+            &[&format!("p{i}.toml"), "webhooks.path"],
+        );
+    }
+    let ok = d.file(
+        "ok.toml",
+        &format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\npath = \"/thumbtack/web-hooks_v1.0~x\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+            d.base(),
+            pw.display()
+        ),
+    );
+    let o = check(&[&ok], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn webhook_credentials_are_masked_in_config_check() {
+    let d = Dir::new();
+    let inline = d.file(
+        "inline.toml",
+        &format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nusername = \"thumbtack\"\npassword = \"inline-hook-pass-77\"\n",
+            d.base()
+        ),
+    );
+    let o = check(&[&inline], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(!t.contains("inline-hook-pass-77"), "{t}");
+    let header = d.file(
+        "header.toml",
+        &format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nheader = \"X-Hook\"\n",
+            d.base()
+        ),
+    );
+    let o = check(
+        &[&header],
+        &[("LEADSYNC_WEBHOOKS__HEADER_VALUE", "env-hook-value-88")],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(!t.contains("env-hook-value-88"), "{t}");
+}

@@ -537,6 +537,46 @@ async fn a_slow_client_is_cut_off() {
     r.stop().await;
 }
 
+/// A delivery that cannot be committed (the mirror stays locked by another
+/// program past the busy timeout) is answered 503 with Retry-After, so that
+/// Thumbtack delivers it again; nothing of it is stored, and the next
+/// delivery once the lock is gone is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_cannot_be_stored_is_refused_with_503() {
+    let r = Receiver::start().await;
+    let business = r.business();
+    wait_until("the first sync", Duration::from_secs(60), || {
+        count(
+            &r.env.sql(),
+            "SELECT count(*) FROM businesses WHERE last_sync_outcome IS NOT NULL",
+        ) == 3
+    })
+    .await;
+    let before = rows(&r.env);
+    let locker = r.env.sql();
+    locker.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let body = lead_delivery("900000000000000030", &business);
+    let resp = r
+        .http
+        .post(r.url(PATH))
+        .header("authorization", Receiver::basic("thumbtack", PASSWORD))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let retry_after = resp.headers().get("retry-after").cloned();
+    let text = resp.text().await.unwrap_or_default();
+    locker.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(status, 503, "{text}");
+    assert!(retry_after.is_some(), "503 without Retry-After");
+    assert_eq!(rows(&r.env), before, "a refused delivery left rows");
+    let (status, text) = r.post(body).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"applied\""), "{text}");
+    r.stop().await;
+}
+
 fn last_line_ok(o: &std::process::Output) -> String {
     common::text(o)
 }

@@ -19,14 +19,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tracing::{debug, info, warn};
 
-/// Counts what the receiver did, for whoever reports on it (metrics, tests).
-pub trait DeliveryObserver: Send + Sync {
-    /// One request answered: the event type (`-` before it is known), the
-    /// outcome (`applied`, ..., or `unauthorized`, `too_large`, `bad_request`,
-    /// `timeout`, `error`) and how long it took.
-    fn observe(&self, event_type: &str, outcome: &str, elapsed: Duration);
-}
-
 /// Credentials as the receiver keeps them: digests, so that comparing costs
 /// the same whatever the presented value.
 enum Expected {
@@ -111,15 +103,13 @@ struct Receiver {
     expected: Expected,
     max_body_bytes: usize,
     read_timeout: Duration,
-    observer: Option<Arc<dyn DeliveryObserver>>,
 }
 
 impl Receiver {
-    fn done(&self, event_type: &str, outcome: &str, started: Instant) {
+    /// One request answered: the event type (`-` before it is known) and
+    /// the outcome, counted in the metrics.
+    fn done(&self, event_type: &str, outcome: &str) {
         crate::metrics::webhook_delivery(event_type, outcome);
-        if let Some(o) = &self.observer {
-            o.observe(event_type, outcome, started.elapsed());
-        }
     }
 }
 
@@ -129,17 +119,12 @@ fn answer(status: StatusCode, body: serde_json::Value) -> Response {
 
 /// The receiver's routes: `POST {path}`; any other method on it is 405,
 /// any other path 404.
-pub fn router(
-    settings: &Webhooks,
-    store: Store,
-    observer: Option<Arc<dyn DeliveryObserver>>,
-) -> Router {
+pub fn router(settings: &Webhooks, store: Store) -> Router {
     let receiver = Arc::new(Receiver {
         store,
         expected: Expected::new(&settings.auth),
         max_body_bytes: settings.max_body_bytes,
         read_timeout: settings.read_timeout,
-        observer,
     });
     Router::new()
         .route(&settings.path, post(receive))
@@ -171,7 +156,7 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
     let started = Instant::now();
     if !r.expected.accepts(request.headers()) {
         debug!("webhook delivery refused: missing or wrong credentials");
-        r.done("-", "unauthorized", started);
+        r.done("-", "unauthorized");
         let mut resp = answer(
             StatusCode::UNAUTHORIZED,
             serde_json::json!({"error": "missing or wrong credentials"}),
@@ -189,21 +174,21 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
     .await
     {
         Err(_) => {
-            r.done("-", "timeout", started);
+            r.done("-", "timeout");
             return answer(
                 StatusCode::REQUEST_TIMEOUT,
                 serde_json::json!({"error": "the request body was not received in time"}),
             );
         }
         Ok(Err(e)) if is_too_large(&e) => {
-            r.done("-", "too_large", started);
+            r.done("-", "too_large");
             return answer(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 serde_json::json!({"error": format!("the body is larger than {} bytes", r.max_body_bytes)}),
             );
         }
         Ok(Err(e)) => {
-            r.done("-", "bad_request", started);
+            r.done("-", "bad_request");
             return answer(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"error": format!("the body could not be read: {e}")}),
@@ -215,7 +200,7 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
         Ok(d) => d,
         Err(reason) => {
             debug!(reason, "webhook delivery refused");
-            r.done("-", "bad_request", started);
+            r.done("-", "bad_request");
             return answer(
                 StatusCode::BAD_REQUEST,
                 serde_json::json!({"error": reason}),
@@ -232,7 +217,7 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
         .await;
     match stored {
         Ok((rec, row)) => {
-            r.done(&event_type, rec.outcome.as_str(), started);
+            r.done(&event_type, rec.outcome.as_str());
             let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
             if rec.outcome == Outcome::Applied {
                 info!(
@@ -264,7 +249,7 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
         }
         Err(e) => {
             warn!(event_type, error = %format!("{e:#}"), "cannot store a webhook delivery; answering 503 so that it is delivered again");
-            r.done(&event_type, "error", started);
+            r.done(&event_type, "error");
             let mut resp = answer(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"error": "the delivery could not be stored; deliver it again"}),

@@ -33,13 +33,15 @@ pub struct BackupReport {
 
 /// Copies the mirror at `database` to `dest`. `dest` must not exist unless
 /// `force`, and must not be the mirror or any of `protected` (the token
-/// store). `progress(copied, total)` is called after each step.
+/// store). `progress(copied, total)` is called after each step; when it
+/// returns false (the user interrupted) the copy stops, its temporary file
+/// is removed and nothing is published.
 pub fn backup(
     database: &Path,
     protected: &[&Path],
     dest: &Path,
     force: bool,
-    mut progress: impl FnMut(i64, i64),
+    mut progress: impl FnMut(i64, i64) -> bool,
 ) -> Result<BackupReport> {
     let started = Instant::now();
     if !database.is_file() {
@@ -124,7 +126,7 @@ fn is_database_file(database: &Path, dest: &Path) -> bool {
 fn copy_to(
     database: &Path,
     partial: &Path,
-    progress: &mut impl FnMut(i64, i64),
+    progress: &mut impl FnMut(i64, i64) -> bool,
 ) -> Result<BackupReport> {
     // Created here, mode 0600: the copy holds customer data, and must not be
     // readable by others even for a moment.
@@ -157,10 +159,16 @@ fn copy_to(
                 StepResult::Done => break,
                 StepResult::More => {
                     let p = backup.progress();
-                    progress(i64::from(p.pagecount - p.remaining), i64::from(p.pagecount));
+                    if !progress(i64::from(p.pagecount - p.remaining), i64::from(p.pagecount)) {
+                        bail!("interrupted: the partial copy was removed");
+                    }
                 }
                 // The copy's own file is locked by someone else: wait a little.
                 StepResult::Busy | StepResult::Locked => {
+                    let p = backup.progress();
+                    if !progress(i64::from(p.pagecount - p.remaining), i64::from(p.pagecount)) {
+                        bail!("interrupted: the partial copy was removed");
+                    }
                     stalls += 1;
                     if stalls > 200 {
                         bail!(
@@ -174,7 +182,9 @@ fn copy_to(
             }
         }
         let p = backup.progress();
-        progress(i64::from(p.pagecount), i64::from(p.pagecount));
+        if !progress(i64::from(p.pagecount), i64::from(p.pagecount)) {
+            bail!("interrupted: the partial copy was removed");
+        }
         i64::from(p.pagecount)
     };
     source.execute_batch("COMMIT")?;
@@ -267,6 +277,7 @@ mod tests {
                     [],
                 )
                 .unwrap();
+            true
         })
         .unwrap();
         assert!(seen.len() > 5, "several steps: {seen:?}");
