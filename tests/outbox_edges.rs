@@ -1016,3 +1016,47 @@ async fn replies_of_a_removed_or_refused_business_wait_without_counting_attempts
         assert_eq!(by_lead[&rig.lead(0, i)], want);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_id_or_attempts_are_changed_in_flight_is_neither_stuck_nor_blocking() {
+    // Review r11: `finish` finds the sent row by id and attempt number. A
+    // partner renumbering a `sending` row, or resetting its attempts, made
+    // the outcome land nowhere: the row stayed `sending` until a restart and
+    // held back every later row of its negotiation meanwhile.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let renumbered = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let after_renumbered = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let reset = rig.reply(&b, "first");
+    let after_reset = rig.reply(&b, "second");
+    rig.env.sandbox.set_faults(with_latency(1500));
+    let drain = rig.drain_in_background();
+    rig.wait_sending(1).await;
+    rig.wait_replies_sending(1).await;
+    // The partner's program; the table may refuse these (then nothing changed).
+    let db = rig.env.sql();
+    let _ = db.execute(
+        "UPDATE outbox SET id = id + 1000 WHERE id = ?1",
+        [renumbered],
+    );
+    let _ = db.execute(
+        "UPDATE message_outbox SET attempts = 0 WHERE id = ?1",
+        [reset],
+    );
+    drain.await.unwrap().unwrap();
+    rig.env.sandbox.set_faults(Faults::default());
+    rig.drain().await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state = 'sending'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state = 'sending'"),
+        0,
+        "no row is left `sending` by a running drainer"
+    );
+    assert_eq!(rig.state(after_renumbered).0, "sent");
+    assert_eq!(rig.reply_state(after_reset).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state <> 'sent'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state <> 'sent'"),
+        0
+    );
+}

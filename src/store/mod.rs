@@ -56,6 +56,10 @@ fn migrations() -> Vec<(i64, String)> {
         ),
         (7, include_str!("migrations/0007_messages.sql").to_string()),
         (
+            9,
+            include_str!("migrations/0009_outbox_identity.sql").to_string(),
+        ),
+        (
             11,
             include_str!("migrations/0011_created_at_millis.sql").to_string(),
         ),

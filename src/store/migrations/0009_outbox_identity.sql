@@ -1,0 +1,32 @@
+-- leadsync schema, version 9: a row being sent keeps its identity (review r11).
+--
+-- The drainer records an outcome on the row it sent, found by its id and its
+-- attempt number (the claim's). A partner's program that renumbered a
+-- `sending` row, or reset its attempts, made the outcome land nowhere: the
+-- row stayed `sending` until the next start and held back every later row
+-- of its negotiation. Both tables refuse it; an id never changes at all (the
+-- attempts log refers to it, and ids give replies their order).
+
+CREATE TRIGGER outbox_id_frozen BEFORE UPDATE OF id ON outbox
+  WHEN NEW.id IS NOT OLD.id
+BEGIN
+    SELECT RAISE(ABORT, 'outbox: a row''s id never changes (its attempts refer to it); to replace a row, cancel it and insert a new one');
+END;
+
+CREATE TRIGGER outbox_claim_frozen BEFORE UPDATE OF attempts ON outbox
+  WHEN OLD.state = 'sending' AND NEW.state IS 'sending' AND NEW.attempts IS NOT OLD.attempts
+BEGIN
+    SELECT RAISE(ABORT, 'outbox: attempts cannot change while the row is being sent (state sending); wait for its outcome');
+END;
+
+CREATE TRIGGER message_outbox_id_frozen BEFORE UPDATE OF id ON message_outbox
+  WHEN NEW.id IS NOT OLD.id
+BEGIN
+    SELECT RAISE(ABORT, 'message_outbox: a row''s id never changes (its attempts refer to it, and ids are the order of replies); to replace a reply, cancel it and insert a new one');
+END;
+
+CREATE TRIGGER message_outbox_claim_frozen BEFORE UPDATE OF attempts ON message_outbox
+  WHEN OLD.state = 'sending' AND NEW.state IS 'sending' AND NEW.attempts IS NOT OLD.attempts
+BEGIN
+    SELECT RAISE(ABORT, 'message_outbox: attempts cannot change while the row is being sent (state sending); wait for its outcome');
+END;
