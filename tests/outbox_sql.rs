@@ -572,3 +572,34 @@ fn a_waiting_row_that_leaves_pending_waits_for_nothing() {
         "put back by hand, the row is due, not aside for good"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_list_never_replays_control_characters_of_a_transition() {
+    // Review r11: `last_error` holds a server's ProblemDetails title/detail
+    // (or whatever a partner's program wrote); `outbox list` printed it raw,
+    // so an escape sequence could rewrite the operator's screen.
+    let env = Env::small().await;
+    let n = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        [&n],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE outbox SET state = 'dead',
+             last_error = 'a' || char(27) || '[2J' || char(7) || 'b' || char(155) || 'c' || char(10) || 'd'",
+        [],
+    )
+    .unwrap();
+    let o = env.run(&["outbox", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "{shown:?}"
+    );
+    assert!(shown.contains("a [2J b c d"), "{shown:?}");
+}
