@@ -1060,3 +1060,37 @@ async fn a_row_whose_id_or_attempts_are_changed_in_flight_is_neither_stuck_nor_b
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_inserted_in_a_drainer_only_state_stalls_nothing() {
+    // Review r11: `outbox` (unlike `message_outbox`) took any state and
+    // bookkeeping on INSERT. A row inserted `sending` sat there until a
+    // restart; one inserted with `waiting_for` naming a business that is not
+    // waiting was outside every claim for good. Both held back the later
+    // transitions of their negotiation.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let db = rig.env.sql();
+    let hostile = [
+        (a.as_str(), "state", "'sending'"),
+        (b.as_str(), "waiting_for", &format!("'{}'", rig.env.business_ids()[1])),
+    ];
+    for (n, column, value) in hostile {
+        let _ = db.execute(
+            &format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, {column})
+                 VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z', {value})"
+            ),
+            [n],
+        );
+    }
+    let later_a = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let later_b = rig.insert(&b, "job_complete", "2024-06-14T10:30:00Z");
+    rig.drain().await;
+    assert_eq!(rig.state(later_a).0, "sent");
+    assert_eq!(rig.state(later_b).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state <> 'sent'"),
+        0
+    );
+}

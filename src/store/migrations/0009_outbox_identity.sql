@@ -30,3 +30,14 @@ CREATE TRIGGER message_outbox_claim_frozen BEFORE UPDATE OF attempts ON message_
 BEGIN
     SELECT RAISE(ABORT, 'message_outbox: attempts cannot change while the row is being sent (state sending); wait for its outcome');
 END;
+
+-- A new transition is pending, like a new reply (0007): a row inserted
+-- `sending` sat there until the next start, and one inserted with
+-- `waiting_for` naming a business that is not waiting was outside every
+-- claim for good; both held back the later transitions of their negotiation.
+CREATE TRIGGER outbox_new_row_pending BEFORE INSERT ON outbox
+  WHEN NEW.state IS NOT 'pending' OR NEW.attempts IS NOT 0 OR NEW.sent_at IS NOT NULL
+    OR NEW.sending_since IS NOT NULL OR NEW.late IS NOT 0 OR NEW.waiting_for IS NOT NULL
+BEGIN
+    SELECT RAISE(ABORT, 'outbox: a new row is pending: leave state, attempts, sent_at, sending_since, late and waiting_for out');
+END;
