@@ -1094,3 +1094,42 @@ async fn a_transition_inserted_in_a_drainer_only_state_stalls_nothing() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_attempt_at_that_is_not_a_utc_time_holds_nothing_back() {
+    // Review r11: `next_attempt_at` is compared as text. A partner's program
+    // writing 'tomorrow' made a row never due, silently holding back every
+    // later row of its negotiation; '2030-01-01 09:00:00' (a space, meant
+    // as "later") made it due at once.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let first = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let later = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let reply = rig.reply(&b, "first");
+    let later_reply = rig.reply(&b, "second");
+    let db = rig.env.sql();
+    let _ = db.execute(
+        "UPDATE outbox SET next_attempt_at = 'tomorrow' WHERE id = ?1",
+        [first],
+    );
+    let _ = db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text, next_attempt_at) VALUES (?1, 'x', 'soon')",
+        [&b],
+    );
+    let _ = db.execute(
+        "UPDATE message_outbox SET next_attempt_at = '2030-01-01 09:00:00' WHERE id = ?1",
+        [reply],
+    );
+    rig.drain().await;
+    assert_eq!(rig.state(later).0, "sent", "not held back by a row never due");
+    assert_eq!(rig.reply_state(later_reply).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM message_outbox WHERE text = 'x' AND state <> 'sent'"),
+        0
+    );
+    assert_eq!(
+        rig.reply_state(reply).0,
+        "sent",
+        "a time the table took is a time the drainer reads"
+    );
+}
