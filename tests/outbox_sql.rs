@@ -603,3 +603,34 @@ async fn outbox_list_never_replays_control_characters_of_a_transition() {
     );
     assert!(shown.contains("a [2J b c d"), "{shown:?}");
 }
+
+#[test]
+fn two_paths_to_one_database_share_one_process_lock() {
+    // Review r11: the lock was `<path as configured>.lock`. A second
+    // `leadsync run`/`drain` reaching the same database through a symlink
+    // took its own lock, reset the first one's `sending` rows to pending at
+    // start-up and drained alongside it: every in-flight row sent twice.
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("data");
+    std::fs::create_dir(&real).unwrap();
+    let db = real.join("mirror.db");
+    drop(Store::open(&db).unwrap());
+    let linked_dir = dir.path().join("linked");
+    std::os::unix::fs::symlink(&real, &linked_dir).unwrap();
+    let linked_file = dir.path().join("other.db");
+    std::os::unix::fs::symlink(&db, &linked_file).unwrap();
+    let held = store::ProcessLock::try_acquire(&db).unwrap().expect("free");
+    for other in [linked_dir.join("mirror.db"), linked_file] {
+        assert!(
+            store::ProcessLock::try_acquire(&other).unwrap().is_none(),
+            "{} is the same database",
+            other.display()
+        );
+    }
+    drop(held);
+    assert!(
+        store::ProcessLock::try_acquire(&dir.path().join("linked/mirror.db"))
+            .unwrap()
+            .is_some()
+    );
+}

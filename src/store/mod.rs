@@ -515,7 +515,11 @@ impl ProcessLock {
 }
 
 fn lock_path(database: &Path) -> PathBuf {
-    let mut name = database.as_os_str().to_owned();
+    // Next to the database itself, not to a symlink to it: two paths to one
+    // database must meet at one lock (the database exists by now: it is
+    // opened before the lock is taken).
+    let database = std::fs::canonicalize(database).unwrap_or_else(|_| database.to_path_buf());
+    let mut name = database.into_os_string();
     name.push(".lock");
     PathBuf::from(name)
 }
