@@ -1073,7 +1073,11 @@ async fn a_transition_inserted_in_a_drainer_only_state_stalls_nothing() {
     let db = rig.env.sql();
     let hostile = [
         (a.as_str(), "state", "'sending'"),
-        (b.as_str(), "waiting_for", &format!("'{}'", rig.env.business_ids()[1])),
+        (
+            b.as_str(),
+            "waiting_for",
+            &format!("'{}'", rig.env.business_ids()[1]),
+        ),
     ];
     for (n, column, value) in hostile {
         let _ = db.execute(
@@ -1121,7 +1125,11 @@ async fn a_next_attempt_at_that_is_not_a_utc_time_holds_nothing_back() {
         [reply],
     );
     rig.drain().await;
-    assert_eq!(rig.state(later).0, "sent", "not held back by a row never due");
+    assert_eq!(
+        rig.state(later).0,
+        "sent",
+        "not held back by a row never due"
+    );
     assert_eq!(rig.reply_state(later_reply).0, "sent");
     assert_eq!(
         rig.count("SELECT count(*) FROM message_outbox WHERE text = 'x' AND state <> 'sent'"),
