@@ -1141,3 +1141,37 @@ async fn a_next_attempt_at_that_is_not_a_utc_time_holds_nothing_back() {
         "a time the table took is a time the drainer reads"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_from_before_schema_9_with_a_loose_next_attempt_at_is_still_recorded() {
+    // The rule on next_attempt_at (schema 9) must not refuse the drainer's
+    // own bookkeeping on a row written before it: recording the outcome
+    // leaves next_attempt_at as it is.
+    let rig = Rig::new(FAST).await;
+    let n = rig.lead(0, 0);
+    let m = rig.lead(1, 0);
+    rig.sql(
+        "DROP TRIGGER outbox_next_attempt_at_insert;
+         DROP TRIGGER message_outbox_next_attempt_at_insert;",
+    );
+    let db = rig.env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z', '2000-01-01 00:00:00')",
+        [&n],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text, next_attempt_at)
+         VALUES (?1, 'hello', '2000-01-01 00:00:00')",
+        [&m],
+    )
+    .unwrap();
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state = 'sent'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state = 'sent'"),
+        2
+    );
+}

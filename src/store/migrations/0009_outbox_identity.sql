@@ -45,7 +45,9 @@ END;
 -- `next_attempt_at` is compared as text with the drainer's clock (UTC, `Z`,
 -- milliseconds). 'tomorrow' made a row never due, silently holding back the
 -- later rows of its negotiation; '2030-01-01 09:00:00' (a space) made it due
--- at once. Only a UTC time in that form is taken (fraction optional).
+-- at once. Only a UTC time in that form is taken (fraction optional); an
+-- UPDATE that leaves the value as it was (the drainer's bookkeeping on a row
+-- written before this rule) is not refused.
 CREATE TRIGGER outbox_next_attempt_at_insert BEFORE INSERT ON outbox
   WHEN NOT COALESCE(typeof(NEW.next_attempt_at) = 'text'
        AND (NEW.next_attempt_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'
@@ -56,7 +58,7 @@ BEGIN
     SELECT RAISE(ABORT, 'outbox: next_attempt_at must be a UTC time like 2024-06-14T09:30:00Z (or 2024-06-14T09:30:00.250Z); leave it out to send now');
 END;
 CREATE TRIGGER outbox_next_attempt_at_update BEFORE UPDATE OF next_attempt_at ON outbox
-  WHEN NOT COALESCE(typeof(NEW.next_attempt_at) = 'text'
+  WHEN NEW.next_attempt_at IS NOT OLD.next_attempt_at AND NOT COALESCE(typeof(NEW.next_attempt_at) = 'text'
        AND (NEW.next_attempt_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'
             OR (NEW.next_attempt_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9]*Z'
                 AND substr(NEW.next_attempt_at, 21, length(NEW.next_attempt_at) - 21) NOT GLOB '*[^0-9]*'))
@@ -74,7 +76,7 @@ BEGIN
     SELECT RAISE(ABORT, 'message_outbox: next_attempt_at must be a UTC time like 2024-06-14T09:30:00Z (or 2024-06-14T09:30:00.250Z); leave it out to send now');
 END;
 CREATE TRIGGER message_outbox_next_attempt_at_update BEFORE UPDATE OF next_attempt_at ON message_outbox
-  WHEN NOT COALESCE(typeof(NEW.next_attempt_at) = 'text'
+  WHEN NEW.next_attempt_at IS NOT OLD.next_attempt_at AND NOT COALESCE(typeof(NEW.next_attempt_at) = 'text'
        AND (NEW.next_attempt_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9]Z'
             OR (NEW.next_attempt_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T[0-9][0-9]:[0-9][0-9]:[0-9][0-9].[0-9]*Z'
                 AND substr(NEW.next_attempt_at, 21, length(NEW.next_attempt_at) - 21) NOT GLOB '*[^0-9]*'))
