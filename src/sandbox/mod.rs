@@ -296,8 +296,6 @@ impl State {
         self.conversations.get_mut(negotiation_id)
     }
 
-    /// Appends a message sent now (strictly after the conversation's last,
-    /// so that paging by time never sees two at the same instant).
     /// See [`Mutation::AddStrayMessage`].
     fn append_stray_message(
         &mut self,
@@ -328,6 +326,8 @@ impl State {
         Some(m)
     }
 
+    /// Appends a message sent now (strictly after the conversation's last,
+    /// so that paging by time never sees two at the same instant).
     fn append_message(
         &mut self,
         negotiation_id: &str,
