@@ -1175,3 +1175,30 @@ async fn a_row_from_before_schema_9_with_a_loose_next_attempt_at_is_still_record
         2
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_set_to_sending_by_hand_stalls_nothing() {
+    // Review r11: only a claim makes a row `sending`. A partner's program
+    // doing it by hand left the row there until the next start, holding
+    // back the later rows of its negotiation.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let first = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let later = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let reply = rig.reply(&b, "first");
+    let later_reply = rig.reply(&b, "second");
+    let db = rig.env.sql();
+    let _ = db.execute("UPDATE outbox SET state = 'sending' WHERE id = ?1", [first]);
+    let _ = db.execute(
+        "UPDATE message_outbox SET state = 'sending' WHERE id = ?1",
+        [reply],
+    );
+    rig.drain().await;
+    assert_eq!(rig.state(later).0, "sent");
+    assert_eq!(rig.reply_state(later_reply).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state <> 'sent'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state <> 'sent'"),
+        0
+    );
+}

@@ -431,7 +431,7 @@ fn content_is_frozen_once_a_row_leaves_pending() {
         )
         .unwrap();
     }
-    c.execute("UPDATE outbox SET state = 'sending' WHERE id = 1", [])
+    c.execute("UPDATE outbox SET state = 'sending', attempts = 1, sending_since = '2024-06-14T09:31:00.000Z' WHERE id = 1", [])
         .unwrap();
     c.execute("UPDATE outbox SET state = 'sent' WHERE id = 2", [])
         .unwrap();

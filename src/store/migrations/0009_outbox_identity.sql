@@ -84,3 +84,19 @@ CREATE TRIGGER message_outbox_next_attempt_at_update BEFORE UPDATE OF next_attem
 BEGIN
     SELECT RAISE(ABORT, 'message_outbox: next_attempt_at must be a UTC time like 2024-06-14T09:30:00Z (or 2024-06-14T09:30:00.250Z); leave it out to send now');
 END;
+
+-- Only a claim makes a row `sending` (from pending, counting the attempt and
+-- stamping sending_since): a row set to `sending` by hand sat there until
+-- the next start, holding back the later rows of its negotiation.
+CREATE TRIGGER outbox_sending_by_claim BEFORE UPDATE OF state ON outbox
+  WHEN NEW.state IS 'sending' AND OLD.state IS NOT 'sending'
+   AND (OLD.state IS NOT 'pending' OR NEW.attempts IS NOT OLD.attempts + 1 OR NEW.sending_since IS NULL)
+BEGIN
+    SELECT RAISE(ABORT, 'outbox: only leadsync sets a row to sending (as it sends it); set pending to send a row again');
+END;
+CREATE TRIGGER message_outbox_sending_by_claim BEFORE UPDATE OF state ON message_outbox
+  WHEN NEW.state IS 'sending' AND OLD.state IS NOT 'sending'
+   AND (OLD.state IS NOT 'pending' OR NEW.attempts IS NOT OLD.attempts + 1 OR NEW.sending_since IS NULL)
+BEGIN
+    SELECT RAISE(ABORT, 'message_outbox: only leadsync sets a row to sending (as it sends it); set pending to send a row again');
+END;
