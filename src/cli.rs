@@ -948,8 +948,8 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                     out,
                     "{:>6}  {:<20} {:<9} {:>4}  {:<40}  {}",
                     r.id,
-                    r.negotiation_id,
-                    r.state,
+                    printable(&r.negotiation_id),
+                    printable(&r.state),
                     r.attempts,
                     text,
                     printable(r.last_error.as_deref().unwrap_or(""))
@@ -978,15 +978,15 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                     out,
                     "{:>6}  {:<20} {:<16} {:<26} {:>10}  {:<9} {:>4}  {}",
                     r.id,
-                    r.negotiation_id,
-                    r.status,
-                    r.partner_status_changed_at,
+                    printable(&r.negotiation_id),
+                    printable(&r.status),
+                    printable(&r.partner_status_changed_at),
                     r.invoice_amount_in_cents
                         .map(|c| c.to_string())
                         .unwrap_or_default(),
-                    r.state,
+                    printable(&r.state),
                     r.attempts,
-                    r.last_error.as_deref().unwrap_or("")
+                    printable(r.last_error.as_deref().unwrap_or(""))
                 )?;
             }
             if rows.is_empty() {

@@ -937,11 +937,12 @@ impl Daemon {
                     |r| r.get(0),
                 )?;
                 let counts = outbox::counts(c)?;
-                Ok((leads, last, reauth, counts))
+                let replies = outbox::counts_of(c, outbox::Kind::Message)?;
+                Ok((leads, last, reauth, counts, replies))
             })
             .await;
         let line = match line {
-            Ok((leads, last, reauth, counts)) => {
+            Ok((leads, last, reauth, counts, replies)) => {
                 let now = chrono::Utc::now();
                 let last = last
                     .and_then(|t| crate::time::parse(&t))
@@ -952,8 +953,18 @@ impl Daemon {
                 } else {
                     String::new()
                 };
+                // Replies only once there are any: most installations send none.
+                let replies = if replies == outbox::Counts::default() {
+                    String::new()
+                } else {
+                    format!(
+                        "; replies: {} pending, {} dead",
+                        replies.pending + replies.sending,
+                        replies.dead
+                    )
+                };
                 format!(
-                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{reauth}",
+                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{replies}{reauth}",
                     counts.pending + counts.sending,
                     counts.dead
                 )

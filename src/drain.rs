@@ -434,9 +434,12 @@ impl Drainer {
             } else {
                 // Configuration bounds the delay to 7 days; never to zero.
                 let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::days(7));
-                let at = chrono::Utc::now()
+                // A time the table takes (schema 9 refuses a year beyond 9999).
+                let now = chrono::Utc::now();
+                let at = now
                     .checked_add_signed(delay)
-                    .unwrap_or(chrono::DateTime::<chrono::Utc>::MAX_UTC);
+                    .filter(|at| *at < now + chrono::Duration::days(8))
+                    .unwrap_or(now + chrono::Duration::days(7));
                 (
                     Finish::Retry {
                         next_attempt_at: crate::time::fmt(at),

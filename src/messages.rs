@@ -186,7 +186,7 @@ async fn poll_lead(
             poll.error = Some("interrupted by shutdown".into());
             return poll;
         }
-        let page = match client
+        let mut page = match client
             .list_messages(
                 business_id,
                 negotiation_id,
@@ -212,6 +212,31 @@ async fn poll_lead(
                 skipped = page.skipped,
                 "messages without a messageID were not stored"
             );
+        }
+        // A message that names another negotiation is not this lead's: it
+        // is not stored (under a business it may not belong to) and is no
+        // mark of how far this conversation was read.
+        let stray: Vec<String> = page
+            .messages
+            .iter()
+            .filter(|m| {
+                m.negotiation_id
+                    .as_deref()
+                    .is_some_and(|n| n != negotiation_id)
+            })
+            .map(|m| m.message_id.clone())
+            .collect();
+        if !stray.is_empty() {
+            warn!(
+                negotiation_id,
+                ?stray,
+                "messages listed in this lead's conversation name another negotiation; not stored"
+            );
+            page.messages.retain(|m| {
+                m.negotiation_id
+                    .as_deref()
+                    .is_none_or(|n| n == negotiation_id)
+            });
         }
         let times: Vec<(DateTime<Utc>, String)> = page
             .messages

@@ -388,3 +388,51 @@ fn the_demo_runs_end_to_end_without_configuration() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_status_line_counts_replies_too() {
+    // Review r11: `STATUS=` counted only `outbox` (transitions): a dead reply
+    // in `message_outbox` was invisible in `systemctl status`.
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let n = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'hello')",
+        [&n],
+    )
+    .unwrap();
+    db.execute("UPDATE message_outbox SET state = 'dead'", [])
+        .unwrap();
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 4096];
+    let start = Instant::now();
+    let mut status = None;
+    while status.is_none() && start.elapsed() < Duration::from_secs(60) {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            if let Some(line) = m.lines().find(|l| l.starts_with("STATUS=")) {
+                status = Some(line.to_string());
+            }
+        }
+    }
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+    let status = status.expect("a STATUS line");
+    assert!(status.contains("1 dead"), "{status}");
+}

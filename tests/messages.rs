@@ -792,3 +792,69 @@ async fn a_sent_reply_is_delivered_to_the_sandbox_webhooks_as_a_business_message
     assert_eq!(m.from, "Business");
     assert!(m.json.contains(r#""from":"Business""#));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_listed_under_another_negotiation_is_neither_stored_nor_a_mark() {
+    // Review r11: a poll stored whatever a listing returned under the
+    // negotiation the message named (with the business of the lead polled),
+    // and its sentAt counted towards the lead's "read up to" mark.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    assert_eq!(
+        env.run(&["sync", "--business", &business]).status.code(),
+        Some(0)
+    );
+    let leads = env.sandbox.lead_ids(&business);
+    let (lead, other) = (
+        leads[0].clone(),
+        env.sandbox.lead_ids(&env.business_ids()[1])[0].clone(),
+    );
+    let stray = env
+        .sandbox
+        .mutate(Mutation::AddStrayMessage {
+            negotiation_id: lead.clone(),
+            names: other.clone(),
+            sent_at: Some("2099-01-01T00:00:00Z".into()),
+        })
+        .unwrap()
+        .remove(0);
+    let change = |status: &str| {
+        env.sandbox
+            .mutate(Mutation::SetStatus {
+                negotiation_id: lead.clone(),
+                status: status.into(),
+            })
+            .unwrap();
+    };
+    change("Picked");
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM messages WHERE message_id = '{stray}'")
+        ),
+        0,
+        "a message naming another negotiation is not this lead's"
+    );
+    // 25 new messages: more than a page. All of them are read (the stray
+    // message is no mark).
+    env.sandbox
+        .mutate(Mutation::AddMessages {
+            negotiation_id: lead.clone(),
+            count: 25,
+        })
+        .unwrap();
+    change("Hired");
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let expected = env.sandbox.messages(&lead).len() as i64 - 1;
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{lead}'")
+        ),
+        expected
+    );
+}

@@ -1016,3 +1016,189 @@ async fn replies_of_a_removed_or_refused_business_wait_without_counting_attempts
         assert_eq!(by_lead[&rig.lead(0, i)], want);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_whose_id_or_attempts_are_changed_in_flight_is_neither_stuck_nor_blocking() {
+    // Review r11: `finish` finds the sent row by id and attempt number. A
+    // partner renumbering a `sending` row, or resetting its attempts, made
+    // the outcome land nowhere: the row stayed `sending` until a restart and
+    // held back every later row of its negotiation meanwhile.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let renumbered = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let after_renumbered = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let reset = rig.reply(&b, "first");
+    let after_reset = rig.reply(&b, "second");
+    rig.env.sandbox.set_faults(with_latency(1500));
+    let drain = rig.drain_in_background();
+    rig.wait_sending(1).await;
+    rig.wait_replies_sending(1).await;
+    // The partner's program; the table may refuse these (then nothing changed).
+    let db = rig.env.sql();
+    let _ = db.execute(
+        "UPDATE outbox SET id = id + 1000 WHERE id = ?1",
+        [renumbered],
+    );
+    let _ = db.execute(
+        "UPDATE message_outbox SET attempts = 0 WHERE id = ?1",
+        [reset],
+    );
+    drain.await.unwrap().unwrap();
+    rig.env.sandbox.set_faults(Faults::default());
+    rig.drain().await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state = 'sending'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state = 'sending'"),
+        0,
+        "no row is left `sending` by a running drainer"
+    );
+    assert_eq!(rig.state(after_renumbered).0, "sent");
+    assert_eq!(rig.reply_state(after_reset).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state <> 'sent'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state <> 'sent'"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_inserted_in_a_drainer_only_state_stalls_nothing() {
+    // Review r11: `outbox` (unlike `message_outbox`) took any state and
+    // bookkeeping on INSERT. A row inserted `sending` sat there until a
+    // restart; one inserted with `waiting_for` naming a business that is not
+    // waiting was outside every claim for good. Both held back the later
+    // transitions of their negotiation.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let db = rig.env.sql();
+    let hostile = [
+        (a.as_str(), "state", "'sending'"),
+        (
+            b.as_str(),
+            "waiting_for",
+            &format!("'{}'", rig.env.business_ids()[1]),
+        ),
+    ];
+    for (n, column, value) in hostile {
+        let _ = db.execute(
+            &format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, {column})
+                 VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z', {value})"
+            ),
+            [n],
+        );
+    }
+    let later_a = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let later_b = rig.insert(&b, "job_complete", "2024-06-14T10:30:00Z");
+    rig.drain().await;
+    assert_eq!(rig.state(later_a).0, "sent");
+    assert_eq!(rig.state(later_b).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state <> 'sent'"),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_attempt_at_that_is_not_a_utc_time_holds_nothing_back() {
+    // Review r11: `next_attempt_at` is compared as text. A partner's program
+    // writing 'tomorrow' made a row never due, silently holding back every
+    // later row of its negotiation; '2030-01-01 09:00:00' (a space, meant
+    // as "later") made it due at once.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let first = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let later = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let reply = rig.reply(&b, "first");
+    let later_reply = rig.reply(&b, "second");
+    let db = rig.env.sql();
+    let _ = db.execute(
+        "UPDATE outbox SET next_attempt_at = 'tomorrow' WHERE id = ?1",
+        [first],
+    );
+    let _ = db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text, next_attempt_at) VALUES (?1, 'x', 'soon')",
+        [&b],
+    );
+    let _ = db.execute(
+        "UPDATE message_outbox SET next_attempt_at = '2030-01-01 09:00:00' WHERE id = ?1",
+        [reply],
+    );
+    rig.drain().await;
+    assert_eq!(
+        rig.state(later).0,
+        "sent",
+        "not held back by a row never due"
+    );
+    assert_eq!(rig.reply_state(later_reply).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM message_outbox WHERE text = 'x' AND state <> 'sent'"),
+        0
+    );
+    assert_eq!(
+        rig.reply_state(reply).0,
+        "sent",
+        "a time the table took is a time the drainer reads"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_from_before_schema_9_with_a_loose_next_attempt_at_is_still_recorded() {
+    // The rule on next_attempt_at (schema 9) must not refuse the drainer's
+    // own bookkeeping on a row written before it: recording the outcome
+    // leaves next_attempt_at as it is.
+    let rig = Rig::new(FAST).await;
+    let n = rig.lead(0, 0);
+    let m = rig.lead(1, 0);
+    rig.sql(
+        "DROP TRIGGER outbox_next_attempt_at_insert;
+         DROP TRIGGER message_outbox_next_attempt_at_insert;",
+    );
+    let db = rig.env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z', '2000-01-01 00:00:00')",
+        [&n],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text, next_attempt_at)
+         VALUES (?1, 'hello', '2000-01-01 00:00:00')",
+        [&m],
+    )
+    .unwrap();
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state = 'sent'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state = 'sent'"),
+        2
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_set_to_sending_by_hand_stalls_nothing() {
+    // Review r11: only a claim makes a row `sending`. A partner's program
+    // doing it by hand left the row there until the next start, holding
+    // back the later rows of its negotiation.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let first = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let later = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let reply = rig.reply(&b, "first");
+    let later_reply = rig.reply(&b, "second");
+    let db = rig.env.sql();
+    let _ = db.execute("UPDATE outbox SET state = 'sending' WHERE id = ?1", [first]);
+    let _ = db.execute(
+        "UPDATE message_outbox SET state = 'sending' WHERE id = ?1",
+        [reply],
+    );
+    rig.drain().await;
+    assert_eq!(rig.state(later).0, "sent");
+    assert_eq!(rig.reply_state(later_reply).0, "sent");
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE state <> 'sent'")
+            + rig.count("SELECT count(*) FROM message_outbox WHERE state <> 'sent'"),
+        0
+    );
+}

@@ -431,7 +431,7 @@ fn content_is_frozen_once_a_row_leaves_pending() {
         )
         .unwrap();
     }
-    c.execute("UPDATE outbox SET state = 'sending' WHERE id = 1", [])
+    c.execute("UPDATE outbox SET state = 'sending', attempts = 1, sending_since = '2024-06-14T09:31:00.000Z' WHERE id = 1", [])
         .unwrap();
     c.execute("UPDATE outbox SET state = 'sent' WHERE id = 2", [])
         .unwrap();
@@ -570,5 +570,67 @@ fn a_waiting_row_that_leaves_pending_waits_for_nothing() {
         count(&c, "SELECT count(*) FROM outbox WHERE waiting_for IS NULL"),
         1,
         "put back by hand, the row is due, not aside for good"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_list_never_replays_control_characters_of_a_transition() {
+    // Review r11: `last_error` holds a server's ProblemDetails title/detail
+    // (or whatever a partner's program wrote); `outbox list` printed it raw,
+    // so an escape sequence could rewrite the operator's screen.
+    let env = Env::small().await;
+    let n = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        [&n],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE outbox SET state = 'dead',
+             last_error = 'a' || char(27) || '[2J' || char(7) || 'b' || char(155) || 'c' || char(10) || 'd'",
+        [],
+    )
+    .unwrap();
+    let o = env.run(&["outbox", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let shown = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        !shown.chars().any(|c| c.is_control() && c != '\n'),
+        "{shown:?}"
+    );
+    assert!(shown.contains("a [2J b c d"), "{shown:?}");
+}
+
+#[test]
+fn two_paths_to_one_database_share_one_process_lock() {
+    // Review r11: the lock was `<path as configured>.lock`. A second
+    // `leadsync run`/`drain` reaching the same database through a symlink
+    // took its own lock, reset the first one's `sending` rows to pending at
+    // start-up and drained alongside it: every in-flight row sent twice.
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("data");
+    std::fs::create_dir(&real).unwrap();
+    let db = real.join("mirror.db");
+    drop(Store::open(&db).unwrap());
+    let linked_dir = dir.path().join("linked");
+    std::os::unix::fs::symlink(&real, &linked_dir).unwrap();
+    let linked_file = dir.path().join("other.db");
+    std::os::unix::fs::symlink(&db, &linked_file).unwrap();
+    let held = store::ProcessLock::try_acquire(&db).unwrap().expect("free");
+    for other in [linked_dir.join("mirror.db"), linked_file] {
+        assert!(
+            store::ProcessLock::try_acquire(&other).unwrap().is_none(),
+            "{} is the same database",
+            other.display()
+        );
+    }
+    drop(held);
+    assert!(
+        store::ProcessLock::try_acquire(&dir.path().join("linked/mirror.db"))
+            .unwrap()
+            .is_some()
     );
 }

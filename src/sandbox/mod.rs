@@ -194,6 +194,15 @@ pub enum Mutation {
         negotiation_id: String,
         count: usize,
     },
+    /// A server bug: a customer message listed in `negotiation_id`'s
+    /// conversation that names `names` as its negotiation, sent at `sent_at`
+    /// (RFC 3339; now when absent). Not delivered to webhooks.
+    AddStrayMessage {
+        negotiation_id: String,
+        names: String,
+        #[serde(default)]
+        sent_at: Option<String>,
+    },
 }
 
 /// Request counts, per route and per business.
@@ -285,6 +294,36 @@ impl State {
             self.find_lead(negotiation_id)?;
         }
         self.conversations.get_mut(negotiation_id)
+    }
+
+    /// See [`Mutation::AddStrayMessage`].
+    fn append_stray_message(
+        &mut self,
+        negotiation_id: &str,
+        names: &str,
+        sent_at: chrono::DateTime<chrono::Utc>,
+    ) -> Option<SbMessage> {
+        let (bi, li) = self.find_lead(negotiation_id)?;
+        let (business_id, business_name) = (
+            self.businesses[bi].id.clone(),
+            self.businesses[bi].name.clone(),
+        );
+        let lead: serde_json::Value =
+            serde_json::from_str(&self.businesses[bi].leads[li].json).unwrap_or_default();
+        let id =
+            (600_000_000_000_000_000u64 + self.rng.u64(0..100_000_000_000_000_000)).to_string();
+        let m = data::message(
+            &id,
+            names,
+            &business_id,
+            &business_name,
+            &lead,
+            "Customer",
+            "a stray message",
+            sent_at,
+        );
+        self.conversation(negotiation_id)?.push(m.clone());
+        Some(m)
     }
 
     /// Appends a message sent now (strictly after the conversation's last,

@@ -1111,6 +1111,21 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
             leads.insert(li.min(leads.len()), lead);
             Ok(vec![negotiation_id])
         }
+        Mutation::AddStrayMessage {
+            negotiation_id,
+            names,
+            sent_at,
+        } => {
+            let sent_at = match sent_at {
+                Some(t) => chrono::DateTime::parse_from_rfc3339(&t)
+                    .map_err(|e| anyhow!("sent_at {t:?}: {e}"))?
+                    .with_timezone(&chrono::Utc),
+                None => chrono::Utc::now(),
+            };
+            s.append_stray_message(&negotiation_id, &names, sent_at)
+                .map(|m| vec![m.id])
+                .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))
+        }
         Mutation::AddMessages {
             negotiation_id,
             count,

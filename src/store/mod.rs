@@ -56,6 +56,10 @@ fn migrations() -> Vec<(i64, String)> {
         ),
         (7, include_str!("migrations/0007_messages.sql").to_string()),
         (
+            9,
+            include_str!("migrations/0009_outbox_identity.sql").to_string(),
+        ),
+        (
             11,
             include_str!("migrations/0011_created_at_millis.sql").to_string(),
         ),
@@ -511,7 +515,11 @@ impl ProcessLock {
 }
 
 fn lock_path(database: &Path) -> PathBuf {
-    let mut name = database.as_os_str().to_owned();
+    // Next to the database itself, not to a symlink to it: two paths to one
+    // database must meet at one lock (the database exists by now: it is
+    // opened before the lock is taken).
+    let database = std::fs::canonicalize(database).unwrap_or_else(|_| database.to_path_buf());
+    let mut name = database.into_os_string();
     name.push(".lock");
     PathBuf::from(name)
 }
