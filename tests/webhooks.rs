@@ -878,3 +878,74 @@ fn a_full_scan_does_not_mark_a_lead_that_arrived_during_it_missing() {
     .unwrap();
     assert!(matches!(missing, mirror::Missing::Marked(1)), "{missing:?}");
 }
+
+/// Connections that never send a request (or go quiet after one) must not
+/// hold the receiver's connection slots: otherwise anyone who can reach the
+/// port keeps Thumbtack's deliveries out without a single credential.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_do_not_keep_deliveries_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = Receiver::start().await;
+    let mut idle = Vec::new();
+    // More than the receiver serves at once (128).
+    for _ in 0..140 {
+        idle.push(tokio::net::TcpStream::connect(r.addr).await.unwrap());
+    }
+    // And one that sent a full request and then stays open (keep-alive).
+    let mut quiet = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    quiet
+        .write_all(
+            format!("POST /elsewhere HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+    let mut buf = [0u8; 512];
+    let _ = quiet.read(&mut buf).await;
+    // read_timeout_secs = 2: a delivery gets through long before 30 s.
+    let body = lead_delivery("900000000000000040", &r.business());
+    let sent = r
+        .http
+        .post(r.url(PATH))
+        .header("authorization", Receiver::basic("thumbtack", PASSWORD))
+        .body(body)
+        .timeout(Duration::from_secs(30))
+        .send()
+        .await;
+    let status = sent.map(|s| s.status().as_u16());
+    assert!(
+        matches!(status, Ok(200)),
+        "a delivery behind idle connections: {status:?}"
+    );
+    // The idle connections were closed by the receiver.
+    let closed = tokio::time::timeout(Duration::from_secs(30), quiet.read(&mut buf)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+        "an idle keep-alive connection stayed open: {closed:?}"
+    );
+    drop(idle);
+    r.stop().await;
+}
+
+/// Deeply nested JSON anywhere in a delivery is answered, never a crash.
+#[test]
+fn deeply_nested_json_is_answered() {
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+    for n in [100, 200, 100_000] {
+        let body = format!(
+            r#"{{"event":{{"eventType":"NegotiationCreatedV4","x":{}}},"data":{{"negotiationID":"1","businessID":"2","y":{}}}}}"#,
+            deep(n),
+            deep(n)
+        );
+        let d = parse_delivery(body.as_bytes());
+        if let Ok(d) = d {
+            if let Content::Negotiation { lead, .. } = d.content {
+                let _ = leadsync::store::mirror::differing_fields(&lead.payload, "{}");
+            }
+        }
+        let body = format!(r#"{{"event":{{"eventType":"Other"}},"data":{}}}"#, deep(n));
+        let _ = parse_delivery(body.as_bytes());
+        let body = format!(r#"{}{{"event":{{"eventType":"Other"}}}}"#, "[".repeat(n));
+        assert!(parse_delivery(body.as_bytes()).is_err());
+    }
+}
