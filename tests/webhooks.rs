@@ -949,3 +949,94 @@ fn deeply_nested_json_is_answered() {
         assert!(parse_delivery(body.as_bytes()).is_err());
     }
 }
+
+/// More hostile shapes through the real listener: an oversized chunked body
+/// (no Content-Length), a body that is not UTF-8, any content type, and
+/// event times with extreme offsets.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chunked_bodies_content_types_and_offsets() {
+    let r = Receiver::start().await;
+    let business = r.business();
+    wait_until("the first sync", Duration::from_secs(60), || {
+        count(
+            &r.env.sql(),
+            "SELECT count(*) FROM businesses WHERE last_sync_outcome IS NOT NULL",
+        ) == 3
+    })
+    .await;
+    let before = rows(&r.env);
+    // 2 MB in chunks, no Content-Length: 413 all the same (or the connection
+    // is cut while the rest is still being sent), nothing stored.
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut sock = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+        let head = format!(
+            "POST {PATH} HTTP/1.1\r\nhost: x\r\nauthorization: {}\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n",
+            Receiver::basic("thumbtack", PASSWORD)
+        );
+        sock.write_all(head.as_bytes()).await.unwrap();
+        let first =
+            br#"{"event":{"eventType":"NegotiationCreatedV4"},"data":{"negotiationID":"1","pad":""#;
+        let _ = sock
+            .write_all(format!("{:x}\r\n", first.len()).as_bytes())
+            .await;
+        let _ = sock.write_all(first).await;
+        let _ = sock.write_all(b"\r\n").await;
+        let chunk = vec![b'x'; 32 * 1024];
+        for _ in 0..64 {
+            let mut piece = format!("{:x}\r\n", chunk.len()).into_bytes();
+            piece.extend_from_slice(&chunk);
+            piece.extend_from_slice(b"\r\n");
+            if sock.write_all(&piece).await.is_err() {
+                break;
+            }
+        }
+        let _ = sock.write_all(b"0\r\n\r\n").await;
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(20), sock.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(
+            answer.is_empty() || answer.starts_with("HTTP/1.1 413"),
+            "{answer}"
+        );
+    }
+    // Not UTF-8 inside a JSON string.
+    let mut bad =
+        br#"{"event":{"eventType":"NegotiationCreatedV4"},"data":{"negotiationID":""#.to_vec();
+    bad.extend_from_slice(b"\xff\xfe\"}}");
+    let (status, text) = r.post(bad).await;
+    assert_eq!(status, 400, "{text}");
+    assert_eq!(rows(&r.env), before);
+    // Any content type: Thumbtack's is JSON, but a proxy may rewrite it.
+    let lead = "900000000000000050";
+    let body =
+        lead_delivery(lead, &business).replace("2026-11-28T04:00:00Z", "2026-11-28T04:00:00+23:59");
+    let resp = r
+        .http
+        .post(r.url(PATH))
+        .header("authorization", Receiver::basic("thumbtack", PASSWORD))
+        .header("content-type", "text/plain; charset=latin1")
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    let text = resp.text().await.unwrap();
+    assert!(text.contains("\"applied\""), "{text}");
+    // The same instant written with the opposite offset: a duplicate.
+    let again =
+        lead_delivery(lead, &business).replace("2026-11-28T04:00:00Z", "2026-11-26T04:02:00-23:59");
+    let (status, text) = r.post(again).await;
+    assert_eq!(status, 200);
+    assert!(text.contains("\"duplicate\""), "{text}");
+    let c = r.env.sql();
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM negotiation_changes WHERE negotiation_id = '{lead}'")
+        ),
+        1,
+        "one change row for one lead"
+    );
+    r.stop().await;
+}
