@@ -1040,3 +1040,54 @@ async fn chunked_bodies_content_types_and_offsets() {
     );
     r.stop().await;
 }
+
+/// When the mirror cannot be written (another program holds SQLite's write
+/// lock past the busy timeout), the delivery is answered 503 with
+/// Retry-After, never 2xx: nothing is stored and Thumbtack delivers again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_locked_mirror_answers_503_and_the_retry_is_applied() {
+    let r = Receiver::start().await;
+    let business = r.business();
+    wait_until("the first sync", Duration::from_secs(60), || {
+        count(
+            &r.env.sql(),
+            "SELECT count(*) FROM businesses WHERE last_sync_outcome IS NOT NULL",
+        ) == 3
+    })
+    .await;
+    let lead = "900000000000000060";
+    let body = lead_delivery(lead, &business);
+    let holder = r.env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let resp = r
+        .http
+        .post(r.url(PATH))
+        .header("authorization", Receiver::basic("thumbtack", PASSWORD))
+        .body(body.clone())
+        .timeout(Duration::from_secs(90))
+        .send()
+        .await
+        .expect("an answer while the mirror is locked");
+    assert_eq!(resp.status().as_u16(), 503);
+    assert!(resp.headers().get("retry-after").is_some());
+    holder.execute_batch("ROLLBACK").unwrap();
+    let c = r.env.sql();
+    assert_eq!(
+        count(
+            &c,
+            &format!("SELECT count(*) FROM negotiations WHERE negotiation_id = '{lead}'")
+        ),
+        0
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM webhook_events WHERE payload LIKE '%900000000000000060%'"
+        ),
+        0
+    );
+    let (status, text) = r.post(body).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("\"applied\""), "{text}");
+    r.stop().await;
+}
