@@ -697,7 +697,7 @@ async fn sync(
 }
 
 /// The progress line of a long `sync` (pages, leads, rate) on stderr, shown
-/// only on a terminal and never under journald.
+/// only on a terminal (so never under journald, whose stderr is a socket).
 struct SyncProgress {
     done: Arc<std::sync::atomic::AtomicUsize>,
     stop: CancellationToken,
@@ -710,7 +710,9 @@ impl SyncProgress {
 
     fn start(businesses: usize) -> Option<SyncProgress> {
         use std::io::IsTerminal;
-        if !std::io::stderr().is_terminal() || std::env::var_os("JOURNAL_STREAM").is_some() {
+        // A terminal is never the journal (an inherited JOURNAL_STREAM
+        // does not make it one): a terminal is all it takes.
+        if !std::io::stderr().is_terminal() {
             return None;
         }
         let done = Arc::new(std::sync::atomic::AtomicUsize::new(0));

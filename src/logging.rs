@@ -1,5 +1,6 @@
 //! Logs: `tracing` to stderr, one event per line; no timestamps of our own
-//! under journald (`JOURNAL_STREAM`), which adds its own; JSON on request.
+//! under journald (stderr is the stream `JOURNAL_STREAM` names), which adds
+//! its own; JSON on request.
 
 use crate::cli::LogFormat;
 use std::io::IsTerminal;
@@ -21,6 +22,30 @@ fn with_quiet_dependencies(spec: &str) -> String {
     full
 }
 
+/// True when stderr is the journal stream `JOURNAL_STREAM` names
+/// (`DEVICE:INODE`). The variable alone is not enough: it is inherited by
+/// every child of a service, e.g. a shell in a terminal emulator the user
+/// manager started, whose stderr is a terminal (systemd.exec(5)).
+pub fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(named) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = named.to_str().and_then(|s| s.trim().split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<u64>(), ino.parse::<u64>()) else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    std::fs::File::from(fd)
+        .metadata()
+        .is_ok_and(|m| m.dev() == dev && m.ino() == ino)
+}
+
 /// Installs the global subscriber. The level comes from `LEADSYNC_LOG`
 /// (env-filter syntax, e.g. `debug` or `leadsync=debug`), else `default_level`.
 pub fn init(format: LogFormat, default_level: &str) {
@@ -31,7 +56,7 @@ pub fn init(format: LogFormat, default_level: &str) {
         }),
         Err(_) => EnvFilter::new(format!("{default_level},{QUIET_DEPENDENCIES}")),
     };
-    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    let journald = stderr_is_journal();
     let builder = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(filter)

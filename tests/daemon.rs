@@ -283,7 +283,34 @@ async fn sighup_adds_a_business_and_a_broken_file_keeps_the_old_configuration() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_plain_under_journald_and_json_on_request() {
+    use std::os::unix::fs::MetadataExt;
     let env = Env::small().await;
+    // Under journald, stderr is the stream JOURNAL_STREAM names (device:inode).
+    let log = env.dir.path().join("journal-stream");
+    let file = std::fs::File::create(&log).unwrap();
+    let meta = file.metadata().unwrap();
+    let o = env
+        .cli()
+        .args(["sync"])
+        .env("JOURNAL_STREAM", format!("{}:{}", meta.dev(), meta.ino()))
+        .stderr(file)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    let err = std::fs::read_to_string(&log).unwrap();
+    assert!(err.lines().count() >= 3, "{err}");
+    for line in err.lines() {
+        assert!(
+            !line.starts_with("20"),
+            "no timestamp of our own under journald: {line}"
+        );
+        assert!(
+            !line.contains('\u{1b}'),
+            "no colours under journald: {line:?}"
+        );
+    }
+    // JOURNAL_STREAM inherited by a process whose stderr is something else
+    // (a shell started from a service): not journald, lines keep their time.
     let o = env
         .cli()
         .args(["sync"])
@@ -294,12 +321,8 @@ async fn logs_are_plain_under_journald_and_json_on_request() {
     assert!(err.lines().count() >= 3, "{err}");
     for line in err.lines() {
         assert!(
-            !line.starts_with("20"),
-            "no timestamp of our own under journald: {line}"
-        );
-        assert!(
-            !line.contains('\u{1b}'),
-            "no colours under journald: {line:?}"
+            line.starts_with("20"),
+            "a timestamp when stderr is not the journal: {line}"
         );
     }
     let o = env
