@@ -894,9 +894,7 @@ async fn idle_connections_do_not_keep_deliveries_out() {
     // And one that sent a full request and then stays open (keep-alive).
     let mut quiet = tokio::net::TcpStream::connect(r.addr).await.unwrap();
     quiet
-        .write_all(
-            format!("POST /elsewhere HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n").as_bytes(),
-        )
+        .write_all(b"POST /elsewhere HTTP/1.1\r\nhost: x\r\ncontent-length: 0\r\n\r\n")
         .await
         .unwrap();
     let mut buf = [0u8; 512];
@@ -938,10 +936,10 @@ fn deeply_nested_json_is_answered() {
             deep(n)
         );
         let d = parse_delivery(body.as_bytes());
-        if let Ok(d) = d {
-            if let Content::Negotiation { lead, .. } = d.content {
-                let _ = leadsync::store::mirror::differing_fields(&lead.payload, "{}");
-            }
+        if let Ok(d) = d
+            && let Content::Negotiation { lead, .. } = d.content
+        {
+            let _ = leadsync::store::mirror::differing_fields(&lead.payload, "{}");
         }
         let body = format!(r#"{{"event":{{"eventType":"Other"}},"data":{}}}"#, deep(n));
         let _ = parse_delivery(body.as_bytes());
