@@ -28,8 +28,10 @@ pub const OPENMETRICS_CONTENT_TYPE: &str =
     "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Webhook event types kept as label values; any other is counted as `other`
-/// (the value comes from the sender, and labels must stay few).
+/// (the value comes from the sender, and labels must stay few). `-` is a
+/// delivery refused before its type was read (401, 413, 400, 408).
 const KNOWN_EVENT_TYPES: &[&str] = &[
+    "-",
     "NegotiationCreatedV4",
     "MessageCreatedV4",
     "ReviewCreatedV4",
@@ -540,6 +542,20 @@ mod tests {
         assert_eq!(
             endpoint_of("http://h/api/v4/negotiations/a%2Fb/x"),
             "negotiations/{id}/x"
+        );
+    }
+
+    #[test]
+    fn refused_deliveries_are_not_counted_as_unknown_event_types() {
+        // The receiver counts a delivery refused before its type is read
+        // (401, 413, 400, 408) as `-`: not as `other`, the unknown types.
+        webhook_delivery("-", "unauthorized");
+        let text = encode(false);
+        assert!(
+            text.contains(
+                r#"leadsync_webhook_deliveries_total{event_type="-",outcome="unauthorized"} 1"#
+            ),
+            "{text}"
         );
     }
 
