@@ -38,6 +38,7 @@ const KNOWN_EVENT_TYPES: &[&str] = &[
     "PresetJobCreatedV4",
     "PresetJobUpdatedV4",
     "PresetJobDeletedV4",
+    "IncentiveUsedV4",
 ];
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -546,11 +547,19 @@ mod tests {
     }
 
     #[test]
-    fn refused_deliveries_are_not_counted_as_unknown_event_types() {
+    fn refused_deliveries_and_documented_types_are_not_other() {
         // The receiver counts a delivery refused before its type is read
         // (401, 413, 400, 408) as `-`: not as `other`, the unknown types.
         webhook_delivery("-", "unauthorized");
+        // A documented type of its own (THUMBTACK.md), not `other`.
+        webhook_delivery("IncentiveUsedV4", "ignored");
         let text = encode(false);
+        assert!(
+            text.contains(
+                r#"leadsync_webhook_deliveries_total{event_type="IncentiveUsedV4",outcome="ignored"} 1"#
+            ),
+            "{text}"
+        );
         assert!(
             text.contains(
                 r#"leadsync_webhook_deliveries_total{event_type="-",outcome="unauthorized"} 1"#
