@@ -546,6 +546,41 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
         .await
         .expect("deliver");
     assert_eq!(refused.status().as_u16(), 401);
+    // Bodies over max_body_bytes (1 MiB by default) declared by Content-Length:
+    // with the credentials 413, counted as too_large; without them 401 (the
+    // size of what the receiver accepts is nobody else's business).
+    let oversized = |authorization: Option<String>| {
+        let addr = format!("127.0.0.1:{hook_port}");
+        async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let body = "x".repeat(2 << 20);
+            let mut sock = tokio::net::TcpStream::connect(&addr)
+                .await
+                .expect("connect");
+            let mut head = format!(
+                "POST /hooks HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n",
+                body.len()
+            );
+            if let Some(a) = authorization {
+                head.push_str(&format!("authorization: {a}\r\n"));
+            }
+            head.push_str("\r\n");
+            sock.write_all(head.as_bytes()).await.expect("head");
+            let _ = sock.write_all(body.as_bytes()).await;
+            let mut answer = Vec::new();
+            let _ = sock.read_to_end(&mut answer).await;
+            String::from_utf8_lossy(&answer).into_owned()
+        }
+    };
+    use base64::Engine;
+    let basic = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode("thumbtack:hook-secret")
+    );
+    let answer = oversized(Some(basic)).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    let answer = oversized(None).await;
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
     let s = wait_metrics(&base, "the deliveries counted", |s| {
         value(
             s,
@@ -559,7 +594,15 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
             &s,
             "leadsync_webhook_deliveries_total",
             &[("outcome", "unauthorized")]
-        ) >= 1.0
+        ) >= 2.0
+    );
+    assert!(
+        value(
+            &s,
+            "leadsync_webhook_deliveries_total",
+            &[("outcome", "too_large")]
+        ) >= 1.0,
+        "a body refused by its Content-Length is counted"
     );
 
     // Nothing secret is in the scrape.

@@ -126,11 +126,10 @@ pub fn router(settings: &Webhooks, store: Store) -> Router {
         max_body_bytes: settings.max_body_bytes,
         read_timeout: settings.read_timeout,
     });
+    // No body-limit layer: it would answer 413 before the credentials are
+    // checked, and uncounted; `receive` refuses an oversized body itself.
     Router::new()
         .route(&settings.path, post(receive))
-        .layer(tower_http::limit::RequestBodyLimitLayer::new(
-            settings.max_body_bytes,
-        ))
         .fallback(|| async {
             answer(
                 StatusCode::NOT_FOUND,
@@ -138,6 +137,17 @@ pub fn router(settings: &Webhooks, store: Store) -> Router {
             )
         })
         .with_state(receiver)
+}
+
+fn too_large(max_body_bytes: usize) -> Response {
+    let mut resp = answer(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        serde_json::json!({"error": format!("the body is larger than {max_body_bytes} bytes")}),
+    );
+    // The rest of the body is not read: the connection cannot be reused.
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
 }
 
 /// True when the body failed because it exceeded the size limit.
@@ -166,36 +176,41 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
         }
         return resp;
     }
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > r.max_body_bytes as u64) {
+        // Refused before reading a byte of it (a chunked body is cut off below).
+        r.done("-", "too_large");
+        return too_large(r.max_body_bytes);
+    }
     let body: Body = request.into_body();
-    let bytes = match tokio::time::timeout(
-        r.read_timeout,
-        axum::body::to_bytes(body, r.max_body_bytes),
-    )
-    .await
-    {
-        Err(_) => {
-            r.done("-", "timeout");
-            return answer(
-                StatusCode::REQUEST_TIMEOUT,
-                serde_json::json!({"error": "the request body was not received in time"}),
-            );
-        }
-        Ok(Err(e)) if is_too_large(&e) => {
-            r.done("-", "too_large");
-            return answer(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                serde_json::json!({"error": format!("the body is larger than {} bytes", r.max_body_bytes)}),
-            );
-        }
-        Ok(Err(e)) => {
-            r.done("-", "bad_request");
-            return answer(
-                StatusCode::BAD_REQUEST,
-                serde_json::json!({"error": format!("the body could not be read: {e}")}),
-            );
-        }
-        Ok(Ok(b)) => b,
-    };
+    let bytes =
+        match tokio::time::timeout(r.read_timeout, axum::body::to_bytes(body, r.max_body_bytes))
+            .await
+        {
+            Err(_) => {
+                r.done("-", "timeout");
+                return answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    serde_json::json!({"error": "the request body was not received in time"}),
+                );
+            }
+            Ok(Err(e)) if is_too_large(&e) => {
+                r.done("-", "too_large");
+                return too_large(r.max_body_bytes);
+            }
+            Ok(Err(e)) => {
+                r.done("-", "bad_request");
+                return answer(
+                    StatusCode::BAD_REQUEST,
+                    serde_json::json!({"error": format!("the body could not be read: {e}")}),
+                );
+            }
+            Ok(Ok(b)) => b,
+        };
     let delivery = match parse_delivery(&bytes) {
         Ok(d) => d,
         Err(reason) => {
