@@ -682,3 +682,67 @@ async fn a_token_store_of_the_previous_version_is_adopted_per_grant() {
     assert_eq!(count(&c, "SELECT count(*) FROM refresh_tokens"), 0, "moved");
     assert_eq!(count(&c, "SELECT generation FROM grants"), 4);
 }
+
+/// Forgets the access token the store keeps for every grant, so the next
+/// command must refresh.
+fn forget_stored_access_tokens(env: &Env) {
+    let path = env.dir.path().join("fixture/tokens.db");
+    if !path.exists() {
+        return;
+    }
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.execute(
+        "UPDATE grants SET access_token = NULL, access_expires_at = NULL",
+        [],
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_expires_in_never_loses_the_rotated_token() {
+    // A lifetime past what the clocks can add (an Instant or a wall-clock
+    // overflow) panicked between the token endpoint's answer and the write
+    // of the rotated token: the token was lost, the next refresh refused.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    for value in [
+        serde_json::json!(1e300),
+        serde_json::json!(100_000_000_000_000u64),
+        serde_json::json!("1e400"),
+        serde_json::json!(-5),
+        serde_json::json!("soon"),
+    ] {
+        env.sandbox.set_token_faults(TokenFaults {
+            expires_in: Some(value.clone()),
+            ..Default::default()
+        });
+        forget_stored_access_tokens(&env);
+        let o = env.run(&["sync", "--business", &b]);
+        assert_eq!(o.status.code(), Some(0), "expires_in {value}: {}", text(&o));
+        assert!(!text(&o).contains("panicked"), "{value}: {}", text(&o));
+    }
+    env.sandbox.set_token_faults(TokenFaults::default());
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_a_refresh_token_keeps_the_presented_one() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        keep_refresh_token: 1,
+        ..Default::default()
+    });
+    for _ in 0..3 {
+        forget_stored_access_tokens(&env);
+        let o = env.run(&["sync", "--business", &b]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    assert_eq!(refreshes(&env), 3);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}

@@ -31,6 +31,11 @@ const DEFAULT_EXPIRES_IN: u64 = 3600;
 /// The shortest lifetime believed: `expires_in: 0` must not cause a refresh
 /// per request. (Real tokens live an hour; the sandbox's tests use seconds.)
 const MIN_EXPIRES_IN: u64 = 1;
+/// The longest lifetime believed (Thumbtack's tokens live an hour). A
+/// larger `expires_in` (`1e300`, a typo) would overflow the clocks' sums —
+/// a panic between the token endpoint's answer and the write of the
+/// rotated token, which loses the token — and keep a token cached forever.
+const MAX_EXPIRES_IN: u64 = 86_400;
 /// How often refreshes are tried again while the OAuth client is refused.
 pub const CLIENT_REFUSED_RETRY: Duration = Duration::from_secs(300);
 /// Immediate retries of a refresh whose response was lost (Thumbtack's grace period).
@@ -255,13 +260,18 @@ async fn blocking<R: Send + 'static>(
 }
 
 fn wall_after(d: Duration) -> String {
-    crate::time::fmt(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default())
+    let now = chrono::Utc::now();
+    let at = chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now);
+    crate::time::fmt(at)
 }
 
 fn instant_of(rfc3339: &str) -> Option<Instant> {
     let at = crate::time::parse(rfc3339)?;
     let left = (at - chrono::Utc::now()).to_std().ok()?;
-    Some(Instant::now() + left)
+    Instant::now().checked_add(left.min(Duration::from_secs(MAX_EXPIRES_IN)))
 }
 
 impl Auth {
@@ -934,8 +944,11 @@ impl Inner {
 
     /// The access token of a response, with its expiry (monotonic and wall clock).
     fn access_of(token: Secret, expires_in: Option<u64>) -> (Access, String) {
-        let lifetime =
-            Duration::from_secs(expires_in.unwrap_or(DEFAULT_EXPIRES_IN).max(MIN_EXPIRES_IN));
+        let lifetime = Duration::from_secs(
+            expires_in
+                .unwrap_or(DEFAULT_EXPIRES_IN)
+                .clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN),
+        );
         let margin = lifetime.mul_f64(0.1).min(Duration::from_secs(60));
         let valid_for = lifetime.saturating_sub(margin);
         (
@@ -1387,5 +1400,16 @@ mod tests {
         // expires_in 0 is floored: the token is reused for a while, not refreshed per request.
         let (a, _) = Inner::access_of(t.access_token, t.expires_in);
         assert!(a.expires_at > Instant::now() + Duration::from_millis(500));
+    }
+
+    #[test]
+    fn an_absurd_lifetime_is_capped_not_a_panic() {
+        for secs in [u64::MAX, 100_000_000_000_000, 86_401] {
+            let (a, wall) = Inner::access_of(Secret::new("a"), Some(secs));
+            assert!(a.expires_at <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN));
+            assert!(crate::time::parse(&wall).is_some(), "{wall}");
+        }
+        assert!(instant_of("+200000-01-01T00:00:00Z").is_none_or(|i| i
+            <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN)));
     }
 }
