@@ -730,6 +730,29 @@ async fn an_absurd_expires_in_never_loses_the_rotated_token() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_after_the_rotation_is_asked_again_at_once_with_the_same_token() {
+    // A gateway can fail after the server rotated the token: only a retry
+    // within the grace period gets the new one, so it must not wait for
+    // the next pass.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        error_5xx_after_rotate: 1,
+        grace_secs: 60,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 2, "the failed refresh and its retry");
+    assert_eq!(env.sandbox.stats().grace_replays, 1);
+    assert!(!text(&o).contains("<html>"), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_without_a_refresh_token_keeps_the_presented_one() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();

@@ -226,7 +226,8 @@ enum TokenFailure {
     GrantRefused(String),
     /// The client's configuration is refused (`invalid_client`, a wrong audience, ...).
     ClientRefused(String),
-    /// The request may have been processed but the answer was lost.
+    /// The request may have been processed but the answer was lost (a
+    /// dropped connection, an unreadable body, a 5xx).
     Lost(String),
     /// Not processed, or not worth an immediate retry: later.
     Transient(String),
@@ -1334,7 +1335,13 @@ impl Inner {
             (_, Some("invalid_grant")) => {
                 Err(TokenFailure::GrantRefused(describe("invalid_grant")))
             }
-            (408 | 429, _) | (500..=599, _) => Err(TokenFailure::Transient(format!(
+            // A 5xx may come from a gateway after the server rotated the
+            // token: only a retry within the grace period gets the new one.
+            (500..=599, _) => Err(TokenFailure::Lost(format!(
+                "token endpoint answered HTTP {status} ({} bytes)",
+                body.len()
+            ))),
+            (408 | 429, _) => Err(TokenFailure::Transient(format!(
                 "token endpoint answered HTTP {status} ({} bytes)",
                 body.len()
             ))),
