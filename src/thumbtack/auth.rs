@@ -247,6 +247,38 @@ fn read_token_file(path: &Path) -> Result<String, Failure> {
         .map_err(|e| Failure::Retry(format!("cannot read token file {}: {e}", path.display())))
 }
 
+/// Replaces `path` with `text` atomically, mode 0600: a crash leaves the
+/// old content or the new, and a link planted at `path` is replaced, not
+/// followed.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.leadsync-tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// A short, printable excerpt of a server-written description (never a token body).
 fn excerpt(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(200).collect()
@@ -567,14 +599,35 @@ impl Auth {
         code: &Secret,
         redirect_uri: &str,
     ) -> anyhow::Result<Secret> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // A link would send the refresh token wherever it points.
+        match std::fs::symlink_metadata(file) {
+            Ok(m) if m.file_type().is_symlink() => anyhow::bail!(
+                "the token file {} is a symbolic link: refusing it (give the real path)",
+                file.display()
+            ),
+            Ok(m) if !m.is_file() => {
+                anyhow::bail!("the token file {} is not a regular file", file.display())
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot inspect the token file {}: {e}", file.display()),
+        }
+        let handle = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(file)
             .map_err(|e| anyhow::anyhow!("cannot create the token file {}: {e}", file.display()))?;
+        // An existing file keeps its mode (a `touch` under umask 022 makes
+        // it 0644): make it the owner's alone before it holds a token.
+        handle
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| {
+                anyhow::anyhow!("cannot make the token file {} private: {e}", file.display())
+            })?;
+        drop(handle);
         let key = grant_key(file);
         let chain = self
             .inner
@@ -689,7 +742,7 @@ impl Auth {
         let access = Inner::access_of(tokens.access_token, tokens.expires_in);
         let seed_fp = if write_file {
             // The file holds the initial token; the store the same, as its seed.
-            std::fs::write(&chain.file, format!("{}\n", refresh.expose())).map_err(|e| {
+            write_private(&chain.file, &format!("{}\n", refresh.expose())).map_err(|e| {
                 anyhow::anyhow!("cannot write the token file {}: {e}", chain.file.display())
             })?;
             Some(sha256_hex(refresh.expose()))
