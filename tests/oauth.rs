@@ -769,3 +769,67 @@ async fn an_answer_without_a_refresh_token_keeps_the_presented_one() {
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     assert_eq!(reauth_count(&env), 0);
 }
+
+fn exchange_into(env: &Env, file: &std::path::Path, code: &str) -> std::process::Output {
+    env.cli()
+        .args([
+            "auth",
+            "exchange",
+            "--token-file",
+            file.to_str().unwrap(),
+            "--code",
+            code,
+            "--redirect-uri",
+            "https://partner.example/callback",
+        ])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_into_an_existing_readable_token_file_makes_it_private() {
+    // An operator's `touch` (umask 022) leaves a 0644 file: the initial
+    // refresh token must not be written into it as it is.
+    use std::os::unix::fs::PermissionsExt;
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    std::fs::write(&file, "").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the token file is the owner's alone");
+    assert!(!std::fs::read_to_string(&file).unwrap().trim().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_refuses_a_symlinked_token_file_before_spending_the_code() {
+    // A link planted where the grant goes would send the refresh token
+    // wherever it points.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let elsewhere = env.dir.path().join("public-copy");
+    let file = grants.join("pro-1");
+    std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("symbolic link"), "{}", text(&o));
+    assert!(!elsewhere.exists(), "nothing written through the link");
+    let stats = env.sandbox.stats();
+    assert_eq!(
+        stats
+            .by_route
+            .get("token authorization_code")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "the code is not spent"
+    );
+}

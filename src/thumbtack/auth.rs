@@ -1469,7 +1469,9 @@ mod tests {
             assert!(a.expires_at <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN));
             assert!(crate::time::parse(&wall).is_some(), "{wall}");
         }
-        assert!(instant_of("+200000-01-01T00:00:00Z").is_none_or(|i| i
-            <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN)));
+        assert!(
+            instant_of("+200000-01-01T00:00:00Z")
+                .is_none_or(|i| i <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN))
+        );
     }
 }
