@@ -833,3 +833,45 @@ async fn onboarding_refuses_a_symlinked_token_file_before_spending_the_code() {
         "the code is not spent"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_quoted_in_a_token_endpoint_error_is_never_repeated() {
+    // The description of an OAuth error is the server's text: one that
+    // quotes the presented token must not carry it into the logs, `status`
+    // or the mirror.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        echo_token_in_errors: true,
+        ..Default::default()
+    });
+    let mut seen = String::new();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let store = env.dir.path().join("fixture/tokens.db");
+    let stored = || -> String {
+        rusqlite::Connection::open(&store)
+            .unwrap()
+            .query_row("SELECT refresh_token FROM grants", [], |r| r.get(0))
+            .unwrap()
+    };
+    let used = stored();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_ne!(stored(), used);
+    // A used token in the file: refused, its description quotes it.
+    std::fs::write(token_file(&env, &b), format!("{used}\n")).unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env
+        .cli()
+        .args(["sync", "--business", &b])
+        .env("LEADSYNC_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    seen.push_str(&text(&o));
+    assert!(seen.contains("has already been used"), "{seen}");
+    assert!(!seen.contains(&used), "{seen}");
+    assert_no_secret_anywhere(&env, &seen);
+}

@@ -142,6 +142,9 @@ pub struct TokenFaults {
     /// Answer this many successful refreshes without a `refresh_token` and
     /// without rotating: the presented token stays valid (RFC 6749 §6).
     pub keep_refresh_token: u32,
+    /// Quote the presented refresh token in `invalid_grant` descriptions
+    /// (servers that do must not get it into logs or the mirror).
+    pub echo_token_in_errors: bool,
 }
 
 /// A job status the sandbox accepted.

@@ -861,10 +861,15 @@ fn token_endpoint(
                     return now_answer(json_response(StatusCode::OK, &answer));
                 }
                 s.stats.reused_refresh_tokens += 1;
+                let description = if faults.echo_token_in_errors {
+                    format!("refresh token {presented} has already been used")
+                } else {
+                    "refresh token has already been used".to_string()
+                };
                 return now_answer(oauth_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_grant",
-                    "refresh token has already been used",
+                    &description,
                 ));
             }
             businesses

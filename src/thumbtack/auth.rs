@@ -1369,8 +1369,25 @@ impl Inner {
                 });
         }
         let oauth_error: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+        // The server's words may quote what it was sent: never repeat a
+        // token, a code or the secret (masked before the text is cut short,
+        // so no prefix of one survives either).
+        let secrets: Vec<&str> = form
+            .iter()
+            .filter(|(k, _)| matches!(*k, "refresh_token" | "code"))
+            .map(|(_, v)| *v)
+            .chain([oauth.client_secret.expose()])
+            .filter(|v| !v.is_empty())
+            .collect();
+        let clean = |text: &str| {
+            excerpt(
+                &secrets
+                    .iter()
+                    .fold(text.to_string(), |t, s| t.replace(s, crate::secret::MASK)),
+            )
+        };
         let describe = |code: &str| match oauth_error.error_description.as_deref() {
-            Some(d) if !d.is_empty() => format!("{code}: {}", excerpt(d)),
+            Some(d) if !d.is_empty() => format!("{code}: {}", clean(d)),
             _ => code.to_string(),
         };
         let proxy_failed = oauth_error.error.as_deref() == Some("proxy_oauth_failed")
@@ -1400,7 +1417,7 @@ impl Inner {
             ))),
             (400..=499, Some(code)) => Err(TokenFailure::ClientRefused(format!(
                 "HTTP {status} {}",
-                describe(&excerpt(code))
+                describe(&clean(code))
             ))),
             (401 | 403, None) => Err(TokenFailure::ClientRefused(format!(
                 "HTTP {status} from the token endpoint ({} bytes)",
