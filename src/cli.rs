@@ -1133,7 +1133,8 @@ async fn auth_exchange(
                 println!("  {id} is configured already: no file written");
                 continue;
             }
-            if path.exists() {
+            // `symlink_metadata`: a dangling link counts as existing.
+            if std::fs::symlink_metadata(&path).is_ok() {
                 println!("  {} exists: left as it is", path.display());
                 continue;
             }
@@ -1151,13 +1152,46 @@ async fn auth_exchange(
                 "refresh_token_file = {}\n",
                 quote(&file.display().to_string())
             ));
-            std::fs::write(&path, text)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            if !write_new_file(&path, &text)
+                .with_context(|| format!("cannot write {}", path.display()))?
+            {
+                println!("  {} exists: left as it is", path.display());
+                continue;
+            }
             println!("  wrote {}", path.display());
         }
         println!("then: systemctl reload leadsync");
     }
     Ok(0)
+}
+
+/// Creates `path` with `text`, complete or not at all (a reload never reads
+/// half a file) and never over anything there — a file, or a link, which
+/// is not followed. Ok(false) when something is there.
+fn write_new_file(path: &std::path::Path, text: &str) -> Result<bool> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.leadsync-tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| -> std::io::Result<bool> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        // link(2) fails on an existing destination, even a dangling link.
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    Ok(result?)
 }
 
 /// How long a command waits at its end for token refreshes in flight.

@@ -875,3 +875,53 @@ async fn a_token_quoted_in_a_token_endpoint_error_is_never_repeated() {
     assert!(!seen.contains(&used), "{seen}");
     assert_no_secret_anywhere(&env, &seen);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_never_writes_through_a_link_or_over_a_file() {
+    // A link planted in the configuration directory (a dangling one
+    // `exists()` does not see) must not make leadsync — possibly root —
+    // create a file wherever it points.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let base = common::write(env.dir.path(), "base.toml", &head);
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let elsewhere = env.dir.path().join("planted.toml");
+    std::os::unix::fs::symlink(&elsewhere, conf_d.join(format!("{}.toml", ids[0]))).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
+    let token_file = env.dir.path().join("pro-1");
+    let o = Command::new(common::bin())
+        .arg("--config")
+        .arg(&base)
+        .arg("--config")
+        .arg(&env.overrides)
+        .args([
+            "auth",
+            "exchange",
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--code",
+            &code,
+            "--redirect-uri",
+            "https://partner.example/callback",
+            "--write-conf",
+            conf_d.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        !elsewhere.exists(),
+        "written through the link: {}",
+        text(&o)
+    );
+    assert!(conf_d.join(format!("{}.toml", ids[1])).is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(&conf_d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".toml"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
