@@ -28,8 +28,11 @@ use tracing::{error, info, warn};
 
 /// Assumed lifetime of an access token whose response gives no `expires_in`.
 const DEFAULT_EXPIRES_IN: u64 = 3600;
-/// The shortest lifetime believed: `expires_in: 0` must not cause a refresh
-/// per request. (Real tokens live an hour; the sandbox's tests use seconds.)
+/// The shortest lifetime believed. (Real tokens live an hour; the
+/// sandbox's tests use seconds.) `expires_in: 0` — or a negative one, read
+/// as 0 — counts as absent: flooring it at this would still refresh, and
+/// rotate the refresh token, every second while requests go out; a 401
+/// gets a refresh anyway (at most one a minute).
 const MIN_EXPIRES_IN: u64 = 1;
 /// The longest lifetime believed (Thumbtack's tokens live an hour). A
 /// larger `expires_in` (`1e300`, a typo) would overflow the clocks' sums —
@@ -1000,6 +1003,7 @@ impl Inner {
     fn access_of(token: Secret, expires_in: Option<u64>) -> (Access, String) {
         let lifetime = Duration::from_secs(
             expires_in
+                .filter(|&s| s > 0)
                 .unwrap_or(DEFAULT_EXPIRES_IN)
                 .clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN),
         );
@@ -1474,9 +1478,12 @@ mod tests {
             !d.contains("at-secret-1") && !d.contains("rt-secret-2"),
             "{d}"
         );
-        // expires_in 0 is floored: the token is reused for a while, not refreshed per request.
+        // expires_in 0 (or negative, read as 0) says nothing usable: the
+        // token is kept as one without expires_in, not refreshed — rotating
+        // the refresh token — every second while requests go out. A 401
+        // still gets a refresh, at most one a minute.
         let (a, _) = Inner::access_of(t.access_token, t.expires_in);
-        assert!(a.expires_at > Instant::now() + Duration::from_millis(500));
+        assert!(a.expires_at > Instant::now() + Duration::from_secs(600));
     }
 
     #[test]
