@@ -250,9 +250,10 @@ pub enum AuthCommand {
         #[arg(
             long,
             conflicts_with = "code_file",
-            required_unless_present = "code_file"
+            required_unless_present = "code_file",
+            value_parser = |s: &str| Ok::<Secret, std::convert::Infallible>(Secret::new(s))
         )]
-        code: Option<String>,
+        code: Option<Secret>,
         /// A file holding the code; `-` reads it from standard input.
         #[arg(long, value_name = "FILE")]
         code_file: Option<PathBuf>,
@@ -1039,9 +1040,9 @@ fn report_each(results: Vec<(i64, std::result::Result<(), String>)>, done: &str)
 }
 
 /// The authorization code from `--code` or `--code-file` (`-`: standard input).
-fn read_code(code: Option<String>, file: Option<&std::path::Path>) -> Result<Secret> {
+fn read_code(code: Option<Secret>, file: Option<&std::path::Path>) -> Result<Secret> {
     let text = match (code, file) {
-        (Some(c), _) => c,
+        (Some(c), _) => c.expose().to_string(),
         (None, Some(p)) if p == std::path::Path::new("-") => {
             let mut s = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
@@ -1271,4 +1272,27 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
     stop.cancelled().await;
     sandbox.stop().await;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_code_never_prints_in_debug() {
+        let cli = Cli::parse_from([
+            "leadsync",
+            "auth",
+            "exchange",
+            "--business",
+            "1",
+            "--code",
+            "code-secret-77",
+            "--redirect-uri",
+            "https://x/cb",
+        ]);
+        let d = format!("{cli:?}");
+        assert!(!d.contains("code-secret-77"), "{d}");
+    }
 }
