@@ -925,3 +925,21 @@ async fn write_conf_never_writes_through_a_link_or_over_a_file() {
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_without_an_access_token_is_still_stored() {
+    // The server used up the presented token and issued a new one; the
+    // answer's missing access token does not make the new one disposable.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        no_access_token_after_rotate: 1,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert!(!text(&o).contains("sbx_rt_"), "{}", text(&o));
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}

@@ -145,6 +145,9 @@ pub struct TokenFaults {
     /// Quote the presented refresh token in `invalid_grant` descriptions
     /// (servers that do must not get it into logs or the mirror).
     pub echo_token_in_errors: bool,
+    /// Answer this many successful refreshes with the rotated refresh token
+    /// but an empty `access_token` (a broken token service).
+    pub no_access_token_after_rotate: u32,
 }
 
 /// A job status the sandbox accepted.

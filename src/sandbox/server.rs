@@ -956,6 +956,12 @@ fn token_endpoint(
         }
         s.stats.rotations += 1;
         hold = faults.hold_after_rotate_ms;
+        if s.token_faults.no_access_token_after_rotate > 0 {
+            s.token_faults.no_access_token_after_rotate -= 1;
+            let mut broken = answer.clone();
+            broken["access_token"] = json!("");
+            return (json_response(StatusCode::OK, &broken), hold, false);
+        }
         if s.token_faults.error_5xx_after_rotate > 0 {
             s.token_faults.error_5xx_after_rotate -= 1;
             return (

@@ -752,9 +752,10 @@ impl Auth {
         } else {
             seed_fp
         };
+        let no_access = access.0.token.is_empty();
         let write = GrantWrite {
             refresh_token: refresh,
-            access_token: Some((access.0.token.clone(), access.1.clone())),
+            access_token: (!no_access).then(|| (access.0.token.clone(), access.1.clone())),
             seed_sha256: seed_fp.clone(),
             source: "auth exchange".into(),
         };
@@ -785,7 +786,7 @@ impl Auth {
         state.unsaved = None;
         state.refused_access = None;
         state.fresh_until = Some(Instant::now() + REFRESH_ON_401_INTERVAL);
-        state.access = Some(access.0.clone());
+        state.access = (!no_access).then(|| access.0.clone());
         drop(state);
         inner.clear_client_refused().await;
         // This process may not know the mirror's flag: clear it regardless.
@@ -1172,10 +1173,17 @@ impl Inner {
                         .refresh_token
                         .filter(|t| !t.is_empty())
                         .unwrap_or(presented);
-                    let (access, wall) = Self::access_of(tokens.access_token, tokens.expires_in);
+                    // A rotated refresh token without an access token: stored
+                    // all the same, and this caller tries again later.
+                    let no_access = tokens.access_token.is_empty();
+                    let (mut access, wall) =
+                        Self::access_of(tokens.access_token, tokens.expires_in);
+                    if no_access {
+                        access.expires_at = Instant::now();
+                    }
                     let write = GrantWrite {
                         refresh_token: next,
-                        access_token: Some((access.token.clone(), wall)),
+                        access_token: (!no_access).then(|| (access.token.clone(), wall)),
                         seed_sha256: if from_file {
                             seed_fp.clone()
                         } else {
@@ -1227,6 +1235,15 @@ impl Inner {
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
                             )));
                         }
+                    }
+                    if no_access {
+                        state.fresh_until = None;
+                        warn!(grant = %file, "the token endpoint answered without an access token; \
+                            its rotated refresh token is stored and the next refresh uses it");
+                        return Err(Failure::Retry(format!(
+                            "the token endpoint answered without an access token for {who}; \
+                             its rotated refresh token is stored"
+                        )));
                     }
                     if from_file {
                         self.alert(format!("file-refused:{}", chain.key), None)
@@ -1365,12 +1382,35 @@ impl Inner {
         })?;
         if (200..300).contains(&status) && status != 202 {
             // Never quote this body: it holds tokens.
-            return serde_json::from_slice::<TokenResponse>(&body)
+            let parsed = serde_json::from_slice::<TokenResponse>(&body).ok();
+            let has_refresh =
+                |t: &TokenResponse| t.refresh_token.as_ref().is_some_and(|r| !r.is_empty());
+            match parsed {
+                Some(t) if !t.access_token.is_empty() || has_refresh(&t) => return Ok(t),
+                _ => {}
+            }
+            // No usable access token, but the server may have rotated the
+            // refresh token all the same: the new one must not be dropped
+            // (an empty access_token tells the caller there is none).
+            let refresh = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
-                .filter(|t| !t.access_token.is_empty())
-                .ok_or_else(|| {
-                    TokenFailure::Lost(format!("unreadable token response ({} bytes)", body.len()))
+                .and_then(|v| {
+                    v.get("refresh_token")?
+                        .as_str()
+                        .filter(|r| !r.is_empty())
+                        .map(Secret::new)
                 });
+            return match refresh {
+                Some(r) => Ok(TokenResponse {
+                    access_token: Secret::new(""),
+                    expires_in: None,
+                    refresh_token: Some(r),
+                }),
+                None => Err(TokenFailure::Lost(format!(
+                    "unreadable token response ({} bytes)",
+                    body.len()
+                ))),
+            };
         }
         let oauth_error: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
         // The server's words may quote what it was sent: never repeat a
