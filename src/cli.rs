@@ -250,9 +250,10 @@ pub enum AuthCommand {
         #[arg(
             long,
             conflicts_with = "code_file",
-            required_unless_present = "code_file"
+            required_unless_present = "code_file",
+            value_parser = |s: &str| Ok::<Secret, std::convert::Infallible>(Secret::new(s))
         )]
-        code: Option<String>,
+        code: Option<Secret>,
         /// A file holding the code; `-` reads it from standard input.
         #[arg(long, value_name = "FILE")]
         code_file: Option<PathBuf>,
@@ -1039,9 +1040,9 @@ fn report_each(results: Vec<(i64, std::result::Result<(), String>)>, done: &str)
 }
 
 /// The authorization code from `--code` or `--code-file` (`-`: standard input).
-fn read_code(code: Option<String>, file: Option<&std::path::Path>) -> Result<Secret> {
+fn read_code(code: Option<Secret>, file: Option<&std::path::Path>) -> Result<Secret> {
     let text = match (code, file) {
-        (Some(c), _) => c,
+        (Some(c), _) => c.expose().to_string(),
         (None, Some(p)) if p == std::path::Path::new("-") => {
             let mut s = String::new();
             std::io::Read::read_to_string(&mut std::io::stdin(), &mut s)
@@ -1133,7 +1134,8 @@ async fn auth_exchange(
                 println!("  {id} is configured already: no file written");
                 continue;
             }
-            if path.exists() {
+            // `symlink_metadata`: a dangling link counts as existing.
+            if std::fs::symlink_metadata(&path).is_ok() {
                 println!("  {} exists: left as it is", path.display());
                 continue;
             }
@@ -1151,13 +1153,46 @@ async fn auth_exchange(
                 "refresh_token_file = {}\n",
                 quote(&file.display().to_string())
             ));
-            std::fs::write(&path, text)
-                .with_context(|| format!("cannot write {}", path.display()))?;
+            if !write_new_file(&path, &text)
+                .with_context(|| format!("cannot write {}", path.display()))?
+            {
+                println!("  {} exists: left as it is", path.display());
+                continue;
+            }
             println!("  wrote {}", path.display());
         }
         println!("then: systemctl reload leadsync");
     }
     Ok(0)
+}
+
+/// Creates `path` with `text`, complete or not at all (a reload never reads
+/// half a file) and never over anything there — a file, or a link, which
+/// is not followed. Ok(false) when something is there.
+fn write_new_file(path: &std::path::Path, text: &str) -> Result<bool> {
+    use std::io::Write;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.leadsync-tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| -> std::io::Result<bool> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        // link(2) fails on an existing destination, even a dangling link.
+        match std::fs::hard_link(&tmp, path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = std::fs::remove_file(&tmp);
+    Ok(result?)
 }
 
 /// How long a command waits at its end for token refreshes in flight.
@@ -1237,4 +1272,27 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
     stop.cancelled().await;
     sandbox.stop().await;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn the_code_never_prints_in_debug() {
+        let cli = Cli::parse_from([
+            "leadsync",
+            "auth",
+            "exchange",
+            "--business",
+            "1",
+            "--code",
+            "code-secret-77",
+            "--redirect-uri",
+            "https://x/cb",
+        ]);
+        let d = format!("{cli:?}");
+        assert!(!d.contains("code-secret-77"), "{d}");
+    }
 }

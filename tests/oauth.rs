@@ -682,3 +682,264 @@ async fn a_token_store_of_the_previous_version_is_adopted_per_grant() {
     assert_eq!(count(&c, "SELECT count(*) FROM refresh_tokens"), 0, "moved");
     assert_eq!(count(&c, "SELECT generation FROM grants"), 4);
 }
+
+/// Forgets the access token the store keeps for every grant, so the next
+/// command must refresh.
+fn forget_stored_access_tokens(env: &Env) {
+    let path = env.dir.path().join("fixture/tokens.db");
+    if !path.exists() {
+        return;
+    }
+    let db = rusqlite::Connection::open(path).unwrap();
+    db.execute(
+        "UPDATE grants SET access_token = NULL, access_expires_at = NULL",
+        [],
+    )
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_absurd_expires_in_never_loses_the_rotated_token() {
+    // A lifetime past what the clocks can add (an Instant or a wall-clock
+    // overflow) panicked between the token endpoint's answer and the write
+    // of the rotated token: the token was lost, the next refresh refused.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    for value in [
+        serde_json::json!(1e300),
+        serde_json::json!(100_000_000_000_000u64),
+        serde_json::json!("1e400"),
+        serde_json::json!(-5),
+        serde_json::json!("soon"),
+    ] {
+        env.sandbox.set_token_faults(TokenFaults {
+            expires_in: Some(value.clone()),
+            ..Default::default()
+        });
+        forget_stored_access_tokens(&env);
+        let o = env.run(&["sync", "--business", &b]);
+        assert_eq!(o.status.code(), Some(0), "expires_in {value}: {}", text(&o));
+        assert!(!text(&o).contains("panicked"), "{value}: {}", text(&o));
+    }
+    env.sandbox.set_token_faults(TokenFaults::default());
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_5xx_after_the_rotation_is_asked_again_at_once_with_the_same_token() {
+    // A gateway can fail after the server rotated the token: only a retry
+    // within the grace period gets the new one, so it must not wait for
+    // the next pass.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        error_5xx_after_rotate: 1,
+        grace_secs: 60,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 2, "the failed refresh and its retry");
+    assert_eq!(env.sandbox.stats().grace_replays, 1);
+    assert!(!text(&o).contains("<html>"), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_a_refresh_token_keeps_the_presented_one() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        keep_refresh_token: 1,
+        ..Default::default()
+    });
+    for _ in 0..3 {
+        forget_stored_access_tokens(&env);
+        let o = env.run(&["sync", "--business", &b]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    }
+    assert_eq!(refreshes(&env), 3);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}
+
+fn exchange_into(env: &Env, file: &std::path::Path, code: &str) -> std::process::Output {
+    env.cli()
+        .args([
+            "auth",
+            "exchange",
+            "--token-file",
+            file.to_str().unwrap(),
+            "--code",
+            code,
+            "--redirect-uri",
+            "https://partner.example/callback",
+        ])
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_into_an_existing_readable_token_file_makes_it_private() {
+    // An operator's `touch` (umask 022) leaves a 0644 file: the initial
+    // refresh token must not be written into it as it is.
+    use std::os::unix::fs::PermissionsExt;
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    std::fs::write(&file, "").unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the token file is the owner's alone");
+    assert!(!std::fs::read_to_string(&file).unwrap().trim().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_refuses_a_symlinked_token_file_before_spending_the_code() {
+    // A link planted where the grant goes would send the refresh token
+    // wherever it points.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let elsewhere = env.dir.path().join("public-copy");
+    let file = grants.join("pro-1");
+    std::os::unix::fs::symlink(&elsewhere, &file).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("symbolic link"), "{}", text(&o));
+    assert!(!elsewhere.exists(), "nothing written through the link");
+    let stats = env.sandbox.stats();
+    assert_eq!(
+        stats
+            .by_route
+            .get("token authorization_code")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "the code is not spent"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_quoted_in_a_token_endpoint_error_is_never_repeated() {
+    // The description of an OAuth error is the server's text: one that
+    // quotes the presented token must not carry it into the logs, `status`
+    // or the mirror.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        echo_token_in_errors: true,
+        ..Default::default()
+    });
+    let mut seen = String::new();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let store = env.dir.path().join("fixture/tokens.db");
+    let stored = || -> String {
+        rusqlite::Connection::open(&store)
+            .unwrap()
+            .query_row("SELECT refresh_token FROM grants", [], |r| r.get(0))
+            .unwrap()
+    };
+    let used = stored();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_ne!(stored(), used);
+    // A used token in the file: refused, its description quotes it.
+    std::fs::write(token_file(&env, &b), format!("{used}\n")).unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env
+        .cli()
+        .args(["sync", "--business", &b])
+        .env("LEADSYNC_LOG", "trace")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    seen.push_str(&text(&o));
+    assert!(seen.contains("has already been used"), "{seen}");
+    assert!(!seen.contains(&used), "{seen}");
+    assert_no_secret_anywhere(&env, &seen);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_never_writes_through_a_link_or_over_a_file() {
+    // A link planted in the configuration directory (a dangling one
+    // `exists()` does not see) must not make leadsync — possibly root —
+    // create a file wherever it points.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let base = common::write(env.dir.path(), "base.toml", &head);
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let elsewhere = env.dir.path().join("planted.toml");
+    std::os::unix::fs::symlink(&elsewhere, conf_d.join(format!("{}.toml", ids[0]))).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
+    let token_file = env.dir.path().join("pro-1");
+    let o = Command::new(common::bin())
+        .arg("--config")
+        .arg(&base)
+        .arg("--config")
+        .arg(&env.overrides)
+        .args([
+            "auth",
+            "exchange",
+            "--token-file",
+            token_file.to_str().unwrap(),
+            "--code",
+            &code,
+            "--redirect-uri",
+            "https://partner.example/callback",
+            "--write-conf",
+            conf_d.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        !elsewhere.exists(),
+        "written through the link: {}",
+        text(&o)
+    );
+    assert!(conf_d.join(format!("{}.toml", ids[1])).is_file());
+    let leftovers: Vec<_> = std::fs::read_dir(&conf_d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".toml"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_refresh_token_without_an_access_token_is_still_stored() {
+    // The server used up the presented token and issued a new one; the
+    // answer's missing access token does not make the new one disposable.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        no_access_token_after_rotate: 1,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert!(!text(&o).contains("sbx_rt_"), "{}", text(&o));
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}

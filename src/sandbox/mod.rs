@@ -133,6 +133,21 @@ pub struct TokenFaults {
     /// Answer every API request `401 required scope(s) [...] not found`
     /// (a grant without the needed scope), whatever the token.
     pub missing_scope: bool,
+    /// Answer `500` instead of the tokens, after rotating, for this many
+    /// successful refreshes (a gateway failing after the server processed it).
+    pub error_5xx_after_rotate: u32,
+    /// The `expires_in` of successful answers, verbatim (any JSON), instead
+    /// of the access token's lifetime.
+    pub expires_in: Option<serde_json::Value>,
+    /// Answer this many successful refreshes without a `refresh_token` and
+    /// without rotating: the presented token stays valid (RFC 6749 §6).
+    pub keep_refresh_token: u32,
+    /// Quote the presented refresh token in `invalid_grant` descriptions
+    /// (servers that do must not get it into logs or the mirror).
+    pub echo_token_in_errors: bool,
+    /// Answer this many successful refreshes with the rotated refresh token
+    /// but an empty `access_token` (a broken token service).
+    pub no_access_token_after_rotate: u32,
 }
 
 /// A job status the sandbox accepted.

@@ -861,10 +861,15 @@ fn token_endpoint(
                     return now_answer(json_response(StatusCode::OK, &answer));
                 }
                 s.stats.reused_refresh_tokens += 1;
+                let description = if faults.echo_token_in_errors {
+                    format!("refresh token {presented} has already been used")
+                } else {
+                    "refresh token has already been used".to_string()
+                };
                 return now_answer(oauth_error(
                     StatusCode::BAD_REQUEST,
                     "invalid_grant",
-                    "refresh token has already been used",
+                    &description,
                 ));
             }
             businesses
@@ -908,6 +913,10 @@ fn token_endpoint(
         b64.encode(claims.to_string()),
         s.token("sbx_at_")
     );
+    let keep = grant == "refresh_token" && s.token_faults.keep_refresh_token > 0;
+    if keep {
+        s.token_faults.keep_refresh_token -= 1;
+    }
     let refresh = s.token("sbx_rt_");
     s.access_tokens.insert(
         access.clone(),
@@ -923,13 +932,21 @@ fn token_endpoint(
             used: None,
         },
     );
-    let answer = json!({
+    let mut answer = json!({
         "access_token": access,
         "token_type": "bearer",
-        "expires_in": ttl,
+        "expires_in": faults.expires_in.clone().unwrap_or_else(|| json!(ttl)),
         "refresh_token": refresh,
         "scope": SCOPES,
     });
+    if keep {
+        // No rotation: the presented refresh token stays the valid one.
+        if let Some(o) = answer.as_object_mut() {
+            o.remove("refresh_token");
+        }
+        s.refresh_tokens.remove(&refresh);
+        return now_answer(json_response(StatusCode::OK, &answer));
+    }
     let mut hold = 0;
     let mut lose = false;
     if grant == "refresh_token" {
@@ -939,6 +956,24 @@ fn token_endpoint(
         }
         s.stats.rotations += 1;
         hold = faults.hold_after_rotate_ms;
+        if s.token_faults.no_access_token_after_rotate > 0 {
+            s.token_faults.no_access_token_after_rotate -= 1;
+            let mut broken = answer.clone();
+            broken["access_token"] = json!("");
+            return (json_response(StatusCode::OK, &broken), hold, false);
+        }
+        if s.token_faults.error_5xx_after_rotate > 0 {
+            s.token_faults.error_5xx_after_rotate -= 1;
+            return (
+                respond(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "text/html",
+                    "<html><body>502 upstream error</body></html>".to_string(),
+                ),
+                hold,
+                false,
+            );
+        }
         if s.token_faults.lose_after_rotate > 0 {
             s.token_faults.lose_after_rotate -= 1;
             lose = true;

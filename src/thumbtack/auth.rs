@@ -28,9 +28,17 @@ use tracing::{error, info, warn};
 
 /// Assumed lifetime of an access token whose response gives no `expires_in`.
 const DEFAULT_EXPIRES_IN: u64 = 3600;
-/// The shortest lifetime believed: `expires_in: 0` must not cause a refresh
-/// per request. (Real tokens live an hour; the sandbox's tests use seconds.)
+/// The shortest lifetime believed. (Real tokens live an hour; the
+/// sandbox's tests use seconds.) `expires_in: 0` — or a negative one, read
+/// as 0 — counts as absent: flooring it at this would still refresh, and
+/// rotate the refresh token, every second while requests go out; a 401
+/// gets a refresh anyway (at most one a minute).
 const MIN_EXPIRES_IN: u64 = 1;
+/// The longest lifetime believed (Thumbtack's tokens live an hour). A
+/// larger `expires_in` (`1e300`, a typo) would overflow the clocks' sums —
+/// a panic between the token endpoint's answer and the write of the
+/// rotated token, which loses the token — and keep a token cached forever.
+const MAX_EXPIRES_IN: u64 = 86_400;
 /// How often refreshes are tried again while the OAuth client is refused.
 pub const CLIENT_REFUSED_RETRY: Duration = Duration::from_secs(300);
 /// Immediate retries of a refresh whose response was lost (Thumbtack's grace period).
@@ -221,7 +229,8 @@ enum TokenFailure {
     GrantRefused(String),
     /// The client's configuration is refused (`invalid_client`, a wrong audience, ...).
     ClientRefused(String),
-    /// The request may have been processed but the answer was lost.
+    /// The request may have been processed but the answer was lost (a
+    /// dropped connection, an unreadable body, a 5xx).
     Lost(String),
     /// Not processed, or not worth an immediate retry: later.
     Transient(String),
@@ -241,6 +250,38 @@ fn read_token_file(path: &Path) -> Result<String, Failure> {
         .map_err(|e| Failure::Retry(format!("cannot read token file {}: {e}", path.display())))
 }
 
+/// Replaces `path` with `text` atomically, mode 0600: a crash leaves the
+/// old content or the new, and a link planted at `path` is replaced, not
+/// followed.
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = path.with_file_name(format!(".{name}.leadsync-tmp"));
+    let _ = std::fs::remove_file(&tmp);
+    let result = (|| {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        f.write_all(text.as_bytes())?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
 /// A short, printable excerpt of a server-written description (never a token body).
 fn excerpt(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(200).collect()
@@ -255,13 +296,18 @@ async fn blocking<R: Send + 'static>(
 }
 
 fn wall_after(d: Duration) -> String {
-    crate::time::fmt(chrono::Utc::now() + chrono::Duration::from_std(d).unwrap_or_default())
+    let now = chrono::Utc::now();
+    let at = chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(now);
+    crate::time::fmt(at)
 }
 
 fn instant_of(rfc3339: &str) -> Option<Instant> {
     let at = crate::time::parse(rfc3339)?;
     let left = (at - chrono::Utc::now()).to_std().ok()?;
-    Some(Instant::now() + left)
+    Instant::now().checked_add(left.min(Duration::from_secs(MAX_EXPIRES_IN)))
 }
 
 impl Auth {
@@ -556,14 +602,35 @@ impl Auth {
         code: &Secret,
         redirect_uri: &str,
     ) -> anyhow::Result<Secret> {
-        use std::os::unix::fs::OpenOptionsExt;
-        std::fs::OpenOptions::new()
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        // A link would send the refresh token wherever it points.
+        match std::fs::symlink_metadata(file) {
+            Ok(m) if m.file_type().is_symlink() => anyhow::bail!(
+                "the token file {} is a symbolic link: refusing it (give the real path)",
+                file.display()
+            ),
+            Ok(m) if !m.is_file() => {
+                anyhow::bail!("the token file {} is not a regular file", file.display())
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => anyhow::bail!("cannot inspect the token file {}: {e}", file.display()),
+        }
+        let handle = std::fs::OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
             .open(file)
             .map_err(|e| anyhow::anyhow!("cannot create the token file {}: {e}", file.display()))?;
+        // An existing file keeps its mode (a `touch` under umask 022 makes
+        // it 0644): make it the owner's alone before it holds a token.
+        handle
+            .set_permissions(std::fs::Permissions::from_mode(0o600))
+            .map_err(|e| {
+                anyhow::anyhow!("cannot make the token file {} private: {e}", file.display())
+            })?;
+        drop(handle);
         let key = grant_key(file);
         let chain = self
             .inner
@@ -678,16 +745,17 @@ impl Auth {
         let access = Inner::access_of(tokens.access_token, tokens.expires_in);
         let seed_fp = if write_file {
             // The file holds the initial token; the store the same, as its seed.
-            std::fs::write(&chain.file, format!("{}\n", refresh.expose())).map_err(|e| {
+            write_private(&chain.file, &format!("{}\n", refresh.expose())).map_err(|e| {
                 anyhow::anyhow!("cannot write the token file {}: {e}", chain.file.display())
             })?;
             Some(sha256_hex(refresh.expose()))
         } else {
             seed_fp
         };
+        let no_access = access.0.token.is_empty();
         let write = GrantWrite {
             refresh_token: refresh,
-            access_token: Some((access.0.token.clone(), access.1.clone())),
+            access_token: (!no_access).then(|| (access.0.token.clone(), access.1.clone())),
             seed_sha256: seed_fp.clone(),
             source: "auth exchange".into(),
         };
@@ -718,7 +786,7 @@ impl Auth {
         state.unsaved = None;
         state.refused_access = None;
         state.fresh_until = Some(Instant::now() + REFRESH_ON_401_INTERVAL);
-        state.access = Some(access.0.clone());
+        state.access = (!no_access).then(|| access.0.clone());
         drop(state);
         inner.clear_client_refused().await;
         // This process may not know the mirror's flag: clear it regardless.
@@ -934,8 +1002,12 @@ impl Inner {
 
     /// The access token of a response, with its expiry (monotonic and wall clock).
     fn access_of(token: Secret, expires_in: Option<u64>) -> (Access, String) {
-        let lifetime =
-            Duration::from_secs(expires_in.unwrap_or(DEFAULT_EXPIRES_IN).max(MIN_EXPIRES_IN));
+        let lifetime = Duration::from_secs(
+            expires_in
+                .filter(|&s| s > 0)
+                .unwrap_or(DEFAULT_EXPIRES_IN)
+                .clamp(MIN_EXPIRES_IN, MAX_EXPIRES_IN),
+        );
         let margin = lifetime.mul_f64(0.1).min(Duration::from_secs(60));
         let valid_for = lifetime.saturating_sub(margin);
         (
@@ -1101,10 +1173,17 @@ impl Inner {
                         .refresh_token
                         .filter(|t| !t.is_empty())
                         .unwrap_or(presented);
-                    let (access, wall) = Self::access_of(tokens.access_token, tokens.expires_in);
+                    // A rotated refresh token without an access token: stored
+                    // all the same, and this caller tries again later.
+                    let no_access = tokens.access_token.is_empty();
+                    let (mut access, wall) =
+                        Self::access_of(tokens.access_token, tokens.expires_in);
+                    if no_access {
+                        access.expires_at = Instant::now();
+                    }
                     let write = GrantWrite {
                         refresh_token: next,
-                        access_token: Some((access.token.clone(), wall)),
+                        access_token: (!no_access).then(|| (access.token.clone(), wall)),
                         seed_sha256: if from_file {
                             seed_fp.clone()
                         } else {
@@ -1156,6 +1235,15 @@ impl Inner {
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
                             )));
                         }
+                    }
+                    if no_access {
+                        state.fresh_until = None;
+                        warn!(grant = %file, "the token endpoint answered without an access token; \
+                            its rotated refresh token is stored and the next refresh uses it");
+                        return Err(Failure::Retry(format!(
+                            "the token endpoint answered without an access token for {who}; \
+                             its rotated refresh token is stored"
+                        )));
                     }
                     if from_file {
                         self.alert(format!("file-refused:{}", chain.key), None)
@@ -1294,16 +1382,56 @@ impl Inner {
         })?;
         if (200..300).contains(&status) && status != 202 {
             // Never quote this body: it holds tokens.
-            return serde_json::from_slice::<TokenResponse>(&body)
+            let parsed = serde_json::from_slice::<TokenResponse>(&body).ok();
+            let has_refresh =
+                |t: &TokenResponse| t.refresh_token.as_ref().is_some_and(|r| !r.is_empty());
+            match parsed {
+                Some(t) if !t.access_token.is_empty() || has_refresh(&t) => return Ok(t),
+                _ => {}
+            }
+            // No usable access token, but the server may have rotated the
+            // refresh token all the same: the new one must not be dropped
+            // (an empty access_token tells the caller there is none).
+            let refresh = serde_json::from_slice::<serde_json::Value>(&body)
                 .ok()
-                .filter(|t| !t.access_token.is_empty())
-                .ok_or_else(|| {
-                    TokenFailure::Lost(format!("unreadable token response ({} bytes)", body.len()))
+                .and_then(|v| {
+                    v.get("refresh_token")?
+                        .as_str()
+                        .filter(|r| !r.is_empty())
+                        .map(Secret::new)
                 });
+            return match refresh {
+                Some(r) => Ok(TokenResponse {
+                    access_token: Secret::new(""),
+                    expires_in: None,
+                    refresh_token: Some(r),
+                }),
+                None => Err(TokenFailure::Lost(format!(
+                    "unreadable token response ({} bytes)",
+                    body.len()
+                ))),
+            };
         }
         let oauth_error: OAuthError = serde_json::from_slice(&body).unwrap_or_default();
+        // The server's words may quote what it was sent: never repeat a
+        // token, a code or the secret (masked before the text is cut short,
+        // so no prefix of one survives either).
+        let secrets: Vec<&str> = form
+            .iter()
+            .filter(|(k, _)| matches!(*k, "refresh_token" | "code"))
+            .map(|(_, v)| *v)
+            .chain([oauth.client_secret.expose()])
+            .filter(|v| !v.is_empty())
+            .collect();
+        let clean = |text: &str| {
+            excerpt(
+                &secrets
+                    .iter()
+                    .fold(text.to_string(), |t, s| t.replace(s, crate::secret::MASK)),
+            )
+        };
         let describe = |code: &str| match oauth_error.error_description.as_deref() {
-            Some(d) if !d.is_empty() => format!("{code}: {}", excerpt(d)),
+            Some(d) if !d.is_empty() => format!("{code}: {}", clean(d)),
             _ => code.to_string(),
         };
         let proxy_failed = oauth_error.error.as_deref() == Some("proxy_oauth_failed")
@@ -1321,13 +1449,19 @@ impl Inner {
             (_, Some("invalid_grant")) => {
                 Err(TokenFailure::GrantRefused(describe("invalid_grant")))
             }
-            (408 | 429, _) | (500..=599, _) => Err(TokenFailure::Transient(format!(
+            // A 5xx may come from a gateway after the server rotated the
+            // token: only a retry within the grace period gets the new one.
+            (500..=599, _) => Err(TokenFailure::Lost(format!(
+                "token endpoint answered HTTP {status} ({} bytes)",
+                body.len()
+            ))),
+            (408 | 429, _) => Err(TokenFailure::Transient(format!(
                 "token endpoint answered HTTP {status} ({} bytes)",
                 body.len()
             ))),
             (400..=499, Some(code)) => Err(TokenFailure::ClientRefused(format!(
                 "HTTP {status} {}",
-                describe(&excerpt(code))
+                describe(&clean(code))
             ))),
             (401 | 403, None) => Err(TokenFailure::ClientRefused(format!(
                 "HTTP {status} from the token endpoint ({} bytes)",
@@ -1384,8 +1518,24 @@ mod tests {
             !d.contains("at-secret-1") && !d.contains("rt-secret-2"),
             "{d}"
         );
-        // expires_in 0 is floored: the token is reused for a while, not refreshed per request.
+        // expires_in 0 (or negative, read as 0) says nothing usable: the
+        // token is kept as one without expires_in, not refreshed — rotating
+        // the refresh token — every second while requests go out. A 401
+        // still gets a refresh, at most one a minute.
         let (a, _) = Inner::access_of(t.access_token, t.expires_in);
-        assert!(a.expires_at > Instant::now() + Duration::from_millis(500));
+        assert!(a.expires_at > Instant::now() + Duration::from_secs(600));
+    }
+
+    #[test]
+    fn an_absurd_lifetime_is_capped_not_a_panic() {
+        for secs in [u64::MAX, 100_000_000_000_000, 86_401] {
+            let (a, wall) = Inner::access_of(Secret::new("a"), Some(secs));
+            assert!(a.expires_at <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN));
+            assert!(crate::time::parse(&wall).is_some(), "{wall}");
+        }
+        assert!(
+            instant_of("+200000-01-01T00:00:00Z")
+                .is_none_or(|i| i <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN))
+        );
     }
 }
