@@ -562,15 +562,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("q.db")).unwrap();
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         // Hold the writer until both jobs below are queued.
         let s = store.clone();
         let blocker = tokio::spawn(async move {
             s.call(move |_| {
+                let _ = started_tx.send(());
                 let _ = release_rx.recv();
                 Ok(())
             })
             .await
         });
+        // The writer may still be migrating (slow under a loaded disk): count
+        // the queue only once it holds the blocker, or the blocker is counted.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while started_rx.try_recv().is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer never took the blocking job"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         let order = Arc::new(Mutex::new(Vec::new()));
         let (o1, o2, s1, s2) = (order.clone(), order.clone(), store.clone(), store.clone());
         let normal = tokio::spawn(async move {
@@ -584,7 +596,6 @@ mod tests {
             let q = store.jobs.0.lock();
             q.normal.len() + q.urgent.len() == n
         };
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
         while !queued(1) {
             assert!(
                 std::time::Instant::now() < deadline,
