@@ -652,9 +652,17 @@ async fn the_sandbox_delivers_to_a_registered_receiver() {
         )
         .unwrap();
     assert_eq!(Some(payload), env.sandbox.lead_json(&ids[0]));
-    let log = env.sandbox.webhook_deliveries();
-    assert_eq!(log.len(), 3);
-    assert!(log.iter().all(|d| d.state == "delivered"), "{log:?}");
+    // The receiver answers after its commit: the sandbox may record the
+    // 200s a moment after the rows are visible.
+    wait_until(
+        "the three deliveries recorded",
+        Duration::from_secs(30),
+        || {
+            let log = env.sandbox.webhook_deliveries();
+            log.len() == 3 && log.iter().all(|d| d.state == "delivered")
+        },
+    )
+    .await;
 
     // Twice and out of order: each lead still lands once.
     let mut faults = leadsync::sandbox::Faults {
