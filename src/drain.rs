@@ -434,7 +434,7 @@ impl Drainer {
             } else {
                 // Configuration bounds the delay to 7 days; never to zero.
                 let delay = chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::days(7));
-                // A time the table takes (schema 9 refuses a year beyond 9999).
+                // A time the table takes (schema 8 refuses a year beyond 9999).
                 let now = chrono::Utc::now();
                 let at = now
                     .checked_add_signed(delay)

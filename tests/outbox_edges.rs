@@ -1143,8 +1143,8 @@ async fn a_next_attempt_at_that_is_not_a_utc_time_holds_nothing_back() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_row_from_before_schema_9_with_a_loose_next_attempt_at_is_still_recorded() {
-    // The rule on next_attempt_at (schema 9) must not refuse the drainer's
+async fn a_row_from_before_schema_8_with_a_loose_next_attempt_at_is_still_recorded() {
+    // The rule on next_attempt_at (schema 8) must not refuse the drainer's
     // own bookkeeping on a row written before it: recording the outcome
     // leaves next_attempt_at as it is.
     let rig = Rig::new(FAST).await;

@@ -56,12 +56,12 @@ fn migrations() -> Vec<(i64, String)> {
         ),
         (7, include_str!("migrations/0007_messages.sql").to_string()),
         (
-            9,
-            include_str!("migrations/0009_outbox_identity.sql").to_string(),
+            8,
+            include_str!("migrations/0008_outbox_identity.sql").to_string(),
         ),
         (
-            11,
-            include_str!("migrations/0011_created_at_millis.sql").to_string(),
+            9,
+            include_str!("migrations/0009_created_at_millis.sql").to_string(),
         ),
     ]
 }
@@ -637,7 +637,7 @@ mod tests {
     }
 
     #[test]
-    fn version_11_gives_created_at_its_milliseconds() {
+    fn version_9_gives_created_at_its_milliseconds() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate(&mut conn).unwrap();
         for (id, at) in [
@@ -653,7 +653,7 @@ mod tests {
             )
             .unwrap();
         }
-        conn.pragma_update(None, "user_version", 10).unwrap();
+        conn.pragma_update(None, "user_version", 8).unwrap();
         migrate(&mut conn).unwrap();
         let at: Vec<String> = conn
             .prepare("SELECT created_at FROM negotiations ORDER BY created_at")

@@ -1,4 +1,4 @@
--- leadsync schema, version 11: `negotiations.created_at` with milliseconds,
+-- leadsync schema, version 9: `negotiations.created_at` with milliseconds,
 -- as every other leadsync timestamp, so that text order is time order (a
 -- whole second "…:00Z" sorted after "…:00.500Z" of the same second). Rows
 -- written before kept the precision the lead was sent with; new ones get

@@ -1,4 +1,4 @@
--- leadsync schema, version 9: a row being sent keeps its identity (review r11).
+-- leadsync schema, version 8: a row being sent keeps its identity (review r11).
 --
 -- The drainer records an outcome on the row it sent, found by its id and its
 -- attempt number (the claim's). A partner's program that renumbered a
