@@ -54,7 +54,9 @@ struct Envelope<'a> {
 
 /// The fields leadsync reads from a lead, in both published shapes (the
 /// Leads page's example and the `NegotiationV4` schema); each is parsed on
-/// its own, so a field of an unexpected type is ignored, never fatal.
+/// its own, so a field of an unexpected type is ignored, never fatal. The
+/// nested objects are read in the same pass as the lead (no second scan of
+/// their text).
 #[derive(Deserialize)]
 struct LeadFields<'a> {
     #[serde(rename = "negotiationID", borrow, default)]
@@ -66,58 +68,153 @@ struct LeadFields<'a> {
     #[serde(rename = "createdAt", borrow, default)]
     created_at: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    category: Option<&'a RawValue>,
+    category: Option<Nested<Named<'a>>>,
     #[serde(borrow, default)]
-    customer: Option<&'a RawValue>,
+    customer: Option<Nested<Customer<'a>>>,
     #[serde(borrow, default)]
-    request: Option<&'a RawValue>,
+    request: Option<Nested<Request<'a>>>,
     #[serde(rename = "leadPrice", borrow, default)]
     lead_price: Option<&'a RawValue>,
     #[serde(rename = "chargeState", borrow, default)]
     charge_state: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize)]
-struct Named<'a> {
-    #[serde(borrow, default)]
-    name: Option<&'a RawValue>,
+/// A nested object of the lead, read in place: `Some` when the value is an
+/// object without a repeated known key, `None` for anything else (which is
+/// skipped, never an error), as a separate parse of that value would say.
+struct Nested<T>(Option<T>);
+
+impl<T> Nested<T> {
+    fn get(n: &Option<Nested<T>>) -> Option<&T> {
+        n.as_ref().and_then(|n| n.0.as_ref())
+    }
 }
 
-#[derive(Deserialize)]
-struct Request<'a> {
-    #[serde(borrow, default)]
-    category: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    location: Option<&'a RawValue>,
+/// An object key, borrowed when it has no escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
-#[derive(Deserialize)]
-struct Customer<'a> {
-    #[serde(rename = "displayName", borrow, default)]
-    display_name: Option<&'a RawValue>,
-    #[serde(rename = "firstName", borrow, default)]
-    first_name: Option<&'a RawValue>,
-    #[serde(rename = "lastName", borrow, default)]
-    last_name: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    phone: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    location: Option<&'a RawValue>,
+/// Declares a nested object's struct (every field optional) and how
+/// [`Nested`] reads it: known keys into their fields, the rest skipped, a
+/// repeated known key makes the whole object unreadable (`None`), as a
+/// derived `Deserialize` would refuse it.
+macro_rules! nested_object {
+    ($name:ident { $($field:ident: $ty:ty = $key:literal),* $(,)? }) => {
+        #[derive(Default)]
+        struct $name<'a> {
+            $($field: Option<$ty>,)*
+        }
+
+        impl<'de: 'a, 'a> Deserialize<'de> for Nested<$name<'a>> {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V<'a>(std::marker::PhantomData<&'a ()>);
+                impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+                    type Value = Nested<$name<'a>>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("any JSON value")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<Self::Value, A::Error> {
+                        let mut out = $name::default();
+                        let mut repeated = false;
+                        while let Some(key) = map.next_key::<Key<'de>>()? {
+                            match key.0.as_ref() {
+                                $($key => {
+                                    if out.$field.is_some() {
+                                        repeated = true;
+                                        map.next_value::<serde::de::IgnoredAny>()?;
+                                    } else {
+                                        out.$field = Some(map.next_value()?);
+                                    }
+                                })*
+                                _ => {
+                                    map.next_value::<serde::de::IgnoredAny>()?;
+                                }
+                            }
+                        }
+                        Ok(Nested((!repeated).then_some(out)))
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<Self::Value, A::Error> {
+                        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                        Ok(Nested(None))
+                    }
+                    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_none<E>(self) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                }
+                d.deserialize_any(V(std::marker::PhantomData))
+            }
+        }
+    };
 }
 
-#[derive(Deserialize)]
-struct Location<'a> {
-    #[serde(borrow, default)]
-    city: Option<&'a RawValue>,
-    #[serde(rename = "zipCode", borrow, default)]
-    zip_code: Option<&'a RawValue>,
-}
+nested_object!(Named { name: &'a RawValue = "name" });
+nested_object!(Request {
+    category: Nested<Named<'a>> = "category",
+    location: Nested<Location<'a>> = "location",
+});
+nested_object!(Customer {
+    display_name: &'a RawValue = "displayName",
+    first_name: &'a RawValue = "firstName",
+    last_name: &'a RawValue = "lastName",
+    phone: &'a RawValue = "phone",
+    location: Nested<Location<'a>> = "location",
+});
+nested_object!(Location {
+    city: &'a RawValue = "city",
+    zip_code: &'a RawValue = "zipCode",
+});
 
 /// A JSON string, or a number as the text it was sent as; anything else
 /// (and an empty string) is `None`.
 fn text(raw: Option<&RawValue>) -> Option<String> {
     let raw = raw?.get().trim();
     match raw.as_bytes().first()? {
+        // A valid JSON string without escapes is its text between the quotes.
+        b'"' if !raw.contains('\\') => {
+            Some(raw[1..raw.len() - 1].to_string()).filter(|s| !s.is_empty())
+        }
         b'"' => serde_json::from_str::<String>(raw)
             .ok()
             .filter(|s| !s.is_empty()),
@@ -169,15 +266,14 @@ pub fn parse_lead(raw: &RawValue) -> Option<LeadRow> {
     let created_at = text(f.create_time)
         .or_else(|| text(f.created_at))
         .map(lead_time);
-    let request: Option<Request> = object(f.request);
-    let customer: Option<Customer> = object(f.customer);
-    let request_location: Option<Location> = request.as_ref().and_then(|r| object(r.location));
-    let customer_location: Option<Location> = customer.as_ref().and_then(|c| object(c.location));
-    let name_of = |raw: Option<&RawValue>| object::<Named>(raw).and_then(|n| text(n.name));
+    let request = Nested::get(&f.request);
+    let customer = Nested::get(&f.customer);
+    let request_location = request.and_then(|r| Nested::get(&r.location));
+    let customer_location = customer.and_then(|c| Nested::get(&c.location));
+    let name_of = |named: &Option<Nested<Named>>| Nested::get(named).and_then(|n| text(n.name));
     let category = request
-        .as_ref()
-        .and_then(|r| name_of(r.category))
-        .or_else(|| name_of(f.category));
+        .and_then(|r| name_of(&r.category))
+        .or_else(|| name_of(&f.category));
     let customer_name = customer.as_ref().and_then(|c| {
         text(c.display_name).or_else(|| {
             let parts: Vec<String> = [text(c.first_name), text(c.last_name)]
@@ -506,6 +602,32 @@ mod tests {
         assert_eq!(lead.zip.as_deref(), Some("89501"));
         assert_eq!(lead.lead_price.as_deref(), Some("25.10"));
         assert_eq!(lead.customer_phone, None);
+    }
+
+    #[test]
+    fn nested_objects_read_in_place_keep_the_separate_parse_rules() {
+        // A repeated key makes only that nested object unreadable; values
+        // of other types are skipped; escaped keys and texts are decoded.
+        let lead = parse_lead_body(
+            r#"{"negotiationID":"3","request":{"category":{"name":"A","name":"B"},
+                "location":{"city":"X","city":"Y","zipCode":"1"}},
+                "customer":{"na\u006de":1,"displayN\u0061me":"Zo\u00eb \"Z\"","location":[1,{"city":"Q"}],
+                "phone":null},"category":{"name":"Fallback"},"status":"a\nb"}"#,
+        )
+        .unwrap();
+        assert_eq!(lead.category.as_deref(), Some("Fallback"));
+        assert_eq!(lead.city, None);
+        assert_eq!(lead.zip, None);
+        assert_eq!(lead.customer_name.as_deref(), Some("Zoë \"Z\""));
+        assert_eq!(lead.customer_phone, None);
+        assert_eq!(lead.status.as_deref(), Some("a\nb"));
+        let lead = parse_lead_body(
+            r#"{"negotiationID":"4","request":"text","customer":7,"category":[{"name":"no"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((lead.category, lead.customer_name), (None, None));
+        // A repeated top-level key still makes the entry unreadable.
+        assert!(parse_lead_body(r#"{"negotiationID":"5","status":"a","status":"b"}"#).is_none());
     }
 
     #[test]
