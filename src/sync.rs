@@ -529,7 +529,8 @@ async fn read_all_pages(
             }
         }
     };
-    let writing = async {
+    // `move`: when the writer fails, the channel closes and the fetcher stops.
+    let writing = async move {
         while let Some(first) = pages_rx.recv().await {
             let mut batch = vec![first];
             while batch.len() < PAGES_AHEAD {
@@ -564,7 +565,17 @@ async fn read_all_pages(
         }
         Ok::<(), String>(())
     };
-    let (fetched, written) = tokio::join!(fetching, writing);
+    tokio::pin!(fetching, writing);
+    let mut fetched = None;
+    let written = loop {
+        tokio::select! {
+            f = &mut fetching, if fetched.is_none() => fetched = Some(f),
+            w = &mut writing => break w,
+        }
+    };
+    // A failed write ends the pass at once: a fetch in flight is dropped.
     written?;
-    fetched?.ok_or_else(|| "the page writer stopped".to_string())
+    fetched
+        .ok_or_else(|| "the page fetcher stopped".to_string())??
+        .ok_or_else(|| "the page writer stopped".to_string())
 }

@@ -483,3 +483,51 @@ async fn scheduled_passes_of_a_business_never_overlap() {
         assert!(pair[1].0 >= pair[0].1, "passes overlap: {pair:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_page_write_ends_a_full_scan_at_once_with_whole_pages_only() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 400,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    // The mirror refuses leads past the 55th: the batch holding it fails.
+    env.sql()
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON negotiations
+               WHEN (SELECT count(*) FROM negotiations) >= 55
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), pass(&s, &id, ScanKind::Full))
+        .await
+        .expect("the pass ends");
+    match &report.outcome {
+        PassOutcome::Failed(_, e) => assert!(
+            e.contains("cannot write page") && e.contains("refused by the test"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let db = env.sql();
+    let n = count(&db, "SELECT count(*) FROM negotiations");
+    assert!(n <= 55 && n % 10 == 0, "{n} leads: whole pages only");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM negotiation_changes"),
+        n,
+        "one change row per lead written"
+    );
+    // The fetcher stopped with the writer: not all 40 pages were read.
+    assert!(
+        env.sandbox.list_requests(&id) < 40,
+        "{} pages requested",
+        env.sandbox.list_requests(&id)
+    );
+}
