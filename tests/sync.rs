@@ -531,3 +531,75 @@ async fn a_failed_page_write_ends_a_full_scan_at_once_with_whole_pages_only() {
         env.sandbox.list_requests(&id)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_error_after_pages_fetched_ahead_writes_them_and_marks_nothing_missing() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 2_000,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    assert!(matches!(
+        pass(&s, &id, ScanKind::Full).await.outcome,
+        PassOutcome::Ok(_)
+    ));
+    let before = env.sandbox.list_requests(&id);
+    // The pass's writer waits for another writer while its fetcher runs
+    // ahead (200 pages: it is still reading when it is held); then the
+    // listing breaks.
+    let running = {
+        let id = id.clone();
+        tokio::spawn(async move { pass(&s, &id, ScanKind::Full).await })
+    };
+    let db = env.sql();
+    common::wait_until("the second pass started", Duration::from_secs(30), || {
+        count(&db, "SELECT count(*) FROM sync_runs") == 2
+    })
+    .await;
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let locked_at = env.sandbox.list_requests(&id);
+    common::wait_until("pages fetched ahead", Duration::from_secs(5), || {
+        env.sandbox.list_requests(&id) >= (locked_at + 5).min(before + 200)
+    })
+    .await;
+    env.sandbox.set_faults(Faults {
+        malformed: 1.0,
+        ..Default::default()
+    });
+    db.execute_batch("COMMIT").unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the pass ends")
+        .unwrap();
+    let fetched = env.sandbox.list_requests(&id) - before;
+    match &report.outcome {
+        PassOutcome::Failed(stats, e) => {
+            assert!(e.contains("unreadable"), "{e}");
+            // Every page read before the broken one was written, whole.
+            assert_eq!(stats.pages as u64, fetched - 1, "{stats:?}");
+            assert_eq!(stats.seen, stats.pages * 10, "{stats:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'error' AND pages = seen / 10"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL"
+        ),
+        0
+    );
+}
