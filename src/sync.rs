@@ -554,10 +554,15 @@ async fn read_all_pages(
                     std::mem::take(&mut page.leads),
                 ));
             }
+            // All or none: a failure names every page the transaction held.
+            let (first, last) = (stats.pages + 1, stats.pages + jobs.len() as i64);
             let written = store
                 .call(move |c| mirror::write_pages(c, &jobs))
                 .await
-                .map_err(|e| format!("cannot write page {}: {e:#}", stats.pages + 1))?;
+                .map_err(|e| match first == last {
+                    true => format!("cannot write page {first}: {e:#}"),
+                    false => format!("cannot write pages {first}–{last}: {e:#}"),
+                })?;
             for (page_stats, skipped) in written.into_iter().zip(skipped) {
                 stats.add_page(page_stats, skipped);
                 crate::metrics::sync_page(business_id, &page_stats);

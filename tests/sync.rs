@@ -603,3 +603,73 @@ async fn a_fetch_error_after_pages_fetched_ahead_writes_them_and_marks_nothing_m
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_of_several_pages_names_every_page_it_held() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 2_000,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    let running = {
+        let id = id.clone();
+        tokio::spawn(async move { pass(&s, &id, ScanKind::Full).await })
+    };
+    // The pass's writer is held while its fetcher runs ahead, so that the
+    // pages waiting go into one transaction; the third of them is refused.
+    let lock = env.sql();
+    common::wait_until("the pass started", Duration::from_secs(30), || {
+        count(&lock, "SELECT count(*) FROM sync_runs") == 1
+    })
+    .await;
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let written = count(&lock, "SELECT count(*) FROM negotiations");
+    lock.execute_batch(&format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON negotiations
+           WHEN (SELECT count(*) FROM negotiations) >= {}
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        written + 25
+    ))
+    .unwrap();
+    let held_at = env.sandbox.list_requests(&id);
+    common::wait_until("pages fetched ahead", Duration::from_secs(5), || {
+        env.sandbox.list_requests(&id) >= held_at + 8
+    })
+    .await;
+    lock.execute_batch("COMMIT").unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the pass ends")
+        .unwrap();
+    // The page refused is the third after those written when the writer
+    // was held; it went into one transaction with other pages, all rolled
+    // back together, and the error names them all.
+    let refused = written / 10 + 3;
+    let e = match &report.outcome {
+        PassOutcome::Failed(_, e) => e.clone(),
+        other => panic!("{other:?}"),
+    };
+    let held = e
+        .strip_prefix("cannot write pages ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|r| r.split_once('–'))
+        .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i64>().ok()?)));
+    assert!(
+        held.is_some_and(|(a, b)| a < b && (a..=b).contains(&refused)),
+        "page {refused} refused: {e}"
+    );
+    assert!(e.contains("refused by the test"), "{e}");
+    // Whole pages only: those before the failed transaction.
+    let first_held = held.map_or(0, |(a, _)| a);
+    assert_eq!(
+        count(&lock, "SELECT count(*) FROM negotiations"),
+        (first_held - 1) * 10
+    );
+}
