@@ -673,3 +673,61 @@ async fn a_failed_write_of_several_pages_names_every_page_it_held() {
         (first_held - 1) * 10
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_full_scan_ends_after_the_page_in_flight_and_keeps_whole_pages() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 2_000,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    env.sandbox.set_faults(Faults {
+        latency_ms: 100,
+        ..Default::default()
+    });
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    let stop = CancellationToken::new();
+    let running = {
+        let (id, stop) = (id.clone(), stop.clone());
+        tokio::spawn(async move {
+            sync_business(&s.store, &s.client, &id, ScanKind::Full, SETTINGS, &stop).await
+        })
+    };
+    common::wait_until("a few pages read", Duration::from_secs(30), || {
+        env.sandbox.list_requests(&id) >= 3
+    })
+    .await;
+    stop.cancel();
+    let at_stop = env.sandbox.list_requests(&id);
+    let report = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the pass ends soon after the stop")
+        .unwrap();
+    // At most the request already on its way when the stop came.
+    let requested = env.sandbox.list_requests(&id);
+    assert!(requested <= at_stop + 1, "{at_stop} then {requested}");
+    match &report.outcome {
+        PassOutcome::Failed(stats, e) => {
+            assert!(e.contains("interrupted by shutdown"), "{e}");
+            // Every page read was written, whole.
+            assert!(stats.pages as u64 + 1 >= requested, "{stats:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let db = env.sql();
+    let n = count(&db, "SELECT count(*) FROM negotiations");
+    assert_eq!(n % 10, 0, "{n} leads: whole pages only");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL"
+        ),
+        0
+    );
+}
