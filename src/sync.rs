@@ -384,6 +384,12 @@ async fn confirm_unseen(
     Ok(())
 }
 
+/// Pages a full scan may have fetched and not yet written. The pages waiting
+/// when the writer thread is free go into one transaction (up to this many):
+/// fewer commits, and each index page dirtied by several pages is written to
+/// the WAL once. A crash still leaves whole pages only.
+pub const PAGES_AHEAD: usize = 8;
+
 #[allow(clippy::too_many_arguments)]
 async fn read_pages(
     store: &Store,
@@ -397,7 +403,20 @@ async fn read_pages(
     style: &mut Option<Style>,
     stop: &CancellationToken,
 ) -> Result<End, String> {
-    let full = kind == ScanKind::Full;
+    if kind == ScanKind::Full {
+        return read_all_pages(
+            store,
+            client,
+            business_id,
+            settings,
+            run_id,
+            stats,
+            seen,
+            style,
+            stop,
+        )
+        .await;
+    }
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
     let mut unchanged_pages = 0u32;
     let mut page = fetch(client.clone(), business_id.to_string(), listing.first())
@@ -407,50 +426,14 @@ async fn read_pages(
         let step = listing.advance(&page);
         *style = Some(listing.style());
         let step = step?;
-        // A full scan reads the next page while this one is written.
-        let prefetch = match (&step, full) {
-            (Step::Next(cursor), true) => Some(tokio::spawn(fetch(
-                client.clone(),
-                business_id.to_string(),
-                cursor.clone(),
-            ))),
-            _ => None,
-        };
-        if page.skipped > 0 {
-            warn!(
-                skipped = page.skipped,
-                "list entries without a negotiationID were not stored"
-            );
-        }
-        let now_t = chrono::Utc::now();
-        if full {
-            seen.extend(
-                page.leads
-                    .iter()
-                    .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
-            );
-        }
-        let ctx = PageContext {
-            business_id: business_id.to_string(),
-            run_id: Some(run_id),
-            source: mirror::Source::Poll,
-            now: crate::time::fmt(now_t),
-            stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
-        };
+        warn_skipped(&page);
+        let ctx = page_context(business_id, run_id);
         let skipped = page.skipped;
         let leads = std::mem::take(&mut page.leads);
-        let written = store
+        let page_stats = store
             .call(move |c| mirror::write_page(c, &ctx, &leads))
-            .await;
-        let page_stats = match written {
-            Ok(s) => s,
-            Err(e) => {
-                if let Some(p) = prefetch {
-                    p.abort();
-                }
-                return Err(format!("cannot write page {}: {e:#}", stats.pages + 1));
-            }
-        };
+            .await
+            .map_err(|e| format!("cannot write page {}: {e:#}", stats.pages + 1))?;
         stats.add_page(page_stats, skipped);
         crate::metrics::sync_page(business_id, &page_stats);
         if page_stats.inserted + page_stats.updated == 0 {
@@ -462,30 +445,142 @@ async fn read_pages(
             Step::End(end) => return Ok(end),
             Step::Next(cursor) => cursor,
         };
-        let head_done = !full && unchanged_pages >= settings.stop_after_unchanged_pages;
-        if head_done || stats.pages >= MAX_PAGES || stop.is_cancelled() {
-            if let Some(p) = prefetch {
-                p.abort();
+        if unchanged_pages >= settings.stop_after_unchanged_pages {
+            // A head scan never marks anything missing: its end is its own.
+            return Ok(End::Known);
+        }
+        if stats.pages >= MAX_PAGES {
+            return Err(format!(
+                "stopped after {MAX_PAGES} pages: the listing does not end"
+            ));
+        }
+        if stop.is_cancelled() {
+            return Err("interrupted by shutdown".into());
+        }
+        page = fetch(client.clone(), business_id.to_string(), next)
+            .await
+            .map_err(|e| e.message)?;
+    }
+}
+
+fn warn_skipped(page: &Page) {
+    if page.skipped > 0 {
+        warn!(
+            skipped = page.skipped,
+            "list entries without a negotiationID were not stored"
+        );
+    }
+}
+
+fn page_context(business_id: &str, run_id: i64) -> PageContext {
+    let now_t = chrono::Utc::now();
+    PageContext {
+        business_id: business_id.to_string(),
+        run_id: Some(run_id),
+        source: mirror::Source::Poll,
+        now: crate::time::fmt(now_t),
+        stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
+    }
+}
+
+/// A full scan: fetching runs ahead of writing by up to [`PAGES_AHEAD`]
+/// pages, and the writer takes every page waiting into one transaction.
+/// Every page fetched before a failure (or a shutdown) is still written.
+#[allow(clippy::too_many_arguments)]
+async fn read_all_pages(
+    store: &Store,
+    client: &Arc<Client>,
+    business_id: &str,
+    settings: PassSettings,
+    run_id: i64,
+    stats: &mut RunStats,
+    seen: &mut HashSet<u64>,
+    style: &mut Option<Style>,
+    stop: &CancellationToken,
+) -> Result<End, String> {
+    let mut listing = Listing::new(client.base_url(), settings.page_size)?;
+    let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Page>(PAGES_AHEAD);
+    let fetching = async move {
+        let mut cursor = listing.first();
+        let mut fetched = 0i64;
+        loop {
+            let page = fetch(client.clone(), business_id.to_string(), cursor)
+                .await
+                .map_err(|e| e.message)?;
+            let step = listing.advance(&page);
+            *style = Some(listing.style());
+            let step = step?;
+            fetched += 1;
+            if pages_tx.send(page).await.is_err() {
+                // The writer failed; its error is the pass's.
+                return Ok(None);
             }
-            if head_done {
-                // A head scan never marks anything missing: its end is its own.
-                return Ok(End::Known);
-            }
-            if stats.pages >= MAX_PAGES {
+            cursor = match step {
+                Step::End(end) => return Ok(Some(end)),
+                Step::Next(cursor) => cursor,
+            };
+            if fetched >= MAX_PAGES {
                 return Err(format!(
                     "stopped after {MAX_PAGES} pages: the listing does not end"
                 ));
             }
-            return Err("interrupted by shutdown".into());
+            if stop.is_cancelled() {
+                return Err("interrupted by shutdown".to_string());
+            }
         }
-        page = match prefetch {
-            Some(p) => p
+    };
+    // `move`: when the writer fails, the channel closes and the fetcher stops.
+    let writing = async move {
+        while let Some(first) = pages_rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < PAGES_AHEAD {
+                match pages_rx.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            let mut jobs = Vec::with_capacity(batch.len());
+            let mut skipped = Vec::with_capacity(batch.len());
+            for mut page in batch {
+                warn_skipped(&page);
+                seen.extend(
+                    page.leads
+                        .iter()
+                        .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
+                );
+                skipped.push(page.skipped);
+                jobs.push((
+                    page_context(business_id, run_id),
+                    std::mem::take(&mut page.leads),
+                ));
+            }
+            // All or none: a failure names every page the transaction held.
+            let (first, last) = (stats.pages + 1, stats.pages + jobs.len() as i64);
+            let written = store
+                .call(move |c| mirror::write_pages(c, &jobs))
                 .await
-                .map_err(|e| format!("page task failed: {e}"))?
-                .map_err(|e| e.message)?,
-            None => fetch(client.clone(), business_id.to_string(), next)
-                .await
-                .map_err(|e| e.message)?,
-        };
-    }
+                .map_err(|e| match first == last {
+                    true => format!("cannot write page {first}: {e:#}"),
+                    false => format!("cannot write pages {first}–{last}: {e:#}"),
+                })?;
+            for (page_stats, skipped) in written.into_iter().zip(skipped) {
+                stats.add_page(page_stats, skipped);
+                crate::metrics::sync_page(business_id, &page_stats);
+            }
+        }
+        Ok::<(), String>(())
+    };
+    tokio::pin!(fetching, writing);
+    let mut fetched = None;
+    let written = loop {
+        tokio::select! {
+            f = &mut fetching, if fetched.is_none() => fetched = Some(f),
+            w = &mut writing => break w,
+        }
+    };
+    // A failed write ends the pass at once: a fetch in flight is dropped.
+    written?;
+    fetched
+        .ok_or_else(|| "the page fetcher stopped".to_string())??
+        .ok_or_else(|| "the page writer stopped".to_string())
 }

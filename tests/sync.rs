@@ -483,3 +483,251 @@ async fn scheduled_passes_of_a_business_never_overlap() {
         assert!(pair[1].0 >= pair[0].1, "passes overlap: {pair:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_page_write_ends_a_full_scan_at_once_with_whole_pages_only() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 400,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    // The mirror refuses leads past the 55th: the batch holding it fails.
+    env.sql()
+        .execute_batch(
+            "CREATE TRIGGER refuse BEFORE INSERT ON negotiations
+               WHEN (SELECT count(*) FROM negotiations) >= 55
+             BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        )
+        .unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), pass(&s, &id, ScanKind::Full))
+        .await
+        .expect("the pass ends");
+    match &report.outcome {
+        PassOutcome::Failed(_, e) => assert!(
+            e.contains("cannot write page") && e.contains("refused by the test"),
+            "{e}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    let db = env.sql();
+    let n = count(&db, "SELECT count(*) FROM negotiations");
+    assert!(n <= 55 && n % 10 == 0, "{n} leads: whole pages only");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM negotiation_changes"),
+        n,
+        "one change row per lead written"
+    );
+    // The fetcher stopped with the writer: not all 40 pages were read.
+    assert!(
+        env.sandbox.list_requests(&id) < 40,
+        "{} pages requested",
+        env.sandbox.list_requests(&id)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fetch_error_after_pages_fetched_ahead_writes_them_and_marks_nothing_missing() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 2_000,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    assert!(matches!(
+        pass(&s, &id, ScanKind::Full).await.outcome,
+        PassOutcome::Ok(_)
+    ));
+    let before = env.sandbox.list_requests(&id);
+    // The pass's writer waits for another writer while its fetcher runs
+    // ahead (200 pages: it is still reading when it is held); then the
+    // listing breaks.
+    let running = {
+        let id = id.clone();
+        tokio::spawn(async move { pass(&s, &id, ScanKind::Full).await })
+    };
+    let db = env.sql();
+    common::wait_until("the second pass started", Duration::from_secs(30), || {
+        count(&db, "SELECT count(*) FROM sync_runs") == 2
+    })
+    .await;
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let locked_at = env.sandbox.list_requests(&id);
+    common::wait_until("pages fetched ahead", Duration::from_secs(5), || {
+        env.sandbox.list_requests(&id) >= (locked_at + 5).min(before + 200)
+    })
+    .await;
+    env.sandbox.set_faults(Faults {
+        malformed: 1.0,
+        ..Default::default()
+    });
+    db.execute_batch("COMMIT").unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the pass ends")
+        .unwrap();
+    let fetched = env.sandbox.list_requests(&id) - before;
+    match &report.outcome {
+        PassOutcome::Failed(stats, e) => {
+            assert!(e.contains("unreadable"), "{e}");
+            // Every page read before the broken one was written, whole.
+            assert_eq!(stats.pages as u64, fetched - 1, "{stats:?}");
+            assert_eq!(stats.seen, stats.pages * 10, "{stats:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'error' AND pages = seen / 10"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL"
+        ),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_of_several_pages_names_every_page_it_held() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 2_000,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    let running = {
+        let id = id.clone();
+        tokio::spawn(async move { pass(&s, &id, ScanKind::Full).await })
+    };
+    // The pass's writer is held while its fetcher runs ahead, so that the
+    // pages waiting go into one transaction; the third of them is refused.
+    let lock = env.sql();
+    common::wait_until("the pass started", Duration::from_secs(30), || {
+        count(&lock, "SELECT count(*) FROM sync_runs") == 1
+    })
+    .await;
+    lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let written = count(&lock, "SELECT count(*) FROM negotiations");
+    lock.execute_batch(&format!(
+        "CREATE TRIGGER refuse BEFORE INSERT ON negotiations
+           WHEN (SELECT count(*) FROM negotiations) >= {}
+         BEGIN SELECT RAISE(ABORT, 'refused by the test'); END;",
+        written + 25
+    ))
+    .unwrap();
+    let held_at = env.sandbox.list_requests(&id);
+    common::wait_until("pages fetched ahead", Duration::from_secs(5), || {
+        env.sandbox.list_requests(&id) >= held_at + 8
+    })
+    .await;
+    lock.execute_batch("COMMIT").unwrap();
+    let report = tokio::time::timeout(Duration::from_secs(60), running)
+        .await
+        .expect("the pass ends")
+        .unwrap();
+    // The page refused is the third after those written when the writer
+    // was held; it went into one transaction with other pages, all rolled
+    // back together, and the error names them all.
+    let refused = written / 10 + 3;
+    let e = match &report.outcome {
+        PassOutcome::Failed(_, e) => e.clone(),
+        other => panic!("{other:?}"),
+    };
+    let held = e
+        .strip_prefix("cannot write pages ")
+        .and_then(|r| r.split(':').next())
+        .and_then(|r| r.split_once('–'))
+        .and_then(|(a, b)| Some((a.parse::<i64>().ok()?, b.parse::<i64>().ok()?)));
+    assert!(
+        held.is_some_and(|(a, b)| a < b && (a..=b).contains(&refused)),
+        "page {refused} refused: {e}"
+    );
+    assert!(e.contains("refused by the test"), "{e}");
+    // Whole pages only: those before the failed transaction.
+    let first_held = held.map_or(0, |(a, _)| a);
+    assert_eq!(
+        count(&lock, "SELECT count(*) FROM negotiations"),
+        (first_held - 1) * 10
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_full_scan_ends_after_the_page_in_flight_and_keeps_whole_pages() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 2_000,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    env.sandbox.set_faults(Faults {
+        latency_ms: 100,
+        ..Default::default()
+    });
+    let id = env.business_ids()[0].clone();
+    let s = Session::open(env.config()).await.unwrap();
+    let stop = CancellationToken::new();
+    let running = {
+        let (id, stop) = (id.clone(), stop.clone());
+        tokio::spawn(async move {
+            sync_business(&s.store, &s.client, &id, ScanKind::Full, SETTINGS, &stop).await
+        })
+    };
+    common::wait_until("a few pages read", Duration::from_secs(30), || {
+        env.sandbox.list_requests(&id) >= 3
+    })
+    .await;
+    stop.cancel();
+    let at_stop = env.sandbox.list_requests(&id);
+    let report = tokio::time::timeout(Duration::from_secs(20), running)
+        .await
+        .expect("the pass ends soon after the stop")
+        .unwrap();
+    // At most the request already on its way when the stop came.
+    let requested = env.sandbox.list_requests(&id);
+    assert!(requested <= at_stop + 1, "{at_stop} then {requested}");
+    match &report.outcome {
+        PassOutcome::Failed(stats, e) => {
+            assert!(e.contains("interrupted by shutdown"), "{e}");
+            // Every page read was written, whole.
+            assert!(stats.pages as u64 + 1 >= requested, "{stats:?}");
+        }
+        other => panic!("{other:?}"),
+    }
+    let db = env.sql();
+    let n = count(&db, "SELECT count(*) FROM negotiations");
+    assert_eq!(n % 10, 0, "{n} leads: whole pages only");
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL"
+        ),
+        0
+    );
+}

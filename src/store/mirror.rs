@@ -246,16 +246,38 @@ pub fn write_page(
     leads: &[LeadRow],
 ) -> Result<PageStats> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let stats = upsert_page(&tx, ctx, leads)?;
+    tx.commit()?;
+    Ok(stats)
+}
+
+/// Every lead of one page, inside the caller's transaction.
+fn upsert_page(tx: &Connection, ctx: &PageContext, leads: &[LeadRow]) -> Result<PageStats> {
     let mut stats = PageStats::default();
     for lead in leads {
-        match upsert_lead(&tx, ctx, lead, None)? {
+        match upsert_lead(tx, ctx, lead, None)? {
             Upserted::Inserted => stats.inserted += 1,
             Upserted::Changed | Upserted::Reappeared => stats.updated += 1,
             Upserted::Unchanged | Upserted::Kept { .. } => stats.unchanged += 1,
         }
     }
-    tx.commit()?;
     Ok(stats)
+}
+
+/// Writes several listing pages in one transaction (what [`write_page`]
+/// does for each, in order): all of them or none, so a crash still leaves
+/// whole pages only. Returns each page's counts.
+pub fn write_pages(
+    conn: &mut Connection,
+    pages: &[(PageContext, Vec<LeadRow>)],
+) -> Result<Vec<PageStats>> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let all = pages
+        .iter()
+        .map(|(ctx, leads)| upsert_page(&tx, ctx, leads))
+        .collect::<Result<Vec<_>>>()?;
+    tx.commit()?;
+    Ok(all)
 }
 
 /// Top-level keys whose values differ between two JSON objects (an empty list
@@ -672,6 +694,68 @@ pub fn never_fully_synced(conn: &Connection) -> Result<std::collections::HashSet
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_written_together_count_like_pages_written_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "b1".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00Z".into(),
+            stale_before: "2025-12-31T23:00:00Z".into(),
+        };
+        let lead = |id: &str, payload: &str| LeadRow {
+            negotiation_id: id.into(),
+            payload: payload.into(),
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            ..LeadRow::default()
+        };
+        let first = vec![lead("1", r#"{"a":1}"#), lead("2", r#"{"a":2}"#)];
+        assert_eq!(
+            write_page(&mut conn, &ctx, &first).unwrap(),
+            PageStats {
+                inserted: 2,
+                updated: 0,
+                unchanged: 0
+            }
+        );
+        // A lead listed on two pages of one transaction: the second page sees the first's write.
+        let pages = vec![
+            (
+                ctx.clone(),
+                vec![lead("1", r#"{"a":1}"#), lead("3", r#"{"a":3}"#)],
+            ),
+            (
+                ctx.clone(),
+                vec![lead("3", r#"{"a":4}"#), lead("2", r#"{"a":2}"#)],
+            ),
+        ];
+        assert_eq!(
+            write_pages(&mut conn, &pages).unwrap(),
+            vec![
+                PageStats {
+                    inserted: 1,
+                    updated: 0,
+                    unchanged: 1
+                },
+                PageStats {
+                    inserted: 0,
+                    updated: 1,
+                    unchanged: 1
+                },
+            ]
+        );
+        let kinds: Vec<String> = conn
+            .prepare("SELECT kind FROM negotiation_changes ORDER BY id")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(kinds, ["new", "new", "new", "changed"]);
+    }
 
     #[test]
     fn key_order_and_spacing_are_not_changes() {

@@ -54,7 +54,9 @@ struct Envelope<'a> {
 
 /// The fields leadsync reads from a lead, in both published shapes (the
 /// Leads page's example and the `NegotiationV4` schema); each is parsed on
-/// its own, so a field of an unexpected type is ignored, never fatal.
+/// its own, so a field of an unexpected type is ignored, never fatal. The
+/// nested objects are read in the same pass as the lead (no second scan of
+/// their text).
 #[derive(Deserialize)]
 struct LeadFields<'a> {
     #[serde(rename = "negotiationID", borrow, default)]
@@ -66,58 +68,153 @@ struct LeadFields<'a> {
     #[serde(rename = "createdAt", borrow, default)]
     created_at: Option<&'a RawValue>,
     #[serde(borrow, default)]
-    category: Option<&'a RawValue>,
+    category: Option<Nested<Named<'a>>>,
     #[serde(borrow, default)]
-    customer: Option<&'a RawValue>,
+    customer: Option<Nested<Customer<'a>>>,
     #[serde(borrow, default)]
-    request: Option<&'a RawValue>,
+    request: Option<Nested<Request<'a>>>,
     #[serde(rename = "leadPrice", borrow, default)]
     lead_price: Option<&'a RawValue>,
     #[serde(rename = "chargeState", borrow, default)]
     charge_state: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize)]
-struct Named<'a> {
-    #[serde(borrow, default)]
-    name: Option<&'a RawValue>,
+/// A nested object of the lead, read in place: `Some` when the value is an
+/// object without a repeated known key, `None` for anything else (which is
+/// skipped, never an error), as a separate parse of that value would say.
+struct Nested<T>(Option<T>);
+
+impl<T> Nested<T> {
+    fn get(n: &Option<Nested<T>>) -> Option<&T> {
+        n.as_ref().and_then(|n| n.0.as_ref())
+    }
 }
 
-#[derive(Deserialize)]
-struct Request<'a> {
-    #[serde(borrow, default)]
-    category: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    location: Option<&'a RawValue>,
+/// An object key, borrowed when it has no escapes.
+struct Key<'a>(std::borrow::Cow<'a, str>);
+
+impl<'de> Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Borrowed(v)))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                Ok(Key(std::borrow::Cow::Owned(v.to_string())))
+            }
+        }
+        d.deserialize_str(V)
+    }
 }
 
-#[derive(Deserialize)]
-struct Customer<'a> {
-    #[serde(rename = "displayName", borrow, default)]
-    display_name: Option<&'a RawValue>,
-    #[serde(rename = "firstName", borrow, default)]
-    first_name: Option<&'a RawValue>,
-    #[serde(rename = "lastName", borrow, default)]
-    last_name: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    phone: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    location: Option<&'a RawValue>,
+/// Declares a nested object's struct (every field optional) and how
+/// [`Nested`] reads it: known keys into their fields, the rest skipped, a
+/// repeated known key makes the whole object unreadable (`None`), as a
+/// derived `Deserialize` would refuse it.
+macro_rules! nested_object {
+    ($name:ident { $($field:ident: $ty:ty = $key:literal),* $(,)? }) => {
+        #[derive(Default)]
+        struct $name<'a> {
+            $($field: Option<$ty>,)*
+        }
+
+        impl<'de: 'a, 'a> Deserialize<'de> for Nested<$name<'a>> {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V<'a>(std::marker::PhantomData<&'a ()>);
+                impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+                    type Value = Nested<$name<'a>>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("any JSON value")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<Self::Value, A::Error> {
+                        let mut out = $name::default();
+                        let mut repeated = false;
+                        while let Some(key) = map.next_key::<Key<'de>>()? {
+                            match key.0.as_ref() {
+                                $($key => {
+                                    if out.$field.is_some() {
+                                        repeated = true;
+                                        map.next_value::<serde::de::IgnoredAny>()?;
+                                    } else {
+                                        out.$field = Some(map.next_value()?);
+                                    }
+                                })*
+                                _ => {
+                                    map.next_value::<serde::de::IgnoredAny>()?;
+                                }
+                            }
+                        }
+                        Ok(Nested((!repeated).then_some(out)))
+                    }
+                    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                        self,
+                        mut seq: A,
+                    ) -> Result<Self::Value, A::Error> {
+                        while seq.next_element::<serde::de::IgnoredAny>()?.is_some() {}
+                        Ok(Nested(None))
+                    }
+                    fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                    fn visit_none<E>(self) -> Result<Self::Value, E> {
+                        Ok(Nested(None))
+                    }
+                }
+                d.deserialize_any(V(std::marker::PhantomData))
+            }
+        }
+    };
 }
 
-#[derive(Deserialize)]
-struct Location<'a> {
-    #[serde(borrow, default)]
-    city: Option<&'a RawValue>,
-    #[serde(rename = "zipCode", borrow, default)]
-    zip_code: Option<&'a RawValue>,
-}
+nested_object!(Named { name: &'a RawValue = "name" });
+nested_object!(Request {
+    category: Nested<Named<'a>> = "category",
+    location: Nested<Location<'a>> = "location",
+});
+nested_object!(Customer {
+    display_name: &'a RawValue = "displayName",
+    first_name: &'a RawValue = "firstName",
+    last_name: &'a RawValue = "lastName",
+    phone: &'a RawValue = "phone",
+    location: Nested<Location<'a>> = "location",
+});
+nested_object!(Location {
+    city: &'a RawValue = "city",
+    zip_code: &'a RawValue = "zipCode",
+});
 
 /// A JSON string, or a number as the text it was sent as; anything else
 /// (and an empty string) is `None`.
 fn text(raw: Option<&RawValue>) -> Option<String> {
     let raw = raw?.get().trim();
     match raw.as_bytes().first()? {
+        // A valid JSON string without escapes is its text between the quotes.
+        b'"' if !raw.contains('\\') => {
+            Some(raw[1..raw.len() - 1].to_string()).filter(|s| !s.is_empty())
+        }
         b'"' => serde_json::from_str::<String>(raw)
             .ok()
             .filter(|s| !s.is_empty()),
@@ -164,20 +261,21 @@ pub fn parse_lead(raw: &RawValue) -> Option<LeadRow> {
     if !payload.trim_start().starts_with('{') {
         return None;
     }
-    let f: LeadFields = serde_json::from_str(payload).ok()?;
+    let Ok(f) = serde_json::from_str::<LeadFields>(payload) else {
+        return separate::parse_lead(raw);
+    };
     let negotiation_id = text(f.negotiation_id)?;
     let created_at = text(f.create_time)
         .or_else(|| text(f.created_at))
         .map(lead_time);
-    let request: Option<Request> = object(f.request);
-    let customer: Option<Customer> = object(f.customer);
-    let request_location: Option<Location> = request.as_ref().and_then(|r| object(r.location));
-    let customer_location: Option<Location> = customer.as_ref().and_then(|c| object(c.location));
-    let name_of = |raw: Option<&RawValue>| object::<Named>(raw).and_then(|n| text(n.name));
+    let request = Nested::get(&f.request);
+    let customer = Nested::get(&f.customer);
+    let request_location = request.and_then(|r| Nested::get(&r.location));
+    let customer_location = customer.and_then(|c| Nested::get(&c.location));
+    let name_of = |named: &Option<Nested<Named>>| Nested::get(named).and_then(|n| text(n.name));
     let category = request
-        .as_ref()
-        .and_then(|r| name_of(r.category))
-        .or_else(|| name_of(f.category));
+        .and_then(|r| name_of(&r.category))
+        .or_else(|| name_of(&f.category));
     let customer_name = customer.as_ref().and_then(|c| {
         text(c.display_name).or_else(|| {
             let parts: Vec<String> = [text(c.first_name), text(c.last_name)]
@@ -452,9 +550,291 @@ pub fn sent_message_id(body: &[u8]) -> Option<String> {
         })
 }
 
+/// The lead parser before issue 16: each nested object parsed on its own
+/// from its raw text. Kept as the fallback of the one-pass parser, which
+/// fails where this one does not on a number out of range (`1e400`) as the
+/// value of a nested object's place, since that value is parsed there, not
+/// skipped; such a lead is still stored with the columns it had.
+mod separate {
+    use super::{lead_time, object};
+    use crate::lead::LeadRow;
+    use serde::Deserialize;
+    use serde_json::value::RawValue;
+
+    #[derive(Deserialize)]
+    struct LeadFields<'a> {
+        #[serde(rename = "negotiationID", borrow, default)]
+        negotiation_id: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        status: Option<&'a RawValue>,
+        #[serde(rename = "createTime", borrow, default)]
+        create_time: Option<&'a RawValue>,
+        #[serde(rename = "createdAt", borrow, default)]
+        created_at: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        category: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        customer: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        request: Option<&'a RawValue>,
+        #[serde(rename = "leadPrice", borrow, default)]
+        lead_price: Option<&'a RawValue>,
+        #[serde(rename = "chargeState", borrow, default)]
+        charge_state: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    struct Named<'a> {
+        #[serde(borrow, default)]
+        name: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    struct Request<'a> {
+        #[serde(borrow, default)]
+        category: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        location: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    struct Customer<'a> {
+        #[serde(rename = "displayName", borrow, default)]
+        display_name: Option<&'a RawValue>,
+        #[serde(rename = "firstName", borrow, default)]
+        first_name: Option<&'a RawValue>,
+        #[serde(rename = "lastName", borrow, default)]
+        last_name: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        phone: Option<&'a RawValue>,
+        #[serde(borrow, default)]
+        location: Option<&'a RawValue>,
+    }
+
+    #[derive(Deserialize)]
+    struct Location<'a> {
+        #[serde(borrow, default)]
+        city: Option<&'a RawValue>,
+        #[serde(rename = "zipCode", borrow, default)]
+        zip_code: Option<&'a RawValue>,
+    }
+
+    /// A JSON string, or a number as the text it was sent as; anything else
+    /// (and an empty string) is `None` (the parent's `text` without its
+    /// shortcut for strings without escapes: the tests compare the two).
+    fn text(raw: Option<&RawValue>) -> Option<String> {
+        let raw = raw?.get().trim();
+        match raw.as_bytes().first()? {
+            b'"' => serde_json::from_str::<String>(raw)
+                .ok()
+                .filter(|s| !s.is_empty()),
+            b'-' | b'0'..=b'9' => Some(raw.to_string()),
+            _ => None,
+        }
+    }
+
+    /// What [`super::parse_lead`] reads, each nested object on its own.
+    pub(super) fn parse_lead(raw: &RawValue) -> Option<LeadRow> {
+        let payload = raw.get();
+        if !payload.trim_start().starts_with('{') {
+            return None;
+        }
+        let f: LeadFields = serde_json::from_str(payload).ok()?;
+        let negotiation_id = text(f.negotiation_id)?;
+        let created_at = text(f.create_time)
+            .or_else(|| text(f.created_at))
+            .map(lead_time);
+        let request: Option<Request> = object(f.request);
+        let customer: Option<Customer> = object(f.customer);
+        let request_location: Option<Location> = request.as_ref().and_then(|r| object(r.location));
+        let customer_location: Option<Location> =
+            customer.as_ref().and_then(|c| object(c.location));
+        let name_of = |raw: Option<&RawValue>| object::<Named>(raw).and_then(|n| text(n.name));
+        let category = request
+            .as_ref()
+            .and_then(|r| name_of(r.category))
+            .or_else(|| name_of(f.category));
+        let customer_name = customer.as_ref().and_then(|c| {
+            text(c.display_name).or_else(|| {
+                let parts: Vec<String> = [text(c.first_name), text(c.last_name)]
+                    .into_iter()
+                    .flatten()
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect();
+                (!parts.is_empty()).then(|| parts.join(" "))
+            })
+        });
+        let located = |pick: for<'l> fn(&Location<'l>) -> Option<&'l RawValue>| {
+            request_location
+                .as_ref()
+                .and_then(|l| text(pick(l)))
+                .or_else(|| customer_location.as_ref().and_then(|l| text(pick(l))))
+        };
+        Some(LeadRow {
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            status: text(f.status),
+            created_at,
+            category,
+            customer_name,
+            city: located(|l| l.city),
+            zip: located(|l| l.zip_code),
+            customer_phone: customer.as_ref().and_then(|c| text(c.phone)),
+            lead_price: text(f.lead_price),
+            charge_state: text(f.charge_state),
+            negotiation_id,
+            payload: payload.to_string(),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What both parsers make of one body (`separate` is the parser of `main`
+    /// before issue 16, unchanged).
+    fn same_as_before(body: &str) {
+        let Ok(raw) = serde_json::from_str::<&RawValue>(body) else {
+            return;
+        };
+        assert_eq!(parse_lead(raw), separate::parse_lead(raw), "{body}");
+    }
+
+    const HOSTILE: &[&str] = &[
+        r#"{"negotiationID":"1","request":1e400}"#,
+        r#"{"negotiationID":"1","customer":-1e400,"status":"a"}"#,
+        r#"{"negotiationID":"1","category":1e999}"#,
+        r#"{"negotiationID":"1","request":{"location":1e400}}"#,
+        r#"{"negotiationID":"1","request":{"category":1e400,"location":{"city":"X"}}}"#,
+        r#"{"negotiationID":"1","customer":{"location":1e400,"displayName":"D"}}"#,
+        r#"{"negotiationID":"1","request":{"location":[1e400]}}"#,
+        r#"{"negotiationID":"1","request":{"x":1e400,"location":{"zipCode":1e400}}}"#,
+        r#"{"negotiationID":"1","request":123456789012345678901234567890}"#,
+        r#"{"negotiationID":"1","leadPrice":1e400,"status":1e400}"#,
+        r#"{"negotiationID":"\u0000","status":"\u0000"}"#,
+        r#"{"negotiationID":"\ud83d\ude00","status":"\u00e9\"\\"}"#,
+        r#"{"negotiationID":"é€😀","status":"ÿ","customer":{"displayName":"Zoë 😀"}}"#,
+        r#"{"negotiationID":"1","customer":{"displayName":"","firstName":" Zoë ","lastName":"\u00e9"}}"#,
+        r#"{"negotiationID":"1","leadPrice":{"amount":25},"chargeState":null}"#,
+        r#"{"negotiationID":1,"leadPrice":"$25.00"}"#,
+        r#"{"negotiationID":-0.5e3,"leadPrice":2500}"#,
+        r#"{"negotiationID":"1","request":null,"customer":null,"category":null}"#,
+        r#"{"negotiationID":"1","request":{"category":null,"location":null}}"#,
+        r#"{"negotiationID":"1","request":{"category":{"name":null}},"category":{"name":"F"}}"#,
+        r#"{"negotiationID":"1","request":{"category":{"name":null,"name":"x"}},"category":{"name":"F"}}"#,
+        r#"{"negotiationID":"1","request":{"location":null,"location":{"city":"c"}}}"#,
+        r#"{"negotiationID":"1","request":{"location":{"city":"c"}},"request":{}}"#,
+        r#"{"negotiationID":"1","category":{"name":"a"},"category":{"name":"b"}}"#,
+        r#"{"negotiationID":"1","customer":{"phone":"1","phone":"2"},"status":"s"}"#,
+        r#"{"negotiationID":"1","customer":{"location":{"city":"a","city":"b"},"phone":"5"}}"#,
+        r#"{"negotiationID":"1","customer":{"na\u006de":{"x":1},"ph\u006fne":"7"}}"#,
+        r#"{"negotiationID":"1","customer":{"phone":"7","ph\u006fne":"8"}}"#,
+        r#"{"negotiationID":"1","request":{"location":{"city":"X"}},"customer":{"location":{"city":"Y","zipCode":"9"}}}"#,
+        r#"{"negotiationID":"1","request":"string","customer":true,"category":[1,2]}"#,
+        r#"{"negotiationID":"1","request":{"category":"plumbing"},"category":{"name":7}}"#,
+        r#" {"negotiationID" : "1" , "request" : { "location" : { "city" : " X " } } } "#,
+        r#"{"negotiationID":"1","request":{"location":{"city":"a\/b","zipCode":"0\t1"}}}"#,
+        r#"{"negotiationID":"1","createTime":"2024-06-13T19:18:01+02:00","createdAt":"x"}"#,
+        r#"{"negotiationID":"1","createdAt":"2024-06-13T19:18:01.123456789Z"}"#,
+        r#"{"negotiationID":""}"#,
+        r#"{"status":"no id"}"#,
+        r#"[{"negotiationID":"1"}]"#,
+        r#""text""#,
+    ];
+
+    #[test]
+    fn the_one_pass_parser_reads_what_the_old_parser_read() {
+        for body in HOSTILE {
+            same_as_before(body);
+        }
+        // Deep nesting inside and around each nested object.
+        for depth in [1, 60, 100, 120, 125, 126, 127, 128, 130, 200] {
+            let deep = |inner: &str| format!("{}{inner}{}", "[".repeat(depth), "]".repeat(depth));
+            for place in [
+                r#"{"negotiationID":"1","request":{"location":{"city":"c","x":@}}}"#,
+                r#"{"negotiationID":"1","request":{"location":@}}"#,
+                r#"{"negotiationID":"1","customer":{"location":{"zipCode":@}}}"#,
+                r#"{"negotiationID":"1","request":@}"#,
+                r#"{"negotiationID":"1","x":@}"#,
+            ] {
+                same_as_before(&place.replace('@', &deep("1")));
+                same_as_before(&place.replace('@', &deep(r#"{"city":"c"}"#)));
+            }
+        }
+    }
+
+    /// Random leads from a small vocabulary of keys and values, nested at
+    /// every known place, repeated and of every type.
+    #[test]
+    fn random_leads_read_the_same_as_before() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        const KEYS: &[&str] = &[
+            "negotiationID",
+            "status",
+            "createTime",
+            "createdAt",
+            "category",
+            "customer",
+            "request",
+            "leadPrice",
+            "chargeState",
+            "name",
+            "location",
+            "city",
+            "zipCode",
+            "displayName",
+            "firstName",
+            "lastName",
+            "phone",
+            "na\\u006de",
+            "x",
+        ];
+        const LEAVES: &[&str] = &[
+            "null",
+            "true",
+            "0",
+            "-1.5e3",
+            "1e400",
+            "12345678901234567890123",
+            "\"\"",
+            "\" \"",
+            "\"a\"",
+            "\"Zoë 😀\"",
+            "\"\\u00e9\\\"\\\\\"",
+            "\"\\ud83d\\ude00\"",
+            "\"\\u0000\"",
+            "\"2024-06-13T19:18:01+02:00\"",
+            "[]",
+            "{}",
+            "[1,{\"city\":\"q\"}]",
+        ];
+        fn value(next: &mut dyn FnMut(usize) -> usize, depth: u32) -> String {
+            if depth > 4 || next(3) == 0 {
+                return LEAVES[next(LEAVES.len())].to_string();
+            }
+            let n = next(5);
+            let fields: Vec<String> = (0..n)
+                .map(|_| format!("\"{}\":{}", KEYS[next(KEYS.len())], value(next, depth + 1)))
+                .collect();
+            format!("{{{}}}", fields.join(","))
+        }
+        for i in 0..20_000 {
+            let rest = value(&mut next, 0);
+            let body = if rest == "{}" || !rest.starts_with('{') {
+                format!("{{\"negotiationID\":\"{i}\"}}")
+            } else {
+                format!("{{\"negotiationID\":\"{i}\",{}", &rest[1..])
+            };
+            same_as_before(&body);
+        }
+    }
 
     #[test]
     fn a_page_keeps_every_byte_of_each_lead() {
@@ -506,6 +886,32 @@ mod tests {
         assert_eq!(lead.zip.as_deref(), Some("89501"));
         assert_eq!(lead.lead_price.as_deref(), Some("25.10"));
         assert_eq!(lead.customer_phone, None);
+    }
+
+    #[test]
+    fn nested_objects_read_in_place_keep_the_separate_parse_rules() {
+        // A repeated key makes only that nested object unreadable; values
+        // of other types are skipped; escaped keys and texts are decoded.
+        let lead = parse_lead_body(
+            r#"{"negotiationID":"3","request":{"category":{"name":"A","name":"B"},
+                "location":{"city":"X","city":"Y","zipCode":"1"}},
+                "customer":{"na\u006de":1,"displayN\u0061me":"Zo\u00eb \"Z\"","location":[1,{"city":"Q"}],
+                "phone":null},"category":{"name":"Fallback"},"status":"a\nb"}"#,
+        )
+        .unwrap();
+        assert_eq!(lead.category.as_deref(), Some("Fallback"));
+        assert_eq!(lead.city, None);
+        assert_eq!(lead.zip, None);
+        assert_eq!(lead.customer_name.as_deref(), Some("Zoë \"Z\""));
+        assert_eq!(lead.customer_phone, None);
+        assert_eq!(lead.status.as_deref(), Some("a\nb"));
+        let lead = parse_lead_body(
+            r#"{"negotiationID":"4","request":"text","customer":7,"category":[{"name":"no"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((lead.category, lead.customer_name), (None, None));
+        // A repeated top-level key still makes the entry unreadable.
+        assert!(parse_lead_body(r#"{"negotiationID":"5","status":"a","status":"b"}"#).is_none());
     }
 
     #[test]
