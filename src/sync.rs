@@ -504,9 +504,17 @@ async fn read_all_pages(
         let mut cursor = listing.first();
         let mut fetched = 0i64;
         loop {
-            let page = fetch(client.clone(), business_id.to_string(), cursor)
-                .await
-                .map_err(|e| e.message)?;
+            // A stop does not wait for the page in flight (none of it is
+            // written; pages already fetched are). Dropping the request cuts
+            // no token refresh: refreshes run detached and are awaited by
+            // shutdown.
+            let page = tokio::select! {
+                biased;
+                () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
+                page = fetch(client.clone(), business_id.to_string(), cursor) => {
+                    page.map_err(|e| e.message)?
+                }
+            };
             let step = listing.advance(&page);
             *style = Some(listing.style());
             let step = step?;

@@ -731,3 +731,45 @@ async fn a_stopped_full_scan_ends_after_the_page_in_flight_and_keeps_whole_pages
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_full_scan_ends_without_waiting_for_the_page_in_flight() {
+    let overrides = common::FAST.replace("timeout_secs = 5", "timeout_secs = 60");
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let b = env.business_ids()[0].clone();
+    // Every page takes 20 s: a pass that waits for the page in flight
+    // after the stop takes that long.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 20_000,
+        ..Default::default()
+    });
+    let stop = CancellationToken::new();
+    let pass = {
+        let (s, b, stop) = (s.clone(), b.clone(), stop.clone());
+        tokio::spawn(async move {
+            sync_business(&s.store, &s.client, &b, ScanKind::Full, SETTINGS, &stop).await
+        })
+    };
+    common::wait_until("the first page requested", Duration::from_secs(10), || {
+        env.sandbox.list_requests(&b) >= 1
+    })
+    .await;
+    stop.cancel();
+    let report = tokio::time::timeout(Duration::from_secs(8), pass)
+        .await
+        .expect("the pass waited for the page in flight after the stop")
+        .unwrap();
+    match &report.outcome {
+        PassOutcome::Failed(_, why) => assert!(why.contains("interrupted"), "{why}"),
+        o => panic!("expected an interrupted pass, got {o:?}"),
+    }
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'error' AND error LIKE '%interrupted%'"
+        ),
+        1
+    );
+}
