@@ -390,6 +390,16 @@ async fn confirm_unseen(
 /// the WAL once. A crash still leaves whole pages only.
 pub const PAGES_AHEAD: usize = 8;
 
+/// A batch takes no more pages once it holds this many leads (pages of up
+/// to 1,000 leads would otherwise make one job of 8,000).
+const BATCH_LEADS: usize = 1_000;
+
+/// While webhook deliveries came within this window, a full scan writes one
+/// page per transaction: a delivery overtakes queued jobs but waits for the
+/// transaction in progress (measured: p99 of a delivery during a 100k full
+/// sync 70 ms with batches of 8 pages, 42-44 ms with one page).
+const URGENT_WINDOW: Duration = Duration::from_secs(60);
+
 #[allow(clippy::too_many_arguments)]
 async fn read_pages(
     store: &Store,
@@ -540,10 +550,19 @@ async fn read_all_pages(
     // `move`: when the writer fails, the channel closes and the fetcher stops.
     let writing = async move {
         while let Some(first) = pages_rx.recv().await {
+            let most = if store.urgent_within(URGENT_WINDOW) {
+                1
+            } else {
+                PAGES_AHEAD
+            };
+            let mut leads = first.leads.len();
             let mut batch = vec![first];
-            while batch.len() < PAGES_AHEAD {
+            while batch.len() < most && leads < BATCH_LEADS {
                 match pages_rx.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => {
+                        leads += p.leads.len();
+                        batch.push(p);
+                    }
                     Err(_) => break,
                 }
             }

@@ -374,6 +374,8 @@ fn spawn_checkpointer(path: &Path, queue: std::sync::Weak<Queue>) {
 pub struct Store {
     jobs: Handle,
     path: PathBuf,
+    /// When the last urgent job was asked for (ms since the epoch; 0: never).
+    last_urgent_ms: Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl Store {
@@ -414,7 +416,18 @@ impl Store {
         Ok(Store {
             jobs,
             path: path.to_path_buf(),
+            last_urgent_ms: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         })
+    }
+
+    /// True when an urgent job (a webhook delivery) was asked for within
+    /// `window`: bulk writers then keep their transactions short, since an
+    /// urgent job overtakes queued jobs but waits for the one running.
+    pub fn urgent_within(&self, window: Duration) -> bool {
+        let last = self
+            .last_urgent_ms
+            .load(std::sync::atomic::Ordering::Relaxed);
+        last > 0 && chrono::Utc::now().timestamp_millis() - last <= window.as_millis() as i64
     }
 
     /// The database file.
@@ -438,6 +451,10 @@ impl Store {
         F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
+        self.last_urgent_ms.store(
+            chrono::Utc::now().timestamp_millis(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         self.run(f, true).await
     }
 
@@ -561,6 +578,7 @@ mod tests {
     async fn urgent_jobs_overtake_queued_ones() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("q.db")).unwrap();
+        assert!(!store.urgent_within(Duration::from_secs(60)));
         let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
         let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
         // Hold the writer until both jobs below are queued.
@@ -622,6 +640,9 @@ mod tests {
         normal.await.unwrap().unwrap();
         urgent.await.unwrap().unwrap();
         assert_eq!(*order.lock().unwrap(), vec!["urgent", "normal"]);
+        // Bulk writers can tell that latency-sensitive writes are about.
+        assert!(store.urgent_within(Duration::from_secs(60)));
+        assert!(store.clone().urgent_within(Duration::from_secs(60)));
     }
 
     #[test]
