@@ -4,36 +4,14 @@
 
 mod common;
 
-use common::{Env, FAST, count, text};
-use leadsync::sandbox::SandboxOptions;
+use common::{FAST, count, oauth_env, refreshes, text};
 use std::os::unix::fs::PermissionsExt;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
-async fn oauth_env(ttl: u64) -> Env {
-    Env::new(
-        SandboxOptions {
-            access_token_ttl_secs: ttl,
-            ..Default::default()
-        },
-        true,
-        FAST,
-    )
-    .await
-}
-
-fn refreshes(env: &Env) -> u64 {
-    env.sandbox
-        .stats()
-        .by_route
-        .get("token refresh_token")
-        .copied()
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_syncs_across_expiry_and_restarts_never_reuse_a_refresh_token() {
-    let env = oauth_env(1).await;
+    let env = oauth_env(1, FAST).await;
     // Separate processes: each restart must continue from the stored rotated token.
     for round in 0..3 {
         let o = env.run(&["sync"]);
@@ -85,7 +63,7 @@ async fn many_syncs_across_expiry_and_restarts_never_reuse_a_refresh_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_grant_marks_only_its_business_until_a_new_grant_arrives() {
-    let env = oauth_env(3600).await;
+    let env = oauth_env(3600, FAST).await;
     let ids = env.business_ids();
     let file = env.dir.path().join("fixture/tokens").join(&ids[0]);
     std::fs::write(&file, "sbx_rt_bogus\n").unwrap();
@@ -199,7 +177,7 @@ async fn a_refused_grant_marks_only_its_business_until_a_new_grant_arrives() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auth_exchange_stores_a_grant_for_a_business_with_an_empty_token_file() {
-    let env = oauth_env(3600).await;
+    let env = oauth_env(3600, FAST).await;
     let ids = env.business_ids();
     std::fs::write(env.dir.path().join("fixture/tokens").join(&ids[1]), "").unwrap();
     let o = env.run(&["sync", "--business", &ids[1]]);
@@ -255,7 +233,7 @@ async fn auth_exchange_stores_a_grant_for_a_business_with_an_empty_token_file() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_secret_reaches_the_logs_or_the_mirror() {
-    let env = oauth_env(1).await;
+    let env = oauth_env(1, FAST).await;
     let ids = env.business_ids();
     std::fs::write(
         env.dir.path().join("fixture/tokens").join(&ids[2]),

@@ -4,35 +4,14 @@
 
 mod common;
 
-use common::{Env, FAST, assert_no_secret_anywhere, count, text, wait_until};
-use leadsync::sandbox::{SandboxOptions, TokenFaults};
+use common::{Env, FAST, assert_no_secret_anywhere, count, oauth_env, refreshes, text, wait_until};
+use leadsync::sandbox::TokenFaults;
 use leadsync::store::tokens::{GrantWrite, StoredGrant, TokenStore, Written};
 use leadsync::thumbtack::auth::GrantStore;
 use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
-
-async fn oauth_env(ttl: u64, overrides: &str) -> Env {
-    Env::new(
-        SandboxOptions {
-            access_token_ttl_secs: ttl,
-            ..Default::default()
-        },
-        true,
-        overrides,
-    )
-    .await
-}
-
-fn refreshes(env: &Env) -> u64 {
-    env.sandbox
-        .stats()
-        .by_route
-        .get("token refresh_token")
-        .copied()
-        .unwrap_or(0)
-}
 
 fn reauth_count(env: &Env) -> i64 {
     count(

@@ -249,3 +249,27 @@ pub fn assert_no_secret_anywhere(env: &Env, more: &str) {
         );
     }
 }
+
+/// An environment whose grants go through the sandbox's token endpoint,
+/// access tokens living `ttl` seconds.
+pub async fn oauth_env(ttl: u64, overrides: &str) -> Env {
+    Env::new(
+        SandboxOptions {
+            access_token_ttl_secs: ttl,
+            ..Default::default()
+        },
+        true,
+        overrides,
+    )
+    .await
+}
+
+/// How many refresh-token grants the sandbox's token endpoint answered.
+pub fn refreshes(env: &Env) -> u64 {
+    env.sandbox
+        .stats()
+        .by_route
+        .get("token refresh_token")
+        .copied()
+        .unwrap_or(0)
+}
