@@ -314,7 +314,7 @@ pub fn leads_to_poll(
         let mut stmt = conn.prepare_cached(
             "SELECT id, negotiation_id FROM negotiation_changes
                     INDEXED BY negotiation_changes_news_by_business
-              WHERE business_id = ?1 AND id > ?2 AND kind IN ('new', 'changed', 'reappeared')
+              WHERE business_id = ?1 AND id > ?2 AND kind <> 'missing'
               ORDER BY id",
         )?;
         let mut rows = stmt.query(params![business_id, cursor])?;

@@ -63,7 +63,62 @@ fn migrations() -> Vec<(i64, String)> {
             9,
             include_str!("migrations/0009_created_at_millis.sql").to_string(),
         ),
+        (10, include_str!("migrations/0010_change_kinds.sql").to_string()),
     ]
+}
+
+/// The CHECK on `negotiation_changes.kind` before schema 10, and after.
+const KIND_CHECK_IN: &str = "CHECK (kind IN ('new', 'changed', 'missing', 'reappeared'))";
+const KIND_CHECK_OR: &str =
+    "CHECK (kind = 'new' OR kind = 'changed' OR kind = 'missing' OR kind = 'reappeared')";
+
+/// Schema 10, before its script: `negotiation_changes` rebuilt with its CHECK
+/// on `kind` written with OR instead of IN (SQLite cannot alter a CHECK; see
+/// 0010_change_kinds.sql for why). The new table is the old one's own
+/// definition with only that text changed, so columns a user added are kept;
+/// every row is copied with its id (the change feed's cursor). Indexes and
+/// triggers a user put on the table go with DROP TABLE, so they are read
+/// first and created again on the new table; views name the table and read
+/// the new one. Left as it is when the CHECK is not the one leadsync wrote.
+fn rebuild_negotiation_changes(tx: &Connection) -> Result<()> {
+    let table: String = tx.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'negotiation_changes'",
+        [],
+        |r| r.get(0),
+    )?;
+    if !table.contains(KIND_CHECK_IN) {
+        return Ok(());
+    }
+    let create = table
+        .replacen("negotiation_changes", "negotiation_changes_v10", 1)
+        .replacen(KIND_CHECK_IN, KIND_CHECK_OR, 1);
+    let kept: Vec<String> = tx
+        .prepare(
+            "SELECT sql FROM sqlite_master
+              WHERE tbl_name = 'negotiation_changes' AND type IN ('index', 'trigger')
+                AND sql IS NOT NULL
+                AND name NOT IN ('negotiation_changes_by_negotiation',
+                                 'negotiation_changes_news_by_business')
+              ORDER BY type = 'trigger', rowid",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    tx.execute_batch(&create)?;
+    tx.execute_batch(
+        "INSERT INTO negotiation_changes_v10 SELECT * FROM negotiation_changes;
+         DROP TABLE negotiation_changes;",
+    )?;
+    // Legacy mode: a modern RENAME re-checks every view and trigger of the
+    // schema, and one naming negotiation_changes fails while it is missing.
+    tx.pragma_update(None, "legacy_alter_table", true)?;
+    let renamed = tx.execute_batch("ALTER TABLE negotiation_changes_v10 RENAME TO negotiation_changes");
+    tx.pragma_update(None, "legacy_alter_table", false)?;
+    renamed?;
+    for sql in kept {
+        tx.execute_batch(&sql)
+            .with_context(|| format!("cannot re-create on negotiation_changes: {sql}"))?;
+    }
+    Ok(())
 }
 
 /// First statement of the outbox's UPDATE trigger (schema 3): a row's content
@@ -186,6 +241,12 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
 
 /// Applies every migration newer than the database's `user_version`.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
+    migrate_to(conn, schema_version())
+}
+
+/// Applies the migrations newer than the database's `user_version`, up to
+/// `target` (tests build older schemas with it).
+fn migrate_to(conn: &mut Connection, target: i64) -> Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let latest = schema_version();
     if current > latest {
@@ -195,7 +256,7 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
         );
     }
     for (version, sql) in migrations() {
-        if version <= current {
+        if version <= current || version > target {
             continue;
         }
         // Foreign keys off around a migration (they cannot change inside a
@@ -215,6 +276,10 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     let now: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if now >= version {
         return Ok(());
+    }
+    if version == 10 {
+        rebuild_negotiation_changes(&tx)
+            .with_context(|| format!("migration {version} failed"))?;
     }
     tx.execute_batch(sql)
         .with_context(|| format!("migration {version} failed"))?;
@@ -655,6 +720,112 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
+    }
+
+    #[test]
+    fn version_10_rebuilds_the_change_log_keeping_rows_ids_and_what_users_added() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("v9.db")).unwrap();
+        migrate_to(&mut conn, 9).unwrap();
+        // What a partner may have added to the change feed: a column, an
+        // index, a trigger feeding their own table, a view.
+        conn.execute_batch(
+            "ALTER TABLE negotiation_changes ADD COLUMN handled_at TEXT;
+             CREATE INDEX partner_changes_by_status ON negotiation_changes (new_status);
+             CREATE TABLE partner_feed (change_id INTEGER, kind TEXT);
+             CREATE TRIGGER partner_feed_insert AFTER INSERT ON negotiation_changes
+             BEGIN INSERT INTO partner_feed VALUES (NEW.id, NEW.kind); END;
+             CREATE VIEW partner_news AS
+                 SELECT id, negotiation_id FROM negotiation_changes WHERE kind = 'new';
+             INSERT INTO negotiation_changes (id, negotiation_id, business_id, observed_at, kind,
+                 old_status, new_status, changed_fields, old_payload, sync_run_id, source, handled_at)
+             VALUES (7, 'n1', 'b', '2026-01-01T00:00:00.000Z', 'new', NULL, 'Open', NULL, NULL, 3, 'poll', 'x'),
+                    (9, 'n1', 'b', '2026-01-02T00:00:00.000Z', 'changed', 'Open', 'Closed', '[\"status\"]',
+                     '{\"status\":\"Open\"}', 4, 'webhook', NULL),
+                    (12, 'n2', 'b', '2026-01-03T00:00:00.000Z', 'missing', 'Open', 'Open', NULL, NULL, 5, 'poll', NULL);
+             DELETE FROM partner_feed;",
+        )
+        .unwrap();
+        let rows = |c: &Connection| -> Vec<String> {
+            c.prepare(
+                "SELECT id || '|' || negotiation_id || '|' || kind || '|' || ifnull(old_status, '') || '|'
+                     || ifnull(new_status, '') || '|' || ifnull(changed_fields, '') || '|'
+                     || ifnull(old_payload, '') || '|' || sync_run_id || '|' || source || '|'
+                     || ifnull(handled_at, '')
+                   FROM negotiation_changes ORDER BY id",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap()
+        };
+        let before = rows(&conn);
+        migrate(&mut conn).unwrap();
+        assert_eq!(rows(&conn), before);
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'negotiation_changes'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains(KIND_CHECK_OR) && !sql.contains(KIND_CHECK_IN), "{sql}");
+        let objects: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE tbl_name IN ('negotiation_changes', 'partner_news')
+                  ORDER BY name",
+            )
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            objects,
+            [
+                "negotiation_changes",
+                "negotiation_changes_by_negotiation",
+                "negotiation_changes_news_by_business",
+                "partner_changes_by_status",
+                "partner_feed_insert",
+                "partner_news"
+            ]
+        );
+        // The partner's trigger still fires, the view still reads, ids go on
+        // from the largest, and the news index serves the message poll.
+        conn.execute(
+            "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind)
+             VALUES ('n3', 'b', 't', 'new')",
+            [],
+        )
+        .unwrap();
+        let fed: Vec<(i64, String)> = conn
+            .prepare("SELECT change_id, kind FROM partner_feed")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(fed, [(13, "new".to_string())]);
+        let news: i64 = conn
+            .query_row("SELECT count(*) FROM partner_news", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(news, 2);
+        let plan: String = conn
+            .query_row(
+                "EXPLAIN QUERY PLAN SELECT id FROM negotiation_changes
+                  WHERE business_id = 'b' AND id > 0 AND kind <> 'missing' ORDER BY id",
+                [],
+                |r| r.get(3),
+            )
+            .unwrap();
+        assert!(plan.contains("negotiation_changes_news_by_business"), "{plan}");
+        let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        let legacy: i64 = conn
+            .query_row("PRAGMA legacy_alter_table", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!((fk, legacy), (1, 0));
     }
 
     #[test]
