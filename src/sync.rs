@@ -490,6 +490,7 @@ fn page_context(business_id: &str, run_id: i64) -> PageContext {
         source: mirror::Source::Poll,
         now: crate::time::fmt(now_t),
         stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
+        insert_first: false,
     }
 }
 
@@ -509,6 +510,17 @@ async fn read_all_pages(
     stop: &CancellationToken,
 ) -> Result<End, String> {
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
+    // The business's leads as mirrored now, read once from a connection of
+    // its own: a listed lead exactly as it was then (same payload hash, not
+    // missing, last_seen_at not due) is counted unchanged without a query
+    // on the writer thread, and a page of leads it does not have is
+    // inserted without looking each one up first. A lead another writer
+    // changed since (a webhook's redelivery) is left as that writer made it.
+    // Read while the first page is fetched.
+    let known = {
+        let id = business_id.to_string();
+        store.read(move |c| mirror::known_leads(c, &id))
+    };
     let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Page>(PAGES_AHEAD);
     let fetching = async move {
         let mut cursor = listing.first();
@@ -549,6 +561,13 @@ async fn read_all_pages(
     };
     // `move`: when the writer fails, the channel closes and the fetcher stops.
     let writing = async move {
+        let (mut known, complete) = match known.await {
+            Ok(known) => (known, true),
+            Err(e) => {
+                tracing::debug!(error = %format!("{e:#}"), "cannot read the known leads; every lead is looked up");
+                (Default::default(), false)
+            }
+        };
         while let Some(first) = pages_rx.recv().await {
             let most = if store.urgent_within(URGENT_WINDOW) {
                 1
@@ -568,29 +587,50 @@ async fn read_all_pages(
             }
             let mut jobs = Vec::with_capacity(batch.len());
             let mut skipped = Vec::with_capacity(batch.len());
+            let mut unchanged = Vec::with_capacity(batch.len());
             for mut page in batch {
                 warn_skipped(&page);
-                seen.extend(
-                    page.leads
-                        .iter()
-                        .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
-                );
                 skipped.push(page.skipped);
-                jobs.push((
-                    page_context(business_id, run_id),
-                    std::mem::take(&mut page.leads),
-                ));
+                let mut ctx = page_context(business_id, run_id);
+                let mut leads = std::mem::take(&mut page.leads);
+                let listed = leads.len();
+                let mut all_unknown = complete;
+                leads.retain(|l| {
+                    let id = mirror::id_fingerprint(&l.negotiation_id);
+                    seen.insert(id);
+                    match known.get(&id) {
+                        Some(k) if k.unchanged(l.hash, &ctx.stale_before) => false,
+                        Some(_) => {
+                            // Written now: a later listing of the same lead
+                            // is compared with what this one leaves.
+                            known.remove(&id);
+                            all_unknown = false;
+                            true
+                        }
+                        None => true,
+                    }
+                });
+                unchanged.push((listed - leads.len()) as i64);
+                ctx.insert_first = all_unknown;
+                jobs.push((ctx, leads));
             }
-            // All or none: a failure names every page the transaction held.
-            let (first, last) = (stats.pages + 1, stats.pages + jobs.len() as i64);
-            let written = store
-                .call(move |c| mirror::write_pages(c, &jobs))
-                .await
-                .map_err(|e| match first == last {
-                    true => format!("cannot write page {first}: {e:#}"),
-                    false => format!("cannot write pages {first}–{last}: {e:#}"),
-                })?;
-            for (page_stats, skipped) in written.into_iter().zip(skipped) {
+            let written = if jobs.iter().all(|(_, leads)| leads.is_empty()) {
+                vec![mirror::PageStats::default(); jobs.len()]
+            } else {
+                // All or none: a failure names every page the transaction held.
+                let (first, last) = (stats.pages + 1, stats.pages + jobs.len() as i64);
+                store
+                    .call(move |c| mirror::write_pages(c, &jobs))
+                    .await
+                    .map_err(|e| match first == last {
+                        true => format!("cannot write page {first}: {e:#}"),
+                        false => format!("cannot write pages {first}–{last}: {e:#}"),
+                    })?
+            };
+            for ((mut page_stats, skipped), unchanged) in
+                written.into_iter().zip(skipped).zip(unchanged)
+            {
+                page_stats.unchanged += unchanged;
                 stats.add_page(page_stats, skipped);
                 crate::metrics::sync_page(business_id, &page_stats);
             }

@@ -284,6 +284,101 @@ async fn a_resync_of_unchanged_leads_writes_nothing_to_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_scan_writes_what_changed_since_it_was_mirrored_and_refreshes_last_seen_hourly() {
+    // A full scan reads the business's known leads once and writes only the
+    // leads that differ from them: each way a stored row can differ from
+    // its listing must still be written, and nothing else.
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let db = env.sql();
+    let ids: Vec<String> = db
+        .prepare("SELECT negotiation_id FROM negotiations ORDER BY negotiation_id LIMIT 5")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let at = |i: usize| ids[i].as_str();
+    // 0: seen more than an hour ago; 1: seen just now (not due); 2: a stored
+    // payload another writer altered; 3: missing; 4: stored in odd forms.
+    db.execute(
+        "UPDATE negotiations SET last_seen_at = '2020-01-01T00:00:00.000Z' WHERE negotiation_id = ?1",
+        [at(0)],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE negotiations SET payload = '{}', payload_hash = 1 WHERE negotiation_id = ?1",
+        [at(2)],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE negotiations SET missing_since = '2020-01-01T00:00:00.000Z' WHERE negotiation_id = ?1",
+        [at(3)],
+    )
+    .unwrap();
+    db.execute(
+        "UPDATE negotiations SET last_seen_at = '2020-01-01 00:00:00' WHERE negotiation_id = ?1",
+        [at(4)],
+    )
+    .unwrap();
+    let fresh: String = db
+        .query_row(
+            "SELECT last_seen_at FROM negotiations WHERE negotiation_id = ?1",
+            [at(1)],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let before = count(&db, "SELECT count(*) FROM negotiation_changes");
+    let o = env.run(&["sync", "--full"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("0 new, 2 changed, 58 unchanged"),
+        "{}",
+        text(&o)
+    );
+    let last_seen = |id: &str| -> String {
+        db.query_row(
+            "SELECT last_seen_at FROM negotiations WHERE negotiation_id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert!(last_seen(at(0)).as_str() > "2021", "refreshed when due");
+    assert_eq!(last_seen(at(1)), fresh, "not refreshed before it is due");
+    assert!(
+        last_seen(at(4)).as_str() > "2021",
+        "an odd form is refreshed"
+    );
+    let payload_ok = count(
+        &db,
+        &format!(
+            "SELECT count(*) FROM negotiations WHERE negotiation_id = '{}' AND payload <> '{{}}'",
+            at(2)
+        ),
+    );
+    assert_eq!(payload_ok, 1, "the altered payload was written back");
+    let missing = count(
+        &db,
+        &format!(
+            "SELECT count(*) FROM negotiations WHERE negotiation_id = '{}' AND missing_since IS NULL",
+            at(3)
+        ),
+    );
+    assert_eq!(missing, 1, "the missing lead reappeared");
+    let kinds: Vec<String> = db
+        .prepare("SELECT kind FROM negotiation_changes WHERE id > ?1 ORDER BY id")
+        .unwrap()
+        .query_map([before], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut sorted = kinds.clone();
+    sorted.sort();
+    assert_eq!(sorted, ["changed", "reappeared"], "{kinds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_scan_stops_at_the_first_page_without_news() {
     let env = Env::small().await;
     let s = Session::open(env.config()).await.unwrap();

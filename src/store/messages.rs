@@ -126,6 +126,7 @@ pub fn record_delivery(
                         source: Source::Webhook,
                         now: event.received_at.clone(),
                         stale_before: String::new(),
+                        insert_first: false,
                     };
                     let keep_after = event_time.as_deref().unwrap_or("");
                     match mirror::upsert_lead(&tx, &ctx, lead, Some(keep_after))? {

@@ -22,6 +22,11 @@ pub struct PageContext {
     pub now: String,
     /// `last_seen_at` values older than this are refreshed.
     pub stale_before: String,
+    /// The caller believes every lead of the page is new to the mirror (a
+    /// full scan whose business's known leads have none of them): each is
+    /// inserted at once, and one whose id is mirrored after all takes the
+    /// ordinary path. Saves a lookup per lead of a first sync.
+    pub insert_first: bool,
 }
 
 /// Where a lead came from, as `negotiation_changes.source` records it.
@@ -112,6 +117,70 @@ pub fn id_fingerprint(negotiation_id: &str) -> u64 {
     xxhash_rust::xxh3::xxh3_64(negotiation_id.as_bytes())
 }
 
+/// What a full scan knows of one of its business's leads before it starts
+/// ([`known_leads`]): enough to tell, without a query, that a listed lead is
+/// exactly as mirrored and [`upsert_lead`] would write nothing for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Known {
+    hash: i64,
+    /// `last_seen_at`, when stored in leadsync's own 24-byte form.
+    last_seen_at: Option<[u8; 24]>,
+    missing: bool,
+}
+
+impl Known {
+    /// Whether a listed lead with this payload hash needs nothing written in
+    /// a page whose `stale_before` is given: same payload, not missing, and
+    /// `last_seen_at` not due for its hourly refresh (compared as SQLite
+    /// compares text, so exactly what [`upsert_lead`] decides).
+    pub fn unchanged(&self, hash: i64, stale_before: &str) -> bool {
+        !self.missing
+            && self.hash == hash
+            && self
+                .last_seen_at
+                .is_some_and(|t| t.as_slice() >= stale_before.as_bytes())
+    }
+}
+
+/// A business's mirrored leads by id fingerprint ([`id_fingerprint`]), read
+/// once before a full scan (from a connection of its own: see
+/// `Store::read`). A row whose columns are not what leadsync writes (a
+/// non-integer hash, say) is left out: its lead takes the ordinary path.
+pub fn known_leads(
+    conn: &Connection,
+    business_id: &str,
+) -> Result<std::collections::HashMap<u64, Known>> {
+    use rusqlite::types::ValueRef;
+    let mut stmt = conn.prepare(
+        "SELECT negotiation_id, payload_hash, last_seen_at, missing_since IS NOT NULL
+           FROM negotiations WHERE business_id = ?1",
+    )?;
+    let mut rows = stmt.query([business_id])?;
+    let mut known = std::collections::HashMap::new();
+    while let Some(r) = rows.next()? {
+        let (ValueRef::Text(id), ValueRef::Integer(hash)) = (r.get_ref(0)?, r.get_ref(1)?) else {
+            continue;
+        };
+        let Ok(id) = std::str::from_utf8(id) else {
+            continue;
+        };
+        let last_seen_at = match r.get_ref(2)? {
+            ValueRef::Text(t) => <[u8; 24]>::try_from(t).ok(),
+            _ => None,
+        };
+        let missing = r.get::<_, i64>(3)? != 0;
+        known.insert(
+            id_fingerprint(id),
+            Known {
+                hash,
+                last_seen_at,
+                missing,
+            },
+        );
+    }
+    Ok(known)
+}
+
 /// What [`upsert_lead`] did with a lead.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Upserted {
@@ -171,13 +240,7 @@ pub fn upsert_lead(
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL)",
         )?
         .execute(&lead_columns(lead, ctx)[..])?;
-        let c = Change {
-            kind: "new",
-            old_status: None,
-            changed_fields: None,
-            old_payload: None,
-        };
-        record_change(tx, lead, ctx, c)?;
+        record_new(tx, lead, ctx)?;
         return Ok(Upserted::Inserted);
     };
     let mut changed_fields = None;
@@ -240,6 +303,35 @@ pub fn upsert_lead(
     })
 }
 
+fn record_new(tx: &Connection, lead: &LeadRow, ctx: &PageContext) -> rusqlite::Result<usize> {
+    let c = Change {
+        kind: "new",
+        old_status: None,
+        changed_fields: None,
+        old_payload: None,
+    };
+    record_change(tx, lead, ctx, c)
+}
+
+/// Inserts a lead the caller believes new, with its `new` change row; false,
+/// and nothing written, when its id is mirrored already.
+fn insert_new(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result<bool> {
+    let inserted = tx
+        .prepare_cached(
+            "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
+                 payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
+                 charge_state, first_seen_at, last_seen_at, changed_at, missing_since)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL)
+             ON CONFLICT (negotiation_id) DO NOTHING",
+        )?
+        .execute(&lead_columns(lead, ctx)[..])?;
+    if inserted == 0 {
+        return Ok(false);
+    }
+    record_new(tx, lead, ctx)?;
+    Ok(true)
+}
+
 /// Writes one listing page in one transaction: new leads inserted, changed
 /// ones updated with a change row, unchanged ones left alone.
 pub fn write_page(
@@ -257,6 +349,10 @@ pub fn write_page(
 fn upsert_page(tx: &Connection, ctx: &PageContext, leads: &[LeadRow]) -> Result<PageStats> {
     let mut stats = PageStats::default();
     for lead in leads {
+        if ctx.insert_first && insert_new(tx, ctx, lead)? {
+            stats.inserted += 1;
+            continue;
+        }
         match upsert_lead(tx, ctx, lead, None)? {
             Upserted::Inserted => stats.inserted += 1,
             Upserted::Changed | Upserted::Reappeared => stats.updated += 1,
@@ -731,6 +827,115 @@ mod tests {
     }
 
     #[test]
+    fn known_leads_say_unchanged_only_what_upsert_lead_would_leave_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                 first_seen_at, last_seen_at, changed_at, missing_since) VALUES
+             ('fresh', 'b', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', NULL),
+             ('stale', 'b', '{}', 7, 't', '2026-01-01T10:59:59.999Z', 't', NULL),
+             ('missing', 'b', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', '2026-01-01T11:00:00.000Z'),
+             ('odd time', 'b', '{}', 7, 't', '2026-01-01 12:00:00', 't', NULL),
+             ('blob hash', 'b', '{}', x'07', 't', '2026-01-01T12:00:00.000Z', 't', NULL),
+             ('other business', 'c', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', NULL);",
+        )
+        .unwrap();
+        let known = known_leads(&conn, "b").unwrap();
+        let stale_before = "2026-01-01T11:00:00.000Z";
+        let unchanged = |id: &str, hash: i64| {
+            known
+                .get(&id_fingerprint(id))
+                .is_some_and(|k| k.unchanged(hash, stale_before))
+        };
+        assert!(unchanged("fresh", 7));
+        assert!(!unchanged("fresh", 8), "another payload");
+        assert!(!unchanged("stale", 7), "last_seen_at is due");
+        assert!(!unchanged("missing", 7), "it reappears");
+        assert!(!unchanged("odd time", 7), "a form leadsync does not write");
+        assert!(!known.contains_key(&id_fingerprint("blob hash")));
+        assert!(!known.contains_key(&id_fingerprint("other business")));
+        assert_eq!(known.len(), 4);
+    }
+
+    #[test]
+    fn a_page_written_insert_first_falls_back_for_leads_mirrored_after_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = |business: &str, insert_first| PageContext {
+            business_id: business.into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first,
+        };
+        let lead = |id: &str, payload: &str| LeadRow {
+            negotiation_id: id.into(),
+            payload: payload.into(),
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            status: Some("Open".into()),
+            ..LeadRow::default()
+        };
+        // Mirrored meanwhile (a webhook, another business's listing).
+        write_page(&mut conn, &ctx("b", false), &[lead("same", r#"{"a":1}"#)]).unwrap();
+        write_page(&mut conn, &ctx("b", false), &[lead("edited", r#"{"a":1}"#)]).unwrap();
+        write_page(&mut conn, &ctx("c", false), &[lead("moved", r#"{"a":1}"#)]).unwrap();
+        let page = [
+            lead("new", r#"{"a":1}"#),
+            lead("same", r#"{"a":1}"#),
+            lead("edited", r#"{"a":2}"#),
+            lead("moved", r#"{"a":1}"#),
+        ];
+        assert_eq!(
+            write_page(&mut conn, &ctx("b", true), &page).unwrap(),
+            PageStats {
+                inserted: 1,
+                updated: 2,
+                unchanged: 1
+            }
+        );
+        let rows: Vec<(String, String, String)> = conn
+            .prepare(
+                "SELECT negotiation_id, business_id, payload FROM negotiations ORDER BY negotiation_id",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let row = |id: &str, b: &str, p: &str| (id.to_string(), b.to_string(), p.to_string());
+        assert_eq!(
+            rows,
+            [
+                row("edited", "b", r#"{"a":2}"#),
+                row("moved", "b", r#"{"a":1}"#),
+                row("new", "b", r#"{"a":1}"#),
+                row("same", "b", r#"{"a":1}"#),
+            ]
+        );
+        let changes: Vec<(String, String)> = conn
+            .prepare("SELECT negotiation_id, kind FROM negotiation_changes ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let change = |id: &str, k: &str| (id.to_string(), k.to_string());
+        assert_eq!(
+            changes,
+            [
+                change("same", "new"),
+                change("edited", "new"),
+                change("moved", "new"),
+                change("new", "new"),
+                change("edited", "changed"),
+                change("moved", "changed"),
+            ]
+        );
+    }
+
+    #[test]
     fn pages_written_together_count_like_pages_written_alone() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
@@ -740,6 +945,7 @@ mod tests {
             source: Source::Poll,
             now: "2026-01-01T00:00:00Z".into(),
             stale_before: "2025-12-31T23:00:00Z".into(),
+            insert_first: false,
         };
         let lead = |id: &str, payload: &str| LeadRow {
             negotiation_id: id.into(),

@@ -63,7 +63,10 @@ fn migrations() -> Vec<(i64, String)> {
             9,
             include_str!("migrations/0009_created_at_millis.sql").to_string(),
         ),
-        (10, include_str!("migrations/0010_change_kinds.sql").to_string()),
+        (
+            10,
+            include_str!("migrations/0010_change_kinds.sql").to_string(),
+        ),
     ]
 }
 
@@ -111,7 +114,8 @@ fn rebuild_negotiation_changes(tx: &Connection) -> Result<()> {
     // Legacy mode: a modern RENAME re-checks every view and trigger of the
     // schema, and one naming negotiation_changes fails while it is missing.
     tx.pragma_update(None, "legacy_alter_table", true)?;
-    let renamed = tx.execute_batch("ALTER TABLE negotiation_changes_v10 RENAME TO negotiation_changes");
+    let renamed =
+        tx.execute_batch("ALTER TABLE negotiation_changes_v10 RENAME TO negotiation_changes");
     tx.pragma_update(None, "legacy_alter_table", false)?;
     renamed?;
     for sql in kept {
@@ -278,8 +282,7 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         return Ok(());
     }
     if version == 10 {
-        rebuild_negotiation_changes(&tx)
-            .with_context(|| format!("migration {version} failed"))?;
+        rebuild_negotiation_changes(&tx).with_context(|| format!("migration {version} failed"))?;
     }
     tx.execute_batch(sql)
         .with_context(|| format!("migration {version} failed"))?;
@@ -498,6 +501,29 @@ impl Store {
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Runs `f` on a read-only connection of its own, on a blocking thread:
+    /// a long read (a business's known leads before a full scan) never
+    /// holds the writer thread, which webhook deliveries wait on. In WAL
+    /// mode it neither waits for the writer nor holds it up.
+    pub async fn read<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let path = self.path.clone();
+        tokio::task::spawn_blocking(move || {
+            let conn = Connection::open_with_flags(
+                &path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .with_context(|| format!("cannot open database {} to read", path.display()))?;
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            f(&conn)
+        })
+        .await
+        .map_err(|e| anyhow!("the read failed: {e}"))?
     }
 
     /// Runs `f` on the writer thread and waits for its result.
@@ -770,7 +796,10 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap();
-        assert!(sql.contains(KIND_CHECK_OR) && !sql.contains(KIND_CHECK_IN), "{sql}");
+        assert!(
+            sql.contains(KIND_CHECK_OR) && !sql.contains(KIND_CHECK_IN),
+            "{sql}"
+        );
         let objects: Vec<String> = conn
             .prepare(
                 "SELECT name FROM sqlite_master WHERE tbl_name IN ('negotiation_changes', 'partner_news')
@@ -820,8 +849,13 @@ mod tests {
                 |r| r.get(3),
             )
             .unwrap();
-        assert!(plan.contains("negotiation_changes_news_by_business"), "{plan}");
-        let fk: i64 = conn.query_row("PRAGMA foreign_keys", [], |r| r.get(0)).unwrap();
+        assert!(
+            plan.contains("negotiation_changes_news_by_business"),
+            "{plan}"
+        );
+        let fk: i64 = conn
+            .query_row("PRAGMA foreign_keys", [], |r| r.get(0))
+            .unwrap();
         let legacy: i64 = conn
             .query_row("PRAGMA legacy_alter_table", [], |r| r.get(0))
             .unwrap();
