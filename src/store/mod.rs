@@ -737,6 +737,24 @@ mod tests {
     }
 
     #[test]
+    fn the_bundled_sqlite_keeps_no_memory_statistics() {
+        // .cargo/config.toml: with statistics on, every SQLite allocation
+        // takes a global mutex (seen in the full sync's profile).
+        let conn = Connection::open_in_memory().unwrap();
+        let options: Vec<String> = conn
+            .prepare("PRAGMA compile_options")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
+            "{options:?}"
+        );
+    }
+
+    #[test]
     fn migrations_are_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
