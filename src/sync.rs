@@ -494,6 +494,67 @@ fn page_context(business_id: &str, run_id: i64) -> PageContext {
     }
 }
 
+/// What a full scan's fetcher and writer decide of a listed lead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// As mirrored when the scan started (and not written since): nothing to write.
+    Unchanged,
+    /// Mirrored, but not as listed: written (and from now on always written).
+    Changed,
+    /// Not among the business's leads when the scan started: inserted.
+    Unknown,
+    /// The known leads are not read (yet, or the read failed): looked up.
+    NotRead,
+}
+
+/// The business's leads as mirrored when a full scan started (read once,
+/// while its first page is fetched), and those handed to the writer since.
+/// A listed lead exactly as it was (same payload hash, not missing,
+/// `last_seen_at` not due) is counted unchanged without a query on the
+/// writer thread, and without reading it past its id once the read is done;
+/// a page of leads none of which was known is inserted without looking each
+/// up first. A lead another writer changed meanwhile (a webhook's
+/// redelivery) is left as that writer made it.
+#[derive(Default)]
+struct ScanKnown {
+    leads: std::sync::OnceLock<std::collections::HashMap<u64, mirror::Known>>,
+    /// Leads that take the writer's ordinary path for the rest of the scan:
+    /// found changed, or listed before the known leads were read. A later
+    /// listing of one is compared with what its write left, not with the
+    /// start (the listing may name a lead twice).
+    looked_up: std::sync::Mutex<HashSet<u64>>,
+}
+
+impl ScanKnown {
+    /// The known leads are read, and there are some (a first sync has none:
+    /// its leads are not worth a first look at their ids).
+    fn any_known(&self) -> bool {
+        self.leads.get().is_some_and(|l| !l.is_empty())
+    }
+
+    fn check(&self, id: u64, hash: i64, stale_before: &str) -> Verdict {
+        let mut looked_up = self
+            .looked_up
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if looked_up.contains(&id) {
+            return Verdict::Changed;
+        }
+        let Some(leads) = self.leads.get() else {
+            looked_up.insert(id);
+            return Verdict::NotRead;
+        };
+        match leads.get(&id) {
+            None => Verdict::Unknown,
+            Some(known) if known.unchanged(hash, stale_before) => Verdict::Unchanged,
+            Some(_) => {
+                looked_up.insert(id);
+                Verdict::Changed
+            }
+        }
+    }
+}
+
 /// A full scan: fetching runs ahead of writing by up to [`PAGES_AHEAD`]
 /// pages, and the writer takes every page waiting into one transaction.
 /// Every page fetched before a failure (or a shutdown) is still written.
@@ -510,22 +571,25 @@ async fn read_all_pages(
     stop: &CancellationToken,
 ) -> Result<End, String> {
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
-    // The business's leads as mirrored now, read once from a connection of
-    // its own: a listed lead exactly as it was then (same payload hash, not
-    // missing, last_seen_at not due) is counted unchanged without a query
-    // on the writer thread, and a page of leads it does not have is
-    // inserted without looking each one up first. A lead another writer
-    // changed since (a webhook's redelivery) is left as that writer made it.
-    // Read while the first page is fetched.
+    // The business's known leads (ScanKnown), read from a connection of
+    // their own while the first page is fetched.
     let known = {
         let id = business_id.to_string();
         store.read(move |c| mirror::known_leads(c, &id))
     };
+    let shared = ScanKnown::default();
+    let shared = &shared;
     let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Page>(PAGES_AHEAD);
     let fetching = async move {
         let mut cursor = listing.first();
         let mut fetched = 0i64;
         loop {
+            // Once the known leads are read, a lead listed as it was is not
+            // read past its id (no columns, no copy of its payload).
+            let stale_before = page_context(business_id, run_id).stale_before;
+            let unchanged = |id: &str, hash: i64| {
+                shared.check(mirror::id_fingerprint(id), hash, &stale_before) == Verdict::Unchanged
+            };
             // A stop does not wait for the page in flight (none of it is
             // written; pages already fetched are). Dropping the request cuts
             // no token refresh: refreshes run detached and are awaited by
@@ -533,7 +597,7 @@ async fn read_all_pages(
             let page = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
-                page = fetch(client.clone(), business_id.to_string(), cursor) => {
+                page = client.list_page_with(business_id, &cursor, shared.any_known().then_some(&unchanged)) => {
                     page.map_err(|e| e.message)?
                 }
             };
@@ -561,25 +625,26 @@ async fn read_all_pages(
     };
     // `move`: when the writer fails, the channel closes and the fetcher stops.
     let writing = async move {
-        let (mut known, complete) = match known.await {
-            Ok(known) => (known, true),
+        match known.await {
+            Ok(known) => {
+                let _ = shared.leads.set(known);
+            }
             Err(e) => {
                 tracing::debug!(error = %format!("{e:#}"), "cannot read the known leads; every lead is looked up");
-                (Default::default(), false)
             }
-        };
+        }
         while let Some(first) = pages_rx.recv().await {
             let most = if store.urgent_within(URGENT_WINDOW) {
                 1
             } else {
                 PAGES_AHEAD
             };
-            let mut leads = first.leads.len();
+            let mut leads = first.entries();
             let mut batch = vec![first];
-            while batch.len() < most && leads < BATCH_LEADS {
+            while batch.len() < most && leads < BATCH_LEADS as u64 {
                 match pages_rx.try_recv() {
                     Ok(p) => {
-                        leads += p.leads.len();
+                        leads += p.entries();
                         batch.push(p);
                     }
                     Err(_) => break,
@@ -592,22 +657,20 @@ async fn read_all_pages(
                 warn_skipped(&page);
                 skipped.push(page.skipped);
                 let mut ctx = page_context(business_id, run_id);
+                seen.extend(page.unchanged.iter().map(|id| mirror::id_fingerprint(id)));
                 let mut leads = std::mem::take(&mut page.leads);
-                let listed = leads.len();
-                let mut all_unknown = complete;
+                let listed = leads.len() + page.unchanged.len();
+                let mut all_unknown = true;
                 leads.retain(|l| {
                     let id = mirror::id_fingerprint(&l.negotiation_id);
                     seen.insert(id);
-                    match known.get(&id) {
-                        Some(k) if k.unchanged(l.hash, &ctx.stale_before) => false,
-                        Some(_) => {
-                            // Written now: a later listing of the same lead
-                            // is compared with what this one leaves.
-                            known.remove(&id);
+                    match shared.check(id, l.hash, &ctx.stale_before) {
+                        Verdict::Unchanged => false,
+                        Verdict::Unknown => true,
+                        Verdict::Changed | Verdict::NotRead => {
                             all_unknown = false;
                             true
                         }
-                        None => true,
                     }
                 });
                 unchanged.push((listed - leads.len()) as i64);

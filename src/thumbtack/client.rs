@@ -3,7 +3,8 @@
 
 use super::auth::Auth;
 use super::model::{
-    JobStatusBody, MessageBody, MessagePage, Page, parse_message_page, parse_page, sent_message_id,
+    JobStatusBody, MessageBody, MessagePage, Page, Unchanged, parse_message_page, parse_page,
+    parse_page_with, sent_message_id,
 };
 use super::paging::Cursor;
 use super::problem::{
@@ -400,6 +401,19 @@ impl Client {
     pub async fn list_page(&self, business_id: &str, cursor: &Cursor) -> Result<Page, ApiError> {
         let url = self.list_url(business_id, cursor)?;
         self.get_retried(business_id, &url, parse_page).await
+    }
+
+    /// [`Client::list_page`], asking `unchanged(id, payload hash)` before
+    /// reading each lead (see `model::parse_page_with`).
+    pub async fn list_page_with(
+        &self,
+        business_id: &str,
+        cursor: &Cursor,
+        unchanged: Option<&Unchanged<'_>>,
+    ) -> Result<Page, ApiError> {
+        let url = self.list_url(business_id, cursor)?;
+        self.get_retried(business_id, &url, |body| parse_page_with(body, unchanged))
+            .await
     }
 
     /// One GET, once (one token refresh on 401, no other retry), with the

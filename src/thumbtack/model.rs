@@ -10,16 +10,23 @@ use serde_json::value::RawValue;
 #[derive(Debug, Clone, Default)]
 pub struct Page {
     pub leads: Vec<LeadRow>,
+    /// The ids of the leads the caller's check found unchanged
+    /// ([`parse_page_with`]): listed, but not read past their id.
+    pub unchanged: Vec<String>,
     /// Entries that are not objects with a `negotiationID` (logged, counted, not stored).
     pub skipped: i64,
     /// What the page said about the listing (see `paging.rs` for what it means).
     pub markers: Markers,
+    /// xxh3 of the ids of every lead listed (read or unchanged), in listing
+    /// order, each followed by a NUL; `None` when the page lists none. What
+    /// tells a page from an earlier one (`paging.rs`).
+    pub ids_digest: Option<u64>,
 }
 
 impl Page {
-    /// Every entry of `data`, stored or skipped: what "a full page" counts.
+    /// Every entry of `data`, stored, unchanged or skipped: what "a full page" counts.
     pub fn entries(&self) -> u64 {
-        self.leads.len() as u64 + self.skipped as u64
+        (self.leads.len() + self.unchanged.len()) as u64 + self.skipped as u64
     }
 }
 
@@ -345,6 +352,59 @@ fn markers_of(pagination: Option<&RawValue>) -> Markers {
 /// Parses a listing page: `{"data": [...], "pagination": {...}}` (a bare
 /// array is read as a page without markers).
 pub fn parse_page(body: &[u8]) -> Result<Page, String> {
+    parse_page_with(body, None)
+}
+
+/// A listing entry's first top-level `negotiationID` (read as [`text`]
+/// reads it) and the xxh3 of its bytes (the payload hash [`parse_lead`]
+/// computes); the object is not read past that key. `None` when the entry
+/// is not an object or has no readable id there.
+///
+/// Only a key to look the lead up by: a lead is skipped when the row
+/// mirrored under this id has this very payload hash, i.e. these bytes were
+/// stored under this id, which [`parse_lead`] read from them. An object
+/// that repeats the key, or that `parse_lead` would read otherwise, finds
+/// no such row and is read in full.
+fn id_and_hash(raw: &RawValue) -> Option<(String, i64)> {
+    struct FirstId<'a>(&'a mut Option<String>);
+    impl<'de> serde::de::Visitor<'de> for FirstId<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a lead object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                if key.0 == "negotiationID" {
+                    let value: &'de RawValue = map.next_value()?;
+                    *self.0 = text(Some(value));
+                    // The rest of the object is not read (serde_json then
+                    // reports the unread rest, which is ignored).
+                    return Ok(());
+                }
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+            Ok(())
+        }
+    }
+    let payload = raw.get();
+    if !payload.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut id = None;
+    let mut de = serde_json::Deserializer::from_str(payload);
+    let _ = serde::Deserializer::deserialize_map(&mut de, FirstId(&mut id));
+    Some((id?, xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64))
+}
+
+/// A caller's check of a listed lead by its id and payload hash: true when
+/// the lead needs no reading (see [`parse_page_with`]).
+pub type Unchanged<'a> = dyn Fn(&str, i64) -> bool + Sync + 'a;
+
+/// [`parse_page`], where `unchanged(id, payload hash)`, when given, is
+/// asked first for each lead: a lead it answers true for is listed in
+/// [`Page::unchanged`] and not read further (no columns, no copy of its
+/// payload). The check sees exactly the bytes [`parse_lead`] would hash.
+pub fn parse_page_with(body: &[u8], unchanged: Option<&Unchanged>) -> Result<Page, String> {
     let text_body = std::str::from_utf8(body).map_err(|_| "the page is not UTF-8".to_string())?;
     let (entries, markers) = if text_body.trim_start().starts_with('[') {
         let entries: Vec<&RawValue> = serde_json::from_str(text_body)
@@ -364,14 +424,37 @@ pub fn parse_page(body: &[u8]) -> Result<Page, String> {
     };
     let mut page = Page {
         leads: Vec::with_capacity(entries.len()),
+        unchanged: Vec::new(),
         skipped: 0,
         markers,
+        ids_digest: None,
     };
+    let mut ids = xxhash_rust::xxh3::Xxh3::new();
     for raw in entries {
-        match parse_lead(raw) {
-            Some(lead) => page.leads.push(lead),
-            None => page.skipped += 1,
-        }
+        let skip = unchanged
+            .and_then(|unchanged| id_and_hash(raw).filter(|(id, hash)| unchanged(id, *hash)));
+        let id = match skip {
+            Some((id, _)) => {
+                page.unchanged.push(id);
+                &page.unchanged[page.unchanged.len() - 1]
+            }
+            _ => match parse_lead(raw) {
+                Some(lead) => {
+                    page.leads.push(lead);
+                    &page.leads[page.leads.len() - 1].negotiation_id
+                }
+                None => {
+                    page.skipped += 1;
+                    continue;
+                }
+            },
+        };
+        ids.update(id.as_bytes());
+        ids.update(b"\0");
+        page.ids_digest = Some(0);
+    }
+    if page.ids_digest.is_some() {
+        page.ids_digest = Some(ids.digest());
     }
     Ok(page)
 }
@@ -834,6 +917,49 @@ mod tests {
             };
             same_as_before(&body);
         }
+    }
+
+    #[test]
+    fn a_lead_found_unchanged_is_listed_by_id_only_and_the_page_reads_the_same() {
+        let body = r#"{"data":[{"negotiationID":"1","status":"Open"},
+            {"negotiationID":"\u0032","status":"Open","customer":{"displayName":"Ann"}},
+            {"no_id":true}, {"negotiationID":3,"status":"Done"}, {"negotiationID":"4"}],
+            "pagination":{"limit":5}}"#;
+        let whole = parse_page(body.as_bytes()).unwrap();
+        let asked = std::sync::Mutex::new(Vec::new());
+        let hash_of = |id: &str| {
+            whole
+                .leads
+                .iter()
+                .find(|l| l.negotiation_id == id)
+                .map(|l| l.hash)
+                .unwrap()
+        };
+        let page = parse_page_with(
+            body.as_bytes(),
+            Some(&|id: &str, hash: i64| {
+                asked.lock().unwrap().push(id.to_string());
+                // The hash it is given is the payload hash parse_lead computes.
+                assert_eq!(hash, hash_of(id));
+                id == "2" || id == "3"
+            }),
+        )
+        .unwrap();
+        assert_eq!(*asked.lock().unwrap(), ["1", "2", "3", "4"]);
+        assert_eq!(page.unchanged, ["2", "3"]);
+        let read: Vec<&str> = page
+            .leads
+            .iter()
+            .map(|l| l.negotiation_id.as_str())
+            .collect();
+        assert_eq!(read, ["1", "4"]);
+        assert_eq!(page.skipped, 1);
+        // What the listing logic sees does not depend on what was skipped.
+        assert_eq!(page.entries(), whole.entries());
+        assert_eq!(page.ids_digest, whole.ids_digest);
+        assert!(whole.ids_digest.is_some());
+        let none = parse_page(br#"{"data":[{"no_id":1}]}"#).unwrap();
+        assert_eq!((none.entries(), none.ids_digest), (1, None));
     }
 
     #[test]

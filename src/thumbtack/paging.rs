@@ -147,13 +147,10 @@ impl Listing {
         let m: &Markers = &page.markers;
         let entries = page.entries();
         let limit = m.limit.filter(|l| *l > 0).unwrap_or(u64::from(self.limit));
-        if !page.leads.is_empty() {
-            let mut h = xxhash_rust::xxh3::Xxh3::new();
-            for lead in &page.leads {
-                h.update(lead.negotiation_id.as_bytes());
-                h.update(b"\0");
-            }
-            if !self.contents.insert(h.digest()) {
+        if let Some(digest) = page.ids_digest
+            && !self.contents.insert(digest)
+        {
+            {
                 return Err(format!(
                     "pagination does not advance: a page lists the same leads as an earlier \
                      page of this pass (the server seems to ignore {}); the pass stops",
