@@ -92,9 +92,32 @@ fn rebuild_negotiation_changes(tx: &Connection) -> Result<()> {
     if !table.contains(KIND_CHECK_IN) {
         return Ok(());
     }
-    let create = table
-        .replacen("negotiation_changes", "negotiation_changes_v10", 1)
-        .replacen(KIND_CHECK_IN, KIND_CHECK_OR, 1);
+    // A name nothing in the schema has (a partner's table may be called
+    // negotiation_changes_v10).
+    let mut tmp = "negotiation_changes_v10".to_string();
+    while tx
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
+            [&tmp],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some()
+    {
+        tmp.push('_');
+    }
+    let create =
+        table
+            .replacen("negotiation_changes", &tmp, 1)
+            .replacen(KIND_CHECK_IN, KIND_CHECK_OR, 1);
+    // The columns rows are copied by: not `SELECT *`, which includes the
+    // generated columns a user may have added (they take no value).
+    let columns: Vec<String> = tx
+        .prepare("SELECT name FROM pragma_table_xinfo('negotiation_changes') WHERE hidden = 0")?
+        .query_map([], |r| r.get::<_, String>(0))?
+        .map(|name| name.map(|n| format!("\"{}\"", n.replace('"', "\"\""))))
+        .collect::<rusqlite::Result<_>>()?;
+    let columns = columns.join(", ");
     let kept: Vec<String> = tx
         .prepare(
             "SELECT sql FROM sqlite_master
@@ -107,15 +130,16 @@ fn rebuild_negotiation_changes(tx: &Connection) -> Result<()> {
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
     tx.execute_batch(&create)?;
-    tx.execute_batch(
-        "INSERT INTO negotiation_changes_v10 SELECT * FROM negotiation_changes;
-         DROP TABLE negotiation_changes;",
-    )?;
+    tx.execute_batch(&format!(
+        "INSERT INTO \"{tmp}\" ({columns}) SELECT {columns} FROM negotiation_changes;
+         DROP TABLE negotiation_changes;"
+    ))?;
     // Legacy mode: a modern RENAME re-checks every view and trigger of the
     // schema, and one naming negotiation_changes fails while it is missing.
     tx.pragma_update(None, "legacy_alter_table", true)?;
-    let renamed =
-        tx.execute_batch("ALTER TABLE negotiation_changes_v10 RENAME TO negotiation_changes");
+    let renamed = tx.execute_batch(&format!(
+        "ALTER TABLE \"{tmp}\" RENAME TO negotiation_changes"
+    ));
     tx.pragma_update(None, "legacy_alter_table", false)?;
     renamed?;
     for sql in kept {
@@ -878,6 +902,75 @@ mod tests {
             .query_row("PRAGMA legacy_alter_table", [], |r| r.get(0))
             .unwrap();
         assert_eq!((fk, legacy), (1, 0));
+    }
+
+    #[test]
+    fn version_10_keeps_a_generated_column_a_user_added() {
+        // ALTER TABLE ADD COLUMN accepts a VIRTUAL generated column; copying
+        // the rows with `SELECT *` supplied it a value, and the migration
+        // (so the daemon's start) failed.
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("v9.db")).unwrap();
+        migrate_to(&mut conn, 9).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE negotiation_changes ADD COLUMN day TEXT
+                 GENERATED ALWAYS AS (substr(observed_at, 1, 10)) VIRTUAL;
+             ALTER TABLE negotiation_changes ADD COLUMN \"handled \"\"at\"\"\" TEXT;
+             INSERT INTO negotiation_changes (id, negotiation_id, business_id, observed_at, kind,
+                 \"handled \"\"at\"\"\")
+             VALUES (5, 'n1', 'b', '2026-01-01T00:00:00.000Z', 'new', 'x');",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let row: (i64, String, String) = conn
+            .query_row(
+                "SELECT id, day, \"handled \"\"at\"\"\" FROM negotiation_changes",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (5, "2026-01-01".to_string(), "x".to_string()));
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'negotiation_changes'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains(KIND_CHECK_OR), "{sql}");
+    }
+
+    #[test]
+    fn version_10_works_beside_a_table_named_like_its_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("v9.db")).unwrap();
+        migrate_to(&mut conn, 9).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE negotiation_changes_v10 (partner TEXT);
+             INSERT INTO negotiation_changes_v10 VALUES ('theirs');
+             INSERT INTO negotiation_changes (id, negotiation_id, business_id, observed_at, kind)
+             VALUES (5, 'n1', 'b', '2026-01-01T00:00:00.000Z', 'new');",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let theirs: String = conn
+            .query_row("SELECT partner FROM negotiation_changes_v10", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(theirs, "theirs");
+        let ids: i64 = conn
+            .query_row("SELECT id FROM negotiation_changes", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(ids, 5);
+        let sql: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'negotiation_changes'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(sql.contains(KIND_CHECK_OR), "{sql}");
     }
 
     #[test]
