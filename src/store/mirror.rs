@@ -369,8 +369,18 @@ pub fn write_page(
 /// Every lead of one page, inside the caller's transaction.
 fn upsert_page(tx: &Connection, ctx: &PageContext, leads: &[LeadRow]) -> Result<PageStats> {
     let mut stats = PageStats::default();
+    // A trigger of the partner's on `negotiations` would see (BEFORE
+    // INSERT) an insert that then does nothing: it gets the ordinary path.
+    let insert_first = ctx.insert_first
+        && tx
+            .prepare_cached(
+                "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'negotiations'",
+            )?
+            .query_row([], |_| Ok(()))
+            .optional()?
+            .is_none();
     for lead in leads {
-        if ctx.insert_first && insert_new(tx, ctx, lead)? {
+        if insert_first && insert_new(tx, ctx, lead)? {
             stats.inserted += 1;
             continue;
         }
@@ -981,6 +991,39 @@ mod tests {
                 change("moved", "changed"),
             ]
         );
+    }
+
+    #[test]
+    fn a_partners_trigger_on_negotiations_never_sees_an_insert_that_did_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_feed (negotiation_id TEXT);
+             CREATE TRIGGER partner_feed_new BEFORE INSERT ON negotiations
+             BEGIN INSERT INTO partner_feed VALUES (NEW.negotiation_id); END;",
+        )
+        .unwrap();
+        let ctx = |insert_first| PageContext {
+            business_id: "b".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first,
+        };
+        let lead = |payload: &str| LeadRow {
+            negotiation_id: "1".into(),
+            payload: payload.into(),
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            ..LeadRow::default()
+        };
+        write_page(&mut conn, &ctx(false), &[lead(r#"{"a":1}"#)]).unwrap();
+        // Mirrored after the scan read its known leads: believed new.
+        write_page(&mut conn, &ctx(true), &[lead(r#"{"a":2}"#)]).unwrap();
+        let fed: i64 = conn
+            .query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(fed, 1, "one lead was inserted, once");
     }
 
     #[test]
