@@ -67,6 +67,10 @@ fn migrations() -> Vec<(i64, String)> {
             10,
             include_str!("migrations/0010_change_kinds.sql").to_string(),
         ),
+        (
+            11,
+            include_str!("migrations/0011_present_by_business.sql").to_string(),
+        ),
     ]
 }
 
