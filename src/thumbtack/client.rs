@@ -101,15 +101,21 @@ impl RateBudget {
         }
     }
 
-    /// Waits for this request's turn.
+    /// Waits for this request's turn. A request whose turn has come goes at
+    /// once: a timer, even one already due, fires on the runtime's next
+    /// millisecond tick, which held every request of a sequential scan for
+    /// up to a millisecond (half of an unchanged re-sync's wall time).
     pub async fn acquire(&self) {
-        let at = {
+        let (at, now) = {
             let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-            let at = Instant::now().max(s.next).max(s.paused_until);
+            let now = Instant::now();
+            let at = now.max(s.next).max(s.paused_until);
             s.next = at + self.interval;
-            at
+            (at, now)
         };
-        tokio::time::sleep_until(at.into()).await;
+        if at > now {
+            tokio::time::sleep_until(at.into()).await;
+        }
     }
 
     /// Holds every request back for `d` (after a 429).
@@ -648,6 +654,19 @@ mod tests {
         let t = Instant::now();
         b.acquire().await;
         assert!(t.elapsed() >= Duration::from_millis(190));
+    }
+
+    #[tokio::test]
+    async fn a_request_whose_turn_has_come_does_not_wait_for_a_timer() {
+        let b = RateBudget::new(1e9);
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        for _ in 0..3 {
+            let mut turn = std::pin::pin!(b.acquire());
+            assert!(
+                turn.as_mut().poll(&mut cx).is_ready(),
+                "a free slot waited for the timer's next tick"
+            );
+        }
     }
 
     #[test]
