@@ -394,6 +394,12 @@ pub const PAGES_AHEAD: usize = 8;
 /// to 1,000 leads would otherwise make one job of 8,000).
 const BATCH_LEADS: usize = 1_000;
 
+/// How long a full scan's batch waits for more pages before it is
+/// written (when no webhook delivery came within [`URGENT_WINDOW`]): the
+/// mirror shows a page at most this much later, and a scan whose pages come
+/// every few ms writes them in transactions of several pages.
+const BATCH_WAIT: Duration = Duration::from_millis(50);
+
 /// While webhook deliveries came within this window, a full scan writes one
 /// page per transaction: a delivery overtakes queued jobs but waits for the
 /// transaction in progress (measured: p99 of a delivery during a 100k full
@@ -492,6 +498,38 @@ fn page_context(business_id: &str, run_id: i64) -> PageContext {
         stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
         insert_first: false,
     }
+}
+
+/// The pages of one write transaction: `first`, then the pages that arrive
+/// within `wait`, up to `most` pages and [`BATCH_LEADS`] entries. Pages
+/// arriving a little slower than they are written (a few ms of latency)
+/// would each be a transaction of their own, and every transaction writes
+/// the index pages it touched to the WAL again.
+async fn gather(
+    rx: &mut tokio::sync::mpsc::Receiver<Page>,
+    first: Page,
+    most: usize,
+    wait: Duration,
+) -> Vec<Page> {
+    let until = tokio::time::Instant::now() + wait;
+    let mut leads = first.entries();
+    let mut batch = vec![first];
+    while batch.len() < most && leads < BATCH_LEADS as u64 {
+        let next = match rx.try_recv() {
+            Ok(p) => Some(p),
+            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                tokio::time::timeout_at(until, rx.recv())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+        };
+        let Some(p) = next else { break };
+        leads += p.entries();
+        batch.push(p);
+    }
+    batch
 }
 
 /// What a full scan's fetcher and writer decide of a listed lead.
@@ -639,17 +677,7 @@ async fn read_all_pages(
             } else {
                 PAGES_AHEAD
             };
-            let mut leads = first.entries();
-            let mut batch = vec![first];
-            while batch.len() < most && leads < BATCH_LEADS as u64 {
-                match pages_rx.try_recv() {
-                    Ok(p) => {
-                        leads += p.entries();
-                        batch.push(p);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let batch = gather(&mut pages_rx, first, most, BATCH_WAIT).await;
             let mut jobs = Vec::with_capacity(batch.len());
             let mut skipped = Vec::with_capacity(batch.len());
             let mut unchanged = Vec::with_capacity(batch.len());
@@ -713,4 +741,56 @@ async fn read_all_pages(
     fetched
         .ok_or_else(|| "the page fetcher stopped".to_string())??
         .ok_or_else(|| "the page writer stopped".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(leads: usize) -> Page {
+        Page {
+            unchanged: vec!["x".to_string(); leads],
+            ..Page::default()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_arriving_a_few_ms_apart_are_written_together() {
+        // One page every 3 ms (a little slower than the writer): before,
+        // each was a transaction of its own.
+        let (tx, mut rx) = tokio::sync::mpsc::channel(PAGES_AHEAD);
+        tokio::spawn(async move {
+            for _ in 0..20 {
+                tokio::time::sleep(Duration::from_millis(3)).await;
+                if tx.send(page(100)).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let first = rx.recv().await.unwrap();
+        let batch = gather(&mut rx, first, PAGES_AHEAD, BATCH_WAIT).await;
+        assert_eq!(batch.len(), PAGES_AHEAD);
+        // Bounded: by entries, and by the wait when pages stop coming.
+        let first = rx.recv().await.unwrap();
+        let batch = gather(&mut rx, first, PAGES_AHEAD, BATCH_WAIT).await;
+        assert_eq!(batch.len(), PAGES_AHEAD);
+        let first = rx.recv().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let batch = gather(&mut rx, first, PAGES_AHEAD, BATCH_WAIT).await;
+        assert_eq!(batch.len(), 4, "the last pages, then the sender is gone");
+        assert!(started.elapsed() < BATCH_WAIT);
+        let (tx, mut rx) = tokio::sync::mpsc::channel(PAGES_AHEAD);
+        tx.send(page(600)).await.unwrap();
+        tx.send(page(600)).await.unwrap();
+        tx.send(page(600)).await.unwrap();
+        let first = rx.recv().await.unwrap();
+        let batch = gather(&mut rx, first, PAGES_AHEAD, BATCH_WAIT).await;
+        assert_eq!(batch.len(), 2, "stops once it holds {BATCH_LEADS} leads");
+        let first = rx.recv().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let batch = gather(&mut rx, first, PAGES_AHEAD, BATCH_WAIT).await;
+        assert_eq!(batch.len(), 1);
+        assert_eq!(started.elapsed(), BATCH_WAIT, "waited for more, then wrote");
+        drop(tx);
+    }
 }
