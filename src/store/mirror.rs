@@ -385,10 +385,12 @@ fn upsert_page(tx: &Connection, ctx: &PageContext, leads: &[LeadRow]) -> Result<
     let mut stats = PageStats::default();
     // A trigger of the partner's on `negotiations` would see (BEFORE
     // INSERT) an insert that then does nothing: it gets the ordinary path.
+    // A trigger keeps its table's name as written (any case).
     let insert_first = ctx.insert_first
         && tx
             .prepare_cached(
-                "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'negotiations'",
+                "SELECT 1 FROM sqlite_master WHERE type = 'trigger'
+                   AND tbl_name = 'negotiations' COLLATE NOCASE",
             )?
             .query_row([], |_| Ok(()))
             .optional()?
@@ -1054,6 +1056,40 @@ mod tests {
         };
         write_page(&mut conn, &ctx(false), &[lead(r#"{"a":1}"#)]).unwrap();
         // Mirrored after the scan read its known leads: believed new.
+        write_page(&mut conn, &ctx(true), &[lead(r#"{"a":2}"#)]).unwrap();
+        let fed: i64 = conn
+            .query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(fed, 1, "one lead was inserted, once");
+    }
+
+    #[test]
+    fn a_partners_trigger_named_in_another_case_still_turns_insert_first_off() {
+        // SQLite names tables case-insensitively and keeps a trigger's
+        // table name as it was written.
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_feed (negotiation_id TEXT);
+             CREATE TRIGGER partner_feed_new BEFORE INSERT ON main.\"Negotiations\"
+             BEGIN INSERT INTO partner_feed VALUES (NEW.negotiation_id); END;",
+        )
+        .unwrap();
+        let ctx = |insert_first| PageContext {
+            business_id: "b".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first,
+        };
+        let lead = |payload: &str| LeadRow {
+            negotiation_id: "1".into(),
+            payload: payload.into(),
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            ..LeadRow::default()
+        };
+        write_page(&mut conn, &ctx(false), &[lead(r#"{"a":1}"#)]).unwrap();
         write_page(&mut conn, &ctx(true), &[lead(r#"{"a":2}"#)]).unwrap();
         let fed: i64 = conn
             .query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))
