@@ -561,6 +561,8 @@ struct ScanKnown {
     /// listing of one is compared with what its write left, not with the
     /// start (the listing may name a lead twice).
     looked_up: std::sync::Mutex<HashSet<u64>>,
+    /// The known leads could not be read (every lead is looked up).
+    read_failed: std::sync::atomic::AtomicBool,
 }
 
 impl ScanKnown {
@@ -568,6 +570,50 @@ impl ScanKnown {
     /// its leads are not worth a first look at their ids).
     fn any_known(&self) -> bool {
         self.leads.get().is_some_and(|l| !l.is_empty())
+    }
+
+    /// The known leads are read and there are none, or they cannot be
+    /// read: no lead of this scan will be counted unchanged by the fetcher.
+    fn never_checked(&self) -> bool {
+        self.read_failed.load(std::sync::atomic::Ordering::Acquire)
+            || self.leads.get().is_some_and(|l| l.is_empty())
+    }
+
+    /// Whether the fetcher asks the check for its next page. First, the
+    /// leads of the pages it read without the check (`pending`, see
+    /// [`ScanKnown::read_unchecked`]) join `looked_up`: the writer may not
+    /// have handled those pages yet, so a later listing of one of their
+    /// leads cannot be compared with the start (it is written, as every
+    /// later listing of a lead is: the last listing wins).
+    fn ready(&self, pending: &mut Vec<u64>) -> bool {
+        if self.never_checked() {
+            *pending = Vec::new();
+            return false;
+        }
+        if !self.any_known() {
+            return false;
+        }
+        if !pending.is_empty() {
+            self.looked_up
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .extend(pending.drain(..));
+        }
+        true
+    }
+
+    /// After the fetcher read a page without the check: its leads are kept
+    /// for [`ScanKnown::ready`] (a few pages at most: the writer takes no
+    /// page before the known leads are read), unless no lead of this scan
+    /// will be checked.
+    fn read_unchecked(&self, pending: &mut Vec<u64>, page: &Page) {
+        if !self.never_checked() {
+            pending.extend(
+                page.leads
+                    .iter()
+                    .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
+            );
+        }
     }
 
     fn check(&self, id: u64, hash: i64, stale_before: &str) -> Verdict {
@@ -621,6 +667,8 @@ async fn read_all_pages(
     let fetching = async move {
         let mut cursor = listing.first();
         let mut fetched = 0i64;
+        // Leads read before the check could be asked (ScanKnown::ready).
+        let mut pending = Vec::new();
         loop {
             // Once the known leads are read, a lead listed as it was is not
             // read past its id (no columns, no copy of its payload).
@@ -632,13 +680,17 @@ async fn read_all_pages(
             // written; pages already fetched are). Dropping the request cuts
             // no token refresh: refreshes run detached and are awaited by
             // shutdown.
+            let checked = shared.ready(&mut pending);
             let page = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
-                page = client.list_page_with(business_id, &cursor, shared.any_known().then_some(&unchanged)) => {
+                page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged)) => {
                     page.map_err(|e| e.message)?
                 }
             };
+            if !checked {
+                shared.read_unchecked(&mut pending, &page);
+            }
             let step = listing.advance(&page);
             *style = Some(listing.style());
             let step = step?;
@@ -668,6 +720,9 @@ async fn read_all_pages(
                 let _ = shared.leads.set(known);
             }
             Err(e) => {
+                shared
+                    .read_failed
+                    .store(true, std::sync::atomic::Ordering::Release);
                 tracing::debug!(error = %format!("{e:#}"), "cannot read the known leads; every lead is looked up");
             }
         }
@@ -792,5 +847,45 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert_eq!(started.elapsed(), BATCH_WAIT, "waited for more, then wrote");
         drop(tx);
+    }
+
+    #[test]
+    fn a_lead_listed_before_the_known_leads_were_read_is_never_counted_unchanged_later() {
+        // Page 1, fetched while the known leads were read, lists the lead
+        // changed; page 3 lists it as it was when the scan started (a
+        // listing shift). The writer may not have written page 1 yet when
+        // the fetcher checks page 3: that listing must still be written,
+        // as every later listing is (the last listing wins).
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let was = r#"{"negotiationID":"x","v":1}"#;
+        let hash = xxhash_rust::xxh3::xxh3_64(was.as_bytes()) as i64;
+        let now = crate::time::fmt(chrono::Utc::now());
+        conn.execute(
+            "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                 first_seen_at, last_seen_at, changed_at) VALUES ('x', 'b', ?1, ?2, ?3, ?3, ?3)",
+            rusqlite::params![was, hash, now],
+        )
+        .unwrap();
+        let shared = ScanKnown::default();
+        let mut pending = Vec::new();
+        assert!(!shared.ready(&mut pending), "nothing read yet");
+        let page1 =
+            crate::thumbtack::model::parse_page(br#"{"data":[{"negotiationID":"x","v":2}]}"#)
+                .unwrap();
+        shared.read_unchecked(&mut pending, &page1);
+        let _ = shared.leads.set(mirror::known_leads(&conn, "b").unwrap());
+        assert!(shared.ready(&mut pending));
+        let stale_before = page_context("b", 1).stale_before;
+        let x = mirror::id_fingerprint("x");
+        assert_ne!(shared.check(x, hash, &stale_before), Verdict::Unchanged);
+        // A first sync (no known leads) keeps nothing of its pages.
+        let first = ScanKnown::default();
+        let _ = first.leads.set(Default::default());
+        let mut pending = Vec::new();
+        first.read_unchecked(&mut pending, &page1);
+        assert!(!first.ready(&mut pending));
+        assert!(pending.is_empty());
+        assert_eq!(first.check(x, hash, &stale_before), Verdict::Unknown);
     }
 }
