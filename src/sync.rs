@@ -581,11 +581,11 @@ impl ScanKnown {
 
     /// Whether the fetcher asks the check for its next page. First, the
     /// leads of the pages it read without the check (`pending`, see
-    /// [`ScanKnown::read_unchecked`]) join `looked_up`: the writer may not
-    /// have handled those pages yet, so a later listing of one of their
-    /// leads cannot be compared with the start (it is written, as every
-    /// later listing of a lead is: the last listing wins).
-    fn ready(&self, pending: &mut Vec<u64>) -> bool {
+    /// [`ScanKnown::read_unchecked`]) are checked as if it had: the writer
+    /// may not have handled those pages yet, and a lead listed there not as
+    /// it was at the start must join `looked_up` before a later listing of
+    /// it is checked (that listing is written: the last listing wins).
+    fn ready(&self, pending: &mut Vec<(u64, i64)>, stale_before: &str) -> bool {
         if self.never_checked() {
             *pending = Vec::new();
             return false;
@@ -593,11 +593,8 @@ impl ScanKnown {
         if !self.any_known() {
             return false;
         }
-        if !pending.is_empty() {
-            self.looked_up
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .extend(pending.drain(..));
+        for (id, hash) in pending.drain(..) {
+            self.check(id, hash, stale_before);
         }
         true
     }
@@ -606,12 +603,12 @@ impl ScanKnown {
     /// for [`ScanKnown::ready`] (a few pages at most: the writer takes no
     /// page before the known leads are read), unless no lead of this scan
     /// will be checked.
-    fn read_unchecked(&self, pending: &mut Vec<u64>, page: &Page) {
+    fn read_unchecked(&self, pending: &mut Vec<(u64, i64)>, page: &Page) {
         if !self.never_checked() {
             pending.extend(
                 page.leads
                     .iter()
-                    .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
+                    .map(|l| (mirror::id_fingerprint(&l.negotiation_id), l.hash)),
             );
         }
     }
@@ -680,7 +677,7 @@ async fn read_all_pages(
             // written; pages already fetched are). Dropping the request cuts
             // no token refresh: refreshes run detached and are awaited by
             // shutdown.
-            let checked = shared.ready(&mut pending);
+            let checked = shared.ready(&mut pending, &stale_before);
             let page = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
@@ -861,30 +858,42 @@ mod tests {
         let was = r#"{"negotiationID":"x","v":1}"#;
         let hash = xxhash_rust::xxh3::xxh3_64(was.as_bytes()) as i64;
         let now = crate::time::fmt(chrono::Utc::now());
-        conn.execute(
-            "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
-                 first_seen_at, last_seen_at, changed_at) VALUES ('x', 'b', ?1, ?2, ?3, ?3, ?3)",
-            rusqlite::params![was, hash, now],
-        )
-        .unwrap();
+        let was_y = r#"{"negotiationID":"y"}"#;
+        let hash_y = xxhash_rust::xxh3::xxh3_64(was_y.as_bytes()) as i64;
+        for (id, payload, hash) in [("x", was, hash), ("y", was_y, hash_y)] {
+            conn.execute(
+                "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                     first_seen_at, last_seen_at, changed_at) VALUES (?1, 'b', ?2, ?3, ?4, ?4, ?4)",
+                rusqlite::params![id, payload, hash, now],
+            )
+            .unwrap();
+        }
         let shared = ScanKnown::default();
         let mut pending = Vec::new();
-        assert!(!shared.ready(&mut pending), "nothing read yet");
-        let page1 =
-            crate::thumbtack::model::parse_page(br#"{"data":[{"negotiationID":"x","v":2}]}"#)
-                .unwrap();
+        let stale_before = page_context("b", 1).stale_before;
+        assert!(
+            !shared.ready(&mut pending, &stale_before),
+            "nothing read yet"
+        );
+        let page1 = crate::thumbtack::model::parse_page(
+            format!(r#"{{"data":[{{"negotiationID":"x","v":2}},{was_y}]}}"#).as_bytes(),
+        )
+        .unwrap();
         shared.read_unchecked(&mut pending, &page1);
         let _ = shared.leads.set(mirror::known_leads(&conn, "b").unwrap());
-        assert!(shared.ready(&mut pending));
-        let stale_before = page_context("b", 1).stale_before;
+        assert!(shared.ready(&mut pending, &stale_before));
         let x = mirror::id_fingerprint("x");
         assert_ne!(shared.check(x, hash, &stale_before), Verdict::Unchanged);
+        // A lead listed there as it was is still unchanged (the writer
+        // needs no lookup for it).
+        let y = mirror::id_fingerprint("y");
+        assert_eq!(shared.check(y, hash_y, &stale_before), Verdict::Unchanged);
         // A first sync (no known leads) keeps nothing of its pages.
         let first = ScanKnown::default();
         let _ = first.leads.set(Default::default());
         let mut pending = Vec::new();
         first.read_unchecked(&mut pending, &page1);
-        assert!(!first.ready(&mut pending));
+        assert!(!first.ready(&mut pending, &stale_before));
         assert!(pending.is_empty());
         assert_eq!(first.check(x, hash, &stale_before), Verdict::Unknown);
     }
