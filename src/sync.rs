@@ -557,9 +557,12 @@ enum Verdict {
 struct ScanKnown {
     leads: std::sync::OnceLock<std::collections::HashMap<u64, mirror::Known>>,
     /// Leads that take the writer's ordinary path for the rest of the scan:
-    /// found changed, or listed before the known leads were read. A later
-    /// listing of one is compared with what its write left, not with the
-    /// start (the listing may name a lead twice).
+    /// found changed (by the fetcher or the writer, whichever checks it
+    /// first; the leads of pages fetched before the known leads were read
+    /// are checked once they are, [`ScanKnown::ready`]), or listed while
+    /// the known leads could not be read. A later listing of one is compared
+    /// with what its write left, not with the start (the listing may name a
+    /// lead twice).
     looked_up: std::sync::Mutex<HashSet<u64>>,
     /// The known leads could not be read (every lead is looked up).
     read_failed: std::sync::atomic::AtomicBool,
