@@ -557,10 +557,15 @@ enum Verdict {
 struct ScanKnown {
     leads: std::sync::OnceLock<std::collections::HashMap<u64, mirror::Known>>,
     /// Leads that take the writer's ordinary path for the rest of the scan:
-    /// found changed, or listed before the known leads were read. A later
-    /// listing of one is compared with what its write left, not with the
-    /// start (the listing may name a lead twice).
+    /// found changed (by the fetcher or the writer, whichever checks it
+    /// first; the leads of pages fetched before the known leads were read
+    /// are checked once they are, [`ScanKnown::ready`]), or listed while
+    /// the known leads could not be read. A later listing of one is compared
+    /// with what its write left, not with the start (the listing may name a
+    /// lead twice).
     looked_up: std::sync::Mutex<HashSet<u64>>,
+    /// The known leads could not be read (every lead is looked up).
+    read_failed: std::sync::atomic::AtomicBool,
 }
 
 impl ScanKnown {
@@ -568,6 +573,47 @@ impl ScanKnown {
     /// its leads are not worth a first look at their ids).
     fn any_known(&self) -> bool {
         self.leads.get().is_some_and(|l| !l.is_empty())
+    }
+
+    /// The known leads are read and there are none, or they cannot be
+    /// read: no lead of this scan will be counted unchanged by the fetcher.
+    fn never_checked(&self) -> bool {
+        self.read_failed.load(std::sync::atomic::Ordering::Acquire)
+            || self.leads.get().is_some_and(|l| l.is_empty())
+    }
+
+    /// Whether the fetcher asks the check for its next page. First, the
+    /// leads of the pages it read without the check (`pending`, see
+    /// [`ScanKnown::read_unchecked`]) are checked as if it had: the writer
+    /// may not have handled those pages yet, and a lead listed there not as
+    /// it was at the start must join `looked_up` before a later listing of
+    /// it is checked (that listing is written: the last listing wins).
+    fn ready(&self, pending: &mut Vec<(u64, i64)>, stale_before: &str) -> bool {
+        if self.never_checked() {
+            *pending = Vec::new();
+            return false;
+        }
+        if !self.any_known() {
+            return false;
+        }
+        for (id, hash) in pending.drain(..) {
+            self.check(id, hash, stale_before);
+        }
+        true
+    }
+
+    /// After the fetcher read a page without the check: its leads are kept
+    /// for [`ScanKnown::ready`] (a few pages at most: the writer takes no
+    /// page before the known leads are read), unless no lead of this scan
+    /// will be checked.
+    fn read_unchecked(&self, pending: &mut Vec<(u64, i64)>, page: &Page) {
+        if !self.never_checked() {
+            pending.extend(
+                page.leads
+                    .iter()
+                    .map(|l| (mirror::id_fingerprint(&l.negotiation_id), l.hash)),
+            );
+        }
     }
 
     fn check(&self, id: u64, hash: i64, stale_before: &str) -> Verdict {
@@ -621,6 +667,8 @@ async fn read_all_pages(
     let fetching = async move {
         let mut cursor = listing.first();
         let mut fetched = 0i64;
+        // Leads read before the check could be asked (ScanKnown::ready).
+        let mut pending = Vec::new();
         loop {
             // Once the known leads are read, a lead listed as it was is not
             // read past its id (no columns, no copy of its payload).
@@ -632,13 +680,17 @@ async fn read_all_pages(
             // written; pages already fetched are). Dropping the request cuts
             // no token refresh: refreshes run detached and are awaited by
             // shutdown.
+            let checked = shared.ready(&mut pending, &stale_before);
             let page = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
-                page = client.list_page_with(business_id, &cursor, shared.any_known().then_some(&unchanged)) => {
+                page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged)) => {
                     page.map_err(|e| e.message)?
                 }
             };
+            if !checked {
+                shared.read_unchecked(&mut pending, &page);
+            }
             let step = listing.advance(&page);
             *style = Some(listing.style());
             let step = step?;
@@ -668,6 +720,9 @@ async fn read_all_pages(
                 let _ = shared.leads.set(known);
             }
             Err(e) => {
+                shared
+                    .read_failed
+                    .store(true, std::sync::atomic::Ordering::Release);
                 tracing::debug!(error = %format!("{e:#}"), "cannot read the known leads; every lead is looked up");
             }
         }
@@ -792,5 +847,57 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert_eq!(started.elapsed(), BATCH_WAIT, "waited for more, then wrote");
         drop(tx);
+    }
+
+    #[test]
+    fn a_lead_listed_before_the_known_leads_were_read_is_never_counted_unchanged_later() {
+        // Page 1, fetched while the known leads were read, lists the lead
+        // changed; page 3 lists it as it was when the scan started (a
+        // listing shift). The writer may not have written page 1 yet when
+        // the fetcher checks page 3: that listing must still be written,
+        // as every later listing is (the last listing wins).
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let was = r#"{"negotiationID":"x","v":1}"#;
+        let hash = xxhash_rust::xxh3::xxh3_64(was.as_bytes()) as i64;
+        let now = crate::time::fmt(chrono::Utc::now());
+        let was_y = r#"{"negotiationID":"y"}"#;
+        let hash_y = xxhash_rust::xxh3::xxh3_64(was_y.as_bytes()) as i64;
+        for (id, payload, hash) in [("x", was, hash), ("y", was_y, hash_y)] {
+            conn.execute(
+                "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                     first_seen_at, last_seen_at, changed_at) VALUES (?1, 'b', ?2, ?3, ?4, ?4, ?4)",
+                rusqlite::params![id, payload, hash, now],
+            )
+            .unwrap();
+        }
+        let shared = ScanKnown::default();
+        let mut pending = Vec::new();
+        let stale_before = page_context("b", 1).stale_before;
+        assert!(
+            !shared.ready(&mut pending, &stale_before),
+            "nothing read yet"
+        );
+        let page1 = crate::thumbtack::model::parse_page(
+            format!(r#"{{"data":[{{"negotiationID":"x","v":2}},{was_y}]}}"#).as_bytes(),
+        )
+        .unwrap();
+        shared.read_unchecked(&mut pending, &page1);
+        let _ = shared.leads.set(mirror::known_leads(&conn, "b").unwrap());
+        assert!(shared.ready(&mut pending, &stale_before));
+        let x = mirror::id_fingerprint("x");
+        assert_ne!(shared.check(x, hash, &stale_before), Verdict::Unchanged);
+        // A lead listed there as it was is still unchanged (the writer
+        // needs no lookup for it).
+        let y = mirror::id_fingerprint("y");
+        assert_eq!(shared.check(y, hash_y, &stale_before), Verdict::Unchanged);
+        // A first sync (no known leads) keeps nothing of its pages.
+        let first = ScanKnown::default();
+        let _ = first.leads.set(Default::default());
+        let mut pending = Vec::new();
+        first.read_unchecked(&mut pending, &page1);
+        assert!(!first.ready(&mut pending, &stale_before));
+        assert!(pending.is_empty());
+        assert_eq!(first.check(x, hash, &stale_before), Verdict::Unknown);
     }
 }

@@ -164,21 +164,19 @@ fn instant_key(t: &[u8]) -> Option<i64> {
 }
 
 /// How many leads [`KNOWN_LEADS`] reads.
-const KNOWN_COUNT: &str =
-    "SELECT count(*) FROM negotiations INDEXED BY negotiations_present_by_business
+const KNOWN_COUNT: &str = "SELECT count(*) FROM negotiations
   WHERE business_id = ?1 AND missing_since IS NULL";
 
 /// A business's present leads, as a full scan knows them before it starts.
 const KNOWN_LEADS: &str = "SELECT negotiation_id, payload_hash, last_seen_at
-   FROM negotiations INDEXED BY negotiations_present_by_business
+   FROM negotiations
   WHERE business_id = ?1 AND missing_since IS NULL";
 
 /// A business's present leads known before a pass started (?2, the run;
 /// ?3, now when the run has no row): after a full scan, those it did not
 /// list are missing. A lead first seen after the scan started (a webhook
 /// delivery meanwhile) could not be in its listing.
-const UNLISTED: &str =
-    "SELECT negotiation_id FROM negotiations INDEXED BY negotiations_present_by_business
+const UNLISTED: &str = "SELECT negotiation_id FROM negotiations
   WHERE business_id = ?1 AND missing_since IS NULL
     AND first_seen_at < COALESCE((SELECT started_at FROM sync_runs WHERE id = ?2), ?3)";
 
@@ -385,10 +383,12 @@ fn upsert_page(tx: &Connection, ctx: &PageContext, leads: &[LeadRow]) -> Result<
     let mut stats = PageStats::default();
     // A trigger of the partner's on `negotiations` would see (BEFORE
     // INSERT) an insert that then does nothing: it gets the ordinary path.
+    // A trigger keeps its table's name as written (any case).
     let insert_first = ctx.insert_first
         && tx
             .prepare_cached(
-                "SELECT 1 FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'negotiations'",
+                "SELECT 1 FROM sqlite_master WHERE type = 'trigger'
+                   AND tbl_name = 'negotiations' COLLATE NOCASE",
             )?
             .query_row([], |_| Ok(()))
             .optional()?
@@ -875,19 +875,66 @@ mod tests {
         // table row: ~40% of an unchanged re-sync's CPU before schema 11.
         let dir = tempfile::tempdir().unwrap();
         let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
-        for sql in [KNOWN_COUNT, KNOWN_LEADS, UNLISTED] {
-            let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-            let mut rows = stmt.raw_query();
-            let mut plan = Vec::new();
-            while let Some(r) = rows.next().unwrap() {
-                plan.push(r.get::<_, String>(3).unwrap());
+        let plans = |conn: &Connection| {
+            for sql in [KNOWN_COUNT, KNOWN_LEADS, UNLISTED] {
+                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+                let mut rows = stmt.raw_query();
+                let mut plan = Vec::new();
+                while let Some(r) = rows.next().unwrap() {
+                    plan.push(r.get::<_, String>(3).unwrap());
+                }
+                assert!(
+                    plan.iter()
+                        .any(|p| p.contains("COVERING INDEX negotiations_present_by_business")),
+                    "{sql}: {plan:?}"
+                );
             }
-            assert!(
-                plan.iter()
-                    .any(|p| p.contains("COVERING INDEX negotiations_present_by_business")),
-                "{sql}: {plan:?}"
-            );
-        }
+        };
+        plans(&conn);
+        // Chosen by the planner (no INDEXED BY, which fails the query when
+        // the index is gone), also once a user ran ANALYZE: one business
+        // of many leads, a few of them missing.
+        conn.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 3000)
+             INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                 first_seen_at, last_seen_at, changed_at, missing_since)
+             SELECT i, 'b' || (i % 3), '{}', i, 't', 't', 't', CASE WHEN i % 10 = 0 THEN 't' END
+               FROM n;
+             ANALYZE;",
+        )
+        .unwrap();
+        plans(&conn);
+    }
+
+    #[test]
+    fn a_full_scan_still_reads_its_business_when_the_index_was_dropped() {
+        // A user's maintenance (or a partner's tool) may drop or rename an
+        // index: the pass is slower, never failing for good.
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                 first_seen_at, last_seen_at, changed_at, missing_since) VALUES
+             ('1', 'b', '{}', 7, '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z',
+              '2026-01-01T00:00:00.000Z', NULL),
+             ('2', 'b', '{}', 7, '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:00.000Z',
+              '2026-01-01T00:00:00.000Z', NULL);
+             DROP INDEX negotiations_present_by_business;",
+        )
+        .unwrap();
+        assert_eq!(known_leads(&conn, "b").unwrap().len(), 2);
+        let now = "2026-01-02T00:00:00.000Z";
+        let seen: std::collections::HashSet<u64> = [id_fingerprint("1")].into();
+        assert_eq!(count_unseen(&conn, "b", 0, &seen, now).unwrap(), 1);
+        mark_missing(&mut conn, "b", 0, &seen, true, now).unwrap();
+        let missing: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(missing, 1);
     }
 
     #[test]
@@ -1054,6 +1101,40 @@ mod tests {
         };
         write_page(&mut conn, &ctx(false), &[lead(r#"{"a":1}"#)]).unwrap();
         // Mirrored after the scan read its known leads: believed new.
+        write_page(&mut conn, &ctx(true), &[lead(r#"{"a":2}"#)]).unwrap();
+        let fed: i64 = conn
+            .query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(fed, 1, "one lead was inserted, once");
+    }
+
+    #[test]
+    fn a_partners_trigger_named_in_another_case_still_turns_insert_first_off() {
+        // SQLite names tables case-insensitively and keeps a trigger's
+        // table name as it was written.
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_feed (negotiation_id TEXT);
+             CREATE TRIGGER partner_feed_new BEFORE INSERT ON main.\"Negotiations\"
+             BEGIN INSERT INTO partner_feed VALUES (NEW.negotiation_id); END;",
+        )
+        .unwrap();
+        let ctx = |insert_first| PageContext {
+            business_id: "b".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first,
+        };
+        let lead = |payload: &str| LeadRow {
+            negotiation_id: "1".into(),
+            payload: payload.into(),
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            ..LeadRow::default()
+        };
+        write_page(&mut conn, &ctx(false), &[lead(r#"{"a":1}"#)]).unwrap();
         write_page(&mut conn, &ctx(true), &[lead(r#"{"a":2}"#)]).unwrap();
         let fed: i64 = conn
             .query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))

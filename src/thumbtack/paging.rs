@@ -377,6 +377,25 @@ mod tests {
     }
 
     #[test]
+    fn a_repeated_page_is_caught_however_its_leads_were_read() {
+        // A re-sync: the first page read in full (the known leads not read
+        // yet), the repeat found unchanged lead by lead, and the other way.
+        let body = r#"{"data":[{"negotiationID":"a"},{"no_id":1},{"negotiationID":"b"}],
+            "pagination":{"limit":3,"offset":0}}"#;
+        let unchanged = |_: &str, _: i64| true;
+        let read = parse_page(body.as_bytes()).unwrap();
+        let skipped =
+            crate::thumbtack::model::parse_page_with(body.as_bytes(), Some(&unchanged)).unwrap();
+        assert_eq!((skipped.leads.len(), skipped.unchanged.len()), (0, 2));
+        for (first, again) in [(&read, &skipped), (&skipped, &read), (&skipped, &skipped)] {
+            let mut l = Listing::new("http://h", 3).unwrap();
+            l.first();
+            assert!(matches!(l.advance(first), Ok(Step::Next(_))), "a full page");
+            assert!(l.advance(again).unwrap_err().contains("same leads"));
+        }
+    }
+
+    #[test]
     fn a_server_that_ignores_the_cursor_is_caught_not_read_forever() {
         const SAME: &str = r#"{"negotiationID":"a"},{"negotiationID":"b"}"#;
         // Offset style: the server echoes the offset asked for but always
