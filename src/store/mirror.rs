@@ -125,8 +125,8 @@ pub fn id_fingerprint(negotiation_id: &str) -> u64 {
 pub struct Known {
     hash: i64,
     /// `last_seen_at` as [`instant_key`] orders it; -1 (before every
-    /// instant) when the lead is missing or the text is not in leadsync's
-    /// own form: such a lead is never unchanged.
+    /// instant) when the text is not in leadsync's own form: such a lead is
+    /// never unchanged. (A missing lead is not known at all.)
     last_seen: i64,
 }
 
