@@ -266,14 +266,10 @@ pub fn upsert_lead(
         })
         .optional()?;
     let Some((hash, stale, missing, same_business, old_status, keep)) = existing else {
-        tx.prepare_cached(
-            "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
-                 payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
-                 charge_state, first_seen_at, last_seen_at, changed_at, missing_since)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL)",
-        )?
-        .execute(&lead_columns(lead, ctx)[..])?;
-        record_new(tx, lead, ctx)?;
+        // Not mirrored, as just looked up in this transaction: inserted.
+        if !insert_new(tx, ctx, lead)? {
+            anyhow::bail!("lead {} appeared while it was written", lead.negotiation_id);
+        }
         return Ok(Upserted::Inserted);
     };
     let mut changed_fields = None;
@@ -336,16 +332,6 @@ pub fn upsert_lead(
     })
 }
 
-fn record_new(tx: &Connection, lead: &LeadRow, ctx: &PageContext) -> rusqlite::Result<usize> {
-    let c = Change {
-        kind: "new",
-        old_status: None,
-        changed_fields: None,
-        old_payload: None,
-    };
-    record_change(tx, lead, ctx, c)
-}
-
 /// Inserts a lead the caller believes new, with its `new` change row; false,
 /// and nothing written, when its id is mirrored already.
 fn insert_new(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result<bool> {
@@ -361,7 +347,13 @@ fn insert_new(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result<bool
     if inserted == 0 {
         return Ok(false);
     }
-    record_new(tx, lead, ctx)?;
+    let c = Change {
+        kind: "new",
+        old_status: None,
+        changed_fields: None,
+        old_payload: None,
+    };
+    record_change(tx, lead, ctx, c)?;
     Ok(true)
 }
 
@@ -590,35 +582,14 @@ pub fn mark_missing(
     now: &str,
 ) -> Result<Missing> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let mut present = 0i64;
-    let missing: Vec<(String, Option<String>)> = {
-        // A lead first seen after the scan started (a webhook delivery
-        // meanwhile) could not be in its listing: it is not missing.
-        // From the index alone (schema 11); the status only of the unlisted.
-        let mut stmt = tx.prepare(UNLISTED)?;
-        let mut rows = stmt.query(params![business_id, run_id, now])?;
-        let mut unlisted = Vec::new();
-        while let Some(r) = rows.next()? {
-            present += 1;
-            let id = r.get_ref(0)?.as_str()?;
-            if !seen.contains(&id_fingerprint(id)) {
-                unlisted.push(id.to_string());
-            }
-        }
-        let mut status_of =
-            tx.prepare_cached("SELECT status FROM negotiations WHERE negotiation_id = ?1")?;
-        let mut missing = Vec::with_capacity(unlisted.len());
-        for id in unlisted {
-            let status: Option<String> = status_of.query_row([&id], |r| r.get(0))?;
-            missing.push((id, status));
-        }
-        missing
-    };
+    let (present, missing) = unlisted(&tx, business_id, run_id, seen, now)?;
     let would = missing.len() as i64;
     if !accept_mass && would > MASS_MISSING_MIN && would * 2 > present {
         return Ok(Missing::Refused { would, present });
     }
     {
+        let mut status_of =
+            tx.prepare_cached("SELECT status FROM negotiations WHERE negotiation_id = ?1")?;
         let mut mark = tx.prepare_cached(
             "UPDATE negotiations SET missing_since = ?2 WHERE negotiation_id = ?1",
         )?;
@@ -627,7 +598,8 @@ pub fn mark_missing(
                  old_status, new_status, sync_run_id)
              VALUES (?1, ?2, ?3, 'missing', ?4, ?4, ?5)",
         )?;
-        for (id, status) in &missing {
+        for id in &missing {
+            let status: Option<String> = status_of.query_row([id], |r| r.get(0))?;
             mark.execute(params![id, now])?;
             change.execute(params![id, business_id, now, status, run_id])?;
         }
@@ -645,15 +617,30 @@ pub fn count_unseen(
     seen: &std::collections::HashSet<u64>,
     now: &str,
 ) -> Result<i64> {
-    let mut stmt = conn.prepare(UNLISTED)?;
+    Ok(unlisted(conn, business_id, run_id, seen, now)?.1.len() as i64)
+}
+
+/// The ids of the business's present leads known before the pass started
+/// ([`UNLISTED`], from the index alone) that `seen` does not have, and how
+/// many present leads there were.
+fn unlisted(
+    conn: &Connection,
+    business_id: &str,
+    run_id: i64,
+    seen: &std::collections::HashSet<u64>,
+    now: &str,
+) -> Result<(i64, Vec<String>)> {
+    let mut stmt = conn.prepare_cached(UNLISTED)?;
     let mut rows = stmt.query(params![business_id, run_id, now])?;
-    let mut unseen = 0;
+    let (mut present, mut ids) = (0, Vec::new());
     while let Some(r) = rows.next()? {
-        if !seen.contains(&id_fingerprint(r.get_ref(0)?.as_str()?)) {
-            unseen += 1;
+        present += 1;
+        let id = r.get_ref(0)?.as_str()?;
+        if !seen.contains(&id_fingerprint(id)) {
+            ids.push(id.to_string());
         }
     }
-    Ok(unseen)
+    Ok((present, ids))
 }
 
 /// Makes the `businesses` table match the configuration (rows are never
@@ -838,14 +825,19 @@ mod tests {
 
     /// The opcodes SQLite compiles a statement to.
     fn opcodes(conn: &Connection, sql: &str) -> Vec<String> {
-        let mut stmt = conn.prepare(&format!("EXPLAIN {sql}")).unwrap();
+        explained(conn, &format!("EXPLAIN {sql}"), 1)
+    }
+
+    /// One text column of an `EXPLAIN` or `EXPLAIN QUERY PLAN`, row by row.
+    fn explained(conn: &Connection, explain: &str, column: usize) -> Vec<String> {
+        let mut stmt = conn.prepare(explain).unwrap();
         // Unbound parameters are NULL: EXPLAIN only compiles.
         let mut rows = stmt.raw_query();
-        let mut ops = Vec::new();
+        let mut out = Vec::new();
         while let Some(r) = rows.next().unwrap() {
-            ops.push(r.get::<_, String>(1).unwrap());
+            out.push(r.get::<_, String>(column).unwrap());
         }
-        ops
+        out
     }
 
     #[test]
@@ -877,12 +869,7 @@ mod tests {
         let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
         let plans = |conn: &Connection| {
             for sql in [KNOWN_COUNT, KNOWN_LEADS, UNLISTED] {
-                let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
-                let mut rows = stmt.raw_query();
-                let mut plan = Vec::new();
-                while let Some(r) = rows.next().unwrap() {
-                    plan.push(r.get::<_, String>(3).unwrap());
-                }
+                let plan = explained(conn, &format!("EXPLAIN QUERY PLAN {sql}"), 3);
                 assert!(
                     plan.iter()
                         .any(|p| p.contains("COVERING INDEX negotiations_present_by_business")),
@@ -1075,15 +1062,17 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_partners_trigger_on_negotiations_never_sees_an_insert_that_did_nothing() {
+    /// How many inserts a partner's BEFORE INSERT trigger (on `table`, as
+    /// they wrote it) saw when a lead mirrored after a scan read its known
+    /// leads arrives in a page believed new.
+    fn inserts_a_partners_trigger_saw(table: &str) -> i64 {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
-        conn.execute_batch(
+        conn.execute_batch(&format!(
             "CREATE TABLE partner_feed (negotiation_id TEXT);
-             CREATE TRIGGER partner_feed_new BEFORE INSERT ON negotiations
-             BEGIN INSERT INTO partner_feed VALUES (NEW.negotiation_id); END;",
-        )
+             CREATE TRIGGER partner_feed_new BEFORE INSERT ON {table}
+             BEGIN INSERT INTO partner_feed VALUES (NEW.negotiation_id); END;"
+        ))
         .unwrap();
         let ctx = |insert_first| PageContext {
             business_id: "b".into(),
@@ -1102,44 +1091,28 @@ mod tests {
         write_page(&mut conn, &ctx(false), &[lead(r#"{"a":1}"#)]).unwrap();
         // Mirrored after the scan read its known leads: believed new.
         write_page(&mut conn, &ctx(true), &[lead(r#"{"a":2}"#)]).unwrap();
-        let fed: i64 = conn
-            .query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(fed, 1, "one lead was inserted, once");
+        conn.query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))
+            .unwrap()
+    }
+
+    #[test]
+    fn a_partners_trigger_on_negotiations_never_sees_an_insert_that_did_nothing() {
+        assert_eq!(
+            inserts_a_partners_trigger_saw("negotiations"),
+            1,
+            "one lead was inserted, once"
+        );
     }
 
     #[test]
     fn a_partners_trigger_named_in_another_case_still_turns_insert_first_off() {
         // SQLite names tables case-insensitively and keeps a trigger's
         // table name as it was written.
-        let dir = tempfile::tempdir().unwrap();
-        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
-        conn.execute_batch(
-            "CREATE TABLE partner_feed (negotiation_id TEXT);
-             CREATE TRIGGER partner_feed_new BEFORE INSERT ON main.\"Negotiations\"
-             BEGIN INSERT INTO partner_feed VALUES (NEW.negotiation_id); END;",
-        )
-        .unwrap();
-        let ctx = |insert_first| PageContext {
-            business_id: "b".into(),
-            run_id: None,
-            source: Source::Poll,
-            now: "2026-01-01T00:00:00.000Z".into(),
-            stale_before: "2025-12-31T23:00:00.000Z".into(),
-            insert_first,
-        };
-        let lead = |payload: &str| LeadRow {
-            negotiation_id: "1".into(),
-            payload: payload.into(),
-            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
-            ..LeadRow::default()
-        };
-        write_page(&mut conn, &ctx(false), &[lead(r#"{"a":1}"#)]).unwrap();
-        write_page(&mut conn, &ctx(true), &[lead(r#"{"a":2}"#)]).unwrap();
-        let fed: i64 = conn
-            .query_row("SELECT count(*) FROM partner_feed", [], |r| r.get(0))
-            .unwrap();
-        assert_eq!(fed, 1, "one lead was inserted, once");
+        assert_eq!(
+            inserts_a_partners_trigger_saw("main.\"Negotiations\""),
+            1,
+            "one lead was inserted, once"
+        );
     }
 
     #[test]

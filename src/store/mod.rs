@@ -794,6 +794,16 @@ mod tests {
         assert_eq!(v, schema_version());
     }
 
+    /// How `negotiation_changes` is defined now.
+    fn changes_table_sql(conn: &Connection) -> String {
+        conn.query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'negotiation_changes'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
     #[test]
     fn version_10_rebuilds_the_change_log_keeping_rows_ids_and_what_users_added() {
         let dir = tempfile::tempdir().unwrap();
@@ -835,13 +845,7 @@ mod tests {
         let before = rows(&conn);
         migrate(&mut conn).unwrap();
         assert_eq!(rows(&conn), before);
-        let sql: String = conn
-            .query_row(
-                "SELECT sql FROM sqlite_master WHERE name = 'negotiation_changes'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let sql = changes_table_sql(&conn);
         assert!(
             sql.contains(KIND_CHECK_OR) && !sql.contains(KIND_CHECK_IN),
             "{sql}"
@@ -934,13 +938,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(row, (5, "2026-01-01".to_string(), "x".to_string()));
-        let sql: String = conn
-            .query_row(
-                "SELECT sql FROM sqlite_master WHERE name = 'negotiation_changes'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let sql = changes_table_sql(&conn);
         assert!(sql.contains(KIND_CHECK_OR), "{sql}");
     }
 
@@ -967,13 +965,7 @@ mod tests {
             .query_row("SELECT id FROM negotiation_changes", [], |r| r.get(0))
             .unwrap();
         assert_eq!(ids, 5);
-        let sql: String = conn
-            .query_row(
-                "SELECT sql FROM sqlite_master WHERE name = 'negotiation_changes'",
-                [],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let sql = changes_table_sql(&conn);
         assert!(sql.contains(KIND_CHECK_OR), "{sql}");
     }
 
