@@ -7,6 +7,13 @@
 //! the writes alone.
 //!
 //!     cargo run --release --example write_floor -- DB BUSINESSES LEADS_PER_BUSINESS [PAGE]
+//!         [--pages-per-tx N] [--bare]
+//!
+//! `--pages-per-tx 8` writes as a full scan does when its pages come faster
+//! than they are written (up to 8 pages a transaction); `--bare` writes the
+//! `negotiations` rows alone, without their change rows and without the
+//! indexes beyond the primary key: what the schema's extras cost (README,
+//! "Performance").
 
 use leadsync::sandbox::data::{Shape, generate};
 use leadsync::thumbtack::model::parse_lead_body;
@@ -22,11 +29,24 @@ fn cpu_seconds() -> f64 {
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage = "usage: write_floor DB BUSINESSES LEADS_PER_BUSINESS [PAGE]";
+    let usage =
+        "usage: write_floor DB BUSINESSES LEADS_PER_BUSINESS [PAGE] [--pages-per-tx N] [--bare]";
     let db = args.get(1).ok_or_else(|| anyhow::anyhow!(usage))?;
     let businesses: usize = args.get(2).ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
     let per: usize = args.get(3).ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
-    let page: usize = args.get(4).map(|p| p.parse()).transpose()?.unwrap_or(100);
+    let page: usize = match args.get(4) {
+        Some(p) if !p.starts_with("--") => p.parse()?,
+        _ => 100,
+    };
+    let flag = |name: &str| args.iter().position(|a| a == name);
+    let pages_per_tx: usize = match flag("--pages-per-tx") {
+        Some(i) => args
+            .get(i + 1)
+            .ok_or_else(|| anyhow::anyhow!(usage))?
+            .parse()?,
+        None => 1,
+    };
+    let bare = flag("--bare").is_some();
 
     let (data, _) = generate(7, businesses, per, Shape::Schema);
     let rows: Vec<(String, Vec<_>)> = data
@@ -40,13 +60,27 @@ fn main() -> anyhow::Result<()> {
             (b.id.clone(), leads)
         })
         .collect();
-    let now = leadsync::time::fmt(chrono::Utc::now());
     let mut conn = leadsync::store::open_connection(std::path::Path::new(db), true)?;
+    if bare {
+        let indexes: Vec<String> = conn
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL
+                   AND tbl_name IN ('negotiations', 'negotiation_changes')",
+            )?
+            .query_map([], |r| r.get(0))?
+            .collect::<Result<_, _>>()?;
+        for name in indexes {
+            conn.execute_batch(&format!("DROP INDEX \"{name}\""))?;
+        }
+    }
 
     let (wall0, cpu0) = (Instant::now(), cpu_seconds());
     let mut n = 0usize;
     for (business_id, leads) in &rows {
-        for chunk in leads.chunks(page) {
+        for chunk in leads.chunks(page * pages_per_tx) {
+            // Each transaction's own time, as a scan's pages have (the
+            // first_seen_at of the present-leads index grows with it).
+            let now = leadsync::time::fmt(chrono::Utc::now());
             let tx = conn.transaction()?;
             {
                 let mut ins = tx.prepare_cached(
@@ -76,12 +110,14 @@ fn main() -> anyhow::Result<()> {
                         l.charge_state,
                         now
                     ])?;
-                    change.execute(rusqlite::params![
-                        l.negotiation_id,
-                        business_id,
-                        now,
-                        l.status
-                    ])?;
+                    if !bare {
+                        change.execute(rusqlite::params![
+                            l.negotiation_id,
+                            business_id,
+                            now,
+                            l.status
+                        ])?;
+                    }
                     n += 1;
                 }
             }
