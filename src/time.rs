@@ -20,6 +20,25 @@ pub fn parse(s: &str) -> Option<DateTime<Utc>> {
         .map(|t| t.with_timezone(&Utc))
 }
 
+/// A time the mirror copies from Thumbtack (a lead's `createTime`, a
+/// message's `sentAt`), in the mirror's form: UTC, milliseconds at least, so
+/// that text order is time order among them and against leadsync's own
+/// times; a finer fraction is kept. `None` when `s` is not RFC 3339 or its
+/// UTC year leaves 0000–9999 (the caller keeps it as sent).
+pub fn sortable_utc(s: &str) -> Option<String> {
+    use chrono::{Datelike, Timelike};
+    let u = parse(s)?;
+    if !(0..=9999).contains(&u.year()) {
+        return None;
+    }
+    let precision = if u.nanosecond() % 1_000_000 == 0 {
+        SecondsFormat::Millis
+    } else {
+        SecondsFormat::AutoSi
+    };
+    Some(u.to_rfc3339_opts(precision, true))
+}
+
 /// The instant `s` (any RFC 3339 zone) in UTC `Z` form, keeping its fraction
 /// exactly as precise as it was given (no fraction stays no fraction).
 pub fn to_utc_z(s: &str) -> Option<String> {

@@ -464,7 +464,8 @@ async fn a_lead_and_a_message_are_applied_once() {
         )
         .unwrap();
     assert_eq!(sender, "Customer");
-    assert_eq!(sent_at, "2026-11-28T04:00:01Z");
+    // Milliseconds at least, like every time leadsync stores: text order is time order.
+    assert_eq!(sent_at, "2026-11-28T04:00:01.000Z");
     assert_eq!(
         b.as_deref(),
         Some(business.as_str()),

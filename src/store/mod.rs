@@ -71,6 +71,10 @@ fn migrations() -> Vec<(i64, String)> {
             11,
             include_str!("migrations/0011_present_by_business.sql").to_string(),
         ),
+        (
+            12,
+            include_str!("migrations/0012_message_times_millis.sql").to_string(),
+        ),
     ]
 }
 
@@ -1001,6 +1005,45 @@ mod tests {
                 "1718357400",
                 "2026-01-01T00:00:00.000Z",
                 "2026-01-01T00:00:00.500Z"
+            ]
+        );
+    }
+
+    #[test]
+    fn version_12_gives_message_times_their_milliseconds() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 11).unwrap();
+        for (id, at) in [
+            ("1", Some("2026-01-01T00:00:00Z")),
+            ("2", Some("2026-01-01T00:00:00.500Z")),
+            ("3", Some("2026-01-01T00:00:00.500001Z")),
+            ("4", Some("yesterday")),
+            ("5", None),
+        ] {
+            conn.execute(
+                "INSERT INTO messages (message_id, negotiation_id, sent_at, payload, source, first_seen_at)
+                 VALUES (?1, 'n', ?2, '{}', 'poll', 't')",
+                rusqlite::params![id, at],
+            )
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        let at: Vec<(String, Option<String>)> = conn
+            .prepare("SELECT message_id, sent_at FROM messages ORDER BY message_id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let at: Vec<Option<&str>> = at.iter().map(|(_, t)| t.as_deref()).collect();
+        assert_eq!(
+            at,
+            [
+                Some("2026-01-01T00:00:00.000Z"),
+                Some("2026-01-01T00:00:00.500Z"),
+                Some("2026-01-01T00:00:00.500001Z"),
+                Some("yesterday"),
+                None
             ]
         );
     }

@@ -230,22 +230,10 @@ fn text(raw: Option<&RawValue>) -> Option<String> {
     }
 }
 
-/// A lead's time in the mirror's form (UTC, milliseconds at least, so that
-/// text order is time order; a finer fraction is kept). What is not an
-/// RFC 3339 time, or leaves the years 0000–9999 once in UTC, stays as sent.
+/// A lead's time in the mirror's form ([`crate::time::sortable_utc`]);
+/// what is not an RFC 3339 time in the years 0000–9999 stays as sent.
 fn lead_time(t: String) -> String {
-    use chrono::{Datelike, SecondsFormat, Timelike};
-    match crate::time::parse(&t) {
-        Some(u) if (0..=9999).contains(&u.year()) => u.to_rfc3339_opts(
-            if u.nanosecond() % 1_000_000 == 0 {
-                SecondsFormat::Millis
-            } else {
-                SecondsFormat::AutoSi
-            },
-            true,
-        ),
-        _ => t,
-    }
+    crate::time::sortable_utc(&t).unwrap_or(t)
 }
 
 /// A nested object of the lead, when the field is one.
@@ -520,8 +508,9 @@ pub struct OAuthError {
 pub struct Message {
     pub message_id: String,
     pub negotiation_id: Option<String>,
-    /// `sentAt` in UTC `Z` form (as precise as sent) when it parses, else as
-    /// sent: the same form a webhook delivery of the message is stored in.
+    /// `sentAt` in the mirror's form (UTC, milliseconds at least, as
+    /// [`crate::time::sortable_utc`]) when it parses, else as sent: the same
+    /// form a webhook delivery of the message is stored in.
     pub sent_at: Option<String>,
     /// `from`: `Customer` or `Business`.
     pub sender: Option<String>,
@@ -576,7 +565,7 @@ pub fn parse_message(raw: &RawValue) -> Option<Message> {
         negotiation_id: text(f.negotiation_id).filter(|s| !s.is_empty()),
         sent_at: sent_at_raw
             .as_deref()
-            .map(|t| crate::time::to_utc_z(t).unwrap_or_else(|| t.to_string())),
+            .map(|t| crate::time::sortable_utc(t).unwrap_or_else(|| t.to_string())),
         sender: text(f.from),
         text: text(f.text),
         sent_at_raw,
@@ -1064,6 +1053,40 @@ mod tests {
     }
 
     #[test]
+    fn message_times_are_stored_so_that_text_order_is_time_order() {
+        // As sent by a server that trims trailing zeros (Go's RFC3339Nano):
+        // a whole second sorted after a fraction of the same second.
+        let sent = [
+            "2026-11-28T04:00:00Z",
+            "2026-11-28T04:00:00.5Z",
+            "2026-11-28T05:00:00.25+01:00",
+            "2026-11-28T04:00:01Z",
+            "2026-11-28T04:00:00.999999Z",
+        ];
+        let mut stored: Vec<(String, chrono::DateTime<chrono::Utc>)> = sent
+            .iter()
+            .map(|t| {
+                let body = format!(r#"{{"messageID":"m","sentAt":"{t}"}}"#);
+                let raw: &RawValue = serde_json::from_str(&body).unwrap();
+                let m = parse_message(raw).unwrap();
+                assert_eq!(
+                    m.sent_at_raw.as_deref(),
+                    Some(*t),
+                    "sent as is kept for paging"
+                );
+                (m.sent_at.unwrap(), crate::time::parse(t).unwrap())
+            })
+            .collect();
+        stored.sort();
+        let instants: Vec<_> = stored.iter().map(|(_, i)| *i).collect();
+        let mut in_time_order = instants.clone();
+        in_time_order.sort();
+        assert_eq!(instants, in_time_order, "{stored:?}");
+        assert_eq!(stored[0].0, "2026-11-28T04:00:00.000Z");
+        assert_eq!(stored[1].0, "2026-11-28T04:00:00.250Z");
+    }
+
+    #[test]
     fn a_message_page_keeps_each_message_exactly() {
         let body = r#"{"data":[{"messageID":"600000000000000001","negotiationID":"519153480500518912","from":"Customer",
             "customer":{"customerID":"1","displayName":"Zoë"},"text":"Hi \u00e9 👍","attachments":[],"sentAt":"2024-06-13T19:18:01+02:00","x":9007199254740993},
@@ -1074,7 +1097,7 @@ mod tests {
         assert_eq!(page.limit, Some(20));
         let m = &page.messages[0];
         assert_eq!(m.message_id, "600000000000000001");
-        assert_eq!(m.sent_at.as_deref(), Some("2024-06-13T17:18:01Z"));
+        assert_eq!(m.sent_at.as_deref(), Some("2024-06-13T17:18:01.000Z"));
         assert_eq!(m.sent_at_raw.as_deref(), Some("2024-06-13T19:18:01+02:00"));
         assert_eq!(m.sender.as_deref(), Some("Customer"));
         assert_eq!(m.text.as_deref(), Some("Hi é 👍"));

@@ -238,7 +238,7 @@ fn message(data: Option<&RawValue>) -> Content {
             };
         }
     };
-    let sent_at = string(ids.sent_at).map(|t| crate::time::to_utc_z(&t).unwrap_or(t));
+    let sent_at = string(ids.sent_at).map(|t| crate::time::sortable_utc(&t).unwrap_or(t));
     Content::Message(Message {
         business_id: business_of(&ids),
         sent_at,
