@@ -309,8 +309,17 @@ async fn a_failed_claim_lets_in_flight_sends_finish() {
     rig.env.sandbox.set_faults(with_latency(700));
     let drain = rig.drain_in_background();
     rig.wait_sending(2).await;
-    // The next claim fails (its index is gone); the sends in flight must not.
-    rig.sql("DROP INDEX outbox_due");
+    // The next claim fails (a row of another negotiation, due, whose claim
+    // a partner's trigger breaks: not a constraint, so not that row's
+    // failure alone); the sends in flight, and their chains, must not.
+    let other = rig.lead(0, 1);
+    rig.sql(&format!(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+             VALUES ('{other}', 'appt_scheduled', '2024-06-14T09:30:00Z', '2000-01-01T00:00:00Z');
+         CREATE TRIGGER breaks_the_claim BEFORE UPDATE OF late ON outbox
+           WHEN NEW.negotiation_id = '{other}'
+         BEGIN SELECT abs(NEW.attempts * 0 - 9223372036854775807 - 1); END;"
+    ));
     let r = tokio::time::timeout(Duration::from_secs(60), drain)
         .await
         .expect("the drain ends")
