@@ -338,6 +338,47 @@ async fn a_failed_claim_lets_in_flight_sends_finish() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_go_out_when_the_indexes_leadsync_made_were_dropped_and_it_says_how_to_restore_them() {
+    // The schema is the user's too (SPEC §3): a dropped or renamed index
+    // used to fail every claim for good ("no such index").
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let n = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
+    let db = env.sql();
+    db.execute_batch(&format!(
+        "DROP INDEX outbox_due; DROP INDEX outbox_waiting_by_negotiation;
+         DROP INDEX outbox_sent_by_negotiation; DROP INDEX outbox_open_by_negotiation;
+         DROP INDEX outbox_ready_by_business;
+         INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES
+             ('{n}', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+             ('{n}', 'job_complete', '2024-06-14T10:30:00Z');"
+    ))
+    .unwrap();
+    let out = env.run(&["drain"]);
+    let text = common::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox WHERE state = 'sent'"),
+        2,
+        "{text}"
+    );
+    let statuses: Vec<String> = env
+        .sandbox
+        .deliveries()
+        .into_iter()
+        .map(|d| d.status)
+        .collect();
+    assert_eq!(statuses, ["appt_scheduled", "job_complete"]);
+    assert!(text.contains("outbox_due"), "{text}");
+    assert!(
+        text.contains(
+            "CREATE INDEX outbox_due ON outbox (next_attempt_at, id) WHERE state = 'pending' AND waiting_for IS NULL"
+        ),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_without_an_instant_is_never_first_in_line() {
     // Defect 6: +15:00 made the instant NULL; NULL comparisons let two rows
     // of one negotiation go out together.

@@ -756,6 +756,16 @@ impl Pins {
         Ok(Pins(pins))
     }
 
+    /// The pinned indexes the mirror lacks (dropped, renamed, redefined),
+    /// each with the statement that makes it again.
+    pub fn missing(&self) -> Vec<(&'static str, String)> {
+        PINNED_INDEXES
+            .iter()
+            .filter(|(name, _)| !self.0.contains(name))
+            .map(|(name, def)| (*name, def.split_whitespace().collect::<Vec<_>>().join(" ")))
+            .collect()
+    }
+
     /// `INDEXED BY index` when the mirror has it as leadsync made it, else
     /// nothing (the planner chooses).
     pub fn by(&self, index: &str) -> String {
@@ -810,6 +820,7 @@ mod tests {
         for (index, _) in PINNED_INDEXES {
             assert_eq!(pins.by(index), format!("INDEXED BY {index}"));
         }
+        assert!(pins.missing().is_empty());
         conn.execute_batch(
             "DROP INDEX outbox_due;
              CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
@@ -817,6 +828,8 @@ mod tests {
         )
         .unwrap();
         let pins = Pins::read(&conn).unwrap();
+        let missing: Vec<&str> = pins.missing().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(missing, ["outbox_due", "message_outbox_due"]);
         assert_eq!(pins.by("outbox_due"), "");
         assert_eq!(pins.by("message_outbox_due"), "");
         assert_eq!(
