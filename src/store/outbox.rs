@@ -737,8 +737,8 @@ fn park(
     Ok(())
 }
 
-/// Puts aside the ready rows that name business ?1, with why (?2): through
-/// the index of those rows alone, as the others named below.
+/// Puts aside the ready rows that name business ?1, with why (?2), found
+/// in the index of ready rows by business.
 fn set_aside(kind: Kind, pins: &Pins) -> String {
     let table = kind.table();
     format!(
@@ -1402,9 +1402,19 @@ mod tests {
             )
             .unwrap();
         assert_eq!(aside.as_deref(), Some("8"));
+        // Behind y1, a row of a business that may send waits with it.
+        let y2 = insert(conn, kind, "2", "7", 2);
         let claimed = claim(conn, kind, FAR, 10, &filter()).unwrap();
         let ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
-        assert_eq!(ids, [x2], "x3 is behind x2, y1 is aside");
+        assert_eq!(ids, [x2], "x3 is behind x2, y1 is aside, y2 behind it");
+        let aside: Option<String> = conn
+            .query_row(
+                &format!("SELECT waiting_for FROM {table} WHERE id = ?1"),
+                [y2],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(aside.as_deref(), Some("8"));
         let next = sent(conn, &claimed[0], true).expect("the chain goes on");
         assert_eq!((next.id, next.late), (x3, false));
         assert!(sent(conn, &next, true).is_none());
