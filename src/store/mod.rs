@@ -821,6 +821,11 @@ mod tests {
             assert_eq!(pins.by(index), format!("INDEXED BY {index}"));
         }
         assert!(pins.missing().is_empty());
+        // So on a mirror that went through every migration, from schema 1.
+        let mut upgraded = Connection::open(dir.path().join("v1.db")).unwrap();
+        migrate_to(&mut upgraded, 1).unwrap();
+        migrate(&mut upgraded).unwrap();
+        assert!(Pins::read(&upgraded).unwrap().missing().is_empty());
         conn.execute_batch(
             "DROP INDEX outbox_due;
              CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
