@@ -32,7 +32,7 @@ impl Session {
         };
         let lock = ProcessLock::acquire(&path)?;
         let businesses = config.businesses.clone();
-        let (recovered, interrupted, needs_reauth) = store
+        let (recovered, interrupted, needs_reauth, missing_indexes) = store
             .call(move |c| {
                 let now = crate::time::now();
                 let recovered = outbox::recover_sending(c, &now)?;
@@ -42,9 +42,21 @@ impl Session {
                     "interrupted: leadsync stopped during this pass",
                 )?;
                 mirror::upsert_businesses(c, &businesses)?;
-                Ok((recovered, interrupted, mirror::needs_reauth_map(c)?))
+                let missing_indexes = crate::store::Pins::read(c)?.missing();
+                Ok((
+                    recovered,
+                    interrupted,
+                    mirror::needs_reauth_map(c)?,
+                    missing_indexes,
+                ))
             })
             .await?;
+        // Not made again here: dropping it may have been the user's choice,
+        // and a renamed one would then be kept twice (README, "Database").
+        for (index, create) in missing_indexes {
+            warn!(index, create = %create,
+                "an index leadsync made is missing or redefined: leadsync works without it, more slowly; to restore it, drop any index of that name and run `create`");
+        }
         if !recovered.is_empty() {
             warn!(rows = ?recovered, "outbox rows left `sending` by a stopped process are pending again and will be resent");
         }

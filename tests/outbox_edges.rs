@@ -309,8 +309,17 @@ async fn a_failed_claim_lets_in_flight_sends_finish() {
     rig.env.sandbox.set_faults(with_latency(700));
     let drain = rig.drain_in_background();
     rig.wait_sending(2).await;
-    // The next claim fails (its index is gone); the sends in flight must not.
-    rig.sql("DROP INDEX outbox_due");
+    // The next claim fails (a row of another negotiation, due, whose claim
+    // a partner's trigger breaks: not a constraint, so not that row's
+    // failure alone); the sends in flight, and their chains, must not.
+    let other = rig.lead(0, 1);
+    rig.sql(&format!(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+             VALUES ('{other}', 'appt_scheduled', '2024-06-14T09:30:00Z', '2000-01-01T00:00:00Z');
+         CREATE TRIGGER breaks_the_claim BEFORE UPDATE OF late ON outbox
+           WHEN NEW.negotiation_id = '{other}'
+         BEGIN SELECT abs(NEW.attempts * 0 - 9223372036854775807 - 1); END;"
+    ));
     let r = tokio::time::timeout(Duration::from_secs(60), drain)
         .await
         .expect("the drain ends")
@@ -326,6 +335,47 @@ async fn a_failed_claim_lets_in_flight_sends_finish() {
         4
     );
     assert_eq!(rig.env.sandbox.deliveries().len(), 4);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_go_out_when_the_indexes_leadsync_made_were_dropped_and_it_says_how_to_restore_them() {
+    // The schema is the user's too (SPEC §3): a dropped or renamed index
+    // used to fail every claim for good ("no such index").
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let n = env.sandbox.lead_ids(&env.business_ids()[0])[0].clone();
+    let db = env.sql();
+    db.execute_batch(&format!(
+        "DROP INDEX outbox_due; DROP INDEX outbox_waiting_by_negotiation;
+         DROP INDEX outbox_sent_by_negotiation; DROP INDEX outbox_open_by_negotiation;
+         DROP INDEX outbox_ready_by_business;
+         INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES
+             ('{n}', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+             ('{n}', 'job_complete', '2024-06-14T10:30:00Z');"
+    ))
+    .unwrap();
+    let out = env.run(&["drain"]);
+    let text = common::text(&out);
+    assert!(out.status.success(), "{text}");
+    assert_eq!(
+        count(&db, "SELECT count(*) FROM outbox WHERE state = 'sent'"),
+        2,
+        "{text}"
+    );
+    let statuses: Vec<String> = env
+        .sandbox
+        .deliveries()
+        .into_iter()
+        .map(|d| d.status)
+        .collect();
+    assert_eq!(statuses, ["appt_scheduled", "job_complete"]);
+    assert!(text.contains("outbox_due"), "{text}");
+    assert!(
+        text.contains(
+            "CREATE INDEX outbox_due ON outbox (next_attempt_at, id) WHERE state = 'pending' AND waiting_for IS NULL"
+        ),
+        "{text}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

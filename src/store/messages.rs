@@ -291,6 +291,20 @@ pub fn insert_messages(
     Ok(written)
 }
 
+/// A business's changes since a cursor that are news (?1, the business;
+/// ?2, the cursor), read in the news index from the cursor on. Left to
+/// itself, with statistics taken while one business had every change, the
+/// planner reads the primary key's range instead: every business's changes
+/// since the cursor, once there are several.
+fn news_since(pins: &super::Pins) -> String {
+    format!(
+        "SELECT id, negotiation_id FROM negotiation_changes {}
+          WHERE business_id = ?1 AND id > ?2 AND kind <> 'missing'
+          ORDER BY id",
+        pins.by("negotiation_changes_news_by_business")
+    )
+}
+
 /// The leads to poll after a pass of `business_id`: those found new, changed
 /// or back since the business's cursor (oldest first), then those whose last
 /// poll failed; at most `limit` in all. Also returns the change id to move
@@ -312,12 +326,8 @@ pub fn leads_to_poll(
     let mut seen = std::collections::HashSet::new();
     let mut new_cursor = None;
     {
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, negotiation_id FROM negotiation_changes
-                    INDEXED BY negotiation_changes_news_by_business
-              WHERE business_id = ?1 AND id > ?2 AND kind <> 'missing'
-              ORDER BY id",
-        )?;
+        let pins = super::Pins::read(conn)?;
+        let mut stmt = conn.prepare_cached(&news_since(&pins))?;
         let mut rows = stmt.query(params![business_id, cursor])?;
         while let Some(r) = rows.next()? {
             let (id, negotiation_id): (i64, String) = (r.get(0)?, r.get(1)?);
@@ -441,4 +451,84 @@ pub fn counts(conn: &Connection) -> Result<MessageCounts> {
         from_business,
         failed_polls,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Changes of businesses `b` and `c`: `b`'s news are leads 1 and 4.
+    fn with_changes(conn: &Connection) {
+        conn.execute_batch(
+            "INSERT INTO negotiation_changes (id, negotiation_id, business_id, observed_at, kind) VALUES
+             (1, '1', 'b', 't', 'new'), (2, '2', 'c', 't', 'new'), (3, '3', 'b', 't', 'missing'),
+             (4, '1', 'b', 't', 'changed'), (5, '4', 'b', 't', 'reappeared'), (6, '5', 'c', 't', 'new');",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn the_leads_to_poll_are_found_when_their_index_was_dropped() {
+        // A user's maintenance (or a partner's tool) may drop or rename an
+        // index: the message poll is slower, never failing for good.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        with_changes(&conn);
+        assert_eq!(
+            leads_to_poll(&conn, "b", 10).unwrap(),
+            (vec!["1".to_string(), "4".to_string()], Some(5))
+        );
+        conn.execute_batch("DROP INDEX negotiation_changes_news_by_business")
+            .unwrap();
+        assert_eq!(
+            leads_to_poll(&conn, "b", 10).unwrap(),
+            (vec!["1".to_string(), "4".to_string()], Some(5))
+        );
+        advance_cursor(&conn, "b", 4).unwrap();
+        assert_eq!(
+            leads_to_poll(&conn, "b", 10).unwrap(),
+            (vec!["4".to_string()], Some(5))
+        );
+    }
+
+    /// The steps of a statement's plan.
+    fn plan(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).unwrap();
+        // Unbound parameters are NULL: EXPLAIN only compiles.
+        let mut rows = stmt.raw_query();
+        let mut plan = Vec::new();
+        while let Some(r) = rows.next().unwrap() {
+            plan.push(r.get::<_, String>(3).unwrap());
+        }
+        plan
+    }
+
+    #[test]
+    fn the_leads_to_poll_are_read_from_the_news_index_fresh_and_after_analyze() {
+        // Unnamed, after ANALYZE of a mirror whose changes were all one
+        // business's, the planner read the primary key's range: every
+        // business's changes since the cursor, once there are several.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let news = |conn: &Connection| {
+            let plan = plan(conn, &news_since(&super::super::Pins::read(conn).unwrap()));
+            assert!(
+                plan.len() == 1
+                    && plan[0].contains(
+                        "INDEX negotiation_changes_news_by_business (business_id=? AND id>?)"
+                    ),
+                "{plan:?}"
+            );
+        };
+        news(&conn);
+        conn.execute_batch(
+            "CREATE INDEX users_changes ON negotiation_changes (business_id);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 5000)
+             INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind)
+             SELECT i % 500, '8', 't', CASE WHEN i % 7 = 0 THEN 'missing' ELSE 'changed' END FROM n;
+             ANALYZE;",
+        )
+        .unwrap();
+        news(&conn);
+    }
 }

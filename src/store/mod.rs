@@ -664,6 +664,123 @@ fn lock_path(database: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
+/// The indexes leadsync's statements name with `INDEXED BY`, as its
+/// migrations create them. Left to itself the planner walks worse ones:
+/// without statistics, `outbox_by_state` for a claim (sorting every pending
+/// row) and for the late check (every sent row); with statistics taken
+/// while no row waited, the index of all waiting rows for each walked row's
+/// probe. See each statement.
+const PINNED_INDEXES: &[(&str, &str)] = &[
+    (
+        "outbox_due",
+        "CREATE INDEX outbox_due ON outbox (next_attempt_at, id) WHERE state = 'pending' AND waiting_for IS NULL",
+    ),
+    (
+        "outbox_open_by_negotiation",
+        "CREATE INDEX outbox_open_by_negotiation ON outbox (negotiation_id, changed_at_utc, id)
+         WHERE state IN ('pending', 'sending')",
+    ),
+    (
+        "outbox_sent_by_negotiation",
+        "CREATE INDEX outbox_sent_by_negotiation ON outbox (negotiation_id, changed_at_utc, id)
+         WHERE state = 'sent'",
+    ),
+    (
+        "outbox_waiting_by_negotiation",
+        "CREATE INDEX outbox_waiting_by_negotiation ON outbox (negotiation_id) WHERE waiting_for IS NOT NULL",
+    ),
+    (
+        "outbox_ready_by_business",
+        "CREATE INDEX outbox_ready_by_business ON outbox (business_id)
+         WHERE state = 'pending' AND waiting_for IS NULL",
+    ),
+    (
+        "message_outbox_due",
+        "CREATE INDEX message_outbox_due ON message_outbox (next_attempt_at, id)
+         WHERE state = 'pending' AND waiting_for IS NULL",
+    ),
+    (
+        "message_outbox_open_by_negotiation",
+        "CREATE INDEX message_outbox_open_by_negotiation ON message_outbox (negotiation_id, id)
+         WHERE state IN ('pending', 'sending')",
+    ),
+    (
+        "message_outbox_sent_by_negotiation",
+        "CREATE INDEX message_outbox_sent_by_negotiation ON message_outbox (negotiation_id, id)
+         WHERE state = 'sent'",
+    ),
+    (
+        "message_outbox_waiting_by_negotiation",
+        "CREATE INDEX message_outbox_waiting_by_negotiation ON message_outbox (negotiation_id)
+         WHERE waiting_for IS NOT NULL",
+    ),
+    (
+        "message_outbox_ready_by_business",
+        "CREATE INDEX message_outbox_ready_by_business ON message_outbox (business_id)
+         WHERE state = 'pending' AND waiting_for IS NULL",
+    ),
+    (
+        "negotiation_changes_news_by_business",
+        "CREATE INDEX negotiation_changes_news_by_business ON negotiation_changes (business_id, id)
+         WHERE kind <> 'missing'",
+    ),
+];
+
+/// Which of [`PINNED_INDEXES`] the mirror has, as leadsync made them. The
+/// mirror's schema is the user's too (SPEC §3): SQLite fails a statement
+/// whose `INDEXED BY` names an index that is missing (dropped, renamed) or
+/// unusable (redefined), so a loop that named one would fail every pass
+/// for good. A statement names its index only when it is there as made;
+/// otherwise the planner chooses (slower, never stuck). Read it in the
+/// transaction that runs the statements: no one changes the schema under a
+/// write transaction, and a reader's statement that meets a change fails
+/// once, not again on the next pass.
+#[derive(Debug, Clone, Default)]
+pub struct Pins(std::collections::HashSet<&'static str>);
+
+impl Pins {
+    /// Reads the pinned indexes the mirror has (one look at its schema).
+    pub fn read(conn: &Connection) -> Result<Pins> {
+        let mut stmt = conn.prepare_cached(
+            "SELECT name, sql FROM sqlite_schema WHERE type = 'index' AND sql IS NOT NULL",
+        )?;
+        let mut rows = stmt.query([])?;
+        let mut pins = std::collections::HashSet::new();
+        while let Some(r) = rows.next()? {
+            let (Ok(name), Ok(sql)) = (r.get_ref(0)?.as_str(), r.get_ref(1)?.as_str()) else {
+                continue;
+            };
+            if let Some((pinned, _)) = PINNED_INDEXES
+                .iter()
+                .find(|(n, def)| *n == name && def.split_whitespace().eq(sql.split_whitespace()))
+            {
+                pins.insert(*pinned);
+            }
+        }
+        Ok(Pins(pins))
+    }
+
+    /// The pinned indexes the mirror lacks (dropped, renamed, redefined),
+    /// each with the statement that makes it again.
+    pub fn missing(&self) -> Vec<(&'static str, String)> {
+        PINNED_INDEXES
+            .iter()
+            .filter(|(name, _)| !self.0.contains(name))
+            .map(|(name, def)| (*name, def.split_whitespace().collect::<Vec<_>>().join(" ")))
+            .collect()
+    }
+
+    /// `INDEXED BY index` when the mirror has it as leadsync made it, else
+    /// nothing (the planner chooses).
+    pub fn by(&self, index: &str) -> String {
+        if self.0.contains(index) {
+            format!("INDEXED BY {index}")
+        } else {
+            String::new()
+        }
+    }
+}
+
 /// True when SQLite gave up waiting for another connection's lock.
 pub fn is_busy(e: &rusqlite::Error) -> bool {
     matches!(
@@ -696,6 +813,39 @@ pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_pinned_index_is_named_on_a_fresh_mirror() {
+        // A definition here that drifted from its migration would quietly
+        // leave its statements to the planner.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        let pins = Pins::read(&conn).unwrap();
+        for (index, _) in PINNED_INDEXES {
+            assert_eq!(pins.by(index), format!("INDEXED BY {index}"));
+        }
+        assert!(pins.missing().is_empty());
+        // So on a mirror that went through every migration, from schema 1.
+        let mut upgraded = Connection::open(dir.path().join("v1.db")).unwrap();
+        migrate_to(&mut upgraded, 1).unwrap();
+        migrate(&mut upgraded).unwrap();
+        assert!(Pins::read(&upgraded).unwrap().missing().is_empty());
+        conn.execute_batch(
+            "DROP INDEX outbox_due;
+             CREATE INDEX outbox_due ON outbox (next_attempt_at) WHERE state = 'pending';
+             DROP INDEX message_outbox_due;",
+        )
+        .unwrap();
+        let pins = Pins::read(&conn).unwrap();
+        let missing: Vec<&str> = pins.missing().into_iter().map(|(name, _)| name).collect();
+        assert_eq!(missing, ["outbox_due", "message_outbox_due"]);
+        assert_eq!(pins.by("outbox_due"), "");
+        assert_eq!(pins.by("message_outbox_due"), "");
+        assert_eq!(
+            pins.by("outbox_open_by_negotiation"),
+            "INDEXED BY outbox_open_by_negotiation"
+        );
+    }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn urgent_jobs_overtake_queued_ones() {
