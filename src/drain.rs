@@ -64,6 +64,10 @@ impl WaitReason {
 /// side: an OAuth client refused). Called at every claim.
 pub type WaitHook = Arc<dyn Fn() -> Vec<(String, WaitReason)> + Send + Sync>;
 
+/// The part of `daemon.shutdown_timeout_secs` kept after the in-flight
+/// sends, for the token store's last write and the closing records.
+pub const SHUTDOWN_RESERVE: Duration = Duration::from_secs(2);
+
 /// The drainer's settings, from `[outbox]`.
 #[derive(Debug, Clone)]
 pub struct DrainSettings {
@@ -105,7 +109,8 @@ impl DrainSettings {
                 [only] => Some(only.id.clone()),
                 _ => None,
             },
-            shutdown_grace: Duration::from_secs(c.file.daemon.shutdown_timeout_secs),
+            shutdown_grace: Duration::from_secs(c.file.daemon.shutdown_timeout_secs)
+                .saturating_sub(SHUTDOWN_RESERVE),
             reauth_recheck: REAUTH_RECHECK,
         }
     }
@@ -189,6 +194,22 @@ pub struct Drainer {
     /// Which table the next claim looks at first: alternating, so that a
     /// full queue of one kind never starves the other.
     replies_first: std::sync::atomic::AtomicBool,
+    /// Rows being sent: (table, id) → negotiation id. What a stop cut short names.
+    sending: Arc<std::sync::Mutex<std::collections::BTreeMap<(&'static str, i64), String>>>,
+}
+
+/// A row in [`Drainer::sending`] while its send runs (removed however it ends).
+struct Sending {
+    map: Arc<std::sync::Mutex<std::collections::BTreeMap<(&'static str, i64), String>>>,
+    key: (&'static str, i64),
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&self.key);
+        }
+    }
 }
 
 impl Drainer {
@@ -200,6 +221,7 @@ impl Drainer {
             applied: std::sync::Mutex::new(None),
             wait_hook: std::sync::RwLock::new(None),
             replies_first: std::sync::atomic::AtomicBool::new(false),
+            sending: Arc::default(),
         }
     }
 
@@ -359,6 +381,14 @@ impl Drainer {
         due_by: Option<&str>,
         stop: &CancellationToken,
     ) -> (RowResult, Option<Claimed>) {
+        let key = (row.kind.table(), row.id);
+        if let Ok(mut m) = self.sending.lock() {
+            m.insert(key, row.negotiation_id.clone());
+        }
+        let _sending = Sending {
+            map: self.sending.clone(),
+            key,
+        };
         let (finish, attempts, result) = self.attempt(&row).await;
         let now = crate::time::now();
         let follow = matches!(result, RowResult::Sent | RowResult::Dead) && !stop.is_cancelled();
@@ -700,17 +730,32 @@ impl Drainer {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        // One bound for all of it, inside daemon.shutdown_timeout_secs.
+        let until = tokio::time::Instant::now() + self.settings().shutdown_grace;
         if !inflight.is_empty() {
             info!(
                 in_flight = inflight.len(),
                 "waiting for in-flight sends to finish"
             );
-            let grace = self.settings().shutdown_grace;
-            let finished = tokio::time::timeout(grace, async {
+            let finished = tokio::time::timeout_at(until, async {
                 while inflight.join_next().await.is_some() {}
             })
             .await;
             if finished.is_err() {
+                let rows: Vec<((&'static str, i64), String)> = self
+                    .sending
+                    .lock()
+                    .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
+                    .unwrap_or_default();
+                for ((table, id), negotiation_id) in &rows {
+                    warn!(
+                        outbox_id = id,
+                        %negotiation_id,
+                        "{table} row {id} was being sent when the shutdown bound \
+                         (daemon.shutdown_timeout_secs) was reached: it stays `sending`, is sent \
+                         again at the next start, and may reach Thumbtack twice"
+                    );
+                }
                 warn!(
                     in_flight = inflight.len(),
                     "in-flight sends did not finish in time; their rows stay `sending` and are sent again at the next start"
@@ -718,11 +763,13 @@ impl Drainer {
                 inflight.abort_all();
             }
         }
-        // A refresh and the write of its rotated token are not cut short.
+        // The recheck's refreshes run detached: the daemon waits for them
+        // (Auth::settle); a recheck not yet sent is refused once stopping.
         if let Some(r) = recheck
             && !r.is_finished()
+            && tokio::time::timeout_at(until, r).await.is_err()
         {
-            let _ = tokio::time::timeout(self.settings().shutdown_grace, r).await;
+            info!("the re-authorization recheck did not end before the shutdown bound");
         }
     }
 }

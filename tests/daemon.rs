@@ -113,10 +113,26 @@ async fn notify_ready_status_watchdog_and_stopping() {
     let exit = wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(exit.code(), Some(0));
     let mut stopping = false;
+    let mut extend_usec: Option<u64> = None;
     while let Ok(n) = socket.recv(&mut buf) {
-        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+        let m = String::from_utf8_lossy(&buf[..n]).to_string();
+        stopping |= m.contains("STOPPING=1");
+        if let Some(v) = m
+            .lines()
+            .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+        {
+            extend_usec = v.trim().parse().ok();
+        }
     }
     assert!(stopping, "STOPPING=1 was sent");
+    // systemd is told how long the stop may take (the bound, 8 s in the
+    // tests' settings, and a little more), so that a unit whose
+    // TimeoutStopSec is shorter does not SIGKILL a stop within its bound.
+    let extend = extend_usec.expect("EXTEND_TIMEOUT_USEC was sent with STOPPING=1");
+    assert!(
+        (8_000_000..=12_000_000).contains(&extend),
+        "EXTEND_TIMEOUT_USEC={extend}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
