@@ -194,13 +194,17 @@ pub struct Drainer {
     /// Which table the next claim looks at first: alternating, so that a
     /// full queue of one kind never starves the other.
     replies_first: std::sync::atomic::AtomicBool,
-    /// Rows being sent: (table, id) → negotiation id. What a stop cut short names.
-    sending: Arc<std::sync::Mutex<std::collections::BTreeMap<(&'static str, i64), String>>>,
+    /// Rows being sent. What a stop cut short names.
+    sending: Arc<std::sync::Mutex<SendingRows>>,
 }
+
+/// (table, id) → (negotiation id, the outcome once the request ended and
+/// only its recording is left).
+type SendingRows = std::collections::BTreeMap<(&'static str, i64), (String, Option<RowResult>)>;
 
 /// A row in [`Drainer::sending`] while its send runs (removed however it ends).
 struct Sending {
-    map: Arc<std::sync::Mutex<std::collections::BTreeMap<(&'static str, i64), String>>>,
+    map: Arc<std::sync::Mutex<SendingRows>>,
     key: (&'static str, i64),
 }
 
@@ -383,13 +387,18 @@ impl Drainer {
     ) -> (RowResult, Option<Claimed>) {
         let key = (row.kind.table(), row.id);
         if let Ok(mut m) = self.sending.lock() {
-            m.insert(key, row.negotiation_id.clone());
+            m.insert(key, (row.negotiation_id.clone(), None));
         }
         let _sending = Sending {
             map: self.sending.clone(),
             key,
         };
         let (finish, attempts, result) = self.attempt(&row).await;
+        if let Ok(mut m) = self.sending.lock()
+            && let Some(entry) = m.get_mut(&key)
+        {
+            entry.1 = Some(result);
+        }
         let now = crate::time::now();
         let follow = matches!(result, RowResult::Sent | RowResult::Dead) && !stop.is_cancelled();
         let id = row.id;
@@ -742,16 +751,23 @@ impl Drainer {
             })
             .await;
             if finished.is_err() {
-                let rows: Vec<((&'static str, i64), String)> = self
+                let rows: Vec<((&'static str, i64), (String, Option<RowResult>))> = self
                     .sending
                     .lock()
                     .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
                     .unwrap_or_default();
-                for ((table, id), negotiation_id) in &rows {
+                for ((table, id), (negotiation_id, ended)) in &rows {
+                    let what = match ended {
+                        None => "was being sent".to_string(),
+                        Some(r) => format!(
+                            "had its answer ({}) but its outcome was not recorded",
+                            format!("{r:?}").to_lowercase()
+                        ),
+                    };
                     warn!(
                         outbox_id = id,
                         %negotiation_id,
-                        "{table} row {id} was being sent when the shutdown bound \
+                        "{table} row {id} {what} when the shutdown bound \
                          (daemon.shutdown_timeout_secs) was reached: it stays `sending`, is sent \
                          again at the next start, and may reach Thumbtack twice"
                     );
