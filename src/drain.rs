@@ -751,11 +751,7 @@ impl Drainer {
             })
             .await;
             if finished.is_err() {
-                let rows: Vec<((&'static str, i64), (String, Option<RowResult>))> = self
-                    .sending
-                    .lock()
-                    .map(|m| m.iter().map(|(k, v)| (*k, v.clone())).collect())
-                    .unwrap_or_default();
+                let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
                 for ((table, id), (negotiation_id, ended)) in &rows {
                     let what = match ended {
                         None => "was being sent".to_string(),
