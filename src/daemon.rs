@@ -218,6 +218,9 @@ pub async fn run_with(
         "stopping: finishing in-flight work"
     );
     daemon.auth.begin_shutdown(refresh_deadline);
+    daemon
+        .drainer
+        .stop_sends_by(deadline - crate::drain::SHUTDOWN_RESERVE.min(bound));
     daemon.stop.cancel();
     daemon.work.notify_waiters();
     daemon.passes.close();
@@ -240,7 +243,7 @@ pub async fn run_with(
         .is_err()
     {
         warn!(
-            passes = daemon.passes.len(),
+            pass_workers = daemon.passes.len(),
             "in-flight work did not finish within daemon.shutdown_timeout_secs; sync passes still \
              running are recorded as interrupted (the next pass reads their pages again), webhook \
              deliveries not answered yet are delivered again by Thumbtack"

@@ -196,6 +196,9 @@ pub struct Drainer {
     replies_first: std::sync::atomic::AtomicBool,
     /// Rows being sent. What a stop cut short names.
     sending: Arc<std::sync::Mutex<SendingRows>>,
+    /// When in-flight sends are given up after a stop, if the daemon set it
+    /// ([`Drainer::stop_sends_by`]); else `shutdown_grace` after the stop is seen.
+    sends_deadline: std::sync::Mutex<Option<Instant>>,
 }
 
 /// (table, id) → (negotiation id, the outcome once the request ended and
@@ -226,6 +229,16 @@ impl Drainer {
             wait_hook: std::sync::RwLock::new(None),
             replies_first: std::sync::atomic::AtomicBool::new(false),
             sending: Arc::default(),
+            sends_deadline: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sets when in-flight sends are given up after the stop (the daemon
+    /// sets it from the signal's time, so that a claim in progress then
+    /// cannot push it later).
+    pub fn stop_sends_by(&self, deadline: Instant) {
+        if let Ok(mut d) = self.sends_deadline.lock() {
+            *d = Some(deadline);
         }
     }
 
@@ -740,7 +753,13 @@ impl Drainer {
             }
         }
         // One bound for all of it, inside daemon.shutdown_timeout_secs.
-        let until = tokio::time::Instant::now() + self.settings().shutdown_grace;
+        let until: tokio::time::Instant = self
+            .sends_deadline
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .unwrap_or_else(|| Instant::now() + self.settings().shutdown_grace)
+            .into();
         if !inflight.is_empty() {
             info!(
                 in_flight = inflight.len(),

@@ -159,6 +159,8 @@ struct Chain {
     /// This process has cleared the chain's "unsaved" alert (another
     /// process may have left one).
     unsaved_alert_cleared: AtomicBool,
+    /// A refresh unit of this chain is running (what a stop cut short names).
+    refreshing: AtomicBool,
 }
 
 /// A static bearer token from a file.
@@ -425,6 +427,7 @@ impl Auth {
                                 state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
                                 reauth: Mutex::new(None),
                                 unsaved_alert_cleared: AtomicBool::new(false),
+                                refreshing: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -606,15 +609,18 @@ impl Auth {
             .map(|c| c.values().cloned().collect())
             .unwrap_or_default();
         for chain in chains {
-            let Ok(mut state) = chain.state.clone().try_lock_owned() else {
-                // Held by a refresh the bound cut short (or by a caller
-                // waiting for one): whether Thumbtack rotated the token is
-                // unknown.
+            if chain.refreshing.load(Ordering::SeqCst) {
+                // A refresh the bound cut short: whether Thumbtack rotated
+                // the token is unknown.
                 error!(grant = %chain.file.display(), businesses = ?inner.members_of(&chain),
                     "stopping before a token refresh of this grant finished: if Thumbtack rotated \
                      its refresh token, the new one was not stored and the next start presents the \
                      old one (accepted within Thumbtack's grace period for retries, else the grant \
                      must be re-authorized with `leadsync auth exchange`)");
+                continue;
+            }
+            // Held only by a caller that is about to be told "stopping".
+            let Ok(mut state) = chain.state.clone().try_lock_owned() else {
                 continue;
             };
             let Some(error) = state.unsaved.as_ref().map(|u| u.error.clone()) else {
@@ -706,6 +712,7 @@ impl Auth {
                     state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
                     reauth: Mutex::new(None),
                     unsaved_alert_cleared: AtomicBool::new(false),
+                    refreshing: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -1120,6 +1127,15 @@ impl Inner {
         chain: Arc<Chain>,
         mut state: tokio::sync::OwnedMutexGuard<ChainState>,
     ) -> Result<Secret, ApiError> {
+        /// Clears the chain's `refreshing` however the unit ends.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        chain.refreshing.store(true, Ordering::SeqCst);
+        let _running = Running(&chain.refreshing);
         let outcome = self.refresh_locked(&chain, &mut state).await;
         match &outcome {
             Ok(_) => {
