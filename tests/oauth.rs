@@ -1068,3 +1068,52 @@ async fn a_token_answer_lost_at_a_stop_is_asked_again_within_the_bound_and_store
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     assert_eq!(reauth_count(&env), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_killed_before_its_answer_was_stored_is_named_at_the_next_refresh() {
+    // SIGKILL (systemd past TimeoutStopSec, the OOM killer, a power cut)
+    // after Thumbtack rotated the token and before the answer was stored:
+    // the stored token is spent. The next refresh is refused; the reason
+    // must say why (the token store remembers the refresh in flight),
+    // instead of a bare invalid_grant.
+    let env = oauth_env(3600, FAST).await;
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_after_rotate_ms: 600_000,
+        ..Default::default()
+    });
+    let mut daemon = Daemon(Some(env.spawn_daemon()));
+    wait_until(
+        "a refresh token rotated and its answer held",
+        Duration::from_secs(60),
+        || env.sandbox.stats().rotations >= 1,
+    )
+    .await;
+    if let Some(mut c) = daemon.0.take() {
+        c.kill().unwrap();
+        c.wait().unwrap();
+    }
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(reauth_count(&env) >= 1, "{}", text(&o));
+    let reasons: Vec<String> = env
+        .sql()
+        .prepare("SELECT needs_reauth_reason FROM businesses WHERE needs_reauth = 1")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert!(
+        reasons
+            .iter()
+            .all(|r| r.contains("an earlier refresh of this grant") && r.contains("was cut short")),
+        "{reasons:?}\n{}",
+        text(&o)
+    );
+    assert!(
+        text(&o).contains("did not get its answer stored"),
+        "{}",
+        text(&o)
+    );
+}

@@ -81,6 +81,16 @@ pub trait GrantStore: Send + Sync {
     fn forget_access(&self, grant: &str, access_token: &Secret) -> anyhow::Result<()>;
     /// The grant's cross-process lock, if free now.
     fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>>;
+    /// What was recorded of a refresh whose answer was not stored (by the
+    /// lock's holder), if anything.
+    fn refresh_note(&self, _grant: &str) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
+    /// Records durably that a refresh is being sent (`Some`), or that its
+    /// answer is stored or was never rotated (`None`).
+    fn set_refresh_note(&self, _grant: &str, _note: Option<&str>) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a person must see (`status`, the mirror), recorded by the caller.
@@ -851,6 +861,8 @@ impl Auth {
                 "the token store kept changing while storing the new grant; run the exchange again"
             );
         }
+        // A new grant: an earlier refresh cut short no longer matters.
+        inner.note_refresh(&chain, None).await;
         state.unsaved = None;
         state.refused_access = None;
         state.fresh_until = Some(Instant::now() + REFRESH_ON_401_INTERVAL);
@@ -1074,6 +1086,19 @@ impl Inner {
         }
     }
 
+    /// Records (or clears) the grant's refresh in flight; a failure is
+    /// logged, never fails the refresh (the note only explains).
+    async fn note_refresh(&self, chain: &Chain, note: Option<String>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let key = chain.key.clone();
+        if let Err(e) = blocking(move || store.set_refresh_note(&key, note.as_deref())).await {
+            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                "cannot record the token refresh in flight in the grant's lock file");
+        }
+    }
+
     /// A refresh given up at a stop before anything was sent: logged, and
     /// the stored token stays the valid one.
     fn abandoned(&self, chain: &Chain, when: &str) -> Failure {
@@ -1214,6 +1239,17 @@ impl Inner {
             return Err(self.abandoned(chain, "before it was sent"));
         }
         let _lock = self.lock_grant(chain).await?;
+        // A refresh of this grant whose answer was never stored (a process
+        // killed mid-refresh, or an answer lost): its token may be spent.
+        let cut_short = {
+            let (s, key) = (store.clone(), chain.key.clone());
+            blocking(move || s.refresh_note(&key)).await.ok().flatten()
+        };
+        if let Some(note) = &cut_short {
+            warn!(grant = %chain.file.display(), "a token refresh of this grant ({note}) did not get its answer \
+                stored; presenting the stored refresh token again (Thumbtack accepts it within its grace \
+                period for retries; else the grant must be re-authorized)");
+        }
         let seed = read_token_file(&chain.file)?;
         let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
         let businesses = self.members_of(chain);
@@ -1284,7 +1320,27 @@ impl Inner {
             if self.stopping.is_cancelled() {
                 return Err(self.abandoned(chain, "before it was sent"));
             }
-            match self.post_refresh(&oauth, &presented).await {
+            self.note_refresh(
+                chain,
+                Some(format!(
+                    "sent at {} by leadsync process {}",
+                    crate::time::now(),
+                    std::process::id()
+                )),
+            )
+            .await;
+            let response = self.post_refresh(&oauth, &presented).await;
+            // Nothing rotated, or the answer is about to be stored: a lost
+            // answer keeps the note (the token may be spent).
+            if let Err(
+                TokenFailure::GrantRefused(_)
+                | TokenFailure::ClientRefused(_)
+                | TokenFailure::Transient(_),
+            ) = &response
+            {
+                self.note_refresh(chain, None).await;
+            }
+            match response {
                 Ok(tokens) => {
                     // No (or an empty) refresh_token: the presented one stays valid.
                     let next = tokens
@@ -1317,7 +1373,11 @@ impl Inner {
                     );
                     state.refused_access = None;
                     let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
-                    match blocking(move || s.save(&key, expected, &w)).await {
+                    let saved = blocking(move || s.save(&key, expected, &w)).await;
+                    if saved.is_ok() {
+                        self.note_refresh(chain, None).await;
+                    }
+                    match saved {
                         Ok(Written::Stored(_)) => {
                             if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
                                 self.alert(format!("unsaved:{}", chain.key), None).await;
@@ -1389,7 +1449,13 @@ impl Inner {
                     .await;
                 }
                 Err(TokenFailure::GrantRefused(m)) => {
-                    let reason = format!("the refresh token was refused ({m})");
+                    let reason = match &cut_short {
+                        Some(note) => format!(
+                            "the refresh token was refused ({m}), most likely because an earlier refresh \
+                             of this grant ({note}) was cut short before its answer was stored"
+                        ),
+                        None => format!("the refresh token was refused ({m})"),
+                    };
                     let file_fp = if from_file { seed_fp.clone() } else { None };
                     let (s, key, r) = (store.clone(), chain.key.clone(), reason.clone());
                     match blocking(move || s.refuse(&key, expected, file_fp.as_deref(), &r)).await {
