@@ -1535,6 +1535,14 @@ impl Inner {
                         retries + 1
                     )));
                 }
+                // The same request again, refused: the first one did rotate
+                // the token, and its answer is lost for good.
+                Err(TokenFailure::GrantRefused(m)) if retries > 0 => {
+                    return Err(TokenFailure::GrantRefused(format!(
+                        "{m}; asked again after the first answer was lost, so Thumbtack had rotated \
+                         the token and its answer never arrived"
+                    )));
+                }
                 other => return other,
             }
         }
