@@ -183,11 +183,10 @@ async fn sigterm_lets_an_in_flight_send_finish_and_records_it() {
         "--at",
         "2026-11-01T10:00:00Z",
     ]);
-    wait_until_blocking("the row is being sent", Duration::from_secs(10), || {
-        count(
-            &env.sql(),
-            "SELECT count(*) FROM outbox WHERE state = 'sending'",
-        ) == 1
+    // The request has reached Thumbtack (a row `sending` may still be
+    // before its request, which a stop no longer sends).
+    wait_until_blocking("the row's request is out", Duration::from_secs(10), || {
+        job_status_requests(&env) == 1
     });
     signal(&child, libc::SIGTERM);
     let t = Instant::now();
@@ -215,6 +214,16 @@ async fn sigterm_lets_an_in_flight_send_finish_and_records_it() {
         ),
         0
     );
+}
+
+/// Job-status requests the sandbox received (counted on arrival).
+fn job_status_requests(env: &Env) -> u64 {
+    env.sandbox
+        .stats()
+        .by_route
+        .get("job-status")
+        .copied()
+        .unwrap_or(0)
 }
 
 /// `leadsync enqueue` of one transition of `lead`; the row's id.
@@ -246,11 +255,8 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
         ..Default::default()
     });
     let id = enqueue(&env, &b, &lead);
-    wait_until_blocking("the row is being sent", Duration::from_secs(10), || {
-        count(
-            &env.sql(),
-            "SELECT count(*) FROM outbox WHERE state = 'sending'",
-        ) == 1
+    wait_until_blocking("the row's request is out", Duration::from_secs(10), || {
+        job_status_requests(&env) == 1
     });
     // Another program holds the mirror's write lock (taken while the
     // request is still out, 3 s of latency): the send's outcome cannot be
