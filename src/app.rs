@@ -152,6 +152,14 @@ impl GrantStore for StoreGrants {
             .try_lock_grant(grant)?
             .map(|l| Box::new(l) as Box<dyn Send>))
     }
+
+    fn refresh_note(&self, grant: &str) -> Result<Option<String>> {
+        self.0.refresh_note(grant)
+    }
+
+    fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> Result<()> {
+        self.0.set_refresh_note(grant, note)
+    }
 }
 
 /// Auth's flags and alerts, written to the mirror.

@@ -20,6 +20,18 @@ const ENV_NOT_CONFIG: &[&str] = &["log", "log_format"];
 
 /// The largest `outbox.backoff_max_secs`: 7 days.
 pub const MAX_BACKOFF_SECS: f64 = 7.0 * 86400.0;
+/// How much longer than `api.timeout_secs` the shutdown bound must be: a
+/// token refresh in flight at a stop may take its whole request timeout,
+/// then its rotated token is stored and the outcomes recorded, all inside
+/// the bound (see the daemon's shutdown).
+pub const SHUTDOWN_MARGIN_SECS: u64 = 3;
+/// The largest `daemon.shutdown_timeout_secs` (a larger one is a typo).
+pub const MAX_SHUTDOWN_TIMEOUT_SECS: u64 = 3600;
+/// The shipped unit's `TimeoutStopSec` (systemd/leadsync.service).
+pub const UNIT_STOP_TIMEOUT_SECS: u64 = 30;
+/// What the process may take after the bound: the runtime's own shutdown
+/// (blocking threads) and the exit.
+pub const EXIT_ALLOWANCE_SECS: u64 = 2;
 
 /// A configuration that cannot be used; the process exits with 78 (EX_CONFIG).
 #[derive(Debug, Clone, thiserror::Error)]
@@ -412,6 +424,21 @@ impl Config {
         }
     }
 
+    /// A warning when a stop may outlast the shipped unit's `TimeoutStopSec`.
+    pub fn shutdown_warning(&self) -> Option<String> {
+        let bound = self.file.daemon.shutdown_timeout_secs;
+        (bound + EXIT_ALLOWANCE_SECS > UNIT_STOP_TIMEOUT_SECS).then(|| {
+            format!(
+                "daemon.shutdown_timeout_secs = {bound}: a stop may take {} s, longer than the shipped \
+                 unit's TimeoutStopSec={UNIT_STOP_TIMEOUT_SECS}s; leadsync asks systemd for the time \
+                 (EXTEND_TIMEOUT_USEC), but set TimeoutStopSec={}s or more (`systemctl edit leadsync`) \
+                 so that a stop is never SIGKILLed",
+                bound + EXIT_ALLOWANCE_SECS,
+                bound + EXIT_ALLOWANCE_SECS + 1
+            )
+        })
+    }
+
     /// True when some business uses the OAuth refresh-token grant.
     pub fn uses_oauth(&self) -> bool {
         self.businesses
@@ -752,11 +779,24 @@ fn validate(
             locate(figment, "outbox.backoff_max_secs")
         ));
     }
-    // A stop that cuts a send short makes a duplicate at the next start.
-    if file.daemon.shutdown_timeout_secs < api.timeout_secs {
+    // A stop that cuts a send short makes a duplicate at the next start; one
+    // that cuts a token refresh short before its rotated token is stored
+    // loses the grant. Both take up to a request timeout after the stop.
+    let shutdown = file.daemon.shutdown_timeout_secs;
+    if shutdown > MAX_SHUTDOWN_TIMEOUT_SECS {
         return err(format!(
-            "{}: must not be shorter than api.timeout_secs ({} s): a send cut short by a stop is sent again at the next start",
+            "{}: must be at most {MAX_SHUTDOWN_TIMEOUT_SECS} seconds (and under the unit's TimeoutStopSec)",
             locate(figment, "daemon.shutdown_timeout_secs"),
+        ));
+    }
+    if shutdown < api.timeout_secs.saturating_add(SHUTDOWN_MARGIN_SECS) {
+        return err(format!(
+            "{}: must be at least api.timeout_secs + {SHUTDOWN_MARGIN_SECS} ({} s, with api.timeout_secs = {}): \
+             a send or token refresh in flight at a stop may take its whole request timeout, and its \
+             outcome and rotated refresh token must still be stored within the bound (a send cut short \
+             is sent again at the next start; a rotated token not stored means re-authorizing the business)",
+            locate(figment, "daemon.shutdown_timeout_secs"),
+            api.timeout_secs.saturating_add(SHUTDOWN_MARGIN_SECS),
             api.timeout_secs
         ));
     }

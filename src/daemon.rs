@@ -57,6 +57,9 @@ pub async fn run_with(
     if config.businesses.is_empty() {
         warn!("no business is configured: nothing will be synced or sent until one is added");
     }
+    if let Some(w) = config.shutdown_warning() {
+        warn!("{w}");
+    }
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
     let session = Session::open(config).await?;
@@ -111,7 +114,8 @@ pub async fn run_with(
                     header_read_timeout: w.read_timeout,
                     shutdown_grace: Duration::from_secs(
                         session.config.file.daemon.shutdown_timeout_secs,
-                    ),
+                    )
+                    .saturating_sub(crate::drain::SHUTDOWN_RESERVE),
                     ..Default::default()
                 };
                 info!(listen = %listener.local_addr().unwrap_or(addr), path = %w.path, "webhook receiver listening");
@@ -189,57 +193,92 @@ pub async fn run_with(
     }
 
     // Shutdown: no new work; in-flight requests finish within the bound.
-    notify(&[NotifyState::Stopping]);
+    // Everything below ends by `deadline`, shutdown_timeout_secs after the
+    // signal (below the unit's TimeoutStopSec, see config check): in-flight
+    // sends and passes until `deadline - SHUTDOWN_RESERVE`; a token refresh
+    // already sent until `deadline - 1 s` (config validation keeps the
+    // request timeout inside that); the closing records until `deadline`.
+    let started = Instant::now();
+    let bound = Duration::from_secs(daemon.config().file.daemon.shutdown_timeout_secs);
+    let deadline = started + bound;
+    let refresh_deadline = deadline - Duration::from_secs(1).min(bound);
+    // systemd is told how long the stop may take: a unit whose
+    // TimeoutStopSec is shorter then waits instead of SIGKILLing a stop
+    // that keeps its bound (systemd ignores it when its timeout is longer).
+    let extend = bound + Duration::from_secs(crate::config::EXIT_ALLOWANCE_SECS);
+    notify(&[
+        NotifyState::Stopping,
+        NotifyState::ExtendTimeoutUsec(u32::try_from(extend.as_micros()).unwrap_or(u32::MAX)),
+    ]);
     if let Some(admin) = &admin {
         admin.stopping();
     }
-    info!("stopping: finishing in-flight work");
+    info!(
+        bound_secs = bound.as_secs(),
+        "stopping: finishing in-flight work"
+    );
+    daemon.auth.begin_shutdown(refresh_deadline);
+    daemon
+        .drainer
+        .stop_sends_by(deadline - crate::drain::SHUTDOWN_RESERVE.min(bound));
     daemon.stop.cancel();
     daemon.work.notify_waiters();
-    let _ = timer.await;
-    let _ = taker.await;
-    // One bound for everything in flight: the drainer gives up on its sends
-    // after `grace` (their rows are resent at the next start), and passes
-    // still running then are recorded as interrupted.
-    let grace = Duration::from_secs(daemon.config().file.daemon.shutdown_timeout_secs);
     daemon.passes.close();
     let in_flight = async {
+        let _ = timer.await;
+        let _ = taker.await;
+        // The drainer gives up on its sends at deadline - SHUTDOWN_RESERVE
+        // (naming their rows, which are resent at the next start).
         let _ = drainer.await;
         daemon.passes.wait().await;
         if let Some(r) = receiver {
             let _ = r.await;
         }
     };
-    if tokio::time::timeout(grace + Duration::from_millis(500), in_flight)
+    // A little after the drainer's own bound, so that it names its rows first.
+    let in_flight_until =
+        (deadline - crate::drain::SHUTDOWN_RESERVE.min(bound)) + Duration::from_millis(500);
+    if tokio::time::timeout_at(in_flight_until.into(), in_flight)
         .await
         .is_err()
     {
         warn!(
-            "in-flight work did not finish in time; unfinished passes are recorded as interrupted"
+            pass_workers = daemon.passes.len(),
+            "in-flight work did not finish within daemon.shutdown_timeout_secs; sync passes still \
+             running are recorded as interrupted (the next pass reads their pages again), webhook \
+             deliveries not answered yet are delivered again by Thumbtack"
         );
     }
-    // A refresh in flight finishes and its rotated token is stored before we exit.
+    // A refresh already sent finishes (or asks again for a lost answer)
+    // and its rotated token is stored before anything is closed.
     daemon
         .auth
-        .settle(crate::cli::settle_bound(&daemon.config()))
+        .settle(refresh_deadline.saturating_duration_since(Instant::now()))
         .await;
     monitor.abort();
-    if let Some(admin) = admin {
-        admin.stop().await;
+    let closing = async {
+        if let Some(admin) = admin {
+            admin.stop().await;
+        }
+        daemon.close_requests().await;
+        let now = crate::time::now();
+        daemon
+            .store
+            .call(move |c| {
+                requests::write_lag(c, &[])?;
+                mirror::interrupt_running(c, &now, "interrupted by shutdown")
+            })
+            .await
+    };
+    match tokio::time::timeout_at(deadline.into(), closing).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(error = %format!("{e:#}"), "cannot record interrupted passes"),
+        Err(_) => warn!(
+            "the shutdown bound was reached before the interrupted passes and sync requests were \
+             recorded; the next start records them as interrupted"
+        ),
     }
-    daemon.close_requests().await;
-    let now = crate::time::now();
-    if let Err(e) = daemon
-        .store
-        .call(move |c| {
-            requests::write_lag(c, &[])?;
-            mirror::interrupt_running(c, &now, "interrupted by shutdown")
-        })
-        .await
-    {
-        warn!(error = %format!("{e:#}"), "cannot record interrupted passes");
-    }
-    info!("stopped");
+    info!(elapsed_ms = started.elapsed().as_millis() as u64, "stopped");
     drop(session);
     Ok(())
 }

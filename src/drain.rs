@@ -64,6 +64,10 @@ impl WaitReason {
 /// side: an OAuth client refused). Called at every claim.
 pub type WaitHook = Arc<dyn Fn() -> Vec<(String, WaitReason)> + Send + Sync>;
 
+/// The part of `daemon.shutdown_timeout_secs` kept after the in-flight
+/// sends, for the token store's last write and the closing records.
+pub const SHUTDOWN_RESERVE: Duration = Duration::from_secs(2);
+
 /// The drainer's settings, from `[outbox]`.
 #[derive(Debug, Clone)]
 pub struct DrainSettings {
@@ -105,7 +109,8 @@ impl DrainSettings {
                 [only] => Some(only.id.clone()),
                 _ => None,
             },
-            shutdown_grace: Duration::from_secs(c.file.daemon.shutdown_timeout_secs),
+            shutdown_grace: Duration::from_secs(c.file.daemon.shutdown_timeout_secs)
+                .saturating_sub(SHUTDOWN_RESERVE),
             reauth_recheck: REAUTH_RECHECK,
         }
     }
@@ -189,6 +194,29 @@ pub struct Drainer {
     /// Which table the next claim looks at first: alternating, so that a
     /// full queue of one kind never starves the other.
     replies_first: std::sync::atomic::AtomicBool,
+    /// Rows being sent. What a stop cut short names.
+    sending: Arc<std::sync::Mutex<SendingRows>>,
+    /// When in-flight sends are given up after a stop, if the daemon set it
+    /// ([`Drainer::stop_sends_by`]); else `shutdown_grace` after the stop is seen.
+    sends_deadline: std::sync::Mutex<Option<Instant>>,
+}
+
+/// (table, id) → (negotiation id, the outcome once the request ended and
+/// only its recording is left).
+type SendingRows = std::collections::BTreeMap<(&'static str, i64), (String, Option<RowResult>)>;
+
+/// A row in [`Drainer::sending`] while its send runs (removed however it ends).
+struct Sending {
+    map: Arc<std::sync::Mutex<SendingRows>>,
+    key: (&'static str, i64),
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock() {
+            m.remove(&self.key);
+        }
+    }
 }
 
 impl Drainer {
@@ -200,6 +228,17 @@ impl Drainer {
             applied: std::sync::Mutex::new(None),
             wait_hook: std::sync::RwLock::new(None),
             replies_first: std::sync::atomic::AtomicBool::new(false),
+            sending: Arc::default(),
+            sends_deadline: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Sets when in-flight sends are given up after the stop (the daemon
+    /// sets it from the signal's time, so that a claim in progress then
+    /// cannot push it later).
+    pub fn stop_sends_by(&self, deadline: Instant) {
+        if let Ok(mut d) = self.sends_deadline.lock() {
+            *d = Some(deadline);
         }
     }
 
@@ -359,7 +398,20 @@ impl Drainer {
         due_by: Option<&str>,
         stop: &CancellationToken,
     ) -> (RowResult, Option<Claimed>) {
+        let key = (row.kind.table(), row.id);
+        if let Ok(mut m) = self.sending.lock() {
+            m.insert(key, (row.negotiation_id.clone(), None));
+        }
+        let _sending = Sending {
+            map: self.sending.clone(),
+            key,
+        };
         let (finish, attempts, result) = self.attempt(&row).await;
+        if let Ok(mut m) = self.sending.lock()
+            && let Some(entry) = m.get_mut(&key)
+        {
+            entry.1 = Some(result);
+        }
         let now = crate::time::now();
         let follow = matches!(result, RowResult::Sent | RowResult::Dead) && !stop.is_cancelled();
         let id = row.id;
@@ -700,17 +752,41 @@ impl Drainer {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
+        // One bound for all of it, inside daemon.shutdown_timeout_secs.
+        let until: tokio::time::Instant = self
+            .sends_deadline
+            .lock()
+            .ok()
+            .and_then(|d| *d)
+            .unwrap_or_else(|| Instant::now() + self.settings().shutdown_grace)
+            .into();
         if !inflight.is_empty() {
             info!(
                 in_flight = inflight.len(),
                 "waiting for in-flight sends to finish"
             );
-            let grace = self.settings().shutdown_grace;
-            let finished = tokio::time::timeout(grace, async {
+            let finished = tokio::time::timeout_at(until, async {
                 while inflight.join_next().await.is_some() {}
             })
             .await;
             if finished.is_err() {
+                let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
+                for ((table, id), (negotiation_id, ended)) in &rows {
+                    let what = match ended {
+                        None => "was being sent".to_string(),
+                        Some(r) => format!(
+                            "had its answer ({}) but its outcome was not recorded",
+                            format!("{r:?}").to_lowercase()
+                        ),
+                    };
+                    warn!(
+                        outbox_id = id,
+                        %negotiation_id,
+                        "{table} row {id} {what} when the shutdown bound \
+                         (daemon.shutdown_timeout_secs) was reached: it stays `sending`, is sent \
+                         again at the next start, and may reach Thumbtack twice"
+                    );
+                }
                 warn!(
                     in_flight = inflight.len(),
                     "in-flight sends did not finish in time; their rows stay `sending` and are sent again at the next start"
@@ -718,11 +794,13 @@ impl Drainer {
                 inflight.abort_all();
             }
         }
-        // A refresh and the write of its rotated token are not cut short.
+        // The recheck's refreshes run detached: the daemon waits for them
+        // (Auth::settle); a recheck not yet sent is refused once stopping.
         if let Some(r) = recheck
             && !r.is_finished()
+            && tokio::time::timeout_at(until, r).await.is_err()
         {
-            let _ = tokio::time::timeout(self.settings().shutdown_grace, r).await;
+            info!("the re-authorization recheck did not end before the shutdown bound");
         }
     }
 }

@@ -223,6 +223,14 @@ pub async fn sync_business(
         stop,
     )
     .await;
+    // A request the stop kept from being sent (or its token refresh) ends
+    // the pass like a stop between pages does.
+    let result = match result {
+        Err(e) if stop.is_cancelled() && !e.starts_with("interrupted by shutdown") => {
+            Err(format!("interrupted by shutdown: {e}"))
+        }
+        r => r,
+    };
     let result = match result {
         Ok(End::Unknown) => {
             stats.end_unknown = true;

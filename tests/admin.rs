@@ -746,11 +746,14 @@ async fn readyz_turns_503_while_stopping() {
             [&lead],
         )
         .expect("insert");
+    // Its request has reached the sandbox (a stop no longer sends a request
+    // that was not out yet).
     common::wait_until("the row is in flight", Duration::from_secs(20), || {
         count(
             &env.sql(),
             "SELECT count(*) FROM outbox WHERE state = 'sending'",
         ) == 1
+            && env.sandbox.stats().by_route.get("job-status").copied() == Some(1)
     })
     .await;
     // SAFETY: kill(2) on our own child's pid.

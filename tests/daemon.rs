@@ -113,10 +113,26 @@ async fn notify_ready_status_watchdog_and_stopping() {
     let exit = wait_exit(&mut child, Duration::from_secs(15));
     assert_eq!(exit.code(), Some(0));
     let mut stopping = false;
+    let mut extend_usec: Option<u64> = None;
     while let Ok(n) = socket.recv(&mut buf) {
-        stopping |= String::from_utf8_lossy(&buf[..n]).contains("STOPPING=1");
+        let m = String::from_utf8_lossy(&buf[..n]).to_string();
+        stopping |= m.contains("STOPPING=1");
+        if let Some(v) = m
+            .lines()
+            .find_map(|l| l.strip_prefix("EXTEND_TIMEOUT_USEC="))
+        {
+            extend_usec = v.trim().parse().ok();
+        }
     }
     assert!(stopping, "STOPPING=1 was sent");
+    // systemd is told how long the stop may take (the bound, 8 s in the
+    // tests' settings, and a little more), so that a unit whose
+    // TimeoutStopSec is shorter does not SIGKILL a stop within its bound.
+    let extend = extend_usec.expect("EXTEND_TIMEOUT_USEC was sent with STOPPING=1");
+    assert!(
+        (8_000_000..=12_000_000).contains(&extend),
+        "EXTEND_TIMEOUT_USEC={extend}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -167,11 +183,10 @@ async fn sigterm_lets_an_in_flight_send_finish_and_records_it() {
         "--at",
         "2026-11-01T10:00:00Z",
     ]);
-    wait_until_blocking("the row is being sent", Duration::from_secs(10), || {
-        count(
-            &env.sql(),
-            "SELECT count(*) FROM outbox WHERE state = 'sending'",
-        ) == 1
+    // The request has reached Thumbtack (a row `sending` may still be
+    // before its request, which a stop no longer sends).
+    wait_until_blocking("the row's request is out", Duration::from_secs(10), || {
+        job_status_requests(&env) == 1
     });
     signal(&child, libc::SIGTERM);
     let t = Instant::now();
@@ -198,6 +213,132 @@ async fn sigterm_lets_an_in_flight_send_finish_and_records_it() {
             "SELECT count(*) FROM sync_runs WHERE outcome = 'running'"
         ),
         0
+    );
+}
+
+/// Job-status requests the sandbox received (counted on arrival).
+fn job_status_requests(env: &Env) -> u64 {
+    env.sandbox
+        .stats()
+        .by_route
+        .get("job-status")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// `leadsync enqueue` of one transition of `lead`; the row's id.
+fn enqueue(env: &Env, business: &str, lead: &str) -> i64 {
+    let o = env.run(&[
+        "enqueue",
+        "--business",
+        business,
+        "--negotiation",
+        lead,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2026-11-01T10:00:00Z",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    text(&o).trim().parse().expect("the row id")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_bound() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    let mut child = Guard(env.spawn_daemon());
+    env.sandbox.set_faults(Faults {
+        latency_ms: 3000,
+        ..Default::default()
+    });
+    let id = enqueue(&env, &b, &lead);
+    wait_until_blocking("the row's request is out", Duration::from_secs(10), || {
+        job_status_requests(&env) == 1
+    });
+    // Another program holds the mirror's write lock (taken while the
+    // request is still out, 3 s of latency): the send's outcome cannot be
+    // recorded within the bound (shutdown_timeout_secs = 8).
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    signal(&child, libc::SIGTERM);
+    let t = Instant::now();
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    let took = t.elapsed();
+    holder.execute_batch("ROLLBACK").unwrap();
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "a clean stop exits 0\n{log}");
+    assert!(
+        took < Duration::from_secs(11),
+        "the stop took {took:?}, beyond shutdown_timeout_secs = 8 (and the exit allowance)\n{log}"
+    );
+    assert!(
+        log.contains(&format!(
+            "outbox row {id} had its answer (sent) but its outcome was not recorded"
+        )) && log.contains("may reach Thumbtack twice"),
+        "the log names the row cut short:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_still_waiting_for_its_turn_at_a_stop_is_not_sent_and_waits_uncounted() {
+    // One request every 20 s: the row's request waits for its turn behind
+    // the daemon's first pass when SIGTERM comes. A stop starts no new
+    // request (the old code sent it after the stop).
+    let env = Env::new(
+        leadsync::sandbox::SandboxOptions::default(),
+        false,
+        &common::FAST.replace(
+            "max_requests_per_second = 1000",
+            "max_requests_per_second = 0.05",
+        ),
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking(
+        "the daemon's first request",
+        Duration::from_secs(20),
+        || {
+            env.business_ids()
+                .iter()
+                .map(|b| env.sandbox.list_requests(b))
+                .sum::<u64>()
+                >= 1
+        },
+    );
+    let id = enqueue(&env, &b, &lead);
+    wait_until_blocking("the row is being sent", Duration::from_secs(10), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'sending'",
+        ) == 1
+    });
+    signal(&child, libc::SIGTERM);
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    assert_eq!(
+        env.sandbox.deliveries().len(),
+        0,
+        "nothing sent after the stop\n{log}"
+    );
+    let (state, attempts, error): (String, i64, Option<String>) = env
+        .sql()
+        .query_row(
+            "SELECT state, attempts, last_error FROM outbox WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(state, "pending", "{log}");
+    assert_eq!(attempts, 0, "no attempt counted: nothing was sent");
+    assert!(
+        error.as_deref().is_some_and(|e| e.contains("stopping")),
+        "{error:?}"
     );
 }
 

@@ -51,8 +51,42 @@ fn a_shutdown_bound_shorter_than_the_request_timeout_is_refused() {
     assert_eq!(code, Some(78), "{out}");
     assert!(out.contains("daemon.shutdown_timeout_secs"), "{out}");
     assert!(out.contains("api.timeout_secs"), "{out}");
-    let (code, out) = check("[api]\ntimeout_secs = 30\n[daemon]\nshutdown_timeout_secs = 30\n");
+    let (code, out) = check("[api]\ntimeout_secs = 30\n[daemon]\nshutdown_timeout_secs = 33\n");
     assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn the_shutdown_bound_leaves_room_to_store_a_rotated_token_after_the_request_timeout() {
+    // A refresh in flight at a stop may take its whole request timeout;
+    // storing its rotated token and the outcomes needs time after that,
+    // still inside the bound (else systemd's SIGKILL can lose the token).
+    let (code, out) = check("[api]\ntimeout_secs = 20\n[daemon]\nshutdown_timeout_secs = 22\n");
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("daemon.shutdown_timeout_secs"), "{out}");
+    assert!(out.contains("api.timeout_secs + 3"), "{out}");
+    assert!(
+        out.contains("23"),
+        "names the smallest accepted value: {out}"
+    );
+    let (code, out) = check("[api]\ntimeout_secs = 20\n[daemon]\nshutdown_timeout_secs = 23\n");
+    assert_eq!(code, Some(0), "{out}");
+    // Beyond an hour the bound is a typo (and overflowed the clock arithmetic).
+    let (code, out) = check("[daemon]\nshutdown_timeout_secs = 9223372036854775807\n");
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("daemon.shutdown_timeout_secs"), "{out}");
+    let (code, out) = check("[api]\ntimeout_secs = 3600\n");
+    assert_eq!(code, Some(78), "{out}");
+    assert!(out.contains("api.timeout_secs"), "{out}");
+}
+
+#[test]
+fn a_shutdown_bound_beyond_the_shipped_units_stop_timeout_is_warned_about() {
+    let (code, out) = check("[daemon]\nshutdown_timeout_secs = 40\n");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("TimeoutStopSec"), "{out}");
+    let (code, out) = check("");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("TimeoutStopSec"), "{out}");
 }
 
 #[test]

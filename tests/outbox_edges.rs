@@ -544,7 +544,7 @@ async fn a_hanging_token_endpoint_stalls_neither_claims_nor_the_heartbeat() {
     // inside the drain loop.
     let overrides = FAST
         .replace("timeout_secs = 5", "timeout_secs = 15")
-        .replace("shutdown_timeout_secs = 5", "shutdown_timeout_secs = 15");
+        .replace("shutdown_timeout_secs = 8", "shutdown_timeout_secs = 18");
     // Business 1 waits for re-authorization (a flag left by a previous run).
     let rig = Rig::open(&overrides, true, Some(1)).await;
     let (a, b) = (

@@ -829,7 +829,9 @@ async fn a_stopped_full_scan_ends_after_the_page_in_flight_and_keeps_whole_pages
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_full_scan_ends_without_waiting_for_the_page_in_flight() {
-    let overrides = common::FAST.replace("timeout_secs = 5", "timeout_secs = 60");
+    let overrides = common::FAST
+        .replace("timeout_secs = 5", "timeout_secs = 60")
+        .replace("shutdown_timeout_secs = 8", "shutdown_timeout_secs = 63");
     let env = Env::new(SandboxOptions::default(), false, &overrides).await;
     let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
     let b = env.business_ids()[0].clone();

@@ -211,6 +211,54 @@ impl TokenStore {
         f(&mut conn)
     }
 
+    /// The grant's lock file (in `<token store>.locks/`).
+    fn lock_path(&self, grant: &str) -> PathBuf {
+        PathBuf::from(format!("{}.locks", self.path.display())).join(&sha256_hex(grant)[..32])
+    }
+
+    /// What the grant's lock file says of a refresh whose answer was not
+    /// stored (see [`TokenStore::set_refresh_note`]); `None` when nothing.
+    /// Read by the lock's holder.
+    pub fn refresh_note(&self, grant: &str) -> Result<Option<String>> {
+        let path = self.lock_path(grant);
+        match std::fs::read_to_string(&path) {
+            Ok(s) => {
+                Ok(Some(s.trim().chars().take(200).collect::<String>()).filter(|s| !s.is_empty()))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot read the grant lock {}", path.display()))
+            }
+        }
+    }
+
+    /// Records in the grant's lock file, durably, that a refresh is being
+    /// sent (`Some(note)`: when, by which process), or that its answer is
+    /// stored (`None`). A refresh the process did not live to store is
+    /// then known to the next one. Written by the lock's holder.
+    pub fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> Result<()> {
+        use std::io::Write;
+        let path = self.lock_path(grant);
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            bail!(
+                "the grant lock {} is a symbolic link: refusing it",
+                path.display()
+            );
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&path)
+            .with_context(|| format!("cannot open the grant lock {}", path.display()))?;
+        if let Some(note) = note {
+            f.write_all(format!("{note}\n").as_bytes())?;
+        }
+        f.sync_all()
+            .with_context(|| format!("cannot write the grant lock {}", path.display()))
+    }
+
     /// Tries to take the grant's cross-process lock; `None` while another
     /// process (or handle) holds it.
     pub fn try_lock_grant(&self, grant: &str) -> Result<Option<GrantLock>> {

@@ -23,6 +23,7 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
@@ -43,6 +44,10 @@ const MAX_EXPIRES_IN: u64 = 86_400;
 pub const CLIENT_REFUSED_RETRY: Duration = Duration::from_secs(300);
 /// Immediate retries of a refresh whose response was lost (Thumbtack's grace period).
 const LOST_RESPONSE_RETRIES: usize = 2;
+/// While stopping: the time kept after a token request for storing its
+/// rotated token, and the shortest request worth sending in what remains.
+const STORE_RESERVE: Duration = Duration::from_millis(500);
+const SHORTEST_RETRY: Duration = Duration::from_secs(1);
 /// At most one refresh per grant per this interval because of 401s (or
 /// half the token's lifetime, when shorter).
 const REFRESH_ON_401_INTERVAL: Duration = Duration::from_secs(60);
@@ -76,6 +81,16 @@ pub trait GrantStore: Send + Sync {
     fn forget_access(&self, grant: &str, access_token: &Secret) -> anyhow::Result<()>;
     /// The grant's cross-process lock, if free now.
     fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>>;
+    /// What was recorded of a refresh whose answer was not stored (by the
+    /// lock's holder), if anything.
+    fn refresh_note(&self, _grant: &str) -> anyhow::Result<Option<String>> {
+        Ok(None)
+    }
+    /// Records durably that a refresh is being sent (`Some`), or that its
+    /// answer is stored or was never rotated (`None`).
+    fn set_refresh_note(&self, _grant: &str, _note: Option<&str>) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a person must see (`status`, the mirror), recorded by the caller.
@@ -154,6 +169,8 @@ struct Chain {
     /// This process has cleared the chain's "unsaved" alert (another
     /// process may have left one).
     unsaved_alert_cleared: AtomicBool,
+    /// A refresh unit of this chain is running (what a stop cut short names).
+    refreshing: AtomicBool,
 }
 
 /// A static bearer token from a file.
@@ -184,6 +201,11 @@ struct Inner {
     client_alert_cleared: AtomicBool,
     /// Refresh units in flight (shutdown waits for them).
     tasks: TaskTracker,
+    /// Cancelled when the daemon stops: no new refresh starts, no new
+    /// request is sent, and a refresh already sent has until
+    /// `refresh_deadline` to finish and store its rotated token.
+    stopping: CancellationToken,
+    refresh_deadline: Mutex<Option<Instant>>,
 }
 
 /// Token providers for every configured business.
@@ -199,6 +221,8 @@ enum Failure {
     Reauth(String),
     /// The application's OAuth configuration is refused; no business is at fault.
     ClientRefused(String),
+    /// The daemon is stopping: no refresh was sent, the stored token stays valid.
+    Stopping(String),
 }
 
 impl From<Failure> for ApiError {
@@ -207,7 +231,21 @@ impl From<Failure> for ApiError {
             Failure::Retry(m) => ApiError::retry(None, m),
             Failure::Reauth(m) => ApiError::reauth(m),
             Failure::ClientRefused(m) => client_refused_error(&m),
+            Failure::Stopping(m) => stopping_error(&m),
         }
+    }
+}
+
+/// Work refused because the daemon is stopping waits for the next start
+/// like a row waiting for re-authorization: nothing was sent, no attempt
+/// counts, and no business is marked.
+pub fn stopping_error(m: &str) -> ApiError {
+    ApiError {
+        disposition: Disposition::Reauth,
+        http_status: None,
+        trace_id: None,
+        retry_after: None,
+        message: format!("not sent: {m}"),
     }
 }
 
@@ -335,6 +373,8 @@ impl Auth {
                 client_refused: Mutex::new(None),
                 client_alert_cleared: AtomicBool::new(false),
                 tasks: TaskTracker::new(),
+                stopping: CancellationToken::new(),
+                refresh_deadline: Mutex::new(None),
             }),
         };
         auth.reconfigure(config);
@@ -397,6 +437,7 @@ impl Auth {
                                 state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
                                 reauth: Mutex::new(None),
                                 unsaved_alert_cleared: AtomicBool::new(false),
+                                refreshing: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -479,6 +520,11 @@ impl Auth {
                 {
                     return Err(client_refused_error(&m));
                 }
+                if self.inner.stopping.is_cancelled() {
+                    return Err(stopping_error(
+                        "leadsync is stopping and starts no token refresh; it goes at the next start",
+                    ));
+                }
                 // The refresh and the write of its rotated token are one unit
                 // that runs to its end even if this caller is cancelled.
                 let inner = self.inner.clone();
@@ -539,18 +585,33 @@ impl Auth {
         }
     }
 
+    /// The daemon stops: from now on no refresh starts and no request is
+    /// sent ([`Auth::stopping`]); a refresh already sent may finish, ask
+    /// again for a lost answer and store its rotated token until
+    /// `refresh_deadline`, which [`Auth::settle`] is then given.
+    pub fn begin_shutdown(&self, refresh_deadline: Instant) {
+        if let Ok(mut d) = self.inner.refresh_deadline.lock() {
+            *d = Some(refresh_deadline);
+        }
+        self.inner.stopping.cancel();
+    }
+
+    /// Cancelled once the daemon stops: a request not sent yet is not sent.
+    pub fn stopping(&self) -> &CancellationToken {
+        &self.inner.stopping
+    }
+
     /// Waits (up to `bound`) for refreshes in flight and the writes of their
     /// rotated tokens; a rotated token still unsaved is tried once more and,
-    /// if it cannot be stored, reported loudly.
+    /// if it cannot be stored, reported loudly, as is a refresh the bound
+    /// cut short.
     pub async fn settle(&self, bound: Duration) {
         let inner = &self.inner;
+        let until = tokio::time::Instant::now() + bound;
         inner.tasks.close();
-        if tokio::time::timeout(bound, inner.tasks.wait())
+        let finished = tokio::time::timeout_at(until, inner.tasks.wait())
             .await
-            .is_err()
-        {
-            warn!("a token refresh did not finish before shutdown");
-        }
+            .is_ok();
         inner.tasks.reopen();
         let chains: Vec<Arc<Chain>> = inner
             .chains
@@ -558,19 +619,35 @@ impl Auth {
             .map(|c| c.values().cloned().collect())
             .unwrap_or_default();
         for chain in chains {
+            if chain.refreshing.load(Ordering::SeqCst) {
+                // A refresh the bound cut short: whether Thumbtack rotated
+                // the token is unknown.
+                error!(grant = %chain.file.display(), businesses = ?inner.members_of(&chain),
+                    "stopping before a token refresh of this grant finished: if Thumbtack rotated \
+                     its refresh token, the new one was not stored and the next start presents the \
+                     old one (accepted within Thumbtack's grace period for retries, else the grant \
+                     must be re-authorized with `leadsync auth exchange`)");
+                continue;
+            }
+            // Held only by a caller that is about to be told "stopping".
             let Ok(mut state) = chain.state.clone().try_lock_owned() else {
                 continue;
             };
-            if state.unsaved.is_none() {
+            let Some(error) = state.unsaved.as_ref().map(|u| u.error.clone()) else {
                 continue;
-            }
-            let _ = inner.save_unsaved(&chain, &mut state).await;
-            if let Some(u) = &state.unsaved {
-                error!(grant = %chain.file.display(), error = %u.error,
+            };
+            let left = until.saturating_duration_since(tokio::time::Instant::now());
+            let saved = tokio::time::timeout(left, inner.save_unsaved(&chain, &mut state)).await;
+            if saved.is_err() || state.unsaved.is_some() {
+                let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
+                error!(grant = %chain.file.display(), error = %error,
                     "leadsync stops with a rotated refresh token it could not store: the grant must be \
                      re-authorized (`leadsync auth exchange`) unless the store becomes writable before \
                      the next refresh in another process");
             }
+        }
+        if !finished {
+            warn!("a token store write was still running at the shutdown bound");
         }
     }
 
@@ -645,6 +722,7 @@ impl Auth {
                     state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
                     reauth: Mutex::new(None),
                     unsaved_alert_cleared: AtomicBool::new(false),
+                    refreshing: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -729,7 +807,7 @@ impl Auth {
             ("redirect_uri", redirect_uri),
             ("audience", oauth.audience.as_str()),
         ];
-        let tokens = match inner.post_token(&oauth, &form).await {
+        let tokens = match inner.post_token(&oauth, &form, None).await {
             Ok(t) => t,
             Err(TokenFailure::GrantRefused(m)) => anyhow::bail!(
                 "the authorization code was refused ({m}); codes are single-use and short-lived: authorize again"
@@ -783,6 +861,8 @@ impl Auth {
                 "the token store kept changing while storing the new grant; run the exchange again"
             );
         }
+        // A new grant: an earlier refresh cut short no longer matters.
+        inner.note_refresh(&chain, None).await;
         state.unsaved = None;
         state.refused_access = None;
         state.fresh_until = Some(Instant::now() + REFRESH_ON_401_INTERVAL);
@@ -983,11 +1063,17 @@ impl Inner {
         let store = self.store()?;
         let deadline = Instant::now() + self.timeout * 4 + Duration::from_secs(5);
         loop {
+            if self.stopping.is_cancelled() {
+                return Err(self.abandoned(chain, "before it took the grant's lock"));
+            }
             let (s, key) = (store.clone(), chain.key.clone());
             match blocking(move || s.try_lock(&key)).await {
                 Ok(Some(lock)) => return Ok(lock),
                 Ok(None) if Instant::now() < deadline => {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        _ = self.stopping.cancelled() => {}
+                    }
                 }
                 Ok(None) => {
                     return Err(Failure::Retry(format!(
@@ -998,6 +1084,46 @@ impl Inner {
                 Err(e) => return Err(Failure::Retry(format!("{e:#}"))),
             }
         }
+    }
+
+    /// Records (or clears) the grant's refresh in flight; a failure is
+    /// logged, never fails the refresh (the note only explains).
+    async fn note_refresh(&self, chain: &Chain, note: Option<String>) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let key = chain.key.clone();
+        if let Err(e) = blocking(move || store.set_refresh_note(&key, note.as_deref())).await {
+            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                "cannot record the token refresh in flight in the grant's lock file");
+        }
+    }
+
+    /// A refresh given up at a stop before anything was sent: logged, and
+    /// the stored token stays the valid one.
+    fn abandoned(&self, chain: &Chain, when: &str) -> Failure {
+        let m = format!(
+            "leadsync is stopping: the token refresh of the grant in {} is abandoned {when}; \
+             nothing was sent, the stored refresh token stays valid",
+            chain.file.display()
+        );
+        info!("{m}");
+        Failure::Stopping(m)
+    }
+
+    /// While stopping: the time a token request may still take, if one
+    /// is worth sending. `None` while running (the request timeout applies).
+    fn time_left_to_ask(&self) -> Option<Option<Duration>> {
+        if !self.stopping.is_cancelled() {
+            return None;
+        }
+        let deadline = self.refresh_deadline.lock().ok().and_then(|d| *d);
+        let left = deadline
+            .map(|d| d.saturating_duration_since(Instant::now()))
+            .unwrap_or_default()
+            .saturating_sub(STORE_RESERVE)
+            .min(self.timeout);
+        Some((left >= SHORTEST_RETRY).then_some(left))
     }
 
     /// The access token of a response, with its expiry (monotonic and wall clock).
@@ -1026,6 +1152,15 @@ impl Inner {
         chain: Arc<Chain>,
         mut state: tokio::sync::OwnedMutexGuard<ChainState>,
     ) -> Result<Secret, ApiError> {
+        /// Clears the chain's `refreshing` however the unit ends.
+        struct Running<'a>(&'a AtomicBool);
+        impl Drop for Running<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::SeqCst);
+            }
+        }
+        chain.refreshing.store(true, Ordering::SeqCst);
+        let _running = Running(&chain.refreshing);
         let outcome = self.refresh_locked(&chain, &mut state).await;
         match &outcome {
             Ok(_) => {
@@ -1034,7 +1169,7 @@ impl Inner {
             }
             Err(Failure::Reauth(m)) => self.set_reauth(&chain, Some(m.clone()), false).await,
             Err(Failure::ClientRefused(m)) => self.set_client_refused(m).await,
-            Err(Failure::Retry(_)) => {}
+            Err(Failure::Retry(_) | Failure::Stopping(_)) => {}
         }
         drop(state);
         outcome.map_err(Into::into)
@@ -1100,7 +1235,21 @@ impl Inner {
                 return Ok(a.token.clone());
             }
         }
+        if self.stopping.is_cancelled() {
+            return Err(self.abandoned(chain, "before it was sent"));
+        }
         let _lock = self.lock_grant(chain).await?;
+        // A refresh of this grant whose answer was never stored (a process
+        // killed mid-refresh, or an answer lost): its token may be spent.
+        let cut_short = {
+            let (s, key) = (store.clone(), chain.key.clone());
+            blocking(move || s.refresh_note(&key)).await.ok().flatten()
+        };
+        if let Some(note) = &cut_short {
+            warn!(grant = %chain.file.display(), "a token refresh of this grant ({note}) did not get its answer \
+                stored; presenting the stored refresh token again (Thumbtack accepts it within its grace \
+                period for retries; else the grant must be re-authorized)");
+        }
         let seed = read_token_file(&chain.file)?;
         let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
         let businesses = self.members_of(chain);
@@ -1166,7 +1315,32 @@ impl Inner {
         }
         let previous_seed = row.as_ref().and_then(|r| r.seed_sha256.clone());
         for (from_file, presented) in candidates {
-            match self.post_refresh(&oauth, &presented).await {
+            // A new refresh (the stored token after the file was refused)
+            // never starts once stopping: the stored token stays valid.
+            if self.stopping.is_cancelled() {
+                return Err(self.abandoned(chain, "before it was sent"));
+            }
+            self.note_refresh(
+                chain,
+                Some(format!(
+                    "sent at {} by leadsync process {}",
+                    crate::time::now(),
+                    std::process::id()
+                )),
+            )
+            .await;
+            let response = self.post_refresh(&oauth, &presented).await;
+            // Nothing rotated, or the answer is about to be stored: a lost
+            // answer keeps the note (the token may be spent).
+            if let Err(
+                TokenFailure::GrantRefused(_)
+                | TokenFailure::ClientRefused(_)
+                | TokenFailure::Transient(_),
+            ) = &response
+            {
+                self.note_refresh(chain, None).await;
+            }
+            match response {
                 Ok(tokens) => {
                     // No (or an empty) refresh_token: the presented one stays valid.
                     let next = tokens
@@ -1199,7 +1373,11 @@ impl Inner {
                     );
                     state.refused_access = None;
                     let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
-                    match blocking(move || s.save(&key, expected, &w)).await {
+                    let saved = blocking(move || s.save(&key, expected, &w)).await;
+                    if saved.is_ok() {
+                        self.note_refresh(chain, None).await;
+                    }
+                    match saved {
                         Ok(Written::Stored(_)) => {
                             if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
                                 self.alert(format!("unsaved:{}", chain.key), None).await;
@@ -1271,7 +1449,13 @@ impl Inner {
                     .await;
                 }
                 Err(TokenFailure::GrantRefused(m)) => {
-                    let reason = format!("the refresh token was refused ({m})");
+                    let reason = match &cut_short {
+                        Some(note) => format!(
+                            "the refresh token was refused ({m}), most likely because an earlier refresh \
+                             of this grant ({note}) was cut short before its answer was stored"
+                        ),
+                        None => format!("the refresh token was refused ({m})"),
+                    };
                     let file_fp = if from_file { seed_fp.clone() } else { None };
                     let (s, key, r) = (store.clone(), chain.key.clone(), reason.clone());
                     match blocking(move || s.refuse(&key, expected, file_fp.as_deref(), &r)).await {
@@ -1316,15 +1500,31 @@ impl Inner {
             ("audience", oauth.audience.as_str()),
         ];
         let mut retries = 0;
+        let mut timeout = None;
         loop {
-            let response = self.post_token(oauth, &form).await;
+            let response = self.post_token(oauth, &form, timeout).await;
             crate::metrics::token_refresh(
                 response
                     .as_ref()
                     .map_or_else(TokenFailure::outcome, |_| "ok"),
             );
+            // Stopping: the refresh was sent, so Thumbtack may have rotated
+            // the token; asking again is the only way to get it back, as
+            // long as the answer can arrive and be stored within the bound.
+            let left = self.time_left_to_ask();
             match response {
+                Err(TokenFailure::Lost(m))
+                    if retries < LOST_RESPONSE_RETRIES && left == Some(None) =>
+                {
+                    return Err(TokenFailure::Lost(format!(
+                        "{m}; not asked again: leadsync is stopping and no answer could arrive within \
+                         daemon.shutdown_timeout_secs (the next start presents the same refresh token, \
+                         accepted within Thumbtack's grace period for retries, else the grant needs \
+                         re-authorization)"
+                    )));
+                }
                 Err(TokenFailure::Lost(m)) if retries < LOST_RESPONSE_RETRIES => {
+                    timeout = left.flatten();
                     retries += 1;
                     warn!(error = %m, retry = retries,
                         "the token response was lost; asking again at once with the same refresh token");
@@ -1335,40 +1535,51 @@ impl Inner {
                         retries + 1
                     )));
                 }
+                // The same request again, refused: the first one did rotate
+                // the token, and its answer is lost for good.
+                Err(TokenFailure::GrantRefused(m)) if retries > 0 => {
+                    return Err(TokenFailure::GrantRefused(format!(
+                        "{m}; asked again after the first answer was lost, so Thumbtack had rotated \
+                         the token and its answer never arrived"
+                    )));
+                }
                 other => return other,
             }
         }
     }
 
+    /// One token request; `timeout` shortens the client's request timeout.
     async fn post_token(
         &self,
         oauth: &OAuthClient,
         form: &[(&str, &str)],
+        timeout: Option<Duration>,
     ) -> Result<TokenResponse, TokenFailure> {
         let mut basic =
             reqwest::header::HeaderValue::from_str(oauth.basic().expose()).map_err(|_| {
                 TokenFailure::ClientRefused("the client id cannot be sent in a header".into())
             })?;
         basic.set_sensitive(true);
-        let resp = self
+        let mut request = self
             .http
             .post(&oauth.token_url)
             .header(reqwest::header::AUTHORIZATION, basic)
-            .form(form)
-            .send()
-            .await
-            .map_err(|e| {
-                let what = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    return TokenFailure::Transient(
-                        "token endpoint unreachable: could not connect".into(),
-                    );
-                } else {
-                    "connection failed"
-                };
-                TokenFailure::Lost(format!("token endpoint {what} after the request was sent"))
-            })?;
+            .form(form);
+        if let Some(t) = timeout {
+            request = request.timeout(t);
+        }
+        let resp = request.send().await.map_err(|e| {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                return TokenFailure::Transient(
+                    "token endpoint unreachable: could not connect".into(),
+                );
+            } else {
+                "connection failed"
+            };
+            TokenFailure::Lost(format!("token endpoint {what} after the request was sent"))
+        })?;
         let status = resp.status().as_u16();
         let body = resp.bytes().await.map_err(|e| {
             TokenFailure::Lost(format!(

@@ -234,7 +234,23 @@ impl Client {
                 return (record(None, &r), None, r);
             }
         };
-        self.budget.acquire().await;
+        // Stopping: a request not sent yet is not sent (its work goes at
+        // the next start), nor does it wait for its turn in the budget.
+        let stopping = self.auth.stopping();
+        let not_sent = || {
+            let r = Err(super::auth::stopping_error(
+                "leadsync is stopping; it goes at the next start",
+            ));
+            (record(None, &r), None, r)
+        };
+        if stopping.is_cancelled() {
+            return not_sent();
+        }
+        tokio::select! {
+            biased;
+            _ = stopping.cancelled() => return not_sent(),
+            _ = self.budget.acquire() => {}
+        }
         let metric_method = method.clone();
         let mut req = self.http.request(method, url).bearer_auth(token.expose());
         if let Some(body) = body {

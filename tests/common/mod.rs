@@ -42,7 +42,9 @@ backoff_initial_secs = 0.2
 backoff_max_secs = 2
 
 [daemon]
-shutdown_timeout_secs = 5
+# At least api.timeout_secs + 3 (the line must not contain "timeout_secs = 5":
+# tests replace that text to change the request timeout).
+shutdown_timeout_secs = 8
 "#;
 
 impl Env {
