@@ -448,7 +448,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
-            if let Some(w) = config.shutdown_warning() {
+            for w in config.shutdown_warnings() {
                 println!("# warning: {w}");
             }
             for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {

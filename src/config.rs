@@ -424,19 +424,32 @@ impl Config {
         }
     }
 
-    /// A warning when a stop may outlast the shipped unit's `TimeoutStopSec`.
-    pub fn shutdown_warning(&self) -> Option<String> {
+    /// Warnings about the shutdown bound: too close to the request timeout
+    /// for a refresh in flight to store its rotated token, or long enough
+    /// to outlast the shipped unit's `TimeoutStopSec`.
+    pub fn shutdown_warnings(&self) -> Vec<String> {
         let bound = self.file.daemon.shutdown_timeout_secs;
-        (bound + EXIT_ALLOWANCE_SECS > UNIT_STOP_TIMEOUT_SECS).then(|| {
-            format!(
+        let timeout = self.file.api.timeout_secs;
+        let mut out = Vec::new();
+        if bound < timeout.saturating_add(SHUTDOWN_MARGIN_SECS) {
+            out.push(format!(
+                "daemon.shutdown_timeout_secs = {bound} leaves less than {SHUTDOWN_MARGIN_SECS} s after \
+                 api.timeout_secs = {timeout}: a token refresh or send still in flight at a stop may be \
+                 cut short before its outcome (or the rotated refresh token) is stored; set it to {} or more",
+                timeout.saturating_add(SHUTDOWN_MARGIN_SECS)
+            ));
+        }
+        if bound + EXIT_ALLOWANCE_SECS > UNIT_STOP_TIMEOUT_SECS {
+            out.push(format!(
                 "daemon.shutdown_timeout_secs = {bound}: a stop may take {} s, longer than the shipped \
                  unit's TimeoutStopSec={UNIT_STOP_TIMEOUT_SECS}s; leadsync asks systemd for the time \
                  (EXTEND_TIMEOUT_USEC), but set TimeoutStopSec={}s or more (`systemctl edit leadsync`) \
                  so that a stop is never SIGKILLed",
                 bound + EXIT_ALLOWANCE_SECS,
                 bound + EXIT_ALLOWANCE_SECS + 1
-            )
-        })
+            ));
+        }
+        out
     }
 
     /// True when some business uses the OAuth refresh-token grant.
@@ -789,15 +802,18 @@ fn validate(
             locate(figment, "daemon.shutdown_timeout_secs"),
         ));
     }
-    if shutdown < api.timeout_secs.saturating_add(SHUTDOWN_MARGIN_SECS) {
+    // SPEC §2: never shorter than the request timeout. A bound of less than
+    // that + SHUTDOWN_MARGIN_SECS is accepted (configurations valid before
+    // keep starting) and warned about: see `shutdown_warnings`.
+    if shutdown < api.timeout_secs {
         return err(format!(
-            "{}: must be at least api.timeout_secs + {SHUTDOWN_MARGIN_SECS} ({} s, with api.timeout_secs = {}): \
-             a send or token refresh in flight at a stop may take its whole request timeout, and its \
-             outcome and rotated refresh token must still be stored within the bound (a send cut short \
-             is sent again at the next start; a rotated token not stored means re-authorizing the business)",
+            "{}: must be at least api.timeout_secs ({} s; {} s or more recommended): a send or token \
+             refresh in flight at a stop may take its whole request timeout, and its outcome and rotated \
+             refresh token must still be stored within the bound (a send cut short is sent again at the \
+             next start; a rotated token not stored means re-authorizing the business)",
             locate(figment, "daemon.shutdown_timeout_secs"),
+            api.timeout_secs,
             api.timeout_secs.saturating_add(SHUTDOWN_MARGIN_SECS),
-            api.timeout_secs
         ));
     }
     if file.daemon.sync_concurrency == 0 {

@@ -57,7 +57,7 @@ pub async fn run_with(
     if config.businesses.is_empty() {
         warn!("no business is configured: nothing will be synced or sent until one is added");
     }
-    if let Some(w) = config.shutdown_warning() {
+    for w in config.shutdown_warnings() {
         warn!("{w}");
     }
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
