@@ -23,8 +23,10 @@ pub fn parse(s: &str) -> Option<DateTime<Utc>> {
 /// A time the mirror copies from Thumbtack (a lead's `createTime`, a
 /// message's `sentAt`), in the mirror's form: UTC, milliseconds at least, so
 /// that text order is time order among them and against leadsync's own
-/// times; a finer fraction is kept. `None` when `s` is not RFC 3339 or its
-/// UTC year leaves 0000–9999 (the caller keeps it as sent).
+/// times, to the millisecond; a finer fraction is kept, so within one
+/// millisecond `.500400Z` sorts before `.500Z` ('Z' is after the digits).
+/// `None` when `s` is not RFC 3339 or its UTC year leaves 0000–9999 (the
+/// caller keeps it as sent).
 pub fn sortable_utc(s: &str) -> Option<String> {
     use chrono::{Datelike, Timelike};
     let u = parse(s)?;

@@ -489,6 +489,17 @@ mod tests {
             leads_to_poll(&conn, "b", 10).unwrap(),
             (vec!["4".to_string()], Some(5))
         );
+        // Another index under its name (of the changes that are not news):
+        // not named, the same leads.
+        conn.execute_batch(
+            "CREATE INDEX negotiation_changes_news_by_business ON negotiation_changes (business_id, id)
+              WHERE kind = 'missing'",
+        )
+        .unwrap();
+        assert_eq!(
+            leads_to_poll(&conn, "b", 10).unwrap(),
+            (vec!["4".to_string()], Some(5))
+        );
     }
 
     /// The steps of a statement's plan.

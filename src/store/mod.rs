@@ -750,10 +750,10 @@ impl Pins {
             let (Ok(name), Ok(sql)) = (r.get_ref(0)?.as_str(), r.get_ref(1)?.as_str()) else {
                 continue;
             };
-            if let Some((pinned, _)) = PINNED_INDEXES
-                .iter()
-                .find(|(n, def)| *n == name && def.split_whitespace().eq(sql.split_whitespace()))
-            {
+            let Some((pinned, def)) = PINNED_INDEXES.iter().find(|(n, _)| *n == name) else {
+                continue;
+            };
+            if same_definition(def, sql) {
                 pins.insert(*pinned);
             }
         }
@@ -779,6 +779,32 @@ impl Pins {
             String::new()
         }
     }
+}
+
+/// Whether an index's stored `sql` is `def`, whitespace aside, and with
+/// the table's name in double quotes or not: SQLite writes it so in the
+/// indexes of a table it renames (a table renamed and back, or rebuilt by a
+/// tool from the stored definitions, has its indexes as made). Nothing else
+/// is unquoted: `IS "NULL"` is another index than `IS NULL`, one whose
+/// predicate the statements do not imply (naming it would fail them).
+fn same_definition(def: &str, sql: &str) -> bool {
+    let mut sql = sql.split_whitespace();
+    let mut previous = "";
+    for word in def.split_whitespace() {
+        let Some(stored) = sql.next() else {
+            return false;
+        };
+        let table = previous == "ON"
+            && stored.len() == word.len() + 2
+            && stored.starts_with('"')
+            && stored.ends_with('"')
+            && &stored[1..stored.len() - 1] == word;
+        if stored != word && !table {
+            return false;
+        }
+        previous = word;
+    }
+    sql.next().is_none()
 }
 
 /// True when SQLite gave up waiting for another connection's lock.
@@ -813,6 +839,52 @@ pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_renamed_and_back_keeps_its_indexes_named() {
+        // SQLite rewrites the indexes of a renamed table with its name in
+        // double quotes (`ON "outbox" (...)`): a table renamed and back (or
+        // rebuilt by a tool that reuses the stored definitions) has the
+        // indexes as made, and must keep its fast plans, with no warning.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        for table in ["outbox", "message_outbox", "negotiation_changes"] {
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} RENAME TO {table}_moved;
+                 ALTER TABLE {table}_moved RENAME TO {table};"
+            ))
+            .unwrap();
+        }
+        let quoted: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_schema WHERE name = 'outbox_due'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(quoted.contains(r#"ON "outbox" ("#), "{quoted}");
+        assert_eq!(Pins::read(&conn).unwrap().missing(), []);
+        // Only the table's name: `IS "NULL"` (the text 'NULL', for SQLite
+        // takes an unknown double-quoted name for a string) is another
+        // index, whose predicate a claim does not imply: naming it would
+        // fail every claim.
+        conn.execute_batch(
+            r#"DROP INDEX outbox_due;
+               CREATE INDEX outbox_due ON "outbox" (next_attempt_at, id)
+                WHERE state = 'pending' AND waiting_for IS "NULL";
+               DROP INDEX message_outbox_due;
+               CREATE INDEX message_outbox_due ON "message_outbox" (next_attempt_at, id)
+                WHERE state = 'pending' AND waiting_for IS NULL;"#,
+        )
+        .unwrap();
+        let missing: Vec<&str> = Pins::read(&conn)
+            .unwrap()
+            .missing()
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert_eq!(missing, ["outbox_due"]);
+    }
 
     #[test]
     fn every_pinned_index_is_named_on_a_fresh_mirror() {

@@ -1573,4 +1573,166 @@ mod tests {
         .unwrap();
         plans(&conn);
     }
+
+    /// A queue of `kind` in 40 negotiations of businesses 7 and 8
+    /// (deterministic): rows in and out of order, some sent already (so
+    /// later ones are late), some dead, some not due yet.
+    fn a_mixed_queue(conn: &Connection, kind: Kind) {
+        let table = kind.table();
+        let mut x: u64 = 20;
+        let mut next = move |n: u64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % n
+        };
+        for _ in 0..300 {
+            let negotiation = next(40).to_string();
+            let business = if next(4) == 0 { "8" } else { "7" };
+            let due = if next(6) == 0 {
+                "2030-01-01T00:00:00.000Z".to_string()
+            } else {
+                format!("2024-01-01T00:{:02}:00.000Z", next(60))
+            };
+            match kind {
+                Kind::Transition => conn.execute(
+                    "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at,
+                         next_attempt_at)
+                     VALUES (?1, ?2, 'appt_scheduled', ?3, ?4)",
+                    params![
+                        negotiation,
+                        business,
+                        format!("2024-06-14T09:{:02}:00+0{}:00", next(60), next(2)),
+                        due
+                    ],
+                ),
+                Kind::Message => conn.execute(
+                    "INSERT INTO message_outbox (negotiation_id, business_id, text, next_attempt_at)
+                     VALUES (?1, ?2, 'hi', ?3)",
+                    params![negotiation, business, due],
+                ),
+            }
+            .unwrap();
+            let id = conn.last_insert_rowid();
+            match next(8) {
+                0 | 1 => {
+                    conn.execute(
+                        &format!(
+                            "UPDATE {table} SET state = 'sending', attempts = 1, sending_since = 't'
+                              WHERE id = ?1"
+                        ),
+                        [id],
+                    )
+                    .unwrap();
+                    conn.execute(
+                        &format!("UPDATE {table} SET state = 'sent' WHERE id = ?1"),
+                        [id],
+                    )
+                    .unwrap();
+                }
+                2 => {
+                    conn.execute(
+                        &format!("UPDATE {table} SET state = 'dead' WHERE id = ?1"),
+                        [id],
+                    )
+                    .unwrap();
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Drains `kind` as the drainer does (rows put aside, claims of 3,
+    /// each sent row's chain), then again once business 8 may send: every
+    /// row sent in order, whether late, and every row's final state.
+    type Drained = (Vec<(i64, bool)>, Vec<(i64, String, Option<String>, bool)>);
+    fn drain_all(conn: &mut Connection, kind: Kind) -> Drained {
+        let due_by = "2025-01-01T00:00:00.000Z";
+        let mut log = Vec::new();
+        for round in 0..2 {
+            let mut f = filter();
+            if round == 1 {
+                f.waiting.clear();
+            }
+            sync_waits(conn, &f).unwrap();
+            loop {
+                let claimed = claim(conn, kind, due_by, 3, &f).unwrap();
+                if claimed.is_empty() {
+                    break;
+                }
+                for c in claimed {
+                    let mut row = Some(c);
+                    while let Some(r) = row {
+                        log.push((r.id, r.late));
+                        let next = Some(NextOf { due_by, filter: &f });
+                        let sent = Finish::Sent { message_id: None };
+                        row = finish(conn, &r, &sent, &[], &crate::time::now(), next)
+                            .unwrap()
+                            .1;
+                    }
+                }
+            }
+        }
+        let rows = conn
+            .prepare(&format!(
+                "SELECT id, state, waiting_for, late FROM {} ORDER BY id",
+                kind.table()
+            ))
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        (log, rows)
+    }
+
+    #[test]
+    fn the_drainer_sends_the_same_rows_in_the_same_order_with_or_without_its_indexes() {
+        // The statements differ only in INDEXED BY (or none): the rows they
+        // find must not, whether an index is as made, gone, or another index
+        // of the same name (which the planner may use where it fits).
+        for kind in Kind::ALL {
+            let mut drained = Vec::new();
+            for variant in ["as made", "dropped", "redefined"] {
+                let dir = tempfile::tempdir().unwrap();
+                let mut conn =
+                    crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+                for (index, _) in crate::store::PINNED_INDEXES {
+                    let table = if index.starts_with("message_outbox_") {
+                        "message_outbox"
+                    } else if index.starts_with("outbox_") {
+                        "outbox"
+                    } else {
+                        continue;
+                    };
+                    match variant {
+                        "dropped" => conn.execute_batch(&format!("DROP INDEX {index}")),
+                        "redefined" => conn.execute_batch(&format!(
+                            "DROP INDEX {index};
+                             CREATE INDEX {index} ON {table} (negotiation_id, next_attempt_at)
+                              WHERE state = 'pending'"
+                        )),
+                        _ => Ok(()),
+                    }
+                    .unwrap();
+                }
+                let missing = Pins::read(&conn).unwrap().missing().len();
+                assert_eq!(missing, if variant == "as made" { 0 } else { 10 });
+                a_mixed_queue(&conn, kind);
+                drained.push((variant, drain_all(&mut conn, kind)));
+            }
+            let (_, (log, rows)) = &drained[0];
+            assert!(
+                log.len() > 50 && log.iter().any(|(_, late)| *late),
+                "{log:?}"
+            );
+            assert!(
+                rows.iter().any(|(_, state, ..)| state == "pending"),
+                "not due"
+            );
+            for (variant, other) in &drained[1..] {
+                assert!(other == &drained[0].1, "{kind:?} {variant}: differs");
+            }
+        }
+    }
 }
