@@ -340,6 +340,26 @@ async fn a_send_still_waiting_for_its_turn_at_a_stop_is_not_sent_and_waits_uncou
         error.as_deref().is_some_and(|e| e.contains("stopping")),
         "{error:?}"
     );
+    // Partners' SQL and metrics tell a stop from a business needing
+    // re-authorization: the attempt row says `stopped`, never `reauth`,
+    // and no business is marked.
+    let outcomes: Vec<String> = env
+        .sql()
+        .prepare("SELECT outcome FROM outbox_attempts WHERE outbox_id = ?1")
+        .unwrap()
+        .query_map([id], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(outcomes, vec!["stopped".to_string()], "{log}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM businesses WHERE needs_reauth = 1"
+        ),
+        0,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -236,12 +236,12 @@ impl From<Failure> for ApiError {
     }
 }
 
-/// Work refused because the daemon is stopping waits for the next start
-/// like a row waiting for re-authorization: nothing was sent, no attempt
-/// counts, and no business is marked.
+/// Work refused because the daemon is stopping waits for the next start:
+/// nothing was sent, no attempt counts, and no business is marked (its own
+/// disposition, so that it is never taken for a re-authorization).
 pub fn stopping_error(m: &str) -> ApiError {
     ApiError {
-        disposition: Disposition::Reauth,
+        disposition: Disposition::Stopping,
         http_status: None,
         trace_id: None,
         retry_after: None,
