@@ -378,6 +378,12 @@ impl GrantStore for FlakyStore {
     fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
         self.inner.try_lock(grant)
     }
+    fn refresh_note(&self, grant: &str) -> anyhow::Result<Option<String>> {
+        self.inner.refresh_note(grant)
+    }
+    fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
+        self.inner.set_refresh_note(grant, note)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,10 +425,26 @@ async fn a_rotated_token_the_store_refuses_is_kept_and_no_refresh_starts_until_i
     assert_eq!(refreshes(&env), 1);
     auth.settle(Duration::from_secs(5)).await;
     drop(auth);
+    // The rotated token is stored: the grant's lock file no longer says a
+    // refresh's answer was not stored (a stale note would blame the next
+    // refusal on a refresh "cut short" that was not).
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    assert_eq!(
+        TokenStore::open(&config.file.oauth.token_store)
+            .unwrap()
+            .refresh_note(&key)
+            .unwrap(),
+        None
+    );
     // Another process continues the stored chain.
     let o = env.run(&["sync", "--business", &b]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert!(
+        !text(&o).contains("did not get its answer stored"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

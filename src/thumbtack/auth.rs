@@ -1099,6 +1099,31 @@ impl Inner {
         }
     }
 
+    /// Clears the grant's refresh note once a rotated token kept in memory
+    /// is stored (it was written before that refresh was sent, and its
+    /// answer is stored now), if the grant's lock is free: its holder
+    /// writes (and clears) its own note otherwise. A note left behind would
+    /// blame the grant's next refusal on a refresh cut short.
+    async fn clear_note_if_free(&self, chain: &Chain) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let key = chain.key.clone();
+        let cleared = blocking(move || match store.try_lock(&key)? {
+            Some(lock) => {
+                let r = store.set_refresh_note(&key, None);
+                drop(lock);
+                r
+            }
+            None => Ok(()),
+        })
+        .await;
+        if let Err(e) = cleared {
+            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                "cannot clear the token refresh note in the grant's lock file");
+        }
+    }
+
     /// A refresh given up at a stop before anything was sent: logged, and
     /// the stored token stays the valid one.
     fn abandoned(&self, chain: &Chain, when: &str) -> Failure {
@@ -1186,6 +1211,7 @@ impl Inner {
         match blocking(move || store.save(&key, expected, &w)).await {
             Ok(Written::Stored(_)) => {
                 info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
+                self.clear_note_if_free(chain).await;
                 self.alert(alert_key, None).await;
                 if Instant::now() < u.access.expires_at {
                     state.access = Some(u.access);
