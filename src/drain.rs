@@ -614,9 +614,7 @@ impl Drainer {
             RowResult::Sent => "sent",
             RowResult::Retry => "retry",
             RowResult::Dead => "dead",
-            RowResult::Held
-                if matches!(&delivery.result, Err(e) if e.disposition == Disposition::Stopping) =>
-            {
+            RowResult::Held if matches!(&delivery.result, Err(e) if e.disposition == Disposition::Stopping) => {
                 "stopped"
             }
             RowResult::Held => "reauth",

@@ -1355,6 +1355,12 @@ impl Inner {
                 )),
             )
             .await;
+            // The note's write (an fsync) may take a while: a stop meanwhile
+            // still keeps this refresh from being sent.
+            if self.stopping.is_cancelled() {
+                self.note_refresh(chain, None).await;
+                return Err(self.abandoned(chain, "before it was sent"));
+            }
             let response = self.post_refresh(&oauth, &presented).await;
             // Nothing rotated, or the answer is about to be stored: a lost
             // answer keeps the note (the token may be spent).
@@ -1559,6 +1565,13 @@ impl Inner {
                     return Err(TokenFailure::Lost(format!(
                         "{m} ({} attempts; the grant may need re-authorization if Thumbtack rotated it)",
                         retries + 1
+                    )));
+                }
+                // Asking again did not get through (throttled, unreachable):
+                // the first answer is still lost, so the token may be spent.
+                Err(TokenFailure::Transient(m)) if retries > 0 => {
+                    return Err(TokenFailure::Lost(format!(
+                        "{m}, when asked again after the first answer was lost"
                     )));
                 }
                 // The same request again, refused: the first one did rotate
