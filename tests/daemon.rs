@@ -620,3 +620,44 @@ async fn the_status_line_counts_replies_too() {
     let status = status.expect("a STATUS line");
     assert!(status.contains("1 dead"), "{status}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_reload_blocked_on_the_mirror_begins_at_the_signal() {
+    // A reload's writes wait for the mirror (another program holds its
+    // write lock, up to the 10 s busy timeout). A SIGTERM meanwhile must
+    // begin the stop at once (STOPPING, no new request or token refresh,
+    // the bound counted from the signal), not when the reload gives up.
+    let env = Env::small().await;
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon is up", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+    });
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    signal(&child, libc::SIGHUP);
+    wait_until_blocking("the reload began", Duration::from_secs(10), || {
+        env.daemon_log().contains("SIGHUP received")
+    });
+    signal(&child, libc::SIGTERM);
+    let t = Instant::now();
+    wait_until_blocking("the stop began", Duration::from_secs(30), || {
+        env.daemon_log()
+            .contains("stopping: finishing in-flight work")
+    });
+    let log = env.daemon_log();
+    let began = t.elapsed();
+    // The mirror stays locked: the stop still keeps its bound.
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    let took = t.elapsed();
+    holder.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", env.daemon_log());
+    assert!(
+        !log.contains("configuration reload failed") && !log.contains("configuration reloaded"),
+        "the stop began only after the reload ended ({began:?} after SIGTERM):\n{log}"
+    );
+    assert!(
+        took < Duration::from_secs(10),
+        "the stop took {took:?}, beyond shutdown_timeout_secs = 8 from the signal\n{}",
+        env.daemon_log()
+    );
+}
