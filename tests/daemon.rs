@@ -656,8 +656,8 @@ async fn a_stop_during_a_reload_blocked_on_the_mirror_begins_at_the_signal() {
         "the stop began only after the reload ended ({began:?} after SIGTERM):\n{log}"
     );
     assert!(
-        took < Duration::from_secs(10),
-        "the stop took {took:?}, beyond shutdown_timeout_secs = 8 from the signal\n{}",
+        took < Duration::from_secs(11),
+        "the stop took {took:?}, beyond shutdown_timeout_secs = 8 from the signal (and the exit allowance)\n{}",
         env.daemon_log()
     );
 }
