@@ -177,7 +177,18 @@ pub async fn run_with(
                 match loaded {
                     Err(e) => error!(error = %e, "configuration reload failed (a bug); keeping the previous configuration"),
                     Ok(Err(e)) => error!(error = %e, "configuration reload failed; keeping the previous configuration"),
-                    Ok(Ok(new)) => match daemon.apply(new).await {
+                    // Its writes may wait long for a locked mirror (behind
+                    // the other jobs of the database thread): a stop abandons
+                    // it too, so that the stop begins at the signal. What it
+                    // wrote is whole (each write is one transaction); what
+                    // it did not is read from the files at the next start.
+                    Ok(Ok(new)) => match tokio::select! {
+                        _ = controls.shutdown.cancelled() => {
+                            info!("stopping during a configuration reload; the reload is abandoned");
+                            break 'serve;
+                        }
+                        applied = daemon.apply(new) => applied,
+                    } {
                         Ok(r) => info!(
                             added = r.added,
                             removed = r.removed,

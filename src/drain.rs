@@ -595,7 +595,9 @@ impl Drainer {
             Ok(()) => (Finish::Sent { message_id }, RowResult::Sent),
             Err(e) => match e.disposition {
                 Disposition::Dead => (Finish::Dead, RowResult::Dead),
-                Disposition::Reauth => (Finish::Hold, RowResult::Held),
+                // Nothing sent: back to pending uncounted, like a row
+                // waiting for re-authorization (recorded as `stopped`).
+                Disposition::Reauth | Disposition::Stopping => (Finish::Hold, RowResult::Held),
                 Disposition::Retry | Disposition::Refresh => retry_or_dead(retry_delay(
                     row.attempt,
                     settings.backoff_initial,
@@ -612,6 +614,9 @@ impl Drainer {
             RowResult::Sent => "sent",
             RowResult::Retry => "retry",
             RowResult::Dead => "dead",
+            RowResult::Held if matches!(&delivery.result, Err(e) if e.disposition == Disposition::Stopping) => {
+                "stopped"
+            }
             RowResult::Held => "reauth",
         };
         let attempts = delivery

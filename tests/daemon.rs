@@ -340,6 +340,26 @@ async fn a_send_still_waiting_for_its_turn_at_a_stop_is_not_sent_and_waits_uncou
         error.as_deref().is_some_and(|e| e.contains("stopping")),
         "{error:?}"
     );
+    // Partners' SQL and metrics tell a stop from a business needing
+    // re-authorization: the attempt row says `stopped`, never `reauth`,
+    // and no business is marked.
+    let outcomes: Vec<String> = env
+        .sql()
+        .prepare("SELECT outcome FROM outbox_attempts WHERE outbox_id = ?1")
+        .unwrap()
+        .query_map([id], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    assert_eq!(outcomes, vec!["stopped".to_string()], "{log}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM businesses WHERE needs_reauth = 1"
+        ),
+        0,
+        "{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -599,4 +619,45 @@ async fn the_status_line_counts_replies_too() {
     );
     let status = status.expect("a STATUS line");
     assert!(status.contains("1 dead"), "{status}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_a_reload_blocked_on_the_mirror_begins_at_the_signal() {
+    // A reload's writes wait for the mirror (another program holds its
+    // write lock, up to the 10 s busy timeout). A SIGTERM meanwhile must
+    // begin the stop at once (STOPPING, no new request or token refresh,
+    // the bound counted from the signal), not when the reload gives up.
+    let env = Env::small().await;
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon is up", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+    });
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    signal(&child, libc::SIGHUP);
+    wait_until_blocking("the reload began", Duration::from_secs(10), || {
+        env.daemon_log().contains("SIGHUP received")
+    });
+    signal(&child, libc::SIGTERM);
+    let t = Instant::now();
+    wait_until_blocking("the stop began", Duration::from_secs(30), || {
+        env.daemon_log()
+            .contains("stopping: finishing in-flight work")
+    });
+    let log = env.daemon_log();
+    let began = t.elapsed();
+    // The mirror stays locked: the stop still keeps its bound.
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    let took = t.elapsed();
+    holder.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(exit.code(), Some(0), "{}", env.daemon_log());
+    assert!(
+        !log.contains("configuration reload failed") && !log.contains("configuration reloaded"),
+        "the stop began only after the reload ended ({began:?} after SIGTERM):\n{log}"
+    );
+    assert!(
+        took < Duration::from_secs(11),
+        "the stop took {took:?}, beyond shutdown_timeout_secs = 8 from the signal (and the exit allowance)\n{}",
+        env.daemon_log()
+    );
 }

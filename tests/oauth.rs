@@ -378,6 +378,12 @@ impl GrantStore for FlakyStore {
     fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
         self.inner.try_lock(grant)
     }
+    fn refresh_note(&self, grant: &str) -> anyhow::Result<Option<String>> {
+        self.inner.refresh_note(grant)
+    }
+    fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
+        self.inner.set_refresh_note(grant, note)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -419,10 +425,26 @@ async fn a_rotated_token_the_store_refuses_is_kept_and_no_refresh_starts_until_i
     assert_eq!(refreshes(&env), 1);
     auth.settle(Duration::from_secs(5)).await;
     drop(auth);
+    // The rotated token is stored: the grant's lock file no longer says a
+    // refresh's answer was not stored (a stale note would blame the next
+    // refusal on a refresh "cut short" that was not).
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    assert_eq!(
+        TokenStore::open(&config.file.oauth.token_store)
+            .unwrap()
+            .refresh_note(&key)
+            .unwrap(),
+        None
+    );
     // Another process continues the stored chain.
     let o = env.run(&["sync", "--business", &b]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert!(
+        !text(&o).contains("did not get its answer stored"),
+        "{}",
+        text(&o)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1115,5 +1137,138 @@ async fn a_refresh_killed_before_its_answer_was_stored_is_named_at_the_next_refr
         text(&o).contains("did not get its answer stored"),
         "{}",
         text(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_token_answer_whose_re_ask_is_throttled_keeps_the_refresh_note() {
+    // The first answer is lost after Thumbtack rotated the token (a 5xx);
+    // asking again is throttled (429). Whether the token rotated is still
+    // unknown: the note must stay, so that the next refusal names it.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    env.sandbox.set_token_faults(TokenFaults {
+        error_5xx_after_rotate: 1,
+        throttle_reused: 5,
+        ..Default::default()
+    });
+    let store =
+        leadsync::app::StoreGrants(TokenStore::open(&config.file.oauth.token_store).unwrap());
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    auth.token(&b)
+        .await
+        .expect_err("the answer was lost and the re-ask throttled");
+    assert_eq!(env.sandbox.stats().rotations, 1);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let note = TokenStore::open(&config.file.oauth.token_store)
+        .unwrap()
+        .refresh_note(&key)
+        .unwrap();
+    assert!(
+        note.as_deref().is_some_and(|n| n.starts_with("sent at ")),
+        "{note:?}"
+    );
+}
+
+/// The token store, with the write of a refresh note held until released.
+struct GatedNotes {
+    inner: leadsync::app::StoreGrants,
+    entered: Arc<AtomicBool>,
+    release: Arc<AtomicBool>,
+}
+
+impl GrantStore for GatedNotes {
+    fn load(
+        &self,
+        grant: &str,
+        seed: Option<&str>,
+        businesses: &[String],
+    ) -> anyhow::Result<Option<StoredGrant>> {
+        self.inner.load(grant, seed, businesses)
+    }
+    fn save(&self, grant: &str, expected: i64, write: &GrantWrite) -> anyhow::Result<Written> {
+        self.inner.save(grant, expected, write)
+    }
+    fn refuse(
+        &self,
+        grant: &str,
+        expected: i64,
+        file: Option<&str>,
+        reason: &str,
+    ) -> anyhow::Result<bool> {
+        self.inner.refuse(grant, expected, file, reason)
+    }
+    fn refuse_file(&self, grant: &str, file: &str) -> anyhow::Result<()> {
+        self.inner.refuse_file(grant, file)
+    }
+    fn forget_access(&self, grant: &str, token: &leadsync::secret::Secret) -> anyhow::Result<()> {
+        self.inner.forget_access(grant, token)
+    }
+    fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
+        self.inner.try_lock(grant)
+    }
+    fn refresh_note(&self, grant: &str) -> anyhow::Result<Option<String>> {
+        self.inner.refresh_note(grant)
+    }
+    fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
+        self.inner.set_refresh_note(grant, note)?;
+        if note.is_some() {
+            self.entered.store(true, Ordering::SeqCst);
+            let end = std::time::Instant::now() + Duration::from_secs(60);
+            while !self.release.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_while_the_refresh_note_is_written_sends_no_refresh() {
+    // The note is written (fsync, slow on a loaded disk) just before the
+    // request; a stop meanwhile must keep the request from being sent:
+    // nothing is sent after the stop, the stored token stays valid.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let (entered, release) = (
+        Arc::new(AtomicBool::new(false)),
+        Arc::new(AtomicBool::new(false)),
+    );
+    let store = GatedNotes {
+        inner: leadsync::app::StoreGrants(
+            TokenStore::open(&config.file.oauth.token_store).unwrap(),
+        ),
+        entered: entered.clone(),
+        release: release.clone(),
+    };
+    let auth = Arc::new(
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap(),
+    );
+    let (a, b2) = (auth.clone(), b.clone());
+    let unit = tokio::spawn(async move { a.token(&b2).await });
+    wait_until(
+        "the refresh note is being written",
+        Duration::from_secs(60),
+        || entered.load(Ordering::SeqCst),
+    )
+    .await;
+    auth.begin_shutdown(std::time::Instant::now() + Duration::from_secs(10));
+    release.store(true, Ordering::SeqCst);
+    let e = unit.await.unwrap().expect_err("stopping: no token");
+    assert!(e.message.contains("stopping"), "{}", e.message);
+    assert_eq!(refreshes(&env), 0, "no refresh sent after the stop");
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    assert_eq!(
+        TokenStore::open(&config.file.oauth.token_store)
+            .unwrap()
+            .refresh_note(&key)
+            .unwrap(),
+        None,
+        "nothing was sent: no note"
     );
 }

@@ -850,6 +850,14 @@ fn token_endpoint(
                 Some(e) => (e.businesses.clone(), e.used.clone()),
             };
             if let Some((at, answer, rotated_to)) = used {
+                if s.token_faults.throttle_reused > 0 {
+                    s.token_faults.throttle_reused -= 1;
+                    return now_answer(oauth_error(
+                        StatusCode::TOO_MANY_REQUESTS,
+                        "slow_down",
+                        "too many requests",
+                    ));
+                }
                 // The same request again, within the grace period, while its
                 // successor is unused: the same answer (its response was lost).
                 let successor_unused = s

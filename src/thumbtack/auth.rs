@@ -236,12 +236,12 @@ impl From<Failure> for ApiError {
     }
 }
 
-/// Work refused because the daemon is stopping waits for the next start
-/// like a row waiting for re-authorization: nothing was sent, no attempt
-/// counts, and no business is marked.
+/// Work refused because the daemon is stopping waits for the next start:
+/// nothing was sent, no attempt counts, and no business is marked (its own
+/// disposition, so that it is never taken for a re-authorization).
 pub fn stopping_error(m: &str) -> ApiError {
     ApiError {
-        disposition: Disposition::Reauth,
+        disposition: Disposition::Stopping,
         http_status: None,
         trace_id: None,
         retry_after: None,
@@ -1099,6 +1099,31 @@ impl Inner {
         }
     }
 
+    /// Clears the grant's refresh note once a rotated token kept in memory
+    /// is stored (it was written before that refresh was sent, and its
+    /// answer is stored now), if the grant's lock is free: its holder
+    /// writes (and clears) its own note otherwise. A note left behind would
+    /// blame the grant's next refusal on a refresh cut short.
+    async fn clear_note_if_free(&self, chain: &Chain) {
+        let Some(store) = self.store.clone() else {
+            return;
+        };
+        let key = chain.key.clone();
+        let cleared = blocking(move || match store.try_lock(&key)? {
+            Some(lock) => {
+                let r = store.set_refresh_note(&key, None);
+                drop(lock);
+                r
+            }
+            None => Ok(()),
+        })
+        .await;
+        if let Err(e) = cleared {
+            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                "cannot clear the token refresh note in the grant's lock file");
+        }
+    }
+
     /// A refresh given up at a stop before anything was sent: logged, and
     /// the stored token stays the valid one.
     fn abandoned(&self, chain: &Chain, when: &str) -> Failure {
@@ -1186,6 +1211,7 @@ impl Inner {
         match blocking(move || store.save(&key, expected, &w)).await {
             Ok(Written::Stored(_)) => {
                 info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
+                self.clear_note_if_free(chain).await;
                 self.alert(alert_key, None).await;
                 if Instant::now() < u.access.expires_at {
                     state.access = Some(u.access);
@@ -1329,6 +1355,12 @@ impl Inner {
                 )),
             )
             .await;
+            // The note's write (an fsync) may take a while: a stop meanwhile
+            // still keeps this refresh from being sent.
+            if self.stopping.is_cancelled() {
+                self.note_refresh(chain, None).await;
+                return Err(self.abandoned(chain, "before it was sent"));
+            }
             let response = self.post_refresh(&oauth, &presented).await;
             // Nothing rotated, or the answer is about to be stored: a lost
             // answer keeps the note (the token may be spent).
@@ -1533,6 +1565,13 @@ impl Inner {
                     return Err(TokenFailure::Lost(format!(
                         "{m} ({} attempts; the grant may need re-authorization if Thumbtack rotated it)",
                         retries + 1
+                    )));
+                }
+                // Asking again did not get through (throttled, unreachable):
+                // the first answer is still lost, so the token may be spent.
+                Err(TokenFailure::Transient(m)) if retries > 0 => {
+                    return Err(TokenFailure::Lost(format!(
+                        "{m}, when asked again after the first answer was lost"
                     )));
                 }
                 // The same request again, refused: the first one did rotate

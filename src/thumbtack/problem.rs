@@ -15,6 +15,9 @@ pub enum Disposition {
     Reauth,
     /// Any other 4xx: the request itself is wrong; sending it again will not help.
     Dead,
+    /// Not sent: the process is stopping (no request, no token refresh). The
+    /// work waits for the next start, uncounted; no business is at fault.
+    Stopping,
 }
 
 /// SPEC §4's table, for a status that is not a success.
