@@ -660,7 +660,7 @@ async fn a_fetch_error_after_pages_fetched_ahead_writes_them_and_marks_nothing_m
     .await;
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
     let locked_at = env.sandbox.list_requests(&id);
-    common::wait_until("pages fetched ahead", Duration::from_secs(5), || {
+    common::wait_until("pages fetched ahead", Duration::from_secs(30), || {
         env.sandbox.list_requests(&id) >= (locked_at + 5).min(before + 200)
     })
     .await;
@@ -734,7 +734,7 @@ async fn a_failed_write_of_several_pages_names_every_page_it_held() {
     ))
     .unwrap();
     let held_at = env.sandbox.list_requests(&id);
-    common::wait_until("pages fetched ahead", Duration::from_secs(5), || {
+    common::wait_until("pages fetched ahead", Duration::from_secs(30), || {
         env.sandbox.list_requests(&id) >= held_at + 8
     })
     .await;
