@@ -483,27 +483,21 @@ fn parse_page_scanning_each(
     let (entries, markers) = if text_body.trim_start().starts_with('[') {
         let entries: Vec<&RawValue> = serde_json::from_str(text_body)
             .map_err(|e| format!("the page is not valid JSON: {e}"))?;
-        let markers = Markers {
-            bare_array: true,
-            ..Markers::default()
-        };
-        (entries, markers)
+        (entries, page_markers(true, None))
     } else {
         let env: Envelope = serde_json::from_str(text_body)
             .map_err(|e| format!("the page is not a JSON object with a data array: {e}"))?;
         let data = env
             .data
             .ok_or_else(|| "the page has no `data` array".to_string())?;
-        (data, markers_of(env.pagination))
+        (data, page_markers(false, env.pagination))
     };
     let mut page = Page {
         leads: Vec::with_capacity(entries.len()),
-        unchanged: Vec::new(),
-        skipped: 0,
         markers,
-        ids_digest: None,
+        ..Page::default()
     };
-    let mut ids = xxhash_rust::xxh3::Xxh3::new();
+    let mut ids = IdsDigest::default();
     for raw in entries {
         let skip = unchanged
             .and_then(|unchanged| id_and_hash(raw).filter(|(id, hash)| unchanged(id, *hash)));
@@ -523,47 +517,62 @@ fn parse_page_scanning_each(
                 }
             },
         };
-        ids.update(id.as_bytes());
-        ids.update(b"\0");
-        page.ids_digest = Some(0);
+        ids.add(id);
     }
-    if page.ids_digest.is_some() {
-        page.ids_digest = Some(ids.digest());
-    }
+    page.ids_digest = ids.digest();
     Ok(page)
 }
 
-/// The page [`fast::read`] read: what [`parse_page_with`] makes of the same
-/// body without a check.
-fn page_of(read: fast::Read) -> Page {
-    let markers = if read.bare_array {
+/// A page's markers: none for a bare array, else what `pagination` says.
+fn page_markers(bare_array: bool, pagination: Option<&RawValue>) -> Markers {
+    if bare_array {
         Markers {
             bare_array: true,
             ..Markers::default()
         }
     } else {
-        markers_of(read.pagination)
-    };
+        markers_of(pagination)
+    }
+}
+
+/// [`Page::ids_digest`], built by both page readers: xxh3 of every listed
+/// id in listing order, each followed by a NUL; `None` when none is listed.
+#[derive(Default)]
+struct IdsDigest {
+    hasher: xxhash_rust::xxh3::Xxh3,
+    any: bool,
+}
+
+impl IdsDigest {
+    fn add(&mut self, id: &str) {
+        self.hasher.update(id.as_bytes());
+        self.hasher.update(b"\0");
+        self.any = true;
+    }
+
+    fn digest(&self) -> Option<u64> {
+        self.any.then(|| self.hasher.digest())
+    }
+}
+
+/// The page [`fast::read`] read: what [`parse_page_with`] makes of the same
+/// body without a check.
+fn page_of(read: fast::Read) -> Page {
     let mut page = Page {
         leads: Vec::with_capacity(read.entries.len()),
-        unchanged: Vec::new(),
-        skipped: 0,
-        markers,
-        ids_digest: None,
+        markers: page_markers(read.bare_array, read.pagination),
+        ..Page::default()
     };
-    let mut ids = xxhash_rust::xxh3::Xxh3::new();
+    let mut ids = IdsDigest::default();
     for lead in read.entries {
         let Some(lead) = lead else {
             page.skipped += 1;
             continue;
         };
-        ids.update(lead.negotiation_id.as_bytes());
-        ids.update(b"\0");
+        ids.add(&lead.negotiation_id);
         page.leads.push(lead);
     }
-    if !page.leads.is_empty() {
-        page.ids_digest = Some(ids.digest());
-    }
+    page.ids_digest = ids.digest();
     page
 }
 
@@ -1210,13 +1219,8 @@ mod tests {
     /// every known place, repeated and of every type.
     #[test]
     fn random_leads_read_the_same_as_before() {
-        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = fastrand::Rng::with_seed(0x9e37_79b9_7f4a_7c15u64);
+        let mut next = move |n: usize| rng.usize(0..n);
         const KEYS: &[&str] = &[
             "negotiationID",
             "status",
@@ -1405,13 +1409,8 @@ mod tests {
         }
         // Random leads, as in `random_leads_read_the_same_as_before`, with
         // whitespace around keys and values.
-        let mut seed = 0x2545_f491_4f6c_dd1du64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = fastrand::Rng::with_seed(0x2545_f491_4f6c_dd1du64);
+        let mut next = move |n: usize| rng.usize(0..n);
         const KEYS: &[&str] = &[
             "negotiationID",
             "status",
@@ -1495,13 +1494,8 @@ mod tests {
     /// digest); otherwise the page reads as before, error or not. Fixed seed.
     #[test]
     fn mutated_pages_read_the_same_by_both_readers() {
-        let mut seed = 0x5851_f42d_4c95_7f2du64;
-        let mut next = move |n: usize| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            (seed % n as u64) as usize
-        };
+        let mut rng = fastrand::Rng::with_seed(0x5851_f42d_4c95_7f2du64);
+        let mut next = move |n: usize| rng.usize(0..n);
         const WS: &[&str] = &["", "", " ", "\t", "\r\n", "\n\t ", "\r"];
         const KEYS: &[&str] = &[
             "negotiationID",
