@@ -5,7 +5,8 @@
 //! page parsed with `thumbtack::model::parse_page` (what a first sync does:
 //! no known leads to check). Rendering is outside the timed part. Prints one
 //! JSON line: wall and CPU seconds of the parsing alone, per round and the
-//! median.
+//! median; then a second line for a re-sync's parsing
+//! (`parse_page_with`, every lead found unchanged by its id and hash).
 //!
 //!     cargo run --release --example parse_pages -- [BUSINESSES LEADS_PER_BUSINESS PAGE ROUNDS SHAPE]
 //!
@@ -15,7 +16,7 @@
 //! see where the time goes.
 
 use leadsync::sandbox::data::{Shape, generate};
-use leadsync::thumbtack::model::parse_page;
+use leadsync::thumbtack::model::{parse_page, parse_page_with};
 use serde_json::value::RawValue;
 use std::time::Instant;
 
@@ -103,6 +104,24 @@ fn main() -> anyhow::Result<()> {
     println!(
         r#"{{"pages": {}, "bytes": {bytes}, "leads": {leads}, "rounds": {n}, "cpu_s": [{}], "cpu_s_median": {:.3}, "wall_s_mean": {wall:.3}}}"#,
         pages.len(),
+        show(&cpu),
+        median(cpu.clone()),
+    );
+    // A re-sync's parsing: every lead is known as it is listed (the check
+    // finds all unchanged), so each is read no further than its id.
+    let known: std::collections::HashMap<String, i64> = pages
+        .iter()
+        .filter_map(|p| parse_page(p).ok())
+        .flat_map(|p| p.leads.into_iter().map(|l| (l.negotiation_id, l.hash)))
+        .collect();
+    let check = |id: &str, hash: i64| known.get(id) == Some(&hash);
+    let (cpu, unchanged) = rounds(&pages, n, |p| {
+        parse_page_with(p, Some(&check))
+            .map(|p| p.unchanged.len())
+            .unwrap_or(0)
+    });
+    println!(
+        r#"{{"checked": true, "unchanged": {unchanged}, "cpu_s": [{}], "cpu_s_median": {:.3}}}"#,
         show(&cpu),
         median(cpu.clone()),
     );

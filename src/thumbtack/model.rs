@@ -271,7 +271,12 @@ fn text(raw: Option<&RawValue>) -> Option<String> {
 /// allocation, its own, and a text only looked at (a name's parts, a time
 /// to convert) none.
 fn text_ref(raw: Option<&RawValue>) -> Option<Cow<'_, str>> {
-    let raw = raw?.get().trim();
+    text_of(raw?.get())
+}
+
+/// [`text_ref`] of a value's raw text.
+fn text_of(raw: &str) -> Option<Cow<'_, str>> {
+    let raw = raw.trim();
     match raw.as_bytes().first()? {
         // A valid JSON string without escapes is its text between the quotes.
         b'"' if !raw.contains('\\') => {
@@ -425,7 +430,7 @@ pub fn parse_page(body: &[u8]) -> Result<Page, String> {
 /// stored under this id, which [`parse_lead`] read from them. An object
 /// that repeats the key, or that `parse_lead` would read otherwise, finds
 /// no such row and is read in full.
-fn id_and_hash(raw: &RawValue) -> Option<(String, i64)> {
+fn id_and_hash(payload: &str) -> Option<(String, i64)> {
     struct FirstId<'a>(&'a mut Option<String>);
     impl<'de> serde::de::Visitor<'de> for FirstId<'_> {
         type Value = ();
@@ -446,7 +451,6 @@ fn id_and_hash(raw: &RawValue) -> Option<(String, i64)> {
             Ok(())
         }
     }
-    let payload = raw.get();
     if !payload.trim_start().starts_with('{') {
         return None;
     }
@@ -457,7 +461,9 @@ fn id_and_hash(raw: &RawValue) -> Option<(String, i64)> {
 }
 
 /// A caller's check of a listed lead by its id and payload hash: true when
-/// the lead needs no reading (see [`parse_page_with`]).
+/// the lead needs no reading (see [`parse_page_with`]). It may be asked
+/// about a lead more than once (a page the quick reader gives up on is read
+/// again the other way), and must give the same answer each time.
 pub type Unchanged<'a> = dyn Fn(&str, i64) -> bool + Sync + 'a;
 
 /// [`parse_page`], where `unchanged(id, payload hash)`, when given, is
@@ -466,10 +472,17 @@ pub type Unchanged<'a> = dyn Fn(&str, i64) -> bool + Sync + 'a;
 /// payload). The check sees exactly the bytes [`parse_lead`] would hash.
 pub fn parse_page_with(body: &[u8], unchanged: Option<&Unchanged>) -> Result<Page, String> {
     let text_body = std::str::from_utf8(body).map_err(|_| "the page is not UTF-8".to_string())?;
-    if unchanged.is_none()
-        && let Some(read) = fast::read(text_body)
-    {
-        return Ok(page_of(read));
+    match unchanged {
+        None => {
+            if let Some(read) = fast::read(text_body) {
+                return Ok(page_of(read));
+            }
+        }
+        Some(unchanged) => {
+            if let Some(page) = checked::read(text_body, unchanged) {
+                return Ok(page);
+            }
+        }
     }
     parse_page_scanning_each(text_body, unchanged)
 }
@@ -500,7 +513,7 @@ fn parse_page_scanning_each(
     let mut ids = IdsDigest::default();
     for raw in entries {
         let skip = unchanged
-            .and_then(|unchanged| id_and_hash(raw).filter(|(id, hash)| unchanged(id, *hash)));
+            .and_then(|unchanged| id_and_hash(raw.get()).filter(|(id, hash)| unchanged(id, *hash)));
         let id = match skip {
             Some((id, _)) => {
                 page.unchanged.push(id);
@@ -806,6 +819,263 @@ mod fast {
         fn visit_unit<E>(self) -> Result<Entry, E> {
             Ok(None)
         }
+    }
+}
+
+/// The page reader used when leads are checked (a re-sync, where most
+/// leads are listed as they were): a hand-written scan that delimits each
+/// entry of `data` by its brackets and strings alone and finds its first
+/// top-level `negotiationID` on the way, so a lead found unchanged costs one
+/// quick pass over its bytes and its hash; where the other reader runs
+/// serde_json over the whole page, then over each lead up to its id.
+///
+/// It answers the page the other reader answers, or `None` (read it that
+/// way) on anything it does not take exactly: every byte of the page is
+/// either read by its grammar here (the envelope, its keys, whitespace and
+/// commas), checked by serde_json (each other value, each entry not found
+/// unchanged, before it is read), or an entry found unchanged: bytes whose
+/// payload hash is that of a lead stored under the same id, and so,
+/// barring a 64-bit hash collision (which the check already trusts), a
+/// stored lead's bytes, JSON that was read before. An escaped envelope key,
+/// a repeated `data` or `pagination`, an error: `None`. (Nesting needs no
+/// care: serde_json skips a raw value, as the other reader reads each entry
+/// and each other value, without a depth limit.)
+mod checked {
+    use super::{IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, text_of};
+    use serde_json::value::RawValue;
+
+    fn skip_ws(b: &[u8], mut i: usize) -> usize {
+        while matches!(b.get(i), Some(b' ' | b'\n' | b'\r' | b'\t')) {
+            i += 1;
+        }
+        i
+    }
+
+    /// The index of the quote that closes the string whose text starts at
+    /// `i` (just after its opening quote).
+    fn string_end(b: &[u8], mut i: usize) -> Option<usize> {
+        loop {
+            i += memchr::memchr2(b'"', b'\\', b.get(i..)?)?;
+            if b[i] == b'"' {
+                return Some(i);
+            }
+            // An escape: its next byte is never the closing quote.
+            i += 2;
+        }
+    }
+
+    /// Where the page's first top-level `negotiationID` value of an object
+    /// starts, as the scan found it.
+    #[derive(Clone, Copy)]
+    enum IdAt {
+        /// No such key (at least none unescaped before any escaped key).
+        Absent,
+        /// Its value starts here.
+        At(usize),
+        /// An escaped top-level key came first: serde_json decides.
+        Escaped,
+    }
+
+    /// The end of the value starting at `start` (past its last byte) and,
+    /// for an object, where its first top-level `negotiationID` is. Only
+    /// delimits: what it delimits is checked by serde_json or by its hash,
+    /// never trusted as is.
+    fn value_end(b: &[u8], start: usize) -> Option<(usize, IdAt)> {
+        match *b.get(start)? {
+            b'"' => return Some((string_end(b, start + 1)? + 1, IdAt::Absent)),
+            b'{' | b'[' => {}
+            _ => {
+                let mut i = start;
+                while !matches!(
+                    b.get(i),
+                    None | Some(b',' | b']' | b'}' | b' ' | b'\n' | b'\r' | b'\t')
+                ) {
+                    i += 1;
+                }
+                return Some((i, IdAt::Absent));
+            }
+        }
+        let object = b[start] == b'{';
+        let mut depth = 0usize;
+        // At depth 1 of an object: the next string is a key.
+        let mut key_next = object;
+        let mut id = IdAt::Absent;
+        let mut i = start;
+        loop {
+            match *b.get(i)? {
+                b'"' => {
+                    let close = string_end(b, i + 1)?;
+                    if depth == 1 && key_next {
+                        key_next = false;
+                        if let IdAt::Absent = id {
+                            let key = &b[i + 1..close];
+                            if memchr::memchr(b'\\', key).is_some() {
+                                id = IdAt::Escaped;
+                            } else if key == b"negotiationID" {
+                                let colon = skip_ws(b, close + 1);
+                                if b.get(colon) != Some(&b':') {
+                                    return None;
+                                }
+                                id = IdAt::At(skip_ws(b, colon + 1));
+                            }
+                        }
+                    }
+                    i = close + 1;
+                }
+                b'{' | b'[' => {
+                    depth += 1;
+                    i += 1;
+                }
+                b'}' | b']' => {
+                    depth = depth.checked_sub(1)?;
+                    i += 1;
+                    if depth == 0 {
+                        return Some((i, if object { id } else { IdAt::Absent }));
+                    }
+                }
+                b',' => {
+                    key_next = object && depth == 1;
+                    i += 1;
+                }
+                _ => i += 1,
+            }
+        }
+    }
+
+    /// The text of the id whose value starts at `at`, read as
+    /// [`super::text`] reads it.
+    fn id_text(body: &str, at: usize) -> Option<std::borrow::Cow<'_, str>> {
+        let b = body.as_bytes();
+        let end = match *b.get(at)? {
+            b'"' => string_end(b, at + 1)? + 1,
+            b'-' | b'0'..=b'9' => value_end(b, at)?.0,
+            _ => return None,
+        };
+        text_of(body.get(at..end)?)
+    }
+
+    /// One value checked by serde_json, as the other reader reads it.
+    fn checked_value(text: &str) -> Option<&RawValue> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// The entries of the array starting at `i` (`[`), into `page`; the
+    /// index past its `]`.
+    fn entries(
+        body: &str,
+        mut i: usize,
+        unchanged: &Unchanged,
+        page: &mut Page,
+        ids: &mut IdsDigest,
+    ) -> Option<usize> {
+        let b = body.as_bytes();
+        i = skip_ws(b, i + 1);
+        if b.get(i) == Some(&b']') {
+            return Some(i + 1);
+        }
+        loop {
+            let (end, id_at) = value_end(b, i)?;
+            let entry = body.get(i..end)?;
+            let found = if b[i] == b'{' {
+                let hash = xxhash_rust::xxh3::xxh3_64(entry.as_bytes()) as i64;
+                let id = match id_at {
+                    IdAt::Absent => None,
+                    IdAt::At(at) => id_text(body, at).map(std::borrow::Cow::into_owned),
+                    IdAt::Escaped => id_and_hash(entry).map(|(id, _)| id),
+                };
+                id.filter(|id| unchanged(id, hash))
+            } else {
+                None
+            };
+            match found {
+                Some(id) => {
+                    ids.add(&id);
+                    page.unchanged.push(id);
+                }
+                None => match parse_lead(checked_value(entry)?) {
+                    Some(lead) => {
+                        ids.add(&lead.negotiation_id);
+                        page.leads.push(lead);
+                    }
+                    None => page.skipped += 1,
+                },
+            }
+            i = skip_ws(b, end);
+            match b.get(i)? {
+                b',' => i = skip_ws(b, i + 1),
+                b']' => return Some(i + 1),
+                _ => return None,
+            }
+        }
+    }
+
+    /// The page, or `None` (read it the other way).
+    pub(super) fn read(body: &str, unchanged: &Unchanged) -> Option<Page> {
+        let b = body.as_bytes();
+        let mut page = Page::default();
+        let mut ids = IdsDigest::default();
+        let mut i = skip_ws(b, 0);
+        let (bare_array, pagination) = match b.get(i)? {
+            b'[' => {
+                i = entries(body, i, unchanged, &mut page, &mut ids)?;
+                (true, None)
+            }
+            b'{' => {
+                let mut data = false;
+                let mut pagination: Option<Option<&RawValue>> = None;
+                i = skip_ws(b, i + 1);
+                loop {
+                    if b.get(i) != Some(&b'"') {
+                        return None;
+                    }
+                    let close = string_end(b, i + 1)?;
+                    let key = &b[i + 1..close];
+                    if key.iter().any(|&c| c == b'\\' || c < 0x20) {
+                        return None;
+                    }
+                    i = skip_ws(b, close + 1);
+                    if b.get(i) != Some(&b':') {
+                        return None;
+                    }
+                    i = skip_ws(b, i + 1);
+                    if key == b"data" {
+                        if data || b.get(i) != Some(&b'[') {
+                            return None;
+                        }
+                        data = true;
+                        i = entries(body, i, unchanged, &mut page, &mut ids)?;
+                    } else {
+                        let (end, _) = value_end(b, i)?;
+                        let value = checked_value(body.get(i..end)?)?;
+                        if key == b"pagination" {
+                            if pagination.is_some() {
+                                return None;
+                            }
+                            pagination = Some((value.get() != "null").then_some(value));
+                        }
+                        i = end;
+                    }
+                    i = skip_ws(b, i);
+                    match b.get(i)? {
+                        b',' => i = skip_ws(b, i + 1),
+                        b'}' => break,
+                        _ => return None,
+                    }
+                }
+                i += 1;
+                if !data {
+                    return None;
+                }
+                (false, pagination.flatten())
+            }
+            _ => return None,
+        };
+        if skip_ws(b, i) != b.len() {
+            return None;
+        }
+        page.markers = page_markers(bare_array, pagination);
+        page.ids_digest = ids.digest();
+        Some(page)
     }
 }
 
@@ -1323,10 +1593,69 @@ mod tests {
         }
     }
 
+    /// The leads of `body` (as `parse_page` reads them) that a check finds
+    /// unchanged: about two in three, by their hash.
+    fn stored_of(body: &str) -> std::collections::HashSet<(String, i64)> {
+        parse_page(body.as_bytes())
+            .map(|p| {
+                p.leads
+                    .iter()
+                    .filter(|l| l.hash % 3 != 0)
+                    .map(|l| (l.negotiation_id.clone(), l.hash))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// With a check that finds the `stored` leads unchanged: the checked
+    /// reader's page, when it reads one, is the scanning reader's, and it
+    /// asked about the same leads in the same order; `parse_page_with`'s
+    /// always is. Whether the checked reader read it.
+    fn same_checked_page(body: &str, stored: &std::collections::HashSet<(String, i64)>) -> bool {
+        use std::sync::Mutex;
+        let (asked_old, asked_now) = (Mutex::new(Vec::new()), Mutex::new(Vec::new()));
+        let check = |asked: &Mutex<Vec<String>>, id: &str, hash: i64| {
+            asked.lock().unwrap().push(id.to_string());
+            stored.contains(&(id.to_string(), hash))
+        };
+        let old = parse_page_scanning_each(body, Some(&|id: &str, h| check(&asked_old, id, h)));
+        let now = parse_page_with(
+            body.as_bytes(),
+            Some(&|id: &str, h| check(&asked_now, id, h)),
+        );
+        let asked_checked = Mutex::new(Vec::new());
+        let checked = checked::read(body, &|id: &str, h| check(&asked_checked, id, h));
+        let key = |p: &Page| {
+            (
+                p.leads.clone(),
+                p.unchanged.clone(),
+                p.skipped,
+                p.markers.clone(),
+                p.ids_digest,
+            )
+        };
+        match (&old, &now) {
+            (Ok(old), Ok(now)) => assert_eq!(key(old), key(now), "{body}"),
+            (Err(old), Err(now)) => assert_eq!(old, now, "{body}"),
+            _ => panic!("{body}: {:?} / {:?}", old.is_ok(), now.is_ok()),
+        }
+        if let Some(checked) = &checked {
+            assert_eq!(Some(key(checked)), old.as_ref().ok().map(key), "{body}");
+            assert_eq!(
+                *asked_checked.lock().unwrap(),
+                *asked_old.lock().unwrap(),
+                "{body}"
+            );
+        }
+        checked.is_some()
+    }
+
     /// The one-scan reader's page, when it reads one, is the page of the
-    /// reader that scans each lead twice; `parse_page` always is. Whether
-    /// the one-scan reader read it.
-    fn same_page_as_scanning_each(body: &str) -> bool {
+    /// reader that scans each lead twice; `parse_page` always is; and so
+    /// for the checked reader, with the page's own leads found unchanged
+    /// ([`same_checked_page`]). Whether the one-scan reader read it, and
+    /// whether the checked one did.
+    fn same_page_as_scanning_each(body: &str) -> (bool, bool) {
         let old = parse_page_scanning_each(body, None);
         let now = parse_page(body.as_bytes());
         let fast = fast::read(body).map(page_of);
@@ -1347,7 +1676,8 @@ mod tests {
         if let Some(fast) = &fast {
             assert_eq!(Some(key(fast)), old.as_ref().ok().map(key), "{body}");
         }
-        fast.is_some()
+        let checked = same_checked_page(body, &stored_of(body));
+        (fast.is_some(), checked)
     }
 
     /// Pages around one entry: in an envelope or a bare array, with other
@@ -1375,7 +1705,7 @@ mod tests {
         for body in HOSTILE {
             for page in pages_around(body) {
                 pages += 1;
-                read_fast += usize::from(same_page_as_scanning_each(&page));
+                read_fast += usize::from(same_page_as_scanning_each(&page).0);
             }
         }
         // Pages that are no listing, or odd ones.
@@ -1405,7 +1735,7 @@ mod tests {
             "\u{feff}{\"data\":[]}",
         ] {
             pages += 1;
-            read_fast += usize::from(same_page_as_scanning_each(body));
+            read_fast += usize::from(same_page_as_scanning_each(body).0);
         }
         // Random leads, as in `random_leads_read_the_same_as_before`, with
         // whitespace around keys and values.
@@ -1462,7 +1792,7 @@ mod tests {
             };
             let page = format!(r#"{{"data":[{entry},{{"negotiationID":{i}}}]}}"#);
             pages += 1;
-            read_fast += usize::from(same_page_as_scanning_each(&page));
+            read_fast += usize::from(same_page_as_scanning_each(&page).0);
         }
         // Generated pages are read in one scan.
         use crate::sandbox::data::{Shape, generate};
@@ -1474,7 +1804,7 @@ mod tests {
                     r#"{{"data":[{}],"pagination":{{"limit":120}}}}"#,
                     items.join(",")
                 );
-                assert!(same_page_as_scanning_each(&body), "{shape:?}");
+                assert_eq!(same_page_as_scanning_each(&body), (true, true), "{shape:?}");
             }
         }
         // Most hostile and random pages are read in one scan too (the test
@@ -1622,6 +1952,7 @@ mod tests {
         let mut pages = 0usize;
         let mut read_fast = 0usize;
         let mut base_fast = 0usize;
+        let (mut base_checked, mut read_checked) = (0usize, 0usize);
         for i in 0..1_500 {
             let entries: Vec<String> = (0..1 + next(4))
                 .map(|k| lead(&mut next, i * 8 + k))
@@ -1638,9 +1969,12 @@ mod tests {
                 _ => format!("{{\"data\":{data}}}"),
             };
             pages += 1;
-            let fast = same_page_as_scanning_each(&body);
+            let (fast, checked) = same_page_as_scanning_each(&body);
             read_fast += usize::from(fast);
             base_fast += usize::from(fast);
+            base_checked += usize::from(checked);
+            // The edited pages are checked against the leads of this one.
+            let stored = stored_of(&body);
             let chars: Vec<char> = body.chars().collect();
             for _ in 0..6 {
                 let mut m = chars.clone();
@@ -1665,7 +1999,8 @@ mod tests {
                 }
                 let mutated: String = m.into_iter().collect();
                 pages += 1;
-                read_fast += usize::from(same_page_as_scanning_each(&mutated));
+                read_fast += usize::from(same_page_as_scanning_each(&mutated).0);
+                read_checked += usize::from(same_checked_page(&mutated, &stored));
             }
         }
         // Nesting around serde_json's depth limit (128), the deepest object
@@ -1683,7 +2018,7 @@ mod tests {
                 ),
             ] {
                 pages += 1;
-                read_fast += usize::from(same_page_as_scanning_each(&body));
+                read_fast += usize::from(same_page_as_scanning_each(&body).0);
             }
         }
         // Named attacks on locating a lead's text from inside it.
@@ -1708,11 +2043,20 @@ mod tests {
         ] {
             for page in pages_around(entry) {
                 pages += 1;
-                read_fast += usize::from(same_page_as_scanning_each(&page));
+                read_fast += usize::from(same_page_as_scanning_each(&page).0);
             }
         }
         // The fuzz reaches the one-scan reader, not only the fallback.
         assert!(base_fast * 3 > 1_500, "{base_fast} of 1500 unedited pages");
+        // And the checked reader, where it is asked about leads it knows.
+        assert!(
+            base_checked * 2 > 1_500,
+            "{base_checked} of 1500 unedited pages"
+        );
+        assert!(
+            read_checked * 10 > 9_000,
+            "{read_checked} of 9000 edited pages"
+        );
         assert!(read_fast * 10 > pages, "{read_fast} of {pages}");
     }
 
