@@ -463,7 +463,11 @@ fn id_and_hash(payload: &str) -> Option<(String, i64)> {
 /// A caller's check of a listed lead by its id and payload hash: true when
 /// the lead needs no reading (see [`parse_page_with`]). It may be asked
 /// about a lead more than once (a page the quick reader gives up on is read
-/// again the other way), and must give the same answer each time.
+/// again the other way), and must give the same answer each time. It may
+/// also be asked about the leads of a page then found unreadable, with the
+/// hash of bytes that are no JSON (the quick reader asks before serde_json
+/// reads a lead): what it keeps of such an ask must not change what gets
+/// written once the page is fetched again (sync's `fetcher_check`).
 pub type Unchanged<'a> = dyn Fn(&str, i64) -> bool + Sync + 'a;
 
 /// [`parse_page`], where `unchanged(id, payload hash)`, when given, is
