@@ -591,8 +591,8 @@ impl ScanKnown {
     }
 
     /// Whether the fetcher asks the check for its next page. First, the
-    /// leads of the pages it read without the check (`pending`, see
-    /// [`ScanKnown::read_unchecked`]) are checked as if it had: the writer
+    /// leads of the pages it read since (`pending`, see
+    /// [`ScanKnown::read_unchecked`]) are checked as the writer will: the writer
     /// may not have handled those pages yet, and a lead listed there not as
     /// it was at the start must join `looked_up` before a later listing of
     /// it is checked (that listing is written: the last listing wins).
@@ -610,10 +610,11 @@ impl ScanKnown {
         true
     }
 
-    /// After the fetcher read a page without the check: its leads are kept
-    /// for [`ScanKnown::ready`] (a few pages at most: the writer takes no
-    /// page before the known leads are read), unless no lead of this scan
-    /// will be checked.
+    /// After the fetcher read a page, without the check or with it (whose
+    /// answers left `looked_up` alone, [`ScanKnown::fetcher_check`]): its
+    /// leads are kept for [`ScanKnown::ready`] (a few pages at most: the
+    /// writer takes no page before the known leads are read), unless no
+    /// lead of this scan will be checked.
     fn read_unchecked(&self, pending: &mut Vec<(u64, i64)>, page: &Page) {
         if !self.never_checked() {
             pending.extend(
@@ -624,7 +625,50 @@ impl ScanKnown {
         }
     }
 
+    /// The check the fetcher asks while it reads one page (a
+    /// `parse_page_with` check, for every response to one request). It
+    /// leaves `looked_up` alone: a response may be read in part and found
+    /// unreadable (the checked reader asks about a lead before serde_json
+    /// sees it), then fetched again, and a lead asked about with the hash
+    /// of bytes never read must not take the writer's path for the rest of
+    /// the scan. The leads the page did read join it through
+    /// [`ScanKnown::read_unchecked`] and [`ScanKnown::ready`], before the
+    /// next page is asked about. A lead found changed is remembered for the
+    /// rest of this request, so a page listing it again finds it changed
+    /// (as `looked_up` would): if that was a response found unreadable,
+    /// the lead is only read, and the writer's check still finds it
+    /// unchanged.
+    fn fetcher_check<'a>(
+        &'a self,
+        stale_before: &'a str,
+    ) -> impl Fn(&str, i64) -> bool + Sync + 'a {
+        let changed_here = std::sync::Mutex::new(HashSet::new());
+        move |id: &str, hash: i64| {
+            let id = mirror::id_fingerprint(id);
+            let mut changed_here = changed_here
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if changed_here.contains(&id) {
+                return false;
+            }
+            match self.verdict(id, hash, stale_before, false) {
+                Verdict::Unchanged => true,
+                Verdict::Changed | Verdict::NotRead => {
+                    changed_here.insert(id);
+                    false
+                }
+                Verdict::Unknown => false,
+            }
+        }
+    }
+
     fn check(&self, id: u64, hash: i64, stale_before: &str) -> Verdict {
+        self.verdict(id, hash, stale_before, true)
+    }
+
+    /// [`ScanKnown::check`]; a lead found changed (or listed while the
+    /// known leads are not read) joins `looked_up` when `remember`.
+    fn verdict(&self, id: u64, hash: i64, stale_before: &str, remember: bool) -> Verdict {
         let mut looked_up = self
             .looked_up
             .lock()
@@ -633,14 +677,18 @@ impl ScanKnown {
             return Verdict::Changed;
         }
         let Some(leads) = self.leads.get() else {
-            looked_up.insert(id);
+            if remember {
+                looked_up.insert(id);
+            }
             return Verdict::NotRead;
         };
         match leads.get(&id) {
             None => Verdict::Unknown,
             Some(known) if known.unchanged(hash, stale_before) => Verdict::Unchanged,
             Some(_) => {
-                looked_up.insert(id);
+                if remember {
+                    looked_up.insert(id);
+                }
                 Verdict::Changed
             }
         }
@@ -681,9 +729,7 @@ async fn read_all_pages(
             // Once the known leads are read, a lead listed as it was is not
             // read past its id (no columns, no copy of its payload).
             let stale_before = page_context(business_id, run_id).stale_before;
-            let unchanged = |id: &str, hash: i64| {
-                shared.check(mirror::id_fingerprint(id), hash, &stale_before) == Verdict::Unchanged
-            };
+            let unchanged = shared.fetcher_check(&stale_before);
             // A stop does not wait for the page in flight (none of it is
             // written; pages already fetched are). Dropping the request cuts
             // no token refresh: refreshes run detached and are awaited by
@@ -696,9 +742,9 @@ async fn read_all_pages(
                     page.map_err(|e| e.message)?
                 }
             };
-            if !checked {
-                shared.read_unchecked(&mut pending, &page);
-            }
+            // Its leads found changed join `looked_up` (ScanKnown::ready,
+            // before the next page is asked about).
+            shared.read_unchecked(&mut pending, &page);
             let step = listing.advance(&page);
             *style = Some(listing.style());
             let step = step?;
@@ -855,6 +901,95 @@ mod tests {
         assert_eq!(batch.len(), 1);
         assert_eq!(started.elapsed(), BATCH_WAIT, "waited for more, then wrote");
         drop(tx);
+    }
+
+    #[test]
+    fn an_unreadable_page_leaves_no_lead_found_changed() {
+        // The fetcher's check is asked while a page is read; a response
+        // that turns out unreadable (a corrupted lead, which the checked
+        // reader delimits and asks about before serde_json sees it) is
+        // fetched again. What was asked about it must not make the lead,
+        // listed again as it was, be written (over a webhook's newer copy,
+        // as an upsert without `keep_if_changed_after` would).
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let was = r#"{"negotiationID":"x","v":1}"#;
+        let hash = xxhash_rust::xxh3::xxh3_64(was.as_bytes()) as i64;
+        let now = crate::time::fmt(chrono::Utc::now());
+        conn.execute(
+            "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                 first_seen_at, last_seen_at, changed_at) VALUES ('x', 'b', ?1, ?2, ?3, ?3, ?3)",
+            rusqlite::params![was, hash, now],
+        )
+        .unwrap();
+        let shared = ScanKnown::default();
+        let _ = shared.leads.set(mirror::known_leads(&conn, "b").unwrap());
+        let mut pending = Vec::new();
+        let stale_before = page_context("b", 1).stale_before;
+        assert!(shared.ready(&mut pending, &stale_before));
+        let x = mirror::id_fingerprint("x");
+        {
+            // One page fetch: an unreadable response, then the same page
+            // readable (the client's retry asks the same check).
+            let unchanged = shared.fetcher_check(&stale_before);
+            let corrupted = r#"{"data":[{"negotiationID":"x","v":tru}]}"#;
+            assert!(
+                crate::thumbtack::model::parse_page_with(corrupted.as_bytes(), Some(&unchanged))
+                    .is_err()
+            );
+            let page = crate::thumbtack::model::parse_page_with(
+                format!(r#"{{"data":[{was}]}}"#).as_bytes(),
+                Some(&unchanged),
+            )
+            .unwrap();
+            shared.read_unchecked(&mut pending, &page);
+            assert!(shared.ready(&mut pending, &stale_before));
+            // What the writer decides of each lead the page read.
+            for l in &page.leads {
+                assert_eq!(
+                    shared.check(
+                        mirror::id_fingerprint(&l.negotiation_id),
+                        l.hash,
+                        &stale_before
+                    ),
+                    Verdict::Unchanged
+                );
+            }
+        }
+        // A later page listing it as it was: not written either.
+        assert_eq!(shared.check(x, hash, &stale_before), Verdict::Unchanged);
+        let unchanged = shared.fetcher_check(&stale_before);
+        let page = crate::thumbtack::model::parse_page_with(
+            format!(r#"{{"data":[{was}]}}"#).as_bytes(),
+            Some(&unchanged),
+        )
+        .unwrap();
+        assert_eq!(page.unchanged, ["x"]);
+        // Listed changed, then as it was: on one page, or on the next page,
+        // the later listing is read (and written: the last listing wins).
+        let changed = r#"{"negotiationID":"x","v":2}"#;
+        let page = crate::thumbtack::model::parse_page_with(
+            format!(r#"{{"data":[{changed},{was}]}}"#).as_bytes(),
+            Some(&unchanged),
+        )
+        .unwrap();
+        assert_eq!(page.leads.len(), 2);
+        let fresh = ScanKnown::default();
+        let _ = fresh.leads.set(mirror::known_leads(&conn, "b").unwrap());
+        let page = crate::thumbtack::model::parse_page_with(
+            format!(r#"{{"data":[{changed}]}}"#).as_bytes(),
+            Some(&fresh.fetcher_check(&stale_before)),
+        )
+        .unwrap();
+        fresh.read_unchecked(&mut pending, &page);
+        assert!(fresh.ready(&mut pending, &stale_before));
+        let page = crate::thumbtack::model::parse_page_with(
+            format!(r#"{{"data":[{was}]}}"#).as_bytes(),
+            Some(&fresh.fetcher_check(&stale_before)),
+        )
+        .unwrap();
+        assert_eq!(page.leads.len(), 1);
+        assert_ne!(fresh.check(x, hash, &stale_before), Verdict::Unchanged);
     }
 
     #[test]

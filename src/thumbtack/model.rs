@@ -463,7 +463,11 @@ fn id_and_hash(payload: &str) -> Option<(String, i64)> {
 /// A caller's check of a listed lead by its id and payload hash: true when
 /// the lead needs no reading (see [`parse_page_with`]). It may be asked
 /// about a lead more than once (a page the quick reader gives up on is read
-/// again the other way), and must give the same answer each time.
+/// again the other way), and must give the same answer each time. It may
+/// also be asked about the leads of a page then found unreadable, with the
+/// hash of bytes that are no JSON (the quick reader asks before serde_json
+/// reads a lead): what it keeps of such an ask must not change what gets
+/// written once the page is fetched again (sync's `fetcher_check`).
 pub type Unchanged<'a> = dyn Fn(&str, i64) -> bool + Sync + 'a;
 
 /// [`parse_page`], where `unchanged(id, payload hash)`, when given, is
@@ -2308,5 +2312,113 @@ mod tests {
         assert_eq!(at("1718357400").as_deref(), Some("1718357400"));
         assert_eq!(at("null"), None);
         assert_eq!(at(r#""""#), None);
+    }
+
+    #[test]
+    fn the_checked_reader_reads_named_attacks_as_the_scanning_one() {
+        // Escapes, strings holding brackets or keys, ids of every type,
+        // invalid tokens inside a lead, non-JSON whitespace, a BOM.
+        let entries = [
+            r#"{"negotiationID":"a\\","x":"]}"}"#,
+            r#"{"x":"\\\\","negotiationID":"b"}"#,
+            r#"{"x":"\"negotiationID\":\"z\"","negotiationID":"c"}"#,
+            r#"{"n\u0065gotiationID":"d","negotiationID":"e"}"#,
+            r#"{"negotiationID":"f","n\u0065gotiationID":"g"}"#,
+            r#"{"other\"":1,"negotiationID":"h"}"#,
+            r#"{"a":{"negotiationID":"in"},"negotiationID":"i"}"#,
+            r#"{"a":["negotiationID","x"],"negotiationID":"j"}"#,
+            r#"{"negotiationID":12.5e3}"#,
+            r#"{"negotiationID":"k\u0041"}"#,
+            r#"{"negotiationID":null,"negotiationID":"l"}"#,
+            r#"{"negotiationID":{"x":1}}"#,
+            r#"{"negotiationID":""}"#,
+            r#"{"negotiationID" :	"m" }"#,
+            r#"{"negotiationID":"n","negotiationID":"o"}"#,
+            r#"{"negotiationID":"p",}"#,
+            r#"{"negotiationID":"q"/*c*/}"#,
+            r#"{"negotiationID":"r","x":tru}"#,
+            r#"{"negotiationID":"s","x":[1}]}"#,
+            r#"{"negotiationID":"t","x":"\q"}"#,
+            "{\"negotiationID\":\"u\",\"x\":\"\u{1}\"}",
+            "{\"negotiationID\":\"v\"\u{a0}}",
+            r#"{"negotiationID":-}"#,
+            r#"{"negotiationID":01}"#,
+            r#"{"negotiationID":1.}"#,
+            r#"{"negotiationID"}"#,
+            r#"{"negotiationID":"w"#,
+            r#"{"negotiationID":"x\"#,
+            r#"{"":"","negotiationID":"y"}"#,
+            r#"{"negotiationID":"é😀","x":"\ud83d"}"#,
+            r#"{"negotiationID":"z","x":"\u12"}"#,
+            r#"{"negotiationID":"A","x":[]]}"#,
+            r#"{"negotiationID":"B"}}"#,
+            r#"{"negotiationID":"C",,"x":1}"#,
+            r#"{"negotiationID":"D" "x":1}"#,
+            r#"{"negotiationID":"E":"x"}"#,
+            r#"{"negotiationID"::"F"}"#,
+            r#"{,"negotiationID":"G"}"#,
+            r#"{"negotiationID":1 2}"#,
+            r#"{"negotiationID":"H","x":1e}"#,
+            r#"{"negotiationID":"I","x":NaN}"#,
+            r#"{"negotiationID":"J","x":-Infinity}"#,
+            r#"{"negotiationID":true}"#,
+            r#"{"negotiationID":"K"]"#,
+            r#"["negotiationID","L"]"#,
+            "\u{feff}{\"negotiationID\":\"M\"}",
+        ];
+        // Each in envelopes: repeated or escaped keys, trailing commas,
+        // truncation, garbage after, odd `pagination` values.
+        let envelopes = [
+            "{{\"data\":[{e}]}}",
+            "[{e}]",
+            "{{\"data\":[{e},{e}]}}",
+            "{{\"data\":[{e}],\"pagination\":null}}",
+            "{{\"pagination\":null,\"data\":[{e}],\"pagination\":{{}}}}",
+            "{{\"data\":[{e}],\"pagin\\u0061tion\":{{\"next\":\"x\"}}}}",
+            "{{\"d\\u0061ta\":[{e}]}}",
+            "{{\"data\":[{e}],\"d\\u0061ta\":[]}}",
+            "{{\"data\":[{e}],}}",
+            "{{\"data\":[{e},]}}",
+            "[{e},]",
+            "{{\"data\":[{e}]}}\u{a0}",
+            "\u{a0}{{\"data\":[{e}]}}",
+            "{{\"data\":[{e}]\u{a0}}}",
+            "{{\"data\":[{e}]}}\\",
+            "{{\"data\":[{e}],\"x\":\"\\\\\"}}",
+            "{{\"data\":[{e}],\"x\":\"a\\\"}}",
+            "{{\"x\":{{\"data\":[]}},\"data\":[{e}]}}",
+            "{{\"data\":[{e}],\"pagination\":[1,{{\"a\":\"]\"}}]}}",
+            "{{\"data\":[{e}],\"pagination\":\"null\"}}",
+            "{{\"data\":[{e}],\"pagination\":nul}}",
+            "{{\"data\":[{e}],\"x\":1 2}}",
+            "{{\"data\":[{e}] \"x\":1}}",
+            "{{\"data\"[{e}]}}",
+            "{{\"data\":[{e}]",
+            "{{\"data\":[{e}",
+            "{{\"data\":null,\"data\":[{e}]}}",
+            "{{\"data\":[{e}],\"\u{1}\":1}}",
+            "{{\"data\":[{e}],\"x\":{{}}}}}}",
+            "{{\"data\":[1,{e}]}}",
+            "{{\"data\":[{e} {e}]}}",
+            "{{\"data\":[{e}],\"pagination\":{{\"next\":\"a\",\"next\":\"b\"}}}}",
+            "{{\"data\":[{e}],\"pagination\":{{\"limit\":-1,\"offset\":\"7\"}}}}",
+        ];
+        // Every entry's lead, stored as parsed alone (only JSON is stored).
+        let mut n = 0;
+        let mut checked = 0;
+        for e in entries {
+            for env in envelopes {
+                let body = env.replace("{{", "{").replace("}}", "}").replace("{e}", e);
+                let mut stored = std::collections::HashSet::new();
+                for x in entries {
+                    if let Some(l) = parse_lead_body(x) {
+                        stored.insert((l.negotiation_id.clone(), l.hash));
+                    }
+                }
+                n += 1;
+                checked += usize::from(same_checked_page(&body, &stored));
+            }
+        }
+        assert!(checked * 10 > n, "{checked} of {n}");
     }
 }
