@@ -903,6 +903,28 @@ mod tests {
         drop(tx);
     }
 
+    /// A mirror in `dir` holding business `b`'s leads `(id, payload)`, seen
+    /// now; and their payload hashes.
+    fn mirror_of(
+        dir: &tempfile::TempDir,
+        leads: &[(&str, &str)],
+    ) -> (rusqlite::Connection, Vec<i64>) {
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let now = crate::time::fmt(chrono::Utc::now());
+        let mut hashes = Vec::new();
+        for (id, payload) in leads {
+            let hash = xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64;
+            conn.execute(
+                "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
+                     first_seen_at, last_seen_at, changed_at) VALUES (?1, 'b', ?2, ?3, ?4, ?4, ?4)",
+                rusqlite::params![id, payload, hash, now],
+            )
+            .unwrap();
+            hashes.push(hash);
+        }
+        (conn, hashes)
+    }
+
     #[test]
     fn an_unreadable_page_leaves_no_lead_found_changed() {
         // The fetcher's check is asked while a page is read; a response
@@ -912,16 +934,9 @@ mod tests {
         // listed again as it was, be written (over a webhook's newer copy,
         // as an upsert without `keep_if_changed_after` would).
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
         let was = r#"{"negotiationID":"x","v":1}"#;
-        let hash = xxhash_rust::xxh3::xxh3_64(was.as_bytes()) as i64;
-        let now = crate::time::fmt(chrono::Utc::now());
-        conn.execute(
-            "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
-                 first_seen_at, last_seen_at, changed_at) VALUES ('x', 'b', ?1, ?2, ?3, ?3, ?3)",
-            rusqlite::params![was, hash, now],
-        )
-        .unwrap();
+        let (conn, hashes) = mirror_of(&dir, &[("x", was)]);
+        let hash = hashes[0];
         let shared = ScanKnown::default();
         let _ = shared.leads.set(mirror::known_leads(&conn, "b").unwrap());
         let mut pending = Vec::new();
@@ -1000,20 +1015,10 @@ mod tests {
         // the fetcher checks page 3: that listing must still be written,
         // as every later listing is (the last listing wins).
         let dir = tempfile::tempdir().unwrap();
-        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
         let was = r#"{"negotiationID":"x","v":1}"#;
-        let hash = xxhash_rust::xxh3::xxh3_64(was.as_bytes()) as i64;
-        let now = crate::time::fmt(chrono::Utc::now());
         let was_y = r#"{"negotiationID":"y"}"#;
-        let hash_y = xxhash_rust::xxh3::xxh3_64(was_y.as_bytes()) as i64;
-        for (id, payload, hash) in [("x", was, hash), ("y", was_y, hash_y)] {
-            conn.execute(
-                "INSERT INTO negotiations (negotiation_id, business_id, payload, payload_hash,
-                     first_seen_at, last_seen_at, changed_at) VALUES (?1, 'b', ?2, ?3, ?4, ?4, ?4)",
-                rusqlite::params![id, payload, hash, now],
-            )
-            .unwrap();
-        }
+        let (conn, hashes) = mirror_of(&dir, &[("x", was), ("y", was_y)]);
+        let (hash, hash_y) = (hashes[0], hashes[1]);
         let shared = ScanKnown::default();
         let mut pending = Vec::new();
         let stale_before = page_context("b", 1).stale_before;

@@ -868,8 +868,8 @@ mod checked {
         }
     }
 
-    /// Where the page's first top-level `negotiationID` value of an object
-    /// starts, as the scan found it.
+    /// Where an object's first top-level `negotiationID` value starts, as
+    /// the scan found it.
     #[derive(Clone, Copy)]
     enum IdAt {
         /// No such key (at least none unescaped before any escaped key).
@@ -1597,6 +1597,26 @@ mod tests {
         }
     }
 
+    /// What a page reader answers of a page, all of it compared.
+    fn key(p: &Page) -> (Vec<LeadRow>, Vec<String>, i64, Markers, Option<u64>) {
+        (
+            p.leads.clone(),
+            p.unchanged.clone(),
+            p.skipped,
+            p.markers.clone(),
+            p.ids_digest,
+        )
+    }
+
+    /// Two readings of `body`: the same page, or the same error.
+    fn assert_same_read(body: &str, old: &Result<Page, String>, now: &Result<Page, String>) {
+        match (old, now) {
+            (Ok(old), Ok(now)) => assert_eq!(key(old), key(now), "{body}"),
+            (Err(old), Err(now)) => assert_eq!(old, now, "{body}"),
+            _ => panic!("{body}: {:?} / {:?}", old.is_ok(), now.is_ok()),
+        }
+    }
+
     /// The leads of `body` (as `parse_page` reads them) that a check finds
     /// unchanged: about two in three, by their hash.
     fn stored_of(body: &str) -> std::collections::HashSet<(String, i64)> {
@@ -1629,20 +1649,7 @@ mod tests {
         );
         let asked_checked = Mutex::new(Vec::new());
         let checked = checked::read(body, &|id: &str, h| check(&asked_checked, id, h));
-        let key = |p: &Page| {
-            (
-                p.leads.clone(),
-                p.unchanged.clone(),
-                p.skipped,
-                p.markers.clone(),
-                p.ids_digest,
-            )
-        };
-        match (&old, &now) {
-            (Ok(old), Ok(now)) => assert_eq!(key(old), key(now), "{body}"),
-            (Err(old), Err(now)) => assert_eq!(old, now, "{body}"),
-            _ => panic!("{body}: {:?} / {:?}", old.is_ok(), now.is_ok()),
-        }
+        assert_same_read(body, &old, &now);
         if let Some(checked) = &checked {
             assert_eq!(Some(key(checked)), old.as_ref().ok().map(key), "{body}");
             assert_eq!(
@@ -1663,20 +1670,7 @@ mod tests {
         let old = parse_page_scanning_each(body, None);
         let now = parse_page(body.as_bytes());
         let fast = fast::read(body).map(page_of);
-        let key = |p: &Page| {
-            (
-                p.leads.clone(),
-                p.unchanged.clone(),
-                p.skipped,
-                p.markers.clone(),
-                p.ids_digest,
-            )
-        };
-        match (&old, &now) {
-            (Ok(old), Ok(now)) => assert_eq!(key(old), key(now), "{body}"),
-            (Err(old), Err(now)) => assert_eq!(old, now, "{body}"),
-            _ => panic!("{body}: {:?} / {:?}", old.is_ok(), now.is_ok()),
-        }
+        assert_same_read(body, &old, &now);
         if let Some(fast) = &fast {
             assert_eq!(Some(key(fast)), old.as_ref().ok().map(key), "{body}");
         }
