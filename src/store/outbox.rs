@@ -659,7 +659,27 @@ fn take(
                 park(tx, kind, id, business_id, &why, now)?;
                 Ok(Taken::Parked)
             }
-            None => Ok(Taken::Skipped),
+            None => {
+                // Put aside for a business that may send (by hand, since
+                // the waits were last brought in line): no claim walks that
+                // row, so it comes back now, or this row waits for good.
+                let table = kind.table();
+                let back = tx
+                    .prepare_cached(&format!(
+                        "UPDATE {table} SET waiting_for = NULL,
+                             last_error = CASE WHEN state = 'pending' THEN NULL ELSE last_error END
+                          WHERE negotiation_id = (SELECT negotiation_id FROM {table} WHERE id = ?1)
+                            AND waiting_for = ?2"
+                    ))?
+                    .execute(params![id, business_id])?;
+                // Walked again from the start, where the row may now be
+                // (only when one came back: the walk must end).
+                Ok(if back > 0 {
+                    Taken::Parked
+                } else {
+                    Taken::Skipped
+                })
+            }
         };
     }
     if let Some(business_id) = &c.business_id
