@@ -1252,3 +1252,54 @@ async fn a_row_set_to_sending_by_hand_stalls_nothing() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_put_aside_by_hand_for_a_business_that_may_send_stalls_nothing() {
+    // Schema 8 refuses `waiting_for` on INSERT, but an UPDATE (or a DELETE
+    // FROM outbox_waits) still put a pending row aside for a business that
+    // is not waiting: only businesses recorded in outbox_waits were ever
+    // brought back, so the row and every later row of its negotiation
+    // stayed pending for good.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let alone = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let first = rig.insert(&b, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let later = rig.insert(&b, "job_complete", "2024-06-14T10:30:00Z");
+    let business = &rig.env.business_ids()[1];
+    rig.env
+        .sql()
+        .execute(
+            "UPDATE outbox SET waiting_for = ?1 WHERE id IN (?2, ?3)",
+            rusqlite::params![business, alone, first],
+        )
+        .unwrap();
+    rig.drain().await;
+    for id in [alone, first, later] {
+        assert_eq!(rig.state(id).0, "sent", "row {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_put_aside_by_hand_while_the_drainer_runs_comes_back_with_its_later_rows() {
+    // As above, but after the drainer's first claim (its view of the
+    // businesses unchanged since): a later row of the negotiation was
+    // skipped claim after claim, behind a row no claim walks.
+    let rig = Rig::new(FAST).await;
+    let b = rig.lead(1, 0);
+    let first = rig.insert(&b, "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.drain().await;
+    assert_eq!(rig.state(first).0, "sent");
+    let second = rig.insert(&b, "job_complete", "2024-06-14T10:30:00Z");
+    rig.env
+        .sql()
+        .execute(
+            "UPDATE outbox SET waiting_for = ?1 WHERE id = ?2",
+            rusqlite::params![&rig.env.business_ids()[1], second],
+        )
+        .unwrap();
+    let third = rig.insert(&b, "invoice_paid", "2024-06-14T11:30:00Z");
+    rig.drain().await;
+    for id in [second, third] {
+        assert_eq!(rig.state(id).0, "sent", "row {id}");
+    }
+}

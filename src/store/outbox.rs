@@ -659,7 +659,27 @@ fn take(
                 park(tx, kind, id, business_id, &why, now)?;
                 Ok(Taken::Parked)
             }
-            None => Ok(Taken::Skipped),
+            None => {
+                // Put aside for a business that may send (by hand, since
+                // the waits were last brought in line): no claim walks that
+                // row, so it comes back now, or this row waits for good.
+                let table = kind.table();
+                let back = tx
+                    .prepare_cached(&format!(
+                        "UPDATE {table} SET waiting_for = NULL,
+                             last_error = CASE WHEN state = 'pending' THEN NULL ELSE last_error END
+                          WHERE negotiation_id = (SELECT negotiation_id FROM {table} WHERE id = ?1)
+                            AND waiting_for = ?2"
+                    ))?
+                    .execute(params![id, business_id])?;
+                // Walked again from the start, where the row may now be
+                // (only when one came back: the walk must end).
+                Ok(if back > 0 {
+                    Taken::Parked
+                } else {
+                    Taken::Skipped
+                })
+            }
         };
     }
     if let Some(business_id) = &c.business_id
@@ -826,6 +846,65 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
              ON CONFLICT (business_id) DO UPDATE SET reason = excluded.reason",
             params![business_id, why, now],
         )?;
+    }
+    // Rows put aside for a business outside outbox_waits (a partner's
+    // UPDATE of waiting_for, a DELETE FROM outbox_waits): nothing above
+    // would ever bring them back. One index seek per business named.
+    for kind in Kind::ALL {
+        let table = kind.table();
+        let mut last: Option<rusqlite::types::Value> = None;
+        loop {
+            let next = match &last {
+                None => tx
+                    .query_row(
+                        &format!(
+                            "SELECT waiting_for FROM {table} WHERE waiting_for IS NOT NULL
+                              ORDER BY waiting_for LIMIT 1"
+                        ),
+                        [],
+                        |r| r.get::<_, rusqlite::types::Value>(0),
+                    )
+                    .optional()?,
+                Some(v) => tx
+                    .query_row(
+                        &format!(
+                            "SELECT waiting_for FROM {table} WHERE waiting_for > ?1
+                              ORDER BY waiting_for LIMIT 1"
+                        ),
+                        [v],
+                        |r| r.get::<_, rusqlite::types::Value>(0),
+                    )
+                    .optional()?,
+            };
+            let Some(value) = next else { break };
+            let why = match &value {
+                rusqlite::types::Value::Text(b) => filter.wait_reason(b),
+                _ => None,
+            };
+            match why {
+                Some(why) => {
+                    tx.execute(
+                        "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
+                         ON CONFLICT (business_id) DO NOTHING",
+                        params![value, why, now],
+                    )?;
+                }
+                None => {
+                    tx.execute(
+                        &format!(
+                            "UPDATE {table} SET waiting_for = NULL, last_error = NULL
+                              WHERE waiting_for IS ?1 AND state = 'pending'"
+                        ),
+                        [&value],
+                    )?;
+                    tx.execute(
+                        &format!("UPDATE {table} SET waiting_for = NULL WHERE waiting_for IS ?1"),
+                        [&value],
+                    )?;
+                }
+            }
+            last = Some(value);
+        }
     }
     tx.commit()?;
     Ok(())
