@@ -808,6 +808,36 @@ async fn onboarding_into_an_existing_readable_token_file_makes_it_private() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_where_the_token_file_cannot_be_replaced_does_not_spend_the_code() {
+    // The token file is replaced through a sibling temporary file: a
+    // directory that refuses it (read-only for the service user; here, as
+    // tests may run as root, the temporary name is taken by a directory)
+    // must be found before the single-use code is spent, else the new
+    // grant's refresh token is lost.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(grants.join(".pro-1.leadsync-tmp/x")).unwrap();
+    let file = grants.join("pro-1");
+    std::fs::write(&file, "").unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("token file"), "{}", text(&o));
+    let stats = env.sandbox.stats();
+    assert_eq!(
+        stats
+            .by_route
+            .get("token authorization_code")
+            .copied()
+            .unwrap_or(0),
+        0,
+        "the code is not spent: {}",
+        text(&o)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboarding_refuses_a_symlinked_token_file_before_spending_the_code() {
     // A link planted where the grant goes would send the refresh token
     // wherever it points.

@@ -288,17 +288,46 @@ fn read_token_file(path: &Path) -> Result<String, Failure> {
         .map_err(|e| Failure::Retry(format!("cannot read token file {}: {e}", path.display())))
 }
 
+/// The sibling through which `write_private` replaces `path`.
+fn temp_of(path: &Path) -> std::path::PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.leadsync-tmp"))
+}
+
+/// Whether `write_private` can create its temporary file next to `path`
+/// (a directory the service user cannot write refuses it): asked before a
+/// single-use code is spent, whose refresh token would otherwise be lost.
+/// Its own name: another run's temporary file, mid-write, is left alone.
+fn probe_replaceable(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    // write_private removes a stale temporary file, but not a directory.
+    if std::fs::symlink_metadata(temp_of(path)).is_ok_and(|m| m.is_dir()) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            format!("{} is a directory", temp_of(path).display()),
+        ));
+    }
+    let mut tmp = temp_of(path).into_os_string();
+    tmp.push(format!("-probe-{}", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)?;
+    std::fs::remove_file(&tmp)
+}
+
 /// Replaces `path` with `text` atomically, mode 0600: a crash leaves the
 /// old content or the new, and a link planted at `path` is replaced, not
 /// followed.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let tmp = path.with_file_name(format!(".{name}.leadsync-tmp"));
+    let tmp = temp_of(path);
     let _ = std::fs::remove_file(&tmp);
     let result = (|| {
         let mut f = std::fs::OpenOptions::new()
@@ -708,6 +737,13 @@ impl Auth {
                 anyhow::anyhow!("cannot make the token file {} private: {e}", file.display())
             })?;
         drop(handle);
+        probe_replaceable(file).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot write the token file {}: its directory refuses a temporary file ({e}); \
+                 the code was not spent",
+                file.display()
+            )
+        })?;
         let key = grant_key(file);
         let chain = self
             .inner
