@@ -771,6 +771,16 @@ async fn an_answer_without_a_refresh_token_keeps_the_presented_one() {
     assert_eq!(reauth_count(&env), 0);
 }
 
+/// How many authorization codes the sandbox's token endpoint was sent.
+fn codes_spent(env: &Env) -> u64 {
+    env.sandbox
+        .stats()
+        .by_route
+        .get("token authorization_code")
+        .copied()
+        .unwrap_or(0)
+}
+
 fn exchange_into(env: &Env, file: &std::path::Path, code: &str) -> std::process::Output {
     env.cli()
         .args([
@@ -824,17 +834,7 @@ async fn onboarding_where_the_token_file_cannot_be_replaced_does_not_spend_the_c
     let o = exchange_into(&env, &file, &code);
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("token file"), "{}", text(&o));
-    let stats = env.sandbox.stats();
-    assert_eq!(
-        stats
-            .by_route
-            .get("token authorization_code")
-            .copied()
-            .unwrap_or(0),
-        0,
-        "the code is not spent: {}",
-        text(&o)
-    );
+    assert_eq!(codes_spent(&env), 0, "the code is not spent: {}", text(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -853,16 +853,7 @@ async fn onboarding_refuses_a_symlinked_token_file_before_spending_the_code() {
     assert_ne!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("symbolic link"), "{}", text(&o));
     assert!(!elsewhere.exists(), "nothing written through the link");
-    let stats = env.sandbox.stats();
-    assert_eq!(
-        stats
-            .by_route
-            .get("token authorization_code")
-            .copied()
-            .unwrap_or(0),
-        0,
-        "the code is not spent"
-    );
+    assert_eq!(codes_spent(&env), 0, "the code is not spent");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
