@@ -143,6 +143,14 @@ fn main() -> anyhow::Result<()> {
             #[serde(borrow)]
             data: Vec<&'a RawValue>,
         }
+        // The envelope's entries, read by serde_json (an empty list when
+        // the page is not one).
+        fn entries(p: &[u8]) -> Vec<&RawValue> {
+            let s = std::str::from_utf8(p).unwrap_or("");
+            serde_json::from_str::<Envelope>(s)
+                .map(|e| e.data)
+                .unwrap_or_default()
+        }
         stage(
             "envelope (Vec<&RawValue>, from_str)",
             rounds(&pages, n, |p| {
@@ -155,11 +163,8 @@ fn main() -> anyhow::Result<()> {
         stage(
             "envelope + xxh3 + to_string per lead",
             rounds(&pages, n, |p| {
-                let s = std::str::from_utf8(p).unwrap_or("");
-                let e = serde_json::from_str::<Envelope>(s)
-                    .map(|e| e.data)
-                    .unwrap_or_default();
-                e.iter()
+                entries(p)
+                    .iter()
                     .map(|r| {
                         let h = xxhash_rust::xxh3::xxh3_64(r.get().as_bytes());
                         std::hint::black_box((h, r.get().to_string())).1.len()
@@ -170,11 +175,8 @@ fn main() -> anyhow::Result<()> {
         stage(
             "envelope + serde_json::Value per lead",
             rounds(&pages, n, |p| {
-                let s = std::str::from_utf8(p).unwrap_or("");
-                let e = serde_json::from_str::<Envelope>(s)
-                    .map(|e| e.data)
-                    .unwrap_or_default();
-                e.iter()
+                entries(p)
+                    .iter()
                     .map(|r| {
                         serde_json::from_str::<serde_json::Value>(r.get())
                             .map(|_| 1)

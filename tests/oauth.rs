@@ -339,13 +339,36 @@ async fn two_businesses_on_one_grant_share_one_chain() {
     assert_eq!(reauth_count(&env), 2, "{}", text(&o));
 }
 
-/// The token store, with writes that fail while `fail` is set.
-struct FlakyStore {
+/// A check a hooked store asks before each write of a grant.
+type BeforeSave = Box<dyn Fn() -> anyhow::Result<()> + Send + Sync>;
+/// What a hooked store does once it has written a refresh note.
+type AfterNote = Box<dyn Fn(Option<&str>) + Send + Sync>;
+
+/// The token store, with a test's hooks around two calls: `before_save`
+/// may refuse a write, `after_note` runs once a refresh note is written.
+struct Hooked {
     inner: leadsync::app::StoreGrants,
-    fail: Arc<AtomicBool>,
+    before_save: BeforeSave,
+    after_note: AfterNote,
 }
 
-impl GrantStore for FlakyStore {
+impl Hooked {
+    fn new(
+        config: &leadsync::config::Config,
+        before_save: BeforeSave,
+        after_note: AfterNote,
+    ) -> Self {
+        Hooked {
+            inner: leadsync::app::StoreGrants(
+                TokenStore::open(&config.file.oauth.token_store).unwrap(),
+            ),
+            before_save,
+            after_note,
+        }
+    }
+}
+
+impl GrantStore for Hooked {
     fn load(
         &self,
         grant: &str,
@@ -355,9 +378,7 @@ impl GrantStore for FlakyStore {
         self.inner.load(grant, seed, businesses)
     }
     fn save(&self, grant: &str, expected: i64, write: &GrantWrite) -> anyhow::Result<Written> {
-        if self.fail.load(Ordering::SeqCst) {
-            anyhow::bail!("disk I/O error (test)");
-        }
+        (self.before_save)()?;
         self.inner.save(grant, expected, write)
     }
     fn refuse(
@@ -382,7 +403,9 @@ impl GrantStore for FlakyStore {
         self.inner.refresh_note(grant)
     }
     fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
-        self.inner.set_refresh_note(grant, note)
+        self.inner.set_refresh_note(grant, note)?;
+        (self.after_note)(note);
+        Ok(())
     }
 }
 
@@ -392,12 +415,17 @@ async fn a_rotated_token_the_store_refuses_is_kept_and_no_refresh_starts_until_i
     let b = env.business_ids()[0].clone();
     let config = env.config();
     let fail = Arc::new(AtomicBool::new(true));
-    let store = FlakyStore {
-        inner: leadsync::app::StoreGrants(
-            TokenStore::open(&config.file.oauth.token_store).unwrap(),
-        ),
-        fail: fail.clone(),
-    };
+    let failing = fail.clone();
+    let store = Hooked::new(
+        &config,
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
     let auth =
         leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
             .unwrap();
@@ -1194,59 +1222,6 @@ async fn a_lost_token_answer_whose_re_ask_is_throttled_keeps_the_refresh_note() 
     );
 }
 
-/// The token store, with the write of a refresh note held until released.
-struct GatedNotes {
-    inner: leadsync::app::StoreGrants,
-    entered: Arc<AtomicBool>,
-    release: Arc<AtomicBool>,
-}
-
-impl GrantStore for GatedNotes {
-    fn load(
-        &self,
-        grant: &str,
-        seed: Option<&str>,
-        businesses: &[String],
-    ) -> anyhow::Result<Option<StoredGrant>> {
-        self.inner.load(grant, seed, businesses)
-    }
-    fn save(&self, grant: &str, expected: i64, write: &GrantWrite) -> anyhow::Result<Written> {
-        self.inner.save(grant, expected, write)
-    }
-    fn refuse(
-        &self,
-        grant: &str,
-        expected: i64,
-        file: Option<&str>,
-        reason: &str,
-    ) -> anyhow::Result<bool> {
-        self.inner.refuse(grant, expected, file, reason)
-    }
-    fn refuse_file(&self, grant: &str, file: &str) -> anyhow::Result<()> {
-        self.inner.refuse_file(grant, file)
-    }
-    fn forget_access(&self, grant: &str, token: &leadsync::secret::Secret) -> anyhow::Result<()> {
-        self.inner.forget_access(grant, token)
-    }
-    fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
-        self.inner.try_lock(grant)
-    }
-    fn refresh_note(&self, grant: &str) -> anyhow::Result<Option<String>> {
-        self.inner.refresh_note(grant)
-    }
-    fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
-        self.inner.set_refresh_note(grant, note)?;
-        if note.is_some() {
-            self.entered.store(true, Ordering::SeqCst);
-            let end = std::time::Instant::now() + Duration::from_secs(60);
-            while !self.release.load(Ordering::SeqCst) && std::time::Instant::now() < end {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-        }
-        Ok(())
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_while_the_refresh_note_is_written_sends_no_refresh() {
     // The note is written (fsync, slow on a loaded disk) just before the
@@ -1259,13 +1234,21 @@ async fn a_stop_while_the_refresh_note_is_written_sends_no_refresh() {
         Arc::new(AtomicBool::new(false)),
         Arc::new(AtomicBool::new(false)),
     );
-    let store = GatedNotes {
-        inner: leadsync::app::StoreGrants(
-            TokenStore::open(&config.file.oauth.token_store).unwrap(),
-        ),
-        entered: entered.clone(),
-        release: release.clone(),
-    };
+    let (entering, released) = (entered.clone(), release.clone());
+    let store = Hooked::new(
+        &config,
+        Box::new(|| Ok(())),
+        // A refresh note's write held until released.
+        Box::new(move |note| {
+            if note.is_some() {
+                entering.store(true, Ordering::SeqCst);
+                let end = std::time::Instant::now() + Duration::from_secs(60);
+                while !released.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }),
+    );
     let auth = Arc::new(
         leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
             .unwrap(),
