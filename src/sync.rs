@@ -237,7 +237,7 @@ pub async fn sync_business(
             Ok(())
         }
         Ok(_) if kind == ScanKind::Full => 'full: {
-            if let Err(e) = confirm_unseen(
+            match confirm_unseen(
                 store,
                 client,
                 business_id,
@@ -248,7 +248,13 @@ pub async fn sync_business(
             )
             .await
             {
-                break 'full Err(e);
+                // Every present lead known before the pass was listed: none
+                // to mark, and the index is not read a second time. (A lead
+                // that turns present meanwhile, a webhook's copy of a
+                // missing one, is left present: the next full scan decides.)
+                Ok(0) => break 'full Ok(()),
+                Ok(_) => {}
+                Err(e) => break 'full Err(e),
             }
             let (id, now, accept) = (
                 business_id.to_string(),
@@ -331,7 +337,8 @@ pub async fn sync_business(
 /// the lead at the page boundary was never listed to the scan though it
 /// exists. When some present leads went unlisted, the listing is read once
 /// more (nothing written) and a lead listed by either reading is not
-/// missing; one that is really gone is absent from both.
+/// missing; one that is really gone is absent from both. Returns how many
+/// present leads the scan had not listed (before the second reading).
 async fn confirm_unseen(
     store: &Store,
     client: &Arc<Client>,
@@ -340,7 +347,7 @@ async fn confirm_unseen(
     run_id: i64,
     seen: &mut HashSet<u64>,
     stop: &CancellationToken,
-) -> Result<(), String> {
+) -> Result<i64, String> {
     let unseen = {
         let (id, now, snapshot) = (business_id.to_string(), crate::time::now(), seen.clone());
         store
@@ -349,7 +356,7 @@ async fn confirm_unseen(
             .map_err(|e| format!("cannot count unlisted leads: {e:#}"))?
     };
     if unseen == 0 {
-        return Ok(());
+        return Ok(0);
     }
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
     let mut cursor = listing.first();
@@ -389,7 +396,7 @@ async fn confirm_unseen(
         unseen,
         pages, "unlisted leads confirmed by a second reading of the listing"
     );
-    Ok(())
+    Ok(unseen)
 }
 
 /// Pages a full scan may have fetched and not yet written. The pages waiting
