@@ -475,18 +475,18 @@ pub type Unchanged<'a> = dyn Fn(&str, i64) -> bool + Sync + 'a;
 /// [`Page::unchanged`] and not read further (no columns, no copy of its
 /// payload). The check sees exactly the bytes [`parse_lead`] would hash.
 pub fn parse_page_with(body: &[u8], unchanged: Option<&Unchanged>) -> Result<Page, String> {
+    // The checked reader checks UTF-8 piece by piece (and needs no check
+    // of a lead found unchanged: see `checked`).
+    if let Some(unchanged) = unchanged
+        && let Some(page) = checked::read(body, unchanged)
+    {
+        return Ok(page);
+    }
     let text_body = std::str::from_utf8(body).map_err(|_| "the page is not UTF-8".to_string())?;
-    match unchanged {
-        None => {
-            if let Some(read) = fast::read(text_body) {
-                return Ok(page_of(read));
-            }
-        }
-        Some(unchanged) => {
-            if let Some(page) = checked::read(text_body, unchanged) {
-                return Ok(page);
-            }
-        }
+    if unchanged.is_none()
+        && let Some(read) = fast::read(text_body)
+    {
+        return Ok(page_of(read));
     }
     parse_page_scanning_each(text_body, unchanged)
 }
@@ -948,44 +948,47 @@ mod checked {
 
     /// The text of the id whose value starts at `at`, read as
     /// [`super::text`] reads it.
-    fn id_text(body: &str, at: usize) -> Option<std::borrow::Cow<'_, str>> {
-        let b = body.as_bytes();
+    fn id_text(b: &[u8], at: usize) -> Option<std::borrow::Cow<'_, str>> {
         let end = match *b.get(at)? {
             b'"' => string_end(b, at + 1)? + 1,
             b'-' | b'0'..=b'9' => value_end(b, at)?.0,
             _ => return None,
         };
-        text_of(body.get(at..end)?)
+        text_of(utf8(b.get(at..end)?)?)
     }
 
-    /// One value checked by serde_json, as the other reader reads it.
-    fn checked_value(text: &str) -> Option<&RawValue> {
-        serde_json::from_str(text).ok()
+    fn utf8(b: &[u8]) -> Option<&str> {
+        std::str::from_utf8(b).ok()
+    }
+
+    /// One value checked by serde_json (UTF-8 first), as the other reader
+    /// reads it.
+    fn checked_value(b: &[u8]) -> Option<&RawValue> {
+        serde_json::from_str(utf8(b)?).ok()
     }
 
     /// The entries of the array starting at `i` (`[`), into `page`; the
     /// index past its `]`.
     fn entries(
-        body: &str,
+        b: &[u8],
         mut i: usize,
         unchanged: &Unchanged,
         page: &mut Page,
         ids: &mut IdsDigest,
     ) -> Option<usize> {
-        let b = body.as_bytes();
         i = skip_ws(b, i + 1);
         if b.get(i) == Some(&b']') {
             return Some(i + 1);
         }
         loop {
             let (end, id_at) = value_end(b, i)?;
-            let entry = body.get(i..end)?;
+            let entry = b.get(i..end)?;
             let found = if b[i] == b'{' {
-                let hash = xxhash_rust::xxh3::xxh3_64(entry.as_bytes()) as i64;
+                let hash = xxhash_rust::xxh3::xxh3_64(entry) as i64;
                 let id = match id_at {
                     IdAt::Absent => None,
-                    IdAt::At(at) => id_text(body, at).map(std::borrow::Cow::into_owned),
-                    IdAt::Escaped => id_and_hash(entry).map(|(id, _)| id),
+                    IdAt::At(at) => id_text(b, at).map(std::borrow::Cow::into_owned),
+                    IdAt::Escaped => id_and_hash(utf8(entry)?).map(|(id, _)| id),
                 };
                 id.filter(|id| unchanged(id, hash))
             } else {
@@ -1013,15 +1016,19 @@ mod checked {
         }
     }
 
-    /// The page, or `None` (read it the other way).
-    pub(super) fn read(body: &str, unchanged: &Unchanged) -> Option<Page> {
-        let b = body.as_bytes();
+    /// The page, or `None` (read it the other way). UTF-8 is checked piece
+    /// by piece: the envelope's keys, its other values and every lead not
+    /// found unchanged (by serde_json), an id before it is asked about.
+    /// A lead found unchanged is not: its bytes hash to a stored lead's
+    /// payload, which was UTF-8 when it was stored (the check already
+    /// relies on that hash), and none of it is kept.
+    pub(super) fn read(b: &[u8], unchanged: &Unchanged) -> Option<Page> {
         let mut page = Page::default();
         let mut ids = IdsDigest::default();
         let mut i = skip_ws(b, 0);
         let (bare_array, pagination) = match b.get(i)? {
             b'[' => {
-                i = entries(body, i, unchanged, &mut page, &mut ids)?;
+                i = entries(b, i, unchanged, &mut page, &mut ids)?;
                 (true, None)
             }
             b'{' => {
@@ -1034,7 +1041,7 @@ mod checked {
                     }
                     let close = string_end(b, i + 1)?;
                     let key = &b[i + 1..close];
-                    if key.iter().any(|&c| c == b'\\' || c < 0x20) {
+                    if key.iter().any(|&c| c == b'\\' || c < 0x20) || utf8(key).is_none() {
                         return None;
                     }
                     i = skip_ws(b, close + 1);
@@ -1047,10 +1054,10 @@ mod checked {
                             return None;
                         }
                         data = true;
-                        i = entries(body, i, unchanged, &mut page, &mut ids)?;
+                        i = entries(b, i, unchanged, &mut page, &mut ids)?;
                     } else {
                         let (end, _) = value_end(b, i)?;
-                        let value = checked_value(body.get(i..end)?)?;
+                        let value = checked_value(b.get(i..end)?)?;
                         if key == b"pagination" {
                             if pagination.is_some() {
                                 return None;
@@ -1648,7 +1655,7 @@ mod tests {
             Some(&|id: &str, h| check(&asked_now, id, h)),
         );
         let asked_checked = Mutex::new(Vec::new());
-        let checked = checked::read(body, &|id: &str, h| check(&asked_checked, id, h));
+        let checked = checked::read(body.as_bytes(), &|id: &str, h| check(&asked_checked, id, h));
         assert_same_read(body, &old, &now);
         if let Some(checked) = &checked {
             assert_eq!(Some(key(checked)), old.as_ref().ok().map(key), "{body}");
@@ -2101,6 +2108,69 @@ mod tests {
         assert_eq!((none.entries(), none.ids_digest), (1, None));
     }
 
+    /// The checked reader checks UTF-8 piece by piece instead of the whole
+    /// body first: a byte that is not UTF-8 anywhere but in a lead found
+    /// unchanged (whose bytes hash to a stored, valid payload) still fails
+    /// the page as before, with the same error.
+    #[test]
+    fn a_page_not_utf8_outside_leads_found_unchanged_fails_as_before() {
+        let valid = |x: &str| {
+            format!(
+                r#"{{"data":[{{"negotiationID":"1","x":"a"}},{{"negotiationID":"2","x":"{x}"}}],"pagination":{{"limit":2}}}}"#
+            )
+        };
+        // Every lead of the valid page is stored as it is listed there.
+        let stored: std::collections::HashSet<(String, i64)> = parse_page(valid("b").as_bytes())
+            .unwrap()
+            .leads
+            .iter()
+            .map(|l| (l.negotiation_id.clone(), l.hash))
+            .collect();
+        let check = |id: &str, hash: i64| stored.contains(&(id.to_string(), hash));
+        let bad = b"\xff\xfe";
+        let swap = |from: &str, to: &[u8]| {
+            let page = valid("b").into_bytes();
+            let at = page
+                .windows(from.len())
+                .position(|w| w == from.as_bytes())
+                .unwrap();
+            [&page[..at], to, &page[at + from.len()..]].concat()
+        };
+        let pages = [
+            // in a changed lead's string, its key, its id
+            swap(r#""x":"b""#, &[br#""x":"b"#, &bad[..], b"\""].concat()),
+            swap(r#""x":"a""#, &[b"\"x", &bad[..], br#"":"a""#].concat()),
+            swap(r#""1""#, &[b"\"1", &bad[..], b"\""].concat()),
+            // an entry that is not an object
+            swap(
+                r#"{"negotiationID":"1","x":"a"}"#,
+                &[b"\"", &bad[..], b"\""].concat(),
+            ),
+            // an envelope key, an envelope value, after the end
+            swap(r#""pagination""#, &[b"\"pag", &bad[..], b"\""].concat()),
+            swap(r#"{"limit":2}"#, &[b"\"", &bad[..], b"\""].concat()),
+            [valid("b").as_bytes(), &bad[..]].concat(),
+        ];
+        for page in pages {
+            let shown = String::from_utf8_lossy(&page).into_owned();
+            assert_eq!(
+                parse_page_with(&page, Some(&check)).map(|p| p.leads.len()),
+                Err("the page is not UTF-8".to_string()),
+                "{shown}"
+            );
+            assert_eq!(
+                parse_page(&page).map(|p| p.leads.len()),
+                Err("the page is not UTF-8".to_string()),
+                "{shown}"
+            );
+        }
+        // The valid page is read by the checked reader, both leads unchanged.
+        let page = checked::read(valid("b").as_bytes(), &check).unwrap();
+        assert_eq!(page.unchanged, ["1", "2"]);
+        // A lead changed in a valid way is read in full.
+        let page = parse_page_with(valid("c").as_bytes(), Some(&check)).unwrap();
+        assert_eq!((page.unchanged.len(), page.leads.len()), (1, 1));
+    }
     #[test]
     fn a_page_keeps_every_byte_of_each_lead() {
         let body = r#"{"data":[{"negotiationID":"519153480500518912","status":"active","x":{"big":9007199254740993},
