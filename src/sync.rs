@@ -581,9 +581,29 @@ struct ScanKnown {
     looked_up: std::sync::Mutex<HashSet<u64>>,
     /// The known leads could not be read (every lead is looked up).
     read_failed: std::sync::atomic::AtomicBool,
+    /// Signalled once the read is done (or failed): see [`ScanKnown::resolved`].
+    read_done: tokio::sync::Notify,
 }
 
 impl ScanKnown {
+    /// The known leads are read, or cannot be.
+    fn resolved(&self) -> bool {
+        self.leads.get().is_some() || self.read_failed.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Waits until [`ScanKnown::resolved`]. The fetcher asks for its second
+    /// page only then: a page read before the known leads are is read in
+    /// full, where most of a re-sync's leads need reading only to their id
+    /// (at 0 ms latency the fetcher otherwise read up to [`PAGES_AHEAD`]
+    /// pages in full while a business's 5,000 known leads were read; the
+    /// writer writes nothing before the read is done either way).
+    async fn wait_resolved(&self) {
+        while !self.resolved() {
+            // A permit is stored if the signal comes first (one waiter).
+            self.read_done.notified().await;
+        }
+    }
+
     /// The known leads are read, and there are some (a first sync has none:
     /// its leads are not worth a first look at their ids).
     fn any_known(&self) -> bool {
@@ -733,6 +753,13 @@ async fn read_all_pages(
         // Leads read before the check could be asked (ScanKnown::ready).
         let mut pending = Vec::new();
         loop {
+            if fetched > 0 && !shared.resolved() {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
+                    () = shared.wait_resolved() => {}
+                }
+            }
             // Once the known leads are read, a lead listed as it was is not
             // read past its id (no columns, no copy of its payload).
             let stale_before = page_context(business_id, run_id).stale_before;
@@ -787,6 +814,7 @@ async fn read_all_pages(
                 tracing::debug!(error = %format!("{e:#}"), "cannot read the known leads; every lead is looked up");
             }
         }
+        shared.read_done.notify_one();
         while let Some(first) = pages_rx.recv().await {
             let most = if store.urgent_within(URGENT_WINDOW) {
                 1
@@ -1012,6 +1040,31 @@ mod tests {
         .unwrap();
         assert_eq!(page.leads.len(), 1);
         assert_ne!(fresh.check(x, hash, &stale_before), Verdict::Unchanged);
+    }
+
+    /// The fetcher's wait for the known leads ends when they are read or
+    /// cannot be, whether the writer signals before or after it waits.
+    #[tokio::test]
+    async fn the_fetcher_waits_for_the_known_leads_until_they_are_read_or_cannot_be() {
+        let within = |s: &'static ScanKnown| {
+            tokio::time::timeout(Duration::from_secs(30), s.wait_resolved())
+        };
+        // Signalled first: the read failed.
+        let failed: &'static ScanKnown = Box::leak(Box::default());
+        assert!(!failed.resolved());
+        failed
+            .read_failed
+            .store(true, std::sync::atomic::Ordering::Release);
+        failed.read_done.notify_one();
+        within(failed).await.expect("a failed read ends the wait");
+        // Signalled while the fetcher waits: the read is done.
+        let read: &'static ScanKnown = Box::leak(Box::default());
+        let waiting = tokio::spawn(within(read));
+        tokio::task::yield_now().await;
+        let _ = read.leads.set(std::collections::HashMap::new());
+        read.read_done.notify_one();
+        waiting.await.unwrap().expect("a done read ends the wait");
+        assert!(read.resolved());
     }
 
     #[test]
