@@ -1419,3 +1419,42 @@ async fn a_row_put_aside_with_broken_text_before_the_start_stalls_nothing() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_attempt_at_with_a_nul_and_broken_text_after_it_stalls_nothing() {
+    // SQLite's GLOB stops at a NUL: schema 8's check of next_attempt_at took
+    // '2024-06-14T09:30:00Z' || char(0) || <not UTF-8>, and the claim, which
+    // read the value back as UTF-8 to walk on from it, failed every time.
+    let rig = Rig::new(FAST).await;
+    let row = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let other = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let smuggle = format!(
+        "UPDATE outbox SET next_attempt_at = '2024-06-14T09:30:00Z' || char(0) || CAST(X'FF' AS TEXT)
+          WHERE id = {row}"
+    );
+    let refused = rig
+        .env
+        .sql()
+        .execute(&smuggle, [])
+        .map_err(|e| e.to_string());
+    assert!(
+        matches!(&refused, Err(e) if e.contains("next_attempt_at must be a UTC time")),
+        "{refused:?}"
+    );
+    // A row written before schema 13, or past its dropped triggers.
+    for name in [
+        "outbox_next_attempt_at_update",
+        "outbox_next_attempt_at_without_nul_update",
+    ] {
+        rig.sql(&format!("DROP TRIGGER IF EXISTS {name};"));
+    }
+    rig.sql(&smuggle);
+    let s = rig
+        .drainer
+        .drain_once(&CancellationToken::new())
+        .await
+        .expect("the drain runs");
+    for id in [row, other] {
+        assert_eq!(rig.state(id).0, "sent", "row {id}: {s:?}");
+    }
+}

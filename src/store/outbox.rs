@@ -985,8 +985,8 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
           WHERE o.state = 'pending' AND o.waiting_for IS NULL
             AND o.next_attempt_at <= :due_by
             AND (:from_start
-                 OR o.next_attempt_at > :after_at
-                 OR (o.next_attempt_at = :after_at AND o.id > :after_id))
+                 OR o.next_attempt_at > {after_at}
+                 OR (o.next_attempt_at = {after_at} AND o.id > :after_id))
             AND ({unordered}
                  -- a probe into an index of the rows put aside only
                  OR EXISTS (SELECT 1 FROM {table} w {waiting}
@@ -1006,6 +1006,7 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
         table = kind.table(),
         unordered = kind.unordered(),
         before = kind.goes_before("p", "o"),
+        after_at = "CASE WHEN :after_text THEN CAST(:after_at AS TEXT) ELSE :after_at END",
     )
 }
 
@@ -1032,10 +1033,18 @@ pub fn claim(
     let page = limit.min(256);
     let mut claimed = Vec::new();
     // Where the walk is: `None` from the start (an explicit flag: any id,
-    // i64::MIN included, is a row's).
-    let mut after: Option<(rusqlite::types::Value, i64)> = None;
+    // i64::MIN included, is a row's). The last row's next_attempt_at is
+    // kept as stored: text that is not UTF-8 (a NUL got it past schema 8's
+    // check) cannot be read as a String, and failed every claim.
+    let mut after: Option<(Stored, i64)> = None;
     loop {
-        let (after_at, after_id) = after.clone().unwrap_or((rusqlite::types::Value::Null, 0));
+        let (after_at, after_id) = after.clone().unwrap_or((
+            Stored {
+                value: rusqlite::types::Value::Null,
+                text: false,
+            },
+            0,
+        ));
         let candidates = {
             let mut select = tx.prepare_cached(&claim_select(kind, &pins))?;
             select
@@ -1044,16 +1053,12 @@ pub fn claim(
                         ":due_by": due_by,
                         ":default_business": filter.default_business,
                         ":from_start": after.is_none(),
-                        ":after_at": after_at,
+                        ":after_at": after_at.value,
+                        ":after_text": after_at.text,
                         ":after_id": after_id,
                         ":page": page as i64,
                     },
-                    |r| {
-                        Ok((
-                            candidate_from_row(r, kind, 1)?,
-                            r.get::<_, rusqlite::types::Value>(0)?,
-                        ))
-                    },
+                    |r| Ok((candidate_from_row(r, kind, 1)?, Stored::of(r.get_ref(0)?))),
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
