@@ -1351,17 +1351,22 @@ async fn an_instant_outside_the_years_0000_to_9999_in_utc_fails_alone_unsent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_put_aside_by_hand_with_a_blob_or_broken_text_comes_back_in_order() {
     // waiting_for is TEXT: `SET waiting_for = 1` stores '1' (a business
-    // id), but a BLOB, or text that is not UTF-8, stays what it is. The
-    // claim did not see such a row as put aside: the later rows of its
+    // id), but a BLOB, or text that is not UTF-8, stays what it is; and
+    // text that is not digits names no business that could ever be
+    // configured. The claim did not see the first two as put aside: the later rows of its
     // negotiation went out before it, and it came back only at the next
     // start.
     let rig = Rig::new(FAST).await;
-    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let (a, b, c) = (rig.lead(0, 0), rig.lead(1, 0), rig.lead(0, 1));
     let warm_up = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
     rig.drain().await;
     assert_eq!(rig.state(warm_up).0, "sent");
     let mut rows = Vec::new();
-    for (n, aside) in [(&a, "X'3131'"), (&b, "CAST(X'FF31' AS TEXT)")] {
+    for (n, aside) in [
+        (&a, "X'3131'"),
+        (&b, "CAST(X'FF31' AS TEXT)"),
+        (&c, "'7' || char(0) || 'x'"),
+    ] {
         let first = rig.insert(n, "appt_scheduled", "2024-06-14T09:30:00Z");
         rig.sql(&format!(
             "UPDATE outbox SET waiting_for = {aside} WHERE id = {first}"

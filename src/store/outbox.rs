@@ -470,8 +470,8 @@ struct Candidate {
 }
 
 /// A `waiting_for` value exactly as stored, to find its rows again. It
-/// names a business only as UTF-8 text; anything else a partner's program
-/// wrote there (a BLOB, broken text) names none. Text is bound as its bytes
+/// names a business only as text of digits; anything else a partner's
+/// program wrote there (a BLOB, broken text, 'x') names none. Text is bound as its bytes
 /// and cast back ([`Stored::SQL`]): broken text cannot be bound as text.
 #[derive(Debug, Clone)]
 struct Stored {
@@ -498,10 +498,16 @@ impl Stored {
         Stored { value, text }
     }
 
-    /// The business it names, when it names one.
+    /// The business it names, when it names one: text of digits, as every
+    /// business id is (what else a program wrote there could never be
+    /// configured, and the rows would wait for good).
     fn business(&self) -> Option<&str> {
         match &self.value {
-            rusqlite::types::Value::Blob(b) if self.text => std::str::from_utf8(b).ok(),
+            rusqlite::types::Value::Blob(b)
+                if self.text && !b.is_empty() && b.iter().all(u8::is_ascii_digit) =>
+            {
+                std::str::from_utf8(b).ok()
+            }
             _ => None,
         }
     }
