@@ -638,7 +638,8 @@ fn two_paths_to_one_database_share_one_process_lock() {
 #[test]
 fn ids_with_a_nul_and_anything_after_it_are_refused() {
     // SQLite's GLOB stops at a NUL: '519' || char(0) || 'x' passed the
-    // digits check of both outboxes, on INSERT and on UPDATE.
+    // digits check of both outboxes, on INSERT and on UPDATE (and a zone
+    // of a time, its check).
     let (_d, c) = fresh();
     let smuggled = ["'519' || char(0) || 'abc'", "char(0)", "'7' || char(0)"];
     for value in smuggled {
@@ -671,6 +672,23 @@ fn ids_with_a_nul_and_anything_after_it_are_refused() {
         ] {
             rejected(c.execute(&sql, []).map_err(|e| e.to_string()), why);
         }
+    }
+    // The zone's check too: '+02:00' || char(0) || 'x' passed it.
+    for at in [
+        "'2024-06-14T09:30:00+02:00' || char(0) || 'x'",
+        "'2024-06-14T09:30:00Z' || char(0)",
+    ] {
+        rejected(
+            c.execute(
+                &format!(
+                    "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                     VALUES ('519', 'appt_scheduled', {at})"
+                ),
+                [],
+            )
+            .map_err(|e| e.to_string()),
+            "partner_status_changed_at must be an RFC 3339 time",
+        );
     }
     c.execute_batch(
         "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)

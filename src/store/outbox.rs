@@ -469,10 +469,11 @@ struct Candidate {
     behind: Option<Stored>,
 }
 
-/// A `waiting_for` value exactly as stored, to find its rows again. It
-/// names a business only as text of digits; anything else a partner's
-/// program wrote there (a BLOB, broken text, 'x') names none. Text is bound as its bytes
-/// and cast back ([`Stored::SQL`]): broken text cannot be bound as text.
+/// A value exactly as stored (`waiting_for`, `next_attempt_at`), to find
+/// its rows again: text is bound as its bytes and cast back
+/// ([`Stored::sql`]), as text that is not UTF-8 cannot be bound as text.
+/// A `waiting_for` names a business only as text of digits; anything else
+/// a partner's program wrote there (a BLOB, broken text, 'x') names none.
 #[derive(Debug, Clone)]
 struct Stored {
     value: rusqlite::types::Value,
@@ -912,8 +913,8 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
     // Rows put aside for a business outside outbox_waits (a partner's
     // UPDATE of waiting_for, a DELETE FROM outbox_waits): nothing above
     // would ever bring them back. One index seek per business named.
-    // A value that names no business (a BLOB, text that is not UTF-8)
-    // comes back too; it is read and found again as stored.
+    // A value that names no business (a BLOB, text that is not digits or
+    // not UTF-8) comes back too; it is read and found again as stored.
     for kind in Kind::ALL {
         let table = kind.table();
         let mut last: Option<Stored> = None;

@@ -3,11 +3,14 @@
 -- message first).
 --
 -- SQLite's GLOB stops at a NUL, so '519' || char(0) || 'abc' passed the
--- digits checks above: refused with their messages.
+-- digits checks above, and '...+02:00' || char(0) || 'x' the zone's:
+-- refused with their messages.
 SELECT RAISE(ABORT, 'outbox: negotiation_id must be text of digits (the lead''s negotiationID, like ''519153480500518912''), not a number or a blob')
  WHERE typeof(NEW.negotiation_id) = 'text' AND instr(NEW.negotiation_id, char(0)) > 0;
 SELECT RAISE(ABORT, 'outbox: business_id must be a Thumbtack business id (a string of digits) or NULL')
  WHERE typeof(NEW.business_id) = 'text' AND instr(NEW.business_id, char(0)) > 0;
+SELECT RAISE(ABORT, 'outbox: partner_status_changed_at must be an RFC 3339 time with T and a zone, like 2024-06-14T09:30:00Z or 2024-06-14T11:30:00.250+02:00')
+ WHERE typeof(NEW.partner_status_changed_at) = 'text' AND instr(NEW.partner_status_changed_at, char(0)) > 0;
 -- A year 0000 time east of UTC, or a year 9999 time west of it, is another
 -- year in UTC (-0001, 10000): no RFC 3339 form to send it in. The checks
 -- above passed, so strftime reads the time unless its UTC year leaves
