@@ -559,15 +559,14 @@ impl Drainer {
                 partner_status_changed_at,
                 invoice_amount_in_cents,
             } => {
+                // The claim fails such a row alone; kept for a row read otherwise.
                 let Some(at) = crate::time::to_utc_z(partner_status_changed_at) else {
                     let a = Attempt {
                         attempt: row.attempt,
                         started_at,
                         http_status: None,
                         outcome: "dead",
-                        error: Some(format!(
-                            "partner_status_changed_at {partner_status_changed_at:?} is not an RFC 3339 time"
-                        )),
+                        error: crate::time::utc_z_problem(partner_status_changed_at),
                         trace_id: None,
                         duration_ms: 0,
                     };

@@ -43,9 +43,30 @@ pub fn sortable_utc(s: &str) -> Option<String> {
 
 /// The instant `s` (any RFC 3339 zone) in UTC `Z` form, keeping its fraction
 /// exactly as precise as it was given (no fraction stays no fraction).
+/// `None` when `s` is not RFC 3339, or when its UTC year leaves 0000–9999
+/// (`0000-01-01T00:30:00+01:00` is year −1 in UTC): RFC 3339 has no other
+/// years, so no such form could be sent ([`utc_z_problem`] says why).
 pub fn to_utc_z(s: &str) -> Option<String> {
+    use chrono::Datelike;
     let t = DateTime::parse_from_rfc3339(s).ok()?.with_timezone(&Utc);
-    Some(t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    (0..=9999)
+        .contains(&t.year())
+        .then(|| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
+/// Why [`to_utc_z`] has no answer for `s`, in words for a row's
+/// `last_error`; `None` when it has one.
+pub fn utc_z_problem(s: &str) -> Option<String> {
+    if to_utc_z(s).is_some() {
+        return None;
+    }
+    Some(match parse(s) {
+        Some(t) => format!(
+            "partner_status_changed_at {s:?} is {} in UTC, outside the years 0000-9999 that an RFC 3339 time can have",
+            t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+        ),
+        None => format!("partner_status_changed_at {s:?} is not an RFC 3339 time"),
+    })
 }
 
 /// A short human age such as `42s`, `5m`, `3h`, `2d`.
@@ -78,5 +99,34 @@ mod tests {
             "2024-06-14T09:30:00.500Z"
         );
         assert!(to_utc_z("2024-06-14").is_none());
+    }
+
+    #[test]
+    fn utc_z_stays_inside_the_years_0000_to_9999() {
+        for (given, utc) in [
+            ("0000-01-01T00:30:00Z", "0000-01-01T00:30:00Z"),
+            ("0000-01-01T01:30:00+01:00", "0000-01-01T00:30:00Z"),
+            ("9999-12-31T22:30:00-01:00", "9999-12-31T23:30:00Z"),
+        ] {
+            assert_eq!(to_utc_z(given).as_deref(), Some(utc), "{given}");
+            assert_eq!(utc_z_problem(given), None);
+        }
+        for (given, shown) in [
+            ("0000-01-01T00:30:00+01:00", "-0001-12-31T23:30:00Z"),
+            ("0000-01-01T00:00:00.001+00:01", "-0001-12-31T23:59:00.001Z"),
+            ("9999-12-31T23:30:00-01:00", "+10000-01-01T00:30:00Z"),
+        ] {
+            assert_eq!(to_utc_z(given), None, "{given}");
+            let why = utc_z_problem(given).unwrap();
+            assert!(
+                why.contains(shown) && why.contains("outside the years 0000-9999"),
+                "{why}"
+            );
+        }
+        assert!(
+            utc_z_problem("tomorrow")
+                .unwrap()
+                .contains("not an RFC 3339 time")
+        );
     }
 }

@@ -1303,3 +1303,163 @@ async fn a_row_put_aside_by_hand_while_the_drainer_runs_comes_back_with_its_late
         assert_eq!(rig.state(id).0, "sent", "row {id}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instant_outside_the_years_0000_to_9999_in_utc_fails_alone_unsent() {
+    // '0000-01-01T00:30:00+01:00' is year -1 in UTC: it was sent as
+    // '-0001-12-31T23:30:00Z' (and '9999-12-31T23:30:00-01:00' as year
+    // 10000), which Thumbtack cannot take. Rows written before schema 13
+    // (the table refuses them since), or past a dropped trigger.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    rig.sql("DROP TRIGGER outbox_validate_insert;");
+    let before_year_0 = rig.insert(&a, "appt_scheduled", "0000-01-01T00:30:00+01:00");
+    let after_a = rig.insert(&a, "job_complete", "2024-06-15T09:30:00Z");
+    let first_b = rig.insert(&b, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let after_year_9999 = rig.insert(&b, "job_complete", "9999-12-31T23:30:00-01:00");
+    let last_b = rig.insert(&b, "invoice_paid", "9999-12-31T23:40:00Z");
+    rig.drain().await;
+    for id in [before_year_0, after_year_9999] {
+        let (state, attempts, error) = rig.state(id);
+        let error = error.unwrap_or_default();
+        assert_eq!(state, "dead", "row {id}: {error}");
+        assert!(
+            error.contains("cannot be sent") && error.contains("outside the years 0000-9999"),
+            "row {id}: {error}"
+        );
+        assert_eq!(attempts, 0, "row {id}: never attempted");
+    }
+    for id in [after_a, first_b, last_b] {
+        assert_eq!(rig.state(id).0, "sent", "row {id}");
+    }
+    let sent: Vec<(String, String)> = rig
+        .env
+        .sandbox
+        .deliveries()
+        .into_iter()
+        .map(|d| (d.status, d.partner_status_changed_at))
+        .collect();
+    assert_eq!(sent.len(), 3, "{sent:?}");
+    for (status, at) in &sent {
+        assert!(
+            at.len() == 20 && at.as_bytes()[..4].iter().all(u8::is_ascii_digit),
+            "{status} sent with {at}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_put_aside_by_hand_with_a_blob_or_broken_text_comes_back_in_order() {
+    // waiting_for is TEXT: `SET waiting_for = 1` stores '1' (a business
+    // id), but a BLOB, or text that is not UTF-8, stays what it is; and
+    // text that is not digits names no business that could ever be
+    // configured. The claim did not see the first two as put aside: the later rows of its
+    // negotiation went out before it, and it came back only at the next
+    // start.
+    let rig = Rig::new(FAST).await;
+    let (a, b, c) = (rig.lead(0, 0), rig.lead(1, 0), rig.lead(0, 1));
+    let warm_up = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.drain().await;
+    assert_eq!(rig.state(warm_up).0, "sent");
+    let mut rows = Vec::new();
+    for (n, aside) in [
+        (&a, "X'3131'"),
+        (&b, "CAST(X'FF31' AS TEXT)"),
+        (&c, "'7' || char(0) || 'x'"),
+    ] {
+        let first = rig.insert(n, "appt_scheduled", "2024-06-14T09:30:00Z");
+        rig.sql(&format!(
+            "UPDATE outbox SET waiting_for = {aside} WHERE id = {first}"
+        ));
+        let later = rig.insert(n, "job_complete", "2024-06-14T10:30:00Z");
+        rows.push((n.clone(), first, later));
+    }
+    rig.drain().await;
+    rig.drain().await;
+    let order: Vec<(String, String)> = rig
+        .env
+        .sandbox
+        .deliveries()
+        .into_iter()
+        .map(|d| (d.negotiation_id, d.status))
+        .collect();
+    for (n, first, later) in rows {
+        for id in [first, later] {
+            assert_eq!(rig.state(id).0, "sent", "row {id}");
+        }
+        let statuses: Vec<&str> = order
+            .iter()
+            .filter(|(m, _)| *m == n)
+            .map(|(_, s)| s.as_str())
+            .collect();
+        assert_eq!(statuses, ["appt_scheduled", "job_complete"], "{n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_put_aside_with_broken_text_before_the_start_stalls_nothing() {
+    // Bringing the waits in line (at start, and when a business's state
+    // changes) read waiting_for as UTF-8: one row put aside with broken
+    // text failed every claim of both outboxes.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    let first = rig.insert(&a, "appt_scheduled", "2024-06-14T09:30:00Z");
+    let later = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let other = rig.insert(&b, "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "UPDATE outbox SET waiting_for = CAST(X'FF' AS TEXT) WHERE id = {first};
+         INSERT INTO message_outbox (negotiation_id, text) VALUES ('{b}', 'hi');
+         UPDATE message_outbox SET waiting_for = CAST(X'FE' AS TEXT);"
+    ));
+    let s = rig
+        .drainer
+        .drain_once(&CancellationToken::new())
+        .await
+        .expect("the drain runs");
+    for id in [first, later, other] {
+        assert_eq!(rig.state(id).0, "sent", "row {id}: {s:?}");
+    }
+    assert_eq!(
+        rig.count("SELECT count(*) FROM message_outbox WHERE state = 'sent'"),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_attempt_at_with_a_nul_and_broken_text_after_it_stalls_nothing() {
+    // SQLite's GLOB stops at a NUL: schema 8's check of next_attempt_at took
+    // '2024-06-14T09:30:00Z' || char(0) || <not UTF-8>, and the claim, which
+    // read the value back as UTF-8 to walk on from it, failed every time.
+    let rig = Rig::new(FAST).await;
+    let row = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let other = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let smuggle = format!(
+        "UPDATE outbox SET next_attempt_at = '2024-06-14T09:30:00Z' || char(0) || CAST(X'FF' AS TEXT)
+          WHERE id = {row}"
+    );
+    let refused = rig
+        .env
+        .sql()
+        .execute(&smuggle, [])
+        .map_err(|e| e.to_string());
+    assert!(
+        matches!(&refused, Err(e) if e.contains("next_attempt_at must be a UTC time")),
+        "{refused:?}"
+    );
+    // A row written before schema 13, or past its dropped triggers.
+    for name in [
+        "outbox_next_attempt_at_update",
+        "outbox_next_attempt_at_without_nul_update",
+    ] {
+        rig.sql(&format!("DROP TRIGGER IF EXISTS {name};"));
+    }
+    rig.sql(&smuggle);
+    let s = rig
+        .drainer
+        .drain_once(&CancellationToken::new())
+        .await
+        .expect("the drain runs");
+    for id in [row, other] {
+        assert_eq!(rig.state(id).0, "sent", "row {id}: {s:?}");
+    }
+}

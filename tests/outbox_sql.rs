@@ -634,3 +634,139 @@ fn two_paths_to_one_database_share_one_process_lock() {
             .is_some()
     );
 }
+
+#[test]
+fn ids_with_a_nul_and_anything_after_it_are_refused() {
+    // SQLite's GLOB stops at a NUL: '519' || char(0) || 'x' passed the
+    // digits check of both outboxes, on INSERT and on UPDATE (and a zone
+    // of a time, its check).
+    let (_d, c) = fresh();
+    let smuggled = ["'519' || char(0) || 'abc'", "char(0)", "'7' || char(0)"];
+    for value in smuggled {
+        for (sql, why) in [
+            (
+                format!(
+                    "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                     VALUES ({value}, 'appt_scheduled', '2024-06-14T09:30:00Z')"
+                ),
+                "outbox: negotiation_id must be text of digits",
+            ),
+            (
+                format!(
+                    "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+                     VALUES ('519', {value}, 'appt_scheduled', '2024-06-14T09:30:00Z')"
+                ),
+                "outbox: business_id must be a Thumbtack business id",
+            ),
+            (
+                format!("INSERT INTO message_outbox (negotiation_id, text) VALUES ({value}, 'hi')"),
+                "message_outbox: negotiation_id must be",
+            ),
+            (
+                format!(
+                    "INSERT INTO message_outbox (negotiation_id, business_id, text)
+                     VALUES ('519', {value}, 'hi')"
+                ),
+                "message_outbox: business_id must be",
+            ),
+        ] {
+            rejected(c.execute(&sql, []).map_err(|e| e.to_string()), why);
+        }
+    }
+    // The zone's check too: '+02:00' || char(0) || 'x' passed it.
+    for at in [
+        "'2024-06-14T09:30:00+02:00' || char(0) || 'x'",
+        "'2024-06-14T09:30:00Z' || char(0)",
+    ] {
+        rejected(
+            c.execute(
+                &format!(
+                    "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                     VALUES ('519', 'appt_scheduled', {at})"
+                ),
+                [],
+            )
+            .map_err(|e| e.to_string()),
+            "partner_status_changed_at must be an RFC 3339 time",
+        );
+    }
+    c.execute_batch(
+        "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+         VALUES ('519', '7', 'appt_scheduled', '2024-06-14T09:30:00Z');
+         INSERT INTO message_outbox (negotiation_id, business_id, text) VALUES ('519', '7', 'hi');",
+    )
+    .unwrap();
+    for value in smuggled {
+        for (sql, why) in [
+            (
+                format!("UPDATE outbox SET negotiation_id = {value}"),
+                "outbox: negotiation_id must be text of digits",
+            ),
+            (
+                format!("UPDATE outbox SET business_id = {value}"),
+                "outbox: business_id must be a Thumbtack business id",
+            ),
+            (
+                format!("UPDATE message_outbox SET negotiation_id = {value}"),
+                "message_outbox: negotiation_id must be",
+            ),
+            (
+                format!("UPDATE message_outbox SET business_id = {value}"),
+                "message_outbox: business_id must be",
+            ),
+        ] {
+            rejected(c.execute(&sql, []).map_err(|e| e.to_string()), why);
+        }
+    }
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM outbox WHERE negotiation_id = '519' AND business_id = '7'"
+        ),
+        1
+    );
+    assert_eq!(
+        count(
+            &c,
+            "SELECT count(*) FROM message_outbox WHERE negotiation_id = '519' AND business_id = '7'"
+        ),
+        1
+    );
+}
+
+#[test]
+fn instants_outside_the_years_0000_to_9999_in_utc_are_refused() {
+    // '0000-01-01T00:30:00+01:00' is year -1 in UTC, and
+    // '9999-12-31T23:30:00-01:00' year 10000: Thumbtack takes neither.
+    let (_d, c) = fresh();
+    let n = Some("519153480500518912");
+    for bad in [
+        "0000-01-01T00:30:00+01:00",
+        "0000-01-01T00:00:00.001+00:01",
+        "9999-12-31T23:30:00-01:00",
+        "9999-12-31T23:59:59.999-00:01",
+    ] {
+        rejected(
+            insert(&c, n, Some("appt_scheduled"), Some(bad), None),
+            "outside the years 0000-9999",
+        );
+    }
+    for good in [
+        "0000-01-01T00:30:00Z",
+        "0000-01-01T01:30:00+01:00",
+        "0000-01-01T00:30:00-01:00",
+        "9999-12-31T23:30:00Z",
+        "9999-12-31T22:30:00-01:00",
+        "9999-12-31T23:30:00+01:00",
+    ] {
+        insert(&c, n, Some("appt_scheduled"), Some(good), None).unwrap();
+    }
+    let e = c
+        .execute(
+            "UPDATE outbox SET partner_status_changed_at = '0000-01-01T00:30:00+01:00'",
+            [],
+        )
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("outside the years 0000-9999"), "{e}");
+}

@@ -38,6 +38,14 @@ fn migrations() -> Vec<(i64, String)> {
          partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}END;\n",
         include_str!("migrations/0003_outbox.sql")
     );
+    let checks13 = include_str!("migrations/0013_outbox_checks.sql");
+    let v13 = format!(
+        "{}\nDROP TRIGGER IF EXISTS outbox_validate_insert;\nDROP TRIGGER IF EXISTS outbox_validate_update;\n\
+         CREATE TRIGGER outbox_validate_insert BEFORE INSERT ON outbox BEGIN\n{checks3}{checks13}END;\n\
+         CREATE TRIGGER outbox_validate_update BEFORE UPDATE OF negotiation_id, business_id, status, \
+         partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}{checks13}END;\n",
+        include_str!("migrations/0013_outbox_input_edges.sql")
+    );
     vec![
         (1, v1),
         (
@@ -75,6 +83,7 @@ fn migrations() -> Vec<(i64, String)> {
             12,
             include_str!("migrations/0012_message_times_millis.sql").to_string(),
         ),
+        (13, v13),
     ]
 }
 

@@ -465,8 +465,53 @@ struct Candidate {
     id: i64,
     /// The row's content, or why it cannot be read (a BLOB id, bad UTF-8...).
     content: std::result::Result<Claimed, String>,
-    /// The business an open row of the same negotiation is put aside for.
-    behind: Option<String>,
+    /// What an open row of the same negotiation is put aside for.
+    behind: Option<Stored>,
+}
+
+/// A value exactly as stored (`waiting_for`, `next_attempt_at`), to find
+/// its rows again: text is bound as its bytes and cast back
+/// ([`Stored::sql`]), as text that is not UTF-8 cannot be bound as text.
+/// A `waiting_for` names a business only as text of digits; anything else
+/// a partner's program wrote there (a BLOB, broken text, 'x') names none.
+#[derive(Debug, Clone)]
+struct Stored {
+    value: rusqlite::types::Value,
+    text: bool,
+}
+
+impl Stored {
+    /// SQL for the value, bound as `?{n}` ([`Stored::value`]) and
+    /// `?{n + 1}` ([`Stored::text`]).
+    fn sql(n: usize) -> String {
+        format!("CASE WHEN ?{} THEN CAST(?{n} AS TEXT) ELSE ?{n} END", n + 1)
+    }
+
+    fn of(v: rusqlite::types::ValueRef<'_>) -> Stored {
+        use rusqlite::types::{Value, ValueRef};
+        let (value, text) = match v {
+            ValueRef::Null => (Value::Null, false),
+            ValueRef::Integer(i) => (Value::Integer(i), false),
+            ValueRef::Real(f) => (Value::Real(f), false),
+            ValueRef::Text(t) => (Value::Blob(t.to_vec()), true),
+            ValueRef::Blob(b) => (Value::Blob(b.to_vec()), false),
+        };
+        Stored { value, text }
+    }
+
+    /// The business it names, when it names one: text of digits, as every
+    /// business id is (what else a program wrote there could never be
+    /// configured, and the rows would wait for good).
+    fn business(&self) -> Option<&str> {
+        match &self.value {
+            rusqlite::types::Value::Blob(b)
+                if self.text && !b.is_empty() && b.iter().all(u8::is_ascii_digit) =>
+            {
+                std::str::from_utf8(b).ok()
+            }
+            _ => None,
+        }
+    }
 }
 
 /// The columns a claim reads, in the order [`candidate_from_row`] expects:
@@ -532,6 +577,13 @@ fn candidate_from_row(
             ));
         }
         let business_id = text(col(3)?, "business_id")?;
+        // From before schema 13, whose check a NUL got through: no such
+        // business can be configured, so waiting for it would be for good.
+        if let Some(b) = &business_id
+            && (b.is_empty() || !b.bytes().all(|c| c.is_ascii_digit()))
+        {
+            return Err(format!("business_id {b:?} is not text of digits"));
+        }
         let attempts = match col(4)? {
             ValueRef::Integer(i) => i,
             _ => return Err("attempts is not a whole number".into()),
@@ -546,6 +598,11 @@ fn candidate_from_row(
                     ValueRef::Integer(i) => Some(i),
                     _ => return Err("invoice_amount_in_cents is not a whole number".into()),
                 };
+                // An instant in UTC outside the years 0000-9999 (from before
+                // schema 13) has no RFC 3339 form to send.
+                if let Some(why) = crate::time::utc_z_problem(&at) {
+                    return Err(why);
+                }
                 // SQLite could not read the instant (a zone offset beyond ±14:00 from
                 // before schema 3): it cannot be ordered, so it is never "first in line".
                 if matches!(col(9), Ok(ValueRef::Null) | Err(_)) {
@@ -581,8 +638,8 @@ fn candidate_from_row(
         })
     };
     let behind = match r.get_ref(base + 5)? {
-        ValueRef::Text(t) => Some(String::from_utf8_lossy(t).into_owned()),
-        _ => None,
+        ValueRef::Null => None,
+        v => Some(Stored::of(v)),
     };
     Ok(Candidate {
         id,
@@ -653,25 +710,31 @@ fn take(
     };
     // Behind a row put aside: it waits with it (it would only be walked
     // over, claim after claim, otherwise).
-    if let Some(business_id) = &candidate.behind {
-        return match filter.wait_reason(business_id) {
-            Some(why) => {
+    if let Some(aside) = &candidate.behind {
+        let waits = aside
+            .business()
+            .and_then(|b| Some((b, filter.wait_reason(b)?)));
+        return match waits {
+            Some((business_id, why)) => {
                 park(tx, kind, id, business_id, &why, now)?;
                 Ok(Taken::Parked)
             }
             None => {
                 // Put aside for a business that may send (by hand, since
-                // the waits were last brought in line): no claim walks that
-                // row, so it comes back now, or this row waits for good.
+                // the waits were last brought in line), or for nothing a
+                // business could be (a BLOB, broken text): no claim walks
+                // that row, so it comes back now, or this row waits for good
+                // (or goes before it).
                 let table = kind.table();
                 let back = tx
                     .prepare_cached(&format!(
                         "UPDATE {table} SET waiting_for = NULL,
                              last_error = CASE WHEN state = 'pending' THEN NULL ELSE last_error END
                           WHERE negotiation_id = (SELECT negotiation_id FROM {table} WHERE id = ?1)
-                            AND waiting_for = ?2"
+                            AND waiting_for = {}",
+                        Stored::sql(2)
                     ))?
-                    .execute(params![id, business_id])?;
+                    .execute(params![id, aside.value, aside.text])?;
                 // Walked again from the start, where the row may now be
                 // (only when one came back: the walk must end).
                 Ok(if back > 0 {
@@ -850,10 +913,13 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
     // Rows put aside for a business outside outbox_waits (a partner's
     // UPDATE of waiting_for, a DELETE FROM outbox_waits): nothing above
     // would ever bring them back. One index seek per business named.
+    // A value that names no business (a BLOB, text that is not digits or
+    // not UTF-8) comes back too; it is read and found again as stored.
     for kind in Kind::ALL {
         let table = kind.table();
-        let mut last: Option<rusqlite::types::Value> = None;
+        let mut last: Option<Stored> = None;
         loop {
+            let read = |r: &rusqlite::Row<'_>| r.get_ref(0).map(Stored::of);
             let next = match &last {
                 None => tx
                     .query_row(
@@ -862,44 +928,47 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
                               ORDER BY waiting_for LIMIT 1"
                         ),
                         [],
-                        |r| r.get::<_, rusqlite::types::Value>(0),
+                        read,
                     )
                     .optional()?,
                 Some(v) => tx
                     .query_row(
                         &format!(
-                            "SELECT waiting_for FROM {table} WHERE waiting_for > ?1
-                              ORDER BY waiting_for LIMIT 1"
+                            "SELECT waiting_for FROM {table} WHERE waiting_for > {}
+                              ORDER BY waiting_for LIMIT 1",
+                            Stored::sql(1)
                         ),
-                        [v],
-                        |r| r.get::<_, rusqlite::types::Value>(0),
+                        params![v.value, v.text],
+                        read,
                     )
                     .optional()?,
             };
             let Some(value) = next else { break };
-            let why = match &value {
-                rusqlite::types::Value::Text(b) => filter.wait_reason(b),
-                _ => None,
-            };
-            match why {
-                Some(why) => {
+            let waits = value
+                .business()
+                .and_then(|b| Some((b, filter.wait_reason(b)?)));
+            match waits {
+                Some((business_id, why)) => {
                     tx.execute(
                         "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
                          ON CONFLICT (business_id) DO NOTHING",
-                        params![value, why, now],
+                        params![business_id, why, now],
                     )?;
                 }
                 None => {
+                    let stored = Stored::sql(1);
                     tx.execute(
                         &format!(
                             "UPDATE {table} SET waiting_for = NULL, last_error = NULL
-                              WHERE waiting_for IS ?1 AND state = 'pending'"
+                              WHERE waiting_for IS {stored} AND state = 'pending'"
                         ),
-                        [&value],
+                        params![value.value, value.text],
                     )?;
                     tx.execute(
-                        &format!("UPDATE {table} SET waiting_for = NULL WHERE waiting_for IS ?1"),
-                        [&value],
+                        &format!(
+                            "UPDATE {table} SET waiting_for = NULL WHERE waiting_for IS {stored}"
+                        ),
+                        params![value.value, value.text],
                     )?;
                 }
             }
@@ -922,9 +991,9 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
            LEFT JOIN negotiations n ON n.negotiation_id = o.negotiation_id
           WHERE o.state = 'pending' AND o.waiting_for IS NULL
             AND o.next_attempt_at <= :due_by
-            AND (:after_id = -9223372036854775808
-                 OR o.next_attempt_at > :after_at
-                 OR (o.next_attempt_at = :after_at AND o.id > :after_id))
+            AND (:from_start
+                 OR o.next_attempt_at > {after_at}
+                 OR (o.next_attempt_at = {after_at} AND o.id > :after_id))
             AND ({unordered}
                  -- a probe into an index of the rows put aside only
                  OR EXISTS (SELECT 1 FROM {table} w {waiting}
@@ -944,6 +1013,7 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
         table = kind.table(),
         unordered = kind.unordered(),
         before = kind.goes_before("p", "o"),
+        after_at = "CASE WHEN :after_text THEN CAST(:after_at AS TEXT) ELSE :after_at END",
     )
 }
 
@@ -969,8 +1039,19 @@ pub fn claim(
     // and most claims (a slot freed by one send) want one row.
     let page = limit.min(256);
     let mut claimed = Vec::new();
-    let mut after: (rusqlite::types::Value, i64) = (rusqlite::types::Value::Null, i64::MIN);
+    // Where the walk is: `None` from the start (an explicit flag: any id,
+    // i64::MIN included, is a row's). The last row's next_attempt_at is
+    // kept as stored: text that is not UTF-8 (a NUL got it past schema 8's
+    // check) cannot be read as a String, and failed every claim.
+    let mut after: Option<(Stored, i64)> = None;
     loop {
+        let (after_at, after_id) = after.clone().unwrap_or((
+            Stored {
+                value: rusqlite::types::Value::Null,
+                text: false,
+            },
+            0,
+        ));
         let candidates = {
             let mut select = tx.prepare_cached(&claim_select(kind, &pins))?;
             select
@@ -978,16 +1059,13 @@ pub fn claim(
                     rusqlite::named_params! {
                         ":due_by": due_by,
                         ":default_business": filter.default_business,
-                        ":after_at": after.0,
-                        ":after_id": after.1,
+                        ":from_start": after.is_none(),
+                        ":after_at": after_at.value,
+                        ":after_text": after_at.text,
+                        ":after_id": after_id,
                         ":page": page as i64,
                     },
-                    |r| {
-                        Ok((
-                            candidate_from_row(r, kind, 1)?,
-                            r.get::<_, rusqlite::types::Value>(0)?,
-                        ))
-                    },
+                    |r| Ok((candidate_from_row(r, kind, 1)?, Stored::of(r.get_ref(0)?))),
                 )?
                 .collect::<rusqlite::Result<Vec<_>>>()?
         };
@@ -997,7 +1075,7 @@ pub fn claim(
             if claimed.len() == limit {
                 break;
             }
-            after = (next_attempt_at, candidate.id);
+            after = Some((next_attempt_at, candidate.id));
             match take(&tx, kind, candidate, filter, &now, &pins)? {
                 Taken::Claimed(c) => claimed.push(c),
                 Taken::Parked | Taken::Dead => set_aside = true,
@@ -1011,7 +1089,7 @@ pub fn claim(
             // A row that died or was put aside may have held back later rows
             // of its negotiation, anywhere in the walk: walk again from the
             // start (each row leaves the walk once, so this ends).
-            after = (rusqlite::types::Value::Null, i64::MIN);
+            after = None;
         } else if !full {
             break;
         }
@@ -1505,6 +1583,52 @@ mod tests {
         let claimed = claim(conn, kind, FAR, 10, &filter()).unwrap();
         let got: Vec<(i64, bool)> = claimed.iter().map(|c| (c.id, c.late)).collect();
         assert_eq!(got, [(x1, true)], "sent after a later row");
+    }
+
+    #[test]
+    fn a_row_with_the_smallest_id_is_walked_over_like_any_other() {
+        // The walk from the start was `after_id = i64::MIN`: a row with that
+        // id (plain SQL may insert one) walked over as the last row of a
+        // full page restarted the walk, forever, holding the write lock.
+        // A row is walked over when the row put aside ahead of it stays
+        // aside (here a partner's trigger keeps it there).
+        for kind in Kind::ALL {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+            let table = kind.table();
+            let aside = insert(&conn, kind, "1", "7", 1);
+            let (columns, values) = match kind {
+                Kind::Transition => (
+                    "status, partner_status_changed_at",
+                    "'job_complete', '2024-06-14T09:32:00Z'",
+                ),
+                Kind::Message => ("text", "'hi'"),
+            };
+            conn.execute_batch(&format!(
+                "UPDATE {table} SET waiting_for = '7' WHERE id = {aside};
+                 CREATE TRIGGER keep_aside BEFORE UPDATE OF waiting_for ON {table}
+                   WHEN NEW.waiting_for IS NULL BEGIN SELECT RAISE(IGNORE); END;
+                 INSERT INTO {table} (id, negotiation_id, business_id, next_attempt_at, {columns})
+                 VALUES (-9223372036854775808, '1', '7', '2024-01-01T00:00:00.000Z', {values});
+                 INSERT INTO {table} (negotiation_id, business_id, next_attempt_at, {columns})
+                 VALUES ('2', '7', '2024-01-01T00:00:01.000Z', {values});"
+            ))
+            .unwrap();
+            let other = conn.last_insert_rowid();
+            let (tx, rx) = std::sync::mpsc::channel();
+            std::thread::spawn(move || {
+                let claimed: Vec<i64> = claim(&mut conn, kind, FAR, 1, &filter())
+                    .unwrap()
+                    .iter()
+                    .map(|c| c.id)
+                    .collect();
+                let _ = tx.send(claimed);
+            });
+            let claimed = rx
+                .recv_timeout(std::time::Duration::from_secs(60))
+                .unwrap_or_else(|_| panic!("{kind:?}: the claim never ended"));
+            assert_eq!(claimed, [other], "{kind:?}");
+        }
     }
 
     #[test]
