@@ -213,6 +213,13 @@ pub enum Mutation {
         negotiation_id: String,
         count: usize,
     },
+    /// Customer messages sent at the given instants (RFC 3339, in order, none
+    /// before the conversation's last): several may share one `sentAt`, as
+    /// messages sent within one second (or one millisecond) do.
+    AddMessagesAt {
+        negotiation_id: String,
+        sent_at: Vec<String>,
+    },
     /// A server bug: a customer message listed in `negotiation_id`'s
     /// conversation that names `names` as its negotiation, sent at `sent_at`
     /// (RFC 3339; now when absent). Not delivered to webhooks.
@@ -353,6 +360,18 @@ impl State {
         from: &str,
         text: &str,
     ) -> Option<SbMessage> {
+        self.append_message_at(negotiation_id, from, text, None)
+    }
+
+    /// [`Self::append_message`], sent at `at` when given (which may equal
+    /// the conversation's last `sentAt`, never be before it).
+    fn append_message_at(
+        &mut self,
+        negotiation_id: &str,
+        from: &str,
+        text: &str,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Option<SbMessage> {
         let (bi, li) = self.find_lead(negotiation_id)?;
         let (business_id, business_name) = (
             self.businesses[bi].id.clone(),
@@ -363,11 +382,13 @@ impl State {
         let id =
             (600_000_000_000_000_000u64 + self.rng.u64(0..100_000_000_000_000_000)).to_string();
         let conversation = self.conversation(negotiation_id)?;
-        let mut sent_at = chrono::Utc::now();
-        if let Some(last) = conversation.last()
-            && sent_at <= last.sent_at
-        {
-            sent_at = last.sent_at + chrono::Duration::milliseconds(1);
+        let mut sent_at = at.unwrap_or_else(chrono::Utc::now);
+        if let Some(last) = conversation.last() {
+            if at.is_some() {
+                sent_at = sent_at.max(last.sent_at);
+            } else if sent_at <= last.sent_at {
+                sent_at = last.sent_at + chrono::Duration::milliseconds(1);
+            }
         }
         let m = data::message(
             &id,

@@ -1158,7 +1158,7 @@ pub struct Message {
     /// `from`: `Customer` or `Business`.
     pub sender: Option<String>,
     pub text: Option<String>,
-    /// `sentAt` exactly as sent: what `sentBefore` is given when paging back.
+    /// `sentAt` exactly as sent (paging back reads its instant from it).
     pub sent_at_raw: Option<String>,
     /// The JSON object exactly as received.
     pub payload: String,
