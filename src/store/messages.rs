@@ -138,11 +138,15 @@ pub fn record_delivery(
                         }
                         Upserted::Kept { identical: false } => (
                             Outcome::Duplicate,
-                            Some(
-                                "the mirror has a newer copy of this lead (changed after the event's \
-                                 triggeredAt); kept"
+                            Some(match event_time {
+                                Some(_) => "the mirror has a newer copy of this lead (changed, or \
+                                            found missing, after the event's triggeredAt); kept"
                                     .to_string(),
-                            ),
+                                None => "the mirror has a newer copy of this lead: the delivery has \
+                                         no believable triggeredAt (absent, unreadable, or after it \
+                                         was received); kept"
+                                    .to_string(),
+                            }),
                         ),
                     }
                 }

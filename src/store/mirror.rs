@@ -225,8 +225,8 @@ pub enum Upserted {
     Reappeared,
     /// Same payload: nothing written (but `last_seen_at`, at most hourly).
     Unchanged,
-    /// The mirrored copy changed after `keep_if_changed_after`: nothing was
-    /// written. `identical` says whether the payload equals the mirrored one.
+    /// The mirrored copy changed (or was found missing) after
+    /// `keep_if_changed_after`: nothing was written. `identical` says whether the payload equals the mirrored one.
     Kept { identical: bool },
 }
 
@@ -234,8 +234,9 @@ pub enum Upserted {
 /// updated with a change row when its payload changed, left alone when not.
 /// The one path every lead takes into the mirror, polled or by webhook. With
 /// `keep_if_changed_after` (a webhook's event time, UTC), a known lead whose
-/// mirrored copy changed after that instant is left as it is: an older
-/// snapshot never rolls a lead back.
+/// mirrored copy changed after that instant, or that a full scan found
+/// missing after it, is left as it is: an older snapshot never rolls a lead
+/// back nor brings it back.
 pub fn upsert_lead(
     tx: &Connection,
     ctx: &PageContext,
@@ -261,7 +262,13 @@ pub fn upsert_lead(
                 None
             };
             let changed_at = r.get_ref(5)?.as_str()?;
-            let keep = keep_if_changed_after.is_some_and(|t| changed_at > t);
+            // A lead a full scan found gone after that instant stays gone:
+            // the scan is the newer observation.
+            let gone_after = |t: &str| match r.get_ref(2) {
+                Ok(rusqlite::types::ValueRef::Text(m)) => m > t.as_bytes(),
+                _ => false,
+            };
+            let keep = keep_if_changed_after.is_some_and(|t| changed_at > t || gone_after(t));
             Ok((hash, stale, missing, same_business, old_status, keep))
         })
         .optional()?;
