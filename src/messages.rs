@@ -90,18 +90,25 @@ pub async fn poll_after_pass(
             // The cursor stays: these leads are polled after the next pass.
             return Ok(report);
         }
+        // The mark never lies after the moment this poll starts: a message
+        // dated in the future (a server clock ahead, a bogus date) would
+        // otherwise be "reached" on the first page of every later poll,
+        // which then stops there and never reads the messages beyond it.
+        // (A mark left in the future by an earlier version is brought back.)
+        let started = chrono::Utc::now();
         let known = {
             let n = negotiation_id.clone();
             store
                 .call(move |c| messages::complete_through(c, &n))
                 .await?
                 .and_then(|t| crate::time::parse(&t))
+                .map(|t| t.min(started))
         };
         let poll = poll_lead(store, client, business_id, &negotiation_id, known, stop).await;
         let (pages, new, error) = (poll.pages, poll.new, poll.error);
         // Only a poll that read back to the mark (or the end) extends it.
         let complete_through = match &error {
-            None => known.max(poll.newest),
+            None => known.max(poll.newest.map(|t| t.min(started))),
             Some(_) => known,
         }
         .map(crate::time::fmt);

@@ -902,6 +902,16 @@ async fn messages_sharing_a_sent_at_across_a_page_boundary_are_all_read() {
     );
     // Some instants shared by more messages than a page holds cannot be
     // paged past: the poll says so instead of moving its mark.
+    let mark = |db: &rusqlite::Connection| -> Option<String> {
+        db.query_row(
+            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            [&lead],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let before = mark(&db);
+    assert!(before.is_some());
     let crowded = vec!["2099-01-02T00:00:00Z".to_string(); 25];
     env.sandbox
         .mutate(Mutation::AddMessagesAt {
@@ -919,12 +929,60 @@ async fn messages_sharing_a_sent_at_across_a_page_boundary_are_all_read() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     let (outcome, _) = pages_of(&db, &lead);
     assert_eq!(outcome, "error", "25 messages at one instant: {}", text(&o));
-    let through: Option<String> = db
-        .query_row(
-            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
-            [&lead],
-            |r| r.get(0),
-        )
+    assert_eq!(mark(&db), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_dated_in_the_future_does_not_stop_later_polls_after_one_page() {
+    // The lead's mark (`complete_through`) took the newest `sentAt` read,
+    // even one in the future (a server clock ahead, a bogus date): every
+    // later poll then "reached" it on its first page and stopped there, so
+    // the messages beyond that page were never read.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    assert_eq!(
+        env.run(&["sync", "--business", &business]).status.code(),
+        Some(0)
+    );
+    let lead = env.sandbox.lead_ids(&business)[0].clone();
+    let change = |status: &str| {
+        env.sandbox
+            .mutate(Mutation::SetStatus {
+                negotiation_id: lead.clone(),
+                status: status.into(),
+            })
+            .unwrap();
+    };
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: vec!["2099-01-01T00:00:00Z".into()],
+        })
         .unwrap();
-    assert_eq!(through.as_deref(), Some("2099-01-01T00:00:19.000Z"));
+    change("Picked");
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // 25 messages sent now-ish (before the one dated 2099): more than a page.
+    let soon = chrono::Utc::now() + chrono::Duration::minutes(5);
+    let times: Vec<String> = (0..25)
+        .map(|k| leadsync::time::fmt(soon + chrono::Duration::seconds(k)))
+        .collect();
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: times,
+        })
+        .unwrap();
+    change("Hired");
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{lead}'")
+        ),
+        env.sandbox.messages(&lead).len() as i64,
+        "every message of the conversation is mirrored"
+    );
 }
