@@ -1250,3 +1250,62 @@ fn a_redelivery_older_than_the_scan_that_found_the_lead_gone_keeps_it_missing() 
     );
     assert_eq!(status_of(&conn, lead).1, None);
 }
+
+/// Two versions of a lead's delivery arriving out of order: the one
+/// triggered later wins, whichever was received first.
+#[test]
+fn of_two_versions_delivered_out_of_order_the_later_event_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let lead = "900000000000000090";
+    let body = lead_delivery(lead, business);
+    let version = |status: &str, triggered: &str| {
+        body.replace("\"status\":\"Open\"", &format!("\"status\":\"{status}\""))
+            .replace("2026-11-28T04:00:00Z", triggered)
+    };
+    // The older version (triggered 04:00:00) is held up and arrives first,
+    // at 04:00:10; the newer one (triggered 04:00:05) arrives next.
+    let older = version("Open", "2026-11-28T04:00:00Z");
+    let newer = version("Picked", "2026-11-28T04:00:05Z");
+    assert_eq!(
+        deliver_at(&mut conn, &older, "2026-11-28T04:00:10.000Z"),
+        "applied"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &newer, "2026-11-28T04:00:11.000Z"),
+        "applied"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Picked");
+    // Redelivered, each of them: the newer stays.
+    assert_eq!(
+        deliver_at(&mut conn, &older, "2026-11-28T04:01:00.000Z"),
+        "duplicate"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &newer, "2026-11-28T04:01:01.000Z"),
+        "duplicate"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Picked");
+    // Another snapshot with the very same event time changes nothing either
+    // (no flapping between two copies of one event).
+    let same_time = version("Canceled", "2026-11-28T04:00:05Z");
+    assert_eq!(
+        deliver_at(&mut conn, &same_time, "2026-11-28T04:01:02.000Z"),
+        "duplicate"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Picked");
+    // The poller's copy written later is newer than both.
+    poll_lead_at(
+        &mut conn,
+        business,
+        &body,
+        "Hired",
+        "2026-11-28T04:30:00.000Z",
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &newer, "2026-11-28T04:31:00.000Z"),
+        "duplicate"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Hired");
+}

@@ -128,8 +128,10 @@ pub fn record_delivery(
                         stale_before: String::new(),
                         insert_first: false,
                     };
-                    let keep_after = event_time.as_deref().unwrap_or("");
-                    match mirror::upsert_lead(&tx, &ctx, lead, Some(keep_after))? {
+                    let origin = mirror::Origin::Delivered {
+                        triggered_at: event_time.as_deref(),
+                    };
+                    match mirror::upsert_lead(&tx, &ctx, lead, origin)? {
                         Upserted::Inserted | Upserted::Changed | Upserted::Reappeared => {
                             (Outcome::Applied, None)
                         }
@@ -139,8 +141,9 @@ pub fn record_delivery(
                         Upserted::Kept { identical: false } => (
                             Outcome::Duplicate,
                             Some(match event_time {
-                                Some(_) => "the mirror has a newer copy of this lead (changed, or \
-                                            found missing, after the event's triggeredAt); kept"
+                                Some(_) => "the mirror has a newer copy of this lead (from an event \
+                                            triggered no earlier, or changed or found missing after \
+                                            this event's triggeredAt); kept"
                                     .to_string(),
                                 None => "the mirror has a newer copy of this lead: the delivery has \
                                          no believable triggeredAt (absent, unreadable, or after it \
