@@ -967,7 +967,7 @@ mod tests {
         // reader delimits and asks about before serde_json sees it) is
         // fetched again. What was asked about it must not make the lead,
         // listed again as it was, be written (over a webhook's newer copy,
-        // as an upsert without `keep_if_changed_after` would).
+        // as an upsert of a listed copy would).
         let dir = tempfile::tempdir().unwrap();
         let was = r#"{"negotiationID":"x","v":1}"#;
         let (conn, hashes) = mirror_of(&dir, &[("x", was)]);

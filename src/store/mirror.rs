@@ -56,17 +56,6 @@ pub struct PageStats {
     pub unchanged: i64,
 }
 
-impl<'a> Origin<'a> {
-    /// What `negotiations.webhook_triggered_at` records of a copy written:
-    /// a listing's copy has no event time.
-    fn triggered_at(self) -> Option<&'a str> {
-        match self {
-            Origin::Listed => None,
-            Origin::Delivered { triggered_at } => triggered_at,
-        }
-    }
-}
-
 /// The lead's columns in the order the INSERT and UPDATE statements bind them.
 fn lead_columns<'a>(
     lead: &'a LeadRow,
@@ -241,8 +230,9 @@ pub enum Upserted {
     Reappeared,
     /// Same payload: nothing written (but `last_seen_at`, at most hourly).
     Unchanged,
-    /// The mirrored copy changed (or was found missing) after
-    /// `keep_if_changed_after`: nothing was written. `identical` says whether the payload equals the mirrored one.
+    /// A delivered copy older than the mirrored one (see [`upsert_lead`]):
+    /// nothing was written. `identical` says whether the payload equals the
+    /// mirrored one.
     Kept { identical: bool },
 }
 
@@ -254,6 +244,17 @@ pub enum Origin<'a> {
     /// A webhook delivery whose event happened at `triggered_at` (UTC, the
     /// database's format; `None` when the delivery has no believable time).
     Delivered { triggered_at: Option<&'a str> },
+}
+
+impl<'a> Origin<'a> {
+    /// What `negotiations.webhook_triggered_at` records of a copy written:
+    /// a listing's copy has no event time.
+    fn triggered_at(self) -> Option<&'a str> {
+        match self {
+            Origin::Listed => None,
+            Origin::Delivered { triggered_at } => triggered_at,
+        }
+    }
 }
 
 /// Writes one lead, inside the caller's transaction: inserted when new,
