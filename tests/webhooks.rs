@@ -1142,6 +1142,7 @@ fn poll_lead_at(
         now: now.into(),
         stale_before: now.into(),
         insert_first: false,
+        read_at: None,
     };
     mirror::write_page(conn, &ctx, &[lead]).unwrap();
 }

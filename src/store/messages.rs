@@ -127,6 +127,7 @@ pub fn record_delivery(
                         now: event.received_at.clone(),
                         stale_before: String::new(),
                         insert_first: false,
+                        read_at: None,
                     };
                     let origin = mirror::Origin::Delivered {
                         triggered_at: event_time.as_deref(),

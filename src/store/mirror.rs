@@ -27,6 +27,11 @@ pub struct PageContext {
     /// inserted at once, and one whose id is mirrored after all takes the
     /// ordinary path. Saves a lookup per lead of a first sync.
     pub insert_first: bool,
+    /// When the listing page was read (the database's format). A lead whose
+    /// mirrored copy came from a webhook event triggered after that keeps
+    /// it: the page's copy is older (a full scan writes pages some time
+    /// after reading them). `None`: a listed copy is always written.
+    pub read_at: Option<String>,
 }
 
 /// Where a lead came from, as `negotiation_changes.source` records it.
@@ -230,7 +235,7 @@ pub enum Upserted {
     Reappeared,
     /// Same payload: nothing written (but `last_seen_at`, at most hourly).
     Unchanged,
-    /// A delivered copy older than the mirrored one (see [`upsert_lead`]):
+    /// A copy older than the mirrored one (see [`upsert_lead`]):
     /// nothing was written. `identical` says whether the payload equals the
     /// mirrored one.
     Kept { identical: bool },
@@ -239,7 +244,9 @@ pub enum Upserted {
 /// Where the copy of a lead given to [`upsert_lead`] comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin<'a> {
-    /// A listing page: the poller's copy, always written when it differs.
+    /// A listing page: the poller's copy, written when it differs (unless
+    /// the mirrored copy came from an event after the page was read:
+    /// [`PageContext::read_at`]).
     Listed,
     /// A webhook delivery whose event happened at `triggered_at` (UTC, the
     /// database's format; `None` when the delivery has no believable time).
@@ -260,6 +267,8 @@ impl<'a> Origin<'a> {
 /// Writes one lead, inside the caller's transaction: inserted when new,
 /// updated with a change row when its payload changed, left alone when not.
 /// The one path every lead takes into the mirror, polled or by webhook. A
+/// listed copy is left out when the mirrored copy came from a webhook event
+/// triggered after the page was read ([`PageContext::read_at`]). A
 /// delivered copy of a known lead is left out when the mirrored copy is as
 /// new or newer — it came from an event triggered at or after this one
 /// (`webhook_triggered_at`), or, written by a listing, changed after this
@@ -291,16 +300,19 @@ pub fn upsert_lead(
             } else {
                 None
             };
+            let text = |i| match r.get_ref(i) {
+                Ok(rusqlite::types::ValueRef::Text(v)) => Some(v),
+                _ => None,
+            };
             let keep = match origin {
-                Origin::Listed => false,
+                // A copy delivered for an event after the page was read.
+                Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
+                    text(6).is_some_and(|copy_event| copy_event > read_at.as_bytes())
+                }),
                 Origin::Delivered { triggered_at: None } => true,
                 Origin::Delivered {
                     triggered_at: Some(t),
                 } => {
-                    let text = |i| match r.get_ref(i) {
-                        Ok(rusqlite::types::ValueRef::Text(v)) => Some(v),
-                        _ => None,
-                    };
                     let t = t.as_bytes();
                     let newer_copy = match text(6) {
                         // Another delivery's copy: its event against this one
@@ -1051,6 +1063,7 @@ mod tests {
             now: "2026-01-01T00:00:00.000Z".into(),
             stale_before: "2025-12-31T23:00:00.000Z".into(),
             insert_first,
+            read_at: None,
         };
         let lead = |id: &str, payload: &str| LeadRow {
             negotiation_id: id.into(),
@@ -1136,6 +1149,7 @@ mod tests {
             now: "2026-01-01T00:00:00.000Z".into(),
             stale_before: "2025-12-31T23:00:00.000Z".into(),
             insert_first,
+            read_at: None,
         };
         let lead = |payload: &str| LeadRow {
             negotiation_id: "1".into(),
@@ -1181,6 +1195,7 @@ mod tests {
             now: "2026-01-01T00:00:00Z".into(),
             stale_before: "2025-12-31T23:00:00Z".into(),
             insert_first: false,
+            read_at: None,
         };
         let lead = |id: &str, payload: &str| LeadRow {
             negotiation_id: id.into(),
