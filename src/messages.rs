@@ -90,18 +90,25 @@ pub async fn poll_after_pass(
             // The cursor stays: these leads are polled after the next pass.
             return Ok(report);
         }
+        // The mark never lies after the moment this poll starts: a message
+        // dated in the future (a server clock ahead, a bogus date) would
+        // otherwise be "reached" on the first page of every later poll,
+        // which then stops there and never reads the messages beyond it.
+        // (A mark left in the future by an earlier version is brought back.)
+        let started = chrono::Utc::now();
         let known = {
             let n = negotiation_id.clone();
             store
                 .call(move |c| messages::complete_through(c, &n))
                 .await?
                 .and_then(|t| crate::time::parse(&t))
+                .map(|t| t.min(started))
         };
         let poll = poll_lead(store, client, business_id, &negotiation_id, known, stop).await;
         let (pages, new, error) = (poll.pages, poll.new, poll.error);
         // Only a poll that read back to the mark (or the end) extends it.
         let complete_through = match &error {
-            None => known.max(poll.newest),
+            None => known.max(poll.newest.map(|t| t.min(started))),
             Some(_) => known,
         }
         .map(crate::time::fmt);
@@ -174,7 +181,12 @@ async fn poll_lead(
         newest: None,
         error: None,
     };
-    let mut before: Option<(DateTime<Utc>, String)> = None;
+    // The oldest `sentAt` of the last page read. The next page asks for the
+    // messages sent before that instant plus one millisecond, so that it
+    // lists again the messages sent at that very instant: `sentBefore` is
+    // exclusive, and those of them that did not fit on the last page would
+    // otherwise never be listed (and the mark would move past them).
+    let mut oldest_read: Option<DateTime<Utc>> = None;
     loop {
         if poll.pages >= MAX_PAGES {
             poll.error = Some(format!(
@@ -191,7 +203,9 @@ async fn poll_lead(
                 business_id,
                 negotiation_id,
                 PAGE_SIZE,
-                before.as_ref().map(|(_, raw)| raw.as_str()),
+                oldest_read
+                    .map(|t| crate::time::fmt(t + chrono::Duration::milliseconds(1)))
+                    .as_deref(),
             )
             .await
         {
@@ -238,20 +252,16 @@ async fn poll_lead(
                     .is_none_or(|n| n == negotiation_id)
             });
         }
-        let times: Vec<(DateTime<Utc>, String)> = page
+        let times: Vec<DateTime<Utc>> = page
             .messages
             .iter()
-            .filter_map(|m| {
-                let raw = m.sent_at_raw.as_ref()?;
-                Some((crate::time::parse(raw)?, raw.clone()))
-            })
+            .filter_map(|m| crate::time::parse(m.sent_at_raw.as_ref()?))
             .collect();
-        let oldest = times.iter().min_by_key(|(t, _)| *t).cloned();
-        if let Some((t, _)) = times.iter().max_by_key(|(t, _)| *t) {
+        let oldest = times.iter().min().copied();
+        if let Some(t) = times.iter().max() {
             poll.newest = poll.newest.max(Some(*t));
         }
-        let reached_known =
-            complete_through.is_some_and(|known| times.iter().any(|(t, _)| *t <= known));
+        let reached_known = complete_through.is_some_and(|known| times.iter().any(|t| *t <= known));
         let (n, b, now) = (
             negotiation_id.to_string(),
             business_id.to_string(),
@@ -279,7 +289,7 @@ async fn poll_lead(
         if reached_known || listed < limit as usize {
             return poll;
         }
-        // The next page ends before the oldest message of this one.
+        // The next page ends with the oldest instant of this one, included.
         match oldest {
             None => {
                 poll.error = Some(
@@ -287,14 +297,15 @@ async fn poll_lead(
                 );
                 return poll;
             }
-            Some((t, _)) if before.as_ref().is_some_and(|(b, _)| t >= *b) => {
-                poll.error = Some(
-                    "paging back by sentBefore does not advance: every message of a full page was sent at the same time"
-                        .into(),
-                );
+            Some(t) if oldest_read.is_some_and(|o| t >= o) => {
+                poll.error = Some(format!(
+                    "paging back by sentBefore does not advance: a full page of messages was sent at {} \
+                     (within one millisecond)",
+                    crate::time::fmt(t)
+                ));
                 return poll;
             }
-            Some(o) => before = Some(o),
+            Some(t) => oldest_read = Some(t),
         }
     }
 }

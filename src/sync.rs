@@ -144,7 +144,9 @@ fn unknown_end_note(kind: ScanKind) -> &'static str {
 }
 
 async fn fetch(client: Arc<Client>, business_id: String, cursor: Cursor) -> Result<Page, ApiError> {
-    client.list_page(&business_id, &cursor).await
+    let mut page = client.list_page(&business_id, &cursor).await?;
+    page.read_at = Some(crate::time::now());
+    Ok(page)
 }
 
 /// Runs one pass. Errors are recorded in `sync_runs` and `businesses` and
@@ -458,7 +460,8 @@ async fn read_pages(
         *style = Some(listing.style());
         let step = step?;
         warn_skipped(&page);
-        let ctx = page_context(business_id, run_id);
+        let mut ctx = page_context(business_id, run_id);
+        ctx.read_at = page.read_at.take();
         let skipped = page.skipped;
         let leads = std::mem::take(&mut page.leads);
         let page_stats = store
@@ -512,6 +515,7 @@ fn page_context(business_id: &str, run_id: i64) -> PageContext {
         now: crate::time::fmt(now_t),
         stale_before: crate::time::fmt(now_t - mirror::LAST_SEEN_GRANULARITY),
         insert_first: false,
+        read_at: None,
     }
 }
 
@@ -776,6 +780,8 @@ async fn read_all_pages(
                     page.map_err(|e| e.message)?
                 }
             };
+            let mut page = page;
+            page.read_at = Some(crate::time::now());
             // Its leads found changed join `looked_up` (ScanKnown::ready,
             // before the next page is asked about).
             shared.read_unchecked(&mut pending, &page);
@@ -829,6 +835,7 @@ async fn read_all_pages(
                 warn_skipped(&page);
                 skipped.push(page.skipped);
                 let mut ctx = page_context(business_id, run_id);
+                ctx.read_at = page.read_at.take();
                 seen.extend(page.unchanged.iter().map(|id| mirror::id_fingerprint(id)));
                 let mut leads = std::mem::take(&mut page.leads);
                 let listed = leads.len() + page.unchanged.len();
@@ -967,7 +974,7 @@ mod tests {
         // reader delimits and asks about before serde_json sees it) is
         // fetched again. What was asked about it must not make the lead,
         // listed again as it was, be written (over a webhook's newer copy,
-        // as an upsert without `keep_if_changed_after` would).
+        // as an upsert of a listed copy would).
         let dir = tempfile::tempdir().unwrap();
         let was = r#"{"negotiationID":"x","v":1}"#;
         let (conn, hashes) = mirror_of(&dir, &[("x", was)]);

@@ -858,3 +858,131 @@ async fn a_message_listed_under_another_negotiation_is_neither_stored_nor_a_mark
         expected
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_sharing_a_sent_at_across_a_page_boundary_are_all_read() {
+    // Paging back with `sentBefore` = the oldest `sentAt` of a full page
+    // (exclusive) skipped every other message sent at that same instant
+    // that did not fit on the page, and the lead's mark then moved past
+    // them: lost for good.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    assert_eq!(
+        env.run(&["sync", "--business", &business]).status.code(),
+        Some(0)
+    );
+    let lead = env.sandbox.lead_ids(&business)[0].clone();
+    // 21 new messages, oldest first: the two oldest share an instant, so
+    // that the 20th and 21st newest straddle the first page's boundary.
+    let mut times = vec!["2099-01-01T00:00:00Z".to_string(); 2];
+    times.extend((1..=19).map(|s| format!("2099-01-01T00:00:{s:02}Z")));
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: times,
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::SetStatus {
+            negotiation_id: lead.clone(),
+            status: "Picked".into(),
+        })
+        .unwrap();
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let db = env.sql();
+    let mirrored = count(
+        &db,
+        &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{lead}'"),
+    );
+    assert_eq!(
+        mirrored,
+        env.sandbox.messages(&lead).len() as i64,
+        "every message of the conversation is mirrored"
+    );
+    // Some instants shared by more messages than a page holds cannot be
+    // paged past: the poll says so instead of moving its mark.
+    let mark = |db: &rusqlite::Connection| -> Option<String> {
+        db.query_row(
+            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            [&lead],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let before = mark(&db);
+    assert!(before.is_some());
+    let crowded = vec!["2099-01-02T00:00:00Z".to_string(); 25];
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: crowded,
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::SetStatus {
+            negotiation_id: lead.clone(),
+            status: "Hired".into(),
+        })
+        .unwrap();
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (outcome, _) = pages_of(&db, &lead);
+    assert_eq!(outcome, "error", "25 messages at one instant: {}", text(&o));
+    assert_eq!(mark(&db), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_dated_in_the_future_does_not_stop_later_polls_after_one_page() {
+    // The lead's mark (`complete_through`) took the newest `sentAt` read,
+    // even one in the future (a server clock ahead, a bogus date): every
+    // later poll then "reached" it on its first page and stopped there, so
+    // the messages beyond that page were never read.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    assert_eq!(
+        env.run(&["sync", "--business", &business]).status.code(),
+        Some(0)
+    );
+    let lead = env.sandbox.lead_ids(&business)[0].clone();
+    let change = |status: &str| {
+        env.sandbox
+            .mutate(Mutation::SetStatus {
+                negotiation_id: lead.clone(),
+                status: status.into(),
+            })
+            .unwrap();
+    };
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: vec!["2099-01-01T00:00:00Z".into()],
+        })
+        .unwrap();
+    change("Picked");
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // 25 messages sent now-ish (before the one dated 2099): more than a page.
+    let soon = chrono::Utc::now() + chrono::Duration::minutes(5);
+    let times: Vec<String> = (0..25)
+        .map(|k| leadsync::time::fmt(soon + chrono::Duration::seconds(k)))
+        .collect();
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: times,
+        })
+        .unwrap();
+    change("Hired");
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{lead}'")
+        ),
+        env.sandbox.messages(&lead).len() as i64,
+        "every message of the conversation is mirrored"
+    );
+}

@@ -870,3 +870,104 @@ async fn a_stopped_full_scan_ends_without_waiting_for_the_page_in_flight() {
         1
     );
 }
+
+/// A full scan reads pages ahead of writing them. A webhook delivery of an
+/// event triggered after a page was read, applied while that page waited
+/// for the writer, is newer than the page's copy of its lead: the page must
+/// not overwrite it (the next listing, read after the event, is compared
+/// as usual).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_read_before_a_delivered_event_does_not_overwrite_the_delivered_copy() {
+    let env = Env::small().await;
+    let b = env.business_ids()[0].clone();
+    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
+    // The newest lead (first page) changes on Thumbtack.
+    let x = env.sandbox.lead_ids(&b)[0].clone();
+    env.sandbox
+        .mutate(Mutation::SetStatus {
+            negotiation_id: x.clone(),
+            status: "Picked".into(),
+        })
+        .unwrap();
+    let listed = env.sandbox.lead_json(&x).unwrap();
+    assert!(listed.contains("\"status\":\"Picked\""), "{listed}");
+    // What a delivery triggered later says of it.
+    let data = format!(
+        "{{\"businessID\":\"{b}\",{}",
+        &listed.replace("\"status\":\"Picked\"", "\"status\":\"Canceled\"")[1..]
+    );
+    env.sandbox.set_faults(Faults {
+        latency_ms: 1_500,
+        ..Default::default()
+    });
+    let requested = env.sandbox.list_requests(&b);
+    let running = {
+        let (s, b) = (s.clone(), b.clone());
+        tokio::spawn(async move {
+            sync_business(
+                &s.store,
+                &s.client,
+                &b,
+                ScanKind::Full,
+                SETTINGS,
+                &CancellationToken::new(),
+            )
+            .await
+        })
+    };
+    common::wait_until("the scan started", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
+        ) == 1
+    })
+    .await;
+    // Hold the writer thread (before the first page, 1.5 s away, reaches
+    // it) and apply the delivery there once the third page is asked for:
+    // the first page was read more than 1.5 s before the event.
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let delivered = {
+        let store = s.store.clone();
+        tokio::spawn(async move {
+            store
+                .call(move |conn| {
+                    go_rx.recv()?;
+                    let body = format!(
+                        "{{\"event\":{{\"eventType\":\"NegotiationCreatedV4\",\"webhookID\":\"w\",\
+                         \"triggeredAt\":\"{}\"}},\"data\":{data}}}",
+                        leadsync::time::now()
+                    );
+                    let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes())
+                        .map_err(anyhow::Error::msg)?;
+                    let (row, effect) =
+                        leadsync::ingest::delivery_effect(d, &body, leadsync::time::now());
+                    let rec = leadsync::store::messages::record_delivery(conn, &row, &effect)?;
+                    Ok(rec.outcome.as_str().to_string())
+                })
+                .await
+        })
+    };
+    common::wait_until("the third page asked for", Duration::from_secs(30), || {
+        env.sandbox.list_requests(&b) >= requested + 3
+    })
+    .await;
+    env.sandbox.set_faults(Faults::default());
+    go_tx.send(()).unwrap();
+    let outcome = delivered.await.unwrap().unwrap();
+    assert_eq!(outcome, "applied");
+    let report = running.await.unwrap();
+    assert!(report.is_ok(), "{}", report.summary());
+    let status: String = env
+        .sql()
+        .query_row(
+            "SELECT status FROM negotiations WHERE negotiation_id = ?1",
+            [&x],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        status, "Canceled",
+        "the page read before the event overwrote the delivered copy"
+    );
+}

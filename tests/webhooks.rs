@@ -423,7 +423,12 @@ async fn a_lead_and_a_message_are_applied_once() {
         )
         .unwrap();
     assert_eq!(mirrored, "Open");
-    let newer = stale.replace("2026-11-28T04:00:00Z", "2099-01-01T00:00:00+01:00");
+    // Newer: triggered after the mirrored copy was written (and, as any
+    // real event, not after it was received; a future time proves nothing).
+    let triggered = chrono::Utc::now()
+        .with_timezone(&chrono::FixedOffset::east_opt(3600).unwrap())
+        .to_rfc3339();
+    let newer = stale.replace("2026-11-28T04:00:00Z", &triggered);
     let (status, text) = r.post(newer).await;
     assert!(status == 200 && text.contains("\"applied\""), "{text}");
     let (mirrored, kind, fields, source): (String, String, String, String) = c
@@ -1097,4 +1102,211 @@ async fn a_locked_mirror_answers_503_and_the_retry_is_applied() {
     assert_eq!(status, 200, "{text}");
     assert!(text.contains("\"applied\""), "{text}");
     r.stop().await;
+}
+
+/// A business configured in a fresh mirror, and a way to apply a delivery
+/// received at a given instant.
+fn mirror_with_business(dir: &tempfile::TempDir, business: &str) -> rusqlite::Connection {
+    let conn = leadsync::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+    conn.execute(
+        "INSERT INTO businesses (business_id, name) VALUES (?1, 'B')",
+        [business],
+    )
+    .unwrap();
+    conn
+}
+
+fn deliver_at(conn: &mut rusqlite::Connection, body: &str, received_at: &str) -> String {
+    let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes()).unwrap();
+    let (row, effect) = leadsync::ingest::delivery_effect(d, body, received_at.into());
+    let rec = leadsync::store::messages::record_delivery(conn, &row, &effect).unwrap();
+    rec.outcome.as_str().to_string()
+}
+
+/// The poller lists `lead` with this status at `now`.
+fn poll_lead_at(
+    conn: &mut rusqlite::Connection,
+    business: &str,
+    body: &str,
+    status: &str,
+    now: &str,
+) {
+    use leadsync::store::mirror::{self, PageContext, Source};
+    let data = &body[body.find("\"data\":").unwrap() + 7..body.len() - 1];
+    let data = data.replace("\"status\":\"Open\"", &format!("\"status\":\"{status}\""));
+    let lead = leadsync::thumbtack::model::parse_lead_body(&data).unwrap();
+    let ctx = PageContext {
+        business_id: business.into(),
+        run_id: None,
+        source: Source::Poll,
+        now: now.into(),
+        stale_before: now.into(),
+        insert_first: false,
+        read_at: None,
+    };
+    mirror::write_page(conn, &ctx, &[lead]).unwrap();
+}
+
+fn status_of(conn: &rusqlite::Connection, lead: &str) -> (String, Option<String>) {
+    conn.query_row(
+        "SELECT status, missing_since FROM negotiations WHERE negotiation_id = ?1",
+        [lead],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .unwrap()
+}
+
+/// A redelivery whose `triggeredAt` lies after the moment it was received
+/// (a clock ahead, a bogus value) is no newer than the poller's copy: it
+/// must not roll the lead back, however often it comes.
+#[test]
+fn a_redelivery_dated_in_the_future_never_rolls_a_lead_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let lead = "900000000000000070";
+    let body = lead_delivery(lead, business);
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    // The poller sees the lead canceled an hour later.
+    poll_lead_at(
+        &mut conn,
+        business,
+        &body,
+        "Canceled",
+        "2026-11-28T05:00:00.000Z",
+    );
+    assert_eq!(status_of(&conn, lead).0, "Canceled");
+    for (triggered, received) in [
+        ("2099-01-01T00:00:00Z", "2026-11-28T06:00:00.000Z"),
+        // A few seconds ahead of the receiver's clock.
+        ("2026-11-28T06:00:05+00:00", "2026-11-28T06:00:01.000Z"),
+        // Ahead, written with an odd offset.
+        ("2026-11-28T20:00:05+14:00", "2026-11-28T06:00:01.000Z"),
+    ] {
+        let again = body.replace("2026-11-28T04:00:00Z", triggered);
+        let outcome = deliver_at(&mut conn, &again, received);
+        assert_eq!(
+            status_of(&conn, lead).0,
+            "Canceled",
+            "rolled back by a delivery triggered at {triggered} ({outcome})"
+        );
+        assert_eq!(outcome, "duplicate");
+    }
+    // A delivery triggered after the poller's copy, and received after
+    // that, is newer: applied.
+    let newer = body.replace("2026-11-28T04:00:00Z", "2026-11-28T05:30:00Z");
+    assert_eq!(
+        deliver_at(&mut conn, &newer, "2026-11-28T05:30:02.000Z"),
+        "applied"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Open");
+}
+
+/// A redelivery of an event older than the full scan that found its lead
+/// gone does not bring the lead back: the scan is the newer observation.
+#[test]
+fn a_redelivery_older_than_the_scan_that_found_the_lead_gone_keeps_it_missing() {
+    use leadsync::store::mirror;
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let lead = "900000000000000080";
+    let body = lead_delivery(lead, business);
+    // Polled first (before the delivery reached leadsync), then gone.
+    poll_lead_at(
+        &mut conn,
+        business,
+        &body,
+        "Open",
+        "2026-11-28T03:00:00.000Z",
+    );
+    let run = mirror::start_run(&conn, business, "full", "2026-11-28T05:00:00.000Z").unwrap();
+    let missing = mirror::mark_missing(
+        &mut conn,
+        business,
+        run,
+        &std::collections::HashSet::new(),
+        true,
+        "2026-11-28T05:10:00.000Z",
+    )
+    .unwrap();
+    assert!(matches!(missing, mirror::Missing::Marked(1)), "{missing:?}");
+    // Thumbtack's retry of the creation event (triggered at 04:00) arrives late.
+    let outcome = deliver_at(&mut conn, &body, "2026-11-28T06:00:00.000Z");
+    let (_, missing_since) = status_of(&conn, lead);
+    assert_eq!(
+        missing_since.as_deref(),
+        Some("2026-11-28T05:10:00.000Z"),
+        "an event older than the scan brought the lead back ({outcome})"
+    );
+    assert_eq!(outcome, "duplicate");
+    // An event after the scan: the lead exists again.
+    let later = body.replace("2026-11-28T04:00:00Z", "2026-11-28T05:20:00Z");
+    assert_eq!(
+        deliver_at(&mut conn, &later, "2026-11-28T05:20:01.000Z"),
+        "applied"
+    );
+    assert_eq!(status_of(&conn, lead).1, None);
+}
+
+/// Two versions of a lead's delivery arriving out of order: the one
+/// triggered later wins, whichever was received first.
+#[test]
+fn of_two_versions_delivered_out_of_order_the_later_event_wins() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let lead = "900000000000000090";
+    let body = lead_delivery(lead, business);
+    let version = |status: &str, triggered: &str| {
+        body.replace("\"status\":\"Open\"", &format!("\"status\":\"{status}\""))
+            .replace("2026-11-28T04:00:00Z", triggered)
+    };
+    // The older version (triggered 04:00:00) is held up and arrives first,
+    // at 04:00:10; the newer one (triggered 04:00:05) arrives next.
+    let older = version("Open", "2026-11-28T04:00:00Z");
+    let newer = version("Picked", "2026-11-28T04:00:05Z");
+    assert_eq!(
+        deliver_at(&mut conn, &older, "2026-11-28T04:00:10.000Z"),
+        "applied"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &newer, "2026-11-28T04:00:11.000Z"),
+        "applied"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Picked");
+    // Redelivered, each of them: the newer stays.
+    assert_eq!(
+        deliver_at(&mut conn, &older, "2026-11-28T04:01:00.000Z"),
+        "duplicate"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &newer, "2026-11-28T04:01:01.000Z"),
+        "duplicate"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Picked");
+    // Another snapshot with the very same event time changes nothing either
+    // (no flapping between two copies of one event).
+    let same_time = version("Canceled", "2026-11-28T04:00:05Z");
+    assert_eq!(
+        deliver_at(&mut conn, &same_time, "2026-11-28T04:01:02.000Z"),
+        "duplicate"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Picked");
+    // The poller's copy written later is newer than both.
+    poll_lead_at(
+        &mut conn,
+        business,
+        &body,
+        "Hired",
+        "2026-11-28T04:30:00.000Z",
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &newer, "2026-11-28T04:31:00.000Z"),
+        "duplicate"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Hired");
 }

@@ -213,6 +213,13 @@ pub enum Mutation {
         negotiation_id: String,
         count: usize,
     },
+    /// Customer messages sent at the given instants (RFC 3339), each placed
+    /// in time order: several may share one `sentAt`, as messages sent
+    /// within one second (or one millisecond) do.
+    AddMessagesAt {
+        negotiation_id: String,
+        sent_at: Vec<String>,
+    },
     /// A server bug: a customer message listed in `negotiation_id`'s
     /// conversation that names `names` as its negotiation, sent at `sent_at`
     /// (RFC 3339; now when absent). Not delivered to webhooks.
@@ -353,6 +360,19 @@ impl State {
         from: &str,
         text: &str,
     ) -> Option<SbMessage> {
+        self.append_message_at(negotiation_id, from, text, None)
+    }
+
+    /// [`Self::append_message`], sent at `at` when given: placed in time
+    /// order (after the messages sent at that same instant), so it may be
+    /// earlier than messages already listed (one delivered late).
+    fn append_message_at(
+        &mut self,
+        negotiation_id: &str,
+        from: &str,
+        text: &str,
+        at: Option<chrono::DateTime<chrono::Utc>>,
+    ) -> Option<SbMessage> {
         let (bi, li) = self.find_lead(negotiation_id)?;
         let (business_id, business_name) = (
             self.businesses[bi].id.clone(),
@@ -363,12 +383,15 @@ impl State {
         let id =
             (600_000_000_000_000_000u64 + self.rng.u64(0..100_000_000_000_000_000)).to_string();
         let conversation = self.conversation(negotiation_id)?;
-        let mut sent_at = chrono::Utc::now();
-        if let Some(last) = conversation.last()
+        let mut sent_at = at.unwrap_or_else(chrono::Utc::now);
+        if at.is_none()
+            && let Some(last) = conversation.last()
             && sent_at <= last.sent_at
         {
             sent_at = last.sent_at + chrono::Duration::milliseconds(1);
         }
+        // In time order, after the messages sent at the same instant.
+        let position = conversation.partition_point(|m| m.sent_at <= sent_at);
         let m = data::message(
             &id,
             negotiation_id,
@@ -379,7 +402,7 @@ impl State {
             text,
             sent_at,
         );
-        conversation.push(m.clone());
+        conversation.insert(position, m.clone());
         // Every new message, a reply included, goes to the registered webhooks.
         webhooks::enqueue(
             self,

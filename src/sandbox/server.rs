@@ -1154,6 +1154,22 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
             leads.insert(li.min(leads.len()), lead);
             Ok(vec![negotiation_id])
         }
+        Mutation::AddMessagesAt {
+            negotiation_id,
+            sent_at,
+        } => sent_at
+            .iter()
+            .enumerate()
+            .map(|(k, t)| {
+                let at = chrono::DateTime::parse_from_rfc3339(t)
+                    .map_err(|e| anyhow!("sent_at {t:?}: {e}"))?
+                    .with_timezone(&chrono::Utc);
+                let text = format!("Customer message {} at {t}", k + 1);
+                s.append_message_at(&negotiation_id, "Customer", &text, Some(at))
+                    .map(|m| m.id)
+                    .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))
+            })
+            .collect(),
         Mutation::AddStrayMessage {
             negotiation_id,
             names,

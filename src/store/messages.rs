@@ -127,9 +127,12 @@ pub fn record_delivery(
                         now: event.received_at.clone(),
                         stale_before: String::new(),
                         insert_first: false,
+                        read_at: None,
                     };
-                    let keep_after = event_time.as_deref().unwrap_or("");
-                    match mirror::upsert_lead(&tx, &ctx, lead, Some(keep_after))? {
+                    let origin = mirror::Origin::Delivered {
+                        triggered_at: event_time.as_deref(),
+                    };
+                    match mirror::upsert_lead(&tx, &ctx, lead, origin)? {
                         Upserted::Inserted | Upserted::Changed | Upserted::Reappeared => {
                             (Outcome::Applied, None)
                         }
@@ -138,11 +141,16 @@ pub fn record_delivery(
                         }
                         Upserted::Kept { identical: false } => (
                             Outcome::Duplicate,
-                            Some(
-                                "the mirror has a newer copy of this lead (changed after the event's \
-                                 triggeredAt); kept"
+                            Some(match event_time {
+                                Some(_) => "the mirror has a newer copy of this lead (from an event \
+                                            triggered no earlier, or changed or found missing after \
+                                            this event's triggeredAt); kept"
                                     .to_string(),
-                            ),
+                                None => "the mirror has a newer copy of this lead: the delivery has \
+                                         no believable triggeredAt (absent, unreadable, or after it \
+                                         was received); kept"
+                                    .to_string(),
+                            }),
                         ),
                     }
                 }

@@ -27,6 +27,11 @@ pub struct PageContext {
     /// inserted at once, and one whose id is mirrored after all takes the
     /// ordinary path. Saves a lookup per lead of a first sync.
     pub insert_first: bool,
+    /// When the listing page was read (the database's format). A lead whose
+    /// mirrored copy came from a webhook event triggered after that keeps
+    /// it: the page's copy is older (a full scan writes pages some time
+    /// after reading them). `None`: a listed copy is always written.
+    pub read_at: Option<String>,
 }
 
 /// Where a lead came from, as `negotiation_changes.source` records it.
@@ -57,7 +62,11 @@ pub struct PageStats {
 }
 
 /// The lead's columns in the order the INSERT and UPDATE statements bind them.
-fn lead_columns<'a>(lead: &'a LeadRow, ctx: &'a PageContext) -> [&'a dyn rusqlite::ToSql; 14] {
+fn lead_columns<'a>(
+    lead: &'a LeadRow,
+    ctx: &'a PageContext,
+    triggered_at: &'a Option<&'a str>,
+) -> [&'a dyn rusqlite::ToSql; 15] {
     [
         &lead.negotiation_id,
         &ctx.business_id,
@@ -73,6 +82,7 @@ fn lead_columns<'a>(lead: &'a LeadRow, ctx: &'a PageContext) -> [&'a dyn rusqlit
         &lead.lead_price,
         &lead.charge_state,
         &ctx.now,
+        triggered_at,
     ]
 }
 
@@ -225,26 +235,56 @@ pub enum Upserted {
     Reappeared,
     /// Same payload: nothing written (but `last_seen_at`, at most hourly).
     Unchanged,
-    /// The mirrored copy changed after `keep_if_changed_after`: nothing was
-    /// written. `identical` says whether the payload equals the mirrored one.
+    /// A copy older than the mirrored one (see [`upsert_lead`]):
+    /// nothing was written. `identical` says whether the payload equals the
+    /// mirrored one.
     Kept { identical: bool },
+}
+
+/// Where the copy of a lead given to [`upsert_lead`] comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin<'a> {
+    /// A listing page: the poller's copy, written when it differs (unless
+    /// the mirrored copy came from an event after the page was read:
+    /// [`PageContext::read_at`]).
+    Listed,
+    /// A webhook delivery whose event happened at `triggered_at` (UTC, the
+    /// database's format; `None` when the delivery has no believable time).
+    Delivered { triggered_at: Option<&'a str> },
+}
+
+impl<'a> Origin<'a> {
+    /// What `negotiations.webhook_triggered_at` records of a copy written:
+    /// a listing's copy has no event time.
+    fn triggered_at(self) -> Option<&'a str> {
+        match self {
+            Origin::Listed => None,
+            Origin::Delivered { triggered_at } => triggered_at,
+        }
+    }
 }
 
 /// Writes one lead, inside the caller's transaction: inserted when new,
 /// updated with a change row when its payload changed, left alone when not.
-/// The one path every lead takes into the mirror, polled or by webhook. With
-/// `keep_if_changed_after` (a webhook's event time, UTC), a known lead whose
-/// mirrored copy changed after that instant is left as it is: an older
-/// snapshot never rolls a lead back.
+/// The one path every lead takes into the mirror, polled or by webhook. A
+/// listed copy is left out when the mirrored copy came from a webhook event
+/// triggered after the page was read ([`PageContext::read_at`]). A
+/// delivered copy of a known lead is left out when the mirrored copy is as
+/// new or newer — it came from an event triggered at or after this one
+/// (`webhook_triggered_at`), or, written by a listing, changed after this
+/// event (`changed_at`) — or when a full scan found the lead missing after
+/// the event, or when the delivery has no believable event time: an older
+/// snapshot never rolls a lead back nor brings it back.
 pub fn upsert_lead(
     tx: &Connection,
     ctx: &PageContext,
     lead: &LeadRow,
-    keep_if_changed_after: Option<&str>,
+    origin: Origin<'_>,
 ) -> Result<Upserted> {
     let existing = tx
         .prepare_cached(
-            "SELECT payload_hash, last_seen_at, missing_since, business_id, status, changed_at
+            "SELECT payload_hash, last_seen_at, missing_since, business_id, status, changed_at,
+                    webhook_triggered_at
                FROM negotiations WHERE negotiation_id = ?1",
         )?
         .query_row([&lead.negotiation_id], |r| {
@@ -260,14 +300,39 @@ pub fn upsert_lead(
             } else {
                 None
             };
-            let changed_at = r.get_ref(5)?.as_str()?;
-            let keep = keep_if_changed_after.is_some_and(|t| changed_at > t);
+            let text = |i| match r.get_ref(i) {
+                Ok(rusqlite::types::ValueRef::Text(v)) => Some(v),
+                _ => None,
+            };
+            let keep = match origin {
+                // A copy delivered for an event after the page was read.
+                Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
+                    text(6).is_some_and(|copy_event| copy_event > read_at.as_bytes())
+                }),
+                Origin::Delivered { triggered_at: None } => true,
+                Origin::Delivered {
+                    triggered_at: Some(t),
+                } => {
+                    let t = t.as_bytes();
+                    let newer_copy = match text(6) {
+                        // Another delivery's copy: its event against this one
+                        // (the same event time keeps the copy: no flapping).
+                        Some(copy_event) => copy_event >= t,
+                        // The poller's copy: changed after this event.
+                        None => text(5).is_some_and(|changed_at| changed_at > t),
+                    };
+                    // A lead a full scan found gone after the event stays
+                    // gone: the scan is the newer observation.
+                    let gone_after = text(2).is_some_and(|missing| missing > t);
+                    newer_copy || gone_after
+                }
+            };
             Ok((hash, stale, missing, same_business, old_status, keep))
         })
         .optional()?;
     let Some((hash, stale, missing, same_business, old_status, keep)) = existing else {
         // Not mirrored, as just looked up in this transaction: inserted.
-        if !insert_new(tx, ctx, lead)? {
+        if !insert_new(tx, ctx, lead, origin)? {
             anyhow::bail!("lead {} appeared while it was written", lead.negotiation_id);
         }
         return Ok(Upserted::Inserted);
@@ -306,10 +371,11 @@ pub fn upsert_lead(
                 "UPDATE negotiations SET business_id = ?2, status = ?3, created_at = ?4, payload = ?5,
                      payload_hash = ?6, category = ?7, customer_name = ?8, city = ?9, zip = ?10,
                      customer_phone = ?11, lead_price = ?12, charge_state = ?13,
-                     last_seen_at = ?14, changed_at = ?14, missing_since = NULL
+                     last_seen_at = ?14, changed_at = ?14, missing_since = NULL,
+                     webhook_triggered_at = ?15
                  WHERE negotiation_id = ?1",
             )?
-            .execute(&lead_columns(lead, ctx)[..])?;
+            .execute(&lead_columns(lead, ctx, &origin.triggered_at())[..])?;
             let c = Change {
                 kind: "changed",
                 old_status: old_status.as_deref(),
@@ -334,16 +400,17 @@ pub fn upsert_lead(
 
 /// Inserts a lead the caller believes new, with its `new` change row; false,
 /// and nothing written, when its id is mirrored already.
-fn insert_new(tx: &Connection, ctx: &PageContext, lead: &LeadRow) -> Result<bool> {
+fn insert_new(tx: &Connection, ctx: &PageContext, lead: &LeadRow, origin: Origin) -> Result<bool> {
     let inserted = tx
         .prepare_cached(
             "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
                  payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
-                 charge_state, first_seen_at, last_seen_at, changed_at, missing_since)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL)
+                 charge_state, first_seen_at, last_seen_at, changed_at, missing_since,
+                 webhook_triggered_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL, ?15)
              ON CONFLICT (negotiation_id) DO NOTHING",
         )?
-        .execute(&lead_columns(lead, ctx)[..])?;
+        .execute(&lead_columns(lead, ctx, &origin.triggered_at())[..])?;
     if inserted == 0 {
         return Ok(false);
     }
@@ -386,11 +453,11 @@ fn upsert_page(tx: &Connection, ctx: &PageContext, leads: &[LeadRow]) -> Result<
             .optional()?
             .is_none();
     for lead in leads {
-        if insert_first && insert_new(tx, ctx, lead)? {
+        if insert_first && insert_new(tx, ctx, lead, Origin::Listed)? {
             stats.inserted += 1;
             continue;
         }
-        match upsert_lead(tx, ctx, lead, None)? {
+        match upsert_lead(tx, ctx, lead, Origin::Listed)? {
             Upserted::Inserted => stats.inserted += 1,
             Upserted::Changed | Upserted::Reappeared => stats.updated += 1,
             Upserted::Unchanged | Upserted::Kept { .. } => stats.unchanged += 1,
@@ -996,6 +1063,7 @@ mod tests {
             now: "2026-01-01T00:00:00.000Z".into(),
             stale_before: "2025-12-31T23:00:00.000Z".into(),
             insert_first,
+            read_at: None,
         };
         let lead = |id: &str, payload: &str| LeadRow {
             negotiation_id: id.into(),
@@ -1081,6 +1149,7 @@ mod tests {
             now: "2026-01-01T00:00:00.000Z".into(),
             stale_before: "2025-12-31T23:00:00.000Z".into(),
             insert_first,
+            read_at: None,
         };
         let lead = |payload: &str| LeadRow {
             negotiation_id: "1".into(),
@@ -1126,6 +1195,7 @@ mod tests {
             now: "2026-01-01T00:00:00Z".into(),
             stale_before: "2025-12-31T23:00:00Z".into(),
             insert_first: false,
+            read_at: None,
         };
         let lead = |id: &str, payload: &str| LeadRow {
             negotiation_id: id.into(),

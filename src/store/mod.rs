@@ -84,6 +84,10 @@ fn migrations() -> Vec<(i64, String)> {
             include_str!("migrations/0012_message_times_millis.sql").to_string(),
         ),
         (13, v13),
+        (
+            14,
+            include_str!("migrations/0014_webhook_triggered_at.sql").to_string(),
+        ),
     ]
 }
 
@@ -325,8 +329,18 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     if version == 10 {
         rebuild_negotiation_changes(&tx).with_context(|| format!("migration {version} failed"))?;
     }
-    tx.execute_batch(sql)
-        .with_context(|| format!("migration {version} failed"))?;
+    // Adding a column cannot be said "if not exists": a schema that has it
+    // already (a database migrated again from an older user_version) skips it.
+    let has_column = |table: &str, column: &str| -> Result<bool> {
+        Ok(tx
+            .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+            .exists([table, column])?)
+    };
+    let done = version == 14 && has_column("negotiations", "webhook_triggered_at")?;
+    if !done {
+        tx.execute_batch(sql)
+            .with_context(|| format!("migration {version} failed"))?;
+    }
     let broken: Option<String> = tx
         .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
         .optional()?;

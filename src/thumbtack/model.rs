@@ -22,6 +22,10 @@ pub struct Page {
     /// order, each followed by a NUL; `None` when the page lists none. What
     /// tells a page from an earlier one (`paging.rs`).
     pub ids_digest: Option<u64>,
+    /// When the response was read (leadsync's clock, the database's
+    /// format): set by the caller that fetched the page, `None` from the
+    /// parsers.
+    pub read_at: Option<String>,
 }
 
 impl Page {
@@ -1158,7 +1162,7 @@ pub struct Message {
     /// `from`: `Customer` or `Business`.
     pub sender: Option<String>,
     pub text: Option<String>,
-    /// `sentAt` exactly as sent: what `sentBefore` is given when paging back.
+    /// `sentAt` exactly as sent (paging back reads its instant from it).
     pub sent_at_raw: Option<String>,
     /// The JSON object exactly as received.
     pub payload: String,
