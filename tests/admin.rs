@@ -906,7 +906,7 @@ async fn readyz_turns_503_while_stopping() {
         .expect("insert");
     // Its request has reached the sandbox (a stop no longer sends a request
     // that was not out yet).
-    common::wait_until("the row is in flight", Duration::from_secs(20), || {
+    common::wait_until("the row is in flight", Duration::from_secs(60), || {
         count(
             &env.sql(),
             "SELECT count(*) FROM outbox WHERE state = 'sending'",
