@@ -48,7 +48,7 @@ impl Receiver {
             addr,
             stop: started.stop,
             daemon: started.daemon,
-            http: reqwest::Client::new(),
+            http: common::http_client(),
             settings,
         };
         r.set_public_url(&r.url(PATH));

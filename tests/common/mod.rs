@@ -251,6 +251,16 @@ pub fn listen_address(log: &str, marker: &str) -> Option<SocketAddr> {
         .and_then(|a| a.parse().ok())
 }
 
+/// A plain `reqwest` client. reqwest is built without a TLS crypto
+/// provider: the process must install one first, as leadsync's own clients
+/// do. A test must not count on another test, or on a task the sandbox
+/// spawned, having done it already (`reqwest::Client::new()` panics when
+/// none has: that made tests fail depending on what ran first).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
 /// stdout and stderr as one string, for messages.
 pub fn text(o: &Output) -> String {
     format!(
