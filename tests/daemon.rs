@@ -284,13 +284,25 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
     wait_until_blocking("the row's request is out", Duration::from_secs(60), || {
         job_status_requests(&env) == 1
     });
-    // Another program holds the mirror's write lock (taken while the
-    // request is still out, 3 s of latency): the send's outcome cannot be
-    // recorded within the bound (shutdown_timeout_secs = 8).
-    let holder = env.sql();
-    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
     signal(&child, libc::SIGTERM);
     let t = Instant::now();
+    // Another program holds the mirror's write lock (taken while the
+    // request is still out, 3 s of latency): the send's outcome cannot be
+    // recorded within the bound (shutdown_timeout_secs = 8). Taken once the
+    // drainer has stopped claiming and only waits for its send: taken
+    // before, a claim of the drainer's (every tick, 100 ms) could wait for
+    // it too, and the drainer would not get to naming its row (seen on a
+    // loaded machine, where SIGTERM came more than a tick after the lock).
+    wait_until_blocking(
+        "the drainer waits for its send only (within the 3 s the send takes)",
+        Duration::from_secs(3),
+        || {
+            env.daemon_log()
+                .contains("waiting for in-flight sends to finish")
+        },
+    );
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
     let exit = wait_exit(&mut child, Duration::from_secs(30));
     let took = t.elapsed();
     holder.execute_batch("ROLLBACK").unwrap();
