@@ -25,13 +25,25 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often `sync_requests` is looked at ("within about a second").
 const REQUESTS_EVERY: Duration = Duration::from_millis(500);
 
-/// What can happen to a running daemon from outside.
+/// What can happen to a running daemon from outside, and what it tells.
 #[derive(Clone, Default)]
 pub struct Controls {
     /// Cancel to stop (SIGTERM, SIGINT).
     pub shutdown: CancellationToken,
     /// Notify to re-read the configuration (SIGHUP).
     pub reload: Arc<Notify>,
+    /// Set once the listeners are bound, before READY=1 (subscribe to wait for it).
+    pub bound: Arc<tokio::sync::watch::Sender<Option<Bound>>>,
+}
+
+/// The addresses the daemon's listeners are bound to: with port 0 in the
+/// configuration, the port the system chose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bound {
+    /// The webhook receiver (`webhooks.listen`), when on.
+    pub webhooks: Option<std::net::SocketAddr>,
+    /// The admin listener (`admin.listen`), when on.
+    pub admin: Option<std::net::SocketAddr>,
 }
 
 /// Runs the daemon until `shutdown` is cancelled. Tests start and stop the
@@ -43,6 +55,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
         Controls {
             shutdown,
             reload: Arc::new(Notify::new()),
+            bound: Default::default(),
         },
     )
     .await
@@ -105,10 +118,13 @@ pub async fn run_with(
         )),
     });
     // The receiver is bound before READY=1: a port that is taken fails the start.
+    let mut webhooks_at = None;
     let receiver = match session.config.webhooks.as_ref() {
         Some(w) => match w.listen {
             Some(addr) => {
                 let listener = crate::serve::bind(addr, "webhooks.listen").await?;
+                let local = listener.local_addr().unwrap_or(addr);
+                webhooks_at = Some(local);
                 let router = crate::serve::webhooks::router(w, session.store.clone());
                 let options = crate::serve::ServeOptions {
                     header_read_timeout: w.read_timeout,
@@ -118,7 +134,7 @@ pub async fn run_with(
                     .saturating_sub(crate::drain::SHUTDOWN_RESERVE),
                     ..Default::default()
                 };
-                info!(listen = %listener.local_addr().unwrap_or(addr), path = %w.path, "webhook receiver listening");
+                info!(listen = %local, path = %w.path, "webhook receiver listening");
                 Some(tokio::spawn(crate::serve::serve(
                     listener,
                     router,
@@ -137,6 +153,10 @@ pub async fn run_with(
         daemon.drain_beat.clone(),
     )
     .await?;
+    controls.bound.send_replace(Some(Bound {
+        webhooks: webhooks_at,
+        admin: admin.as_ref().map(|a| a.local_addr()),
+    }));
     notify(&[NotifyState::Ready]);
     daemon.send_status().await;
     info!(

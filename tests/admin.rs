@@ -8,22 +8,59 @@ mod common;
 use common::{Env, FAST, count, text};
 use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::Child;
 use std::time::Duration;
 
-/// A free loopback port (bound, then released for the daemon).
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
+/// `leadsync run` in the background, its admin listener on the port the
+/// daemon reported (port 0 in the configuration: nothing is guessed).
+struct Daemon {
+    child: Child,
+    /// Its log file.
+    log: PathBuf,
+    /// `http://` and the admin listener's address.
+    base: String,
 }
 
-struct Daemon(Child);
+impl Daemon {
+    /// Starts the daemon of `env` (whose `admin.listen` is port 0) and waits
+    /// until it logs where its admin listener, and each of `more`, listens.
+    async fn start(env: &Env, more: &[&str]) -> (Daemon, Vec<SocketAddr>) {
+        let mut markers = vec!["admin listener"];
+        markers.extend_from_slice(more);
+        let (child, at) = env.spawn_daemon_listening(&markers).await;
+        let daemon = Daemon {
+            child,
+            log: env.dir.path().join("daemon.log"),
+            base: format!("http://{}", at[0]),
+        };
+        (daemon, at[1..].to_vec())
+    }
+
+    /// Fails the test, with the daemon's log, if the daemon has exited.
+    fn assert_running(&mut self, during: &str) {
+        let status = match self.child.try_wait() {
+            Ok(None) => return,
+            Ok(Some(status)) => status.to_string(),
+            Err(e) => e.to_string(),
+        };
+        panic!(
+            "the daemon exited ({status}) while waiting for: {during}; its log:\n{}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+}
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child's pid.
-        unsafe { libc::kill(self.0.id() as i32, libc::SIGTERM) };
-        let _ = self.0.wait();
+        // Only a child not reaped yet: the pid of one already waited for
+        // may belong to another process by now (another test's daemon).
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child's pid, not reaped yet.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let _ = self.child.wait();
+        }
     }
 }
 
@@ -254,11 +291,17 @@ async fn scrape(base: &str) -> Option<Vec<Sample>> {
     Some(parse_exposition(&body).unwrap_or_else(|e| panic!("{e}\n{body}")))
 }
 
-/// Waits until a scrape satisfies `f` (the listener may not be up yet).
-async fn wait_metrics(base: &str, what: &str, f: impl Fn(&[Sample]) -> bool) -> Vec<Sample> {
-    let end = std::time::Instant::now() + Duration::from_secs(30);
+/// Waits until a scrape satisfies `f`; fails at once if the daemon exits.
+async fn wait_metrics(
+    daemon: &mut Daemon,
+    what: &str,
+    f: impl Fn(&[Sample]) -> bool,
+) -> Vec<Sample> {
+    // Generous: a loaded machine may take long; success returns at once.
+    let end = std::time::Instant::now() + Duration::from_secs(60);
     loop {
-        let s = scrape(base).await;
+        daemon.assert_running(what);
+        let s = scrape(&daemon.base).await;
         if let Some(s) = &s
             && f(s)
         {
@@ -276,8 +319,106 @@ async fn wait_metrics(base: &str, what: &str, f: impl Fn(&[Sample]) -> bool) -> 
     }
 }
 
-fn admin_overrides(port: u16, extra: &str) -> String {
-    format!("{FAST}\n[admin]\nlisten = \"127.0.0.1:{port}\"\nrefresh_secs = 0.2\n{extra}")
+fn admin_overrides(listen: &str, extra: &str) -> String {
+    format!("{FAST}\n[admin]\nlisten = \"{listen}\"\nrefresh_secs = 0.2\n{extra}")
+}
+
+/// Listeners configured on port 0 get a port from the system, and the
+/// daemon says which: tests (and containers) use that instead of picking a
+/// "free" port, releasing it and hoping nobody takes it before the daemon
+/// binds it (another test's server did, once: the test waited for nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn port_zero_listeners_report_the_ports_they_got() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "webhook_password", "hook-secret\n");
+    env.set_overrides(&format!(
+        "{}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"/hooks\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+        admin_overrides("127.0.0.1:0", ""),
+        pw.display()
+    ));
+    let out = env.run(&["config", "check"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let (child, at) = env
+        .spawn_daemon_listening(&["admin listener", "webhook receiver listening"])
+        .await;
+    let _daemon = Daemon {
+        child,
+        log: env.dir.path().join("daemon.log"),
+        base: format!("http://{}", at[0]),
+    };
+    let (admin, hooks) = (at[0], at[1]);
+    assert!(
+        admin.port() != 0 && hooks.port() != 0 && admin != hooks,
+        "{at:?}"
+    );
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        match get(&format!("http://{admin}/healthz")).await {
+            Some((200, _, body)) => {
+                assert!(body.starts_with("ok"), "{body}");
+                break;
+            }
+            other => assert!(
+                std::time::Instant::now() < end,
+                "/healthz at the reported {admin} did not answer 200: {other:?}\n{}",
+                env.daemon_log()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let refused = http()
+        .post(format!("http://{hooks}/hooks"))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await
+        .expect("the receiver answers at the reported address");
+    assert_eq!(refused.status().as_u16(), 401);
+}
+
+/// What the old tests did: a port bound, read and released, which another
+/// test's server (or the sandbox, which binds port 0 too) then takes before
+/// the daemon binds it. The daemon cannot start; the wait for its listener
+/// ends at once with why, instead of after 30 s of asking a port that never
+/// answers (the flake seen in CI).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_taken_before_the_daemon_binds_it_fails_the_wait_at_once() {
+    let released = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr");
+    // Another server gets the port between its release and the daemon's bind.
+    let Ok(_neighbour) = std::net::TcpListener::bind(released) else {
+        // Someone else was even quicker: the race, as above.
+        return;
+    };
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides(&released.to_string(), ""),
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let waited = tokio::spawn(async move {
+        let (mut child, _) = env.spawn_daemon_listening(&["admin listener"]).await;
+        let _ = child.kill();
+        let _ = child.wait();
+    })
+    .await;
+    let took = started.elapsed();
+    let failure = match waited {
+        Err(e) if e.is_panic() => e
+            .into_panic()
+            .downcast::<String>()
+            .map(|m| *m)
+            .unwrap_or_default(),
+        other => panic!("the daemon listened on a taken port: {other:?}"),
+    };
+    assert!(
+        failure.contains("exited") && failure.contains("admin.listen: cannot listen on"),
+        "{failure}"
+    );
+    assert!(took < Duration::from_secs(30), "took {took:?}");
 }
 
 #[test]
@@ -298,24 +439,23 @@ fn the_parser_refuses_what_prometheus_refuses() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_parse_and_move_after_a_pass_and_a_send() {
-    let (port, hook_port) = (free_port(), free_port());
     let pw_dir = tempfile::tempdir().expect("dir");
     let pw = pw_dir.path().join("webhook_password");
     std::fs::write(&pw, "hook-secret\n").expect("password");
     let webhooks = format!(
-        "\n[webhooks]\nlisten = \"127.0.0.1:{hook_port}\"\npath = \"/hooks\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+        "\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"/hooks\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
         pw.display()
     );
     let env = Env::new(
         SandboxOptions::default(),
         true,
         // Head scans every second, so that passes keep coming.
-        &admin_overrides(port, &webhooks)
+        &admin_overrides("127.0.0.1:0", &webhooks)
             .replace("[poll]\n", "[poll]\nschedule = \"* * * * * *\"\n"),
     )
     .await;
-    let _daemon = Daemon(env.spawn_daemon());
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut daemon, at) = Daemon::start(&env, &["webhook receiver listening"]).await;
+    let (base, hooks) = (daemon.base.clone(), at[0]);
     let b = env.business_ids()[0].clone();
 
     // Every business's first (full) pass, the leads gauge, the token refreshes.
@@ -325,7 +465,7 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
             &format!("SELECT count(*) FROM negotiations WHERE business_id = '{b}'"),
         ) as f64
     };
-    let s = wait_metrics(&base, "a first full pass of every business", |s| {
+    let s = wait_metrics(&mut daemon, "a first full pass of every business", |s| {
         env.business_ids().iter().all(|id| {
             value(
                 s,
@@ -368,21 +508,25 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
             count: 5,
         })
         .expect("add leads");
-    let s = wait_metrics(&base, "a head pass with the 5 new leads counted", |s| {
-        value(
-            s,
-            "leadsync_sync_passes_total",
-            &[("business_id", &b), ("kind", "head"), ("outcome", "ok")],
-        ) > heads
-            && value(s, "leadsync_leads", &[("business_id", &b)]) == 65.0
-    })
+    let s = wait_metrics(
+        &mut daemon,
+        "a head pass with the 5 new leads counted",
+        |s| {
+            value(
+                s,
+                "leadsync_sync_passes_total",
+                &[("business_id", &b), ("kind", "head"), ("outcome", "ok")],
+            ) > heads
+                && value(s, "leadsync_leads", &[("business_id", &b)]) == 65.0
+        },
+    )
     .await;
     assert_eq!(leads_in_mirror(&b), 65.0);
     assert_eq!(value(&s, "leadsync_businesses_needing_reauth", &[]), 0.0);
 
     // Each schedule's backlog (issue 17: status and metrics show the lag).
     let every_second = [("kind", "head"), ("schedule", "* * * * * *")];
-    let s = wait_metrics(&base, "the head schedule's backlog", |s| {
+    let s = wait_metrics(&mut daemon, "the head schedule's backlog", |s| {
         value(s, "leadsync_schedule_businesses", &every_second) == 3.0
     })
     .await;
@@ -414,18 +558,22 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
             [&lead],
         )
         .expect("insert");
-    let s = wait_metrics(&base, "the send counted and the row shown sent", |s| {
-        value(
-            s,
-            "leadsync_sends_total",
-            &[("kind", "transition"), ("outcome", "sent")],
-        ) == sent_before + 1.0
-            && value(
+    let s = wait_metrics(
+        &mut daemon,
+        "the send counted and the row shown sent",
+        |s| {
+            value(
                 s,
-                "leadsync_outbox_rows",
-                &[("table", "outbox"), ("state", "sent")],
-            ) == 1.0
-    })
+                "leadsync_sends_total",
+                &[("kind", "transition"), ("outcome", "sent")],
+            ) == sent_before + 1.0
+                && value(
+                    s,
+                    "leadsync_outbox_rows",
+                    &[("table", "outbox"), ("state", "sent")],
+                ) == 1.0
+        },
+    )
     .await;
     assert_eq!(
         value(
@@ -476,7 +624,7 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
             [&lead],
         )
         .expect("insert reply");
-    let s = wait_metrics(&base, "the reply counted and shown sent", |s| {
+    let s = wait_metrics(&mut daemon, "the reply counted and shown sent", |s| {
         value(
             s,
             "leadsync_sends_total",
@@ -519,7 +667,7 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
         retry_after_secs: 1,
         ..Faults::default()
     });
-    wait_metrics(&base, "a 429 pause counted", |s| {
+    wait_metrics(&mut daemon, "a 429 pause counted", |s| {
         value(s, "leadsync_rate_limit_pauses_total", &[]) >= 1.0
             && value(s, "leadsync_http_requests_total", &[("status", "429")]) >= 1.0
             && value(s, "leadsync_sync_passes_total", &[("outcome", "error")]) >= 1.0
@@ -529,7 +677,7 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
 
     // A webhook delivery, and a refused one, are counted by type and outcome.
     let delivery = r#"{"event":{"eventType":"ReviewCreatedV4","webhookID":"w1","triggeredAt":"2026-11-28T06:00:00Z"},"data":{}}"#;
-    let hook = format!("http://127.0.0.1:{hook_port}/hooks");
+    let hook = format!("http://{hooks}/hooks");
     let ok = http()
         .post(&hook)
         .basic_auth("thumbtack", Some("hook-secret"))
@@ -550,7 +698,7 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
     // with the credentials 413, counted as too_large; without them 401 (the
     // size of what the receiver accepts is nobody else's business).
     let oversized = |authorization: Option<String>| {
-        let addr = format!("127.0.0.1:{hook_port}");
+        let addr = hooks.to_string();
         async move {
             use tokio::io::{AsyncReadExt, AsyncWriteExt};
             let body = "x".repeat(2 << 20);
@@ -581,7 +729,7 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
     assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
     let answer = oversized(None).await;
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
-    let s = wait_metrics(&base, "the deliveries counted", |s| {
+    let s = wait_metrics(&mut daemon, "the deliveries counted", |s| {
         value(
             s,
             "leadsync_webhook_deliveries_total",
@@ -628,21 +776,21 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_turns_503_while_the_drainer_is_stuck() {
-    let port = free_port();
     let env = Env::new(
         SandboxOptions::default(),
         false,
-        &admin_overrides(port, "stale_after_secs = 1\n"),
+        &admin_overrides("127.0.0.1:0", "stale_after_secs = 1\n"),
     )
     .await;
-    let _daemon = Daemon(env.spawn_daemon());
-    let base = format!("http://127.0.0.1:{port}");
+    let (mut daemon, _) = Daemon::start(&env, &[]).await;
+    let base = daemon.base.clone();
     let status = |path: &'static str| {
         let url = format!("{base}{path}");
         async move { get(&url).await.map(|(s, _, body)| (s, body)) }
     };
     let end = std::time::Instant::now() + Duration::from_secs(30);
     while status("/healthz").await.map(|r| r.0) != Some(200) {
+        daemon.assert_running("/healthz answering 200");
         assert!(
             std::time::Instant::now() < end,
             "healthz never answered 200"
@@ -662,8 +810,10 @@ async fn healthz_turns_503_while_the_drainer_is_stuck() {
     // (the loop that must be named), keeping the last 503 seen for the message.
     let mut unhealthy = None;
     let mut last_503 = None;
-    let end = std::time::Instant::now() + Duration::from_secs(8);
+    // Generous for a loaded machine: the loop ends as soon as it is named.
+    let end = std::time::Instant::now() + Duration::from_secs(20);
     while std::time::Instant::now() < end {
+        daemon.assert_running("/healthz naming the drainer");
         if let Some((503, body)) = status("/healthz").await {
             if body.contains("drainer loop has not beaten") {
                 unhealthy = Some(body);
@@ -681,6 +831,7 @@ async fn healthz_turns_503_while_the_drainer_is_stuck() {
 
     let end = std::time::Instant::now() + Duration::from_secs(20);
     while status("/healthz").await.map(|r| r.0) != Some(200) {
+        daemon.assert_running("/healthz recovering");
         assert!(std::time::Instant::now() < end, "healthz did not recover");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -712,7 +863,12 @@ async fn a_remote_admin_address_needs_allow_remote() {
 async fn a_taken_admin_port_stops_the_daemon_with_the_key() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = taken.local_addr().expect("addr").port();
-    let env = Env::new(SandboxOptions::default(), false, &admin_overrides(port, "")).await;
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides(&format!("127.0.0.1:{port}"), ""),
+    )
+    .await;
     let out = env.run(&["run"]);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
@@ -724,7 +880,6 @@ async fn a_taken_admin_port_stops_the_daemon_with_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readyz_turns_503_while_stopping() {
-    let port = free_port();
     let env = Env::new(
         SandboxOptions {
             leads_per_business: 5,
@@ -735,12 +890,12 @@ async fn readyz_turns_503_while_stopping() {
             ..SandboxOptions::default()
         },
         false,
-        &admin_overrides(port, ""),
+        &admin_overrides("127.0.0.1:0", ""),
     )
     .await;
-    let mut daemon = Daemon(env.spawn_daemon());
-    let base = format!("http://127.0.0.1:{port}");
-    wait_metrics(&base, "the first passes", |s| {
+    let (mut daemon, _) = Daemon::start(&env, &[]).await;
+    let base = daemon.base.clone();
+    wait_metrics(&mut daemon, "the first passes", |s| {
         value(s, "leadsync_sync_passes_total", &[("outcome", "ok")]) >= 3.0
     })
     .await;
@@ -755,7 +910,7 @@ async fn readyz_turns_503_while_stopping() {
         .expect("insert");
     // Its request has reached the sandbox (a stop no longer sends a request
     // that was not out yet).
-    common::wait_until("the row is in flight", Duration::from_secs(20), || {
+    common::wait_until("the row is in flight", Duration::from_secs(60), || {
         count(
             &env.sql(),
             "SELECT count(*) FROM outbox WHERE state = 'sending'",
@@ -764,7 +919,7 @@ async fn readyz_turns_503_while_stopping() {
     })
     .await;
     // SAFETY: kill(2) on our own child's pid.
-    unsafe { libc::kill(daemon.0.id() as i32, libc::SIGTERM) };
+    unsafe { libc::kill(daemon.child.id() as i32, libc::SIGTERM) };
     let end = std::time::Instant::now() + Duration::from_secs(10);
     let mut seen = None;
     while std::time::Instant::now() < end {
@@ -779,6 +934,6 @@ async fn readyz_turns_503_while_stopping() {
     }
     let body = seen.expect("/readyz answered 503 during the shutdown");
     assert!(body.contains("stopping"), "{body}");
-    let status = daemon.0.wait().expect("wait");
+    let status = daemon.child.wait().expect("wait");
     assert_eq!(status.code(), Some(0));
 }

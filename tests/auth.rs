@@ -30,7 +30,7 @@ async fn many_syncs_across_expiry_and_restarts_never_reuse_a_refresh_token() {
         let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
         common::wait_until(
             "two refreshes per business in the daemon",
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             || refreshes(&env) >= before + 6,
         )
         .await;

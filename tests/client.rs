@@ -118,6 +118,7 @@ async fn every_transient_failure_is_classified_retry() {
     assert_eq!(e.disposition, Disposition::Retry);
     assert!(matches!(e.http_status, Some(500 | 502 | 503)), "{e:?}");
 
+    let asked = Instant::now();
     let e = fault_error(
         &env,
         &c,
@@ -128,12 +129,16 @@ async fn every_transient_failure_is_classified_retry() {
         },
     )
     .await;
+    let took = asked.elapsed();
     assert_eq!(e.disposition, Disposition::Retry);
     assert_eq!(e.http_status, Some(429));
     let ra = e.retry_after.expect("Retry-After parsed");
+    // As an HTTP date, 2 to 3 s after the sandbox wrote it, counted from
+    // when the client read it: what a loaded machine spent in between
+    // (at most `took`) is gone from it.
     assert!(
-        ra >= Duration::from_secs(1) && ra <= Duration::from_secs(4),
-        "{ra:?}"
+        ra + took >= Duration::from_secs(2) && ra <= Duration::from_secs(4),
+        "{ra:?} ({took:?} for the request)"
     );
     assert!(
         c.budget().paused_for().is_some(),
@@ -202,9 +207,10 @@ async fn the_sandbox_sends_both_retry_after_forms_and_both_parse() {
     });
     let b = env.business_ids()[0].clone();
     let token = env.sandbox.static_token(&b).unwrap();
-    let http = reqwest::Client::new();
+    let http = common::http_client();
     let (mut seconds, mut dates) = (0, 0);
     for _ in 0..20 {
+        let (sent, sent_at) = (chrono::Utc::now(), Instant::now());
         let r = http
             .get(format!(
                 "{}/api/v4/businesses/{b}/negotiations",
@@ -221,15 +227,17 @@ async fn the_sandbox_sends_both_retry_after_forms_and_both_parse() {
         } else {
             dates += 1;
         }
-        let d = leadsync::thumbtack::problem::parse_retry_after(
-            &value,
-            chrono::Utc::now(),
-            Duration::from_secs(60),
-        )
-        .unwrap_or_else(|| panic!("{value:?} does not parse"));
+        // Counted from before the request and from after the answer: the
+        // sandbox wrote it in between, however long a loaded machine took.
+        let parse = |now| {
+            leadsync::thumbtack::problem::parse_retry_after(&value, now, Duration::from_secs(60))
+                .unwrap_or_else(|| panic!("{value:?} does not parse"))
+        };
+        let (from_sent, from_now) = (parse(sent), parse(chrono::Utc::now()));
         assert!(
-            d >= Duration::from_secs(1) && d <= Duration::from_secs(4),
-            "{value:?} -> {d:?}"
+            from_sent >= Duration::from_secs(1) && from_now <= Duration::from_secs(4),
+            "{value:?} -> {from_sent:?} from the request, {from_now:?} now ({:?} apart)",
+            sent_at.elapsed()
         );
     }
     assert!(
@@ -401,7 +409,7 @@ async fn the_sandbox_refuses_a_reused_refresh_token() {
     let b = env.business_ids()[0].clone();
     let rt = env.sandbox.mint_refresh_token(&b);
     let (id, secret) = env.sandbox.client_credentials();
-    let http = reqwest::Client::new();
+    let http = common::http_client();
     let post = |token: String| {
         http.post(env.sandbox.token_url())
             .basic_auth(&id, Some(&secret))

@@ -487,7 +487,7 @@ async fn rows_inserted_while_the_daemon_drains_are_all_delivered_once_in_order()
     let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
     let leads = env.first_leads(10);
     let db = env.database();
-    common::wait_until("the first sync", Duration::from_secs(20), || {
+    common::wait_until("the first sync", Duration::from_secs(60), || {
         rusqlite::Connection::open(&db).ok().and_then(|c| {
             c.query_row("SELECT count(*) FROM negotiations", [], |r| {
                 r.get::<_, i64>(0)
@@ -625,7 +625,7 @@ async fn a_writer_holding_the_lock_mid_drain_delays_but_loses_nothing() {
     }
     let stop = CancellationToken::new();
     let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
-    common::wait_until("the drain is under way", Duration::from_secs(20), || {
+    common::wait_until("the drain is under way", Duration::from_secs(60), || {
         env.sandbox.deliveries().len() >= 5
     })
     .await;

@@ -119,7 +119,7 @@ async fn sync_now_round_trip_with_the_daemon_running() {
             [],
         )
         .unwrap();
-    wait_until_blocking("the daemon refuses 999", Duration::from_secs(10), || {
+    wait_until_blocking("the daemon refuses 999", Duration::from_secs(30), || {
         count(
             &env.sql(),
             "SELECT count(*) FROM sync_requests WHERE business_id = '999' AND outcome = 'refused'

@@ -755,7 +755,7 @@ async fn a_sent_reply_is_delivered_to_the_sandbox_webhooks_as_a_business_message
     let lead = env.sandbox.lead_ids(&business)[0].clone();
     let token = env.sandbox.static_token(&business).unwrap();
     // A subscription whose receiver is not listening: the delivery is logged.
-    let r = reqwest::Client::new()
+    let r = common::http_client()
         .post(format!(
             "{}/api/v4/businesses/{business}/webhooks",
             env.sandbox.base_url()

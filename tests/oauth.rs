@@ -1048,19 +1048,26 @@ async fn a_stop_gives_up_a_refresh_still_waiting_for_another_process_within_the_
                 .expect("the grant lock is free")
         })
         .collect();
-    let daemon = Daemon(Some(env.spawn_daemon()));
+    // At debug level the daemon says when a refresh starts waiting for the
+    // grant's lock: the stop below must come while one does. (A pass in
+    // `sync_runs` as running is not enough: on a loaded machine the stop
+    // came after the row was written, before the refresh asked for the
+    // lock, and there was no refresh to abandon.)
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let daemon = Daemon(Some(
+        env.cli()
+            .arg("run")
+            .env("LEADSYNC_LOG", "leadsync=debug")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    ));
     wait_until(
-        "a pass is running (waiting for its token)",
+        "a refresh waits for the grant's lock",
         Duration::from_secs(60),
         || {
-            env.sql()
-                .query_row(
-                    "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
-                    [],
-                    |r| r.get::<_, i64>(0),
-                )
-                .unwrap_or(0)
-                >= 1
+            env.daemon_log()
+                .contains("another process holds the grant's lock")
         },
     )
     .await;

@@ -258,7 +258,9 @@ async fn readers_are_not_blocked_while_the_writer_writes() {
         0,
         "uncommitted row invisible"
     );
-    assert!(t.elapsed() < Duration::from_millis(500));
+    // A reader that waited for the writer would wait until the writer gives
+    // up (10 s, above): well under that is "at once", whatever the load.
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     release_tx.send(()).unwrap();
     writer.await.unwrap().unwrap();
     assert_eq!(count(&reader, "SELECT count(*) FROM outbox"), 1);

@@ -848,7 +848,7 @@ async fn a_stopped_full_scan_ends_without_waiting_for_the_page_in_flight() {
             sync_business(&s.store, &s.client, &b, ScanKind::Full, SETTINGS, &stop).await
         })
     };
-    common::wait_until("the first page requested", Duration::from_secs(10), || {
+    common::wait_until("the first page requested", Duration::from_secs(30), || {
         env.sandbox.list_requests(&b) >= 1
     })
     .await;

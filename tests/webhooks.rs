@@ -13,60 +13,53 @@ use tokio_util::sync::CancellationToken;
 
 const PASSWORD: &str = "hook-pass-7f3a9c";
 
-/// A free loopback port (bound, read, released: the daemon binds it next).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Receiver {
     env: Env,
     addr: SocketAddr,
     stop: CancellationToken,
     daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
     http: reqwest::Client,
+    /// The `[webhooks]` settings before and after `public_url`.
+    settings: (String, String),
 }
 
 const PATH: &str = "/thumbtack/webhooks";
 
 impl Receiver {
-    /// The daemon in-process with the receiver on, Basic auth (or `auth` TOML lines).
+    /// The daemon in-process with the receiver on, Basic auth (or `auth` TOML
+    /// lines). It listens on port 0 and says which port it got: no port is
+    /// picked, released and hoped free until the daemon binds it.
     async fn start_with(auth: Option<&str>, extra: &str) -> Receiver {
-        let port = free_port();
         let env = Env::new(SandboxOptions::default(), false, "").await;
         let password_file = common::write(env.dir.path(), "webhook_password", PASSWORD);
         let auth = auth.map(str::to_string).unwrap_or(format!(
             "username = \"thumbtack\"\npassword_file = \"{}\"\n",
             password_file.display()
         ));
-        env.set_overrides(&format!(
-            "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:{port}\"\npath = \"{PATH}\"\n\
-             public_url = \"http://127.0.0.1:{port}{PATH}\"\nmax_body_bytes = 65536\n\
-             read_timeout_secs = 2\n{auth}{extra}"
-        ));
-        let config = env.config();
-        let stop = CancellationToken::new();
-        let daemon = tokio::spawn(leadsync::run(config, stop.clone()));
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        while tokio::net::TcpStream::connect(addr).await.is_err() {
-            assert!(
-                std::time::Instant::now() < end,
-                "the receiver never listened"
-            );
-            assert!(!daemon.is_finished(), "the daemon stopped");
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        Receiver {
+        let settings = (
+            format!("{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\n"),
+            format!("max_body_bytes = 65536\nread_timeout_secs = 2\n{auth}{extra}"),
+        );
+        env.set_overrides(&format!("{}{}", settings.0, settings.1));
+        let started = common::start_in_process(env.config()).await;
+        let addr = started.bound.webhooks.expect("the receiver is on");
+        let r = Receiver {
             env,
             addr,
-            stop,
-            daemon,
-            http: reqwest::Client::new(),
-        }
+            stop: started.stop,
+            daemon: started.daemon,
+            http: common::http_client(),
+            settings,
+        };
+        r.set_public_url(&r.url(PATH));
+        r
+    }
+
+    /// Writes `webhooks.public_url` (what `webhooks register` registers).
+    fn set_public_url(&self, url: &str) {
+        let (head, tail) = &self.settings;
+        self.env
+            .set_overrides(&format!("{head}public_url = \"{url}\"\n{tail}"));
     }
 
     async fn start() -> Receiver {
@@ -583,6 +576,70 @@ async fn a_delivery_that_cannot_be_stored_is_refused_with_503() {
     r.stop().await;
 }
 
+/// What [`Front`] does with a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FrontMode {
+    /// Passes it to the receiver at this address.
+    To(SocketAddr),
+    /// Closes it at once: the receiver is down.
+    Refuse,
+    /// Keeps it waiting until a receiver is back (or refused).
+    Hold,
+}
+
+/// A stand-in for the TLS proxy in front of the receiver: its address is
+/// the one registered with Thumbtack, held for the whole test, so that the
+/// receiver behind it can stop and come back on a port of its own (port 0)
+/// without another process taking the registered port in between.
+struct Front {
+    addr: SocketAddr,
+    mode: std::sync::Arc<tokio::sync::watch::Sender<FrontMode>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Front {
+    async fn start(to: SocketAddr) -> Front {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the front");
+        let addr = listener.local_addr().expect("the front's address");
+        let mode = std::sync::Arc::new(tokio::sync::watch::Sender::new(FrontMode::To(to)));
+        let task = {
+            let mode = mode.clone();
+            tokio::spawn(async move {
+                loop {
+                    let Ok((mut client, _)) = listener.accept().await else {
+                        tokio::time::sleep(Duration::from_millis(25)).await;
+                        continue;
+                    };
+                    let mut mode = mode.subscribe();
+                    tokio::spawn(async move {
+                        let to = match mode.wait_for(|m| *m != FrontMode::Hold).await {
+                            Ok(m) => *m,
+                            Err(_) => return,
+                        };
+                        let FrontMode::To(to) = to else { return };
+                        if let Ok(mut up) = tokio::net::TcpStream::connect(to).await {
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+                        }
+                    });
+                }
+            })
+        };
+        Front { addr, mode, task }
+    }
+
+    fn set(&self, mode: FrontMode) {
+        self.mode.send_replace(mode);
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 fn last_line_ok(o: &std::process::Output) -> String {
     common::text(o)
 }
@@ -590,6 +647,10 @@ fn last_line_ok(o: &std::process::Output) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_delivers_to_a_registered_receiver() {
     let r = Receiver::start().await;
+    // Registered: the front's address, which outlives the receiver's restart.
+    let front = Front::start(r.addr).await;
+    let registered = format!("http://{}{PATH}", front.addr);
+    r.set_public_url(&registered);
     let env = &r.env;
     // Registration through the real binary, idempotent.
     let o = env.run(&["webhooks", "register"]);
@@ -610,7 +671,7 @@ async fn the_sandbox_delivers_to_a_registered_receiver() {
     let o = env.run(&["webhooks", "list", "--business", &business]);
     assert_eq!(o.status.code(), Some(0));
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains(&format!("http://{}{PATH}", r.addr)),
+        String::from_utf8_lossy(&o.stdout).contains(&registered),
         "{}",
         common::text(&o)
     );
@@ -722,10 +783,9 @@ async fn the_sandbox_delivers_to_a_registered_receiver() {
     env.sandbox.set_faults(faults);
 
     // The receiver down: the sandbox retries until it is back.
+    front.set(FrontMode::Refuse);
     r.stop.cancel();
-    let Receiver {
-        env, daemon, addr, ..
-    } = r;
+    let Receiver { env, daemon, .. } = r;
     daemon.await.unwrap().unwrap();
     let late = env
         .sandbox
@@ -741,6 +801,10 @@ async fn the_sandbox_delivers_to_a_registered_receiver() {
             .is_some_and(|d| d.attempts >= 1 && d.state == "pending")
     })
     .await;
+    // From now on the front keeps the sandbox's attempts waiting for the
+    // receiver instead of failing them: a slow machine does not run the
+    // delivery out of attempts before the receiver is back.
+    front.set(FrontMode::Hold);
     // The poller, meanwhile, sees the webhook leads as unchanged.
     let o = env.run(&["sync", "--business", &business]);
     assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
@@ -764,8 +828,11 @@ async fn the_sandbox_delivers_to_a_registered_receiver() {
         1,
         "the poller found the lead the receiver missed"
     );
-    let stop = CancellationToken::new();
-    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    // Back, on another port behind the same front.
+    let back = common::start_in_process(env.config()).await;
+    front.set(FrontMode::To(
+        back.bound.webhooks.expect("the receiver is on"),
+    ));
     wait_until("the retried delivery", Duration::from_secs(60), || {
         env.sandbox
             .webhook_deliveries()
@@ -782,9 +849,8 @@ async fn the_sandbox_delivers_to_a_registered_receiver() {
         )
         .unwrap();
     assert_eq!(outcome, "duplicate", "already mirrored by the poller");
-    let _ = addr;
-    stop.cancel();
-    daemon.await.unwrap().unwrap();
+    back.stop.cancel();
+    back.daemon.await.unwrap().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -121,6 +121,8 @@ pub struct Admin {
     /// Fires when the listener's thread has stopped serving.
     server: tokio::sync::oneshot::Receiver<()>,
     refresher: tokio::task::JoinHandle<()>,
+    /// Where it listens.
+    local: std::net::SocketAddr,
 }
 
 /// Serves `router` on a thread of its own (a one-thread runtime), so that a
@@ -202,7 +204,13 @@ impl Admin {
             stop,
             server,
             refresher,
+            local,
         }))
+    }
+
+    /// The address it is bound to (with port 0 configured, the one the system chose).
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        self.local
     }
 
     /// Shutdown has begun: `/readyz` answers 503 from now on.

@@ -25,7 +25,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// Assumed lifetime of an access token whose response gives no `expires_in`.
 const DEFAULT_EXPIRES_IN: u64 = 3600;
@@ -1098,6 +1098,7 @@ impl Inner {
     async fn lock_grant(&self, chain: &Chain) -> Result<Box<dyn Send>, Failure> {
         let store = self.store()?;
         let deadline = Instant::now() + self.timeout * 4 + Duration::from_secs(5);
+        let mut waiting = false;
         loop {
             if self.stopping.is_cancelled() {
                 return Err(self.abandoned(chain, "before it took the grant's lock"));
@@ -1106,6 +1107,11 @@ impl Inner {
             match blocking(move || s.try_lock(&key)).await {
                 Ok(Some(lock)) => return Ok(lock),
                 Ok(None) if Instant::now() < deadline => {
+                    if !waiting {
+                        waiting = true;
+                        debug!(grant = %chain.file.display(),
+                            "another process holds the grant's lock (refreshing it): waiting for it");
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(Duration::from_millis(50)) => {}
                         _ = self.stopping.cancelled() => {}

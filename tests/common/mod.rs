@@ -4,6 +4,7 @@
 
 use leadsync::config::{Config, ConfigSource};
 use leadsync::sandbox::{Sandbox, SandboxOptions};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -131,6 +132,54 @@ impl Env {
         std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
     }
 
+    /// Starts `leadsync run` like [`Env::spawn_daemon`] and waits until it
+    /// logs the address of each listener in `markers` (the start of its log
+    /// line, e.g. "admin listener", whose `listen=` field is the address it
+    /// is bound to: with port 0 in the configuration, the port the system
+    /// chose). The addresses come in the order of `markers`.
+    ///
+    /// Nothing is guessed: no port is picked, released and hoped free. If the
+    /// daemon exits first, or is not listening within a minute (a loaded
+    /// machine), it is stopped and the test fails with what it logged.
+    pub async fn spawn_daemon_listening(
+        &self,
+        markers: &[&str],
+    ) -> (std::process::Child, Vec<SocketAddr>) {
+        let from = self.daemon_log().len();
+        let mut child = self.spawn_daemon();
+        let deadline = Duration::from_secs(60);
+        let end = Instant::now() + deadline;
+        loop {
+            let log = self.daemon_log();
+            let ours = log.get(from..).unwrap_or("");
+            let found: Vec<Option<SocketAddr>> =
+                markers.iter().map(|m| listen_address(ours, m)).collect();
+            if found.iter().all(Option::is_some) {
+                return (child, found.into_iter().flatten().collect());
+            }
+            let failure = match child.try_wait() {
+                Ok(Some(status)) => Some(format!("the daemon exited ({status}) before listening")),
+                Err(e) => Some(format!("cannot watch the daemon: {e}")),
+                Ok(None) if Instant::now() > end => {
+                    // SAFETY: kill(2) on our own child's pid.
+                    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                    let _ = child.wait();
+                    Some(format!(
+                        "the daemon did not log {markers:?} within {deadline:?}"
+                    ))
+                }
+                Ok(None) => None,
+            };
+            if let Some(why) = failure {
+                panic!(
+                    "{why}; its log:\n{}",
+                    self.daemon_log().get(from..).unwrap_or("")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
     /// Runs the CLI to completion.
     pub fn run(&self, args: &[&str]) -> Output {
         self.cli().args(args).output().expect("run leadsync")
@@ -152,6 +201,64 @@ impl Env {
             .map(|b| b.id)
             .collect()
     }
+}
+
+/// The daemon run in-process by a test (see [`start_in_process`]).
+pub struct InProcess {
+    /// Cancel to stop it.
+    pub stop: tokio_util::sync::CancellationToken,
+    /// Its end: `run`'s result.
+    pub daemon: tokio::task::JoinHandle<anyhow::Result<()>>,
+    /// Where its listeners are bound (port 0 configured: the system's choice).
+    pub bound: leadsync::daemon::Bound,
+}
+
+/// Runs the daemon in-process with `config` and waits until its listeners
+/// are bound, as the daemon itself reports (no port is guessed). If it
+/// stops first, or is not listening within a minute, the test fails at once
+/// with its error.
+pub async fn start_in_process(config: Config) -> InProcess {
+    let controls = leadsync::daemon::Controls::default();
+    let stop = controls.shutdown.clone();
+    let mut bound = controls.bound.subscribe();
+    let mut daemon = tokio::spawn(leadsync::daemon::run_with(config, None, controls));
+    let deadline = Duration::from_secs(60);
+    let got = tokio::select! {
+        b = bound.wait_for(Option::is_some) => b.ok().and_then(|b| *b),
+        end = &mut daemon => panic!("the daemon stopped before listening: {end:?}"),
+        _ = tokio::time::sleep(deadline) => {
+            stop.cancel();
+            panic!("the daemon was not listening within {deadline:?}");
+        }
+    };
+    match got {
+        Some(bound) => InProcess {
+            stop,
+            daemon,
+            bound,
+        },
+        // The daemon is gone (its sender with it): say why.
+        None => panic!("the daemon stopped before listening: {:?}", daemon.await),
+    }
+}
+
+/// The `listen=` address on the first whole line of `log` (one that ends in a
+/// newline: not one still being written) that contains `marker`.
+pub fn listen_address(log: &str, marker: &str) -> Option<SocketAddr> {
+    log.split_inclusive('\n')
+        .filter(|l| l.ends_with('\n') && l.contains(marker))
+        .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("listen=")))
+        .and_then(|a| a.parse().ok())
+}
+
+/// A plain `reqwest` client. reqwest is built without a TLS crypto
+/// provider: the process must install one first, as leadsync's own clients
+/// do. A test must not count on another test, or on a task the sandbox
+/// spawned, having done it already (`reqwest::Client::new()` panics when
+/// none has: that made tests fail depending on what ran first).
+pub fn http_client() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
 }
 
 /// stdout and stderr as one string, for messages.
