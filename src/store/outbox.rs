@@ -1017,6 +1017,26 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
     )
 }
 
+/// Whether any row of `kind` is pending, not put aside and due by
+/// `due_by`: what [`claim_select`] walks (the same conditions, so the same
+/// answer for values of any type), from the due index.
+fn any_due(conn: &Connection, kind: Kind, due_by: &str, pins: &Pins) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(&due_select(kind, pins))?
+        .query_row([due_by], |r| r.get(0))?)
+}
+
+/// [`any_due`]'s statement. Without the index named, SQLite reads every
+/// pending row (by state).
+fn due_select(kind: Kind, pins: &Pins) -> String {
+    let table = kind.table();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM {table} o {due} WHERE o.state = 'pending'
+             AND o.waiting_for IS NULL AND o.next_attempt_at <= ?1)",
+        due = pins.by(&format!("{table}_due")),
+    )
+}
+
 /// Claims up to `limit` rows due by `due_by`, at most one per negotiation
 /// and only the first open row of each (in order of the instant, then id);
 /// marks them `sending` and counts the attempt. On the way, a row that
@@ -1030,6 +1050,13 @@ pub fn claim(
     filter: &ClaimFilter,
 ) -> Result<Vec<Claimed>> {
     if limit == 0 {
+        return Ok(Vec::new());
+    }
+    // The drainer claims every tick: with nothing due it takes no write
+    // lock, which a partner's own writer (often with SQLite's default busy
+    // timeout of 0) would meet at random. A read neither waits for a writer
+    // nor holds one up (WAL); a row due meanwhile is claimed next tick.
+    if !any_due(conn, kind, due_by, &Pins::read(conn)?)? {
         return Ok(Vec::new());
     }
     let now = crate::time::now();
@@ -1585,6 +1612,55 @@ mod tests {
         assert_eq!(got, [(x1, true)], "sent after a later row");
     }
 
+    /// The drainer claims every tick. With nothing due it takes no write
+    /// lock: a partner's own writer (plain SQL, often with SQLite's default
+    /// busy timeout of 0) would otherwise meet the lock at random and have
+    /// its INSERT refused with `database is locked`.
+    #[test]
+    fn a_claim_with_nothing_due_takes_no_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut conn = crate::store::open_connection(&path, true).unwrap();
+        for kind in Kind::ALL {
+            // Not due yet, and put aside: neither is claimable now.
+            let later = insert(&conn, kind, "1", "7", 1);
+            let aside = insert(&conn, kind, "2", "8", 1);
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET next_attempt_at = ?2 WHERE id = ?1",
+                    kind.table()
+                ),
+                params![later, FAR],
+            )
+            .unwrap();
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET waiting_for = '8' WHERE id = ?1",
+                    kind.table()
+                ),
+                [aside],
+            )
+            .unwrap();
+        }
+        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let by = "2999-01-01T00:00:00.000Z";
+        let partner = rusqlite::Connection::open(&path).unwrap();
+        partner.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for kind in Kind::ALL {
+            let claimed = claim(&mut conn, kind, by, 4, &filter());
+            assert_eq!(
+                claimed.map(|c| c.len()).map_err(|e| format!("{e:#}")),
+                Ok(0),
+                "{kind:?}"
+            );
+        }
+        partner.execute_batch("COMMIT").unwrap();
+        // A due row still needs the lock, and is claimed.
+        let due = insert(&conn, Kind::Transition, "3", "7", 1);
+        let claimed = claim(&mut conn, Kind::Transition, by, 4, &filter()).unwrap();
+        assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [due]);
+    }
+
     #[test]
     fn a_row_with_the_smallest_id_is_walked_over_like_any_other() {
         // The walk from the start was `after_id = i64::MIN`: a row with that
@@ -1715,6 +1791,7 @@ mod tests {
             let t = kind.table();
             let claim = claim_select(kind, &pins);
             reads_through(conn, &claim, "o", &format!("{t}_due"));
+            reads_through(conn, &due_select(kind, &pins), "o", &format!("{t}_due"));
             reads_through(conn, &claim, "w", &format!("{t}_waiting_by_negotiation"));
             let late = mark_sending(kind, &pins);
             reads_through(conn, &late, "s", &format!("{t}_sent_by_negotiation"));
