@@ -799,9 +799,19 @@ async fn healthz_turns_503_while_the_drainer_is_stuck() {
     }
     assert_eq!(status("/readyz").await.map(|r| r.0), Some(200));
 
-    // Another program holds the write lock: the drainer's claim waits for it
-    // (busy timeout), so the drainer loop stops beating.
+    // Another program holds the write lock while a row falls due: the
+    // drainer's claim waits for it (busy timeout), so the drainer loop stops
+    // beating. (With nothing due a claim takes no write lock at all.)
     let holder = env.sql();
+    let lead = env.first_leads(1)[0].clone();
+    holder
+        .execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+             VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z',
+                     strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 seconds'))",
+            [&lead],
+        )
+        .expect("insert a row due in 2 s");
     holder
         .execute_batch("BEGIN IMMEDIATE")
         .expect("take the write lock");
