@@ -986,3 +986,56 @@ async fn a_message_dated_in_the_future_does_not_stop_later_polls_after_one_page(
         "every message of the conversation is mirrored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_an_instant_crowded_past_a_page_are_still_read() {
+    // More messages share one millisecond than a page holds: paging back
+    // cannot list them all, and the poll says so. It stopped there, so every
+    // message sent before that instant was never read either, at any poll:
+    // the older history of the lead was lost to polling for good.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&business)[0].clone();
+    let crowded = "2000-01-02T00:00:00Z";
+    let mut times: Vec<String> = (1..=3).map(|s| format!("2000-01-01T00:00:0{s}Z")).collect();
+    times.extend(std::iter::repeat_n(crowded.to_string(), 25));
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: times,
+        })
+        .unwrap();
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let db = env.sql();
+    let crowded_at = leadsync::time::parse(crowded).unwrap();
+    let older: Vec<String> = env
+        .sandbox
+        .messages(&lead)
+        .into_iter()
+        .filter(|m| m.sent_at < crowded_at)
+        .map(|m| m.id)
+        .collect();
+    assert!(older.len() >= 3);
+    for id in &older {
+        assert_eq!(
+            count(
+                &db,
+                &format!("SELECT count(*) FROM messages WHERE message_id = '{id}'")
+            ),
+            1,
+            "message {id}, sent before the crowded instant, is mirrored"
+        );
+    }
+    // The crowded instant is still reported, and the mark does not move.
+    let (outcome, _) = pages_of(&db, &lead);
+    assert_eq!(outcome, "error", "{}", text(&o));
+    let mark: Option<String> = db
+        .query_row(
+            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            [&lead],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(mark, None);
+}
