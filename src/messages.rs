@@ -308,6 +308,16 @@ async fn poll_lead(
                 // page's oldest (before its end and not before that
                 // instant): go on before that millisecond.
                 let millisecond = oldest_read.unwrap_or(t).trunc_subsecs(3);
+                if before == Some(millisecond) {
+                    // Asked for the messages before that millisecond and
+                    // listed it again: the server does not page back.
+                    poll.error = Some(format!(
+                        "paging back by sentBefore does not advance: asked for the messages sent before {}, \
+                         the server listed messages sent at or after it",
+                        crate::time::fmt(millisecond)
+                    ));
+                    return poll;
+                }
                 crowded.get_or_insert_with(|| {
                     format!(
                         "paging back by sentBefore does not advance: a full page of messages was sent at {} \

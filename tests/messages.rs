@@ -1039,3 +1039,22 @@ async fn messages_older_than_an_instant_crowded_past_a_page_are_still_read() {
         .unwrap();
     assert_eq!(mark, None);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_sent_before_costs_a_few_pages_not_hundreds() {
+    // Reading on before a crowded millisecond must not turn a server that
+    // answers the newest page whatever `sentBefore` says into a loop of
+    // requests up to the poll's page limit, for every lead, at every pass.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    env.sandbox.set_faults(Faults {
+        ignore_sent_before: true,
+        ..Faults::default()
+    });
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (outcome, pages) = pages_of(&env.sql(), &long);
+    assert_eq!(outcome, "error", "{}", text(&o));
+    assert!(pages <= 3, "{pages} pages read");
+}

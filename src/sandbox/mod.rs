@@ -106,6 +106,9 @@ pub struct Faults {
     pub webhook_twice: bool,
     /// Webhooks: send each batch of deliveries in reverse order.
     pub webhook_out_of_order: bool,
+    /// Messages: list the newest messages whatever `sentBefore` asks (a
+    /// server that does not know the parameter).
+    pub ignore_sent_before: bool,
 }
 
 /// Token-endpoint faults and behaviour (SPEC §6).

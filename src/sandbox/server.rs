@@ -709,7 +709,10 @@ fn list_messages(
             }
         }
     }
-    let [before, after] = bounds;
+    let [mut before, after] = bounds;
+    if lock(state).faults.ignore_sent_before {
+        before = None;
+    }
     if lock(state).refuse.contains(negotiation_id) {
         return problem(
             state,
