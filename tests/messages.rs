@@ -1058,3 +1058,35 @@ async fn a_server_that_ignores_sent_before_costs_a_few_pages_not_hundreds() {
     assert_eq!(outcome, "error", "{}", text(&o));
     assert!(pages <= 3, "{pages} pages read");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_keeps_a_conversation_in_time_order_whatever_is_added() {
+    // A stray message dated in the past was appended at the end, so the
+    // sandbox listed it as the newest (paging by time then proves nothing),
+    // and `add_messages_at` placed later messages by a search that assumes
+    // time order.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&business);
+    let (lead, other) = (ids[0].clone(), ids[1].clone());
+    env.sandbox
+        .mutate(Mutation::AddStrayMessage {
+            negotiation_id: lead.clone(),
+            names: other,
+            sent_at: Some("2000-01-01T00:00:00Z".into()),
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: vec!["2000-01-02T00:00:00Z".into(), "1999-12-31T00:00:00Z".into()],
+        })
+        .unwrap();
+    let times: Vec<_> = env
+        .sandbox
+        .messages(&lead)
+        .iter()
+        .map(|m| m.sent_at)
+        .collect();
+    assert!(times.is_sorted(), "{times:?}");
+}

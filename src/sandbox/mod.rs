@@ -351,7 +351,11 @@ impl State {
             "a stray message",
             sent_at,
         );
-        self.conversation(negotiation_id)?.push(m.clone());
+        // In time order, like every message (listing newest first relies
+        // on it), after the messages sent at the same instant.
+        let conversation = self.conversation(negotiation_id)?;
+        let position = conversation.partition_point(|c| c.sent_at <= sent_at);
+        conversation.insert(position, m.clone());
         Some(m)
     }
 
