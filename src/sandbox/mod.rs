@@ -109,6 +109,9 @@ pub struct Faults {
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,
+    /// Listing: hold each answer this long after it was made (the page
+    /// reflects the moment it was made, not the moment it arrives).
+    pub list_hold_ms: u64,
 }
 
 /// Token-endpoint faults and behaviour (SPEC §6).
@@ -247,6 +250,8 @@ pub struct Stats {
     /// Successful refreshes (rotations).
     pub rotations: u64,
     pub faults_injected: u64,
+    /// Listing answers made and held back by `list_hold_ms`.
+    pub lists_held: u64,
 }
 
 struct RefreshEntry {
