@@ -144,13 +144,11 @@ fn unknown_end_note(kind: ScanKind) -> &'static str {
 }
 
 async fn fetch(client: Arc<Client>, business_id: String, cursor: Cursor) -> Result<Page, ApiError> {
-    // Taken before the request: the page reflects some moment between
-    // asking and the answer arriving, and a webhook event after the answer
-    // arrived may still be newer than that (PageContext::read_at).
-    let asked = crate::time::now();
-    let mut page = client.list_page(&business_id, &cursor).await?;
-    page.read_at = Some(asked);
-    Ok(page)
+    // `read_at`: when the request that got the page was sent (the page
+    // reflects some moment between that and its answer arriving, and a
+    // webhook event before the answer arrived may be newer than it:
+    // PageContext::read_at).
+    client.list_page(&business_id, &cursor).await
 }
 
 /// Runs one pass. Errors are recorded in `sync_runs` and `businesses` and
@@ -777,9 +775,6 @@ async fn read_all_pages(
             // no token refresh: refreshes run detached and are awaited by
             // shutdown.
             let checked = shared.ready(&mut pending, &stale_before);
-            // Before the request, as in `fetch`: the page reflects some
-            // moment between asking and the answer arriving.
-            let asked = crate::time::now();
             let page = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
@@ -787,8 +782,6 @@ async fn read_all_pages(
                     page.map_err(|e| e.message)?
                 }
             };
-            let mut page = page;
-            page.read_at = Some(asked);
             // Its leads found changed join `looked_up` (ScanKnown::ready,
             // before the next page is asked about).
             shared.read_unchecked(&mut pending, &page);
