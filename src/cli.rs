@@ -1226,6 +1226,7 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
             html_404: args.html_404_rate,
             webhook_twice: args.webhook_twice,
             webhook_out_of_order: args.webhook_out_of_order,
+            ..Faults::default()
         },
         pagination: args.pagination,
         shape: args.shape,

@@ -8,7 +8,7 @@ use crate::config::Config;
 use crate::store::Store;
 use crate::store::messages::{self, MessageSource, PollRecord};
 use crate::thumbtack::Client;
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -187,6 +187,13 @@ async fn poll_lead(
     // exclusive, and those of them that did not fit on the last page would
     // otherwise never be listed (and the mark would move past them).
     let mut oldest_read: Option<DateTime<Utc>> = None;
+    // The next page's `sentBefore` (exclusive).
+    let mut before: Option<DateTime<Utc>> = None;
+    // A millisecond that more messages share than a page holds: they cannot
+    // all be listed by paging back, so the poll ends in this error (its mark
+    // stays), but only after reading on past that millisecond: the history
+    // before it is not lost with the messages that did not fit.
+    let mut crowded: Option<String> = None;
     loop {
         if poll.pages >= MAX_PAGES {
             poll.error = Some(format!(
@@ -203,9 +210,7 @@ async fn poll_lead(
                 business_id,
                 negotiation_id,
                 PAGE_SIZE,
-                oldest_read
-                    .map(|t| crate::time::fmt(t + chrono::Duration::milliseconds(1)))
-                    .as_deref(),
+                before.map(crate::time::fmt).as_deref(),
             )
             .await
         {
@@ -287,6 +292,7 @@ async fn poll_lead(
             }
         }
         if reached_known || listed < limit as usize {
+            poll.error = crowded;
             return poll;
         }
         // The next page ends with the oldest instant of this one, included.
@@ -298,14 +304,35 @@ async fn poll_lead(
                 return poll;
             }
             Some(t) if oldest_read.is_some_and(|o| t >= o) => {
-                poll.error = Some(format!(
-                    "paging back by sentBefore does not advance: a full page of messages was sent at {} \
-                     (within one millisecond)",
-                    crate::time::fmt(t)
-                ));
-                return poll;
+                // Every message listed lies in the millisecond of the last
+                // page's oldest (before its end and not before that
+                // instant): go on before that millisecond.
+                let millisecond = oldest_read.unwrap_or(t).trunc_subsecs(3);
+                if before == Some(millisecond) {
+                    // Asked for the messages before that millisecond and
+                    // listed it again: the server does not page back.
+                    poll.error = Some(format!(
+                        "paging back by sentBefore does not advance: asked for the messages sent before {}, \
+                         the server listed messages sent at or after it",
+                        crate::time::fmt(millisecond)
+                    ));
+                    return poll;
+                }
+                crowded.get_or_insert_with(|| {
+                    format!(
+                        "paging back by sentBefore does not advance: a full page of messages was sent at {} \
+                         (within one millisecond); those that did not fit are not listed",
+                        crate::time::fmt(millisecond)
+                    )
+                });
+                before = Some(millisecond);
             }
-            Some(t) => oldest_read = Some(t),
+            Some(t) => {
+                oldest_read = Some(t);
+                // The instant plus one millisecond, as `fmt` writes it (to
+                // the millisecond): every message sent at `t` is before it.
+                before = Some(t.trunc_subsecs(3) + chrono::Duration::milliseconds(1));
+            }
         }
     }
 }

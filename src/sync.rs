@@ -144,9 +144,11 @@ fn unknown_end_note(kind: ScanKind) -> &'static str {
 }
 
 async fn fetch(client: Arc<Client>, business_id: String, cursor: Cursor) -> Result<Page, ApiError> {
-    let mut page = client.list_page(&business_id, &cursor).await?;
-    page.read_at = Some(crate::time::now());
-    Ok(page)
+    // `read_at`: when the request that got the page was sent (the page
+    // reflects some moment between that and its answer arriving, and a
+    // webhook event before the answer arrived may be newer than it:
+    // PageContext::read_at).
+    client.list_page(&business_id, &cursor).await
 }
 
 /// Runs one pass. Errors are recorded in `sync_runs` and `businesses` and
@@ -780,8 +782,6 @@ async fn read_all_pages(
                     page.map_err(|e| e.message)?
                 }
             };
-            let mut page = page;
-            page.read_at = Some(crate::time::now());
             // Its leads found changed join `looked_up` (ScanKnown::ready,
             // before the next page is asked about).
             shared.read_unchecked(&mut pending, &page);

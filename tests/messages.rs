@@ -986,3 +986,107 @@ async fn a_message_dated_in_the_future_does_not_stop_later_polls_after_one_page(
         "every message of the conversation is mirrored"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_older_than_an_instant_crowded_past_a_page_are_still_read() {
+    // More messages share one millisecond than a page holds: paging back
+    // cannot list them all, and the poll says so. It stopped there, so every
+    // message sent before that instant was never read either, at any poll:
+    // the older history of the lead was lost to polling for good.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&business)[0].clone();
+    let crowded = "2000-01-02T00:00:00Z";
+    let mut times: Vec<String> = (1..=3).map(|s| format!("2000-01-01T00:00:0{s}Z")).collect();
+    times.extend(std::iter::repeat_n(crowded.to_string(), 25));
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: times,
+        })
+        .unwrap();
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let db = env.sql();
+    let crowded_at = leadsync::time::parse(crowded).unwrap();
+    let older: Vec<String> = env
+        .sandbox
+        .messages(&lead)
+        .into_iter()
+        .filter(|m| m.sent_at < crowded_at)
+        .map(|m| m.id)
+        .collect();
+    assert!(older.len() >= 3);
+    for id in &older {
+        assert_eq!(
+            count(
+                &db,
+                &format!("SELECT count(*) FROM messages WHERE message_id = '{id}'")
+            ),
+            1,
+            "message {id}, sent before the crowded instant, is mirrored"
+        );
+    }
+    // The crowded instant is still reported, and the mark does not move.
+    let (outcome, _) = pages_of(&db, &lead);
+    assert_eq!(outcome, "error", "{}", text(&o));
+    let mark: Option<String> = db
+        .query_row(
+            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            [&lead],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(mark, None);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_sent_before_costs_a_few_pages_not_hundreds() {
+    // Reading on before a crowded millisecond must not turn a server that
+    // answers the newest page whatever `sentBefore` says into a loop of
+    // requests up to the poll's page limit, for every lead, at every pass.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    env.sandbox.set_faults(Faults {
+        ignore_sent_before: true,
+        ..Faults::default()
+    });
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (outcome, pages) = pages_of(&env.sql(), &long);
+    assert_eq!(outcome, "error", "{}", text(&o));
+    assert!(pages <= 3, "{pages} pages read");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_keeps_a_conversation_in_time_order_whatever_is_added() {
+    // A stray message dated in the past was appended at the end, so the
+    // sandbox listed it as the newest (paging by time then proves nothing),
+    // and `add_messages_at` placed later messages by a search that assumes
+    // time order.
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&business);
+    let (lead, other) = (ids[0].clone(), ids[1].clone());
+    env.sandbox
+        .mutate(Mutation::AddStrayMessage {
+            negotiation_id: lead.clone(),
+            names: other,
+            sent_at: Some("2000-01-01T00:00:00Z".into()),
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::AddMessagesAt {
+            negotiation_id: lead.clone(),
+            sent_at: vec!["2000-01-02T00:00:00Z".into(), "1999-12-31T00:00:00Z".into()],
+        })
+        .unwrap();
+    let times: Vec<_> = env
+        .sandbox
+        .messages(&lead)
+        .iter()
+        .map(|m| m.sent_at)
+        .collect();
+    assert!(times.is_sorted(), "{times:?}");
+}

@@ -971,3 +971,87 @@ async fn a_page_read_before_a_delivered_event_does_not_overwrite_the_delivered_c
         "the page read before the event overwrote the delivered copy"
     );
 }
+
+/// A listing page reflects the moment the server made it, which may be
+/// well before its answer arrives (a slow link, a proxy). An event
+/// delivered between those two moments is newer than the page's copy of its
+/// lead: the page must not overwrite it. The page's read time was taken
+/// when the answer arrived, so such a page rolled the lead back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_made_before_a_delivered_event_but_answered_after_it_does_not_overwrite_it() {
+    for kind in [ScanKind::Head, ScanKind::Full] {
+        let env = Env::small().await;
+        let b = env.business_ids()[0].clone();
+        let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+        assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
+        let x = env.sandbox.lead_ids(&b)[0].clone();
+        env.sandbox
+            .mutate(Mutation::SetStatus {
+                negotiation_id: x.clone(),
+                status: "Picked".into(),
+            })
+            .unwrap();
+        let listed = env.sandbox.lead_json(&x).unwrap();
+        let data = format!(
+            "{{\"businessID\":\"{b}\",{}",
+            &listed.replace("\"status\":\"Picked\"", "\"status\":\"Canceled\"")[1..]
+        );
+        env.sandbox.set_faults(Faults {
+            list_hold_ms: 1_500,
+            ..Default::default()
+        });
+        let held = env.sandbox.stats().lists_held;
+        let running = {
+            let (s, b) = (s.clone(), b.clone());
+            tokio::spawn(async move {
+                sync_business(
+                    &s.store,
+                    &s.client,
+                    &b,
+                    kind,
+                    SETTINGS,
+                    &CancellationToken::new(),
+                )
+                .await
+            })
+        };
+        // The first page is made (and held back): the event comes after.
+        common::wait_until("the first page made", Duration::from_secs(30), || {
+            env.sandbox.stats().lists_held > held
+        })
+        .await;
+        env.sandbox.set_faults(Faults::default());
+        let outcome = s
+            .store
+            .call(move |conn| {
+                let body = format!(
+                    "{{\"event\":{{\"eventType\":\"NegotiationCreatedV4\",\"webhookID\":\"w\",\
+                     \"triggeredAt\":\"{}\"}},\"data\":{data}}}",
+                    leadsync::time::now()
+                );
+                let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes())
+                    .map_err(anyhow::Error::msg)?;
+                let (row, effect) =
+                    leadsync::ingest::delivery_effect(d, &body, leadsync::time::now());
+                let rec = leadsync::store::messages::record_delivery(conn, &row, &effect)?;
+                Ok(rec.outcome.as_str().to_string())
+            })
+            .await
+            .unwrap();
+        assert_eq!(outcome, "applied");
+        let report = running.await.unwrap();
+        assert!(report.is_ok(), "{}", report.summary());
+        let status: String = env
+            .sql()
+            .query_row(
+                "SELECT status FROM negotiations WHERE negotiation_id = ?1",
+                [&x],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(
+            status, "Canceled",
+            "{kind:?}: the page made before the event overwrote the delivered copy"
+        );
+    }
+}

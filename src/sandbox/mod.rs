@@ -106,6 +106,12 @@ pub struct Faults {
     pub webhook_twice: bool,
     /// Webhooks: send each batch of deliveries in reverse order.
     pub webhook_out_of_order: bool,
+    /// Messages: list the newest messages whatever `sentBefore` asks (a
+    /// server that does not know the parameter).
+    pub ignore_sent_before: bool,
+    /// Listing: hold each answer this long after it was made (the page
+    /// reflects the moment it was made, not the moment it arrives).
+    pub list_hold_ms: u64,
 }
 
 /// Token-endpoint faults and behaviour (SPEC §6).
@@ -244,6 +250,8 @@ pub struct Stats {
     /// Successful refreshes (rotations).
     pub rotations: u64,
     pub faults_injected: u64,
+    /// Listing answers made and held back by `list_hold_ms`.
+    pub lists_held: u64,
 }
 
 struct RefreshEntry {
@@ -348,7 +356,11 @@ impl State {
             "a stray message",
             sent_at,
         );
-        self.conversation(negotiation_id)?.push(m.clone());
+        // In time order, like every message (listing newest first relies
+        // on it), after the messages sent at the same instant.
+        let conversation = self.conversation(negotiation_id)?;
+        let position = conversation.partition_point(|c| c.sent_at <= sent_at);
+        conversation.insert(position, m.clone());
         Some(m)
     }
 

@@ -188,7 +188,12 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             let mut response = match (&method, rest) {
                 (&Method::GET, ["businesses"]) => businesses_of(&state, &granted),
                 (&Method::GET, ["businesses", b, "negotiations"]) => {
-                    list(&state, &business, b, &query, &host)
+                    let page = list(&state, &business, b, &query, &host);
+                    if faults.list_hold_ms > 0 {
+                        lock(&state).stats.lists_held += 1;
+                        tokio::time::sleep(Duration::from_millis(faults.list_hold_ms)).await;
+                    }
+                    page
                 }
                 (&Method::GET, ["negotiations", n]) => get_one(&state, &business, n),
                 (&Method::POST, ["negotiations", n, "job-status"]) => {
@@ -709,7 +714,10 @@ fn list_messages(
             }
         }
     }
-    let [before, after] = bounds;
+    let [mut before, after] = bounds;
+    if lock(state).faults.ignore_sent_before {
+        before = None;
+    }
     if lock(state).refuse.contains(negotiation_id) {
         return problem(
             state,

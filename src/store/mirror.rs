@@ -27,10 +27,13 @@ pub struct PageContext {
     /// inserted at once, and one whose id is mirrored after all takes the
     /// ordinary path. Saves a lookup per lead of a first sync.
     pub insert_first: bool,
-    /// When the listing page was read (the database's format). A lead whose
-    /// mirrored copy came from a webhook event triggered after that keeps
-    /// it: the page's copy is older (a full scan writes pages some time
-    /// after reading them). `None`: a listed copy is always written.
+    /// When the listing page was asked for (the database's format): the
+    /// server made it no earlier. A lead whose mirrored copy came from a
+    /// webhook event triggered after that keeps it: the page's copy may be
+    /// older (the answer can arrive well after the page was made, and a
+    /// full scan writes pages some time after reading them); the next
+    /// listing, asked for after the event, is written as usual. `None`: a
+    /// listed copy is always written.
     pub read_at: Option<String>,
 }
 

@@ -379,6 +379,17 @@ impl Client {
         url: &str,
         parse: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<T, ApiError> {
+        Ok(self.get_retried_asked(business_id, url, parse).await?.0)
+    }
+
+    /// [`Client::get_retried`], with when the attempt that succeeded was
+    /// started (the database's format): the answer was made no earlier.
+    async fn get_retried_asked<T>(
+        &self,
+        business_id: &str,
+        url: &str,
+        parse: impl Fn(&[u8]) -> Result<T, String>,
+    ) -> Result<(T, String), ApiError> {
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.settings.read_retry_initial)
             .with_max_delay(self.settings.backoff_max)
@@ -387,10 +398,12 @@ impl Client {
             .with_jitter();
         let attempt = || async {
             let mut log = Vec::new();
+            let asked = crate::time::now();
             let response = self
                 .exchange_with_refresh(business_id, reqwest::Method::GET, url, None, &mut log)
                 .await?;
             parse(&response.body)
+                .map(|t| (t, asked))
                 .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
         };
         attempt
@@ -419,10 +432,15 @@ impl Client {
         &self.settings.base_url
     }
 
-    /// One page of a business's negotiations (retried while retryable).
+    /// One page of a business's negotiations (retried while retryable),
+    /// with `read_at` = when the attempt that got it was started.
     pub async fn list_page(&self, business_id: &str, cursor: &Cursor) -> Result<Page, ApiError> {
         let url = self.list_url(business_id, cursor)?;
-        self.get_retried(business_id, &url, parse_page).await
+        let (mut page, asked) = self
+            .get_retried_asked(business_id, &url, parse_page)
+            .await?;
+        page.read_at = Some(asked);
+        Ok(page)
     }
 
     /// [`Client::list_page`], asking `unchanged(id, payload hash)` before
@@ -434,8 +452,11 @@ impl Client {
         unchanged: Option<&Unchanged<'_>>,
     ) -> Result<Page, ApiError> {
         let url = self.list_url(business_id, cursor)?;
-        self.get_retried(business_id, &url, |body| parse_page_with(body, unchanged))
-            .await
+        let (mut page, asked) = self
+            .get_retried_asked(business_id, &url, |body| parse_page_with(body, unchanged))
+            .await?;
+        page.read_at = Some(asked);
+        Ok(page)
     }
 
     /// One GET, once (one token refresh on 401, no other retry), with the

@@ -22,9 +22,9 @@ pub struct Page {
     /// order, each followed by a NUL; `None` when the page lists none. What
     /// tells a page from an earlier one (`paging.rs`).
     pub ids_digest: Option<u64>,
-    /// When the response was read (leadsync's clock, the database's
-    /// format): set by the caller that fetched the page, `None` from the
-    /// parsers.
+    /// When the request that got the page was sent (leadsync's clock, the
+    /// database's format; the server made the page no earlier): set by
+    /// `Client::list_page`, `None` from the parsers.
     pub read_at: Option<String>,
 }
 
