@@ -2,7 +2,8 @@
 //! notify protocol (READY, STATUS, WATCHDOG, STOPPING), configuration reload
 //! and a bounded graceful shutdown.
 
-use crate::app::Session;
+use crate::app::{Session, StoreGrants};
+use crate::store::tokens::TokenStore;
 use crate::config::{Config, ConfigSource};
 use crate::drain::{DrainSettings, Drainer};
 use crate::schedule::{Job, Origin, Pushed, ScheduleKey, Schedules, SyncQueue};
@@ -872,6 +873,18 @@ impl Daemon {
             self.auth.clone(),
             self.client().budget().clone(),
         )?);
+        // A daemon started with no OAuth business has no token store open:
+        // the reload that adds the first one opens it (the configured path,
+        // which only a restart changes), before anything is applied.
+        let grants = if new.uses_oauth() && !self.auth.has_grant_store() {
+            let path = new.file.oauth.token_store.clone();
+            let store = tokio::task::spawn_blocking(move || TokenStore::open(&path))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the token store: {e}"))??;
+            Some(Arc::new(StoreGrants(store)))
+        } else {
+            None
+        };
         let new = Arc::new(new);
         let rows_written = {
             let new = new.clone();
@@ -880,6 +893,10 @@ impl Daemon {
                 .await?
         };
 
+        if let Some(grants) = grants {
+            info!("the first OAuth business was added: the token store is open now");
+            self.auth.set_grant_store(grants);
+        }
         self.auth.reconfigure(&new);
         if let Ok(mut c) = self.client.write() {
             *c = client.clone();

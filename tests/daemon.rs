@@ -482,6 +482,64 @@ async fn sighup_adds_a_business_and_a_broken_file_keeps_the_old_configuration() 
     );
 }
 
+/// The onboarding README describes: the daemon runs with no OAuth business
+/// yet (a fresh install, or static tokens only), `auth exchange
+/// --write-conf` adds one, `systemctl reload`. The reload must make the
+/// added grants usable, not leave every pass of them failing until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adding_the_first_oauth_business_syncs_it_without_a_restart() {
+    let env = common::oauth_env(3600, common::FAST).await;
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let cut = fixture.find("[[businesses]]").unwrap();
+    std::fs::write(&env.fixture, &fixture[..cut]).unwrap();
+    let extra = env.dir.path().join("extra.toml");
+    std::fs::write(&extra, "").unwrap();
+
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("--config")
+            .arg(&extra)
+            .arg("run")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until_blocking("the daemon started", Duration::from_secs(20), || {
+        env.daemon_log().contains("leadsync started")
+    });
+
+    std::fs::write(&extra, &fixture[cut..]).unwrap();
+    signal(&child, libc::SIGHUP);
+    let finished = || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM businesses WHERE configured = 1 AND last_sync_finished_at IS NOT NULL",
+        )
+    };
+    wait_until_blocking(
+        "a pass of each added business ended",
+        Duration::from_secs(30),
+        || env.database().exists() && finished() == 3,
+    );
+    let errors: Vec<String> = env
+        .sql()
+        .prepare("SELECT business_id || ': ' || coalesce(last_error, '') FROM businesses WHERE last_sync_outcome <> 'ok'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(errors.is_empty(), "passes failed after the reload: {errors:?}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 180);
+
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_are_plain_under_journald_and_json_on_request() {
     use std::os::unix::fs::MetadataExt;
