@@ -22,6 +22,12 @@ pub struct Session {
 }
 
 impl Session {
+    /// Says in the lock file that this process is the daemon (it takes
+    /// `sync_requests` rows).
+    pub fn mark_daemon(&self) -> Result<()> {
+        self._lock.mark_daemon()
+    }
+
     /// Opens (creating and migrating) the mirror, takes the process lock,
     /// recovers what a stopped process left behind, and builds the client.
     pub async fn open(config: Config) -> Result<Session> {

@@ -77,6 +77,9 @@ pub async fn run_with(
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
     let session = Session::open(config).await?;
+    if let Err(e) = session.mark_daemon() {
+        warn!(error = %format!("{e:#}"), "cannot name the daemon in the lock file; `leadsync sync` still asks it");
+    }
     {
         let now = crate::time::now();
         let closed = session

@@ -625,8 +625,12 @@ impl Store {
 /// requests (`run`, `sync`, `drain`): two of them would reset each other's
 /// in-flight rows and race for single-use refresh tokens.
 pub struct ProcessLock {
-    _file: File,
+    file: File,
 }
+
+/// What the lock file says of its holder on its second line: the daemon
+/// takes `sync_requests`; another command (`sync`, `drain`, `probe`) does not.
+const DAEMON_ROLE: &str = "daemon";
 
 impl ProcessLock {
     /// Takes the lock next to the database (`<database>.lock`) or says who holds it.
@@ -661,19 +665,49 @@ impl ProcessLock {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
-        file.set_len(0)?;
-        use std::io::Write;
-        (&file).write_all(std::process::id().to_string().as_bytes())?;
-        Ok(Some(ProcessLock { _file: file }))
+        let lock = ProcessLock { file };
+        lock.write_holder("command")?;
+        Ok(Some(lock))
+    }
+
+    /// Names this process's pid and role in the lock file.
+    fn write_holder(&self, role: &str) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.set_len(0)?;
+        self.file
+            .write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
+        Ok(())
+    }
+
+    /// Says in the lock file that its holder is the daemon, which takes
+    /// `sync_requests` rows (a `leadsync sync` meeting another command's
+    /// lock fails at once instead of asking).
+    pub fn mark_daemon(&self) -> Result<()> {
+        self.write_holder(DAEMON_ROLE)
     }
 
     /// The pid the lock file names (the holder's, while it is held).
     pub fn holder(database: &Path) -> Option<u32> {
         std::fs::read_to_string(lock_path(database))
             .ok()?
+            .lines()
+            .next()?
             .trim()
             .parse()
             .ok()
+    }
+
+    /// Whether the lock file names the daemon as its holder. A file naming
+    /// no role (written by an older leadsync, or read between the lock and
+    /// its role) counts as the daemon's: asking is what leadsync did before.
+    pub fn held_by_daemon(database: &Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(lock_path(database)) else {
+            return true;
+        };
+        text.lines()
+            .nth(1)
+            .map(str::trim)
+            .is_none_or(|role| role.is_empty() || role == DAEMON_ROLE)
     }
 }
 
