@@ -3,10 +3,10 @@
 //! and a bounded graceful shutdown.
 
 use crate::app::{Session, StoreGrants};
-use crate::store::tokens::TokenStore;
 use crate::config::{Config, ConfigSource};
 use crate::drain::{DrainSettings, Drainer};
 use crate::schedule::{Job, Origin, Pushed, ScheduleKey, Schedules, SyncQueue};
+use crate::store::tokens::TokenStore;
 use crate::store::{Store, mirror, outbox, requests};
 use crate::sync::{PANICKED, PassOutcome, PassReport, PassSettings, ScanKind, sync_business};
 use crate::thumbtack::{Auth, Client, ClientSettings};
@@ -901,6 +901,10 @@ impl Daemon {
             self.auth.set_grant_store(grants);
         }
         self.auth.reconfigure(&new);
+        // The budget is shared by everything in flight: it is kept, at the new rate.
+        client
+            .budget()
+            .set_rate(new.file.api.max_requests_per_second);
         if let Ok(mut c) = self.client.write() {
             *c = client.clone();
         }

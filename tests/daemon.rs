@@ -530,7 +530,10 @@ async fn a_reload_adding_the_first_oauth_business_syncs_it_without_a_restart() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert!(errors.is_empty(), "passes failed after the reload: {errors:?}");
+    assert!(
+        errors.is_empty(),
+        "passes failed after the reload: {errors:?}"
+    );
     assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 180);
 
     signal(&child, libc::SIGTERM);

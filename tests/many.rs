@@ -383,3 +383,53 @@ async fn sync_beside_another_command_says_so_instead_of_waiting_for_a_daemon() {
     );
     drop(held);
 }
+
+/// `api.max_requests_per_second` changed by a reload applies to the running
+/// daemon (README: a reload applies limits): a partner told to slow down
+/// lowers it and reloads; requests must not keep going at the old rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_new_request_rate() {
+    let fast = FAST.replace("[poll]\npage_size = 10\n", NEVER);
+    let env = Env::new(SandboxOptions::default(), false, &fast).await;
+    let mut daemon = Running(env.spawn_daemon());
+    wait_until_blocking("the initial passes", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
+            ) == 3
+    });
+    env.set_overrides(&fast.replace(
+        "max_requests_per_second = 1000",
+        "max_requests_per_second = 2",
+    ));
+    signal(&daemon.0, libc::SIGHUP);
+    wait_until_blocking("the reload", Duration::from_secs(20), || {
+        env.daemon_log().contains("configuration reloaded")
+    });
+    // Full scans of every business: 18 or more pages to list.
+    env.sql()
+        .execute("INSERT INTO sync_requests (kind) VALUES ('full')", [])
+        .unwrap();
+    let requests = || env.sandbox.stats().requests;
+    let before = requests();
+    wait_until_blocking("the passes start", Duration::from_secs(20), || {
+        requests() > before
+    });
+    let (start, started) = (requests(), Instant::now());
+    while started.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = requests() - start;
+    let secs = started.elapsed().as_secs_f64();
+    // At 2 per second, at most one more than the rate allows in the window.
+    assert!(
+        sent as f64 <= secs * 2.0 + 1.0,
+        "{sent} requests in {secs:.1} s after lowering the rate to 2 per second"
+    );
+    signal(&daemon.0, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut daemon.0, Duration::from_secs(20)).code(),
+        Some(0)
+    );
+}
