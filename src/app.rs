@@ -22,21 +22,25 @@ pub struct Session {
 }
 
 impl Session {
-    /// Says in the lock file that this process is the daemon (it takes
-    /// `sync_requests` rows).
-    pub fn mark_daemon(&self) -> Result<()> {
-        self._lock.mark_daemon()
-    }
-
     /// Opens (creating and migrating) the mirror, takes the process lock,
     /// recovers what a stopped process left behind, and builds the client.
     pub async fn open(config: Config) -> Result<Session> {
+        Session::open_as(config, false).await
+    }
+
+    /// [`Session::open`]; `daemon`: the lock file says at once that its
+    /// holder is the daemon, which takes `sync_requests` rows (a `leadsync
+    /// sync` meeting another command's lock fails instead of asking).
+    pub async fn open_as(config: Config, daemon: bool) -> Result<Session> {
         let path = config.database().to_path_buf();
         let store = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || Store::open(&path)).await??
         };
         let lock = ProcessLock::acquire(&path)?;
+        if daemon && let Err(e) = lock.mark_daemon() {
+            warn!(error = %format!("{e:#}"), "cannot name the daemon in the lock file; `leadsync sync` still asks it");
+        }
         let businesses = config.businesses.clone();
         let (recovered, interrupted, needs_reauth, missing_indexes) = store
             .call(move |c| {

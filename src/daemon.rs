@@ -76,10 +76,7 @@ pub async fn run_with(
     }
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
-    let session = Session::open(config).await?;
-    if let Err(e) = session.mark_daemon() {
-        warn!(error = %format!("{e:#}"), "cannot name the daemon in the lock file; `leadsync sync` still asks it");
-    }
+    let session = Session::open_as(config, true).await?;
     {
         let now = crate::time::now();
         let closed = session
