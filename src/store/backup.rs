@@ -170,7 +170,9 @@ fn copy_to(
     .with_context(|| format!("cannot open database {}", database.display()))?;
     source.busy_timeout(super::BUSY_TIMEOUT)?;
     // One snapshot for the whole copy (see the module comment).
-    source.execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")?;
+    source
+        .execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")
+        .with_context(|| format!("cannot read database {}", database.display()))?;
     let schema_version: i64 = source
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .with_context(|| format!("cannot read database {}", database.display()))?;
@@ -367,5 +369,17 @@ mod tests {
             assert!(e.contains(&wal.display().to_string()), "{e}");
             assert_eq!(std::fs::read(&wal).unwrap(), leftover, "not ours to remove");
         }
+    }
+
+    /// SPEC §1: every error names what is wrong and where.
+    #[test]
+    fn a_mirror_that_is_not_a_database_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        std::fs::write(&db, "not a database, but long enough to be read as one").unwrap();
+        let dest = dir.path().join("copy.db");
+        let e = format!("{:#}", backup(&db, &[], &dest, false, |_, _| true).unwrap_err());
+        assert!(e.contains(&db.display().to_string()), "{e}");
+        assert!(!dest.exists());
     }
 }
