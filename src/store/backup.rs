@@ -378,7 +378,10 @@ mod tests {
         let db = dir.path().join("m.db");
         std::fs::write(&db, "not a database, but long enough to be read as one").unwrap();
         let dest = dir.path().join("copy.db");
-        let e = format!("{:#}", backup(&db, &[], &dest, false, |_, _| true).unwrap_err());
+        let e = format!(
+            "{:#}",
+            backup(&db, &[], &dest, false, |_, _| true).unwrap_err()
+        );
         assert!(e.contains(&db.display().to_string()), "{e}");
         assert!(!dest.exists());
     }
