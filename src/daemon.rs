@@ -26,6 +26,32 @@ const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often `sync_requests` is looked at ("within about a second").
 const REQUESTS_EVERY: Duration = Duration::from_millis(500);
 
+/// While starting, how long each `EXTEND_TIMEOUT_USEC` gives, how often it
+/// is sent, and for how long at most: opening a big mirror after an upgrade
+/// (its migrations) may outlast the unit's TimeoutStartSec, and a start
+/// killed there would begin the same migrations again at every restart.
+const START_EXTEND: Duration = Duration::from_secs(30);
+const START_EXTEND_EVERY: Duration = Duration::from_secs(10);
+const START_EXTEND_MAX: Duration = Duration::from_secs(3600);
+
+/// Tells systemd the start goes on until `started` is cancelled (READY=1 or
+/// a failed start), for at most [`START_EXTEND_MAX`]: a start stuck beyond
+/// that is left to TimeoutStartSec.
+async fn extend_start(started: CancellationToken, database: String) {
+    let begun = Instant::now();
+    let status = format!("starting: opening the mirror {database} (applying migrations if needed)");
+    while begun.elapsed() < START_EXTEND_MAX {
+        notify(&[
+            NotifyState::ExtendTimeoutUsec(START_EXTEND.as_micros() as u32),
+            NotifyState::Status(&status),
+        ]);
+        tokio::select! {
+            _ = started.cancelled() => return,
+            _ = tokio::time::sleep(START_EXTEND_EVERY) => {}
+        }
+    }
+}
+
 /// What can happen to a running daemon from outside, and what it tells.
 #[derive(Clone, Default)]
 pub struct Controls {
@@ -76,6 +102,13 @@ pub async fn run_with(
     }
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
+    // Ends at READY=1, or with a failed start (the guard is dropped).
+    let starting = CancellationToken::new();
+    let _starting = starting.clone().drop_guard();
+    tokio::spawn(extend_start(
+        starting.clone(),
+        config.database().display().to_string(),
+    ));
     let session = Session::open_as(config, true).await?;
     {
         let now = crate::time::now();
@@ -158,6 +191,7 @@ pub async fn run_with(
         webhooks: webhooks_at,
         admin: admin.as_ref().map(|a| a.local_addr()),
     }));
+    starting.cancel();
     notify(&[NotifyState::Ready]);
     daemon.send_status().await;
     info!(

@@ -136,6 +136,65 @@ async fn notify_ready_status_watchdog_and_stopping() {
     );
 }
 
+/// A start that waits on the mirror (the migrations of a big mirror after an
+/// upgrade, another program's long write transaction) tells systemd it is
+/// still starting: without EXTEND_TIMEOUT_USEC, a start longer than the
+/// unit's TimeoutStartSec (90 s by default) is killed, and the restart
+/// begins the same migration again, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_start_extends_the_start_timeout() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    // The daemon's start must write the mirror (it recovers rows a stopped
+    // process left `sending`): it waits while this transaction holds it.
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    let mut extended = false;
+    // Within the mirror's busy timeout (10 s), after which the start fails.
+    let end = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < end && !extended {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(
+                !m.contains("READY=1"),
+                "ready while the mirror is held: {seen:?}"
+            );
+            extended = m.contains("EXTEND_TIMEOUT_USEC=");
+            seen.push(m);
+        }
+    }
+    holder.execute_batch("COMMIT").unwrap();
+    assert!(extended, "no EXTEND_TIMEOUT_USEC while starting: {seen:?}");
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut ready = false;
+    while Instant::now() < end && !ready {
+        if let Ok(n) = socket.recv(&mut buf) {
+            ready = String::from_utf8_lossy(&buf[..n]).contains("READY=1");
+        }
+    }
+    assert!(ready, "the start went on once the mirror was free");
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abstract_notify_socket_works_too() {
     use std::os::linux::net::SocketAddrExt;
@@ -156,8 +215,13 @@ async fn an_abstract_notify_socket_works_too() {
             .unwrap(),
     );
     let mut buf = [0u8; 4096];
-    let n = socket.recv(&mut buf).expect("a notification");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    // READY=1 follows the start's EXTEND_TIMEOUT_USEC.
+    loop {
+        let n = socket.recv(&mut buf).expect("a notification");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
     signal(&child, libc::SIGTERM);
     assert_eq!(
         wait_exit(&mut child, Duration::from_secs(15)).code(),
