@@ -36,17 +36,20 @@ const START_EXTEND_MAX: Duration = Duration::from_secs(3600);
 
 /// Tells systemd the start goes on until `started` is cancelled (READY=1 or
 /// a failed start), for at most [`START_EXTEND_MAX`]: a start stuck beyond
-/// that is left to TimeoutStartSec.
-async fn extend_start(started: CancellationToken, database: String) {
+/// that is left to TimeoutStartSec. Not once a stop is asked for (the
+/// extension would then extend the stop): the stop's own timeout applies,
+/// and a migration cut there is rolled back whole.
+async fn extend_start(started: CancellationToken, shutdown: CancellationToken, database: String) {
     let begun = Instant::now();
     let status = format!("starting: opening the mirror {database} (applying migrations if needed)");
-    while begun.elapsed() < START_EXTEND_MAX {
+    while begun.elapsed() < START_EXTEND_MAX && !shutdown.is_cancelled() {
         notify(&[
             NotifyState::ExtendTimeoutUsec(START_EXTEND.as_micros() as u32),
             NotifyState::Status(&status),
         ]);
         tokio::select! {
             _ = started.cancelled() => return,
+            _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(START_EXTEND_EVERY) => {}
         }
     }
@@ -107,6 +110,7 @@ pub async fn run_with(
     let _starting = starting.clone().drop_guard();
     tokio::spawn(extend_start(
         starting.clone(),
+        controls.shutdown.clone(),
         config.database().display().to_string(),
     ));
     let session = Session::open_as(config, true).await?;
