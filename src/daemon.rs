@@ -39,14 +39,12 @@ const START_EXTEND_MAX: Duration = Duration::from_secs(3600);
 /// that is left to TimeoutStartSec. Not once a stop is asked for (the
 /// extension would then extend the stop): the stop's own timeout applies,
 /// and a migration cut there is rolled back whole.
-async fn extend_start(started: CancellationToken, shutdown: CancellationToken, database: String) {
+async fn extend_start(started: CancellationToken, shutdown: CancellationToken) {
     let begun = Instant::now();
-    let status = format!("starting: opening the mirror {database} (applying migrations if needed)");
     while begun.elapsed() < START_EXTEND_MAX && !shutdown.is_cancelled() {
-        notify(&[
-            NotifyState::ExtendTimeoutUsec(START_EXTEND.as_micros() as u32),
-            NotifyState::Status(&status),
-        ]);
+        notify(&[NotifyState::ExtendTimeoutUsec(
+            START_EXTEND.as_micros() as u32
+        )]);
         tokio::select! {
             _ = started.cancelled() => return,
             _ = shutdown.cancelled() => return,
@@ -108,11 +106,7 @@ pub async fn run_with(
     // Ends at READY=1, or with a failed start (the guard is dropped).
     let starting = CancellationToken::new();
     let _starting = starting.clone().drop_guard();
-    tokio::spawn(extend_start(
-        starting.clone(),
-        controls.shutdown.clone(),
-        config.database().display().to_string(),
-    ));
+    tokio::spawn(extend_start(starting.clone(), controls.shutdown.clone()));
     let session = Session::open_as(config, true).await?;
     {
         let now = crate::time::now();
