@@ -37,10 +37,7 @@ impl Session {
             let path = path.clone();
             tokio::task::spawn_blocking(move || Store::open(&path)).await??
         };
-        let lock = ProcessLock::acquire(&path)?;
-        if daemon && let Err(e) = lock.mark_daemon() {
-            warn!(error = %format!("{e:#}"), "cannot name the daemon in the lock file; `leadsync sync` still asks it");
-        }
+        let lock = ProcessLock::acquire_as(&path, daemon)?;
         let businesses = config.businesses.clone();
         let (recovered, interrupted, needs_reauth, missing_indexes) = store
             .call(move |c| {

@@ -625,7 +625,7 @@ impl Store {
 /// requests (`run`, `sync`, `drain`): two of them would reset each other's
 /// in-flight rows and race for single-use refresh tokens.
 pub struct ProcessLock {
-    file: File,
+    _file: File,
 }
 
 /// What the lock file says of its holder on its second line: the daemon
@@ -635,7 +635,14 @@ const DAEMON_ROLE: &str = "daemon";
 impl ProcessLock {
     /// Takes the lock next to the database (`<database>.lock`) or says who holds it.
     pub fn acquire(database: &Path) -> Result<ProcessLock> {
-        match ProcessLock::try_acquire(database)? {
+        ProcessLock::acquire_as(database, false)
+    }
+
+    /// [`ProcessLock::acquire`]; `daemon`: the lock file names its holder
+    /// the daemon, which takes `sync_requests` rows (a `leadsync sync`
+    /// meeting another command's lock fails at once instead of asking).
+    pub fn acquire_as(database: &Path, daemon: bool) -> Result<ProcessLock> {
+        match ProcessLock::try_acquire_as(database, daemon)? {
             Some(lock) => Ok(lock),
             None => bail!(
                 "another leadsync process (pid {}) is running against {}; \
@@ -650,6 +657,10 @@ impl ProcessLock {
 
     /// Takes the lock, or `None` when another process holds it.
     pub fn try_acquire(database: &Path) -> Result<Option<ProcessLock>> {
+        ProcessLock::try_acquire_as(database, false)
+    }
+
+    fn try_acquire_as(database: &Path, daemon: bool) -> Result<Option<ProcessLock>> {
         let path = lock_path(database);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -665,25 +676,12 @@ impl ProcessLock {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
-        let lock = ProcessLock { file };
-        lock.write_holder("command")?;
-        Ok(Some(lock))
-    }
-
-    /// Names this process's pid and role in the lock file.
-    fn write_holder(&self, role: &str) -> Result<()> {
+        // The pid, and the holder's role on a second line.
         use std::os::unix::fs::FileExt;
-        self.file.set_len(0)?;
-        self.file
-            .write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
-        Ok(())
-    }
-
-    /// Says in the lock file that its holder is the daemon, which takes
-    /// `sync_requests` rows (a `leadsync sync` meeting another command's
-    /// lock fails at once instead of asking).
-    pub fn mark_daemon(&self) -> Result<()> {
-        self.write_holder(DAEMON_ROLE)
+        let role = if daemon { DAEMON_ROLE } else { "command" };
+        file.set_len(0)?;
+        file.write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
+        Ok(Some(ProcessLock { _file: file }))
     }
 
     /// The pid the lock file names (the holder's, while it is held).
@@ -698,8 +696,8 @@ impl ProcessLock {
     }
 
     /// Whether the lock file names the daemon as its holder. A file naming
-    /// no role (written by an older leadsync, or read between the lock and
-    /// its role) counts as the daemon's: asking is what leadsync did before.
+    /// no role (written by an older leadsync, or read while being written)
+    /// counts as the daemon's: asking is what leadsync did before.
     pub fn held_by_daemon(database: &Path) -> bool {
         let Ok(text) = std::fs::read_to_string(lock_path(database)) else {
             return true;
