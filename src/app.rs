@@ -25,12 +25,19 @@ impl Session {
     /// Opens (creating and migrating) the mirror, takes the process lock,
     /// recovers what a stopped process left behind, and builds the client.
     pub async fn open(config: Config) -> Result<Session> {
+        Session::open_as(config, false).await
+    }
+
+    /// [`Session::open`]; `daemon`: the lock file says at once that its
+    /// holder is the daemon, which takes `sync_requests` rows (a `leadsync
+    /// sync` meeting another command's lock fails instead of asking).
+    pub async fn open_as(config: Config, daemon: bool) -> Result<Session> {
         let path = config.database().to_path_buf();
         let store = {
             let path = path.clone();
             tokio::task::spawn_blocking(move || Store::open(&path)).await??
         };
-        let lock = ProcessLock::acquire(&path)?;
+        let lock = ProcessLock::acquire_as(&path, daemon)?;
         let businesses = config.businesses.clone();
         let (recovered, interrupted, needs_reauth, missing_indexes) = store
             .call(move |c| {

@@ -780,6 +780,15 @@ async fn sync_through_daemon(
         return Ok(None); // released at once: Session::open takes it again
     }
     let pid = store::ProcessLock::holder(path);
+    if !store::ProcessLock::held_by_daemon(path) {
+        bail!(
+            "another leadsync command (pid {}) is running against {}; it is not the daemon, so \
+             nobody would take a sync request: wait for it to end, then run this again",
+            pid.map(|p| p.to_string())
+                .unwrap_or_else(|| "unknown".into()),
+            path.display()
+        );
+    }
     let conn = store::open_connection(path, false)?;
     let kind = if full { "full" } else { "head" };
     let id = store::requests::insert(&conn, business, kind, accept_missing)

@@ -670,12 +670,22 @@ pub fn normalize_cron(expr: &str) -> Result<String, String> {
             ));
         }
     };
-    croner::parser::CronParser::builder()
+    let cron = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .dom_and_dow(true)
         .build()
         .parse(&six)
         .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))?;
+    // One that parses but matches no date (February 30th) would leave its
+    // businesses unsynced after their first pass, with nothing said.
+    if cron
+        .find_next_occurrence(&chrono::Utc::now(), false)
+        .is_err()
+    {
+        return Err(format!(
+            "cron expression `{expr}` never fires: no date matches it (check the day and month fields)"
+        ));
+    }
     Ok(six)
 }
 

@@ -2,10 +2,11 @@
 //! notify protocol (READY, STATUS, WATCHDOG, STOPPING), configuration reload
 //! and a bounded graceful shutdown.
 
-use crate::app::Session;
+use crate::app::{Session, StoreGrants};
 use crate::config::{Config, ConfigSource};
 use crate::drain::{DrainSettings, Drainer};
 use crate::schedule::{Job, Origin, Pushed, ScheduleKey, Schedules, SyncQueue};
+use crate::store::tokens::TokenStore;
 use crate::store::{Store, mirror, outbox, requests};
 use crate::sync::{PANICKED, PassOutcome, PassReport, PassSettings, ScanKind, sync_business};
 use crate::thumbtack::{Auth, Client, ClientSettings};
@@ -24,6 +25,33 @@ use tracing::{error, info, warn};
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often `sync_requests` is looked at ("within about a second").
 const REQUESTS_EVERY: Duration = Duration::from_millis(500);
+
+/// While starting, how long each `EXTEND_TIMEOUT_USEC` gives, how often it
+/// is sent, and for how long at most: opening a big mirror after an upgrade
+/// (its migrations) may outlast the unit's TimeoutStartSec, and a start
+/// killed there would begin the same migrations again at every restart.
+const START_EXTEND: Duration = Duration::from_secs(30);
+const START_EXTEND_EVERY: Duration = Duration::from_secs(10);
+const START_EXTEND_MAX: Duration = Duration::from_secs(3600);
+
+/// Tells systemd the start goes on until `started` is cancelled (READY=1 or
+/// a failed start), for at most [`START_EXTEND_MAX`]: a start stuck beyond
+/// that is left to TimeoutStartSec. Not once a stop is asked for (the
+/// extension would then extend the stop): the stop's own timeout applies,
+/// and a migration cut there is rolled back whole.
+async fn extend_start(started: CancellationToken, shutdown: CancellationToken) {
+    let begun = Instant::now();
+    while begun.elapsed() < START_EXTEND_MAX && !shutdown.is_cancelled() {
+        notify(&[NotifyState::ExtendTimeoutUsec(
+            START_EXTEND.as_micros() as u32
+        )]);
+        tokio::select! {
+            _ = started.cancelled() => return,
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(START_EXTEND_EVERY) => {}
+        }
+    }
+}
 
 /// What can happen to a running daemon from outside, and what it tells.
 #[derive(Clone, Default)]
@@ -75,7 +103,11 @@ pub async fn run_with(
     }
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
-    let session = Session::open(config).await?;
+    // Ends at READY=1, or with a failed start (the guard is dropped).
+    let starting = CancellationToken::new();
+    let _starting = starting.clone().drop_guard();
+    tokio::spawn(extend_start(starting.clone(), controls.shutdown.clone()));
+    let session = Session::open_as(config, true).await?;
     {
         let now = crate::time::now();
         let closed = session
@@ -157,6 +189,7 @@ pub async fn run_with(
         webhooks: webhooks_at,
         admin: admin.as_ref().map(|a| a.local_addr()),
     }));
+    starting.cancel();
     notify(&[NotifyState::Ready]);
     daemon.send_status().await;
     info!(
@@ -872,6 +905,18 @@ impl Daemon {
             self.auth.clone(),
             self.client().budget().clone(),
         )?);
+        // A daemon started with no OAuth business has no token store open:
+        // the reload that adds the first one opens it (the configured path,
+        // which only a restart changes), before anything is applied.
+        let grants = if new.uses_oauth() && !self.auth.has_grant_store() {
+            let path = new.file.oauth.token_store.clone();
+            let store = tokio::task::spawn_blocking(move || TokenStore::open(&path))
+                .await
+                .map_err(|e| anyhow::anyhow!("cannot open the token store: {e}"))??;
+            Some(Arc::new(StoreGrants(store)))
+        } else {
+            None
+        };
         let new = Arc::new(new);
         let rows_written = {
             let new = new.clone();
@@ -880,7 +925,15 @@ impl Daemon {
                 .await?
         };
 
+        if let Some(grants) = grants {
+            info!("the first OAuth business was added: the token store is open now");
+            self.auth.set_grant_store(grants);
+        }
         self.auth.reconfigure(&new);
+        // The budget is shared by everything in flight: it is kept, at the new rate.
+        client
+            .budget()
+            .set_rate(new.file.api.max_requests_per_second);
         if let Ok(mut c) = self.client.write() {
             *c = client.clone();
         }

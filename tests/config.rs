@@ -193,6 +193,37 @@ fn cron_expressions_are_checked_and_five_fields_accepted() {
     );
 }
 
+/// A schedule that parses but never fires (February 30th, April 31st)
+/// would leave its businesses unsynced after the first pass, silently: it is
+/// a bad cron expression too (SPEC §2), named with its file and key.
+#[test]
+fn a_schedule_that_never_fires_is_refused() {
+    let d = Dir::new();
+    let never = d.file(
+        "never.toml",
+        &format!("{}\n[poll]\nschedule = \"0 0 0 30 2 *\"\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&never], &[]),
+        &["never.toml", "poll.schedule", "never"],
+    );
+    let per_business = d.file(
+        "never2.toml",
+        &format!("{}full_schedule = \"0 0 3 31 4 *\"\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&per_business], &[]),
+        &["never2.toml", "businesses.0.full_schedule", "never"],
+    );
+    // Rare is fine: February 29th comes back.
+    let leap = d.file(
+        "leap.toml",
+        &format!("{}\n[poll]\nfull_schedule = \"0 0 3 29 2 *\"\n", d.base()),
+    );
+    let o = check(&[&leap], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
 #[test]
 fn token_sources_must_be_exactly_one_readable_file() {
     let d = Dir::new();

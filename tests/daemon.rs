@@ -136,6 +136,65 @@ async fn notify_ready_status_watchdog_and_stopping() {
     );
 }
 
+/// A start that waits on the mirror (the migrations of a big mirror after an
+/// upgrade, another program's long write transaction) tells systemd it is
+/// still starting: without EXTEND_TIMEOUT_USEC, a start longer than the
+/// unit's TimeoutStartSec (90 s by default) is killed, and the restart
+/// begins the same migration again, for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_start_extends_the_start_timeout() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    // The daemon's start must write the mirror (it recovers rows a stopped
+    // process left `sending`): it waits while this transaction holds it.
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut buf = [0u8; 4096];
+    let mut seen = Vec::new();
+    let mut extended = false;
+    // Within the mirror's busy timeout (10 s), after which the start fails.
+    let end = Instant::now() + Duration::from_secs(8);
+    while Instant::now() < end && !extended {
+        if let Ok(n) = socket.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            assert!(
+                !m.contains("READY=1"),
+                "ready while the mirror is held: {seen:?}"
+            );
+            extended = m.contains("EXTEND_TIMEOUT_USEC=");
+            seen.push(m);
+        }
+    }
+    holder.execute_batch("COMMIT").unwrap();
+    assert!(extended, "no EXTEND_TIMEOUT_USEC while starting: {seen:?}");
+    let end = Instant::now() + Duration::from_secs(20);
+    let mut ready = false;
+    while Instant::now() < end && !ready {
+        if let Ok(n) = socket.recv(&mut buf) {
+            ready = String::from_utf8_lossy(&buf[..n]).contains("READY=1");
+        }
+    }
+    assert!(ready, "the start went on once the mirror was free");
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_abstract_notify_socket_works_too() {
     use std::os::linux::net::SocketAddrExt;
@@ -156,8 +215,13 @@ async fn an_abstract_notify_socket_works_too() {
             .unwrap(),
     );
     let mut buf = [0u8; 4096];
-    let n = socket.recv(&mut buf).expect("a notification");
-    assert!(String::from_utf8_lossy(&buf[..n]).contains("READY=1"));
+    // READY=1 follows the start's EXTEND_TIMEOUT_USEC.
+    loop {
+        let n = socket.recv(&mut buf).expect("a notification");
+        if String::from_utf8_lossy(&buf[..n]).contains("READY=1") {
+            break;
+        }
+    }
     signal(&child, libc::SIGTERM);
     assert_eq!(
         wait_exit(&mut child, Duration::from_secs(15)).code(),
@@ -474,6 +538,67 @@ async fn sighup_adds_a_business_and_a_broken_file_keeps_the_old_configuration() 
     wait_until_blocking("the row is sent", Duration::from_secs(30), || {
         env.sandbox.deliveries().len() == 1
     });
+
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
+/// The onboarding README describes: the daemon runs with no OAuth business
+/// yet (a fresh install, or static tokens only), `auth exchange
+/// --write-conf` adds one, `systemctl reload`. The reload must make the
+/// added grants usable, not leave every pass of them failing until a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_adding_the_first_oauth_business_syncs_it_without_a_restart() {
+    let env = common::oauth_env(3600, common::FAST).await;
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let cut = fixture.find("[[businesses]]").unwrap();
+    std::fs::write(&env.fixture, &fixture[..cut]).unwrap();
+    let extra = env.dir.path().join("extra.toml");
+    std::fs::write(&extra, "").unwrap();
+
+    let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
+    let mut child = Guard(
+        env.cli()
+            .arg("--config")
+            .arg(&extra)
+            .arg("run")
+            .stderr(log)
+            .spawn()
+            .unwrap(),
+    );
+    wait_until_blocking("the daemon started", Duration::from_secs(20), || {
+        env.daemon_log().contains("leadsync started")
+    });
+
+    std::fs::write(&extra, &fixture[cut..]).unwrap();
+    signal(&child, libc::SIGHUP);
+    let finished = || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM businesses WHERE configured = 1 AND last_sync_finished_at IS NOT NULL",
+        )
+    };
+    wait_until_blocking(
+        "a pass of each added business ended",
+        Duration::from_secs(30),
+        || env.database().exists() && finished() == 3,
+    );
+    let errors: Vec<String> = env
+        .sql()
+        .prepare("SELECT business_id || ': ' || coalesce(last_error, '') FROM businesses WHERE last_sync_outcome <> 'ok'")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(
+        errors.is_empty(),
+        "passes failed after the reload: {errors:?}"
+    );
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 180);
 
     signal(&child, libc::SIGTERM);
     assert_eq!(

@@ -327,3 +327,109 @@ async fn a_notify_socket_nobody_reads_never_stalls_the_daemon() {
         env.daemon_log()
     );
 }
+
+/// `leadsync sync` finds the mirror's lock held by another one-shot command
+/// (a `drain`, a long `sync --full`), not by the daemon: nobody would take a
+/// `sync_requests` row, so it must say so at once instead of inserting one
+/// and waiting for that command to end only to fail then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_beside_another_command_says_so_instead_of_waiting_for_a_daemon() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    // This test process plays the other command: it holds the lock as
+    // `drain` or `sync` do.
+    let held = leadsync::store::ProcessLock::try_acquire(&env.database())
+        .unwrap()
+        .expect("the lock is free");
+    let mut child = Running(
+        env.cli()
+            .arg("sync")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let end = Instant::now() + Duration::from_secs(20);
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "`sync` waited for a daemon that is not running ({} sync_requests rows)",
+            count(&env.sql(), "SELECT count(*) FROM sync_requests")
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.0.wait().unwrap();
+    let mut said = String::new();
+    use std::io::Read;
+    for pipe in [
+        child.0.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
+        child.0.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut pipe = pipe;
+        pipe.read_to_string(&mut said).unwrap();
+    }
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(
+        said.contains(&std::process::id().to_string()) && said.contains("not the daemon"),
+        "{said}"
+    );
+    assert_eq!(
+        count(&env.sql(), "SELECT count(*) FROM sync_requests"),
+        0,
+        "no request is left for a daemon that is not there"
+    );
+    drop(held);
+}
+
+/// `api.max_requests_per_second` changed by a reload applies to the running
+/// daemon (README: a reload applies limits): a partner told to slow down
+/// lowers it and reloads; requests must not keep going at the old rate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_applies_a_new_request_rate() {
+    let fast = FAST.replace("[poll]\npage_size = 10\n", NEVER);
+    let env = Env::new(SandboxOptions::default(), false, &fast).await;
+    let mut daemon = Running(env.spawn_daemon());
+    wait_until_blocking("the initial passes", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
+            ) == 3
+    });
+    env.set_overrides(&fast.replace(
+        "max_requests_per_second = 1000",
+        "max_requests_per_second = 2",
+    ));
+    signal(&daemon.0, libc::SIGHUP);
+    wait_until_blocking("the reload", Duration::from_secs(20), || {
+        env.daemon_log().contains("configuration reloaded")
+    });
+    // Full scans of every business: 18 or more pages to list.
+    env.sql()
+        .execute("INSERT INTO sync_requests (kind) VALUES ('full')", [])
+        .unwrap();
+    let requests = || env.sandbox.stats().requests;
+    let before = requests();
+    wait_until_blocking("the passes start", Duration::from_secs(20), || {
+        requests() > before
+    });
+    let (start, started) = (requests(), Instant::now());
+    while started.elapsed() < Duration::from_secs(3) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let sent = requests() - start;
+    let secs = started.elapsed().as_secs_f64();
+    // At 2 per second, at most one more than the rate allows in the window.
+    assert!(
+        sent as f64 <= secs * 2.0 + 1.0,
+        "{sent} requests in {secs:.1} s after lowering the rate to 2 per second"
+    );
+    signal(&daemon.0, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut daemon.0, Duration::from_secs(20)).code(),
+        Some(0)
+    );
+}

@@ -69,6 +69,7 @@ pub fn backup(
             dest.display()
         );
     }
+    refuse_leftover_journal(dest)?;
     let dir = match dest.parent().filter(|d| !d.as_os_str().is_empty()) {
         Some(d) => d.to_path_buf(),
         None => PathBuf::from("."),
@@ -94,6 +95,30 @@ pub fn backup(
     let mut report = result?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Refuses a destination with a `-wal` or `-journal` beside it. SQLite
+/// pairs those files with a database by name alone: one left by a program
+/// that has (or had, and was killed with) an older FILE open would be
+/// applied to the new copy the next time FILE is opened, and the copy
+/// would read back as a mix of both, or as the old database.
+fn refuse_leftover_journal(dest: &Path) -> Result<()> {
+    for suffix in ["-wal", "-journal"] {
+        let mut name = dest.as_os_str().to_owned();
+        name.push(suffix);
+        let leftover = PathBuf::from(name);
+        if std::fs::symlink_metadata(&leftover).is_ok() {
+            bail!(
+                "{} exists: a program has {} open, or one that had it open stopped without \
+                 closing it, and SQLite would apply that file to the new copy; close the program \
+                 (or, if none has it open, move {} away) and back up again",
+                leftover.display(),
+                dest.display(),
+                leftover.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// True when `dest` names the mirror or its WAL, shared-memory or lock file.
@@ -145,7 +170,9 @@ fn copy_to(
     .with_context(|| format!("cannot open database {}", database.display()))?;
     source.busy_timeout(super::BUSY_TIMEOUT)?;
     // One snapshot for the whole copy (see the module comment).
-    source.execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")?;
+    source
+        .execute_batch("BEGIN DEFERRED; SELECT count(*) FROM sqlite_schema;")
+        .with_context(|| format!("cannot read database {}", database.display()))?;
     let schema_version: i64 = source
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .with_context(|| format!("cannot read database {}", database.display()))?;
@@ -222,6 +249,8 @@ fn publish(partial: &Path, dest: &Path, force: bool) -> Result<()> {
     std::fs::File::open(partial)?
         .sync_all()
         .with_context(|| format!("cannot sync {}", partial.display()))?;
+    // Again, right before: a program may have opened FILE during the copy.
+    refuse_leftover_journal(dest)?;
     if force {
         std::fs::rename(partial, dest)
             .with_context(|| format!("cannot move the copy to {}", dest.display()))?;
@@ -290,5 +319,70 @@ mod tests {
             .query_row("SELECT count(*) FROM negotiations", [], |r| r.get(0))
             .unwrap();
         assert_eq!(live, 3000 + seen.len() as i64);
+    }
+
+    /// A `-wal` (or hot `-journal`) left beside FILE by a program that had
+    /// an older FILE open belongs to that older file: SQLite applies it to
+    /// whatever database it finds at FILE next, so the new copy would open
+    /// as the old one's tables. The backup refuses instead of reporting a
+    /// success that reads back as another database.
+    #[test]
+    fn a_leftover_wal_beside_the_destination_never_mixes_into_the_copy() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let mirror = Connection::open(&db).unwrap();
+        mirror
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE negotiations (id INTEGER PRIMARY KEY);
+                 CREATE TABLE outbox (id INTEGER PRIMARY KEY);
+                 INSERT INTO outbox DEFAULT VALUES;",
+            )
+            .unwrap();
+        for force in [true, false] {
+            let dest = dir.path().join(format!("copy-{force}.db"));
+            let wal = dir.path().join(format!("copy-{force}.db-wal"));
+            // An older database at FILE whose last writes are still in its
+            // WAL (its program was killed, or still has it open).
+            let old = Connection::open(&dest).unwrap();
+            old.execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA wal_autocheckpoint = 0;
+                 CREATE TABLE something_else (x);",
+            )
+            .unwrap();
+            let leftover = std::fs::read(&wal).unwrap();
+            std::mem::forget(old); // as if killed: the WAL stays
+            if !force {
+                std::fs::remove_file(&dest).unwrap();
+            }
+            let result = backup(&db, &[], &dest, force, |_, _| true);
+            if let Ok(report) = &result {
+                let copy = Connection::open(&dest).unwrap();
+                let outbox: rusqlite::Result<i64> =
+                    copy.query_row("SELECT count(*) FROM outbox", [], |r| r.get(0));
+                panic!(
+                    "force={force}: reported {} outbox rows, but FILE reads back as {outbox:?}",
+                    report.outbox_rows
+                );
+            }
+            let e = format!("{:#}", result.unwrap_err());
+            assert!(e.contains(&wal.display().to_string()), "{e}");
+            assert_eq!(std::fs::read(&wal).unwrap(), leftover, "not ours to remove");
+        }
+    }
+
+    /// SPEC §1: every error names what is wrong and where.
+    #[test]
+    fn a_mirror_that_is_not_a_database_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        std::fs::write(&db, "not a database, but long enough to be read as one").unwrap();
+        let dest = dir.path().join("copy.db");
+        let e = format!(
+            "{:#}",
+            backup(&db, &[], &dest, false, |_, _| true).unwrap_err()
+        );
+        assert!(e.contains(&db.display().to_string()), "{e}");
+        assert!(!dest.exists());
     }
 }

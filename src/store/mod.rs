@@ -628,10 +628,21 @@ pub struct ProcessLock {
     _file: File,
 }
 
+/// What the lock file says of its holder on its second line: the daemon
+/// takes `sync_requests`; another command (`sync`, `drain`, `probe`) does not.
+const DAEMON_ROLE: &str = "daemon";
+
 impl ProcessLock {
     /// Takes the lock next to the database (`<database>.lock`) or says who holds it.
     pub fn acquire(database: &Path) -> Result<ProcessLock> {
-        match ProcessLock::try_acquire(database)? {
+        ProcessLock::acquire_as(database, false)
+    }
+
+    /// [`ProcessLock::acquire`]; `daemon`: the lock file names its holder
+    /// the daemon, which takes `sync_requests` rows (a `leadsync sync`
+    /// meeting another command's lock fails at once instead of asking).
+    pub fn acquire_as(database: &Path, daemon: bool) -> Result<ProcessLock> {
+        match ProcessLock::try_acquire_as(database, daemon)? {
             Some(lock) => Ok(lock),
             None => bail!(
                 "another leadsync process (pid {}) is running against {}; \
@@ -646,6 +657,10 @@ impl ProcessLock {
 
     /// Takes the lock, or `None` when another process holds it.
     pub fn try_acquire(database: &Path) -> Result<Option<ProcessLock>> {
+        ProcessLock::try_acquire_as(database, false)
+    }
+
+    fn try_acquire_as(database: &Path, daemon: bool) -> Result<Option<ProcessLock>> {
         let path = lock_path(database);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -661,9 +676,11 @@ impl ProcessLock {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
+        // The pid, and the holder's role on a second line.
+        use std::os::unix::fs::FileExt;
+        let role = if daemon { DAEMON_ROLE } else { "command" };
         file.set_len(0)?;
-        use std::io::Write;
-        (&file).write_all(std::process::id().to_string().as_bytes())?;
+        file.write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
         Ok(Some(ProcessLock { _file: file }))
     }
 
@@ -671,9 +688,24 @@ impl ProcessLock {
     pub fn holder(database: &Path) -> Option<u32> {
         std::fs::read_to_string(lock_path(database))
             .ok()?
+            .lines()
+            .next()?
             .trim()
             .parse()
             .ok()
+    }
+
+    /// Whether the lock file names the daemon as its holder. A file naming
+    /// no role (written by an older leadsync, or read while being written)
+    /// counts as the daemon's: asking is what leadsync did before.
+    pub fn held_by_daemon(database: &Path) -> bool {
+        let Ok(text) = std::fs::read_to_string(lock_path(database)) else {
+            return true;
+        };
+        text.lines()
+            .nth(1)
+            .map(str::trim)
+            .is_none_or(|role| role.is_empty() || role == DAEMON_ROLE)
     }
 }
 

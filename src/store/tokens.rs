@@ -311,11 +311,32 @@ impl TokenStore {
         seed_sha256: Option<&str>,
         businesses: &[String],
     ) -> Result<Option<StoredGrant>> {
+        let moved_from = self.with(|c| {
+            if read_grant(c, grant)?.is_some() {
+                return Ok(None);
+            }
+            moved_from(c, seed_sha256)
+        })?;
+        // A chain is taken over from its old key only under that key's lock:
+        // a refresh in flight there stores its rotated token under the old
+        // key when its answer comes, and a row moved away meanwhile would
+        // make that write a conflict, the rotated token dropped and the
+        // spent one kept. Until it ends, this key waits (an error: retried).
+        let _old_key_lock = match &moved_from {
+            Some(from) => match self.try_lock_grant(from)? {
+                Some(lock) => Some(lock),
+                None => bail!(
+                    "the grant's token file moved while a token refresh under its old name ({from}) \
+                     is in flight; its chain is taken over once that refresh ends"
+                ),
+            },
+            None => None,
+        };
         self.with(|c| {
             if let Some(g) = read_grant(c, grant)? {
                 return Ok(Some(g));
             }
-            adopt(c, grant, seed_sha256, businesses)?;
+            adopt(c, grant, seed_sha256, moved_from.as_deref(), businesses)?;
             read_grant(c, grant)
         })
     }
@@ -501,10 +522,32 @@ fn read_grant(c: &Connection, grant: &str) -> Result<Option<StoredGrant>> {
 
 /// Moves a row stored under another key (same initial file content) or a
 /// per-business row of the old schema to `grant`, in one transaction.
+/// The key of a chain whose token file moved: the newest usable row for the
+/// same initial file content whose file is gone. A file that still exists
+/// names a live grant of its own (two files with the same content are two
+/// grants), and taking its row would let two chains refresh one token.
+fn moved_from(c: &Connection, seed_sha256: Option<&str>) -> Result<Option<String>> {
+    let Some(seed) = seed_sha256 else {
+        return Ok(None);
+    };
+    let from: Option<String> = c
+        .query_row(
+            "SELECT grant_key FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL
+              ORDER BY updated_at DESC LIMIT 1",
+            [seed],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(from.filter(|k| !Path::new(k).exists()))
+}
+
+/// Gives `grant` a stored chain when it has none: the one of a moved file
+/// (only `locked_from`, whose lock the caller holds), or a per-business row.
 fn adopt(
     c: &mut Connection,
     grant: &str,
     seed_sha256: Option<&str>,
+    locked_from: Option<&str>,
     businesses: &[String],
 ) -> Result<()> {
     // Plain reads first: nothing to adopt is the common case, and it must
@@ -544,20 +587,10 @@ fn adopt(
     {
         return Ok(());
     }
-    if let Some(seed) = seed_sha256 {
-        let from: Option<String> = tx
-            .query_row(
-                "SELECT grant_key FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL
-                  ORDER BY updated_at DESC LIMIT 1",
-                [seed],
-                |r| r.get(0),
-            )
-            .optional()?;
-        // Only a chain whose file is gone moved here: a file that still
-        // exists names a live grant of its own (two files with the same
-        // content are two grants), and taking its row would let two chains
-        // refresh one token.
-        let from = from.filter(|k| !Path::new(k).exists());
+    if seed_sha256.is_some() {
+        // The candidate again, inside the transaction: moved only if it is
+        // still the one whose lock is held.
+        let from = moved_from(&tx, seed_sha256)?.filter(|f| Some(f.as_str()) == locked_from);
         let moved = match from {
             Some(from) => tx.execute(
                 "UPDATE grants SET grant_key = ?1 WHERE grant_key = ?2",
@@ -663,6 +696,44 @@ mod tests {
         let g = s.get("new", Some(&sha256_hex("t0")), &[]).unwrap().unwrap();
         assert_eq!(g.refresh_token.expose(), "t1");
         assert!(s.get(&old_key, None, &[]).unwrap().is_none());
+    }
+
+    /// The token file moved (and the configuration reloaded) while a refresh
+    /// of the grant under its old name is in flight: that refresh stores
+    /// the rotated token under the old key when its answer comes. Taking the
+    /// row over meanwhile made that write a conflict, and the rotated token
+    /// was dropped while the new key kept the spent one: the grant was lost.
+    /// The new key waits for the old one's lock instead.
+    #[test]
+    fn a_moved_file_never_takes_the_chain_from_a_refresh_in_flight() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old = dir.path().join("old");
+        let old_key = old.display().to_string();
+        let seed = sha256_hex("t0");
+        let w = |t: &str| GrantWrite {
+            seed_sha256: Some(seed.clone()),
+            ..write(t)
+        };
+        assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
+        // The old chain's refresh is out (it holds its grant's lock); the
+        // file is gone, moved to its new name.
+        let refreshing = s.try_lock_grant(&old_key).unwrap().expect("free");
+        let during = s.get("new", Some(&seed), &[]);
+        assert!(
+            during.as_ref().is_err(),
+            "the new key must not be handed the old token while its refresh is out: {:?}",
+            during.map(|g| g.map(|g| g.refresh_token.expose().to_string()))
+        );
+        // Its answer is stored where it was read.
+        assert_eq!(s.put(&old_key, 1, &w("t2")).unwrap(), Written::Stored(2));
+        drop(refreshing);
+        let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
+        assert_eq!(
+            g.refresh_token.expose(),
+            "t2",
+            "the rotated token follows the file"
+        );
     }
 
     #[test]

@@ -191,7 +191,8 @@ struct Inner {
     http: reqwest::Client,
     timeout: Duration,
     oauth: RwLock<Option<OAuthClient>>,
-    store: Option<Arc<dyn GrantStore>>,
+    /// Set at start, or by the reload that adds the first OAuth business.
+    store: std::sync::OnceLock<Arc<dyn GrantStore>>,
     recorder: Option<Arc<dyn AuthRecorder>>,
     members: RwLock<HashMap<String, Member>>,
     chains: Mutex<HashMap<String, Arc<Chain>>>,
@@ -395,7 +396,7 @@ impl Auth {
                 http,
                 timeout,
                 oauth: RwLock::new(None),
-                store,
+                store: store.map(std::sync::OnceLock::from).unwrap_or_default(),
                 recorder,
                 members: RwLock::new(HashMap::new()),
                 chains: Mutex::new(HashMap::new()),
@@ -419,6 +420,17 @@ impl Auth {
             }
         }
         Ok(auth)
+    }
+
+    /// Whether rotated refresh tokens can be stored (the token store is open).
+    pub fn has_grant_store(&self) -> bool {
+        self.inner.store.get().is_some()
+    }
+
+    /// Gives a daemon started without an OAuth business its token store,
+    /// when a reload adds the first one; a store already set is kept.
+    pub fn set_grant_store(&self, store: Arc<dyn GrantStore>) {
+        let _ = self.inner.store.set(store);
     }
 
     /// Applies a new configuration. Chains are kept by grant, whatever
@@ -603,7 +615,7 @@ impl Auth {
                 state.access = None;
                 state.refused_access = Some(sha256_hex(used.expose()));
                 drop(state);
-                if let Some(store) = self.inner.store.clone() {
+                if let Some(store) = self.inner.store.get().cloned() {
                     let (key, used) = (chain.key.clone(), used.clone());
                     self.inner.tasks.spawn(async move {
                         let _ = blocking(move || store.forget_access(&key, &used)).await;
@@ -1085,7 +1097,7 @@ impl Inner {
     }
 
     fn store(&self) -> Result<Arc<dyn GrantStore>, Failure> {
-        self.store.clone().ok_or_else(|| {
+        self.store.get().cloned().ok_or_else(|| {
             Failure::Retry(
                 "the token store is not open (a restart is needed after adding the first OAuth business)"
                     .into(),
@@ -1131,7 +1143,7 @@ impl Inner {
     /// Records (or clears) the grant's refresh in flight; a failure is
     /// logged, never fails the refresh (the note only explains).
     async fn note_refresh(&self, chain: &Chain, note: Option<String>) {
-        let Some(store) = self.store.clone() else {
+        let Some(store) = self.store.get().cloned() else {
             return;
         };
         let key = chain.key.clone();
@@ -1147,7 +1159,7 @@ impl Inner {
     /// writes (and clears) its own note otherwise. A note left behind would
     /// blame the grant's next refusal on a refresh cut short.
     async fn clear_note_if_free(&self, chain: &Chain) {
-        let Some(store) = self.store.clone() else {
+        let Some(store) = self.store.get().cloned() else {
             return;
         };
         let key = chain.key.clone();

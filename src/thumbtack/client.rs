@@ -78,14 +78,19 @@ pub fn http_client(timeout: Duration, user_agent: &str) -> anyhow::Result<reqwes
 /// the poller and the drainer, and the pause a 429 imposes on all of them.
 #[derive(Debug)]
 pub struct RateBudget {
-    interval: Duration,
     slots: Mutex<Slots>,
 }
 
 #[derive(Debug)]
 struct Slots {
+    /// Between two requests; a reload may change it ([`RateBudget::set_rate`]).
+    interval: Duration,
     next: Instant,
     paused_until: Instant,
+}
+
+fn interval_of(per_second: f64) -> Duration {
+    Duration::from_secs_f64(1.0 / per_second.max(1e-6))
 }
 
 impl RateBudget {
@@ -93,12 +98,20 @@ impl RateBudget {
     pub fn new(per_second: f64) -> RateBudget {
         let now = Instant::now();
         RateBudget {
-            interval: Duration::from_secs_f64(1.0 / per_second.max(1e-6)),
             slots: Mutex::new(Slots {
+                interval: interval_of(per_second),
                 next: now,
                 paused_until: now,
             }),
         }
+    }
+
+    /// Applies a new `api.max_requests_per_second` (a reload) to every
+    /// request from now on; a 429's pause and the next turn already given
+    /// are kept.
+    pub fn set_rate(&self, per_second: f64) {
+        let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        s.interval = interval_of(per_second);
     }
 
     /// Waits for this request's turn. A request whose turn has come goes at
@@ -110,7 +123,7 @@ impl RateBudget {
             let mut s = self.slots.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             let at = now.max(s.next).max(s.paused_until);
-            s.next = at + self.interval;
+            s.next = at + s.interval;
             (at, now)
         };
         if at > now {
