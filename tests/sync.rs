@@ -871,18 +871,15 @@ async fn a_stopped_full_scan_ends_without_waiting_for_the_page_in_flight() {
     );
 }
 
-/// A full scan reads pages ahead of writing them. A webhook delivery of an
-/// event triggered after a page was read, applied while that page waited
-/// for the writer, is newer than the page's copy of its lead: the page must
-/// not overwrite it (the next listing, read after the event, is compared
-/// as usual).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_page_read_before_a_delivered_event_does_not_overwrite_the_delivered_copy() {
+/// A small sandbox's first business mirrored by a full pass, then its
+/// newest lead (first page) changed on Thumbtack to `Picked`: the
+/// environment, business, session, lead id, the lead as now listed, and a
+/// delivery's `data` for it as an event triggered later says it (`Canceled`).
+async fn changed_on_thumbtack() -> (Env, String, std::sync::Arc<Session>, String, String, String) {
     let env = Env::small().await;
     let b = env.business_ids()[0].clone();
     let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
     assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
-    // The newest lead (first page) changes on Thumbtack.
     let x = env.sandbox.lead_ids(&b)[0].clone();
     env.sandbox
         .mutate(Mutation::SetStatus {
@@ -891,31 +888,48 @@ async fn a_page_read_before_a_delivered_event_does_not_overwrite_the_delivered_c
         })
         .unwrap();
     let listed = env.sandbox.lead_json(&x).unwrap();
-    assert!(listed.contains("\"status\":\"Picked\""), "{listed}");
-    // What a delivery triggered later says of it.
     let data = format!(
         "{{\"businessID\":\"{b}\",{}",
         &listed.replace("\"status\":\"Picked\"", "\"status\":\"Canceled\"")[1..]
     );
+    (env, b, s, x, listed, data)
+}
+
+/// A pass of `kind` over business `b`, running in a task of its own.
+fn spawn_pass(
+    s: &std::sync::Arc<Session>,
+    b: &str,
+    kind: ScanKind,
+) -> tokio::task::JoinHandle<leadsync::sync::PassReport> {
+    let (s, b) = (s.clone(), b.to_string());
+    tokio::spawn(async move {
+        sync_business(
+            &s.store,
+            &s.client,
+            &b,
+            kind,
+            SETTINGS,
+            &CancellationToken::new(),
+        )
+        .await
+    })
+}
+
+/// A full scan reads pages ahead of writing them. A webhook delivery of an
+/// event triggered after a page was read, applied while that page waited
+/// for the writer, is newer than the page's copy of its lead: the page must
+/// not overwrite it (the next listing, read after the event, is compared
+/// as usual).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_read_before_a_delivered_event_does_not_overwrite_the_delivered_copy() {
+    let (env, b, s, x, listed, data) = changed_on_thumbtack().await;
+    assert!(listed.contains("\"status\":\"Picked\""), "{listed}");
     env.sandbox.set_faults(Faults {
         latency_ms: 1_500,
         ..Default::default()
     });
     let requested = env.sandbox.list_requests(&b);
-    let running = {
-        let (s, b) = (s.clone(), b.clone());
-        tokio::spawn(async move {
-            sync_business(
-                &s.store,
-                &s.client,
-                &b,
-                ScanKind::Full,
-                SETTINGS,
-                &CancellationToken::new(),
-            )
-            .await
-        })
-    };
+    let running = spawn_pass(&s, &b, ScanKind::Full);
     common::wait_until("the scan started", Duration::from_secs(30), || {
         count(
             &env.sql(),
@@ -980,41 +994,13 @@ async fn a_page_read_before_a_delivered_event_does_not_overwrite_the_delivered_c
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_page_made_before_a_delivered_event_but_answered_after_it_does_not_overwrite_it() {
     for kind in [ScanKind::Head, ScanKind::Full] {
-        let env = Env::small().await;
-        let b = env.business_ids()[0].clone();
-        let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
-        assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
-        let x = env.sandbox.lead_ids(&b)[0].clone();
-        env.sandbox
-            .mutate(Mutation::SetStatus {
-                negotiation_id: x.clone(),
-                status: "Picked".into(),
-            })
-            .unwrap();
-        let listed = env.sandbox.lead_json(&x).unwrap();
-        let data = format!(
-            "{{\"businessID\":\"{b}\",{}",
-            &listed.replace("\"status\":\"Picked\"", "\"status\":\"Canceled\"")[1..]
-        );
+        let (env, b, s, x, _, data) = changed_on_thumbtack().await;
         env.sandbox.set_faults(Faults {
             list_hold_ms: 1_500,
             ..Default::default()
         });
         let held = env.sandbox.stats().lists_held;
-        let running = {
-            let (s, b) = (s.clone(), b.clone());
-            tokio::spawn(async move {
-                sync_business(
-                    &s.store,
-                    &s.client,
-                    &b,
-                    kind,
-                    SETTINGS,
-                    &CancellationToken::new(),
-                )
-                .await
-            })
-        };
+        let running = spawn_pass(&s, &b, kind);
         // The first page is made (and held back): the event comes after.
         common::wait_until("the first page made", Duration::from_secs(30), || {
             env.sandbox.stats().lists_held > held
