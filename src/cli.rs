@@ -368,7 +368,12 @@ impl Command {
 
 /// A failure that should exit with a given code after its message.
 pub fn exit_code_of(e: &anyhow::Error) -> u8 {
-    if e.chain().any(|c| c.downcast_ref::<ConfigError>().is_some()) {
+    // A database from a newer leadsync is no more fixed by a restart than a
+    // bad configuration: the same code, so systemd stops retrying.
+    if e.chain().any(|c| {
+        c.downcast_ref::<ConfigError>().is_some()
+            || c.downcast_ref::<crate::store::NewerSchema>().is_some()
+    }) {
         EXIT_CONFIG
     } else {
         1

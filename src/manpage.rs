@@ -61,7 +61,7 @@ const TAIL: &str = r#".SH EXIT STATUS
 Success.
 .TP
 78
-The configuration is invalid or missing (EX_CONFIG); the message names the file and the key.
+The configuration is invalid or missing (EX_CONFIG); the message names the file and the key. Also a database written by a newer leadsync: neither is fixed by a restart.
 .TP
 1
 Any other failure: a sync where some business failed, a drain where some row was not sent, a rejected enqueue.

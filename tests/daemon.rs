@@ -826,3 +826,41 @@ async fn a_stop_during_a_reload_blocked_on_the_mirror_begins_at_the_signal() {
         env.daemon_log()
     );
 }
+
+/// A database written by a newer leadsync (a package downgraded under it):
+/// no restart can fix that, so `run` exits 78 — the code the unit file lists
+/// in `RestartPreventExitStatus=` — naming both schema versions, instead of
+/// 1, which systemd retried every 5 s forever. The database is left as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_from_a_newer_leadsync_stops_the_service_for_good() {
+    let env = Env::small().await;
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let newer = leadsync::store::schema_version() + 1;
+    env.sql()
+        .pragma_update(None, "user_version", newer)
+        .unwrap();
+    let unit = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/leadsync.service"),
+    )
+    .unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l.trim() == "RestartPreventExitStatus=78"),
+        "the unit must not restart on exit 78"
+    );
+    for args in [&["run"][..], &["status"][..], &["drain"][..]] {
+        let o = env.run(args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(78), "{args:?}: {t}");
+        assert!(
+            t.contains(&format!("schema version {newer}")) && t.contains("newer leadsync"),
+            "{args:?}: {t}"
+        );
+    }
+    let version: i64 = env
+        .sql()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, newer);
+}

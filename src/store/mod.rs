@@ -288,6 +288,28 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
     Ok(conn)
 }
 
+/// A database written by a newer leadsync (a downgrade): nothing this binary
+/// can do with it, and restarting does not change that (the CLI exits 78, which
+/// the unit file lists in `RestartPreventExitStatus=`).
+#[derive(Debug)]
+pub struct NewerSchema {
+    pub found: i64,
+    pub known: i64,
+}
+
+impl std::fmt::Display for NewerSchema {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the database has schema version {}, newer than this leadsync knows ({}); \
+             run a newer leadsync (or restore a backup taken before the upgrade)",
+            self.found, self.known
+        )
+    }
+}
+
+impl std::error::Error for NewerSchema {}
+
 /// Applies every migration newer than the database's `user_version`.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     migrate_to(conn, schema_version())
@@ -299,10 +321,11 @@ fn migrate_to(conn: &mut Connection, target: i64) -> Result<()> {
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let latest = schema_version();
     if current > latest {
-        bail!(
-            "the database has schema version {current}, newer than this leadsync knows ({latest}); \
-             run a newer leadsync"
-        );
+        return Err(NewerSchema {
+            found: current,
+            known: latest,
+        }
+        .into());
     }
     for (version, sql) in migrations() {
         if version <= current || version > target {
