@@ -284,6 +284,29 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
          PRAGMA journal_size_limit = 67108864;
          PRAGMA cache_size = -16384;",
     )?;
+    // A migration runs only while no other leadsync process (`run`, `sync`,
+    // `drain`) holds the database: after a package upgrade, the older daemon
+    // still runs on it until the service restarts, and a `status` or an
+    // `enqueue` of the newer binary must not change the schema under it.
+    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let _migrating = if current < schema_version() {
+        match ProcessLock::try_acquire(path)? {
+            Some(lock) => Some(lock),
+            None => bail!(
+                "database {} has schema version {current}, older than this leadsync's \
+                 ({}), and another leadsync process (pid {}) is running on it: it is \
+                 migrated when that process stops and this version starts \
+                 (`systemctl restart leadsync` after an upgrade)",
+                path.display(),
+                schema_version(),
+                ProcessLock::holder(path)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+            ),
+        }
+    } else {
+        None
+    };
     migrate(&mut conn).with_context(|| format!("cannot migrate database {}", path.display()))?;
     Ok(conn)
 }
@@ -1307,6 +1330,40 @@ mod tests {
                 "2026-01-01T00:00:00.500Z"
             ]
         );
+    }
+
+    /// After a package upgrade, before the service restarts, the older
+    /// daemon still runs on the mirror: another command of the newer binary
+    /// (`status`, `enqueue`, a `drain` about to be refused) must not migrate
+    /// the schema under it. It says so and leaves the database as it was;
+    /// once the lock is free (the service restarted), it migrates.
+    #[test]
+    fn no_migration_under_another_process_holding_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut conn = Connection::open(&path).unwrap();
+        migrate_to(&mut conn, schema_version() - 1).unwrap();
+        drop(conn);
+        let daemon = ProcessLock::acquire_as(&path, true).unwrap();
+        let e = open_connection(&path, false).err().expect("refused");
+        let text = format!("{e:#}");
+        assert!(
+            text.contains("is running on it") && text.contains("restart"),
+            "{text}"
+        );
+        let version = |p: &Path| -> i64 {
+            Connection::open(p)
+                .unwrap()
+                .query_row("PRAGMA user_version", [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!(version(&path), schema_version() - 1);
+        drop(daemon);
+        drop(open_connection(&path, false).unwrap());
+        assert_eq!(version(&path), schema_version());
+        // Up to date: opening needs no lock, whoever holds it.
+        let _daemon = ProcessLock::acquire_as(&path, true).unwrap();
+        drop(open_connection(&path, false).unwrap());
     }
 
     #[test]
