@@ -199,6 +199,23 @@ pub struct Drainer {
     /// When in-flight sends are given up after a stop, if the daemon set it
     /// ([`Drainer::stop_sends_by`]); else `shutdown_grace` after the stop is seen.
     sends_deadline: std::sync::Mutex<Option<Instant>>,
+    /// Outcomes the database refused to record (disk full, an I/O error)
+    /// after the request had its answer: kept here and recorded before each
+    /// claim until it takes them. Their rows stay `sending` meanwhile, which
+    /// holds back the rest of their negotiation and keeps them from being
+    /// claimed, so none is sent twice while the daemon runs.
+    unrecorded: std::sync::Mutex<Vec<Unrecorded>>,
+}
+
+/// An outcome waiting to be recorded (see [`Drainer::unrecorded`]).
+struct Unrecorded {
+    row: Arc<Claimed>,
+    finish: Finish,
+    attempts: Vec<Attempt>,
+    /// When the request ended: the outcome keeps that time.
+    at: String,
+    result: RowResult,
+    tries: u32,
 }
 
 /// (table, id) → (negotiation id, the outcome once the request ended and
@@ -230,6 +247,90 @@ impl Drainer {
             replies_first: std::sync::atomic::AtomicBool::new(false),
             sending: Arc::default(),
             sends_deadline: std::sync::Mutex::new(None),
+            unrecorded: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How many outcomes wait to be recorded.
+    pub fn unrecorded(&self) -> usize {
+        self.unrecorded.lock().map(|u| u.len()).unwrap_or(0)
+    }
+
+    /// Tries once to record each outcome the database refused before;
+    /// returns how many are still waiting.
+    async fn record_unrecorded(&self) -> usize {
+        let waiting = match self.unrecorded.lock() {
+            Ok(mut u) if !u.is_empty() => std::mem::take(&mut *u),
+            _ => return 0,
+        };
+        let mut left = Vec::new();
+        for mut u in waiting {
+            let (row, f, a, at) = (
+                u.row.clone(),
+                u.finish.clone(),
+                u.attempts.clone(),
+                u.at.clone(),
+            );
+            let recorded = self
+                .store
+                .call(move |c| outbox::finish(c, &row, &f, &a, &at, None))
+                .await;
+            u.tries += 1;
+            match recorded {
+                Ok((how, _)) => {
+                    info!(
+                        outbox_id = u.row.id,
+                        negotiation_id = %u.row.negotiation_id,
+                        result = ?u.result,
+                        tries = u.tries,
+                        recorded = ?how,
+                        "{} row {}: the outcome the database refused before is recorded",
+                        u.row.kind.table(),
+                        u.row.id
+                    );
+                }
+                Err(e) => {
+                    if u.tries % 60 == 0 {
+                        error!(outbox_id = u.row.id, tries = u.tries, error = %format!("{e:#}"),
+                            "{} row {}: the database still refuses its outcome; it stays `sending`",
+                            u.row.kind.table(), u.row.id);
+                    }
+                    left.push(u);
+                }
+            }
+        }
+        let n = left.len();
+        if let Ok(mut u) = self.unrecorded.lock() {
+            u.extend(left);
+            n.max(u.len())
+        } else {
+            n
+        }
+    }
+
+    /// After a stop: the outcomes still unrecorded are given a few more
+    /// tries until `until`, then named (their rows stay `sending` and are
+    /// sent again at the next start).
+    async fn record_unrecorded_before(&self, until: tokio::time::Instant) {
+        while self.record_unrecorded().await > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep_until(
+                until.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+            )
+            .await;
+        }
+        if let Ok(u) = self.unrecorded.lock() {
+            for w in u.iter() {
+                warn!(
+                    outbox_id = w.row.id,
+                    negotiation_id = %w.row.negotiation_id,
+                    result = ?w.result,
+                    "{} row {} had its answer but the database refused its outcome until the \
+                     end: it stays `sending`, is sent again at the next start, and may reach \
+                     Thumbtack twice",
+                    w.row.kind.table(),
+                    w.row.id
+                );
+            }
         }
     }
 
@@ -467,9 +568,24 @@ impl Drainer {
                     tries += 1;
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
+                // Anything else (disk full, an I/O error): keep the outcome
+                // and record it before the next claims. The row stays
+                // `sending` meanwhile, so nothing sends it again and nothing
+                // later of its negotiation overtakes it.
                 Err(e) => {
                     error!(outbox_id = id, error = %format!("{e:#}"),
-                        "cannot record the outcome; the row stays `sending` and is sent again after a restart");
+                        "cannot record the outcome; it is kept and recorded as soon as the \
+                         database takes it (the row stays `sending` until then)");
+                    if let Ok(mut u) = self.unrecorded.lock() {
+                        u.push(Unrecorded {
+                            row,
+                            finish,
+                            attempts,
+                            at: now,
+                            result,
+                            tries: 0,
+                        });
+                    }
                     return (result, None);
                 }
             }
@@ -704,6 +820,19 @@ impl Drainer {
                 None => break,
             }
         }
+        let until = tokio::time::Instant::now() + self.settings().shutdown_grace;
+        self.record_unrecorded_before(until).await;
+        let unrecorded = self.unrecorded();
+        if unrecorded > 0 {
+            anyhow::bail!(
+                "{unrecorded} row(s) had their answer but the database refused to record the \
+                 outcome (see the log); they stay `sending` and are sent again by the next \
+                 `drain` or start. {} sent, {} retried, {} dead",
+                summary.sent,
+                summary.retried,
+                summary.dead
+            );
+        }
         Ok(summary)
     }
 
@@ -733,6 +862,9 @@ impl Drainer {
                     recheck = Some(tokio::spawn(recheck_tokens(client.clone(), blocked)));
                 }
             }
+            // Outcomes the database refused before go in first (their rows
+            // hold back their negotiations until then).
+            self.record_unrecorded().await;
             let free = settings.concurrency.saturating_sub(inflight.len());
             // After a 429 nobody sends: do not hold rows in `sending` meanwhile.
             let paused = client.budget().paused_for();
@@ -798,6 +930,7 @@ impl Drainer {
                 inflight.abort_all();
             }
         }
+        self.record_unrecorded_before(until).await;
         // The recheck's refreshes run detached: the daemon waits for them
         // (Auth::settle); a recheck not yet sent is refused once stopping.
         if let Some(r) = recheck

@@ -651,3 +651,134 @@ async fn a_writer_holding_the_lock_mid_drain_delays_but_loses_nothing() {
     assert_eq!(d.len(), 45, "exactly once");
     assert_in_order(&d);
 }
+
+/// The database refuses to record a send's outcome (disk full, an I/O error;
+/// here a trigger standing in for them) after Thumbtack took the transition.
+/// The outcome is kept and recorded once the database takes it: the row is
+/// never sent a second time, nothing later of its negotiation goes out
+/// before it, and other negotiations are not held up meanwhile. (Before, the
+/// outcome was dropped: the row stayed `sending` until the next start, which
+/// sent it again.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_database_cannot_record_yet_is_recorded_later_and_never_resent() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let leads = env.first_leads(3);
+    let db = env.sql();
+    let insert = |lead: &str, at: &str| -> i64 {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', ?2)",
+            rusqlite::params![lead, at],
+        )
+        .unwrap();
+        db.last_insert_rowid()
+    };
+    let first = insert(&leads[0], "2024-06-14T10:00:00Z");
+    let second = insert(&leads[0], "2024-06-14T10:00:01Z");
+    db.execute_batch(&format!(
+        "CREATE TABLE failing (on_ INTEGER NOT NULL);
+         INSERT INTO failing VALUES (1);
+         CREATE TRIGGER refuse_the_outcome BEFORE UPDATE ON outbox
+         WHEN OLD.id = {first} AND OLD.state = 'sending' AND NEW.state <> 'sending'
+              AND (SELECT on_ FROM failing) = 1
+         BEGIN SELECT RAISE(ABORT, 'simulated: database or disk is full'); END;"
+    ))
+    .unwrap();
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    let sent_to = |lead: &str| {
+        env.sandbox
+            .deliveries()
+            .iter()
+            .filter(|d| d.negotiation_id == lead)
+            .count()
+    };
+    common::wait_until(
+        "the first row reaches Thumbtack",
+        Duration::from_secs(60),
+        || sent_to(&leads[0]) >= 1,
+    )
+    .await;
+    // Another negotiation goes on meanwhile, and by the time it is sent the
+    // drainer has claimed again with the first outcome still unrecorded.
+    let other = insert(&leads[1], "2024-06-14T10:00:00Z");
+    common::wait_until(
+        "another negotiation is sent",
+        Duration::from_secs(60),
+        || {
+            count(
+                &env.sql(),
+                &format!("SELECT count(*) FROM outbox WHERE id = {other} AND state = 'sent'"),
+            ) == 1
+        },
+    )
+    .await;
+    assert_eq!(
+        sent_to(&leads[0]),
+        1,
+        "the second row waits for the first's outcome"
+    );
+    env.sql().execute("UPDATE failing SET on_ = 0", []).unwrap();
+    common::wait_until("both rows recorded sent", Duration::from_secs(60), || {
+        count(
+            &env.sql(),
+            &format!(
+                "SELECT count(*) FROM outbox WHERE id IN ({first}, {second}) AND state = 'sent'"
+            ),
+        ) == 2
+    })
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    let d = env.sandbox.deliveries();
+    let to_first: Vec<&str> = d
+        .iter()
+        .filter(|x| x.negotiation_id == leads[0])
+        .map(|x| x.partner_status_changed_at.as_str())
+        .collect();
+    assert_eq!(
+        to_first,
+        ["2024-06-14T10:00:00Z", "2024-06-14T10:00:01Z"],
+        "each row exactly once, in order"
+    );
+    let (attempts, state): (i64, String) = env
+        .sql()
+        .query_row(
+            &format!("SELECT attempts, state FROM outbox WHERE id = {first}"),
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!((attempts, state.as_str()), (1, "sent"));
+}
+
+/// `leadsync drain` whose outcome the database refuses until the end: it
+/// tries again for the shutdown grace, then fails naming the row, which
+/// stays `sending` (sent again by the next drain or start), instead of
+/// reporting it sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_cannot_record_an_outcome_fails_instead_of_reporting_it_sent() {
+    let rig = Rig::new(FAST).await;
+    let mut settings = DrainSettings::from_config(&rig.session.config);
+    settings.shutdown_grace = Duration::from_millis(1500);
+    rig.drainer.update(settings, rig.session.client.clone());
+    let lead = rig.lead(0, 0);
+    let id = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    rig.env
+        .sql()
+        .execute_batch(&format!(
+            "CREATE TRIGGER refuse_the_outcome BEFORE UPDATE ON outbox
+             WHEN OLD.id = {id} AND OLD.state = 'sending' AND NEW.state <> 'sending'
+             BEGIN SELECT RAISE(ABORT, 'simulated: database or disk is full'); END;"
+        ))
+        .unwrap();
+    let e = rig
+        .drainer
+        .drain_once(&CancellationToken::new())
+        .await
+        .expect_err("the outcome was not recorded");
+    let text = format!("{e:#}");
+    assert!(text.contains("refused to record"), "{text}");
+    assert_eq!(rig.row(id).0, "sending");
+    assert_eq!(rig.env.sandbox.deliveries().len(), 1);
+}
