@@ -1345,7 +1345,7 @@ mod tests {
         migrate_to(&mut conn, schema_version() - 1).unwrap();
         drop(conn);
         let daemon = ProcessLock::acquire_as(&path, true).unwrap();
-        let e = open_connection(&path, false).err().expect("refused");
+        let e = open_connection(&path, false).expect_err("refused");
         let text = format!("{e:#}");
         assert!(
             text.contains("is running on it") && text.contains("restart"),
