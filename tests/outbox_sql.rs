@@ -772,3 +772,70 @@ fn instants_outside_the_years_0000_to_9999_in_utc_are_refused() {
         .to_string();
     assert!(e.contains("outside the years 0000-9999"), "{e}");
 }
+
+/// The table's checks and the drainer read `partner_status_changed_at`
+/// alike: every time the table takes is one the drainer can send (else it
+/// would die at claim time, after the partner was told it was accepted),
+/// across the edges SPEC's grammar allows — offsets up to ±14:00 (beyond
+/// is refused, SPEC §4), long fractions, the years 0000 and 9999 on either
+/// side of UTC, leap days.
+#[test]
+fn every_time_the_table_takes_is_one_the_drainer_can_send() {
+    let (_d, c) = fresh();
+    let n = Some("519153480500518912");
+    let cases = [
+        "2024-06-14T09:30:00Z",
+        "2024-06-14T09:30:00+23:59",
+        "2024-06-14T09:30:00-23:59",
+        "2024-06-14T09:30:00+14:00",
+        "2024-06-14T09:30:00-00:00",
+        "2024-06-14T09:30:00.123456789012345678901234567890Z",
+        "2024-06-14T09:30:00.000000000+02:00",
+        "2024-02-29T23:59:59.999-01:00",
+        "2023-02-29T10:00:00Z",
+        "0000-01-01T00:00:00Z",
+        "0000-01-01T00:00:00-23:59",
+        "0000-01-01T23:58:59+23:59",
+        "0000-01-01T23:59:00+23:59",
+        "0000-01-01T00:00:00.0001+00:01",
+        "0000-02-29T12:00:00Z",
+        "9999-12-31T23:59:59.999999999Z",
+        "9999-12-31T00:00:00+23:59",
+        "9999-12-31T00:01:00-23:59",
+        "9999-12-31T00:00:59-23:59",
+        "2024-06-14T23:59:60Z",
+        "2024-06-14t09:30:00z",
+        "2024-06-14T09:30:00.Z",
+        "2024-06-14T09:30:00+24:00",
+        "2024-06-14T09:30:00+05:60",
+        "2024-06-14T09:30:00+14:01",
+        "0000-01-01T13:59:59+14:00",
+        "0000-01-01T14:00:00+14:00",
+        "9999-12-31T09:59:59-14:00",
+        "9999-12-31T10:00:00-14:00",
+    ];
+    // Valid at the very edges (SPEC: offsets up to ±14:00): the checks
+    // must not refuse these either.
+    let valid = [
+        "2024-06-14T09:30:00+14:00",
+        "2024-06-14T09:30:00-00:00",
+        "2024-06-14T09:30:00.123456789012345678901234567890Z",
+        "2024-02-29T23:59:59.999-01:00",
+        "0000-01-01T00:00:00Z",
+        "0000-01-01T14:00:00+14:00",
+        "9999-12-31T23:59:59.999999999Z",
+        "9999-12-31T09:59:59-14:00",
+    ];
+    let mut disagree = Vec::new();
+    for at in cases {
+        let taken = insert(&c, n, Some("job_complete"), Some(at), None).is_ok();
+        let sendable = leadsync::time::to_utc_z(at).is_some();
+        if taken && !sendable {
+            disagree.push(format!("{at}: taken by the table, refused by the drainer"));
+        }
+        if valid.contains(&at) && !taken {
+            disagree.push(format!("{at}: a valid time refused by the table"));
+        }
+    }
+    assert!(disagree.is_empty(), "{disagree:#?}");
+}
