@@ -843,6 +843,7 @@ impl Drainer {
         let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         let mut last_recheck = Instant::now();
         let mut recheck: Option<tokio::task::JoinHandle<()>> = None;
+        let mut recorder: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let (settings, client) = (self.settings(), self.client());
             // Wake at least every second so the watchdog sees the loop alive.
@@ -862,9 +863,16 @@ impl Drainer {
                     recheck = Some(tokio::spawn(recheck_tokens(client.clone(), blocked)));
                 }
             }
-            // Outcomes the database refused before go in first (their rows
-            // hold back their negotiations until then).
-            self.record_unrecorded().await;
+            // Outcomes the database refused before are tried again, off the
+            // loop (each may wait out a locked database: the heartbeat must
+            // not), one round at a time. Their rows hold back their
+            // negotiations until then.
+            if self.unrecorded() > 0 && recorder.as_ref().is_none_or(|r| r.is_finished()) {
+                let me = self.clone();
+                recorder = Some(tokio::spawn(async move {
+                    me.record_unrecorded().await;
+                }));
+            }
             let free = settings.concurrency.saturating_sub(inflight.len());
             // After a 429 nobody sends: do not hold rows in `sending` meanwhile.
             let paused = client.budget().paused_for();
@@ -929,6 +937,10 @@ impl Drainer {
                 );
                 inflight.abort_all();
             }
+        }
+        // A round in progress ends first (it holds the outcomes it tries).
+        if let Some(r) = recorder {
+            let _ = tokio::time::timeout_at(until, r).await;
         }
         self.record_unrecorded_before(until).await;
         // The recheck's refreshes run detached: the daemon waits for them
