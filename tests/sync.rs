@@ -719,9 +719,11 @@ async fn a_failed_write_of_several_pages_names_every_page_it_held() {
     };
     // The pass's writer is held while its fetcher runs ahead, so that the
     // pages waiting go into one transaction; the third of them is refused.
+    // Its second page is asked for only once the business's known leads
+    // are read (a read the held lock would otherwise queue behind a write).
     let lock = env.sql();
     common::wait_until("the pass started", Duration::from_secs(30), || {
-        count(&lock, "SELECT count(*) FROM sync_runs") == 1
+        count(&lock, "SELECT count(*) FROM sync_runs") == 1 && env.sandbox.list_requests(&id) >= 2
     })
     .await;
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
@@ -1001,11 +1003,14 @@ async fn a_page_made_before_a_delivered_event_but_answered_after_it_does_not_ove
         });
         let held = env.sandbox.stats().lists_held;
         let running = spawn_pass(&s, &b, kind);
-        // The first page is made (and held back): the event comes after.
+        // The first page is made (and held back): the event comes after,
+        // in a later millisecond than the page's request (a tie is not
+        // "after": the page may have been made after the event).
         common::wait_until("the first page made", Duration::from_secs(30), || {
             env.sandbox.stats().lists_held > held
         })
         .await;
+        next_millisecond().await;
         env.sandbox.set_faults(Faults::default());
         let outcome = s
             .store
@@ -1040,4 +1045,74 @@ async fn a_page_made_before_a_delivered_event_but_answered_after_it_does_not_ove
             "{kind:?}: the page made before the event overwrote the delivered copy"
         );
     }
+}
+
+/// Returns once the clock is past the millisecond it was called in: an
+/// event stamped after this is later, to the database's millisecond, than
+/// anything before the call.
+async fn next_millisecond() {
+    let called = leadsync::time::now();
+    while leadsync::time::now() <= called {
+        tokio::task::yield_now().await;
+    }
+}
+
+/// Applies a `NegotiationCreatedV4` delivery of `data`, triggered now, the
+/// way the receiver does; its outcome.
+async fn deliver_now(s: &std::sync::Arc<Session>, data: &str) -> String {
+    let data = data.to_string();
+    s.store
+        .call(move |conn| {
+            let body = format!(
+                "{{\"event\":{{\"eventType\":\"NegotiationCreatedV4\",\"webhookID\":\"w\",\
+                 \"triggeredAt\":\"{}\"}},\"data\":{data}}}",
+                leadsync::time::now()
+            );
+            let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes())
+                .map_err(anyhow::Error::msg)?;
+            let (row, effect) = leadsync::ingest::delivery_effect(d, &body, leadsync::time::now());
+            let rec = leadsync::store::messages::record_delivery(conn, &row, &effect)?;
+            Ok(rec.outcome.as_str().to_string())
+        })
+        .await
+        .unwrap()
+}
+
+/// A delivery identical to the mirrored copy changes no column, but it is
+/// still a newer observation: a page made before its event must not
+/// overwrite the copy it confirmed. (It kept the older event's time, so
+/// such a page rolled the lead back until the next listing.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identical_delivery_still_outdates_a_page_made_before_it() {
+    let (env, b, s, x, _, data) = changed_on_thumbtack().await;
+    assert_eq!(deliver_now(&s, &data).await, "applied");
+    env.sandbox.set_faults(Faults {
+        list_hold_ms: 1_500,
+        ..Default::default()
+    });
+    let held = env.sandbox.stats().lists_held;
+    let running = spawn_pass(&s, &b, ScanKind::Head);
+    common::wait_until("the first page made", Duration::from_secs(30), || {
+        env.sandbox.stats().lists_held > held
+    })
+    .await;
+    next_millisecond().await;
+    env.sandbox.set_faults(Faults::default());
+    // The same copy again, for an event after the page was made.
+    let again = deliver_now(&s, &data).await;
+    assert_ne!(again, "applied", "identical: nothing to apply");
+    let report = running.await.unwrap();
+    assert!(report.is_ok(), "{}", report.summary());
+    let status: String = env
+        .sql()
+        .query_row(
+            "SELECT status FROM negotiations WHERE negotiation_id = ?1",
+            [&x],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        status, "Canceled",
+        "the page made before the identical delivery rolled the lead back"
+    );
 }

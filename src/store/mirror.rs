@@ -368,6 +368,19 @@ pub fn upsert_lead(
         };
         record_change(tx, lead, ctx, c)?;
     }
+    // A delivered copy identical to the mirrored one changes no column, but
+    // its event is the newest observation of the lead: a page made before it
+    // must not overwrite the copy it confirmed.
+    if changed_fields.is_none()
+        && let Origin::Delivered {
+            triggered_at: Some(t),
+        } = origin
+    {
+        tx.prepare_cached(
+            "UPDATE negotiations SET webhook_triggered_at = ?2 WHERE negotiation_id = ?1",
+        )?
+        .execute(params![lead.negotiation_id, t])?;
+    }
     Ok(match changed_fields {
         Some((old, fields)) => {
             tx.prepare_cached(
