@@ -1376,3 +1376,46 @@ fn of_two_versions_delivered_out_of_order_the_later_event_wins() {
     );
     assert_eq!(status_of(&conn, lead).0, "Hired");
 }
+
+/// A configured business that is disabled still gets its deliveries
+/// applied (README, "Webhooks"): disabling stops leadsync's own requests,
+/// not what Thumbtack pushes; a business no longer configured does not.
+#[test]
+fn a_disabled_business_gets_its_deliveries_an_unconfigured_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    conn.execute(
+        "UPDATE businesses SET enabled = 0 WHERE business_id = ?1",
+        [business],
+    )
+    .unwrap();
+    let lead = "900000000000000071";
+    let body = lead_delivery(lead, business);
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    assert_eq!(status_of(&conn, lead).0, "Open");
+    conn.execute(
+        "UPDATE businesses SET configured = 0 WHERE business_id = ?1",
+        [business],
+    )
+    .unwrap();
+    let other = "900000000000000072";
+    assert_eq!(
+        deliver_at(
+            &mut conn,
+            &lead_delivery(other, business),
+            "2026-11-28T04:00:02.000Z"
+        ),
+        "unknown_business"
+    );
+    assert_eq!(
+        count(
+            &conn,
+            &format!("SELECT count(*) FROM negotiations WHERE negotiation_id = '{other}'")
+        ),
+        0
+    );
+}
