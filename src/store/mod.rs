@@ -316,6 +316,8 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
 /// the unit file lists in `RestartPreventExitStatus=`).
 #[derive(Debug)]
 pub struct NewerSchema {
+    /// "the database" or "the token store".
+    pub what: &'static str,
     pub found: i64,
     pub known: i64,
 }
@@ -324,9 +326,9 @@ impl std::fmt::Display for NewerSchema {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "the database has schema version {}, newer than this leadsync knows ({}); \
+            "{} has schema version {}, newer than this leadsync knows ({}); \
              run a newer leadsync (or restore a backup taken before the upgrade)",
-            self.found, self.known
+            self.what, self.found, self.known
         )
     }
 }
@@ -345,6 +347,7 @@ fn migrate_to(conn: &mut Connection, target: i64) -> Result<()> {
     let latest = schema_version();
     if current > latest {
         return Err(NewerSchema {
+            what: "the database",
             found: current,
             known: latest,
         }

@@ -460,9 +460,12 @@ impl TokenStore {
 fn migrate(c: &Connection) -> Result<()> {
     let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     if version > SCHEMA_VERSION {
-        bail!(
-            "the token store has schema version {version}, newer than this leadsync knows ({SCHEMA_VERSION}); run a newer leadsync"
-        );
+        return Err(super::NewerSchema {
+            what: "the token store",
+            found: version,
+            known: SCHEMA_VERSION,
+        }
+        .into());
     }
     if version == SCHEMA_VERSION {
         return Ok(());
@@ -733,6 +736,28 @@ mod tests {
             g.refresh_token.expose(),
             "t2",
             "the rotated token follows the file"
+        );
+    }
+
+    /// A token store from a newer leadsync is the typed error the CLI
+    /// turns into exit 78 (no restart loop), naming the token store.
+    #[test]
+    fn a_token_store_from_a_newer_leadsync_is_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.db");
+        drop(TokenStore::open(&path).unwrap());
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
+        let e = TokenStore::open(&path).err().expect("refused");
+        let newer = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<super::super::NewerSchema>())
+            .expect("a NewerSchema");
+        assert_eq!(
+            (newer.what, newer.found),
+            ("the token store", SCHEMA_VERSION + 1)
         );
     }
 
