@@ -994,7 +994,23 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
             AND (:from_start
                  OR o.next_attempt_at > {after_at}
                  OR (o.next_attempt_at = {after_at} AND o.id > :after_id))
-            AND ({unordered}
+            AND {first_in_line}
+          ORDER BY o.next_attempt_at, o.id
+          LIMIT :page",
+        columns = candidate_columns(kind, pins),
+        due = pins.by(&format!("{}_due", kind.table())),
+        table = kind.table(),
+        first_in_line = first_in_line(kind, pins),
+        after_at = "CASE WHEN :after_text THEN CAST(:after_at AS TEXT) ELSE :after_at END",
+    )
+}
+
+/// SQL: due row `o` is one a claim takes a decision on — first in line in
+/// its negotiation (or with no place in the order), or behind a row put
+/// aside (to be put aside with it).
+fn first_in_line(kind: Kind, pins: &Pins) -> String {
+    format!(
+        "({unordered}
                  -- a probe into an index of the rows put aside only
                  OR EXISTS (SELECT 1 FROM {table} w {waiting}
                              WHERE w.negotiation_id = o.negotiation_id
@@ -1004,22 +1020,20 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
                  WHERE p.negotiation_id = o.negotiation_id
                    AND p.state IN ('pending', 'sending')
                    AND p.id <> o.id
-                   AND (p.state = 'sending' OR {before})))
-          ORDER BY o.next_attempt_at, o.id
-          LIMIT :page",
-        columns = candidate_columns(kind, pins),
-        due = pins.by(&format!("{}_due", kind.table())),
+                   AND (p.state = 'sending' OR {before})))",
         waiting = waiting_probe(kind, pins),
         table = kind.table(),
         unordered = kind.unordered(),
         before = kind.goes_before("p", "o"),
-        after_at = "CASE WHEN :after_text THEN CAST(:after_at AS TEXT) ELSE :after_at END",
     )
 }
 
-/// Whether any row of `kind` is pending, not put aside and due by
-/// `due_by`: what [`claim_select`] walks (the same conditions, so the same
-/// answer for values of any type), from the due index.
+/// Whether any row of `kind` is pending, not put aside, due by `due_by`
+/// and first in line: what [`claim_select`] walks (the same conditions, so
+/// the same answer for values of any type), from the due index. A due row
+/// held back by an earlier one of its negotiation (on a retry, or being
+/// sent) is nothing to claim: counted, it took the write lock every tick
+/// for as long as the earlier row's backoff lasted.
 fn any_due(conn: &Connection, kind: Kind, due_by: &str, pins: &Pins) -> Result<bool> {
     Ok(conn
         .prepare_cached(&due_select(kind, pins))?
@@ -1032,8 +1046,10 @@ fn due_select(kind: Kind, pins: &Pins) -> String {
     let table = kind.table();
     format!(
         "SELECT EXISTS (SELECT 1 FROM {table} o {due} WHERE o.state = 'pending'
-             AND o.waiting_for IS NULL AND o.next_attempt_at <= ?1)",
+             AND o.waiting_for IS NULL AND o.next_attempt_at <= ?1
+             AND {first_in_line})",
         due = pins.by(&format!("{table}_due")),
+        first_in_line = first_in_line(kind, pins),
     )
 }
 
@@ -1659,6 +1675,63 @@ mod tests {
         let due = insert(&conn, Kind::Transition, "3", "7", 1);
         let claimed = claim(&mut conn, Kind::Transition, by, 4, &filter()).unwrap();
         assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [due]);
+    }
+
+    /// A due row held back by an earlier row of its negotiation (waiting
+    /// on its retry, or being sent) is not claimable either: the claim must
+    /// not take the write lock for it every tick for as long as the earlier
+    /// row's backoff lasts (up to `backoff_max_secs`).
+    #[test]
+    fn a_claim_with_only_held_back_rows_due_takes_no_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut conn = crate::store::open_connection(&path, true).unwrap();
+        let mut later_ones = Vec::new();
+        for kind in Kind::ALL {
+            // The first row of negotiation 1 waits on a retry far ahead;
+            // the second is due, but behind it. Negotiation 2's first row
+            // is being sent; its second is due, behind it.
+            let retrying = insert(&conn, kind, "1", "7", 1);
+            later_ones.push((kind, insert(&conn, kind, "1", "7", 2)));
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET next_attempt_at = ?2 WHERE id = ?1",
+                    kind.table()
+                ),
+                params![retrying, FAR],
+            )
+            .unwrap();
+            insert(&conn, kind, "2", "7", 1);
+            let c = claim(&mut conn, kind, "2999-01-01T00:00:00.000Z", 1, &filter()).unwrap();
+            assert_eq!(c.len(), 1, "{kind:?}");
+            later_ones.push((kind, insert(&conn, kind, "2", "7", 2)));
+        }
+        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let by = "2999-01-01T00:00:00.000Z";
+        let partner = rusqlite::Connection::open(&path).unwrap();
+        partner.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for kind in Kind::ALL {
+            let claimed = claim(&mut conn, kind, by, 4, &filter());
+            assert_eq!(
+                claimed.map(|c| c.len()).map_err(|e| format!("{e:#}")),
+                Ok(0),
+                "{kind:?}"
+            );
+        }
+        partner.execute_batch("COMMIT").unwrap();
+        // Once the row ahead is out of the way, the row behind it is claimed.
+        for (kind, id) in later_ones.iter().step_by(2) {
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET state = 'canceled' WHERE negotiation_id = '1' AND id < ?1",
+                    kind.table()
+                ),
+                [id],
+            )
+            .unwrap();
+            let claimed = claim(&mut conn, *kind, by, 4, &filter()).unwrap();
+            assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [*id]);
+        }
     }
 
     #[test]
