@@ -46,6 +46,14 @@ fn migrations() -> Vec<(i64, String)> {
          partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}{checks13}END;\n",
         include_str!("migrations/0013_outbox_input_edges.sql")
     );
+    let checks17 = include_str!("migrations/0017_outbox_checks.sql");
+    let v17 = format!(
+        "{}\nDROP TRIGGER IF EXISTS outbox_validate_insert;\nDROP TRIGGER IF EXISTS outbox_validate_update;\n\
+         CREATE TRIGGER outbox_validate_insert BEFORE INSERT ON outbox BEGIN\n{checks3}{checks17}END;\n\
+         CREATE TRIGGER outbox_validate_update BEFORE UPDATE OF negotiation_id, business_id, status, \
+         partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}{checks17}END;\n",
+        include_str!("migrations/0017_outbox_order.sql")
+    );
     vec![
         (1, v1),
         (
@@ -88,6 +96,7 @@ fn migrations() -> Vec<(i64, String)> {
             14,
             include_str!("migrations/0014_webhook_triggered_at.sql").to_string(),
         ),
+        (17, v17),
     ]
 }
 
@@ -385,6 +394,15 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
             .exists([table, column])?)
     };
+    // Generated columns are hidden from table_info: asked of table_xinfo.
+    if version == 17
+        && !tx
+            .prepare("SELECT 1 FROM pragma_table_xinfo('outbox') WHERE name = 'changed_at_order'")?
+            .exists([])?
+    {
+        tx.execute_batch(include_str!("migrations/0017_outbox_order_column.sql"))
+            .with_context(|| format!("migration {version} failed"))?;
+    }
     let done = version == 14 && has_column("negotiations", "webhook_triggered_at")?;
     if !done {
         tx.execute_batch(sql)
@@ -781,12 +799,12 @@ const PINNED_INDEXES: &[(&str, &str)] = &[
     ),
     (
         "outbox_open_by_negotiation",
-        "CREATE INDEX outbox_open_by_negotiation ON outbox (negotiation_id, changed_at_utc, id)
+        "CREATE INDEX outbox_open_by_negotiation ON outbox (negotiation_id, changed_at_order, id)
          WHERE state IN ('pending', 'sending')",
     ),
     (
         "outbox_sent_by_negotiation",
-        "CREATE INDEX outbox_sent_by_negotiation ON outbox (negotiation_id, changed_at_utc, id)
+        "CREATE INDEX outbox_sent_by_negotiation ON outbox (negotiation_id, changed_at_order, id)
          WHERE state = 'sent'",
     ),
     (

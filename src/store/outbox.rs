@@ -52,7 +52,7 @@ impl Kind {
     fn content_columns(self) -> &'static str {
         match self {
             Kind::Transition => {
-                "o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.changed_at_utc"
+                "o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.changed_at_order"
             }
             Kind::Message => "o.text",
         }
@@ -72,8 +72,8 @@ impl Kind {
     fn goes_before(self, p: &str, o: &str) -> String {
         match self {
             Kind::Transition => format!(
-                "({p}.changed_at_utc IS NULL OR {p}.changed_at_utc < {o}.changed_at_utc
-                  OR ({p}.changed_at_utc = {o}.changed_at_utc AND {p}.id < {o}.id))"
+                "({p}.changed_at_order IS NULL OR {p}.changed_at_order < {o}.changed_at_order
+                  OR ({p}.changed_at_order = {o}.changed_at_order AND {p}.id < {o}.id))"
             ),
             Kind::Message => format!("{p}.id < {o}.id"),
         }
@@ -83,8 +83,8 @@ impl Kind {
     fn goes_after(self, s: &str, o: &str) -> String {
         match self {
             Kind::Transition => format!(
-                "({s}.changed_at_utc > {o}.changed_at_utc
-                  OR ({s}.changed_at_utc = {o}.changed_at_utc AND {s}.id > {o}.id))"
+                "({s}.changed_at_order > {o}.changed_at_order
+                  OR ({s}.changed_at_order = {o}.changed_at_order AND {s}.id > {o}.id))"
             ),
             Kind::Message => format!("{s}.id > {o}.id"),
         }
@@ -93,7 +93,7 @@ impl Kind {
     /// SQL: the order of a negotiation's rows.
     fn order(self) -> &'static str {
         match self {
-            Kind::Transition => "o.changed_at_utc, o.id",
+            Kind::Transition => "o.changed_at_order, o.id",
             Kind::Message => "o.id",
         }
     }
@@ -101,7 +101,7 @@ impl Kind {
     /// SQL: a row with no place in the order (always first in line).
     fn unordered(self) -> &'static str {
         match self {
-            Kind::Transition => "o.changed_at_utc IS NULL",
+            Kind::Transition => "o.changed_at_order IS NULL",
             Kind::Message => "0",
         }
     }
@@ -1731,6 +1731,80 @@ mod tests {
             .unwrap();
             let claimed = claim(&mut conn, *kind, by, 4, &filter()).unwrap();
             assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [*id]);
+        }
+    }
+
+    /// SPEC §4: a negotiation's rows go in order of
+    /// (`partner_status_changed_at`, id), the instant exactly as given.
+    /// The order read the instant to the millisecond (`strftime('%f')`
+    /// truncates), so two rows within one millisecond went in id order;
+    /// and a fraction of 309 digits (RFC 3339 sets no bound) read
+    /// as no fraction at all.
+    #[test]
+    fn rows_within_one_millisecond_or_with_a_long_fraction_go_in_the_order_of_their_instants() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let long = format!("2024-06-14T09:30:00.{}Z", "1".repeat(309));
+        let cases: [(&str, [&str; 3]); 3] = [
+            (
+                "1",
+                [
+                    "2024-06-14T09:30:00.0004Z",
+                    "2024-06-14T11:30:00.00019+02:00",
+                    "2024-06-14T09:30:00.0001Z",
+                ],
+            ),
+            (
+                "2",
+                [
+                    "2024-06-14T09:30:00.0009999Z",
+                    "2024-06-14T09:30:00.000999Z",
+                    "2024-06-14T04:30:00.00099-05:00",
+                ],
+            ),
+            (
+                "3",
+                [
+                    long.as_str(),
+                    "2024-06-14T09:30:00.11Z",
+                    "2024-06-14T09:30:00.05Z",
+                ],
+            ),
+        ];
+        for (negotiation, times) in &cases {
+            for at in times {
+                conn.execute(
+                    "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+                     VALUES (?1, '7', 'appt_scheduled', ?2)",
+                    params![negotiation, at],
+                )
+                .unwrap();
+            }
+        }
+        let mut order: HashMap<String, Vec<String>> = HashMap::new();
+        loop {
+            let claimed = claim(&mut conn, Kind::Transition, FAR, 10, &filter()).unwrap();
+            if claimed.is_empty() {
+                break;
+            }
+            for c in claimed {
+                let Content::Transition {
+                    partner_status_changed_at,
+                    ..
+                } = &c.content
+                else {
+                    unreachable!()
+                };
+                order
+                    .entry(c.negotiation_id.clone())
+                    .or_default()
+                    .push(partner_status_changed_at.clone());
+                sent(&mut conn, &c, false);
+            }
+        }
+        for (negotiation, times) in &cases {
+            let expected = [times[2], times[1], times[0]];
+            assert_eq!(order[*negotiation], expected, "negotiation {negotiation}");
         }
     }
 
