@@ -1388,6 +1388,57 @@ mod tests {
     }
 
     #[test]
+    fn version_17_keeps_a_partners_views_triggers_and_indexes_on_the_outbox() {
+        // Schema 17 adds a column to the outbox and makes its order indexes
+        // and validating triggers again: what a partner put on the table
+        // stays, and still works; and the migration runs again cleanly.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 14).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_log (outbox_id INTEGER, at TEXT);
+             CREATE VIEW partner_open AS SELECT id, changed_at_utc, * FROM outbox WHERE state = 'pending';
+             CREATE TRIGGER partner_logs AFTER INSERT ON outbox BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id, NEW.changed_at_utc);
+             END;
+             CREATE INDEX partner_by_status ON outbox (status, changed_at_utc);
+             CREATE TABLE partner_gone (x);
+             CREATE VIEW partner_broken AS SELECT o.id, g.x FROM outbox o, partner_gone g;
+             DROP TABLE partner_gone;
+             INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T11:30:00.0004+02:00');",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        conn.pragma_update(None, "user_version", 14).unwrap();
+        migrate(&mut conn).unwrap();
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00.0001Z')",
+            [],
+        )
+        .unwrap();
+        let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(n("SELECT count(*) FROM partner_log"), 2);
+        assert_eq!(n("SELECT count(*) FROM partner_open"), 2);
+        assert_eq!(
+            n("SELECT count(*) FROM sqlite_schema WHERE name = 'partner_by_status'"),
+            1
+        );
+        let order: Vec<String> = conn
+            .prepare("SELECT changed_at_order FROM outbox ORDER BY changed_at_order")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            order,
+            ["2024-06-14T09:30:00.0001", "2024-06-14T09:30:00.0004"]
+        );
+        assert!(Pins::read(&conn).unwrap().missing().is_empty());
+    }
+
+    #[test]
     fn version_12_gives_message_times_their_milliseconds() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate_to(&mut conn, 11).unwrap();
