@@ -1439,6 +1439,59 @@ mod tests {
     }
 
     #[test]
+    fn version_17_makes_a_pending_row_never_due_since_before_schema_8_due() {
+        // Before schema 8 a partner's program could write any next_attempt_at:
+        // a BLOB or a word sorts after every time, so the row was never due
+        // (claim and its look-ahead alike) and held back its negotiation's
+        // later rows for good. A time SQLite reads becomes that time in the
+        // drainer's form; anything else, due now (as when left out).
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 7).unwrap();
+        let rows = [
+            ("outbox", "X'00'"),
+            ("outbox", "'tomorrow'"),
+            ("outbox", "'2030-01-01 09:00:00'"),
+            ("outbox", "'2030-01-01T11:00:00+02:00'"),
+            ("outbox", "'9999-12-31T23:30:00-01:00'"),
+            ("outbox", "'2024-06-14T09:30:00Z' || char(0) || 'x'"),
+            ("message_outbox", "X'31'"),
+            ("message_outbox", "'later'"),
+        ];
+        for (table, at) in rows {
+            let content = if table == "outbox" {
+                "status, partner_status_changed_at) VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z'"
+            } else {
+                "text) VALUES ('1', 'hi'"
+            };
+            conn.execute_batch(&format!(
+                "INSERT INTO {table} (negotiation_id, {content});
+                 UPDATE {table} SET next_attempt_at = {at} WHERE id = last_insert_rowid();"
+            ))
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        let now = crate::time::now();
+        let at = |table: &str| -> Vec<String> {
+            conn.prepare(&format!("SELECT next_attempt_at FROM {table} ORDER BY id"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let outbox = at("outbox");
+        assert!(outbox[0] <= now && outbox[1] <= now, "{outbox:?}");
+        assert_eq!(
+            outbox[2..4],
+            ["2030-01-01T09:00:00.000Z", "2030-01-01T09:00:00.000Z"]
+        );
+        assert!(outbox[4] <= now, "{outbox:?}");
+        assert_eq!(outbox[5], "2024-06-14T09:30:00.000Z");
+        let replies = at("message_outbox");
+        assert!(replies.iter().all(|t| *t <= now), "{replies:?}");
+    }
+
+    #[test]
     fn version_12_gives_message_times_their_milliseconds() {
         let mut conn = Connection::open_in_memory().unwrap();
         migrate_to(&mut conn, 11).unwrap();
