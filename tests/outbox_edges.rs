@@ -1483,9 +1483,17 @@ async fn rows_with_a_nul_from_before_schema_13_fail_alone_in_both_outboxes() {
     let db = rig.env.sql();
     let mut bad = Vec::new();
     for (n, business, at) in [
-        (format!("'{a}' || char(0) || 'x'"), "NULL", "'2024-06-14T09:30:00Z'"),
+        (
+            format!("'{a}' || char(0) || 'x'"),
+            "NULL",
+            "'2024-06-14T09:30:00Z'",
+        ),
         (format!("'{a}'"), "'7' || char(0)", "'2024-06-14T09:31:00Z'"),
-        (format!("'{b}'"), "NULL", "'2024-06-14T09:30:00Z' || char(0) || 'x'"),
+        (
+            format!("'{b}'"),
+            "NULL",
+            "'2024-06-14T09:30:00Z' || char(0) || 'x'",
+        ),
     ] {
         db.execute_batch(&format!(
             "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
