@@ -1463,3 +1463,79 @@ async fn a_next_attempt_at_with_a_nul_and_broken_text_after_it_stalls_nothing() 
         assert_eq!(rig.state(id).0, "sent", "row {id}: {s:?}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_with_a_nul_from_before_schema_13_fail_alone_in_both_outboxes() {
+    // Rows written before schema 13 (or past its dropped triggers) with a
+    // NUL in an id or in the instant: each fails alone, and the rows
+    // around them (their negotiation's later ones, other negotiations')
+    // go out in order. message_outbox's NUL check on UPDATE has no
+    // "changed" guard: the drainer must never write those columns of such
+    // a row (filling in business_id at the claim), or every claim fails.
+    let rig = Rig::new(FAST).await;
+    let (a, b) = (rig.lead(0, 0), rig.lead(1, 0));
+    for name in [
+        "outbox_validate_insert",
+        "message_outbox_ids_without_nul_insert",
+    ] {
+        rig.sql(&format!("DROP TRIGGER {name};"));
+    }
+    let db = rig.env.sql();
+    let mut bad = Vec::new();
+    for (n, business, at) in [
+        (
+            format!("'{a}' || char(0) || 'x'"),
+            "NULL",
+            "'2024-06-14T09:30:00Z'",
+        ),
+        (format!("'{a}'"), "'7' || char(0)", "'2024-06-14T09:31:00Z'"),
+        (
+            format!("'{b}'"),
+            "NULL",
+            "'2024-06-14T09:30:00Z' || char(0) || 'x'",
+        ),
+    ] {
+        db.execute_batch(&format!(
+            "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+             VALUES ({n}, {business}, 'appt_scheduled', {at});"
+        ))
+        .unwrap();
+        bad.push(db.last_insert_rowid());
+    }
+    let good_a = rig.insert(&a, "job_complete", "2024-06-14T10:30:00Z");
+    let good_b = rig.insert(&b, "job_complete", "2024-06-14T10:30:00Z");
+    db.execute_batch(&format!(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES ('{a}' || char(0) || 'x', 'nul id');
+         INSERT INTO message_outbox (negotiation_id, business_id, text) VALUES ('{a}', '7' || char(0), 'nul business');
+         INSERT INTO message_outbox (negotiation_id, text) VALUES ('{a}', 'fine');
+         INSERT INTO message_outbox (negotiation_id, text) VALUES ('{b}', 'fine too');"
+    ))
+    .unwrap();
+    let s = rig.drain().await;
+    for id in bad {
+        assert_eq!(rig.state(id).0, "dead", "row {id}: {s:?}");
+    }
+    for id in [good_a, good_b] {
+        assert_eq!(rig.state(id).0, "sent", "row {id}: {s:?}");
+    }
+    let states: Vec<(String, String)> = db
+        .prepare("SELECT text, state FROM message_outbox ORDER BY id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap();
+    let states: Vec<(&str, &str)> = states
+        .iter()
+        .map(|(t, s)| (t.as_str(), s.as_str()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("nul id", "dead"),
+            ("nul business", "dead"),
+            ("fine", "sent"),
+            ("fine too", "sent")
+        ]
+    );
+}

@@ -839,3 +839,99 @@ fn every_time_the_table_takes_is_one_the_drainer_can_send() {
     }
     assert!(disagree.is_empty(), "{disagree:#?}");
 }
+
+#[test]
+fn the_table_and_the_drainer_agree_on_every_time() {
+    // A row the table takes must be one the drainer can send (else it dies
+    // at its claim), and a time the drainer can send is taken, except the
+    // forms the table refuses on purpose with its message: lower-case `t`
+    // and `z`, a leap second, an offset beyond ±14:00. The table's order
+    // (changed_at_order) is the order of the instants, to the last digit.
+    let (_d, c) = fresh();
+    let stricter = [
+        "2024-06-14t09:30:00Z",
+        "2024-06-14T09:30:00z",
+        "2016-12-31T23:59:60Z",
+        "2024-06-14T09:30:00-23:59",
+        "2024-06-14T09:30:00+23:59",
+        "2024-06-14T09:30:00+14:01",
+    ];
+    let long = |digit: &str, n: usize| format!("2024-06-14T09:30:00.{}Z", digit.repeat(n));
+    let mut times: Vec<String> = [
+        "2024-06-14T09:30:00Z",
+        "2024-06-14T09:30:00.0Z",
+        "2024-06-14T09:30:00.000100Z",
+        "2024-06-14T11:30:00.0004+02:00",
+        "2024-06-14T09:30:00.0009999Z",
+        "2024-06-14T09:30:00.001Z",
+        "2024-06-14T09:30:00.123456789123Z",
+        "2024-06-14T09:30:00+14:00",
+        "2024-06-14T09:30:00-14:00",
+        "2024-06-14T09:30:00-00:00",
+        "9999-12-31T23:30:00-01:00",
+        "9999-12-31T23:59:59.9995Z",
+        "9999-12-31T23:59:59.999999999999999999Z",
+        "9999-12-31T22:59:59.9999+00:00",
+        "9999-12-31T10:00:00-14:00",
+        "9999-12-31T10:00:00.000001-14:00",
+        "0000-01-01T00:30:00-01:00",
+        "0000-01-01T00:30:00+01:00",
+        "0000-01-01T00:59:59.9996+01:00",
+        "0000-01-01T01:00:00+01:00",
+        "0000-01-01T14:00:00+14:00",
+        "0000-01-01T13:59:59.999999+14:00",
+        "10000-01-01T00:00:00Z",
+        "2024-02-29T09:30:00Z",
+        "2023-02-29T09:30:00Z",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .chain(stricter.iter().map(|s| s.to_string()))
+    .collect();
+    for n in [20, 308, 309, 310, 400] {
+        times.push(long("1", n));
+        times.push(long("9", n));
+    }
+    let mut taken = Vec::new();
+    for t in &times {
+        let table = insert(&c, Some("1"), Some("appt_scheduled"), Some(t), None);
+        let drainer = leadsync::time::to_utc_z(t);
+        match (&table, &drainer) {
+            (Ok(_), Some(_)) => taken.push((c.last_insert_rowid(), t.clone())),
+            (Err(_), None) => {}
+            (Err(e), Some(_)) => assert!(
+                stricter.contains(&t.as_str()),
+                "{t}: the drainer can send it, the table refuses it: {e}"
+            ),
+            (Ok(_), None) => panic!("{t}: the table takes it, the drainer cannot send it"),
+        }
+    }
+    let mut taken: Vec<_> = taken
+        .into_iter()
+        .map(|(id, t)| {
+            let order: Option<String> = c
+                .query_row(
+                    "SELECT changed_at_order FROM outbox WHERE id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            let order = order.unwrap_or_else(|| panic!("{t}: no place in the order"));
+            (leadsync::time::parse(&t).unwrap(), t, order)
+        })
+        .collect();
+    // Ordered by the text of changed_at_order: the instants' order (finer
+    // than chrono's nanoseconds only past nine digits: those compare by
+    // their text among equal instants).
+    taken.sort_by(|a, b| a.2.cmp(&b.2));
+    for w in taken.windows(2) {
+        assert!(
+            w[0].0 <= w[1].0,
+            "{} ({}) sorts before {} ({})",
+            w[0].1,
+            w[0].2,
+            w[1].1,
+            w[1].2
+        );
+    }
+}

@@ -46,6 +46,14 @@ fn migrations() -> Vec<(i64, String)> {
          partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}{checks13}END;\n",
         include_str!("migrations/0013_outbox_input_edges.sql")
     );
+    let checks17 = include_str!("migrations/0017_outbox_checks.sql");
+    let v17 = format!(
+        "{}\nDROP TRIGGER IF EXISTS outbox_validate_insert;\nDROP TRIGGER IF EXISTS outbox_validate_update;\n\
+         CREATE TRIGGER outbox_validate_insert BEFORE INSERT ON outbox BEGIN\n{checks3}{checks17}END;\n\
+         CREATE TRIGGER outbox_validate_update BEFORE UPDATE OF negotiation_id, business_id, status, \
+         partner_status_changed_at, invoice_amount_in_cents ON outbox BEGIN\n{OUTBOX_FROZEN}{checks3}{checks17}END;\n",
+        include_str!("migrations/0017_outbox_order.sql")
+    );
     vec![
         (1, v1),
         (
@@ -88,6 +96,7 @@ fn migrations() -> Vec<(i64, String)> {
             14,
             include_str!("migrations/0014_webhook_triggered_at.sql").to_string(),
         ),
+        (17, v17),
     ]
 }
 
@@ -385,6 +394,15 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
             .exists([table, column])?)
     };
+    // Generated columns are hidden from table_info: asked of table_xinfo.
+    if version == 17
+        && !tx
+            .prepare("SELECT 1 FROM pragma_table_xinfo('outbox') WHERE name = 'changed_at_order'")?
+            .exists([])?
+    {
+        tx.execute_batch(include_str!("migrations/0017_outbox_order_column.sql"))
+            .with_context(|| format!("migration {version} failed"))?;
+    }
     let done = version == 14 && has_column("negotiations", "webhook_triggered_at")?;
     if !done {
         tx.execute_batch(sql)
@@ -781,12 +799,12 @@ const PINNED_INDEXES: &[(&str, &str)] = &[
     ),
     (
         "outbox_open_by_negotiation",
-        "CREATE INDEX outbox_open_by_negotiation ON outbox (negotiation_id, changed_at_utc, id)
+        "CREATE INDEX outbox_open_by_negotiation ON outbox (negotiation_id, changed_at_order, id)
          WHERE state IN ('pending', 'sending')",
     ),
     (
         "outbox_sent_by_negotiation",
-        "CREATE INDEX outbox_sent_by_negotiation ON outbox (negotiation_id, changed_at_utc, id)
+        "CREATE INDEX outbox_sent_by_negotiation ON outbox (negotiation_id, changed_at_order, id)
          WHERE state = 'sent'",
     ),
     (
@@ -1345,7 +1363,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
         let mut conn = Connection::open(&path).unwrap();
-        migrate_to(&mut conn, schema_version() - 1).unwrap();
+        // The version before the last (numbers may have gaps).
+        let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
+        migrate_to(&mut conn, previous).unwrap();
         drop(conn);
         let daemon = ProcessLock::acquire_as(&path, true).unwrap();
         let e = open_connection(&path, false).expect_err("refused");
@@ -1360,13 +1380,117 @@ mod tests {
                 .query_row("PRAGMA user_version", [], |r| r.get(0))
                 .unwrap()
         };
-        assert_eq!(version(&path), schema_version() - 1);
+        assert_eq!(version(&path), previous);
         drop(daemon);
         drop(open_connection(&path, false).unwrap());
         assert_eq!(version(&path), schema_version());
         // Up to date: opening needs no lock, whoever holds it.
         let _daemon = ProcessLock::acquire_as(&path, true).unwrap();
         drop(open_connection(&path, false).unwrap());
+    }
+
+    #[test]
+    fn version_17_keeps_a_partners_views_triggers_and_indexes_on_the_outbox() {
+        // Schema 17 adds a column to the outbox and makes its order indexes
+        // and validating triggers again: what a partner put on the table
+        // stays, and still works; and the migration runs again cleanly.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 14).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_log (outbox_id INTEGER, at TEXT);
+             CREATE VIEW partner_open AS SELECT id, changed_at_utc, * FROM outbox WHERE state = 'pending';
+             CREATE TRIGGER partner_logs AFTER INSERT ON outbox BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id, NEW.changed_at_utc);
+             END;
+             CREATE INDEX partner_by_status ON outbox (status, changed_at_utc);
+             CREATE TABLE partner_gone (x);
+             CREATE VIEW partner_broken AS SELECT o.id, g.x FROM outbox o, partner_gone g;
+             DROP TABLE partner_gone;
+             INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T11:30:00.0004+02:00');",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        conn.pragma_update(None, "user_version", 14).unwrap();
+        migrate(&mut conn).unwrap();
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00.0001Z')",
+            [],
+        )
+        .unwrap();
+        let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(n("SELECT count(*) FROM partner_log"), 2);
+        assert_eq!(n("SELECT count(*) FROM partner_open"), 2);
+        assert_eq!(
+            n("SELECT count(*) FROM sqlite_schema WHERE name = 'partner_by_status'"),
+            1
+        );
+        let order: Vec<String> = conn
+            .prepare("SELECT changed_at_order FROM outbox ORDER BY changed_at_order")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            order,
+            ["2024-06-14T09:30:00.0001", "2024-06-14T09:30:00.0004"]
+        );
+        assert!(Pins::read(&conn).unwrap().missing().is_empty());
+    }
+
+    #[test]
+    fn version_17_makes_a_pending_row_never_due_since_before_schema_8_due() {
+        // Before schema 8 a partner's program could write any next_attempt_at:
+        // a BLOB or a word sorts after every time, so the row was never due
+        // (claim and its look-ahead alike) and held back its negotiation's
+        // later rows for good. A time SQLite reads becomes that time in the
+        // drainer's form; anything else, due now (as when left out).
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 7).unwrap();
+        let rows = [
+            ("outbox", "X'00'"),
+            ("outbox", "'tomorrow'"),
+            ("outbox", "'2030-01-01 09:00:00'"),
+            ("outbox", "'2030-01-01T11:00:00+02:00'"),
+            ("outbox", "'9999-12-31T23:30:00-01:00'"),
+            ("outbox", "'2024-06-14T09:30:00Z' || char(0) || 'x'"),
+            ("message_outbox", "X'31'"),
+            ("message_outbox", "'later'"),
+        ];
+        for (table, at) in rows {
+            let content = if table == "outbox" {
+                "status, partner_status_changed_at) VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z'"
+            } else {
+                "text) VALUES ('1', 'hi'"
+            };
+            conn.execute_batch(&format!(
+                "INSERT INTO {table} (negotiation_id, {content});
+                 UPDATE {table} SET next_attempt_at = {at} WHERE id = last_insert_rowid();"
+            ))
+            .unwrap();
+        }
+        migrate(&mut conn).unwrap();
+        let now = crate::time::now();
+        let at = |table: &str| -> Vec<String> {
+            conn.prepare(&format!("SELECT next_attempt_at FROM {table} ORDER BY id"))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        let outbox = at("outbox");
+        assert!(outbox[0] <= now && outbox[1] <= now, "{outbox:?}");
+        assert_eq!(
+            outbox[2..4],
+            ["2030-01-01T09:00:00.000Z", "2030-01-01T09:00:00.000Z"]
+        );
+        assert!(outbox[4] <= now, "{outbox:?}");
+        assert_eq!(outbox[5], "2024-06-14T09:30:00.000Z");
+        let replies = at("message_outbox");
+        assert!(replies.iter().all(|t| *t <= now), "{replies:?}");
     }
 
     #[test]

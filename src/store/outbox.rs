@@ -52,7 +52,7 @@ impl Kind {
     fn content_columns(self) -> &'static str {
         match self {
             Kind::Transition => {
-                "o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.changed_at_utc"
+                "o.status, o.partner_status_changed_at, o.invoice_amount_in_cents, o.changed_at_order"
             }
             Kind::Message => "o.text",
         }
@@ -72,8 +72,8 @@ impl Kind {
     fn goes_before(self, p: &str, o: &str) -> String {
         match self {
             Kind::Transition => format!(
-                "({p}.changed_at_utc IS NULL OR {p}.changed_at_utc < {o}.changed_at_utc
-                  OR ({p}.changed_at_utc = {o}.changed_at_utc AND {p}.id < {o}.id))"
+                "({p}.changed_at_order IS NULL OR {p}.changed_at_order < {o}.changed_at_order
+                  OR ({p}.changed_at_order = {o}.changed_at_order AND {p}.id < {o}.id))"
             ),
             Kind::Message => format!("{p}.id < {o}.id"),
         }
@@ -83,8 +83,8 @@ impl Kind {
     fn goes_after(self, s: &str, o: &str) -> String {
         match self {
             Kind::Transition => format!(
-                "({s}.changed_at_utc > {o}.changed_at_utc
-                  OR ({s}.changed_at_utc = {o}.changed_at_utc AND {s}.id > {o}.id))"
+                "({s}.changed_at_order > {o}.changed_at_order
+                  OR ({s}.changed_at_order = {o}.changed_at_order AND {s}.id > {o}.id))"
             ),
             Kind::Message => format!("{s}.id > {o}.id"),
         }
@@ -93,7 +93,7 @@ impl Kind {
     /// SQL: the order of a negotiation's rows.
     fn order(self) -> &'static str {
         match self {
-            Kind::Transition => "o.changed_at_utc, o.id",
+            Kind::Transition => "o.changed_at_order, o.id",
             Kind::Message => "o.id",
         }
     }
@@ -101,7 +101,7 @@ impl Kind {
     /// SQL: a row with no place in the order (always first in line).
     fn unordered(self) -> &'static str {
         match self {
-            Kind::Transition => "o.changed_at_utc IS NULL",
+            Kind::Transition => "o.changed_at_order IS NULL",
             Kind::Message => "0",
         }
     }
@@ -994,7 +994,23 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
             AND (:from_start
                  OR o.next_attempt_at > {after_at}
                  OR (o.next_attempt_at = {after_at} AND o.id > :after_id))
-            AND ({unordered}
+            AND {first_in_line}
+          ORDER BY o.next_attempt_at, o.id
+          LIMIT :page",
+        columns = candidate_columns(kind, pins),
+        due = pins.by(&format!("{}_due", kind.table())),
+        table = kind.table(),
+        first_in_line = first_in_line(kind, pins),
+        after_at = "CASE WHEN :after_text THEN CAST(:after_at AS TEXT) ELSE :after_at END",
+    )
+}
+
+/// SQL: due row `o` is one a claim takes a decision on — first in line in
+/// its negotiation (or with no place in the order), or behind a row put
+/// aside (to be put aside with it).
+fn first_in_line(kind: Kind, pins: &Pins) -> String {
+    format!(
+        "({unordered}
                  -- a probe into an index of the rows put aside only
                  OR EXISTS (SELECT 1 FROM {table} w {waiting}
                              WHERE w.negotiation_id = o.negotiation_id
@@ -1004,22 +1020,20 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
                  WHERE p.negotiation_id = o.negotiation_id
                    AND p.state IN ('pending', 'sending')
                    AND p.id <> o.id
-                   AND (p.state = 'sending' OR {before})))
-          ORDER BY o.next_attempt_at, o.id
-          LIMIT :page",
-        columns = candidate_columns(kind, pins),
-        due = pins.by(&format!("{}_due", kind.table())),
+                   AND (p.state = 'sending' OR {before})))",
         waiting = waiting_probe(kind, pins),
         table = kind.table(),
         unordered = kind.unordered(),
         before = kind.goes_before("p", "o"),
-        after_at = "CASE WHEN :after_text THEN CAST(:after_at AS TEXT) ELSE :after_at END",
     )
 }
 
-/// Whether any row of `kind` is pending, not put aside and due by
-/// `due_by`: what [`claim_select`] walks (the same conditions, so the same
-/// answer for values of any type), from the due index.
+/// Whether any row of `kind` is pending, not put aside, due by `due_by`
+/// and first in line: what [`claim_select`] walks (the same conditions, so
+/// the same answer for values of any type), from the due index. A due row
+/// held back by an earlier one of its negotiation (on a retry, or being
+/// sent) is nothing to claim: counted, it took the write lock every tick
+/// for as long as the earlier row's backoff lasted.
 fn any_due(conn: &Connection, kind: Kind, due_by: &str, pins: &Pins) -> Result<bool> {
     Ok(conn
         .prepare_cached(&due_select(kind, pins))?
@@ -1032,8 +1046,10 @@ fn due_select(kind: Kind, pins: &Pins) -> String {
     let table = kind.table();
     format!(
         "SELECT EXISTS (SELECT 1 FROM {table} o {due} WHERE o.state = 'pending'
-             AND o.waiting_for IS NULL AND o.next_attempt_at <= ?1)",
+             AND o.waiting_for IS NULL AND o.next_attempt_at <= ?1
+             AND {first_in_line})",
         due = pins.by(&format!("{table}_due")),
+        first_in_line = first_in_line(kind, pins),
     )
 }
 
@@ -1659,6 +1675,137 @@ mod tests {
         let due = insert(&conn, Kind::Transition, "3", "7", 1);
         let claimed = claim(&mut conn, Kind::Transition, by, 4, &filter()).unwrap();
         assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [due]);
+    }
+
+    /// A due row held back by an earlier row of its negotiation (waiting
+    /// on its retry, or being sent) is not claimable either: the claim must
+    /// not take the write lock for it every tick for as long as the earlier
+    /// row's backoff lasts (up to `backoff_max_secs`).
+    #[test]
+    fn a_claim_with_only_held_back_rows_due_takes_no_write_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut conn = crate::store::open_connection(&path, true).unwrap();
+        let mut later_ones = Vec::new();
+        for kind in Kind::ALL {
+            // The first row of negotiation 1 waits on a retry far ahead;
+            // the second is due, but behind it. Negotiation 2's first row
+            // is being sent; its second is due, behind it.
+            let retrying = insert(&conn, kind, "1", "7", 1);
+            later_ones.push((kind, insert(&conn, kind, "1", "7", 2)));
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET next_attempt_at = ?2 WHERE id = ?1",
+                    kind.table()
+                ),
+                params![retrying, FAR],
+            )
+            .unwrap();
+            insert(&conn, kind, "2", "7", 1);
+            let c = claim(&mut conn, kind, "2999-01-01T00:00:00.000Z", 1, &filter()).unwrap();
+            assert_eq!(c.len(), 1, "{kind:?}");
+            later_ones.push((kind, insert(&conn, kind, "2", "7", 2)));
+        }
+        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let by = "2999-01-01T00:00:00.000Z";
+        let partner = rusqlite::Connection::open(&path).unwrap();
+        partner.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for kind in Kind::ALL {
+            let claimed = claim(&mut conn, kind, by, 4, &filter());
+            assert_eq!(
+                claimed.map(|c| c.len()).map_err(|e| format!("{e:#}")),
+                Ok(0),
+                "{kind:?}"
+            );
+        }
+        partner.execute_batch("COMMIT").unwrap();
+        // Once the row ahead is out of the way, the row behind it is claimed.
+        for (kind, id) in later_ones.iter().step_by(2) {
+            conn.execute(
+                &format!(
+                    "UPDATE {} SET state = 'canceled' WHERE negotiation_id = '1' AND id < ?1",
+                    kind.table()
+                ),
+                [id],
+            )
+            .unwrap();
+            let claimed = claim(&mut conn, *kind, by, 4, &filter()).unwrap();
+            assert_eq!(claimed.iter().map(|c| c.id).collect::<Vec<_>>(), [*id]);
+        }
+    }
+
+    /// SPEC §4: a negotiation's rows go in order of
+    /// (`partner_status_changed_at`, id), the instant exactly as given.
+    /// The order read the instant to the millisecond (`strftime('%f')`
+    /// truncates), so two rows within one millisecond went in id order;
+    /// and a fraction of 309 digits (RFC 3339 sets no bound) read
+    /// as no fraction at all.
+    #[test]
+    fn rows_within_one_millisecond_or_with_a_long_fraction_go_in_the_order_of_their_instants() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let long = format!("2024-06-14T09:30:00.{}Z", "1".repeat(309));
+        let cases: [(&str, [&str; 3]); 3] = [
+            (
+                "1",
+                [
+                    "2024-06-14T09:30:00.0004Z",
+                    "2024-06-14T11:30:00.00019+02:00",
+                    "2024-06-14T09:30:00.0001Z",
+                ],
+            ),
+            (
+                "2",
+                [
+                    "2024-06-14T09:30:00.0009999Z",
+                    "2024-06-14T09:30:00.000999Z",
+                    "2024-06-14T04:30:00.00099-05:00",
+                ],
+            ),
+            (
+                "3",
+                [
+                    long.as_str(),
+                    "2024-06-14T09:30:00.11Z",
+                    "2024-06-14T09:30:00.05Z",
+                ],
+            ),
+        ];
+        for (negotiation, times) in &cases {
+            for at in times {
+                conn.execute(
+                    "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+                     VALUES (?1, '7', 'appt_scheduled', ?2)",
+                    params![negotiation, at],
+                )
+                .unwrap();
+            }
+        }
+        let mut order: HashMap<String, Vec<String>> = HashMap::new();
+        loop {
+            let claimed = claim(&mut conn, Kind::Transition, FAR, 10, &filter()).unwrap();
+            if claimed.is_empty() {
+                break;
+            }
+            for c in claimed {
+                let Content::Transition {
+                    partner_status_changed_at,
+                    ..
+                } = &c.content
+                else {
+                    unreachable!()
+                };
+                order
+                    .entry(c.negotiation_id.clone())
+                    .or_default()
+                    .push(partner_status_changed_at.clone());
+                sent(&mut conn, &c, false);
+            }
+        }
+        for (negotiation, times) in &cases {
+            let expected = [times[2], times[1], times[0]];
+            assert_eq!(order[*negotiation], expected, "negotiation {negotiation}");
+        }
     }
 
     #[test]
