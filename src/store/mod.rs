@@ -96,6 +96,10 @@ fn migrations() -> Vec<(i64, String)> {
             14,
             include_str!("migrations/0014_webhook_triggered_at.sql").to_string(),
         ),
+        (
+            16,
+            include_str!("migrations/0016_sync_request_checks.sql").to_string(),
+        ),
         (17, v17),
     ]
 }
