@@ -105,7 +105,8 @@ pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
 /// message short in the partner's tools.
 fn read_request(id: i64, r: &rusqlite::Row<'_>) -> Result<NewRequest, &'static str> {
     use rusqlite::types::ValueRef;
-    const NOT_TEXT: &str = "business_id is not text: write it as a quoted string of digits, \
+    const NOT_TEXT: &str = "business_id is not text (a BLOB, or bytes that are not UTF-8): \
+                            write it as a quoted string of digits, \
                             e.g. VALUES ('468046965846925323', 'full')";
     const NOT_DIGITS: &str = "business_id holds something other than digits (a NUL character, \
                               char(0), cuts what sqlite3 shows of it): write it as a quoted \
@@ -336,10 +337,30 @@ mod tests {
             "INSERT INTO sync_requests (id, business_id) VALUES (1, '12' || char(0) || 'abc');
              INSERT INTO sync_requests (id, business_id) VALUES (2, '34');
              INSERT INTO sync_requests (id, business_id) VALUES (3, x'3536');
-             INSERT INTO sync_requests (id, business_id, kind) VALUES (4, NULL, 'full');",
+             INSERT INTO sync_requests (id, business_id, kind) VALUES (4, NULL, 'full');
+             CREATE TABLE partner_log (request_id INTEGER);
+             CREATE TRIGGER partner_logs AFTER INSERT ON sync_requests
+               BEGIN INSERT INTO partner_log VALUES (NEW.id); END;
+             CREATE VIEW partner_open AS SELECT id FROM sync_requests WHERE finished_at IS NULL;",
         )
         .unwrap();
         crate::store::migrate(&mut c).unwrap();
+        // The upgrade keeps the partner's own trigger and view (no rebuild).
+        insert(&c, Some("78"), "head", false).unwrap();
+        assert_eq!(
+            c.query_row("SELECT count(*) FROM partner_log", [], |r| r
+                .get::<_, i64>(0))
+                .unwrap(),
+            1
+        );
+        c.execute("DELETE FROM sync_requests WHERE business_id = '78'", [])
+            .unwrap();
+        assert_eq!(
+            c.query_row("SELECT count(*) FROM partner_open", [], |r| r
+                .get::<_, i64>(0))
+                .unwrap(),
+            4
+        );
         let new = new_requests(&c).unwrap();
         let ids: Vec<(i64, Option<String>)> =
             new.iter().map(|r| (r.id, r.business_id.clone())).collect();
