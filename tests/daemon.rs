@@ -58,20 +58,9 @@ fn wait_exit(child: &mut Child, within: Duration) -> std::process::ExitStatus {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notify_ready_status_watchdog_and_stopping() {
     let env = Env::small().await;
-    let socket_path = env.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut child = Guard(
-        env.cli()
-            .arg("run")
-            .env("NOTIFY_SOCKET", &socket_path)
-            .env("WATCHDOG_USEC", "1000000")
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (socket, child) =
+        env.spawn_notified(Duration::from_millis(200), &[("WATCHDOG_USEC", "1000000")]);
+    let mut child = Guard(child);
 
     let mut messages: Vec<(Instant, String)> = Vec::new();
     let mut buf = [0u8; 4096];
@@ -149,19 +138,8 @@ async fn a_slow_start_extends_the_start_timeout() {
     // process left `sending`): it waits while this transaction holds it.
     let holder = env.sql();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let socket_path = env.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(100)))
-        .unwrap();
-    let mut child = Guard(
-        env.cli()
-            .arg("run")
-            .env("NOTIFY_SOCKET", &socket_path)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (socket, child) = env.spawn_notified(Duration::from_millis(100), &[]);
+    let mut child = Guard(child);
     let mut buf = [0u8; 4096];
     let mut seen = Vec::new();
     let mut extended = false;
@@ -753,19 +731,8 @@ async fn the_status_line_counts_replies_too() {
     .unwrap();
     db.execute("UPDATE message_outbox SET state = 'dead'", [])
         .unwrap();
-    let socket_path = env.dir.path().join("notify.sock");
-    let socket = UnixDatagram::bind(&socket_path).unwrap();
-    socket
-        .set_read_timeout(Some(Duration::from_millis(200)))
-        .unwrap();
-    let mut child = Guard(
-        env.cli()
-            .arg("run")
-            .env("NOTIFY_SOCKET", &socket_path)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let (socket, child) = env.spawn_notified(Duration::from_millis(200), &[]);
+    let mut child = Guard(child);
     let mut buf = [0u8; 4096];
     let start = Instant::now();
     let mut status = None;

@@ -65,13 +65,7 @@ async fn sync_now_round_trip_with_the_daemon_running() {
     ids.sort();
     let mut daemon = Running(env.spawn_daemon());
     let child = &mut daemon.0;
-    wait_until_blocking("the initial passes", Duration::from_secs(30), || {
-        env.daemon_log().contains("leadsync started")
-            && count(
-                &env.sql(),
-                "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
-            ) == 3
-    });
+    env.wait_for_initial_passes(3);
 
     // One business, head scan: the daemon runs it and `sync` prints its line.
     let o = env.run(&["sync", "--business", &ids[0]]);
@@ -392,13 +386,7 @@ async fn a_reload_applies_a_new_request_rate() {
     let fast = FAST.replace("[poll]\npage_size = 10\n", NEVER);
     let env = Env::new(SandboxOptions::default(), false, &fast).await;
     let mut daemon = Running(env.spawn_daemon());
-    wait_until_blocking("the initial passes", Duration::from_secs(30), || {
-        env.daemon_log().contains("leadsync started")
-            && count(
-                &env.sql(),
-                "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
-            ) == 3
-    });
+    env.wait_for_initial_passes(3);
     env.set_overrides(&fast.replace(
         "max_requests_per_second = 1000",
         "max_requests_per_second = 2",

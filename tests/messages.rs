@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{Env, FAST, count, text};
+use common::{Env, FAST, count, messages_of, text};
 use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
 use leadsync::store::messages::{self, MessageSource};
 use leadsync::thumbtack::model::parse_message;
@@ -58,8 +58,7 @@ async fn a_long_conversation_is_read_back_in_pages_of_twenty_without_duplicates(
     // A webhook delivered the newest message and two older ones first.
     let by_webhook = deliver_by_webhook(&env, &long, &[44, 30, 3]);
 
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = env.run_ok(&["sync", "--business", &business]);
     assert!(
         text(&o).contains("messages — 60 leads polled"),
         "{}",
@@ -132,8 +131,7 @@ async fn a_long_conversation_is_read_back_in_pages_of_twenty_without_duplicates(
             status: "Picked".into(),
         })
         .unwrap();
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = env.run_ok(&["sync", "--business", &business]);
     assert!(
         text(&o).contains("messages — 1 leads polled, 2 new messages"),
         "{}",
@@ -800,10 +798,7 @@ async fn a_message_listed_under_another_negotiation_is_neither_stored_nor_a_mark
     // and its sentAt counted towards the lead's "read up to" mark.
     let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
     let business = env.business_ids()[0].clone();
-    assert_eq!(
-        env.run(&["sync", "--business", &business]).status.code(),
-        Some(0)
-    );
+    env.run_ok(&["sync", "--business", &business]);
     let leads = env.sandbox.lead_ids(&business);
     let (lead, other) = (
         leads[0].clone(),
@@ -818,17 +813,9 @@ async fn a_message_listed_under_another_negotiation_is_neither_stored_nor_a_mark
         })
         .unwrap()
         .remove(0);
-    let change = |status: &str| {
-        env.sandbox
-            .mutate(Mutation::SetStatus {
-                negotiation_id: lead.clone(),
-                status: status.into(),
-            })
-            .unwrap();
-    };
+    let change = |status: &str| env.set_status(&lead, status);
     change("Picked");
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.run_ok(&["sync", "--business", &business]);
     let db = env.sql();
     assert_eq!(
         count(
@@ -847,16 +834,9 @@ async fn a_message_listed_under_another_negotiation_is_neither_stored_nor_a_mark
         })
         .unwrap();
     change("Hired");
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.run_ok(&["sync", "--business", &business]);
     let expected = env.sandbox.messages(&lead).len() as i64 - 1;
-    assert_eq!(
-        count(
-            &db,
-            &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{lead}'")
-        ),
-        expected
-    );
+    assert_eq!(messages_of(&db, &lead), expected);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -867,34 +847,17 @@ async fn messages_sharing_a_sent_at_across_a_page_boundary_are_all_read() {
     // them: lost for good.
     let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
     let business = env.business_ids()[0].clone();
-    assert_eq!(
-        env.run(&["sync", "--business", &business]).status.code(),
-        Some(0)
-    );
+    env.run_ok(&["sync", "--business", &business]);
     let lead = env.sandbox.lead_ids(&business)[0].clone();
     // 21 new messages, oldest first: the two oldest share an instant, so
     // that the 20th and 21st newest straddle the first page's boundary.
     let mut times = vec!["2099-01-01T00:00:00Z".to_string(); 2];
     times.extend((1..=19).map(|s| format!("2099-01-01T00:00:{s:02}Z")));
-    env.sandbox
-        .mutate(Mutation::AddMessagesAt {
-            negotiation_id: lead.clone(),
-            sent_at: times,
-        })
-        .unwrap();
-    env.sandbox
-        .mutate(Mutation::SetStatus {
-            negotiation_id: lead.clone(),
-            status: "Picked".into(),
-        })
-        .unwrap();
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.add_messages_at(&lead, times);
+    env.set_status(&lead, "Picked");
+    env.run_ok(&["sync", "--business", &business]);
     let db = env.sql();
-    let mirrored = count(
-        &db,
-        &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{lead}'"),
-    );
+    let mirrored = messages_of(&db, &lead);
     assert_eq!(
         mirrored,
         env.sandbox.messages(&lead).len() as i64,
@@ -913,20 +876,9 @@ async fn messages_sharing_a_sent_at_across_a_page_boundary_are_all_read() {
     let before = mark(&db);
     assert!(before.is_some());
     let crowded = vec!["2099-01-02T00:00:00Z".to_string(); 25];
-    env.sandbox
-        .mutate(Mutation::AddMessagesAt {
-            negotiation_id: lead.clone(),
-            sent_at: crowded,
-        })
-        .unwrap();
-    env.sandbox
-        .mutate(Mutation::SetStatus {
-            negotiation_id: lead.clone(),
-            status: "Hired".into(),
-        })
-        .unwrap();
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.add_messages_at(&lead, crowded);
+    env.set_status(&lead, "Hired");
+    let o = env.run_ok(&["sync", "--business", &business]);
     let (outcome, _) = pages_of(&db, &lead);
     assert_eq!(outcome, "error", "25 messages at one instant: {}", text(&o));
     assert_eq!(mark(&db), before);
@@ -940,48 +892,23 @@ async fn a_message_dated_in_the_future_does_not_stop_later_polls_after_one_page(
     // the messages beyond that page were never read.
     let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
     let business = env.business_ids()[0].clone();
-    assert_eq!(
-        env.run(&["sync", "--business", &business]).status.code(),
-        Some(0)
-    );
+    env.run_ok(&["sync", "--business", &business]);
     let lead = env.sandbox.lead_ids(&business)[0].clone();
-    let change = |status: &str| {
-        env.sandbox
-            .mutate(Mutation::SetStatus {
-                negotiation_id: lead.clone(),
-                status: status.into(),
-            })
-            .unwrap();
-    };
-    env.sandbox
-        .mutate(Mutation::AddMessagesAt {
-            negotiation_id: lead.clone(),
-            sent_at: vec!["2099-01-01T00:00:00Z".into()],
-        })
-        .unwrap();
+    let change = |status: &str| env.set_status(&lead, status);
+    env.add_messages_at(&lead, vec!["2099-01-01T00:00:00Z".into()]);
     change("Picked");
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.run_ok(&["sync", "--business", &business]);
     // 25 messages sent now-ish (before the one dated 2099): more than a page.
     let soon = chrono::Utc::now() + chrono::Duration::minutes(5);
     let times: Vec<String> = (0..25)
         .map(|k| leadsync::time::fmt(soon + chrono::Duration::seconds(k)))
         .collect();
-    env.sandbox
-        .mutate(Mutation::AddMessagesAt {
-            negotiation_id: lead.clone(),
-            sent_at: times,
-        })
-        .unwrap();
+    env.add_messages_at(&lead, times);
     change("Hired");
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.run_ok(&["sync", "--business", &business]);
     let db = env.sql();
     assert_eq!(
-        count(
-            &db,
-            &format!("SELECT count(*) FROM messages WHERE negotiation_id = '{lead}'")
-        ),
+        messages_of(&db, &lead),
         env.sandbox.messages(&lead).len() as i64,
         "every message of the conversation is mirrored"
     );
@@ -999,14 +926,8 @@ async fn messages_older_than_an_instant_crowded_past_a_page_are_still_read() {
     let crowded = "2000-01-02T00:00:00Z";
     let mut times: Vec<String> = (1..=3).map(|s| format!("2000-01-01T00:00:0{s}Z")).collect();
     times.extend(std::iter::repeat_n(crowded.to_string(), 25));
-    env.sandbox
-        .mutate(Mutation::AddMessagesAt {
-            negotiation_id: lead.clone(),
-            sent_at: times,
-        })
-        .unwrap();
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.add_messages_at(&lead, times);
+    let o = env.run_ok(&["sync", "--business", &business]);
     let db = env.sql();
     let crowded_at = leadsync::time::parse(crowded).unwrap();
     let older: Vec<String> = env
@@ -1052,8 +973,7 @@ async fn a_server_that_ignores_sent_before_costs_a_few_pages_not_hundreds() {
         ignore_sent_before: true,
         ..Faults::default()
     });
-    let o = env.run(&["sync", "--business", &business]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = env.run_ok(&["sync", "--business", &business]);
     let (outcome, pages) = pages_of(&env.sql(), &long);
     assert_eq!(outcome, "error", "{}", text(&o));
     assert!(pages <= 3, "{pages} pages read");
@@ -1076,12 +996,10 @@ async fn the_sandbox_keeps_a_conversation_in_time_order_whatever_is_added() {
             sent_at: Some("2000-01-01T00:00:00Z".into()),
         })
         .unwrap();
-    env.sandbox
-        .mutate(Mutation::AddMessagesAt {
-            negotiation_id: lead.clone(),
-            sent_at: vec!["2000-01-02T00:00:00Z".into(), "1999-12-31T00:00:00Z".into()],
-        })
-        .unwrap();
+    env.add_messages_at(
+        &lead,
+        vec!["2000-01-02T00:00:00Z".into(), "1999-12-31T00:00:00Z".into()],
+    );
     let times: Vec<_> = env
         .sandbox
         .messages(&lead)

@@ -96,6 +96,10 @@ fn migrations() -> Vec<(i64, String)> {
             14,
             include_str!("migrations/0014_webhook_triggered_at.sql").to_string(),
         ),
+        (
+            16,
+            include_str!("migrations/0016_sync_request_checks.sql").to_string(),
+        ),
         (17, v17),
     ]
 }
@@ -1128,6 +1132,42 @@ mod tests {
             options.iter().any(|o| o == "DEFAULT_MEMSTATUS=0"),
             "{options:?}"
         );
+    }
+
+    /// Every column SPEC §3, §9 and §10 let partners write by hand, with a
+    /// NUL after a valid value (SQLite's GLOB, length() and the like stop
+    /// there): the table refuses each.
+    #[test]
+    fn no_hand_written_column_takes_a_value_cut_by_a_nul() {
+        let mut c = Connection::open_in_memory().unwrap();
+        migrate(&mut c).unwrap();
+        let nul = "|| char(0) || 'x'";
+        for sql in [
+            format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES ('519' {nul}, 'hired', '2024-06-14T09:30:00Z')"
+            ),
+            format!(
+                "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at) VALUES ('519', '12' {nul}, 'hired', '2024-06-14T09:30:00Z')"
+            ),
+            format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES ('519', 'hired' {nul}, '2024-06-14T09:30:00Z')"
+            ),
+            format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES ('519', 'hired', '2024-06-14T09:30:00Z' {nul})"
+            ),
+            format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at) VALUES ('519', 'hired', '2024-06-14T09:30:00Z', '2024-06-14T09:30:00Z' {nul})"
+            ),
+            format!("INSERT INTO message_outbox (negotiation_id, text) VALUES ('519' {nul}, 'hi')"),
+            format!(
+                "INSERT INTO message_outbox (negotiation_id, business_id, text) VALUES ('519', '12' {nul}, 'hi')"
+            ),
+            format!("INSERT INTO message_outbox (negotiation_id, text) VALUES ('519', 'hi' {nul})"),
+            format!("INSERT INTO sync_requests (business_id) VALUES ('12' {nul})"),
+            format!("INSERT INTO sync_requests (kind) VALUES ('full' {nul})"),
+        ] {
+            assert!(c.execute(&sql, []).is_err(), "taken: {sql}");
+        }
     }
 
     #[test]

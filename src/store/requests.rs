@@ -66,11 +66,12 @@ pub fn get(conn: &Connection, id: i64) -> Result<Option<Request>> {
 }
 
 /// Requests nobody has taken yet, oldest first. A row the table's checks
-/// let through but that is no request (a `business_id` written as a BLOB:
-/// its bytes pass the digits check) is refused here, alone, so that it
-/// never stops the rows after it from being read.
+/// let through but that is no request (a `business_id` written as a BLOB,
+/// or, before schema 16, text with a NUL: SQLite's GLOB stops there) is
+/// refused here, alone, with an error that says why, so that it never stops
+/// the rows after it from being read nor reaches the daemon as a business.
 pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
-    let mut bad = Vec::new();
+    let mut bad: Vec<(i64, &'static str)> = Vec::new();
     let mut rows = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
@@ -80,31 +81,13 @@ pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
         let mut q = stmt.query([])?;
         while let Some(r) = q.next()? {
             let id: i64 = r.get(0)?;
-            let business_id = match r.get_ref(1)? {
-                rusqlite::types::ValueRef::Null => None,
-                rusqlite::types::ValueRef::Text(t) => match std::str::from_utf8(t) {
-                    Ok(t) => Some(t.to_string()),
-                    Err(_) => {
-                        bad.push(id);
-                        continue;
-                    }
-                },
-                _ => {
-                    bad.push(id);
-                    continue;
-                }
-            };
-            rows.push(NewRequest {
-                id,
-                business_id,
-                kind: r.get(2)?,
-                accept_missing: r.get::<_, i64>(3)? == 1,
-            });
+            match read_request(id, r) {
+                Ok(request) => rows.push(request),
+                Err(why) => bad.push((id, why)),
+            }
         }
     }
-    for id in bad {
-        let why = "business_id is not text: write it as a quoted string of digits, \
-                   e.g. VALUES ('468046965846925323', 'full')";
+    for (id, why) in bad {
         conn.execute(
             "UPDATE sync_requests SET started_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
                     finished_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now'),
@@ -115,6 +98,40 @@ pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
         tracing::warn!(request = id, error = why, "sync request refused");
     }
     Ok(rows)
+}
+
+/// One row of `sync_requests` as a request, or why it is none. The errors
+/// are fixed text: never the bad value itself, whose NUL would cut the
+/// message short in the partner's tools.
+fn read_request(id: i64, r: &rusqlite::Row<'_>) -> Result<NewRequest, &'static str> {
+    use rusqlite::types::ValueRef;
+    const NOT_TEXT: &str = "business_id is not text (a BLOB, or bytes that are not UTF-8): \
+                            write it as a quoted string of digits, \
+                            e.g. VALUES ('468046965846925323', 'full')";
+    const NOT_DIGITS: &str = "business_id holds something other than digits (a NUL character, \
+                              char(0), cuts what sqlite3 shows of it): write it as a quoted \
+                              string of digits, e.g. VALUES ('468046965846925323', 'full')";
+    const BAD_KIND: &str = "kind must be 'head' or 'full'";
+    let business_id = match r.get_ref(1) {
+        Ok(ValueRef::Null) => None,
+        Ok(ValueRef::Text(t)) => match std::str::from_utf8(t) {
+            Ok(t) if !t.is_empty() && t.bytes().all(|b| b.is_ascii_digit()) => Some(t.to_string()),
+            Ok(_) => return Err(NOT_DIGITS),
+            Err(_) => return Err(NOT_TEXT),
+        },
+        _ => return Err(NOT_TEXT),
+    };
+    let kind = match r.get_ref(2) {
+        Ok(ValueRef::Text(b"head")) => "head",
+        Ok(ValueRef::Text(b"full")) => "full",
+        _ => return Err(BAD_KIND),
+    };
+    Ok(NewRequest {
+        id,
+        business_id,
+        kind: kind.to_string(),
+        accept_missing: matches!(r.get_ref(3), Ok(ValueRef::Integer(1))),
+    })
 }
 
 /// The daemon took the request (it is queued); false when its asker
@@ -236,10 +253,12 @@ mod tests {
 
     #[test]
     fn a_row_the_table_could_not_refuse_is_refused_alone_and_stalls_nothing() {
-        let c = conn();
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::store::migrate_to(&mut c, 15).unwrap();
         insert(&c, Some("12"), "head", false).unwrap();
-        // The CHECK reads a BLOB's bytes as digits, and TEXT affinity keeps
-        // a BLOB a BLOB: a program's `sqlite3` typo gets this far.
+        // Before schema 16, the CHECK read a BLOB's bytes as digits, and TEXT
+        // affinity keeps a BLOB a BLOB: a program's `sqlite3` typo got this
+        // far, and such a row may still wait after the upgrade.
         c.execute(
             "INSERT INTO sync_requests (business_id, kind) VALUES (x'3334', 'full')",
             [],
@@ -250,6 +269,7 @@ mod tests {
             [],
         )
         .unwrap();
+        crate::store::migrate(&mut c).unwrap();
         let new = new_requests(&c).unwrap();
         let ids: Vec<(i64, Option<String>)> =
             new.iter().map(|r| (r.id, r.business_id.clone())).collect();
@@ -264,6 +284,96 @@ mod tests {
         assert_eq!(bad.0.as_deref(), Some("refused"));
         assert!(bad.1.unwrap().contains("business_id"));
         // Taken once: the next look finds it no more.
+        assert_eq!(new_requests(&c).unwrap().len(), 2);
+    }
+
+    /// The row as the table has it, in the partner's words.
+    fn outcome(c: &Connection, id: i64) -> (Option<String>, Option<String>) {
+        c.query_row(
+            "SELECT outcome, error FROM sync_requests WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_business_id_with_a_nul_is_refused_by_the_table() {
+        let c = conn();
+        // SQLite's GLOB stops at the NUL: '12' passed the digits check.
+        for (sql, what) in [
+            (
+                "INSERT INTO sync_requests (business_id) VALUES ('12' || char(0) || 'abc')",
+                "NUL",
+            ),
+            (
+                "INSERT INTO sync_requests (business_id) VALUES (x'3132')",
+                "BLOB",
+            ),
+        ] {
+            let e = c.execute(sql, []).expect_err(what).to_string();
+            assert!(e.contains("sync_requests: business_id"), "{what}: {e}");
+        }
+        insert(&c, Some("12"), "head", false).unwrap();
+        let e = c
+            .execute(
+                "UPDATE sync_requests SET business_id = '12' || char(0) WHERE id = 1",
+                [],
+            )
+            .expect_err("NUL by UPDATE")
+            .to_string();
+        assert!(e.contains("sync_requests: business_id"), "{e}");
+        // NULL (every business) and digits still go in.
+        insert(&c, None, "full", false).unwrap();
+        assert_eq!(new_requests(&c).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_pre_upgrade_row_with_a_nul_is_refused_alone_with_a_readable_error() {
+        let mut c = Connection::open_in_memory().unwrap();
+        crate::store::migrate_to(&mut c, 15).unwrap();
+        // Written before schema 16, when the table let them in.
+        c.execute_batch(
+            "INSERT INTO sync_requests (id, business_id) VALUES (1, '12' || char(0) || 'abc');
+             INSERT INTO sync_requests (id, business_id) VALUES (2, '34');
+             INSERT INTO sync_requests (id, business_id) VALUES (3, x'3536');
+             INSERT INTO sync_requests (id, business_id, kind) VALUES (4, NULL, 'full');
+             CREATE TABLE partner_log (request_id INTEGER);
+             CREATE TRIGGER partner_logs AFTER INSERT ON sync_requests
+               BEGIN INSERT INTO partner_log VALUES (NEW.id); END;
+             CREATE VIEW partner_open AS SELECT id FROM sync_requests WHERE finished_at IS NULL;",
+        )
+        .unwrap();
+        crate::store::migrate(&mut c).unwrap();
+        // The upgrade keeps the partner's own trigger and view (no rebuild).
+        insert(&c, Some("78"), "head", false).unwrap();
+        assert_eq!(
+            c.query_row("SELECT count(*) FROM partner_log", [], |r| r
+                .get::<_, i64>(0))
+                .unwrap(),
+            1
+        );
+        c.execute("DELETE FROM sync_requests WHERE business_id = '78'", [])
+            .unwrap();
+        assert_eq!(
+            c.query_row("SELECT count(*) FROM partner_open", [], |r| r
+                .get::<_, i64>(0))
+                .unwrap(),
+            4
+        );
+        let new = new_requests(&c).unwrap();
+        let ids: Vec<(i64, Option<String>)> =
+            new.iter().map(|r| (r.id, r.business_id.clone())).collect();
+        assert_eq!(ids, vec![(2, Some("34".into())), (4, None)]);
+        for id in [1, 3] {
+            let (o, e) = outcome(&c, id);
+            assert_eq!(o.as_deref(), Some("refused"), "row {id}");
+            let e = e.unwrap();
+            assert!(e.contains("business_id"), "row {id}: {e}");
+            // The partner's tools cut text at a NUL: the error holds none.
+            assert!(!e.contains('\0'), "row {id}: {e:?}");
+        }
+        assert!(outcome(&c, 1).1.unwrap().contains("NUL"));
         assert_eq!(new_requests(&c).unwrap().len(), 2);
     }
 }

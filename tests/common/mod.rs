@@ -3,10 +3,11 @@
 #![allow(dead_code)]
 
 use leadsync::config::{Config, ConfigSource};
-use leadsync::sandbox::{Sandbox, SandboxOptions};
+use leadsync::sandbox::{Mutation, Sandbox, SandboxOptions};
 use std::net::SocketAddr;
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output};
 use std::time::{Duration, Instant};
 
 /// The binary under test.
@@ -185,6 +186,72 @@ impl Env {
         self.cli().args(args).output().expect("run leadsync")
     }
 
+    /// Runs the CLI to completion and asserts it exits 0 (its output shown
+    /// otherwise).
+    pub fn run_ok(&self, args: &[&str]) -> Output {
+        let o = self.run(args);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        o
+    }
+
+    /// `leadsync run` as systemd starts a `Type=notify` unit: a datagram
+    /// socket bound in the temp directory (its reads time out after
+    /// `read_timeout`) and the daemon, its stderr discarded, told of it by
+    /// NOTIFY_SOCKET, with `vars` in its environment too.
+    pub fn spawn_notified(
+        &self,
+        read_timeout: Duration,
+        vars: &[(&str, &str)],
+    ) -> (UnixDatagram, Child) {
+        let socket_path = self.dir.path().join("notify.sock");
+        let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(read_timeout))
+            .expect("notify socket timeout");
+        let child = self
+            .cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .envs(vars.iter().copied())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start leadsync run");
+        (socket, child)
+    }
+
+    /// Waits (30 s at most) until a daemon of [`Env::spawn_daemon`] has
+    /// started and `ok_passes` sync passes have ended `ok`.
+    pub fn wait_for_initial_passes(&self, ok_passes: i64) {
+        wait_until_blocking("the initial passes", Duration::from_secs(30), || {
+            self.daemon_log().contains("leadsync started")
+                && count(
+                    &self.sql(),
+                    "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
+                ) == ok_passes
+        });
+    }
+
+    /// Adds messages to a sandbox lead, sent at `sent_at`.
+    pub fn add_messages_at(&self, negotiation_id: &str, sent_at: Vec<String>) {
+        self.sandbox
+            .mutate(Mutation::AddMessagesAt {
+                negotiation_id: negotiation_id.to_string(),
+                sent_at,
+            })
+            .expect("add messages");
+    }
+
+    /// Changes a sandbox lead's status, so that the next head scan finds
+    /// it changed (and polls its messages).
+    pub fn set_status(&self, negotiation_id: &str, status: &str) {
+        self.sandbox
+            .mutate(Mutation::SetStatus {
+                negotiation_id: negotiation_id.to_string(),
+                status: status.to_string(),
+            })
+            .expect("set a lead's status");
+    }
+
     /// The newest `per_business` leads of every business, business by business.
     pub fn first_leads(&self, per_business: usize) -> Vec<String> {
         self.business_ids()
@@ -293,6 +360,16 @@ pub fn wait_until_blocking(what: &str, deadline: Duration, mut f: impl FnMut() -
 }
 
 /// Counts rows of a query returning one integer.
+/// How many messages of one lead the mirror holds.
+pub fn messages_of(conn: &rusqlite::Connection, negotiation_id: &str) -> i64 {
+    conn.query_row(
+        "SELECT count(*) FROM messages WHERE negotiation_id = ?1",
+        [negotiation_id],
+        |r| r.get(0),
+    )
+    .expect("count messages")
+}
+
 pub fn count(conn: &rusqlite::Connection, sql: &str) -> i64 {
     conn.query_row(sql, [], |r| r.get(0))
         .unwrap_or_else(|e| panic!("{sql}: {e}"))
