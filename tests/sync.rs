@@ -897,6 +897,17 @@ async fn changed_on_thumbtack() -> (Env, String, std::sync::Arc<Session>, String
     (env, b, s, x, listed, data)
 }
 
+/// The mirrored status of lead `x`.
+fn status_of(env: &Env, x: &str) -> String {
+    env.sql()
+        .query_row(
+            "SELECT status FROM negotiations WHERE negotiation_id = ?1",
+            [x],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
 /// A pass of `kind` over business `b`, running in a task of its own.
 fn spawn_pass(
     s: &std::sync::Arc<Session>,
@@ -974,14 +985,7 @@ async fn a_page_read_before_a_delivered_event_does_not_overwrite_the_delivered_c
     assert_eq!(outcome, "applied");
     let report = running.await.unwrap();
     assert!(report.is_ok(), "{}", report.summary());
-    let status: String = env
-        .sql()
-        .query_row(
-            "SELECT status FROM negotiations WHERE negotiation_id = ?1",
-            [&x],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let status = status_of(&env, &x);
     assert_eq!(
         status, "Canceled",
         "the page read before the event overwrote the delivered copy"
@@ -1032,14 +1036,7 @@ async fn a_page_made_before_a_delivered_event_but_answered_after_it_does_not_ove
         assert_eq!(outcome, "applied");
         let report = running.await.unwrap();
         assert!(report.is_ok(), "{}", report.summary());
-        let status: String = env
-            .sql()
-            .query_row(
-                "SELECT status FROM negotiations WHERE negotiation_id = ?1",
-                [&x],
-                |r| r.get(0),
-            )
-            .unwrap();
+        let status = status_of(&env, &x);
         assert_eq!(
             status, "Canceled",
             "{kind:?}: the page made before the event overwrote the delivered copy"
@@ -1103,14 +1100,7 @@ async fn an_identical_delivery_still_outdates_a_page_made_before_it() {
     assert_ne!(again, "applied", "identical: nothing to apply");
     let report = running.await.unwrap();
     assert!(report.is_ok(), "{}", report.summary());
-    let status: String = env
-        .sql()
-        .query_row(
-            "SELECT status FROM negotiations WHERE negotiation_id = ?1",
-            [&x],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let status = status_of(&env, &x);
     assert_eq!(
         status, "Canceled",
         "the page made before the identical delivery rolled the lead back"

@@ -1628,6 +1628,24 @@ mod tests {
         assert_eq!(got, [(x1, true)], "sent after a later row");
     }
 
+    /// With another connection (a partner's program) holding the write
+    /// lock and no wait for it, every kind's claim answers nothing, without
+    /// an error: nothing due needs no lock. Leaves `conn` waiting no time.
+    fn claims_nothing_under_a_partners_write_lock(conn: &mut Connection, path: &std::path::Path) {
+        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        let partner = rusqlite::Connection::open(path).unwrap();
+        partner.execute_batch("BEGIN IMMEDIATE").unwrap();
+        for kind in Kind::ALL {
+            let claimed = claim(conn, kind, "2999-01-01T00:00:00.000Z", 4, &filter());
+            assert_eq!(
+                claimed.map(|c| c.len()).map_err(|e| format!("{e:#}")),
+                Ok(0),
+                "{kind:?}"
+            );
+        }
+        partner.execute_batch("COMMIT").unwrap();
+    }
+
     /// The drainer claims every tick. With nothing due it takes no write
     /// lock: a partner's own writer (plain SQL, often with SQLite's default
     /// busy timeout of 0) would otherwise meet the lock at random and have
@@ -1658,19 +1676,8 @@ mod tests {
             )
             .unwrap();
         }
-        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        claims_nothing_under_a_partners_write_lock(&mut conn, &path);
         let by = "2999-01-01T00:00:00.000Z";
-        let partner = rusqlite::Connection::open(&path).unwrap();
-        partner.execute_batch("BEGIN IMMEDIATE").unwrap();
-        for kind in Kind::ALL {
-            let claimed = claim(&mut conn, kind, by, 4, &filter());
-            assert_eq!(
-                claimed.map(|c| c.len()).map_err(|e| format!("{e:#}")),
-                Ok(0),
-                "{kind:?}"
-            );
-        }
-        partner.execute_batch("COMMIT").unwrap();
         // A due row still needs the lock, and is claimed.
         let due = insert(&conn, Kind::Transition, "3", "7", 1);
         let claimed = claim(&mut conn, Kind::Transition, by, 4, &filter()).unwrap();
@@ -1706,19 +1713,8 @@ mod tests {
             assert_eq!(c.len(), 1, "{kind:?}");
             later_ones.push((kind, insert(&conn, kind, "2", "7", 2)));
         }
-        conn.busy_timeout(std::time::Duration::ZERO).unwrap();
+        claims_nothing_under_a_partners_write_lock(&mut conn, &path);
         let by = "2999-01-01T00:00:00.000Z";
-        let partner = rusqlite::Connection::open(&path).unwrap();
-        partner.execute_batch("BEGIN IMMEDIATE").unwrap();
-        for kind in Kind::ALL {
-            let claimed = claim(&mut conn, kind, by, 4, &filter());
-            assert_eq!(
-                claimed.map(|c| c.len()).map_err(|e| format!("{e:#}")),
-                Ok(0),
-                "{kind:?}"
-            );
-        }
-        partner.execute_batch("COMMIT").unwrap();
         // Once the row ahead is out of the way, the row behind it is claimed.
         for (kind, id) in later_ones.iter().step_by(2) {
             conn.execute(
