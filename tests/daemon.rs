@@ -831,3 +831,24 @@ async fn a_database_from_a_newer_leadsync_stops_the_service_for_good() {
         .unwrap();
     assert_eq!(version, newer);
 }
+
+/// After an upgrade, with no other leadsync running on the mirror, the
+/// first command that sends (`drain` here, `run` alike) migrates it: the
+/// migration's own hold on the process lock must not meet the command's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirror_of_the_previous_schema_is_migrated_by_the_next_command() {
+    let env = Env::small().await;
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let latest = leadsync::store::schema_version();
+    env.sql()
+        .pragma_update(None, "user_version", latest - 1)
+        .unwrap();
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let version: i64 = env
+        .sql()
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(version, latest);
+}
