@@ -915,17 +915,7 @@ fn spawn_pass(
     kind: ScanKind,
 ) -> tokio::task::JoinHandle<leadsync::sync::PassReport> {
     let (s, b) = (s.clone(), b.to_string());
-    tokio::spawn(async move {
-        sync_business(
-            &s.store,
-            &s.client,
-            &b,
-            kind,
-            SETTINGS,
-            &CancellationToken::new(),
-        )
-        .await
-    })
+    tokio::spawn(async move { pass(&s, &b, kind).await })
 }
 
 /// A full scan reads pages ahead of writing them. A webhook delivery of an
@@ -1016,23 +1006,7 @@ async fn a_page_made_before_a_delivered_event_but_answered_after_it_does_not_ove
         .await;
         next_millisecond().await;
         env.sandbox.set_faults(Faults::default());
-        let outcome = s
-            .store
-            .call(move |conn| {
-                let body = format!(
-                    "{{\"event\":{{\"eventType\":\"NegotiationCreatedV4\",\"webhookID\":\"w\",\
-                     \"triggeredAt\":\"{}\"}},\"data\":{data}}}",
-                    leadsync::time::now()
-                );
-                let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes())
-                    .map_err(anyhow::Error::msg)?;
-                let (row, effect) =
-                    leadsync::ingest::delivery_effect(d, &body, leadsync::time::now());
-                let rec = leadsync::store::messages::record_delivery(conn, &row, &effect)?;
-                Ok(rec.outcome.as_str().to_string())
-            })
-            .await
-            .unwrap();
+        let outcome = deliver_now(&s, &data).await;
         assert_eq!(outcome, "applied");
         let report = running.await.unwrap();
         assert!(report.is_ok(), "{}", report.summary());
