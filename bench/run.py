@@ -223,8 +223,10 @@ def write_floor(businesses, per_business, *extra):
     """The write floor: examples/write_floor.rs (same rows, the mirror's
     schema, indexes and pragmas, one transaction per page, no HTTP, no JSON).
     `extra`: `--pages-per-tx N` (a full scan's batches), `--bare` (no change
-    rows, no index beyond the primary key: what the schema's extras cost).
-    Returns (wall seconds, CPU seconds) of the writes alone."""
+    rows, no index beyond the primary key: what the schema's extras cost),
+    `--sequential-ids` (time-ordered ids instead of random ones: what the
+    primary-key index written at random costs). Returns (wall seconds, CPU
+    seconds, MB handed to write calls) of the writes alone."""
     work = tempfile.mkdtemp(prefix="leadsync-bench-")
     try:
         exe = os.path.join(ROOT, "target", "release", "examples", "write_floor")
@@ -232,7 +234,7 @@ def write_floor(businesses, per_business, *extra):
                              capture_output=True, text=True, check=True)
         r = json.loads(out.stdout.strip().splitlines()[-1])
         assert r["rows"] == businesses * per_business
-        return r["wall_s"], r["cpu_s"]
+        return r["wall_s"], r["cpu_s"], r.get("written_mb", 0.0)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -248,16 +250,20 @@ def bench_limit(quick, results, rss400, repeat=1):
     reported, with the load average before each run."""
     per_business = 1250 if quick else 5000
     total = 20 * per_business
-    wf_wall, wf_cpu = min((write_floor(20, per_business) for _ in range(3)), key=lambda r: r[0])
+    wf_wall, wf_cpu, wf_mb = min((write_floor(20, per_business) for _ in range(3)), key=lambda r: r[0])
     out = {"leads": total, "write_floor_wall_s": round(wf_wall, 3), "write_floor_cpu_s": round(wf_cpu, 3),
-           "runs": []}
+           "write_floor_written_mb": wf_mb, "runs": []}
     # The CPU a full sync cannot go below with this schema: its batches (up
     # to 8 pages a transaction), then the same without the change rows and
     # secondary indexes. Medians of 3.
+    # And with time-ordered ids (the sandbox's are random): how much of the
+    # floor is the primary-key index dirtying pages all over it each commit.
     for key, extra in (("write_floor_8_pages", ("--pages-per-tx", "8")),
-                       ("write_floor_8_pages_bare", ("--pages-per-tx", "8", "--bare"))):
+                       ("write_floor_8_pages_bare", ("--pages-per-tx", "8", "--bare")),
+                       ("write_floor_sequential_ids", ("--sequential-ids",))):
         runs = [write_floor(20, per_business, *extra) for _ in range(3)]
         out[key + "_cpu_s"] = round(statistics.median(r[1] for r in runs), 3)
+        out[key + "_written_mb"] = round(statistics.median(r[2] for r in runs), 1)
     for latency in (0, 2):
         work = tempfile.mkdtemp(prefix="leadsync-bench-")
         sb = Sandbox(work, 20, per_business, latency_ms=latency, shape="schema")
@@ -469,9 +475,10 @@ def main():
         ]
     if "limit" in results:
         m = results["limit"]
-        lines += [f"| write floor (rusqlite, same rows, page transactions) | {m['write_floor_wall_s']} s wall, {m['write_floor_cpu_s']} s CPU | |",
-                  f"| write floor, 8 pages a transaction (a full scan's batches) | {m['write_floor_8_pages_cpu_s']} s CPU | |",
-                  f"| the same without change rows and secondary indexes | {m['write_floor_8_pages_bare_cpu_s']} s CPU | |"]
+        lines += [f"| write floor (rusqlite, same rows, page transactions) | {m['write_floor_wall_s']} s wall, {m['write_floor_cpu_s']} s CPU, {m['write_floor_written_mb']} MB written | |",
+                  f"| write floor, 8 pages a transaction (a full scan's batches) | {m['write_floor_8_pages_cpu_s']} s CPU, {m['write_floor_8_pages_written_mb']} MB written | |",
+                  f"| the same without change rows and secondary indexes | {m['write_floor_8_pages_bare_cpu_s']} s CPU, {m['write_floor_8_pages_bare_written_mb']} MB written | |",
+                  f"| write floor with time-ordered ids (page transactions) | {m['write_floor_sequential_ids_cpu_s']} s CPU, {m['write_floor_sequential_ids_written_mb']} MB written | |"]
         lines += ["", "| latency | concurrency | fetch floor | limit | full sync wall | × fetch floor | × limit | full CPU | RSS "
                   "| re-sync wall | re-sync × fetch floor | re-sync CPU | rows written | load (1 min) |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

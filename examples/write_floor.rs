@@ -7,13 +7,18 @@
 //! the writes alone.
 //!
 //!     cargo run --release --example write_floor -- DB BUSINESSES LEADS_PER_BUSINESS [PAGE]
-//!         [--pages-per-tx N] [--bare]
+//!         [--pages-per-tx N] [--bare] [--sequential-ids]
 //!
 //! `--pages-per-tx 8` writes as a full scan does when its pages come faster
 //! than they are written (up to 8 pages a transaction); `--bare` writes the
 //! `negotiations` rows alone, without their change rows and without the
 //! indexes beyond the primary key: what the schema's extras cost (README,
-//! "Performance").
+//! "Performance"). `--sequential-ids` gives the leads decreasing ids (newest
+//! first, as time-ordered ids would be listed) instead of the sandbox's
+//! random ones: what a primary-key index written at random costs. The JSON
+//! line also gives the bytes the process handed to `write(2)`/`pwrite(2)`
+//! (`wchar` of /proc/self/io: WAL frames and checkpoints), which, unlike
+//! CPU time, does not move with the machine's load.
 
 use leadsync::sandbox::data::{Shape, generate};
 use leadsync::thumbtack::model::parse_lead_body;
@@ -27,10 +32,20 @@ fn cpu_seconds() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
+/// Bytes this process handed to write calls so far (0 where /proc is not).
+fn bytes_written() -> u64 {
+    std::fs::read_to_string("/proc/self/io")
+        .ok()
+        .and_then(|io| {
+            io.lines()
+                .find_map(|l| l.strip_prefix("wchar: ")?.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().collect();
-    let usage =
-        "usage: write_floor DB BUSINESSES LEADS_PER_BUSINESS [PAGE] [--pages-per-tx N] [--bare]";
+    let usage = "usage: write_floor DB BUSINESSES LEADS_PER_BUSINESS [PAGE] [--pages-per-tx N] [--bare] [--sequential-ids]";
     let db = args.get(1).ok_or_else(|| anyhow::anyhow!(usage))?;
     let businesses: usize = args.get(2).ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
     let per: usize = args.get(3).ok_or_else(|| anyhow::anyhow!(usage))?.parse()?;
@@ -47,6 +62,7 @@ fn main() -> anyhow::Result<()> {
         None => 1,
     };
     let bare = flag("--bare").is_some();
+    let sequential = flag("--sequential-ids").is_some();
 
     let (data, _) = generate(7, businesses, per, Shape::Schema);
     let rows: Vec<(String, Vec<_>)> = data
@@ -60,6 +76,25 @@ fn main() -> anyhow::Result<()> {
             (b.id.clone(), leads)
         })
         .collect();
+    let rows = match sequential {
+        false => rows,
+        true => {
+            let mut next = 900_000_000_000_000_000u64;
+            rows.into_iter()
+                .map(|(business, leads)| {
+                    let leads = leads
+                        .into_iter()
+                        .map(|mut l: leadsync::lead::LeadRow| {
+                            next -= 1;
+                            l.negotiation_id = next.to_string();
+                            l
+                        })
+                        .collect();
+                    (business, leads)
+                })
+                .collect()
+        }
+    };
     let mut conn = leadsync::store::open_connection(std::path::Path::new(db), true)?;
     if bare {
         let indexes: Vec<String> = conn
@@ -74,7 +109,7 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
-    let (wall0, cpu0) = (Instant::now(), cpu_seconds());
+    let (wall0, cpu0, written0) = (Instant::now(), cpu_seconds(), bytes_written());
     let mut n = 0usize;
     for (business_id, leads) in &rows {
         for chunk in leads.chunks(page * pages_per_tx) {
@@ -125,6 +160,9 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let (wall, cpu) = (wall0.elapsed().as_secs_f64(), cpu_seconds() - cpu0);
-    println!(r#"{{"rows": {n}, "wall_s": {wall:.3}, "cpu_s": {cpu:.3}}}"#);
+    let written_mb = (bytes_written() - written0) as f64 / 1e6;
+    println!(
+        r#"{{"rows": {n}, "wall_s": {wall:.3}, "cpu_s": {cpu:.3}, "written_mb": {written_mb:.1}}}"#
+    );
     Ok(())
 }
