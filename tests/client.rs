@@ -457,3 +457,99 @@ async fn job_status_is_posted_with_the_original_instant_and_user_agent() {
         Some(concat!("leadsync/", env!("CARGO_PKG_VERSION")))
     );
 }
+
+/// A server (or a proxy before it) answering with a body far larger than
+/// any page: it is refused from its `Content-Length`, before a byte of it is
+/// held, as a failed read the pass retries later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_declared_larger_than_the_cap_is_refused_unread() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    let config = env.config();
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    let mut settings = ClientSettings::from_config(&config);
+    settings.max_body_bytes = 64 << 10;
+    let c = Client::new(settings, auth).unwrap();
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            oversized_body_bytes: (64 << 10) + 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        (e.disposition, e.http_status),
+        (Disposition::Retry, Some(200)),
+        "{e:?}"
+    );
+    assert!(
+        e.message.contains("larger than the 65536 bytes"),
+        "{}",
+        e.message
+    );
+    // The same body within the cap is read (and found not JSON).
+    let e = fault_error(
+        &env,
+        &c,
+        Faults {
+            oversized_body_bytes: 64 << 10,
+            ..Default::default()
+        },
+    )
+    .await;
+    assert!(!e.message.contains("larger than"), "{}", e.message);
+}
+
+/// A body without a length that never ends (a broken proxy, a hostile
+/// server): reading stops at the cap with a clear error, instead of holding
+/// whatever arrives until the request's timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_body_is_cut_at_the_cap_not_held_until_the_timeout() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut socket, _) = listener.accept().await.unwrap();
+        let mut request = vec![0u8; 8192];
+        let _ = socket.read(&mut request).await;
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n";
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let chunk = format!("{:x}\r\n{}\r\n", 4096, " ".repeat(4096));
+        let mut sent = 0u64;
+        // Until the client hangs up (or far past any cap).
+        while sent < (1 << 30) {
+            if socket.write_all(chunk.as_bytes()).await.is_err() {
+                break;
+            }
+            sent += 4096;
+        }
+        sent
+    });
+    let config = env.config();
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    let mut settings = ClientSettings::from_config(&config);
+    settings.base_url = format!("http://{addr}");
+    settings.max_body_bytes = 1 << 20;
+    let c = Client::new(settings, auth).unwrap();
+    let b = env.business_ids()[0].clone();
+    let asked = Instant::now();
+    let e = c
+        .list_page(&b, &Cursor::first(10))
+        .await
+        .expect_err("an endless body is no page");
+    assert_eq!(e.disposition, Disposition::Retry, "{e:?}");
+    assert!(
+        e.message.contains("larger than the 1048576 bytes"),
+        "{}",
+        e.message
+    );
+    assert!(
+        asked.elapsed() < Duration::from_secs(5),
+        "cut at the cap, not at the 5 s timeout: {:?}",
+        asked.elapsed()
+    );
+    let sent = served.await.unwrap();
+    assert!(sent < 1 << 30, "the client hung up after {sent} bytes");
+}

@@ -195,6 +195,40 @@ async fn a_lost_token_response_is_asked_again_with_the_same_refresh_token() {
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
+/// A token answer far larger than any token response (a broken proxy
+/// padding it): not read, and taken as lost, not as a refusal — the server
+/// may have rotated the token — so it is asked again with the same refresh
+/// token, and the chain goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_token_answer_is_lost_and_asked_again() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        oversized_after_rotate: 1,
+        grace_secs: 60,
+        ..Default::default()
+    });
+    let o = env
+        .cli()
+        .args(["sync", "--business", &b])
+        .env("LEADSYNC_LOG", "debug")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("larger than 1048576 bytes: not read"),
+        "{}",
+        text(&o)
+    );
+    let stats = env.sandbox.stats();
+    assert_eq!(refreshes(&env), 2, "the oversized answer and its one retry");
+    assert_eq!(stats.grace_replays, 1, "the retry presented the same token");
+    assert_eq!(stats.reused_refresh_tokens, 0);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_token_answer_is_never_quoted() {
     let env = oauth_env(3600, FAST).await;

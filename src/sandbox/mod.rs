@@ -112,6 +112,10 @@ pub struct Faults {
     /// Listing: hold each answer this long after it was made (the page
     /// reflects the moment it was made, not the moment it arrives).
     pub list_hold_ms: u64,
+    /// When not 0: answer every API request 200 with a body of this many
+    /// bytes (spaces, `Content-Length` set), larger than any page, as a
+    /// broken proxy or a hostile server might.
+    pub oversized_body_bytes: u64,
 }
 
 /// Token-endpoint faults and behaviour (SPEC §6).
@@ -131,6 +135,10 @@ pub struct TokenFaults {
     /// Cut the answer's body short (a broken proxy), after rotating, for
     /// this many successful refreshes: the body still carries the new tokens.
     pub truncate_after_rotate: u32,
+    /// Pad the answer with 2 MiB of whitespace (still valid JSON, the new
+    /// tokens in it), after rotating, for this many successful refreshes:
+    /// more than a client reads of a token response.
+    pub oversized_after_rotate: u32,
     /// How long a used refresh token may be presented again and get the
     /// same answer (Thumbtack's grace period for retrying the same request),
     /// as long as the token it was rotated to is still unused. 0 (the

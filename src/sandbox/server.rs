@@ -247,6 +247,11 @@ async fn inject_fault(
     path: &str,
 ) -> Result<Option<Response<Full<Bytes>>>, Reset> {
     let roll = |s: &mut State, p: f64| p > 0.0 && s.rng.f64() < p;
+    if f.oversized_body_bytes > 0 {
+        lock(state).stats.faults_injected += 1;
+        let body = vec![b' '; usize::try_from(f.oversized_body_bytes).unwrap_or(usize::MAX)];
+        return Ok(Some(respond(StatusCode::OK, "application/json", body)));
+    }
     enum Fault {
         Reset,
         Timeout,
@@ -993,6 +998,14 @@ fn token_endpoint(
         if s.token_faults.lose_after_rotate > 0 {
             s.token_faults.lose_after_rotate -= 1;
             lose = true;
+        } else if s.token_faults.oversized_after_rotate > 0 {
+            s.token_faults.oversized_after_rotate -= 1;
+            let body = format!("{answer}{}", " ".repeat(2 << 20));
+            return (
+                respond(StatusCode::OK, "application/json", body),
+                hold,
+                false,
+            );
         } else if s.token_faults.truncate_after_rotate > 0 {
             s.token_faults.truncate_after_rotate -= 1;
             let body = answer.to_string();

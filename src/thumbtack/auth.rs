@@ -10,6 +10,7 @@
 //! [`GrantStore`] and what a person must see through [`AuthRecorder`]: this
 //! module knows the token endpoint, not SQL.
 
+use super::client::{BodyError, read_body};
 use super::model::{OAuthError, TokenResponse};
 use super::problem::{ApiError, Disposition};
 use crate::config::{Config, TokenSource};
@@ -44,6 +45,9 @@ const MAX_EXPIRES_IN: u64 = 86_400;
 pub const CLIENT_REFUSED_RETRY: Duration = Duration::from_secs(300);
 /// Immediate retries of a refresh whose response was lost (Thumbtack's grace period).
 const LOST_RESPONSE_RETRIES: usize = 2;
+
+/// The largest token response read (one is a few hundred bytes).
+const MAX_TOKEN_BODY_BYTES: usize = 1 << 20;
 /// While stopping: the time kept after a token request for storing its
 /// rotated token, and the shortest request worth sending in what remains.
 const STORE_RESERVE: Duration = Duration::from_millis(500);
@@ -798,7 +802,14 @@ impl Auth {
                 )
             })?;
         let status = resp.status().as_u16();
-        let body = resp.bytes().await?;
+        let body = match super::client::read_body(resp, super::client::MAX_BODY_BYTES).await {
+            Ok(body) => body,
+            Err(super::client::BodyError::Read(e)) => return Err(e.into()),
+            Err(super::client::BodyError::TooLarge(what)) => anyhow::bail!(
+                "cannot list the grant's businesses: HTTP {status} with a body {what} larger than {} bytes",
+                super::client::MAX_BODY_BYTES
+            ),
+        };
         if !super::problem::is_success(status) {
             anyhow::bail!(
                 "cannot list the grant's businesses: {}",
@@ -1674,16 +1685,23 @@ impl Inner {
             TokenFailure::Lost(format!("token endpoint {what} after the request was sent"))
         })?;
         let status = resp.status().as_u16();
-        let body = resp.bytes().await.map_err(|e| {
-            TokenFailure::Lost(format!(
-                "token response lost while reading it ({})",
-                if e.is_timeout() {
-                    "timed out"
-                } else {
-                    "connection failed"
-                }
-            ))
-        })?;
+        // A token response is a few hundred bytes: one larger than this
+        // is not read (and may have rotated the token: lost, like a cut one).
+        let body = read_body(resp, MAX_TOKEN_BODY_BYTES)
+            .await
+            .map_err(|e| match e {
+                BodyError::TooLarge(what) => TokenFailure::Lost(format!(
+                    "token response with a body {what} larger than {MAX_TOKEN_BODY_BYTES} bytes: not read"
+                )),
+                BodyError::Read(e) => TokenFailure::Lost(format!(
+                    "token response lost while reading it ({})",
+                    if e.is_timeout() {
+                        "timed out"
+                    } else {
+                        "connection failed"
+                    }
+                )),
+            })?;
         if (200..300).contains(&status) && status != 202 {
             // Never quote this body: it holds tokens.
             let parsed = serde_json::from_slice::<TokenResponse>(&body).ok();

@@ -22,6 +22,57 @@ use tracing::warn;
 /// The most time a read spends waiting between its retries.
 const READ_RETRY_BUDGET: Duration = Duration::from_secs(120);
 
+/// The largest API response body leadsync reads: 64 MiB, 64 KB a lead on a
+/// page of the most leads `poll.page_size` allows (1,000). A body declared
+/// larger is refused unread; one that keeps coming without a length is cut
+/// there. Either fails the request as a read to retry, instead of holding
+/// whatever a broken proxy or a hostile server sends until the timeout.
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+/// Why a response body was not read whole.
+#[derive(Debug)]
+pub(crate) enum BodyError {
+    /// Over the cap: "declared" (by `Content-Length`, nothing read) or
+    /// "found" (while reading it).
+    TooLarge(&'static str),
+    Read(reqwest::Error),
+}
+
+/// Reads a response body of at most `max` bytes: a larger declared length
+/// is refused before a byte is read, and a body without one is cut as soon
+/// as it passes `max` (the connection is dropped, not drained).
+pub(crate) async fn read_body(
+    mut resp: reqwest::Response,
+    max: usize,
+) -> Result<bytes::Bytes, BodyError> {
+    let declared = resp.content_length();
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(BodyError::TooLarge("declared"));
+    }
+    // Most bodies arrive as one chunk: kept as it is, without a copy.
+    let Some(first) = resp.chunk().await.map_err(BodyError::Read)? else {
+        return Ok(bytes::Bytes::new());
+    };
+    if first.len() > max {
+        return Err(BodyError::TooLarge("found"));
+    }
+    let Some(second) = resp.chunk().await.map_err(BodyError::Read)? else {
+        return Ok(first);
+    };
+    let expected = declared.map_or(0, |n| n as usize);
+    let mut body = bytes::BytesMut::with_capacity(expected.max(first.len() + second.len()));
+    body.extend_from_slice(&first);
+    let mut next = Some(second);
+    while let Some(chunk) = next {
+        if body.len() + chunk.len() > max {
+            return Err(BodyError::TooLarge("found"));
+        }
+        body.extend_from_slice(&chunk);
+        next = resp.chunk().await.map_err(BodyError::Read)?;
+    }
+    Ok(body.freeze())
+}
+
 /// How the client talks to the API.
 #[derive(Debug, Clone)]
 pub struct ClientSettings {
@@ -36,6 +87,9 @@ pub struct ClientSettings {
     pub read_retries: usize,
     /// First delay between read retries (exponential with jitter after).
     pub read_retry_initial: Duration,
+    /// The largest response body read ([`MAX_BODY_BYTES`]); a larger one
+    /// is a failed request.
+    pub max_body_bytes: usize,
 }
 
 impl ClientSettings {
@@ -49,6 +103,7 @@ impl ClientSettings {
             backoff_max: Duration::from_secs_f64(c.file.outbox.backoff_max_secs),
             read_retries: c.file.api.read_retries,
             read_retry_initial: Duration::from_millis(c.file.api.read_retry_initial_ms),
+            max_body_bytes: MAX_BODY_BYTES,
         }
     }
 }
@@ -291,8 +346,15 @@ impl Client {
                     header(reqwest::header::CONTENT_TYPE).is_some_and(|v| v.contains("text/html"));
                 let location = header(reqwest::header::LOCATION);
                 let headers = resp.headers().clone();
-                match resp.bytes().await {
-                    Err(e) => Err(ApiError::retry(
+                match read_body(resp, self.settings.max_body_bytes).await {
+                    Err(BodyError::TooLarge(what)) => Err(ApiError::retry(
+                        Some(status.as_u16()),
+                        format!(
+                            "HTTP {status} with a body {what} larger than the {} bytes leadsync reads: not read",
+                            self.settings.max_body_bytes
+                        ),
+                    )),
+                    Err(BodyError::Read(e)) => Err(ApiError::retry(
                         Some(status.as_u16()),
                         format!("HTTP {status}: the body could not be read: {e}"),
                     )),
