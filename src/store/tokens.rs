@@ -70,6 +70,20 @@ pub struct TokenStore {
     path: PathBuf,
 }
 
+/// The grant lock's note while a rotated token is held in memory, unsaved,
+/// by process `pid` (see [`TokenStore::get`]).
+pub fn unsaved_note(pid: u32) -> String {
+    format!("{UNSAVED_NOTE} {pid}")
+}
+
+const UNSAVED_NOTE: &str =
+    "rotated refresh token not stored yet, held in memory by leadsync process";
+
+/// The process an [`unsaved_note`] names.
+fn unsaved_by(note: &str) -> Option<u32> {
+    note.strip_prefix(UNSAVED_NOTE)?.trim().parse().ok()
+}
+
 /// A held per-grant lock (released on drop).
 pub struct GrantLock {
     _file: File,
@@ -332,6 +346,19 @@ impl TokenStore {
             },
             None => None,
         };
+        // The lock is free also while a refresh keeps its rotated token in
+        // memory, unsaved (the store failed): it stores it under the old key
+        // later, and the same conflict would drop it. Its note says so while
+        // its process lives.
+        if let Some(from) = &moved_from
+            && let Some(pid) = self.refresh_note(from)?.as_deref().and_then(unsaved_by)
+            && Path::new(&format!("/proc/{pid}")).exists()
+        {
+            bail!(
+                "the grant's token file moved while leadsync process {pid} holds the rotated refresh \
+                 token of its old name ({from}) unsaved; its chain is taken over once that token is stored"
+            );
+        }
         self.with(|c| {
             if let Some(g) = read_grant(c, grant)? {
                 return Ok(Some(g));
@@ -707,6 +734,50 @@ mod tests {
     /// row over meanwhile made that write a conflict, and the rotated token
     /// was dropped while the new key kept the spent one: the grant was lost.
     /// The new key waits for the old one's lock instead.
+    /// A refresh whose rotated token could not be stored (disk full) keeps
+    /// it in memory and releases the grant's lock; it stores it later under
+    /// the old key. A moved file taking the row meanwhile made that write a
+    /// conflict: the rotated token dropped, the spent one kept, the grant
+    /// lost. The lock file's note says a live process holds it unsaved.
+    #[test]
+    fn a_moved_file_never_takes_a_chain_whose_rotated_token_is_unsaved() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old_key = dir.path().join("old").display().to_string();
+        let seed = sha256_hex("t0");
+        let w = |t: &str| GrantWrite {
+            seed_sha256: Some(seed.clone()),
+            ..write(t)
+        };
+        assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
+        // Written by the refresh under the lock, which it then releases.
+        drop(s.try_lock_grant(&old_key).unwrap().expect("free"));
+        s.set_refresh_note(&old_key, Some(&unsaved_note(std::process::id())))
+            .unwrap();
+        let during = s.get("new", Some(&seed), &[]);
+        assert!(
+            during.is_err(),
+            "taken while the rotated token is unsaved: {:?}",
+            during.map(|g| g.map(|g| g.generation))
+        );
+        assert_eq!(s.put(&old_key, 1, &w("t2")).unwrap(), Written::Stored(2));
+        s.set_refresh_note(&old_key, None).unwrap();
+        let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
+        assert_eq!(g.refresh_token.expose(), "t2");
+        // A note left by a process that is gone holds nothing in memory.
+        let other = dir.path().join("other").display().to_string();
+        let seed2 = sha256_hex("u0");
+        let w2 = GrantWrite {
+            seed_sha256: Some(seed2.clone()),
+            ..write("u1")
+        };
+        assert_eq!(s.put(&other, 0, &w2).unwrap(), Written::Stored(1));
+        s.set_refresh_note(&other, Some(&unsaved_note(u32::MAX - 1)))
+            .unwrap();
+        let g = s.get("new2", Some(&seed2), &[]).unwrap().expect("adopted");
+        assert_eq!(g.refresh_token.expose(), "u1");
+    }
+
     #[test]
     fn a_moved_file_never_takes_the_chain_from_a_refresh_in_flight() {
         let dir = tempfile::tempdir().unwrap();

@@ -95,6 +95,12 @@ pub trait GrantStore: Send + Sync {
     fn set_refresh_note(&self, _grant: &str, _note: Option<&str>) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Records durably that this process holds the grant's rotated token in
+    /// memory, unsaved (by the lock's holder): a moved token file must not
+    /// take the chain from under it until it is stored.
+    fn note_unsaved(&self, _grant: &str) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a person must see (`status`, the mirror), recorded by the caller.
@@ -1500,6 +1506,12 @@ impl Inner {
                                 )),
                             )
                             .await;
+                            // Still under the grant's lock, which ends here.
+                            let (s, key) = (store.clone(), chain.key.clone());
+                            if let Err(e) = blocking(move || s.note_unsaved(&key)).await {
+                                warn!(grant = %file, error = %format!("{e:#}"),
+                                    "cannot record the unsaved rotated token in the grant's lock file");
+                            }
                             state.unsaved = Some(Unsaved {
                                 expected,
                                 write,
