@@ -728,12 +728,6 @@ mod tests {
         assert!(s.get(&old_key, None, &[]).unwrap().is_none());
     }
 
-    /// The token file moved (and the configuration reloaded) while a refresh
-    /// of the grant under its old name is in flight: that refresh stores
-    /// the rotated token under the old key when its answer comes. Taking the
-    /// row over meanwhile made that write a conflict, and the rotated token
-    /// was dropped while the new key kept the spent one: the grant was lost.
-    /// The new key waits for the old one's lock instead.
     /// A refresh whose rotated token could not be stored (disk full) keeps
     /// it in memory and releases the grant's lock; it stores it later under
     /// the old key. A moved file taking the row meanwhile made that write a
@@ -778,6 +772,12 @@ mod tests {
         assert_eq!(g.refresh_token.expose(), "u1");
     }
 
+    /// The token file moved (and the configuration reloaded) while a refresh
+    /// of the grant under its old name is in flight: that refresh stores
+    /// the rotated token under the old key when its answer comes. Taking the
+    /// row over meanwhile made that write a conflict, and the rotated token
+    /// was dropped while the new key kept the spent one: the grant was lost.
+    /// The new key waits for the old one's lock instead.
     #[test]
     fn a_moved_file_never_takes_the_chain_from_a_refresh_in_flight() {
         let dir = tempfile::tempdir().unwrap();
