@@ -384,6 +384,8 @@ struct Hooked {
     inner: leadsync::app::StoreGrants,
     before_save: BeforeSave,
     after_note: AfterNote,
+    /// The pid its "held unsaved" note names instead of this process's.
+    unsaved_pid: Option<u32>,
 }
 
 impl Hooked {
@@ -398,6 +400,16 @@ impl Hooked {
             ),
             before_save,
             after_note,
+            unsaved_pid: None,
+        }
+    }
+
+    /// Its "held unsaved" note names `pid`: a process the reader cannot see
+    /// in /proc, as under systemd's `ProtectProc=invisible`.
+    fn naming(self, pid: u32) -> Self {
+        Hooked {
+            unsaved_pid: Some(pid),
+            ..self
         }
     }
 }
@@ -441,6 +453,150 @@ impl GrantStore for Hooked {
         (self.after_note)(note);
         Ok(())
     }
+    fn note_unsaved(&self, grant: &str) -> anyhow::Result<()> {
+        match self.unsaved_pid {
+            Some(pid) => self
+                .inner
+                .set_refresh_note(grant, Some(&leadsync::store::tokens::unsaved_note(pid))),
+            None => self.inner.note_unsaved(grant),
+        }
+    }
+}
+
+/// A token store whose writes fail while `fail` is set.
+fn failing_store(config: &leadsync::config::Config, fail: &Arc<AtomicBool>) -> Hooked {
+    let failing = fail.clone();
+    Hooked::new(
+        config,
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    )
+}
+
+/// An `Auth` on `store` holding its grant's rotated token in memory,
+/// unsaved (`fail` set), over a chain the store holds (generation 1,
+/// written by a `sync` run before).
+async fn held_unsaved(env: &Env, store: Hooked, fail: &AtomicBool) -> leadsync::thumbtack::Auth {
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(env);
+    fail.store(true, Ordering::SeqCst);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let e = auth.token(&b).await.expect_err("unsaved");
+    assert!(e.message.contains("cannot be stored"), "{}", e.message);
+    assert_eq!(refreshes(env), 2);
+    auth
+}
+
+/// While a rotated token is held in memory, unsaved, its process holds the
+/// grant's lock: nothing else can tell whether it lives. It named itself in
+/// the lock file, but /proc may not show it (systemd's
+/// `ProtectProc=invisible` hides another user's processes): a moved token
+/// file read that as "gone" and took the chain, and the rotated token's
+/// later write was a conflict: dropped, the grant lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(false));
+    let store = failing_store(&config, &fail).naming(u32::MAX - 1);
+    let auth = held_unsaved(&env, store, &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    let seed = other
+        .get(&key, None, &[])
+        .unwrap()
+        .expect("stored chain")
+        .seed_sha256;
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_none(),
+        "the grant's lock is free while its rotated token is held unsaved"
+    );
+    // The token file moves (another process, a restore): its old name is gone.
+    let moved = env.dir.path().join("moved-token");
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    let during = other.get(&moved.display().to_string(), seed.as_deref(), &[]);
+    assert!(
+        during.is_err(),
+        "a moved file took the chain while its rotated token is unsaved: {:?}",
+        during.map(|g| g.map(|g| g.generation))
+    );
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_some(),
+        "let go once stored"
+    );
+    let g = other
+        .get(&moved.display().to_string(), seed.as_deref(), &[])
+        .unwrap()
+        .expect("taken over once stored");
+    assert_eq!(g.generation, 2, "the rotated token, not the spent one");
+    assert_eq!(refreshes(&env), 2);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// Another process (a `sync` run by hand, the daemon's next start beside a
+/// stopping one) never presents the stored refresh token while a rotated
+/// one is held unsaved elsewhere: it is spent. It says why, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_never_refreshes_while_a_rotated_token_is_held_unsaved() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&config, &fail), &fail).await;
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(refreshes(&env), 2, "{}", text(&o));
+    assert!(text(&o).contains("unsaved"), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+/// A rotated token held unsaved that an `auth exchange` superseded is
+/// dropped (the store holds a newer grant): its note goes with it, or the
+/// next start would report a token lost that was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsaved_token_superseded_by_a_new_grant_leaves_no_note() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&config, &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    let new_grant = GrantWrite {
+        refresh_token: leadsync::secret::Secret::new(env.sandbox.mint_refresh_token(&b)),
+        access_token: None,
+        seed_sha256: None,
+        source: "auth exchange".into(),
+    };
+    assert_eq!(other.put(&key, 1, &new_grant).unwrap(), Written::Stored(2));
+    fail.store(false, Ordering::SeqCst);
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert!(other.try_lock_grant(&key).unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -71,7 +71,9 @@ pub struct TokenStore {
 }
 
 /// The grant lock's note while a rotated token is held in memory, unsaved,
-/// by process `pid` (see [`TokenStore::get`]).
+/// by process `pid`, which holds the grant's lock until it is stored (see
+/// [`TokenStore::get`]). Once the lock is free the note is stale: its
+/// writer ended and the token it held is lost.
 pub fn unsaved_note(pid: u32) -> String {
     format!("{UNSAVED_NOTE} {pid}")
 }
@@ -79,8 +81,9 @@ pub fn unsaved_note(pid: u32) -> String {
 const UNSAVED_NOTE: &str =
     "rotated refresh token not stored yet, held in memory by leadsync process";
 
-/// The process an [`unsaved_note`] names.
-fn unsaved_by(note: &str) -> Option<u32> {
+/// The process an [`unsaved_note`] names; it holds the rotated token for
+/// as long as it holds the grant's lock.
+pub fn unsaved_by(note: &str) -> Option<u32> {
     note.strip_prefix(UNSAVED_NOTE)?.trim().parse().ok()
 }
 
@@ -335,29 +338,48 @@ impl TokenStore {
         // a refresh in flight there stores its rotated token under the old
         // key when its answer comes, and a row moved away meanwhile would
         // make that write a conflict, the rotated token dropped and the
-        // spent one kept. Until it ends, this key waits (an error: retried).
+        // spent one kept. A refresh whose rotated token the store could not
+        // take keeps holding the lock, with the token in memory, until it is
+        // stored. Until either ends, this key waits (an error: retried).
+        // The lock, not /proc, tells whether the holder lives: under
+        // systemd's ProtectProc=invisible another user's process is not in
+        // /proc, and a pid seen there may be another process's.
         let _old_key_lock = match &moved_from {
             Some(from) => match self.try_lock_grant(from)? {
                 Some(lock) => Some(lock),
-                None => bail!(
-                    "the grant's token file moved while a token refresh under its old name ({from}) \
-                     is in flight; its chain is taken over once that refresh ends"
-                ),
+                None => match self
+                    .refresh_note(from)
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    .and_then(unsaved_by)
+                {
+                    Some(pid) => bail!(
+                        "the grant's token file moved while leadsync process {pid} holds the rotated refresh \
+                         token of its old name ({from}) in memory, unsaved (the token store could not take it); \
+                         its chain is taken over once that token is stored"
+                    ),
+                    None => bail!(
+                        "the grant's token file moved while a token refresh under its old name ({from}) \
+                         is in flight; its chain is taken over once that refresh ends"
+                    ),
+                },
             },
             None => None,
         };
-        // The lock is free also while a refresh keeps its rotated token in
-        // memory, unsaved (the store failed): it stores it under the old key
-        // later, and the same conflict would drop it. Its note says so while
-        // its process lives.
+        // The lock is free, yet a note says a process holds a rotated token
+        // unsaved: that process ended (its lock ended with it) and the token
+        // it held is lost. The chain is taken over as it is stored; the note
+        // goes, so it blocks nothing and is not reported twice.
         if let Some(from) = &moved_from
             && let Some(pid) = self.refresh_note(from)?.as_deref().and_then(unsaved_by)
-            && Path::new(&format!("/proc/{pid}")).exists()
         {
-            bail!(
-                "the grant's token file moved while leadsync process {pid} holds the rotated refresh \
-                 token of its old name ({from}) unsaved; its chain is taken over once that token is stored"
-            );
+            tracing::warn!(grant = %grant, old_name = %from,
+                "leadsync process {pid} held a rotated refresh token of this grant that the token store \
+                 could not take, and ended without storing it: that token is lost. The moved token file \
+                 takes over the stored chain; if Thumbtack refuses its refresh token, re-authorize with \
+                 `leadsync auth exchange`");
+            self.set_refresh_note(from, None)?;
         }
         self.with(|c| {
             if let Some(g) = read_grant(c, grant)? {
@@ -729,10 +751,12 @@ mod tests {
     }
 
     /// A refresh whose rotated token could not be stored (disk full) keeps
-    /// it in memory and releases the grant's lock; it stores it later under
-    /// the old key. A moved file taking the row meanwhile made that write a
+    /// it in memory and holds the grant's lock until it stores it under the
+    /// old key. A moved file taking the row meanwhile made that write a
     /// conflict: the rotated token dropped, the spent one kept, the grant
-    /// lost. The lock file's note says a live process holds it unsaved.
+    /// lost. The lock says the holder lives, not `/proc`: under systemd's
+    /// `ProtectProc=invisible` another user's process is not there (the pid
+    /// in the note is one this process cannot see).
     #[test]
     fn a_moved_file_never_takes_a_chain_whose_rotated_token_is_unsaved() {
         let dir = tempfile::tempdir().unwrap();
@@ -744,32 +768,51 @@ mod tests {
             ..write(t)
         };
         assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
-        // Written by the refresh under the lock, which it then releases.
+        let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
+        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1)))
+            .unwrap();
+        let during = s.get("new", Some(&seed), &[]);
+        let Err(e) = during else {
+            panic!(
+                "taken while the rotated token is unsaved: {:?}",
+                during.map(|g| g.map(|g| g.generation))
+            );
+        };
+        assert!(format!("{e:#}").contains("unsaved"), "{e:#}");
+        assert!(!format!("{e:#}").contains("t1"), "{e:#}");
+        // Stored at last: the holder clears its note, then lets go.
+        assert_eq!(s.put(&old_key, 1, &w("t2")).unwrap(), Written::Stored(2));
+        s.set_refresh_note(&old_key, None).unwrap();
+        drop(holder);
+        let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
+        assert_eq!(g.refresh_token.expose(), "t2");
+    }
+
+    /// A process that ended holding an unsaved rotated token (killed, or
+    /// stopped while the store still failed) leaves its note, but its lock
+    /// ends with it: the token it held is gone with it. The note must not
+    /// keep the chain from its moved file forever (a pid in /proc proves
+    /// nothing: reused, or this very process); it is cleared and the chain
+    /// taken over.
+    #[test]
+    fn a_note_whose_holder_is_gone_is_cleared_and_the_chain_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old_key = dir.path().join("old").display().to_string();
+        let seed = sha256_hex("u0");
+        let w = GrantWrite {
+            seed_sha256: Some(seed.clone()),
+            ..write("u1")
+        };
+        assert_eq!(s.put(&old_key, 0, &w).unwrap(), Written::Stored(1));
+        // Its writer held the lock, and ended. The pid is a live one (this
+        // process's), which holds no lock.
         drop(s.try_lock_grant(&old_key).unwrap().expect("free"));
         s.set_refresh_note(&old_key, Some(&unsaved_note(std::process::id())))
             .unwrap();
-        let during = s.get("new", Some(&seed), &[]);
-        assert!(
-            during.is_err(),
-            "taken while the rotated token is unsaved: {:?}",
-            during.map(|g| g.map(|g| g.generation))
-        );
-        assert_eq!(s.put(&old_key, 1, &w("t2")).unwrap(), Written::Stored(2));
-        s.set_refresh_note(&old_key, None).unwrap();
         let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
-        assert_eq!(g.refresh_token.expose(), "t2");
-        // A note left by a process that is gone holds nothing in memory.
-        let other = dir.path().join("other").display().to_string();
-        let seed2 = sha256_hex("u0");
-        let w2 = GrantWrite {
-            seed_sha256: Some(seed2.clone()),
-            ..write("u1")
-        };
-        assert_eq!(s.put(&other, 0, &w2).unwrap(), Written::Stored(1));
-        s.set_refresh_note(&other, Some(&unsaved_note(u32::MAX - 1)))
-            .unwrap();
-        let g = s.get("new2", Some(&seed2), &[]).unwrap().expect("adopted");
         assert_eq!(g.refresh_token.expose(), "u1");
+        assert_eq!(s.refresh_note(&old_key).unwrap(), None);
     }
 
     /// The token file moved (and the configuration reloaded) while a refresh

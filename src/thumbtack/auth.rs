@@ -15,7 +15,7 @@ use super::model::{OAuthError, TokenResponse};
 use super::problem::{ApiError, Disposition};
 use crate::config::{Config, TokenSource};
 use crate::secret::Secret;
-use crate::store::tokens::{GrantWrite, StoredGrant, Written, sha256_hex};
+use crate::store::tokens::{GrantWrite, StoredGrant, Written, sha256_hex, unsaved_by};
 use base64::Engine;
 use std::collections::HashMap;
 use std::future::Future;
@@ -150,12 +150,18 @@ struct Access {
 }
 
 /// A rotated refresh token the store has not taken yet.
-#[derive(Clone)]
 struct Unsaved {
     expected: i64,
     write: GrantWrite,
     access: Access,
     error: String,
+    /// The grant's cross-process lock, held until the token is stored (or
+    /// superseded): it is how every other process — and a moved token file
+    /// — knows a live process holds the only valid refresh token. A pid in
+    /// the lock file cannot say so: under systemd's `ProtectProc=invisible`
+    /// another user's process is not in /proc. The lock ends with the
+    /// process, whatever ends it.
+    lock: Box<dyn Send>,
 }
 
 #[derive(Default)]
@@ -862,10 +868,25 @@ impl Auth {
             read_token_file(&chain.file).map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
         let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
         let mut state = chain.state.clone().lock_owned().await;
-        let _lock = inner
-            .lock_grant(&chain)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
+        // A new grant supersedes a rotated token held unsaved, here (whose
+        // lock this process holds already) or by another process (which
+        // holds it until its store write, a conflict now, drops the token):
+        // neither can refresh meanwhile, so the exchange needs no lock then.
+        let _lock = if state.unsaved.is_some() {
+            None
+        } else {
+            match inner
+                .lock_grant_or_unsaved(&chain)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?
+            {
+                Ok(lock) => Some(lock),
+                Err(held) => {
+                    info!(grant = %chain.file.display(), "{held}; the new grant supersedes that token");
+                    None
+                }
+            }
+        };
         let form = [
             ("grant_type", "authorization_code"),
             ("code", code.expose()),
@@ -1124,7 +1145,22 @@ impl Inner {
 
     /// Takes the grant's cross-process lock, waiting while another process
     /// refreshes it (bounded: a refresh takes at most a few request timeouts).
+    /// A process holding the grant's rotated token unsaved holds the lock
+    /// until the store takes it: that is not waited for (it may take
+    /// hours), and the stored token is spent meanwhile.
     async fn lock_grant(&self, chain: &Chain) -> Result<Box<dyn Send>, Failure> {
+        match self.lock_grant_or_unsaved(chain).await? {
+            Ok(lock) => Ok(lock),
+            Err(held) => Err(Failure::Retry(held)),
+        }
+    }
+
+    /// [`Inner::lock_grant`], telling apart a lock held by a process that
+    /// keeps the grant's rotated token unsaved (`Ok(Err(why))`).
+    async fn lock_grant_or_unsaved(
+        &self,
+        chain: &Chain,
+    ) -> Result<Result<Box<dyn Send>, String>, Failure> {
         let store = self.store()?;
         let deadline = Instant::now() + self.timeout * 4 + Duration::from_secs(5);
         let mut waiting = false;
@@ -1134,7 +1170,23 @@ impl Inner {
             }
             let (s, key) = (store.clone(), chain.key.clone());
             match blocking(move || s.try_lock(&key)).await {
-                Ok(Some(lock)) => return Ok(lock),
+                Ok(Some(lock)) => return Ok(Ok(lock)),
+                Ok(None)
+                    if let (s, key) = (store.clone(), chain.key.clone())
+                        && let Some(pid) = blocking(move || s.refresh_note(&key))
+                            .await
+                            .ok()
+                            .flatten()
+                            .as_deref()
+                            .and_then(unsaved_by) =>
+                {
+                    return Ok(Err(format!(
+                        "leadsync process {pid} holds the rotated refresh token of the grant in {} in \
+                         memory, unsaved (the token store cannot take it); the stored one is spent, so no \
+                         other refresh of this grant starts until that process stores it",
+                        chain.file.display()
+                    )));
+                }
                 Ok(None) if Instant::now() < deadline => {
                     if !waiting {
                         waiting = true;
@@ -1170,29 +1222,12 @@ impl Inner {
         }
     }
 
-    /// Clears the grant's refresh note once a rotated token kept in memory
-    /// is stored (it was written before that refresh was sent, and its
-    /// answer is stored now), if the grant's lock is free: its holder
-    /// writes (and clears) its own note otherwise. A note left behind would
-    /// blame the grant's next refusal on a refresh cut short.
-    async fn clear_note_if_free(&self, chain: &Chain) {
-        let Some(store) = self.store.get().cloned() else {
-            return;
-        };
-        let key = chain.key.clone();
-        let cleared = blocking(move || match store.try_lock(&key)? {
-            Some(lock) => {
-                let r = store.set_refresh_note(&key, None);
-                drop(lock);
-                r
-            }
-            None => Ok(()),
-        })
-        .await;
-        if let Err(e) = cleared {
-            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
-                "cannot clear the token refresh note in the grant's lock file");
-        }
+    /// Clears the grant's note of a rotated token held unsaved once it is
+    /// stored or superseded, then lets the grant's lock go (in that order:
+    /// a note without its lock says the holder ended with the token).
+    async fn release_unsaved(&self, chain: &Chain, lock: Box<dyn Send>) {
+        self.note_refresh(chain, None).await;
+        drop(lock);
     }
 
     /// A refresh given up at a stop before anything was sent: logged, and
@@ -1282,7 +1317,7 @@ impl Inner {
         match blocking(move || store.save(&key, expected, &w)).await {
             Ok(Written::Stored(_)) => {
                 info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
-                self.clear_note_if_free(chain).await;
+                self.release_unsaved(chain, u.lock).await;
                 self.alert(alert_key, None).await;
                 if Instant::now() < u.access.expires_at {
                     state.access = Some(u.access);
@@ -1292,6 +1327,7 @@ impl Inner {
             Ok(Written::Conflict(found)) => {
                 warn!(grant = %chain.file.display(), generation = found,
                     "the token store took a newer grant meanwhile (auth exchange?); dropping the unsaved rotated token");
+                self.release_unsaved(chain, u.lock).await;
                 self.alert(alert_key, None).await;
                 Ok(true)
             }
@@ -1335,14 +1371,22 @@ impl Inner {
         if self.stopping.is_cancelled() {
             return Err(self.abandoned(chain, "before it was sent"));
         }
-        let _lock = self.lock_grant(chain).await?;
+        let lock = self.lock_grant(chain).await?;
         // A refresh of this grant whose answer was never stored (a process
         // killed mid-refresh, or an answer lost): its token may be spent.
         let cut_short = {
             let (s, key) = (store.clone(), chain.key.clone());
             blocking(move || s.refresh_note(&key)).await.ok().flatten()
         };
-        if let Some(note) = &cut_short {
+        if let Some(note) = &cut_short
+            && let Some(pid) = unsaved_by(note)
+        {
+            // Its lock ended with it: so did the token it held.
+            warn!(grant = %chain.file.display(), "leadsync process {pid} held a rotated refresh token of \
+                this grant that the token store could not take, and ended without storing it: that token \
+                is lost. Presenting the stored refresh token again (Thumbtack accepts it within its grace \
+                period for retries; else the grant must be re-authorized with `leadsync auth exchange`)");
+        } else if let Some(note) = &cut_short {
             warn!(grant = %chain.file.display(), "a token refresh of this grant ({note}) did not get its answer \
                 stored; presenting the stored refresh token again (Thumbtack accepts it within its grace \
                 period for retries; else the grant must be re-authorized)");
@@ -1506,7 +1550,9 @@ impl Inner {
                                 )),
                             )
                             .await;
-                            // Still under the grant's lock, which ends here.
+                            // The grant's lock stays held with the token; the
+                            // note names the holder (a full disk may refuse
+                            // it: the lock alone is what keeps the chain).
                             let (s, key) = (store.clone(), chain.key.clone());
                             if let Err(e) = blocking(move || s.note_unsaved(&key)).await {
                                 warn!(grant = %file, error = %format!("{e:#}"),
@@ -1517,6 +1563,7 @@ impl Inner {
                                 write,
                                 access,
                                 error: error.clone(),
+                                lock,
                             });
                             return Err(Failure::Retry(format!(
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
