@@ -573,6 +573,59 @@ async fn another_process_never_refreshes_while_a_rotated_token_is_held_unsaved()
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
+/// The token file is renamed and the configuration reloaded while this
+/// process holds the grant's rotated token unsaved: the chain of the old
+/// name is named by no business now, so no caller asks it to store its
+/// token, and the new name waits for it — every business on the grant
+/// stalled until a restart. Its write is retried with the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_stored() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let moved = env.dir.path().join("renamed-token");
+    let mut config = env.config();
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    for business in &mut config.businesses {
+        if business.id == b {
+            business.token = leadsync::config::TokenSource::Refresh(moved.clone());
+        }
+    }
+    auth.reconfigure(&config);
+    let e = auth.token(&b).await.expect_err("still unsaved");
+    assert!(e.message.contains("unsaved"), "{}", e.message);
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b)
+        .await
+        .expect("the old name's token stored, then taken over by the new name");
+    assert_eq!(refreshes(&env), 2, "the rotated token, not a new refresh");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// A process stops while the store still refuses its rotated token: the
+/// token ends with it (and its lock), the note stays. The next process
+/// neither waits for it nor blames "a refresh cut short": it says the
+/// rotated token was lost, and why the grant needs re-authorization.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert!(
+        out.contains("ended without storing it: that token is lost"),
+        "{out}"
+    );
+    assert!(!out.contains("cut short"), "{out}");
+    assert_no_secret_anywhere(&env, &out);
+}
+
 /// A rotated token held unsaved that an `auth exchange` superseded is
 /// dropped (the store holds a newer grant): its note goes with it, or the
 /// next start would report a token lost that was not.

@@ -379,7 +379,12 @@ impl TokenStore {
                  could not take, and ended without storing it: that token is lost. The moved token file \
                  takes over the stored chain; if Thumbtack refuses its refresh token, re-authorize with \
                  `leadsync auth exchange`");
-            self.set_refresh_note(from, None)?;
+            // The takeover needs no note: a failure to clear it only leaves
+            // it to the old name, which no chain uses now.
+            if let Err(e) = self.set_refresh_note(from, None) {
+                tracing::warn!(grant = %grant, error = %format!("{e:#}"),
+                    "cannot clear the stale note in the old name's grant lock");
+            }
         }
         self.with(|c| {
             if let Some(g) = read_grant(c, grant)? {

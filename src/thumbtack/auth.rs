@@ -1306,6 +1306,35 @@ impl Inner {
         outcome.map_err(Into::into)
     }
 
+    /// Tries again to store the rotated tokens held unsaved by chains no
+    /// business names any more (a reload renamed their token file): no
+    /// caller asks them, and the new name's chain cannot take the stored
+    /// chain over until they are stored (their lock says a token is held).
+    async fn save_orphans(&self, chain: &Arc<Chain>) {
+        let orphans: Vec<Arc<Chain>> = self
+            .chains
+            .lock()
+            .map(|c| {
+                c.values()
+                    .filter(|o| !Arc::ptr_eq(o, chain))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for orphan in orphans {
+            if !self.members_of(&orphan).is_empty() {
+                continue;
+            }
+            // Held: its own refresh or save is running.
+            let Ok(mut state) = orphan.state.clone().try_lock_owned() else {
+                continue;
+            };
+            if state.unsaved.is_some() {
+                let _ = self.save_unsaved(&orphan, &mut state).await;
+            }
+        }
+    }
+
     /// Stores an unsaved rotated token; Ok(true) when stored (or superseded).
     async fn save_unsaved(&self, chain: &Chain, state: &mut ChainState) -> Result<bool, Failure> {
         let Some(u) = state.unsaved.take() else {
@@ -1350,6 +1379,7 @@ impl Inner {
         let oauth = self.oauth()?;
         let store = self.store()?;
         let file = chain.file.display().to_string();
+        self.save_orphans(chain).await;
         // A refresh never starts while the previous rotated token is unsaved:
         // it would use up the only valid token while the store keeps an older one.
         if state.unsaved.is_some() {
@@ -1606,6 +1636,11 @@ impl Inner {
                 }
                 Err(TokenFailure::GrantRefused(m)) => {
                     let reason = match &cut_short {
+                        Some(note) if let Some(pid) = unsaved_by(note) => format!(
+                            "the refresh token was refused ({m}), most likely because leadsync process {pid} \
+                             held its rotated successor in memory, could not store it, and ended: that token \
+                             is lost"
+                        ),
                         Some(note) => format!(
                             "the refresh token was refused ({m}), most likely because an earlier refresh \
                              of this grant ({note}) was cut short before its answer was stored"
