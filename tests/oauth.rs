@@ -626,6 +626,46 @@ async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
     assert_no_secret_anywhere(&env, &out);
 }
 
+/// `auth exchange` in another process while this one holds the grant's
+/// rotated token unsaved: the new grant is stored (it supersedes that
+/// token) at once, not after waiting out the holder's lock; the holder's
+/// note and lock stay its own until its write — a conflict now — lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    let started = std::time::Instant::now();
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited for the holder: {:?}",
+        started.elapsed()
+    );
+    let note = other.refresh_note(&key).unwrap().unwrap_or_default();
+    assert!(note.contains("held in memory"), "{note:?}");
+    assert!(other.try_lock_grant(&key).unwrap().is_none());
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("the new grant's chain");
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// A rotated token held unsaved that an `auth exchange` superseded is
 /// dropped (the store holds a newer grant): its note goes with it, or the
 /// next start would report a token lost that was not.

@@ -872,6 +872,7 @@ impl Auth {
         // lock this process holds already) or by another process (which
         // holds it until its store write, a conflict now, drops the token):
         // neither can refresh meanwhile, so the exchange needs no lock then.
+        let mut holds_lock = true;
         let _lock = if state.unsaved.is_some() {
             None
         } else {
@@ -883,6 +884,7 @@ impl Auth {
                 Ok(lock) => Some(lock),
                 Err(held) => {
                     info!(grant = %chain.file.display(), "{held}; the new grant supersedes that token");
+                    holds_lock = false;
                     None
                 }
             }
@@ -947,8 +949,12 @@ impl Auth {
                 "the token store kept changing while storing the new grant; run the exchange again"
             );
         }
-        // A new grant: an earlier refresh cut short no longer matters.
-        inner.note_refresh(&chain, None).await;
+        // A new grant: an earlier refresh cut short no longer matters. The
+        // note is the lock holder's: another process holding a token
+        // unsaved clears its own once its write (a conflict) drops it.
+        if holds_lock {
+            inner.note_refresh(&chain, None).await;
+        }
         state.unsaved = None;
         state.refused_access = None;
         state.fresh_until = Some(Instant::now() + REFRESH_ON_401_INTERVAL);
