@@ -168,10 +168,13 @@ impl GrantStore for StoreGrants {
         self.0.set_refresh_note(grant, note)
     }
 
-    fn note_unsaved(&self, grant: &str) -> Result<()> {
+    fn note_unsaved(&self, grant: &str, over_generation: i64) -> Result<()> {
         self.0.set_refresh_note(
             grant,
-            Some(&crate::store::tokens::unsaved_note(std::process::id())),
+            Some(&crate::store::tokens::unsaved_note(
+                std::process::id(),
+                over_generation,
+            )),
         )
     }
 }

@@ -453,12 +453,13 @@ impl GrantStore for Hooked {
         (self.after_note)(note);
         Ok(())
     }
-    fn note_unsaved(&self, grant: &str) -> anyhow::Result<()> {
+    fn note_unsaved(&self, grant: &str, over: i64) -> anyhow::Result<()> {
         match self.unsaved_pid {
-            Some(pid) => self
-                .inner
-                .set_refresh_note(grant, Some(&leadsync::store::tokens::unsaved_note(pid))),
-            None => self.inner.note_unsaved(grant),
+            Some(pid) => self.inner.set_refresh_note(
+                grant,
+                Some(&leadsync::store::tokens::unsaved_note(pid, over)),
+            ),
+            None => self.inner.note_unsaved(grant, over),
         }
     }
 }
@@ -664,6 +665,55 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     assert_eq!(other.refresh_note(&key).unwrap(), None);
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     auth.settle(Duration::from_secs(5)).await;
+}
+
+/// A process stored its rotated token and was killed before it cleared its
+/// note (the note's write is the step after the store's): the lock ended
+/// with it, the note stayed. The token is not lost — the store holds a
+/// generation beyond the one the note's write was to replace — and nobody
+/// may say it is, nor blame a refresh cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    // The note as it was before the store took generation 2 (over 1).
+    drop(other.try_lock_grant(&key).unwrap().expect("free"));
+    other
+        .set_refresh_note(
+            &key,
+            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+        )
+        .unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains("lost"), "{out}");
+    assert!(!out.contains("did not get its answer stored"), "{out}");
+    // A moved token file neither.
+    let moved = env.dir.path().join("moved-token");
+    let seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
+    other
+        .set_refresh_note(
+            &key,
+            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+        )
+        .unwrap();
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    let g = other
+        .get(&moved.display().to_string(), seed.as_deref(), &[])
+        .unwrap()
+        .expect("taken over");
+    assert_eq!(g.generation, 3);
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
 }
 
 /// A rotated token held unsaved that an `auth exchange` superseded is

@@ -74,9 +74,13 @@ pub struct TokenStore {
 /// by process `pid`, which holds the grant's lock until it is stored (see
 /// [`TokenStore::get`]). Once the lock is free the note is stale: its
 /// writer ended and the token it held is lost.
-pub fn unsaved_note(pid: u32) -> String {
-    format!("{UNSAVED_NOTE} {pid}")
+pub fn unsaved_note(pid: u32, over_generation: i64) -> String {
+    format!("{UNSAVED_NOTE} {pid}{OVER}{over_generation}")
 }
+
+/// How an [`unsaved_note`] names the stored generation its token replaces:
+/// a row beyond it says the token was stored (or superseded) after all.
+const OVER: &str = ", to replace stored generation ";
 
 const UNSAVED_NOTE: &str =
     "rotated refresh token not stored yet, held in memory by leadsync process";
@@ -84,7 +88,17 @@ const UNSAVED_NOTE: &str =
 /// The process an [`unsaved_note`] names; it holds the rotated token for
 /// as long as it holds the grant's lock.
 pub fn unsaved_by(note: &str) -> Option<u32> {
-    note.strip_prefix(UNSAVED_NOTE)?.trim().parse().ok()
+    unsaved_over(note).map(|(pid, _)| pid)
+}
+
+/// The process an [`unsaved_note`] names and the generation its token was
+/// to replace (`None` in a note that does not say).
+pub fn unsaved_over(note: &str) -> Option<(u32, Option<i64>)> {
+    let rest = note.strip_prefix(UNSAVED_NOTE)?.trim();
+    match rest.split_once(OVER) {
+        Some((pid, generation)) => Some((pid.trim().parse().ok()?, generation.trim().parse().ok())),
+        None => Some((rest.parse().ok()?, None)),
+    }
 }
 
 /// A held per-grant lock (released on drop).
@@ -372,13 +386,23 @@ impl TokenStore {
         // it held is lost. The chain is taken over as it is stored; the note
         // goes, so it blocks nothing and is not reported twice.
         if let Some(from) = &moved_from
-            && let Some(pid) = self.refresh_note(from)?.as_deref().and_then(unsaved_by)
+            && let Some((pid, over)) = self.refresh_note(from)?.as_deref().and_then(unsaved_over)
         {
-            tracing::warn!(grant = %grant, old_name = %from,
+            // Unless its write landed after all, and it ended before it
+            // cleared its note: the row is beyond the generation it replaced.
+            let stored = match over {
+                Some(over) => self
+                    .with(|c| read_grant(c, from))?
+                    .is_some_and(|g| g.generation > over),
+                None => false,
+            };
+            if !stored {
+                tracing::warn!(grant = %grant, old_name = %from,
                 "leadsync process {pid} held a rotated refresh token of this grant that the token store \
                  could not take, and ended without storing it: that token is lost. The moved token file \
                  takes over the stored chain; if Thumbtack refuses its refresh token, re-authorize with \
                  `leadsync auth exchange`");
+            }
             // The takeover needs no note: a failure to clear it only leaves
             // it to the old name, which no chain uses now.
             if let Err(e) = self.set_refresh_note(from, None) {
@@ -774,7 +798,7 @@ mod tests {
         };
         assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
         let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
-        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1)))
+        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 1)))
             .unwrap();
         let during = s.get("new", Some(&seed), &[]);
         let Err(e) = during else {
@@ -813,7 +837,7 @@ mod tests {
         // Its writer held the lock, and ended. The pid is a live one (this
         // process's), which holds no lock.
         drop(s.try_lock_grant(&old_key).unwrap().expect("free"));
-        s.set_refresh_note(&old_key, Some(&unsaved_note(std::process::id())))
+        s.set_refresh_note(&old_key, Some(&unsaved_note(std::process::id(), 1)))
             .unwrap();
         let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
         assert_eq!(g.refresh_token.expose(), "u1");

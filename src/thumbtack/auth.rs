@@ -15,7 +15,9 @@ use super::model::{OAuthError, TokenResponse};
 use super::problem::{ApiError, Disposition};
 use crate::config::{Config, TokenSource};
 use crate::secret::Secret;
-use crate::store::tokens::{GrantWrite, StoredGrant, Written, sha256_hex, unsaved_by};
+use crate::store::tokens::{
+    GrantWrite, StoredGrant, Written, sha256_hex, unsaved_by, unsaved_over,
+};
 use base64::Engine;
 use std::collections::HashMap;
 use std::future::Future;
@@ -98,7 +100,8 @@ pub trait GrantStore: Send + Sync {
     /// Records durably that this process holds the grant's rotated token in
     /// memory, unsaved (by the lock's holder): a moved token file must not
     /// take the chain from under it until it is stored.
-    fn note_unsaved(&self, _grant: &str) -> anyhow::Result<()> {
+    /// `over_generation`: the stored generation its write is to replace.
+    fn note_unsaved(&self, _grant: &str, _over_generation: i64) -> anyhow::Result<()> {
         Ok(())
     }
 }
@@ -1410,23 +1413,10 @@ impl Inner {
         let lock = self.lock_grant(chain).await?;
         // A refresh of this grant whose answer was never stored (a process
         // killed mid-refresh, or an answer lost): its token may be spent.
-        let cut_short = {
+        let mut cut_short = {
             let (s, key) = (store.clone(), chain.key.clone());
             blocking(move || s.refresh_note(&key)).await.ok().flatten()
         };
-        if let Some(note) = &cut_short
-            && let Some(pid) = unsaved_by(note)
-        {
-            // Its lock ended with it: so did the token it held.
-            warn!(grant = %chain.file.display(), "leadsync process {pid} held a rotated refresh token of \
-                this grant that the token store could not take, and ended without storing it: that token \
-                is lost. Presenting the stored refresh token again (Thumbtack accepts it within its grace \
-                period for retries; else the grant must be re-authorized with `leadsync auth exchange`)");
-        } else if let Some(note) = &cut_short {
-            warn!(grant = %chain.file.display(), "a token refresh of this grant ({note}) did not get its answer \
-                stored; presenting the stored refresh token again (Thumbtack accepts it within its grace \
-                period for retries; else the grant must be re-authorized)");
-        }
         let seed = read_token_file(&chain.file)?;
         let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
         let businesses = self.members_of(chain);
@@ -1446,6 +1436,26 @@ impl Inner {
                 .await
                 .map_err(|e| Failure::Retry(format!("cannot read the token store: {e:#}")))?
         };
+        // A note of a token held unsaved whose write landed after all (its
+        // process ended before it cleared the note): nothing was lost.
+        if let Some((_, Some(over))) = cut_short.as_deref().and_then(unsaved_over)
+            && row.as_ref().is_some_and(|r| r.generation > over)
+        {
+            cut_short = None;
+        }
+        if let Some(note) = &cut_short
+            && let Some(pid) = unsaved_by(note)
+        {
+            // Its lock ended with it: so did the token it held.
+            warn!(grant = %chain.file.display(), "leadsync process {pid} held a rotated refresh token of \
+                this grant that the token store could not take, and ended without storing it: that token \
+                is lost. Presenting the stored refresh token again (Thumbtack accepts it within its grace \
+                period for retries; else the grant must be re-authorized with `leadsync auth exchange`)");
+        } else if let Some(note) = &cut_short {
+            warn!(grant = %chain.file.display(), "a token refresh of this grant ({note}) did not get its answer \
+                stored; presenting the stored refresh token again (Thumbtack accepts it within its grace \
+                period for retries; else the grant must be re-authorized)");
+        }
         // Another process (or an exchange) may have refreshed meanwhile.
         if let Some(r) = &row
             && r.refused.is_none()
@@ -1590,7 +1600,7 @@ impl Inner {
                             // note names the holder (a full disk may refuse
                             // it: the lock alone is what keeps the chain).
                             let (s, key) = (store.clone(), chain.key.clone());
-                            if let Err(e) = blocking(move || s.note_unsaved(&key)).await {
+                            if let Err(e) = blocking(move || s.note_unsaved(&key, expected)).await {
                                 warn!(grant = %file, error = %format!("{e:#}"),
                                     "cannot record the unsaved rotated token in the grant's lock file");
                             }
