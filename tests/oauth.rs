@@ -716,6 +716,66 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     assert_eq!(other.refresh_note(&key).unwrap(), None);
 }
 
+/// A stop's last try to store a token held unsaved runs out of time while
+/// the store's write is still running (a slow disk): the write may yet
+/// land. Letting the grant's lock go then (with the token) let another
+/// process take the lock, read the generation before that write, and
+/// present the spent token. The lock is let go only once the write ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_times_out_a_store_write_keeps_the_lock_until_the_write_ends() {
+    let env = oauth_env(3600, FAST).await;
+    let fail = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(AtomicBool::new(false));
+    let in_write = Arc::new(AtomicBool::new(false));
+    let (failing, slowing, writing) = (fail.clone(), slow.clone(), in_write.clone());
+    let store = Hooked::new(
+        &env.config(),
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            if slowing.load(Ordering::SeqCst) {
+                writing.store(true, Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while slowing.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
+    let auth = held_unsaved(&env, store, &fail).await;
+    /// Ends the slow write however the test ends.
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _release = Release(slow.clone());
+    fail.store(false, Ordering::SeqCst);
+    slow.store(true, Ordering::SeqCst);
+    auth.settle(Duration::from_secs(3)).await;
+    assert!(in_write.load(Ordering::SeqCst), "the stop tried the write");
+    let b = env.business_ids()[0].clone();
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_none(),
+        "the lock went while the token's write was still running"
+    );
+    slow.store(false, Ordering::SeqCst);
+    wait_until(
+        "the write ends and the lock goes",
+        Duration::from_secs(30),
+        || other.try_lock_grant(&key).unwrap().is_some(),
+    )
+    .await;
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    drop(auth);
+}
+
 /// A rotated token held unsaved that an `auth exchange` superseded is
 /// dropped (the store holds a newer grant): its note goes with it, or the
 /// next start would report a token lost that was not.

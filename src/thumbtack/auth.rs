@@ -163,8 +163,9 @@ struct Unsaved {
     /// — knows a live process holds the only valid refresh token. A pid in
     /// the lock file cannot say so: under systemd's `ProtectProc=invisible`
     /// another user's process is not in /proc. The lock ends with the
-    /// process, whatever ends it.
-    lock: Box<dyn Send>,
+    /// process, whatever ends it. `None` only after the store's write task
+    /// failed (panicked) with it and it could not be taken again.
+    lock: Option<Box<dyn Send>>,
 }
 
 #[derive(Default)]
@@ -1234,7 +1235,7 @@ impl Inner {
     /// Clears the grant's note of a rotated token held unsaved once it is
     /// stored or superseded, then lets the grant's lock go (in that order:
     /// a note without its lock says the holder ended with the token).
-    async fn release_unsaved(&self, chain: &Chain, lock: Box<dyn Send>) {
+    async fn release_unsaved(&self, chain: &Chain, lock: Option<Box<dyn Send>>) {
         self.note_refresh(chain, None).await;
         drop(lock);
     }
@@ -1350,22 +1351,45 @@ impl Inner {
             return Ok(true);
         };
         let store = self.store()?;
-        let (key, w, expected) = (chain.key.clone(), u.write.clone(), u.expected);
+        let Unsaved {
+            expected,
+            write,
+            access,
+            error: _,
+            lock,
+        } = u;
+        let (key, w) = (chain.key.clone(), write.clone());
         let alert_key = format!("unsaved:{}", chain.key);
-        match blocking(move || store.save(&key, expected, &w)).await {
+        // The write owns the grant's lock while it runs: a caller that
+        // stops waiting (a stop's bound) must not let it go while the
+        // write may still land.
+        let s = store.clone();
+        let saved = blocking(move || Ok((s.save(&key, expected, &w), lock))).await;
+        let (saved, lock) = match saved {
+            Ok((saved, lock)) => (saved, lock),
+            Err(e) => {
+                // The task failed with the lock: take it again if free.
+                let key = chain.key.clone();
+                (
+                    Err(e),
+                    blocking(move || store.try_lock(&key)).await.ok().flatten(),
+                )
+            }
+        };
+        match saved {
             Ok(Written::Stored(_)) => {
                 info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
-                self.release_unsaved(chain, u.lock).await;
+                self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
-                if Instant::now() < u.access.expires_at {
-                    state.access = Some(u.access);
+                if Instant::now() < access.expires_at {
+                    state.access = Some(access);
                 }
                 Ok(true)
             }
             Ok(Written::Conflict(found)) => {
                 warn!(grant = %chain.file.display(), generation = found,
                     "the token store took a newer grant meanwhile (auth exchange?); dropping the unsaved rotated token");
-                self.release_unsaved(chain, u.lock).await;
+                self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
                 Ok(true)
             }
@@ -1374,7 +1398,13 @@ impl Inner {
                 error!(grant = %chain.file.display(), error = %error,
                     "STILL cannot store the rotated refresh token; it is kept in memory and no new refresh \
                      starts until it is stored — do not stop leadsync before this is fixed");
-                state.unsaved = Some(Unsaved { error, ..u });
+                state.unsaved = Some(Unsaved {
+                    expected,
+                    write,
+                    access,
+                    error,
+                    lock,
+                });
                 Ok(false)
             }
         }
@@ -1609,7 +1639,7 @@ impl Inner {
                                 write,
                                 access,
                                 error: error.clone(),
-                                lock,
+                                lock: Some(lock),
                             });
                             return Err(Failure::Retry(format!(
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
