@@ -702,9 +702,10 @@ impl Auth {
             if saved.is_err() || state.unsaved.is_some() {
                 let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
                 error!(grant = %chain.file.display(), error = %error,
-                    "leadsync stops with a rotated refresh token it could not store: the grant must be \
-                     re-authorized (`leadsync auth exchange`) unless the store becomes writable before \
-                     the next refresh in another process");
+                    "leadsync stops with a rotated refresh token it could not store: that token ends with \
+                     this process, and the stored one was spent by the refresh that rotated it; the grant \
+                     must be re-authorized (`leadsync auth exchange`) unless Thumbtack still accepts the \
+                     stored one (its grace period for retries)");
             }
         }
         if !finished {
