@@ -167,6 +167,16 @@ impl GrantStore for StoreGrants {
     fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> Result<()> {
         self.0.set_refresh_note(grant, note)
     }
+
+    fn note_unsaved(&self, grant: &str, over_generation: i64) -> Result<()> {
+        self.0.set_refresh_note(
+            grant,
+            Some(&crate::store::tokens::unsaved_note(
+                std::process::id(),
+                over_generation,
+            )),
+        )
+    }
 }
 
 /// Auth's flags and alerts, written to the mirror.

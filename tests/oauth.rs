@@ -384,6 +384,8 @@ struct Hooked {
     inner: leadsync::app::StoreGrants,
     before_save: BeforeSave,
     after_note: AfterNote,
+    /// The pid its "held unsaved" note names instead of this process's.
+    unsaved_pid: Option<u32>,
 }
 
 impl Hooked {
@@ -398,6 +400,16 @@ impl Hooked {
             ),
             before_save,
             after_note,
+            unsaved_pid: None,
+        }
+    }
+
+    /// Its "held unsaved" note names `pid`: a process the reader cannot see
+    /// in /proc, as under systemd's `ProtectProc=invisible`.
+    fn naming(self, pid: u32) -> Self {
+        Hooked {
+            unsaved_pid: Some(pid),
+            ..self
         }
     }
 }
@@ -441,6 +453,353 @@ impl GrantStore for Hooked {
         (self.after_note)(note);
         Ok(())
     }
+    fn note_unsaved(&self, grant: &str, over: i64) -> anyhow::Result<()> {
+        match self.unsaved_pid {
+            Some(pid) => self.inner.set_refresh_note(
+                grant,
+                Some(&leadsync::store::tokens::unsaved_note(pid, over)),
+            ),
+            None => self.inner.note_unsaved(grant, over),
+        }
+    }
+}
+
+/// A token store whose writes fail while `fail` is set.
+fn failing_store(config: &leadsync::config::Config, fail: &Arc<AtomicBool>) -> Hooked {
+    let failing = fail.clone();
+    Hooked::new(
+        config,
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    )
+}
+
+/// An `Auth` on `store` holding its grant's rotated token in memory,
+/// unsaved (`fail` set), over a chain the store holds (generation 1,
+/// written by a `sync` run before).
+async fn held_unsaved(env: &Env, store: Hooked, fail: &AtomicBool) -> leadsync::thumbtack::Auth {
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(env);
+    fail.store(true, Ordering::SeqCst);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let e = auth.token(&b).await.expect_err("unsaved");
+    assert!(e.message.contains("cannot be stored"), "{}", e.message);
+    assert_eq!(refreshes(env), 2);
+    auth
+}
+
+/// While a rotated token is held in memory, unsaved, its process holds the
+/// grant's lock: nothing else can tell whether it lives. It named itself in
+/// the lock file, but /proc may not show it (systemd's
+/// `ProtectProc=invisible` hides another user's processes): a moved token
+/// file read that as "gone" and took the chain, and the rotated token's
+/// later write was a conflict: dropped, the grant lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(false));
+    let store = failing_store(&config, &fail).naming(u32::MAX - 1);
+    let auth = held_unsaved(&env, store, &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    let seed = other
+        .get(&key, None, &[])
+        .unwrap()
+        .expect("stored chain")
+        .seed_sha256;
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_none(),
+        "the grant's lock is free while its rotated token is held unsaved"
+    );
+    // The token file moves (another process, a restore): its old name is gone.
+    let moved = env.dir.path().join("moved-token");
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    let during = other.get(&moved.display().to_string(), seed.as_deref(), &[]);
+    assert!(
+        during.is_err(),
+        "a moved file took the chain while its rotated token is unsaved: {:?}",
+        during.map(|g| g.map(|g| g.generation))
+    );
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_some(),
+        "let go once stored"
+    );
+    let g = other
+        .get(&moved.display().to_string(), seed.as_deref(), &[])
+        .unwrap()
+        .expect("taken over once stored");
+    assert_eq!(g.generation, 2, "the rotated token, not the spent one");
+    assert_eq!(refreshes(&env), 2);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// Another process (a `sync` run by hand, the daemon's next start beside a
+/// stopping one) never presents the stored refresh token while a rotated
+/// one is held unsaved elsewhere: it is spent. It says why, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_process_never_refreshes_while_a_rotated_token_is_held_unsaved() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&config, &fail), &fail).await;
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(refreshes(&env), 2, "{}", text(&o));
+    assert!(text(&o).contains("unsaved"), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+/// The token file is renamed and the configuration reloaded while this
+/// process holds the grant's rotated token unsaved: the chain of the old
+/// name is named by no business now, so no caller asks it to store its
+/// token, and the new name waits for it — every business on the grant
+/// stalled until a restart. Its write is retried with the others'.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_stored() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let moved = env.dir.path().join("renamed-token");
+    let mut config = env.config();
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    for business in &mut config.businesses {
+        if business.id == b {
+            business.token = leadsync::config::TokenSource::Refresh(moved.clone());
+        }
+    }
+    auth.reconfigure(&config);
+    let e = auth.token(&b).await.expect_err("still unsaved");
+    assert!(e.message.contains("unsaved"), "{}", e.message);
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b)
+        .await
+        .expect("the old name's token stored, then taken over by the new name");
+    assert_eq!(refreshes(&env), 2, "the rotated token, not a new refresh");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// A process stops while the store still refuses its rotated token: the
+/// token ends with it (and its lock), the note stays. The next process
+/// neither waits for it nor blames "a refresh cut short": it says the
+/// rotated token was lost, and why the grant needs re-authorization.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert!(
+        out.contains("ended without storing it: that token is lost"),
+        "{out}"
+    );
+    assert!(!out.contains("cut short"), "{out}");
+    assert_no_secret_anywhere(&env, &out);
+}
+
+/// `auth exchange` in another process while this one holds the grant's
+/// rotated token unsaved: the new grant is stored (it supersedes that
+/// token) at once, not after waiting out the holder's lock; the holder's
+/// note and lock stay its own until its write — a conflict now — lets go.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    let started = std::time::Instant::now();
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "waited for the holder: {:?}",
+        started.elapsed()
+    );
+    let note = other.refresh_note(&key).unwrap().unwrap_or_default();
+    assert!(note.contains("held in memory"), "{note:?}");
+    assert!(other.try_lock_grant(&key).unwrap().is_none());
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("the new grant's chain");
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// A process stored its rotated token and was killed before it cleared its
+/// note (the note's write is the step after the store's): the lock ended
+/// with it, the note stayed. The token is not lost — the store holds a
+/// generation beyond the one the note's write was to replace — and nobody
+/// may say it is, nor blame a refresh cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    // The note as it was before the store took generation 2 (over 1).
+    drop(other.try_lock_grant(&key).unwrap().expect("free"));
+    other
+        .set_refresh_note(
+            &key,
+            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+        )
+        .unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains("lost"), "{out}");
+    assert!(!out.contains("did not get its answer stored"), "{out}");
+    // A moved token file neither.
+    let moved = env.dir.path().join("moved-token");
+    let seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
+    other
+        .set_refresh_note(
+            &key,
+            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+        )
+        .unwrap();
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    let g = other
+        .get(&moved.display().to_string(), seed.as_deref(), &[])
+        .unwrap()
+        .expect("taken over");
+    assert_eq!(g.generation, 3);
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+}
+
+/// A stop's last try to store a token held unsaved runs out of time while
+/// the store's write is still running (a slow disk): the write may yet
+/// land. Letting the grant's lock go then (with the token) let another
+/// process take the lock, read the generation before that write, and
+/// present the spent token. The lock is let go only once the write ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_times_out_a_store_write_keeps_the_lock_until_the_write_ends() {
+    let env = oauth_env(3600, FAST).await;
+    let fail = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(AtomicBool::new(false));
+    let in_write = Arc::new(AtomicBool::new(false));
+    let (failing, slowing, writing) = (fail.clone(), slow.clone(), in_write.clone());
+    let store = Hooked::new(
+        &env.config(),
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            if slowing.load(Ordering::SeqCst) {
+                writing.store(true, Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while slowing.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
+    let auth = held_unsaved(&env, store, &fail).await;
+    /// Ends the slow write however the test ends.
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _release = Release(slow.clone());
+    fail.store(false, Ordering::SeqCst);
+    slow.store(true, Ordering::SeqCst);
+    auth.settle(Duration::from_secs(3)).await;
+    assert!(in_write.load(Ordering::SeqCst), "the stop tried the write");
+    let b = env.business_ids()[0].clone();
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_none(),
+        "the lock went while the token's write was still running"
+    );
+    slow.store(false, Ordering::SeqCst);
+    wait_until(
+        "the write ends and the lock goes",
+        Duration::from_secs(30),
+        || other.try_lock_grant(&key).unwrap().is_some(),
+    )
+    .await;
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    drop(auth);
+}
+
+/// A rotated token held unsaved that an `auth exchange` superseded is
+/// dropped (the store holds a newer grant): its note goes with it, or the
+/// next start would report a token lost that was not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsaved_token_superseded_by_a_new_grant_leaves_no_note() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&config, &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    let new_grant = GrantWrite {
+        refresh_token: leadsync::secret::Secret::new(env.sandbox.mint_refresh_token(&b)),
+        access_token: None,
+        seed_sha256: None,
+        source: "auth exchange".into(),
+    };
+    assert_eq!(other.put(&key, 1, &new_grant).unwrap(), Written::Stored(2));
+    fail.store(false, Ordering::SeqCst);
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert!(other.try_lock_grant(&key).unwrap().is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -70,6 +70,37 @@ pub struct TokenStore {
     path: PathBuf,
 }
 
+/// The grant lock's note while a rotated token is held in memory, unsaved,
+/// by process `pid`, which holds the grant's lock until it is stored (see
+/// [`TokenStore::get`]). Once the lock is free the note is stale: its
+/// writer ended and the token it held is lost.
+pub fn unsaved_note(pid: u32, over_generation: i64) -> String {
+    format!("{UNSAVED_NOTE} {pid}{OVER}{over_generation}")
+}
+
+/// How an [`unsaved_note`] names the stored generation its token replaces:
+/// a row beyond it says the token was stored (or superseded) after all.
+const OVER: &str = ", to replace stored generation ";
+
+const UNSAVED_NOTE: &str =
+    "rotated refresh token not stored yet, held in memory by leadsync process";
+
+/// The process an [`unsaved_note`] names; it holds the rotated token for
+/// as long as it holds the grant's lock.
+pub fn unsaved_by(note: &str) -> Option<u32> {
+    unsaved_over(note).map(|(pid, _)| pid)
+}
+
+/// The process an [`unsaved_note`] names and the generation its token was
+/// to replace (`None` in a note that does not say).
+pub fn unsaved_over(note: &str) -> Option<(u32, Option<i64>)> {
+    let rest = note.strip_prefix(UNSAVED_NOTE)?.trim();
+    match rest.split_once(OVER) {
+        Some((pid, generation)) => Some((pid.trim().parse().ok()?, generation.trim().parse().ok())),
+        None => Some((rest.parse().ok()?, None)),
+    }
+}
+
 /// A held per-grant lock (released on drop).
 pub struct GrantLock {
     _file: File,
@@ -321,17 +352,64 @@ impl TokenStore {
         // a refresh in flight there stores its rotated token under the old
         // key when its answer comes, and a row moved away meanwhile would
         // make that write a conflict, the rotated token dropped and the
-        // spent one kept. Until it ends, this key waits (an error: retried).
+        // spent one kept. A refresh whose rotated token the store could not
+        // take keeps holding the lock, with the token in memory, until it is
+        // stored. Until either ends, this key waits (an error: retried).
+        // The lock, not /proc, tells whether the holder lives: under
+        // systemd's ProtectProc=invisible another user's process is not in
+        // /proc, and a pid seen there may be another process's.
         let _old_key_lock = match &moved_from {
             Some(from) => match self.try_lock_grant(from)? {
                 Some(lock) => Some(lock),
-                None => bail!(
-                    "the grant's token file moved while a token refresh under its old name ({from}) \
-                     is in flight; its chain is taken over once that refresh ends"
-                ),
+                None => match self
+                    .refresh_note(from)
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    .and_then(unsaved_by)
+                {
+                    Some(pid) => bail!(
+                        "the grant's token file moved while leadsync process {pid} holds the rotated refresh \
+                         token of its old name ({from}) in memory, unsaved (the token store could not take it); \
+                         its chain is taken over once that token is stored"
+                    ),
+                    None => bail!(
+                        "the grant's token file moved while a token refresh under its old name ({from}) \
+                         is in flight; its chain is taken over once that refresh ends"
+                    ),
+                },
             },
             None => None,
         };
+        // The lock is free, yet a note says a process holds a rotated token
+        // unsaved: that process ended (its lock ended with it) and the token
+        // it held is lost. The chain is taken over as it is stored; the note
+        // goes, so it blocks nothing and is not reported twice.
+        if let Some(from) = &moved_from
+            && let Some((pid, over)) = self.refresh_note(from)?.as_deref().and_then(unsaved_over)
+        {
+            // Unless its write landed after all, and it ended before it
+            // cleared its note: the row is beyond the generation it replaced.
+            let stored = match over {
+                Some(over) => self
+                    .with(|c| read_grant(c, from))?
+                    .is_some_and(|g| g.generation > over),
+                None => false,
+            };
+            if !stored {
+                tracing::warn!(grant = %grant, old_name = %from,
+                "leadsync process {pid} held a rotated refresh token of this grant that the token store \
+                 could not take, and ended without storing it: that token is lost. The moved token file \
+                 takes over the stored chain; if Thumbtack refuses its refresh token, re-authorize with \
+                 `leadsync auth exchange`");
+            }
+            // The takeover needs no note: a failure to clear it only leaves
+            // it to the old name, which no chain uses now.
+            if let Err(e) = self.set_refresh_note(from, None) {
+                tracing::warn!(grant = %grant, error = %format!("{e:#}"),
+                    "cannot clear the stale note in the old name's grant lock");
+            }
+        }
         self.with(|c| {
             if let Some(g) = read_grant(c, grant)? {
                 return Ok(Some(g));
@@ -699,6 +777,71 @@ mod tests {
         let g = s.get("new", Some(&sha256_hex("t0")), &[]).unwrap().unwrap();
         assert_eq!(g.refresh_token.expose(), "t1");
         assert!(s.get(&old_key, None, &[]).unwrap().is_none());
+    }
+
+    /// A refresh whose rotated token could not be stored (disk full) keeps
+    /// it in memory and holds the grant's lock until it stores it under the
+    /// old key. A moved file taking the row meanwhile made that write a
+    /// conflict: the rotated token dropped, the spent one kept, the grant
+    /// lost. The lock says the holder lives, not `/proc`: under systemd's
+    /// `ProtectProc=invisible` another user's process is not there (the pid
+    /// in the note is one this process cannot see).
+    #[test]
+    fn a_moved_file_never_takes_a_chain_whose_rotated_token_is_unsaved() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old_key = dir.path().join("old").display().to_string();
+        let seed = sha256_hex("t0");
+        let w = |t: &str| GrantWrite {
+            seed_sha256: Some(seed.clone()),
+            ..write(t)
+        };
+        assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
+        let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
+        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 1)))
+            .unwrap();
+        let during = s.get("new", Some(&seed), &[]);
+        let Err(e) = during else {
+            panic!(
+                "taken while the rotated token is unsaved: {:?}",
+                during.map(|g| g.map(|g| g.generation))
+            );
+        };
+        assert!(format!("{e:#}").contains("unsaved"), "{e:#}");
+        assert!(!format!("{e:#}").contains("t1"), "{e:#}");
+        // Stored at last: the holder clears its note, then lets go.
+        assert_eq!(s.put(&old_key, 1, &w("t2")).unwrap(), Written::Stored(2));
+        s.set_refresh_note(&old_key, None).unwrap();
+        drop(holder);
+        let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
+        assert_eq!(g.refresh_token.expose(), "t2");
+    }
+
+    /// A process that ended holding an unsaved rotated token (killed, or
+    /// stopped while the store still failed) leaves its note, but its lock
+    /// ends with it: the token it held is gone with it. The note must not
+    /// keep the chain from its moved file forever (a pid in /proc proves
+    /// nothing: reused, or this very process); it is cleared and the chain
+    /// taken over.
+    #[test]
+    fn a_note_whose_holder_is_gone_is_cleared_and_the_chain_taken_over() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old_key = dir.path().join("old").display().to_string();
+        let seed = sha256_hex("u0");
+        let w = GrantWrite {
+            seed_sha256: Some(seed.clone()),
+            ..write("u1")
+        };
+        assert_eq!(s.put(&old_key, 0, &w).unwrap(), Written::Stored(1));
+        // Its writer held the lock, and ended. The pid is a live one (this
+        // process's), which holds no lock.
+        drop(s.try_lock_grant(&old_key).unwrap().expect("free"));
+        s.set_refresh_note(&old_key, Some(&unsaved_note(std::process::id(), 1)))
+            .unwrap();
+        let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
+        assert_eq!(g.refresh_token.expose(), "u1");
+        assert_eq!(s.refresh_note(&old_key).unwrap(), None);
     }
 
     /// The token file moved (and the configuration reloaded) while a refresh

@@ -15,7 +15,9 @@ use super::model::{OAuthError, TokenResponse};
 use super::problem::{ApiError, Disposition};
 use crate::config::{Config, TokenSource};
 use crate::secret::Secret;
-use crate::store::tokens::{GrantWrite, StoredGrant, Written, sha256_hex};
+use crate::store::tokens::{
+    GrantWrite, StoredGrant, Written, sha256_hex, unsaved_by, unsaved_over,
+};
 use base64::Engine;
 use std::collections::HashMap;
 use std::future::Future;
@@ -95,6 +97,13 @@ pub trait GrantStore: Send + Sync {
     fn set_refresh_note(&self, _grant: &str, _note: Option<&str>) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Records durably that this process holds the grant's rotated token in
+    /// memory, unsaved (by the lock's holder): a moved token file must not
+    /// take the chain from under it until it is stored.
+    /// `over_generation`: the stored generation its write is to replace.
+    fn note_unsaved(&self, _grant: &str, _over_generation: i64) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a person must see (`status`, the mirror), recorded by the caller.
@@ -144,12 +153,19 @@ struct Access {
 }
 
 /// A rotated refresh token the store has not taken yet.
-#[derive(Clone)]
 struct Unsaved {
     expected: i64,
     write: GrantWrite,
     access: Access,
     error: String,
+    /// The grant's cross-process lock, held until the token is stored (or
+    /// superseded): it is how every other process — and a moved token file
+    /// — knows a live process holds the only valid refresh token. A pid in
+    /// the lock file cannot say so: under systemd's `ProtectProc=invisible`
+    /// another user's process is not in /proc. The lock ends with the
+    /// process, whatever ends it. `None` only after the store's write task
+    /// failed (panicked) with it and it could not be taken again.
+    lock: Option<Box<dyn Send>>,
 }
 
 #[derive(Default)]
@@ -686,9 +702,10 @@ impl Auth {
             if saved.is_err() || state.unsaved.is_some() {
                 let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
                 error!(grant = %chain.file.display(), error = %error,
-                    "leadsync stops with a rotated refresh token it could not store: the grant must be \
-                     re-authorized (`leadsync auth exchange`) unless the store becomes writable before \
-                     the next refresh in another process");
+                    "leadsync stops with a rotated refresh token it could not store: that token ends with \
+                     this process, and the stored one was spent by the refresh that rotated it; the grant \
+                     must be re-authorized (`leadsync auth exchange`) unless Thumbtack still accepts the \
+                     stored one (its grace period for retries)");
             }
         }
         if !finished {
@@ -856,10 +873,27 @@ impl Auth {
             read_token_file(&chain.file).map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
         let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
         let mut state = chain.state.clone().lock_owned().await;
-        let _lock = inner
-            .lock_grant(&chain)
-            .await
-            .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?;
+        // A new grant supersedes a rotated token held unsaved, here (whose
+        // lock this process holds already) or by another process (which
+        // holds it until its store write, a conflict now, drops the token):
+        // neither can refresh meanwhile, so the exchange needs no lock then.
+        let mut holds_lock = true;
+        let _lock = if state.unsaved.is_some() {
+            None
+        } else {
+            match inner
+                .lock_grant_or_unsaved(&chain)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?
+            {
+                Ok(lock) => Some(lock),
+                Err(held) => {
+                    info!(grant = %chain.file.display(), "{held}; the new grant supersedes that token");
+                    holds_lock = false;
+                    None
+                }
+            }
+        };
         let form = [
             ("grant_type", "authorization_code"),
             ("code", code.expose()),
@@ -920,8 +954,12 @@ impl Auth {
                 "the token store kept changing while storing the new grant; run the exchange again"
             );
         }
-        // A new grant: an earlier refresh cut short no longer matters.
-        inner.note_refresh(&chain, None).await;
+        // A new grant: an earlier refresh cut short no longer matters. The
+        // note is the lock holder's: another process holding a token
+        // unsaved clears its own once its write (a conflict) drops it.
+        if holds_lock {
+            inner.note_refresh(&chain, None).await;
+        }
         state.unsaved = None;
         state.refused_access = None;
         state.fresh_until = Some(Instant::now() + REFRESH_ON_401_INTERVAL);
@@ -1118,7 +1156,22 @@ impl Inner {
 
     /// Takes the grant's cross-process lock, waiting while another process
     /// refreshes it (bounded: a refresh takes at most a few request timeouts).
+    /// A process holding the grant's rotated token unsaved holds the lock
+    /// until the store takes it: that is not waited for (it may take
+    /// hours), and the stored token is spent meanwhile.
     async fn lock_grant(&self, chain: &Chain) -> Result<Box<dyn Send>, Failure> {
+        match self.lock_grant_or_unsaved(chain).await? {
+            Ok(lock) => Ok(lock),
+            Err(held) => Err(Failure::Retry(held)),
+        }
+    }
+
+    /// [`Inner::lock_grant`], telling apart a lock held by a process that
+    /// keeps the grant's rotated token unsaved (`Ok(Err(why))`).
+    async fn lock_grant_or_unsaved(
+        &self,
+        chain: &Chain,
+    ) -> Result<Result<Box<dyn Send>, String>, Failure> {
         let store = self.store()?;
         let deadline = Instant::now() + self.timeout * 4 + Duration::from_secs(5);
         let mut waiting = false;
@@ -1128,7 +1181,23 @@ impl Inner {
             }
             let (s, key) = (store.clone(), chain.key.clone());
             match blocking(move || s.try_lock(&key)).await {
-                Ok(Some(lock)) => return Ok(lock),
+                Ok(Some(lock)) => return Ok(Ok(lock)),
+                Ok(None)
+                    if let (s, key) = (store.clone(), chain.key.clone())
+                        && let Some(pid) = blocking(move || s.refresh_note(&key))
+                            .await
+                            .ok()
+                            .flatten()
+                            .as_deref()
+                            .and_then(unsaved_by) =>
+                {
+                    return Ok(Err(format!(
+                        "leadsync process {pid} holds the rotated refresh token of the grant in {} in \
+                         memory, unsaved (the token store cannot take it); the stored one is spent, so no \
+                         other refresh of this grant starts until that process stores it",
+                        chain.file.display()
+                    )));
+                }
                 Ok(None) if Instant::now() < deadline => {
                     if !waiting {
                         waiting = true;
@@ -1164,29 +1233,12 @@ impl Inner {
         }
     }
 
-    /// Clears the grant's refresh note once a rotated token kept in memory
-    /// is stored (it was written before that refresh was sent, and its
-    /// answer is stored now), if the grant's lock is free: its holder
-    /// writes (and clears) its own note otherwise. A note left behind would
-    /// blame the grant's next refusal on a refresh cut short.
-    async fn clear_note_if_free(&self, chain: &Chain) {
-        let Some(store) = self.store.get().cloned() else {
-            return;
-        };
-        let key = chain.key.clone();
-        let cleared = blocking(move || match store.try_lock(&key)? {
-            Some(lock) => {
-                let r = store.set_refresh_note(&key, None);
-                drop(lock);
-                r
-            }
-            None => Ok(()),
-        })
-        .await;
-        if let Err(e) = cleared {
-            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
-                "cannot clear the token refresh note in the grant's lock file");
-        }
+    /// Clears the grant's note of a rotated token held unsaved once it is
+    /// stored or superseded, then lets the grant's lock go (in that order:
+    /// a note without its lock says the holder ended with the token).
+    async fn release_unsaved(&self, chain: &Chain, lock: Option<Box<dyn Send>>) {
+        self.note_refresh(chain, None).await;
+        drop(lock);
     }
 
     /// A refresh given up at a stop before anything was sent: logged, and
@@ -1265,27 +1317,80 @@ impl Inner {
         outcome.map_err(Into::into)
     }
 
+    /// Tries again to store the rotated tokens held unsaved by chains no
+    /// business names any more (a reload renamed their token file): no
+    /// caller asks them, and the new name's chain cannot take the stored
+    /// chain over until they are stored (their lock says a token is held).
+    async fn save_orphans(&self, chain: &Arc<Chain>) {
+        let orphans: Vec<Arc<Chain>> = self
+            .chains
+            .lock()
+            .map(|c| {
+                c.values()
+                    .filter(|o| !Arc::ptr_eq(o, chain))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        for orphan in orphans {
+            if !self.members_of(&orphan).is_empty() {
+                continue;
+            }
+            // Held: its own refresh or save is running.
+            let Ok(mut state) = orphan.state.clone().try_lock_owned() else {
+                continue;
+            };
+            if state.unsaved.is_some() {
+                let _ = self.save_unsaved(&orphan, &mut state).await;
+            }
+        }
+    }
+
     /// Stores an unsaved rotated token; Ok(true) when stored (or superseded).
     async fn save_unsaved(&self, chain: &Chain, state: &mut ChainState) -> Result<bool, Failure> {
         let Some(u) = state.unsaved.take() else {
             return Ok(true);
         };
         let store = self.store()?;
-        let (key, w, expected) = (chain.key.clone(), u.write.clone(), u.expected);
+        let Unsaved {
+            expected,
+            write,
+            access,
+            error: _,
+            lock,
+        } = u;
+        let (key, w) = (chain.key.clone(), write.clone());
         let alert_key = format!("unsaved:{}", chain.key);
-        match blocking(move || store.save(&key, expected, &w)).await {
+        // The write owns the grant's lock while it runs: a caller that
+        // stops waiting (a stop's bound) must not let it go while the
+        // write may still land.
+        let s = store.clone();
+        let saved = blocking(move || Ok((s.save(&key, expected, &w), lock))).await;
+        let (saved, lock) = match saved {
+            Ok((saved, lock)) => (saved, lock),
+            Err(e) => {
+                // The task failed with the lock: take it again if free.
+                let key = chain.key.clone();
+                (
+                    Err(e),
+                    blocking(move || store.try_lock(&key)).await.ok().flatten(),
+                )
+            }
+        };
+        match saved {
             Ok(Written::Stored(_)) => {
                 info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
-                self.clear_note_if_free(chain).await;
+                self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
-                if Instant::now() < u.access.expires_at {
-                    state.access = Some(u.access);
+                if Instant::now() < access.expires_at {
+                    state.access = Some(access);
                 }
                 Ok(true)
             }
             Ok(Written::Conflict(found)) => {
                 warn!(grant = %chain.file.display(), generation = found,
                     "the token store took a newer grant meanwhile (auth exchange?); dropping the unsaved rotated token");
+                self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
                 Ok(true)
             }
@@ -1294,7 +1399,13 @@ impl Inner {
                 error!(grant = %chain.file.display(), error = %error,
                     "STILL cannot store the rotated refresh token; it is kept in memory and no new refresh \
                      starts until it is stored — do not stop leadsync before this is fixed");
-                state.unsaved = Some(Unsaved { error, ..u });
+                state.unsaved = Some(Unsaved {
+                    expected,
+                    write,
+                    access,
+                    error,
+                    lock,
+                });
                 Ok(false)
             }
         }
@@ -1308,6 +1419,7 @@ impl Inner {
         let oauth = self.oauth()?;
         let store = self.store()?;
         let file = chain.file.display().to_string();
+        self.save_orphans(chain).await;
         // A refresh never starts while the previous rotated token is unsaved:
         // it would use up the only valid token while the store keeps an older one.
         if state.unsaved.is_some() {
@@ -1329,18 +1441,13 @@ impl Inner {
         if self.stopping.is_cancelled() {
             return Err(self.abandoned(chain, "before it was sent"));
         }
-        let _lock = self.lock_grant(chain).await?;
+        let lock = self.lock_grant(chain).await?;
         // A refresh of this grant whose answer was never stored (a process
         // killed mid-refresh, or an answer lost): its token may be spent.
-        let cut_short = {
+        let mut cut_short = {
             let (s, key) = (store.clone(), chain.key.clone());
             blocking(move || s.refresh_note(&key)).await.ok().flatten()
         };
-        if let Some(note) = &cut_short {
-            warn!(grant = %chain.file.display(), "a token refresh of this grant ({note}) did not get its answer \
-                stored; presenting the stored refresh token again (Thumbtack accepts it within its grace \
-                period for retries; else the grant must be re-authorized)");
-        }
         let seed = read_token_file(&chain.file)?;
         let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
         let businesses = self.members_of(chain);
@@ -1360,6 +1467,26 @@ impl Inner {
                 .await
                 .map_err(|e| Failure::Retry(format!("cannot read the token store: {e:#}")))?
         };
+        // A note of a token held unsaved whose write landed after all (its
+        // process ended before it cleared the note): nothing was lost.
+        if let Some((_, Some(over))) = cut_short.as_deref().and_then(unsaved_over)
+            && row.as_ref().is_some_and(|r| r.generation > over)
+        {
+            cut_short = None;
+        }
+        if let Some(note) = &cut_short
+            && let Some(pid) = unsaved_by(note)
+        {
+            // Its lock ended with it: so did the token it held.
+            warn!(grant = %chain.file.display(), "leadsync process {pid} held a rotated refresh token of \
+                this grant that the token store could not take, and ended without storing it: that token \
+                is lost. Presenting the stored refresh token again (Thumbtack accepts it within its grace \
+                period for retries; else the grant must be re-authorized with `leadsync auth exchange`)");
+        } else if let Some(note) = &cut_short {
+            warn!(grant = %chain.file.display(), "a token refresh of this grant ({note}) did not get its answer \
+                stored; presenting the stored refresh token again (Thumbtack accepts it within its grace \
+                period for retries; else the grant must be re-authorized)");
+        }
         // Another process (or an exchange) may have refreshed meanwhile.
         if let Some(r) = &row
             && r.refused.is_none()
@@ -1500,11 +1627,20 @@ impl Inner {
                                 )),
                             )
                             .await;
+                            // The grant's lock stays held with the token; the
+                            // note names the holder (a full disk may refuse
+                            // it: the lock alone is what keeps the chain).
+                            let (s, key) = (store.clone(), chain.key.clone());
+                            if let Err(e) = blocking(move || s.note_unsaved(&key, expected)).await {
+                                warn!(grant = %file, error = %format!("{e:#}"),
+                                    "cannot record the unsaved rotated token in the grant's lock file");
+                            }
                             state.unsaved = Some(Unsaved {
                                 expected,
                                 write,
                                 access,
                                 error: error.clone(),
+                                lock: Some(lock),
                             });
                             return Err(Failure::Retry(format!(
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
@@ -1547,6 +1683,11 @@ impl Inner {
                 }
                 Err(TokenFailure::GrantRefused(m)) => {
                     let reason = match &cut_short {
+                        Some(note) if let Some(pid) = unsaved_by(note) => format!(
+                            "the refresh token was refused ({m}), most likely because leadsync process {pid} \
+                             held its rotated successor in memory, could not store it, and ended: that token \
+                             is lost"
+                        ),
                         Some(note) => format!(
                             "the refresh token was refused ({m}), most likely because an earlier refresh \
                              of this grant ({note}) was cut short before its answer was stored"
