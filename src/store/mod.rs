@@ -348,6 +348,52 @@ impl std::fmt::Display for NewerSchema {
 
 impl std::error::Error for NewerSchema {}
 
+/// Opens an existing mirror to read only: never migrates, never writes
+/// (`status`, `outbox list`). Also returns the database's schema version,
+/// which may differ from [`schema_version`] while an older (or newer)
+/// leadsync daemon still runs on it after an upgrade.
+pub fn open_read_only(path: &Path) -> Result<(Connection, i64)> {
+    refuse_foreign_as_root(path, "database")?;
+    if !path.exists() {
+        bail!(
+            "database {} does not exist yet: it is created by `leadsync run`, `sync`, `drain` or `enqueue`",
+            path.display()
+        );
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .with_context(|| format!("cannot open database {} to read", path.display()))?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .with_context(|| format!("cannot read database {}", path.display()))?;
+    Ok((conn, version))
+}
+
+/// What a read-only command says when the database's schema is not the one
+/// this binary writes (None when it is).
+pub fn schema_note(path: &Path, version: i64) -> Option<String> {
+    let latest = schema_version();
+    if version < latest {
+        Some(format!(
+            "database {} has schema version {version}, older than this leadsync's ({latest}): \
+             the daemon running on it is an older leadsync (restart it, e.g. `systemctl restart \
+             leadsync`, to migrate); this command only reads it and does not migrate it",
+            path.display()
+        ))
+    } else if version > latest {
+        Some(format!(
+            "database {} has schema version {version}, written by a newer leadsync than this one \
+             ({latest}); what follows may be incomplete: use the newer leadsync",
+            path.display()
+        ))
+    } else {
+        None
+    }
+}
+
 /// Applies every migration newer than the database's `user_version`.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     migrate_to(conn, schema_version())
