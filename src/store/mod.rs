@@ -350,8 +350,8 @@ impl std::error::Error for NewerSchema {}
 
 /// Opens an existing mirror to read only: never migrates, never writes
 /// (`status`, `outbox list`). Also returns the database's schema version,
-/// which may differ from [`schema_version`] while an older (or newer)
-/// leadsync daemon still runs on it after an upgrade.
+/// which may be older than [`schema_version`] while an older leadsync
+/// daemon still runs on it after an upgrade (a newer one is refused).
 pub fn open_read_only(path: &Path) -> Result<(Connection, i64)> {
     refuse_foreign_as_root(path, "database")?;
     if !path.exists() {
@@ -369,6 +369,15 @@ pub fn open_read_only(path: &Path) -> Result<(Connection, i64)> {
     let version: i64 = conn
         .query_row("PRAGMA user_version", [], |r| r.get(0))
         .with_context(|| format!("cannot read database {}", path.display()))?;
+    // A newer leadsync's schema is refused as the daemon refuses it (exit 78).
+    if version > schema_version() {
+        return Err(NewerSchema {
+            what: "the database",
+            found: version,
+            known: schema_version(),
+        }
+        .into());
+    }
     Ok((conn, version))
 }
 
