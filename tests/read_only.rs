@@ -219,3 +219,20 @@ async fn a_newer_schema_exits_78_and_is_left_alone() {
         assert_eq!(user_version(&env), newer);
     }
 }
+
+/// A -wal without its -shm (left by a crash, the -shm removed by hand):
+/// reading it would create the -shm, so the commands say so instead.
+#[tokio::test]
+async fn a_wal_without_its_shm_is_said_and_left_alone() {
+    let env = Env::small().await;
+    closed_mirror(&env);
+    std::fs::write(sidecar(&env.database(), "-wal"), b"").unwrap();
+    let dir = env.database().parent().unwrap().to_path_buf();
+    let before = files_in(&dir);
+    for args in [&["status"][..], &["outbox", "list"]] {
+        let o = env.run(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", text(&o));
+        assert!(text(&o).contains("-shm"), "{args:?}: {}", text(&o));
+        assert_eq!(files_in(&dir), before, "{args:?} left a file behind");
+    }
+}

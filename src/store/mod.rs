@@ -377,7 +377,8 @@ pub fn open_read_only(path: &Path) -> Result<(Connection, i64)> {
     let (target, flags) = if wal.exists() {
         if !shm.exists() {
             bail!(
-                "database {} has a {} but no {}: it cannot be read without creating that file;                  run the command as the user of the service (`sudo -u leadsync leadsync ...`)",
+                "database {} has a {} but no {}: it cannot be read without creating that file, \
+                 which this command does not do; the next `leadsync run`, `sync` or `drain` recovers it",
                 path.display(),
                 wal.display(),
                 shm.display()
