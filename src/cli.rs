@@ -420,8 +420,17 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         Command::Outbox { command } => outbox_command(&load()?, command),
         Command::Status { json } => {
             let config = load()?;
-            let conn = store::open_connection(config.database(), false)?;
-            let report = crate::status::report(&conn, &config)?;
+            // Read only, never migrated: after an upgrade the older daemon
+            // may still run on it (README, "Upgrading").
+            let (conn, version) = store::open_read_only(config.database())?;
+            let note = store::schema_note(config.database(), version);
+            if let Some(n) = &note {
+                eprintln!("leadsync: note: {n}");
+            }
+            let report = crate::status::report(&conn, &config).with_context(|| {
+                note.clone()
+                    .unwrap_or_else(|| "cannot read the status".to_string())
+            })?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -946,7 +955,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             state,
             json,
         } => {
-            let conn = store::open_connection(config.database(), false)?;
+            let conn = list_connection(config)?;
             let rows = outbox::list_messages(&conn, state.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -981,7 +990,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             Ok(0)
         }
         OutboxCommand::List { state, json, .. } => {
-            let conn = store::open_connection(config.database(), false)?;
+            let conn = list_connection(config)?;
             let rows = outbox::list(&conn, state.as_deref())?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
@@ -1040,6 +1049,15 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             report_each(outbox::cancel(&mut conn, kind, &ids)?, "canceled")
         }
     }
+}
+
+/// `outbox list` reads the mirror without migrating it (like `status`).
+fn list_connection(config: &Config) -> Result<rusqlite::Connection> {
+    let (conn, version) = store::open_read_only(config.database())?;
+    if let Some(n) = store::schema_note(config.database(), version) {
+        eprintln!("leadsync: note: {n}");
+    }
+    Ok(conn)
 }
 
 fn report_each(results: Vec<(i64, std::result::Result<(), String>)>, done: &str) -> Result<u8> {

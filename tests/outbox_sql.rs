@@ -935,3 +935,36 @@ fn the_table_and_the_drainer_agree_on_every_time() {
         );
     }
 }
+
+/// After a package upgrade, before the service restarts, the older daemon
+/// still runs on the database: `status` and `outbox list` of the newer
+/// binary only read it, and never migrate it under that daemon.
+#[tokio::test]
+async fn status_and_outbox_list_never_migrate_the_database() {
+    let env = Env::small().await;
+    drop(store::open_connection(&env.database(), true).unwrap());
+    let latest = store::schema_version();
+    env.sql()
+        .pragma_update(None, "user_version", latest - 1)
+        .unwrap();
+    let version = |env: &Env| -> i64 {
+        env.sql()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
+    };
+    let o = env.run(&["status"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("older than this leadsync"),
+        "status says the schema is older: {}",
+        text(&o)
+    );
+    assert_eq!(version(&env), latest - 1, "status migrated the database");
+    let o = env.run(&["outbox", "list"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(
+        version(&env),
+        latest - 1,
+        "outbox list migrated the database"
+    );
+}

@@ -348,6 +348,128 @@ impl std::fmt::Display for NewerSchema {
 
 impl std::error::Error for NewerSchema {}
 
+/// Opens an existing mirror to read only: never migrates, never writes
+/// (`status`, `outbox list`). Also returns the database's schema version,
+/// which may be older than [`schema_version`] while an older leadsync
+/// daemon still runs on it after an upgrade (a newer one is refused).
+pub fn open_read_only(path: &Path) -> Result<(Connection, i64)> {
+    refuse_foreign_as_root(path, "database")?;
+    if !path.exists() {
+        bail!(
+            "database {} does not exist yet: it is created by `leadsync run`, `sync`, `drain` or `enqueue`",
+            path.display()
+        );
+    }
+    let wal = sidecar(path, "-wal");
+    let shm = sidecar(path, "-shm");
+    // To read a WAL database SQLite opens its -wal and -shm, and creates
+    // them when missing, as whoever runs the command (then owned by an
+    // operator, beside the service user's mirror, and left there: a
+    // read-only connection does not remove them); where it may not create
+    // them (a directory only the service user writes) it fails with
+    // "attempt to write a readonly database". No -wal means no connection
+    // is open on the mirror (the last one to close checkpoints it into the
+    // database file and removes both): the file alone is the whole mirror,
+    // read as immutable, without locks and without those files. A writer
+    // starting meanwhile writes to a new -wal, not to the file, until a
+    // checkpoint (10,000 pages, or its close), which at worst makes this
+    // read fail, never write.
+    let (target, flags) = if wal.exists() {
+        if !shm.exists() {
+            bail!(
+                "database {} has a {} but no {}: it cannot be read without creating that file, \
+                 which this command does not do; the next `leadsync run`, `sync` or `drain` recovers it",
+                path.display(),
+                wal.display(),
+                shm.display()
+            );
+        }
+        (
+            path.as_os_str().to_owned(),
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    } else {
+        (
+            immutable_uri(path),
+            OpenFlags::SQLITE_OPEN_READ_ONLY
+                | OpenFlags::SQLITE_OPEN_URI
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+    };
+    let unreadable = || {
+        format!(
+            "cannot read database {}: this user must be able to read it, and while leadsync runs \
+             on it its {} and {} too (or run the command as the user of the service: \
+             `sudo -u leadsync leadsync ...`)",
+            path.display(),
+            wal.display(),
+            shm.display()
+        )
+    };
+    let conn = Connection::open_with_flags(Path::new(&target), flags).with_context(unreadable)?;
+    conn.busy_timeout(BUSY_TIMEOUT)?;
+    let version: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .with_context(unreadable)?;
+    // A newer leadsync's schema is refused as the daemon refuses it (exit 78).
+    if version > schema_version() {
+        return Err(NewerSchema {
+            what: "the database",
+            found: version,
+            known: schema_version(),
+        }
+        .into());
+    }
+    Ok((conn, version))
+}
+
+/// `path` with `suffix` appended: its -wal, -shm.
+fn sidecar(path: &Path, suffix: &str) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(suffix);
+    s.into()
+}
+
+/// A `file:` URI opening `path` read-only and immutable (RFC 3986 escapes
+/// for the bytes a URI path gives a meaning to).
+fn immutable_uri(path: &Path) -> std::ffi::OsString {
+    use std::os::unix::ffi::{OsStrExt, OsStringExt};
+    let bytes = path.as_os_str().as_bytes();
+    // "file:" then the path; an absolute one after an empty authority
+    // ("file:///var/..."), so that "//x/..." is never read as a host.
+    let mut uri = if bytes.starts_with(b"/") {
+        b"file://".to_vec()
+    } else {
+        b"file:".to_vec()
+    };
+    for &b in bytes {
+        if b.is_ascii_alphanumeric() || b"/-._~".contains(&b) {
+            uri.push(b);
+        } else {
+            uri.extend(format!("%{b:02X}").as_bytes());
+        }
+    }
+    uri.extend(b"?mode=ro&immutable=1");
+    std::ffi::OsString::from_vec(uri)
+}
+
+/// What a read-only command says when the database's schema is older than
+/// the one this binary writes (None otherwise: [`open_read_only`] refuses a
+/// newer one).
+pub fn schema_note(path: &Path, version: i64) -> Option<String> {
+    let latest = schema_version();
+    if version < latest {
+        Some(format!(
+            "database {} has schema version {version}, older than this leadsync's ({latest}): \
+             the daemon running on it is an older leadsync (restart it, e.g. `systemctl restart \
+             leadsync`, to migrate); this command only reads it and does not migrate it",
+            path.display()
+        ))
+    } else {
+        None
+    }
+}
+
 /// Applies every migration newer than the database's `user_version`.
 pub fn migrate(conn: &mut Connection) -> Result<()> {
     migrate_to(conn, schema_version())
@@ -1391,6 +1513,52 @@ mod tests {
                 "2026-01-01T00:00:00.500Z"
             ]
         );
+    }
+
+    /// A real mirror of the previous schema (not only its number) is read
+    /// by `outbox list`'s queries through [`open_read_only`], at a path
+    /// with the bytes a URI gives a meaning to, and left at its version
+    /// with no file created beside it.
+    #[test]
+    fn read_only_reads_the_previous_schema_at_any_path_and_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a b%20#?&=.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
+        migrate_to(&mut conn, previous).unwrap();
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) \
+             VALUES ('519153480500518912', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+        drop(conn);
+        let files = || {
+            let mut v: Vec<_> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            v.sort();
+            v
+        };
+        let before = files();
+        let (ro, version) = open_read_only(&path).unwrap();
+        assert_eq!(version, previous);
+        assert!(schema_note(&path, version).is_some());
+        let rows = outbox::list(&ro, None).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].negotiation_id, "519153480500518912");
+        assert!(outbox::list_messages(&ro, None).unwrap().is_empty());
+        assert!(ro.execute("DELETE FROM outbox", []).is_err(), "read only");
+        drop(ro);
+        assert_eq!(files(), before, "a file was left beside the mirror");
+        let v: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, previous);
     }
 
     /// After a package upgrade, before the service restarts, the older
