@@ -1676,3 +1676,42 @@ async fn a_stop_while_the_refresh_note_is_written_sends_no_refresh() {
         "nothing was sent: no note"
     );
 }
+
+/// `auth exchange` for a token file that moved (the configuration names its
+/// new path) while another process holds the old name's rotated token
+/// unsaved: the exchange read the store the way a refresh does, which tried
+/// to take the old name's chain over, failed on the holder's lock, and so
+/// failed after the single-use code was spent — the new grant thrown away,
+/// though a new grant needs no old chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_for_a_moved_token_file_works_while_the_old_name_is_held_unsaved() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let moved = env.dir.path().join("moved-token");
+    let mut config = env.config();
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    for business in &mut config.businesses {
+        if business.id == b {
+            business.token = leadsync::config::TokenSource::Refresh(moved.clone());
+        }
+    }
+    // Another process: its own store handle (and lock files).
+    let other = leadsync::app::open_auth(&config, None, Default::default()).unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    other
+        .exchange_code(
+            &b,
+            &leadsync::secret::Secret::new(code),
+            "https://partner.example/callback",
+        )
+        .await
+        .expect("the new grant is stored");
+    let store = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    let key = leadsync::thumbtack::auth::grant_key(&moved);
+    assert!(store.get(&key, None, &[]).unwrap().is_some(), "stored");
+    other.settle(Duration::from_secs(5)).await;
+    fail.store(false, Ordering::SeqCst);
+    auth.settle(Duration::from_secs(5)).await;
+}

@@ -930,16 +930,15 @@ impl Auth {
             seed_sha256: seed_fp.clone(),
             source: "auth exchange".into(),
         };
-        let businesses = inner.members_of(&chain);
         let mut stored = false;
         for _ in 0..3 {
-            let (s, key, fp, b) = (
-                store.clone(),
-                chain.key.clone(),
-                seed_fp.clone(),
-                businesses.clone(),
-            );
-            let expected = blocking(move || s.load(&key, fp.as_deref(), &b))
+            // This grant's own row only: a new grant takes over no other
+            // chain (a moved file's old name, a per-business row), and
+            // trying to would fail — after the single-use code was spent —
+            // while that chain's lock is held (a refresh in flight, a
+            // rotated token held unsaved by another process).
+            let (s, key) = (store.clone(), chain.key.clone());
+            let expected = blocking(move || s.load(&key, None, &[]))
                 .await?
                 .map(|r| r.generation)
                 .unwrap_or(0);
