@@ -347,6 +347,27 @@ impl Client {
                 let location = header(reqwest::header::LOCATION);
                 let headers = resp.headers().clone();
                 match read_body(resp, self.settings.max_body_bytes).await {
+                    // A POST Thumbtack accepted: the status says it acted,
+                    // and its body (a message id at most) is not needed.
+                    // Sending it again would duplicate a reply.
+                    Err(BodyError::TooLarge(what))
+                        if metric_method == reqwest::Method::POST
+                            && is_success(status.as_u16())
+                            && !is_html =>
+                    {
+                        warn!(
+                            status = status.as_u16(),
+                            "a POST was accepted with a body {what} larger than the {} bytes leadsync reads: \
+                             taken as sent, its body not read",
+                            self.settings.max_body_bytes
+                        );
+                        Ok(Response {
+                            status: status.as_u16(),
+                            trace_id: trace_id_of(&headers, &[]),
+                            headers,
+                            body: bytes::Bytes::new(),
+                        })
+                    }
                     Err(BodyError::TooLarge(what)) => Err(ApiError::retry(
                         Some(status.as_u16()),
                         format!(
