@@ -1595,8 +1595,24 @@ impl Inner {
                             ),
                     );
                     state.refused_access = None;
+                    // The write owns the grant's lock while it runs: a stop
+                    // that drops this task (the runtime's shutdown) must not
+                    // let it go while the write may still land, or another
+                    // process reads the generation before it and presents
+                    // the spent token.
                     let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
-                    let saved = blocking(move || s.save(&key, expected, &w)).await;
+                    let (saved, lock) =
+                        match blocking(move || Ok((s.save(&key, expected, &w), lock))).await {
+                            Ok((saved, lock)) => (saved, Some(lock)),
+                            Err(e) => {
+                                // The task failed with the lock: take it again if free.
+                                let (s, key) = (store.clone(), chain.key.clone());
+                                (
+                                    Err(e),
+                                    blocking(move || s.try_lock(&key)).await.ok().flatten(),
+                                )
+                            }
+                        };
                     if saved.is_ok() {
                         self.note_refresh(chain, None).await;
                     }
@@ -1639,7 +1655,7 @@ impl Inner {
                                 write,
                                 access,
                                 error: error.clone(),
-                                lock: Some(lock),
+                                lock,
                             });
                             return Err(Failure::Retry(format!(
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
