@@ -930,18 +930,31 @@ impl Auth {
             seed_sha256: seed_fp.clone(),
             source: "auth exchange".into(),
         };
+        let businesses = inner.members_of(&chain);
         let mut stored = false;
         for _ in 0..3 {
-            // This grant's own row only: a new grant takes over no other
-            // chain (a moved file's old name, a per-business row), and
-            // trying to would fail — after the single-use code was spent —
-            // while that chain's lock is held (a refresh in flight, a
-            // rotated token held unsaved by another process).
-            let (s, key) = (store.clone(), chain.key.clone());
-            let expected = blocking(move || s.load(&key, None, &[]))
-                .await?
-                .map(|r| r.generation)
-                .unwrap_or(0);
+            let (s, key, fp, b) = (
+                store.clone(),
+                chain.key.clone(),
+                seed_fp.clone(),
+                businesses.clone(),
+            );
+            // Taking a moved file's chain over fails while that chain's
+            // lock is held (a refresh in flight, a rotated token held
+            // unsaved by another process). The code is spent by now, and
+            // a new grant needs no old chain: this grant's own row alone
+            // then says what to replace.
+            let expected = match blocking(move || s.load(&key, fp.as_deref(), &b)).await {
+                Ok(row) => row,
+                Err(e) => {
+                    debug!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                        "the new grant takes over no other chain");
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    blocking(move || s.load(&key, None, &[])).await?
+                }
+            }
+            .map(|r| r.generation)
+            .unwrap_or(0);
             let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
             if let Written::Stored(_) = blocking(move || s.save(&key, expected, &w)).await? {
                 stored = true;
