@@ -553,3 +553,102 @@ async fn an_endless_body_is_cut_at_the_cap_not_held_until_the_timeout() {
     let sent = served.await.unwrap();
     assert!(sent < 1 << 30, "the client hung up after {sent} bytes");
 }
+
+/// A reply (or a transition) that Thumbtack accepted — a 2xx — with a body
+/// over the cap: the status says the server acted, and the body of a POST
+/// is not needed (a message id at most). Taking it as a failed read made
+/// the drainer send the reply again: a customer seeing it twice without
+/// any crash, which the README admits only after a kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_accepted_with_a_body_over_the_cap_is_sent_not_retried() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut posts = 0;
+        // Two requests at most: the reply, and a resend if there is one.
+        while posts < 2 {
+            let Ok(Ok((mut socket, _))) =
+                tokio::time::timeout(Duration::from_secs(3), listener.accept()).await
+            else {
+                break;
+            };
+            let mut request = vec![0u8; 8192];
+            let _ = socket.read(&mut request).await;
+            posts += 1;
+            let body = " ".repeat(4096);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+        }
+        posts
+    });
+    let config = env.config();
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    let mut settings = ClientSettings::from_config(&config);
+    settings.base_url = format!("http://{addr}");
+    settings.max_body_bytes = 1024;
+    let c = Client::new(settings, auth).unwrap();
+    let b = env.business_ids()[0].clone();
+    let body = leadsync::thumbtack::model::MessageBody {
+        text: "On my way".into(),
+    };
+    let (d, message_id) = c.post_message(&b, "519153480500518912", &body).await;
+    assert!(d.result.is_ok(), "{:?}", d.result);
+    assert_eq!(message_id, None);
+    assert_eq!(d.exchanges.last().and_then(|x| x.http_status), Some(200));
+    // A list page is still refused: its body is what was asked for.
+    let e = c
+        .list_page(&b, &Cursor::first(10))
+        .await
+        .expect_err("a page over the cap is not read");
+    assert_eq!(e.disposition, Disposition::Retry, "{e:?}");
+    assert_eq!(served.await.unwrap(), 2, "one POST, one GET");
+}
+
+/// A refusal whose body is over the cap is still classified by its status
+/// and headers: a 429's `Retry-After` is honoured (and the budget paused),
+/// not taken for an unreadable 200-like failure retried at the backoff.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_with_a_body_over_the_cap_keeps_its_status_meaning() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let mut request = vec![0u8; 8192];
+            let _ = socket.read(&mut request).await;
+            let body = " ".repeat(4096);
+            let head = format!(
+                "HTTP/1.1 429 Too Many Requests\r\nretry-after: 1\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = socket.write_all(head.as_bytes()).await;
+            let _ = socket.write_all(body.as_bytes()).await;
+        }
+    });
+    let config = env.config();
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    let mut settings = ClientSettings::from_config(&config);
+    settings.base_url = format!("http://{addr}");
+    settings.max_body_bytes = 1024;
+    let c = Client::new(settings, auth).unwrap();
+    let b = env.business_ids()[0].clone();
+    let body = leadsync::thumbtack::model::MessageBody {
+        text: "On my way".into(),
+    };
+    let (d, _) = c.post_message(&b, "519153480500518912", &body).await;
+    let e = d.result.expect_err("a 429");
+    assert_eq!(e.disposition, Disposition::Retry, "{e:?}");
+    assert_eq!(e.http_status, Some(429), "{e:?}");
+    assert_eq!(e.retry_after, Some(Duration::from_secs(1)), "{e:?}");
+    assert!(
+        c.budget().paused_for().is_some(),
+        "the 429 pauses the budget"
+    );
+}

@@ -1676,3 +1676,128 @@ async fn a_stop_while_the_refresh_note_is_written_sends_no_refresh() {
         "nothing was sent: no note"
     );
 }
+
+/// `auth exchange` for a token file that moved (the configuration names its
+/// new path) while another process holds the old name's rotated token
+/// unsaved: the exchange read the store the way a refresh does, which tried
+/// to take the old name's chain over, failed on the holder's lock, and so
+/// failed after the single-use code was spent — the new grant thrown away,
+/// though a new grant needs no old chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_for_a_moved_token_file_works_while_the_old_name_is_held_unsaved() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let moved = env.dir.path().join("moved-token");
+    let mut config = env.config();
+    std::fs::rename(token_file(&env, &b), &moved).unwrap();
+    for business in &mut config.businesses {
+        if business.id == b {
+            business.token = leadsync::config::TokenSource::Refresh(moved.clone());
+        }
+    }
+    // Another process: its own store handle (and lock files).
+    let other = leadsync::app::open_auth(&config, None, Default::default()).unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    other
+        .exchange_code(
+            &b,
+            &leadsync::secret::Secret::new(code),
+            "https://partner.example/callback",
+        )
+        .await
+        .expect("the new grant is stored");
+    let store = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    let key = leadsync::thumbtack::auth::grant_key(&moved);
+    assert!(store.get(&key, None, &[]).unwrap().is_some(), "stored");
+    other.settle(Duration::from_secs(5)).await;
+    fail.store(false, Ordering::SeqCst);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// A stop whose bound (the runtime's shutdown) cuts a refresh while the
+/// store's write of its rotated token is still running (a slow disk): the
+/// refresh's task is dropped, and with it the grant's lock, while the write
+/// may yet land. Another process then took the lock, read the generation
+/// before that write and presented the spent token. The write owns the
+/// lock until it ends, as the write of a token held unsaved does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_that_drops_a_refresh_mid_write_keeps_the_lock_until_the_write_ends() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let slow = Arc::new(AtomicBool::new(true));
+    let in_write = Arc::new(AtomicBool::new(false));
+    /// Ends the slow write however the test ends.
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _release = Release(slow.clone());
+    let (slowing, writing) = (slow.clone(), in_write.clone());
+    let store = Hooked::new(
+        &env.config(),
+        Box::new(move || {
+            writing.store(true, Ordering::SeqCst);
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            while slowing.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
+    let config = env.config();
+    let (bb, writing) = (b.clone(), in_write.clone());
+    // The daemon's own runtime, shut down (its tasks dropped) mid-write.
+    tokio::task::spawn_blocking(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let auth = Arc::new(
+                leadsync::thumbtack::Auth::new(
+                    &config,
+                    Some(Arc::new(store)),
+                    None,
+                    Default::default(),
+                )
+                .unwrap(),
+            );
+            let a = auth.clone();
+            tokio::spawn(async move { a.token(&bb).await });
+            let deadline = std::time::Instant::now() + Duration::from_secs(30);
+            while !writing.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        });
+        rt.shutdown_timeout(Duration::ZERO);
+    })
+    .await
+    .unwrap();
+    assert!(
+        in_write.load(Ordering::SeqCst),
+        "the refresh reached its write"
+    );
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_none(),
+        "the lock went while the rotated token's write was still running"
+    );
+    slow.store(false, Ordering::SeqCst);
+    wait_until(
+        "the write ends and the lock goes",
+        Duration::from_secs(30),
+        || other.try_lock_grant(&key).unwrap().is_some(),
+    )
+    .await;
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+}

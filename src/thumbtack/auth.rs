@@ -939,10 +939,22 @@ impl Auth {
                 seed_fp.clone(),
                 businesses.clone(),
             );
-            let expected = blocking(move || s.load(&key, fp.as_deref(), &b))
-                .await?
-                .map(|r| r.generation)
-                .unwrap_or(0);
+            // Taking a moved file's chain over fails while that chain's
+            // lock is held (a refresh in flight, a rotated token held
+            // unsaved by another process). The code is spent by now, and
+            // a new grant needs no old chain: this grant's own row alone
+            // then says what to replace.
+            let expected = match blocking(move || s.load(&key, fp.as_deref(), &b)).await {
+                Ok(row) => row,
+                Err(e) => {
+                    debug!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                        "the new grant takes over no other chain");
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    blocking(move || s.load(&key, None, &[])).await?
+                }
+            }
+            .map(|r| r.generation)
+            .unwrap_or(0);
             let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
             if let Written::Stored(_) = blocking(move || s.save(&key, expected, &w)).await? {
                 stored = true;
@@ -1596,8 +1608,24 @@ impl Inner {
                             ),
                     );
                     state.refused_access = None;
+                    // The write owns the grant's lock while it runs: a stop
+                    // that drops this task (the runtime's shutdown) must not
+                    // let it go while the write may still land, or another
+                    // process reads the generation before it and presents
+                    // the spent token.
                     let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
-                    let saved = blocking(move || s.save(&key, expected, &w)).await;
+                    let (saved, lock) =
+                        match blocking(move || Ok((s.save(&key, expected, &w), lock))).await {
+                            Ok((saved, lock)) => (saved, Some(lock)),
+                            Err(e) => {
+                                // The task failed with the lock: take it again if free.
+                                let (s, key) = (store.clone(), chain.key.clone());
+                                (
+                                    Err(e),
+                                    blocking(move || s.try_lock(&key)).await.ok().flatten(),
+                                )
+                            }
+                        };
                     if saved.is_ok() {
                         self.note_refresh(chain, None).await;
                     }
@@ -1640,7 +1668,7 @@ impl Inner {
                                 write,
                                 access,
                                 error: error.clone(),
-                                lock: Some(lock),
+                                lock,
                             });
                             return Err(Failure::Retry(format!(
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"

@@ -346,7 +346,41 @@ impl Client {
                     header(reqwest::header::CONTENT_TYPE).is_some_and(|v| v.contains("text/html"));
                 let location = header(reqwest::header::LOCATION);
                 let headers = resp.headers().clone();
-                match read_body(resp, self.settings.max_body_bytes).await {
+                // A refusal is told by its status and headers: one whose
+                // body is over the cap keeps its meaning (a 401 refreshes,
+                // a 429 pauses), its body taken as empty.
+                let mut not_read = None;
+                let read = match read_body(resp, self.settings.max_body_bytes).await {
+                    Err(BodyError::TooLarge(what))
+                        if !is_success(status.as_u16()) && !status.is_redirection() =>
+                    {
+                        not_read = Some(what);
+                        Ok(bytes::Bytes::new())
+                    }
+                    read => read,
+                };
+                match read {
+                    // A POST Thumbtack accepted: the status says it acted,
+                    // and its body (a message id at most) is not needed.
+                    // Sending it again would duplicate a reply.
+                    Err(BodyError::TooLarge(what))
+                        if metric_method == reqwest::Method::POST
+                            && is_success(status.as_u16())
+                            && !is_html =>
+                    {
+                        warn!(
+                            status = status.as_u16(),
+                            "a POST was accepted with a body {what} larger than the {} bytes leadsync reads: \
+                             taken as sent, its body not read",
+                            self.settings.max_body_bytes
+                        );
+                        Ok(Response {
+                            status: status.as_u16(),
+                            trace_id: trace_id_of(&headers, &[]),
+                            headers,
+                            body: bytes::Bytes::new(),
+                        })
+                    }
                     Err(BodyError::TooLarge(what)) => Err(ApiError::retry(
                         Some(status.as_u16()),
                         format!(
@@ -377,12 +411,18 @@ impl Client {
                         body,
                     }),
                     Ok(body) => {
-                        let e = ApiError::from_response(
+                        let mut e = ApiError::from_response(
                             status.as_u16(),
                             status.canonical_reason().unwrap_or(""),
                             retry_after,
                             &body,
                         );
+                        if let Some(what) = not_read {
+                            e.message = format!(
+                                "{} (its body, {what} larger than the {} bytes leadsync reads, not read)",
+                                e.message, self.settings.max_body_bytes
+                            );
+                        }
                         if status.as_u16() == 429 {
                             self.budget
                                 .pause(retry_after.unwrap_or(Duration::from_secs(1)));
