@@ -30,7 +30,12 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
             let code = exit_code_of(&e);
-            let what = if code == EXIT_CONFIG {
+            // 78 also covers a database from a newer leadsync, which is no
+            // configuration error.
+            let config = e
+                .chain()
+                .any(|c| c.downcast_ref::<leadsync::config::ConfigError>().is_some());
+            let what = if code == EXIT_CONFIG && config {
                 "configuration error"
             } else {
                 "error"

@@ -824,6 +824,9 @@ async fn a_database_from_a_newer_leadsync_stops_the_service_for_good() {
             t.contains(&format!("schema version {newer}")) && t.contains("newer leadsync"),
             "{args:?}: {t}"
         );
+        // Not a configuration problem: the label must not send the
+        // operator to the configuration files.
+        assert!(!t.contains("configuration error"), "{args:?}: {t}");
     }
     let version: i64 = env
         .sql()

@@ -303,8 +303,9 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
     // `enqueue` of the newer binary must not change the schema under it.
     let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let _migrating = if current < schema_version() {
-        match ProcessLock::try_acquire(path)? {
+        match wait_for_migration(&conn, path)? {
             Some(lock) => Some(lock),
+            None if version_of(&conn)? >= schema_version() => None,
             None => bail!(
                 "database {} has schema version {current}, older than this leadsync's \
                  ({}), and another leadsync process (pid {}) is running on it: it is \
@@ -323,6 +324,34 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
     migrate(&mut conn).with_context(|| format!("cannot migrate database {}", path.display()))?;
     Ok(conn)
 }
+
+fn version_of(conn: &Connection) -> Result<i64> {
+    Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
+}
+
+/// The process lock for a migration; `None` when another process holds
+/// it. One that holds it only to migrate (another command of this binary
+/// starting at the same time, the restarted daemon) is waited for, up to
+/// [`MIGRATION_WAIT`], until it releases the lock or the schema is current:
+/// failing then would fail an `enqueue` (exit 1) for nothing.
+fn wait_for_migration(conn: &Connection, path: &Path) -> Result<Option<ProcessLock>> {
+    let deadline = std::time::Instant::now() + MIGRATION_WAIT;
+    loop {
+        if let Some(lock) = ProcessLock::try_acquire_as(path, Role::Migrating)? {
+            return Ok(Some(lock));
+        }
+        if version_of(conn)? >= schema_version()
+            || !ProcessLock::held_for_migration(path)
+            || std::time::Instant::now() >= deadline
+        {
+            return Ok(None);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// How long a command waits for another process's migration.
+const MIGRATION_WAIT: Duration = Duration::from_secs(120);
 
 /// A database written by a newer leadsync (a downgrade): nothing this binary
 /// can do with it, and restarting does not change that (the CLI exits 78, which
@@ -824,6 +853,26 @@ pub struct ProcessLock {
 /// What the lock file says of its holder on its second line: the daemon
 /// takes `sync_requests`; another command (`sync`, `drain`, `probe`) does not.
 const DAEMON_ROLE: &str = "daemon";
+/// A process holding the lock only while it migrates the schema.
+const MIGRATING_ROLE: &str = "migrating";
+
+/// Who holds the lock (written on the lock file's second line).
+#[derive(Clone, Copy)]
+enum Role {
+    Daemon,
+    Command,
+    Migrating,
+}
+
+impl Role {
+    fn as_str(self) -> &'static str {
+        match self {
+            Role::Daemon => DAEMON_ROLE,
+            Role::Command => "command",
+            Role::Migrating => MIGRATING_ROLE,
+        }
+    }
+}
 
 impl ProcessLock {
     /// Takes the lock next to the database (`<database>.lock`) or says who holds it.
@@ -835,7 +884,8 @@ impl ProcessLock {
     /// the daemon, which takes `sync_requests` rows (a `leadsync sync`
     /// meeting another command's lock fails at once instead of asking).
     pub fn acquire_as(database: &Path, daemon: bool) -> Result<ProcessLock> {
-        match ProcessLock::try_acquire_as(database, daemon)? {
+        let role = if daemon { Role::Daemon } else { Role::Command };
+        match ProcessLock::try_acquire_as(database, role)? {
             Some(lock) => Ok(lock),
             None => bail!(
                 "another leadsync process (pid {}) is running against {}; \
@@ -850,10 +900,10 @@ impl ProcessLock {
 
     /// Takes the lock, or `None` when another process holds it.
     pub fn try_acquire(database: &Path) -> Result<Option<ProcessLock>> {
-        ProcessLock::try_acquire_as(database, false)
+        ProcessLock::try_acquire_as(database, Role::Command)
     }
 
-    fn try_acquire_as(database: &Path, daemon: bool) -> Result<Option<ProcessLock>> {
+    fn try_acquire_as(database: &Path, role: Role) -> Result<Option<ProcessLock>> {
         let path = lock_path(database);
         let file = std::fs::OpenOptions::new()
             .create(true)
@@ -871,7 +921,7 @@ impl ProcessLock {
         }
         // The pid, and the holder's role on a second line.
         use std::os::unix::fs::FileExt;
-        let role = if daemon { DAEMON_ROLE } else { "command" };
+        let role = role.as_str();
         file.set_len(0)?;
         file.write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
         Ok(Some(ProcessLock { _file: file }))
@@ -886,6 +936,12 @@ impl ProcessLock {
             .trim()
             .parse()
             .ok()
+    }
+
+    /// Whether the lock file says its holder holds it only to migrate.
+    fn held_for_migration(database: &Path) -> bool {
+        std::fs::read_to_string(lock_path(database))
+            .is_ok_and(|t| t.lines().nth(1).map(str::trim) == Some(MIGRATING_ROLE))
     }
 
     /// Whether the lock file names the daemon as its holder. A file naming
@@ -1559,6 +1615,42 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, previous);
+    }
+
+    /// Two commands of the new binary starting at once (the restarted
+    /// daemon and an `enqueue`): the one that finds the other migrating
+    /// waits for it instead of failing (a failed `enqueue` exits 1, which a
+    /// partner may take for a rejected transition).
+    #[test]
+    fn a_command_meeting_a_migration_in_progress_waits_for_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut conn = Connection::open(&path).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        conn.busy_timeout(BUSY_TIMEOUT).unwrap();
+        let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
+        migrate_to(&mut conn, previous).unwrap();
+        let migrating = ProcessLock::try_acquire_as(&path, Role::Migrating)
+            .unwrap()
+            .unwrap();
+        let (started, ready) = std::sync::mpsc::channel();
+        let other = {
+            let path = path.clone();
+            std::thread::spawn(move || {
+                started.send(()).unwrap();
+                open_connection(&path, false).map(drop)
+            })
+        };
+        ready.recv().unwrap();
+        migrate(&mut conn).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !other.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::yield_now();
+        }
+        drop(migrating);
+        let result = other.join().unwrap();
+        assert!(result.is_ok(), "{:#}", result.unwrap_err());
     }
 
     /// After a package upgrade, before the service restarts, the older
