@@ -19,6 +19,19 @@ fn client(env: &Env) -> Arc<Client> {
     Arc::new(Client::new(ClientSettings::from_config(&config), auth).unwrap())
 }
 
+/// A client reading bodies of at most `max_body_bytes`, talking to the
+/// server at `addr` instead of the sandbox when given.
+fn capped_client(env: &Env, addr: Option<std::net::SocketAddr>, max_body_bytes: usize) -> Client {
+    let config = env.config();
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    let mut settings = ClientSettings::from_config(&config);
+    if let Some(addr) = addr {
+        settings.base_url = format!("http://{addr}");
+    }
+    settings.max_body_bytes = max_body_bytes;
+    Client::new(settings, auth).unwrap()
+}
+
 async fn all_pages(c: &Client, business: &str, limit: u32) -> (Vec<String>, Vec<String>) {
     let (mut ids, mut payloads) = (Vec::new(), Vec::new());
     let mut listing = Listing::new(c.base_url(), limit).expect("base URL");
@@ -464,11 +477,7 @@ async fn job_status_is_posted_with_the_original_instant_and_user_agent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_declared_larger_than_the_cap_is_refused_unread() {
     let env = Env::new(SandboxOptions::default(), false, FAST).await;
-    let config = env.config();
-    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
-    let mut settings = ClientSettings::from_config(&config);
-    settings.max_body_bytes = 64 << 10;
-    let c = Client::new(settings, auth).unwrap();
+    let c = capped_client(&env, None, 64 << 10);
     let e = fault_error(
         &env,
         &c,
@@ -527,12 +536,7 @@ async fn an_endless_body_is_cut_at_the_cap_not_held_until_the_timeout() {
         }
         sent
     });
-    let config = env.config();
-    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
-    let mut settings = ClientSettings::from_config(&config);
-    settings.base_url = format!("http://{addr}");
-    settings.max_body_bytes = 1 << 20;
-    let c = Client::new(settings, auth).unwrap();
+    let c = capped_client(&env, Some(addr), 1 << 20);
     let b = env.business_ids()[0].clone();
     let asked = Instant::now();
     let e = c
@@ -587,12 +591,7 @@ async fn a_post_accepted_with_a_body_over_the_cap_is_sent_not_retried() {
         }
         posts
     });
-    let config = env.config();
-    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
-    let mut settings = ClientSettings::from_config(&config);
-    settings.base_url = format!("http://{addr}");
-    settings.max_body_bytes = 1024;
-    let c = Client::new(settings, auth).unwrap();
+    let c = capped_client(&env, Some(addr), 1024);
     let b = env.business_ids()[0].clone();
     let body = leadsync::thumbtack::model::MessageBody {
         text: "On my way".into(),
@@ -632,12 +631,7 @@ async fn a_refusal_with_a_body_over_the_cap_keeps_its_status_meaning() {
             let _ = socket.write_all(body.as_bytes()).await;
         }
     });
-    let config = env.config();
-    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
-    let mut settings = ClientSettings::from_config(&config);
-    settings.base_url = format!("http://{addr}");
-    settings.max_body_bytes = 1024;
-    let c = Client::new(settings, auth).unwrap();
+    let c = capped_client(&env, Some(addr), 1024);
     let b = env.business_ids()[0].clone();
     let body = leadsync::thumbtack::model::MessageBody {
         text: "On my way".into(),

@@ -195,6 +195,18 @@ async fn a_lost_token_response_is_asked_again_with_the_same_refresh_token() {
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
+/// `sync --business b` with the log at `level`, which succeeds.
+fn sync_logged(env: &Env, b: &str, level: &str) -> std::process::Output {
+    let o = env
+        .cli()
+        .args(["sync", "--business", b])
+        .env("LEADSYNC_LOG", level)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    o
+}
+
 /// A token answer far larger than any token response (a broken proxy
 /// padding it): not read, and taken as lost, not as a refusal — the server
 /// may have rotated the token — so it is asked again with the same refresh
@@ -208,13 +220,7 @@ async fn an_oversized_token_answer_is_lost_and_asked_again() {
         grace_secs: 60,
         ..Default::default()
     });
-    let o = env
-        .cli()
-        .args(["sync", "--business", &b])
-        .env("LEADSYNC_LOG", "debug")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = sync_logged(&env, &b, "debug");
     assert!(
         text(&o).contains("larger than 1048576 bytes: not read"),
         "{}",
@@ -238,13 +244,7 @@ async fn an_unreadable_token_answer_is_never_quoted() {
         grace_secs: 60,
         ..Default::default()
     });
-    let o = env
-        .cli()
-        .args(["sync", "--business", &b])
-        .env("LEADSYNC_LOG", "trace")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = sync_logged(&env, &b, "trace");
     assert!(
         text(&o).contains("unreadable token response ("),
         "{}",
@@ -1306,13 +1306,7 @@ async fn a_token_quoted_in_a_token_endpoint_error_is_never_repeated() {
     // A used token in the file: refused, its description quotes it.
     std::fs::write(token_file(&env, &b), format!("{used}\n")).unwrap();
     forget_stored_access_tokens(&env);
-    let o = env
-        .cli()
-        .args(["sync", "--business", &b])
-        .env("LEADSYNC_LOG", "trace")
-        .output()
-        .unwrap();
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = sync_logged(&env, &b, "trace");
     seen.push_str(&text(&o));
     assert!(seen.contains("has already been used"), "{seen}");
     assert!(!seen.contains(&used), "{seen}");
