@@ -301,7 +301,7 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
     // `drain`) holds the database: after a package upgrade, the older daemon
     // still runs on it until the service restarts, and a `status` or an
     // `enqueue` of the newer binary must not change the schema under it.
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let current = version_of(&conn)?;
     let _migrating = if current < schema_version() {
         match wait_for_migration(&conn, path)? {
             Some(lock) => Some(lock),
@@ -325,6 +325,7 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
     Ok(conn)
 }
 
+/// The database's schema version (`PRAGMA user_version`).
 fn version_of(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
 }
@@ -437,9 +438,7 @@ pub fn open_read_only(path: &Path) -> Result<(Connection, i64)> {
     };
     let conn = Connection::open_with_flags(Path::new(&target), flags).with_context(unreadable)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    let version: i64 = conn
-        .query_row("PRAGMA user_version", [], |r| r.get(0))
-        .with_context(unreadable)?;
+    let version = version_of(&conn).with_context(unreadable)?;
     // A newer leadsync's schema is refused as the daemon refuses it (exit 78).
     if version > schema_version() {
         return Err(NewerSchema {
@@ -507,7 +506,7 @@ pub fn migrate(conn: &mut Connection) -> Result<()> {
 /// Applies the migrations newer than the database's `user_version`, up to
 /// `target` (tests build older schemas with it).
 fn migrate_to(conn: &mut Connection, target: i64) -> Result<()> {
-    let current: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let current = version_of(conn)?;
     let latest = schema_version();
     if current > latest {
         return Err(NewerSchema {
@@ -678,9 +677,7 @@ const CHECKPOINT_AT_BYTES: u64 = 4 << 20;
 /// [`CHECKPOINT_AT_BYTES`], until the store's writer thread is gone.
 fn spawn_checkpointer(path: &Path, queue: std::sync::Weak<Queue>) {
     let db = path.to_path_buf();
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    let wal = PathBuf::from(wal);
+    let wal = sidecar(path, "-wal");
     let spawned = std::thread::Builder::new()
         .name("leadsync-checkpoint".into())
         .spawn(move || {
