@@ -1568,6 +1568,17 @@ mod tests {
         );
     }
 
+    /// A WAL mirror at `path` migrated to the version before the last
+    /// (numbers may have gaps), and that version.
+    fn previous_schema_mirror(path: &Path) -> (Connection, i64) {
+        let mut conn = Connection::open(path).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
+        migrate_to(&mut conn, previous).unwrap();
+        (conn, previous)
+    }
+
     /// A real mirror of the previous schema (not only its number) is read
     /// by `outbox list`'s queries through [`open_read_only`], at a path
     /// with the bytes a URI gives a meaning to, and left at its version
@@ -1576,11 +1587,7 @@ mod tests {
     fn read_only_reads_the_previous_schema_at_any_path_and_writes_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("a b%20#?&=.db");
-        let mut conn = Connection::open(&path).unwrap();
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-            .unwrap();
-        let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
-        migrate_to(&mut conn, previous).unwrap();
+        let (conn, previous) = previous_schema_mirror(&path);
         conn.execute(
             "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) \
              VALUES ('519153480500518912', 'appt_scheduled', '2024-06-14T09:30:00Z')",
@@ -1622,12 +1629,8 @@ mod tests {
     fn a_command_meeting_a_migration_in_progress_waits_for_it() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
-        let mut conn = Connection::open(&path).unwrap();
-        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
-            .unwrap();
+        let (mut conn, _) = previous_schema_mirror(&path);
         conn.busy_timeout(BUSY_TIMEOUT).unwrap();
-        let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
-        migrate_to(&mut conn, previous).unwrap();
         let migrating = ProcessLock::try_acquire_as(&path, Role::Migrating)
             .unwrap()
             .unwrap();
@@ -1659,10 +1662,7 @@ mod tests {
     fn no_migration_under_another_process_holding_the_lock() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.db");
-        let mut conn = Connection::open(&path).unwrap();
-        // The version before the last (numbers may have gaps).
-        let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
-        migrate_to(&mut conn, previous).unwrap();
+        let (conn, previous) = previous_schema_mirror(&path);
         drop(conn);
         let daemon = ProcessLock::acquire_as(&path, true).unwrap();
         let e = open_connection(&path, false).expect_err("refused");
