@@ -350,10 +350,10 @@ fn wait_for_migration(conn: &Connection, path: &Path) -> Result<Option<ProcessLo
                 };
                 bail!(
                     "database {} has schema version {}, older than this leadsync's ({}), and this \
-                     user may not take its lock file {} to migrate it ({}); nothing was written: \
-                     the database is migrated when the service starts this version (`systemctl \
-                     restart leadsync`), or run this command once as the service's user (`sudo -u \
-                     leadsync leadsync ...`); then run it again",
+                     user may not write its lock file {} to migrate it ({}); nothing was written: \
+                     the leadsync service migrates it when it starts this version (`systemctl \
+                     restart leadsync`), or run this command once as the user that owns the lock \
+                     file (`sudo -u leadsync leadsync ...`); then run it again",
                     path.display(),
                     version_of(conn)?,
                     schema_version(),
