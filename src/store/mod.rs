@@ -1006,12 +1006,7 @@ pub struct LockNotWritable {
 
 impl std::fmt::Display for LockNotWritable {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "cannot open lock file {}: {}",
-            self.path.display(),
-            self.source
-        )
+        write!(f, "cannot open lock file {}", self.path.display())
     }
 }
 
