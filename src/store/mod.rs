@@ -338,8 +338,29 @@ fn version_of(conn: &Connection) -> Result<i64> {
 fn wait_for_migration(conn: &Connection, path: &Path) -> Result<Option<ProcessLock>> {
     let deadline = std::time::Instant::now() + MIGRATION_WAIT;
     loop {
-        if let Some(lock) = ProcessLock::try_acquire_as(path, Role::Migrating)? {
-            return Ok(Some(lock));
+        match ProcessLock::try_acquire_as(path, Role::Migrating) {
+            Ok(Some(lock)) => return Ok(Some(lock)),
+            Ok(None) => {}
+            // Free now, but this user cannot take it: nothing to wait for
+            // once the migration it waited for is done.
+            Err(_) if version_of(conn)? >= schema_version() => return Ok(None),
+            Err(e) => {
+                let Some(denied) = e.downcast_ref::<LockNotWritable>() else {
+                    return Err(e);
+                };
+                bail!(
+                    "database {} has schema version {}, older than this leadsync's ({}), and this \
+                     user may not write its lock file {} to migrate it ({}); nothing was written: \
+                     the leadsync service migrates it when it starts this version (`systemctl \
+                     restart leadsync`), or run this command once as the user that owns the lock \
+                     file (`sudo -u leadsync leadsync ...`); then run it again",
+                    path.display(),
+                    version_of(conn)?,
+                    schema_version(),
+                    denied.path.display(),
+                    denied.source,
+                );
+            }
         }
         if version_of(conn)? >= schema_version()
             || !ProcessLock::held_for_migration(path)
@@ -902,13 +923,33 @@ impl ProcessLock {
 
     fn try_acquire_as(database: &Path, role: Role) -> Result<Option<ProcessLock>> {
         let path = lock_path(database);
-        let file = std::fs::OpenOptions::new()
+        let file = match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .read(true)
             .write(true)
             .open(&path)
-            .with_context(|| format!("cannot open lock file {}", path.display()))?;
+        {
+            Ok(file) => file,
+            // Another user's lock file this one may only read (the service
+            // user's, created under umask 0022 by `sudo -u leadsync leadsync
+            // probe`), or a directory it may not create it in: flock needs
+            // no write access, so whether another process holds the lock
+            // can still be told, and a process holding it is waited for as
+            // usual. A free one cannot be taken (its holder's pid and role
+            // cannot be written).
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                if let Ok(file) = File::open(&path)
+                    && let Err(std::fs::TryLockError::WouldBlock) = file.try_lock()
+                {
+                    return Ok(None);
+                }
+                return Err(LockNotWritable { path, source: e }.into());
+            }
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot open lock file {}", path.display()));
+            }
+        };
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => return Ok(None),
@@ -952,6 +993,26 @@ impl ProcessLock {
             .nth(1)
             .map(str::trim)
             .is_none_or(|role| role.is_empty() || role == DAEMON_ROLE)
+    }
+}
+
+/// The lock file cannot be opened for writing by this user, and no other
+/// process holds the lock.
+#[derive(Debug)]
+pub struct LockNotWritable {
+    path: PathBuf,
+    source: std::io::Error,
+}
+
+impl std::fmt::Display for LockNotWritable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot open lock file {}", self.path.display())
+    }
+}
+
+impl std::error::Error for LockNotWritable {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.source)
     }
 }
 

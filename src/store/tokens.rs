@@ -21,6 +21,10 @@ use std::sync::{Arc, Mutex};
 /// The schema version this binary writes (`PRAGMA user_version`).
 /// 0: `refresh_tokens` keyed by business (before grants were shared).
 /// 2: `grants` keyed by grant, with the access token and generation CAS.
+/// A migration takes no process lock: `auth exchange`, `webhooks` or `probe`
+/// of a newer binary may run it under an older daemon, which checks the
+/// version only when it opens the store. Keep migrations additive (new
+/// tables or columns), or the older daemon's writes of rotated tokens fail.
 const SCHEMA_VERSION: i64 = 2;
 
 /// A grant's stored state.
