@@ -253,6 +253,9 @@ pub async fn run(database: &Path) -> Result<u8> {
         }
         tokio::time::sleep(Duration::from_millis(1200)).await;
     }
+    // Also when every row went before round 4: the 429s were for the drain
+    // only (the webhook registration below is not retried).
+    sandbox.set_faults(Faults::default());
     say("      Thumbtack (the sandbox) received, in this order:");
     for d in sandbox.deliveries() {
         say(format!(
