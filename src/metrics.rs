@@ -105,7 +105,6 @@ struct Metrics {
     sync_passes: Family<PassLabels, Counter>,
     sync_duration: Histograms<KindLabels>,
     sync_pages: Family<BusinessLabels, Counter>,
-    sync_pages_read_ahead: Family<BusinessLabels, Counter>,
     sync_leads: Family<LeadLabels, Counter>,
     /// Process totals of pages and leads read, for `sync`'s progress line.
     pages_read: AtomicU64,
@@ -130,7 +129,6 @@ impl Metrics {
             sync_passes: Family::default(),
             sync_duration: Family::new_with_constructor(pass_buckets),
             sync_pages: Family::default(),
-            sync_pages_read_ahead: Family::default(),
             sync_leads: Family::default(),
             pages_read: AtomicU64::new(0),
             leads_read: AtomicU64::new(0),
@@ -157,11 +155,6 @@ impl Metrics {
             "sync_pages",
             "Listing pages written by sync passes, by business",
             m.sync_pages.clone(),
-        );
-        registry.register(
-            "sync_pages_read_ahead",
-            "Full scans' listing pages whose request was sent ahead, as soon as the page before was answered (README: Thumbtack wire)",
-            m.sync_pages_read_ahead.clone(),
         );
         registry.register(
             "sync_leads",
@@ -229,17 +222,6 @@ pub fn sync_pass(business_id: &str, kind: &str, outcome: &str, elapsed: Duration
 }
 
 /// Records one listing page written by a pass.
-/// A full scan's page read from the answer to a request sent while the
-/// page before it was read (README "Thumbtack wire").
-pub fn sync_page_read_ahead(business_id: &str) {
-    METRICS
-        .sync_pages_read_ahead
-        .get_or_create(&BusinessLabels {
-            business_id: business_id.to_string(),
-        })
-        .inc();
-}
-
 pub fn sync_page(business_id: &str, page: &PageStats) {
     let m = &*METRICS;
     m.sync_pages

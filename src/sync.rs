@@ -790,9 +790,8 @@ async fn read_all_pages(
         let mut fetched = 0i64;
         // Leads read before the check could be asked (ScanKnown::ready).
         let mut pending = Vec::new();
-        // The page after the one read now, asked for as soon as that one is
-        // answered, while it is parsed ([`next_guess`]); no more guesses
-        // once one was wrong or its answer failed.
+        // The page after the one read now, asked for while it is read
+        // ([`next_guess`]); no more guesses once one was wrong.
         let mut previous: Option<Cursor> = None;
         let mut ahead: Option<(Cursor, Prefetch)> = None;
         let mut guessing = true;
@@ -821,28 +820,19 @@ async fn read_all_pages(
                 }
                 None => None,
             };
-            let handed = prefetched.is_some();
-            let guess = previous
-                .as_ref()
-                .filter(|_| guessing)
-                .and_then(|p| next_guess(p, &cursor));
-            let (page, next_ahead) = tokio::select! {
+            if guessing && let Some(guess) = previous.as_ref().and_then(|p| next_guess(p, &cursor))
+            {
+                ahead = client
+                    .prefetch_page(business_id, &guess)
+                    .map(|p| (guess, p));
+            }
+            let page = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
-                page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged), prefetched, guess.as_ref()) => {
+                page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged), prefetched) => {
                     page.map_err(|e| e.message)?
                 }
             };
-            if handed && !page.read_ahead {
-                // The guess was right but its answer failed or could not be
-                // read: a server that takes no second request so soon is not
-                // asked ahead again in this scan.
-                guessing = false;
-            }
-            if page.read_ahead {
-                crate::metrics::sync_page_read_ahead(business_id);
-            }
-            ahead = guess.zip(next_ahead);
             // Its leads found changed join `looked_up` (ScanKnown::ready,
             // before the next page is asked about).
             shared.read_unchecked(&mut pending, &page);

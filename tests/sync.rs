@@ -5,7 +5,7 @@ mod common;
 
 use common::{Env, FAST, count, text};
 use leadsync::app::Session;
-use leadsync::sandbox::{Faults, Mutation, Pagination, SandboxOptions};
+use leadsync::sandbox::{Faults, Mutation, SandboxOptions};
 use leadsync::sync::{PassOutcome, PassSettings, ScanKind, sync_business};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -1085,85 +1085,4 @@ async fn an_identical_delivery_still_outdates_a_page_made_before_it() {
         status, "Canceled",
         "the page made before the identical delivery rolled the lead back"
     );
-}
-
-/// `leadsync_sync_pages_read_ahead_total` of one business, in this process.
-fn read_ahead(business: &str) -> u64 {
-    leadsync::metrics::encode(false)
-        .lines()
-        .find(|l| {
-            l.starts_with("leadsync_sync_pages_read_ahead_total{")
-                && l.contains(&format!("business_id=\"{business}\""))
-        })
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0)
-}
-
-/// A full scan asks for the page after the one it reads as soon as that
-/// one is answered, when the listing steps by a fixed offset (the `next`
-/// and offset styles): every page from the fourth on is read from a request
-/// sent ahead. Never before the page before it is answered (no two answers
-/// are held at once), a guess is only ever used for the page the listing
-/// names next, so the mirror is the listing's, and a scan asks for at most
-/// one page more than it reads (the guess after the last page). Page tokens
-/// are never guessed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_scan_asks_for_the_next_page_as_soon_as_one_is_answered() {
-    for (seed, style, guessed) in [
-        (7101, Pagination::Next, true),
-        (7102, Pagination::Offset, true),
-        (7103, Pagination::Token, false),
-    ] {
-        // Its own seed: business ids (the metric's labels) no other test uses.
-        let env = Env::new(
-            SandboxOptions {
-                businesses: 1,
-                seed,
-                pagination: style,
-                ..Default::default()
-            },
-            false,
-            FAST,
-        )
-        .await;
-        let b = env.business_ids()[0].clone();
-        env.sandbox.set_faults(Faults {
-            list_hold_ms: 30,
-            ..Default::default()
-        });
-        let s = Session::open(env.config()).await.unwrap();
-        let before = env.sandbox.list_requests(&b);
-        let report = pass(&s, &b, ScanKind::Full).await;
-        let PassOutcome::Ok(stats) = &report.outcome else {
-            panic!("{style:?}: {}", report.summary())
-        };
-        let db = env.sql();
-        assert_eq!(
-            count(&db, "SELECT count(*) FROM negotiations"),
-            60,
-            "{style:?}"
-        );
-        let pages = stats.pages as u64;
-        let asked = env.sandbox.list_requests(&b) - before;
-        assert!(
-            (pages..=pages + 1).contains(&asked),
-            "{style:?}: {asked} requests for {pages} pages"
-        );
-        let ahead = read_ahead(&b);
-        if guessed {
-            // Pages 1-3 set the step; every later one was asked ahead.
-            assert_eq!(ahead, pages - 3, "{style:?}: {pages} pages");
-        } else {
-            assert_eq!(ahead, 0, "{style:?}");
-        }
-        assert_eq!(env.sandbox.stats().lists_held_at_once, 1, "{style:?}");
-        assert_eq!(
-            count(
-                &db,
-                "SELECT count(*) FROM negotiations WHERE missing_since IS NOT NULL"
-            ),
-            0,
-            "{style:?}"
-        );
-    }
 }

@@ -518,25 +518,20 @@ impl Client {
         url: &str,
         parse: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<(T, String), ApiError> {
-        let (t, asked, _) = self
-            .get_retried_asked_from(business_id, url, None, || {}, parse)
-            .await?;
-        Ok((t, asked))
+        self.get_retried_asked_from(business_id, url, None, parse)
+            .await
     }
 
     /// [`Client::get_retried_asked`], whose first attempt is the answer
     /// to a request already sent ([`Client::prefetch_page`]) when there is
-    /// one (the retries that follow are the same), and which calls
-    /// `answered` with each answer before it is parsed. Also says whether
-    /// the answer read was the one sent ahead.
+    /// one: the retries that follow are the same.
     async fn get_retried_asked_from<T>(
         &self,
         business_id: &str,
         url: &str,
         ahead: Option<Prefetch>,
-        answered: impl Fn(),
         parse: impl Fn(&[u8]) -> Result<T, String>,
-    ) -> Result<(T, String, bool), ApiError> {
+    ) -> Result<(T, String), ApiError> {
         let ahead = Mutex::new(ahead);
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.settings.read_retry_initial)
@@ -546,14 +541,13 @@ impl Client {
             .with_jitter();
         let attempt = || async {
             let sent = ahead.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let answered_ahead = match sent {
+            let answered = match sent {
                 // A task that ended without an answer (it panicked) is
                 // asked again here.
                 Some(mut sent) => (&mut sent.task).await.ok(),
                 None => None,
             };
-            let from_ahead = answered_ahead.is_some();
-            let (response, asked) = match answered_ahead {
+            let (response, asked) = match answered {
                 Some(answer) => answer?,
                 None => {
                     let mut log = Vec::new();
@@ -570,9 +564,8 @@ impl Client {
                     (response, asked)
                 }
             };
-            answered();
             parse(&response.body)
-                .map(|t| (t, asked, from_ahead))
+                .map(|t| (t, asked))
                 .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
         };
         attempt
@@ -613,12 +606,12 @@ impl Client {
     }
 
     /// Asks for a list page ahead of its turn (a full scan's guess of the
-    /// page after the one just answered): one GET, with one token refresh
-    /// on 401 and no other retry, in a task of its own, so that its answer
+    /// page after the one it reads next): one GET, with one token refresh on
+    /// 401 and no other retry, in a task of its own so that the answer
     /// comes while the page before it is read. Nothing is parsed until
     /// [`Client::list_page_with`] is handed it for the same page; dropped
     /// unused (a wrong guess, a stop), the request is abandoned.
-    fn prefetch_page(self: &Arc<Self>, business_id: &str, cursor: &Cursor) -> Option<Prefetch> {
+    pub fn prefetch_page(self: &Arc<Self>, business_id: &str, cursor: &Cursor) -> Option<Prefetch> {
         let url = self.list_url(business_id, cursor).ok()?;
         let client = Arc::clone(self);
         let business_id = business_id.to_string();
@@ -641,44 +634,26 @@ impl Client {
     }
 
     /// [`Client::list_page`], asking `unchanged(id, payload hash)` before
-    /// reading each lead (see `model::parse_page_with`).
-    ///
-    /// `prefetched`: the answer to a request for this page sent ahead
-    /// (returned by the call for the page before), taken as the first
-    /// attempt whatever it is (a failure, an unreadable body); the retries
-    /// after it are the usual ones. `then`: the page the caller expects
-    /// next, asked for as soon as this page's answer is in, before it is
-    /// parsed (again after each answer a retry brings), and returned with
-    /// the page. So the next page is never asked before this one is
-    /// answered: no page of a listing is made before the page before it,
-    /// as when they are asked one after the other.
+    /// reading each lead (see `model::parse_page_with`). A page asked for
+    /// ahead ([`Client::prefetch_page`]) when it is this page: its answer is
+    /// the first attempt, whatever it is (a failure, an unreadable body),
+    /// and the retries after it are the usual ones.
     pub async fn list_page_with(
-        self: &Arc<Self>,
+        &self,
         business_id: &str,
         cursor: &Cursor,
         unchanged: Option<&Unchanged<'_>>,
         prefetched: Option<Prefetch>,
-        then: Option<&Cursor>,
-    ) -> Result<(Page, Option<Prefetch>), ApiError> {
+    ) -> Result<Page, ApiError> {
         let url = self.list_url(business_id, cursor)?;
         let ahead = prefetched.filter(|p| p.url == url);
-        let next = Mutex::new(None);
-        let answered = || {
-            if let Some(then) = then {
-                // Replaces (abandons) one sent after an earlier answer.
-                *next.lock().unwrap_or_else(|e| e.into_inner()) =
-                    self.prefetch_page(business_id, then);
-            }
-        };
-        let (mut page, asked, from_ahead) = self
-            .get_retried_asked_from(business_id, &url, ahead, answered, |body| {
+        let (mut page, asked) = self
+            .get_retried_asked_from(business_id, &url, ahead, |body| {
                 parse_page_with(body, unchanged)
             })
             .await?;
         page.read_at = Some(asked);
-        page.read_ahead = from_ahead;
-        let next = next.into_inner().unwrap_or_else(|e| e.into_inner());
-        Ok((page, next))
+        Ok(page)
     }
 
     /// One GET, once (one token refresh on 401, no other retry), with the

@@ -26,9 +26,6 @@ pub struct Page {
     /// database's format; the server made the page no earlier): set by
     /// `Client::list_page`, `None` from the parsers.
     pub read_at: Option<String>,
-    /// Read from the answer to a request sent ahead of its turn
-    /// (`Client::list_page_with`'s `prefetched`).
-    pub read_ahead: bool,
 }
 
 impl Page {
