@@ -4,7 +4,6 @@
 
 use crate::store::Store;
 use crate::store::mirror::{self, Missing, PageContext, RunEnd, RunStats};
-use crate::thumbtack::client::Prefetch;
 use crate::thumbtack::model::Page;
 use crate::thumbtack::paging::{Cursor, End, Listing, Step, Style};
 use crate::thumbtack::{ApiError, Client, Disposition};
@@ -729,37 +728,6 @@ impl ScanKnown {
     }
 }
 
-/// The page a listing names after `current`, guessed from the step it took
-/// from `previous` to `current`: the same query with the one parameter that
-/// moved by a whole number (`offset`, in an offset listing or in `next`
-/// URLs that carry one) moved as much again. `None` for anything else (a
-/// page token, a first page whose query had fewer parameters). A guess is
-/// only ever asked for; the page read is the one the listing names.
-fn next_guess(previous: &Cursor, current: &Cursor) -> Option<Cursor> {
-    if previous.query.len() != current.query.len() {
-        return None;
-    }
-    let mut moved = None;
-    for (i, ((pk, pv), (ck, cv))) in previous.query.iter().zip(&current.query).enumerate() {
-        if pk != ck {
-            return None;
-        }
-        if pv == cv {
-            continue;
-        }
-        if moved.is_some() {
-            return None;
-        }
-        let (from, to) = (pv.parse::<u64>().ok()?, cv.parse::<u64>().ok()?);
-        let step = to.checked_sub(from).filter(|s| *s > 0)?;
-        moved = Some((i, to.checked_add(step)?));
-    }
-    let (i, value) = moved?;
-    let mut query = current.query.clone();
-    query[i].1 = value.to_string();
-    Some(Cursor { query })
-}
-
 /// A full scan: fetching runs ahead of writing by up to [`PAGES_AHEAD`]
 /// pages, and the writer takes every page waiting into one transaction.
 /// Every page fetched before a failure (or a shutdown) is still written.
@@ -790,11 +758,6 @@ async fn read_all_pages(
         let mut fetched = 0i64;
         // Leads read before the check could be asked (ScanKnown::ready).
         let mut pending = Vec::new();
-        // The page after the one read now, asked for while it is read
-        // ([`next_guess`]); no more guesses once one was wrong.
-        let mut previous: Option<Cursor> = None;
-        let mut ahead: Option<(Cursor, Prefetch)> = None;
-        let mut guessing = true;
         loop {
             if fetched > 0 && !shared.resolved() {
                 tokio::select! {
@@ -812,24 +775,10 @@ async fn read_all_pages(
             // no token refresh: refreshes run detached and are awaited by
             // shutdown.
             let checked = shared.ready(&mut pending, &stale_before);
-            let prefetched = match ahead.take() {
-                Some((guess, p)) if guess == cursor => Some(p),
-                Some(_) => {
-                    guessing = false;
-                    None
-                }
-                None => None,
-            };
-            if guessing && let Some(guess) = previous.as_ref().and_then(|p| next_guess(p, &cursor))
-            {
-                ahead = client
-                    .prefetch_page(business_id, &guess)
-                    .map(|p| (guess, p));
-            }
             let page = tokio::select! {
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
-                page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged), prefetched) => {
+                page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged)) => {
                     page.map_err(|e| e.message)?
                 }
             };
@@ -844,11 +793,10 @@ async fn read_all_pages(
                 // The writer failed; its error is the pass's.
                 return Ok(None);
             }
-            let next = match step {
+            cursor = match step {
                 Step::End(end) => return Ok(Some(end)),
-                Step::Next(next) => next,
+                Step::Next(cursor) => cursor,
             };
-            previous = Some(std::mem::replace(&mut cursor, next));
             if fetched >= MAX_PAGES {
                 return Err(format!(
                     "stopped after {MAX_PAGES} pages: the listing does not end"
@@ -949,54 +897,6 @@ async fn read_all_pages(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn cursor(query: &[(&str, &str)]) -> Cursor {
-        Cursor {
-            query: query
-                .iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        }
-    }
-
-    #[test]
-    fn the_page_guessed_next_is_the_step_taken_taken_again() {
-        let guess = |a: &[(&str, &str)], b: &[(&str, &str)]| next_guess(&cursor(a), &cursor(b));
-        // Offsets (an offset listing, or `next` URLs carrying them).
-        assert_eq!(
-            guess(
-                &[("limit", "100"), ("offset", "100")],
-                &[("limit", "100"), ("offset", "200")]
-            ),
-            Some(cursor(&[("limit", "100"), ("offset", "300")]))
-        );
-        // Any one numeric parameter, in any place, by any step.
-        assert_eq!(
-            guess(
-                &[("page", "2"), ("size", "7")],
-                &[("page", "3"), ("size", "7")]
-            ),
-            Some(cursor(&[("page", "4"), ("size", "7")]))
-        );
-        // Nothing else is guessed: a first page's shorter query, page
-        // tokens, two moving parameters, a step back or none, other keys,
-        // a step past the integers.
-        for (a, b) in [
-            (
-                &[("limit", "100")][..],
-                &[("limit", "100"), ("offset", "100")][..],
-            ),
-            (&[("pageToken", "5a5a.c3")], &[("pageToken", "5a1e.c3")]),
-            (&[("pageToken", "7")], &[("pageToken", "3")]),
-            (&[("offset", "10")], &[("offset", "10")]),
-            (&[("a", "1"), ("b", "1")], &[("a", "2"), ("b", "2")]),
-            (&[("offset", "10")], &[("start", "20")]),
-            (&[("offset", "-10")], &[("offset", "-5")]),
-            (&[("offset", "1")], &[("offset", "18446744073709551615")]),
-        ] {
-            assert_eq!(guess(a, b), None, "{a:?} then {b:?}");
-        }
-    }
 
     fn page(leads: usize) -> Page {
         Page {

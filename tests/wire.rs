@@ -175,50 +175,6 @@ async fn offset_style_scans_mirror_everything_and_mark_exactly_the_removed() {
     style_end_to_end(Pagination::Offset, "offset").await;
 }
 
-/// A full scan asks for the page after the one it reads while it reads it,
-/// when the listing steps by a fixed offset (the `next` and offset styles):
-/// a slow listing is answered two pages at a time. A guess is only ever
-/// used for the page the listing names next, so the mirror is the
-/// listing's, and a scan asks for at most one page more than it reads (the
-/// guess after the last page). Page tokens are never guessed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_scan_asks_for_the_next_page_while_it_reads_one() {
-    for (style, guessed) in [
-        (Pagination::Next, true),
-        (Pagination::Offset, true),
-        (Pagination::Token, false),
-    ] {
-        let env = env_with(style, Shape::Mixed, 1).await;
-        let b = env.business_ids()[0].clone();
-        env.sandbox.set_faults(Faults {
-            list_hold_ms: 150,
-            ..Default::default()
-        });
-        let before = env.sandbox.list_requests(&b);
-        let (code, out) = sync(&env, &["--full"]);
-        assert_eq!(code, 0, "{style:?}: {out}");
-        let db = env.sql();
-        assert_eq!(
-            count(&db, "SELECT count(*) FROM negotiations"),
-            60,
-            "{style:?}"
-        );
-        let pages = count(&db, "SELECT pages FROM sync_runs ORDER BY id DESC LIMIT 1");
-        let asked = (env.sandbox.list_requests(&b) - before) as i64;
-        assert!(
-            (pages..=pages + 1).contains(&asked),
-            "{style:?}: {asked} requests for {pages} pages"
-        );
-        let at_once = env.sandbox.stats().lists_held_at_once;
-        assert_eq!(
-            at_once >= 2,
-            guessed,
-            "{style:?}: {at_once} answers held at once"
-        );
-        assert!(missing_ids(&env).is_empty(), "{style:?}");
-    }
-}
-
 fn lead_value(env: &Env, id: &str) -> serde_json::Value {
     serde_json::from_str(&env.sandbox.lead_json(id).unwrap()).unwrap()
 }

@@ -260,10 +260,6 @@ pub struct Stats {
     pub faults_injected: u64,
     /// Listing answers made and held back by `list_hold_ms`.
     pub lists_held: u64,
-    /// Listing answers held back now, and the most ever held back at once
-    /// (a client asking for a page before the one it waits for arrived).
-    pub lists_holding: u64,
-    pub lists_held_at_once: u64,
 }
 
 struct RefreshEntry {

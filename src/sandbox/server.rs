@@ -190,7 +190,7 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 (&Method::GET, ["businesses", b, "negotiations"]) => {
                     let page = list(&state, &business, b, &query, &host);
                     if faults.list_hold_ms > 0 {
-                        let _holding = Holding::start(&state);
+                        lock(&state).stats.lists_held += 1;
                         tokio::time::sleep(Duration::from_millis(faults.list_hold_ms)).await;
                     }
                     page
@@ -438,27 +438,6 @@ fn offset_of(business: &str, token: &str) -> Option<usize> {
                 .map(|o| (o ^ 0x5a5a_a5a5) as usize)
         })
         .flatten()
-}
-
-/// A listing answer held back (`list_hold_ms`), counted while it is: until
-/// it is sent, or the client gives up on it.
-struct Holding(Shared);
-
-impl Holding {
-    fn start(state: &Shared) -> Holding {
-        let mut s = lock(state);
-        s.stats.lists_held += 1;
-        s.stats.lists_holding += 1;
-        s.stats.lists_held_at_once = s.stats.lists_held_at_once.max(s.stats.lists_holding);
-        Holding(state.clone())
-    }
-}
-
-impl Drop for Holding {
-    fn drop(&mut self) {
-        let mut s = lock(&self.0);
-        s.stats.lists_holding = s.stats.lists_holding.saturating_sub(1);
-    }
 }
 
 fn list(

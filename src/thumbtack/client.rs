@@ -220,19 +220,6 @@ pub struct Response {
     pub body: bytes::Bytes,
 }
 
-/// A list page asked for ahead of its turn ([`Client::prefetch_page`]).
-/// Dropping it abandons the request.
-pub struct Prefetch {
-    url: String,
-    task: tokio::task::JoinHandle<Result<(Response, String), ApiError>>,
-}
-
-impl Drop for Prefetch {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
 /// The outcome of a job-status post: every exchange it took, and the result.
 #[derive(Debug)]
 pub struct Delivery {
@@ -518,21 +505,6 @@ impl Client {
         url: &str,
         parse: impl Fn(&[u8]) -> Result<T, String>,
     ) -> Result<(T, String), ApiError> {
-        self.get_retried_asked_from(business_id, url, None, parse)
-            .await
-    }
-
-    /// [`Client::get_retried_asked`], whose first attempt is the answer
-    /// to a request already sent ([`Client::prefetch_page`]) when there is
-    /// one: the retries that follow are the same.
-    async fn get_retried_asked_from<T>(
-        &self,
-        business_id: &str,
-        url: &str,
-        ahead: Option<Prefetch>,
-        parse: impl Fn(&[u8]) -> Result<T, String>,
-    ) -> Result<(T, String), ApiError> {
-        let ahead = Mutex::new(ahead);
         let backoff = ExponentialBuilder::default()
             .with_min_delay(self.settings.read_retry_initial)
             .with_max_delay(self.settings.backoff_max)
@@ -540,30 +512,11 @@ impl Client {
             .with_total_delay(Some(READ_RETRY_BUDGET))
             .with_jitter();
         let attempt = || async {
-            let sent = ahead.lock().unwrap_or_else(|e| e.into_inner()).take();
-            let answered = match sent {
-                // A task that ended without an answer (it panicked) is
-                // asked again here.
-                Some(mut sent) => (&mut sent.task).await.ok(),
-                None => None,
-            };
-            let (response, asked) = match answered {
-                Some(answer) => answer?,
-                None => {
-                    let mut log = Vec::new();
-                    let asked = crate::time::now();
-                    let response = self
-                        .exchange_with_refresh(
-                            business_id,
-                            reqwest::Method::GET,
-                            url,
-                            None,
-                            &mut log,
-                        )
-                        .await?;
-                    (response, asked)
-                }
-            };
+            let mut log = Vec::new();
+            let asked = crate::time::now();
+            let response = self
+                .exchange_with_refresh(business_id, reqwest::Method::GET, url, None, &mut log)
+                .await?;
             parse(&response.body)
                 .map(|t| (t, asked))
                 .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
@@ -605,52 +558,17 @@ impl Client {
         Ok(page)
     }
 
-    /// Asks for a list page ahead of its turn (a full scan's guess of the
-    /// page after the one it reads next): one GET, with one token refresh on
-    /// 401 and no other retry, in a task of its own so that the answer
-    /// comes while the page before it is read. Nothing is parsed until
-    /// [`Client::list_page_with`] is handed it for the same page; dropped
-    /// unused (a wrong guess, a stop), the request is abandoned.
-    pub fn prefetch_page(self: &Arc<Self>, business_id: &str, cursor: &Cursor) -> Option<Prefetch> {
-        let url = self.list_url(business_id, cursor).ok()?;
-        let client = Arc::clone(self);
-        let business_id = business_id.to_string();
-        let asked_url = url.clone();
-        let task = tokio::spawn(async move {
-            let mut log = Vec::new();
-            let asked = crate::time::now();
-            client
-                .exchange_with_refresh(
-                    &business_id,
-                    reqwest::Method::GET,
-                    &asked_url,
-                    None,
-                    &mut log,
-                )
-                .await
-                .map(|response| (response, asked))
-        });
-        Some(Prefetch { url, task })
-    }
-
     /// [`Client::list_page`], asking `unchanged(id, payload hash)` before
-    /// reading each lead (see `model::parse_page_with`). A page asked for
-    /// ahead ([`Client::prefetch_page`]) when it is this page: its answer is
-    /// the first attempt, whatever it is (a failure, an unreadable body),
-    /// and the retries after it are the usual ones.
+    /// reading each lead (see `model::parse_page_with`).
     pub async fn list_page_with(
         &self,
         business_id: &str,
         cursor: &Cursor,
         unchanged: Option<&Unchanged<'_>>,
-        prefetched: Option<Prefetch>,
     ) -> Result<Page, ApiError> {
         let url = self.list_url(business_id, cursor)?;
-        let ahead = prefetched.filter(|p| p.url == url);
         let (mut page, asked) = self
-            .get_retried_asked_from(business_id, &url, ahead, |body| {
-                parse_page_with(body, unchanged)
-            })
+            .get_retried_asked(business_id, &url, |body| parse_page_with(body, unchanged))
             .await?;
         page.read_at = Some(asked);
         Ok(page)
