@@ -1241,7 +1241,7 @@ impl Inner {
         let key = chain.key.clone();
         if let Err(e) = blocking(move || store.set_refresh_note(&key, note.as_deref())).await {
             warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
-                "cannot record the token refresh in flight in the grant's lock file");
+                "cannot record the token refresh in flight in the grant's note");
         }
     }
 
@@ -1661,7 +1661,7 @@ impl Inner {
                             let (s, key) = (store.clone(), chain.key.clone());
                             if let Err(e) = blocking(move || s.note_unsaved(&key, expected)).await {
                                 warn!(grant = %file, error = %format!("{e:#}"),
-                                    "cannot record the unsaved rotated token in the grant's lock file");
+                                    "cannot record the unsaved rotated token in the grant's note");
                             }
                             state.unsaved = Some(Unsaved {
                                 expected,
