@@ -386,6 +386,8 @@ struct Hooked {
     after_note: AfterNote,
     /// The pid its "held unsaved" note names instead of this process's.
     unsaved_pid: Option<u32>,
+    /// Set once a try of the grant's lock found it held.
+    lock_busy: Arc<AtomicBool>,
 }
 
 impl Hooked {
@@ -401,6 +403,7 @@ impl Hooked {
             before_save,
             after_note,
             unsaved_pid: None,
+            lock_busy: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -443,10 +446,20 @@ impl GrantStore for Hooked {
         self.inner.forget_access(grant, token)
     }
     fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
-        self.inner.try_lock(grant)
+        let lock = self.inner.try_lock(grant)?;
+        if lock.is_none() {
+            self.lock_busy.store(true, Ordering::SeqCst);
+        }
+        Ok(lock)
     }
     fn refresh_note(&self, grant: &str) -> anyhow::Result<Option<String>> {
         self.inner.refresh_note(grant)
+    }
+    fn lock_unsaved(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
+        self.inner.lock_unsaved(grant)
+    }
+    fn unsaved_held(&self, grant: &str) -> anyhow::Result<bool> {
+        self.inner.unsaved_held(grant)
     }
     fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
         self.inner.set_refresh_note(grant, note)?;
@@ -714,6 +727,51 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
         .expect("taken over");
     assert_eq!(g.generation, 3);
     assert_eq!(other.refresh_note(&key).unwrap(), None);
+}
+
+/// Process A holds the grant's lock for an ordinary refresh while the note
+/// still says a process held a rotated token unsaved — one that ended with
+/// it (or was killed right after storing it, before it cleared the note).
+/// Process B read the note while A held the lock and failed at once, as if
+/// A were that holder. It waits for A as for any refresh, and judges the
+/// note once it holds the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_unsaved_note_does_not_fail_a_process_waiting_for_an_ordinary_refresh() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let config = env.config();
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    // The stale note, whose writer ended; then A takes the lock.
+    other
+        .set_refresh_note(
+            &key,
+            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+        )
+        .unwrap();
+    let a = other.try_lock_grant(&key).unwrap().expect("free");
+    let store = Hooked::new(&config, Box::new(|| Ok(())), Box::new(|_| {}));
+    let busy = store.lock_busy.clone();
+    let auth = Arc::new(
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap(),
+    );
+    let asking = auth.clone();
+    let bid = b.clone();
+    let task = tokio::spawn(async move { asking.token(&bid).await });
+    wait_until("B meets the lock A holds", Duration::from_secs(30), || {
+        busy.load(Ordering::SeqCst)
+    })
+    .await;
+    drop(a);
+    let got = task.await.unwrap();
+    assert!(got.is_ok(), "B gave up instead of waiting for A: {got:?}");
+    assert_eq!(refreshes(&env), 2);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
 }
 
 /// A stop's last try to store a token held unsaved runs out of time while

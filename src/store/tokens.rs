@@ -257,6 +257,14 @@ impl TokenStore {
         self.lock_dir().join(&sha256_hex(grant)[..32])
     }
 
+    /// The grant's "unsaved" lock file, beside its lock file: held
+    /// (exclusively) by a process keeping the grant's rotated token in
+    /// memory, unsaved, for as long as it does (with the grant's lock).
+    fn unsaved_lock_path(&self, grant: &str) -> PathBuf {
+        self.lock_dir()
+            .join(format!("{}.unsaved", &sha256_hex(grant)[..32]))
+    }
+
     /// The grant's note file, beside its lock file: always a whole note,
     /// replaced by rename, so a failed or interrupted rewrite leaves the
     /// previous one (see [`TokenStore::set_refresh_note`]).
@@ -435,11 +443,62 @@ impl TokenStore {
             .open(&file)
             .with_context(|| format!("cannot open the grant lock {}", file.display()))?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(GrantLock { _file: file })),
+            Ok(()) => {
+                // Created now, while the disk has room: a store write that
+                // fails for want of it must still find the file to lock.
+                let _ = open_lock_file(&self.unsaved_lock_path(grant));
+                Ok(Some(GrantLock { _file: file }))
+            }
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(e).context("cannot lock the grant's lock file")
             }
+        }
+    }
+
+    /// Takes the grant's "unsaved" lock, by the grant's lock holder once
+    /// the store refused its rotated token: held until the token is stored
+    /// or superseded, it tells every other process that a live one keeps
+    /// the grant's only valid refresh token (a note alone cannot: it may be
+    /// stale, or a full disk may refuse it). Retried briefly: a process
+    /// looking ([`TokenStore::unsaved_held`]) holds it shared for an instant.
+    pub fn lock_unsaved(&self, grant: &str) -> Result<GrantLock> {
+        let path = self.unsaved_lock_path(grant);
+        let file = open_lock_file(&path)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(GrantLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    bail!("the grant's unsaved lock {} stays held", path.display())
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot lock the grant's unsaved lock {}", path.display())
+                    });
+                }
+            }
+        }
+    }
+
+    /// Whether a live process holds the grant's rotated token unsaved (its
+    /// "unsaved" lock is held). Looks with a shared lock, so two processes
+    /// looking at once do not see each other as the holder.
+    pub fn unsaved_held(&self, grant: &str) -> Result<bool> {
+        let path = self.unsaved_lock_path(grant);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(false);
+        }
+        let file = open_lock_file(&path)?;
+        match file.try_lock_shared() {
+            Ok(()) => Ok(false),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| {
+                format!("cannot look at the grant's unsaved lock {}", path.display())
+            }),
         }
     }
 
@@ -472,23 +531,31 @@ impl TokenStore {
         let _old_key_lock = match &moved_from {
             Some(from) => match self.try_lock_grant(from)? {
                 Some(lock) => Some(lock),
-                None => match self
-                    .refresh_note(from)
-                    .ok()
-                    .flatten()
-                    .as_deref()
-                    .and_then(unsaved_by)
-                {
-                    Some(pid) => bail!(
-                        "the grant's token file moved while leadsync process {pid} holds the rotated refresh \
+                // Its "unsaved" lock says whether the holder keeps a
+                // rotated token; the note (maybe stale) only names it.
+                None if self.unsaved_held(from).unwrap_or(false) => {
+                    let holder = match self
+                        .refresh_note(from)
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        .and_then(unsaved_by)
+                    {
+                        Some(pid) => format!("leadsync process {pid}"),
+                        None => "a leadsync process".to_string(),
+                    };
+                    bail!(
+                        "the grant's token file moved while {holder} holds the rotated refresh \
                          token of its old name ({from}) in memory, unsaved (the token store could not take it); \
                          its chain is taken over once that token is stored"
-                    ),
-                    None => bail!(
+                    )
+                }
+                None => {
+                    bail!(
                         "the grant's token file moved while a token refresh under its old name ({from}) \
                          is in flight; its chain is taken over once that refresh ends"
-                    ),
-                },
+                    )
+                }
             },
             None => None,
         };
@@ -644,6 +711,24 @@ impl TokenStore {
             Ok(())
         })
     }
+}
+
+/// Opens (creating, mode 0600) a lock file that is not a symlink.
+fn open_lock_file(path: &Path) -> Result<File> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "the lock {} is a symbolic link: refusing it",
+            path.display()
+        );
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open the lock {}", path.display()))
 }
 
 fn migrate(c: &Connection) -> Result<()> {
@@ -909,6 +994,7 @@ mod tests {
         };
         assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
         let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
+        let holding = s.lock_unsaved(&old_key).unwrap();
         s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 1)))
             .unwrap();
         let during = s.get("new", Some(&seed), &[]);
@@ -923,6 +1009,7 @@ mod tests {
         // Stored at last: the holder clears its note, then lets go.
         assert_eq!(s.put(&old_key, 1, &w("t2")).unwrap(), Written::Stored(2));
         s.set_refresh_note(&old_key, None).unwrap();
+        drop(holding);
         drop(holder);
         let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
         assert_eq!(g.refresh_token.expose(), "t2");

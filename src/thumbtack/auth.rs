@@ -97,6 +97,17 @@ pub trait GrantStore: Send + Sync {
     fn set_refresh_note(&self, _grant: &str, _note: Option<&str>) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Takes the grant's "unsaved" lock (by the lock's holder, whose store
+    /// refused its rotated token), held until the token is stored or
+    /// superseded: how another process knows a live one keeps it.
+    fn lock_unsaved(&self, _grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
+        Ok(None)
+    }
+    /// Whether a live process holds the grant's rotated token unsaved (its
+    /// "unsaved" lock is held).
+    fn unsaved_held(&self, _grant: &str) -> anyhow::Result<bool> {
+        Ok(false)
+    }
     /// Records durably that this process holds the grant's rotated token in
     /// memory, unsaved (by the lock's holder): a moved token file must not
     /// take the chain from under it until it is stored.
@@ -1192,19 +1203,32 @@ impl Inner {
                 return Err(self.abandoned(chain, "before it took the grant's lock"));
             }
             let (s, key) = (store.clone(), chain.key.clone());
+            // The holder keeps a rotated token unsaved only while it holds
+            // the grant's "unsaved" lock too: a note saying so may be stale
+            // (its writer ended, or stored the token and was killed before
+            // clearing it) while the lock is held for an ordinary refresh,
+            // which is waited for. The note only names the holder.
             match blocking(move || s.try_lock(&key)).await {
                 Ok(Some(lock)) => return Ok(Ok(lock)),
                 Ok(None)
                     if let (s, key) = (store.clone(), chain.key.clone())
-                        && let Some(pid) = blocking(move || s.refresh_note(&key))
+                        && blocking(move || s.unsaved_held(&key))
                             .await
-                            .ok()
-                            .flatten()
-                            .as_deref()
-                            .and_then(unsaved_by) =>
+                            .unwrap_or(false) =>
                 {
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    let holder = match blocking(move || s.refresh_note(&key))
+                        .await
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        .and_then(unsaved_by)
+                    {
+                        Some(pid) => format!("leadsync process {pid}"),
+                        None => "a leadsync process".to_string(),
+                    };
                     return Ok(Err(format!(
-                        "leadsync process {pid} holds the rotated refresh token of the grant in {} in \
+                        "{holder} holds the rotated refresh token of the grant in {} in \
                          memory, unsaved (the token store cannot take it); the stored one is spent, so no \
                          other refresh of this grant starts until that process stores it",
                         chain.file.display()
@@ -1655,9 +1679,27 @@ impl Inner {
                                 )),
                             )
                             .await;
-                            // The grant's lock stays held with the token; the
+                            // The grant's lock stays held with the token, and
+                            // its "unsaved" lock is taken (before the note: a
+                            // process seeing the note may look for it); the
                             // note names the holder (a full disk may refuse
-                            // it: the lock alone is what keeps the chain).
+                            // it: the locks alone are what keep the chain).
+                            let lock = match lock {
+                                Some(lock) => {
+                                    let (s, key) = (store.clone(), chain.key.clone());
+                                    let held = blocking(move || s.lock_unsaved(&key))
+                                        .await
+                                        .unwrap_or_else(|e| {
+                                            warn!(grant = %file, error = %format!("{e:#}"),
+                                                "cannot take the grant's unsaved lock: other processes \
+                                                 wait for this one's lock instead of being told at once");
+                                            None
+                                        });
+                                    // Dropped in this order: the unsaved lock, then the grant's.
+                                    Some(Box::new((held, lock)) as Box<dyn Send>)
+                                }
+                                None => None,
+                            };
                             let (s, key) = (store.clone(), chain.key.clone());
                             if let Err(e) = blocking(move || s.note_unsaved(&key, expected)).await {
                                 warn!(grant = %file, error = %format!("{e:#}"),
