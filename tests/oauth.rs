@@ -729,6 +729,70 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     assert_eq!(other.refresh_note(&key).unwrap(), None);
 }
 
+/// A rotated token held unsaved was written again only when a business of
+/// its grant asked for a token: a grant whose businesses are not asked
+/// (disabled, nothing to send, a long schedule) kept the token in memory
+/// and the grant locked — every other process refused — until the process
+/// stopped, though the store took writes again long before. It is written
+/// again on its own, and the lock let go once it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_asks() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    assert!(other.try_lock_grant(&key).unwrap().is_none());
+    fail.store(false, Ordering::SeqCst);
+    wait_until(
+        "the unsaved token stored and the grant's lock let go, with no business asking",
+        Duration::from_secs(30),
+        || other.try_lock_grant(&key).unwrap().is_some(),
+    )
+    .await;
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert!(!other.unsaved_held(&key).unwrap());
+    // Another process continues the chain from the stored token.
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 3);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// The same when another process's `auth exchange` supersedes the token
+/// held unsaved: the holder's write, a conflict now, lets the lock go on
+/// its own, with no business asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_held_unsaved_and_superseded_lets_its_lock_go_though_no_business_asks() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let new_grant = GrantWrite {
+        refresh_token: leadsync::secret::Secret::new(env.sandbox.mint_refresh_token(&b)),
+        access_token: None,
+        seed_sha256: None,
+        source: "auth exchange".into(),
+    };
+    assert_eq!(other.put(&key, 1, &new_grant).unwrap(), Written::Stored(2));
+    fail.store(false, Ordering::SeqCst);
+    wait_until(
+        "the superseded token dropped and the grant's lock let go, with no business asking",
+        Duration::from_secs(30),
+        || other.try_lock_grant(&key).unwrap().is_some(),
+    )
+    .await;
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// Process A holds the grant's lock for an ordinary refresh while the note
 /// still says a process held a rotated token unsaved — one that ended with
 /// it (or was killed right after storing it, before it cleared the note).

@@ -58,6 +58,11 @@ const SHORTEST_RETRY: Duration = Duration::from_secs(1);
 /// half the token's lifetime, when shorter).
 const REFRESH_ON_401_INTERVAL: Duration = Duration::from_secs(60);
 
+/// A rotated token held unsaved is written again on its own after this,
+/// then twice as long each time, up to [`UNSAVED_RETRY_MAX`].
+const UNSAVED_RETRY_FIRST: Duration = Duration::from_secs(1);
+const UNSAVED_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// A boxed future, for the object-safe traits below.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -202,6 +207,9 @@ struct Chain {
     unsaved_alert_cleared: AtomicBool,
     /// A refresh unit of this chain is running (what a stop cut short names).
     refreshing: AtomicBool,
+    /// A task writes the chain's unsaved rotated token again on its own
+    /// (changed only while holding `state`).
+    retrying_unsaved: AtomicBool,
 }
 
 /// A static bearer token from a file.
@@ -238,6 +246,9 @@ struct Inner {
     /// `refresh_deadline` to finish and store its rotated token.
     stopping: CancellationToken,
     refresh_deadline: Mutex<Option<Instant>>,
+    /// Notified when [`Auth::settle`] starts: the tasks writing unsaved
+    /// tokens again end, and settle makes the last try itself.
+    settling: tokio::sync::Notify,
 }
 
 /// Token providers for every configured business.
@@ -436,6 +447,7 @@ impl Auth {
                 tasks: TaskTracker::new(),
                 stopping: CancellationToken::new(),
                 refresh_deadline: Mutex::new(None),
+                settling: tokio::sync::Notify::new(),
             }),
         };
         auth.reconfigure(config);
@@ -510,6 +522,7 @@ impl Auth {
                                 reauth: Mutex::new(None),
                                 unsaved_alert_cleared: AtomicBool::new(false),
                                 refreshing: AtomicBool::new(false),
+                                retrying_unsaved: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -681,6 +694,7 @@ impl Auth {
         let inner = &self.inner;
         let until = tokio::time::Instant::now() + bound;
         inner.tasks.close();
+        inner.settling.notify_waiters();
         let finished = tokio::time::timeout_at(until, inner.tasks.wait())
             .await
             .is_ok();
@@ -803,6 +817,7 @@ impl Auth {
                     reauth: Mutex::new(None),
                     unsaved_alert_cleared: AtomicBool::new(false),
                     refreshing: AtomicBool::new(false),
+                    retrying_unsaved: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -1349,8 +1364,56 @@ impl Inner {
             Err(Failure::ClientRefused(m)) => self.set_client_refused(m).await,
             Err(Failure::Retry(_) | Failure::Stopping(_)) => {}
         }
+        if state.unsaved.is_some() {
+            self.retry_unsaved(&chain);
+        }
         drop(state);
         outcome.map_err(Into::into)
+    }
+
+    /// Writes the chain's rotated token held unsaved again on its own until
+    /// the store takes it or a newer grant supersedes it, and so lets the
+    /// grant's lock go: no business of the grant may ask for a token for
+    /// hours (disabled, nothing to send, a long schedule), and meanwhile
+    /// every other process is kept out. One task per chain; it ends at a
+    /// stop ([`Auth::settle`] tries once more). Called holding the chain's
+    /// state.
+    fn retry_unsaved(self: &Arc<Self>, chain: &Arc<Chain>) {
+        if chain.retrying_unsaved.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (inner, chain) = (self.clone(), chain.clone());
+        self.tasks.spawn(async move {
+            let mut wait = UNSAVED_RETRY_FIRST;
+            loop {
+                let settling = inner.settling.notified();
+                tokio::pin!(settling);
+                // Registered before the check: a settle between them is seen.
+                settling.as_mut().enable();
+                if inner.tasks.is_closed() {
+                    break;
+                }
+                let state = tokio::select! {
+                    state = async {
+                        tokio::time::sleep(wait).await;
+                        chain.state.clone().lock_owned().await
+                    } => state,
+                    _ = inner.stopping.cancelled() => break,
+                    _ = &mut settling => break,
+                };
+                let mut state = state;
+                let stored = state.unsaved.is_none()
+                    || matches!(inner.save_unsaved(&chain, &mut state).await, Ok(true));
+                if stored || inner.stopping.is_cancelled() || inner.tasks.is_closed() {
+                    // Under the state, so a token left unsaved later finds
+                    // no task and starts one.
+                    chain.retrying_unsaved.store(false, Ordering::SeqCst);
+                    return;
+                }
+                wait = (wait * 2).min(UNSAVED_RETRY_MAX);
+            }
+            chain.retrying_unsaved.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Tries again to store the rotated tokens held unsaved by chains no
