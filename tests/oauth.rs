@@ -235,6 +235,64 @@ async fn an_oversized_token_answer_is_lost_and_asked_again() {
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
+/// A 4xx whose body is larger than any token answer (a proxy's page, or a
+/// padded `invalid_grant`) cannot be read, so what it says is unknown: a
+/// small `400 invalid_grant` cannot have rotated the token, but a proxy
+/// may stand between a server that did and us. The safe reading stays —
+/// lost, asked again with the same token, the refresh note kept — and the
+/// log says which HTTP status came back unread, so the operator can tell a
+/// proxy from a lost connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_4xx_token_answer_is_asked_again_and_named_with_its_status() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        oversized_refusal: 1,
+        ..Default::default()
+    });
+    let o = sync_logged(&env, &b, "info");
+    let out = text(&o);
+    assert!(out.contains("answered HTTP 400 with a body"), "{out}");
+    assert!(out.contains("larger than 1048576 bytes: not read"), "{out}");
+    assert_eq!(refreshes(&env), 2, "the unread answer and its one retry");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &out);
+}
+
+/// The same answer every time: the refresh fails (nothing is marked
+/// refused: an unread answer says nothing), the note of a refresh whose
+/// answer was not stored stays, and `status` tells the operator until a
+/// refresh gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_4xx_token_answers_every_time_are_shown_in_status_until_a_refresh_works() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        oversized_refusal: 3,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(refreshes(&env), 3, "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let store = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let note = store.refresh_note(&key).unwrap().unwrap_or_default();
+    assert!(note.starts_with("sent at"), "{note:?}");
+    let status = text(&env.run(&["status"]));
+    assert!(status.contains("HTTP 400"), "{status}");
+    assert!(status.contains("not read"), "{status}");
+    assert_no_secret_anywhere(&env, &status);
+    // The endpoint answers again: the stored token (never rotated) works,
+    // and the alert goes.
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    let status = text(&env.run(&["status"]));
+    assert!(!status.contains("not read"), "{status}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_token_answer_is_never_quoted() {
     let env = oauth_env(3600, FAST).await;

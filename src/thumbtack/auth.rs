@@ -207,6 +207,9 @@ struct Chain {
     unsaved_alert_cleared: AtomicBool,
     /// A refresh unit of this chain is running (what a stop cut short names).
     refreshing: AtomicBool,
+    /// This process has cleared the chain's "answer lost" alert (another
+    /// process may have left one).
+    lost_alert_cleared: AtomicBool,
     /// A task writes the chain's unsaved rotated token again on its own
     /// (changed only while holding `state`).
     retrying_unsaved: AtomicBool,
@@ -523,6 +526,7 @@ impl Auth {
                                 unsaved_alert_cleared: AtomicBool::new(false),
                                 refreshing: AtomicBool::new(false),
                                 retrying_unsaved: AtomicBool::new(false),
+                                lost_alert_cleared: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -818,6 +822,7 @@ impl Auth {
                     unsaved_alert_cleared: AtomicBool::new(false),
                     refreshing: AtomicBool::new(false),
                     retrying_unsaved: AtomicBool::new(false),
+                    lost_alert_cleared: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -1721,6 +1726,9 @@ impl Inner {
                             if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
                                 self.alert(format!("unsaved:{}", chain.key), None).await;
                             }
+                            if !chain.lost_alert_cleared.swap(true, Ordering::SeqCst) {
+                                self.alert(format!("lost:{}", chain.key), None).await;
+                            }
                         }
                         Ok(Written::Conflict(found)) => {
                             warn!(grant = %file, generation = found,
@@ -1848,7 +1856,29 @@ impl Inner {
                     )));
                 }
                 Err(TokenFailure::ClientRefused(m)) => return Err(Failure::ClientRefused(m)),
-                Err(TokenFailure::Lost(m) | TokenFailure::Transient(m)) => {
+                // Every answer lost: the token may be spent. The note stays
+                // for the next refresh, and the operator is told (the log
+                // and `status`) until a refresh gets through.
+                Err(TokenFailure::Lost(m)) => {
+                    error!(grant = %file, error = %m,
+                        "no answer to the token refresh could be read: if Thumbtack rotated the refresh token, \
+                         the new one is lost; the next refresh presents the same one (accepted within \
+                         Thumbtack's grace period for retries, else the grant needs re-authorization)");
+                    chain.lost_alert_cleared.store(false, Ordering::SeqCst);
+                    self.alert(
+                        format!("lost:{}", chain.key),
+                        Some(format!(
+                            "the token refresh of {who} got no answer leadsync could read ({m}); \
+                             its refresh token may be spent: the next refresh presents it again, \
+                             else the grant needs re-authorization"
+                        )),
+                    )
+                    .await;
+                    return Err(Failure::Retry(format!(
+                        "token refresh for {who} failed: {m}"
+                    )));
+                }
+                Err(TokenFailure::Transient(m)) => {
                     return Err(Failure::Retry(format!(
                         "token refresh for {who} failed: {m}"
                     )));
@@ -1960,12 +1990,23 @@ impl Inner {
         })?;
         let status = resp.status().as_u16();
         // A token response is a few hundred bytes: one larger than this
-        // is not read (and may have rotated the token: lost, like a cut one).
+        // is not read, and what it says is unknown — whatever its status: a
+        // small `400 invalid_grant` cannot have rotated the token, but an
+        // unreadable 4xx may be a proxy's page in front of a server that
+        // did. Lost, like a cut one: asked again with the same token (the
+        // grace period makes that safe either way), the note kept, and the
+        // status named so the operator can look for the proxy.
         let body = read_body(resp, MAX_TOKEN_BODY_BYTES)
             .await
             .map_err(|e| match e {
                 BodyError::TooLarge(what) => TokenFailure::Lost(format!(
-                    "token response with a body {what} larger than {MAX_TOKEN_BODY_BYTES} bytes: not read"
+                    "token endpoint answered HTTP {status} with a body {what} larger than \
+                     {MAX_TOKEN_BODY_BYTES} bytes: not read{}",
+                    if (400..500).contains(&status) {
+                        " (a proxy's page? what it says is unknown, so it is taken as a lost answer)"
+                    } else {
+                        ""
+                    }
                 )),
                 BodyError::Read(e) => TokenFailure::Lost(format!(
                     "token response lost while reading it ({})",
