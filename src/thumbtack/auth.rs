@@ -1009,6 +1009,9 @@ impl Auth {
         state.access = (!no_access).then(|| access.0.clone());
         drop(state);
         inner.clear_client_refused().await;
+        // A new grant: a refresh whose answers were lost no longer matters.
+        chain.lost_alert_cleared.store(true, Ordering::SeqCst);
+        inner.alert(format!("lost:{}", chain.key), None).await;
         // This process may not know the mirror's flag: clear it regardless.
         inner.set_reauth(&chain, None, true).await;
         Ok(access.0.token)
