@@ -293,6 +293,44 @@ async fn oversized_4xx_token_answers_every_time_are_shown_in_status_until_a_refr
     assert!(!status.contains("not read"), "{status}");
 }
 
+/// The "lost answer" alert is shared (the mirror): a manual `sync` behind
+/// a bad proxy may raise it while the daemon, which had already stored a
+/// token since it started (and cleared the alert then), keeps refreshing
+/// fine. The daemon's next stored token clears it: the grant works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_alert_raised_by_another_process_goes_at_the_next_stored_token() {
+    // Access tokens valid ~2 s: the daemon's next token() refreshes.
+    let env = oauth_env(2, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let mirror = leadsync::store::Store::open(config.database()).unwrap();
+    let daemon = leadsync::app::open_auth(&config, Some(mirror), Default::default()).unwrap();
+    daemon.token(&b).await.expect("the daemon's first refresh");
+    assert_eq!(refreshes(&env), 1);
+    // An operator's `sync` loses every answer and raises the alert.
+    env.sandbox.set_token_faults(TokenFaults {
+        oversized_refusal: 3,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(refreshes(&env), 4, "{}", text(&o));
+    let alert = "its refresh token may be spent";
+    let status = text(&env.run(&["status"]));
+    assert!(status.contains(alert), "{status}");
+    // The daemon's access token expires; its refresh gets through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refreshes(&env) < 5 {
+        assert!(std::time::Instant::now() < deadline, "no refresh");
+        let _ = daemon.token(&b).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.token(&b).await.expect("refreshed");
+    let status = text(&env.run(&["status"]));
+    assert!(!status.contains(alert), "{status}");
+    daemon.settle(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_token_answer_is_never_quoted() {
     let env = oauth_env(3600, FAST).await;

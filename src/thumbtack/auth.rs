@@ -207,9 +207,6 @@ struct Chain {
     unsaved_alert_cleared: AtomicBool,
     /// A refresh unit of this chain is running (what a stop cut short names).
     refreshing: AtomicBool,
-    /// This process has cleared the chain's "answer lost" alert (another
-    /// process may have left one).
-    lost_alert_cleared: AtomicBool,
     /// A task writes the chain's unsaved rotated token again on its own
     /// (changed only while holding `state`).
     retrying_unsaved: AtomicBool,
@@ -526,7 +523,6 @@ impl Auth {
                                 unsaved_alert_cleared: AtomicBool::new(false),
                                 refreshing: AtomicBool::new(false),
                                 retrying_unsaved: AtomicBool::new(false),
-                                lost_alert_cleared: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -822,7 +818,6 @@ impl Auth {
                     unsaved_alert_cleared: AtomicBool::new(false),
                     refreshing: AtomicBool::new(false),
                     retrying_unsaved: AtomicBool::new(false),
-                    lost_alert_cleared: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -1010,7 +1005,6 @@ impl Auth {
         drop(state);
         inner.clear_client_refused().await;
         // A new grant: a refresh whose answers were lost no longer matters.
-        chain.lost_alert_cleared.store(true, Ordering::SeqCst);
         inner.alert(format!("lost:{}", chain.key), None).await;
         // This process may not know the mirror's flag: clear it regardless.
         inner.set_reauth(&chain, None, true).await;
@@ -1489,6 +1483,7 @@ impl Inner {
                 info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
                 self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
+                self.alert(format!("lost:{}", chain.key), None).await;
                 if Instant::now() < access.expires_at {
                     state.access = Some(access);
                 }
@@ -1606,6 +1601,8 @@ impl Inner {
                 token: token.clone(),
                 expires_at: at,
             });
+            // A token another process stored: the grant works.
+            self.alert(format!("lost:{}", chain.key), None).await;
             return Ok(token.clone());
         }
         let expected = row.as_ref().map(|r| r.generation).unwrap_or(0);
@@ -1729,9 +1726,10 @@ impl Inner {
                             if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
                                 self.alert(format!("unsaved:{}", chain.key), None).await;
                             }
-                            if !chain.lost_alert_cleared.swap(true, Ordering::SeqCst) {
-                                self.alert(format!("lost:{}", chain.key), None).await;
-                            }
+                            // Every time (about once an hour): another
+                            // process (a `sync` by hand behind a bad proxy)
+                            // may have raised it since this one last did.
+                            self.alert(format!("lost:{}", chain.key), None).await;
                         }
                         Ok(Written::Conflict(found)) => {
                             warn!(grant = %file, generation = found,
@@ -1867,7 +1865,6 @@ impl Inner {
                         "no answer to the token refresh could be read: if Thumbtack rotated the refresh token, \
                          the new one is lost; the next refresh presents the same one (accepted within \
                          Thumbtack's grace period for retries, else the grant needs re-authorization)");
-                    chain.lost_alert_cleared.store(false, Ordering::SeqCst);
                     self.alert(
                         format!("lost:{}", chain.key),
                         Some(format!(
