@@ -130,6 +130,15 @@ pub trait AuthRecorder: Send + Sync {
     fn alert(&self, key: String, message: Option<String>) -> BoxFuture;
 }
 
+/// A stop with the chain's rotated token still unsaved: said loudly.
+fn stops_unsaved(chain: &Chain, error: &str) {
+    error!(grant = %chain.file.display(), error = %error,
+        "leadsync stops with a rotated refresh token it could not store: that token ends with \
+         this process, and the stored one was spent by the refresh that rotated it; the grant \
+         must be re-authorized (`leadsync auth exchange`) unless Thumbtack still accepts the \
+         stored one (its grace period for retries)");
+}
+
 /// The alert key of a refused OAuth client.
 pub const CLIENT_ALERT: &str = "oauth-client";
 
@@ -715,9 +724,26 @@ impl Auth {
                      must be re-authorized with `leadsync auth exchange`)");
                 continue;
             }
-            // Held only by a caller that is about to be told "stopping".
-            let Ok(mut state) = chain.state.clone().try_lock_owned() else {
-                continue;
+            let mut state = match chain.state.clone().try_lock_owned() {
+                Ok(state) => state,
+                // The task writing an unsaved token again holds it while
+                // its write runs: waited for until the bound, and if it
+                // is still running then, the token is said lost as below
+                // (not only "a write was still running").
+                Err(_) if chain.retrying_unsaved.load(Ordering::SeqCst) => {
+                    match tokio::time::timeout_at(until, chain.state.clone().lock_owned()).await {
+                        Ok(state) => state,
+                        Err(_) => {
+                            stops_unsaved(
+                                &chain,
+                                "its write was still running at the shutdown bound",
+                            );
+                            continue;
+                        }
+                    }
+                }
+                // Held only by a caller that is about to be told "stopping".
+                Err(_) => continue,
             };
             let Some(error) = state.unsaved.as_ref().map(|u| u.error.clone()) else {
                 continue;
@@ -726,11 +752,7 @@ impl Auth {
             let saved = tokio::time::timeout(left, inner.save_unsaved(&chain, &mut state)).await;
             if saved.is_err() || state.unsaved.is_some() {
                 let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
-                error!(grant = %chain.file.display(), error = %error,
-                    "leadsync stops with a rotated refresh token it could not store: that token ends with \
-                     this process, and the stored one was spent by the refresh that rotated it; the grant \
-                     must be re-authorized (`leadsync auth exchange`) unless Thumbtack still accepts the \
-                     stored one (its grace period for retries)");
+                stops_unsaved(&chain, &error);
             }
         }
         if !finished {
