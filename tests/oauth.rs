@@ -859,6 +859,56 @@ async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_a
     auth.settle(Duration::from_secs(5)).await;
 }
 
+/// The write of a token held unsaved fails as a task (a panic, the
+/// runtime's shutdown): the grant's lock is taken back, and so is its
+/// "unsaved" lock — else another process, finding the grant's lock held
+/// and no unsaved lock, waits for it as for an ordinary refresh instead
+/// of being told at once that a rotated token is held here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let panic = Arc::new(AtomicBool::new(false));
+    let (failing, panicking) = (fail.clone(), panic.clone());
+    let store = Hooked::new(
+        &env.config(),
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            assert!(
+                !panicking.load(Ordering::SeqCst),
+                "the write task fails (test)"
+            );
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
+    let auth = held_unsaved(&env, store, &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    assert!(other.unsaved_held(&key).unwrap());
+    panic.store(true, Ordering::SeqCst);
+    fail.store(false, Ordering::SeqCst);
+    // Its write is tried (and its task fails) before this returns.
+    auth.token(&b).await.expect_err("the write task failed");
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_none(),
+        "the grant's lock taken back"
+    );
+    assert!(
+        other.unsaved_held(&key).unwrap(),
+        "the unsaved lock taken back"
+    );
+    panic.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    assert!(!other.unsaved_held(&key).unwrap());
+    assert_eq!(refreshes(&env), 2);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// The same when another process's `auth exchange` supersedes the token
 /// held unsaved: the holder's write, a conflict now, lets the lock go on
 /// its own, with no business asking.

@@ -130,6 +130,26 @@ pub trait AuthRecorder: Send + Sync {
     fn alert(&self, key: String, message: Option<String>) -> BoxFuture;
 }
 
+/// The grant's `lock` with its "unsaved" lock taken too, for a rotated
+/// token held unsaved; dropped in this order: the unsaved lock, then the
+/// grant's.
+async fn with_unsaved_lock(
+    store: &Arc<dyn GrantStore>,
+    chain: &Chain,
+    lock: Box<dyn Send>,
+) -> Box<dyn Send> {
+    let (s, key) = (store.clone(), chain.key.clone());
+    let held = blocking(move || s.lock_unsaved(&key))
+        .await
+        .unwrap_or_else(|e| {
+            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                "cannot take the grant's unsaved lock: other processes \
+                 wait for this one's lock instead of being told at once");
+            None
+        });
+    Box::new((held, lock))
+}
+
 /// A stop with the chain's rotated token still unsaved: said loudly.
 fn stops_unsaved(chain: &Chain, error: &str) {
     error!(grant = %chain.file.display(), error = %error,
@@ -1492,12 +1512,14 @@ impl Inner {
         let (saved, lock) = match saved {
             Ok((saved, lock)) => (saved, lock),
             Err(e) => {
-                // The task failed with the lock: take it again if free.
-                let key = chain.key.clone();
-                (
-                    Err(e),
-                    blocking(move || store.try_lock(&key)).await.ok().flatten(),
-                )
+                // The task failed with the locks: take them again if free
+                // (the "unsaved" one too: it tells other processes at once).
+                let (s, key) = (store.clone(), chain.key.clone());
+                let lock = match blocking(move || s.try_lock(&key)).await.ok().flatten() {
+                    Some(lock) => Some(with_unsaved_lock(&store, chain, lock).await),
+                    None => None,
+                };
+                (Err(e), lock)
             }
         };
         match saved {
@@ -1779,19 +1801,7 @@ impl Inner {
                             // note names the holder (a full disk may refuse
                             // it: the locks alone are what keep the chain).
                             let lock = match lock {
-                                Some(lock) => {
-                                    let (s, key) = (store.clone(), chain.key.clone());
-                                    let held = blocking(move || s.lock_unsaved(&key))
-                                        .await
-                                        .unwrap_or_else(|e| {
-                                            warn!(grant = %file, error = %format!("{e:#}"),
-                                                "cannot take the grant's unsaved lock: other processes \
-                                                 wait for this one's lock instead of being told at once");
-                                            None
-                                        });
-                                    // Dropped in this order: the unsaved lock, then the grant's.
-                                    Some(Box::new((held, lock)) as Box<dyn Send>)
-                                }
+                                Some(lock) => Some(with_unsaved_lock(&store, chain, lock).await),
                                 None => None,
                             };
                             let (s, key) = (store.clone(), chain.key.clone());
