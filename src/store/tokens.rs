@@ -280,7 +280,7 @@ impl TokenStore {
     /// one an older leadsync wrote there (in place).
     pub fn refresh_note(&self, grant: &str) -> Result<Option<String>> {
         for path in [self.note_path(grant), self.lock_path(grant)] {
-            match std::fs::read(&path) {
+            match read_note(&path) {
                 Ok(bytes) => {
                     // Lossy: a note is only ever read to be judged and shown,
                     // and a stray byte must not hide it.
@@ -711,6 +711,32 @@ impl TokenStore {
             Ok(())
         })
     }
+}
+
+/// The most of a note file read: a note is one short line.
+const MAX_NOTE_BYTES: u64 = 4096;
+
+/// A note file's bytes (at most [`MAX_NOTE_BYTES`]): a regular file, never
+/// read through a symbolic link — its content goes into logs and `status`,
+/// and must not be another file's. (libc is not a dependency, so no
+/// O_NOFOLLOW: the path is checked, then the file opened is checked to be
+/// the one checked.)
+fn read_note(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let not_regular = || std::io::Error::other("not a regular file (a symbolic link?): not read");
+    let checked = std::fs::symlink_metadata(path)?;
+    if !checked.is_file() {
+        return Err(not_regular());
+    }
+    let file = File::open(path)?;
+    let opened = file.metadata()?;
+    if !opened.is_file() || (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+        return Err(not_regular());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_NOTE_BYTES).read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// Opens (creating, mode 0600) a lock file that is not a symlink.
@@ -1218,6 +1244,34 @@ mod tests {
             s.try_lock_grant("g").unwrap().is_none(),
             "lock identity lost"
         );
+        drop(held);
+    }
+
+    /// The note goes into logs and `status`: a note file that is a link
+    /// (to another file of the service user's) is never read, nor is
+    /// more of a note than a note can be.
+    #[test]
+    fn a_symlinked_note_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let held = s.try_lock_grant("g").unwrap().expect("free");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "SECRET-CONTENT").unwrap();
+        std::os::unix::fs::symlink(&secret, s.note_path("g")).unwrap();
+        match s.refresh_note("g") {
+            Ok(note) => assert!(
+                !note.unwrap_or_default().contains("SECRET"),
+                "the link was followed"
+            ),
+            Err(e) => {
+                let e = format!("{e:#}");
+                assert!(!e.contains("SECRET"), "{e}");
+                assert!(e.contains("not a regular file"), "{e}");
+            }
+        }
+        std::fs::remove_file(s.note_path("g")).unwrap();
+        std::fs::write(s.note_path("g"), "x".repeat(1 << 20)).unwrap();
+        assert_eq!(s.refresh_note("g").unwrap().unwrap().len(), 200);
         drop(held);
     }
 
