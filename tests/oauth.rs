@@ -696,6 +696,8 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
     let moved = env.dir.path().join("renamed-token");
     let mut config = env.config();
+    let old_key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
     std::fs::rename(token_file(&env, &b), &moved).unwrap();
     for business in &mut config.businesses {
         if business.id == b {
@@ -706,6 +708,18 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     let e = auth.token(&b).await.expect_err("still unsaved");
     assert!(e.message.contains("unsaved"), "{}", e.message);
     fail.store(false, Ordering::SeqCst);
+    // The old name's token is stored (by this call's turn or by its own
+    // retry task, whichever comes first): wait for it, or that task may
+    // hold the old name's lock during the call below (a loaded machine).
+    wait_until(
+        "the old name's unsaved token stored and its lock let go",
+        Duration::from_secs(120),
+        || {
+            !other.unsaved_held(&old_key).unwrap()
+                && other.try_lock_grant(&old_key).unwrap().is_some()
+        },
+    )
+    .await;
     auth.token(&b)
         .await
         .expect("the old name's token stored, then taken over by the new name");
