@@ -1058,6 +1058,86 @@ async fn a_stop_that_times_out_a_store_write_keeps_the_lock_until_the_write_ends
     drop(auth);
 }
 
+/// A `Write` into a shared buffer: the log of this test's thread.
+#[derive(Clone)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A stop comes while the task writing a token held unsaved again is in
+/// the middle of its (slow) write: the stop cannot take the chain, and
+/// said only "a token store write was still running" — not that the
+/// process may end with a rotated token it could not store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_the_background_write_of_an_unsaved_token_says_so_loudly() {
+    let env = oauth_env(3600, FAST).await;
+    let fail = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(AtomicBool::new(false));
+    let in_write = Arc::new(AtomicBool::new(false));
+    let (failing, slowing, writing) = (fail.clone(), slow.clone(), in_write.clone());
+    let store = Hooked::new(
+        &env.config(),
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            if slowing.load(Ordering::SeqCst) {
+                writing.store(true, Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while slowing.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
+    let auth = held_unsaved(&env, store, &fail).await;
+    /// Ends the slow write however the test ends.
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _release = Release(slow.clone());
+    slow.store(true, Ordering::SeqCst);
+    fail.store(false, Ordering::SeqCst);
+    // No business asks: the chain's own retry task starts the write.
+    wait_until(
+        "the retry task in its write",
+        Duration::from_secs(60),
+        || in_write.load(Ordering::SeqCst),
+    )
+    .await;
+    let log = LogBuf(Arc::default());
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    {
+        // settle's own logging runs on this thread.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        auth.settle(Duration::from_millis(500)).await;
+    }
+    let out = String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
+    assert!(
+        out.contains("stops with a rotated refresh token it could not store"),
+        "{out}"
+    );
+    slow.store(false, Ordering::SeqCst);
+    drop(auth);
+}
+
 /// A rotated token held unsaved that an `auth exchange` superseded is
 /// dropped (the store holds a newer grant): its note goes with it, or the
 /// next start would report a token lost that was not.
