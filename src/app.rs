@@ -168,6 +168,14 @@ impl GrantStore for StoreGrants {
         self.0.set_refresh_note(grant, note)
     }
 
+    fn lock_unsaved(&self, grant: &str) -> Result<Option<Box<dyn Send>>> {
+        Ok(Some(Box::new(self.0.lock_unsaved(grant)?)))
+    }
+
+    fn unsaved_held(&self, grant: &str) -> Result<bool> {
+        self.0.unsaved_held(grant)
+    }
+
     fn note_unsaved(&self, grant: &str, over_generation: i64) -> Result<()> {
         self.0.set_refresh_note(
             grant,

@@ -235,6 +235,102 @@ async fn an_oversized_token_answer_is_lost_and_asked_again() {
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
+/// A 4xx whose body is larger than any token answer (a proxy's page, or a
+/// padded `invalid_grant`) cannot be read, so what it says is unknown: a
+/// small `400 invalid_grant` cannot have rotated the token, but a proxy
+/// may stand between a server that did and us. The safe reading stays —
+/// lost, asked again with the same token, the refresh note kept — and the
+/// log says which HTTP status came back unread, so the operator can tell a
+/// proxy from a lost connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_4xx_token_answer_is_asked_again_and_named_with_its_status() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        oversized_refusal: 1,
+        ..Default::default()
+    });
+    let o = sync_logged(&env, &b, "info");
+    let out = text(&o);
+    assert!(out.contains("answered HTTP 400 with a body"), "{out}");
+    assert!(out.contains("larger than 1048576 bytes: not read"), "{out}");
+    assert_eq!(refreshes(&env), 2, "the unread answer and its one retry");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &out);
+}
+
+/// The same answer every time: the refresh fails (nothing is marked
+/// refused: an unread answer says nothing), the note of a refresh whose
+/// answer was not stored stays, and `status` tells the operator until a
+/// refresh gets through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_4xx_token_answers_every_time_are_shown_in_status_until_a_refresh_works() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        oversized_refusal: 3,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(refreshes(&env), 3, "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let store = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let note = store.refresh_note(&key).unwrap().unwrap_or_default();
+    assert!(note.starts_with("sent at"), "{note:?}");
+    let status = text(&env.run(&["status"]));
+    assert!(status.contains("HTTP 400"), "{status}");
+    assert!(status.contains("not read"), "{status}");
+    assert_no_secret_anywhere(&env, &status);
+    // The endpoint answers again: the stored token (never rotated) works,
+    // and the alert goes.
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    let status = text(&env.run(&["status"]));
+    assert!(!status.contains("not read"), "{status}");
+}
+
+/// The "lost answer" alert is shared (the mirror): a manual `sync` behind
+/// a bad proxy may raise it while the daemon, which had already stored a
+/// token since it started (and cleared the alert then), keeps refreshing
+/// fine. The daemon's next stored token clears it: the grant works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_alert_raised_by_another_process_goes_at_the_next_stored_token() {
+    // Access tokens valid ~2 s: the daemon's next token() refreshes.
+    let env = oauth_env(2, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let mirror = leadsync::store::Store::open(config.database()).unwrap();
+    let daemon = leadsync::app::open_auth(&config, Some(mirror), Default::default()).unwrap();
+    daemon.token(&b).await.expect("the daemon's first refresh");
+    assert_eq!(refreshes(&env), 1);
+    // An operator's `sync` loses every answer and raises the alert.
+    env.sandbox.set_token_faults(TokenFaults {
+        oversized_refusal: 3,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(refreshes(&env), 4, "{}", text(&o));
+    let alert = "its refresh token may be spent";
+    let status = text(&env.run(&["status"]));
+    assert!(status.contains(alert), "{status}");
+    // The daemon's access token expires; its refresh gets through.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while refreshes(&env) < 5 {
+        assert!(std::time::Instant::now() < deadline, "no refresh");
+        let _ = daemon.token(&b).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    daemon.token(&b).await.expect("refreshed");
+    let status = text(&env.run(&["status"]));
+    assert!(!status.contains(alert), "{status}");
+    daemon.settle(Duration::from_secs(5)).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreadable_token_answer_is_never_quoted() {
     let env = oauth_env(3600, FAST).await;
@@ -386,6 +482,8 @@ struct Hooked {
     after_note: AfterNote,
     /// The pid its "held unsaved" note names instead of this process's.
     unsaved_pid: Option<u32>,
+    /// Set once a try of the grant's lock found it held.
+    lock_busy: Arc<AtomicBool>,
 }
 
 impl Hooked {
@@ -401,6 +499,7 @@ impl Hooked {
             before_save,
             after_note,
             unsaved_pid: None,
+            lock_busy: Arc::new(AtomicBool::new(false)),
         }
     }
 
@@ -443,10 +542,20 @@ impl GrantStore for Hooked {
         self.inner.forget_access(grant, token)
     }
     fn try_lock(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
-        self.inner.try_lock(grant)
+        let lock = self.inner.try_lock(grant)?;
+        if lock.is_none() {
+            self.lock_busy.store(true, Ordering::SeqCst);
+        }
+        Ok(lock)
     }
     fn refresh_note(&self, grant: &str) -> anyhow::Result<Option<String>> {
         self.inner.refresh_note(grant)
+    }
+    fn lock_unsaved(&self, grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
+        self.inner.lock_unsaved(grant)
+    }
+    fn unsaved_held(&self, grant: &str) -> anyhow::Result<bool> {
+        self.inner.unsaved_held(grant)
     }
     fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
         self.inner.set_refresh_note(grant, note)?;
@@ -587,6 +696,8 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
     let moved = env.dir.path().join("renamed-token");
     let mut config = env.config();
+    let old_key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
     std::fs::rename(token_file(&env, &b), &moved).unwrap();
     for business in &mut config.businesses {
         if business.id == b {
@@ -597,6 +708,18 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     let e = auth.token(&b).await.expect_err("still unsaved");
     assert!(e.message.contains("unsaved"), "{}", e.message);
     fail.store(false, Ordering::SeqCst);
+    // The old name's token is stored (by this call's turn or by its own
+    // retry task, whichever comes first): wait for it, or that task may
+    // hold the old name's lock during the call below (a loaded machine).
+    wait_until(
+        "the old name's unsaved token stored and its lock let go",
+        Duration::from_secs(120),
+        || {
+            !other.unsaved_held(&old_key).unwrap()
+                && other.try_lock_grant(&old_key).unwrap().is_some()
+        },
+    )
+    .await;
     auth.token(&b)
         .await
         .expect("the old name's token stored, then taken over by the new name");
@@ -716,6 +839,165 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     assert_eq!(other.refresh_note(&key).unwrap(), None);
 }
 
+/// A rotated token held unsaved was written again only when a business of
+/// its grant asked for a token: a grant whose businesses are not asked
+/// (disabled, nothing to send, a long schedule) kept the token in memory
+/// and the grant locked — every other process refused — until the process
+/// stopped, though the store took writes again long before. It is written
+/// again on its own, and the lock let go once it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_asks() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    assert!(other.try_lock_grant(&key).unwrap().is_none());
+    fail.store(false, Ordering::SeqCst);
+    wait_until(
+        "the unsaved token stored and the grant's lock let go, with no business asking",
+        Duration::from_secs(30),
+        || other.try_lock_grant(&key).unwrap().is_some(),
+    )
+    .await;
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert!(!other.unsaved_held(&key).unwrap());
+    // Another process continues the chain from the stored token.
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 3);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// The write of a token held unsaved fails as a task (a panic, the
+/// runtime's shutdown): the grant's lock is taken back, and so is its
+/// "unsaved" lock — else another process, finding the grant's lock held
+/// and no unsaved lock, waits for it as for an ordinary refresh instead
+/// of being told at once that a rotated token is held here.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let panic = Arc::new(AtomicBool::new(false));
+    let (failing, panicking) = (fail.clone(), panic.clone());
+    let store = Hooked::new(
+        &env.config(),
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            assert!(
+                !panicking.load(Ordering::SeqCst),
+                "the write task fails (test)"
+            );
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
+    let auth = held_unsaved(&env, store, &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    assert!(other.unsaved_held(&key).unwrap());
+    panic.store(true, Ordering::SeqCst);
+    fail.store(false, Ordering::SeqCst);
+    // Its write is tried (and its task fails) before this returns.
+    auth.token(&b).await.expect_err("the write task failed");
+    assert!(
+        other.try_lock_grant(&key).unwrap().is_none(),
+        "the grant's lock taken back"
+    );
+    assert!(
+        other.unsaved_held(&key).unwrap(),
+        "the unsaved lock taken back"
+    );
+    panic.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    assert!(!other.unsaved_held(&key).unwrap());
+    assert_eq!(refreshes(&env), 2);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// The same when another process's `auth exchange` supersedes the token
+/// held unsaved: the holder's write, a conflict now, lets the lock go on
+/// its own, with no business asking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_held_unsaved_and_superseded_lets_its_lock_go_though_no_business_asks() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let new_grant = GrantWrite {
+        refresh_token: leadsync::secret::Secret::new(env.sandbox.mint_refresh_token(&b)),
+        access_token: None,
+        seed_sha256: None,
+        source: "auth exchange".into(),
+    };
+    assert_eq!(other.put(&key, 1, &new_grant).unwrap(), Written::Stored(2));
+    fail.store(false, Ordering::SeqCst);
+    wait_until(
+        "the superseded token dropped and the grant's lock let go, with no business asking",
+        Duration::from_secs(30),
+        || other.try_lock_grant(&key).unwrap().is_some(),
+    )
+    .await;
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// Process A holds the grant's lock for an ordinary refresh while the note
+/// still says a process held a rotated token unsaved — one that ended with
+/// it (or was killed right after storing it, before it cleared the note).
+/// Process B read the note while A held the lock and failed at once, as if
+/// A were that holder. It waits for A as for any refresh, and judges the
+/// note once it holds the lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_unsaved_note_does_not_fail_a_process_waiting_for_an_ordinary_refresh() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let config = env.config();
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    // The stale note, whose writer ended; then A takes the lock.
+    other
+        .set_refresh_note(
+            &key,
+            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+        )
+        .unwrap();
+    let a = other.try_lock_grant(&key).unwrap().expect("free");
+    let store = Hooked::new(&config, Box::new(|| Ok(())), Box::new(|_| {}));
+    let busy = store.lock_busy.clone();
+    let auth = Arc::new(
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap(),
+    );
+    let asking = auth.clone();
+    let bid = b.clone();
+    let task = tokio::spawn(async move { asking.token(&bid).await });
+    wait_until("B meets the lock A holds", Duration::from_secs(30), || {
+        busy.load(Ordering::SeqCst)
+    })
+    .await;
+    drop(a);
+    let got = task.await.unwrap();
+    assert!(got.is_ok(), "B gave up instead of waiting for A: {got:?}");
+    assert_eq!(refreshes(&env), 2);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// A stop's last try to store a token held unsaved runs out of time while
 /// the store's write is still running (a slow disk): the write may yet
 /// land. Letting the grant's lock go then (with the token) let another
@@ -773,6 +1055,86 @@ async fn a_stop_that_times_out_a_store_write_keeps_the_lock_until_the_write_ends
     )
     .await;
     assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+    drop(auth);
+}
+
+/// A `Write` into a shared buffer: the log of this test's thread.
+#[derive(Clone)]
+struct LogBuf(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A stop comes while the task writing a token held unsaved again is in
+/// the middle of its (slow) write: the stop cannot take the chain, and
+/// said only "a token store write was still running" — not that the
+/// process may end with a rotated token it could not store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_the_background_write_of_an_unsaved_token_says_so_loudly() {
+    let env = oauth_env(3600, FAST).await;
+    let fail = Arc::new(AtomicBool::new(false));
+    let slow = Arc::new(AtomicBool::new(false));
+    let in_write = Arc::new(AtomicBool::new(false));
+    let (failing, slowing, writing) = (fail.clone(), slow.clone(), in_write.clone());
+    let store = Hooked::new(
+        &env.config(),
+        Box::new(move || {
+            if failing.load(Ordering::SeqCst) {
+                anyhow::bail!("disk I/O error (test)");
+            }
+            if slowing.load(Ordering::SeqCst) {
+                writing.store(true, Ordering::SeqCst);
+                let deadline = std::time::Instant::now() + Duration::from_secs(60);
+                while slowing.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
+            Ok(())
+        }),
+        Box::new(|_| {}),
+    );
+    let auth = held_unsaved(&env, store, &fail).await;
+    /// Ends the slow write however the test ends.
+    struct Release(Arc<AtomicBool>);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let _release = Release(slow.clone());
+    slow.store(true, Ordering::SeqCst);
+    fail.store(false, Ordering::SeqCst);
+    // No business asks: the chain's own retry task starts the write.
+    wait_until(
+        "the retry task in its write",
+        Duration::from_secs(60),
+        || in_write.load(Ordering::SeqCst),
+    )
+    .await;
+    let log = LogBuf(Arc::default());
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    {
+        // settle's own logging runs on this thread.
+        let _guard = tracing::subscriber::set_default(subscriber);
+        auth.settle(Duration::from_millis(500)).await;
+    }
+    let out = String::from_utf8_lossy(&log.0.lock().unwrap()).to_string();
+    assert!(
+        out.contains("stops with a rotated refresh token it could not store"),
+        "{out}"
+    );
+    slow.store(false, Ordering::SeqCst);
     drop(auth);
 }
 

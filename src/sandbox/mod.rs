@@ -139,6 +139,11 @@ pub struct TokenFaults {
     /// tokens in it), after rotating, for this many successful refreshes:
     /// more than a client reads of a token response.
     pub oversized_after_rotate: u32,
+    /// Answer this many token requests `400 invalid_grant` padded with
+    /// 2 MiB of whitespace (still valid JSON), before the token is looked
+    /// at (nothing rotated): an error answer larger than a client reads,
+    /// as a proxy's page might be.
+    pub oversized_refusal: u32,
     /// How long a used refresh token may be presented again and get the
     /// same answer (Thumbtack's grace period for retrying the same request),
     /// as long as the token it was rotated to is still unused. 0 (the

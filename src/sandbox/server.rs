@@ -848,6 +848,15 @@ fn token_endpoint(
             "audience must be urn:partner-api",
         ));
     }
+    if s.token_faults.oversized_refusal > 0 {
+        s.token_faults.oversized_refusal -= 1;
+        let body = format!(
+            "{}{}",
+            json!({"error": "invalid_grant", "error_description": "refused (padded)"}),
+            " ".repeat(2 << 20)
+        );
+        return now_answer(respond(StatusCode::BAD_REQUEST, "application/json", body));
+    }
     let businesses = match grant.as_str() {
         "refresh_token" => {
             let presented = form.get("refresh_token").cloned().unwrap_or_default();

@@ -246,58 +246,173 @@ impl TokenStore {
         f(&mut conn)
     }
 
-    /// The grant's lock file (in `<token store>.locks/`).
-    fn lock_path(&self, grant: &str) -> PathBuf {
-        PathBuf::from(format!("{}.locks", self.path.display())).join(&sha256_hex(grant)[..32])
+    /// The directory of the grants' lock and note files (`<token store>.locks/`).
+    fn lock_dir(&self) -> PathBuf {
+        PathBuf::from(format!("{}.locks", self.path.display()))
     }
 
-    /// What the grant's lock file says of a refresh whose answer was not
-    /// stored (see [`TokenStore::set_refresh_note`]); `None` when nothing.
-    /// Read by the lock's holder.
+    /// The grant's lock file (in `<token store>.locks/`). Its identity (the
+    /// inode every process locks) never changes: nothing renames over it.
+    fn lock_path(&self, grant: &str) -> PathBuf {
+        self.lock_dir().join(&sha256_hex(grant)[..32])
+    }
+
+    /// The grant's "unsaved" lock file, beside its lock file: held
+    /// (exclusively) by a process keeping the grant's rotated token in
+    /// memory, unsaved, for as long as it does (with the grant's lock).
+    fn unsaved_lock_path(&self, grant: &str) -> PathBuf {
+        self.lock_dir()
+            .join(format!("{}.unsaved", &sha256_hex(grant)[..32]))
+    }
+
+    /// The grant's note file, beside its lock file: always a whole note,
+    /// replaced by rename, so a failed or interrupted rewrite leaves the
+    /// previous one (see [`TokenStore::set_refresh_note`]).
+    fn note_path(&self, grant: &str) -> PathBuf {
+        self.lock_dir()
+            .join(format!("{}.note", &sha256_hex(grant)[..32]))
+    }
+
+    /// What the grant's note says of a refresh whose answer was not stored
+    /// (see [`TokenStore::set_refresh_note`]); `None` when nothing. Read by
+    /// the lock's holder (or to explain why the lock is held). A note file,
+    /// when there is one, is the note; else a lock file with content holds
+    /// one an older leadsync wrote there (in place).
     pub fn refresh_note(&self, grant: &str) -> Result<Option<String>> {
-        let path = self.lock_path(grant);
-        match std::fs::read_to_string(&path) {
-            Ok(s) => {
-                Ok(Some(s.trim().chars().take(200).collect::<String>()).filter(|s| !s.is_empty()))
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => {
-                Err(e).with_context(|| format!("cannot read the grant lock {}", path.display()))
+        for path in [self.note_path(grant), self.lock_path(grant)] {
+            match read_note(&path) {
+                Ok(bytes) => {
+                    // Lossy: a note is only ever read to be judged and shown,
+                    // and a stray byte must not hide it.
+                    let text = String::from_utf8_lossy(&bytes);
+                    let note: String = text.trim().chars().take(200).collect();
+                    return Ok(Some(note).filter(|n| !n.is_empty()));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    return Err(e)
+                        .with_context(|| format!("cannot read the grant note {}", path.display()));
+                }
             }
         }
+        Ok(None)
     }
 
-    /// Records in the grant's lock file, durably, that a refresh is being
-    /// sent (`Some(note)`: when, by which process), or that its answer is
-    /// stored (`None`). A refresh the process did not live to store is
-    /// then known to the next one. Written by the lock's holder.
+    /// Records durably that a refresh is being sent (`Some(note)`: when, by
+    /// which process), or that its answer is stored (`None`). A refresh the
+    /// process did not live to store is then known to the next one. Written
+    /// by the lock's holder.
+    ///
+    /// The note is a file of its own, replaced whole: written to a
+    /// temporary file, synced, renamed over the note, and the directory
+    /// synced. A write that fails (disk full, EIO) or a process that dies
+    /// part way leaves the previous note as it was, never an empty or half
+    /// one (which would read as no refresh, or as another process's). It is
+    /// not kept in the lock file: replacing that by rename would change the
+    /// inode other processes lock, and rewriting it in place cannot be
+    /// atomic.
     pub fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> Result<()> {
         use std::io::Write;
+        self.set_refresh_note_with(grant, note, &|f, bytes| f.write_all(bytes))
+    }
+
+    /// [`TokenStore::set_refresh_note`], writing the note's bytes with
+    /// `write` (tests make it fail part way, as a full disk does).
+    fn set_refresh_note_with(
+        &self,
+        grant: &str,
+        note: Option<&str>,
+        write: &dyn Fn(&mut File, &[u8]) -> std::io::Result<()>,
+    ) -> Result<()> {
+        let dir = self.lock_dir();
+        let path = self.note_path(grant);
+        let sync_dir = || {
+            File::open(&dir)
+                .and_then(|d| d.sync_all())
+                .with_context(|| format!("cannot sync the grant lock directory {}", dir.display()))
+        };
+        match note {
+            Some(note) => {
+                let temp = dir.join(format!("{}.note.tmp", &sha256_hex(grant)[..32]));
+                // One left by a process that died writing it: never renamed, never read.
+                match std::fs::remove_file(&temp) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(e).with_context(|| {
+                            format!("cannot remove the stale note {}", temp.display())
+                        });
+                    }
+                }
+                let written = (|| {
+                    // create_new: never through a link planted there.
+                    let mut f = std::fs::OpenOptions::new()
+                        .write(true)
+                        .create_new(true)
+                        .mode(0o600)
+                        .open(&temp)?;
+                    write(&mut f, format!("{note}\n").as_bytes())?;
+                    f.sync_all()
+                })();
+                if let Err(e) = written {
+                    let _ = std::fs::remove_file(&temp);
+                    return Err(e).with_context(|| {
+                        format!("cannot write the grant note {}", temp.display())
+                    });
+                }
+                std::fs::rename(&temp, &path).with_context(|| {
+                    format!("cannot put the grant note in place at {}", path.display())
+                })?;
+                sync_dir()?;
+                // The note file now says it all: a note an older leadsync
+                // left in the lock file goes (in place: the lock is kept).
+                self.clear_legacy_note(grant)
+            }
+            None => {
+                // The older leadsync's note first: were the note file
+                // removed and this failed, that older note would come back.
+                self.clear_legacy_note(grant)?;
+                match std::fs::remove_file(&path) {
+                    Ok(()) => sync_dir(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                    Err(e) => Err(e).with_context(|| {
+                        format!("cannot remove the grant note {}", path.display())
+                    }),
+                }
+            }
+        }
+    }
+
+    /// Empties a lock file an older leadsync wrote its note into (its
+    /// length only: the file, and the lock on it, stay).
+    fn clear_legacy_note(&self, grant: &str) -> Result<()> {
         let path = self.lock_path(grant);
-        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
-            bail!(
+        match std::fs::symlink_metadata(&path) {
+            Ok(m) if m.file_type().is_symlink() => bail!(
                 "the grant lock {} is a symbolic link: refusing it",
                 path.display()
-            );
+            ),
+            Ok(m) if m.len() > 0 => {
+                let f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .with_context(|| format!("cannot open the grant lock {}", path.display()))?;
+                f.set_len(0)
+                    .and_then(|()| f.sync_all())
+                    .with_context(|| format!("cannot empty the grant lock {}", path.display()))
+            }
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => {
+                Err(e).with_context(|| format!("cannot inspect the grant lock {}", path.display()))
+            }
         }
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&path)
-            .with_context(|| format!("cannot open the grant lock {}", path.display()))?;
-        if let Some(note) = note {
-            f.write_all(format!("{note}\n").as_bytes())?;
-        }
-        f.sync_all()
-            .with_context(|| format!("cannot write the grant lock {}", path.display()))
     }
 
     /// Tries to take the grant's cross-process lock; `None` while another
     /// process (or handle) holds it.
     pub fn try_lock_grant(&self, grant: &str) -> Result<Option<GrantLock>> {
-        let dir = PathBuf::from(format!("{}.locks", self.path.display()));
+        let dir = self.lock_dir();
         if !dir.is_dir() {
             match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
                 Ok(()) => {}
@@ -328,11 +443,62 @@ impl TokenStore {
             .open(&file)
             .with_context(|| format!("cannot open the grant lock {}", file.display()))?;
         match file.try_lock() {
-            Ok(()) => Ok(Some(GrantLock { _file: file })),
+            Ok(()) => {
+                // Created now, while the disk has room: a store write that
+                // fails for want of it must still find the file to lock.
+                let _ = open_lock_file(&self.unsaved_lock_path(grant));
+                Ok(Some(GrantLock { _file: file }))
+            }
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(e).context("cannot lock the grant's lock file")
             }
+        }
+    }
+
+    /// Takes the grant's "unsaved" lock, by the grant's lock holder once
+    /// the store refused its rotated token: held until the token is stored
+    /// or superseded, it tells every other process that a live one keeps
+    /// the grant's only valid refresh token (a note alone cannot: it may be
+    /// stale, or a full disk may refuse it). Retried briefly: a process
+    /// looking ([`TokenStore::unsaved_held`]) holds it shared for an instant.
+    pub fn lock_unsaved(&self, grant: &str) -> Result<GrantLock> {
+        let path = self.unsaved_lock_path(grant);
+        let file = open_lock_file(&path)?;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+        loop {
+            match file.try_lock() {
+                Ok(()) => return Ok(GrantLock { _file: file }),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    bail!("the grant's unsaved lock {} stays held", path.display())
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| {
+                        format!("cannot lock the grant's unsaved lock {}", path.display())
+                    });
+                }
+            }
+        }
+    }
+
+    /// Whether a live process holds the grant's rotated token unsaved (its
+    /// "unsaved" lock is held). Looks with a shared lock, so two processes
+    /// looking at once do not see each other as the holder.
+    pub fn unsaved_held(&self, grant: &str) -> Result<bool> {
+        let path = self.unsaved_lock_path(grant);
+        if std::fs::symlink_metadata(&path).is_err() {
+            return Ok(false);
+        }
+        let file = open_lock_file(&path)?;
+        match file.try_lock_shared() {
+            Ok(()) => Ok(false),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(true),
+            Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| {
+                format!("cannot look at the grant's unsaved lock {}", path.display())
+            }),
         }
     }
 
@@ -365,23 +531,31 @@ impl TokenStore {
         let _old_key_lock = match &moved_from {
             Some(from) => match self.try_lock_grant(from)? {
                 Some(lock) => Some(lock),
-                None => match self
-                    .refresh_note(from)
-                    .ok()
-                    .flatten()
-                    .as_deref()
-                    .and_then(unsaved_by)
-                {
-                    Some(pid) => bail!(
-                        "the grant's token file moved while leadsync process {pid} holds the rotated refresh \
+                // Its "unsaved" lock says whether the holder keeps a
+                // rotated token; the note (maybe stale) only names it.
+                None if self.unsaved_held(from).unwrap_or(false) => {
+                    let holder = match self
+                        .refresh_note(from)
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        .and_then(unsaved_by)
+                    {
+                        Some(pid) => format!("leadsync process {pid}"),
+                        None => "a leadsync process".to_string(),
+                    };
+                    bail!(
+                        "the grant's token file moved while {holder} holds the rotated refresh \
                          token of its old name ({from}) in memory, unsaved (the token store could not take it); \
                          its chain is taken over once that token is stored"
-                    ),
-                    None => bail!(
+                    )
+                }
+                None => {
+                    bail!(
                         "the grant's token file moved while a token refresh under its old name ({from}) \
                          is in flight; its chain is taken over once that refresh ends"
-                    ),
-                },
+                    )
+                }
             },
             None => None,
         };
@@ -537,6 +711,50 @@ impl TokenStore {
             Ok(())
         })
     }
+}
+
+/// The most of a note file read: a note is one short line.
+const MAX_NOTE_BYTES: u64 = 4096;
+
+/// A note file's bytes (at most [`MAX_NOTE_BYTES`]): a regular file, never
+/// read through a symbolic link — its content goes into logs and `status`,
+/// and must not be another file's. (libc is not a dependency, so no
+/// O_NOFOLLOW: the path is checked, then the file opened is checked to be
+/// the one checked.)
+fn read_note(path: &Path) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    use std::os::unix::fs::MetadataExt;
+    let not_regular = || std::io::Error::other("not a regular file (a symbolic link?): not read");
+    let checked = std::fs::symlink_metadata(path)?;
+    if !checked.is_file() {
+        return Err(not_regular());
+    }
+    let file = File::open(path)?;
+    let opened = file.metadata()?;
+    if !opened.is_file() || (opened.dev(), opened.ino()) != (checked.dev(), checked.ino()) {
+        return Err(not_regular());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_NOTE_BYTES).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Opens (creating, mode 0600) a lock file that is not a symlink.
+fn open_lock_file(path: &Path) -> Result<File> {
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        bail!(
+            "the lock {} is a symbolic link: refusing it",
+            path.display()
+        );
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open the lock {}", path.display()))
 }
 
 fn migrate(c: &Connection) -> Result<()> {
@@ -802,6 +1020,7 @@ mod tests {
         };
         assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
         let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
+        let holding = s.lock_unsaved(&old_key).unwrap();
         s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 1)))
             .unwrap();
         let during = s.get("new", Some(&seed), &[]);
@@ -816,6 +1035,7 @@ mod tests {
         // Stored at last: the holder clears its note, then lets go.
         assert_eq!(s.put(&old_key, 1, &w("t2")).unwrap(), Written::Stored(2));
         s.set_refresh_note(&old_key, None).unwrap();
+        drop(holding);
         drop(holder);
         let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
         assert_eq!(g.refresh_token.expose(), "t2");
@@ -922,6 +1142,137 @@ mod tests {
             .unwrap();
         // 3 = EXTRA: with a rollback journal, FULL alone may lose a commit at a power cut.
         assert_eq!((sync, journal.as_str()), (3, "delete"));
+    }
+
+    /// The note says a refresh was sent whose answer may not be stored, or
+    /// that a process holds a rotated token unsaved: the next process must
+    /// learn it. Rewriting it in place (truncate, then write) lost it when
+    /// the write failed (disk full, EIO) or the process died in between —
+    /// the file left empty, or holding half a note that reads as another
+    /// (a pid cut short names another process).
+    #[test]
+    fn a_note_rewrite_that_fails_part_way_keeps_the_previous_note() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.db");
+        let s = TokenStore::open(&path).unwrap();
+        let held = s.try_lock_grant("g").unwrap().expect("free");
+        let previous = unsaved_note(123_456, 7);
+        s.set_refresh_note("g", Some(&previous)).unwrap();
+        let full_disk = |f: &mut File, bytes: &[u8]| -> std::io::Result<()> {
+            use std::io::Write;
+            f.write_all(&bytes[..bytes.len() / 2])?;
+            Err(std::io::Error::from_raw_os_error(28))
+        };
+        let killed_before_writing = |_: &mut File, _: &[u8]| -> std::io::Result<()> {
+            Err(std::io::Error::other("killed (test)"))
+        };
+        for (what, fault) in [
+            (
+                "a write cut short",
+                &full_disk as &dyn Fn(&mut File, &[u8]) -> _,
+            ),
+            ("no write at all", &killed_before_writing),
+        ] {
+            for next in [
+                Some("sent at 2026-11-29T00:00:00Z by leadsync process 42"),
+                Some(unsaved_note(99, 8).as_str()),
+            ] {
+                assert!(s.set_refresh_note_with("g", next, fault).is_err(), "{what}");
+                assert_eq!(
+                    s.refresh_note("g").unwrap().as_deref(),
+                    Some(previous.as_str()),
+                    "{what} lost the previous note"
+                );
+            }
+        }
+        // A rewrite that succeeds replaces it whole, and the lock is still
+        // the one other handles meet (not a file renamed from under it).
+        let other = TokenStore::open(&path).unwrap();
+        s.set_refresh_note(
+            "g",
+            Some("sent at 2026-11-29T00:00:01Z by leadsync process 42"),
+        )
+        .unwrap();
+        assert_eq!(
+            other.refresh_note("g").unwrap().as_deref(),
+            Some("sent at 2026-11-29T00:00:01Z by leadsync process 42")
+        );
+        assert!(
+            other.try_lock_grant("g").unwrap().is_none(),
+            "lock identity lost"
+        );
+        s.set_refresh_note("g", None).unwrap();
+        assert_eq!(other.refresh_note("g").unwrap(), None);
+        assert!(
+            other.try_lock_grant("g").unwrap().is_none(),
+            "lock identity lost"
+        );
+        drop(held);
+        assert!(other.try_lock_grant("g").unwrap().is_some());
+    }
+
+    /// An older leadsync wrote its note into the lock file itself: it is
+    /// still read (a refresh it cut short is still named), and cleared in
+    /// place with the next write, the lock kept. A temporary note left by
+    /// a process that died writing it is never read.
+    #[test]
+    fn a_note_in_the_lock_file_of_an_older_leadsync_is_read_and_cleared_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let held = s.try_lock_grant("g").unwrap().expect("free");
+        let old = "sent at 2026-11-28T00:00:00Z by leadsync process 7";
+        std::fs::write(s.lock_path("g"), format!("{old}\n")).unwrap();
+        std::fs::write(
+            s.lock_dir()
+                .join(format!("{}.note.tmp", &sha256_hex("g")[..32])),
+            "rotated refresh token not stored yet, held in memory by leadsync process 1",
+        )
+        .unwrap();
+        assert_eq!(s.refresh_note("g").unwrap().as_deref(), Some(old));
+        s.set_refresh_note(
+            "g",
+            Some("sent at 2026-11-29T00:00:00Z by leadsync process 8"),
+        )
+        .unwrap();
+        assert_eq!(std::fs::metadata(s.lock_path("g")).unwrap().len(), 0);
+        s.set_refresh_note("g", None).unwrap();
+        assert_eq!(s.refresh_note("g").unwrap(), None);
+        std::fs::write(s.lock_path("g"), format!("{old}\n")).unwrap();
+        s.set_refresh_note("g", None).unwrap();
+        assert_eq!(s.refresh_note("g").unwrap(), None);
+        assert!(
+            s.try_lock_grant("g").unwrap().is_none(),
+            "lock identity lost"
+        );
+        drop(held);
+    }
+
+    /// The note goes into logs and `status`: a note file that is a link
+    /// (to another file of the service user's) is never read, nor is
+    /// more of a note than a note can be.
+    #[test]
+    fn a_symlinked_note_is_not_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let held = s.try_lock_grant("g").unwrap().expect("free");
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, "SECRET-CONTENT").unwrap();
+        std::os::unix::fs::symlink(&secret, s.note_path("g")).unwrap();
+        match s.refresh_note("g") {
+            Ok(note) => assert!(
+                !note.unwrap_or_default().contains("SECRET"),
+                "the link was followed"
+            ),
+            Err(e) => {
+                let e = format!("{e:#}");
+                assert!(!e.contains("SECRET"), "{e}");
+                assert!(e.contains("not a regular file"), "{e}");
+            }
+        }
+        std::fs::remove_file(s.note_path("g")).unwrap();
+        std::fs::write(s.note_path("g"), "x".repeat(1 << 20)).unwrap();
+        assert_eq!(s.refresh_note("g").unwrap().unwrap().len(), 200);
+        drop(held);
     }
 
     #[test]

@@ -58,6 +58,11 @@ const SHORTEST_RETRY: Duration = Duration::from_secs(1);
 /// half the token's lifetime, when shorter).
 const REFRESH_ON_401_INTERVAL: Duration = Duration::from_secs(60);
 
+/// A rotated token held unsaved is written again on its own after this,
+/// then twice as long each time, up to [`UNSAVED_RETRY_MAX`].
+const UNSAVED_RETRY_FIRST: Duration = Duration::from_secs(1);
+const UNSAVED_RETRY_MAX: Duration = Duration::from_secs(60);
+
 /// A boxed future, for the object-safe traits below.
 pub type BoxFuture = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -97,6 +102,17 @@ pub trait GrantStore: Send + Sync {
     fn set_refresh_note(&self, _grant: &str, _note: Option<&str>) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Takes the grant's "unsaved" lock (by the lock's holder, whose store
+    /// refused its rotated token), held until the token is stored or
+    /// superseded: how another process knows a live one keeps it.
+    fn lock_unsaved(&self, _grant: &str) -> anyhow::Result<Option<Box<dyn Send>>> {
+        Ok(None)
+    }
+    /// Whether a live process holds the grant's rotated token unsaved (its
+    /// "unsaved" lock is held).
+    fn unsaved_held(&self, _grant: &str) -> anyhow::Result<bool> {
+        Ok(false)
+    }
     /// Records durably that this process holds the grant's rotated token in
     /// memory, unsaved (by the lock's holder): a moved token file must not
     /// take the chain from under it until it is stored.
@@ -112,6 +128,35 @@ pub trait AuthRecorder: Send + Sync {
     fn needs_reauth(&self, business_ids: Vec<String>, reason: Option<String>) -> BoxFuture;
     /// An operator-visible condition, set (`Some`) or cleared, by key.
     fn alert(&self, key: String, message: Option<String>) -> BoxFuture;
+}
+
+/// The grant's `lock` with its "unsaved" lock taken too, for a rotated
+/// token held unsaved; dropped in this order: the unsaved lock, then the
+/// grant's.
+async fn with_unsaved_lock(
+    store: &Arc<dyn GrantStore>,
+    chain: &Chain,
+    lock: Box<dyn Send>,
+) -> Box<dyn Send> {
+    let (s, key) = (store.clone(), chain.key.clone());
+    let held = blocking(move || s.lock_unsaved(&key))
+        .await
+        .unwrap_or_else(|e| {
+            warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                "cannot take the grant's unsaved lock: other processes \
+                 wait for this one's lock instead of being told at once");
+            None
+        });
+    Box::new((held, lock))
+}
+
+/// A stop with the chain's rotated token still unsaved: said loudly.
+fn stops_unsaved(chain: &Chain, error: &str) {
+    error!(grant = %chain.file.display(), error = %error,
+        "leadsync stops with a rotated refresh token it could not store: that token ends with \
+         this process, and the stored one was spent by the refresh that rotated it; the grant \
+         must be re-authorized (`leadsync auth exchange`) unless Thumbtack still accepts the \
+         stored one (its grace period for retries)");
 }
 
 /// The alert key of a refused OAuth client.
@@ -191,6 +236,9 @@ struct Chain {
     unsaved_alert_cleared: AtomicBool,
     /// A refresh unit of this chain is running (what a stop cut short names).
     refreshing: AtomicBool,
+    /// A task writes the chain's unsaved rotated token again on its own
+    /// (changed only while holding `state`).
+    retrying_unsaved: AtomicBool,
 }
 
 /// A static bearer token from a file.
@@ -227,6 +275,9 @@ struct Inner {
     /// `refresh_deadline` to finish and store its rotated token.
     stopping: CancellationToken,
     refresh_deadline: Mutex<Option<Instant>>,
+    /// Notified when [`Auth::settle`] starts: the tasks writing unsaved
+    /// tokens again end, and settle makes the last try itself.
+    settling: tokio::sync::Notify,
 }
 
 /// Token providers for every configured business.
@@ -425,6 +476,7 @@ impl Auth {
                 tasks: TaskTracker::new(),
                 stopping: CancellationToken::new(),
                 refresh_deadline: Mutex::new(None),
+                settling: tokio::sync::Notify::new(),
             }),
         };
         auth.reconfigure(config);
@@ -499,6 +551,7 @@ impl Auth {
                                 reauth: Mutex::new(None),
                                 unsaved_alert_cleared: AtomicBool::new(false),
                                 refreshing: AtomicBool::new(false),
+                                retrying_unsaved: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -670,6 +723,7 @@ impl Auth {
         let inner = &self.inner;
         let until = tokio::time::Instant::now() + bound;
         inner.tasks.close();
+        inner.settling.notify_waiters();
         let finished = tokio::time::timeout_at(until, inner.tasks.wait())
             .await
             .is_ok();
@@ -690,9 +744,26 @@ impl Auth {
                      must be re-authorized with `leadsync auth exchange`)");
                 continue;
             }
-            // Held only by a caller that is about to be told "stopping".
-            let Ok(mut state) = chain.state.clone().try_lock_owned() else {
-                continue;
+            let mut state = match chain.state.clone().try_lock_owned() {
+                Ok(state) => state,
+                // The task writing an unsaved token again holds it while
+                // its write runs: waited for until the bound, and if it
+                // is still running then, the token is said lost as below
+                // (not only "a write was still running").
+                Err(_) if chain.retrying_unsaved.load(Ordering::SeqCst) => {
+                    match tokio::time::timeout_at(until, chain.state.clone().lock_owned()).await {
+                        Ok(state) => state,
+                        Err(_) => {
+                            stops_unsaved(
+                                &chain,
+                                "its write was still running at the shutdown bound",
+                            );
+                            continue;
+                        }
+                    }
+                }
+                // Held only by a caller that is about to be told "stopping".
+                Err(_) => continue,
             };
             let Some(error) = state.unsaved.as_ref().map(|u| u.error.clone()) else {
                 continue;
@@ -701,11 +772,7 @@ impl Auth {
             let saved = tokio::time::timeout(left, inner.save_unsaved(&chain, &mut state)).await;
             if saved.is_err() || state.unsaved.is_some() {
                 let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
-                error!(grant = %chain.file.display(), error = %error,
-                    "leadsync stops with a rotated refresh token it could not store: that token ends with \
-                     this process, and the stored one was spent by the refresh that rotated it; the grant \
-                     must be re-authorized (`leadsync auth exchange`) unless Thumbtack still accepts the \
-                     stored one (its grace period for retries)");
+                stops_unsaved(&chain, &error);
             }
         }
         if !finished {
@@ -792,6 +859,7 @@ impl Auth {
                     reauth: Mutex::new(None),
                     unsaved_alert_cleared: AtomicBool::new(false),
                     refreshing: AtomicBool::new(false),
+                    retrying_unsaved: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -978,6 +1046,8 @@ impl Auth {
         state.access = (!no_access).then(|| access.0.clone());
         drop(state);
         inner.clear_client_refused().await;
+        // A new grant: a refresh whose answers were lost no longer matters.
+        inner.alert(format!("lost:{}", chain.key), None).await;
         // This process may not know the mirror's flag: clear it regardless.
         inner.set_reauth(&chain, None, true).await;
         Ok(access.0.token)
@@ -1192,19 +1262,32 @@ impl Inner {
                 return Err(self.abandoned(chain, "before it took the grant's lock"));
             }
             let (s, key) = (store.clone(), chain.key.clone());
+            // The holder keeps a rotated token unsaved only while it holds
+            // the grant's "unsaved" lock too: a note saying so may be stale
+            // (its writer ended, or stored the token and was killed before
+            // clearing it) while the lock is held for an ordinary refresh,
+            // which is waited for. The note only names the holder.
             match blocking(move || s.try_lock(&key)).await {
                 Ok(Some(lock)) => return Ok(Ok(lock)),
                 Ok(None)
                     if let (s, key) = (store.clone(), chain.key.clone())
-                        && let Some(pid) = blocking(move || s.refresh_note(&key))
+                        && blocking(move || s.unsaved_held(&key))
                             .await
-                            .ok()
-                            .flatten()
-                            .as_deref()
-                            .and_then(unsaved_by) =>
+                            .unwrap_or(false) =>
                 {
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    let holder = match blocking(move || s.refresh_note(&key))
+                        .await
+                        .ok()
+                        .flatten()
+                        .as_deref()
+                        .and_then(unsaved_by)
+                    {
+                        Some(pid) => format!("leadsync process {pid}"),
+                        None => "a leadsync process".to_string(),
+                    };
                     return Ok(Err(format!(
-                        "leadsync process {pid} holds the rotated refresh token of the grant in {} in \
+                        "{holder} holds the rotated refresh token of the grant in {} in \
                          memory, unsaved (the token store cannot take it); the stored one is spent, so no \
                          other refresh of this grant starts until that process stores it",
                         chain.file.display()
@@ -1241,7 +1324,7 @@ impl Inner {
         let key = chain.key.clone();
         if let Err(e) = blocking(move || store.set_refresh_note(&key, note.as_deref())).await {
             warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
-                "cannot record the token refresh in flight in the grant's lock file");
+                "cannot record the token refresh in flight in the grant's note");
         }
     }
 
@@ -1325,8 +1408,56 @@ impl Inner {
             Err(Failure::ClientRefused(m)) => self.set_client_refused(m).await,
             Err(Failure::Retry(_) | Failure::Stopping(_)) => {}
         }
+        if state.unsaved.is_some() {
+            self.retry_unsaved(&chain);
+        }
         drop(state);
         outcome.map_err(Into::into)
+    }
+
+    /// Writes the chain's rotated token held unsaved again on its own until
+    /// the store takes it or a newer grant supersedes it, and so lets the
+    /// grant's lock go: no business of the grant may ask for a token for
+    /// hours (disabled, nothing to send, a long schedule), and meanwhile
+    /// every other process is kept out. One task per chain; it ends at a
+    /// stop ([`Auth::settle`] tries once more). Called holding the chain's
+    /// state.
+    fn retry_unsaved(self: &Arc<Self>, chain: &Arc<Chain>) {
+        if chain.retrying_unsaved.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (inner, chain) = (self.clone(), chain.clone());
+        self.tasks.spawn(async move {
+            let mut wait = UNSAVED_RETRY_FIRST;
+            loop {
+                let settling = inner.settling.notified();
+                tokio::pin!(settling);
+                // Registered before the check: a settle between them is seen.
+                settling.as_mut().enable();
+                if inner.tasks.is_closed() {
+                    break;
+                }
+                let state = tokio::select! {
+                    state = async {
+                        tokio::time::sleep(wait).await;
+                        chain.state.clone().lock_owned().await
+                    } => state,
+                    _ = inner.stopping.cancelled() => break,
+                    _ = &mut settling => break,
+                };
+                let mut state = state;
+                let stored = state.unsaved.is_none()
+                    || matches!(inner.save_unsaved(&chain, &mut state).await, Ok(true));
+                if stored || inner.stopping.is_cancelled() || inner.tasks.is_closed() {
+                    // Under the state, so a token left unsaved later finds
+                    // no task and starts one.
+                    chain.retrying_unsaved.store(false, Ordering::SeqCst);
+                    return;
+                }
+                wait = (wait * 2).min(UNSAVED_RETRY_MAX);
+            }
+            chain.retrying_unsaved.store(false, Ordering::SeqCst);
+        });
     }
 
     /// Tries again to store the rotated tokens held unsaved by chains no
@@ -1381,12 +1512,14 @@ impl Inner {
         let (saved, lock) = match saved {
             Ok((saved, lock)) => (saved, lock),
             Err(e) => {
-                // The task failed with the lock: take it again if free.
-                let key = chain.key.clone();
-                (
-                    Err(e),
-                    blocking(move || store.try_lock(&key)).await.ok().flatten(),
-                )
+                // The task failed with the locks: take them again if free
+                // (the "unsaved" one too: it tells other processes at once).
+                let (s, key) = (store.clone(), chain.key.clone());
+                let lock = match blocking(move || s.try_lock(&key)).await.ok().flatten() {
+                    Some(lock) => Some(with_unsaved_lock(&store, chain, lock).await),
+                    None => None,
+                };
+                (Err(e), lock)
             }
         };
         match saved {
@@ -1394,6 +1527,7 @@ impl Inner {
                 info!(grant = %chain.file.display(), "the rotated refresh token is stored now");
                 self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
+                self.alert(format!("lost:{}", chain.key), None).await;
                 if Instant::now() < access.expires_at {
                     state.access = Some(access);
                 }
@@ -1511,6 +1645,8 @@ impl Inner {
                 token: token.clone(),
                 expires_at: at,
             });
+            // A token another process stored: the grant works.
+            self.alert(format!("lost:{}", chain.key), None).await;
             return Ok(token.clone());
         }
         let expected = row.as_ref().map(|r| r.generation).unwrap_or(0);
@@ -1634,6 +1770,10 @@ impl Inner {
                             if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
                                 self.alert(format!("unsaved:{}", chain.key), None).await;
                             }
+                            // Every time (about once an hour): another
+                            // process (a `sync` by hand behind a bad proxy)
+                            // may have raised it since this one last did.
+                            self.alert(format!("lost:{}", chain.key), None).await;
                         }
                         Ok(Written::Conflict(found)) => {
                             warn!(grant = %file, generation = found,
@@ -1655,13 +1795,19 @@ impl Inner {
                                 )),
                             )
                             .await;
-                            // The grant's lock stays held with the token; the
+                            // The grant's lock stays held with the token, and
+                            // its "unsaved" lock is taken (before the note: a
+                            // process seeing the note may look for it); the
                             // note names the holder (a full disk may refuse
-                            // it: the lock alone is what keeps the chain).
+                            // it: the locks alone are what keep the chain).
+                            let lock = match lock {
+                                Some(lock) => Some(with_unsaved_lock(&store, chain, lock).await),
+                                None => None,
+                            };
                             let (s, key) = (store.clone(), chain.key.clone());
                             if let Err(e) = blocking(move || s.note_unsaved(&key, expected)).await {
                                 warn!(grant = %file, error = %format!("{e:#}"),
-                                    "cannot record the unsaved rotated token in the grant's lock file");
+                                    "cannot record the unsaved rotated token in the grant's note");
                             }
                             state.unsaved = Some(Unsaved {
                                 expected,
@@ -1743,7 +1889,28 @@ impl Inner {
                     )));
                 }
                 Err(TokenFailure::ClientRefused(m)) => return Err(Failure::ClientRefused(m)),
-                Err(TokenFailure::Lost(m) | TokenFailure::Transient(m)) => {
+                // Every answer lost: the token may be spent. The note stays
+                // for the next refresh, and the operator is told (the log
+                // and `status`) until a refresh gets through.
+                Err(TokenFailure::Lost(m)) => {
+                    error!(grant = %file, error = %m,
+                        "no answer to the token refresh could be read: if Thumbtack rotated the refresh token, \
+                         the new one is lost; the next refresh presents the same one (accepted within \
+                         Thumbtack's grace period for retries, else the grant needs re-authorization)");
+                    self.alert(
+                        format!("lost:{}", chain.key),
+                        Some(format!(
+                            "the token refresh of {who} got no answer leadsync could read ({m}); \
+                             its refresh token may be spent: the next refresh presents it again, \
+                             else the grant needs re-authorization"
+                        )),
+                    )
+                    .await;
+                    return Err(Failure::Retry(format!(
+                        "token refresh for {who} failed: {m}"
+                    )));
+                }
+                Err(TokenFailure::Transient(m)) => {
                     return Err(Failure::Retry(format!(
                         "token refresh for {who} failed: {m}"
                     )));
@@ -1855,12 +2022,23 @@ impl Inner {
         })?;
         let status = resp.status().as_u16();
         // A token response is a few hundred bytes: one larger than this
-        // is not read (and may have rotated the token: lost, like a cut one).
+        // is not read, and what it says is unknown — whatever its status: a
+        // small `400 invalid_grant` cannot have rotated the token, but an
+        // unreadable 4xx may be a proxy's page in front of a server that
+        // did. Lost, like a cut one: asked again with the same token (the
+        // grace period makes that safe either way), the note kept, and the
+        // status named so the operator can look for the proxy.
         let body = read_body(resp, MAX_TOKEN_BODY_BYTES)
             .await
             .map_err(|e| match e {
                 BodyError::TooLarge(what) => TokenFailure::Lost(format!(
-                    "token response with a body {what} larger than {MAX_TOKEN_BODY_BYTES} bytes: not read"
+                    "token endpoint answered HTTP {status} with a body {what} larger than \
+                     {MAX_TOKEN_BODY_BYTES} bytes: not read{}",
+                    if (400..500).contains(&status) {
+                        " (a proxy's page? what it says is unknown, so it is taken as a lost answer)"
+                    } else {
+                        ""
+                    }
                 )),
                 BodyError::Read(e) => TokenFailure::Lost(format!(
                     "token response lost while reading it ({})",
