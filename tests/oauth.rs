@@ -998,14 +998,27 @@ async fn a_stale_unsaved_note_does_not_fail_a_process_waiting_for_an_ordinary_re
     auth.settle(Duration::from_secs(5)).await;
 }
 
-/// A stop's last try to store a token held unsaved runs out of time while
-/// the store's write is still running (a slow disk): the write may yet
-/// land. Letting the grant's lock go then (with the token) let another
-/// process take the lock, read the generation before that write, and
-/// present the spent token. The lock is let go only once the write ends.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stop_that_times_out_a_store_write_keeps_the_lock_until_the_write_ends() {
-    let env = oauth_env(3600, FAST).await;
+/// A token held unsaved (its store write failing), with a store whose
+/// writes can then be made slow: `fail` fails them, `slow` holds them
+/// (`in_write` once one is held) until it is cleared, or 60 s.
+struct SlowWrite {
+    auth: leadsync::thumbtack::Auth,
+    fail: Arc<AtomicBool>,
+    slow: Arc<AtomicBool>,
+    in_write: Arc<AtomicBool>,
+    _release: Release,
+}
+
+/// Ends a slow write however the test ends.
+struct Release(Arc<AtomicBool>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+async fn slow_write_held_unsaved(env: &Env) -> SlowWrite {
     let fail = Arc::new(AtomicBool::new(false));
     let slow = Arc::new(AtomicBool::new(false));
     let in_write = Arc::new(AtomicBool::new(false));
@@ -1027,15 +1040,31 @@ async fn a_stop_that_times_out_a_store_write_keeps_the_lock_until_the_write_ends
         }),
         Box::new(|_| {}),
     );
-    let auth = held_unsaved(&env, store, &fail).await;
-    /// Ends the slow write however the test ends.
-    struct Release(Arc<AtomicBool>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::SeqCst);
-        }
+    let auth = held_unsaved(env, store, &fail).await;
+    SlowWrite {
+        auth,
+        fail,
+        slow: slow.clone(),
+        in_write,
+        _release: Release(slow),
     }
-    let _release = Release(slow.clone());
+}
+
+/// A stop's last try to store a token held unsaved runs out of time while
+/// the store's write is still running (a slow disk): the write may yet
+/// land. Letting the grant's lock go then (with the token) let another
+/// process take the lock, read the generation before that write, and
+/// present the spent token. The lock is let go only once the write ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_that_times_out_a_store_write_keeps_the_lock_until_the_write_ends() {
+    let env = oauth_env(3600, FAST).await;
+    let SlowWrite {
+        auth,
+        fail,
+        slow,
+        in_write,
+        _release,
+    } = slow_write_held_unsaved(&env).await;
     fail.store(false, Ordering::SeqCst);
     slow.store(true, Ordering::SeqCst);
     auth.settle(Duration::from_secs(3)).await;
@@ -1079,36 +1108,13 @@ impl std::io::Write for LogBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_the_background_write_of_an_unsaved_token_says_so_loudly() {
     let env = oauth_env(3600, FAST).await;
-    let fail = Arc::new(AtomicBool::new(false));
-    let slow = Arc::new(AtomicBool::new(false));
-    let in_write = Arc::new(AtomicBool::new(false));
-    let (failing, slowing, writing) = (fail.clone(), slow.clone(), in_write.clone());
-    let store = Hooked::new(
-        &env.config(),
-        Box::new(move || {
-            if failing.load(Ordering::SeqCst) {
-                anyhow::bail!("disk I/O error (test)");
-            }
-            if slowing.load(Ordering::SeqCst) {
-                writing.store(true, Ordering::SeqCst);
-                let deadline = std::time::Instant::now() + Duration::from_secs(60);
-                while slowing.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
-                    std::thread::sleep(Duration::from_millis(10));
-                }
-            }
-            Ok(())
-        }),
-        Box::new(|_| {}),
-    );
-    let auth = held_unsaved(&env, store, &fail).await;
-    /// Ends the slow write however the test ends.
-    struct Release(Arc<AtomicBool>);
-    impl Drop for Release {
-        fn drop(&mut self) {
-            self.0.store(false, Ordering::SeqCst);
-        }
-    }
-    let _release = Release(slow.clone());
+    let SlowWrite {
+        auth,
+        fail,
+        slow,
+        in_write,
+        _release,
+    } = slow_write_held_unsaved(&env).await;
     slow.store(true, Ordering::SeqCst);
     fail.store(false, Ordering::SeqCst);
     // No business asks: the chain's own retry task starts the write.
