@@ -1080,3 +1080,212 @@ async fn an_identical_delivery_still_outdates_a_page_made_before_it() {
         "the page made before the identical delivery rolled the lead back"
     );
 }
+
+/// Applies a `NegotiationCreatedV4` delivery of `data` for an event
+/// triggered at `triggered` (received now), the way the receiver does; its
+/// outcome.
+async fn deliver_triggered(s: &std::sync::Arc<Session>, data: &str, triggered: &str) -> String {
+    let (data, triggered) = (data.to_string(), triggered.to_string());
+    s.store
+        .call(move |conn| {
+            let body = format!(
+                "{{\"event\":{{\"eventType\":\"NegotiationCreatedV4\",\"webhookID\":\"w\",\
+                 \"triggeredAt\":\"{triggered}\"}},\"data\":{data}}}"
+            );
+            let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes())
+                .map_err(anyhow::Error::msg)?;
+            let (row, effect) = leadsync::ingest::delivery_effect(d, &body, leadsync::time::now());
+            let rec = leadsync::store::messages::record_delivery(conn, &row, &effect)?;
+            Ok(rec.outcome.as_str().to_string())
+        })
+        .await
+        .unwrap()
+}
+
+/// A lead as listed (`business.businessID` in it), as a delivery's
+/// `data`, its status `from` changed to `status`.
+fn delivered_as(listed: &str, from: &str, status: &str) -> String {
+    listed.replace(
+        &format!("\"status\":\"{from}\""),
+        &format!("\"status\":\"{status}\""),
+    )
+}
+
+/// The mirror holds a lead as Thumbtack lists it (B). The lead changes (C,
+/// an event at t1 whose delivery is held up) and back (B). A pass after
+/// that lists B, identical to the mirrored copy: nothing is written, by
+/// design. The held-up delivery of t1 then arrives: it is older than that
+/// listing, and must not overwrite B with C (it did: it was compared with
+/// the mirrored copy's `changed_at`, or its event time, both before t1).
+/// For a head scan and a full scan, and for a mirrored copy that came from a
+/// listing or from an earlier delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_up_delivery_older_than_a_listing_that_confirmed_the_lead_does_not_overwrite_it() {
+    let mut rolled_back = Vec::new();
+    for kind in [ScanKind::Head, ScanKind::Full] {
+        for from_delivery in [false, true] {
+            let env = Env::small().await;
+            let b = env.business_ids()[0].clone();
+            let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+            assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
+            // On the first page: a head scan lists it.
+            let x = env.sandbox.lead_ids(&b)[0].clone();
+            let listed = env.sandbox.lead_json(&x).unwrap();
+            let status = status_of(&env, &x);
+            let case = format!("{kind:?}, mirrored copy from a delivery: {from_delivery}");
+            if from_delivery {
+                next_millisecond().await;
+                let t0 = leadsync::time::now();
+                next_millisecond().await;
+                let same = delivered_as(&listed, &status, &status);
+                let outcome = deliver_triggered(&s, &same, &t0).await;
+                assert_ne!(outcome, "applied", "{case}: identical");
+            }
+            next_millisecond().await;
+            let t1 = leadsync::time::now();
+            next_millisecond().await;
+            // B -> C at t1 (the delivery is held up), C -> B at t2; then a
+            // pass lists B.
+            let c = delivered_as(&listed, &status, "Canceled");
+            let report = pass(&s, &b, kind).await;
+            assert!(report.is_ok(), "{case}: {}", report.summary());
+            assert_eq!(
+                count(
+                    &env.sql(),
+                    &format!(
+                        "SELECT count(*) FROM negotiation_changes WHERE negotiation_id = '{x}'"
+                    )
+                ),
+                1,
+                "{case}: the listing was identical"
+            );
+            let outcome = deliver_triggered(&s, &c, &t1).await;
+            if status_of(&env, &x) != status || outcome != "duplicate" {
+                rolled_back.push(format!("{case} ({outcome})"));
+                continue;
+            }
+            // An event after that listing is newer: applied.
+            next_millisecond().await;
+            let t4 = leadsync::time::now();
+            next_millisecond().await;
+            assert_eq!(deliver_triggered(&s, &c, &t4).await, "applied", "{case}");
+            assert_eq!(status_of(&env, &x), "Canceled", "{case}");
+        }
+    }
+    assert!(
+        rolled_back.is_empty(),
+        "the held-up delivery overwrote the newer listing: {rolled_back:?}"
+    );
+}
+
+/// A head scan lists the newest leads only: a pass that did not list a
+/// lead confirmed nothing of it, and a delivery of an event after its
+/// mirrored copy (and before that pass) is still applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_scan_confirms_only_the_leads_it_listed() {
+    let env = Env::small().await;
+    let b = env.business_ids()[0].clone();
+    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
+    // On the last page: a head scan (one unchanged page) never reaches it.
+    let x = env.sandbox.lead_ids(&b).last().unwrap().clone();
+    let listed = env.sandbox.lead_json(&x).unwrap();
+    let status = status_of(&env, &x);
+    next_millisecond().await;
+    let t1 = leadsync::time::now();
+    next_millisecond().await;
+    let report = pass(&s, &b, ScanKind::Head).await;
+    assert!(report.is_ok(), "{}", report.summary());
+    let c = delivered_as(&listed, &status, "Canceled");
+    assert_eq!(deliver_triggered(&s, &c, &t1).await, "applied");
+    assert_eq!(status_of(&env, &x), "Canceled");
+}
+
+/// The converse, with four businesses' passes at once (as
+/// `daemon.sync_concurrency = 4` runs them) and their pages answered
+/// interleaved, well after they were made: a page made before a delivered
+/// event never overwrites the delivered copy, and a page asked for after
+/// the event (a later page of a full scan) is the newer observation and
+/// is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 4,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let businesses = env.business_ids();
+    assert_eq!(businesses.len(), 4);
+    let mut cases = Vec::new();
+    for (i, b) in businesses.iter().enumerate() {
+        assert!(pass(&s, b, ScanKind::Full).await.is_ok());
+        let kind = [ScanKind::Full, ScanKind::Head][i % 2];
+        // On the first page, and (full scans) on the third.
+        let ids = env.sandbox.lead_ids(b);
+        let leads = match kind {
+            ScanKind::Full => vec![ids[0].clone(), ids[25].clone()],
+            ScanKind::Head => vec![ids[0].clone()],
+        };
+        let mut data = Vec::new();
+        for x in &leads {
+            env.sandbox
+                .mutate(Mutation::SetStatus {
+                    negotiation_id: x.clone(),
+                    status: "Picked".into(),
+                })
+                .unwrap();
+            let listed = env.sandbox.lead_json(x).unwrap();
+            data.push(delivered_as(&listed, "Picked", "Canceled"));
+        }
+        cases.push((b.clone(), kind, leads, data));
+    }
+    env.sandbox.set_faults(Faults {
+        list_hold_ms: 1_500,
+        ..Default::default()
+    });
+    let held = env.sandbox.stats().lists_held;
+    let running: Vec<_> = cases
+        .iter()
+        .map(|(b, kind, _, _)| spawn_pass(&s, b, *kind))
+        .collect();
+    // Every pass's first page is made and held back; the events come after.
+    common::wait_until("four first pages made", Duration::from_secs(30), || {
+        env.sandbox.stats().lists_held >= held + 4
+    })
+    .await;
+    next_millisecond().await;
+    env.sandbox.set_faults(Faults::default());
+    let event = leadsync::time::now();
+    for (_, _, _, data) in &cases {
+        for d in data {
+            assert_eq!(deliver_triggered(&s, d, &event).await, "applied");
+        }
+    }
+    for r in running {
+        let report = r.await.unwrap();
+        assert!(report.is_ok(), "{}", report.summary());
+    }
+    for (b, kind, leads, _) in &cases {
+        assert_eq!(
+            status_of(&env, &leads[0]),
+            "Canceled",
+            "{b} ({kind:?}): the first page, made before the event, overwrote the delivered copy"
+        );
+        if let Some(later) = leads.get(1) {
+            assert_eq!(
+                status_of(&env, later),
+                "Picked",
+                "{b} ({kind:?}): the third page, asked for after the event, was not written"
+            );
+        }
+    }
+    // The next listing, asked for after the event, is compared as usual.
+    let (b, _, leads, _) = &cases[1];
+    assert!(pass(&s, b, ScanKind::Head).await.is_ok());
+    assert_eq!(status_of(&env, &leads[0]), "Picked");
+}

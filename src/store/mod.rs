@@ -101,6 +101,10 @@ fn migrations() -> Vec<(i64, String)> {
             include_str!("migrations/0016_sync_request_checks.sql").to_string(),
         ),
         (17, v17),
+        (
+            18,
+            include_str!("migrations/0018_listing_confirmations.sql").to_string(),
+        ),
     ]
 }
 
@@ -578,7 +582,8 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         tx.execute_batch(include_str!("migrations/0017_outbox_order_column.sql"))
             .with_context(|| format!("migration {version} failed"))?;
     }
-    let done = version == 14 && has_column("negotiations", "webhook_triggered_at")?;
+    let done = (version == 14 && has_column("negotiations", "webhook_triggered_at")?)
+        || (version == 18 && has_column("sync_runs", "listed_at")?);
     if !done {
         tx.execute_batch(sql)
             .with_context(|| format!("migration {version} failed"))?;
