@@ -1202,11 +1202,12 @@ async fn a_head_scan_confirms_only_the_leads_it_listed() {
 }
 
 /// The converse, with four businesses' passes at once (as
-/// `daemon.sync_concurrency = 4` runs them) and their pages answered
-/// interleaved, well after they were made: a page made before a delivered
-/// event never overwrites the delivered copy, and a page asked for after
-/// the event (a later page of a full scan) is the newer observation and
-/// is written.
+/// `daemon.sync_concurrency = 4` runs them), their pages answered
+/// interleaved and well after they were made, and a full scan's page asked
+/// for ahead of the one it reads: a page made before a delivered event
+/// never overwrites the delivered copy (a page asked for ahead is as old
+/// as its request), and a page asked for after the event is the newer
+/// observation and is written.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
     let env = Env::new(
@@ -1221,71 +1222,95 @@ async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
     let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
     let businesses = env.business_ids();
     assert_eq!(businesses.len(), 4);
+    // (business, kind, leads made before the event, leads asked after it).
     let mut cases = Vec::new();
+    let mut deliveries = Vec::new();
     for (i, b) in businesses.iter().enumerate() {
         assert!(pass(&s, b, ScanKind::Full).await.is_ok());
-        let kind = [ScanKind::Full, ScanKind::Head][i % 2];
-        // On the first page, and (full scans) on the third.
         let ids = env.sandbox.lead_ids(b);
-        let leads = match kind {
-            ScanKind::Full => vec![ids[0].clone(), ids[25].clone()],
-            ScanKind::Head => vec![ids[0].clone()],
+        // Pages of 10: a full scan reads page 3 and asks for page 4 ahead
+        // at once (its first guess), then page 6 after the event; a head
+        // scan reads page 1.
+        let (kind, before, after) = match i % 2 {
+            0 => (
+                ScanKind::Full,
+                vec![ids[25].clone(), ids[35].clone()],
+                vec![ids[55].clone()],
+            ),
+            _ => (ScanKind::Head, vec![ids[0].clone()], vec![]),
         };
-        let mut data = Vec::new();
-        for x in &leads {
+        for x in before.iter().chain(&after) {
             env.sandbox
                 .mutate(Mutation::SetStatus {
                     negotiation_id: x.clone(),
-                    status: "Picked".into(),
+                    // A status no lead of the sandbox has: the listing
+                    // differs from the mirror as the scan started.
+                    status: "Hired".into(),
                 })
                 .unwrap();
             let listed = env.sandbox.lead_json(x).unwrap();
-            data.push(delivered_as(&listed, "Picked", "Canceled"));
+            // A status no listing has.
+            deliveries.push(delivered_as(&listed, "Hired", "Archived"));
         }
-        cases.push((b.clone(), kind, leads, data));
+        cases.push((b.clone(), kind, before, after));
     }
     env.sandbox.set_faults(Faults {
         list_hold_ms: 1_500,
         ..Default::default()
     });
-    let held = env.sandbox.stats().lists_held;
-    let running: Vec<_> = cases
+    let asked: Vec<u64> = businesses
         .iter()
-        .map(|(b, kind, _, _)| spawn_pass(&s, b, *kind))
+        .map(|b| env.sandbox.list_requests(b))
         .collect();
-    // Every pass's first page is made and held back; the events come after.
-    common::wait_until("four first pages made", Duration::from_secs(30), || {
-        env.sandbox.stats().lists_held >= held + 4
+    let requests = |i: usize| env.sandbox.list_requests(&businesses[i]) - asked[i];
+    let mut running = Vec::new();
+    for (b, kind, _, _) in cases.iter().filter(|c| c.1 == ScanKind::Full) {
+        running.push(spawn_pass(&s, b, *kind));
+    }
+    // Pages 1 and 2 are held in turn; then pages 3 and 4 are asked for.
+    common::wait_until("pages 3 and 4 asked for", Duration::from_secs(60), || {
+        (0..4).step_by(2).all(|i| requests(i) >= 4)
     })
     .await;
+    for (b, kind, _, _) in cases.iter().filter(|c| c.1 == ScanKind::Head) {
+        running.push(spawn_pass(&s, b, *kind));
+    }
+    common::wait_until(
+        "the head scans' first pages asked for",
+        Duration::from_secs(30),
+        || (1..4).step_by(2).all(|i| requests(i) >= 1),
+    )
+    .await;
+    let held = env.sandbox.stats().lists_held;
+    assert!(held >= 10, "{held} pages held");
     next_millisecond().await;
     env.sandbox.set_faults(Faults::default());
     let event = leadsync::time::now();
-    for (_, _, _, data) in &cases {
-        for d in data {
-            assert_eq!(deliver_triggered(&s, d, &event).await, "applied");
-        }
+    for d in &deliveries {
+        assert_eq!(deliver_triggered(&s, d, &event).await, "applied");
     }
     for r in running {
         let report = r.await.unwrap();
         assert!(report.is_ok(), "{}", report.summary());
     }
-    for (b, kind, leads, _) in &cases {
-        assert_eq!(
-            status_of(&env, &leads[0]),
-            "Canceled",
-            "{b} ({kind:?}): the first page, made before the event, overwrote the delivered copy"
-        );
-        if let Some(later) = leads.get(1) {
+    for (b, kind, before, after) in &cases {
+        for x in before {
             assert_eq!(
-                status_of(&env, later),
-                "Picked",
-                "{b} ({kind:?}): the third page, asked for after the event, was not written"
+                status_of(&env, x),
+                "Archived",
+                "{b} ({kind:?}): a page made before the event overwrote the delivered copy of {x}"
+            );
+        }
+        for x in after {
+            assert_eq!(
+                status_of(&env, x),
+                "Hired",
+                "{b} ({kind:?}): a page asked for after the event was not written ({x})"
             );
         }
     }
     // The next listing, asked for after the event, is compared as usual.
-    let (b, _, leads, _) = &cases[1];
+    let (b, _, before, _) = &cases[1];
     assert!(pass(&s, b, ScanKind::Head).await.is_ok());
-    assert_eq!(status_of(&env, &leads[0]), "Picked");
+    assert_eq!(status_of(&env, &before[0]), "Hired");
 }
