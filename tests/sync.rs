@@ -1102,6 +1102,34 @@ async fn deliver_triggered(s: &std::sync::Arc<Session>, data: &str, triggered: &
         .unwrap()
 }
 
+/// Now less `secs` seconds, in the database's form.
+fn seconds_ago(secs: i64) -> String {
+    leadsync::time::fmt(chrono::Utc::now() - chrono::TimeDelta::seconds(secs))
+}
+
+/// Dates lead `x`'s mirrored copy `secs` seconds back (`changed_at`, and
+/// `webhook_triggered_at` for a delivered copy), as if written then, and
+/// every pass so far with it (none listed the lead later).
+fn written_ago(env: &Env, x: &str, secs: i64) {
+    let at = seconds_ago(secs);
+    let sql = env.sql();
+    sql.execute(
+        "UPDATE sync_runs SET started_at = ?1,
+             listed_at = CASE WHEN listed_at IS NOT NULL THEN ?1 END",
+        [at.as_str()],
+    )
+    .unwrap();
+    let n = sql
+        .execute(
+            "UPDATE negotiations SET changed_at = ?2, webhook_triggered_at =
+                 CASE WHEN webhook_triggered_at IS NOT NULL THEN ?2 END
+             WHERE negotiation_id = ?1",
+            [x, at.as_str()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
 /// A lead as listed (`business.businessID` in it), as a delivery's
 /// `data`, its status `from` changed to `status`.
 fn delivered_as(listed: &str, from: &str, status: &str) -> String {
@@ -1144,11 +1172,12 @@ async fn a_held_up_delivery_older_than_a_listing_that_confirmed_the_lead_does_no
                 let outcome = deliver_triggered(&s, &same, &t0).await;
                 assert_ne!(outcome, "applied", "{case}: identical");
             }
-            next_millisecond().await;
-            let t1 = leadsync::time::now();
-            next_millisecond().await;
             // B -> C at t1 (the delivery is held up), C -> B at t2; then a
-            // pass lists B.
+            // pass lists B, more than a minute (the margin for clocks and
+            // listings lagging) after t1: the mirrored copy was written
+            // before t1.
+            written_ago(&env, &x, 180);
+            let t1 = seconds_ago(120);
             let c = delivered_as(&listed, &status, "Canceled");
             let report = pass(&s, &b, kind).await;
             assert!(report.is_ok(), "{case}: {}", report.summary());
@@ -1194,9 +1223,10 @@ async fn a_head_scan_confirms_only_the_leads_it_listed() {
     let x = env.sandbox.lead_ids(&b).last().unwrap().clone();
     let listed = env.sandbox.lead_json(&x).unwrap();
     let status = status_of(&env, &x);
-    next_millisecond().await;
-    let t1 = leadsync::time::now();
-    next_millisecond().await;
+    // Written before t1, and t1 long enough before the pass that a pass
+    // that listed the lead would keep the delivery out.
+    written_ago(&env, &x, 180);
+    let t1 = seconds_ago(120);
     let report = pass(&s, &b, ScanKind::Head).await;
     assert!(report.is_ok(), "{}", report.summary());
     let c = delivered_as(&listed, &status, "Canceled");

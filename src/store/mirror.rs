@@ -279,14 +279,24 @@ impl<'a> Origin<'a> {
 }
 
 /// Passes of a business whose listing confirmed leads, since an instant
-/// (?2), that started after a lead's row was last written (?3): newest
-/// first, through `sync_runs_listed` (schema 18).
+/// (?2: an event's time plus [`LISTING_MARGIN`]), that started after a
+/// lead's row was last written (?3): newest first, through
+/// `sync_runs_listed` (schema 18).
 const LISTED_SINCE: &str = "SELECT listed_ids FROM sync_runs
   WHERE business_id = ?1 AND listed_at >= ?2 AND started_at > ?3
   ORDER BY listed_at DESC";
 
-/// Whether a listing of `business_id` asked for at or after `since` showed
-/// the lead as mirrored (or, a complete one, found it gone): a pass that
+/// How long after a delivered event a listing must have started to keep
+/// the delivery out ([`listed_since`]). A listing asked for just after the
+/// event may still show the state before it: Thumbtack's clock
+/// (`triggeredAt`) and the host's differ by some milliseconds, and a
+/// listing may lag a change by as much. A prompt delivery (seconds late) is
+/// then newer than what such a listing showed, and must be applied; only a
+/// delivery held up by more than this past a listing is kept out.
+pub const LISTING_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Whether a listing of `business_id` asked for at or after `event` plus
+/// [`LISTING_MARGIN`] showed the lead as mirrored (or, a complete one, found it gone): a pass that
 /// started after the lead's row was last written (`changed_at`; so the row
 /// was the business's, as it is, all through the pass) and listed every
 /// lead of the business, or this one. Such a listing wrote nothing when the
@@ -297,8 +307,17 @@ fn listed_since(
     business_id: &str,
     negotiation_id: &str,
     changed_at: &str,
-    since: &str,
+    event: &str,
 ) -> Result<bool> {
+    // `listed_at` is in leadsync's form (crate::time::fmt): so is the bound.
+    // An event time that cannot be moved by the margin (unreadable, at the
+    // end of time) is not kept out by a listing.
+    let Some(since) = crate::time::parse(event)
+        .and_then(|t| t.checked_add_signed(LISTING_MARGIN))
+        .map(crate::time::fmt)
+    else {
+        return Ok(false);
+    };
     let wanted = id_fingerprint(negotiation_id).to_le_bytes();
     let mut stmt = tx.prepare_cached(LISTED_SINCE)?;
     let mut rows = stmt.query(params![business_id, since, changed_at])?;
@@ -347,6 +366,7 @@ pub const MAX_COVERED_IDS: usize = 4096;
 /// new or newer — it came from an event triggered at or after this one
 /// (`webhook_triggered_at`), or, written by a listing, changed after this
 /// event (`changed_at`), or a listing asked for at or after the event
+/// plus [`LISTING_MARGIN`]
 /// showed it as mirrored (or, complete, found it gone) without writing
 /// anything ([`listed_since`]) — or when a full scan found the lead missing
 /// after the event, or when the delivery has no believable event time: an
@@ -1536,6 +1556,37 @@ mod tests {
                 m.deliver("b", &lead_row("1", "Canceled"), T5),
                 Upserted::Changed
             );
+        }
+    }
+
+    #[test]
+    fn a_listing_just_after_the_event_does_not_keep_out_a_prompt_delivery() {
+        // Canceled at t1 (delivery prompt); a head scan started 1 s later
+        // still lists Open (the host's clock ahead of Thumbtack's, or the
+        // listing lagging the change): it must not keep the delivery out.
+        // One started 2 minutes after the event does.
+        for (started, kept) in [
+            ("2026-01-01T11:00:01.000Z", false),
+            ("2026-01-01T11:00:59.999Z", false),
+            ("2026-01-01T11:01:00.000Z", true),
+            ("2026-01-01T11:02:00.000Z", true),
+        ] {
+            let mut m = Ordering::new();
+            m.pass(
+                "b",
+                "full",
+                T0,
+                &[lead_row("1", "Open")],
+                Some(Covered::Every),
+            );
+            m.pass("b", "head", started, &[lead_row("1", "Open")], None);
+            let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+            let (want, status) = match kept {
+                true => (Upserted::Kept { identical: false }, "Open"),
+                false => (Upserted::Changed, "Canceled"),
+            };
+            assert_eq!(done, want, "a pass started at {started}");
+            assert_eq!(m.status("1"), status, "a pass started at {started}");
         }
     }
 
