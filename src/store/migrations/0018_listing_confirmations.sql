@@ -14,8 +14,9 @@
 --               with a known end) showed every lead of the business, or
 --               found it gone.
 -- Read only for a delivery of a known lead newer than its mirrored copy,
--- through the partial index below (passes since the delivery's event).
+-- through the partial index of 0018_listing_confirmations_index.sql
+-- (passes since the delivery's event), created after these columns even
+-- when they are there already (a schema migrated again from an older
+-- user_version: src/store/mod.rs, apply_migration).
 ALTER TABLE sync_runs ADD COLUMN listed_at TEXT;
 ALTER TABLE sync_runs ADD COLUMN listed_ids BLOB;
-CREATE INDEX IF NOT EXISTS sync_runs_listed ON sync_runs (business_id, listed_at)
-    WHERE listed_at IS NOT NULL;
