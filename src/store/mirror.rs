@@ -1657,8 +1657,9 @@ mod tests {
             &[lead_row("1", "Open")],
             Some(Covered::Every),
         );
-        // Listed by c at t3 (moved there: written), then c's full scan at
-        // t3 (started at the same instant as the write: not after it).
+        // Listed by c's head scan at t3: moved there, so written
+        // (changed_at t3); that pass started at the instant of the write,
+        // not after it, so it confirms nothing beyond what it wrote.
         m.pass("c", "head", T3, &[lead_row("1", "Open")], None);
         assert_eq!(
             m.conn
