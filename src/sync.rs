@@ -482,8 +482,12 @@ async fn read_pages(
         ctx.read_at = page.read_at.take();
         let skipped = page.skipped;
         let leads = std::mem::take(&mut page.leads);
+        // Only the first MAX_COVERED_IDS are recorded (the newest leads):
+        // the rest are not collected.
+        let room = mirror::MAX_COVERED_IDS.saturating_sub(seen.len());
         let listed: Vec<u64> = leads
             .iter()
+            .take(room)
             .map(|l| mirror::id_fingerprint(&l.negotiation_id))
             .collect();
         let page_stats = store

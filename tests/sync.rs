@@ -1302,7 +1302,7 @@ async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
         .collect();
     // Each page held in turn: the full scans until page 4 is asked for,
     // the head scans until their first page is.
-    let wanted = |i: usize| if i % 2 == 0 { 4 } else { 1 };
+    let wanted = |i: usize| if i.is_multiple_of(2) { 4 } else { 1 };
     common::wait_until("pages asked for", Duration::from_secs(60), || {
         (0..4).all(|i| requests(i) >= wanted(i))
     })
