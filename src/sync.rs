@@ -227,6 +227,15 @@ pub async fn sync_business(
         stop,
     )
     .await;
+    // What the listing confirmed (mirror::Covered): a head scan, the leads
+    // of the pages it wrote (failed or not); a full scan, every lead when
+    // it succeeds with a known end (the unlisted ones are marked missing).
+    let covered: Vec<u64> = match kind {
+        ScanKind::Head => seen.iter().copied().collect(),
+        ScanKind::Full => Vec::new(),
+    };
+    // Leads only the second reading of a full scan listed (confirm_unseen).
+    let mut listed_again = false;
     // A request the stop kept from being sent (or its token refresh) ends
     // the pass like a stop between pages does.
     let result = match result {
@@ -256,8 +265,8 @@ pub async fn sync_business(
                 // to mark, and the index is not read a second time. (A lead
                 // that turns present meanwhile, a webhook's copy of a
                 // missing one, is left present: the next full scan decides.)
-                Ok(0) => break 'full Ok(()),
-                Ok(_) => {}
+                Ok((0, _)) => break 'full Ok(()),
+                Ok((_, found_again)) => listed_again = found_again,
                 Err(e) => break 'full Err(e),
             }
             let (id, now, accept) = (
@@ -284,6 +293,7 @@ pub async fn sync_business(
         Err(e) => Err(e),
     };
     let error = result.as_ref().err().cloned();
+    let every = kind == ScanKind::Full && error.is_none() && !stats.end_unknown && !listed_again;
     {
         let (id, k, now, s, err, note, pagination) = (
             business_id.to_string(),
@@ -302,6 +312,10 @@ pub async fn sync_business(
                     error: err.as_deref(),
                     note,
                     pagination,
+                    covered: match every {
+                        true => mirror::Covered::Every,
+                        false => mirror::Covered::These(&covered),
+                    },
                     now: &now,
                 };
                 mirror::finish_run(c, run_id, &id, &end)
@@ -342,7 +356,10 @@ pub async fn sync_business(
 /// exists. When some present leads went unlisted, the listing is read once
 /// more (nothing written) and a lead listed by either reading is not
 /// missing; one that is really gone is absent from both. Returns how many
-/// present leads the scan had not listed (before the second reading).
+/// present leads the scan had not listed (before the second reading), and
+/// whether the second reading listed any of them: those were not compared
+/// with the mirror (nothing of the second reading is written), so the pass
+/// cannot say it confirmed every lead (mirror::Covered).
 async fn confirm_unseen(
     store: &Store,
     client: &Arc<Client>,
@@ -351,7 +368,7 @@ async fn confirm_unseen(
     run_id: i64,
     seen: &mut HashSet<u64>,
     stop: &CancellationToken,
-) -> Result<i64, String> {
+) -> Result<(i64, bool), String> {
     let unseen = {
         let (id, now, snapshot) = (business_id.to_string(), crate::time::now(), seen.clone());
         store
@@ -360,8 +377,9 @@ async fn confirm_unseen(
             .map_err(|e| format!("cannot count unlisted leads: {e:#}"))?
     };
     if unseen == 0 {
-        return Ok(0);
+        return Ok((0, false));
     }
+    let mut found_again = false;
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
     let mut cursor = listing.first();
     let mut pages = 0i64;
@@ -376,11 +394,9 @@ async fn confirm_unseen(
             )
         })?;
         pages += 1;
-        seen.extend(
-            page.leads
-                .iter()
-                .map(|l| mirror::id_fingerprint(&l.negotiation_id)),
-        );
+        for l in &page.leads {
+            found_again |= seen.insert(mirror::id_fingerprint(&l.negotiation_id));
+        }
         match listing.advance(&page)? {
             Step::Next(next) => cursor = next,
             Step::End(End::Known) => break,
@@ -400,7 +416,7 @@ async fn confirm_unseen(
         unseen,
         pages, "unlisted leads confirmed by a second reading of the listing"
     );
-    Ok(unseen)
+    Ok((unseen, found_again))
 }
 
 /// Pages a full scan may have fetched and not yet written. The pages waiting
@@ -466,10 +482,22 @@ async fn read_pages(
         ctx.read_at = page.read_at.take();
         let skipped = page.skipped;
         let leads = std::mem::take(&mut page.leads);
+        // Only the first MAX_COVERED_IDS are recorded (the newest leads):
+        // the rest are not collected.
+        let room = mirror::MAX_COVERED_IDS.saturating_sub(seen.len());
+        let listed: Vec<u64> = leads
+            .iter()
+            .take(room)
+            .map(|l| mirror::id_fingerprint(&l.negotiation_id))
+            .collect();
         let page_stats = store
             .call(move |c| mirror::write_page(c, &ctx, &leads))
             .await
             .map_err(|e| format!("cannot write page {}: {e:#}", stats.pages + 1))?;
+        // The leads of a page written are as it listed them (or kept as a
+        // newer delivery left them): recorded when the pass ends
+        // (mirror::Covered).
+        seen.extend(listed);
         stats.add_page(page_stats, skipped);
         crate::metrics::sync_page(business_id, &page_stats);
         if page_stats.inserted + page_stats.updated == 0 {

@@ -1080,3 +1080,277 @@ async fn an_identical_delivery_still_outdates_a_page_made_before_it() {
         "the page made before the identical delivery rolled the lead back"
     );
 }
+
+/// Applies a `NegotiationCreatedV4` delivery of `data` for an event
+/// triggered at `triggered` (received now), the way the receiver does; its
+/// outcome.
+async fn deliver_triggered(s: &std::sync::Arc<Session>, data: &str, triggered: &str) -> String {
+    let (data, triggered) = (data.to_string(), triggered.to_string());
+    s.store
+        .call(move |conn| {
+            let body = format!(
+                "{{\"event\":{{\"eventType\":\"NegotiationCreatedV4\",\"webhookID\":\"w\",\
+                 \"triggeredAt\":\"{triggered}\"}},\"data\":{data}}}"
+            );
+            let d = leadsync::thumbtack::webhook::parse_delivery(body.as_bytes())
+                .map_err(anyhow::Error::msg)?;
+            let (row, effect) = leadsync::ingest::delivery_effect(d, &body, leadsync::time::now());
+            let rec = leadsync::store::messages::record_delivery(conn, &row, &effect)?;
+            Ok(rec.outcome.as_str().to_string())
+        })
+        .await
+        .unwrap()
+}
+
+/// Now less `secs` seconds, in the database's form.
+fn seconds_ago(secs: i64) -> String {
+    leadsync::time::fmt(chrono::Utc::now() - chrono::TimeDelta::seconds(secs))
+}
+
+/// Dates lead `x`'s mirrored copy `secs` seconds back (`changed_at`, and
+/// `webhook_triggered_at` for a delivered copy), as if written then, and
+/// every pass so far with it (none listed the lead later).
+fn written_ago(env: &Env, x: &str, secs: i64) {
+    let at = seconds_ago(secs);
+    let sql = env.sql();
+    sql.execute(
+        "UPDATE sync_runs SET started_at = ?1,
+             listed_at = CASE WHEN listed_at IS NOT NULL THEN ?1 END",
+        [at.as_str()],
+    )
+    .unwrap();
+    let n = sql
+        .execute(
+            "UPDATE negotiations SET changed_at = ?2, webhook_triggered_at =
+                 CASE WHEN webhook_triggered_at IS NOT NULL THEN ?2 END
+             WHERE negotiation_id = ?1",
+            [x, at.as_str()],
+        )
+        .unwrap();
+    assert_eq!(n, 1);
+}
+
+/// A lead as listed (`business.businessID` in it), as a delivery's
+/// `data`, its status `from` changed to `status`.
+fn delivered_as(listed: &str, from: &str, status: &str) -> String {
+    listed.replace(
+        &format!("\"status\":\"{from}\""),
+        &format!("\"status\":\"{status}\""),
+    )
+}
+
+/// The mirror holds a lead as Thumbtack lists it (B). The lead changes (C,
+/// an event at t1 whose delivery is held up) and back (B). A pass after
+/// that lists B, identical to the mirrored copy: nothing is written, by
+/// design. The held-up delivery of t1 then arrives: it is older than that
+/// listing, and must not overwrite B with C (it did: it was compared with
+/// the mirrored copy's `changed_at`, or its event time, both before t1).
+/// For a head scan and a full scan, and for a mirrored copy that came from a
+/// listing or from an earlier delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_up_delivery_older_than_a_listing_that_confirmed_the_lead_does_not_overwrite_it() {
+    let env = Env::small().await;
+    let b = env.business_ids()[0].clone();
+    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let report = pass(&s, &b, ScanKind::Full).await;
+    assert!(report.is_ok(), "{}", report.summary());
+    let mut rolled_back = Vec::new();
+    let mut on_first_page = env.sandbox.lead_ids(&b).into_iter();
+    for kind in [ScanKind::Head, ScanKind::Full] {
+        for from_delivery in [false, true] {
+            // On the first page: a head scan lists it. (One lead a case:
+            // the cases before listed it unchanged, and wrote nothing.)
+            let x = on_first_page.next().unwrap();
+            let listed = env.sandbox.lead_json(&x).unwrap();
+            let status = status_of(&env, &x);
+            let case = format!("{kind:?}, mirrored copy from a delivery: {from_delivery}");
+            if from_delivery {
+                next_millisecond().await;
+                let t0 = leadsync::time::now();
+                next_millisecond().await;
+                let same = delivered_as(&listed, &status, &status);
+                let outcome = deliver_triggered(&s, &same, &t0).await;
+                assert_ne!(outcome, "applied", "{case}: identical");
+            }
+            // B -> C at t1 (the delivery is held up), C -> B at t2; then a
+            // pass lists B, more than a minute (the margin for clocks and
+            // listings lagging) after t1: the mirrored copy was written
+            // before t1.
+            written_ago(&env, &x, 180);
+            let t1 = seconds_ago(120);
+            let c = delivered_as(&listed, &status, "Canceled");
+            let report = pass(&s, &b, kind).await;
+            assert!(report.is_ok(), "{case}: {}", report.summary());
+            assert_eq!(
+                count(
+                    &env.sql(),
+                    &format!(
+                        "SELECT count(*) FROM negotiation_changes WHERE negotiation_id = '{x}'"
+                    )
+                ),
+                1,
+                "{case}: the listing was identical"
+            );
+            let outcome = deliver_triggered(&s, &c, &t1).await;
+            if status_of(&env, &x) != status || outcome != "duplicate" {
+                rolled_back.push(format!("{case} ({outcome})"));
+                continue;
+            }
+            // An event after that listing is newer: applied.
+            next_millisecond().await;
+            let t4 = leadsync::time::now();
+            next_millisecond().await;
+            assert_eq!(deliver_triggered(&s, &c, &t4).await, "applied", "{case}");
+            assert_eq!(status_of(&env, &x), "Canceled", "{case}");
+        }
+    }
+    assert!(
+        rolled_back.is_empty(),
+        "the held-up delivery overwrote the newer listing: {rolled_back:?}"
+    );
+}
+
+/// A head scan lists the newest leads only: a pass that did not list a
+/// lead confirmed nothing of it, and a delivery of an event after its
+/// mirrored copy (and before that pass) is still applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_scan_confirms_only_the_leads_it_listed() {
+    let env = Env::small().await;
+    let b = env.business_ids()[0].clone();
+    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
+    // On the last page: a head scan (one unchanged page) never reaches it.
+    let x = env.sandbox.lead_ids(&b).last().unwrap().clone();
+    let listed = env.sandbox.lead_json(&x).unwrap();
+    let status = status_of(&env, &x);
+    // Written before t1, and t1 long enough before the pass that a pass
+    // that listed the lead would keep the delivery out.
+    written_ago(&env, &x, 180);
+    let t1 = seconds_ago(120);
+    let report = pass(&s, &b, ScanKind::Head).await;
+    assert!(report.is_ok(), "{}", report.summary());
+    let c = delivered_as(&listed, &status, "Canceled");
+    assert_eq!(deliver_triggered(&s, &c, &t1).await, "applied");
+    assert_eq!(status_of(&env, &x), "Canceled");
+}
+
+/// The converse, with four businesses' passes at once (as
+/// `daemon.sync_concurrency = 4` runs them), their pages answered
+/// interleaved and well after they were made: a page made before a
+/// delivered event never overwrites the delivered copy, and a page asked
+/// for after the event is the newer observation and is written. Which
+/// pages were asked for before the event is read from the sandbox's request
+/// counts around it, not guessed from how long pages are held.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 4,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let businesses = env.business_ids();
+    assert_eq!(businesses.len(), 4);
+    // (business, kind, the leads changed with their pages): pages of 10,
+    // 60 leads; a full scan, one lead on each page from the third; a head
+    // scan, one on its first page.
+    let mut cases = Vec::new();
+    let mut deliveries = Vec::new();
+    for (i, b) in businesses.iter().enumerate() {
+        assert!(pass(&s, b, ScanKind::Full).await.is_ok());
+        let ids = env.sandbox.lead_ids(b);
+        let (kind, changed): (_, Vec<(u64, String)>) = match i % 2 {
+            0 => (
+                ScanKind::Full,
+                (2..6)
+                    .map(|p| (p as u64 + 1, ids[p * 10 + 5].clone()))
+                    .collect(),
+            ),
+            _ => (ScanKind::Head, vec![(1, ids[0].clone())]),
+        };
+        for (_, x) in &changed {
+            env.sandbox
+                .mutate(Mutation::SetStatus {
+                    negotiation_id: x.clone(),
+                    // A status no lead of the sandbox has: the listing
+                    // differs from the mirror as the scan started.
+                    status: "Hired".into(),
+                })
+                .unwrap();
+            let listed = env.sandbox.lead_json(x).unwrap();
+            // A status no listing has.
+            deliveries.push(delivered_as(&listed, "Hired", "Archived"));
+        }
+        cases.push((b.clone(), kind, changed));
+    }
+    env.sandbox.set_faults(Faults {
+        list_hold_ms: 1_500,
+        ..Default::default()
+    });
+    let asked: Vec<u64> = businesses
+        .iter()
+        .map(|b| env.sandbox.list_requests(b))
+        .collect();
+    let requests = |i: usize| env.sandbox.list_requests(&businesses[i]) - asked[i];
+    let running: Vec<_> = cases
+        .iter()
+        .map(|(b, kind, _)| spawn_pass(&s, b, *kind))
+        .collect();
+    // Each page held in turn: the full scans until page 4 is asked for,
+    // the head scans until their first page is.
+    let wanted = |i: usize| if i.is_multiple_of(2) { 4 } else { 1 };
+    common::wait_until("pages asked for", Duration::from_secs(60), || {
+        (0..4).all(|i| requests(i) >= wanted(i))
+    })
+    .await;
+    // A listing's pages are asked for one at a time, each once the one
+    // before is answered (no faults: no retries): the pages counted before
+    // the event were asked for before it, and a page two past those counted
+    // after it was asked for after it (the one in between may be either).
+    let before: Vec<u64> = (0..4).map(requests).collect();
+    next_millisecond().await;
+    let event = leadsync::time::now();
+    let after: Vec<u64> = (0..4).map(requests).collect();
+    let held = env.sandbox.stats().lists_held;
+    assert!(held >= 10, "{held} pages held");
+    env.sandbox.set_faults(Faults::default());
+    for d in &deliveries {
+        assert_eq!(deliver_triggered(&s, d, &event).await, "applied");
+    }
+    for r in running {
+        let report = r.await.unwrap();
+        assert!(report.is_ok(), "{}", report.summary());
+    }
+    let mut asked_after = 0;
+    for (i, (b, kind, changed)) in cases.iter().enumerate() {
+        for (page, x) in changed {
+            if *page <= before[i] {
+                assert_eq!(
+                    status_of(&env, x),
+                    "Archived",
+                    "{b} ({kind:?}): page {page}, made before the event, overwrote the delivered copy of {x}"
+                );
+            } else if *page >= after[i] + 2 {
+                asked_after += 1;
+                assert_eq!(
+                    status_of(&env, x),
+                    "Hired",
+                    "{b} ({kind:?}): page {page}, asked for after the event, was not written ({x})"
+                );
+            }
+        }
+    }
+    // Page 4 is held 1.5 s: pages 6 were asked for after the event.
+    assert!(
+        asked_after > 0,
+        "no page asked for after the event: {before:?} {after:?}"
+    );
+    // The next listing, asked for after the event, is compared as usual.
+    let (b, _, changed) = &cases[1];
+    assert!(pass(&s, b, ScanKind::Head).await.is_ok());
+    assert_eq!(status_of(&env, &changed[0].1), "Hired");
+}

@@ -143,8 +143,9 @@ pub fn record_delivery(
                             Outcome::Duplicate,
                             Some(match event_time {
                                 Some(_) => "the mirror has a newer copy of this lead (from an event \
-                                            triggered no earlier, or changed or found missing after \
-                                            this event's triggeredAt); kept"
+                                            triggered no earlier, changed or found missing after \
+                                            this event's triggeredAt, or listed unchanged over a \
+                                            minute after it); kept"
                                     .to_string(),
                                 None => "the mirror has a newer copy of this lead: the delivery has \
                                          no believable triggeredAt (absent, unreadable, or after it \

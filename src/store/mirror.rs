@@ -278,6 +278,85 @@ impl<'a> Origin<'a> {
     }
 }
 
+/// Passes of a business whose listing confirmed leads, since an instant
+/// (?2: an event's time plus [`LISTING_MARGIN`]), that started after a
+/// lead's row was last written (?3): newest first, through
+/// `sync_runs_listed` (schema 18).
+const LISTED_SINCE: &str = "SELECT listed_ids FROM sync_runs
+  WHERE business_id = ?1 AND listed_at >= ?2 AND started_at > ?3
+  ORDER BY listed_at DESC";
+
+/// How long after a delivered event a listing must have started to keep
+/// the delivery out ([`listed_since`]). A listing asked for just after the
+/// event may still show the state before it: Thumbtack's clock
+/// (`triggeredAt`) and the host's differ by some milliseconds, and a
+/// listing may lag a change by as much. A prompt delivery (seconds late) is
+/// then newer than what such a listing showed, and must be applied; only a
+/// delivery held up by more than this past a listing is kept out.
+pub const LISTING_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
+
+/// Whether a listing of `business_id` asked for at or after `event` plus
+/// [`LISTING_MARGIN`] showed the lead as mirrored (or, a complete one, found it gone): a pass that
+/// started after the lead's row was last written (`changed_at`; so the row
+/// was the business's, as it is, all through the pass) and listed every
+/// lead of the business, or this one. Such a listing wrote nothing when the
+/// lead was as mirrored, so neither `changed_at` nor `webhook_triggered_at`
+/// says it happened; the pass's row does ([`RunEnd::covered`]).
+fn listed_since(
+    tx: &Connection,
+    business_id: &str,
+    negotiation_id: &str,
+    changed_at: &str,
+    event: &str,
+) -> Result<bool> {
+    // `listed_at` is in leadsync's form (crate::time::fmt): so is the bound.
+    // An event time that cannot be moved by the margin (unreadable, at the
+    // end of time) is not kept out by a listing.
+    let Some(since) = crate::time::parse(event)
+        .and_then(|t| t.checked_add_signed(LISTING_MARGIN))
+        .map(crate::time::fmt)
+    else {
+        return Ok(false);
+    };
+    let wanted = id_fingerprint(negotiation_id).to_le_bytes();
+    let mut stmt = tx.prepare_cached(LISTED_SINCE)?;
+    let mut rows = stmt.query(params![business_id, since, changed_at])?;
+    while let Some(r) = rows.next()? {
+        let covers = match r.get_ref(0)? {
+            rusqlite::types::ValueRef::Null => true,
+            rusqlite::types::ValueRef::Blob(ids) => ids.chunks_exact(8).any(|id| id == wanted),
+            // Not what leadsync writes: confirms nothing.
+            _ => false,
+        };
+        if covers {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
+/// Which of its business's leads a pass's listing showed as they are now
+/// mirrored (written, or left alone because identical), recorded in its
+/// `sync_runs` row (`listed_at`, `listed_ids`; schema 18) so that a webhook
+/// delivery of an older event is not applied over them.
+#[derive(Debug, Clone, Copy)]
+pub enum Covered<'a> {
+    /// None that can be named: a full scan that failed or whose listing's
+    /// end is unknown, a pass that read nothing.
+    Nothing,
+    /// Every lead of the business: a successful full scan with a known end
+    /// (a lead it did not list was marked missing).
+    Every,
+    /// These leads ([`id_fingerprint`]s): the pages a head scan wrote.
+    These(&'a [u64]),
+}
+
+/// At most this many leads of a partial listing are recorded (8 bytes
+/// each): a head scan that reads further (a first sync by head scans, a
+/// business with many changes) confirms these, and the rest wait for the
+/// next listing, as before schema 18.
+pub const MAX_COVERED_IDS: usize = 4096;
+
 /// Writes one lead, inside the caller's transaction: inserted when new,
 /// updated with a change row when its payload changed, left alone when not.
 /// The one path every lead takes into the mirror, polled or by webhook. A
@@ -286,9 +365,12 @@ impl<'a> Origin<'a> {
 /// delivered copy of a known lead is left out when the mirrored copy is as
 /// new or newer — it came from an event triggered at or after this one
 /// (`webhook_triggered_at`), or, written by a listing, changed after this
-/// event (`changed_at`) — or when a full scan found the lead missing after
-/// the event, or when the delivery has no believable event time: an older
-/// snapshot never rolls a lead back nor brings it back.
+/// event (`changed_at`), or a listing asked for at or after the event
+/// plus [`LISTING_MARGIN`]
+/// showed it as mirrored (or, complete, found it gone) without writing
+/// anything ([`listed_since`]) — or when a full scan found the lead missing
+/// after the event, or when the delivery has no believable event time: an
+/// older snapshot never rolls a lead back nor brings it back.
 pub fn upsert_lead(
     tx: &Connection,
     ctx: &PageContext,
@@ -318,6 +400,10 @@ pub fn upsert_lead(
                 Ok(rusqlite::types::ValueRef::Text(v)) => Some(v),
                 _ => None,
             };
+            // A delivery that is newer than the mirrored copy by their
+            // times may still be older than a listing that showed the copy
+            // (or found the lead gone) and wrote nothing: checked below.
+            let mut ask_listings = false;
             let keep = match origin {
                 // A copy delivered for an event after the page was read.
                 Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
@@ -338,19 +424,45 @@ pub fn upsert_lead(
                     // A lead a full scan found gone after the event stays
                     // gone: the scan is the newer observation.
                     let gone_after = text(2).is_some_and(|missing| missing > t);
+                    ask_listings = !(newer_copy || gone_after);
                     newer_copy || gone_after
                 }
             };
-            Ok((hash, stale, missing, same_business, old_status, keep))
+            let listings = match (ask_listings, text(3), text(5)) {
+                (true, Some(business), Some(changed_at)) => Some((
+                    String::from_utf8_lossy(business).into_owned(),
+                    String::from_utf8_lossy(changed_at).into_owned(),
+                )),
+                _ => None,
+            };
+            Ok((
+                hash,
+                stale,
+                missing,
+                same_business,
+                old_status,
+                keep,
+                listings,
+            ))
         })
         .optional()?;
-    let Some((hash, stale, missing, same_business, old_status, keep)) = existing else {
+    let Some((hash, stale, missing, same_business, old_status, mut keep, listings)) = existing
+    else {
         // Not mirrored, as just looked up in this transaction: inserted.
         if !NewLeads::prepare(tx)?.insert(ctx, lead, origin)? {
             anyhow::bail!("lead {} appeared while it was written", lead.negotiation_id);
         }
         return Ok(Upserted::Inserted);
     };
+    if let (
+        Some((business_id, changed_at)),
+        Origin::Delivered {
+            triggered_at: Some(t),
+        },
+    ) = (listings, origin)
+    {
+        keep = listed_since(tx, &business_id, &lead.negotiation_id, &changed_at, t)?;
+    }
     let mut changed_fields = None;
     if hash != lead.hash || !same_business {
         let old: String = tx
@@ -607,6 +719,8 @@ pub struct RunEnd<'a> {
     pub note: Option<&'a str>,
     /// The pagination style seen (`next`, `token`, `offset`, `single`).
     pub pagination: Option<&'a str>,
+    /// The leads the pass's listing confirmed (`listed_at`, `listed_ids`).
+    pub covered: Covered<'a>,
     pub now: &'a str,
 }
 
@@ -620,9 +734,25 @@ pub fn finish_run(
     let tx = conn.transaction()?;
     let outcome = if end.error.is_some() { "error" } else { "ok" };
     let stats = end.stats;
+    let (confirms, ids): (bool, Option<Vec<u8>>) = match end.covered {
+        Covered::Nothing => (false, None),
+        Covered::Every => (true, None),
+        Covered::These([]) => (false, None),
+        Covered::These(ids) => (
+            true,
+            Some(
+                ids.iter()
+                    .take(MAX_COVERED_IDS)
+                    .flat_map(|id| id.to_le_bytes())
+                    .collect(),
+            ),
+        ),
+    };
+    // `listed_at` is the pass's start: every page was asked for after it.
     tx.execute(
         "UPDATE sync_runs SET finished_at = ?2, outcome = ?3, pages = ?4, seen = ?5, inserted = ?6,
-             updated = ?7, unchanged = ?8, missing = ?9, skipped = ?10, error = ?11, pagination = ?12
+             updated = ?7, unchanged = ?8, missing = ?9, skipped = ?10, error = ?11, pagination = ?12,
+             listed_at = CASE WHEN ?13 THEN started_at END, listed_ids = ?14
          WHERE id = ?1",
         params![
             run_id,
@@ -636,7 +766,9 @@ pub fn finish_run(
             stats.missing,
             stats.skipped,
             end.error.or(end.note),
-            end.pagination
+            end.pagination,
+            confirms,
+            ids
         ],
     )?;
     tx.execute(
@@ -1298,6 +1430,305 @@ mod tests {
             .collect::<rusqlite::Result<_>>()
             .unwrap();
         assert_eq!(kinds, ["new", "new", "new", "changed"]);
+    }
+
+    /// A mirror of business `b` (and `c`) for the ordering tests below.
+    struct Ordering {
+        conn: Connection,
+        _dir: tempfile::TempDir,
+    }
+
+    fn lead_row(id: &str, status: &str) -> LeadRow {
+        let payload = format!(r#"{{"negotiationID":"{id}","status":"{status}"}}"#);
+        LeadRow {
+            negotiation_id: id.into(),
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            payload,
+            status: Some(status.into()),
+            ..LeadRow::default()
+        }
+    }
+
+    impl Ordering {
+        fn new() -> Ordering {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+            Ordering { conn, _dir: dir }
+        }
+
+        /// A pass of `business` started at `at` listing `leads`, covering
+        /// what `covered` says (`None`: the leads it listed).
+        fn pass(
+            &mut self,
+            business: &str,
+            kind: &str,
+            at: &str,
+            leads: &[LeadRow],
+            covered: Option<Covered<'_>>,
+        ) {
+            let run = start_run(&self.conn, business, kind, at).unwrap();
+            let ctx = PageContext {
+                business_id: business.into(),
+                run_id: Some(run),
+                source: Source::Poll,
+                now: at.into(),
+                stale_before: "2000-01-01T00:00:00.000Z".into(),
+                insert_first: false,
+                read_at: Some(at.into()),
+            };
+            write_page(&mut self.conn, &ctx, leads).unwrap();
+            let ids: Vec<u64> = leads
+                .iter()
+                .map(|l| id_fingerprint(&l.negotiation_id))
+                .collect();
+            let end = RunEnd {
+                kind,
+                stats: &RunStats::default(),
+                error: None,
+                note: None,
+                pagination: None,
+                covered: covered.unwrap_or(Covered::These(&ids)),
+                now: at,
+            };
+            finish_run(&mut self.conn, run, business, &end).unwrap();
+        }
+
+        /// A delivery of `lead` for `business`, triggered at `t`.
+        fn deliver(&mut self, business: &str, lead: &LeadRow, t: &str) -> Upserted {
+            let ctx = PageContext {
+                business_id: business.into(),
+                run_id: None,
+                source: Source::Webhook,
+                now: "2026-01-01T23:00:00.000Z".into(),
+                stale_before: String::new(),
+                insert_first: false,
+                read_at: None,
+            };
+            let tx = self.conn.transaction().unwrap();
+            let done = upsert_lead(
+                &tx,
+                &ctx,
+                lead,
+                Origin::Delivered {
+                    triggered_at: Some(t),
+                },
+            )
+            .unwrap();
+            tx.commit().unwrap();
+            done
+        }
+
+        fn status(&self, id: &str) -> String {
+            self.conn
+                .query_row(
+                    "SELECT status FROM negotiations WHERE negotiation_id = ?1",
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
+        }
+    }
+
+    const T0: &str = "2026-01-01T10:00:00.000Z";
+    const T1: &str = "2026-01-01T11:00:00.000Z";
+    const T3: &str = "2026-01-01T13:00:00.000Z";
+    const T5: &str = "2026-01-01T15:00:00.000Z";
+
+    #[test]
+    fn a_delivery_older_than_a_listing_that_wrote_nothing_is_kept_out() {
+        // Listed Open at t0; Canceled at t1 (delivery held up), Open again;
+        // a pass at t3 lists Open (nothing written); t1's delivery arrives.
+        for (kind, covered) in [("head", None), ("full", Some(Covered::Every))] {
+            let mut m = Ordering::new();
+            m.pass(
+                "b",
+                "full",
+                T0,
+                &[lead_row("1", "Open")],
+                Some(Covered::Every),
+            );
+            m.pass("b", kind, T3, &[lead_row("1", "Open")], covered);
+            let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+            assert_eq!(done, Upserted::Kept { identical: false }, "{kind}");
+            assert_eq!(m.status("1"), "Open", "{kind}");
+            // An event after that pass is newer.
+            assert_eq!(
+                m.deliver("b", &lead_row("1", "Canceled"), T5),
+                Upserted::Changed
+            );
+        }
+    }
+
+    #[test]
+    fn a_listing_just_after_the_event_does_not_keep_out_a_prompt_delivery() {
+        // Canceled at t1 (delivery prompt); a head scan started 1 s later
+        // still lists Open (the host's clock ahead of Thumbtack's, or the
+        // listing lagging the change): it must not keep the delivery out.
+        // One started 2 minutes after the event does.
+        for (started, kept) in [
+            ("2026-01-01T11:00:01.000Z", false),
+            ("2026-01-01T11:00:59.999Z", false),
+            ("2026-01-01T11:01:00.000Z", true),
+            ("2026-01-01T11:02:00.000Z", true),
+        ] {
+            let mut m = Ordering::new();
+            m.pass(
+                "b",
+                "full",
+                T0,
+                &[lead_row("1", "Open")],
+                Some(Covered::Every),
+            );
+            m.pass("b", "head", started, &[lead_row("1", "Open")], None);
+            let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+            let (want, status) = match kept {
+                true => (Upserted::Kept { identical: false }, "Open"),
+                false => (Upserted::Changed, "Canceled"),
+            };
+            assert_eq!(done, want, "a pass started at {started}");
+            assert_eq!(m.status("1"), status, "a pass started at {started}");
+        }
+    }
+
+    #[test]
+    fn a_listing_confirms_only_what_it_listed_as_the_row_is() {
+        let t4 = "2026-01-01T14:00:00.000Z";
+        // A head scan that listed another lead.
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open"), lead_row("2", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass("b", "head", T3, &[lead_row("2", "Open")], None);
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T1),
+            Upserted::Changed
+        );
+        // A full scan that confirmed nothing (failed, or its end unknown).
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass(
+            "b",
+            "full",
+            T3,
+            &[lead_row("1", "Open")],
+            Some(Covered::Nothing),
+        );
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T1),
+            Upserted::Changed
+        );
+        // Another business's complete listing says nothing of this lead;
+        // a lead moved in after a pass started was not listed by it as it is.
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass(
+            "c",
+            "full",
+            T3,
+            &[lead_row("2", "Open")],
+            Some(Covered::Every),
+        );
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T1),
+            Upserted::Changed
+        );
+        let mut m = Ordering::new();
+        m.pass("c", "full", T0, &[], Some(Covered::Every));
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        // Listed by c's head scan at t3: moved there, so written
+        // (changed_at t3); that pass started at the instant of the write,
+        // not after it, so it confirms nothing beyond what it wrote.
+        m.pass("c", "head", T3, &[lead_row("1", "Open")], None);
+        assert_eq!(
+            m.conn
+                .query_row("SELECT business_id FROM negotiations", [], |r| r
+                    .get::<_, String>(0))
+                .unwrap(),
+            "c"
+        );
+        // Its own write (changed_at t3) is newer than t1.
+        assert_eq!(
+            m.deliver("c", &lead_row("1", "Canceled"), T1),
+            Upserted::Kept { identical: false }
+        );
+        // b's listing at t4 does not list it any more, and says nothing of it.
+        m.pass("b", "full", t4, &[], Some(Covered::Every));
+        assert_eq!(
+            m.deliver("c", &lead_row("1", "Canceled"), "2026-01-01T13:30:00.000Z"),
+            Upserted::Changed
+        );
+    }
+
+    #[test]
+    fn a_complete_listing_after_the_event_that_found_the_lead_gone_keeps_it_gone() {
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        let run = start_run(&m.conn, "b", "full", "2026-01-01T10:30:00.000Z").unwrap();
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &Default::default(),
+            true,
+            "2026-01-01T10:40:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(1));
+        // Still gone at t3; an event of t1 (after it was first found gone)
+        // is older than that.
+        m.pass("b", "full", T3, &[], Some(Covered::Every));
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T1),
+            Upserted::Kept { identical: false }
+        );
+        let missing: Option<String> = m
+            .conn
+            .query_row("SELECT missing_since FROM negotiations", [], |r| r.get(0))
+            .unwrap();
+        assert!(missing.is_some());
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T5),
+            Upserted::Changed
+        );
+    }
+
+    #[test]
+    fn the_listings_since_an_event_are_read_from_their_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let plan = explained(&conn, &format!("EXPLAIN QUERY PLAN {LISTED_SINCE}"), 3);
+        assert!(
+            plan.iter().any(|p| p.contains("INDEX sync_runs_listed")),
+            "{plan:?}"
+        );
     }
 
     #[test]

@@ -101,6 +101,10 @@ fn migrations() -> Vec<(i64, String)> {
             include_str!("migrations/0016_sync_request_checks.sql").to_string(),
         ),
         (17, v17),
+        (
+            18,
+            include_str!("migrations/0018_listing_confirmations.sql").to_string(),
+        ),
     ]
 }
 
@@ -578,10 +582,33 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         tx.execute_batch(include_str!("migrations/0017_outbox_order_column.sql"))
             .with_context(|| format!("migration {version} failed"))?;
     }
-    let done = version == 14 && has_column("negotiations", "webhook_triggered_at")?;
+    // Version 18 adds two columns: each one there already is kept (the
+    // other still added), and its index is made in any case.
+    let v18 = [("listed_at", "TEXT"), ("listed_ids", "BLOB")];
+    let v18_present: Vec<bool> = match version {
+        18 => v18
+            .iter()
+            .map(|(column, _)| has_column("sync_runs", column))
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
+    let done = (version == 14 && has_column("negotiations", "webhook_triggered_at")?)
+        || v18_present.contains(&true);
     if !done {
         tx.execute_batch(sql)
             .with_context(|| format!("migration {version} failed"))?;
+    }
+    if version == 18 {
+        for ((column, kind), present) in v18.iter().zip(&v18_present) {
+            if done && !present {
+                tx.execute_batch(&format!("ALTER TABLE sync_runs ADD COLUMN {column} {kind}"))
+                    .with_context(|| format!("migration {version} failed"))?;
+            }
+        }
+        tx.execute_batch(include_str!(
+            "migrations/0018_listing_confirmations_index.sql"
+        ))
+        .with_context(|| format!("migration {version} failed"))?;
     }
     let broken: Option<String> = tx
         .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
@@ -1416,6 +1443,38 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
+    }
+
+    /// Version 18 run again over a schema that has some of it (migrated
+    /// again from an older `user_version`, or a column added by hand):
+    /// what is missing is added, what is there is kept.
+    #[test]
+    fn version_18_run_again_adds_what_is_missing() {
+        for undo in [
+            "ALTER TABLE sync_runs DROP COLUMN listed_ids",
+            "ALTER TABLE sync_runs DROP COLUMN listed_at",
+            "SELECT 1",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+            conn.execute_batch(&format!("DROP INDEX sync_runs_listed; {undo};"))
+                .unwrap();
+            conn.pragma_update(None, "user_version", 17).unwrap();
+            migrate(&mut conn).unwrap();
+            let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            assert_eq!(
+                n("SELECT count(*) FROM pragma_table_info('sync_runs')
+                    WHERE name IN ('listed_at', 'listed_ids')"),
+                2,
+                "{undo}"
+            );
+            assert_eq!(
+                n("SELECT count(*) FROM sqlite_schema WHERE name = 'sync_runs_listed'"),
+                1,
+                "{undo}"
+            );
+            assert_eq!(n("PRAGMA user_version"), schema_version());
+        }
     }
 
     /// How `negotiation_changes` is defined now.
