@@ -259,9 +259,11 @@ pub async fn run_with(
     // Shutdown: no new work; in-flight requests finish within the bound.
     // Everything below ends by `deadline`, shutdown_timeout_secs after the
     // signal (below the unit's TimeoutStopSec, see config check): in-flight
-    // sends and passes until `deadline - SHUTDOWN_RESERVE`; a token refresh
-    // already sent until `deadline - 1 s` (config validation keeps the
-    // request timeout inside that); the closing records until `deadline`.
+    // sends and passes until `deadline - SHUTDOWN_RESERVE`, the outcomes of
+    // sends already answered then recorded until `deadline - CLOSING_RESERVE`;
+    // a token refresh already sent until `deadline - 1 s` (config validation
+    // keeps the request timeout inside that); the closing records until
+    // `deadline`.
     let started = Instant::now();
     let bound = Duration::from_secs(daemon.config().file.daemon.shutdown_timeout_secs);
     let deadline = started + bound;
@@ -291,8 +293,9 @@ pub async fn run_with(
     let in_flight = async {
         let _ = timer.await;
         let _ = taker.await;
-        // The drainer gives up on its sends at deadline - SHUTDOWN_RESERVE
-        // (naming their rows, which are resent at the next start).
+        // The drainer gives up on requests without an answer at deadline -
+        // SHUTDOWN_RESERVE and on recording answers at deadline -
+        // CLOSING_RESERVE (naming the rows left, resent at the next start).
         let _ = drainer.await;
         daemon.passes.wait().await;
         if let Some(r) = receiver {
@@ -300,8 +303,8 @@ pub async fn run_with(
         }
     };
     // A little after the drainer's own bound, so that it names its rows first.
-    let in_flight_until =
-        (deadline - crate::drain::SHUTDOWN_RESERVE.min(bound)) + Duration::from_millis(500);
+    let in_flight_until = (deadline - crate::drain::CLOSING_RESERVE.min(bound))
+        + crate::drain::CLOSING_RESERVE.min(bound) / 2;
     if tokio::time::timeout_at(in_flight_until.into(), in_flight)
         .await
         .is_err()

@@ -65,8 +65,14 @@ impl WaitReason {
 pub type WaitHook = Arc<dyn Fn() -> Vec<(String, WaitReason)> + Send + Sync>;
 
 /// The part of `daemon.shutdown_timeout_secs` kept after the in-flight
-/// sends, for the token store's last write and the closing records.
+/// sends, for recording the answers already in, the token store's last
+/// write and the closing records.
 pub const SHUTDOWN_RESERVE: Duration = Duration::from_secs(2);
+
+/// The last part of `daemon.shutdown_timeout_secs`, for the closing records:
+/// until then (from the send bound, `SHUTDOWN_RESERVE` before the end) the
+/// drainer still records the outcomes of requests already answered.
+pub const CLOSING_RESERVE: Duration = Duration::from_millis(500);
 
 /// The drainer's settings, from `[outbox]`.
 #[derive(Debug, Clone)]
@@ -155,6 +161,9 @@ pub enum RowResult {
     Dead,
     /// Held back until its business is re-authorized.
     Held,
+    /// Given up at the stop's send bound without an answer: the row stays
+    /// `sending` and is sent again at the next start.
+    CutShort,
 }
 
 /// Totals of a `drain` pass.
@@ -170,7 +179,7 @@ impl DrainSummary {
     fn add(&mut self, r: RowResult) {
         match r {
             RowResult::Sent => self.sent += 1,
-            RowResult::Retry => self.retried += 1,
+            RowResult::Retry | RowResult::CutShort => self.retried += 1,
             RowResult::Dead => self.dead += 1,
             RowResult::Held => self.held += 1,
         }
@@ -194,11 +203,20 @@ pub struct Drainer {
     /// Which table the next claim looks at first: alternating, so that a
     /// full queue of one kind never starves the other.
     replies_first: std::sync::atomic::AtomicBool,
-    /// Rows being sent. What a stop cut short names.
-    sending: Arc<std::sync::Mutex<SendingRows>>,
+    /// Rows claimed and not yet recorded: being sent, or answered with the
+    /// outcome not in the table yet (being recorded, or refused by the
+    /// database). An entry leaves only once its row's outcome is recorded,
+    /// so what is left after a stop is exactly the rows it leaves `sending`,
+    /// and the log names them.
+    sending: std::sync::Mutex<SendingRows>,
     /// When in-flight sends are given up after a stop, if the daemon set it
     /// ([`Drainer::stop_sends_by`]); else `shutdown_grace` after the stop is seen.
     sends_deadline: std::sync::Mutex<Option<Instant>>,
+    /// Cancelled at the stop's send bound: requests still without an answer
+    /// are given up (answers already in are still recorded).
+    give_up_sends: CancellationToken,
+    /// Once stopping: until when answers already in are still recorded.
+    records_by: std::sync::Mutex<Option<Instant>>,
     /// Outcomes the database refused to record (disk full, an I/O error)
     /// after the request had its answer: kept here and recorded before each
     /// claim until it takes them. Their rows stay `sending` meanwhile, which
@@ -222,20 +240,6 @@ struct Unrecorded {
 /// only its recording is left).
 type SendingRows = std::collections::BTreeMap<(&'static str, i64), (String, Option<RowResult>)>;
 
-/// A row in [`Drainer::sending`] while its send runs (removed however it ends).
-struct Sending {
-    map: Arc<std::sync::Mutex<SendingRows>>,
-    key: (&'static str, i64),
-}
-
-impl Drop for Sending {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(&self.key);
-        }
-    }
-}
-
 impl Drainer {
     /// A drainer over a store and a client.
     pub fn new(store: Store, client: Arc<Client>, settings: DrainSettings) -> Drainer {
@@ -245,8 +249,10 @@ impl Drainer {
             applied: std::sync::Mutex::new(None),
             wait_hook: std::sync::RwLock::new(None),
             replies_first: std::sync::atomic::AtomicBool::new(false),
-            sending: Arc::default(),
+            sending: std::sync::Mutex::default(),
             sends_deadline: std::sync::Mutex::new(None),
+            give_up_sends: CancellationToken::new(),
+            records_by: std::sync::Mutex::new(None),
             unrecorded: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -278,6 +284,7 @@ impl Drainer {
             u.tries += 1;
             match recorded {
                 Ok((how, _)) => {
+                    self.recorded(u.row.kind.table(), u.row.id);
                     info!(
                         outbox_id = u.row.id,
                         negotiation_id = %u.row.negotiation_id,
@@ -308,30 +315,74 @@ impl Drainer {
         }
     }
 
-    /// After a stop: the outcomes still unrecorded are given a few more
-    /// tries until `until`, then named (their rows stay `sending` and are
-    /// sent again at the next start).
+    /// After a stop: the outcomes still unrecorded are tried again until
+    /// `until` (a round still waiting on the database then is given up:
+    /// its rows stay `sending` and [`Drainer::name_left_sending`] names them).
     async fn record_unrecorded_before(&self, until: tokio::time::Instant) {
-        while self.record_unrecorded().await > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep_until(
-                until.min(tokio::time::Instant::now() + Duration::from_secs(1)),
-            )
-            .await;
+        let _ = tokio::time::timeout_at(until, async {
+            while self.record_unrecorded().await > 0 && tokio::time::Instant::now() < until {
+                tokio::time::sleep_until(
+                    until.min(tokio::time::Instant::now() + Duration::from_millis(250)),
+                )
+                .await;
+            }
+        })
+        .await;
+    }
+
+    /// The row's outcome is in the table (or the row is gone): it leaves
+    /// [`Drainer::sending`].
+    fn recorded(&self, table: &'static str, id: i64) {
+        if let Ok(mut m) = self.sending.lock() {
+            m.remove(&(table, id));
         }
-        if let Ok(u) = self.unrecorded.lock() {
-            for w in u.iter() {
-                warn!(
-                    outbox_id = w.row.id,
-                    negotiation_id = %w.row.negotiation_id,
-                    result = ?w.result,
-                    "{} row {} had its answer but the database refused its outcome until the \
-                     end: it stays `sending`, is sent again at the next start, and may reach \
-                     Thumbtack twice",
-                    w.row.kind.table(),
-                    w.row.id
-                );
+    }
+
+    /// At the end of a stop (or of `leadsync drain`): names every row left
+    /// `sending` — each on a line of its own, then one line per table with
+    /// the ids, those Thumbtack took (2xx) but whose outcome was not
+    /// recorded apart. They are sent again at the next start. Returns how
+    /// many there are.
+    fn name_left_sending(&self) -> usize {
+        let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut by_table: std::collections::BTreeMap<&str, (Vec<i64>, Vec<i64>)> =
+            Default::default();
+        for ((table, id), (negotiation_id, ended)) in &rows {
+            let what = match ended {
+                None => "was being sent (no answer yet)".to_string(),
+                Some(r) => format!(
+                    "had its answer ({}) but its outcome was not recorded",
+                    format!("{r:?}").to_lowercase()
+                ),
+            };
+            warn!(
+                outbox_id = id,
+                %negotiation_id,
+                "{table} row {id} {what} when the shutdown bound \
+                 (daemon.shutdown_timeout_secs) was reached: it stays `sending`, is sent \
+                 again at the next start, and may reach Thumbtack twice"
+            );
+            let (all, sent) = by_table.entry(table).or_default();
+            all.push(*id);
+            if *ended == Some(RowResult::Sent) {
+                sent.push(*id);
             }
         }
+        let ids = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        for (table, (all, sent)) in &by_table {
+            warn!(
+                table,
+                ids = %ids(all),
+                sent_not_recorded = %ids(sent),
+                "{table}: {} row(s) left `sending` by the stop (ids {}), sent again at the next \
+                 start; of them, sent but not recorded (Thumbtack answered 2xx: these reach it \
+                 twice): {}",
+                all.len(),
+                ids(all),
+                if sent.is_empty() { "none".to_string() } else { ids(sent) }
+            );
+        }
+        rows.len()
     }
 
     /// Sets when in-flight sends are given up after the stop (the daemon
@@ -503,11 +554,17 @@ impl Drainer {
         if let Ok(mut m) = self.sending.lock() {
             m.insert(key, (row.negotiation_id.clone(), None));
         }
-        let _sending = Sending {
-            map: self.sending.clone(),
-            key,
+        // At the stop's send bound a request still without an answer is
+        // given up (its row stays `sending`, named at the end); an answer
+        // already in is recorded whatever the bound.
+        let answered = tokio::select! {
+            biased;
+            a = self.attempt(&row) => Some(a),
+            _ = self.give_up_sends.cancelled() => None,
         };
-        let (finish, attempts, result) = self.attempt(&row).await;
+        let Some((finish, attempts, result)) = answered else {
+            return (RowResult::CutShort, None);
+        };
         if let Ok(mut m) = self.sending.lock()
             && let Some(entry) = m.get_mut(&key)
         {
@@ -536,6 +593,9 @@ impl Drainer {
                     outbox::finish(c, &sent, &f, &a, &n, next)
                 })
                 .await;
+            if recorded.is_ok() {
+                self.recorded(key.0, key.1);
+            }
             match recorded {
                 Ok((Recorded::Yes, next)) => return (result, next),
                 Ok((Recorded::RowDeleted, _)) => {
@@ -558,10 +618,10 @@ impl Drainer {
                 }
                 // Only a locked database is worth waiting out. While running,
                 // keep trying (a row left `sending` would wait for the next
-                // start); once stopping, give up after a few.
-                Err(e)
-                    if crate::store::is_busy_error(&e) && (!stop.is_cancelled() || tries < 5) =>
-                {
+                // start); once stopping, until the stop's recording bound (or
+                // a few times, without one); then it is kept with the
+                // outcomes to record, which the stop tries until that bound.
+                Err(e) if crate::store::is_busy_error(&e) && self.keep_waiting(stop, tries) => {
                     if tries % 30 == 0 {
                         warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying every second");
                     }
@@ -589,6 +649,18 @@ impl Drainer {
                     return (result, None);
                 }
             }
+        }
+    }
+
+    /// Whether a recording refused for a locked database is tried again in
+    /// place (see [`Drainer::process`]).
+    fn keep_waiting(&self, stop: &CancellationToken, tries: u32) -> bool {
+        if !stop.is_cancelled() {
+            return true;
+        }
+        match self.records_by.lock().ok().and_then(|d| *d) {
+            Some(by) => Instant::now() + Duration::from_secs(1) < by,
+            None => tries < 5,
         }
     }
 
@@ -727,7 +799,8 @@ impl Drainer {
             && matches!(&delivery.result, Err(e) if e.disposition != Disposition::Dead);
         let outcome = match result {
             RowResult::Sent => "sent",
-            RowResult::Retry => "retry",
+            // (Never here: a send given up returns before its outcome.)
+            RowResult::Retry | RowResult::CutShort => "retry",
             RowResult::Dead => "dead",
             RowResult::Held if matches!(&delivery.result, Err(e) if e.disposition == Disposition::Stopping) => {
                 "stopped"
@@ -822,6 +895,7 @@ impl Drainer {
         }
         let until = tokio::time::Instant::now() + self.settings().shutdown_grace;
         self.record_unrecorded_before(until).await;
+        self.name_left_sending();
         let unrecorded = self.unrecorded();
         if unrecorded > 0 {
             anyhow::bail!(
@@ -896,58 +970,73 @@ impl Drainer {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        // One bound for all of it, inside daemon.shutdown_timeout_secs.
-        let until: tokio::time::Instant = self
+        // Two bounds inside daemon.shutdown_timeout_secs: requests still
+        // without an answer at the send bound are given up (nothing can
+        // tell whether Thumbtack took them); answers already in are still
+        // recorded until the recording bound, which leaves the closing
+        // records their reserve. Only then is anything left unrecorded, and
+        // every such row is named.
+        let sends_by: Instant = self
             .sends_deadline
             .lock()
             .ok()
             .and_then(|d| *d)
-            .unwrap_or_else(|| Instant::now() + self.settings().shutdown_grace)
-            .into();
+            .unwrap_or_else(|| Instant::now() + self.settings().shutdown_grace);
+        let records_by_std = sends_by + SHUTDOWN_RESERVE.saturating_sub(CLOSING_RESERVE);
+        if let Ok(mut r) = self.records_by.lock() {
+            *r = Some(records_by_std);
+        }
+        let (sends_by, records_by): (tokio::time::Instant, tokio::time::Instant) =
+            (sends_by.into(), records_by_std.into());
         if !inflight.is_empty() {
             info!(
                 in_flight = inflight.len(),
                 "waiting for in-flight sends to finish"
             );
-            let finished = tokio::time::timeout_at(until, async {
+            let finished = tokio::time::timeout_at(sends_by, async {
                 while inflight.join_next().await.is_some() {}
             })
             .await;
             if finished.is_err() {
-                let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
-                for ((table, id), (negotiation_id, ended)) in &rows {
-                    let what = match ended {
-                        None => "was being sent".to_string(),
-                        Some(r) => format!(
-                            "had its answer ({}) but its outcome was not recorded",
-                            format!("{r:?}").to_lowercase()
-                        ),
-                    };
-                    warn!(
-                        outbox_id = id,
-                        %negotiation_id,
-                        "{table} row {id} {what} when the shutdown bound \
-                         (daemon.shutdown_timeout_secs) was reached: it stays `sending`, is sent \
-                         again at the next start, and may reach Thumbtack twice"
-                    );
-                }
-                warn!(
+                self.give_up_sends.cancel();
+                let answered = self
+                    .sending
+                    .lock()
+                    .map(|m| m.values().filter(|(_, r)| r.is_some()).count())
+                    .unwrap_or(0);
+                info!(
                     in_flight = inflight.len(),
-                    "in-flight sends did not finish in time; their rows stay `sending` and are sent again at the next start"
+                    answered,
+                    "the send bound of the stop is reached: requests still without an answer are \
+                     given up; the outcomes of those answered are still recorded (until {} ms \
+                     before the end of daemon.shutdown_timeout_secs)",
+                    CLOSING_RESERVE.as_millis()
                 );
-                inflight.abort_all();
+                let recorded = tokio::time::timeout_at(records_by, async {
+                    while inflight.join_next().await.is_some() {}
+                })
+                .await;
+                if recorded.is_err() {
+                    warn!(
+                        in_flight = inflight.len(),
+                        "outcomes still not recorded at the shutdown bound; their rows stay \
+                         `sending` and are sent again at the next start"
+                    );
+                    inflight.abort_all();
+                }
             }
         }
         // A round in progress ends first (it holds the outcomes it tries).
         if let Some(r) = recorder {
-            let _ = tokio::time::timeout_at(until, r).await;
+            let _ = tokio::time::timeout_at(records_by, r).await;
         }
-        self.record_unrecorded_before(until).await;
+        self.record_unrecorded_before(records_by).await;
+        self.name_left_sending();
         // The recheck's refreshes run detached: the daemon waits for them
         // (Auth::settle); a recheck not yet sent is refused once stopping.
         if let Some(r) = recheck
             && !r.is_finished()
-            && tokio::time::timeout_at(until, r).await.is_err()
+            && tokio::time::timeout_at(records_by, r).await.is_err()
         {
             info!("the re-authorization recheck did not end before the shutdown bound");
         }

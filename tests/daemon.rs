@@ -360,6 +360,93 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
         )) && log.contains("may reach Thumbtack twice"),
         "the log names the row cut short:\n{log}"
     );
+    // And one line names the table and the ids Thumbtack took unrecorded.
+    assert!(
+        log.contains(&format!(
+            "outbox: 1 row(s) left `sending` by the stop (ids {id}), sent again at the next \
+             start; of them, sent but not recorded (Thumbtack answered 2xx: these reach it \
+             twice): {id}"
+        )),
+        "one line names the table and the ids:\n{log}"
+    );
+}
+
+/// A send answered before the stop's send bound whose outcome waits for the
+/// mirror (another program holds its write lock) past that bound, which
+/// frees within the stop's bound: the outcome is recorded, and the log does
+/// not name the row as unrecorded. (Before, the drainer gave up on it at the
+/// send bound and told the operator it may reach Thumbtack twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_before_the_send_bound_is_recorded_once_the_mirror_frees() {
+    let env = Env::new(
+        leadsync::sandbox::SandboxOptions::default(),
+        false,
+        &common::FAST.replace(
+            "[poll]\npage_size = 10\n",
+            "[poll]\npage_size = 10\nschedule = \"0 0 0 1 1 *\"\nfull_schedule = \"0 0 0 1 1 *\"\n",
+        ),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon's first passes", Duration::from_secs(60), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_runs WHERE kind = 'head' AND outcome = 'ok'",
+        ) == 3
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
+            ) == 0
+    });
+    env.sandbox.set_faults(Faults {
+        latency_ms: 2000,
+        ..Default::default()
+    });
+    let id = enqueue(&env, &b, &lead);
+    wait_until_blocking("the row's request is out", Duration::from_secs(60), || {
+        job_status_requests(&env) == 1
+    });
+    signal(&child, libc::SIGTERM);
+    let t = Instant::now();
+    wait_until_blocking(
+        "the drainer waits for its send only (within the 2 s the send takes)",
+        Duration::from_secs(2),
+        || {
+            env.daemon_log()
+                .contains("waiting for in-flight sends to finish")
+        },
+    );
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // Thumbtack answers (2 s) well before the send bound (8 - 2 = 6 s).
+    wait_until_blocking("Thumbtack took the row", Duration::from_secs(5), || {
+        env.sandbox.deliveries().len() == 1
+    });
+    wait_until_blocking("the send bound is reached", Duration::from_secs(9), || {
+        let log = env.daemon_log();
+        log.contains("send bound") || log.contains("did not finish in time")
+    });
+    holder.execute_batch("ROLLBACK").unwrap();
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    let took = t.elapsed();
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "a clean stop exits 0\n{log}");
+    assert!(
+        took < Duration::from_secs(11),
+        "the stop took {took:?}, beyond shutdown_timeout_secs = 8 (and the exit allowance)\n{log}"
+    );
+    let state: String = env
+        .sql()
+        .query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "sent", "{log}");
+    assert!(
+        !log.contains("not recorded") && !log.contains("may reach Thumbtack twice"),
+        "a recorded row is not named as unrecorded:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -782,3 +782,108 @@ async fn a_drain_that_cannot_record_an_outcome_fails_instead_of_reporting_it_sen
     assert_eq!(rig.row(id).0, "sending");
     assert_eq!(rig.env.sandbox.deliveries().len(), 1);
 }
+
+/// A stop while the database refuses an answered send's outcome (disk full;
+/// a trigger standing in for it): the send bound passes, then the database
+/// takes writes again before the whole stop's bound. The outcome is still
+/// recorded then: the drainer does not return with an answered send
+/// unrecorded while there is time left to record it. (Before, it gave up at
+/// the send bound: the row stayed `sending` and was sent again at the next
+/// start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_before_the_send_bound_is_recorded_after_it_while_time_is_left() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let id = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    rig.env
+        .sql()
+        .execute_batch(&format!(
+            "CREATE TABLE failing (on_ INTEGER NOT NULL);
+             INSERT INTO failing VALUES (1);
+             CREATE TRIGGER refuse_the_outcome BEFORE UPDATE ON outbox
+             WHEN OLD.id = {id} AND OLD.state = 'sending' AND NEW.state <> 'sending'
+                  AND (SELECT on_ FROM failing) = 1
+             BEGIN SELECT RAISE(ABORT, 'simulated: database or disk is full'); END;"
+        ))
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        rig.drainer
+            .clone()
+            .run(stop.clone(), Arc::new(std::sync::atomic::AtomicI64::new(0))),
+    );
+    common::wait_until(
+        "Thumbtack took the row and its outcome waits to be recorded",
+        Duration::from_secs(60),
+        || rig.env.sandbox.deliveries().len() == 1 && rig.drainer.unrecorded() == 1,
+    )
+    .await;
+    let sends_by = std::time::Instant::now() + Duration::from_millis(800);
+    rig.drainer.stop_sends_by(sends_by);
+    stop.cancel();
+    // Past the send bound (the drainer must still be at work: the answer is
+    // not recorded), the database takes writes again.
+    common::wait_until("the send bound has passed", Duration::from_secs(30), || {
+        run.is_finished() || std::time::Instant::now() >= sends_by + Duration::from_millis(300)
+    })
+    .await;
+    assert!(
+        !run.is_finished(),
+        "the drainer stopped with an answered send unrecorded, time left before the stop's bound"
+    );
+    rig.env
+        .sql()
+        .execute("UPDATE failing SET on_ = 0", [])
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the drainer ends by its bound")
+        .unwrap();
+    assert_eq!(rig.row(id).0, "sent", "the answer is recorded");
+    assert_eq!(rig.drainer.unrecorded(), 0);
+    assert_eq!(rig.env.sandbox.deliveries().len(), 1);
+}
+
+/// A request still without an answer at the stop's send bound is given up
+/// there (nothing can tell whether Thumbtack took it): the drainer does not
+/// spend the recording reserve waiting for it, and the row stays `sending`
+/// (named in the log, sent again at the next start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_an_answer_at_the_send_bound_is_given_up_there() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let id = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    rig.env.sandbox.set_faults(Faults {
+        latency_ms: 4000,
+        ..Default::default()
+    });
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        rig.drainer
+            .clone()
+            .run(stop.clone(), Arc::new(std::sync::atomic::AtomicI64::new(0))),
+    );
+    common::wait_until("the request is out", Duration::from_secs(60), || {
+        rig.env
+            .sandbox
+            .stats()
+            .by_route
+            .get("job-status")
+            .is_some_and(|n| *n == 1)
+    })
+    .await;
+    let sends_by = std::time::Instant::now() + Duration::from_millis(300);
+    rig.drainer.stop_sends_by(sends_by);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the drainer ends")
+        .unwrap();
+    let ended = std::time::Instant::now();
+    assert!(
+        ended < sends_by + Duration::from_millis(1000),
+        "given up at the send bound, not at the recording bound ({:?} after it)",
+        ended - sends_by
+    );
+    assert_eq!(rig.row(id).0, "sending", "sent again at the next start");
+}
