@@ -236,6 +236,23 @@ struct Unrecorded {
     tries: u32,
 }
 
+/// A round of [`Drainer::record_unrecorded`]: whatever it did not record
+/// goes back to the list when it ends, however it ends.
+struct Round<'a> {
+    drainer: &'a Drainer,
+    waiting: std::collections::VecDeque<Unrecorded>,
+    left: Vec<Unrecorded>,
+}
+
+impl Drop for Round<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut u) = self.drainer.unrecorded.lock() {
+            u.extend(self.left.drain(..));
+            u.extend(self.waiting.drain(..));
+        }
+    }
+}
+
 /// (table, id) → (negotiation id, the outcome once the request ended and
 /// only its recording is left).
 type SendingRows = std::collections::BTreeMap<(&'static str, i64), (String, Option<RowResult>)>;
@@ -263,24 +280,34 @@ impl Drainer {
     }
 
     /// Tries once to record each outcome the database refused before;
-    /// returns how many are still waiting.
+    /// returns how many are still waiting. Cancel-safe: a round dropped
+    /// midway (the stop's bound) puts the outcomes it had not recorded back.
     async fn record_unrecorded(&self) -> usize {
         let waiting = match self.unrecorded.lock() {
             Ok(mut u) if !u.is_empty() => std::mem::take(&mut *u),
             _ => return 0,
         };
-        let mut left = Vec::new();
-        for mut u in waiting {
+        let mut round = Round {
+            drainer: self,
+            waiting: waiting.into(),
+            left: Vec::new(),
+        };
+        while let Some(u) = round.waiting.front_mut() {
             let (row, f, a, at) = (
                 u.row.clone(),
                 u.finish.clone(),
                 u.attempts.clone(),
                 u.at.clone(),
             );
+            // The outcome stays in `round` until the answer: dropped here,
+            // it goes back to the list.
             let recorded = self
                 .store
                 .call(move |c| outbox::finish(c, &row, &f, &a, &at, None))
                 .await;
+            let Some(mut u) = round.waiting.pop_front() else {
+                break;
+            };
             u.tries += 1;
             match recorded {
                 Ok((how, _)) => {
@@ -302,17 +329,13 @@ impl Drainer {
                             "{} row {}: the database still refuses its outcome; it stays `sending`",
                             u.row.kind.table(), u.row.id);
                     }
-                    left.push(u);
+                    round.left.push(u);
                 }
             }
         }
-        let n = left.len();
-        if let Ok(mut u) = self.unrecorded.lock() {
-            u.extend(left);
-            n.max(u.len())
-        } else {
-            n
-        }
+        let n = round.left.len();
+        drop(round);
+        n.max(self.unrecorded())
     }
 
     /// After a stop: the outcomes still unrecorded are tried again until
@@ -1026,9 +1049,13 @@ impl Drainer {
                 }
             }
         }
-        // A round in progress ends first (it holds the outcomes it tries).
-        if let Some(r) = recorder {
-            let _ = tokio::time::timeout_at(records_by, r).await;
+        // A round in progress ends first (it holds the outcomes it tries);
+        // one still waiting at the bound is dropped, its outcomes put back.
+        if let Some(mut r) = recorder
+            && tokio::time::timeout_at(records_by, &mut r).await.is_err()
+        {
+            r.abort();
+            let _ = r.await;
         }
         self.record_unrecorded_before(records_by).await;
         self.name_left_sending();
