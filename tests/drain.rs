@@ -887,3 +887,91 @@ async fn a_request_without_an_answer_at_the_send_bound_is_given_up_there() {
     );
     assert_eq!(rig.row(id).0, "sending", "sent again at the next start");
 }
+
+/// Thumbtack takes a transition and the connection drops before its answer
+/// (the sandbox's `lose_after_accept`): nothing can tell it was taken, so
+/// the row is retried — never dead, never lost — with the same instant; the
+/// later row of its negotiation waits until it is recorded sent, so the
+/// negotiation's transitions still reach Thumbtack in order (the first one
+/// twice: at least once). A reply is sent again the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_lost_after_thumbtack_acted_is_retried_in_order() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let first = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    let second = rig.insert(&lead, "job_complete", "2024-06-14T11:00:00Z", Some(12500));
+    let db = rig.env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'On my way')",
+        [&lead],
+    )
+    .unwrap();
+    let reply = db.last_insert_rowid();
+    rig.env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let s = rig.drain().await;
+    assert_eq!((s.sent, s.retried, s.dead), (0, 2, 0), "{s:?}");
+    assert_eq!(rig.env.sandbox.deliveries().len(), 1, "taken by Thumbtack");
+    assert_eq!(rig.env.sandbox.replies().len(), 1, "taken by Thumbtack");
+    let (state, attempts, http, error, _) = rig.row(first);
+    assert_eq!((state.as_str(), attempts, http), ("pending", 1, None));
+    assert!(error.is_some(), "the lost answer is recorded");
+    assert_eq!(rig.row(second).0, "pending", "held back by the first");
+    rig.env.sandbox.set_faults(Faults::default());
+    db.execute_batch(
+        "UPDATE outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE state = 'pending';
+         UPDATE message_outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE state = 'pending';",
+    )
+    .unwrap();
+    let s = rig.drain().await;
+    assert_eq!((s.sent, s.retried, s.dead), (3, 0, 0), "{s:?}");
+    let sent: Vec<(String, String)> = rig
+        .env
+        .sandbox
+        .deliveries()
+        .iter()
+        .map(|d| (d.partner_status_changed_at.clone(), d.status.clone()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("2024-06-14T10:00:00Z".into(), "appt_scheduled".into()),
+            ("2024-06-14T10:00:00Z".into(), "appt_scheduled".into()),
+            ("2024-06-14T11:00:00Z".into(), "job_complete".into()),
+        ],
+        "in order, the first twice with its own instant"
+    );
+    assert_eq!(rig.row(first).0, "sent");
+    assert_eq!(rig.row(first).1, 2);
+    assert_eq!(rig.row(second).0, "sent");
+    assert_eq!(
+        count(&db, &format!("SELECT late FROM outbox WHERE id = {second}")),
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM outbox_attempts WHERE outbox_id = {first}
+                  AND ((attempt = 1 AND outcome = 'retry' AND http_status IS NULL)
+                    OR (attempt = 2 AND outcome = 'sent' AND http_status = 200))"
+            )
+        ),
+        2
+    );
+    let state: String = db
+        .query_row(
+            "SELECT state FROM message_outbox WHERE id = ?1",
+            [reply],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "sent");
+    assert_eq!(
+        rig.env.sandbox.replies().len(),
+        2,
+        "a reply whose answer was lost is sent again (README: duplicates)"
+    );
+}
