@@ -253,9 +253,11 @@ impl Drop for Round<'_> {
     }
 }
 
-/// (table, id) → (negotiation id, the outcome once the request ended and
-/// only its recording is left).
-type SendingRows = std::collections::BTreeMap<(&'static str, i64), (String, Option<RowResult>)>;
+/// (table, id, attempt) → (negotiation id, the outcome once the request
+/// ended and only its recording is left). The attempt tells a claim from a
+/// later one of the same row (put back to `pending` by hand while sent).
+type SendingRows =
+    std::collections::BTreeMap<(&'static str, i64, i64), (String, Option<RowResult>)>;
 
 impl Drainer {
     /// A drainer over a store and a client.
@@ -311,7 +313,7 @@ impl Drainer {
             u.tries += 1;
             match recorded {
                 Ok((how, _)) => {
-                    self.recorded(u.row.kind.table(), u.row.id);
+                    self.recorded((u.row.kind.table(), u.row.id, u.row.attempt));
                     info!(
                         outbox_id = u.row.id,
                         negotiation_id = %u.row.negotiation_id,
@@ -355,9 +357,9 @@ impl Drainer {
 
     /// The row's outcome is in the table (or the row is gone): it leaves
     /// [`Drainer::sending`].
-    fn recorded(&self, table: &'static str, id: i64) {
+    fn recorded(&self, key: (&'static str, i64, i64)) {
         if let Ok(mut m) = self.sending.lock() {
-            m.remove(&(table, id));
+            m.remove(&key);
         }
     }
 
@@ -370,7 +372,7 @@ impl Drainer {
         let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
         let mut by_table: std::collections::BTreeMap<&str, (Vec<i64>, Vec<i64>)> =
             Default::default();
-        for ((table, id), (negotiation_id, ended)) in &rows {
+        for ((table, id, _), (negotiation_id, ended)) in &rows {
             let what = match ended {
                 None => "was being sent (no answer yet)".to_string(),
                 Some(r) => format!(
@@ -573,7 +575,7 @@ impl Drainer {
         due_by: Option<&str>,
         stop: &CancellationToken,
     ) -> (RowResult, Option<Claimed>) {
-        let key = (row.kind.table(), row.id);
+        let key = (row.kind.table(), row.id, row.attempt);
         if let Ok(mut m) = self.sending.lock() {
             m.insert(key, (row.negotiation_id.clone(), None));
         }
@@ -617,7 +619,7 @@ impl Drainer {
                 })
                 .await;
             if recorded.is_ok() {
-                self.recorded(key.0, key.1);
+                self.recorded(key);
             }
             match recorded {
                 Ok((Recorded::Yes, next)) => return (result, next),

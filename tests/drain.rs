@@ -201,6 +201,24 @@ async fn every_transient_failure_is_retried_from_the_persisted_attempt_count() {
             },
             Some(500),
         ),
+        // A POST redirected is never followed (it could come back a GET
+        // answered 200), and a proxy's HTML 404 is no refusal of Thumbtack's.
+        (
+            "redirect",
+            Faults {
+                redirect: 1.0,
+                ..Default::default()
+            },
+            Some(301),
+        ),
+        (
+            "html 404",
+            Faults {
+                html_404: 1.0,
+                ..Default::default()
+            },
+            Some(404),
+        ),
     ];
     for (i, (name, faults, http)) in kinds.into_iter().enumerate() {
         let id = rig.insert(
@@ -233,14 +251,14 @@ async fn every_transient_failure_is_retried_from_the_persisted_attempt_count() {
         )
         .unwrap();
     let s = rig.drain().await;
-    assert_eq!(s.sent, 5, "{s:?}");
-    assert_eq!(rig.env.sandbox.deliveries().len(), 5);
+    assert_eq!(s.sent, 7, "{s:?}");
+    assert_eq!(rig.env.sandbox.deliveries().len(), 7);
     assert_eq!(
         count(
             &rig.env.sql(),
             "SELECT count(*) FROM outbox_attempts WHERE outcome = 'retry' AND error IS NOT NULL"
         ),
-        5
+        7
     );
 }
 
