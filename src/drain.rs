@@ -366,9 +366,9 @@ impl Drainer {
     /// At the end of a stop (or of `leadsync drain`): names every row left
     /// `sending` — each on a line of its own, then one line per table with
     /// the ids, those Thumbtack took (2xx) but whose outcome was not
-    /// recorded apart. They are sent again at the next start. Returns how
-    /// many there are.
-    fn name_left_sending(&self) -> usize {
+    /// recorded apart. They are sent again at the next start. `when` says
+    /// what ended. Returns how many there are.
+    fn name_left_sending(&self, when: &str) -> usize {
         let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
         let mut by_table: std::collections::BTreeMap<&str, (Vec<i64>, Vec<i64>)> =
             Default::default();
@@ -383,9 +383,8 @@ impl Drainer {
             warn!(
                 outbox_id = id,
                 %negotiation_id,
-                "{table} row {id} {what} when the shutdown bound \
-                 (daemon.shutdown_timeout_secs) was reached: it stays `sending`, is sent \
-                 again at the next start, and may reach Thumbtack twice"
+                "{table} row {id} {what} {when}: it stays `sending`, is sent again at the next \
+                 start, and may reach Thumbtack twice"
             );
             let (all, sent) = by_table.entry(table).or_default();
             all.push(*id);
@@ -399,7 +398,7 @@ impl Drainer {
                 table,
                 ids = %ids(all),
                 sent_not_recorded = %ids(sent),
-                "{table}: {} row(s) left `sending` by the stop (ids {}), sent again at the next \
+                "{table}: {} row(s) left `sending` {when} (ids {}), sent again at the next \
                  start; of them, sent but not recorded (Thumbtack answered 2xx: these reach it \
                  twice): {}",
                 all.len(),
@@ -920,7 +919,7 @@ impl Drainer {
         }
         let until = tokio::time::Instant::now() + self.settings().shutdown_grace;
         self.record_unrecorded_before(until).await;
-        self.name_left_sending();
+        self.name_left_sending("when `leadsync drain` ended");
         let unrecorded = self.unrecorded();
         if unrecorded > 0 {
             anyhow::bail!(
@@ -1060,7 +1059,9 @@ impl Drainer {
             let _ = r.await;
         }
         self.record_unrecorded_before(records_by).await;
-        self.name_left_sending();
+        self.name_left_sending(
+            "when the shutdown bound (daemon.shutdown_timeout_secs) was reached",
+        );
         // The recheck's refreshes run detached: the daemon waits for them
         // (Auth::settle); a recheck not yet sent is refused once stopping.
         if let Some(r) = recheck

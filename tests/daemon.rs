@@ -363,7 +363,8 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
     // And one line names the table and the ids Thumbtack took unrecorded.
     assert!(
         log.contains(&format!(
-            "outbox: 1 row(s) left `sending` by the stop (ids {id}), sent again at the next \
+            "outbox: 1 row(s) left `sending` when the shutdown bound \
+             (daemon.shutdown_timeout_secs) was reached (ids {id}), sent again at the next \
              start; of them, sent but not recorded (Thumbtack answered 2xx: these reach it \
              twice): {id}"
         )),
