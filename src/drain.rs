@@ -595,7 +595,11 @@ impl Drainer {
             entry.1 = Some(result);
         }
         let now = crate::time::now();
-        let follow = matches!(result, RowResult::Sent | RowResult::Dead) && !stop.is_cancelled();
+        // Not while a 429 pauses the budget: the next row would wait for
+        // its turn `sending` (it is claimed once the pause is over).
+        let follow = matches!(result, RowResult::Sent | RowResult::Dead)
+            && !stop.is_cancelled()
+            && self.client().budget().paused_for().is_none();
         let id = row.id;
         let row = Arc::new(row);
         // The outcome must land: a locked database is waited out, not dropped.
@@ -877,7 +881,21 @@ impl Drainer {
         let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         let mut failures = 0;
         loop {
-            if !stop.is_cancelled() {
+            // After a 429 nobody sends: rows are not held `sending` while
+            // the budget is paused (as in the daemon); they are claimed
+            // once it is over.
+            let paused = self.client().budget().paused_for();
+            if let Some(p) = paused
+                && inflight.is_empty()
+                && !stop.is_cancelled()
+            {
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(p) => {}
+                }
+                continue;
+            }
+            if !stop.is_cancelled() && paused.is_none() {
                 let free = self.settings().concurrency.saturating_sub(inflight.len());
                 // A failed claim never drops the sends in flight: they finish
                 // and record their outcome; the claim is tried again.

@@ -993,3 +993,63 @@ async fn an_answer_lost_after_thumbtack_acted_is_retried_in_order() {
         "a reply whose answer was lost is sent again (README: duplicates)"
     );
 }
+
+/// `leadsync drain` after a 429: while the rate budget is paused nothing is
+/// claimed, as in the daemon — a row claimed then sat `sending` for the
+/// whole `Retry-After` (up to `backoff_max_secs`, an hour by default),
+/// waiting for its turn, where a kill left it with an attempt counted that
+/// was never sent. The rows due go once the pause is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_claims_nothing_while_a_429_pauses_the_budget() {
+    let rig = Rig::new(&FAST.replace("concurrency = 4", "concurrency = 1")).await;
+    let first = rig.insert(
+        &rig.lead(0, 0),
+        "appt_scheduled",
+        "2024-06-14T10:00:00Z",
+        None,
+    );
+    let others: Vec<i64> = (1..3)
+        .map(|i| {
+            rig.insert(
+                &rig.lead(0, i),
+                "appt_scheduled",
+                "2024-06-14T10:00:00Z",
+                None,
+            )
+        })
+        .collect();
+    rig.env.sandbox.set_faults(Faults {
+        rate_429: 1.0,
+        retry_after_secs: 2,
+        ..Default::default()
+    });
+    let drainer = rig.drainer.clone();
+    let drain = tokio::spawn(async move { drainer.drain_once(&CancellationToken::new()).await });
+    common::wait_until("the first answer is a 429", Duration::from_secs(60), || {
+        rig.env.sandbox.stats().faults_injected >= 1
+    })
+    .await;
+    rig.env.sandbox.set_faults(Faults::default());
+    let budget = rig.session.client.budget().clone();
+    let db = rig.env.sql();
+    common::wait_until("the drain ends", Duration::from_secs(60), || {
+        // (The row answered 429 is `sending` until its outcome is recorded.)
+        let sending = count(
+            &db,
+            &format!("SELECT count(*) FROM outbox WHERE state = 'sending' AND id <> {first}"),
+        );
+        let paused = budget.paused_for().unwrap_or_default();
+        assert!(
+            sending == 0 || paused < Duration::from_millis(300),
+            "{sending} row(s) held `sending` while the budget is paused for {paused:?} more"
+        );
+        drain.is_finished()
+    })
+    .await;
+    let s = drain.await.unwrap().unwrap();
+    assert_eq!((s.sent, s.retried), (2, 1), "{s:?}");
+    assert_eq!(rig.row(first).2, Some(429));
+    for id in others {
+        assert_eq!(rig.row(id).0, "sent");
+    }
+}
