@@ -883,12 +883,24 @@ impl Drainer {
         loop {
             // After a 429 nobody sends: rows are not held `sending` while
             // the budget is paused (as in the daemon); they are claimed
-            // once it is over.
+            // once it is over. With nothing left to attempt, the pass ends.
             let paused = self.client().budget().paused_for();
             if let Some(p) = paused
                 && inflight.is_empty()
                 && !stop.is_cancelled()
             {
+                let due_by = started.clone();
+                let due = self
+                    .store
+                    .call(move |c| {
+                        Ok(outbox::any_claimable(c, Kind::Transition, &due_by)?
+                            || outbox::any_claimable(c, Kind::Message, &due_by)?)
+                    })
+                    .await
+                    .unwrap_or(true);
+                if !due {
+                    break;
+                }
                 tokio::select! {
                     _ = stop.cancelled() => {}
                     _ = tokio::time::sleep(p) => {}

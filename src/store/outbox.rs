@@ -1040,6 +1040,12 @@ fn any_due(conn: &Connection, kind: Kind, due_by: &str, pins: &Pins) -> Result<b
         .query_row([due_by], |r| r.get(0))?)
 }
 
+/// Whether a claim of `kind` by `due_by` would find a row to decide on
+/// (see [`any_due`]), without claiming it.
+pub fn any_claimable(conn: &Connection, kind: Kind, due_by: &str) -> Result<bool> {
+    any_due(conn, kind, due_by, &Pins::read(conn)?)
+}
+
 /// [`any_due`]'s statement. Without the index named, SQLite reads every
 /// pending row (by state).
 fn due_select(kind: Kind, pins: &Pins) -> String {
