@@ -284,27 +284,24 @@ pub async fn run_with(
         "stopping: finishing in-flight work"
     );
     daemon.auth.begin_shutdown(refresh_deadline);
-    daemon
-        .drainer
-        .stop_sends_by(deadline - crate::drain::SHUTDOWN_RESERVE.min(bound));
+    let sends_by = deadline - crate::drain::SHUTDOWN_RESERVE.min(bound);
+    daemon.drainer.stop_sends_by(sends_by);
     daemon.stop.cancel();
     daemon.work.notify_waiters();
     daemon.passes.close();
     let in_flight = async {
         let _ = timer.await;
         let _ = taker.await;
-        // The drainer gives up on requests without an answer at deadline -
-        // SHUTDOWN_RESERVE and on recording answers at deadline -
-        // CLOSING_RESERVE (naming the rows left, resent at the next start).
-        let _ = drainer.await;
         daemon.passes.wait().await;
         if let Some(r) = receiver {
             let _ = r.await;
         }
     };
-    // A little after the drainer's own bound, so that it names its rows first.
-    let in_flight_until = (deadline - crate::drain::CLOSING_RESERVE.min(bound))
-        + crate::drain::CLOSING_RESERVE.min(bound) / 2;
+    // The drainer runs meanwhile: it gives up on requests without an answer
+    // at deadline - SHUTDOWN_RESERVE, and records answers already in until
+    // deadline - CLOSING_RESERVE (then names the rows left, resent at the
+    // next start); it is awaited after the token refreshes below.
+    let in_flight_until = sends_by + Duration::from_millis(500);
     if tokio::time::timeout_at(in_flight_until.into(), in_flight)
         .await
         .is_err()
@@ -322,6 +319,9 @@ pub async fn run_with(
         .auth
         .settle(refresh_deadline.saturating_duration_since(Instant::now()))
         .await;
+    // A little after the drainer's own bound, so that it names its rows first.
+    let reserve = crate::drain::CLOSING_RESERVE.min(bound);
+    let _ = tokio::time::timeout_at((deadline - reserve + reserve / 2).into(), drainer).await;
     monitor.abort();
     let closing = async {
         if let Some(admin) = admin {
