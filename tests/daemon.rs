@@ -322,7 +322,10 @@ async fn outcomes_refused_until_the_end_of_a_stop_are_named_by_table_and_id() {
     let took = t.elapsed();
     let log = env.daemon_log();
     assert_eq!(exit.code(), Some(0), "{log}");
-    assert!(took < Duration::from_secs(11), "the stop took {took:?}\n{log}");
+    assert!(
+        took < Duration::from_secs(11),
+        "the stop took {took:?}\n{log}"
+    );
     for id in &ids {
         assert!(
             log.contains(&format!(
