@@ -344,8 +344,14 @@ impl Drainer {
     /// `until` (a round still waiting on the database then is given up:
     /// its rows stay `sending` and [`Drainer::name_left_sending`] names them).
     async fn record_unrecorded_before(&self, until: tokio::time::Instant) {
+        // No round starts once the bound is past: a dropped round's job
+        // still runs on the database thread, so one started for nothing
+        // would write after the rows were named left `sending`.
+        if tokio::time::Instant::now() >= until {
+            return;
+        }
         let _ = tokio::time::timeout_at(until, async {
-            while self.record_unrecorded().await > 0 && tokio::time::Instant::now() < until {
+            while tokio::time::Instant::now() < until && self.record_unrecorded().await > 0 {
                 tokio::time::sleep_until(
                     until.min(tokio::time::Instant::now() + Duration::from_millis(250)),
                 )

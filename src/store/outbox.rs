@@ -1352,8 +1352,13 @@ pub fn finish(
         let mut log = tx.prepare_cached(&format!(
             "INSERT INTO {attempts_table} (outbox_id, attempt, started_at, http_status, outcome,
                  error, trace_id, duration_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+              WHERE NOT EXISTS (SELECT 1 FROM {attempts_table}
+                                 WHERE outbox_id = ?1 AND attempt = ?2 AND started_at IS ?3)"
         ))?;
+        // Idempotent per request: a finish queued twice (a stop's round
+        // dropped while its job still waited on the database thread, then
+        // tried again) logs each request once.
         for a in attempts {
             log.execute(params![
                 id,
