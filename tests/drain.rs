@@ -842,7 +842,7 @@ async fn an_answer_in_before_the_send_bound_is_recorded_after_it_while_time_is_l
     // Past the send bound (the drainer must still be at work: the answer is
     // not recorded), the database takes writes again.
     common::wait_until("the send bound has passed", Duration::from_secs(30), || {
-        run.is_finished() || std::time::Instant::now() >= sends_by + Duration::from_millis(300)
+        run.is_finished() || std::time::Instant::now() >= sends_by + Duration::from_millis(50)
     })
     .await;
     assert!(
