@@ -286,6 +286,11 @@ pub async fn run_with(
     daemon.auth.begin_shutdown(refresh_deadline);
     let sends_by = deadline - crate::drain::SHUTDOWN_RESERVE.min(bound);
     daemon.drainer.stop_sends_by(sends_by);
+    // Answers already in are recorded until the closing reserve, always
+    // before the daemon stops waiting for the drainer (even at a 1 s bound).
+    daemon
+        .drainer
+        .stop_records_by(deadline - crate::drain::CLOSING_RESERVE.min(bound));
     daemon.stop.cancel();
     daemon.work.notify_waiters();
     daemon.passes.close();

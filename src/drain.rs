@@ -415,6 +415,15 @@ impl Drainer {
         rows.len()
     }
 
+    /// Sets until when a stop records the answers already in (the daemon
+    /// sets it from its own deadline, before it stops waiting); without it,
+    /// the send bound + `SHUTDOWN_RESERVE` - `CLOSING_RESERVE`.
+    pub fn stop_records_by(&self, deadline: Instant) {
+        if let Ok(mut r) = self.records_by.lock() {
+            *r = Some(deadline);
+        }
+    }
+
     /// Sets when in-flight sends are given up after the stop (the daemon
     /// sets it from the signal's time, so that a claim in progress then
     /// cannot push it later).
@@ -1042,10 +1051,17 @@ impl Drainer {
             .ok()
             .and_then(|d| *d)
             .unwrap_or_else(|| Instant::now() + self.settings().shutdown_grace);
-        let records_by_std = sends_by + SHUTDOWN_RESERVE.saturating_sub(CLOSING_RESERVE);
-        if let Ok(mut r) = self.records_by.lock() {
-            *r = Some(records_by_std);
+        // The daemon may have set the recording bound itself (from its own
+        // deadline, so that it falls before the daemon stops waiting even
+        // with a bound shorter than SHUTDOWN_RESERVE); else it follows the
+        // send bound.
+        let records_by_std = match self.records_by.lock() {
+            Ok(mut r) => {
+                *r.get_or_insert(sends_by + SHUTDOWN_RESERVE.saturating_sub(CLOSING_RESERVE))
+            }
+            Err(_) => sends_by + SHUTDOWN_RESERVE.saturating_sub(CLOSING_RESERVE),
         }
+        .max(sends_by);
         let (sends_by, records_by): (tokio::time::Instant, tokio::time::Instant) =
             (sends_by.into(), records_by_std.into());
         if !inflight.is_empty() {
