@@ -1591,6 +1591,39 @@ mod tests {
         claimed
     }
 
+    /// A finish queued twice for one claim (a stop's dropped round whose job
+    /// still ran, then its retry) logs the request's attempt row once.
+    #[test]
+    fn a_finish_run_twice_logs_its_attempt_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        insert(&conn, Kind::Transition, "1", "7", 1);
+        let row = claim(&mut conn, Kind::Transition, FAR, 10, &filter())
+            .unwrap()
+            .remove(0);
+        let a = [Attempt {
+            attempt: row.attempt,
+            started_at: crate::time::now(),
+            http_status: Some(200),
+            outcome: "sent",
+            error: None,
+            trace_id: None,
+            duration_ms: 1,
+        }];
+        let sent = Finish::Sent { message_id: None };
+        let now = crate::time::now();
+        finish(&mut conn, &row, &sent, &a, &now, None).unwrap();
+        finish(&mut conn, &row, &sent, &a, &now, None).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM outbox_attempts WHERE outbox_id = ?1",
+                [row.id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+
     /// Every statement that names an index, run once: rows put aside for
     /// their business, a claim, the next row of a chain, a late row.
     fn drain_a_little(conn: &mut Connection, kind: Kind) {
