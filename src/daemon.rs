@@ -259,9 +259,11 @@ pub async fn run_with(
     // Shutdown: no new work; in-flight requests finish within the bound.
     // Everything below ends by `deadline`, shutdown_timeout_secs after the
     // signal (below the unit's TimeoutStopSec, see config check): in-flight
-    // sends and passes until `deadline - SHUTDOWN_RESERVE`; a token refresh
-    // already sent until `deadline - 1 s` (config validation keeps the
-    // request timeout inside that); the closing records until `deadline`.
+    // sends and passes until `deadline - SHUTDOWN_RESERVE`, the outcomes of
+    // sends already answered then recorded until `deadline - CLOSING_RESERVE`;
+    // a token refresh already sent until `deadline - 1 s` (config validation
+    // keeps the request timeout inside that); the closing records until
+    // `deadline`.
     let started = Instant::now();
     let bound = Duration::from_secs(daemon.config().file.daemon.shutdown_timeout_secs);
     let deadline = started + bound;
@@ -282,26 +284,29 @@ pub async fn run_with(
         "stopping: finishing in-flight work"
     );
     daemon.auth.begin_shutdown(refresh_deadline);
+    let sends_by = deadline - crate::drain::SHUTDOWN_RESERVE.min(bound);
+    daemon.drainer.stop_sends_by(sends_by);
+    // Answers already in are recorded until the closing reserve, always
+    // before the daemon stops waiting for the drainer (even at a 1 s bound).
     daemon
         .drainer
-        .stop_sends_by(deadline - crate::drain::SHUTDOWN_RESERVE.min(bound));
+        .stop_records_by(deadline - crate::drain::CLOSING_RESERVE.min(bound));
     daemon.stop.cancel();
     daemon.work.notify_waiters();
     daemon.passes.close();
     let in_flight = async {
         let _ = timer.await;
         let _ = taker.await;
-        // The drainer gives up on its sends at deadline - SHUTDOWN_RESERVE
-        // (naming their rows, which are resent at the next start).
-        let _ = drainer.await;
         daemon.passes.wait().await;
         if let Some(r) = receiver {
             let _ = r.await;
         }
     };
-    // A little after the drainer's own bound, so that it names its rows first.
-    let in_flight_until =
-        (deadline - crate::drain::SHUTDOWN_RESERVE.min(bound)) + Duration::from_millis(500);
+    // The drainer runs meanwhile: it gives up on requests without an answer
+    // at deadline - SHUTDOWN_RESERVE, and records answers already in until
+    // deadline - CLOSING_RESERVE (then names the rows left, resent at the
+    // next start); it is awaited after the token refreshes below.
+    let in_flight_until = sends_by + Duration::from_millis(500);
     if tokio::time::timeout_at(in_flight_until.into(), in_flight)
         .await
         .is_err()
@@ -319,6 +324,9 @@ pub async fn run_with(
         .auth
         .settle(refresh_deadline.saturating_duration_since(Instant::now()))
         .await;
+    // A little after the drainer's own bound, so that it names its rows first.
+    let reserve = crate::drain::CLOSING_RESERVE.min(bound);
+    let _ = tokio::time::timeout_at((deadline - reserve + reserve / 2).into(), drainer).await;
     monitor.abort();
     let closing = async {
         if let Some(admin) = admin {

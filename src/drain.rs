@@ -65,8 +65,14 @@ impl WaitReason {
 pub type WaitHook = Arc<dyn Fn() -> Vec<(String, WaitReason)> + Send + Sync>;
 
 /// The part of `daemon.shutdown_timeout_secs` kept after the in-flight
-/// sends, for the token store's last write and the closing records.
+/// sends, for recording the answers already in, the token store's last
+/// write and the closing records.
 pub const SHUTDOWN_RESERVE: Duration = Duration::from_secs(2);
+
+/// The last part of `daemon.shutdown_timeout_secs`, for the closing records:
+/// until then (from the send bound, `SHUTDOWN_RESERVE` before the end) the
+/// drainer still records the outcomes of requests already answered.
+pub const CLOSING_RESERVE: Duration = Duration::from_millis(500);
 
 /// The drainer's settings, from `[outbox]`.
 #[derive(Debug, Clone)]
@@ -155,6 +161,9 @@ pub enum RowResult {
     Dead,
     /// Held back until its business is re-authorized.
     Held,
+    /// Given up at the stop's send bound without an answer: the row stays
+    /// `sending` and is sent again at the next start.
+    CutShort,
 }
 
 /// Totals of a `drain` pass.
@@ -170,7 +179,7 @@ impl DrainSummary {
     fn add(&mut self, r: RowResult) {
         match r {
             RowResult::Sent => self.sent += 1,
-            RowResult::Retry => self.retried += 1,
+            RowResult::Retry | RowResult::CutShort => self.retried += 1,
             RowResult::Dead => self.dead += 1,
             RowResult::Held => self.held += 1,
         }
@@ -194,11 +203,20 @@ pub struct Drainer {
     /// Which table the next claim looks at first: alternating, so that a
     /// full queue of one kind never starves the other.
     replies_first: std::sync::atomic::AtomicBool,
-    /// Rows being sent. What a stop cut short names.
-    sending: Arc<std::sync::Mutex<SendingRows>>,
+    /// Rows claimed and not yet recorded: being sent, or answered with the
+    /// outcome not in the table yet (being recorded, or refused by the
+    /// database). An entry leaves only once its row's outcome is recorded,
+    /// so what is left after a stop is exactly the rows it leaves `sending`,
+    /// and the log names them.
+    sending: std::sync::Mutex<SendingRows>,
     /// When in-flight sends are given up after a stop, if the daemon set it
     /// ([`Drainer::stop_sends_by`]); else `shutdown_grace` after the stop is seen.
     sends_deadline: std::sync::Mutex<Option<Instant>>,
+    /// Cancelled at the stop's send bound: requests still without an answer
+    /// are given up (answers already in are still recorded).
+    give_up_sends: CancellationToken,
+    /// Once stopping: until when answers already in are still recorded.
+    records_by: std::sync::Mutex<Option<Instant>>,
     /// Outcomes the database refused to record (disk full, an I/O error)
     /// after the request had its answer: kept here and recorded before each
     /// claim until it takes them. Their rows stay `sending` meanwhile, which
@@ -218,23 +236,28 @@ struct Unrecorded {
     tries: u32,
 }
 
-/// (table, id) → (negotiation id, the outcome once the request ended and
-/// only its recording is left).
-type SendingRows = std::collections::BTreeMap<(&'static str, i64), (String, Option<RowResult>)>;
-
-/// A row in [`Drainer::sending`] while its send runs (removed however it ends).
-struct Sending {
-    map: Arc<std::sync::Mutex<SendingRows>>,
-    key: (&'static str, i64),
+/// A round of [`Drainer::record_unrecorded`]: whatever it did not record
+/// goes back to the list when it ends, however it ends.
+struct Round<'a> {
+    drainer: &'a Drainer,
+    waiting: std::collections::VecDeque<Unrecorded>,
+    left: Vec<Unrecorded>,
 }
 
-impl Drop for Sending {
+impl Drop for Round<'_> {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.map.lock() {
-            m.remove(&self.key);
+        if let Ok(mut u) = self.drainer.unrecorded.lock() {
+            u.extend(self.left.drain(..));
+            u.extend(self.waiting.drain(..));
         }
     }
 }
+
+/// (table, id, attempt) → (negotiation id, the outcome once the request
+/// ended and only its recording is left). The attempt tells a claim from a
+/// later one of the same row (put back to `pending` by hand while sent).
+type SendingRows =
+    std::collections::BTreeMap<(&'static str, i64, i64), (String, Option<RowResult>)>;
 
 impl Drainer {
     /// A drainer over a store and a client.
@@ -245,8 +268,10 @@ impl Drainer {
             applied: std::sync::Mutex::new(None),
             wait_hook: std::sync::RwLock::new(None),
             replies_first: std::sync::atomic::AtomicBool::new(false),
-            sending: Arc::default(),
+            sending: std::sync::Mutex::default(),
             sends_deadline: std::sync::Mutex::new(None),
+            give_up_sends: CancellationToken::new(),
+            records_by: std::sync::Mutex::new(None),
             unrecorded: std::sync::Mutex::new(Vec::new()),
         }
     }
@@ -257,27 +282,38 @@ impl Drainer {
     }
 
     /// Tries once to record each outcome the database refused before;
-    /// returns how many are still waiting.
+    /// returns how many are still waiting. Cancel-safe: a round dropped
+    /// midway (the stop's bound) puts the outcomes it had not recorded back.
     async fn record_unrecorded(&self) -> usize {
         let waiting = match self.unrecorded.lock() {
             Ok(mut u) if !u.is_empty() => std::mem::take(&mut *u),
             _ => return 0,
         };
-        let mut left = Vec::new();
-        for mut u in waiting {
+        let mut round = Round {
+            drainer: self,
+            waiting: waiting.into(),
+            left: Vec::new(),
+        };
+        while let Some(u) = round.waiting.front_mut() {
             let (row, f, a, at) = (
                 u.row.clone(),
                 u.finish.clone(),
                 u.attempts.clone(),
                 u.at.clone(),
             );
+            // The outcome stays in `round` until the answer: dropped here,
+            // it goes back to the list.
             let recorded = self
                 .store
                 .call(move |c| outbox::finish(c, &row, &f, &a, &at, None))
                 .await;
+            let Some(mut u) = round.waiting.pop_front() else {
+                break;
+            };
             u.tries += 1;
             match recorded {
                 Ok((how, _)) => {
+                    self.recorded((u.row.kind.table(), u.row.id, u.row.attempt));
                     info!(
                         outbox_id = u.row.id,
                         negotiation_id = %u.row.negotiation_id,
@@ -295,42 +331,96 @@ impl Drainer {
                             "{} row {}: the database still refuses its outcome; it stays `sending`",
                             u.row.kind.table(), u.row.id);
                     }
-                    left.push(u);
+                    round.left.push(u);
                 }
             }
         }
-        let n = left.len();
-        if let Ok(mut u) = self.unrecorded.lock() {
-            u.extend(left);
-            n.max(u.len())
-        } else {
-            n
+        let n = round.left.len();
+        drop(round);
+        n.max(self.unrecorded())
+    }
+
+    /// After a stop: the outcomes still unrecorded are tried again until
+    /// `until` (a round still waiting on the database then is given up:
+    /// its rows stay `sending` and [`Drainer::name_left_sending`] names them).
+    async fn record_unrecorded_before(&self, until: tokio::time::Instant) {
+        // No round starts once the bound is past: a dropped round's job
+        // still runs on the database thread, so one started for nothing
+        // would write after the rows were named left `sending`.
+        if tokio::time::Instant::now() >= until {
+            return;
+        }
+        let _ = tokio::time::timeout_at(until, async {
+            while tokio::time::Instant::now() < until && self.record_unrecorded().await > 0 {
+                tokio::time::sleep_until(
+                    until.min(tokio::time::Instant::now() + Duration::from_millis(250)),
+                )
+                .await;
+            }
+        })
+        .await;
+    }
+
+    /// The row's outcome is in the table (or the row is gone): it leaves
+    /// [`Drainer::sending`].
+    fn recorded(&self, key: (&'static str, i64, i64)) {
+        if let Ok(mut m) = self.sending.lock() {
+            m.remove(&key);
         }
     }
 
-    /// After a stop: the outcomes still unrecorded are given a few more
-    /// tries until `until`, then named (their rows stay `sending` and are
-    /// sent again at the next start).
-    async fn record_unrecorded_before(&self, until: tokio::time::Instant) {
-        while self.record_unrecorded().await > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep_until(
-                until.min(tokio::time::Instant::now() + Duration::from_secs(1)),
-            )
-            .await;
-        }
-        if let Ok(u) = self.unrecorded.lock() {
-            for w in u.iter() {
-                warn!(
-                    outbox_id = w.row.id,
-                    negotiation_id = %w.row.negotiation_id,
-                    result = ?w.result,
-                    "{} row {} had its answer but the database refused its outcome until the \
-                     end: it stays `sending`, is sent again at the next start, and may reach \
-                     Thumbtack twice",
-                    w.row.kind.table(),
-                    w.row.id
-                );
+    /// At the end of a stop (or of `leadsync drain`): names every row left
+    /// `sending` — each on a line of its own, then one line per table with
+    /// the ids, those Thumbtack took (2xx) but whose outcome was not
+    /// recorded apart. They are sent again at the next start. `when` says
+    /// what ended. Returns how many there are.
+    fn name_left_sending(&self, when: &str) -> usize {
+        let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
+        let mut by_table: std::collections::BTreeMap<&str, (Vec<i64>, Vec<i64>)> =
+            Default::default();
+        for ((table, id, _), (negotiation_id, ended)) in &rows {
+            let what = match ended {
+                None => "was being sent (no answer yet)".to_string(),
+                Some(r) => format!(
+                    "had its answer ({}) but its outcome was not recorded",
+                    format!("{r:?}").to_lowercase()
+                ),
+            };
+            warn!(
+                outbox_id = id,
+                %negotiation_id,
+                "{table} row {id} {what} {when}: it stays `sending`, is sent again at the next \
+                 start, and may reach Thumbtack twice"
+            );
+            let (all, sent) = by_table.entry(table).or_default();
+            all.push(*id);
+            if *ended == Some(RowResult::Sent) {
+                sent.push(*id);
             }
+        }
+        let ids = |v: &[i64]| v.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+        for (table, (all, sent)) in &by_table {
+            warn!(
+                table,
+                ids = %ids(all),
+                sent_not_recorded = %ids(sent),
+                "{table}: {} row(s) left `sending` {when} (ids {}), sent again at the next \
+                 start; of them, sent but not recorded (Thumbtack answered 2xx: these reach it \
+                 twice): {}",
+                all.len(),
+                ids(all),
+                if sent.is_empty() { "none".to_string() } else { ids(sent) }
+            );
+        }
+        rows.len()
+    }
+
+    /// Sets until when a stop records the answers already in (the daemon
+    /// sets it from its own deadline, before it stops waiting); without it,
+    /// the send bound + `SHUTDOWN_RESERVE` - `CLOSING_RESERVE`.
+    pub fn stop_records_by(&self, deadline: Instant) {
+        if let Ok(mut r) = self.records_by.lock() {
+            *r = Some(deadline);
         }
     }
 
@@ -499,22 +589,32 @@ impl Drainer {
         due_by: Option<&str>,
         stop: &CancellationToken,
     ) -> (RowResult, Option<Claimed>) {
-        let key = (row.kind.table(), row.id);
+        let key = (row.kind.table(), row.id, row.attempt);
         if let Ok(mut m) = self.sending.lock() {
             m.insert(key, (row.negotiation_id.clone(), None));
         }
-        let _sending = Sending {
-            map: self.sending.clone(),
-            key,
+        // At the stop's send bound a request still without an answer is
+        // given up (its row stays `sending`, named at the end); an answer
+        // already in is recorded whatever the bound.
+        let answered = tokio::select! {
+            biased;
+            a = self.attempt(&row) => Some(a),
+            _ = self.give_up_sends.cancelled() => None,
         };
-        let (finish, attempts, result) = self.attempt(&row).await;
+        let Some((finish, attempts, result)) = answered else {
+            return (RowResult::CutShort, None);
+        };
         if let Ok(mut m) = self.sending.lock()
             && let Some(entry) = m.get_mut(&key)
         {
             entry.1 = Some(result);
         }
         let now = crate::time::now();
-        let follow = matches!(result, RowResult::Sent | RowResult::Dead) && !stop.is_cancelled();
+        // Not while a 429 pauses the budget: the next row would wait for
+        // its turn `sending` (it is claimed once the pause is over).
+        let follow = matches!(result, RowResult::Sent | RowResult::Dead)
+            && !stop.is_cancelled()
+            && self.client().budget().paused_for().is_none();
         let id = row.id;
         let row = Arc::new(row);
         // The outcome must land: a locked database is waited out, not dropped.
@@ -536,6 +636,9 @@ impl Drainer {
                     outbox::finish(c, &sent, &f, &a, &n, next)
                 })
                 .await;
+            if recorded.is_ok() {
+                self.recorded(key);
+            }
             match recorded {
                 Ok((Recorded::Yes, next)) => return (result, next),
                 Ok((Recorded::RowDeleted, _)) => {
@@ -558,10 +661,10 @@ impl Drainer {
                 }
                 // Only a locked database is worth waiting out. While running,
                 // keep trying (a row left `sending` would wait for the next
-                // start); once stopping, give up after a few.
-                Err(e)
-                    if crate::store::is_busy_error(&e) && (!stop.is_cancelled() || tries < 5) =>
-                {
+                // start); once stopping, until the stop's recording bound (or
+                // a few times, without one); then it is kept with the
+                // outcomes to record, which the stop tries until that bound.
+                Err(e) if crate::store::is_busy_error(&e) && self.keep_waiting(stop, tries) => {
                     if tries % 30 == 0 {
                         warn!(error = %format!("{e:#}"), "cannot record the outcome yet; retrying every second");
                     }
@@ -589,6 +692,18 @@ impl Drainer {
                     return (result, None);
                 }
             }
+        }
+    }
+
+    /// Whether a recording refused for a locked database is tried again in
+    /// place (see [`Drainer::process`]).
+    fn keep_waiting(&self, stop: &CancellationToken, tries: u32) -> bool {
+        if !stop.is_cancelled() {
+            return true;
+        }
+        match self.records_by.lock().ok().and_then(|d| *d) {
+            Some(by) => Instant::now() + Duration::from_secs(1) < by,
+            None => tries < 5,
         }
     }
 
@@ -727,7 +842,8 @@ impl Drainer {
             && matches!(&delivery.result, Err(e) if e.disposition != Disposition::Dead);
         let outcome = match result {
             RowResult::Sent => "sent",
-            RowResult::Retry => "retry",
+            // (Never here: a send given up returns before its outcome.)
+            RowResult::Retry | RowResult::CutShort => "retry",
             RowResult::Dead => "dead",
             RowResult::Held if matches!(&delivery.result, Err(e) if e.disposition == Disposition::Stopping) => {
                 "stopped"
@@ -780,7 +896,33 @@ impl Drainer {
         let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         let mut failures = 0;
         loop {
-            if !stop.is_cancelled() {
+            // After a 429 nobody sends: rows are not held `sending` while
+            // the budget is paused (as in the daemon); they are claimed
+            // once it is over. With nothing left to attempt, the pass ends.
+            let paused = self.client().budget().paused_for();
+            if let Some(p) = paused
+                && inflight.is_empty()
+                && !stop.is_cancelled()
+            {
+                let due_by = started.clone();
+                let due = self
+                    .store
+                    .call(move |c| {
+                        Ok(outbox::any_claimable(c, Kind::Transition, &due_by)?
+                            || outbox::any_claimable(c, Kind::Message, &due_by)?)
+                    })
+                    .await
+                    .unwrap_or(true);
+                if !due {
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => {}
+                    _ = tokio::time::sleep(p) => {}
+                }
+                continue;
+            }
+            if !stop.is_cancelled() && paused.is_none() {
                 let free = self.settings().concurrency.saturating_sub(inflight.len());
                 // A failed claim never drops the sends in flight: they finish
                 // and record their outcome; the claim is tried again.
@@ -822,6 +964,7 @@ impl Drainer {
         }
         let until = tokio::time::Instant::now() + self.settings().shutdown_grace;
         self.record_unrecorded_before(until).await;
+        self.name_left_sending("when `leadsync drain` ended");
         let unrecorded = self.unrecorded();
         if unrecorded > 0 {
             anyhow::bail!(
@@ -896,58 +1039,86 @@ impl Drainer {
                 _ = tokio::time::sleep(wait) => {}
             }
         }
-        // One bound for all of it, inside daemon.shutdown_timeout_secs.
-        let until: tokio::time::Instant = self
+        // Two bounds inside daemon.shutdown_timeout_secs: requests still
+        // without an answer at the send bound are given up (nothing can
+        // tell whether Thumbtack took them); answers already in are still
+        // recorded until the recording bound, which leaves the closing
+        // records their reserve. Only then is anything left unrecorded, and
+        // every such row is named.
+        let sends_by: Instant = self
             .sends_deadline
             .lock()
             .ok()
             .and_then(|d| *d)
-            .unwrap_or_else(|| Instant::now() + self.settings().shutdown_grace)
-            .into();
+            .unwrap_or_else(|| Instant::now() + self.settings().shutdown_grace);
+        // The daemon may have set the recording bound itself (from its own
+        // deadline, so that it falls before the daemon stops waiting even
+        // with a bound shorter than SHUTDOWN_RESERVE); else it follows the
+        // send bound.
+        let records_by_std = match self.records_by.lock() {
+            Ok(mut r) => {
+                *r.get_or_insert(sends_by + SHUTDOWN_RESERVE.saturating_sub(CLOSING_RESERVE))
+            }
+            Err(_) => sends_by + SHUTDOWN_RESERVE.saturating_sub(CLOSING_RESERVE),
+        }
+        .max(sends_by);
+        let (sends_by, records_by): (tokio::time::Instant, tokio::time::Instant) =
+            (sends_by.into(), records_by_std.into());
         if !inflight.is_empty() {
             info!(
                 in_flight = inflight.len(),
                 "waiting for in-flight sends to finish"
             );
-            let finished = tokio::time::timeout_at(until, async {
+            let finished = tokio::time::timeout_at(sends_by, async {
                 while inflight.join_next().await.is_some() {}
             })
             .await;
             if finished.is_err() {
-                let rows: SendingRows = self.sending.lock().map(|m| m.clone()).unwrap_or_default();
-                for ((table, id), (negotiation_id, ended)) in &rows {
-                    let what = match ended {
-                        None => "was being sent".to_string(),
-                        Some(r) => format!(
-                            "had its answer ({}) but its outcome was not recorded",
-                            format!("{r:?}").to_lowercase()
-                        ),
-                    };
-                    warn!(
-                        outbox_id = id,
-                        %negotiation_id,
-                        "{table} row {id} {what} when the shutdown bound \
-                         (daemon.shutdown_timeout_secs) was reached: it stays `sending`, is sent \
-                         again at the next start, and may reach Thumbtack twice"
-                    );
-                }
-                warn!(
+                self.give_up_sends.cancel();
+                let answered = self
+                    .sending
+                    .lock()
+                    .map(|m| m.values().filter(|(_, r)| r.is_some()).count())
+                    .unwrap_or(0);
+                info!(
                     in_flight = inflight.len(),
-                    "in-flight sends did not finish in time; their rows stay `sending` and are sent again at the next start"
+                    answered,
+                    "the send bound of the stop is reached: requests still without an answer are \
+                     given up; the outcomes of those answered are still recorded (until {} ms \
+                     before the end of daemon.shutdown_timeout_secs)",
+                    CLOSING_RESERVE.as_millis()
                 );
-                inflight.abort_all();
+                let recorded = tokio::time::timeout_at(records_by, async {
+                    while inflight.join_next().await.is_some() {}
+                })
+                .await;
+                if recorded.is_err() {
+                    warn!(
+                        in_flight = inflight.len(),
+                        "outcomes still not recorded at the shutdown bound; their rows stay \
+                         `sending` and are sent again at the next start"
+                    );
+                    inflight.abort_all();
+                }
             }
         }
-        // A round in progress ends first (it holds the outcomes it tries).
-        if let Some(r) = recorder {
-            let _ = tokio::time::timeout_at(until, r).await;
+        // A round in progress ends first (it holds the outcomes it tries);
+        // one still waiting at the bound is dropped, its outcomes put back.
+        if let Some(mut r) = recorder
+            && tokio::time::timeout_at(records_by, &mut r).await.is_err()
+        {
+            r.abort();
+            let _ = r.await;
         }
-        self.record_unrecorded_before(until).await;
+        self.record_unrecorded_before(records_by).await;
+        self.name_left_sending(
+            "when the shutdown bound (daemon.shutdown_timeout_secs) was reached",
+        );
         // The recheck's refreshes run detached: the daemon waits for them
         // (Auth::settle); a recheck not yet sent is refused once stopping.
         if let Some(r) = recheck
             && !r.is_finished()
-            && tokio::time::timeout_at(until, r).await.is_err()
+            && tokio::time::timeout_at(records_by, r).await.is_err()
         {
             info!("the re-authorization recheck did not end before the shutdown bound");
         }

@@ -646,3 +646,61 @@ async fn a_refusal_with_a_body_over_the_cap_keeps_its_status_meaning() {
         "the 429 pauses the budget"
     );
 }
+
+/// What a transition's POST makes of answers the sandbox does not give: a
+/// 200 that is an HTML page (a proxy's or a captive portal's, not the
+/// API's) is not taken as sent; a 204 without a body is sent; a 307 (which
+/// would resend the POST elsewhere) is neither followed nor taken as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transition_answered_by_an_html_200_a_204_or_a_307() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let answers = [
+        "HTTP/1.1 200 OK\r\ncontent-type: text/html; charset=utf-8\r\ncontent-length: 39\r\nconnection: close\r\n\r\n<html><body>Please log in</body></html>",
+        "HTTP/1.1 204 No Content\r\nconnection: close\r\n\r\n",
+        "HTTP/1.1 307 Temporary Redirect\r\nlocation: http://127.0.0.1:9/elsewhere\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+    ];
+    let served = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut requests = 0;
+        while let Ok(Ok((mut socket, _))) =
+            tokio::time::timeout(Duration::from_secs(3), listener.accept()).await
+        {
+            let mut request = vec![0u8; 8192];
+            let _ = socket.read(&mut request).await;
+            let answer = answers.get(requests).copied().unwrap_or(answers[2]);
+            requests += 1;
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+        requests
+    });
+    let c = capped_client(&env, Some(addr), 1 << 20);
+    let b = env.business_ids()[0].clone();
+    let body = JobStatusBody {
+        status: "appt_scheduled".into(),
+        partner_status_changed_at: "2024-06-14T09:30:00Z".into(),
+        invoice_amount_in_cents: None,
+    };
+    let html = c.post_job_status(&b, "519153480500518912", &body).await;
+    let e = html
+        .result
+        .expect_err("an HTML 200 is not the API's answer");
+    assert_eq!(e.disposition, Disposition::Retry, "{e:?}");
+    assert!(e.message.contains("not an API response"), "{e:?}");
+    let empty = c.post_job_status(&b, "519153480500518912", &body).await;
+    assert!(empty.result.is_ok(), "a 204 is sent: {:?}", empty.result);
+    let moved = c.post_job_status(&b, "519153480500518912", &body).await;
+    let e = moved.result.expect_err("a redirect is not a success");
+    assert_eq!(e.disposition, Disposition::Retry, "{e:?}");
+    assert!(
+        e.message
+            .contains("redirected to http://127.0.0.1:9/elsewhere"),
+        "{e:?}"
+    );
+    assert_eq!(
+        served.await.unwrap(),
+        3,
+        "one request each: nothing followed"
+    );
+}

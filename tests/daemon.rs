@@ -288,6 +288,71 @@ fn enqueue(env: &Env, business: &str, lead: &str) -> i64 {
     text(&o).trim().parse().expect("the row id")
 }
 
+/// Sends Thumbtack took whose outcomes the database refuses (disk full; a
+/// trigger standing in for it) until the end of a stop: the stop keeps its
+/// bound, the rows stay `sending` (sent again at the next start), and the
+/// log names each, then the table with their ids — also those held by a
+/// round of recording in progress when the bound came.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outcomes_refused_until_the_end_of_a_stop_are_named_by_table_and_id() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let b = env.business_ids()[0].clone();
+    let leads = env.sandbox.lead_ids(&b);
+    env.sql()
+        .execute_batch(
+            "CREATE TRIGGER refuse_the_outcome BEFORE UPDATE ON outbox
+             WHEN OLD.state = 'sending' AND NEW.state = 'sent'
+             BEGIN SELECT RAISE(ABORT, 'simulated: database or disk is full'); END;",
+        )
+        .unwrap();
+    let mut child = Guard(env.spawn_daemon());
+    let ids: Vec<i64> = leads[..2].iter().map(|l| enqueue(&env, &b, l)).collect();
+    wait_until_blocking("Thumbtack took both rows", Duration::from_secs(60), || {
+        env.sandbox.deliveries().len() == 2
+            && env
+                .daemon_log()
+                .matches("cannot record the outcome; it is kept")
+                .count()
+                == 2
+    });
+    signal(&child, libc::SIGTERM);
+    let t = Instant::now();
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    let took = t.elapsed();
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    assert!(
+        took < Duration::from_secs(11),
+        "the stop took {took:?}\n{log}"
+    );
+    for id in &ids {
+        assert!(
+            log.contains(&format!(
+                "outbox row {id} had its answer (sent) but its outcome was not recorded"
+            )),
+            "row {id} is named:\n{log}"
+        );
+    }
+    assert!(
+        log.contains(&format!(
+            "outbox: 2 row(s) left `sending` when the shutdown bound \
+             (daemon.shutdown_timeout_secs) was reached (ids {}, {}), sent again at the next \
+             start; of them, sent but not recorded (Thumbtack answered 2xx: these reach it \
+             twice): {}, {}",
+            ids[0], ids[1], ids[0], ids[1]
+        )),
+        "one line names the table and the ids:\n{log}"
+    );
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM outbox WHERE state = 'sending'"
+        ),
+        2
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_bound() {
     // No scheduled pass: only the send may be waiting for the mirror below.
@@ -359,6 +424,97 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
             "outbox row {id} had its answer (sent) but its outcome was not recorded"
         )) && log.contains("may reach Thumbtack twice"),
         "the log names the row cut short:\n{log}"
+    );
+    // And one line names the table and the ids Thumbtack took unrecorded.
+    assert!(
+        log.contains(&format!(
+            "outbox: 1 row(s) left `sending` when the shutdown bound \
+             (daemon.shutdown_timeout_secs) was reached (ids {id}), sent again at the next \
+             start; of them, sent but not recorded (Thumbtack answered 2xx: these reach it \
+             twice): {id}"
+        )),
+        "one line names the table and the ids:\n{log}"
+    );
+}
+
+/// A send answered before the stop's send bound whose outcome waits for the
+/// mirror (another program holds its write lock) past that bound, which
+/// frees within the stop's bound: the outcome is recorded, and the log does
+/// not name the row as unrecorded. (Before, the drainer gave up on it at the
+/// send bound and told the operator it may reach Thumbtack twice.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_before_the_send_bound_is_recorded_once_the_mirror_frees() {
+    let env = Env::new(
+        leadsync::sandbox::SandboxOptions::default(),
+        false,
+        &common::FAST.replace(
+            "[poll]\npage_size = 10\n",
+            "[poll]\npage_size = 10\nschedule = \"0 0 0 1 1 *\"\nfull_schedule = \"0 0 0 1 1 *\"\n",
+        ),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon's first passes", Duration::from_secs(60), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_runs WHERE kind = 'head' AND outcome = 'ok'",
+        ) == 3
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
+            ) == 0
+    });
+    env.sandbox.set_faults(Faults {
+        latency_ms: 4000,
+        ..Default::default()
+    });
+    let id = enqueue(&env, &b, &lead);
+    wait_until_blocking("the row's request is out", Duration::from_secs(60), || {
+        job_status_requests(&env) == 1
+    });
+    // The mirror is locked while the answer (4 s) is still on its way, so
+    // the outcome cannot be recorded before the send bound however slow
+    // the steps below are.
+    let holder = env.sql();
+    holder.execute_batch("BEGIN IMMEDIATE").unwrap();
+    signal(&child, libc::SIGTERM);
+    let t = Instant::now();
+    wait_until_blocking(
+        "the drainer waits for its send only (within the 4 s the send takes)",
+        Duration::from_secs(4),
+        || {
+            env.daemon_log()
+                .contains("waiting for in-flight sends to finish")
+        },
+    );
+    // Thumbtack answers (4 s) before the send bound (8 - 2 = 6 s).
+    wait_until_blocking("Thumbtack took the row", Duration::from_secs(5), || {
+        env.sandbox.deliveries().len() == 1
+    });
+    wait_until_blocking("the send bound is reached", Duration::from_secs(9), || {
+        let log = env.daemon_log();
+        log.contains("send bound") || log.contains("did not finish in time")
+    });
+    holder.execute_batch("ROLLBACK").unwrap();
+    let exit = wait_exit(&mut child, Duration::from_secs(30));
+    let took = t.elapsed();
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "a clean stop exits 0\n{log}");
+    assert!(
+        took < Duration::from_secs(11),
+        "the stop took {took:?}, beyond shutdown_timeout_secs = 8 (and the exit allowance)\n{log}"
+    );
+    let state: String = env
+        .sql()
+        .query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "sent", "{log}");
+    assert!(
+        !log.contains("not recorded") && !log.contains("may reach Thumbtack twice"),
+        "a recorded row is not named as unrecorded:\n{log}"
     );
 }
 

@@ -201,6 +201,24 @@ async fn every_transient_failure_is_retried_from_the_persisted_attempt_count() {
             },
             Some(500),
         ),
+        // A POST redirected is never followed (it could come back a GET
+        // answered 200), and a proxy's HTML 404 is no refusal of Thumbtack's.
+        (
+            "redirect",
+            Faults {
+                redirect: 1.0,
+                ..Default::default()
+            },
+            Some(301),
+        ),
+        (
+            "html 404",
+            Faults {
+                html_404: 1.0,
+                ..Default::default()
+            },
+            Some(404),
+        ),
     ];
     for (i, (name, faults, http)) in kinds.into_iter().enumerate() {
         let id = rig.insert(
@@ -233,14 +251,14 @@ async fn every_transient_failure_is_retried_from_the_persisted_attempt_count() {
         )
         .unwrap();
     let s = rig.drain().await;
-    assert_eq!(s.sent, 5, "{s:?}");
-    assert_eq!(rig.env.sandbox.deliveries().len(), 5);
+    assert_eq!(s.sent, 7, "{s:?}");
+    assert_eq!(rig.env.sandbox.deliveries().len(), 7);
     assert_eq!(
         count(
             &rig.env.sql(),
             "SELECT count(*) FROM outbox_attempts WHERE outcome = 'retry' AND error IS NOT NULL"
         ),
-        5
+        7
     );
 }
 
@@ -781,4 +799,257 @@ async fn a_drain_that_cannot_record_an_outcome_fails_instead_of_reporting_it_sen
     assert!(text.contains("refused to record"), "{text}");
     assert_eq!(rig.row(id).0, "sending");
     assert_eq!(rig.env.sandbox.deliveries().len(), 1);
+}
+
+/// A stop while the database refuses an answered send's outcome (disk full;
+/// a trigger standing in for it): the send bound passes, then the database
+/// takes writes again before the whole stop's bound. The outcome is still
+/// recorded then: the drainer does not return with an answered send
+/// unrecorded while there is time left to record it. (Before, it gave up at
+/// the send bound: the row stayed `sending` and was sent again at the next
+/// start.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_in_before_the_send_bound_is_recorded_after_it_while_time_is_left() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let id = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    rig.env
+        .sql()
+        .execute_batch(&format!(
+            "CREATE TABLE failing (on_ INTEGER NOT NULL);
+             INSERT INTO failing VALUES (1);
+             CREATE TRIGGER refuse_the_outcome BEFORE UPDATE ON outbox
+             WHEN OLD.id = {id} AND OLD.state = 'sending' AND NEW.state <> 'sending'
+                  AND (SELECT on_ FROM failing) = 1
+             BEGIN SELECT RAISE(ABORT, 'simulated: database or disk is full'); END;"
+        ))
+        .unwrap();
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        rig.drainer
+            .clone()
+            .run(stop.clone(), Arc::new(std::sync::atomic::AtomicI64::new(0))),
+    );
+    common::wait_until(
+        "Thumbtack took the row and its outcome waits to be recorded",
+        Duration::from_secs(60),
+        || rig.env.sandbox.deliveries().len() == 1 && rig.drainer.unrecorded() == 1,
+    )
+    .await;
+    let sends_by = std::time::Instant::now() + Duration::from_millis(800);
+    rig.drainer.stop_sends_by(sends_by);
+    stop.cancel();
+    // Past the send bound (the drainer must still be at work: the answer is
+    // not recorded), the database takes writes again.
+    common::wait_until("the send bound has passed", Duration::from_secs(30), || {
+        run.is_finished() || std::time::Instant::now() >= sends_by + Duration::from_millis(50)
+    })
+    .await;
+    assert!(
+        !run.is_finished(),
+        "the drainer stopped with an answered send unrecorded, time left before the stop's bound"
+    );
+    rig.env
+        .sql()
+        .execute("UPDATE failing SET on_ = 0", [])
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the drainer ends by its bound")
+        .unwrap();
+    assert_eq!(rig.row(id).0, "sent", "the answer is recorded");
+    assert_eq!(rig.drainer.unrecorded(), 0);
+    assert_eq!(rig.env.sandbox.deliveries().len(), 1);
+}
+
+/// A request still without an answer at the stop's send bound is given up
+/// there (nothing can tell whether Thumbtack took it): the drainer does not
+/// spend the recording reserve waiting for it, and the row stays `sending`
+/// (named in the log, sent again at the next start).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_without_an_answer_at_the_send_bound_is_given_up_there() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let id = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    rig.env.sandbox.set_faults(Faults {
+        latency_ms: 4000,
+        ..Default::default()
+    });
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        rig.drainer
+            .clone()
+            .run(stop.clone(), Arc::new(std::sync::atomic::AtomicI64::new(0))),
+    );
+    common::wait_until("the request is out", Duration::from_secs(60), || {
+        rig.env
+            .sandbox
+            .stats()
+            .by_route
+            .get("job-status")
+            .is_some_and(|n| *n == 1)
+    })
+    .await;
+    let sends_by = std::time::Instant::now() + Duration::from_millis(300);
+    rig.drainer.stop_sends_by(sends_by);
+    stop.cancel();
+    tokio::time::timeout(Duration::from_secs(30), run)
+        .await
+        .expect("the drainer ends")
+        .unwrap();
+    let ended = std::time::Instant::now();
+    assert!(
+        ended < sends_by + Duration::from_millis(1000),
+        "given up at the send bound, not at the recording bound ({:?} after it)",
+        ended - sends_by
+    );
+    assert_eq!(rig.row(id).0, "sending", "sent again at the next start");
+}
+
+/// Thumbtack takes a transition and the connection drops before its answer
+/// (the sandbox's `lose_after_accept`): nothing can tell it was taken, so
+/// the row is retried — never dead, never lost — with the same instant; the
+/// later row of its negotiation waits until it is recorded sent, so the
+/// negotiation's transitions still reach Thumbtack in order (the first one
+/// twice: at least once). A reply is sent again the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_lost_after_thumbtack_acted_is_retried_in_order() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let first = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    let second = rig.insert(&lead, "job_complete", "2024-06-14T11:00:00Z", Some(12500));
+    let db = rig.env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'On my way')",
+        [&lead],
+    )
+    .unwrap();
+    let reply = db.last_insert_rowid();
+    rig.env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let s = rig.drain().await;
+    assert_eq!((s.sent, s.retried, s.dead), (0, 2, 0), "{s:?}");
+    assert_eq!(rig.env.sandbox.deliveries().len(), 1, "taken by Thumbtack");
+    assert_eq!(rig.env.sandbox.replies().len(), 1, "taken by Thumbtack");
+    let (state, attempts, http, error, _) = rig.row(first);
+    assert_eq!((state.as_str(), attempts, http), ("pending", 1, None));
+    assert!(error.is_some(), "the lost answer is recorded");
+    assert_eq!(rig.row(second).0, "pending", "held back by the first");
+    rig.env.sandbox.set_faults(Faults::default());
+    db.execute_batch(
+        "UPDATE outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE state = 'pending';
+         UPDATE message_outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE state = 'pending';",
+    )
+    .unwrap();
+    let s = rig.drain().await;
+    assert_eq!((s.sent, s.retried, s.dead), (3, 0, 0), "{s:?}");
+    let sent: Vec<(String, String)> = rig
+        .env
+        .sandbox
+        .deliveries()
+        .iter()
+        .map(|d| (d.partner_status_changed_at.clone(), d.status.clone()))
+        .collect();
+    assert_eq!(
+        sent,
+        [
+            ("2024-06-14T10:00:00Z".into(), "appt_scheduled".into()),
+            ("2024-06-14T10:00:00Z".into(), "appt_scheduled".into()),
+            ("2024-06-14T11:00:00Z".into(), "job_complete".into()),
+        ],
+        "in order, the first twice with its own instant"
+    );
+    assert_eq!(rig.row(first).0, "sent");
+    assert_eq!(rig.row(first).1, 2);
+    assert_eq!(rig.row(second).0, "sent");
+    assert_eq!(
+        count(&db, &format!("SELECT late FROM outbox WHERE id = {second}")),
+        0
+    );
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM outbox_attempts WHERE outbox_id = {first}
+                  AND ((attempt = 1 AND outcome = 'retry' AND http_status IS NULL)
+                    OR (attempt = 2 AND outcome = 'sent' AND http_status = 200))"
+            )
+        ),
+        2
+    );
+    let state: String = db
+        .query_row(
+            "SELECT state FROM message_outbox WHERE id = ?1",
+            [reply],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "sent");
+    assert_eq!(
+        rig.env.sandbox.replies().len(),
+        2,
+        "a reply whose answer was lost is sent again (README: duplicates)"
+    );
+}
+
+/// `leadsync drain` after a 429: while the rate budget is paused nothing is
+/// claimed, as in the daemon — a row claimed then sat `sending` for the
+/// whole `Retry-After` (up to `backoff_max_secs`, an hour by default),
+/// waiting for its turn, where a kill left it with an attempt counted that
+/// was never sent. The rows due go once the pause is over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_claims_nothing_while_a_429_pauses_the_budget() {
+    let rig = Rig::new(&FAST.replace("concurrency = 4", "concurrency = 1")).await;
+    let first = rig.insert(
+        &rig.lead(0, 0),
+        "appt_scheduled",
+        "2024-06-14T10:00:00Z",
+        None,
+    );
+    let others: Vec<i64> = (1..3)
+        .map(|i| {
+            rig.insert(
+                &rig.lead(0, i),
+                "appt_scheduled",
+                "2024-06-14T10:00:00Z",
+                None,
+            )
+        })
+        .collect();
+    rig.env.sandbox.set_faults(Faults {
+        rate_429: 1.0,
+        retry_after_secs: 2,
+        ..Default::default()
+    });
+    let drainer = rig.drainer.clone();
+    let drain = tokio::spawn(async move { drainer.drain_once(&CancellationToken::new()).await });
+    common::wait_until("the first answer is a 429", Duration::from_secs(60), || {
+        rig.env.sandbox.stats().faults_injected >= 1
+    })
+    .await;
+    rig.env.sandbox.set_faults(Faults::default());
+    let budget = rig.session.client.budget().clone();
+    let db = rig.env.sql();
+    common::wait_until("the drain ends", Duration::from_secs(60), || {
+        // (The row answered 429 is `sending` until its outcome is recorded.)
+        let sending = count(
+            &db,
+            &format!("SELECT count(*) FROM outbox WHERE state = 'sending' AND id <> {first}"),
+        );
+        let paused = budget.paused_for().unwrap_or_default();
+        assert!(
+            sending == 0 || paused < Duration::from_millis(300),
+            "{sending} row(s) held `sending` while the budget is paused for {paused:?} more"
+        );
+        drain.is_finished()
+    })
+    .await;
+    let s = drain.await.unwrap().unwrap();
+    assert_eq!((s.sent, s.retried), (2, 1), "{s:?}");
+    assert_eq!(rig.row(first).2, Some(429));
+    for id in others {
+        assert_eq!(rig.row(id).0, "sent");
+    }
 }

@@ -78,7 +78,8 @@ impl Default for SandboxOptions {
 
 /// Fault knobs for the API routes (listing, get, job status). Rates are
 /// probabilities per request; faults strike before a request is processed,
-/// so a faulted job status is never recorded as delivered.
+/// so a faulted job status is never recorded as delivered — except
+/// `lose_after_accept`, which strikes after.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
@@ -98,6 +99,9 @@ pub struct Faults {
     pub reset: f64,
     /// A broken body: truncated JSON with 200 on reads, garbage with 500 on writes.
     pub malformed: f64,
+    /// Job status and replies: the POST is accepted (recorded as delivered),
+    /// then the connection is closed without an answer: the response is lost.
+    pub lose_after_accept: f64,
     /// A 301 to another place (a moved or mistyped `api.base_url`).
     pub redirect: f64,
     /// A 404 HTML page, as a proxy in front of the API sends.

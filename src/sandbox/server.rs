@@ -221,6 +221,18 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                     &format!("no route for {method} {path}"),
                 ),
             };
+            // The delivery is recorded: its answer may still be lost.
+            if method == Method::POST
+                && matches!(rest, ["negotiations", _, "job-status" | "messages"])
+                && response.status().is_success()
+                && faults.lose_after_accept > 0.0
+            {
+                let mut s = lock(&state);
+                if s.rng.f64() < faults.lose_after_accept {
+                    s.stats.faults_injected += 1;
+                    return Err(Reset);
+                }
+            }
             // Successes carry a trace id too (errors have theirs in the body).
             if response.status().is_success()
                 && let Ok(v) = HeaderValue::from_str(&trace_id(&state))

@@ -1040,6 +1040,12 @@ fn any_due(conn: &Connection, kind: Kind, due_by: &str, pins: &Pins) -> Result<b
         .query_row([due_by], |r| r.get(0))?)
 }
 
+/// Whether a claim of `kind` by `due_by` would find a row to decide on
+/// (see [`any_due`]), without claiming it.
+pub fn any_claimable(conn: &Connection, kind: Kind, due_by: &str) -> Result<bool> {
+    any_due(conn, kind, due_by, &Pins::read(conn)?)
+}
+
 /// [`any_due`]'s statement. Without the index named, SQLite reads every
 /// pending row (by state).
 fn due_select(kind: Kind, pins: &Pins) -> String {
@@ -1346,8 +1352,13 @@ pub fn finish(
         let mut log = tx.prepare_cached(&format!(
             "INSERT INTO {attempts_table} (outbox_id, attempt, started_at, http_status, outcome,
                  error, trace_id, duration_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8
+              WHERE NOT EXISTS (SELECT 1 FROM {attempts_table}
+                                 WHERE outbox_id = ?1 AND attempt = ?2 AND started_at IS ?3)"
         ))?;
+        // Idempotent per request: a finish queued twice (a stop's round
+        // dropped while its job still waited on the database thread, then
+        // tried again) logs each request once.
         for a in attempts {
             log.execute(params![
                 id,
@@ -1578,6 +1589,39 @@ mod tests {
         .unwrap();
         assert_eq!(recorded, Recorded::Yes);
         claimed
+    }
+
+    /// A finish queued twice for one claim (a stop's dropped round whose job
+    /// still ran, then its retry) logs the request's attempt row once.
+    #[test]
+    fn a_finish_run_twice_logs_its_attempt_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        insert(&conn, Kind::Transition, "1", "7", 1);
+        let row = claim(&mut conn, Kind::Transition, FAR, 10, &filter())
+            .unwrap()
+            .remove(0);
+        let a = [Attempt {
+            attempt: row.attempt,
+            started_at: crate::time::now(),
+            http_status: Some(200),
+            outcome: "sent",
+            error: None,
+            trace_id: None,
+            duration_ms: 1,
+        }];
+        let sent = Finish::Sent { message_id: None };
+        let now = crate::time::now();
+        finish(&mut conn, &row, &sent, &a, &now, None).unwrap();
+        finish(&mut conn, &row, &sent, &a, &now, None).unwrap();
+        let n: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM outbox_attempts WHERE outbox_id = ?1",
+                [row.id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(n, 1);
     }
 
     /// Every statement that names an index, run once: rows put aside for
