@@ -293,10 +293,11 @@ async fn oversized_4xx_token_answers_every_time_are_shown_in_status_until_a_refr
     assert!(!status.contains("not read"), "{status}");
 }
 
-/// The "lost answer" alert is shared (the mirror): a manual `sync` behind
-/// a bad proxy may raise it while the daemon, which had already stored a
-/// token since it started (and cleared the alert then), keeps refreshing
-/// fine. The daemon's next stored token clears it: the grant works.
+/// The "lost answer" and "unsaved" alerts are shared (the mirror): a
+/// manual `sync` behind a bad proxy, or whose token store refused its
+/// write, may raise them while the daemon, which had already stored a
+/// token since it started (and cleared them then), keeps refreshing fine.
+/// The daemon's next stored token clears both: the grant works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lost_answer_alert_raised_by_another_process_goes_at_the_next_stored_token() {
     // Access tokens valid ~2 s: the daemon's next token() refreshes.
@@ -318,6 +319,18 @@ async fn a_lost_answer_alert_raised_by_another_process_goes_at_the_next_stored_t
     let alert = "its refresh token may be spent";
     let status = text(&env.run(&["status"]));
     assert!(status.contains(alert), "{status}");
+    // And another process (a `sync` by hand whose token store refused its
+    // write) said it held a rotated token unsaved; it ended since.
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let unsaved = "the rotated refresh token (test) cannot be stored";
+    env.sql()
+        .execute(
+            "INSERT INTO auth_alerts (alert_key, message, since) VALUES (?1, ?2, '2026-11-29T00:00:00.000Z')",
+            [format!("unsaved:{key}"), unsaved.to_string()],
+        )
+        .unwrap();
+    let status = text(&env.run(&["status"]));
+    assert!(status.contains(unsaved), "{status}");
     // The daemon's access token expires; its refresh gets through.
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while refreshes(&env) < 5 {
@@ -328,6 +341,7 @@ async fn a_lost_answer_alert_raised_by_another_process_goes_at_the_next_stored_t
     daemon.token(&b).await.expect("refreshed");
     let status = text(&env.run(&["status"]));
     assert!(!status.contains(alert), "{status}");
+    assert!(!status.contains(unsaved), "{status}");
     daemon.settle(Duration::from_secs(5)).await;
 }
 

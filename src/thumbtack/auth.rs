@@ -231,9 +231,6 @@ struct Chain {
     file: PathBuf,
     state: Arc<tokio::sync::Mutex<ChainState>>,
     reauth: Mutex<Option<String>>,
-    /// This process has cleared the chain's "unsaved" alert (another
-    /// process may have left one).
-    unsaved_alert_cleared: AtomicBool,
     /// A refresh unit of this chain is running (what a stop cut short names).
     refreshing: AtomicBool,
     /// A task writes the chain's unsaved rotated token again on its own
@@ -549,7 +546,6 @@ impl Auth {
                                 file: file.clone(),
                                 state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
                                 reauth: Mutex::new(None),
-                                unsaved_alert_cleared: AtomicBool::new(false),
                                 refreshing: AtomicBool::new(false),
                                 retrying_unsaved: AtomicBool::new(false),
                             })
@@ -857,7 +853,6 @@ impl Auth {
                     file: file.to_path_buf(),
                     state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
                     reauth: Mutex::new(None),
-                    unsaved_alert_cleared: AtomicBool::new(false),
                     refreshing: AtomicBool::new(false),
                     retrying_unsaved: AtomicBool::new(false),
                 })
@@ -1767,12 +1762,13 @@ impl Inner {
                     }
                     match saved {
                         Ok(Written::Stored(_)) => {
-                            if !chain.unsaved_alert_cleared.swap(true, Ordering::SeqCst) {
-                                self.alert(format!("unsaved:{}", chain.key), None).await;
-                            }
-                            // Every time (about once an hour): another
-                            // process (a `sync` by hand behind a bad proxy)
-                            // may have raised it since this one last did.
+                            // Both, every time (about once an hour): another
+                            // process (a `sync` by hand behind a bad proxy, or
+                            // whose token store refused its write) may have
+                            // raised them since this one last cleared them;
+                            // a token stored under the grant's lock says the
+                            // grant works and no process holds one unsaved.
+                            self.alert(format!("unsaved:{}", chain.key), None).await;
                             self.alert(format!("lost:{}", chain.key), None).await;
                         }
                         Ok(Written::Conflict(found)) => {
@@ -1785,7 +1781,6 @@ impl Inner {
                                 "cannot store the rotated refresh token; it is kept in memory, its access token \
                                  is not used, and no new refresh starts until the store takes it — \
                                  do not stop leadsync before this is fixed");
-                            chain.unsaved_alert_cleared.store(false, Ordering::SeqCst);
                             self.alert(
                                 format!("unsaved:{}", chain.key),
                                 Some(format!(
