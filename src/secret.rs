@@ -94,6 +94,45 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// Replaces `path` with `bytes` atomically, mode 0600, through `temp` (a
+/// sibling): a crash leaves the old content or the new, a link planted at
+/// either is replaced or refused, not followed, and the directory is synced
+/// so the rename survives a power loss. `write` writes the bytes (tests make
+/// it fail part way, as a full disk does); a failed write leaves `path`
+/// untouched and removes `temp`. A `temp` left by a process that died
+/// writing it is removed first.
+pub fn replace_private(
+    path: &std::path::Path,
+    temp: &std::path::Path,
+    bytes: &[u8],
+    write: &dyn Fn(&mut std::fs::File, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(temp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    let result = (|| {
+        // create_new: never through a link planted there.
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(temp)?;
+        write(&mut f, bytes)?;
+        f.sync_all()?;
+        std::fs::rename(temp, path)?;
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(temp);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -334,36 +334,8 @@ impl TokenStore {
         match note {
             Some(note) => {
                 let temp = dir.join(format!("{}.note.tmp", &sha256_hex(grant)[..32]));
-                // One left by a process that died writing it: never renamed, never read.
-                match std::fs::remove_file(&temp) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        return Err(e).with_context(|| {
-                            format!("cannot remove the stale note {}", temp.display())
-                        });
-                    }
-                }
-                let written = (|| {
-                    // create_new: never through a link planted there.
-                    let mut f = std::fs::OpenOptions::new()
-                        .write(true)
-                        .create_new(true)
-                        .mode(0o600)
-                        .open(&temp)?;
-                    write(&mut f, format!("{note}\n").as_bytes())?;
-                    f.sync_all()
-                })();
-                if let Err(e) = written {
-                    let _ = std::fs::remove_file(&temp);
-                    return Err(e).with_context(|| {
-                        format!("cannot write the grant note {}", temp.display())
-                    });
-                }
-                std::fs::rename(&temp, &path).with_context(|| {
-                    format!("cannot put the grant note in place at {}", path.display())
-                })?;
-                sync_dir()?;
+                crate::secret::replace_private(&path, &temp, format!("{note}\n").as_bytes(), write)
+                    .with_context(|| format!("cannot write the grant note {}", path.display()))?;
                 // The note file now says it all: a note an older leadsync
                 // left in the lock file goes (in place: the lock is kept).
                 self.clear_legacy_note(grant)
