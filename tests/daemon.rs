@@ -353,9 +353,12 @@ async fn outcomes_refused_until_the_end_of_a_stop_are_named_by_table_and_id() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_bound() {
-    // No scheduled pass: only the send may be waiting for the mirror below.
+/// A daemon with no pass scheduled, started on a fully synced mirror and
+/// past its first passes: a pass writing later would hold up the database
+/// thread, the drainer's claim behind it, and the drainer could not name
+/// its row at the stop (seen on a loaded machine, where the daemon started
+/// late). With the first business and its first lead.
+async fn daemon_after_its_first_passes() -> (Env, String, String, Guard) {
     let env = Env::new(
         leadsync::sandbox::SandboxOptions::default(),
         false,
@@ -368,11 +371,7 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
     assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
     let b = env.business_ids()[0].clone();
     let lead = env.sandbox.lead_ids(&b)[0].clone();
-    let mut child = Guard(env.spawn_daemon());
-    // The daemon's first passes are over before the mirror is locked: a
-    // pass writing then would hold up the database thread, the drainer's
-    // claim behind it, and the drainer could not name its row at the stop
-    // (seen on a loaded machine, where the daemon started late).
+    let child = Guard(env.spawn_daemon());
     wait_until_blocking("the daemon's first passes", Duration::from_secs(60), || {
         count(
             &env.sql(),
@@ -383,6 +382,13 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
                 "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
             ) == 0
     });
+    (env, b, lead, child)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_bound() {
+    // No scheduled pass: only the send may be waiting for the mirror below.
+    let (env, b, lead, mut child) = daemon_after_its_first_passes().await;
     env.sandbox.set_faults(Faults {
         latency_ms: 3000,
         ..Default::default()
@@ -444,29 +450,7 @@ async fn a_send_cut_short_by_the_shutdown_bound_is_named_and_the_stop_keeps_the_
 /// send bound and told the operator it may reach Thumbtack twice.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_in_before_the_send_bound_is_recorded_once_the_mirror_frees() {
-    let env = Env::new(
-        leadsync::sandbox::SandboxOptions::default(),
-        false,
-        &common::FAST.replace(
-            "[poll]\npage_size = 10\n",
-            "[poll]\npage_size = 10\nschedule = \"0 0 0 1 1 *\"\nfull_schedule = \"0 0 0 1 1 *\"\n",
-        ),
-    )
-    .await;
-    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
-    let b = env.business_ids()[0].clone();
-    let lead = env.sandbox.lead_ids(&b)[0].clone();
-    let mut child = Guard(env.spawn_daemon());
-    wait_until_blocking("the daemon's first passes", Duration::from_secs(60), || {
-        count(
-            &env.sql(),
-            "SELECT count(*) FROM sync_runs WHERE kind = 'head' AND outcome = 'ok'",
-        ) == 3
-            && count(
-                &env.sql(),
-                "SELECT count(*) FROM sync_runs WHERE outcome = 'running'",
-            ) == 0
-    });
+    let (env, b, lead, mut child) = daemon_after_its_first_passes().await;
     env.sandbox.set_faults(Faults {
         latency_ms: 4000,
         ..Default::default()
