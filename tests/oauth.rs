@@ -197,12 +197,12 @@ async fn a_lost_token_response_is_asked_again_with_the_same_refresh_token() {
 
 /// `sync --business b` with the log at `level`, which succeeds.
 fn sync_logged(env: &Env, b: &str, level: &str) -> std::process::Output {
-    let o = env
-        .cli()
-        .args(["sync", "--business", b])
-        .env("LEADSYNC_LOG", level)
-        .output()
-        .unwrap();
+    let o = common::output(
+        env.cli()
+            .args(["sync", "--business", b])
+            .env("LEADSYNC_LOG", level),
+    )
+    .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     o
 }
@@ -413,7 +413,7 @@ async fn two_processes_on_one_token_store_refresh_once() {
         hold_after_rotate_ms: 1500,
         ..Default::default()
     });
-    let first = env.cli().args(["sync", "--business", &b]).output();
+    let first = common::output(env.cli().args(["sync", "--business", &b]));
     let first = tokio::task::spawn_blocking(move || first);
     wait_until("the first process rotated", Duration::from_secs(30), || {
         env.sandbox.stats().rotations >= 1
@@ -423,13 +423,14 @@ async fn two_processes_on_one_token_store_refresh_once() {
     for f in env.config_files() {
         second.arg("--config").arg(f);
     }
-    let second = second
-        .arg("--config")
-        .arg(&other)
-        .args(["sync", "--business", &b])
-        .env_remove("LEADSYNC_LOG")
-        .output()
-        .unwrap();
+    let second = common::output(
+        second
+            .arg("--config")
+            .arg(&other)
+            .args(["sync", "--business", &b])
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     assert_eq!(second.status.code(), Some(0), "{}", text(&second));
@@ -893,6 +894,7 @@ async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_a
 /// and no unsaved lock, waits for it as for an ordinary refresh instead
 /// of being told at once that a rotated token is held here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing below starts a process.
 async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -917,6 +919,9 @@ async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
     let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     assert!(other.unsaved_held(&key).unwrap());
+    // The locks the failed task drops are taken back in this process: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     panic.store(true, Ordering::SeqCst);
     fail.store(false, Ordering::SeqCst);
     // Its write is tried (and its task fails) before this returns.
@@ -933,6 +938,7 @@ async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
     auth.token(&b).await.expect("stored now");
     assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
     assert!(!other.unsaved_held(&key).unwrap());
+    drop(gate);
     assert_eq!(refreshes(&env), 2);
     auth.settle(Duration::from_secs(5)).await;
 }
@@ -1316,7 +1322,7 @@ async fn onboarding_exchanges_a_code_from_stdin_and_writes_a_conf_per_covered_bu
         c.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        let mut child = c.spawn().unwrap();
+        let mut child = common::spawn(&mut c).unwrap();
         if let Some(s) = stdin {
             use std::io::Write;
             child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
@@ -1384,12 +1390,13 @@ fn a_plain_http_token_url_is_refused_unless_loopback() {
                 rt = token.display()
             ),
         );
-        let o = Command::new(common::bin())
-            .arg("--config")
-            .arg(&f)
-            .args(["config", "check"])
-            .output()
-            .unwrap();
+        let o = common::output(
+            Command::new(common::bin())
+                .arg("--config")
+                .arg(&f)
+                .args(["config", "check"]),
+        )
+        .unwrap();
         let code = if ok { 0 } else { 78 };
         assert_eq!(o.status.code(), Some(code), "{url}: {}", text(&o));
     }
@@ -1414,20 +1421,16 @@ fn run_as_root_a_command_refuses_files_of_the_service_user() {
         "c.toml",
         &format!("database = \"{}\"\n", state.join("leadsync.db").display()),
     );
-    let o = Command::new(common::bin())
-        .arg("--config")
-        .arg(&f)
-        .args([
-            "enqueue",
-            "--negotiation",
-            "1",
-            "--status",
-            "job_complete",
-            "--at",
-            "2026-01-01T00:00:00Z",
-        ])
-        .output()
-        .unwrap();
+    let o = common::output(Command::new(common::bin()).arg("--config").arg(&f).args([
+        "enqueue",
+        "--negotiation",
+        "1",
+        "--status",
+        "job_complete",
+        "--at",
+        "2026-01-01T00:00:00Z",
+    ]))
+    .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("sudo -u"), "{}", text(&o));
     assert!(
@@ -1585,19 +1588,17 @@ fn codes_spent(env: &Env) -> u64 {
 }
 
 fn exchange_into(env: &Env, file: &std::path::Path, code: &str) -> std::process::Output {
-    env.cli()
-        .args([
-            "auth",
-            "exchange",
-            "--token-file",
-            file.to_str().unwrap(),
-            "--code",
-            code,
-            "--redirect-uri",
-            "https://partner.example/callback",
-        ])
-        .output()
-        .unwrap()
+    common::output(env.cli().args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]))
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1711,25 +1712,26 @@ async fn write_conf_never_writes_through_a_link_or_over_a_file() {
     std::os::unix::fs::symlink(&elsewhere, conf_d.join(format!("{}.toml", ids[0]))).unwrap();
     let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
     let token_file = env.dir.path().join("pro-1");
-    let o = Command::new(common::bin())
-        .arg("--config")
-        .arg(&base)
-        .arg("--config")
-        .arg(&env.overrides)
-        .args([
-            "auth",
-            "exchange",
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--code",
-            &code,
-            "--redirect-uri",
-            "https://partner.example/callback",
-            "--write-conf",
-            conf_d.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = common::output(
+        Command::new(common::bin())
+            .arg("--config")
+            .arg(&base)
+            .arg("--config")
+            .arg(&env.overrides)
+            .args([
+                "auth",
+                "exchange",
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "--code",
+                &code,
+                "--redirect-uri",
+                "https://partner.example/callback",
+                "--write-conf",
+                conf_d.to_str().unwrap(),
+            ]),
+    )
+    .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         !elsewhere.exists(),
@@ -1824,12 +1826,13 @@ async fn a_stop_gives_up_a_refresh_still_waiting_for_another_process_within_the_
     // lock, and there was no refresh to abandon.)
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
     let daemon = Daemon(Some(
-        env.cli()
-            .arg("run")
-            .env("LEADSYNC_LOG", "leadsync=debug")
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+        common::spawn(
+            env.cli()
+                .arg("run")
+                .env("LEADSYNC_LOG", "leadsync=debug")
+                .stderr(log),
+        )
+        .unwrap(),
     ));
     wait_until(
         "a refresh waits for the grant's lock",
