@@ -632,6 +632,7 @@ async fn held_unsaved(env: &Env, store: Hooked, fail: &AtomicBool) -> leadsync::
 /// file read that as "gone" and took the chain, and the rotated token's
 /// later write was a conflict: dropped, the grant lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -659,6 +660,9 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
         "a moved file took the chain while its rotated token is unsaved: {:?}",
         during.map(|g| g.map(|g| g.generation))
     );
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.token(&b).await.expect("stored now");
     assert_eq!(other.refresh_note(&key).unwrap(), None);
@@ -666,6 +670,7 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
         other.try_lock_grant(&key).unwrap().is_some(),
         "let go once stored"
     );
+    drop(gate);
     let g = other
         .get(&moved.display().to_string(), seed.as_deref(), &[])
         .unwrap()
@@ -811,11 +816,15 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
 /// generation beyond the one the note's write was to replace — and nobody
 /// may say it is, nor blame a refresh cut short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
     let fail = Arc::new(AtomicBool::new(false));
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.token(&b).await.expect("stored");
     auth.settle(Duration::from_secs(5)).await;
@@ -824,6 +833,7 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     // The note as it was before the store took generation 2 (over 1).
     drop(other.try_lock_grant(&key).unwrap().expect("free"));
+    drop(gate);
     other
         .set_refresh_note(
             &key,
@@ -861,6 +871,7 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
 /// stopped, though the store took writes again long before. It is written
 /// again on its own, and the lock let go once it is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_asks() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -869,6 +880,9 @@ async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_a
     let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     assert!(other.try_lock_grant(&key).unwrap().is_none());
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     wait_until(
         "the unsaved token stored and the grant's lock let go, with no business asking",
@@ -879,6 +893,7 @@ async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_a
     assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
     assert_eq!(other.refresh_note(&key).unwrap(), None);
     assert!(!other.unsaved_held(&key).unwrap());
+    drop(gate);
     // Another process continues the chain from the stored token.
     forget_stored_access_tokens(&env);
     let o = env.run(&["sync", "--business", &b]);
@@ -1146,6 +1161,14 @@ async fn a_stop_during_the_background_write_of_an_unsaved_token_says_so_loudly()
     .await;
     let log = LogBuf(Arc::default());
     let writer = log.clone();
+    // tracing caches whether a log line is wanted, process-wide, when it
+    // is first reached; with a single subscriber registered (the one set
+    // below, for this thread alone), a line first reached on another
+    // thread — another test stopping with a token unsaved — asks only that
+    // thread's (none) and is cached as never wanted: the line below was
+    // lost (1 run in 5 of this file's tests on a loaded machine). With two
+    // registered, every one registered is asked.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
         .with_writer(move || writer.clone())
@@ -1168,6 +1191,7 @@ async fn a_stop_during_the_background_write_of_an_unsaved_token_says_so_loudly()
 /// dropped (the store holds a newer grant): its note goes with it, or the
 /// next start would report a token lost that was not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn an_unsaved_token_superseded_by_a_new_grant_leaves_no_note() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -1183,11 +1207,15 @@ async fn an_unsaved_token_superseded_by_a_new_grant_leaves_no_note() {
         source: "auth exchange".into(),
     };
     assert_eq!(other.put(&key, 1, &new_grant).unwrap(), Written::Stored(2));
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.settle(Duration::from_secs(5)).await;
     drop(auth);
     assert_eq!(other.refresh_note(&key).unwrap(), None);
     assert!(other.try_lock_grant(&key).unwrap().is_some());
+    drop(gate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1318,9 +1318,12 @@ async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
     let held = env.sandbox.stats().lists_held;
     assert!(held >= 10, "{held} pages held");
     env.sandbox.set_faults(Faults::default());
+    // In the order of `cases` and their changed leads.
+    let mut outcomes = Vec::new();
     for d in &deliveries {
-        assert_eq!(deliver_triggered(&s, d, &event).await, "applied");
+        outcomes.push(deliver_triggered(&s, d, &event).await);
     }
+    let mut outcomes = outcomes.into_iter();
     for r in running {
         let report = r.await.unwrap();
         assert!(report.is_ok(), "{}", report.summary());
@@ -1328,13 +1331,28 @@ async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
     let mut asked_after = 0;
     for (i, (b, kind, changed)) in cases.iter().enumerate() {
         for (page, x) in changed {
+            let outcome = outcomes.next().unwrap();
             if *page <= before[i] {
+                assert_eq!(
+                    outcome, "applied",
+                    "{b} ({kind:?}): the delivery of {x}, whose page was made before the event"
+                );
                 assert_eq!(
                     status_of(&env, x),
                     "Archived",
                     "{b} ({kind:?}): page {page}, made before the event, overwrote the delivered copy of {x}"
                 );
-            } else if *page >= after[i] + 2 {
+            } else {
+                // A page asked for after the event may be written before
+                // the delivery is applied (the passes run on meanwhile;
+                // seen on a loaded machine): the delivery is then older
+                // than the mirrored copy and kept out.
+                assert!(
+                    outcome == "applied" || outcome == "duplicate",
+                    "{b} ({kind:?}): the delivery of {x}: {outcome}"
+                );
+            }
+            if *page >= after[i] + 2 {
                 asked_after += 1;
                 assert_eq!(
                     status_of(&env, x),
