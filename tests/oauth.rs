@@ -709,6 +709,7 @@ async fn another_process_never_refreshes_while_a_rotated_token_is_held_unsaved()
 /// token, and the new name waits for it — every business on the grant
 /// stalled until a restart. Its write is retried with the others'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_stored() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -727,6 +728,9 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     auth.reconfigure(&config);
     let e = auth.token(&b).await.expect_err("still unsaved");
     assert!(e.message.contains("unsaved"), "{}", e.message);
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     // The old name's token is stored (by this call's turn or by its own
     // retry task, whichever comes first): wait for it, or that task may
@@ -743,6 +747,7 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     auth.token(&b)
         .await
         .expect("the old name's token stored, then taken over by the new name");
+    drop(gate);
     assert_eq!(refreshes(&env), 2, "the rotated token, not a new refresh");
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     auth.settle(Duration::from_secs(5)).await;
@@ -775,6 +780,7 @@ async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
 /// token) at once, not after waiting out the holder's lock; the holder's
 /// note and lock stay its own until its write — a conflict now — lets go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -803,9 +809,13 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     let note = other.refresh_note(&key).unwrap().unwrap_or_default();
     assert!(note.contains("held in memory"), "{note:?}");
     assert!(other.try_lock_grant(&key).unwrap().is_none());
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.token(&b).await.expect("the new grant's chain");
     assert_eq!(other.refresh_note(&key).unwrap(), None);
+    drop(gate);
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     auth.settle(Duration::from_secs(5)).await;
 }
