@@ -197,12 +197,12 @@ async fn a_lost_token_response_is_asked_again_with_the_same_refresh_token() {
 
 /// `sync --business b` with the log at `level`, which succeeds.
 fn sync_logged(env: &Env, b: &str, level: &str) -> std::process::Output {
-    let o = env
-        .cli()
-        .args(["sync", "--business", b])
-        .env("LEADSYNC_LOG", level)
-        .output()
-        .unwrap();
+    let o = common::output(
+        env.cli()
+            .args(["sync", "--business", b])
+            .env("LEADSYNC_LOG", level),
+    )
+    .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     o
 }
@@ -413,7 +413,7 @@ async fn two_processes_on_one_token_store_refresh_once() {
         hold_after_rotate_ms: 1500,
         ..Default::default()
     });
-    let first = env.cli().args(["sync", "--business", &b]).output();
+    let first = common::output(env.cli().args(["sync", "--business", &b]));
     let first = tokio::task::spawn_blocking(move || first);
     wait_until("the first process rotated", Duration::from_secs(30), || {
         env.sandbox.stats().rotations >= 1
@@ -423,13 +423,14 @@ async fn two_processes_on_one_token_store_refresh_once() {
     for f in env.config_files() {
         second.arg("--config").arg(f);
     }
-    let second = second
-        .arg("--config")
-        .arg(&other)
-        .args(["sync", "--business", &b])
-        .env_remove("LEADSYNC_LOG")
-        .output()
-        .unwrap();
+    let second = common::output(
+        second
+            .arg("--config")
+            .arg(&other)
+            .args(["sync", "--business", &b])
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
     let first = first.await.unwrap().unwrap();
     assert_eq!(first.status.code(), Some(0), "{}", text(&first));
     assert_eq!(second.status.code(), Some(0), "{}", text(&second));
@@ -631,6 +632,7 @@ async fn held_unsaved(env: &Env, store: Hooked, fail: &AtomicBool) -> leadsync::
 /// file read that as "gone" and took the chain, and the rotated token's
 /// later write was a conflict: dropped, the grant lost.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -658,6 +660,9 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
         "a moved file took the chain while its rotated token is unsaved: {:?}",
         during.map(|g| g.map(|g| g.generation))
     );
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.token(&b).await.expect("stored now");
     assert_eq!(other.refresh_note(&key).unwrap(), None);
@@ -665,6 +670,7 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
         other.try_lock_grant(&key).unwrap().is_some(),
         "let go once stored"
     );
+    drop(gate);
     let g = other
         .get(&moved.display().to_string(), seed.as_deref(), &[])
         .unwrap()
@@ -703,6 +709,7 @@ async fn another_process_never_refreshes_while_a_rotated_token_is_held_unsaved()
 /// token, and the new name waits for it — every business on the grant
 /// stalled until a restart. Its write is retried with the others'.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_stored() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -721,6 +728,9 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     auth.reconfigure(&config);
     let e = auth.token(&b).await.expect_err("still unsaved");
     assert!(e.message.contains("unsaved"), "{}", e.message);
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     // The old name's token is stored (by this call's turn or by its own
     // retry task, whichever comes first): wait for it, or that task may
@@ -737,6 +747,7 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
     auth.token(&b)
         .await
         .expect("the old name's token stored, then taken over by the new name");
+    drop(gate);
     assert_eq!(refreshes(&env), 2, "the rotated token, not a new refresh");
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     auth.settle(Duration::from_secs(5)).await;
@@ -769,6 +780,7 @@ async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
 /// token) at once, not after waiting out the holder's lock; the holder's
 /// note and lock stay its own until its write — a conflict now — lets go.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -797,9 +809,13 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     let note = other.refresh_note(&key).unwrap().unwrap_or_default();
     assert!(note.contains("held in memory"), "{note:?}");
     assert!(other.try_lock_grant(&key).unwrap().is_none());
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.token(&b).await.expect("the new grant's chain");
     assert_eq!(other.refresh_note(&key).unwrap(), None);
+    drop(gate);
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     auth.settle(Duration::from_secs(5)).await;
 }
@@ -810,11 +826,15 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
 /// generation beyond the one the note's write was to replace — and nobody
 /// may say it is, nor blame a refresh cut short.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
     let fail = Arc::new(AtomicBool::new(false));
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.token(&b).await.expect("stored");
     auth.settle(Duration::from_secs(5)).await;
@@ -823,6 +843,7 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     // The note as it was before the store took generation 2 (over 1).
     drop(other.try_lock_grant(&key).unwrap().expect("free"));
+    drop(gate);
     other
         .set_refresh_note(
             &key,
@@ -860,6 +881,7 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
 /// stopped, though the store took writes again long before. It is written
 /// again on its own, and the lock let go once it is stored.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_asks() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -868,6 +890,9 @@ async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_a
     let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     assert!(other.try_lock_grant(&key).unwrap().is_none());
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     wait_until(
         "the unsaved token stored and the grant's lock let go, with no business asking",
@@ -878,6 +903,7 @@ async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_a
     assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
     assert_eq!(other.refresh_note(&key).unwrap(), None);
     assert!(!other.unsaved_held(&key).unwrap());
+    drop(gate);
     // Another process continues the chain from the stored token.
     forget_stored_access_tokens(&env);
     let o = env.run(&["sync", "--business", &b]);
@@ -893,6 +919,7 @@ async fn a_token_held_unsaved_is_stored_and_its_lock_let_go_though_no_business_a
 /// and no unsaved lock, waits for it as for an ordinary refresh instead
 /// of being told at once that a rotated token is held here.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing below starts a process.
 async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -917,6 +944,9 @@ async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
     let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     assert!(other.unsaved_held(&key).unwrap());
+    // The locks the failed task drops are taken back in this process: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     panic.store(true, Ordering::SeqCst);
     fail.store(false, Ordering::SeqCst);
     // Its write is tried (and its task fails) before this returns.
@@ -933,6 +963,7 @@ async fn a_failed_write_task_of_an_unsaved_token_takes_back_its_unsaved_lock() {
     auth.token(&b).await.expect("stored now");
     assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
     assert!(!other.unsaved_held(&key).unwrap());
+    drop(gate);
     assert_eq!(refreshes(&env), 2);
     auth.settle(Duration::from_secs(5)).await;
 }
@@ -1140,6 +1171,14 @@ async fn a_stop_during_the_background_write_of_an_unsaved_token_says_so_loudly()
     .await;
     let log = LogBuf(Arc::default());
     let writer = log.clone();
+    // tracing caches whether a log line is wanted, process-wide, when it
+    // is first reached; with a single subscriber registered (the one set
+    // below, for this thread alone), a line first reached on another
+    // thread — another test stopping with a token unsaved — asks only that
+    // thread's (none) and is cached as never wanted: the line below was
+    // lost (1 run in 5 of this file's tests on a loaded machine). With two
+    // registered, every one registered is asked.
+    let _second = tracing::Dispatch::new(tracing_subscriber::registry());
     let subscriber = tracing_subscriber::fmt()
         .with_ansi(false)
         .with_writer(move || writer.clone())
@@ -1162,6 +1201,7 @@ async fn a_stop_during_the_background_write_of_an_unsaved_token_says_so_loudly()
 /// dropped (the store holds a newer grant): its note goes with it, or the
 /// next start would report a token lost that was not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
 async fn an_unsaved_token_superseded_by_a_new_grant_leaves_no_note() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
@@ -1177,11 +1217,15 @@ async fn an_unsaved_token_superseded_by_a_new_grant_leaves_no_note() {
         source: "auth exchange".into(),
     };
     assert_eq!(other.put(&key, 1, &new_grant).unwrap(), Written::Stored(2));
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
     fail.store(false, Ordering::SeqCst);
     auth.settle(Duration::from_secs(5)).await;
     drop(auth);
     assert_eq!(other.refresh_note(&key).unwrap(), None);
     assert!(other.try_lock_grant(&key).unwrap().is_some());
+    drop(gate);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1316,7 +1360,7 @@ async fn onboarding_exchanges_a_code_from_stdin_and_writes_a_conf_per_covered_bu
         c.stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped());
-        let mut child = c.spawn().unwrap();
+        let mut child = common::spawn(&mut c).unwrap();
         if let Some(s) = stdin {
             use std::io::Write;
             child.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
@@ -1384,12 +1428,13 @@ fn a_plain_http_token_url_is_refused_unless_loopback() {
                 rt = token.display()
             ),
         );
-        let o = Command::new(common::bin())
-            .arg("--config")
-            .arg(&f)
-            .args(["config", "check"])
-            .output()
-            .unwrap();
+        let o = common::output(
+            Command::new(common::bin())
+                .arg("--config")
+                .arg(&f)
+                .args(["config", "check"]),
+        )
+        .unwrap();
         let code = if ok { 0 } else { 78 };
         assert_eq!(o.status.code(), Some(code), "{url}: {}", text(&o));
     }
@@ -1414,20 +1459,16 @@ fn run_as_root_a_command_refuses_files_of_the_service_user() {
         "c.toml",
         &format!("database = \"{}\"\n", state.join("leadsync.db").display()),
     );
-    let o = Command::new(common::bin())
-        .arg("--config")
-        .arg(&f)
-        .args([
-            "enqueue",
-            "--negotiation",
-            "1",
-            "--status",
-            "job_complete",
-            "--at",
-            "2026-01-01T00:00:00Z",
-        ])
-        .output()
-        .unwrap();
+    let o = common::output(Command::new(common::bin()).arg("--config").arg(&f).args([
+        "enqueue",
+        "--negotiation",
+        "1",
+        "--status",
+        "job_complete",
+        "--at",
+        "2026-01-01T00:00:00Z",
+    ]))
+    .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(text(&o).contains("sudo -u"), "{}", text(&o));
     assert!(
@@ -1585,19 +1626,17 @@ fn codes_spent(env: &Env) -> u64 {
 }
 
 fn exchange_into(env: &Env, file: &std::path::Path, code: &str) -> std::process::Output {
-    env.cli()
-        .args([
-            "auth",
-            "exchange",
-            "--token-file",
-            file.to_str().unwrap(),
-            "--code",
-            code,
-            "--redirect-uri",
-            "https://partner.example/callback",
-        ])
-        .output()
-        .unwrap()
+    common::output(env.cli().args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]))
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1711,25 +1750,26 @@ async fn write_conf_never_writes_through_a_link_or_over_a_file() {
     std::os::unix::fs::symlink(&elsewhere, conf_d.join(format!("{}.toml", ids[0]))).unwrap();
     let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
     let token_file = env.dir.path().join("pro-1");
-    let o = Command::new(common::bin())
-        .arg("--config")
-        .arg(&base)
-        .arg("--config")
-        .arg(&env.overrides)
-        .args([
-            "auth",
-            "exchange",
-            "--token-file",
-            token_file.to_str().unwrap(),
-            "--code",
-            &code,
-            "--redirect-uri",
-            "https://partner.example/callback",
-            "--write-conf",
-            conf_d.to_str().unwrap(),
-        ])
-        .output()
-        .unwrap();
+    let o = common::output(
+        Command::new(common::bin())
+            .arg("--config")
+            .arg(&base)
+            .arg("--config")
+            .arg(&env.overrides)
+            .args([
+                "auth",
+                "exchange",
+                "--token-file",
+                token_file.to_str().unwrap(),
+                "--code",
+                &code,
+                "--redirect-uri",
+                "https://partner.example/callback",
+                "--write-conf",
+                conf_d.to_str().unwrap(),
+            ]),
+    )
+    .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(
         !elsewhere.exists(),
@@ -1824,12 +1864,13 @@ async fn a_stop_gives_up_a_refresh_still_waiting_for_another_process_within_the_
     // lock, and there was no refresh to abandon.)
     let log = std::fs::File::create(env.dir.path().join("daemon.log")).unwrap();
     let daemon = Daemon(Some(
-        env.cli()
-            .arg("run")
-            .env("LEADSYNC_LOG", "leadsync=debug")
-            .stderr(log)
-            .spawn()
-            .unwrap(),
+        common::spawn(
+            env.cli()
+                .arg("run")
+                .env("LEADSYNC_LOG", "leadsync=debug")
+                .stderr(log),
+        )
+        .unwrap(),
     ));
     wait_until(
         "a refresh waits for the grant's lock",

@@ -53,7 +53,7 @@ impl Rig {
                     .unwrap();
             }
         }
-        let session = Session::open(env.config()).await.unwrap();
+        let session = common::open_session(env.config()).await;
         let drainer = Arc::new(Drainer::new(
             session.store.clone(),
             session.client.clone(),

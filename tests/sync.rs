@@ -126,7 +126,7 @@ async fn a_full_sync_mirrors_every_lead_exactly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_changed_removed_and_reappearing_leads() {
     let env = Env::small().await;
-    let s = Session::open(env.config()).await.unwrap();
+    let s = common::open_session(env.config()).await;
     let b = env.business_ids()[0].clone();
     assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
     let ids = env.sandbox.lead_ids(&b);
@@ -381,7 +381,7 @@ async fn a_full_scan_writes_what_changed_since_it_was_mirrored_and_refreshes_las
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_scan_stops_at_the_first_page_without_news() {
     let env = Env::small().await;
-    let s = Session::open(env.config()).await.unwrap();
+    let s = common::open_session(env.config()).await;
     let ids = env.business_ids();
     for b in &ids {
         assert!(pass(&s, b, ScanKind::Full).await.is_ok());
@@ -592,7 +592,7 @@ async fn a_failed_page_write_ends_a_full_scan_at_once_with_whole_pages_only() {
     )
     .await;
     let id = env.business_ids()[0].clone();
-    let s = Session::open(env.config()).await.unwrap();
+    let s = common::open_session(env.config()).await;
     // The mirror refuses leads past the 55th: the batch holding it fails.
     env.sql()
         .execute_batch(
@@ -640,7 +640,7 @@ async fn a_fetch_error_after_pages_fetched_ahead_writes_them_and_marks_nothing_m
     )
     .await;
     let id = env.business_ids()[0].clone();
-    let s = Session::open(env.config()).await.unwrap();
+    let s = common::open_session(env.config()).await;
     assert!(matches!(
         pass(&s, &id, ScanKind::Full).await.outcome,
         PassOutcome::Ok(_)
@@ -712,7 +712,7 @@ async fn a_failed_write_of_several_pages_names_every_page_it_held() {
     )
     .await;
     let id = env.business_ids()[0].clone();
-    let s = Session::open(env.config()).await.unwrap();
+    let s = common::open_session(env.config()).await;
     let running = {
         let id = id.clone();
         tokio::spawn(async move { pass(&s, &id, ScanKind::Full).await })
@@ -788,7 +788,7 @@ async fn a_stopped_full_scan_ends_after_the_page_in_flight_and_keeps_whole_pages
         ..Default::default()
     });
     let id = env.business_ids()[0].clone();
-    let s = Session::open(env.config()).await.unwrap();
+    let s = common::open_session(env.config()).await;
     let stop = CancellationToken::new();
     let running = {
         let (id, stop) = (id.clone(), stop.clone());
@@ -835,7 +835,7 @@ async fn a_stopped_full_scan_ends_without_waiting_for_the_page_in_flight() {
         .replace("timeout_secs = 5", "timeout_secs = 60")
         .replace("shutdown_timeout_secs = 8", "shutdown_timeout_secs = 63");
     let env = Env::new(SandboxOptions::default(), false, &overrides).await;
-    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let s = std::sync::Arc::new(common::open_session(env.config()).await);
     let b = env.business_ids()[0].clone();
     // Every page takes 20 s: a pass that waits for the page in flight
     // after the stop takes that long.
@@ -880,7 +880,7 @@ async fn a_stopped_full_scan_ends_without_waiting_for_the_page_in_flight() {
 async fn changed_on_thumbtack() -> (Env, String, std::sync::Arc<Session>, String, String, String) {
     let env = Env::small().await;
     let b = env.business_ids()[0].clone();
-    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let s = std::sync::Arc::new(common::open_session(env.config()).await);
     assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
     let x = env.sandbox.lead_ids(&b)[0].clone();
     env.sandbox
@@ -1151,7 +1151,7 @@ fn delivered_as(listed: &str, from: &str, status: &str) -> String {
 async fn a_held_up_delivery_older_than_a_listing_that_confirmed_the_lead_does_not_overwrite_it() {
     let env = Env::small().await;
     let b = env.business_ids()[0].clone();
-    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let s = std::sync::Arc::new(common::open_session(env.config()).await);
     let report = pass(&s, &b, ScanKind::Full).await;
     assert!(report.is_ok(), "{}", report.summary());
     let mut rolled_back = Vec::new();
@@ -1217,7 +1217,7 @@ async fn a_held_up_delivery_older_than_a_listing_that_confirmed_the_lead_does_no
 async fn a_head_scan_confirms_only_the_leads_it_listed() {
     let env = Env::small().await;
     let b = env.business_ids()[0].clone();
-    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let s = std::sync::Arc::new(common::open_session(env.config()).await);
     assert!(pass(&s, &b, ScanKind::Full).await.is_ok());
     // On the last page: a head scan (one unchanged page) never reaches it.
     let x = env.sandbox.lead_ids(&b).last().unwrap().clone();
@@ -1252,7 +1252,7 @@ async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
         FAST,
     )
     .await;
-    let s = std::sync::Arc::new(Session::open(env.config()).await.unwrap());
+    let s = std::sync::Arc::new(common::open_session(env.config()).await);
     let businesses = env.business_ids();
     assert_eq!(businesses.len(), 4);
     // (business, kind, the leads changed with their pages): pages of 10,
@@ -1318,9 +1318,12 @@ async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
     let held = env.sandbox.stats().lists_held;
     assert!(held >= 10, "{held} pages held");
     env.sandbox.set_faults(Faults::default());
+    // In the order of `cases` and their changed leads.
+    let mut outcomes = Vec::new();
     for d in &deliveries {
-        assert_eq!(deliver_triggered(&s, d, &event).await, "applied");
+        outcomes.push(deliver_triggered(&s, d, &event).await);
     }
+    let mut outcomes = outcomes.into_iter();
     for r in running {
         let report = r.await.unwrap();
         assert!(report.is_ok(), "{}", report.summary());
@@ -1328,13 +1331,28 @@ async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
     let mut asked_after = 0;
     for (i, (b, kind, changed)) in cases.iter().enumerate() {
         for (page, x) in changed {
+            let outcome = outcomes.next().unwrap();
             if *page <= before[i] {
+                assert_eq!(
+                    outcome, "applied",
+                    "{b} ({kind:?}): the delivery of {x}, whose page was made before the event"
+                );
                 assert_eq!(
                     status_of(&env, x),
                     "Archived",
                     "{b} ({kind:?}): page {page}, made before the event, overwrote the delivered copy of {x}"
                 );
-            } else if *page >= after[i] + 2 {
+            } else {
+                // A page asked for after the event may be written before
+                // the delivery is applied (the passes run on meanwhile;
+                // seen on a loaded machine): the delivery is then older
+                // than the mirrored copy and kept out.
+                assert!(
+                    outcome == "applied" || outcome == "duplicate",
+                    "{b} ({kind:?}): the delivery of {x}: {outcome}"
+                );
+            }
+            if *page >= after[i] + 2 {
                 asked_after += 1;
                 assert_eq!(
                     status_of(&env, x),

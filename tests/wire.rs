@@ -533,7 +533,7 @@ async fn probe_of_an_oauth_grant_refuses_to_race_a_running_daemon() {
     )
     .await;
     let b = env.business_ids()[0].clone();
-    let session = leadsync::app::Session::open(env.config()).await.unwrap();
+    let session = common::open_session(env.config()).await;
     let (code, out) = probe(&env, &b, false);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("another leadsync process"), "{out}");

@@ -7,8 +7,60 @@ use leadsync::sandbox::{Mutation, Sandbox, SandboxOptions};
 use std::net::SocketAddr;
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::{Duration, Instant};
+
+/// Child processes of this test binary start under its read side; a test
+/// that lets go of a lock file it holds in process and takes it again holds
+/// the write side meanwhile ([`no_spawns`]). A `flock` lives as long as any
+/// copy of its descriptor, and a child being started holds a copy of every
+/// descriptor of the process until its `exec` (close-on-exec or not): a
+/// lock let go in that moment stays held, and taking it again in process
+/// fails as if another process held it — seen on a loaded machine, where a
+/// child waits long for its `exec` (`Session::open` told "another leadsync
+/// process (pid <this test binary>) is running", a grant's lock not taken
+/// back). Not an issue of the daemon, which starts no process.
+static SPAWNS: RwLock<()> = RwLock::new(());
+
+fn spawns_allowed() -> RwLockReadGuard<'static, ()> {
+    SPAWNS.read().unwrap_or_else(|e| e.into_inner())
+}
+
+/// No child process of this test binary starts (nor holds a copy of this
+/// process's descriptors) while the guard lives. Start none under it: that
+/// waits for itself.
+pub fn no_spawns() -> RwLockWriteGuard<'static, ()> {
+    SPAWNS.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// `cmd.spawn()`, but never while a test holds [`no_spawns`]. (`spawn`
+/// returns once the child has exec'd: its copies of this process's
+/// descriptors are gone then.)
+pub fn spawn(cmd: &mut Command) -> std::io::Result<Child> {
+    let _allowed = spawns_allowed();
+    cmd.spawn()
+}
+
+/// `cmd.output()` (stdin empty, stdout and stderr captured), started as
+/// [`spawn`] does.
+pub fn output(cmd: &mut Command) -> std::io::Result<Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn(cmd)?.wait_with_output()
+}
+
+/// `Session::open`, no child process starting meanwhile ([`no_spawns`]):
+/// it takes the database's lock file for the migration, lets it go, and
+/// takes it again as the command's.
+#[allow(clippy::await_holding_lock)] // Session::open starts no process.
+pub async fn open_session(config: Config) -> leadsync::app::Session {
+    let _gate = no_spawns();
+    leadsync::app::Session::open(config)
+        .await
+        .expect("open the session")
+}
 
 /// The binary under test.
 pub fn bin() -> PathBuf {
@@ -121,11 +173,7 @@ impl Env {
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("log file");
-        self.cli()
-            .arg("run")
-            .stderr(log)
-            .spawn()
-            .expect("start leadsync run")
+        spawn(self.cli().arg("run").stderr(log)).expect("start leadsync run")
     }
 
     /// What the background daemons logged so far.
@@ -183,7 +231,7 @@ impl Env {
 
     /// Runs the CLI to completion.
     pub fn run(&self, args: &[&str]) -> Output {
-        self.cli().args(args).output().expect("run leadsync")
+        output(self.cli().args(args)).expect("run leadsync")
     }
 
     /// Runs the CLI to completion and asserts it exits 0 (its output shown
@@ -208,14 +256,14 @@ impl Env {
         socket
             .set_read_timeout(Some(read_timeout))
             .expect("notify socket timeout");
-        let child = self
-            .cli()
-            .arg("run")
-            .env("NOTIFY_SOCKET", &socket_path)
-            .envs(vars.iter().copied())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start leadsync run");
+        let child = spawn(
+            self.cli()
+                .arg("run")
+                .env("NOTIFY_SOCKET", &socket_path)
+                .envs(vars.iter().copied())
+                .stderr(std::process::Stdio::null()),
+        )
+        .expect("start leadsync run");
         (socket, child)
     }
 
@@ -391,12 +439,7 @@ pub fn assert_no_secret_anywhere(env: &Env, more: &str) {
     let mut seen = String::from(more);
     seen.push_str(&env.daemon_log());
     for args in [&["status", "--json"][..], &["config", "check"][..]] {
-        let o = env
-            .cli()
-            .args(args)
-            .env("LEADSYNC_LOG", "trace")
-            .output()
-            .unwrap();
+        let o = output(env.cli().args(args).env("LEADSYNC_LOG", "trace")).unwrap();
         seen.push_str(&text(&o));
     }
     let db = env.sql();
