@@ -69,6 +69,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub messages: MessagesConfig,
     #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
     pub businesses: Vec<BusinessConfig>,
 }
 
@@ -264,6 +266,24 @@ impl Default for MessagesConfig {
             sync: false,
             max_leads_per_pass: 200,
         }
+    }
+}
+
+/// The largest `retention.keep_days` (a hundred years; more is a typo).
+pub const MAX_KEEP_DAYS: u64 = 36500;
+
+/// `[retention]`: how long the daemon keeps its logs (README, Database).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days of `sync_runs`, `webhook_events`, attempt logs and finished
+    /// `sync_requests` kept; 0 keeps them forever.
+    pub keep_days: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig { keep_days: 30 }
     }
 }
 
@@ -836,6 +856,12 @@ fn validate(
         return err(format!(
             "{}: must be at least 1",
             locate(figment, "messages.max_leads_per_pass")
+        ));
+    }
+    if file.retention.keep_days > MAX_KEEP_DAYS {
+        return err(format!(
+            "{}: must be at most {MAX_KEEP_DAYS} days; 0 keeps the logs forever",
+            locate(figment, "retention.keep_days")
         ));
     }
     let admin_listen = validate_admin(figment, &file.admin)?;
