@@ -380,9 +380,10 @@ pub const MAX_COVERED_IDS: usize = 4096;
 /// event (`changed_at`), or a listing asked for at or after the event
 /// plus [`LISTING_MARGIN`]
 /// showed it as mirrored (or, complete, found it gone) without writing
-/// anything, or such a listing may have been pruned ([`listed_since`]) — or when a full scan found the lead missing
-/// after the event, or when the delivery has no believable event time: an
-/// older snapshot never rolls a lead back nor brings it back.
+/// anything, or such a listing may have been pruned ([`listed_since`]) —
+/// or when a full scan found the lead missing after the event, or when
+/// the delivery has no believable event time: an older snapshot never
+/// rolls a lead back nor brings it back.
 pub fn upsert_lead(
     tx: &Connection,
     ctx: &PageContext,

@@ -25,7 +25,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 
 /// Rows looked at by one batch (one transaction): small enough that a
 /// webhook delivery waiting behind it is not held up noticeably.
-pub const BATCH: usize = 500;
+pub const BATCH: usize = 200;
 
 /// A log that is pruned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
