@@ -276,14 +276,22 @@ pub const MAX_KEEP_DAYS: u64 = 36500;
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetentionConfig {
-    /// Days of `sync_runs`, `webhook_events`, attempt logs and finished
-    /// `sync_requests` kept; 0 keeps them forever.
+    /// Days of `sync_runs`, attempt logs and finished `sync_requests`
+    /// kept; 0 keeps them forever.
     pub keep_days: u64,
+    /// Days of `webhook_events` kept; 0 (the default) keeps them forever:
+    /// SPEC §8 keeps every accepted delivery, and a delivery of an event
+    /// type leadsync does not apply (`ignored`, `unknown_business`) is kept
+    /// nowhere else.
+    pub webhook_events_keep_days: u64,
 }
 
 impl Default for RetentionConfig {
     fn default() -> Self {
-        RetentionConfig { keep_days: 30 }
+        RetentionConfig {
+            keep_days: 30,
+            webhook_events_keep_days: 0,
+        }
     }
 }
 
@@ -858,11 +866,19 @@ fn validate(
             locate(figment, "messages.max_leads_per_pass")
         ));
     }
-    if file.retention.keep_days > MAX_KEEP_DAYS {
-        return err(format!(
-            "{}: must be at most {MAX_KEEP_DAYS} days; 0 keeps the logs forever",
-            locate(figment, "retention.keep_days")
-        ));
+    for (key, days) in [
+        ("retention.keep_days", file.retention.keep_days),
+        (
+            "retention.webhook_events_keep_days",
+            file.retention.webhook_events_keep_days,
+        ),
+    ] {
+        if days > MAX_KEEP_DAYS {
+            return err(format!(
+                "{}: must be at most {MAX_KEEP_DAYS} days; 0 keeps the rows forever",
+                locate(figment, key)
+            ));
+        }
     }
     let admin_listen = validate_admin(figment, &file.admin)?;
 

@@ -1127,14 +1127,20 @@ impl Daemon {
                 _ = self.stop.cancelled() => return,
             }
             wait = PRUNE_EVERY;
-            let keep_days = self.config().file.retention.keep_days;
-            let Some(before) = retention::horizon(chrono::Utc::now(), keep_days) else {
+            let kept = self.config().file.retention.clone();
+            let horizons = retention::Horizons::at(
+                chrono::Utc::now(),
+                kept.keep_days,
+                kept.webhook_events_keep_days,
+            );
+            if horizons == retention::Horizons::default() {
                 continue;
-            };
+            }
             let started = Instant::now();
-            match prune_logs(&self.store, &before, &self.stop).await {
+            match prune_logs(&self.store, &horizons, &self.stop).await {
                 Ok((pruned, longest)) if pruned.total() > 0 => info!(
-                    before = %before,
+                    before = horizons.logs.as_deref().unwrap_or("-"),
+                    webhook_events_before = horizons.webhook_events.as_deref().unwrap_or("-"),
                     sync_runs = pruned.sync_runs,
                     webhook_events = pruned.webhook_events,
                     outbox_attempts = pruned.outbox_attempts,
@@ -1142,7 +1148,7 @@ impl Daemon {
                     sync_requests = pruned.sync_requests,
                     elapsed_ms = started.elapsed().as_millis() as u64,
                     longest_batch_ms = longest.as_millis() as u64,
-                    "pruned log rows older than retention.keep_days"
+                    "pruned log rows older than their retention (retention.keep_days, retention.webhook_events_keep_days)"
                 ),
                 Ok(_) => {}
                 Err(e) => warn!(
@@ -1191,12 +1197,15 @@ impl Daemon {
 /// until done or `stop`. Returns the rows deleted and the longest batch.
 async fn prune_logs(
     store: &Store,
-    before: &str,
+    horizons: &retention::Horizons,
     stop: &CancellationToken,
 ) -> Result<(retention::Pruned, Duration)> {
     let mut pruned = retention::Pruned::default();
     let mut longest = Duration::ZERO;
     for log in retention::Log::ALL {
+        let Some(before) = horizons.of(log) else {
+            continue;
+        };
         let mut after = i64::MIN;
         loop {
             if stop.is_cancelled() {
@@ -1306,13 +1315,28 @@ mod tests {
             })
             .await
             .unwrap();
-        let before = "2026-02-01T00:00:00.000Z";
+        // The default retention keeps every delivery (SPEC §8), however old.
+        let defaults = crate::config::RetentionConfig::default();
+        let now = chrono::DateTime::parse_from_rfc3339("2027-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let by_default =
+            retention::Horizons::at(now, defaults.keep_days, defaults.webhook_events_keep_days);
+        assert!(by_default.logs.is_some());
+        let (pruned, _) = prune_logs(&store, &by_default, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(pruned.webhook_events, 0);
+        let horizons = retention::Horizons {
+            logs: None,
+            webhook_events: Some("2026-02-01T00:00:00.000Z".into()),
+        };
         // A stop asked for first: nothing is pruned.
         let stopped = CancellationToken::new();
         stopped.cancel();
-        let (pruned, _) = prune_logs(&store, before, &stopped).await.unwrap();
+        let (pruned, _) = prune_logs(&store, &horizons, &stopped).await.unwrap();
         assert_eq!(pruned.total(), 0);
-        let (pruned, longest) = prune_logs(&store, before, &CancellationToken::new())
+        let (pruned, longest) = prune_logs(&store, &horizons, &CancellationToken::new())
             .await
             .unwrap();
         assert_eq!(pruned.webhook_events, old);

@@ -634,6 +634,26 @@ fn retention_is_a_whole_number_of_days_zero_keeping_everything() {
     let o = check(&[&defaults], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(text(&o).contains("keep_days = 30"), "{}", text(&o));
+    assert!(
+        text(&o).contains("webhook_events_keep_days = 0"),
+        "{}",
+        text(&o)
+    );
+    let f = d.file(
+        "events.toml",
+        &format!(
+            "{}\n[retention]\nwebhook_events_keep_days = 36501\n",
+            d.base()
+        ),
+    );
+    assert_config_error(
+        &check(&[&f], &[]),
+        &[
+            "events.toml",
+            "retention.webhook_events_keep_days",
+            "at most 36500",
+        ],
+    );
     for (i, bad, needle) in [
         (0, "-1", "retention.keep_days"),
         (1, "\"30d\"", "retention.keep_days"),

@@ -214,6 +214,38 @@ pub fn prune_all(conn: &mut Connection, before: &str, limit: usize) -> Result<Pr
     Ok(pruned)
 }
 
+/// The horizons of one run: rows dated before them go; `None` keeps a log
+/// whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Horizons {
+    /// `sync_runs`, the attempt logs and `sync_requests`.
+    pub logs: Option<String>,
+    /// `webhook_events` (kept forever unless configured: SPEC §8).
+    pub webhook_events: Option<String>,
+}
+
+impl Horizons {
+    /// The horizons at `now` for `keep_days` and `webhook_events_keep_days`.
+    pub fn at(
+        now: chrono::DateTime<chrono::Utc>,
+        keep_days: u64,
+        webhook_events_keep_days: u64,
+    ) -> Horizons {
+        Horizons {
+            logs: horizon(now, keep_days),
+            webhook_events: horizon(now, webhook_events_keep_days),
+        }
+    }
+
+    /// The horizon of `log`.
+    pub fn of(&self, log: Log) -> Option<&str> {
+        match log {
+            Log::WebhookEvents => self.webhook_events.as_deref(),
+            _ => self.logs.as_deref(),
+        }
+    }
+}
+
 /// The horizon for a retention of `keep_days` at `now`: rows dated before
 /// it go. `None` when nothing is pruned (0 days, or a horizon before the
 /// calendar's start).
