@@ -1212,13 +1212,26 @@ async fn prune_logs(
                 return Ok((pruned, longest));
             }
             let before = before.to_string();
-            let (step, took) = store
+            let stepped = store
                 .call(move |c| {
                     let started = Instant::now();
                     let step = retention::prune_step(c, log, &before, after, retention::BATCH)?;
                     Ok((step, started.elapsed()))
                 })
-                .await?;
+                .await;
+            // One log that cannot be pruned (a partner's trigger or foreign
+            // key on it, say) does not keep the others from being pruned.
+            let (step, took) = match stepped {
+                Ok(done) => done,
+                Err(e) => {
+                    warn!(
+                        table = log.table(),
+                        error = %format!("{e:#}"),
+                        "cannot prune old rows of this table; the other tables go on"
+                    );
+                    break;
+                }
+            };
             pruned.add(log, step.deleted);
             longest = longest.max(took);
             match step.next {
@@ -1346,6 +1359,37 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(left, 1);
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_be_pruned_leaves_the_others_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        store
+            .call(|c| {
+                c.execute_batch(
+                    "INSERT INTO sync_runs (business_id, kind, started_at, outcome)
+                     VALUES ('1', 'head', '2026-01-01T00:00:00.000Z', 'ok'),
+                            ('1', 'head', '2026-01-02T00:00:00.000Z', 'ok');
+                     INSERT INTO webhook_events (received_at, event_type, payload, outcome)
+                     VALUES ('2026-01-01T00:00:00.000Z', 'ReviewCreatedV4', '{}', 'ignored');
+                     CREATE TRIGGER partner_keeps_runs BEFORE DELETE ON sync_runs
+                     BEGIN SELECT RAISE(ABORT, 'the partner keeps its runs'); END;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let before = Some("2026-02-01T00:00:00.000Z".to_string());
+        let horizons = retention::Horizons {
+            logs: before.clone(),
+            webhook_events: before,
+        };
+        let (pruned, _) = prune_logs(&store, &horizons, &CancellationToken::new())
+            .await
+            .unwrap();
+        // sync_runs (pruned first) refused; webhook_events pruned after it.
+        assert_eq!((pruned.sync_runs, pruned.webhook_events), (0, 1));
     }
 
     #[test]
