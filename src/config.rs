@@ -69,6 +69,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub messages: MessagesConfig,
     #[serde(default)]
+    pub retention: RetentionConfig,
+    #[serde(default)]
     pub businesses: Vec<BusinessConfig>,
 }
 
@@ -263,6 +265,32 @@ impl Default for MessagesConfig {
         MessagesConfig {
             sync: false,
             max_leads_per_pass: 200,
+        }
+    }
+}
+
+/// The largest `retention.keep_days` (a hundred years; more is a typo).
+pub const MAX_KEEP_DAYS: u64 = 36500;
+
+/// `[retention]`: how long the daemon keeps its logs (README, Database).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Days of `sync_runs`, attempt logs and finished `sync_requests`
+    /// kept; 0 keeps them forever.
+    pub keep_days: u64,
+    /// Days of `webhook_events` kept; 0 (the default) keeps them forever:
+    /// SPEC §8 keeps every accepted delivery, and a delivery of an event
+    /// type leadsync does not apply (`ignored`, `unknown_business`) is kept
+    /// nowhere else.
+    pub webhook_events_keep_days: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            keep_days: 30,
+            webhook_events_keep_days: 0,
         }
     }
 }
@@ -837,6 +865,20 @@ fn validate(
             "{}: must be at least 1",
             locate(figment, "messages.max_leads_per_pass")
         ));
+    }
+    for (key, days) in [
+        ("retention.keep_days", file.retention.keep_days),
+        (
+            "retention.webhook_events_keep_days",
+            file.retention.webhook_events_keep_days,
+        ),
+    ] {
+        if days > MAX_KEEP_DAYS {
+            return err(format!(
+                "{}: must be at most {MAX_KEEP_DAYS} days; 0 keeps the rows forever",
+                locate(figment, key)
+            ));
+        }
     }
     let admin_listen = validate_admin(figment, &file.admin)?;
 

@@ -7,7 +7,7 @@ use crate::config::{Config, ConfigSource};
 use crate::drain::{DrainSettings, Drainer};
 use crate::schedule::{Job, Origin, Pushed, ScheduleKey, Schedules, SyncQueue};
 use crate::store::tokens::TokenStore;
-use crate::store::{Store, mirror, outbox, requests};
+use crate::store::{Store, mirror, outbox, requests, retention};
 use crate::sync::{PANICKED, PassOutcome, PassReport, PassSettings, ScanKind, sync_business};
 use crate::thumbtack::{Auth, Client, ClientSettings};
 use anyhow::Result;
@@ -25,6 +25,15 @@ use tracing::{error, info, warn};
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often `sync_requests` is looked at ("within about a second").
 const REQUESTS_EVERY: Duration = Duration::from_millis(500);
+
+/// The logs (`sync_runs`, `webhook_events`, attempts, finished
+/// `sync_requests`) are pruned this long after the start, then every
+/// [`PRUNE_EVERY`] (README, Database).
+const PRUNE_FIRST_AFTER: Duration = Duration::from_secs(120);
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+/// A pause between two batches of pruning, so that the database thread's
+/// other jobs (passes, the drainer) go between them, not only deliveries.
+const PRUNE_PAUSE: Duration = Duration::from_millis(10);
 
 /// While starting, how long each `EXTEND_TIMEOUT_USEC` gives, how often it
 /// is sent, and for how long at most: opening a big mirror after an upgrade
@@ -207,6 +216,7 @@ pub async fn run_with(
     let taker = tokio::spawn(daemon.clone().take_requests());
     let drainer = daemon.spawn_drainer();
     let monitor = tokio::spawn(daemon.clone().monitor());
+    let pruner = tokio::spawn(daemon.clone().prune());
 
     'serve: loop {
         tokio::select! {
@@ -328,6 +338,7 @@ pub async fn run_with(
     let reserve = crate::drain::CLOSING_RESERVE.min(bound);
     let _ = tokio::time::timeout_at((deadline - reserve + reserve / 2).into(), drainer).await;
     monitor.abort();
+    pruner.abort();
     let closing = async {
         if let Some(admin) = admin {
             admin.stop().await;
@@ -1105,6 +1116,49 @@ impl Daemon {
         notify(&[NotifyState::Status(&line)]);
     }
 
+    /// Prunes the logs shortly after the start, then hourly, with the
+    /// retention of the configuration in force (a reload applies at the
+    /// next run).
+    async fn prune(self: Arc<Self>) {
+        let mut wait = PRUNE_FIRST_AFTER;
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.stop.cancelled() => return,
+            }
+            wait = PRUNE_EVERY;
+            let kept = self.config().file.retention.clone();
+            let horizons = retention::Horizons::at(
+                chrono::Utc::now(),
+                kept.keep_days,
+                kept.webhook_events_keep_days,
+            );
+            if horizons == retention::Horizons::default() {
+                continue;
+            }
+            let started = Instant::now();
+            match prune_logs(&self.store, &horizons, &self.stop).await {
+                Ok((pruned, longest)) if pruned.total() > 0 => info!(
+                    before = horizons.logs.as_deref().unwrap_or("-"),
+                    webhook_events_before = horizons.webhook_events.as_deref().unwrap_or("-"),
+                    sync_runs = pruned.sync_runs,
+                    webhook_events = pruned.webhook_events,
+                    outbox_attempts = pruned.outbox_attempts,
+                    message_outbox_attempts = pruned.message_outbox_attempts,
+                    sync_requests = pruned.sync_requests,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    longest_batch_ms = longest.as_millis() as u64,
+                    "pruned log rows older than their retention (retention.keep_days, retention.webhook_events_keep_days)"
+                ),
+                Ok(_) => {}
+                Err(e) => warn!(
+                    error = %format!("{e:#}"),
+                    "cannot prune old log rows; trying again at the next run"
+                ),
+            }
+        }
+    }
+
     /// Refreshes STATUS and pings the watchdog while the scheduler and the
     /// drainer both show progress (a stuck loop lets systemd restart us).
     async fn monitor(self: Arc<Self>) {
@@ -1136,6 +1190,58 @@ impl Daemon {
             }
         }
     }
+}
+
+/// Prunes every log of rows dated before `before`, one batch per job of
+/// the database thread (a webhook delivery goes ahead of the next one),
+/// until done or `stop`. Returns the rows deleted and the longest batch.
+async fn prune_logs(
+    store: &Store,
+    horizons: &retention::Horizons,
+    stop: &CancellationToken,
+) -> Result<(retention::Pruned, Duration)> {
+    let mut pruned = retention::Pruned::default();
+    let mut longest = Duration::ZERO;
+    for log in retention::Log::ALL {
+        let Some(before) = horizons.of(log) else {
+            continue;
+        };
+        let mut after = i64::MIN;
+        loop {
+            if stop.is_cancelled() {
+                return Ok((pruned, longest));
+            }
+            let before = before.to_string();
+            let stepped = store
+                .call(move |c| {
+                    let started = Instant::now();
+                    let step = retention::prune_step(c, log, &before, after, retention::BATCH)?;
+                    Ok((step, started.elapsed()))
+                })
+                .await;
+            // One log that cannot be pruned (a partner's trigger or foreign
+            // key on it, say) does not keep the others from being pruned.
+            let (step, took) = match stepped {
+                Ok(done) => done,
+                Err(e) => {
+                    warn!(
+                        table = log.table(),
+                        error = %format!("{e:#}"),
+                        "cannot prune old rows of this table; the other tables go on"
+                    );
+                    break;
+                }
+            };
+            pruned.add(log, step.deleted);
+            longest = longest.max(took);
+            match step.next {
+                Some(next) => after = next,
+                None => break,
+            }
+            tokio::time::sleep(PRUNE_PAUSE).await;
+        }
+    }
+    Ok((pruned, longest))
 }
 
 /// Runs one pass as its own task, so that a panic inside it fails that pass
@@ -1195,6 +1301,95 @@ mod tests {
         })
         .await;
         assert!(ok.is_ok() && !ok.panicked());
+    }
+
+    #[tokio::test]
+    async fn the_logs_are_pruned_in_batches_through_the_store_until_done_or_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let old = retention::BATCH * 2 + 3;
+        store
+            .call(move |c| {
+                let tx = c.transaction()?;
+                for i in 0..=old {
+                    let at = if i < old {
+                        "2026-01-01T00:00:00.000Z"
+                    } else {
+                        "2026-03-01T00:00:00.000Z"
+                    };
+                    tx.execute(
+                        "INSERT INTO webhook_events (received_at, event_type, payload, outcome)
+                         VALUES (?1, 'ReviewCreatedV4', '{}', 'ignored')",
+                        [at],
+                    )?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        // The default retention keeps every delivery (SPEC §8), however old.
+        let defaults = crate::config::RetentionConfig::default();
+        let now = chrono::DateTime::parse_from_rfc3339("2027-01-01T00:00:00Z")
+            .unwrap()
+            .to_utc();
+        let by_default =
+            retention::Horizons::at(now, defaults.keep_days, defaults.webhook_events_keep_days);
+        assert!(by_default.logs.is_some());
+        let (pruned, _) = prune_logs(&store, &by_default, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(pruned.webhook_events, 0);
+        let horizons = retention::Horizons {
+            logs: None,
+            webhook_events: Some("2026-02-01T00:00:00.000Z".into()),
+        };
+        // A stop asked for first: nothing is pruned.
+        let stopped = CancellationToken::new();
+        stopped.cancel();
+        let (pruned, _) = prune_logs(&store, &horizons, &stopped).await.unwrap();
+        assert_eq!(pruned.total(), 0);
+        let (pruned, longest) = prune_logs(&store, &horizons, &CancellationToken::new())
+            .await
+            .unwrap();
+        assert_eq!(pruned.webhook_events, old);
+        assert!(longest > Duration::ZERO);
+        let left: i64 = store
+            .call(|c| Ok(c.query_row("SELECT count(*) FROM webhook_events", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(left, 1);
+    }
+
+    #[tokio::test]
+    async fn a_log_that_cannot_be_pruned_leaves_the_others_pruned() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        store
+            .call(|c| {
+                c.execute_batch(
+                    "INSERT INTO sync_runs (business_id, kind, started_at, outcome)
+                     VALUES ('1', 'head', '2026-01-01T00:00:00.000Z', 'ok'),
+                            ('1', 'head', '2026-01-02T00:00:00.000Z', 'ok');
+                     INSERT INTO webhook_events (received_at, event_type, payload, outcome)
+                     VALUES ('2026-01-01T00:00:00.000Z', 'ReviewCreatedV4', '{}', 'ignored');
+                     CREATE TRIGGER partner_keeps_runs BEFORE DELETE ON sync_runs
+                     BEGIN SELECT RAISE(ABORT, 'the partner keeps its runs'); END;",
+                )?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let before = Some("2026-02-01T00:00:00.000Z".to_string());
+        let horizons = retention::Horizons {
+            logs: before.clone(),
+            webhook_events: before,
+        };
+        let (pruned, _) = prune_logs(&store, &horizons, &CancellationToken::new())
+            .await
+            .unwrap();
+        // sync_runs (pruned first) refused; webhook_events pruned after it.
+        assert_eq!((pruned.sync_runs, pruned.webhook_events), (0, 1));
     }
 
     #[test]

@@ -626,3 +626,57 @@ fn webhook_credentials_are_masked_in_config_check() {
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(!t.contains("env-hook-value-88"), "{t}");
 }
+
+#[test]
+fn retention_is_a_whole_number_of_days_zero_keeping_everything() {
+    let d = Dir::new();
+    let defaults = d.file("defaults.toml", &d.base());
+    let o = check(&[&defaults], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("keep_days = 30"), "{}", text(&o));
+    assert!(
+        text(&o).contains("webhook_events_keep_days = 0"),
+        "{}",
+        text(&o)
+    );
+    let f = d.file(
+        "events.toml",
+        &format!(
+            "{}\n[retention]\nwebhook_events_keep_days = 36501\n",
+            d.base()
+        ),
+    );
+    assert_config_error(
+        &check(&[&f], &[]),
+        &[
+            "events.toml",
+            "retention.webhook_events_keep_days",
+            "at most 36500",
+        ],
+    );
+    for (i, bad, needle) in [
+        (0, "-1", "retention.keep_days"),
+        (1, "\"30d\"", "retention.keep_days"),
+        (2, "1.5", "retention.keep_days"),
+        (3, "36501", "at most 36500"),
+    ] {
+        let f = d.file(
+            &format!("r{i}.toml"),
+            &format!("{}\n[retention]\nkeep_days = {bad}\n", d.base()),
+        );
+        assert_config_error(&check(&[&f], &[]), &[&format!("r{i}.toml"), needle]);
+    }
+    let typo = d.file(
+        "typo.toml",
+        &format!("{}\n[retention]\nkeep_day = 7\n", d.base()),
+    );
+    assert_config_error(&check(&[&typo], &[]), &["typo.toml", "retention.keep_day"]);
+    for days in ["0", "1", "36500"] {
+        let f = d.file(
+            &format!("ok{days}.toml"),
+            &format!("{}\n[retention]\nkeep_days = {days}\n", d.base()),
+        );
+        let o = check(&[&f], &[]);
+        assert_eq!(o.status.code(), Some(0), "{days}: {}", text(&o));
+    }
+}

@@ -145,7 +145,8 @@ pub fn record_delivery(
                                 Some(_) => "the mirror has a newer copy of this lead (from an event \
                                             triggered no earlier, changed or found missing after \
                                             this event's triggeredAt, or listed unchanged over a \
-                                            minute after it); kept"
+                                            minute after it, by a pass since pruned \
+                                            perhaps); kept"
                                     .to_string(),
                                 None => "the mirror has a newer copy of this lead: the delivery has \
                                          no believable triggeredAt (absent, unreadable, or after it \

@@ -332,8 +332,20 @@ fn listed_since(
             return Ok(true);
         }
     }
-    Ok(false)
+    // Passes pruned by the retention (schema 19): one of them may have
+    // covered the lead, so a delivery older than the newest of them, of a
+    // row written before it, is kept out as if it had. Only a delivery held
+    // up for longer than the retention can be kept out wrongly, until the
+    // next listing of the lead; a stale copy is never applied.
+    Ok(tx
+        .prepare_cached(PRUNED_SINCE)?
+        .exists(params![business_id, since, changed_at])?)
 }
+
+/// Whether passes of a business whose listing started at or after ?2, and
+/// after a lead's row was last written (?3), were pruned ([`listed_since`]).
+const PRUNED_SINCE: &str = "SELECT 1 FROM sync_runs_pruned
+  WHERE business_id = ?1 AND listed_through >= ?2 AND listed_through > ?3";
 
 /// Which of its business's leads a pass's listing showed as they are now
 /// mirrored (written, or left alone because identical), recorded in its
@@ -368,9 +380,10 @@ pub const MAX_COVERED_IDS: usize = 4096;
 /// event (`changed_at`), or a listing asked for at or after the event
 /// plus [`LISTING_MARGIN`]
 /// showed it as mirrored (or, complete, found it gone) without writing
-/// anything ([`listed_since`]) — or when a full scan found the lead missing
-/// after the event, or when the delivery has no believable event time: an
-/// older snapshot never rolls a lead back nor brings it back.
+/// anything, or such a listing may have been pruned ([`listed_since`]) —
+/// or when a full scan found the lead missing after the event, or when
+/// the delivery has no believable event time: an older snapshot never
+/// rolls a lead back nor brings it back.
 pub fn upsert_lead(
     tx: &Connection,
     ctx: &PageContext,
@@ -1557,6 +1570,44 @@ mod tests {
                 Upserted::Changed
             );
         }
+    }
+
+    #[test]
+    fn a_held_up_delivery_stays_out_after_the_listing_that_covered_it_is_pruned() {
+        // As above: listed Open at t0, Canceled at t1 (held up), a head scan
+        // at t3 lists Open and writes nothing. Later passes (t4, t5) list
+        // other leads; the retention then prunes every pass before t4,
+        // t3's with them. t1's delivery arrives: still kept out.
+        let t4 = "2026-01-01T14:00:00.000Z";
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
+        m.pass("b", "head", t4, &[lead_row("2", "Open")], None);
+        m.pass(
+            "b",
+            "full",
+            T5,
+            &[lead_row("2", "Open")],
+            Some(Covered::Nothing),
+        );
+        let pruned = crate::store::retention::prune_all(&mut m.conn, t4, 500).unwrap();
+        assert_eq!(pruned.sync_runs, 2, "t0's full scan and t3's head scan");
+        let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+        assert_eq!(done, Upserted::Kept { identical: false });
+        assert_eq!(m.status("1"), "Open");
+        // An event after the pruned listings is applied as before.
+        let t6 = "2026-01-01T16:00:00.000Z";
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), t6),
+            Upserted::Changed
+        );
+        assert_eq!(m.status("1"), "Canceled");
     }
 
     #[test]

@@ -8,6 +8,7 @@ pub mod messages;
 pub mod mirror;
 pub mod outbox;
 pub mod requests;
+pub mod retention;
 pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -104,6 +105,10 @@ fn migrations() -> Vec<(i64, String)> {
         (
             18,
             include_str!("migrations/0018_listing_confirmations.sql").to_string(),
+        ),
+        (
+            19,
+            include_str!("migrations/0019_retention.sql").to_string(),
         ),
     ]
 }
