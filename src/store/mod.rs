@@ -105,6 +105,10 @@ fn migrations() -> Vec<(i64, String)> {
             18,
             include_str!("migrations/0018_listing_confirmations.sql").to_string(),
         ),
+        (
+            19,
+            include_str!("migrations/0019_waits_follow_rows.sql").to_string(),
+        ),
     ]
 }
 

@@ -455,7 +455,9 @@ impl ClaimFilter {
             return Some(why.clone());
         }
         (!self.configured.contains(business_id)).then(|| {
-            format!("waiting: business {business_id} is not in the configuration (add it, or cancel the row)")
+            format!(
+                "waiting: business {business_id} is not in the configuration (add it, or cancel or correct the first row of the negotiation that names it: the rows behind it then go)"
+            )
         })
     }
 }
@@ -1589,6 +1591,133 @@ mod tests {
         .unwrap();
         assert_eq!(recorded, Recorded::Yes);
         claimed
+    }
+
+    /// What every row of `kind` waits for, in id order.
+    fn waits(conn: &Connection, kind: Kind) -> Vec<(i64, String, Option<String>)> {
+        conn.prepare(&format!(
+            "SELECT id, state, waiting_for FROM {} ORDER BY id",
+            kind.table()
+        ))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    /// Claims what is due and marks it sent; returns the ids claimed.
+    fn send_due(conn: &mut Connection, kind: Kind) -> Vec<i64> {
+        let claimed = claim(conn, kind, FAR, 10, &filter()).unwrap();
+        for c in &claimed {
+            sent(conn, c, false);
+        }
+        let mut ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Rows put aside wait for the row that put them aside, not for its
+    /// business alone: when that row is moved to another business or
+    /// negotiation, deleted, or leaves `pending` (by SQL or `cancel`), in
+    /// either table, the rows behind it are decided again at the next
+    /// claim. They stayed aside for business 9 (not configured) for good.
+    #[test]
+    fn rows_put_aside_behind_a_row_come_back_when_that_row_changes_or_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let sql = |c: &mut Connection, s: &str, id: i64| {
+                c.execute(&s.replace("{table}", table), [id]).unwrap();
+            };
+            for way in 0..5 {
+                let negotiation = format!("{}", 100 + way);
+                let leader = insert(&conn, kind, &negotiation, "9", 1);
+                let follower = insert(&conn, kind, &negotiation, "7", 2);
+                assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+                let aside = |conn: &Connection, id: i64| {
+                    waits(conn, kind).into_iter().find(|w| w.0 == id).unwrap().2
+                };
+                assert_eq!(aside(&conn, follower).as_deref(), Some("9"));
+                match way {
+                    0 => sql(
+                        &mut conn,
+                        "UPDATE {table} SET business_id = '7' WHERE id = ?1",
+                        leader,
+                    ),
+                    1 => sql(
+                        &mut conn,
+                        "UPDATE {table} SET negotiation_id = '999' WHERE id = ?1",
+                        leader,
+                    ),
+                    2 => sql(&mut conn, "DELETE FROM {table} WHERE id = ?1", leader),
+                    3 => sql(
+                        &mut conn,
+                        "UPDATE {table} SET state = 'canceled' WHERE id = ?1",
+                        leader,
+                    ),
+                    _ => assert_eq!(
+                        cancel(&mut conn, kind, &[leader]).unwrap(),
+                        [(leader, Ok(()))]
+                    ),
+                }
+                if way == 0 {
+                    // In order: the leader, then the follower.
+                    assert_eq!(send_due(&mut conn, kind), [leader], "{kind:?} way {way}");
+                }
+                assert_eq!(
+                    send_due(&mut conn, kind),
+                    [follower],
+                    "{kind:?} way {way}: {:?}",
+                    waits(&conn, kind)
+                );
+                if way == 1 {
+                    // The moved row, alone in its negotiation, is aside again.
+                    assert_eq!(aside(&conn, leader).as_deref(), Some("9"));
+                    sql(&mut conn, "DELETE FROM {table} WHERE id = ?1", leader);
+                }
+            }
+            assert!(
+                waits(&conn, kind)
+                    .iter()
+                    .all(|w| w.2.is_none() && w.1 != "pending"),
+                "{kind:?}: {:?}",
+                waits(&conn, kind)
+            );
+            // A row behind the one that must wait goes (canceled): the rest
+            // are decided again and put back aside; nothing overtakes the
+            // leader, still pending.
+            let leader = insert(&conn, kind, "200", "9", 1);
+            let middle = insert(&conn, kind, "200", "7", 2);
+            let last = insert(&conn, kind, "200", "7", 3);
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            sql(
+                &mut conn,
+                "UPDATE {table} SET state = 'canceled' WHERE id = ?1",
+                middle,
+            );
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            let w = waits(&conn, kind);
+            for id in [leader, last] {
+                let row = w.iter().find(|r| r.0 == id).unwrap();
+                assert_eq!((row.1.as_str(), row.2.as_deref()), ("pending", Some("9")));
+            }
+            // The follower moved to a business that may send still waits
+            // behind its leader.
+            sql(
+                &mut conn,
+                "UPDATE {table} SET business_id = '7' WHERE id = ?1",
+                last,
+            );
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            let w = waits(&conn, kind);
+            assert!(
+                w.iter()
+                    .filter(|r| r.0 == leader || r.0 == last)
+                    .all(|r| r.2.as_deref() == Some("9"))
+            );
+        }
     }
 
     /// A finish queued twice for one claim (a stop's dropped round whose job
