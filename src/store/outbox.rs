@@ -432,6 +432,10 @@ pub struct Claimed {
     pub attempt: i64,
     /// A later row of the negotiation was already sent (SPEC §4: sent anyway).
     pub late: bool,
+    /// The row names no business: `business_id` is its lead's (or the only
+    /// configured one), written into the row by the claim and kept only
+    /// when the row ends sent.
+    pub business_filled: bool,
 }
 
 /// Which rows a claim may take.
@@ -629,6 +633,7 @@ fn candidate_from_row(
                 Content::Message { text }
             }
         };
+        let business_filled = matches!(col(2)?, ValueRef::Null) && business_id.is_some();
         Ok(Claimed {
             kind,
             id,
@@ -637,6 +642,7 @@ fn candidate_from_row(
             content,
             attempt: attempts.saturating_add(1),
             late: false,
+            business_filled,
         })
     };
     let behind = match r.get_ref(base + 5)? {
@@ -1324,6 +1330,27 @@ pub fn finish(
         Kind::Transition => "",
         Kind::Message => ", message_id = CASE WHEN ?2 = 'sent' THEN ?9 ELSE message_id END",
     };
+    // A business the claim filled in stays only on a sent row: a row that
+    // goes back to pending (or dead, to be retried) takes its lead's
+    // business again at its next claim (SPEC §3), whichever it is by then.
+    // Set back in steps: the content is frozen once a row left `pending`.
+    let mut same_row = same_row;
+    if row.business_filled && state != "sent" {
+        let back = tx
+            .prepare_cached(&format!(
+                "UPDATE {table} SET state = 'pending' WHERE {same_row}"
+            ))?
+            .execute(rusqlite::params_from_iter(values.clone()))?;
+        if back == 1 {
+            tx.prepare_cached(&format!(
+                "UPDATE {table} SET business_id = NULL WHERE id = ?1"
+            ))?
+            .execute([id])?;
+            same_row = same_row
+                .replacen("state = 'sending'", "state = 'pending'", 1)
+                .replacen("business_id IS ?12", "business_id IS NULL", 1);
+        }
+    }
     let updated = tx
         .prepare_cached(&format!(
             "UPDATE {table} SET state = ?2, sending_since = NULL,
@@ -1717,6 +1744,73 @@ mod tests {
                     .filter(|r| r.0 == leader || r.0 == last)
                     .all(|r| r.2.as_deref() == Some("9"))
             );
+        }
+    }
+
+    /// A row that names no business is sent under its lead's (here the only
+    /// configured one): that business is written into the row only once it
+    /// is sent. A claim filled it in for good, so a row retried, held or
+    /// dead went on naming it after its lead was mirrored under another
+    /// business (SPEC §3: when NULL it is taken from negotiations).
+    #[test]
+    fn a_business_filled_in_by_a_claim_stays_only_on_a_sent_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let filter = ClaimFilter {
+            default_business: Some("7".into()),
+            ..filter()
+        };
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let business = |conn: &Connection, id: i64| -> (String, Option<String>) {
+                conn.query_row(
+                    &format!("SELECT state, business_id FROM {table} WHERE id = ?1"),
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+            };
+            let ends = [
+                Finish::Retry {
+                    next_attempt_at: "2000-01-01T00:00:00.000Z".into(),
+                },
+                Finish::Hold,
+                Finish::Dead,
+                Finish::Sent { message_id: None },
+            ];
+            for (n, end) in ends.iter().enumerate() {
+                let negotiation = format!("{}", 300 + n);
+                let id = insert(&conn, kind, &negotiation, "7", 1);
+                conn.execute(
+                    &format!("UPDATE {table} SET business_id = NULL WHERE id = ?1"),
+                    [id],
+                )
+                .unwrap();
+                let row = claim(&mut conn, kind, FAR, 10, &filter).unwrap().remove(0);
+                assert_eq!(row.business_id.as_deref(), Some("7"));
+                let (recorded, _) =
+                    finish(&mut conn, &row, end, &[], &crate::time::now(), None).unwrap();
+                assert_eq!(recorded, Recorded::Yes, "{kind:?} {end:?}");
+                let (state, b) = business(&conn, id);
+                let want = matches!(end, Finish::Sent { .. }).then(|| "7".to_string());
+                assert_eq!(b, want, "{kind:?} {end:?} ({state})");
+                // A business the partner wrote stays whatever the outcome.
+                if state == "pending" {
+                    conn.execute(
+                        &format!("UPDATE {table} SET business_id = '7' WHERE id = ?1"),
+                        [id],
+                    )
+                    .unwrap();
+                    let row = claim(&mut conn, kind, FAR, 10, &filter).unwrap().remove(0);
+                    finish(&mut conn, &row, end, &[], &crate::time::now(), None).unwrap();
+                    assert_eq!(business(&conn, id).1.as_deref(), Some("7"));
+                    conn.execute(
+                        &format!("UPDATE {table} SET state = 'canceled' WHERE id = ?1"),
+                        [id],
+                    )
+                    .unwrap();
+                }
+            }
         }
     }
 
