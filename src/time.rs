@@ -41,17 +41,39 @@ pub fn sortable_utc(s: &str) -> Option<String> {
     Some(u.to_rfc3339_opts(precision, true))
 }
 
-/// The instant `s` (any RFC 3339 zone) in UTC `Z` form, keeping its fraction
-/// exactly as precise as it was given (no fraction stays no fraction).
+/// The instant `s` (any RFC 3339 zone) in UTC `Z` form, keeping every digit
+/// of its fraction (no fraction stays no fraction): trailing zeros dropped,
+/// then padded to a multiple of 3 digits (`.5` → `.500`, as chrono writes
+/// milli-, micro- and nanoseconds). The whole seconds come from chrono, the
+/// fraction from the text: offsets are whole minutes, so the given fraction
+/// is the UTC one, and chrono stops at the nanosecond.
 /// `None` when `s` is not RFC 3339, or when its UTC year leaves 0000–9999
 /// (`0000-01-01T00:30:00+01:00` is year −1 in UTC): RFC 3339 has no other
 /// years, so no such form could be sent ([`utc_z_problem`] says why).
 pub fn to_utc_z(s: &str) -> Option<String> {
     use chrono::Datelike;
     let t = DateTime::parse_from_rfc3339(s).ok()?.with_timezone(&Utc);
-    (0..=9999)
-        .contains(&t.year())
-        .then(|| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    if !(0..=9999).contains(&t.year()) {
+        return None;
+    }
+    // RFC 3339 (as chrono reads it) puts the seconds in bytes 17-18.
+    let digits = match s.as_bytes().get(19) {
+        Some(b'.') => s[20..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .unwrap_or("")
+            .trim_end_matches('0'),
+        _ => "",
+    };
+    let mut fraction = String::new();
+    if !digits.is_empty() {
+        fraction.push('.');
+        fraction.push_str(digits);
+        while (fraction.len() - 1) % 3 != 0 {
+            fraction.push('0');
+        }
+    }
+    Some(format!("{}{fraction}Z", t.format("%Y-%m-%dT%H:%M:%S")))
 }
 
 /// Why [`to_utc_z`] has no answer for `s`, in words for a row's
@@ -99,6 +121,35 @@ mod tests {
             "2024-06-14T09:30:00.500Z"
         );
         assert!(to_utc_z("2024-06-14").is_none());
+    }
+
+    /// Digits beyond the nanosecond are part of the instant (the queue
+    /// orders by every one): chrono dropped them, so `.0000000001Z` and
+    /// `.0000000004Z` were both sent as the whole second.
+    #[test]
+    fn utc_z_keeps_every_digit_of_the_fraction() {
+        for (given, utc) in [
+            (
+                "2024-06-14T09:30:00.0000000001Z",
+                "2024-06-14T09:30:00.000000000100Z",
+            ),
+            (
+                "2024-06-14T09:30:00.0000000004Z",
+                "2024-06-14T09:30:00.000000000400Z",
+            ),
+            (
+                "2024-06-14T11:30:00.0000000004+02:00",
+                "2024-06-14T09:30:00.000000000400Z",
+            ),
+            (
+                "2024-06-14T04:00:59.1234567890123-05:30",
+                "2024-06-14T09:30:59.123456789012300Z",
+            ),
+            ("2024-06-14T09:30:00.000000000000Z", "2024-06-14T09:30:00Z"),
+            ("2024-06-14T09:30:00.120Z", "2024-06-14T09:30:00.120Z"),
+        ] {
+            assert_eq!(to_utc_z(given).as_deref(), Some(utc), "{given}");
+        }
     }
 
     #[test]
