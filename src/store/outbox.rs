@@ -1342,13 +1342,22 @@ pub fn finish(
             ))?
             .execute(rusqlite::params_from_iter(values.clone()))?;
         if back == 1 {
-            tx.prepare_cached(&format!(
-                "UPDATE {table} SET business_id = NULL WHERE id = ?1"
-            ))?
-            .execute([id])?;
-            same_row = same_row
-                .replacen("state = 'sending'", "state = 'pending'", 1)
-                .replacen("business_id IS ?12", "business_id IS NULL", 1);
+            same_row = same_row.replacen("state = 'sending'", "state = 'pending'", 1);
+            // A row from before a check the table now makes is refused any
+            // change of content: it keeps the business, its outcome still
+            // written.
+            match tx
+                .prepare_cached(&format!(
+                    "UPDATE {table} SET business_id = NULL WHERE id = ?1"
+                ))?
+                .execute([id])
+            {
+                Ok(_) => {
+                    same_row = same_row.replacen("business_id IS ?12", "business_id IS NULL", 1);
+                }
+                Err(e) if super::constraint_message(&e).is_some() => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let updated = tx
