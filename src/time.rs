@@ -69,7 +69,7 @@ pub fn to_utc_z(s: &str) -> Option<String> {
     if !digits.is_empty() {
         fraction.push('.');
         fraction.push_str(digits);
-        while (fraction.len() - 1) % 3 != 0 {
+        while !(fraction.len() - 1).is_multiple_of(3) {
             fraction.push('0');
         }
     }
