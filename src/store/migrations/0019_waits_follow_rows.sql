@@ -11,6 +11,8 @@ DROP TRIGGER IF EXISTS outbox_waits_follow_update;
 CREATE TRIGGER outbox_waits_follow_update
   AFTER UPDATE OF negotiation_id, business_id, state ON outbox
   WHEN OLD.waiting_for IS NOT NULL
+   AND (NEW.state IS NOT OLD.state OR NEW.business_id IS NOT OLD.business_id
+        OR NEW.negotiation_id IS NOT OLD.negotiation_id)
 BEGIN
     UPDATE outbox
        SET waiting_for = NULL,
@@ -33,6 +35,8 @@ DROP TRIGGER IF EXISTS message_outbox_waits_follow_update;
 CREATE TRIGGER message_outbox_waits_follow_update
   AFTER UPDATE OF negotiation_id, business_id, state ON message_outbox
   WHEN OLD.waiting_for IS NOT NULL
+   AND (NEW.state IS NOT OLD.state OR NEW.business_id IS NOT OLD.business_id
+        OR NEW.negotiation_id IS NOT OLD.negotiation_id)
 BEGIN
     UPDATE message_outbox
        SET waiting_for = NULL,
@@ -51,8 +55,34 @@ BEGIN
        AND waiting_for = OLD.waiting_for;
 END;
 
--- Rows already stranded so: every row put aside is decided again at the
--- next claim (those that must still wait are put back aside, not counted
--- as attempts), and a reply that left `pending` waits for nothing.
-UPDATE outbox SET waiting_for = NULL WHERE waiting_for IS NOT NULL;
-UPDATE message_outbox SET waiting_for = NULL WHERE waiting_for IS NOT NULL;
+-- Rows already stranded so: a pending row waits on only while its
+-- negotiation has a pending row of the business it waits for at or before
+-- it in order (itself, or the row that put it aside; a row that names no
+-- business may be of any, a row with no place in the order may be first);
+-- the others wait for nothing, decided again at the next claim. Every row
+-- freed so was stranded: the rows still aside stay aside, and a claim
+-- after the upgrade walks only the few freed (freeing every row made the
+-- first claim put back aside each negotiation's head, one by one, under
+-- the write lock). A row that left `pending` waits for nothing.
+UPDATE outbox
+   SET waiting_for = NULL,
+       last_error = CASE WHEN state = 'pending' THEN NULL ELSE last_error END
+ WHERE waiting_for IS NOT NULL
+   AND (state IS NOT 'pending'
+        OR NOT EXISTS (SELECT 1 FROM outbox l
+                        WHERE l.negotiation_id = outbox.negotiation_id
+                          AND l.waiting_for = outbox.waiting_for AND l.state = 'pending'
+                          AND (l.business_id = outbox.waiting_for OR l.business_id IS NULL)
+                          AND NOT COALESCE(l.changed_at_order > outbox.changed_at_order
+                                           OR (l.changed_at_order = outbox.changed_at_order
+                                               AND l.id > outbox.id), 0)));
+UPDATE message_outbox
+   SET waiting_for = NULL,
+       last_error = CASE WHEN state = 'pending' THEN NULL ELSE last_error END
+ WHERE waiting_for IS NOT NULL
+   AND (state IS NOT 'pending'
+        OR NOT EXISTS (SELECT 1 FROM message_outbox l
+                        WHERE l.negotiation_id = message_outbox.negotiation_id
+                          AND l.waiting_for = message_outbox.waiting_for AND l.state = 'pending'
+                          AND (l.business_id = message_outbox.waiting_for OR l.business_id IS NULL)
+                          AND l.id <= message_outbox.id));
