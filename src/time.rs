@@ -41,12 +41,14 @@ pub fn sortable_utc(s: &str) -> Option<String> {
     Some(u.to_rfc3339_opts(precision, true))
 }
 
-/// The instant `s` (any RFC 3339 zone) in UTC `Z` form, keeping every digit
-/// of its fraction (no fraction stays no fraction): trailing zeros dropped,
-/// then padded to a multiple of 3 digits (`.5` → `.500`, as chrono writes
-/// milli-, micro- and nanoseconds). The whole seconds come from chrono, the
-/// fraction from the text: offsets are whole minutes, so the given fraction
-/// is the UTC one, and chrono stops at the nanosecond.
+/// The instant `s` (any RFC 3339 zone) in UTC `Z` form, its fraction cut
+/// at the nanosecond (no fraction stays no fraction): trailing zeros
+/// dropped, then padded to a multiple of 3 digits (`.5` → `.500`, as
+/// chrono writes milli-, micro- and nanoseconds). More than 9 digits are
+/// refused by Java's `Instant` (a 400 would mark the row dead) and dropped
+/// by Go; the queue orders by every digit, this is only what is sent. The
+/// whole seconds come from chrono, the fraction from the text: offsets are
+/// whole minutes, so the given fraction is the UTC one.
 /// `None` when `s` is not RFC 3339, or when its UTC year leaves 0000–9999
 /// (`0000-01-01T00:30:00+01:00` is year −1 in UTC): RFC 3339 has no other
 /// years, so no such form could be sent ([`utc_z_problem`] says why).
@@ -58,11 +60,13 @@ pub fn to_utc_z(s: &str) -> Option<String> {
     }
     // RFC 3339 (as chrono reads it) puts the seconds in bytes 17-18.
     let digits = match s.as_bytes().get(19) {
-        Some(b'.') => s[20..]
-            .split(|c: char| !c.is_ascii_digit())
-            .next()
-            .unwrap_or("")
-            .trim_end_matches('0'),
+        Some(b'.') => {
+            let all = s[20..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap_or("");
+            all[..all.len().min(9)].trim_end_matches('0')
+        }
         _ => "",
     };
     let mut fraction = String::new();
@@ -123,27 +127,29 @@ mod tests {
         assert!(to_utc_z("2024-06-14").is_none());
     }
 
-    /// Digits beyond the nanosecond are part of the instant (the queue
-    /// orders by every one): chrono dropped them, so `.0000000001Z` and
-    /// `.0000000004Z` were both sent as the whole second.
+    /// A fraction goes out to the nanosecond at most, cut (not rounded):
+    /// Java's `Instant` refuses more than 9 digits (a 400 marks the row
+    /// dead), Go drops them. The queue still orders by every digit.
     #[test]
-    fn utc_z_keeps_every_digit_of_the_fraction() {
+    fn utc_z_sends_the_fraction_to_the_nanosecond() {
         for (given, utc) in [
+            ("2024-06-14T09:30:00.0000000001Z", "2024-06-14T09:30:00Z"),
+            ("2024-06-14T09:30:00.0000000004Z", "2024-06-14T09:30:00Z"),
             (
-                "2024-06-14T09:30:00.0000000001Z",
-                "2024-06-14T09:30:00.000000000100Z",
-            ),
-            (
-                "2024-06-14T09:30:00.0000000004Z",
-                "2024-06-14T09:30:00.000000000400Z",
+                "2024-06-14T09:30:00.1234567899Z",
+                "2024-06-14T09:30:00.123456789Z",
             ),
             (
                 "2024-06-14T11:30:00.0000000004+02:00",
-                "2024-06-14T09:30:00.000000000400Z",
+                "2024-06-14T09:30:00Z",
             ),
             (
                 "2024-06-14T04:00:59.1234567890123-05:30",
-                "2024-06-14T09:30:59.123456789012300Z",
+                "2024-06-14T09:30:59.123456789Z",
+            ),
+            (
+                "2024-06-14T04:00:59.0001-05:30",
+                "2024-06-14T09:30:59.000100Z",
             ),
             ("2024-06-14T09:30:00.000000000000Z", "2024-06-14T09:30:00Z"),
             ("2024-06-14T09:30:00.120Z", "2024-06-14T09:30:00.120Z"),

@@ -460,7 +460,7 @@ impl ClaimFilter {
         }
         (!self.configured.contains(business_id)).then(|| {
             format!(
-                "waiting: business {business_id} is not in the configuration (add it, or cancel or correct the first row of the negotiation that names it: the rows behind it then go)"
+                "waiting: business {business_id} is not in the configuration (add it, or cancel the first row of the negotiation waiting for it, or set that row's business_id: its business may be its lead's; the rows behind it then go)"
             )
         })
     }
