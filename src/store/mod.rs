@@ -106,8 +106,8 @@ fn migrations() -> Vec<(i64, String)> {
             include_str!("migrations/0018_listing_confirmations.sql").to_string(),
         ),
         (
-            19,
-            include_str!("migrations/0019_waits_follow_rows.sql").to_string(),
+            20,
+            include_str!("migrations/0020_waits_follow_rows.sql").to_string(),
         ),
     ]
 }

@@ -1768,14 +1768,14 @@ mod tests {
         }
     }
 
-    /// Schema 19 on rows put aside before it: only the rows stranded (their
+    /// Schema 20 on rows put aside before it: only the rows stranded (their
     /// negotiation has no pending row of the business they wait for) wait
     /// for nothing; the rest stay aside. It freed every row put aside, and
     /// the business, still in outbox_waits, was never put aside again in
     /// bulk: the first claim walked and put back aside every negotiation's
     /// head, one by one, holding the write lock (25 minutes for 100k rows).
     #[test]
-    fn schema_19_frees_only_the_rows_stranded_and_leaves_the_claim_nothing_to_put_aside() {
+    fn schema_20_frees_only_the_rows_stranded_and_leaves_the_claim_nothing_to_put_aside() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
         // Schema 18 had no trigger following the row that put rows aside.
@@ -1799,7 +1799,7 @@ mod tests {
             }
             assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
             assert!(waits(&conn, kind).iter().all(|w| w.2.is_some()));
-            // Stranded before schema 19: a leader deleted, moved to another
+            // Stranded before schema 20: a leader deleted, moved to another
             // business, canceled; (the third row of each waits for the
             // business it names, and stays aside).
             let edits = [
