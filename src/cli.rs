@@ -306,6 +306,10 @@ pub struct SandboxArgs {
     /// whose answer is then lost (the connection closed).
     #[arg(long, default_value_t = 0.0)]
     pub lose_after_accept_rate: f64,
+    /// Share of job statuses and replies accepted (recorded as delivered)
+    /// whose 2xx answer is cut before its body.
+    #[arg(long, default_value_t = 0.0)]
+    pub cut_body_after_accept_rate: f64,
     /// Share with a broken body.
     #[arg(long, default_value_t = 0.0)]
     pub malformed_rate: f64,
@@ -1258,6 +1262,7 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
             timeout_ms: args.timeout_ms,
             reset: args.reset_rate,
             lose_after_accept: args.lose_after_accept_rate,
+            cut_body_after_accept: args.cut_body_after_accept_rate,
             malformed: args.malformed_rate,
             redirect: args.redirect_rate,
             html_404: args.html_404_rate,

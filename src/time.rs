@@ -41,17 +41,43 @@ pub fn sortable_utc(s: &str) -> Option<String> {
     Some(u.to_rfc3339_opts(precision, true))
 }
 
-/// The instant `s` (any RFC 3339 zone) in UTC `Z` form, keeping its fraction
-/// exactly as precise as it was given (no fraction stays no fraction).
+/// The instant `s` (any RFC 3339 zone) in UTC `Z` form, its fraction cut
+/// at the nanosecond (no fraction stays no fraction): trailing zeros
+/// dropped, then padded to a multiple of 3 digits (`.5` → `.500`, as
+/// chrono writes milli-, micro- and nanoseconds). More than 9 digits are
+/// refused by Java's `Instant` (a 400 would mark the row dead) and dropped
+/// by Go; the queue orders by every digit, this is only what is sent. The
+/// whole seconds come from chrono, the fraction from the text: offsets are
+/// whole minutes, so the given fraction is the UTC one.
 /// `None` when `s` is not RFC 3339, or when its UTC year leaves 0000–9999
 /// (`0000-01-01T00:30:00+01:00` is year −1 in UTC): RFC 3339 has no other
 /// years, so no such form could be sent ([`utc_z_problem`] says why).
 pub fn to_utc_z(s: &str) -> Option<String> {
     use chrono::Datelike;
     let t = DateTime::parse_from_rfc3339(s).ok()?.with_timezone(&Utc);
-    (0..=9999)
-        .contains(&t.year())
-        .then(|| t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+    if !(0..=9999).contains(&t.year()) {
+        return None;
+    }
+    // RFC 3339 (as chrono reads it) puts the seconds in bytes 17-18.
+    let digits = match s.as_bytes().get(19) {
+        Some(b'.') => {
+            let all = s[20..]
+                .split(|c: char| !c.is_ascii_digit())
+                .next()
+                .unwrap_or("");
+            all[..all.len().min(9)].trim_end_matches('0')
+        }
+        _ => "",
+    };
+    let mut fraction = String::new();
+    if !digits.is_empty() {
+        fraction.push('.');
+        fraction.push_str(digits);
+        while !(fraction.len() - 1).is_multiple_of(3) {
+            fraction.push('0');
+        }
+    }
+    Some(format!("{}{fraction}Z", t.format("%Y-%m-%dT%H:%M:%S")))
 }
 
 /// Why [`to_utc_z`] has no answer for `s`, in words for a row's
@@ -99,6 +125,37 @@ mod tests {
             "2024-06-14T09:30:00.500Z"
         );
         assert!(to_utc_z("2024-06-14").is_none());
+    }
+
+    /// A fraction goes out to the nanosecond at most, cut (not rounded):
+    /// Java's `Instant` refuses more than 9 digits (a 400 marks the row
+    /// dead), Go drops them. The queue still orders by every digit.
+    #[test]
+    fn utc_z_sends_the_fraction_to_the_nanosecond() {
+        for (given, utc) in [
+            ("2024-06-14T09:30:00.0000000001Z", "2024-06-14T09:30:00Z"),
+            ("2024-06-14T09:30:00.0000000004Z", "2024-06-14T09:30:00Z"),
+            (
+                "2024-06-14T09:30:00.1234567899Z",
+                "2024-06-14T09:30:00.123456789Z",
+            ),
+            (
+                "2024-06-14T11:30:00.0000000004+02:00",
+                "2024-06-14T09:30:00Z",
+            ),
+            (
+                "2024-06-14T04:00:59.1234567890123-05:30",
+                "2024-06-14T09:30:59.123456789Z",
+            ),
+            (
+                "2024-06-14T04:00:59.0001-05:30",
+                "2024-06-14T09:30:59.000100Z",
+            ),
+            ("2024-06-14T09:30:00.000000000000Z", "2024-06-14T09:30:00Z"),
+            ("2024-06-14T09:30:00.120Z", "2024-06-14T09:30:00.120Z"),
+        ] {
+            assert_eq!(to_utc_z(given).as_deref(), Some(utc), "{given}");
+        }
     }
 
     #[test]

@@ -1014,6 +1014,61 @@ async fn an_answer_lost_after_thumbtack_acted_is_retried_in_order() {
     );
 }
 
+/// Thumbtack accepts a transition and a reply, its 2xx status and headers
+/// arrive, then the connection drops before the body (the sandbox's
+/// `cut_body_after_accept`): the status says Thumbtack acted, so the rows
+/// are sent (no message id), not retried — a retry posted the reply to the
+/// customer again, up to `max_attempts` times.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_2xx_whose_body_is_cut_is_sent_not_retried() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let first = rig.insert(&lead, "appt_scheduled", "2024-06-14T10:00:00Z", None);
+    let db = rig.env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'On my way')",
+        [&lead],
+    )
+    .unwrap();
+    let reply = db.last_insert_rowid();
+    rig.env.sandbox.set_faults(Faults {
+        cut_body_after_accept: 1.0,
+        ..Default::default()
+    });
+    let s = rig.drain().await;
+    assert_eq!(
+        (s.sent, s.retried, s.dead),
+        (2, 0, 0),
+        "{s:?} {:?}",
+        rig.row(first)
+    );
+    assert_eq!(rig.env.sandbox.deliveries().len(), 1);
+    assert_eq!(rig.env.sandbox.replies().len(), 1);
+    let (state, attempts, http, _, _) = rig.row(first);
+    assert_eq!((state.as_str(), attempts, http), ("sent", 1, Some(200)));
+    let (state, attempts, message_id): (String, i64, Option<String>) = db
+        .query_row(
+            "SELECT state, attempts, message_id FROM message_outbox WHERE id = ?1",
+            [reply],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((state.as_str(), attempts, message_id), ("sent", 1, None));
+    // Nothing is left to send: another drain posts nothing again.
+    db.execute_batch(
+        "UPDATE outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE state = 'pending';
+         UPDATE message_outbox SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE state = 'pending';",
+    )
+    .unwrap();
+    let s = rig.drain().await;
+    assert_eq!((s.sent, s.retried), (0, 0), "{s:?}");
+    assert_eq!(
+        rig.env.sandbox.replies().len(),
+        1,
+        "the customer got one copy"
+    );
+}
+
 /// `leadsync drain` after a 429: while the rate budget is paused nothing is
 /// claimed, as in the daemon — a row claimed then sat `sending` for the
 /// whole `Retry-After` (up to `backoff_max_secs`, an hour by default),

@@ -79,7 +79,7 @@ impl Default for SandboxOptions {
 /// Fault knobs for the API routes (listing, get, job status). Rates are
 /// probabilities per request; faults strike before a request is processed,
 /// so a faulted job status is never recorded as delivered — except
-/// `lose_after_accept`, which strikes after.
+/// `lose_after_accept` and `cut_body_after_accept`, which strike after.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct Faults {
@@ -102,6 +102,10 @@ pub struct Faults {
     /// Job status and replies: the POST is accepted (recorded as delivered),
     /// then the connection is closed without an answer: the response is lost.
     pub lose_after_accept: f64,
+    /// Job status and replies: the POST is accepted (recorded as delivered)
+    /// and its 2xx status and headers are sent, then the connection is
+    /// closed before the body its `Content-Length` announced.
+    pub cut_body_after_accept: f64,
     /// A 301 to another place (a moved or mistyped `api.base_url`).
     pub redirect: f64,
     /// A 404 HTML page, as a proxy in front of the API sends.

@@ -41,7 +41,10 @@ pub(super) async fn serve(listener: TcpListener, state: Shared, stop: Cancellati
                 let _ = stream.set_nodelay(true);
                 let state = state.clone();
                 connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| handle(state.clone(), req));
+                    let service = hyper::service::service_fn(move |req| {
+                        let state = state.clone();
+                        async move { handle(state, req).await.map(CutBody::apply) }
+                    });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
                         .await;
@@ -51,6 +54,70 @@ pub(super) async fn serve(listener: TcpListener, state: Shared, stop: Cancellati
         }
     }
     connections.abort_all();
+}
+
+type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A response body that announces its whole length, sends half of it, then
+/// fails: the server closes the connection mid-body, after the status and
+/// headers went out. Put on a response as an extension to cut it. Fields:
+/// the part still to send, the length announced, whether it was not ready
+/// once already.
+#[derive(Clone)]
+struct CutBody(Option<Bytes>, u64, bool);
+
+impl CutBody {
+    fn apply(
+        r: Response<Full<Bytes>>,
+    ) -> Response<http_body_util::combinators::BoxBody<Bytes, BodyError>> {
+        let cut = r.extensions().get::<CutBody>().is_some();
+        r.map(|body| {
+            if !cut {
+                return body.map_err(|never| match never {}).boxed();
+            }
+            let len = hyper::body::Body::size_hint(&body).exact().unwrap_or(0);
+            let full = bytes_of(body);
+            let half = full.slice(..full.len() / 2);
+            CutBody(Some(half), len.max(1), false).boxed()
+        })
+    }
+}
+
+/// The bytes of a `Full` body, already in memory.
+fn bytes_of(body: Full<Bytes>) -> Bytes {
+    use std::task::{Context, Poll};
+    let mut body = std::pin::pin!(body);
+    let waker = std::task::Waker::noop();
+    match hyper::body::Body::poll_frame(body.as_mut(), &mut Context::from_waker(waker)) {
+        Poll::Ready(Some(Ok(frame))) => frame.into_data().unwrap_or_default(),
+        _ => Bytes::new(),
+    }
+}
+
+impl hyper::body::Body for CutBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BodyError>>> {
+        if let Some(part) = self.0.take() {
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(part))));
+        }
+        // Once not ready: the server flushes the head and the first part
+        // before the failure closes the connection.
+        if !self.2 {
+            self.2 = true;
+            cx.waker().wake_by_ref();
+            return std::task::Poll::Pending;
+        }
+        std::task::Poll::Ready(Some(Err("sandbox fault: body cut".into())))
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        hyper::body::SizeHint::with_exact(self.1)
+    }
 }
 
 fn lock(state: &Shared) -> std::sync::MutexGuard<'_, State> {
@@ -238,6 +305,19 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 && let Ok(v) = HeaderValue::from_str(&trace_id(&state))
             {
                 response.headers_mut().insert("x-trace-id", v);
+            }
+            // Accepted, and the status goes out: the body is cut short
+            // (see [`CutBody`]).
+            if method == Method::POST
+                && matches!(rest, ["negotiations", _, "job-status" | "messages"])
+                && response.status().is_success()
+                && faults.cut_body_after_accept > 0.0
+            {
+                let mut s = lock(&state);
+                if s.rng.f64() < faults.cut_body_after_accept {
+                    s.stats.faults_injected += 1;
+                    response.extensions_mut().insert(CutBody(None, 0, false));
+                }
             }
             Ok(response)
         }

@@ -110,6 +110,10 @@ fn migrations() -> Vec<(i64, String)> {
             19,
             include_str!("migrations/0019_retention.sql").to_string(),
         ),
+        (
+            20,
+            include_str!("migrations/0020_waits_follow_rows.sql").to_string(),
+        ),
     ]
 }
 

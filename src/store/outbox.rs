@@ -432,6 +432,10 @@ pub struct Claimed {
     pub attempt: i64,
     /// A later row of the negotiation was already sent (SPEC §4: sent anyway).
     pub late: bool,
+    /// The row names no business: `business_id` is its lead's (or the only
+    /// configured one), written into the row by the claim and kept only
+    /// when the row ends sent.
+    pub business_filled: bool,
 }
 
 /// Which rows a claim may take.
@@ -455,7 +459,9 @@ impl ClaimFilter {
             return Some(why.clone());
         }
         (!self.configured.contains(business_id)).then(|| {
-            format!("waiting: business {business_id} is not in the configuration (add it, or cancel the row)")
+            format!(
+                "waiting: business {business_id} is not in the configuration (add it, or cancel the first row of the negotiation waiting for it, or set that row's business_id: its business may be its lead's; the rows behind it then go)"
+            )
         })
     }
 }
@@ -627,6 +633,7 @@ fn candidate_from_row(
                 Content::Message { text }
             }
         };
+        let business_filled = matches!(col(2)?, ValueRef::Null) && business_id.is_some();
         Ok(Claimed {
             kind,
             id,
@@ -635,6 +642,7 @@ fn candidate_from_row(
             content,
             attempt: attempts.saturating_add(1),
             late: false,
+            business_filled,
         })
     };
     let behind = match r.get_ref(base + 5)? {
@@ -716,7 +724,7 @@ fn take(
             .and_then(|b| Some((b, filter.wait_reason(b)?)));
         return match waits {
             Some((business_id, why)) => {
-                park(tx, kind, id, business_id, &why, now)?;
+                park(tx, kind, id, business_id, &why, now, pins)?;
                 Ok(Taken::Parked)
             }
             None => {
@@ -748,7 +756,7 @@ fn take(
     if let Some(business_id) = &c.business_id
         && let Some(why) = filter.wait_reason(business_id)
     {
-        park(tx, kind, id, business_id, &why, now)?;
+        park(tx, kind, id, business_id, &why, now, pins)?;
         return Ok(Taken::Parked);
     }
     // One statement: the business is filled in (when the row names none)
@@ -800,24 +808,36 @@ fn park(
     business_id: &str,
     why: &str,
     now: &str,
+    pins: &Pins,
 ) -> Result<()> {
     let table = kind.table();
     tx.prepare_cached(&format!(
         "UPDATE {table} SET waiting_for = ?2, last_error = ?3 WHERE id = ?1"
     ))?
     .execute(params![id, business_id, why])?;
-    tx.prepare_cached(&format!(
-        "UPDATE {table} SET waiting_for = ?2, last_error = ?3
-          WHERE negotiation_id = (SELECT negotiation_id FROM {table} WHERE id = ?1)
-            AND state = 'pending' AND waiting_for IS NULL"
-    ))?
-    .execute(params![id, business_id, why])?;
+    tx.prepare_cached(&park_followers(kind, pins))?
+        .execute(params![id, business_id, why])?;
     tx.prepare_cached(
         "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
          ON CONFLICT (business_id) DO NOTHING",
     )?
     .execute(params![business_id, why, now])?;
     Ok(())
+}
+
+/// Puts aside (for ?2, why ?3) the pending rows of row ?1's negotiation
+/// not aside yet, found in the index of open rows by negotiation. Unnamed,
+/// the planner read every pending row of the table (`{table}_by_state`;
+/// ~15 ms a row put aside with 100k pending): `state = 'pending'` alone
+/// does not imply the index's `state IN ('pending', 'sending')`.
+fn park_followers(kind: Kind, pins: &Pins) -> String {
+    let table = kind.table();
+    format!(
+        "UPDATE {table} {open} SET waiting_for = ?2, last_error = ?3
+          WHERE negotiation_id = (SELECT p.negotiation_id FROM {table} p WHERE p.id = ?1)
+            AND state IN ('pending', 'sending') AND state = 'pending' AND waiting_for IS NULL",
+        open = pins.by(&format!("{table}_open_by_negotiation"))
+    )
 }
 
 /// Puts aside the ready rows that name business ?1, with why (?2), found
@@ -1322,6 +1342,36 @@ pub fn finish(
         Kind::Transition => "",
         Kind::Message => ", message_id = CASE WHEN ?2 = 'sent' THEN ?9 ELSE message_id END",
     };
+    // A business the claim filled in stays only on a sent row: a row that
+    // goes back to pending (or dead, to be retried) takes its lead's
+    // business again at its next claim (SPEC §3), whichever it is by then.
+    // Set back in steps: the content is frozen once a row left `pending`.
+    let mut same_row = same_row;
+    if row.business_filled && state != "sent" {
+        let back = tx
+            .prepare_cached(&format!(
+                "UPDATE {table} SET state = 'pending' WHERE {same_row}"
+            ))?
+            .execute(rusqlite::params_from_iter(values.clone()))?;
+        if back == 1 {
+            same_row = same_row.replacen("state = 'sending'", "state = 'pending'", 1);
+            // A row from before a check the table now makes is refused any
+            // change of content: it keeps the business, its outcome still
+            // written.
+            match tx
+                .prepare_cached(&format!(
+                    "UPDATE {table} SET business_id = NULL WHERE id = ?1"
+                ))?
+                .execute([id])
+            {
+                Ok(_) => {
+                    same_row = same_row.replacen("business_id IS ?12", "business_id IS NULL", 1);
+                }
+                Err(e) if super::constraint_message(&e).is_some() => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
     let updated = tx
         .prepare_cached(&format!(
             "UPDATE {table} SET state = ?2, sending_since = NULL,
@@ -1589,6 +1639,327 @@ mod tests {
         .unwrap();
         assert_eq!(recorded, Recorded::Yes);
         claimed
+    }
+
+    /// What every row of `kind` waits for, in id order.
+    fn waits(conn: &Connection, kind: Kind) -> Vec<(i64, String, Option<String>)> {
+        conn.prepare(&format!(
+            "SELECT id, state, waiting_for FROM {} ORDER BY id",
+            kind.table()
+        ))
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    /// Claims what is due and marks it sent; returns the ids claimed.
+    fn send_due(conn: &mut Connection, kind: Kind) -> Vec<i64> {
+        let claimed = claim(conn, kind, FAR, 10, &filter()).unwrap();
+        for c in &claimed {
+            sent(conn, c, false);
+        }
+        let mut ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+        ids.sort_unstable();
+        ids
+    }
+
+    /// Rows put aside wait for the row that put them aside, not for its
+    /// business alone: when that row is moved to another business or
+    /// negotiation, deleted, or leaves `pending` (by SQL or `cancel`), in
+    /// either table, the rows behind it are decided again at the next
+    /// claim. They stayed aside for business 9 (not configured) for good.
+    #[test]
+    fn rows_put_aside_behind_a_row_come_back_when_that_row_changes_or_goes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let sql = |c: &mut Connection, s: &str, id: i64| {
+                c.execute(&s.replace("{table}", table), [id]).unwrap();
+            };
+            for way in 0..5 {
+                let negotiation = format!("{}", 100 + way);
+                let leader = insert(&conn, kind, &negotiation, "9", 1);
+                let follower = insert(&conn, kind, &negotiation, "7", 2);
+                assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+                let aside = |conn: &Connection, id: i64| {
+                    waits(conn, kind).into_iter().find(|w| w.0 == id).unwrap().2
+                };
+                assert_eq!(aside(&conn, follower).as_deref(), Some("9"));
+                match way {
+                    0 => sql(
+                        &mut conn,
+                        "UPDATE {table} SET business_id = '7' WHERE id = ?1",
+                        leader,
+                    ),
+                    1 => sql(
+                        &mut conn,
+                        "UPDATE {table} SET negotiation_id = '999' WHERE id = ?1",
+                        leader,
+                    ),
+                    2 => sql(&mut conn, "DELETE FROM {table} WHERE id = ?1", leader),
+                    3 => sql(
+                        &mut conn,
+                        "UPDATE {table} SET state = 'canceled' WHERE id = ?1",
+                        leader,
+                    ),
+                    _ => assert_eq!(
+                        cancel(&mut conn, kind, &[leader]).unwrap(),
+                        [(leader, Ok(()))]
+                    ),
+                }
+                if way == 0 {
+                    // In order: the leader, then the follower.
+                    assert_eq!(send_due(&mut conn, kind), [leader], "{kind:?} way {way}");
+                }
+                assert_eq!(
+                    send_due(&mut conn, kind),
+                    [follower],
+                    "{kind:?} way {way}: {:?}",
+                    waits(&conn, kind)
+                );
+                if way == 1 {
+                    // The moved row, alone in its negotiation, is aside again.
+                    assert_eq!(aside(&conn, leader).as_deref(), Some("9"));
+                    sql(&mut conn, "DELETE FROM {table} WHERE id = ?1", leader);
+                }
+            }
+            assert!(
+                waits(&conn, kind)
+                    .iter()
+                    .all(|w| w.2.is_none() && w.1 != "pending"),
+                "{kind:?}: {:?}",
+                waits(&conn, kind)
+            );
+            // A row behind the one that must wait goes (canceled): the rest
+            // are decided again and put back aside; nothing overtakes the
+            // leader, still pending.
+            let leader = insert(&conn, kind, "200", "9", 1);
+            let middle = insert(&conn, kind, "200", "7", 2);
+            let last = insert(&conn, kind, "200", "7", 3);
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            sql(
+                &mut conn,
+                "UPDATE {table} SET state = 'canceled' WHERE id = ?1",
+                middle,
+            );
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            let w = waits(&conn, kind);
+            for id in [leader, last] {
+                let row = w.iter().find(|r| r.0 == id).unwrap();
+                assert_eq!((row.1.as_str(), row.2.as_deref()), ("pending", Some("9")));
+            }
+            // The follower moved to a business that may send still waits
+            // behind its leader.
+            sql(
+                &mut conn,
+                "UPDATE {table} SET business_id = '7' WHERE id = ?1",
+                last,
+            );
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            let w = waits(&conn, kind);
+            assert!(
+                w.iter()
+                    .filter(|r| r.0 == leader || r.0 == last)
+                    .all(|r| r.2.as_deref() == Some("9"))
+            );
+        }
+    }
+
+    /// Schema 20 on rows put aside before it: only the rows stranded (their
+    /// negotiation has no pending row of the business they wait for) wait
+    /// for nothing; the rest stay aside. It freed every row put aside, and
+    /// the business, still in outbox_waits, was never put aside again in
+    /// bulk: the first claim walked and put back aside every negotiation's
+    /// head, one by one, holding the write lock (25 minutes for 100k rows).
+    #[test]
+    fn schema_20_frees_only_the_rows_stranded_and_leaves_the_claim_nothing_to_put_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        // Schema 18 had no trigger following the row that put rows aside.
+        for t in ["outbox", "message_outbox"] {
+            conn.execute_batch(&format!(
+                "DROP TRIGGER {t}_waits_follow_update; DROP TRIGGER {t}_waits_follow_delete;"
+            ))
+            .unwrap();
+        }
+        let mut stranded = HashSet::new();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let mut leaders = Vec::new();
+            // Business 8 waits (filter), business 9 is not configured.
+            for n in 0..60 {
+                let negotiation = format!("{}", 1000 + n);
+                let business = if n % 2 == 0 { "8" } else { "9" };
+                leaders.push(insert(&conn, kind, &negotiation, business, 1));
+                insert(&conn, kind, &negotiation, "7", 2);
+                insert(&conn, kind, &negotiation, business, 3);
+            }
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            assert!(waits(&conn, kind).iter().all(|w| w.2.is_some()));
+            // Stranded before schema 20: a leader deleted, moved to another
+            // business, canceled; (the third row of each waits for the
+            // business it names, and stays aside).
+            let edits = [
+                format!("DELETE FROM {table} WHERE id = {}", leaders[0]),
+                format!("DELETE FROM {table} WHERE id = {}", leaders[1]),
+                format!(
+                    "UPDATE {table} SET business_id = '7' WHERE id = {}",
+                    leaders[2]
+                ),
+                format!(
+                    "UPDATE {table} SET state = 'canceled' WHERE id = {}",
+                    leaders[3]
+                ),
+            ];
+            for e in &edits {
+                conn.execute_batch(e).unwrap();
+            }
+            for n in 0..4 {
+                let negotiation = format!("{}", 1000 + n);
+                let ids: Vec<i64> = conn
+                    .prepare(&format!(
+                        "SELECT id FROM {table} WHERE negotiation_id = ?1 AND state = 'pending'
+                          ORDER BY id"
+                    ))
+                    .unwrap()
+                    .query_map([&negotiation], |r| r.get(0))
+                    .unwrap()
+                    .collect::<rusqlite::Result<_>>()
+                    .unwrap();
+                // The row moved to business 7, and the follower of business 7.
+                let free = if n == 2 { &ids[..2] } else { &ids[..1] };
+                stranded.extend(free.iter().map(|id| (kind, *id)));
+            }
+        }
+        let before: Vec<_> = Kind::ALL.iter().map(|k| waits(&conn, *k)).collect();
+        conn.pragma_update(None, "user_version", 18).unwrap();
+        crate::store::migrate(&mut conn).unwrap();
+        sync_waits(&mut conn, &filter()).unwrap();
+        for (kind, before) in Kind::ALL.iter().zip(before) {
+            let after = waits(&conn, *kind);
+            for (b, a) in before.iter().zip(&after) {
+                let want = if stranded.contains(&(*kind, b.0)) || b.1 != "pending" {
+                    None
+                } else {
+                    b.2.clone()
+                };
+                assert_eq!(a.2, want, "{kind:?} row {}: {after:?}", b.0);
+            }
+            // What a claim walks: the pending rows not aside, the stranded.
+            let walked: i64 = conn
+                .query_row(
+                    &format!(
+                        "SELECT count(*) FROM {} WHERE state = 'pending' AND waiting_for IS NULL",
+                        kind.table()
+                    ),
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(walked, 5, "{kind:?}");
+        }
+    }
+
+    /// An UPDATE that changes neither the state, the business nor the
+    /// negotiation of a row put aside (`SET state = state`, an ORM writing
+    /// every column) leaves the waits as they are: it freed the row and
+    /// the rows behind it, put back aside one by one at the next claim.
+    #[test]
+    fn an_update_that_changes_nothing_the_waits_follow_leaves_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let leader = insert(&conn, kind, "500", "8", 1);
+            insert(&conn, kind, "500", "7", 2);
+            assert_eq!(send_due(&mut conn, kind), Vec::<i64>::new());
+            let before = waits(&conn, kind);
+            assert!(before.iter().all(|w| w.2.as_deref() == Some("8")));
+            conn.execute(
+                &format!(
+                    "UPDATE {table} SET state = state, business_id = business_id,
+                         negotiation_id = negotiation_id, last_error = 'x' WHERE id = ?1"
+                ),
+                [leader],
+            )
+            .unwrap();
+            conn.execute(
+                &format!("UPDATE {table} SET state = state WHERE negotiation_id = '500'"),
+                [],
+            )
+            .unwrap();
+            assert_eq!(waits(&conn, kind), before, "{kind:?}");
+        }
+    }
+
+    /// A row that names no business is sent under its lead's (here the only
+    /// configured one): that business is written into the row only once it
+    /// is sent. A claim filled it in for good, so a row retried, held or
+    /// dead went on naming it after its lead was mirrored under another
+    /// business (SPEC §3: when NULL it is taken from negotiations).
+    #[test]
+    fn a_business_filled_in_by_a_claim_stays_only_on_a_sent_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let filter = ClaimFilter {
+            default_business: Some("7".into()),
+            ..filter()
+        };
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let business = |conn: &Connection, id: i64| -> (String, Option<String>) {
+                conn.query_row(
+                    &format!("SELECT state, business_id FROM {table} WHERE id = ?1"),
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap()
+            };
+            let ends = [
+                Finish::Retry {
+                    next_attempt_at: "2000-01-01T00:00:00.000Z".into(),
+                },
+                Finish::Hold,
+                Finish::Dead,
+                Finish::Sent { message_id: None },
+            ];
+            for (n, end) in ends.iter().enumerate() {
+                let negotiation = format!("{}", 300 + n);
+                let id = insert(&conn, kind, &negotiation, "7", 1);
+                conn.execute(
+                    &format!("UPDATE {table} SET business_id = NULL WHERE id = ?1"),
+                    [id],
+                )
+                .unwrap();
+                let row = claim(&mut conn, kind, FAR, 10, &filter).unwrap().remove(0);
+                assert_eq!(row.business_id.as_deref(), Some("7"));
+                let (recorded, _) =
+                    finish(&mut conn, &row, end, &[], &crate::time::now(), None).unwrap();
+                assert_eq!(recorded, Recorded::Yes, "{kind:?} {end:?}");
+                let (state, b) = business(&conn, id);
+                let want = matches!(end, Finish::Sent { .. }).then(|| "7".to_string());
+                assert_eq!(b, want, "{kind:?} {end:?} ({state})");
+                // A business the partner wrote stays whatever the outcome.
+                if state == "pending" {
+                    conn.execute(
+                        &format!("UPDATE {table} SET business_id = '7' WHERE id = ?1"),
+                        [id],
+                    )
+                    .unwrap();
+                    let row = claim(&mut conn, kind, FAR, 10, &filter).unwrap().remove(0);
+                    finish(&mut conn, &row, end, &[], &crate::time::now(), None).unwrap();
+                    assert_eq!(business(&conn, id).1.as_deref(), Some("7"));
+                    conn.execute(
+                        &format!("UPDATE {table} SET state = 'canceled' WHERE id = ?1"),
+                        [id],
+                    )
+                    .unwrap();
+                }
+            }
+        }
     }
 
     /// A finish queued twice for one claim (a stop's dropped round whose job
@@ -1990,6 +2361,12 @@ mod tests {
                 &set_aside(kind, &pins),
                 t,
                 &format!("{t}_ready_by_business"),
+            );
+            reads_through(
+                conn,
+                &park_followers(kind, &pins),
+                t,
+                &format!("{t}_open_by_negotiation"),
             );
         }
     }

@@ -388,6 +388,26 @@ impl Client {
                             self.settings.max_body_bytes
                         ),
                     )),
+                    // The same once its body was cut (a reset, a timeout
+                    // after the head): retried, the reply reached the
+                    // customer once per attempt.
+                    Err(BodyError::Read(e))
+                        if metric_method == reqwest::Method::POST
+                            && is_success(status.as_u16())
+                            && !is_html =>
+                    {
+                        warn!(
+                            status = status.as_u16(),
+                            error = %e,
+                            "a POST was accepted but its body could not be read: taken as sent, its body not read"
+                        );
+                        Ok(Response {
+                            status: status.as_u16(),
+                            trace_id: trace_id_of(&headers, &[]),
+                            headers,
+                            body: bytes::Bytes::new(),
+                        })
+                    }
                     Err(BodyError::Read(e)) => Err(ApiError::retry(
                         Some(status.as_u16()),
                         format!("HTTP {status}: the body could not be read: {e}"),
