@@ -767,12 +767,137 @@ fn spawn_checkpointer(path: &Path, queue: std::sync::Weak<Queue>) {
     }
 }
 
+/// Group commit for answers that promise their write is on disk (a webhook
+/// delivery's 200, SPEC §8). The writer commits with `synchronous = NORMAL`:
+/// in WAL mode such a commit survives a crash of the process but not a power
+/// loss or an OS crash until the WAL is next synced (at a checkpoint). A
+/// caller that must not answer before that asks this thread for a sync of
+/// the WAL after its commit; every caller waiting when a round starts is
+/// answered by that round's one `fdatasync`, so a burst of deliveries costs
+/// one or two syncs, not one each, and the writer thread (which page writes
+/// and the drainer share) never waits for the disk.
+///
+/// An `fdatasync` of the `-wal` file from its own descriptor makes durable
+/// every frame written to it before the call, which is what
+/// `synchronous = FULL` does at each commit: frames are written with
+/// `write()` at commit time; a frame overwritten by a later restart of the
+/// WAL was first checkpointed into the database file, which SQLite syncs
+/// before it restarts the WAL. SQLite takes no lock on the `-wal` file, so
+/// closing this descriptor releases none of its locks. The first round also
+/// syncs the directory: the `-wal` file (and a database file just created)
+/// may be new, and a file's sync does not make its name durable.
+struct WalSync {
+    state: Mutex<WalSyncState>,
+    wake: Condvar,
+}
+
+type SyncWaiter = tokio::sync::oneshot::Sender<std::result::Result<(), String>>;
+
+#[derive(Default)]
+struct WalSyncState {
+    waiting: Vec<SyncWaiter>,
+    /// Rounds done (tests).
+    #[cfg(test)]
+    rounds: u64,
+    /// Called at the start of each round, before the sync (tests: what a
+    /// round covers is whatever is committed when it is called).
+    #[cfg(test)]
+    probe: Option<Arc<dyn Fn() + Send + Sync>>,
+}
+
+impl WalSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WalSyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the syncing thread; it ends once the store's writer thread is
+    /// gone (`queue` dropped) and nobody waits.
+    fn start(path: &Path, queue: std::sync::Weak<Queue>) -> Result<Arc<WalSync>> {
+        let sync = Arc::new(WalSync {
+            state: Mutex::new(WalSyncState::default()),
+            wake: Condvar::new(),
+        });
+        let db = path.to_path_buf();
+        let wal = sidecar(path, "-wal");
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let me = sync.clone();
+        std::thread::Builder::new()
+            .name("leadsync-wal-sync".into())
+            .spawn(move || {
+                let mut dir_synced = false;
+                loop {
+                    let mut s = me.lock();
+                    while s.waiting.is_empty() {
+                        if queue.strong_count() == 0 {
+                            return;
+                        }
+                        s = me
+                            .wake
+                            .wait_timeout(s, Duration::from_millis(500))
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    }
+                    let waiting = std::mem::take(&mut s.waiting);
+                    #[cfg(test)]
+                    let probe = s.probe.clone();
+                    drop(s);
+                    #[cfg(test)]
+                    if let Some(p) = probe {
+                        p();
+                    }
+                    let result = sync_wal(&db, &wal, &dir, &mut dir_synced)
+                        .map_err(|e| format!("cannot sync {} to disk: {e}", wal.display()));
+                    #[cfg(test)]
+                    {
+                        me.lock().rounds += 1;
+                    }
+                    for w in waiting {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            })
+            .context("cannot start the WAL sync thread")?;
+        Ok(sync)
+    }
+
+    /// Waits until a sync that started after this call has finished.
+    async fn synced(&self) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.lock().waiting.push(tx);
+        self.wake.notify_one();
+        rx.await
+            .map_err(|_| anyhow!("the WAL sync thread stopped before answering"))?
+            .map_err(|e| anyhow!(e))
+    }
+}
+
+/// One round of [`WalSync`]: the `-wal` file's data, and the directory once.
+/// No `-wal` file (only once the last connection closed it, after a
+/// checkpoint of everything): the database file holds it all, synced.
+fn sync_wal(db: &Path, wal: &Path, dir: &Path, dir_synced: &mut bool) -> std::io::Result<()> {
+    match File::open(wal) {
+        Ok(f) => f.sync_data()?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => File::open(db)?.sync_data()?,
+        Err(e) => return Err(e),
+    }
+    if !*dir_synced {
+        File::open(dir)?.sync_all()?;
+        *dir_synced = true;
+    }
+    Ok(())
+}
+
 /// The daemon's handle on the mirror: every statement runs on one writer
 /// thread that owns the connection, never on an async worker.
 #[derive(Clone)]
 pub struct Store {
     jobs: Handle,
     path: PathBuf,
+    wal_sync: Arc<WalSync>,
     /// When the last urgent job was asked for (ms since the epoch; 0: never).
     last_urgent_ms: Arc<std::sync::atomic::AtomicI64>,
 }
@@ -812,9 +937,11 @@ impl Store {
             })
             .context("cannot start the database thread")?;
         spawn_checkpointer(path, Arc::downgrade(&queue_for_checkpoints));
+        let wal_sync = WalSync::start(path, Arc::downgrade(&queue_for_checkpoints))?;
         Ok(Store {
             jobs,
             path: path.to_path_buf(),
+            wal_sync,
             last_urgent_ms: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         })
     }
@@ -878,6 +1005,33 @@ impl Store {
             std::sync::atomic::Ordering::Relaxed,
         );
         self.run(f, true).await
+    }
+
+    /// Like [`Store::call_urgent`], and answers only once what `f` committed
+    /// is on disk (see [`WalSync`]): for an answer that promises it survives
+    /// a power loss (a webhook delivery's 200). An error of `f` is returned
+    /// as it is; a failed sync is an error (the caller must not promise).
+    pub async fn call_urgent_durable<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let r = self.call_urgent(f).await?;
+        self.wal_sync.synced().await?;
+        Ok(r)
+    }
+
+    /// Test hook: `probe` runs at the start of every WAL sync round, before
+    /// its sync.
+    #[cfg(test)]
+    pub(crate) fn on_wal_sync(&self, probe: impl Fn() + Send + Sync + 'static) {
+        self.wal_sync.lock().probe = Some(Arc::new(probe));
+    }
+
+    /// Test hook: WAL sync rounds done.
+    #[cfg(test)]
+    pub(crate) fn wal_sync_rounds(&self) -> u64 {
+        self.wal_sync.lock().rounds
     }
 
     async fn run<R, F>(&self, f: F, urgent: bool) -> Result<R>
@@ -1315,6 +1469,103 @@ mod tests {
             pins.by("outbox_open_by_negotiation"),
             "INDEXED BY outbox_open_by_negotiation"
         );
+    }
+
+    /// Waits (polling, bounded) until `cond` holds.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_durable_call_answers_after_a_wal_sync_that_covers_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .call(|c| Ok(c.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        // Each round records how many rows were committed when it began:
+        // its sync covers those.
+        let seen = Arc::new(Mutex::new(Vec::<i64>::new()));
+        let (p, s) = (path.clone(), seen.clone());
+        store.on_wal_sync(move || {
+            let c = Connection::open_with_flags(&p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            s.lock().unwrap().push(n);
+        });
+        store
+            .call_urgent_durable(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+            .await
+            .unwrap();
+        assert!(
+            seen.lock().unwrap().iter().any(|&n| n >= 1),
+            "answered before a sync covering its commit: rounds saw {:?}",
+            seen.lock().unwrap()
+        );
+        // A plain call waits for no sync.
+        let rounds = store.wal_sync_rounds();
+        store
+            .call_urgent(|c| Ok(c.execute("INSERT INTO t VALUES (2)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(store.wal_sync_rounds(), rounds);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_calls_waiting_together_share_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("g.db")).unwrap();
+        store
+            .call(|c| Ok(c.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        // The first round is held until 20 more callers wait behind it.
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        store.on_wal_sync(move || {
+            let _ = entered_tx.send(());
+            let _ = release_rx.lock().unwrap().recv();
+        });
+        let first = {
+            let s = store.clone();
+            tokio::spawn(async move {
+                s.call_urgent_durable(|c| Ok(c.execute("INSERT INTO t VALUES (0)", [])?))
+                    .await
+            })
+        };
+        until("the first round never began", || entered_rx.try_recv().is_ok()).await;
+        let rest: Vec<_> = (1..=20)
+            .map(|i| {
+                let s = store.clone();
+                tokio::spawn(async move {
+                    s.call_urgent_durable(move |c| {
+                        Ok(c.execute("INSERT INTO t VALUES (?1)", [i])?)
+                    })
+                    .await
+                })
+            })
+            .collect();
+        until("the callers never queued for a sync", || {
+            store.wal_sync.lock().waiting.len() == 20
+        })
+        .await;
+        assert!(!first.is_finished(), "answered before its sync finished");
+        // Round 1 (the first caller), then one round for the other twenty.
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(store.wal_sync_rounds(), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
