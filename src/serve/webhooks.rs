@@ -230,7 +230,9 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
     // Thumbtack does not deliver it again (the WAL is synced before it).
     let stored = r
         .store
-        .call_urgent_durable(move |c| messages::record_delivery(c, &row, &effect).map(|rec| (rec, row)))
+        .call_urgent_durable(move |c| {
+            messages::record_delivery(c, &row, &effect).map(|rec| (rec, row))
+        })
         .await;
     match stored {
         Ok((rec, row)) => {

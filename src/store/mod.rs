@@ -1541,15 +1541,16 @@ mod tests {
                     .await
             })
         };
-        until("the first round never began", || entered_rx.try_recv().is_ok()).await;
+        until("the first round never began", || {
+            entered_rx.try_recv().is_ok()
+        })
+        .await;
         let rest: Vec<_> = (1..=20)
             .map(|i| {
                 let s = store.clone();
                 tokio::spawn(async move {
-                    s.call_urgent_durable(move |c| {
-                        Ok(c.execute("INSERT INTO t VALUES (?1)", [i])?)
-                    })
-                    .await
+                    s.call_urgent_durable(move |c| Ok(c.execute("INSERT INTO t VALUES (?1)", [i])?))
+                        .await
                 })
             })
             .collect();
