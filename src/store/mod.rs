@@ -796,6 +796,8 @@ type SyncWaiter = tokio::sync::oneshot::Sender<std::result::Result<(), String>>;
 #[derive(Default)]
 struct WalSyncState {
     waiting: Vec<SyncWaiter>,
+    /// A sync is wanted soon, nobody waits for it ([`Store::sync_soon`]).
+    soon: bool,
     /// Rounds done (tests).
     #[cfg(test)]
     rounds: u64,
@@ -829,18 +831,34 @@ impl WalSync {
             .name("leadsync-wal-sync".into())
             .spawn(move || {
                 let mut dir_synced = false;
+                let mut last_round = std::time::Instant::now();
                 loop {
                     let mut s = me.lock();
-                    while s.waiting.is_empty() {
+                    loop {
+                        if !s.waiting.is_empty() {
+                            break;
+                        }
+                        let since = last_round.elapsed();
+                        if s.soon && since >= SYNC_SOON_EVERY {
+                            break;
+                        }
+                        // Gone: its connection's close checkpoints and syncs.
                         if queue.strong_count() == 0 {
                             return;
                         }
+                        let wait = if s.soon {
+                            SYNC_SOON_EVERY - since
+                        } else {
+                            Duration::from_millis(500)
+                        };
                         s = me
                             .wake
-                            .wait_timeout(s, Duration::from_millis(500))
+                            .wait_timeout(s, wait)
                             .unwrap_or_else(|p| p.into_inner())
                             .0;
                     }
+                    s.soon = false;
+                    last_round = std::time::Instant::now();
                     let waiting = std::mem::take(&mut s.waiting);
                     #[cfg(test)]
                     let probe = s.probe.clone();
@@ -874,6 +892,10 @@ impl WalSync {
             .map_err(|e| anyhow!(e))
     }
 }
+
+/// At most one round a [`Store::sync_soon`] asks for in this time: the
+/// drainer records up to hundreds of outcomes a second, each asking.
+const SYNC_SOON_EVERY: Duration = Duration::from_millis(100);
 
 /// One round of [`WalSync`]: the `-wal` file's data, and the directory once.
 /// No `-wal` file (only once the last connection closed it, after a
@@ -1019,6 +1041,21 @@ impl Store {
         let r = self.call_urgent(f).await?;
         self.wal_sync.synced().await?;
         Ok(r)
+    }
+
+    /// Asks for a sync of the WAL within about [`SYNC_SOON_EVERY`], without
+    /// waiting for it: for a commit whose loss to a power cut would make
+    /// leadsync do again something not idempotent (an outbox row's `sent`
+    /// rolled back is sent again), but which nothing outside waits on. An
+    /// fsync per outcome, on the writer thread, would cost the drainer one
+    /// disk flush per row; this costs at most ten a second, off it.
+    pub fn sync_soon(&self) {
+        let mut s = self.wal_sync.lock();
+        if !s.soon {
+            s.soon = true;
+            drop(s);
+            self.wal_sync.wake.notify_one();
+        }
     }
 
     /// Test hook: `probe` runs at the start of every WAL sync round, before
@@ -1516,6 +1553,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(store.wal_sync_rounds(), rounds);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_asked_for_soon_covers_the_commit_before_it_without_a_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .call(|c| Ok(c.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::<i64>::new()));
+        let (p, s) = (path.clone(), seen.clone());
+        store.on_wal_sync(move || {
+            let c = Connection::open_with_flags(&p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            s.lock().unwrap().push(n);
+        });
+        // An outcome recorded: nobody waits for the disk, but it gets there soon.
+        store
+            .call(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+            .await
+            .unwrap();
+        store.sync_soon();
+        until("no sync round covered the commit", || {
+            seen.lock().unwrap().iter().any(|&n| n >= 1)
+        })
+        .await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
