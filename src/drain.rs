@@ -362,11 +362,14 @@ impl Drainer {
     }
 
     /// The row's outcome is in the table (or the row is gone): it leaves
-    /// [`Drainer::sending`].
+    /// [`Drainer::sending`]. The commit is synced to disk soon after (not
+    /// waited for): a power cut rolling back a `sent` would send the row
+    /// again at the next start (README, "Clean stops").
     fn recorded(&self, key: (&'static str, i64, i64)) {
         if let Ok(mut m) = self.sending.lock() {
             m.remove(&key);
         }
+        self.store.sync_soon();
     }
 
     /// At the end of a stop (or of `leadsync drain`): names every row left

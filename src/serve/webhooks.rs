@@ -1,7 +1,7 @@
 //! The webhook receiver (SPEC §8): `POST {path}` from Thumbtack, checked
 //! (credentials in constant time, size, read time, envelope), then stored in
 //! `webhook_events` and applied to the mirror in one transaction on the
-//! writer thread; only then the 2xx.
+//! writer thread; only once that commit is synced to disk, the 2xx.
 
 use crate::config::{WebhookAuth, Webhooks};
 use crate::store::Store;
@@ -226,9 +226,13 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
     let body = String::from_utf8_lossy(&bytes).into_owned();
     let event_type = delivery.event_type.clone();
     let (row, effect) = crate::ingest::delivery_effect(delivery, &body, crate::time::now());
+    // Durable: the 200 promises the delivery survives a power loss too, and
+    // Thumbtack does not deliver it again (the WAL is synced before it).
     let stored = r
         .store
-        .call_urgent(move |c| messages::record_delivery(c, &row, &effect).map(|rec| (rec, row)))
+        .call_urgent_durable(move |c| {
+            messages::record_delivery(c, &row, &effect).map(|rec| (rec, row))
+        })
         .await;
     match stored {
         Ok((rec, row)) => {
@@ -280,6 +284,60 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
 mod tests {
     use super::*;
     use crate::secret::Secret;
+
+    /// SPEC §8: a 200 means the delivery is stored, and after a power loss
+    /// too: the answer waits for a WAL sync that began once the delivery
+    /// was committed (the writer commits with `synchronous = NORMAL`, which
+    /// a power loss can roll back).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delivery_is_answered_200_only_after_its_commit_is_synced() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.db");
+        let store = Store::open(&path).unwrap();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::<i64>::new()));
+        let (p, s) = (path.clone(), seen.clone());
+        store.on_wal_sync(move || {
+            let c = rusqlite::Connection::open_with_flags(
+                &p,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .unwrap();
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM webhook_events", [], |r| r.get(0))
+                .unwrap();
+            s.lock().unwrap().push(n);
+        });
+        let settings = Webhooks {
+            listen: None,
+            path: "/hooks".into(),
+            public_url: None,
+            auth: WebhookAuth::Header {
+                name: "x-token".into(),
+                value: Secret::new("t"),
+            },
+            max_body_bytes: 1 << 20,
+            read_timeout: Duration::from_secs(10),
+        };
+        let body = r#"{"event":{"eventType":"MessageCreatedV4","webhookID":"wh-1"},
+            "data":{"messageID":"m1","negotiationID":"1","from":"Customer","text":"hi","sentAt":"2026-11-28T05:00:01Z"}}"#;
+        let resp = router(&settings, store.clone())
+            .oneshot(
+                axum::http::Request::post("/hooks")
+                    .header("x-token", "t")
+                    .header(header::CONTENT_TYPE, "application/json")
+                    .body(Body::from(body))
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        assert!(
+            seen.lock().unwrap().iter().any(|&n| n >= 1),
+            "answered 200 before a sync covering the delivery: rounds saw {:?}",
+            seen.lock().unwrap()
+        );
+    }
 
     #[test]
     fn basic_credentials_are_checked_whole() {

@@ -767,12 +767,297 @@ fn spawn_checkpointer(path: &Path, queue: std::sync::Weak<Queue>) {
     }
 }
 
+/// Group commit for answers that promise their write is on disk (a webhook
+/// delivery's 200, SPEC §8). The writer commits with `synchronous = NORMAL`:
+/// in WAL mode such a commit survives a crash of the process but not a power
+/// loss or an OS crash until the WAL is next synced (at a checkpoint). A
+/// caller that must not answer before that asks this thread for a sync of
+/// the WAL after its commit; every caller waiting when a round starts is
+/// answered by that round's one `fdatasync`, so a burst of deliveries costs
+/// one or two syncs, not one each, and the writer thread (which page writes
+/// and the drainer share) never waits for the disk.
+///
+/// An `fdatasync` of the `-wal` file from its own descriptor makes durable
+/// every frame written to it before the call, which is what
+/// `synchronous = FULL` does at each commit: frames are written with
+/// `write()` at commit time; a frame overwritten by a later restart of the
+/// WAL was first checkpointed into the database file, which SQLite syncs
+/// before it restarts the WAL. SQLite takes no lock on the `-wal` file, so
+/// closing this descriptor releases none of its locks. The first round also
+/// syncs the directory: the `-wal` file (and a database file just created)
+/// may be new, and a file's sync does not make its name durable.
+struct WalSync {
+    state: Mutex<WalSyncState>,
+    wake: Condvar,
+}
+
+type SyncWaiter = tokio::sync::oneshot::Sender<std::result::Result<(), String>>;
+
+/// A test's stand-in for part of a round: runs before the round's sync; an
+/// error fails the round as a failed sync would.
+#[cfg(test)]
+type Probe = Arc<dyn Fn() -> std::io::Result<()> + Send + Sync>;
+
+#[derive(Default)]
+struct WalSyncState {
+    waiting: Vec<SyncWaiter>,
+    /// A sync is wanted soon, nobody waits for it ([`Store::sync_soon`]).
+    soon: bool,
+    /// Why a round's sync failed, once one did: every later durable call
+    /// fails with it until restart. After a failed write-back the kernel may
+    /// mark the pages clean and reports the error once, so a later sync
+    /// that succeeds does not mean the frames before it are on disk (and
+    /// SQLite's recovery stops at the first bad frame: every later one is
+    /// lost with it).
+    failed: Option<String>,
+    /// The thread ended (the store is gone, or it panicked): a durable call
+    /// fails at once instead of waiting for a round that never comes.
+    ended: bool,
+    /// Rounds done (tests).
+    #[cfg(test)]
+    rounds: u64,
+    /// Called at the start of each round, before the sync (tests: what a
+    /// round covers is whatever is committed when it is called).
+    #[cfg(test)]
+    probe: Option<Probe>,
+    /// In place of [`DURABLE_WITHIN`] (tests).
+    #[cfg(test)]
+    within: Option<Duration>,
+}
+
+/// A durable call not on disk within this time fails (the webhook receiver
+/// answers 503, Thumbtack delivers again): a hung disk must not hang
+/// requests.
+const DURABLE_WITHIN: Duration = Duration::from_secs(5);
+
+/// Why a round failed, and whether that taints every later round.
+struct RoundError {
+    error: std::io::Error,
+    /// A sync itself failed (not an open): what it should have written may
+    /// be lost, and no later sync can say otherwise.
+    sticky: bool,
+}
+
+/// The `-wal` file, opened once and kept: write-back errors are reported
+/// once per open file description, so a descriptor opened for each round
+/// would not see an error that another one (the checkpointer's) saw first.
+/// Reopened only if the file was replaced (another device or inode).
+struct KeptWal {
+    file: File,
+    dev: u64,
+    ino: u64,
+}
+
+impl WalSync {
+    fn lock(&self) -> std::sync::MutexGuard<'_, WalSyncState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Starts the syncing thread; it ends once the store's writer thread is
+    /// gone (`queue` dropped), nobody waits, and a round asked for with
+    /// [`Store::sync_soon`] is done.
+    fn start(path: &Path, queue: std::sync::Weak<Queue>) -> Result<Arc<WalSync>> {
+        let sync = Arc::new(WalSync {
+            state: Mutex::new(WalSyncState::default()),
+            wake: Condvar::new(),
+        });
+        let wal = sidecar(path, "-wal");
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let me = sync.clone();
+        std::thread::Builder::new()
+            .name("leadsync-wal-sync".into())
+            .spawn(move || {
+                /// Whatever ends this thread (a panic too), waiters fail
+                /// instead of waiting forever.
+                struct Ended(Arc<WalSync>);
+                impl Drop for Ended {
+                    fn drop(&mut self) {
+                        let mut s = self.0.lock();
+                        s.ended = true;
+                        s.waiting.clear();
+                    }
+                }
+                let _ended = Ended(me.clone());
+                let mut kept: Option<KeptWal> = None;
+                let mut dir_synced = false;
+                let mut last_round = std::time::Instant::now();
+                loop {
+                    let mut s = me.lock();
+                    let gone = loop {
+                        let gone = queue.strong_count() == 0;
+                        if !s.waiting.is_empty() {
+                            break gone;
+                        }
+                        // At a stop, a round asked for is done at once.
+                        if s.soon && (gone || last_round.elapsed() >= SYNC_SOON_EVERY) {
+                            break gone;
+                        }
+                        // Gone: its connection's close checkpoints and syncs.
+                        if gone {
+                            return;
+                        }
+                        let since = last_round.elapsed();
+                        let wait = if s.soon {
+                            SYNC_SOON_EVERY.saturating_sub(since)
+                        } else {
+                            Duration::from_millis(500)
+                        };
+                        s = me
+                            .wake
+                            .wait_timeout(s, wait)
+                            .unwrap_or_else(|p| p.into_inner())
+                            .0;
+                    };
+                    s.soon = false;
+                    let waiting = std::mem::take(&mut s.waiting);
+                    if let Some(e) = s.failed.clone() {
+                        // No sync can be trusted any more.
+                        for w in waiting {
+                            let _ = w.send(Err(e.clone()));
+                        }
+                        continue;
+                    }
+                    last_round = std::time::Instant::now();
+                    #[cfg(test)]
+                    let probe = s.probe.clone();
+                    drop(s);
+                    #[cfg(test)]
+                    let probed = match probe {
+                        Some(p) => p().map_err(|error| RoundError {
+                            error,
+                            sticky: true,
+                        }),
+                        None => Ok(()),
+                    };
+                    #[cfg(not(test))]
+                    let probed: std::result::Result<(), RoundError> = Ok(());
+                    let result = probed
+                        .and_then(|()| sync_wal(&wal, &dir, &mut kept, &mut dir_synced, gone));
+                    let mut s = me.lock();
+                    #[cfg(test)]
+                    {
+                        s.rounds += 1;
+                    }
+                    let result = match result {
+                        Ok(()) => Ok(()),
+                        Err(RoundError { error, sticky }) => {
+                            let e = format!("cannot sync {} to disk: {error}", wal.display());
+                            if sticky {
+                                tracing::error!(error = %e, "a sync of the database to disk failed: what it covered may be lost; every webhook delivery is now answered 503 until leadsync is restarted");
+                                s.failed = Some(e.clone());
+                            } else {
+                                tracing::warn!(error = %e, waiting = waiting.len(), "a sync of the database to disk could not be done");
+                            }
+                            Err(e)
+                        }
+                    };
+                    drop(s);
+                    for w in waiting {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            })
+            .context("cannot start the WAL sync thread")?;
+        Ok(sync)
+    }
+
+    /// Waits until a sync that started after this call has finished; fails
+    /// at once once a sync failed or the thread ended.
+    async fn synced(&self) -> Result<()> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        {
+            let mut s = self.lock();
+            if let Some(e) = &s.failed {
+                bail!("{e} (earlier; no later sync is trusted until leadsync is restarted)");
+            }
+            if s.ended {
+                bail!("the WAL sync thread has stopped");
+            }
+            s.waiting.push(tx);
+        }
+        self.wake.notify_one();
+        rx.await
+            .map_err(|_| anyhow!("the WAL sync thread stopped before answering"))?
+            .map_err(|e| anyhow!(e))
+    }
+
+    /// How long a durable call may take.
+    fn within(&self) -> Duration {
+        #[cfg(test)]
+        if let Some(d) = self.lock().within {
+            return d;
+        }
+        DURABLE_WITHIN
+    }
+}
+
+/// At most one round a [`Store::sync_soon`] asks for in this time: the
+/// drainer records up to hundreds of outcomes a second, each asking.
+const SYNC_SOON_EVERY: Duration = Duration::from_millis(100);
+
+/// One round of [`WalSync`]: the `-wal` file's data (from the descriptor
+/// kept in `kept`), and the directory once. A missing `-wal` file is an
+/// error while the store's writer is open (it keeps it; the database file
+/// is never opened here: closing a descriptor of it would drop the
+/// process's SQLite locks on it); once the writer is gone (`gone`) its
+/// close checkpointed everything into the database file and synced it.
+fn sync_wal(
+    wal: &Path,
+    dir: &Path,
+    kept: &mut Option<KeptWal>,
+    dir_synced: &mut bool,
+    gone: bool,
+) -> std::result::Result<(), RoundError> {
+    use std::os::unix::fs::MetadataExt;
+    let opening = |error| RoundError {
+        error,
+        sticky: false,
+    };
+    let syncing = |error| RoundError {
+        error,
+        sticky: true,
+    };
+    let meta = match std::fs::metadata(wal) {
+        Ok(m) => m,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && gone => return Ok(()),
+        Err(e) => return Err(opening(e)),
+    };
+    if !kept
+        .as_ref()
+        .is_some_and(|k| k.dev == meta.dev() && k.ino == meta.ino())
+    {
+        let file = File::open(wal).map_err(opening)?;
+        let m = file.metadata().map_err(opening)?;
+        *kept = Some(KeptWal {
+            file,
+            dev: m.dev(),
+            ino: m.ino(),
+        });
+    }
+    if let Some(k) = kept {
+        k.file.sync_data().map_err(syncing)?;
+    }
+    if !*dir_synced {
+        File::open(dir)
+            .map_err(opening)?
+            .sync_all()
+            .map_err(syncing)?;
+        *dir_synced = true;
+    }
+    Ok(())
+}
+
 /// The daemon's handle on the mirror: every statement runs on one writer
 /// thread that owns the connection, never on an async worker.
 #[derive(Clone)]
 pub struct Store {
     jobs: Handle,
     path: PathBuf,
+    wal_sync: Arc<WalSync>,
     /// When the last urgent job was asked for (ms since the epoch; 0: never).
     last_urgent_ms: Arc<std::sync::atomic::AtomicI64>,
 }
@@ -812,9 +1097,11 @@ impl Store {
             })
             .context("cannot start the database thread")?;
         spawn_checkpointer(path, Arc::downgrade(&queue_for_checkpoints));
+        let wal_sync = WalSync::start(path, Arc::downgrade(&queue_for_checkpoints))?;
         Ok(Store {
             jobs,
             path: path.to_path_buf(),
+            wal_sync,
             last_urgent_ms: Arc::new(std::sync::atomic::AtomicI64::new(0)),
         })
     }
@@ -878,6 +1165,85 @@ impl Store {
             std::sync::atomic::Ordering::Relaxed,
         );
         self.run(f, true).await
+    }
+
+    /// Like [`Store::call_urgent`], and answers only once what `f` committed
+    /// is on disk (see [`WalSync`]): for an answer that promises it survives
+    /// a power loss (a webhook delivery's 200). An error of `f` is returned
+    /// as it is; a failed sync is an error (the caller must not promise).
+    pub async fn call_urgent_durable<R, F>(&self, f: F) -> Result<R>
+    where
+        F: FnOnce(&mut Connection) -> Result<R> + Send + 'static,
+        R: Send + 'static,
+    {
+        let r = self.call_urgent(f).await?;
+        // Only the sync is bounded: a commit that waited out the busy
+        // timeout failed and stored nothing (a 503 then means "not stored");
+        // a sync cut off here leaves a commit that a redelivery finds
+        // (a `duplicate`, answered once a later sync covers it).
+        let within = self.wal_sync.within();
+        tokio::time::timeout(within, self.wal_sync.synced())
+            .await
+            .unwrap_or_else(|_| {
+                bail!(
+                    "committed, but not synced to disk within {} s",
+                    within.as_secs_f64()
+                )
+            })?;
+        Ok(r)
+    }
+
+    /// Why durable calls fail until restart, once a sync to disk failed.
+    pub fn durable_sync_failure(&self) -> Option<String> {
+        self.wal_sync.lock().failed.clone()
+    }
+
+    /// Asks for a sync of the WAL within about [`SYNC_SOON_EVERY`], without
+    /// waiting for it: for a commit whose loss to a power cut would make
+    /// leadsync do again something not idempotent (an outbox row's `sent`
+    /// rolled back is sent again), but which nothing outside waits on. An
+    /// fsync per outcome, on the writer thread, would cost the drainer one
+    /// disk flush per row; this costs at most ten a second, off it.
+    pub fn sync_soon(&self) {
+        let mut s = self.wal_sync.lock();
+        if !s.soon && s.failed.is_none() {
+            s.soon = true;
+            drop(s);
+            self.wal_sync.wake.notify_one();
+        }
+    }
+
+    /// Test hook: `probe` runs at the start of every WAL sync round, before
+    /// its sync.
+    #[cfg(test)]
+    pub(crate) fn on_wal_sync(&self, probe: impl Fn() + Send + Sync + 'static) {
+        self.wal_sync.lock().probe = Some(Arc::new(move || {
+            probe();
+            Ok(())
+        }));
+    }
+
+    /// Test hook: like [`Store::on_wal_sync`], and an error of `probe`
+    /// fails the round as a failed sync would.
+    #[cfg(test)]
+    pub(crate) fn on_wal_sync_result(
+        &self,
+        probe: impl Fn() -> std::io::Result<()> + Send + Sync + 'static,
+    ) {
+        self.wal_sync.lock().probe = Some(Arc::new(probe));
+    }
+
+    /// Test hook: durable calls fail after `within` instead of
+    /// [`DURABLE_WITHIN`].
+    #[cfg(test)]
+    pub(crate) fn durable_within(&self, within: Duration) {
+        self.wal_sync.lock().within = Some(within);
+    }
+
+    /// Test hook: WAL sync rounds done.
+    #[cfg(test)]
+    pub(crate) fn wal_sync_rounds(&self) -> u64 {
+        self.wal_sync.lock().rounds
     }
 
     async fn run<R, F>(&self, f: F, urgent: bool) -> Result<R>
@@ -1315,6 +1681,271 @@ mod tests {
             pins.by("outbox_open_by_negotiation"),
             "INDEXED BY outbox_open_by_negotiation"
         );
+    }
+
+    /// Waits (polling, bounded) until `cond` holds.
+    async fn until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while !cond() {
+            assert!(std::time::Instant::now() < deadline, "{what}");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_durable_call_answers_after_a_wal_sync_that_covers_its_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("d.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .call(|c| Ok(c.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        // Each round records how many rows were committed when it began:
+        // its sync covers those.
+        let seen = Arc::new(Mutex::new(Vec::<i64>::new()));
+        let (p, s) = (path.clone(), seen.clone());
+        store.on_wal_sync(move || {
+            let c = Connection::open_with_flags(&p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            s.lock().unwrap().push(n);
+        });
+        store
+            .call_urgent_durable(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+            .await
+            .unwrap();
+        assert!(
+            seen.lock().unwrap().iter().any(|&n| n >= 1),
+            "answered before a sync covering its commit: rounds saw {:?}",
+            seen.lock().unwrap()
+        );
+        // A plain call waits for no sync.
+        let rounds = store.wal_sync_rounds();
+        store
+            .call_urgent(|c| Ok(c.execute("INSERT INTO t VALUES (2)", [])?))
+            .await
+            .unwrap();
+        assert_eq!(store.wal_sync_rounds(), rounds);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_asked_for_soon_covers_the_commit_before_it_without_a_waiter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let store = Store::open(&path).unwrap();
+        store
+            .call(|c| Ok(c.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        let seen = Arc::new(Mutex::new(Vec::<i64>::new()));
+        let (p, s) = (path.clone(), seen.clone());
+        store.on_wal_sync(move || {
+            let c = Connection::open_with_flags(&p, OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+            let n: i64 = c
+                .query_row("SELECT count(*) FROM t", [], |r| r.get(0))
+                .unwrap();
+            s.lock().unwrap().push(n);
+        });
+        // An outcome recorded: nobody waits for the disk, but it gets there soon.
+        store
+            .call(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+            .await
+            .unwrap();
+        store.sync_soon();
+        until("no sync round covered the commit", || {
+            seen.lock().unwrap().iter().any(|&n| n >= 1)
+        })
+        .await;
+    }
+
+    /// A store with table `t`, for the WAL sync tests.
+    async fn store_with_t(dir: &tempfile::TempDir) -> Store {
+        let store = Store::open(&dir.path().join("w.db")).unwrap();
+        store
+            .call(|c| Ok(c.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        store
+    }
+
+    /// After a failed write-back the kernel reports the error once and may
+    /// mark the pages clean: a later sync that succeeds proves nothing.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn after_a_failed_sync_every_later_durable_call_fails() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        let failures = Arc::new(std::sync::atomic::AtomicU32::new(1));
+        let f = failures.clone();
+        store.on_wal_sync_result(move || {
+            if f.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                Err(std::io::Error::other("EIO (injected)"))
+            } else {
+                Ok(())
+            }
+        });
+        let insert = |c: &mut Connection| Ok(c.execute("INSERT INTO t VALUES (1)", [])?);
+        let first = store.call_urgent_durable(insert).await;
+        assert!(first.is_err(), "a failed sync answered Ok");
+        for _ in 0..2 {
+            let later = store.call_urgent_durable(insert).await;
+            assert!(
+                later.is_err(),
+                "a durable call after a failed sync answered Ok"
+            );
+        }
+        assert!(store.durable_sync_failure().unwrap().contains("EIO"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_sync_asked_for_soon_is_done_at_a_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        // A round just done: the next one asked for soon waits ~0.1 s.
+        store
+            .call_urgent_durable(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+            .await
+            .unwrap();
+        store
+            .call(|c| Ok(c.execute("INSERT INTO t VALUES (2)", [])?))
+            .await
+            .unwrap();
+        store.sync_soon();
+        let wal_sync = store.wal_sync.clone();
+        drop(store);
+        // The thread wakes (as it may at any time) with the store gone.
+        wal_sync.wake.notify_all();
+        until("the WAL sync thread never ended", || wal_sync.lock().ended).await;
+        assert_eq!(wal_sync.lock().rounds, 2, "the round asked for was dropped");
+        assert!(wal_sync.lock().failed.is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_durable_call_fails_when_its_sync_hangs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        store.durable_within(Duration::from_millis(200));
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        store.on_wal_sync(move || {
+            let _ = release_rx.lock().unwrap().recv();
+        });
+        let r = tokio::time::timeout(
+            Duration::from_secs(30),
+            store.call_urgent_durable(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?)),
+        )
+        .await
+        .expect("a hung sync hung the durable call");
+        let e = r.expect_err("answered Ok with its sync hung");
+        assert!(format!("{e:#}").contains("within"), "{e:#}");
+        release_tx.send(()).unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panicked_sync_thread_fails_durable_calls_instead_of_hanging() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        store.on_wal_sync(|| panic!("injected"));
+        for _ in 0..2 {
+            let r = tokio::time::timeout(
+                Duration::from_secs(30),
+                store.call_urgent_durable(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?)),
+            )
+            .await
+            .expect("a durable call hung on a dead sync thread");
+            assert!(r.is_err());
+        }
+    }
+
+    /// The database file is never opened in its place: closing a
+    /// descriptor of it drops the process's SQLite locks on it.
+    #[test]
+    fn a_missing_wal_file_is_an_error_while_the_writer_is_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("n.db");
+        std::fs::write(&db, b"").unwrap();
+        let wal = sidecar(&db, "-wal");
+        let (mut kept, mut dir_synced) = (None, false);
+        assert!(sync_wal(&wal, dir.path(), &mut kept, &mut dir_synced, false).is_err());
+        // Once the writer is gone its close checkpointed everything.
+        assert!(sync_wal(&wal, dir.path(), &mut kept, &mut dir_synced, true).is_ok());
+    }
+
+    /// The descriptor is kept across rounds (an error is reported once per
+    /// open file description), and replaced when the file is.
+    #[test]
+    fn the_wal_descriptor_is_kept_until_the_file_is_replaced() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let wal = dir.path().join("k.db-wal");
+        std::fs::write(&wal, b"x").unwrap();
+        let (mut kept, mut dir_synced) = (None, false);
+        assert!(sync_wal(&wal, dir.path(), &mut kept, &mut dir_synced, false).is_ok());
+        let first = kept.as_ref().unwrap().file.try_clone().unwrap();
+        use std::os::fd::AsRawFd;
+        let fd = kept.as_ref().unwrap().file.as_raw_fd();
+        assert!(sync_wal(&wal, dir.path(), &mut kept, &mut dir_synced, false).is_ok());
+        assert_eq!(kept.as_ref().unwrap().file.as_raw_fd(), fd, "reopened");
+        std::fs::remove_file(&wal).unwrap();
+        std::fs::write(&wal, b"y").unwrap();
+        assert!(sync_wal(&wal, dir.path(), &mut kept, &mut dir_synced, false).is_ok());
+        assert_eq!(
+            kept.as_ref().unwrap().ino,
+            std::fs::metadata(&wal).unwrap().ino()
+        );
+        drop(first);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn durable_calls_waiting_together_share_one_sync() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("g.db")).unwrap();
+        store
+            .call(|c| Ok(c.execute_batch("CREATE TABLE t (x INTEGER)")?))
+            .await
+            .unwrap();
+        // The first round is held until 20 more callers wait behind it.
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel::<()>();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let release_rx = Mutex::new(release_rx);
+        store.on_wal_sync(move || {
+            let _ = entered_tx.send(());
+            let _ = release_rx.lock().unwrap().recv();
+        });
+        let first = {
+            let s = store.clone();
+            tokio::spawn(async move {
+                s.call_urgent_durable(|c| Ok(c.execute("INSERT INTO t VALUES (0)", [])?))
+                    .await
+            })
+        };
+        until("the first round never began", || {
+            entered_rx.try_recv().is_ok()
+        })
+        .await;
+        let rest: Vec<_> = (1..=20)
+            .map(|i| {
+                let s = store.clone();
+                tokio::spawn(async move {
+                    s.call_urgent_durable(move |c| Ok(c.execute("INSERT INTO t VALUES (?1)", [i])?))
+                        .await
+                })
+            })
+            .collect();
+        until("the callers never queued for a sync", || {
+            store.wal_sync.lock().waiting.len() == 20
+        })
+        .await;
+        assert!(!first.is_finished(), "answered before its sync finished");
+        // Round 1 (the first caller), then one round for the other twenty.
+        release_tx.send(()).unwrap();
+        release_tx.send(()).unwrap();
+        first.await.unwrap().unwrap();
+        for r in rest {
+            r.await.unwrap().unwrap();
+        }
+        assert_eq!(store.wal_sync_rounds(), 2);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
