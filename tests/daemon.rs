@@ -904,6 +904,18 @@ async fn a_stop_during_a_reload_blocked_on_the_mirror_begins_at_the_signal() {
     wait_until_blocking("the daemon is up", Duration::from_secs(30), || {
         env.daemon_log().contains("leadsync started")
     });
+    // The reload renames a business: its write needs the mirror, whatever
+    // else the database thread is doing. (With the files unchanged it wrote
+    // nothing, and waited only when it queued behind another job held by
+    // the lock: the first passes, done before the lock on a loaded machine,
+    // and the reload ended before the signal.)
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    assert!(fixture.contains("\nname = \""));
+    std::fs::write(
+        &env.fixture,
+        fixture.replacen("\nname = \"", "\nname = \"Renamed ", 1),
+    )
+    .unwrap();
     let holder = env.sql();
     holder.execute_batch("BEGIN IMMEDIATE").unwrap();
     signal(&child, libc::SIGHUP);

@@ -646,22 +646,44 @@ async fn a_fetch_error_after_pages_fetched_ahead_writes_them_and_marks_nothing_m
         PassOutcome::Ok(_)
     ));
     let before = env.sandbox.list_requests(&id);
+    let db = env.sql();
+    // Every lead is due for its hourly `last_seen_at` refresh, so that the
+    // second pass writes every page it reads: a pass finding every lead as
+    // it was writes nothing, and the lock below would hold no writer (its
+    // fetcher then raced through all 200 pages before the listing broke,
+    // and the pass succeeded).
+    db.execute(
+        "UPDATE negotiations SET last_seen_at = '2000-01-01T00:00:00.000Z'",
+        [],
+    )
+    .unwrap();
     // The pass's writer waits for another writer while its fetcher runs
-    // ahead (200 pages: it is still reading when it is held); then the
-    // listing breaks.
+    // ahead; then the listing breaks. Until the writer is held, each page
+    // takes 200 ms, so that the pass is still near its start when it is
+    // (on a loaded machine the test took the lock only once the pass was
+    // near its end). Once held, the fetcher is bounded by PAGES_AHEAD.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 200,
+        ..Default::default()
+    });
     let running = {
         let id = id.clone();
         tokio::spawn(async move { pass(&s, &id, ScanKind::Full).await })
     };
-    let db = env.sql();
     common::wait_until("the second pass started", Duration::from_secs(30), || {
         count(&db, "SELECT count(*) FROM sync_runs") == 2
     })
     .await;
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    env.sandbox.set_faults(Faults::default());
     let locked_at = env.sandbox.list_requests(&id);
+    assert!(
+        locked_at - before < 150,
+        "{} of 200 pages read before the writer was held",
+        locked_at - before
+    );
     common::wait_until("pages fetched ahead", Duration::from_secs(30), || {
-        env.sandbox.list_requests(&id) >= (locked_at + 5).min(before + 200)
+        env.sandbox.list_requests(&id) >= locked_at + 5
     })
     .await;
     env.sandbox.set_faults(Faults {
@@ -683,6 +705,14 @@ async fn a_fetch_error_after_pages_fetched_ahead_writes_them_and_marks_nothing_m
         }
         other => panic!("{other:?}"),
     }
+    // ... and written: exactly their leads were seen again.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE last_seen_at > '2001'"
+        ) as u64,
+        (fetched - 1) * 10
+    );
     assert_eq!(
         count(
             &db,
@@ -713,6 +743,13 @@ async fn a_failed_write_of_several_pages_names_every_page_it_held() {
     .await;
     let id = env.business_ids()[0].clone();
     let s = common::open_session(env.config()).await;
+    // Until the writer is held, each page takes 200 ms, so that the pass is
+    // still near its start when it is (on a loaded machine the test took
+    // the lock only once the pass was near its end, or past it).
+    env.sandbox.set_faults(Faults {
+        latency_ms: 200,
+        ..Default::default()
+    });
     let running = {
         let id = id.clone();
         tokio::spawn(async move { pass(&s, &id, ScanKind::Full).await })
@@ -727,7 +764,12 @@ async fn a_failed_write_of_several_pages_names_every_page_it_held() {
     })
     .await;
     lock.execute_batch("BEGIN IMMEDIATE").unwrap();
+    env.sandbox.set_faults(Faults::default());
     let written = count(&lock, "SELECT count(*) FROM negotiations");
+    assert!(
+        written < 1_500,
+        "{written} of 2000 leads written before the writer was held"
+    );
     lock.execute_batch(&format!(
         "CREATE TRIGGER refuse BEFORE INSERT ON negotiations
            WHEN (SELECT count(*) FROM negotiations) >= {}

@@ -912,7 +912,11 @@ fn unlisted(
 /// Only rows that differ are written, so a reload that adds one business to
 /// ten thousand writes one row.
 pub fn upsert_businesses(conn: &mut Connection, businesses: &[Business]) -> Result<usize> {
-    let tx = conn.transaction()?;
+    // IMMEDIATE: it reads before it writes, and a transaction that already
+    // read gets "database is locked" at once, without the busy timeout,
+    // when another connection holds the write lock (a reload changing a
+    // business failed at once while another program wrote to the mirror).
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut written = 0;
     {
         let mut current: std::collections::HashMap<String, (Option<String>, bool, bool)> =
