@@ -394,8 +394,9 @@ async fn confirm_unseen(
             )
         })?;
         pages += 1;
-        for l in &page.leads {
-            found_again |= seen.insert(mirror::id_fingerprint(&l.negotiation_id));
+        let ids = page.leads.iter().map(|l| &l.negotiation_id);
+        for id in ids.chain(&page.unread_ids) {
+            found_again |= seen.insert(mirror::id_fingerprint(id));
         }
         match listing.advance(&page)? {
             Step::Next(next) => cursor = next,
@@ -531,7 +532,8 @@ fn warn_skipped(page: &Page) {
     if page.skipped > 0 {
         warn!(
             skipped = page.skipped,
-            "list entries without a negotiationID were not stored"
+            unread = ?page.unread_ids,
+            "list entries that are no lead with a negotiationID were not stored (those named in `unread` count as listed)"
         );
     }
 }
@@ -865,6 +867,8 @@ async fn read_all_pages(
                 let mut ctx = page_context(business_id, run_id);
                 ctx.read_at = page.read_at.take();
                 seen.extend(page.unchanged.iter().map(|id| mirror::id_fingerprint(id)));
+                // Listed though unreadable: never marked missing for that.
+                seen.extend(page.unread_ids.iter().map(|id| mirror::id_fingerprint(id)));
                 let mut leads = std::mem::take(&mut page.leads);
                 let listed = leads.len() + page.unchanged.len();
                 let mut all_unknown = true;
