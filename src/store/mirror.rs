@@ -295,6 +295,25 @@ const LISTED_SINCE: &str = "SELECT listed_ids FROM sync_runs
 /// delivery held up by more than this past a listing is kept out.
 pub const LISTING_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
+/// Whether a listing page asked for at `read_at` may not show yet the
+/// event of a delivered copy triggered at `copy_event`: it was asked for
+/// before the event plus [`LISTING_MARGIN`] (the margin a delivery is given
+/// over a listing, [`listed_since`], given the other way round). Such a
+/// page does not overwrite the delivered copy; a change it shows that is
+/// really newer (made within the margin after the event) lands with the
+/// next listing of the lead asked for after the margin, as the mirrored
+/// copy still differs from it. Times that cannot be read are compared as
+/// text, without the margin.
+fn listing_lags(copy_event: &[u8], read_at: &str) -> bool {
+    let copy_event = std::str::from_utf8(copy_event).unwrap_or_default();
+    match (crate::time::parse(copy_event), crate::time::parse(read_at)) {
+        (Some(event), Some(read)) => event
+            .checked_add_signed(LISTING_MARGIN)
+            .is_none_or(|bound| read < bound),
+        _ => copy_event > read_at,
+    }
+}
+
 /// Whether a listing of `business_id` asked for at or after `event` plus
 /// [`LISTING_MARGIN`] showed the lead as mirrored (or, a complete one, found it gone): a pass that
 /// started after the lead's row was last written (`changed_at`; so the row
@@ -361,7 +380,8 @@ pub const MAX_COVERED_IDS: usize = 4096;
 /// updated with a change row when its payload changed, left alone when not.
 /// The one path every lead takes into the mirror, polled or by webhook. A
 /// listed copy is left out when the mirrored copy came from a webhook event
-/// triggered after the page was read ([`PageContext::read_at`]). A
+/// triggered after the page was read ([`PageContext::read_at`]), or less
+/// than [`LISTING_MARGIN`] before ([`listing_lags`]). A
 /// delivered copy of a known lead is left out when the mirrored copy is as
 /// new or newer — it came from an event triggered at or after this one
 /// (`webhook_triggered_at`), or, written by a listing, changed after this
@@ -405,9 +425,11 @@ pub fn upsert_lead(
             // (or found the lead gone) and wrote nothing: checked below.
             let mut ask_listings = false;
             let keep = match origin {
-                // A copy delivered for an event after the page was read.
+                // A copy delivered for an event after the page was read, or
+                // less than LISTING_MARGIN before: such a listing may lag
+                // the event (listing_lags).
                 Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
-                    text(6).is_some_and(|copy_event| copy_event > read_at.as_bytes())
+                    text(6).is_some_and(|copy_event| listing_lags(copy_event, read_at))
                 }),
                 Origin::Delivered { triggered_at: None } => true,
                 Origin::Delivered {
@@ -1533,6 +1555,51 @@ mod tests {
     const T1: &str = "2026-01-01T11:00:00.000Z";
     const T3: &str = "2026-01-01T13:00:00.000Z";
     const T5: &str = "2026-01-01T15:00:00.000Z";
+
+    fn changes_of(m: &Ordering, id: &str) -> i64 {
+        m.conn
+            .query_row(
+                "SELECT count(*) FROM negotiation_changes WHERE negotiation_id = ?1 AND kind = 'changed'",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn a_listing_read_within_the_margin_after_a_delivery_does_not_roll_it_back() {
+        // Open mirrored; a Canceled delivery triggered at t1 is applied; a
+        // head scan read 1 s (then 59 s) after t1 still lists Open, as a
+        // listing may lag a change: the delivered copy stays, no change row.
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T1),
+            Upserted::Changed
+        );
+        for at in ["2026-01-01T11:00:01.000Z", "2026-01-01T11:00:59.999Z"] {
+            m.pass("b", "head", at, &[lead_row("1", "Open")], None);
+            assert_eq!(m.status("1"), "Canceled", "{at}");
+        }
+        assert_eq!(changes_of(&m, "1"), 1);
+        // A listing read a margin or more after the event is the newer
+        // observation: a change listed meanwhile (the lead reopened) lands.
+        m.pass(
+            "b",
+            "head",
+            "2026-01-01T11:01:00.000Z",
+            &[lead_row("1", "Open")],
+            None,
+        );
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 2);
+    }
 
     #[test]
     fn a_delivery_older_than_a_listing_that_wrote_nothing_is_kept_out() {
