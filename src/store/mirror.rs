@@ -4,7 +4,8 @@ use crate::config::Business;
 use crate::lead::LeadRow;
 use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// An unchanged lead's `last_seen_at` is rewritten only when older than this,
 /// so that re-listing unchanged leads writes nothing (README: "last_seen_at").
@@ -668,15 +669,77 @@ pub fn write_pages(
     Ok(all)
 }
 
+/// An object's members by decoded key (a repeated key: its last value,
+/// as `serde_json::Value` reads it), each value as its text.
+type Members<'a> = std::collections::BTreeMap<String, &'a RawValue>;
+
+/// Whether two JSON texts are the same value ([`differing_fields`]): key
+/// order and spacing aside, strings by what they decode to, and numbers
+/// as `serde_json::Value` compares them when that is exact, else by their
+/// text. `Value` (without `arbitrary_precision`, which leadsync does not
+/// turn on) keeps a number beyond `u64`/`i64` as an `f64`, where
+/// `…890123` and `…890124`, or two long decimals, are equal: a real change
+/// would be taken for a non-change.
+fn same_json(a: &RawValue, b: &RawValue) -> bool {
+    let (x, y) = (a.get().trim(), b.get().trim());
+    if x == y {
+        return true;
+    }
+    match (x.as_bytes().first(), y.as_bytes().first()) {
+        (Some(b'{'), Some(b'{')) => {
+            match (
+                serde_json::from_str::<Members>(x),
+                serde_json::from_str::<Members>(y),
+            ) {
+                (Ok(p), Ok(q)) => {
+                    p.len() == q.len()
+                        && p.iter()
+                            .all(|(k, v)| q.get(k).is_some_and(|w| same_json(v, w)))
+                }
+                _ => false,
+            }
+        }
+        (Some(b'['), Some(b'[')) => {
+            match (
+                serde_json::from_str::<Vec<&RawValue>>(x),
+                serde_json::from_str::<Vec<&RawValue>>(y),
+            ) {
+                (Ok(p), Ok(q)) => {
+                    p.len() == q.len() && p.iter().zip(&q).all(|(v, w)| same_json(v, w))
+                }
+                _ => false,
+            }
+        }
+        (Some(b'"'), Some(b'"')) => {
+            let s = |t| serde_json::from_str::<String>(t).ok();
+            s(x).is_some_and(|s1| s(y) == Some(s1))
+        }
+        (Some(b'-' | b'0'..=b'9'), Some(b'-' | b'0'..=b'9')) => {
+            // A decimal of at most 15 significant digits is exact as an f64
+            // (DBL_DIG): two such are equal when their values are.
+            let short = |t: &str| {
+                let mantissa = t.split(['e', 'E']).next().unwrap_or(t);
+                let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+                digits.trim_start_matches('0').trim_end_matches('0').len() <= 15
+            };
+            let v = |t| serde_json::from_str::<Value>(t).ok();
+            short(x) && short(y) && v(x).is_some_and(|n| v(y) == Some(n))
+        }
+        // Literals (and a mix of types) that differ in text differ.
+        _ => false,
+    }
+}
+
 /// Top-level keys whose values differ between two JSON objects (an empty list
-/// when they are equal as JSON, e.g. only key order or spacing differs).
+/// when they are equal as JSON, e.g. only key order or spacing differs;
+/// [`same_json`]).
 pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
-    let parse = |s: &str| serde_json::from_str::<Map<String, Value>>(s).ok();
+    let parse = |s| serde_json::from_str::<Members>(s).ok();
     match (parse(old), parse(new)) {
         (Some(a), Some(b)) => {
             let mut keys: Vec<String> = a
                 .iter()
-                .filter(|(k, v)| b.get(*k) != Some(v))
+                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same_json(v, w)))
                 .map(|(k, _)| k.clone())
                 .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
                 .collect();
@@ -1810,6 +1873,34 @@ mod tests {
         assert_eq!(
             differing_fields(r#"{"n":9007199254740993}"#, r#"{"n":9007199254740992}"#),
             vec!["n".to_string()]
+        );
+    }
+
+    #[test]
+    fn numbers_beyond_f64_precision_that_differ_are_changes() {
+        for (old, new) in [
+            (
+                r#"{"n":1234567890123456789012345678901234567890123,"a":1}"#,
+                r#"{"a":1,"n":1234567890123456789012345678901234567890124}"#,
+            ),
+            (
+                r#"{"n":{"p":0.12345678901234567890}}"#,
+                r#"{"n":{"p":0.12345678901234567891}}"#,
+            ),
+            (
+                r#"{"n":[-12345678901234567890123]}"#,
+                r#"{"n":[-12345678901234567890124]}"#,
+            ),
+        ] {
+            assert_eq!(differing_fields(old, new), vec!["n".to_string()], "{new}");
+        }
+        // Still equal: the same numbers, spacing and key order aside.
+        assert!(
+            differing_fields(
+                r#"{"n":1234567890123456789012345678901234567890123,"d":{"x":0.12345678901234567890,"y":"é"}}"#,
+                r#"{ "d" : { "y":"é", "x" : 0.12345678901234567890 }, "n" : 1234567890123456789012345678901234567890123 }"#,
+            )
+            .is_empty()
         );
     }
 }
