@@ -673,17 +673,29 @@ pub fn write_pages(
 /// as `serde_json::Value` reads it), each value as its text.
 type Members<'a> = std::collections::BTreeMap<String, &'a RawValue>;
 
+/// How deep [`same_json`] compares containers member by member; below
+/// that, values whose texts differ are taken as different. Each level
+/// re-reads its subtree, so an unbounded depth would cost time quadratic
+/// in it and, past a few thousand levels, overflow the writer thread's
+/// stack (a 6 KB payload could crash the daemon). No real lead nests
+/// anywhere near this.
+const SAME_JSON_DEPTH: usize = 64;
+
 /// Whether two JSON texts are the same value ([`differing_fields`]): key
 /// order and spacing aside, strings by what they decode to, and numbers
 /// as `serde_json::Value` compares them when that is exact, else by their
 /// text. `Value` (without `arbitrary_precision`, which leadsync does not
 /// turn on) keeps a number beyond `u64`/`i64` as an `f64`, where
 /// `…890123` and `…890124`, or two long decimals, are equal: a real change
-/// would be taken for a non-change.
-fn same_json(a: &RawValue, b: &RawValue) -> bool {
+/// would be taken for a non-change. Containers nested deeper than
+/// [`SAME_JSON_DEPTH`] are compared by text.
+fn same_json(a: &RawValue, b: &RawValue, depth: usize) -> bool {
     let (x, y) = (a.get().trim(), b.get().trim());
     if x == y {
         return true;
+    }
+    if depth >= SAME_JSON_DEPTH {
+        return false;
     }
     match (x.as_bytes().first(), y.as_bytes().first()) {
         (Some(b'{'), Some(b'{')) => {
@@ -694,7 +706,7 @@ fn same_json(a: &RawValue, b: &RawValue) -> bool {
                 (Ok(p), Ok(q)) => {
                     p.len() == q.len()
                         && p.iter()
-                            .all(|(k, v)| q.get(k).is_some_and(|w| same_json(v, w)))
+                            .all(|(k, v)| q.get(k).is_some_and(|w| same_json(v, w, depth + 1)))
                 }
                 _ => false,
             }
@@ -705,7 +717,7 @@ fn same_json(a: &RawValue, b: &RawValue) -> bool {
                 serde_json::from_str::<Vec<&RawValue>>(y),
             ) {
                 (Ok(p), Ok(q)) => {
-                    p.len() == q.len() && p.iter().zip(&q).all(|(v, w)| same_json(v, w))
+                    p.len() == q.len() && p.iter().zip(&q).all(|(v, w)| same_json(v, w, depth + 1))
                 }
                 _ => false,
             }
@@ -714,20 +726,31 @@ fn same_json(a: &RawValue, b: &RawValue) -> bool {
             let s = |t| serde_json::from_str::<String>(t).ok();
             s(x).is_some_and(|s1| s(y) == Some(s1))
         }
-        (Some(b'-' | b'0'..=b'9'), Some(b'-' | b'0'..=b'9')) => {
-            // A decimal of at most 15 significant digits is exact as an f64
-            // (DBL_DIG): two such are equal when their values are.
-            let short = |t: &str| {
-                let mantissa = t.split(['e', 'E']).next().unwrap_or(t);
-                let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
-                digits.trim_start_matches('0').trim_end_matches('0').len() <= 15
-            };
-            let v = |t| serde_json::from_str::<Value>(t).ok();
-            short(x) && short(y) && v(x).is_some_and(|n| v(y) == Some(n))
-        }
+        (Some(b'-' | b'0'..=b'9'), Some(b'-' | b'0'..=b'9')) => same_number(x, y),
         // Literals (and a mix of types) that differ in text differ.
         _ => false,
     }
+}
+
+/// Whether two JSON number texts that differ as text are the same number.
+/// A decimal of at most 15 significant digits is exact as an f64 (DBL_DIG)
+/// when it lands in the normal range: two such are equal when their values
+/// are. Zero counts only when written as zero (`0`, `-0.0`, `0e5`), not
+/// when an exponent rounds it there (`1e-400`); a subnormal, an underflow
+/// or an overflow is compared by text, as is anything longer.
+fn same_number(x: &str, y: &str) -> bool {
+    // The value, when the text pins it down exactly as an f64.
+    let exact = |t: &str| -> Option<f64> {
+        let mantissa = t.split(['e', 'E']).next().unwrap_or(t);
+        let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+        let significant = digits.trim_start_matches('0').trim_end_matches('0');
+        if significant.len() > 15 {
+            return None;
+        }
+        let n = serde_json::from_str::<Value>(t).ok()?.as_f64()?;
+        (n.is_normal() || (n == 0.0 && significant.is_empty())).then_some(n)
+    };
+    exact(x).is_some_and(|n| exact(y) == Some(n))
 }
 
 /// Top-level keys whose values differ between two JSON objects (an empty list
@@ -739,7 +762,7 @@ pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
         (Some(a), Some(b)) => {
             let mut keys: Vec<String> = a
                 .iter()
-                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same_json(v, w)))
+                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same_json(v, w, 0)))
                 .map(|(k, _)| k.clone())
                 .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
                 .collect();
@@ -1902,5 +1925,59 @@ mod tests {
             )
             .is_empty()
         );
+    }
+
+    #[test]
+    fn deeply_nested_values_that_differ_are_changes_without_exhausting_the_stack() {
+        // 100,000 levels, far past any recursion a 2 MiB thread (the
+        // `leadsync-db` writer's) can take, compared on such a thread.
+        let deep = |n: char| {
+            let depth = 100_000;
+            format!(
+                r#"{{"negotiationID":"1","x":{}{n}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        let (old, new) = (deep('1'), deep('2'));
+        let fields = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || differing_fields(&old, &new))
+            .unwrap()
+            .join()
+            .expect("the comparison overflowed its stack");
+        assert_eq!(fields, vec!["x".to_string()]);
+        // Nesting within the limit is still compared as JSON.
+        let nested =
+            |inner: &str| format!(r#"{{"x":{}{inner}{}}}"#, "[".repeat(60), "]".repeat(60));
+        assert!(
+            differing_fields(&nested(r#"{"a":1,"b":2}"#), &nested(r#"{ "b":2,"a":1 }"#)).is_empty()
+        );
+    }
+
+    #[test]
+    fn numbers_that_round_to_the_same_f64_outside_its_normal_range_are_changes() {
+        for (old, new) in [
+            (r#"{"n":1e-400}"#, r#"{"n":2e-400}"#),
+            (r#"{"n":4e-324}"#, r#"{"n":5e-324}"#),
+            (r#"{"n":1e-320}"#, r#"{"n":1.0000000000001e-320}"#),
+            (r#"{"n":0}"#, r#"{"n":1e-400}"#),
+            (r#"{"n":-0.0}"#, r#"{"n":-1e-999}"#),
+        ] {
+            assert_eq!(
+                differing_fields(old, new),
+                vec!["n".to_string()],
+                "{old} {new}"
+            );
+        }
+        // Still equal: the same normal value (or zero) written two ways.
+        for (old, new) in [
+            (r#"{"n":1.5}"#, r#"{"n":15e-1}"#),
+            (r#"{"n":1e-300}"#, r#"{"n":0.1e-299}"#),
+            (r#"{"n":0}"#, r#"{"n":0.0}"#),
+            (r#"{"n":0}"#, r#"{"n":0e10}"#),
+        ] {
+            assert!(differing_fields(old, new).is_empty(), "{old} {new}");
+        }
     }
 }
