@@ -17,9 +17,10 @@ pub struct Page {
     /// Entries that are not objects with a `negotiationID` (logged, counted, not stored).
     pub skipped: i64,
     /// The ids of skipped entries that still name one: an object whose
-    /// first top-level `negotiationID` is readable though the lead is not
-    /// (e.g. `{"negotiationID":"1","negotiationID":null}`). Such a lead is
-    /// listed: a full scan never marks it missing.
+    /// last top-level `negotiationID` (the one a read lead's id comes from)
+    /// is readable though the lead is not (e.g. a key that is no text:
+    /// `{"negotiationID":"1","\ud800":0}`). Such a lead is listed: a full
+    /// scan never marks it missing.
     pub unread_ids: Vec<String>,
     /// What the page said about the listing (see `paging.rs` for what it means).
     pub markers: Markers,
@@ -473,6 +474,57 @@ fn id_and_hash(payload: &str) -> Option<(String, i64)> {
     Some((id?, xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64))
 }
 
+/// The id an entry [`parse_lead`] could not read still names: its last
+/// top-level `negotiationID` (the value a read lead's id is taken from; a
+/// last one that is `null` or no text names none). Keys are compared as
+/// bytes, so a key that is no text (a lone surrogate escape, which makes
+/// the lead unreadable) does not stop the scan.
+fn unread_id(payload: &str) -> Option<String> {
+    struct IsId(bool);
+    impl<'de> Deserialize<'de> for IsId {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = IsId;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_bytes<E>(self, v: &[u8]) -> Result<IsId, E> {
+                    Ok(IsId(v == b"negotiationID"))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<IsId, E> {
+                    Ok(IsId(v == "negotiationID"))
+                }
+            }
+            d.deserialize_bytes(V)
+        }
+    }
+    struct LastId<'a>(&'a mut Option<String>);
+    impl<'de> serde::de::Visitor<'de> for LastId<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a lead object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(IsId(is_id)) = map.next_key()? {
+                if is_id {
+                    *self.0 = text(map.next_value::<Option<&'de RawValue>>()?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+    if !payload.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut id = None;
+    let mut de = serde_json::Deserializer::from_str(payload);
+    serde::Deserializer::deserialize_map(&mut de, LastId(&mut id)).ok()?;
+    id
+}
+
 /// A caller's check of a listed lead by its id and payload hash: true when
 /// the lead needs no reading (see [`parse_page_with`]). It may be asked
 /// about a lead more than once (a page the quick reader gives up on is read
@@ -543,8 +595,7 @@ fn parse_page_scanning_each(
                 }
                 None => {
                     page.skipped += 1;
-                    page.unread_ids
-                        .extend(id_and_hash(raw.get()).map(|(id, _)| id));
+                    page.unread_ids.extend(unread_id(raw.get()));
                     continue;
                 }
             },
@@ -860,7 +911,9 @@ mod fast {
 /// care: serde_json skips a raw value, as the other reader reads each entry
 /// and each other value, without a depth limit.)
 mod checked {
-    use super::{IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, text_of};
+    use super::{
+        IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, text_of, unread_id,
+    };
     use serde_json::value::RawValue;
 
     fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -1023,8 +1076,7 @@ mod checked {
                         }
                         None => {
                             page.skipped += 1;
-                            page.unread_ids
-                                .extend(id_and_hash(raw.get()).map(|(id, _)| id));
+                            page.unread_ids.extend(unread_id(raw.get()));
                         }
                     }
                 }
@@ -2367,10 +2419,13 @@ mod tests {
             assert_eq!(page.entries(), 2);
         }
         same_page_as_scanning_each(&body);
-        // An entry that names an id but cannot be read as a lead is still
-        // listed under that id (its first), in every reader.
-        let unread = r#"{"negotiationID":"9","negotiationID":null}"#;
-        let body = format!(r#"{{"data":[{other},{unread},7]}}"#);
+        // An entry that names an id but cannot be read as a lead (here: a
+        // key that is no text) is still listed under that id, in every
+        // reader. Its id is its last, as for a lead that is read: one whose
+        // last id is null names none.
+        let unread = r#"{"negotiationID":null,"negotiationID":"9","\ud800":1}"#;
+        let no_id = r#"{"negotiationID":"10","negotiationID":null}"#;
+        let body = format!(r#"{{"data":[{other},{unread},{no_id},7]}}"#);
         for page in [
             parse_page(body.as_bytes()).unwrap(),
             parse_page_with(body.as_bytes(), Some(&|_: &str, _| false)).unwrap(),
@@ -2378,7 +2433,7 @@ mod tests {
         ] {
             assert_eq!(
                 (page.skipped, page.unread_ids.clone()),
-                (2, vec!["9".to_string()])
+                (3, vec!["9".to_string()])
             );
         }
         same_page_as_scanning_each(&body);
