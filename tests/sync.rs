@@ -1237,10 +1237,12 @@ async fn a_head_scan_confirms_only_the_leads_it_listed() {
 /// The converse, with four businesses' passes at once (as
 /// `daemon.sync_concurrency = 4` runs them), their pages answered
 /// interleaved and well after they were made: a page made before a
-/// delivered event never overwrites the delivered copy, and a page asked
-/// for after the event is the newer observation and is written. Which
-/// pages were asked for before the event is read from the sandbox's request
-/// counts around it, not guessed from how long pages are held.
+/// delivered event never overwrites the delivered copy, nor does a page
+/// asked for after the event but less than `LISTING_MARGIN` after it (a
+/// listing may lag the event); the first listing asked for a margin after
+/// it is compared as usual and written. Which pages were asked for before
+/// the event is read from the sandbox's request counts around it, not
+/// guessed from how long pages are held.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn four_passes_at_once_keep_delivered_copies_newer_than_their_pages() {
     let env = Env::new(
