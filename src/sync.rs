@@ -394,8 +394,9 @@ async fn confirm_unseen(
             )
         })?;
         pages += 1;
-        for l in &page.leads {
-            found_again |= seen.insert(mirror::id_fingerprint(&l.negotiation_id));
+        let ids = page.leads.iter().map(|l| &l.negotiation_id);
+        for id in ids.chain(&page.unread_ids) {
+            found_again |= seen.insert(mirror::id_fingerprint(id));
         }
         match listing.advance(&page)? {
             Step::Next(next) => cursor = next,
@@ -527,13 +528,28 @@ async fn read_pages(
     }
 }
 
+/// At most this many unread ids are named in a page's warning (a page of
+/// unreadable leads, seen on every pass, would otherwise log them all).
+const UNREAD_IDS_LOGGED: usize = 10;
+
 fn warn_skipped(page: &Page) {
     if page.skipped > 0 {
         warn!(
             skipped = page.skipped,
-            "list entries without a negotiationID were not stored"
+            unread = %unread_note(&page.unread_ids),
+            "list entries that are no lead with a negotiationID were not stored (those named in `unread` count as listed)"
         );
     }
+}
+
+/// The first [`UNREAD_IDS_LOGGED`] ids, then how many more there are.
+fn unread_note(ids: &[String]) -> String {
+    let shown = &ids[..ids.len().min(UNREAD_IDS_LOGGED)];
+    let mut note = format!("{shown:?}");
+    if ids.len() > shown.len() {
+        note.push_str(&format!(" and {} more", ids.len() - shown.len()));
+    }
+    note
 }
 
 fn page_context(business_id: &str, run_id: i64) -> PageContext {
@@ -865,6 +881,8 @@ async fn read_all_pages(
                 let mut ctx = page_context(business_id, run_id);
                 ctx.read_at = page.read_at.take();
                 seen.extend(page.unchanged.iter().map(|id| mirror::id_fingerprint(id)));
+                // Listed though unreadable: never marked missing for that.
+                seen.extend(page.unread_ids.iter().map(|id| mirror::id_fingerprint(id)));
                 let mut leads = std::mem::take(&mut page.leads);
                 let listed = leads.len() + page.unchanged.len();
                 let mut all_unknown = true;
@@ -931,6 +949,17 @@ mod tests {
             unchanged: vec!["x".to_string(); leads],
             ..Page::default()
         }
+    }
+
+    #[test]
+    fn a_pages_warning_names_ten_unread_ids_and_counts_the_rest() {
+        let ids = |n: usize| (0..n).map(|i| i.to_string()).collect::<Vec<_>>();
+        assert_eq!(unread_note(&ids(2)), r#"["0", "1"]"#);
+        assert_eq!(unread_note(&ids(10)), format!("{:?}", ids(10)));
+        assert_eq!(
+            unread_note(&ids(5000)),
+            format!("{:?} and 4990 more", ids(10))
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -4,7 +4,8 @@ use crate::config::Business;
 use crate::lead::LeadRow;
 use anyhow::Result;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
-use serde_json::{Map, Value};
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// An unchanged lead's `last_seen_at` is rewritten only when older than this,
 /// so that re-listing unchanged leads writes nothing (README: "last_seen_at").
@@ -295,6 +296,25 @@ const LISTED_SINCE: &str = "SELECT listed_ids FROM sync_runs
 /// delivery held up by more than this past a listing is kept out.
 pub const LISTING_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 
+/// Whether a listing page asked for at `read_at` may not show yet the
+/// event of a delivered copy triggered at `copy_event`: it was asked for
+/// before the event plus [`LISTING_MARGIN`] (the margin a delivery is given
+/// over a listing, [`listed_since`], given the other way round). Such a
+/// page does not overwrite the delivered copy; a change it shows that is
+/// really newer (made within the margin after the event) lands with the
+/// next listing of the lead asked for after the margin, as the mirrored
+/// copy still differs from it. Times that cannot be read are compared as
+/// text, without the margin.
+fn listing_lags(copy_event: &[u8], read_at: &str) -> bool {
+    let copy_event = std::str::from_utf8(copy_event).unwrap_or_default();
+    match (crate::time::parse(copy_event), crate::time::parse(read_at)) {
+        (Some(event), Some(read)) => event
+            .checked_add_signed(LISTING_MARGIN)
+            .is_none_or(|bound| read < bound),
+        _ => copy_event > read_at,
+    }
+}
+
 /// Whether a listing of `business_id` asked for at or after `event` plus
 /// [`LISTING_MARGIN`] showed the lead as mirrored (or, a complete one, found it gone): a pass that
 /// started after the lead's row was last written (`changed_at`; so the row
@@ -373,7 +393,8 @@ pub const MAX_COVERED_IDS: usize = 4096;
 /// updated with a change row when its payload changed, left alone when not.
 /// The one path every lead takes into the mirror, polled or by webhook. A
 /// listed copy is left out when the mirrored copy came from a webhook event
-/// triggered after the page was read ([`PageContext::read_at`]). A
+/// triggered after the page was read ([`PageContext::read_at`]), or less
+/// than [`LISTING_MARGIN`] before ([`listing_lags`]). A
 /// delivered copy of a known lead is left out when the mirrored copy is as
 /// new or newer — it came from an event triggered at or after this one
 /// (`webhook_triggered_at`), or, written by a listing, changed after this
@@ -418,9 +439,11 @@ pub fn upsert_lead(
             // (or found the lead gone) and wrote nothing: checked below.
             let mut ask_listings = false;
             let keep = match origin {
-                // A copy delivered for an event after the page was read.
+                // A copy delivered for an event after the page was read, or
+                // less than LISTING_MARGIN before: such a listing may lag
+                // the event (listing_lags).
                 Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
-                    text(6).is_some_and(|copy_event| copy_event > read_at.as_bytes())
+                    text(6).is_some_and(|copy_event| listing_lags(copy_event, read_at))
                 }),
                 Origin::Delivered { triggered_at: None } => true,
                 Origin::Delivered {
@@ -659,15 +682,100 @@ pub fn write_pages(
     Ok(all)
 }
 
+/// An object's members by decoded key (a repeated key: its last value,
+/// as `serde_json::Value` reads it), each value as its text.
+type Members<'a> = std::collections::BTreeMap<String, &'a RawValue>;
+
+/// How deep [`same_json`] compares containers member by member; below
+/// that, values whose texts differ are taken as different. Each level
+/// re-reads its subtree, so an unbounded depth would cost time quadratic
+/// in it and, past a few thousand levels, overflow the writer thread's
+/// stack (a 6 KB payload could crash the daemon). No real lead nests
+/// anywhere near this.
+const SAME_JSON_DEPTH: usize = 64;
+
+/// Whether two JSON texts are the same value ([`differing_fields`]): key
+/// order and spacing aside, strings by what they decode to, and numbers
+/// as `serde_json::Value` compares them when that is exact, else by their
+/// text. `Value` (without `arbitrary_precision`, which leadsync does not
+/// turn on) keeps a number beyond `u64`/`i64` as an `f64`, where
+/// `…890123` and `…890124`, or two long decimals, are equal: a real change
+/// would be taken for a non-change. Containers nested deeper than
+/// [`SAME_JSON_DEPTH`] are compared by text.
+fn same_json(a: &RawValue, b: &RawValue, depth: usize) -> bool {
+    let (x, y) = (a.get().trim(), b.get().trim());
+    if x == y {
+        return true;
+    }
+    if depth >= SAME_JSON_DEPTH {
+        return false;
+    }
+    match (x.as_bytes().first(), y.as_bytes().first()) {
+        (Some(b'{'), Some(b'{')) => {
+            match (
+                serde_json::from_str::<Members>(x),
+                serde_json::from_str::<Members>(y),
+            ) {
+                (Ok(p), Ok(q)) => {
+                    p.len() == q.len()
+                        && p.iter()
+                            .all(|(k, v)| q.get(k).is_some_and(|w| same_json(v, w, depth + 1)))
+                }
+                _ => false,
+            }
+        }
+        (Some(b'['), Some(b'[')) => {
+            match (
+                serde_json::from_str::<Vec<&RawValue>>(x),
+                serde_json::from_str::<Vec<&RawValue>>(y),
+            ) {
+                (Ok(p), Ok(q)) => {
+                    p.len() == q.len() && p.iter().zip(&q).all(|(v, w)| same_json(v, w, depth + 1))
+                }
+                _ => false,
+            }
+        }
+        (Some(b'"'), Some(b'"')) => {
+            let s = |t| serde_json::from_str::<String>(t).ok();
+            s(x).is_some_and(|s1| s(y) == Some(s1))
+        }
+        (Some(b'-' | b'0'..=b'9'), Some(b'-' | b'0'..=b'9')) => same_number(x, y),
+        // Literals (and a mix of types) that differ in text differ.
+        _ => false,
+    }
+}
+
+/// Whether two JSON number texts that differ as text are the same number.
+/// A decimal of at most 15 significant digits is exact as an f64 (DBL_DIG)
+/// when it lands in the normal range: two such are equal when their values
+/// are. Zero counts only when written as zero (`0`, `-0.0`, `0e5`), not
+/// when an exponent rounds it there (`1e-400`); a subnormal, an underflow
+/// or an overflow is compared by text, as is anything longer.
+fn same_number(x: &str, y: &str) -> bool {
+    // The value, when the text pins it down exactly as an f64.
+    let exact = |t: &str| -> Option<f64> {
+        let mantissa = t.split(['e', 'E']).next().unwrap_or(t);
+        let digits: String = mantissa.chars().filter(char::is_ascii_digit).collect();
+        let significant = digits.trim_start_matches('0').trim_end_matches('0');
+        if significant.len() > 15 {
+            return None;
+        }
+        let n = serde_json::from_str::<Value>(t).ok()?.as_f64()?;
+        (n.is_normal() || (n == 0.0 && significant.is_empty())).then_some(n)
+    };
+    exact(x).is_some_and(|n| exact(y) == Some(n))
+}
+
 /// Top-level keys whose values differ between two JSON objects (an empty list
-/// when they are equal as JSON, e.g. only key order or spacing differs).
+/// when they are equal as JSON, e.g. only key order or spacing differs;
+/// [`same_json`]).
 pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
-    let parse = |s: &str| serde_json::from_str::<Map<String, Value>>(s).ok();
+    let parse = |s| serde_json::from_str::<Members>(s).ok();
     match (parse(old), parse(new)) {
         (Some(a), Some(b)) => {
             let mut keys: Vec<String> = a
                 .iter()
-                .filter(|(k, v)| b.get(*k) != Some(v))
+                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same_json(v, w, 0)))
                 .map(|(k, _)| k.clone())
                 .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
                 .collect();
@@ -1551,6 +1659,51 @@ mod tests {
     const T3: &str = "2026-01-01T13:00:00.000Z";
     const T5: &str = "2026-01-01T15:00:00.000Z";
 
+    fn changes_of(m: &Ordering, id: &str) -> i64 {
+        m.conn
+            .query_row(
+                "SELECT count(*) FROM negotiation_changes WHERE negotiation_id = ?1 AND kind = 'changed'",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+    }
+
+    #[test]
+    fn a_listing_read_within_the_margin_after_a_delivery_does_not_roll_it_back() {
+        // Open mirrored; a Canceled delivery triggered at t1 is applied; a
+        // head scan read 1 s (then 59 s) after t1 still lists Open, as a
+        // listing may lag a change: the delivered copy stays, no change row.
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T1),
+            Upserted::Changed
+        );
+        for at in ["2026-01-01T11:00:01.000Z", "2026-01-01T11:00:59.999Z"] {
+            m.pass("b", "head", at, &[lead_row("1", "Open")], None);
+            assert_eq!(m.status("1"), "Canceled", "{at}");
+        }
+        assert_eq!(changes_of(&m, "1"), 1);
+        // A listing read a margin or more after the event is the newer
+        // observation: a change listed meanwhile (the lead reopened) lands.
+        m.pass(
+            "b",
+            "head",
+            "2026-01-01T11:01:00.000Z",
+            &[lead_row("1", "Open")],
+            None,
+        );
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 2);
+    }
+
     #[test]
     fn a_delivery_older_than_a_listing_that_wrote_nothing_is_kept_out() {
         // Listed Open at t0; Canceled at t1 (delivery held up), Open again;
@@ -1799,5 +1952,87 @@ mod tests {
             differing_fields(r#"{"n":9007199254740993}"#, r#"{"n":9007199254740992}"#),
             vec!["n".to_string()]
         );
+    }
+
+    #[test]
+    fn numbers_beyond_f64_precision_that_differ_are_changes() {
+        for (old, new) in [
+            (
+                r#"{"n":1234567890123456789012345678901234567890123,"a":1}"#,
+                r#"{"a":1,"n":1234567890123456789012345678901234567890124}"#,
+            ),
+            (
+                r#"{"n":{"p":0.12345678901234567890}}"#,
+                r#"{"n":{"p":0.12345678901234567891}}"#,
+            ),
+            (
+                r#"{"n":[-12345678901234567890123]}"#,
+                r#"{"n":[-12345678901234567890124]}"#,
+            ),
+        ] {
+            assert_eq!(differing_fields(old, new), vec!["n".to_string()], "{new}");
+        }
+        // Still equal: the same numbers, spacing and key order aside.
+        assert!(
+            differing_fields(
+                r#"{"n":1234567890123456789012345678901234567890123,"d":{"x":0.12345678901234567890,"y":"é"}}"#,
+                r#"{ "d" : { "y":"é", "x" : 0.12345678901234567890 }, "n" : 1234567890123456789012345678901234567890123 }"#,
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn deeply_nested_values_that_differ_are_changes_without_exhausting_the_stack() {
+        // 100,000 levels, far past any recursion a 2 MiB thread (the
+        // `leadsync-db` writer's) can take, compared on such a thread.
+        let deep = |n: char| {
+            let depth = 100_000;
+            format!(
+                r#"{{"negotiationID":"1","x":{}{n}{}}}"#,
+                "[".repeat(depth),
+                "]".repeat(depth)
+            )
+        };
+        let (old, new) = (deep('1'), deep('2'));
+        let fields = std::thread::Builder::new()
+            .stack_size(2 * 1024 * 1024)
+            .spawn(move || differing_fields(&old, &new))
+            .unwrap()
+            .join()
+            .expect("the comparison overflowed its stack");
+        assert_eq!(fields, vec!["x".to_string()]);
+        // Nesting within the limit is still compared as JSON.
+        let nested =
+            |inner: &str| format!(r#"{{"x":{}{inner}{}}}"#, "[".repeat(60), "]".repeat(60));
+        assert!(
+            differing_fields(&nested(r#"{"a":1,"b":2}"#), &nested(r#"{ "b":2,"a":1 }"#)).is_empty()
+        );
+    }
+
+    #[test]
+    fn numbers_that_round_to_the_same_f64_outside_its_normal_range_are_changes() {
+        for (old, new) in [
+            (r#"{"n":1e-400}"#, r#"{"n":2e-400}"#),
+            (r#"{"n":4e-324}"#, r#"{"n":5e-324}"#),
+            (r#"{"n":1e-320}"#, r#"{"n":1.0000000000001e-320}"#),
+            (r#"{"n":0}"#, r#"{"n":1e-400}"#),
+            (r#"{"n":-0.0}"#, r#"{"n":-1e-999}"#),
+        ] {
+            assert_eq!(
+                differing_fields(old, new),
+                vec!["n".to_string()],
+                "{old} {new}"
+            );
+        }
+        // Still equal: the same normal value (or zero) written two ways.
+        for (old, new) in [
+            (r#"{"n":1.5}"#, r#"{"n":15e-1}"#),
+            (r#"{"n":1e-300}"#, r#"{"n":0.1e-299}"#),
+            (r#"{"n":0}"#, r#"{"n":0.0}"#),
+            (r#"{"n":0}"#, r#"{"n":0e10}"#),
+        ] {
+            assert!(differing_fields(old, new).is_empty(), "{old} {new}");
+        }
     }
 }

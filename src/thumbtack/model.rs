@@ -16,6 +16,12 @@ pub struct Page {
     pub unchanged: Vec<String>,
     /// Entries that are not objects with a `negotiationID` (logged, counted, not stored).
     pub skipped: i64,
+    /// The ids of skipped entries that still name one: an object whose
+    /// last top-level `negotiationID` (the one a read lead's id comes from)
+    /// is readable though the lead is not (e.g. a key that is no text:
+    /// `{"negotiationID":"1","\ud800":0}`). Such a lead is listed: a full
+    /// scan never marks it missing.
+    pub unread_ids: Vec<String>,
     /// What the page said about the listing (see `paging.rs` for what it means).
     pub markers: Markers,
     /// xxh3 of the ids of every lead listed (read or unchanged), in listing
@@ -330,7 +336,11 @@ fn object<'a, T: Deserialize<'a>>(raw: Option<&'a RawValue>) -> Option<T> {
 }
 
 /// Reads one lead (a list entry or a GET body); `None` when it is not an
-/// object with a `negotiationID`. Each convenience column takes the first
+/// object with a `negotiationID`. A key repeated at the lead's top level
+/// (JSON allows it) does not make it unreadable: its last value counts, as
+/// in JavaScript's `JSON.parse` (read by the fallback, so the common path
+/// pays nothing); a nested object that repeats a key read from it gives
+/// none of its columns, as before. Each convenience column takes the first
 /// present of its fields (SPEC §5): category `request.category.name`, then
 /// `category.name`; customer name `customer.displayName`, then
 /// `firstName + " " + lastName`; city and zip `request.location`, then
@@ -341,7 +351,7 @@ pub fn parse_lead(raw: &RawValue) -> Option<LeadRow> {
         return None;
     }
     let Ok(f) = serde_json::from_str::<LeadFields>(payload) else {
-        return separate::parse_lead(raw);
+        return separate::parse_lead(raw).or_else(|| separate::parse_lead_last_wins(raw));
     };
     lead_row(&f, payload)
 }
@@ -464,6 +474,57 @@ fn id_and_hash(payload: &str) -> Option<(String, i64)> {
     Some((id?, xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64))
 }
 
+/// The id an entry [`parse_lead`] could not read still names: its last
+/// top-level `negotiationID` (the value a read lead's id is taken from; a
+/// last one that is `null` or no text names none). Keys are compared as
+/// bytes, so a key that is no text (a lone surrogate escape, which makes
+/// the lead unreadable) does not stop the scan.
+fn unread_id(payload: &str) -> Option<String> {
+    struct IsId(bool);
+    impl<'de> Deserialize<'de> for IsId {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl serde::de::Visitor<'_> for V {
+                type Value = IsId;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a key")
+                }
+                fn visit_bytes<E>(self, v: &[u8]) -> Result<IsId, E> {
+                    Ok(IsId(v == b"negotiationID"))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<IsId, E> {
+                    Ok(IsId(v == "negotiationID"))
+                }
+            }
+            d.deserialize_bytes(V)
+        }
+    }
+    struct LastId<'a>(&'a mut Option<String>);
+    impl<'de> serde::de::Visitor<'de> for LastId<'_> {
+        type Value = ();
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a lead object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+            while let Some(IsId(is_id)) = map.next_key()? {
+                if is_id {
+                    *self.0 = text(map.next_value::<Option<&'de RawValue>>()?);
+                } else {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+            Ok(())
+        }
+    }
+    if !payload.trim_start().starts_with('{') {
+        return None;
+    }
+    let mut id = None;
+    let mut de = serde_json::Deserializer::from_str(payload);
+    serde::Deserializer::deserialize_map(&mut de, LastId(&mut id)).ok()?;
+    id
+}
+
 /// A caller's check of a listed lead by its id and payload hash: true when
 /// the lead needs no reading (see [`parse_page_with`]). It may be asked
 /// about a lead more than once (a page the quick reader gives up on is read
@@ -534,6 +595,7 @@ fn parse_page_scanning_each(
                 }
                 None => {
                     page.skipped += 1;
+                    page.unread_ids.extend(unread_id(raw.get()));
                     continue;
                 }
             },
@@ -849,7 +911,9 @@ mod fast {
 /// care: serde_json skips a raw value, as the other reader reads each entry
 /// and each other value, without a depth limit.)
 mod checked {
-    use super::{IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, text_of};
+    use super::{
+        IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, text_of, unread_id,
+    };
     use serde_json::value::RawValue;
 
     fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -1003,13 +1067,19 @@ mod checked {
                     ids.add(&id);
                     page.unchanged.push(id);
                 }
-                None => match parse_lead(checked_value(entry)?) {
-                    Some(lead) => {
-                        ids.add(&lead.negotiation_id);
-                        page.leads.push(lead);
+                None => {
+                    let raw = checked_value(entry)?;
+                    match parse_lead(raw) {
+                        Some(lead) => {
+                            ids.add(&lead.negotiation_id);
+                            page.leads.push(lead);
+                        }
+                        None => {
+                            page.skipped += 1;
+                            page.unread_ids.extend(unread_id(raw.get()));
+                        }
                     }
-                    None => page.skipped += 1,
-                },
+                }
             }
             i = skip_ws(b, end);
             match b.get(i)? {
@@ -1275,12 +1345,12 @@ pub fn sent_message_id(body: &[u8]) -> Option<String> {
 /// value of a nested object's place, since that value is parsed there, not
 /// skipped; such a lead is still stored with the columns it had.
 mod separate {
-    use super::{lead_time, object};
+    use super::{Key, lead_time, object};
     use crate::lead::LeadRow;
     use serde::Deserialize;
     use serde_json::value::RawValue;
 
-    #[derive(Deserialize)]
+    #[derive(Deserialize, Default)]
     struct LeadFields<'a> {
         #[serde(rename = "negotiationID", borrow, default)]
         negotiation_id: Option<&'a RawValue>,
@@ -1359,6 +1429,63 @@ mod separate {
             return None;
         }
         let f: LeadFields = serde_json::from_str(payload).ok()?;
+        row(f, payload)
+    }
+
+    /// [`parse_lead`] of a lead that repeats a top-level key: the last
+    /// value of each key counts (JavaScript's rule; serde_json's `Value`
+    /// keeps the last too), the nested objects read as `parse_lead` reads
+    /// them. `None` when the text is not an object or has no id.
+    pub(super) fn parse_lead_last_wins(raw: &RawValue) -> Option<LeadRow> {
+        struct LastWins<'a>(LeadFields<'a>);
+        impl<'de> Deserialize<'de> for LastWins<'de> {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct V;
+                impl<'de> serde::de::Visitor<'de> for V {
+                    type Value = LastWins<'de>;
+                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                        f.write_str("a lead object")
+                    }
+                    fn visit_map<A: serde::de::MapAccess<'de>>(
+                        self,
+                        mut map: A,
+                    ) -> Result<LastWins<'de>, A::Error> {
+                        let mut f = LeadFields::default();
+                        while let Some(key) = map.next_key::<Key<'de>>()? {
+                            let place = match key.0.as_ref() {
+                                "negotiationID" => &mut f.negotiation_id,
+                                "status" => &mut f.status,
+                                "createTime" => &mut f.create_time,
+                                "createdAt" => &mut f.created_at,
+                                "category" => &mut f.category,
+                                "customer" => &mut f.customer,
+                                "request" => &mut f.request,
+                                "leadPrice" => &mut f.lead_price,
+                                "chargeState" => &mut f.charge_state,
+                                _ => {
+                                    map.next_value::<serde::de::IgnoredAny>()?;
+                                    continue;
+                                }
+                            };
+                            // `null` reads as absent, as the derived field reads it.
+                            *place = map.next_value::<Option<&'de RawValue>>()?;
+                        }
+                        Ok(LastWins(f))
+                    }
+                }
+                d.deserialize_map(V)
+            }
+        }
+        let payload = raw.get();
+        if !payload.trim_start().starts_with('{') {
+            return None;
+        }
+        let f: LastWins = serde_json::from_str(payload).ok()?;
+        row(f.0, payload)
+    }
+
+    /// The row of a lead's fields, `payload` being its exact text.
+    fn row(f: LeadFields, payload: &str) -> Option<LeadRow> {
         let negotiation_id = text(f.negotiation_id)?;
         let created_at = text(f.create_time)
             .or_else(|| text(f.created_at))
@@ -1417,7 +1544,8 @@ mod tests {
         let Ok(raw) = serde_json::from_str::<&RawValue>(body) else {
             return;
         };
-        assert_eq!(parse_lead(raw), separate::parse_lead(raw), "{body}");
+        let before = separate::parse_lead(raw).or_else(|| separate::parse_lead_last_wins(raw));
+        assert_eq!(parse_lead(raw), before, "{body}");
     }
 
     const HOSTILE: &[&str] = &[
@@ -1609,11 +1737,22 @@ mod tests {
     }
 
     /// What a page reader answers of a page, all of it compared.
-    fn key(p: &Page) -> (Vec<LeadRow>, Vec<String>, i64, Markers, Option<u64>) {
+    #[allow(clippy::type_complexity)]
+    fn key(
+        p: &Page,
+    ) -> (
+        Vec<LeadRow>,
+        Vec<String>,
+        i64,
+        Vec<String>,
+        Markers,
+        Option<u64>,
+    ) {
         (
             p.leads.clone(),
             p.unchanged.clone(),
             p.skipped,
+            p.unread_ids.clone(),
             p.markers.clone(),
             p.ids_digest,
         )
@@ -2249,8 +2388,55 @@ mod tests {
         )
         .unwrap();
         assert_eq!((lead.category, lead.customer_name), (None, None));
-        // A repeated top-level key still makes the entry unreadable.
-        assert!(parse_lead_body(r#"{"negotiationID":"5","status":"a","status":"b"}"#).is_none());
+    }
+
+    /// JSON allows a repeated key; a lead that repeats one is a lead (SPEC
+    /// §5): its last value counts for the columns (as in JavaScript), its
+    /// payload is the text as received, and every page reader lists it.
+    #[test]
+    fn a_lead_that_repeats_a_top_level_key_is_read_its_last_value_counting() {
+        let lead = r#"{"negotiationID":"5","status":"Open","customer":{"displayName":"A"},"status":"Canceled","leadPrice":"1","leadPrice":2.50}"#;
+        let row = parse_lead_body(lead).expect("a lead repeating a key is still a lead");
+        assert_eq!(row.negotiation_id, "5");
+        assert_eq!(row.status.as_deref(), Some("Canceled"));
+        assert_eq!(row.lead_price.as_deref(), Some("2.50"));
+        assert_eq!(row.customer_name.as_deref(), Some("A"));
+        assert_eq!(row.payload, lead);
+        assert_eq!(row.hash, xxhash_rust::xxh3::xxh3_64(lead.as_bytes()) as i64);
+        // The last id counts too.
+        let twice = r#"{"negotiationID":"6","negotiationID":"7","status":"s"}"#;
+        assert_eq!(parse_lead_body(twice).unwrap().negotiation_id, "7");
+        let other = r#"{"negotiationID":"8","status":"Open"}"#;
+        let body = format!(r#"{{"data":[{lead},{other}],"pagination":{{"limit":2}}}}"#);
+        for page in [
+            parse_page(body.as_bytes()).unwrap(),
+            parse_page_with(body.as_bytes(), Some(&|_: &str, _| false)).unwrap(),
+            parse_page_with(body.as_bytes(), Some(&|id: &str, _| id == "8")).unwrap(),
+            parse_page_scanning_each(&body, None).unwrap(),
+        ] {
+            assert_eq!(page.skipped, 0);
+            assert_eq!(page.leads[0], row);
+            assert_eq!(page.entries(), 2);
+        }
+        same_page_as_scanning_each(&body);
+        // An entry that names an id but cannot be read as a lead (here: a
+        // key that is no text) is still listed under that id, in every
+        // reader. Its id is its last, as for a lead that is read: one whose
+        // last id is null names none.
+        let unread = r#"{"negotiationID":null,"negotiationID":"9","\ud800":1}"#;
+        let no_id = r#"{"negotiationID":"10","negotiationID":null}"#;
+        let body = format!(r#"{{"data":[{other},{unread},{no_id},7]}}"#);
+        for page in [
+            parse_page(body.as_bytes()).unwrap(),
+            parse_page_with(body.as_bytes(), Some(&|_: &str, _| false)).unwrap(),
+            parse_page_with(body.as_bytes(), Some(&|id: &str, _| id == "8")).unwrap(),
+        ] {
+            assert_eq!(
+                (page.skipped, page.unread_ids.clone()),
+                (3, vec!["9".to_string()])
+            );
+        }
+        same_page_as_scanning_each(&body);
     }
 
     #[test]

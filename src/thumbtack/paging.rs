@@ -141,6 +141,20 @@ impl Listing {
         }
     }
 
+    /// An error once more than [`MAX_EMPTY_PAGES`] empty pages in a row
+    /// named a next page by a token (as `nextPageToken`, or in the query of
+    /// `next`): the pass fails, nothing is marked missing (an empty page
+    /// at an offset ends the listing instead).
+    fn check_empty_run(&self) -> Result<(), String> {
+        if self.empty_run > MAX_EMPTY_PAGES {
+            return Err(format!(
+                "pagination does not end: {} empty pages in a row, each naming a next page",
+                self.empty_run
+            ));
+        }
+        Ok(())
+    }
+
     /// Decides what follows `page`. An error means the listing cannot be
     /// trusted (a `next` on another host, a loop): the pass fails.
     pub fn advance(&mut self, page: &Page) -> Result<Step, String> {
@@ -195,15 +209,12 @@ impl Listing {
                 // `next` says (some lists always name one).
                 return Ok(Step::End(End::Known));
             }
+            // A `next` that carries a token: bounded as `nextPageToken` is.
+            self.check_empty_run()?;
             self.with_limit(query)
         } else if let Some(token) = &m.next_page_token {
             self.seen_first(Style::Token);
-            if self.empty_run > MAX_EMPTY_PAGES {
-                return Err(format!(
-                    "pagination does not end: {} empty pages in a row, each naming a next page",
-                    self.empty_run
-                ));
-            }
+            self.check_empty_run()?;
             vec![
                 ("limit".into(), self.limit.to_string()),
                 ("pageToken".into(), token.clone()),
@@ -461,6 +472,25 @@ mod tests {
             })
             .expect("empty token pages were followed 100 times");
         assert!(e.contains("empty pages"), "{e}");
+        // The same through `pagination.next` carrying a token (no offset):
+        // the same bound, the same error.
+        for next in [
+            "/v4/x?pageToken=t{i}",
+            "https://api.thumbtack.com/v4/x?limit=2&pageToken=t{i}",
+        ] {
+            let mut l = Listing::new("http://h", 2).unwrap();
+            l.first();
+            let e = (0..100)
+                .find_map(|i| {
+                    let next = next.replace("{i}", &i.to_string());
+                    let p = page(&format!(
+                        r#"{{"data":[],"pagination":{{"next":"{next}"}}}}"#
+                    ));
+                    l.advance(&p).err()
+                })
+                .expect("empty pages naming a next token were followed 100 times");
+            assert!(e.contains("empty pages in a row"), "{e}");
+        }
         // Different leads on each page keep the listing going.
         let mut l = Listing::new("http://h", 2).unwrap();
         l.first();

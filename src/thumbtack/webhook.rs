@@ -369,6 +369,20 @@ mod tests {
     }
 
     #[test]
+    fn a_lead_that_repeats_a_key_is_stored_as_received() {
+        let data = r#"{"negotiationID":"5","status":"Open","status":"Canceled"}"#;
+        let body = format!(
+            r#"{{"event":{{"eventType":"NegotiationCreatedV4","triggeredAt":"2026-01-01T00:00:00Z"}},"data":{data}}}"#
+        );
+        let d = parse_delivery(body.as_bytes()).unwrap();
+        let Content::Negotiation { lead, .. } = d.content else {
+            panic!("not a negotiation: {:?}", d.content)
+        };
+        assert_eq!(lead.status.as_deref(), Some("Canceled"));
+        assert_eq!(lead.payload, data);
+    }
+
+    #[test]
     fn unusable_negotiations_and_messages_say_why() {
         for (data, why) in [
             ("", "no `data`"),
