@@ -507,13 +507,15 @@ impl ConfigSource {
             // admerge: `[[businesses]]` from several files add up; other keys: later wins.
             figment = figment.admerge(Toml::file_exact(f));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG));
-        let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
-        // The secret exactly as set: the environment provider would read a
-        // numeric-looking secret as a number (and drop leading zeros).
-        if let Ok(raw) = std::env::var(format!("{ENV_PREFIX}OAUTH__CLIENT_SECRET")) {
-            file.oauth.client_secret = Some(Secret::new(raw));
-        }
+        figment = figment
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .split("__")
+                    .ignore(ENV_NOT_CONFIG)
+                    .ignore(ENV_TEXT_KEYS),
+            )
+            .merge(EnvText);
+        let file: FileConfig = figment.extract().map_err(describe_figment_error)?;
         validate(&figment, file, files)
     }
 
@@ -542,6 +544,73 @@ impl ConfigSource {
             ));
         }
         Ok(files)
+    }
+}
+
+/// Keys whose values are text (secrets, names, ids, URLs, paths, cron
+/// expressions): from the environment they are taken exactly as set. The
+/// environment provider parses values, so `007123` became the number 7123,
+/// `1.50` became 1.5 and `"x"` lost its quotes: a webhook password changed
+/// that way gets every delivery a 401, a number where text is expected is
+/// refused.
+const ENV_TEXT_KEYS: &[&str] = &[
+    "database",
+    "api.base_url",
+    "api.user_agent",
+    "oauth.token_url",
+    "oauth.audience",
+    "oauth.client_id",
+    "oauth.client_secret_file",
+    "oauth.client_secret",
+    "oauth.token_store",
+    "poll.schedule",
+    "poll.full_schedule",
+    "webhooks.listen",
+    "webhooks.path",
+    "webhooks.public_url",
+    "webhooks.username",
+    "webhooks.password_file",
+    "webhooks.password",
+    "webhooks.header",
+    "webhooks.header_value_file",
+    "webhooks.header_value",
+    "admin.listen",
+];
+
+/// The `LEADSYNC_*` variables of [`ENV_TEXT_KEYS`], as strings, unparsed.
+struct EnvText;
+
+impl figment::Provider for EnvText {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("`{ENV_PREFIX}` environment variable(s), as text"))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, value) in Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .only(ENV_TEXT_KEYS)
+            .iter()
+        {
+            let mut at = &mut dict;
+            let mut parts = key.as_str().split('.').peekable();
+            while let Some(part) = parts.next() {
+                if parts.peek().is_none() {
+                    at.insert(part.to_string(), Value::from(value.clone()));
+                    break;
+                }
+                let entry = at
+                    .entry(part.to_string())
+                    .or_insert_with(|| Value::from(figment::value::Dict::new()));
+                match entry {
+                    Value::Dict(_, d) => at = d,
+                    _ => break,
+                }
+            }
+        }
+        Ok(figment::Profile::Default.collect(dict))
     }
 }
 
@@ -713,6 +782,16 @@ fn validate(
     }
     let api = &file.api;
     match reqwest::Url::parse(&api.base_url) {
+        // Every request carries a bearer token, and `webhooks register` the
+        // webhook password: never in cleartext off this machine.
+        Ok(u) if u.scheme() == "http" && !is_loopback_host(u.host_str().unwrap_or("")) => {
+            return err(format!(
+                "{}: `{}` must use https (plain http is accepted only for a loopback host such as the sandbox): \
+                 every request carries the bearer token",
+                locate(figment, "api.base_url"),
+                api.base_url
+            ));
+        }
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
         _ => {
             return err(format!(

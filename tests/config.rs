@@ -626,3 +626,64 @@ fn webhook_credentials_are_masked_in_config_check() {
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(!t.contains("env-hook-value-88"), "{t}");
 }
+
+/// The bearer token travels with every API request (and `webhooks register`
+/// sends the webhook password in its body): a plain-http `api.base_url` is
+/// refused unless the host is loopback (the sandbox), like `oauth.token_url`.
+#[test]
+fn a_plain_http_api_base_url_is_refused_unless_loopback() {
+    let d = Dir::new();
+    let remote = d.file(
+        "remote.toml",
+        &format!(
+            "{}\n[api]\nbase_url = \"http://api.thumbtack.com\"\n",
+            d.base()
+        ),
+    );
+    let o = check(&[&remote], &[]);
+    assert_config_error(&o, &["remote.toml", "api.base_url", "https"]);
+    let o = check(
+        &[&d.file("ok.toml", &d.base())],
+        &[("LEADSYNC_API__BASE_URL", "http://10.0.0.5:8080")],
+    );
+    assert_config_error(&o, &["LEADSYNC_API__BASE_URL", "https"]);
+    for ok in [
+        "http://127.0.0.1:9",
+        "http://localhost:8080",
+        "http://[::1]:80",
+        "https://staging-api.thumbtack.com",
+    ] {
+        let f = d.file(
+            "loop.toml",
+            &format!("{}\n[api]\nbase_url = \"{ok}\"\n", d.base()),
+        );
+        let o = check(&[&f], &[]);
+        assert_eq!(o.status.code(), Some(0), "{ok}: {}", text(&o));
+    }
+}
+
+/// Text-typed keys set in the environment are taken exactly as written: the
+/// environment provider would read `007123` as the number 7123, `"x"` as x
+/// and `1.50` as 1.5 (a webhook password changed that way gets every
+/// delivery a 401).
+#[test]
+fn text_keys_from_the_environment_are_kept_exactly() {
+    let d = Dir::new();
+    let f = d.file("a.toml", &oauth_base(&d));
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_OAUTH__CLIENT_ID", "007123"),
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "s"),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "0042"),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "1.50"),
+            ("LEADSYNC_API__USER_AGENT", "\"quoted\""),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("client_id = \"007123\""), "{t}");
+    assert!(t.contains("username = \"0042\""), "{t}");
+    assert!(t.contains(r#"user_agent = '"quoted"'"#), "{t}");
+    assert!(!t.contains("1.50") && !t.contains("1.5\n"), "{t}");
+}

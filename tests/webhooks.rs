@@ -1419,3 +1419,33 @@ fn a_disabled_business_gets_its_deliveries_an_unconfigured_one_does_not() {
         0
     );
 }
+
+/// A webhook password (or header value) from the environment is the text as
+/// set: `007123` was read as the number 7123 and every delivery got a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_looking_password_from_the_environment_is_kept_exactly() {
+    let env = Env::small().await;
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\nusername = \"thumbtack\"\n"
+    ));
+    let (mut child, at) = env
+        .spawn_daemon_listening_with(
+            &["webhook receiver listening"],
+            &[("LEADSYNC_WEBHOOKS__PASSWORD", "007123")],
+        )
+        .await;
+    let business = env.business_ids()[0].clone();
+    let resp = common::http_client()
+        .post(format!("http://{}{PATH}", at[0]))
+        .header("content-type", "application/json")
+        .header("authorization", Receiver::basic("thumbtack", "007123"))
+        .body(lead_delivery("900000000000000031", &business))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert_eq!(status, 200, "{}", env.daemon_log());
+}

@@ -116,6 +116,11 @@ impl Env {
 
     /// Starts `leadsync run` in the background, its logs appended to `daemon.log`.
     pub fn spawn_daemon(&self) -> std::process::Child {
+        self.spawn_daemon_with(&[])
+    }
+
+    /// [`Env::spawn_daemon`] with `vars` in the daemon's environment.
+    pub fn spawn_daemon_with(&self, vars: &[(&str, &str)]) -> std::process::Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -123,6 +128,7 @@ impl Env {
             .expect("log file");
         self.cli()
             .arg("run")
+            .envs(vars.iter().copied())
             .stderr(log)
             .spawn()
             .expect("start leadsync run")
@@ -146,8 +152,17 @@ impl Env {
         &self,
         markers: &[&str],
     ) -> (std::process::Child, Vec<SocketAddr>) {
+        self.spawn_daemon_listening_with(markers, &[]).await
+    }
+
+    /// [`Env::spawn_daemon_listening`] with `vars` in the daemon's environment.
+    pub async fn spawn_daemon_listening_with(
+        &self,
+        markers: &[&str],
+        vars: &[(&str, &str)],
+    ) -> (std::process::Child, Vec<SocketAddr>) {
         let from = self.daemon_log().len();
-        let mut child = self.spawn_daemon();
+        let mut child = self.spawn_daemon_with(vars);
         let deadline = Duration::from_secs(60);
         let end = Instant::now() + deadline;
         loop {
