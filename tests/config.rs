@@ -687,3 +687,57 @@ fn text_keys_from_the_environment_are_kept_exactly() {
     assert!(t.contains(r#"user_agent = '"quoted"'"#), "{t}");
     assert!(!t.contains("1.50") && !t.contains("1.5\n"), "{t}");
 }
+
+/// The shipped conffile as the shipped unit runs it: the client secret comes
+/// from `LoadCredential=client_secret:/etc/leadsync/client_secret`
+/// (`$CREDENTIALS_DIRECTORY/client_secret`) and /etc/leadsync/client_secret
+/// itself is root-only, unreadable to the service user. A `client_secret_file`
+/// set in the example took precedence over the credential, so a fresh
+/// install exited 78 until the key was removed.
+#[test]
+fn the_shipped_example_takes_the_client_secret_from_the_units_credential() {
+    let d = Dir::new();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/leadsync.toml"))
+            .unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/leadsync.service"
+    ))
+    .unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l.trim() == "LoadCredential=client_secret:/etc/leadsync/client_secret"),
+        "the unit loads the client secret as a credential"
+    );
+    let etc = d.path().join("etc");
+    let var = d.path().join("var");
+    std::fs::create_dir_all(&var).unwrap();
+    let example = example
+        .replace("/etc/leadsync/", &format!("{}/", etc.display()))
+        .replace("/var/lib/leadsync/", &format!("{}/", var.display()));
+    // Only the grant the example's business names; etc/client_secret is
+    // not there (root-only: the service user cannot read it).
+    write(&etc, "tokens/468046965846925323", "the-refresh-token\n");
+    let creds = tempfile::tempdir().unwrap();
+    write(creds.path(), "client_secret", "cs-from-credential\n");
+    let f = d.file("leadsync.toml", &example);
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&f)
+        .args(["config", "check"])
+        .env("CREDENTIALS_DIRECTORY", creds.path())
+        .env_remove("LEADSYNC_OAUTH__CLIENT_SECRET")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!(
+            "client secret from: {}",
+            creds.path().join("client_secret").display()
+        )),
+        "{t}"
+    );
+    assert!(!t.contains("warning"), "{t}");
+}
