@@ -741,7 +741,7 @@ pub fn normalize_cron(expr: &str) -> Result<String, String> {
     };
     let cron = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
+        .dom_and_dow(false)
         .build()
         .parse(&six)
         .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))?;
