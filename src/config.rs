@@ -515,7 +515,8 @@ impl ConfigSource {
                     .ignore(ENV_TEXT_KEYS),
             )
             .merge(EnvText);
-        let file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        resolve_relative_paths(&figment, &mut file)?;
         validate(&figment, file, files)
     }
 
@@ -545,6 +546,82 @@ impl ConfigSource {
         }
         Ok(files)
     }
+}
+
+/// Makes a relative path from a file relative to that file's directory (the
+/// daemon runs in /, a command by hand anywhere: a relative path followed the
+/// working directory, creating a second mirror there or missing a grant). One
+/// from the environment has no file to be relative to and is refused;
+/// defaults are absolute.
+fn resolve_relative_paths(figment: &Figment, file: &mut FileConfig) -> Result<(), ConfigError> {
+    let resolve = |md: Option<&Metadata>, path: &mut PathBuf, at: &dyn Fn() -> String| {
+        if path.as_os_str().is_empty() || path.is_absolute() {
+            return Ok(());
+        }
+        match md {
+            Some(Metadata {
+                source: Some(Source::File(f)),
+                ..
+            }) => {
+                let dir = std::path::absolute(f)
+                    .ok()
+                    .and_then(|f| f.parent().map(Path::to_path_buf))
+                    .unwrap_or_default();
+                *path = dir.join(&*path);
+                Ok(())
+            }
+            Some(md) if md.name.contains("environment") => err(format!(
+                "{}: `{}` must be an absolute path (a relative one would follow the working directory)",
+                at(),
+                path.display()
+            )),
+            _ => Ok(()),
+        }
+    };
+    let top = |key: &str, path: &mut PathBuf| {
+        resolve(figment.find_metadata(key), path, &|| locate(figment, key))
+    };
+    top("database", &mut file.database)?;
+    top("oauth.token_store", &mut file.oauth.token_store)?;
+    for (key, path) in [
+        (
+            "oauth.client_secret_file",
+            &mut file.oauth.client_secret_file,
+        ),
+        ("webhooks.password_file", &mut file.webhooks.password_file),
+        (
+            "webhooks.header_value_file",
+            &mut file.webhooks.header_value_file,
+        ),
+    ] {
+        if let Some(p) = path {
+            top(key, p)?;
+        }
+    }
+    let relative = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.is_relative());
+    if file
+        .businesses
+        .iter()
+        .any(|b| relative(&b.refresh_token_file) || relative(&b.access_token_file))
+    {
+        let tags: Vec<figment::value::Tag> = match figment.find_value("businesses") {
+            Ok(Value::Array(_, items)) => items.iter().map(|i| i.tag()).collect(),
+            _ => Vec::new(),
+        };
+        let locator = BusinessLocator::new(figment);
+        for (i, b) in file.businesses.iter_mut().enumerate() {
+            let md = tags.get(i).and_then(|t| figment.get_metadata(*t));
+            for (field, path) in [
+                ("refresh_token_file", &mut b.refresh_token_file),
+                ("access_token_file", &mut b.access_token_file),
+            ] {
+                if let Some(p) = path {
+                    resolve(md, p, &|| locator.at(i, field))?;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Keys whose values are text (secrets, names, ids, URLs, paths, cron

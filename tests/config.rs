@@ -741,3 +741,49 @@ fn the_shipped_example_takes_the_client_secret_from_the_units_credential() {
     );
     assert!(!t.contains("warning"), "{t}");
 }
+
+/// A relative path in a file is relative to that file's directory, not to
+/// wherever the command runs (an `enqueue` from another directory created a
+/// new mirror there; a relative grant passed `config check` in /etc/leadsync
+/// and failed in the daemon, whose working directory is /). In the
+/// environment, where there is no file to be relative to, it is refused.
+#[test]
+fn relative_paths_are_relative_to_the_file_that_sets_them() {
+    let d = Dir::new();
+    let conf = d.path().join("conf");
+    let f = write(
+        &conf,
+        "leadsync.toml",
+        "database = \"m.db\"\n\n[[businesses]]\nid = \"468046965846925323\"\naccess_token_file = \"../tokens/468046965846925323\"\n",
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&f)
+        .args(["config", "check"])
+        .current_dir(elsewhere.path())
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("database = \"{}\"", conf.join("m.db").display())),
+        "{t}"
+    );
+    // The same file named relatively, from its own directory.
+    let o = Command::new(bin())
+        .args(["--config", "leadsync.toml", "config", "check"])
+        .current_dir(&conf)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("database = \"{}\"", conf.join("m.db").display())),
+        "{t}"
+    );
+    let o = check(&[&f], &[("LEADSYNC_DATABASE", "other.db")]);
+    assert_config_error(&o, &["LEADSYNC_DATABASE", "absolute"]);
+}
