@@ -1449,3 +1449,29 @@ async fn a_numeric_looking_password_from_the_environment_is_kept_exactly() {
     let _ = child.wait();
     assert_eq!(status, 200, "{}", env.daemon_log());
 }
+
+/// An unauthenticated client does not keep its connection (one of the
+/// receiver's 128 slots) after its 401: the answer says `connection: close`
+/// and the receiver closes at once, whatever the client asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_is_closed_after_its_401() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = Receiver::start().await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {PATH} HTTP/1.1\r\nhost: x\r\nconnection: keep-alive\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}",
+            Receiver::basic("thumbtack", "wrong")
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the refused connection was kept open");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    r.stop().await;
+}
