@@ -778,8 +778,6 @@ impl Client {
     }
 }
 
-/// Percent-encodes an id for a URL path segment.
-
 /// An error answer's body with the access token it was sent masked: a
 /// gateway or a debug page may echo the request, and the text kept from the
 /// answer goes to the mirror's error columns (outbox.last_error,
@@ -791,6 +789,8 @@ fn without_token(body: bytes::Bytes, token: &str) -> bytes::Bytes {
     }
     bytes::Bytes::from(String::from_utf8_lossy(&body).replace(token, crate::secret::MASK))
 }
+
+/// Percent-encodes an id for a URL path segment.
 fn path_segment(s: &str) -> String {
     let mut u = reqwest::Url::parse("http://x/").expect("static URL");
     u.path_segments_mut().expect("base URL").push(s);
