@@ -466,7 +466,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
-            for w in config.shutdown_warnings() {
+            for w in config.warnings() {
                 println!("# warning: {w}");
             }
             for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {

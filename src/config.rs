@@ -403,6 +403,8 @@ pub struct Config {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// `[webhooks]`, when credentials are configured (always when `listen` is set).
     pub webhooks: Option<Webhooks>,
+    /// Valid but likely mistaken settings (see [`Config::warnings`]).
+    notes: Vec<String>,
 }
 
 impl Config {
@@ -422,6 +424,15 @@ impl Config {
             Some(p) if self.uses_oauth() => Err(ConfigError(p.clone())),
             _ => Ok(()),
         }
+    }
+
+    /// Everything `config check` and the daemon's start and reload warn
+    /// about: [`Config::shutdown_warnings`], secrets that look padded or
+    /// quoted, schedules whose day fields combine with OR.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.notes.clone();
+        out.extend(self.shutdown_warnings());
+        out
     }
 
     /// Warnings about the shutdown bound: too close to the request timeout
@@ -555,6 +566,14 @@ impl ConfigSource {
 /// defaults are absolute.
 fn resolve_relative_paths(figment: &Figment, file: &mut FileConfig) -> Result<(), ConfigError> {
     let resolve = |md: Option<&Metadata>, path: &mut PathBuf, at: &dyn Fn() -> String| {
+        // No shell reads the file: `~/x` would be a directory named `~`.
+        if path.as_os_str().as_encoded_bytes().starts_with(b"~") {
+            return err(format!(
+                "{}: `{}`: `~` is not expanded; write the absolute path",
+                at(),
+                path.display()
+            ));
+        }
         if path.as_os_str().is_empty() || path.is_absolute() {
             return Ok(());
         }
@@ -567,7 +586,27 @@ fn resolve_relative_paths(figment: &Figment, file: &mut FileConfig) -> Result<()
                     .ok()
                     .and_then(|f| f.parent().map(Path::to_path_buf))
                     .unwrap_or_default();
-                *path = dir.join(&*path);
+                let resolved = dir.join(&*path);
+                // Earlier versions read it against the working directory: an
+                // install that relied on that would silently get a new, empty
+                // mirror or token store (and restart from a used grant).
+                if let Ok(old) = std::path::absolute(&*path)
+                    && old != resolved
+                    && !resolved.exists()
+                    && old.exists()
+                {
+                    return err(format!(
+                        "{}: `{}` is relative to the directory of the file that sets it: it is now {}, \
+                         which does not exist, while {} (relative to the working directory, as earlier \
+                         versions read it) does; move that one to {} or write its absolute path",
+                        at(),
+                        path.display(),
+                        resolved.display(),
+                        old.display(),
+                        resolved.display()
+                    ));
+                }
+                *path = resolved;
                 Ok(())
             }
             Some(md) if md.name.contains("environment") => err(format!(
@@ -654,7 +693,70 @@ const ENV_TEXT_KEYS: &[&str] = &[
     "admin.listen",
 ];
 
-/// The `LEADSYNC_*` variables of [`ENV_TEXT_KEYS`], as strings, unparsed.
+/// The [`ENV_TEXT_KEYS`] taken exactly as set, whitespace and quotes
+/// included (a password may end in a space); `config check` and the daemon
+/// warn about one that looks padded or quoted ([`secret_warning`]).
+const ENV_SECRET_KEYS: &[&str] = &[
+    "oauth.client_secret",
+    "webhooks.password",
+    "webhooks.header_value",
+];
+
+/// Surrounding ASCII whitespace and one pair of matching quotes removed, as
+/// the environment provider did before text was read unparsed (Docker
+/// `--env-file` and compose keep quotes literally: a base URL ending in a
+/// space put a space in every request URL).
+fn unquote(v: &str) -> &str {
+    let v = v.trim_ascii();
+    match v.as_bytes() {
+        [q @ (b'"' | b'\''), .., e] if q == e => &v[1..v.len() - 1],
+        _ => v,
+    }
+}
+
+/// Why a secret used exactly as set looks like a mistake, if it does.
+fn secret_warning(v: &str) -> Option<&'static str> {
+    if v.trim_ascii() != v {
+        Some("begins or ends with whitespace")
+    } else if unquote(v) != v {
+        Some("is wrapped in matching quotes")
+    } else {
+        None
+    }
+}
+
+/// The warning for a cron expression whose day of month and weekday are
+/// both restricted: croner combines them with OR (a field counts as
+/// unrestricted only when it is `*` or `?`, so `*/2` restricts it too, where
+/// Vixie cron would AND it); a `+` before the weekday asks for AND.
+pub fn cron_day_warning(expr: &str) -> Option<String> {
+    let six = normalize_cron(expr).ok()?;
+    let f: Vec<&str> = six.split_whitespace().collect();
+    let (dom, dow) = (*f.get(3)?, *f.get(5)?);
+    let free = |s: &str| s.replace('?', "*") == "*";
+    if free(dom) || free(dow) || dow.starts_with('+') {
+        return None;
+    }
+    let mut and: Vec<&str> = expr.split_whitespace().collect();
+    let plus = format!("+{dow}");
+    if let Some(last) = and.last_mut() {
+        *last = &plus;
+    }
+    Some(format!(
+        "`{expr}`: day of month `{dom}` and weekday `{dow}` are both restricted, so they combine with OR \
+         (it fires on every day matching either){}; for days matching both write `{}` \
+         (a `+` before the weekday), or `{dow}#N` in the weekday for its Nth occurrence in the month",
+        if dom.starts_with('*') {
+            " (unlike Vixie cron, which would AND a field starting with `*`)"
+        } else {
+            ""
+        },
+        and.join(" ")
+    ))
+}
+
+/// The `LEADSYNC_*` variables of [`ENV_TEXT_KEYS`], as strings, unparsed
+/// (non-secret ones trimmed and unquoted).
 struct EnvText;
 
 impl figment::Provider for EnvText {
@@ -671,6 +773,11 @@ impl figment::Provider for EnvText {
             .only(ENV_TEXT_KEYS)
             .iter()
         {
+            let value = if ENV_SECRET_KEYS.contains(&key.as_str()) {
+                value
+            } else {
+                unquote(&value).to_string()
+            };
             let mut at = &mut dict;
             let mut parts = key.as_str().split('.').peekable();
             while let Some(part) = parts.next() {
@@ -757,6 +864,16 @@ fn describe_figment_error(e: figment::Error) -> ConfigError {
 fn locate(figment: &Figment, key: &str) -> String {
     let path: Vec<String> = key.split('.').map(String::from).collect();
     origin(figment.find_metadata(key), &path)
+}
+
+/// [`locate`], with the key's dotted name when it comes from the environment.
+fn named(figment: &Figment, key: &str) -> String {
+    let at = locate(figment, key);
+    if at.contains(key) {
+        at
+    } else {
+        format!("{at} (`{key}`)")
+    }
 }
 
 /// Names `key` in the file that holds `near` (for a key that is missing but
@@ -856,6 +973,29 @@ fn validate(
             "{}: must not be empty",
             locate(figment, "database")
         ));
+    }
+    let mut notes = Vec::new();
+    for (key, value) in [
+        ("oauth.client_secret", &file.oauth.client_secret),
+        ("webhooks.password", &file.webhooks.password),
+        ("webhooks.header_value", &file.webhooks.header_value),
+    ] {
+        if let Some(why) = value.as_ref().and_then(|v| secret_warning(v.expose())) {
+            notes.push(format!(
+                "{}: the value {why}; it is used exactly as set (check the quoting in an env file)",
+                named(figment, key)
+            ));
+        }
+    }
+    for key in ["poll.schedule", "poll.full_schedule"] {
+        let expr = if key == "poll.schedule" {
+            &file.poll.schedule
+        } else {
+            &file.poll.full_schedule
+        };
+        if let Some(w) = cron_day_warning(expr) {
+            notes.push(format!("{}: {w}", named(figment, key)));
+        }
     }
     let api = &file.api;
     match reqwest::Url::parse(&api.base_url) {
@@ -1056,6 +1196,18 @@ fn validate(
                 .or_else(|e| err(format!("{}: {e}", locate_business(figment, i, field)))),
             None => Ok(default.clone()),
         };
+        for (field, expr) in [
+            ("schedule", &b.schedule),
+            ("full_schedule", &b.full_schedule),
+        ] {
+            if let Some(w) = expr.as_deref().and_then(cron_day_warning) {
+                notes.push(format!(
+                    "{}: business {} {field}: {w}",
+                    locate_business(figment, i, field),
+                    b.id
+                ));
+            }
+        }
         businesses.push(Business {
             id: b.id.clone(),
             name: b.name.clone(),
@@ -1136,6 +1288,7 @@ fn validate(
         files,
         webhooks,
         admin_listen,
+        notes,
     })
 }
 

@@ -684,7 +684,7 @@ fn text_keys_from_the_environment_are_kept_exactly() {
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(t.contains("client_id = \"007123\""), "{t}");
     assert!(t.contains("username = \"0042\""), "{t}");
-    assert!(t.contains(r#"user_agent = '"quoted"'"#), "{t}");
+    assert!(t.contains("user_agent = \"quoted\""), "{t}");
     assert!(!t.contains("1.50") && !t.contains("1.5\n"), "{t}");
 }
 
@@ -786,4 +786,201 @@ fn relative_paths_are_relative_to_the_file_that_sets_them() {
     );
     let o = check(&[&f], &[("LEADSYNC_DATABASE", "other.db")]);
     assert_config_error(&o, &["LEADSYNC_DATABASE", "absolute"]);
+}
+
+/// Non-secret text from the environment loses surrounding whitespace and one
+/// pair of matching quotes, as before (Docker `--env-file` and compose keep
+/// quotes literally: a base URL ending in a space put a space in every
+/// request URL, a quoted username got every delivery a 401), and is never
+/// turned into a number.
+#[test]
+fn non_secret_text_from_the_environment_is_trimmed_and_unquoted() {
+    let d = Dir::new();
+    let f = d.file("a.toml", &oauth_base(&d));
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_API__BASE_URL", "https://api.thumbtack.com "),
+            ("LEADSYNC_OAUTH__CLIENT_ID", " '007123'"),
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "s"),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "\"0042\""),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "pw"),
+            ("LEADSYNC_POLL__SCHEDULE", "'0 */5 * * * *'"),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("base_url = \"https://api.thumbtack.com\"\n"),
+        "{t}"
+    );
+    assert!(t.contains("client_id = \"007123\""), "{t}");
+    assert!(t.contains("username = \"0042\""), "{t}");
+    assert!(!t.contains("warning"), "{t}");
+}
+
+/// Secrets are kept exactly (a password may end in a space), but one that
+/// begins or ends with whitespace or is wrapped in matching quotes is
+/// warned about, without printing it.
+#[test]
+fn a_secret_with_surrounding_space_or_quotes_is_warned_about() {
+    let d = Dir::new();
+    let f = d.file("a.toml", &oauth_base(&d));
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "cs-value-31 "),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "u"),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "'pw-value-77'"),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.lines().any(|l| l.starts_with("# warning:")
+            && l.contains("oauth.client_secret")
+            && l.contains("whitespace")),
+        "{t}"
+    );
+    assert!(
+        t.lines().any(|l| l.starts_with("# warning:")
+            && l.contains("webhooks.password")
+            && l.contains("quotes")),
+        "{t}"
+    );
+    assert!(
+        !t.contains("cs-value-31") && !t.contains("pw-value-77"),
+        "{t}"
+    );
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "cs"),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "u"),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "pw'"),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(!t.contains("warning"), "{t}");
+}
+
+/// Day of month and weekday, both restricted, combine with OR (croner, like
+/// cron for fields not starting with `*`): `config check` says so and
+/// points to the `+` form, since a schedule written for the earlier AND now
+/// fires far more often.
+#[test]
+fn restricted_day_of_month_and_weekday_are_warned_about() {
+    let d = Dir::new();
+    let f = d.file(
+        "a.toml",
+        &format!(
+            "{}schedule = \"0 0 */2 * FRI\"\n\n[poll]\nschedule = \"0 0 9 1-7 * MON\"\n",
+            d.base()
+        ),
+    );
+    let o = check(&[&f], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let warnings: Vec<&str> = t.lines().filter(|l| l.starts_with("# warning:")).collect();
+    assert!(
+        warnings.iter().any(|l| l.contains("poll.schedule")
+            && l.contains("0 0 9 1-7 * MON")
+            && l.contains(" OR ")
+            && l.contains("+MON")),
+        "{t}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("468046965846925323") && l.contains("*/2") && l.contains("+FRI")),
+        "{t}"
+    );
+    for quiet in [
+        "0 0 9 1-7 * +MON",
+        "0 0 9 * * MON",
+        "0 0 9 1 * *",
+        "0 0 9 ? * MON#1",
+    ] {
+        let f = d.file(
+            "q.toml",
+            &format!("{}\n[poll]\nschedule = \"{quiet}\"\n", d.base()),
+        );
+        let o = check(&[&f], &[]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{quiet}: {t}");
+        assert!(!t.contains("warning"), "{quiet}: {t}");
+    }
+}
+
+/// An install that relied on the working directory (`database =
+/// "leadsync.db"` run from /var/lib/leadsync) would silently get a new,
+/// empty mirror or token store beside the file: refused, naming both paths,
+/// when the new one does not exist and the old one does.
+#[test]
+fn a_relative_path_that_moved_is_refused() {
+    let d = Dir::new();
+    let conf = d.path().join("conf");
+    let f = write(
+        &conf,
+        "leadsync.toml",
+        &format!(
+            "database = \"m.db\"\n[oauth]\nclient_id = \"p\"\ntoken_store = \"t.db\"\n\n[[businesses]]\nid = \"468046965846925323\"\nrefresh_token_file = \"{}\"\n",
+            d.token.display()
+        ),
+    );
+    let old = tempfile::tempdir().unwrap();
+    let run = |cwd: &Path| {
+        Command::new(bin())
+            .arg("--config")
+            .arg(&f)
+            .args(["config", "check"])
+            .current_dir(cwd)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env("LEADSYNC_OAUTH__CLIENT_SECRET", "s")
+            .output()
+            .unwrap()
+    };
+    write(old.path(), "m.db", "");
+    let o = run(old.path());
+    assert_config_error(
+        &o,
+        &[
+            "database",
+            &conf.join("m.db").display().to_string(),
+            &old.path().join("m.db").display().to_string(),
+        ],
+    );
+    // Once the database is where the file says, the token store is checked too.
+    write(&conf, "m.db", "");
+    write(old.path(), "t.db", "");
+    let o = run(old.path());
+    assert_config_error(
+        &o,
+        &[
+            "oauth.token_store",
+            &conf.join("t.db").display().to_string(),
+            &old.path().join("t.db").display().to_string(),
+        ],
+    );
+    write(&conf, "t.db", "");
+    let o = run(old.path());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// `~` is not expanded (no shell reads the file): `~/tokens.db` would be a
+/// directory named `~` beside the file. Refused.
+#[test]
+fn a_path_starting_with_a_tilde_is_refused() {
+    let d = Dir::new();
+    let f = d.file(
+        "a.toml",
+        &format!("{}\n[oauth]\ntoken_store = \"~/tokens.db\"\n", d.base()),
+    );
+    assert_config_error(&check(&[&f], &[]), &["oauth.token_store", "~"]);
+    let f = d.file("b.toml", &d.base());
+    assert_config_error(
+        &check(&[&f], &[("LEADSYNC_DATABASE", "~leadsync/m.db")]),
+        &["LEADSYNC_DATABASE", "~"],
+    );
 }
