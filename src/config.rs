@@ -664,11 +664,12 @@ fn resolve_relative_paths(figment: &Figment, file: &mut FileConfig) -> Result<()
 }
 
 /// Keys whose values are text (secrets, names, ids, URLs, paths, cron
-/// expressions): from the environment they are taken exactly as set. The
-/// environment provider parses values, so `007123` became the number 7123,
-/// `1.50` became 1.5 and `"x"` lost its quotes: a webhook password changed
-/// that way gets every delivery a 401, a number where text is expected is
-/// refused.
+/// expressions): from the environment they are read as text, never as
+/// numbers. The environment provider parses values, so `007123` became the
+/// number 7123 and `1.50` became 1.5: a webhook password changed that way
+/// gets every delivery a 401, a number where text is expected is refused.
+/// Secrets ([`ENV_SECRET_KEYS`]) are kept exactly; the others are trimmed
+/// and unquoted ([`unquote`]).
 const ENV_TEXT_KEYS: &[&str] = &[
     "database",
     "api.base_url",

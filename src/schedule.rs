@@ -25,8 +25,9 @@ impl std::fmt::Display for ScheduleKey {
 }
 
 /// The parsed cron expression, with the settings `config::normalize_cron` checks.
-/// Day of month and weekday, both restricted, fire on a day matching either
-/// (standard cron), not only on one matching both.
+/// Day of month and weekday, both restricted (neither exactly `*` or `?`),
+/// fire on a day matching either, not only on one matching both; `+` before
+/// the weekday asks for both (`config::cron_day_warning` says so).
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
@@ -522,6 +523,15 @@ mod tests {
             ["2026-02-02 Mon", "2026-02-09 Mon"]
         );
         assert!(crate::config::normalize_cron("0 0 0 30 2 *").is_err());
+        // The AND form `config check` points to: `+` before the weekday.
+        assert_eq!(
+            next_fires("0 0 1-7 * +MON", "2026-01-01T00:00:00Z", 2),
+            ["2026-01-05 Mon", "2026-02-02 Mon"]
+        );
+        assert_eq!(
+            next_fires("0 0 * * MON#1", "2026-01-06T00:00:00Z", 1),
+            ["2026-02-02 Mon"]
+        );
     }
 
     fn key(kind: ScanKind) -> ScheduleKey {

@@ -784,7 +784,8 @@ impl Client {
 /// sync_runs.error, businesses.last_error) and the logs. Masked before any
 /// excerpt is cut, so no prefix of the token survives either.
 fn without_token(body: bytes::Bytes, token: &str) -> bytes::Bytes {
-    if token.is_empty() || !body.windows(token.len()).any(|w| w == token.as_bytes()) {
+    // One linear search (the body may be up to max_body_bytes).
+    if token.is_empty() || memchr::memmem::find(&body, token.as_bytes()).is_none() {
         return body;
     }
     bytes::Bytes::from(String::from_utf8_lossy(&body).replace(token, crate::secret::MASK))
