@@ -1188,6 +1188,9 @@ async fn auth_exchange(
             if let Some(n) = name {
                 text.push_str(&format!("name = {}\n", quote(n)));
             }
+            // Absolute: a path in the file is relative to conf.d, not to
+            // where this command ran.
+            let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
             text.push_str(&format!(
                 "refresh_token_file = {}\n",
                 quote(&file.display().to_string())
