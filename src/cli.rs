@@ -470,7 +470,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
-            for w in config.shutdown_warnings() {
+            for w in config.warnings() {
                 println!("# warning: {w}");
             }
             for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {
@@ -1192,6 +1192,9 @@ async fn auth_exchange(
             if let Some(n) = name {
                 text.push_str(&format!("name = {}\n", quote(n)));
             }
+            // Absolute: a path in the file is relative to conf.d, not to
+            // where this command ran.
+            let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
             text.push_str(&format!(
                 "refresh_token_file = {}\n",
                 quote(&file.display().to_string())

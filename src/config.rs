@@ -431,6 +431,8 @@ pub struct Config {
     pub admin_listen: Option<std::net::SocketAddr>,
     /// `[webhooks]`, when credentials are configured (always when `listen` is set).
     pub webhooks: Option<Webhooks>,
+    /// Valid but likely mistaken settings (see [`Config::warnings`]).
+    notes: Vec<String>,
 }
 
 impl Config {
@@ -450,6 +452,15 @@ impl Config {
             Some(p) if self.uses_oauth() => Err(ConfigError(p.clone())),
             _ => Ok(()),
         }
+    }
+
+    /// Everything `config check` and the daemon's start and reload warn
+    /// about: [`Config::shutdown_warnings`], secrets that look padded or
+    /// quoted, schedules whose day fields combine with OR.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out = self.notes.clone();
+        out.extend(self.shutdown_warnings());
+        out
     }
 
     /// Warnings about the shutdown bound: too close to the request timeout
@@ -535,13 +546,16 @@ impl ConfigSource {
             // admerge: `[[businesses]]` from several files add up; other keys: later wins.
             figment = figment.admerge(Toml::file_exact(f));
         }
-        figment = figment.merge(Env::prefixed(ENV_PREFIX).split("__").ignore(ENV_NOT_CONFIG));
+        figment = figment
+            .merge(
+                Env::prefixed(ENV_PREFIX)
+                    .split("__")
+                    .ignore(ENV_NOT_CONFIG)
+                    .ignore(ENV_TEXT_KEYS),
+            )
+            .merge(EnvText);
         let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
-        // The secret exactly as set: the environment provider would read a
-        // numeric-looking secret as a number (and drop leading zeros).
-        if let Ok(raw) = std::env::var(format!("{ENV_PREFIX}OAUTH__CLIENT_SECRET")) {
-            file.oauth.client_secret = Some(Secret::new(raw));
-        }
+        resolve_relative_paths(&figment, &mut file)?;
         validate(&figment, file, files)
     }
 
@@ -570,6 +584,246 @@ impl ConfigSource {
             ));
         }
         Ok(files)
+    }
+}
+
+/// Makes a relative path from a file relative to that file's directory (the
+/// daemon runs in /, a command by hand anywhere: a relative path followed the
+/// working directory, creating a second mirror there or missing a grant). One
+/// from the environment has no file to be relative to and is refused;
+/// defaults are absolute.
+fn resolve_relative_paths(figment: &Figment, file: &mut FileConfig) -> Result<(), ConfigError> {
+    let resolve = |md: Option<&Metadata>, path: &mut PathBuf, at: &dyn Fn() -> String| {
+        // No shell reads the file: `~/x` would be a directory named `~`.
+        if path.as_os_str().as_encoded_bytes().starts_with(b"~") {
+            return err(format!(
+                "{}: `{}`: `~` is not expanded; write the absolute path",
+                at(),
+                path.display()
+            ));
+        }
+        if path.as_os_str().is_empty() || path.is_absolute() {
+            return Ok(());
+        }
+        match md {
+            Some(Metadata {
+                source: Some(Source::File(f)),
+                ..
+            }) => {
+                let dir = std::path::absolute(f)
+                    .ok()
+                    .and_then(|f| f.parent().map(Path::to_path_buf))
+                    .unwrap_or_default();
+                let resolved = dir.join(&*path);
+                // Earlier versions read it against the working directory: an
+                // install that relied on that would silently get a new, empty
+                // mirror or token store (and restart from a used grant).
+                if let Ok(old) = std::path::absolute(&*path)
+                    && old != resolved
+                    && !resolved.exists()
+                    && old.exists()
+                {
+                    return err(format!(
+                        "{}: `{}` is relative to the directory of the file that sets it: it is now {}, \
+                         which does not exist, while {} (relative to the working directory, as earlier \
+                         versions read it) does; move that one to {} or write its absolute path",
+                        at(),
+                        path.display(),
+                        resolved.display(),
+                        old.display(),
+                        resolved.display()
+                    ));
+                }
+                *path = resolved;
+                Ok(())
+            }
+            Some(md) if md.name.contains("environment") => err(format!(
+                "{}: `{}` must be an absolute path (a relative one would follow the working directory)",
+                at(),
+                path.display()
+            )),
+            _ => Ok(()),
+        }
+    };
+    let top = |key: &str, path: &mut PathBuf| {
+        resolve(figment.find_metadata(key), path, &|| locate(figment, key))
+    };
+    top("database", &mut file.database)?;
+    top("oauth.token_store", &mut file.oauth.token_store)?;
+    for (key, path) in [
+        (
+            "oauth.client_secret_file",
+            &mut file.oauth.client_secret_file,
+        ),
+        ("webhooks.password_file", &mut file.webhooks.password_file),
+        (
+            "webhooks.header_value_file",
+            &mut file.webhooks.header_value_file,
+        ),
+    ] {
+        if let Some(p) = path {
+            top(key, p)?;
+        }
+    }
+    let relative = |p: &Option<PathBuf>| p.as_ref().is_some_and(|p| p.is_relative());
+    if file
+        .businesses
+        .iter()
+        .any(|b| relative(&b.refresh_token_file) || relative(&b.access_token_file))
+    {
+        let tags: Vec<figment::value::Tag> = match figment.find_value("businesses") {
+            Ok(Value::Array(_, items)) => items.iter().map(|i| i.tag()).collect(),
+            _ => Vec::new(),
+        };
+        let locator = BusinessLocator::new(figment);
+        for (i, b) in file.businesses.iter_mut().enumerate() {
+            let md = tags.get(i).and_then(|t| figment.get_metadata(*t));
+            for (field, path) in [
+                ("refresh_token_file", &mut b.refresh_token_file),
+                ("access_token_file", &mut b.access_token_file),
+            ] {
+                if let Some(p) = path {
+                    resolve(md, p, &|| locator.at(i, field))?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keys whose values are text (secrets, names, ids, URLs, paths, cron
+/// expressions): from the environment they are read as text, never as
+/// numbers. The environment provider parses values, so `007123` became the
+/// number 7123 and `1.50` became 1.5: a webhook password changed that way
+/// gets every delivery a 401, a number where text is expected is refused.
+/// Secrets ([`ENV_SECRET_KEYS`]) are kept exactly; the others are trimmed
+/// and unquoted ([`unquote`]).
+const ENV_TEXT_KEYS: &[&str] = &[
+    "database",
+    "api.base_url",
+    "api.user_agent",
+    "oauth.token_url",
+    "oauth.audience",
+    "oauth.client_id",
+    "oauth.client_secret_file",
+    "oauth.client_secret",
+    "oauth.token_store",
+    "poll.schedule",
+    "poll.full_schedule",
+    "webhooks.listen",
+    "webhooks.path",
+    "webhooks.public_url",
+    "webhooks.username",
+    "webhooks.password_file",
+    "webhooks.password",
+    "webhooks.header",
+    "webhooks.header_value_file",
+    "webhooks.header_value",
+    "admin.listen",
+];
+
+/// The [`ENV_TEXT_KEYS`] taken exactly as set, whitespace and quotes
+/// included (a password may end in a space); `config check` and the daemon
+/// warn about one that looks padded or quoted ([`secret_warning`]).
+const ENV_SECRET_KEYS: &[&str] = &[
+    "oauth.client_secret",
+    "webhooks.password",
+    "webhooks.header_value",
+];
+
+/// Surrounding ASCII whitespace and one pair of matching quotes removed, as
+/// the environment provider did before text was read unparsed (Docker
+/// `--env-file` and compose keep quotes literally: a base URL ending in a
+/// space put a space in every request URL).
+fn unquote(v: &str) -> &str {
+    let v = v.trim_ascii();
+    match v.as_bytes() {
+        [q @ (b'"' | b'\''), .., e] if q == e => &v[1..v.len() - 1],
+        _ => v,
+    }
+}
+
+/// Why a secret used exactly as set looks like a mistake, if it does.
+fn secret_warning(v: &str) -> Option<&'static str> {
+    if v.trim_ascii() != v {
+        Some("begins or ends with whitespace")
+    } else if unquote(v) != v {
+        Some("is wrapped in matching quotes")
+    } else {
+        None
+    }
+}
+
+/// The warning for a cron expression whose day of month and weekday are
+/// both restricted: croner combines them with OR (a field counts as
+/// unrestricted only when it is `*` or `?`, so `*/2` restricts it too, where
+/// Vixie cron would AND it); a `+` before the weekday asks for AND.
+pub fn cron_day_warning(expr: &str) -> Option<String> {
+    let six = normalize_cron(expr).ok()?;
+    let f: Vec<&str> = six.split_whitespace().collect();
+    let (dom, dow) = (*f.get(3)?, *f.get(5)?);
+    let free = |s: &str| s.replace('?', "*") == "*";
+    if free(dom) || free(dow) || dow.starts_with('+') {
+        return None;
+    }
+    let mut and: Vec<&str> = expr.split_whitespace().collect();
+    let plus = format!("+{dow}");
+    if let Some(last) = and.last_mut() {
+        *last = &plus;
+    }
+    Some(format!(
+        "`{expr}`: day of month `{dom}` and weekday `{dow}` are both restricted, so they combine with OR \
+         (it fires on every day matching either){}; for days matching both write `{}` \
+         (a `+` before the weekday), or `{dow}#N` in the weekday for its Nth occurrence in the month",
+        if dom.starts_with('*') {
+            " (unlike Vixie cron, which would AND a field starting with `*`)"
+        } else {
+            ""
+        },
+        and.join(" ")
+    ))
+}
+
+/// The `LEADSYNC_*` variables of [`ENV_TEXT_KEYS`], as strings, unparsed
+/// (non-secret ones trimmed and unquoted).
+struct EnvText;
+
+impl figment::Provider for EnvText {
+    fn metadata(&self) -> Metadata {
+        Metadata::named(format!("`{ENV_PREFIX}` environment variable(s), as text"))
+    }
+
+    fn data(
+        &self,
+    ) -> Result<figment::value::Map<figment::Profile, figment::value::Dict>, figment::Error> {
+        let mut dict = figment::value::Dict::new();
+        for (key, value) in Env::prefixed(ENV_PREFIX)
+            .split("__")
+            .only(ENV_TEXT_KEYS)
+            .iter()
+        {
+            let value = if ENV_SECRET_KEYS.contains(&key.as_str()) {
+                value
+            } else {
+                unquote(&value).to_string()
+            };
+            let mut at = &mut dict;
+            let mut parts = key.as_str().split('.').peekable();
+            while let Some(part) = parts.next() {
+                if parts.peek().is_none() {
+                    at.insert(part.to_string(), Value::from(value.clone()));
+                    break;
+                }
+                let entry = at
+                    .entry(part.to_string())
+                    .or_insert_with(|| Value::from(figment::value::Dict::new()));
+                match entry {
+                    Value::Dict(_, d) => at = d,
+                    _ => break,
+                }
+            }
+        }
+        Ok(figment::Profile::Default.collect(dict))
     }
 }
 
@@ -641,6 +895,16 @@ fn locate(figment: &Figment, key: &str) -> String {
     origin(figment.find_metadata(key), &path)
 }
 
+/// [`locate`], with the key's dotted name when it comes from the environment.
+fn named(figment: &Figment, key: &str) -> String {
+    let at = locate(figment, key);
+    if at.contains(key) {
+        at
+    } else {
+        format!("{at} (`{key}`)")
+    }
+}
+
 /// Names `key` in the file that holds `near` (for a key that is missing but
 /// belongs beside one that is set).
 fn locate_beside(figment: &Figment, key: &str, near: &str) -> String {
@@ -700,7 +964,7 @@ pub fn normalize_cron(expr: &str) -> Result<String, String> {
     };
     let cron = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
+        .dom_and_dow(false)
         .build()
         .parse(&six)
         .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))?;
@@ -739,8 +1003,41 @@ fn validate(
             locate(figment, "database")
         ));
     }
+    let mut notes = Vec::new();
+    for (key, value) in [
+        ("oauth.client_secret", &file.oauth.client_secret),
+        ("webhooks.password", &file.webhooks.password),
+        ("webhooks.header_value", &file.webhooks.header_value),
+    ] {
+        if let Some(why) = value.as_ref().and_then(|v| secret_warning(v.expose())) {
+            notes.push(format!(
+                "{}: the value {why}; it is used exactly as set (check the quoting in an env file)",
+                named(figment, key)
+            ));
+        }
+    }
+    for key in ["poll.schedule", "poll.full_schedule"] {
+        let expr = if key == "poll.schedule" {
+            &file.poll.schedule
+        } else {
+            &file.poll.full_schedule
+        };
+        if let Some(w) = cron_day_warning(expr) {
+            notes.push(format!("{}: {w}", named(figment, key)));
+        }
+    }
     let api = &file.api;
     match reqwest::Url::parse(&api.base_url) {
+        // Every request carries a bearer token, and `webhooks register` the
+        // webhook password: never in cleartext off this machine.
+        Ok(u) if u.scheme() == "http" && !is_loopback_host(u.host_str().unwrap_or("")) => {
+            return err(format!(
+                "{}: `{}` must use https (plain http is accepted only for a loopback host such as the sandbox): \
+                 every request carries the bearer token",
+                locate(figment, "api.base_url"),
+                api.base_url
+            ));
+        }
         Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
         _ => {
             return err(format!(
@@ -942,6 +1239,18 @@ fn validate(
                 .or_else(|e| err(format!("{}: {e}", locate_business(figment, i, field)))),
             None => Ok(default.clone()),
         };
+        for (field, expr) in [
+            ("schedule", &b.schedule),
+            ("full_schedule", &b.full_schedule),
+        ] {
+            if let Some(w) = expr.as_deref().and_then(cron_day_warning) {
+                notes.push(format!(
+                    "{}: business {} {field}: {w}",
+                    locate_business(figment, i, field),
+                    b.id
+                ));
+            }
+        }
         businesses.push(Business {
             id: b.id.clone(),
             name: b.name.clone(),
@@ -1022,6 +1331,7 @@ fn validate(
         files,
         webhooks,
         admin_listen,
+        notes,
     })
 }
 

@@ -107,7 +107,7 @@ pub async fn run_with(
     if config.businesses.is_empty() {
         warn!("no business is configured: nothing will be synced or sent until one is added");
     }
-    for w in config.shutdown_warnings() {
+    for w in config.warnings() {
         warn!("{w}");
     }
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
@@ -245,13 +245,17 @@ pub async fn run_with(
                     // it too, so that the stop begins at the signal. What it
                     // wrote is whole (each write is one transaction); what
                     // it did not is read from the files at the next start.
-                    Ok(Ok(new)) => match tokio::select! {
+                    Ok(Ok(new)) => match {
+                        for w in new.warnings() {
+                            warn!("{w}");
+                        }
+                        tokio::select! {
                         _ = controls.shutdown.cancelled() => {
                             info!("stopping during a configuration reload; the reload is abandoned");
                             break 'serve;
                         }
                         applied = daemon.apply(new) => applied,
-                    } {
+                    }} {
                         Ok(r) => info!(
                             added = r.added,
                             removed = r.removed,

@@ -25,10 +25,13 @@ impl std::fmt::Display for ScheduleKey {
 }
 
 /// The parsed cron expression, with the settings `config::normalize_cron` checks.
+/// Day of month and weekday, both restricted (neither exactly `*` or `?`),
+/// fire on a day matching either, not only on one matching both; `+` before
+/// the weekday asks for both (`config::cron_day_warning` says so).
 pub fn parse_cron(expr: &str) -> Result<croner::Cron, String> {
     croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
-        .dom_and_dow(true)
+        .dom_and_dow(false)
         .build()
         .parse(expr)
         .map_err(|e| format!("invalid cron expression `{expr}`: {e}"))
@@ -481,6 +484,55 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn next_fires(expr: &str, from: &str, n: usize) -> Vec<String> {
+        let cron = parse_cron(&crate::config::normalize_cron(expr).unwrap()).unwrap();
+        let mut at: DateTime<Utc> = from.parse().unwrap();
+        (0..n)
+            .map(|_| {
+                at = cron.find_next_occurrence(&at, false).unwrap();
+                at.format("%Y-%m-%d %a").to_string()
+            })
+            .collect()
+    }
+
+    /// Day of month and weekday combine as in standard cron: a day matching
+    /// either fires (`0 0 1 * MON` is the 1st and every Monday), not only a
+    /// 1st that is a Monday. A `*` in one of them leaves the other alone.
+    #[test]
+    fn day_of_month_and_weekday_fire_on_either() {
+        assert_eq!(
+            next_fires("0 0 1 * MON", "2026-01-01T00:00:00Z", 4),
+            [
+                "2026-01-05 Mon",
+                "2026-01-12 Mon",
+                "2026-01-19 Mon",
+                "2026-01-26 Mon"
+            ]
+        );
+        assert_eq!(
+            next_fires("0 0 1 * MON", "2026-01-26T12:00:00Z", 2),
+            ["2026-02-01 Sun", "2026-02-02 Mon"]
+        );
+        assert_eq!(
+            next_fires("0 0 1 * *", "2026-01-26T12:00:00Z", 2),
+            ["2026-02-01 Sun", "2026-03-01 Sun"]
+        );
+        assert_eq!(
+            next_fires("0 0 * * MON", "2026-01-26T12:00:00Z", 2),
+            ["2026-02-02 Mon", "2026-02-09 Mon"]
+        );
+        assert!(crate::config::normalize_cron("0 0 0 30 2 *").is_err());
+        // The AND form `config check` points to: `+` before the weekday.
+        assert_eq!(
+            next_fires("0 0 1-7 * +MON", "2026-01-01T00:00:00Z", 2),
+            ["2026-01-05 Mon", "2026-02-02 Mon"]
+        );
+        assert_eq!(
+            next_fires("0 0 * * MON#1", "2026-01-06T00:00:00Z", 1),
+            ["2026-02-02 Mon"]
+        );
+    }
 
     fn key(kind: ScanKind) -> ScheduleKey {
         ScheduleKey {

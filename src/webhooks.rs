@@ -127,6 +127,16 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         match client.create_webhook(&id, &body).await {
             Ok(s) => println!("registered {id} (webhook {})", s.webhook_id),
             Err(e) => {
+                // An answer may quote the request (a gateway, a debug page):
+                // the credential it carried is never printed.
+                let secret = match &auth {
+                    RegisterAuth::Basic { password, .. } => password,
+                    RegisterAuth::Header { value, .. } => value,
+                };
+                let mut e = e.to_string();
+                if !secret.is_empty() {
+                    e = e.replace(secret.as_str(), crate::secret::MASK);
+                }
                 println!("error {id}: {e}");
                 failed = true;
             }

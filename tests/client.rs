@@ -704,3 +704,99 @@ async fn a_transition_answered_by_an_html_200_a_204_or_a_307() {
         "one request each: nothing followed"
     );
 }
+
+/// An answer that quotes the bearer token it was sent (a gateway echoing the
+/// request, a debug page): the text kept from it (the error message, which
+/// goes to outbox.last_error, sync_runs.error, businesses.last_error and the
+/// logs) shows the mask, never the token nor a prefix of it cut short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_echoing_the_bearer_token_is_kept_masked() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Each answer quotes the token ({T}); the HTML one so that the excerpt
+    // kept (120 characters) ends inside it.
+    let answers: Vec<(&str, &str, String)> = vec![
+        (
+            "400 Bad Request",
+            "application/problem+json",
+            r#"{"type":"about:blank","title":"Bad Request {T}","status":400,"detail":"token {T} is not valid here"}"#.to_string(),
+        ),
+        (
+            "502 Bad Gateway",
+            "text/html",
+            format!("<html><body>{}{{T}}</body></html>", "x".repeat(100)),
+        ),
+        ("404 Not Found", "text/plain", "no route for Bearer {T}\n".to_string()),
+        ("200 OK", "text/html", "<html>hello {T}</html>".to_string()),
+    ];
+    let served = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut tokens = Vec::new();
+        for (status, kind, body) in answers {
+            let Ok(Ok((mut socket, _))) =
+                tokio::time::timeout(Duration::from_secs(30), listener.accept()).await
+            else {
+                break;
+            };
+            let mut request = Vec::new();
+            let mut buf = vec![0u8; 8192];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let request = String::from_utf8_lossy(&request).to_string();
+            let token = request
+                .lines()
+                .find_map(|l| {
+                    l.strip_prefix("authorization: Bearer ")
+                        .or(l.strip_prefix("Authorization: Bearer "))
+                })
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            let body = body.replace("{T}", &token);
+            tokens.push(token);
+            let answer = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {kind}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(answer.as_bytes()).await;
+        }
+        tokens
+    });
+    let c = capped_client(&env, Some(addr), 1 << 20);
+    let b = env.business_ids()[0].clone();
+    let body = JobStatusBody {
+        status: "appt_scheduled".into(),
+        partner_status_changed_at: "2024-06-14T09:30:00Z".into(),
+        invoice_amount_in_cents: None,
+    };
+    let mut messages = Vec::new();
+    for _ in 0..4 {
+        let sent = c.post_job_status(&b, "519153480500518912", &body).await;
+        let e = sent.result.expect_err("every answer is an error");
+        let logged: Vec<String> = sent
+            .exchanges
+            .iter()
+            .filter_map(|x| x.error.clone())
+            .collect();
+        messages.push((e.message, logged));
+    }
+    let tokens = served.await.unwrap();
+    assert_eq!(tokens.len(), 4);
+    let token = &tokens[0];
+    assert!(token.len() >= 16, "the static token was sent: {token:?}");
+    for (message, logged) in &messages {
+        for text in std::iter::once(message).chain(logged) {
+            assert!(
+                !text.contains(&token[..8]),
+                "token (or its start) kept: {text}"
+            );
+        }
+    }
+    assert!(messages[0].0.contains("********"), "{}", messages[0].0);
+    assert!(messages[2].0.contains("********"), "{}", messages[2].0);
+}

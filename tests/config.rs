@@ -680,3 +680,361 @@ fn retention_is_a_whole_number_of_days_zero_keeping_everything() {
         assert_eq!(o.status.code(), Some(0), "{days}: {}", text(&o));
     }
 }
+
+/// The bearer token travels with every API request (and `webhooks register`
+/// sends the webhook password in its body): a plain-http `api.base_url` is
+/// refused unless the host is loopback (the sandbox), like `oauth.token_url`.
+#[test]
+fn a_plain_http_api_base_url_is_refused_unless_loopback() {
+    let d = Dir::new();
+    let remote = d.file(
+        "remote.toml",
+        &format!(
+            "{}\n[api]\nbase_url = \"http://api.thumbtack.com\"\n",
+            d.base()
+        ),
+    );
+    let o = check(&[&remote], &[]);
+    assert_config_error(&o, &["remote.toml", "api.base_url", "https"]);
+    let o = check(
+        &[&d.file("ok.toml", &d.base())],
+        &[("LEADSYNC_API__BASE_URL", "http://10.0.0.5:8080")],
+    );
+    assert_config_error(&o, &["LEADSYNC_API__BASE_URL", "https"]);
+    for ok in [
+        "http://127.0.0.1:9",
+        "http://localhost:8080",
+        "http://[::1]:80",
+        "https://staging-api.thumbtack.com",
+    ] {
+        let f = d.file(
+            "loop.toml",
+            &format!("{}\n[api]\nbase_url = \"{ok}\"\n", d.base()),
+        );
+        let o = check(&[&f], &[]);
+        assert_eq!(o.status.code(), Some(0), "{ok}: {}", text(&o));
+    }
+}
+
+/// Text-typed keys set in the environment are taken exactly as written: the
+/// environment provider would read `007123` as the number 7123, `"x"` as x
+/// and `1.50` as 1.5 (a webhook password changed that way gets every
+/// delivery a 401).
+#[test]
+fn text_keys_from_the_environment_are_kept_exactly() {
+    let d = Dir::new();
+    let f = d.file("a.toml", &oauth_base(&d));
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_OAUTH__CLIENT_ID", "007123"),
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "s"),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "0042"),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "1.50"),
+            ("LEADSYNC_API__USER_AGENT", "\"quoted\""),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(t.contains("client_id = \"007123\""), "{t}");
+    assert!(t.contains("username = \"0042\""), "{t}");
+    assert!(t.contains("user_agent = \"quoted\""), "{t}");
+    assert!(!t.contains("1.50") && !t.contains("1.5\n"), "{t}");
+}
+
+/// The shipped conffile as the shipped unit runs it: the client secret comes
+/// from `LoadCredential=client_secret:/etc/leadsync/client_secret`
+/// (`$CREDENTIALS_DIRECTORY/client_secret`) and /etc/leadsync/client_secret
+/// itself is root-only, unreadable to the service user. A `client_secret_file`
+/// set in the example took precedence over the credential, so a fresh
+/// install exited 78 until the key was removed.
+#[test]
+fn the_shipped_example_takes_the_client_secret_from_the_units_credential() {
+    let d = Dir::new();
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/leadsync.toml"))
+            .unwrap();
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/systemd/leadsync.service"
+    ))
+    .unwrap();
+    assert!(
+        unit.lines()
+            .any(|l| l.trim() == "LoadCredential=client_secret:/etc/leadsync/client_secret"),
+        "the unit loads the client secret as a credential"
+    );
+    let etc = d.path().join("etc");
+    let var = d.path().join("var");
+    std::fs::create_dir_all(&var).unwrap();
+    let example = example
+        .replace("/etc/leadsync/", &format!("{}/", etc.display()))
+        .replace("/var/lib/leadsync/", &format!("{}/", var.display()));
+    // Only the grant the example's business names; etc/client_secret is
+    // not there (root-only: the service user cannot read it).
+    write(&etc, "tokens/468046965846925323", "the-refresh-token\n");
+    let creds = tempfile::tempdir().unwrap();
+    write(creds.path(), "client_secret", "cs-from-credential\n");
+    let f = d.file("leadsync.toml", &example);
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&f)
+        .args(["config", "check"])
+        .env("CREDENTIALS_DIRECTORY", creds.path())
+        .env_remove("LEADSYNC_OAUTH__CLIENT_SECRET")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!(
+            "client secret from: {}",
+            creds.path().join("client_secret").display()
+        )),
+        "{t}"
+    );
+    assert!(!t.contains("warning"), "{t}");
+}
+
+/// A relative path in a file is relative to that file's directory, not to
+/// wherever the command runs (an `enqueue` from another directory created a
+/// new mirror there; a relative grant passed `config check` in /etc/leadsync
+/// and failed in the daemon, whose working directory is /). In the
+/// environment, where there is no file to be relative to, it is refused.
+#[test]
+fn relative_paths_are_relative_to_the_file_that_sets_them() {
+    let d = Dir::new();
+    let conf = d.path().join("conf");
+    let f = write(
+        &conf,
+        "leadsync.toml",
+        "database = \"m.db\"\n\n[[businesses]]\nid = \"468046965846925323\"\naccess_token_file = \"../tokens/468046965846925323\"\n",
+    );
+    let elsewhere = tempfile::tempdir().unwrap();
+    let o = Command::new(bin())
+        .arg("--config")
+        .arg(&f)
+        .args(["config", "check"])
+        .current_dir(elsewhere.path())
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("database = \"{}\"", conf.join("m.db").display())),
+        "{t}"
+    );
+    // The same file named relatively, from its own directory.
+    let o = Command::new(bin())
+        .args(["--config", "leadsync.toml", "config", "check"])
+        .current_dir(&conf)
+        .env_remove("CREDENTIALS_DIRECTORY")
+        .output()
+        .unwrap();
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains(&format!("database = \"{}\"", conf.join("m.db").display())),
+        "{t}"
+    );
+    let o = check(&[&f], &[("LEADSYNC_DATABASE", "other.db")]);
+    assert_config_error(&o, &["LEADSYNC_DATABASE", "absolute"]);
+}
+
+/// Non-secret text from the environment loses surrounding whitespace and one
+/// pair of matching quotes, as before (Docker `--env-file` and compose keep
+/// quotes literally: a base URL ending in a space put a space in every
+/// request URL, a quoted username got every delivery a 401), and is never
+/// turned into a number.
+#[test]
+fn non_secret_text_from_the_environment_is_trimmed_and_unquoted() {
+    let d = Dir::new();
+    let f = d.file("a.toml", &oauth_base(&d));
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_API__BASE_URL", "https://api.thumbtack.com "),
+            ("LEADSYNC_OAUTH__CLIENT_ID", " '007123'"),
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "s"),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "\"0042\""),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "pw"),
+            ("LEADSYNC_POLL__SCHEDULE", "'0 */5 * * * *'"),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("base_url = \"https://api.thumbtack.com\"\n"),
+        "{t}"
+    );
+    assert!(t.contains("client_id = \"007123\""), "{t}");
+    assert!(t.contains("username = \"0042\""), "{t}");
+    assert!(!t.contains("warning"), "{t}");
+}
+
+/// Secrets are kept exactly (a password may end in a space), but one that
+/// begins or ends with whitespace or is wrapped in matching quotes is
+/// warned about, without printing it.
+#[test]
+fn a_secret_with_surrounding_space_or_quotes_is_warned_about() {
+    let d = Dir::new();
+    let f = d.file("a.toml", &oauth_base(&d));
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "cs-value-31 "),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "u"),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "'pw-value-77'"),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.lines().any(|l| l.starts_with("# warning:")
+            && l.contains("oauth.client_secret")
+            && l.contains("whitespace")),
+        "{t}"
+    );
+    assert!(
+        t.lines().any(|l| l.starts_with("# warning:")
+            && l.contains("webhooks.password")
+            && l.contains("quotes")),
+        "{t}"
+    );
+    assert!(
+        !t.contains("cs-value-31") && !t.contains("pw-value-77"),
+        "{t}"
+    );
+    let o = check(
+        &[&f],
+        &[
+            ("LEADSYNC_OAUTH__CLIENT_SECRET", "cs"),
+            ("LEADSYNC_WEBHOOKS__USERNAME", "u"),
+            ("LEADSYNC_WEBHOOKS__PASSWORD", "pw'"),
+        ],
+    );
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(!t.contains("warning"), "{t}");
+}
+
+/// Day of month and weekday, both restricted, combine with OR (croner, like
+/// cron for fields not starting with `*`): `config check` says so and
+/// points to the `+` form, since a schedule written for the earlier AND now
+/// fires far more often.
+#[test]
+fn restricted_day_of_month_and_weekday_are_warned_about() {
+    let d = Dir::new();
+    let f = d.file(
+        "a.toml",
+        &format!(
+            "{}schedule = \"0 0 */2 * FRI\"\n\n[poll]\nschedule = \"0 0 9 1-7 * MON\"\n",
+            d.base()
+        ),
+    );
+    let o = check(&[&f], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    let warnings: Vec<&str> = t.lines().filter(|l| l.starts_with("# warning:")).collect();
+    assert!(
+        warnings.iter().any(|l| l.contains("poll.schedule")
+            && l.contains("0 0 9 1-7 * MON")
+            && l.contains(" OR ")
+            && l.contains("+MON")),
+        "{t}"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|l| l.contains("468046965846925323") && l.contains("*/2") && l.contains("+FRI")),
+        "{t}"
+    );
+    for quiet in [
+        "0 0 9 1-7 * +MON",
+        "0 0 9 * * MON",
+        "0 0 9 1 * *",
+        "0 0 9 ? * MON#1",
+    ] {
+        let f = d.file(
+            "q.toml",
+            &format!("{}\n[poll]\nschedule = \"{quiet}\"\n", d.base()),
+        );
+        let o = check(&[&f], &[]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{quiet}: {t}");
+        assert!(!t.contains("warning"), "{quiet}: {t}");
+    }
+}
+
+/// An install that relied on the working directory (`database =
+/// "leadsync.db"` run from /var/lib/leadsync) would silently get a new,
+/// empty mirror or token store beside the file: refused, naming both paths,
+/// when the new one does not exist and the old one does.
+#[test]
+fn a_relative_path_that_moved_is_refused() {
+    let d = Dir::new();
+    let conf = d.path().join("conf");
+    let f = write(
+        &conf,
+        "leadsync.toml",
+        &format!(
+            "database = \"m.db\"\n[oauth]\nclient_id = \"p\"\ntoken_store = \"t.db\"\n\n[[businesses]]\nid = \"468046965846925323\"\nrefresh_token_file = \"{}\"\n",
+            d.token.display()
+        ),
+    );
+    let old = tempfile::tempdir().unwrap();
+    let run = |cwd: &Path| {
+        Command::new(bin())
+            .arg("--config")
+            .arg(&f)
+            .args(["config", "check"])
+            .current_dir(cwd)
+            .env_remove("CREDENTIALS_DIRECTORY")
+            .env("LEADSYNC_OAUTH__CLIENT_SECRET", "s")
+            .output()
+            .unwrap()
+    };
+    write(old.path(), "m.db", "");
+    let o = run(old.path());
+    assert_config_error(
+        &o,
+        &[
+            "database",
+            &conf.join("m.db").display().to_string(),
+            &old.path().join("m.db").display().to_string(),
+        ],
+    );
+    // Once the database is where the file says, the token store is checked too.
+    write(&conf, "m.db", "");
+    write(old.path(), "t.db", "");
+    let o = run(old.path());
+    assert_config_error(
+        &o,
+        &[
+            "oauth.token_store",
+            &conf.join("t.db").display().to_string(),
+            &old.path().join("t.db").display().to_string(),
+        ],
+    );
+    write(&conf, "t.db", "");
+    let o = run(old.path());
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// `~` is not expanded (no shell reads the file): `~/tokens.db` would be a
+/// directory named `~` beside the file. Refused.
+#[test]
+fn a_path_starting_with_a_tilde_is_refused() {
+    let d = Dir::new();
+    let f = d.file(
+        "a.toml",
+        &format!("{}\n[oauth]\ntoken_store = \"~/tokens.db\"\n", d.base()),
+    );
+    assert_config_error(&check(&[&f], &[]), &["oauth.token_store", "~"]);
+    let f = d.file("b.toml", &d.base());
+    assert_config_error(
+        &check(&[&f], &[("LEADSYNC_DATABASE", "~leadsync/m.db")]),
+        &["LEADSYNC_DATABASE", "~"],
+    );
+}

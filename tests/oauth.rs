@@ -2218,3 +2218,58 @@ async fn a_shutdown_that_drops_a_refresh_mid_write_keeps_the_lock_until_the_writ
     .await;
     assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
 }
+
+/// `--token-file` given relative to where the command runs: the conf.d file
+/// written names it absolutely (a path in a file is relative to that file's
+/// directory, so `grants/pro-1` there would be `conf.d/grants/pro-1`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_names_a_relative_token_file_absolutely() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let base = common::write(env.dir.path(), "base.toml", &head);
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    std::fs::create_dir_all(env.dir.path().join("grants")).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = Command::new(common::bin())
+        .arg("--config")
+        .arg(&base)
+        .arg("--config")
+        .arg(&env.overrides)
+        .args([
+            "auth",
+            "exchange",
+            "--token-file",
+            "grants/pro-1",
+            "--code",
+            &code,
+            "--redirect-uri",
+            "https://partner.example/callback",
+            "--write-conf",
+            conf_d.to_str().unwrap(),
+        ])
+        .current_dir(env.dir.path())
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let written = conf_d.join(format!("{}.toml", ids[0]));
+    let o = Command::new(common::bin())
+        .arg("--config")
+        .arg(&base)
+        .arg("--config")
+        .arg(&env.overrides)
+        .arg("--config")
+        .arg(&written)
+        .args(["config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        text(&o),
+        std::fs::read_to_string(&written).unwrap()
+    );
+}

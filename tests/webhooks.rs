@@ -1419,3 +1419,142 @@ fn a_disabled_business_gets_its_deliveries_an_unconfigured_one_does_not() {
         0
     );
 }
+
+/// A webhook password (or header value) from the environment is the text as
+/// set: `007123` was read as the number 7123 and every delivery got a 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_numeric_looking_password_from_the_environment_is_kept_exactly() {
+    let env = Env::small().await;
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\nusername = \"thumbtack\"\n"
+    ));
+    let (mut child, at) = env
+        .spawn_daemon_listening_with(
+            &["webhook receiver listening"],
+            &[("LEADSYNC_WEBHOOKS__PASSWORD", "007123")],
+        )
+        .await;
+    let business = env.business_ids()[0].clone();
+    let resp = common::http_client()
+        .post(format!("http://{}{PATH}", at[0]))
+        .header("content-type", "application/json")
+        .header("authorization", Receiver::basic("thumbtack", "007123"))
+        .body(lead_delivery("900000000000000031", &business))
+        .send()
+        .await
+        .expect("request");
+    let status = resp.status().as_u16();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    assert_eq!(status, 200, "{}", env.daemon_log());
+}
+
+/// An unauthenticated client does not keep its connection (one of the
+/// receiver's 128 slots) after its 401: the answer says `connection: close`
+/// and the receiver closes at once, whatever the client asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_is_closed_after_its_401() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = Receiver::start().await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {PATH} HTTP/1.1\r\nhost: x\r\nconnection: keep-alive\r\nauthorization: {}\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{{}}",
+            Receiver::basic("thumbtack", "wrong")
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the refused connection was kept open");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+    assert!(answer.contains("connection: close"), "{answer}");
+    r.stop().await;
+}
+
+/// An error answer to `webhooks register` that quotes the webhook password
+/// it was sent (a gateway or a debug page echoing the request): the line
+/// printed shows the mask, never the password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_masks_the_webhook_password_an_error_answer_echoes() {
+    const SECRET: &str = "echoed-hook-pass-4711";
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    let id = env.business_ids().remove(0);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // The listing (empty), then the registration, answered with a 400
+        // that quotes the password from the request body.
+        for _ in 0..2 {
+            let Ok(Ok((mut socket, _))) =
+                tokio::time::timeout(Duration::from_secs(30), listener.accept()).await
+            else {
+                return;
+            };
+            let mut request = Vec::new();
+            let mut buf = vec![0u8; 8192];
+            loop {
+                if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .map(|v| v.trim().parse().unwrap())
+                        .unwrap_or(0);
+                    if request.len() >= end + 4 + len {
+                        break;
+                    }
+                }
+                match socket.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let text = String::from_utf8_lossy(&request).to_string();
+            let answer = if text.starts_with("GET") {
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 2\r\nconnection: close\r\n\r\n[]".to_string()
+            } else {
+                let body: serde_json::Value =
+                    serde_json::from_str(text.split("\r\n\r\n").nth(1).unwrap_or("{}"))
+                        .unwrap_or_default();
+                let pw = body
+                    .pointer("/auth/password")
+                    .or(body.get("password"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("")
+                    .to_string();
+                let b = format!("password {pw} is not accepted");
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\ncontent-type: text/plain\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{b}",
+                    b.len()
+                )
+            };
+            let _ = socket.write_all(answer.as_bytes()).await;
+            let _ = socket.shutdown().await;
+        }
+    });
+    let pw = common::write(env.dir.path(), "hook_password", SECRET);
+    env.set_overrides(&format!(
+        "{}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/h\"\n",
+        FAST.replace("[api]\n", &format!("[api]\nbase_url = \"http://{addr}\"\n")),
+        pw.display()
+    ));
+    let o = tokio::task::spawn_blocking(move || {
+        let o = env.run(&["webhooks", "register", "--business", &id]);
+        (o, env)
+    })
+    .await
+    .unwrap()
+    .0;
+    served.await.unwrap();
+    let t = common::text(&o);
+    assert_eq!(o.status.code(), Some(1), "{t}");
+    assert!(t.contains("is not accepted"), "the answer was read: {t}");
+    assert!(!t.contains(SECRET), "{t}");
+    assert!(t.contains("********"), "{t}");
+}

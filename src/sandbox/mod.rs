@@ -740,6 +740,9 @@ impl Sandbox {
     /// `dir`: token files, the client secret, and `leadsync.toml`. With
     /// `oauth`, businesses get refresh-token grants; otherwise static tokens.
     pub fn write_fixture(&self, dir: &Path, oauth: bool) -> Result<PathBuf> {
+        // Paths in a configuration file are relative to the file: write
+        // absolute ones (`--write-config demo` gave `demo/leadsync.db`).
+        let dir = &std::path::absolute(dir)?;
         std::fs::create_dir_all(dir.join("tokens"))?;
         // It holds the token store and the grants: the owner's alone, as in production.
         {

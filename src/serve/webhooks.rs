@@ -174,6 +174,10 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
         if let Some(c) = r.expected.challenge() {
             resp.headers_mut().insert(header::WWW_AUTHENTICATE, c);
         }
+        // A client without credentials keeps no connection slot (there are
+        // 128) for another try on the same connection: it is closed now.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
     }
     let declared = request

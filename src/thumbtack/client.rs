@@ -421,7 +421,7 @@ impl Client {
                         Some(status.as_u16()),
                         format!(
                             "HTTP {status} with {}: not an API response",
-                            describe_unreadable(&body)
+                            describe_unreadable(&without_token(body, token.expose()))
                         ),
                     )),
                     Ok(body) if is_success(status.as_u16()) => Ok(Response {
@@ -435,7 +435,7 @@ impl Client {
                             status.as_u16(),
                             status.canonical_reason().unwrap_or(""),
                             retry_after,
-                            &body,
+                            &without_token(body, token.expose()),
                         );
                         if let Some(what) = not_read {
                             e.message = format!(
@@ -796,6 +796,19 @@ impl Client {
             .await
             .map(|_| ())
     }
+}
+
+/// An error answer's body with the access token it was sent masked: a
+/// gateway or a debug page may echo the request, and the text kept from the
+/// answer goes to the mirror's error columns (outbox.last_error,
+/// sync_runs.error, businesses.last_error) and the logs. Masked before any
+/// excerpt is cut, so no prefix of the token survives either.
+fn without_token(body: bytes::Bytes, token: &str) -> bytes::Bytes {
+    // One linear search (the body may be up to max_body_bytes).
+    if token.is_empty() || memchr::memmem::find(&body, token.as_bytes()).is_none() {
+        return body;
+    }
+    bytes::Bytes::from(String::from_utf8_lossy(&body).replace(token, crate::secret::MASK))
 }
 
 /// Percent-encodes an id for a URL path segment.

@@ -168,12 +168,18 @@ impl Env {
 
     /// Starts `leadsync run` in the background, its logs appended to `daemon.log`.
     pub fn spawn_daemon(&self) -> std::process::Child {
+        self.spawn_daemon_with(&[])
+    }
+
+    /// [`Env::spawn_daemon`] with `vars` in the daemon's environment.
+    pub fn spawn_daemon_with(&self, vars: &[(&str, &str)]) -> std::process::Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.path().join("daemon.log"))
             .expect("log file");
-        spawn(self.cli().arg("run").stderr(log)).expect("start leadsync run")
+        spawn(self.cli().arg("run").envs(vars.iter().copied()).stderr(log))
+            .expect("start leadsync run")
     }
 
     /// What the background daemons logged so far.
@@ -194,8 +200,17 @@ impl Env {
         &self,
         markers: &[&str],
     ) -> (std::process::Child, Vec<SocketAddr>) {
+        self.spawn_daemon_listening_with(markers, &[]).await
+    }
+
+    /// [`Env::spawn_daemon_listening`] with `vars` in the daemon's environment.
+    pub async fn spawn_daemon_listening_with(
+        &self,
+        markers: &[&str],
+        vars: &[(&str, &str)],
+    ) -> (std::process::Child, Vec<SocketAddr>) {
         let from = self.daemon_log().len();
-        let mut child = self.spawn_daemon();
+        let mut child = self.spawn_daemon_with(vars);
         let deadline = Duration::from_secs(60);
         let end = Instant::now() + deadline;
         loop {
