@@ -498,6 +498,11 @@ struct Hooked {
     unsaved_pid: Option<u32>,
     /// Set once a try of the grant's lock found it held.
     lock_busy: Arc<AtomicBool>,
+    /// While set, writing a refresh note fails (a full disk).
+    note_fails: Arc<AtomicBool>,
+    /// Its write check passes whatever `before_save` says (a store that
+    /// fails only after the check).
+    check_passes: bool,
 }
 
 impl Hooked {
@@ -514,6 +519,8 @@ impl Hooked {
             after_note,
             unsaved_pid: None,
             lock_busy: Arc::new(AtomicBool::new(false)),
+            note_fails: Arc::new(AtomicBool::new(false)),
+            check_passes: false,
         }
     }
 
@@ -572,9 +579,18 @@ impl GrantStore for Hooked {
         self.inner.unsaved_held(grant)
     }
     fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
+        if note.is_some() && self.note_fails.load(Ordering::SeqCst) {
+            anyhow::bail!("No space left on device (os error 28) (test)");
+        }
         self.inner.set_refresh_note(grant, note)?;
         (self.after_note)(note);
         Ok(())
+    }
+    fn check_writable(&self) -> anyhow::Result<()> {
+        if !self.check_passes {
+            (self.before_save)()?;
+        }
+        self.inner.check_writable()
     }
     fn note_unsaved(&self, grant: &str, over: i64) -> anyhow::Result<()> {
         match self.unsaved_pid {
@@ -2176,4 +2192,165 @@ async fn a_shutdown_that_drops_a_refresh_mid_write_keeps_the_lock_until_the_writ
     )
     .await;
     assert_eq!(other.get(&key, None, &[]).unwrap().unwrap().generation, 2);
+}
+
+/// `auth exchange --business` with a token store that refuses writes (a
+/// disk I/O error): the single-use code was spent before the store's
+/// write, which failed, and the new grant's refresh token was dropped —
+/// the code, presented again, was refused. The store's write is checked
+/// before the code is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_with_an_unwritable_store_does_not_spend_the_code() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(true));
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(failing_store(&env.config(), &fail))),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let code = leadsync::secret::Secret::new(env.sandbox.mint_auth_code(&b));
+    let e = auth
+        .exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect_err("the store refuses writes");
+    let e = format!("{e:#}");
+    assert!(e.contains("disk I/O error"), "{e}");
+    assert!(e.contains("not spent"), "{e}");
+    fail.store(false, Ordering::SeqCst);
+    auth.exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect("the same code works once the store does");
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// The store's write fails after the code was spent (its check passed):
+/// the new grant's refresh token is never dropped. It goes to the grant's
+/// token file (0600), which the next refresh takes as a changed file, and
+/// the error says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_whose_store_write_fails_keeps_the_new_token_in_the_token_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let file = token_file(&env, &b);
+    let before = std::fs::read_to_string(&file).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let mut store = failing_store(&env.config(), &fail);
+    store.check_passes = true;
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let code = leadsync::secret::Secret::new(env.sandbox.mint_auth_code(&b));
+    let e = auth
+        .exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect_err("the store's write fails");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let e = format!("{e:#}");
+    assert!(e.contains(&file.display().to_string()), "{e}");
+    assert!(e.contains("disk I/O error"), "{e}");
+    let after = std::fs::read_to_string(&file).unwrap();
+    assert_ne!(after.trim(), before.trim(), "the new token is in the file");
+    assert!(!after.trim().is_empty());
+    assert!(!e.contains(after.trim()), "the token is not in the message");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The next run (a working store) takes the file's token.
+    forget_stored_access_tokens(&env);
+    let rotations = env.sandbox.stats().rotations;
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(env.sandbox.stats().rotations > rotations);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &format!("{e}\n{}", text(&o)));
+}
+
+/// The fsynced note that a refresh is being sent cannot be written (a full
+/// disk, a read-only file system): the refresh was sent all the same, and
+/// its rotated token could then only live in memory, lost at the next
+/// stop. Nothing is sent; the stored token stays the valid one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_note_cannot_be_written_is_not_sent() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let store = Hooked::new(&env.config(), Box::new(|| Ok(())), Box::new(|_| {}));
+    let note_fails = store.note_fails.clone();
+    note_fails.store(true, Ordering::SeqCst);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let e = auth.token(&b).await.expect_err("no note, no refresh");
+    assert_eq!(refreshes(&env), before, "no refresh was sent");
+    assert_eq!(
+        e.disposition,
+        leadsync::thumbtack::problem::Disposition::Retry,
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("No space left on device"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("not sent"), "{}", e.message);
+    note_fails.store(false, Ordering::SeqCst);
+    auth.token(&b)
+        .await
+        .expect("sent once the note can be written");
+    assert_eq!(refreshes(&env), before + 1);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// The initial token file removed once its chain is stored (the daemon
+/// running): the stored chain is used (the README: the file is read again
+/// only when its content changes); every refresh failed "cannot read token
+/// file" instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_token_file_leaves_the_stored_chain_working() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let config = env.config();
+    let auth = leadsync::app::open_auth(&config, None, Default::default()).unwrap();
+    std::fs::remove_file(token_file(&env, &b)).unwrap();
+    forget_stored_access_tokens(&env);
+    let before = refreshes(&env);
+    auth.token(&b).await.expect("the stored chain");
+    assert_eq!(refreshes(&env), before + 1);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+    // With no stored chain, a missing file is the error it was.
+    let gone = &env.business_ids()[1];
+    let fresh = leadsync::app::open_auth(&config, None, Default::default()).unwrap();
+    std::fs::remove_file(token_file(&env, gone)).unwrap();
+    let e = fresh.token(gone).await.expect_err("nothing stored");
+    assert!(
+        e.message.contains("cannot read token file"),
+        "{}",
+        e.message
+    );
+    assert_eq!(reauth_count(&env), 0);
 }

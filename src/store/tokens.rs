@@ -569,6 +569,20 @@ impl TokenStore {
         })
     }
 
+    /// Whether a write works now: a committed write transaction (the
+    /// header's schema version rewritten with its own value, journaled and
+    /// synced like every write), asked before a single-use authorization
+    /// code is spent.
+    pub fn check_writable(&self) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .with_context(|| format!("cannot write the token store {}", self.path.display()))
+    }
+
     /// Stores a grant's new refresh token if the row still has generation
     /// `expected` (0: no row, or a row that never held a token).
     pub fn put(&self, grant: &str, expected: i64, w: &GrantWrite) -> Result<Written> {
