@@ -2354,3 +2354,33 @@ async fn a_removed_token_file_leaves_the_stored_chain_working() {
     );
     assert_eq!(reauth_count(&env), 0);
 }
+
+/// `webhooks list` (like `register` and `delete`) settled nothing at its
+/// exit: a rotated token its store could not take ended with the process
+/// without a last write and without the loud "stops with a rotated refresh
+/// token it could not store" that `sync` and `drain` give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_commands_settle_a_rotated_token_left_unsaved() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    // The store refuses every write of a grant (reads work).
+    let db = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON grants
+         BEGIN SELECT RAISE(ABORT, 'disk I/O error (test)'); END;",
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let o = env.run(&["webhooks", "list", "--business", &b]);
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert_eq!(refreshes(&env), before + 1, "{}", text(&o));
+    assert!(
+        text(&o).contains("leadsync stops with a rotated refresh token it could not store"),
+        "{}",
+        text(&o)
+    );
+    assert_no_secret_anywhere(&env, &text(&o));
+}
