@@ -2384,3 +2384,44 @@ async fn webhooks_commands_settle_a_rotated_token_left_unsaved() {
     );
     assert_no_secret_anywhere(&env, &text(&o));
 }
+
+/// The token store's directory must be the service user's and writable by
+/// it alone: in a group-writable one (or one another user made, after
+/// renaming the real one away) a group member can replace or remove the
+/// store and its lock files. It was only a warning.
+#[test]
+fn a_token_store_directory_others_can_write_or_own_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let loose = dir.path().join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o770)).unwrap();
+    let e = TokenStore::open(&loose.join("tokens.db"))
+        .err()
+        .expect("group-writable");
+    let e = format!("{e:#}");
+    assert!(e.contains("writable by its group or others"), "{e}");
+    assert!(e.contains("chmod 0700"), "{e}");
+    // Only entered (not written) by the group: still a warning.
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o750)).unwrap();
+    TokenStore::open(&loose.join("tokens.db")).expect("only readable by the group");
+    // Another user's directory (running as root, the tests can make one).
+    if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .ok()
+        == Some(0)
+    {
+        let foreign = dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let store = foreign.join("tokens.db");
+        std::fs::write(&store, b"").unwrap();
+        std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(54_321), None).unwrap();
+        let e = TokenStore::open(&store)
+            .err()
+            .expect("another user's directory");
+        let e = format!("{e:#}");
+        assert!(e.contains("belongs to uid 54321"), "{e}");
+    }
+}

@@ -177,6 +177,31 @@ impl TokenStore {
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Ok(meta) = std::fs::metadata(dir)
+        {
+            // Whoever can write the directory can rename the store (or its
+            // lock directory) away and put their own in its place.
+            if let Some(uid) = current_uid()
+                && meta.uid() != uid
+            {
+                bail!(
+                    "the token store's directory {} belongs to uid {}, not to the user leadsync runs \
+                     as (uid {uid}): refusing it (its owner could replace the store); make it the \
+                     service user's, mode 0700 (`chown leadsync: {0}; chmod 0700 {0}`)",
+                    dir.display(),
+                    meta.uid()
+                );
+            }
+            if meta.permissions().mode() & 0o022 != 0 {
+                bail!(
+                    "the token store's directory {0} is writable by its group or others (mode {1:o}): \
+                     refusing it (a member could replace or remove the store); `chmod 0700 {0}`",
+                    dir.display(),
+                    meta.permissions().mode() & 0o7777
+                );
+            }
+        }
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+            && let Ok(meta) = std::fs::metadata(dir)
             && meta.permissions().mode() & 0o077 != 0
         {
             tracing::warn!(directory = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
