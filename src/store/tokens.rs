@@ -604,7 +604,10 @@ impl TokenStore {
     pub fn check_writable(&self) -> Result<()> {
         self.with(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-            tx.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+            // Its own value: an older leadsync (during an upgrade) must not
+            // set a newer store's version back.
+            let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            tx.pragma_update(None, "user_version", v)?;
             tx.commit()?;
             Ok(())
         })
@@ -1010,6 +1013,25 @@ mod tests {
         assert!(msg.contains("belongs to"), "{msg}");
         assert!(!msg.contains("chmod"), "{msg}");
         assert!(!sub.join("tokens.db").exists());
+    }
+
+    #[test]
+    fn the_write_check_keeps_the_stores_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.db");
+        let s = TokenStore::open(&path).unwrap();
+        // A newer leadsync's store, opened by this one during an upgrade.
+        let newer = SCHEMA_VERSION + 1;
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", newer)
+            .unwrap();
+        s.check_writable().unwrap();
+        let v: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, newer);
     }
 
     #[test]
