@@ -2278,6 +2278,55 @@ async fn auth_exchange_whose_store_write_fails_keeps_the_new_token_in_the_token_
     assert_no_secret_anywhere(&env, &format!("{e}\n{}", text(&o)));
 }
 
+/// Review (authfix): the exchange's fallback wrote the new token to the
+/// business's token file as configured, replacing a symlink (tokens/b ->
+/// shared) by a regular file while the grant is keyed by the canonical path:
+/// the grant split at the next reload. It writes the file the link names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_fallback_writes_through_a_symlinked_token_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = token_file(&env, &b);
+    let shared = file.with_file_name("shared");
+    std::fs::rename(&file, &shared).unwrap();
+    std::os::unix::fs::symlink(&shared, &file).unwrap();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let before = std::fs::read_to_string(&shared).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let mut store = failing_store(&env.config(), &fail);
+    store.check_passes = true;
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let code = leadsync::secret::Secret::new(env.sandbox.mint_auth_code(&b));
+    let e = auth
+        .exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect_err("the store's write fails");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let e = format!("{e:#}");
+    assert!(e.contains("NOT lost"), "{e}");
+    assert!(
+        std::fs::symlink_metadata(&file)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link is kept: {e}"
+    );
+    let after = std::fs::read_to_string(&shared).unwrap();
+    assert_ne!(
+        after.trim(),
+        before.trim(),
+        "the new token is in the shared file"
+    );
+}
+
 /// The fsynced note that a refresh is being sent cannot be written (a full
 /// disk, a read-only file system): the refresh was sent all the same, and
 /// its rotated token could then only live in memory, lost at the next

@@ -949,6 +949,17 @@ impl Auth {
                 }
             }
         };
+        // The file the exchange's fallback writes if the store fails after
+        // the code is spent: the one the grant is keyed by (a symlinked
+        // token file is written through, never replaced by a regular file,
+        // which would split the grant at the next reload).
+        let fallback = std::path::PathBuf::from(&chain.key);
+        if !write_file && let Err(e) = probe_replaceable(&fallback) {
+            warn!(grant = %chain.file.display(), error = %e,
+                "the token file {} cannot be replaced: should the token store fail after the code \
+                 is spent, the new grant's refresh token could not be kept there either",
+                fallback.display());
+        }
         // The store must take the new grant: checked before the single-use
         // code is spent (its refresh token is the only copy).
         {
@@ -1039,8 +1050,8 @@ impl Auth {
                      the token store can be written — do not run the exchange again (the code is spent)"
                 );
             }
-            return match write_private(&chain.file, &format!("{}\n", write.refresh_token.expose()))
-            {
+            let file = fallback.display();
+            return match write_private(&fallback, &format!("{}\n", write.refresh_token.expose())) {
                 Ok(()) => Err(anyhow::anyhow!(
                     "the token store could not take the new grant ({failure}); its refresh token is \
                      NOT lost: it was written to the grant's token file {file} (mode 0600), and the \
