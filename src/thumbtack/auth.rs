@@ -1784,6 +1784,22 @@ impl Inner {
             // take the rotated token either, which would then live only in
             // this process and be lost at its next stop. Not sending keeps
             // the stored token the valid one.
+            // Nor when the token store itself cannot take a write (a
+            // read-only tokens.db, SQLITE_FULL, a refusing trigger) while
+            // the note, a file beside it, still can: one journaled
+            // transaction per refresh (about hourly per grant).
+            let s = store.clone();
+            if let Err(e) = blocking(move || s.check_writable()).await {
+                let m = format!(
+                    "token refresh of {who} not sent: the token store cannot be written ({e:#}), \
+                     so it could not keep a rotated refresh token; the stored refresh token stays \
+                     valid — make the token store writable"
+                );
+                error!(grant = %file, error = %format!("{e:#}"), "{m}");
+                self.alert(format!("note:{}", chain.key), Some(m.clone()))
+                    .await;
+                return Err(Failure::Retry(m));
+            }
             let note = format!(
                 "sent at {} by leadsync process {}",
                 crate::time::now(),
