@@ -500,6 +500,9 @@ struct Hooked {
     lock_busy: Arc<AtomicBool>,
     /// While set, writing a refresh note fails (a full disk).
     note_fails: Arc<AtomicBool>,
+    /// While set, a refresh note is written but its write then fails (the
+    /// directory's fsync after the rename).
+    note_sync_fails: Arc<AtomicBool>,
     /// Its write check passes whatever `before_save` says (a store that
     /// fails only after the check: the disk filled in between). The
     /// default; `checked` makes the check fail with the writes.
@@ -521,6 +524,7 @@ impl Hooked {
             unsaved_pid: None,
             lock_busy: Arc::new(AtomicBool::new(false)),
             note_fails: Arc::new(AtomicBool::new(false)),
+            note_sync_fails: Arc::new(AtomicBool::new(false)),
             check_passes: true,
         }
     }
@@ -590,6 +594,10 @@ impl GrantStore for Hooked {
             anyhow::bail!("No space left on device (os error 28) (test)");
         }
         self.inner.set_refresh_note(grant, note)?;
+        if note.is_some() && self.note_sync_fails.load(Ordering::SeqCst) {
+            // Renamed into place, then the directory's fsync failed.
+            anyhow::bail!("Input/output error (os error 5) (test)");
+        }
         (self.after_note)(note);
         Ok(())
     }
@@ -2415,6 +2423,35 @@ async fn a_refresh_is_not_sent_when_the_token_database_cannot_be_written() {
         .expect("sent once the store can be written");
     assert_eq!(refreshes(&env), before + 1);
     auth.settle(Duration::from_secs(5)).await;
+}
+
+/// Review (authfix): a note renamed into place whose directory fsync then
+/// failed was left saying "sent at ... by pid N" though nothing was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_not_sent_leaves_no_note_saying_it_was() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let store = Hooked::new(&env.config(), Box::new(|| Ok(())), Box::new(|_| {}));
+    store.note_sync_fails.store(true, Ordering::SeqCst);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let e = auth.token(&b).await.expect_err("the note's write failed");
+    assert_eq!(refreshes(&env), before, "{}", e.message);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let note = TokenStore::open(&env.config().file.oauth.token_store)
+        .unwrap()
+        .refresh_note(&key)
+        .unwrap();
+    assert_eq!(note, None, "{}", e.message);
 }
 
 /// The initial token file removed once its chain is stored (the daemon

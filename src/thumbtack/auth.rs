@@ -1059,6 +1059,21 @@ impl Auth {
                      token file, once the token store can be written — fix the token store; do not \
                      run the exchange again (the code is spent)"
                 )),
+                // Renamed into place, then the directory's fsync failed:
+                // the token IS in the file (not yet durable).
+                Err(e)
+                    if read_token_file(&fallback)
+                        .is_ok_and(|t| t == write.refresh_token.expose()) =>
+                {
+                    Err(anyhow::anyhow!(
+                        "the token store could not take the new grant ({failure}); its refresh \
+                         token was written to the grant's token file {file} (mode 0600), but \
+                         syncing that file's directory failed ({e}): it is there now, though a \
+                         power loss could still lose it — keep the machine up, fix the token store \
+                         and run `leadsync sync` (it takes the file's token); do not run the \
+                         exchange again (the code is spent)"
+                    ))
+                }
                 Err(e) => Err(anyhow::anyhow!(
                     "the token store could not take the new grant ({failure}) and the token file \
                      {file} cannot be written either ({e}): the new grant's refresh token is lost; \
@@ -1805,8 +1820,20 @@ impl Inner {
                 crate::time::now(),
                 std::process::id()
             );
-            let (s, key) = (store.clone(), chain.key.clone());
+            let (s, key, ours) = (store.clone(), chain.key.clone(), note.clone());
             if let Err(e) = blocking(move || s.set_refresh_note(&key, Some(&note))).await {
+                // Its write may have failed after the rename (the directory's
+                // fsync): a note saying "sent" for a refresh never sent is
+                // removed, best-effort; another's note (an earlier lost
+                // answer) is kept.
+                let (s, key) = (store.clone(), chain.key.clone());
+                let _ = blocking(move || {
+                    if s.refresh_note(&key)?.as_deref() == Some(ours.as_str()) {
+                        s.set_refresh_note(&key, None)?;
+                    }
+                    Ok(())
+                })
+                .await;
                 let m = format!(
                     "token refresh of {who} not sent: the grant's note that a refresh is out cannot \
                      be written ({e:#}), so the token store could not keep a rotated refresh token \
