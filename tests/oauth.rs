@@ -2486,6 +2486,47 @@ async fn a_removed_token_file_leaves_the_stored_chain_working() {
     assert_eq!(reauth_count(&env), 0);
 }
 
+/// Review (authfix): a removed token file falls back to the stored chain,
+/// but config validation still requires the file at start and reload: the
+/// next restart fails. `status` says so until the file is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_token_file_is_a_status_alert_until_it_is_back() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let config = env.config();
+    let mirror = leadsync::store::Store::open(config.database()).unwrap();
+    let auth = leadsync::app::open_auth(&config, Some(mirror), Default::default()).unwrap();
+    let file = token_file(&env, &b);
+    std::fs::remove_file(&file).unwrap();
+    forget_stored_access_tokens(&env);
+    auth.token(&b).await.expect("the stored chain");
+    let db = rusqlite::Connection::open(config.database()).unwrap();
+    let alerts = |db: &rusqlite::Connection| -> Vec<String> {
+        db.prepare("SELECT message FROM auth_alerts")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let a = alerts(&db);
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert!(a[0].contains(&file.display().to_string()), "{a:?}");
+    assert!(a[0].contains("restart"), "{a:?}");
+    // Restored (an empty file will do): the alert goes at the next refresh.
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    std::fs::write(&file, "").unwrap();
+    forget_stored_access_tokens(&env);
+    let mirror = leadsync::store::Store::open(config.database()).unwrap();
+    let auth = leadsync::app::open_auth(&config, Some(mirror), Default::default()).unwrap();
+    auth.token(&b).await.expect("the stored chain");
+    assert_eq!(alerts(&db), Vec::<String>::new());
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// `webhooks list` (like `register` and `delete`) settled nothing at its
 /// exit: a rotated token its store could not take ended with the process
 /// without a last write and without the loud "stops with a rotated refresh

@@ -1685,6 +1685,7 @@ impl Inner {
         let (seed, unreadable) = match read_token_file(&chain.file) {
             Ok(seed) => {
                 chain.file_unreadable.store(false, Ordering::SeqCst);
+                self.alert(format!("file:{}", chain.key), None).await;
                 (seed, None)
             }
             Err(Failure::Retry(m)) => (String::new(), Some(m)),
@@ -1720,6 +1721,15 @@ impl Inner {
                     "the token file cannot be read; using the grant's stored refresh token \
                      (the file is only read for a new grant)");
             }
+            // `config check` (start, reload) still requires the file.
+            self.alert(
+                format!("file:{}", chain.key),
+                Some(format!(
+                    "{m}: the grant's stored refresh token is used, but the next start or reload \
+                     (a restart) fails until the file is restored — an empty file will do"
+                )),
+            )
+            .await;
         }
         // A note of a token held unsaved whose write landed after all (its
         // process ended before it cleared the note): nothing was lost.
