@@ -176,6 +176,10 @@ impl GrantStore for StoreGrants {
         self.0.unsaved_held(grant)
     }
 
+    fn check_writable(&self) -> Result<()> {
+        self.0.check_writable()
+    }
+
     fn note_unsaved(&self, grant: &str, over_generation: i64) -> Result<()> {
         self.0.set_refresh_note(
             grant,

@@ -619,7 +619,7 @@ fn spawn_signal_handlers(controls: &Controls) -> Result<()> {
 }
 
 /// A token cancelled by SIGTERM or SIGINT (for the one-shot commands).
-fn stop_on_signal() -> Result<CancellationToken> {
+pub(crate) fn stop_on_signal() -> Result<CancellationToken> {
     let controls = Controls::default();
     spawn_signal_handlers(&controls)?;
     Ok(controls.shutdown)

@@ -35,18 +35,25 @@ fn remove_database(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Removes the demo's temporary directory however the demo ends.
+struct RemoveOnDrop(std::path::PathBuf);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Runs the demo, writing the mirror to `database`.
 pub async fn run(database: &Path) -> Result<u8> {
     let started = Instant::now();
-    let tokens = database.with_file_name(format!(
-        "{}-tokens.db",
-        database
-            .file_stem()
-            .and_then(|s| s.to_str())
-            .unwrap_or("leadsync-demo")
-    ));
+    // The grants, the client secret and the token store live in a private
+    // (0700) temporary directory, removed at the end even when a step fails:
+    // never beside the mirror, whose directory may be /tmp.
+    let fixture = std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()));
+    let _cleanup = RemoveOnDrop(fixture.clone());
+    let tokens = fixture.join("tokens.db");
     remove_database(database)?;
-    remove_database(&tokens)?;
     say(
         "leadsync demo: the whole flow against the built-in Thumbtack sandbox (loopback only, no credentials)\n",
     );
@@ -66,7 +73,6 @@ pub async fn run(database: &Path) -> Result<u8> {
         businesses.iter().map(|b| b.leads).sum::<usize>()
     ));
 
-    let fixture = std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()));
     let config_path = sandbox.write_fixture(&fixture, true)?;
     let mut config = ConfigSource {
         files: vec![config_path],
@@ -283,7 +289,6 @@ pub async fn run(database: &Path) -> Result<u8> {
     }
     drop(session);
     sandbox.stop().await;
-    let _ = std::fs::remove_dir_all(&fixture);
 
     let db = database.display();
     say(format!(

@@ -4,12 +4,13 @@
 
 use crate::config::{Config, ConfigError, WebhookAuth, check_public_url};
 use crate::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
-use crate::thumbtack::{Client, ClientSettings};
+use crate::thumbtack::{Auth, Client, ClientSettings};
 use anyhow::{Result, bail};
 use std::sync::Arc;
 
-/// A client for commands that run beside the daemon (no process lock).
-async fn client(config: &Config) -> Result<Client> {
+/// A client for commands that run beside the daemon (no process lock),
+/// and its token providers (settled at the end, see [`settled`]).
+async fn client(config: &Config) -> Result<(Client, Arc<Auth>)> {
     let mirror = {
         let path = config.database().to_path_buf();
         tokio::task::spawn_blocking(move || crate::store::Store::open(&path)).await??
@@ -20,7 +21,31 @@ async fn client(config: &Config) -> Result<Client> {
     // The token store's grant locks keep this process and the daemon from
     // refreshing one grant at once.
     let auth = Arc::new(crate::app::open_auth(config, Some(mirror), needs_reauth)?);
-    Client::new(ClientSettings::from_config(config), auth)
+    Ok((
+        Client::new(ClientSettings::from_config(config), auth.clone())?,
+        auth,
+    ))
+}
+
+/// Runs a command's requests until done or SIGTERM/SIGINT, then settles
+/// the token providers as `sync` does: a refresh in flight finishes and
+/// stores its rotated token, and one still unsaved gets a last write and,
+/// failing that, the loud "stops with a rotated refresh token" line.
+async fn settled(
+    config: &Config,
+    auth: &Auth,
+    work: impl std::future::Future<Output = Result<u8>>,
+) -> Result<u8> {
+    let stop = crate::cli::stop_on_signal()?;
+    let outcome = tokio::select! {
+        r = work => r,
+        _ = stop.cancelled() => {
+            println!("stopped by a signal before every request was answered");
+            Ok(1)
+        }
+    };
+    auth.settle(crate::cli::settle_bound(config)).await;
+    outcome
 }
 
 /// The businesses a command acts on: the given ones (each must be
@@ -85,7 +110,8 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         println!("no enabled business is configured: nothing to register");
         return Ok(0);
     }
-    let client = client(config).await?;
+    let (client, tokens) = client(config).await?;
+    settled(config, &tokens, async {
     let mut failed = false;
     for id in ids {
         let existing = match client.list_webhooks(&id).await {
@@ -143,61 +169,71 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         }
     }
     Ok(if failed { 1 } else { 0 })
+    })
+    .await
 }
 
 /// Lists each business's subscriptions, one line each.
 pub async fn list(config: &Config, business: Option<String>, json: bool) -> Result<u8> {
     let ids = selected(config, business.as_slice())?;
-    let client = client(config).await?;
-    let mut failed = false;
-    let mut all = Vec::new();
-    for id in ids {
-        match client.list_webhooks(&id).await {
-            Ok(list) if json => all.push(serde_json::json!({"businessID": id, "webhooks": list})),
-            Ok(list) if list.is_empty() => println!("{id}: no webhook"),
-            Ok(list) => {
-                for s in list {
-                    println!(
-                        "{id} webhook {} {} {} [{}]",
-                        s.webhook_id,
-                        if s.enabled == Some(false) {
-                            "disabled"
-                        } else {
-                            "enabled"
-                        },
-                        s.webhook_url,
-                        s.event_types.join(",")
-                    );
+    let (client, auth) = client(config).await?;
+    settled(config, &auth, async {
+        let mut failed = false;
+        let mut all = Vec::new();
+        for id in ids {
+            match client.list_webhooks(&id).await {
+                Ok(list) if json => {
+                    all.push(serde_json::json!({"businessID": id, "webhooks": list}))
                 }
-            }
-            Err(e) => {
-                if json {
-                    all.push(serde_json::json!({"businessID": id, "error": e.to_string()}));
-                } else {
-                    println!("error {id}: {e}");
+                Ok(list) if list.is_empty() => println!("{id}: no webhook"),
+                Ok(list) => {
+                    for s in list {
+                        println!(
+                            "{id} webhook {} {} {} [{}]",
+                            s.webhook_id,
+                            if s.enabled == Some(false) {
+                                "disabled"
+                            } else {
+                                "enabled"
+                            },
+                            s.webhook_url,
+                            s.event_types.join(",")
+                        );
+                    }
                 }
-                failed = true;
+                Err(e) => {
+                    if json {
+                        all.push(serde_json::json!({"businessID": id, "error": e.to_string()}));
+                    } else {
+                        println!("error {id}: {e}");
+                    }
+                    failed = true;
+                }
             }
         }
-    }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&all)?);
-    }
-    Ok(if failed { 1 } else { 0 })
+        if json {
+            println!("{}", serde_json::to_string_pretty(&all)?);
+        }
+        Ok(if failed { 1 } else { 0 })
+    })
+    .await
 }
 
 /// Deletes one subscription.
 pub async fn delete(config: &Config, business: &str, webhook: &str) -> Result<u8> {
     selected(config, &[business.to_string()])?;
-    let client = client(config).await?;
-    match client.delete_webhook(business, webhook).await {
-        Ok(()) => {
-            println!("deleted {business} webhook {webhook}");
-            Ok(0)
+    let (client, auth) = client(config).await?;
+    settled(config, &auth, async {
+        match client.delete_webhook(business, webhook).await {
+            Ok(()) => {
+                println!("deleted {business} webhook {webhook}");
+                Ok(0)
+            }
+            Err(e) => {
+                println!("error {business}: cannot delete webhook {webhook}: {e}");
+                Ok(1)
+            }
         }
-        Err(e) => {
-            println!("error {business}: cannot delete webhook {webhook}: {e}");
-            Ok(1)
-        }
-    }
+    })
+    .await
 }

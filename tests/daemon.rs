@@ -856,6 +856,33 @@ fn the_demo_runs_end_to_end_without_configuration() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+#[test]
+fn the_demo_runs_with_its_mirror_in_a_sticky_shared_directory() {
+    // Review (authfix): `demo --database /tmp/d.db` put the token store in
+    // /tmp, which the token store's directory check refused.
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let db = dir.path().join("d.db");
+    let o = std::process::Command::new(bin())
+        .arg("demo")
+        .arg("--database")
+        .arg(&db)
+        .current_dir(dir.path())
+        .env_remove("LEADSYNC_LOG")
+        .output()
+        .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(!out.contains("chmod"), "{out}");
+    // Nothing but the mirror (and its SQLite side files) beside it: the
+    // token store lived in the demo's private temporary directory.
+    for e in std::fs::read_dir(dir.path()).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        assert!(name.starts_with("d.db"), "left beside the mirror: {name}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_status_line_counts_replies_too() {
     // Review r11: `STATUS=` counted only `outbox` (transitions): a dead reply

@@ -499,6 +499,15 @@ struct Hooked {
     unsaved_pid: Option<u32>,
     /// Set once a try of the grant's lock found it held.
     lock_busy: Arc<AtomicBool>,
+    /// While set, writing a refresh note fails (a full disk).
+    note_fails: Arc<AtomicBool>,
+    /// While set, a refresh note is written but its write then fails (the
+    /// directory's fsync after the rename).
+    note_sync_fails: Arc<AtomicBool>,
+    /// Its write check passes whatever `before_save` says (a store that
+    /// fails only after the check: the disk filled in between). The
+    /// default; `checked` makes the check fail with the writes.
+    check_passes: bool,
 }
 
 impl Hooked {
@@ -515,7 +524,16 @@ impl Hooked {
             after_note,
             unsaved_pid: None,
             lock_busy: Arc::new(AtomicBool::new(false)),
+            note_fails: Arc::new(AtomicBool::new(false)),
+            note_sync_fails: Arc::new(AtomicBool::new(false)),
+            check_passes: true,
         }
+    }
+
+    /// Its write check fails while its writes do.
+    fn checked(mut self) -> Self {
+        self.check_passes = false;
+        self
     }
 
     /// Its "held unsaved" note names `pid`: a process the reader cannot see
@@ -573,9 +591,22 @@ impl GrantStore for Hooked {
         self.inner.unsaved_held(grant)
     }
     fn set_refresh_note(&self, grant: &str, note: Option<&str>) -> anyhow::Result<()> {
+        if note.is_some() && self.note_fails.load(Ordering::SeqCst) {
+            anyhow::bail!("No space left on device (os error 28) (test)");
+        }
         self.inner.set_refresh_note(grant, note)?;
+        if note.is_some() && self.note_sync_fails.load(Ordering::SeqCst) {
+            // Renamed into place, then the directory's fsync failed.
+            anyhow::bail!("Input/output error (os error 5) (test)");
+        }
         (self.after_note)(note);
         Ok(())
+    }
+    fn check_writable(&self) -> anyhow::Result<()> {
+        if !self.check_passes {
+            (self.before_save)()?;
+        }
+        self.inner.check_writable()
     }
     fn note_unsaved(&self, grant: &str, over: i64) -> anyhow::Result<()> {
         match self.unsaved_pid {
@@ -2272,4 +2303,391 @@ async fn write_conf_names_a_relative_token_file_absolutely() {
         text(&o),
         std::fs::read_to_string(&written).unwrap()
     );
+}
+
+/// `auth exchange --business` with a token store that refuses writes (a
+/// disk I/O error): the single-use code was spent before the store's
+/// write, which failed, and the new grant's refresh token was dropped —
+/// the code, presented again, was refused. The store's write is checked
+/// before the code is spent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_with_an_unwritable_store_does_not_spend_the_code() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(true));
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(failing_store(&env.config(), &fail).checked())),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let code = leadsync::secret::Secret::new(env.sandbox.mint_auth_code(&b));
+    let e = auth
+        .exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect_err("the store refuses writes");
+    let e = format!("{e:#}");
+    assert!(e.contains("disk I/O error"), "{e}");
+    assert!(e.contains("not spent"), "{e}");
+    fail.store(false, Ordering::SeqCst);
+    auth.exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect("the same code works once the store does");
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// The store's write fails after the code was spent (its check passed):
+/// the new grant's refresh token is never dropped. It goes to the grant's
+/// token file (0600), which the next refresh takes as a changed file, and
+/// the error says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_exchange_whose_store_write_fails_keeps_the_new_token_in_the_token_file() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let file = token_file(&env, &b);
+    let before = std::fs::read_to_string(&file).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let store = failing_store(&env.config(), &fail);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let code = leadsync::secret::Secret::new(env.sandbox.mint_auth_code(&b));
+    let e = auth
+        .exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect_err("the store's write fails");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let e = format!("{e:#}");
+    assert!(e.contains(&file.display().to_string()), "{e}");
+    assert!(e.contains("disk I/O error"), "{e}");
+    let after = std::fs::read_to_string(&file).unwrap();
+    assert_ne!(after.trim(), before.trim(), "the new token is in the file");
+    assert!(!after.trim().is_empty());
+    assert!(!e.contains(after.trim()), "the token is not in the message");
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    // The next run (a working store) takes the file's token.
+    forget_stored_access_tokens(&env);
+    let rotations = env.sandbox.stats().rotations;
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(env.sandbox.stats().rotations > rotations);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &format!("{e}\n{}", text(&o)));
+}
+
+/// Review (authfix): the exchange's fallback wrote the new token to the
+/// business's token file as configured, replacing a symlink (tokens/b ->
+/// shared) by a regular file while the grant is keyed by the canonical path:
+/// the grant split at the next reload. It writes the file the link names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_exchange_fallback_writes_through_a_symlinked_token_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = token_file(&env, &b);
+    let shared = file.with_file_name("shared");
+    std::fs::rename(&file, &shared).unwrap();
+    std::os::unix::fs::symlink(&shared, &file).unwrap();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let before = std::fs::read_to_string(&shared).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let store = failing_store(&env.config(), &fail);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let code = leadsync::secret::Secret::new(env.sandbox.mint_auth_code(&b));
+    let e = auth
+        .exchange_code(&b, &code, "https://partner.example/callback")
+        .await
+        .expect_err("the store's write fails");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let e = format!("{e:#}");
+    assert!(e.contains("NOT lost"), "{e}");
+    assert!(
+        std::fs::symlink_metadata(&file)
+            .unwrap()
+            .file_type()
+            .is_symlink(),
+        "the link is kept: {e}"
+    );
+    let after = std::fs::read_to_string(&shared).unwrap();
+    assert_ne!(
+        after.trim(),
+        before.trim(),
+        "the new token is in the shared file"
+    );
+}
+
+/// The fsynced note that a refresh is being sent cannot be written (a full
+/// disk, a read-only file system): the refresh was sent all the same, and
+/// its rotated token could then only live in memory, lost at the next
+/// stop. Nothing is sent; the stored token stays the valid one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_whose_note_cannot_be_written_is_not_sent() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let store = Hooked::new(&env.config(), Box::new(|| Ok(())), Box::new(|_| {}));
+    let note_fails = store.note_fails.clone();
+    note_fails.store(true, Ordering::SeqCst);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let e = auth.token(&b).await.expect_err("no note, no refresh");
+    assert_eq!(refreshes(&env), before, "no refresh was sent");
+    assert_eq!(
+        e.disposition,
+        leadsync::thumbtack::problem::Disposition::Retry,
+        "{}",
+        e.message
+    );
+    assert!(
+        e.message.contains("No space left on device"),
+        "{}",
+        e.message
+    );
+    assert!(e.message.contains("not sent"), "{}", e.message);
+    note_fails.store(false, Ordering::SeqCst);
+    auth.token(&b)
+        .await
+        .expect("sent once the note can be written");
+    assert_eq!(refreshes(&env), before + 1);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// Review (authfix): the note (a file beside the store) could be written
+/// while the token database could not (read-only tokens.db, SQLITE_FULL, a
+/// refusing trigger): the refresh was sent and its rotated token lived only
+/// in memory, lost when a one-shot command exited. Not sent now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_is_not_sent_when_the_token_database_cannot_be_written() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let fail = Arc::new(AtomicBool::new(true));
+    let store = failing_store(&env.config(), &fail).checked();
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let e = auth
+        .token(&b)
+        .await
+        .expect_err("no writable store, no refresh");
+    assert_eq!(
+        refreshes(&env),
+        before,
+        "no refresh was sent: {}",
+        e.message
+    );
+    assert!(e.message.contains("not sent"), "{}", e.message);
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b)
+        .await
+        .expect("sent once the store can be written");
+    assert_eq!(refreshes(&env), before + 1);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// Review (authfix): a note renamed into place whose directory fsync then
+/// failed was left saying "sent at ... by pid N" though nothing was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_not_sent_leaves_no_note_saying_it_was() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let store = Hooked::new(&env.config(), Box::new(|| Ok(())), Box::new(|_| {}));
+    store.note_sync_fails.store(true, Ordering::SeqCst);
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(store)),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let e = auth.token(&b).await.expect_err("the note's write failed");
+    assert_eq!(refreshes(&env), before, "{}", e.message);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let note = TokenStore::open(&env.config().file.oauth.token_store)
+        .unwrap()
+        .refresh_note(&key)
+        .unwrap();
+    assert_eq!(note, None, "{}", e.message);
+}
+
+/// The initial token file removed once its chain is stored (the daemon
+/// running): the stored chain is used (the README: the file is read again
+/// only when its content changes); every refresh failed "cannot read token
+/// file" instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_token_file_leaves_the_stored_chain_working() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let config = env.config();
+    let auth = leadsync::app::open_auth(&config, None, Default::default()).unwrap();
+    std::fs::remove_file(token_file(&env, &b)).unwrap();
+    forget_stored_access_tokens(&env);
+    let before = refreshes(&env);
+    auth.token(&b).await.expect("the stored chain");
+    assert_eq!(refreshes(&env), before + 1);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+    // With no stored chain, a missing file is the error it was.
+    let gone = &env.business_ids()[1];
+    let fresh = leadsync::app::open_auth(&config, None, Default::default()).unwrap();
+    std::fs::remove_file(token_file(&env, gone)).unwrap();
+    let e = fresh.token(gone).await.expect_err("nothing stored");
+    assert!(
+        e.message.contains("cannot read token file"),
+        "{}",
+        e.message
+    );
+    assert_eq!(reauth_count(&env), 0);
+}
+
+/// Review (authfix): a removed token file falls back to the stored chain,
+/// but config validation still requires the file at start and reload: the
+/// next restart fails. `status` says so until the file is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_token_file_is_a_status_alert_until_it_is_back() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let config = env.config();
+    let mirror = leadsync::store::Store::open(config.database()).unwrap();
+    let auth = leadsync::app::open_auth(&config, Some(mirror), Default::default()).unwrap();
+    let file = token_file(&env, &b);
+    std::fs::remove_file(&file).unwrap();
+    forget_stored_access_tokens(&env);
+    auth.token(&b).await.expect("the stored chain");
+    let db = rusqlite::Connection::open(config.database()).unwrap();
+    let alerts = |db: &rusqlite::Connection| -> Vec<String> {
+        db.prepare("SELECT message FROM auth_alerts")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect()
+    };
+    let a = alerts(&db);
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert!(a[0].contains(&file.display().to_string()), "{a:?}");
+    assert!(a[0].contains("restart"), "{a:?}");
+    // Restored (an empty file will do): the alert goes at the next refresh.
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    std::fs::write(&file, "").unwrap();
+    forget_stored_access_tokens(&env);
+    let mirror = leadsync::store::Store::open(config.database()).unwrap();
+    let auth = leadsync::app::open_auth(&config, Some(mirror), Default::default()).unwrap();
+    auth.token(&b).await.expect("the stored chain");
+    assert_eq!(alerts(&db), Vec::<String>::new());
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// `webhooks list` (like `register` and `delete`) settled nothing at its
+/// exit: a rotated token its store could not take ended with the process
+/// without a last write and without the loud "stops with a rotated refresh
+/// token it could not store" that `sync` and `drain` give.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_commands_settle_a_rotated_token_left_unsaved() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    // The store refuses every write of a grant (reads work).
+    let db = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON grants
+         BEGIN SELECT RAISE(ABORT, 'disk I/O error (test)'); END;",
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let o = env.run(&["webhooks", "list", "--business", &b]);
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    assert_eq!(refreshes(&env), before + 1, "{}", text(&o));
+    assert!(
+        text(&o).contains("leadsync stops with a rotated refresh token it could not store"),
+        "{}",
+        text(&o)
+    );
+    assert_no_secret_anywhere(&env, &text(&o));
+}
+
+/// The token store's directory must not be another user's: its owner could
+/// replace or remove the store and its lock files. A directory its group or
+/// others can write (/tmp, a umask-002 home, the /var/lib/leadsync of older
+/// releases) is a warning whose advice is a private subdirectory, never a
+/// chmod of the parent (review authfix: refusing it broke those setups).
+#[test]
+fn a_token_store_directory_another_user_owns_is_refused_a_shared_one_is_not() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let loose = dir.path().join("loose");
+    std::fs::create_dir(&loose).unwrap();
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o770)).unwrap();
+    TokenStore::open(&loose.join("tokens.db")).expect("group-writable: a warning");
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o1777)).unwrap();
+    TokenStore::open(&loose.join("tokens.db")).expect("sticky, like /tmp: a warning");
+    // Only entered (not written) by the group: still a warning.
+    std::fs::set_permissions(&loose, std::fs::Permissions::from_mode(0o750)).unwrap();
+    TokenStore::open(&loose.join("tokens.db")).expect("only readable by the group");
+    // Another user's directory (running as root, the tests can make one).
+    if std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m))
+        .ok()
+        == Some(0)
+    {
+        let foreign = dir.path().join("foreign");
+        std::fs::create_dir(&foreign).unwrap();
+        std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let store = foreign.join("tokens.db");
+        std::fs::write(&store, b"").unwrap();
+        std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&foreign, Some(54_321), None).unwrap();
+        let e = TokenStore::open(&store)
+            .err()
+            .expect("another user's directory");
+        let e = format!("{e:#}");
+        assert!(e.contains("belongs to uid 54321"), "{e}");
+    }
 }

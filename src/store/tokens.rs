@@ -177,11 +177,39 @@ impl TokenStore {
         }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
             && let Ok(meta) = std::fs::metadata(dir)
-            && meta.permissions().mode() & 0o077 != 0
         {
-            tracing::warn!(directory = %dir.display(), mode = format!("{:o}", meta.permissions().mode() & 0o777),
-                "the token store's directory can be entered by other users: make it mode 0700 \
-                 (a group that can write there can delete or replace the store)");
+            // Whoever owns the directory can rename the store (or its lock
+            // directory) away and put their own in its place. Root's own
+            // directories (/tmp, /var/lib) are not another user's.
+            if let Some(uid) = current_uid()
+                && meta.uid() != uid
+                && meta.uid() != 0
+            {
+                bail!(
+                    "the token store's directory {} belongs to uid {}, not to the user leadsync runs \
+                     as (uid {uid}) nor to root: refusing it (its owner could replace the store); \
+                     put the store in a directory of the service user's, mode 0700 (for example \
+                     /var/lib/leadsync/private/tokens.db)",
+                    dir.display(),
+                    meta.uid()
+                );
+            }
+            let mode = meta.permissions().mode();
+            if mode & 0o022 != 0 {
+                // A warning, not a refusal: /tmp, a umask-002 home or the
+                // shared /var/lib/leadsync of older releases must keep
+                // working; changing the parent's mode would take the
+                // partner group's (or everyone's) access away.
+                tracing::warn!(directory = %dir.display(), mode = format!("{:o}", mode & 0o7777),
+                    "the token store's directory is writable by its group or others: they can \
+                     delete or replace the store; move the store into a private subdirectory \
+                     (mode 0700, the service user's), e.g. {}, and point oauth.token_store there \
+                     (do not change this directory's mode)",
+                    dir.join("private").join(path.file_name().unwrap_or_default()).display());
+            } else if mode & 0o077 != 0 {
+                tracing::warn!(directory = %dir.display(), mode = format!("{:o}", mode & 0o777),
+                    "the token store's directory can be entered by other users: make it mode 0700");
+            }
         }
         // Create the file ourselves so it is never readable by others, even briefly.
         match std::fs::OpenOptions::new()
@@ -569,6 +597,23 @@ impl TokenStore {
         })
     }
 
+    /// Whether a write works now: a committed write transaction (the
+    /// header's schema version rewritten with its own value, journaled and
+    /// synced like every write), asked before a single-use authorization
+    /// code is spent.
+    pub fn check_writable(&self) -> Result<()> {
+        self.with(|c| {
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            // Its own value: an older leadsync (during an upgrade) must not
+            // set a newer store's version back.
+            let v: i64 = tx.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+            tx.pragma_update(None, "user_version", v)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .with_context(|| format!("cannot write the token store {}", self.path.display()))
+    }
+
     /// Stores a grant's new refresh token if the row still has generation
     /// `expected` (0: no row, or a row that never held a token).
     pub fn put(&self, grant: &str, expected: i64, w: &GrantWrite) -> Result<Written> {
@@ -930,6 +975,63 @@ mod tests {
             seed_sha256: None,
             source: "refresh".into(),
         }
+    }
+
+    #[test]
+    fn a_shared_sticky_or_group_writable_directory_is_a_warning_not_a_refusal() {
+        // Review (authfix): refusing these broke `demo --database /tmp/d.db`,
+        // umask-002 homes and the old /var/lib/leadsync/tokens.db path.
+        use std::os::unix::fs::PermissionsExt;
+        for mode in [0o1777, 0o775, 0o770] {
+            let dir = tempfile::tempdir().unwrap();
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(mode)).unwrap();
+            let s = TokenStore::open(&dir.path().join("tokens.db"))
+                .unwrap_or_else(|e| panic!("mode {mode:o}: {e:#}"));
+            assert_eq!(s.put("g", 0, &write("a")).unwrap(), Written::Stored(1));
+        }
+    }
+
+    #[test]
+    fn a_directory_another_user_owns_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let me = current_uid().unwrap();
+        let other = if me == 65534 { 65533 } else { 65534 };
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("theirs");
+        std::fs::create_dir(&sub).unwrap();
+        std::fs::set_permissions(&sub, std::fs::Permissions::from_mode(0o777)).unwrap();
+        if std::os::unix::fs::chown(&sub, Some(other), None).is_err() {
+            eprintln!("skipped: cannot chown (not root)");
+            return;
+        }
+        let e = TokenStore::open(&sub.join("tokens.db"))
+            .err()
+            .expect("refused");
+        let msg = format!("{e:#}");
+        // As root, the check for root-owned files in another user's place
+        // answers first ("belongs to nobody"); as another user, this one.
+        assert!(msg.contains("belongs to"), "{msg}");
+        assert!(!msg.contains("chmod"), "{msg}");
+        assert!(!sub.join("tokens.db").exists());
+    }
+
+    #[test]
+    fn the_write_check_keeps_the_stores_schema_version() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.db");
+        let s = TokenStore::open(&path).unwrap();
+        // A newer leadsync's store, opened by this one during an upgrade.
+        let newer = SCHEMA_VERSION + 1;
+        Connection::open(&path)
+            .unwrap()
+            .pragma_update(None, "user_version", newer)
+            .unwrap();
+        s.check_writable().unwrap();
+        let v: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, newer);
     }
 
     #[test]

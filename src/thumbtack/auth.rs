@@ -120,6 +120,11 @@ pub trait GrantStore: Send + Sync {
     fn note_unsaved(&self, _grant: &str, _over_generation: i64) -> anyhow::Result<()> {
         Ok(())
     }
+    /// Whether a write to the store works now (a committed, synced write
+    /// transaction): asked before a single-use authorization code is spent.
+    fn check_writable(&self) -> anyhow::Result<()> {
+        Ok(())
+    }
 }
 
 /// What a person must see (`status`, the mirror), recorded by the caller.
@@ -236,6 +241,9 @@ struct Chain {
     /// A task writes the chain's unsaved rotated token again on its own
     /// (changed only while holding `state`).
     retrying_unsaved: AtomicBool,
+    /// Its token file could not be read while a stored chain was used
+    /// (said once).
+    file_unreadable: AtomicBool,
 }
 
 /// A static bearer token from a file.
@@ -530,6 +538,7 @@ impl Auth {
                                 reauth: Mutex::new(None),
                                 refreshing: AtomicBool::new(false),
                                 retrying_unsaved: AtomicBool::new(false),
+                                file_unreadable: AtomicBool::new(false),
                             })
                         })
                         .clone();
@@ -837,6 +846,7 @@ impl Auth {
                     reauth: Mutex::new(None),
                     refreshing: AtomicBool::new(false),
                     retrying_unsaved: AtomicBool::new(false),
+                    file_unreadable: AtomicBool::new(false),
                 })
             })
             .clone();
@@ -939,6 +949,28 @@ impl Auth {
                 }
             }
         };
+        // The file the exchange's fallback writes if the store fails after
+        // the code is spent: the one the grant is keyed by (a symlinked
+        // token file is written through, never replaced by a regular file,
+        // which would split the grant at the next reload).
+        let fallback = std::path::PathBuf::from(&chain.key);
+        if !write_file && let Err(e) = probe_replaceable(&fallback) {
+            warn!(grant = %chain.file.display(), error = %e,
+                "the token file {} cannot be replaced: should the token store fail after the code \
+                 is spent, the new grant's refresh token could not be kept there either",
+                fallback.display());
+        }
+        // The store must take the new grant: checked before the single-use
+        // code is spent (its refresh token is the only copy).
+        {
+            let s = store.clone();
+            blocking(move || s.check_writable()).await.map_err(|e| {
+                anyhow::anyhow!(
+                    "the token store cannot be written ({e:#}); the code was not spent: fix the \
+                     token store and run the exchange again"
+                )
+            })?;
+        }
         let form = [
             ("grant_type", "authorization_code"),
             ("code", code.expose()),
@@ -976,40 +1008,78 @@ impl Auth {
             source: "auth exchange".into(),
         };
         let businesses = inner.members_of(&chain);
+        // The code is spent: the new grant's refresh token is never
+        // dropped. A failing write is tried again a few times; if the store
+        // still refuses it, the token goes to the grant's token file, which
+        // the next refresh takes as a changed file.
+        let mut failure = String::new();
         let mut stored = false;
-        for _ in 0..3 {
-            let (s, key, fp, b) = (
-                store.clone(),
-                chain.key.clone(),
-                seed_fp.clone(),
-                businesses.clone(),
-            );
-            // Taking a moved file's chain over fails while that chain's
-            // lock is held (a refresh in flight, a rotated token held
-            // unsaved by another process). The code is spent by now, and
-            // a new grant needs no old chain: this grant's own row alone
-            // then says what to replace.
-            let expected = match blocking(move || s.load(&key, fp.as_deref(), &b)).await {
-                Ok(row) => row,
-                Err(e) => {
-                    debug!(grant = %chain.file.display(), error = %format!("{e:#}"),
-                        "the new grant takes over no other chain");
-                    let (s, key) = (store.clone(), chain.key.clone());
-                    blocking(move || s.load(&key, None, &[])).await?
-                }
+        'tries: for attempt in 0..3u32 {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(250 << attempt)).await;
             }
-            .map(|r| r.generation)
-            .unwrap_or(0);
-            let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
-            if let Written::Stored(_) = blocking(move || s.save(&key, expected, &w)).await? {
-                stored = true;
-                break;
+            for _ in 0..3 {
+                match inner
+                    .store_grant(&store, &chain, &seed_fp, &businesses, &write)
+                    .await
+                {
+                    Ok(true) => {
+                        stored = true;
+                        break 'tries;
+                    }
+                    Ok(false) => {
+                        failure =
+                            "the token store kept changing while storing the new grant".to_string();
+                    }
+                    Err(e) => {
+                        failure = format!("{e:#}");
+                        continue 'tries;
+                    }
+                }
             }
         }
         if !stored {
-            anyhow::bail!(
-                "the token store kept changing while storing the new grant; run the exchange again"
-            );
+            let file = chain.file.display();
+            error!(grant = %file, error = %failure,
+                "the token store could not take the new grant's refresh token");
+            if write_file {
+                anyhow::bail!(
+                    "the token store could not take the new grant ({failure}); its refresh token is \
+                     NOT lost: it is in the token file {file} (mode 0600), written before the store, \
+                     and the next refresh (`leadsync sync`, or the daemon) takes it from there once \
+                     the token store can be written — do not run the exchange again (the code is spent)"
+                );
+            }
+            let file = fallback.display();
+            return match write_private(&fallback, &format!("{}\n", write.refresh_token.expose())) {
+                Ok(()) => Err(anyhow::anyhow!(
+                    "the token store could not take the new grant ({failure}); its refresh token is \
+                     NOT lost: it was written to the grant's token file {file} (mode 0600), and the \
+                     next refresh (`leadsync sync`, or the daemon) takes it from there, as a changed \
+                     token file, once the token store can be written — fix the token store; do not \
+                     run the exchange again (the code is spent)"
+                )),
+                // Renamed into place, then the directory's fsync failed:
+                // the token IS in the file (not yet durable).
+                Err(e)
+                    if read_token_file(&fallback)
+                        .is_ok_and(|t| t == write.refresh_token.expose()) =>
+                {
+                    Err(anyhow::anyhow!(
+                        "the token store could not take the new grant ({failure}); its refresh \
+                         token was written to the grant's token file {file} (mode 0600), but \
+                         syncing that file's directory failed ({e}): it is there now, though a \
+                         power loss could still lose it — keep the machine up, fix the token store \
+                         and run `leadsync sync` (it takes the file's token); do not run the \
+                         exchange again (the code is spent)"
+                    ))
+                }
+                Err(e) => Err(anyhow::anyhow!(
+                    "the token store could not take the new grant ({failure}) and the token file \
+                     {file} cannot be written either ({e}): the new grant's refresh token is lost; \
+                     fix the token store, then authorize again (`leadsync auth exchange`)"
+                )),
+            };
         }
         // A new grant: an earlier refresh cut short no longer matters. The
         // note is the lock holder's: another process holding a token
@@ -1032,6 +1102,45 @@ impl Auth {
 }
 
 impl Inner {
+    /// One compare-and-set write of a new grant (`auth exchange`): `Ok(false)`
+    /// when the row changed meanwhile.
+    async fn store_grant(
+        &self,
+        store: &Arc<dyn GrantStore>,
+        chain: &Chain,
+        seed_fp: &Option<String>,
+        businesses: &[String],
+        write: &GrantWrite,
+    ) -> anyhow::Result<bool> {
+        let (s, key, fp, b) = (
+            store.clone(),
+            chain.key.clone(),
+            seed_fp.clone(),
+            businesses.to_vec(),
+        );
+        // Taking a moved file's chain over fails while that chain's lock
+        // is held (a refresh in flight, a rotated token held unsaved by
+        // another process). The code is spent by now, and a new grant
+        // needs no old chain: this grant's own row alone then says what
+        // to replace.
+        let expected = match blocking(move || s.load(&key, fp.as_deref(), &b)).await {
+            Ok(row) => row,
+            Err(e) => {
+                debug!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                    "the new grant takes over no other chain");
+                let (s, key) = (store.clone(), chain.key.clone());
+                blocking(move || s.load(&key, None, &[])).await?
+            }
+        }
+        .map(|r| r.generation)
+        .unwrap_or(0);
+        let (s, key, w) = (store.clone(), chain.key.clone(), write.clone());
+        Ok(matches!(
+            blocking(move || s.save(&key, expected, &w)).await?,
+            Written::Stored(_)
+        ))
+    }
+
     fn member(&self, business_id: &str) -> Option<Member> {
         self.members.read().ok()?.get(business_id).cloned()
     }
@@ -1571,7 +1680,17 @@ impl Inner {
             let (s, key) = (store.clone(), chain.key.clone());
             blocking(move || s.refresh_note(&key)).await.ok().flatten()
         };
-        let seed = read_token_file(&chain.file)?;
+        // A token file removed (or unreadable) once its chain is stored:
+        // the stored chain is used (the file is only the initial grant).
+        let (seed, unreadable) = match read_token_file(&chain.file) {
+            Ok(seed) => {
+                chain.file_unreadable.store(false, Ordering::SeqCst);
+                self.alert(format!("file:{}", chain.key), None).await;
+                (seed, None)
+            }
+            Err(Failure::Retry(m)) => (String::new(), Some(m)),
+            Err(f) => return Err(f),
+        };
         let seed_fp = (!seed.is_empty()).then(|| sha256_hex(&seed));
         let businesses = self.members_of(chain);
         let who = if businesses.len() == 1 {
@@ -1590,6 +1709,28 @@ impl Inner {
                 .await
                 .map_err(|e| Failure::Retry(format!("cannot read the token store: {e:#}")))?
         };
+        if let Some(m) = unreadable {
+            if !row
+                .as_ref()
+                .is_some_and(|r| r.refused.is_none() && !r.refresh_token.is_empty())
+            {
+                return Err(Failure::Retry(m));
+            }
+            if !chain.file_unreadable.swap(true, Ordering::SeqCst) {
+                warn!(grant = %chain.file.display(), error = %m,
+                    "the token file cannot be read; using the grant's stored refresh token \
+                     (the file is only read for a new grant)");
+            }
+            // `config check` (start, reload) still requires the file.
+            self.alert(
+                format!("file:{}", chain.key),
+                Some(format!(
+                    "{m}: the grant's stored refresh token is used, but the next start or reload \
+                     (a restart) fails until the file is restored — an empty file will do"
+                )),
+            )
+            .await;
+        }
         // A note of a token held unsaved whose write landed after all (its
         // process ended before it cleared the note): nothing was lost.
         if let Some((_, Some(over))) = cut_short.as_deref().and_then(unsaved_over)
@@ -1663,15 +1804,57 @@ impl Inner {
             if self.stopping.is_cancelled() {
                 return Err(self.abandoned(chain, "before it was sent"));
             }
-            self.note_refresh(
-                chain,
-                Some(format!(
-                    "sent at {} by leadsync process {}",
-                    crate::time::now(),
-                    std::process::id()
-                )),
-            )
-            .await;
+            // Without its note a refresh is not sent: a store that cannot
+            // take the note (a full disk, a read-only file system) could not
+            // take the rotated token either, which would then live only in
+            // this process and be lost at its next stop. Not sending keeps
+            // the stored token the valid one.
+            // Nor when the token store itself cannot take a write (a
+            // read-only tokens.db, SQLITE_FULL, a refusing trigger) while
+            // the note, a file beside it, still can: one journaled
+            // transaction per refresh (about hourly per grant).
+            let s = store.clone();
+            if let Err(e) = blocking(move || s.check_writable()).await {
+                let m = format!(
+                    "token refresh of {who} not sent: the token store cannot be written ({e:#}), \
+                     so it could not keep a rotated refresh token; the stored refresh token stays \
+                     valid — make the token store writable"
+                );
+                error!(grant = %file, error = %format!("{e:#}"), "{m}");
+                self.alert(format!("note:{}", chain.key), Some(m.clone()))
+                    .await;
+                return Err(Failure::Retry(m));
+            }
+            let note = format!(
+                "sent at {} by leadsync process {}",
+                crate::time::now(),
+                std::process::id()
+            );
+            let (s, key, ours) = (store.clone(), chain.key.clone(), note.clone());
+            if let Err(e) = blocking(move || s.set_refresh_note(&key, Some(&note))).await {
+                // Its write may have failed after the rename (the directory's
+                // fsync): a note saying "sent" for a refresh never sent is
+                // removed, best-effort; another's note (an earlier lost
+                // answer) is kept.
+                let (s, key) = (store.clone(), chain.key.clone());
+                let _ = blocking(move || {
+                    if s.refresh_note(&key)?.as_deref() == Some(ours.as_str()) {
+                        s.set_refresh_note(&key, None)?;
+                    }
+                    Ok(())
+                })
+                .await;
+                let m = format!(
+                    "token refresh of {who} not sent: the grant's note that a refresh is out cannot \
+                     be written ({e:#}), so the token store could not keep a rotated refresh token \
+                     either; the stored refresh token stays valid — make the token store's directory \
+                     writable (disk full? read-only file system?)"
+                );
+                error!(grant = %file, error = %format!("{e:#}"), "{m}");
+                self.alert(format!("note:{}", chain.key), Some(m.clone()))
+                    .await;
+                return Err(Failure::Retry(m));
+            }
             // The note's write (an fsync) may take a while: a stop meanwhile
             // still keeps this refresh from being sent.
             if self.stopping.is_cancelled() {
@@ -1752,6 +1935,7 @@ impl Inner {
                             // grant works and no process holds one unsaved.
                             self.alert(format!("unsaved:{}", chain.key), None).await;
                             self.alert(format!("lost:{}", chain.key), None).await;
+                            self.alert(format!("note:{}", chain.key), None).await;
                         }
                         Ok(Written::Conflict(found)) => {
                             warn!(grant = %file, generation = found,
