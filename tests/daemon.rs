@@ -864,14 +864,15 @@ fn the_demo_runs_with_its_mirror_in_a_sticky_shared_directory() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
     let db = dir.path().join("d.db");
-    let o = std::process::Command::new(bin())
-        .arg("demo")
-        .arg("--database")
-        .arg(&db)
-        .current_dir(dir.path())
-        .env_remove("LEADSYNC_LOG")
-        .output()
-        .unwrap();
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&db)
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(!out.contains("chmod"), "{out}");
