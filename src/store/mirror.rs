@@ -33,8 +33,11 @@ pub struct PageContext {
     /// webhook event triggered after that keeps it: the page's copy may be
     /// older (the answer can arrive well after the page was made, and a
     /// full scan writes pages some time after reading them); the next
-    /// listing, asked for after the event, is written as usual. `None`: a
-    /// listed copy is always written.
+    /// listing, asked for after the event, is written as usual. Recorded
+    /// with a listed copy (`negotiations.listing_read_at`, schema 21): a
+    /// delivery of an event after it is newer than the copy, however late
+    /// the copy was written (`changed_at`). `None`: a listed copy is always
+    /// written, and a delivery is compared with its write.
     pub read_at: Option<String>,
 }
 
@@ -65,12 +68,13 @@ pub struct PageStats {
     pub unchanged: i64,
 }
 
-/// The lead's columns in the order the INSERT and UPDATE statements bind them.
+/// The lead's columns in the order the INSERT and UPDATE statements bind them;
+/// `stamps`: `webhook_triggered_at` and `listing_read_at` ([`Origin::stamps`]).
 fn lead_columns<'a>(
     lead: &'a LeadRow,
     ctx: &'a PageContext,
-    triggered_at: &'a Option<&'a str>,
-) -> [&'a dyn rusqlite::ToSql; 15] {
+    stamps: &'a [Option<&'a str>; 2],
+) -> [&'a dyn rusqlite::ToSql; 16] {
     [
         &lead.negotiation_id,
         &ctx.business_id,
@@ -86,7 +90,8 @@ fn lead_columns<'a>(
         &lead.lead_price,
         &lead.charge_state,
         &ctx.now,
-        triggered_at,
+        &stamps[0],
+        &stamps[1],
     ]
 }
 
@@ -277,6 +282,21 @@ impl<'a> Origin<'a> {
             Origin::Delivered { triggered_at } => triggered_at,
         }
     }
+
+    /// What a copy written records of when it was observed:
+    /// `webhook_triggered_at` ([`Origin::triggered_at`]) and
+    /// `listing_read_at`, when a listing's page was asked for
+    /// ([`PageContext::read_at`]; a delivered copy has none).
+    fn stamps<'c>(self, ctx: &'c PageContext) -> [Option<&'c str>; 2]
+    where
+        'a: 'c,
+    {
+        let read_at = match self {
+            Origin::Listed => ctx.read_at.as_deref(),
+            Origin::Delivered { .. } => None,
+        };
+        [self.triggered_at(), read_at]
+    }
 }
 
 /// Passes of a business whose listing confirmed leads, since an instant
@@ -397,8 +417,9 @@ pub const MAX_COVERED_IDS: usize = 4096;
 /// than [`LISTING_MARGIN`] before ([`listing_lags`]). A
 /// delivered copy of a known lead is left out when the mirrored copy is as
 /// new or newer — it came from an event triggered at or after this one
-/// (`webhook_triggered_at`), or, written by a listing, changed after this
-/// event (`changed_at`), or a listing asked for at or after the event
+/// (`webhook_triggered_at`), or, written by a listing, came from a page
+/// asked for after this event (`listing_read_at`; when unknown, written
+/// after it: `changed_at`), or a listing asked for at or after the event
 /// plus [`LISTING_MARGIN`]
 /// showed it as mirrored (or, complete, found it gone) without writing
 /// anything, or such a listing may have been pruned ([`listed_since`]) —
@@ -414,7 +435,7 @@ pub fn upsert_lead(
     let existing = tx
         .prepare_cached(
             "SELECT payload_hash, last_seen_at, missing_since, business_id, status, changed_at,
-                    webhook_triggered_at
+                    webhook_triggered_at, listing_read_at
                FROM negotiations WHERE negotiation_id = ?1",
         )?
         .query_row([&lead.negotiation_id], |r| {
@@ -454,8 +475,16 @@ pub fn upsert_lead(
                         // Another delivery's copy: its event against this one
                         // (the same event time keeps the copy: no flapping).
                         Some(copy_event) => copy_event >= t,
-                        // The poller's copy: changed after this event.
-                        None => text(5).is_some_and(|changed_at| changed_at > t),
+                        // The poller's copy: its page asked for after this
+                        // event (`listing_read_at`; the page was made no
+                        // earlier), else written after it (`changed_at`).
+                        // The write can come long after the asking: a page
+                        // asked for before the event shows the lead as it
+                        // was before it, however late it was written.
+                        None => match (text(7), text(5)) {
+                            (Some(read_at), Some(changed_at)) => read_at.min(changed_at) > t,
+                            (read_at, changed_at) => read_at.or(changed_at).is_some_and(|c| c > t),
+                        },
                     };
                     // A lead a full scan found gone after the event stays
                     // gone: the scan is the newer observation.
@@ -536,7 +565,8 @@ pub fn upsert_lead(
         } = origin
     {
         tx.prepare_cached(
-            "UPDATE negotiations SET webhook_triggered_at = ?2 WHERE negotiation_id = ?1",
+            "UPDATE negotiations SET webhook_triggered_at = ?2, listing_read_at = NULL
+              WHERE negotiation_id = ?1",
         )?
         .execute(params![lead.negotiation_id, t])?;
     }
@@ -547,10 +577,10 @@ pub fn upsert_lead(
                      payload_hash = ?6, category = ?7, customer_name = ?8, city = ?9, zip = ?10,
                      customer_phone = ?11, lead_price = ?12, charge_state = ?13,
                      last_seen_at = ?14, changed_at = ?14, missing_since = NULL,
-                     webhook_triggered_at = ?15
+                     webhook_triggered_at = ?15, listing_read_at = ?16
                  WHERE negotiation_id = ?1",
             )?
-            .execute(&lead_columns(lead, ctx, &origin.triggered_at())[..])?;
+            .execute(&lead_columns(lead, ctx, &origin.stamps(ctx))[..])?;
             let c = Change {
                 kind: "changed",
                 old_status: old_status.as_deref(),
@@ -577,8 +607,8 @@ const INSERT_LEAD: &str =
     "INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload,
          payload_hash, category, customer_name, city, zip, customer_phone, lead_price,
          charge_state, first_seen_at, last_seen_at, changed_at, missing_since,
-         webhook_triggered_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL, ?15)
+         webhook_triggered_at, listing_read_at)
+     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?14, ?14, NULL, ?15, ?16)
      ON CONFLICT (negotiation_id) DO NOTHING";
 
 /// The two statements a new lead takes, taken from the statement cache once
@@ -603,7 +633,7 @@ impl<'c> NewLeads<'c> {
     fn insert(&mut self, ctx: &PageContext, lead: &LeadRow, origin: Origin) -> Result<bool> {
         let inserted = self
             .lead
-            .execute(&lead_columns(lead, ctx, &origin.triggered_at())[..])?;
+            .execute(&lead_columns(lead, ctx, &origin.stamps(ctx))[..])?;
         if inserted == 0 {
             return Ok(false);
         }
@@ -1557,6 +1587,13 @@ mod tests {
         assert_eq!(kinds, ["new", "new", "new", "changed"]);
     }
 
+    /// When a test pass's page was asked for and written.
+    struct Page<'a> {
+        read_at: Option<&'a str>,
+        written: &'a str,
+        insert_first: bool,
+    }
+
     /// A mirror of business `b` (and `c`) for the ordering tests below.
     struct Ordering {
         conn: Connection,
@@ -1591,15 +1628,34 @@ mod tests {
             leads: &[LeadRow],
             covered: Option<Covered<'_>>,
         ) {
+            let page = Page {
+                read_at: Some(at),
+                written: at,
+                insert_first: false,
+            };
+            self.pass_paged(business, kind, at, &page, leads, covered);
+        }
+
+        /// [`Ordering::pass`] whose page is asked for, written and
+        /// inserted as `page` says.
+        fn pass_paged(
+            &mut self,
+            business: &str,
+            kind: &str,
+            at: &str,
+            page: &Page<'_>,
+            leads: &[LeadRow],
+            covered: Option<Covered<'_>>,
+        ) {
             let run = start_run(&self.conn, business, kind, at).unwrap();
             let ctx = PageContext {
                 business_id: business.into(),
                 run_id: Some(run),
                 source: Source::Poll,
-                now: at.into(),
+                now: page.written.into(),
                 stale_before: "2000-01-01T00:00:00.000Z".into(),
-                insert_first: false,
-                read_at: Some(at.into()),
+                insert_first: page.insert_first,
+                read_at: page.read_at.map(Into::into),
             };
             write_page(&mut self.conn, &ctx, leads).unwrap();
             let ids: Vec<u64> = leads
@@ -1613,7 +1669,7 @@ mod tests {
                 note: None,
                 pagination: None,
                 covered: covered.unwrap_or(Covered::These(&ids)),
-                now: at,
+                now: page.written,
             };
             finish_run(&mut self.conn, run, business, &end).unwrap();
         }
@@ -1641,6 +1697,16 @@ mod tests {
             .unwrap();
             tx.commit().unwrap();
             done
+        }
+
+        fn column(&self, id: &str, column: &str) -> Option<String> {
+            self.conn
+                .query_row(
+                    &format!("SELECT {column} FROM negotiations WHERE negotiation_id = ?1"),
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap()
         }
 
         fn status(&self, id: &str) -> String {
@@ -1926,6 +1992,88 @@ mod tests {
             m.deliver("b", &lead_row("1", "Canceled"), T5),
             Upserted::Changed
         );
+    }
+
+    #[test]
+    fn a_page_asked_for_before_an_event_is_older_than_its_delivery_however_late_written() {
+        // A page asked for at t1 (the server made it no earlier) and
+        // written at t5 (a slow page, a batched write, a loaded machine):
+        // its copy is as old as t1 at most, so a delivery of t3 is newer,
+        // whether the page inserted the lead (one by one or batched) or
+        // changed it. The copy's `changed_at` stays the write's time.
+        let t2 = "2026-01-01T12:00:00.000Z";
+        let late = |insert_first| Page {
+            read_at: Some(T1),
+            written: T5,
+            insert_first,
+        };
+        for insert_first in [false, true] {
+            let mut m = Ordering::new();
+            m.pass_paged(
+                "b",
+                "full",
+                T1,
+                &late(insert_first),
+                &[lead_row("1", "Open")],
+                Some(Covered::Every),
+            );
+            assert_eq!(m.column("1", "changed_at").as_deref(), Some(T5));
+            assert_eq!(
+                m.deliver("b", &lead_row("1", "Canceled"), T3),
+                Upserted::Changed,
+                "inserted, insert_first {insert_first}"
+            );
+            assert_eq!(m.status("1"), "Canceled");
+        }
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass_paged(
+            "b",
+            "head",
+            T1,
+            &late(false),
+            &[lead_row("1", "Pending")],
+            None,
+        );
+        assert_eq!(m.status("1"), "Pending");
+        assert_eq!(m.column("1", "changed_at").as_deref(), Some(T5));
+        assert_eq!(
+            m.deliver("b", &lead_row("1", "Canceled"), T3),
+            Upserted::Changed,
+            "changed"
+        );
+        assert_eq!(m.status("1"), "Canceled");
+        // A page asked for after the event is newer than its delivery,
+        // written late or not; so is one whose asking time is unknown,
+        // by its write (as before).
+        for read_at in [Some(t2), None] {
+            let mut m = Ordering::new();
+            let page = Page {
+                read_at,
+                written: T5,
+                insert_first: false,
+            };
+            m.pass_paged(
+                "b",
+                "full",
+                t2,
+                &page,
+                &[lead_row("1", "Open")],
+                Some(Covered::Every),
+            );
+            assert_eq!(
+                m.deliver("b", &lead_row("1", "Canceled"), T1),
+                Upserted::Kept { identical: false },
+                "read at {read_at:?}"
+            );
+            assert_eq!(m.status("1"), "Open");
+        }
     }
 
     #[test]

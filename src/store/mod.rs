@@ -114,6 +114,10 @@ fn migrations() -> Vec<(i64, String)> {
             20,
             include_str!("migrations/0020_waits_follow_rows.sql").to_string(),
         ),
+        (
+            21,
+            include_str!("migrations/0021_listing_read_at.sql").to_string(),
+        ),
     ]
 }
 
@@ -602,6 +606,7 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         _ => Vec::new(),
     };
     let done = (version == 14 && has_column("negotiations", "webhook_triggered_at")?)
+        || (version == 21 && has_column("negotiations", "listing_read_at")?)
         || v18_present.contains(&true);
     if !done {
         tx.execute_batch(sql)
@@ -2083,6 +2088,23 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
+    }
+
+    /// Version 21 run again over a schema that has its column (migrated
+    /// again from an older `user_version`): kept, and the schema current.
+    #[test]
+    fn version_21_run_again_keeps_its_column() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.pragma_update(None, "user_version", 20).unwrap();
+        migrate(&mut conn).unwrap();
+        let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+        assert_eq!(
+            n("SELECT count(*) FROM pragma_table_info('negotiations')
+                WHERE name = 'listing_read_at'"),
+            1
+        );
+        assert_eq!(n("PRAGMA user_version"), schema_version());
     }
 
     /// Version 18 run again over a schema that has some of it (migrated

@@ -1,0 +1,12 @@
+-- leadsync schema, version 21: `negotiations.listing_read_at`, when the
+-- listing page whose copy the row holds was asked for (UTC, leadsync's
+-- form); NULL when a webhook delivery wrote the copy, when the page's asking
+-- time is unknown, and on every row written before this schema.
+-- `changed_at` is when the copy was written, which can be well after its
+-- page was asked for (a slow page, a full scan's batched write, a loaded
+-- machine): the page shows the lead as it was at some time between the two.
+-- A webhook delivery is compared with the page's asking time when known
+-- (COALESCE(listing_read_at, changed_at)): an event after it is newer than
+-- the copy, however late the copy was written. `changed_at` itself keeps the
+-- write's time (it never moves back; readers may use it as a checkpoint).
+ALTER TABLE negotiations ADD COLUMN listing_read_at TEXT;
