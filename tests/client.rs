@@ -800,3 +800,34 @@ async fn an_answer_echoing_the_bearer_token_is_kept_masked() {
     assert!(messages[0].0.contains("********"), "{}", messages[0].0);
     assert!(messages[2].0.contains("********"), "{}", messages[2].0);
 }
+
+/// A page's `read_at` is when its request went out, after its wait for the
+/// rate budget (or a token, or a 429 pause), not when it was asked for: the
+/// server made the page no earlier, and a webhook delivery is compared with
+/// it (review of schema 21: stamped before the wait, a page that waited 30 s
+/// behind a 429 pause looked 30 s older than it was).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pages_read_at_is_taken_after_its_wait_for_the_rate_budget() {
+    let env = Env::small().await;
+    let config = env.config();
+    let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    let mut settings = ClientSettings::from_config(&config);
+    settings.max_requests_per_second = 2.0;
+    let c = Client::new(settings, auth).unwrap();
+    let b = env.business_ids()[0].clone();
+    let cursor = Listing::new(c.base_url(), 10).expect("base URL").first();
+    let mut waited = false;
+    for _ in 0..4 {
+        let asked = leadsync::time::now();
+        let page = c.list_page(&b, &cursor).await.expect("page");
+        let read_at = page.read_at.expect("read_at");
+        assert!(read_at >= asked, "{read_at} before {asked}");
+        let gap = leadsync::time::parse(&read_at).unwrap() - leadsync::time::parse(&asked).unwrap();
+        // At 2 requests a second, a request after the first waits ~0.5 s.
+        waited |= gap >= chrono::TimeDelta::milliseconds(300);
+    }
+    assert!(
+        waited,
+        "no page's read_at came after its wait for the budget"
+    );
+}

@@ -218,6 +218,10 @@ pub struct Response {
     pub trace_id: Option<String>,
     pub headers: reqwest::header::HeaderMap,
     pub body: bytes::Bytes,
+    /// When the request that got this answer was handed to the connection
+    /// (leadsync's form): after its token and its turn in the rate budget,
+    /// so the server made the answer no earlier than this.
+    pub sent_at: String,
 }
 
 /// The outcome of a job-status post: every exchange it took, and the result.
@@ -326,6 +330,7 @@ impl Client {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_vec());
         }
+        let sent_at = crate::time::now();
         let result = match req.send().await {
             Err(e) => {
                 crate::metrics::http_request(metric_method.as_str(), url, None);
@@ -379,6 +384,7 @@ impl Client {
                             trace_id: trace_id_of(&headers, &[]),
                             headers,
                             body: bytes::Bytes::new(),
+                            sent_at: sent_at.clone(),
                         })
                     }
                     Err(BodyError::TooLarge(what)) => Err(ApiError::retry(
@@ -406,6 +412,7 @@ impl Client {
                             trace_id: trace_id_of(&headers, &[]),
                             headers,
                             body: bytes::Bytes::new(),
+                            sent_at: sent_at.clone(),
                         })
                     }
                     Err(BodyError::Read(e)) => Err(ApiError::retry(
@@ -429,6 +436,7 @@ impl Client {
                         trace_id: trace_id_of(&headers, &body),
                         headers,
                         body,
+                        sent_at: sent_at.clone(),
                     }),
                     Ok(body) => {
                         let mut e = ApiError::from_response(
@@ -533,12 +541,15 @@ impl Client {
             .with_jitter();
         let attempt = || async {
             let mut log = Vec::new();
-            let asked = crate::time::now();
+            // The page's time is when its request went out, after any wait
+            // for a token or the rate budget (a 429 pause): the page was
+            // made no earlier.
             let response = self
                 .exchange_with_refresh(business_id, reqwest::Method::GET, url, None, &mut log)
                 .await?;
+            let sent_at = response.sent_at.clone();
             parse(&response.body)
-                .map(|t| (t, asked))
+                .map(|t| (t, sent_at))
                 .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
         };
         attempt
@@ -568,7 +579,7 @@ impl Client {
     }
 
     /// One page of a business's negotiations (retried while retryable),
-    /// with `read_at` = when the attempt that got it was started.
+    /// with `read_at` = when the request of the attempt that got it went out.
     pub async fn list_page(&self, business_id: &str, cursor: &Cursor) -> Result<Page, ApiError> {
         let url = self.list_url(business_id, cursor)?;
         let (mut page, asked) = self
