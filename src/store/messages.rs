@@ -143,10 +143,10 @@ pub fn record_delivery(
                             Outcome::Duplicate,
                             Some(match event_time {
                                 Some(_) => "the mirror has a newer copy of this lead (from an event \
-                                            triggered no earlier, changed or found missing after \
-                                            this event's triggeredAt, or listed unchanged over a \
-                                            minute after it, by a pass since pruned \
-                                            perhaps); kept"
+                                            triggered no earlier, listed from a page asked for \
+                                            over a minute after this event's triggeredAt, found \
+                                            missing after it, or listed unchanged over a minute \
+                                            after it, by a pass since pruned perhaps); kept"
                                     .to_string(),
                                 None => "the mirror has a newer copy of this lead: the delivery has \
                                          no believable triggeredAt (absent, unreadable, or after it \

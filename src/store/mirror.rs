@@ -325,8 +325,9 @@ pub const LISTING_MARGIN: chrono::TimeDelta = chrono::TimeDelta::seconds(60);
 /// next listing of the lead asked for after the margin, as the mirrored
 /// copy still differs from it. Times that cannot be read are compared as
 /// text, without the margin.
-fn listing_lags(copy_event: &[u8], read_at: &str) -> bool {
+fn listing_lags(copy_event: &[u8], read_at: &[u8]) -> bool {
     let copy_event = std::str::from_utf8(copy_event).unwrap_or_default();
+    let read_at = std::str::from_utf8(read_at).unwrap_or_default();
     match (crate::time::parse(copy_event), crate::time::parse(read_at)) {
         (Some(event), Some(read)) => event
             .checked_add_signed(LISTING_MARGIN)
@@ -464,7 +465,7 @@ pub fn upsert_lead(
                 // less than LISTING_MARGIN before: such a listing may lag
                 // the event (listing_lags).
                 Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
-                    text(6).is_some_and(|copy_event| listing_lags(copy_event, read_at))
+                    text(6).is_some_and(|copy_event| listing_lags(copy_event, read_at.as_bytes()))
                 }),
                 Origin::Delivered { triggered_at: None } => true,
                 Origin::Delivered {
@@ -475,15 +476,24 @@ pub fn upsert_lead(
                         // Another delivery's copy: its event against this one
                         // (the same event time keeps the copy: no flapping).
                         Some(copy_event) => copy_event >= t,
-                        // The poller's copy: its page asked for after this
-                        // event (`listing_read_at`; the page was made no
-                        // earlier), else written after it (`changed_at`).
+                        // The poller's copy: its page asked for a margin
+                        // after this event (`listing_read_at`; the page was
+                        // made no earlier), else written then (`changed_at`).
                         // The write can come long after the asking: a page
                         // asked for before the event shows the lead as it
-                        // was before it, however late it was written.
+                        // was before it, however late it was written. And a
+                        // listing may lag the event ([`LISTING_MARGIN`]):
+                        // one asked for within the margin after it does not
+                        // keep the delivery out, as it does not overwrite a
+                        // delivered copy ([`listing_lags`]) — which of the
+                        // two is written first does not decide the mirror.
                         None => match (text(7), text(5)) {
-                            (Some(read_at), Some(changed_at)) => read_at.min(changed_at) > t,
-                            (read_at, changed_at) => read_at.or(changed_at).is_some_and(|c| c > t),
+                            (Some(read_at), Some(changed_at)) => {
+                                !listing_lags(t, read_at.min(changed_at))
+                            }
+                            (read_at, changed_at) => {
+                                read_at.or(changed_at).is_some_and(|c| !listing_lags(t, c))
+                            }
                         },
                     };
                     // A lead a full scan found gone after the event stays
@@ -1768,6 +1778,55 @@ mod tests {
         );
         assert_eq!(m.status("1"), "Open");
         assert_eq!(changes_of(&m, "1"), 2);
+    }
+
+    #[test]
+    fn a_listing_read_within_the_margin_after_an_event_does_not_keep_its_delivery_out() {
+        // The other order of the test above: the head scan read 1 s (then
+        // 59 s) after t1 is written first, listing the lead changed
+        // (Hired); t1's delivery (Canceled) arrives after it. A listing may
+        // lag the event: the delivery is applied, as it would have stayed
+        // had it come first — the order of the two writes does not decide.
+        for at in ["2026-01-01T11:00:01.000Z", "2026-01-01T11:00:59.999Z"] {
+            let mut m = Ordering::new();
+            m.pass(
+                "b",
+                "full",
+                T0,
+                &[lead_row("1", "Open")],
+                Some(Covered::Every),
+            );
+            m.pass("b", "head", at, &[lead_row("1", "Hired")], None);
+            assert_eq!(m.status("1"), "Hired", "{at}");
+            assert_eq!(
+                m.deliver("b", &lead_row("1", "Canceled"), T1),
+                Upserted::Changed,
+                "{at}"
+            );
+            assert_eq!(m.status("1"), "Canceled", "{at}");
+        }
+        // A page asked for a margin or more after the event is the newer
+        // observation: the delivery is kept out.
+        let mut m = Ordering::new();
+        m.pass(
+            "b",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass(
+            "b",
+            "head",
+            "2026-01-01T11:01:00.000Z",
+            &[lead_row("1", "Hired")],
+            None,
+        );
+        assert!(matches!(
+            m.deliver("b", &lead_row("1", "Canceled"), T1),
+            Upserted::Kept { .. }
+        ));
+        assert_eq!(m.status("1"), "Hired");
     }
 
     #[test]
