@@ -366,18 +366,25 @@ impl Client {
                 };
                 match read {
                     // A POST Thumbtack accepted: the status says it acted,
-                    // and its body (a message id at most) is not needed.
-                    // Sending it again would duplicate a reply.
-                    Err(BodyError::TooLarge(what))
+                    // and its body (a message id at most) is not needed,
+                    // whether it is over the cap or was cut (a reset, a
+                    // timeout after the head). Sending it again would
+                    // duplicate a reply, once per attempt.
+                    Err(unread)
                         if metric_method == reqwest::Method::POST
                             && is_success(status.as_u16())
                             && !is_html =>
                     {
+                        let why = match &unread {
+                            BodyError::TooLarge(what) => format!(
+                                "with a body {what} larger than the {} bytes leadsync reads",
+                                self.settings.max_body_bytes
+                            ),
+                            BodyError::Read(e) => format!("but its body could not be read ({e})"),
+                        };
                         warn!(
                             status = status.as_u16(),
-                            "a POST was accepted with a body {what} larger than the {} bytes leadsync reads: \
-                             taken as sent, its body not read",
-                            self.settings.max_body_bytes
+                            "a POST was accepted {why}: taken as sent, its body not read"
                         );
                         Ok(Response {
                             status: status.as_u16(),
@@ -394,27 +401,6 @@ impl Client {
                             self.settings.max_body_bytes
                         ),
                     )),
-                    // The same once its body was cut (a reset, a timeout
-                    // after the head): retried, the reply reached the
-                    // customer once per attempt.
-                    Err(BodyError::Read(e))
-                        if metric_method == reqwest::Method::POST
-                            && is_success(status.as_u16())
-                            && !is_html =>
-                    {
-                        warn!(
-                            status = status.as_u16(),
-                            error = %e,
-                            "a POST was accepted but its body could not be read: taken as sent, its body not read"
-                        );
-                        Ok(Response {
-                            status: status.as_u16(),
-                            trace_id: trace_id_of(&headers, &[]),
-                            headers,
-                            body: bytes::Bytes::new(),
-                            sent_at: sent_at.clone(),
-                        })
-                    }
                     Err(BodyError::Read(e)) => Err(ApiError::retry(
                         Some(status.as_u16()),
                         format!("HTTP {status}: the body could not be read: {e}"),
