@@ -112,7 +112,13 @@ fn migrations() -> Vec<(i64, String)> {
         ),
         (
             20,
-            include_str!("migrations/0020_waits_follow_rows.sql").to_string(),
+            ["outbox", "message_outbox"]
+                .map(|table| {
+                    include_str!("migrations/0020_waits_follow_triggers.sql")
+                        .replace("{table}", table)
+                })
+                .concat()
+                + include_str!("migrations/0020_waits_follow_rows.sql"),
         ),
         (
             21,
