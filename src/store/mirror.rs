@@ -1622,6 +1622,20 @@ mod tests {
     }
 
     impl Ordering {
+        /// A mirror where a complete listing of business `b` at [`T0`]
+        /// showed lead 1 Open.
+        fn open_listed() -> Ordering {
+            let mut m = Ordering::new();
+            m.pass(
+                "b",
+                "full",
+                T0,
+                &[lead_row("1", "Open")],
+                Some(Covered::Every),
+            );
+            m
+        }
+
         fn new() -> Ordering {
             let dir = tempfile::tempdir().unwrap();
             let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
@@ -1750,14 +1764,7 @@ mod tests {
         // Open mirrored; a Canceled delivery triggered at t1 is applied; a
         // head scan read 1 s (then 59 s) after t1 still lists Open, as a
         // listing may lag a change: the delivered copy stays, no change row.
-        let mut m = Ordering::new();
-        m.pass(
-            "b",
-            "full",
-            T0,
-            &[lead_row("1", "Open")],
-            Some(Covered::Every),
-        );
+        let mut m = Ordering::open_listed();
         assert_eq!(
             m.deliver("b", &lead_row("1", "Canceled"), T1),
             Upserted::Changed
@@ -1788,14 +1795,7 @@ mod tests {
         // lag the event: the delivery is applied, as it would have stayed
         // had it come first — the order of the two writes does not decide.
         for at in ["2026-01-01T11:00:01.000Z", "2026-01-01T11:00:59.999Z"] {
-            let mut m = Ordering::new();
-            m.pass(
-                "b",
-                "full",
-                T0,
-                &[lead_row("1", "Open")],
-                Some(Covered::Every),
-            );
+            let mut m = Ordering::open_listed();
             m.pass("b", "head", at, &[lead_row("1", "Hired")], None);
             assert_eq!(m.status("1"), "Hired", "{at}");
             assert_eq!(
@@ -1807,14 +1807,7 @@ mod tests {
         }
         // A page asked for a margin or more after the event is the newer
         // observation: the delivery is kept out.
-        let mut m = Ordering::new();
-        m.pass(
-            "b",
-            "full",
-            T0,
-            &[lead_row("1", "Open")],
-            Some(Covered::Every),
-        );
+        let mut m = Ordering::open_listed();
         m.pass(
             "b",
             "head",
@@ -1834,14 +1827,7 @@ mod tests {
         // Listed Open at t0; Canceled at t1 (delivery held up), Open again;
         // a pass at t3 lists Open (nothing written); t1's delivery arrives.
         for (kind, covered) in [("head", None), ("full", Some(Covered::Every))] {
-            let mut m = Ordering::new();
-            m.pass(
-                "b",
-                "full",
-                T0,
-                &[lead_row("1", "Open")],
-                Some(Covered::Every),
-            );
+            let mut m = Ordering::open_listed();
             m.pass("b", kind, T3, &[lead_row("1", "Open")], covered);
             let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
             assert_eq!(done, Upserted::Kept { identical: false }, "{kind}");
@@ -1861,14 +1847,7 @@ mod tests {
         // other leads; the retention then prunes every pass before t4,
         // t3's with them. t1's delivery arrives: still kept out.
         let t4 = "2026-01-01T14:00:00.000Z";
-        let mut m = Ordering::new();
-        m.pass(
-            "b",
-            "full",
-            T0,
-            &[lead_row("1", "Open")],
-            Some(Covered::Every),
-        );
+        let mut m = Ordering::open_listed();
         m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
         m.pass("b", "head", t4, &[lead_row("2", "Open")], None);
         m.pass(
@@ -1904,14 +1883,7 @@ mod tests {
             ("2026-01-01T11:01:00.000Z", true),
             ("2026-01-01T11:02:00.000Z", true),
         ] {
-            let mut m = Ordering::new();
-            m.pass(
-                "b",
-                "full",
-                T0,
-                &[lead_row("1", "Open")],
-                Some(Covered::Every),
-            );
+            let mut m = Ordering::open_listed();
             m.pass("b", "head", started, &[lead_row("1", "Open")], None);
             let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
             let (want, status) = match kept {
@@ -1941,14 +1913,7 @@ mod tests {
             Upserted::Changed
         );
         // A full scan that confirmed nothing (failed, or its end unknown).
-        let mut m = Ordering::new();
-        m.pass(
-            "b",
-            "full",
-            T0,
-            &[lead_row("1", "Open")],
-            Some(Covered::Every),
-        );
+        let mut m = Ordering::open_listed();
         m.pass(
             "b",
             "full",
@@ -1962,14 +1927,7 @@ mod tests {
         );
         // Another business's complete listing says nothing of this lead;
         // a lead moved in after a pass started was not listed by it as it is.
-        let mut m = Ordering::new();
-        m.pass(
-            "b",
-            "full",
-            T0,
-            &[lead_row("1", "Open")],
-            Some(Covered::Every),
-        );
+        let mut m = Ordering::open_listed();
         m.pass(
             "c",
             "full",
@@ -2016,14 +1974,7 @@ mod tests {
 
     #[test]
     fn a_complete_listing_after_the_event_that_found_the_lead_gone_keeps_it_gone() {
-        let mut m = Ordering::new();
-        m.pass(
-            "b",
-            "full",
-            T0,
-            &[lead_row("1", "Open")],
-            Some(Covered::Every),
-        );
+        let mut m = Ordering::open_listed();
         let run = start_run(&m.conn, "b", "full", "2026-01-01T10:30:00.000Z").unwrap();
         let marked = mark_missing(
             &mut m.conn,
@@ -2084,14 +2035,7 @@ mod tests {
             );
             assert_eq!(m.status("1"), "Canceled");
         }
-        let mut m = Ordering::new();
-        m.pass(
-            "b",
-            "full",
-            T0,
-            &[lead_row("1", "Open")],
-            Some(Covered::Every),
-        );
+        let mut m = Ordering::open_listed();
         m.pass_paged(
             "b",
             "head",
