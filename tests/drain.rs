@@ -622,6 +622,85 @@ async fn kill_9_mid_drain_loses_nothing_and_keeps_order() {
     );
 }
 
+/// A row naming no business is sent under its lead's, which the claim
+/// writes into the row. Killed while the row is `sending`, the next start
+/// puts it back to pending as a failed claim does: without that business,
+/// so a lead mirrored under another business meanwhile is sent under that
+/// one (SPEC §3: NULL means the mirror's business), not the stale one (the
+/// sandbox, as Thumbtack, refuses that one's token: 403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_left_sending_by_a_kill_takes_its_leads_business_again() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let businesses = env.business_ids();
+    let (first, second) = (businesses[0].clone(), businesses[1].clone());
+    // The lead is the second business's; the mirror says the first's (as
+    // a pass would have said before the lead moved).
+    let lead = env.sandbox.lead_ids(&second)[0].clone();
+    env.sql()
+        .execute(
+            "UPDATE negotiations SET business_id = ?2 WHERE negotiation_id = ?1",
+            [&lead, &first],
+        )
+        .unwrap();
+    // The answer takes longer than the client waits: the row is `sending`
+    // for seconds, and the kill comes meanwhile.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 30_000,
+        ..Default::default()
+    });
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-10T10:00:00Z')",
+        [&lead],
+    )
+    .unwrap();
+    let row = db.last_insert_rowid();
+    let state_and_business = || -> (String, Option<String>) {
+        env.sql()
+            .query_row(
+                "SELECT state, business_id FROM outbox WHERE id = ?1",
+                [row],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    let mut child = env.spawn_daemon();
+    common::wait_until("the row claimed", Duration::from_secs(30), || {
+        state_and_business().0 == "sending"
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        state_and_business(),
+        ("sending".to_string(), Some(first.clone())),
+        "killed while sending, the claim's business filled in"
+    );
+    // The mirror learns of the move before the retry.
+    db.execute(
+        "UPDATE negotiations SET business_id = ?2 WHERE negotiation_id = ?1",
+        [&lead, &second],
+    )
+    .unwrap();
+    env.sandbox.set_faults(Faults::default());
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert_eq!(
+        state_and_business(),
+        ("sent".to_string(), Some(second.clone())),
+        "{}",
+        common::text(&o)
+    );
+    let last = env.sandbox.deliveries().pop().expect("a delivery");
+    assert_eq!(
+        (last.negotiation_id, last.business_id),
+        (lead, second),
+        "sent under the lead's business now"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_holding_the_lock_mid_drain_delays_but_loses_nothing() {
     let env = Env::new(SandboxOptions::default(), false, FAST).await;

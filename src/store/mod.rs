@@ -124,6 +124,10 @@ fn migrations() -> Vec<(i64, String)> {
             21,
             include_str!("migrations/0021_listing_read_at.sql").to_string(),
         ),
+        (
+            22,
+            include_str!("migrations/0022_business_filled.sql").to_string(),
+        ),
     ]
 }
 
@@ -611,12 +615,34 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             .collect::<Result<_>>()?,
         _ => Vec::new(),
     };
+    // Version 22 adds a column to each outbox table: one there already is
+    // kept, the other still added.
+    let v22_missing: Vec<&str> = match version {
+        22 => ["outbox", "message_outbox"]
+            .into_iter()
+            .filter_map(|t| match has_column(t, "business_filled") {
+                Ok(true) => None,
+                Ok(false) => Some(Ok(t)),
+                Err(e) => Some(Err(e)),
+            })
+            .collect::<Result<_>>()?,
+        _ => Vec::new(),
+    };
     let done = (version == 14 && has_column("negotiations", "webhook_triggered_at")?)
         || (version == 21 && has_column("negotiations", "listing_read_at")?)
+        || (version == 22 && v22_missing.len() < 2)
         || v18_present.contains(&true);
     if !done {
         tx.execute_batch(sql)
             .with_context(|| format!("migration {version} failed"))?;
+    }
+    if version == 22 && done {
+        for table in &v22_missing {
+            tx.execute_batch(&format!(
+                "ALTER TABLE {table} ADD COLUMN business_filled INTEGER NOT NULL DEFAULT 0"
+            ))
+            .with_context(|| format!("migration {version} failed"))?;
+        }
     }
     if version == 18 {
         for ((column, kind), present) in v18.iter().zip(&v18_present) {
@@ -2111,6 +2137,35 @@ mod tests {
             1
         );
         assert_eq!(n("PRAGMA user_version"), schema_version());
+    }
+
+    /// Version 22 run again over a schema that has its columns, or one of
+    /// them: what is missing is added, what is there is kept.
+    #[test]
+    fn version_22_run_again_adds_what_is_missing() {
+        for undo in [
+            "ALTER TABLE outbox DROP COLUMN business_filled",
+            "ALTER TABLE message_outbox DROP COLUMN business_filled",
+            "SELECT 1",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+            conn.execute_batch(undo).unwrap();
+            conn.pragma_update(None, "user_version", 21).unwrap();
+            migrate(&mut conn).unwrap();
+            let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            for table in ["outbox", "message_outbox"] {
+                assert_eq!(
+                    n(&format!(
+                        "SELECT count(*) FROM pragma_table_info('{table}')
+                          WHERE name = 'business_filled'"
+                    )),
+                    1,
+                    "{undo}"
+                );
+            }
+            assert_eq!(n("PRAGMA user_version"), schema_version());
+        }
     }
 
     /// Version 18 run again over a schema that has some of it (migrated

@@ -781,7 +781,9 @@ fn take(
 }
 
 /// Marks row ?1 `sending` (?2, the attempt; ?3, now; ?4, its business when
-/// it names none) and returns whether it is late. The late check reads the
+/// it names none, recorded as filled in: `business_filled`, schema 22, so
+/// that a recovery at start knows to take it back) and returns whether it
+/// is late. The late check reads the
 /// sent rows of the row's negotiation only: unnamed, without statistics,
 /// the planner reads every sent row of the table (`{table}_by_state`).
 fn mark_sending(kind: Kind, pins: &Pins) -> String {
@@ -789,6 +791,7 @@ fn mark_sending(kind: Kind, pins: &Pins) -> String {
     format!(
         "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3,
              business_id = COALESCE(business_id, ?4),
+             business_filled = (business_id IS NULL AND ?4 IS NOT NULL),
              late = EXISTS (SELECT 1 FROM {table} s {sent}
                              WHERE s.negotiation_id = {table}.negotiation_id AND s.state = 'sent'
                                AND {after})
@@ -1360,7 +1363,7 @@ pub fn finish(
             // written.
             match tx
                 .prepare_cached(&format!(
-                    "UPDATE {table} SET business_id = NULL WHERE id = ?1"
+                    "UPDATE {table} SET business_id = NULL, business_filled = 0 WHERE id = ?1"
                 ))?
                 .execute([id])
             {
@@ -1435,7 +1438,9 @@ pub fn finish(
 }
 
 /// At start-up: rows left `sending` by a process that stopped go back to
-/// pending, due now, with the interrupted attempt recorded. Returns their ids.
+/// pending, due now, with the interrupted attempt recorded, and without the
+/// business their claim filled in (`business_filled`), as after a failed
+/// claim ([`finish`]). Returns their ids.
 pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut recovered = Vec::new();
@@ -1458,14 +1463,31 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
             ),
             params![now, why],
         )?;
-        let mut stmt = tx.prepare(&format!(
-            "UPDATE {} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
-                 last_error = ?2, last_http_status = NULL
-              WHERE state = 'sending' RETURNING id",
-            kind.table()
+        let table = kind.table();
+        let back: Vec<(i64, bool)> = tx
+            .prepare(&format!(
+                "UPDATE {table} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
+                     last_error = ?2, last_http_status = NULL
+                  WHERE state = 'sending' RETURNING id, business_filled IS 1"
+            ))?
+            .query_map(params![now, why], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        // In a second step: the content is frozen while the row is not
+        // `pending`. A row from before a check the table now makes is
+        // refused any change of content: it keeps the business (as in
+        // `finish`).
+        let mut unfill = tx.prepare(&format!(
+            "UPDATE {table} SET business_id = NULL, business_filled = 0 WHERE id = ?1"
         ))?;
-        for id in stmt.query_map(params![now, why], |r| r.get(0))? {
-            recovered.push((kind, id?));
+        for (id, filled) in back {
+            if filled {
+                match unfill.execute([id]) {
+                    Ok(_) => {}
+                    Err(e) if super::constraint_message(&e).is_some() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            recovered.push((kind, id));
         }
     }
     tx.commit()?;
@@ -1959,6 +1981,51 @@ mod tests {
                     .unwrap();
                 }
             }
+        }
+    }
+
+    /// A row left `sending` by a process that died is recovered like a
+    /// failed claim: the business the claim filled in goes (the next claim
+    /// takes the lead's business again), one the partner wrote stays.
+    #[test]
+    fn a_row_left_sending_by_a_crash_loses_the_business_its_claim_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let filter = ClaimFilter {
+            default_business: Some("7".into()),
+            ..filter()
+        };
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let filled = insert(&conn, kind, "401", "7", 1);
+            conn.execute(
+                &format!("UPDATE {table} SET business_id = NULL WHERE id = ?1"),
+                [filled],
+            )
+            .unwrap();
+            let written = insert(&conn, kind, "402", "7", 1);
+            let claimed = claim(&mut conn, kind, FAR, 10, &filter).unwrap();
+            assert_eq!(claimed.len(), 2, "{kind:?}");
+        }
+        // The process dies here; the next start recovers the rows.
+        let recovered = recover_sending(&mut conn, &crate::time::now()).unwrap();
+        assert_eq!(recovered.len(), 4);
+        for kind in Kind::ALL {
+            let rows: Vec<(String, String, Option<String>)> = conn
+                .prepare(&format!(
+                    "SELECT negotiation_id, state, business_id FROM {} ORDER BY id",
+                    kind.table()
+                ))
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let want = [
+                ("401".to_string(), "pending".to_string(), None),
+                ("402".into(), "pending".into(), Some("7".to_string())),
+            ];
+            assert_eq!(rows, want, "{kind:?}");
         }
     }
 
