@@ -990,6 +990,8 @@ impl Drainer {
         let mut last_recheck = Instant::now();
         let mut recheck: Option<tokio::task::JoinHandle<()>> = None;
         let mut recorder: Option<tokio::task::JoinHandle<()>> = None;
+        let mut clock = ClockWatch::new();
+        let mut rebase: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let (settings, client) = (self.settings(), self.client());
             // Wake at least every second so the watchdog sees the loop alive.
@@ -997,6 +999,25 @@ impl Drainer {
             heartbeat.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
             if stop.is_cancelled() {
                 break;
+            }
+            // The wall clock stepped back (it was ahead): retries it
+            // scheduled are rebased (outbox::rebase_future_waits), off the
+            // loop, one round at a time.
+            if clock.stepped_back() && rebase.as_ref().is_none_or(|r| r.is_finished()) {
+                let store = self.store.clone();
+                rebase = Some(tokio::spawn(async move {
+                    let now = crate::time::now();
+                    match store
+                        .call(move |c| outbox::rebase_future_waits(c, &now))
+                        .await
+                    {
+                        Ok(rows) if !rows.is_empty() => warn!(rows = ?rows,
+                            "the wall clock went back: outbox rows it had scheduled far in the future are due after their wait counted from now"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %format!("{e:#}"),
+                            "the wall clock went back; cannot rebase the retries it scheduled (done at the next start)"),
+                    }
+                }));
             }
             // Off the claim path: a hanging token endpoint must stall
             // neither claiming nor the heartbeat. One round at a time.
@@ -1130,6 +1151,45 @@ impl Drainer {
 
 /// Tries the tokens of businesses waiting for re-authorization (a new
 /// token file is picked up this way), a few at a time.
+/// Notices the wall clock stepping back: between two looks, less wall
+/// time passed than monotonic time, by more than [`ClockWatch::SLACK`].
+struct ClockWatch {
+    mono: Instant,
+    wall: chrono::DateTime<chrono::Utc>,
+}
+
+impl ClockWatch {
+    /// More than an NTP slew or a slow look can account for.
+    const SLACK: Duration = Duration::from_secs(2);
+
+    fn new() -> ClockWatch {
+        ClockWatch {
+            mono: Instant::now(),
+            wall: chrono::Utc::now(),
+        }
+    }
+
+    /// Whether the wall clock went back since the last look.
+    fn stepped_back(&mut self) -> bool {
+        let next = ClockWatch::new();
+        let back = Self::went_back(
+            next.wall.signed_duration_since(self.wall),
+            next.mono.duration_since(self.mono),
+        );
+        *self = next;
+        back
+    }
+
+    /// Whether `wall` time passing while `mono` did means a step back.
+    fn went_back(wall: chrono::Duration, mono: Duration) -> bool {
+        let slack = chrono::Duration::from_std(Self::SLACK).unwrap_or_default();
+        chrono::Duration::from_std(mono)
+            .ok()
+            .and_then(|m| m.checked_sub(&slack))
+            .is_some_and(|bound| wall < bound)
+    }
+}
+
 async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
     let mut running = JoinSet::new();
     for business_id in businesses {
@@ -1147,6 +1207,23 @@ async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wall_clock_step_back_is_told_from_a_slow_look() {
+        let s = |n: i64| chrono::Duration::seconds(n);
+        let d = Duration::from_secs;
+        // A second of each: no step.
+        assert!(!ClockWatch::went_back(s(1), d(1)));
+        // A slow look (the loop held up 10 s), the wall clock with it.
+        assert!(!ClockWatch::went_back(s(10), d(10)));
+        // Within the slack (a slew, rounding).
+        assert!(!ClockWatch::went_back(s(-1), d(0)));
+        // Forward steps are not this.
+        assert!(!ClockWatch::went_back(s(86_400), d(1)));
+        // Back by a year, or by 5 s.
+        assert!(ClockWatch::went_back(s(-365 * 86_400), d(1)));
+        assert!(ClockWatch::went_back(s(-4), d(1)));
+    }
 
     #[test]
     fn backoff_grows_from_the_attempt_count_and_is_capped() {

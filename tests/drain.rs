@@ -701,6 +701,78 @@ async fn a_row_left_sending_by_a_kill_takes_its_leads_business_again() {
     );
 }
 
+/// A retry leadsync scheduled while the clock was far ahead (a year, then
+/// corrected) waits only the delay it was given after its attempt, not
+/// until the wrong clock's time; times the partner wrote are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_scheduled_under_a_clock_far_ahead_waits_only_its_delay_once_corrected() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let leads = env.first_leads(4);
+    let now = chrono::Utc::now();
+    let at = |d: chrono::Duration| leadsync::time::fmt(now + d);
+    let (year, hour) = (chrono::Duration::days(365), chrono::Duration::hours(1));
+    let db = env.sql();
+    // (lead, attempts, last attempt's time, next_attempt_at)
+    let rows = [
+        // leadsync's retry under the clock a year ahead: an hour's backoff.
+        (&leads[0], 2, Some(at(year)), at(year + hour)),
+        // The partner's own schedule for a row never tried.
+        (&leads[1], 0, None, at(year)),
+        // A row tried (clock right) that the partner postponed by a year.
+        (&leads[2], 1, Some(at(-hour)), at(year)),
+        // A retry scheduled with the clock right.
+        (&leads[3], 1, Some(at(-hour)), at(chrono::Duration::days(2))),
+    ];
+    let mut ids = Vec::new();
+    for (lead, attempts, tried, next) in &rows {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES (?1, 'appt_scheduled', '2024-06-10T10:00:00Z')",
+            [lead],
+        )
+        .unwrap();
+        let id = db.last_insert_rowid();
+        db.execute(
+            "UPDATE outbox SET attempts = ?2, next_attempt_at = ?3,
+                 last_error = CASE WHEN ?2 > 0 THEN 'HTTP 503' END WHERE id = ?1",
+            rusqlite::params![id, attempts, next],
+        )
+        .unwrap();
+        if let Some(tried) = tried {
+            db.execute(
+                "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+                 VALUES (?1, ?2, ?3, 503, 'retry', 'HTTP 503')",
+                rusqlite::params![id, attempts, tried],
+            )
+            .unwrap();
+        }
+        ids.push(id);
+    }
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let next = |id: i64| -> chrono::DateTime<chrono::Utc> {
+        let t: String = env
+            .sql()
+            .query_row(
+                "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        leadsync::time::parse(&t).unwrap()
+    };
+    // Its hour counted from now (at the latest): not a year and an hour.
+    let rebased = next(ids[0]);
+    assert!(
+        rebased > now + chrono::Duration::minutes(59) && rebased <= chrono::Utc::now() + hour,
+        "{rebased}"
+    );
+    for (i, (_, _, _, written)) in rows.iter().enumerate().skip(1) {
+        assert_eq!(leadsync::time::fmt(next(ids[i])), *written, "row {i}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_holding_the_lock_mid_drain_delays_but_loses_nothing() {
     let env = Env::new(SandboxOptions::default(), false, FAST).await;

@@ -1494,6 +1494,91 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
     Ok(recovered)
 }
 
+/// The longest wait leadsync itself puts in `next_attempt_at` after an
+/// attempt: a retry is due before the wall clock plus 8 days (the backoff
+/// and `Retry-After` are capped at 7), counted from the end of the
+/// attempt, which started (`started_at` of its log) at most a request's
+/// time before — an hour is ample.
+pub const LONGEST_OWN_WAIT: chrono::TimeDelta = chrono::TimeDelta::hours(8 * 24 + 1);
+
+/// After the wall clock went back (it was ahead, then corrected; checked
+/// at start, and by the drainer when it sees the clock step back): a
+/// pending row whose last logged attempt started after `now` — a time
+/// only a clock ahead could have written — and whose `next_attempt_at`
+/// lies after it by no more than leadsync's own longest wait
+/// ([`LONGEST_OWN_WAIT`]) was scheduled by leadsync under that clock. It
+/// would wait until the wrong clock's time; it is due instead after the
+/// same wait counted from `now` (so a backoff or a `Retry-After` is still
+/// waited out in full since the attempt), or at once when it has no
+/// attempt counted (a hold, or a dead row retried, due at once when they
+/// were written). A `next_attempt_at` the partner wrote is left alone: on
+/// a row never tried (no attempt log), on one whose last attempt was
+/// logged with the clock right, or one earlier than that attempt or later
+/// than leadsync's longest wait after it. Returns the rows changed.
+pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
+    let Some(now_t) = crate::time::parse(now) else {
+        return Ok(Vec::new());
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let mut changed = Vec::new();
+    for kind in Kind::ALL {
+        let (table, attempts_table) = (kind.table(), kind.attempts_table());
+        // Rows not due yet: from the due index, and the rows put aside.
+        let mut rows: Vec<(i64, i64, String)> = Vec::new();
+        for aside in ["waiting_for IS NULL", "waiting_for IS NOT NULL"] {
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT id, attempts, next_attempt_at FROM {table}
+                  WHERE state = 'pending' AND {aside} AND next_attempt_at > ?1"
+            ))?;
+            let found = stmt.query_map([now], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?.unwrap_or(0),
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })?;
+            for row in found {
+                if let (id, attempts, Some(next)) = row? {
+                    rows.push((id, attempts, next));
+                }
+            }
+        }
+        let mut last_tried = tx.prepare_cached(&format!(
+            "SELECT started_at FROM {attempts_table} WHERE outbox_id = ?1 ORDER BY id DESC LIMIT 1"
+        ))?;
+        let mut set = tx.prepare_cached(&format!(
+            "UPDATE {table} SET next_attempt_at = ?3
+              WHERE id = ?1 AND state = 'pending' AND next_attempt_at IS ?2"
+        ))?;
+        for (id, attempts, next) in rows {
+            let tried: Option<String> = last_tried
+                .query_row([id], |r| r.get::<_, Option<String>>(0))
+                .optional()?
+                .flatten();
+            let (Some(tried), Some(next_t)) = (
+                tried.as_deref().and_then(crate::time::parse),
+                crate::time::parse(&next),
+            ) else {
+                continue;
+            };
+            let own = tried > now_t && next_t >= tried && next_t - tried <= LONGEST_OWN_WAIT;
+            if !own {
+                continue;
+            }
+            let due = if attempts > 0 {
+                now_t + (next_t - tried)
+            } else {
+                now_t
+            };
+            if set.execute(params![id, next, crate::time::fmt(due)])? == 1 {
+                changed.push((kind, id));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(changed)
+}
+
 /// Row counts by state and the oldest pending row's creation time.
 #[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Counts {
@@ -2003,7 +2088,7 @@ mod tests {
                 [filled],
             )
             .unwrap();
-            let written = insert(&conn, kind, "402", "7", 1);
+            insert(&conn, kind, "402", "7", 1);
             let claimed = claim(&mut conn, kind, FAR, 10, &filter).unwrap();
             assert_eq!(claimed.len(), 2, "{kind:?}");
         }
@@ -2027,6 +2112,70 @@ mod tests {
             ];
             assert_eq!(rows, want, "{kind:?}");
         }
+    }
+
+    /// Claimed and finished with the clock a year ahead, then corrected:
+    /// a retry waits its backoff counted from now, a hold is due at once,
+    /// in both tables; a rebase once done changes nothing more.
+    #[test]
+    fn waits_a_clock_far_ahead_wrote_are_counted_from_now_once_it_is_corrected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let now = chrono::Utc::now();
+        let ahead = now + chrono::Duration::days(365);
+        let fmt = crate::time::fmt;
+        for kind in Kind::ALL {
+            for (n, end) in [
+                Finish::Retry {
+                    next_attempt_at: fmt(ahead + chrono::Duration::minutes(30)),
+                },
+                Finish::Hold,
+            ]
+            .iter()
+            .enumerate()
+            {
+                let id = insert(&conn, kind, &format!("{}", 500 + n), "7", 1);
+                // Due by the clock ahead: the retry before is not.
+                let mut rows = claim(&mut conn, kind, &fmt(ahead), 10, &filter()).unwrap();
+                assert_eq!(rows.len(), 1);
+                let row = rows.remove(0);
+                assert_eq!(row.id, id);
+                let tried = [Attempt {
+                    attempt: row.attempt,
+                    started_at: fmt(ahead),
+                    http_status: Some(503),
+                    outcome: "retry",
+                    error: Some("HTTP 503".into()),
+                    trace_id: None,
+                    duration_ms: 5,
+                }];
+                finish(&mut conn, &row, end, &tried, &fmt(ahead), None).unwrap();
+            }
+        }
+        let rebased = rebase_future_waits(&mut conn, &fmt(now)).unwrap();
+        assert_eq!(rebased.len(), 4, "{rebased:?}");
+        for kind in Kind::ALL {
+            let next: Vec<String> = conn
+                .prepare(&format!(
+                    "SELECT next_attempt_at FROM {} ORDER BY id",
+                    kind.table()
+                ))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!(
+                next,
+                [fmt(now + chrono::Duration::minutes(30)), fmt(now)],
+                "{kind:?}"
+            );
+        }
+        assert!(
+            rebase_future_waits(&mut conn, &fmt(now))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     /// A finish queued twice for one claim (a stop's dropped round whose job
