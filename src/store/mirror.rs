@@ -218,10 +218,15 @@ const UNLISTED: &str = "SELECT negotiation_id FROM negotiations
 /// wrote, neither it nor `listing_read_at` is set: its write). Its absence
 /// from the listing proves nothing then: the page where it would have been
 /// may have been read before the event, or within the margin after it,
-/// when a listing may still lag it. Read for the unlisted leads only (the
-/// columns are not in the index [`UNLISTED`] reads).
-const OBSERVED_SINCE: &str = "SELECT changed_at >= ?2 OR webhook_triggered_at > ?3
-       OR (webhook_triggered_at IS NULL AND listing_read_at IS NULL AND changed_at > ?3)
+/// when a listing may still lag it. `changed_at` is leadsync's wall clock:
+/// only a write by ?4, the mark's time, counts (one stamped later was made
+/// under a clock ahead, since corrected: it tells nothing of when the lead
+/// was seen, and would spare the lead from every full scan until the clock
+/// catches up). Read for the unlisted leads only (the columns are not in
+/// the index [`UNLISTED`] reads).
+const OBSERVED_SINCE: &str = "SELECT changed_at BETWEEN ?2 AND ?4 OR webhook_triggered_at > ?3
+       OR (webhook_triggered_at IS NULL AND listing_read_at IS NULL
+           AND changed_at > ?3 AND changed_at <= ?4)
    FROM negotiations WHERE negotiation_id = ?1";
 
 /// A business's mirrored leads by id fingerprint ([`id_fingerprint`]), read
@@ -1004,7 +1009,8 @@ pub enum Missing {
 /// fingerprint the scan did not see as missing (with a change row each,
 /// observed `now`), unless that would be a mass disappearance and
 /// `accept_mass` is false. Leads observed otherwise since the scan started,
-/// or within [`LISTING_MARGIN`] before, are left present ([`unlisted`]).
+/// or within [`LISTING_MARGIN`] before, are left present ([`unlisted`]),
+/// but count towards that guard: every lead the listing lacked does.
 /// `missing_since` is the scan's start, when its listing began: the page
 /// that would have listed a lead was asked for no earlier (as a pass's
 /// `listed_at`), so a delivery of a later event is not older than the
@@ -1018,8 +1024,7 @@ pub fn mark_missing(
     now: &str,
 ) -> Result<Missing> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let (present, missing, listed_from) = unlisted(&tx, business_id, run_id, seen, now)?;
-    let would = missing.len() as i64;
+    let (present, would, missing, listed_from) = unlisted(&tx, business_id, run_id, seen, now)?;
     if !accept_mass && would > MASS_MISSING_MIN && would * 2 > present {
         return Ok(Missing::Refused { would, present });
     }
@@ -1041,7 +1046,7 @@ pub fn mark_missing(
         }
     }
     tx.commit()?;
-    Ok(Missing::Marked(would))
+    Ok(Missing::Marked(missing.len() as i64))
 }
 
 /// How many of the business's present leads (known before the pass started)
@@ -1053,22 +1058,23 @@ pub fn count_unseen(
     seen: &std::collections::HashSet<u64>,
     now: &str,
 ) -> Result<i64> {
-    Ok(unlisted(conn, business_id, run_id, seen, now)?.1.len() as i64)
+    Ok(unlisted(conn, business_id, run_id, seen, now)?.2.len() as i64)
 }
 
-/// The ids of the business's present leads known before the pass started
-/// ([`UNLISTED`], from the index alone) that `seen` does not have and that
-/// were not observed otherwise since then, or delivered within
-/// [`LISTING_MARGIN`] before ([`OBSERVED_SINCE`]), how many present leads
-/// there were, and the pass's start (`sync_runs.started_at`; `now` when the
-/// run has no row).
+/// How many present leads the business had before the pass started
+/// ([`UNLISTED`], from the index alone), how many of them `seen` does not
+/// have (all of them: what the mass-missing guard weighs, a truncated
+/// listing being no less truncated for the leads seen otherwise), the ids
+/// of those not observed otherwise since then, or delivered within
+/// [`LISTING_MARGIN`] before ([`OBSERVED_SINCE`]), and the pass's start
+/// (`sync_runs.started_at`; `now` when the run has no row).
 fn unlisted(
     conn: &Connection,
     business_id: &str,
     run_id: i64,
     seen: &std::collections::HashSet<u64>,
     now: &str,
-) -> Result<(i64, Vec<String>, String)> {
+) -> Result<(i64, i64, Vec<String>, String)> {
     let started: String = conn
         .prepare_cached("SELECT started_at FROM sync_runs WHERE id = ?1")?
         .query_row([run_id], |r| r.get::<_, Option<String>>(0))
@@ -1083,19 +1089,24 @@ fn unlisted(
     let mut stmt = conn.prepare_cached(UNLISTED)?;
     let mut observed = conn.prepare_cached(OBSERVED_SINCE)?;
     let mut rows = stmt.query(params![business_id, started])?;
-    let (mut present, mut ids) = (0, Vec::new());
+    let (mut present, mut unseen, mut ids) = (0, 0, Vec::new());
     while let Some(r) = rows.next()? {
         present += 1;
         let id = r.get_ref(0)?.as_str()?;
-        if !seen.contains(&id_fingerprint(id))
-            && !observed
-                .query_row(params![id, started, since], |r| r.get::<_, Option<bool>>(0))?
-                .unwrap_or(false)
+        if seen.contains(&id_fingerprint(id)) {
+            continue;
+        }
+        unseen += 1;
+        if !observed
+            .query_row(params![id, started, since, now], |r| {
+                r.get::<_, Option<bool>>(0)
+            })?
+            .unwrap_or(false)
         {
             ids.push(id.to_string());
         }
     }
-    Ok((present, ids, started))
+    Ok((present, unseen, ids, started))
 }
 
 /// Makes the `businesses` table match the configuration (rows are never
@@ -2084,6 +2095,71 @@ mod tests {
             assert_eq!(marked, Missing::Marked(0), "{status}");
             assert!(!is_missing(&m, "1"), "{status}");
         }
+    }
+
+    #[test]
+    fn a_lead_written_under_a_clock_far_ahead_is_not_spared_by_later_full_scans() {
+        // Lead 1 delivered (an event at 10:30) while the wall clock ran a
+        // year ahead: its row says changed in 2027. The clock corrected, a
+        // full scan from 11:00 to 11:30 does not list it: a write "after
+        // the scan started" that is after the mark, too, was not seen
+        // during the scan. Marked.
+        let mut m = Ordering::open_listed();
+        m.deliver_at(
+            "b",
+            &lead_row("1", "Canceled"),
+            "2026-01-01T10:30:00.000Z",
+            "2027-01-01T10:30:01.000Z",
+        );
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &Default::default(),
+            true,
+            "2026-01-01T11:30:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(1));
+        assert!(is_missing(&m, "1"));
+    }
+
+    #[test]
+    fn leads_seen_during_a_truncated_full_scan_still_count_towards_the_mass_missing_guard() {
+        // 50 leads; a full scan lists 20 of them; 6 of the 30 unlisted are
+        // delivered while it runs. 30 of 50 unlisted is a truncated
+        // listing: refused, as it is without the deliveries (24 of 50
+        // would slip under the guard).
+        let mut m = Ordering::new();
+        let leads: Vec<LeadRow> = (1..=50).map(|i| lead_row(&i.to_string(), "Open")).collect();
+        m.pass("b", "full", T0, &leads, Some(Covered::Every));
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        for i in 21..=26 {
+            m.deliver_at(
+                "b",
+                &lead_row(&i.to_string(), "Canceled"),
+                "2026-01-01T11:05:00.000Z",
+                "2026-01-01T11:05:01.000Z",
+            );
+        }
+        let seen: std::collections::HashSet<u64> =
+            (1..=20).map(|i| id_fingerprint(&i.to_string())).collect();
+        let end = "2026-01-01T11:30:00.000Z";
+        let marked = mark_missing(&mut m.conn, "b", run, &seen, false, end).unwrap();
+        assert_eq!(
+            marked,
+            Missing::Refused {
+                would: 30,
+                present: 50
+            }
+        );
+        assert!(!is_missing(&m, "30"));
+        // Accepted: only the leads not seen otherwise are marked.
+        let marked = mark_missing(&mut m.conn, "b", run, &seen, true, end).unwrap();
+        assert_eq!(marked, Missing::Marked(24));
+        assert!(!is_missing(&m, "21"));
+        assert!(is_missing(&m, "27"));
     }
 
     #[test]
