@@ -1514,22 +1514,24 @@ pub const LONGEST_OWN_WAIT: chrono::TimeDelta = chrono::TimeDelta::hours(8 * 24 
 /// were written). A `next_attempt_at` the partner wrote is left alone: on
 /// a row never tried (no attempt log), on one whose last attempt was
 /// logged with the clock right, or one earlier than that attempt or later
-/// than leadsync's longest wait after it. Returns the rows changed.
+/// than leadsync's longest wait after it. A wait once rebased is counted
+/// from then on from the rebase (`wait_rebased_at` of the attempt, schema
+/// 23), not from the attempt: rebased again only if the clock went back
+/// before that rebase too, and with the wait it had then — a rebase
+/// repeated at every look would shorten it each time. Returns the rows
+/// changed.
 pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
     let Some(now_t) = crate::time::parse(now) else {
         return Ok(Vec::new());
     };
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let pins = Pins::read(&tx)?;
     let mut changed = Vec::new();
     for kind in Kind::ALL {
-        let (table, attempts_table) = (kind.table(), kind.attempts_table());
-        // Rows not due yet: from the due index, and the rows put aside.
+        let attempts_table = kind.attempts_table();
         let mut rows: Vec<(i64, i64, String)> = Vec::new();
-        for aside in ["waiting_for IS NULL", "waiting_for IS NOT NULL"] {
-            let mut stmt = tx.prepare_cached(&format!(
-                "SELECT id, attempts, next_attempt_at FROM {table}
-                  WHERE state = 'pending' AND {aside} AND next_attempt_at > ?1"
-            ))?;
+        for aside in [false, true] {
+            let mut stmt = tx.prepare_cached(&rebase_select(kind, &pins, aside))?;
             let found = stmt.query_map([now], |r| {
                 Ok((
                     r.get::<_, i64>(0)?,
@@ -1544,39 +1546,75 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
             }
         }
         let mut last_tried = tx.prepare_cached(&format!(
-            "SELECT started_at FROM {attempts_table} WHERE outbox_id = ?1 ORDER BY id DESC LIMIT 1"
+            "SELECT id, started_at, wait_rebased_at FROM {attempts_table}
+              WHERE outbox_id = ?1 ORDER BY id DESC LIMIT 1"
         ))?;
         let mut set = tx.prepare_cached(&format!(
-            "UPDATE {table} SET next_attempt_at = ?3
-              WHERE id = ?1 AND state = 'pending' AND next_attempt_at IS ?2"
+            "UPDATE {} SET next_attempt_at = ?3
+              WHERE id = ?1 AND state = 'pending' AND next_attempt_at IS ?2",
+            kind.table()
+        ))?;
+        let mut mark = tx.prepare_cached(&format!(
+            "UPDATE {attempts_table} SET wait_rebased_at = ?2 WHERE id = ?1"
         ))?;
         for (id, attempts, next) in rows {
-            let tried: Option<String> = last_tried
-                .query_row([id], |r| r.get::<_, Option<String>>(0))
+            let Some((log, tried, rebased)) = last_tried
+                .query_row([id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })
                 .optional()?
-                .flatten();
-            let (Some(tried), Some(next_t)) = (
-                tried.as_deref().and_then(crate::time::parse),
+            else {
+                continue;
+            };
+            // The wait runs from the last rebase, or else the attempt.
+            let (Some(from), Some(next_t)) = (
+                rebased.or(tried).as_deref().and_then(crate::time::parse),
                 crate::time::parse(&next),
             ) else {
                 continue;
             };
-            let own = tried > now_t && next_t >= tried && next_t - tried <= LONGEST_OWN_WAIT;
+            let own = from > now_t && next_t >= from && next_t - from <= LONGEST_OWN_WAIT;
             if !own {
                 continue;
             }
             let due = if attempts > 0 {
-                now_t + (next_t - tried)
+                now_t + (next_t - from)
             } else {
                 now_t
             };
             if set.execute(params![id, next, crate::time::fmt(due)])? == 1 {
+                mark.execute(params![log, now])?;
                 changed.push((kind, id));
             }
         }
     }
     tx.commit()?;
     Ok(changed)
+}
+
+/// The pending rows not due by ?1 ([`rebase_future_waits`]), `o`: those
+/// ready from the due index, or (`aside`) those put aside from the index
+/// of rows aside. Unnamed, the planner read every pending row
+/// (`{table}_by_state`), inside a write transaction.
+fn rebase_select(kind: Kind, pins: &Pins, aside: bool) -> String {
+    let table = kind.table();
+    if aside {
+        format!(
+            "SELECT o.id, o.attempts, o.next_attempt_at FROM {table} o {waiting}
+              WHERE o.waiting_for IS NOT NULL AND o.state = 'pending' AND o.next_attempt_at > ?1",
+            waiting = pins.by(&format!("{table}_waiting_by_negotiation"))
+        )
+    } else {
+        format!(
+            "SELECT o.id, o.attempts, o.next_attempt_at FROM {table} o {due}
+              WHERE o.state = 'pending' AND o.waiting_for IS NULL AND o.next_attempt_at > ?1",
+            due = pins.by(&format!("{table}_due"))
+        )
+    }
 }
 
 /// Row counts by state and the oldest pending row's creation time.
@@ -2178,6 +2216,63 @@ mod tests {
         );
     }
 
+    /// A `leadsync drain` each minute under a clock 10 min ahead, each
+    /// rebasing: a 60 min `Retry-After` is waited out in full from the
+    /// first rebase (due at T+61 min), not shortened by each next one
+    /// (T+53, T+46, ...). A new attempt may be rebased again.
+    #[test]
+    fn a_wait_is_rebased_once_per_attempt_however_often_the_clock_is_seen_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let fmt = crate::time::fmt;
+        let minutes = chrono::Duration::minutes;
+        // Rows are due from their insertion (the real clock).
+        let t = chrono::Utc::now() + minutes(1);
+        let ahead = t + minutes(10);
+        let kind = Kind::Transition;
+        let try_once = |conn: &mut Connection, at: chrono::DateTime<chrono::Utc>| {
+            let row = claim(conn, kind, &fmt(at), 10, &filter())
+                .unwrap()
+                .remove(0);
+            let tried = [Attempt {
+                attempt: row.attempt,
+                started_at: fmt(at),
+                http_status: Some(429),
+                outcome: "retry",
+                error: Some("HTTP 429".into()),
+                trace_id: None,
+                duration_ms: 5,
+            }];
+            let end = Finish::Retry {
+                next_attempt_at: fmt(at + minutes(60)),
+            };
+            finish(conn, &row, &end, &tried, &fmt(at), None).unwrap();
+        };
+        let id = insert(&conn, kind, "600", "7", 1);
+        try_once(&mut conn, ahead);
+        let next = |conn: &Connection| -> String {
+            conn.query_row(
+                "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        for n in 1..=5 {
+            let rebased = rebase_future_waits(&mut conn, &fmt(t + minutes(n))).unwrap();
+            assert_eq!(rebased.len(), usize::from(n == 1), "{n}");
+            assert_eq!(next(&conn), fmt(t + minutes(61)), "{n}");
+        }
+        // Tried again, still under a clock ahead: that attempt's wait is
+        // rebased once in its turn.
+        try_once(&mut conn, t + minutes(61) + minutes(10));
+        for n in 62..=64 {
+            let rebased = rebase_future_waits(&mut conn, &fmt(t + minutes(n))).unwrap();
+            assert_eq!(rebased.len(), usize::from(n == 62), "{n}");
+            assert_eq!(next(&conn), fmt(t + minutes(122)), "{n}");
+        }
+    }
+
     /// A finish queued twice for one claim (a stop's dropped round whose job
     /// still ran, then its retry) logs the request's attempt row once.
     #[test]
@@ -2551,9 +2646,8 @@ mod tests {
             .collect();
         assert!(
             !steps.is_empty()
-                && steps
-                    .iter()
-                    .all(|p| p.contains(&format!("INDEX {index} ("))),
+                && steps.iter().all(|p| p.contains(&format!("INDEX {index} ("))
+                    || p.ends_with(&format!("INDEX {index}"))),
             "{alias} not through {index}: {plan:?}\n{sql}"
         );
     }
@@ -2584,6 +2678,12 @@ mod tests {
                 t,
                 &format!("{t}_open_by_negotiation"),
             );
+            let (ready, aside) = (
+                rebase_select(kind, &pins, false),
+                rebase_select(kind, &pins, true),
+            );
+            reads_through(conn, &ready, "o", &format!("{t}_due"));
+            reads_through(conn, &aside, "o", &format!("{t}_waiting_by_negotiation"));
         }
     }
 
