@@ -223,6 +223,8 @@ pub struct Drainer {
     /// holds back the rest of their negotiation and keeps them from being
     /// claimed, so none is sent twice while the daemon runs.
     unrecorded: std::sync::Mutex<Vec<Unrecorded>>,
+    /// The wall clock [`Drainer::run`] watches ([`Drainer::set_wall_clock`]).
+    wall: std::sync::RwLock<WallClock>,
 }
 
 /// An outcome waiting to be recorded (see [`Drainer::unrecorded`]).
@@ -253,6 +255,9 @@ impl Drop for Round<'_> {
     }
 }
 
+/// A wall clock: `Utc::now`, or a test's.
+pub type WallClock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
+
 /// (table, id, attempt) → (negotiation id, the outcome once the request
 /// ended and only its recording is left). The attempt tells a claim from a
 /// later one of the same row (put back to `pending` by hand while sent).
@@ -273,6 +278,23 @@ impl Drainer {
             give_up_sends: CancellationToken::new(),
             records_by: std::sync::Mutex::new(None),
             unrecorded: std::sync::Mutex::new(Vec::new()),
+            wall: std::sync::RwLock::new(Arc::new(chrono::Utc::now)),
+        }
+    }
+
+    /// Sets the wall clock the daemon's loop ([`Drainer::run`]) watches
+    /// for a step back, and counts rebased waits from: `Utc::now` unless
+    /// set (a test steps it back without touching the system's).
+    pub fn set_wall_clock(&self, clock: WallClock) {
+        if let Ok(mut w) = self.wall.write() {
+            *w = clock;
+        }
+    }
+
+    fn wall_now(&self) -> chrono::DateTime<chrono::Utc> {
+        match self.wall.read() {
+            Ok(w) => w(),
+            Err(_) => chrono::Utc::now(),
         }
     }
 
@@ -990,7 +1012,7 @@ impl Drainer {
         let mut last_recheck = Instant::now();
         let mut recheck: Option<tokio::task::JoinHandle<()>> = None;
         let mut recorder: Option<tokio::task::JoinHandle<()>> = None;
-        let mut clock = ClockWatch::new();
+        let mut clock = ClockWatch::new(self.wall_now());
         let mut rebase: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let (settings, client) = (self.settings(), self.client());
@@ -1002,11 +1024,13 @@ impl Drainer {
             }
             // The wall clock stepped back (it was ahead): retries it
             // scheduled are rebased (outbox::rebase_future_waits), off the
-            // loop, one round at a time.
-            if clock.stepped_back() && rebase.as_ref().is_none_or(|r| r.is_finished()) {
+            // loop, one round at a time (a step back seen during a round
+            // is rebased after it).
+            let wall = self.wall_now();
+            if clock.rebase_due(wall, rebase.as_ref().is_none_or(|r| r.is_finished())) {
                 let store = self.store.clone();
                 rebase = Some(tokio::spawn(async move {
-                    let now = crate::time::now();
+                    let now = crate::time::fmt(wall);
                     match store
                         .call(move |c| outbox::rebase_future_waits(c, &now))
                         .await
@@ -1149,35 +1173,43 @@ impl Drainer {
     }
 }
 
-/// Tries the tokens of businesses waiting for re-authorization (a new
-/// token file is picked up this way), a few at a time.
 /// Notices the wall clock stepping back: between two looks, less wall
 /// time passed than monotonic time, by more than [`ClockWatch::SLACK`].
 struct ClockWatch {
     mono: Instant,
     wall: chrono::DateTime<chrono::Utc>,
+    /// A step back seen and not rebased yet (a rebase was still running).
+    pending: bool,
 }
 
 impl ClockWatch {
     /// More than an NTP slew or a slow look can account for.
     const SLACK: Duration = Duration::from_secs(2);
 
-    fn new() -> ClockWatch {
+    fn new(wall: chrono::DateTime<chrono::Utc>) -> ClockWatch {
         ClockWatch {
             mono: Instant::now(),
-            wall: chrono::Utc::now(),
+            wall,
+            pending: false,
         }
     }
 
-    /// Whether the wall clock went back since the last look.
-    fn stepped_back(&mut self) -> bool {
-        let next = ClockWatch::new();
+    /// Whether a rebase is to start now: the wall clock (now `wall`) went
+    /// back since the last look, or had gone back while a rebase ran, and
+    /// none runs now (`idle`).
+    fn rebase_due(&mut self, wall: chrono::DateTime<chrono::Utc>, idle: bool) -> bool {
+        let mono = Instant::now();
         let back = Self::went_back(
-            next.wall.signed_duration_since(self.wall),
-            next.mono.duration_since(self.mono),
+            wall.signed_duration_since(self.wall),
+            mono.duration_since(self.mono),
         );
-        *self = next;
-        back
+        (self.mono, self.wall) = (mono, wall);
+        self.pending |= back;
+        if self.pending && idle {
+            self.pending = false;
+            return true;
+        }
+        false
     }
 
     /// Whether `wall` time passing while `mono` did means a step back.
@@ -1190,6 +1222,8 @@ impl ClockWatch {
     }
 }
 
+/// Tries the tokens of businesses waiting for re-authorization (a new
+/// token file is picked up this way), a few at a time.
 async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
     let mut running = JoinSet::new();
     for business_id in businesses {
@@ -1207,6 +1241,19 @@ async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_back_seen_while_a_rebase_runs_is_rebased_once_it_is_done() {
+        let t = chrono::Utc::now();
+        let mut watch = ClockWatch::new(t + chrono::Duration::days(365));
+        // Back a year while a rebase still runs: not now, and not lost.
+        assert!(!watch.rebase_due(t, false));
+        assert!(!watch.rebase_due(t, false));
+        assert!(watch.rebase_due(t, true));
+        // Done: nothing more until the clock steps back again.
+        assert!(!watch.rebase_due(t, true));
+        assert!(watch.rebase_due(t - chrono::Duration::hours(1), true));
+    }
 
     #[test]
     fn a_wall_clock_step_back_is_told_from_a_slow_look() {

@@ -708,7 +708,7 @@ async fn a_row_left_sending_by_a_kill_takes_its_leads_business_again() {
 async fn a_retry_scheduled_under_a_clock_far_ahead_waits_only_its_delay_once_corrected() {
     let env = Env::new(SandboxOptions::default(), false, FAST).await;
     assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
-    let leads = env.first_leads(4);
+    let leads = env.first_leads(5);
     let now = chrono::Utc::now();
     let at = |d: chrono::Duration| leadsync::time::fmt(now + d);
     let (year, hour) = (chrono::Duration::days(365), chrono::Duration::hours(1));
@@ -723,6 +723,14 @@ async fn a_retry_scheduled_under_a_clock_far_ahead_waits_only_its_delay_once_cor
         (&leads[2], 1, Some(at(-hour)), at(year)),
         // A retry scheduled with the clock right.
         (&leads[3], 1, Some(at(-hour)), at(chrono::Duration::days(2))),
+        // Tried under the clock ahead, then postponed by the partner 9 days
+        // after that attempt: longer than leadsync ever waits, the partner's.
+        (
+            &leads[4],
+            1,
+            Some(at(year)),
+            at(year + chrono::Duration::days(9)),
+        ),
     ];
     let mut ids = Vec::new();
     for (lead, attempts, tried, next) in &rows {
@@ -771,6 +779,74 @@ async fn a_retry_scheduled_under_a_clock_far_ahead_waits_only_its_delay_once_cor
     for (i, (_, _, _, written)) in rows.iter().enumerate().skip(1) {
         assert_eq!(leadsync::time::fmt(next(ids[i])), *written, "row {i}");
     }
+}
+
+/// The daemon's drainer sees its wall clock step back (a year ahead, then
+/// corrected) while it runs: the retry it had scheduled under that clock
+/// is due its delay after the correction, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_drainer_rebases_retries_when_its_wall_clock_steps_back() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let id = rig.insert(&lead, "appt_scheduled", "2024-06-10T10:00:00Z", None);
+    let (year, half_hour) = (chrono::Duration::days(365), chrono::Duration::minutes(30));
+    let ahead = chrono::Utc::now() + year;
+    let db = rig.env.sql();
+    db.execute(
+        "UPDATE outbox SET attempts = 1, next_attempt_at = ?2, last_error = 'HTTP 503' WHERE id = ?1",
+        rusqlite::params![id, leadsync::time::fmt(ahead + half_hour)],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+         VALUES (?1, 1, ?2, 503, 'retry', 'HTTP 503')",
+        rusqlite::params![id, leadsync::time::fmt(ahead)],
+    )
+    .unwrap();
+    let corrected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = corrected.clone();
+    rig.drainer.set_wall_clock(Arc::new(move || {
+        let now = chrono::Utc::now();
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            now
+        } else {
+            now + year
+        }
+    }));
+    let stop = CancellationToken::new();
+    let beat = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let run = tokio::spawn(rig.drainer.clone().run(stop.clone(), beat.clone()));
+    // The loop has looked at the clock ahead; then it is corrected.
+    common::wait_until("the drainer's loop runs", Duration::from_secs(30), || {
+        beat.load(std::sync::atomic::Ordering::SeqCst) != 0
+    })
+    .await;
+    let before = chrono::Utc::now();
+    corrected.store(true, std::sync::atomic::Ordering::SeqCst);
+    let next = || -> chrono::DateTime<chrono::Utc> {
+        let t: String = rig
+            .env
+            .sql()
+            .query_row(
+                "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        leadsync::time::parse(&t).unwrap()
+    };
+    common::wait_until("the retry is rebased", Duration::from_secs(30), || {
+        next() < before + year
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap();
+    let rebased = next();
+    assert!(
+        rebased >= before + half_hour && rebased <= chrono::Utc::now() + half_hour,
+        "{rebased}"
+    );
+    assert_eq!(rig.row(id).0, "pending");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
