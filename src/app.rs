@@ -39,10 +39,11 @@ impl Session {
         };
         let lock = ProcessLock::acquire_as(&path, daemon)?;
         let businesses = config.businesses.clone();
-        let (recovered, interrupted, needs_reauth, missing_indexes) = store
+        let ((recovered, rebased), interrupted, needs_reauth, missing_indexes) = store
             .call(move |c| {
                 let now = crate::time::now();
                 let recovered = outbox::recover_sending(c, &now)?;
+                let rebased = outbox::rebase_future_waits(c, &now)?;
                 let interrupted = mirror::interrupt_running(
                     c,
                     &now,
@@ -51,7 +52,7 @@ impl Session {
                 mirror::upsert_businesses(c, &businesses)?;
                 let missing_indexes = crate::store::Pins::read(c)?.missing();
                 Ok((
-                    recovered,
+                    (recovered, rebased),
                     interrupted,
                     mirror::needs_reauth_map(c)?,
                     missing_indexes,
@@ -63,6 +64,9 @@ impl Session {
         for (index, create) in missing_indexes {
             warn!(index, create = %create,
                 "an index leadsync made is missing or redefined: leadsync works without it, more slowly; to restore it, drop any index of that name and run `create`");
+        }
+        if !rebased.is_empty() {
+            warn!(rows = ?rebased, "outbox rows that a clock ahead had scheduled far in the future are due after their wait counted from now");
         }
         if !recovered.is_empty() {
             warn!(rows = ?recovered, "outbox rows left `sending` by a stopped process are pending again and will be resent");

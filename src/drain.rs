@@ -223,6 +223,8 @@ pub struct Drainer {
     /// holds back the rest of their negotiation and keeps them from being
     /// claimed, so none is sent twice while the daemon runs.
     unrecorded: std::sync::Mutex<Vec<Unrecorded>>,
+    /// The wall clock [`Drainer::run`] watches ([`Drainer::set_wall_clock`]).
+    wall: std::sync::RwLock<WallClock>,
 }
 
 /// An outcome waiting to be recorded (see [`Drainer::unrecorded`]).
@@ -253,6 +255,9 @@ impl Drop for Round<'_> {
     }
 }
 
+/// A wall clock: `Utc::now`, or a test's.
+pub type WallClock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
+
 /// (table, id, attempt) → (negotiation id, the outcome once the request
 /// ended and only its recording is left). The attempt tells a claim from a
 /// later one of the same row (put back to `pending` by hand while sent).
@@ -273,6 +278,23 @@ impl Drainer {
             give_up_sends: CancellationToken::new(),
             records_by: std::sync::Mutex::new(None),
             unrecorded: std::sync::Mutex::new(Vec::new()),
+            wall: std::sync::RwLock::new(Arc::new(chrono::Utc::now)),
+        }
+    }
+
+    /// Sets the wall clock the daemon's loop ([`Drainer::run`]) watches
+    /// for a step back, and counts rebased waits from: `Utc::now` unless
+    /// set (a test steps it back without touching the system's).
+    pub fn set_wall_clock(&self, clock: WallClock) {
+        if let Ok(mut w) = self.wall.write() {
+            *w = clock;
+        }
+    }
+
+    fn wall_now(&self) -> chrono::DateTime<chrono::Utc> {
+        match self.wall.read() {
+            Ok(w) => w(),
+            Err(_) => chrono::Utc::now(),
         }
     }
 
@@ -990,6 +1012,8 @@ impl Drainer {
         let mut last_recheck = Instant::now();
         let mut recheck: Option<tokio::task::JoinHandle<()>> = None;
         let mut recorder: Option<tokio::task::JoinHandle<()>> = None;
+        let mut clock = ClockWatch::new(self.wall_now());
+        let mut rebase: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let (settings, client) = (self.settings(), self.client());
             // Wake at least every second so the watchdog sees the loop alive.
@@ -997,6 +1021,27 @@ impl Drainer {
             heartbeat.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
             if stop.is_cancelled() {
                 break;
+            }
+            // The wall clock stepped back (it was ahead): retries it
+            // scheduled are rebased (outbox::rebase_future_waits), off the
+            // loop, one round at a time (a step back seen during a round
+            // is rebased after it).
+            let wall = self.wall_now();
+            if clock.rebase_due(wall, rebase.as_ref().is_none_or(|r| r.is_finished())) {
+                let store = self.store.clone();
+                rebase = Some(tokio::spawn(async move {
+                    let now = crate::time::fmt(wall);
+                    match store
+                        .call(move |c| outbox::rebase_future_waits(c, &now))
+                        .await
+                    {
+                        Ok(rows) if !rows.is_empty() => warn!(rows = ?rows,
+                            "the wall clock went back: outbox rows it had scheduled far in the future are due after their wait counted from now"),
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %format!("{e:#}"),
+                            "the wall clock went back; cannot rebase the retries it scheduled (done at the next start)"),
+                    }
+                }));
             }
             // Off the claim path: a hanging token endpoint must stall
             // neither claiming nor the heartbeat. One round at a time.
@@ -1128,6 +1173,55 @@ impl Drainer {
     }
 }
 
+/// Notices the wall clock stepping back: between two looks, less wall
+/// time passed than monotonic time, by more than [`ClockWatch::SLACK`].
+struct ClockWatch {
+    mono: Instant,
+    wall: chrono::DateTime<chrono::Utc>,
+    /// A step back seen and not rebased yet (a rebase was still running).
+    pending: bool,
+}
+
+impl ClockWatch {
+    /// More than an NTP slew or a slow look can account for.
+    const SLACK: Duration = Duration::from_secs(2);
+
+    fn new(wall: chrono::DateTime<chrono::Utc>) -> ClockWatch {
+        ClockWatch {
+            mono: Instant::now(),
+            wall,
+            pending: false,
+        }
+    }
+
+    /// Whether a rebase is to start now: the wall clock (now `wall`) went
+    /// back since the last look, or had gone back while a rebase ran, and
+    /// none runs now (`idle`).
+    fn rebase_due(&mut self, wall: chrono::DateTime<chrono::Utc>, idle: bool) -> bool {
+        let mono = Instant::now();
+        let back = Self::went_back(
+            wall.signed_duration_since(self.wall),
+            mono.duration_since(self.mono),
+        );
+        (self.mono, self.wall) = (mono, wall);
+        self.pending |= back;
+        if self.pending && idle {
+            self.pending = false;
+            return true;
+        }
+        false
+    }
+
+    /// Whether `wall` time passing while `mono` did means a step back.
+    fn went_back(wall: chrono::Duration, mono: Duration) -> bool {
+        let slack = chrono::Duration::from_std(Self::SLACK).unwrap_or_default();
+        chrono::Duration::from_std(mono)
+            .ok()
+            .and_then(|m| m.checked_sub(&slack))
+            .is_some_and(|bound| wall < bound)
+    }
+}
+
 /// Tries the tokens of businesses waiting for re-authorization (a new
 /// token file is picked up this way), a few at a time.
 async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
@@ -1147,6 +1241,36 @@ async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_step_back_seen_while_a_rebase_runs_is_rebased_once_it_is_done() {
+        let t = chrono::Utc::now();
+        let mut watch = ClockWatch::new(t + chrono::Duration::days(365));
+        // Back a year while a rebase still runs: not now, and not lost.
+        assert!(!watch.rebase_due(t, false));
+        assert!(!watch.rebase_due(t, false));
+        assert!(watch.rebase_due(t, true));
+        // Done: nothing more until the clock steps back again.
+        assert!(!watch.rebase_due(t, true));
+        assert!(watch.rebase_due(t - chrono::Duration::hours(1), true));
+    }
+
+    #[test]
+    fn a_wall_clock_step_back_is_told_from_a_slow_look() {
+        let s = |n: i64| chrono::Duration::seconds(n);
+        let d = Duration::from_secs;
+        // A second of each: no step.
+        assert!(!ClockWatch::went_back(s(1), d(1)));
+        // A slow look (the loop held up 10 s), the wall clock with it.
+        assert!(!ClockWatch::went_back(s(10), d(10)));
+        // Within the slack (a slew, rounding).
+        assert!(!ClockWatch::went_back(s(-1), d(0)));
+        // Forward steps are not this.
+        assert!(!ClockWatch::went_back(s(86_400), d(1)));
+        // Back by a year, or by 5 s.
+        assert!(ClockWatch::went_back(s(-365 * 86_400), d(1)));
+        assert!(ClockWatch::went_back(s(-4), d(1)));
+    }
 
     #[test]
     fn backoff_grows_from_the_attempt_count_and_is_capped() {

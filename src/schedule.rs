@@ -80,6 +80,9 @@ pub struct Group {
 #[derive(Debug, Clone, Default)]
 pub struct Schedules {
     pub groups: BTreeMap<ScheduleKey, Group>,
+    /// The latest `now` [`Schedules::take_due`] was given: a later `now`
+    /// before it means the wall clock went back.
+    seen: Option<DateTime<Utc>>,
 }
 
 impl Schedules {
@@ -94,6 +97,7 @@ impl Schedules {
 
     /// Adds an (enabled) business to its two schedules.
     pub fn add(&mut self, b: &Business, now: DateTime<Utc>) -> Result<(), String> {
+        self.seen = self.seen.max(Some(now));
         for key in keys_of(b) {
             let group = match self.groups.entry(key) {
                 std::collections::btree_map::Entry::Occupied(o) => o.into_mut(),
@@ -131,8 +135,21 @@ impl Schedules {
 
     /// Schedules whose occurrence has come by `now`: their key and the
     /// occurrence (the time their passes are due). Each advances to its next
-    /// occurrence after `now` (missed occurrences collapse into one).
+    /// occurrence after `now` (missed occurrences collapse into one). When
+    /// the wall clock went back since the last call (it was ahead, then
+    /// corrected), each next occurrence is counted again from `now`: one
+    /// counted from the clock ahead would hold the schedule back until
+    /// that time (a year, for a clock a year ahead).
     pub fn take_due(&mut self, now: DateTime<Utc>) -> Vec<(ScheduleKey, DateTime<Utc>)> {
+        if self.seen.is_some_and(|seen| now < seen) {
+            for g in self.groups.values_mut() {
+                let fresh = g.cron.find_next_occurrence(&now, false).ok();
+                if fresh.is_some() && (g.next.is_none() || fresh < g.next) {
+                    g.next = fresh;
+                }
+            }
+        }
+        self.seen = Some(now);
         let mut due = Vec::new();
         for (key, g) in self.groups.iter_mut() {
             if let Some(at) = g.next.filter(|at| *at <= now) {
@@ -484,6 +501,44 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wall clock a year ahead when a schedule's next occurrence was
+    /// counted (at start, or at an occurrence), then corrected while the
+    /// daemon runs: the schedule fires at its next occurrence from the
+    /// corrected clock, not a year later.
+    #[test]
+    fn a_schedule_counted_from_a_clock_far_ahead_comes_back_when_it_is_corrected() {
+        let cron = |e: &str| parse_cron(&crate::config::normalize_cron(e).unwrap()).unwrap();
+        let ahead: DateTime<Utc> = "2027-06-01T10:02:00Z".parse().unwrap();
+        let now: DateTime<Utc> = "2026-06-01T10:02:00Z".parse().unwrap();
+        let key = ScheduleKey {
+            kind: ScanKind::Head,
+            expr: "*/5 * * * *".into(),
+        };
+        let mut s = Schedules::default();
+        let c = cron(&key.expr);
+        let next = c.find_next_occurrence(&ahead, false).ok();
+        s.groups.insert(
+            key.clone(),
+            Group {
+                cron: c,
+                businesses: ["1".to_string()].into(),
+                next,
+            },
+        );
+        // The timer's ticks under the clock ahead, then corrected.
+        assert!(s.take_due(ahead).is_empty());
+        assert!(s.take_due(now).is_empty());
+        let five: DateTime<Utc> = "2026-06-01T10:05:00Z".parse().unwrap();
+        assert_eq!(s.next_due(), Some(five));
+        assert_eq!(s.take_due(five), [(key, five)]);
+        // A clock that only went forward changes nothing.
+        assert_eq!(s.next_due(), Some("2026-06-01T10:10:00Z".parse().unwrap()));
+        assert!(
+            s.take_due("2026-06-01T10:09:59Z".parse().unwrap())
+                .is_empty()
+        );
+    }
 
     fn next_fires(expr: &str, from: &str, n: usize) -> Vec<String> {
         let cron = parse_cron(&crate::config::normalize_cron(expr).unwrap()).unwrap();

@@ -622,6 +622,233 @@ async fn kill_9_mid_drain_loses_nothing_and_keeps_order() {
     );
 }
 
+/// A row naming no business is sent under its lead's, which the claim
+/// writes into the row. Killed while the row is `sending`, the next start
+/// puts it back to pending as a failed claim does: without that business,
+/// so a lead mirrored under another business meanwhile is sent under that
+/// one (SPEC §3: NULL means the mirror's business), not the stale one (the
+/// sandbox, as Thumbtack, refuses that one's token: 403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_left_sending_by_a_kill_takes_its_leads_business_again() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let businesses = env.business_ids();
+    let (first, second) = (businesses[0].clone(), businesses[1].clone());
+    // The lead is the second business's; the mirror says the first's (as
+    // a pass would have said before the lead moved).
+    let lead = env.sandbox.lead_ids(&second)[0].clone();
+    env.sql()
+        .execute(
+            "UPDATE negotiations SET business_id = ?2 WHERE negotiation_id = ?1",
+            [&lead, &first],
+        )
+        .unwrap();
+    // The answer takes longer than the client waits: the row is `sending`
+    // for seconds, and the kill comes meanwhile.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 30_000,
+        ..Default::default()
+    });
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-10T10:00:00Z')",
+        [&lead],
+    )
+    .unwrap();
+    let row = db.last_insert_rowid();
+    let state_and_business = || -> (String, Option<String>) {
+        env.sql()
+            .query_row(
+                "SELECT state, business_id FROM outbox WHERE id = ?1",
+                [row],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap()
+    };
+    let mut child = env.spawn_daemon();
+    common::wait_until("the row claimed", Duration::from_secs(30), || {
+        state_and_business().0 == "sending"
+    })
+    .await;
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    assert_eq!(
+        state_and_business(),
+        ("sending".to_string(), Some(first.clone())),
+        "killed while sending, the claim's business filled in"
+    );
+    // The mirror learns of the move before the retry.
+    db.execute(
+        "UPDATE negotiations SET business_id = ?2 WHERE negotiation_id = ?1",
+        [&lead, &second],
+    )
+    .unwrap();
+    env.sandbox.set_faults(Faults::default());
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert_eq!(
+        state_and_business(),
+        ("sent".to_string(), Some(second.clone())),
+        "{}",
+        common::text(&o)
+    );
+    let last = env.sandbox.deliveries().pop().expect("a delivery");
+    assert_eq!(
+        (last.negotiation_id, last.business_id),
+        (lead, second),
+        "sent under the lead's business now"
+    );
+}
+
+/// A retry leadsync scheduled while the clock was far ahead (a year, then
+/// corrected) waits only the delay it was given after its attempt, not
+/// until the wrong clock's time; times the partner wrote are left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_scheduled_under_a_clock_far_ahead_waits_only_its_delay_once_corrected() {
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let leads = env.first_leads(5);
+    let now = chrono::Utc::now();
+    let at = |d: chrono::Duration| leadsync::time::fmt(now + d);
+    let (year, hour) = (chrono::Duration::days(365), chrono::Duration::hours(1));
+    let db = env.sql();
+    // (lead, attempts, last attempt's time, next_attempt_at)
+    let rows = [
+        // leadsync's retry under the clock a year ahead: an hour's backoff.
+        (&leads[0], 2, Some(at(year)), at(year + hour)),
+        // The partner's own schedule for a row never tried.
+        (&leads[1], 0, None, at(year)),
+        // A row tried (clock right) that the partner postponed by a year.
+        (&leads[2], 1, Some(at(-hour)), at(year)),
+        // A retry scheduled with the clock right.
+        (&leads[3], 1, Some(at(-hour)), at(chrono::Duration::days(2))),
+        // Tried under the clock ahead, then postponed by the partner 9 days
+        // after that attempt: longer than leadsync ever waits, the partner's.
+        (
+            &leads[4],
+            1,
+            Some(at(year)),
+            at(year + chrono::Duration::days(9)),
+        ),
+    ];
+    let mut ids = Vec::new();
+    for (lead, attempts, tried, next) in &rows {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES (?1, 'appt_scheduled', '2024-06-10T10:00:00Z')",
+            [lead],
+        )
+        .unwrap();
+        let id = db.last_insert_rowid();
+        db.execute(
+            "UPDATE outbox SET attempts = ?2, next_attempt_at = ?3,
+                 last_error = CASE WHEN ?2 > 0 THEN 'HTTP 503' END WHERE id = ?1",
+            rusqlite::params![id, attempts, next],
+        )
+        .unwrap();
+        if let Some(tried) = tried {
+            db.execute(
+                "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+                 VALUES (?1, ?2, ?3, 503, 'retry', 'HTTP 503')",
+                rusqlite::params![id, attempts, tried],
+            )
+            .unwrap();
+        }
+        ids.push(id);
+    }
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let next = |id: i64| -> chrono::DateTime<chrono::Utc> {
+        let t: String = env
+            .sql()
+            .query_row(
+                "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        leadsync::time::parse(&t).unwrap()
+    };
+    // Its hour counted from now (at the latest): not a year and an hour.
+    let rebased = next(ids[0]);
+    assert!(
+        rebased > now + chrono::Duration::minutes(59) && rebased <= chrono::Utc::now() + hour,
+        "{rebased}"
+    );
+    for (i, (_, _, _, written)) in rows.iter().enumerate().skip(1) {
+        assert_eq!(leadsync::time::fmt(next(ids[i])), *written, "row {i}");
+    }
+}
+
+/// The daemon's drainer sees its wall clock step back (a year ahead, then
+/// corrected) while it runs: the retry it had scheduled under that clock
+/// is due its delay after the correction, without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_running_drainer_rebases_retries_when_its_wall_clock_steps_back() {
+    let rig = Rig::new(FAST).await;
+    let lead = rig.lead(0, 0);
+    let id = rig.insert(&lead, "appt_scheduled", "2024-06-10T10:00:00Z", None);
+    let (year, half_hour) = (chrono::Duration::days(365), chrono::Duration::minutes(30));
+    let ahead = chrono::Utc::now() + year;
+    let db = rig.env.sql();
+    db.execute(
+        "UPDATE outbox SET attempts = 1, next_attempt_at = ?2, last_error = 'HTTP 503' WHERE id = ?1",
+        rusqlite::params![id, leadsync::time::fmt(ahead + half_hour)],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+         VALUES (?1, 1, ?2, 503, 'retry', 'HTTP 503')",
+        rusqlite::params![id, leadsync::time::fmt(ahead)],
+    )
+    .unwrap();
+    let corrected = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = corrected.clone();
+    rig.drainer.set_wall_clock(Arc::new(move || {
+        let now = chrono::Utc::now();
+        if flag.load(std::sync::atomic::Ordering::SeqCst) {
+            now
+        } else {
+            now + year
+        }
+    }));
+    let stop = CancellationToken::new();
+    let beat = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let run = tokio::spawn(rig.drainer.clone().run(stop.clone(), beat.clone()));
+    // The loop has looked at the clock ahead; then it is corrected.
+    common::wait_until("the drainer's loop runs", Duration::from_secs(30), || {
+        beat.load(std::sync::atomic::Ordering::SeqCst) != 0
+    })
+    .await;
+    let before = chrono::Utc::now();
+    corrected.store(true, std::sync::atomic::Ordering::SeqCst);
+    let next = || -> chrono::DateTime<chrono::Utc> {
+        let t: String = rig
+            .env
+            .sql()
+            .query_row(
+                "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        leadsync::time::parse(&t).unwrap()
+    };
+    common::wait_until("the retry is rebased", Duration::from_secs(30), || {
+        next() < before + year
+    })
+    .await;
+    stop.cancel();
+    run.await.unwrap();
+    let rebased = next();
+    assert!(
+        rebased >= before + half_hour && rebased <= chrono::Utc::now() + half_hour,
+        "{rebased}"
+    );
+    assert_eq!(rig.row(id).0, "pending");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_writer_holding_the_lock_mid_drain_delays_but_loses_nothing() {
     let env = Env::new(SandboxOptions::default(), false, FAST).await;

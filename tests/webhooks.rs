@@ -945,15 +945,29 @@ fn a_full_scan_does_not_mark_a_lead_that_arrived_during_it_missing() {
         matches!(missing, mirror::Missing::Marked(0)),
         "the webhook lead was marked missing: {missing:?}"
     );
-    // A lead first seen before the scan and not listed by it is still marked.
-    let run = mirror::start_run(&conn, business, "full", "2026-11-28T04:00:03.000Z").unwrap();
+    // Nor one that started within LISTING_MARGIN after its event
+    // (triggered at 04:00:00): the listing may not show it yet.
+    let run = mirror::start_run(&conn, business, "full", "2026-11-28T04:00:59.999Z").unwrap();
     let missing = mirror::mark_missing(
         &mut conn,
         business,
         run,
         &std::collections::HashSet::new(),
         false,
-        "2026-11-28T04:00:04.000Z",
+        "2026-11-28T04:01:00.000Z",
+    )
+    .unwrap();
+    assert!(matches!(missing, mirror::Missing::Marked(0)), "{missing:?}");
+    // A lead first seen before the scan, delivered a margin or more before
+    // it, and not listed by it is still marked.
+    let run = mirror::start_run(&conn, business, "full", "2026-11-28T04:01:00.000Z").unwrap();
+    let missing = mirror::mark_missing(
+        &mut conn,
+        business,
+        run,
+        &std::collections::HashSet::new(),
+        false,
+        "2026-11-28T04:01:04.000Z",
     )
     .unwrap();
     assert!(matches!(missing, mirror::Missing::Marked(1)), "{missing:?}");
@@ -1303,9 +1317,10 @@ fn a_redelivery_older_than_the_scan_that_found_the_lead_gone_keeps_it_missing() 
     // Thumbtack's retry of the creation event (triggered at 04:00) arrives late.
     let outcome = deliver_at(&mut conn, &body, "2026-11-28T06:00:00.000Z");
     let (_, missing_since) = status_of(&conn, lead);
+    // Stamped with the scan's start: when its listing began.
     assert_eq!(
         missing_since.as_deref(),
-        Some("2026-11-28T05:10:00.000Z"),
+        Some("2026-11-28T05:00:00.000Z"),
         "an event older than the scan brought the lead back ({outcome})"
     );
     assert_eq!(outcome, "duplicate");

@@ -202,13 +202,32 @@ const KNOWN_LEADS: &str = "SELECT negotiation_id, payload_hash, last_seen_at
    FROM negotiations
   WHERE business_id = ?1 AND missing_since IS NULL";
 
-/// A business's present leads known before a pass started (?2, the run;
-/// ?3, now when the run has no row): after a full scan, those it did not
-/// list are missing. A lead first seen after the scan started (a webhook
-/// delivery meanwhile) could not be in its listing.
+/// A business's present leads first seen before ?2 (the pass's start,
+/// [`unlisted`]): after a full scan, those it did not list are missing. A
+/// lead first seen after the scan started (a webhook delivery meanwhile)
+/// could not be in its listing.
 const UNLISTED: &str = "SELECT negotiation_id FROM negotiations
-  WHERE business_id = ?1 AND missing_since IS NULL
-    AND first_seen_at < COALESCE((SELECT started_at FROM sync_runs WHERE id = ?2), ?3)";
+  WHERE business_id = ?1 AND missing_since IS NULL AND first_seen_at < ?2";
+
+/// Whether lead ?1, unlisted by a full scan that started at ?2, was
+/// observed otherwise since then: its row written meanwhile (`changed_at`:
+/// a delivery, a move from another business), or a delivered event of it
+/// after ?3, the start less [`LISTING_MARGIN`] (as [`listing_lags`])
+/// (`webhook_triggered_at`, recorded also for a copy identical to the
+/// mirrored one; for a row a delivery without a believable event time
+/// wrote, neither it nor `listing_read_at` is set: its write). Its absence
+/// from the listing proves nothing then: the page where it would have been
+/// may have been read before the event, or within the margin after it,
+/// when a listing may still lag it. `changed_at` is leadsync's wall clock:
+/// only a write by ?4, the mark's time, counts (one stamped later was made
+/// under a clock ahead, since corrected: it tells nothing of when the lead
+/// was seen, and would spare the lead from every full scan until the clock
+/// catches up). Read for the unlisted leads only (the columns are not in
+/// the index [`UNLISTED`] reads).
+const OBSERVED_SINCE: &str = "SELECT changed_at BETWEEN ?2 AND ?4 OR webhook_triggered_at > ?3
+       OR (webhook_triggered_at IS NULL AND listing_read_at IS NULL
+           AND changed_at > ?3 AND changed_at <= ?4)
+   FROM negotiations WHERE negotiation_id = ?1";
 
 /// A business's mirrored leads by id fingerprint ([`id_fingerprint`]), read
 /// once before a full scan (from a connection of its own: see
@@ -497,8 +516,12 @@ pub fn upsert_lead(
                         },
                     };
                     // A lead a full scan found gone after the event stays
-                    // gone: the scan is the newer observation.
-                    let gone_after = text(2).is_some_and(|missing| missing > t);
+                    // gone: the scan is the newer observation — when its
+                    // listing began (`missing_since`) a margin or more
+                    // after the event, as for a listing that showed the
+                    // lead ([`listed_since`]); a page read during the scan
+                    // or just after the event may predate or lag it.
+                    let gone_after = text(2).is_some_and(|missing| !listing_lags(t, missing));
                     ask_listings = !(newer_copy || gone_after);
                     newer_copy || gone_after
                 }
@@ -983,8 +1006,15 @@ pub enum Missing {
 }
 
 /// After a successful full scan: marks the business's leads whose id
-/// fingerprint the scan did not see as missing (with a change row each),
-/// unless that would be a mass disappearance and `accept_mass` is false.
+/// fingerprint the scan did not see as missing (with a change row each,
+/// observed `now`), unless that would be a mass disappearance and
+/// `accept_mass` is false. Leads observed otherwise since the scan started,
+/// or within [`LISTING_MARGIN`] before, are left present ([`unlisted`]),
+/// but count towards that guard: every lead the listing lacked does.
+/// `missing_since` is the scan's start, when its listing began: the page
+/// that would have listed a lead was asked for no earlier (as a pass's
+/// `listed_at`), so a delivery of a later event is not older than the
+/// listing that found the lead gone ([`upsert_lead`]).
 pub fn mark_missing(
     conn: &mut Connection,
     business_id: &str,
@@ -994,8 +1024,7 @@ pub fn mark_missing(
     now: &str,
 ) -> Result<Missing> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let (present, missing) = unlisted(&tx, business_id, run_id, seen, now)?;
-    let would = missing.len() as i64;
+    let (present, would, missing, listed_from) = unlisted(&tx, business_id, run_id, seen, now)?;
     if !accept_mass && would > MASS_MISSING_MIN && would * 2 > present {
         return Ok(Missing::Refused { would, present });
     }
@@ -1012,12 +1041,12 @@ pub fn mark_missing(
         )?;
         for id in &missing {
             let status: Option<String> = status_of.query_row([id], |r| r.get(0))?;
-            mark.execute(params![id, now])?;
+            mark.execute(params![id, listed_from])?;
             change.execute(params![id, business_id, now, status, run_id])?;
         }
     }
     tx.commit()?;
-    Ok(Missing::Marked(would))
+    Ok(Missing::Marked(missing.len() as i64))
 }
 
 /// How many of the business's present leads (known before the pass started)
@@ -1029,30 +1058,55 @@ pub fn count_unseen(
     seen: &std::collections::HashSet<u64>,
     now: &str,
 ) -> Result<i64> {
-    Ok(unlisted(conn, business_id, run_id, seen, now)?.1.len() as i64)
+    Ok(unlisted(conn, business_id, run_id, seen, now)?.2.len() as i64)
 }
 
-/// The ids of the business's present leads known before the pass started
-/// ([`UNLISTED`], from the index alone) that `seen` does not have, and how
-/// many present leads there were.
+/// How many present leads the business had before the pass started
+/// ([`UNLISTED`], from the index alone), how many of them `seen` does not
+/// have (all of them: what the mass-missing guard weighs, a truncated
+/// listing being no less truncated for the leads seen otherwise), the ids
+/// of those not observed otherwise since then, or delivered within
+/// [`LISTING_MARGIN`] before ([`OBSERVED_SINCE`]), and the pass's start
+/// (`sync_runs.started_at`; `now` when the run has no row).
 fn unlisted(
     conn: &Connection,
     business_id: &str,
     run_id: i64,
     seen: &std::collections::HashSet<u64>,
     now: &str,
-) -> Result<(i64, Vec<String>)> {
+) -> Result<(i64, i64, Vec<String>, String)> {
+    let started: String = conn
+        .prepare_cached("SELECT started_at FROM sync_runs WHERE id = ?1")?
+        .query_row([run_id], |r| r.get::<_, Option<String>>(0))
+        .optional()?
+        .flatten()
+        .unwrap_or_else(|| now.to_string());
+    // In leadsync's form, as the columns compared with it; a start that
+    // cannot be read is compared as it is, without the margin.
+    let since = crate::time::parse(&started)
+        .and_then(|t| t.checked_sub_signed(LISTING_MARGIN))
+        .map_or_else(|| started.clone(), crate::time::fmt);
     let mut stmt = conn.prepare_cached(UNLISTED)?;
-    let mut rows = stmt.query(params![business_id, run_id, now])?;
-    let (mut present, mut ids) = (0, Vec::new());
+    let mut observed = conn.prepare_cached(OBSERVED_SINCE)?;
+    let mut rows = stmt.query(params![business_id, started])?;
+    let (mut present, mut unseen, mut ids) = (0, 0, Vec::new());
     while let Some(r) = rows.next()? {
         present += 1;
         let id = r.get_ref(0)?.as_str()?;
-        if !seen.contains(&id_fingerprint(id)) {
+        if seen.contains(&id_fingerprint(id)) {
+            continue;
+        }
+        unseen += 1;
+        if !observed
+            .query_row(params![id, started, since, now], |r| {
+                r.get::<_, Option<bool>>(0)
+            })?
+            .unwrap_or(false)
+        {
             ids.push(id.to_string());
         }
     }
-    Ok((present, ids))
+    Ok((present, unseen, ids, started))
 }
 
 /// Makes the `businesses` table match the configuration (rows are never
@@ -1700,11 +1754,16 @@ mod tests {
 
         /// A delivery of `lead` for `business`, triggered at `t`.
         fn deliver(&mut self, business: &str, lead: &LeadRow, t: &str) -> Upserted {
+            self.deliver_at(business, lead, t, "2026-01-01T23:00:00.000Z")
+        }
+
+        /// [`Ordering::deliver`], written at `now`.
+        fn deliver_at(&mut self, business: &str, lead: &LeadRow, t: &str, now: &str) -> Upserted {
             let ctx = PageContext {
                 business_id: business.into(),
                 run_id: None,
                 source: Source::Webhook,
-                now: "2026-01-01T23:00:00.000Z".into(),
+                now: now.into(),
                 stale_before: String::new(),
                 insert_first: false,
                 read_at: None,
@@ -2002,6 +2061,179 @@ mod tests {
             m.deliver("b", &lead_row("1", "Canceled"), T5),
             Upserted::Changed
         );
+    }
+
+    /// Whether lead `id` is marked missing.
+    fn is_missing(m: &Ordering, id: &str) -> bool {
+        m.column(id, "missing_since").is_some()
+    }
+
+    #[test]
+    fn a_lead_delivered_during_a_full_scan_is_not_marked_missing_by_it() {
+        // Lead 1 listed at t0. A full scan starts at 11:00; while it runs,
+        // the lead is delivered (changed, or as mirrored): it exists after
+        // the scan started, and a listing that changed order meanwhile (or
+        // read its page before the event) did not list it. Not missing.
+        for status in ["Canceled", "Open"] {
+            let mut m = Ordering::open_listed();
+            let run = start_run(&m.conn, "b", "full", T1).unwrap();
+            m.deliver_at(
+                "b",
+                &lead_row("1", status),
+                "2026-01-01T11:05:00.000Z",
+                "2026-01-01T11:05:01.000Z",
+            );
+            let marked = mark_missing(
+                &mut m.conn,
+                "b",
+                run,
+                &Default::default(),
+                true,
+                "2026-01-01T11:30:00.000Z",
+            )
+            .unwrap();
+            assert_eq!(marked, Missing::Marked(0), "{status}");
+            assert!(!is_missing(&m, "1"), "{status}");
+        }
+    }
+
+    #[test]
+    fn a_lead_written_under_a_clock_far_ahead_is_not_spared_by_later_full_scans() {
+        // Lead 1 delivered (an event at 10:30) while the wall clock ran a
+        // year ahead: its row says changed in 2027. The clock corrected, a
+        // full scan from 11:00 to 11:30 does not list it: a write "after
+        // the scan started" that is after the mark, too, was not seen
+        // during the scan. Marked.
+        let mut m = Ordering::open_listed();
+        m.deliver_at(
+            "b",
+            &lead_row("1", "Canceled"),
+            "2026-01-01T10:30:00.000Z",
+            "2027-01-01T10:30:01.000Z",
+        );
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &Default::default(),
+            true,
+            "2026-01-01T11:30:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(1));
+        assert!(is_missing(&m, "1"));
+    }
+
+    #[test]
+    fn leads_seen_during_a_truncated_full_scan_still_count_towards_the_mass_missing_guard() {
+        // 50 leads; a full scan lists 20 of them; 6 of the 30 unlisted are
+        // delivered while it runs. 30 of 50 unlisted is a truncated
+        // listing: refused, as it is without the deliveries (24 of 50
+        // would slip under the guard).
+        let mut m = Ordering::new();
+        let leads: Vec<LeadRow> = (1..=50).map(|i| lead_row(&i.to_string(), "Open")).collect();
+        m.pass("b", "full", T0, &leads, Some(Covered::Every));
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        for i in 21..=26 {
+            m.deliver_at(
+                "b",
+                &lead_row(&i.to_string(), "Canceled"),
+                "2026-01-01T11:05:00.000Z",
+                "2026-01-01T11:05:01.000Z",
+            );
+        }
+        let seen: std::collections::HashSet<u64> =
+            (1..=20).map(|i| id_fingerprint(&i.to_string())).collect();
+        let end = "2026-01-01T11:30:00.000Z";
+        let marked = mark_missing(&mut m.conn, "b", run, &seen, false, end).unwrap();
+        assert_eq!(
+            marked,
+            Missing::Refused {
+                would: 30,
+                present: 50
+            }
+        );
+        assert!(!is_missing(&m, "30"));
+        // Accepted: only the leads not seen otherwise are marked.
+        let marked = mark_missing(&mut m.conn, "b", run, &seen, true, end).unwrap();
+        assert_eq!(marked, Missing::Marked(24));
+        assert!(!is_missing(&m, "21"));
+        assert!(is_missing(&m, "27"));
+    }
+
+    #[test]
+    fn a_lead_delivered_within_the_margin_before_a_full_scan_is_not_marked_missing_by_it() {
+        // A listing may lag an event by LISTING_MARGIN: a full scan started
+        // 30 s after a lead's delivered event (a new lead 2, a change of
+        // lead 1) may not list it yet. One whose event was a minute or more
+        // before the scan started is marked (lead 3).
+        let mut m = Ordering::open_listed();
+        m.deliver_at(
+            "b",
+            &lead_row("1", "Canceled"),
+            "2026-01-01T10:59:30.000Z",
+            "2026-01-01T10:59:31.000Z",
+        );
+        m.deliver_at(
+            "b",
+            &lead_row("2", "Open"),
+            "2026-01-01T10:59:30.000Z",
+            "2026-01-01T10:59:31.000Z",
+        );
+        m.deliver_at(
+            "b",
+            &lead_row("3", "Open"),
+            "2026-01-01T10:58:59.000Z",
+            "2026-01-01T10:58:59.500Z",
+        );
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        let seen = Default::default();
+        let end = "2026-01-01T11:30:00.000Z";
+        assert_eq!(count_unseen(&m.conn, "b", run, &seen, end).unwrap(), 1);
+        let marked = mark_missing(&mut m.conn, "b", run, &seen, true, end).unwrap();
+        assert_eq!(marked, Missing::Marked(1));
+        assert!(!is_missing(&m, "1"));
+        assert!(!is_missing(&m, "2"));
+        assert!(is_missing(&m, "3"));
+    }
+
+    #[test]
+    fn a_delivery_of_an_event_during_the_full_scan_that_found_the_lead_gone_is_applied() {
+        // A full scan from 11:00 to 11:30 did not list lead 1: its page was
+        // read at some moment of the scan, unknown. A delivery of an event
+        // at 11:10 (or within the margin before 11:00) may be newer than
+        // that page: applied, as a delivery during a listing that showed
+        // the lead is (README, "Ordering"). One of an event a minute or more
+        // before the scan started is older than all of its listing.
+        for (event, applied) in [
+            ("2026-01-01T11:10:00.000Z", true),
+            ("2026-01-01T10:59:30.000Z", true),
+            ("2026-01-01T10:58:59.000Z", false),
+        ] {
+            let mut m = Ordering::open_listed();
+            let run = start_run(&m.conn, "b", "full", T1).unwrap();
+            let marked = mark_missing(
+                &mut m.conn,
+                "b",
+                run,
+                &Default::default(),
+                true,
+                "2026-01-01T11:30:00.000Z",
+            )
+            .unwrap();
+            assert_eq!(marked, Missing::Marked(1));
+            // Stamped with the start of the listing that did not show it.
+            assert_eq!(m.column("1", "missing_since").as_deref(), Some(T1));
+            let done = m.deliver("b", &lead_row("1", "Canceled"), event);
+            if applied {
+                assert_eq!(done, Upserted::Changed, "{event}");
+                assert!(!is_missing(&m, "1"), "{event}");
+            } else {
+                assert_eq!(done, Upserted::Kept { identical: false }, "{event}");
+                assert!(is_missing(&m, "1"), "{event}");
+            }
+        }
     }
 
     #[test]

@@ -124,6 +124,14 @@ fn migrations() -> Vec<(i64, String)> {
             21,
             include_str!("migrations/0021_listing_read_at.sql").to_string(),
         ),
+        (
+            22,
+            include_str!("migrations/0022_business_filled.sql").to_string(),
+        ),
+        (
+            23,
+            include_str!("migrations/0023_wait_rebased_at.sql").to_string(),
+        ),
     ]
 }
 
@@ -611,12 +619,44 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             .collect::<Result<_>>()?,
         _ => Vec::new(),
     };
+    // Versions 22 and 23 add a column to each of two tables: one there
+    // already is kept, the other still added.
+    let one_each: &[(&str, &str, &str)] = match version {
+        22 => &[
+            ("outbox", "business_filled", "INTEGER NOT NULL DEFAULT 0"),
+            (
+                "message_outbox",
+                "business_filled",
+                "INTEGER NOT NULL DEFAULT 0",
+            ),
+        ],
+        23 => &[
+            ("outbox_attempts", "wait_rebased_at", "TEXT"),
+            ("message_outbox_attempts", "wait_rebased_at", "TEXT"),
+        ],
+        _ => &[],
+    };
+    let one_each_missing: Vec<&(&str, &str, &str)> = one_each
+        .iter()
+        .filter_map(|added| match has_column(added.0, added.1) {
+            Ok(true) => None,
+            Ok(false) => Some(Ok(added)),
+            Err(e) => Some(Err(e)),
+        })
+        .collect::<Result<_>>()?;
     let done = (version == 14 && has_column("negotiations", "webhook_triggered_at")?)
         || (version == 21 && has_column("negotiations", "listing_read_at")?)
+        || one_each_missing.len() < one_each.len()
         || v18_present.contains(&true);
     if !done {
         tx.execute_batch(sql)
             .with_context(|| format!("migration {version} failed"))?;
+    }
+    if done {
+        for (table, column, def) in one_each_missing {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))
+                .with_context(|| format!("migration {version} failed"))?;
+        }
     }
     if version == 18 {
         for ((column, kind), present) in v18.iter().zip(&v18_present) {
@@ -2111,6 +2151,64 @@ mod tests {
             1
         );
         assert_eq!(n("PRAGMA user_version"), schema_version());
+    }
+
+    /// Version 22 run again over a schema that has its columns, or one of
+    /// them: what is missing is added, what is there is kept.
+    #[test]
+    fn version_22_run_again_adds_what_is_missing() {
+        for undo in [
+            "ALTER TABLE outbox DROP COLUMN business_filled",
+            "ALTER TABLE message_outbox DROP COLUMN business_filled",
+            "SELECT 1",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+            conn.execute_batch(undo).unwrap();
+            conn.pragma_update(None, "user_version", 21).unwrap();
+            migrate(&mut conn).unwrap();
+            let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            for table in ["outbox", "message_outbox"] {
+                assert_eq!(
+                    n(&format!(
+                        "SELECT count(*) FROM pragma_table_info('{table}')
+                          WHERE name = 'business_filled'"
+                    )),
+                    1,
+                    "{undo}"
+                );
+            }
+            assert_eq!(n("PRAGMA user_version"), schema_version());
+        }
+    }
+
+    /// Version 23 run again over a schema that has its columns, or one of
+    /// them: what is missing is added, what is there is kept.
+    #[test]
+    fn version_23_run_again_adds_what_is_missing() {
+        for undo in [
+            "ALTER TABLE outbox_attempts DROP COLUMN wait_rebased_at",
+            "ALTER TABLE message_outbox_attempts DROP COLUMN wait_rebased_at",
+            "SELECT 1",
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+            conn.execute_batch(undo).unwrap();
+            conn.pragma_update(None, "user_version", 22).unwrap();
+            migrate(&mut conn).unwrap();
+            let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            for table in ["outbox_attempts", "message_outbox_attempts"] {
+                assert_eq!(
+                    n(&format!(
+                        "SELECT count(*) FROM pragma_table_info('{table}')
+                          WHERE name = 'wait_rebased_at'"
+                    )),
+                    1,
+                    "{undo}"
+                );
+            }
+            assert_eq!(n("PRAGMA user_version"), schema_version());
+        }
     }
 
     /// Version 18 run again over a schema that has some of it (migrated

@@ -781,7 +781,9 @@ fn take(
 }
 
 /// Marks row ?1 `sending` (?2, the attempt; ?3, now; ?4, its business when
-/// it names none) and returns whether it is late. The late check reads the
+/// it names none, recorded as filled in: `business_filled`, schema 22, so
+/// that a recovery at start knows to take it back) and returns whether it
+/// is late. The late check reads the
 /// sent rows of the row's negotiation only: unnamed, without statistics,
 /// the planner reads every sent row of the table (`{table}_by_state`).
 fn mark_sending(kind: Kind, pins: &Pins) -> String {
@@ -789,6 +791,7 @@ fn mark_sending(kind: Kind, pins: &Pins) -> String {
     format!(
         "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3,
              business_id = COALESCE(business_id, ?4),
+             business_filled = (business_id IS NULL AND ?4 IS NOT NULL),
              late = EXISTS (SELECT 1 FROM {table} s {sent}
                              WHERE s.negotiation_id = {table}.negotiation_id AND s.state = 'sent'
                                AND {after})
@@ -1360,7 +1363,7 @@ pub fn finish(
             // written.
             match tx
                 .prepare_cached(&format!(
-                    "UPDATE {table} SET business_id = NULL WHERE id = ?1"
+                    "UPDATE {table} SET business_id = NULL, business_filled = 0 WHERE id = ?1"
                 ))?
                 .execute([id])
             {
@@ -1435,7 +1438,9 @@ pub fn finish(
 }
 
 /// At start-up: rows left `sending` by a process that stopped go back to
-/// pending, due now, with the interrupted attempt recorded. Returns their ids.
+/// pending, due now, with the interrupted attempt recorded, and without the
+/// business their claim filled in (`business_filled`), as after a failed
+/// claim ([`finish`]). Returns their ids.
 pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let mut recovered = Vec::new();
@@ -1458,18 +1463,158 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
             ),
             params![now, why],
         )?;
-        let mut stmt = tx.prepare(&format!(
-            "UPDATE {} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
-                 last_error = ?2, last_http_status = NULL
-              WHERE state = 'sending' RETURNING id",
-            kind.table()
+        let table = kind.table();
+        let back: Vec<(i64, bool)> = tx
+            .prepare(&format!(
+                "UPDATE {table} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
+                     last_error = ?2, last_http_status = NULL
+                  WHERE state = 'sending' RETURNING id, business_filled IS 1"
+            ))?
+            .query_map(params![now, why], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<rusqlite::Result<_>>()?;
+        // In a second step: the content is frozen while the row is not
+        // `pending`. A row from before a check the table now makes is
+        // refused any change of content: it keeps the business (as in
+        // `finish`).
+        let mut unfill = tx.prepare(&format!(
+            "UPDATE {table} SET business_id = NULL, business_filled = 0 WHERE id = ?1"
         ))?;
-        for id in stmt.query_map(params![now, why], |r| r.get(0))? {
-            recovered.push((kind, id?));
+        for (id, filled) in back {
+            if filled {
+                match unfill.execute([id]) {
+                    Ok(_) => {}
+                    Err(e) if super::constraint_message(&e).is_some() => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            recovered.push((kind, id));
         }
     }
     tx.commit()?;
     Ok(recovered)
+}
+
+/// The longest wait leadsync itself puts in `next_attempt_at` after an
+/// attempt: a retry is due before the wall clock plus 8 days (the backoff
+/// and `Retry-After` are capped at 7), counted from the end of the
+/// attempt, which started (`started_at` of its log) at most a request's
+/// time before — an hour is ample.
+pub const LONGEST_OWN_WAIT: chrono::TimeDelta = chrono::TimeDelta::hours(8 * 24 + 1);
+
+/// After the wall clock went back (it was ahead, then corrected; checked
+/// at start, and by the drainer when it sees the clock step back): a
+/// pending row whose last logged attempt started after `now` — a time
+/// only a clock ahead could have written — and whose `next_attempt_at`
+/// lies after it by no more than leadsync's own longest wait
+/// ([`LONGEST_OWN_WAIT`]) was scheduled by leadsync under that clock. It
+/// would wait until the wrong clock's time; it is due instead after the
+/// same wait counted from `now` (so a backoff or a `Retry-After` is still
+/// waited out in full since the attempt), or at once when it has no
+/// attempt counted (a hold, or a dead row retried, due at once when they
+/// were written). A `next_attempt_at` the partner wrote is left alone: on
+/// a row never tried (no attempt log), on one whose last attempt was
+/// logged with the clock right, or one earlier than that attempt or later
+/// than leadsync's longest wait after it. A wait once rebased is counted
+/// from then on from the rebase (`wait_rebased_at` of the attempt, schema
+/// 23), not from the attempt: rebased again only if the clock went back
+/// before that rebase too, and with the wait it had then — a rebase
+/// repeated at every look would shorten it each time. Returns the rows
+/// changed.
+pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
+    let Some(now_t) = crate::time::parse(now) else {
+        return Ok(Vec::new());
+    };
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let pins = Pins::read(&tx)?;
+    let mut changed = Vec::new();
+    for kind in Kind::ALL {
+        let attempts_table = kind.attempts_table();
+        let mut rows: Vec<(i64, i64, String)> = Vec::new();
+        for aside in [false, true] {
+            let mut stmt = tx.prepare_cached(&rebase_select(kind, &pins, aside))?;
+            let found = stmt.query_map([now], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Option<i64>>(1)?.unwrap_or(0),
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })?;
+            for row in found {
+                if let (id, attempts, Some(next)) = row? {
+                    rows.push((id, attempts, next));
+                }
+            }
+        }
+        let mut last_tried = tx.prepare_cached(&format!(
+            "SELECT id, started_at, wait_rebased_at FROM {attempts_table}
+              WHERE outbox_id = ?1 ORDER BY id DESC LIMIT 1"
+        ))?;
+        let mut set = tx.prepare_cached(&format!(
+            "UPDATE {} SET next_attempt_at = ?3
+              WHERE id = ?1 AND state = 'pending' AND next_attempt_at IS ?2",
+            kind.table()
+        ))?;
+        let mut mark = tx.prepare_cached(&format!(
+            "UPDATE {attempts_table} SET wait_rebased_at = ?2 WHERE id = ?1"
+        ))?;
+        for (id, attempts, next) in rows {
+            let Some((log, tried, rebased)) = last_tried
+                .query_row([id], |r| {
+                    Ok((
+                        r.get::<_, i64>(0)?,
+                        r.get::<_, Option<String>>(1)?,
+                        r.get::<_, Option<String>>(2)?,
+                    ))
+                })
+                .optional()?
+            else {
+                continue;
+            };
+            // The wait runs from the last rebase, or else the attempt.
+            let (Some(from), Some(next_t)) = (
+                rebased.or(tried).as_deref().and_then(crate::time::parse),
+                crate::time::parse(&next),
+            ) else {
+                continue;
+            };
+            let own = from > now_t && next_t >= from && next_t - from <= LONGEST_OWN_WAIT;
+            if !own {
+                continue;
+            }
+            let due = if attempts > 0 {
+                now_t + (next_t - from)
+            } else {
+                now_t
+            };
+            if set.execute(params![id, next, crate::time::fmt(due)])? == 1 {
+                mark.execute(params![log, now])?;
+                changed.push((kind, id));
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(changed)
+}
+
+/// The pending rows not due by ?1 ([`rebase_future_waits`]), `o`: those
+/// ready from the due index, or (`aside`) those put aside from the index
+/// of rows aside. Unnamed, the planner read every pending row
+/// (`{table}_by_state`), inside a write transaction.
+fn rebase_select(kind: Kind, pins: &Pins, aside: bool) -> String {
+    let table = kind.table();
+    if aside {
+        format!(
+            "SELECT o.id, o.attempts, o.next_attempt_at FROM {table} o {waiting}
+              WHERE o.waiting_for IS NOT NULL AND o.state = 'pending' AND o.next_attempt_at > ?1",
+            waiting = pins.by(&format!("{table}_waiting_by_negotiation"))
+        )
+    } else {
+        format!(
+            "SELECT o.id, o.attempts, o.next_attempt_at FROM {table} o {due}
+              WHERE o.state = 'pending' AND o.waiting_for IS NULL AND o.next_attempt_at > ?1",
+            due = pins.by(&format!("{table}_due"))
+        )
+    }
 }
 
 /// Row counts by state and the oldest pending row's creation time.
@@ -1962,6 +2107,172 @@ mod tests {
         }
     }
 
+    /// A row left `sending` by a process that died is recovered like a
+    /// failed claim: the business the claim filled in goes (the next claim
+    /// takes the lead's business again), one the partner wrote stays.
+    #[test]
+    fn a_row_left_sending_by_a_crash_loses_the_business_its_claim_filled_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let filter = ClaimFilter {
+            default_business: Some("7".into()),
+            ..filter()
+        };
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let filled = insert(&conn, kind, "401", "7", 1);
+            conn.execute(
+                &format!("UPDATE {table} SET business_id = NULL WHERE id = ?1"),
+                [filled],
+            )
+            .unwrap();
+            insert(&conn, kind, "402", "7", 1);
+            let claimed = claim(&mut conn, kind, FAR, 10, &filter).unwrap();
+            assert_eq!(claimed.len(), 2, "{kind:?}");
+        }
+        // The process dies here; the next start recovers the rows.
+        let recovered = recover_sending(&mut conn, &crate::time::now()).unwrap();
+        assert_eq!(recovered.len(), 4);
+        for kind in Kind::ALL {
+            let rows: Vec<(String, String, Option<String>)> = conn
+                .prepare(&format!(
+                    "SELECT negotiation_id, state, business_id FROM {} ORDER BY id",
+                    kind.table()
+                ))
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            let want = [
+                ("401".to_string(), "pending".to_string(), None),
+                ("402".into(), "pending".into(), Some("7".to_string())),
+            ];
+            assert_eq!(rows, want, "{kind:?}");
+        }
+    }
+
+    /// Claimed and finished with the clock a year ahead, then corrected:
+    /// a retry waits its backoff counted from now, a hold is due at once,
+    /// in both tables; a rebase once done changes nothing more.
+    #[test]
+    fn waits_a_clock_far_ahead_wrote_are_counted_from_now_once_it_is_corrected() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let now = chrono::Utc::now();
+        let ahead = now + chrono::Duration::days(365);
+        let fmt = crate::time::fmt;
+        for kind in Kind::ALL {
+            for (n, end) in [
+                Finish::Retry {
+                    next_attempt_at: fmt(ahead + chrono::Duration::minutes(30)),
+                },
+                Finish::Hold,
+            ]
+            .iter()
+            .enumerate()
+            {
+                let id = insert(&conn, kind, &format!("{}", 500 + n), "7", 1);
+                // Due by the clock ahead: the retry before is not.
+                let mut rows = claim(&mut conn, kind, &fmt(ahead), 10, &filter()).unwrap();
+                assert_eq!(rows.len(), 1);
+                let row = rows.remove(0);
+                assert_eq!(row.id, id);
+                let tried = [Attempt {
+                    attempt: row.attempt,
+                    started_at: fmt(ahead),
+                    http_status: Some(503),
+                    outcome: "retry",
+                    error: Some("HTTP 503".into()),
+                    trace_id: None,
+                    duration_ms: 5,
+                }];
+                finish(&mut conn, &row, end, &tried, &fmt(ahead), None).unwrap();
+            }
+        }
+        let rebased = rebase_future_waits(&mut conn, &fmt(now)).unwrap();
+        assert_eq!(rebased.len(), 4, "{rebased:?}");
+        for kind in Kind::ALL {
+            let next: Vec<String> = conn
+                .prepare(&format!(
+                    "SELECT next_attempt_at FROM {} ORDER BY id",
+                    kind.table()
+                ))
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!(
+                next,
+                [fmt(now + chrono::Duration::minutes(30)), fmt(now)],
+                "{kind:?}"
+            );
+        }
+        assert!(
+            rebase_future_waits(&mut conn, &fmt(now))
+                .unwrap()
+                .is_empty()
+        );
+    }
+
+    /// A `leadsync drain` each minute under a clock 10 min ahead, each
+    /// rebasing: a 60 min `Retry-After` is waited out in full from the
+    /// first rebase (due at T+61 min), not shortened by each next one
+    /// (T+53, T+46, ...). A new attempt may be rebased again.
+    #[test]
+    fn a_wait_is_rebased_once_per_attempt_however_often_the_clock_is_seen_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let fmt = crate::time::fmt;
+        let minutes = chrono::Duration::minutes;
+        // Rows are due from their insertion (the real clock).
+        let t = chrono::Utc::now() + minutes(1);
+        let ahead = t + minutes(10);
+        let kind = Kind::Transition;
+        let try_once = |conn: &mut Connection, at: chrono::DateTime<chrono::Utc>| {
+            let row = claim(conn, kind, &fmt(at), 10, &filter())
+                .unwrap()
+                .remove(0);
+            let tried = [Attempt {
+                attempt: row.attempt,
+                started_at: fmt(at),
+                http_status: Some(429),
+                outcome: "retry",
+                error: Some("HTTP 429".into()),
+                trace_id: None,
+                duration_ms: 5,
+            }];
+            let end = Finish::Retry {
+                next_attempt_at: fmt(at + minutes(60)),
+            };
+            finish(conn, &row, &end, &tried, &fmt(at), None).unwrap();
+        };
+        let id = insert(&conn, kind, "600", "7", 1);
+        try_once(&mut conn, ahead);
+        let next = |conn: &Connection| -> String {
+            conn.query_row(
+                "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+                [id],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        for n in 1..=5 {
+            let rebased = rebase_future_waits(&mut conn, &fmt(t + minutes(n))).unwrap();
+            assert_eq!(rebased.len(), usize::from(n == 1), "{n}");
+            assert_eq!(next(&conn), fmt(t + minutes(61)), "{n}");
+        }
+        // Tried again, still under a clock ahead: that attempt's wait is
+        // rebased once in its turn.
+        try_once(&mut conn, t + minutes(61) + minutes(10));
+        for n in 62..=64 {
+            let rebased = rebase_future_waits(&mut conn, &fmt(t + minutes(n))).unwrap();
+            assert_eq!(rebased.len(), usize::from(n == 62), "{n}");
+            assert_eq!(next(&conn), fmt(t + minutes(122)), "{n}");
+        }
+    }
+
     /// A finish queued twice for one claim (a stop's dropped round whose job
     /// still ran, then its retry) logs the request's attempt row once.
     #[test]
@@ -2335,9 +2646,8 @@ mod tests {
             .collect();
         assert!(
             !steps.is_empty()
-                && steps
-                    .iter()
-                    .all(|p| p.contains(&format!("INDEX {index} ("))),
+                && steps.iter().all(|p| p.contains(&format!("INDEX {index} ("))
+                    || p.ends_with(&format!("INDEX {index}"))),
             "{alias} not through {index}: {plan:?}\n{sql}"
         );
     }
@@ -2368,6 +2678,12 @@ mod tests {
                 t,
                 &format!("{t}_open_by_negotiation"),
             );
+            let (ready, aside) = (
+                rebase_select(kind, &pins, false),
+                rebase_select(kind, &pins, true),
+            );
+            reads_through(conn, &ready, "o", &format!("{t}_due"));
+            reads_through(conn, &aside, "o", &format!("{t}_waiting_by_negotiation"));
         }
     }
 
