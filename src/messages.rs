@@ -2,7 +2,8 @@
 //! the conversation of each lead it found new or changed is read back page
 //! by page (`sentBefore`) until a message already in the mirror, or the end.
 //! One lead failing is recorded in `message_polls` and polled again after
-//! the next pass; it never holds back its mirror row or the other leads.
+//! the next pass, then less and less often while it keeps failing (at once
+//! when it changes); it never holds back its mirror row or the other leads.
 
 use crate::config::Config;
 use crate::store::Store;
@@ -15,6 +16,28 @@ use tracing::{info, warn};
 
 /// The largest `limit` the messages list takes (THUMBTACK.md, "Messages").
 pub const PAGE_SIZE: u32 = 20;
+
+/// A lead whose poll failed twice in a row or more waits this long before
+/// it is polled again after a pass, doubled at each failure up to
+/// [`RETRY_MAX`]; after a first failure it is polled after the next pass.
+/// A lead no longer active is refused for good ("history is for active
+/// leads"): polled after every pass, each such lead cost requests (with the
+/// read retries, seconds of backoff inside the pass) for ever.
+pub const RETRY_FIRST: chrono::Duration = chrono::Duration::minutes(5);
+
+/// The longest wait of a lead whose poll keeps failing.
+pub const RETRY_MAX: chrono::Duration = chrono::Duration::days(1);
+
+/// When a lead whose poll just failed for the `failures`-th time in a row
+/// is polled again after a pass (`None`: after the next pass).
+pub fn next_poll_after(failures: i64, polled: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if failures < 2 {
+        return None;
+    }
+    let doublings = (failures - 2).min(20) as i32;
+    let wait = (RETRY_FIRST * 2i32.pow(doublings as u32)).min(RETRY_MAX);
+    Some(polled + wait)
+}
 
 /// A conversation longer than this many pages is not read further in one
 /// poll: paging that does not end is a loop, not a conversation.
@@ -56,7 +79,7 @@ impl PollReport {
         );
         if !self.failed.is_empty() {
             s.push_str(&format!(
-                ", {} failed (retried after the next pass; see message_polls): {}",
+                ", {} failed (retried after a later pass; see message_polls): {}",
                 self.failed.len(),
                 self.failed
                     .iter()
@@ -80,9 +103,13 @@ pub async fn poll_after_pass(
     settings: MessageSettings,
     stop: &CancellationToken,
 ) -> anyhow::Result<PollReport> {
-    let (id, limit) = (business_id.to_string(), settings.max_leads_per_pass);
+    let (id, limit, now) = (
+        business_id.to_string(),
+        settings.max_leads_per_pass,
+        crate::time::now(),
+    );
     let (leads, cursor) = store
-        .call(move |c| messages::leads_to_poll(c, &id, limit))
+        .call(move |c| messages::leads_to_poll(c, &id, limit, &now))
         .await?;
     let mut report = PollReport::default();
     for negotiation_id in leads {
@@ -96,14 +123,15 @@ pub async fn poll_after_pass(
         // which then stops there and never reads the messages beyond it.
         // (A mark left in the future by an earlier version is brought back.)
         let started = chrono::Utc::now();
-        let known = {
+        let earlier = {
             let n = negotiation_id.clone();
-            store
-                .call(move |c| messages::complete_through(c, &n))
-                .await?
-                .and_then(|t| crate::time::parse(&t))
-                .map(|t| t.min(started))
+            store.call(move |c| messages::poll_state(c, &n)).await?
         };
+        let known = earlier
+            .complete_through
+            .as_deref()
+            .and_then(crate::time::parse)
+            .map(|t| t.min(started));
         let poll = poll_lead(store, client, business_id, &negotiation_id, known, stop).await;
         let (pages, new, error) = (poll.pages, poll.new, poll.error);
         // Only a poll that read back to the mark (or the end) extends it.
@@ -118,7 +146,13 @@ pub async fn poll_after_pass(
             warn!(negotiation_id, error = %e, "cannot read the lead's messages");
             report.failed.push((negotiation_id.clone(), e.clone()));
         }
-        let (b, now) = (business_id.to_string(), crate::time::now());
+        let failures = match &error {
+            Some(_) => earlier.failures.saturating_add(1),
+            None => 0,
+        };
+        let polled = chrono::Utc::now();
+        let next_poll_at = next_poll_after(failures, polled).map(crate::time::fmt);
+        let (b, now) = (business_id.to_string(), crate::time::fmt(polled));
         store
             .call(move |c| {
                 messages::record_poll(
@@ -131,6 +165,8 @@ pub async fn poll_after_pass(
                         pages,
                         new_messages: new,
                         complete_through: complete_through.as_deref(),
+                        failures,
+                        next_poll_at: next_poll_at.as_deref(),
                     },
                 )
             })

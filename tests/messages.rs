@@ -210,6 +210,131 @@ async fn one_lead_failing_is_recorded_and_blocks_neither_its_row_nor_the_others(
     assert_eq!(env.sandbox.stats().by_route["messages"], before + 1);
 }
 
+/// A lead that is no longer active ("history is for active leads"; every
+/// lead canceled or closed is one) is refused for good: it was polled again
+/// after every pass, forever — one more request (four, with the read
+/// retries and their backoff, ~7 s, inside the business's pass) per such
+/// lead and pass, the failed polls in `status` growing without end. After
+/// its first retry it is polled less and less often, at once again when
+/// the lead changes, and its backoff forgotten once a poll succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_refused_again_and_again_is_polled_less_and_less_often() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let refused = env.sandbox.lead_ids(&business)[5].clone();
+    env.sandbox.refuse(&refused);
+    let polls = || {
+        env.sandbox
+            .stats()
+            .by_route
+            .get("messages")
+            .copied()
+            .unwrap_or(0)
+    };
+    let sync = || {
+        let o = env.run(&["sync", "--business", &business]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    };
+    let db = env.sql();
+    let state = || -> (String, i64, bool) {
+        db.query_row(
+            "SELECT outcome, failures,
+                    next_poll_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 minute')
+               FROM message_polls WHERE negotiation_id = ?1",
+            [&refused],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<bool>>(2)?.unwrap_or(false),
+                ))
+            },
+        )
+        .unwrap()
+    };
+    sync();
+    assert_eq!(state(), ("error".to_string(), 1, false));
+    // A first failure may be passing: the lead is polled after the next pass.
+    let first = polls();
+    sync();
+    assert_eq!(polls(), first + 1);
+    assert_eq!(state(), ("error".to_string(), 2, true));
+    // Refused twice: not after every pass any more.
+    for _ in 0..3 {
+        sync();
+    }
+    assert_eq!(
+        polls(),
+        first + 1,
+        "polled again before its backoff ran out"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'error'"
+        ),
+        1,
+        "still a failed poll, for `status`"
+    );
+    // A change of the lead is news: polled at once, whatever its backoff.
+    env.set_status(&refused, "Canceled");
+    sync();
+    assert_eq!(polls(), first + 2);
+    assert_eq!(state(), ("error".to_string(), 3, true));
+    // Its backoff over, it is polled after the next pass; accepted, the
+    // backoff is forgotten.
+    db.execute(
+        "UPDATE message_polls SET next_poll_at = '2000-01-01T00:00:00.000Z' WHERE negotiation_id = ?1",
+        [&refused],
+    )
+    .unwrap();
+    env.sandbox.accept(&refused);
+    sync();
+    assert_eq!(polls(), first + 3);
+    assert_eq!(state(), ("ok".to_string(), 0, false));
+}
+
+/// A customer's message delivered before its lead is mirrored (THUMBTACK.md:
+/// "a message can arrive before its negotiation"; a customer's message names
+/// no business) is stored without a business: it kept `business_id` NULL
+/// for good once the lead was mirrored, polled or not, so a query of one
+/// business's messages never showed the first message of a new lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_before_its_lead_gets_the_leads_business_when_it_is_mirrored() {
+    for polling in [false, true] {
+        let overrides = if polling {
+            with_messages()
+        } else {
+            FAST.to_string()
+        };
+        let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+        let business = env.business_ids()[1].clone();
+        let lead = env.sandbox.lead_ids(&business)[0].clone();
+        let early = deliver_by_webhook(&env, &lead, &[0]).remove(0);
+        let db = env.sql();
+        let business_of = || -> Option<String> {
+            db.query_row(
+                "SELECT business_id FROM messages WHERE message_id = ?1",
+                [&early],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(business_of(), None);
+        let o = env.run(&["sync", "--business", &business]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert_eq!(business_of(), Some(business.clone()), "polling {polling}");
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM messages WHERE business_id IS NULL"
+            ),
+            0,
+            "polling {polling}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_messages_sync_no_conversation_is_read() {
     let env = Env::small().await;

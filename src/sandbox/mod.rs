@@ -731,6 +731,11 @@ impl Sandbox {
         self.lock().refuse.insert(negotiation_id.to_string());
     }
 
+    /// Undoes [`Sandbox::refuse`]: the lead is active again.
+    pub fn accept(&self, negotiation_id: &str) {
+        self.lock().refuse.remove(negotiation_id);
+    }
+
     /// Applies a mutation; returns the ids it created or touched.
     pub fn mutate(&self, m: Mutation) -> Result<Vec<String>> {
         server::mutate(&mut self.lock(), m)

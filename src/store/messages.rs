@@ -317,12 +317,14 @@ fn news_since(pins: &super::Pins) -> String {
 
 /// The leads to poll after a pass of `business_id`: those found new, changed
 /// or back since the business's cursor (oldest first), then those whose last
-/// poll failed; at most `limit` in all. Also returns the change id to move
-/// the cursor to once they are polled.
+/// poll failed and whose backoff is over (`next_poll_at` unset or not after
+/// `now`); at most `limit` in all. Also returns the change id to move the
+/// cursor to once they are polled.
 pub fn leads_to_poll(
     conn: &Connection,
     business_id: &str,
     limit: usize,
+    now: &str,
 ) -> Result<(Vec<String>, Option<i64>)> {
     let cursor: i64 = conn
         .query_row(
@@ -356,10 +358,12 @@ pub fn leads_to_poll(
     if leads.len() < limit {
         let mut stmt = conn.prepare_cached(
             "SELECT negotiation_id FROM message_polls
-              WHERE business_id = ?1 AND outcome = 'error' ORDER BY polled_at LIMIT ?2",
+              WHERE business_id = ?1 AND outcome = 'error'
+                AND (next_poll_at IS NULL OR next_poll_at <= ?3)
+              ORDER BY polled_at LIMIT ?2",
         )?;
         let failed = stmt
-            .query_map(params![business_id, limit as i64], |r| {
+            .query_map(params![business_id, limit as i64, now], |r| {
                 r.get::<_, String>(0)
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -393,18 +397,23 @@ pub struct PollRecord<'a> {
     pub new_messages: i64,
     /// The newest `sent_at` up to which the lead's history is in the mirror.
     pub complete_through: Option<&'a str>,
+    /// Failed polls in a row, this one included (0 when it succeeded).
+    pub failures: i64,
+    /// When a failed lead is polled again after a pass (`None`: after the next).
+    pub next_poll_at: Option<&'a str>,
 }
 
 /// Records a lead's last poll (`message_polls`).
 pub fn record_poll(conn: &Connection, p: &PollRecord<'_>) -> Result<()> {
     conn.execute(
         "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, error, pages,
-             new_messages, complete_through)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             new_messages, complete_through, failures, next_poll_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (negotiation_id) DO UPDATE SET business_id = excluded.business_id,
              polled_at = excluded.polled_at, outcome = excluded.outcome, error = excluded.error,
              pages = excluded.pages, new_messages = excluded.new_messages,
-             complete_through = excluded.complete_through",
+             complete_through = excluded.complete_through, failures = excluded.failures,
+             next_poll_at = excluded.next_poll_at",
         params![
             p.negotiation_id,
             p.business_id,
@@ -413,23 +422,39 @@ pub fn record_poll(conn: &Connection, p: &PollRecord<'_>) -> Result<()> {
             p.error,
             p.pages,
             p.new_messages,
-            p.complete_through
+            p.complete_through,
+            p.failures,
+            p.next_poll_at
         ],
     )?;
     Ok(())
 }
 
-/// Up to when a lead's history is known to be in the mirror (`None`: never
-/// read completely; the next poll reads it to the end).
-pub fn complete_through(conn: &Connection, negotiation_id: &str) -> Result<Option<String>> {
+/// What the mirror knows of a lead's earlier polls.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollState {
+    /// Up to when the lead's history is known to be in the mirror (`None`:
+    /// never read completely; the next poll reads it to the end).
+    pub complete_through: Option<String>,
+    /// Failed polls in a row.
+    pub failures: i64,
+}
+
+/// A lead's [`PollState`] (the default when it was never polled).
+pub fn poll_state(conn: &Connection, negotiation_id: &str) -> Result<PollState> {
     Ok(conn
         .query_row(
-            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            "SELECT complete_through, failures FROM message_polls WHERE negotiation_id = ?1",
             [negotiation_id],
-            |r| r.get(0),
+            |r| {
+                Ok(PollState {
+                    complete_through: r.get(0)?,
+                    failures: r.get(1)?,
+                })
+            },
         )
         .optional()?
-        .flatten())
+        .unwrap_or_default())
 }
 
 /// Messages in the mirror, for `status`.
@@ -485,18 +510,18 @@ mod tests {
         let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
         with_changes(&conn);
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t").unwrap(),
             (vec!["1".to_string(), "4".to_string()], Some(5))
         );
         conn.execute_batch("DROP INDEX negotiation_changes_news_by_business")
             .unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t").unwrap(),
             (vec!["1".to_string(), "4".to_string()], Some(5))
         );
         advance_cursor(&conn, "b", 4).unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t").unwrap(),
             (vec!["4".to_string()], Some(5))
         );
         // Another index under its name (of the changes that are not news):
@@ -507,7 +532,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t").unwrap(),
             (vec!["4".to_string()], Some(5))
         );
     }

@@ -110,6 +110,12 @@ const INSERT_CHANGE: &str =
          old_status, new_status, changed_fields, old_payload, sync_run_id, source)
      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)";
 
+/// A new lead's business given to its messages stored before it was
+/// mirrored (a customer's message delivered by webhook names no business):
+/// run once per new lead, one probe of `messages_by_negotiation`.
+const MESSAGES_OF_NEW_LEAD: &str = "UPDATE messages SET business_id = ?1
+     WHERE negotiation_id = ?2 AND business_id IS NULL";
+
 fn record_change(
     tx: &Connection,
     lead: &LeadRow,
@@ -628,6 +634,7 @@ const INSERT_LEAD: &str =
 struct NewLeads<'c> {
     lead: rusqlite::CachedStatement<'c>,
     change: rusqlite::CachedStatement<'c>,
+    messages: rusqlite::CachedStatement<'c>,
 }
 
 impl<'c> NewLeads<'c> {
@@ -635,6 +642,7 @@ impl<'c> NewLeads<'c> {
         Ok(NewLeads {
             lead: tx.prepare_cached(INSERT_LEAD)?,
             change: tx.prepare_cached(INSERT_CHANGE)?,
+            messages: tx.prepare_cached(MESSAGES_OF_NEW_LEAD)?,
         })
     }
 
@@ -654,6 +662,8 @@ impl<'c> NewLeads<'c> {
             old_payload: None,
         };
         change_row(&mut self.change, lead, ctx, c)?;
+        self.messages
+            .execute(params![ctx.business_id, lead.negotiation_id])?;
         Ok(true)
     }
 }

@@ -124,6 +124,10 @@ fn migrations() -> Vec<(i64, String)> {
             21,
             include_str!("migrations/0021_listing_read_at.sql").to_string(),
         ),
+        (
+            22,
+            include_str!("migrations/0022_message_poll_backoff.sql").to_string(),
+        ),
     ]
 }
 
@@ -613,6 +617,7 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     };
     let done = (version == 14 && has_column("negotiations", "webhook_triggered_at")?)
         || (version == 21 && has_column("negotiations", "listing_read_at")?)
+        || (version == 22 && has_column("message_polls", "next_poll_at")?)
         || v18_present.contains(&true);
     if !done {
         tx.execute_batch(sql)
