@@ -17,6 +17,9 @@ use tracing::{info, warn};
 /// The largest `limit` the messages list takes (THUMBTACK.md, "Messages").
 pub const PAGE_SIZE: u32 = 20;
 
+/// The messages list's default `limit` (THUMBTACK.md, "Messages").
+const DEFAULT_PAGE_SIZE: u32 = 10;
+
 /// A lead whose poll failed twice in a row or more waits this long before
 /// it is polled again after a pass, doubled at each failure up to
 /// [`RETRY_MAX`]; after a first failure it is polled after the next pass.
@@ -259,8 +262,12 @@ async fn poll_lead(
         poll.pages += 1;
         let listed = page.messages.len() + page.skipped as usize;
         // The end: a page shorter than the limit (the server's, when it
-        // answered a lower one than asked for).
-        let limit = page.limit.map_or(PAGE_SIZE, |l| l.min(PAGE_SIZE));
+        // answered a lower one than asked for). A server that says nothing
+        // of its page size may have served its default whatever was asked:
+        // then only a page shorter than that default is surely the end (a
+        // conversation of 10 to 19 messages costs one page more; taking a
+        // page of 10 for the end left the rest of it unread for good).
+        let limit = page.limit.map_or(DEFAULT_PAGE_SIZE, |l| l.min(PAGE_SIZE));
         if page.skipped > 0 {
             warn!(
                 negotiation_id,

@@ -1104,6 +1104,44 @@ async fn a_server_that_ignores_sent_before_costs_a_few_pages_not_hundreds() {
     assert!(pages <= 3, "{pages} pages read");
 }
 
+/// A server that serves its default page of 10 whatever `limit` asks and
+/// says nothing of its page size (no `pagination`): a page of 10 was read as
+/// short of the 20 asked for, so the conversation "ended" there, its mark
+/// was set to its newest message, and the older messages were never read,
+/// by that poll or any later one. Without a `pagination.limit` a page is
+/// short only when shorter than the documented default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_pages_by_ten_without_saying_so_still_gives_the_whole_conversation() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    let all = env.sandbox.messages(&long).len() as i64;
+    assert!(all > 20, "{all}");
+    env.sandbox.set_faults(Faults {
+        ignore_message_limit: true,
+        ..Faults::default()
+    });
+    let o = env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    assert_eq!(messages_of(&db, &long), all, "{}", text(&o));
+    let (outcome, pages) = pages_of(&db, &long);
+    assert_eq!(outcome, "ok");
+    // Pages of 10, each after the first listing its predecessor's oldest again.
+    assert!(pages <= all / 9 + 2, "{pages} pages for {all} messages");
+    // A short conversation costs one page more at most, never a gap.
+    let short = env
+        .sandbox
+        .lead_ids(&business)
+        .into_iter()
+        .find(|n| (1..10).contains(&env.sandbox.messages(n).len()))
+        .unwrap();
+    assert_eq!(pages_of(&db, &short), ("ok".to_string(), 1));
+    assert_eq!(
+        messages_of(&db, &short),
+        env.sandbox.messages(&short).len() as i64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_keeps_a_conversation_in_time_order_whatever_is_added() {
     // A stray message dated in the past was appended at the end, so the

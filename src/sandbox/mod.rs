@@ -117,6 +117,10 @@ pub struct Faults {
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,
+    /// Messages: list the default 10 whatever `limit` asks, and answer no
+    /// `pagination` (a server that does not know the parameter and says
+    /// nothing of its page size).
+    pub ignore_message_limit: bool,
     /// Listing: hold each answer this long after it was made (the page
     /// reflects the moment it was made, not the moment it arrives).
     pub list_hold_ms: u64,

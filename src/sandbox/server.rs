@@ -797,7 +797,9 @@ fn list_messages(
         Ok(p) => p,
         Err(_) => return bad("the query string cannot be read"),
     };
+    let ignore_limit = lock(state).faults.ignore_message_limit;
     let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+        _ if ignore_limit => 10,
         None => 10,
         Some(Ok(l)) if (1..=20).contains(&l) => l,
         Some(_) => return bad("limit must be an integer from 1 to 20"),
@@ -843,13 +845,14 @@ fn list_messages(
             .map(|m| m.json.clone())
             .collect()
     };
+    let pagination = match ignore_limit {
+        true => String::new(),
+        false => format!(",\"pagination\":{{\"limit\":{limit}}}"),
+    };
     respond(
         StatusCode::OK,
         "application/json",
-        format!(
-            "{{\"data\":[{}],\"pagination\":{{\"limit\":{limit}}}}}",
-            items.join(",")
-        ),
+        format!("{{\"data\":[{}]{pagination}}}", items.join(",")),
     )
 }
 
