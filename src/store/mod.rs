@@ -2101,6 +2101,53 @@ mod tests {
         assert_eq!(v, schema_version());
     }
 
+    /// Version 22 gives the messages stored before their lead was mirrored
+    /// (before it, they kept a NULL business for good) their lead's
+    /// business, and counts a failed poll from before as one failure.
+    #[test]
+    fn version_22_gives_messages_their_leads_business() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "ALTER TABLE message_polls DROP COLUMN next_poll_at;
+             ALTER TABLE message_polls DROP COLUMN failures;
+             INSERT INTO negotiations (negotiation_id, business_id, created_at, payload,
+                 payload_hash, first_seen_at, last_seen_at, changed_at)
+             VALUES ('1', '7', 't', '{}', 0, 't', 't', 't');
+             INSERT INTO messages (message_id, negotiation_id, business_id, payload, source, first_seen_at)
+             VALUES ('a', '1', NULL, '{}', 'webhook', 't'), ('b', '1', '8', '{}', 'poll', 't'),
+                    ('c', '2', NULL, '{}', 'webhook', 't');
+             INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome)
+             VALUES ('1', '7', 't', 'error'), ('3', '7', 't', 'ok');",
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 21).unwrap();
+        migrate(&mut conn).unwrap();
+        let all = |sql: &str| -> Vec<(String, Option<String>)> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(
+            all("SELECT message_id, business_id FROM messages ORDER BY 1"),
+            [
+                ("a".to_string(), Some("7".to_string())),
+                ("b".to_string(), Some("8".to_string())),
+                ("c".to_string(), None)
+            ]
+        );
+        assert_eq!(
+            all("SELECT negotiation_id, CAST(failures AS TEXT) FROM message_polls ORDER BY 1"),
+            [
+                ("1".to_string(), Some("1".to_string())),
+                ("3".to_string(), Some("0".to_string()))
+            ]
+        );
+    }
+
     /// Version 21 run again over a schema that has its column (migrated
     /// again from an older `user_version`): kept, and the schema current.
     #[test]
