@@ -2,13 +2,13 @@
 //! the conversation of each lead it found new or changed is read back page
 //! by page (`sentBefore`) until a message already in the mirror, or the end.
 //! One lead failing is recorded in `message_polls` and polled again after
-//! the next pass, then less and less often while it keeps failing (at once
+//! the next pass, then less and less often while Thumbtack keeps refusing it (at once
 //! when it changes); it never holds back its mirror row or the other leads.
 
 use crate::config::Config;
 use crate::store::Store;
 use crate::store::messages::{self, MessageSource, PollRecord};
-use crate::thumbtack::Client;
+use crate::thumbtack::{ApiError, Client, Disposition};
 use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -136,7 +136,13 @@ pub async fn poll_after_pass(
             .and_then(crate::time::parse)
             .map(|t| t.min(started));
         let poll = poll_lead(store, client, business_id, &negotiation_id, known, stop).await;
-        let (pages, new, error) = (poll.pages, poll.new, poll.error);
+        if poll.kind == Failure::Interrupted {
+            // Cut short by the shutdown: says nothing of the lead. Not
+            // recorded, and the cursor stays: polled after the next pass.
+            info!(negotiation_id, "message poll interrupted by the shutdown");
+            return Ok(report);
+        }
+        let (pages, new, error, kind) = (poll.pages, poll.new, poll.error, poll.kind);
         // Only a poll that read back to the mark (or the end) extends it.
         let complete_through = match &error {
             None => known.max(poll.newest.map(|t| t.min(started))),
@@ -149,12 +155,19 @@ pub async fn poll_after_pass(
             warn!(negotiation_id, error = %e, "cannot read the lead's messages");
             report.failed.push((negotiation_id.clone(), e.clone()));
         }
-        let failures = match &error {
-            Some(_) => earlier.failures.saturating_add(1),
-            None => 0,
+        // Only a refusal counts toward the backoff: a failure on the way (an
+        // outage, 429s, the mirror busy) says nothing of the lead, which is
+        // polled after the next pass, its count kept.
+        let failures = match (&error, kind) {
+            (None, _) => 0,
+            (Some(_), Failure::Refused) => earlier.failures.saturating_add(1),
+            (Some(_), _) => earlier.failures,
         };
         let polled = chrono::Utc::now();
-        let next_poll_at = next_poll_after(failures, polled).map(crate::time::fmt);
+        let next_poll_at = match kind {
+            Failure::Refused => next_poll_after(failures, polled).map(crate::time::fmt),
+            _ => None,
+        };
         let (b, now) = (business_id.to_string(), crate::time::fmt(polled));
         store
             .call(move |c| {
@@ -199,6 +212,34 @@ struct LeadPoll {
     /// The newest `sentAt` seen (UTC).
     newest: Option<DateTime<Utc>>,
     error: Option<String>,
+    /// What kind of failure `error` is.
+    kind: Failure,
+}
+
+/// What a failed poll says of the lead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Thumbtack refused the lead's conversation (a ProblemDetails 403, or
+    /// a 4xx the API calls final: "history is for active leads"), or it
+    /// cannot be paged back: polled less and less often.
+    Refused,
+    /// A failure on the way (5xx, 429, the network, a proxy's page, the
+    /// business's token, the mirror busy or full): polled after the next
+    /// pass, uncounted.
+    Transient,
+    /// Cut short by the shutdown: not recorded at all.
+    Interrupted,
+}
+
+impl Failure {
+    fn of(e: &ApiError) -> Failure {
+        match e.disposition {
+            Disposition::Stopping => Failure::Interrupted,
+            Disposition::Dead => Failure::Refused,
+            Disposition::Retry if e.http_status == Some(403) && e.from_api => Failure::Refused,
+            _ => Failure::Transient,
+        }
+    }
 }
 
 /// Reads one lead's conversation back from the newest message until it
@@ -219,6 +260,7 @@ async fn poll_lead(
         new: 0,
         newest: None,
         error: None,
+        kind: Failure::Refused,
     };
     // The oldest `sentAt` of the last page read. The next page asks for the
     // messages sent before that instant plus one millisecond, so that it
@@ -242,6 +284,7 @@ async fn poll_lead(
         }
         if stop.is_cancelled() {
             poll.error = Some("interrupted by shutdown".into());
+            poll.kind = Failure::Interrupted;
             return poll;
         }
         let mut page = match client
@@ -255,6 +298,7 @@ async fn poll_lead(
         {
             Ok(p) => p,
             Err(e) => {
+                poll.kind = Failure::of(&e);
                 poll.error = Some(e.message);
                 return poll;
             }
@@ -331,6 +375,7 @@ async fn poll_lead(
             Ok(written) => poll.new += written.inserted,
             Err(e) => {
                 poll.error = Some(format!("cannot store messages: {e:#}"));
+                poll.kind = Failure::Transient;
                 return poll;
             }
         }

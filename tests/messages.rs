@@ -1171,3 +1171,133 @@ async fn the_sandbox_keeps_a_conversation_in_time_order_whatever_is_added() {
         .collect();
     assert!(times.is_sorted(), "{times:?}");
 }
+
+/// An outage of the messages route (5xx, like 429s and network failures)
+/// says nothing of the lead: it counted as a failure like Thumbtack's
+/// refusal, so a few hours of 5xx pushed every changed lead into a wait of
+/// hours after the outage ended. Only a refusal from Thumbtack backs off;
+/// a lead refused before and now hit by an outage keeps its count and is
+/// polled after the next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messages_outage_delays_no_lead_beyond_the_next_pass() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let leads = env.sandbox.lead_ids(&business);
+    env.sandbox.set_faults(Faults {
+        messages_503: true,
+        ..Faults::default()
+    });
+    let polls = || {
+        env.sandbox
+            .stats()
+            .by_route
+            .get("messages")
+            .copied()
+            .unwrap_or(0)
+    };
+    let db = env.sql();
+    env.run_ok(&["sync", "--business", &business]);
+    // Refused twice before the outage.
+    db.execute(
+        "UPDATE message_polls SET failures = 2 WHERE negotiation_id = ?1",
+        [&leads[0]],
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let before = polls();
+        env.run_ok(&["sync", "--business", &business]);
+        assert_eq!(
+            polls(),
+            before + leads.len() as u64,
+            "every lead polled again"
+        );
+    }
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'error' AND next_poll_at IS NULL"
+        ),
+        leads.len() as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT max(failures) FROM message_polls"),
+        2,
+        "an outage is no failure of the lead"
+    );
+    // The outage over, every conversation is read after the next pass.
+    env.sandbox.set_faults(Faults::default());
+    env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'ok' AND failures = 0"
+        ),
+        leads.len() as i64
+    );
+}
+
+/// A poll cut short because leadsync is stopping (no request sent) was
+/// recorded as a failed poll: counted toward the lead's backoff, and the
+/// lead found new was "polled". It is not recorded at all, and the leads
+/// not polled stay due (the business's cursor stays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_cut_short_by_shutdown_is_not_recorded_and_its_leads_stay_due() {
+    let env = Env::small().await;
+    let business = env.business_ids()[1].clone();
+    let leads = env.sandbox.lead_ids(&business);
+    env.run_ok(&["sync", "--business", &business]);
+    let config = env.config();
+    let store = leadsync::store::Store::open(config.database()).unwrap();
+    let auth =
+        std::sync::Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    auth.begin_shutdown(std::time::Instant::now());
+    let client = std::sync::Arc::new(
+        leadsync::thumbtack::Client::new(
+            leadsync::thumbtack::ClientSettings::from_config(&config),
+            auth,
+        )
+        .unwrap(),
+    );
+    // A lead refused once before.
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, error, failures)
+         VALUES (?1, ?2, '2026-01-01T00:00:00.000Z', 'error', 'refused', 1)",
+        [&leads[0], &business],
+    )
+    .unwrap();
+    let settings = leadsync::messages::MessageSettings {
+        sync: true,
+        max_leads_per_pass: 1000,
+    };
+    let report = leadsync::messages::poll_after_pass(
+        &store,
+        &client,
+        &business,
+        settings,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(
+        db.query_row(
+            "SELECT polled_at, failures, error FROM message_polls WHERE negotiation_id = ?1",
+            [&leads[0]],
+            |r| Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?
+            )),
+        )
+        .unwrap(),
+        (
+            "2026-01-01T00:00:00.000Z".to_string(),
+            1,
+            "refused".to_string()
+        )
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM message_polls"), 1);
+    let due = messages::leads_to_poll(&db, &business, 1000, &leadsync::time::now()).unwrap();
+    assert_eq!(due.0.len(), leads.len(), "every lead still due");
+}

@@ -121,6 +121,12 @@ pub struct Faults {
     /// `pagination` (a server that does not know the parameter and says
     /// nothing of its page size).
     pub ignore_message_limit: bool,
+    /// Messages: answer every list of messages 503 with an HTML page (an
+    /// outage of that route alone; the listing is served).
+    pub messages_503: bool,
+    /// Messages: serve at most this many messages a page whatever `limit`
+    /// asks, and answer no `pagination` (0: off).
+    pub message_page_size: usize,
     /// Listing: hold each answer this long after it was made (the page
     /// reflects the moment it was made, not the moment it arrives).
     pub list_hold_ms: u64,

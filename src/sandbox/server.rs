@@ -797,8 +797,19 @@ fn list_messages(
         Ok(p) => p,
         Err(_) => return bad("the query string cannot be read"),
     };
-    let ignore_limit = lock(state).faults.ignore_message_limit;
+    let (ignore_limit, page_size, outage) = {
+        let f = &lock(state).faults;
+        (f.ignore_message_limit, f.message_page_size, f.messages_503)
+    };
+    if outage {
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/html",
+            "<html><body>503 Service Unavailable</body></html>".to_string(),
+        );
+    }
     let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+        _ if page_size > 0 => page_size,
         _ if ignore_limit => 10,
         None => 10,
         Some(Ok(l)) if (1..=20).contains(&l) => l,
@@ -845,7 +856,7 @@ fn list_messages(
             .map(|m| m.json.clone())
             .collect()
     };
-    let pagination = match ignore_limit {
+    let pagination = match ignore_limit || page_size > 0 {
         true => String::new(),
         false => format!(",\"pagination\":{{\"limit\":{limit}}}"),
     };
