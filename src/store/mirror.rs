@@ -2123,7 +2123,8 @@ mod tests {
             3,
         );
         assert!(
-            plan.iter().any(|p| p.contains("INDEX messages_without_business")),
+            plan.iter()
+                .any(|p| p.contains("INDEX messages_without_business")),
             "{plan:?}"
         );
     }

@@ -623,6 +623,12 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         tx.execute_batch(sql)
             .with_context(|| format!("migration {version} failed"))?;
     }
+    if version == 22 {
+        tx.execute_batch(include_str!(
+            "migrations/0022_messages_without_business.sql"
+        ))
+        .with_context(|| format!("migration {version} failed"))?;
+    }
     if version == 18 {
         for ((column, kind), present) in v18.iter().zip(&v18_present) {
             if done && !present {
@@ -2146,6 +2152,38 @@ mod tests {
                 ("3".to_string(), Some("0".to_string()))
             ]
         );
+    }
+
+    /// Version 22 run again over a schema that has its columns (migrated
+    /// again from an older `user_version`): the columns were taken for the
+    /// whole migration done, and the messages without a business kept none.
+    #[test]
+    fn version_22_run_again_still_gives_messages_their_leads_business() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "DROP INDEX messages_without_business;
+             INSERT INTO negotiations (negotiation_id, business_id, created_at, payload,
+                 payload_hash, first_seen_at, last_seen_at, changed_at)
+             VALUES ('1', '7', 't', '{}', 0, 't', 't', 't');
+             INSERT INTO messages (message_id, negotiation_id, business_id, payload, source, first_seen_at)
+             VALUES ('a', '1', NULL, '{}', 'webhook', 't');",
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 21).unwrap();
+        migrate(&mut conn).unwrap();
+        let business: Option<String> = conn
+            .query_row("SELECT business_id FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(business.as_deref(), Some("7"));
+        let index: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'messages_without_business'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
     }
 
     /// Version 21 run again over a schema that has its column (migrated
