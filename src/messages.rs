@@ -109,10 +109,14 @@ pub async fn poll_after_pass(
     let (id, limit, now) = (
         business_id.to_string(),
         settings.max_leads_per_pass,
-        crate::time::now(),
+        chrono::Utc::now(),
     );
+    // A wait ending after now + RETRY_MAX (with a minute's slack) was set by
+    // a clock that ran ahead: due now.
+    let horizon = crate::time::fmt(now + RETRY_MAX + chrono::Duration::minutes(1));
+    let now = crate::time::fmt(now);
     let (leads, cursor) = store
-        .call(move |c| messages::leads_to_poll(c, &id, limit, &now))
+        .call(move |c| messages::leads_to_poll(c, &id, limit, &now, &horizon))
         .await?;
     let mut report = PollReport::default();
     for negotiation_id in leads {

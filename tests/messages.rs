@@ -1298,6 +1298,48 @@ async fn a_poll_cut_short_by_shutdown_is_not_recorded_and_its_leads_stay_due() {
         )
     );
     assert_eq!(count(&db, "SELECT count(*) FROM message_polls"), 1);
-    let due = messages::leads_to_poll(&db, &business, 1000, &leadsync::time::now()).unwrap();
+    let now = leadsync::time::now();
+    let due = messages::leads_to_poll(&db, &business, 1000, &now, &now).unwrap();
     assert_eq!(due.0.len(), leads.len(), "every lead still due");
+}
+
+/// `next_poll_at` is set by the wall clock: one that ran ahead, then
+/// corrected, left a lead hidden for the skew plus its wait. A wait longer
+/// than the longest there is was not set by this clock: the lead is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_set_by_a_clock_that_ran_ahead_ends_once_it_is_corrected() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let refused = env.sandbox.lead_ids(&business)[5].clone();
+    env.sandbox.refuse(&refused);
+    env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    let polls = || {
+        env.sandbox
+            .stats()
+            .by_route
+            .get("messages")
+            .copied()
+            .unwrap_or(0)
+    };
+    // Within the longest wait: kept.
+    db.execute(
+        "UPDATE message_polls SET failures = 9,
+                next_poll_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+23 hours')
+          WHERE negotiation_id = ?1",
+        [&refused],
+    )
+    .unwrap();
+    let before = polls();
+    env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(polls(), before);
+    // Beyond it: set by a clock ahead of this one.
+    db.execute(
+        "UPDATE message_polls SET next_poll_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+3 days')
+          WHERE negotiation_id = ?1",
+        [&refused],
+    )
+    .unwrap();
+    env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(polls(), before + 1);
 }

@@ -317,14 +317,16 @@ fn news_since(pins: &super::Pins) -> String {
 
 /// The leads to poll after a pass of `business_id`: those found new, changed
 /// or back since the business's cursor (oldest first), then those whose last
-/// poll failed and whose backoff is over (`next_poll_at` unset or not after
-/// `now`); at most `limit` in all. Also returns the change id to move the
-/// cursor to once they are polled.
+/// poll failed and whose backoff is over (`next_poll_at` unset, not after
+/// `now`, or after `horizon`: a wait longer than the longest there is was
+/// set by a clock that ran ahead, since corrected); at most `limit` in all.
+/// Also returns the change id to move the cursor to once they are polled.
 pub fn leads_to_poll(
     conn: &Connection,
     business_id: &str,
     limit: usize,
     now: &str,
+    horizon: &str,
 ) -> Result<(Vec<String>, Option<i64>)> {
     let cursor: i64 = conn
         .query_row(
@@ -359,11 +361,11 @@ pub fn leads_to_poll(
         let mut stmt = conn.prepare_cached(
             "SELECT negotiation_id FROM message_polls
               WHERE business_id = ?1 AND outcome = 'error'
-                AND (next_poll_at IS NULL OR next_poll_at <= ?3)
+                AND (next_poll_at IS NULL OR next_poll_at <= ?3 OR next_poll_at > ?4)
               ORDER BY polled_at LIMIT ?2",
         )?;
         let failed = stmt
-            .query_map(params![business_id, limit as i64, now], |r| {
+            .query_map(params![business_id, limit as i64, now, horizon], |r| {
                 r.get::<_, String>(0)
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -510,18 +512,18 @@ mod tests {
         let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
         with_changes(&conn);
         assert_eq!(
-            leads_to_poll(&conn, "b", 10, "t").unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["1".to_string(), "4".to_string()], Some(5))
         );
         conn.execute_batch("DROP INDEX negotiation_changes_news_by_business")
             .unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10, "t").unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["1".to_string(), "4".to_string()], Some(5))
         );
         advance_cursor(&conn, "b", 4).unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10, "t").unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["4".to_string()], Some(5))
         );
         // Another index under its name (of the changes that are not news):
@@ -532,7 +534,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10, "t").unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["4".to_string()], Some(5))
         );
     }
