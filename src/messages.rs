@@ -17,9 +17,6 @@ use tracing::{info, warn};
 /// The largest `limit` the messages list takes (THUMBTACK.md, "Messages").
 pub const PAGE_SIZE: u32 = 20;
 
-/// The messages list's default `limit` (THUMBTACK.md, "Messages").
-const DEFAULT_PAGE_SIZE: u32 = 10;
-
 /// A lead whose poll failed twice in a row or more waits this long before
 /// it is polled again after a pass, doubled at each failure up to
 /// [`RETRY_MAX`]; after a first failure it is polled after the next pass.
@@ -311,11 +308,15 @@ async fn poll_lead(
         let listed = page.messages.len() + page.skipped as usize;
         // The end: a page shorter than the limit (the server's, when it
         // answered a lower one than asked for). A server that says nothing
-        // of its page size may have served its default whatever was asked:
-        // then only a page shorter than that default is surely the end (a
-        // conversation of 10 to 19 messages costs one page more; taking a
-        // page of 10 for the end left the rest of it unread for good).
-        let limit = page.limit.map_or(DEFAULT_PAGE_SIZE, |l| l.min(PAGE_SIZE));
+        // of its page size may serve fewer than asked whatever `limit` says
+        // (its default 10, or 5): then only an empty page is surely the end
+        // (two requests more on a lead's first full read; the later polls
+        // stop at the mark).
+        let page_size = page.limit.map(|l| l.min(PAGE_SIZE) as usize);
+        let end = match page_size {
+            Some(size) => listed < size,
+            None => listed == 0,
+        };
         if page.skipped > 0 {
             warn!(
                 negotiation_id,
@@ -383,7 +384,7 @@ async fn poll_lead(
                 return poll;
             }
         }
-        if reached_known || listed < limit as usize {
+        if reached_known || end {
             poll.error = crowded;
             return poll;
         }
@@ -410,13 +411,18 @@ async fn poll_lead(
                     ));
                     return poll;
                 }
-                crowded.get_or_insert_with(|| {
+                // Of a page size the server did not say, a page of one
+                // instant is no proof of crowding: the messages before it
+                // are asked for, and an empty page ends the read.
+                if page_size.is_some() {
+                    crowded.get_or_insert_with(|| {
                     format!(
                         "paging back by sentBefore does not advance: a full page of messages was sent at {} \
                          (within one millisecond); those that did not fit are not listed",
                         crate::time::fmt(millisecond)
                     )
-                });
+                    });
+                }
                 before = Some(millisecond);
             }
             Some(t) => {

@@ -1108,8 +1108,8 @@ async fn a_server_that_ignores_sent_before_costs_a_few_pages_not_hundreds() {
 /// says nothing of its page size (no `pagination`): a page of 10 was read as
 /// short of the 20 asked for, so the conversation "ended" there, its mark
 /// was set to its newest message, and the older messages were never read,
-/// by that poll or any later one. Without a `pagination.limit` a page is
-/// short only when shorter than the documented default.
+/// by that poll or any later one. Without a `pagination.limit` only an
+/// empty page ends the read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_pages_by_ten_without_saying_so_still_gives_the_whole_conversation() {
     let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
@@ -1128,14 +1128,15 @@ async fn a_server_that_pages_by_ten_without_saying_so_still_gives_the_whole_conv
     assert_eq!(outcome, "ok");
     // Pages of 10, each after the first listing its predecessor's oldest again.
     assert!(pages <= all / 9 + 2, "{pages} pages for {all} messages");
-    // A short conversation costs one page more at most, never a gap.
+    // A short conversation costs two pages more at most (its oldest
+    // instant listed again, then an empty page), never a gap.
     let short = env
         .sandbox
         .lead_ids(&business)
         .into_iter()
         .find(|n| (1..10).contains(&env.sandbox.messages(n).len()))
         .unwrap();
-    assert_eq!(pages_of(&db, &short), ("ok".to_string(), 1));
+    assert_eq!(pages_of(&db, &short), ("ok".to_string(), 3));
     assert_eq!(
         messages_of(&db, &short),
         env.sandbox.messages(&short).len() as i64
@@ -1342,4 +1343,35 @@ async fn a_wait_set_by_a_clock_that_ran_ahead_ends_once_it_is_corrected() {
     .unwrap();
     env.run_ok(&["sync", "--business", &business]);
     assert_eq!(polls(), before + 1);
+}
+
+/// A server that pages by 5 whatever `limit` asks and answers no
+/// `pagination`: its first page, shorter than the default 10, was taken for
+/// the start of the conversation, the mark set past the older messages, and
+/// they were never read. Without `pagination.limit` only an empty page ends
+/// the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_pages_by_five_without_saying_so_still_gives_the_whole_conversation() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    let all = env.sandbox.messages(&long).len() as i64;
+    env.sandbox.set_faults(Faults {
+        message_page_size: 5,
+        ..Faults::default()
+    });
+    let o = env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    assert_eq!(messages_of(&db, &long), all, "{}", text(&o));
+    let (outcome, pages) = pages_of(&db, &long);
+    assert_eq!(outcome, "ok");
+    assert!(pages <= all / 4 + 3, "{pages} pages for {all} messages");
+    for lead in env.sandbox.lead_ids(&business) {
+        assert_eq!(
+            messages_of(&db, &lead),
+            env.sandbox.messages(&lead).len() as i64,
+            "{lead}"
+        );
+        assert_eq!(pages_of(&db, &lead).0, "ok", "{lead}");
+    }
 }
