@@ -358,12 +358,7 @@ pub fn leads_to_poll(
         }
     }
     if leads.len() < limit {
-        let mut stmt = conn.prepare_cached(
-            "SELECT negotiation_id FROM message_polls
-              WHERE business_id = ?1 AND outcome = 'error'
-                AND (next_poll_at IS NULL OR next_poll_at <= ?3 OR next_poll_at > ?4)
-              ORDER BY polled_at LIMIT ?2",
-        )?;
+        let mut stmt = conn.prepare_cached(FAILED_DUE)?;
         let failed = stmt
             .query_map(params![business_id, limit as i64, now, horizon], |r| {
                 r.get::<_, String>(0)
@@ -377,6 +372,22 @@ pub fn leads_to_poll(
     }
     Ok((leads, new_cursor))
 }
+
+/// The failed leads of business ?1 whose wait is over at ?3 (or set beyond
+/// ?4), the longest failed first, at most ?2.
+/// Three ranges of `message_polls_due`, each read alone: with one OR of
+/// them the planner walked `message_polls_failed`, every failed poll of the
+/// business, reading each one's row. Disjoint while ?4 is not before ?3.
+const FAILED_DUE: &str = "SELECT negotiation_id FROM (
+    SELECT negotiation_id, polled_at FROM message_polls
+     WHERE business_id = ?1 AND outcome = 'error' AND next_poll_at IS NULL
+    UNION ALL
+    SELECT negotiation_id, polled_at FROM message_polls
+     WHERE business_id = ?1 AND outcome = 'error' AND next_poll_at <= ?3
+    UNION ALL
+    SELECT negotiation_id, polled_at FROM message_polls
+     WHERE business_id = ?1 AND outcome = 'error' AND next_poll_at > max(?3, ?4))
+  ORDER BY polled_at LIMIT ?2";
 
 /// Moves a business's cursor forward (never back).
 pub fn advance_cursor(conn: &Connection, business_id: &str, change_id: i64) -> Result<()> {
@@ -549,6 +560,37 @@ mod tests {
             plan.push(r.get::<_, String>(3).unwrap());
         }
         plan
+    }
+
+    /// The failed leads that are due were found by walking every failed
+    /// poll of the business (tens of thousands, with the leads no longer
+    /// active refused for good), reading each one's row for `next_poll_at`.
+    #[test]
+    fn the_failed_leads_due_are_read_from_their_index_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let plan = plan(&conn, FAILED_DUE);
+        assert!(
+            plan.iter().all(|p| !p.starts_with("SCAN message_polls")
+                && !p.contains("message_polls_failed")
+                && (!p.contains("message_polls")
+                    || p.contains("INDEX message_polls_due (business_id=? AND next_poll_at"))),
+            "{plan:?}"
+        );
+        conn.execute_batch(
+            "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, next_poll_at)
+             VALUES ('null', 'b', '5', 'error', NULL), ('past', 'b', '4', 'error', '2026-01-01'),
+                    ('waiting', 'b', '3', 'error', '2026-06-01'), ('beyond', 'b', '2', 'error', '2027-01-01'),
+                    ('ok', 'b', '1', 'ok', NULL), ('other', 'c', '1', 'error', NULL);",
+        )
+        .unwrap();
+        let due = |limit: usize| {
+            leads_to_poll(&conn, "b", limit, "2026-03-01", "2026-09-01")
+                .unwrap()
+                .0
+        };
+        assert_eq!(due(10), ["beyond", "past", "null"]);
+        assert_eq!(due(2), ["beyond", "past"]);
     }
 
     #[test]

@@ -625,7 +625,7 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     }
     if version == 22 {
         tx.execute_batch(include_str!(
-            "migrations/0022_messages_without_business.sql"
+            "migrations/0022_message_indexes_and_backfill.sql"
         ))
         .with_context(|| format!("migration {version} failed"))?;
     }
@@ -2115,7 +2115,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
         conn.execute_batch(
-            "ALTER TABLE message_polls DROP COLUMN next_poll_at;
+            "DROP INDEX message_polls_due;
+             DROP INDEX messages_without_business;
+             ALTER TABLE message_polls DROP COLUMN next_poll_at;
              ALTER TABLE message_polls DROP COLUMN failures;
              INSERT INTO negotiations (negotiation_id, business_id, created_at, payload,
                  payload_hash, first_seen_at, last_seen_at, changed_at)

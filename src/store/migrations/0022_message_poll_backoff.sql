@@ -10,5 +10,5 @@ ALTER TABLE message_polls ADD COLUMN failures INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE message_polls ADD COLUMN next_poll_at TEXT;
 UPDATE message_polls SET failures = 1 WHERE outcome = 'error';
 
--- The messages' backfill and index: 0022_messages_without_business.sql
+-- The indexes and the messages' backfill: 0022_message_indexes_and_backfill.sql
 -- (run even when these columns exist already).

@@ -13,3 +13,8 @@ UPDATE messages
  WHERE business_id IS NULL
    AND EXISTS (SELECT 1 FROM negotiations n
                 WHERE n.negotiation_id = messages.negotiation_id AND n.business_id IS NOT NULL);
+
+-- The failed polls whose wait is over, found without walking every failed
+-- poll of the business (the leads no longer active stay refused for good).
+CREATE INDEX IF NOT EXISTS message_polls_due ON message_polls (business_id, next_poll_at)
+ WHERE outcome = 'error';
