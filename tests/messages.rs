@@ -276,6 +276,14 @@ async fn a_conversation_refused_again_and_again_is_polled_less_and_less_often() 
         1,
         "still a failed poll, for `status`"
     );
+    // `status` tells the leads refused and waiting from those failing now.
+    let o = env.run_ok(&["status"]);
+    assert!(
+        text(&o)
+            .contains("1 leads whose conversation could not be read (1 refused, waiting until 20"),
+        "{}",
+        text(&o)
+    );
     // A change of the lead is news: polled at once, whatever its backoff.
     env.set_status(&refused, "Canceled");
     sync();

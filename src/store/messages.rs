@@ -478,6 +478,11 @@ pub struct MessageCounts {
     pub from_business: i64,
     /// Leads whose last message poll failed.
     pub failed_polls: i64,
+    /// Of them, those refused again and again, waiting (`next_poll_at` not
+    /// past); they are polled again at once when they change.
+    pub waiting_polls: i64,
+    /// The latest `next_poll_at` of those waiting.
+    pub waiting_until: Option<String>,
 }
 
 /// Counts messages and failed polls.
@@ -488,16 +493,20 @@ pub fn counts(conn: &Connection) -> Result<MessageCounts> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    let failed_polls = conn.query_row(
-        "SELECT count(*) FROM message_polls WHERE outcome = 'error'",
-        [],
-        |r| r.get(0),
+    let (failed_polls, waiting_polls, waiting_until) = conn.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1),
+                max(next_poll_at) FILTER (WHERE next_poll_at > ?1)
+           FROM message_polls WHERE outcome = 'error'",
+        [crate::time::now()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     Ok(MessageCounts {
         total,
         from_customers,
         from_business,
         failed_polls,
+        waiting_polls,
+        waiting_until,
     })
 }
 
