@@ -2,12 +2,13 @@
 //! the conversation of each lead it found new or changed is read back page
 //! by page (`sentBefore`) until a message already in the mirror, or the end.
 //! One lead failing is recorded in `message_polls` and polled again after
-//! the next pass; it never holds back its mirror row or the other leads.
+//! the next pass, then less and less often while Thumbtack keeps refusing it (at once
+//! when it changes); it never holds back its mirror row or the other leads.
 
 use crate::config::Config;
 use crate::store::Store;
 use crate::store::messages::{self, MessageSource, PollRecord};
-use crate::thumbtack::Client;
+use crate::thumbtack::{ApiError, Client, Disposition};
 use chrono::{DateTime, SubsecRound, Utc};
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
@@ -15,6 +16,28 @@ use tracing::{info, warn};
 
 /// The largest `limit` the messages list takes (THUMBTACK.md, "Messages").
 pub const PAGE_SIZE: u32 = 20;
+
+/// A lead whose poll failed twice in a row or more waits this long before
+/// it is polled again after a pass, doubled at each failure up to
+/// [`RETRY_MAX`]; after a first failure it is polled after the next pass.
+/// A lead no longer active is refused for good ("history is for active
+/// leads"): polled after every pass, each such lead cost requests (with the
+/// read retries, seconds of backoff inside the pass) for ever.
+pub const RETRY_FIRST: chrono::Duration = chrono::Duration::minutes(5);
+
+/// The longest wait of a lead whose poll keeps failing.
+pub const RETRY_MAX: chrono::Duration = chrono::Duration::days(1);
+
+/// When a lead whose poll just failed for the `failures`-th time in a row
+/// is polled again after a pass (`None`: after the next pass).
+pub fn next_poll_after(failures: i64, polled: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    if failures < 2 {
+        return None;
+    }
+    let doublings = (failures - 2).min(20) as i32;
+    let wait = (RETRY_FIRST * 2i32.pow(doublings as u32)).min(RETRY_MAX);
+    Some(polled + wait)
+}
 
 /// A conversation longer than this many pages is not read further in one
 /// poll: paging that does not end is a loop, not a conversation.
@@ -56,7 +79,7 @@ impl PollReport {
         );
         if !self.failed.is_empty() {
             s.push_str(&format!(
-                ", {} failed (retried after the next pass; see message_polls): {}",
+                ", {} failed (retried after a later pass; see message_polls): {}",
                 self.failed.len(),
                 self.failed
                     .iter()
@@ -80,9 +103,17 @@ pub async fn poll_after_pass(
     settings: MessageSettings,
     stop: &CancellationToken,
 ) -> anyhow::Result<PollReport> {
-    let (id, limit) = (business_id.to_string(), settings.max_leads_per_pass);
+    let (id, limit, now) = (
+        business_id.to_string(),
+        settings.max_leads_per_pass,
+        chrono::Utc::now(),
+    );
+    // A wait ending after now + RETRY_MAX (with a minute's slack) was set by
+    // a clock that ran ahead: due now.
+    let horizon = crate::time::fmt(now + RETRY_MAX + chrono::Duration::minutes(1));
+    let now = crate::time::fmt(now);
     let (leads, cursor) = store
-        .call(move |c| messages::leads_to_poll(c, &id, limit))
+        .call(move |c| messages::leads_to_poll(c, &id, limit, &now, &horizon))
         .await?;
     let mut report = PollReport::default();
     for negotiation_id in leads {
@@ -96,16 +127,23 @@ pub async fn poll_after_pass(
         // which then stops there and never reads the messages beyond it.
         // (A mark left in the future by an earlier version is brought back.)
         let started = chrono::Utc::now();
-        let known = {
+        let earlier = {
             let n = negotiation_id.clone();
-            store
-                .call(move |c| messages::complete_through(c, &n))
-                .await?
-                .and_then(|t| crate::time::parse(&t))
-                .map(|t| t.min(started))
+            store.call(move |c| messages::poll_state(c, &n)).await?
         };
+        let known = earlier
+            .complete_through
+            .as_deref()
+            .and_then(crate::time::parse)
+            .map(|t| t.min(started));
         let poll = poll_lead(store, client, business_id, &negotiation_id, known, stop).await;
-        let (pages, new, error) = (poll.pages, poll.new, poll.error);
+        if poll.kind == Failure::Interrupted {
+            // Cut short by the shutdown: says nothing of the lead. Not
+            // recorded, and the cursor stays: polled after the next pass.
+            info!(negotiation_id, "message poll interrupted by the shutdown");
+            return Ok(report);
+        }
+        let (pages, new, error, kind) = (poll.pages, poll.new, poll.error, poll.kind);
         // Only a poll that read back to the mark (or the end) extends it.
         let complete_through = match &error {
             None => known.max(poll.newest.map(|t| t.min(started))),
@@ -118,7 +156,20 @@ pub async fn poll_after_pass(
             warn!(negotiation_id, error = %e, "cannot read the lead's messages");
             report.failed.push((negotiation_id.clone(), e.clone()));
         }
-        let (b, now) = (business_id.to_string(), crate::time::now());
+        // Only a refusal counts toward the backoff: a failure on the way (an
+        // outage, 429s, the mirror busy) says nothing of the lead, which is
+        // polled after the next pass, its count kept.
+        let failures = match (&error, kind) {
+            (None, _) => 0,
+            (Some(_), Failure::Refused) => earlier.failures.saturating_add(1),
+            (Some(_), _) => earlier.failures,
+        };
+        let polled = chrono::Utc::now();
+        let next_poll_at = match kind {
+            Failure::Refused => next_poll_after(failures, polled).map(crate::time::fmt),
+            _ => None,
+        };
+        let (b, now) = (business_id.to_string(), crate::time::fmt(polled));
         store
             .call(move |c| {
                 messages::record_poll(
@@ -131,6 +182,8 @@ pub async fn poll_after_pass(
                         pages,
                         new_messages: new,
                         complete_through: complete_through.as_deref(),
+                        failures,
+                        next_poll_at: next_poll_at.as_deref(),
                     },
                 )
             })
@@ -160,6 +213,34 @@ struct LeadPoll {
     /// The newest `sentAt` seen (UTC).
     newest: Option<DateTime<Utc>>,
     error: Option<String>,
+    /// What kind of failure `error` is.
+    kind: Failure,
+}
+
+/// What a failed poll says of the lead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// Thumbtack refused the lead's conversation (a ProblemDetails 403, or
+    /// a 4xx the API calls final: "history is for active leads"), or it
+    /// cannot be paged back: polled less and less often.
+    Refused,
+    /// A failure on the way (5xx, 429, the network, a proxy's page, the
+    /// business's token, the mirror busy or full): polled after the next
+    /// pass, uncounted.
+    Transient,
+    /// Cut short by the shutdown: not recorded at all.
+    Interrupted,
+}
+
+impl Failure {
+    fn of(e: &ApiError) -> Failure {
+        match e.disposition {
+            Disposition::Stopping => Failure::Interrupted,
+            Disposition::Dead => Failure::Refused,
+            Disposition::Retry if e.http_status == Some(403) && e.from_api => Failure::Refused,
+            _ => Failure::Transient,
+        }
+    }
 }
 
 /// Reads one lead's conversation back from the newest message until it
@@ -180,6 +261,7 @@ async fn poll_lead(
         new: 0,
         newest: None,
         error: None,
+        kind: Failure::Refused,
     };
     // The oldest `sentAt` of the last page read. The next page asks for the
     // messages sent before that instant plus one millisecond, so that it
@@ -203,6 +285,7 @@ async fn poll_lead(
         }
         if stop.is_cancelled() {
             poll.error = Some("interrupted by shutdown".into());
+            poll.kind = Failure::Interrupted;
             return poll;
         }
         let mut page = match client
@@ -216,6 +299,7 @@ async fn poll_lead(
         {
             Ok(p) => p,
             Err(e) => {
+                poll.kind = Failure::of(&e);
                 poll.error = Some(e.message);
                 return poll;
             }
@@ -223,8 +307,16 @@ async fn poll_lead(
         poll.pages += 1;
         let listed = page.messages.len() + page.skipped as usize;
         // The end: a page shorter than the limit (the server's, when it
-        // answered a lower one than asked for).
-        let limit = page.limit.map_or(PAGE_SIZE, |l| l.min(PAGE_SIZE));
+        // answered a lower one than asked for). A server that says nothing
+        // of its page size may serve fewer than asked whatever `limit` says
+        // (its default 10, or 5): then only an empty page is surely the end
+        // (two requests more on a lead's first full read; the later polls
+        // stop at the mark).
+        let page_size = page.limit.map(|l| l.min(PAGE_SIZE) as usize);
+        let end = match page_size {
+            Some(size) => listed < size,
+            None => listed == 0,
+        };
         if page.skipped > 0 {
             warn!(
                 negotiation_id,
@@ -288,10 +380,11 @@ async fn poll_lead(
             Ok(written) => poll.new += written.inserted,
             Err(e) => {
                 poll.error = Some(format!("cannot store messages: {e:#}"));
+                poll.kind = Failure::Transient;
                 return poll;
             }
         }
-        if reached_known || listed < limit as usize {
+        if reached_known || end {
             poll.error = crowded;
             return poll;
         }
@@ -318,13 +411,18 @@ async fn poll_lead(
                     ));
                     return poll;
                 }
-                crowded.get_or_insert_with(|| {
+                // Of a page size the server did not say, a page of one
+                // instant is no proof of crowding: the messages before it
+                // are asked for, and an empty page ends the read.
+                if page_size.is_some() {
+                    crowded.get_or_insert_with(|| {
                     format!(
                         "paging back by sentBefore does not advance: a full page of messages was sent at {} \
                          (within one millisecond); those that did not fit are not listed",
                         crate::time::fmt(millisecond)
                     )
-                });
+                    });
+                }
                 before = Some(millisecond);
             }
             Some(t) => {

@@ -378,8 +378,15 @@ pub fn render_text(r: &StatusReport) -> String {
         m.mirrored.from_business,
         if m.mirrored.failed_polls > 0 {
             format!(
-                "; {} leads whose conversation could not be read (see message_polls)",
-                m.mirrored.failed_polls
+                "; {} leads whose conversation could not be read ({}see message_polls)",
+                m.mirrored.failed_polls,
+                match &m.mirrored.waiting_until {
+                    Some(until) if m.mirrored.waiting_polls > 0 => format!(
+                        "{} refused, waiting until {until} at the latest unless they change; ",
+                        m.mirrored.waiting_polls
+                    ),
+                    _ => String::new(),
+                }
             )
         } else {
             String::new()

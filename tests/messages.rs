@@ -210,6 +210,139 @@ async fn one_lead_failing_is_recorded_and_blocks_neither_its_row_nor_the_others(
     assert_eq!(env.sandbox.stats().by_route["messages"], before + 1);
 }
 
+/// A lead that is no longer active ("history is for active leads"; every
+/// lead canceled or closed is one) is refused for good: it was polled again
+/// after every pass, forever — one more request (four, with the read
+/// retries and their backoff, ~7 s, inside the business's pass) per such
+/// lead and pass, the failed polls in `status` growing without end. After
+/// its first retry it is polled less and less often, at once again when
+/// the lead changes, and its backoff forgotten once a poll succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_conversation_refused_again_and_again_is_polled_less_and_less_often() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let refused = env.sandbox.lead_ids(&business)[5].clone();
+    env.sandbox.refuse(&refused);
+    let polls = || {
+        env.sandbox
+            .stats()
+            .by_route
+            .get("messages")
+            .copied()
+            .unwrap_or(0)
+    };
+    let sync = || {
+        let o = env.run(&["sync", "--business", &business]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    };
+    let db = env.sql();
+    let state = || -> (String, i64, bool) {
+        db.query_row(
+            "SELECT outcome, failures,
+                    next_poll_at > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+1 minute')
+               FROM message_polls WHERE negotiation_id = ?1",
+            [&refused],
+            |r| {
+                Ok((
+                    r.get(0)?,
+                    r.get(1)?,
+                    r.get::<_, Option<bool>>(2)?.unwrap_or(false),
+                ))
+            },
+        )
+        .unwrap()
+    };
+    sync();
+    assert_eq!(state(), ("error".to_string(), 1, false));
+    // A first failure may be passing: the lead is polled after the next pass.
+    let first = polls();
+    sync();
+    assert_eq!(polls(), first + 1);
+    assert_eq!(state(), ("error".to_string(), 2, true));
+    // Refused twice: not after every pass any more.
+    for _ in 0..3 {
+        sync();
+    }
+    assert_eq!(
+        polls(),
+        first + 1,
+        "polled again before its backoff ran out"
+    );
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'error'"
+        ),
+        1,
+        "still a failed poll, for `status`"
+    );
+    // `status` tells the leads refused and waiting from those failing now.
+    let o = env.run_ok(&["status"]);
+    assert!(
+        text(&o)
+            .contains("1 leads whose conversation could not be read (1 refused, waiting until 20"),
+        "{}",
+        text(&o)
+    );
+    // A change of the lead is news: polled at once, whatever its backoff.
+    env.set_status(&refused, "Canceled");
+    sync();
+    assert_eq!(polls(), first + 2);
+    assert_eq!(state(), ("error".to_string(), 3, true));
+    // Its backoff over, it is polled after the next pass; accepted, the
+    // backoff is forgotten.
+    db.execute(
+        "UPDATE message_polls SET next_poll_at = '2000-01-01T00:00:00.000Z' WHERE negotiation_id = ?1",
+        [&refused],
+    )
+    .unwrap();
+    env.sandbox.accept(&refused);
+    sync();
+    assert_eq!(polls(), first + 3);
+    assert_eq!(state(), ("ok".to_string(), 0, false));
+}
+
+/// A customer's message delivered before its lead is mirrored (THUMBTACK.md:
+/// "a message can arrive before its negotiation"; a customer's message names
+/// no business) is stored without a business: it kept `business_id` NULL
+/// for good once the lead was mirrored, polled or not, so a query of one
+/// business's messages never showed the first message of a new lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_stored_before_its_lead_gets_the_leads_business_when_it_is_mirrored() {
+    for polling in [false, true] {
+        let overrides = if polling {
+            with_messages()
+        } else {
+            FAST.to_string()
+        };
+        let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+        let business = env.business_ids()[1].clone();
+        let lead = env.sandbox.lead_ids(&business)[0].clone();
+        let early = deliver_by_webhook(&env, &lead, &[0]).remove(0);
+        let db = env.sql();
+        let business_of = || -> Option<String> {
+            db.query_row(
+                "SELECT business_id FROM messages WHERE message_id = ?1",
+                [&early],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(business_of(), None);
+        let o = env.run(&["sync", "--business", &business]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        assert_eq!(business_of(), Some(business.clone()), "polling {polling}");
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM messages WHERE business_id IS NULL"
+            ),
+            0,
+            "polling {polling}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_messages_sync_no_conversation_is_read() {
     let env = Env::small().await;
@@ -979,6 +1112,45 @@ async fn a_server_that_ignores_sent_before_costs_a_few_pages_not_hundreds() {
     assert!(pages <= 3, "{pages} pages read");
 }
 
+/// A server that serves its default page of 10 whatever `limit` asks and
+/// says nothing of its page size (no `pagination`): a page of 10 was read as
+/// short of the 20 asked for, so the conversation "ended" there, its mark
+/// was set to its newest message, and the older messages were never read,
+/// by that poll or any later one. Without a `pagination.limit` only an
+/// empty page ends the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_pages_by_ten_without_saying_so_still_gives_the_whole_conversation() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    let all = env.sandbox.messages(&long).len() as i64;
+    assert!(all > 20, "{all}");
+    env.sandbox.set_faults(Faults {
+        ignore_message_limit: true,
+        ..Faults::default()
+    });
+    let o = env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    assert_eq!(messages_of(&db, &long), all, "{}", text(&o));
+    let (outcome, pages) = pages_of(&db, &long);
+    assert_eq!(outcome, "ok");
+    // Pages of 10, each after the first listing its predecessor's oldest again.
+    assert!(pages <= all / 9 + 2, "{pages} pages for {all} messages");
+    // A short conversation costs two pages more at most (its oldest
+    // instant listed again, then an empty page), never a gap.
+    let short = env
+        .sandbox
+        .lead_ids(&business)
+        .into_iter()
+        .find(|n| (1..10).contains(&env.sandbox.messages(n).len()))
+        .unwrap();
+    assert_eq!(pages_of(&db, &short), ("ok".to_string(), 3));
+    assert_eq!(
+        messages_of(&db, &short),
+        env.sandbox.messages(&short).len() as i64
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_sandbox_keeps_a_conversation_in_time_order_whatever_is_added() {
     // A stray message dated in the past was appended at the end, so the
@@ -1007,4 +1179,207 @@ async fn the_sandbox_keeps_a_conversation_in_time_order_whatever_is_added() {
         .map(|m| m.sent_at)
         .collect();
     assert!(times.is_sorted(), "{times:?}");
+}
+
+/// An outage of the messages route (5xx, like 429s and network failures)
+/// says nothing of the lead: it counted as a failure like Thumbtack's
+/// refusal, so a few hours of 5xx pushed every changed lead into a wait of
+/// hours after the outage ended. Only a refusal from Thumbtack backs off;
+/// a lead refused before and now hit by an outage keeps its count and is
+/// polled after the next pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_messages_outage_delays_no_lead_beyond_the_next_pass() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let leads = env.sandbox.lead_ids(&business);
+    env.sandbox.set_faults(Faults {
+        messages_503: true,
+        ..Faults::default()
+    });
+    let polls = || {
+        env.sandbox
+            .stats()
+            .by_route
+            .get("messages")
+            .copied()
+            .unwrap_or(0)
+    };
+    let db = env.sql();
+    env.run_ok(&["sync", "--business", &business]);
+    // Refused twice before the outage.
+    db.execute(
+        "UPDATE message_polls SET failures = 2 WHERE negotiation_id = ?1",
+        [&leads[0]],
+    )
+    .unwrap();
+    for _ in 0..3 {
+        let before = polls();
+        env.run_ok(&["sync", "--business", &business]);
+        assert_eq!(
+            polls(),
+            before + leads.len() as u64,
+            "every lead polled again"
+        );
+    }
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'error' AND next_poll_at IS NULL"
+        ),
+        leads.len() as i64
+    );
+    assert_eq!(
+        count(&db, "SELECT max(failures) FROM message_polls"),
+        2,
+        "an outage is no failure of the lead"
+    );
+    // The outage over, every conversation is read after the next pass.
+    env.sandbox.set_faults(Faults::default());
+    env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_polls WHERE outcome = 'ok' AND failures = 0"
+        ),
+        leads.len() as i64
+    );
+}
+
+/// A poll cut short because leadsync is stopping (no request sent) was
+/// recorded as a failed poll: counted toward the lead's backoff, and the
+/// lead found new was "polled". It is not recorded at all, and the leads
+/// not polled stay due (the business's cursor stays).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_poll_cut_short_by_shutdown_is_not_recorded_and_its_leads_stay_due() {
+    let env = Env::small().await;
+    let business = env.business_ids()[1].clone();
+    let leads = env.sandbox.lead_ids(&business);
+    env.run_ok(&["sync", "--business", &business]);
+    let config = env.config();
+    let store = leadsync::store::Store::open(config.database()).unwrap();
+    let auth =
+        std::sync::Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());
+    auth.begin_shutdown(std::time::Instant::now());
+    let client = std::sync::Arc::new(
+        leadsync::thumbtack::Client::new(
+            leadsync::thumbtack::ClientSettings::from_config(&config),
+            auth,
+        )
+        .unwrap(),
+    );
+    // A lead refused once before.
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, error, failures)
+         VALUES (?1, ?2, '2026-01-01T00:00:00.000Z', 'error', 'refused', 1)",
+        [&leads[0], &business],
+    )
+    .unwrap();
+    let settings = leadsync::messages::MessageSettings {
+        sync: true,
+        max_leads_per_pass: 1000,
+    };
+    let report = leadsync::messages::poll_after_pass(
+        &store,
+        &client,
+        &business,
+        settings,
+        &CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert!(report.failed.is_empty(), "{report:?}");
+    assert_eq!(
+        db.query_row(
+            "SELECT polled_at, failures, error FROM message_polls WHERE negotiation_id = ?1",
+            [&leads[0]],
+            |r| Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, String>(2)?
+            )),
+        )
+        .unwrap(),
+        (
+            "2026-01-01T00:00:00.000Z".to_string(),
+            1,
+            "refused".to_string()
+        )
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM message_polls"), 1);
+    let now = leadsync::time::now();
+    let due = messages::leads_to_poll(&db, &business, 1000, &now, &now).unwrap();
+    assert_eq!(due.0.len(), leads.len(), "every lead still due");
+}
+
+/// `next_poll_at` is set by the wall clock: one that ran ahead, then
+/// corrected, left a lead hidden for the skew plus its wait. A wait longer
+/// than the longest there is was not set by this clock: the lead is due.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_set_by_a_clock_that_ran_ahead_ends_once_it_is_corrected() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[1].clone();
+    let refused = env.sandbox.lead_ids(&business)[5].clone();
+    env.sandbox.refuse(&refused);
+    env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    let polls = || {
+        env.sandbox
+            .stats()
+            .by_route
+            .get("messages")
+            .copied()
+            .unwrap_or(0)
+    };
+    // Within the longest wait: kept.
+    db.execute(
+        "UPDATE message_polls SET failures = 9,
+                next_poll_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+23 hours')
+          WHERE negotiation_id = ?1",
+        [&refused],
+    )
+    .unwrap();
+    let before = polls();
+    env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(polls(), before);
+    // Beyond it: set by a clock ahead of this one.
+    db.execute(
+        "UPDATE message_polls SET next_poll_at = strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+3 days')
+          WHERE negotiation_id = ?1",
+        [&refused],
+    )
+    .unwrap();
+    env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(polls(), before + 1);
+}
+
+/// A server that pages by 5 whatever `limit` asks and answers no
+/// `pagination`: its first page, shorter than the default 10, was taken for
+/// the start of the conversation, the mark set past the older messages, and
+/// they were never read. Without `pagination.limit` only an empty page ends
+/// the read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_pages_by_five_without_saying_so_still_gives_the_whole_conversation() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let long = env.sandbox.long_conversation_lead(&business).unwrap();
+    let all = env.sandbox.messages(&long).len() as i64;
+    env.sandbox.set_faults(Faults {
+        message_page_size: 5,
+        ..Faults::default()
+    });
+    let o = env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    assert_eq!(messages_of(&db, &long), all, "{}", text(&o));
+    let (outcome, pages) = pages_of(&db, &long);
+    assert_eq!(outcome, "ok");
+    assert!(pages <= all / 4 + 3, "{pages} pages for {all} messages");
+    for lead in env.sandbox.lead_ids(&business) {
+        assert_eq!(
+            messages_of(&db, &lead),
+            env.sandbox.messages(&lead).len() as i64,
+            "{lead}"
+        );
+        assert_eq!(pages_of(&db, &lead).0, "ok", "{lead}");
+    }
 }

@@ -117,6 +117,16 @@ pub struct Faults {
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,
+    /// Messages: list the default 10 whatever `limit` asks, and answer no
+    /// `pagination` (a server that does not know the parameter and says
+    /// nothing of its page size).
+    pub ignore_message_limit: bool,
+    /// Messages: answer every list of messages 503 with an HTML page (an
+    /// outage of that route alone; the listing is served).
+    pub messages_503: bool,
+    /// Messages: serve at most this many messages a page whatever `limit`
+    /// asks, and answer no `pagination` (0: off).
+    pub message_page_size: usize,
     /// Listing: hold each answer this long after it was made (the page
     /// reflects the moment it was made, not the moment it arrives).
     pub list_hold_ms: u64,
@@ -729,6 +739,11 @@ impl Sandbox {
     /// its message history answer 403 (history is for active leads only).
     pub fn refuse(&self, negotiation_id: &str) {
         self.lock().refuse.insert(negotiation_id.to_string());
+    }
+
+    /// Undoes [`Sandbox::refuse`]: the lead is active again.
+    pub fn accept(&self, negotiation_id: &str) {
+        self.lock().refuse.remove(negotiation_id);
     }
 
     /// Applies a mutation; returns the ids it created or touched.

@@ -797,7 +797,20 @@ fn list_messages(
         Ok(p) => p,
         Err(_) => return bad("the query string cannot be read"),
     };
+    let (ignore_limit, page_size, outage) = {
+        let f = &lock(state).faults;
+        (f.ignore_message_limit, f.message_page_size, f.messages_503)
+    };
+    if outage {
+        return respond(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "text/html",
+            "<html><body>503 Service Unavailable</body></html>".to_string(),
+        );
+    }
     let limit = match params.get("limit").map(|l| l.parse::<usize>()) {
+        _ if page_size > 0 => page_size,
+        _ if ignore_limit => 10,
         None => 10,
         Some(Ok(l)) if (1..=20).contains(&l) => l,
         Some(_) => return bad("limit must be an integer from 1 to 20"),
@@ -843,13 +856,14 @@ fn list_messages(
             .map(|m| m.json.clone())
             .collect()
     };
+    let pagination = match ignore_limit || page_size > 0 {
+        true => String::new(),
+        false => format!(",\"pagination\":{{\"limit\":{limit}}}"),
+    };
     respond(
         StatusCode::OK,
         "application/json",
-        format!(
-            "{{\"data\":[{}],\"pagination\":{{\"limit\":{limit}}}}}",
-            items.join(",")
-        ),
+        format!("{{\"data\":[{}]{pagination}}}", items.join(",")),
     )
 }
 

@@ -317,12 +317,16 @@ fn news_since(pins: &super::Pins) -> String {
 
 /// The leads to poll after a pass of `business_id`: those found new, changed
 /// or back since the business's cursor (oldest first), then those whose last
-/// poll failed; at most `limit` in all. Also returns the change id to move
-/// the cursor to once they are polled.
+/// poll failed and whose backoff is over (`next_poll_at` unset, not after
+/// `now`, or after `horizon`: a wait longer than the longest there is was
+/// set by a clock that ran ahead, since corrected); at most `limit` in all.
+/// Also returns the change id to move the cursor to once they are polled.
 pub fn leads_to_poll(
     conn: &Connection,
     business_id: &str,
     limit: usize,
+    now: &str,
+    horizon: &str,
 ) -> Result<(Vec<String>, Option<i64>)> {
     let cursor: i64 = conn
         .query_row(
@@ -354,12 +358,9 @@ pub fn leads_to_poll(
         }
     }
     if leads.len() < limit {
-        let mut stmt = conn.prepare_cached(
-            "SELECT negotiation_id FROM message_polls
-              WHERE business_id = ?1 AND outcome = 'error' ORDER BY polled_at LIMIT ?2",
-        )?;
+        let mut stmt = conn.prepare_cached(FAILED_DUE)?;
         let failed = stmt
-            .query_map(params![business_id, limit as i64], |r| {
+            .query_map(params![business_id, limit as i64, now, horizon], |r| {
                 r.get::<_, String>(0)
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
@@ -371,6 +372,22 @@ pub fn leads_to_poll(
     }
     Ok((leads, new_cursor))
 }
+
+/// The failed leads of business ?1 whose wait is over at ?3 (or set beyond
+/// ?4), the longest failed first, at most ?2.
+/// Three ranges of `message_polls_due`, each read alone: with one OR of
+/// them the planner walked `message_polls_failed`, every failed poll of the
+/// business, reading each one's row. Disjoint while ?4 is not before ?3.
+const FAILED_DUE: &str = "SELECT negotiation_id FROM (
+    SELECT negotiation_id, polled_at FROM message_polls
+     WHERE business_id = ?1 AND outcome = 'error' AND next_poll_at IS NULL
+    UNION ALL
+    SELECT negotiation_id, polled_at FROM message_polls
+     WHERE business_id = ?1 AND outcome = 'error' AND next_poll_at <= ?3
+    UNION ALL
+    SELECT negotiation_id, polled_at FROM message_polls
+     WHERE business_id = ?1 AND outcome = 'error' AND next_poll_at > max(?3, ?4))
+  ORDER BY polled_at LIMIT ?2";
 
 /// Moves a business's cursor forward (never back).
 pub fn advance_cursor(conn: &Connection, business_id: &str, change_id: i64) -> Result<()> {
@@ -393,18 +410,23 @@ pub struct PollRecord<'a> {
     pub new_messages: i64,
     /// The newest `sent_at` up to which the lead's history is in the mirror.
     pub complete_through: Option<&'a str>,
+    /// Failed polls in a row, this one included (0 when it succeeded).
+    pub failures: i64,
+    /// When a failed lead is polled again after a pass (`None`: after the next).
+    pub next_poll_at: Option<&'a str>,
 }
 
 /// Records a lead's last poll (`message_polls`).
 pub fn record_poll(conn: &Connection, p: &PollRecord<'_>) -> Result<()> {
     conn.execute(
         "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, error, pages,
-             new_messages, complete_through)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             new_messages, complete_through, failures, next_poll_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (negotiation_id) DO UPDATE SET business_id = excluded.business_id,
              polled_at = excluded.polled_at, outcome = excluded.outcome, error = excluded.error,
              pages = excluded.pages, new_messages = excluded.new_messages,
-             complete_through = excluded.complete_through",
+             complete_through = excluded.complete_through, failures = excluded.failures,
+             next_poll_at = excluded.next_poll_at",
         params![
             p.negotiation_id,
             p.business_id,
@@ -413,23 +435,39 @@ pub fn record_poll(conn: &Connection, p: &PollRecord<'_>) -> Result<()> {
             p.error,
             p.pages,
             p.new_messages,
-            p.complete_through
+            p.complete_through,
+            p.failures,
+            p.next_poll_at
         ],
     )?;
     Ok(())
 }
 
-/// Up to when a lead's history is known to be in the mirror (`None`: never
-/// read completely; the next poll reads it to the end).
-pub fn complete_through(conn: &Connection, negotiation_id: &str) -> Result<Option<String>> {
+/// What the mirror knows of a lead's earlier polls.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PollState {
+    /// Up to when the lead's history is known to be in the mirror (`None`:
+    /// never read completely; the next poll reads it to the end).
+    pub complete_through: Option<String>,
+    /// Failed polls in a row.
+    pub failures: i64,
+}
+
+/// A lead's [`PollState`] (the default when it was never polled).
+pub fn poll_state(conn: &Connection, negotiation_id: &str) -> Result<PollState> {
     Ok(conn
         .query_row(
-            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            "SELECT complete_through, failures FROM message_polls WHERE negotiation_id = ?1",
             [negotiation_id],
-            |r| r.get(0),
+            |r| {
+                Ok(PollState {
+                    complete_through: r.get(0)?,
+                    failures: r.get(1)?,
+                })
+            },
         )
         .optional()?
-        .flatten())
+        .unwrap_or_default())
 }
 
 /// Messages in the mirror, for `status`.
@@ -440,6 +478,11 @@ pub struct MessageCounts {
     pub from_business: i64,
     /// Leads whose last message poll failed.
     pub failed_polls: i64,
+    /// Of them, those refused again and again, waiting (`next_poll_at` not
+    /// past); they are polled again at once when they change.
+    pub waiting_polls: i64,
+    /// The latest `next_poll_at` of those waiting.
+    pub waiting_until: Option<String>,
 }
 
 /// Counts messages and failed polls.
@@ -450,16 +493,20 @@ pub fn counts(conn: &Connection) -> Result<MessageCounts> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    let failed_polls = conn.query_row(
-        "SELECT count(*) FROM message_polls WHERE outcome = 'error'",
-        [],
-        |r| r.get(0),
+    let (failed_polls, waiting_polls, waiting_until) = conn.query_row(
+        "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1),
+                max(next_poll_at) FILTER (WHERE next_poll_at > ?1)
+           FROM message_polls WHERE outcome = 'error'",
+        [crate::time::now()],
+        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
     Ok(MessageCounts {
         total,
         from_customers,
         from_business,
         failed_polls,
+        waiting_polls,
+        waiting_until,
     })
 }
 
@@ -485,18 +532,18 @@ mod tests {
         let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
         with_changes(&conn);
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["1".to_string(), "4".to_string()], Some(5))
         );
         conn.execute_batch("DROP INDEX negotiation_changes_news_by_business")
             .unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["1".to_string(), "4".to_string()], Some(5))
         );
         advance_cursor(&conn, "b", 4).unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["4".to_string()], Some(5))
         );
         // Another index under its name (of the changes that are not news):
@@ -507,7 +554,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            leads_to_poll(&conn, "b", 10).unwrap(),
+            leads_to_poll(&conn, "b", 10, "t", "u").unwrap(),
             (vec!["4".to_string()], Some(5))
         );
     }
@@ -522,6 +569,37 @@ mod tests {
             plan.push(r.get::<_, String>(3).unwrap());
         }
         plan
+    }
+
+    /// The failed leads that are due were found by walking every failed
+    /// poll of the business (tens of thousands, with the leads no longer
+    /// active refused for good), reading each one's row for `next_poll_at`.
+    #[test]
+    fn the_failed_leads_due_are_read_from_their_index_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let plan = plan(&conn, FAILED_DUE);
+        assert!(
+            plan.iter().all(|p| !p.starts_with("SCAN message_polls")
+                && !p.contains("message_polls_failed")
+                && (!p.contains("message_polls")
+                    || p.contains("INDEX message_polls_due (business_id=? AND next_poll_at"))),
+            "{plan:?}"
+        );
+        conn.execute_batch(
+            "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, next_poll_at)
+             VALUES ('null', 'b', '5', 'error', NULL), ('past', 'b', '4', 'error', '2026-01-01'),
+                    ('waiting', 'b', '3', 'error', '2026-06-01'), ('beyond', 'b', '2', 'error', '2027-01-01'),
+                    ('ok', 'b', '1', 'ok', NULL), ('other', 'c', '1', 'error', NULL);",
+        )
+        .unwrap();
+        let due = |limit: usize| {
+            leads_to_poll(&conn, "b", limit, "2026-03-01", "2026-09-01")
+                .unwrap()
+                .0
+        };
+        assert_eq!(due(10), ["beyond", "past", "null"]);
+        assert_eq!(due(2), ["beyond", "past"]);
     }
 
     #[test]

@@ -132,6 +132,10 @@ fn migrations() -> Vec<(i64, String)> {
             23,
             include_str!("migrations/0023_wait_rebased_at.sql").to_string(),
         ),
+        (
+            24,
+            include_str!("migrations/0024_message_poll_backoff.sql").to_string(),
+        ),
     ]
 }
 
@@ -647,6 +651,7 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     let done = (version == 14 && has_column("negotiations", "webhook_triggered_at")?)
         || (version == 21 && has_column("negotiations", "listing_read_at")?)
         || one_each_missing.len() < one_each.len()
+        || (version == 24 && has_column("message_polls", "next_poll_at")?)
         || v18_present.contains(&true);
     if !done {
         tx.execute_batch(sql)
@@ -657,6 +662,12 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {def}"))
                 .with_context(|| format!("migration {version} failed"))?;
         }
+    }
+    if version == 24 {
+        tx.execute_batch(include_str!(
+            "migrations/0024_message_indexes_and_backfill.sql"
+        ))
+        .with_context(|| format!("migration {version} failed"))?;
     }
     if version == 18 {
         for ((column, kind), present) in v18.iter().zip(&v18_present) {
@@ -2134,6 +2145,87 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, schema_version());
+    }
+
+    /// Version 24 gives the messages stored before their lead was mirrored
+    /// (before it, they kept a NULL business for good) their lead's
+    /// business, and counts a failed poll from before as one failure.
+    #[test]
+    fn version_24_gives_messages_their_leads_business() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "DROP INDEX message_polls_due;
+             DROP INDEX messages_without_business;
+             ALTER TABLE message_polls DROP COLUMN next_poll_at;
+             ALTER TABLE message_polls DROP COLUMN failures;
+             INSERT INTO negotiations (negotiation_id, business_id, created_at, payload,
+                 payload_hash, first_seen_at, last_seen_at, changed_at)
+             VALUES ('1', '7', 't', '{}', 0, 't', 't', 't');
+             INSERT INTO messages (message_id, negotiation_id, business_id, payload, source, first_seen_at)
+             VALUES ('a', '1', NULL, '{}', 'webhook', 't'), ('b', '1', '8', '{}', 'poll', 't'),
+                    ('c', '2', NULL, '{}', 'webhook', 't');
+             INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome)
+             VALUES ('1', '7', 't', 'error'), ('3', '7', 't', 'ok');",
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 23).unwrap();
+        migrate(&mut conn).unwrap();
+        let all = |sql: &str| -> Vec<(String, Option<String>)> {
+            conn.prepare(sql)
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap()
+        };
+        assert_eq!(
+            all("SELECT message_id, business_id FROM messages ORDER BY 1"),
+            [
+                ("a".to_string(), Some("7".to_string())),
+                ("b".to_string(), Some("8".to_string())),
+                ("c".to_string(), None)
+            ]
+        );
+        assert_eq!(
+            all("SELECT negotiation_id, CAST(failures AS TEXT) FROM message_polls ORDER BY 1"),
+            [
+                ("1".to_string(), Some("1".to_string())),
+                ("3".to_string(), Some("0".to_string()))
+            ]
+        );
+    }
+
+    /// Version 24 run again over a schema that has its columns (migrated
+    /// again from an older `user_version`): the columns were taken for the
+    /// whole migration done, and the messages without a business kept none.
+    #[test]
+    fn version_24_run_again_still_gives_messages_their_leads_business() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "DROP INDEX messages_without_business;
+             INSERT INTO negotiations (negotiation_id, business_id, created_at, payload,
+                 payload_hash, first_seen_at, last_seen_at, changed_at)
+             VALUES ('1', '7', 't', '{}', 0, 't', 't', 't');
+             INSERT INTO messages (message_id, negotiation_id, business_id, payload, source, first_seen_at)
+             VALUES ('a', '1', NULL, '{}', 'webhook', 't');",
+        )
+        .unwrap();
+        conn.pragma_update(None, "user_version", 23).unwrap();
+        migrate(&mut conn).unwrap();
+        let business: Option<String> = conn
+            .query_row("SELECT business_id FROM messages", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(business.as_deref(), Some("7"));
+        let index: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM sqlite_master WHERE name = 'messages_without_business'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(index, 1);
     }
 
     /// Version 21 run again over a schema that has its column (migrated

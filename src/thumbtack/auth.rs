@@ -322,6 +322,7 @@ pub fn stopping_error(m: &str) -> ApiError {
         http_status: None,
         trace_id: None,
         retry_after: None,
+        from_api: false,
         message: format!("not sent: {m}"),
     }
 }
@@ -334,6 +335,7 @@ fn client_refused_error(m: &str) -> ApiError {
         http_status: None,
         trace_id: None,
         retry_after: None,
+        from_api: false,
         message: format!("OAuth client refused: {m}"),
     }
 }

@@ -648,6 +648,7 @@ impl Client {
                 http_status: None,
                 trace_id: None,
                 retry_after: None,
+                from_api: false,
                 message: format!("cannot encode the request: {e}"),
             }),
         };
@@ -722,6 +723,7 @@ impl Client {
                     http_status: None,
                     trace_id: None,
                     retry_after: None,
+                    from_api: false,
                     message: format!("cannot encode the request: {e}"),
                 }),
                 None,
@@ -757,6 +759,7 @@ impl Client {
             http_status: None,
             trace_id: None,
             retry_after: None,
+            from_api: false,
             message: format!("cannot encode the request: {e}"),
         })?;
         let mut log = Vec::new();

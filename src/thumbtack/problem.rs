@@ -119,6 +119,9 @@ pub struct ApiError {
     pub trace_id: Option<String>,
     /// From `Retry-After`, already capped.
     pub retry_after: Option<Duration>,
+    /// The body was a ProblemDetails object: Thumbtack's own answer, not a
+    /// proxy's page or a failure on the way.
+    pub from_api: bool,
     /// For people: what happened, with the problem's title/detail and traceID.
     pub message: String,
 }
@@ -144,6 +147,7 @@ impl ApiError {
                 http_status: Some(status),
                 trace_id: None,
                 retry_after,
+                from_api: false,
                 message: format!(
                     "{message}, not from the API (the body is not a ProblemDetails object; \
                      its first line: {}): retried; check api.base_url",
@@ -173,6 +177,7 @@ impl ApiError {
             http_status: Some(status),
             trace_id,
             retry_after,
+            from_api: problem.is_some(),
             message,
         }
     }
@@ -213,6 +218,7 @@ impl ApiError {
             http_status,
             trace_id: None,
             retry_after: None,
+            from_api: false,
             message: message.into(),
         }
     }
@@ -224,6 +230,7 @@ impl ApiError {
             http_status: None,
             trace_id: None,
             retry_after: None,
+            from_api: false,
             message: message.into(),
         }
     }
