@@ -836,6 +836,26 @@ struct WalSyncState {
     within: Option<Duration>,
 }
 
+/// Tells whether a sync of the database to disk has failed (then every
+/// durable call fails until restart), for health checks and metrics.
+#[derive(Clone)]
+pub struct DurableSyncWatch(Arc<WalSync>);
+
+impl DurableSyncWatch {
+    /// Why durable calls fail until restart, once a sync to disk failed.
+    pub fn failure(&self) -> Option<String> {
+        self.0.lock().failed.clone()
+    }
+}
+
+impl std::fmt::Debug for DurableSyncWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("DurableSyncWatch")
+            .field(&self.failure())
+            .finish()
+    }
+}
+
 /// A durable call not on disk within this time fails (the webhook receiver
 /// answers 503, Thumbtack delivers again): a hung disk must not hang
 /// requests.
@@ -1207,6 +1227,12 @@ impl Store {
     /// Why durable calls fail until restart, once a sync to disk failed.
     pub fn durable_sync_failure(&self) -> Option<String> {
         self.wal_sync.lock().failed.clone()
+    }
+
+    /// A handle that tells [`Store::durable_sync_failure`] without keeping
+    /// the store (its writer thread) open.
+    pub fn durable_sync_watch(&self) -> DurableSyncWatch {
+        DurableSyncWatch(self.wal_sync.clone())
     }
 
     /// Asks for a sync of the WAL within about [`SYNC_SOON_EVERY`], without
