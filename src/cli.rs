@@ -785,6 +785,11 @@ impl SyncProgress {
     }
 }
 
+/// How long `sync` waits for the running daemon to take its request (it
+/// looks every half second; a restart by systemd takes about 5 s) before it
+/// withdraws it and fails. Once taken, it waits for the passes to end.
+const SYNC_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+
 /// While a daemon holds the lock, `sync` asks it through `sync_requests`
 /// (SPEC §10), waits for its answer, and prints the lines a local pass
 /// prints; `None` when no daemon runs (the caller runs the pass itself).
@@ -820,7 +825,12 @@ async fn sync_through_daemon(
         pid.map(|p| p.to_string())
             .unwrap_or_else(|| "unknown".into())
     );
-    let daemon_alive = || pid.is_none_or(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
+    // The lock says whether a daemon is there (a pid may be reused, or
+    // unknown); checked once a second (a new daemon, after a restart, holds
+    // it too and takes the request).
+    let daemon_alive = || store::ProcessLock::is_held(path);
+    let asked = std::time::Instant::now();
+    let mut checked = std::time::Instant::now();
     let mut gone_seen = false;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
@@ -847,8 +857,33 @@ async fn sync_through_daemon(
                 }
             };
         }
+        // A daemon that has not taken the request in this long is stuck (or
+        // its writer is blocked): a script must not wait forever.
+        if r.started_at.is_none() && asked.elapsed() >= SYNC_TAKEN_WITHIN {
+            let now = crate::time::now();
+            let why = format!(
+                "withdrawn: the daemon had not taken it within {} s",
+                SYNC_TAKEN_WITHIN.as_secs()
+            );
+            if store::requests::withdraw(&conn, id, &why, &now)? {
+                bail!(
+                    "the daemon (pid {}) has not taken the request (sync_requests row {id}) within \
+                     {} s: it may be stuck, or its database writes blocked by another program's \
+                     transaction; the request is withdrawn. Look at `GET /healthz` on the admin \
+                     listener and `journalctl -u leadsync`, then run `leadsync sync` again",
+                    pid.map(|p| p.to_string())
+                        .unwrap_or_else(|| "unknown".into()),
+                    SYNC_TAKEN_WITHIN.as_secs()
+                );
+            }
+            continue; // taken meanwhile
+        }
         // A daemon that stops answers its open requests first: look at the
         // row once more after seeing it gone before giving up.
+        if checked.elapsed() < std::time::Duration::from_secs(1) && !gone_seen {
+            continue;
+        }
+        checked = std::time::Instant::now();
         if daemon_alive() {
             gone_seen = false;
             continue;

@@ -421,3 +421,91 @@ async fn a_reload_applies_a_new_request_rate() {
         Some(0)
     );
 }
+
+/// `leadsync sync` started beside a "daemon" played by this test process
+/// (it holds the mirror's lock as the daemon, and takes no request); its
+/// stdout and stderr once it exits within `within`, else the test fails.
+fn sync_beside_a_silent_daemon(
+    env: &Env,
+    within: Duration,
+    meanwhile: impl FnOnce(),
+) -> (Option<i32>, String) {
+    let mut child = Running(
+        env.cli()
+            .arg("sync")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until_blocking("the sync request", Duration::from_secs(20), || {
+        count(&env.sql(), "SELECT count(*) FROM sync_requests") == 1
+    });
+    meanwhile();
+    let end = Instant::now() + within;
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "`sync` still waits after {within:?} for a request nobody will take"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.0.wait().unwrap();
+    let mut said = String::new();
+    use std::io::Read;
+    for pipe in [
+        child.0.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
+        child.0.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut pipe = pipe;
+        pipe.read_to_string(&mut said).unwrap();
+    }
+    (status.code(), said)
+}
+
+/// The daemon died before taking the request, but its pid lives on (reused
+/// by another process, or, here, this test process): `sync` used to look
+/// at `/proc/PID` alone and waited forever. The lock is what says a daemon
+/// is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_stops_waiting_once_the_daemons_lock_is_free_though_its_pid_lives() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(15), || drop(held));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("stopped before taking"), "{said}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        0,
+        "the request is withdrawn, not left for a later daemon"
+    );
+}
+
+/// A daemon that holds its lock but never takes the request (stuck, or its
+/// writer blocked): `sync` (a cron job, a script) must not wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_gives_up_on_a_daemon_that_never_takes_its_request() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(40), || {});
+    drop(held);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("has not taken the request"), "{said}");
+    assert!(said.contains("/healthz"), "{said}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        0,
+        "the request is withdrawn: a daemon that recovers does not run it unasked"
+    );
+}

@@ -1404,6 +1404,24 @@ impl ProcessLock {
         Ok(Some(ProcessLock { _file: file }))
     }
 
+    /// Whether some process holds the lock now. Nothing is kept: a shared
+    /// lock taken to find out is released at once. No lock file: nobody
+    /// holds it; a file that cannot be read: held, as far as can be told.
+    pub fn is_held(database: &Path) -> bool {
+        let file = match File::open(lock_path(database)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(_) => return true,
+        };
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
     /// The pid the lock file names (the holder's, while it is held).
     pub fn holder(database: &Path) -> Option<u32> {
         std::fs::read_to_string(lock_path(database))
