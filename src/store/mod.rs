@@ -1362,6 +1362,9 @@ impl ProcessLock {
 
     fn try_acquire_as(database: &Path, role: Role) -> Result<Option<ProcessLock>> {
         let path = lock_path(database);
+        // Root would create it 0644 root's: no later daemon start could
+        // take it (`probe` takes the lock before it opens anything else).
+        refuse_foreign_as_root(&path, "lock file")?;
         let file = match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -1658,6 +1661,29 @@ pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sudo leadsync probe` (root) before the daemon's first start: the
+    /// probe takes the lock before anything else, and a lock file root
+    /// creates in the service user's directory (0644) stopped every later
+    /// daemon start ("cannot open lock file"). Refused instead, like the
+    /// database, and nothing is left behind.
+    #[test]
+    fn root_takes_no_lock_in_the_service_users_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("state");
+        std::fs::create_dir(&theirs).unwrap();
+        if std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).is_err() {
+            eprintln!("skipped: cannot chown (not root)");
+            return;
+        }
+        let db = theirs.join("mirror.db");
+        let e = ProcessLock::acquire(&db).err().expect("root took the lock");
+        assert!(format!("{e:#}").contains("sudo -u"), "{e:#}");
+        assert!(
+            !lock_path(&db).exists(),
+            "a root-owned lock file was left behind"
+        );
+    }
 
     #[test]
     fn a_table_renamed_and_back_keeps_its_indexes_named() {
