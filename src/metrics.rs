@@ -191,7 +191,7 @@ impl Metrics {
         );
         registry.register(
             "token_refreshes",
-            "OAuth refresh-token grants by outcome (ok, refused, transient)",
+            "OAuth refresh-token grants by outcome (ok, invalid_grant, client_refused, lost, transient)",
             m.token_refreshes.clone(),
         );
         registry.register(
