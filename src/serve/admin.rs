@@ -1,9 +1,9 @@
 //! The admin listener (`[admin] listen`, SPEC §10): `GET /metrics` in the
 //! Prometheus text format, `GET /healthz` (200 while the scheduler and the
 //! drainer loops beat and the database syncs to disk, else 503 with the
-//! reason), `GET /readyz` (200 once
-//! the mirror is open and migrated, 503 while stopping or when the mirror
-//! cannot be read).
+//! reason), `GET /readyz` (200 once the mirror is open and migrated, 503
+//! while stopping, when the mirror cannot be read, or once a sync to disk
+//! failed: webhook deliveries are refused until a restart).
 
 use crate::config::Config;
 use crate::store;
@@ -121,6 +121,15 @@ async fn healthz(State(health): State<Arc<Health>>) -> Response {
 async fn readyz(State(health): State<Arc<Health>>) -> Response {
     if health.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: stopping\n").into_response();
+    }
+    // Webhook deliveries are refused until a restart: a proxy or load
+    // balancer should route them elsewhere.
+    if let Some(why) = health.disk_failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", disk_failure_message(&why)),
+        )
+            .into_response();
     }
     let mirror_error = health
         .mirror_error
@@ -350,6 +359,10 @@ mod tests {
             body.contains("could not be synced to disk") && body.contains("EIO (injected)"),
             "{body}"
         );
+        // Nothing should be routed to a daemon that refuses deliveries.
+        let (status, body) = get("/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("could not be synced to disk"), "{body}");
         let (_, metrics) = get("/metrics").await;
         assert!(
             metrics.lines().any(|l| l == "leadsync_disk_sync_failed 1"),
