@@ -710,7 +710,10 @@ impl Daemon {
         let kind = ScanKind::parse(&r.kind).unwrap_or(ScanKind::Head);
         let ids: Result<Vec<String>, String> = match &r.business_id {
             Some(id) => match config.business(id) {
-                None => Err(format!("business {id} is not in the configuration")),
+                None => Err(format!(
+                    "business {id} is not in the configuration the daemon runs with (added to \
+                     the files since it started or was last reloaded? `systemctl reload leadsync`)"
+                )),
                 Some(b) if !b.enabled => {
                     Err(format!("business {id} is disabled (enabled = false)"))
                 }

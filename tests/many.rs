@@ -120,6 +120,22 @@ async fn sync_now_round_trip_with_the_daemon_running() {
                AND error LIKE '%999%not in the configuration%'",
         ) == 1
     });
+    // A business added to the files but not reloaded: the command knows it,
+    // the daemon does not, and the refusal says what to do.
+    let token_file = env.dir.path().join("fixture").join("tokens").join(&ids[0]);
+    env.set_overrides(&format!(
+        "{}\n[[businesses]]\nid = \"999\"\naccess_token_file = \"{}\"\n",
+        FAST.replace("[poll]\npage_size = 10\n", NEVER),
+        token_file.display()
+    ));
+    let o = env.run(&["sync", "--business", "999"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("refused") && text(&o).contains("systemctl reload leadsync"),
+        "{}",
+        text(&o)
+    );
+    env.set_overrides(&FAST.replace("[poll]\npage_size = 10\n", NEVER));
     // The table itself refuses what is not a request.
     let bad = env.sql().execute(
         "INSERT INTO sync_requests (business_id, kind) VALUES ('12a', 'head')",
