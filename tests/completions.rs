@@ -107,15 +107,17 @@ fn tmpfiles_let_the_service_user_onboard_and_keep_grants_private() {
 }
 
 /// The state directory is the partner group's to write (SQLite makes the
-/// mirror's `-wal`/`-shm` there), but not to rename or delete in: without
-/// the sticky bit a group member could move `private/` (the token store)
-/// or the daemon's mirror aside and put its own in their place. Setgid
-/// keeps a `-wal`/`-shm` a group member's program creates (the daemon
-/// stopped) in the `leadsync` group, which the daemon can then open. The
-/// tmpfiles.d entry (which creates it at install) and the unit's
-/// `StateDirectoryMode` agree, or each start would log a mode mismatch.
+/// mirror's `-wal`/`-shm` there). Setgid keeps a `-wal`/`-shm` a group
+/// member's program creates (the daemon stopped) in the `leadsync` group,
+/// which the daemon can then open. Not sticky: with `fs.protected_regular`
+/// (2 on Debian 12) an O_CREAT open of such a file, owned by neither the
+/// daemon nor the directory's owner, fails in a sticky group-writable
+/// directory, and SQLite opens `-wal`/`-shm` (and leadsync its lock file)
+/// with O_CREAT: the daemon could not start. The tmpfiles.d entry (which
+/// creates it at install) and the unit's `StateDirectoryMode` agree, or
+/// each start would log a mode mismatch.
 #[test]
-fn the_state_directory_is_group_writable_but_sticky_and_setgid() {
+fn the_state_directory_is_group_writable_and_setgid_not_sticky() {
     let read = |f: &str| {
         std::fs::read_to_string(format!("{}/systemd/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
     };
@@ -131,8 +133,8 @@ fn the_state_directory_is_group_writable_but_sticky_and_setgid() {
     let mode = u32::from_str_radix(&state[2], 8).unwrap();
     assert_eq!(
         (mode, state[3].as_str(), state[4].as_str()),
-        (0o3770, "leadsync", "leadsync"),
-        "the state directory: group rwx, sticky and setgid, nothing for others: {state:?}"
+        (0o2770, "leadsync", "leadsync"),
+        "the state directory: group rwx and setgid, not sticky, nothing for others: {state:?}"
     );
     let private = entry("/var/lib/leadsync/private");
     assert_eq!(

@@ -210,23 +210,6 @@ impl TokenStore {
                 tracing::warn!(directory = %dir.display(), mode = format!("{:o}", mode & 0o777),
                     "the token store's directory can be entered by other users: make it mode 0700");
             }
-            // A private directory is only as safe as its parent: whoever may
-            // write that (without the sticky bit) can rename it aside and
-            // put their own in its place.
-            if mode & 0o022 == 0
-                && let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty())
-                && let Ok(pmeta) = std::fs::metadata(parent)
-            {
-                let pmode = pmeta.permissions().mode();
-                if pmode & 0o022 != 0 && pmode & 0o1000 == 0 {
-                    tracing::warn!(directory = %dir.display(), parent = %parent.display(),
-                        parent_mode = format!("{:o}", pmode & 0o7777),
-                        "the token store's directory is in a directory its group or others can \
-                         write without the sticky bit: they can rename it aside and put their own \
-                         in its place; make the parent sticky (chmod +t {}; the shipped tmpfiles.d \
-                         entry makes /var/lib/leadsync 3770)", parent.display());
-                }
-            }
         }
         // Create the file ourselves so it is never readable by others, even briefly.
         match std::fs::OpenOptions::new()
