@@ -1312,6 +1312,9 @@ pub struct ProcessLock {
 const DAEMON_ROLE: &str = "daemon";
 /// A process holding the lock only while it migrates the schema.
 const MIGRATING_ROLE: &str = "migrating";
+/// How long taking the lock is retried before another holder is assumed:
+/// well above the instant a probe of [`ProcessLock::is_held`] holds it.
+const LOCK_PROBE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Who holds the lock (written on the lock file's second line).
 #[derive(Clone, Copy)]
@@ -1342,7 +1345,17 @@ impl ProcessLock {
     /// meeting another command's lock fails at once instead of asking).
     pub fn acquire_as(database: &Path, daemon: bool) -> Result<ProcessLock> {
         let role = if daemon { Role::Daemon } else { Role::Command };
-        match ProcessLock::try_acquire_as(database, role)? {
+        // A waiting `leadsync sync` looks whether the lock is held with a
+        // shared lock it releases at once ([`ProcessLock::is_held`]): a
+        // start meeting that probe tries again for a moment before it
+        // says another process runs.
+        let deadline = std::time::Instant::now() + LOCK_PROBE_GRACE;
+        let mut found = ProcessLock::try_acquire_as(database, role)?;
+        while found.is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            found = ProcessLock::try_acquire_as(database, role)?;
+        }
+        match found {
             Some(lock) => Ok(lock),
             None => bail!(
                 "another leadsync process (pid {}) is running against {}; \
@@ -2509,6 +2522,46 @@ mod tests {
         drop(migrating);
         let result = other.join().unwrap();
         assert!(result.is_ok(), "{:#}", result.unwrap_err());
+    }
+
+    /// A waiting `leadsync sync` looks whether the lock is held with a
+    /// shared lock it releases at once; a daemon starting at that instant
+    /// must not refuse to start ("another leadsync process is running")
+    /// for it.
+    #[test]
+    fn a_starting_daemon_is_not_refused_for_a_probe_of_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        drop(ProcessLock::acquire(&path).unwrap());
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let probes = std::sync::Arc::new(AtomicU64::new(0));
+        let prober = {
+            let (path, stop, probes) = (path.clone(), stop.clone(), probes.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    ProcessLock::is_held(&path);
+                    probes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        while probes.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let mut refused = 0;
+        for _ in 0..5000 {
+            match ProcessLock::acquire_as(&path, true) {
+                Ok(lock) => drop(lock),
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        prober.join().unwrap();
+        let probes = probes.load(Ordering::Relaxed);
+        assert_eq!(
+            refused, 0,
+            "refused {refused} of 5000 starts ({probes} probes)"
+        );
     }
 
     /// After a package upgrade, before the service restarts, the older
