@@ -491,7 +491,7 @@ async fn sync_stops_waiting_once_the_daemons_lock_is_free_though_its_pid_lives()
     let env = Env::small().await;
     assert_eq!(env.run(&["sync"]).status.code(), Some(0));
     let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
-    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(15), || drop(held));
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(25), || drop(held));
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("stopped before taking"), "{said}");
     assert_eq!(
@@ -523,5 +523,94 @@ async fn sync_gives_up_on_a_daemon_that_never_takes_its_request() {
         ),
         0,
         "the request is withdrawn: a daemon that recovers does not run it unasked"
+    );
+}
+
+/// The daemon's writes are blocked (here: another program's transaction
+/// holds the mirror's write lock for the whole wait), so withdrawing the
+/// untaken request fails too: `sync` says what it meant to say, and that
+/// the request could not be withdrawn and may still run, instead of a
+/// bare "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_says_a_request_it_could_not_withdraw_may_still_run() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let writer = env.sql();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(60), || {
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    });
+    writer.execute_batch("ROLLBACK").unwrap();
+    drop(held);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("has not taken the request"), "{said}");
+    assert!(
+        said.contains("could not be withdrawn") && said.contains("it may still run"),
+        "{said}"
+    );
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        1,
+        "the request is still open, as `sync` said"
+    );
+}
+
+/// The daemon stops and systemd starts it again (`RestartSec=5s`): the
+/// lock is free for those seconds, and the new daemon takes the request.
+/// `sync` used to withdraw it once it saw the lock free twice, about
+/// 100 ms apart. The 5 s here is the restart's delay being played, not a
+/// wait for something to happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_waits_for_a_daemon_restarted_by_systemd_to_take_its_request() {
+    use leadsync::store::{ProcessLock, requests};
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(30), || {
+        drop(held);
+        std::thread::sleep(Duration::from_secs(5));
+        let _restarted = ProcessLock::acquire_as(&env.database(), true).unwrap();
+        let c = env.sql();
+        let id: i64 = c
+            .query_row("SELECT max(id) FROM sync_requests", [], |r| r.get(0))
+            .unwrap();
+        let now = leadsync::time::now();
+        assert!(
+            requests::mark_started(&c, id, &now).unwrap(),
+            "`sync` withdrew the request while the daemon restarted"
+        );
+        requests::finish(&c, id, "ok", None, "", &now).unwrap();
+    });
+    assert_eq!(code, Some(0), "{said}");
+}
+
+/// The daemon stopped and another command (`leadsync drain` from cron)
+/// holds the lock now: nobody will take the request, and `sync` says so at
+/// once instead of waiting 20 s to call the daemon stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_meeting_another_command_holding_the_lock_says_so_at_once() {
+    use leadsync::store::ProcessLock;
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let mut drain = None;
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(10), || {
+        drop(held);
+        drain = Some(ProcessLock::acquire(&env.database()).unwrap());
+    });
+    drop(drain);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("not the daemon"), "{said}");
+    assert!(!said.contains("stuck"), "{said}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        0,
+        "the request is withdrawn"
     );
 }

@@ -1455,6 +1455,14 @@ impl ProcessLock {
             .is_ok_and(|t| t.lines().nth(1).map(str::trim) == Some(MIGRATING_ROLE))
     }
 
+    /// Whether the lock file names another command (`drain`, `sync`,
+    /// `probe`) as its holder: not the daemon, nor a process migrating the
+    /// schema (a daemon starting may hold it for that first).
+    pub fn held_by_command(database: &Path) -> bool {
+        std::fs::read_to_string(lock_path(database))
+            .is_ok_and(|t| t.lines().nth(1).map(str::trim) == Some(Role::Command.as_str()))
+    }
+
     /// Whether the lock file names the daemon as its holder. A file naming
     /// no role (written by an older leadsync, or read while being written)
     /// counts as the daemon's: asking is what leadsync did before.
