@@ -785,6 +785,43 @@ impl SyncProgress {
     }
 }
 
+/// How long `sync` waits for the running daemon to take its request (it
+/// looks every 100 ms; a restart by systemd takes about 5 s) before it
+/// withdraws it and fails. Once taken, it waits for the passes to end.
+const SYNC_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// How long the mirror's lock must stay free before `sync` takes the daemon
+/// for stopped and withdraws a request it has not taken: systemd restarts
+/// it after `RestartSec=5s`, and the new daemon takes the request.
+const SYNC_RESTART_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Withdraws the request `id` nobody has taken and fails, saying `said`
+/// and `advice`; `Ok` when the daemon took it meanwhile. When it cannot be
+/// withdrawn (the database's writes blocked, as the daemon's may be), says
+/// so: the request stays open and may still run.
+fn withdraw_untaken(
+    conn: &rusqlite::Connection,
+    id: i64,
+    why: &str,
+    said: &str,
+    advice: &str,
+) -> Result<()> {
+    match store::requests::withdraw(conn, id, why, &crate::time::now()) {
+        Ok(true) if advice.is_empty() => {
+            bail!("{said}; the request is withdrawn. Run `leadsync sync` again")
+        }
+        Ok(true) => {
+            bail!("{said}; the request is withdrawn. {advice}, then run `leadsync sync` again")
+        }
+        Ok(false) => Ok(()),
+        Err(e) => bail!(
+            "{said}; the request could not be withdrawn ({e:#}): it may still run (sync_requests \
+             row {id} shows when){}{advice}",
+            if advice.is_empty() { "" } else { ". " }
+        ),
+    }
+}
+
 /// While a daemon holds the lock, `sync` asks it through `sync_requests`
 /// (SPEC §10), waits for its answer, and prints the lines a local pass
 /// prints; `None` when no daemon runs (the caller runs the pass itself).
@@ -820,8 +857,18 @@ async fn sync_through_daemon(
         pid.map(|p| p.to_string())
             .unwrap_or_else(|| "unknown".into())
     );
-    let daemon_alive = || pid.is_none_or(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-    let mut gone_seen = false;
+    // The lock says whether a daemon is there (a pid may be reused, or
+    // unknown); looked at once a second while the daemon holds it, every
+    // 100 ms once it was seen free or held by another command.
+    let pid_text = pid
+        .map(|p| p.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    let asked = std::time::Instant::now();
+    let mut checked = std::time::Instant::now();
+    // Since when, and how many looks in a row, the lock was seen free.
+    let mut free_since: Option<std::time::Instant> = None;
+    let mut free_looks = 0u32;
+    let mut command_looks = 0u32;
     loop {
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         let Some(r) = store::requests::get(&conn, id)? else {
@@ -847,29 +894,105 @@ async fn sync_through_daemon(
                 }
             };
         }
+        // A daemon that has not taken the request in this long is stuck (or
+        // its writer is blocked), or stopped and not back: a script must
+        // not wait forever.
+        if r.started_at.is_none() && asked.elapsed() >= SYNC_TAKEN_WITHIN {
+            let within = SYNC_TAKEN_WITHIN.as_secs();
+            let why = format!("withdrawn: the daemon had not taken it within {within} s");
+            if free_since.is_some() {
+                withdraw_untaken(
+                    &conn,
+                    id,
+                    &why,
+                    &format!(
+                        "the daemon stopped before taking the request (sync_requests row {id}), \
+                         and none took it within {within} s"
+                    ),
+                    "",
+                )?;
+            } else {
+                withdraw_untaken(
+                    &conn,
+                    id,
+                    &why,
+                    &format!(
+                        "the daemon (pid {pid_text}) has not taken the request (sync_requests row \
+                         {id}) within {within} s: it may be stuck, or its database writes blocked \
+                         by another program's transaction"
+                    ),
+                    "Look at `GET /healthz` on the admin listener and `journalctl -u leadsync`",
+                )?;
+            }
+            continue; // taken meanwhile
+        }
+        if checked.elapsed() < std::time::Duration::from_secs(1)
+            && free_since.is_none()
+            && command_looks == 0
+        {
+            continue;
+        }
+        checked = std::time::Instant::now();
+        if store::ProcessLock::is_held(path) {
+            free_since = None;
+            free_looks = 0;
+            // Another command (`leadsync drain` from cron) holds it: the
+            // daemon stopped, and nobody will take the request. Seen twice,
+            // 100 ms apart: another `sync` looking holds it for an instant.
+            if !store::ProcessLock::held_by_command(path) {
+                command_looks = 0;
+                continue;
+            }
+            command_looks += 1;
+            if command_looks < 2 {
+                continue;
+            }
+            let holder = store::ProcessLock::holder(path)
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "unknown".into());
+            if r.started_at.is_some() {
+                bail!(
+                    "the daemon stopped before finishing the request (sync_requests row {id}); \
+                     another leadsync command (pid {holder}) holds the lock now"
+                );
+            }
+            withdraw_untaken(
+                &conn,
+                id,
+                "withdrawn: the daemon stopped and another command holds the lock",
+                &format!(
+                    "the daemon stopped before taking the request (sync_requests row {id}), and \
+                     another leadsync command (pid {holder}), not the daemon, holds the lock now: \
+                     nobody would take it"
+                ),
+                "Wait for that command to end",
+            )?;
+            continue;
+        }
+        command_looks = 0;
+        free_looks += 1;
+        let since = *free_since.get_or_insert_with(std::time::Instant::now);
         // A daemon that stops answers its open requests first: look at the
-        // row once more after seeing it gone before giving up.
-        if daemon_alive() {
-            gone_seen = false;
+        // row once more after seeing it gone before giving up on a taken
+        // one. An untaken one waits for a daemon restarted by systemd.
+        if r.started_at.is_some() {
+            if free_looks >= 2 {
+                bail!("the daemon stopped before finishing the request (sync_requests row {id})");
+            }
             continue;
         }
-        if !gone_seen {
-            gone_seen = true;
-            continue;
-        }
-        let now = crate::time::now();
-        if r.started_at.is_none()
-            && store::requests::withdraw(
+        if since.elapsed() >= SYNC_RESTART_GRACE {
+            withdraw_untaken(
                 &conn,
                 id,
                 "withdrawn: the daemon stopped before taking it",
-                &now,
-            )?
-        {
-            bail!("the daemon stopped before taking the request; run `leadsync sync` again");
-        }
-        if r.started_at.is_some() {
-            bail!("the daemon stopped before finishing the request (sync_requests row {id})");
+                &format!(
+                    "the daemon stopped before taking the request (sync_requests row {id}), and \
+                     none took it within {} s",
+                    SYNC_RESTART_GRACE.as_secs()
+                ),
+                "",
+            )?;
         }
     }
 }

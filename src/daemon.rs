@@ -118,17 +118,7 @@ pub async fn run_with(
     tokio::spawn(extend_start(starting.clone(), controls.shutdown.clone()));
     let session = Session::open_as(config, true).await?;
     {
-        let now = crate::time::now();
-        let closed = session
-            .store
-            .call(move |c| {
-                requests::interrupt_started(
-                    c,
-                    "interrupted: leadsync stopped before this request finished",
-                    &now,
-                )
-            })
-            .await?;
+        let closed = close_previous_process(&session.store).await?;
         if closed > 0 {
             info!(
                 requests = closed,
@@ -157,6 +147,7 @@ pub async fn run_with(
             session.client.clone(),
             DrainSettings::from_config(&session.config),
         )),
+        disk_alert: DiskAlert::default(),
     });
     // The receiver is bound before READY=1: a port that is taken fails the start.
     let mut webhooks_at = None;
@@ -192,6 +183,7 @@ pub async fn run_with(
         session.store.path().to_path_buf(),
         daemon.scheduler_beat.clone(),
         daemon.drain_beat.clone(),
+        Some(session.store.durable_sync_watch()),
     )
     .await?;
     controls.bound.send_replace(Some(Bound {
@@ -472,6 +464,8 @@ struct Daemon {
     scheduler_beat: Arc<AtomicI64>,
     drain_beat: Arc<AtomicI64>,
     drainer: Arc<Drainer>,
+    /// Where the daemon alert of a failed sync to disk stands.
+    disk_alert: DiskAlert,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -676,6 +670,7 @@ impl Daemon {
                 }
             }
             self.write_lag().await;
+            record_disk_failure(&self.store, &self.disk_alert).await;
             let wait = next
                 .and_then(|n| (n - chrono::Utc::now()).to_std().ok())
                 .unwrap_or(Duration::ZERO)
@@ -715,7 +710,10 @@ impl Daemon {
         let kind = ScanKind::parse(&r.kind).unwrap_or(ScanKind::Head);
         let ids: Result<Vec<String>, String> = match &r.business_id {
             Some(id) => match config.business(id) {
-                None => Err(format!("business {id} is not in the configuration")),
+                None => Err(format!(
+                    "business {id} is not in the configuration the daemon runs with (added to \
+                     the files since it started or was last reloaded? `systemctl reload leadsync`)"
+                )),
                 Some(b) if !b.enabled => {
                     Err(format!("business {id} is disabled (enabled = false)"))
                 }
@@ -1117,6 +1115,13 @@ impl Daemon {
             }
             Err(e) => format!("cannot read the database: {e:#}"),
         };
+        // First, where `systemctl status` cuts a long line.
+        let line = match self.store.durable_sync_failure() {
+            Some(_) => format!(
+                "DATABASE NOT SYNCED TO DISK: webhook deliveries refused until a restart (see leadsync status); {line}"
+            ),
+            None => line,
+        };
         notify(&[NotifyState::Status(&line)]);
     }
 
@@ -1192,6 +1197,64 @@ impl Daemon {
                 since_status = Duration::ZERO;
                 self.send_status().await;
             }
+        }
+    }
+}
+
+/// At a start, what the previous process left: its daemon alerts (they were
+/// of its process: a failed sync to disk is trusted again after a restart)
+/// and the sync requests it had taken; returns how many of those it closed.
+async fn close_previous_process(store: &Store) -> Result<usize> {
+    let now = crate::time::now();
+    store
+        .call(move |c| {
+            mirror::clear_daemon_alerts(c)?;
+            requests::interrupt_started(
+                c,
+                "interrupted: leadsync stopped before this request finished",
+                &now,
+            )
+        })
+        .await
+}
+
+/// The daemon alert key of a failed sync of the database to disk.
+const DISK_ALERT: &str = "disk-sync";
+
+/// Where the alert of a failed sync to disk stands: recorded in the mirror
+/// for `status`, or a failed attempt already logged.
+#[derive(Debug, Default)]
+struct DiskAlert {
+    recorded: std::sync::atomic::AtomicBool,
+    warned: std::sync::atomic::AtomicBool,
+}
+
+/// Records, once, a failed sync of the database to disk as a daemon alert
+/// in the mirror, where `status` shows it (the next start clears it); true
+/// once it is recorded. Called about once a second by the scheduler loop.
+async fn record_disk_failure(store: &Store, alert: &DiskAlert) -> bool {
+    if alert.recorded.load(Ordering::Relaxed) {
+        return true;
+    }
+    let Some(why) = store.durable_sync_failure() else {
+        return false;
+    };
+    let message = crate::serve::admin::disk_failure_message(&why);
+    let now = crate::time::now();
+    let written = store
+        .call(move |c| mirror::set_daemon_alert(c, DISK_ALERT, Some(&message), &now))
+        .await;
+    match written {
+        Ok(()) => {
+            alert.recorded.store(true, Ordering::Relaxed);
+            true
+        }
+        Err(e) => {
+            // The disk may refuse this write too: said once, tried each second.
+            if !alert.warned.swap(true, Ordering::Relaxed) {
+                warn!(error = %format!("{e:#}"), "cannot record the failed sync to disk for `leadsync status`; /healthz and /metrics still show it");
+            }
+            false
         }
     }
 }
@@ -1285,6 +1348,80 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A failed sync to disk makes every later webhook delivery 503 until
+    /// a restart: `status` must say so (not only the log), as an alert of
+    /// the daemon, not of OAuth, and the next start forgets it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_disk_sync_is_a_status_alert_until_the_next_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let conf = dir.path().join("leadsync.toml");
+        std::fs::write(
+            &conf,
+            format!("database = {:?}\n", db.display().to_string()),
+        )
+        .unwrap();
+        let config = ConfigSource { files: vec![conf] }.load().unwrap();
+        let store = Store::open(&db).unwrap();
+        let alert = DiskAlert::default();
+        assert!(
+            !record_disk_failure(&store, &alert).await,
+            "nothing failed yet"
+        );
+        store.on_wal_sync_result(|| Err(std::io::Error::other("EIO (injected)")));
+        let now = crate::time::now();
+        store
+            .call(move |c| {
+                mirror::set_auth_alert(c, "oauth-client", Some("OAuth client refused"), &now)
+            })
+            .await
+            .unwrap();
+        let delivery = store
+            .call_urgent_durable(|c| Ok(c.execute("DELETE FROM sync_requests", [])?))
+            .await;
+        assert!(delivery.is_err(), "the injected sync failure did not fail");
+        assert!(record_disk_failure(&store, &alert).await);
+        let report = |store: &Store| {
+            let config = config.clone();
+            let store = store.clone();
+            async move {
+                store
+                    .call(move |c| crate::status::report(c, &config))
+                    .await
+                    .unwrap()
+            }
+        };
+        let r = report(&store).await;
+        assert_eq!(r.daemon_alerts.len(), 1, "{:?}", r.daemon_alerts);
+        assert!(r.daemon_alerts[0].message.contains("EIO (injected)"));
+        assert!(r.daemon_alerts[0].message.contains("503"));
+        assert_eq!(
+            r.auth_alerts.len(),
+            1,
+            "the OAuth alert alone: {:?}",
+            r.auth_alerts
+        );
+        let text = crate::status::render_text(&r);
+        let daemon_at = text.find("daemon:").expect(&text);
+        let oauth_at = text.find("OAuth:").expect(&text);
+        assert!(daemon_at < oauth_at, "{text}");
+        assert!(
+            text[daemon_at..oauth_at].contains("could not be synced to disk"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&r).unwrap();
+        assert!(
+            json["daemon_alerts"][0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("synced to disk")),
+            "{json}"
+        );
+        close_previous_process(&store).await.unwrap();
+        let r = report(&store).await;
+        assert!(r.daemon_alerts.is_empty(), "{:?}", r.daemon_alerts);
+        assert_eq!(r.auth_alerts.len(), 1, "OAuth alerts outlive a restart");
+    }
 
     #[tokio::test]
     async fn a_panicking_pass_fails_alone_and_the_worker_goes_on() {

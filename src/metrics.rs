@@ -14,6 +14,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -116,6 +117,7 @@ struct Metrics {
     rate_limit_pause_seconds: Counter<f64, AtomicU64>,
     token_refreshes: Family<OutcomeLabels, Counter>,
     webhook_deliveries: Family<WebhookLabels, Counter>,
+    disk_sync_failed: Gauge,
     tables: Arc<Tables>,
 }
 
@@ -139,6 +141,7 @@ impl Metrics {
             rate_limit_pause_seconds: Counter::default(),
             token_refreshes: Family::default(),
             webhook_deliveries: Family::default(),
+            disk_sync_failed: Gauge::default(),
             tables: Arc::new(Tables::default()),
         };
         registry.register(
@@ -188,13 +191,18 @@ impl Metrics {
         );
         registry.register(
             "token_refreshes",
-            "OAuth refresh-token grants by outcome (ok, refused, transient)",
+            "OAuth refresh-token grants by outcome (ok, invalid_grant, client_refused, lost, transient)",
             m.token_refreshes.clone(),
         );
         registry.register(
             "webhook_deliveries",
             "Webhook deliveries received by event type and outcome",
             m.webhook_deliveries.clone(),
+        );
+        registry.register(
+            "disk_sync_failed",
+            "1 once a sync of the database to disk has failed: webhook deliveries are answered 503 until leadsync is restarted",
+            m.disk_sync_failed.clone(),
         );
         registry.register_collector(Box::new(m.tables.clone()));
         registry.register_collector(Box::new(BuildInfo));
@@ -317,6 +325,11 @@ pub fn webhook_delivery(event_type: &str, outcome: &str) {
             outcome: outcome.to_string(),
         })
         .inc();
+}
+
+/// Whether a sync of the database to disk has failed (see `/healthz`).
+pub fn set_disk_sync_failed(failed: bool) {
+    METRICS.disk_sync_failed.set(i64::from(failed));
 }
 
 /// Replaces the table gauges with a fresh reading of the mirror.

@@ -16,6 +16,10 @@ pub struct StatusReport {
     /// OAuth conditions a person must see once, not per business (the
     /// client refused, a token file refused, a rotated token not stored).
     pub auth_alerts: Vec<AuthAlert>,
+    /// Conditions of the running daemon's process a person must act on (a
+    /// failed sync of the database to disk: webhook deliveries refused
+    /// until a restart). Cleared when the daemon next starts.
+    pub daemon_alerts: Vec<AuthAlert>,
     pub businesses: Vec<BusinessStatus>,
     /// The running daemon's schedules and how far behind each is (empty
     /// when no daemon has written them).
@@ -231,7 +235,12 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
         .into_iter()
         .map(|(message, since)| AuthAlert { message, since })
         .collect();
+    let daemon_alerts = crate::store::mirror::daemon_alerts(conn)?
+        .into_iter()
+        .map(|(message, since)| AuthAlert { message, since })
+        .collect();
     Ok(StatusReport {
+        daemon_alerts,
         messages,
         database: config.database().display().to_string(),
         generated_at: crate::time::now(),
@@ -262,6 +271,12 @@ fn ago(secs: Option<i64>) -> String {
 /// The report as a table for people.
 pub fn render_text(r: &StatusReport) -> String {
     let mut out = format!("database: {}\n", r.database);
+    if !r.daemon_alerts.is_empty() {
+        out.push_str("\ndaemon:\n");
+        for a in &r.daemon_alerts {
+            out.push_str(&format!("  ! {} (since {})\n", a.message, a.since));
+        }
+    }
     if !r.auth_alerts.is_empty() {
         out.push_str("\nOAuth:\n");
         for a in &r.auth_alerts {

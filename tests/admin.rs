@@ -476,6 +476,16 @@ async fn metrics_parse_and_move_after_a_pass_and_a_send() {
     })
     .await;
     assert!(value(&s, "leadsync_token_refreshes_total", &[("outcome", "ok")]) >= 3.0);
+    // The token endpoint is Thumbtack too (SPEC §10: HTTP requests to
+    // Thumbtack by endpoint and status): its statuses were missing.
+    assert!(
+        value(
+            &s,
+            "leadsync_http_requests_total",
+            &[("endpoint", "POST oauth2/token"), ("status", "200")]
+        ) >= 3.0,
+        "token requests counted by endpoint and status"
+    );
     assert!(
         value(
             &s,

@@ -105,3 +105,57 @@ fn tmpfiles_let_the_service_user_onboard_and_keep_grants_private() {
         "conf.d is not world-writable: {conf_d:?}"
     );
 }
+
+/// The state directory is the partner group's to write (SQLite makes the
+/// mirror's `-wal`/`-shm` there). Setgid keeps a `-wal`/`-shm` a group
+/// member's program creates (the daemon stopped) in the `leadsync` group,
+/// which the daemon can then open. Not sticky: with `fs.protected_regular`
+/// (2 on Debian 12) an O_CREAT open of such a file, owned by neither the
+/// daemon nor the directory's owner, fails in a sticky group-writable
+/// directory, and SQLite opens `-wal`/`-shm` (and leadsync its lock file)
+/// with O_CREAT: the daemon could not start. The tmpfiles.d entry (which
+/// creates it at install) and the unit's `StateDirectoryMode` agree, or
+/// each start would log a mode mismatch.
+#[test]
+fn the_state_directory_is_group_writable_and_setgid_not_sticky() {
+    let read = |f: &str| {
+        std::fs::read_to_string(format!("{}/systemd/{f}", env!("CARGO_MANIFEST_DIR"))).unwrap()
+    };
+    let (tmpfiles, unit) = (read("leadsync.tmpfile"), read("leadsync.service"));
+    let entry = |path: &str| -> Vec<String> {
+        tmpfiles
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect::<Vec<_>>())
+            .find(|f| f.len() >= 5 && f[0] == "d" && f[1] == path)
+            .unwrap_or_else(|| panic!("no `d {path}` line in\n{tmpfiles}"))
+    };
+    let state = entry("/var/lib/leadsync");
+    let mode = u32::from_str_radix(&state[2], 8).unwrap();
+    assert_eq!(
+        (mode, state[3].as_str(), state[4].as_str()),
+        (0o2770, "leadsync", "leadsync"),
+        "the state directory: group rwx and setgid, not sticky, nothing for others: {state:?}"
+    );
+    let private = entry("/var/lib/leadsync/private");
+    assert_eq!(
+        private[2], "0700",
+        "the token store's directory: {private:?}"
+    );
+    let key = |k: &str| {
+        unit.lines()
+            .filter_map(|l| l.trim().strip_prefix(k)?.strip_prefix('='))
+            .next_back()
+            .unwrap_or_else(|| panic!("no {k}= in the unit"))
+            .to_string()
+    };
+    assert_eq!(
+        u32::from_str_radix(&key("StateDirectoryMode"), 8).unwrap(),
+        mode,
+        "the unit and tmpfiles.d disagree on the state directory's mode"
+    );
+    assert_eq!(
+        key("UMask"),
+        "0007",
+        "files group read/write, nothing for others"
+    );
+}

@@ -207,3 +207,25 @@ async fn enqueue_that_cannot_write_the_lock_waits_for_another_process_migrating(
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(count(&env.sql(), "SELECT count(*) FROM outbox"), 1);
 }
+
+/// The shipped state directory (2770: group writable, setgid, not sticky,
+/// see the README's "The unit") holds `private/`, the token store's
+/// directory: a warning there about its parent would fire on every
+/// default install, and say nothing a user can act on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_shipped_state_directory_draws_no_warning_about_the_token_directory() {
+    let env = common::oauth_env(3600, common::FAST).await;
+    let state = env.dir.path().join("state");
+    std::fs::create_dir(&state).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o2770)).unwrap();
+    let store = state.join("private").join("tokens.db");
+    env.set_overrides(&format!(
+        "{}\n[oauth]\ntoken_store = \"{}\"\n",
+        common::FAST,
+        store.display()
+    ));
+    let o = env.run(&["drain"]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(!t.contains("WARN"), "a default install warns: {t}");
+}

@@ -120,6 +120,22 @@ async fn sync_now_round_trip_with_the_daemon_running() {
                AND error LIKE '%999%not in the configuration%'",
         ) == 1
     });
+    // A business added to the files but not reloaded: the command knows it,
+    // the daemon does not, and the refusal says what to do.
+    let token_file = env.dir.path().join("fixture").join("tokens").join(&ids[0]);
+    env.set_overrides(&format!(
+        "{}\n[[businesses]]\nid = \"999\"\naccess_token_file = \"{}\"\n",
+        FAST.replace("[poll]\npage_size = 10\n", NEVER),
+        token_file.display()
+    ));
+    let o = env.run(&["sync", "--business", "999"]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("refused") && text(&o).contains("systemctl reload leadsync"),
+        "{}",
+        text(&o)
+    );
+    env.set_overrides(&FAST.replace("[poll]\npage_size = 10\n", NEVER));
     // The table itself refuses what is not a request.
     let bad = env.sql().execute(
         "INSERT INTO sync_requests (business_id, kind) VALUES ('12a', 'head')",
@@ -419,5 +435,182 @@ async fn a_reload_applies_a_new_request_rate() {
     assert_eq!(
         wait_exit(&mut daemon.0, Duration::from_secs(20)).code(),
         Some(0)
+    );
+}
+
+/// `leadsync sync` started beside a "daemon" played by this test process
+/// (it holds the mirror's lock as the daemon, and takes no request); its
+/// stdout and stderr once it exits within `within`, else the test fails.
+fn sync_beside_a_silent_daemon(
+    env: &Env,
+    within: Duration,
+    meanwhile: impl FnOnce(),
+) -> (Option<i32>, String) {
+    let mut child = Running(
+        env.cli()
+            .arg("sync")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    wait_until_blocking("the sync request", Duration::from_secs(20), || {
+        count(&env.sql(), "SELECT count(*) FROM sync_requests") == 1
+    });
+    meanwhile();
+    let end = Instant::now() + within;
+    while child.0.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "`sync` still waits after {within:?} for a request nobody will take"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let status = child.0.wait().unwrap();
+    let mut said = String::new();
+    use std::io::Read;
+    for pipe in [
+        child.0.stdout.take().map(|p| Box::new(p) as Box<dyn Read>),
+        child.0.stderr.take().map(|p| Box::new(p) as Box<dyn Read>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let mut pipe = pipe;
+        pipe.read_to_string(&mut said).unwrap();
+    }
+    (status.code(), said)
+}
+
+/// The daemon died before taking the request, but its pid lives on (reused
+/// by another process, or, here, this test process): `sync` used to look
+/// at `/proc/PID` alone and waited forever. The lock is what says a daemon
+/// is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_stops_waiting_once_the_daemons_lock_is_free_though_its_pid_lives() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(25), || drop(held));
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("stopped before taking"), "{said}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        0,
+        "the request is withdrawn, not left for a later daemon"
+    );
+}
+
+/// A daemon that holds its lock but never takes the request (stuck, or its
+/// writer blocked): `sync` (a cron job, a script) must not wait forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_gives_up_on_a_daemon_that_never_takes_its_request() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(40), || {});
+    drop(held);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("has not taken the request"), "{said}");
+    assert!(said.contains("/healthz"), "{said}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        0,
+        "the request is withdrawn: a daemon that recovers does not run it unasked"
+    );
+}
+
+/// The daemon's writes are blocked (here: another program's transaction
+/// holds the mirror's write lock for the whole wait), so withdrawing the
+/// untaken request fails too: `sync` says what it meant to say, and that
+/// the request could not be withdrawn and may still run, instead of a
+/// bare "database is locked".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_says_a_request_it_could_not_withdraw_may_still_run() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let writer = env.sql();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(60), || {
+        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+    });
+    writer.execute_batch("ROLLBACK").unwrap();
+    drop(held);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("has not taken the request"), "{said}");
+    assert!(
+        said.contains("could not be withdrawn") && said.contains("it may still run"),
+        "{said}"
+    );
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        1,
+        "the request is still open, as `sync` said"
+    );
+}
+
+/// The daemon stops and systemd starts it again (`RestartSec=5s`): the
+/// lock is free for those seconds, and the new daemon takes the request.
+/// `sync` used to withdraw it once it saw the lock free twice, about
+/// 100 ms apart. The 5 s here is the restart's delay being played, not a
+/// wait for something to happen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_waits_for_a_daemon_restarted_by_systemd_to_take_its_request() {
+    use leadsync::store::{ProcessLock, requests};
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(30), || {
+        drop(held);
+        std::thread::sleep(Duration::from_secs(5));
+        let _restarted = ProcessLock::acquire_as(&env.database(), true).unwrap();
+        let c = env.sql();
+        let id: i64 = c
+            .query_row("SELECT max(id) FROM sync_requests", [], |r| r.get(0))
+            .unwrap();
+        let now = leadsync::time::now();
+        assert!(
+            requests::mark_started(&c, id, &now).unwrap(),
+            "`sync` withdrew the request while the daemon restarted"
+        );
+        requests::finish(&c, id, "ok", None, "", &now).unwrap();
+    });
+    assert_eq!(code, Some(0), "{said}");
+}
+
+/// The daemon stopped and another command (`leadsync drain` from cron)
+/// holds the lock now: nobody will take the request, and `sync` says so at
+/// once instead of waiting 20 s to call the daemon stuck.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_meeting_another_command_holding_the_lock_says_so_at_once() {
+    use leadsync::store::ProcessLock;
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let mut drain = None;
+    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(10), || {
+        drop(held);
+        drain = Some(ProcessLock::acquire(&env.database()).unwrap());
+    });
+    drop(drain);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("not the daemon"), "{said}");
+    assert!(!said.contains("stuck"), "{said}");
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE finished_at IS NULL"
+        ),
+        0,
+        "the request is withdrawn"
     );
 }

@@ -1,8 +1,9 @@
 //! The admin listener (`[admin] listen`, SPEC §10): `GET /metrics` in the
 //! Prometheus text format, `GET /healthz` (200 while the scheduler and the
-//! drainer loops beat, else 503 with the reason), `GET /readyz` (200 once
-//! the mirror is open and migrated, 503 while stopping or when the mirror
-//! cannot be read).
+//! drainer loops beat and the database syncs to disk, else 503 with the
+//! reason), `GET /readyz` (200 once the mirror is open and migrated, 503
+//! while stopping, when the mirror cannot be read, or once a sync to disk
+//! failed: webhook deliveries are refused until a restart).
 
 use crate::config::Config;
 use crate::store;
@@ -32,12 +33,33 @@ pub struct Health {
     pub stopping: CancellationToken,
     /// Why the last reading of the mirror failed, if it did.
     pub mirror_error: Mutex<Option<String>>,
+    /// Whether a sync of the database to disk has failed (then webhook
+    /// deliveries are refused until restart); `None`: not watched.
+    pub disk: Option<store::DurableSyncWatch>,
+}
+
+/// What `/healthz`, `status` and the log say once a sync of the database
+/// to disk has failed ([`store::Store::durable_sync_failure`]).
+pub fn disk_failure_message(why: &str) -> String {
+    format!(
+        "the database could not be synced to disk ({why}): every webhook delivery is answered \
+         503 and recent writes may not survive a power cut until leadsync is restarted; check \
+         the disk and the log (journalctl -u leadsync), then restart it"
+    )
 }
 
 impl Health {
-    /// `None` while both loops beat, else why not.
+    /// Why durable writes fail until restart, once a sync to disk failed.
+    pub fn disk_failure(&self) -> Option<String> {
+        self.disk.as_ref().and_then(|d| d.failure())
+    }
+
+    /// `None` while both loops beat and the database syncs to disk, else why not.
     pub fn problem(&self, now_ms: i64) -> Option<String> {
         let mut stuck = Vec::new();
+        if let Some(why) = self.disk_failure() {
+            stuck.push(disk_failure_message(&why));
+        }
         for (name, beat) in [
             ("scheduler", &self.scheduler_beat),
             ("drainer", &self.drain_beat),
@@ -64,7 +86,8 @@ pub fn router(health: Arc<Health>) -> Router {
         .with_state(health)
 }
 
-async fn metrics(headers: HeaderMap) -> Response {
+async fn metrics(State(health): State<Arc<Health>>, headers: HeaderMap) -> Response {
+    crate::metrics::set_disk_sync_failed(health.disk_failure().is_some());
     // OpenMetrics only for a scraper that asks for it; Prometheus text otherwise.
     let openmetrics = headers
         .get(header::ACCEPT)
@@ -98,6 +121,15 @@ async fn healthz(State(health): State<Arc<Health>>) -> Response {
 async fn readyz(State(health): State<Arc<Health>>) -> Response {
     if health.stopping.is_cancelled() {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: stopping\n").into_response();
+    }
+    // Webhook deliveries are refused until a restart: a proxy or load
+    // balancer should route them elsewhere.
+    if let Some(why) = health.disk_failure() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {}\n", disk_failure_message(&why)),
+        )
+            .into_response();
     }
     let mirror_error = health
         .mirror_error
@@ -169,6 +201,7 @@ impl Admin {
         database: PathBuf,
         scheduler_beat: Arc<AtomicI64>,
         drain_beat: Arc<AtomicI64>,
+        disk: Option<store::DurableSyncWatch>,
     ) -> Result<Option<Admin>> {
         let Some(addr) = config.admin_listen else {
             return Ok(None);
@@ -180,6 +213,7 @@ impl Admin {
             stale_after: Duration::from_secs_f64(config.file.admin.stale_after_secs),
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
+            disk,
         });
         let stop = CancellationToken::new();
         let every = Duration::from_secs_f64(config.file.admin.refresh_secs);
@@ -278,6 +312,64 @@ impl TableReader {
 mod tests {
     use super::*;
 
+    /// After a failed sync to disk every webhook delivery is 503 until a
+    /// restart: `/healthz` must say so (the daemon cannot accept them), and
+    /// `/metrics` too.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_disk_sync_turns_healthz_503_and_the_metric_1() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store::Store::open(&dir.path().join("m.db")).unwrap();
+        let now = chrono::Utc::now().timestamp_millis();
+        let health = Arc::new(Health {
+            scheduler_beat: Arc::new(AtomicI64::new(now)),
+            drain_beat: Arc::new(AtomicI64::new(now)),
+            stale_after: Duration::from_secs(3600),
+            stopping: CancellationToken::new(),
+            mirror_error: Mutex::new(None),
+            disk: Some(store.durable_sync_watch()),
+        });
+        let get = |path: &'static str| {
+            let health = health.clone();
+            async move {
+                let resp = router(health)
+                    .oneshot(
+                        axum::http::Request::get(path)
+                            .body(axum::body::Body::empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        assert_eq!(get("/healthz").await.0, StatusCode::OK);
+        store.on_wal_sync_result(|| Err(std::io::Error::other("EIO (injected)")));
+        let r = store
+            .call_urgent_durable(|c| Ok(c.execute("DELETE FROM sync_requests", [])?))
+            .await;
+        assert!(r.is_err(), "the injected sync failure did not fail");
+        let (status, body) = get("/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(
+            body.contains("could not be synced to disk") && body.contains("EIO (injected)"),
+            "{body}"
+        );
+        // Nothing should be routed to a daemon that refuses deliveries.
+        let (status, body) = get("/readyz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("could not be synced to disk"), "{body}");
+        let (_, metrics) = get("/metrics").await;
+        assert!(
+            metrics.lines().any(|l| l == "leadsync_disk_sync_failed 1"),
+            "{metrics}"
+        );
+    }
+
     #[test]
     fn a_silent_loop_is_named() {
         let h = Health {
@@ -286,6 +378,7 @@ mod tests {
             stale_after: Duration::from_secs(3),
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
+            disk: None,
         };
         let why = h.problem(10_500).expect("the drainer is stale");
         assert!(

@@ -111,3 +111,39 @@ pub async fn serve(
         warn!("connections still open after the shutdown grace period were closed");
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A keep-alive connection left idle after its answer holds one of the
+    /// `max_connections` slots: it must be closed, or a client that opens
+    /// that many and sends nothing more shuts everyone else out.
+    #[tokio::test]
+    async fn an_idle_keep_alive_connection_is_closed() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let router = Router::new().route("/", axum::routing::get(|| async { "ok" }));
+        let stop = CancellationToken::new();
+        let options = ServeOptions {
+            header_read_timeout: Duration::from_millis(300),
+            ..ServeOptions::default()
+        };
+        tokio::spawn(serve(listener, router, stop.clone(), options));
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = s.read(&mut buf).await.unwrap();
+        assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+        // Idle now: the server must close it (read returns 0) within a bound.
+        let closed = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf)).await;
+        stop.cancel();
+        assert!(
+            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
+            "an idle keep-alive connection was kept open: {closed:?}"
+        );
+    }
+}

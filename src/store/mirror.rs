@@ -1241,10 +1241,47 @@ pub fn set_auth_alert(
     Ok(())
 }
 
-/// Every auth alert (message, since), oldest first.
+/// Every auth alert (message, since), oldest first; the running daemon's
+/// own alerts ([`set_daemon_alert`]) are not among them.
 pub fn auth_alerts(conn: &Connection) -> Result<Vec<(String, String)>> {
-    let mut stmt =
-        conn.prepare("SELECT message, since FROM auth_alerts ORDER BY since, alert_key")?;
+    let mut stmt = conn.prepare(
+        "SELECT message, since FROM auth_alerts WHERE alert_key NOT LIKE 'daemon:%'
+          ORDER BY since, alert_key",
+    )?;
+    let rows = stmt
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Sets (keeping its first `since`) or clears one of the running daemon's
+/// alerts: a condition of the process (not of OAuth) that `status` must
+/// show, such as a failed sync of the database to disk. They share the
+/// `auth_alerts` table, under keys `daemon:<key>`.
+pub fn set_daemon_alert(
+    conn: &Connection,
+    key: &str,
+    message: Option<&str>,
+    now: &str,
+) -> Result<()> {
+    set_auth_alert(conn, &format!("daemon:{key}"), message, now)
+}
+
+/// Clears every daemon alert: a daemon starting has none of the last one's
+/// conditions (they belong to its process).
+pub fn clear_daemon_alerts(conn: &Connection) -> Result<usize> {
+    Ok(conn.execute(
+        "DELETE FROM auth_alerts WHERE alert_key LIKE 'daemon:%'",
+        [],
+    )?)
+}
+
+/// The daemon's alerts (message, since), oldest first.
+pub fn daemon_alerts(conn: &Connection) -> Result<Vec<(String, String)>> {
+    let mut stmt = conn.prepare(
+        "SELECT message, since FROM auth_alerts WHERE alert_key LIKE 'daemon:%'
+          ORDER BY since, alert_key",
+    )?;
     let rows = stmt
         .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;

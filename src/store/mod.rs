@@ -887,6 +887,26 @@ struct WalSyncState {
     within: Option<Duration>,
 }
 
+/// Tells whether a sync of the database to disk has failed (then every
+/// durable call fails until restart), for health checks and metrics.
+#[derive(Clone)]
+pub struct DurableSyncWatch(Arc<WalSync>);
+
+impl DurableSyncWatch {
+    /// Why durable calls fail until restart, once a sync to disk failed.
+    pub fn failure(&self) -> Option<String> {
+        self.0.lock().failed.clone()
+    }
+}
+
+impl std::fmt::Debug for DurableSyncWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("DurableSyncWatch")
+            .field(&self.failure())
+            .finish()
+    }
+}
+
 /// A durable call not on disk within this time fails (the webhook receiver
 /// answers 503, Thumbtack delivers again): a hung disk must not hang
 /// requests.
@@ -1260,6 +1280,12 @@ impl Store {
         self.wal_sync.lock().failed.clone()
     }
 
+    /// A handle that tells [`Store::durable_sync_failure`] without keeping
+    /// the store (its writer thread) open.
+    pub fn durable_sync_watch(&self) -> DurableSyncWatch {
+        DurableSyncWatch(self.wal_sync.clone())
+    }
+
     /// Asks for a sync of the WAL within about [`SYNC_SOON_EVERY`], without
     /// waiting for it: for a commit whose loss to a power cut would make
     /// leadsync do again something not idempotent (an outbox row's `sent`
@@ -1337,6 +1363,9 @@ pub struct ProcessLock {
 const DAEMON_ROLE: &str = "daemon";
 /// A process holding the lock only while it migrates the schema.
 const MIGRATING_ROLE: &str = "migrating";
+/// How long taking the lock is retried before another holder is assumed:
+/// well above the instant a probe of [`ProcessLock::is_held`] holds it.
+const LOCK_PROBE_GRACE: std::time::Duration = std::time::Duration::from_millis(200);
 
 /// Who holds the lock (written on the lock file's second line).
 #[derive(Clone, Copy)]
@@ -1367,7 +1396,17 @@ impl ProcessLock {
     /// meeting another command's lock fails at once instead of asking).
     pub fn acquire_as(database: &Path, daemon: bool) -> Result<ProcessLock> {
         let role = if daemon { Role::Daemon } else { Role::Command };
-        match ProcessLock::try_acquire_as(database, role)? {
+        // A waiting `leadsync sync` looks whether the lock is held with a
+        // shared lock it releases at once ([`ProcessLock::is_held`]): a
+        // start meeting that probe tries again for a moment before it
+        // says another process runs.
+        let deadline = std::time::Instant::now() + LOCK_PROBE_GRACE;
+        let mut found = ProcessLock::try_acquire_as(database, role)?;
+        while found.is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            found = ProcessLock::try_acquire_as(database, role)?;
+        }
+        match found {
             Some(lock) => Ok(lock),
             None => bail!(
                 "another leadsync process (pid {}) is running against {}; \
@@ -1387,6 +1426,9 @@ impl ProcessLock {
 
     fn try_acquire_as(database: &Path, role: Role) -> Result<Option<ProcessLock>> {
         let path = lock_path(database);
+        // Root would create it 0644 root's: no later daemon start could
+        // take it (`probe` takes the lock before it opens anything else).
+        refuse_foreign_as_root(&path, "lock file")?;
         let file = match std::fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -1429,6 +1471,24 @@ impl ProcessLock {
         Ok(Some(ProcessLock { _file: file }))
     }
 
+    /// Whether some process holds the lock now. Nothing is kept: a shared
+    /// lock taken to find out is released at once. No lock file: nobody
+    /// holds it; a file that cannot be read: held, as far as can be told.
+    pub fn is_held(database: &Path) -> bool {
+        let file = match File::open(lock_path(database)) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(_) => return true,
+        };
+        match file.try_lock_shared() {
+            Ok(()) => {
+                let _ = file.unlock();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+
     /// The pid the lock file names (the holder's, while it is held).
     pub fn holder(database: &Path) -> Option<u32> {
         std::fs::read_to_string(lock_path(database))
@@ -1444,6 +1504,14 @@ impl ProcessLock {
     fn held_for_migration(database: &Path) -> bool {
         std::fs::read_to_string(lock_path(database))
             .is_ok_and(|t| t.lines().nth(1).map(str::trim) == Some(MIGRATING_ROLE))
+    }
+
+    /// Whether the lock file names another command (`drain`, `sync`,
+    /// `probe`) as its holder: not the daemon, nor a process migrating the
+    /// schema (a daemon starting may hold it for that first).
+    pub fn held_by_command(database: &Path) -> bool {
+        std::fs::read_to_string(lock_path(database))
+            .is_ok_and(|t| t.lines().nth(1).map(str::trim) == Some(Role::Command.as_str()))
     }
 
     /// Whether the lock file names the daemon as its holder. A file naming
@@ -1665,6 +1733,29 @@ pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `sudo leadsync probe` (root) before the daemon's first start: the
+    /// probe takes the lock before anything else, and a lock file root
+    /// creates in the service user's directory (0644) stopped every later
+    /// daemon start ("cannot open lock file"). Refused instead, like the
+    /// database, and nothing is left behind.
+    #[test]
+    fn root_takes_no_lock_in_the_service_users_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let theirs = dir.path().join("state");
+        std::fs::create_dir(&theirs).unwrap();
+        if std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).is_err() {
+            eprintln!("skipped: cannot chown (not root)");
+            return;
+        }
+        let db = theirs.join("mirror.db");
+        let e = ProcessLock::acquire(&db).err().expect("root took the lock");
+        assert!(format!("{e:#}").contains("sudo -u"), "{e:#}");
+        assert!(
+            !lock_path(&db).exists(),
+            "a root-owned lock file was left behind"
+        );
+    }
 
     #[test]
     fn a_table_renamed_and_back_keeps_its_indexes_named() {
@@ -2629,6 +2720,46 @@ mod tests {
         drop(migrating);
         let result = other.join().unwrap();
         assert!(result.is_ok(), "{:#}", result.unwrap_err());
+    }
+
+    /// A waiting `leadsync sync` looks whether the lock is held with a
+    /// shared lock it releases at once; a daemon starting at that instant
+    /// must not refuse to start ("another leadsync process is running")
+    /// for it.
+    #[test]
+    fn a_starting_daemon_is_not_refused_for_a_probe_of_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        drop(ProcessLock::acquire(&path).unwrap());
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let probes = std::sync::Arc::new(AtomicU64::new(0));
+        let prober = {
+            let (path, stop, probes) = (path.clone(), stop.clone(), probes.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    ProcessLock::is_held(&path);
+                    probes.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        };
+        while probes.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        let mut refused = 0;
+        for _ in 0..5000 {
+            match ProcessLock::acquire_as(&path, true) {
+                Ok(lock) => drop(lock),
+                Err(_) => refused += 1,
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        prober.join().unwrap();
+        let probes = probes.load(Ordering::Relaxed);
+        assert_eq!(
+            refused, 0,
+            "refused {refused} of 5000 starts ({probes} probes)"
+        );
     }
 
     /// After a package upgrade, before the service restarts, the older

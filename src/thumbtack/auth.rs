@@ -2171,7 +2171,13 @@ impl Inner {
         if let Some(t) = timeout {
             request = request.timeout(t);
         }
-        let resp = request.send().await.map_err(|e| {
+        let sent = request.send().await;
+        crate::metrics::http_request(
+            "POST",
+            &oauth.token_url,
+            sent.as_ref().ok().map(|r| r.status().as_u16()),
+        );
+        let resp = sent.map_err(|e| {
             let what = if e.is_timeout() {
                 "timed out"
             } else if e.is_connect() {
