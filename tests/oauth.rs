@@ -702,8 +702,13 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
         "let go once stored"
     );
     drop(gate);
+    // The file holds the rotated token since the store refused it (kept
+    // there for a crash): the stored chain names it as its seed now.
+    let now = std::fs::read_to_string(&moved).unwrap();
+    let now = leadsync::store::tokens::sha256_hex(now.trim());
+    assert_ne!(Some(&now), seed.as_ref());
     let g = other
-        .get(&moved.display().to_string(), seed.as_deref(), &[])
+        .get(&moved.display().to_string(), Some(&now), &[])
         .unwrap()
         .expect("taken over once stored");
     assert_eq!(g.generation, 2, "the rotated token, not the spent one");
@@ -788,11 +793,16 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
 /// token ends with it (and its lock), the note stays. The next process
 /// neither waits for it nor blames "a refresh cut short": it says the
 /// rotated token was lost, and why the grant needs re-authorization.
+/// (Its token file cannot take the token either: a directory stands where
+/// the file's atomic replacement puts its temporary file.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
     let fail = Arc::new(AtomicBool::new(false));
+    let file = token_file(&env, &b);
+    let blocker = file.with_file_name(format!(".{b}.leadsync-tmp"));
+    std::fs::create_dir(&blocker).unwrap();
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
     auth.settle(Duration::from_secs(5)).await;
     drop(auth);
@@ -804,6 +814,52 @@ async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
     );
     assert!(!out.contains("cut short"), "{out}");
     assert_no_secret_anywhere(&env, &out);
+}
+
+/// The token store refuses a rotated refresh token (a full disk, EIO) and
+/// its process ends before the store takes it (a stop, the watchdog, a
+/// crash, the OOM killer): the token lived only in that process, so the
+/// next start presented the spent one and the grant needed re-authorizing.
+/// It is kept in the grant's token file as soon as the store refuses it,
+/// and the next refresh, in any process, presents it from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_the_store_refused_outlives_its_process_in_the_token_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = token_file(&env, &b);
+    let before = std::fs::read_to_string(&file).unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    // Already there while the process runs: a crash now loses nothing.
+    let kept = std::fs::read_to_string(&file).unwrap();
+    assert_ne!(
+        kept.trim(),
+        before.trim(),
+        "the token file still holds the spent token"
+    );
+    assert!(!kept.trim().is_empty());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0, "{out}");
+    assert_eq!(reauth_count(&env), 0, "{out}");
+    assert_eq!(refreshes(&env), 3, "{out}");
+    assert!(!out.contains("that token is lost"), "{out}");
+    assert_no_secret_anywhere(&env, &out);
+    // Once stored, the file is the chain's seed again, not a new grant.
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 4);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert!(!text(&o).contains("refused"), "{}", text(&o));
 }
 
 /// `auth exchange` in another process while this one holds the grant's
@@ -2645,12 +2701,16 @@ async fn webhooks_commands_settle_a_rotated_token_left_unsaved() {
     let o = env.run(&["webhooks", "list", "--business", &b]);
     db.execute_batch("DROP TRIGGER refuse").unwrap();
     assert_eq!(refreshes(&env), before + 1, "{}", text(&o));
+    // Not stored, but kept in the grant's token file: nothing lost.
     assert!(
-        text(&o).contains("leadsync stops with a rotated refresh token it could not store"),
+        text(&o).contains("leadsync stops with a rotated refresh token the token store could not take; it is in the grant's token file"),
         "{}",
         text(&o)
     );
     assert_no_secret_anywhere(&env, &text(&o));
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
 /// The token store's directory must not be another user's: its owner could

@@ -216,6 +216,24 @@ struct Unsaved {
     /// process, whatever ends it. `None` only after the store's write task
     /// failed (panicked) with it and it could not be taken again.
     lock: Option<Box<dyn Send>>,
+    /// Fingerprint of the token file's content when the refresh was sent
+    /// (`None`: empty or unreadable): the file is replaced by the rotated
+    /// token only while it still holds that, never over a grant a person
+    /// put there since.
+    file_seen: Option<String>,
+    /// Whether the rotated token is in the token file too (see [`Inner::keep_in_file`]).
+    in_file: InFile,
+}
+
+/// An unsaved rotated token's copy in the grant's token file.
+#[derive(Clone, Copy, PartialEq)]
+enum InFile {
+    /// Not written (yet): tried again with the token's next write.
+    No,
+    /// Written: the next refresh presents it, whatever process makes it.
+    Yes,
+    /// Not written: the file holds a grant a person put there since.
+    Superseded,
 }
 
 #[derive(Default)]
@@ -757,9 +775,18 @@ impl Auth {
             };
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             let saved = tokio::time::timeout(left, inner.save_unsaved(&chain, &mut state)).await;
-            if saved.is_err() || state.unsaved.is_some() {
-                let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
-                stops_unsaved(&chain, &error);
+            match state.unsaved.as_ref() {
+                Some(u) if saved.is_ok() && u.in_file == InFile::Yes => {
+                    warn!(grant = %chain.file.display(), error = %u.error,
+                        "leadsync stops with a rotated refresh token the token store could not \
+                         take; it is in the grant's token file, which the next refresh presents \
+                         first (nothing is lost)");
+                }
+                _ if saved.is_err() || state.unsaved.is_some() => {
+                    let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
+                    stops_unsaved(&chain, &error);
+                }
+                _ => {}
             }
         }
         if !finished {
@@ -1575,6 +1602,100 @@ impl Inner {
         }
     }
 
+    /// Keeps a rotated token the store refused in the grant's token file
+    /// too (atomic, mode 0600), as `auth exchange` does with a new grant the
+    /// store refuses: should this process end before the store takes it (a
+    /// crash, the watchdog, a stop), the next refresh, here or in any other
+    /// process, finds a changed token file and presents it first, instead of
+    /// the spent stored token. Only over the content the refresh was sent
+    /// with (a grant a person put there since is theirs); the store's write
+    /// then names the file's new content as the chain's seed, so that once
+    /// stored the file does not count as changed. Tried again with every
+    /// write of the token until it is there.
+    async fn keep_in_file(&self, chain: &Chain, u: &mut Unsaved) {
+        if u.in_file != InFile::No {
+            return;
+        }
+        // The path the grant is keyed by: a symlinked token file is
+        // written through, as the exchange's fallback does.
+        let path = PathBuf::from(&chain.key);
+        let (p, token, seen) = (
+            path.clone(),
+            u.write.refresh_token.clone(),
+            u.file_seen.clone(),
+        );
+        let fp = sha256_hex(token.expose());
+        let written = blocking(move || {
+            let now = std::fs::read_to_string(&p)
+                .ok()
+                .map(|t| t.trim().to_string())
+                .filter(|t| !t.is_empty())
+                .map(|t| sha256_hex(&t));
+            if now != seen {
+                return Ok(None);
+            }
+            let r = write_private(&p, &format!("{}\n", token.expose()));
+            // Renamed into place, then the directory's fsync failed: the
+            // token is in the file (not yet durable).
+            let there = std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token.expose());
+            Ok(Some((r.err().map(|e| e.to_string()), there)))
+        })
+        .await;
+        let file = path.display();
+        match written {
+            Ok(None) => {
+                u.in_file = InFile::Superseded;
+                warn!(grant = %chain.file.display(),
+                    "the token file {file} changed since the refresh was sent (a new grant?): \
+                     the unsaved rotated refresh token is not written over it");
+            }
+            Ok(Some((error, there))) => {
+                if there {
+                    u.in_file = InFile::Yes;
+                    u.write.seed_sha256 = Some(fp);
+                    warn!(grant = %chain.file.display(), sync_error = ?error,
+                        "the rotated refresh token the token store refused is kept in the token \
+                         file {file} until the store takes it: if leadsync ends first, the next \
+                         refresh presents it from there");
+                } else {
+                    error!(grant = %chain.file.display(), error = ?error,
+                        "the rotated refresh token the token store refused cannot be kept in the \
+                         token file {file} either: it lives only in this process until the store \
+                         takes it");
+                }
+            }
+            Err(e) => {
+                error!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                    "cannot keep the unsaved rotated refresh token in the token file {file}");
+            }
+        }
+    }
+
+    /// Whether another chain of this process keeps, unsaved, the rotated
+    /// token whose copy in its token file has fingerprint `seed`.
+    fn holds_in_file(&self, chain: &Arc<Chain>, seed: Option<&str>) -> bool {
+        let others: Vec<Arc<Chain>> = self
+            .chains
+            .lock()
+            .map(|c| {
+                c.values()
+                    .filter(|o| !Arc::ptr_eq(o, chain))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        others.iter().any(|o| {
+            // Held: its own save is running (its token still unsaved).
+            o.state
+                .try_lock()
+                .map_or(o.retrying_unsaved.load(Ordering::SeqCst), |st| {
+                    st.unsaved.as_ref().is_some_and(|u| {
+                        u.in_file == InFile::Yes && u.write.seed_sha256.as_deref() == seed
+                    })
+                })
+        })
+    }
+
     /// Stores an unsaved rotated token; Ok(true) when stored (or superseded).
     async fn save_unsaved(&self, chain: &Chain, state: &mut ChainState) -> Result<bool, Failure> {
         let Some(u) = state.unsaved.take() else {
@@ -1587,6 +1708,8 @@ impl Inner {
             access,
             error: _,
             lock,
+            file_seen,
+            in_file,
         } = u;
         let (key, w) = (chain.key.clone(), write.clone());
         let alert_key = format!("unsaved:{}", chain.key);
@@ -1631,13 +1754,17 @@ impl Inner {
                 error!(grant = %chain.file.display(), error = %error,
                     "STILL cannot store the rotated refresh token; it is kept in memory and no new refresh \
                      starts until it is stored — do not stop leadsync before this is fixed");
-                state.unsaved = Some(Unsaved {
+                let mut u = Unsaved {
                     expected,
                     write,
                     access,
                     error,
                     lock,
-                });
+                    file_seen,
+                    in_file,
+                };
+                self.keep_in_file(chain, &mut u).await;
+                state.unsaved = Some(u);
                 Ok(false)
             }
         }
@@ -1738,7 +1865,20 @@ impl Inner {
         {
             cut_short = None;
         }
+        let file_is_new = seed_fp.is_some()
+            && row
+                .as_ref()
+                .is_none_or(|r| r.seed_sha256 != seed_fp && r.file_refused_sha256 != seed_fp);
         if let Some(note) = &cut_short
+            && let Some(pid) = unsaved_by(note)
+            && file_is_new
+        {
+            // Its rotated token was kept in the token file (or a person
+            // put a new grant there): presented first, below.
+            warn!(grant = %chain.file.display(), "leadsync process {pid} held a rotated refresh token of \
+                this grant that the token store could not take, and ended without storing it; the token \
+                file changed since (leadsync keeps such a token there too): presenting the file's token first");
+        } else if let Some(note) = &cut_short
             && let Some(pid) = unsaved_by(note)
         {
             // Its lock ended with it: so did the token it held.
@@ -1772,10 +1912,15 @@ impl Inner {
             .as_ref()
             .filter(|r| r.refused.is_none() && !r.refresh_token.is_empty())
             .map(|r| r.refresh_token.clone());
-        let file_is_new = seed_fp.is_some()
-            && row
-                .as_ref()
-                .is_none_or(|r| r.seed_sha256 != seed_fp && r.file_refused_sha256 != seed_fp);
+        // The file holds a rotated token another chain of this process
+        // keeps unsaved (its file was renamed meanwhile): that chain's, not
+        // a new grant; taken over once it is stored (as a moved file is).
+        if file_is_new && self.holds_in_file(chain, seed_fp.as_deref()) {
+            return Err(Failure::Retry(format!(
+                "the token file {file} holds a rotated refresh token this process keeps unsaved \
+                 under the file's former name; it is taken over once the token store takes it"
+            )));
+        }
         let mut candidates: Vec<(bool, Secret)> = Vec::new();
         if file_is_new {
             candidates.push((true, Secret::new(seed)));
@@ -1970,13 +2115,17 @@ impl Inner {
                                 warn!(grant = %file, error = %format!("{e:#}"),
                                     "cannot record the unsaved rotated token in the grant's note");
                             }
-                            state.unsaved = Some(Unsaved {
+                            let mut u = Unsaved {
                                 expected,
                                 write,
                                 access,
                                 error: error.clone(),
                                 lock,
-                            });
+                                file_seen: seed_fp.clone(),
+                                in_file: InFile::No,
+                            };
+                            self.keep_in_file(chain, &mut u).await;
+                            state.unsaved = Some(u);
                             return Err(Failure::Retry(format!(
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
                             )));
