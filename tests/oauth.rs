@@ -961,6 +961,50 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     assert_eq!(other.refresh_note(&key).unwrap(), None);
 }
 
+/// A process killed between the store's write of its rotated token and the
+/// removal of its "sent" note (the step after) left a note the next refresh
+/// read as "a refresh cut short before its answer was stored", and a later
+/// refusal blamed it. The note names the generation its token was to
+/// replace; a row beyond it says the answer was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_note_left_after_its_answer_was_stored_reports_nothing_cut_short() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let written = Arc::new(std::sync::Mutex::new(None::<String>));
+    let w = written.clone();
+    let store = Hooked::new(
+        &config,
+        Box::new(|| Ok(())),
+        Box::new(move |note| {
+            if let Some(n) = note {
+                *w.lock().unwrap() = Some(n.to_string());
+            }
+        }),
+    );
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    auth.token(&b).await.expect("refreshed and stored");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let note = written.lock().unwrap().clone().expect("a sent note");
+    // Killed before the note's removal: it is back, as it was.
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    other.set_refresh_note(&key, Some(&note)).unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(
+        !out.contains("did not get its answer stored"),
+        "{note:?}\n{out}"
+    );
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
 /// A rotated token held unsaved was written again only when a business of
 /// its grant asked for a token: a grant whose businesses are not asked
 /// (disabled, nothing to send, a long schedule) kept the token in memory

@@ -89,6 +89,20 @@ const OVER: &str = ", to replace stored generation ";
 const UNSAVED_NOTE: &str =
     "rotated refresh token not stored yet, held in memory by leadsync process";
 
+/// The grant's note while a refresh is out: when, by which process, and the
+/// stored generation its rotated token is to replace (a row beyond it, found
+/// by the next refresh, says its answer was stored after all: the process
+/// ended between the store's write and the note's removal).
+pub fn sent_note(at: &str, pid: u32, over_generation: i64) -> String {
+    format!("sent at {at} by leadsync process {pid}{OVER}{over_generation}")
+}
+
+/// The stored generation a note (either kind) says its token was to
+/// replace, if it says.
+pub fn note_over(note: &str) -> Option<i64> {
+    note.rsplit_once(OVER)?.1.trim().parse().ok()
+}
+
 /// The process an [`unsaved_note`] names; it holds the rotated token for
 /// as long as it holds the grant's lock.
 pub fn unsaved_by(note: &str) -> Option<u32> {

@@ -16,7 +16,7 @@ use super::problem::{ApiError, Disposition};
 use crate::config::{Config, TokenSource};
 use crate::secret::Secret;
 use crate::store::tokens::{
-    GrantWrite, StoredGrant, Written, sha256_hex, unsaved_by, unsaved_over,
+    GrantWrite, StoredGrant, Written, note_over, sent_note, sha256_hex, unsaved_by,
 };
 use base64::Engine;
 use std::collections::HashMap;
@@ -1860,7 +1860,9 @@ impl Inner {
         }
         // A note of a token held unsaved whose write landed after all (its
         // process ended before it cleared the note): nothing was lost.
-        if let Some((_, Some(over))) = cut_short.as_deref().and_then(unsaved_over)
+        // Likewise a refresh's note whose answer was stored (its process
+        // ended before it removed the note).
+        if let Some(over) = cut_short.as_deref().and_then(note_over)
             && row.as_ref().is_some_and(|r| r.generation > over)
         {
             cut_short = None;
@@ -1970,11 +1972,7 @@ impl Inner {
                     .await;
                 return Err(Failure::Retry(m));
             }
-            let note = format!(
-                "sent at {} by leadsync process {}",
-                crate::time::now(),
-                std::process::id()
-            );
+            let note = sent_note(&crate::time::now(), std::process::id(), expected);
             let (s, key, ours) = (store.clone(), chain.key.clone(), note.clone());
             if let Err(e) = blocking(move || s.set_refresh_note(&key, Some(&note))).await {
                 // Its write may have failed after the rename (the directory's
