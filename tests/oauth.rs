@@ -608,13 +608,17 @@ impl GrantStore for Hooked {
         }
         self.inner.check_writable()
     }
-    fn note_unsaved(&self, grant: &str, over: i64) -> anyhow::Result<()> {
+    fn note_unsaved(&self, grant: &str, over: i64, token: &str) -> anyhow::Result<()> {
         match self.unsaved_pid {
             Some(pid) => self.inner.set_refresh_note(
                 grant,
-                Some(&leadsync::store::tokens::unsaved_note(pid, over)),
+                Some(&leadsync::store::tokens::unsaved_note(
+                    pid,
+                    over,
+                    Some(token),
+                )),
             ),
-            None => self.inner.note_unsaved(grant, over),
+            None => self.inner.note_unsaved(grant, over, token),
         }
     }
 }
@@ -685,12 +689,20 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
     // The token file moves (another process, a restore): its old name is gone.
     let moved = env.dir.path().join("moved-token");
     std::fs::rename(token_file(&env, &b), &moved).unwrap();
-    let during = other.get(&moved.display().to_string(), seed.as_deref(), &[]);
-    assert!(
-        during.is_err(),
-        "a moved file took the chain while its rotated token is unsaved: {:?}",
-        during.map(|g| g.map(|g| g.generation))
-    );
+    // It holds the rotated token (kept there since the store refused it),
+    // not the chain's seed: still the held chain's, not a new grant.
+    let held = std::fs::read_to_string(&moved).unwrap();
+    let held = leadsync::store::tokens::sha256_hex(held.trim());
+    assert_ne!(Some(&held), seed.as_ref());
+    for probe in [Some(held.as_str()), seed.as_deref()] {
+        let during = other.get(&moved.display().to_string(), probe, &[]);
+        assert!(
+            during.is_err(),
+            "a moved file took the chain (or was a new grant) while its rotated token is \
+             unsaved: {:?}",
+            during.map(|g| g.map(|g| g.generation))
+        );
+    }
     // The grant's locks are let go in this process, then looked at: no
     // child of another test may hold a copy of them meanwhile.
     let gate = common::no_spawns();
@@ -702,13 +714,9 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
         "let go once stored"
     );
     drop(gate);
-    // The file holds the rotated token since the store refused it (kept
-    // there for a crash): the stored chain names it as its seed now.
-    let now = std::fs::read_to_string(&moved).unwrap();
-    let now = leadsync::store::tokens::sha256_hex(now.trim());
-    assert_ne!(Some(&now), seed.as_ref());
+    // Once stored, the stored chain names the file's content as its seed.
     let g = other
-        .get(&moved.display().to_string(), Some(&now), &[])
+        .get(&moved.display().to_string(), Some(&held), &[])
         .unwrap()
         .expect("taken over once stored");
     assert_eq!(g.generation, 2, "the rotated token, not the spent one");
@@ -907,6 +915,62 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     auth.settle(Duration::from_secs(5)).await;
 }
 
+/// `auth exchange` read the token file (the spent seed) while this
+/// process's refresh was out; the store refused the rotated token, which
+/// was then kept in the file (it still held what the refresh was sent
+/// with); the exchange stored its new grant over the seed it read. The
+/// rotated token's write is a conflict and it is dropped — but the file
+/// still held it, so the next refresh took the file for a new grant and
+/// replaced the exchange's grant with it. The dropped token's file copy is
+/// remembered as refused: the exchange's grant is the one refreshed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn a_token_dropped_for_an_exchanged_grant_is_not_presented_from_its_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let spent_seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
+    let code = env.sandbox.mint_auth_code(&b);
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // As if the exchange had read the file before the rotated token was
+    // kept there: its grant names the spent seed.
+    let c = rusqlite::Connection::open(&env.config().file.oauth.token_store).unwrap();
+    c.execute(
+        "UPDATE grants SET seed_sha256 = ?1 WHERE grant_key = ?2",
+        rusqlite::params![spent_seed, key],
+    )
+    .unwrap();
+    let exchanged = other.get(&key, None, &[]).unwrap().unwrap();
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    forget_stored_access_tokens(&env);
+    auth.token(&b).await.expect("the new grant's chain");
+    drop(gate);
+    let after = other.get(&key, None, &[]).unwrap().unwrap();
+    assert_eq!(after.generation, exchanged.generation + 1);
+    assert_eq!(
+        after.seed_sha256, exchanged.seed_sha256,
+        "the dropped rotated token was presented from the token file over the exchanged grant"
+    );
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// A process stored its rotated token and was killed before it cleared its
 /// note (the note's write is the step after the store's): the lock ended
 /// with it, the note stayed. The token is not lost — the store holds a
@@ -934,7 +998,11 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     other
         .set_refresh_note(
             &key,
-            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+            Some(&leadsync::store::tokens::unsaved_note(
+                u32::MAX - 1,
+                1,
+                None,
+            )),
         )
         .unwrap();
     forget_stored_access_tokens(&env);
@@ -949,7 +1017,11 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     other
         .set_refresh_note(
             &key,
-            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+            Some(&leadsync::store::tokens::unsaved_note(
+                u32::MAX - 1,
+                1,
+                None,
+            )),
         )
         .unwrap();
     std::fs::rename(token_file(&env, &b), &moved).unwrap();
@@ -1149,7 +1221,11 @@ async fn a_stale_unsaved_note_does_not_fail_a_process_waiting_for_an_ordinary_re
     other
         .set_refresh_note(
             &key,
-            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+            Some(&leadsync::store::tokens::unsaved_note(
+                u32::MAX - 1,
+                1,
+                None,
+            )),
         )
         .unwrap();
     let a = other.try_lock_grant(&key).unwrap().expect("free");

@@ -116,8 +116,15 @@ pub trait GrantStore: Send + Sync {
     /// Records durably that this process holds the grant's rotated token in
     /// memory, unsaved (by the lock's holder): a moved token file must not
     /// take the chain from under it until it is stored.
-    /// `over_generation`: the stored generation its write is to replace.
-    fn note_unsaved(&self, _grant: &str, _over_generation: i64) -> anyhow::Result<()> {
+    /// `over_generation`: the stored generation its write is to replace;
+    /// `token_sha256`: the token's fingerprint (leadsync keeps it in the
+    /// token file too: a file moved since that holds it is not a new grant).
+    fn note_unsaved(
+        &self,
+        _grant: &str,
+        _over_generation: i64,
+        _token_sha256: &str,
+    ) -> anyhow::Result<()> {
         Ok(())
     }
     /// Whether a write to the store works now (a committed, synced write
@@ -1745,6 +1752,30 @@ impl Inner {
             Ok(Written::Conflict(found)) => {
                 warn!(grant = %chain.file.display(), generation = found,
                     "the token store took a newer grant meanwhile (auth exchange?); dropping the unsaved rotated token");
+                // Its copy in the token file is dropped too: remembered as
+                // refused (before the locks go), or the next refresh, here
+                // or elsewhere, takes the file for a new grant and replaces
+                // the newer one with it.
+                // The write owns the locks, as the store's write does.
+                let mut lock = lock;
+                if in_file == InFile::Yes {
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    let fp = sha256_hex(write.refresh_token.expose());
+                    let held = lock.take();
+                    let refused = blocking(move || Ok((s.refuse_file(&key, &fp), held))).await;
+                    let refused = match refused {
+                        Ok((r, held)) => {
+                            lock = held;
+                            r
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = refused {
+                        warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                            "cannot record that the token file's copy of the dropped rotated token is \
+                             not to be used: the next refresh may present it over the newer grant");
+                    }
+                }
                 self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
                 Ok(true)
@@ -2109,7 +2140,10 @@ impl Inner {
                                 None => None,
                             };
                             let (s, key) = (store.clone(), chain.key.clone());
-                            if let Err(e) = blocking(move || s.note_unsaved(&key, expected)).await {
+                            let fp = sha256_hex(write.refresh_token.expose());
+                            if let Err(e) =
+                                blocking(move || s.note_unsaved(&key, expected, &fp)).await
+                            {
                                 warn!(grant = %file, error = %format!("{e:#}"),
                                     "cannot record the unsaved rotated token in the grant's note");
                             }
