@@ -33,8 +33,9 @@ pub struct ServeOptions {
     /// While `max_connections` are served, up to this many more connections
     /// wait for a slot, first come first served, for up to `slot_wait`, and
     /// are then answered `503` with `Retry-After` (a sender retries, instead
-    /// of waiting unseen in the kernel's backlog); beyond that, a connection
-    /// is closed as soon as it is accepted.
+    /// of waiting unseen in the kernel's backlog); beyond that, connections
+    /// are not accepted until the waiting room has a place (they wait in the
+    /// kernel's backlog).
     pub max_waiting_connections: usize,
     /// How long a connection over the limit waits for a slot. Longer than
     /// `header_read_timeout`: a slot held by a slow or idle client is free
@@ -193,6 +194,22 @@ pub async fn serve(
     // Said once each time the limit is reached, not per connection.
     let mut full = false;
     loop {
+        // A place for the next connection before it is accepted: a slot, or
+        // else one in the waiting room. While there is neither, connections
+        // stay in the kernel's backlog, as before there was a waiting room
+        // (accepted only to be closed, a burst of deliveries got resets).
+        let place = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => break,
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => Place::Slot(slot),
+                Err(_) => break,
+            },
+            turn = waiting.clone().acquire_owned() => match turn {
+                Ok(turn) => Place::Waiting(turn),
+                Err(_) => break,
+            },
+        };
         let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -208,14 +225,22 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let stop = shutdown.clone();
         let router = router.clone();
-        if let Ok(slot) = slots.clone().try_acquire_owned() {
-            full = false;
-            connections.spawn(async move {
-                let _slot = slot;
-                serve_connection(stream, peer, router, &options, false, stop).await;
-            });
-            continue;
-        }
+        let slot = match place {
+            Place::Slot(slot) => Ok(slot),
+            // One may have been freed while waiting for the connection.
+            Place::Waiting(turn) => slots.clone().try_acquire_owned().map_err(|_| turn),
+        };
+        let turn = match slot {
+            Ok(slot) => {
+                full = false;
+                connections.spawn(async move {
+                    let _slot = slot;
+                    serve_connection(stream, peer, router, &options, false, stop).await;
+                });
+                continue;
+            }
+            Err(turn) => turn,
+        };
         if !full {
             full = true;
             warn!(
@@ -224,10 +249,6 @@ pub async fn serve(
                  for one, and are answered 503 with Retry-After if none is free in time"
             );
         }
-        let Ok(turn) = waiting.clone().try_acquire_owned() else {
-            debug!(%peer, "over the connection limit and its waiting room: closed");
-            continue;
-        };
         let (slots, busy) = (slots.clone(), busy.clone());
         connections.spawn(async move {
             let slot = tokio::select! {
@@ -255,6 +276,14 @@ pub async fn serve(
     {
         warn!("connections still open after the shutdown grace period were closed");
     }
+}
+
+/// What a connection is accepted with.
+enum Place {
+    /// A connection slot: served at once.
+    Slot(tokio::sync::OwnedSemaphorePermit),
+    /// A place in the waiting room: waits for a slot.
+    Waiting(tokio::sync::OwnedSemaphorePermit),
 }
 
 /// One connection, until it ends or the listener stops (its request in
@@ -392,6 +421,54 @@ mod tests {
                 "the slots of closed connections were never freed"
             );
             tokio::task::yield_now().await;
+        }
+        stop.cancel();
+    }
+
+    /// With every slot taken and the waiting room full, a further
+    /// connection was accepted and closed at once: a burst of deliveries
+    /// (redelivery after an outage, a proxy opening one connection per
+    /// request) got resets where it used to wait in the kernel's backlog.
+    /// It stays there now, unaccepted, until the waiting room has a place,
+    /// and is then served like the others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connections_beyond_the_waiting_room_stay_in_the_backlog() {
+        let options = ServeOptions {
+            header_read_timeout: Duration::from_secs(600),
+            max_connections: 1,
+            max_waiting_connections: 1,
+            slot_wait: Duration::from_secs(600),
+            ..Default::default()
+        };
+        let (addr, stop) = start(ok_router(), options).await;
+        const REQUEST: &[u8] = b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n";
+        // One holds the slot (its headers half sent), one waits for it.
+        let mut holder = TcpStream::connect(addr).await.unwrap();
+        holder.write_all(&REQUEST[..8]).await.unwrap();
+        let mut waiter = TcpStream::connect(addr).await.unwrap();
+        waiter.write_all(REQUEST).await.unwrap();
+        let mut beyond = TcpStream::connect(addr).await.unwrap();
+        beyond.write_all(REQUEST).await.unwrap();
+        // Not closed (nor answered) while there is no place for it.
+        let mut byte = [0u8; 1];
+        let early = tokio::time::timeout(Duration::from_secs(1), beyond.read(&mut byte)).await;
+        assert!(
+            early.is_err(),
+            "a connection beyond the waiting room was closed or answered at once: {early:?}"
+        );
+        holder.write_all(&REQUEST[8..]).await.unwrap();
+        for (who, s) in [
+            ("holder", &mut holder),
+            ("waiter", &mut waiter),
+            ("beyond", &mut beyond),
+        ] {
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut answer))
+                .await
+                .expect("no answer")
+                .unwrap();
+            let answer = String::from_utf8_lossy(&answer);
+            assert!(answer.starts_with("HTTP/1.1 200"), "{who}: {answer}");
         }
         stop.cancel();
     }
