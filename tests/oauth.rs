@@ -915,6 +915,48 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     auth.settle(Duration::from_secs(5)).await;
 }
 
+/// The token file cannot be read when the store refuses the rotated token
+/// (EACCES after a restore, or bytes that are not text; the refresh used the
+/// stored chain): it was taken for an empty one and overwritten with the
+/// rotated token uncompared, though it may hold a grant a person put there.
+/// A file that cannot be read is not written over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn an_unreadable_token_file_is_not_overwritten_by_an_unsaved_token() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let file = token_file(&env, &b);
+    let unreadable = [0xffu8, 0xfe, b'g', b'r', b'a', b'n', b't'];
+    std::fs::write(&file, unreadable).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(failing_store(&env.config(), &fail))),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let e = auth.token(&b).await.expect_err("unsaved");
+    assert!(e.message.contains("cannot be stored"), "{}", e.message);
+    assert_eq!(refreshes(&env), 2);
+    // Compared, not printed: the rotated token must not reach the output.
+    assert!(
+        std::fs::read(&file).unwrap() == unreadable,
+        "the unreadable token file was overwritten"
+    );
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    drop(gate);
+    assert!(std::fs::read(&file).unwrap() == unreadable);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// `auth exchange` read the token file (the spent seed) while this
 /// process's refresh was out; the store refused the rotated token, which
 /// was then kept in the file (it still held what the refresh was sent

@@ -239,8 +239,29 @@ enum InFile {
     No,
     /// Written: the next refresh presents it, whatever process makes it.
     Yes,
+    /// Written, but its directory's fsync failed: there, yet maybe not
+    /// after a power loss (synced again with the token's next write).
+    Unsynced,
     /// Not written: the file holds a grant a person put there since.
     Superseded,
+}
+
+impl InFile {
+    /// Whether the token file holds the token.
+    fn there(self) -> bool {
+        matches!(self, InFile::Yes | InFile::Unsynced)
+    }
+}
+
+/// What [`Inner::keep_in_file`] did.
+enum Kept {
+    /// The file holds another grant than the refresh was sent with.
+    Changed,
+    /// The file cannot be read: not written over.
+    Unreadable(String),
+    /// Written (the error of a failed step, if any; whether the file holds
+    /// the token now).
+    Written(Option<String>, bool),
 }
 
 #[derive(Default)]
@@ -777,17 +798,34 @@ impl Auth {
                 // Held only by a caller that is about to be told "stopping".
                 Err(_) => continue,
             };
-            let Some(error) = state.unsaved.as_ref().map(|u| u.error.clone()) else {
+            let Some((error, in_file)) =
+                state.unsaved.as_ref().map(|u| (u.error.clone(), u.in_file))
+            else {
                 continue;
             };
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             let saved = tokio::time::timeout(left, inner.save_unsaved(&chain, &mut state)).await;
-            match state.unsaved.as_ref() {
-                Some(u) if saved.is_ok() && u.in_file == InFile::Yes => {
-                    warn!(grant = %chain.file.display(), error = %u.error,
+            // Where the token is at the stop (its write cut off by the
+            // bound: where it was before, whatever that write does).
+            let in_file = match (&saved, state.unsaved.as_ref()) {
+                (Ok(_), Some(u)) => Some(u.in_file),
+                (Ok(_), None) => None,
+                (Err(_), _) => Some(in_file),
+            };
+            match in_file {
+                Some(InFile::Yes) => {
+                    warn!(grant = %chain.file.display(), error = %error,
                         "leadsync stops with a rotated refresh token the token store could not \
-                         take; it is in the grant's token file, which the next refresh presents \
-                         first (nothing is lost)");
+                         take; it is in the grant's token file, which the next refresh \
+                         presents first (nothing is lost)");
+                }
+                Some(InFile::Unsynced) => {
+                    error!(grant = %chain.file.display(), error = %error,
+                        "leadsync stops with a rotated refresh token the token store could not \
+                         take; it is in the grant's token file, which the next refresh \
+                         presents first, but that file's directory could not be synced: a power \
+                         loss before the system writes it back loses the token (the grant must \
+                         then be re-authorized with `leadsync auth exchange`)");
                 }
                 _ if saved.is_err() || state.unsaved.is_some() => {
                     let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
@@ -1620,45 +1658,126 @@ impl Inner {
     /// stored the file does not count as changed. Tried again with every
     /// write of the token until it is there.
     async fn keep_in_file(&self, chain: &Chain, u: &mut Unsaved) {
+        let path = PathBuf::from(&chain.key);
+        let file = path.display();
+        if u.in_file == InFile::Unsynced {
+            // In the file, its directory's fsync failed: tried again.
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            if blocking(move || Ok(std::fs::File::open(&dir)?.sync_all()?))
+                .await
+                .is_ok()
+            {
+                u.in_file = InFile::Yes;
+                info!(grant = %chain.file.display(),
+                    "the token file {file} keeping the unsaved rotated refresh token is synced now");
+            }
+            return;
+        }
         if u.in_file != InFile::No {
             return;
         }
         // The path the grant is keyed by: a symlinked token file is
         // written through, as the exchange's fallback does.
-        let path = PathBuf::from(&chain.key);
         let (p, token, seen) = (
             path.clone(),
             u.write.refresh_token.clone(),
             u.file_seen.clone(),
         );
         let fp = sha256_hex(token.expose());
+        // The write owns the grant's locks while it runs, as the store's
+        // write does: were this task dropped meanwhile (a stop's bound, the
+        // runtime's shutdown), they must not go while the file may still
+        // change, or another process reads it before and presents the
+        // spent stored token.
+        let held = u.lock.take();
         let written = blocking(move || {
-            let now = std::fs::read_to_string(&p)
-                .ok()
-                .map(|t| t.trim().to_string())
-                .filter(|t| !t.is_empty())
-                .map(|t| sha256_hex(&t));
-            if now != seen {
-                return Ok(None);
-            }
-            let r = write_private(&p, &format!("{}\n", token.expose()));
-            // Renamed into place, then the directory's fsync failed: the
-            // token is in the file (not yet durable).
-            let there = std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token.expose());
-            Ok(Some((r.err().map(|e| e.to_string()), there)))
+            // The file's content now: its fingerprint (`None`: empty or
+            // missing); an error when it cannot be read (EACCES, not
+            // UTF-8): then it is not known to be the one the refresh was
+            // sent with, and is not written over.
+            let content = || -> std::io::Result<Option<String>> {
+                match std::fs::read_to_string(&p) {
+                    Ok(t) => Ok(Some(t.trim().to_string())
+                        .filter(|t| !t.is_empty())
+                        .map(|t| sha256_hex(&t))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                }
+            };
+            let outcome = match content() {
+                Err(e) => Kept::Unreadable(e.to_string()),
+                Ok(now) if now != seen => Kept::Changed,
+                Ok(_) => {
+                    // Asked again just before the rename: a grant a person
+                    // wrote there meanwhile is theirs.
+                    let changed = std::cell::Cell::new(false);
+                    let r = crate::secret::replace_private_checked(
+                        &p,
+                        &temp_of(&p),
+                        format!("{}\n", token.expose()).as_bytes(),
+                        &|f, b| {
+                            use std::io::Write;
+                            f.write_all(b)
+                        },
+                        &|| match content() {
+                            Ok(now) if now == seen => Ok(()),
+                            Ok(_) => {
+                                changed.set(true);
+                                Err(std::io::Error::other("the token file changed"))
+                            }
+                            Err(e) => Err(e),
+                        },
+                    );
+                    if changed.get() {
+                        Kept::Changed
+                    } else {
+                        // Renamed into place, then the directory's fsync
+                        // failed: the token is in the file, not yet durable.
+                        let there =
+                            std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token.expose());
+                        Kept::Written(r.err().map(|e| e.to_string()), there)
+                    }
+                }
+            };
+            Ok((outcome, held))
         })
         .await;
-        let file = path.display();
+        let written = match written {
+            Ok((outcome, held)) => {
+                u.lock = held;
+                Ok(outcome)
+            }
+            Err(e) => {
+                // The task failed with the locks: take them again if free.
+                if let Ok(store) = self.store() {
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    if let Some(lock) = blocking(move || s.try_lock(&key)).await.ok().flatten() {
+                        u.lock = Some(with_unsaved_lock(&store, chain, lock).await);
+                    }
+                }
+                Err(e)
+            }
+        };
         match written {
-            Ok(None) => {
+            Ok(Kept::Changed) => {
                 u.in_file = InFile::Superseded;
                 warn!(grant = %chain.file.display(),
                     "the token file {file} changed since the refresh was sent (a new grant?): \
                      the unsaved rotated refresh token is not written over it");
             }
-            Ok(Some((error, there))) => {
+            Ok(Kept::Unreadable(error)) => {
+                warn!(grant = %chain.file.display(), error = %error,
+                    "the token file {file} cannot be read, so it is not known to hold what the \
+                     refresh was sent with: the unsaved rotated refresh token is not written over \
+                     it (tried again with its next write)");
+            }
+            Ok(Kept::Written(error, there)) => {
                 if there {
-                    u.in_file = InFile::Yes;
+                    u.in_file = if error.is_some() {
+                        InFile::Unsynced
+                    } else {
+                        InFile::Yes
+                    };
                     u.write.seed_sha256 = Some(fp);
                     warn!(grant = %chain.file.display(), sync_error = ?error,
                         "the rotated refresh token the token store refused is kept in the token \
@@ -1697,7 +1816,7 @@ impl Inner {
                 .try_lock()
                 .map_or(o.retrying_unsaved.load(Ordering::SeqCst), |st| {
                     st.unsaved.as_ref().is_some_and(|u| {
-                        u.in_file == InFile::Yes && u.write.seed_sha256.as_deref() == seed
+                        u.in_file.there() && u.write.seed_sha256.as_deref() == seed
                     })
                 })
         })
@@ -1758,7 +1877,7 @@ impl Inner {
                 // the newer one with it.
                 // The write owns the locks, as the store's write does.
                 let mut lock = lock;
-                if in_file == InFile::Yes {
+                if in_file.there() {
                     let (s, key) = (store.clone(), chain.key.clone());
                     let fp = sha256_hex(write.refresh_token.expose());
                     let held = lock.take();
