@@ -724,6 +724,51 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
     auth.settle(Duration::from_secs(5)).await;
 }
 
+/// The daemon holds a rotated token unsaved and has kept it in the token
+/// file; the operator moves the file and a `sync` configured with the new
+/// name runs before the daemon reloads. The file's content matches no
+/// stored seed (the chain's seed is still the spent file content), so it
+/// was taken for a new grant and presented: the token spent twice, the
+/// grant lost. The holder's note names the token's fingerprint: the moved
+/// file waits for the holder, then takes the chain over once it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn a_moved_token_file_holding_an_unsaved_token_is_not_a_new_grant() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let old = token_file(&env, &b);
+    let moved = old.with_file_name(format!("{b}-moved"));
+    std::fs::rename(&old, &moved).unwrap();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let needle = format!("\"{}\"", old.display());
+    assert!(fixture.contains(&needle), "{fixture}");
+    std::fs::write(
+        &env.fixture,
+        fixture.replace(&needle, &format!("\"{}\"", moved.display())),
+    )
+    .unwrap();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(refreshes(&env), 2, "presented as a new grant: {}", text(&o));
+    assert!(text(&o).contains("unsaved"), "{}", text(&o));
+    assert_no_secret_anywhere(&env, &text(&o));
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    drop(gate);
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 3, "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0, "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "{}", text(&o));
+}
+
 /// Another process (a `sync` run by hand, the daemon's next start beside a
 /// stopping one) never presents the stored refresh token while a rotated
 /// one is held unsaved elsewhere: it is spent. It says why, at once.
