@@ -456,6 +456,11 @@ impl TokenStore {
     /// Tries to take the grant's cross-process lock; `None` while another
     /// process (or handle) holds it.
     pub fn try_lock_grant(&self, grant: &str) -> Result<Option<GrantLock>> {
+        self.try_lock_named(&sha256_hex(grant)[..32])
+    }
+
+    /// [`TokenStore::try_lock_grant`] by the name of the grant's lock file.
+    fn try_lock_named(&self, name: &str) -> Result<Option<GrantLock>> {
         let dir = self.lock_dir();
         if !dir.is_dir() {
             match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -471,7 +476,7 @@ impl TokenStore {
                 }
             }
         }
-        let file = dir.join(&sha256_hex(grant)[..32]);
+        let file = dir.join(name);
         if std::fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_symlink()) {
             bail!(
                 "the grant lock {} is a symbolic link: refusing it",
@@ -490,7 +495,7 @@ impl TokenStore {
             Ok(()) => {
                 // Created now, while the disk has room: a store write that
                 // fails for want of it must still find the file to lock.
-                let _ = open_lock_file(&self.unsaved_lock_path(grant));
+                let _ = open_lock_file(&dir.join(format!("{name}.unsaved")));
                 Ok(Some(GrantLock { _file: file }))
             }
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -567,27 +572,22 @@ impl TokenStore {
         // file's content as its seed, found below.
         let mut held_from = None;
         if let Some(fp) = seed_sha256 {
-            for from in self.holding_in_file(grant, fp)? {
-                match self.try_lock_grant(&from)? {
+            for (name, note) in self.holding_in_file(grant, fp)? {
+                match self.try_lock_named(&name)? {
                     // Its holder ended (the token is the file's: a new
                     // grant here), or stored it just now (its row names
                     // the file as its seed: taken over below).
-                    Some(lock) => held_from = Some((from, lock)),
+                    Some(lock) => held_from = Some((name, lock)),
                     None => {
-                        let holder = match self
-                            .refresh_note(&from)
-                            .ok()
-                            .flatten()
-                            .as_deref()
-                            .and_then(unsaved_by)
-                        {
+                        let holder = match unsaved_by(&note) {
                             Some(pid) => format!("leadsync process {pid}"),
                             None => "a leadsync process".to_string(),
                         };
                         bail!(
                             "the grant's token file holds the rotated refresh token {holder} keeps \
-                             in memory, unsaved (the token store could not take it), for the token \
-                             file {from}; its chain is taken over once that token is stored"
+                             in memory, unsaved (the token store could not take it), for another \
+                             token file name (the file was moved or copied since); it is used once \
+                             that token is stored"
                         )
                     }
                 }
@@ -610,7 +610,11 @@ impl TokenStore {
         // systemd's ProtectProc=invisible another user's process is not in
         // /proc, and a pid seen there may be another process's.
         let _old_key_lock = match &moved_from {
-            Some(from) if held_from.as_ref().is_some_and(|(k, _)| k == from) => {
+            Some(from)
+                if held_from
+                    .as_ref()
+                    .is_some_and(|(name, _)| *name == sha256_hex(from)[..32]) =>
+            {
                 held_from.take().map(|(_, lock)| lock)
             }
             Some(from) => match self.try_lock_grant(from)? {
@@ -681,25 +685,41 @@ impl TokenStore {
         })
     }
 
-    /// The other grants whose note says a process keeps, unsaved, the
-    /// rotated token whose fingerprint is `token_sha256`.
-    fn holding_in_file(&self, grant: &str, token_sha256: &str) -> Result<Vec<String>> {
-        let keys: Vec<String> = self.with(|c| {
-            let mut q = c.prepare("SELECT grant_key FROM grants WHERE grant_key != ?1")?;
-            let keys = q
-                .query_map([grant], |r| r.get(0))?
-                .collect::<rusqlite::Result<Vec<String>>>()?;
-            Ok(keys)
-        })?;
+    /// The lock names (see [`TokenStore::lock_path`]) of the other grants
+    /// whose note says a process keeps, unsaved, the rotated token whose
+    /// fingerprint is `token_sha256`, with the note. Every note file is
+    /// read, not only those of stored grants: a new grant's first rotated
+    /// token has no row yet. A note that cannot be read is passed over (it
+    /// must not keep every new grant out).
+    fn holding_in_file(&self, grant: &str, token_sha256: &str) -> Result<Vec<(String, String)>> {
+        let own = &sha256_hex(grant)[..32];
+        let entries = match std::fs::read_dir(self.lock_dir()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot list the token store's lock directory {}",
+                        self.lock_dir().display()
+                    )
+                });
+            }
+        };
         let mut holding = Vec::new();
-        for key in keys {
-            if self
-                .refresh_note(&key)?
-                .as_deref()
-                .and_then(unsaved_token_sha256)
-                == Some(token_sha256)
-            {
-                holding.push(key);
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".note")) else {
+                continue;
+            };
+            if name == own {
+                continue;
+            }
+            let Ok(bytes) = read_note(&entry.path()) else {
+                continue;
+            };
+            let note = String::from_utf8_lossy(&bytes).trim().to_string();
+            if unsaved_token_sha256(&note) == Some(token_sha256) {
+                holding.push((name.to_string(), note));
             }
         }
         Ok(holding)
@@ -1221,6 +1241,37 @@ mod tests {
         drop(holder);
         let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
         assert_eq!(g.refresh_token.expose(), "t2");
+    }
+
+    /// A new grant's first rotated token (no row yet) that the store
+    /// refused is kept in its token file, and the file is moved: its
+    /// content matches no stored row, but the holder's note names it. The
+    /// new name waits while the holder lives; once it ended, the token in
+    /// the file is the new name's (a new grant).
+    #[test]
+    fn a_file_holding_an_unsaved_token_of_a_grant_without_a_row_waits_for_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old_key = dir.path().join("old").display().to_string();
+        let fp = sha256_hex("t1");
+        let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
+        let holding = s.lock_unsaved(&old_key).unwrap();
+        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 0, Some(&fp))))
+            .unwrap();
+        let during = s.get("new", Some(&fp), &[]);
+        let Err(e) = during else {
+            panic!("taken for a new grant while its holder lives");
+        };
+        assert!(format!("{e:#}").contains("unsaved"), "{e:#}");
+        // Another content is not held.
+        assert!(
+            s.get("new", Some(&sha256_hex("t0")), &[])
+                .unwrap()
+                .is_none()
+        );
+        drop(holding);
+        drop(holder);
+        assert!(s.get("new", Some(&fp), &[]).unwrap().is_none());
     }
 
     /// A process that ended holding an unsaved rotated token (killed, or
