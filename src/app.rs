@@ -184,12 +184,13 @@ impl GrantStore for StoreGrants {
         self.0.check_writable()
     }
 
-    fn note_unsaved(&self, grant: &str, over_generation: i64) -> Result<()> {
+    fn note_unsaved(&self, grant: &str, over_generation: i64, token_sha256: &str) -> Result<()> {
         self.0.set_refresh_note(
             grant,
             Some(&crate::store::tokens::unsaved_note(
                 std::process::id(),
                 over_generation,
+                Some(token_sha256),
             )),
         )
     }

@@ -160,6 +160,9 @@ pub async fn run_with(
                 let router = crate::serve::webhooks::router(w, session.store.clone());
                 let options = crate::serve::ServeOptions {
                     header_read_timeout: w.read_timeout,
+                    write_timeout: w.read_timeout,
+                    // A slot held by a slow or idle client is free by then.
+                    slot_wait: w.read_timeout + Duration::from_secs(1),
                     shutdown_grace: Duration::from_secs(
                         session.config.file.daemon.shutdown_timeout_secs,
                     )

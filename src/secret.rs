@@ -107,6 +107,18 @@ pub fn replace_private(
     bytes: &[u8],
     write: &dyn Fn(&mut std::fs::File, &[u8]) -> std::io::Result<()>,
 ) -> std::io::Result<()> {
+    replace_private_checked(path, temp, bytes, write, &|| Ok(()))
+}
+
+/// [`replace_private`], asking `before_rename` last, just before the
+/// rename: its error leaves `path` untouched (and removes `temp`).
+pub fn replace_private_checked(
+    path: &std::path::Path,
+    temp: &std::path::Path,
+    bytes: &[u8],
+    write: &dyn Fn(&mut std::fs::File, &[u8]) -> std::io::Result<()>,
+    before_rename: &dyn Fn() -> std::io::Result<()>,
+) -> std::io::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     match std::fs::remove_file(temp) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -121,6 +133,7 @@ pub fn replace_private(
             .open(temp)?;
         write(&mut f, bytes)?;
         f.sync_all()?;
+        before_rename()?;
         std::fs::rename(temp, path)?;
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::File::open(dir)?.sync_all()?;

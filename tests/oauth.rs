@@ -608,13 +608,17 @@ impl GrantStore for Hooked {
         }
         self.inner.check_writable()
     }
-    fn note_unsaved(&self, grant: &str, over: i64) -> anyhow::Result<()> {
+    fn note_unsaved(&self, grant: &str, over: i64, token: &str) -> anyhow::Result<()> {
         match self.unsaved_pid {
             Some(pid) => self.inner.set_refresh_note(
                 grant,
-                Some(&leadsync::store::tokens::unsaved_note(pid, over)),
+                Some(&leadsync::store::tokens::unsaved_note(
+                    pid,
+                    over,
+                    Some(token),
+                )),
             ),
-            None => self.inner.note_unsaved(grant, over),
+            None => self.inner.note_unsaved(grant, over, token),
         }
     }
 }
@@ -685,12 +689,20 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
     // The token file moves (another process, a restore): its old name is gone.
     let moved = env.dir.path().join("moved-token");
     std::fs::rename(token_file(&env, &b), &moved).unwrap();
-    let during = other.get(&moved.display().to_string(), seed.as_deref(), &[]);
-    assert!(
-        during.is_err(),
-        "a moved file took the chain while its rotated token is unsaved: {:?}",
-        during.map(|g| g.map(|g| g.generation))
-    );
+    // It holds the rotated token (kept there since the store refused it),
+    // not the chain's seed: still the held chain's, not a new grant.
+    let held = std::fs::read_to_string(&moved).unwrap();
+    let held = leadsync::store::tokens::sha256_hex(held.trim());
+    assert_ne!(Some(&held), seed.as_ref());
+    for probe in [Some(held.as_str()), seed.as_deref()] {
+        let during = other.get(&moved.display().to_string(), probe, &[]);
+        assert!(
+            during.is_err(),
+            "a moved file took the chain (or was a new grant) while its rotated token is \
+             unsaved: {:?}",
+            during.map(|g| g.map(|g| g.generation))
+        );
+    }
     // The grant's locks are let go in this process, then looked at: no
     // child of another test may hold a copy of them meanwhile.
     let gate = common::no_spawns();
@@ -702,13 +714,59 @@ async fn a_rotated_token_held_unsaved_keeps_the_grant_locked_whatever_proc_shows
         "let go once stored"
     );
     drop(gate);
+    // Once stored, the stored chain names the file's content as its seed.
     let g = other
-        .get(&moved.display().to_string(), seed.as_deref(), &[])
+        .get(&moved.display().to_string(), Some(&held), &[])
         .unwrap()
         .expect("taken over once stored");
     assert_eq!(g.generation, 2, "the rotated token, not the spent one");
     assert_eq!(refreshes(&env), 2);
     auth.settle(Duration::from_secs(5)).await;
+}
+
+/// The daemon holds a rotated token unsaved and has kept it in the token
+/// file; the operator moves the file and a `sync` configured with the new
+/// name runs before the daemon reloads. The file's content matches no
+/// stored seed (the chain's seed is still the spent file content), so it
+/// was taken for a new grant and presented: the token spent twice, the
+/// grant lost. The holder's note names the token's fingerprint: the moved
+/// file waits for the holder, then takes the chain over once it is stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn a_moved_token_file_holding_an_unsaved_token_is_not_a_new_grant() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let old = token_file(&env, &b);
+    let moved = old.with_file_name(format!("{b}-moved"));
+    std::fs::rename(&old, &moved).unwrap();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let needle = format!("\"{}\"", old.display());
+    assert!(fixture.contains(&needle), "{fixture}");
+    std::fs::write(
+        &env.fixture,
+        fixture.replace(&needle, &format!("\"{}\"", moved.display())),
+    )
+    .unwrap();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(refreshes(&env), 2, "presented as a new grant: {}", text(&o));
+    assert!(text(&o).contains("unsaved"), "{}", text(&o));
+    assert_no_secret_anywhere(&env, &text(&o));
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    drop(gate);
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 3, "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0, "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "{}", text(&o));
 }
 
 /// Another process (a `sync` run by hand, the daemon's next start beside a
@@ -788,11 +846,16 @@ async fn a_reload_that_renames_the_token_file_takes_the_unsaved_token_once_store
 /// token ends with it (and its lock), the note stays. The next process
 /// neither waits for it nor blames "a refresh cut short": it says the
 /// rotated token was lost, and why the grant needs re-authorization.
+/// (Its token file cannot take the token either: a directory stands where
+/// the file's atomic replacement puts its temporary file.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
     let env = oauth_env(3600, FAST).await;
     let b = env.business_ids()[0].clone();
     let fail = Arc::new(AtomicBool::new(false));
+    let file = token_file(&env, &b);
+    let blocker = file.with_file_name(format!(".{b}.leadsync-tmp"));
+    std::fs::create_dir(&blocker).unwrap();
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
     auth.settle(Duration::from_secs(5)).await;
     drop(auth);
@@ -804,6 +867,52 @@ async fn a_token_lost_with_its_process_is_named_at_the_next_refresh() {
     );
     assert!(!out.contains("cut short"), "{out}");
     assert_no_secret_anywhere(&env, &out);
+}
+
+/// The token store refuses a rotated refresh token (a full disk, EIO) and
+/// its process ends before the store takes it (a stop, the watchdog, a
+/// crash, the OOM killer): the token lived only in that process, so the
+/// next start presented the spent one and the grant needed re-authorizing.
+/// It is kept in the grant's token file as soon as the store refuses it,
+/// and the next refresh, in any process, presents it from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_token_the_store_refused_outlives_its_process_in_the_token_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = token_file(&env, &b);
+    let before = std::fs::read_to_string(&file).unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    // Already there while the process runs: a crash now loses nothing.
+    let kept = std::fs::read_to_string(&file).unwrap();
+    assert_ne!(
+        kept.trim(),
+        before.trim(),
+        "the token file still holds the spent token"
+    );
+    assert!(!kept.trim().is_empty());
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&file).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0, "{out}");
+    assert_eq!(reauth_count(&env), 0, "{out}");
+    assert_eq!(refreshes(&env), 3, "{out}");
+    assert!(!out.contains("that token is lost"), "{out}");
+    assert_no_secret_anywhere(&env, &out);
+    // Once stored, the file is the chain's seed again, not a new grant.
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 4);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert!(!text(&o).contains("refused"), "{}", text(&o));
 }
 
 /// `auth exchange` in another process while this one holds the grant's
@@ -851,6 +960,104 @@ async fn auth_exchange_supersedes_a_token_held_unsaved_by_another_process() {
     auth.settle(Duration::from_secs(5)).await;
 }
 
+/// The token file cannot be read when the store refuses the rotated token
+/// (EACCES after a restore, or bytes that are not text; the refresh used the
+/// stored chain): it was taken for an empty one and overwritten with the
+/// rotated token uncompared, though it may hold a grant a person put there.
+/// A file that cannot be read is not written over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn an_unreadable_token_file_is_not_overwritten_by_an_unsaved_token() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let file = token_file(&env, &b);
+    let unreadable = [0xffu8, 0xfe, b'g', b'r', b'a', b'n', b't'];
+    std::fs::write(&file, unreadable).unwrap();
+    let fail = Arc::new(AtomicBool::new(true));
+    let auth = leadsync::thumbtack::Auth::new(
+        &env.config(),
+        Some(Arc::new(failing_store(&env.config(), &fail))),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let e = auth.token(&b).await.expect_err("unsaved");
+    assert!(e.message.contains("cannot be stored"), "{}", e.message);
+    assert_eq!(refreshes(&env), 2);
+    // Compared, not printed: the rotated token must not reach the output.
+    assert!(
+        std::fs::read(&file).unwrap() == unreadable,
+        "the unreadable token file was overwritten"
+    );
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    drop(gate);
+    assert!(std::fs::read(&file).unwrap() == unreadable);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
+/// `auth exchange` read the token file (the spent seed) while this
+/// process's refresh was out; the store refused the rotated token, which
+/// was then kept in the file (it still held what the refresh was sent
+/// with); the exchange stored its new grant over the seed it read. The
+/// rotated token's write is a conflict and it is dropped — but the file
+/// still held it, so the next refresh took the file for a new grant and
+/// replaced the exchange's grant with it. The dropped token's file copy is
+/// remembered as refused: the exchange's grant is the one refreshed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn a_token_dropped_for_an_exchanged_grant_is_not_presented_from_its_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let spent_seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
+    let code = env.sandbox.mint_auth_code(&b);
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // As if the exchange had read the file before the rotated token was
+    // kept there: its grant names the spent seed.
+    let c = rusqlite::Connection::open(&env.config().file.oauth.token_store).unwrap();
+    c.execute(
+        "UPDATE grants SET seed_sha256 = ?1 WHERE grant_key = ?2",
+        rusqlite::params![spent_seed, key],
+    )
+    .unwrap();
+    let exchanged = other.get(&key, None, &[]).unwrap().unwrap();
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    forget_stored_access_tokens(&env);
+    auth.token(&b).await.expect("the new grant's chain");
+    drop(gate);
+    let after = other.get(&key, None, &[]).unwrap().unwrap();
+    assert_eq!(after.generation, exchanged.generation + 1);
+    assert_eq!(
+        after.seed_sha256, exchanged.seed_sha256,
+        "the dropped rotated token was presented from the token file over the exchanged grant"
+    );
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// A process stored its rotated token and was killed before it cleared its
 /// note (the note's write is the step after the store's): the lock ended
 /// with it, the note stayed. The token is not lost — the store holds a
@@ -878,7 +1085,11 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     other
         .set_refresh_note(
             &key,
-            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+            Some(&leadsync::store::tokens::unsaved_note(
+                u32::MAX - 1,
+                1,
+                None,
+            )),
         )
         .unwrap();
     forget_stored_access_tokens(&env);
@@ -893,7 +1104,11 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
     other
         .set_refresh_note(
             &key,
-            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+            Some(&leadsync::store::tokens::unsaved_note(
+                u32::MAX - 1,
+                1,
+                None,
+            )),
         )
         .unwrap();
     std::fs::rename(token_file(&env, &b), &moved).unwrap();
@@ -903,6 +1118,50 @@ async fn a_note_left_after_its_token_was_stored_reports_nothing_lost() {
         .expect("taken over");
     assert_eq!(g.generation, 3);
     assert_eq!(other.refresh_note(&key).unwrap(), None);
+}
+
+/// A process killed between the store's write of its rotated token and the
+/// removal of its "sent" note (the step after) left a note the next refresh
+/// read as "a refresh cut short before its answer was stored", and a later
+/// refusal blamed it. The note names the generation its token was to
+/// replace; a row beyond it says the answer was stored.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_note_left_after_its_answer_was_stored_reports_nothing_cut_short() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let config = env.config();
+    let written = Arc::new(std::sync::Mutex::new(None::<String>));
+    let w = written.clone();
+    let store = Hooked::new(
+        &config,
+        Box::new(|| Ok(())),
+        Box::new(move |note| {
+            if let Some(n) = note {
+                *w.lock().unwrap() = Some(n.to_string());
+            }
+        }),
+    );
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    auth.token(&b).await.expect("refreshed and stored");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    let note = written.lock().unwrap().clone().expect("a sent note");
+    // Killed before the note's removal: it is back, as it was.
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&config.file.oauth.token_store).unwrap();
+    other.set_refresh_note(&key, Some(&note)).unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(
+        !out.contains("did not get its answer stored"),
+        "{note:?}\n{out}"
+    );
+    assert_eq!(other.refresh_note(&key).unwrap(), None);
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
 /// A rotated token held unsaved was written again only when a business of
@@ -1049,7 +1308,11 @@ async fn a_stale_unsaved_note_does_not_fail_a_process_waiting_for_an_ordinary_re
     other
         .set_refresh_note(
             &key,
-            Some(&leadsync::store::tokens::unsaved_note(u32::MAX - 1, 1)),
+            Some(&leadsync::store::tokens::unsaved_note(
+                u32::MAX - 1,
+                1,
+                None,
+            )),
         )
         .unwrap();
     let a = other.try_lock_grant(&key).unwrap().expect("free");
@@ -2645,12 +2908,16 @@ async fn webhooks_commands_settle_a_rotated_token_left_unsaved() {
     let o = env.run(&["webhooks", "list", "--business", &b]);
     db.execute_batch("DROP TRIGGER refuse").unwrap();
     assert_eq!(refreshes(&env), before + 1, "{}", text(&o));
+    // Not stored, but kept in the grant's token file: nothing lost.
     assert!(
-        text(&o).contains("leadsync stops with a rotated refresh token it could not store"),
+        text(&o).contains("leadsync stops with a rotated refresh token the token store could not take; it is in the grant's token file"),
         "{}",
         text(&o)
     );
     assert_no_secret_anywhere(&env, &text(&o));
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
 /// The token store's directory must not be another user's: its owner could

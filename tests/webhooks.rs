@@ -1491,6 +1491,30 @@ async fn a_refused_client_is_closed_after_its_401() {
     r.stop().await;
 }
 
+/// A client without credentials costs no body read: its 401 comes before a
+/// byte of the (declared 1 MiB, never sent) body, not a 408 after waiting
+/// `read_timeout_secs` for it, and its connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_client_gets_its_401_before_its_body_is_read() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let r = Receiver::start().await;
+    let mut s = tokio::net::TcpStream::connect(r.addr).await.unwrap();
+    s.write_all(
+        format!(
+            "POST {PATH} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: 1048576\r\n\r\n{{"
+        )
+        .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut answer)).await;
+    assert!(read.is_ok(), "the refused connection was kept open");
+    let answer = String::from_utf8_lossy(&answer).to_ascii_lowercase();
+    assert!(answer.starts_with("http/1.1 401"), "{answer}");
+    r.stop().await;
+}
+
 /// An error answer to `webhooks register` that quotes the webhook password
 /// it was sent (a gateway or a debug page echoing the request): the line
 /// printed shows the mask, never the password.

@@ -78,8 +78,30 @@ pub struct TokenStore {
 /// by process `pid`, which holds the grant's lock until it is stored (see
 /// [`TokenStore::get`]). Once the lock is free the note is stale: its
 /// writer ended and the token it held is lost.
-pub fn unsaved_note(pid: u32, over_generation: i64) -> String {
-    format!("{UNSAVED_NOTE} {pid}{OVER}{over_generation}")
+/// `token_sha256`: the fingerprint of the rotated token, which leadsync
+/// also keeps in the grant's token file: a file holding it (moved or copied
+/// under another name) is this chain's, held, not a new grant.
+pub fn unsaved_note(pid: u32, over_generation: i64, token_sha256: Option<&str>) -> String {
+    match token_sha256 {
+        Some(fp) => format!("{UNSAVED_NOTE} {pid}{OVER}{over_generation}{IN_FILE}{fp}"),
+        None => format!("{UNSAVED_NOTE} {pid}{OVER}{over_generation}"),
+    }
+}
+
+/// How an [`unsaved_note`] names the fingerprint of the token it holds.
+const IN_FILE: &str = "; token file copy sha256 ";
+
+/// The fingerprint of the rotated token an [`unsaved_note`] holds, if it
+/// names one.
+pub fn unsaved_token_sha256(note: &str) -> Option<&str> {
+    unsaved_by(note)?;
+    let fp = note.rsplit_once(IN_FILE)?.1.trim();
+    (!fp.is_empty()).then_some(fp)
+}
+
+/// A note without its token fingerprint (parsed by the functions below).
+fn without_fingerprint(note: &str) -> &str {
+    note.split_once(IN_FILE).map_or(note, |(n, _)| n)
 }
 
 /// How an [`unsaved_note`] names the stored generation its token replaces:
@@ -88,6 +110,25 @@ const OVER: &str = ", to replace stored generation ";
 
 const UNSAVED_NOTE: &str =
     "rotated refresh token not stored yet, held in memory by leadsync process";
+
+/// The grant's note while a refresh is out: when, by which process, and the
+/// stored generation its rotated token is to replace (a row beyond it, found
+/// by the next refresh, says its answer was stored after all: the process
+/// ended between the store's write and the note's removal).
+pub fn sent_note(at: &str, pid: u32, over_generation: i64) -> String {
+    format!("sent at {at} by leadsync process {pid}{OVER}{over_generation}")
+}
+
+/// The stored generation a note (either kind) says its token was to
+/// replace, if it says.
+pub fn note_over(note: &str) -> Option<i64> {
+    without_fingerprint(note)
+        .rsplit_once(OVER)?
+        .1
+        .trim()
+        .parse()
+        .ok()
+}
 
 /// The process an [`unsaved_note`] names; it holds the rotated token for
 /// as long as it holds the grant's lock.
@@ -98,12 +139,15 @@ pub fn unsaved_by(note: &str) -> Option<u32> {
 /// The process an [`unsaved_note`] names and the generation its token was
 /// to replace (`None` in a note that does not say).
 pub fn unsaved_over(note: &str) -> Option<(u32, Option<i64>)> {
-    let rest = note.strip_prefix(UNSAVED_NOTE)?.trim();
+    let rest = without_fingerprint(note).strip_prefix(UNSAVED_NOTE)?.trim();
     match rest.split_once(OVER) {
         Some((pid, generation)) => Some((pid.trim().parse().ok()?, generation.trim().parse().ok())),
         None => Some((rest.parse().ok()?, None)),
     }
 }
+
+/// The most of a note read (a note is a line; a bigger file is not one).
+const NOTE_MAX: usize = 400;
 
 /// A held per-grant lock (released on drop).
 pub struct GrantLock {
@@ -313,7 +357,7 @@ impl TokenStore {
                     // Lossy: a note is only ever read to be judged and shown,
                     // and a stray byte must not hide it.
                     let text = String::from_utf8_lossy(&bytes);
-                    let note: String = text.trim().chars().take(200).collect();
+                    let note: String = text.trim().chars().take(NOTE_MAX).collect();
                     return Ok(Some(note).filter(|n| !n.is_empty()));
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -412,6 +456,11 @@ impl TokenStore {
     /// Tries to take the grant's cross-process lock; `None` while another
     /// process (or handle) holds it.
     pub fn try_lock_grant(&self, grant: &str) -> Result<Option<GrantLock>> {
+        self.try_lock_named(&sha256_hex(grant)[..32])
+    }
+
+    /// [`TokenStore::try_lock_grant`] by the name of the grant's lock file.
+    fn try_lock_named(&self, name: &str) -> Result<Option<GrantLock>> {
         let dir = self.lock_dir();
         if !dir.is_dir() {
             match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
@@ -427,7 +476,7 @@ impl TokenStore {
                 }
             }
         }
-        let file = dir.join(&sha256_hex(grant)[..32]);
+        let file = dir.join(name);
         if std::fs::symlink_metadata(&file).is_ok_and(|m| m.file_type().is_symlink()) {
             bail!(
                 "the grant lock {} is a symbolic link: refusing it",
@@ -446,7 +495,7 @@ impl TokenStore {
             Ok(()) => {
                 // Created now, while the disk has room: a store write that
                 // fails for want of it must still find the file to lock.
-                let _ = open_lock_file(&self.unsaved_lock_path(grant));
+                let _ = open_lock_file(&dir.join(format!("{name}.unsaved")));
                 Ok(Some(GrantLock { _file: file }))
             }
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
@@ -512,6 +561,38 @@ impl TokenStore {
         seed_sha256: Option<&str>,
         businesses: &[String],
     ) -> Result<Option<StoredGrant>> {
+        if let Some(g) = self.with(|c| read_grant(c, grant))? {
+            return Ok(Some(g));
+        }
+        // The file holds a rotated token a process keeps unsaved under
+        // another name (leadsync keeps such a token in its token file too;
+        // the file was moved or copied since): that chain's, while its
+        // holder lives — presented here it would be spent twice. Looked at
+        // before the seeds: a holder that stores it meanwhile names the
+        // file's content as its seed, found below.
+        let mut held_from = None;
+        if let Some(fp) = seed_sha256 {
+            for (name, note) in self.holding_in_file(grant, fp)? {
+                match self.try_lock_named(&name)? {
+                    // Its holder ended (the token is the file's: a new
+                    // grant here), or stored it just now (its row names
+                    // the file as its seed: taken over below).
+                    Some(lock) => held_from = Some((name, lock)),
+                    None => {
+                        let holder = match unsaved_by(&note) {
+                            Some(pid) => format!("leadsync process {pid}"),
+                            None => "a leadsync process".to_string(),
+                        };
+                        bail!(
+                            "the grant's token file holds the rotated refresh token {holder} keeps \
+                             in memory, unsaved (the token store could not take it), for another \
+                             token file name (the file was moved or copied since); it is used once \
+                             that token is stored"
+                        )
+                    }
+                }
+            }
+        }
         let moved_from = self.with(|c| {
             if read_grant(c, grant)?.is_some() {
                 return Ok(None);
@@ -529,6 +610,13 @@ impl TokenStore {
         // systemd's ProtectProc=invisible another user's process is not in
         // /proc, and a pid seen there may be another process's.
         let _old_key_lock = match &moved_from {
+            Some(from)
+                if held_from
+                    .as_ref()
+                    .is_some_and(|(name, _)| *name == sha256_hex(from)[..32]) =>
+            {
+                held_from.take().map(|(_, lock)| lock)
+            }
             Some(from) => match self.try_lock_grant(from)? {
                 Some(lock) => Some(lock),
                 // Its "unsaved" lock says whether the holder keeps a
@@ -595,6 +683,46 @@ impl TokenStore {
             adopt(c, grant, seed_sha256, moved_from.as_deref(), businesses)?;
             read_grant(c, grant)
         })
+    }
+
+    /// The lock names (see [`TokenStore::lock_path`]) of the other grants
+    /// whose note says a process keeps, unsaved, the rotated token whose
+    /// fingerprint is `token_sha256`, with the note. Every note file is
+    /// read, not only those of stored grants: a new grant's first rotated
+    /// token has no row yet. A note that cannot be read is passed over (it
+    /// must not keep every new grant out).
+    fn holding_in_file(&self, grant: &str, token_sha256: &str) -> Result<Vec<(String, String)>> {
+        let own = &sha256_hex(grant)[..32];
+        let entries = match std::fs::read_dir(self.lock_dir()) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot list the token store's lock directory {}",
+                        self.lock_dir().display()
+                    )
+                });
+            }
+        };
+        let mut holding = Vec::new();
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str().and_then(|n| n.strip_suffix(".note")) else {
+                continue;
+            };
+            if name == own {
+                continue;
+            }
+            let Ok(bytes) = read_note(&entry.path()) else {
+                continue;
+            };
+            let note = String::from_utf8_lossy(&bytes).trim().to_string();
+            if unsaved_token_sha256(&note) == Some(token_sha256) {
+                holding.push((name.to_string(), note));
+            }
+        }
+        Ok(holding)
     }
 
     /// Whether a write works now: a committed write transaction (the
@@ -1095,7 +1223,7 @@ mod tests {
         assert_eq!(s.put(&old_key, 0, &w("t1")).unwrap(), Written::Stored(1));
         let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
         let holding = s.lock_unsaved(&old_key).unwrap();
-        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 1)))
+        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 1, None)))
             .unwrap();
         let during = s.get("new", Some(&seed), &[]);
         let Err(e) = during else {
@@ -1113,6 +1241,37 @@ mod tests {
         drop(holder);
         let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
         assert_eq!(g.refresh_token.expose(), "t2");
+    }
+
+    /// A new grant's first rotated token (no row yet) that the store
+    /// refused is kept in its token file, and the file is moved: its
+    /// content matches no stored row, but the holder's note names it. The
+    /// new name waits while the holder lives; once it ended, the token in
+    /// the file is the new name's (a new grant).
+    #[test]
+    fn a_file_holding_an_unsaved_token_of_a_grant_without_a_row_waits_for_its_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let old_key = dir.path().join("old").display().to_string();
+        let fp = sha256_hex("t1");
+        let holder = s.try_lock_grant(&old_key).unwrap().expect("free");
+        let holding = s.lock_unsaved(&old_key).unwrap();
+        s.set_refresh_note(&old_key, Some(&unsaved_note(u32::MAX - 1, 0, Some(&fp))))
+            .unwrap();
+        let during = s.get("new", Some(&fp), &[]);
+        let Err(e) = during else {
+            panic!("taken for a new grant while its holder lives");
+        };
+        assert!(format!("{e:#}").contains("unsaved"), "{e:#}");
+        // Another content is not held.
+        assert!(
+            s.get("new", Some(&sha256_hex("t0")), &[])
+                .unwrap()
+                .is_none()
+        );
+        drop(holding);
+        drop(holder);
+        assert!(s.get("new", Some(&fp), &[]).unwrap().is_none());
     }
 
     /// A process that ended holding an unsaved rotated token (killed, or
@@ -1135,7 +1294,7 @@ mod tests {
         // Its writer held the lock, and ended. The pid is a live one (this
         // process's), which holds no lock.
         drop(s.try_lock_grant(&old_key).unwrap().expect("free"));
-        s.set_refresh_note(&old_key, Some(&unsaved_note(std::process::id(), 1)))
+        s.set_refresh_note(&old_key, Some(&unsaved_note(std::process::id(), 1, None)))
             .unwrap();
         let g = s.get("new", Some(&seed), &[]).unwrap().expect("adopted");
         assert_eq!(g.refresh_token.expose(), "u1");
@@ -1230,7 +1389,7 @@ mod tests {
         let path = dir.path().join("tokens.db");
         let s = TokenStore::open(&path).unwrap();
         let held = s.try_lock_grant("g").unwrap().expect("free");
-        let previous = unsaved_note(123_456, 7);
+        let previous = unsaved_note(123_456, 7, None);
         s.set_refresh_note("g", Some(&previous)).unwrap();
         let full_disk = |f: &mut File, bytes: &[u8]| -> std::io::Result<()> {
             use std::io::Write;
@@ -1249,7 +1408,7 @@ mod tests {
         ] {
             for next in [
                 Some("sent at 2026-11-29T00:00:00Z by leadsync process 42"),
-                Some(unsaved_note(99, 8).as_str()),
+                Some(unsaved_note(99, 8, None).as_str()),
             ] {
                 assert!(s.set_refresh_note_with("g", next, fault).is_err(), "{what}");
                 assert_eq!(
@@ -1345,7 +1504,7 @@ mod tests {
         }
         std::fs::remove_file(s.note_path("g")).unwrap();
         std::fs::write(s.note_path("g"), "x".repeat(1 << 20)).unwrap();
-        assert_eq!(s.refresh_note("g").unwrap().unwrap().len(), 200);
+        assert_eq!(s.refresh_note("g").unwrap().unwrap().len(), NOTE_MAX);
         drop(held);
     }
 

@@ -16,7 +16,7 @@ use super::problem::{ApiError, Disposition};
 use crate::config::{Config, TokenSource};
 use crate::secret::Secret;
 use crate::store::tokens::{
-    GrantWrite, StoredGrant, Written, sha256_hex, unsaved_by, unsaved_over,
+    GrantWrite, StoredGrant, Written, note_over, sent_note, sha256_hex, unsaved_by,
 };
 use base64::Engine;
 use std::collections::HashMap;
@@ -116,8 +116,15 @@ pub trait GrantStore: Send + Sync {
     /// Records durably that this process holds the grant's rotated token in
     /// memory, unsaved (by the lock's holder): a moved token file must not
     /// take the chain from under it until it is stored.
-    /// `over_generation`: the stored generation its write is to replace.
-    fn note_unsaved(&self, _grant: &str, _over_generation: i64) -> anyhow::Result<()> {
+    /// `over_generation`: the stored generation its write is to replace;
+    /// `token_sha256`: the token's fingerprint (leadsync keeps it in the
+    /// token file too: a file moved since that holds it is not a new grant).
+    fn note_unsaved(
+        &self,
+        _grant: &str,
+        _over_generation: i64,
+        _token_sha256: &str,
+    ) -> anyhow::Result<()> {
         Ok(())
     }
     /// Whether a write to the store works now (a committed, synced write
@@ -216,6 +223,45 @@ struct Unsaved {
     /// process, whatever ends it. `None` only after the store's write task
     /// failed (panicked) with it and it could not be taken again.
     lock: Option<Box<dyn Send>>,
+    /// Fingerprint of the token file's content when the refresh was sent
+    /// (`None`: empty or unreadable): the file is replaced by the rotated
+    /// token only while it still holds that, never over a grant a person
+    /// put there since.
+    file_seen: Option<String>,
+    /// Whether the rotated token is in the token file too (see [`Inner::keep_in_file`]).
+    in_file: InFile,
+}
+
+/// An unsaved rotated token's copy in the grant's token file.
+#[derive(Clone, Copy, PartialEq)]
+enum InFile {
+    /// Not written (yet): tried again with the token's next write.
+    No,
+    /// Written: the next refresh presents it, whatever process makes it.
+    Yes,
+    /// Written, but its directory's fsync failed: there, yet maybe not
+    /// after a power loss (synced again with the token's next write).
+    Unsynced,
+    /// Not written: the file holds a grant a person put there since.
+    Superseded,
+}
+
+impl InFile {
+    /// Whether the token file holds the token.
+    fn there(self) -> bool {
+        matches!(self, InFile::Yes | InFile::Unsynced)
+    }
+}
+
+/// What [`Inner::keep_in_file`] did.
+enum Kept {
+    /// The file holds another grant than the refresh was sent with.
+    Changed,
+    /// The file cannot be read: not written over.
+    Unreadable(String),
+    /// Written (the error of a failed step, if any; whether the file holds
+    /// the token now).
+    Written(Option<String>, bool),
 }
 
 #[derive(Default)]
@@ -754,14 +800,40 @@ impl Auth {
                 // Held only by a caller that is about to be told "stopping".
                 Err(_) => continue,
             };
-            let Some(error) = state.unsaved.as_ref().map(|u| u.error.clone()) else {
+            let Some((error, in_file)) =
+                state.unsaved.as_ref().map(|u| (u.error.clone(), u.in_file))
+            else {
                 continue;
             };
             let left = until.saturating_duration_since(tokio::time::Instant::now());
             let saved = tokio::time::timeout(left, inner.save_unsaved(&chain, &mut state)).await;
-            if saved.is_err() || state.unsaved.is_some() {
-                let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
-                stops_unsaved(&chain, &error);
+            // Where the token is at the stop (its write cut off by the
+            // bound: where it was before, whatever that write does).
+            let in_file = match (&saved, state.unsaved.as_ref()) {
+                (Ok(_), Some(u)) => Some(u.in_file),
+                (Ok(_), None) => None,
+                (Err(_), _) => Some(in_file),
+            };
+            match in_file {
+                Some(InFile::Yes) => {
+                    warn!(grant = %chain.file.display(), error = %error,
+                        "leadsync stops with a rotated refresh token the token store could not \
+                         take; it is in the grant's token file, which the next refresh \
+                         presents first (nothing is lost)");
+                }
+                Some(InFile::Unsynced) => {
+                    error!(grant = %chain.file.display(), error = %error,
+                        "leadsync stops with a rotated refresh token the token store could not \
+                         take; it is in the grant's token file, which the next refresh \
+                         presents first, but that file's directory could not be synced: a power \
+                         loss before the system writes it back loses the token (the grant must \
+                         then be re-authorized with `leadsync auth exchange`)");
+                }
+                _ if saved.is_err() || state.unsaved.is_some() => {
+                    let error = state.unsaved.as_ref().map_or(error, |u| u.error.clone());
+                    stops_unsaved(&chain, &error);
+                }
+                _ => {}
             }
         }
         if !finished {
@@ -1577,6 +1649,181 @@ impl Inner {
         }
     }
 
+    /// Keeps a rotated token the store refused in the grant's token file
+    /// too (atomic, mode 0600), as `auth exchange` does with a new grant the
+    /// store refuses: should this process end before the store takes it (a
+    /// crash, the watchdog, a stop), the next refresh, here or in any other
+    /// process, finds a changed token file and presents it first, instead of
+    /// the spent stored token. Only over the content the refresh was sent
+    /// with (a grant a person put there since is theirs); the store's write
+    /// then names the file's new content as the chain's seed, so that once
+    /// stored the file does not count as changed. Tried again with every
+    /// write of the token until it is there.
+    async fn keep_in_file(&self, chain: &Chain, u: &mut Unsaved) {
+        let path = PathBuf::from(&chain.key);
+        let file = path.display();
+        if u.in_file == InFile::Unsynced {
+            // In the file, its directory's fsync failed: tried again.
+            let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+            if blocking(move || Ok(std::fs::File::open(&dir)?.sync_all()?))
+                .await
+                .is_ok()
+            {
+                u.in_file = InFile::Yes;
+                info!(grant = %chain.file.display(),
+                    "the token file {file} keeping the unsaved rotated refresh token is synced now");
+            }
+            return;
+        }
+        if u.in_file != InFile::No {
+            return;
+        }
+        // The path the grant is keyed by: a symlinked token file is
+        // written through, as the exchange's fallback does.
+        let (p, token, seen) = (
+            path.clone(),
+            u.write.refresh_token.clone(),
+            u.file_seen.clone(),
+        );
+        let fp = sha256_hex(token.expose());
+        // The write owns the grant's locks while it runs, as the store's
+        // write does: were this task dropped meanwhile (a stop's bound, the
+        // runtime's shutdown), they must not go while the file may still
+        // change, or another process reads it before and presents the
+        // spent stored token.
+        let held = u.lock.take();
+        let written = blocking(move || {
+            // The file's content now: its fingerprint (`None`: empty or
+            // missing); an error when it cannot be read (EACCES, not
+            // UTF-8): then it is not known to be the one the refresh was
+            // sent with, and is not written over.
+            let content = || -> std::io::Result<Option<String>> {
+                match std::fs::read_to_string(&p) {
+                    Ok(t) => Ok(Some(t.trim().to_string())
+                        .filter(|t| !t.is_empty())
+                        .map(|t| sha256_hex(&t))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                    Err(e) => Err(e),
+                }
+            };
+            let outcome = match content() {
+                Err(e) => Kept::Unreadable(e.to_string()),
+                Ok(now) if now != seen => Kept::Changed,
+                Ok(_) => {
+                    // Asked again just before the rename: a grant a person
+                    // wrote there meanwhile is theirs.
+                    let changed = std::cell::Cell::new(false);
+                    let r = crate::secret::replace_private_checked(
+                        &p,
+                        &temp_of(&p),
+                        format!("{}\n", token.expose()).as_bytes(),
+                        &|f, b| {
+                            use std::io::Write;
+                            f.write_all(b)
+                        },
+                        &|| match content() {
+                            Ok(now) if now == seen => Ok(()),
+                            Ok(_) => {
+                                changed.set(true);
+                                Err(std::io::Error::other("the token file changed"))
+                            }
+                            Err(e) => Err(e),
+                        },
+                    );
+                    if changed.get() {
+                        Kept::Changed
+                    } else {
+                        // Renamed into place, then the directory's fsync
+                        // failed: the token is in the file, not yet durable.
+                        let there =
+                            std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token.expose());
+                        Kept::Written(r.err().map(|e| e.to_string()), there)
+                    }
+                }
+            };
+            Ok((outcome, held))
+        })
+        .await;
+        let written = match written {
+            Ok((outcome, held)) => {
+                u.lock = held;
+                Ok(outcome)
+            }
+            Err(e) => {
+                // The task failed with the locks: take them again if free.
+                if let Ok(store) = self.store() {
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    if let Some(lock) = blocking(move || s.try_lock(&key)).await.ok().flatten() {
+                        u.lock = Some(with_unsaved_lock(&store, chain, lock).await);
+                    }
+                }
+                Err(e)
+            }
+        };
+        match written {
+            Ok(Kept::Changed) => {
+                u.in_file = InFile::Superseded;
+                warn!(grant = %chain.file.display(),
+                    "the token file {file} changed since the refresh was sent (a new grant?): \
+                     the unsaved rotated refresh token is not written over it");
+            }
+            Ok(Kept::Unreadable(error)) => {
+                warn!(grant = %chain.file.display(), error = %error,
+                    "the token file {file} cannot be read, so it is not known to hold what the \
+                     refresh was sent with: the unsaved rotated refresh token is not written over \
+                     it (tried again with its next write)");
+            }
+            Ok(Kept::Written(error, there)) => {
+                if there {
+                    u.in_file = if error.is_some() {
+                        InFile::Unsynced
+                    } else {
+                        InFile::Yes
+                    };
+                    u.write.seed_sha256 = Some(fp);
+                    warn!(grant = %chain.file.display(), sync_error = ?error,
+                        "the rotated refresh token the token store refused is kept in the token \
+                         file {file} until the store takes it: if leadsync ends first, the next \
+                         refresh presents it from there");
+                } else {
+                    error!(grant = %chain.file.display(), error = ?error,
+                        "the rotated refresh token the token store refused cannot be kept in the \
+                         token file {file} either: it lives only in this process until the store \
+                         takes it");
+                }
+            }
+            Err(e) => {
+                error!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                    "cannot keep the unsaved rotated refresh token in the token file {file}");
+            }
+        }
+    }
+
+    /// Whether another chain of this process keeps, unsaved, the rotated
+    /// token whose copy in its token file has fingerprint `seed`.
+    fn holds_in_file(&self, chain: &Arc<Chain>, seed: Option<&str>) -> bool {
+        let others: Vec<Arc<Chain>> = self
+            .chains
+            .lock()
+            .map(|c| {
+                c.values()
+                    .filter(|o| !Arc::ptr_eq(o, chain))
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        others.iter().any(|o| {
+            // Held: its own save is running (its token still unsaved).
+            o.state
+                .try_lock()
+                .map_or(o.retrying_unsaved.load(Ordering::SeqCst), |st| {
+                    st.unsaved.as_ref().is_some_and(|u| {
+                        u.in_file.there() && u.write.seed_sha256.as_deref() == seed
+                    })
+                })
+        })
+    }
+
     /// Stores an unsaved rotated token; Ok(true) when stored (or superseded).
     async fn save_unsaved(&self, chain: &Chain, state: &mut ChainState) -> Result<bool, Failure> {
         let Some(u) = state.unsaved.take() else {
@@ -1589,6 +1836,8 @@ impl Inner {
             access,
             error: _,
             lock,
+            file_seen,
+            in_file,
         } = u;
         let (key, w) = (chain.key.clone(), write.clone());
         let alert_key = format!("unsaved:{}", chain.key);
@@ -1624,6 +1873,30 @@ impl Inner {
             Ok(Written::Conflict(found)) => {
                 warn!(grant = %chain.file.display(), generation = found,
                     "the token store took a newer grant meanwhile (auth exchange?); dropping the unsaved rotated token");
+                // Its copy in the token file is dropped too: remembered as
+                // refused (before the locks go), or the next refresh, here
+                // or elsewhere, takes the file for a new grant and replaces
+                // the newer one with it.
+                // The write owns the locks, as the store's write does.
+                let mut lock = lock;
+                if in_file.there() {
+                    let (s, key) = (store.clone(), chain.key.clone());
+                    let fp = sha256_hex(write.refresh_token.expose());
+                    let held = lock.take();
+                    let refused = blocking(move || Ok((s.refuse_file(&key, &fp), held))).await;
+                    let refused = match refused {
+                        Ok((r, held)) => {
+                            lock = held;
+                            r
+                        }
+                        Err(e) => Err(e),
+                    };
+                    if let Err(e) = refused {
+                        warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                            "cannot record that the token file's copy of the dropped rotated token is \
+                             not to be used: the next refresh may present it over the newer grant");
+                    }
+                }
                 self.release_unsaved(chain, lock).await;
                 self.alert(alert_key, None).await;
                 Ok(true)
@@ -1633,13 +1906,17 @@ impl Inner {
                 error!(grant = %chain.file.display(), error = %error,
                     "STILL cannot store the rotated refresh token; it is kept in memory and no new refresh \
                      starts until it is stored — do not stop leadsync before this is fixed");
-                state.unsaved = Some(Unsaved {
+                let mut u = Unsaved {
                     expected,
                     write,
                     access,
                     error,
                     lock,
-                });
+                    file_seen,
+                    in_file,
+                };
+                self.keep_in_file(chain, &mut u).await;
+                state.unsaved = Some(u);
                 Ok(false)
             }
         }
@@ -1735,12 +2012,27 @@ impl Inner {
         }
         // A note of a token held unsaved whose write landed after all (its
         // process ended before it cleared the note): nothing was lost.
-        if let Some((_, Some(over))) = cut_short.as_deref().and_then(unsaved_over)
+        // Likewise a refresh's note whose answer was stored (its process
+        // ended before it removed the note).
+        if let Some(over) = cut_short.as_deref().and_then(note_over)
             && row.as_ref().is_some_and(|r| r.generation > over)
         {
             cut_short = None;
         }
+        let file_is_new = seed_fp.is_some()
+            && row
+                .as_ref()
+                .is_none_or(|r| r.seed_sha256 != seed_fp && r.file_refused_sha256 != seed_fp);
         if let Some(note) = &cut_short
+            && let Some(pid) = unsaved_by(note)
+            && file_is_new
+        {
+            // Its rotated token was kept in the token file (or a person
+            // put a new grant there): presented first, below.
+            warn!(grant = %chain.file.display(), "leadsync process {pid} held a rotated refresh token of \
+                this grant that the token store could not take, and ended without storing it; the token \
+                file changed since (leadsync keeps such a token there too): presenting the file's token first");
+        } else if let Some(note) = &cut_short
             && let Some(pid) = unsaved_by(note)
         {
             // Its lock ended with it: so did the token it held.
@@ -1774,10 +2066,15 @@ impl Inner {
             .as_ref()
             .filter(|r| r.refused.is_none() && !r.refresh_token.is_empty())
             .map(|r| r.refresh_token.clone());
-        let file_is_new = seed_fp.is_some()
-            && row
-                .as_ref()
-                .is_none_or(|r| r.seed_sha256 != seed_fp && r.file_refused_sha256 != seed_fp);
+        // The file holds a rotated token another chain of this process
+        // keeps unsaved (its file was renamed meanwhile): that chain's, not
+        // a new grant; taken over once it is stored (as a moved file is).
+        if file_is_new && self.holds_in_file(chain, seed_fp.as_deref()) {
+            return Err(Failure::Retry(format!(
+                "the token file {file} holds a rotated refresh token this process keeps unsaved \
+                 under the file's former name; it is taken over once the token store takes it"
+            )));
+        }
         let mut candidates: Vec<(bool, Secret)> = Vec::new();
         if file_is_new {
             candidates.push((true, Secret::new(seed)));
@@ -1827,11 +2124,7 @@ impl Inner {
                     .await;
                 return Err(Failure::Retry(m));
             }
-            let note = format!(
-                "sent at {} by leadsync process {}",
-                crate::time::now(),
-                std::process::id()
-            );
+            let note = sent_note(&crate::time::now(), std::process::id(), expected);
             let (s, key, ours) = (store.clone(), chain.key.clone(), note.clone());
             if let Err(e) = blocking(move || s.set_refresh_note(&key, Some(&note))).await {
                 // Its write may have failed after the rename (the directory's
@@ -1968,17 +2261,24 @@ impl Inner {
                                 None => None,
                             };
                             let (s, key) = (store.clone(), chain.key.clone());
-                            if let Err(e) = blocking(move || s.note_unsaved(&key, expected)).await {
+                            let fp = sha256_hex(write.refresh_token.expose());
+                            if let Err(e) =
+                                blocking(move || s.note_unsaved(&key, expected, &fp)).await
+                            {
                                 warn!(grant = %file, error = %format!("{e:#}"),
                                     "cannot record the unsaved rotated token in the grant's note");
                             }
-                            state.unsaved = Some(Unsaved {
+                            let mut u = Unsaved {
                                 expected,
                                 write,
                                 access,
                                 error: error.clone(),
                                 lock,
-                            });
+                                file_seen: seed_fp.clone(),
+                                in_file: InFile::No,
+                            };
+                            self.keep_in_file(chain, &mut u).await;
+                            state.unsaved = Some(u);
                             return Err(Failure::Retry(format!(
                                 "the rotated refresh token of the grant in {file} cannot be stored ({error})"
                             )));
