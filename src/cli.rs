@@ -322,6 +322,10 @@ pub struct SandboxArgs {
     /// How listings are paged.
     #[arg(long, value_enum, default_value_t = Pagination::Next)]
     pub pagination: Pagination,
+    /// Listing `next` URLs name this host (`host[:port]`) instead of the
+    /// sandbox's: a `next` that must never be followed.
+    #[arg(long, value_name = "HOST")]
+    pub next_host: Option<String>,
     /// Which published lead shape the leads follow.
     #[arg(long, value_enum, default_value_t = Shape::Mixed)]
     pub shape: Shape,
@@ -340,6 +344,10 @@ pub struct SandboxArgs {
     /// Token endpoint: answer every request 502 `proxy_oauth_failed` (a wrong audience).
     #[arg(long)]
     pub token_proxy_oauth_failed: bool,
+    /// Token endpoint: answer every request `400` with this OAuth error
+    /// (`unauthorized_client`, `invalid_request`, `invalid_scope`, ...).
+    #[arg(long, value_name = "ERROR")]
+    pub token_error: Option<String>,
     /// Token endpoint: hold a refresh's answer this long after rotating.
     #[arg(long, default_value_t = 0)]
     pub token_hold_ms: u64,
@@ -1271,6 +1279,7 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
             html_404: args.html_404_rate,
             webhook_twice: args.webhook_twice,
             webhook_out_of_order: args.webhook_out_of_order,
+            next_host: args.next_host,
             ..Faults::default()
         },
         pagination: args.pagination,
@@ -1282,6 +1291,7 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
     sandbox.set_token_faults(crate::sandbox::TokenFaults {
         invalid_client: args.token_invalid_client,
         proxy_oauth_failed: args.token_proxy_oauth_failed,
+        client_error: args.token_error,
         hold_after_rotate_ms: args.token_hold_ms,
         grace_secs: args.token_grace_secs,
         ..Default::default()

@@ -175,6 +175,127 @@ async fn offset_style_scans_mirror_everything_and_mark_exactly_the_removed() {
     style_end_to_end(Pagination::Offset, "offset").await;
 }
 
+/// Style 1 with a token: `next` whose query carries `pageToken`, not an
+/// offset (applied to our list path as it stands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_with_a_page_token_scans_mirror_everything_and_mark_exactly_the_removed() {
+    style_end_to_end(Pagination::NextToken, "next").await;
+}
+
+/// A bare array is one last page: short, the end is known (a full scan
+/// marks the removed lead missing); full, the end is unknown (the pass
+/// succeeds, says so, marks nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_array_is_one_last_page_known_when_short_unknown_when_full() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 7,
+            pagination: Pagination::Bare,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 7);
+    let (_, outcome, pagination, error, _) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), error),
+        ("ok", Some("single"), None)
+    );
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[4].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[4].clone()]));
+
+    // Ten leads more: the array is now a full page (page_size 10).
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 10,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    let (_, outcome, pagination, error, missing) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), missing),
+        ("ok", Some("single"), 0)
+    );
+    assert!(error.unwrap_or_default().contains("no pagination marker"));
+    assert_eq!(
+        missing_ids(&env),
+        BTreeSet::from([ids[4].clone()]),
+        "the six leads past the page are not marked missing"
+    );
+}
+
+/// A `next` naming another host is an error and is never followed (nor is
+/// anything marked missing); one naming Thumbtack's production host (as
+/// the documented example does) has its query applied to `api.base_url`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_on_another_host_fails_the_pass_unfollowed_and_thumbtacks_own_is_applied_here() {
+    let env = env_with(Pagination::Next, Shape::Mixed, 1).await;
+    let other = leadsync::sandbox::Sandbox::start(SandboxOptions {
+        businesses: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let b = env.business_ids()[0].clone();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let listed = env.sandbox.list_requests(&b);
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: env.sandbox.lead_ids(&b)[30].clone(),
+        })
+        .unwrap();
+
+    for style in [Pagination::Next, Pagination::NextToken] {
+        env.sandbox.set_pagination(style);
+        env.sandbox.set_faults(Faults {
+            // Same address, another name: the host is what is judged.
+            next_host: Some(format!("localhost:{}", other.addr().port())),
+            ..Default::default()
+        });
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 1, "{style:?}: {out}");
+        assert!(out.contains("names another host (localhost)"), "{out}");
+        let (_, outcome, _, error, missing) = last_run(&env);
+        assert_eq!((outcome.as_str(), missing), ("error", 0), "{style:?}");
+        assert!(error.unwrap_or_default().contains("another host"));
+        assert!(
+            missing_ids(&env).is_empty(),
+            "{style:?}: nothing marked missing"
+        );
+        assert_eq!(other.stats().requests, 0, "{style:?}: never followed");
+    }
+    // Only the first page of each failed pass was asked of this sandbox.
+    assert_eq!(env.sandbox.list_requests(&b), listed + 2);
+
+    env.sandbox.set_faults(Faults {
+        next_host: Some("api.thumbtack.com".into()),
+        ..Default::default()
+    });
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env).len(), 1);
+    assert_eq!(other.stats().requests, 0);
+}
+
 fn lead_value(env: &Env, id: &str) -> serde_json::Value {
     serde_json::from_str(&env.sandbox.lead_json(id).unwrap()).unwrap()
 }
@@ -437,6 +558,8 @@ async fn probe_shows_each_style_in_text_and_json() {
         (Pagination::Token, "token", Some("?limit=10&pageToken=")),
         (Pagination::Offset, "offset", Some("?limit=10&offset=10")),
         (Pagination::None, "single", None),
+        (Pagination::NextToken, "next", Some("?limit=10&pageToken=")),
+        (Pagination::Bare, "single", None),
     ] {
         let env = Env::new(
             SandboxOptions {

@@ -55,6 +55,13 @@ pub enum Pagination {
     Offset,
     /// `{"limit"}` only: a client cannot know where the listing ends.
     None,
+    /// `{"limit", "next": "http://HOST/v4/...?limit=N&pageToken=T"}`: a
+    /// `next` URL whose query carries an opaque token, not an offset.
+    #[serde(rename = "next-token")]
+    NextToken,
+    /// The page's leads as a bare JSON array, no envelope, no markers
+    /// (SPEC §5: one last page; a full one is an unknown end).
+    Bare,
 }
 
 impl Default for SandboxOptions {
@@ -117,6 +124,10 @@ pub struct Faults {
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,
+    /// Listing: `next` URLs (styles `next`, `next-token`) name this host
+    /// (`host` or `host:port`) instead of the sandbox's own: a response that
+    /// is not what the client thinks it is, never to be followed.
+    pub next_host: Option<String>,
     /// Listing: hold each answer this long after it was made (the page
     /// reflects the moment it was made, not the moment it arrives).
     pub list_hold_ms: u64,
@@ -134,6 +145,10 @@ pub struct TokenFaults {
     pub invalid_client: bool,
     /// Answer every token request `502 proxy_oauth_failed` (a wrong audience).
     pub proxy_oauth_failed: bool,
+    /// Answer every token request `400` with this OAuth `error` code
+    /// (`unauthorized_client`, `invalid_request`, `invalid_scope`, or any
+    /// other), before the grant is looked at (nothing rotated).
+    pub client_error: Option<String>,
     /// Hold a successful refresh's answer this long after the token was
     /// already rotated (a client that gives up meanwhile loses the new token).
     pub hold_after_rotate_ms: u64,

@@ -147,16 +147,28 @@ fn trace_id(state: &Shared) -> String {
 
 /// A ProblemDetails response with a traceID, as Thumbtack sends.
 fn problem(state: &Shared, status: StatusCode, title: &str, detail: &str) -> Response<Full<Bytes>> {
-    let mut r = json_response(
-        status,
-        &json!({
-            "type": "about:blank",
-            "title": title,
-            "status": status.as_u16(),
-            "detail": detail,
-            "traceID": trace_id(state),
-        }),
-    );
+    problem_with_errors(state, status, title, detail, None)
+}
+
+/// [`problem`] with the field errors (`errors`) a validation failure carries.
+fn problem_with_errors(
+    state: &Shared,
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+    errors: Option<Value>,
+) -> Response<Full<Bytes>> {
+    let mut body = json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+        "traceID": trace_id(state),
+    });
+    if let Some(errors) = errors {
+        body["errors"] = errors;
+    }
+    let mut r = json_response(status, &body);
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
@@ -608,6 +620,19 @@ fn list(
         .map(|l| l.json.as_str())
         .collect();
     let more = end < b.leads.len();
+    if s.options.pagination == super::Pagination::Bare {
+        return respond(
+            StatusCode::OK,
+            "application/json",
+            format!("[{}]", items.join(",")),
+        );
+    }
+    // The host `next` names: this one, unless a fault names another.
+    let next_host = s
+        .faults
+        .next_host
+        .clone()
+        .unwrap_or_else(|| host.to_string());
     let mut body = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 256);
     body.push_str("{\"data\":[");
     body.push_str(&items.join(","));
@@ -626,10 +651,19 @@ fn list(
             if more {
                 // As Thumbtack's other v4 lists: this host, a path without `/api`.
                 body.push_str(&format!(
-                    ",\"next\":\"http://{host}/v4/businesses/{business}/negotiations?limit={limit}&offset={end}\""
+                    ",\"next\":\"http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&offset={end}\""
                 ));
             }
         }
+        super::Pagination::NextToken => {
+            if more {
+                body.push_str(&format!(
+                    ",\"next\":\"http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&pageToken={}\"",
+                    page_token(business, end)
+                ));
+            }
+        }
+        super::Pagination::Bare => {}
         super::Pagination::Offset => body.push_str(&format!(",\"offset\":{offset}")),
         super::Pagination::None => {}
     }
@@ -727,11 +761,14 @@ fn job_status(
     let mut s = lock(state);
     if s.refuse.contains(negotiation_id) {
         drop(s);
-        return problem(
+        return problem_with_errors(
             state,
             StatusCode::BAD_REQUEST,
             "Invalid transition",
             &format!("negotiation {negotiation_id} does not accept the transition to {status}"),
+            Some(
+                json!({"status": [format!("{status} is not allowed in the negotiation's state")]}),
+            ),
         );
     }
     let seq = s.deliveries.len() as u64 + 1;
@@ -929,6 +966,13 @@ fn token_endpoint(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "client authentication failed",
+        ));
+    }
+    if let Some(error) = &faults.client_error {
+        return now_answer(oauth_error(
+            StatusCode::BAD_REQUEST,
+            error,
+            "the sandbox refuses this client (token_faults.client_error)",
         ));
     }
     if faults.proxy_oauth_failed
