@@ -154,6 +154,55 @@ async fn a_refused_oauth_client_marks_no_business_and_its_rows_wait_uncounted() 
     assert_no_secret_anywhere(&env, "");
 }
 
+/// SPEC §5: `unauthorized_client`, `invalid_request` and `invalid_scope`
+/// refuse the application's configuration as `invalid_client` does: no
+/// business is marked, a row waits without counting an attempt, the grants
+/// survive, and the next run after the fix goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_oauth_client_error_is_the_clients_refusal_not_the_businesss() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let lead = env.sandbox.lead_ids(&ids[0])[0].clone();
+    enqueue(&env, &lead, &ids[0]);
+    for code in ["unauthorized_client", "invalid_request", "invalid_scope"] {
+        env.sandbox.set_token_faults(TokenFaults {
+            client_error: Some(code.into()),
+            ..Default::default()
+        });
+        let o = env.run(&["sync"]);
+        assert_eq!(o.status.code(), Some(1), "{code}: {}", text(&o));
+        assert!(text(&o).contains("OAuth client refused"), "{code}: {}", text(&o));
+        assert!(text(&o).contains(code), "{code}: {}", text(&o));
+        let o = env.run(&["drain"]);
+        assert_eq!(o.status.code(), Some(1), "{code}: {}", text(&o));
+        assert_eq!(reauth_count(&env), 0, "{code}: no business is marked");
+        assert_eq!(
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0"
+            ),
+            1,
+            "{code}: the row waits without counting an attempt"
+        );
+        let o = env.run(&["status"]);
+        assert_eq!(
+            text(&o).matches("OAuth client refused").count(),
+            1,
+            "{code}: shown once:\n{}",
+            text(&o)
+        );
+    }
+    assert_eq!(env.sandbox.stats().rotations, 0, "no grant was consumed");
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.deliveries().len(), 1);
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_oauth_failed_is_the_clients_refusal_not_the_businesss() {
     let env = oauth_env(3600, FAST).await;
