@@ -171,7 +171,11 @@ async fn every_oauth_client_error_is_the_clients_refusal_not_the_businesss() {
         });
         let o = env.run(&["sync"]);
         assert_eq!(o.status.code(), Some(1), "{code}: {}", text(&o));
-        assert!(text(&o).contains("OAuth client refused"), "{code}: {}", text(&o));
+        assert!(
+            text(&o).contains("OAuth client refused"),
+            "{code}: {}",
+            text(&o)
+        );
         assert!(text(&o).contains(code), "{code}: {}", text(&o));
         let o = env.run(&["drain"]);
         assert_eq!(o.status.code(), Some(1), "{code}: {}", text(&o));

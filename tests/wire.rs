@@ -296,6 +296,87 @@ async fn a_next_on_another_host_fails_the_pass_unfollowed_and_thumbtacks_own_is_
     assert_eq!(other.stats().requests, 0);
 }
 
+/// SPEC §5 headers on every request each command makes (listing, GET,
+/// job status, reply, messages, webhooks, probe, token endpoint): the
+/// sandbox records any request without `accept: application/json`, a
+/// `user-agent` or (API calls) `authorization: Bearer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_carries_accept_user_agent_and_bearer() {
+    const AGENT: &str = "acme-leads/2.1 (+ops@acme.test)";
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 12,
+            ..Default::default()
+        },
+        true,
+        &format!(
+            "{}\n[messages]\nsync = true\n",
+            FAST.replacen("[api]\n", &format!("[api]\nuser_agent = \"{AGENT}\"\n"), 1)
+        ),
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    env.run_ok(&["sync", "--full"]);
+    env.run_ok(&[
+        "enqueue",
+        "--negotiation",
+        &lead,
+        "--business",
+        &b,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2026-11-01T10:00:00Z",
+    ]);
+    env.run_ok(&[
+        "reply",
+        "--business",
+        &b,
+        "--negotiation",
+        &lead,
+        "--text",
+        "On my way",
+    ]);
+    env.run_ok(&["drain"]);
+    env.run_ok(&["webhooks", "list"]);
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(env.sandbox.deliveries().len(), 1);
+    assert_eq!(env.sandbox.replies().len(), 1);
+
+    let stats = env.sandbox.stats();
+    for route in [
+        format!("list {b}"),
+        "get".into(),
+        "job-status".into(),
+        "reply".into(),
+        "messages".into(),
+    ] {
+        assert!(stats.by_route.contains_key(&route), "{route}: {stats:?}");
+    }
+    assert!(
+        stats.by_route.keys().any(|r| r.starts_with("token ")),
+        "{stats:?}"
+    );
+    assert!(
+        stats.by_route.keys().any(|r| r.starts_with("webhooks ")),
+        "{stats:?}"
+    );
+    assert!(
+        stats.missing_headers.is_empty(),
+        "{:?}",
+        stats.missing_headers
+    );
+    assert_eq!(
+        stats.user_agents,
+        BTreeSet::from([AGENT.to_string()]),
+        "api.user_agent, on every request"
+    );
+    assert!(stats.requests > 5, "{stats:?}");
+}
+
 fn lead_value(env: &Env, id: &str) -> serde_json::Value {
     serde_json::from_str(&env.sandbox.lead_json(id).unwrap()).unwrap()
 }

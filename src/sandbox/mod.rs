@@ -288,6 +288,13 @@ pub struct Stats {
     pub faults_injected: u64,
     /// Listing answers made and held back by `list_hold_ms`.
     pub lists_held: u64,
+    /// Requests that lacked a header SPEC §5 names, by route and header
+    /// (e.g. `list 4680…: accept`): `accept: application/json` and a
+    /// non-empty `user-agent` on every request, `authorization: Bearer` on
+    /// API requests (the token endpoint's Basic is checked where it is read).
+    pub missing_headers: BTreeMap<String, u64>,
+    /// Every `user-agent` seen (API and token endpoint).
+    pub user_agents: std::collections::BTreeSet<String>,
 }
 
 struct RefreshEntry {

@@ -9,7 +9,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -200,6 +200,7 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             .map(str::to_string)
     };
 
+    check_headers(&state, &method, &segments, &headers);
     match (&method, segments.as_slice()) {
         (&Method::POST, ["oauth2", "token"]) => {
             let (response, hold, lose) = token_endpoint(&state, header("authorization"), &body);
@@ -339,6 +340,44 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             "Not Found",
             &format!("no route for {method} {path}"),
         )),
+    }
+}
+
+/// Records the headers SPEC §5 names that a client request lacked
+/// ([`super::Stats::missing_headers`]) and the `user-agent` it sent.
+fn check_headers(state: &Shared, method: &Method, segments: &[&str], headers: &HeaderMap) {
+    let route = match (method, segments) {
+        (&Method::POST, ["oauth2", "token"]) => "token".to_string(),
+        (_, ["api", "v4", "businesses", b, "negotiations"]) => format!("list {b}"),
+        (m, ["api", "v4", rest @ ..]) => format!("{m} {}", rest.first().unwrap_or(&"")),
+        _ => return,
+    };
+    let value = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let mut missing = Vec::new();
+    if !value(hyper::header::ACCEPT).contains("application/json") {
+        missing.push("accept");
+    }
+    let agent = value(hyper::header::USER_AGENT).trim().to_string();
+    if agent.is_empty() {
+        missing.push("user-agent");
+    }
+    if route != "token" && !value(hyper::header::AUTHORIZATION).starts_with("Bearer ") {
+        missing.push("authorization");
+    }
+    let mut s = lock(state);
+    if !agent.is_empty() {
+        s.stats.user_agents.insert(agent);
+    }
+    for h in missing {
+        *s.stats
+            .missing_headers
+            .entry(format!("{route}: {h}"))
+            .or_default() += 1;
     }
 }
 
