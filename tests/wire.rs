@@ -496,6 +496,95 @@ async fn the_docs_shape_fills_its_columns_and_leaves_the_rest_empty() {
     }
 }
 
+/// One lead carrying both published shapes at once, with different values:
+/// each convenience column takes the first present source (SPEC §5), then
+/// the next one once the first is gone; a price is kept as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_convenience_column_takes_the_first_present_source() {
+    let env = env_with(Pagination::Next, Shape::Schema, 1).await;
+    let b = env.business_ids()[0].clone();
+    let id = env.sandbox.lead_ids(&b)[5].clone();
+    let patch = |p: serde_json::Value| {
+        env.sandbox
+            .mutate(Mutation::Patch {
+                negotiation_id: id.clone(),
+                patch: p,
+            })
+            .unwrap();
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("1 changed"), "{out}");
+    };
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    patch(serde_json::json!({
+        "category": {"name": "Docs Category"},
+        "customer": {
+            "displayName": "Docs Name",
+            "firstName": "Ann",
+            "lastName": "Lee",
+            "location": {"city": "Docsville", "zipCode": "99999"}
+        },
+        "leadPrice": "$1,234.50",
+        "chargeState": "Refunded"
+    }));
+    let v = lead_value(&env, &id);
+    let (_, category, name, city, zip, phone, price, charge) = columns(&env, &id);
+    assert_eq!(
+        category.as_deref(),
+        v["request"]["category"]["name"].as_str(),
+        "request.category.name before category.name"
+    );
+    assert_ne!(category.as_deref(), Some("Docs Category"));
+    assert_eq!(
+        name.as_deref(),
+        Some("Docs Name"),
+        "displayName before first + last"
+    );
+    assert_eq!(city.as_deref(), v["request"]["location"]["city"].as_str());
+    assert_eq!(zip.as_deref(), v["request"]["location"]["zipCode"].as_str());
+    assert_ne!(city.as_deref(), Some("Docsville"), "request.location first");
+    assert_ne!(zip.as_deref(), Some("99999"), "request.location first");
+    assert_eq!(phone.as_deref(), v["customer"]["phone"].as_str());
+    assert_eq!(
+        (price.as_deref(), charge.as_deref()),
+        (Some("$1,234.50"), Some("Refunded")),
+        "the price as sent"
+    );
+
+    // The first sources go: the second ones fill the columns.
+    patch(serde_json::json!({
+        "request": {"category": null, "location": null},
+        "customer": {"displayName": null, "phone": null},
+        "leadPrice": "25",
+        "chargeState": null
+    }));
+    let (_, category, name, city, zip, phone, price, charge) = columns(&env, &id);
+    assert_eq!(
+        (category, name, city, zip, phone, price, charge),
+        (
+            Some("Docs Category".into()),
+            Some("Ann Lee".into()),
+            Some("Docsville".into()),
+            Some("99999".into()),
+            None,
+            Some("25".into()),
+            None
+        )
+    );
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM negotiations WHERE negotiation_id = '{id}' AND typeof(lead_price) = 'text'"
+            )
+        ),
+        1,
+        "\"25\" stays text"
+    );
+}
+
 fn client(env: &Env) -> Arc<Client> {
     let config = env.config();
     let auth = Arc::new(leadsync::app::open_auth(&config, None, HashMap::new()).unwrap());

@@ -239,6 +239,12 @@ pub enum Mutation {
     },
     /// A nested field changes (only a full scan finds it on an old lead).
     DeepChange { negotiation_id: String },
+    /// A JSON merge patch (RFC 7386: `null` removes a member) applied to a
+    /// lead as served: any field, any shape, both shapes at once.
+    Patch {
+        negotiation_id: String,
+        patch: serde_json::Value,
+    },
     /// The lead disappears from listings (and `GET` answers 404).
     Remove { negotiation_id: String },
     /// A removed lead comes back where it was.

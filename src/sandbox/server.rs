@@ -1307,6 +1307,13 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
             })?;
             Ok(vec![negotiation_id])
         }
+        Mutation::Patch {
+            negotiation_id,
+            patch,
+        } => {
+            edit(s, &negotiation_id, |v| merge_patch(v, &patch))?;
+            Ok(vec![negotiation_id])
+        }
         Mutation::DeepChange { negotiation_id } => {
             let n = s.rng.u32(..);
             edit(s, &negotiation_id, |v| {
@@ -1401,6 +1408,27 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
                     .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))
             })
             .collect(),
+    }
+}
+
+/// RFC 7386 JSON merge patch: objects merge member by member, `null`
+/// removes a member, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(members) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in members {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
     }
 }
 
