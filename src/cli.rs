@@ -277,6 +277,13 @@ pub struct SandboxArgs {
     /// Largest page a listing returns.
     #[arg(long, default_value_t = 100)]
     pub max_page_size: usize,
+    /// The OAuth client id the token endpoint accepts (any characters:
+    /// HTTP Basic carries it form-urlencoded, RFC 6749 §2.3.1).
+    #[arg(long, default_value = "sandbox-client")]
+    pub client_id: String,
+    /// The OAuth client secret the token endpoint accepts (as --client-id).
+    #[arg(long, default_value = "sandbox-secret")]
+    pub client_secret: String,
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub token_ttl_secs: u64,
@@ -1263,6 +1270,8 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         leads_per_business: args.leads_per_business,
         max_page_size: args.max_page_size,
         access_token_ttl_secs: args.token_ttl_secs,
+        client_id: args.client_id,
+        client_secret: args.client_secret,
         faults: Faults {
             latency_ms: args.latency_ms,
             error_5xx: args.error_rate,

@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Env, FAST, assert_no_secret_anywhere, count, oauth_env, refreshes, text, wait_until};
-use leadsync::sandbox::TokenFaults;
+use leadsync::sandbox::{SandboxOptions, TokenFaults};
 use leadsync::store::tokens::{GrantWrite, StoredGrant, TokenStore, Written};
 use leadsync::thumbtack::auth::GrantStore;
 use std::process::Command;
@@ -152,6 +152,29 @@ async fn a_refused_oauth_client_marks_no_business_and_its_rows_wait_uncounted() 
     let o = env.run(&["status"]);
     assert!(!text(&o).contains("OAuth client refused"), "{}", text(&o));
     assert_no_secret_anywhere(&env, "");
+}
+
+/// SPEC §5: the client id and secret go by HTTP Basic, each form-urlencoded
+/// first (RFC 6749 §2.3.1): an id with `:` and `+`, a secret with `%`, `+`,
+/// `&`, `=`, a space and a non-ASCII letter reach the token endpoint intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_with_any_characters_reach_the_token_endpoint() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            client_id: "acme:partner/1+x \"é\"".into(),
+            client_secret: "s3:cr%2B+t &=/ ü".into(),
+            ..Default::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().rotations, 1);
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &text(&o));
 }
 
 /// SPEC §5: `unauthorized_client`, `invalid_request` and `invalid_scope`

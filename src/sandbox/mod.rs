@@ -786,6 +786,7 @@ impl Sandbox {
         );
         if oauth {
             std::fs::write(dir.join("client_secret"), format!("{client_secret}\n"))?;
+            let client_id = client_id.replace('\\', "\\\\").replace('"', "\\\"");
             toml.push_str(&format!(
                 "[oauth]\ntoken_url = \"{}\"\nclient_id = \"{client_id}\"\nclient_secret_file = \"{}\"\ntoken_store = \"{}\"\n\n",
                 self.token_url(),
