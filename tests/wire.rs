@@ -377,6 +377,152 @@ async fn every_request_carries_accept_user_agent_and_bearer() {
     assert!(stats.requests > 5, "{stats:?}");
 }
 
+/// `leadsync sandbox` itself: its variant knobs reach the server it runs
+/// (`--pagination next-token`, `--next-host`, `--shape docs`,
+/// `--client-id`/`--client-secret`, `--token-error`), and a sync against
+/// its written configuration meets each in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_command_serves_the_variants_its_knobs_name() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let fixture_dir = dir.path().join("fixture");
+    /// Stopped however the test ends (a panic included).
+    struct Stopped(std::process::Child);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stopped(
+        common::spawn(
+            std::process::Command::new(common::bin())
+                .args([
+                    "sandbox",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--businesses",
+                    "1",
+                    "--leads-per-business",
+                    "25",
+                    "--pagination",
+                    "next-token",
+                    "--next-host",
+                    "elsewhere.test:8080",
+                    "--shape",
+                    "docs",
+                    "--client-id",
+                    "cli:client+1",
+                    "--client-secret",
+                    "cli secret%+",
+                    "--token-error",
+                    "invalid_scope",
+                    "--write-config",
+                ])
+                .arg(&fixture_dir)
+                .env_remove("LEADSYNC_LOG")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null()),
+        )
+        .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("inspect: GET") {
+            break;
+        }
+    }
+    assert!(
+        printed.contains("(next-token pagination, docs lead shape)"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("OAuth client: cli:client+1 / "),
+        "{printed}"
+    );
+    let base = printed
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let overrides = common::write(dir.path(), "overrides.toml", FAST);
+    let run = |args: &[&str]| {
+        let o = common::output(
+            std::process::Command::new(common::bin())
+                .arg("--config")
+                .arg(fixture_dir.join("leadsync.toml"))
+                .arg("--config")
+                .arg(&overrides)
+                .args(args)
+                .env_remove("LEADSYNC_LOG"),
+        )
+        .unwrap();
+        (o.status.code().unwrap_or(-1), text(&o))
+    };
+    let http = common::http_client();
+    let faults: serde_json::Value = http
+        .get(format!("{base}/_sandbox/faults"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(faults["next_host"], "elsewhere.test:8080");
+
+    // The token endpoint refuses the client (once the credentials, sent
+    // form-urlencoded, were accepted).
+    let (code, out) = run(&["sync"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("OAuth client refused"), "{out}");
+    assert!(out.contains("invalid_scope"), "{out}");
+    // Cleared: the first page names another host; the pass fails there.
+    let r = http
+        .post(format!("{base}/_sandbox/token-faults"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let (code, out) = run(&["sync", "--full"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("names another host (elsewhere.test)"), "{out}");
+    // Cleared: every lead, read through a `next` carrying a page token.
+    let r = http
+        .post(format!("{base}/_sandbox/faults"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let (code, out) = run(&["sync", "--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 pages, 25 leads seen: 25 new"), "{out}");
+    let db = rusqlite::Connection::open(fixture_dir.join("leadsync.db")).unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE customer_name IS NOT NULL AND lead_price IS NULL"
+        ),
+        25,
+        "the docs shape"
+    );
+    assert_eq!(
+        db.query_row(
+            "SELECT pagination FROM sync_runs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get::<_, String>(0)
+        )
+        .unwrap(),
+        "next"
+    );
+}
+
 fn lead_value(env: &Env, id: &str) -> serde_json::Value {
     serde_json::from_str(&env.sandbox.lead_json(id).unwrap()).unwrap()
 }
