@@ -98,7 +98,7 @@ pub enum Command {
         command: WebhooksCommand,
     },
     /// Run the built-in simulated Thumbtack API until stopped.
-    Sandbox(SandboxArgs),
+    Sandbox(Box<SandboxArgs>),
     /// Read-only check of what the API really answers for a business: one
     /// list page and one GET (run it against staging first).
     Probe {
@@ -535,7 +535,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             };
             auth_exchange(config, target, &code, &redirect_uri, write_conf.as_deref()).await
         }
-        Command::Sandbox(args) => sandbox(args).await,
+        Command::Sandbox(args) => sandbox(*args).await,
         Command::Probe { business, json } => {
             crate::probe::run(with_secret(load()?)?, &business, json).await
         }
@@ -1294,7 +1294,6 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         pagination: args.pagination,
         shape: args.shape,
         webhook_concurrency: args.webhook_concurrency,
-        ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;
     sandbox.set_token_faults(crate::sandbox::TokenFaults {
