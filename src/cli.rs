@@ -355,6 +355,10 @@ pub struct SandboxArgs {
     /// (`unauthorized_client`, `invalid_request`, `invalid_scope`, ...).
     #[arg(long, value_name = "ERROR")]
     pub token_error: Option<String>,
+    /// Token endpoint: answer the next requests with these statuses, one
+    /// each, nothing rotated (`503,429,408`; `0` drops the connection).
+    #[arg(long, value_name = "STATUS,...", value_delimiter = ',')]
+    pub token_fail: Vec<u16>,
     /// Token endpoint: hold a refresh's answer this long after rotating.
     #[arg(long, default_value_t = 0)]
     pub token_hold_ms: u64,
@@ -1300,6 +1304,7 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         invalid_client: args.token_invalid_client,
         proxy_oauth_failed: args.token_proxy_oauth_failed,
         client_error: args.token_error,
+        before_rotate: args.token_fail,
         hold_after_rotate_ms: args.token_hold_ms,
         grace_secs: args.token_grace_secs,
         ..Default::default()

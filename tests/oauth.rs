@@ -177,6 +177,57 @@ async fn client_credentials_with_any_characters_reach_the_token_endpoint() {
     assert_no_secret_anywhere(&env, &text(&o));
 }
 
+/// SPEC §5: a token endpoint answering 5xx, 408, 429 or dropping the
+/// connection (nothing rotated) is transient: no business is marked, the
+/// client is not refused, the grant survives, and the next run refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_token_endpoint_failures_mark_nothing_and_keep_the_grant() {
+    // A lost answer (5xx, a dropped connection) is asked again at once, up
+    // to 2 times; a 429 or 408 fails this pass only.
+    for (statuses, code) in [
+        (vec![503], 0),
+        (vec![0], 0),
+        (vec![500, 502, 503], 1),
+        (vec![429], 1),
+        (vec![408], 1),
+    ] {
+        // A grant never used: the run must refresh.
+        let env = Env::new(
+            SandboxOptions {
+                businesses: 1,
+                ..Default::default()
+            },
+            true,
+            FAST,
+        )
+        .await;
+        env.sandbox.set_token_faults(TokenFaults {
+            before_rotate: statuses.clone(),
+            ..Default::default()
+        });
+        let o = env.run(&["sync"]);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(code), "{statuses:?}: {out}");
+        assert_eq!(
+            env.sandbox.stats().faults_injected,
+            statuses.len() as u64,
+            "{statuses:?}: every fault was met: {out}"
+        );
+        assert!(!out.contains("OAuth client refused"), "{statuses:?}: {out}");
+        assert!(
+            !out.contains("needs re-authorization:"),
+            "{statuses:?}: {out}"
+        );
+        assert_eq!(reauth_count(&env), 0, "{statuses:?}");
+        let o = env.run(&["status"]);
+        assert!(!text(&o).contains("OAuth client refused"), "{}", text(&o));
+        env.sandbox.set_token_faults(TokenFaults::default());
+        let o = env.run(&["sync"]);
+        assert_eq!(o.status.code(), Some(0), "{statuses:?}: {}", text(&o));
+        assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    }
+}
+
 /// SPEC §5: `unauthorized_client`, `invalid_request` and `invalid_scope`
 /// refuse the application's configuration as `invalid_client` does: no
 /// business is marked, a row waits without counting an attempt, the grants

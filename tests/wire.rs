@@ -417,6 +417,8 @@ async fn the_sandbox_command_serves_the_variants_its_knobs_name() {
                     "cli secret%+",
                     "--token-error",
                     "invalid_scope",
+                    "--token-fail",
+                    "503,0",
                     "--write-config",
                 ])
                 .arg(&fixture_dir)
@@ -479,6 +481,9 @@ async fn the_sandbox_command_serves_the_variants_its_knobs_name() {
     // form-urlencoded, were accepted).
     let (code, out) = run(&["sync"]);
     assert_eq!(code, 1, "{out}");
+    // `--token-fail 503,0`: two answers lost, asked again at once each time.
+    assert!(out.contains("HTTP 503"), "{out}");
+    assert!(out.contains("asking again at once"), "{out}");
     assert!(out.contains("OAuth client refused"), "{out}");
     assert!(out.contains("invalid_scope"), "{out}");
     // Cleared: the first page names another host; the pass fails there.

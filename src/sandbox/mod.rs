@@ -149,6 +149,12 @@ pub struct TokenFaults {
     /// (`unauthorized_client`, `invalid_request`, `invalid_scope`, or any
     /// other), before the grant is looked at (nothing rotated).
     pub client_error: Option<String>,
+    /// Answer the next token requests, one each, with these HTTP statuses
+    /// before anything is looked at (nothing rotated): `503`/`500` as an
+    /// HTML gateway page, `429` with `Retry-After: 1`, `408`, any other
+    /// status as an empty body; `0` closes the connection unanswered (a
+    /// network error).
+    pub before_rotate: Vec<u16>,
     /// Hold a successful refresh's answer this long after the token was
     /// already rotated (a client that gives up meanwhile loses the new token).
     pub hold_after_rotate_ms: u64,

@@ -1000,6 +1000,28 @@ fn token_endpoint(
     let grant = form.get("grant_type").cloned().unwrap_or_default();
     s.count(format!("token {grant}"));
     let faults = s.token_faults.clone();
+    if !s.token_faults.before_rotate.is_empty() {
+        let status = s.token_faults.before_rotate.remove(0);
+        s.stats.faults_injected += 1;
+        if status == 0 {
+            return (respond(StatusCode::OK, "text/plain", ""), 0, true);
+        }
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut r = if code.is_server_error() {
+            respond(
+                code,
+                "text/html",
+                format!("<html><body><h1>{status} gateway</h1></body></html>"),
+            )
+        } else {
+            respond(code, "text/plain", "")
+        };
+        if status == 429 {
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        return now_answer(r);
+    }
     if !client_ok || faults.invalid_client {
         return now_answer(oauth_error(
             StatusCode::UNAUTHORIZED,
