@@ -241,6 +241,137 @@ async fn a_bare_array_is_one_last_page_known_when_short_unknown_when_full() {
     );
 }
 
+/// A listing of `leads` leads mirrored in full (uncapped, short pages),
+/// then served with pages capped at 3 (page_size asks 10) and `faults`.
+async fn capped_after_a_full_sync(pagination: Pagination, faults: Faults) -> (Env, Vec<String>) {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 8,
+            pagination,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 8);
+    env.sandbox.set_max_page_size(3);
+    env.sandbox.set_faults(faults);
+    (env, ids)
+}
+
+/// The reviewer's mirror corruption: a bare array never echoes its limit,
+/// so a page the server capped below what we asked looked short, was taken
+/// for the listing's known end, and a full scan marked every lead past it
+/// missing. A short page without an echoed limit is now confirmed at the
+/// next offset: this server honours `offset`, so the whole listing is read
+/// (head and full scans), nothing goes missing, and a lead really gone
+/// still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_is_read_by_offset_not_taken_for_its_end() {
+    let (env, ids) = capped_after_a_full_sync(Pagination::Bare, Faults::default()).await;
+    let b = env.business_ids()[0].clone();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 newly missing"), "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, pagination, error, _) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), error),
+        ("ok", Some("offset"), None)
+    );
+    // Four leads arrive: a head scan reads
+    // past the capped first page while its pages bring news.
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 4,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        count(&env.sql(), "SELECT count(*) FROM negotiations"),
+        12,
+        "{out}"
+    );
+    // With no news, a head scan takes the short first page for its end:
+    // no request to confirm it.
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 1, "{out}");
+    // A lead really gone is still marked missing, and only it.
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[5].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[5].clone()]));
+}
+
+/// The same capped bare listing from a server that ignores `offset`: the
+/// confirmation answers the same leads again, so the end is unknown: the
+/// pass succeeds, marks nothing, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            ignore_offset: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    for args in [&["--full"][..], &["--full"][..]] {
+        let (code, out) = sync(&env, args);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("end is unknown"), "{out}");
+        assert!(missing_ids(&env).is_empty(), "{out}");
+        let (_, outcome, _, error, missing) = last_run(&env);
+        assert_eq!((outcome.as_str(), missing), ("ok", 0));
+        let error = error.unwrap_or_default();
+        assert!(error.contains("offset"), "{error}");
+        assert!(error.contains("no lead was marked missing"), "{error}");
+    }
+}
+
+/// Offset style whose `pagination` leaves `limit` out: a capped page is
+/// short against what we asked, but not the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_offset_listing_without_its_limit_is_read_to_the_end() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Offset,
+        Faults {
+            no_limit_echo: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[7].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[7].clone()]));
+    let (_, outcome, pagination, error, _) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), error),
+        ("ok", Some("offset"), None)
+    );
+}
+
 /// A `next` naming another host is an error and is never followed (nor is
 /// anything marked missing); one naming Thumbtack's production host (as
 /// the documented example does) has its query applied to `api.base_url`.
@@ -939,6 +1070,32 @@ async fn probe_shows_each_style_in_text_and_json() {
         // Read-only: the mirror was never created.
         assert!(!env.database().exists());
     }
+}
+
+/// A short bare page: probe says the end is not confirmed and which query
+/// a sync asks to confirm it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_says_a_short_page_without_its_limit_is_not_a_confirmed_end() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 4,
+            pagination: Pagination::Bare,
+            ..Default::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("end of the listing: NOT CONFIRMED"), "{out}");
+    assert!(out.contains("?limit=10&offset=4"), "{out}");
+    let (code, out) = probe(&env, &b, true);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["pagination"]["confirm_query"], "limit=10&offset=4");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -128,6 +128,12 @@ pub struct Faults {
     /// (`host` or `host:port`) instead of the sandbox's own: a response that
     /// is not what the client thinks it is, never to be followed.
     pub next_host: Option<String>,
+    /// Listing: serve from the start whatever `offset` asks (a server that
+    /// does not know the parameter; `pageToken` is still honoured).
+    pub ignore_offset: bool,
+    /// Listing: leave `limit` out of `pagination` (envelope styles), so a
+    /// page clamped to `max_page_size` does not say it is.
+    pub no_limit_echo: bool,
     /// Listing: hold each answer this long after it was made (the page
     /// reflects the moment it was made, not the moment it arrives).
     pub list_hold_ms: u64,
@@ -752,6 +758,11 @@ impl Sandbox {
     /// Replaces the fault knobs.
     pub fn set_faults(&self, faults: Faults) {
         self.lock().faults = faults;
+    }
+
+    /// Changes the largest page a listing returns from now on.
+    pub fn set_max_page_size(&self, max_page_size: usize) {
+        self.lock().options.max_page_size = max_page_size;
     }
 
     /// Changes how listings are paged from now on.

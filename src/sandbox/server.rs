@@ -626,6 +626,7 @@ fn list(
     let offset = match (params.get("pageToken"), params.get("offset")) {
         (None, None) => 0,
         (None, Some(o)) => match o.parse::<usize>() {
+            Ok(_) if s.faults.ignore_offset => 0,
             Ok(o) => o,
             Err(_) => {
                 drop(s);
@@ -675,7 +676,12 @@ fn list(
     let mut body = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 256);
     body.push_str("{\"data\":[");
     body.push_str(&items.join(","));
-    body.push_str(&format!("],\"pagination\":{{\"limit\":{limit}"));
+    body.push_str("],\"pagination\":{");
+    // Each marker after the first is written with its leading comma.
+    let mark = body.len();
+    if !s.faults.no_limit_echo {
+        body.push_str(&format!("\"limit\":{limit}"));
+    }
     match s.options.pagination {
         super::Pagination::Token => {
             if more {
@@ -705,6 +711,9 @@ fn list(
         super::Pagination::Bare => {}
         super::Pagination::Offset => body.push_str(&format!(",\"offset\":{offset}")),
         super::Pagination::None => {}
+    }
+    if body[mark..].starts_with(',') {
+        body.remove(mark);
     }
     body.push_str("}}");
     respond(StatusCode::OK, "application/json", body)
