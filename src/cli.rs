@@ -277,12 +277,14 @@ pub struct SandboxArgs {
     /// Largest page a listing returns.
     #[arg(long, default_value_t = 100)]
     pub max_page_size: usize,
-    /// The OAuth client id the token endpoint accepts (any characters:
-    /// HTTP Basic carries it form-urlencoded, RFC 6749 §2.3.1).
-    #[arg(long, default_value = "sandbox-client")]
+    /// The OAuth client id the token endpoint accepts (any characters but
+    /// leading or trailing whitespace: HTTP Basic carries it
+    /// form-urlencoded, RFC 6749 §2.3.1).
+    #[arg(long, default_value = "sandbox-client", value_parser = credential)]
     pub client_id: String,
-    /// The OAuth client secret the token endpoint accepts (as --client-id).
-    #[arg(long, default_value = "sandbox-secret")]
+    /// The OAuth client secret the token endpoint accepts (as --client-id:
+    /// secret files are read trimmed, so edge whitespace could never match).
+    #[arg(long, default_value = "sandbox-secret", value_parser = credential)]
     pub client_secret: String,
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, default_value_t = 3600)]
@@ -330,9 +332,17 @@ pub struct SandboxArgs {
     #[arg(long, value_enum, default_value_t = Pagination::Next)]
     pub pagination: Pagination,
     /// Listing `next` URLs name this host (`host[:port]`) instead of the
-    /// sandbox's: a `next` that must never be followed.
-    #[arg(long, value_name = "HOST")]
+    /// sandbox's: a `next` that must never be followed (with --pagination
+    /// next or next-token only).
+    #[arg(long, value_name = "HOST", value_parser = host_port)]
     pub next_host: Option<String>,
+    /// Listing: serve from the start whatever `offset` asks (a server that
+    /// does not know the parameter).
+    #[arg(long)]
+    pub ignore_offset: bool,
+    /// Listing: leave `limit` out of `pagination` (a capped page does not say so).
+    #[arg(long)]
+    pub no_limit_echo: bool,
     /// Which published lead shape the leads follow.
     #[arg(long, value_enum, default_value_t = Shape::Mixed)]
     pub shape: Shape,
@@ -357,7 +367,7 @@ pub struct SandboxArgs {
     pub token_error: Option<String>,
     /// Token endpoint: answer the next requests with these statuses, one
     /// each, nothing rotated (`503,429,408`; `0` drops the connection).
-    #[arg(long, value_name = "STATUS,...", value_delimiter = ',')]
+    #[arg(long, value_name = "STATUS,...", value_delimiter = ',', value_parser = token_fail_status)]
     pub token_fail: Vec<u16>,
     /// Token endpoint: hold a refresh's answer this long after rotating.
     #[arg(long, default_value_t = 0)]
@@ -1266,7 +1276,51 @@ pub fn settle_bound(config: &Config) -> std::time::Duration {
         + std::time::Duration::from_secs(1)
 }
 
+/// `--client-id`/`--client-secret`: not empty, no whitespace at either end
+/// (the secret file the fixture writes is read trimmed).
+fn credential(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.trim() != v {
+        return Err("must not be empty nor begin or end with whitespace".into());
+    }
+    Ok(v.to_string())
+}
+
+/// `--next-host`: `host` or `host:port`, the host of letters, digits, `.`
+/// and `-` (it is pasted into `next` URLs).
+fn host_port(v: &str) -> Result<String, String> {
+    let (host, port) = match v.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (v, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && p.parse::<u16>().is_ok()
+    });
+    if !host_ok || !port_ok {
+        return Err("expected host[:port] (letters, digits, '.', '-'; a port up to 65535)".into());
+    }
+    Ok(v.to_string())
+}
+
+/// `--token-fail`: `0` (a dropped connection) or an HTTP status 100–599.
+fn token_fail_status(v: &str) -> Result<u16, String> {
+    match v.parse::<u16>() {
+        Ok(s) if s == 0 || (100..=599).contains(&s) => Ok(s),
+        _ => Err("expected 0 (drop the connection) or an HTTP status 100-599".into()),
+    }
+}
+
 async fn sandbox(args: SandboxArgs) -> Result<u8> {
+    if args.next_host.is_some()
+        && !matches!(args.pagination, Pagination::Next | Pagination::NextToken)
+    {
+        anyhow::bail!(
+            "--next-host applies to --pagination next or next-token only (other styles name no next URL)"
+        );
+    }
     let options = SandboxOptions {
         listen: args.listen,
         seed: args.seed,
@@ -1293,6 +1347,8 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
             webhook_twice: args.webhook_twice,
             webhook_out_of_order: args.webhook_out_of_order,
             next_host: args.next_host,
+            ignore_offset: args.ignore_offset,
+            no_limit_echo: args.no_limit_echo,
             ..Faults::default()
         },
         pagination: args.pagination,

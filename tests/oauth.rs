@@ -156,13 +156,15 @@ async fn a_refused_oauth_client_marks_no_business_and_its_rows_wait_uncounted() 
 
 /// SPEC §5: the client id and secret go by HTTP Basic, each form-urlencoded
 /// first (RFC 6749 §2.3.1): an id with `:` and `+`, a secret with `%`, `+`,
-/// `&`, `=`, a space and a non-ASCII letter reach the token endpoint intact.
+/// `&`, `=`, a space and a non-ASCII letter reach the token endpoint intact
+/// (the id, with a quote, a backslash and a control character, is written
+/// into the fixture's TOML as a valid string).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_credentials_with_any_characters_reach_the_token_endpoint() {
     let env = Env::new(
         SandboxOptions {
             businesses: 1,
-            client_id: "acme:partner/1+x \"é\"".into(),
+            client_id: "acme:partner/1+x \"é\" \\ \u{1b}".into(),
             client_secret: "s3:cr%2B+t &=/ ü".into(),
             ..Default::default()
         },

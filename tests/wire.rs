@@ -550,6 +550,8 @@ async fn the_sandbox_command_serves_the_variants_its_knobs_name() {
                     "invalid_scope",
                     "--token-fail",
                     "503,0",
+                    "--ignore-offset",
+                    "--no-limit-echo",
                     "--write-config",
                 ])
                 .arg(&fixture_dir)
@@ -607,6 +609,8 @@ async fn the_sandbox_command_serves_the_variants_its_knobs_name() {
         .await
         .unwrap();
     assert_eq!(faults["next_host"], "elsewhere.test:8080");
+    assert_eq!(faults["ignore_offset"], true);
+    assert_eq!(faults["no_limit_echo"], true);
 
     // The token endpoint refuses the client (once the credentials, sent
     // form-urlencoded, were accepted).
@@ -657,6 +661,55 @@ async fn the_sandbox_command_serves_the_variants_its_knobs_name() {
         .unwrap(),
         "next"
     );
+}
+
+/// Knob values the sandbox could not honour as named are refused at start,
+/// with the reason, instead of being served silently otherwise.
+#[test]
+fn the_sandbox_command_refuses_knobs_it_cannot_honour() {
+    for (args, why) in [
+        (&["--next-host", "a\"b"][..], "host[:port]"),
+        (&["--next-host", "evil.test/x?y="][..], "host[:port]"),
+        (&["--next-host", "h:99999"][..], "host[:port]"),
+        (
+            &["--next-host", "h:80", "--pagination", "offset"][..],
+            "next or next-token only",
+        ),
+        (&["--token-fail", "503,1000"][..], "100-599"),
+        (&["--token-fail", "42"][..], "100-599"),
+        (&["--client-id", " id"][..], "whitespace"),
+        (&["--client-secret", "secret\n"][..], "whitespace"),
+        (&["--client-secret", ""][..], "empty"),
+    ] {
+        let mut child = common::spawn(
+            std::process::Command::new(common::bin())
+                .args(["sandbox", "--listen", "127.0.0.1:0"])
+                .args(args)
+                .env_remove("LEADSYNC_LOG")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped()),
+        )
+        .unwrap();
+        // A knob accepted would serve until stopped: bounded, then killed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let status = status.unwrap_or_else(|| panic!("{args:?} was accepted: {err}"));
+        assert!(!status.success(), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
 }
 
 fn lead_value(env: &Env, id: &str) -> serde_json::Value {

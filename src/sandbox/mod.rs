@@ -795,20 +795,25 @@ impl Sandbox {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let (client_id, client_secret) = self.client_credentials();
+        // Every value written as a TOML string by the toml crate (quotes,
+        // backslashes, control characters escaped).
+        let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+        let path = |p: PathBuf| q(&p.to_string_lossy());
         let mut toml = format!(
             "# Written by leadsync's sandbox for {base}\n\
-             database = \"{db}\"\n\n[api]\nbase_url = \"{base}\"\nmax_requests_per_second = 50\n\n",
+             database = {db}\n\n[api]\nbase_url = {base_q}\nmax_requests_per_second = 50\n\n",
             base = self.base_url(),
-            db = dir.join("leadsync.db").display(),
+            base_q = q(&self.base_url()),
+            db = path(dir.join("leadsync.db")),
         );
         if oauth {
             std::fs::write(dir.join("client_secret"), format!("{client_secret}\n"))?;
-            let client_id = client_id.replace('\\', "\\\\").replace('"', "\\\"");
             toml.push_str(&format!(
-                "[oauth]\ntoken_url = \"{}\"\nclient_id = \"{client_id}\"\nclient_secret_file = \"{}\"\ntoken_store = \"{}\"\n\n",
-                self.token_url(),
-                dir.join("client_secret").display(),
-                dir.join("tokens.db").display()
+                "[oauth]\ntoken_url = {}\nclient_id = {}\nclient_secret_file = {}\ntoken_store = {}\n\n",
+                q(&self.token_url()),
+                q(&client_id),
+                path(dir.join("client_secret")),
+                path(dir.join("tokens.db"))
             ));
         }
         for b in self.businesses() {
@@ -822,11 +827,11 @@ impl Sandbox {
                 )
             };
             std::fs::write(&file, format!("{token}\n"))?;
-            let name = b.name.replace('\\', "\\\\").replace('"', "\\\"");
             toml.push_str(&format!(
-                "[[businesses]]\nid = \"{}\"\nname = \"{name}\"\n{key} = \"{}\"\n\n",
-                b.id,
-                file.display()
+                "[[businesses]]\nid = {}\nname = {}\n{key} = {}\n\n",
+                q(&b.id),
+                q(&b.name),
+                path(file)
             ));
         }
         let path = dir.join("leadsync.toml");

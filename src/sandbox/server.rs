@@ -695,17 +695,19 @@ fn list(
             body.push_str(&format!(",\"offset\":{offset}"));
             if more {
                 // As Thumbtack's other v4 lists: this host, a path without `/api`.
-                body.push_str(&format!(
-                    ",\"next\":\"http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&offset={end}\""
-                ));
+                let next = format!(
+                    "http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&offset={end}"
+                );
+                body.push_str(&format!(",\"next\":{}", json_string(&next)));
             }
         }
         super::Pagination::NextToken => {
             if more {
-                body.push_str(&format!(
-                    ",\"next\":\"http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&pageToken={}\"",
+                let next = format!(
+                    "http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&pageToken={}",
                     page_token(business, end)
-                ));
+                );
+                body.push_str(&format!(",\"next\":{}", json_string(&next)));
             }
         }
         super::Pagination::Bare => {}
@@ -717,6 +719,12 @@ fn list(
     }
     body.push_str("}}");
     respond(StatusCode::OK, "application/json", body)
+}
+
+/// `s` as a JSON string (a `next_host` set through `/_sandbox/faults` may
+/// hold any characters).
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
 }
 
 fn get_one(state: &Shared, token_business: &str, negotiation_id: &str) -> Response<Full<Bytes>> {
