@@ -344,6 +344,42 @@ async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
     }
 }
 
+/// A strict server that refuses `offset` (400): the confirmation fails,
+/// so the end is unknown: the pass succeeds, marks nothing, says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_that_refuses_offset_is_an_unknown_end() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            reject_offset: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("?offset=3) that would confirm the end failed"),
+        "{error}"
+    );
+    assert!(error.contains("unknown query parameter"), "{error}");
+    // A head scan with news asks too, and ends as well.
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: env.business_ids()[0].clone(),
+            count: 1,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 new"), "{out}");
+}
+
 /// Offset style whose `pagination` leaves `limit` out: a capped page is
 /// short against what we asked, but not the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -131,6 +131,9 @@ pub struct Faults {
     /// Listing: serve from the start whatever `offset` asks (a server that
     /// does not know the parameter; `pageToken` is still honoured).
     pub ignore_offset: bool,
+    /// Listing: answer `400` (ProblemDetails) to a request that carries
+    /// `offset` (a strict server that does not know the parameter).
+    pub reject_offset: bool,
     /// Listing: leave `limit` out of `pagination` (envelope styles), so a
     /// page clamped to `max_page_size` does not say it is.
     pub no_limit_echo: bool,

@@ -625,6 +625,15 @@ fn list(
     };
     let offset = match (params.get("pageToken"), params.get("offset")) {
         (None, None) => 0,
+        (None, Some(_)) if s.faults.reject_offset => {
+            drop(s);
+            return problem(
+                state,
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "unknown query parameter: offset",
+            );
+        }
         (None, Some(o)) => match o.parse::<usize>() {
             Ok(_) if s.faults.ignore_offset => 0,
             Ok(o) => o,
