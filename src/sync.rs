@@ -505,6 +505,10 @@ async fn read_pages(
         let step = step?;
         if step == Step::End(End::Unknown) {
             *why = Some(listing.unknown_why());
+            if listing.repeated() {
+                // The same leads as a page already written.
+                return Ok(End::Unknown);
+            }
         }
         warn_skipped(&page);
         let mut ctx = page_context(business_id, run_id);
@@ -885,6 +889,10 @@ async fn read_all_pages(
             let step = step?;
             if step == Step::End(End::Unknown) {
                 *why = Some(listing.unknown_why());
+                if listing.repeated() {
+                    // The same leads as a page already sent to the writer.
+                    return Ok(Some(End::Unknown));
+                }
             }
             fetched += 1;
             if pages_tx.send(page).await.is_err() {

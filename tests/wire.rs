@@ -335,6 +335,8 @@ async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
         let (code, out) = sync(&env, args);
         assert_eq!(code, 0, "{out}");
         assert!(out.contains("end is unknown"), "{out}");
+        // The repeated page is not written (nor counted) a second time.
+        assert!(out.contains("1 pages, 3 leads seen"), "{out}");
         assert!(missing_ids(&env).is_empty(), "{out}");
         let (_, outcome, _, error, missing) = last_run(&env);
         assert_eq!((outcome.as_str(), missing), ("ok", 0));

@@ -114,6 +114,9 @@ pub struct Listing {
     by_offset: bool,
     /// Why the end is unknown (for the pass's note).
     unknown_why: Option<String>,
+    /// The last page advanced over repeated an earlier one (a confirmation
+    /// that a server ignoring `offset` answered): nothing of it is new.
+    repeated: bool,
 }
 
 /// Empty pages in a row a token listing may send before it is taken for
@@ -144,6 +147,7 @@ impl Listing {
             confirming: false,
             by_offset: false,
             unknown_why: None,
+            repeated: false,
         })
     }
 
@@ -157,6 +161,12 @@ impl Listing {
     /// The style seen so far (`single` until a page carries a marker).
     pub fn style(&self) -> Style {
         self.style.unwrap_or(Style::Single)
+    }
+
+    /// The last page advanced over listed the same leads as an earlier page
+    /// of the pass (it ended the listing as unknown): it need not be written.
+    pub fn repeated(&self) -> bool {
+        self.repeated
     }
 
     /// Why the listing's end is unknown, once [`End::Unknown`] was decided.
@@ -234,6 +244,7 @@ impl Listing {
             && !self.contents.insert(digest)
         {
             if confirming {
+                self.repeated = true;
                 self.unknown_why = Some(format!(
                     "a short page did not echo its size limit, and the next offset \
                      (?offset={}) listed the same leads again: the server seems to ignore \
@@ -641,7 +652,9 @@ mod tests {
         let mut l = Listing::new("http://h", 10).unwrap();
         l.first();
         assert!(matches!(l.advance(&page(SAME)), Ok(Step::Confirm(_))));
+        assert!(!l.repeated());
         assert_eq!(l.advance(&page(SAME)).unwrap(), Step::End(End::Unknown));
+        assert!(l.repeated(), "the repeat need not be written");
         assert!(
             l.unknown_why().contains("ignore `offset`"),
             "{}",
