@@ -98,7 +98,7 @@ pub enum Command {
         command: WebhooksCommand,
     },
     /// Run the built-in simulated Thumbtack API until stopped.
-    Sandbox(SandboxArgs),
+    Sandbox(Box<SandboxArgs>),
     /// Read-only check of what the API really answers for a business: one
     /// list page and one GET (run it against staging first).
     Probe {
@@ -277,6 +277,15 @@ pub struct SandboxArgs {
     /// Largest page a listing returns.
     #[arg(long, default_value_t = 100)]
     pub max_page_size: usize,
+    /// The OAuth client id the token endpoint accepts (any characters but
+    /// leading or trailing whitespace: HTTP Basic carries it
+    /// form-urlencoded, RFC 6749 §2.3.1).
+    #[arg(long, default_value = "sandbox-client", value_parser = credential)]
+    pub client_id: String,
+    /// The OAuth client secret the token endpoint accepts (as --client-id:
+    /// secret files are read trimmed, so edge whitespace could never match).
+    #[arg(long, default_value = "sandbox-secret", value_parser = credential)]
+    pub client_secret: String,
     /// Lifetime of issued access tokens, in seconds.
     #[arg(long, default_value_t = 3600)]
     pub token_ttl_secs: u64,
@@ -322,6 +331,18 @@ pub struct SandboxArgs {
     /// How listings are paged.
     #[arg(long, value_enum, default_value_t = Pagination::Next)]
     pub pagination: Pagination,
+    /// Listing `next` URLs name this host (`host[:port]`) instead of the
+    /// sandbox's: a `next` that must never be followed (with --pagination
+    /// next or next-token only).
+    #[arg(long, value_name = "HOST", value_parser = host_port)]
+    pub next_host: Option<String>,
+    /// Listing: serve from the start whatever `offset` asks (a server that
+    /// does not know the parameter).
+    #[arg(long)]
+    pub ignore_offset: bool,
+    /// Listing: leave `limit` out of `pagination` (a capped page does not say so).
+    #[arg(long)]
+    pub no_limit_echo: bool,
     /// Which published lead shape the leads follow.
     #[arg(long, value_enum, default_value_t = Shape::Mixed)]
     pub shape: Shape,
@@ -340,6 +361,14 @@ pub struct SandboxArgs {
     /// Token endpoint: answer every request 502 `proxy_oauth_failed` (a wrong audience).
     #[arg(long)]
     pub token_proxy_oauth_failed: bool,
+    /// Token endpoint: answer every request `400` with this OAuth error
+    /// (`unauthorized_client`, `invalid_request`, `invalid_scope`, ...).
+    #[arg(long, value_name = "ERROR")]
+    pub token_error: Option<String>,
+    /// Token endpoint: answer the next requests with these statuses, one
+    /// each, nothing rotated (`503,429,408`; `0` drops the connection).
+    #[arg(long, value_name = "STATUS,...", value_delimiter = ',', value_parser = token_fail_status)]
+    pub token_fail: Vec<u16>,
     /// Token endpoint: hold a refresh's answer this long after rotating.
     #[arg(long, default_value_t = 0)]
     pub token_hold_ms: u64,
@@ -520,7 +549,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             };
             auth_exchange(config, target, &code, &redirect_uri, write_conf.as_deref()).await
         }
-        Command::Sandbox(args) => sandbox(args).await,
+        Command::Sandbox(args) => sandbox(*args).await,
         Command::Probe { business, json } => {
             crate::probe::run(with_secret(load()?)?, &business, json).await
         }
@@ -1370,7 +1399,51 @@ pub fn settle_bound(config: &Config) -> std::time::Duration {
         + std::time::Duration::from_secs(1)
 }
 
+/// `--client-id`/`--client-secret`: not empty, no whitespace at either end
+/// (the secret file the fixture writes is read trimmed).
+fn credential(v: &str) -> Result<String, String> {
+    if v.is_empty() || v.trim() != v {
+        return Err("must not be empty nor begin or end with whitespace".into());
+    }
+    Ok(v.to_string())
+}
+
+/// `--next-host`: `host` or `host:port`, the host of letters, digits, `.`
+/// and `-` (it is pasted into `next` URLs).
+fn host_port(v: &str) -> Result<String, String> {
+    let (host, port) = match v.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (v, None),
+    };
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+    let port_ok = port.is_none_or(|p| {
+        !p.is_empty() && p.chars().all(|c| c.is_ascii_digit()) && p.parse::<u16>().is_ok()
+    });
+    if !host_ok || !port_ok {
+        return Err("expected host[:port] (letters, digits, '.', '-'; a port up to 65535)".into());
+    }
+    Ok(v.to_string())
+}
+
+/// `--token-fail`: `0` (a dropped connection) or an HTTP status 100–599.
+fn token_fail_status(v: &str) -> Result<u16, String> {
+    match v.parse::<u16>() {
+        Ok(s) if s == 0 || (100..=599).contains(&s) => Ok(s),
+        _ => Err("expected 0 (drop the connection) or an HTTP status 100-599".into()),
+    }
+}
+
 async fn sandbox(args: SandboxArgs) -> Result<u8> {
+    if args.next_host.is_some()
+        && !matches!(args.pagination, Pagination::Next | Pagination::NextToken)
+    {
+        anyhow::bail!(
+            "--next-host applies to --pagination next or next-token only (other styles name no next URL)"
+        );
+    }
     let options = SandboxOptions {
         listen: args.listen,
         seed: args.seed,
@@ -1378,6 +1451,8 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
         leads_per_business: args.leads_per_business,
         max_page_size: args.max_page_size,
         access_token_ttl_secs: args.token_ttl_secs,
+        client_id: args.client_id,
+        client_secret: args.client_secret,
         faults: Faults {
             latency_ms: args.latency_ms,
             error_5xx: args.error_rate,
@@ -1394,17 +1469,21 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
             html_404: args.html_404_rate,
             webhook_twice: args.webhook_twice,
             webhook_out_of_order: args.webhook_out_of_order,
+            next_host: args.next_host,
+            ignore_offset: args.ignore_offset,
+            no_limit_echo: args.no_limit_echo,
             ..Faults::default()
         },
         pagination: args.pagination,
         shape: args.shape,
         webhook_concurrency: args.webhook_concurrency,
-        ..SandboxOptions::default()
     };
     let sandbox = Sandbox::start(options).await?;
     sandbox.set_token_faults(crate::sandbox::TokenFaults {
         invalid_client: args.token_invalid_client,
         proxy_oauth_failed: args.token_proxy_oauth_failed,
+        client_error: args.token_error,
+        before_rotate: args.token_fail,
         hold_after_rotate_ms: args.token_hold_ms,
         grace_secs: args.token_grace_secs,
         ..Default::default()

@@ -560,6 +560,7 @@ impl Daemon {
                 kind: job.kind,
                 outcome: PassOutcome::Skipped("no longer in the configuration (reloaded)".into()),
                 elapsed: Duration::ZERO,
+                note: None,
             };
         }
         let settings = PassSettings {
@@ -1343,6 +1344,7 @@ where
                 kind,
                 outcome: PassOutcome::Failed(mirror::RunStats::default(), why),
                 elapsed: started.elapsed(),
+                note: None,
             }
         }
     }
@@ -1441,6 +1443,7 @@ mod tests {
                 kind: ScanKind::Full,
                 outcome: PassOutcome::Ok(mirror::RunStats::default()),
                 elapsed: Duration::ZERO,
+                note: None,
             }
         })
         .await;

@@ -63,6 +63,9 @@ pub struct PaginationSeen {
     pub next_query: Option<String>,
     /// `known` or `unknown` when this page is the last.
     pub end: Option<End>,
+    /// A short page that echoed no `pagination.limit` (it may have been
+    /// capped): the query a sync asks next to learn whether it was the last.
+    pub confirm_query: Option<String>,
     /// Why the pass would fail on this page (a `next` on another host...).
     pub error: Option<String>,
 }
@@ -269,6 +272,10 @@ async fn probe(
             Ok(Step::End(e)) => Some(*e),
             _ => None,
         },
+        confirm_query: match &step {
+            Ok(Step::Confirm(c)) => Some(c.to_query_string()),
+            _ => None,
+        },
         error: step.as_ref().err().cloned(),
     });
     let Some(lead) = page.leads.first() else {
@@ -387,6 +394,14 @@ pub fn render_text(r: &ProbeReport) -> String {
             p.entries, p.skipped
         );
         match (&p.next_query, p.end, &p.error) {
+            (_, _, None) if p.confirm_query.is_some() => {
+                let _ = writeln!(
+                    out,
+                    "  end of the listing: NOT CONFIRMED (a short page that does not echo its size limit \
+                     may have been capped): syncs ask ?{} too, and know the end only if that is empty",
+                    p.confirm_query.as_deref().unwrap_or_default()
+                );
+            }
             (_, _, Some(e)) => {
                 let _ = writeln!(out, "  the listing cannot be followed: {e}");
             }

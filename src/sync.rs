@@ -77,6 +77,8 @@ pub struct PassReport {
     pub kind: ScanKind,
     pub outcome: PassOutcome,
     pub elapsed: Duration,
+    /// Why the listing's end was unknown, when it was (`RunStats::end_unknown`).
+    pub note: Option<String>,
 }
 
 impl PassReport {
@@ -113,10 +115,9 @@ impl PassReport {
                 s.updated,
                 s.unchanged,
                 s.missing,
-                if s.end_unknown {
-                    format!("; note: {}", unknown_end_note(self.kind))
-                } else {
-                    String::new()
+                match &self.note {
+                    Some(note) if s.end_unknown => format!("; note: {note}"),
+                    _ => String::new(),
                 }
             ),
             PassOutcome::Failed(s, e) => format!(
@@ -133,13 +134,12 @@ impl PassReport {
 }
 
 /// What an unknown end means for a pass of this kind.
-fn unknown_end_note(kind: ScanKind) -> &'static str {
+fn unknown_end_note(kind: ScanKind, why: &str) -> String {
     match kind {
         ScanKind::Full => {
-            "the listing's end is unknown (a full page with no pagination marker): \
-             no lead was marked missing"
+            format!("the listing's end is unknown ({why}): no lead was marked missing")
         }
-        ScanKind::Head => "the listing's end is unknown (a full page with no pagination marker)",
+        ScanKind::Head => format!("the listing's end is unknown ({why})"),
     }
 }
 
@@ -163,12 +163,13 @@ pub async fn sync_business(
     stop: &CancellationToken,
 ) -> PassReport {
     let started = Instant::now();
-    let report = |outcome| {
+    let report = |outcome, note| {
         let r = PassReport {
             business_id: business_id.to_string(),
             kind,
             outcome,
             elapsed: started.elapsed(),
+            note,
         };
         crate::metrics::sync_pass(business_id, kind.as_str(), r.outcome_name(), r.elapsed);
         r
@@ -193,7 +194,7 @@ pub async fn sync_business(
             warn!(error = %format!("{err:#}"), "cannot record the skipped pass");
         }
         info!(reason = %e.message, "pass skipped: the business needs re-authorization");
-        return report(PassOutcome::Skipped(e.message));
+        return report(PassOutcome::Skipped(e.message), None);
     }
 
     let run_id = {
@@ -204,16 +205,20 @@ pub async fn sync_business(
         {
             Ok(id) => id,
             Err(e) => {
-                return report(PassOutcome::Failed(
-                    RunStats::default(),
-                    format!("cannot record the pass: {e:#}"),
-                ));
+                return report(
+                    PassOutcome::Failed(
+                        RunStats::default(),
+                        format!("cannot record the pass: {e:#}"),
+                    ),
+                    None,
+                );
             }
         }
     };
     let mut stats = RunStats::default();
     let mut seen = HashSet::new();
     let mut style = None;
+    let mut why = None;
     let result = read_pages(
         store,
         client,
@@ -223,7 +228,7 @@ pub async fn sync_business(
         run_id,
         &mut stats,
         &mut seen,
-        &mut style,
+        (&mut style, &mut why),
         stop,
     )
     .await;
@@ -293,6 +298,13 @@ pub async fn sync_business(
         Err(e) => Err(e),
     };
     let error = result.as_ref().err().cloned();
+    let note = stats.end_unknown.then(|| {
+        unknown_end_note(
+            kind,
+            why.as_deref()
+                .unwrap_or("a full page with no pagination marker"),
+        )
+    });
     let every = kind == ScanKind::Full && error.is_none() && !stats.end_unknown && !listed_again;
     {
         let (id, k, now, s, err, note, pagination) = (
@@ -301,7 +313,7 @@ pub async fn sync_business(
             crate::time::now(),
             stats,
             error.clone(),
-            stats.end_unknown.then(|| unknown_end_note(kind)),
+            note.clone(),
             style.map(Style::as_str),
         );
         if let Err(e) = store
@@ -310,7 +322,7 @@ pub async fn sync_business(
                     kind: k,
                     stats: &s,
                     error: err.as_deref(),
-                    note,
+                    note: note.as_deref(),
                     pagination,
                     covered: match every {
                         true => mirror::Covered::Every,
@@ -337,14 +349,14 @@ pub async fn sync_business(
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "pass finished"
             );
-            if stats.end_unknown {
-                warn!(note = unknown_end_note(kind), "pass finished with a note");
+            if let Some(note) = &note {
+                warn!(note = %note, "pass finished with a note");
             }
-            report(PassOutcome::Ok(stats))
+            report(PassOutcome::Ok(stats), note)
         }
         Some(e) => {
             warn!(pages = stats.pages, error = %e, "pass failed");
-            report(PassOutcome::Failed(stats, e))
+            report(PassOutcome::Failed(stats, e), None)
         }
     }
 }
@@ -382,29 +394,42 @@ async fn confirm_unseen(
     let mut found_again = false;
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
     let mut cursor = listing.first();
+    let mut confirm = false;
     let mut pages = 0i64;
     loop {
         if stop.is_cancelled() {
             return Err("interrupted by shutdown".into());
         }
-        let page = client.list_page(business_id, &cursor).await.map_err(|e| {
-            format!(
-                "re-reading the listing to confirm {unseen} unlisted leads: {}",
-                e.message
-            )
-        })?;
+        let page = match client.list_page(business_id, &cursor).await {
+            Ok(page) => page,
+            Err(e) if confirm && !stop.is_cancelled() => {
+                listing.confirm_failed(&e.message);
+                return Err(format!(
+                    "re-reading the listing to confirm unlisted leads: its end is unknown ({})",
+                    listing.unknown_why()
+                ));
+            }
+            Err(e) => {
+                return Err(format!(
+                    "re-reading the listing to confirm {unseen} unlisted leads: {}",
+                    e.message
+                ));
+            }
+        };
         pages += 1;
         let ids = page.leads.iter().map(|l| &l.negotiation_id);
         for id in ids.chain(&page.unread_ids) {
             found_again |= seen.insert(mirror::id_fingerprint(id));
         }
         match listing.advance(&page)? {
-            Step::Next(next) => cursor = next,
+            Step::Next(next) => (cursor, confirm) = (next, false),
+            Step::Confirm(next) => (cursor, confirm) = (next, true),
             Step::End(End::Known) => break,
             Step::End(End::Unknown) => {
-                return Err(
-                    "re-reading the listing to confirm unlisted leads: its end is unknown".into(),
-                );
+                return Err(format!(
+                    "re-reading the listing to confirm unlisted leads: its end is unknown ({})",
+                    listing.unknown_why()
+                ));
             }
         }
         if pages >= MAX_PAGES {
@@ -452,7 +477,7 @@ async fn read_pages(
     run_id: i64,
     stats: &mut RunStats,
     seen: &mut HashSet<u64>,
-    style: &mut Option<Style>,
+    (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
 ) -> Result<End, String> {
     if kind == ScanKind::Full {
@@ -464,7 +489,7 @@ async fn read_pages(
             run_id,
             stats,
             seen,
-            style,
+            (style, why),
             stop,
         )
         .await;
@@ -478,6 +503,13 @@ async fn read_pages(
         let step = listing.advance(&page);
         *style = Some(listing.style());
         let step = step?;
+        if step == Step::End(End::Unknown) {
+            *why = Some(listing.unknown_why());
+            if listing.repeated() {
+                // The same leads as a page already written.
+                return Ok(End::Unknown);
+            }
+        }
         warn_skipped(&page);
         let mut ctx = page_context(business_id, run_id);
         ctx.read_at = page.read_at.take();
@@ -506,9 +538,16 @@ async fn read_pages(
         } else {
             unchanged_pages = 0;
         }
-        let next = match step {
+        let (next, confirm) = match step {
             Step::End(end) => return Ok(end),
-            Step::Next(cursor) => cursor,
+            Step::Next(cursor) => (cursor, false),
+            // A short page that did not echo its limit: a head scan marks
+            // nothing missing, so it asks past the page only while pages
+            // bring news (a capped page of new leads may hide more).
+            Step::Confirm(_) if page_stats.inserted + page_stats.updated == 0 => {
+                return Ok(End::Known);
+            }
+            Step::Confirm(cursor) => (cursor, true),
         };
         if unchanged_pages >= settings.stop_after_unchanged_pages {
             // A head scan never marks anything missing: its end is its own.
@@ -522,9 +561,15 @@ async fn read_pages(
         if stop.is_cancelled() {
             return Err("interrupted by shutdown".into());
         }
-        page = fetch(client.clone(), business_id.to_string(), next)
-            .await
-            .map_err(|e| e.message)?;
+        page = match fetch(client.clone(), business_id.to_string(), next).await {
+            Ok(page) => page,
+            Err(e) if confirm && !stop.is_cancelled() => {
+                let end = listing.confirm_failed(&e.message);
+                *why = Some(listing.unknown_why());
+                return Ok(end);
+            }
+            Err(e) => return Err(e.message),
+        };
     }
 }
 
@@ -784,7 +829,7 @@ async fn read_all_pages(
     run_id: i64,
     stats: &mut RunStats,
     seen: &mut HashSet<u64>,
-    style: &mut Option<Style>,
+    (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
 ) -> Result<End, String> {
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
@@ -799,6 +844,8 @@ async fn read_all_pages(
     let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Page>(PAGES_AHEAD);
     let fetching = async move {
         let mut cursor = listing.first();
+        // The request is a Step::Confirm: if it fails, the end is unknown.
+        let mut confirm = false;
         let mut fetched = 0i64;
         // Leads read before the check could be asked (ScanKnown::ready).
         let mut pending = Vec::new();
@@ -823,7 +870,15 @@ async fn read_all_pages(
                 biased;
                 () = stop.cancelled() => return Err("interrupted by shutdown".to_string()),
                 page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged)) => {
-                    page.map_err(|e| e.message)?
+                    match page {
+                        Ok(page) => page,
+                        Err(e) if confirm && !stop.is_cancelled() => {
+                            let end = listing.confirm_failed(&e.message);
+                            *why = Some(listing.unknown_why());
+                            return Ok(Some(end));
+                        }
+                        Err(e) => return Err(e.message),
+                    }
                 }
             };
             // Its leads found changed join `looked_up` (ScanKnown::ready,
@@ -832,14 +887,22 @@ async fn read_all_pages(
             let step = listing.advance(&page);
             *style = Some(listing.style());
             let step = step?;
+            if step == Step::End(End::Unknown) {
+                *why = Some(listing.unknown_why());
+                if listing.repeated() {
+                    // The same leads as a page already sent to the writer.
+                    return Ok(Some(End::Unknown));
+                }
+            }
             fetched += 1;
             if pages_tx.send(page).await.is_err() {
                 // The writer failed; its error is the pass's.
                 return Ok(None);
             }
-            cursor = match step {
+            (cursor, confirm) = match step {
                 Step::End(end) => return Ok(Some(end)),
-                Step::Next(cursor) => cursor,
+                Step::Next(cursor) => (cursor, false),
+                Step::Confirm(cursor) => (cursor, true),
             };
             if fetched >= MAX_PAGES {
                 return Err(format!(

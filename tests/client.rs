@@ -44,7 +44,7 @@ async fn all_pages(c: &Client, business: &str, limit: u32) -> (Vec<String>, Vec<
             payloads.push(l.payload);
         }
         match step {
-            Step::Next(next) => cursor = next,
+            Step::Next(next) | Step::Confirm(next) => cursor = next,
             Step::End(end) => {
                 assert_eq!(end, End::Known);
                 return (ids, payloads);

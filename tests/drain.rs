@@ -132,7 +132,13 @@ async fn sent_and_refused_rows() {
 
     let (state, _, http, error, trace) = rig.row(refused);
     assert_eq!((state.as_str(), http), ("dead", Some(400)));
-    assert!(error.unwrap().contains("does not accept the transition"));
+    let error = error.unwrap();
+    assert!(error.contains("does not accept the transition"), "{error}");
+    // ProblemDetails `errors` (the field errors) are kept with the detail.
+    assert!(
+        error.contains("pro_cancel is not allowed in the negotiation's state"),
+        "{error}"
+    );
     assert!(trace.is_some_and(|t| t.len() >= 16));
     let (state, _, http, _, trace) = rig.row(missing);
     assert_eq!((state.as_str(), http), ("dead", Some(404)));

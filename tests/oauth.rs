@@ -5,7 +5,7 @@
 mod common;
 
 use common::{Env, FAST, assert_no_secret_anywhere, count, oauth_env, refreshes, text, wait_until};
-use leadsync::sandbox::TokenFaults;
+use leadsync::sandbox::{SandboxOptions, TokenFaults};
 use leadsync::store::tokens::{GrantWrite, StoredGrant, TokenStore, Written};
 use leadsync::thumbtack::auth::GrantStore;
 use std::process::Command;
@@ -152,6 +152,135 @@ async fn a_refused_oauth_client_marks_no_business_and_its_rows_wait_uncounted() 
     let o = env.run(&["status"]);
     assert!(!text(&o).contains("OAuth client refused"), "{}", text(&o));
     assert_no_secret_anywhere(&env, "");
+}
+
+/// SPEC §5: the client id and secret go by HTTP Basic, each form-urlencoded
+/// first (RFC 6749 §2.3.1): an id with `:` and `+`, a secret with `%`, `+`,
+/// `&`, `=`, a space and a non-ASCII letter reach the token endpoint intact
+/// (the id, with a quote, a backslash and a control character, is written
+/// into the fixture's TOML as a valid string).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_credentials_with_any_characters_reach_the_token_endpoint() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            client_id: "acme:partner/1+x \"é\" \\ \u{1b}".into(),
+            client_secret: "s3:cr%2B+t &=/ ü".into(),
+            ..Default::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().rotations, 1);
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &text(&o));
+}
+
+/// SPEC §5: a token endpoint answering 5xx, 408, 429 or dropping the
+/// connection (nothing rotated) is transient: no business is marked, the
+/// client is not refused, the grant survives, and the next run refreshes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn transient_token_endpoint_failures_mark_nothing_and_keep_the_grant() {
+    // A lost answer (5xx, a dropped connection) is asked again at once, up
+    // to 2 times; a 429 or 408 fails this pass only.
+    for (statuses, code) in [
+        (vec![503], 0),
+        (vec![0], 0),
+        (vec![500, 502, 503], 1),
+        (vec![429], 1),
+        (vec![408], 1),
+    ] {
+        // A grant never used: the run must refresh.
+        let env = Env::new(
+            SandboxOptions {
+                businesses: 1,
+                ..Default::default()
+            },
+            true,
+            FAST,
+        )
+        .await;
+        env.sandbox.set_token_faults(TokenFaults {
+            before_rotate: statuses.clone(),
+            ..Default::default()
+        });
+        let o = env.run(&["sync"]);
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(code), "{statuses:?}: {out}");
+        assert_eq!(
+            env.sandbox.stats().faults_injected,
+            statuses.len() as u64,
+            "{statuses:?}: every fault was met: {out}"
+        );
+        assert!(!out.contains("OAuth client refused"), "{statuses:?}: {out}");
+        assert!(
+            !out.contains("needs re-authorization:"),
+            "{statuses:?}: {out}"
+        );
+        assert_eq!(reauth_count(&env), 0, "{statuses:?}");
+        let o = env.run(&["status"]);
+        assert!(!text(&o).contains("OAuth client refused"), "{}", text(&o));
+        env.sandbox.set_token_faults(TokenFaults::default());
+        let o = env.run(&["sync"]);
+        assert_eq!(o.status.code(), Some(0), "{statuses:?}: {}", text(&o));
+        assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    }
+}
+
+/// SPEC §5: `unauthorized_client`, `invalid_request` and `invalid_scope`
+/// refuse the application's configuration as `invalid_client` does: no
+/// business is marked, a row waits without counting an attempt, the grants
+/// survive, and the next run after the fix goes through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_oauth_client_error_is_the_clients_refusal_not_the_businesss() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let lead = env.sandbox.lead_ids(&ids[0])[0].clone();
+    enqueue(&env, &lead, &ids[0]);
+    for code in ["unauthorized_client", "invalid_request", "invalid_scope"] {
+        env.sandbox.set_token_faults(TokenFaults {
+            client_error: Some(code.into()),
+            ..Default::default()
+        });
+        let o = env.run(&["sync"]);
+        assert_eq!(o.status.code(), Some(1), "{code}: {}", text(&o));
+        assert!(
+            text(&o).contains("OAuth client refused"),
+            "{code}: {}",
+            text(&o)
+        );
+        assert!(text(&o).contains(code), "{code}: {}", text(&o));
+        let o = env.run(&["drain"]);
+        assert_eq!(o.status.code(), Some(1), "{code}: {}", text(&o));
+        assert_eq!(reauth_count(&env), 0, "{code}: no business is marked");
+        assert_eq!(
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM outbox WHERE state = 'pending' AND attempts = 0"
+            ),
+            1,
+            "{code}: the row waits without counting an attempt"
+        );
+        let o = env.run(&["status"]);
+        assert_eq!(
+            text(&o).matches("OAuth client refused").count(),
+            1,
+            "{code}: shown once:\n{}",
+            text(&o)
+        );
+    }
+    assert_eq!(env.sandbox.stats().rotations, 0, "no grant was consumed");
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&["drain"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.deliveries().len(), 1);
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+    assert_eq!(reauth_count(&env), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

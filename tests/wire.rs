@@ -175,6 +175,581 @@ async fn offset_style_scans_mirror_everything_and_mark_exactly_the_removed() {
     style_end_to_end(Pagination::Offset, "offset").await;
 }
 
+/// Style 1 with a token: `next` whose query carries `pageToken`, not an
+/// offset (applied to our list path as it stands).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn next_with_a_page_token_scans_mirror_everything_and_mark_exactly_the_removed() {
+    style_end_to_end(Pagination::NextToken, "next").await;
+}
+
+/// A bare array is one last page: short, the end is known (a full scan
+/// marks the removed lead missing); full, the end is unknown (the pass
+/// succeeds, says so, marks nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bare_array_is_one_last_page_known_when_short_unknown_when_full() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 7,
+            pagination: Pagination::Bare,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 7);
+    let (_, outcome, pagination, error, _) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), error),
+        ("ok", Some("single"), None)
+    );
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[4].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[4].clone()]));
+
+    // Ten leads more: the array is now a full page (page_size 10).
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 10,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    let (_, outcome, pagination, error, missing) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), missing),
+        ("ok", Some("single"), 0)
+    );
+    assert!(error.unwrap_or_default().contains("no pagination marker"));
+    assert_eq!(
+        missing_ids(&env),
+        BTreeSet::from([ids[4].clone()]),
+        "the six leads past the page are not marked missing"
+    );
+}
+
+/// A listing of `leads` leads mirrored in full (uncapped, short pages),
+/// then served with pages capped at 3 (page_size asks 10) and `faults`.
+async fn capped_after_a_full_sync(pagination: Pagination, faults: Faults) -> (Env, Vec<String>) {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 8,
+            pagination,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 8);
+    env.sandbox.set_max_page_size(3);
+    env.sandbox.set_faults(faults);
+    (env, ids)
+}
+
+/// The reviewer's mirror corruption: a bare array never echoes its limit,
+/// so a page the server capped below what we asked looked short, was taken
+/// for the listing's known end, and a full scan marked every lead past it
+/// missing. A short page without an echoed limit is now confirmed at the
+/// next offset: this server honours `offset`, so the whole listing is read
+/// (head and full scans), nothing goes missing, and a lead really gone
+/// still does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_is_read_by_offset_not_taken_for_its_end() {
+    let (env, ids) = capped_after_a_full_sync(Pagination::Bare, Faults::default()).await;
+    let b = env.business_ids()[0].clone();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("0 newly missing"), "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, pagination, error, _) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), error),
+        ("ok", Some("offset"), None)
+    );
+    // Four leads arrive: a head scan reads
+    // past the capped first page while its pages bring news.
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 4,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        count(&env.sql(), "SELECT count(*) FROM negotiations"),
+        12,
+        "{out}"
+    );
+    // With no news, a head scan takes the short first page for its end:
+    // no request to confirm it.
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 1, "{out}");
+    // A lead really gone is still marked missing, and only it.
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[5].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[5].clone()]));
+}
+
+/// The same capped bare listing from a server that ignores `offset`: the
+/// confirmation answers the same leads again, so the end is unknown: the
+/// pass succeeds, marks nothing, and says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            ignore_offset: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    for args in [&["--full"][..], &["--full"][..]] {
+        let (code, out) = sync(&env, args);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("end is unknown"), "{out}");
+        // The repeated page is not written (nor counted) a second time.
+        assert!(out.contains("1 pages, 3 leads seen"), "{out}");
+        assert!(missing_ids(&env).is_empty(), "{out}");
+        let (_, outcome, _, error, missing) = last_run(&env);
+        assert_eq!((outcome.as_str(), missing), ("ok", 0));
+        let error = error.unwrap_or_default();
+        assert!(error.contains("offset"), "{error}");
+        assert!(error.contains("no lead was marked missing"), "{error}");
+    }
+}
+
+/// A strict server that refuses `offset` (400): the confirmation fails,
+/// so the end is unknown: the pass succeeds, marks nothing, says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_that_refuses_offset_is_an_unknown_end() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            reject_offset: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("?offset=3) that would confirm the end failed"),
+        "{error}"
+    );
+    assert!(error.contains("unknown query parameter"), "{error}");
+    // A head scan with news asks too, and ends as well.
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: env.business_ids()[0].clone(),
+            count: 1,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 new"), "{out}");
+}
+
+/// Offset style whose `pagination` leaves `limit` out: a capped page is
+/// short against what we asked, but not the end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_offset_listing_without_its_limit_is_read_to_the_end() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Offset,
+        Faults {
+            no_limit_echo: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[7].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[7].clone()]));
+    let (_, outcome, pagination, error, _) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), error),
+        ("ok", Some("offset"), None)
+    );
+}
+
+/// A `next` naming another host is an error and is never followed (nor is
+/// anything marked missing); one naming Thumbtack's production host (as
+/// the documented example does) has its query applied to `api.base_url`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_next_on_another_host_fails_the_pass_unfollowed_and_thumbtacks_own_is_applied_here() {
+    let env = env_with(Pagination::Next, Shape::Mixed, 1).await;
+    let other = leadsync::sandbox::Sandbox::start(SandboxOptions {
+        businesses: 1,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let b = env.business_ids()[0].clone();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let listed = env.sandbox.list_requests(&b);
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: env.sandbox.lead_ids(&b)[30].clone(),
+        })
+        .unwrap();
+
+    for style in [Pagination::Next, Pagination::NextToken] {
+        env.sandbox.set_pagination(style);
+        env.sandbox.set_faults(Faults {
+            // Same address, another name: the host is what is judged.
+            next_host: Some(format!("localhost:{}", other.addr().port())),
+            ..Default::default()
+        });
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 1, "{style:?}: {out}");
+        assert!(out.contains("names another host (localhost)"), "{out}");
+        let (_, outcome, _, error, missing) = last_run(&env);
+        assert_eq!((outcome.as_str(), missing), ("error", 0), "{style:?}");
+        assert!(error.unwrap_or_default().contains("another host"));
+        assert!(
+            missing_ids(&env).is_empty(),
+            "{style:?}: nothing marked missing"
+        );
+        assert_eq!(other.stats().requests, 0, "{style:?}: never followed");
+    }
+    // Only the first page of each failed pass was asked of this sandbox.
+    assert_eq!(env.sandbox.list_requests(&b), listed + 2);
+
+    env.sandbox.set_faults(Faults {
+        next_host: Some("api.thumbtack.com".into()),
+        ..Default::default()
+    });
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 newly missing"), "{out}");
+    assert_eq!(missing_ids(&env).len(), 1);
+    assert_eq!(other.stats().requests, 0);
+}
+
+/// SPEC §5 headers on every request each command makes (listing, GET,
+/// job status, reply, messages, webhooks, probe, token endpoint): the
+/// sandbox records any request without `accept: application/json`, a
+/// `user-agent` or (API calls) `authorization: Bearer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_request_carries_accept_user_agent_and_bearer() {
+    const AGENT: &str = "acme-leads/2.1 (+ops@acme.test)";
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 12,
+            ..Default::default()
+        },
+        true,
+        &format!(
+            "{}\n[messages]\nsync = true\n",
+            FAST.replacen("[api]\n", &format!("[api]\nuser_agent = \"{AGENT}\"\n"), 1)
+        ),
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+    env.run_ok(&["sync", "--full"]);
+    env.run_ok(&[
+        "enqueue",
+        "--negotiation",
+        &lead,
+        "--business",
+        &b,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2026-11-01T10:00:00Z",
+    ]);
+    env.run_ok(&[
+        "reply",
+        "--business",
+        &b,
+        "--negotiation",
+        &lead,
+        "--text",
+        "On my way",
+    ]);
+    env.run_ok(&["drain"]);
+    env.run_ok(&["webhooks", "list"]);
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(env.sandbox.deliveries().len(), 1);
+    assert_eq!(env.sandbox.replies().len(), 1);
+
+    let stats = env.sandbox.stats();
+    for route in [
+        format!("list {b}"),
+        "get".into(),
+        "job-status".into(),
+        "reply".into(),
+        "messages".into(),
+    ] {
+        assert!(stats.by_route.contains_key(&route), "{route}: {stats:?}");
+    }
+    assert!(
+        stats.by_route.keys().any(|r| r.starts_with("token ")),
+        "{stats:?}"
+    );
+    assert!(
+        stats.by_route.keys().any(|r| r.starts_with("webhooks ")),
+        "{stats:?}"
+    );
+    assert!(
+        stats.missing_headers.is_empty(),
+        "{:?}",
+        stats.missing_headers
+    );
+    assert_eq!(
+        stats.user_agents,
+        BTreeSet::from([AGENT.to_string()]),
+        "api.user_agent, on every request"
+    );
+    assert!(stats.requests > 5, "{stats:?}");
+}
+
+/// `leadsync sandbox` itself: its variant knobs reach the server it runs
+/// (`--pagination next-token`, `--next-host`, `--shape docs`,
+/// `--client-id`/`--client-secret`, `--token-error`), and a sync against
+/// its written configuration meets each in turn.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_command_serves_the_variants_its_knobs_name() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let fixture_dir = dir.path().join("fixture");
+    /// Stopped however the test ends (a panic included).
+    struct Stopped(std::process::Child);
+    impl Drop for Stopped {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = Stopped(
+        common::spawn(
+            std::process::Command::new(common::bin())
+                .args([
+                    "sandbox",
+                    "--listen",
+                    "127.0.0.1:0",
+                    "--businesses",
+                    "1",
+                    "--leads-per-business",
+                    "25",
+                    "--pagination",
+                    "next-token",
+                    "--next-host",
+                    "elsewhere.test:8080",
+                    "--shape",
+                    "docs",
+                    "--client-id",
+                    "cli:client+1",
+                    "--client-secret",
+                    "cli secret%+",
+                    "--token-error",
+                    "invalid_scope",
+                    "--token-fail",
+                    "503,0",
+                    "--ignore-offset",
+                    "--no-limit-echo",
+                    "--write-config",
+                ])
+                .arg(&fixture_dir)
+                .env_remove("LEADSYNC_LOG")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null()),
+        )
+        .unwrap(),
+    );
+    let mut lines = std::io::BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut printed = String::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        printed.push_str(&line);
+        printed.push('\n');
+        if line.contains("inspect: GET") {
+            break;
+        }
+    }
+    assert!(
+        printed.contains("(next-token pagination, docs lead shape)"),
+        "{printed}"
+    );
+    assert!(
+        printed.contains("OAuth client: cli:client+1 / "),
+        "{printed}"
+    );
+    let base = printed
+        .split_whitespace()
+        .find(|w| w.starts_with("http://"))
+        .unwrap()
+        .to_string();
+    let overrides = common::write(dir.path(), "overrides.toml", FAST);
+    let run = |args: &[&str]| {
+        let o = common::output(
+            std::process::Command::new(common::bin())
+                .arg("--config")
+                .arg(fixture_dir.join("leadsync.toml"))
+                .arg("--config")
+                .arg(&overrides)
+                .args(args)
+                .env_remove("LEADSYNC_LOG"),
+        )
+        .unwrap();
+        (o.status.code().unwrap_or(-1), text(&o))
+    };
+    let http = common::http_client();
+    let faults: serde_json::Value = http
+        .get(format!("{base}/_sandbox/faults"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(faults["next_host"], "elsewhere.test:8080");
+    assert_eq!(faults["ignore_offset"], true);
+    assert_eq!(faults["no_limit_echo"], true);
+
+    // The token endpoint refuses the client (once the credentials, sent
+    // form-urlencoded, were accepted).
+    let (code, out) = run(&["sync"]);
+    assert_eq!(code, 1, "{out}");
+    // `--token-fail 503,0`: two answers lost, asked again at once each time.
+    assert!(out.contains("HTTP 503"), "{out}");
+    assert!(out.contains("asking again at once"), "{out}");
+    assert!(out.contains("OAuth client refused"), "{out}");
+    assert!(out.contains("invalid_scope"), "{out}");
+    // Cleared: the first page names another host; the pass fails there.
+    let r = http
+        .post(format!("{base}/_sandbox/token-faults"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let (code, out) = run(&["sync", "--full"]);
+    assert_eq!(code, 1, "{out}");
+    assert!(out.contains("names another host (elsewhere.test)"), "{out}");
+    // Cleared: every lead, read through a `next` carrying a page token.
+    let r = http
+        .post(format!("{base}/_sandbox/faults"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success());
+    let (code, out) = run(&["sync", "--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("3 pages, 25 leads seen: 25 new"), "{out}");
+    let db = rusqlite::Connection::open(fixture_dir.join("leadsync.db")).unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM negotiations WHERE customer_name IS NOT NULL AND lead_price IS NULL"
+        ),
+        25,
+        "the docs shape"
+    );
+    assert_eq!(
+        db.query_row(
+            "SELECT pagination FROM sync_runs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get::<_, String>(0)
+        )
+        .unwrap(),
+        "next"
+    );
+}
+
+/// Knob values the sandbox could not honour as named are refused at start,
+/// with the reason, instead of being served silently otherwise.
+#[test]
+fn the_sandbox_command_refuses_knobs_it_cannot_honour() {
+    for (args, why) in [
+        (&["--next-host", "a\"b"][..], "host[:port]"),
+        (&["--next-host", "evil.test/x?y="][..], "host[:port]"),
+        (&["--next-host", "h:99999"][..], "host[:port]"),
+        (
+            &["--next-host", "h:80", "--pagination", "offset"][..],
+            "next or next-token only",
+        ),
+        (&["--token-fail", "503,1000"][..], "100-599"),
+        (&["--token-fail", "42"][..], "100-599"),
+        (&["--client-id", " id"][..], "whitespace"),
+        (&["--client-secret", "secret\n"][..], "whitespace"),
+        (&["--client-secret", ""][..], "empty"),
+    ] {
+        let mut child = common::spawn(
+            std::process::Command::new(common::bin())
+                .args(["sandbox", "--listen", "127.0.0.1:0"])
+                .args(args)
+                .env_remove("LEADSYNC_LOG")
+                .stdin(std::process::Stdio::null())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped()),
+        )
+        .unwrap();
+        // A knob accepted would serve until stopped: bounded, then killed.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let o = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        let status = status.unwrap_or_else(|| panic!("{args:?} was accepted: {err}"));
+        assert!(!status.success(), "{args:?}: {err}");
+        assert!(err.contains(why), "{args:?}: {err}");
+    }
+}
+
 fn lead_value(env: &Env, id: &str) -> serde_json::Value {
     serde_json::from_str(&env.sandbox.lead_json(id).unwrap()).unwrap()
 }
@@ -292,6 +867,95 @@ async fn the_docs_shape_fills_its_columns_and_leaves_the_rest_empty() {
         );
         assert_eq!((phone, price, charge), (None, None, None));
     }
+}
+
+/// One lead carrying both published shapes at once, with different values:
+/// each convenience column takes the first present source (SPEC §5), then
+/// the next one once the first is gone; a price is kept as sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_convenience_column_takes_the_first_present_source() {
+    let env = env_with(Pagination::Next, Shape::Schema, 1).await;
+    let b = env.business_ids()[0].clone();
+    let id = env.sandbox.lead_ids(&b)[5].clone();
+    let patch = |p: serde_json::Value| {
+        env.sandbox
+            .mutate(Mutation::Patch {
+                negotiation_id: id.clone(),
+                patch: p,
+            })
+            .unwrap();
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 0, "{out}");
+        assert!(out.contains("1 changed"), "{out}");
+    };
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    patch(serde_json::json!({
+        "category": {"name": "Docs Category"},
+        "customer": {
+            "displayName": "Docs Name",
+            "firstName": "Ann",
+            "lastName": "Lee",
+            "location": {"city": "Docsville", "zipCode": "99999"}
+        },
+        "leadPrice": "$1,234.50",
+        "chargeState": "Refunded"
+    }));
+    let v = lead_value(&env, &id);
+    let (_, category, name, city, zip, phone, price, charge) = columns(&env, &id);
+    assert_eq!(
+        category.as_deref(),
+        v["request"]["category"]["name"].as_str(),
+        "request.category.name before category.name"
+    );
+    assert_ne!(category.as_deref(), Some("Docs Category"));
+    assert_eq!(
+        name.as_deref(),
+        Some("Docs Name"),
+        "displayName before first + last"
+    );
+    assert_eq!(city.as_deref(), v["request"]["location"]["city"].as_str());
+    assert_eq!(zip.as_deref(), v["request"]["location"]["zipCode"].as_str());
+    assert_ne!(city.as_deref(), Some("Docsville"), "request.location first");
+    assert_ne!(zip.as_deref(), Some("99999"), "request.location first");
+    assert_eq!(phone.as_deref(), v["customer"]["phone"].as_str());
+    assert_eq!(
+        (price.as_deref(), charge.as_deref()),
+        (Some("$1,234.50"), Some("Refunded")),
+        "the price as sent"
+    );
+
+    // The first sources go: the second ones fill the columns.
+    patch(serde_json::json!({
+        "request": {"category": null, "location": null},
+        "customer": {"displayName": null, "phone": null},
+        "leadPrice": "25",
+        "chargeState": null
+    }));
+    let (_, category, name, city, zip, phone, price, charge) = columns(&env, &id);
+    assert_eq!(
+        (category, name, city, zip, phone, price, charge),
+        (
+            Some("Docs Category".into()),
+            Some("Ann Lee".into()),
+            Some("Docsville".into()),
+            Some("99999".into()),
+            None,
+            Some("25".into()),
+            None
+        )
+    );
+    let db = env.sql();
+    assert_eq!(
+        count(
+            &db,
+            &format!(
+                "SELECT count(*) FROM negotiations WHERE negotiation_id = '{id}' AND typeof(lead_price) = 'text'"
+            )
+        ),
+        1,
+        "\"25\" stays text"
+    );
 }
 
 fn client(env: &Env) -> Arc<Client> {
@@ -437,6 +1101,8 @@ async fn probe_shows_each_style_in_text_and_json() {
         (Pagination::Token, "token", Some("?limit=10&pageToken=")),
         (Pagination::Offset, "offset", Some("?limit=10&offset=10")),
         (Pagination::None, "single", None),
+        (Pagination::NextToken, "next", Some("?limit=10&pageToken=")),
+        (Pagination::Bare, "single", None),
     ] {
         let env = Env::new(
             SandboxOptions {
@@ -495,6 +1161,32 @@ async fn probe_shows_each_style_in_text_and_json() {
         // Read-only: the mirror was never created.
         assert!(!env.database().exists());
     }
+}
+
+/// A short bare page: probe says the end is not confirmed and which query
+/// a sync asks to confirm it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn probe_says_a_short_page_without_its_limit_is_not_a_confirmed_end() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 4,
+            pagination: Pagination::Bare,
+            ..Default::default()
+        },
+        true,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let (code, out) = probe(&env, &b, false);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("end of the listing: NOT CONFIRMED"), "{out}");
+    assert!(out.contains("?limit=10&offset=4"), "{out}");
+    let (code, out) = probe(&env, &b, true);
+    assert_eq!(code, 0, "{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
+    assert_eq!(v["pagination"]["confirm_query"], "limit=10&offset=4");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

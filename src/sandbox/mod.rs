@@ -55,6 +55,13 @@ pub enum Pagination {
     Offset,
     /// `{"limit"}` only: a client cannot know where the listing ends.
     None,
+    /// `{"limit", "next": "http://HOST/v4/...?limit=N&pageToken=T"}`: a
+    /// `next` URL whose query carries an opaque token, not an offset.
+    #[serde(rename = "next-token")]
+    NextToken,
+    /// The page's leads as a bare JSON array, no envelope, no markers
+    /// (SPEC §5: one last page; a full one is an unknown end).
+    Bare,
 }
 
 impl Default for SandboxOptions {
@@ -127,6 +134,19 @@ pub struct Faults {
     /// Messages: serve at most this many messages a page whatever `limit`
     /// asks, and answer no `pagination` (0: off).
     pub message_page_size: usize,
+    /// Listing: `next` URLs (styles `next`, `next-token`) name this host
+    /// (`host` or `host:port`) instead of the sandbox's own: a response that
+    /// is not what the client thinks it is, never to be followed.
+    pub next_host: Option<String>,
+    /// Listing: serve from the start whatever `offset` asks (a server that
+    /// does not know the parameter; `pageToken` is still honoured).
+    pub ignore_offset: bool,
+    /// Listing: answer `400` (ProblemDetails) to a request that carries
+    /// `offset` (a strict server that does not know the parameter).
+    pub reject_offset: bool,
+    /// Listing: leave `limit` out of `pagination` (envelope styles), so a
+    /// page clamped to `max_page_size` does not say it is.
+    pub no_limit_echo: bool,
     /// Listing: hold each answer this long after it was made (the page
     /// reflects the moment it was made, not the moment it arrives).
     pub list_hold_ms: u64,
@@ -144,6 +164,16 @@ pub struct TokenFaults {
     pub invalid_client: bool,
     /// Answer every token request `502 proxy_oauth_failed` (a wrong audience).
     pub proxy_oauth_failed: bool,
+    /// Answer every token request `400` with this OAuth `error` code
+    /// (`unauthorized_client`, `invalid_request`, `invalid_scope`, or any
+    /// other), before the grant is looked at (nothing rotated).
+    pub client_error: Option<String>,
+    /// Answer the next token requests, one each, with these HTTP statuses
+    /// before anything is looked at (nothing rotated): `503`/`500` as an
+    /// HTML gateway page, `429` with `Retry-After: 1`, `408`, any other
+    /// status as an empty body; `0` closes the connection unanswered (a
+    /// network error).
+    pub before_rotate: Vec<u16>,
     /// Hold a successful refresh's answer this long after the token was
     /// already rotated (a client that gives up meanwhile loses the new token).
     pub hold_after_rotate_ms: u64,
@@ -234,6 +264,12 @@ pub enum Mutation {
     },
     /// A nested field changes (only a full scan finds it on an old lead).
     DeepChange { negotiation_id: String },
+    /// A JSON merge patch (RFC 7386: `null` removes a member) applied to a
+    /// lead as served: any field, any shape, both shapes at once.
+    Patch {
+        negotiation_id: String,
+        patch: serde_json::Value,
+    },
     /// The lead disappears from listings (and `GET` answers 404).
     Remove { negotiation_id: String },
     /// A removed lead comes back where it was.
@@ -283,6 +319,13 @@ pub struct Stats {
     pub faults_injected: u64,
     /// Listing answers made and held back by `list_hold_ms`.
     pub lists_held: u64,
+    /// Requests that lacked a header SPEC §5 names, by route and header
+    /// (e.g. `list 4680…: accept`): `accept: application/json` and a
+    /// non-empty `user-agent` on every request, `authorization: Bearer` on
+    /// API requests (the token endpoint's Basic is checked where it is read).
+    pub missing_headers: BTreeMap<String, u64>,
+    /// Every `user-agent` seen (API and token endpoint).
+    pub user_agents: std::collections::BTreeSet<String>,
 }
 
 struct RefreshEntry {
@@ -730,6 +773,11 @@ impl Sandbox {
         self.lock().faults = faults;
     }
 
+    /// Changes the largest page a listing returns from now on.
+    pub fn set_max_page_size(&self, max_page_size: usize) {
+        self.lock().options.max_page_size = max_page_size;
+    }
+
     /// Changes how listings are paged from now on.
     pub fn set_pagination(&self, pagination: Pagination) {
         self.lock().options.pagination = pagination;
@@ -765,19 +813,25 @@ impl Sandbox {
             std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
         }
         let (client_id, client_secret) = self.client_credentials();
+        // Every value written as a TOML string by the toml crate (quotes,
+        // backslashes, control characters escaped).
+        let q = |v: &str| toml::Value::String(v.to_string()).to_string();
+        let path = |p: PathBuf| q(&p.to_string_lossy());
         let mut toml = format!(
             "# Written by leadsync's sandbox for {base}\n\
-             database = \"{db}\"\n\n[api]\nbase_url = \"{base}\"\nmax_requests_per_second = 50\n\n",
+             database = {db}\n\n[api]\nbase_url = {base_q}\nmax_requests_per_second = 50\n\n",
             base = self.base_url(),
-            db = dir.join("leadsync.db").display(),
+            base_q = q(&self.base_url()),
+            db = path(dir.join("leadsync.db")),
         );
         if oauth {
             std::fs::write(dir.join("client_secret"), format!("{client_secret}\n"))?;
             toml.push_str(&format!(
-                "[oauth]\ntoken_url = \"{}\"\nclient_id = \"{client_id}\"\nclient_secret_file = \"{}\"\ntoken_store = \"{}\"\n\n",
-                self.token_url(),
-                dir.join("client_secret").display(),
-                dir.join("tokens.db").display()
+                "[oauth]\ntoken_url = {}\nclient_id = {}\nclient_secret_file = {}\ntoken_store = {}\n\n",
+                q(&self.token_url()),
+                q(&client_id),
+                path(dir.join("client_secret")),
+                path(dir.join("tokens.db"))
             ));
         }
         for b in self.businesses() {
@@ -791,11 +845,11 @@ impl Sandbox {
                 )
             };
             std::fs::write(&file, format!("{token}\n"))?;
-            let name = b.name.replace('\\', "\\\\").replace('"', "\\\"");
             toml.push_str(&format!(
-                "[[businesses]]\nid = \"{}\"\nname = \"{name}\"\n{key} = \"{}\"\n\n",
-                b.id,
-                file.display()
+                "[[businesses]]\nid = {}\nname = {}\n{key} = {}\n\n",
+                q(&b.id),
+                q(&b.name),
+                path(file)
             ));
         }
         let path = dir.join("leadsync.toml");

@@ -9,7 +9,7 @@ use base64::Engine;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::header::{CONTENT_TYPE, HeaderValue};
+use hyper::header::{CONTENT_TYPE, HeaderMap, HeaderValue};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
@@ -147,16 +147,28 @@ fn trace_id(state: &Shared) -> String {
 
 /// A ProblemDetails response with a traceID, as Thumbtack sends.
 fn problem(state: &Shared, status: StatusCode, title: &str, detail: &str) -> Response<Full<Bytes>> {
-    let mut r = json_response(
-        status,
-        &json!({
-            "type": "about:blank",
-            "title": title,
-            "status": status.as_u16(),
-            "detail": detail,
-            "traceID": trace_id(state),
-        }),
-    );
+    problem_with_errors(state, status, title, detail, None)
+}
+
+/// [`problem`] with the field errors (`errors`) a validation failure carries.
+fn problem_with_errors(
+    state: &Shared,
+    status: StatusCode,
+    title: &str,
+    detail: &str,
+    errors: Option<Value>,
+) -> Response<Full<Bytes>> {
+    let mut body = json!({
+        "type": "about:blank",
+        "title": title,
+        "status": status.as_u16(),
+        "detail": detail,
+        "traceID": trace_id(state),
+    });
+    if let Some(errors) = errors {
+        body["errors"] = errors;
+    }
+    let mut r = json_response(status, &body);
     r.headers_mut().insert(
         CONTENT_TYPE,
         HeaderValue::from_static("application/problem+json"),
@@ -188,6 +200,7 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             .map(str::to_string)
     };
 
+    check_headers(&state, &method, &segments, &headers);
     match (&method, segments.as_slice()) {
         (&Method::POST, ["oauth2", "token"]) => {
             let (response, hold, lose) = token_endpoint(&state, header("authorization"), &body);
@@ -327,6 +340,44 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             "Not Found",
             &format!("no route for {method} {path}"),
         )),
+    }
+}
+
+/// Records the headers SPEC §5 names that a client request lacked
+/// ([`super::Stats::missing_headers`]) and the `user-agent` it sent.
+fn check_headers(state: &Shared, method: &Method, segments: &[&str], headers: &HeaderMap) {
+    let route = match (method, segments) {
+        (&Method::POST, ["oauth2", "token"]) => "token".to_string(),
+        (_, ["api", "v4", "businesses", b, "negotiations"]) => format!("list {b}"),
+        (m, ["api", "v4", rest @ ..]) => format!("{m} {}", rest.first().unwrap_or(&"")),
+        _ => return,
+    };
+    let value = |name| {
+        headers
+            .get(name)
+            .and_then(|v: &HeaderValue| v.to_str().ok())
+            .unwrap_or("")
+    };
+    let mut missing = Vec::new();
+    if !value(hyper::header::ACCEPT).contains("application/json") {
+        missing.push("accept");
+    }
+    let agent = value(hyper::header::USER_AGENT).trim().to_string();
+    if agent.is_empty() {
+        missing.push("user-agent");
+    }
+    if route != "token" && !value(hyper::header::AUTHORIZATION).starts_with("Bearer ") {
+        missing.push("authorization");
+    }
+    let mut s = lock(state);
+    if !agent.is_empty() {
+        s.stats.user_agents.insert(agent);
+    }
+    for h in missing {
+        *s.stats
+            .missing_headers
+            .entry(format!("{route}: {h}"))
+            .or_default() += 1;
     }
 }
 
@@ -574,7 +625,17 @@ fn list(
     };
     let offset = match (params.get("pageToken"), params.get("offset")) {
         (None, None) => 0,
+        (None, Some(_)) if s.faults.reject_offset => {
+            drop(s);
+            return problem(
+                state,
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "unknown query parameter: offset",
+            );
+        }
         (None, Some(o)) => match o.parse::<usize>() {
+            Ok(_) if s.faults.ignore_offset => 0,
             Ok(o) => o,
             Err(_) => {
                 drop(s);
@@ -608,10 +669,28 @@ fn list(
         .map(|l| l.json.as_str())
         .collect();
     let more = end < b.leads.len();
+    if s.options.pagination == super::Pagination::Bare {
+        return respond(
+            StatusCode::OK,
+            "application/json",
+            format!("[{}]", items.join(",")),
+        );
+    }
+    // The host `next` names: this one, unless a fault names another.
+    let next_host = s
+        .faults
+        .next_host
+        .clone()
+        .unwrap_or_else(|| host.to_string());
     let mut body = String::with_capacity(items.iter().map(|i| i.len() + 1).sum::<usize>() + 256);
     body.push_str("{\"data\":[");
     body.push_str(&items.join(","));
-    body.push_str(&format!("],\"pagination\":{{\"limit\":{limit}"));
+    body.push_str("],\"pagination\":{");
+    // Each marker after the first is written with its leading comma.
+    let mark = body.len();
+    if !s.faults.no_limit_echo {
+        body.push_str(&format!("\"limit\":{limit}"));
+    }
     match s.options.pagination {
         super::Pagination::Token => {
             if more {
@@ -625,16 +704,36 @@ fn list(
             body.push_str(&format!(",\"offset\":{offset}"));
             if more {
                 // As Thumbtack's other v4 lists: this host, a path without `/api`.
-                body.push_str(&format!(
-                    ",\"next\":\"http://{host}/v4/businesses/{business}/negotiations?limit={limit}&offset={end}\""
-                ));
+                let next = format!(
+                    "http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&offset={end}"
+                );
+                body.push_str(&format!(",\"next\":{}", json_string(&next)));
             }
         }
+        super::Pagination::NextToken => {
+            if more {
+                let next = format!(
+                    "http://{next_host}/v4/businesses/{business}/negotiations?limit={limit}&pageToken={}",
+                    page_token(business, end)
+                );
+                body.push_str(&format!(",\"next\":{}", json_string(&next)));
+            }
+        }
+        super::Pagination::Bare => {}
         super::Pagination::Offset => body.push_str(&format!(",\"offset\":{offset}")),
         super::Pagination::None => {}
     }
+    if body[mark..].starts_with(',') {
+        body.remove(mark);
+    }
     body.push_str("}}");
     respond(StatusCode::OK, "application/json", body)
+}
+
+/// `s` as a JSON string (a `next_host` set through `/_sandbox/faults` may
+/// hold any characters).
+fn json_string(s: &str) -> String {
+    serde_json::Value::String(s.to_string()).to_string()
 }
 
 fn get_one(state: &Shared, token_business: &str, negotiation_id: &str) -> Response<Full<Bytes>> {
@@ -727,11 +826,14 @@ fn job_status(
     let mut s = lock(state);
     if s.refuse.contains(negotiation_id) {
         drop(s);
-        return problem(
+        return problem_with_errors(
             state,
             StatusCode::BAD_REQUEST,
             "Invalid transition",
             &format!("negotiation {negotiation_id} does not accept the transition to {status}"),
+            Some(
+                json!({"status": [format!("{status} is not allowed in the negotiation's state")]}),
+            ),
         );
     }
     let seq = s.deliveries.len() as u64 + 1;
@@ -938,11 +1040,40 @@ fn token_endpoint(
     let grant = form.get("grant_type").cloned().unwrap_or_default();
     s.count(format!("token {grant}"));
     let faults = s.token_faults.clone();
+    if !s.token_faults.before_rotate.is_empty() {
+        let status = s.token_faults.before_rotate.remove(0);
+        s.stats.faults_injected += 1;
+        if status == 0 {
+            return (respond(StatusCode::OK, "text/plain", ""), 0, true);
+        }
+        let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        let mut r = if code.is_server_error() {
+            respond(
+                code,
+                "text/html",
+                format!("<html><body><h1>{status} gateway</h1></body></html>"),
+            )
+        } else {
+            respond(code, "text/plain", "")
+        };
+        if status == 429 {
+            r.headers_mut()
+                .insert("retry-after", HeaderValue::from_static("1"));
+        }
+        return now_answer(r);
+    }
     if !client_ok || faults.invalid_client {
         return now_answer(oauth_error(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "client authentication failed",
+        ));
+    }
+    if let Some(error) = &faults.client_error {
+        return now_answer(oauth_error(
+            StatusCode::BAD_REQUEST,
+            error,
+            "the sandbox refuses this client (token_faults.client_error)",
         ));
     }
     if faults.proxy_oauth_failed
@@ -1238,6 +1369,13 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
             })?;
             Ok(vec![negotiation_id])
         }
+        Mutation::Patch {
+            negotiation_id,
+            patch,
+        } => {
+            edit(s, &negotiation_id, |v| merge_patch(v, &patch))?;
+            Ok(vec![negotiation_id])
+        }
         Mutation::DeepChange { negotiation_id } => {
             let n = s.rng.u32(..);
             edit(s, &negotiation_id, |v| {
@@ -1332,6 +1470,27 @@ pub(super) fn mutate(s: &mut State, m: Mutation) -> Result<Vec<String>> {
                     .ok_or_else(|| anyhow!("negotiation {negotiation_id} not found"))
             })
             .collect(),
+    }
+}
+
+/// RFC 7386 JSON merge patch: objects merge member by member, `null`
+/// removes a member, anything else replaces.
+fn merge_patch(target: &mut Value, patch: &Value) {
+    let Value::Object(members) = patch else {
+        *target = patch.clone();
+        return;
+    };
+    if !target.is_object() {
+        *target = json!({});
+    }
+    if let Value::Object(t) = target {
+        for (k, v) in members {
+            if v.is_null() {
+                t.remove(k);
+            } else {
+                merge_patch(t.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
     }
 }
 

@@ -5,6 +5,15 @@
 //! `pagination.nextPageToken` (sent back as `pageToken`), and
 //! `pagination.offset` (the next page is `offset + len(data)` while pages
 //! come back full).
+//!
+//! A page is "short" against the limit the server echoed in
+//! `pagination.limit`; one that echoed none (a bare array, an offset or
+//! marker-less envelope without `limit`) may have been capped below what we
+//! asked, so its shortness proves nothing. Such a page is a known end only
+//! once confirmed: the next offset is asked ([`Step::Confirm`]); an empty
+//! answer confirms the end, new leads mean the server pages by offset (the
+//! listing is read on that way), the same leads again (a server that ignores
+//! `offset`) or a failed request leave the end unknown.
 
 use super::model::{Markers, Page};
 use serde::Serialize;
@@ -71,8 +80,16 @@ pub enum End {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Step {
     Next(Cursor),
+    /// The page was short, but the server did not echo the limit it applied:
+    /// this request (the next offset) tells whether the listing ended. A
+    /// full scan asks it; a head scan may stop instead (it marks nothing
+    /// missing). If it fails, [`Listing::confirm_failed`].
+    Confirm(Cursor),
     End(End),
 }
+
+/// Why an end is unknown when nothing more precise was said.
+const FULL_PAGE_NO_MARKER: &str = "a full page with no pagination marker";
 
 /// The pagination state of one pass over a business's listing.
 #[derive(Debug)]
@@ -87,6 +104,19 @@ pub struct Listing {
     contents: HashSet<u64>,
     /// Empty pages in a row that still named a next page.
     empty_run: u32,
+    /// The offset of the request whose page comes next, as we asked it (0
+    /// for the first page): a page that echoes no offset starts there.
+    asked_offset: u64,
+    /// The request whose page comes next is a [`Step::Confirm`].
+    confirming: bool,
+    /// A confirmation brought new leads: pages without markers are read on
+    /// by offset (a full one too) until one comes back empty.
+    by_offset: bool,
+    /// Why the end is unknown (for the pass's note).
+    unknown_why: Option<String>,
+    /// The last page advanced over repeated an earlier one (a confirmation
+    /// that a server ignoring `offset` answered): nothing of it is new.
+    repeated: bool,
 }
 
 /// Empty pages in a row a token listing may send before it is taken for
@@ -113,6 +143,11 @@ impl Listing {
             requested: HashSet::new(),
             contents: HashSet::new(),
             empty_run: 0,
+            asked_offset: 0,
+            confirming: false,
+            by_offset: false,
+            unknown_why: None,
+            repeated: false,
         })
     }
 
@@ -126,6 +161,47 @@ impl Listing {
     /// The style seen so far (`single` until a page carries a marker).
     pub fn style(&self) -> Style {
         self.style.unwrap_or(Style::Single)
+    }
+
+    /// The last page advanced over listed the same leads as an earlier page
+    /// of the pass (it ended the listing as unknown): it need not be written.
+    pub fn repeated(&self) -> bool {
+        self.repeated
+    }
+
+    /// Why the listing's end is unknown, once [`End::Unknown`] was decided.
+    pub fn unknown_why(&self) -> String {
+        self.unknown_why
+            .clone()
+            .unwrap_or_else(|| FULL_PAGE_NO_MARKER.to_string())
+    }
+
+    /// The request of a [`Step::Confirm`] failed: the end is unknown (the
+    /// pass goes on without it and marks nothing missing).
+    pub fn confirm_failed(&mut self, error: &str) -> End {
+        self.confirming = false;
+        self.unknown_why = Some(format!(
+            "a short page did not echo its size limit, and the request for the next offset \
+             (?offset={}) that would confirm the end failed: {error}",
+            self.asked_offset
+        ));
+        End::Unknown
+    }
+
+    /// The request that confirms a short page as the end, or reads on.
+    fn by_offset_cursor(&mut self, next: u64, confirm: bool) -> Step {
+        self.asked_offset = next;
+        self.confirming = confirm;
+        let cursor = Cursor {
+            query: vec![
+                ("limit".into(), self.limit.to_string()),
+                ("offset".into(), next.to_string()),
+            ],
+        };
+        match confirm {
+            true => Step::Confirm(cursor),
+            false => Step::Next(cursor),
+        }
     }
 
     fn with_limit(&self, mut query: Vec<(String, String)>) -> Vec<(String, String)> {
@@ -161,9 +237,22 @@ impl Listing {
         let m: &Markers = &page.markers;
         let entries = page.entries();
         let limit = m.limit.filter(|l| *l > 0).unwrap_or(u64::from(self.limit));
+        // Whatever this page says, it echoed no limit of its own.
+        let unechoed = m.limit.filter(|l| *l > 0).is_none();
+        let confirming = std::mem::take(&mut self.confirming);
         if let Some(digest) = page.ids_digest
             && !self.contents.insert(digest)
         {
+            if confirming {
+                self.repeated = true;
+                self.unknown_why = Some(format!(
+                    "a short page did not echo its size limit, and the next offset \
+                     (?offset={}) listed the same leads again: the server seems to ignore \
+                     `offset`, so a page it capped cannot be told from the last one",
+                    self.asked_offset
+                ));
+                return Ok(Step::End(End::Unknown));
+            }
             {
                 return Err(format!(
                     "pagination does not advance: a page lists the same leads as an earlier \
@@ -176,12 +265,21 @@ impl Listing {
                 ));
             }
         }
+        if confirming && entries == 0 {
+            // Nothing past the short page: it was the last one.
+            return Ok(Step::End(End::Known));
+        }
+        if confirming {
+            // New leads past a short page: the server caps its pages and
+            // pages by offset.
+            self.by_offset = true;
+        }
         if entries == 0 && (m.next.is_some() || m.next_page_token.is_some()) {
             self.empty_run += 1;
         } else {
             self.empty_run = 0;
         }
-        let query = if let Some(next) = &m.next {
+        let step = if let Some(next) = &m.next {
             self.seen_first(Style::Next);
             let url = reqwest::Url::options()
                 .base_url(Some(&self.base))
@@ -211,14 +309,18 @@ impl Listing {
             }
             // A `next` that carries a token: bounded as `nextPageToken` is.
             self.check_empty_run()?;
-            self.with_limit(query)
+            Step::Next(Cursor {
+                query: self.with_limit(query),
+            })
         } else if let Some(token) = &m.next_page_token {
             self.seen_first(Style::Token);
             self.check_empty_run()?;
-            vec![
-                ("limit".into(), self.limit.to_string()),
-                ("pageToken".into(), token.clone()),
-            ]
+            Step::Next(Cursor {
+                query: vec![
+                    ("limit".into(), self.limit.to_string()),
+                    ("pageToken".into(), token.clone()),
+                ],
+            })
         } else if m.next_key
             || m.token_key
             || matches!(self.style, Some(Style::Next | Style::Token))
@@ -232,7 +334,7 @@ impl Listing {
             return Ok(Step::End(End::Known));
         } else if let Some(offset) = m.offset {
             self.seen_first(Style::Offset);
-            if entries == 0 || entries < limit {
+            if entries == 0 || (entries < limit && !unechoed) {
                 return Ok(Step::End(End::Known));
             }
             let Some(next) = offset.checked_add(entries) else {
@@ -241,27 +343,42 @@ impl Listing {
                      the listing cannot be read past it"
                 ));
             };
-            vec![
-                ("limit".into(), self.limit.to_string()),
-                ("offset".into(), next.to_string()),
-            ]
+            self.by_offset_cursor(next, entries < limit)
         } else {
-            // No marker at all: only a short page says the listing ended.
-            self.seen_first(Style::Single);
-            return Ok(Step::End(if entries < limit {
-                End::Known
+            // No marker at all: a short page says the listing ended if it
+            // echoed its limit, may say so otherwise (confirmed at the next
+            // offset); a full one leaves the end unknown, unless a
+            // confirmation showed that the server pages by offset.
+            if self.by_offset {
+                self.style = Some(Style::Offset);
             } else {
-                End::Unknown
-            }));
+                self.seen_first(Style::Single);
+            }
+            if entries == 0 || (entries < limit && !unechoed) {
+                return Ok(Step::End(End::Known));
+            }
+            if entries >= limit && !self.by_offset {
+                return Ok(Step::End(End::Unknown));
+            }
+            let Some(next) = self.asked_offset.checked_add(entries) else {
+                return Err(format!(
+                    "offset {} leaves no room for a next page: the listing cannot be read past it",
+                    self.asked_offset
+                ));
+            };
+            self.by_offset_cursor(next, entries < limit)
         };
-        let cursor = Cursor { query };
+        let cursor = match &step {
+            Step::Next(c) | Step::Confirm(c) => c,
+            Step::End(_) => return Ok(step),
+        };
         if !self.requested.insert(cursor.to_query_string()) {
             return Err(format!(
                 "pagination loops: the page {:?} was already requested in this pass",
                 cursor.to_query_string()
             ));
         }
-        Ok(Step::Next(cursor))
+        Ok(step)
     }
 }
 
@@ -377,8 +494,11 @@ mod tests {
         assert_eq!(l.style(), Style::Single);
         let p = page(&format!("[{}]", leads(2)));
         assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown));
+        // A short one is the end once the next offset confirms it (a
+        // bare array echoes no limit: the page may have been capped).
         let p = page(&format!("[{}]", leads(1)));
-        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=2&offset=1");
+        assert_eq!(l.advance(&page("[]")).unwrap(), Step::End(End::Known));
         // A null next is a cursor style that stopped.
         let p = page(&format!(
             r#"{{"data":[{}],"pagination":{{"next":null}}}}"#,
@@ -503,6 +623,70 @@ mod tests {
             ));
             assert!(matches!(l.advance(&p), Ok(Step::Next(_))));
         }
+    }
+
+    fn confirm_query(step: Step) -> String {
+        match step {
+            Step::Confirm(c) => c.to_query_string(),
+            other => panic!("expected a confirmation, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_short_page_without_its_limit_is_an_end_only_once_confirmed() {
+        // Bare, capped at 3 (we ask 10): the next offset brings more, and
+        // the listing is read on by offset until a page comes back empty.
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        let p = page(&format!("[{}]", leads(3)));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=3");
+        let p = page(&format!("[{}]", leads(3)));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=6");
+        assert_eq!(l.style(), Style::Offset);
+        let p = page(&format!("[{}]", leads(1)));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=7");
+        assert_eq!(l.advance(&page("[]")).unwrap(), Step::End(End::Known));
+
+        // A server that ignores `offset`: the same leads again, unknown end.
+        const SAME: &str = r#"[{"negotiationID":"a"},{"negotiationID":"b"}]"#;
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        assert!(matches!(l.advance(&page(SAME)), Ok(Step::Confirm(_))));
+        assert!(!l.repeated());
+        assert_eq!(l.advance(&page(SAME)).unwrap(), Step::End(End::Unknown));
+        assert!(l.repeated(), "the repeat need not be written");
+        assert!(
+            l.unknown_why().contains("ignore `offset`"),
+            "{}",
+            l.unknown_why()
+        );
+
+        // The confirmation fails: unknown end, and why.
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        assert!(matches!(l.advance(&page(SAME)), Ok(Step::Confirm(_))));
+        assert_eq!(l.confirm_failed("HTTP 400"), End::Unknown);
+        assert!(l.unknown_why().contains("HTTP 400"));
+
+        // Offset style without `limit`: from the offset it echoed.
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"offset":0}}}}"#,
+            leads(3)
+        ));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=3");
+        let p = page(r#"{"data":[],"pagination":{"offset":3}}"#);
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+
+        // An echoed limit is believed: a short page is the end at once.
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":10}}}}"#,
+            leads(3)
+        ));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
     }
 
     #[test]
