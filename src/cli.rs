@@ -64,6 +64,12 @@ pub enum Command {
         /// business's leads (and more than 20) vanished at once.
         #[arg(long, requires = "full")]
         accept_missing: bool,
+        /// While the daemon runs: how long to wait for it to take the
+        /// request before withdrawing it and failing (a stuck daemon, or
+        /// one stopped and not restarted).
+        #[arg(long, value_name = "SECS", default_value_t = 20,
+              value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        wait: u64,
     },
     /// Attempt every due outbox row once (in each negotiation's order), then exit.
     Drain,
@@ -436,7 +442,11 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             business,
             full,
             accept_missing,
-        } => sync(with_secret(load()?)?, business, full, accept_missing).await,
+            wait,
+        } => {
+            let wait = std::time::Duration::from_secs(wait);
+            sync(with_secret(load()?)?, business, full, accept_missing, wait).await
+        }
         Command::Drain => drain(with_secret(load()?)?).await,
         Command::Webhooks { command } => {
             let config = with_secret(load()?)?;
@@ -659,6 +669,7 @@ async fn sync(
     business: Option<String>,
     full: bool,
     accept_missing: bool,
+    wait: std::time::Duration,
 ) -> Result<u8> {
     let selected: Vec<String> = match &business {
         Some(id) => match config.business(id) {
@@ -678,7 +689,7 @@ async fn sync(
         return Ok(0);
     }
     if let Some(code) =
-        sync_through_daemon(&config, business.as_deref(), full, accept_missing).await?
+        sync_through_daemon(&config, business.as_deref(), full, accept_missing, wait).await?
     {
         return Ok(code);
     }
@@ -814,14 +825,12 @@ impl SyncProgress {
     }
 }
 
-/// How long `sync` waits for the running daemon to take its request (it
-/// looks every 100 ms; a restart by systemd takes about 5 s) before it
-/// withdraws it and fails. Once taken, it waits for the passes to end.
-const SYNC_TAKEN_WITHIN: std::time::Duration = std::time::Duration::from_secs(20);
-
 /// How long the mirror's lock must stay free before `sync` takes the daemon
 /// for stopped and withdraws a request it has not taken: systemd restarts
-/// it after `RestartSec=5s`, and the new daemon takes the request.
+/// it after `RestartSec=5s`, and the new daemon takes the request. At most
+/// half of `sync --wait` (the wait for the request to be taken, 20 s by
+/// default; `sync` looks every 100 ms). Once taken, it waits for the
+/// passes to end.
 const SYNC_RESTART_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Withdraws the request `id` nobody has taken and fails, saying `said`
@@ -859,7 +868,9 @@ async fn sync_through_daemon(
     business: Option<&str>,
     full: bool,
     accept_missing: bool,
+    taken_within: std::time::Duration,
 ) -> Result<Option<u8>> {
+    let restart_grace = SYNC_RESTART_GRACE.min(taken_within / 2);
     let path = config.database();
     if !path.exists() {
         return Ok(None);
@@ -926,8 +937,8 @@ async fn sync_through_daemon(
         // A daemon that has not taken the request in this long is stuck (or
         // its writer is blocked), or stopped and not back: a script must
         // not wait forever.
-        if r.started_at.is_none() && asked.elapsed() >= SYNC_TAKEN_WITHIN {
-            let within = SYNC_TAKEN_WITHIN.as_secs();
+        if r.started_at.is_none() && asked.elapsed() >= taken_within {
+            let within = taken_within.as_secs();
             let why = format!("withdrawn: the daemon had not taken it within {within} s");
             if free_since.is_some() {
                 withdraw_untaken(
@@ -1010,15 +1021,15 @@ async fn sync_through_daemon(
             }
             continue;
         }
-        if since.elapsed() >= SYNC_RESTART_GRACE {
+        if since.elapsed() >= restart_grace {
             withdraw_untaken(
                 &conn,
                 id,
                 "withdrawn: the daemon stopped before taking it",
                 &format!(
                     "the daemon stopped before taking the request (sync_requests row {id}), and \
-                     none took it within {} s",
-                    SYNC_RESTART_GRACE.as_secs()
+                     none took it within {:.1} s",
+                    restart_grace.as_secs_f64()
                 ),
                 "",
             )?;

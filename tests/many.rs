@@ -443,12 +443,14 @@ async fn a_reload_applies_a_new_request_rate() {
 /// stdout and stderr once it exits within `within`, else the test fails.
 fn sync_beside_a_silent_daemon(
     env: &Env,
+    args: &[&str],
     within: Duration,
     meanwhile: impl FnOnce(),
 ) -> (Option<i32>, String) {
     let mut child = Running(
         env.cli()
             .arg("sync")
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
             .spawn()
@@ -491,7 +493,8 @@ async fn sync_stops_waiting_once_the_daemons_lock_is_free_though_its_pid_lives()
     let env = Env::small().await;
     assert_eq!(env.run(&["sync"]).status.code(), Some(0));
     let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
-    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(25), || drop(held));
+    let (code, said) =
+        sync_beside_a_silent_daemon(&env, &[], Duration::from_secs(25), || drop(held));
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("stopped before taking"), "{said}");
     assert_eq!(
@@ -511,10 +514,13 @@ async fn sync_gives_up_on_a_daemon_that_never_takes_its_request() {
     let env = Env::small().await;
     assert_eq!(env.run(&["sync"]).status.code(), Some(0));
     let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
-    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(40), || {});
+    // `--wait 3` instead of the default 20 s: the same path, sooner.
+    let (code, said) =
+        sync_beside_a_silent_daemon(&env, &["--wait", "3"], Duration::from_secs(20), || {});
     drop(held);
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("has not taken the request"), "{said}");
+    assert!(said.contains("within 3 s"), "{said}");
     assert!(said.contains("/healthz"), "{said}");
     assert_eq!(
         count(
@@ -537,9 +543,10 @@ async fn sync_says_a_request_it_could_not_withdraw_may_still_run() {
     assert_eq!(env.run(&["sync"]).status.code(), Some(0));
     let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
     let writer = env.sql();
-    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(60), || {
-        writer.execute_batch("BEGIN IMMEDIATE").unwrap();
-    });
+    let (code, said) =
+        sync_beside_a_silent_daemon(&env, &["--wait", "3"], Duration::from_secs(40), || {
+            writer.execute_batch("BEGIN IMMEDIATE").unwrap();
+        });
     writer.execute_batch("ROLLBACK").unwrap();
     drop(held);
     assert_eq!(code, Some(1), "{said}");
@@ -569,7 +576,7 @@ async fn sync_waits_for_a_daemon_restarted_by_systemd_to_take_its_request() {
     let env = Env::small().await;
     assert_eq!(env.run(&["sync"]).status.code(), Some(0));
     let held = ProcessLock::acquire_as(&env.database(), true).unwrap();
-    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(30), || {
+    let (code, said) = sync_beside_a_silent_daemon(&env, &[], Duration::from_secs(30), || {
         drop(held);
         std::thread::sleep(Duration::from_secs(5));
         let _restarted = ProcessLock::acquire_as(&env.database(), true).unwrap();
@@ -597,7 +604,7 @@ async fn sync_meeting_another_command_holding_the_lock_says_so_at_once() {
     assert_eq!(env.run(&["sync"]).status.code(), Some(0));
     let held = ProcessLock::acquire_as(&env.database(), true).unwrap();
     let mut drain = None;
-    let (code, said) = sync_beside_a_silent_daemon(&env, Duration::from_secs(10), || {
+    let (code, said) = sync_beside_a_silent_daemon(&env, &[], Duration::from_secs(10), || {
         drop(held);
         drain = Some(ProcessLock::acquire(&env.database()).unwrap());
     });
