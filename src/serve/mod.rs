@@ -363,6 +363,27 @@ mod tests {
 
     use tokio::net::TcpStream;
 
+    /// Asks `addr` until it answers 200 (a 503, or a connection closed at
+    /// once while the refusals are many, meanwhile), failing with `why`
+    /// after 60 s.
+    async fn asked_until_200(addr: SocketAddr, why: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let answer = tokio::time::timeout(Duration::from_secs(60), ask(addr))
+                .await
+                .expect("no answer at all");
+            if answer.starts_with("HTTP/1.1 200") {
+                return;
+            }
+            assert!(
+                answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
+                "{answer}"
+            );
+            assert!(tokio::time::Instant::now() < deadline, "{why}");
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// A listener serving `router` with `options`; stopped on drop of the token.
     async fn start(router: Router, options: ServeOptions) -> (SocketAddr, CancellationToken) {
         let listener = bind("127.0.0.1:0".parse().unwrap(), "test").await.unwrap();
@@ -436,23 +457,7 @@ mod tests {
             .await
             .expect("a slow client over the limit was kept");
         drop(slow);
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let answer = ask(addr).await;
-            if answer.starts_with("HTTP/1.1 200") {
-                break;
-            }
-            // 503, or closed at once while the refusals are many.
-            assert!(
-                answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
-                "{answer}"
-            );
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "the slots of closed connections were never freed"
-            );
-            tokio::task::yield_now().await;
-        }
+        asked_until_200(addr, "the slots of closed connections were never freed").await;
         stop.cancel();
     }
 
@@ -531,25 +536,7 @@ mod tests {
             .await
             .unwrap();
         // Its slot is free again once it is cut off: asked until then.
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            let answer = tokio::time::timeout(Duration::from_secs(60), ask(addr))
-                .await
-                .expect("no answer at all");
-            if answer.starts_with("HTTP/1.1 200") {
-                break;
-            }
-            // 503, or closed at once while the refusals are many.
-            assert!(
-                answer.is_empty() || answer.starts_with("HTTP/1.1 503"),
-                "{answer}"
-            );
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "a client that does not read kept its slot"
-            );
-            tokio::task::yield_now().await;
-        }
+        asked_until_200(addr, "a client that does not read kept its slot").await;
         let got = until_closed(&mut stalled).await;
         assert!(got < BIG, "the whole answer was sent: {got} bytes");
         stop.cancel();

@@ -1244,12 +1244,18 @@ pub fn set_auth_alert(
 /// Every auth alert (message, since), oldest first; the running daemon's
 /// own alerts ([`set_daemon_alert`]) are not among them.
 pub fn auth_alerts(conn: &Connection) -> Result<Vec<(String, String)>> {
+    alerts(conn, false)
+}
+
+/// The alerts (message, since), oldest first: the daemon's own
+/// (`daemon:` keys) or every other one.
+fn alerts(conn: &Connection, daemon: bool) -> Result<Vec<(String, String)>> {
     let mut stmt = conn.prepare(
-        "SELECT message, since FROM auth_alerts WHERE alert_key NOT LIKE 'daemon:%'
+        "SELECT message, since FROM auth_alerts WHERE (alert_key LIKE 'daemon:%') = ?1
           ORDER BY since, alert_key",
     )?;
     let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([daemon], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
@@ -1278,14 +1284,7 @@ pub fn clear_daemon_alerts(conn: &Connection) -> Result<usize> {
 
 /// The daemon's alerts (message, since), oldest first.
 pub fn daemon_alerts(conn: &Connection) -> Result<Vec<(String, String)>> {
-    let mut stmt = conn.prepare(
-        "SELECT message, since FROM auth_alerts WHERE alert_key LIKE 'daemon:%'
-          ORDER BY since, alert_key",
-    )?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
-    Ok(rows)
+    alerts(conn, true)
 }
 
 /// Closes the `running` passes of one business (its pass died of a panic

@@ -1625,16 +1625,7 @@ impl Inner {
     /// caller asks them, and the new name's chain cannot take the stored
     /// chain over until they are stored (their lock says a token is held).
     async fn save_orphans(&self, chain: &Arc<Chain>) {
-        let orphans: Vec<Arc<Chain>> = self
-            .chains
-            .lock()
-            .map(|c| {
-                c.values()
-                    .filter(|o| !Arc::ptr_eq(o, chain))
-                    .cloned()
-                    .collect()
-            })
-            .unwrap_or_default();
+        let orphans = self.other_chains(chain);
         for orphan in orphans {
             if !self.members_of(&orphan).is_empty() {
                 continue;
@@ -1799,11 +1790,9 @@ impl Inner {
         }
     }
 
-    /// Whether another chain of this process keeps, unsaved, the rotated
-    /// token whose copy in its token file has fingerprint `seed`.
-    fn holds_in_file(&self, chain: &Arc<Chain>, seed: Option<&str>) -> bool {
-        let others: Vec<Arc<Chain>> = self
-            .chains
+    /// Every chain of this process but `chain`.
+    fn other_chains(&self, chain: &Arc<Chain>) -> Vec<Arc<Chain>> {
+        self.chains
             .lock()
             .map(|c| {
                 c.values()
@@ -1811,7 +1800,13 @@ impl Inner {
                     .cloned()
                     .collect()
             })
-            .unwrap_or_default();
+            .unwrap_or_default()
+    }
+
+    /// Whether another chain of this process keeps, unsaved, the rotated
+    /// token whose copy in its token file has fingerprint `seed`.
+    fn holds_in_file(&self, chain: &Arc<Chain>, seed: Option<&str>) -> bool {
+        let others = self.other_chains(chain);
         others.iter().any(|o| {
             // Held: its own save is running (its token still unsaved).
             o.state
