@@ -1187,6 +1187,61 @@ async fn a_token_dropped_for_an_exchanged_grant_is_not_presented_from_its_file()
     auth.settle(Duration::from_secs(5)).await;
 }
 
+/// `auth exchange` read the token file (the spent seed) before another
+/// process, holding its rotated token unsaved, kept that token in the file;
+/// the exchange stored its grant over the seed it read, then the holder
+/// ended (killed, or the store still failing) before its write could be a
+/// conflict that refuses the file's copy. The next refresh took the file
+/// for a new grant and presented the dropped token: valid, so the exchange
+/// was silently undone. The exchange refuses the file copy the holder's
+/// note names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchanged_grant_is_not_undone_by_the_file_copy_of_a_holder_that_ended() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let spent_seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
+    let code = env.sandbox.mint_auth_code(&b);
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // As if the exchange had read the file before the rotated token was
+    // kept there: its grant names the spent seed.
+    let c = rusqlite::Connection::open(&env.config().file.oauth.token_store).unwrap();
+    c.execute(
+        "UPDATE grants SET seed_sha256 = ?1 WHERE grant_key = ?2",
+        rusqlite::params![spent_seed, key],
+    )
+    .unwrap();
+    let exchanged = other.get(&key, None, &[]).unwrap().unwrap();
+    // The holder ends with its token unsaved (the store still fails).
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let after = other.get(&key, None, &[]).unwrap().unwrap();
+    assert_eq!(after.generation, exchanged.generation + 1, "{}", text(&o));
+    assert_eq!(
+        after.seed_sha256,
+        exchanged.seed_sha256,
+        "the dropped rotated token was presented from the token file over the exchanged grant: {}",
+        text(&o)
+    );
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
 /// A process stored its rotated token and was killed before it cleared its
 /// note (the note's write is the step after the store's): the lock ended
 /// with it, the note stayed. The token is not lost — the store holds a
