@@ -898,6 +898,53 @@ async fn a_moved_token_file_holding_an_unsaved_token_is_not_a_new_grant() {
     assert_eq!(reauth_count(&env), 0, "{}", text(&o));
 }
 
+/// Once a rotated token the store refused was kept in the token file and
+/// then stored, the chain's seed named that token and the file's original
+/// content was forgotten: the original content deployed again at a new
+/// path (Ansible, a vault, a backup; not a `mv`) was a new grant, its spent
+/// token presented and refused, the grant re-authorized. The original
+/// content stays known to the chain as its prior seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn the_original_token_file_redeployed_at_a_new_path_keeps_its_chain_after_an_unsaved_episode()
+{
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let old = token_file(&env, &b);
+    let original = std::fs::read_to_string(&old).unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    drop(gate);
+    assert_ne!(
+        std::fs::read_to_string(&old).unwrap().trim(),
+        original.trim()
+    );
+    // Deployed again from its original content at a new path.
+    let redeployed = old.with_file_name(format!("{b}-redeployed"));
+    std::fs::write(&redeployed, &original).unwrap();
+    std::fs::remove_file(&old).unwrap();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let needle = format!("\"{}\"", old.display());
+    assert!(fixture.contains(&needle), "{fixture}");
+    std::fs::write(
+        &env.fixture,
+        fixture.replace(&needle, &format!("\"{}\"", redeployed.display())),
+    )
+    .unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0, "{}", text(&o));
+}
+
 /// Another process (a `sync` run by hand, the daemon's next start beside a
 /// stopping one) never presents the stored refresh token while a rotated
 /// one is held unsaved elsewhere: it is spent. It says why, at once.

@@ -2047,9 +2047,11 @@ impl Inner {
             cut_short = None;
         }
         let file_is_new = seed_fp.is_some()
-            && row
-                .as_ref()
-                .is_none_or(|r| r.seed_sha256 != seed_fp && r.file_refused_sha256 != seed_fp);
+            && row.as_ref().is_none_or(|r| {
+                r.seed_sha256 != seed_fp
+                    && r.seed_prior_sha256 != seed_fp
+                    && r.file_refused_sha256 != seed_fp
+            });
         if let Some(note) = &cut_short
             && let Some(pid) = unsaved_by(note)
             && file_is_new
