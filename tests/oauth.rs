@@ -898,6 +898,53 @@ async fn a_moved_token_file_holding_an_unsaved_token_is_not_a_new_grant() {
     assert_eq!(reauth_count(&env), 0, "{}", text(&o));
 }
 
+/// Once a rotated token the store refused was kept in the token file and
+/// then stored, the chain's seed named that token and the file's original
+/// content was forgotten: the original content deployed again at a new
+/// path (Ansible, a vault, a backup; not a `mv`) was a new grant, its spent
+/// token presented and refused, the grant re-authorized. The original
+/// content stays known to the chain as its prior seed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // common::no_spawns: nothing under it starts a process.
+async fn the_original_token_file_redeployed_at_a_new_path_keeps_its_chain_after_an_unsaved_episode()
+{
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let old = token_file(&env, &b);
+    let original = std::fs::read_to_string(&old).unwrap();
+    let fail = Arc::new(AtomicBool::new(false));
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    // The grant's locks are let go in this process, then looked at: no
+    // child of another test may hold a copy of them meanwhile.
+    let gate = common::no_spawns();
+    fail.store(false, Ordering::SeqCst);
+    auth.token(&b).await.expect("stored now");
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    drop(gate);
+    assert_ne!(
+        std::fs::read_to_string(&old).unwrap().trim(),
+        original.trim()
+    );
+    // Deployed again from its original content at a new path.
+    let redeployed = old.with_file_name(format!("{b}-redeployed"));
+    std::fs::write(&redeployed, &original).unwrap();
+    std::fs::remove_file(&old).unwrap();
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let needle = format!("\"{}\"", old.display());
+    assert!(fixture.contains(&needle), "{fixture}");
+    std::fs::write(
+        &env.fixture,
+        fixture.replace(&needle, &format!("\"{}\"", redeployed.display())),
+    )
+    .unwrap();
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0, "{}", text(&o));
+}
+
 /// Another process (a `sync` run by hand, the daemon's next start beside a
 /// stopping one) never presents the stored refresh token while a rotated
 /// one is held unsaved elsewhere: it is spent. It says why, at once.
@@ -1185,6 +1232,61 @@ async fn a_token_dropped_for_an_exchanged_grant_is_not_presented_from_its_file()
     );
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
     auth.settle(Duration::from_secs(5)).await;
+}
+
+/// `auth exchange` read the token file (the spent seed) before another
+/// process, holding its rotated token unsaved, kept that token in the file;
+/// the exchange stored its grant over the seed it read, then the holder
+/// ended (killed, or the store still failing) before its write could be a
+/// conflict that refuses the file's copy. The next refresh took the file
+/// for a new grant and presented the dropped token: valid, so the exchange
+/// was silently undone. The exchange refuses the file copy the holder's
+/// note names.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchanged_grant_is_not_undone_by_the_file_copy_of_a_holder_that_ended() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let fail = Arc::new(AtomicBool::new(false));
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
+    let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
+    let spent_seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
+    let code = env.sandbox.mint_auth_code(&b);
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    // As if the exchange had read the file before the rotated token was
+    // kept there: its grant names the spent seed.
+    let c = rusqlite::Connection::open(&env.config().file.oauth.token_store).unwrap();
+    c.execute(
+        "UPDATE grants SET seed_sha256 = ?1 WHERE grant_key = ?2",
+        rusqlite::params![spent_seed, key],
+    )
+    .unwrap();
+    let exchanged = other.get(&key, None, &[]).unwrap().unwrap();
+    // The holder ends with its token unsaved (the store still fails).
+    auth.settle(Duration::from_secs(5)).await;
+    drop(auth);
+    forget_stored_access_tokens(&env);
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let after = other.get(&key, None, &[]).unwrap().unwrap();
+    assert_eq!(after.generation, exchanged.generation + 1, "{}", text(&o));
+    assert_eq!(
+        after.seed_sha256,
+        exchanged.seed_sha256,
+        "the dropped rotated token was presented from the token file over the exchanged grant: {}",
+        text(&o)
+    );
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
 /// A process stored its rotated token and was killed before it cleared its

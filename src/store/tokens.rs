@@ -21,11 +21,13 @@ use std::sync::{Arc, Mutex};
 /// The schema version this binary writes (`PRAGMA user_version`).
 /// 0: `refresh_tokens` keyed by business (before grants were shared).
 /// 2: `grants` keyed by grant, with the access token and generation CAS.
+/// 3: `grants.seed_prior_sha256`, the chain's seed before a rotated token
+///    kept in the token file replaced it.
 /// A migration takes no process lock: `auth exchange`, `webhooks` or `probe`
 /// of a newer binary may run it under an older daemon, which checks the
 /// version only when it opens the store. Keep migrations additive (new
 /// tables or columns), or the older daemon's writes of rotated tokens fail.
-const SCHEMA_VERSION: i64 = 2;
+const SCHEMA_VERSION: i64 = 3;
 
 /// A grant's stored state.
 #[derive(Debug, Clone)]
@@ -38,6 +40,10 @@ pub struct StoredGrant {
     /// that was current when `auth exchange` stored it): a different file
     /// content means a person put a new grant there.
     pub seed_sha256: Option<String>,
+    /// The seed before a rotated token kept in the token file (the store
+    /// refused it for a while) replaced it: the file's original content,
+    /// still this chain's (deployed again, or at a new path).
+    pub seed_prior_sha256: Option<String>,
     /// SHA-256 of a token file content Thumbtack refused while the stored
     /// chain was kept.
     pub file_refused_sha256: Option<String>,
@@ -768,6 +774,10 @@ impl TokenStore {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
                  ON CONFLICT (grant_key) DO UPDATE SET refresh_token = excluded.refresh_token,
                      generation = excluded.generation, seed_sha256 = excluded.seed_sha256,
+                     seed_prior_sha256 = CASE
+                         WHEN excluded.source = 'auth exchange' THEN NULL
+                         WHEN grants.seed_sha256 IS excluded.seed_sha256 THEN grants.seed_prior_sha256
+                         ELSE COALESCE(grants.seed_prior_sha256, grants.seed_sha256) END,
                      access_token = excluded.access_token, access_expires_at = excluded.access_expires_at,
                      source = excluded.source, updated_at = excluded.updated_at,
                      refused_at = NULL, refused_reason = NULL",
@@ -915,9 +925,12 @@ fn migrate(c: &Connection) -> Result<()> {
     if version == SCHEMA_VERSION {
         return Ok(());
     }
-    c.execute_batch(
-        "BEGIN IMMEDIATE;
-         CREATE TABLE IF NOT EXISTS refresh_tokens (
+    c.execute_batch("BEGIN IMMEDIATE")?;
+    // 2 -> 3 adds a column, looked for inside the write transaction (a
+    // second process may be migrating too).
+    let rest = || -> Result<()> {
+        c.execute_batch(
+            "CREATE TABLE IF NOT EXISTS refresh_tokens (
              business_id    TEXT PRIMARY KEY,
              refresh_token  TEXT NOT NULL,
              generation     INTEGER NOT NULL,
@@ -932,6 +945,7 @@ fn migrate(c: &Connection) -> Result<()> {
              refresh_token       TEXT NOT NULL,
              generation          INTEGER NOT NULL,
              seed_sha256         TEXT,
+             seed_prior_sha256   TEXT,
              file_refused_sha256 TEXT,
              access_token        TEXT,
              access_expires_at   TEXT,
@@ -940,16 +954,29 @@ fn migrate(c: &Connection) -> Result<()> {
              refused_at          TEXT,
              refused_reason      TEXT
          );
-         PRAGMA user_version = 2;
-         COMMIT;",
-    )?;
-    Ok(())
+         ",
+        )?;
+        let has_prior: i64 = c.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('grants') WHERE name = 'seed_prior_sha256'",
+            [],
+            |r| r.get(0),
+        )?;
+        if has_prior == 0 {
+            c.execute_batch("ALTER TABLE grants ADD COLUMN seed_prior_sha256 TEXT")?;
+        }
+        c.pragma_update(None, "user_version", SCHEMA_VERSION)?;
+        c.execute_batch("COMMIT")?;
+        Ok(())
+    };
+    rest().inspect_err(|_| {
+        let _ = c.execute_batch("ROLLBACK");
+    })
 }
 
 fn read_grant(c: &Connection, grant: &str) -> Result<Option<StoredGrant>> {
     Ok(c.query_row(
         "SELECT refresh_token, generation, seed_sha256, file_refused_sha256, access_token,
-                access_expires_at, refused_reason
+                access_expires_at, refused_reason, seed_prior_sha256
            FROM grants WHERE grant_key = ?1",
         [grant],
         |r| {
@@ -962,6 +989,7 @@ fn read_grant(c: &Connection, grant: &str) -> Result<Option<StoredGrant>> {
                 file_refused_sha256: r.get(3)?,
                 access_token: access.zip(expires).map(|(a, e)| (Secret::new(a), e)),
                 refused: r.get(6)?,
+                seed_prior_sha256: r.get(7)?,
             })
         },
     )
@@ -980,7 +1008,8 @@ fn moved_from(c: &Connection, seed_sha256: Option<&str>) -> Result<Option<String
     };
     let from: Option<String> = c
         .query_row(
-            "SELECT grant_key FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL
+            "SELECT grant_key FROM grants
+              WHERE (seed_sha256 = ?1 OR seed_prior_sha256 = ?1) AND refused_at IS NULL
               ORDER BY updated_at DESC LIMIT 1",
             [seed],
             |r| r.get(0),
@@ -1003,7 +1032,8 @@ fn adopt(
     let by_seed = match seed_sha256 {
         Some(seed) => c
             .query_row(
-                "SELECT 1 FROM grants WHERE seed_sha256 = ?1 AND refused_at IS NULL LIMIT 1",
+                "SELECT 1 FROM grants
+                  WHERE (seed_sha256 = ?1 OR seed_prior_sha256 = ?1) AND refused_at IS NULL LIMIT 1",
                 [seed],
                 |_| Ok(()),
             )
@@ -1160,6 +1190,56 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, newer);
+    }
+
+    #[test]
+    fn a_version_2_store_gains_the_prior_seed_and_keeps_its_grants() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE grants (
+                     grant_key TEXT PRIMARY KEY, refresh_token TEXT NOT NULL,
+                     generation INTEGER NOT NULL, seed_sha256 TEXT, file_refused_sha256 TEXT,
+                     access_token TEXT, access_expires_at TEXT, source TEXT NOT NULL,
+                     updated_at TEXT NOT NULL, refused_at TEXT, refused_reason TEXT);
+                 INSERT INTO grants (grant_key, refresh_token, generation, seed_sha256, source,
+                     updated_at) VALUES ('g', 't', 4, 'seed0', 'refresh', 'x');
+                 PRAGMA user_version = 2;",
+            )
+            .unwrap();
+        }
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let s = TokenStore::open(&path).unwrap();
+        let g = s.get("g", None, &[]).unwrap().unwrap();
+        assert_eq!((g.generation, g.seed_sha256.as_deref()), (4, Some("seed0")));
+        // A rotated token kept in the file names a new seed; the old one
+        // stays the chain's prior seed.
+        let w = GrantWrite {
+            seed_sha256: Some("seed1".into()),
+            ..write("t2")
+        };
+        assert_eq!(s.put("g", 4, &w).unwrap(), Written::Stored(5));
+        let g = s.get("g", None, &[]).unwrap().unwrap();
+        assert_eq!(g.seed_prior_sha256.as_deref(), Some("seed0"));
+        // A new grant (`auth exchange`) has none.
+        let w = GrantWrite {
+            seed_sha256: Some("seed2".into()),
+            source: "auth exchange".into(),
+            ..write("e")
+        };
+        assert_eq!(s.put("g", 5, &w).unwrap(), Written::Stored(6));
+        assert_eq!(
+            s.get("g", None, &[]).unwrap().unwrap().seed_prior_sha256,
+            None
+        );
+        let v: i64 = Connection::open(&path)
+            .unwrap()
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(v, SCHEMA_VERSION);
     }
 
     #[test]

@@ -17,6 +17,7 @@ use crate::config::{Config, TokenSource};
 use crate::secret::Secret;
 use crate::store::tokens::{
     GrantWrite, StoredGrant, Written, note_over, sent_note, sha256_hex, unsaved_by,
+    unsaved_token_sha256,
 };
 use base64::Engine;
 use std::collections::HashMap;
@@ -1155,6 +1156,37 @@ impl Auth {
                 )),
             };
         }
+        // A rotated token held unsaved (here, or by the process whose note
+        // names it) may be in the token file, written there after the file
+        // was read above: its holder refuses that copy once its write is a
+        // conflict, but may end first (killed, or the store still failing).
+        // The file would then be a new grant to the next refresh, which
+        // presents the superseded token — valid, so the exchange would be
+        // silently undone. The copy is refused here, now that the new
+        // grant's row exists (the holder's note goes only after its own
+        // refusal, so it is still there to be read).
+        let superseded = match state.unsaved.as_ref() {
+            Some(u) => Some(sha256_hex(u.write.refresh_token.expose())),
+            None => {
+                let (s, key) = (store.clone(), chain.key.clone());
+                blocking(move || s.refresh_note(&key))
+                    .await
+                    .ok()
+                    .flatten()
+                    .as_deref()
+                    .and_then(unsaved_token_sha256)
+                    .map(str::to_string)
+            }
+        };
+        if let Some(fp) = superseded {
+            let (s, key) = (store.clone(), chain.key.clone());
+            if let Err(e) = blocking(move || s.refuse_file(&key, &fp)).await {
+                warn!(grant = %chain.file.display(), error = %format!("{e:#}"),
+                    "cannot record that the token file's copy of the superseded rotated token is \
+                     not to be used: should its holder end before its write, the next refresh may \
+                     present it over the new grant");
+            }
+        }
         // A new grant: an earlier refresh cut short no longer matters. The
         // note is the lock holder's: another process holding a token
         // unsaved clears its own once its write (a conflict) drops it.
@@ -2015,9 +2047,11 @@ impl Inner {
             cut_short = None;
         }
         let file_is_new = seed_fp.is_some()
-            && row
-                .as_ref()
-                .is_none_or(|r| r.seed_sha256 != seed_fp && r.file_refused_sha256 != seed_fp);
+            && row.as_ref().is_none_or(|r| {
+                r.seed_sha256 != seed_fp
+                    && r.seed_prior_sha256 != seed_fp
+                    && r.file_refused_sha256 != seed_fp
+            });
         if let Some(note) = &cut_short
             && let Some(pid) = unsaved_by(note)
             && file_is_new
