@@ -346,6 +346,42 @@ async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
     }
 }
 
+/// The reviewer's unbounded confirm chain: a server that ignores `offset`
+/// and lists leads whose id it spells `negotiationId` (unreadable, so the
+/// repeated page has no digest to be caught by). Every confirmation
+/// answered entries, was taken for new leads, and the next offset was
+/// asked (up to a million requests). The end is now unknown after one
+/// confirmation: the pass ends, succeeds and marks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_after_one_confirmation() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            ignore_offset: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    for id in &ids {
+        env.sandbox
+            .mutate(Mutation::Patch {
+                negotiation_id: id.clone(),
+                patch: serde_json::json!({"negotiationID": null, "negotiationId": id}),
+            })
+            .unwrap();
+    }
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    assert!(error.unwrap_or_default().contains("no readable"), "{out}");
+}
+
 /// A strict server that refuses `offset` (400): the confirmation fails,
 /// so the end is unknown: the pass succeeds, marks nothing, says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

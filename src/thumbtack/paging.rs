@@ -13,7 +13,8 @@
 //! once confirmed: the next offset is asked ([`Step::Confirm`]); an empty
 //! answer confirms the end, new leads mean the server pages by offset (the
 //! listing is read on that way), the same leads again (a server that ignores
-//! `offset`) or a failed request leave the end unknown.
+//! `offset`), entries with no readable id (nothing to tell them from the
+//! page before) or a refused request leave the end unknown.
 
 use super::model::{Markers, Page};
 use serde::Serialize;
@@ -268,6 +269,17 @@ impl Listing {
         if confirming && entries == 0 {
             // Nothing past the short page: it was the last one.
             return Ok(Step::End(End::Known));
+        }
+        if confirming && page.ids_digest.is_none() {
+            // Entries, but no id to tell them from the page they confirm: a
+            // server that ignores `offset` would be asked again and again.
+            self.unknown_why = Some(format!(
+                "a short page did not echo its size limit, and the next offset \
+                 (?offset={}) listed entries with no readable negotiationID: they cannot \
+                 be told from the page before, so the end cannot be confirmed",
+                self.asked_offset
+            ));
+            return Ok(Step::End(End::Unknown));
         }
         if confirming {
             // New leads past a short page: the server caps its pages and
@@ -698,5 +710,30 @@ mod tests {
             leads(2)
         ));
         assert!(l.advance(&p).unwrap_err().contains("offset"));
+    }
+
+    /// The reviewer's unbounded confirm chain: a server that ignores
+    /// `offset` and lists leads whose ids cannot be read (no digest, so
+    /// the repeat is not seen). A confirmation answer with entries but no
+    /// readable id cannot be told from the page it confirms: the end is
+    /// unknown at once (it used to ask the next offset again and again).
+    #[test]
+    fn a_confirmation_without_a_readable_id_is_an_unknown_end() {
+        for body in [
+            r#"[{"negotiationId":"1"},{"negotiationId":"2"}]"#,
+            r#"{"data":[{"negotiationId":"1"}],"pagination":{"offset":0}}"#,
+        ] {
+            let mut l = Listing::new("http://h", 10).unwrap();
+            l.first();
+            let p = page(body);
+            assert_eq!(p.ids_digest, None);
+            assert!(matches!(l.advance(&p).unwrap(), Step::Confirm(_)));
+            assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown), "{body}");
+            assert!(
+                l.unknown_why().contains("no readable"),
+                "{}",
+                l.unknown_why()
+            );
+        }
     }
 }
