@@ -418,6 +418,94 @@ async fn a_capped_bare_listing_that_refuses_offset_is_an_unknown_end() {
     assert!(out.contains("1 new"), "{out}");
 }
 
+/// A confirmation that fails on the way (a 503 beyond retries) says
+/// nothing of the listing: the pass fails as any page error fails it
+/// (it used to succeed with an unknown end, moving `last_full_sync_at`
+/// forward), marks nothing; a head scan with news fails the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_whose_confirmation_fails_on_the_way_fails_the_pass() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            offset_503: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let full_at = || {
+        env.sql()
+            .query_row(
+                "SELECT last_full_sync_at FROM businesses WHERE business_id = ?1",
+                [&b],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .unwrap()
+    };
+    let before = full_at();
+    assert!(before.is_some());
+    let (code, out) = sync(&env, &["--full"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("error", 0), "{out}");
+    assert!(error.unwrap_or_default().contains("503"), "{out}");
+    assert_eq!(full_at(), before, "a failed pass is no full sync");
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 1,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(last_run(&env).1, "error", "{out}");
+}
+
+/// The confirmation's cost, counted: the default style (`next`, limit
+/// echoed) asks no extra request in a full pass, whether the last page is
+/// short or full; a `next` listing of one page that echoes no limit and
+/// names no `next` at all looks like a marker-less page, and asks one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_next_style_asks_no_confirmation_request() {
+    for (leads, pages) in [(63, 7), (60, 6), (7, 1)] {
+        let env = Env::new(
+            SandboxOptions {
+                businesses: 1,
+                leads_per_business: leads,
+                ..Default::default()
+            },
+            false,
+            FAST,
+        )
+        .await;
+        let b = env.business_ids()[0].clone();
+        for args in [&["--full"][..], &["--full"][..], &[][..]] {
+            let before = env.sandbox.list_requests(&b);
+            let (code, out) = sync(&env, args);
+            assert_eq!(code, 0, "{out}");
+            let asked = env.sandbox.list_requests(&b) - before;
+            // A head scan stops after its unchanged pages.
+            if args.is_empty() {
+                assert!(asked <= pages, "{leads} leads: {asked} requests: {out}");
+            } else {
+                assert_eq!(asked, pages, "{leads} leads, {args:?}: {out}");
+            }
+            assert_eq!(last_run(&env).3, None, "{out}");
+        }
+        if leads == 7 {
+            env.sandbox.set_faults(Faults {
+                no_limit_echo: true,
+                ..Default::default()
+            });
+            let before = env.sandbox.list_requests(&b);
+            let (code, out) = sync(&env, &["--full"]);
+            assert_eq!(code, 0, "{out}");
+            assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+        }
+    }
+}
+
 /// Offset style whose `pagination` leaves `limit` out: a capped page is
 /// short against what we asked, but not the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

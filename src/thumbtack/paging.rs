@@ -84,7 +84,8 @@ pub enum Step {
     /// The page was short, but the server did not echo the limit it applied:
     /// this request (the next offset) tells whether the listing ended. A
     /// full scan asks it; a head scan may stop instead (it marks nothing
-    /// missing). If it fails, [`Listing::confirm_failed`].
+    /// missing). If the API refuses it (a final 4xx), [`Listing::confirm_failed`];
+    /// any other failure fails the pass.
     Confirm(Cursor),
     End(End),
 }
@@ -177,8 +178,8 @@ impl Listing {
             .unwrap_or_else(|| FULL_PAGE_NO_MARKER.to_string())
     }
 
-    /// The request of a [`Step::Confirm`] failed: the end is unknown (the
-    /// pass goes on without it and marks nothing missing).
+    /// The API refused the request of a [`Step::Confirm`] (a final 4xx): the
+    /// end is unknown (the pass goes on without it and marks nothing missing).
     pub fn confirm_failed(&mut self, error: &str) -> End {
         self.confirming = false;
         self.unknown_why = Some(format!(
