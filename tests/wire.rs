@@ -382,6 +382,33 @@ async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_after_one_c
     assert!(error.unwrap_or_default().contains("no readable"), "{out}");
 }
 
+/// A server that reads `offset` as a page number: the confirmation asks
+/// the short page's last lead back (offset 2 of a page of 3) and gets
+/// page 2 instead (leads 6 and 7), which does not start with it: the end is
+/// unknown. It used to be asked offset 3 (page 3: empty), take that for the
+/// end, and mark the five leads it never read missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_that_reads_offset_as_a_page_number_is_an_unknown_end() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            offset_as_page: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+}
+
 /// A strict server that refuses `offset` (400): the confirmation fails,
 /// so the end is unknown: the pass succeeds, marks nothing, says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -402,7 +429,7 @@ async fn a_capped_bare_listing_that_refuses_offset_is_an_unknown_end() {
     assert_eq!((outcome.as_str(), missing), ("ok", 0));
     let error = error.unwrap_or_default();
     assert!(
-        error.contains("?offset=3) that would confirm the end failed"),
+        error.contains("?offset=2) that would confirm the end was refused"),
         "{error}"
     );
     assert!(error.contains("unknown query parameter"), "{error}");
@@ -1306,11 +1333,12 @@ async fn probe_says_a_short_page_without_its_limit_is_not_a_confirmed_end() {
     let (code, out) = probe(&env, &b, false);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("end of the listing: NOT CONFIRMED"), "{out}");
-    assert!(out.contains("?limit=10&offset=4"), "{out}");
+    // The page's last lead asked back (offset 3 of 4).
+    assert!(out.contains("?limit=10&offset=3"), "{out}");
     let (code, out) = probe(&env, &b, true);
     assert_eq!(code, 0, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
-    assert_eq!(v["pagination"]["confirm_query"], "limit=10&offset=4");
+    assert_eq!(v["pagination"]["confirm_query"], "limit=10&offset=3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

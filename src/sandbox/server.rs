@@ -644,6 +644,7 @@ fn list(
         }
         (None, Some(o)) => match o.parse::<usize>() {
             Ok(_) if s.faults.ignore_offset => 0,
+            Ok(o) if s.faults.offset_as_page => o.saturating_mul(limit),
             Ok(o) => o,
             Err(_) => {
                 drop(s);
