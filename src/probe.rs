@@ -398,7 +398,8 @@ pub fn render_text(r: &ProbeReport) -> String {
                 let _ = writeln!(
                     out,
                     "  end of the listing: NOT CONFIRMED (a short page that does not echo its size limit \
-                     may have been capped): syncs ask ?{} too, and know the end only if that is empty",
+                     may have been capped): syncs ask ?{} too (the page's last lead back, when it lists two or more), \
+                     and know the end only if that lists nothing past the page",
                     p.confirm_query.as_deref().unwrap_or_default()
                 );
             }

@@ -402,7 +402,7 @@ async fn confirm_unseen(
         }
         let page = match client.list_page(business_id, &cursor).await {
             Ok(page) => page,
-            Err(e) if confirm && !stop.is_cancelled() => {
+            Err(e) if confirm && refused(&e) && !stop.is_cancelled() => {
                 listing.confirm_failed(&e.message);
                 return Err(format!(
                     "re-reading the listing to confirm unlisted leads: its end is unknown ({})",
@@ -563,7 +563,7 @@ async fn read_pages(
         }
         page = match fetch(client.clone(), business_id.to_string(), next).await {
             Ok(page) => page,
-            Err(e) if confirm && !stop.is_cancelled() => {
+            Err(e) if confirm && refused(&e) && !stop.is_cancelled() => {
                 let end = listing.confirm_failed(&e.message);
                 *why = Some(listing.unknown_why());
                 return Ok(end);
@@ -571,6 +571,15 @@ async fn read_pages(
             Err(e) => return Err(e.message),
         };
     }
+}
+
+/// A [`Step::Confirm`] request the API itself refused (a final 4xx, as a
+/// strict server answers `offset` it does not know): the listing cannot be
+/// confirmed, its end is unknown. Any other failure (429 or 5xx beyond
+/// retries, the network, a refused token) fails the pass as any page's
+/// failure does: it says nothing of the listing.
+fn refused(e: &ApiError) -> bool {
+    e.disposition == Disposition::Dead
 }
 
 /// At most this many unread ids are named in a page's warning (a page of
@@ -844,7 +853,7 @@ async fn read_all_pages(
     let (pages_tx, mut pages_rx) = tokio::sync::mpsc::channel::<Page>(PAGES_AHEAD);
     let fetching = async move {
         let mut cursor = listing.first();
-        // The request is a Step::Confirm: if it fails, the end is unknown.
+        // The request is a Step::Confirm: if it is refused, the end is unknown.
         let mut confirm = false;
         let mut fetched = 0i64;
         // Leads read before the check could be asked (ScanKnown::ready).
@@ -872,7 +881,7 @@ async fn read_all_pages(
                 page = client.list_page_with(business_id, &cursor, checked.then_some(&unchanged)) => {
                     match page {
                         Ok(page) => page,
-                        Err(e) if confirm && !stop.is_cancelled() => {
+                        Err(e) if confirm && refused(&e) && !stop.is_cancelled() => {
                             let end = listing.confirm_failed(&e.message);
                             *why = Some(listing.unknown_why());
                             return Ok(Some(end));

@@ -346,6 +346,69 @@ async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
     }
 }
 
+/// The reviewer's unbounded confirm chain: a server that ignores `offset`
+/// and lists leads whose id it spells `negotiationId` (unreadable, so the
+/// repeated page has no digest to be caught by). Every confirmation
+/// answered entries, was taken for new leads, and the next offset was
+/// asked (up to a million requests). The end is now unknown after one
+/// confirmation: the pass ends, succeeds and marks nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_after_one_confirmation() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            ignore_offset: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    for id in &ids {
+        env.sandbox
+            .mutate(Mutation::Patch {
+                negotiation_id: id.clone(),
+                patch: serde_json::json!({"negotiationID": null, "negotiationId": id}),
+            })
+            .unwrap();
+    }
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    assert!(error.unwrap_or_default().contains("no readable"), "{out}");
+}
+
+/// A server that reads `offset` as a page number: the confirmation asks
+/// the short page's last lead back (offset 2 of a page of 3) and gets
+/// page 2 instead (leads 6 and 7), which does not start with it: the end is
+/// unknown. It used to be asked offset 3 (page 3: empty), take that for the
+/// end, and mark the five leads it never read missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_that_reads_offset_as_a_page_number_is_an_unknown_end() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            offset_as_page: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+}
+
 /// A strict server that refuses `offset` (400): the confirmation fails,
 /// so the end is unknown: the pass succeeds, marks nothing, says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -366,7 +429,7 @@ async fn a_capped_bare_listing_that_refuses_offset_is_an_unknown_end() {
     assert_eq!((outcome.as_str(), missing), ("ok", 0));
     let error = error.unwrap_or_default();
     assert!(
-        error.contains("?offset=3) that would confirm the end failed"),
+        error.contains("?offset=2) that would confirm the end was refused"),
         "{error}"
     );
     assert!(error.contains("unknown query parameter"), "{error}");
@@ -380,6 +443,94 @@ async fn a_capped_bare_listing_that_refuses_offset_is_an_unknown_end() {
     let (code, out) = sync(&env, &[]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("1 new"), "{out}");
+}
+
+/// A confirmation that fails on the way (a 503 beyond retries) says
+/// nothing of the listing: the pass fails as any page error fails it
+/// (it used to succeed with an unknown end, moving `last_full_sync_at`
+/// forward), marks nothing; a head scan with news fails the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_bare_listing_whose_confirmation_fails_on_the_way_fails_the_pass() {
+    let (env, _) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            offset_503: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let full_at = || {
+        env.sql()
+            .query_row(
+                "SELECT last_full_sync_at FROM businesses WHERE business_id = ?1",
+                [&b],
+                |r| r.get::<_, Option<String>>(0),
+            )
+            .unwrap()
+    };
+    let before = full_at();
+    assert!(before.is_some());
+    let (code, out) = sync(&env, &["--full"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("error", 0), "{out}");
+    assert!(error.unwrap_or_default().contains("503"), "{out}");
+    assert_eq!(full_at(), before, "a failed pass is no full sync");
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 1,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_ne!(code, 0, "{out}");
+    assert_eq!(last_run(&env).1, "error", "{out}");
+}
+
+/// The confirmation's cost, counted: the default style (`next`, limit
+/// echoed) asks no extra request in a full pass, whether the last page is
+/// short or full; a `next` listing of one page that echoes no limit and
+/// names no `next` at all looks like a marker-less page, and asks one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_next_style_asks_no_confirmation_request() {
+    for (leads, pages) in [(63, 7), (60, 6), (7, 1)] {
+        let env = Env::new(
+            SandboxOptions {
+                businesses: 1,
+                leads_per_business: leads,
+                ..Default::default()
+            },
+            false,
+            FAST,
+        )
+        .await;
+        let b = env.business_ids()[0].clone();
+        for args in [&["--full"][..], &["--full"][..], &[][..]] {
+            let before = env.sandbox.list_requests(&b);
+            let (code, out) = sync(&env, args);
+            assert_eq!(code, 0, "{out}");
+            let asked = env.sandbox.list_requests(&b) - before;
+            // A head scan stops after its unchanged pages.
+            if args.is_empty() {
+                assert!(asked <= pages, "{leads} leads: {asked} requests: {out}");
+            } else {
+                assert_eq!(asked, pages, "{leads} leads, {args:?}: {out}");
+            }
+            assert_eq!(last_run(&env).3, None, "{out}");
+        }
+        if leads == 7 {
+            env.sandbox.set_faults(Faults {
+                no_limit_echo: true,
+                ..Default::default()
+            });
+            let before = env.sandbox.list_requests(&b);
+            let (code, out) = sync(&env, &["--full"]);
+            assert_eq!(code, 0, "{out}");
+            assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+        }
+    }
 }
 
 /// Offset style whose `pagination` leaves `limit` out: a capped page is
@@ -1182,11 +1333,12 @@ async fn probe_says_a_short_page_without_its_limit_is_not_a_confirmed_end() {
     let (code, out) = probe(&env, &b, false);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("end of the listing: NOT CONFIRMED"), "{out}");
-    assert!(out.contains("?limit=10&offset=4"), "{out}");
+    // The page's last lead asked back (offset 3 of 4).
+    assert!(out.contains("?limit=10&offset=3"), "{out}");
     let (code, out) = probe(&env, &b, true);
     assert_eq!(code, 0, "{out}");
     let v: serde_json::Value = serde_json::from_str(&out).expect(&out);
-    assert_eq!(v["pagination"]["confirm_query"], "limit=10&offset=4");
+    assert_eq!(v["pagination"]["confirm_query"], "limit=10&offset=3");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

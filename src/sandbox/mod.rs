@@ -144,6 +144,12 @@ pub struct Faults {
     /// Listing: answer `400` (ProblemDetails) to a request that carries
     /// `offset` (a strict server that does not know the parameter).
     pub reject_offset: bool,
+    /// Listing: answer `503` (an HTML gateway page) to a request that
+    /// carries `offset` (an outage that strikes past the first page).
+    pub offset_503: bool,
+    /// Listing: read `offset` as a page number (`offset × limit` leads
+    /// skipped), as a server paging by page might.
+    pub offset_as_page: bool,
     /// Listing: leave `limit` out of `pagination` (envelope styles), so a
     /// page clamped to `max_page_size` does not say it is.
     pub no_limit_echo: bool,

@@ -625,6 +625,14 @@ fn list(
     };
     let offset = match (params.get("pageToken"), params.get("offset")) {
         (None, None) => 0,
+        (None, Some(_)) if s.faults.offset_503 => {
+            drop(s);
+            return respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/html",
+                "<html><body>503 Service Unavailable</body></html>".to_string(),
+            );
+        }
         (None, Some(_)) if s.faults.reject_offset => {
             drop(s);
             return problem(
@@ -636,6 +644,7 @@ fn list(
         }
         (None, Some(o)) => match o.parse::<usize>() {
             Ok(_) if s.faults.ignore_offset => 0,
+            Ok(o) if s.faults.offset_as_page => o.saturating_mul(limit),
             Ok(o) => o,
             Err(_) => {
                 drop(s);

@@ -28,6 +28,12 @@ pub struct Page {
     /// order, each followed by a NUL; `None` when the page lists none. What
     /// tells a page from an earlier one (`paging.rs`).
     pub ids_digest: Option<u64>,
+    /// The id of the first and of the last entry of `data`, when that entry
+    /// is a listed lead (read or unchanged): what tells whether a
+    /// confirmation asked one lead back starts where the page before ended
+    /// (`paging.rs`).
+    pub first_id: Option<String>,
+    pub last_id: Option<String>,
     /// When the request that got the page was sent (leadsync's clock, the
     /// database's format; the server made the page no earlier): set by
     /// `Client::list_page`, `None` from the parsers.
@@ -596,13 +602,14 @@ fn parse_page_scanning_each(
                 None => {
                     page.skipped += 1;
                     page.unread_ids.extend(unread_id(raw.get()));
+                    ids.skip();
                     continue;
                 }
             },
         };
         ids.add(id);
     }
-    page.ids_digest = ids.digest();
+    ids.finish(&mut page);
     Ok(page)
 }
 
@@ -620,10 +627,18 @@ fn page_markers(bare_array: bool, pagination: Option<&RawValue>) -> Markers {
 
 /// [`Page::ids_digest`], built by both page readers: xxh3 of every listed
 /// id in listing order, each followed by a NUL; `None` when none is listed.
+/// It also keeps the first and the last entry's id ([`Page::first_id`]).
 #[derive(Default)]
 struct IdsDigest {
     hasher: xxhash_rust::xxh3::Xxh3,
     any: bool,
+    /// An entry was seen (listed or skipped).
+    started: bool,
+    first: Option<String>,
+    /// The last listed id (the buffer is reused); `last_listed` says
+    /// whether the last entry was listed.
+    last: String,
+    last_listed: bool,
 }
 
 impl IdsDigest {
@@ -631,10 +646,26 @@ impl IdsDigest {
         self.hasher.update(id.as_bytes());
         self.hasher.update(b"\0");
         self.any = true;
+        if !self.started {
+            self.started = true;
+            self.first = Some(id.to_owned());
+        }
+        self.last.clear();
+        self.last.push_str(id);
+        self.last_listed = true;
     }
 
-    fn digest(&self) -> Option<u64> {
-        self.any.then(|| self.hasher.digest())
+    /// An entry that is not listed (skipped).
+    fn skip(&mut self) {
+        self.started = true;
+        self.last_listed = false;
+    }
+
+    /// Sets the page's digest and edge ids.
+    fn finish(self, page: &mut Page) {
+        page.ids_digest = self.any.then(|| self.hasher.digest());
+        page.first_id = self.first;
+        page.last_id = self.last_listed.then_some(self.last);
     }
 }
 
@@ -650,12 +681,13 @@ fn page_of(read: fast::Read) -> Page {
     for lead in read.entries {
         let Some(lead) = lead else {
             page.skipped += 1;
+            ids.skip();
             continue;
         };
         ids.add(&lead.negotiation_id);
         page.leads.push(lead);
     }
-    page.ids_digest = ids.digest();
+    ids.finish(&mut page);
     page
 }
 
@@ -1077,6 +1109,7 @@ mod checked {
                         None => {
                             page.skipped += 1;
                             page.unread_ids.extend(unread_id(raw.get()));
+                            ids.skip();
                         }
                     }
                 }
@@ -1159,7 +1192,7 @@ mod checked {
             return None;
         }
         page.markers = page_markers(bare_array, pagination);
-        page.ids_digest = ids.digest();
+        ids.finish(&mut page);
         Some(page)
     }
 }
@@ -1747,6 +1780,7 @@ mod tests {
         Vec<String>,
         Markers,
         Option<u64>,
+        (Option<String>, Option<String>),
     ) {
         (
             p.leads.clone(),
@@ -1755,6 +1789,7 @@ mod tests {
             p.unread_ids.clone(),
             p.markers.clone(),
             p.ids_digest,
+            (p.first_id.clone(), p.last_id.clone()),
         )
     }
 
@@ -2249,6 +2284,23 @@ mod tests {
         assert!(whole.ids_digest.is_some());
         let none = parse_page(br#"{"data":[{"no_id":1}]}"#).unwrap();
         assert_eq!((none.entries(), none.ids_digest), (1, None));
+        // The edge ids are the first and last entry's, listed or not.
+        assert_eq!(
+            (page.first_id.as_deref(), page.last_id.as_deref()),
+            (Some("1"), Some("4"))
+        );
+        assert_eq!(
+            (whole.first_id, whole.last_id),
+            (page.first_id, page.last_id)
+        );
+        let p = parse_page(br#"[{"no_id":1},{"negotiationID":"a"},{"no_id":2}]"#).unwrap();
+        assert_eq!((p.first_id, p.last_id), (None, None));
+        let p =
+            parse_page(br#"[{"negotiationID":"a"},{"no_id":2},{"negotiationID":"b"}]"#).unwrap();
+        assert_eq!(
+            (p.first_id.as_deref(), p.last_id.as_deref()),
+            (Some("a"), Some("b"))
+        );
     }
 
     /// The checked reader checks UTF-8 piece by piece instead of the whole

@@ -10,10 +10,14 @@
 //! `pagination.limit`; one that echoed none (a bare array, an offset or
 //! marker-less envelope without `limit`) may have been capped below what we
 //! asked, so its shortness proves nothing. Such a page is a known end only
-//! once confirmed: the next offset is asked ([`Step::Confirm`]); an empty
-//! answer confirms the end, new leads mean the server pages by offset (the
-//! listing is read on that way), the same leads again (a server that ignores
-//! `offset`) or a failed request leave the end unknown.
+//! once confirmed ([`Step::Confirm`]): the page's last lead is asked back
+//! (the next offset minus one; the next offset itself for a page of one
+//! lead). That lead alone (or nothing, when asked past) confirms the end;
+//! that lead then more means the server pages by offset (the listing is
+//! read on that way); another lead first or nothing (a server that reads
+//! `offset` as a page number), the same leads again (a server that ignores
+//! `offset`), entries with no readable id (nothing to tell them from the
+//! page before) or a refused request leave the end unknown.
 
 use super::model::{Markers, Page};
 use serde::Serialize;
@@ -83,7 +87,8 @@ pub enum Step {
     /// The page was short, but the server did not echo the limit it applied:
     /// this request (the next offset) tells whether the listing ended. A
     /// full scan asks it; a head scan may stop instead (it marks nothing
-    /// missing). If it fails, [`Listing::confirm_failed`].
+    /// missing). If the API refuses it (a final 4xx), [`Listing::confirm_failed`];
+    /// any other failure fails the pass.
     Confirm(Cursor),
     End(End),
 }
@@ -109,6 +114,10 @@ pub struct Listing {
     asked_offset: u64,
     /// The request whose page comes next is a [`Step::Confirm`].
     confirming: bool,
+    /// The last lead of the page being confirmed, when the confirmation
+    /// asks it back (one offset before the next): a server that pages by
+    /// lead offset answers it first.
+    confirm_lead: Option<String>,
     /// A confirmation brought new leads: pages without markers are read on
     /// by offset (a full one too) until one comes back empty.
     by_offset: bool,
@@ -145,6 +154,7 @@ impl Listing {
             empty_run: 0,
             asked_offset: 0,
             confirming: false,
+            confirm_lead: None,
             by_offset: false,
             unknown_why: None,
             repeated: false,
@@ -176,20 +186,31 @@ impl Listing {
             .unwrap_or_else(|| FULL_PAGE_NO_MARKER.to_string())
     }
 
-    /// The request of a [`Step::Confirm`] failed: the end is unknown (the
-    /// pass goes on without it and marks nothing missing).
+    /// The API refused the request of a [`Step::Confirm`] (a final 4xx): the
+    /// end is unknown (the pass goes on without it and marks nothing missing).
     pub fn confirm_failed(&mut self, error: &str) -> End {
         self.confirming = false;
         self.unknown_why = Some(format!(
-            "a short page did not echo its size limit, and the request for the next offset \
-             (?offset={}) that would confirm the end failed: {error}",
+            "a short page did not echo its size limit, and the request \
+             (?offset={}) that would confirm the end was refused: {error}",
             self.asked_offset
         ));
         End::Unknown
     }
 
     /// The request that confirms a short page as the end, or reads on.
-    fn by_offset_cursor(&mut self, next: u64, confirm: bool) -> Step {
+    ///
+    /// A confirmation of a page of two leads or more whose last entry is a
+    /// listed lead asks one offset earlier (`next - 1`), that lead back: a
+    /// server paging by lead offset answers it first (alone at the end),
+    /// where one that reads `offset` otherwise (a page number) does not.
+    fn by_offset_cursor(&mut self, page: &Page, next: u64, confirm: bool) -> Step {
+        let overlap = match (&page.last_id, confirm && page.entries() >= 2) {
+            (Some(last), true) if next > 0 => Some(last.clone()),
+            _ => None,
+        };
+        let next = next - u64::from(overlap.is_some());
+        self.confirm_lead = overlap;
         self.asked_offset = next;
         self.confirming = confirm;
         let cursor = Cursor {
@@ -240,6 +261,7 @@ impl Listing {
         // Whatever this page says, it echoed no limit of its own.
         let unechoed = m.limit.filter(|l| *l > 0).is_none();
         let confirming = std::mem::take(&mut self.confirming);
+        let confirm_lead = self.confirm_lead.take().filter(|_| confirming);
         if let Some(digest) = page.ids_digest
             && !self.contents.insert(digest)
         {
@@ -265,9 +287,35 @@ impl Listing {
                 ));
             }
         }
-        if confirming && entries == 0 {
+        if let Some(lead) = confirm_lead {
+            // The last lead of the short page was asked back.
+            if page.first_id.as_deref() != Some(lead.as_str()) {
+                self.unknown_why = Some(format!(
+                    "a short page did not echo its size limit, and the request for its last \
+                     lead back (?offset={}) did not list it first: the server does not page \
+                     by lead offset, so a page it capped cannot be told from the last one",
+                    self.asked_offset
+                ));
+                return Ok(Step::End(End::Unknown));
+            }
+            if entries == 1 {
+                // Nothing past the short page's last lead: the end.
+                return Ok(Step::End(End::Known));
+            }
+        } else if confirming && entries == 0 {
             // Nothing past the short page: it was the last one.
             return Ok(Step::End(End::Known));
+        }
+        if confirming && page.ids_digest.is_none() {
+            // Entries, but no id to tell them from the page they confirm: a
+            // server that ignores `offset` would be asked again and again.
+            self.unknown_why = Some(format!(
+                "a short page did not echo its size limit, and the next offset \
+                 (?offset={}) listed entries with no readable negotiationID: they cannot \
+                 be told from the page before, so the end cannot be confirmed",
+                self.asked_offset
+            ));
+            return Ok(Step::End(End::Unknown));
         }
         if confirming {
             // New leads past a short page: the server caps its pages and
@@ -343,7 +391,7 @@ impl Listing {
                      the listing cannot be read past it"
                 ));
             };
-            self.by_offset_cursor(next, entries < limit)
+            self.by_offset_cursor(page, next, entries < limit)
         } else {
             // No marker at all: a short page says the listing ended if it
             // echoed its limit, may say so otherwise (confirmed at the next
@@ -366,7 +414,7 @@ impl Listing {
                     self.asked_offset
                 ));
             };
-            self.by_offset_cursor(next, entries < limit)
+            self.by_offset_cursor(page, next, entries < limit)
         };
         let cursor = match &step {
             Step::Next(c) | Step::Confirm(c) => c,
@@ -397,6 +445,13 @@ mod tests {
         let from = NEXT.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
         (from..from + n)
             .map(|i| format!(r#"{{"negotiationID":"{i}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Leads `o{i}` for `i` in `r`: the same ids each call.
+    fn named(r: std::ops::Range<usize>) -> String {
+        r.map(|i| format!(r#"{{"negotiationID":"o{i}"}}"#))
             .collect::<Vec<_>>()
             .join(",")
     }
@@ -634,17 +689,29 @@ mod tests {
 
     #[test]
     fn a_short_page_without_its_limit_is_an_end_only_once_confirmed() {
-        // Bare, capped at 3 (we ask 10): the next offset brings more, and
-        // the listing is read on by offset until a page comes back empty.
+        // Bare, capped at 3 (we ask 10), 8 leads: the confirmation asks
+        // the page's last lead back (offset 2); it comes first, with more,
+        // and the listing is read on by offset until that lead comes back
+        // alone.
         let mut l = Listing::new("http://h", 10).unwrap();
         l.first();
-        let p = page(&format!("[{}]", leads(3)));
-        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=3");
-        let p = page(&format!("[{}]", leads(3)));
-        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=6");
+        let p = page(&format!("[{}]", named(0..3)));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=2");
+        let p = page(&format!("[{}]", named(2..5)));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=4");
         assert_eq!(l.style(), Style::Offset);
-        let p = page(&format!("[{}]", leads(1)));
+        let p = page(&format!("[{}]", named(4..7)));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=6");
+        let p = page(&format!("[{}]", named(6..8)));
         assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=7");
+        let p = page(&format!("[{}]", named(7..8)));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+        // A page of one lead is confirmed at the next offset (asking it
+        // back would list the same page again): empty, the end.
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        let p = page(&format!("[{}]", named(0..1)));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=1");
         assert_eq!(l.advance(&page("[]")).unwrap(), Step::End(End::Known));
 
         // A server that ignores `offset`: the same leads again, unknown end.
@@ -675,8 +742,27 @@ mod tests {
             r#"{{"data":[{}],"pagination":{{"offset":0}}}}"#,
             leads(3)
         ));
-        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=3");
-        let p = page(r#"{"data":[],"pagination":{"offset":3}}"#);
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=2");
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"offset":2}}}}"#,
+            named(1..2)
+        ));
+        assert_eq!(
+            l.advance(&p).unwrap(),
+            Step::End(End::Unknown),
+            "not the last lead"
+        );
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"offset":0}}}}"#,
+            named(0..3)
+        ));
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=2");
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"offset":2}}}}"#,
+            named(2..3)
+        ));
         assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
 
         // An echoed limit is believed: a short page is the end at once.
@@ -698,5 +784,53 @@ mod tests {
             leads(2)
         ));
         assert!(l.advance(&p).unwrap_err().contains("offset"));
+    }
+
+    /// The reviewer's unbounded confirm chain: a server that ignores
+    /// `offset` and lists leads whose ids cannot be read (no digest, so
+    /// the repeat is not seen). A confirmation answer with entries but no
+    /// readable id cannot be told from the page it confirms: the end is
+    /// unknown at once (it used to ask the next offset again and again).
+    #[test]
+    fn a_confirmation_without_a_readable_id_is_an_unknown_end() {
+        for body in [
+            r#"[{"negotiationId":"1"},{"negotiationId":"2"}]"#,
+            r#"{"data":[{"negotiationId":"1"}],"pagination":{"offset":0}}"#,
+        ] {
+            let mut l = Listing::new("http://h", 10).unwrap();
+            l.first();
+            let p = page(body);
+            assert_eq!(p.ids_digest, None);
+            assert!(matches!(l.advance(&p).unwrap(), Step::Confirm(_)));
+            assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown), "{body}");
+            assert!(
+                l.unknown_why().contains("no readable"),
+                "{}",
+                l.unknown_why()
+            );
+        }
+    }
+
+    /// A bare server capping at 3 that reads `offset` as a page number:
+    /// its answer to the confirmation was taken for new leads (or, empty,
+    /// for the end, past five leads never read). Asked for the page's last
+    /// lead back, it lists another first: the end is unknown.
+    #[test]
+    fn a_server_reading_offset_as_a_page_number_is_an_unknown_end() {
+        for (leads, answer) in [(8usize, 6..8), (30, 6..9), (4, 0..0)] {
+            let mut l = Listing::new("http://h", 10).unwrap();
+            l.first();
+            let p = page(&format!("[{}]", named(0..3)));
+            assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=2");
+            // offset=2 read as page 2: leads 6..9 (of those there are).
+            let answer = answer.start.min(leads)..answer.end.min(leads);
+            let p = page(&format!("[{}]", named(answer)));
+            assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown), "{leads}");
+            assert!(
+                l.unknown_why().contains("lead offset"),
+                "{}",
+                l.unknown_why()
+            );
+        }
     }
 }
