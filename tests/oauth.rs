@@ -1178,6 +1178,33 @@ async fn an_unreadable_token_file_is_not_overwritten_by_an_unsaved_token() {
     auth.settle(Duration::from_secs(5)).await;
 }
 
+/// Runs `auth exchange` for `b` while a rotated token is held unsaved, then
+/// makes its grant name the seed the store held before (as if the exchange
+/// had read the token file before the rotated token was kept there);
+/// returns the exchanged grant as stored.
+fn exchanged_over_the_spent_seed(env: &Env, b: &str, key: &str, store: &TokenStore) -> StoredGrant {
+    let spent_seed = store.get(key, None, &[]).unwrap().unwrap().seed_sha256;
+    let code = env.sandbox.mint_auth_code(b);
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--business",
+        b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let c = rusqlite::Connection::open(&env.config().file.oauth.token_store).unwrap();
+    c.execute(
+        "UPDATE grants SET seed_sha256 = ?1 WHERE grant_key = ?2",
+        rusqlite::params![spent_seed, key],
+    )
+    .unwrap();
+    store.get(key, None, &[]).unwrap().unwrap()
+}
+
 /// `auth exchange` read the token file (the spent seed) while this
 /// process's refresh was out; the store refused the rotated token, which
 /// was then kept in the file (it still held what the refresh was sent
@@ -1195,28 +1222,7 @@ async fn a_token_dropped_for_an_exchanged_grant_is_not_presented_from_its_file()
     let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
-    let spent_seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
-    let code = env.sandbox.mint_auth_code(&b);
-    let o = env.run(&[
-        "auth",
-        "exchange",
-        "--business",
-        &b,
-        "--code",
-        &code,
-        "--redirect-uri",
-        "https://partner.example/callback",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    // As if the exchange had read the file before the rotated token was
-    // kept there: its grant names the spent seed.
-    let c = rusqlite::Connection::open(&env.config().file.oauth.token_store).unwrap();
-    c.execute(
-        "UPDATE grants SET seed_sha256 = ?1 WHERE grant_key = ?2",
-        rusqlite::params![spent_seed, key],
-    )
-    .unwrap();
-    let exchanged = other.get(&key, None, &[]).unwrap().unwrap();
+    let exchanged = exchanged_over_the_spent_seed(&env, &b, &key, &other);
     // The grant's locks are let go in this process, then looked at: no
     // child of another test may hold a copy of them meanwhile.
     let gate = common::no_spawns();
@@ -1250,28 +1256,7 @@ async fn an_exchanged_grant_is_not_undone_by_the_file_copy_of_a_holder_that_ende
     let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
     let other = TokenStore::open(&env.config().file.oauth.token_store).unwrap();
     let auth = held_unsaved(&env, failing_store(&env.config(), &fail), &fail).await;
-    let spent_seed = other.get(&key, None, &[]).unwrap().unwrap().seed_sha256;
-    let code = env.sandbox.mint_auth_code(&b);
-    let o = env.run(&[
-        "auth",
-        "exchange",
-        "--business",
-        &b,
-        "--code",
-        &code,
-        "--redirect-uri",
-        "https://partner.example/callback",
-    ]);
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    // As if the exchange had read the file before the rotated token was
-    // kept there: its grant names the spent seed.
-    let c = rusqlite::Connection::open(&env.config().file.oauth.token_store).unwrap();
-    c.execute(
-        "UPDATE grants SET seed_sha256 = ?1 WHERE grant_key = ?2",
-        rusqlite::params![spent_seed, key],
-    )
-    .unwrap();
-    let exchanged = other.get(&key, None, &[]).unwrap().unwrap();
+    let exchanged = exchanged_over_the_spent_seed(&env, &b, &key, &other);
     // The holder ends with its token unsaved (the store still fails).
     auth.settle(Duration::from_secs(5)).await;
     drop(auth);

@@ -2336,26 +2336,31 @@ mod tests {
         assert_eq!(n("PRAGMA user_version"), schema_version());
     }
 
-    /// Version 22 run again over a schema that has its columns, or one of
-    /// them: what is missing is added, what is there is kept.
-    #[test]
-    fn version_22_run_again_adds_what_is_missing() {
-        for undo in [
-            "ALTER TABLE outbox DROP COLUMN business_filled",
-            "ALTER TABLE message_outbox DROP COLUMN business_filled",
-            "SELECT 1",
-        ] {
+    /// Version `version` (which adds `column` to each of two `tables`) run
+    /// again over a schema that has its columns, or one of them: what is
+    /// missing is added, what is there is kept.
+    fn one_column_each_run_again_adds_what_is_missing(
+        version: i64,
+        tables: [&str; 2],
+        column: &str,
+    ) {
+        let undos = tables
+            .iter()
+            .map(|table| format!("ALTER TABLE {table} DROP COLUMN {column}"))
+            .chain(["SELECT 1".to_string()]);
+        for undo in undos {
             let dir = tempfile::tempdir().unwrap();
             let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
-            conn.execute_batch(undo).unwrap();
-            conn.pragma_update(None, "user_version", 21).unwrap();
+            conn.execute_batch(&undo).unwrap();
+            conn.pragma_update(None, "user_version", version - 1)
+                .unwrap();
             migrate(&mut conn).unwrap();
             let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
-            for table in ["outbox", "message_outbox"] {
+            for table in tables {
                 assert_eq!(
                     n(&format!(
                         "SELECT count(*) FROM pragma_table_info('{table}')
-                          WHERE name = 'business_filled'"
+                          WHERE name = '{column}'"
                     )),
                     1,
                     "{undo}"
@@ -2365,33 +2370,22 @@ mod tests {
         }
     }
 
-    /// Version 23 run again over a schema that has its columns, or one of
-    /// them: what is missing is added, what is there is kept.
+    #[test]
+    fn version_22_run_again_adds_what_is_missing() {
+        one_column_each_run_again_adds_what_is_missing(
+            22,
+            ["outbox", "message_outbox"],
+            "business_filled",
+        );
+    }
+
     #[test]
     fn version_23_run_again_adds_what_is_missing() {
-        for undo in [
-            "ALTER TABLE outbox_attempts DROP COLUMN wait_rebased_at",
-            "ALTER TABLE message_outbox_attempts DROP COLUMN wait_rebased_at",
-            "SELECT 1",
-        ] {
-            let dir = tempfile::tempdir().unwrap();
-            let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
-            conn.execute_batch(undo).unwrap();
-            conn.pragma_update(None, "user_version", 22).unwrap();
-            migrate(&mut conn).unwrap();
-            let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
-            for table in ["outbox_attempts", "message_outbox_attempts"] {
-                assert_eq!(
-                    n(&format!(
-                        "SELECT count(*) FROM pragma_table_info('{table}')
-                          WHERE name = 'wait_rebased_at'"
-                    )),
-                    1,
-                    "{undo}"
-                );
-            }
-            assert_eq!(n("PRAGMA user_version"), schema_version());
-        }
+        one_column_each_run_again_adds_what_is_missing(
+            23,
+            ["outbox_attempts", "message_outbox_attempts"],
+            "wait_rebased_at",
+        );
     }
 
     /// Version 18 run again over a schema that has some of it (migrated
