@@ -1487,6 +1487,23 @@ fn validate_webhooks(
                 "webhooks.header_value_file",
                 "webhook_header_value",
             )? {
+                // A line break (base64 and `openssl rand -base64` wrap long
+                // output) or another control character cannot travel in a
+                // header: Thumbtack could never deliver with it.
+                Some(value) if axum::http::HeaderValue::from_str(value.expose()).is_err() => {
+                    let from = if w.header_value.is_some() {
+                        locate(figment, "webhooks.header_value")
+                    } else if w.header_value_file.is_some() {
+                        locate(figment, "webhooks.header_value_file")
+                    } else {
+                        "systemd credential webhook_header_value".to_string()
+                    };
+                    return err(format!(
+                        "{from}: the header value has a line break or another control character, \
+                         which no HTTP request can carry; write it on one line (`base64 -w0`, \
+                         `openssl rand -hex 32`)"
+                    ));
+                }
                 Some(value) => Some(WebhookAuth::Header {
                     name: header.to_ascii_lowercase(),
                     value,

@@ -105,6 +105,10 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             value: value.expose().to_string(),
         },
     };
+    let expected_kind = match &auth {
+        RegisterAuth::Basic { .. } => "Basic",
+        RegisterAuth::Header { .. } => "Header",
+    };
     let ids = selected(config, businesses)?;
     if ids.is_empty() {
         println!("no enabled business is configured: nothing to register");
@@ -128,10 +132,26 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                 .filter(|e| !found.event_types.contains(e))
                 .collect();
             let mut note = String::new();
+            // The password itself cannot be read back, but its kind can: a
+            // webhook of another kind has every delivery refused with 401.
+            let other_auth = auth_kind(found.auth_type.as_deref())
+                .filter(|kind| *kind != expected_kind)
+                .map(|kind| {
+                    format!(
+                        ", but it authenticates with {kind}, not {expected_kind}, so every \
+                         delivery is refused: delete it (leadsync webhooks delete --business {id} \
+                         --webhook {}) and register again",
+                        found.webhook_id
+                    )
+                });
+            if let Some(other) = &other_auth {
+                note.push_str(other);
+                failed = true;
+            }
             if found.enabled == Some(false) {
                 note.push_str(", but it is disabled");
             }
-            if !missing.is_empty() {
+            if !missing.is_empty() && other_auth.is_none() {
                 note.push_str(&format!(
                     ", without {}: delete it (leadsync webhooks delete --business {id} --webhook {}) and register again",
                     missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
@@ -171,6 +191,21 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
     Ok(if failed { 1 } else { 0 })
     })
     .await
+}
+
+/// A webhook's `authType` as one of `Basic`, `Header`, `None`; `None`
+/// (Rust's) when absent or not recognized, which proves nothing.
+fn auth_kind(auth_type: Option<&str>) -> Option<&'static str> {
+    let t = auth_type?.trim().to_ascii_lowercase();
+    if t.contains("basic") {
+        Some("Basic")
+    } else if t.contains("header") {
+        Some("Header")
+    } else if t == "none" || t == "noauth" || t == "no_auth" {
+        Some("None")
+    } else {
+        None
+    }
 }
 
 /// Lists each business's subscriptions, one line each.

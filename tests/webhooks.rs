@@ -1597,3 +1597,72 @@ async fn register_masks_the_webhook_password_an_error_answer_echoes() {
     assert!(!t.contains(SECRET), "{t}");
     assert!(t.contains("********"), "{t}");
 }
+
+/// A header value that no HTTP client can send (a line break inside: a
+/// secret made by `base64` or `openssl rand -base64 64`, which wrap their
+/// output) passed `config check` and was registered: Thumbtack could never
+/// deliver with it, and every delivery failed unseen. It is refused now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_cannot_be_sent_is_refused() {
+    let env = Env::small().await;
+    let wrapped = common::write(
+        env.dir.path(),
+        "header_value",
+        "c2VjcmV0LXBhcnQtb25lLXRoYXQtaXMtbG9uZy1lbm91Z2gtdG8td3JhcC1hdC1zZXZlbnR5LXNpeA\nc2Vjb25kLWxpbmU=\n",
+    );
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\npublic_url = \"https://leads.example.com/h\"\n",
+        wrapped.display()
+    ));
+    let o = env.run(&["config", "check"]);
+    assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+    let text = common::text(&o);
+    assert!(text.contains("header_value_file"), "{text}");
+    assert!(text.contains("line break"), "{text}");
+    assert!(!text.contains("c2Vjb25kLWxpbmU"), "the secret was printed: {text}");
+    // Nothing is registered with it.
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+    for b in env.business_ids() {
+        assert!(env.sandbox.webhooks(&b).is_empty());
+    }
+}
+
+/// `register` found a webhook at `public_url` and said "already
+/// registered", exit 0, also when that webhook authenticates otherwise than
+/// the receiver expects (the receiver was switched from a custom header to
+/// Basic, or a pro created the webhook on thumbtack.com without auth): every
+/// delivery was then refused with 401, and nothing said so. It says so now,
+/// how to fix it, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_reports_a_webhook_whose_auth_differs_from_the_receivers() {
+    let env = Env::small().await;
+    let value = common::write(env.dir.path(), "header_value", "hdr-secret-1\n");
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-2\n");
+    let url = "https://leads.example.com/thumbtack/webhooks";
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\npublic_url = \"{url}\"\n",
+        value.display()
+    ));
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"thumbtack\"\npassword_file = \"{}\"\npublic_url = \"{url}\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["webhooks", "register"]);
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(out.matches("already registered ").count(), 3, "{out}");
+    assert_eq!(out.matches("not Basic").count(), 3, "{out}");
+    assert!(out.contains("webhooks delete --business"), "{out}");
+    assert!(!out.contains("basic-secret-2") && !out.contains("hdr-secret-1"), "{out}");
+    // Same kind of auth: nothing to say (the password itself cannot be read back).
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\npublic_url = \"{url}\"\n",
+        value.display()
+    ));
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert!(!common::text(&o).contains("not "), "{}", common::text(&o));
+}
