@@ -316,6 +316,24 @@ pub struct Webhooks {
     pub read_timeout: std::time::Duration,
 }
 
+impl Webhooks {
+    /// When `public_url`'s path is not `path`: Thumbtack posts to the
+    /// former, the receiver answers only the latter, so unless the proxy in
+    /// front rewrites the path, every delivery gets 404.
+    pub fn public_path_warning(&self) -> Option<String> {
+        let url = reqwest::Url::parse(self.public_url.as_deref()?).ok()?;
+        (url.path() != self.path).then(|| {
+            format!(
+                "webhooks.public_url: its path `{}` is not webhooks.path `{}`: Thumbtack posts to \
+                 the former and the receiver answers only the latter, so every delivery gets 404 \
+                 unless the proxy in front rewrites the path",
+                url.path(),
+                self.path
+            )
+        })
+    }
+}
+
 /// `[admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`); off
 /// when `listen` is absent.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -1316,6 +1334,9 @@ fn validate(
     }
 
     let webhooks = validate_webhooks(figment, &file.webhooks)?;
+    if let Some(w) = webhooks.as_ref().and_then(Webhooks::public_path_warning) {
+        notes.push(w);
+    }
     let index = businesses
         .iter()
         .enumerate()

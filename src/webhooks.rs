@@ -86,6 +86,9 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         .into());
     };
     check_public_url(public_url).map_err(|e| ConfigError(format!("webhooks.public_url: {e}")))?;
+    if let Some(w) = w.public_path_warning() {
+        eprintln!("warning: {w}");
+    }
     let events: Vec<String> = if events.is_empty() {
         DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect()
     } else {

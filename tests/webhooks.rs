@@ -1666,3 +1666,31 @@ async fn register_reports_a_webhook_whose_auth_differs_from_the_receivers() {
     assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
     assert!(!common::text(&o).contains("not "), "{}", common::text(&o));
 }
+
+/// `public_url` whose path is not `webhooks.path` (one edited, not the
+/// other) passed `config check` and `register` without a word: behind a
+/// proxy that passes the path through (the README's Caddy and nginx
+/// examples), every delivery was answered 404. Both warn now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_url_whose_path_is_not_the_receivers_is_warned_about() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-3\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\npath = \"/hooks\"\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["config", "check"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let warning = "`/thumbtack/webhooks` is not webhooks.path `/hooks`";
+    assert!(common::text(&o).contains(warning), "{}", common::text(&o));
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert!(common::text(&o).contains(warning), "{}", common::text(&o));
+    // The same path: no warning.
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\npath = \"/hooks\"\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/hooks\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["config", "check"]);
+    assert!(!common::text(&o).contains("is not webhooks.path"), "{}", common::text(&o));
+}
