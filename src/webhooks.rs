@@ -98,6 +98,9 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             .filter(|e| !e.is_empty())
             .collect()
     };
+    if events.is_empty() {
+        bail!("--events names no event type (e.g. --events NegotiationCreatedV4,MessageCreatedV4)");
+    }
     let auth = match &w.auth {
         WebhookAuth::Basic { username, password } => RegisterAuth::Basic {
             username: username.clone(),
@@ -129,7 +132,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                 continue;
             }
         };
-        if let Some(found) = existing.iter().find(|s| s.webhook_url == *public_url) {
+        if let Some(found) = existing.iter().find(|s| same_url(&s.webhook_url, public_url)) {
             let missing: Vec<&String> = events
                 .iter()
                 .filter(|e| !found.event_types.contains(e))
@@ -194,6 +197,16 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
     Ok(if failed { 1 } else { 0 })
     })
     .await
+}
+
+/// Whether a listed `webhookURL` is `public_url`: compared as URLs (host
+/// case, a default port, an empty path are how a server may normalize
+/// one), else as text.
+fn same_url(listed: &str, public_url: &str) -> bool {
+    match (reqwest::Url::parse(listed), reqwest::Url::parse(public_url)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => listed.trim() == public_url.trim(),
+    }
 }
 
 /// A webhook's `authType` as one of `Basic`, `Header`, `None`; `None`

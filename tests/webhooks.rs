@@ -1694,3 +1694,46 @@ async fn a_public_url_whose_path_is_not_the_receivers_is_warned_about() {
     let o = env.run(&["config", "check"]);
     assert!(!common::text(&o).contains("is not webhooks.path"), "{}", common::text(&o));
 }
+
+/// `register` recognized its webhook only by the exact text of its URL: the
+/// same URL written otherwise (host case, the default port: what a server
+/// may normalize a URL to) made every run — the README's way to add a
+/// business — register another webhook, and each delivery came once per
+/// webhook. The URLs are compared as URLs now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_recognizes_its_url_written_otherwise() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-4\n");
+    for url in [
+        "https://leads.example.com/thumbtack/webhooks",
+        "https://LEADS.Example.com:443/thumbtack/webhooks",
+    ] {
+        env.set_overrides(&format!(
+            "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"{url}\"\n",
+            pw.display()
+        ));
+        let o = env.run(&["webhooks", "register"]);
+        assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    }
+    for b in env.business_ids() {
+        assert_eq!(env.sandbox.webhooks(&b).len(), 1, "{b}: a second webhook");
+    }
+}
+
+/// `--events ""` (or only commas) registered a webhook with no event type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_an_empty_event_list() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-5\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["webhooks", "register", "--events", ","]);
+    assert_ne!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert!(common::text(&o).contains("--events"), "{}", common::text(&o));
+    assert!(!common::text(&o).contains("error "), "asked Thumbtack: {}", common::text(&o));
+    for b in env.business_ids() {
+        assert!(env.sandbox.webhooks(&b).is_empty());
+    }
+}
