@@ -1737,3 +1737,49 @@ async fn register_refuses_an_empty_event_list() {
         assert!(env.sandbox.webhooks(&b).is_empty());
     }
 }
+
+/// The customer messages of a lead of a business that is not configured (a
+/// business removed from the configuration whose webhook still delivers)
+/// name no business, and their lead is not mirrored: they were stored in
+/// `messages` without a business, for good, whether they came after the
+/// lead's `unknown_business` delivery or before it. After it, such a
+/// message is `unknown_business` too now; one stored before it gets the
+/// business the lead's delivery names, as a mirrored lead gives its own.
+#[test]
+fn messages_of_a_lead_of_an_unconfigured_business_are_not_left_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = mirror_with_business(&dir, "468046965846925323");
+    let foreign = "111111111111111111";
+    let (early, lead, late) = ("900000000000000071", "900000000000000070", "900000000000000072");
+    let at = "2026-11-28T06:00:00.000Z";
+    assert_eq!(
+        deliver_at(&mut conn, &message_delivery(early, lead), at),
+        "applied",
+        "a message before its lead is stored"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &lead_delivery(lead, foreign), at),
+        "unknown_business"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &message_delivery(late, lead), at),
+        "unknown_business",
+        "a message after its lead's unknown_business delivery"
+    );
+    let stored: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT message_id, business_id FROM messages ORDER BY message_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(stored, vec![(early.to_string(), Some(foreign.to_string()))]);
+    let error: String = conn
+        .query_row(
+            "SELECT error FROM webhook_events WHERE message_id = ?1",
+            [late],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(error.contains(foreign), "{error}");
+}

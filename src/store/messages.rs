@@ -92,6 +92,16 @@ fn is_configured(conn: &Connection, business_id: &str) -> Result<bool> {
         .is_some())
 }
 
+/// The business named by the newest `unknown_business` delivery of lead ?1
+/// (from the index `webhook_events_by_negotiation`).
+const BUSINESS_OF_UNKNOWN_LEAD: &str = "SELECT business_id FROM webhook_events
+  WHERE negotiation_id = ?1 AND outcome = 'unknown_business' AND business_id IS NOT NULL
+  ORDER BY id DESC LIMIT 1";
+
+/// Gives the messages of lead ?2 stored without a business business ?1.
+const MESSAGES_OF_UNKNOWN_LEAD: &str = "UPDATE messages SET business_id = ?1
+  WHERE negotiation_id = ?2 AND business_id IS NULL";
+
 /// Stores a delivery and applies its effect in one transaction: either both
 /// are committed or neither is (the receiver answers 2xx only after this).
 pub fn record_delivery(
@@ -115,10 +125,17 @@ pub fn record_delivery(
                     Outcome::UnknownBusiness,
                     Some("the negotiation names no businessID".to_string()),
                 ),
-                Some(b) if !is_configured(&tx, b)? => (
-                    Outcome::UnknownBusiness,
-                    Some(format!("business {b} is not configured")),
-                ),
+                Some(b) if !is_configured(&tx, b)? => {
+                    // Messages of this lead stored before it (a customer's
+                    // names no business) take the business it names, as a
+                    // mirrored lead gives its own: none is left without one.
+                    tx.prepare_cached(MESSAGES_OF_UNKNOWN_LEAD)?
+                        .execute(params![b, lead.negotiation_id])?;
+                    (
+                        Outcome::UnknownBusiness,
+                        Some(format!("business {b} is not configured")),
+                    )
+                }
                 Some(b) => {
                     let ctx = PageContext {
                         business_id: b.clone(),
@@ -163,7 +180,15 @@ pub fn record_delivery(
             row.message_id = Some(m.message_id.clone());
             let business = match &m.business_id {
                 Some(b) => Some(b.clone()),
-                None => mirror::business_of(&tx, &m.negotiation_id)?,
+                None => match mirror::business_of(&tx, &m.negotiation_id)? {
+                    Some(b) => Some(b),
+                    // Not mirrored: the business its lead's delivery named,
+                    // when that one was set aside (a business not configured).
+                    None => tx
+                        .prepare_cached(BUSINESS_OF_UNKNOWN_LEAD)?
+                        .query_row([&m.negotiation_id], |r| r.get(0))
+                        .optional()?,
+                },
             };
             row.business_id = business.clone();
             match &business {
