@@ -1619,7 +1619,10 @@ async fn a_header_value_that_cannot_be_sent_is_refused() {
     let text = common::text(&o);
     assert!(text.contains("header_value_file"), "{text}");
     assert!(text.contains("line break"), "{text}");
-    assert!(!text.contains("c2Vjb25kLWxpbmU"), "the secret was printed: {text}");
+    assert!(
+        !text.contains("c2Vjb25kLWxpbmU"),
+        "the secret was printed: {text}"
+    );
     // Nothing is registered with it.
     let o = env.run(&["webhooks", "register"]);
     assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
@@ -1656,7 +1659,10 @@ async fn register_reports_a_webhook_whose_auth_differs_from_the_receivers() {
     assert_eq!(out.matches("already registered ").count(), 3, "{out}");
     assert_eq!(out.matches("not Basic").count(), 3, "{out}");
     assert!(out.contains("webhooks delete --business"), "{out}");
-    assert!(!out.contains("basic-secret-2") && !out.contains("hdr-secret-1"), "{out}");
+    assert!(
+        !out.contains("basic-secret-2") && !out.contains("hdr-secret-1"),
+        "{out}"
+    );
     // Same kind of auth: nothing to say (the password itself cannot be read back).
     env.set_overrides(&format!(
         "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\npublic_url = \"{url}\"\n",
@@ -1692,7 +1698,11 @@ async fn a_public_url_whose_path_is_not_the_receivers_is_warned_about() {
         pw.display()
     ));
     let o = env.run(&["config", "check"]);
-    assert!(!common::text(&o).contains("is not webhooks.path"), "{}", common::text(&o));
+    assert!(
+        !common::text(&o).contains("is not webhooks.path"),
+        "{}",
+        common::text(&o)
+    );
 }
 
 /// `register` recognized its webhook only by the exact text of its URL: the
@@ -1731,8 +1741,16 @@ async fn register_refuses_an_empty_event_list() {
     ));
     let o = env.run(&["webhooks", "register", "--events", ","]);
     assert_ne!(o.status.code(), Some(0), "{}", common::text(&o));
-    assert!(common::text(&o).contains("--events"), "{}", common::text(&o));
-    assert!(!common::text(&o).contains("error "), "asked Thumbtack: {}", common::text(&o));
+    assert!(
+        common::text(&o).contains("--events"),
+        "{}",
+        common::text(&o)
+    );
+    assert!(
+        !common::text(&o).contains("error "),
+        "asked Thumbtack: {}",
+        common::text(&o)
+    );
     for b in env.business_ids() {
         assert!(env.sandbox.webhooks(&b).is_empty());
     }
@@ -1750,7 +1768,11 @@ fn messages_of_a_lead_of_an_unconfigured_business_are_not_left_without_one() {
     let dir = tempfile::tempdir().unwrap();
     let mut conn = mirror_with_business(&dir, "468046965846925323");
     let foreign = "111111111111111111";
-    let (early, lead, late) = ("900000000000000071", "900000000000000070", "900000000000000072");
+    let (early, lead, late) = (
+        "900000000000000071",
+        "900000000000000070",
+        "900000000000000072",
+    );
     let at = "2026-11-28T06:00:00.000Z";
     assert_eq!(
         deliver_at(&mut conn, &message_delivery(early, lead), at),
