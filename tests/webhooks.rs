@@ -1760,9 +1760,10 @@ async fn register_refuses_an_empty_event_list() {
 /// business removed from the configuration whose webhook still delivers)
 /// name no business, and their lead is not mirrored: they were stored in
 /// `messages` without a business, for good, whether they came after the
-/// lead's `unknown_business` delivery or before it. After it, such a
-/// message is `unknown_business` too now; one stored before it gets the
-/// business the lead's delivery names, as a mirrored lead gives its own.
+/// lead's `unknown_business` delivery or before it. Either way such a
+/// message is stored (`applied`: nothing replays `webhook_events`, and
+/// message polling is off by default) under the business the lead's
+/// delivery names, as a mirrored lead gives its own.
 #[test]
 fn messages_of_a_lead_of_an_unconfigured_business_are_not_left_without_one() {
     let dir = tempfile::tempdir().unwrap();
@@ -1785,7 +1786,7 @@ fn messages_of_a_lead_of_an_unconfigured_business_are_not_left_without_one() {
     );
     assert_eq!(
         deliver_at(&mut conn, &message_delivery(late, lead), at),
-        "unknown_business",
+        "applied",
         "a message after its lead's unknown_business delivery"
     );
     let stored: Vec<(String, Option<String>)> = conn
@@ -1795,13 +1796,69 @@ fn messages_of_a_lead_of_an_unconfigured_business_are_not_left_without_one() {
         .unwrap()
         .collect::<Result<_, _>>()
         .unwrap();
-    assert_eq!(stored, vec![(early.to_string(), Some(foreign.to_string()))]);
-    let error: String = conn
-        .query_row(
-            "SELECT error FROM webhook_events WHERE message_id = ?1",
-            [late],
-            |r| r.get(0),
-        )
+    assert_eq!(
+        stored,
+        vec![
+            (early.to_string(), Some(foreign.to_string())),
+            (late.to_string(), Some(foreign.to_string()))
+        ]
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM messages WHERE business_id IS NULL"
+        ),
+        0
+    );
+}
+
+/// A customer message that comes after its lead's `unknown_business`
+/// delivery (a business commented out, or not yet in the configuration)
+/// is in `messages` once the business is configured again and the poller
+/// mirrors the lead: nothing replays the delivery, so it must have been
+/// stored when it came.
+#[test]
+fn a_message_after_an_unknown_business_lead_is_kept_for_when_the_business_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let configured = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, configured);
+    let returning = "222222222222222222";
+    let (lead, message) = ("900000000000000080", "900000000000000081");
+    let body = lead_delivery(lead, returning);
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T06:00:00.000Z"),
+        "unknown_business"
+    );
+    assert_eq!(
+        deliver_at(
+            &mut conn,
+            &message_delivery(message, lead),
+            "2026-11-28T06:00:01.000Z"
+        ),
+        "applied"
+    );
+    conn.execute(
+        "INSERT INTO businesses (business_id, name) VALUES (?1, 'Back')",
+        [returning],
+    )
+    .unwrap();
+    poll_lead_at(
+        &mut conn,
+        returning,
+        &body,
+        "Open",
+        "2026-11-28T06:05:00.000Z",
+    );
+    assert_eq!(status_of(&conn, lead).0, "Open");
+    let stored: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT message_id, business_id FROM messages WHERE negotiation_id = ?1")
+        .unwrap()
+        .query_map([lead], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
         .unwrap();
-    assert!(error.contains(foreign), "{error}");
+    assert_eq!(
+        stored,
+        vec![(message.to_string(), Some(returning.to_string()))]
+    );
 }

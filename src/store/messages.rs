@@ -178,21 +178,31 @@ pub fn record_delivery(
         Effect::Message(m) => {
             row.negotiation_id = Some(m.negotiation_id.clone());
             row.message_id = Some(m.message_id.clone());
-            let business = match &m.business_id {
-                Some(b) => Some(b.clone()),
+            // `set_aside`: the business is the one named by the lead's
+            // delivery that was set aside (a business not configured).
+            let (business, set_aside) = match &m.business_id {
+                Some(b) => (Some(b.clone()), false),
                 None => match mirror::business_of(&tx, &m.negotiation_id)? {
-                    Some(b) => Some(b),
-                    // Not mirrored: the business its lead's delivery named,
-                    // when that one was set aside (a business not configured).
-                    None => tx
+                    Some(b) => (Some(b), false),
+                    None => match tx
                         .prepare_cached(BUSINESS_OF_UNKNOWN_LEAD)?
-                        .query_row([&m.negotiation_id], |r| r.get(0))
-                        .optional()?,
+                        .query_row([&m.negotiation_id], |r| r.get::<_, String>(0))
+                        .optional()?
+                    {
+                        Some(b) => (Some(b), true),
+                        None => (None, false),
+                    },
                 },
             };
             row.business_id = business.clone();
             match &business {
-                Some(b) if !is_configured(&tx, b)? => (
+                // A message naming no business, of a lead set aside, is
+                // stored under the business that lead named, as one that came
+                // before the lead is: nothing replays `webhook_events` and
+                // message polling is off by default, so a message set aside
+                // here would never be in `messages` once the business is
+                // configured again and its lead mirrored.
+                Some(b) if !set_aside && !is_configured(&tx, b)? => (
                     Outcome::UnknownBusiness,
                     Some(format!("business {b} is not configured")),
                 ),
