@@ -86,6 +86,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         .into());
     };
     check_public_url(public_url).map_err(|e| ConfigError(format!("webhooks.public_url: {e}")))?;
+    w.require_usable_auth()?;
     if let Some(w) = w.public_path_warning() {
         eprintln!("warning: {w}");
     }

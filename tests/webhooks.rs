@@ -1631,6 +1631,129 @@ async fn a_header_value_that_cannot_be_sent_is_refused() {
     }
 }
 
+/// The receiver settings of a daemon whose header value has a line break
+/// (a secret wrapped by `base64`), the file's first line being what a
+/// client could send.
+fn wrapped_header_settings(env: &Env, extra: &str) -> &'static str {
+    let wrapped = common::write(
+        env.dir.path(),
+        "header_value",
+        "c2VjcmV0LXBhcnQtb25l\nc2Vjb25kLWxpbmU=\n",
+    );
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\n{extra}",
+        wrapped.display()
+    ));
+    "c2VjcmV0LXBhcnQtb25l"
+}
+
+/// Since a header value with a line break is refused, a daemon upgraded
+/// with one failed to start (exit 78): it stopped syncing and draining
+/// altogether, where before only its deliveries failed. It starts now and
+/// says so loudly (an error in its log, an alert in `status`), refusing
+/// the deliveries as before; `config check` still refuses the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_cannot_be_sent_does_not_stop_the_daemon() {
+    let env = Env::small().await;
+    let first_line = wrapped_header_settings(&env, "");
+    let (mut child, at) = env
+        .spawn_daemon_listening(&["webhook receiver listening"])
+        .await;
+    let business = env.business_ids()[0].clone();
+    let resp = common::http_client()
+        .post(format!("http://{}{PATH}", at[0]))
+        .header("content-type", "application/json")
+        .header("x-leadsync-token", first_line)
+        .body(lead_delivery("900000000000000041", &business))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 401);
+    // It keeps syncing.
+    wait_until("a sync pass", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
+        ) > 0
+    })
+    .await;
+    let status = env.run(&["status"]);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("line break")),
+        "{log}"
+    );
+    let status = common::text(&status);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("header_value_file") && l.contains("line break")),
+        "{status}"
+    );
+    assert!(!status.contains("c2Vjb25kLWxpbmU"), "{status}");
+    assert!(!log.contains("c2Vjb25kLWxpbmU"), "{log}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM webhook_events"), 0);
+    let o = env.run(&["config", "check"]);
+    assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+}
+
+/// The systemd status line says that deliveries are refused, where
+/// `systemctl status` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_cannot_be_sent_is_in_the_systemd_status() {
+    let env = Env::small().await;
+    wrapped_header_settings(&env, "");
+    let (socket, mut child) = env.spawn_notified(Duration::from_millis(200), &[]);
+    let mut buf = [0u8; 4096];
+    let start = std::time::Instant::now();
+    let mut status = None;
+    while status.is_none() && start.elapsed() < Duration::from_secs(60) {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!("the daemon exited ({exit}) before its status line");
+        }
+        if let Ok(n) = socket.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            status = m
+                .lines()
+                .find_map(|l| l.strip_prefix("STATUS="))
+                .map(str::to_string);
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let status = status.expect("a STATUS= line");
+    assert!(status.starts_with("WEBHOOK DELIVERIES REFUSED"), "{status}");
+}
+
+/// The daemon's start warns, in its log, when `public_url`'s path is not
+/// `webhooks.path` (as `config check` and `register` do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_warns_of_a_public_url_whose_path_is_not_the_receivers() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-6\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"/hooks\"\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let (mut child, _) = env
+        .spawn_daemon_listening(&["webhook receiver listening"])
+        .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("`/thumbtack/webhooks` is not webhooks.path `/hooks`")),
+        "{log}"
+    );
+}
+
 /// `register` found a webhook at `public_url` and said "already
 /// registered", exit 0, also when that webhook authenticates otherwise than
 /// the receiver expects (the receiver was switched from a custom header to
