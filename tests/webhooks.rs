@@ -1853,6 +1853,97 @@ async fn register_recognizes_its_url_written_otherwise() {
     }
 }
 
+/// An install hit by the text-equality bug (fixed above) already has several
+/// webhooks at `public_url`: `register` looked at the first only, said
+/// "already registered" and never mentioned the others, whereas each
+/// delivery came once per webhook, and one of another auth kind had its
+/// deliveries refused. It names them all now, with the delete command for
+/// each extra, and checks the auth kind of every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_reports_every_webhook_at_its_url() {
+    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-7\n");
+    let url = "https://leads.example.com/thumbtack/webhooks";
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"{url}\"\n",
+        pw.display()
+    ));
+    let business = env.business_ids()[0].clone();
+    env.run_ok(&["webhooks", "register", "--business", &business]);
+    {
+        // What the old bug left: the same URL registered again (written
+        // otherwise), once with Basic and once with a custom header.
+        let session = common::open_session(env.config()).await;
+        for auth in [
+            RegisterAuth::Basic {
+                username: "t".into(),
+                password: "basic-secret-7".into(),
+            },
+            RegisterAuth::Header {
+                header: "x-leadsync-token".into(),
+                value: "hdr-secret-7".into(),
+            },
+        ] {
+            let body = RegisterBody {
+                webhook_url: "https://LEADS.example.com:443/thumbtack/webhooks".into(),
+                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
+                enabled: true,
+                auth,
+            };
+            session
+                .client
+                .create_webhook(&business, &body)
+                .await
+                .expect("create a webhook");
+        }
+    }
+    let ids: Vec<String> = env
+        .sandbox
+        .webhooks(&business)
+        .iter()
+        .map(|w| w["webhookID"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let o = env.run(&["webhooks", "register", "--business", &business]);
+    let out = common::text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "one refuses every delivery: {out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("already registered {business} ")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(&format!("3 webhooks point at {url}")),
+        "{line}"
+    );
+    for id in &ids {
+        assert!(line.contains(id.as_str()), "{id}: {line}");
+    }
+    for extra in &ids[1..] {
+        assert!(
+            line.contains(&format!(
+                "leadsync webhooks delete --business {business} --webhook {extra}"
+            )),
+            "{extra}: {line}"
+        );
+    }
+    assert!(
+        !line.contains(&format!("--webhook {} ", ids[0]))
+            && !line.ends_with(&format!("--webhook {}", ids[0])),
+        "the one kept is not to be deleted: {line}"
+    );
+    assert!(
+        line.contains(&format!("{} authenticates with Header, not Basic", ids[2])),
+        "{line}"
+    );
+    assert_eq!(env.sandbox.webhooks(&business).len(), 3, "none was added");
+    assert!(!out.contains("basic-secret-7") && !out.contains("hdr-secret-7"));
+}
+
 /// `--events ""` (or only commas) registered a webhook with no event type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_refuses_an_empty_event_list() {
