@@ -1792,8 +1792,17 @@ async fn register_reports_a_webhook_whose_auth_differs_from_the_receivers() {
         value.display()
     ));
     let o = env.run(&["webhooks", "register"]);
-    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
-    assert!(!common::text(&o).contains("not "), "{}", common::text(&o));
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    for b in env.business_ids() {
+        let hooks = env.sandbox.webhooks(&b);
+        assert_eq!(hooks.len(), 1, "{b}");
+        let line = format!(
+            "already registered {b} (webhook {})",
+            hooks[0]["webhookID"].as_str().unwrap()
+        );
+        assert!(out.lines().any(|l| l == line), "no line `{line}`: {out}");
+    }
 }
 
 /// `public_url` whose path is not `webhooks.path` (one edited, not the
@@ -1953,6 +1962,7 @@ async fn register_refuses_an_empty_event_list() {
         "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
         pw.display()
     ));
+    let before = env.sandbox.stats().requests;
     let o = env.run(&["webhooks", "register", "--events", ","]);
     assert_ne!(o.status.code(), Some(0), "{}", common::text(&o));
     assert!(
@@ -1960,9 +1970,12 @@ async fn register_refuses_an_empty_event_list() {
         "{}",
         common::text(&o)
     );
-    assert!(
-        !common::text(&o).contains("error "),
-        "asked Thumbtack: {}",
+    // Refused before any request (a token, a list of webhooks).
+    assert_eq!(
+        env.sandbox.stats().requests,
+        before,
+        "asked Thumbtack: {:?}\n{}",
+        env.sandbox.stats().by_route,
         common::text(&o)
     );
     for b in env.business_ids() {
