@@ -1701,6 +1701,52 @@ async fn a_header_value_that_cannot_be_sent_does_not_stop_the_daemon() {
     assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
 }
 
+/// A reload that brings a header value with a line break was refused whole
+/// (the businesses it added or removed were not applied); it is applied
+/// now, with the error logged, and the running receiver keeps its value (a
+/// change of `[webhooks]` takes a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_header_value_that_cannot_be_sent_is_applied_and_logged() {
+    let env = Env::small().await;
+    let value = common::write(env.dir.path(), "header_value", "one-line-value\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\n",
+        value.display()
+    ));
+    let (mut child, at) = env
+        .spawn_daemon_listening(&["webhook receiver listening"])
+        .await;
+    std::fs::write(&value, "one-line-value\nsecond-line\n").unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    wait_until("the reload", Duration::from_secs(30), || {
+        let log = env.daemon_log();
+        log.contains("configuration reloaded") || log.contains("configuration reload failed")
+    })
+    .await;
+    let business = env.business_ids()[0].clone();
+    let resp = common::http_client()
+        .post(format!("http://{}{PATH}", at[0]))
+        .header("content-type", "application/json")
+        .header("x-leadsync-token", "one-line-value")
+        .body(lead_delivery("900000000000000042", &business))
+        .send()
+        .await
+        .expect("request");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("line break")),
+        "{log}"
+    );
+    assert!(!log.contains("second-line"), "{log}");
+    assert_eq!(resp.status().as_u16(), 200, "the running receiver's value");
+}
+
 /// The systemd status line says that deliveries are refused, where
 /// `systemctl status` shows it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
