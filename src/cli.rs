@@ -489,6 +489,10 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             command: ConfigCommand::Check,
         } => {
             let config = load()?;
+            // The daemon starts with it (and says so loudly); a check does not pass.
+            if let Some(w) = &config.webhooks {
+                w.require_usable_auth()?;
+            }
             let files: Vec<String> = config
                 .files
                 .iter()

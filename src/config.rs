@@ -314,6 +314,39 @@ pub struct Webhooks {
     pub auth: WebhookAuth,
     pub max_body_bytes: usize,
     pub read_timeout: std::time::Duration,
+    /// Why no delivery can authenticate (a header value no HTTP request can
+    /// carry): an error for `config check` and `webhooks register`
+    /// ([`Webhooks::require_usable_auth`]), a loud error and a `status`
+    /// alert for the daemon, which keeps syncing and draining while the
+    /// receiver refuses every delivery (401).
+    pub auth_problem: Option<String>,
+}
+
+impl Webhooks {
+    /// For `config check` and `webhooks register`: the credentials must be
+    /// ones Thumbtack can send.
+    pub fn require_usable_auth(&self) -> Result<(), ConfigError> {
+        match &self.auth_problem {
+            Some(p) => Err(ConfigError(p.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// When `public_url`'s path is not `path`: Thumbtack posts to the
+    /// former, the receiver answers only the latter, so unless the proxy in
+    /// front rewrites the path, every delivery gets 404.
+    pub fn public_path_warning(&self) -> Option<String> {
+        let url = reqwest::Url::parse(self.public_url.as_deref()?).ok()?;
+        (url.path() != self.path).then(|| {
+            format!(
+                "webhooks.public_url: its path `{}` is not webhooks.path `{}`: Thumbtack posts to \
+                 the former and the receiver answers only the latter, so every delivery gets 404 \
+                 unless the proxy in front rewrites the path",
+                url.path(),
+                self.path
+            )
+        })
+    }
 }
 
 /// `[admin]`: the admin listener (`/metrics`, `/healthz`, `/readyz`); off
@@ -1316,6 +1349,9 @@ fn validate(
     }
 
     let webhooks = validate_webhooks(figment, &file.webhooks)?;
+    if let Some(w) = webhooks.as_ref().and_then(Webhooks::public_path_warning) {
+        notes.push(w);
+    }
     let index = businesses
         .iter()
         .enumerate()
@@ -1437,6 +1473,7 @@ fn validate_webhooks(
         }
         Ok(None)
     };
+    let mut auth_problem = None;
     let auth = match (&w.username, &w.header) {
         (Some(_), Some(_)) => {
             return err(format!(
@@ -1480,13 +1517,35 @@ fn validate_webhooks(
                     locate(figment, "webhooks.header")
                 ));
             }
-            match credential(
+            let value = credential(
                 &w.header_value,
                 &w.header_value_file,
                 "webhooks.header_value",
                 "webhooks.header_value_file",
                 "webhook_header_value",
-            )? {
+            )?;
+            // A line break (base64 and `openssl rand -base64` wrap long
+            // output) or another control character cannot travel in a
+            // header: Thumbtack could never deliver with it. Not an error
+            // of the whole configuration: a daemon that has it keeps
+            // syncing and draining (it used to, before it was checked).
+            if let Some(value) = &value
+                && axum::http::HeaderValue::from_str(value.expose()).is_err()
+            {
+                let from = if w.header_value.is_some() {
+                    locate(figment, "webhooks.header_value")
+                } else if w.header_value_file.is_some() {
+                    locate(figment, "webhooks.header_value_file")
+                } else {
+                    "systemd credential webhook_header_value".to_string()
+                };
+                auth_problem = Some(format!(
+                    "{from}: the header value has a line break or another control character, \
+                     which no HTTP request can carry, so every webhook delivery is refused; \
+                     write it on one line (`base64 -w0`, `openssl rand -hex 32`)"
+                ));
+            }
+            match value {
                 Some(value) => Some(WebhookAuth::Header {
                     name: header.to_ascii_lowercase(),
                     value,
@@ -1510,6 +1569,7 @@ fn validate_webhooks(
             auth,
             max_body_bytes: w.max_body_bytes,
             read_timeout: std::time::Duration::from_secs(w.read_timeout_secs),
+            auth_problem,
         })),
         None if listen.is_some() => err(format!(
             "{}: the receiver needs credentials: set webhooks.username with password_file \

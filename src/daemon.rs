@@ -110,6 +110,14 @@ pub async fn run_with(
     for w in config.warnings() {
         warn!("{w}");
     }
+    let webhooks_problem = config
+        .webhooks
+        .as_ref()
+        .and_then(|w| w.auth_problem.clone());
+    if let Some(p) = &webhooks_problem {
+        // Not a failed start: syncing and draining go on (README, "Webhooks").
+        error!("{p}; syncing and draining go on, fix it and restart leadsync");
+    }
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
     // Ends at READY=1, or with a failed start (the guard is dropped).
@@ -119,6 +127,13 @@ pub async fn run_with(
     let session = Session::open_as(config, true).await?;
     {
         let closed = close_previous_process(&session.store).await?;
+        if let Some(p) = webhooks_problem {
+            let now = crate::time::now();
+            session
+                .store
+                .call(move |c| mirror::set_daemon_alert(c, WEBHOOKS_AUTH_ALERT, Some(&p), &now))
+                .await?;
+        }
         if closed > 0 {
             info!(
                 requests = closed,
@@ -243,6 +258,9 @@ pub async fn run_with(
                     Ok(Ok(new)) => match {
                         for w in new.warnings() {
                             warn!("{w}");
+                        }
+                        if let Some(p) = new.webhooks.as_ref().and_then(|w| w.auth_problem.as_ref()) {
+                            error!("{p}; a restart with it would refuse every webhook delivery");
                         }
                         tokio::select! {
                         _ = controls.shutdown.cancelled() => {
@@ -1126,6 +1144,18 @@ impl Daemon {
             ),
             None => line,
         };
+        let refused = self
+            .config()
+            .webhooks
+            .as_ref()
+            .is_some_and(|w| w.auth_problem.is_some());
+        let line = if refused {
+            format!(
+                "WEBHOOK DELIVERIES REFUSED: the webhook header value cannot be sent (see leadsync status); {line}"
+            )
+        } else {
+            line
+        };
         notify(&[NotifyState::Status(&line)]);
     }
 
@@ -1221,6 +1251,9 @@ async fn close_previous_process(store: &Store) -> Result<usize> {
         })
         .await
 }
+
+/// The daemon alert key of webhook credentials no delivery can carry.
+const WEBHOOKS_AUTH_ALERT: &str = "webhooks-auth";
 
 /// The daemon alert key of a failed sync of the database to disk.
 const DISK_ALERT: &str = "disk-sync";

@@ -353,6 +353,7 @@ async fn realtime(
         },
         max_body_bytes: 1 << 20,
         read_timeout: Duration::from_secs(10),
+        auth_problem: None,
     };
     let stop = CancellationToken::new();
     let server = tokio::spawn(crate::serve::serve(

@@ -3,7 +3,7 @@
 //! `webhooks.public_url` with the receiver's credentials.
 
 use crate::config::{Config, ConfigError, WebhookAuth, check_public_url};
-use crate::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+use crate::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody, Subscription};
 use crate::thumbtack::{Auth, Client, ClientSettings};
 use anyhow::{Result, bail};
 use std::sync::Arc;
@@ -86,6 +86,10 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         .into());
     };
     check_public_url(public_url).map_err(|e| ConfigError(format!("webhooks.public_url: {e}")))?;
+    w.require_usable_auth()?;
+    if let Some(w) = w.public_path_warning() {
+        eprintln!("warning: {w}");
+    }
     let events: Vec<String> = if events.is_empty() {
         DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect()
     } else {
@@ -95,6 +99,9 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             .filter(|e| !e.is_empty())
             .collect()
     };
+    if events.is_empty() {
+        bail!("--events names no event type (e.g. --events NegotiationCreatedV4,MessageCreatedV4)");
+    }
     let auth = match &w.auth {
         WebhookAuth::Basic { username, password } => RegisterAuth::Basic {
             username: username.clone(),
@@ -105,6 +112,10 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             value: value.expose().to_string(),
         },
     };
+    let expected_kind = match &auth {
+        RegisterAuth::Basic { .. } => "Basic",
+        RegisterAuth::Header { .. } => "Header",
+    };
     let ids = selected(config, businesses)?;
     if ids.is_empty() {
         println!("no enabled business is configured: nothing to register");
@@ -112,65 +123,163 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
     }
     let (client, tokens) = client(config).await?;
     settled(config, &tokens, async {
-    let mut failed = false;
-    for id in ids {
-        let existing = match client.list_webhooks(&id).await {
-            Ok(list) => list,
-            Err(e) => {
-                println!("error {id}: cannot list its webhooks: {e}");
-                failed = true;
+        let mut failed = false;
+        for id in ids {
+            let existing = match client.list_webhooks(&id).await {
+                Ok(list) => list,
+                Err(e) => {
+                    println!("error {id}: cannot list its webhooks: {e}");
+                    failed = true;
+                    continue;
+                }
+            };
+            // Every webhook at public_url: an install hit by the old
+            // text-equality bug may have several, each delivery coming once per
+            // webhook (and being refused by one of another auth kind).
+            let matches: Vec<&Subscription> = existing
+                .iter()
+                .filter(|s| same_url(&s.webhook_url, public_url))
+                .collect();
+            // Its kind of auth, when another than the receiver's: the password
+            // itself cannot be read back, but its kind can, and a webhook of
+            // another kind has every delivery refused with 401.
+            let other_kind = |s: &Subscription| {
+                auth_kind(s.auth_type.as_deref()).filter(|kind| *kind != expected_kind)
+            };
+            let missing = |s: &Subscription| -> Vec<String> {
+                events
+                    .iter()
+                    .filter(|e| !s.event_types.contains(e))
+                    .cloned()
+                    .collect()
+            };
+            // The one to keep: the first that can deliver, enabled, with every
+            // event type; else the first of the receiver's kind; else the first.
+            let kept = matches
+                .iter()
+                .position(|s| {
+                    other_kind(s).is_none() && s.enabled != Some(false) && missing(s).is_empty()
+                })
+                .or_else(|| matches.iter().position(|s| other_kind(s).is_none()))
+                .unwrap_or(0);
+            if let Some(found) = matches.get(kept) {
+                let delete =
+                    |w: &str| format!("leadsync webhooks delete --business {id} --webhook {w}");
+                let missing = missing(found);
+                let mut note = String::new();
+                let other_auth = other_kind(found).map(|kind| {
+                format!(
+                    ", but it authenticates with {kind}, not {expected_kind}, so every delivery \
+                     is refused: delete it ({}) and register again",
+                    delete(&found.webhook_id)
+                )
+            });
+                if let Some(other) = &other_auth {
+                    note.push_str(other);
+                    failed = true;
+                }
+                if found.enabled == Some(false) {
+                    note.push_str(", but it is disabled");
+                }
+                if !missing.is_empty() && other_auth.is_none() {
+                    note.push_str(&format!(
+                        ", without {}: delete it ({}) and register again",
+                        missing.join(","),
+                        delete(&found.webhook_id)
+                    ));
+                }
+                if matches.len() > 1 {
+                    let extras: Vec<&&Subscription> = matches
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != kept)
+                        .map(|(_, s)| s)
+                        .collect();
+                    note.push_str(&format!(
+                    "; {} webhooks point at {public_url} ({}), so each delivery comes {} times: \
+                     delete the extras ({})",
+                    matches.len(),
+                    matches
+                        .iter()
+                        .map(|s| s.webhook_id.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    matches.len(),
+                    extras
+                        .iter()
+                        .map(|s| delete(&s.webhook_id))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
+                    for extra in extras {
+                        if let Some(kind) = other_kind(extra) {
+                            note.push_str(&format!(
+                                "; {} authenticates with {kind}, not {expected_kind}, so its \
+                             deliveries are refused",
+                                extra.webhook_id
+                            ));
+                            failed = true;
+                        }
+                    }
+                }
+                println!(
+                    "already registered {id} (webhook {}){note}",
+                    found.webhook_id
+                );
                 continue;
             }
-        };
-        if let Some(found) = existing.iter().find(|s| s.webhook_url == *public_url) {
-            let missing: Vec<&String> = events
-                .iter()
-                .filter(|e| !found.event_types.contains(e))
-                .collect();
-            let mut note = String::new();
-            if found.enabled == Some(false) {
-                note.push_str(", but it is disabled");
-            }
-            if !missing.is_empty() {
-                note.push_str(&format!(
-                    ", without {}: delete it (leadsync webhooks delete --business {id} --webhook {}) and register again",
-                    missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","),
-                    found.webhook_id
-                ));
-            }
-            println!(
-                "already registered {id} (webhook {}){note}",
-                found.webhook_id
-            );
-            continue;
-        }
-        let body = RegisterBody {
-            webhook_url: public_url.clone(),
-            event_types: events.clone(),
-            enabled: true,
-            auth: auth.clone(),
-        };
-        match client.create_webhook(&id, &body).await {
-            Ok(s) => println!("registered {id} (webhook {})", s.webhook_id),
-            Err(e) => {
-                // An answer may quote the request (a gateway, a debug page):
-                // the credential it carried is never printed.
-                let secret = match &auth {
-                    RegisterAuth::Basic { password, .. } => password,
-                    RegisterAuth::Header { value, .. } => value,
-                };
-                let mut e = e.to_string();
-                if !secret.is_empty() {
-                    e = e.replace(secret.as_str(), crate::secret::MASK);
+            let body = RegisterBody {
+                webhook_url: public_url.clone(),
+                event_types: events.clone(),
+                enabled: true,
+                auth: auth.clone(),
+            };
+            match client.create_webhook(&id, &body).await {
+                Ok(s) => println!("registered {id} (webhook {})", s.webhook_id),
+                Err(e) => {
+                    // An answer may quote the request (a gateway, a debug page):
+                    // the credential it carried is never printed.
+                    let secret = match &auth {
+                        RegisterAuth::Basic { password, .. } => password,
+                        RegisterAuth::Header { value, .. } => value,
+                    };
+                    let mut e = e.to_string();
+                    if !secret.is_empty() {
+                        e = e.replace(secret.as_str(), crate::secret::MASK);
+                    }
+                    println!("error {id}: {e}");
+                    failed = true;
                 }
-                println!("error {id}: {e}");
-                failed = true;
             }
         }
-    }
-    Ok(if failed { 1 } else { 0 })
+        Ok(if failed { 1 } else { 0 })
     })
     .await
+}
+
+/// Whether a listed `webhookURL` is `public_url`: compared as URLs (host
+/// case, a default port, an empty path are how a server may normalize
+/// one), else as text.
+fn same_url(listed: &str, public_url: &str) -> bool {
+    match (reqwest::Url::parse(listed), reqwest::Url::parse(public_url)) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => listed.trim() == public_url.trim(),
+    }
+}
+
+/// A webhook's `authType` as one of `Basic`, `Header`, `None`; `None`
+/// (Rust's) when absent or not recognized, which proves nothing.
+fn auth_kind(auth_type: Option<&str>) -> Option<&'static str> {
+    let t = auth_type?.trim().to_ascii_lowercase();
+    if t.contains("basic") {
+        Some("Basic")
+    } else if t.contains("header") {
+        Some("Header")
+    } else if t == "none" || t == "noauth" || t == "no_auth" {
+        Some("None")
+    } else {
+        None
+    }
 }
 
 /// Lists each business's subscriptions, one line each.

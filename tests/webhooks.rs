@@ -1597,3 +1597,541 @@ async fn register_masks_the_webhook_password_an_error_answer_echoes() {
     assert!(!t.contains(SECRET), "{t}");
     assert!(t.contains("********"), "{t}");
 }
+
+/// A header value that no HTTP client can send (a line break inside: a
+/// secret made by `base64` or `openssl rand -base64 64`, which wrap their
+/// output) passed `config check` and was registered: Thumbtack could never
+/// deliver with it, and every delivery failed unseen. It is refused now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_cannot_be_sent_is_refused() {
+    let env = Env::small().await;
+    let wrapped = common::write(
+        env.dir.path(),
+        "header_value",
+        "c2VjcmV0LXBhcnQtb25lLXRoYXQtaXMtbG9uZy1lbm91Z2gtdG8td3JhcC1hdC1zZXZlbnR5LXNpeA\nc2Vjb25kLWxpbmU=\n",
+    );
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\npublic_url = \"https://leads.example.com/h\"\n",
+        wrapped.display()
+    ));
+    let o = env.run(&["config", "check"]);
+    assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+    let text = common::text(&o);
+    assert!(text.contains("header_value_file"), "{text}");
+    assert!(text.contains("line break"), "{text}");
+    assert!(
+        !text.contains("c2Vjb25kLWxpbmU"),
+        "the secret was printed: {text}"
+    );
+    // Nothing is registered with it.
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+    for b in env.business_ids() {
+        assert!(env.sandbox.webhooks(&b).is_empty());
+    }
+}
+
+/// The receiver settings of a daemon whose header value has a line break
+/// (a secret wrapped by `base64`), the file's first line being what a
+/// client could send.
+fn wrapped_header_settings(env: &Env, extra: &str) -> &'static str {
+    let wrapped = common::write(
+        env.dir.path(),
+        "header_value",
+        "c2VjcmV0LXBhcnQtb25l\nc2Vjb25kLWxpbmU=\n",
+    );
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\n{extra}",
+        wrapped.display()
+    ));
+    "c2VjcmV0LXBhcnQtb25l"
+}
+
+/// Since a header value with a line break is refused, a daemon upgraded
+/// with one failed to start (exit 78): it stopped syncing and draining
+/// altogether, where before only its deliveries failed. It starts now and
+/// says so loudly (an error in its log, an alert in `status`), refusing
+/// the deliveries as before; `config check` still refuses the value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_cannot_be_sent_does_not_stop_the_daemon() {
+    let env = Env::small().await;
+    let first_line = wrapped_header_settings(&env, "");
+    let (mut child, at) = env
+        .spawn_daemon_listening(&["webhook receiver listening"])
+        .await;
+    let business = env.business_ids()[0].clone();
+    let resp = common::http_client()
+        .post(format!("http://{}{PATH}", at[0]))
+        .header("content-type", "application/json")
+        .header("x-leadsync-token", first_line)
+        .body(lead_delivery("900000000000000041", &business))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(resp.status().as_u16(), 401);
+    // It keeps syncing.
+    wait_until("a sync pass", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_runs WHERE outcome = 'ok'",
+        ) > 0
+    })
+    .await;
+    let status = env.run(&["status"]);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("line break")),
+        "{log}"
+    );
+    let status = common::text(&status);
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("header_value_file") && l.contains("line break")),
+        "{status}"
+    );
+    assert!(!status.contains("c2Vjb25kLWxpbmU"), "{status}");
+    assert!(!log.contains("c2Vjb25kLWxpbmU"), "{log}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM webhook_events"), 0);
+    let o = env.run(&["config", "check"]);
+    assert_eq!(o.status.code(), Some(78), "{}", common::text(&o));
+}
+
+/// A reload that brings a header value with a line break was refused whole
+/// (the businesses it added or removed were not applied); it is applied
+/// now, with the error logged, and the running receiver keeps its value (a
+/// change of `[webhooks]` takes a restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_header_value_that_cannot_be_sent_is_applied_and_logged() {
+    let env = Env::small().await;
+    let value = common::write(env.dir.path(), "header_value", "one-line-value\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\n",
+        value.display()
+    ));
+    let (mut child, at) = env
+        .spawn_daemon_listening(&["webhook receiver listening"])
+        .await;
+    std::fs::write(&value, "one-line-value\nsecond-line\n").unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    wait_until("the reload", Duration::from_secs(30), || {
+        let log = env.daemon_log();
+        log.contains("configuration reloaded") || log.contains("configuration reload failed")
+    })
+    .await;
+    let business = env.business_ids()[0].clone();
+    let resp = common::http_client()
+        .post(format!("http://{}{PATH}", at[0]))
+        .header("content-type", "application/json")
+        .header("x-leadsync-token", "one-line-value")
+        .body(lead_delivery("900000000000000042", &business))
+        .send()
+        .await
+        .expect("request");
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(log.contains("configuration reloaded"), "{log}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("line break")),
+        "{log}"
+    );
+    assert!(!log.contains("second-line"), "{log}");
+    assert_eq!(resp.status().as_u16(), 200, "the running receiver's value");
+}
+
+/// The systemd status line says that deliveries are refused, where
+/// `systemctl status` shows it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_cannot_be_sent_is_in_the_systemd_status() {
+    let env = Env::small().await;
+    wrapped_header_settings(&env, "");
+    let (socket, mut child) = env.spawn_notified(Duration::from_millis(200), &[]);
+    let mut buf = [0u8; 4096];
+    let start = std::time::Instant::now();
+    let mut status = None;
+    while status.is_none() && start.elapsed() < Duration::from_secs(60) {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!("the daemon exited ({exit}) before its status line");
+        }
+        if let Ok(n) = socket.recv(&mut buf) {
+            let m = String::from_utf8_lossy(&buf[..n]).to_string();
+            status = m
+                .lines()
+                .find_map(|l| l.strip_prefix("STATUS="))
+                .map(str::to_string);
+        }
+    }
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let status = status.expect("a STATUS= line");
+    assert!(status.starts_with("WEBHOOK DELIVERIES REFUSED"), "{status}");
+}
+
+/// The daemon's start warns, in its log, when `public_url`'s path is not
+/// `webhooks.path` (as `config check` and `register` do).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_warns_of_a_public_url_whose_path_is_not_the_receivers() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-6\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"/hooks\"\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let (mut child, _) = env
+        .spawn_daemon_listening(&["webhook receiver listening"])
+        .await;
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(
+        log.lines().any(|l| l.contains("WARN")
+            && l.contains("`/thumbtack/webhooks` is not webhooks.path `/hooks`")),
+        "{log}"
+    );
+}
+
+/// `register` found a webhook at `public_url` and said "already
+/// registered", exit 0, also when that webhook authenticates otherwise than
+/// the receiver expects (the receiver was switched from a custom header to
+/// Basic, or a pro created the webhook on thumbtack.com without auth): every
+/// delivery was then refused with 401, and nothing said so. It says so now,
+/// how to fix it, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_reports_a_webhook_whose_auth_differs_from_the_receivers() {
+    let env = Env::small().await;
+    let value = common::write(env.dir.path(), "header_value", "hdr-secret-1\n");
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-2\n");
+    let url = "https://leads.example.com/thumbtack/webhooks";
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\npublic_url = \"{url}\"\n",
+        value.display()
+    ));
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"thumbtack\"\npassword_file = \"{}\"\npublic_url = \"{url}\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["webhooks", "register"]);
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert_eq!(out.matches("already registered ").count(), 3, "{out}");
+    assert_eq!(out.matches("not Basic").count(), 3, "{out}");
+    assert!(out.contains("webhooks delete --business"), "{out}");
+    assert!(
+        !out.contains("basic-secret-2") && !out.contains("hdr-secret-1"),
+        "{out}"
+    );
+    // Same kind of auth: nothing to say (the password itself cannot be read back).
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\npublic_url = \"{url}\"\n",
+        value.display()
+    ));
+    let o = env.run(&["webhooks", "register"]);
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    for b in env.business_ids() {
+        let hooks = env.sandbox.webhooks(&b);
+        assert_eq!(hooks.len(), 1, "{b}");
+        let line = format!(
+            "already registered {b} (webhook {})",
+            hooks[0]["webhookID"].as_str().unwrap()
+        );
+        assert!(out.lines().any(|l| l == line), "no line `{line}`: {out}");
+    }
+}
+
+/// `public_url` whose path is not `webhooks.path` (one edited, not the
+/// other) passed `config check` and `register` without a word: behind a
+/// proxy that passes the path through (the README's Caddy and nginx
+/// examples), every delivery was answered 404. Both warn now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_url_whose_path_is_not_the_receivers_is_warned_about() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-3\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\npath = \"/hooks\"\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["config", "check"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let warning = "`/thumbtack/webhooks` is not webhooks.path `/hooks`";
+    assert!(common::text(&o).contains(warning), "{}", common::text(&o));
+    let o = env.run(&["webhooks", "register"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert!(common::text(&o).contains(warning), "{}", common::text(&o));
+    // The same path: no warning.
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\npath = \"/hooks\"\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/hooks\"\n",
+        pw.display()
+    ));
+    let o = env.run(&["config", "check"]);
+    assert!(
+        !common::text(&o).contains("is not webhooks.path"),
+        "{}",
+        common::text(&o)
+    );
+}
+
+/// `register` recognized its webhook only by the exact text of its URL: the
+/// same URL written otherwise (host case, the default port: what a server
+/// may normalize a URL to) made every run — the README's way to add a
+/// business — register another webhook, and each delivery came once per
+/// webhook. The URLs are compared as URLs now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_recognizes_its_url_written_otherwise() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-4\n");
+    for url in [
+        "https://leads.example.com/thumbtack/webhooks",
+        "https://LEADS.Example.com:443/thumbtack/webhooks",
+    ] {
+        env.set_overrides(&format!(
+            "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"{url}\"\n",
+            pw.display()
+        ));
+        let o = env.run(&["webhooks", "register"]);
+        assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    }
+    for b in env.business_ids() {
+        assert_eq!(env.sandbox.webhooks(&b).len(), 1, "{b}: a second webhook");
+    }
+}
+
+/// An install hit by the text-equality bug (fixed above) already has several
+/// webhooks at `public_url`: `register` looked at the first only, said
+/// "already registered" and never mentioned the others, whereas each
+/// delivery came once per webhook, and one of another auth kind had its
+/// deliveries refused. It names them all now, with the delete command for
+/// each extra, and checks the auth kind of every one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_reports_every_webhook_at_its_url() {
+    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-7\n");
+    let url = "https://leads.example.com/thumbtack/webhooks";
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"{url}\"\n",
+        pw.display()
+    ));
+    let business = env.business_ids()[0].clone();
+    env.run_ok(&["webhooks", "register", "--business", &business]);
+    {
+        // What the old bug left: the same URL registered again (written
+        // otherwise), once with Basic and once with a custom header.
+        let session = common::open_session(env.config()).await;
+        for auth in [
+            RegisterAuth::Basic {
+                username: "t".into(),
+                password: "basic-secret-7".into(),
+            },
+            RegisterAuth::Header {
+                header: "x-leadsync-token".into(),
+                value: "hdr-secret-7".into(),
+            },
+        ] {
+            let body = RegisterBody {
+                webhook_url: "https://LEADS.example.com:443/thumbtack/webhooks".into(),
+                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
+                enabled: true,
+                auth,
+            };
+            session
+                .client
+                .create_webhook(&business, &body)
+                .await
+                .expect("create a webhook");
+        }
+    }
+    let ids: Vec<String> = env
+        .sandbox
+        .webhooks(&business)
+        .iter()
+        .map(|w| w["webhookID"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let o = env.run(&["webhooks", "register", "--business", &business]);
+    let out = common::text(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "one refuses every delivery: {out}"
+    );
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("already registered {business} ")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains(&format!("3 webhooks point at {url}")),
+        "{line}"
+    );
+    for id in &ids {
+        assert!(line.contains(id.as_str()), "{id}: {line}");
+    }
+    for extra in &ids[1..] {
+        assert!(
+            line.contains(&format!(
+                "leadsync webhooks delete --business {business} --webhook {extra}"
+            )),
+            "{extra}: {line}"
+        );
+    }
+    assert!(
+        !line.contains(&format!("--webhook {} ", ids[0]))
+            && !line.ends_with(&format!("--webhook {}", ids[0])),
+        "the one kept is not to be deleted: {line}"
+    );
+    assert!(
+        line.contains(&format!("{} authenticates with Header, not Basic", ids[2])),
+        "{line}"
+    );
+    assert_eq!(env.sandbox.webhooks(&business).len(), 3, "none was added");
+    assert!(!out.contains("basic-secret-7") && !out.contains("hdr-secret-7"));
+}
+
+/// `--events ""` (or only commas) registered a webhook with no event type.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_refuses_an_empty_event_list() {
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-5\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let before = env.sandbox.stats().requests;
+    let o = env.run(&["webhooks", "register", "--events", ","]);
+    assert_ne!(o.status.code(), Some(0), "{}", common::text(&o));
+    assert!(
+        common::text(&o).contains("--events"),
+        "{}",
+        common::text(&o)
+    );
+    // Refused before any request (a token, a list of webhooks).
+    assert_eq!(
+        env.sandbox.stats().requests,
+        before,
+        "asked Thumbtack: {:?}\n{}",
+        env.sandbox.stats().by_route,
+        common::text(&o)
+    );
+    for b in env.business_ids() {
+        assert!(env.sandbox.webhooks(&b).is_empty());
+    }
+}
+
+/// The customer messages of a lead of a business that is not configured (a
+/// business removed from the configuration whose webhook still delivers)
+/// name no business, and their lead is not mirrored: they were stored in
+/// `messages` without a business, for good, whether they came after the
+/// lead's `unknown_business` delivery or before it. Either way such a
+/// message is stored (`applied`: nothing replays `webhook_events`, and
+/// message polling is off by default) under the business the lead's
+/// delivery names, as a mirrored lead gives its own.
+#[test]
+fn messages_of_a_lead_of_an_unconfigured_business_are_not_left_without_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = mirror_with_business(&dir, "468046965846925323");
+    let foreign = "111111111111111111";
+    let (early, lead, late) = (
+        "900000000000000071",
+        "900000000000000070",
+        "900000000000000072",
+    );
+    let at = "2026-11-28T06:00:00.000Z";
+    assert_eq!(
+        deliver_at(&mut conn, &message_delivery(early, lead), at),
+        "applied",
+        "a message before its lead is stored"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &lead_delivery(lead, foreign), at),
+        "unknown_business"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &message_delivery(late, lead), at),
+        "applied",
+        "a message after its lead's unknown_business delivery"
+    );
+    let stored: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT message_id, business_id FROM messages ORDER BY message_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        stored,
+        vec![
+            (early.to_string(), Some(foreign.to_string())),
+            (late.to_string(), Some(foreign.to_string()))
+        ]
+    );
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM messages WHERE business_id IS NULL"
+        ),
+        0
+    );
+}
+
+/// A customer message that comes after its lead's `unknown_business`
+/// delivery (a business commented out, or not yet in the configuration)
+/// is in `messages` once the business is configured again and the poller
+/// mirrors the lead: nothing replays the delivery, so it must have been
+/// stored when it came.
+#[test]
+fn a_message_after_an_unknown_business_lead_is_kept_for_when_the_business_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let configured = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, configured);
+    let returning = "222222222222222222";
+    let (lead, message) = ("900000000000000080", "900000000000000081");
+    let body = lead_delivery(lead, returning);
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T06:00:00.000Z"),
+        "unknown_business"
+    );
+    assert_eq!(
+        deliver_at(
+            &mut conn,
+            &message_delivery(message, lead),
+            "2026-11-28T06:00:01.000Z"
+        ),
+        "applied"
+    );
+    conn.execute(
+        "INSERT INTO businesses (business_id, name) VALUES (?1, 'Back')",
+        [returning],
+    )
+    .unwrap();
+    poll_lead_at(
+        &mut conn,
+        returning,
+        &body,
+        "Open",
+        "2026-11-28T06:05:00.000Z",
+    );
+    assert_eq!(status_of(&conn, lead).0, "Open");
+    let stored: Vec<(String, Option<String>)> = conn
+        .prepare("SELECT message_id, business_id FROM messages WHERE negotiation_id = ?1")
+        .unwrap()
+        .query_map([lead], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        stored,
+        vec![(message.to_string(), Some(returning.to_string()))]
+    );
+}

@@ -322,6 +322,7 @@ mod tests {
             },
             max_body_bytes: 1 << 20,
             read_timeout: Duration::from_secs(10),
+            auth_problem: None,
         };
         let body = r#"{"event":{"eventType":"MessageCreatedV4","webhookID":"wh-1"},
             "data":{"messageID":"m1","negotiationID":"1","from":"Customer","text":"hi","sentAt":"2026-11-28T05:00:01Z"}}"#;

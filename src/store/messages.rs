@@ -92,6 +92,16 @@ fn is_configured(conn: &Connection, business_id: &str) -> Result<bool> {
         .is_some())
 }
 
+/// The business named by the newest `unknown_business` delivery of lead ?1
+/// (from the index `webhook_events_by_negotiation`).
+const BUSINESS_OF_UNKNOWN_LEAD: &str = "SELECT business_id FROM webhook_events
+  WHERE negotiation_id = ?1 AND outcome = 'unknown_business' AND business_id IS NOT NULL
+  ORDER BY id DESC LIMIT 1";
+
+/// Gives the messages of lead ?2 stored without a business business ?1.
+const MESSAGES_OF_UNKNOWN_LEAD: &str = "UPDATE messages SET business_id = ?1
+  WHERE negotiation_id = ?2 AND business_id IS NULL";
+
 /// Stores a delivery and applies its effect in one transaction: either both
 /// are committed or neither is (the receiver answers 2xx only after this).
 pub fn record_delivery(
@@ -115,10 +125,17 @@ pub fn record_delivery(
                     Outcome::UnknownBusiness,
                     Some("the negotiation names no businessID".to_string()),
                 ),
-                Some(b) if !is_configured(&tx, b)? => (
-                    Outcome::UnknownBusiness,
-                    Some(format!("business {b} is not configured")),
-                ),
+                Some(b) if !is_configured(&tx, b)? => {
+                    // Messages of this lead stored before it (a customer's
+                    // names no business) take the business it names, as a
+                    // mirrored lead gives its own: none is left without one.
+                    tx.prepare_cached(MESSAGES_OF_UNKNOWN_LEAD)?
+                        .execute(params![b, lead.negotiation_id])?;
+                    (
+                        Outcome::UnknownBusiness,
+                        Some(format!("business {b} is not configured")),
+                    )
+                }
                 Some(b) => {
                     let ctx = PageContext {
                         business_id: b.clone(),
@@ -161,13 +178,31 @@ pub fn record_delivery(
         Effect::Message(m) => {
             row.negotiation_id = Some(m.negotiation_id.clone());
             row.message_id = Some(m.message_id.clone());
-            let business = match &m.business_id {
-                Some(b) => Some(b.clone()),
-                None => mirror::business_of(&tx, &m.negotiation_id)?,
+            // `set_aside`: the business is the one named by the lead's
+            // delivery that was set aside (a business not configured).
+            let (business, set_aside) = match &m.business_id {
+                Some(b) => (Some(b.clone()), false),
+                None => match mirror::business_of(&tx, &m.negotiation_id)? {
+                    Some(b) => (Some(b), false),
+                    None => match tx
+                        .prepare_cached(BUSINESS_OF_UNKNOWN_LEAD)?
+                        .query_row([&m.negotiation_id], |r| r.get::<_, String>(0))
+                        .optional()?
+                    {
+                        Some(b) => (Some(b), true),
+                        None => (None, false),
+                    },
+                },
             };
             row.business_id = business.clone();
             match &business {
-                Some(b) if !is_configured(&tx, b)? => (
+                // A message naming no business, of a lead set aside, is
+                // stored under the business that lead named, as one that came
+                // before the lead is: nothing replays `webhook_events` and
+                // message polling is off by default, so a message set aside
+                // here would never be in `messages` once the business is
+                // configured again and its lead mirrored.
+                Some(b) if !set_aside && !is_configured(&tx, b)? => (
                     Outcome::UnknownBusiness,
                     Some(format!("business {b} is not configured")),
                 ),

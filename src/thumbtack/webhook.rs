@@ -255,11 +255,11 @@ fn message(data: Option<&RawValue>) -> Content {
 pub struct Subscription {
     #[serde(rename = "webhookID", deserialize_with = "id_text")]
     pub webhook_id: String,
-    #[serde(rename = "webhookURL", default)]
+    #[serde(rename = "webhookURL", default, deserialize_with = "text_or_null")]
     pub webhook_url: String,
     #[serde(default)]
     pub enabled: Option<bool>,
-    #[serde(rename = "eventTypes", default)]
+    #[serde(rename = "eventTypes", default, deserialize_with = "texts_or_null")]
     pub event_types: Vec<String>,
     #[serde(rename = "authType", default, skip_serializing_if = "Option::is_none")]
     pub auth_type: Option<String>,
@@ -273,6 +273,20 @@ fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
             "webhookID is {other}, not a string"
         ))),
     }
+}
+
+/// A string, `""` for `null` (every field but the id is optional).
+fn text_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    Ok(Option::<String>::deserialize(d)?.unwrap_or_default())
+}
+
+/// A list of strings, empty for `null`; `null` entries are left out.
+fn texts_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    Ok(Option::<Vec<Option<String>>>::deserialize(d)?
+        .unwrap_or_default()
+        .into_iter()
+        .flatten()
+        .collect())
 }
 
 /// Reads a list of subscriptions: `{"data": [...]}` or a bare array.
@@ -328,6 +342,22 @@ pub struct RegisterBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A webhook listed with `null` for a field (`"eventTypes": null`, as a
+    /// server marshals an empty list) made the whole list unreadable:
+    /// `webhooks list` and `register` failed for the business.
+    #[test]
+    fn a_webhook_listed_with_null_fields_is_read() {
+        let list = parse_subscriptions(
+            br#"{"data":[{"webhookID":"w1","webhookURL":null,"enabled":null,"eventTypes":null,"authType":null},
+                {"webhookID":"w2","webhookURL":"https://x/h","enabled":true,"eventTypes":["MessageCreatedV4",null]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].webhook_url, "");
+        assert!(list[0].event_types.is_empty());
+        assert_eq!(list[1].event_types, vec!["MessageCreatedV4".to_string()]);
+    }
 
     #[test]
     fn registered_credentials_never_print() {
