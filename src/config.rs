@@ -875,6 +875,7 @@ fn describe_figment_error(e: figment::Error) -> ConfigError {
                 figment::error::Kind::Message(m) => m.trim_end().to_string(),
                 other => other.to_string(),
             };
+            let what = without_source_lines(&what);
             if path.is_empty() {
                 let file = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
                     Some(Source::File(f)) => f.display().to_string(),
@@ -887,6 +888,24 @@ fn describe_figment_error(e: figment::Error) -> ConfigError {
         })
         .collect();
     ConfigError(lines.join("\n"))
+}
+
+/// A TOML syntax error quotes the offending line of the file, which may
+/// hold a secret (`client_secret = s3cret`, unquoted, or a password with its
+/// closing quote missing): the line and column are kept, the quoted source
+/// (the `N | ...` lines and the caret under them) is left out, so neither
+/// the terminal nor the daemon's reload log ever shows it.
+fn without_source_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|l| {
+            !l.trim_start()
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start()
+                .starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Locates a top-level key for error messages.
@@ -1520,6 +1539,9 @@ fn validate_webhooks(
     }
 }
 
+/// The largest `admin.refresh_secs` and `admin.stale_after_secs`: a day.
+pub const MAX_ADMIN_SECS: f64 = 86400.0;
+
 /// `[admin]`: a socket address, loopback unless `allow_remote`, and sane timers.
 fn validate_admin(
     figment: &Figment,
@@ -1529,9 +1551,10 @@ fn validate_admin(
         ("refresh_secs", admin.refresh_secs),
         ("stale_after_secs", admin.stale_after_secs),
     ] {
-        if !(v.is_finite() && v >= 0.05) {
+        // Larger values panicked converting to a duration at the start.
+        if !(v.is_finite() && (0.05..=MAX_ADMIN_SECS).contains(&v)) {
             return err(format!(
-                "{}: must be a number of seconds, at least 0.05",
+                "{}: must be a number of seconds, at least 0.05 and at most {MAX_ADMIN_SECS}",
                 locate(figment, &format!("admin.{key}"))
             ));
         }

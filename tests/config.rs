@@ -1038,3 +1038,54 @@ fn a_path_starting_with_a_tilde_is_refused() {
         &["LEADSYNC_DATABASE", "~"],
     );
 }
+
+#[test]
+fn a_syntax_error_on_a_secret_line_does_not_print_the_secret() {
+    // Review (cfg): a TOML syntax error quoted the offending line, so an
+    // unquoted or unterminated `client_secret` (or webhook password) written
+    // in a file reached the terminal, and the daemon's reload log.
+    let d = Dir::new();
+    let secret = "cs_live_Sup3rS3cretValue";
+    for (name, line) in [
+        (
+            "unquoted.toml",
+            format!("[oauth]\nclient_secret = {secret}\n"),
+        ),
+        (
+            "unterminated.toml",
+            format!("[oauth]\nclient_secret = \"{secret}\n"),
+        ),
+        (
+            "trailing.toml",
+            format!("[webhooks]\npassword = \"{secret}\" x\n"),
+        ),
+        (
+            "twice.toml",
+            format!("[webhooks]\nheader_value = \"{secret}\"\nheader_value = \"{secret}\"\n"),
+        ),
+    ] {
+        let f = d.file(name, &format!("{}\n{line}", d.base()));
+        let o = check(&[&f], &[]);
+        // Still says where: the file and the line.
+        assert_config_error(&o, &[name, "line"]);
+        assert!(
+            !text(&o).contains(secret),
+            "{name}: the secret was printed:\n{}",
+            text(&o)
+        );
+    }
+}
+
+#[test]
+fn admin_timers_too_large_for_a_duration_are_refused() {
+    // Review (cfg): `config check` accepted `admin.refresh_secs = 1e300` and
+    // `run` then panicked (exit 101) converting it to a duration.
+    let d = Dir::new();
+    for key in ["refresh_secs", "stale_after_secs"] {
+        let f = d.file(
+            &format!("{key}.toml"),
+            &format!("{}\n[admin]\n{key} = 1e300\n", d.base()),
+        );
+        assert_config_error(&check(&[&f], &[]), &[&format!("admin.{key}"), "at most"]);
+    }
+}
