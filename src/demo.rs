@@ -5,6 +5,7 @@ use crate::app::Session;
 use crate::config::ConfigSource;
 use crate::drain::{DrainSettings, Drainer};
 use crate::sandbox::{Faults, Mutation, Sandbox, SandboxOptions};
+use crate::store::ProcessLock;
 use crate::sync::{PassSettings, ScanKind, sync_business};
 use anyhow::{Context, Result};
 use std::io::Write;
@@ -19,8 +20,10 @@ fn say(line: impl AsRef<str>) {
     let _ = out.flush();
 }
 
+/// Removes the previous demo's mirror and its SQLite side files (not its
+/// lock file, which the caller holds meanwhile).
 fn remove_database(path: &Path) -> Result<()> {
-    for suffix in ["", "-wal", "-shm", "-journal", ".lock"] {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut p = path.as_os_str().to_owned();
         p.push(suffix);
         match std::fs::remove_file(&p) {
@@ -53,7 +56,21 @@ pub async fn run(database: &Path) -> Result<u8> {
     let fixture = std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()));
     let _cleanup = RemoveOnDrop(fixture.clone());
     let tokens = fixture.join("tokens.db");
-    remove_database(database)?;
+    {
+        // Another demo (or a daemon) using this mirror keeps it: removing
+        // its files under it made that one fail part way.
+        let _lock = ProcessLock::try_acquire(database)?.with_context(|| {
+            format!(
+                "another leadsync process (pid {}) is using {}: wait for the other `leadsync demo` \
+                 running in this directory, or give this one `--database OTHER.db`",
+                ProcessLock::holder(database)
+                    .map(|p| p.to_string())
+                    .unwrap_or_else(|| "unknown".into()),
+                database.display()
+            )
+        })?;
+        remove_database(database)?;
+    }
     say(
         "leadsync demo: the whole flow against the built-in Thumbtack sandbox (loopback only, no credentials)\n",
     );

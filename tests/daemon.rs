@@ -1035,3 +1035,82 @@ async fn a_mirror_of_the_previous_schema_is_migrated_by_the_next_command() {
         .unwrap();
     assert_eq!(version, latest);
 }
+
+/// Starts `leadsync demo` in `dir` (temporary files under `tmp`) and reads
+/// its output until `marker`; returns the child and what it printed.
+fn demo_until(
+    dir: &std::path::Path,
+    tmp: &std::path::Path,
+    marker: &str,
+) -> (Guard, std::io::BufReader<std::process::ChildStdout>, String) {
+    use std::io::BufRead;
+    let mut child = Guard(
+        common::spawn(
+            std::process::Command::new(bin())
+                .arg("demo")
+                .current_dir(dir)
+                .env("TMPDIR", tmp)
+                .env_remove("LEADSYNC_LOG")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::null()),
+        )
+        .unwrap(),
+    );
+    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let mut seen = String::new();
+    while !seen.contains(marker) {
+        let mut line = String::new();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "the demo ended before {marker:?}:\n{seen}"
+        );
+        seen.push_str(&line);
+    }
+    (child, out, seen)
+}
+
+#[test]
+fn a_demo_stopped_by_ctrl_c_removes_its_private_directory() {
+    // Review (cfg): SIGINT killed the demo without unwinding, leaving
+    // $TMPDIR/leadsync-demo-PID (client secret, grants, token store) behind.
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, _out, seen) = demo_until(dir.path(), tmp.path(), "[3/7]");
+    let fixture = tmp.path().join(format!("leadsync-demo-{}", child.id()));
+    assert!(fixture.exists(), "the demo keeps its files there:\n{seen}");
+    signal(&child, libc::SIGINT);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "an interrupted demo is a failure");
+    assert!(
+        !fixture.exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(&fixture).map(|d| d.count())
+    );
+}
+
+#[test]
+fn a_second_demo_in_the_same_directory_is_refused_and_the_first_finishes() {
+    // Review (cfg): a second `leadsync demo` deleted the running one's
+    // mirror (and its lock file), which then failed part way.
+    use std::io::Read;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut first, mut out, mut seen) = demo_until(dir.path(), tmp.path(), "[3/7]");
+    let second = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .current_dir(dir.path())
+            .env("TMPDIR", tmp.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    assert!(
+        text(&second).contains("another leadsync process"),
+        "{}",
+        text(&second)
+    );
+    out.read_to_string(&mut seen).unwrap();
+    let status = wait_exit(&mut first, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "the first demo failed:\n{seen}");
+}
