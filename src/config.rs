@@ -1022,6 +1022,26 @@ fn validate(
             locate(figment, "database")
         ));
     }
+    // Else `run` fails opening it with exit 1, which systemd restarts
+    // forever, and `config check` said nothing.
+    for (key, path) in [
+        ("database", &file.database),
+        ("oauth.token_store", &file.oauth.token_store),
+    ] {
+        if path.is_dir() {
+            return err(format!(
+                "{}: {} is a directory; give the path of the database file in it (such as {})",
+                locate(figment, key),
+                path.display(),
+                path.join(if key == "database" {
+                    "leadsync.db"
+                } else {
+                    "tokens.db"
+                })
+                .display()
+            ));
+        }
+    }
     let mut notes = Vec::new();
     for (key, value) in [
         ("oauth.client_secret", &file.oauth.client_secret),

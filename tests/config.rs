@@ -1089,3 +1089,47 @@ fn admin_timers_too_large_for_a_duration_are_refused() {
         assert_config_error(&check(&[&f], &[]), &[&format!("admin.{key}"), "at most"]);
     }
 }
+
+#[test]
+fn a_directory_given_as_the_mirror_or_the_token_store_is_a_configuration_error() {
+    // Review (cfg): `database = "/var/lib/leadsync"` (the directory) passed
+    // `config check`; `run` then failed with exit 1 ("unable to open
+    // database file"), which systemd restarts forever instead of stopping
+    // at 78.
+    let d = Dir::new();
+    let dir = d.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let db = d.file(
+        "db.toml",
+        &d.base().replace(
+            &format!("database = \"{}\"", d.path().join("m.db").display()),
+            &format!("database = \"{}\"", dir.display()),
+        ),
+    );
+    assert_config_error(
+        &check(&[&db], &[]),
+        &["db.toml", "database", "is a directory"],
+    );
+    let store = d.file(
+        "store.toml",
+        &format!(
+            "{}\n[oauth]\ntoken_store = \"{}\"\n",
+            d.base(),
+            dir.display()
+        ),
+    );
+    assert_config_error(
+        &check(&[&store], &[]),
+        &["store.toml", "oauth.token_store", "is a directory"],
+    );
+    // Through `run` too: exit 78, so that systemd does not restart it.
+    let o = common::output(
+        Command::new(bin())
+            .arg("--config")
+            .arg(&db)
+            .arg("run")
+            .env_remove("CREDENTIALS_DIRECTORY"),
+    )
+    .unwrap();
+    assert_config_error(&o, &["database", "is a directory"]);
+}
