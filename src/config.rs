@@ -834,10 +834,29 @@ fn conf_d_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return err(format!("{}: cannot read directory: {e}", dir.display())),
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-        .collect();
+    let mut files = Vec::new();
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        // `*.toml` as a shell matches it: not hidden files (`.#x.toml` is
+        // an editor's lock link to nowhere while the file is being edited).
+        let hidden = p
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        if hidden || !p.extension().is_some_and(|x| x == "toml") {
+            continue;
+        }
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => files.push(p),
+            Ok(_) => {}
+            // A link to a missing file: skipping it would drop its
+            // businesses at the next reload or start without a word.
+            Err(e) => {
+                return err(format!(
+                    "{}: cannot be read: {e} (a link to a file that is missing?)",
+                    p.display()
+                ));
+            }
+        }
+    }
     files.sort();
     Ok(files)
 }
@@ -1647,6 +1666,25 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conf_d_refuses_a_dangling_link_and_skips_hidden_files() {
+        // Review (cfg): a conf.d entry that is a link to a missing file was
+        // skipped silently, so its business vanished at the next reload or
+        // start; `.#x.toml` (an editor's lock link) and other hidden files
+        // are not matched by `*.toml`, as the README says.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("10-a.toml"), "").unwrap();
+        std::os::unix::fs::symlink("user@host.1:1", dir.path().join(".#10-a.toml")).unwrap();
+        std::fs::write(dir.path().join(".hidden.toml"), "").unwrap();
+        assert_eq!(
+            conf_d_files(dir.path()).unwrap(),
+            vec![dir.path().join("10-a.toml")]
+        );
+        std::os::unix::fs::symlink("/nonexistent/pro.toml", dir.path().join("20-b.toml")).unwrap();
+        let e = conf_d_files(dir.path()).unwrap_err().0;
+        assert!(e.contains("20-b.toml"), "{e}");
+    }
 
     #[test]
     fn five_field_cron_gets_seconds() {
