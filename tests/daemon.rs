@@ -1114,3 +1114,46 @@ fn a_second_demo_in_the_same_directory_is_refused_and_the_first_finishes() {
     let status = wait_exit(&mut first, Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "the first demo failed:\n{seen}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_shows_in_the_status_line_until_one_succeeds() {
+    // Review (cfg): `systemctl reload` of a broken file returns at once and
+    // the old configuration is kept, said only in the journal:
+    // `systemctl status` kept showing an ordinary STATUS= line, so an
+    // operator believed the edit was in force.
+    let env = Env::small().await;
+    let (socket, child) = env.spawn_notified(Duration::from_millis(200), &[]);
+    let mut child = Guard(child);
+    let mut buf = [0u8; 4096];
+    // The latest STATUS= line once `until` holds for one, within a minute.
+    let mut status_until = |what: &str, until: &dyn Fn(&str) -> bool| -> String {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(s) = m.lines().find_map(|l| l.strip_prefix("STATUS="))
+                    && until(s)
+                {
+                    return s.to_string();
+                }
+            }
+        }
+        panic!("no STATUS= line {what} within a minute");
+    };
+    status_until("at the start", &|s| s.contains("leads"));
+    let good = std::fs::read_to_string(&env.overrides).unwrap();
+    env.set_overrides(&format!("{good}\n[outbox\n"));
+    signal(&child, libc::SIGHUP);
+    let failed = status_until("after the failed reload", &|s| s.contains("reload failed"));
+    assert!(failed.contains("previous configuration"), "{failed}");
+    env.set_overrides(&good);
+    signal(&child, libc::SIGHUP);
+    status_until("after the good reload", &|s| {
+        s.contains("leads") && !s.contains("reload failed")
+    });
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
