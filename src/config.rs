@@ -556,7 +556,16 @@ impl ConfigSource {
             .merge(EnvText);
         let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
         resolve_relative_paths(&figment, &mut file)?;
-        validate(&figment, file, files)
+        let replaced = businesses_replaced_by_env(&files);
+        let mut config = validate(&figment, file, files)?;
+        if replaced > 0 {
+            config.notes.push(format!(
+                "environment variable {ENV_PREFIX}BUSINESSES replaces {replaced} business(es) of the \
+                 configuration files, which are not used: the environment overrides the files, it does not \
+                 add to them; list every business in the variable, or add this one in a conf.d file"
+            ));
+        }
+        Ok(config)
     }
 
     fn resolve_files(&self) -> Result<Vec<PathBuf>, ConfigError> {
@@ -585,6 +594,25 @@ impl ConfigSource {
         }
         Ok(files)
     }
+}
+
+/// How many businesses of the files `LEADSYNC_BUSINESSES` replaces (0
+/// when it is not set): the files are read again for it only then.
+fn businesses_replaced_by_env(files: &[PathBuf]) -> usize {
+    let set = Env::prefixed(ENV_PREFIX)
+        .split("__")
+        .only(&["businesses"])
+        .iter()
+        .next()
+        .is_some();
+    if !set {
+        return 0;
+    }
+    files
+        .iter()
+        .fold(Figment::new(), |f, file| f.admerge(Toml::file_exact(file)))
+        .extract_inner::<Vec<Value>>("businesses")
+        .map_or(0, |b| b.len())
 }
 
 /// Makes a relative path from a file relative to that file's directory (the

@@ -1133,3 +1133,31 @@ fn a_directory_given_as_the_mirror_or_the_token_store_is_a_configuration_error()
     .unwrap();
     assert_config_error(&o, &["database", "is a directory"]);
 }
+
+#[test]
+fn businesses_from_the_environment_replacing_those_of_the_files_are_warned_about() {
+    // Review (cfg): LEADSYNC_BUSINESSES replaces the files' businesses (the
+    // environment overrides files; arrays are not added up), silently: one
+    // business added that way in a container dropped every conf.d one.
+    let d = Dir::new();
+    let f = d.file("a.toml", &d.base());
+    let env = format!(
+        "[{{id=\"42\", access_token_file=\"{}\"}}]",
+        d.token.display()
+    );
+    let o = check(&[&f], &[("LEADSYNC_BUSINESSES", &env)]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("warning") && t.contains("LEADSYNC_BUSINESSES") && t.contains("replaces 1"),
+        "{t}"
+    );
+    // Without businesses in the files, nothing to warn about.
+    let none = d.file(
+        "none.toml",
+        &format!("database = \"{}\"\n", d.path().join("m.db").display()),
+    );
+    let o = check(&[&none], &[("LEADSYNC_BUSINESSES", &env)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("LEADSYNC_BUSINESSES"), "{}", text(&o));
+}
