@@ -869,7 +869,7 @@ fn conf_d_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
         let hidden = p
             .file_name()
             .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
-        if hidden || !p.extension().is_some_and(|x| x == "toml") {
+        if hidden || p.extension().is_none_or(|x| x != "toml") {
             continue;
         }
         match std::fs::metadata(&p) {
