@@ -1237,9 +1237,11 @@ fn validate(
             api.timeout_secs.saturating_add(SHUTDOWN_MARGIN_SECS),
         ));
     }
-    if file.daemon.sync_concurrency == 0 {
+    // One worker task each: a typo with extra zeros exhausted the memory
+    // at the start. The rate budget, not this, limits the requests.
+    if !(1..=256).contains(&file.daemon.sync_concurrency) {
         return err(format!(
-            "{}: must be at least 1",
+            "{}: must be between 1 and 256",
             locate(figment, "daemon.sync_concurrency")
         ));
     }

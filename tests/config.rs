@@ -1161,3 +1161,24 @@ fn businesses_from_the_environment_replacing_those_of_the_files_are_warned_about
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert!(!text(&o).contains("LEADSYNC_BUSINESSES"), "{}", text(&o));
 }
+
+#[test]
+fn a_sync_concurrency_beyond_256_is_refused() {
+    // Review (cfg): `daemon.sync_concurrency = 100000000` (a typo) passed
+    // `config check`; `run` started one worker task per unit and ran out of
+    // memory (aborted) before syncing anything.
+    let d = Dir::new();
+    let f = d.file(
+        "a.toml",
+        &format!("{}\n[daemon]\nsync_concurrency = 100000000\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&f], &[]),
+        &["a.toml", "daemon.sync_concurrency", "between 1 and 256"],
+    );
+    let ok = d.file(
+        "ok.toml",
+        &format!("{}\n[daemon]\nsync_concurrency = 256\n", d.base()),
+    );
+    assert_eq!(check(&[&ok], &[]).status.code(), Some(0));
+}
