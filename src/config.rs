@@ -540,6 +540,7 @@ impl ConfigSource {
     /// Reads, merges and validates the configuration (files, then the
     /// process's `LEADSYNC_*` environment).
     pub fn load(&self) -> Result<Config, ConfigError> {
+        check_env_names()?;
         let files = self.resolve_files()?;
         let mut figment = Figment::new();
         for f in &files {
@@ -594,6 +595,31 @@ impl ConfigSource {
         }
         Ok(files)
     }
+}
+
+/// Refuses a `LEADSYNC_*` variable with an empty part (`LEADSYNC_`,
+/// `LEADSYNC_OUTBOX__CONCURRENCY__`, `LEADSYNC_OUTBOX____CONCURRENCY`): the
+/// environment provider drops such a name without a word, so the override
+/// was silently not applied, where any other unknown key is an error.
+fn check_env_names() -> Result<(), ConfigError> {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name
+            .get(..ENV_PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+            .map(|_| &name[ENV_PREFIX.len()..])
+        else {
+            continue;
+        };
+        if rest.split("__").any(str::is_empty) {
+            return err(format!(
+                "environment variable {name}: the key has an empty part (nothing after the prefix, or \
+                 nothing between two `__` or after the last one), so it would not apply; write \
+                 {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}OUTBOX__CONCURRENCY"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// How many businesses of the files `LEADSYNC_BUSINESSES` replaces (0

@@ -1182,3 +1182,23 @@ fn a_sync_concurrency_beyond_256_is_refused() {
     );
     assert_eq!(check(&[&ok], &[]).status.code(), Some(0));
 }
+
+#[test]
+fn an_environment_variable_with_an_empty_part_is_refused_not_ignored() {
+    // Review (cfg): `LEADSYNC_OUTBOX__CONCURRENCY__=8` (a trailing `__`) or
+    // `LEADSYNC_OUTBOX____CONCURRENCY=8` was silently ignored: the
+    // configuration ran with the file's value and `config check` said
+    // nothing, where any other unknown key is an error.
+    let d = Dir::new();
+    let f = d.file("a.toml", &d.base());
+    for var in [
+        "LEADSYNC_OUTBOX__CONCURRENCY__",
+        "LEADSYNC_OUTBOX____CONCURRENCY",
+        "LEADSYNC_",
+    ] {
+        assert_config_error(&check(&[&f], &[(var, "8")]), &[var, "empty"]);
+    }
+    // The logging variables are not configuration keys.
+    let o = check(&[&f], &[("LEADSYNC_LOG", "debug")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
