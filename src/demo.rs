@@ -38,6 +38,84 @@ fn remove_database(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to replace a file the demo did not write: `--database` pointed
+/// at a real mirror (or any other file) deleted it, with the outbox rows
+/// the partner had written. A mirror whose businesses are all the
+/// sandbox's (a previous demo), an empty file or none at all is replaced.
+fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Result<()> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Ok(m) if m.len() == 0 => return Ok(()),
+        Ok(_) => {}
+    }
+    // Its businesses and leads, and how many outbox rows name a lead it
+    // does not hold (a mirror written by `enqueue` alone, say).
+    let read = (|| -> rusqlite::Result<(Vec<String>, i64)> {
+        let c = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        let mut q = c.prepare(
+            "SELECT business_id FROM businesses UNION SELECT business_id FROM negotiations",
+        )?;
+        let ids = q
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let foreign = c.query_row(
+            "SELECT (SELECT count(*) FROM outbox
+                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))
+                  + (SELECT count(*) FROM message_outbox
+                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((ids, foreign))
+    })();
+    let keep = format!(
+        "the demo replaces its database: give it another --database, or remove {} yourself",
+        path.display()
+    );
+    match read {
+        Ok((ids, foreign)) => {
+            match ids
+                .iter()
+                .find(|id| !businesses.iter().any(|b| &b.id == *id))
+            {
+                Some(id) => anyhow::bail!(
+                    "{} is a mirror with business {id}, not one the demo wrote; {keep}",
+                    path.display()
+                ),
+                None if foreign > 0 => anyhow::bail!(
+                    "{} is a mirror with {foreign} outbox row(s) for leads it does not hold, not one \
+                     the demo wrote; {keep}",
+                    path.display()
+                ),
+                None => Ok(()),
+            }
+        }
+        Err(_) => anyhow::bail!(
+            "{} exists and is not a mirror the demo wrote; {keep}",
+            path.display()
+        ),
+    }
+}
+
+/// The demo's private temporary directory (grants, client secret, token
+/// store), one per process.
+pub fn private_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()))
+}
+
+/// Removes [`private_dir`] once more, after the runtime has stopped: a demo
+/// dropped by Ctrl-C may leave a token store write on a blocking thread,
+/// which can create a file there (the per-grant lock directory) after the
+/// drop removed it.
+pub fn remove_private_dir() {
+    let _ = std::fs::remove_dir_all(private_dir());
+}
+
 /// Removes the demo's temporary directory however the demo ends.
 struct RemoveOnDrop(std::path::PathBuf);
 
@@ -53,9 +131,21 @@ pub async fn run(database: &Path) -> Result<u8> {
     // The grants, the client secret and the token store live in a private
     // (0700) temporary directory, removed at the end even when a step fails:
     // never beside the mirror, whose directory may be /tmp.
-    let fixture = std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()));
+    let fixture = private_dir();
     let _cleanup = RemoveOnDrop(fixture.clone());
     let tokens = fixture.join("tokens.db");
+    say(
+        "leadsync demo: the whole flow against the built-in Thumbtack sandbox (loopback only, no credentials)\n",
+    );
+
+    let sandbox = Sandbox::start(SandboxOptions {
+        businesses: 3,
+        leads_per_business: 45,
+        access_token_ttl_secs: 600,
+        ..SandboxOptions::default()
+    })
+    .await?;
+    let businesses = sandbox.businesses();
     {
         // Another demo (or a daemon) using this mirror keeps it: removing
         // its files under it made that one fail part way.
@@ -69,20 +159,9 @@ pub async fn run(database: &Path) -> Result<u8> {
                 database.display()
             )
         })?;
+        replaceable(database, &businesses)?;
         remove_database(database)?;
     }
-    say(
-        "leadsync demo: the whole flow against the built-in Thumbtack sandbox (loopback only, no credentials)\n",
-    );
-
-    let sandbox = Sandbox::start(SandboxOptions {
-        businesses: 3,
-        leads_per_business: 45,
-        access_token_ttl_secs: 600,
-        ..SandboxOptions::default()
-    })
-    .await?;
-    let businesses = sandbox.businesses();
     say(format!(
         "[1/7] sandbox started at {} with {} businesses and {} leads (seed 42)",
         sandbox.base_url(),

@@ -24,8 +24,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let demo = matches!(cli.command, leadsync::cli::Command::Demo { .. });
     let result = runtime.block_on(execute(cli));
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if demo {
+        leadsync::demo::remove_private_dir();
+    }
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -1084,7 +1084,9 @@ fn a_demo_stopped_by_ctrl_c_removes_its_private_directory() {
     assert!(
         !fixture.exists(),
         "left behind: {:?}",
-        std::fs::read_dir(&fixture).map(|d| d.count())
+        std::fs::read_dir(&fixture).map(|d| d
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect::<Vec<_>>())
     );
 }
 
@@ -1156,4 +1158,68 @@ async fn a_failed_reload_shows_in_the_status_line_until_one_succeeds() {
         wait_exit(&mut child, Duration::from_secs(15)).code(),
         Some(0)
     );
+}
+
+#[test]
+fn the_demo_does_not_replace_a_mirror_it_did_not_write() {
+    // Review (cfg): `leadsync demo --database /var/lib/leadsync/leadsync.db`
+    // (a slip of tab completion) deleted the real mirror, with the outbox
+    // rows the partner had written, while the daemon was stopped.
+    let dir = tempfile::tempdir().unwrap();
+    let token = common::write(dir.path(), "token", "static-token\n");
+    let real = dir.path().join("real.db");
+    let config = common::write(
+        dir.path(),
+        "real.toml",
+        &format!(
+            "database = \"{}\"\n[[businesses]]\nid = \"1234\"\naccess_token_file = \"{}\"\n",
+            real.display(),
+            token.display()
+        ),
+    );
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "enqueue",
+                "--negotiation",
+                "5678",
+                "--status",
+                "job_complete",
+                "--at",
+                "2026-11-20T16:45:00Z",
+            ]),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&real)
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("not one the demo wrote"),
+        "says why: {}",
+        text(&o)
+    );
+    let db = rusqlite::Connection::open(&real).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox"), 1);
+    // A file that is no mirror at all is not replaced either.
+    let notes = common::write(dir.path(), "notes.txt", "my notes\n");
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&notes)
+            .current_dir(dir.path()),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
 }
