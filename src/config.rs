@@ -1263,11 +1263,13 @@ fn validate(
             api.timeout_secs.saturating_add(SHUTDOWN_MARGIN_SECS),
         ));
     }
-    // One worker task each: a typo with extra zeros exhausted the memory
-    // at the start. The rate budget, not this, limits the requests.
-    if !(1..=256).contains(&file.daemon.sync_concurrency) {
+    // One worker task each: a typo with extra zeros (100000000) exhausted
+    // the memory at the start. The bound is far above any useful value
+    // (the rate budget, not this, limits the requests) so that no value
+    // an earlier version started with (300, 1000) stops a service now.
+    if !(1..=MAX_SYNC_CONCURRENCY).contains(&file.daemon.sync_concurrency) {
         return err(format!(
-            "{}: must be between 1 and 256",
+            "{}: must be between 1 and {MAX_SYNC_CONCURRENCY}",
             locate(figment, "daemon.sync_concurrency")
         ));
     }
@@ -1634,8 +1636,8 @@ fn validate_webhooks(
     }
 }
 
-/// The largest `admin.refresh_secs` and `admin.stale_after_secs`: a day.
-pub const MAX_ADMIN_SECS: f64 = 86400.0;
+/// The largest `daemon.sync_concurrency` (one worker task each).
+pub const MAX_SYNC_CONCURRENCY: usize = 65536;
 
 /// `[admin]`: a socket address, loopback unless `allow_remote`, and sane timers.
 fn validate_admin(
@@ -1646,11 +1648,13 @@ fn validate_admin(
         ("refresh_secs", admin.refresh_secs),
         ("stale_after_secs", admin.stale_after_secs),
     ] {
-        // Larger values panicked converting to a duration at the start.
-        if !(v.is_finite() && (0.05..=MAX_ADMIN_SECS).contains(&v)) {
+        // One a duration cannot hold (1e300) panicked converting it at the
+        // start; large ones (a week, 1e9 to switch staleness off) are fine.
+        if !(v.is_finite() && v >= 0.05 && std::time::Duration::try_from_secs_f64(v).is_ok()) {
             return err(format!(
-                "{}: must be a number of seconds, at least 0.05 and at most {MAX_ADMIN_SECS}",
-                locate(figment, &format!("admin.{key}"))
+                "{}: must be a number of seconds, at least 0.05 and at most {} (about 584 billion years)",
+                locate(figment, &format!("admin.{key}")),
+                u64::MAX
             ));
         }
     }

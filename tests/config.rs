@@ -1086,7 +1086,20 @@ fn admin_timers_too_large_for_a_duration_are_refused() {
             &format!("{key}.toml"),
             &format!("{}\n[admin]\n{key} = 1e300\n", d.base()),
         );
-        assert_config_error(&check(&[&f], &[]), &[&format!("admin.{key}"), "at most"]);
+        assert_config_error(&check(&[&f], &[]), &[&format!("admin.{key}"), "seconds"]);
+    }
+    // Review (cfg, 2nd): a cap of a day refused `stale_after_secs = 604800`
+    // or `1e9` (staleness switched off), valid before: an upgrade stopped
+    // the service (78). Only what a duration cannot hold is refused.
+    for value in ["604800", "1e9"] {
+        for key in ["refresh_secs", "stale_after_secs"] {
+            let f = d.file(
+                "ok.toml",
+                &format!("{}\n[admin]\n{key} = {value}\n", d.base()),
+            );
+            let o = check(&[&f], &[]);
+            assert_eq!(o.status.code(), Some(0), "{key} = {value}: {}", text(&o));
+        }
     }
 }
 
@@ -1163,7 +1176,7 @@ fn businesses_from_the_environment_replacing_those_of_the_files_are_warned_about
 }
 
 #[test]
-fn a_sync_concurrency_beyond_256_is_refused() {
+fn a_sync_concurrency_beyond_65536_is_refused() {
     // Review (cfg): `daemon.sync_concurrency = 100000000` (a typo) passed
     // `config check`; `run` started one worker task per unit and ran out of
     // memory (aborted) before syncing anything.
@@ -1174,13 +1187,23 @@ fn a_sync_concurrency_beyond_256_is_refused() {
     );
     assert_config_error(
         &check(&[&f], &[]),
-        &["a.toml", "daemon.sync_concurrency", "between 1 and 256"],
+        &["a.toml", "daemon.sync_concurrency", "between 1 and 65536"],
     );
-    let ok = d.file(
-        "ok.toml",
-        &format!("{}\n[daemon]\nsync_concurrency = 256\n", d.base()),
+    let over = d.file(
+        "over.toml",
+        &format!("{}\n[daemon]\nsync_concurrency = 65537\n", d.base()),
     );
-    assert_eq!(check(&[&ok], &[]).status.code(), Some(0));
+    assert_config_error(&check(&[&over], &[]), &["daemon.sync_concurrency"]);
+    // Review (cfg, 2nd): a cap of 256 refused 300, valid before: an upgrade
+    // stopped a running service (78). Plausible values still start.
+    for n in [256, 300, 65536] {
+        let ok = d.file(
+            "ok.toml",
+            &format!("{}\n[daemon]\nsync_concurrency = {n}\n", d.base()),
+        );
+        let o = check(&[&ok], &[]);
+        assert_eq!(o.status.code(), Some(0), "{n}: {}", text(&o));
+    }
 }
 
 #[test]
