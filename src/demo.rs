@@ -9,7 +9,7 @@ use crate::store::ProcessLock;
 use crate::sync::{PassSettings, ScanKind, sync_business};
 use anyhow::{Context, Result};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -102,22 +102,68 @@ fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Resu
     }
 }
 
-/// The demo's private temporary directory (grants, client secret, token
-/// store), one per process.
-pub fn private_dir() -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()))
+/// The private directory this process created, once it has: the only one
+/// [`remove_private_dir`] removes.
+static PRIVATE_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// How many names [`create_private_dir`] tries.
+const PRIVATE_DIR_ATTEMPTS: usize = 8;
+
+/// Creates the demo's private temporary directory (grants, client secret,
+/// token store) under `base`: a new one, 0700. `leadsync-demo-PID` is
+/// predictable, so an existing path there (a link or a directory another
+/// local user planted) is never used nor followed: another name with a
+/// random suffix is tried instead.
+pub fn create_private_dir(base: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let pid = std::process::id();
+    for attempt in 0..PRIVATE_DIR_ATTEMPTS {
+        let name = match attempt {
+            0 => format!("leadsync-demo-{pid}"),
+            _ => format!("leadsync-demo-{pid}-{:016x}", fastrand::u64(..)),
+        };
+        let path = base.join(name);
+        // mkdir(2) creates the last component or fails: it follows no link there.
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {
+                *PRIVATE_DIR.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot create the demo's private directory {}",
+                        path.display()
+                    )
+                });
+            }
+        }
+    }
+    anyhow::bail!(
+        "cannot create the demo's private directory in {}: {PRIVATE_DIR_ATTEMPTS} names tried were \
+         taken (leadsync-demo-{pid} and random ones); set TMPDIR to a directory of your own",
+        base.display()
+    )
 }
 
-/// Removes [`private_dir`] once more, after the runtime has stopped: a demo
-/// dropped by Ctrl-C may leave a token store write on a blocking thread,
-/// which can create a file there (the per-grant lock directory) after the
-/// drop removed it.
+/// Removes the directory [`create_private_dir`] created once more, after
+/// the runtime has stopped: a demo dropped by Ctrl-C may leave a token
+/// store write on a blocking thread, which can create a file there (the
+/// per-grant lock directory) after the drop removed it. Nothing when this
+/// process created none.
 pub fn remove_private_dir() {
-    let _ = std::fs::remove_dir_all(private_dir());
+    let created = PRIVATE_DIR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(dir) = created {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Removes the demo's temporary directory however the demo ends.
-struct RemoveOnDrop(std::path::PathBuf);
+struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -131,7 +177,7 @@ pub async fn run(database: &Path) -> Result<u8> {
     // The grants, the client secret and the token store live in a private
     // (0700) temporary directory, removed at the end even when a step fails:
     // never beside the mirror, whose directory may be /tmp.
-    let fixture = private_dir();
+    let fixture = create_private_dir(&std::env::temp_dir())?;
     let _cleanup = RemoveOnDrop(fixture.clone());
     let tokens = fixture.join("tokens.db");
     say(

@@ -1223,3 +1223,87 @@ fn the_demo_does_not_replace_a_mirror_it_did_not_write() {
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
 }
+
+/// Runs `leadsync demo` in `dir` with TMPDIR `tmp`, after `plant` (a shell
+/// command) has run in the same process: `$$` there is the demo's pid, so
+/// it can put something at the demo's predictable private directory name.
+fn demo_after(dir: &std::path::Path, tmp: &std::path::Path, plant: &str) -> std::process::Output {
+    common::output(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{plant} && exec \"$0\" demo"))
+            .arg(bin())
+            .current_dir(dir)
+            .env("TMPDIR", tmp)
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap()
+}
+
+/// The names in a directory, sorted.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_demo_does_not_follow_a_link_planted_at_its_private_directory_name() {
+    // Review (cfg, 2nd): $TMPDIR/leadsync-demo-PID is predictable, and the
+    // demo accepted a link another local user planted there: it wrote its
+    // leadsync.toml and client secret into the directory of their choice
+    // (with sudo, /etc/leadsync).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    std::fs::write(target.path().join("leadsync.toml"), "mine\n").unwrap();
+    std::fs::set_permissions(target.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = demo_after(
+        dir.path(),
+        tmp.path(),
+        &format!(
+            "ln -s '{}' \"$TMPDIR/leadsync-demo-$$\"",
+            target.path().display()
+        ),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(names(target.path()), ["leadsync.toml"]);
+    assert_eq!(
+        std::fs::read_to_string(target.path().join("leadsync.toml")).unwrap(),
+        "mine\n"
+    );
+    let mode = std::fs::metadata(target.path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    // The link is left alone, and the demo's own directory is gone.
+    let left = names(tmp.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        std::fs::symlink_metadata(tmp.path().join(&left[0]))
+            .unwrap()
+            .is_symlink()
+    );
+}
+
+#[test]
+fn the_demo_does_not_use_or_remove_a_directory_planted_at_its_private_directory_name() {
+    // Review (cfg, 2nd): a directory already there was taken as the demo's
+    // own (and removed at its end, with whatever it held).
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let o = demo_after(
+        dir.path(),
+        tmp.path(),
+        "mkdir \"$TMPDIR/leadsync-demo-$$\" && echo mine > \"$TMPDIR/leadsync-demo-$$/notes\"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let left = names(tmp.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(names(&tmp.path().join(&left[0])), ["notes"]);
+}
