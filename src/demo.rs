@@ -192,22 +192,29 @@ pub async fn run(database: &Path) -> Result<u8> {
     })
     .await?;
     let businesses = sandbox.businesses();
-    {
-        // Another demo (or a daemon) using this mirror keeps it: removing
-        // its files under it made that one fail part way.
-        let _lock = ProcessLock::try_acquire(database)?.with_context(|| {
+    // Another demo (or a daemon) using this mirror keeps it: removing its
+    // files under it made that one fail part way. The lock is held from
+    // here until the session has it: let go in between, a second demo
+    // could take it and remove this one's fresh mirror.
+    let lock = ProcessLock::try_acquire(database)?.with_context(|| {
+        let pid = ProcessLock::holder(database)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        if ProcessLock::held_by_daemon(database) {
             format!(
-                "another leadsync process (pid {}) is using {}: wait for the other `leadsync demo` \
-                 running in this directory, or give this one `--database OTHER.db`",
-                ProcessLock::holder(database)
-                    .map(|p| p.to_string())
-                    .unwrap_or_else(|| "unknown".into()),
+                "the leadsync daemon (pid {pid}) is running on {}: give the demo `--database OTHER.db`",
                 database.display()
             )
-        })?;
-        replaceable(database, &businesses)?;
-        remove_database(database)?;
-    }
+        } else {
+            format!(
+                "another leadsync process (pid {pid}) is using {}: wait for it (another \
+                 `leadsync demo` running in this directory, say), or give this one `--database OTHER.db`",
+                database.display()
+            )
+        }
+    })?;
+    replaceable(database, &businesses)?;
+    remove_database(database)?;
     say(format!(
         "[1/7] sandbox started at {} with {} businesses and {} leads (seed 42)",
         sandbox.base_url(),
@@ -232,7 +239,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         database.display()
     ));
 
-    let session = Session::open(config).await?;
+    let session = Session::open_holding(config, lock).await?;
     let stop = CancellationToken::new();
     let settings = PassSettings {
         page_size: session.config.file.poll.page_size,

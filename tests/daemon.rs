@@ -1307,3 +1307,27 @@ fn the_demo_does_not_use_or_remove_a_directory_planted_at_its_private_directory_
     assert_eq!(left.len(), 1, "{left:?}");
     assert_eq!(names(&tmp.path().join(&left[0])), ["notes"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // Session::open_holding starts no process.
+async fn a_session_opened_with_the_lock_already_held_keeps_it_throughout() {
+    // Review (cfg, 2nd): the demo took the mirror's lock to refuse a second
+    // demo, let go of it, and `Session::open` took it again: a second demo
+    // starting in that gap removed the first one's fresh mirror. The demo
+    // now hands its lock over; on a new mirror (which is migrated, under a
+    // lock of its own otherwise) the session opens and the lock is never free.
+    use leadsync::store::ProcessLock;
+    let env = Env::small().await;
+    let mut config = env.config();
+    let db = env.dir.path().join("handed-over.db");
+    config.file.database = db.clone();
+    let _gate = common::no_spawns();
+    let lock = ProcessLock::try_acquire(&db).unwrap().expect("a free lock");
+    let session = leadsync::app::Session::open_holding(config, lock)
+        .await
+        .expect("open the session with the lock held");
+    assert!(ProcessLock::try_acquire(&db).unwrap().is_none());
+    assert_eq!(ProcessLock::holder(&db), Some(std::process::id()));
+    drop(session);
+    assert!(ProcessLock::try_acquire(&db).unwrap().is_some());
+}
