@@ -569,12 +569,20 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             // removed as on any other end; the default action killed the
             // process and left it in $TMPDIR.
             let stop = stop_on_signal()?;
+            let replaced = std::sync::atomic::AtomicBool::new(false);
             tokio::select! {
-                done = crate::demo::run(&database) => done,
-                _ = stop.cancelled() => bail!(
-                    "demo interrupted; its temporary files are removed, {} is left as it was",
-                    database.display()
-                ),
+                done = crate::demo::run(&database, &replaced) => done,
+                _ = stop.cancelled() => {
+                    let mirror = if replaced.load(std::sync::atomic::Ordering::SeqCst) {
+                        "holds what it wrote so far (run it again to start afresh)"
+                    } else {
+                        "is left as it was"
+                    };
+                    bail!(
+                        "demo interrupted; its temporary files are removed, {} {mirror}",
+                        database.display()
+                    )
+                }
             }
         }
         Command::Backup { file, force } => backup(&load()?, file, force).await,

@@ -171,8 +171,9 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Runs the demo, writing the mirror to `database`.
-pub async fn run(database: &Path) -> Result<u8> {
+/// Runs the demo, writing the mirror to `database`; `replaced` is set once
+/// it has removed the previous one (`[1/7]`).
+pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> Result<u8> {
     let started = Instant::now();
     // The grants, the client secret and the token store live in a private
     // (0700) temporary directory, removed at the end even when a step fails:
@@ -214,6 +215,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         }
     })?;
     replaceable(database, &businesses)?;
+    replaced.store(true, std::sync::atomic::Ordering::SeqCst);
     remove_database(database)?;
     say(format!(
         "[1/7] sandbox started at {} with {} businesses and {} leads (seed 42)",

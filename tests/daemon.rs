@@ -1036,13 +1036,14 @@ async fn a_mirror_of_the_previous_schema_is_migrated_by_the_next_command() {
     assert_eq!(version, latest);
 }
 
-/// Starts `leadsync demo` in `dir` (temporary files under `tmp`) and reads
-/// its output until `marker`; returns the child and what it printed.
+/// Starts `leadsync demo` in `dir` (temporary files under `tmp`, its
+/// stderr in `dir/demo.err`) and reads its output until `marker`, for a
+/// minute at most; returns the child, its further lines, what it printed.
 fn demo_until(
     dir: &std::path::Path,
     tmp: &std::path::Path,
     marker: &str,
-) -> (Guard, std::io::BufReader<std::process::ChildStdout>, String) {
+) -> (Guard, std::sync::mpsc::Receiver<String>, String) {
     use std::io::BufRead;
     let mut child = Guard(
         common::spawn(
@@ -1052,21 +1053,44 @@ fn demo_until(
                 .env("TMPDIR", tmp)
                 .env_remove("LEADSYNC_LOG")
                 .stdout(std::process::Stdio::piped())
-                .stderr(std::process::Stdio::null()),
+                .stderr(std::fs::File::create(dir.join("demo.err")).unwrap()),
         )
         .unwrap(),
     );
-    let mut out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    // Read on a thread of its own: a demo that hangs fails the test at the
+    // deadline instead of hanging it.
+    let out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
     let mut seen = String::new();
     while !seen.contains(marker) {
-        let mut line = String::new();
-        assert!(
-            out.read_line(&mut line).unwrap() > 0,
-            "the demo ended before {marker:?}:\n{seen}"
-        );
-        seen.push_str(&line);
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push_str(&format!("{line}\n")),
+            Err(e) => panic!("the demo did not print {marker:?} ({e}):\n{seen}"),
+        }
     }
-    (child, out, seen)
+    (child, lines, seen)
+}
+
+/// The rest of a demo's output from [`demo_until`], until it closes it,
+/// within `within`.
+fn demo_rest(lines: &std::sync::mpsc::Receiver<String>, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    let mut seen = String::new();
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push_str(&format!("{line}\n")),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return seen,
+            Err(e) => panic!("the demo did not end ({e}):\n{seen}"),
+        }
+    }
 }
 
 #[test]
@@ -1081,6 +1105,14 @@ fn a_demo_stopped_by_ctrl_c_removes_its_private_directory() {
     signal(&child, libc::SIGINT);
     let status = wait_exit(&mut child, Duration::from_secs(30));
     assert_eq!(status.code(), Some(1), "an interrupted demo is a failure");
+    // Review (cfg, 2nd): it said the mirror "is left as it was", false
+    // once the demo had replaced it ([1/7]).
+    let err = std::fs::read_to_string(dir.path().join("demo.err")).unwrap();
+    assert!(
+        err.contains("demo interrupted") && !err.contains("left as it was"),
+        "{err}"
+    );
+    assert!(err.contains("what it wrote so far"), "{err}");
     assert!(
         !fixture.exists(),
         "left behind: {:?}",
@@ -1094,10 +1126,9 @@ fn a_demo_stopped_by_ctrl_c_removes_its_private_directory() {
 fn a_second_demo_in_the_same_directory_is_refused_and_the_first_finishes() {
     // Review (cfg): a second `leadsync demo` deleted the running one's
     // mirror (and its lock file), which then failed part way.
-    use std::io::Read;
     let dir = tempfile::tempdir().unwrap();
     let tmp = tempfile::tempdir().unwrap();
-    let (mut first, mut out, mut seen) = demo_until(dir.path(), tmp.path(), "[3/7]");
+    let (mut first, lines, mut seen) = demo_until(dir.path(), tmp.path(), "[3/7]");
     let second = common::output(
         std::process::Command::new(bin())
             .arg("demo")
@@ -1112,7 +1143,7 @@ fn a_second_demo_in_the_same_directory_is_refused_and_the_first_finishes() {
         "{}",
         text(&second)
     );
-    out.read_to_string(&mut seen).unwrap();
+    seen.push_str(&demo_rest(&lines, Duration::from_secs(60)));
     let status = wait_exit(&mut first, Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "the first demo failed:\n{seen}");
 }
