@@ -1064,10 +1064,20 @@ fn a_syntax_error_on_a_secret_line_does_not_print_the_secret() {
             format!("[webhooks]\nheader_value = \"{secret}\"\nheader_value = \"{secret}\"\n"),
         ),
     ] {
-        let f = d.file(name, &format!("{}\n{line}", d.base()));
+        let content = format!("{}\n{line}", d.base());
+        let f = d.file(name, &content);
         let o = check(&[&f], &[]);
-        // Still says where: the file and the line.
-        assert_config_error(&o, &[name, "line"]);
+        // Still says where: the file and the line (the last one holding the
+        // secret: the second of two keys is the error).
+        let at = content
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(secret))
+            .last()
+            .expect("the secret's line")
+            .0
+            + 1;
+        assert_config_error(&o, &[name, &format!("line {at},")]);
         assert!(
             !text(&o).contains(secret),
             "{name}: the secret was printed:\n{}",
