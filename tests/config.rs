@@ -1235,3 +1235,30 @@ fn an_environment_variable_with_an_empty_part_is_refused_not_ignored() {
     let o = check(&[&f], &[("LEADSYNC_LOG", "debug")]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+#[test]
+fn output_to_a_reader_gone_away_is_no_panic() {
+    // `leadsync config check | head -1` (or `status`, `outbox list`): the
+    // reader closing the pipe made println! panic (exit 101, "panicked at
+    // ... Broken pipe"). Now a quiet failure, exit 1 (SPEC: any other
+    // failure), without the panic message.
+    use std::os::fd::FromRawFd;
+    let d = Dir::new();
+    let f = d.file("a.toml", &d.base());
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // The read end closed before the child starts: its first write fails.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) });
+    let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+    let mut cmd = Command::new(bin());
+    cmd.arg("--config")
+        .arg(&f)
+        .args(["config", "check"])
+        .stdin(std::process::Stdio::null())
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped());
+    let o = common::spawn(&mut cmd).unwrap().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
