@@ -32,12 +32,31 @@ impl Session {
     /// holder is the daemon, which takes `sync_requests` rows (a `leadsync
     /// sync` meeting another command's lock fails instead of asking).
     pub async fn open_as(config: Config, daemon: bool) -> Result<Session> {
+        Session::open_with(config, daemon, None).await
+    }
+
+    /// [`Session::open`] with the mirror's lock, which this process took
+    /// already: it is never let go meanwhile (`demo` takes it before it
+    /// replaces the mirror; taking it again after a moment without it let
+    /// a second demo remove the first one's fresh mirror).
+    pub async fn open_holding(config: Config, lock: ProcessLock) -> Result<Session> {
+        Session::open_with(config, false, Some(lock)).await
+    }
+
+    async fn open_with(config: Config, daemon: bool, held: Option<ProcessLock>) -> Result<Session> {
         let path = config.database().to_path_buf();
-        let store = {
+        let (store, lock) = {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || Store::open(&path)).await??
+            tokio::task::spawn_blocking(move || match held {
+                Some(lock) => Store::open_holding(&path, &lock).map(|s| (s, Some(lock))),
+                None => Store::open(&path).map(|s| (s, None)),
+            })
+            .await??
         };
-        let lock = ProcessLock::acquire_as(&path, daemon)?;
+        let lock = match lock {
+            Some(lock) => lock,
+            None => ProcessLock::acquire_as(&path, daemon)?,
+        };
         let businesses = config.businesses.clone();
         let ((recovered, rebased), interrupted, needs_reauth, missing_indexes) = store
             .call(move |c| {

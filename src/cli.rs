@@ -567,7 +567,28 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         Command::Probe { business, json } => {
             crate::probe::run(with_secret(load()?)?, &business, json).await
         }
-        Command::Demo { database } => crate::demo::run(&database).await,
+        Command::Demo { database } => {
+            // Ctrl-C ends the demo by dropping it, so that its private
+            // temporary directory (client secret, grants, token store) is
+            // removed as on any other end; the default action killed the
+            // process and left it in $TMPDIR.
+            let stop = stop_on_signal()?;
+            let replaced = std::sync::atomic::AtomicBool::new(false);
+            tokio::select! {
+                done = crate::demo::run(&database, &replaced) => done,
+                _ = stop.cancelled() => {
+                    let mirror = if replaced.load(std::sync::atomic::Ordering::SeqCst) {
+                        "holds what it wrote so far (run it again to start afresh)"
+                    } else {
+                        "is left as it was"
+                    };
+                    bail!(
+                        "demo interrupted; its temporary files are removed, {} {mirror}",
+                        database.display()
+                    )
+                }
+            }
+        }
         Command::Backup { file, force } => backup(&load()?, file, force).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();

@@ -573,7 +573,8 @@ impl ConfigSource {
     /// Reads, merges and validates the configuration (files, then the
     /// process's `LEADSYNC_*` environment).
     pub fn load(&self) -> Result<Config, ConfigError> {
-        let files = self.resolve_files()?;
+        check_env_names()?;
+        let (files, skipped) = self.resolve_files()?;
         let mut figment = Figment::new();
         for f in &files {
             // admerge: `[[businesses]]` from several files add up; other keys: later wins.
@@ -589,10 +590,21 @@ impl ConfigSource {
             .merge(EnvText);
         let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
         resolve_relative_paths(&figment, &mut file)?;
-        validate(&figment, file, files)
+        let replaced = businesses_replaced_by_env(&files);
+        let mut config = validate(&figment, file, files)?;
+        config.notes.extend(skipped);
+        if replaced > 0 {
+            config.notes.push(format!(
+                "environment variable {ENV_PREFIX}BUSINESSES replaces {replaced} business(es) of the \
+                 configuration files, which are not used: the environment overrides the files, it does not \
+                 add to them; list every business in the variable, or add this one in a conf.d file"
+            ));
+        }
+        Ok(config)
     }
 
-    fn resolve_files(&self) -> Result<Vec<PathBuf>, ConfigError> {
+    /// The files to read, and warnings about files skipped.
+    fn resolve_files(&self) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> {
         if !self.files.is_empty() {
             for f in &self.files {
                 if !f.is_file() {
@@ -602,22 +614,68 @@ impl ConfigSource {
                     ));
                 }
             }
-            return Ok(self.files.clone());
+            return Ok((self.files.clone(), Vec::new()));
         }
         let mut files = Vec::new();
         let main = PathBuf::from(DEFAULT_CONFIG_FILE);
         if main.is_file() {
             files.push(main);
         }
-        files.extend(conf_d_files(Path::new(DEFAULT_CONF_D))?);
+        let (conf_d, skipped) = conf_d_files(Path::new(DEFAULT_CONF_D))?;
+        files.extend(conf_d);
         if files.is_empty() {
             return err(format!(
                 "no configuration: {DEFAULT_CONFIG_FILE} does not exist and {DEFAULT_CONF_D}/ has no *.toml file; \
-                 create one (see config/leadsync.toml in the source) or pass --config FILE"
+                 create one (see config/leadsync.toml in the source) or pass --config FILE{}",
+                skipped.iter().map(|s| format!("\n{s}")).collect::<String>()
             ));
         }
-        Ok(files)
+        Ok((files, skipped))
     }
+}
+
+/// Refuses a `LEADSYNC_*` variable with an empty part (`LEADSYNC_`,
+/// `LEADSYNC_OUTBOX__CONCURRENCY__`, `LEADSYNC_OUTBOX____CONCURRENCY`): the
+/// environment provider drops such a name without a word, so the override
+/// was silently not applied, where any other unknown key is an error.
+fn check_env_names() -> Result<(), ConfigError> {
+    for (name, _) in std::env::vars_os() {
+        let Some(name) = name.to_str() else { continue };
+        let Some(rest) = name
+            .get(..ENV_PREFIX.len())
+            .filter(|p| p.eq_ignore_ascii_case(ENV_PREFIX))
+            .map(|_| &name[ENV_PREFIX.len()..])
+        else {
+            continue;
+        };
+        if rest.split("__").any(str::is_empty) {
+            return err(format!(
+                "environment variable {name}: the key has an empty part (nothing after the prefix, or \
+                 nothing between two `__` or after the last one), so it would not apply; write \
+                 {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}OUTBOX__CONCURRENCY"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How many businesses of the files `LEADSYNC_BUSINESSES` replaces (0
+/// when it is not set): the files are read again for it only then.
+fn businesses_replaced_by_env(files: &[PathBuf]) -> usize {
+    let set = Env::prefixed(ENV_PREFIX)
+        .split("__")
+        .only(&["businesses"])
+        .iter()
+        .next()
+        .is_some();
+    if !set {
+        return 0;
+    }
+    files
+        .iter()
+        .fold(Figment::new(), |f, file| f.admerge(Toml::file_exact(file)))
+        .extract_inner::<Vec<Value>>("businesses")
+        .map_or(0, |b| b.len())
 }
 
 /// Makes a relative path from a file relative to that file's directory (the
@@ -860,19 +918,53 @@ impl figment::Provider for EnvText {
     }
 }
 
-/// `dir/*.toml` in lexical order; a missing directory is empty.
-fn conf_d_files(dir: &Path) -> Result<Vec<PathBuf>, ConfigError> {
+/// `dir/*.toml` in lexical order (a missing directory is empty), and a
+/// warning for each hidden `.x.toml` file skipped.
+fn conf_d_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
         Err(e) => return err(format!("{}: cannot read directory: {e}", dir.display())),
     };
-    let mut files: Vec<PathBuf> = entries
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "toml") && p.is_file())
-        .collect();
+    let mut files = Vec::new();
+    let mut skipped = Vec::new();
+    for p in entries.filter_map(|e| e.ok().map(|e| e.path())) {
+        if p.extension().is_none_or(|x| x != "toml") {
+            continue;
+        }
+        // `*.toml` as a shell matches it: not hidden files (`.#x.toml` is
+        // an editor's lock link to nowhere while the file is being edited).
+        // Earlier versions read a hidden regular file, though: skipping it
+        // without a word dropped its businesses at the upgrade.
+        let hidden = p
+            .file_name()
+            .is_some_and(|n| n.as_encoded_bytes().starts_with(b"."));
+        if hidden {
+            if std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
+                skipped.push(format!(
+                    "{}: not read, as a hidden file (leadsync reads conf.d/*.toml as the shell matches                      it; earlier versions read hidden files too): rename it without the leading dot                      to use it, or remove it",
+                    p.display()
+                ));
+            }
+            continue;
+        }
+        match std::fs::metadata(&p) {
+            Ok(m) if m.is_file() => files.push(p),
+            Ok(_) => {}
+            // A link to a missing file: skipping it would drop its
+            // businesses at the next reload or start without a word.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return err(format!(
+                    "{}: cannot be read: {e} (a link to a file that is missing?)",
+                    p.display()
+                ));
+            }
+            Err(e) => return err(format!("{}: cannot be read: {e}", p.display())),
+        }
+    }
     files.sort();
-    Ok(files)
+    skipped.sort();
+    Ok((files, skipped))
 }
 
 /// Where a value came from, in the user's words.
@@ -908,6 +1000,7 @@ fn describe_figment_error(e: figment::Error) -> ConfigError {
                 figment::error::Kind::Message(m) => m.trim_end().to_string(),
                 other => other.to_string(),
             };
+            let what = without_source_lines(&what);
             if path.is_empty() {
                 let file = match e.metadata.as_ref().and_then(|m| m.source.as_ref()) {
                     Some(Source::File(f)) => f.display().to_string(),
@@ -920,6 +1013,24 @@ fn describe_figment_error(e: figment::Error) -> ConfigError {
         })
         .collect();
     ConfigError(lines.join("\n"))
+}
+
+/// A TOML syntax error quotes the offending line of the file, which may
+/// hold a secret (`client_secret = s3cret`, unquoted, or a password with its
+/// closing quote missing): the line and column are kept, the quoted source
+/// (the `N | ...` lines and the caret under them) is left out, so neither
+/// the terminal nor the daemon's reload log ever shows it.
+fn without_source_lines(message: &str) -> String {
+    message
+        .lines()
+        .filter(|l| {
+            !l.trim_start()
+                .trim_start_matches(|c: char| c.is_ascii_digit())
+                .trim_start()
+                .starts_with('|')
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Locates a top-level key for error messages.
@@ -1035,6 +1146,26 @@ fn validate(
             "{}: must not be empty",
             locate(figment, "database")
         ));
+    }
+    // Else `run` fails opening it with exit 1, which systemd restarts
+    // forever, and `config check` said nothing.
+    for (key, path) in [
+        ("database", &file.database),
+        ("oauth.token_store", &file.oauth.token_store),
+    ] {
+        if path.is_dir() {
+            return err(format!(
+                "{}: {} is a directory; give the path of the database file in it (such as {})",
+                locate(figment, key),
+                path.display(),
+                path.join(if key == "database" {
+                    "leadsync.db"
+                } else {
+                    "tokens.db"
+                })
+                .display()
+            ));
+        }
     }
     let mut notes = Vec::new();
     for (key, value) in [
@@ -1184,9 +1315,13 @@ fn validate(
             api.timeout_secs.saturating_add(SHUTDOWN_MARGIN_SECS),
         ));
     }
-    if file.daemon.sync_concurrency == 0 {
+    // One worker task each: a typo with extra zeros (100000000) exhausted
+    // the memory at the start. The bound is far above any useful value
+    // (the rate budget, not this, limits the requests) so that no value
+    // an earlier version started with (300, 1000) stops a service now.
+    if !(1..=MAX_SYNC_CONCURRENCY).contains(&file.daemon.sync_concurrency) {
         return err(format!(
-            "{}: must be at least 1",
+            "{}: must be between 1 and {MAX_SYNC_CONCURRENCY}",
             locate(figment, "daemon.sync_concurrency")
         ));
     }
@@ -1580,6 +1715,9 @@ fn validate_webhooks(
     }
 }
 
+/// The largest `daemon.sync_concurrency` (one worker task each).
+pub const MAX_SYNC_CONCURRENCY: usize = 65536;
+
 /// `[admin]`: a socket address, loopback unless `allow_remote`, and sane timers.
 fn validate_admin(
     figment: &Figment,
@@ -1589,10 +1727,13 @@ fn validate_admin(
         ("refresh_secs", admin.refresh_secs),
         ("stale_after_secs", admin.stale_after_secs),
     ] {
-        if !(v.is_finite() && v >= 0.05) {
+        // One a duration cannot hold (1e300) panicked converting it at the
+        // start; large ones (a week, 1e9 to switch staleness off) are fine.
+        if !(v.is_finite() && v >= 0.05 && std::time::Duration::try_from_secs_f64(v).is_ok()) {
             return err(format!(
-                "{}: must be a number of seconds, at least 0.05",
-                locate(figment, &format!("admin.{key}"))
+                "{}: must be a number of seconds, at least 0.05 and at most {} (about 584 billion years)",
+                locate(figment, &format!("admin.{key}")),
+                u64::MAX
             ));
         }
     }
@@ -1664,6 +1805,42 @@ pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn conf_d_refuses_a_dangling_link_and_skips_hidden_files() {
+        // Review (cfg): a conf.d entry that is a link to a missing file was
+        // skipped silently, so its business vanished at the next reload or
+        // start; `.#x.toml` (an editor's lock link) and other hidden files
+        // are not matched by `*.toml`, as the README says.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("10-a.toml"), "").unwrap();
+        std::os::unix::fs::symlink("user@host.1:1", dir.path().join(".#10-a.toml")).unwrap();
+        std::fs::write(dir.path().join(".hidden.toml"), "").unwrap();
+        std::fs::write(dir.path().join(".notes"), "").unwrap();
+        let (files, skipped) = conf_d_files(dir.path()).unwrap();
+        assert_eq!(files, vec![dir.path().join("10-a.toml")]);
+        // Review (cfg, 2nd): earlier versions read a hidden `.x.toml`; now
+        // skipped, its businesses vanished at the upgrade without a word.
+        // A warning names it (config check, start, reload); the editor's
+        // dangling lock link and a hidden file not named *.toml get none.
+        assert_eq!(skipped.len(), 1, "{skipped:?}");
+        assert!(
+            skipped[0].contains(".hidden.toml") && skipped[0].contains("not read"),
+            "{skipped:?}"
+        );
+        std::os::unix::fs::symlink("/nonexistent/pro.toml", dir.path().join("20-b.toml")).unwrap();
+        let e = conf_d_files(dir.path()).unwrap_err().0;
+        assert!(e.contains("20-b.toml") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn conf_d_entry_unreadable_for_another_reason_does_not_guess_a_missing_file() {
+        // A link loop is no missing file: the error does not say it is.
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("20-b.toml", dir.path().join("20-b.toml")).unwrap();
+        let e = conf_d_files(dir.path()).unwrap_err().0;
+        assert!(e.contains("20-b.toml") && !e.contains("missing"), "{e}");
+    }
 
     #[test]
     fn five_field_cron_gets_seconds() {

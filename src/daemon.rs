@@ -163,6 +163,7 @@ pub async fn run_with(
             DrainSettings::from_config(&session.config),
         )),
         disk_alert: DiskAlert::default(),
+        reload_failed: Mutex::new(None),
     });
     // The receiver is bound before READY=1: a port that is taken fails the start.
     let mut webhooks_at = None;
@@ -248,8 +249,14 @@ pub async fn run_with(
                     loaded = load => loaded,
                 };
                 match loaded {
-                    Err(e) => error!(error = %e, "configuration reload failed (a bug); keeping the previous configuration"),
-                    Ok(Err(e)) => error!(error = %e, "configuration reload failed; keeping the previous configuration"),
+                    Err(e) => {
+                        error!(error = %e, "configuration reload failed (a bug); keeping the previous configuration");
+                        daemon.reload_outcome(false).await;
+                    }
+                    Ok(Err(e)) => {
+                        error!(error = %e, "configuration reload failed; keeping the previous configuration");
+                        daemon.reload_outcome(false).await;
+                    }
                     // Its writes may wait long for a locked mirror (behind
                     // the other jobs of the database thread): a stop abandons
                     // it too, so that the stop begins at the signal. What it
@@ -269,14 +276,20 @@ pub async fn run_with(
                         }
                         applied = daemon.apply(new) => applied,
                     }} {
-                        Ok(r) => info!(
-                            added = r.added,
-                            removed = r.removed,
-                            rows_written = r.rows_written,
-                            elapsed_ms = r.started.elapsed().as_millis() as u64,
-                            "configuration reloaded"
-                        ),
-                        Err(e) => error!(error = %format!("{e:#}"), "configuration reload failed; keeping the previous configuration"),
+                        Ok(r) => {
+                            info!(
+                                added = r.added,
+                                removed = r.removed,
+                                rows_written = r.rows_written,
+                                elapsed_ms = r.started.elapsed().as_millis() as u64,
+                                "configuration reloaded"
+                            );
+                            daemon.reload_outcome(true).await;
+                        }
+                        Err(e) => {
+                            error!(error = %format!("{e:#}"), "configuration reload failed; keeping the previous configuration");
+                            daemon.reload_outcome(false).await;
+                        }
                     },
                 }
             }
@@ -487,6 +500,9 @@ struct Daemon {
     drainer: Arc<Drainer>,
     /// Where the daemon alert of a failed sync to disk stands.
     disk_alert: DiskAlert,
+    /// When the last reload failed (cleared by one that succeeds): shown
+    /// in `STATUS=`, since `systemctl reload` returns before it is read.
+    reload_failed: Mutex<Option<String>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -1073,6 +1089,18 @@ impl Daemon {
         }
     }
 
+    /// Records how a reload ended and shows it in `STATUS=` at once.
+    async fn reload_outcome(&self, ok: bool) {
+        if let Ok(mut f) = self.reload_failed.lock() {
+            *f = (!ok).then(|| {
+                chrono::Utc::now()
+                    .format("%Y-%m-%d %H:%M:%S UTC")
+                    .to_string()
+            });
+        }
+        self.send_status().await;
+    }
+
     /// The one-line summary systemd shows (`STATUS=`).
     async fn send_status(&self) {
         self.last_status_ms.store(now_ms(), Ordering::Relaxed);
@@ -1136,6 +1164,13 @@ impl Daemon {
                 )
             }
             Err(e) => format!("cannot read the database: {e:#}"),
+        };
+        let reload_failed = self.reload_failed.lock().ok().and_then(|f| f.clone());
+        let line = match reload_failed {
+            Some(at) => format!(
+                "configuration reload failed at {at}, running on the previous configuration (see the log); {line}"
+            ),
+            None => line,
         };
         // First, where `systemctl status` cuts a long line.
         let line = match self.store.durable_sync_failure() {

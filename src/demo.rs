@@ -5,10 +5,11 @@ use crate::app::Session;
 use crate::config::ConfigSource;
 use crate::drain::{DrainSettings, Drainer};
 use crate::sandbox::{Faults, Mutation, Sandbox, SandboxOptions};
+use crate::store::ProcessLock;
 use crate::sync::{PassSettings, ScanKind, sync_business};
 use anyhow::{Context, Result};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -19,8 +20,10 @@ fn say(line: impl AsRef<str>) {
     let _ = out.flush();
 }
 
+/// Removes the previous demo's mirror and its SQLite side files (not its
+/// lock file, which the caller holds meanwhile).
 fn remove_database(path: &Path) -> Result<()> {
-    for suffix in ["", "-wal", "-shm", "-journal", ".lock"] {
+    for suffix in ["", "-wal", "-shm", "-journal"] {
         let mut p = path.as_os_str().to_owned();
         p.push(suffix);
         match std::fs::remove_file(&p) {
@@ -35,8 +38,132 @@ fn remove_database(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Refuses to replace a file the demo did not write: `--database` pointed
+/// at a real mirror (or any other file) deleted it, with the outbox rows
+/// the partner had written. A mirror whose businesses are all the
+/// sandbox's (a previous demo), an empty file or none at all is replaced.
+fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Result<()> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+        Ok(m) if m.len() == 0 => return Ok(()),
+        Ok(_) => {}
+    }
+    // Its businesses and leads, and how many outbox rows name a lead it
+    // does not hold (a mirror written by `enqueue` alone, say).
+    let read = (|| -> rusqlite::Result<(Vec<String>, i64)> {
+        let c = rusqlite::Connection::open_with_flags(
+            path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        c.busy_timeout(Duration::from_secs(5))?;
+        let mut q = c.prepare(
+            "SELECT business_id FROM businesses UNION SELECT business_id FROM negotiations",
+        )?;
+        let ids = q
+            .query_map([], |r| r.get(0))?
+            .collect::<rusqlite::Result<_>>()?;
+        let foreign = c.query_row(
+            "SELECT (SELECT count(*) FROM outbox
+                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))
+                  + (SELECT count(*) FROM message_outbox
+                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok((ids, foreign))
+    })();
+    let keep = format!(
+        "the demo replaces its database: give it another --database, or remove {} yourself",
+        path.display()
+    );
+    match read {
+        Ok((ids, foreign)) => {
+            match ids
+                .iter()
+                .find(|id| !businesses.iter().any(|b| &b.id == *id))
+            {
+                Some(id) => anyhow::bail!(
+                    "{} is a mirror with business {id}, not one the demo wrote; {keep}",
+                    path.display()
+                ),
+                None if foreign > 0 => anyhow::bail!(
+                    "{} is a mirror with {foreign} outbox row(s) for leads it does not hold, not one \
+                     the demo wrote; {keep}",
+                    path.display()
+                ),
+                None => Ok(()),
+            }
+        }
+        Err(_) => anyhow::bail!(
+            "{} exists and is not a mirror the demo wrote; {keep}",
+            path.display()
+        ),
+    }
+}
+
+/// The private directory this process created, once it has: the only one
+/// [`remove_private_dir`] removes.
+static PRIVATE_DIR: std::sync::Mutex<Option<PathBuf>> = std::sync::Mutex::new(None);
+
+/// How many names [`create_private_dir`] tries.
+const PRIVATE_DIR_ATTEMPTS: usize = 8;
+
+/// Creates the demo's private temporary directory (grants, client secret,
+/// token store) under `base`: a new one, 0700. `leadsync-demo-PID` is
+/// predictable, so an existing path there (a link or a directory another
+/// local user planted) is never used nor followed: another name with a
+/// random suffix is tried instead.
+pub fn create_private_dir(base: &Path) -> Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt;
+    let pid = std::process::id();
+    for attempt in 0..PRIVATE_DIR_ATTEMPTS {
+        let name = match attempt {
+            0 => format!("leadsync-demo-{pid}"),
+            _ => format!("leadsync-demo-{pid}-{:016x}", fastrand::u64(..)),
+        };
+        let path = base.join(name);
+        // mkdir(2) creates the last component or fails: it follows no link there.
+        match std::fs::DirBuilder::new().mode(0o700).create(&path) {
+            Ok(()) => {
+                *PRIVATE_DIR.lock().unwrap_or_else(|e| e.into_inner()) = Some(path.clone());
+                return Ok(path);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "cannot create the demo's private directory {}",
+                        path.display()
+                    )
+                });
+            }
+        }
+    }
+    anyhow::bail!(
+        "cannot create the demo's private directory in {}: {PRIVATE_DIR_ATTEMPTS} names tried were \
+         taken (leadsync-demo-{pid} and random ones); set TMPDIR to a directory of your own",
+        base.display()
+    )
+}
+
+/// Removes the directory [`create_private_dir`] created once more, after
+/// the runtime has stopped: a demo dropped by Ctrl-C may leave a token
+/// store write on a blocking thread, which can create a file there (the
+/// per-grant lock directory) after the drop removed it. Nothing when this
+/// process created none.
+pub fn remove_private_dir() {
+    let created = PRIVATE_DIR
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
+    if let Some(dir) = created {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
 /// Removes the demo's temporary directory however the demo ends.
-struct RemoveOnDrop(std::path::PathBuf);
+struct RemoveOnDrop(PathBuf);
 
 impl Drop for RemoveOnDrop {
     fn drop(&mut self) {
@@ -44,16 +171,16 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Runs the demo, writing the mirror to `database`.
-pub async fn run(database: &Path) -> Result<u8> {
+/// Runs the demo, writing the mirror to `database`; `replaced` is set once
+/// it has removed the previous one (`[1/7]`).
+pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> Result<u8> {
     let started = Instant::now();
     // The grants, the client secret and the token store live in a private
     // (0700) temporary directory, removed at the end even when a step fails:
     // never beside the mirror, whose directory may be /tmp.
-    let fixture = std::env::temp_dir().join(format!("leadsync-demo-{}", std::process::id()));
+    let fixture = create_private_dir(&std::env::temp_dir())?;
     let _cleanup = RemoveOnDrop(fixture.clone());
     let tokens = fixture.join("tokens.db");
-    remove_database(database)?;
     say(
         "leadsync demo: the whole flow against the built-in Thumbtack sandbox (loopback only, no credentials)\n",
     );
@@ -66,6 +193,30 @@ pub async fn run(database: &Path) -> Result<u8> {
     })
     .await?;
     let businesses = sandbox.businesses();
+    // Another demo (or a daemon) using this mirror keeps it: removing its
+    // files under it made that one fail part way. The lock is held from
+    // here until the session has it: let go in between, a second demo
+    // could take it and remove this one's fresh mirror.
+    let lock = ProcessLock::try_acquire(database)?.with_context(|| {
+        let pid = ProcessLock::holder(database)
+            .map(|p| p.to_string())
+            .unwrap_or_else(|| "unknown".into());
+        if ProcessLock::held_by_daemon(database) {
+            format!(
+                "the leadsync daemon (pid {pid}) is running on {}: give the demo `--database OTHER.db`",
+                database.display()
+            )
+        } else {
+            format!(
+                "another leadsync process (pid {pid}) is using {}: wait for it (another \
+                 `leadsync demo` running in this directory, say), or give this one `--database OTHER.db`",
+                database.display()
+            )
+        }
+    })?;
+    replaceable(database, &businesses)?;
+    replaced.store(true, std::sync::atomic::Ordering::SeqCst);
+    remove_database(database)?;
     say(format!(
         "[1/7] sandbox started at {} with {} businesses and {} leads (seed 42)",
         sandbox.base_url(),
@@ -90,7 +241,7 @@ pub async fn run(database: &Path) -> Result<u8> {
         database.display()
     ));
 
-    let session = Session::open(config).await?;
+    let session = Session::open_holding(config, lock).await?;
     let stop = CancellationToken::new();
     let settings = PassSettings {
         page_size: session.config.file.poll.page_size,

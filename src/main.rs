@@ -4,7 +4,30 @@ use clap::Parser;
 use leadsync::cli::{Cli, EXIT_CONFIG, execute, exit_code_of};
 use std::process::ExitCode;
 
+/// `println!` panics when stdout's reader has gone away (`leadsync status |
+/// head`): that ends the process with exit 1 (SPEC §1: any other failure),
+/// quietly, as a writer killed by SIGPIPE would, instead of a panic message
+/// and 101. Every other panic is reported as before.
+fn exit_quietly_on_broken_stdout() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        // EPIPE is 32 on Linux.
+        if message.starts_with("failed printing to stdout: ") && message.ends_with("(os error 32)")
+        {
+            std::process::exit(1);
+        }
+        report(info);
+    }));
+}
+
 fn main() -> ExitCode {
+    exit_quietly_on_broken_stdout();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
@@ -24,8 +47,12 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let demo = matches!(cli.command, leadsync::cli::Command::Demo { .. });
     let result = runtime.block_on(execute(cli));
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if demo {
+        leadsync::demo::remove_private_dir();
+    }
     match result {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

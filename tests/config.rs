@@ -1038,3 +1038,227 @@ fn a_path_starting_with_a_tilde_is_refused() {
         &["LEADSYNC_DATABASE", "~"],
     );
 }
+
+#[test]
+fn a_syntax_error_on_a_secret_line_does_not_print_the_secret() {
+    // Review (cfg): a TOML syntax error quoted the offending line, so an
+    // unquoted or unterminated `client_secret` (or webhook password) written
+    // in a file reached the terminal, and the daemon's reload log.
+    let d = Dir::new();
+    let secret = "cs_live_Sup3rS3cretValue";
+    for (name, line) in [
+        (
+            "unquoted.toml",
+            format!("[oauth]\nclient_secret = {secret}\n"),
+        ),
+        (
+            "unterminated.toml",
+            format!("[oauth]\nclient_secret = \"{secret}\n"),
+        ),
+        (
+            "trailing.toml",
+            format!("[webhooks]\npassword = \"{secret}\" x\n"),
+        ),
+        (
+            "twice.toml",
+            format!("[webhooks]\nheader_value = \"{secret}\"\nheader_value = \"{secret}\"\n"),
+        ),
+    ] {
+        let content = format!("{}\n{line}", d.base());
+        let f = d.file(name, &content);
+        let o = check(&[&f], &[]);
+        // Still says where: the file and the line (the last one holding the
+        // secret: the second of two keys is the error).
+        let at = content
+            .lines()
+            .enumerate()
+            .filter(|(_, l)| l.contains(secret))
+            .last()
+            .expect("the secret's line")
+            .0
+            + 1;
+        assert_config_error(&o, &[name, &format!("line {at},")]);
+        assert!(
+            !text(&o).contains(secret),
+            "{name}: the secret was printed:\n{}",
+            text(&o)
+        );
+    }
+}
+
+#[test]
+fn admin_timers_too_large_for_a_duration_are_refused() {
+    // Review (cfg): `config check` accepted `admin.refresh_secs = 1e300` and
+    // `run` then panicked (exit 101) converting it to a duration.
+    let d = Dir::new();
+    for key in ["refresh_secs", "stale_after_secs"] {
+        let f = d.file(
+            &format!("{key}.toml"),
+            &format!("{}\n[admin]\n{key} = 1e300\n", d.base()),
+        );
+        assert_config_error(&check(&[&f], &[]), &[&format!("admin.{key}"), "seconds"]);
+    }
+    // Review (cfg, 2nd): a cap of a day refused `stale_after_secs = 604800`
+    // or `1e9` (staleness switched off), valid before: an upgrade stopped
+    // the service (78). Only what a duration cannot hold is refused.
+    for value in ["604800", "1e9"] {
+        for key in ["refresh_secs", "stale_after_secs"] {
+            let f = d.file(
+                "ok.toml",
+                &format!("{}\n[admin]\n{key} = {value}\n", d.base()),
+            );
+            let o = check(&[&f], &[]);
+            assert_eq!(o.status.code(), Some(0), "{key} = {value}: {}", text(&o));
+        }
+    }
+}
+
+#[test]
+fn a_directory_given_as_the_mirror_or_the_token_store_is_a_configuration_error() {
+    // Review (cfg): `database = "/var/lib/leadsync"` (the directory) passed
+    // `config check`; `run` then failed with exit 1 ("unable to open
+    // database file"), which systemd restarts forever instead of stopping
+    // at 78.
+    let d = Dir::new();
+    let dir = d.path().join("state");
+    std::fs::create_dir(&dir).unwrap();
+    let db = d.file(
+        "db.toml",
+        &d.base().replace(
+            &format!("database = \"{}\"", d.path().join("m.db").display()),
+            &format!("database = \"{}\"", dir.display()),
+        ),
+    );
+    assert_config_error(
+        &check(&[&db], &[]),
+        &["db.toml", "database", "is a directory"],
+    );
+    let store = d.file(
+        "store.toml",
+        &format!(
+            "{}\n[oauth]\ntoken_store = \"{}\"\n",
+            d.base(),
+            dir.display()
+        ),
+    );
+    assert_config_error(
+        &check(&[&store], &[]),
+        &["store.toml", "oauth.token_store", "is a directory"],
+    );
+    // Through `run` too: exit 78, so that systemd does not restart it.
+    let o = common::output(
+        Command::new(bin())
+            .arg("--config")
+            .arg(&db)
+            .arg("run")
+            .env_remove("CREDENTIALS_DIRECTORY"),
+    )
+    .unwrap();
+    assert_config_error(&o, &["database", "is a directory"]);
+}
+
+#[test]
+fn businesses_from_the_environment_replacing_those_of_the_files_are_warned_about() {
+    // Review (cfg): LEADSYNC_BUSINESSES replaces the files' businesses (the
+    // environment overrides files; arrays are not added up), silently: one
+    // business added that way in a container dropped every conf.d one.
+    let d = Dir::new();
+    let f = d.file("a.toml", &d.base());
+    let env = format!(
+        "[{{id=\"42\", access_token_file=\"{}\"}}]",
+        d.token.display()
+    );
+    let o = check(&[&f], &[("LEADSYNC_BUSINESSES", &env)]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        t.contains("warning") && t.contains("LEADSYNC_BUSINESSES") && t.contains("replaces 1"),
+        "{t}"
+    );
+    // Without businesses in the files, nothing to warn about.
+    let none = d.file(
+        "none.toml",
+        &format!("database = \"{}\"\n", d.path().join("m.db").display()),
+    );
+    let o = check(&[&none], &[("LEADSYNC_BUSINESSES", &env)]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(!text(&o).contains("LEADSYNC_BUSINESSES"), "{}", text(&o));
+}
+
+#[test]
+fn a_sync_concurrency_beyond_65536_is_refused() {
+    // Review (cfg): `daemon.sync_concurrency = 100000000` (a typo) passed
+    // `config check`; `run` started one worker task per unit and ran out of
+    // memory (aborted) before syncing anything.
+    let d = Dir::new();
+    let f = d.file(
+        "a.toml",
+        &format!("{}\n[daemon]\nsync_concurrency = 100000000\n", d.base()),
+    );
+    assert_config_error(
+        &check(&[&f], &[]),
+        &["a.toml", "daemon.sync_concurrency", "between 1 and 65536"],
+    );
+    let over = d.file(
+        "over.toml",
+        &format!("{}\n[daemon]\nsync_concurrency = 65537\n", d.base()),
+    );
+    assert_config_error(&check(&[&over], &[]), &["daemon.sync_concurrency"]);
+    // Review (cfg, 2nd): a cap of 256 refused 300, valid before: an upgrade
+    // stopped a running service (78). Plausible values still start.
+    for n in [256, 300, 65536] {
+        let ok = d.file(
+            "ok.toml",
+            &format!("{}\n[daemon]\nsync_concurrency = {n}\n", d.base()),
+        );
+        let o = check(&[&ok], &[]);
+        assert_eq!(o.status.code(), Some(0), "{n}: {}", text(&o));
+    }
+}
+
+#[test]
+fn an_environment_variable_with_an_empty_part_is_refused_not_ignored() {
+    // Review (cfg): `LEADSYNC_OUTBOX__CONCURRENCY__=8` (a trailing `__`) or
+    // `LEADSYNC_OUTBOX____CONCURRENCY=8` was silently ignored: the
+    // configuration ran with the file's value and `config check` said
+    // nothing, where any other unknown key is an error.
+    let d = Dir::new();
+    let f = d.file("a.toml", &d.base());
+    for var in [
+        "LEADSYNC_OUTBOX__CONCURRENCY__",
+        "LEADSYNC_OUTBOX____CONCURRENCY",
+        "LEADSYNC_",
+    ] {
+        assert_config_error(&check(&[&f], &[(var, "8")]), &[var, "empty"]);
+    }
+    // The logging variables are not configuration keys.
+    let o = check(&[&f], &[("LEADSYNC_LOG", "debug")]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+#[test]
+fn output_to_a_reader_gone_away_is_no_panic() {
+    // `leadsync config check | head -1` (or `status`, `outbox list`): the
+    // reader closing the pipe made println! panic (exit 101, "panicked at
+    // ... Broken pipe"). Now a quiet failure, exit 1 (SPEC: any other
+    // failure), without the panic message.
+    use std::os::fd::FromRawFd;
+    let d = Dir::new();
+    let f = d.file("a.toml", &d.base());
+    let mut fds = [0; 2];
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // The read end closed before the child starts: its first write fails.
+    drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) });
+    let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+    let mut cmd = Command::new(bin());
+    cmd.arg("--config")
+        .arg(&f)
+        .args(["config", "check"])
+        .stdin(std::process::Stdio::null())
+        .stdout(write_end)
+        .stderr(std::process::Stdio::piped());
+    let o = common::spawn(&mut cmd).unwrap().wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}

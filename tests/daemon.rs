@@ -1035,3 +1035,330 @@ async fn a_mirror_of_the_previous_schema_is_migrated_by_the_next_command() {
         .unwrap();
     assert_eq!(version, latest);
 }
+
+/// Starts `leadsync demo` in `dir` (temporary files under `tmp`, its
+/// stderr in `dir/demo.err`) and reads its output until `marker`, for a
+/// minute at most; returns the child, its further lines, what it printed.
+fn demo_until(
+    dir: &std::path::Path,
+    tmp: &std::path::Path,
+    marker: &str,
+) -> (Guard, std::sync::mpsc::Receiver<String>, String) {
+    use std::io::BufRead;
+    let mut child = Guard(
+        common::spawn(
+            std::process::Command::new(bin())
+                .arg("demo")
+                .current_dir(dir)
+                .env("TMPDIR", tmp)
+                .env_remove("LEADSYNC_LOG")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::fs::File::create(dir.join("demo.err")).unwrap()),
+        )
+        .unwrap(),
+    );
+    // Read on a thread of its own: a demo that hangs fails the test at the
+    // deadline instead of hanging it.
+    let out = std::io::BufReader::new(child.0.stdout.take().unwrap());
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in out.lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut seen = String::new();
+    while !seen.contains(marker) {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push_str(&format!("{line}\n")),
+            Err(e) => panic!("the demo did not print {marker:?} ({e}):\n{seen}"),
+        }
+    }
+    (child, lines, seen)
+}
+
+/// The rest of a demo's output from [`demo_until`], until it closes it,
+/// within `within`.
+fn demo_rest(lines: &std::sync::mpsc::Receiver<String>, within: Duration) -> String {
+    let deadline = Instant::now() + within;
+    let mut seen = String::new();
+    loop {
+        match lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(line) => seen.push_str(&format!("{line}\n")),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return seen,
+            Err(e) => panic!("the demo did not end ({e}):\n{seen}"),
+        }
+    }
+}
+
+#[test]
+fn a_demo_stopped_by_ctrl_c_removes_its_private_directory() {
+    // Review (cfg): SIGINT killed the demo without unwinding, leaving
+    // $TMPDIR/leadsync-demo-PID (client secret, grants, token store) behind.
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut child, _out, seen) = demo_until(dir.path(), tmp.path(), "[3/7]");
+    let fixture = tmp.path().join(format!("leadsync-demo-{}", child.id()));
+    assert!(fixture.exists(), "the demo keeps its files there:\n{seen}");
+    signal(&child, libc::SIGINT);
+    let status = wait_exit(&mut child, Duration::from_secs(30));
+    assert_eq!(status.code(), Some(1), "an interrupted demo is a failure");
+    // Review (cfg, 2nd): it said the mirror "is left as it was", false
+    // once the demo had replaced it ([1/7]).
+    let err = std::fs::read_to_string(dir.path().join("demo.err")).unwrap();
+    assert!(
+        err.contains("demo interrupted") && !err.contains("left as it was"),
+        "{err}"
+    );
+    assert!(err.contains("what it wrote so far"), "{err}");
+    assert!(
+        !fixture.exists(),
+        "left behind: {:?}",
+        std::fs::read_dir(&fixture).map(|d| d
+            .filter_map(|e| e.ok().map(|e| e.file_name()))
+            .collect::<Vec<_>>())
+    );
+}
+
+#[test]
+fn a_second_demo_in_the_same_directory_is_refused_and_the_first_finishes() {
+    // Review (cfg): a second `leadsync demo` deleted the running one's
+    // mirror (and its lock file), which then failed part way.
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let (mut first, lines, mut seen) = demo_until(dir.path(), tmp.path(), "[3/7]");
+    let second = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .current_dir(dir.path())
+            .env("TMPDIR", tmp.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(second.status.code(), Some(1), "{}", text(&second));
+    assert!(
+        text(&second).contains("another leadsync process"),
+        "{}",
+        text(&second)
+    );
+    seen.push_str(&demo_rest(&lines, Duration::from_secs(60)));
+    let status = wait_exit(&mut first, Duration::from_secs(60));
+    assert_eq!(status.code(), Some(0), "the first demo failed:\n{seen}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_reload_shows_in_the_status_line_until_one_succeeds() {
+    // Review (cfg): `systemctl reload` of a broken file returns at once and
+    // the old configuration is kept, said only in the journal:
+    // `systemctl status` kept showing an ordinary STATUS= line, so an
+    // operator believed the edit was in force.
+    let env = Env::small().await;
+    let (socket, child) = env.spawn_notified(Duration::from_millis(200), &[]);
+    let mut child = Guard(child);
+    let mut buf = [0u8; 4096];
+    // The latest STATUS= line once `until` holds for one, within a minute.
+    let mut status_until = |what: &str, until: &dyn Fn(&str) -> bool| -> String {
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(s) = m.lines().find_map(|l| l.strip_prefix("STATUS="))
+                    && until(s)
+                {
+                    return s.to_string();
+                }
+            }
+        }
+        panic!("no STATUS= line {what} within a minute");
+    };
+    status_until("at the start", &|s| s.contains("leads"));
+    let good = std::fs::read_to_string(&env.overrides).unwrap();
+    env.set_overrides(&format!("{good}\n[outbox\n"));
+    signal(&child, libc::SIGHUP);
+    let failed = status_until("after the failed reload", &|s| s.contains("reload failed"));
+    assert!(failed.contains("previous configuration"), "{failed}");
+    env.set_overrides(&good);
+    signal(&child, libc::SIGHUP);
+    status_until("after the good reload", &|s| {
+        s.contains("leads") && !s.contains("reload failed")
+    });
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
+#[test]
+fn the_demo_does_not_replace_a_mirror_it_did_not_write() {
+    // Review (cfg): `leadsync demo --database /var/lib/leadsync/leadsync.db`
+    // (a slip of tab completion) deleted the real mirror, with the outbox
+    // rows the partner had written, while the daemon was stopped.
+    let dir = tempfile::tempdir().unwrap();
+    let token = common::write(dir.path(), "token", "static-token\n");
+    let real = dir.path().join("real.db");
+    let config = common::write(
+        dir.path(),
+        "real.toml",
+        &format!(
+            "database = \"{}\"\n[[businesses]]\nid = \"1234\"\naccess_token_file = \"{}\"\n",
+            real.display(),
+            token.display()
+        ),
+    );
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("--config")
+            .arg(&config)
+            .args([
+                "enqueue",
+                "--negotiation",
+                "5678",
+                "--status",
+                "job_complete",
+                "--at",
+                "2026-11-20T16:45:00Z",
+            ]),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&real)
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("not one the demo wrote"),
+        "says why: {}",
+        text(&o)
+    );
+    let db = rusqlite::Connection::open(&real).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM outbox"), 1);
+    // A file that is no mirror at all is not replaced either.
+    let notes = common::write(dir.path(), "notes.txt", "my notes\n");
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&notes)
+            .current_dir(dir.path()),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
+}
+
+/// Runs `leadsync demo` in `dir` with TMPDIR `tmp`, after `plant` (a shell
+/// command) has run in the same process: `$$` there is the demo's pid, so
+/// it can put something at the demo's predictable private directory name.
+fn demo_after(dir: &std::path::Path, tmp: &std::path::Path, plant: &str) -> std::process::Output {
+    common::output(
+        std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("{plant} && exec \"$0\" demo"))
+            .arg(bin())
+            .current_dir(dir)
+            .env("TMPDIR", tmp)
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap()
+}
+
+/// The names in a directory, sorted.
+fn names(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_demo_does_not_follow_a_link_planted_at_its_private_directory_name() {
+    // Review (cfg, 2nd): $TMPDIR/leadsync-demo-PID is predictable, and the
+    // demo accepted a link another local user planted there: it wrote its
+    // leadsync.toml and client secret into the directory of their choice
+    // (with sudo, /etc/leadsync).
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let target = tempfile::tempdir().unwrap();
+    std::fs::write(target.path().join("leadsync.toml"), "mine\n").unwrap();
+    std::fs::set_permissions(target.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let o = demo_after(
+        dir.path(),
+        tmp.path(),
+        &format!(
+            "ln -s '{}' \"$TMPDIR/leadsync-demo-$$\"",
+            target.path().display()
+        ),
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(names(target.path()), ["leadsync.toml"]);
+    assert_eq!(
+        std::fs::read_to_string(target.path().join("leadsync.toml")).unwrap(),
+        "mine\n"
+    );
+    let mode = std::fs::metadata(target.path())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o755);
+    // The link is left alone, and the demo's own directory is gone.
+    let left = names(tmp.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        std::fs::symlink_metadata(tmp.path().join(&left[0]))
+            .unwrap()
+            .is_symlink()
+    );
+}
+
+#[test]
+fn the_demo_does_not_use_or_remove_a_directory_planted_at_its_private_directory_name() {
+    // Review (cfg, 2nd): a directory already there was taken as the demo's
+    // own (and removed at its end, with whatever it held).
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let o = demo_after(
+        dir.path(),
+        tmp.path(),
+        "mkdir \"$TMPDIR/leadsync-demo-$$\" && echo mine > \"$TMPDIR/leadsync-demo-$$/notes\"",
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let left = names(tmp.path());
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(names(&tmp.path().join(&left[0])), ["notes"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[allow(clippy::await_holding_lock)] // Session::open_holding starts no process.
+async fn a_session_opened_with_the_lock_already_held_keeps_it_throughout() {
+    // Review (cfg, 2nd): the demo took the mirror's lock to refuse a second
+    // demo, let go of it, and `Session::open` took it again: a second demo
+    // starting in that gap removed the first one's fresh mirror. The demo
+    // now hands its lock over; on a new mirror (which is migrated, under a
+    // lock of its own otherwise) the session opens and the lock is never free.
+    use leadsync::store::ProcessLock;
+    let env = Env::small().await;
+    let mut config = env.config();
+    let db = env.dir.path().join("handed-over.db");
+    config.file.database = db.clone();
+    let _gate = common::no_spawns();
+    let lock = ProcessLock::try_acquire(&db).unwrap().expect("a free lock");
+    let session = leadsync::app::Session::open_holding(config, lock)
+        .await
+        .expect("open the session with the lock held");
+    assert!(ProcessLock::try_acquire(&db).unwrap().is_none());
+    assert_eq!(ProcessLock::holder(&db), Some(std::process::id()));
+    drop(session);
+    assert!(ProcessLock::try_acquire(&db).unwrap().is_some());
+}

@@ -284,6 +284,16 @@ pub fn refuse_foreign_as_root(path: &Path, what: &str) -> Result<()> {
 /// Opens (creating if `create`) the mirror with leadsync's settings and
 /// applies pending migrations.
 pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
+    open_connection_with(path, create, None)
+}
+
+/// [`open_connection`]; with `held`, this process holds the mirror's lock
+/// already, and a migration runs under it (taking it again would fail).
+fn open_connection_with(
+    path: &Path,
+    create: bool,
+    held: Option<&ProcessLock>,
+) -> Result<Connection> {
     refuse_foreign_as_root(path, "database")?;
     if !create && !path.exists() {
         bail!(
@@ -337,7 +347,7 @@ pub fn open_connection(path: &Path, create: bool) -> Result<Connection> {
     // still runs on it until the service restarts, and a `status` or an
     // `enqueue` of the newer binary must not change the schema under it.
     let current = version_of(&conn)?;
-    let _migrating = if current < schema_version() {
+    let _migrating = if current < schema_version() && held.is_none() {
         match wait_for_migration(&conn, path)? {
             Some(lock) => Some(lock),
             None if version_of(&conn)? >= schema_version() => None,
@@ -1147,7 +1157,17 @@ pub struct Store {
 impl Store {
     /// Opens the mirror (creating and migrating it) and starts its writer thread.
     pub fn open(path: &Path) -> Result<Store> {
-        let mut conn = open_connection(path, true)?;
+        Store::open_with(path, None)
+    }
+
+    /// [`Store::open`] while this process holds `lock`, the mirror's
+    /// process lock: a migration runs under it.
+    pub fn open_holding(path: &Path, lock: &ProcessLock) -> Result<Store> {
+        Store::open_with(path, Some(lock))
+    }
+
+    fn open_with(path: &Path, held: Option<&ProcessLock>) -> Result<Store> {
+        let mut conn = open_connection_with(path, true, held)?;
         // The writer still checkpoints every 10,000 pages (it is the only
         // one that can finish a checkpoint while it keeps writing, so that
         // the WAL restarts), but a second connection copies the WAL back in
