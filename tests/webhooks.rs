@@ -1912,8 +1912,8 @@ async fn register_recognizes_its_url_written_otherwise() {
 /// webhooks at `public_url`: `register` looked at the first only, said
 /// "already registered" and never mentioned the others, whereas each
 /// delivery came once per webhook, and one of another auth kind had its
-/// deliveries refused. It names them all now, with the delete command for
-/// each extra, and checks the auth kind of every one.
+/// deliveries refused. It names them all now, with the delete command of
+/// each, and checks the auth kind of every one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn register_reports_every_webhook_at_its_url() {
     use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
@@ -1969,32 +1969,21 @@ async fn register_reports_every_webhook_at_its_url() {
     );
     let line = out
         .lines()
-        .find(|l| l.starts_with(&format!("already registered {business} ")))
+        .find(|l| l.starts_with(&format!("several webhooks {business}: 3 point at {url}")))
         .unwrap_or_else(|| panic!("{out}"));
-    assert!(
-        line.contains(&format!("3 webhooks point at {url}")),
-        "{line}"
-    );
     for id in &ids {
-        assert!(line.contains(id.as_str()), "{id}: {line}");
-    }
-    for extra in &ids[1..] {
         assert!(
             line.contains(&format!(
-                "leadsync webhooks delete --business {business} --webhook {extra}"
+                "leadsync webhooks delete --business {business} --webhook {id}"
             )),
-            "{extra}: {line}"
+            "{id}: {line}"
         );
     }
     assert!(
-        !line.contains(&format!("--webhook {} ", ids[0]))
-            && !line.ends_with(&format!("--webhook {}", ids[0])),
-        "the one kept is not to be deleted: {line}"
-    );
-    assert!(
-        line.contains(&format!("{} authenticates with Header, not Basic", ids[2])),
+        line.contains(&format!("{} (authenticates with Header, not Basic", ids[2])),
         "{line}"
     );
+    assert!(line.contains("up to 3 times"), "{line}");
     assert_eq!(env.sandbox.webhooks(&business).len(), 3, "none was added");
     assert!(!out.contains("basic-secret-7") && !out.contains("hdr-secret-7"));
 }
@@ -2134,4 +2123,78 @@ fn a_message_after_an_unknown_business_lead_is_kept_for_when_the_business_return
         stored,
         vec![(message.to_string(), Some(returning.to_string()))]
     );
+}
+
+/// Duplicates after a secret rotation: W1 and W2 held the old password, the
+/// user deleted W1 and W3 was registered with the new one. `register` kept
+/// the first webhook that looked right (W2: its password cannot be read
+/// back), told the user to delete "the extras" (W3, the only one with the
+/// current secret) and exited 0: following it, every delivery was refused.
+/// With several webhooks it now keeps none: it lists them all, says any may
+/// hold an older secret, gives the delete command of each, and exits 1.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn register_with_several_webhooks_keeps_none_of_them() {
+    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-new-8\n");
+    let url = "https://leads.example.com/thumbtack/webhooks";
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"{url}\"\n",
+        pw.display()
+    ));
+    let business = env.business_ids()[0].clone();
+    {
+        let session = common::open_session(env.config()).await;
+        // W2 (old password), W3 (new password), W4 (new password, disabled).
+        for (password, enabled) in [
+            ("basic-old-8", true),
+            ("basic-new-8", true),
+            ("basic-new-8", false),
+        ] {
+            let body = RegisterBody {
+                webhook_url: url.into(),
+                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
+                enabled,
+                auth: RegisterAuth::Basic {
+                    username: "t".into(),
+                    password: password.into(),
+                },
+            };
+            session
+                .client
+                .create_webhook(&business, &body)
+                .await
+                .expect("create a webhook");
+        }
+    }
+    let ids: Vec<String> = env
+        .sandbox
+        .webhooks(&business)
+        .iter()
+        .map(|w| w["webhookID"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids.len(), 3);
+    let o = env.run(&["webhooks", "register", "--business", &business]);
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(1), "duplicates remain: {out}");
+    assert!(!out.contains("already registered"), "none is kept: {out}");
+    assert!(!out.contains("extras"), "{out}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&format!("several webhooks {business}: 3 point at {url}")))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(line.contains("older secret"), "{line}");
+    // Two enabled webhooks with the event types: twice, not three times.
+    assert!(line.contains("up to 2 times"), "{line}");
+    assert!(line.contains(&format!("{} (disabled)", ids[2])), "{line}");
+    for id in &ids {
+        assert!(
+            line.contains(&format!(
+                "leadsync webhooks delete --business {business} --webhook {id}"
+            )),
+            "{id}: {line}"
+        );
+    }
+    assert_eq!(env.sandbox.webhooks(&business).len(), 3, "none was added");
+    assert!(!out.contains("basic-new-8") && !out.contains("basic-old-8"));
 }
