@@ -2198,3 +2198,69 @@ async fn register_with_several_webhooks_keeps_none_of_them() {
     assert_eq!(env.sandbox.webhooks(&business).len(), 3, "none was added");
     assert!(!out.contains("basic-new-8") && !out.contains("basic-old-8"));
 }
+
+/// A pro's reply names its business (`business.businessID`). Of a lead of a
+/// business not configured, the customer's messages (naming none) were
+/// stored under the business the lead's delivery named, but the pro's
+/// replies were `unknown_business` and never stored: once the business was
+/// configured again, `messages` had only the customer's side. Every message
+/// is stored now, under the business it names (else its lead's), also one
+/// that comes before any delivery of its lead.
+#[test]
+fn a_pros_reply_of_a_lead_of_an_unconfigured_business_is_stored_like_the_customers() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut conn = mirror_with_business(&dir, "468046965846925323");
+    let foreign = "333333333333333333";
+    let (lead, customer, reply) = (
+        "900000000000000090",
+        "900000000000000091",
+        "900000000000000092",
+    );
+    let (other_lead, early_reply) = ("900000000000000095", "900000000000000096");
+    let at = "2026-11-28T06:00:00.000Z";
+    assert_eq!(
+        deliver_at(&mut conn, &lead_delivery(lead, foreign), at),
+        "unknown_business"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &message_delivery(customer, lead), at),
+        "applied"
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &reply_delivery(reply, lead, foreign), at),
+        "applied",
+        "the pro's reply, after its lead's unknown_business delivery"
+    );
+    assert_eq!(
+        deliver_at(
+            &mut conn,
+            &reply_delivery(early_reply, other_lead, foreign),
+            at
+        ),
+        "applied",
+        "a reply before any delivery of its lead"
+    );
+    let stored: Vec<(String, Option<String>, String)> = conn
+        .prepare("SELECT message_id, business_id, sender FROM messages ORDER BY message_id")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        stored,
+        vec![
+            (customer.into(), Some(foreign.into()), "Customer".into()),
+            (reply.into(), Some(foreign.into()), "Business".into()),
+            (early_reply.into(), Some(foreign.into()), "Business".into()),
+        ]
+    );
+}
+
+fn reply_delivery(message_id: &str, negotiation_id: &str, business_id: &str) -> String {
+    format!(
+        r#"{{"event":{{"eventType":"MessageCreatedV4","webhookID":"wh-1","triggeredAt":"2026-11-28T04:00:02Z"}},
+"data":{{"messageID":"{message_id}","negotiationID":"{negotiation_id}","from":"Business",
+"business":{{"businessID":"{business_id}","name":"X"}},"text":"Tuesday works","attachments":[],"sentAt":"2026-11-28T05:00:02+01:00"}}}}"#
+    )
+}
