@@ -2264,3 +2264,146 @@ fn reply_delivery(message_id: &str, negotiation_id: &str, business_id: &str) -> 
 "business":{{"businessID":"{business_id}","name":"X"}},"text":"Tuesday works","attachments":[],"sentAt":"2026-11-28T05:00:02+01:00"}}}}"#
     )
 }
+
+/// `leadsync run` with `NOTIFY_SOCKET`, its log in `daemon.log`.
+fn spawn_notified_logged(env: &Env) -> (std::os::unix::net::UnixDatagram, std::process::Child) {
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).expect("bind");
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("notify socket timeout");
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(env.dir.path().join("daemon.log"))
+        .expect("log file");
+    let child = common::spawn(
+        env.cli()
+            .arg("run")
+            .env("NOTIFY_SOCKET", &socket_path)
+            .stderr(log),
+    )
+    .expect("start leadsync run");
+    (socket, child)
+}
+
+/// Reads the STATUS= lines that came on `socket` until `done` (checked after
+/// each read; 60 s at most), then those already sent.
+fn statuses_until(
+    socket: &std::os::unix::net::UnixDatagram,
+    child: &mut std::process::Child,
+    what: &str,
+    done: impl Fn() -> bool,
+) -> Vec<String> {
+    let mut statuses = Vec::new();
+    let mut buf = [0u8; 4096];
+    let start = std::time::Instant::now();
+    let mut finished = false;
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            panic!("the daemon exited ({exit}) before {what}");
+        }
+        match socket.recv(&mut buf) {
+            Ok(n) => statuses.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .filter_map(|l| l.strip_prefix("STATUS="))
+                    .map(str::to_string),
+            ),
+            // Nothing more was sent before `done` held.
+            Err(_) if finished => return statuses,
+            Err(_) => {}
+        }
+        if !finished && done() {
+            finished = true;
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no {what}");
+    }
+}
+
+/// The systemd STATUS line and the reload's log said that deliveries were
+/// refused after a reload bringing a header value that cannot be sent,
+/// whereas the running receiver keeps its value and applies them; and said
+/// nothing once a reload fixed a bad value the receiver still has. STATUS
+/// follows the running receiver now, and the log says which.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_with_a_header_value_that_cannot_be_sent_leaves_the_status_of_the_running_receiver()
+ {
+    let env = Env::small().await;
+    let value = common::write(env.dir.path(), "header_value", "one-line-value\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"{PATH}\"\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\n",
+        value.display()
+    ));
+    let (socket, mut child) = spawn_notified_logged(&env);
+    let mut statuses = statuses_until(&socket, &mut child, "the start", || {
+        env.daemon_log().contains("leadsync started")
+    });
+    std::fs::write(&value, "one-line-value\nsecond-line\n").unwrap();
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    statuses.extend(statuses_until(&socket, &mut child, "the reload", || {
+        env.daemon_log().contains("configuration reloaded")
+    }));
+    let status = env.run(&["status"]);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(statuses.len() >= 2, "{statuses:?}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| !s.starts_with("WEBHOOK DELIVERIES REFUSED")),
+        "{statuses:?}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("ERROR")
+            && l.contains("line break")
+            && l.contains("the running receiver keeps its value")),
+        "{log}"
+    );
+    let status = common::text(&status);
+    assert!(!status.contains("line break"), "{status}");
+}
+
+/// Without `webhooks.listen` no receiver runs in the daemon: a header value
+/// that cannot be sent refuses no delivery there, yet it was shown as a
+/// daemon alert and at the head of the STATUS line ("WEBHOOK DELIVERIES
+/// REFUSED"). It is logged only (`webhooks register` refuses it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_value_that_cannot_be_sent_without_a_receiver_raises_no_alert() {
+    let env = Env::small().await;
+    let wrapped = common::write(
+        env.dir.path(),
+        "header_value",
+        "c2VjcmV0LXBhcnQtb25l\nc2Vjb25kLWxpbmU=\n",
+    );
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nheader = \"X-Leadsync-Token\"\nheader_value_file = \"{}\"\n",
+        wrapped.display()
+    ));
+    let (socket, mut child) = spawn_notified_logged(&env);
+    let statuses = statuses_until(&socket, &mut child, "the start", || {
+        env.daemon_log().contains("leadsync started")
+    });
+    let status = env.run(&["status"]);
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    let log = env.daemon_log();
+    assert!(!statuses.is_empty(), "{log}");
+    assert!(
+        statuses
+            .iter()
+            .all(|s| !s.starts_with("WEBHOOK DELIVERIES REFUSED")),
+        "{statuses:?}"
+    );
+    let status = common::text(&status);
+    assert!(!status.contains("line break"), "{status}");
+    assert!(
+        log.lines()
+            .any(|l| l.contains("ERROR") && l.contains("line break")),
+        "{log}"
+    );
+}
