@@ -156,7 +156,8 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             let delete =
                 |w: &str| format!("leadsync webhooks delete --business {id} --webhook {w}");
             if matches.len() > 1 {
-                // None is kept: a password cannot be read back, so the one
+                // `already registered` (SPEC's line), but none is kept: a
+                // password cannot be read back, so the one
                 // that looks right may hold an older secret (W1 and W2 under
                 // the old one, W1 deleted and W3 registered under the new:
                 // keeping W2 and deleting W3 has every delivery refused).
@@ -202,8 +203,8 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                     n => format!("a delivery is sent up to {n} times"),
                 };
                 println!(
-                    "several webhooks {id}: {} point at {public_url}: {}; {repeats}, and any of \
-                     them may hold an older secret (a password cannot be read back), its \
+                    "already registered {id} ({} webhooks at {public_url}: {}), none kept: \
+                     {repeats}, and any of them may hold an older secret (a password cannot be read back), its \
                      deliveries refused with 401: if you know which one was registered with the \
                      current secret (and it is enabled, of kind {expected_kind}, with every event \
                      type), delete the others; else delete them all ({}) and run leadsync \
