@@ -110,14 +110,26 @@ pub async fn run_with(
     for w in config.warnings() {
         warn!("{w}");
     }
-    let webhooks_problem = config
-        .webhooks
-        .as_ref()
-        .and_then(|w| w.auth_problem.clone());
-    if let Some(p) = &webhooks_problem {
-        // Not a failed start: syncing and draining go on (README, "Webhooks").
-        error!("{p}; syncing and draining go on, fix it and restart leadsync");
-    }
+    // Only a receiver in this process refuses deliveries: without
+    // `webhooks.listen` the value is logged, with no alert.
+    let webhooks_problem = match &config.webhooks {
+        Some(w) => match (&w.auth_problem, w.listen) {
+            (Some(p), Some(_)) => {
+                // Not a failed start: syncing and draining go on (README, "Webhooks").
+                error!("{p}; syncing and draining go on, fix it and restart leadsync");
+                Some(p.clone())
+            }
+            (Some(p), None) => {
+                error!(
+                    "{p}; no receiver runs in this daemon (webhooks.listen is not set), \
+                     but `webhooks register` refuses it"
+                );
+                None
+            }
+            (None, _) => None,
+        },
+        None => None,
+    };
     let schedules = Schedules::from_config(&config, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("cannot schedule: {e}"))?;
     // Ends at READY=1, or with a failed start (the guard is dropped).
@@ -266,8 +278,10 @@ pub async fn run_with(
                         for w in new.warnings() {
                             warn!("{w}");
                         }
-                        if let Some(p) = new.webhooks.as_ref().and_then(|w| w.auth_problem.as_ref()) {
-                            error!("{p}; a restart with it would refuse every webhook delivery");
+                        if let Some(w) = &new.webhooks
+                            && let Some(p) = &w.auth_problem
+                        {
+                            error!("{p}; {}", reload_auth_consequence(daemon.config().webhooks.as_ref(), w));
                         }
                         tokio::select! {
                         _ = controls.shutdown.cancelled() => {
@@ -277,6 +291,10 @@ pub async fn run_with(
                         applied = daemon.apply(new) => applied,
                     }} {
                         Ok(r) => {
+                            // The STATUS line of the new configuration (its
+                            // businesses, the reload failure cleared), before
+                            // the log says it is in force.
+                            daemon.reload_outcome(true).await;
                             info!(
                                 added = r.added,
                                 removed = r.removed,
@@ -284,7 +302,6 @@ pub async fn run_with(
                                 elapsed_ms = r.started.elapsed().as_millis() as u64,
                                 "configuration reloaded"
                             );
-                            daemon.reload_outcome(true).await;
                         }
                         Err(e) => {
                             error!(error = %format!("{e:#}"), "configuration reload failed; keeping the previous configuration");
@@ -1179,11 +1196,12 @@ impl Daemon {
             ),
             None => line,
         };
+        // `[webhooks]` is the running receiver's (a reload keeps it).
         let refused = self
             .config()
             .webhooks
             .as_ref()
-            .is_some_and(|w| w.auth_problem.is_some());
+            .is_some_and(|w| w.listen.is_some() && w.auth_problem.is_some());
         let line = if refused {
             format!(
                 "WEBHOOK DELIVERIES REFUSED: the webhook header value cannot be sent (see leadsync status); {line}"
@@ -1285,6 +1303,31 @@ async fn close_previous_process(store: &Store) -> Result<usize> {
             )
         })
         .await
+}
+
+/// What a reloaded `new` `[webhooks]` with credentials no delivery can carry
+/// means, given the running one (`running`: a reload keeps it).
+fn reload_auth_consequence(
+    running: Option<&crate::config::Webhooks>,
+    new: &crate::config::Webhooks,
+) -> &'static str {
+    match running.filter(|r| r.listen.is_some()) {
+        Some(r) if r.auth_problem.is_some() => {
+            "the running receiver was started with a value that cannot be sent either and \
+             refuses every webhook delivery: fix it and restart leadsync"
+        }
+        Some(_) => {
+            "the running receiver keeps its value (a change of [webhooks] takes a restart), \
+             but a restart with this one would refuse every webhook delivery"
+        }
+        None if new.listen.is_some() => {
+            "a restart with it would start a receiver that refuses every webhook delivery"
+        }
+        None => {
+            "no receiver runs with it (webhooks.listen is not set), but `webhooks register` \
+                 refuses it"
+        }
+    }
 }
 
 /// The daemon alert key of webhook credentials no delivery can carry.

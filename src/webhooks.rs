@@ -153,27 +153,83 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                     .cloned()
                     .collect()
             };
-            // The one to keep: the first that can deliver, enabled, with every
-            // event type; else the first of the receiver's kind; else the first.
-            let kept = matches
-                .iter()
-                .position(|s| {
-                    other_kind(s).is_none() && s.enabled != Some(false) && missing(s).is_empty()
-                })
-                .or_else(|| matches.iter().position(|s| other_kind(s).is_none()))
-                .unwrap_or(0);
-            if let Some(found) = matches.get(kept) {
-                let delete =
-                    |w: &str| format!("leadsync webhooks delete --business {id} --webhook {w}");
+            let delete =
+                |w: &str| format!("leadsync webhooks delete --business {id} --webhook {w}");
+            if matches.len() > 1 {
+                // `already registered` (SPEC's line), but none is kept: a
+                // password cannot be read back, so the one
+                // that looks right may hold an older secret (W1 and W2 under
+                // the old one, W1 deleted and W3 registered under the new:
+                // keeping W2 and deleting W3 has every delivery refused).
+                let described: Vec<String> = matches
+                    .iter()
+                    .map(|s| {
+                        let mut notes = Vec::new();
+                        if let Some(kind) = other_kind(s) {
+                            notes.push(format!(
+                                "authenticates with {kind}, not {expected_kind}: every delivery \
+                                 refused"
+                            ));
+                        }
+                        if s.enabled == Some(false) {
+                            notes.push("disabled".to_string());
+                        }
+                        let missing = missing(s);
+                        if !missing.is_empty() {
+                            notes.push(format!("without {}", missing.join(",")));
+                        }
+                        if notes.is_empty() {
+                            s.webhook_id.clone()
+                        } else {
+                            format!("{} ({})", s.webhook_id, notes.join(", "))
+                        }
+                    })
+                    .collect();
+                // Thumbtack sends an event to every enabled webhook with its
+                // type: the most any one event type is sent.
+                let times = events
+                    .iter()
+                    .map(|e| {
+                        matches
+                            .iter()
+                            .filter(|s| s.enabled != Some(false) && s.event_types.contains(e))
+                            .count()
+                    })
+                    .max()
+                    .unwrap_or(0);
+                let repeats = match times {
+                    0 => "none of them is enabled with these event types".to_string(),
+                    1 => "one of them delivers each event type".to_string(),
+                    n => format!("a delivery is sent up to {n} times"),
+                };
+                println!(
+                    "already registered {id} ({} webhooks at {public_url}: {}), none kept: \
+                     {repeats}, and any of them may hold an older secret (a password cannot be read back), its \
+                     deliveries refused with 401: if you know which one was registered with the \
+                     current secret (and it is enabled, of kind {expected_kind}, with every event \
+                     type), delete the others; else delete them all ({}) and run leadsync \
+                     webhooks register again",
+                    matches.len(),
+                    described.join(", "),
+                    matches
+                        .iter()
+                        .map(|s| delete(&s.webhook_id))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                failed = true;
+                continue;
+            }
+            if let Some(found) = matches.first() {
                 let missing = missing(found);
                 let mut note = String::new();
                 let other_auth = other_kind(found).map(|kind| {
-                format!(
-                    ", but it authenticates with {kind}, not {expected_kind}, so every delivery \
-                     is refused: delete it ({}) and register again",
-                    delete(&found.webhook_id)
-                )
-            });
+                    format!(
+                        ", but it authenticates with {kind}, not {expected_kind}, so every \
+                         delivery is refused: delete it ({}) and register again",
+                        delete(&found.webhook_id)
+                    )
+                });
                 if let Some(other) = &other_auth {
                     note.push_str(other);
                     failed = true;
@@ -187,40 +243,6 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                         missing.join(","),
                         delete(&found.webhook_id)
                     ));
-                }
-                if matches.len() > 1 {
-                    let extras: Vec<&&Subscription> = matches
-                        .iter()
-                        .enumerate()
-                        .filter(|(i, _)| *i != kept)
-                        .map(|(_, s)| s)
-                        .collect();
-                    note.push_str(&format!(
-                    "; {} webhooks point at {public_url} ({}), so each delivery comes {} times: \
-                     delete the extras ({})",
-                    matches.len(),
-                    matches
-                        .iter()
-                        .map(|s| s.webhook_id.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", "),
-                    matches.len(),
-                    extras
-                        .iter()
-                        .map(|s| delete(&s.webhook_id))
-                        .collect::<Vec<_>>()
-                        .join("; ")
-                ));
-                    for extra in extras {
-                        if let Some(kind) = other_kind(extra) {
-                            note.push_str(&format!(
-                                "; {} authenticates with {kind}, not {expected_kind}, so its \
-                             deliveries are refused",
-                                extra.webhook_id
-                            ));
-                            failed = true;
-                        }
-                    }
                 }
                 println!(
                     "already registered {id} (webhook {}){note}",

@@ -178,43 +178,32 @@ pub fn record_delivery(
         Effect::Message(m) => {
             row.negotiation_id = Some(m.negotiation_id.clone());
             row.message_id = Some(m.message_id.clone());
-            // `set_aside`: the business is the one named by the lead's
-            // delivery that was set aside (a business not configured).
-            let (business, set_aside) = match &m.business_id {
-                Some(b) => (Some(b.clone()), false),
+            // Every message is stored (`applied`), whatever its business:
+            // nothing replays `webhook_events` and message polling is off by
+            // default, so one set aside would never be in `messages` once its
+            // business is configured again and its lead mirrored. Storing
+            // only the customer's side (naming no business) of a lead of a
+            // business not configured left a mirror quietly missing the
+            // pro's replies (naming it). Its business: the one it names, else
+            // its mirrored lead's, else the one an `unknown_business`
+            // delivery of its lead named, else none until that delivery.
+            let business = match &m.business_id {
+                Some(b) => Some(b.clone()),
                 None => match mirror::business_of(&tx, &m.negotiation_id)? {
-                    Some(b) => (Some(b), false),
-                    None => match tx
+                    Some(b) => Some(b),
+                    None => tx
                         .prepare_cached(BUSINESS_OF_UNKNOWN_LEAD)?
                         .query_row([&m.negotiation_id], |r| r.get::<_, String>(0))
-                        .optional()?
-                    {
-                        Some(b) => (Some(b), true),
-                        None => (None, false),
-                    },
+                        .optional()?,
                 },
             };
             row.business_id = business.clone();
-            match &business {
-                // A message naming no business, of a lead set aside, is
-                // stored under the business that lead named, as one that came
-                // before the lead is: nothing replays `webhook_events` and
-                // message polling is off by default, so a message set aside
-                // here would never be in `messages` once the business is
-                // configured again and its lead mirrored.
-                Some(b) if !set_aside && !is_configured(&tx, b)? => (
-                    Outcome::UnknownBusiness,
-                    Some(format!("business {b} is not configured")),
-                ),
-                _ => {
-                    let mut m = m.clone();
-                    m.business_id = business;
-                    if insert_message(&tx, &m, &event.received_at)? {
-                        (Outcome::Applied, None)
-                    } else {
-                        (Outcome::Duplicate, None)
-                    }
-                }
+            let mut m = m.clone();
+            m.business_id = business;
+            if insert_message(&tx, &m, &event.received_at)? {
+                (Outcome::Applied, None)
+            } else {
+                (Outcome::Duplicate, None)
             }
         }
     };
