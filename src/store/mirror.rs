@@ -1529,7 +1529,9 @@ mod tests {
     fn fingerprint_sets_tell_apart_keys_that_differ_in_any_bits() {
         // Keys equal in their low bits, then in their high bits: each a
         // set's own member, none another's.
-        let keys: Vec<u64> = (1..5000u64).flat_map(|i| [i << 40, i, i * 0x1_0001]).collect();
+        let keys: Vec<u64> = (1..5000u64)
+            .flat_map(|i| [i << 40, i, i * 0x1_0001])
+            .collect();
         let mut set = Fingerprints::default();
         for &k in &keys {
             assert!(set.insert(k), "{k} inserted once");
