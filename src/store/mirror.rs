@@ -1110,11 +1110,11 @@ pub enum Missing {
 /// that would have listed a lead was asked for no earlier (as a pass's
 /// `listed_at`), so a delivery of a later event is not older than the
 /// listing that found the lead gone ([`upsert_lead`]).
-pub fn mark_missing<S: std::hash::BuildHasher>(
+pub fn mark_missing(
     conn: &mut Connection,
     business_id: &str,
     run_id: i64,
-    seen: &std::collections::HashSet<u64, S>,
+    seen: &Fingerprints,
     accept_mass: bool,
     now: &str,
 ) -> Result<Missing> {
@@ -1146,11 +1146,11 @@ pub fn mark_missing<S: std::hash::BuildHasher>(
 
 /// How many of the business's present leads (known before the pass started)
 /// a full scan did not list: what [`mark_missing`] would mark. Read only.
-pub fn count_unseen<S: std::hash::BuildHasher>(
+pub fn count_unseen(
     conn: &Connection,
     business_id: &str,
     run_id: i64,
-    seen: &std::collections::HashSet<u64, S>,
+    seen: &Fingerprints,
     now: &str,
 ) -> Result<i64> {
     Ok(unlisted(conn, business_id, run_id, seen, now)?.2.len() as i64)
@@ -1163,11 +1163,11 @@ pub fn count_unseen<S: std::hash::BuildHasher>(
 /// of those not observed otherwise since then, or delivered within
 /// [`LISTING_MARGIN`] before ([`OBSERVED_SINCE`]), and the pass's start
 /// (`sync_runs.started_at`; `now` when the run has no row).
-fn unlisted<S: std::hash::BuildHasher>(
+fn unlisted(
     conn: &Connection,
     business_id: &str,
     run_id: i64,
-    seen: &std::collections::HashSet<u64, S>,
+    seen: &Fingerprints,
     now: &str,
 ) -> Result<(i64, i64, Vec<String>, String)> {
     let started: String = conn
@@ -1512,7 +1512,7 @@ mod tests {
         .unwrap();
         assert_eq!(known_leads(&conn, "b").unwrap().len(), 2);
         let now = "2026-01-02T00:00:00.000Z";
-        let seen: std::collections::HashSet<u64> = [id_fingerprint("1")].into();
+        let seen: Fingerprints = [id_fingerprint("1")].into_iter().collect();
         assert_eq!(count_unseen(&conn, "b", 0, &seen, now).unwrap(), 1);
         mark_missing(&mut conn, "b", 0, &seen, true, now).unwrap();
         let missing: i64 = conn
@@ -2299,8 +2299,7 @@ mod tests {
                 "2026-01-01T11:05:01.000Z",
             );
         }
-        let seen: std::collections::HashSet<u64> =
-            (1..=20).map(|i| id_fingerprint(&i.to_string())).collect();
+        let seen: Fingerprints = (1..=20).map(|i| id_fingerprint(&i.to_string())).collect();
         let end = "2026-01-01T11:30:00.000Z";
         let marked = mark_missing(&mut m.conn, "b", run, &seen, false, end).unwrap();
         assert_eq!(

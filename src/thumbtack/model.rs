@@ -1196,10 +1196,9 @@ mod checked {
                             self.in_string = true;
                             self.open_quote(i);
                         }
-                        b'{' | b'[' | b'}' | b']' | b',' => {
-                            if self.structural(c)? {
-                                return Some(Some(i + 1));
-                            }
+                        // The guard counts the byte (once, whatever it answers).
+                        b'{' | b'[' | b'}' | b']' | b',' if self.structural(c)? => {
+                            return Some(Some(i + 1));
                         }
                         _ => {}
                     }
