@@ -7,7 +7,6 @@ use crate::store::mirror::{self, Missing, PageContext, RunEnd, RunStats};
 use crate::thumbtack::model::Page;
 use crate::thumbtack::paging::{Cursor, End, Listing, Step, Style};
 use crate::thumbtack::{ApiError, Client, Disposition};
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
@@ -216,7 +215,7 @@ pub async fn sync_business(
         }
     };
     let mut stats = RunStats::default();
-    let mut seen = HashSet::new();
+    let mut seen = mirror::Fingerprints::default();
     let mut style = None;
     let mut why = None;
     let result = read_pages(
@@ -378,7 +377,7 @@ async fn confirm_unseen(
     business_id: &str,
     settings: PassSettings,
     run_id: i64,
-    seen: &mut HashSet<u64>,
+    seen: &mut mirror::Fingerprints,
     stop: &CancellationToken,
 ) -> Result<(i64, bool), String> {
     let unseen = {
@@ -476,7 +475,7 @@ async fn read_pages(
     settings: PassSettings,
     run_id: i64,
     stats: &mut RunStats,
-    seen: &mut HashSet<u64>,
+    seen: &mut mirror::Fingerprints,
     (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
 ) -> Result<End, String> {
@@ -674,7 +673,7 @@ enum Verdict {
 /// redelivery) is left as that writer made it.
 #[derive(Default)]
 struct ScanKnown {
-    leads: std::sync::OnceLock<std::collections::HashMap<u64, mirror::Known>>,
+    leads: std::sync::OnceLock<mirror::KnownLeads>,
     /// Leads that take the writer's ordinary path for the rest of the scan:
     /// found changed (by the fetcher or the writer, whichever checks it
     /// first; the leads of pages fetched before the known leads were read
@@ -682,7 +681,7 @@ struct ScanKnown {
     /// the known leads could not be read. A later listing of one is compared
     /// with what its write left, not with the start (the listing may name a
     /// lead twice).
-    looked_up: std::sync::Mutex<HashSet<u64>>,
+    looked_up: std::sync::Mutex<mirror::Fingerprints>,
     /// The known leads could not be read (every lead is looked up).
     read_failed: std::sync::atomic::AtomicBool,
     /// Signalled once the read is done (or failed): see [`ScanKnown::resolved`].
@@ -773,7 +772,7 @@ impl ScanKnown {
         &'a self,
         stale_before: &'a str,
     ) -> impl Fn(&str, i64) -> bool + Sync + 'a {
-        let changed_here = std::sync::Mutex::new(HashSet::new());
+        let changed_here = std::sync::Mutex::new(mirror::Fingerprints::default());
         move |id: &str, hash: i64| {
             let id = mirror::id_fingerprint(id);
             let mut changed_here = changed_here
@@ -837,7 +836,7 @@ async fn read_all_pages(
     settings: PassSettings,
     run_id: i64,
     stats: &mut RunStats,
-    seen: &mut HashSet<u64>,
+    seen: &mut mirror::Fingerprints,
     (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
 ) -> Result<End, String> {
@@ -1197,7 +1196,7 @@ mod tests {
         let read: &'static ScanKnown = Box::leak(Box::default());
         let waiting = tokio::spawn(within(read));
         tokio::task::yield_now().await;
-        let _ = read.leads.set(std::collections::HashMap::new());
+        let _ = read.leads.set(mirror::KnownLeads::default());
         read.read_done.notify_one();
         waiting.await.unwrap().expect("a done read ends the wait");
         assert!(read.resolved());

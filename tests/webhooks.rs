@@ -936,7 +936,7 @@ fn a_full_scan_does_not_mark_a_lead_that_arrived_during_it_missing() {
         &mut conn,
         business,
         run,
-        &std::collections::HashSet::new(),
+        &mirror::Fingerprints::default(),
         false,
         "2026-11-28T04:00:02.000Z",
     )
@@ -952,7 +952,7 @@ fn a_full_scan_does_not_mark_a_lead_that_arrived_during_it_missing() {
         &mut conn,
         business,
         run,
-        &std::collections::HashSet::new(),
+        &mirror::Fingerprints::default(),
         false,
         "2026-11-28T04:01:00.000Z",
     )
@@ -965,7 +965,7 @@ fn a_full_scan_does_not_mark_a_lead_that_arrived_during_it_missing() {
         &mut conn,
         business,
         run,
-        &std::collections::HashSet::new(),
+        &mirror::Fingerprints::default(),
         false,
         "2026-11-28T04:01:04.000Z",
     )
@@ -1308,7 +1308,7 @@ fn a_redelivery_older_than_the_scan_that_found_the_lead_gone_keeps_it_missing() 
         &mut conn,
         business,
         run,
-        &std::collections::HashSet::new(),
+        &mirror::Fingerprints::default(),
         true,
         "2026-11-28T05:10:00.000Z",
     )
