@@ -1040,8 +1040,9 @@ mod checked {
         structural: u64,
     }
 
-    /// [`Masks`] with SSE2 (every x86_64 has it): 16 bytes a compare.
-    #[cfg(target_arch = "x86_64")]
+    /// [`Masks`] with SSE2 (every x86_64 target with std has it): 16 bytes
+    /// a compare.
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2"))]
     fn masks(block: &[u8; 64]) -> Masks {
         use std::arch::x86_64::{
             _mm_cmpeq_epi8, _mm_loadu_si128, _mm_movemask_epi8, _mm_or_si128, _mm_set1_epi8,
@@ -1052,7 +1053,7 @@ mod checked {
             structural: 0,
         };
         for (k, chunk) in block.chunks_exact(16).enumerate() {
-            // SAFETY: SSE2 is part of every x86_64 target; `chunk` is 16
+            // SAFETY: SSE2 is enabled (the cfg above); `chunk` is 16
             // bytes in bounds and `loadu` needs no alignment.
             let (quote, backslash, structural) = unsafe {
                 let v = _mm_loadu_si128(chunk.as_ptr().cast());
@@ -1081,12 +1082,12 @@ mod checked {
         m
     }
 
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(not(all(target_arch = "x86_64", target_feature = "sse2")))]
     use masks_bytewise as masks;
 
     /// [`Masks`] a byte at a time (other targets; the SSE2 one is tested
     /// against it).
-    #[cfg(any(test, not(target_arch = "x86_64")))]
+    #[cfg(any(test, not(all(target_arch = "x86_64", target_feature = "sse2"))))]
     fn masks_bytewise(block: &[u8; 64]) -> Masks {
         let mut m = Masks {
             quote: 0,
