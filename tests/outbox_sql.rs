@@ -496,6 +496,69 @@ fn row_ids_are_never_reused() {
 }
 
 #[test]
+fn an_id_given_explicitly_is_never_one_used_before() {
+    // AUTOINCREMENT only keeps leadsync's own ids new: a partner's program
+    // that gave the id itself (`REPLACE INTO outbox (id, ...)` as an upsert,
+    // or a DELETE and an INSERT with the old id) made a new row with the id
+    // of one being sent, or of one sent long ago: the new row took that
+    // row's attempts log (an HTTP 200 it never had), and an outcome in
+    // flight could land on it. Both tables refuse such an id.
+    let (_d, c) = fresh();
+    for table in ["outbox", "message_outbox"] {
+        let columns = match table {
+            "outbox" => "negotiation_id, status, partner_status_changed_at",
+            _ => "negotiation_id, text",
+        };
+        let values = match table {
+            "outbox" => "'1', 'appt_scheduled', '2024-06-14T09:30:00Z'",
+            _ => "'1', 'hi'",
+        };
+        let add = |id: Option<i64>| {
+            let (id_column, id_value) = match id {
+                Some(id) => ("id, ", format!("{id}, ")),
+                None => ("", String::new()),
+            };
+            c.execute(
+                &format!("INSERT INTO {table} ({id_column}{columns}) VALUES ({id_value}{values})"),
+                [],
+            )
+            .map(|_| c.last_insert_rowid())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!((add(None), add(None), add(None)), (Ok(1), Ok(2), Ok(3)));
+        // Row 3 is being sent when the partner's program replaces it, or
+        // deletes it and inserts its id again.
+        c.execute(
+            &format!(
+                "UPDATE {table} SET state = 'sending', attempts = 1,
+                     sending_since = '2024-06-14T09:31:00.000Z' WHERE id = 3"
+            ),
+            [],
+        )
+        .unwrap();
+        let replaced = c
+            .execute(
+                &format!("REPLACE INTO {table} (id, {columns}) VALUES (3, {values})"),
+                [],
+            )
+            .map_err(|e| e.to_string());
+        rejected(replaced, "never used again");
+        c.execute(&format!("DELETE FROM {table} WHERE id = 3"), [])
+            .unwrap();
+        rejected(add(Some(3)).map(|_| 0), "never used again");
+        rejected(add(Some(1)).map(|_| 0), "never used again");
+        // A new id is welcome, however given; leadsync's go on after it.
+        assert_eq!(add(Some(10)), Ok(10));
+        assert_eq!(add(None), Ok(11));
+        assert_eq!(
+            count(&c, &format!("SELECT count(*) FROM {table} WHERE id = 3")),
+            0,
+            "{table}"
+        );
+    }
+}
+
+#[test]
 fn negotiation_ids_must_be_text_of_digits() {
     // Issue 11, defect 2: a BLOB id passed the trigger and then failed every claim.
     let (_d, c) = fresh();

@@ -136,6 +136,7 @@ fn migrations() -> Vec<(i64, String)> {
             24,
             include_str!("migrations/0024_message_poll_backoff.sql").to_string(),
         ),
+        (25, include_str!("migrations/0025_claim_id.sql").to_string()),
     ]
 }
 
@@ -623,7 +624,7 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             .collect::<Result<_>>()?,
         _ => Vec::new(),
     };
-    // Versions 22 and 23 add a column to each of two tables: one there
+    // Versions 22, 23 and 25 add a column to each of two tables: one there
     // already is kept, the other still added.
     let one_each: &[(&str, &str, &str)] = match version {
         22 => &[
@@ -637,6 +638,10 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         23 => &[
             ("outbox_attempts", "wait_rebased_at", "TEXT"),
             ("message_outbox_attempts", "wait_rebased_at", "TEXT"),
+        ],
+        25 => &[
+            ("outbox", "claim_id", "INTEGER"),
+            ("message_outbox", "claim_id", "INTEGER"),
         ],
         _ => &[],
     };
@@ -668,6 +673,14 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             "migrations/0024_message_indexes_and_backfill.sql"
         ))
         .with_context(|| format!("migration {version} failed"))?;
+    }
+    if version == 25 {
+        for table in ["outbox", "message_outbox"] {
+            tx.execute_batch(
+                &include_str!("migrations/0025_claim_id_triggers.sql").replace("{table}", table),
+            )
+            .with_context(|| format!("migration {version} failed"))?;
+        }
     }
     if version == 18 {
         for ((column, kind), present) in v18.iter().zip(&v18_present) {

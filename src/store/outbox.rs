@@ -430,6 +430,11 @@ pub struct Claimed {
     pub content: Content,
     /// This attempt's number (1 for the first).
     pub attempt: i64,
+    /// This claim's own number (`claim_id`, schema 25), random: an outcome
+    /// is recorded only on the row that still carries it. The attempt
+    /// number does not tell one claim from the next: a partner's program
+    /// may put a `sending` row back to pending and reset its attempts.
+    pub claim_id: i64,
     /// A later row of the negotiation was already sent (SPEC §4: sent anyway).
     pub late: bool,
     /// The row names no business: `business_id` is its lead's (or the only
@@ -641,6 +646,7 @@ fn candidate_from_row(
             business_id,
             content,
             attempt: attempts.saturating_add(1),
+            claim_id: 0,
             late: false,
             business_filled,
         })
@@ -762,11 +768,13 @@ fn take(
     // One statement: the business is filled in (when the row names none)
     // as the row leaves `pending` (the frozen-content rule reads the old
     // state), and whether it is late comes back with it.
+    c.claim_id = fastrand::i64(..);
     let marked = tx
         .prepare_cached(&mark_sending(kind, pins))?
-        .query_row(params![id, c.attempt, now, c.business_id], |r| {
-            r.get::<_, bool>(0)
-        });
+        .query_row(
+            params![id, c.attempt, now, c.business_id, c.claim_id],
+            |r| r.get::<_, bool>(0),
+        );
     match marked {
         Ok(late) => c.late = late,
         Err(e) => match super::constraint_message(&e) {
@@ -783,13 +791,13 @@ fn take(
 /// Marks row ?1 `sending` (?2, the attempt; ?3, now; ?4, its business when
 /// it names none, recorded as filled in: `business_filled`, schema 22, so
 /// that a recovery at start knows to take it back) and returns whether it
-/// is late. The late check reads the
+/// is late; ?5, the claim's own number (`claim_id`). The late check reads the
 /// sent rows of the row's negotiation only: unnamed, without statistics,
 /// the planner reads every sent row of the table (`{table}_by_state`).
 fn mark_sending(kind: Kind, pins: &Pins) -> String {
     let table = kind.table();
     format!(
-        "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3,
+        "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3, claim_id = ?5,
              business_id = COALESCE(business_id, ?4),
              business_filled = (business_id IS NULL AND ?4 IS NOT NULL),
              late = EXISTS (SELECT 1 FROM {table} s {sent}
@@ -1332,12 +1340,16 @@ pub fn finish(
     ];
     values.extend(row.content.values());
     values.push(Value::Integer(row.attempt));
+    values.push(Value::Integer(row.claim_id));
     // Only on the row as it was sent: still `sending`, same content, same
-    // claim (attempt number); anything else is what the user did meanwhile.
+    // claim (its claim_id, and its attempt number); anything else is what
+    // the user did meanwhile (a row put back to pending by hand, with its
+    // attempts reset, and claimed again is another claim).
     let same_row = format!(
         "id = ?1 AND state = 'sending' AND negotiation_id IS ?11 AND business_id IS ?12
-         AND {} AND attempts IS ?{}",
+         AND {} AND attempts IS ?{} AND claim_id IS ?{}",
         row.content.matches(13),
+        values.len() - 1,
         values.len()
     );
     // A sent message keeps the id Thumbtack gave it.
@@ -2304,6 +2316,63 @@ mod tests {
             )
             .unwrap();
         assert_eq!(n, 1);
+    }
+
+    /// A claim is told from a later claim of the same row by more than its
+    /// attempt number: a partner's program that put a `sending` row back
+    /// to pending and reset its attempts (`UPDATE ... SET state = 'pending',
+    /// attempts = 0`, "send it again") made the next claim carry the same
+    /// number, and the first request's outcome (here dead) was written over
+    /// the second claim while that was still in flight; the second's outcome
+    /// (sent) was then dropped, and the row said dead though Thumbtack had it.
+    #[test]
+    fn an_outcome_never_lands_on_a_later_claim_after_the_attempts_were_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let id = insert(&conn, kind, "1", "7", 1);
+            let first = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            conn.execute(
+                &format!("UPDATE {table} SET state = 'pending', attempts = 0 WHERE id = ?1"),
+                [id],
+            )
+            .unwrap();
+            let second = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            assert_eq!((first.id, second.id), (id, id));
+            // The claim's number cannot be rewritten while it is sent.
+            let e = conn
+                .execute(&format!("UPDATE {table} SET claim_id = 1 WHERE id = ?1"), [id])
+                .unwrap_err();
+            assert!(e.to_string().contains("claim_id cannot change"), "{e}");
+            let now = crate::time::now();
+            let (recorded, _) = finish(&mut conn, &first, &Finish::Dead, &[], &now, None).unwrap();
+            assert_eq!(
+                recorded,
+                Recorded::RowChanged("sending".into()),
+                "{kind:?}: the first request's outcome is not the second claim's"
+            );
+            let (recorded, _) = finish(
+                &mut conn,
+                &second,
+                &Finish::Sent { message_id: None },
+                &[],
+                &now,
+                None,
+            )
+            .unwrap();
+            assert_eq!(recorded, Recorded::Yes, "{kind:?}");
+            let state: String = conn
+                .query_row(&format!("SELECT state FROM {table} WHERE id = ?1"), [id], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(state, "sent", "{kind:?}");
+        }
     }
 
     /// Every statement that names an index, run once: rows put aside for
