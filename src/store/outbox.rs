@@ -769,12 +769,10 @@ fn take(
     // as the row leaves `pending` (the frozen-content rule reads the old
     // state), and whether it is late comes back with it.
     c.claim_id = fastrand::i64(..);
-    let marked = tx
-        .prepare_cached(&mark_sending(kind, pins))?
-        .query_row(
-            params![id, c.attempt, now, c.business_id, c.claim_id],
-            |r| r.get::<_, bool>(0),
-        );
+    let marked = tx.prepare_cached(&mark_sending(kind, pins))?.query_row(
+        params![id, c.attempt, now, c.business_id, c.claim_id],
+        |r| r.get::<_, bool>(0),
+    );
     match marked {
         Ok(late) => c.late = late,
         Err(e) => match super::constraint_message(&e) {
@@ -2346,7 +2344,10 @@ mod tests {
             assert_eq!((first.id, second.id), (id, id));
             // The claim's number cannot be rewritten while it is sent.
             let e = conn
-                .execute(&format!("UPDATE {table} SET claim_id = 1 WHERE id = ?1"), [id])
+                .execute(
+                    &format!("UPDATE {table} SET claim_id = 1 WHERE id = ?1"),
+                    [id],
+                )
                 .unwrap_err();
             assert!(e.to_string().contains("claim_id cannot change"), "{e}");
             let now = crate::time::now();
@@ -2367,9 +2368,11 @@ mod tests {
             .unwrap();
             assert_eq!(recorded, Recorded::Yes, "{kind:?}");
             let state: String = conn
-                .query_row(&format!("SELECT state FROM {table} WHERE id = ?1"), [id], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    &format!("SELECT state FROM {table} WHERE id = ?1"),
+                    [id],
+                    |r| r.get(0),
+                )
                 .unwrap();
             assert_eq!(state, "sent", "{kind:?}");
         }
