@@ -547,6 +547,11 @@ fn an_id_given_explicitly_is_never_one_used_before() {
             .unwrap();
         rejected(add(Some(3)).map(|_| 0), "never used again");
         rejected(add(Some(1)).map(|_| 0), "never used again");
+        // Nor an id of 0 or below (SQLite never gives one; a second row
+        // could take it again after a DELETE).
+        for id in [0, -1, -5] {
+            rejected(add(Some(id)).map(|_| 0), "never used again");
+        }
         // A new id is welcome, however given; leadsync's go on after it.
         assert_eq!(add(Some(10)), Ok(10));
         assert_eq!(add(None), Ok(11));

@@ -23,3 +23,13 @@ CREATE TRIGGER IF NOT EXISTS {table}_id_never_reused BEFORE INSERT ON {table}
 BEGIN
     SELECT RAISE(ABORT, '{table}: a row''s id is never used again (its attempts log, and a send in flight, belong to the row that had it); leave id out, or give one above every id used so far');
 END;
+
+-- An id of 0 or below is never one SQLite gives: only an INSERT that gave it
+-- made it, and the rule above cannot see it before the row is in (NEW.id
+-- reads -1 there when SQLite chooses). Refused after the insert, in the
+-- same statement.
+CREATE TRIGGER IF NOT EXISTS {table}_id_positive AFTER INSERT ON {table}
+  WHEN NEW.id <= 0
+BEGIN
+    SELECT RAISE(ABORT, '{table}: a row''s id is never used again (its attempts log, and a send in flight, belong to the row that had it); leave id out, or give one above every id used so far (and above 0)');
+END;
