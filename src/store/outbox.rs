@@ -531,17 +531,19 @@ const CANDIDATE_COLUMNS: &str = "o.id, o.negotiation_id, o.business_id,
     COALESCE(o.business_id, n.business_id, :default_business), o.attempts";
 
 /// The columns [`candidate_from_row`] reads for `kind`: the common ones,
-/// the business an open row of the same negotiation is put aside for, then
-/// the content.
+/// the business a row of the same negotiation that goes before it is put
+/// aside for (one that goes after it holds nothing back), then the content.
 fn candidate_columns(kind: Kind, pins: &Pins) -> String {
     let table = kind.table();
     format!(
         "{CANDIDATE_COLUMNS},
          (SELECT w.waiting_for FROM {table} w {waiting}
-           WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL LIMIT 1),
+           WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL
+             AND {before} LIMIT 1),
          {}",
         kind.content_columns(),
         waiting = waiting_probe(kind, pins),
+        before = kind.goes_before("w", "o"),
     )
 }
 
@@ -835,7 +837,9 @@ fn park(
 }
 
 /// Puts aside (for ?2, why ?3) the pending rows of row ?1's negotiation
-/// not aside yet, found in the index of open rows by negotiation. Unnamed,
+/// not aside yet that go after it (one that goes before it is first in
+/// line, or behind another row: it does not wait for this one's
+/// business), found in the index of open rows by negotiation. Unnamed,
 /// the planner read every pending row of the table (`{table}_by_state`;
 /// ~15 ms a row put aside with 100k pending): `state = 'pending'` alone
 /// does not imply the index's `state IN ('pending', 'sending')`.
@@ -844,8 +848,10 @@ fn park_followers(kind: Kind, pins: &Pins) -> String {
     format!(
         "UPDATE {table} {open} SET waiting_for = ?2, last_error = ?3
           WHERE negotiation_id = (SELECT p.negotiation_id FROM {table} p WHERE p.id = ?1)
-            AND state IN ('pending', 'sending') AND state = 'pending' AND waiting_for IS NULL",
-        open = pins.by(&format!("{table}_open_by_negotiation"))
+            AND state IN ('pending', 'sending') AND state = 'pending' AND waiting_for IS NULL
+            AND EXISTS (SELECT 1 FROM {table} p WHERE p.id = ?1 AND {after})",
+        open = pins.by(&format!("{table}_open_by_negotiation")),
+        after = kind.goes_after(table, "p"),
     )
 }
 
@@ -1036,14 +1042,15 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
 
 /// SQL: due row `o` is one a claim takes a decision on — first in line in
 /// its negotiation (or with no place in the order), or behind a row put
-/// aside (to be put aside with it).
+/// aside (to be put aside with it; a row put aside after it holds it
+/// nothing back).
 fn first_in_line(kind: Kind, pins: &Pins) -> String {
     format!(
         "({unordered}
                  -- a probe into an index of the rows put aside only
                  OR EXISTS (SELECT 1 FROM {table} w {waiting}
                              WHERE w.negotiation_id = o.negotiation_id
-                               AND w.waiting_for IS NOT NULL)
+                               AND w.waiting_for IS NOT NULL AND {aside_before})
                  OR NOT EXISTS (
                 SELECT 1 FROM {table} p
                  WHERE p.negotiation_id = o.negotiation_id
@@ -1054,6 +1061,7 @@ fn first_in_line(kind: Kind, pins: &Pins) -> String {
         table = kind.table(),
         unordered = kind.unordered(),
         before = kind.goes_before("p", "o"),
+        aside_before = kind.goes_before("w", "o"),
     )
 }
 
@@ -2378,6 +2386,64 @@ mod tests {
         }
     }
 
+    /// A row put aside waits for its business with the rows after it only:
+    /// a transition inserted after it with an earlier instant is first in
+    /// line and goes when its own business may send. It was put aside behind
+    /// the later row, for that row's business — when walked, or with the
+    /// rows of a later one put aside (here while it waits for its retry).
+    #[test]
+    fn a_row_put_aside_holds_back_only_the_rows_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let kind = Kind::Transition;
+        let waits_for = |conn: &Connection, id: i64| -> Option<String> {
+            conn.query_row("SELECT waiting_for FROM outbox WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        // Business 9 is not configured: the row waits for it.
+        let aside = insert(&conn, kind, "1", "9", 3);
+        assert!(
+            claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(waits_for(&conn, aside).as_deref(), Some("9"));
+        // Before it: one waiting for its retry, one due; after it, one due.
+        let retrying = insert(&conn, kind, "1", "7", 1);
+        conn.execute(
+            "UPDATE outbox SET next_attempt_at = '9999-06-01T00:00:00.000Z' WHERE id = ?1",
+            [retrying],
+        )
+        .unwrap();
+        let due = insert(&conn, kind, "1", "7", 2);
+        let after = insert(&conn, kind, "1", "7", 4);
+        let claimed = claim(&mut conn, kind, FAR, 10, &filter()).unwrap();
+        assert!(claimed.is_empty(), "{claimed:?}");
+        assert_eq!(waits_for(&conn, after).as_deref(), Some("9"));
+        assert_eq!(
+            waits_for(&conn, retrying),
+            None,
+            "it goes before the row aside"
+        );
+        assert_eq!(waits_for(&conn, due), None, "it goes before the row aside");
+        conn.execute(
+            "UPDATE outbox SET next_attempt_at = '2024-01-01T00:00:00.000Z' WHERE id = ?1",
+            [retrying],
+        )
+        .unwrap();
+        let first = claim(&mut conn, kind, FAR, 10, &filter()).unwrap();
+        assert_eq!(first.iter().map(|c| c.id).collect::<Vec<_>>(), [retrying]);
+        let next = sent(&mut conn, &first[0], true).expect("the next row before the aside one");
+        assert_eq!(next.id, due);
+        assert!(
+            sent(&mut conn, &next, true).is_none(),
+            "then the row aside holds back"
+        );
+        assert_eq!(waits_for(&conn, after).as_deref(), Some("9"));
+    }
+
     /// Every statement that names an index, run once: rows put aside for
     /// their business, a claim, the next row of a chain, a late row.
     fn drain_a_little(conn: &mut Connection, kind: Kind) {
@@ -2646,7 +2712,14 @@ mod tests {
             let claimed = rx
                 .recv_timeout(std::time::Duration::from_secs(60))
                 .unwrap_or_else(|_| panic!("{kind:?}: the claim never ended"));
-            assert_eq!(claimed, [other], "{kind:?}");
+            // A reply goes in id order: that one goes before the reply put
+            // aside, so it is first in line (a row put aside holds back only
+            // the rows after it), and the claim ends with it.
+            let expected = match kind {
+                Kind::Transition => other,
+                Kind::Message => i64::MIN,
+            };
+            assert_eq!(claimed, [expected], "{kind:?}");
         }
     }
 
