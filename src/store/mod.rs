@@ -681,6 +681,13 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             )
             .with_context(|| format!("migration {version} failed"))?;
         }
+        // A row put aside now holds back only the rows after it: an older
+        // claim put aside a row before it too (inserted later with an
+        // earlier instant, or waiting for its retry), for that row's
+        // business. Schema 20's rule frees exactly those (no row of the
+        // business it waits for at or before it) and leaves the rest aside.
+        tx.execute_batch(include_str!("migrations/0020_waits_follow_rows.sql"))
+            .with_context(|| format!("migration {version} failed"))?;
     }
     if version == 18 {
         for ((column, kind), present) in v18.iter().zip(&v18_present) {
@@ -2653,6 +2660,62 @@ mod tests {
         let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
         migrate_to(&mut conn, previous).unwrap();
         (conn, previous)
+    }
+
+    /// Schema 25: a row put aside behind a later row (for that row's
+    /// business) by an older claim is first in line and is freed by the
+    /// upgrade; a row aside behind an earlier one, or for its own business,
+    /// stays aside.
+    #[test]
+    fn schema_25_frees_the_rows_put_aside_behind_a_later_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
+        migrate_to(&mut conn, 24).unwrap();
+        for (table, columns, values) in [
+            (
+                "outbox",
+                "status, partner_status_changed_at",
+                [
+                    "'appt_scheduled', '2024-06-14T09:31:00Z'",
+                    "'appt_scheduled', '2024-06-14T09:32:00Z'",
+                    "'appt_scheduled', '2024-06-14T09:33:00Z'",
+                ],
+            ),
+            ("message_outbox", "text", ["'a'", "'b'", "'c'"]),
+        ] {
+            // In order: before (business 7), the row aside (business 9),
+            // after (business 7), all put aside for business 9.
+            for (business, v) in ["7", "9", "7"].iter().zip(values) {
+                conn.execute(
+                    &format!(
+                        "INSERT INTO {table} (negotiation_id, business_id, {columns})
+                         VALUES ('1', '{business}', {v})"
+                    ),
+                    [],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                &format!("UPDATE {table} SET waiting_for = '9', last_error = 'waiting: 9'"),
+                [],
+            )
+            .unwrap();
+        }
+        migrate_to(&mut conn, 25).unwrap();
+        for table in ["outbox", "message_outbox"] {
+            let aside: Vec<(i64, Option<String>)> = conn
+                .prepare(&format!("SELECT id, waiting_for FROM {table} ORDER BY id"))
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!(
+                aside,
+                [(1, None), (2, Some("9".into())), (3, Some("9".into()))],
+                "{table}"
+            );
+        }
     }
 
     /// A real mirror of the previous schema (not only its number) is read
