@@ -2692,7 +2692,7 @@ mod tests {
                 "UPDATE {table} SET waiting_for = '7' WHERE id = {aside};
                  CREATE TRIGGER keep_aside BEFORE UPDATE OF waiting_for ON {table}
                    WHEN NEW.waiting_for IS NULL BEGIN SELECT RAISE(IGNORE); END;
-                 DROP TRIGGER {table}_id_positive;
+                 DROP TRIGGER {table}_id_never_reused;
                  INSERT INTO {table} (id, negotiation_id, business_id, next_attempt_at, {columns})
                  VALUES (-9223372036854775808, '1', '7', '2024-01-01T00:00:00.000Z', {values});
                  INSERT INTO {table} (negotiation_id, business_id, next_attempt_at, {columns})

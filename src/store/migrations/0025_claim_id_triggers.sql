@@ -13,23 +13,33 @@ END;
 -- INSERT (`REPLACE INTO {table} (id, ...)` as an upsert, or a DELETE then an
 -- INSERT with the old id) made a new row with the id of a row being sent or
 -- sent long ago: it took that row's attempts log, and an outcome in flight
--- could land on it. An id given explicitly must be above every id used so
--- far (SQLite's sequence, and the largest id there is, for a statement
--- inserting several rows); one left out is SQLite's (NEW.id is -1 here).
-CREATE TRIGGER IF NOT EXISTS {table}_id_never_reused BEFORE INSERT ON {table}
-  WHEN NEW.id > 0
-   AND (NEW.id <= COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{table}'), 0)
-        OR NEW.id <= COALESCE((SELECT max(id) FROM {table}), 0))
-BEGIN
-    SELECT RAISE(ABORT, '{table}: a row''s id is never used again (its attempts log, and a send in flight, belong to the row that had it); leave id out, or give one above every id used so far');
-END;
-
--- An id of 0 or below is never one SQLite gives: only an INSERT that gave it
--- made it, and the rule above cannot see it before the row is in (NEW.id
--- reads -1 there when SQLite chooses). Refused after the insert, in the
--- same statement.
-CREATE TRIGGER IF NOT EXISTS {table}_id_positive AFTER INSERT ON {table}
+-- could land on it. A row inserted must have an id above 0 and above
+-- SQLite's mark for the table (sqlite_sequence: the highest id ever in it).
+--
+-- After the insert, not before: a BEFORE INSERT rule runs before SQLite
+-- resolves a conflict, so it refused `INSERT OR IGNORE` and `ON CONFLICT
+-- (id) DO NOTHING / DO UPDATE` of an id already there (which make no new
+-- row: no INSERT trigger fires for them), aborting the whole statement.
+-- SQLite writes sqlite_sequence at the end of each statement, so here it
+-- holds the mark from before the statement: several new ids in one
+-- statement go in in any order. A REPLACE of a row there fires this after
+-- deleting it, and is refused with the whole statement.
+--
+-- A table with no row in sqlite_sequence (never inserted into, or a
+-- partner's edit deleted it): the mark is the highest id of the other rows,
+-- until SQLite writes the sequence again at the end of the next insert
+-- (several new ids in one statement must then rise). The upgrade writes
+-- the mark of each table (at least its highest id), so only such an edit
+-- leaves one without.
+INSERT INTO sqlite_sequence (name, seq)
+SELECT '{table}', COALESCE((SELECT max(id) FROM {table}), 0)
+ WHERE NOT EXISTS (SELECT 1 FROM sqlite_sequence WHERE name = '{table}');
+UPDATE sqlite_sequence SET seq = (SELECT max(id) FROM {table})
+ WHERE name = '{table}' AND seq < (SELECT max(id) FROM {table});
+CREATE TRIGGER IF NOT EXISTS {table}_id_never_reused AFTER INSERT ON {table}
   WHEN NEW.id <= 0
+    OR NEW.id <= COALESCE((SELECT seq FROM sqlite_sequence WHERE name = '{table}'),
+                          (SELECT max(id) FROM {table} WHERE id <> NEW.id), 0)
 BEGIN
-    SELECT RAISE(ABORT, '{table}: a row''s id is never used again (its attempts log, and a send in flight, belong to the row that had it); leave id out, or give one above every id used so far (and above 0)');
+    SELECT RAISE(ABORT, '{table}: a row''s id is never used again (its attempts log, and a send in flight, belong to the row that had it); leave id out, or give one above 0 and above every id used so far');
 END;
