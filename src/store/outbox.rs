@@ -2386,6 +2386,60 @@ mod tests {
         }
     }
 
+    /// A row left `sending` by a leadsync of schema 24 (no `claim_id`: NULL
+    /// after the upgrade) is put back to pending at the start, claimed
+    /// again, and its outcome recorded.
+    #[test]
+    fn a_row_left_sending_before_schema_25_is_sent_again_and_its_outcome_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut old = Connection::open(&path).unwrap();
+        crate::store::migrate_to(&mut old, 24).unwrap();
+        for kind in Kind::ALL {
+            let id = insert(&old, kind, "1", "7", 1);
+            old.execute(
+                &format!(
+                    "UPDATE {} SET state = 'sending', attempts = 1,
+                            sending_since = '2024-06-14T09:31:00.000Z' WHERE id = ?1",
+                    kind.table()
+                ),
+                [id],
+            )
+            .unwrap();
+        }
+        drop(old);
+        let mut conn = crate::store::open_connection(&path, false).unwrap();
+        for kind in Kind::ALL {
+            let claim_id: Option<i64> = conn
+                .query_row(&format!("SELECT claim_id FROM {}", kind.table()), [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(claim_id, None, "{kind:?}");
+        }
+        let recovered = recover_sending(&mut conn, &crate::time::now()).unwrap();
+        assert_eq!(recovered.len(), 2, "{recovered:?}");
+        for kind in Kind::ALL {
+            let row = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            assert_eq!(row.attempt, 2, "{kind:?}");
+            sent(&mut conn, &row, false);
+            let (state, claim_id): (String, Option<i64>) = conn
+                .query_row(
+                    &format!("SELECT state, claim_id FROM {} WHERE id = ?1", kind.table()),
+                    [row.id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (state.as_str(), claim_id),
+                ("sent", Some(row.claim_id)),
+                "{kind:?}"
+            );
+        }
+    }
+
     /// A row put aside waits for its business with the rows after it only:
     /// a transition inserted after it with an earlier instant is first in
     /// line and goes when its own business may send. It was put aside behind
