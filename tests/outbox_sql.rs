@@ -769,6 +769,27 @@ fn with_sqlites_sequence_row_gone_a_used_id_is_still_refused() {
 }
 
 #[test]
+fn a_new_row_is_never_given_a_claim_id() {
+    // claim_id is each claim's own number: a new row is pending and has
+    // none, like its attempts and sending_since.
+    let (_d, c) = fresh();
+    for (table, columns, values) in TABLES {
+        rejected(
+            c.execute(
+                &format!(
+                    "INSERT INTO {table} ({columns}, claim_id) VALUES ({}, 5)",
+                    values.replace("{n}", "1")
+                ),
+                [],
+            )
+            .map_err(|e| e.to_string()),
+            "leave claim_id out",
+        );
+        assert_eq!(count(&c, &format!("SELECT count(*) FROM {table}")), 0);
+    }
+}
+
+#[test]
 fn negotiation_ids_must_be_text_of_digits() {
     // Issue 11, defect 2: a BLOB id passed the trigger and then failed every claim.
     let (_d, c) = fresh();

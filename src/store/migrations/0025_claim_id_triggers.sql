@@ -9,6 +9,15 @@ BEGIN
     SELECT RAISE(ABORT, '{table}: claim_id cannot change while the row is being sent (state sending); wait for its outcome');
 END;
 
+-- A new row is pending (schema 8): it has no claim's number either. A
+-- claim writes its own over any, but a row that came with one would look
+-- claimed to whoever reads the table.
+CREATE TRIGGER IF NOT EXISTS {table}_new_row_no_claim_id BEFORE INSERT ON {table}
+  WHEN NEW.claim_id IS NOT NULL
+BEGIN
+    SELECT RAISE(ABORT, '{table}: a new row is pending: leave claim_id out (each claim writes its own)');
+END;
+
 -- AUTOINCREMENT keeps only the ids SQLite gives new. An id given with the
 -- INSERT (`REPLACE INTO {table} (id, ...)` as an upsert, or a DELETE then an
 -- INSERT with the old id) made a new row with the id of a row being sent or
