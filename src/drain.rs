@@ -258,9 +258,10 @@ impl Drop for Round<'_> {
 /// A wall clock: `Utc::now`, or a test's.
 pub type WallClock = Arc<dyn Fn() -> chrono::DateTime<chrono::Utc> + Send + Sync>;
 
-/// (table, id, attempt) → (negotiation id, the outcome once the request
-/// ended and only its recording is left). The attempt tells a claim from a
-/// later one of the same row (put back to `pending` by hand while sent).
+/// (table, id, claim_id) → (negotiation id, the outcome once the request
+/// ended and only its recording is left). The claim_id tells a claim from a
+/// later one of the same row (put back to `pending` by hand while sent,
+/// with its attempts reset or not).
 type SendingRows =
     std::collections::BTreeMap<(&'static str, i64, i64), (String, Option<RowResult>)>;
 
@@ -335,7 +336,7 @@ impl Drainer {
             u.tries += 1;
             match recorded {
                 Ok((how, _)) => {
-                    self.recorded((u.row.kind.table(), u.row.id, u.row.attempt));
+                    self.recorded((u.row.kind.table(), u.row.id, u.row.claim_id));
                     info!(
                         outbox_id = u.row.id,
                         negotiation_id = %u.row.negotiation_id,
@@ -614,7 +615,7 @@ impl Drainer {
         due_by: Option<&str>,
         stop: &CancellationToken,
     ) -> (RowResult, Option<Claimed>) {
-        let key = (row.kind.table(), row.id, row.attempt);
+        let key = (row.kind.table(), row.id, row.claim_id);
         if let Ok(mut m) = self.sending.lock() {
             m.insert(key, (row.negotiation_id.clone(), None));
         }

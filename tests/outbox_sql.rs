@@ -496,6 +496,300 @@ fn row_ids_are_never_reused() {
 }
 
 #[test]
+fn an_id_given_explicitly_is_never_one_used_before() {
+    // AUTOINCREMENT only keeps leadsync's own ids new: a partner's program
+    // that gave the id itself (`REPLACE INTO outbox (id, ...)` as an upsert,
+    // or a DELETE and an INSERT with the old id) made a new row with the id
+    // of one being sent, or of one sent long ago: the new row took that
+    // row's attempts log (an HTTP 200 it never had), and an outcome in
+    // flight could land on it. Both tables refuse such an id.
+    let (_d, c) = fresh();
+    for table in ["outbox", "message_outbox"] {
+        let columns = match table {
+            "outbox" => "negotiation_id, status, partner_status_changed_at",
+            _ => "negotiation_id, text",
+        };
+        let values = match table {
+            "outbox" => "'1', 'appt_scheduled', '2024-06-14T09:30:00Z'",
+            _ => "'1', 'hi'",
+        };
+        let add = |id: Option<i64>| {
+            let (id_column, id_value) = match id {
+                Some(id) => ("id, ", format!("{id}, ")),
+                None => ("", String::new()),
+            };
+            c.execute(
+                &format!("INSERT INTO {table} ({id_column}{columns}) VALUES ({id_value}{values})"),
+                [],
+            )
+            .map(|_| c.last_insert_rowid())
+            .map_err(|e| e.to_string())
+        };
+        assert_eq!((add(None), add(None), add(None)), (Ok(1), Ok(2), Ok(3)));
+        // Row 3 is being sent when the partner's program replaces it, or
+        // deletes it and inserts its id again.
+        c.execute(
+            &format!(
+                "UPDATE {table} SET state = 'sending', attempts = 1,
+                     sending_since = '2024-06-14T09:31:00.000Z' WHERE id = 3"
+            ),
+            [],
+        )
+        .unwrap();
+        let replaced = c
+            .execute(
+                &format!("REPLACE INTO {table} (id, {columns}) VALUES (3, {values})"),
+                [],
+            )
+            .map_err(|e| e.to_string());
+        rejected(replaced, "never used again");
+        c.execute(&format!("DELETE FROM {table} WHERE id = 3"), [])
+            .unwrap();
+        rejected(add(Some(3)).map(|_| 0), "never used again");
+        // Row 1 is there: a plain INSERT of its id is refused by SQLite.
+        rejected(add(Some(1)).map(|_| 0), "UNIQUE constraint failed");
+        // Nor an id of 0 or below (SQLite never gives one; a second row
+        // could take it again after a DELETE).
+        for id in [0, -1, -5] {
+            rejected(add(Some(id)).map(|_| 0), "never used again");
+        }
+        // A new id is welcome, however given; leadsync's go on after it.
+        assert_eq!(add(Some(10)), Ok(10));
+        // An id never used, but below the highest used so far, is refused
+        // too (the table keeps only that mark, not which ids were used).
+        rejected(add(Some(7)).map(|_| 0), "never used again");
+        assert_eq!(add(None), Ok(11));
+        assert_eq!(
+            count(&c, &format!("SELECT count(*) FROM {table} WHERE id = 3")),
+            0,
+            "{table}"
+        );
+    }
+}
+
+/// The two tables, each with the columns a partner's INSERT names besides
+/// `id`, and one row's values for them (`{n}`: the negotiation).
+const TABLES: [(&str, &str, &str); 2] = [
+    (
+        "outbox",
+        "negotiation_id, status, partner_status_changed_at",
+        "'{n}', 'appt_scheduled', '2024-06-14T09:30:00Z'",
+    ),
+    ("message_outbox", "negotiation_id, text", "'{n}', 'hi'"),
+];
+
+/// `INSERT {verb} INTO table (id, ...) VALUES` one row per id (negotiation
+/// 1), then `tail`: what a partner's program runs.
+fn insert_ids(
+    c: &Connection,
+    table: &str,
+    verb: &str,
+    ids: &[i64],
+    tail: &str,
+) -> Result<usize, String> {
+    let (_, columns, values) = TABLES.iter().find(|t| t.0 == table).unwrap();
+    let rows: Vec<String> = ids
+        .iter()
+        .map(|id| format!("({id}, {})", values.replace("{n}", "1")))
+        .collect();
+    c.execute(
+        &format!(
+            "INSERT {verb} INTO {table} (id, {columns}) VALUES {} {tail}",
+            rows.join(", ")
+        ),
+        [],
+    )
+    .map_err(|e| e.to_string())
+}
+
+fn ids(c: &Connection, table: &str) -> Vec<i64> {
+    c.prepare(&format!("SELECT id FROM {table} ORDER BY id"))
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
+#[test]
+fn insert_or_ignore_of_ids_already_there_is_taken() {
+    // A BEFORE INSERT rule refused every id at or below the mark before
+    // SQLite saw the conflict: `INSERT OR IGNORE` of rows already there
+    // (which inserts nothing of them) aborted the whole statement, the new
+    // rows with it.
+    let (_d, c) = fresh();
+    for (table, _, _) in TABLES {
+        assert_eq!(insert_ids(&c, table, "", &[1, 2, 3], ""), Ok(3));
+        assert_eq!(
+            insert_ids(&c, table, "OR IGNORE", &[2, 3, 4], ""),
+            Ok(1),
+            "{table}"
+        );
+        assert_eq!(
+            insert_ids(&c, table, "OR IGNORE", &[1], ""),
+            Ok(0),
+            "{table}"
+        );
+        assert_eq!(ids(&c, table), [1, 2, 3, 4], "{table}");
+    }
+}
+
+#[test]
+fn a_partners_job_copying_its_events_by_id_may_run_again() {
+    // A cron job `INSERT OR IGNORE INTO outbox (id, ...) SELECT id, ... FROM
+    // crm_events`, run again: the events copied before are ignored, the new
+    // ones (in any order, some below the highest id of the statement) go in.
+    let (_d, c) = fresh();
+    for (table, columns, values) in TABLES {
+        let events = format!("{table}_events");
+        c.execute_batch(&format!(
+            "CREATE TABLE {events} (id INTEGER PRIMARY KEY, n TEXT)"
+        ))
+        .unwrap();
+        let copy = || {
+            c.execute(
+                &format!(
+                    "INSERT OR IGNORE INTO {table} (id, {columns})
+                     SELECT id, {} FROM {events} ORDER BY id DESC",
+                    values.replace("'{n}'", "n")
+                ),
+                [],
+            )
+            .map_err(|e| e.to_string())
+        };
+        c.execute_batch(&format!("INSERT INTO {events} VALUES (1, '1'), (2, '1')"))
+            .unwrap();
+        assert_eq!(copy(), Ok(2), "{table}");
+        // New events 10 and 5: 10 goes in first (descending), 5 after it,
+        // below 10 but above every id used before the statement.
+        c.execute_batch(&format!("INSERT INTO {events} VALUES (5, '1'), (10, '1')"))
+            .unwrap();
+        assert_eq!(copy(), Ok(2), "{table}");
+        assert_eq!(copy(), Ok(0), "{table}");
+        assert_eq!(ids(&c, table), [1, 2, 5, 10], "{table}");
+    }
+}
+
+#[test]
+fn on_conflict_do_nothing_and_do_update_on_the_id_are_taken() {
+    // An upsert on the id keeps the row there: DO NOTHING leaves it, DO
+    // UPDATE edits it (its attempts log stays its own); neither makes a new
+    // row with a used id.
+    let (_d, c) = fresh();
+    for (table, _, _) in TABLES {
+        assert_eq!(insert_ids(&c, table, "", &[1, 2], ""), Ok(2));
+        assert_eq!(
+            insert_ids(&c, table, "", &[2, 3], "ON CONFLICT(id) DO NOTHING"),
+            Ok(1),
+            "{table}"
+        );
+        assert_eq!(
+            insert_ids(
+                &c,
+                table,
+                "",
+                &[1],
+                "ON CONFLICT(id) DO UPDATE SET negotiation_id = '42'"
+            ),
+            Ok(1),
+            "{table}"
+        );
+        assert_eq!(ids(&c, table), [1, 2, 3], "{table}");
+        assert_eq!(
+            count(
+                &c,
+                &format!("SELECT count(*) FROM {table} WHERE id = 1 AND negotiation_id = '42'")
+            ),
+            1,
+            "{table}"
+        );
+    }
+}
+
+#[test]
+fn several_new_ids_in_one_statement_are_taken_in_any_order() {
+    // The mark is the one from before the statement: ids never used go in
+    // descending, or below one the same statement put in; a used id among
+    // them refuses the whole statement.
+    let (_d, c) = fresh();
+    for (table, _, _) in TABLES {
+        assert_eq!(insert_ids(&c, table, "", &[3], ""), Ok(1));
+        assert_eq!(insert_ids(&c, table, "", &[10, 7, 5], ""), Ok(3), "{table}");
+        assert_eq!(
+            insert_ids(&c, table, "", &[20, 15, 11], ""),
+            Ok(3),
+            "{table}"
+        );
+        rejected(
+            insert_ids(&c, table, "", &[30, 25, 4], ""),
+            "never used again",
+        );
+        assert_eq!(ids(&c, table), [3, 5, 7, 10, 11, 15, 20], "{table}");
+        // Refused statements moved no mark.
+        assert_eq!(insert_ids(&c, table, "", &[25], ""), Ok(1), "{table}");
+    }
+}
+
+#[test]
+fn with_sqlites_sequence_row_gone_a_used_id_is_still_refused() {
+    // A restore, or a partner's edit, may leave a table with rows and no
+    // row of its own in sqlite_sequence: the mark is then the highest id of
+    // the other rows, and SQLite writes the sequence again at the end of
+    // the next insert.
+    let (_d, c) = fresh();
+    for (table, _, _) in TABLES {
+        assert_eq!(insert_ids(&c, table, "", &[1, 2, 3], ""), Ok(3));
+        c.execute(
+            &format!("DELETE FROM sqlite_sequence WHERE name = '{table}'"),
+            [],
+        )
+        .unwrap();
+        rejected(
+            insert_ids(&c, table, "OR REPLACE", &[2], ""),
+            "never used again",
+        );
+        c.execute(&format!("DELETE FROM {table} WHERE id = 1"), [])
+            .unwrap();
+        rejected(insert_ids(&c, table, "", &[1], ""), "never used again");
+        assert_eq!(insert_ids(&c, table, "", &[4], ""), Ok(1), "{table}");
+        assert_eq!(
+            count(
+                &c,
+                &format!("SELECT seq FROM sqlite_sequence WHERE name = '{table}'")
+            ),
+            4,
+            "{table}"
+        );
+        rejected(
+            insert_ids(&c, table, "OR REPLACE", &[4], ""),
+            "never used again",
+        );
+        assert_eq!(ids(&c, table), [2, 3, 4], "{table}");
+    }
+}
+
+#[test]
+fn a_new_row_is_never_given_a_claim_id() {
+    // claim_id is each claim's own number: a new row is pending and has
+    // none, like its attempts and sending_since.
+    let (_d, c) = fresh();
+    for (table, columns, values) in TABLES {
+        rejected(
+            c.execute(
+                &format!(
+                    "INSERT INTO {table} ({columns}, claim_id) VALUES ({}, 5)",
+                    values.replace("{n}", "1")
+                ),
+                [],
+            )
+            .map_err(|e| e.to_string()),
+            "leave claim_id out",
+        );
+        assert_eq!(count(&c, &format!("SELECT count(*) FROM {table}")), 0);
+    }
+}
+
+#[test]
 fn negotiation_ids_must_be_text_of_digits() {
     // Issue 11, defect 2: a BLOB id passed the trigger and then failed every claim.
     let (_d, c) = fresh();

@@ -136,6 +136,7 @@ fn migrations() -> Vec<(i64, String)> {
             24,
             include_str!("migrations/0024_message_poll_backoff.sql").to_string(),
         ),
+        (25, include_str!("migrations/0025_claim_id.sql").to_string()),
     ]
 }
 
@@ -633,7 +634,7 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             .collect::<Result<_>>()?,
         _ => Vec::new(),
     };
-    // Versions 22 and 23 add a column to each of two tables: one there
+    // Versions 22, 23 and 25 add a column to each of two tables: one there
     // already is kept, the other still added.
     let one_each: &[(&str, &str, &str)] = match version {
         22 => &[
@@ -647,6 +648,10 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         23 => &[
             ("outbox_attempts", "wait_rebased_at", "TEXT"),
             ("message_outbox_attempts", "wait_rebased_at", "TEXT"),
+        ],
+        25 => &[
+            ("outbox", "claim_id", "INTEGER"),
+            ("message_outbox", "claim_id", "INTEGER"),
         ],
         _ => &[],
     };
@@ -678,6 +683,22 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
             "migrations/0024_message_indexes_and_backfill.sql"
         ))
         .with_context(|| format!("migration {version} failed"))?;
+    }
+    if version == 25 {
+        for table in ["outbox", "message_outbox"] {
+            tx.execute_batch(
+                &include_str!("migrations/0025_claim_id_triggers.sql").replace("{table}", table),
+            )
+            .with_context(|| format!("migration {version} failed"))?;
+        }
+        // A row put aside now holds back only the rows after it: an older
+        // claim put aside a row before it too (inserted later with an
+        // earlier instant, or waiting for its retry), for that row's
+        // business. Schema 20's rule frees exactly those (no row of the
+        // business it waits for at or before it) and leaves the rest aside;
+        // written again to take one pass, not one search per row.
+        tx.execute_batch(include_str!("migrations/0025_waits_follow_rows.sql"))
+            .with_context(|| format!("migration {version} failed"))?;
     }
     if version == 18 {
         for ((column, kind), present) in v18.iter().zip(&v18_present) {
@@ -2660,6 +2681,155 @@ mod tests {
         let previous = migrations().iter().rev().nth(1).map_or(0, |(v, _)| *v);
         migrate_to(&mut conn, previous).unwrap();
         (conn, previous)
+    }
+
+    /// Schema 25: a row put aside behind a later row (for that row's
+    /// business) by an older claim is first in line and is freed by the
+    /// upgrade; a row aside behind an earlier one, or for its own business,
+    /// stays aside.
+    #[test]
+    fn schema_25_frees_the_rows_put_aside_behind_a_later_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
+        migrate_to(&mut conn, 24).unwrap();
+        for (table, columns, values) in [
+            (
+                "outbox",
+                "status, partner_status_changed_at",
+                [
+                    "'appt_scheduled', '2024-06-14T09:31:00Z'",
+                    "'appt_scheduled', '2024-06-14T09:32:00Z'",
+                    "'appt_scheduled', '2024-06-14T09:33:00Z'",
+                ],
+            ),
+            ("message_outbox", "text", ["'a'", "'b'", "'c'"]),
+        ] {
+            // In order: before (business 7), the row aside (business 9),
+            // after (business 7), all put aside for business 9.
+            for (business, v) in ["7", "9", "7"].iter().zip(values) {
+                conn.execute(
+                    &format!(
+                        "INSERT INTO {table} (negotiation_id, business_id, {columns})
+                         VALUES ('1', '{business}', {v})"
+                    ),
+                    [],
+                )
+                .unwrap();
+            }
+            conn.execute(
+                &format!("UPDATE {table} SET waiting_for = '9', last_error = 'waiting: 9'"),
+                [],
+            )
+            .unwrap();
+        }
+        migrate_to(&mut conn, 25).unwrap();
+        for table in ["outbox", "message_outbox"] {
+            let aside: Vec<(i64, Option<String>)> = conn
+                .prepare(&format!("SELECT id, waiting_for FROM {table} ORDER BY id"))
+                .unwrap()
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+                .unwrap()
+                .collect::<rusqlite::Result<_>>()
+                .unwrap();
+            assert_eq!(
+                aside,
+                [(1, None), (2, Some("9".into())), (3, Some("9".into()))],
+                "{table}"
+            );
+        }
+    }
+
+    /// Schema 25's pass over the rows put aside frees exactly the rows
+    /// schema 20's rule frees (it is that rule, without a search of the
+    /// negotiation per row), on rows of every kind: ties in the order,
+    /// rows of no business, rows out of `pending`.
+    #[test]
+    fn schema_25_frees_the_rows_schema_20s_rule_frees() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut rng = fastrand::Rng::with_seed(25);
+        for round in 0..3 {
+            let path = dir.path().join(format!("m{round}.db"));
+            let mut conn = Connection::open(&path).unwrap();
+            migrate_to(&mut conn, 24).unwrap();
+            conn.execute_batch("BEGIN").unwrap();
+            for _ in 0..400 {
+                let negotiation = rng.u8(1..5).to_string();
+                let business = ["'7'", "'9'", "NULL"][rng.usize(..3)];
+                // Ties: the same instant, in UTC or another zone.
+                let at = [
+                    "2024-06-14T09:30:00Z",
+                    "2024-06-14T10:30:00+01:00",
+                    "2024-06-14T09:31:00Z",
+                    "2024-06-14T09:30:00.5Z",
+                ][rng.usize(..4)];
+                conn.execute(
+                    &format!(
+                        "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+                         VALUES ('{negotiation}', {business}, 'appt_scheduled', '{at}')"
+                    ),
+                    [],
+                )
+                .unwrap();
+                conn.execute(
+                    &format!(
+                        "INSERT INTO message_outbox (negotiation_id, business_id, text)
+                         VALUES ('{negotiation}', {business}, 'hi')"
+                    ),
+                    [],
+                )
+                .unwrap();
+            }
+            for table in ["outbox", "message_outbox"] {
+                let ids: Vec<i64> = (1..=400).collect();
+                for id in ids {
+                    if rng.u8(..10) == 0 {
+                        let state = ["canceled", "sent"][rng.usize(..2)];
+                        conn.execute(
+                            &format!("UPDATE {table} SET state = '{state}' WHERE id = {id}"),
+                            [],
+                        )
+                        .unwrap();
+                    }
+                    if rng.bool() {
+                        let wait = ["7", "9"][rng.usize(..2)];
+                        conn.execute(
+                            &format!(
+                                "UPDATE {table} SET waiting_for = '{wait}', last_error = 'waiting: {wait}' WHERE id = {id}"
+                            ),
+                            [],
+                        )
+                        .unwrap();
+                    }
+                }
+            }
+            conn.execute_batch("COMMIT").unwrap();
+            let copy = dir.path().join(format!("c{round}.db"));
+            conn.execute("VACUUM INTO ?1", [copy.to_str().unwrap()])
+                .unwrap();
+            let copy = Connection::open(&copy).unwrap();
+            conn.execute_batch(include_str!("migrations/0020_waits_follow_rows.sql"))
+                .unwrap();
+            copy.execute_batch(include_str!("migrations/0025_waits_follow_rows.sql"))
+                .unwrap();
+            for table in ["outbox", "message_outbox"] {
+                let rows = |c: &Connection| -> Vec<(i64, Option<String>, Option<String>)> {
+                    c.prepare(&format!(
+                        "SELECT id, waiting_for, last_error FROM {table} ORDER BY id"
+                    ))
+                    .unwrap()
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .unwrap()
+                    .collect::<rusqlite::Result<_>>()
+                    .unwrap()
+                };
+                let (old, new) = (rows(&conn), rows(&copy));
+                assert!(
+                    old.iter().any(|r| r.1.is_some()) && old.iter().any(|r| r.1.is_none()),
+                    "{table}: the rule freed all or none"
+                );
+                assert_eq!(old, new, "{table}, round {round}");
+            }
+        }
     }
 
     /// A real mirror of the previous schema (not only its number) is read

@@ -430,6 +430,11 @@ pub struct Claimed {
     pub content: Content,
     /// This attempt's number (1 for the first).
     pub attempt: i64,
+    /// This claim's own number (`claim_id`, schema 25), random: an outcome
+    /// is recorded only on the row that still carries it. The attempt
+    /// number does not tell one claim from the next: a partner's program
+    /// may put a `sending` row back to pending and reset its attempts.
+    pub claim_id: i64,
     /// A later row of the negotiation was already sent (SPEC §4: sent anyway).
     pub late: bool,
     /// The row names no business: `business_id` is its lead's (or the only
@@ -526,17 +531,19 @@ const CANDIDATE_COLUMNS: &str = "o.id, o.negotiation_id, o.business_id,
     COALESCE(o.business_id, n.business_id, :default_business), o.attempts";
 
 /// The columns [`candidate_from_row`] reads for `kind`: the common ones,
-/// the business an open row of the same negotiation is put aside for, then
-/// the content.
+/// the business a row of the same negotiation that goes before it is put
+/// aside for (one that goes after it holds nothing back), then the content.
 fn candidate_columns(kind: Kind, pins: &Pins) -> String {
     let table = kind.table();
     format!(
         "{CANDIDATE_COLUMNS},
          (SELECT w.waiting_for FROM {table} w {waiting}
-           WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL LIMIT 1),
+           WHERE w.negotiation_id = o.negotiation_id AND w.waiting_for IS NOT NULL
+             AND {before} LIMIT 1),
          {}",
         kind.content_columns(),
         waiting = waiting_probe(kind, pins),
+        before = kind.goes_before("w", "o"),
     )
 }
 
@@ -641,6 +648,7 @@ fn candidate_from_row(
             business_id,
             content,
             attempt: attempts.saturating_add(1),
+            claim_id: 0,
             late: false,
             business_filled,
         })
@@ -762,11 +770,11 @@ fn take(
     // One statement: the business is filled in (when the row names none)
     // as the row leaves `pending` (the frozen-content rule reads the old
     // state), and whether it is late comes back with it.
-    let marked = tx
-        .prepare_cached(&mark_sending(kind, pins))?
-        .query_row(params![id, c.attempt, now, c.business_id], |r| {
-            r.get::<_, bool>(0)
-        });
+    c.claim_id = fastrand::i64(..);
+    let marked = tx.prepare_cached(&mark_sending(kind, pins))?.query_row(
+        params![id, c.attempt, now, c.business_id, c.claim_id],
+        |r| r.get::<_, bool>(0),
+    );
     match marked {
         Ok(late) => c.late = late,
         Err(e) => match super::constraint_message(&e) {
@@ -783,13 +791,13 @@ fn take(
 /// Marks row ?1 `sending` (?2, the attempt; ?3, now; ?4, its business when
 /// it names none, recorded as filled in: `business_filled`, schema 22, so
 /// that a recovery at start knows to take it back) and returns whether it
-/// is late. The late check reads the
+/// is late; ?5, the claim's own number (`claim_id`). The late check reads the
 /// sent rows of the row's negotiation only: unnamed, without statistics,
 /// the planner reads every sent row of the table (`{table}_by_state`).
 fn mark_sending(kind: Kind, pins: &Pins) -> String {
     let table = kind.table();
     format!(
-        "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3,
+        "UPDATE {table} SET state = 'sending', attempts = ?2, sending_since = ?3, claim_id = ?5,
              business_id = COALESCE(business_id, ?4),
              business_filled = (business_id IS NULL AND ?4 IS NOT NULL),
              late = EXISTS (SELECT 1 FROM {table} s {sent}
@@ -829,7 +837,9 @@ fn park(
 }
 
 /// Puts aside (for ?2, why ?3) the pending rows of row ?1's negotiation
-/// not aside yet, found in the index of open rows by negotiation. Unnamed,
+/// not aside yet that go after it (one that goes before it is first in
+/// line, or behind another row: it does not wait for this one's
+/// business), found in the index of open rows by negotiation. Unnamed,
 /// the planner read every pending row of the table (`{table}_by_state`;
 /// ~15 ms a row put aside with 100k pending): `state = 'pending'` alone
 /// does not imply the index's `state IN ('pending', 'sending')`.
@@ -838,8 +848,10 @@ fn park_followers(kind: Kind, pins: &Pins) -> String {
     format!(
         "UPDATE {table} {open} SET waiting_for = ?2, last_error = ?3
           WHERE negotiation_id = (SELECT p.negotiation_id FROM {table} p WHERE p.id = ?1)
-            AND state IN ('pending', 'sending') AND state = 'pending' AND waiting_for IS NULL",
-        open = pins.by(&format!("{table}_open_by_negotiation"))
+            AND state IN ('pending', 'sending') AND state = 'pending' AND waiting_for IS NULL
+            AND EXISTS (SELECT 1 FROM {table} p WHERE p.id = ?1 AND {after})",
+        open = pins.by(&format!("{table}_open_by_negotiation")),
+        after = kind.goes_after(table, "p"),
     )
 }
 
@@ -1030,14 +1042,15 @@ fn claim_select(kind: Kind, pins: &Pins) -> String {
 
 /// SQL: due row `o` is one a claim takes a decision on — first in line in
 /// its negotiation (or with no place in the order), or behind a row put
-/// aside (to be put aside with it).
+/// aside (to be put aside with it; a row put aside after it holds it
+/// nothing back).
 fn first_in_line(kind: Kind, pins: &Pins) -> String {
     format!(
         "({unordered}
                  -- a probe into an index of the rows put aside only
                  OR EXISTS (SELECT 1 FROM {table} w {waiting}
                              WHERE w.negotiation_id = o.negotiation_id
-                               AND w.waiting_for IS NOT NULL)
+                               AND w.waiting_for IS NOT NULL AND {aside_before})
                  OR NOT EXISTS (
                 SELECT 1 FROM {table} p
                  WHERE p.negotiation_id = o.negotiation_id
@@ -1048,6 +1061,7 @@ fn first_in_line(kind: Kind, pins: &Pins) -> String {
         table = kind.table(),
         unordered = kind.unordered(),
         before = kind.goes_before("p", "o"),
+        aside_before = kind.goes_before("w", "o"),
     )
 }
 
@@ -1332,12 +1346,16 @@ pub fn finish(
     ];
     values.extend(row.content.values());
     values.push(Value::Integer(row.attempt));
+    values.push(Value::Integer(row.claim_id));
     // Only on the row as it was sent: still `sending`, same content, same
-    // claim (attempt number); anything else is what the user did meanwhile.
+    // claim (its claim_id, and its attempt number); anything else is what
+    // the user did meanwhile (a row put back to pending by hand, with its
+    // attempts reset, and claimed again is another claim).
     let same_row = format!(
         "id = ?1 AND state = 'sending' AND negotiation_id IS ?11 AND business_id IS ?12
-         AND {} AND attempts IS ?{}",
+         AND {} AND attempts IS ?{} AND claim_id IS ?{}",
         row.content.matches(13),
+        values.len() - 1,
         values.len()
     );
     // A sent message keeps the id Thumbtack gave it.
@@ -2306,6 +2324,180 @@ mod tests {
         assert_eq!(n, 1);
     }
 
+    /// A claim is told from a later claim of the same row by more than its
+    /// attempt number: a partner's program that put a `sending` row back
+    /// to pending and reset its attempts (`UPDATE ... SET state = 'pending',
+    /// attempts = 0`, "send it again") made the next claim carry the same
+    /// number, and the first request's outcome (here dead) was written over
+    /// the second claim while that was still in flight; the second's outcome
+    /// (sent) was then dropped, and the row said dead though Thumbtack had it.
+    #[test]
+    fn an_outcome_never_lands_on_a_later_claim_after_the_attempts_were_reset() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let id = insert(&conn, kind, "1", "7", 1);
+            let first = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            conn.execute(
+                &format!("UPDATE {table} SET state = 'pending', attempts = 0 WHERE id = ?1"),
+                [id],
+            )
+            .unwrap();
+            let second = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            assert_eq!((first.id, second.id), (id, id));
+            // The claim's number cannot be rewritten while it is sent.
+            let e = conn
+                .execute(
+                    &format!("UPDATE {table} SET claim_id = 1 WHERE id = ?1"),
+                    [id],
+                )
+                .unwrap_err();
+            assert!(e.to_string().contains("claim_id cannot change"), "{e}");
+            let now = crate::time::now();
+            let (recorded, _) = finish(&mut conn, &first, &Finish::Dead, &[], &now, None).unwrap();
+            assert_eq!(
+                recorded,
+                Recorded::RowChanged("sending".into()),
+                "{kind:?}: the first request's outcome is not the second claim's"
+            );
+            let (recorded, _) = finish(
+                &mut conn,
+                &second,
+                &Finish::Sent { message_id: None },
+                &[],
+                &now,
+                None,
+            )
+            .unwrap();
+            assert_eq!(recorded, Recorded::Yes, "{kind:?}");
+            let state: String = conn
+                .query_row(
+                    &format!("SELECT state FROM {table} WHERE id = ?1"),
+                    [id],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            assert_eq!(state, "sent", "{kind:?}");
+        }
+    }
+
+    /// A row left `sending` by a leadsync of schema 24 (no `claim_id`: NULL
+    /// after the upgrade) is put back to pending at the start, claimed
+    /// again, and its outcome recorded.
+    #[test]
+    fn a_row_left_sending_before_schema_25_is_sent_again_and_its_outcome_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let mut old = Connection::open(&path).unwrap();
+        crate::store::migrate_to(&mut old, 24).unwrap();
+        for kind in Kind::ALL {
+            let id = insert(&old, kind, "1", "7", 1);
+            old.execute(
+                &format!(
+                    "UPDATE {} SET state = 'sending', attempts = 1,
+                            sending_since = '2024-06-14T09:31:00.000Z' WHERE id = ?1",
+                    kind.table()
+                ),
+                [id],
+            )
+            .unwrap();
+        }
+        drop(old);
+        let mut conn = crate::store::open_connection(&path, false).unwrap();
+        for kind in Kind::ALL {
+            let claim_id: Option<i64> = conn
+                .query_row(&format!("SELECT claim_id FROM {}", kind.table()), [], |r| {
+                    r.get(0)
+                })
+                .unwrap();
+            assert_eq!(claim_id, None, "{kind:?}");
+        }
+        let recovered = recover_sending(&mut conn, &crate::time::now()).unwrap();
+        assert_eq!(recovered.len(), 2, "{recovered:?}");
+        for kind in Kind::ALL {
+            let row = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            assert_eq!(row.attempt, 2, "{kind:?}");
+            sent(&mut conn, &row, false);
+            let (state, claim_id): (String, Option<i64>) = conn
+                .query_row(
+                    &format!("SELECT state, claim_id FROM {} WHERE id = ?1", kind.table()),
+                    [row.id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (state.as_str(), claim_id),
+                ("sent", Some(row.claim_id)),
+                "{kind:?}"
+            );
+        }
+    }
+
+    /// A row put aside waits for its business with the rows after it only:
+    /// a transition inserted after it with an earlier instant is first in
+    /// line and goes when its own business may send. It was put aside behind
+    /// the later row, for that row's business — when walked, or with the
+    /// rows of a later one put aside (here while it waits for its retry).
+    #[test]
+    fn a_row_put_aside_holds_back_only_the_rows_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let kind = Kind::Transition;
+        let waits_for = |conn: &Connection, id: i64| -> Option<String> {
+            conn.query_row("SELECT waiting_for FROM outbox WHERE id = ?1", [id], |r| {
+                r.get(0)
+            })
+            .unwrap()
+        };
+        // Business 9 is not configured: the row waits for it.
+        let aside = insert(&conn, kind, "1", "9", 3);
+        assert!(
+            claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .is_empty()
+        );
+        assert_eq!(waits_for(&conn, aside).as_deref(), Some("9"));
+        // Before it: one waiting for its retry, one due; after it, one due.
+        let retrying = insert(&conn, kind, "1", "7", 1);
+        conn.execute(
+            "UPDATE outbox SET next_attempt_at = '9999-06-01T00:00:00.000Z' WHERE id = ?1",
+            [retrying],
+        )
+        .unwrap();
+        let due = insert(&conn, kind, "1", "7", 2);
+        let after = insert(&conn, kind, "1", "7", 4);
+        let claimed = claim(&mut conn, kind, FAR, 10, &filter()).unwrap();
+        assert!(claimed.is_empty(), "{claimed:?}");
+        assert_eq!(waits_for(&conn, after).as_deref(), Some("9"));
+        assert_eq!(
+            waits_for(&conn, retrying),
+            None,
+            "it goes before the row aside"
+        );
+        assert_eq!(waits_for(&conn, due), None, "it goes before the row aside");
+        conn.execute(
+            "UPDATE outbox SET next_attempt_at = '2024-01-01T00:00:00.000Z' WHERE id = ?1",
+            [retrying],
+        )
+        .unwrap();
+        let first = claim(&mut conn, kind, FAR, 10, &filter()).unwrap();
+        assert_eq!(first.iter().map(|c| c.id).collect::<Vec<_>>(), [retrying]);
+        let next = sent(&mut conn, &first[0], true).expect("the next row before the aside one");
+        assert_eq!(next.id, due);
+        assert!(
+            sent(&mut conn, &next, true).is_none(),
+            "then the row aside holds back"
+        );
+        assert_eq!(waits_for(&conn, after).as_deref(), Some("9"));
+    }
+
     /// Every statement that names an index, run once: rows put aside for
     /// their business, a claim, the next row of a chain, a late row.
     fn drain_a_little(conn: &mut Connection, kind: Kind) {
@@ -2536,7 +2728,8 @@ mod tests {
         // id (plain SQL may insert one) walked over as the last row of a
         // full page restarted the walk, forever, holding the write lock.
         // A row is walked over when the row put aside ahead of it stays
-        // aside (here a partner's trigger keeps it there).
+        // aside (here a partner's trigger keeps it there). Schema 25 refuses
+        // an id of 0 or below; a table from before may hold one.
         for kind in Kind::ALL {
             let dir = tempfile::tempdir().unwrap();
             let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
@@ -2553,6 +2746,7 @@ mod tests {
                 "UPDATE {table} SET waiting_for = '7' WHERE id = {aside};
                  CREATE TRIGGER keep_aside BEFORE UPDATE OF waiting_for ON {table}
                    WHEN NEW.waiting_for IS NULL BEGIN SELECT RAISE(IGNORE); END;
+                 DROP TRIGGER {table}_id_never_reused;
                  INSERT INTO {table} (id, negotiation_id, business_id, next_attempt_at, {columns})
                  VALUES (-9223372036854775808, '1', '7', '2024-01-01T00:00:00.000Z', {values});
                  INSERT INTO {table} (negotiation_id, business_id, next_attempt_at, {columns})
@@ -2572,7 +2766,14 @@ mod tests {
             let claimed = rx
                 .recv_timeout(std::time::Duration::from_secs(60))
                 .unwrap_or_else(|_| panic!("{kind:?}: the claim never ended"));
-            assert_eq!(claimed, [other], "{kind:?}");
+            // A reply goes in id order: that one goes before the reply put
+            // aside, so it is first in line (a row put aside holds back only
+            // the rows after it), and the claim ends with it.
+            let expected = match kind {
+                Kind::Transition => other,
+                Kind::Message => i64::MIN,
+            };
+            assert_eq!(claimed, [expected], "{kind:?}");
         }
     }
 
