@@ -597,6 +597,10 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     if version == 10 {
         rebuild_negotiation_changes(&tx).with_context(|| format!("migration {version} failed"))?;
     }
+    if version == 3 {
+        rebuild_outbox_v3(&tx, sql).with_context(|| format!("migration {version} failed"))?;
+        return finish_migration(tx, version);
+    }
     // Adding a column cannot be said "if not exists": a schema that has it
     // already (a database migrated again from an older user_version) skips it.
     let has_column = |table: &str, column: &str| -> Result<bool> {
@@ -681,6 +685,11 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         ))
         .with_context(|| format!("migration {version} failed"))?;
     }
+    finish_migration(tx, version)
+}
+
+/// Checks what a migration left and records its version, in its transaction.
+fn finish_migration(tx: rusqlite::Transaction<'_>, version: i64) -> Result<()> {
     let broken: Option<String> = tx
         .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
         .optional()?;
@@ -689,6 +698,100 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     }
     tx.pragma_update(None, "user_version", version)?;
     tx.commit()?;
+    Ok(())
+}
+
+/// The outbox's columns before schema 3 (the generated `changed_at_utc` is
+/// computed, not copied).
+const OUTBOX_V1_COLUMNS: [&str; 16] = [
+    "id",
+    "negotiation_id",
+    "business_id",
+    "status",
+    "partner_status_changed_at",
+    "invoice_amount_in_cents",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "last_http_status",
+    "last_trace_id",
+    "created_at",
+    "sent_at",
+    "sending_since",
+    "changed_at_utc",
+];
+
+/// Schema 3's script (`sql`: the outbox rebuilt with AUTOINCREMENT, which
+/// SQLite cannot add in place), keeping what a partner put on the outbox
+/// of schema 1 or 2: columns it added (with their values and declared
+/// type; their constraints and defaults are not carried over), its indexes
+/// and triggers (dropped with the old table: read first, created again),
+/// and its views (they name the table: the rename runs in legacy mode,
+/// which does not re-check them while `outbox` is missing, as schema 10).
+fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let added: Vec<(String, String)> = tx
+        .prepare("SELECT name, type FROM pragma_table_xinfo('outbox') WHERE hidden = 0")?
+        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
+        .filter(|c| {
+            c.as_ref().map_or(true, |(name, _)| {
+                !OUTBOX_V1_COLUMNS
+                    .iter()
+                    .any(|v1| v1.eq_ignore_ascii_case(name))
+            })
+        })
+        .collect::<rusqlite::Result<_>>()?;
+    let kept: Vec<String> = tx
+        .prepare(
+            "SELECT sql FROM sqlite_master
+              WHERE tbl_name = 'outbox' AND type IN ('index', 'trigger') AND sql IS NOT NULL
+                AND name NOT IN ('outbox_due', 'outbox_open_by_negotiation', 'outbox_by_state',
+                                 'outbox_validate_insert', 'outbox_validate_update')
+              ORDER BY type = 'trigger', rowid",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut script = sql.to_string();
+    if !added.is_empty() {
+        let add: String = added
+            .iter()
+            .map(|(name, kind)| {
+                format!("ALTER TABLE outbox_v3 ADD COLUMN {} {kind};\n", quote(name))
+            })
+            .collect();
+        let extra: String = added
+            .iter()
+            .map(|(name, _)| format!(", {}", quote(name)))
+            .collect();
+        for (from, to) in [
+            (
+                "INSERT INTO outbox_v3 (",
+                format!("{add}INSERT INTO outbox_v3 ("),
+            ),
+            (
+                "sent_at, sending_since)\n",
+                format!("sent_at, sending_since{extra})\n"),
+            ),
+            (
+                "sending_since\n      FROM outbox",
+                format!("sending_since{extra}\n      FROM outbox"),
+            ),
+        ] {
+            if script.matches(from).count() != 1 {
+                bail!("schema 3's script has changed: cannot keep the columns added to outbox");
+            }
+            script = script.replacen(from, &to, 1);
+        }
+    }
+    tx.pragma_update(None, "legacy_alter_table", true)?;
+    let rebuilt = tx.execute_batch(&script);
+    tx.pragma_update(None, "legacy_alter_table", false)?;
+    rebuilt?;
+    for sql in kept {
+        tx.execute_batch(&sql)
+            .with_context(|| format!("cannot re-create on outbox: {sql}"))?;
+    }
     Ok(())
 }
 
@@ -3181,6 +3284,21 @@ mod every_version {
                          (2, 1, '2024-06-15T09:30:30Z', 503, 'retry', 'HTTP 503', 'trace-2', 80);"#,
         )
         .unwrap();
+        // What a partner adds beside leadsync's schema: a view, an index
+        // and a trigger of its own on the outbox and the leads.
+        conn.execute_batch(
+            "CREATE VIEW partner_open AS SELECT id, negotiation_id, status FROM outbox
+                 WHERE state IN ('pending', 'sending');
+             CREATE VIEW partner_leads AS SELECT negotiation_id, status FROM negotiations;
+             CREATE INDEX partner_outbox_by_created ON outbox (created_at);
+             CREATE TABLE partner_log (outbox_id INTEGER, state TEXT);
+             ALTER TABLE outbox ADD COLUMN partner_ref TEXT;
+             UPDATE outbox SET partner_ref = 'job-' || id;
+             CREATE TRIGGER partner_logs AFTER UPDATE OF state ON outbox BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id, NEW.state);
+             END;",
+        )
+        .unwrap();
         if has_table(&conn, "messages") {
             conn.execute_batch(
                 r#"INSERT INTO messages (message_id, negotiation_id, business_id, sent_at, sender, text, payload,
@@ -3208,12 +3326,7 @@ mod every_version {
         let n = stmt.column_count();
         stmt.query_map([], |r| {
             (0..n)
-                .map(|i| {
-                    Ok(format!(
-                        "{:?}",
-                        r.get::<_, rusqlite::types::Value>(i)?
-                    ))
-                })
+                .map(|i| Ok(format!("{:?}", r.get::<_, rusqlite::types::Value>(i)?)))
                 .collect::<rusqlite::Result<Vec<_>>>()
                 .map(|v| v.join("|"))
         })
@@ -3303,6 +3416,25 @@ mod every_version {
                 .optional()
                 .unwrap();
             assert_eq!(broken, None, "from schema {version}");
+            assert_eq!(
+                rows(&conn, "SELECT group_concat(partner_ref) FROM outbox"),
+                vec![r#"Text("job-1,job-2,job-3,job-4,job-5")"#],
+                "from schema {version}: a column the partner added"
+            );
+            let partner: Vec<String> = rows(
+                &conn,
+                "SELECT type || ' ' || name FROM sqlite_master WHERE name LIKE 'partner%' ORDER BY name",
+            );
+            assert_eq!(
+                partner.len(),
+                5,
+                "from schema {version}: the partner's view, index, table and trigger: {partner:?}"
+            );
+            assert_eq!(
+                rows(&conn, "SELECT count(*) FROM partner_open"),
+                vec!["Integer(2)"],
+                "from schema {version}"
+            );
             // The current code works on it: the row left sending goes back
             // to pending and is claimed again, after the sent one.
             let now = crate::time::now();
@@ -3325,6 +3457,14 @@ mod every_version {
             assert_eq!(ids, vec![2, 3], "from schema {version}");
             let c2 = claimed.iter().find(|c| c.id == 2).unwrap();
             assert_eq!(c2.attempt, 3, "from schema {version}: attempts kept");
+            assert_eq!(
+                rows(
+                    &conn,
+                    "SELECT count(*) FROM partner_log WHERE state = 'sending'"
+                ),
+                vec!["Integer(2)"],
+                "from schema {version}: the partner's trigger fires"
+            );
             let listed = outbox::list(&conn, None).unwrap();
             assert_eq!(listed.len(), 5, "from schema {version}");
             let replies = outbox::list_messages(&conn, None).unwrap();
