@@ -493,13 +493,31 @@ pub fn counts(conn: &Connection) -> Result<MessageCounts> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    let (failed_polls, waiting_polls, waiting_until) = conn.query_row(
-        "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1),
-                max(next_poll_at) FILTER (WHERE next_poll_at > ?1)
-           FROM message_polls WHERE outcome = 'error'",
-        [crate::time::now()],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+    // `status` reads the schema of an older daemon still running on the
+    // mirror after an upgrade: message_polls came with schema 7, its
+    // next_poll_at with schema 24.
+    let poll_columns: Vec<String> = conn
+        .prepare_cached("SELECT name FROM pragma_table_info('message_polls')")?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let (failed_polls, waiting_polls, waiting_until) =
+        if poll_columns.iter().any(|c| c == "next_poll_at") {
+            conn.query_row(
+                "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1),
+                    max(next_poll_at) FILTER (WHERE next_poll_at > ?1)
+               FROM message_polls WHERE outcome = 'error'",
+                [crate::time::now()],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )?
+        } else if poll_columns.is_empty() {
+            (0, 0, None)
+        } else {
+            conn.query_row(
+                "SELECT count(*) FROM message_polls WHERE outcome = 'error'",
+                [],
+                |r| Ok((r.get(0)?, 0, None)),
+            )?
+        };
     Ok(MessageCounts {
         total,
         from_customers,

@@ -3230,7 +3230,7 @@ mod migration_3 {
 /// schema 7 on replies. Nothing is lost, ids and states are kept, the
 /// database checks clean, and the current code drains from it.
 #[cfg(test)]
-mod every_version {
+pub(crate) mod every_version {
     use super::*;
 
     fn has_table(conn: &Connection, table: &str) -> bool {
@@ -3244,7 +3244,12 @@ mod every_version {
     }
 
     /// A mirror at `version` with a running daemon's rows in it.
-    fn populated(path: &Path, version: i64) -> Connection {
+    /// Every schema version there is.
+    pub(crate) fn versions() -> Vec<i64> {
+        migrations().into_iter().map(|(v, _)| v).collect()
+    }
+
+    pub(crate) fn populated(path: &Path, version: i64) -> Connection {
         let mut conn = Connection::open(path).unwrap();
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .unwrap();
