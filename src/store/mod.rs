@@ -190,10 +190,10 @@ fn rebuild_negotiation_changes(tx: &Connection) -> Result<()> {
     let kept: Vec<String> = tx
         .prepare(
             "SELECT sql FROM sqlite_master
-              WHERE tbl_name = 'negotiation_changes' AND type IN ('index', 'trigger')
+              WHERE tbl_name = 'negotiation_changes' COLLATE NOCASE AND type IN ('index', 'trigger')
                 AND sql IS NOT NULL
-                AND name NOT IN ('negotiation_changes_by_negotiation',
-                                 'negotiation_changes_news_by_business')
+                AND name COLLATE NOCASE NOT IN ('negotiation_changes_by_negotiation',
+                                                'negotiation_changes_news_by_business')
               ORDER BY type = 'trigger', rowid",
         )?
         .query_map([], |r| r.get(0))?
@@ -745,8 +745,9 @@ fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
     let kept: Vec<String> = tx
         .prepare(
             "SELECT sql FROM sqlite_master
-              WHERE tbl_name = 'outbox' AND type IN ('index', 'trigger') AND sql IS NOT NULL
-                AND name NOT IN ('outbox_due', 'outbox_open_by_negotiation', 'outbox_by_state',
+              WHERE tbl_name = 'outbox' COLLATE NOCASE AND type IN ('index', 'trigger')
+                AND sql IS NOT NULL
+                AND name COLLATE NOCASE NOT IN ('outbox_due', 'outbox_open_by_negotiation', 'outbox_by_state',
                                  'outbox_validate_insert', 'outbox_validate_update')
               ORDER BY type = 'trigger', rowid",
         )?
@@ -2890,6 +2891,76 @@ mod tests {
         // Up to date: opening needs no lock, whoever holds it.
         let _daemon = ProcessLock::acquire_as(&path, true).unwrap();
         drop(open_connection(&path, false).unwrap());
+    }
+
+    /// The names of `table`'s triggers and indexes (not SQLite's own).
+    fn on_table(conn: &Connection, table: &str) -> Vec<String> {
+        conn.prepare(
+            "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')
+                AND tbl_name = ?1 COLLATE NOCASE AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )
+        .unwrap()
+        .query_map([table], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    #[test]
+    fn version_3_keeps_a_trigger_written_on_the_outbox_in_capitals() {
+        // SQLite keeps a trigger's table name as written (`ON OUTBOX`): the
+        // rebuild must still see it as the outbox's, or it is dropped with
+        // the old table and never made again.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_log (outbox_id INTEGER);
+             CREATE TRIGGER partner_logs AFTER INSERT ON OUTBOX BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id);
+             END;
+             CREATE INDEX partner_by_created ON Outbox (created_at);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let kept = on_table(&conn, "outbox");
+        assert!(kept.contains(&"partner_logs".to_string()), "{kept:?}");
+        assert!(kept.contains(&"partner_by_created".to_string()), "{kept:?}");
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+        let logged: i64 = conn
+            .query_row("SELECT count(*) FROM partner_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 1);
+    }
+
+    #[test]
+    fn version_10_keeps_a_trigger_written_on_the_change_log_in_capitals() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 9).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_log (change_id INTEGER);
+             CREATE TRIGGER partner_logs AFTER INSERT ON NEGOTIATION_CHANGES BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id);
+             END;",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let kept = on_table(&conn, "negotiation_changes");
+        assert!(kept.contains(&"partner_logs".to_string()), "{kept:?}");
+        conn.execute(
+            "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind, new_status)
+             VALUES ('1', '2', '2024-06-14T09:30:00Z', 'new', 'pending')",
+            [],
+        )
+        .unwrap();
+        let logged: i64 = conn
+            .query_row("SELECT count(*) FROM partner_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 1);
     }
 
     #[test]
