@@ -701,90 +701,153 @@ fn finish_migration(tx: rusqlite::Transaction<'_>, version: i64) -> Result<()> {
     Ok(())
 }
 
-/// The outbox's columns before schema 3 (the generated `changed_at_utc` is
-/// computed, not copied).
-const OUTBOX_V1_COLUMNS: [&str; 16] = [
-    "id",
-    "negotiation_id",
-    "business_id",
-    "status",
-    "partner_status_changed_at",
-    "invoice_amount_in_cents",
-    "state",
-    "attempts",
-    "next_attempt_at",
-    "last_error",
-    "last_http_status",
-    "last_trace_id",
-    "created_at",
-    "sent_at",
-    "sending_since",
-    "changed_at_utc",
-];
-
 /// Schema 3's script (`sql`: the outbox rebuilt with AUTOINCREMENT, which
 /// SQLite cannot add in place), keeping what a partner put on the outbox
-/// of schema 1 or 2: columns it added (with their values and declared
-/// type; their constraints and defaults are not carried over), its indexes
-/// and triggers (dropped with the old table: read first, created again),
-/// and its views (they name the table: the rename runs in legacy mode,
-/// which does not re-check them while `outbox` is missing, as schema 10).
+/// of schema 1 or 2. The new table is the old one's own definition (its
+/// text in sqlite_master, to which SQLite appends each added column as it
+/// was declared) with the key made AUTOINCREMENT and schema 3's columns put
+/// before `changed_at_utc`, as in the script: a partner's columns keep their
+/// type, default, constraints, collation, reference and generated expression
+/// word for word, and every stored column's values are copied. Its indexes
+/// and triggers go with the old table: read first, created again (SQLite
+/// keeps a trigger's table name as written: matched in any case). Its views
+/// name the table: the rename runs in legacy mode, which does not re-check
+/// them while `outbox` is missing (as schema 10). A partner's column or
+/// object with a name schema 3 gives to one of its own fails the upgrade,
+/// saying which and to rename it (nothing is changed).
 fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
+    const CREATE: &str = "CREATE TABLE outbox_v3 (";
+    const OLD_CREATE: &str = "CREATE TABLE outbox (";
+    const KEY: &str = "INTEGER PRIMARY KEY,";
+    const AFTER: &str = "    sending_since             TEXT,\n";
+    const BEFORE: &str = "    -- the instant in UTC";
+    const COPIED: &str = "FROM outbox ORDER BY id;\n";
+    const RENAME: &str = "ALTER TABLE outbox_v3 RENAME TO outbox;";
     let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
-    let added: Vec<(String, String)> = tx
-        .prepare("SELECT name, type FROM pragma_table_xinfo('outbox') WHERE hidden = 0")?
-        .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?
-        .filter(|c| {
-            c.as_ref().map_or(true, |(name, _)| {
-                !OUTBOX_V1_COLUMNS
-                    .iter()
-                    .any(|v1| v1.eq_ignore_ascii_case(name))
-            })
-        })
+    let once = |text: &str, part: &str| text.matches(part).count() == 1;
+    let (Some(start), Some(after), Some(before), Some(copied), true) = (
+        sql.find(CREATE),
+        sql.find(AFTER),
+        sql.find(BEFORE),
+        sql.find(COPIED),
+        [CREATE, AFTER, BEFORE, COPIED, RENAME]
+            .iter()
+            .all(|part| once(sql, part)),
+    ) else {
+        bail!("schema 3's script has changed: cannot rebuild the outbox from its own definition");
+    };
+    // Schema 3's columns, as the script declares them (with their comments).
+    let new_columns = &sql[after + AFTER.len()..before];
+    let old: String = tx.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'",
+        [],
+        |r| r.get(0),
+    )?;
+    let body = match old.strip_prefix(OLD_CREATE) {
+        Some(body) if once(body, KEY) && once(body, BEFORE) => body,
+        _ => bail!(
+            "the outbox's definition is not the one leadsync wrote, cannot add schema 3 to it: {old}"
+        ),
+    };
+    // The columns rows are copied by: not generated ones (they take no value).
+    let columns: Vec<(String, i64)> = tx
+        .prepare("SELECT name, hidden FROM pragma_table_xinfo('outbox')")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
+    for (name, _) in &columns {
+        if ["late", "waiting_for"]
+            .iter()
+            .any(|new| new.eq_ignore_ascii_case(name))
+        {
+            bail!(
+                "the outbox has a column `{name}` that is not leadsync's, and schema 3 adds a column by that name: \
+                 rename yours (ALTER TABLE outbox RENAME COLUMN {} TO partner_{name}; and in your programs), \
+                 then start leadsync again",
+                quote(name)
+            );
+        }
+    }
+    // What the script makes, but the outbox of schema 1 did not have: a
+    // partner's object by one of these names is in the way.
+    let had = [
+        "outbox_due",
+        "outbox_open_by_negotiation",
+        "outbox_by_state",
+        "outbox_validate_insert",
+        "outbox_validate_update",
+    ];
+    let made: Vec<&str> = sql
+        .lines()
+        .filter_map(|line| {
+            ["CREATE TABLE ", "CREATE INDEX ", "CREATE TRIGGER "]
+                .iter()
+                .find_map(|create| line.strip_prefix(create))
+                .and_then(|rest| rest.split([' ', '(']).next())
+        })
+        .filter(|name| *name != "outbox_v3" && !had.contains(name))
+        .collect();
+    for name in made {
+        let found: Option<(String, String)> = tx
+            .query_row(
+                "SELECT type, name FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((kind, found)) = found {
+            bail!(
+                "your {kind} `{found}` has a name schema 3 gives to one of leadsync's own: rename it \
+                 (for an index or trigger: drop it and create it again under another name; \
+                 for a table: ALTER TABLE {} RENAME TO partner_{found}), then start leadsync again",
+                quote(&found)
+            );
+        }
+    }
+    // A name nothing in the schema has (a partner's table may be called
+    // outbox_v3).
+    let mut tmp = "outbox_v3".to_string();
+    while tx
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
+            [&tmp],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some()
+    {
+        tmp.push('_');
+    }
+    let create = format!(
+        "CREATE TABLE {tmp} ({}",
+        body.replacen(KEY, "INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+            .replacen(BEFORE, &format!("{new_columns}{BEFORE}"), 1)
+    );
+    let copy = columns
+        .iter()
+        .filter(|(_, hidden)| *hidden == 0)
+        .map(|(name, _)| quote(name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let script = format!(
+        "{}{create};\nINSERT INTO {tmp} ({copy})\n    SELECT {copy}\n      {COPIED}{}",
+        &sql[..start],
+        sql[copied + COPIED.len()..].replacen(
+            RENAME,
+            &format!("ALTER TABLE {tmp} RENAME TO outbox;"),
+            1
+        )
+    );
     let kept: Vec<String> = tx
         .prepare(
             "SELECT sql FROM sqlite_master
               WHERE tbl_name = 'outbox' COLLATE NOCASE AND type IN ('index', 'trigger')
                 AND sql IS NOT NULL
                 AND name COLLATE NOCASE NOT IN ('outbox_due', 'outbox_open_by_negotiation', 'outbox_by_state',
-                                 'outbox_validate_insert', 'outbox_validate_update')
+                                                'outbox_validate_insert', 'outbox_validate_update')
               ORDER BY type = 'trigger', rowid",
         )?
         .query_map([], |r| r.get(0))?
         .collect::<rusqlite::Result<_>>()?;
-    let mut script = sql.to_string();
-    if !added.is_empty() {
-        let add: String = added
-            .iter()
-            .map(|(name, kind)| {
-                format!("ALTER TABLE outbox_v3 ADD COLUMN {} {kind};\n", quote(name))
-            })
-            .collect();
-        let extra: String = added
-            .iter()
-            .map(|(name, _)| format!(", {}", quote(name)))
-            .collect();
-        for (from, to) in [
-            (
-                "INSERT INTO outbox_v3 (",
-                format!("{add}INSERT INTO outbox_v3 ("),
-            ),
-            (
-                "sent_at, sending_since)\n",
-                format!("sent_at, sending_since{extra})\n"),
-            ),
-            (
-                "sending_since\n      FROM outbox",
-                format!("sending_since{extra}\n      FROM outbox"),
-            ),
-        ] {
-            if script.matches(from).count() != 1 {
-                bail!("schema 3's script has changed: cannot keep the columns added to outbox");
-            }
-            script = script.replacen(from, &to, 1);
-        }
-    }
     tx.pragma_update(None, "legacy_alter_table", true)?;
     let rebuilt = tx.execute_batch(&script);
     tx.pragma_update(None, "legacy_alter_table", false)?;
@@ -2961,6 +3024,143 @@ mod tests {
             .query_row("SELECT count(*) FROM partner_log", [], |r| r.get(0))
             .unwrap();
         assert_eq!(logged, 1);
+    }
+
+    #[test]
+    fn version_3_keeps_a_partners_columns_word_for_word() {
+        // Columns a partner added to the outbox of schema 2: a generated one
+        // (indexed), one with a default, NOT NULL, CHECK and COLLATE, one
+        // referring to a table of its own. The rebuild keeps each as it was
+        // declared, with its values.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        let declared = [
+            "partner_total INTEGER GENERATED ALWAYS AS (coalesce(invoice_amount_in_cents, 0) * 2) VIRTUAL",
+            "partner_kind TEXT NOT NULL DEFAULT 'job' CHECK (partner_kind <> '') COLLATE NOCASE",
+            "partner_job INTEGER REFERENCES partner_jobs (id)",
+        ];
+        conn.execute_batch("CREATE TABLE partner_jobs (id INTEGER PRIMARY KEY); INSERT INTO partner_jobs VALUES (7);")
+            .unwrap();
+        for column in declared {
+            conn.execute_batch(&format!("ALTER TABLE outbox ADD COLUMN {column}"))
+                .unwrap();
+        }
+        conn.execute_batch(
+            "CREATE INDEX partner_by_total ON outbox (partner_total);
+             INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, invoice_amount_in_cents,
+                                 partner_kind, partner_job)
+             VALUES ('1', 'job_complete', '2024-06-14T09:30:00Z', 100, 'Visit', 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let table: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        for column in declared {
+            assert!(table.contains(column), "{column} not in {table}");
+        }
+        let row: (i64, String, i64) = conn
+            .query_row(
+                "SELECT partner_total, partner_kind, partner_job FROM outbox WHERE partner_kind = 'visit'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (200, "Visit".to_string(), 7));
+        let insert = |extra: &str, values: &str| {
+            conn.execute_batch(&format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at{extra})
+                 VALUES ('2', 'appt_scheduled', '2024-06-14T09:30:00Z'{values})"
+            ))
+        };
+        insert("", "").unwrap();
+        let kind: String = conn
+            .query_row(
+                "SELECT partner_kind FROM outbox WHERE negotiation_id = '2'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kind, "job", "the default");
+        assert!(insert(", partner_kind", ", ''").is_err(), "the CHECK");
+        assert!(insert(", partner_kind", ", NULL").is_err(), "NOT NULL");
+        assert!(insert(", partner_job", ", 8").is_err(), "the foreign key");
+        assert!(on_table(&conn, "outbox").contains(&"partner_by_total".to_string()));
+    }
+
+    #[test]
+    fn version_3_from_a_plain_outbox_writes_its_scripts_own_table() {
+        // The rebuild edits the old table's definition: with nothing of a
+        // partner's on it, the result is the script's table, word for word.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 3).unwrap();
+        let table: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let script = include_str!("migrations/0003_outbox.sql");
+        let start = script.find("CREATE TABLE outbox_v3 (").unwrap();
+        let end = start + script[start..].find("\n);").unwrap() + 2;
+        assert_eq!(
+            table,
+            script[start..end].replacen("outbox_v3", "\"outbox\"", 1)
+        );
+    }
+
+    #[test]
+    fn version_3_works_beside_a_table_named_like_its_temporary_one() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch("CREATE TABLE Outbox_V3 (x); INSERT INTO Outbox_V3 VALUES (1);")
+            .unwrap();
+        migrate(&mut conn).unwrap();
+        let x: i64 = conn
+            .query_row("SELECT x FROM outbox_v3", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(x, 1);
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn version_3_names_a_partners_column_or_index_it_clashes_with() {
+        for (partner, named) in [
+            ("ALTER TABLE outbox ADD COLUMN late INTEGER", "late"),
+            (
+                "ALTER TABLE outbox ADD COLUMN Waiting_For TEXT",
+                "Waiting_For",
+            ),
+            (
+                "CREATE INDEX outbox_waiting ON outbox (status)",
+                "outbox_waiting",
+            ),
+            (
+                "CREATE TABLE partner (x); CREATE INDEX OUTBOX_READY_BY_BUSINESS ON partner (x)",
+                "OUTBOX_READY_BY_BUSINESS",
+            ),
+            ("CREATE TABLE outbox_waits (x)", "outbox_waits"),
+        ] {
+            let mut conn = Connection::open_in_memory().unwrap();
+            migrate_to(&mut conn, 2).unwrap();
+            conn.execute_batch(partner).unwrap();
+            let e = format!("{:#}", migrate(&mut conn).expect_err(partner));
+            assert!(
+                e.contains(&format!("`{named}`")) && e.contains("rename"),
+                "{partner}: {e}"
+            );
+            assert_eq!(version_of(&conn).unwrap(), 2, "{partner}");
+        }
     }
 
     #[test]
