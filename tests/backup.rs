@@ -1,5 +1,6 @@
 //! `leadsync backup FILE`: a consistent copy while a sync and another
-//! program write, never the token store, never over a file without --force.
+//! program write, never the token store, never over a file without --force;
+//! and the README's restore procedure.
 
 mod common;
 
@@ -259,4 +260,98 @@ async fn an_interrupted_backup_leaves_nothing_behind() {
             );
         }
     }
+}
+
+/// The statements of the README's restore procedure ("Backup and restore"),
+/// as written there, between its `sqlite3` line and `SQL`.
+fn readme_restore() -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start = "sudo -u leadsync sqlite3 -bail /var/lib/leadsync/leadsync.db <<'SQL'\n";
+    let from = readme.find(start).expect("the README's restore") + start.len();
+    let to = from + readme[from..].find("\nSQL\n").expect("its end");
+    let mut statements = vec![String::new()];
+    for line in readme[from..to].lines() {
+        let last = statements.last_mut().expect("one");
+        last.push_str(line);
+        last.push('\n');
+        if line.starts_with('.') || line.ends_with(';') {
+            statements.push(String::new());
+        }
+    }
+    statements.retain(|s| !s.trim().is_empty());
+    statements
+}
+
+/// The README's restore procedure, run through the same SQLite: the
+/// backup's rows come back, and no id handed out since the backup is
+/// handed out again — neither the outbox's (counted in the backup) nor the
+/// replies' (`message_outbox` had no row, so no counter, at the backup).
+#[test]
+fn the_readme_restore_keeps_ids_from_being_reused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mirror = dir.path().join("leadsync.db");
+    let backup = dir.path().join("mirror-2026-11-28.db");
+    let transition = "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                      VALUES ('519153480500518912', 'appt_scheduled', '2024-06-14T09:30:00Z')";
+    let reply = "INSERT INTO message_outbox (negotiation_id, business_id, text)
+                 VALUES ('519153480500518912', '468046965846925323', 'On my way!')";
+    {
+        let conn = leadsync::store::open_connection(&mirror, true).expect("mirror");
+        for _ in 0..3 {
+            conn.execute(transition, []).expect("outbox row");
+        }
+        conn.backup(rusqlite::MAIN_DB, &backup, rusqlite::backup::NO_PROGRESS)
+            .expect("backup");
+        for _ in 0..2 {
+            conn.execute(transition, []).expect("outbox row");
+            conn.execute(reply, []).expect("reply");
+        }
+    }
+    let b = rusqlite::Connection::open(&backup).expect("open the backup");
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM sqlite_sequence WHERE name = 'message_outbox'"
+        ),
+        0,
+        "the backup has no counter for the replies"
+    );
+    drop(b);
+
+    let statements = readme_restore();
+    assert!(
+        statements.iter().any(|s| s.starts_with(".restore ")),
+        "{statements:?}"
+    );
+    let mut conn = rusqlite::Connection::open(&mirror).expect("open the mirror");
+    for statement in &statements {
+        if statement.starts_with(".restore ") {
+            conn.restore(rusqlite::MAIN_DB, &backup, rusqlite::backup::NO_PROGRESS)
+                .expect("restore");
+        } else if statement.starts_with("PRAGMA quick_check") {
+            let check: String = conn
+                .query_row(statement, [], |r| r.get(0))
+                .expect(statement);
+            assert_eq!(check, "ok");
+        } else {
+            conn.execute_batch(statement).expect(statement);
+        }
+    }
+    assert_eq!(count(&conn, "SELECT count(*) FROM outbox"), 3);
+    assert_eq!(count(&conn, "SELECT count(*) FROM message_outbox"), 0);
+    drop(conn);
+
+    let conn = leadsync::store::open_connection(&mirror, false).expect("reopen");
+    conn.execute(transition, []).expect("outbox row");
+    assert_eq!(
+        conn.last_insert_rowid(),
+        6,
+        "ids 4 and 5 were handed out after the backup"
+    );
+    conn.execute(reply, []).expect("reply");
+    assert_eq!(
+        conn.last_insert_rowid(),
+        3,
+        "reply ids 1 and 2 were handed out after the backup"
+    );
 }
