@@ -3520,12 +3520,36 @@ pub(crate) mod every_version {
         migrations().into_iter().map(|(v, _)| v).collect()
     }
 
+    /// An empty mirror at each version, made once for the test binary by
+    /// one database migrated step by step (each test building every
+    /// version from scratch took seconds).
+    fn empty_at(version: i64) -> &'static Path {
+        static EMPTY: std::sync::OnceLock<(tempfile::TempDir, Vec<(i64, PathBuf)>)> =
+            std::sync::OnceLock::new();
+        let (_, files) = EMPTY.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = Connection::open_in_memory().unwrap();
+            let files = versions()
+                .into_iter()
+                .map(|v| {
+                    migrate_to(&mut conn, v).unwrap();
+                    let file = dir.path().join(format!("{v}.db"));
+                    conn.backup(rusqlite::MAIN_DB, &file, rusqlite::backup::NO_PROGRESS)
+                        .unwrap();
+                    (v, file)
+                })
+                .collect();
+            (dir, files)
+        });
+        &files.iter().find(|(v, _)| *v == version).unwrap().1
+    }
+
     pub(crate) fn populated(path: &Path, version: i64) -> Connection {
-        let mut conn = Connection::open(path).unwrap();
+        std::fs::copy(empty_at(version), path).unwrap();
+        let conn = Connection::open(path).unwrap();
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .unwrap();
         conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
-        migrate_to(&mut conn, version).unwrap();
         assert_eq!(version_of(&conn).unwrap(), version);
         conn.execute_batch(
             r#"INSERT INTO businesses (business_id, name, last_sync_outcome) VALUES ('468046965846925323', 'Robert', 'ok');
