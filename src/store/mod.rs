@@ -13,7 +13,7 @@ pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -594,12 +594,13 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     if now >= version {
         return Ok(());
     }
+    let before = dangling(&tx)?;
     if version == 10 {
         rebuild_negotiation_changes(&tx).with_context(|| format!("migration {version} failed"))?;
     }
     if version == 3 {
         rebuild_outbox_v3(&tx, sql).with_context(|| format!("migration {version} failed"))?;
-        return finish_migration(tx, version);
+        return finish_migration(tx, version, &before);
     }
     // Adding a column cannot be said "if not exists": a schema that has it
     // already (a database migrated again from an older user_version) skips it.
@@ -685,15 +686,29 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         ))
         .with_context(|| format!("migration {version} failed"))?;
     }
-    finish_migration(tx, version)
+    finish_migration(tx, version, &before)
 }
 
-/// Checks what a migration left and records its version, in its transaction.
-fn finish_migration(tx: rusqlite::Transaction<'_>, version: i64) -> Result<()> {
-    let broken: Option<String> = tx
-        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
-        .optional()?;
-    if let Some(table) = broken {
+/// The rows pointing at nothing (foreign keys are off around a migration,
+/// so one can leave some): table, rowid, and the table it points into.
+fn dangling(tx: &Connection) -> Result<HashSet<(String, Option<i64>, String)>> {
+    Ok(tx
+        .prepare("PRAGMA foreign_key_check")?
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+        .collect::<rusqlite::Result<_>>()?)
+}
+
+/// Checks what a migration left and records its version, in its
+/// transaction. Rows pointing at nothing that were there `before` are not
+/// its doing (a partner's program writes with foreign keys off, SQLite's
+/// default): they stay as they were, and do not stop the upgrade.
+fn finish_migration(
+    tx: rusqlite::Transaction<'_>,
+    version: i64,
+    before: &HashSet<(String, Option<i64>, String)>,
+) -> Result<()> {
+    let broken = dangling(&tx)?;
+    if let Some((table, _, _)) = broken.difference(before).min() {
         bail!("migration {version} failed: it left rows of {table} pointing at nothing");
     }
     tx.pragma_update(None, "user_version", version)?;
@@ -3090,6 +3105,60 @@ mod tests {
         assert!(insert(", partner_kind", ", NULL").is_err(), "NOT NULL");
         assert!(insert(", partner_job", ", 8").is_err(), "the foreign key");
         assert!(on_table(&conn, "outbox").contains(&"partner_by_total".to_string()));
+    }
+
+    #[test]
+    fn rows_of_a_partner_pointing_at_nothing_before_an_upgrade_do_not_stop_it() {
+        // A partner's program writes with foreign keys off (SQLite's
+        // default): its column's reference may point at nothing already.
+        // Schema 3 keeps that column's REFERENCES, so the row still points
+        // at nothing after it: that is not the migration's doing, and must
+        // not keep the daemon from starting. What a migration breaks itself
+        // still fails it.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             CREATE TABLE partner_jobs (id INTEGER PRIMARY KEY);
+             ALTER TABLE outbox ADD COLUMN partner_job INTEGER REFERENCES partner_jobs (id);
+             INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, partner_job)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z', 8);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(version_of(&conn).unwrap(), schema_version());
+        let job: i64 = conn
+            .query_row("SELECT partner_job FROM outbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(job, 8);
+
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z');
+             INSERT INTO outbox_attempts (outbox_id, attempt, started_at, outcome)
+             VALUES (1, 1, '2024-06-14T09:31:00Z', 'retry');",
+        )
+        .unwrap();
+        // A schema 3 that lost the outbox's rows leaves the attempt behind.
+        let broken = migrations()
+            .into_iter()
+            .find(|(v, _)| *v == 3)
+            .unwrap()
+            .1
+            .replacen(
+                "DROP TABLE outbox;\n",
+                "DROP TABLE outbox;\nDELETE FROM outbox_v3;\n",
+                1,
+            );
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        let e = apply_migration(&mut conn, 3, &broken).expect_err("attempts of nothing");
+        assert!(
+            format!("{e:#}").contains("outbox_attempts pointing at nothing"),
+            "{e:#}"
+        );
+        assert_eq!(version_of(&conn).unwrap(), 2);
     }
 
     #[test]
