@@ -3589,32 +3589,32 @@ pub(crate) mod every_version {
         migrations().into_iter().map(|(v, _)| v).collect()
     }
 
-    /// An empty mirror at each version, made once for the test binary by
-    /// one database migrated step by step (each test building every
-    /// version from scratch took seconds).
-    fn empty_at(version: i64) -> &'static Path {
-        static EMPTY: std::sync::OnceLock<(tempfile::TempDir, Vec<(i64, PathBuf)>)> =
-            std::sync::OnceLock::new();
-        let (_, files) = EMPTY.get_or_init(|| {
+    /// An empty mirror at each version (the file's bytes), made once for
+    /// the test binary by one database migrated step by step (each test
+    /// building every version from scratch took seconds). Held in memory: a
+    /// directory kept in a `static` is never dropped, and each run left one
+    /// behind in /tmp.
+    fn empty_at(version: i64) -> &'static [u8] {
+        static EMPTY: std::sync::OnceLock<Vec<(i64, Vec<u8>)>> = std::sync::OnceLock::new();
+        let files = EMPTY.get_or_init(|| {
             let dir = tempfile::tempdir().unwrap();
             let mut conn = Connection::open_in_memory().unwrap();
-            let files = versions()
+            versions()
                 .into_iter()
                 .map(|v| {
                     migrate_to(&mut conn, v).unwrap();
                     let file = dir.path().join(format!("{v}.db"));
                     conn.backup(rusqlite::MAIN_DB, &file, rusqlite::backup::NO_PROGRESS)
                         .unwrap();
-                    (v, file)
+                    (v, std::fs::read(&file).unwrap())
                 })
-                .collect();
-            (dir, files)
+                .collect()
         });
         &files.iter().find(|(v, _)| *v == version).unwrap().1
     }
 
     pub(crate) fn populated(path: &Path, version: i64) -> Connection {
-        std::fs::copy(empty_at(version), path).unwrap();
+        std::fs::write(path, empty_at(version)).unwrap();
         let conn = Connection::open(path).unwrap();
         conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
             .unwrap();
