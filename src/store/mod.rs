@@ -13,7 +13,7 @@ pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -689,13 +689,23 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     finish_migration(tx, version, &before)
 }
 
+/// A row pointing at nothing: its table, rowid (none in a table WITHOUT
+/// ROWID), the table it points into, and which of its references.
+type Dangling = (String, Option<i64>, String, i64);
+
 /// The rows pointing at nothing (foreign keys are off around a migration,
-/// so one can leave some): table, rowid, and the table it points into.
-fn dangling(tx: &Connection) -> Result<HashSet<(String, Option<i64>, String)>> {
-    Ok(tx
-        .prepare("PRAGMA foreign_key_check")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-        .collect::<rusqlite::Result<_>>()?)
+/// so one can leave some), each with how many rows it stands for (the rows
+/// of a table WITHOUT ROWID have no rowid to tell them apart).
+fn dangling(tx: &Connection) -> Result<HashMap<Dangling, usize>> {
+    let mut found = HashMap::new();
+    let mut check = tx.prepare("PRAGMA foreign_key_check")?;
+    let mut rows = check.query([])?;
+    while let Some(r) = rows.next()? {
+        *found
+            .entry((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            .or_insert(0) += 1;
+    }
+    Ok(found)
 }
 
 /// Checks what a migration left and records its version, in its
@@ -705,10 +715,14 @@ fn dangling(tx: &Connection) -> Result<HashSet<(String, Option<i64>, String)>> {
 fn finish_migration(
     tx: rusqlite::Transaction<'_>,
     version: i64,
-    before: &HashSet<(String, Option<i64>, String)>,
+    before: &HashMap<Dangling, usize>,
 ) -> Result<()> {
     let broken = dangling(&tx)?;
-    if let Some((table, _, _)) = broken.difference(before).min() {
+    if let Some(((table, ..), _)) = broken
+        .iter()
+        .filter(|(key, n)| before.get(*key).is_none_or(|was| *n > was))
+        .min()
+    {
         bail!("migration {version} failed: it left rows of {table} pointing at nothing");
     }
     tx.pragma_update(None, "user_version", version)?;
@@ -3229,6 +3243,34 @@ mod tests {
                 "{partner}: {e}"
             );
             assert_eq!(version_of(&conn).unwrap(), 2, "{partner}");
+        }
+    }
+
+    #[test]
+    fn a_migration_fails_on_a_row_it_left_dangling_beside_one_already_there() {
+        // The row of a table WITHOUT ROWID has no rowid to tell it from
+        // another; one pointing at nothing through a second reference is
+        // another break than through the first.
+        for (table, left) in [
+            (
+                "CREATE TABLE child (k TEXT PRIMARY KEY, p INTEGER REFERENCES parent (id)) WITHOUT ROWID;
+                 INSERT INTO child VALUES ('a', 1);",
+                "INSERT INTO child VALUES ('b', 2);",
+            ),
+            (
+                "CREATE TABLE child (p INTEGER REFERENCES parent (id), q INTEGER REFERENCES parent (id));
+                 INSERT INTO child VALUES (1, NULL);",
+                "UPDATE child SET q = 2;",
+            ),
+        ] {
+            let mut conn = Connection::open_in_memory().unwrap();
+            conn.execute_batch(&format!("PRAGMA foreign_keys = OFF; CREATE TABLE parent (id INTEGER PRIMARY KEY); {table}"))
+                .unwrap();
+            let tx = conn.transaction().unwrap();
+            let before = dangling(&tx).unwrap();
+            tx.execute_batch(left).unwrap();
+            let e = finish_migration(tx, 99, &before).expect_err(left);
+            assert!(format!("{e:#}").contains("child pointing at nothing"), "{e:#}");
         }
     }
 
