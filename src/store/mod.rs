@@ -730,34 +730,101 @@ fn finish_migration(
     Ok(())
 }
 
+/// leadsync's own outbox columns before schema 3: the drainer reads and
+/// writes each of them.
+const OUTBOX_V1_COLUMNS: [&str; 16] = [
+    "id",
+    "negotiation_id",
+    "business_id",
+    "status",
+    "partner_status_changed_at",
+    "invoice_amount_in_cents",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "last_http_status",
+    "last_trace_id",
+    "created_at",
+    "sent_at",
+    "sending_since",
+    "changed_at_utc",
+];
+
+/// A table's name as its definition (`sql` in sqlite_master) gives it,
+/// unquoted, and the text after its opening parenthesis. SQLite keeps the
+/// name as written: a rename writes it back quoted (`CREATE TABLE "outbox"
+/// (`), a tool may write `[outbox]` or another case.
+fn table_body(definition: &str) -> Option<(String, &str)> {
+    let rest = definition
+        .get(..12)
+        .filter(|create| create.eq_ignore_ascii_case("CREATE TABLE"))
+        .map(|_| definition[12..].trim_start())?;
+    let (name, rest) = match rest.chars().next()? {
+        open @ ('"' | '`' | '[' | '\'') => {
+            let close = if open == '[' { ']' } else { open };
+            let mut name = String::new();
+            let mut at = 1;
+            loop {
+                let c = rest[at..].chars().next()?;
+                at += c.len_utf8();
+                if c != close {
+                    name.push(c);
+                } else if close != ']' && rest[at..].starts_with(close) {
+                    // A doubled quote stands for one.
+                    name.push(close);
+                    at += 1;
+                } else {
+                    break (name, &rest[at..]);
+                }
+            }
+        }
+        _ => {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+                .unwrap_or(rest.len());
+            (rest[..end].to_string(), &rest[end..])
+        }
+    };
+    Some((name, rest.trim_start().strip_prefix('(')?))
+}
+
 /// Schema 3's script (`sql`: the outbox rebuilt with AUTOINCREMENT, which
 /// SQLite cannot add in place), keeping what a partner put on the outbox
-/// of schema 1 or 2. The new table is the old one's own definition (its
-/// text in sqlite_master, to which SQLite appends each added column as it
-/// was declared) with the key made AUTOINCREMENT and schema 3's columns put
-/// before `changed_at_utc`, as in the script: a partner's columns keep their
-/// type, default, constraints, collation, reference and generated expression
-/// word for word, and every stored column's values are copied. Its indexes
-/// and triggers go with the old table: read first, created again (SQLite
-/// keeps a trigger's table name as written: matched in any case). Its views
-/// name the table: the rename runs in legacy mode, which does not re-check
-/// them while `outbox` is missing (as schema 10). A partner's column or
-/// object with a name schema 3 gives to one of its own fails the upgrade,
-/// saying which and to rename it (nothing is changed).
+/// of schema 1 or 2. When the old table's definition (its text in
+/// sqlite_master) is still schema 1's own, whatever SQLite appended to it
+/// (each added column as it was declared) or however the name is quoted,
+/// the new table is that definition with the key made AUTOINCREMENT and
+/// schema 3's columns put before `changed_at_utc`, as in the script: a
+/// partner's columns keep their type, default, constraints, collation,
+/// reference and generated expression word for word. When a tool wrote the
+/// definition again in its own words, the new table is the script's with a
+/// partner's stored columns added by name and declared type, and a warning
+/// says what of theirs was not kept. Either way every stored column's
+/// values are copied. Its indexes and triggers go with the old table: read
+/// first, created again (SQLite keeps a trigger's table name as written:
+/// matched in any case). Its views name the table: the rename runs in
+/// legacy mode, which does not re-check them while `outbox` is missing (as
+/// schema 10). A column of leadsync's missing (renamed), or a partner's
+/// column or object with a name schema 3 gives to one of its own, fails the
+/// upgrade, saying which and what to do (nothing is changed).
 fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
     const CREATE: &str = "CREATE TABLE outbox_v3 (";
     const OLD_CREATE: &str = "CREATE TABLE outbox (";
     const KEY: &str = "INTEGER PRIMARY KEY,";
     const AFTER: &str = "    sending_since             TEXT,\n";
     const BEFORE: &str = "    -- the instant in UTC";
+    const END: &str = "\n);\n";
     const COPIED: &str = "FROM outbox ORDER BY id;\n";
     const RENAME: &str = "ALTER TABLE outbox_v3 RENAME TO outbox;";
     let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
     let once = |text: &str, part: &str| text.matches(part).count() == 1;
-    let (Some(start), Some(after), Some(before), Some(copied), true) = (
+    let (Some(start), Some(after), Some(before), Some(end), Some(copied), true) = (
         sql.find(CREATE),
         sql.find(AFTER),
         sql.find(BEFORE),
+        sql.find(CREATE)
+            .and_then(|start| Some(start + sql[start..].find(END)?)),
         sql.find(COPIED),
         [CREATE, AFTER, BEFORE, COPIED, RENAME]
             .iter()
@@ -765,25 +832,61 @@ fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
     ) else {
         bail!("schema 3's script has changed: cannot rebuild the outbox from its own definition");
     };
+    // Schema 1's outbox, from its opening parenthesis to its last column.
+    let v1 = include_str!("migrations/0001_initial.sql");
+    let Some(v1_body) = v1
+        .find(OLD_CREATE)
+        .map(|at| &v1[at + OLD_CREATE.len()..])
+        .and_then(|body| Some(&body[..body.find(END)?]))
+        .filter(|body| once(body, KEY) && once(body, BEFORE))
+    else {
+        bail!("schema 1's script has changed: cannot rebuild the outbox from its own definition");
+    };
     // Schema 3's columns, as the script declares them (with their comments).
     let new_columns = &sql[after + AFTER.len()..before];
     let old: String = tx.query_row(
-        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox'",
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox' COLLATE NOCASE",
         [],
         |r| r.get(0),
     )?;
-    let body = match old.strip_prefix(OLD_CREATE) {
-        Some(body) if once(body, KEY) && once(body, BEFORE) => body,
-        _ => bail!(
-            "the outbox's definition is not the one leadsync wrote, cannot add schema 3 to it: {old}"
-        ),
-    };
-    // The columns rows are copied by: not generated ones (they take no value).
-    let columns: Vec<(String, i64)> = tx
-        .prepare("SELECT name, hidden FROM pragma_table_xinfo('outbox')")?
-        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+    // What follows schema 1's columns: a partner's, as SQLite appended them.
+    let partners = table_body(&old)
+        .filter(|(name, _)| name.eq_ignore_ascii_case("outbox"))
+        .and_then(|(_, body)| body.strip_prefix(v1_body));
+    let columns: Vec<Column> = tx
+        .prepare(
+            "SELECT name, type, hidden, \"notnull\", dflt_value,
+                    (SELECT group_concat(DISTINCT f.\"table\") FROM pragma_foreign_key_list('outbox') AS f
+                      WHERE f.\"from\" = c.name COLLATE NOCASE)
+               FROM pragma_table_xinfo('outbox') AS c",
+        )?
+        .query_map([], |r| {
+            Ok(Column {
+                name: r.get(0)?,
+                kind: r.get(1)?,
+                hidden: r.get(2)?,
+                not_null: r.get(3)?,
+                default: r.get(4)?,
+                references: r.get(5)?,
+            })
+        })?
         .collect::<rusqlite::Result<_>>()?;
-    for (name, _) in &columns {
+    let own = |name: &str| {
+        OUTBOX_V1_COLUMNS
+            .iter()
+            .any(|v1| v1.eq_ignore_ascii_case(name))
+    };
+    if let Some(missing) = OUTBOX_V1_COLUMNS
+        .iter()
+        .find(|v1| !columns.iter().any(|c| c.name.eq_ignore_ascii_case(v1)))
+    {
+        bail!(
+            "the outbox has no column `{missing}`, one of leadsync's own (the drainer reads and writes it): \
+             if you renamed it, rename it back (ALTER TABLE outbox RENAME COLUMN <its name now> TO {missing}; \
+             and in your programs), then start leadsync again"
+        );
+    }
+    for Column { name, .. } in &columns {
         if ["late", "waiting_for"]
             .iter()
             .any(|new| new.eq_ignore_ascii_case(name))
@@ -846,15 +949,46 @@ fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
     {
         tmp.push('_');
     }
-    let create = format!(
-        "CREATE TABLE {tmp} ({}",
-        body.replacen(KEY, "INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
-            .replacen(BEFORE, &format!("{new_columns}{BEFORE}"), 1)
-    );
+    let create = match partners {
+        Some(partners) => format!(
+            "CREATE TABLE {tmp} ({}{partners}",
+            v1_body
+                .replacen(KEY, "INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+                .replacen(BEFORE, &format!("{new_columns}{BEFORE}"), 1)
+        ),
+        None => {
+            // Not schema 1's text (a tool wrote it again): the script's
+            // table, with a partner's stored columns by name and type.
+            let theirs: Vec<&Column> = columns.iter().filter(|c| !own(&c.name)).collect();
+            let added: String = theirs
+                .iter()
+                .filter(|c| c.hidden == 0)
+                .map(|c| format!(",\n    {} {}", quote(&c.name), c.kind))
+                .collect();
+            if !theirs.is_empty() {
+                let lost = theirs
+                    .iter()
+                    .map(|c| c.lost())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::warn!(
+                    "the outbox's definition is not as leadsync wrote it (a tool wrote it again?): schema 3 \
+                     made the outbox from leadsync's own and added your columns by name and declared type, \
+                     with their values. Not kept: {lost}; nor any CHECK, COLLATE or UNIQUE on your columns \
+                     or constraint on the table. Put back by hand what your programs need (your definition \
+                     was: {old})"
+                );
+            }
+            format!(
+                "{}{added}\n)",
+                &sql[start..end].replacen("outbox_v3", &tmp, 1)
+            )
+        }
+    };
     let copy = columns
         .iter()
-        .filter(|(_, hidden)| *hidden == 0)
-        .map(|(name, _)| quote(name))
+        .filter(|c| c.hidden == 0)
+        .map(|c| quote(&c.name))
         .collect::<Vec<_>>()
         .join(", ");
     let script = format!(
@@ -886,6 +1020,42 @@ fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
             .with_context(|| format!("cannot re-create on outbox: {sql}"))?;
     }
     Ok(())
+}
+
+/// A column of the outbox before schema 3, as SQLite reports it.
+struct Column {
+    name: String,
+    /// Its declared type.
+    kind: String,
+    /// 0 stored, 2 or 3 generated.
+    hidden: i64,
+    not_null: bool,
+    default: Option<String>,
+    /// The tables its foreign keys point into.
+    references: Option<String>,
+}
+
+impl Column {
+    /// What a rebuild by name and type does not keep of it.
+    fn lost(&self) -> String {
+        if self.hidden != 0 {
+            return format!("your generated column `{}` (dropped)", self.name);
+        }
+        let mut lost = Vec::new();
+        if self.not_null {
+            lost.push("NOT NULL".to_string());
+        }
+        if let Some(default) = &self.default {
+            lost.push(format!("DEFAULT {default}"));
+        }
+        if let Some(table) = &self.references {
+            lost.push(format!("REFERENCES {table}"));
+        }
+        match lost.is_empty() {
+            true => format!("`{}`: nothing SQLite reports", self.name),
+            false => format!("`{}`: {}", self.name, lost.join(", ")),
+        }
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -3244,6 +3414,181 @@ mod tests {
             );
             assert_eq!(version_of(&conn).unwrap(), 2, "{partner}");
         }
+    }
+
+    /// A row of the outbox of schema 2 with a partner's columns filled in
+    /// (`partner_kind` 'Visit', `partner_job` 7), after `partner` ran.
+    fn schema_2_with_partner_columns(columns: &[&str], partner: &str) -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_jobs (id INTEGER PRIMARY KEY); INSERT INTO partner_jobs VALUES (7);",
+        )
+        .unwrap();
+        for column in columns {
+            conn.execute_batch(&format!("ALTER TABLE outbox ADD COLUMN {column}"))
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, partner_kind, partner_job)
+             VALUES ('1', 'job_complete', '2024-06-14T09:30:00Z', 'Visit', 7);",
+        )
+        .unwrap();
+        conn.execute_batch(partner).unwrap();
+        conn
+    }
+
+    fn partner_values(conn: &Connection) -> (i64, String, i64) {
+        conn.query_row(
+            "SELECT id, partner_kind, partner_job FROM outbox WHERE negotiation_id = '1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    }
+
+    fn outbox_definition(conn: &Connection) -> String {
+        conn.query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox' COLLATE NOCASE",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    const PARTNER_KIND: &str = "partner_kind TEXT NOT NULL DEFAULT 'job'";
+    const PARTNER_JOB: &str = "partner_job INTEGER REFERENCES partner_jobs (id)";
+
+    #[test]
+    fn version_3_upgrades_an_outbox_renamed_away_and_back() {
+        // SQLite writes the name back quoted: `CREATE TABLE "outbox" (`.
+        let mut conn = schema_2_with_partner_columns(
+            &[PARTNER_KIND, PARTNER_JOB],
+            "ALTER TABLE outbox RENAME TO partner_tmp; ALTER TABLE partner_tmp RENAME TO outbox;",
+        );
+        assert!(outbox_definition(&conn).starts_with("CREATE TABLE \"outbox\" ("));
+        migrate(&mut conn).unwrap();
+        assert_eq!(partner_values(&conn), (1, "Visit".to_string(), 7));
+        let table = outbox_definition(&conn);
+        for column in [PARTNER_KIND, PARTNER_JOB, "AUTOINCREMENT"] {
+            assert!(table.contains(column), "{column} not in {table}");
+        }
+    }
+
+    #[test]
+    fn version_3_upgrades_an_outbox_with_a_default_holding_leadsyncs_own_text() {
+        let note = "partner_note TEXT DEFAULT 'INTEGER PRIMARY KEY,    -- the instant in UTC'";
+        let mut conn = schema_2_with_partner_columns(&[PARTNER_KIND, PARTNER_JOB, note], "");
+        migrate(&mut conn).unwrap();
+        assert_eq!(partner_values(&conn), (1, "Visit".to_string(), 7));
+        let table = outbox_definition(&conn);
+        assert!(table.contains(note), "{table}");
+        assert!(table.contains("id                        INTEGER PRIMARY KEY AUTOINCREMENT,"));
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('2', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        )
+        .unwrap();
+        let default: String = conn
+            .query_row(
+                "SELECT partner_note FROM outbox WHERE negotiation_id = '2'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(default, "INTEGER PRIMARY KEY,    -- the instant in UTC");
+    }
+
+    /// The log lines `f` writes at WARN and above.
+    fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    #[test]
+    fn version_3_rebuilds_an_outbox_a_tool_rewrote_from_names_and_types_and_says_what_it_lost() {
+        // A tool (sqlite-utils transform, DB Browser's "Modify table") makes
+        // the table again from its own text: comments gone, spaces its own.
+        let mut conn = schema_2_with_partner_columns(
+            &[
+                PARTNER_KIND,
+                PARTNER_JOB,
+                "partner_total INTEGER GENERATED ALWAYS AS (coalesce(invoice_amount_in_cents, 0) * 2) VIRTUAL",
+            ],
+            "",
+        );
+        let old = outbox_definition(&conn);
+        let flat = old
+            .lines()
+            .map(|line| line.split("--").next().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replacen("CREATE TABLE outbox (", "CREATE TABLE [outbox_new] (", 1);
+        conn.execute_batch(&format!(
+            "{flat};
+             INSERT INTO outbox_new (id, negotiation_id, status, partner_status_changed_at, created_at,
+                                     next_attempt_at, partner_kind, partner_job)
+                  SELECT id, negotiation_id, status, partner_status_changed_at, created_at, next_attempt_at,
+                         partner_kind, partner_job FROM outbox;
+             DROP TABLE outbox;
+             ALTER TABLE outbox_new RENAME TO outbox;"
+        ))
+        .unwrap();
+        let (migrated, warned) = warnings_of(|| migrate(&mut conn));
+        migrated.unwrap();
+        assert_eq!(partner_values(&conn), (1, "Visit".to_string(), 7));
+        for said in [
+            "partner_kind",
+            "NOT NULL",
+            "DEFAULT",
+            "partner_job",
+            "REFERENCES",
+            "partner_total",
+        ] {
+            assert!(warned.contains(said), "{said} not in {warned}");
+        }
+        assert!(outbox_definition(&conn).contains("AUTOINCREMENT"));
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('2', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn version_3_names_a_column_of_leadsyncs_a_partner_renamed() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch("ALTER TABLE outbox RENAME COLUMN last_trace_id TO trace")
+            .unwrap();
+        let e = format!("{:#}", migrate(&mut conn).unwrap_err());
+        assert!(
+            e.contains("`last_trace_id`") && e.contains("RENAME COLUMN"),
+            "{e}"
+        );
+        assert_eq!(version_of(&conn).unwrap(), 2);
     }
 
     #[test]
