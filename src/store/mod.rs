@@ -1015,6 +1015,25 @@ fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
     let rebuilt = tx.execute_batch(&script);
     tx.pragma_update(None, "legacy_alter_table", false)?;
     rebuilt?;
+    // A counter a restore carried over (README: a backup of schema 1 or 2
+    // restored over a newer mirror) is left beside the one the new table
+    // got from its rows: one is kept, the larger, so no id handed out
+    // before the restore is handed out again.
+    let top: Option<i64> = tx.query_row(
+        "SELECT max(seq) FROM sqlite_sequence WHERE name = 'outbox' COLLATE NOCASE",
+        [],
+        |r| r.get(0),
+    )?;
+    if let Some(top) = top {
+        tx.execute(
+            "DELETE FROM sqlite_sequence WHERE name = 'outbox' COLLATE NOCASE",
+            [],
+        )?;
+        tx.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?1)",
+            [top],
+        )?;
+    }
     for sql in kept {
         tx.execute_batch(&sql)
             .with_context(|| format!("cannot re-create on outbox: {sql}"))?;
@@ -3589,6 +3608,39 @@ mod tests {
             "{e}"
         );
         assert_eq!(version_of(&conn).unwrap(), 2);
+    }
+
+    #[test]
+    fn version_3_keeps_one_outbox_counter_a_restore_carried_over() {
+        // A restore of a schema 2 backup (README) carries the mirror's
+        // counter over, above the restored rows: the rebuild keeps it, as
+        // the outbox's one counter.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                  VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                         ('2', 'appt_scheduled', '2024-06-14T09:30:00Z');
+             CREATE TABLE seq (id INTEGER PRIMARY KEY AUTOINCREMENT); DROP TABLE seq;
+             INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', 5);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let counters: Vec<i64> = conn
+            .prepare("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(counters, [5]);
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('3', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(conn.last_insert_rowid(), 6);
     }
 
     #[test]
