@@ -110,6 +110,12 @@ fn age_secs(t: &Option<String>) -> Option<i64> {
 /// Reads the report. Configured businesses the database has not seen yet
 /// are listed as never synced.
 pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
+    // After an upgrade the older daemon runs on the mirror until the
+    // service restarts, and `status` reads its schema without migrating it
+    // (README, "Upgrading: who migrates"): a table that schema does not have
+    // yet is shown empty instead of failing the whole report.
+    let older = conn.query_row("PRAGMA user_version", [], |r| r.get::<_, i64>(0))?
+        < crate::store::schema_version();
     let mut leads: HashMap<String, (i64, i64)> = HashMap::new();
     {
         let mut stmt = conn.prepare(
@@ -213,13 +219,13 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             recent_dead.push(row?);
         }
     }
-    let message_outbox = outbox::counts_of(conn, outbox::Kind::Message)?;
+    let message_outbox = unless_missing(older, outbox::counts_of(conn, outbox::Kind::Message))?;
     let messages = MessagesStatus {
-        mirrored: messages::counts(conn)?,
+        mirrored: unless_missing(older, messages::counts(conn))?,
         oldest_pending_age_secs: age_secs(&message_outbox.oldest_pending_created_at),
         outbox: message_outbox,
     };
-    let schedules = crate::store::requests::read_lag(conn)?
+    let schedules = unless_missing(older, crate::store::requests::read_lag(conn))?
         .into_iter()
         .map(|lag| {
             let lag_secs = age_secs(&lag.oldest_due_at).unwrap_or(0);
@@ -231,11 +237,11 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             }
         })
         .collect();
-    let auth_alerts = crate::store::mirror::auth_alerts(conn)?
+    let auth_alerts = unless_missing(older, crate::store::mirror::auth_alerts(conn))?
         .into_iter()
         .map(|(message, since)| AuthAlert { message, since })
         .collect();
-    let daemon_alerts = crate::store::mirror::daemon_alerts(conn)?
+    let daemon_alerts = unless_missing(older, crate::store::mirror::daemon_alerts(conn))?
         .into_iter()
         .map(|(message, since)| AuthAlert { message, since })
         .collect();
@@ -253,6 +259,23 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             recent_dead,
         },
     })
+}
+
+/// `r`, or nothing when it failed on a table an `older` schema does not
+/// have yet (see [`report`]).
+fn unless_missing<T: Default>(older: bool, r: Result<T>) -> Result<T> {
+    match r {
+        Err(e)
+            if older
+                && e.chain().any(|c| {
+                    c.downcast_ref::<rusqlite::Error>()
+                        .is_some_and(|e| e.to_string().starts_with("no such table"))
+                }) =>
+        {
+            Ok(T::default())
+        }
+        r => r,
+    }
 }
 
 fn ago(secs: Option<i64>) -> String {
@@ -416,4 +439,58 @@ pub fn render_text(r: &StatusReport) -> String {
         out.push_str(&format!("  oldest pending reply: {}\n", ago(Some(age))));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::every_version::{populated, versions};
+
+    /// After a package upgrade the older daemon runs on the mirror until
+    /// the service restarts, and `status` (which never migrates) reads its
+    /// older schema: it shows what that schema has, never fails on what it
+    /// lacks (README, "Upgrading: who migrates").
+    #[test]
+    fn status_reads_every_older_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("leadsync.toml");
+        std::fs::write(dir.path().join("t"), "token").unwrap();
+        let mut failed = Vec::new();
+        for version in versions() {
+            let db = dir.path().join(format!("m{version}.db"));
+            drop(populated(&db, version));
+            std::fs::write(
+                &conf,
+                format!(
+                    "database = {:?}\n[[businesses]]\nid = \"468046965846925323\"\naccess_token_file = \"t\"\n",
+                    db.display().to_string()
+                ),
+            )
+            .unwrap();
+            let config = crate::config::ConfigSource {
+                files: vec![conf.clone()],
+            }
+            .load()
+            .unwrap();
+            let (conn, found) = crate::store::open_read_only(&db).unwrap();
+            assert_eq!(found, version);
+            match report(&conn, &config) {
+                Ok(r) => {
+                    assert_eq!(r.businesses.len(), 1, "schema {version}");
+                    assert_eq!(r.businesses[0].leads, 1, "schema {version}");
+                    assert_eq!(r.outbox.counts.dead, 1, "schema {version}");
+                    assert_eq!(r.outbox.recent_dead.len(), 1, "schema {version}");
+                    if version >= 4 {
+                        assert_eq!(r.messages.mirrored.total, 1, "schema {version}");
+                    }
+                    if version >= 7 {
+                        assert_eq!(r.messages.outbox.sent, 1, "schema {version}");
+                        assert_eq!(r.messages.outbox.pending, 1, "schema {version}");
+                    }
+                }
+                Err(e) => failed.push(format!("schema {version}: {e:#}")),
+            }
+        }
+        assert!(failed.is_empty(), "{}", failed.join("\n"));
+    }
 }

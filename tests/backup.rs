@@ -1,5 +1,6 @@
 //! `leadsync backup FILE`: a consistent copy while a sync and another
-//! program write, never the token store, never over a file without --force.
+//! program write, never the token store, never over a file without --force;
+//! and the README's restore procedure.
 
 mod common;
 
@@ -259,4 +260,222 @@ async fn an_interrupted_backup_leaves_nothing_behind() {
             );
         }
     }
+}
+
+/// The statements of the README's restore procedure ("Backup and restore"),
+/// as written there, between its `sqlite3` line and `SQL`.
+fn readme_restore() -> Vec<String> {
+    readme_block("")
+}
+
+/// The README's block to run instead when the restore stopped after `.restore`.
+fn readme_recovery() -> Vec<String> {
+    readme_block("  ")
+}
+
+/// The statements of the README's `sqlite3 -bail` block indented by `indent`.
+fn readme_block(indent: &str) -> Vec<String> {
+    let readme = include_str!("../README.md");
+    let start =
+        format!("\n{indent}sudo -u leadsync sqlite3 -bail /var/lib/leadsync/leadsync.db <<'SQL'\n");
+    let from = readme.find(&start).expect("the README's block") + start.len();
+    let to = from
+        + readme[from..]
+            .find(&format!("\n{indent}SQL\n"))
+            .expect("its end");
+    let mut statements = vec![String::new()];
+    for line in readme[from..to].lines() {
+        let line = line.strip_prefix(indent).expect("indented");
+        let last = statements.last_mut().expect("one");
+        last.push_str(line);
+        last.push('\n');
+        if line.starts_with('.') || line.ends_with(';') {
+            statements.push(String::new());
+        }
+    }
+    statements.retain(|s| !s.trim().is_empty());
+    statements
+}
+
+/// Runs the README's restore block on `mirror` from `backup`, statement by
+/// statement as `sqlite3 -bail` would (its dot-commands through the same
+/// SQLite calls), and returns the connection it ran on.
+fn run_readme_restore(mirror: &std::path::Path, backup: &std::path::Path) -> rusqlite::Connection {
+    let statements = readme_restore();
+    assert!(
+        statements.iter().any(|s| s.starts_with(".restore ")),
+        "{statements:?}"
+    );
+    let conn = rusqlite::Connection::open(mirror).expect("open the mirror");
+    run_statements(conn, &statements, backup)
+}
+
+fn run_statements(
+    mut conn: rusqlite::Connection,
+    statements: &[String],
+    backup: &std::path::Path,
+) -> rusqlite::Connection {
+    for statement in statements {
+        if statement.starts_with(".restore ") {
+            conn.restore(rusqlite::MAIN_DB, backup, rusqlite::backup::NO_PROGRESS)
+                .expect("restore");
+        } else if let Some(ms) = statement.strip_prefix(".timeout ") {
+            let ms: u64 = ms.trim().parse().expect(statement);
+            conn.busy_timeout(Duration::from_millis(ms))
+                .expect(statement);
+        } else if statement.starts_with('.') {
+            panic!("a dot-command this test does not know: {statement}");
+        } else if statement.starts_with("PRAGMA quick_check") {
+            let check: String = conn
+                .query_row(statement, [], |r| r.get(0))
+                .expect(statement);
+            assert_eq!(check, "ok");
+        } else {
+            conn.execute_batch(statement).expect(statement);
+        }
+    }
+    conn
+}
+
+/// The README's restore of a backup an older leadsync made (schema 2: no
+/// table with AUTOINCREMENT yet, so no `sqlite_sequence`), then the start
+/// that upgrades it: no id handed out since the backup is handed out again.
+const TRANSITION: &str = "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                          VALUES ('519153480500518912', 'appt_scheduled', '2024-06-14T09:30:00Z')";
+const REPLY: &str = "INSERT INTO message_outbox (negotiation_id, business_id, text)
+                     VALUES ('519153480500518912', '468046965846925323', 'On my way!')";
+
+/// A mirror with outbox ids 1-5 and reply ids 1-2 handed out, and a backup
+/// made by an older leadsync (schema 2) with outbox rows 1-3.
+fn mirror_and_schema_2_backup(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let mirror = dir.join("leadsync.db");
+    let backup = dir.join("mirror-2026-11-28.db");
+    let old = rusqlite::Connection::open(&backup).expect("backup");
+    old.execute_batch(concat!(
+        include_str!("../src/store/migrations/0001_initial.sql"),
+        include_str!("../src/store/migrations/0002_lead_shapes.sql"),
+        "PRAGMA user_version = 2;"
+    ))
+    .expect("schema 2");
+    for _ in 0..3 {
+        old.execute(TRANSITION, []).expect("outbox row");
+    }
+    let conn = leadsync::store::open_connection(&mirror, true).expect("mirror");
+    for _ in 0..5 {
+        conn.execute(TRANSITION, []).expect("outbox row");
+    }
+    for _ in 0..2 {
+        conn.execute(REPLY, []).expect("reply");
+    }
+    (mirror, backup)
+}
+
+/// Starts leadsync's store on the restored `mirror` (the upgrade) and
+/// returns the ids a new outbox row and a new reply are given.
+fn ids_after_upgrade(mirror: &std::path::Path) -> (i64, i64) {
+    let conn = leadsync::store::open_connection(mirror, false).expect("upgrade");
+    conn.execute(TRANSITION, []).expect("outbox row");
+    let transition = conn.last_insert_rowid();
+    conn.execute(REPLY, []).expect("reply");
+    let reply = conn.last_insert_rowid();
+    assert_eq!(
+        count(
+            &conn,
+            "SELECT count(*) FROM sqlite_sequence WHERE name = 'outbox'"
+        ),
+        1,
+        "one counter for the outbox"
+    );
+    (transition, reply)
+}
+
+/// The README's restore of a backup an older leadsync made (schema 2: no
+/// table with AUTOINCREMENT yet, so no `sqlite_sequence`), then the start
+/// that upgrades it: no id handed out since the backup is handed out again.
+#[test]
+fn the_readme_restore_of_a_schema_2_backup_keeps_ids_from_being_reused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mirror, backup) = mirror_and_schema_2_backup(dir.path());
+    let conn = run_readme_restore(&mirror, &backup);
+    assert_eq!(count(&conn, "SELECT count(*) FROM outbox"), 3);
+    drop(conn);
+    // Outbox ids 4 and 5, reply ids 1 and 2 were handed out after the backup.
+    assert_eq!(ids_after_upgrade(&mirror), (6, 3));
+}
+
+/// The restore stopped right after `.restore` (the counters not carried
+/// over): the README's block to run instead moves the counters past every
+/// id the lost rows had, and is safe to run twice.
+#[test]
+fn the_readme_restore_recovery_after_restore_keeps_ids_from_being_reused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (mirror, backup) = mirror_and_schema_2_backup(dir.path());
+    let statements = readme_restore();
+    let restored = 1 + statements
+        .iter()
+        .position(|s| s.starts_with(".restore "))
+        .expect(".restore");
+    let conn = rusqlite::Connection::open(&mirror).expect("open the mirror");
+    drop(run_statements(conn, &statements[..restored], &backup));
+    for _ in 0..2 {
+        let conn = rusqlite::Connection::open(&mirror).expect("open the mirror");
+        drop(run_statements(conn, &readme_recovery(), &backup));
+    }
+    assert_eq!(ids_after_upgrade(&mirror), (2_000_001, 2_000_001));
+}
+
+/// The README's restore procedure, run through the same SQLite: the
+/// backup's rows come back, and no id handed out since the backup is
+/// handed out again — neither the outbox's (counted in the backup) nor the
+/// replies' (`message_outbox` had no row, so no counter, at the backup).
+#[test]
+fn the_readme_restore_keeps_ids_from_being_reused() {
+    let dir = tempfile::tempdir().expect("dir");
+    let mirror = dir.path().join("leadsync.db");
+    let backup = dir.path().join("mirror-2026-11-28.db");
+    let transition = "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                      VALUES ('519153480500518912', 'appt_scheduled', '2024-06-14T09:30:00Z')";
+    let reply = "INSERT INTO message_outbox (negotiation_id, business_id, text)
+                 VALUES ('519153480500518912', '468046965846925323', 'On my way!')";
+    {
+        let conn = leadsync::store::open_connection(&mirror, true).expect("mirror");
+        for _ in 0..3 {
+            conn.execute(transition, []).expect("outbox row");
+        }
+        conn.backup(rusqlite::MAIN_DB, &backup, rusqlite::backup::NO_PROGRESS)
+            .expect("backup");
+        for _ in 0..2 {
+            conn.execute(transition, []).expect("outbox row");
+            conn.execute(reply, []).expect("reply");
+        }
+    }
+    let b = rusqlite::Connection::open(&backup).expect("open the backup");
+    assert_eq!(
+        count(
+            &b,
+            "SELECT count(*) FROM sqlite_sequence WHERE name = 'message_outbox'"
+        ),
+        0,
+        "the backup has no counter for the replies"
+    );
+    drop(b);
+
+    let conn = run_readme_restore(&mirror, &backup);
+    assert_eq!(count(&conn, "SELECT count(*) FROM outbox"), 3);
+    assert_eq!(count(&conn, "SELECT count(*) FROM message_outbox"), 0);
+    drop(conn);
+
+    let conn = leadsync::store::open_connection(&mirror, false).expect("reopen");
+    conn.execute(transition, []).expect("outbox row");
+    assert_eq!(
+        conn.last_insert_rowid(),
+        6,
+        "ids 4 and 5 were handed out after the backup"
+    );
+    conn.execute(reply, []).expect("reply");
+    assert_eq!(
+        conn.last_insert_rowid(),
+        3,
+        "reply ids 1 and 2 were handed out after the backup"
+    );
 }

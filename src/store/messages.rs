@@ -517,13 +517,28 @@ pub fn counts(conn: &Connection) -> Result<MessageCounts> {
         [],
         |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
     )?;
-    let (failed_polls, waiting_polls, waiting_until) = conn.query_row(
-        "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1),
-                max(next_poll_at) FILTER (WHERE next_poll_at > ?1)
-           FROM message_polls WHERE outcome = 'error'",
-        [crate::time::now()],
-        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-    )?;
+    // `status` reads the schema of an older daemon still running on the
+    // mirror after an upgrade: message_polls came with schema 7, its
+    // next_poll_at with schema 24. Decided by the schema's version, so that
+    // on the current one a missing table or column is an error, not zero.
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let (failed_polls, waiting_polls, waiting_until) = if version >= 24 {
+        conn.query_row(
+            "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1),
+                    max(next_poll_at) FILTER (WHERE next_poll_at > ?1)
+               FROM message_polls WHERE outcome = 'error'",
+            [crate::time::now()],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )?
+    } else if version >= 7 {
+        conn.query_row(
+            "SELECT count(*) FROM message_polls WHERE outcome = 'error'",
+            [],
+            |r| Ok((r.get(0)?, 0, None)),
+        )?
+    } else {
+        (0, 0, None)
+    };
     Ok(MessageCounts {
         total,
         from_customers,
@@ -546,6 +561,19 @@ mod tests {
              (4, '1', 'b', 't', 'changed'), (5, '4', 'b', 't', 'reappeared'), (6, '5', 'c', 't', 'new');",
         )
         .unwrap();
+    }
+
+    #[test]
+    fn counts_fail_on_the_current_schema_without_its_polls_table() {
+        // Only an older schema may lack message_polls (status reads the
+        // schema of an older daemon still running): on the current one a
+        // missing table is damage, reported, not zero failed polls.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        assert_eq!(counts(&conn).unwrap(), MessageCounts::default());
+        conn.execute_batch("DROP TABLE message_polls").unwrap();
+        let e = format!("{:#}", counts(&conn).expect_err("no message_polls"));
+        assert!(e.contains("message_polls"), "{e}");
     }
 
     #[test]

@@ -13,7 +13,7 @@ pub mod tokens;
 
 use anyhow::{Context, Result, anyhow, bail};
 use rusqlite::{Connection, OpenFlags, OptionalExtension};
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex};
@@ -191,10 +191,10 @@ fn rebuild_negotiation_changes(tx: &Connection) -> Result<()> {
     let kept: Vec<String> = tx
         .prepare(
             "SELECT sql FROM sqlite_master
-              WHERE tbl_name = 'negotiation_changes' AND type IN ('index', 'trigger')
+              WHERE tbl_name = 'negotiation_changes' COLLATE NOCASE AND type IN ('index', 'trigger')
                 AND sql IS NOT NULL
-                AND name NOT IN ('negotiation_changes_by_negotiation',
-                                 'negotiation_changes_news_by_business')
+                AND name COLLATE NOCASE NOT IN ('negotiation_changes_by_negotiation',
+                                                'negotiation_changes_news_by_business')
               ORDER BY type = 'trigger', rowid",
         )?
         .query_map([], |r| r.get(0))?
@@ -605,8 +605,13 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
     if now >= version {
         return Ok(());
     }
+    let before = dangling(&tx)?;
     if version == 10 {
         rebuild_negotiation_changes(&tx).with_context(|| format!("migration {version} failed"))?;
+    }
+    if version == 3 {
+        rebuild_outbox_v3(&tx, sql).with_context(|| format!("migration {version} failed"))?;
+        return finish_migration(tx, version, &before);
     }
     // Adding a column cannot be said "if not exists": a schema that has it
     // already (a database migrated again from an older user_version) skips it.
@@ -712,15 +717,395 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         ))
         .with_context(|| format!("migration {version} failed"))?;
     }
-    let broken: Option<String> = tx
-        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
-        .optional()?;
-    if let Some(table) = broken {
+    finish_migration(tx, version, &before)
+}
+
+/// A row pointing at nothing: its table, rowid (none in a table WITHOUT
+/// ROWID), the table it points into, and which of its references.
+type Dangling = (String, Option<i64>, String, i64);
+
+/// The rows pointing at nothing (foreign keys are off around a migration,
+/// so one can leave some), each with how many rows it stands for (the rows
+/// of a table WITHOUT ROWID have no rowid to tell them apart).
+fn dangling(tx: &Connection) -> Result<HashMap<Dangling, usize>> {
+    let mut found = HashMap::new();
+    let mut check = tx.prepare("PRAGMA foreign_key_check")?;
+    let mut rows = check.query([])?;
+    while let Some(r) = rows.next()? {
+        *found
+            .entry((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            .or_insert(0) += 1;
+    }
+    Ok(found)
+}
+
+/// Checks what a migration left and records its version, in its
+/// transaction. Rows pointing at nothing that were there `before` are not
+/// its doing (a partner's program writes with foreign keys off, SQLite's
+/// default): they stay as they were, and do not stop the upgrade.
+fn finish_migration(
+    tx: rusqlite::Transaction<'_>,
+    version: i64,
+    before: &HashMap<Dangling, usize>,
+) -> Result<()> {
+    let broken = dangling(&tx)?;
+    if let Some(((table, ..), _)) = broken
+        .iter()
+        .filter(|(key, n)| before.get(*key).is_none_or(|was| *n > was))
+        .min()
+    {
         bail!("migration {version} failed: it left rows of {table} pointing at nothing");
     }
     tx.pragma_update(None, "user_version", version)?;
     tx.commit()?;
     Ok(())
+}
+
+/// leadsync's own outbox columns before schema 3: the drainer reads and
+/// writes each of them.
+const OUTBOX_V1_COLUMNS: [&str; 16] = [
+    "id",
+    "negotiation_id",
+    "business_id",
+    "status",
+    "partner_status_changed_at",
+    "invoice_amount_in_cents",
+    "state",
+    "attempts",
+    "next_attempt_at",
+    "last_error",
+    "last_http_status",
+    "last_trace_id",
+    "created_at",
+    "sent_at",
+    "sending_since",
+    "changed_at_utc",
+];
+
+/// A table's name as its definition (`sql` in sqlite_master) gives it,
+/// unquoted, and the text after its opening parenthesis. SQLite keeps the
+/// name as written: a rename writes it back quoted (`CREATE TABLE "outbox"
+/// (`), a tool may write `[outbox]` or another case.
+fn table_body(definition: &str) -> Option<(String, &str)> {
+    let rest = definition
+        .get(..12)
+        .filter(|create| create.eq_ignore_ascii_case("CREATE TABLE"))
+        .map(|_| definition[12..].trim_start())?;
+    let (name, rest) = match rest.chars().next()? {
+        open @ ('"' | '`' | '[' | '\'') => {
+            let close = if open == '[' { ']' } else { open };
+            let mut name = String::new();
+            let mut at = 1;
+            loop {
+                let c = rest[at..].chars().next()?;
+                at += c.len_utf8();
+                if c != close {
+                    name.push(c);
+                } else if close != ']' && rest[at..].starts_with(close) {
+                    // A doubled quote stands for one.
+                    name.push(close);
+                    at += 1;
+                } else {
+                    break (name, &rest[at..]);
+                }
+            }
+        }
+        _ => {
+            let end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == '$'))
+                .unwrap_or(rest.len());
+            (rest[..end].to_string(), &rest[end..])
+        }
+    };
+    Some((name, rest.trim_start().strip_prefix('(')?))
+}
+
+/// Schema 3's script (`sql`: the outbox rebuilt with AUTOINCREMENT, which
+/// SQLite cannot add in place), keeping what a partner put on the outbox
+/// of schema 1 or 2. When the old table's definition (its text in
+/// sqlite_master) is still schema 1's own, whatever SQLite appended to it
+/// (each added column as it was declared) or however the name is quoted,
+/// the new table is that definition with the key made AUTOINCREMENT and
+/// schema 3's columns put before `changed_at_utc`, as in the script: a
+/// partner's columns keep their type, default, constraints, collation,
+/// reference and generated expression word for word. When a tool wrote the
+/// definition again in its own words, the new table is the script's with a
+/// partner's stored columns added by name and declared type, and a warning
+/// says what of theirs was not kept. Either way every stored column's
+/// values are copied. Its indexes and triggers go with the old table: read
+/// first, created again (SQLite keeps a trigger's table name as written:
+/// matched in any case). Its views name the table: the rename runs in
+/// legacy mode, which does not re-check them while `outbox` is missing (as
+/// schema 10). A column of leadsync's missing (renamed), or a partner's
+/// column or object with a name schema 3 gives to one of its own, fails the
+/// upgrade, saying which and what to do (nothing is changed).
+fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
+    const CREATE: &str = "CREATE TABLE outbox_v3 (";
+    const OLD_CREATE: &str = "CREATE TABLE outbox (";
+    const KEY: &str = "INTEGER PRIMARY KEY,";
+    const AFTER: &str = "    sending_since             TEXT,\n";
+    const BEFORE: &str = "    -- the instant in UTC";
+    const END: &str = "\n);\n";
+    const COPIED: &str = "FROM outbox ORDER BY id;\n";
+    const RENAME: &str = "ALTER TABLE outbox_v3 RENAME TO outbox;";
+    let quote = |name: &str| format!("\"{}\"", name.replace('"', "\"\""));
+    let once = |text: &str, part: &str| text.matches(part).count() == 1;
+    let (Some(start), Some(after), Some(before), Some(end), Some(copied), true) = (
+        sql.find(CREATE),
+        sql.find(AFTER),
+        sql.find(BEFORE),
+        sql.find(CREATE)
+            .and_then(|start| Some(start + sql[start..].find(END)?)),
+        sql.find(COPIED),
+        [CREATE, AFTER, BEFORE, COPIED, RENAME]
+            .iter()
+            .all(|part| once(sql, part)),
+    ) else {
+        bail!("schema 3's script has changed: cannot rebuild the outbox from its own definition");
+    };
+    // Schema 1's outbox, from its opening parenthesis to its last column.
+    let v1 = include_str!("migrations/0001_initial.sql");
+    let Some(v1_body) = v1
+        .find(OLD_CREATE)
+        .map(|at| &v1[at + OLD_CREATE.len()..])
+        .and_then(|body| Some(&body[..body.find(END)?]))
+        .filter(|body| once(body, KEY) && once(body, BEFORE))
+    else {
+        bail!("schema 1's script has changed: cannot rebuild the outbox from its own definition");
+    };
+    // Schema 3's columns, as the script declares them (with their comments).
+    let new_columns = &sql[after + AFTER.len()..before];
+    let old: String = tx.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox' COLLATE NOCASE",
+        [],
+        |r| r.get(0),
+    )?;
+    // What follows schema 1's columns: a partner's, as SQLite appended them.
+    let partners = table_body(&old)
+        .filter(|(name, _)| name.eq_ignore_ascii_case("outbox"))
+        .and_then(|(_, body)| body.strip_prefix(v1_body));
+    let columns: Vec<Column> = tx
+        .prepare(
+            "SELECT name, type, hidden, \"notnull\", dflt_value,
+                    (SELECT group_concat(DISTINCT f.\"table\") FROM pragma_foreign_key_list('outbox') AS f
+                      WHERE f.\"from\" = c.name COLLATE NOCASE)
+               FROM pragma_table_xinfo('outbox') AS c",
+        )?
+        .query_map([], |r| {
+            Ok(Column {
+                name: r.get(0)?,
+                kind: r.get(1)?,
+                hidden: r.get(2)?,
+                not_null: r.get(3)?,
+                default: r.get(4)?,
+                references: r.get(5)?,
+            })
+        })?
+        .collect::<rusqlite::Result<_>>()?;
+    let own = |name: &str| {
+        OUTBOX_V1_COLUMNS
+            .iter()
+            .any(|v1| v1.eq_ignore_ascii_case(name))
+    };
+    if let Some(missing) = OUTBOX_V1_COLUMNS
+        .iter()
+        .find(|v1| !columns.iter().any(|c| c.name.eq_ignore_ascii_case(v1)))
+    {
+        bail!(
+            "the outbox has no column `{missing}`, one of leadsync's own (the drainer reads and writes it): \
+             if you renamed it, rename it back (ALTER TABLE outbox RENAME COLUMN <its name now> TO {missing}; \
+             and in your programs), then start leadsync again"
+        );
+    }
+    for Column { name, .. } in &columns {
+        if ["late", "waiting_for"]
+            .iter()
+            .any(|new| new.eq_ignore_ascii_case(name))
+        {
+            bail!(
+                "the outbox has a column `{name}` that is not leadsync's, and schema 3 adds a column by that name: \
+                 rename yours (ALTER TABLE outbox RENAME COLUMN {} TO partner_{name}; and in your programs), \
+                 then start leadsync again",
+                quote(name)
+            );
+        }
+    }
+    // What the script makes, but the outbox of schema 1 did not have: a
+    // partner's object by one of these names is in the way.
+    let had = [
+        "outbox_due",
+        "outbox_open_by_negotiation",
+        "outbox_by_state",
+        "outbox_validate_insert",
+        "outbox_validate_update",
+    ];
+    let made: Vec<&str> = sql
+        .lines()
+        .filter_map(|line| {
+            ["CREATE TABLE ", "CREATE INDEX ", "CREATE TRIGGER "]
+                .iter()
+                .find_map(|create| line.strip_prefix(create))
+                .and_then(|rest| rest.split([' ', '(']).next())
+        })
+        .filter(|name| *name != "outbox_v3" && !had.contains(name))
+        .collect();
+    for name in made {
+        let found: Option<(String, String)> = tx
+            .query_row(
+                "SELECT type, name FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        if let Some((kind, found)) = found {
+            bail!(
+                "your {kind} `{found}` has a name schema 3 gives to one of leadsync's own: rename it \
+                 (for an index or trigger: drop it and create it again under another name; \
+                 for a table: ALTER TABLE {} RENAME TO partner_{found}), then start leadsync again",
+                quote(&found)
+            );
+        }
+    }
+    // A name nothing in the schema has (a partner's table may be called
+    // outbox_v3).
+    let mut tmp = "outbox_v3".to_string();
+    while tx
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
+            [&tmp],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some()
+    {
+        tmp.push('_');
+    }
+    let create = match partners {
+        Some(partners) => format!(
+            "CREATE TABLE {tmp} ({}{partners}",
+            v1_body
+                .replacen(KEY, "INTEGER PRIMARY KEY AUTOINCREMENT,", 1)
+                .replacen(BEFORE, &format!("{new_columns}{BEFORE}"), 1)
+        ),
+        None => {
+            // Not schema 1's text (a tool wrote it again): the script's
+            // table, with a partner's stored columns by name and type.
+            let theirs: Vec<&Column> = columns.iter().filter(|c| !own(&c.name)).collect();
+            let added: String = theirs
+                .iter()
+                .filter(|c| c.hidden == 0)
+                .map(|c| format!(",\n    {} {}", quote(&c.name), c.kind))
+                .collect();
+            if !theirs.is_empty() {
+                let lost = theirs
+                    .iter()
+                    .map(|c| c.lost())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                tracing::warn!(
+                    "the outbox's definition is not as leadsync wrote it (a tool wrote it again?): schema 3 \
+                     made the outbox from leadsync's own and added your columns by name and declared type, \
+                     with their values. Not kept: {lost}; nor any CHECK, COLLATE or UNIQUE on your columns \
+                     or constraint on the table. Put back by hand what your programs need (your definition \
+                     was: {old})"
+                );
+            }
+            format!(
+                "{}{added}\n)",
+                &sql[start..end].replacen("outbox_v3", &tmp, 1)
+            )
+        }
+    };
+    let copy = columns
+        .iter()
+        .filter(|c| c.hidden == 0)
+        .map(|c| quote(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let script = format!(
+        "{}{create};\nINSERT INTO {tmp} ({copy})\n    SELECT {copy}\n      {COPIED}{}",
+        &sql[..start],
+        sql[copied + COPIED.len()..].replacen(
+            RENAME,
+            &format!("ALTER TABLE {tmp} RENAME TO outbox;"),
+            1
+        )
+    );
+    let kept: Vec<String> = tx
+        .prepare(
+            "SELECT sql FROM sqlite_master
+              WHERE tbl_name = 'outbox' COLLATE NOCASE AND type IN ('index', 'trigger')
+                AND sql IS NOT NULL
+                AND name COLLATE NOCASE NOT IN ('outbox_due', 'outbox_open_by_negotiation', 'outbox_by_state',
+                                                'outbox_validate_insert', 'outbox_validate_update')
+              ORDER BY type = 'trigger', rowid",
+        )?
+        .query_map([], |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    tx.pragma_update(None, "legacy_alter_table", true)?;
+    let rebuilt = tx.execute_batch(&script);
+    tx.pragma_update(None, "legacy_alter_table", false)?;
+    rebuilt?;
+    // A counter a restore carried over (README: a backup of schema 1 or 2
+    // restored over a newer mirror) is left beside the one the new table
+    // got from its rows: one is kept, the larger, so no id handed out
+    // before the restore is handed out again.
+    let top: Option<i64> = tx.query_row(
+        "SELECT max(seq) FROM sqlite_sequence WHERE name = 'outbox' COLLATE NOCASE",
+        [],
+        |r| r.get(0),
+    )?;
+    if let Some(top) = top {
+        tx.execute(
+            "DELETE FROM sqlite_sequence WHERE name = 'outbox' COLLATE NOCASE",
+            [],
+        )?;
+        tx.execute(
+            "INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', ?1)",
+            [top],
+        )?;
+    }
+    for sql in kept {
+        tx.execute_batch(&sql)
+            .with_context(|| format!("cannot re-create on outbox: {sql}"))?;
+    }
+    Ok(())
+}
+
+/// A column of the outbox before schema 3, as SQLite reports it.
+struct Column {
+    name: String,
+    /// Its declared type.
+    kind: String,
+    /// 0 stored, 2 or 3 generated.
+    hidden: i64,
+    not_null: bool,
+    default: Option<String>,
+    /// The tables its foreign keys point into.
+    references: Option<String>,
+}
+
+impl Column {
+    /// What a rebuild by name and type does not keep of it.
+    fn lost(&self) -> String {
+        if self.hidden != 0 {
+            return format!("your generated column `{}` (dropped)", self.name);
+        }
+        let mut lost = Vec::new();
+        if self.not_null {
+            lost.push("NOT NULL".to_string());
+        }
+        if let Some(default) = &self.default {
+            lost.push(format!("DEFAULT {default}"));
+        }
+        if let Some(table) = &self.references {
+            lost.push(format!("REFERENCES {table}"));
+        }
+        match lost.is_empty() {
+            true => format!("`{}`: nothing SQLite reports", self.name),
+            false => format!("`{}`: {}", self.name, lost.join(", ")),
+        }
+    }
 }
 
 type Job = Box<dyn FnOnce(&mut Connection) + Send>;
@@ -2979,6 +3364,503 @@ mod tests {
         drop(open_connection(&path, false).unwrap());
     }
 
+    /// The names of `table`'s triggers and indexes (not SQLite's own).
+    fn on_table(conn: &Connection, table: &str) -> Vec<String> {
+        conn.prepare(
+            "SELECT name FROM sqlite_master WHERE type IN ('index', 'trigger')
+                AND tbl_name = ?1 COLLATE NOCASE AND name NOT LIKE 'sqlite_%' ORDER BY name",
+        )
+        .unwrap()
+        .query_map([table], |r| r.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    #[test]
+    fn version_3_keeps_a_trigger_written_on_the_outbox_in_capitals() {
+        // SQLite keeps a trigger's table name as written (`ON OUTBOX`): the
+        // rebuild must still see it as the outbox's, or it is dropped with
+        // the old table and never made again.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_log (outbox_id INTEGER);
+             CREATE TRIGGER partner_logs AFTER INSERT ON OUTBOX BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id);
+             END;
+             CREATE INDEX partner_by_created ON Outbox (created_at);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let kept = on_table(&conn, "outbox");
+        assert!(kept.contains(&"partner_logs".to_string()), "{kept:?}");
+        assert!(kept.contains(&"partner_by_created".to_string()), "{kept:?}");
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+        let logged: i64 = conn
+            .query_row("SELECT count(*) FROM partner_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 1);
+    }
+
+    #[test]
+    fn version_10_keeps_a_trigger_written_on_the_change_log_in_capitals() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 9).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_log (change_id INTEGER);
+             CREATE TRIGGER partner_logs AFTER INSERT ON NEGOTIATION_CHANGES BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id);
+             END;",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let kept = on_table(&conn, "negotiation_changes");
+        assert!(kept.contains(&"partner_logs".to_string()), "{kept:?}");
+        conn.execute(
+            "INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind, new_status)
+             VALUES ('1', '2', '2024-06-14T09:30:00Z', 'new', 'pending')",
+            [],
+        )
+        .unwrap();
+        let logged: i64 = conn
+            .query_row("SELECT count(*) FROM partner_log", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(logged, 1);
+    }
+
+    #[test]
+    fn version_3_keeps_a_partners_columns_word_for_word() {
+        // Columns a partner added to the outbox of schema 2: a generated one
+        // (indexed), one with a default, NOT NULL, CHECK and COLLATE, one
+        // referring to a table of its own. The rebuild keeps each as it was
+        // declared, with its values.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        let declared = [
+            "partner_total INTEGER GENERATED ALWAYS AS (coalesce(invoice_amount_in_cents, 0) * 2) VIRTUAL",
+            "partner_kind TEXT NOT NULL DEFAULT 'job' CHECK (partner_kind <> '') COLLATE NOCASE",
+            "partner_job INTEGER REFERENCES partner_jobs (id)",
+        ];
+        conn.execute_batch("CREATE TABLE partner_jobs (id INTEGER PRIMARY KEY); INSERT INTO partner_jobs VALUES (7);")
+            .unwrap();
+        for column in declared {
+            conn.execute_batch(&format!("ALTER TABLE outbox ADD COLUMN {column}"))
+                .unwrap();
+        }
+        conn.execute_batch(
+            "CREATE INDEX partner_by_total ON outbox (partner_total);
+             INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, invoice_amount_in_cents,
+                                 partner_kind, partner_job)
+             VALUES ('1', 'job_complete', '2024-06-14T09:30:00Z', 100, 'Visit', 7);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let table: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        for column in declared {
+            assert!(table.contains(column), "{column} not in {table}");
+        }
+        let row: (i64, String, i64) = conn
+            .query_row(
+                "SELECT partner_total, partner_kind, partner_job FROM outbox WHERE partner_kind = 'visit'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(row, (200, "Visit".to_string(), 7));
+        let insert = |extra: &str, values: &str| {
+            conn.execute_batch(&format!(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at{extra})
+                 VALUES ('2', 'appt_scheduled', '2024-06-14T09:30:00Z'{values})"
+            ))
+        };
+        insert("", "").unwrap();
+        let kind: String = conn
+            .query_row(
+                "SELECT partner_kind FROM outbox WHERE negotiation_id = '2'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kind, "job", "the default");
+        assert!(insert(", partner_kind", ", ''").is_err(), "the CHECK");
+        assert!(insert(", partner_kind", ", NULL").is_err(), "NOT NULL");
+        assert!(insert(", partner_job", ", 8").is_err(), "the foreign key");
+        assert!(on_table(&conn, "outbox").contains(&"partner_by_total".to_string()));
+    }
+
+    #[test]
+    fn rows_of_a_partner_pointing_at_nothing_before_an_upgrade_do_not_stop_it() {
+        // A partner's program writes with foreign keys off (SQLite's
+        // default): its column's reference may point at nothing already.
+        // Schema 3 keeps that column's REFERENCES, so the row still points
+        // at nothing after it: that is not the migration's doing, and must
+        // not keep the daemon from starting. What a migration breaks itself
+        // still fails it.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             CREATE TABLE partner_jobs (id INTEGER PRIMARY KEY);
+             ALTER TABLE outbox ADD COLUMN partner_job INTEGER REFERENCES partner_jobs (id);
+             INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, partner_job)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z', 8);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(version_of(&conn).unwrap(), schema_version());
+        let job: i64 = conn
+            .query_row("SELECT partner_job FROM outbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(job, 8);
+
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z');
+             INSERT INTO outbox_attempts (outbox_id, attempt, started_at, outcome)
+             VALUES (1, 1, '2024-06-14T09:31:00Z', 'retry');",
+        )
+        .unwrap();
+        // A schema 3 that lost the outbox's rows leaves the attempt behind.
+        let broken = migrations()
+            .into_iter()
+            .find(|(v, _)| *v == 3)
+            .unwrap()
+            .1
+            .replacen(
+                "DROP TABLE outbox;\n",
+                "DROP TABLE outbox;\nDELETE FROM outbox_v3;\n",
+                1,
+            );
+        conn.pragma_update(None, "foreign_keys", false).unwrap();
+        let e = apply_migration(&mut conn, 3, &broken).expect_err("attempts of nothing");
+        assert!(
+            format!("{e:#}").contains("outbox_attempts pointing at nothing"),
+            "{e:#}"
+        );
+        assert_eq!(version_of(&conn).unwrap(), 2);
+    }
+
+    #[test]
+    fn version_3_from_a_plain_outbox_writes_its_scripts_own_table() {
+        // The rebuild edits the old table's definition: with nothing of a
+        // partner's on it, the result is the script's table, word for word.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 3).unwrap();
+        let table: String = conn
+            .query_row(
+                "SELECT sql FROM sqlite_master WHERE name = 'outbox'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        let script = include_str!("migrations/0003_outbox.sql");
+        let start = script.find("CREATE TABLE outbox_v3 (").unwrap();
+        let end = start + script[start..].find("\n);").unwrap() + 2;
+        assert_eq!(
+            table,
+            script[start..end].replacen("outbox_v3", "\"outbox\"", 1)
+        );
+    }
+
+    #[test]
+    fn version_3_works_beside_a_table_named_like_its_temporary_one() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch("CREATE TABLE Outbox_V3 (x); INSERT INTO Outbox_V3 VALUES (1);")
+            .unwrap();
+        migrate(&mut conn).unwrap();
+        let x: i64 = conn
+            .query_row("SELECT x FROM outbox_v3", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(x, 1);
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn version_3_names_a_partners_column_or_index_it_clashes_with() {
+        for (partner, named) in [
+            ("ALTER TABLE outbox ADD COLUMN late INTEGER", "late"),
+            (
+                "ALTER TABLE outbox ADD COLUMN Waiting_For TEXT",
+                "Waiting_For",
+            ),
+            (
+                "CREATE INDEX outbox_waiting ON outbox (status)",
+                "outbox_waiting",
+            ),
+            (
+                "CREATE TABLE partner (x); CREATE INDEX OUTBOX_READY_BY_BUSINESS ON partner (x)",
+                "OUTBOX_READY_BY_BUSINESS",
+            ),
+            ("CREATE TABLE outbox_waits (x)", "outbox_waits"),
+        ] {
+            let mut conn = Connection::open_in_memory().unwrap();
+            migrate_to(&mut conn, 2).unwrap();
+            conn.execute_batch(partner).unwrap();
+            let e = format!("{:#}", migrate(&mut conn).expect_err(partner));
+            assert!(
+                e.contains(&format!("`{named}`")) && e.contains("rename"),
+                "{partner}: {e}"
+            );
+            assert_eq!(version_of(&conn).unwrap(), 2, "{partner}");
+        }
+    }
+
+    /// A row of the outbox of schema 2 with a partner's columns filled in
+    /// (`partner_kind` 'Visit', `partner_job` 7), after `partner` ran.
+    fn schema_2_with_partner_columns(columns: &[&str], partner: &str) -> Connection {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE partner_jobs (id INTEGER PRIMARY KEY); INSERT INTO partner_jobs VALUES (7);",
+        )
+        .unwrap();
+        for column in columns {
+            conn.execute_batch(&format!("ALTER TABLE outbox ADD COLUMN {column}"))
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, partner_kind, partner_job)
+             VALUES ('1', 'job_complete', '2024-06-14T09:30:00Z', 'Visit', 7);",
+        )
+        .unwrap();
+        conn.execute_batch(partner).unwrap();
+        conn
+    }
+
+    fn partner_values(conn: &Connection) -> (i64, String, i64) {
+        conn.query_row(
+            "SELECT id, partner_kind, partner_job FROM outbox WHERE negotiation_id = '1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap()
+    }
+
+    fn outbox_definition(conn: &Connection) -> String {
+        conn.query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'outbox' COLLATE NOCASE",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+    }
+
+    const PARTNER_KIND: &str = "partner_kind TEXT NOT NULL DEFAULT 'job'";
+    const PARTNER_JOB: &str = "partner_job INTEGER REFERENCES partner_jobs (id)";
+
+    #[test]
+    fn version_3_upgrades_an_outbox_renamed_away_and_back() {
+        // SQLite writes the name back quoted: `CREATE TABLE "outbox" (`.
+        let mut conn = schema_2_with_partner_columns(
+            &[PARTNER_KIND, PARTNER_JOB],
+            "ALTER TABLE outbox RENAME TO partner_tmp; ALTER TABLE partner_tmp RENAME TO outbox;",
+        );
+        assert!(outbox_definition(&conn).starts_with("CREATE TABLE \"outbox\" ("));
+        migrate(&mut conn).unwrap();
+        assert_eq!(partner_values(&conn), (1, "Visit".to_string(), 7));
+        let table = outbox_definition(&conn);
+        for column in [PARTNER_KIND, PARTNER_JOB, "AUTOINCREMENT"] {
+            assert!(table.contains(column), "{column} not in {table}");
+        }
+    }
+
+    #[test]
+    fn version_3_upgrades_an_outbox_with_a_default_holding_leadsyncs_own_text() {
+        let note = "partner_note TEXT DEFAULT 'INTEGER PRIMARY KEY,    -- the instant in UTC'";
+        let mut conn = schema_2_with_partner_columns(&[PARTNER_KIND, PARTNER_JOB, note], "");
+        migrate(&mut conn).unwrap();
+        assert_eq!(partner_values(&conn), (1, "Visit".to_string(), 7));
+        let table = outbox_definition(&conn);
+        assert!(table.contains(note), "{table}");
+        assert!(table.contains("id                        INTEGER PRIMARY KEY AUTOINCREMENT,"));
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('2', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        )
+        .unwrap();
+        let default: String = conn
+            .query_row(
+                "SELECT partner_note FROM outbox WHERE negotiation_id = '2'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(default, "INTEGER PRIMARY KEY,    -- the instant in UTC");
+    }
+
+    /// The log lines `f` writes at WARN and above.
+    fn warnings_of<T>(f: impl FnOnce() -> T) -> (T, String) {
+        #[derive(Clone, Default)]
+        struct Lines(Arc<Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let lines = Lines::default();
+        let writer = lines.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish();
+        let out = tracing::subscriber::with_default(subscriber, f);
+        let text = String::from_utf8(lines.0.lock().unwrap().clone()).unwrap();
+        (out, text)
+    }
+
+    #[test]
+    fn version_3_rebuilds_an_outbox_a_tool_rewrote_from_names_and_types_and_says_what_it_lost() {
+        // A tool (sqlite-utils transform, DB Browser's "Modify table") makes
+        // the table again from its own text: comments gone, spaces its own.
+        let mut conn = schema_2_with_partner_columns(
+            &[
+                PARTNER_KIND,
+                PARTNER_JOB,
+                "partner_total INTEGER GENERATED ALWAYS AS (coalesce(invoice_amount_in_cents, 0) * 2) VIRTUAL",
+            ],
+            "",
+        );
+        let old = outbox_definition(&conn);
+        let flat = old
+            .lines()
+            .map(|line| line.split("--").next().unwrap())
+            .collect::<Vec<_>>()
+            .join(" ")
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ")
+            .replacen("CREATE TABLE outbox (", "CREATE TABLE [outbox_new] (", 1);
+        conn.execute_batch(&format!(
+            "{flat};
+             INSERT INTO outbox_new (id, negotiation_id, status, partner_status_changed_at, created_at,
+                                     next_attempt_at, partner_kind, partner_job)
+                  SELECT id, negotiation_id, status, partner_status_changed_at, created_at, next_attempt_at,
+                         partner_kind, partner_job FROM outbox;
+             DROP TABLE outbox;
+             ALTER TABLE outbox_new RENAME TO outbox;"
+        ))
+        .unwrap();
+        let (migrated, warned) = warnings_of(|| migrate(&mut conn));
+        migrated.unwrap();
+        assert_eq!(partner_values(&conn), (1, "Visit".to_string(), 7));
+        for said in [
+            "partner_kind",
+            "NOT NULL",
+            "DEFAULT",
+            "partner_job",
+            "REFERENCES",
+            "partner_total",
+        ] {
+            assert!(warned.contains(said), "{said} not in {warned}");
+        }
+        assert!(outbox_definition(&conn).contains("AUTOINCREMENT"));
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('2', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn version_3_names_a_column_of_leadsyncs_a_partner_renamed() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch("ALTER TABLE outbox RENAME COLUMN last_trace_id TO trace")
+            .unwrap();
+        let e = format!("{:#}", migrate(&mut conn).unwrap_err());
+        assert!(
+            e.contains("`last_trace_id`") && e.contains("RENAME COLUMN"),
+            "{e}"
+        );
+        assert_eq!(version_of(&conn).unwrap(), 2);
+    }
+
+    #[test]
+    fn version_3_keeps_one_outbox_counter_a_restore_carried_over() {
+        // A restore of a schema 2 backup (README) carries the mirror's
+        // counter over, above the restored rows: the rebuild keeps it, as
+        // the outbox's one counter.
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrate_to(&mut conn, 2).unwrap();
+        conn.execute_batch(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                  VALUES ('1', 'appt_scheduled', '2024-06-14T09:30:00Z'),
+                         ('2', 'appt_scheduled', '2024-06-14T09:30:00Z');
+             CREATE TABLE seq (id INTEGER PRIMARY KEY AUTOINCREMENT); DROP TABLE seq;
+             INSERT INTO sqlite_sequence (name, seq) VALUES ('outbox', 5);",
+        )
+        .unwrap();
+        migrate(&mut conn).unwrap();
+        let counters: Vec<i64> = conn
+            .prepare("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(counters, [5]);
+        conn.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES ('3', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [],
+        )
+        .unwrap();
+        assert_eq!(conn.last_insert_rowid(), 6);
+    }
+
+    #[test]
+    fn a_migration_fails_on_a_row_it_left_dangling_beside_one_already_there() {
+        // The row of a table WITHOUT ROWID has no rowid to tell it from
+        // another; one pointing at nothing through a second reference is
+        // another break than through the first.
+        for (table, left) in [
+            (
+                "CREATE TABLE child (k TEXT PRIMARY KEY, p INTEGER REFERENCES parent (id)) WITHOUT ROWID;
+                 INSERT INTO child VALUES ('a', 1);",
+                "INSERT INTO child VALUES ('b', 2);",
+            ),
+            (
+                "CREATE TABLE child (p INTEGER REFERENCES parent (id), q INTEGER REFERENCES parent (id));
+                 INSERT INTO child VALUES (1, NULL);",
+                "UPDATE child SET q = 2;",
+            ),
+        ] {
+            let mut conn = Connection::open_in_memory().unwrap();
+            conn.execute_batch(&format!("PRAGMA foreign_keys = OFF; CREATE TABLE parent (id INTEGER PRIMARY KEY); {table}"))
+                .unwrap();
+            let tx = conn.transaction().unwrap();
+            let before = dangling(&tx).unwrap();
+            tx.execute_batch(left).unwrap();
+            let e = finish_migration(tx, 99, &before).expect_err(left);
+            assert!(format!("{e:#}").contains("child pointing at nothing"), "{e:#}");
+        }
+    }
+
     #[test]
     fn version_17_keeps_a_partners_views_triggers_and_indexes_on_the_outbox() {
         // Schema 17 adds a column to the outbox and makes its order indexes
@@ -3307,5 +4189,304 @@ mod migration_3 {
             .is_err()
         );
         assert_eq!(n("PRAGMA foreign_keys"), 1);
+    }
+}
+
+/// An upgrade from every older schema, each with the rows a running
+/// mirror has in it: a lead and its change log, passes, outbox rows in
+/// every state (one `sending`: the daemon was stopped mid-send for the
+/// upgrade) with their attempts, and from schema 4 on messages and from
+/// schema 7 on replies. Nothing is lost, ids and states are kept, the
+/// database checks clean, and the current code drains from it.
+#[cfg(test)]
+pub(crate) mod every_version {
+    use super::*;
+
+    fn has_table(conn: &Connection, table: &str) -> bool {
+        conn.query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = ?1",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )
+        .unwrap()
+            == 1
+    }
+
+    /// A mirror at `version` with a running daemon's rows in it.
+    /// Every schema version there is.
+    pub(crate) fn versions() -> Vec<i64> {
+        migrations().into_iter().map(|(v, _)| v).collect()
+    }
+
+    /// An empty mirror at each version (the file's bytes), made once for
+    /// the test binary by one database migrated step by step (each test
+    /// building every version from scratch took seconds). Held in memory: a
+    /// directory kept in a `static` is never dropped, and each run left one
+    /// behind in /tmp.
+    fn empty_at(version: i64) -> &'static [u8] {
+        static EMPTY: std::sync::OnceLock<Vec<(i64, Vec<u8>)>> = std::sync::OnceLock::new();
+        let files = EMPTY.get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = Connection::open_in_memory().unwrap();
+            versions()
+                .into_iter()
+                .map(|v| {
+                    migrate_to(&mut conn, v).unwrap();
+                    let file = dir.path().join(format!("{v}.db"));
+                    conn.backup(rusqlite::MAIN_DB, &file, rusqlite::backup::NO_PROGRESS)
+                        .unwrap();
+                    (v, std::fs::read(&file).unwrap())
+                })
+                .collect()
+        });
+        &files.iter().find(|(v, _)| *v == version).unwrap().1
+    }
+
+    pub(crate) fn populated(path: &Path, version: i64) -> Connection {
+        std::fs::write(path, empty_at(version)).unwrap();
+        let conn = Connection::open(path).unwrap();
+        conn.query_row("PRAGMA journal_mode = WAL", [], |_| Ok(()))
+            .unwrap();
+        conn.execute_batch("PRAGMA foreign_keys = ON").unwrap();
+        assert_eq!(version_of(&conn).unwrap(), version);
+        conn.execute_batch(
+            r#"INSERT INTO businesses (business_id, name, last_sync_outcome) VALUES ('468046965846925323', 'Robert', 'ok');
+             INSERT INTO negotiations (negotiation_id, business_id, status, created_at, payload, payload_hash,
+                                       first_seen_at, last_seen_at, changed_at)
+                  VALUES ('519153480500518912', '468046965846925323', 'pending', '2024-06-14T09:30:00Z',
+                          '{"negotiationID":"519153480500518912","status":"pending","x":12345678901234567890}', 42,
+                          '2024-06-14T09:30:00Z', '2024-06-14T09:30:00Z', '2024-06-14T09:30:00Z');
+             INSERT INTO sync_runs (business_id, kind, started_at, finished_at, outcome, pages, seen, inserted)
+                  VALUES ('468046965846925323', 'full', '2024-06-14T09:30:00Z', '2024-06-14T09:31:00Z', 'ok', 1, 1, 1);
+             INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind, new_status, sync_run_id)
+                  VALUES ('519153480500518912', '468046965846925323', '2024-06-14T09:30:00Z', 'new', 'pending', 1);
+             INSERT INTO negotiation_changes (negotiation_id, business_id, observed_at, kind, old_status, new_status,
+                                              changed_fields, old_payload, sync_run_id)
+                  VALUES ('519153480500518912', '468046965846925323', '2024-06-14T10:30:00Z', 'changed', 'pending',
+                          'pending', '["x"]', '{"negotiationID":"519153480500518912"}', 1);
+             INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at, invoice_amount_in_cents)
+                  VALUES ('519153480500518912', '468046965846925323', 'appt_scheduled', '2024-06-14T09:30:00Z', NULL),
+                         ('519153480500518912', '468046965846925323', 'job_complete', '2024-06-15T09:30:00Z', 125000),
+                         ('519153480500518913', NULL, 'appt_scheduled', '2024-06-14T09:30:00.250+02:00', NULL),
+                         ('519153480500518914', '468046965846925323', 'appt_scheduled', '2024-06-14T09:30:00Z', NULL),
+                         ('519153480500518915', '468046965846925323', 'appt_scheduled', '2024-06-14T09:30:00Z', NULL);
+             UPDATE outbox SET state = 'sent', attempts = 1, sent_at = '2024-06-14T09:31:00Z',
+                               last_http_status = 200, last_trace_id = 'trace-1' WHERE id = 1;
+             UPDATE outbox SET attempts = 1, last_error = 'HTTP 503', last_http_status = 503 WHERE id = 2;
+             UPDATE outbox SET state = 'sending', attempts = 2, sending_since = '2024-06-15T09:31:00Z'
+              WHERE id = 2;
+             UPDATE outbox SET state = 'dead', attempts = 20, last_error = 'HTTP 400: bad' WHERE id = 4;
+             UPDATE outbox SET state = 'canceled' WHERE id = 5;
+             INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error, trace_id, duration_ms)
+                  VALUES (1, 1, '2024-06-14T09:31:00Z', 200, 'sent', NULL, 'trace-1', 120),
+                         (2, 1, '2024-06-15T09:30:30Z', 503, 'retry', 'HTTP 503', 'trace-2', 80);"#,
+        )
+        .unwrap();
+        // What a partner adds beside leadsync's schema: a view, an index
+        // and a trigger of its own on the outbox and the leads.
+        conn.execute_batch(
+            "CREATE VIEW partner_open AS SELECT id, negotiation_id, status FROM outbox
+                 WHERE state IN ('pending', 'sending');
+             CREATE VIEW partner_leads AS SELECT negotiation_id, status FROM negotiations;
+             CREATE INDEX partner_outbox_by_created ON outbox (created_at);
+             CREATE TABLE partner_log (outbox_id INTEGER, state TEXT);
+             ALTER TABLE outbox ADD COLUMN partner_ref TEXT;
+             UPDATE outbox SET partner_ref = 'job-' || id;
+             CREATE TRIGGER partner_logs AFTER UPDATE OF state ON outbox BEGIN
+                 INSERT INTO partner_log VALUES (NEW.id, NEW.state);
+             END;",
+        )
+        .unwrap();
+        if has_table(&conn, "messages") {
+            conn.execute_batch(
+                r#"INSERT INTO messages (message_id, negotiation_id, business_id, sent_at, sender, text, payload,
+                                        source, first_seen_at)
+                     VALUES ('m1', '519153480500518912', '468046965846925323', '2024-06-14T09:35:00Z', 'Customer',
+                             'Hello', '{"messageID":"m1","text":"Hello"}', 'poll', '2024-06-14T09:36:00Z');"#,
+            )
+            .unwrap();
+        }
+        if has_table(&conn, "message_outbox") {
+            conn.execute_batch(
+                "INSERT INTO message_outbox (negotiation_id, business_id, text)
+                      VALUES ('519153480500518912', '468046965846925323', 'On my way!'),
+                             ('519153480500518912', '468046965846925323', 'Running late');
+                 UPDATE message_outbox SET state = 'sent', attempts = 1, sent_at = '2024-06-14T09:40:00Z',
+                                           message_id = 'm2' WHERE id = 1;",
+            )
+            .unwrap();
+        }
+        conn
+    }
+
+    fn rows(conn: &Connection, sql: &str) -> Vec<String> {
+        let mut stmt = conn.prepare(sql).unwrap();
+        let n = stmt.column_count();
+        stmt.query_map([], |r| {
+            (0..n)
+                .map(|i| Ok(format!("{:?}", r.get::<_, rusqlite::types::Value>(i)?)))
+                .collect::<rusqlite::Result<Vec<_>>>()
+                .map(|v| v.join("|"))
+        })
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+    }
+
+    /// What must survive an upgrade, as the columns of schema 1 (and 4, 7).
+    fn kept(conn: &Connection) -> Vec<Vec<String>> {
+        let mut v = vec![
+            rows(
+                conn,
+                "SELECT business_id, name, last_sync_outcome FROM businesses ORDER BY business_id",
+            ),
+            rows(
+                conn,
+                "SELECT negotiation_id, business_id, status, payload, first_seen_at, changed_at, missing_since
+                   FROM negotiations ORDER BY negotiation_id",
+            ),
+            rows(
+                conn,
+                "SELECT id, negotiation_id, kind, old_status, new_status, changed_fields, old_payload, sync_run_id
+                   FROM negotiation_changes ORDER BY id",
+            ),
+            rows(
+                conn,
+                "SELECT id, business_id, kind, outcome, pages, seen FROM sync_runs ORDER BY id",
+            ),
+            rows(
+                conn,
+                "SELECT id, negotiation_id, business_id, status, partner_status_changed_at,
+                        invoice_amount_in_cents, state, attempts, last_error, last_http_status,
+                        last_trace_id, created_at, sent_at
+                   FROM outbox ORDER BY id",
+            ),
+            rows(
+                conn,
+                "SELECT outbox_id, attempt, started_at, http_status, outcome, error, trace_id
+                   FROM outbox_attempts ORDER BY id",
+            ),
+        ];
+        if has_table(conn, "messages") {
+            v.push(rows(
+                conn,
+                "SELECT message_id, negotiation_id, strftime('%Y-%m-%dT%H:%M:%fZ', sent_at), text, payload
+                   FROM messages",
+            ));
+        }
+        if has_table(conn, "message_outbox") {
+            v.push(rows(
+                conn,
+                "SELECT id, negotiation_id, text, state, attempts, sent_at, message_id
+                   FROM message_outbox ORDER BY id",
+            ));
+        }
+        v
+    }
+
+    #[test]
+    fn every_older_schema_with_rows_in_it_upgrades_without_loss() {
+        let latest = schema_version();
+        for (version, _) in migrations() {
+            if version == latest {
+                continue;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("m.db");
+            let conn = populated(&path, version);
+            let before = kept(&conn);
+            drop(conn);
+            let mut conn = open_connection(&path, false)
+                .unwrap_or_else(|e| panic!("from schema {version}: {e:#}"));
+            assert_eq!(version_of(&conn).unwrap(), latest, "from schema {version}");
+            let after = kept(&conn);
+            assert_eq!(
+                after[..before.len()],
+                before[..],
+                "from schema {version}: rows changed"
+            );
+            let check: String = conn
+                .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(check, "ok", "from schema {version}");
+            let broken: Option<String> = conn
+                .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+                .optional()
+                .unwrap();
+            assert_eq!(broken, None, "from schema {version}");
+            assert_eq!(
+                rows(&conn, "SELECT group_concat(partner_ref) FROM outbox"),
+                vec![r#"Text("job-1,job-2,job-3,job-4,job-5")"#],
+                "from schema {version}: a column the partner added"
+            );
+            let partner: Vec<String> = rows(
+                &conn,
+                "SELECT type || ' ' || name FROM sqlite_master WHERE name LIKE 'partner%' ORDER BY name",
+            );
+            assert_eq!(
+                partner.len(),
+                5,
+                "from schema {version}: the partner's view, index, table and trigger: {partner:?}"
+            );
+            assert_eq!(
+                rows(&conn, "SELECT count(*) FROM partner_open"),
+                vec!["Integer(2)"],
+                "from schema {version}"
+            );
+            // The current code works on it: the row left sending goes back
+            // to pending and is claimed again, after the sent one.
+            let now = crate::time::now();
+            let recovered = outbox::recover_sending(&mut conn, &now).unwrap();
+            assert!(
+                recovered.contains(&(outbox::Kind::Transition, 2)),
+                "from schema {version}: {recovered:?}"
+            );
+            let filter = outbox::ClaimFilter {
+                waiting: Default::default(),
+                configured: std::sync::Arc::new(
+                    ["468046965846925323".to_string()].into_iter().collect(),
+                ),
+                default_business: Some("468046965846925323".into()),
+            };
+            let claimed =
+                outbox::claim(&mut conn, outbox::Kind::Transition, &now, 10, &filter).unwrap();
+            let mut ids: Vec<i64> = claimed.iter().map(|c| c.id).collect();
+            ids.sort();
+            assert_eq!(ids, vec![2, 3], "from schema {version}");
+            let c2 = claimed.iter().find(|c| c.id == 2).unwrap();
+            assert_eq!(c2.attempt, 3, "from schema {version}: attempts kept");
+            assert_eq!(
+                rows(
+                    &conn,
+                    "SELECT count(*) FROM partner_log WHERE state = 'sending'"
+                ),
+                vec!["Integer(2)"],
+                "from schema {version}: the partner's trigger fires"
+            );
+            let listed = outbox::list(&conn, None).unwrap();
+            assert_eq!(listed.len(), 5, "from schema {version}");
+            let replies = outbox::list_messages(&conn, None).unwrap();
+            assert_eq!(
+                replies.len(),
+                if version >= 7 { 2 } else { 0 },
+                "from schema {version}"
+            );
+            // New rows still go in, bad ones are still refused.
+            conn.execute(
+                "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                 VALUES ('519153480500518916', 'appt_scheduled', '2024-06-14T09:30:00Z')",
+                [],
+            )
+            .unwrap();
+            assert!(
+                conn.execute(
+                    "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+                     VALUES ('519153480500518916', 'done', '2024-06-14T09:30:00Z')",
+                    [],
+                )
+                .is_err(),
+                "from schema {version}"
+            );
+        }
     }
 }
