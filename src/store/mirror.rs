@@ -171,8 +171,9 @@ pub fn id_fingerprint(negotiation_id: &str) -> u64 {
 pub struct Known {
     hash: i64,
     /// `last_seen_at` as [`instant_key`] orders it; -1 (before every
-    /// instant) when the text is not in leadsync's own form: such a lead is
-    /// never unchanged. (A missing lead is not known at all.)
+    /// instant) when the text is not in leadsync's own form, or lies after
+    /// the moment the known leads were read (a clock ahead wrote it): such
+    /// a lead is never unchanged. (A missing lead is not known at all.)
     last_seen: i64,
 }
 
@@ -219,11 +220,16 @@ const KNOWN_LEADS: &str = "SELECT negotiation_id, payload_hash, last_seen_at
   WHERE business_id = ?1 AND missing_since IS NULL";
 
 /// A business's present leads first seen before ?2 (the pass's start,
-/// [`unlisted`]): after a full scan, those it did not list are missing. A
-/// lead first seen after the scan started (a webhook delivery meanwhile)
-/// could not be in its listing.
+/// [`unlisted`]) or after ?3 (the mark's time): after a full scan, those it
+/// did not list are missing. A lead first seen after the scan started (a
+/// webhook delivery meanwhile) could not be in its listing. One first seen
+/// after the mark was stamped under a wall clock ahead, since corrected: it
+/// was not first seen during the scan, and left out it would be spared by
+/// every full scan until the clock caught up (a gone lead present for as
+/// long as the clock was ahead).
 const UNLISTED: &str = "SELECT negotiation_id FROM negotiations
-  WHERE business_id = ?1 AND missing_since IS NULL AND first_seen_at < ?2";
+  WHERE business_id = ?1 AND missing_since IS NULL
+    AND (first_seen_at < ?2 OR first_seen_at > ?3)";
 
 /// Whether lead ?1, unlisted by a full scan that started at ?2, was
 /// observed otherwise since then: its row written meanwhile (`changed_at`:
@@ -263,6 +269,9 @@ pub fn known_leads(
     let mut stmt = conn.prepare(KNOWN_LEADS)?;
     let mut rows = stmt.query([business_id])?;
     let mut known = std::collections::HashMap::with_capacity(usize::try_from(count).unwrap_or(0));
+    // A last_seen_at after now was written under a wall clock ahead, since
+    // corrected: such a lead is not unchanged (upsert_lead rewrites it).
+    let now = instant_key(crate::time::now().as_bytes()).unwrap_or(i64::MAX);
     while let Some(r) = rows.next()? {
         let (ValueRef::Text(id), ValueRef::Integer(hash)) = (r.get_ref(0)?, r.get_ref(1)?) else {
             continue;
@@ -271,7 +280,7 @@ pub fn known_leads(
             continue;
         };
         let last_seen = match r.get_ref(2)? {
-            ValueRef::Text(t) => instant_key(t).unwrap_or(-1),
+            ValueRef::Text(t) => instant_key(t).filter(|k| *k <= now).unwrap_or(-1),
             _ => -1,
         };
         known.insert(id_fingerprint(id), Known { hash, last_seen });
@@ -479,7 +488,11 @@ pub fn upsert_lead(
             // stored columns in place and allocates nothing; the old status
             // is copied out only for a lead that may get a change row.
             let hash = r.get::<_, i64>(0)?;
-            let stale = r.get_ref(1)?.as_str()? < ctx.stale_before.as_str();
+            // A last_seen_at after now was written under a wall clock
+            // ahead, since corrected: rewritten too, not left "seen" in the
+            // future until the clock catches up.
+            let last_seen = r.get_ref(1)?.as_str()?;
+            let stale = last_seen < ctx.stale_before.as_str() || last_seen > ctx.now.as_str();
             let missing = !matches!(r.get_ref(2)?, rusqlite::types::ValueRef::Null);
             let same_business = r.get_ref(3)?.as_str()? == ctx.business_id;
             let old_status = if missing || hash != lead.hash || !same_business {
@@ -1120,7 +1133,11 @@ fn unlisted(
         .map_or_else(|| started.clone(), crate::time::fmt);
     let mut stmt = conn.prepare_cached(UNLISTED)?;
     let mut observed = conn.prepare_cached(OBSERVED_SINCE)?;
-    let mut rows = stmt.query(params![business_id, started])?;
+    // The mark's time before the scan's start: the clock went back during
+    // the scan, and a lead stamped after the start may have been first seen
+    // during it: only those first seen before the start count, as ever.
+    let after = if now >= started.as_str() { now } else { "~" };
+    let mut rows = stmt.query(params![business_id, started, after])?;
     let (mut present, mut unseen, mut ids) = (0, 0, Vec::new());
     while let Some(r) = rows.next()? {
         present += 1;
@@ -1474,7 +1491,8 @@ mod tests {
              ('missing', 'b', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', '2026-01-01T11:00:00.000Z'),
              ('odd time', 'b', '{}', 7, 't', '2026-01-01 12:00:00', 't', NULL),
              ('blob hash', 'b', '{}', x'07', 't', '2026-01-01T12:00:00.000Z', 't', NULL),
-             ('other business', 'c', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', NULL);",
+             ('other business', 'c', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', NULL),
+             ('future', 'b', '{}', 7, 't', '9000-01-01T00:00:00.000Z', 't', NULL);",
         )
         .unwrap();
         let known = known_leads(&conn, "b").unwrap();
@@ -1489,11 +1507,14 @@ mod tests {
         assert!(!unchanged("stale", 7), "last_seen_at is due");
         assert!(!unchanged("missing", 7), "it reappears");
         assert!(!unchanged("odd time", 7), "a form leadsync does not write");
+        // Seen "in the future": written under a clock ahead, since
+        // corrected; rewritten (it used to stay until the clock caught up).
+        assert!(!unchanged("future", 7), "last_seen_at is after now");
         assert!(!known.contains_key(&id_fingerprint("blob hash")));
         assert!(!known.contains_key(&id_fingerprint("other business")));
         // A missing lead is not known: its listing takes the ordinary path.
         assert!(!known.contains_key(&id_fingerprint("missing")));
-        assert_eq!(known.len(), 3);
+        assert_eq!(known.len(), 4);
     }
 
     #[test]
@@ -2191,6 +2212,79 @@ mod tests {
         .unwrap();
         assert_eq!(marked, Missing::Marked(1));
         assert!(is_missing(&m, "1"));
+    }
+
+    #[test]
+    fn a_last_seen_at_written_under_a_clock_far_ahead_is_rewritten_by_the_next_listing() {
+        // Lead 2 listed while the wall clock ran a year ahead; the clock
+        // corrected, a listing of it unchanged rewrites its `last_seen_at`
+        // (it stayed in 2027, "seen" later than any real listing, until
+        // the clock caught up).
+        let mut m = Ordering::open_listed();
+        let ahead = "2027-01-01T10:00:00.000Z";
+        m.pass("b", "head", ahead, &[lead_row("2", "Open")], None);
+        assert_eq!(m.column("2", "last_seen_at").as_deref(), Some(ahead));
+        m.pass("b", "head", T1, &[lead_row("2", "Open")], None);
+        assert_eq!(m.column("2", "last_seen_at").as_deref(), Some(T1));
+        assert_eq!(changes_of(&m, "2"), 0, "no change row: only seen again");
+    }
+
+    #[test]
+    fn a_lead_first_seen_under_a_clock_far_ahead_is_not_spared_by_later_full_scans() {
+        // Lead 2 first listed (inserted) by a pass while the wall clock ran
+        // a year ahead: its `first_seen_at` says 2027. The clock corrected,
+        // a full scan from 11:00 to 11:30 does not list it: it was not
+        // first seen during the scan (that would be before the mark), so
+        // its absence counts. It used to be left out of every full scan
+        // until the clock caught up (a gone lead present for a year).
+        let mut m = Ordering::open_listed();
+        m.pass(
+            "b",
+            "head",
+            "2027-01-01T10:00:00.000Z",
+            &[lead_row("2", "Open")],
+            None,
+        );
+        assert_eq!(
+            m.column("2", "first_seen_at").as_deref(),
+            Some("2027-01-01T10:00:00.000Z")
+        );
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        let seen = [id_fingerprint("1")].into_iter().collect();
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &seen,
+            true,
+            "2026-01-01T11:30:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(1));
+        assert!(is_missing(&m, "2"));
+        assert!(!is_missing(&m, "1"));
+        // The clock stepped back during a scan (its mark before its start):
+        // lead 3, first seen after the start, may have been first seen
+        // during the scan: not marked, as before.
+        let run = start_run(&m.conn, "b", "full", T3).unwrap();
+        m.pass(
+            "b",
+            "head",
+            "2026-01-01T13:10:00.000Z",
+            &[lead_row("3", "Open")],
+            None,
+        );
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &seen,
+            true,
+            "2026-01-01T12:50:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(0));
+        assert!(!is_missing(&m, "3"));
     }
 
     #[test]
