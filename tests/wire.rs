@@ -350,10 +350,12 @@ async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
 /// and lists leads whose id it spells `negotiationId` (unreadable, so the
 /// repeated page has no digest to be caught by). Every confirmation
 /// answered entries, was taken for new leads, and the next offset was
-/// asked (up to a million requests). The end is now unknown after one
-/// confirmation: the pass ends, succeeds and marks nothing.
+/// asked (up to a million requests). The end is now unknown at once: a
+/// short page with no readable id has no lead to ask back, so it is not
+/// confirmed at all (no request but the page's): the pass ends, succeeds
+/// and marks nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_after_one_confirmation() {
+async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_without_a_confirmation() {
     let (env, ids) = capped_after_a_full_sync(
         Pagination::Bare,
         Faults {
@@ -374,12 +376,17 @@ async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_after_one_c
     let before = env.sandbox.list_requests(&b);
     let (code, out) = sync(&env, &["--full"]);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 1, "{out}");
     assert!(out.contains("end is unknown"), "{out}");
     assert!(missing_ids(&env).is_empty(), "{out}");
     let (_, outcome, _, error, missing) = last_run(&env);
     assert_eq!((outcome.as_str(), missing), ("ok", 0));
-    assert!(error.unwrap_or_default().contains("no readable"), "{out}");
+    assert!(
+        error
+            .unwrap_or_default()
+            .contains("readable negotiationID to ask back"),
+        "{out}"
+    );
 }
 
 /// A server that reads `offset` as a page number: the confirmation asks
@@ -407,6 +414,56 @@ async fn a_capped_bare_listing_that_reads_offset_as_a_page_number_is_an_unknown_
     let (_, outcome, _, error, missing) = last_run(&env);
     assert_eq!((outcome.as_str(), missing), ("ok", 0));
     assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+}
+
+/// The short page's last entry has no readable id (its lead spells it
+/// `negotiationId`), so its last lead cannot be asked back: the confirmation
+/// asked the next offset unchecked (offset 3), which a server reading
+/// `offset` as a page number answers with page 3 (nothing), taken for the
+/// end: a full scan marked the five leads it never read missing. The last
+/// lead the page did list (one entry before) is asked back instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_page_ending_in_an_unreadable_id_is_not_confirmed_unchecked() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            offset_as_page: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sandbox
+        .mutate(Mutation::Patch {
+            negotiation_id: ids[2].clone(),
+            patch: serde_json::json!({"negotiationID": null, "negotiationId": ids[2]}),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let unread: BTreeSet<String> = ids[3..].iter().cloned().collect();
+    assert!(missing_ids(&env).is_disjoint(&unread), "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+    // A server that pages by offset: the page's last listed lead comes
+    // back first, the listing is read to its end, and a lead really gone
+    // is marked missing.
+    env.sandbox.set_faults(Faults::default());
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[6].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let (_, outcome, _, error, _) = last_run(&env);
+    assert_eq!((outcome.as_str(), error), ("ok", None), "{out}");
+    assert!(missing_ids(&env).contains(&ids[6]), "{out}");
+    assert!(
+        missing_ids(&env).is_disjoint(&unread.iter().filter(|i| **i != ids[6]).cloned().collect()),
+        "{out}"
+    );
 }
 
 /// A strict server that refuses `offset` (400): the confirmation fails,

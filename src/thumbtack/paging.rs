@@ -10,14 +10,17 @@
 //! `pagination.limit`; one that echoed none (a bare array, an offset or
 //! marker-less envelope without `limit`) may have been capped below what we
 //! asked, so its shortness proves nothing. Such a page is a known end only
-//! once confirmed ([`Step::Confirm`]): the page's last lead is asked back
-//! (the next offset minus one; the next offset itself for a page of one
-//! lead). That lead alone (or nothing, when asked past) confirms the end;
-//! that lead then more means the server pages by offset (the listing is
-//! read on that way); another lead first or nothing (a server that reads
-//! `offset` as a page number), the same leads again (a server that ignores
-//! `offset`), entries with no readable id (nothing to tell them from the
-//! page before) or a refused request leave the end unknown.
+//! once confirmed ([`Step::Confirm`]): the page's last listed lead is asked
+//! back (the next offset minus one, or minus more when entries with no
+//! readable id follow it; the next offset itself for a page of one entry).
+//! That lead alone (but for those entries), or nothing when asked past,
+//! confirms the end; that lead then more means the server pages by offset
+//! (the listing is read on that way); another lead first or nothing (a
+//! server that reads `offset` as a page number), the same leads again (a
+//! server that ignores `offset`), entries with no readable id (nothing to
+//! tell them from the page before), a refused request, or a page of two
+//! entries or more with no listed lead to ask back but its first leave the
+//! end unknown.
 
 use super::model::{Markers, Page};
 use serde::Serialize;
@@ -114,10 +117,11 @@ pub struct Listing {
     asked_offset: u64,
     /// The request whose page comes next is a [`Step::Confirm`].
     confirming: bool,
-    /// The last lead of the page being confirmed, when the confirmation
-    /// asks it back (one offset before the next): a server that pages by
+    /// The last listed lead of the page being confirmed and how many
+    /// entries from its end it is (1: the last), when the confirmation asks
+    /// it back (that many offsets before the next): a server that pages by
     /// lead offset answers it first.
-    confirm_lead: Option<String>,
+    confirm_lead: Option<(String, u64)>,
     /// A confirmation brought new leads: pages without markers are read on
     /// by offset (a full one too) until one comes back empty.
     by_offset: bool,
@@ -200,16 +204,37 @@ impl Listing {
 
     /// The request that confirms a short page as the end, or reads on.
     ///
-    /// A confirmation of a page of two leads or more whose last entry is a
-    /// listed lead asks one offset earlier (`next - 1`), that lead back: a
-    /// server paging by lead offset answers it first (alone at the end),
-    /// where one that reads `offset` otherwise (a page number) does not.
+    /// A confirmation asks the page's last listed lead back (`next - 1`,
+    /// or earlier by the entries with no readable id after it): a server
+    /// paging by lead offset answers it first (alone at the end, but for
+    /// those entries), where one that reads `offset` otherwise (a page
+    /// number) does not. When that lead is the page's first entry (a page
+    /// of one lead, or of one lead and unreadable entries) or there is none,
+    /// asking it back would ask the page again. A page of one entry is
+    /// confirmed at the next offset unchecked: the server capped it at one
+    /// entry, where a page number is a lead offset, or the listing ends
+    /// there (a server that ignores `offset`, or counts pages from 1,
+    /// answers the same page again: an unknown end). A longer one cannot be
+    /// confirmed: a server reading `offset` as a page number would answer a
+    /// page further on, or nothing, taken for the end. The end is unknown.
     fn by_offset_cursor(&mut self, page: &Page, next: u64, confirm: bool) -> Step {
-        let overlap = match (&page.last_id, confirm && page.entries() >= 2) {
-            (Some(last), true) if next > 0 => Some(last.clone()),
+        let back = page.last_id_back;
+        let overlap = match &page.last_id {
+            Some(last) if confirm && back < page.entries() && back <= next => {
+                Some((last.clone(), back))
+            }
             _ => None,
         };
-        let next = next - u64::from(overlap.is_some());
+        if confirm && overlap.is_none() && page.entries() >= 2 {
+            self.unknown_why = Some(format!(
+                "a short page did not echo its size limit, and no lead of it past its first \
+                 entry has a readable negotiationID to ask back (?offset={}): whether the \
+                 server pages by lead offset cannot be told, so the end cannot be confirmed",
+                self.asked_offset
+            ));
+            return Step::End(End::Unknown);
+        }
+        let next = next - overlap.as_ref().map_or(0, |(_, back)| *back);
         self.confirm_lead = overlap;
         self.asked_offset = next;
         self.confirming = confirm;
@@ -287,8 +312,8 @@ impl Listing {
                 ));
             }
         }
-        if let Some(lead) = confirm_lead {
-            // The last lead of the short page was asked back.
+        if let Some((lead, back)) = confirm_lead {
+            // The last listed lead of the short page was asked back.
             if page.first_id.as_deref() != Some(lead.as_str()) {
                 self.unknown_why = Some(format!(
                     "a short page did not echo its size limit, and the request for its last \
@@ -298,8 +323,8 @@ impl Listing {
                 ));
                 return Ok(Step::End(End::Unknown));
             }
-            if entries == 1 {
-                // Nothing past the short page's last lead: the end.
+            if entries <= back {
+                // Nothing past the short page's last entry: the end.
                 return Ok(Step::End(End::Known));
             }
         } else if confirming && entries == 0 {
@@ -791,23 +816,88 @@ mod tests {
     /// the repeat is not seen). A confirmation answer with entries but no
     /// readable id cannot be told from the page it confirms: the end is
     /// unknown at once (it used to ask the next offset again and again).
+    /// A page of two entries or more with no readable id is not even
+    /// confirmed: no lead of it can be asked back.
     #[test]
     fn a_confirmation_without_a_readable_id_is_an_unknown_end() {
-        for body in [
-            r#"[{"negotiationId":"1"},{"negotiationId":"2"}]"#,
-            r#"{"data":[{"negotiationId":"1"}],"pagination":{"offset":0}}"#,
+        let p = page(r#"{"data":[{"negotiationId":"1"}],"pagination":{"offset":0}}"#);
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        assert_eq!(p.ids_digest, None);
+        assert!(matches!(l.advance(&p).unwrap(), Step::Confirm(_)));
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown));
+        assert!(
+            l.unknown_why().contains("no readable"),
+            "{}",
+            l.unknown_why()
+        );
+        let p = page(r#"[{"negotiationId":"1"},{"negotiationId":"2"}]"#);
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown));
+        assert!(
+            l.unknown_why()
+                .contains("readable negotiationID to ask back"),
+            "{}",
+            l.unknown_why()
+        );
+    }
+
+    /// A short page whose last entries have no readable id: its last
+    /// listed lead is asked back (offset 1 of `[a, b, ?]`; the next offset,
+    /// 3, was asked unchecked, and a server reading `offset` as a page
+    /// number answered nothing, taken for the end). It comes back first,
+    /// with the unreadable entry or alone: the end; with more after: read
+    /// on by offset; another lead first: an unknown end. A page whose only
+    /// listed lead is its first entry cannot be confirmed: unknown end.
+    #[test]
+    fn a_short_page_ending_in_unreadable_entries_asks_its_last_listed_lead_back() {
+        const SHORT: &str = r#"[{"negotiationID":"a"},{"negotiationID":"b"},{"no_id":1}]"#;
+        for (answer, step) in [
+            (r#"[{"negotiationID":"b"},{"no_id":1}]"#, Some(End::Known)),
+            (r#"[{"negotiationID":"b"}]"#, Some(End::Known)),
+            (
+                r#"[{"negotiationID":"b"},{"no_id":1},{"negotiationID":"c"}]"#,
+                None,
+            ),
+            (r#"[{"negotiationID":"x"}]"#, Some(End::Unknown)),
+            ("[]", Some(End::Unknown)),
         ] {
             let mut l = Listing::new("http://h", 10).unwrap();
             l.first();
-            let p = page(body);
-            assert_eq!(p.ids_digest, None);
-            assert!(matches!(l.advance(&p).unwrap(), Step::Confirm(_)));
-            assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown), "{body}");
-            assert!(
-                l.unknown_why().contains("no readable"),
-                "{}",
-                l.unknown_why()
+            assert_eq!(
+                confirm_query(l.advance(&page(SHORT)).unwrap()),
+                "limit=10&offset=1"
             );
+            match step {
+                Some(end) => assert_eq!(
+                    l.advance(&page(answer)).unwrap(),
+                    Step::End(end),
+                    "{answer}"
+                ),
+                None => {
+                    assert_eq!(
+                        confirm_query(l.advance(&page(answer)).unwrap()),
+                        "limit=10&offset=3",
+                        "{answer}"
+                    );
+                    assert_eq!(l.style(), Style::Offset);
+                }
+            }
+        }
+        for only_first in [
+            r#"[{"negotiationID":"a"},{"no_id":1}]"#,
+            r#"[{"no_id":1},{"negotiationID":"a"}]"#,
+        ] {
+            let mut l = Listing::new("http://h", 10).unwrap();
+            l.first();
+            let end = l.advance(&page(only_first)).unwrap();
+            if only_first.starts_with(r#"[{"no_id""#) {
+                // Its last entry is a lead, not the first: asked back.
+                assert_eq!(confirm_query(end), "limit=10&offset=1");
+                continue;
+            }
+            assert_eq!(end, Step::End(End::Unknown), "{only_first}");
         }
     }
 
@@ -831,6 +921,79 @@ mod tests {
                 "{}",
                 l.unknown_why()
             );
+        }
+    }
+
+    /// Every capped bare listing we can think of, read to its end: a
+    /// server paging by offset, one ignoring `offset`, and ones reading it
+    /// as a page number (from 0 or from 1), capped at 1 to 4 entries, with
+    /// 0 to 9 leads, one of which may have no readable id. Whenever the end
+    /// is taken for known, every readable lead was listed (else a full
+    /// scan would mark the others missing). A page of one entry is
+    /// confirmed at the next offset unchecked: this shows why that is safe.
+    #[test]
+    fn a_known_end_of_a_capped_listing_never_leaves_a_lead_unread() {
+        #[derive(Debug, Clone, Copy)]
+        enum Server {
+            ByOffset,
+            IgnoresOffset,
+            PageFrom0,
+            PageFrom1,
+        }
+        for server in [
+            Server::ByOffset,
+            Server::IgnoresOffset,
+            Server::PageFrom0,
+            Server::PageFrom1,
+        ] {
+            for cap in 1..=4usize {
+                for n in 0..=9usize {
+                    for unreadable in (0..=n).map(|u| (u < n).then_some(u)) {
+                        let entry = |i: usize| match Some(i) == unreadable {
+                            true => format!(r#"{{"negotiationId":"o{i}"}}"#),
+                            false => format!(r#"{{"negotiationID":"o{i}"}}"#),
+                        };
+                        let serve = |offset: Option<usize>| {
+                            let start = match (server, offset) {
+                                (_, None) | (Server::IgnoresOffset, _) => 0,
+                                (Server::ByOffset, Some(o)) => o,
+                                (Server::PageFrom0, Some(o)) => o * cap,
+                                (Server::PageFrom1, Some(o)) => o.saturating_sub(1) * cap,
+                            };
+                            let items: Vec<String> =
+                                (start.min(n)..(start + cap).min(n)).map(entry).collect();
+                            page(&format!("[{}]", items.join(",")))
+                        };
+                        let mut l = Listing::new("http://h", 10).unwrap();
+                        l.first();
+                        let mut p = serve(None);
+                        let mut listed = std::collections::BTreeSet::new();
+                        let case = format!("{server:?}, cap {cap}, {n} leads, {unreadable:?}");
+                        for _ in 0..100 {
+                            listed.extend(p.leads.iter().map(|l| l.negotiation_id.clone()));
+                            match l.advance(&p) {
+                                Ok(Step::Next(c) | Step::Confirm(c)) => {
+                                    let offset = c
+                                        .query
+                                        .iter()
+                                        .find(|(k, _)| k == "offset")
+                                        .map(|(_, v)| v.parse().unwrap());
+                                    p = serve(offset);
+                                }
+                                Ok(Step::End(End::Known)) => {
+                                    let all: std::collections::BTreeSet<String> = (0..n)
+                                        .filter(|i| Some(*i) != unreadable)
+                                        .map(|i| format!("o{i}"))
+                                        .collect();
+                                    assert_eq!(listed, all, "{case}");
+                                    break;
+                                }
+                                Ok(Step::End(End::Unknown)) | Err(_) => break,
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 }
