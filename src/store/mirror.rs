@@ -344,11 +344,13 @@ impl<'a> Origin<'a> {
 }
 
 /// Passes of a business whose listing confirmed leads, since an instant
-/// (?2: an event's time plus [`LISTING_MARGIN`]), that started after a
+/// (?2: an event's time plus [`LISTING_MARGIN`]) and no later than now
+/// (?4: one listed "after now" was stamped under a wall clock ahead, since
+/// corrected, and tells nothing of when it was made), that started after a
 /// lead's row was last written (?3): newest first, through
 /// `sync_runs_listed` (schema 18).
 const LISTED_SINCE: &str = "SELECT listed_ids FROM sync_runs
-  WHERE business_id = ?1 AND listed_at >= ?2 AND started_at > ?3
+  WHERE business_id = ?1 AND listed_at >= ?2 AND listed_at <= ?4 AND started_at > ?3
   ORDER BY listed_at DESC";
 
 /// How long after a delivered event a listing must have started to keep
@@ -393,6 +395,7 @@ fn listed_since(
     negotiation_id: &str,
     changed_at: &str,
     event: &str,
+    now: &str,
 ) -> Result<bool> {
     // `listed_at` is in leadsync's form (crate::time::fmt): so is the bound.
     // An event time that cannot be moved by the margin (unreadable, at the
@@ -405,7 +408,7 @@ fn listed_since(
     };
     let wanted = id_fingerprint(negotiation_id).to_le_bytes();
     let mut stmt = tx.prepare_cached(LISTED_SINCE)?;
-    let mut rows = stmt.query(params![business_id, since, changed_at])?;
+    let mut rows = stmt.query(params![business_id, since, changed_at, now])?;
     while let Some(r) = rows.next()? {
         let covers = match r.get_ref(0)? {
             rusqlite::types::ValueRef::Null => true,
@@ -424,13 +427,15 @@ fn listed_since(
     // next listing of the lead; a stale copy is never applied.
     Ok(tx
         .prepare_cached(PRUNED_SINCE)?
-        .exists(params![business_id, since, changed_at])?)
+        .exists(params![business_id, since, changed_at, now])?)
 }
 
 /// Whether passes of a business whose listing started at or after ?2, and
-/// after a lead's row was last written (?3), were pruned ([`listed_since`]).
+/// after a lead's row was last written (?3), were pruned ([`listed_since`]);
+/// not when the newest of them is "after now" (?4, a clock ahead).
 const PRUNED_SINCE: &str = "SELECT 1 FROM sync_runs_pruned
-  WHERE business_id = ?1 AND listed_through >= ?2 AND listed_through > ?3";
+  WHERE business_id = ?1 AND listed_through >= ?2 AND listed_through > ?3
+    AND listed_through <= ?4";
 
 /// Which of its business's leads a pass's listing showed as they are now
 /// mirrored (written, or left alone because identical), recorded in its
@@ -504,6 +509,12 @@ pub fn upsert_lead(
                 Ok(rusqlite::types::ValueRef::Text(v)) => Some(v),
                 _ => None,
             };
+            // leadsync's own stamp of an observation (a listing's asking or
+            // write, a scan's start), unless it lies after now: a wall clock
+            // ahead, since corrected, wrote it, and it tells nothing of when
+            // the lead was observed (a delivery kept out by it would be kept
+            // out until the clock caught up).
+            let ours = |i| text(i).filter(|v: &&[u8]| *v <= ctx.now.as_bytes());
             // A delivery that is newer than the mirrored copy by their
             // times may still be older than a listing that showed the copy
             // (or found the lead gone) and wrote nothing: checked below.
@@ -535,7 +546,7 @@ pub fn upsert_lead(
                         // keep the delivery out, as it does not overwrite a
                         // delivered copy ([`listing_lags`]) — which of the
                         // two is written first does not decide the mirror.
-                        None => match (text(7), text(5)) {
+                        None => match (ours(7), ours(5)) {
                             (Some(read_at), Some(changed_at)) => {
                                 !listing_lags(t, read_at.min(changed_at))
                             }
@@ -550,7 +561,7 @@ pub fn upsert_lead(
                     // after the event, as for a listing that showed the
                     // lead ([`listed_since`]); a page read during the scan
                     // or just after the event may predate or lag it.
-                    let gone_after = text(2).is_some_and(|missing| !listing_lags(t, missing));
+                    let gone_after = ours(2).is_some_and(|missing| !listing_lags(t, missing));
                     ask_listings = !(newer_copy || gone_after);
                     newer_copy || gone_after
                 }
@@ -588,7 +599,14 @@ pub fn upsert_lead(
         },
     ) = (listings, origin)
     {
-        keep = listed_since(tx, &business_id, &lead.negotiation_id, &changed_at, t)?;
+        keep = listed_since(
+            tx,
+            &business_id,
+            &lead.negotiation_id,
+            &changed_at,
+            t,
+            &ctx.now,
+        )?;
     }
     let mut changed_fields = None;
     if hash != lead.hash || !same_business {
@@ -2212,6 +2230,31 @@ mod tests {
         .unwrap();
         assert_eq!(marked, Missing::Marked(1));
         assert!(is_missing(&m, "1"));
+    }
+
+    #[test]
+    fn a_delivery_is_not_kept_out_by_a_listing_stamped_under_a_clock_far_ahead() {
+        // Lead 2 listed Open while the wall clock ran a year ahead (its
+        // row, and the pass that listed it, say 2027). The clock corrected,
+        // a delivery of its cancellation (an event at 12:00, Thumbtack's
+        // clock) is newer than any listing really made: applied. It was
+        // kept out as older than that "2027" listing until the clock
+        // caught up (or a listing of the lead wrote it).
+        let mut m = Ordering::open_listed();
+        for (ahead, covered) in [
+            ("2027-01-01T10:00:00.000Z", None),
+            ("2027-01-01T11:00:00.000Z", Some(Covered::Every)),
+        ] {
+            m.pass("b", "full", ahead, &[lead_row("2", "Open")], covered);
+        }
+        let done = m.deliver_at(
+            "b",
+            &lead_row("2", "Canceled"),
+            "2026-01-01T12:00:00.000Z",
+            "2026-01-01T12:00:01.000Z",
+        );
+        assert_eq!(done, Upserted::Changed);
+        assert_eq!(m.status("2"), "Canceled");
     }
 
     #[test]
