@@ -215,7 +215,12 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
     }
     let message_outbox = outbox::counts_of(conn, outbox::Kind::Message)?;
     let messages = MessagesStatus {
-        mirrored: messages::counts(conn)?,
+        mirrored: {
+            // As the poller reads a wait (crate::messages::poll_after_pass).
+            let now = chrono::Utc::now();
+            let horizon = now + crate::messages::RETRY_MAX + chrono::Duration::minutes(1);
+            messages::counts(conn, &crate::time::fmt(now), &crate::time::fmt(horizon))?
+        },
         oldest_pending_age_secs: age_secs(&message_outbox.oldest_pending_created_at),
         outbox: message_outbox,
     };
