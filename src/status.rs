@@ -217,9 +217,8 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
     let messages = MessagesStatus {
         mirrored: {
             // As the poller reads a wait (crate::messages::poll_after_pass).
-            let now = chrono::Utc::now();
-            let horizon = now + crate::messages::RETRY_MAX + chrono::Duration::minutes(1);
-            messages::counts(conn, &crate::time::fmt(now), &crate::time::fmt(horizon))?
+            let (now, horizon) = crate::messages::wait_window(chrono::Utc::now());
+            messages::counts(conn, &now, &horizon)?
         },
         oldest_pending_age_secs: age_secs(&message_outbox.oldest_pending_created_at),
         outbox: message_outbox,
