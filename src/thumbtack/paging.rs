@@ -99,6 +99,16 @@ pub enum Step {
 /// Why an end is unknown when nothing more precise was said.
 const FULL_PAGE_NO_MARKER: &str = "a full page with no pagination marker";
 
+/// Why the end is unknown when a confirmation (at this offset) listed the
+/// same leads as an earlier page.
+fn ignores_offset(offset: u64) -> String {
+    format!(
+        "a short page did not echo its size limit, and the next offset \
+         (?offset={offset}) listed the same leads again: the server seems to ignore \
+         `offset`, so a page it capped cannot be told from the last one"
+    )
+}
+
 /// The pagination state of one pass over a business's listing.
 #[derive(Debug)]
 pub struct Listing {
@@ -287,33 +297,22 @@ impl Listing {
         let unechoed = m.limit.filter(|l| *l > 0).is_none();
         let confirming = std::mem::take(&mut self.confirming);
         let confirm_lead = self.confirm_lead.take().filter(|_| confirming);
-        if let Some(digest) = page.ids_digest
-            && !self.contents.insert(digest)
-        {
-            if confirming {
-                self.repeated = true;
-                self.unknown_why = Some(format!(
-                    "a short page did not echo its size limit, and the next offset \
-                     (?offset={}) listed the same leads again: the server seems to ignore \
-                     `offset`, so a page it capped cannot be told from the last one",
-                    self.asked_offset
-                ));
-                return Ok(Step::End(End::Unknown));
-            }
-            {
-                return Err(format!(
-                    "pagination does not advance: a page lists the same leads as an earlier \
-                     page of this pass (the server seems to ignore {}); the pass stops",
-                    if m.next.is_some() || m.next_page_token.is_some() {
-                        "the next page it names"
-                    } else {
-                        "`offset`"
-                    }
-                ));
-            }
-        }
+        // The confirmation's lead is checked before the repeat: the page
+        // `[?, b]` asked `b` back answers `[b]` at its end, the same ids, but
+        // not the same page (a server ignoring `offset` answers the page's
+        // first entry first, never the lead asked back: that is never the
+        // page's first entry). A page going on past the lead is still
+        // checked for a repeat below.
+        let repeat = page
+            .ids_digest
+            .is_some_and(|digest| self.contents.contains(&digest));
         if let Some((lead, back)) = confirm_lead {
             // The last listed lead of the short page was asked back.
+            if page.first_id.as_deref() != Some(lead.as_str()) && repeat {
+                self.repeated = true;
+                self.unknown_why = Some(ignores_offset(self.asked_offset));
+                return Ok(Step::End(End::Unknown));
+            }
             if page.first_id.as_deref() != Some(lead.as_str()) {
                 self.unknown_why = Some(format!(
                     "a short page did not echo its size limit, and the request for its last \
@@ -330,6 +329,26 @@ impl Listing {
         } else if confirming && entries == 0 {
             // Nothing past the short page: it was the last one.
             return Ok(Step::End(End::Known));
+        }
+        if let Some(digest) = page.ids_digest
+            && !self.contents.insert(digest)
+        {
+            if confirming {
+                self.repeated = true;
+                self.unknown_why = Some(ignores_offset(self.asked_offset));
+                return Ok(Step::End(End::Unknown));
+            }
+            {
+                return Err(format!(
+                    "pagination does not advance: a page lists the same leads as an earlier \
+                     page of this pass (the server seems to ignore {}); the pass stops",
+                    if m.next.is_some() || m.next_page_token.is_some() {
+                        "the next page it names"
+                    } else {
+                        "`offset`"
+                    }
+                ));
+            }
         }
         if confirming && page.ids_digest.is_none() {
             // Entries, but no id to tell them from the page they confirm: a
@@ -901,6 +920,26 @@ mod tests {
         }
     }
 
+    /// A short page whose first entry has no readable id, `[?, b]`: its
+    /// lead `b` asked back comes alone, `[b]`, the same ids as the page.
+    /// That is the end, not a server ignoring `offset` (it was taken for
+    /// one: an unknown end, every pass, for ever).
+    #[test]
+    fn a_page_of_an_unreadable_entry_and_one_lead_is_confirmed_by_that_lead_alone() {
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        let p = page(r#"[{"no_id":1},{"negotiationID":"b"}]"#);
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=1");
+        let p = page(r#"[{"negotiationID":"b"}]"#);
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
+        // The same page again (a server ignoring `offset`) stays unknown.
+        let mut l = Listing::new("http://h", 10).unwrap();
+        l.first();
+        let p = page(r#"[{"no_id":1},{"negotiationID":"b"}]"#);
+        assert_eq!(confirm_query(l.advance(&p).unwrap()), "limit=10&offset=1");
+        assert_eq!(l.advance(&p).unwrap(), Step::End(End::Unknown));
+    }
+
     /// A bare server capping at 3 that reads `offset` as a page number:
     /// its answer to the confirmation was taken for new leads (or, empty,
     /// for the end, past five leads never read). Asked for the page's last
@@ -969,6 +1008,7 @@ mod tests {
                         let mut p = serve(None);
                         let mut listed = std::collections::BTreeSet::new();
                         let case = format!("{server:?}, cap {cap}, {n} leads, {unreadable:?}");
+                        let mut end = None;
                         for _ in 0..100 {
                             listed.extend(p.leads.iter().map(|l| l.negotiation_id.clone()));
                             match l.advance(&p) {
@@ -986,10 +1026,20 @@ mod tests {
                                         .map(|i| format!("o{i}"))
                                         .collect();
                                     assert_eq!(listed, all, "{case}");
+                                    end = Some(End::Known);
                                     break;
                                 }
-                                Ok(Step::End(End::Unknown)) | Err(_) => break,
+                                Ok(Step::End(End::Unknown)) | Err(_) => {
+                                    end = Some(End::Unknown);
+                                    break;
+                                }
                             }
+                        }
+                        let end = end.unwrap_or_else(|| panic!("no end in 100 pages: {case}"));
+                        if matches!(server, Server::ByOffset) && unreadable.is_none() {
+                            // A server paging by offset, every id readable:
+                            // nothing stands in the way of a known end.
+                            assert_eq!(end, End::Known, "{case}");
                         }
                     }
                 }
