@@ -33,9 +33,9 @@ pub const RETRY_MAX: chrono::Duration = chrono::Duration::days(1);
 pub const WAIT_SLACK: chrono::Duration = chrono::Duration::minutes(1);
 
 /// The moment a wait is read against, and the horizon past which it was
-/// set by a clock that ran ahead and is taken as over (now + [`RETRY_MAX`]
-/// + [`WAIT_SLACK`]), both formatted for the database: the poller and
-/// `leadsync status` read waits alike.
+/// set by a clock that ran ahead and is taken as over (now plus
+/// [`RETRY_MAX`] plus [`WAIT_SLACK`]), both formatted for the database: the
+/// poller and `leadsync status` read waits alike.
 pub fn wait_window(now: DateTime<Utc>) -> (String, String) {
     (
         crate::time::fmt(now),
