@@ -510,6 +510,7 @@ async fn read_pages(
                 return Ok(End::Unknown);
             }
         }
+        drop_asked_back(&listing, &mut page);
         warn_skipped(&page);
         let mut ctx = page_context(business_id, run_id);
         ctx.read_at = page.read_at.take();
@@ -570,6 +571,20 @@ async fn read_pages(
             }
             Err(e) => return Err(e.message),
         };
+    }
+}
+
+/// Drops from `page` the lead it starts with when that lead was asked back
+/// from the page before ([`Listing::asked_back`]): that page listed it, and
+/// it is written and counted once.
+fn drop_asked_back(listing: &Listing, page: &mut crate::thumbtack::model::Page) {
+    let Some(lead) = listing.asked_back() else {
+        return;
+    };
+    if page.leads.first().is_some_and(|l| l.negotiation_id == lead) {
+        page.leads.remove(0);
+    } else if page.unchanged.first().is_some_and(|id| id == lead) {
+        page.unchanged.remove(0);
     }
 }
 
@@ -904,6 +919,8 @@ async fn read_all_pages(
                 }
             }
             fetched += 1;
+            let mut page = page;
+            drop_asked_back(&listing, &mut page);
             if pages_tx.send(page).await.is_err() {
                 // The writer failed; its error is the pass's.
                 return Ok(None);

@@ -590,6 +590,56 @@ async fn the_default_next_style_asks_no_confirmation_request() {
     }
 }
 
+/// Offset style echoing `offset` and `limit`, full pages, from a server that
+/// reads `offset` as a page number: the full first page's next offset (3)
+/// was asked unchecked, page 3 (nothing) was taken for the end, and a full
+/// scan marked the five leads it never read missing. The first full page
+/// is now proven: its last lead asked back (offset 2) must come first; page
+/// 2 (leads 6 and 7) does not, so the end is unknown. A server paging by
+/// offset proves it, and its listing is read to the end (as many requests
+/// here: the proof's overlap of one lead moves no page boundary past the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_offset_listing_that_reads_offset_as_a_page_number_marks_nothing_missing() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Offset,
+        Faults {
+            offset_as_page: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    let (_, outcome, pagination, error, missing) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), missing),
+        ("ok", Some("offset"), 0)
+    );
+    assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+    // A server paging by offset: leads 0-2, 2-4 (the proof), then 5-6
+    // (short: the end), read twice (the second reading confirms the lead
+    // not listed); a lead really gone is marked missing.
+    env.sandbox.set_faults(Faults::default());
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[7].clone(),
+        })
+        .unwrap();
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[7].clone()]), "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 6, "{out}");
+    assert!(out.contains("7 leads seen"), "{out}");
+    let (_, outcome, _, error, _) = last_run(&env);
+    assert_eq!((outcome.as_str(), error), ("ok", None), "{out}");
+}
+
 /// Offset style whose `pagination` leaves `limit` out: a capped page is
 /// short against what we asked, but not the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1307,7 +1357,9 @@ async fn probe_shows_each_style_in_text_and_json() {
     for (style, name, next) in [
         (Pagination::Next, "next", Some("?limit=10&offset=10")),
         (Pagination::Token, "token", Some("?limit=10&pageToken=")),
-        (Pagination::Offset, "offset", Some("?limit=10&offset=10")),
+        // The first full page of an offset listing: its last lead is asked
+        // back (offset 9), to prove that the server pages by lead offset.
+        (Pagination::Offset, "offset", Some("?limit=10&offset=9")),
         (Pagination::None, "single", None),
         (Pagination::NextToken, "next", Some("?limit=10&pageToken=")),
         (Pagination::Bare, "single", None),

@@ -127,16 +127,27 @@ pub struct Listing {
     asked_offset: u64,
     /// The request whose page comes next is a [`Step::Confirm`].
     confirming: bool,
+    /// The request whose page comes next follows the first full page of
+    /// an offset listing, from its last listed lead back: a server paging
+    /// by lead offset answers that lead first, one reading `offset` as a
+    /// page number does not (its next pages were read as if it did, its
+    /// empty page far on taken for the end).
+    proving: bool,
     /// The last listed lead of the page being confirmed and how many
     /// entries from its end it is (1: the last), when the confirmation asks
     /// it back (that many offsets before the next): a server that pages by
     /// lead offset answers it first.
     confirm_lead: Option<(String, u64)>,
-    /// A confirmation brought new leads: pages without markers are read on
-    /// by offset (a full one too) until one comes back empty.
+    /// A confirmation brought new leads, or a full page's last lead came
+    /// back first: the server pages by lead offset. Pages without markers
+    /// are read on by offset (a full one too) until one comes back empty,
+    /// and full pages of an offset listing are read on unchecked.
     by_offset: bool,
     /// Why the end is unknown (for the pass's note).
     unknown_why: Option<String>,
+    /// The last page advanced over starts with this lead, asked back from
+    /// the page before (which listed it): not to be counted twice.
+    asked_back: Option<String>,
     /// The last page advanced over repeated an earlier one (a confirmation
     /// that a server ignoring `offset` answered): nothing of it is new.
     repeated: bool,
@@ -168,9 +179,11 @@ impl Listing {
             empty_run: 0,
             asked_offset: 0,
             confirming: false,
+            proving: false,
             confirm_lead: None,
             by_offset: false,
             unknown_why: None,
+            asked_back: None,
             repeated: false,
         })
     }
@@ -191,6 +204,13 @@ impl Listing {
     /// of the pass (it ended the listing as unknown): it need not be written.
     pub fn repeated(&self) -> bool {
         self.repeated
+    }
+
+    /// The lead the last page advanced over starts with when it was asked
+    /// back from the page before, which listed it already: the caller drops
+    /// it from the page, not to write or count it twice.
+    pub fn asked_back(&self) -> Option<&str> {
+        self.asked_back.as_deref()
     }
 
     /// Why the listing's end is unknown, once [`End::Unknown`] was decided.
@@ -227,14 +247,29 @@ impl Listing {
     /// answers the same page again: an unknown end). A longer one cannot be
     /// confirmed: a server reading `offset` as a page number would answer a
     /// page further on, or nothing, taken for the end. The end is unknown.
-    fn by_offset_cursor(&mut self, page: &Page, next: u64, confirm: bool) -> Step {
+    ///
+    /// `prove`: the page is the first full one of an offset listing whose
+    /// server did not yet show that it pages by lead offset. Its last listed
+    /// lead is asked back the same way (a [`Step::Next`]: the request is
+    /// made anyway, one lead earlier), and must come first; a page of one
+    /// entry is asked past unchecked (a page number is a lead offset then).
+    fn by_offset_cursor(&mut self, page: &Page, next: u64, confirm: bool, prove: bool) -> Step {
         let back = page.last_id_back;
         let overlap = match &page.last_id {
-            Some(last) if confirm && back < page.entries() && back <= next => {
+            Some(last) if (confirm || prove) && back < page.entries() && back <= next => {
                 Some((last.clone(), back))
             }
             _ => None,
         };
+        if prove && overlap.is_none() && page.entries() >= 2 {
+            self.unknown_why = Some(format!(
+                "a full page (?offset={}) has no lead past its first entry with a readable \
+                 negotiationID to ask back: whether the server pages by lead offset cannot \
+                 be told, so the pages past it are not read",
+                self.asked_offset
+            ));
+            return Step::End(End::Unknown);
+        }
         if confirm && overlap.is_none() && page.entries() >= 2 {
             self.unknown_why = Some(format!(
                 "a short page did not echo its size limit, and no lead of it past its first \
@@ -245,6 +280,7 @@ impl Listing {
             return Step::End(End::Unknown);
         }
         let next = next - overlap.as_ref().map_or(0, |(_, back)| *back);
+        self.proving = prove && overlap.is_some();
         self.confirm_lead = overlap;
         self.asked_offset = next;
         self.confirming = confirm;
@@ -296,7 +332,9 @@ impl Listing {
         // Whatever this page says, it echoed no limit of its own.
         let unechoed = m.limit.filter(|l| *l > 0).is_none();
         let confirming = std::mem::take(&mut self.confirming);
-        let confirm_lead = self.confirm_lead.take().filter(|_| confirming);
+        let proving = std::mem::take(&mut self.proving);
+        let confirm_lead = self.confirm_lead.take().filter(|_| confirming || proving);
+        self.asked_back = None;
         // The confirmation's lead is checked before the repeat: the page
         // `[?, b]` asked `b` back answers `[b]` at its end, the same ids, but
         // not the same page (a server ignoring `offset` answers the page's
@@ -307,13 +345,25 @@ impl Listing {
             .ids_digest
             .is_some_and(|digest| self.contents.contains(&digest));
         if let Some((lead, back)) = confirm_lead {
-            // The last listed lead of the short page was asked back.
-            if page.first_id.as_deref() != Some(lead.as_str()) && repeat {
+            // The last listed lead of the short (or first full) page was
+            // asked back.
+            let first = page.first_id.as_deref() == Some(lead.as_str());
+            if !first && repeat && confirming {
                 self.repeated = true;
                 self.unknown_why = Some(ignores_offset(self.asked_offset));
                 return Ok(Step::End(End::Unknown));
             }
-            if page.first_id.as_deref() != Some(lead.as_str()) {
+            // A full page's repeat fails the pass below, as ever.
+            if !first && !repeat && proving {
+                self.unknown_why = Some(format!(
+                    "a full page's last lead, asked back (?offset={}), did not come first: \
+                     the server does not page by lead offset (a page number, perhaps), so \
+                     the pages past the first cannot be read as offsets",
+                    self.asked_offset
+                ));
+                return Ok(Step::End(End::Unknown));
+            }
+            if !first && confirming {
                 self.unknown_why = Some(format!(
                     "a short page did not echo its size limit, and the request for its last \
                      lead back (?offset={}) did not list it first: the server does not page \
@@ -322,8 +372,11 @@ impl Listing {
                 ));
                 return Ok(Step::End(End::Unknown));
             }
-            if entries <= back {
-                // Nothing past the short page's last entry: the end.
+            if first {
+                self.asked_back = Some(lead.clone());
+            }
+            if first && entries <= back {
+                // Nothing past the page's last entry: the end.
                 return Ok(Step::End(End::Known));
             }
         } else if confirming && entries == 0 {
@@ -361,9 +414,9 @@ impl Listing {
             ));
             return Ok(Step::End(End::Unknown));
         }
-        if confirming {
-            // New leads past a short page: the server caps its pages and
-            // pages by offset.
+        if confirming || proving {
+            // New leads past a short page (the server caps its pages), or
+            // past a full page's last lead: the server pages by offset.
             self.by_offset = true;
         }
         if entries == 0 && (m.next.is_some() || m.next_page_token.is_some()) {
@@ -435,7 +488,10 @@ impl Listing {
                      the listing cannot be read past it"
                 ));
             };
-            self.by_offset_cursor(page, next, entries < limit)
+            // A full page: the next is at `next` only for a server paging by
+            // lead offset; until one shows it, a full page is proven.
+            let short = entries < limit;
+            self.by_offset_cursor(page, next, short, !short && !self.by_offset)
         } else {
             // No marker at all: a short page says the listing ended if it
             // echoed its limit, may say so otherwise (confirmed at the next
@@ -458,7 +514,7 @@ impl Listing {
                     self.asked_offset
                 ));
             };
-            self.by_offset_cursor(page, next, entries < limit)
+            self.by_offset_cursor(page, next, entries < limit, false)
         };
         let cursor = match &step {
             Step::Next(c) | Step::Confirm(c) => c,
@@ -572,12 +628,21 @@ mod tests {
         l.first();
         let p = page(&format!(
             r#"{{"data":[{}],"pagination":{{"limit":"2","offset":0}}}}"#,
-            leads(2)
+            named(0..2)
         ));
-        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&offset=2");
+        // The first full page: its last lead is asked back (offset 1, not
+        // 2), to tell a server paging by lead offset from one reading it as
+        // a page number. It comes first: the next full page is read on at
+        // its next offset.
+        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&offset=1");
         let p = page(&format!(
-            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":2}}}}"#,
-            leads(1)
+            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":1}}}}"#,
+            named(1..3)
+        ));
+        assert_eq!(next_query(l.advance(&p).unwrap()), "limit=2&offset=3");
+        let p = page(&format!(
+            r#"{{"data":[{}],"pagination":{{"limit":2,"offset":3}}}}"#,
+            named(3..4)
         ));
         assert_eq!(l.advance(&p).unwrap(), Step::End(End::Known));
         assert_eq!(l.style(), Style::Offset);
@@ -714,11 +779,13 @@ mod tests {
         let mut l = Listing::new("http://h", 2).unwrap();
         l.first();
         for i in 0..5u64 {
+            // The first page's last lead is asked back (offset 1).
+            let from = (i * 2).saturating_sub(1);
             let p = page(&format!(
                 r#"{{"data":[{{"negotiationID":"{}"}},{{"negotiationID":"{}"}}],"pagination":{{"limit":2,"offset":{}}}}}"#,
-                i * 2,
-                i * 2 + 1,
-                i * 2
+                from,
+                from + 1,
+                from
             ));
             assert!(matches!(l.advance(&p), Ok(Step::Next(_))));
         }
@@ -1045,5 +1112,111 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Offset style echoing `limit` and `offset`, full pages, read to the
+    /// end from a server paging by lead offset, one ignoring `offset`, and
+    /// ones reading it as a page number (from 0 or 1), echoing the offset
+    /// asked or the leads skipped, for limits 1 to 4 and 0 to 12 leads. A
+    /// known end never leaves a lead unread (a page-number server's full
+    /// pages were read on unchecked, its empty page far on taken for the
+    /// end: 50 of 150 leads unread at limit 100), and a server paging by
+    /// offset always reaches it.
+    #[test]
+    fn a_known_end_of_a_full_offset_listing_never_leaves_a_lead_unread() {
+        #[derive(Debug, Clone, Copy)]
+        enum Server {
+            ByOffset,
+            IgnoresOffset,
+            PageFrom0,
+            PageFrom1,
+        }
+        for server in [
+            Server::ByOffset,
+            Server::IgnoresOffset,
+            Server::PageFrom0,
+            Server::PageFrom1,
+        ] {
+            for echo_asked in [true, false] {
+                for limit in 1..=4usize {
+                    for n in 0..=12usize {
+                        let serve = |offset: usize| {
+                            let start = match server {
+                                Server::IgnoresOffset => 0,
+                                Server::ByOffset => offset,
+                                Server::PageFrom0 => offset * limit,
+                                Server::PageFrom1 => offset.saturating_sub(1) * limit,
+                            };
+                            let echoed = if echo_asked { offset } else { start };
+                            page(&format!(
+                                r#"{{"data":[{}],"pagination":{{"limit":{limit},"offset":{echoed}}}}}"#,
+                                named(start.min(n)..(start + limit).min(n))
+                            ))
+                        };
+                        let case = format!(
+                            "{server:?}, echo asked {echo_asked}, limit {limit}, {n} leads"
+                        );
+                        let mut l = Listing::new("http://h", limit as u32).unwrap();
+                        l.first();
+                        let mut p = serve(0);
+                        let mut listed = std::collections::BTreeSet::new();
+                        let mut end = None;
+                        for _ in 0..100 {
+                            listed.extend(p.leads.iter().map(|l| l.negotiation_id.clone()));
+                            match l.advance(&p) {
+                                Ok(Step::Next(c) | Step::Confirm(c)) => {
+                                    let offset = c
+                                        .query
+                                        .iter()
+                                        .find(|(k, _)| k == "offset")
+                                        .map(|(_, v)| v.parse().unwrap())
+                                        .unwrap_or_else(|| panic!("no offset: {case}"));
+                                    p = serve(offset);
+                                }
+                                Ok(Step::End(e)) => {
+                                    end = Some(e);
+                                    break;
+                                }
+                                Err(_) => {
+                                    end = Some(End::Unknown);
+                                    break;
+                                }
+                            }
+                        }
+                        let end = end.unwrap_or_else(|| panic!("no end in 100 pages: {case}"));
+                        if end == End::Known {
+                            let all: std::collections::BTreeSet<String> =
+                                (0..n).map(|i| format!("o{i}")).collect();
+                            assert_eq!(listed, all, "{case}");
+                        }
+                        if matches!(server, Server::ByOffset) {
+                            assert_eq!(end, End::Known, "{case}");
+                        }
+                    }
+                }
+            }
+        }
+        // The reviewer's case: 150 leads, limit 100, the offset asked
+        // echoed, read as a page number: the end is unknown after two
+        // requests (the second from the first page's last lead).
+        let serve = |offset: usize| {
+            let start = offset * 100;
+            page(&format!(
+                r#"{{"data":[{}],"pagination":{{"limit":100,"offset":{offset}}}}}"#,
+                named(start.min(150)..(start + 100).min(150))
+            ))
+        };
+        let mut l = Listing::new("http://h", 100).unwrap();
+        l.first();
+        assert_eq!(
+            next_query(l.advance(&serve(0)).unwrap()),
+            "limit=100&offset=99"
+        );
+        assert_eq!(l.advance(&serve(99)).unwrap(), Step::End(End::Unknown));
+        assert!(
+            l.unknown_why().contains("lead offset"),
+            "{}",
+            l.unknown_why()
+        );
     }
 }
