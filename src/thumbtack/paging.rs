@@ -4,7 +4,10 @@
 //! `pagination.next` (a URL whose query is applied to our own list path),
 //! `pagination.nextPageToken` (sent back as `pageToken`), and
 //! `pagination.offset` (the next page is `offset + len(data)` while pages
-//! come back full).
+//! come back full; after the first full page, until a page proves that the
+//! server pages by lead offset, one less: that page's last lead asked back
+//! must come first, else the end is unknown — a server reading `offset` as
+//! a page number answers another page, or nothing, taken for the end).
 //!
 //! A page is "short" against the limit the server echoed in
 //! `pagination.limit`; one that echoed none (a bare array, an offset or
