@@ -409,6 +409,12 @@ async fn confirm_unseen(
                     listing.unknown_why()
                 ));
             }
+            // Read on unproven: its end will be unknown (below), as a
+            // refused confirmation's is.
+            Err(e) if listing.proving() && refused(&e) && !stop.is_cancelled() => {
+                cursor = proof_refused(&mut listing, &e);
+                continue;
+            }
             Err(e) => {
                 return Err(format!(
                     "re-reading the listing to confirm {unseen} unlisted leads: {}",
@@ -562,14 +568,20 @@ async fn read_pages(
         if stop.is_cancelled() {
             return Err("interrupted by shutdown".into());
         }
-        page = match fetch(client.clone(), business_id.to_string(), next).await {
-            Ok(page) => page,
-            Err(e) if confirm && refused(&e) && !stop.is_cancelled() => {
-                let end = listing.confirm_failed(&e.message);
-                *why = Some(listing.unknown_why());
-                return Ok(end);
+        let mut next = next;
+        page = loop {
+            match fetch(client.clone(), business_id.to_string(), next).await {
+                Ok(page) => break page,
+                Err(e) if confirm && refused(&e) && !stop.is_cancelled() => {
+                    let end = listing.confirm_failed(&e.message);
+                    *why = Some(listing.unknown_why());
+                    return Ok(end);
+                }
+                Err(e) if listing.proving() && refused(&e) && !stop.is_cancelled() => {
+                    next = proof_refused(&mut listing, &e);
+                }
+                Err(e) => return Err(e.message),
             }
-            Err(e) => return Err(e.message),
         };
     }
 }
@@ -586,6 +598,20 @@ fn drop_asked_back(listing: &Listing, page: &mut crate::thumbtack::model::Page) 
     } else if page.unchanged.first().is_some_and(|id| id == lead) {
         page.unchanged.remove(0);
     }
+}
+
+/// The request proving the first full page of an offset listing
+/// ([`Listing::proving`]) was refused, as a confirmation can be (a final
+/// 4xx, [`refused`]): the listing is read on at the next offset unproven,
+/// its end unknown; any other failure fails the pass, as on any page.
+fn proof_refused(listing: &mut Listing, e: &ApiError) -> Cursor {
+    let cursor = listing.proof_refused(&e.message);
+    warn!(
+        error = %e.message,
+        next = %cursor.to_query_string(),
+        "the proof that the server pages by lead offset was refused; reading on unproven (the end will be unknown)"
+    );
+    cursor
 }
 
 /// A [`Step::Confirm`] request the API itself refused (a final 4xx, as a
@@ -900,6 +926,10 @@ async fn read_all_pages(
                             let end = listing.confirm_failed(&e.message);
                             *why = Some(listing.unknown_why());
                             return Ok(Some(end));
+                        }
+                        Err(e) if listing.proving() && refused(&e) && !stop.is_cancelled() => {
+                            cursor = proof_refused(&mut listing, &e);
+                            continue;
                         }
                         Err(e) => return Err(e.message),
                     }

@@ -640,6 +640,89 @@ async fn a_full_offset_listing_that_reads_offset_as_a_page_number_marks_nothing_
     assert_eq!((outcome.as_str(), error), ("ok", None), "{out}");
 }
 
+/// Offset style echoing `offset` and `limit`, 3 pages of leads, from a
+/// server that refuses (400) an offset not a multiple of the limit: the
+/// first full page's proof (its last lead asked back, offset 9) is refused.
+/// That failed every pass, head and full, after its first page (before the
+/// proof, offset 10 was accepted and the whole listing read). A refused
+/// proof now reads on at the next offset unproven: every lead is read, the
+/// end is unknown (nothing marked missing, a lead really gone included),
+/// the pass is `ok` and says the proof was refused; a head scan succeeds.
+/// A proof that fails otherwise (a 503) still fails the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_proof_of_a_full_offset_page_reads_on_unproven() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 30,
+            pagination: Pagination::Offset,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    env.sandbox.set_faults(Faults {
+        reject_unaligned_offset: true,
+        ..Default::default()
+    });
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 30);
+    assert!(out.contains("end is unknown"), "{out}");
+    let (_, outcome, pagination, error, missing) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), missing),
+        ("ok", Some("offset"), 0),
+        "{out}"
+    );
+    let error = error.unwrap_or_default();
+    assert!(error.contains("?offset=9"), "{error}");
+    assert!(error.contains("refused"), "{error}");
+    assert!(
+        error.contains("offset must be a multiple of limit"),
+        "{error}"
+    );
+    // A lead gone is not marked missing (the end is unknown), and the
+    // leads past the first page are still read.
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[25].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    assert!(out.contains("29 leads seen"), "{out}");
+    assert_eq!(last_run(&env).1, "ok", "{out}");
+    // A head scan with news asks the proof too, and succeeds.
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 1,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 new"), "{out}");
+    assert!(out.contains("lead offset was refused"), "{out}");
+    assert_eq!(last_run(&env).1, "ok", "{out}");
+    // The proof failing on the way (a 503, no refusal) says nothing of
+    // the listing: the pass fails, as on any page, and marks nothing.
+    env.sandbox.set_faults(Faults {
+        offset_503: true,
+        ..Default::default()
+    });
+    let (code, out) = sync(&env, &["--full"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, _) = last_run(&env);
+    assert_eq!(outcome, "error", "{out}");
+    assert!(error.unwrap_or_default().contains("503"), "{out}");
+}
+
 /// Offset style whose `pagination` leaves `limit` out: a capped page is
 /// short against what we asked, but not the end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,7 +7,8 @@
 //! come back full; after the first full page, until a page proves that the
 //! server pages by lead offset, one less: that page's last lead asked back
 //! must come first, else the end is unknown — a server reading `offset` as
-//! a page number answers another page, or nothing, taken for the end).
+//! a page number answers another page, or nothing, taken for the end; a
+//! proof the API refuses is read on past unproven, the end never known).
 //!
 //! A page is "short" against the limit the server echoed in
 //! `pagination.limit`; one that echoed none (a bare array, an offset or
@@ -136,6 +137,14 @@ pub struct Listing {
     /// page number does not (its next pages were read as if it did, its
     /// empty page far on taken for the end).
     proving: bool,
+    /// The offset past the page being proven (`offset + len(data)`, not
+    /// shifted back): where the listing reads on if the proof is refused.
+    proof_next: u64,
+    /// A proof was refused ([`Listing::proof_refused`]): the listing is read
+    /// on by `offset + len(data)` unproven, no proof is asked again, and no
+    /// end is known (a server reading `offset` as a page number would end
+    /// it early), so a full scan marks nothing missing.
+    unproven: bool,
     /// The last listed lead of the page being confirmed and how many
     /// entries from its end it is (1: the last), when the confirmation asks
     /// it back (that many offsets before the next): a server that pages by
@@ -183,6 +192,8 @@ impl Listing {
             asked_offset: 0,
             confirming: false,
             proving: false,
+            proof_next: 0,
+            unproven: false,
             confirm_lead: None,
             by_offset: false,
             unknown_why: None,
@@ -221,6 +232,40 @@ impl Listing {
         self.unknown_why
             .clone()
             .unwrap_or_else(|| FULL_PAGE_NO_MARKER.to_string())
+    }
+
+    /// The request whose page comes next asks a full page's last lead back
+    /// to prove that the server pages by lead offset (a [`Step::Next`]): if
+    /// the API refuses it, [`Listing::proof_refused`].
+    pub fn proving(&self) -> bool {
+        self.proving
+    }
+
+    /// The API refused the request that proves the first full page (a final
+    /// 4xx, as a server answers an offset that is no page boundary): the
+    /// listing is read on from the next offset (`offset + len(data)`, as it
+    /// was before proofs were asked), unproven. Every page is still read,
+    /// but no end is known: the pass goes on and marks nothing missing.
+    pub fn proof_refused(&mut self, error: &str) -> Cursor {
+        self.proving = false;
+        self.confirm_lead = None;
+        self.unproven = true;
+        let next = self.proof_next;
+        self.unknown_why = Some(format!(
+            "a full page's last lead, asked back (?offset={}) to prove that the server \
+             pages by lead offset, was refused: {error}; the listing was read on at \
+             ?offset={next} unproven, so its end cannot be known",
+            self.asked_offset
+        ));
+        self.asked_offset = next;
+        let cursor = Cursor {
+            query: vec![
+                ("limit".into(), self.limit.to_string()),
+                ("offset".into(), next.to_string()),
+            ],
+        };
+        self.requested.insert(cursor.to_query_string());
+        cursor
     }
 
     /// The API refused the request of a [`Step::Confirm`] (a final 4xx): the
@@ -282,6 +327,7 @@ impl Listing {
             ));
             return Step::End(End::Unknown);
         }
+        self.proof_next = next;
         let next = next - overlap.as_ref().map_or(0, |(_, back)| *back);
         self.proving = prove && overlap.is_some();
         self.confirm_lead = overlap;
@@ -327,8 +373,16 @@ impl Listing {
     }
 
     /// Decides what follows `page`. An error means the listing cannot be
-    /// trusted (a `next` on another host, a loop): the pass fails.
+    /// trusted (a `next` on another host, a loop): the pass fails. Once a
+    /// proof was refused, an end is never known.
     pub fn advance(&mut self, page: &Page) -> Result<Step, String> {
+        match self.decide(page)? {
+            Step::End(End::Known) if self.unproven => Ok(Step::End(End::Unknown)),
+            step => Ok(step),
+        }
+    }
+
+    fn decide(&mut self, page: &Page) -> Result<Step, String> {
         let m: &Markers = &page.markers;
         let entries = page.entries();
         let limit = m.limit.filter(|l| *l > 0).unwrap_or(u64::from(self.limit));
@@ -494,7 +548,8 @@ impl Listing {
             // A full page: the next is at `next` only for a server paging by
             // lead offset; until one shows it, a full page is proven.
             let short = entries < limit;
-            self.by_offset_cursor(page, next, short, !short && !self.by_offset)
+            let prove = !short && !self.by_offset && !self.unproven;
+            self.by_offset_cursor(page, next, short, prove)
         } else {
             // No marker at all: a short page says the listing ended if it
             // echoed its limit, may say so otherwise (confirmed at the next
@@ -1112,6 +1167,66 @@ mod tests {
                             assert_eq!(end, End::Known, "{case}");
                         }
                     }
+                }
+            }
+        }
+    }
+
+    /// A server paging by lead offset that refuses (a final 4xx) an offset
+    /// off a page boundary: the first full page's proof (its last lead
+    /// asked back) is refused. It failed the pass; the listing is now read
+    /// on at `offset + len(data)` unproven, no proof asked again (no offset
+    /// off a boundary is asked), every lead read, and the end never known
+    /// (nothing marked missing). A listing of one short page needs no proof.
+    #[test]
+    fn a_refused_proof_reads_on_unproven_and_never_knows_the_end() {
+        for limit in 2..=4usize {
+            for n in 0..=12usize {
+                let case = format!("limit {limit}, {n} leads");
+                let serve = |offset: usize| {
+                    page(&format!(
+                        r#"{{"data":[{}],"pagination":{{"limit":{limit},"offset":{offset}}}}}"#,
+                        named(offset.min(n)..(offset + limit).min(n))
+                    ))
+                };
+                let mut l = Listing::new("http://h", limit as u32).unwrap();
+                l.first();
+                assert!(!l.proving());
+                let mut p = serve(0);
+                let mut listed = std::collections::BTreeSet::new();
+                let mut refusals = 0;
+                let end = loop {
+                    listed.extend(p.leads.iter().map(|l| l.negotiation_id.clone()));
+                    let mut c = match l.advance(&p).unwrap() {
+                        Step::Next(c) => c,
+                        Step::End(end) => break end,
+                        other => panic!("{other:?}: {case}"),
+                    };
+                    let offset = |c: &Cursor| -> usize { c.query[1].1.parse().unwrap() };
+                    if offset(&c) % limit != 0 {
+                        assert!(l.proving(), "{case}");
+                        refusals += 1;
+                        c = l.proof_refused("HTTP 400");
+                        assert!(!l.proving(), "{case}");
+                    }
+                    assert_eq!(offset(&c) % limit, 0, "{case}");
+                    p = serve(offset(&c));
+                };
+                let all: std::collections::BTreeSet<String> =
+                    (0..n).map(|i| format!("o{i}")).collect();
+                assert_eq!(listed, all, "{case}");
+                match n >= limit {
+                    true => {
+                        assert_eq!((end, refusals), (End::Unknown, 1), "{case}");
+                        let why = l.unknown_why();
+                        assert!(why.contains(&format!("?offset={}", limit - 1)), "{why}");
+                        assert!(why.contains("was refused: HTTP 400"), "{why}");
+                        assert!(
+                            why.contains(&format!("read on at ?offset={limit}")),
+                            "{why}"
+                        );
+                    }
+                    false => assert_eq!((end, refusals), (End::Known, 0), "{case}"),
                 }
             }
         }
