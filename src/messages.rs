@@ -28,6 +28,21 @@ pub const RETRY_FIRST: chrono::Duration = chrono::Duration::minutes(5);
 /// The longest wait of a lead whose poll keeps failing.
 pub const RETRY_MAX: chrono::Duration = chrono::Duration::days(1);
 
+/// How much longer than [`RETRY_MAX`] a wait may be and still be one this
+/// clock set: a wait ending later was set by a clock that ran ahead.
+pub const WAIT_SLACK: chrono::Duration = chrono::Duration::minutes(1);
+
+/// The moment a wait is read against, and the horizon past which it was
+/// set by a clock that ran ahead and is taken as over (now plus
+/// [`RETRY_MAX`] plus [`WAIT_SLACK`]), both formatted for the database: the
+/// poller and `leadsync status` read waits alike.
+pub fn wait_window(now: DateTime<Utc>) -> (String, String) {
+    (
+        crate::time::fmt(now),
+        crate::time::fmt(now + RETRY_MAX + WAIT_SLACK),
+    )
+}
+
 /// When a lead whose poll just failed for the `failures`-th time in a row
 /// is polled again after a pass (`None`: after the next pass).
 pub fn next_poll_after(failures: i64, polled: DateTime<Utc>) -> Option<DateTime<Utc>> {
@@ -108,10 +123,9 @@ pub async fn poll_after_pass(
         settings.max_leads_per_pass,
         chrono::Utc::now(),
     );
-    // A wait ending after now + RETRY_MAX (with a minute's slack) was set by
-    // a clock that ran ahead: due now.
-    let horizon = crate::time::fmt(now + RETRY_MAX + chrono::Duration::minutes(1));
-    let now = crate::time::fmt(now);
+    // A wait ending after the horizon was set by a clock that ran ahead:
+    // due now.
+    let (now, horizon) = wait_window(now);
     let (leads, cursor) = store
         .call(move |c| messages::leads_to_poll(c, &id, limit, &now, &horizon))
         .await?;

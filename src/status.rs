@@ -221,7 +221,11 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
     }
     let message_outbox = unless_missing(older, outbox::counts_of(conn, outbox::Kind::Message))?;
     let messages = MessagesStatus {
-        mirrored: unless_missing(older, messages::counts(conn))?,
+        mirrored: {
+            // As the poller reads a wait (crate::messages::poll_after_pass).
+            let (now, horizon) = crate::messages::wait_window(chrono::Utc::now());
+            unless_missing(older, messages::counts(conn, &now, &horizon))?
+        },
         oldest_pending_age_secs: age_secs(&message_outbox.oldest_pending_created_at),
         outbox: message_outbox,
     };

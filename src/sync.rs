@@ -408,6 +408,12 @@ async fn confirm_unseen(
                     listing.unknown_why()
                 ));
             }
+            // Read on unproven: its end will be unknown (below), as a
+            // refused confirmation's is.
+            Err(e) if listing.proving() && refused(&e) && !stop.is_cancelled() => {
+                cursor = proof_refused(&mut listing, &e);
+                continue;
+            }
             Err(e) => {
                 return Err(format!(
                     "re-reading the listing to confirm {unseen} unlisted leads: {}",
@@ -509,6 +515,7 @@ async fn read_pages(
                 return Ok(End::Unknown);
             }
         }
+        drop_asked_back(&listing, &mut page);
         warn_skipped(&page);
         let mut ctx = page_context(business_id, run_id);
         ctx.read_at = page.read_at.take();
@@ -560,16 +567,50 @@ async fn read_pages(
         if stop.is_cancelled() {
             return Err("interrupted by shutdown".into());
         }
-        page = match fetch(client.clone(), business_id.to_string(), next).await {
-            Ok(page) => page,
-            Err(e) if confirm && refused(&e) && !stop.is_cancelled() => {
-                let end = listing.confirm_failed(&e.message);
-                *why = Some(listing.unknown_why());
-                return Ok(end);
+        let mut next = next;
+        page = loop {
+            match fetch(client.clone(), business_id.to_string(), next).await {
+                Ok(page) => break page,
+                Err(e) if confirm && refused(&e) && !stop.is_cancelled() => {
+                    let end = listing.confirm_failed(&e.message);
+                    *why = Some(listing.unknown_why());
+                    return Ok(end);
+                }
+                Err(e) if listing.proving() && refused(&e) && !stop.is_cancelled() => {
+                    next = proof_refused(&mut listing, &e);
+                }
+                Err(e) => return Err(e.message),
             }
-            Err(e) => return Err(e.message),
         };
     }
+}
+
+/// Drops from `page` the lead it starts with when that lead was asked back
+/// from the page before ([`Listing::asked_back`]): that page listed it, and
+/// it is written and counted once.
+fn drop_asked_back(listing: &Listing, page: &mut crate::thumbtack::model::Page) {
+    let Some(lead) = listing.asked_back() else {
+        return;
+    };
+    if page.leads.first().is_some_and(|l| l.negotiation_id == lead) {
+        page.leads.remove(0);
+    } else if page.unchanged.first().is_some_and(|id| id == lead) {
+        page.unchanged.remove(0);
+    }
+}
+
+/// The request proving the first full page of an offset listing
+/// ([`Listing::proving`]) was refused, as a confirmation can be (a final
+/// 4xx, [`refused`]): the listing is read on at the next offset unproven,
+/// its end unknown; any other failure fails the pass, as on any page.
+fn proof_refused(listing: &mut Listing, e: &ApiError) -> Cursor {
+    let cursor = listing.proof_refused(&e.message);
+    warn!(
+        error = %e.message,
+        next = %cursor.to_query_string(),
+        "the proof that the server pages by lead offset was refused; reading on unproven (the end will be unknown)"
+    );
+    cursor
 }
 
 /// A [`Step::Confirm`] request the API itself refused (a final 4xx, as a
@@ -885,6 +926,10 @@ async fn read_all_pages(
                             *why = Some(listing.unknown_why());
                             return Ok(Some(end));
                         }
+                        Err(e) if listing.proving() && refused(&e) && !stop.is_cancelled() => {
+                            cursor = proof_refused(&mut listing, &e);
+                            continue;
+                        }
                         Err(e) => return Err(e.message),
                     }
                 }
@@ -903,6 +948,8 @@ async fn read_all_pages(
                 }
             }
             fetched += 1;
+            let mut page = page;
+            drop_asked_back(&listing, &mut page);
             if pages_tx.send(page).await.is_err() {
                 // The writer failed; its error is the pass's.
                 return Ok(None);

@@ -13,6 +13,22 @@ pub fn now() -> String {
     fmt(Utc::now())
 }
 
+/// How far after this clock's reading a stamp of leadsync's own (a row's
+/// `last_seen_at`, `changed_at`, `first_seen_at`, a pass's `listed_at`…)
+/// must lie to be taken for one a wall clock running ahead wrote, since
+/// corrected: such a stamp tells nothing of when the lead was observed, and
+/// is not trusted as an observation. Anything nearer is an ordinary stamp:
+/// a delivery's `now` is its receipt, and a listing or another delivery
+/// may well write after it (milliseconds, or the time a delivery waits on
+/// the store), so "after now" alone proves no clock ahead.
+pub const FAR_AHEAD: chrono::TimeDelta = chrono::TimeDelta::hours(1);
+
+/// The latest stamp not [`FAR_AHEAD`]: the clock's reading now plus the
+/// margin, formatted for the database.
+pub fn far_ahead() -> String {
+    fmt(Utc::now() + FAR_AHEAD)
+}
+
 /// Parses an RFC 3339 time with a zone into UTC.
 pub fn parse(s: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(s)

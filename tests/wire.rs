@@ -350,10 +350,12 @@ async fn a_capped_bare_listing_that_ignores_offset_is_an_unknown_end() {
 /// and lists leads whose id it spells `negotiationId` (unreadable, so the
 /// repeated page has no digest to be caught by). Every confirmation
 /// answered entries, was taken for new leads, and the next offset was
-/// asked (up to a million requests). The end is now unknown after one
-/// confirmation: the pass ends, succeeds and marks nothing.
+/// asked (up to a million requests). The end is now unknown at once: a
+/// short page with no readable id has no lead to ask back, so it is not
+/// confirmed at all (no request but the page's): the pass ends, succeeds
+/// and marks nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_after_one_confirmation() {
+async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_without_a_confirmation() {
     let (env, ids) = capped_after_a_full_sync(
         Pagination::Bare,
         Faults {
@@ -374,12 +376,17 @@ async fn a_capped_listing_of_unreadable_ids_that_ignores_offset_ends_after_one_c
     let before = env.sandbox.list_requests(&b);
     let (code, out) = sync(&env, &["--full"]);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 1, "{out}");
     assert!(out.contains("end is unknown"), "{out}");
     assert!(missing_ids(&env).is_empty(), "{out}");
     let (_, outcome, _, error, missing) = last_run(&env);
     assert_eq!((outcome.as_str(), missing), ("ok", 0));
-    assert!(error.unwrap_or_default().contains("no readable"), "{out}");
+    assert!(
+        error
+            .unwrap_or_default()
+            .contains("readable negotiationID to ask back"),
+        "{out}"
+    );
 }
 
 /// A server that reads `offset` as a page number: the confirmation asks
@@ -407,6 +414,56 @@ async fn a_capped_bare_listing_that_reads_offset_as_a_page_number_is_an_unknown_
     let (_, outcome, _, error, missing) = last_run(&env);
     assert_eq!((outcome.as_str(), missing), ("ok", 0));
     assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+}
+
+/// The short page's last entry has no readable id (its lead spells it
+/// `negotiationId`), so its last lead cannot be asked back: the confirmation
+/// asked the next offset unchecked (offset 3), which a server reading
+/// `offset` as a page number answers with page 3 (nothing), taken for the
+/// end: a full scan marked the five leads it never read missing. The last
+/// lead the page did list (one entry before) is asked back instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_capped_page_ending_in_an_unreadable_id_is_not_confirmed_unchecked() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Bare,
+        Faults {
+            offset_as_page: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    env.sandbox
+        .mutate(Mutation::Patch {
+            negotiation_id: ids[2].clone(),
+            patch: serde_json::json!({"negotiationID": null, "negotiationId": ids[2]}),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let unread: BTreeSet<String> = ids[3..].iter().cloned().collect();
+    assert!(missing_ids(&env).is_disjoint(&unread), "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0));
+    assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+    // A server that pages by offset: the page's last listed lead comes
+    // back first, the listing is read to its end, and a lead really gone
+    // is marked missing.
+    env.sandbox.set_faults(Faults::default());
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[6].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let (_, outcome, _, error, _) = last_run(&env);
+    assert_eq!((outcome.as_str(), error), ("ok", None), "{out}");
+    assert!(missing_ids(&env).contains(&ids[6]), "{out}");
+    assert!(
+        missing_ids(&env).is_disjoint(&unread.iter().filter(|i| **i != ids[6]).cloned().collect()),
+        "{out}"
+    );
 }
 
 /// A strict server that refuses `offset` (400): the confirmation fails,
@@ -531,6 +588,139 @@ async fn the_default_next_style_asks_no_confirmation_request() {
             assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
         }
     }
+}
+
+/// Offset style echoing `offset` and `limit`, full pages, from a server that
+/// reads `offset` as a page number: the full first page's next offset (3)
+/// was asked unchecked, page 3 (nothing) was taken for the end, and a full
+/// scan marked the five leads it never read missing. The first full page
+/// is now proven: its last lead asked back (offset 2) must come first; page
+/// 2 (leads 6 and 7) does not, so the end is unknown. A server paging by
+/// offset proves it, and its listing is read to the end (as many requests
+/// here: the proof's overlap of one lead moves no page boundary past the end).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_offset_listing_that_reads_offset_as_a_page_number_marks_nothing_missing() {
+    let (env, ids) = capped_after_a_full_sync(
+        Pagination::Offset,
+        Faults {
+            offset_as_page: true,
+            ..Default::default()
+        },
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    assert!(out.contains("end is unknown"), "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 2, "{out}");
+    let (_, outcome, pagination, error, missing) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), missing),
+        ("ok", Some("offset"), 0)
+    );
+    assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
+    // A server paging by offset: leads 0-2, 2-4 (the proof), then 5-6
+    // (short: the end), read twice (the second reading confirms the lead
+    // not listed); a lead really gone is marked missing.
+    env.sandbox.set_faults(Faults::default());
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[7].clone(),
+        })
+        .unwrap();
+    let before = env.sandbox.list_requests(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[7].clone()]), "{out}");
+    assert_eq!(env.sandbox.list_requests(&b) - before, 6, "{out}");
+    assert!(out.contains("7 leads seen"), "{out}");
+    let (_, outcome, _, error, _) = last_run(&env);
+    assert_eq!((outcome.as_str(), error), ("ok", None), "{out}");
+}
+
+/// Offset style echoing `offset` and `limit`, 3 pages of leads, from a
+/// server that refuses (400) an offset not a multiple of the limit: the
+/// first full page's proof (its last lead asked back, offset 9) is refused.
+/// That failed every pass, head and full, after its first page (before the
+/// proof, offset 10 was accepted and the whole listing read). A refused
+/// proof now reads on at the next offset unproven: every lead is read, the
+/// end is unknown (nothing marked missing, a lead really gone included),
+/// the pass is `ok` and says the proof was refused; a head scan succeeds.
+/// A proof that fails otherwise (a 503) still fails the pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_proof_of_a_full_offset_page_reads_on_unproven() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 30,
+            pagination: Pagination::Offset,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    env.sandbox.set_faults(Faults {
+        reject_unaligned_offset: true,
+        ..Default::default()
+    });
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 30);
+    assert!(out.contains("end is unknown"), "{out}");
+    let (_, outcome, pagination, error, missing) = last_run(&env);
+    assert_eq!(
+        (outcome.as_str(), pagination.as_deref(), missing),
+        ("ok", Some("offset"), 0),
+        "{out}"
+    );
+    let error = error.unwrap_or_default();
+    assert!(error.contains("?offset=9"), "{error}");
+    assert!(error.contains("refused"), "{error}");
+    assert!(
+        error.contains("offset must be a multiple of limit"),
+        "{error}"
+    );
+    // A lead gone is not marked missing (the end is unknown), and the
+    // leads past the first page are still read.
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[25].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    assert!(out.contains("29 leads seen"), "{out}");
+    assert_eq!(last_run(&env).1, "ok", "{out}");
+    // A head scan with news asks the proof too, and succeeds.
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 1,
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("1 new"), "{out}");
+    assert!(out.contains("lead offset was refused"), "{out}");
+    assert_eq!(last_run(&env).1, "ok", "{out}");
+    // The proof failing on the way (a 503, no refusal) says nothing of
+    // the listing: the pass fails, as on any page, and marks nothing.
+    env.sandbox.set_faults(Faults {
+        offset_503: true,
+        ..Default::default()
+    });
+    let (code, out) = sync(&env, &["--full"]);
+    assert_ne!(code, 0, "{out}");
+    assert!(missing_ids(&env).is_empty(), "{out}");
+    let (_, outcome, _, error, _) = last_run(&env);
+    assert_eq!(outcome, "error", "{out}");
+    assert!(error.unwrap_or_default().contains("503"), "{out}");
 }
 
 /// Offset style whose `pagination` leaves `limit` out: a capped page is
@@ -1250,7 +1440,9 @@ async fn probe_shows_each_style_in_text_and_json() {
     for (style, name, next) in [
         (Pagination::Next, "next", Some("?limit=10&offset=10")),
         (Pagination::Token, "token", Some("?limit=10&pageToken=")),
-        (Pagination::Offset, "offset", Some("?limit=10&offset=10")),
+        // The first full page of an offset listing: its last lead is asked
+        // back (offset 9), to prove that the server pages by lead offset.
+        (Pagination::Offset, "offset", Some("?limit=10&offset=9")),
         (Pagination::None, "single", None),
         (Pagination::NextToken, "next", Some("?limit=10&pageToken=")),
         (Pagination::Bare, "single", None),

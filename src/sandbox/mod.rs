@@ -150,6 +150,10 @@ pub struct Faults {
     /// Listing: read `offset` as a page number (`offset × limit` leads
     /// skipped), as a server paging by page might.
     pub offset_as_page: bool,
+    /// Listing: answer `400` (ProblemDetails) to an `offset` that is not a
+    /// multiple of the page's `limit` (a server paging by page that checks
+    /// page boundaries): the lead asked back to prove a full page is refused.
+    pub reject_unaligned_offset: bool,
     /// Listing: leave `limit` out of `pagination` (envelope styles), so a
     /// page clamped to `max_page_size` does not say it is.
     pub no_limit_echo: bool,

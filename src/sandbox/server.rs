@@ -642,6 +642,18 @@ fn list(
                 "unknown query parameter: offset",
             );
         }
+        (None, Some(o))
+            if s.faults.reject_unaligned_offset
+                && o.parse::<usize>().is_ok_and(|o| o % limit != 0) =>
+        {
+            drop(s);
+            return problem(
+                state,
+                StatusCode::BAD_REQUEST,
+                "Bad Request",
+                "offset must be a multiple of limit",
+            );
+        }
         (None, Some(o)) => match o.parse::<usize>() {
             Ok(_) if s.faults.ignore_offset => 0,
             Ok(o) if s.faults.offset_as_page => o.saturating_mul(limit),

@@ -509,8 +509,10 @@ pub struct MessageCounts {
     pub waiting_until: Option<String>,
 }
 
-/// Counts messages and failed polls.
-pub fn counts(conn: &Connection) -> Result<MessageCounts> {
+/// Counts messages and failed polls, at `now`. A wait ending after
+/// `horizon` was set by a clock that ran ahead: the poller takes it as over
+/// ([`FAILED_DUE`]), and so is it counted (failed, not waiting).
+pub fn counts(conn: &Connection, now: &str, horizon: &str) -> Result<MessageCounts> {
     let (total, from_customers, from_business) = conn.query_row(
         "SELECT count(*), count(*) FILTER (WHERE sender = 'Customer'),
                 count(*) FILTER (WHERE sender = 'Business') FROM messages",
@@ -524,10 +526,10 @@ pub fn counts(conn: &Connection) -> Result<MessageCounts> {
     let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
     let (failed_polls, waiting_polls, waiting_until) = if version >= 24 {
         conn.query_row(
-            "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1),
-                    max(next_poll_at) FILTER (WHERE next_poll_at > ?1)
+            "SELECT count(*), count(*) FILTER (WHERE next_poll_at > ?1 AND next_poll_at <= ?2),
+                    max(next_poll_at) FILTER (WHERE next_poll_at > ?1 AND next_poll_at <= ?2)
                FROM message_polls WHERE outcome = 'error'",
-            [crate::time::now()],
+            [now, horizon],
             |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
         )?
     } else if version >= 7 {
@@ -570,10 +572,55 @@ mod tests {
         // missing table is damage, reported, not zero failed polls.
         let dir = tempfile::tempdir().unwrap();
         let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
-        assert_eq!(counts(&conn).unwrap(), MessageCounts::default());
+        assert_eq!(
+            counts(
+                &conn,
+                "2026-01-01T10:00:00.000Z",
+                "2026-01-02T10:01:00.000Z"
+            )
+            .unwrap(),
+            MessageCounts::default()
+        );
         conn.execute_batch("DROP TABLE message_polls").unwrap();
-        let e = format!("{:#}", counts(&conn).expect_err("no message_polls"));
+        let e = format!(
+            "{:#}",
+            counts(
+                &conn,
+                "2026-01-01T10:00:00.000Z",
+                "2026-01-02T10:01:00.000Z"
+            )
+            .expect_err("no message_polls")
+        );
         assert!(e.contains("message_polls"), "{e}");
+    }
+
+    #[test]
+    fn a_wait_set_by_a_clock_far_ahead_is_not_counted_as_waiting() {
+        // Three leads refused: one waiting an hour, one whose wait a clock
+        // a year ahead set (the poller takes it as over: beyond the
+        // horizon), one polled after the next pass. Status counted the
+        // second as waiting, "until" a year ahead.
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "INSERT INTO message_polls (negotiation_id, business_id, polled_at, outcome, failures,
+                 next_poll_at) VALUES
+             ('1', 'b', 't', 'error', 3, '2026-01-01T11:00:00.000Z'),
+             ('2', 'b', 't', 'error', 3, '2027-01-01T10:00:00.000Z'),
+             ('3', 'b', 't', 'error', 1, NULL),
+             ('4', 'b', 't', 'ok', 0, NULL);",
+        )
+        .unwrap();
+        let c = counts(
+            &conn,
+            "2026-01-01T10:00:00.000Z",
+            "2026-01-02T10:01:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.failed_polls, c.waiting_polls, c.waiting_until.as_deref()),
+            (3, 1, Some("2026-01-01T11:00:00.000Z"))
+        );
     }
 
     #[test]

@@ -234,8 +234,9 @@ impl std::hash::Hasher for FingerprintHash {
 pub struct Known {
     hash: i64,
     /// `last_seen_at` as [`instant_key`] orders it; -1 (before every
-    /// instant) when the text is not in leadsync's own form: such a lead is
-    /// never unchanged. (A missing lead is not known at all.)
+    /// instant) when the text is not in leadsync's own form, or lies
+    /// [`crate::time::FAR_AHEAD`] after the moment the known leads were read
+    /// (a clock ahead wrote it): such a lead is never unchanged. (A missing lead is not known at all.)
     last_seen: i64,
 }
 
@@ -282,11 +283,18 @@ const KNOWN_LEADS: &str = "SELECT negotiation_id, payload_hash, last_seen_at
   WHERE business_id = ?1 AND missing_since IS NULL";
 
 /// A business's present leads first seen before ?2 (the pass's start,
-/// [`unlisted`]): after a full scan, those it did not list are missing. A
-/// lead first seen after the scan started (a webhook delivery meanwhile)
-/// could not be in its listing.
+/// [`unlisted`]) or after ?3 (the mark's transaction's time plus
+/// [`crate::time::FAR_AHEAD`]): after a full scan, those it did not list are
+/// missing. A lead first seen after the scan started (a webhook delivery
+/// meanwhile, even one written after the mark's time was taken) could not
+/// be in its listing. One first seen further ahead than the margin was
+/// stamped under a wall clock ahead, since corrected: it
+/// was not first seen during the scan, and left out it would be spared by
+/// every full scan until the clock caught up (a gone lead present for as
+/// long as the clock was ahead).
 const UNLISTED: &str = "SELECT negotiation_id FROM negotiations
-  WHERE business_id = ?1 AND missing_since IS NULL AND first_seen_at < ?2";
+  WHERE business_id = ?1 AND missing_since IS NULL
+    AND (first_seen_at < ?2 OR first_seen_at > ?3)";
 
 /// Whether lead ?1, unlisted by a full scan that started at ?2, was
 /// observed otherwise since then: its row written meanwhile (`changed_at`:
@@ -298,10 +306,13 @@ const UNLISTED: &str = "SELECT negotiation_id FROM negotiations
 /// from the listing proves nothing then: the page where it would have been
 /// may have been read before the event, or within the margin after it,
 /// when a listing may still lag it. `changed_at` is leadsync's wall clock:
-/// only a write by ?4, the mark's time, counts (one stamped later was made
+/// only a write by ?4 counts (one stamped later was made
 /// under a clock ahead, since corrected: it tells nothing of when the lead
 /// was seen, and would spare the lead from every full scan until the clock
-/// catches up). Read for the unlisted leads only (the columns are not in
+/// catches up); "later" is [`crate::time::FAR_AHEAD`] after the mark's
+/// transaction began: a delivery written after the mark's time was taken,
+/// before its transaction, is an observation like any other. Read for the
+/// unlisted leads only (the columns are not in
 /// the index [`UNLISTED`] reads).
 const OBSERVED_SINCE: &str = "SELECT changed_at BETWEEN ?2 AND ?4 OR webhook_triggered_at > ?3
        OR (webhook_triggered_at IS NULL AND listing_read_at IS NULL
@@ -326,6 +337,9 @@ pub fn known_leads(conn: &Connection, business_id: &str) -> Result<KnownLeads> {
         usize::try_from(count).unwrap_or(0),
         FingerprintHasher::default(),
     );
+    // A last_seen_at far ahead of now was written under a wall clock ahead,
+    // since corrected: such a lead is not unchanged (upsert_lead rewrites it).
+    let ahead = instant_key(crate::time::far_ahead().as_bytes()).unwrap_or(i64::MAX);
     while let Some(r) = rows.next()? {
         let (ValueRef::Text(id), ValueRef::Integer(hash)) = (r.get_ref(0)?, r.get_ref(1)?) else {
             continue;
@@ -334,7 +348,7 @@ pub fn known_leads(conn: &Connection, business_id: &str) -> Result<KnownLeads> {
             continue;
         };
         let last_seen = match r.get_ref(2)? {
-            ValueRef::Text(t) => instant_key(t).unwrap_or(-1),
+            ValueRef::Text(t) => instant_key(t).filter(|k| *k <= ahead).unwrap_or(-1),
             _ => -1,
         };
         known.insert(id_fingerprint(id), Known { hash, last_seen });
@@ -398,11 +412,14 @@ impl<'a> Origin<'a> {
 }
 
 /// Passes of a business whose listing confirmed leads, since an instant
-/// (?2: an event's time plus [`LISTING_MARGIN`]), that started after a
+/// (?2: an event's time plus [`LISTING_MARGIN`]) and not far ahead (?4:
+/// now plus [`crate::time::FAR_AHEAD`]; one listed later was stamped under
+/// a wall clock ahead, since corrected, and tells nothing of when it was
+/// made), that started after a
 /// lead's row was last written (?3): newest first, through
 /// `sync_runs_listed` (schema 18).
 const LISTED_SINCE: &str = "SELECT listed_ids FROM sync_runs
-  WHERE business_id = ?1 AND listed_at >= ?2 AND started_at > ?3
+  WHERE business_id = ?1 AND listed_at >= ?2 AND listed_at <= ?4 AND started_at > ?3
   ORDER BY listed_at DESC";
 
 /// How long after a delivered event a listing must have started to keep
@@ -448,6 +465,9 @@ fn listed_since(
     changed_at: &str,
     event: &str,
 ) -> Result<bool> {
+    // Inside the delivery's transaction: a listing written after its
+    // receipt (its `now`) is no clock ahead, and is newer.
+    let ahead = crate::time::far_ahead();
     // `listed_at` is in leadsync's form (crate::time::fmt): so is the bound.
     // An event time that cannot be moved by the margin (unreadable, at the
     // end of time) is not kept out by a listing.
@@ -459,7 +479,7 @@ fn listed_since(
     };
     let wanted = id_fingerprint(negotiation_id).to_le_bytes();
     let mut stmt = tx.prepare_cached(LISTED_SINCE)?;
-    let mut rows = stmt.query(params![business_id, since, changed_at])?;
+    let mut rows = stmt.query(params![business_id, since, changed_at, ahead])?;
     while let Some(r) = rows.next()? {
         let covers = match r.get_ref(0)? {
             rusqlite::types::ValueRef::Null => true,
@@ -478,13 +498,15 @@ fn listed_since(
     // next listing of the lead; a stale copy is never applied.
     Ok(tx
         .prepare_cached(PRUNED_SINCE)?
-        .exists(params![business_id, since, changed_at])?)
+        .exists(params![business_id, since, changed_at, ahead])?)
 }
 
 /// Whether passes of a business whose listing started at or after ?2, and
-/// after a lead's row was last written (?3), were pruned ([`listed_since`]).
+/// after a lead's row was last written (?3), were pruned ([`listed_since`]);
+/// not when the newest of them is far ahead (?4, as [`LISTED_SINCE`]).
 const PRUNED_SINCE: &str = "SELECT 1 FROM sync_runs_pruned
-  WHERE business_id = ?1 AND listed_through >= ?2 AND listed_through > ?3";
+  WHERE business_id = ?1 AND listed_through >= ?2 AND listed_through > ?3
+    AND listed_through <= ?4";
 
 /// Which of its business's leads a pass's listing showed as they are now
 /// mirrored (written, or left alone because identical), recorded in its
@@ -531,6 +553,10 @@ pub fn upsert_lead(
     lead: &LeadRow,
     origin: Origin<'_>,
 ) -> Result<Upserted> {
+    // The latest stamp not far ahead, read from the clock (inside the
+    // transaction) at most once, and only when a stamp needs it.
+    let ahead = std::cell::OnceCell::new();
+    let far_ahead = |v: &[u8]| v > ahead.get_or_init(crate::time::far_ahead).as_bytes();
     let existing = tx
         .prepare_cached(
             "SELECT payload_hash, last_seen_at, missing_since, business_id, status, changed_at,
@@ -542,7 +568,14 @@ pub fn upsert_lead(
             // stored columns in place and allocates nothing; the old status
             // is copied out only for a lead that may get a change row.
             let hash = r.get::<_, i64>(0)?;
-            let stale = r.get_ref(1)?.as_str()? < ctx.stale_before.as_str();
+            // A last_seen_at far ahead of now was written under a wall
+            // clock ahead, since corrected: rewritten too, not left "seen"
+            // in the future until the clock catches up. (The clock is read
+            // only for a stamp after the context's `now`, itself a reading
+            // of it: none on the unchanged path.)
+            let last_seen = r.get_ref(1)?.as_str()?;
+            let stale = last_seen < ctx.stale_before.as_str()
+                || (last_seen > ctx.now.as_str() && far_ahead(last_seen.as_bytes()));
             let missing = !matches!(r.get_ref(2)?, rusqlite::types::ValueRef::Null);
             let same_business = r.get_ref(3)?.as_str()? == ctx.business_id;
             let old_status = if missing || hash != lead.hash || !same_business {
@@ -554,6 +587,14 @@ pub fn upsert_lead(
                 Ok(rusqlite::types::ValueRef::Text(v)) => Some(v),
                 _ => None,
             };
+            // leadsync's own stamp of an observation (a listing's asking or
+            // write, a scan's start), unless it lies far ahead of now: a
+            // wall clock ahead, since corrected, wrote it, and it tells
+            // nothing of when the lead was observed (a delivery kept out by
+            // it would be kept out until the clock caught up). One merely
+            // after the delivery's receipt (`ctx.now`) is a listing written
+            // while the delivery waited: newer, and it counts.
+            let ours = |i| text(i).filter(|v: &&[u8]| !far_ahead(v));
             // A delivery that is newer than the mirrored copy by their
             // times may still be older than a listing that showed the copy
             // (or found the lead gone) and wrote nothing: checked below.
@@ -585,7 +626,7 @@ pub fn upsert_lead(
                         // keep the delivery out, as it does not overwrite a
                         // delivered copy ([`listing_lags`]) — which of the
                         // two is written first does not decide the mirror.
-                        None => match (text(7), text(5)) {
+                        None => match (ours(7), ours(5)) {
                             (Some(read_at), Some(changed_at)) => {
                                 !listing_lags(t, read_at.min(changed_at))
                             }
@@ -600,7 +641,7 @@ pub fn upsert_lead(
                     // after the event, as for a listing that showed the
                     // lead ([`listed_since`]); a page read during the scan
                     // or just after the event may predate or lag it.
-                    let gone_after = text(2).is_some_and(|missing| !listing_lags(t, missing));
+                    let gone_after = ours(2).is_some_and(|missing| !listing_lags(t, missing));
                     ask_listings = !(newer_copy || gone_after);
                     newer_copy || gone_after
                 }
@@ -1183,7 +1224,17 @@ fn unlisted(
         .map_or_else(|| started.clone(), crate::time::fmt);
     let mut stmt = conn.prepare_cached(UNLISTED)?;
     let mut observed = conn.prepare_cached(OBSERVED_SINCE)?;
-    let mut rows = stmt.query(params![business_id, started])?;
+    // The mark's time, or the clock's now (inside the mark's transaction),
+    // before the scan's start: the clock went back during the scan, and a
+    // lead stamped after the start may have been first seen (or observed)
+    // during it: only those first seen before the start count, as ever.
+    let clock = crate::time::now();
+    let after = if now >= started.as_str() && clock >= started {
+        crate::time::far_ahead()
+    } else {
+        "~".to_string()
+    };
+    let mut rows = stmt.query(params![business_id, started, after])?;
     let (mut present, mut unseen, mut ids) = (0, 0, Vec::new());
     while let Some(r) = rows.next()? {
         present += 1;
@@ -1193,7 +1244,7 @@ fn unlisted(
         }
         unseen += 1;
         if !observed
-            .query_row(params![id, started, since, now], |r| {
+            .query_row(params![id, started, since, after], |r| {
                 r.get::<_, Option<bool>>(0)
             })?
             .unwrap_or(false)
@@ -1562,7 +1613,8 @@ mod tests {
              ('missing', 'b', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', '2026-01-01T11:00:00.000Z'),
              ('odd time', 'b', '{}', 7, 't', '2026-01-01 12:00:00', 't', NULL),
              ('blob hash', 'b', '{}', x'07', 't', '2026-01-01T12:00:00.000Z', 't', NULL),
-             ('other business', 'c', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', NULL);",
+             ('other business', 'c', '{}', 7, 't', '2026-01-01T12:00:00.000Z', 't', NULL),
+             ('future', 'b', '{}', 7, 't', '9000-01-01T00:00:00.000Z', 't', NULL);",
         )
         .unwrap();
         let known = known_leads(&conn, "b").unwrap();
@@ -1577,11 +1629,14 @@ mod tests {
         assert!(!unchanged("stale", 7), "last_seen_at is due");
         assert!(!unchanged("missing", 7), "it reappears");
         assert!(!unchanged("odd time", 7), "a form leadsync does not write");
+        // Seen "in the future": written under a clock ahead, since
+        // corrected; rewritten (it used to stay until the clock caught up).
+        assert!(!unchanged("future", 7), "last_seen_at is after now");
         assert!(!known.contains_key(&id_fingerprint("blob hash")));
         assert!(!known.contains_key(&id_fingerprint("other business")));
         // A missing lead is not known: its listing takes the ordinary path.
         assert!(!known.contains_key(&id_fingerprint("missing")));
-        assert_eq!(known.len(), 3);
+        assert_eq!(known.len(), 4);
     }
 
     #[test]
@@ -2256,7 +2311,7 @@ mod tests {
     #[test]
     fn a_lead_written_under_a_clock_far_ahead_is_not_spared_by_later_full_scans() {
         // Lead 1 delivered (an event at 10:30) while the wall clock ran a
-        // year ahead: its row says changed in 2027. The clock corrected, a
+        // centuries ahead: its row says changed in 2999. The clock corrected, a
         // full scan from 11:00 to 11:30 does not list it: a write "after
         // the scan started" that is after the mark, too, was not seen
         // during the scan. Marked.
@@ -2265,7 +2320,7 @@ mod tests {
             "b",
             &lead_row("1", "Canceled"),
             "2026-01-01T10:30:00.000Z",
-            "2027-01-01T10:30:01.000Z",
+            "2999-01-01T10:30:01.000Z",
         );
         let run = start_run(&m.conn, "b", "full", T1).unwrap();
         let marked = mark_missing(
@@ -2279,6 +2334,199 @@ mod tests {
         .unwrap();
         assert_eq!(marked, Missing::Marked(1));
         assert!(is_missing(&m, "1"));
+    }
+
+    #[test]
+    fn a_delivery_is_not_kept_out_by_a_listing_stamped_under_a_clock_far_ahead() {
+        // Lead 2 listed Open while the wall clock ran centuries ahead (its
+        // row, and the pass that listed it, say 2999). The clock corrected,
+        // a delivery of its cancellation (an event at 12:00, Thumbtack's
+        // clock) is newer than any listing really made: applied. It was
+        // kept out as older than that "2999" listing until the clock
+        // caught up (or a listing of the lead wrote it).
+        let mut m = Ordering::open_listed();
+        for (ahead, covered) in [
+            ("2999-01-01T10:00:00.000Z", None),
+            ("2999-01-01T11:00:00.000Z", Some(Covered::Every)),
+        ] {
+            m.pass("b", "full", ahead, &[lead_row("2", "Open")], covered);
+        }
+        let done = m.deliver_at(
+            "b",
+            &lead_row("2", "Canceled"),
+            "2026-01-01T12:00:00.000Z",
+            "2026-01-01T12:00:01.000Z",
+        );
+        assert_eq!(done, Upserted::Changed);
+        assert_eq!(m.status("2"), "Canceled");
+    }
+
+    #[test]
+    fn a_last_seen_at_written_under_a_clock_far_ahead_is_rewritten_by_the_next_listing() {
+        // Lead 2 listed while the wall clock ran centuries ahead; the clock
+        // corrected, a listing of it unchanged rewrites its `last_seen_at`
+        // (it stayed in 2999, "seen" later than any real listing, until
+        // the clock caught up).
+        let mut m = Ordering::open_listed();
+        let ahead = "2999-01-01T10:00:00.000Z";
+        m.pass("b", "head", ahead, &[lead_row("2", "Open")], None);
+        assert_eq!(m.column("2", "last_seen_at").as_deref(), Some(ahead));
+        m.pass("b", "head", T1, &[lead_row("2", "Open")], None);
+        assert_eq!(m.column("2", "last_seen_at").as_deref(), Some(T1));
+        assert_eq!(changes_of(&m, "2"), 0, "no change row: only seen again");
+    }
+
+    #[test]
+    fn a_lead_first_seen_under_a_clock_far_ahead_is_not_spared_by_later_full_scans() {
+        // Lead 2 first listed (inserted) by a pass while the wall clock ran
+        // centuries ahead: its `first_seen_at` says 2999. The clock corrected,
+        // a full scan from 11:00 to 11:30 does not list it: it was not
+        // first seen during the scan (that would be before the mark), so
+        // its absence counts. It used to be left out of every full scan
+        // until the clock caught up (a gone lead present for centuries).
+        let mut m = Ordering::open_listed();
+        m.pass(
+            "b",
+            "head",
+            "2999-01-01T10:00:00.000Z",
+            &[lead_row("2", "Open")],
+            None,
+        );
+        assert_eq!(
+            m.column("2", "first_seen_at").as_deref(),
+            Some("2999-01-01T10:00:00.000Z")
+        );
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        let seen = [id_fingerprint("1")].into_iter().collect();
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &seen,
+            true,
+            "2026-01-01T11:30:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(1));
+        assert!(is_missing(&m, "2"));
+        assert!(!is_missing(&m, "1"));
+        // The clock stepped back during a scan (its mark before its start):
+        // lead 3, first seen after the start, may have been first seen
+        // during the scan: not marked, as before.
+        let run = start_run(&m.conn, "b", "full", T3).unwrap();
+        m.pass(
+            "b",
+            "head",
+            "2026-01-01T13:10:00.000Z",
+            &[lead_row("3", "Open")],
+            None,
+        );
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &seen,
+            true,
+            "2026-01-01T12:50:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(0));
+        assert!(!is_missing(&m, "3"));
+    }
+
+    /// A delivery of `lead` with no believable event time, received at `now`.
+    fn deliver_untimed(m: &mut Ordering, lead: &LeadRow, now: &str) {
+        let ctx = PageContext {
+            business_id: "b".into(),
+            run_id: None,
+            source: Source::Webhook,
+            now: now.into(),
+            stale_before: String::new(),
+            insert_first: false,
+            read_at: None,
+        };
+        let tx = m.conn.transaction().unwrap();
+        upsert_lead(&tx, &ctx, lead, Origin::Delivered { triggered_at: None }).unwrap();
+        tx.commit().unwrap();
+    }
+
+    #[test]
+    fn a_lead_delivered_between_the_marks_time_and_its_transaction_is_not_marked() {
+        // A full scan from 11:00 lists lead 1 only; the mark's time is taken
+        // at 11:30:00.000, and before its (queued) transaction runs, a
+        // webhook delivery with no believable event time (received
+        // 11:30:00.200) writes a new lead 9, and one of an event at 10:30
+        // writes lead 2 (first seen before the scan): both written after
+        // the scan started. A stamp only ms after the mark's time is no
+        // clock ahead: neither is marked (lead 9 was, as "first seen after
+        // the mark"; lead 2 too, its write "after the mark" not counting
+        // as observed).
+        let mut m = Ordering::open_listed();
+        m.pass("b", "head", T0, &[lead_row("2", "Open")], None);
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        deliver_untimed(&mut m, &lead_row("9", "Picked"), "2026-01-01T11:30:00.200Z");
+        m.deliver_at(
+            "b",
+            &lead_row("2", "Picked"),
+            "2026-01-01T10:30:00.000Z",
+            "2026-01-01T11:30:00.200Z",
+        );
+        assert_eq!(m.status("2"), "Picked");
+        let seen = [id_fingerprint("1")].into_iter().collect();
+        let marked = mark_missing(
+            &mut m.conn,
+            "b",
+            run,
+            &seen,
+            true,
+            "2026-01-01T11:30:00.000Z",
+        )
+        .unwrap();
+        assert_eq!(marked, Missing::Marked(0));
+        assert!(!is_missing(&m, "9"));
+        assert!(!is_missing(&m, "2"));
+    }
+
+    #[test]
+    fn a_retried_delivery_received_just_before_a_newer_listing_is_kept_out() {
+        // Event at 12:00 (lead 2 Open); lead 2 Picked since. A retry of the
+        // delivery is received at 12:10:00.000 and waits on the store while
+        // a head pass asked at 12:10:00.500 lists lead 2 as Picked; then the
+        // delivery's transaction runs (its `now` is its receipt). The
+        // listing, ten minutes after the event, is newer: it stays (it was
+        // ignored as "after now", and the retry rolled the lead back).
+        let mut m = Ordering::open_listed();
+        m.pass("b", "head", T1, &[lead_row("2", "Open")], None);
+        m.pass(
+            "b",
+            "head",
+            "2026-01-01T12:10:00.500Z",
+            &[lead_row("2", "Picked")],
+            None,
+        );
+        let done = m.deliver_at(
+            "b",
+            &lead_row("2", "Open"),
+            "2026-01-01T12:00:00.000Z",
+            "2026-01-01T12:10:00.000Z",
+        );
+        assert_eq!(m.status("2"), "Picked", "{done:?}");
+        // Shown unchanged (listed_at, not the row's stamps) by a later
+        // listing: still kept out.
+        m.pass(
+            "b",
+            "head",
+            "2026-01-01T12:20:00.500Z",
+            &[lead_row("2", "Picked")],
+            None,
+        );
+        m.deliver_at(
+            "b",
+            &lead_row("2", "Open"),
+            "2026-01-01T12:15:00.000Z",
+            "2026-01-01T12:20:00.000Z",
+        );
+        assert_eq!(m.status("2"), "Picked");
     }
 
     #[test]

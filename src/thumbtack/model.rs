@@ -28,12 +28,16 @@ pub struct Page {
     /// order, each followed by a NUL; `None` when the page lists none. What
     /// tells a page from an earlier one (`paging.rs`).
     pub ids_digest: Option<u64>,
-    /// The id of the first and of the last entry of `data`, when that entry
-    /// is a listed lead (read or unchanged): what tells whether a
-    /// confirmation asked one lead back starts where the page before ended
-    /// (`paging.rs`).
+    /// The id of the first entry of `data`, when that entry is a listed
+    /// lead (read or unchanged), and of the last listed lead: what tells
+    /// whether a confirmation asked one lead back starts where the page
+    /// before ended (`paging.rs`).
     pub first_id: Option<String>,
     pub last_id: Option<String>,
+    /// Where [`Page::last_id`] is, counted from the end of `data` (1: the
+    /// last entry; 2: one entry with no readable id follows it); 0 when no
+    /// lead is listed.
+    pub last_id_back: u64,
     /// When the request that got the page was sent (leadsync's clock, the
     /// database's format; the server made the page no earlier): set by
     /// `Client::list_page`, `None` from the parsers.
@@ -627,7 +631,7 @@ fn page_markers(bare_array: bool, pagination: Option<&RawValue>) -> Markers {
 
 /// [`Page::ids_digest`], built by both page readers: xxh3 of every listed
 /// id in listing order, each followed by a NUL; `None` when none is listed.
-/// It also keeps the first and the last entry's id ([`Page::first_id`]).
+/// It also keeps the first entry's id and the last listed one ([`Page::first_id`]).
 #[derive(Default)]
 struct IdsDigest {
     hasher: xxhash_rust::xxh3::Xxh3,
@@ -635,10 +639,10 @@ struct IdsDigest {
     /// An entry was seen (listed or skipped).
     started: bool,
     first: Option<String>,
-    /// The last listed id (the buffer is reused); `last_listed` says
-    /// whether the last entry was listed.
+    /// The last listed id (the buffer is reused); `after_last` counts the
+    /// entries after it.
     last: String,
-    last_listed: bool,
+    after_last: u64,
 }
 
 impl IdsDigest {
@@ -652,20 +656,21 @@ impl IdsDigest {
         }
         self.last.clear();
         self.last.push_str(id);
-        self.last_listed = true;
+        self.after_last = 0;
     }
 
     /// An entry that is not listed (skipped).
     fn skip(&mut self) {
         self.started = true;
-        self.last_listed = false;
+        self.after_last += 1;
     }
 
     /// Sets the page's digest and edge ids.
     fn finish(self, page: &mut Page) {
         page.ids_digest = self.any.then(|| self.hasher.digest());
         page.first_id = self.first;
-        page.last_id = self.last_listed.then_some(self.last);
+        page.last_id_back = if self.any { self.after_last + 1 } else { 0 };
+        page.last_id = self.any.then_some(self.last);
     }
 }
 
@@ -2222,7 +2227,7 @@ mod tests {
         Vec<String>,
         Markers,
         Option<u64>,
-        (Option<String>, Option<String>),
+        (Option<String>, Option<String>, u64),
     ) {
         (
             p.leads.clone(),
@@ -2231,7 +2236,7 @@ mod tests {
             p.unread_ids.clone(),
             p.markers.clone(),
             p.ids_digest,
-            (p.first_id.clone(), p.last_id.clone()),
+            (p.first_id.clone(), p.last_id.clone(), p.last_id_back),
         )
     }
 
@@ -2726,7 +2731,7 @@ mod tests {
         assert!(whole.ids_digest.is_some());
         let none = parse_page(br#"{"data":[{"no_id":1}]}"#).unwrap();
         assert_eq!((none.entries(), none.ids_digest), (1, None));
-        // The edge ids are the first and last entry's, listed or not.
+        // The first entry's id and the last listed one, whatever was skipped.
         assert_eq!(
             (page.first_id.as_deref(), page.last_id.as_deref()),
             (Some("1"), Some("4"))
@@ -2736,12 +2741,16 @@ mod tests {
             (page.first_id, page.last_id)
         );
         let p = parse_page(br#"[{"no_id":1},{"negotiationID":"a"},{"no_id":2}]"#).unwrap();
-        assert_eq!((p.first_id, p.last_id), (None, None));
+        assert_eq!(
+            (p.first_id, p.last_id.as_deref(), p.last_id_back),
+            (None, Some("a"), 2)
+        );
+        assert_eq!((none.last_id, none.last_id_back), (None, 0));
         let p =
             parse_page(br#"[{"negotiationID":"a"},{"no_id":2},{"negotiationID":"b"}]"#).unwrap();
         assert_eq!(
-            (p.first_id.as_deref(), p.last_id.as_deref()),
-            (Some("a"), Some("b"))
+            (p.first_id.as_deref(), p.last_id.as_deref(), p.last_id_back),
+            (Some("a"), Some("b"), 1)
         );
     }
 
