@@ -164,18 +164,7 @@ fn rebuild_negotiation_changes(tx: &Connection) -> Result<()> {
     }
     // A name nothing in the schema has (a partner's table may be called
     // negotiation_changes_v10).
-    let mut tmp = "negotiation_changes_v10".to_string();
-    while tx
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
-            [&tmp],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some()
-    {
-        tmp.push('_');
-    }
+    let tmp = free_name(tx, "negotiation_changes_v10")?;
     let create =
         table
             .replacen("negotiation_changes", &tmp, 1)
@@ -968,18 +957,7 @@ fn rebuild_outbox_v3(tx: &Connection, sql: &str) -> Result<()> {
     }
     // A name nothing in the schema has (a partner's table may be called
     // outbox_v3).
-    let mut tmp = "outbox_v3".to_string();
-    while tx
-        .query_row(
-            "SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
-            [&tmp],
-            |_| Ok(()),
-        )
-        .optional()?
-        .is_some()
-    {
-        tmp.push('_');
-    }
+    let tmp = free_name(tx, "outbox_v3")?;
     let create = match partners {
         Some(partners) => format!(
             "CREATE TABLE {tmp} ({}{partners}",
@@ -2154,6 +2132,25 @@ pub fn constraint_message(e: &rusqlite::Error) -> Option<String> {
         }
         _ => None,
     }
+}
+
+/// `base`, or `base` followed by as many `_` as make a name no table,
+/// index, view or trigger of the schema has (case-insensitively): a
+/// rebuild's temporary table.
+fn free_name(tx: &Connection, base: &str) -> rusqlite::Result<String> {
+    let mut name = base.to_string();
+    while tx
+        .query_row(
+            "SELECT 1 FROM sqlite_master WHERE name = ?1 COLLATE NOCASE",
+            [&name],
+            |_| Ok(()),
+        )
+        .optional()?
+        .is_some()
+    {
+        name.push('_');
+    }
+    Ok(name)
 }
 
 #[cfg(test)]
