@@ -1189,13 +1189,6 @@ impl Daemon {
             ),
             None => line,
         };
-        // First, where `systemctl status` cuts a long line.
-        let line = match self.store.durable_sync_failure() {
-            Some(_) => format!(
-                "DATABASE NOT SYNCED TO DISK: webhook deliveries refused until a restart (see leadsync status); {line}"
-            ),
-            None => line,
-        };
         // `[webhooks]` is the running receiver's (a reload keeps it).
         let refused = self
             .config()
@@ -1208,6 +1201,14 @@ impl Daemon {
             )
         } else {
             line
+        };
+        // First (the outermost prefix), where `systemctl status` cuts a long
+        // line.
+        let line = match self.store.durable_sync_failure() {
+            Some(_) => format!(
+                "DATABASE NOT SYNCED TO DISK: webhook deliveries refused until a restart (see leadsync status); {line}"
+            ),
+            None => line,
         };
         notify(&[NotifyState::Status(&line)]);
     }

@@ -337,9 +337,7 @@ fn run_statements(
     conn
 }
 
-/// The README's restore of a backup an older leadsync made (schema 2: no
-/// table with AUTOINCREMENT yet, so no `sqlite_sequence`), then the start
-/// that upgrades it: no id handed out since the backup is handed out again.
+/// A transition and a reply as the partner's application inserts them.
 const TRANSITION: &str = "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
                           VALUES ('519153480500518912', 'appt_scheduled', '2024-06-14T09:30:00Z')";
 const REPLY: &str = "INSERT INTO message_outbox (negotiation_id, business_id, text)
