@@ -1183,33 +1183,18 @@ impl Daemon {
             Err(e) => format!("cannot read the database: {e:#}"),
         };
         let reload_failed = self.reload_failed.lock().ok().and_then(|f| f.clone());
-        let line = match reload_failed {
-            Some(at) => format!(
-                "configuration reload failed at {at}, running on the previous configuration (see the log); {line}"
-            ),
-            None => line,
-        };
         // `[webhooks]` is the running receiver's (a reload keeps it).
         let refused = self
             .config()
             .webhooks
             .as_ref()
             .is_some_and(|w| w.listen.is_some() && w.auth_problem.is_some());
-        let line = if refused {
-            format!(
-                "WEBHOOK DELIVERIES REFUSED: the webhook header value cannot be sent (see leadsync status); {line}"
-            )
-        } else {
-            line
-        };
-        // First (the outermost prefix), where `systemctl status` cuts a long
-        // line.
-        let line = match self.store.durable_sync_failure() {
-            Some(_) => format!(
-                "DATABASE NOT SYNCED TO DISK: webhook deliveries refused until a restart (see leadsync status); {line}"
-            ),
-            None => line,
-        };
+        let line = status_line(
+            line,
+            reload_failed.as_deref(),
+            refused,
+            self.store.durable_sync_failure().is_some(),
+        );
         notify(&[NotifyState::Status(&line)]);
     }
 
@@ -1462,9 +1447,82 @@ where
     }
 }
 
+/// The `STATUS=` line: `base` behind its alerts, the most serious first,
+/// since `systemctl status` cuts a long line (README: it begins with
+/// `DATABASE NOT SYNCED TO DISK` when the disk sync failed).
+fn status_line(
+    base: String,
+    reload_failed: Option<&str>,
+    webhook_refused: bool,
+    disk_failed: bool,
+) -> String {
+    let line = match reload_failed {
+        Some(at) => format!(
+            "configuration reload failed at {at}, running on the previous configuration (see the log); {base}"
+        ),
+        None => base,
+    };
+    let line = if webhook_refused {
+        format!(
+            "WEBHOOK DELIVERIES REFUSED: the webhook header value cannot be sent (see leadsync status); {line}"
+        )
+    } else {
+        line
+    };
+    // First (the outermost prefix), where `systemctl status` cuts a long
+    // line.
+    if disk_failed {
+        format!(
+            "DATABASE NOT SYNCED TO DISK: webhook deliveries refused until a restart (see leadsync status); {line}"
+        )
+    } else {
+        line
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `systemctl status` cuts a long `STATUS=` line, so the alerts come
+    /// most serious first: a database not synced to disk (every webhook
+    /// delivery refused, data at risk) before a refused webhook header
+    /// value, before a failed reload, before the counts.
+    #[test]
+    fn the_status_line_puts_the_most_serious_alert_first() {
+        let line = status_line(
+            "3 leads, no sync yet".into(),
+            Some("2026-11-29T12:00:00Z"),
+            true,
+            true,
+        );
+        let disk = line.find("DATABASE NOT SYNCED TO DISK").unwrap();
+        let webhook = line.find("WEBHOOK DELIVERIES REFUSED").unwrap();
+        let reload = line
+            .find("configuration reload failed at 2026-11-29T12:00:00Z")
+            .unwrap();
+        let base = line.find("3 leads, no sync yet").unwrap();
+        assert_eq!(disk, 0, "{line}");
+        assert!(
+            disk < webhook && webhook < reload && reload < base,
+            "{line}"
+        );
+        // Each alert alone still leads the line; none leaves the base out.
+        assert_eq!(
+            status_line("b".into(), None, false, false),
+            "b",
+            "no alert, no prefix"
+        );
+        for (reload, refused, disk, head) in [
+            (Some("t"), false, false, "configuration reload failed at t"),
+            (None, true, false, "WEBHOOK DELIVERIES REFUSED"),
+            (None, false, true, "DATABASE NOT SYNCED TO DISK"),
+            (Some("t"), true, false, "WEBHOOK DELIVERIES REFUSED"),
+        ] {
+            let line = status_line("b".into(), reload, refused, disk);
+            assert!(line.starts_with(head) && line.ends_with("; b"), "{line}");
+        }
+    }
 
     /// A failed sync to disk makes every later webhook delivery 503 until
     /// a restart: `status` must say so (not only the log), as an alert of
