@@ -3231,7 +3231,8 @@ mod tests {
     /// Schema 25's pass over the rows put aside frees exactly the rows
     /// schema 20's rule frees (it is that rule, without a search of the
     /// negotiation per row), on rows of every kind: ties in the order,
-    /// rows of no business, rows out of `pending`.
+    /// rows with no place in it (a time SQLite cannot read), rows of no
+    /// business, rows out of `pending` (`sending` and `dead` among them).
     #[test]
     fn schema_25_frees_the_rows_schema_20s_rule_frees() {
         let dir = tempfile::tempdir().unwrap();
@@ -3268,13 +3269,42 @@ mod tests {
                 )
                 .unwrap();
             }
+            // Rows whose time SQLite cannot read (no place in the order:
+            // changed_at_order NULL), as a schema before the checks let in.
+            // The checks refuse them now: set around them.
+            let check: String = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_schema WHERE name = 'outbox_validate_update'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            conn.execute_batch("DROP TRIGGER outbox_validate_update")
+                .unwrap();
+            for id in 1..=400 {
+                if rng.u8(..8) == 0 {
+                    conn.execute(
+                        "UPDATE outbox SET partner_status_changed_at = '2024-13-40T09:30:00Z' WHERE id = ?1",
+                        [id],
+                    )
+                    .unwrap();
+                }
+            }
+            conn.execute_batch(&check).unwrap();
             for table in ["outbox", "message_outbox"] {
                 let ids: Vec<i64> = (1..=400).collect();
                 for id in ids {
                     if rng.u8(..10) == 0 {
-                        let state = ["canceled", "sent"][rng.usize(..2)];
+                        // `sending` as a claim makes it (its attempt
+                        // counted, stamped).
+                        let state = [
+                            "'canceled'",
+                            "'sent'",
+                            "'dead'",
+                            "'sending', attempts = attempts + 1, sending_since = 't'",
+                        ][rng.usize(..4)];
                         conn.execute(
-                            &format!("UPDATE {table} SET state = '{state}' WHERE id = {id}"),
+                            &format!("UPDATE {table} SET state = {state} WHERE id = {id}"),
                             [],
                         )
                         .unwrap();
@@ -3317,6 +3347,16 @@ mod tests {
                     "{table}: the rule freed all or none"
                 );
                 assert_eq!(old, new, "{table}, round {round}");
+            }
+            let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            for sql in [
+                "SELECT count(*) FROM outbox WHERE changed_at_order IS NULL AND waiting_for IS NOT NULL",
+                "SELECT count(*) FROM outbox WHERE state = 'sending'",
+                "SELECT count(*) FROM outbox WHERE state = 'dead'",
+                "SELECT count(*) FROM message_outbox WHERE state = 'sending'",
+                "SELECT count(*) FROM message_outbox WHERE state = 'dead'",
+            ] {
+                assert!(n(sql) > 0, "round {round}: none of {sql}");
             }
         }
     }
