@@ -602,6 +602,9 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         rebuild_outbox_v3(&tx, sql).with_context(|| format!("migration {version} failed"))?;
         return finish_migration(tx, version, &before);
     }
+    if version == 25 {
+        claim_id_is_free(&tx).with_context(|| format!("migration {version} failed"))?;
+    }
     // Adding a column cannot be said "if not exists": a schema that has it
     // already (a database migrated again from an older user_version) skips it.
     let has_column = |table: &str, column: &str| -> Result<bool> {
@@ -707,6 +710,55 @@ fn apply_migration(conn: &mut Connection, version: i64, sql: &str) -> Result<()>
         .with_context(|| format!("migration {version} failed"))?;
     }
     finish_migration(tx, version, &before)
+}
+
+/// Schema 25 adds `claim_id` to each outbox, and each claim writes its own
+/// number there. A column by that name (in any case) that is not exactly
+/// leadsync's (`claim_id INTEGER`, nothing more: there only when the
+/// version was set back by hand) is a partner's (schema 3 keeps a
+/// partner's columns word for word): taken for leadsync's, its values were
+/// written over by each claim, and with a DEFAULT every partner insert was
+/// refused. Stops the upgrade, before anything changed, to have it renamed.
+fn claim_id_is_free(tx: &Connection) -> Result<()> {
+    for table in ["outbox", "message_outbox"] {
+        let found: Option<(String, String, bool, Option<String>, i64, i64)> = tx
+            .query_row(
+                "SELECT name, type, \"notnull\", dflt_value, pk, hidden
+                   FROM pragma_table_xinfo(?1) WHERE name = 'claim_id' COLLATE NOCASE",
+                [table],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                    ))
+                },
+            )
+            .optional()?;
+        let Some((name, kind, not_null, default, pk, hidden)) = found else {
+            continue;
+        };
+        if name == "claim_id"
+            && kind == "INTEGER"
+            && !not_null
+            && default.is_none()
+            && pk == 0
+            && hidden == 0
+        {
+            continue;
+        }
+        bail!(
+            "the {table} has a column `{name}` that is not leadsync's, and schema 25 adds a column by that name \
+             (each claim writes its own number there): rename yours \
+             (ALTER TABLE {table} RENAME COLUMN \"{}\" TO partner_{name}; and in your programs), \
+             then start leadsync again",
+            name.replace('"', "\"\"")
+        );
+    }
+    Ok(())
 }
 
 /// A row pointing at nothing: its table, rowid (none in a table WITHOUT
@@ -3121,10 +3173,66 @@ mod tests {
         }
     }
 
+    /// A partner's own `claim_id` (on either outbox) is not leadsync's:
+    /// schema 25 stops with an error naming it and saying to rename it,
+    /// and changes nothing; once renamed, the upgrade goes through and the
+    /// partner's values are kept. A schema that has leadsync's column
+    /// exactly (its version set back by hand) still upgrades.
+    #[test]
+    fn schema_25_refuses_a_partners_claim_id() {
+        for (table, name, def) in [
+            ("outbox", "claim_id", "TEXT DEFAULT 'x'"),
+            ("message_outbox", "claim_id", "INTEGER DEFAULT 1"),
+            ("outbox", "claim_id", "INTEGER NOT NULL DEFAULT 0"),
+            ("message_outbox", "claim_id", "TEXT"),
+            ("outbox", "Claim_Id", "INTEGER"),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let mut conn = Connection::open(dir.path().join("m.db")).unwrap();
+            migrate_to(&mut conn, 24).unwrap();
+            conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {name} {def}"))
+                .unwrap();
+            let schema = |c: &Connection| -> Vec<String> {
+                c.prepare("SELECT sql FROM sqlite_schema WHERE sql IS NOT NULL ORDER BY name")
+                    .unwrap()
+                    .query_map([], |r| r.get(0))
+                    .unwrap()
+                    .collect::<rusqlite::Result<_>>()
+                    .unwrap()
+            };
+            let before = schema(&conn);
+            let err = format!("{:#}", migrate(&mut conn).unwrap_err());
+            assert!(
+                err.contains(&format!("the {table} has a column `{name}`"))
+                    && err.contains("schema 25 adds a column by that name")
+                    && err.contains(&format!(
+                        "ALTER TABLE {table} RENAME COLUMN \"{name}\" TO partner_{name}"
+                    )),
+                "{table} {def}: {err}"
+            );
+            assert_eq!(version_of(&conn).unwrap(), 24, "{table} {def}");
+            assert_eq!(schema(&conn), before, "{table} {def}");
+            conn.execute_batch(&format!(
+                "ALTER TABLE {table} RENAME COLUMN {name} TO partner_{name}"
+            ))
+            .unwrap();
+            conn.execute(&format!("UPDATE {table} SET partner_{name} = 5"), [])
+                .unwrap();
+            migrate(&mut conn).unwrap();
+            assert_eq!(version_of(&conn).unwrap(), schema_version());
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.pragma_update(None, "user_version", 24).unwrap();
+        migrate(&mut conn).unwrap();
+        assert_eq!(version_of(&conn).unwrap(), schema_version());
+    }
+
     /// Schema 25's pass over the rows put aside frees exactly the rows
     /// schema 20's rule frees (it is that rule, without a search of the
     /// negotiation per row), on rows of every kind: ties in the order,
-    /// rows of no business, rows out of `pending`.
+    /// rows with no place in it (a time SQLite cannot read), rows of no
+    /// business, rows out of `pending` (`sending` and `dead` among them).
     #[test]
     fn schema_25_frees_the_rows_schema_20s_rule_frees() {
         let dir = tempfile::tempdir().unwrap();
@@ -3161,13 +3269,42 @@ mod tests {
                 )
                 .unwrap();
             }
+            // Rows whose time SQLite cannot read (no place in the order:
+            // changed_at_order NULL), as a schema before the checks let in.
+            // The checks refuse them now: set around them.
+            let check: String = conn
+                .query_row(
+                    "SELECT sql FROM sqlite_schema WHERE name = 'outbox_validate_update'",
+                    [],
+                    |r| r.get(0),
+                )
+                .unwrap();
+            conn.execute_batch("DROP TRIGGER outbox_validate_update")
+                .unwrap();
+            for id in 1..=400 {
+                if rng.u8(..8) == 0 {
+                    conn.execute(
+                        "UPDATE outbox SET partner_status_changed_at = '2024-13-40T09:30:00Z' WHERE id = ?1",
+                        [id],
+                    )
+                    .unwrap();
+                }
+            }
+            conn.execute_batch(&check).unwrap();
             for table in ["outbox", "message_outbox"] {
                 let ids: Vec<i64> = (1..=400).collect();
                 for id in ids {
                     if rng.u8(..10) == 0 {
-                        let state = ["canceled", "sent"][rng.usize(..2)];
+                        // `sending` as a claim makes it (its attempt
+                        // counted, stamped).
+                        let state = [
+                            "'canceled'",
+                            "'sent'",
+                            "'dead'",
+                            "'sending', attempts = attempts + 1, sending_since = 't'",
+                        ][rng.usize(..4)];
                         conn.execute(
-                            &format!("UPDATE {table} SET state = '{state}' WHERE id = {id}"),
+                            &format!("UPDATE {table} SET state = {state} WHERE id = {id}"),
                             [],
                         )
                         .unwrap();
@@ -3210,6 +3347,16 @@ mod tests {
                     "{table}: the rule freed all or none"
                 );
                 assert_eq!(old, new, "{table}, round {round}");
+            }
+            let n = |sql: &str| -> i64 { conn.query_row(sql, [], |r| r.get(0)).unwrap() };
+            for sql in [
+                "SELECT count(*) FROM outbox WHERE changed_at_order IS NULL AND waiting_for IS NOT NULL",
+                "SELECT count(*) FROM outbox WHERE state = 'sending'",
+                "SELECT count(*) FROM outbox WHERE state = 'dead'",
+                "SELECT count(*) FROM message_outbox WHERE state = 'sending'",
+                "SELECT count(*) FROM message_outbox WHERE state = 'dead'",
+            ] {
+                assert!(n(sql) > 0, "round {round}: none of {sql}");
             }
         }
     }
