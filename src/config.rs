@@ -332,6 +332,12 @@ impl Webhooks {
         }
     }
 
+    /// Why the receiver this process runs refuses every delivery: the
+    /// credentials' problem, when a receiver runs (`listen` is set).
+    pub fn receiver_problem(&self) -> Option<&str> {
+        self.listen.and(self.auth_problem.as_deref())
+    }
+
     /// When `public_url`'s path is not `path`: Thumbtack posts to the
     /// former, the receiver answers only the latter, so unless the proxy in
     /// front rewrites the path, every delivery gets 404.

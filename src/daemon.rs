@@ -1188,7 +1188,7 @@ impl Daemon {
             .config()
             .webhooks
             .as_ref()
-            .is_some_and(|w| w.listen.is_some() && w.auth_problem.is_some());
+            .is_some_and(|w| w.receiver_problem().is_some());
         let line = status_line(
             line,
             reload_failed.as_deref(),
@@ -1298,7 +1298,7 @@ fn reload_auth_consequence(
     new: &crate::config::Webhooks,
 ) -> &'static str {
     match running.filter(|r| r.listen.is_some()) {
-        Some(r) if r.auth_problem.is_some() => {
+        Some(r) if r.receiver_problem().is_some() => {
             "the running receiver was started with a value that cannot be sent either and \
              refuses every webhook delivery: fix it and restart leadsync"
         }
