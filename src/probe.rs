@@ -340,8 +340,29 @@ async fn token_seen(auth: &Auth, business_id: &str, source: &TokenSource) -> Tok
     }
 }
 
+/// Text the server chose, for a terminal: control characters (escape
+/// sequences, newlines, carriage returns) and bidirectional overrides are
+/// shown as `\u{..}` escapes, so that they can neither rewrite the screen
+/// nor forge a line of the report.
+fn shown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}') {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// [`shown`] of each, joined.
+fn shown_all(items: &[String], sep: &str) -> String {
+    items.iter().map(|s| shown(s)).collect::<Vec<_>>().join(sep)
+}
+
 fn call_lines(out: &mut String, title: &str, c: &Call) {
-    let _ = writeln!(out, "{title}: {}", c.request);
+    let _ = writeln!(out, "{title}: {}", shown(&c.request));
     let status = c
         .http_status
         .map(|s| format!("HTTP {s}"))
@@ -349,11 +370,11 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
     let _ = writeln!(
         out,
         "  {status}, traceID {}, {} ms",
-        c.trace_id.as_deref().unwrap_or("(none)"),
+        c.trace_id.as_deref().map_or("(none)".into(), shown),
         c.duration_ms
     );
     if let Some(e) = &c.error {
-        let _ = writeln!(out, "  error: {e}");
+        let _ = writeln!(out, "  error: {}", shown(e));
     }
     if c.rate_limit_headers.is_empty() {
         let _ = writeln!(out, "  rate-limit headers: none");
@@ -361,7 +382,7 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
         let h: Vec<String> = c
             .rate_limit_headers
             .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
+            .map(|(k, v)| format!("{}: {}", shown(k), shown(v)))
             .collect();
         let _ = writeln!(out, "  rate-limit headers: {}", h.join("; "));
     }
@@ -373,7 +394,8 @@ pub fn render_text(r: &ProbeReport) -> String {
     let _ = writeln!(
         out,
         "probe of business {} at {} (read-only)",
-        r.business_id, r.base_url
+        shown(&r.business_id),
+        shown(&r.base_url)
     );
     call_lines(&mut out, "list", &r.list);
     if let Some(p) = &r.pagination {
@@ -400,14 +422,18 @@ pub fn render_text(r: &ProbeReport) -> String {
                     "  end of the listing: NOT CONFIRMED (a short page that does not echo its size limit \
                      may have been capped): syncs ask ?{} too (the page's last lead back, when it lists two or more), \
                      and know the end only if that lists nothing past the page",
-                    p.confirm_query.as_deref().unwrap_or_default()
+                    shown(p.confirm_query.as_deref().unwrap_or_default())
                 );
             }
             (_, _, Some(e)) => {
-                let _ = writeln!(out, "  the listing cannot be followed: {e}");
+                let _ = writeln!(out, "  the listing cannot be followed: {}", shown(e));
             }
             (Some(q), _, _) => {
-                let _ = writeln!(out, "  next page: ?{q} (applied to our own list path)");
+                let _ = writeln!(
+                    out,
+                    "  next page: ?{} (applied to our own list path)",
+                    shown(q)
+                );
             }
             (None, Some(End::Known), _) => {
                 let _ = writeln!(out, "  end of the listing: known (this is the last page)");
@@ -422,8 +448,12 @@ pub fn render_text(r: &ProbeReport) -> String {
         }
     }
     if let Some(l) = &r.lead {
-        let _ = writeln!(out, "lead {}", l.negotiation_id);
-        let _ = writeln!(out, "  top-level keys: {}", l.top_level_keys.join(", "));
+        let _ = writeln!(out, "lead {}", shown(&l.negotiation_id));
+        let _ = writeln!(
+            out,
+            "  top-level keys: {}",
+            shown_all(&l.top_level_keys, ", ")
+        );
         let filled: Vec<String> = l
             .filled
             .iter()
@@ -464,7 +494,7 @@ pub fn render_text(r: &ProbeReport) -> String {
                 out,
                 "  the listed entry and the GET body DIFFER in {}: the list carries summaries \
                  (the mirror stores what the list sends)",
-                c.differing_fields.join(", ")
+                shown_all(&c.differing_fields, ", ")
             );
         }
         if !c.filled_only_by_get.is_empty() {
@@ -480,9 +510,9 @@ pub fn render_text(r: &ProbeReport) -> String {
         "token: {}; scopes: {}",
         r.token.kind,
         match &r.token.scopes {
-            Some(s) if !s.is_empty() => s.join(" "),
+            Some(s) if !s.is_empty() => shown_all(s, " "),
             Some(_) => "(none)".into(),
-            None => r.token.note.clone().unwrap_or_else(|| "unknown".into()),
+            None => r.token.note.as_deref().map_or("unknown".into(), shown),
         }
     );
     let _ = writeln!(out, "{}", if r.ok { "probe: ok" } else { "probe: FAILED" });
@@ -492,6 +522,68 @@ pub fn render_text(r: &ProbeReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the server sends (a traceID, an error body's excerpt, a lead's
+    /// keys and id, a JWT's scopes) reached the terminal as it came: an
+    /// escape sequence could rewrite the screen (hide the FAILED line, or
+    /// fake a `probe: ok`), and a newline forge a line of its own.
+    #[test]
+    fn text_from_the_server_cannot_drive_the_terminal_or_forge_lines() {
+        const ESC: &str = "\u{1b}[2J\u{1b}[1A";
+        let call = |what: &str| Call {
+            request: format!("GET /api/v4/negotiations/{what}"),
+            http_status: Some(500),
+            trace_id: Some(format!("t{ESC}\nprobe: ok")),
+            duration_ms: 1,
+            rate_limit_headers: BTreeMap::new(),
+            error: Some(format!("an HTML page (9 bytes: <b>{ESC}</b>)\rprobe: ok")),
+        };
+        let report = ProbeReport {
+            business_id: "1".into(),
+            base_url: "http://127.0.0.1:9".into(),
+            list: call("x"),
+            pagination: Some(PaginationSeen {
+                style: "next".into(),
+                fields: serde_json::Value::Null,
+                bare_array: false,
+                entries: 1,
+                skipped: 0,
+                next_query: None,
+                end: None,
+                confirm_query: None,
+                error: Some(format!("a next link on another host {ESC}")),
+            }),
+            lead: Some(LeadSeen {
+                negotiation_id: format!("7{ESC}"),
+                top_level_keys: vec![format!("key{ESC}\nprobe: ok")],
+                filled: BTreeMap::new(),
+                empty: vec![],
+            }),
+            get: Some(call("7")),
+            comparison: Some(Comparison {
+                same: false,
+                differing_fields: vec![format!("k{ESC}")],
+                filled_only_by_get: vec![],
+            }),
+            token: TokenSeen {
+                kind: "oauth".into(),
+                scopes: Some(vec![format!("s{ESC}")]),
+                note: None,
+            },
+            ok: false,
+        };
+        let text = render_text(&report);
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("probe:")).count(),
+            1,
+            "{text}"
+        );
+        assert!(text.ends_with("probe: FAILED\n"), "{text}");
+    }
 
     #[test]
     fn scopes_are_read_from_a_jwt_and_opaque_tokens_say_so() {
