@@ -121,8 +121,24 @@ fn refuse_leftover_journal(dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// True when `dest` names the mirror or its WAL, shared-memory or lock file.
+/// True when `dest` names the mirror or its WAL, shared-memory or lock file,
+/// by its path or as the same file under another name (a hard link, a bind
+/// mount: no path comparison sees through those).
 fn is_database_file(database: &Path, dest: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(d) = std::fs::metadata(dest) {
+        let same = ["", "-wal", "-shm", "-journal", ".lock"]
+            .iter()
+            .any(|suffix| {
+                let mut name = database.as_os_str().to_owned();
+                name.push(suffix);
+                std::fs::metadata(PathBuf::from(name))
+                    .is_ok_and(|f| f.dev() == d.dev() && f.ino() == d.ino())
+            });
+        if same {
+            return true;
+        }
+    }
     let canonical = |p: &Path| {
         if let Ok(full) = p.canonicalize() {
             return Some(full);
@@ -368,6 +384,45 @@ mod tests {
             let e = format!("{:#}", result.unwrap_err());
             assert!(e.contains(&wal.display().to_string()), "{e}");
             assert_eq!(std::fs::read(&wal).unwrap(), leftover, "not ours to remove");
+        }
+    }
+
+    /// The mirror under another name that no path comparison sees through
+    /// (a hard link here; a bind mount of its directory does the same): with
+    /// `--force` the copy was renamed over that name, and under a bind
+    /// mount that is the mirror's own directory entry, while the daemon
+    /// keeps writing to the old file and its `-wal` pairs with the copy.
+    /// The same file is refused whatever it is called.
+    #[test]
+    fn the_mirror_or_the_token_store_under_another_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE negotiations (id INTEGER PRIMARY KEY);
+                 CREATE TABLE outbox (id INTEGER PRIMARY KEY);",
+            )
+            .unwrap();
+        let tokens = dir.path().join("tokens.db");
+        std::fs::write(&tokens, "tokens").unwrap();
+        let other = tempfile::tempdir_in(dir.path()).unwrap();
+        for (target, said) in [(&db, "the mirror itself"), (&tokens, "token store")] {
+            let alias = other.path().join("alias.db");
+            let _ = std::fs::remove_file(&alias);
+            std::fs::hard_link(target, &alias).unwrap();
+            let e = format!(
+                "{:#}",
+                backup(&db, &[&tokens], &alias, true, |_, _| true).unwrap_err()
+            );
+            assert!(e.contains(said), "{e}");
+            let meta = |p: &Path| {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(p).unwrap();
+                (m.dev(), m.ino())
+            };
+            assert_eq!(meta(&alias), meta(target), "the alias was replaced");
         }
     }
 
