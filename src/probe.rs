@@ -203,9 +203,39 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     // the grant in the token store, as any request would).
     let auth = Arc::new(crate::app::open_auth(&config, None, HashMap::new())?);
     let client = Client::new(ClientSettings::from_config(&config), auth.clone())?;
-    let report = probe(&client, &auth, &business.id, &business.token, &config).await;
+    // Ctrl-C or SIGTERM must not kill the process while a refresh is in
+    // flight: Thumbtack may have rotated the grant already, and its new
+    // refresh token would be lost with the process. The request in flight
+    // finishes (within api.timeout_secs), nothing further is asked, and
+    // the rotated token is stored before the process exits.
+    let stop = crate::cli::stop_on_signal()?;
+    {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            stop.cancelled().await;
+            eprintln!(
+                "probe: interrupted; finishing the request in flight so that a refreshed token is stored"
+            );
+        });
+    }
+    let report = probe(
+        &client,
+        &auth,
+        &business.id,
+        &business.token,
+        &config,
+        &stop,
+    )
+    .await;
     // A refresh it started is stored before the process exits.
     auth.settle(crate::cli::settle_bound(&config)).await;
+    if stop.is_cancelled() {
+        bail!(
+            "probe of business {} interrupted: the request in flight finished (a token it \
+             refreshed was stored) and nothing more was asked",
+            business.id
+        );
+    }
     let report = report?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -221,6 +251,7 @@ async fn probe(
     business_id: &str,
     source: &TokenSource,
     config: &Config,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<ProbeReport> {
     let mut listing =
         Listing::new(client.base_url(), config.file.poll.page_size).map_err(anyhow::Error::msg)?;
@@ -244,6 +275,9 @@ async fn probe(
     let Ok(listed) = listed else {
         return Ok(report);
     };
+    if stop.is_cancelled() {
+        return Ok(report);
+    }
     let page = match parse_page(&listed.body) {
         Ok(p) => p,
         Err(e) => {

@@ -3174,3 +3174,59 @@ fn a_token_store_directory_another_user_owns_is_refused_a_shared_one_is_not() {
         assert!(e.contains("belongs to uid 54321"), "{e}");
     }
 }
+
+/// `probe` refreshes a grant's single-use refresh token like any request
+/// (README: "A probe of a business with an OAuth grant refreshes its
+/// single-use token"), but had no signal handler: a Ctrl-C while Thumbtack
+/// had already rotated the token killed it before the new token was
+/// stored, and the next refresh presented the spent one (a re-authorization
+/// once Thumbtack's grace for retries is over). Ctrl-C now lets the refresh
+/// in flight finish and be stored, and the probe stops, saying so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_during_a_probes_token_refresh_keeps_the_rotated_token() {
+    let env = oauth_env(3600, FAST).await;
+    let business = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_after_rotate_ms: 2000,
+        ..Default::default()
+    });
+    let rotations = env.sandbox.stats().rotations;
+    let child = common::spawn(
+        env.cli()
+            .args(["probe", "--business", &business])
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .expect("start probe");
+    wait_until(
+        "the probe's refresh token rotated and its answer held",
+        Duration::from_secs(60),
+        || env.sandbox.stats().rotations > rotations,
+    )
+    .await;
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGINT) }, 0);
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("interrupted"), "{}", text(&out));
+    env.sandbox.set_token_faults(TokenFaults::default());
+
+    // The next refresh presents the rotated token, not the spent one.
+    let stats = env.sandbox.stats();
+    let o = env.run(&["sync", "--business", &business]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let after = env.sandbox.stats();
+    assert_eq!(after.reused_refresh_tokens, 0, "{}", text(&o));
+    assert_eq!(
+        after.grace_replays,
+        stats.grace_replays,
+        "the spent token was presented again: {}",
+        text(&o)
+    );
+    assert_eq!(reauth_count(&env), 0);
+    assert_no_secret_anywhere(&env, &text(&out));
+}
