@@ -231,8 +231,8 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     auth.settle(crate::cli::settle_bound(&config)).await;
     if stop.is_cancelled() {
         bail!(
-            "probe of business {} interrupted: the request in flight finished (a token it \
-             refreshed was stored) and nothing more was asked",
+            "probe of business {} interrupted: the request in flight was let finish, so that a \
+             token it refreshed could be stored, and nothing more was asked",
             business.id
         );
     }
