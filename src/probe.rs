@@ -205,37 +205,29 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     let client = Client::new(ClientSettings::from_config(&config), auth.clone())?;
     // Ctrl-C or SIGTERM must not kill the process while a refresh is in
     // flight: Thumbtack may have rotated the grant already, and its new
-    // refresh token would be lost with the process. The request in flight
-    // finishes (within api.timeout_secs), nothing further is asked, and
-    // the rotated token is stored before the process exits.
+    // refresh token would be lost with the process. At the signal nothing
+    // further is sent and no refresh starts (a GET in flight is dropped:
+    // it changes nothing); a refresh already sent runs in the auth's own
+    // tasks, which `settle` waits for (within `bound`) and whose rotated
+    // token it stores.
     let stop = crate::cli::stop_on_signal()?;
-    {
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            stop.cancelled().await;
-            eprintln!(
-                "probe: interrupted; finishing the request in flight so that a refreshed token is stored"
-            );
-        });
+    let bound = crate::cli::settle_bound(&config);
+    let report = tokio::select! {
+        report = probe(&client, &auth, &business.id, &business.token, &config, &stop) => Some(report),
+        _ = stop.cancelled() => None,
+    };
+    if report.is_none() || stop.is_cancelled() {
+        interrupted(&auth, bound);
     }
-    let report = probe(
-        &client,
-        &auth,
-        &business.id,
-        &business.token,
-        &config,
-        &stop,
-    )
-    .await;
     // A refresh it started is stored before the process exits.
-    auth.settle(crate::cli::settle_bound(&config)).await;
-    if stop.is_cancelled() {
+    auth.settle(bound).await;
+    let Some(report) = report.filter(|_| !stop.is_cancelled()) else {
         bail!(
-            "probe of business {} interrupted: the request in flight was let finish, so that a \
-             token it refreshed could be stored, and nothing more was asked",
+            "probe of business {} interrupted: nothing more was asked, and a token refresh in \
+             flight was let finish so that its rotated refresh token could be stored",
             business.id
         );
-    }
+    };
     let report = report?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
@@ -243,6 +235,45 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
         print!("{}", render_text(&report));
     }
     Ok(if report.ok { 0 } else { 1 })
+}
+
+/// At Ctrl-C or SIGTERM: no request is sent and no refresh starts from
+/// now on; one already sent may finish and store its token until `bound`
+/// (less the second its write is given). A further Ctrl-C does not cut
+/// that short (it is what the wait is for): it says how long it may still
+/// take.
+fn interrupted(auth: &Auth, bound: std::time::Duration) {
+    let until = Instant::now() + bound;
+    auth.begin_shutdown(until - std::time::Duration::from_secs(1).min(bound));
+    let again = || {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some((
+            signal(SignalKind::interrupt()).ok()?,
+            signal(SignalKind::terminate()).ok()?,
+        ))
+    };
+    if let Some((mut int, mut term)) = again() {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                eprintln!(
+                    "probe: still waiting, at most {} s more, for a token refresh Thumbtack may \
+                     already have answered with a new refresh token: stopping now could lose it \
+                     (SIGKILL would)",
+                    until.saturating_duration_since(Instant::now()).as_secs() + 1
+                );
+            }
+        });
+    }
+    // Said once the listeners above are in place (a test waits for it).
+    eprintln!(
+        "probe: interrupted; nothing more is asked, a token refresh in flight is let finish \
+         (at most {} s) so that its rotated refresh token is stored",
+        bound.as_secs()
+    );
 }
 
 async fn probe(
