@@ -17,6 +17,7 @@ use base64::Engine;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -213,8 +214,10 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     let stop = crate::cli::stop_on_signal()?;
     let bound = crate::cli::settle_bound(&config);
     let report = tokio::select! {
-        report = probe(&client, &auth, &business.id, &business.token, &config, &stop) => Some(report),
+        // The signal first: once it has come, the probe is not polled again.
+        biased;
         _ = stop.cancelled() => None,
+        report = probe(&client, &auth, &business.id, &business.token, &config, &stop) => Some(report),
     };
     if report.is_none() || stop.is_cancelled() {
         interrupted(&auth, bound);
@@ -259,7 +262,10 @@ fn interrupted(auth: &Auth, bound: std::time::Duration) {
                     _ = int.recv() => {}
                     _ = term.recv() => {}
                 }
-                eprintln!(
+                // Never a panic over a closed stderr: the wait it would end
+                // is what keeps the rotated token.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "probe: still waiting, at most {} s more, for a token refresh Thumbtack may \
                      already have answered with a new refresh token: stopping now could lose it \
                      (SIGKILL would)",
@@ -269,7 +275,11 @@ fn interrupted(auth: &Auth, bound: std::time::Duration) {
         });
     }
     // Said once the listeners above are in place (a test waits for it).
-    eprintln!(
+    // Written, not `eprintln!`: a stderr gone away (a closed pipe, a dead
+    // terminal) must not panic here, between the signal and `settle`, where
+    // the unwinding would drop a refresh Thumbtack may have answered.
+    let _ = writeln!(
+        std::io::stderr(),
         "probe: interrupted; nothing more is asked, a token refresh in flight is let finish \
          (at most {} s) so that its rotated refresh token is stored",
         bound.as_secs()
