@@ -358,7 +358,8 @@ pub fn encode(openmetrics: bool) -> String {
 }
 
 /// The path of a Thumbtack URL as a label: below `/api/v4/`, with every
-/// segment that looks like an id (digits, or anything but a short path
+/// segment that follows a collection name (`businesses`, `negotiations`,
+/// `webhooks`) or looks like an id (digits, or anything but a short path
 /// word) replaced by `{id}`, so that labels stay few and carry no data.
 pub fn endpoint_of(url: &str) -> String {
     let path = match url.find("://") {
@@ -373,11 +374,21 @@ pub fn endpoint_of(url: &str) -> String {
         .strip_prefix("/api/v4/")
         .or_else(|| path.strip_prefix("/v4/"))
         .unwrap_or(path.trim_start_matches('/'));
+    // The segment after a collection name is an id whatever it looks like:
+    // lead and webhook ids come from the server, in no promised shape.
+    let mut after_collection = false;
     path.split('/')
-        .map(|s| if is_path_word(s) { s } else { "{id}" })
+        .map(|s| {
+            let id = after_collection || !is_path_word(s);
+            after_collection = !id && ID_COLLECTIONS.contains(&s);
+            if id { "{id}" } else { s }
+        })
         .collect::<Vec<_>>()
         .join("/")
 }
+
+/// Path words followed by an id in the API's routes.
+const ID_COLLECTIONS: &[&str] = &["businesses", "negotiations", "webhooks"];
 
 /// `negotiations`, `job-status`, `oauth2`: short words that name a route,
 /// not an id (no more than two digits, nothing but letters, digits, `-`, `_`).
@@ -557,6 +568,27 @@ mod tests {
             endpoint_of("http://h/api/v4/negotiations/a%2Fb/x"),
             "negotiations/{id}/x"
         );
+    }
+
+    /// Lead ids come from the server (and webhook ids too): one made of
+    /// letters (`lead-one`, a staging server's, or a UUID with few digits)
+    /// looked like a route word and became a label of its own, one series
+    /// per lead polled for messages, kept for the life of the process.
+    #[test]
+    fn ids_in_id_positions_are_hidden_whatever_their_shape() {
+        assert_eq!(
+            endpoint_of("http://h/api/v4/negotiations/lead-one/messages?limit=50"),
+            "negotiations/{id}/messages"
+        );
+        assert_eq!(
+            endpoint_of("http://h/api/v4/negotiations/abcdef/job-status"),
+            "negotiations/{id}/job-status"
+        );
+        assert_eq!(
+            endpoint_of("http://h/api/v4/businesses/acme/webhooks/hook-a"),
+            "businesses/{id}/webhooks/{id}"
+        );
+        assert_eq!(endpoint_of("http://h/api/v4/businesses"), "businesses");
     }
 
     #[test]

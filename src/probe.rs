@@ -17,6 +17,7 @@ use base64::Engine;
 use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -203,16 +204,86 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     // the grant in the token store, as any request would).
     let auth = Arc::new(crate::app::open_auth(&config, None, HashMap::new())?);
     let client = Client::new(ClientSettings::from_config(&config), auth.clone())?;
-    let report = probe(&client, &auth, &business.id, &business.token, &config).await;
+    // Ctrl-C or SIGTERM must not kill the process while a refresh is in
+    // flight: Thumbtack may have rotated the grant already, and its new
+    // refresh token would be lost with the process. At the signal nothing
+    // further is sent and no refresh starts (a GET in flight is dropped:
+    // it changes nothing); a refresh already sent runs in the auth's own
+    // tasks, which `settle` waits for (within `bound`) and whose rotated
+    // token it stores.
+    let stop = crate::cli::stop_on_signal()?;
+    let bound = crate::cli::settle_bound(&config);
+    let report = tokio::select! {
+        // The signal first: once it has come, the probe is not polled again.
+        biased;
+        _ = stop.cancelled() => None,
+        report = probe(&client, &auth, &business.id, &business.token, &config, &stop) => Some(report),
+    };
+    if report.is_none() || stop.is_cancelled() {
+        interrupted(&auth, bound);
+    }
     // A refresh it started is stored before the process exits.
-    auth.settle(crate::cli::settle_bound(&config)).await;
+    auth.settle(bound).await;
+    let Some(report) = report.filter(|_| !stop.is_cancelled()) else {
+        bail!(
+            "probe of business {} interrupted: nothing more was asked, and a token refresh in \
+             flight was let finish so that its rotated refresh token could be stored",
+            business.id
+        );
+    };
     let report = report?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", render_json(&report)?);
     } else {
         print!("{}", render_text(&report));
     }
     Ok(if report.ok { 0 } else { 1 })
+}
+
+/// At Ctrl-C or SIGTERM: no request is sent and no refresh starts from
+/// now on; one already sent may finish and store its token until `bound`
+/// (less the second its write is given). A further Ctrl-C does not cut
+/// that short (it is what the wait is for): it says how long it may still
+/// take.
+fn interrupted(auth: &Auth, bound: std::time::Duration) {
+    let until = Instant::now() + bound;
+    auth.begin_shutdown(until - std::time::Duration::from_secs(1).min(bound));
+    let again = || {
+        use tokio::signal::unix::{SignalKind, signal};
+        Some((
+            signal(SignalKind::interrupt()).ok()?,
+            signal(SignalKind::terminate()).ok()?,
+        ))
+    };
+    if let Some((mut int, mut term)) = again() {
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                // Never a panic over a closed stderr: the wait it would end
+                // is what keeps the rotated token.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "probe: still waiting, at most {} s more, for a token refresh Thumbtack may \
+                     already have answered with a new refresh token: stopping now could lose it \
+                     (SIGKILL would)",
+                    until.saturating_duration_since(Instant::now()).as_secs() + 1
+                );
+            }
+        });
+    }
+    // Said once the listeners above are in place (a test waits for it).
+    // Written, not `eprintln!`: a stderr gone away (a closed pipe, a dead
+    // terminal) must not panic here, between the signal and `settle`, where
+    // the unwinding would drop a refresh Thumbtack may have answered.
+    let _ = writeln!(
+        std::io::stderr(),
+        "probe: interrupted; nothing more is asked, a token refresh in flight is let finish \
+         (at most {} s) so that its rotated refresh token is stored",
+        bound.as_secs()
+    );
 }
 
 async fn probe(
@@ -221,6 +292,7 @@ async fn probe(
     business_id: &str,
     source: &TokenSource,
     config: &Config,
+    stop: &tokio_util::sync::CancellationToken,
 ) -> Result<ProbeReport> {
     let mut listing =
         Listing::new(client.base_url(), config.file.poll.page_size).map_err(anyhow::Error::msg)?;
@@ -244,6 +316,9 @@ async fn probe(
     let Ok(listed) = listed else {
         return Ok(report);
     };
+    if stop.is_cancelled() {
+        return Ok(report);
+    }
     let page = match parse_page(&listed.body) {
         Ok(p) => p,
         Err(e) => {
@@ -340,8 +415,46 @@ async fn token_seen(auth: &Auth, business_id: &str, source: &TokenSource) -> Tok
     }
 }
 
+/// Text the server chose, for a terminal: control characters (C0 and C1:
+/// escape sequences, newlines, carriage returns), bidirectional overrides,
+/// isolates and marks, and the Unicode line and paragraph separators are
+/// shown as `\u{..}` escapes, so that they can neither rewrite the screen
+/// nor forge a line of the report.
+fn shown(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if c.is_control() || bidi_or_separator(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Bidirectional overrides, isolates and marks, and the Unicode line and
+/// paragraph separators: not controls, but they reorder or break what a
+/// terminal shows.
+fn bidi_or_separator(c: char) -> bool {
+    matches!(
+        c,
+        '\u{202a}'..='\u{202e}'
+            | '\u{2066}'..='\u{2069}'
+            | '\u{200e}'
+            | '\u{200f}'
+            | '\u{61c}'
+            | '\u{2028}'
+            | '\u{2029}'
+    )
+}
+
+/// [`shown`] of each, joined.
+fn shown_all(items: &[String], sep: &str) -> String {
+    items.iter().map(|s| shown(s)).collect::<Vec<_>>().join(sep)
+}
+
 fn call_lines(out: &mut String, title: &str, c: &Call) {
-    let _ = writeln!(out, "{title}: {}", c.request);
+    let _ = writeln!(out, "{title}: {}", shown(&c.request));
     let status = c
         .http_status
         .map(|s| format!("HTTP {s}"))
@@ -349,11 +462,11 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
     let _ = writeln!(
         out,
         "  {status}, traceID {}, {} ms",
-        c.trace_id.as_deref().unwrap_or("(none)"),
+        c.trace_id.as_deref().map_or("(none)".into(), shown),
         c.duration_ms
     );
     if let Some(e) = &c.error {
-        let _ = writeln!(out, "  error: {e}");
+        let _ = writeln!(out, "  error: {}", shown(e));
     }
     if c.rate_limit_headers.is_empty() {
         let _ = writeln!(out, "  rate-limit headers: none");
@@ -361,10 +474,30 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
         let h: Vec<String> = c
             .rate_limit_headers
             .iter()
-            .map(|(k, v)| format!("{k}: {v}"))
+            .map(|(k, v)| format!("{}: {}", shown(k), shown(v)))
             .collect();
         let _ = writeln!(out, "  rate-limit headers: {}", h.join("; "));
     }
+}
+
+/// The report for programs (`--json`). serde_json escapes C0 controls
+/// only; DEL, C1 controls (U+009B is a one-character CSI) and the
+/// characters of [`bidi_or_separator`] are written as `\uXXXX` escapes
+/// too, so the output is safe on a terminal and reads back the same. Each
+/// can only be inside a string (the rest of the output is ASCII
+/// punctuation, digits, letters and whitespace), where such an escape
+/// stands for the character itself; all are in the BMP.
+pub fn render_json(r: &ProbeReport) -> Result<String> {
+    let raw = serde_json::to_string_pretty(r)?;
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        if (c.is_control() && c > '\u{1f}') || bidi_or_separator(c) {
+            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        } else {
+            out.push(c);
+        }
+    }
+    Ok(out)
 }
 
 /// The report for people.
@@ -373,7 +506,8 @@ pub fn render_text(r: &ProbeReport) -> String {
     let _ = writeln!(
         out,
         "probe of business {} at {} (read-only)",
-        r.business_id, r.base_url
+        shown(&r.business_id),
+        shown(&r.base_url)
     );
     call_lines(&mut out, "list", &r.list);
     if let Some(p) = &r.pagination {
@@ -381,7 +515,7 @@ pub fn render_text(r: &ProbeReport) -> String {
             out,
             "  pagination style: {}; fields: {}{}",
             p.style,
-            p.fields,
+            shown(&p.fields.to_string()),
             if p.bare_array {
                 " (a bare array, no envelope)"
             } else {
@@ -400,14 +534,18 @@ pub fn render_text(r: &ProbeReport) -> String {
                     "  end of the listing: NOT CONFIRMED (a short page that does not echo its size limit \
                      may have been capped): syncs ask ?{} too (the page's last lead back, when it lists two or more), \
                      and know the end only if that lists nothing past the page",
-                    p.confirm_query.as_deref().unwrap_or_default()
+                    shown(p.confirm_query.as_deref().unwrap_or_default())
                 );
             }
             (_, _, Some(e)) => {
-                let _ = writeln!(out, "  the listing cannot be followed: {e}");
+                let _ = writeln!(out, "  the listing cannot be followed: {}", shown(e));
             }
             (Some(q), _, _) => {
-                let _ = writeln!(out, "  next page: ?{q} (applied to our own list path)");
+                let _ = writeln!(
+                    out,
+                    "  next page: ?{} (applied to our own list path)",
+                    shown(q)
+                );
             }
             (None, Some(End::Known), _) => {
                 let _ = writeln!(out, "  end of the listing: known (this is the last page)");
@@ -422,8 +560,12 @@ pub fn render_text(r: &ProbeReport) -> String {
         }
     }
     if let Some(l) = &r.lead {
-        let _ = writeln!(out, "lead {}", l.negotiation_id);
-        let _ = writeln!(out, "  top-level keys: {}", l.top_level_keys.join(", "));
+        let _ = writeln!(out, "lead {}", shown(&l.negotiation_id));
+        let _ = writeln!(
+            out,
+            "  top-level keys: {}",
+            shown_all(&l.top_level_keys, ", ")
+        );
         let filled: Vec<String> = l
             .filled
             .iter()
@@ -464,7 +606,7 @@ pub fn render_text(r: &ProbeReport) -> String {
                 out,
                 "  the listed entry and the GET body DIFFER in {}: the list carries summaries \
                  (the mirror stores what the list sends)",
-                c.differing_fields.join(", ")
+                shown_all(&c.differing_fields, ", ")
             );
         }
         if !c.filled_only_by_get.is_empty() {
@@ -480,9 +622,9 @@ pub fn render_text(r: &ProbeReport) -> String {
         "token: {}; scopes: {}",
         r.token.kind,
         match &r.token.scopes {
-            Some(s) if !s.is_empty() => s.join(" "),
+            Some(s) if !s.is_empty() => shown_all(s, " "),
             Some(_) => "(none)".into(),
-            None => r.token.note.clone().unwrap_or_else(|| "unknown".into()),
+            None => r.token.note.as_deref().map_or("unknown".into(), shown),
         }
     );
     let _ = writeln!(out, "{}", if r.ok { "probe: ok" } else { "probe: FAILED" });
@@ -492,6 +634,106 @@ pub fn render_text(r: &ProbeReport) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What the server sends (a traceID, an error body's excerpt, a lead's
+    /// keys and id, a JWT's scopes) reached the terminal as it came: an
+    /// escape sequence could rewrite the screen (hide the FAILED line, or
+    /// fake a `probe: ok`), and a newline forge a line of its own.
+    /// Review adm: the `pagination` object was printed as serde_json
+    /// writes it, which leaves C1 controls (U+009B is a one-character CSI)
+    /// and bidirectional overrides raw; the bidi marks (U+200E, U+200F,
+    /// U+061C) and the Unicode line and paragraph separators passed too.
+    #[test]
+    fn text_from_the_server_cannot_drive_the_terminal_or_forge_lines() {
+        let text = render_text(&hostile_report());
+        assert!(
+            !text.chars().any(|c| c.is_control() && c != '\n'),
+            "{text:?}"
+        );
+        assert!(!text.chars().any(is_bidi_or_separator), "{text:?}");
+        assert_eq!(
+            text.lines().filter(|l| l.starts_with("probe:")).count(),
+            1,
+            "{text}"
+        );
+        assert!(text.ends_with("probe: FAILED\n"), "{text}");
+    }
+
+    fn is_bidi_or_separator(c: char) -> bool {
+        matches!(
+            c,
+            '\u{202a}'..='\u{202e}'
+                | '\u{2066}'..='\u{2069}'
+                | '\u{200e}'
+                | '\u{200f}'
+                | '\u{61c}'
+                | '\u{2028}'
+                | '\u{2029}'
+        )
+    }
+
+    /// `--json` escaped C0 controls (as JSON must) but left C1 controls
+    /// and bidi characters raw: `leadsync probe --json` read on a terminal
+    /// could be driven by the server. They are `\u` escapes now, and the
+    /// JSON still reads back as the same values.
+    #[test]
+    fn json_escapes_c1_controls_and_bidi_characters_and_reads_back_the_same() {
+        let report = hostile_report();
+        let json = render_json(&report).unwrap();
+        assert!(
+            !json.chars().any(|c| c.is_control() && c != '\n'),
+            "{json:?}"
+        );
+        assert!(!json.chars().any(is_bidi_or_separator), "{json:?}");
+        let back: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, serde_json::to_value(&report).unwrap());
+    }
+
+    fn hostile_report() -> ProbeReport {
+        const ESC: &str = "\u{1b}[2J\u{9b}1A\u{202e}\u{200e}\u{200f}\u{61c}\u{2028}\u{2029}";
+        let call = |what: &str| Call {
+            request: format!("GET /api/v4/negotiations/{what}"),
+            http_status: Some(500),
+            trace_id: Some(format!("t{ESC}\nprobe: ok")),
+            duration_ms: 1,
+            rate_limit_headers: BTreeMap::new(),
+            error: Some(format!("an HTML page (9 bytes: <b>{ESC}</b>)\rprobe: ok")),
+        };
+        ProbeReport {
+            business_id: "1".into(),
+            base_url: "http://127.0.0.1:9".into(),
+            list: call("x"),
+            pagination: Some(PaginationSeen {
+                style: "next".into(),
+                fields: serde_json::json!({ format!("next{ESC}"): format!("p{ESC}\nprobe: ok") }),
+                bare_array: false,
+                entries: 1,
+                skipped: 0,
+                next_query: None,
+                end: None,
+                confirm_query: None,
+                error: Some(format!("a next link on another host {ESC}")),
+            }),
+            lead: Some(LeadSeen {
+                negotiation_id: format!("7{ESC}"),
+                top_level_keys: vec![format!("key{ESC}\nprobe: ok")],
+                filled: BTreeMap::from([("title".to_string(), format!("t{ESC}\nprobe: ok"))]),
+                empty: vec![],
+            }),
+            get: Some(call("7")),
+            comparison: Some(Comparison {
+                same: false,
+                differing_fields: vec![format!("k{ESC}")],
+                filled_only_by_get: vec![],
+            }),
+            token: TokenSeen {
+                kind: "oauth".into(),
+                scopes: Some(vec![format!("s{ESC}")]),
+                note: None,
+            },
+            ok: false,
+        }
+    }
 
     #[test]
     fn scopes_are_read_from_a_jwt_and_opaque_tokens_say_so() {

@@ -355,6 +355,9 @@ pub(crate) struct State {
     static_tokens: HashMap<String, String>,
     auth_codes: HashMap<String, Vec<String>>,
     token_faults: TokenFaults,
+    /// Set by [`Sandbox::hold_refresh_answers`]: successful refreshes
+    /// answer once it is cancelled.
+    refresh_gate: Option<CancellationToken>,
     deliveries: Vec<Delivery>,
     /// Each lead's conversation, oldest first, generated on first use so a
     /// large sandbox does not pay for conversations nobody reads.
@@ -555,6 +558,7 @@ impl Sandbox {
             static_tokens: HashMap::new(),
             auth_codes: HashMap::new(),
             token_faults: TokenFaults::default(),
+            refresh_gate: None,
             deliveries: Vec::new(),
             conversations: HashMap::new(),
             long_conversations: HashSet::new(),
@@ -702,6 +706,17 @@ impl Sandbox {
     /// Replaces the token-endpoint faults.
     pub fn set_token_faults(&self, faults: TokenFaults) {
         self.lock().token_faults = faults;
+    }
+
+    /// Holds the answer of every successful refresh from now on, after the
+    /// token was rotated (a client that gives up meanwhile loses the new
+    /// token), until the returned token is cancelled: a test releases it
+    /// when what it wants to happen meanwhile has happened, instead of
+    /// guessing how long that takes.
+    pub fn hold_refresh_answers(&self) -> CancellationToken {
+        let gate = CancellationToken::new();
+        self.lock().refresh_gate = Some(gate.clone());
+        gate
     }
 
     /// Every accepted job status, in order of acceptance.

@@ -205,8 +205,11 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
         (&Method::POST, ["oauth2", "token"]) => {
             let (response, hold, lose) = token_endpoint(&state, header("authorization"), &body);
             // The token is already rotated: a client that gives up now loses it.
-            if hold > 0 {
-                tokio::time::sleep(Duration::from_millis(hold)).await;
+            if hold.ms > 0 {
+                tokio::time::sleep(Duration::from_millis(hold.ms)).await;
+            }
+            if let Some(gate) = hold.gate {
+                gate.cancelled().await;
             }
             if lose {
                 return Err(Reset);
@@ -1046,14 +1049,22 @@ fn reply(
     respond(StatusCode::CREATED, "application/json", m.json)
 }
 
+/// How long a token answer is held back after the token was rotated.
+#[derive(Default)]
+struct Hold {
+    ms: u64,
+    /// Until it is cancelled ([`super::Sandbox::hold_refresh_answers`]).
+    gate: Option<tokio_util::sync::CancellationToken>,
+}
+
 /// The token endpoint: the answer, how long to hold it, and whether to
 /// drop the connection instead (after the token was rotated).
 fn token_endpoint(
     state: &Shared,
     authorization: Option<String>,
     body: &[u8],
-) -> (Response<Full<Bytes>>, u64, bool) {
-    let now_answer = |r| (r, 0, false);
+) -> (Response<Full<Bytes>>, Hold, bool) {
+    let now_answer = |r| (r, Hold::default(), false);
     let form: HashMap<String, String> = serde_urlencoded::from_bytes(body).unwrap_or_default();
     let mut s = lock(state);
     let client_ok = basic_credentials(authorization.as_deref())
@@ -1065,7 +1076,11 @@ fn token_endpoint(
         let status = s.token_faults.before_rotate.remove(0);
         s.stats.faults_injected += 1;
         if status == 0 {
-            return (respond(StatusCode::OK, "text/plain", ""), 0, true);
+            return (
+                respond(StatusCode::OK, "text/plain", ""),
+                Hold::default(),
+                true,
+            );
         }
         let code = StatusCode::from_u16(status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
         let mut r = if code.is_server_error() {
@@ -1235,7 +1250,7 @@ fn token_endpoint(
         s.refresh_tokens.remove(&refresh);
         return now_answer(json_response(StatusCode::OK, &answer));
     }
-    let mut hold = 0;
+    let mut hold = Hold::default();
     let mut lose = false;
     if grant == "refresh_token" {
         let presented = form.get("refresh_token").cloned().unwrap_or_default();
@@ -1243,7 +1258,10 @@ fn token_endpoint(
             e.used = Some((Instant::now(), answer.clone(), refresh));
         }
         s.stats.rotations += 1;
-        hold = faults.hold_after_rotate_ms;
+        hold = Hold {
+            ms: faults.hold_after_rotate_ms,
+            gate: s.refresh_gate.clone(),
+        };
         if s.token_faults.no_access_token_after_rotate > 0 {
             s.token_faults.no_access_token_after_rotate -= 1;
             let mut broken = answer.clone();

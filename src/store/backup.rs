@@ -47,19 +47,7 @@ pub fn backup(
     if !database.is_file() {
         bail!("database {} does not exist", database.display());
     }
-    if is_database_file(database, dest) {
-        bail!(
-            "{} is the mirror itself (or one of its files); give another path",
-            dest.display()
-        );
-    }
-    if let Some(p) = protected.iter().find(|p| is_database_file(p, dest)) {
-        bail!(
-            "{} is the token store ({}) or one of its files; give another path",
-            dest.display(),
-            p.display()
-        );
-    }
+    refuse_protected(database, protected, dest)?;
     if dest.is_dir() {
         bail!("{} is a directory; give a file name", dest.display());
     }
@@ -83,7 +71,7 @@ pub fn backup(
         .unwrap_or_else(|| "backup".into());
     let partial = dir.join(format!(".{name}.partial-{}", std::process::id()));
     let result = copy_to(database, &partial, &mut progress).and_then(|report| {
-        publish(&partial, dest, force)?;
+        publish(&partial, database, protected, dest, force)?;
         Ok(report)
     });
     if result.is_err() {
@@ -95,6 +83,57 @@ pub fn backup(
     let mut report = result?;
     report.elapsed = started.elapsed();
     Ok(report)
+}
+
+/// Refuses a destination that is the mirror or the token store (`protected`)
+/// or one of their files, under any name.
+fn refuse_protected(database: &Path, protected: &[&Path], dest: &Path) -> Result<()> {
+    if is_database_file(database, dest) {
+        bail!(
+            "{} is the mirror itself (or one of its files); give another path",
+            dest.display()
+        );
+    }
+    if let Some(p) = protected
+        .iter()
+        .find(|p| is_database_file(p, dest) || in_lock_dir(p, dest))
+    {
+        bail!(
+            "{} is the token store ({}) or one of its files; give another path",
+            dest.display(),
+            p.display()
+        );
+    }
+    Ok(())
+}
+
+/// True when `dest` is in the token store's `<store>.locks/` directory
+/// (the grants' lock and note files), or is one of its files under another
+/// name (a hard link).
+fn in_lock_dir(store: &Path, dest: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let mut name = store.as_os_str().to_owned();
+    name.push(".locks");
+    let locks = PathBuf::from(name);
+    let Ok(locks_full) = locks.canonicalize() else {
+        return false;
+    };
+    let dest_dir = dest
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    if dest_dir.canonicalize().is_ok_and(|d| d == locks_full) {
+        return true;
+    }
+    let Ok(d) = std::fs::metadata(dest) else {
+        return false;
+    };
+    std::fs::read_dir(&locks_full).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            e.metadata()
+                .is_ok_and(|f| f.dev() == d.dev() && f.ino() == d.ino())
+        })
+    })
 }
 
 /// Refuses a destination with a `-wal` or `-journal` beside it. SQLite
@@ -121,8 +160,24 @@ fn refuse_leftover_journal(dest: &Path) -> Result<()> {
     Ok(())
 }
 
-/// True when `dest` names the mirror or its WAL, shared-memory or lock file.
+/// True when `dest` names the mirror or its WAL, shared-memory or lock file,
+/// by its path or as the same file under another name (a hard link, a bind
+/// mount: no path comparison sees through those).
 fn is_database_file(database: &Path, dest: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(d) = std::fs::metadata(dest) {
+        let same = ["", "-wal", "-shm", "-journal", ".lock"]
+            .iter()
+            .any(|suffix| {
+                let mut name = database.as_os_str().to_owned();
+                name.push(suffix);
+                std::fs::metadata(PathBuf::from(name))
+                    .is_ok_and(|f| f.dev() == d.dev() && f.ino() == d.ino())
+            });
+        if same {
+            return true;
+        }
+    }
     let canonical = |p: &Path| {
         if let Ok(full) = p.canonicalize() {
             return Some(full);
@@ -245,11 +300,19 @@ fn copy_to(
 
 /// Moves the finished copy to `dest`: replacing it only with `force`, and
 /// never over a file that appeared meanwhile otherwise.
-fn publish(partial: &Path, dest: &Path, force: bool) -> Result<()> {
+fn publish(
+    partial: &Path,
+    database: &Path,
+    protected: &[&Path],
+    dest: &Path,
+    force: bool,
+) -> Result<()> {
     std::fs::File::open(partial)?
         .sync_all()
         .with_context(|| format!("cannot sync {}", partial.display()))?;
-    // Again, right before: a program may have opened FILE during the copy.
+    // Again, right before: a program may have opened FILE during the copy,
+    // or FILE become the mirror or the token store under another name.
+    refuse_protected(database, protected, dest)?;
     refuse_leftover_journal(dest)?;
     if force {
         std::fs::rename(partial, dest)
@@ -369,6 +432,125 @@ mod tests {
             assert!(e.contains(&wal.display().to_string()), "{e}");
             assert_eq!(std::fs::read(&wal).unwrap(), leftover, "not ours to remove");
         }
+    }
+
+    /// The mirror under another name that no path comparison sees through
+    /// (a hard link here; a bind mount of its directory does the same): with
+    /// `--force` the copy was renamed over that name, and under a bind
+    /// mount that is the mirror's own directory entry, while the daemon
+    /// keeps writing to the old file and its `-wal` pairs with the copy.
+    /// The same file is refused whatever it is called.
+    #[test]
+    fn the_mirror_or_the_token_store_under_another_name_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "PRAGMA journal_mode = WAL;
+                 CREATE TABLE negotiations (id INTEGER PRIMARY KEY);
+                 CREATE TABLE outbox (id INTEGER PRIMARY KEY);",
+            )
+            .unwrap();
+        let tokens = dir.path().join("tokens.db");
+        std::fs::write(&tokens, "tokens").unwrap();
+        let other = tempfile::tempdir_in(dir.path()).unwrap();
+        for (target, said) in [(&db, "the mirror itself"), (&tokens, "token store")] {
+            let alias = other.path().join("alias.db");
+            let _ = std::fs::remove_file(&alias);
+            std::fs::hard_link(target, &alias).unwrap();
+            let e = format!(
+                "{:#}",
+                backup(&db, &[&tokens], &alias, true, |_, _| true).unwrap_err()
+            );
+            assert!(e.contains(said), "{e}");
+            let meta = |p: &Path| {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(p).unwrap();
+                (m.dev(), m.ino())
+            };
+            assert_eq!(meta(&alias), meta(target), "the alias was replaced");
+        }
+    }
+
+    /// Review adm: `publish` looked again for a journal beside FILE but not
+    /// at what FILE is; one made the mirror under another name during the
+    /// copy (here a hard link made between two steps) was replaced by the
+    /// copy with `--force`.
+    #[test]
+    fn the_mirror_made_under_the_destination_name_during_the_copy_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        let conn = Connection::open(&db).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL;
+             CREATE TABLE negotiations (id INTEGER PRIMARY KEY, pad TEXT);
+             CREATE TABLE outbox (id INTEGER PRIMARY KEY);",
+        )
+        .unwrap();
+        conn.execute(
+            "INSERT INTO negotiations (pad) SELECT zeroblob(4096) FROM \
+             (WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 600) \
+             SELECT i FROM n)",
+            [],
+        )
+        .unwrap();
+        let dest = dir.path().join("copy.db");
+        let mut linked = false;
+        let result = backup(&db, &[], &dest, true, |_, _| {
+            if !linked {
+                std::fs::hard_link(&db, &dest).unwrap();
+                linked = true;
+            }
+            true
+        });
+        assert!(linked);
+        let e = format!("{:#}", result.expect_err("the mirror was replaced"));
+        assert!(e.contains("the mirror itself"), "{e}");
+        let meta = |p: &Path| {
+            use std::os::unix::fs::MetadataExt;
+            let m = std::fs::metadata(p).unwrap();
+            (m.dev(), m.ino())
+        };
+        assert_eq!(
+            meta(&dest),
+            meta(&db),
+            "the mirror's other name was replaced"
+        );
+    }
+
+    /// The grants' lock files in `<token store>.locks/` are the token
+    /// store's too: a backup written over one (or under a new name there)
+    /// breaks the lock a refresh holds, or leaves customer data among them.
+    #[test]
+    fn the_token_stores_lock_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("m.db");
+        Connection::open(&db)
+            .unwrap()
+            .execute_batch(
+                "CREATE TABLE negotiations (id INTEGER PRIMARY KEY);
+                 CREATE TABLE outbox (id INTEGER PRIMARY KEY);",
+            )
+            .unwrap();
+        let tokens = dir.path().join("tokens.db");
+        std::fs::write(&tokens, "tokens").unwrap();
+        let locks = dir.path().join("tokens.db.locks");
+        std::fs::create_dir(&locks).unwrap();
+        let lock = locks.join("grant-1.lock");
+        std::fs::write(&lock, "").unwrap();
+        let alias = dir.path().join("alias.db");
+        std::fs::hard_link(&lock, &alias).unwrap();
+        for dest in [lock.clone(), locks.join("new.db"), alias.clone()] {
+            let e = format!(
+                "{:#}",
+                backup(&db, &[&tokens], &dest, true, |_, _| true)
+                    .expect_err(&dest.display().to_string())
+            );
+            assert!(e.contains("token store"), "{e}");
+        }
+        assert_eq!(std::fs::read(&lock).unwrap(), b"");
+        assert!(!locks.join("new.db").exists());
     }
 
     /// SPEC §1: every error names what is wrong and where.
