@@ -10,7 +10,7 @@
 use crate::config::Config;
 use crate::store::Store;
 use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Content, Finish, Kind, Recorded};
-use crate::thumbtack::model::{JobStatusBody, MessageBody};
+use crate::thumbtack::model::{JobStatusBody, Message, MessageBody};
 use crate::thumbtack::{Client, Disposition};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +29,36 @@ const RECHECK_CONCURRENCY: usize = 4;
 /// `leadsync drain`: claims that fail in a row, with nothing in flight,
 /// before the pass gives up.
 const CLAIM_FAILURES_BEFORE_GIVING_UP: u32 = 5;
+
+/// The message of a conversation's page that is reply `text` of
+/// `negotiation_id`, posted by an earlier attempt whose answer was lost: from
+/// the business, with exactly that text, dated no earlier than
+/// [`outbox::REPLY_CHECK_SLACK`] before that attempt started, and with an
+/// id no other sent reply of the negotiation was given. `None` when the
+/// check says another reply of the same text may be there too.
+pub fn found_in_conversation<'a>(
+    page: &'a [Message],
+    negotiation_id: &str,
+    text: &str,
+    check: &outbox::ReplyCheck,
+) -> Option<&'a Message> {
+    if check.twin {
+        return None;
+    }
+    let from = crate::time::parse(&check.since)? - outbox::REPLY_CHECK_SLACK;
+    page.iter().find(|m| {
+        m.sender.as_deref() == Some("Business")
+            && m.text.as_deref() == Some(text)
+            && m.negotiation_id
+                .as_deref()
+                .is_none_or(|n| n == negotiation_id)
+            && !check.taken.contains(&m.message_id)
+            && m.sent_at_raw
+                .as_deref()
+                .and_then(crate::time::parse)
+                .is_some_and(|t| t >= from)
+    })
+}
 
 /// Why a business's rows wait (SPEC §4): they are put aside without
 /// counting attempts and never go dead for it; `last_error` says why.
@@ -810,6 +840,36 @@ impl Drainer {
             }
         };
         let client = self.client();
+        // Whatever the attempt's number: `outbox retry` and a partner's
+        // program put it back to 0, the attempts log stays.
+        if let Content::Message { text } = &row.content
+            && let Some(message_id) = self
+                .reply_already_sent(&client, &business_id, row, text)
+                .await
+        {
+            let note = format!(
+                "already in the conversation as message {message_id}: an earlier attempt reached \
+                 Thumbtack though its answer was lost; not posted again"
+            );
+            info!(business_id, message_id, "{note}");
+            crate::metrics::send(row.kind.as_str(), "sent", None);
+            let a = Attempt {
+                attempt: row.attempt,
+                started_at,
+                http_status: None,
+                outcome: "sent",
+                error: Some(note),
+                trace_id: None,
+                duration_ms: 0,
+            };
+            return (
+                Finish::Sent {
+                    message_id: Some(message_id),
+                },
+                vec![a],
+                RowResult::Sent,
+            );
+        }
         let (delivery, message_id) = match &row.content {
             Content::Transition {
                 status,
@@ -907,6 +967,58 @@ impl Drainer {
             (Err(e), _) => warn!(business_id, error = %e, ?result, "not sent yet"),
         }
         (finish, attempts, result)
+    }
+
+    /// The id of reply `row` in its lead's conversation, when an earlier
+    /// attempt may have reached Thumbtack and the newest page of the
+    /// conversation shows it there ([`found_in_conversation`]). `None`
+    /// (post it) when no attempt may have, when the page cannot be read
+    /// (the reply is posted as before: at least once), or when the page
+    /// cannot tell it from another reply of the same text.
+    async fn reply_already_sent(
+        &self,
+        client: &Arc<Client>,
+        business_id: &str,
+        row: &Claimed,
+        text: &str,
+    ) -> Option<String> {
+        let (id, negotiation_id, t) = (row.id, row.negotiation_id.clone(), text.to_string());
+        let check = match self
+            .store
+            .call(move |c| outbox::reply_check(c, id, &negotiation_id, &t))
+            .await
+        {
+            Ok(Some(check)) => check,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot read the reply's earlier attempts; posting it");
+                return None;
+            }
+        };
+        if check.twin {
+            info!(
+                "an earlier attempt may have reached Thumbtack, but another reply of the same text \
+                 was sent around then: the conversation cannot tell them apart; posting it"
+            );
+            return None;
+        }
+        match client
+            .list_messages(
+                business_id,
+                &row.negotiation_id,
+                crate::messages::PAGE_SIZE,
+                None,
+            )
+            .await
+        {
+            Ok(page) => found_in_conversation(&page.messages, &row.negotiation_id, text, &check)
+                .map(|m| m.message_id.clone()),
+            Err(e) => {
+                warn!(error = %e, "an earlier attempt may have reached Thumbtack, but the conversation \
+                    cannot be read to check; posting it (the customer may see it twice)");
+                None
+            }
+        }
     }
 
     /// `leadsync drain`: attempts every row due when it starts, once,
@@ -1242,6 +1354,55 @@ async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listed(id: &str, from: &str, text: &str, sent_at: &str) -> Message {
+        Message {
+            message_id: id.into(),
+            negotiation_id: Some("5".into()),
+            sent_at: Some(sent_at.into()),
+            sender: Some(from.into()),
+            text: Some(text.into()),
+            sent_at_raw: Some(sent_at.into()),
+            payload: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn a_reply_is_found_in_its_conversation_only_when_nothing_else_can_be_it() {
+        let check = outbox::ReplyCheck {
+            since: "2026-01-01T10:00:00.000Z".into(),
+            taken: HashSet::from(["taken".to_string()]),
+            twin: false,
+        };
+        let found = |page: &[Message], check: &outbox::ReplyCheck| {
+            found_in_conversation(page, "5", "On my way", check).map(|m| m.message_id.clone())
+        };
+        let it = listed("it", "Business", "On my way", "2026-01-01T09:58:00+00:00");
+        assert_eq!(
+            found(std::slice::from_ref(&it), &check).as_deref(),
+            Some("it")
+        );
+        // The customer's words, another text, a message older than the
+        // clocks' slack, one another reply was given, another lead's.
+        let mut other_lead = it.clone();
+        other_lead.negotiation_id = Some("6".into());
+        for m in [
+            listed("c", "Customer", "On my way", "2026-01-01T10:00:01Z"),
+            listed("t", "Business", "On my way!", "2026-01-01T10:00:01Z"),
+            listed("old", "Business", "On my way", "2026-01-01T09:54:59Z"),
+            listed("taken", "Business", "On my way", "2026-01-01T10:00:01Z"),
+            listed("undated", "Business", "On my way", "soon"),
+            other_lead,
+        ] {
+            assert_eq!(found(std::slice::from_ref(&m), &check), None, "{m:?}");
+        }
+        // Another reply of the same text sent around then: cannot tell.
+        let twin = outbox::ReplyCheck {
+            twin: true,
+            ..check.clone()
+        };
+        assert_eq!(found(&[it], &twin), None);
+    }
 
     #[test]
     fn a_step_back_seen_while_a_rebase_runs_is_rebased_once_it_is_done() {

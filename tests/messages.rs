@@ -1383,3 +1383,103 @@ async fn a_server_that_pages_by_five_without_saying_so_still_gives_the_whole_con
         assert_eq!(pages_of(&db, &lead).0, "ok", "{lead}");
     }
 }
+
+/// A reply Thumbtack accepted whose answer was lost (the connection closed
+/// after the POST was taken) was posted again at every retry: the customer
+/// read it once per attempt. Before a reply whose earlier attempt may have
+/// reached Thumbtack is posted again, its lead's conversation is read: the
+/// reply found there is `sent`, with the id Thumbtack gave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_whose_answer_was_lost_is_found_in_the_conversation_not_sent_again() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("max_attempts = 5", "max_attempts = 8"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let lead = env.first_leads(1)[0].clone();
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'On my way!')",
+        [&lead],
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    common::wait_until(
+        "the reply sent, or posted three times",
+        Duration::from_secs(60),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM message_outbox WHERE state <> 'pending' AND state <> 'sending'",
+            ) == 1
+                || env.sandbox.replies().len() >= 3
+        },
+    )
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 1, "posted once: {replies:?}");
+    let (state, message_id): (String, Option<String>) = db
+        .query_row("SELECT state, message_id FROM message_outbox", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), message_id.as_deref()),
+        ("sent", Some(replies[0].message_id.as_str()))
+    );
+    let note: String = db
+        .query_row(
+            "SELECT error FROM message_outbox_attempts WHERE outcome = 'sent'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(note.contains("already in the conversation"), "{note}");
+}
+
+/// `outbox retry` of a reply that went dead after its answer was lost puts
+/// its attempts back to 0: the check goes by the attempts log, not by the
+/// attempt's number, so the retried reply is found, not posted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_reply_retried_by_hand_is_found_in_the_conversation_not_sent_again() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("max_attempts = 5", "max_attempts = 1"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let lead = env.first_leads(1)[0].clone();
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'See you at 9')",
+        [&lead],
+    )
+    .unwrap();
+    assert_eq!(env.run(&["drain"]).status.code(), Some(1));
+    let state = |db: &rusqlite::Connection| -> String {
+        db.query_row("SELECT state FROM message_outbox", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(state(&db), "dead");
+    assert_eq!(env.sandbox.replies().len(), 1);
+    let o = env.run(&["outbox", "retry", "--kind", "message", "--all-dead"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.run(&["drain"]);
+    assert_eq!(state(&db), "sent");
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 1, "posted once: {replies:?}");
+}

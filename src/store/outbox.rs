@@ -1747,11 +1747,123 @@ pub fn enqueue_message(conn: &Connection, m: &NewMessage) -> Result<i64> {
     }
 }
 
+/// What the drainer must know before it posts a reply again whose earlier
+/// attempt may have reached Thumbtack (README, Messages): a reply is not
+/// idempotent, so it first looks for it in the lead's conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyCheck {
+    /// When the row's first attempt whose outcome is unknown started: no
+    /// answer (a connection reset, a timeout, a kill), a 5xx (a gateway may
+    /// answer one after the API acted), or a 2xx whose body was lost.
+    pub since: String,
+    /// The ids Thumbtack gave the negotiation's other sent replies: a
+    /// message with one of them is not this reply.
+    pub taken: HashSet<String>,
+    /// Another row of the negotiation with the same text was tried or sent
+    /// from [`REPLY_CHECK_SLACK`] twice over before `since` on: a message
+    /// of that text found in the conversation may be that row's, so the
+    /// conversation cannot tell, and the reply is posted (a duplicate
+    /// rather than a reply lost).
+    pub twin: bool,
+}
+
+/// How much earlier than the attempt that may have reached Thumbtack a
+/// message of the conversation may be dated and still be taken for the
+/// reply: Thumbtack's clock and this one differ.
+pub const REPLY_CHECK_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// The earlier attempts of `message_outbox` row ?1 whose outcome is unknown.
+const UNKNOWN_OUTCOMES: &str = "SELECT min(started_at) FROM message_outbox_attempts
+  WHERE outbox_id = ?1 AND outcome IN ('retry', 'interrupted', 'dead')
+    AND (http_status IS NULL OR http_status < 300 OR http_status >= 500)";
+
+/// Whether reply `id` (of `negotiation_id`, with `text`) must be looked
+/// for in its conversation before it is posted again; `None` when none of
+/// its attempts may have reached Thumbtack.
+pub fn reply_check(
+    conn: &Connection,
+    id: i64,
+    negotiation_id: &str,
+    text: &str,
+) -> Result<Option<ReplyCheck>> {
+    let since: Option<String> = conn
+        .prepare_cached(UNKNOWN_OUTCOMES)?
+        .query_row([id], |r| r.get(0))?;
+    let Some(since) = since else {
+        return Ok(None);
+    };
+    let taken = conn
+        .prepare_cached(
+            "SELECT message_id FROM message_outbox
+              WHERE negotiation_id = ?1 AND state = 'sent' AND id <> ?2 AND message_id IS NOT NULL",
+        )?
+        .query_map(params![negotiation_id, id], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<HashSet<_>>>()?;
+    let around = crate::time::parse(&since)
+        .map(|t| crate::time::fmt(t - REPLY_CHECK_SLACK * 2))
+        .unwrap_or_default();
+    let twin = conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM message_outbox o
+              WHERE o.negotiation_id = ?1 AND o.id <> ?2 AND o.text IS ?3
+                AND (o.sent_at >= ?4 OR o.state = 'sending'
+                     OR EXISTS (SELECT 1 FROM message_outbox_attempts a
+                                 WHERE a.outbox_id = o.id AND a.started_at >= ?4)))",
+        )?
+        .query_row(params![negotiation_id, id, text, around], |r| r.get(0))?;
+    Ok(Some(ReplyCheck { since, taken, twin }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const FAR: &str = "9999-01-01T00:00:00.000Z";
+
+    #[test]
+    fn a_reply_is_checked_only_after_an_attempt_that_may_have_reached_thumbtack() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('5', 'hi'), ('5', 'hi'), ('5', 'ho');
+             INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome)
+             VALUES (1, 1, '2026-01-01T10:00:00.000Z', 429, 'retry'),
+                    (1, 2, '2026-01-01T10:01:00.000Z', 403, 'retry'),
+                    (1, 3, '2026-01-01T10:02:00.000Z', 401, 'refresh');",
+        )
+        .unwrap();
+        let check = |id: i64, text: &str| reply_check(&conn, id, "5", text).unwrap();
+        // Refused each time: it never reached the API's action.
+        assert_eq!(check(1, "hi"), None);
+        conn.execute_batch(
+            "INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome)
+             VALUES (1, 4, '2026-01-01T10:04:00.000Z', NULL, 'retry'),
+                    (1, 5, '2026-01-01T10:03:00.000Z', 502, 'retry'),
+                    (3, 1, '2026-01-01T10:03:00.000Z', 200, 'retry');
+             UPDATE message_outbox SET state = 'sent', sent_at = '2026-01-01T09:40:00.000Z',
+                 message_id = 'm2' WHERE id = 2;",
+        )
+        .unwrap();
+        // The earliest unknown outcome; the other sent reply's id is taken;
+        // the same text sent 20 minutes before is no twin.
+        assert_eq!(
+            check(1, "hi"),
+            Some(ReplyCheck {
+                since: "2026-01-01T10:03:00.000Z".into(),
+                taken: HashSet::from(["m2".to_string()]),
+                twin: false
+            })
+        );
+        // Sent within twice the slack before: a twin.
+        conn.execute(
+            "UPDATE message_outbox SET sent_at = '2026-01-01T09:54:00.000Z' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+        assert!(check(1, "hi").unwrap().twin);
+        // A row of another text is none.
+        assert!(!check(3, "ho").unwrap().twin);
+    }
 
     /// Business 7 may send; business 8 waits.
     fn filter() -> ClaimFilter {
