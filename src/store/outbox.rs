@@ -1777,6 +1777,30 @@ const UNKNOWN_OUTCOMES: &str = "SELECT min(started_at) FROM message_outbox_attem
   WHERE outbox_id = ?1 AND outcome IN ('retry', 'interrupted', 'dead')
     AND (http_status IS NULL OR http_status < 300 OR http_status >= 500)";
 
+/// Whether another row of negotiation ?1 than ?2 with text ?3 was sent,
+/// is being sent, or was tried from ?4 on. Each state through the index
+/// of its own: while an outage makes every retry's outcome unknown, every
+/// reply retried asks this, and a walk of the whole table (or of every
+/// sent row, which the planner chose without statistics) each time would
+/// hold the database up. Dead rows are walked by state (a few, as a rule).
+fn twin_of_reply(pins: &Pins) -> String {
+    let tried = "EXISTS (SELECT 1 FROM message_outbox_attempts a
+                          WHERE a.outbox_id = o.id AND a.started_at >= ?4)";
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM message_outbox o {sent}
+                 WHERE o.negotiation_id = ?1 AND o.state = 'sent' AND o.id <> ?2
+                   AND o.text IS ?3 AND o.sent_at >= ?4)
+             OR EXISTS (SELECT 1 FROM message_outbox o {open}
+                 WHERE o.negotiation_id = ?1 AND o.state IN ('pending', 'sending') AND o.id <> ?2
+                   AND o.text IS ?3 AND (o.state = 'sending' OR {tried}))
+             OR EXISTS (SELECT 1 FROM message_outbox o
+                 WHERE o.state = 'dead' AND o.negotiation_id = ?1 AND o.id <> ?2
+                   AND o.text IS ?3 AND {tried})",
+        sent = pins.by("message_outbox_sent_by_negotiation"),
+        open = pins.by("message_outbox_open_by_negotiation"),
+    )
+}
+
 /// Whether reply `id` (of `negotiation_id`, with `text`) must be looked
 /// for in its conversation before it is posted again; `None` when none of
 /// its attempts may have reached Thumbtack.
@@ -1803,13 +1827,7 @@ pub fn reply_check(
         .map(|t| crate::time::fmt(t - REPLY_CHECK_SLACK * 2))
         .unwrap_or_default();
     let twin = conn
-        .prepare_cached(
-            "SELECT EXISTS (SELECT 1 FROM message_outbox o
-              WHERE o.negotiation_id = ?1 AND o.id <> ?2 AND o.text IS ?3
-                AND (o.sent_at >= ?4 OR o.state = 'sending'
-                     OR EXISTS (SELECT 1 FROM message_outbox_attempts a
-                                 WHERE a.outbox_id = o.id AND a.started_at >= ?4)))",
-        )?
+        .prepare_cached(&twin_of_reply(&Pins::read(conn)?))?
         .query_row(params![negotiation_id, id, text, around], |r| r.get(0))?;
     Ok(Some(ReplyCheck { since, taken, twin }))
 }
@@ -1863,6 +1881,45 @@ mod tests {
         assert!(check(1, "hi").unwrap().twin);
         // A row of another text is none.
         assert!(!check(3, "ho").unwrap().twin);
+        // A dead twin tried around then, and one being sent.
+        conn.execute_batch(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('5', 'ho'), ('5', 'ho');
+             UPDATE message_outbox SET state = 'dead' WHERE id = 4;
+             INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome)
+             VALUES (4, 1, '2026-01-01T09:59:00.000Z', NULL, 'dead');",
+        )
+        .unwrap();
+        assert!(check(3, "ho").unwrap().twin);
+        conn.execute_batch("UPDATE message_outbox SET state = 'canceled' WHERE id = 4;")
+            .unwrap();
+        assert!(!check(3, "ho").unwrap().twin);
+        conn.execute_batch(
+            "UPDATE message_outbox SET state = 'sending', attempts = 1, sending_since = 't' WHERE id = 5;",
+        )
+        .unwrap();
+        assert!(check(3, "ho").unwrap().twin);
+        // Each state through the negotiation's index, never every sent row.
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                twin_of_reply(&Pins::read(&conn).unwrap())
+            ))
+            .unwrap()
+            .query_map(params!["5", 1, "hi", "t"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("message_outbox_sent_by_negotiation"))
+                && plan
+                    .iter()
+                    .any(|p| p.contains("message_outbox_open_by_negotiation"))
+                && plan
+                    .iter()
+                    .all(|p| !p.starts_with("SCAN") || p.contains("CONSTANT ROW")),
+            "{plan:?}"
+        );
     }
 
     /// Business 7 may send; business 8 waits.
