@@ -30,22 +30,36 @@ const RECHECK_CONCURRENCY: usize = 4;
 /// before the pass gives up.
 const CLAIM_FAILURES_BEFORE_GIVING_UP: u32 = 5;
 
+/// How far Thumbtack's clock and this one may differ, for the dates of a
+/// conversation's messages: a message that is a reply posted by an earlier
+/// attempt is dated within this of that attempt (README, Messages).
+pub const REPLY_CHECK_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
 /// The message of a conversation's page that is reply `text` of
 /// `negotiation_id`, posted by an earlier attempt whose answer was lost: from
-/// the business, with exactly that text, dated no earlier than
-/// [`outbox::REPLY_CHECK_SLACK`] before that attempt started, and with an
-/// id no other sent reply of the negotiation was given. `None` when the
-/// check says another reply of the same text may be there too.
+/// the business, with exactly that text, dated within the attempts whose
+/// outcome is unknown — no earlier than [`REPLY_CHECK_SLACK`] before the
+/// first started, no later than that slack and twice `api_timeout` after
+/// the last ended (one request timeout for Thumbtack's own lag behind a
+/// gateway that answered, one for a check before the POST of an attempt
+/// cut by a kill, dated by its claim) — and with an id no other sent
+/// reply of the negotiation was given. A message typed later in
+/// Thumbtack's app is not taken for it. `None` when the check says another
+/// reply of the same text may be there too.
 pub fn found_in_conversation<'a>(
     page: &'a [Message],
     negotiation_id: &str,
     text: &str,
     check: &outbox::ReplyCheck,
+    api_timeout: Duration,
 ) -> Option<&'a Message> {
     if check.twin {
         return None;
     }
-    let from = crate::time::parse(&check.since)? - outbox::REPLY_CHECK_SLACK;
+    let from = crate::time::parse(&check.since)? - REPLY_CHECK_SLACK;
+    let to = crate::time::parse(&check.until)?
+        + chrono::TimeDelta::from_std(api_timeout * 2).ok()?
+        + REPLY_CHECK_SLACK;
     page.iter().find(|m| {
         m.sender.as_deref() == Some("Business")
             && m.text.as_deref() == Some(text)
@@ -56,7 +70,7 @@ pub fn found_in_conversation<'a>(
             && m.sent_at_raw
                 .as_deref()
                 .and_then(crate::time::parse)
-                .is_some_and(|t| t >= from)
+                .is_some_and(|t| from <= t && t <= to)
     })
 }
 
@@ -985,7 +999,7 @@ impl Drainer {
         let (id, negotiation_id, t) = (row.id, row.negotiation_id.clone(), text.to_string());
         let check = match self
             .store
-            .call(move |c| outbox::reply_check(c, id, &negotiation_id, &t))
+            .call(move |c| outbox::reply_check(c, id, &negotiation_id, &t, REPLY_CHECK_SLACK))
             .await
         {
             Ok(Some(check)) => check,
@@ -1002,17 +1016,21 @@ impl Drainer {
             );
             return None;
         }
+        // One GET, never retried nor refreshing a token on 401, given up
+        // when stopping: any failure posts the reply as before (which, once
+        // stopping, is not sent and goes back to pending as `stopped`).
         match client
-            .list_messages(
-                business_id,
-                &row.negotiation_id,
-                crate::messages::PAGE_SIZE,
-                None,
-            )
+            .newest_messages_once(business_id, &row.negotiation_id, crate::messages::PAGE_SIZE)
             .await
         {
-            Ok(page) => found_in_conversation(&page.messages, &row.negotiation_id, text, &check)
-                .map(|m| m.message_id.clone()),
+            Ok(page) => found_in_conversation(
+                &page.messages,
+                &row.negotiation_id,
+                text,
+                &check,
+                client.settings().timeout,
+            )
+            .map(|m| m.message_id.clone()),
             Err(e) => {
                 warn!(error = %e, "an earlier attempt may have reached Thumbtack, but the conversation \
                     cannot be read to check; posting it (the customer may see it twice)");
@@ -1371,17 +1389,22 @@ mod tests {
     fn a_reply_is_found_in_its_conversation_only_when_nothing_else_can_be_it() {
         let check = outbox::ReplyCheck {
             since: "2026-01-01T10:00:00.000Z".into(),
+            until: "2026-01-01T10:00:05.000Z".into(),
             taken: HashSet::from(["taken".to_string()]),
             twin: false,
         };
         let found = |page: &[Message], check: &outbox::ReplyCheck| {
-            found_in_conversation(page, "5", "On my way", check).map(|m| m.message_id.clone())
+            found_in_conversation(page, "5", "On my way", check, Duration::from_secs(30))
+                .map(|m| m.message_id.clone())
         };
         let it = listed("it", "Business", "On my way", "2026-01-01T09:58:00+00:00");
         assert_eq!(
             found(std::slice::from_ref(&it), &check).as_deref(),
             Some("it")
         );
+        // Up to the slack and two timeouts after the last attempt ended.
+        let late = listed("late", "Business", "On my way", "2026-01-01T10:06:05Z");
+        assert_eq!(found(&[late], &check).as_deref(), Some("late"));
         // The customer's words, another text, a message older than the
         // clocks' slack, one another reply was given, another lead's.
         let mut other_lead = it.clone();
@@ -1392,6 +1415,10 @@ mod tests {
             listed("old", "Business", "On my way", "2026-01-01T09:54:59Z"),
             listed("taken", "Business", "On my way", "2026-01-01T10:00:01Z"),
             listed("undated", "Business", "On my way", "soon"),
+            // Typed in the app hours after the attempt, which never reached
+            // the API (a 502 from the gateway): not the reply.
+            listed("later", "Business", "On my way", "2026-01-01T13:00:00Z"),
+            listed("after", "Business", "On my way", "2026-01-01T10:06:05.001Z"),
             other_lead,
         ] {
             assert_eq!(found(std::slice::from_ref(&m), &check), None, "{m:?}");

@@ -1756,24 +1756,24 @@ pub struct ReplyCheck {
     /// answer (a connection reset, a timeout, a kill), a 5xx (a gateway may
     /// answer one after the API acted), or a 2xx whose body was lost.
     pub since: String,
+    /// When the row's last attempt whose outcome is unknown ended (its
+    /// start and its duration; its start alone for an attempt cut by a
+    /// kill, whose start is its claim): Thumbtack took no reply of it later
+    /// than that but for its own lag and the clocks' difference.
+    pub until: String,
     /// The ids Thumbtack gave the negotiation's other sent replies: a
     /// message with one of them is not this reply.
     pub taken: HashSet<String>,
     /// Another row of the negotiation with the same text was tried or sent
-    /// from [`REPLY_CHECK_SLACK`] twice over before `since` on: a message
+    /// from the clocks' slack twice over before `since` on: a message
     /// of that text found in the conversation may be that row's, so the
     /// conversation cannot tell, and the reply is posted (a duplicate
     /// rather than a reply lost).
     pub twin: bool,
 }
 
-/// How much earlier than the attempt that may have reached Thumbtack a
-/// message of the conversation may be dated and still be taken for the
-/// reply: Thumbtack's clock and this one differ.
-pub const REPLY_CHECK_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
-
 /// The earlier attempts of `message_outbox` row ?1 whose outcome is unknown.
-const UNKNOWN_OUTCOMES: &str = "SELECT min(started_at) FROM message_outbox_attempts
+const UNKNOWN_OUTCOMES: &str = "SELECT started_at, duration_ms FROM message_outbox_attempts
   WHERE outbox_id = ?1 AND outcome IN ('retry', 'interrupted', 'dead')
     AND (http_status IS NULL OR http_status < 300 OR http_status >= 500)";
 
@@ -1803,19 +1803,34 @@ fn twin_of_reply(pins: &Pins) -> String {
 
 /// Whether reply `id` (of `negotiation_id`, with `text`) must be looked
 /// for in its conversation before it is posted again; `None` when none of
-/// its attempts may have reached Thumbtack.
+/// its attempts may have reached Thumbtack. `slack`: how far the clocks
+/// (Thumbtack's, this one) may differ (the caller's policy).
 pub fn reply_check(
     conn: &Connection,
     id: i64,
     negotiation_id: &str,
     text: &str,
+    slack: chrono::TimeDelta,
 ) -> Result<Option<ReplyCheck>> {
-    let since: Option<String> = conn
+    let unknown = conn
         .prepare_cached(UNKNOWN_OUTCOMES)?
-        .query_row([id], |r| r.get(0))?;
-    let Some(since) = since else {
+        .query_map([id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    // The first start as written (the database's own format, compared as
+    // text like every date of it); the last end as a time.
+    let Some(since) = unknown.iter().map(|(s, _)| s).min().cloned() else {
         return Ok(None);
     };
+    let until = unknown
+        .iter()
+        .filter_map(|(s, ms)| {
+            let ms = ms.unwrap_or(0).clamp(0, 8 * 86_400_000);
+            crate::time::parse(s).map(|t| t + chrono::TimeDelta::milliseconds(ms))
+        })
+        .max()
+        .map_or_else(|| since.clone(), crate::time::fmt);
     let taken = conn
         .prepare_cached(
             "SELECT message_id FROM message_outbox
@@ -1824,12 +1839,17 @@ pub fn reply_check(
         .query_map(params![negotiation_id, id], |r| r.get::<_, String>(0))?
         .collect::<rusqlite::Result<HashSet<_>>>()?;
     let around = crate::time::parse(&since)
-        .map(|t| crate::time::fmt(t - REPLY_CHECK_SLACK * 2))
+        .map(|t| crate::time::fmt(t - slack * 2))
         .unwrap_or_default();
     let twin = conn
         .prepare_cached(&twin_of_reply(&Pins::read(conn)?))?
         .query_row(params![negotiation_id, id, text, around], |r| r.get(0))?;
-    Ok(Some(ReplyCheck { since, taken, twin }))
+    Ok(Some(ReplyCheck {
+        since,
+        until,
+        taken,
+        twin,
+    }))
 }
 
 #[cfg(test)]
@@ -1850,24 +1870,33 @@ mod tests {
                     (1, 3, '2026-01-01T10:02:00.000Z', 401, 'refresh');",
         )
         .unwrap();
-        let check = |id: i64, text: &str| reply_check(&conn, id, "5", text).unwrap();
+        let slack = chrono::TimeDelta::minutes(5);
+        let check = |id: i64, text: &str| reply_check(&conn, id, "5", text, slack).unwrap();
         // Refused each time: it never reached the API's action.
         assert_eq!(check(1, "hi"), None);
         conn.execute_batch(
             "INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome)
              VALUES (1, 4, '2026-01-01T10:04:00.000Z', NULL, 'retry'),
                     (1, 5, '2026-01-01T10:03:00.000Z', 502, 'retry'),
+                    (1, 6, '2026-01-01T10:03:30.000Z', 503, 'retry'),
                     (3, 1, '2026-01-01T10:03:00.000Z', 200, 'retry');
              UPDATE message_outbox SET state = 'sent', sent_at = '2026-01-01T09:40:00.000Z',
                  message_id = 'm2' WHERE id = 2;",
         )
         .unwrap();
-        // The earliest unknown outcome; the other sent reply's id is taken;
-        // the same text sent 20 minutes before is no twin.
+        conn.execute(
+            "UPDATE message_outbox_attempts SET duration_ms = 60000 WHERE attempt = 6",
+            [],
+        )
+        .unwrap();
+        // The earliest unknown outcome, the latest end of one (10:03:30
+        // for a minute; 10:04 without a duration: its start); the other sent reply's id
+        // is taken; the same text sent 20 minutes before is no twin.
         assert_eq!(
             check(1, "hi"),
             Some(ReplyCheck {
                 since: "2026-01-01T10:03:00.000Z".into(),
+                until: "2026-01-01T10:04:30.000Z".into(),
                 taken: HashSet::from(["m2".to_string()]),
                 twin: false
             })
