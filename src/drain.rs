@@ -37,15 +37,17 @@ pub const REPLY_CHECK_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
 
 /// The message of a conversation's page that is reply `text` of
 /// `negotiation_id`, posted by an earlier attempt whose answer was lost: from
-/// the business, with exactly that text, dated within the attempts whose
-/// outcome is unknown — no earlier than [`REPLY_CHECK_SLACK`] before the
-/// first started, no later than that slack and twice `api_timeout` after
-/// the last ended (one request timeout for Thumbtack's own lag behind a
-/// gateway that answered, one for a check before the POST of an attempt
-/// cut by a kill, dated by its claim) — and with an id no other sent
-/// reply of the negotiation was given. A message typed later in
-/// Thumbtack's app is not taken for it. `None` when the check says another
-/// reply of the same text may be there too.
+/// the business, with exactly that text, dated within one of the attempts
+/// whose outcome is unknown — no earlier than [`REPLY_CHECK_SLACK`] before
+/// it started, no later than that slack and twice `api_timeout` after it
+/// ended (one request timeout for Thumbtack's own lag behind a gateway that
+/// answered, one for a check before the POST of an attempt cut by a kill,
+/// dated by its claim) — and with an id no other sent reply of the
+/// negotiation was given. A message dated between two such attempts (the
+/// row waiting for its retry, nothing of it in flight) or after the last
+/// is not taken for it: the pro may have typed the same text in
+/// Thumbtack's app then. `None` when the check says another reply of the
+/// same text may be there too.
 pub fn found_in_conversation<'a>(
     page: &'a [Message],
     negotiation_id: &str,
@@ -56,10 +58,17 @@ pub fn found_in_conversation<'a>(
     if check.twin {
         return None;
     }
-    let from = crate::time::parse(&check.since)? - REPLY_CHECK_SLACK;
-    let to = crate::time::parse(&check.until)?
-        + chrono::TimeDelta::from_std(api_timeout * 2).ok()?
-        + REPLY_CHECK_SLACK;
+    let lag = chrono::TimeDelta::from_std(api_timeout * 2).ok()? + REPLY_CHECK_SLACK;
+    let windows: Vec<_> = check
+        .windows
+        .iter()
+        .filter_map(|(start, end)| {
+            Some((
+                crate::time::parse(start)? - REPLY_CHECK_SLACK,
+                crate::time::parse(end)? + lag,
+            ))
+        })
+        .collect();
     page.iter().find(|m| {
         m.sender.as_deref() == Some("Business")
             && m.text.as_deref() == Some(text)
@@ -70,7 +79,7 @@ pub fn found_in_conversation<'a>(
             && m.sent_at_raw
                 .as_deref()
                 .and_then(crate::time::parse)
-                .is_some_and(|t| from <= t && t <= to)
+                .is_some_and(|t| windows.iter().any(|&(from, to)| from <= t && t <= to))
     })
 }
 
@@ -857,7 +866,7 @@ impl Drainer {
         // Whatever the attempt's number: `outbox retry` and a partner's
         // program put it back to 0, the attempts log stays.
         if let Content::Message { text } = &row.content
-            && let Some(message_id) = self
+            && let Some((message_id, trace_id)) = self
                 .reply_already_sent(&client, &business_id, row, text)
                 .await
         {
@@ -873,7 +882,8 @@ impl Drainer {
                 http_status: None,
                 outcome: "sent",
                 error: Some(note),
-                trace_id: None,
+                // The GET's: the evidence it was taken for sent.
+                trace_id,
                 duration_ms: 0,
             };
             return (
@@ -983,9 +993,10 @@ impl Drainer {
         (finish, attempts, result)
     }
 
-    /// The id of reply `row` in its lead's conversation, when an earlier
-    /// attempt may have reached Thumbtack and the newest page of the
-    /// conversation shows it there ([`found_in_conversation`]). `None`
+    /// The id of reply `row` in its lead's conversation (with the trace id
+    /// of the GET that found it, for the record), when an earlier attempt
+    /// may have reached Thumbtack and the newest page of the conversation
+    /// shows it there ([`found_in_conversation`]). `None`
     /// (post it) when no attempt may have, when the page cannot be read
     /// (the reply is posted as before: at least once), or when the page
     /// cannot tell it from another reply of the same text.
@@ -995,7 +1006,7 @@ impl Drainer {
         business_id: &str,
         row: &Claimed,
         text: &str,
-    ) -> Option<String> {
+    ) -> Option<(String, Option<String>)> {
         let (id, negotiation_id, t) = (row.id, row.negotiation_id.clone(), text.to_string());
         let check = match self
             .store
@@ -1023,14 +1034,14 @@ impl Drainer {
             .newest_messages_once(business_id, &row.negotiation_id, crate::messages::PAGE_SIZE)
             .await
         {
-            Ok(page) => found_in_conversation(
+            Ok((page, trace_id)) => found_in_conversation(
                 &page.messages,
                 &row.negotiation_id,
                 text,
                 &check,
                 client.settings().timeout,
             )
-            .map(|m| m.message_id.clone()),
+            .map(|m| (m.message_id.clone(), trace_id)),
             Err(e) => {
                 warn!(error = %e, "an earlier attempt may have reached Thumbtack, but the conversation \
                     cannot be read to check; posting it (the customer may see it twice)");
@@ -1388,8 +1399,10 @@ mod tests {
     #[test]
     fn a_reply_is_found_in_its_conversation_only_when_nothing_else_can_be_it() {
         let check = outbox::ReplyCheck {
-            since: "2026-01-01T10:00:00.000Z".into(),
-            until: "2026-01-01T10:00:05.000Z".into(),
+            windows: vec![(
+                "2026-01-01T10:00:00.000Z".into(),
+                "2026-01-01T10:00:05.000Z".into(),
+            )],
             taken: HashSet::from(["taken".to_string()]),
             twin: false,
         };
@@ -1428,7 +1441,25 @@ mod tests {
             twin: true,
             ..check.clone()
         };
-        assert_eq!(found(&[it], &twin), None);
+        assert_eq!(found(std::slice::from_ref(&it), &twin), None);
+        // Attempts hours apart (a 502 at 10:00, another at 13:20 after the
+        // backoff): the same text typed in the app at 11:00, while the row
+        // waited for its retry, is not the reply; one within either attempt is.
+        let apart = outbox::ReplyCheck {
+            windows: vec![
+                check.windows[0].clone(),
+                (
+                    "2026-01-01T13:20:00.000Z".into(),
+                    "2026-01-01T13:20:01.000Z".into(),
+                ),
+            ],
+            ..check.clone()
+        };
+        let typed = listed("typed", "Business", "On my way", "2026-01-01T11:00:00Z");
+        assert_eq!(found(&[typed], &apart), None);
+        let second = listed("second", "Business", "On my way", "2026-01-01T13:20:30Z");
+        assert_eq!(found(&[second], &apart).as_deref(), Some("second"));
+        assert_eq!(found(&[it], &apart).as_deref(), Some("it"));
     }
 
     #[test]

@@ -1436,14 +1436,16 @@ async fn a_reply_whose_answer_was_lost_is_found_in_the_conversation_not_sent_aga
         (state.as_str(), message_id.as_deref()),
         ("sent", Some(replies[0].message_id.as_str()))
     );
-    let note: String = db
+    let (note, trace_id): (String, Option<String>) = db
         .query_row(
-            "SELECT error FROM message_outbox_attempts WHERE outcome = 'sent'",
+            "SELECT error, trace_id FROM message_outbox_attempts WHERE outcome = 'sent'",
             [],
-            |r| r.get(0),
+            |r| Ok((r.get(0)?, r.get(1)?)),
         )
         .unwrap();
     assert!(note.contains("already in the conversation"), "{note}");
+    // The GET that found it, for whoever asks why it was not posted.
+    assert!(trace_id.is_some_and(|t| !t.is_empty()), "{note}");
 }
 
 /// `outbox retry` of a reply that went dead after its answer was lost puts
@@ -1567,13 +1569,16 @@ async fn a_reply_is_posted_as_before_when_its_conversation_cannot_be_read() {
 
 /// A stop while the conversation is being read: no POST was in flight, so
 /// the reply goes back to `pending` as `stopped`, never left `sending` as a
-/// request without an answer, whatever the read's retry settings.
+/// request without an answer, whatever the read's retry settings; and the
+/// read is given up at once, not waited for until its timeout (30 s here).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stop_during_the_conversation_check_leaves_the_reply_pending_not_in_doubt() {
     let env = Env::new(
         SandboxOptions::default(),
         false,
         &FAST
+            .replace("timeout_secs = 5", "timeout_secs = 30")
+            .replace("shutdown_timeout_secs = 8", "shutdown_timeout_secs = 40")
             .replace("max_attempts = 5", "max_attempts = 1")
             .replace("read_retries = 0", "read_retries = 3")
             .replace(
@@ -1599,8 +1604,14 @@ async fn a_stop_during_the_conversation_check_leaves_the_reply_pending_not_in_do
         || message_gets(&env) >= 1,
     )
     .await;
+    let stopped = std::time::Instant::now();
     stop.cancel();
     daemon.await.unwrap().unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "the read was waited for: {:?}",
+        stopped.elapsed()
+    );
     let db = env.sql();
     let state: String = db
         .query_row("SELECT state FROM message_outbox", [], |r| r.get(0))

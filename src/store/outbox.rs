@@ -1752,20 +1752,20 @@ pub fn enqueue_message(conn: &Connection, m: &NewMessage) -> Result<i64> {
 /// idempotent, so it first looks for it in the lead's conversation.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplyCheck {
-    /// When the row's first attempt whose outcome is unknown started: no
-    /// answer (a connection reset, a timeout, a kill), a 5xx (a gateway may
-    /// answer one after the API acted), or a 2xx whose body was lost.
-    pub since: String,
-    /// When the row's last attempt whose outcome is unknown ended (its
-    /// start and its duration; its start alone for an attempt cut by a
-    /// kill, whose start is its claim): Thumbtack took no reply of it later
-    /// than that but for its own lag and the clocks' difference.
-    pub until: String,
+    /// One `(start, end)` per attempt of the row whose outcome is unknown
+    /// (no answer — a connection reset, a timeout, a kill —, a 5xx: a
+    /// gateway may answer one after the API acted —, or a 2xx whose body
+    /// was lost), oldest first: its start, and its start and duration (its
+    /// start alone for an attempt cut by a kill, whose start is its claim).
+    /// Thumbtack took a reply of that attempt within it, but for its own
+    /// lag and the clocks' difference; never between two of them, when
+    /// the row waited for its retry and nothing of it was in flight.
+    pub windows: Vec<(String, String)>,
     /// The ids Thumbtack gave the negotiation's other sent replies: a
     /// message with one of them is not this reply.
     pub taken: HashSet<String>,
     /// Another row of the negotiation with the same text was tried or sent
-    /// from the clocks' slack twice over before `since` on: a message
+    /// from the clocks' slack twice over before the first window's start on: a message
     /// of that text found in the conversation may be that row's, so the
     /// conversation cannot tell, and the reply is posted (a duplicate
     /// rather than a reply lost).
@@ -1812,25 +1812,27 @@ pub fn reply_check(
     text: &str,
     slack: chrono::TimeDelta,
 ) -> Result<Option<ReplyCheck>> {
-    let unknown = conn
+    let mut windows = conn
         .prepare_cached(UNKNOWN_OUTCOMES)?
         .query_map([id], |r| {
             Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
         })?
+        .map(|r| {
+            let (start, ms) = r?;
+            let ms = ms.unwrap_or(0).clamp(0, 8 * 86_400_000);
+            let end = crate::time::parse(&start).map_or_else(
+                || start.clone(),
+                |t| crate::time::fmt(t + chrono::TimeDelta::milliseconds(ms)),
+            );
+            Ok((start, end))
+        })
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    // The first start as written (the database's own format, compared as
-    // text like every date of it); the last end as a time.
-    let Some(since) = unknown.iter().map(|(s, _)| s).min().cloned() else {
+    // Starts as written (the database's own format, compared as text like
+    // every date of it).
+    windows.sort();
+    let Some(since) = windows.first().map(|(s, _)| s.clone()) else {
         return Ok(None);
     };
-    let until = unknown
-        .iter()
-        .filter_map(|(s, ms)| {
-            let ms = ms.unwrap_or(0).clamp(0, 8 * 86_400_000);
-            crate::time::parse(s).map(|t| t + chrono::TimeDelta::milliseconds(ms))
-        })
-        .max()
-        .map_or_else(|| since.clone(), crate::time::fmt);
     let taken = conn
         .prepare_cached(
             "SELECT message_id FROM message_outbox
@@ -1845,8 +1847,7 @@ pub fn reply_check(
         .prepare_cached(&twin_of_reply(&Pins::read(conn)?))?
         .query_row(params![negotiation_id, id, text, around], |r| r.get(0))?;
     Ok(Some(ReplyCheck {
-        since,
-        until,
+        windows,
         taken,
         twin,
     }))
@@ -1889,14 +1890,24 @@ mod tests {
             [],
         )
         .unwrap();
-        // The earliest unknown outcome, the latest end of one (10:03:30
-        // for a minute; 10:04 without a duration: its start); the other sent reply's id
-        // is taken; the same text sent 20 minutes before is no twin.
+        // Each unknown outcome on its own, oldest first: from its start to
+        // its end (10:03:30 for a minute; without a duration, its start);
+        // the other sent reply's id is taken; the same text sent 20 minutes
+        // before is no twin.
+        let w = |a: &str, b: &str| {
+            (
+                format!("2026-01-01T{a}.000Z"),
+                format!("2026-01-01T{b}.000Z"),
+            )
+        };
         assert_eq!(
             check(1, "hi"),
             Some(ReplyCheck {
-                since: "2026-01-01T10:03:00.000Z".into(),
-                until: "2026-01-01T10:04:30.000Z".into(),
+                windows: vec![
+                    w("10:03:00", "10:03:00"),
+                    w("10:03:30", "10:04:30"),
+                    w("10:04:00", "10:04:00"),
+                ],
                 taken: HashSet::from(["m2".to_string()]),
                 twin: false
             })

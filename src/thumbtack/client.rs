@@ -694,13 +694,14 @@ impl Client {
     /// must not rotate for a read it can do without). Bounded by
     /// `api.timeout_secs` whole (the wait for a token or the rate budget
     /// included), and given up as soon as leadsync is stopping. For a check
-    /// whose every failure its caller can do without.
+    /// whose every failure its caller can do without. With the answer's
+    /// trace id, for the record.
     pub async fn newest_messages_once(
         &self,
         business_id: &str,
         negotiation_id: &str,
         limit: u32,
-    ) -> Result<MessagePage, ApiError> {
+    ) -> Result<(MessagePage, Option<String>), ApiError> {
         let url = self.messages_url(negotiation_id, limit, None)?;
         let stopping = self.auth.stopping();
         let asked = tokio::select! {
@@ -722,7 +723,9 @@ impl Client {
                 ),
             )
         })?;
-        parse_message_page(&response?.body)
+        let response = response?;
+        parse_message_page(&response.body)
+            .map(|page| (page, response.trace_id))
             .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
     }
 
