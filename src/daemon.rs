@@ -1689,7 +1689,8 @@ mod tests {
                      VALUES ('1', 'head', '2026-01-01T00:00:00.000Z', 'ok'),
                             ('1', 'head', '2026-01-02T00:00:00.000Z', 'ok');
                      INSERT INTO webhook_events (received_at, event_type, payload, outcome)
-                     VALUES ('2026-01-01T00:00:00.000Z', 'ReviewCreatedV4', '{}', 'ignored');
+                     VALUES ('2026-01-01T00:00:00.000Z', 'ReviewCreatedV4', '{}', 'ignored'),
+                            ('2026-01-01T00:00:00.000Z', 'ReviewCreatedV4', '{}', 'ignored');
                      CREATE TRIGGER partner_keeps_runs BEFORE DELETE ON sync_runs
                      BEGIN SELECT RAISE(ABORT, 'the partner keeps its runs'); END;",
                 )?;
@@ -1705,7 +1706,8 @@ mod tests {
         let (pruned, _) = prune_logs(&store, &horizons, &CancellationToken::new())
             .await
             .unwrap();
-        // sync_runs (pruned first) refused; webhook_events pruned after it.
+        // sync_runs (pruned first) refused; webhook_events pruned after it
+        // (its newest row stays, so that its ids never go back).
         assert_eq!((pruned.sync_runs, pruned.webhook_events), (0, 1));
     }
 

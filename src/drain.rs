@@ -10,7 +10,7 @@
 use crate::config::Config;
 use crate::store::Store;
 use crate::store::outbox::{self, Attempt, ClaimFilter, Claimed, Content, Finish, Kind, Recorded};
-use crate::thumbtack::model::{JobStatusBody, MessageBody};
+use crate::thumbtack::model::{JobStatusBody, Message, MessageBody};
 use crate::thumbtack::{Client, Disposition};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -29,6 +29,59 @@ const RECHECK_CONCURRENCY: usize = 4;
 /// `leadsync drain`: claims that fail in a row, with nothing in flight,
 /// before the pass gives up.
 const CLAIM_FAILURES_BEFORE_GIVING_UP: u32 = 5;
+
+/// How far Thumbtack's clock and this one may differ, for the dates of a
+/// conversation's messages: a message that is a reply posted by an earlier
+/// attempt is dated within this of that attempt (README, Messages).
+pub const REPLY_CHECK_SLACK: chrono::TimeDelta = chrono::TimeDelta::minutes(5);
+
+/// The message of a conversation's page that is reply `text` of
+/// `negotiation_id`, posted by an earlier attempt whose answer was lost: from
+/// the business, with exactly that text, dated within one of the attempts
+/// whose outcome is unknown — no earlier than [`REPLY_CHECK_SLACK`] before
+/// it started, no later than that slack and twice `api_timeout` after it
+/// ended (one request timeout for Thumbtack's own lag behind a gateway that
+/// answered, one for a check before the POST of an attempt cut by a kill,
+/// dated by its claim) — and with an id no other sent reply of the
+/// negotiation was given. A message dated between two such attempts (the
+/// row waiting for its retry, nothing of it in flight) or after the last
+/// is not taken for it: the pro may have typed the same text in
+/// Thumbtack's app then. `None` when the check says another reply of the
+/// same text may be there too.
+pub fn found_in_conversation<'a>(
+    page: &'a [Message],
+    negotiation_id: &str,
+    text: &str,
+    check: &outbox::ReplyCheck,
+    api_timeout: Duration,
+) -> Option<&'a Message> {
+    if check.twin {
+        return None;
+    }
+    let lag = chrono::TimeDelta::from_std(api_timeout * 2).ok()? + REPLY_CHECK_SLACK;
+    let windows: Vec<_> = check
+        .windows
+        .iter()
+        .filter_map(|(start, end)| {
+            Some((
+                crate::time::parse(start)? - REPLY_CHECK_SLACK,
+                crate::time::parse(end)? + lag,
+            ))
+        })
+        .collect();
+    page.iter().find(|m| {
+        m.sender.as_deref() == Some("Business")
+            && m.text.as_deref() == Some(text)
+            && m.negotiation_id
+                .as_deref()
+                .is_none_or(|n| n == negotiation_id)
+            && !check.taken.contains(&m.message_id)
+            && m.sent_at_raw
+                .as_deref()
+                .and_then(crate::time::parse)
+                .is_some_and(|t| windows.iter().any(|&(from, to)| from <= t && t <= to))
+    })
+}
 
 /// Why a business's rows wait (SPEC §4): they are put aside without
 /// counting attempts and never go dead for it; `last_error` says why.
@@ -810,6 +863,37 @@ impl Drainer {
             }
         };
         let client = self.client();
+        // Whatever the attempt's number: `outbox retry` and a partner's
+        // program put it back to 0, the attempts log stays.
+        if let Content::Message { text } = &row.content
+            && let Some((message_id, trace_id)) = self
+                .reply_already_sent(&client, &business_id, row, text)
+                .await
+        {
+            let note = format!(
+                "already in the conversation as message {message_id}: an earlier attempt reached \
+                 Thumbtack though its answer was lost; not posted again"
+            );
+            info!(business_id, message_id, "{note}");
+            crate::metrics::send(row.kind.as_str(), "sent", None);
+            let a = Attempt {
+                attempt: row.attempt,
+                started_at,
+                http_status: None,
+                outcome: "sent",
+                error: Some(note),
+                // The GET's: the evidence it was taken for sent.
+                trace_id,
+                duration_ms: 0,
+            };
+            return (
+                Finish::Sent {
+                    message_id: Some(message_id),
+                },
+                vec![a],
+                RowResult::Sent,
+            );
+        }
         let (delivery, message_id) = match &row.content {
             Content::Transition {
                 status,
@@ -907,6 +991,63 @@ impl Drainer {
             (Err(e), _) => warn!(business_id, error = %e, ?result, "not sent yet"),
         }
         (finish, attempts, result)
+    }
+
+    /// The id of reply `row` in its lead's conversation (with the trace id
+    /// of the GET that found it, for the record), when an earlier attempt
+    /// may have reached Thumbtack and the newest page of the conversation
+    /// shows it there ([`found_in_conversation`]). `None`
+    /// (post it) when no attempt may have, when the page cannot be read
+    /// (the reply is posted as before: at least once), or when the page
+    /// cannot tell it from another reply of the same text.
+    async fn reply_already_sent(
+        &self,
+        client: &Arc<Client>,
+        business_id: &str,
+        row: &Claimed,
+        text: &str,
+    ) -> Option<(String, Option<String>)> {
+        let (id, negotiation_id, t) = (row.id, row.negotiation_id.clone(), text.to_string());
+        let check = match self
+            .store
+            .call(move |c| outbox::reply_check(c, id, &negotiation_id, &t, REPLY_CHECK_SLACK))
+            .await
+        {
+            Ok(Some(check)) => check,
+            Ok(None) => return None,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot read the reply's earlier attempts; posting it");
+                return None;
+            }
+        };
+        if check.twin {
+            info!(
+                "an earlier attempt may have reached Thumbtack, but another reply of the same text \
+                 was sent around then: the conversation cannot tell them apart; posting it"
+            );
+            return None;
+        }
+        // One GET, never retried nor refreshing a token on 401, given up
+        // when stopping: any failure posts the reply as before (which, once
+        // stopping, is not sent and goes back to pending as `stopped`).
+        match client
+            .newest_messages_once(business_id, &row.negotiation_id, crate::messages::PAGE_SIZE)
+            .await
+        {
+            Ok((page, trace_id)) => found_in_conversation(
+                &page.messages,
+                &row.negotiation_id,
+                text,
+                &check,
+                client.settings().timeout,
+            )
+            .map(|m| (m.message_id.clone(), trace_id)),
+            Err(e) => {
+                warn!(error = %e, "an earlier attempt may have reached Thumbtack, but the conversation \
+                    cannot be read to check; posting it (the customer may see it twice)");
+                None
+            }
+        }
     }
 
     /// `leadsync drain`: attempts every row due when it starts, once,
@@ -1242,6 +1383,84 @@ async fn recheck_tokens(client: Arc<Client>, businesses: Vec<String>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn listed(id: &str, from: &str, text: &str, sent_at: &str) -> Message {
+        Message {
+            message_id: id.into(),
+            negotiation_id: Some("5".into()),
+            sent_at: Some(sent_at.into()),
+            sender: Some(from.into()),
+            text: Some(text.into()),
+            sent_at_raw: Some(sent_at.into()),
+            payload: "{}".into(),
+        }
+    }
+
+    #[test]
+    fn a_reply_is_found_in_its_conversation_only_when_nothing_else_can_be_it() {
+        let check = outbox::ReplyCheck {
+            windows: vec![(
+                "2026-01-01T10:00:00.000Z".into(),
+                "2026-01-01T10:00:05.000Z".into(),
+            )],
+            taken: HashSet::from(["taken".to_string()]),
+            twin: false,
+        };
+        let found = |page: &[Message], check: &outbox::ReplyCheck| {
+            found_in_conversation(page, "5", "On my way", check, Duration::from_secs(30))
+                .map(|m| m.message_id.clone())
+        };
+        let it = listed("it", "Business", "On my way", "2026-01-01T09:58:00+00:00");
+        assert_eq!(
+            found(std::slice::from_ref(&it), &check).as_deref(),
+            Some("it")
+        );
+        // Up to the slack and two timeouts after the last attempt ended.
+        let late = listed("late", "Business", "On my way", "2026-01-01T10:06:05Z");
+        assert_eq!(found(&[late], &check).as_deref(), Some("late"));
+        // The customer's words, another text, a message older than the
+        // clocks' slack, one another reply was given, another lead's.
+        let mut other_lead = it.clone();
+        other_lead.negotiation_id = Some("6".into());
+        for m in [
+            listed("c", "Customer", "On my way", "2026-01-01T10:00:01Z"),
+            listed("t", "Business", "On my way!", "2026-01-01T10:00:01Z"),
+            listed("old", "Business", "On my way", "2026-01-01T09:54:59Z"),
+            listed("taken", "Business", "On my way", "2026-01-01T10:00:01Z"),
+            listed("undated", "Business", "On my way", "soon"),
+            // Typed in the app hours after the attempt, which never reached
+            // the API (a 502 from the gateway): not the reply.
+            listed("later", "Business", "On my way", "2026-01-01T13:00:00Z"),
+            listed("after", "Business", "On my way", "2026-01-01T10:06:05.001Z"),
+            other_lead,
+        ] {
+            assert_eq!(found(std::slice::from_ref(&m), &check), None, "{m:?}");
+        }
+        // Another reply of the same text sent around then: cannot tell.
+        let twin = outbox::ReplyCheck {
+            twin: true,
+            ..check.clone()
+        };
+        assert_eq!(found(std::slice::from_ref(&it), &twin), None);
+        // Attempts hours apart (a 502 at 10:00, another at 13:20 after the
+        // backoff): the same text typed in the app at 11:00, while the row
+        // waited for its retry, is not the reply; one within either attempt is.
+        let apart = outbox::ReplyCheck {
+            windows: vec![
+                check.windows[0].clone(),
+                (
+                    "2026-01-01T13:20:00.000Z".into(),
+                    "2026-01-01T13:20:01.000Z".into(),
+                ),
+            ],
+            ..check.clone()
+        };
+        let typed = listed("typed", "Business", "On my way", "2026-01-01T11:00:00Z");
+        assert_eq!(found(&[typed], &apart), None);
+        let second = listed("second", "Business", "On my way", "2026-01-01T13:20:30Z");
+        assert_eq!(found(&[second], &apart).as_deref(), Some("second"));
+        assert_eq!(found(&[it], &apart).as_deref(), Some("it"));
+    }
 
     #[test]
     fn a_step_back_seen_while_a_rebase_runs_is_rebased_once_it_is_done() {

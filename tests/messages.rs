@@ -1383,3 +1383,291 @@ async fn a_server_that_pages_by_five_without_saying_so_still_gives_the_whole_con
         assert_eq!(pages_of(&db, &lead).0, "ok", "{lead}");
     }
 }
+
+/// A reply Thumbtack accepted whose answer was lost (the connection closed
+/// after the POST was taken) was posted again at every retry: the customer
+/// read it once per attempt. Before a reply whose earlier attempt may have
+/// reached Thumbtack is posted again, its lead's conversation is read: the
+/// reply found there is `sent`, with the id Thumbtack gave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_whose_answer_was_lost_is_found_in_the_conversation_not_sent_again() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("max_attempts = 5", "max_attempts = 8"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let lead = env.first_leads(1)[0].clone();
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'On my way!')",
+        [&lead],
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    common::wait_until(
+        "the reply sent, or posted three times",
+        Duration::from_secs(60),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM message_outbox WHERE state <> 'pending' AND state <> 'sending'",
+            ) == 1
+                || env.sandbox.replies().len() >= 3
+        },
+    )
+    .await;
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 1, "posted once: {replies:?}");
+    let (state, message_id): (String, Option<String>) = db
+        .query_row("SELECT state, message_id FROM message_outbox", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(
+        (state.as_str(), message_id.as_deref()),
+        ("sent", Some(replies[0].message_id.as_str()))
+    );
+    let (note, trace_id): (String, Option<String>) = db
+        .query_row(
+            "SELECT error, trace_id FROM message_outbox_attempts WHERE outcome = 'sent'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(note.contains("already in the conversation"), "{note}");
+    // The GET that found it, for whoever asks why it was not posted.
+    assert!(trace_id.is_some_and(|t| !t.is_empty()), "{note}");
+}
+
+/// `outbox retry` of a reply that went dead after its answer was lost puts
+/// its attempts back to 0: the check goes by the attempts log, not by the
+/// attempt's number, so the retried reply is found, not posted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_reply_retried_by_hand_is_found_in_the_conversation_not_sent_again() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("max_attempts = 5", "max_attempts = 1"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let lead = env.first_leads(1)[0].clone();
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'See you at 9')",
+        [&lead],
+    )
+    .unwrap();
+    assert_eq!(env.run(&["drain"]).status.code(), Some(1));
+    let state = |db: &rusqlite::Connection| -> String {
+        db.query_row("SELECT state FROM message_outbox", [], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(state(&db), "dead");
+    assert_eq!(env.sandbox.replies().len(), 1);
+    let o = env.run(&["outbox", "retry", "--kind", "message", "--all-dead"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    env.run(&["drain"]);
+    assert_eq!(state(&db), "sent");
+    let replies = env.sandbox.replies();
+    assert_eq!(replies.len(), 1, "posted once: {replies:?}");
+}
+
+/// A reply `text` of the first lead whose one attempt was accepted by
+/// Thumbtack with its answer lost (dead at once: `max_attempts = 1`), put
+/// back by `outbox retry` with `faults` set: its next attempt looks for it
+/// in the conversation first.
+fn lost_then_retried(env: &Env, text_of_reply: &str, faults: Faults) -> String {
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let lead = env.first_leads(1)[0].clone();
+    env.sql()
+        .execute(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
+            rusqlite::params![lead, text_of_reply],
+        )
+        .unwrap();
+    assert_eq!(env.run(&["drain"]).status.code(), Some(1));
+    assert_eq!(env.sandbox.replies().len(), 1);
+    env.sandbox.set_faults(faults);
+    let o = env.run(&["outbox", "retry", "--kind", "message", "--all-dead"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    lead
+}
+
+fn message_gets(env: &Env) -> u64 {
+    env.sandbox
+        .stats()
+        .by_route
+        .get("messages")
+        .copied()
+        .unwrap_or(0)
+}
+
+/// The check before a reply is posted again is a convenience: when the
+/// conversation cannot be read (a 500, a 401 for a static token without
+/// `supply::messages.read` — which may still post replies —, a proxy's
+/// HTML page with 200, no answer), the reply is posted as before, after
+/// one GET (no retry), and the business is not taken for one needing
+/// re-authorization: a 401 there said nothing of the token's right to post.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_is_posted_as_before_when_its_conversation_cannot_be_read() {
+    use leadsync::sandbox::MessagesGetFault as M;
+    for fault in [M::MissingScope401, M::Error500, M::Html200, M::Hang] {
+        let env = Env::new(
+            SandboxOptions::default(),
+            false,
+            &FAST
+                .replace("max_attempts = 5", "max_attempts = 1")
+                .replace("read_retries = 0", "read_retries = 3"),
+        )
+        .await;
+        lost_then_retried(
+            &env,
+            "Yes",
+            Faults {
+                messages_get: fault,
+                timeout_ms: 60_000,
+                ..Default::default()
+            },
+        );
+        let o = env.run(&["drain"]);
+        assert_eq!(o.status.code(), Some(0), "{fault:?}: {}", text(&o));
+        let db = env.sql();
+        let state: String = db
+            .query_row("SELECT state FROM message_outbox", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(state, "sent", "{fault:?}");
+        assert_eq!(env.sandbox.replies().len(), 2, "{fault:?}: posted again");
+        assert_eq!(message_gets(&env), 1, "{fault:?}: one GET, no retry");
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM businesses WHERE needs_reauth = 1"
+            ),
+            0,
+            "{fault:?}: no business flagged"
+        );
+    }
+}
+
+/// A stop while the conversation is being read: no POST was in flight, so
+/// the reply goes back to `pending` as `stopped`, never left `sending` as a
+/// request without an answer, whatever the read's retry settings; and the
+/// read is given up at once, not waited for until its timeout (30 s here).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_during_the_conversation_check_leaves_the_reply_pending_not_in_doubt() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST
+            .replace("timeout_secs = 5", "timeout_secs = 30")
+            .replace("shutdown_timeout_secs = 8", "shutdown_timeout_secs = 40")
+            .replace("max_attempts = 5", "max_attempts = 1")
+            .replace("read_retries = 0", "read_retries = 3")
+            .replace(
+                "read_retry_initial_ms = 50",
+                "read_retry_initial_ms = 20000",
+            ),
+    )
+    .await;
+    lost_then_retried(
+        &env,
+        "Yes",
+        Faults {
+            messages_get: leadsync::sandbox::MessagesGetFault::Hang,
+            timeout_ms: 60_000,
+            ..Default::default()
+        },
+    );
+    let stop = CancellationToken::new();
+    let daemon = tokio::spawn(leadsync::run(env.config(), stop.clone()));
+    common::wait_until(
+        "the conversation being read",
+        Duration::from_secs(30),
+        || message_gets(&env) >= 1,
+    )
+    .await;
+    let stopped = std::time::Instant::now();
+    stop.cancel();
+    daemon.await.unwrap().unwrap();
+    assert!(
+        stopped.elapsed() < Duration::from_secs(10),
+        "the read was waited for: {:?}",
+        stopped.elapsed()
+    );
+    let db = env.sql();
+    let state: String = db
+        .query_row("SELECT state FROM message_outbox", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(state, "pending");
+    let last: String = db
+        .query_row(
+            "SELECT outcome FROM message_outbox_attempts ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(last, "stopped");
+    assert_eq!(env.sandbox.replies().len(), 1);
+}
+
+/// Another reply of the same text sent around then: the conversation
+/// cannot tell the two apart, so the retried one is posted (a duplicate
+/// rather than a reply lost).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_reply_with_a_same_text_twin_is_still_posted() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace("max_attempts = 5", "max_attempts = 1"),
+    )
+    .await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    let lead = env.first_leads(1)[0].clone();
+    let db = env.sql();
+    let insert = || {
+        db.execute(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'Yes')",
+            [&lead],
+        )
+        .unwrap()
+    };
+    insert();
+    assert_eq!(env.run(&["drain"]).status.code(), Some(1));
+    env.sandbox.set_faults(Faults::default());
+    insert();
+    assert_eq!(env.run(&["drain"]).status.code(), Some(0));
+    assert_eq!(env.sandbox.replies().len(), 2);
+    let o = env.run(&["outbox", "retry", "--kind", "message", "--all-dead"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.run(&["drain"]).status.code(), Some(0));
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_outbox WHERE state = 'sent'"
+        ),
+        2
+    );
+    assert_eq!(env.sandbox.replies().len(), 3, "the twin's retry is posted");
+}

@@ -131,6 +131,9 @@ pub struct Faults {
     /// Messages: answer every list of messages 503 with an HTML page (an
     /// outage of that route alone; the listing is served).
     pub messages_503: bool,
+    /// Messages: how every `GET` of a lead's messages is answered (the
+    /// listing and the replies' `POST` are served as ever).
+    pub messages_get: MessagesGetFault,
     /// Messages: serve at most this many messages a page whatever `limit`
     /// asks, and answer no `pagination` (0: off).
     pub message_page_size: usize,
@@ -164,6 +167,24 @@ pub struct Faults {
     /// bytes (spaces, `Content-Length` set), larger than any page, as a
     /// broken proxy or a hostile server might.
     pub oversized_body_bytes: u64,
+}
+
+/// How the sandbox answers a `GET` of a lead's messages ([`Faults::messages_get`]).
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MessagesGetFault {
+    /// As Thumbtack would.
+    #[default]
+    Served,
+    /// 500 with a ProblemDetails body.
+    Error500,
+    /// 401 for a token without `supply::messages.read` (a token that may
+    /// still post replies).
+    MissingScope401,
+    /// 200 with an HTML page, as a proxy in front of the API sends.
+    Html200,
+    /// Hang for `timeout_ms` (beyond the client's timeout), then 504.
+    Hang,
 }
 
 /// Token-endpoint faults and behaviour (SPEC §6).

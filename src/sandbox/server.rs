@@ -235,6 +235,12 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
             if faults.latency_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(faults.latency_ms)).await;
             }
+            if method == Method::GET
+                && matches!(rest, ["negotiations", _, "messages"])
+                && let Some(r) = messages_get_fault(&state, &faults).await
+            {
+                return Ok(r);
+            }
             let host = header("host").unwrap_or_else(|| "127.0.0.1".into());
             if let Some(r) = inject_fault(&state, &faults, &method, &host, &path).await? {
                 return Ok(r);
@@ -382,6 +388,42 @@ fn check_headers(state: &Shared, method: &Method, segments: &[&str], headers: &H
             .entry(format!("{route}: {h}"))
             .or_default() += 1;
     }
+}
+
+/// The answer [`Faults::messages_get`] gives a `GET` of a lead's messages
+/// instead of serving it, if any.
+async fn messages_get_fault(state: &Shared, f: &Faults) -> Option<Response<Full<Bytes>>> {
+    use super::MessagesGetFault as M;
+    let r = match f.messages_get {
+        M::Served => return None,
+        M::Error500 => problem(
+            state,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "Internal Server Error",
+            "sandbox fault",
+        ),
+        M::MissingScope401 => problem(
+            state,
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "required scope(s) [supply::messages.read] not found",
+        ),
+        M::Html200 => respond(
+            StatusCode::OK,
+            "text/html",
+            "<html><body>Please wait while we check your browser</body></html>",
+        ),
+        M::Hang => {
+            tokio::time::sleep(Duration::from_millis(f.timeout_ms.max(1))).await;
+            respond(
+                StatusCode::GATEWAY_TIMEOUT,
+                "text/plain",
+                "upstream timed out",
+            )
+        }
+    };
+    lock(state).stats.faults_injected += 1;
+    Some(r)
 }
 
 /// Rolls the dice for the configured faults; `Some` is the faulted answer.

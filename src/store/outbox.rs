@@ -1747,11 +1747,220 @@ pub fn enqueue_message(conn: &Connection, m: &NewMessage) -> Result<i64> {
     }
 }
 
+/// What the drainer must know before it posts a reply again whose earlier
+/// attempt may have reached Thumbtack (README, Messages): a reply is not
+/// idempotent, so it first looks for it in the lead's conversation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplyCheck {
+    /// One `(start, end)` per attempt of the row whose outcome is unknown
+    /// (no answer — a connection reset, a timeout, a kill —, a 5xx: a
+    /// gateway may answer one after the API acted —, or a 2xx whose body
+    /// was lost), oldest first: its start, and its start and duration (its
+    /// start alone for an attempt cut by a kill, whose start is its claim).
+    /// Thumbtack took a reply of that attempt within it, but for its own
+    /// lag and the clocks' difference; never between two of them, when
+    /// the row waited for its retry and nothing of it was in flight.
+    pub windows: Vec<(String, String)>,
+    /// The ids Thumbtack gave the negotiation's other sent replies: a
+    /// message with one of them is not this reply.
+    pub taken: HashSet<String>,
+    /// Another row of the negotiation with the same text was tried or sent
+    /// from the clocks' slack twice over before the first window's start on: a message
+    /// of that text found in the conversation may be that row's, so the
+    /// conversation cannot tell, and the reply is posted (a duplicate
+    /// rather than a reply lost).
+    pub twin: bool,
+}
+
+/// The earlier attempts of `message_outbox` row ?1 whose outcome is unknown.
+const UNKNOWN_OUTCOMES: &str = "SELECT started_at, duration_ms FROM message_outbox_attempts
+  WHERE outbox_id = ?1 AND outcome IN ('retry', 'interrupted', 'dead')
+    AND (http_status IS NULL OR http_status < 300 OR http_status >= 500)";
+
+/// Whether another row of negotiation ?1 than ?2 with text ?3 was sent,
+/// is being sent, or was tried from ?4 on. Each state through the index
+/// of its own: while an outage makes every retry's outcome unknown, every
+/// reply retried asks this, and a walk of the whole table (or of every
+/// sent row, which the planner chose without statistics) each time would
+/// hold the database up. Dead rows are walked by state (a few, as a rule).
+fn twin_of_reply(pins: &Pins) -> String {
+    let tried = "EXISTS (SELECT 1 FROM message_outbox_attempts a
+                          WHERE a.outbox_id = o.id AND a.started_at >= ?4)";
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM message_outbox o {sent}
+                 WHERE o.negotiation_id = ?1 AND o.state = 'sent' AND o.id <> ?2
+                   AND o.text IS ?3 AND o.sent_at >= ?4)
+             OR EXISTS (SELECT 1 FROM message_outbox o {open}
+                 WHERE o.negotiation_id = ?1 AND o.state IN ('pending', 'sending') AND o.id <> ?2
+                   AND o.text IS ?3 AND (o.state = 'sending' OR {tried}))
+             OR EXISTS (SELECT 1 FROM message_outbox o
+                 WHERE o.state = 'dead' AND o.negotiation_id = ?1 AND o.id <> ?2
+                   AND o.text IS ?3 AND {tried})",
+        sent = pins.by("message_outbox_sent_by_negotiation"),
+        open = pins.by("message_outbox_open_by_negotiation"),
+    )
+}
+
+/// Whether reply `id` (of `negotiation_id`, with `text`) must be looked
+/// for in its conversation before it is posted again; `None` when none of
+/// its attempts may have reached Thumbtack. `slack`: how far the clocks
+/// (Thumbtack's, this one) may differ (the caller's policy).
+pub fn reply_check(
+    conn: &Connection,
+    id: i64,
+    negotiation_id: &str,
+    text: &str,
+    slack: chrono::TimeDelta,
+) -> Result<Option<ReplyCheck>> {
+    let mut windows = conn
+        .prepare_cached(UNKNOWN_OUTCOMES)?
+        .query_map([id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<i64>>(1)?))
+        })?
+        .map(|r| {
+            let (start, ms) = r?;
+            let ms = ms.unwrap_or(0).clamp(0, 8 * 86_400_000);
+            let end = crate::time::parse(&start).map_or_else(
+                || start.clone(),
+                |t| crate::time::fmt(t + chrono::TimeDelta::milliseconds(ms)),
+            );
+            Ok((start, end))
+        })
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    // Starts as written (the database's own format, compared as text like
+    // every date of it).
+    windows.sort();
+    let Some(since) = windows.first().map(|(s, _)| s.clone()) else {
+        return Ok(None);
+    };
+    let taken = conn
+        .prepare_cached(
+            "SELECT message_id FROM message_outbox
+              WHERE negotiation_id = ?1 AND state = 'sent' AND id <> ?2 AND message_id IS NOT NULL",
+        )?
+        .query_map(params![negotiation_id, id], |r| r.get::<_, String>(0))?
+        .collect::<rusqlite::Result<HashSet<_>>>()?;
+    let around = crate::time::parse(&since)
+        .map(|t| crate::time::fmt(t - slack * 2))
+        .unwrap_or_default();
+    let twin = conn
+        .prepare_cached(&twin_of_reply(&Pins::read(conn)?))?
+        .query_row(params![negotiation_id, id, text, around], |r| r.get(0))?;
+    Ok(Some(ReplyCheck {
+        windows,
+        taken,
+        twin,
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     const FAR: &str = "9999-01-01T00:00:00.000Z";
+
+    #[test]
+    fn a_reply_is_checked_only_after_an_attempt_that_may_have_reached_thumbtack() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        conn.execute_batch(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('5', 'hi'), ('5', 'hi'), ('5', 'ho');
+             INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome)
+             VALUES (1, 1, '2026-01-01T10:00:00.000Z', 429, 'retry'),
+                    (1, 2, '2026-01-01T10:01:00.000Z', 403, 'retry'),
+                    (1, 3, '2026-01-01T10:02:00.000Z', 401, 'refresh');",
+        )
+        .unwrap();
+        let slack = chrono::TimeDelta::minutes(5);
+        let check = |id: i64, text: &str| reply_check(&conn, id, "5", text, slack).unwrap();
+        // Refused each time: it never reached the API's action.
+        assert_eq!(check(1, "hi"), None);
+        conn.execute_batch(
+            "INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome)
+             VALUES (1, 4, '2026-01-01T10:04:00.000Z', NULL, 'retry'),
+                    (1, 5, '2026-01-01T10:03:00.000Z', 502, 'retry'),
+                    (1, 6, '2026-01-01T10:03:30.000Z', 503, 'retry'),
+                    (3, 1, '2026-01-01T10:03:00.000Z', 200, 'retry');
+             UPDATE message_outbox SET state = 'sent', sent_at = '2026-01-01T09:40:00.000Z',
+                 message_id = 'm2' WHERE id = 2;",
+        )
+        .unwrap();
+        conn.execute(
+            "UPDATE message_outbox_attempts SET duration_ms = 60000 WHERE attempt = 6",
+            [],
+        )
+        .unwrap();
+        // Each unknown outcome on its own, oldest first: from its start to
+        // its end (10:03:30 for a minute; without a duration, its start);
+        // the other sent reply's id is taken; the same text sent 20 minutes
+        // before is no twin.
+        let w = |a: &str, b: &str| {
+            (
+                format!("2026-01-01T{a}.000Z"),
+                format!("2026-01-01T{b}.000Z"),
+            )
+        };
+        assert_eq!(
+            check(1, "hi"),
+            Some(ReplyCheck {
+                windows: vec![
+                    w("10:03:00", "10:03:00"),
+                    w("10:03:30", "10:04:30"),
+                    w("10:04:00", "10:04:00"),
+                ],
+                taken: HashSet::from(["m2".to_string()]),
+                twin: false
+            })
+        );
+        // Sent within twice the slack before: a twin.
+        conn.execute(
+            "UPDATE message_outbox SET sent_at = '2026-01-01T09:54:00.000Z' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+        assert!(check(1, "hi").unwrap().twin);
+        // A row of another text is none.
+        assert!(!check(3, "ho").unwrap().twin);
+        // A dead twin tried around then, and one being sent.
+        conn.execute_batch(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('5', 'ho'), ('5', 'ho');
+             UPDATE message_outbox SET state = 'dead' WHERE id = 4;
+             INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome)
+             VALUES (4, 1, '2026-01-01T09:59:00.000Z', NULL, 'dead');",
+        )
+        .unwrap();
+        assert!(check(3, "ho").unwrap().twin);
+        conn.execute_batch("UPDATE message_outbox SET state = 'canceled' WHERE id = 4;")
+            .unwrap();
+        assert!(!check(3, "ho").unwrap().twin);
+        conn.execute_batch(
+            "UPDATE message_outbox SET state = 'sending', attempts = 1, sending_since = 't' WHERE id = 5;",
+        )
+        .unwrap();
+        assert!(check(3, "ho").unwrap().twin);
+        // Each state through the negotiation's index, never every sent row.
+        let plan: Vec<String> = conn
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN {}",
+                twin_of_reply(&Pins::read(&conn).unwrap())
+            ))
+            .unwrap()
+            .query_map(params!["5", 1, "hi", "t"], |r| r.get::<_, String>(3))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("message_outbox_sent_by_negotiation"))
+                && plan
+                    .iter()
+                    .any(|p| p.contains("message_outbox_open_by_negotiation"))
+                && plan
+                    .iter()
+                    .all(|p| !p.starts_with("SCAN") || p.contains("CONSTANT ROW")),
+            "{plan:?}"
+        );
+    }
 
     /// Business 7 may send; business 8 waits.
     fn filter() -> ClaimFilter {

@@ -6,7 +6,8 @@
 //! (`outbox`, `message_outbox`) and the mirror itself (`negotiations`,
 //! `negotiation_changes`, `messages`, ...) are never touched.
 //!
-//! What each log keeps whatever its age:
+//! What each log keeps whatever its age (besides its newest row, so that
+//! its ids never go back):
 //! - `sync_runs`: a pass still `running`, and the newest pass of each
 //!   business and kind (what a user looks at to see how a business syncs).
 //!   A pruned pass's listing is summed up in `sync_runs_pruned` (schema
@@ -69,8 +70,16 @@ impl Log {
     }
 
     /// Which rows (`r`) may go: dated before ?H and not kept for a reason.
+    /// The newest row of every log stays whatever its age: the logs have no
+    /// AUTOINCREMENT, and once the row with the highest id is gone SQLite
+    /// hands its id (and those below) out again, so a program reading a log
+    /// by id from where it stopped would skip the new rows.
     fn prunable(self) -> String {
-        let dated = format!("r.{} < ?H", self.dated_by());
+        let dated = format!(
+            "r.{} < ?H AND r.id < (SELECT max(m.id) FROM {} m)",
+            self.dated_by(),
+            self.table()
+        );
         match self {
             // The newest pass of a business and kind stays: a pass is
             // pruned only when a newer one of both exists (found through
@@ -500,6 +509,59 @@ mod tests {
             ids(&conn, "SELECT id FROM webhook_events ORDER BY id"),
             [8, 9, 10]
         );
+    }
+
+    /// A log whose rows were all older than the horizon lost them all, its
+    /// newest included: SQLite then gives the next row the lowest free id
+    /// again (no AUTOINCREMENT on the logs), and a program reading a log by
+    /// id from where it stopped (`WHERE id > :last`) skipped every row
+    /// until the ids passed its mark again.
+    #[test]
+    fn the_newest_row_of_each_log_stays_so_that_ids_never_go_back() {
+        let (_dir, mut conn) = db();
+        for _ in 0..3 {
+            conn.execute(
+                "INSERT INTO webhook_events (received_at, event_type, payload, outcome)
+                 VALUES (?1, 'ReviewCreatedV4', '{}', 'ignored')",
+                [OLD],
+            )
+            .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO message_outbox (negotiation_id, text) VALUES ('1', 'hi');
+             UPDATE message_outbox SET state = 'sent';
+             INSERT INTO sync_requests (business_id, requested_at, finished_at, outcome)
+                 VALUES ('1', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:01.000Z', 'ok'),
+                        ('1', '2026-01-01T00:00:00.000Z', '2026-01-01T00:00:01.000Z', 'ok');",
+        )
+        .unwrap();
+        for _ in 0..2 {
+            conn.execute(
+                "INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, outcome)
+                 VALUES (1, 1, ?1, 'sent')",
+                [OLD],
+            )
+            .unwrap();
+        }
+        let pruned = prune_all(&mut conn, HORIZON, BATCH).unwrap();
+        assert_eq!(
+            (
+                pruned.webhook_events,
+                pruned.message_outbox_attempts,
+                pruned.sync_requests
+            ),
+            (2, 1, 1)
+        );
+        conn.execute(
+            "INSERT INTO webhook_events (received_at, event_type, payload, outcome)
+             VALUES (?1, 'ReviewCreatedV4', '{}', 'ignored')",
+            [NEW],
+        )
+        .unwrap();
+        assert_eq!(conn.last_insert_rowid(), 4);
+        // Kept, it goes once a newer row is there.
+        prune_all(&mut conn, HORIZON, BATCH).unwrap();
+        assert_eq!(ids(&conn, "SELECT id FROM webhook_events"), [4]);
     }
 
     #[test]

@@ -664,6 +664,17 @@ impl Client {
         limit: u32,
         sent_before: Option<&str>,
     ) -> Result<MessagePage, ApiError> {
+        let url = self.messages_url(negotiation_id, limit, sent_before)?;
+        self.get_retried(business_id, &url, parse_message_page)
+            .await
+    }
+
+    fn messages_url(
+        &self,
+        negotiation_id: &str,
+        limit: u32,
+        sent_before: Option<&str>,
+    ) -> Result<String, ApiError> {
         let mut url = reqwest::Url::parse(&self.url(&format!(
             "negotiations/{}/messages",
             path_segment(negotiation_id)
@@ -674,8 +685,48 @@ impl Client {
         if let Some(t) = sent_before {
             url.query_pairs_mut().append_pair("sentBefore", t);
         }
-        self.get_retried(business_id, url.as_str(), parse_message_page)
-            .await
+        Ok(url.into())
+    }
+
+    /// The newest page of a lead's conversation, asked once and only once:
+    /// no retry, and a 401 neither refreshes nor forgets the token (a token
+    /// without `supply::messages.read` may still post replies, and a grant
+    /// must not rotate for a read it can do without). Bounded by
+    /// `api.timeout_secs` whole (the wait for a token or the rate budget
+    /// included), and given up as soon as leadsync is stopping. For a check
+    /// whose every failure its caller can do without. With the answer's
+    /// trace id, for the record.
+    pub async fn newest_messages_once(
+        &self,
+        business_id: &str,
+        negotiation_id: &str,
+        limit: u32,
+    ) -> Result<(MessagePage, Option<String>), ApiError> {
+        let url = self.messages_url(negotiation_id, limit, None)?;
+        let stopping = self.auth.stopping();
+        let asked = tokio::select! {
+            biased;
+            _ = stopping.cancelled() => {
+                return Err(super::auth::stopping_error("leadsync is stopping"));
+            }
+            asked = tokio::time::timeout(
+                self.settings.timeout,
+                self.exchange(business_id, reqwest::Method::GET, &url, None),
+            ) => asked,
+        };
+        let (_, _, response) = asked.map_err(|_| {
+            ApiError::retry(
+                None,
+                format!(
+                    "no answer within api.timeout_secs ({} s)",
+                    self.settings.timeout.as_secs_f64()
+                ),
+            )
+        })?;
+        let response = response?;
+        parse_message_page(&response.body)
+            .map(|page| (page, response.trace_id))
+            .map_err(|m| ApiError::retry(Some(200), format!("unreadable response: {m}")))
     }
 
     /// Posts one reply, once (with one token refresh on 401); on success,
