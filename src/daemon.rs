@@ -165,6 +165,7 @@ pub async fn run_with(
         schedules: Mutex::new(schedules),
         schedules_changed: Notify::new(),
         requests: Mutex::new(HashMap::new()),
+        last_ticket: AtomicI64::new(0),
         lag_written: Mutex::new(None),
         last_status_ms: AtomicI64::new(0),
         scheduler_beat: Arc::new(AtomicI64::new(now_ms())),
@@ -467,9 +468,16 @@ struct Reloaded {
     rows_written: usize,
 }
 
-/// A `sync_requests` row being worked on.
-#[derive(Default)]
+/// A `sync_requests` row being worked on. The daemon knows it by a ticket
+/// of its own, not by the row's id: a row deleted while it runs and another
+/// inserted with the same id are two requests, each answered by its own
+/// passes.
 struct RequestState {
+    /// The row's id, and what tells it from a later row with the same id.
+    row_id: i64,
+    requested_at: rusqlite::types::Value,
+    /// The `started_at` the daemon wrote when it took the row.
+    taken_at: String,
     remaining: usize,
     /// (business id, the line `leadsync sync` prints for it).
     lines: Vec<(String, String)>,
@@ -507,8 +515,11 @@ struct Daemon {
     /// One timer per distinct schedule, not per business.
     schedules: Mutex<Schedules>,
     schedules_changed: Notify,
-    /// `sync_requests` rows taken and not yet answered.
+    /// `sync_requests` rows taken and not yet answered, by ticket (the
+    /// `Origin::Request` of their passes).
     requests: Mutex<HashMap<i64, RequestState>>,
+    /// The last ticket given to a taken request.
+    last_ticket: AtomicI64,
     /// The backlog last written to `schedule_lag`, and when.
     lag_written: Mutex<Option<(Vec<requests::ScheduleLag>, i64)>>,
     last_status_ms: AtomicI64,
@@ -804,6 +815,7 @@ impl Daemon {
             }
             Ok(ids) => ids,
         };
+        let taken_at = now.clone();
         match self
             .store
             .call(move |c| requests::mark_started(c, id, &now))
@@ -822,27 +834,32 @@ impl Daemon {
             businesses = ids.len(),
             "sync request taken"
         );
+        let ticket = self.last_ticket.fetch_add(1, Ordering::Relaxed) + 1;
         lock(&self.requests).insert(
-            id,
+            ticket,
             RequestState {
+                row_id: id,
+                requested_at: r.requested_at,
+                taken_at,
                 remaining: ids.len(),
+                lines: Vec::new(),
+                failed: 0,
                 accept_missing: r.accept_missing,
-                ..Default::default()
             },
         );
-        self.enqueue(&ids, kind, now_ms(), Origin::Request(id));
+        self.enqueue(&ids, kind, now_ms(), Origin::Request(ticket));
     }
 
-    /// Records a pass's line in the requests it answers; a request whose
-    /// passes have all ended is finished.
-    async fn answer(&self, request_ids: &[i64], business_id: &str, line: String, ok: bool) {
-        if request_ids.is_empty() {
+    /// Records a pass's line in the requests (tickets) it answers; a
+    /// request whose passes have all ended is finished.
+    async fn answer(&self, tickets: &[i64], business_id: &str, line: String, ok: bool) {
+        if tickets.is_empty() {
             return;
         }
         let mut done = Vec::new();
         {
             let mut states = lock(&self.requests);
-            for id in request_ids {
+            for id in tickets {
                 let Some(st) = states.get_mut(id) else {
                     continue;
                 };
@@ -856,16 +873,37 @@ impl Daemon {
                 }
             }
         }
-        for (id, st) in done {
+        for (_, st) in done {
+            let (id, requested_at, taken_at) =
+                (st.row_id, st.requested_at.clone(), st.taken_at.clone());
             let (outcome, summary) = st.render();
             let now = crate::time::now();
             let err = (outcome == "error").then(|| "some passes failed".to_string());
-            if let Err(e) = self
+            match self
                 .store
-                .call(move |c| requests::finish(c, id, outcome, err.as_deref(), &summary, &now))
+                .call(move |c| {
+                    requests::finish_taken(
+                        c,
+                        id,
+                        &requested_at,
+                        &taken_at,
+                        outcome,
+                        err.as_deref(),
+                        &summary,
+                        &now,
+                    )
+                })
                 .await
             {
-                warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request");
+                Ok(true) => {}
+                Ok(false) => info!(
+                    request = id,
+                    "a sync request ended, but its row was deleted, finished or replaced meanwhile: \
+                     its answer is not recorded"
+                ),
+                Err(e) => {
+                    warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request")
+                }
             }
         }
     }
@@ -874,15 +912,19 @@ impl Daemon {
     /// of the passes that did run.
     async fn close_requests(&self) {
         let open: Vec<(i64, RequestState)> = lock(&self.requests).drain().collect();
-        for (id, st) in open {
+        for (_, st) in open {
+            let (id, requested_at, taken_at) =
+                (st.row_id, st.requested_at.clone(), st.taken_at.clone());
             let (_, summary) = st.render();
             let now = crate::time::now();
             let _ = self
                 .store
                 .call(move |c| {
-                    requests::finish(
+                    requests::finish_taken(
                         c,
                         id,
+                        &requested_at,
+                        &taken_at,
                         "error",
                         Some("interrupted: leadsync stopped before every pass of this request ran"),
                         &summary,

@@ -193,7 +193,8 @@ pub enum Origin {
     Schedule(ScheduleKey),
     /// The first pass at start or when a reload adds the business.
     Initial,
-    /// A `sync_requests` row.
+    /// A `sync_requests` row, by the daemon's ticket for it (not the row's
+    /// id, which a program may delete and give to another request).
     Request(i64),
 }
 
@@ -204,7 +205,7 @@ pub struct Job {
     pub kind: ScanKind,
     /// When it became due (milliseconds since the epoch).
     pub due_ms: i64,
-    /// The `sync_requests` rows this pass answers.
+    /// The `sync_requests` tickets this pass answers.
     pub requests: Vec<i64>,
     /// The schedule it came from, if it did.
     pub schedule: Option<ScheduleKey>,

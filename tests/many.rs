@@ -621,3 +621,81 @@ async fn sync_meeting_another_command_holding_the_lock_says_so_at_once() {
         "the request is withdrawn"
     );
 }
+
+/// A program deletes a request the daemon is running (to "cancel" it) and
+/// a new request gets the same id (explicitly, or SQLite's rowid reuse
+/// after the highest row is deleted). The new request is answered by its
+/// own pass, never by the deleted one's: the daemon used to key its open
+/// requests by row id, so the first pass to end answered the new row with
+/// another business's line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_reused_while_its_pass_runs_gets_its_own_answer() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER) + "sync_concurrency = 1\n";
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    let _daemon = Running(env.spawn_daemon());
+    env.wait_for_initial_passes(3);
+    // A's full scan takes seconds: a slow page each time.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 1500,
+        ..Faults::default()
+    });
+    env.sql()
+        .execute(
+            "INSERT INTO sync_requests (id, business_id, kind) VALUES (50, ?1, 'full')",
+            [&a],
+        )
+        .unwrap();
+    wait_until_blocking("A's requested pass runs", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 50 AND started_at IS NOT NULL",
+        ) == 1
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE kind = 'full' AND finished_at IS NULL",
+            ) == 1
+    });
+    let sql = env.sql();
+    sql.execute("DELETE FROM sync_requests WHERE id = 50", [])
+        .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind) VALUES (50, ?1, 'head')",
+        [&b],
+    )
+    .unwrap();
+    env.sandbox.set_faults(Faults::default());
+    wait_until_blocking("the new request 50 ends", Duration::from_secs(60), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 50 AND finished_at IS NOT NULL",
+        ) == 1
+    });
+    let (outcome, summary): (Option<String>, Option<String>) = env
+        .sql()
+        .query_row(
+            "SELECT outcome, summary FROM sync_requests WHERE id = 50",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let summary = summary.unwrap_or_default();
+    assert!(
+        summary.starts_with(&format!("{b}: ok — head scan")),
+        "request 50 (business {b}) was answered with: {summary:?}"
+    );
+    assert_eq!(outcome.as_deref(), Some("ok"));
+    // B's pass really ran after the request.
+    assert_eq!(
+        count(
+            &env.sql(),
+            &format!(
+                "SELECT count(*) FROM sync_runs WHERE business_id = '{b}' AND kind = 'head'
+                   AND started_at >= (SELECT requested_at FROM sync_requests WHERE id = 50)"
+            )
+        ),
+        1
+    );
+}

@@ -13,6 +13,9 @@ pub struct NewRequest {
     /// `head` or `full`.
     pub kind: String,
     pub accept_missing: bool,
+    /// The row's `requested_at` as stored: with the `started_at` the daemon
+    /// writes, what tells this row from a later one given the same id.
+    pub requested_at: rusqlite::types::Value,
 }
 
 /// A request as its asker sees it.
@@ -75,7 +78,7 @@ pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
     let mut rows = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
-            "SELECT id, business_id, kind, accept_missing FROM sync_requests
+            "SELECT id, business_id, kind, accept_missing, requested_at FROM sync_requests
               WHERE started_at IS NULL AND finished_at IS NULL ORDER BY id",
         )?;
         let mut q = stmt.query([])?;
@@ -121,6 +124,13 @@ fn read_request(id: i64, r: &rusqlite::Row<'_>) -> Result<NewRequest, &'static s
         },
         _ => return Err(NOT_TEXT),
     };
+    // Bytes that are not UTF-8 could not be matched when the answer is
+    // recorded: the request would stay open until the next start.
+    let requested_at = r
+        .get_ref(4)
+        .ok()
+        .and_then(|v| rusqlite::types::Value::try_from(v).ok())
+        .ok_or("requested_at is not readable text: leave it out (it defaults to now)")?;
     let kind = match r.get_ref(2) {
         Ok(ValueRef::Text(b"head")) => "head",
         Ok(ValueRef::Text(b"full")) => "full",
@@ -131,6 +141,7 @@ fn read_request(id: i64, r: &rusqlite::Row<'_>) -> Result<NewRequest, &'static s
         business_id,
         kind: kind.to_string(),
         accept_missing: matches!(r.get_ref(3), Ok(ValueRef::Integer(1))),
+        requested_at,
     })
 }
 
@@ -161,6 +172,31 @@ pub fn finish(
         params![id, outcome, error, summary, now],
     )?;
     Ok(())
+}
+
+/// Records the end of a request the daemon took, on that row only: one
+/// deleted meanwhile (a program's way to cancel it) and another inserted
+/// with the same id (explicitly, or SQLite reusing the highest rowid) is
+/// another request, which this answer must not end. The row is told by the
+/// `started_at` the daemon wrote when it took it and its `requested_at`.
+/// False when the row is no longer that one, or already finished.
+#[allow(clippy::too_many_arguments)]
+pub fn finish_taken(
+    conn: &Connection,
+    id: i64,
+    requested_at: &rusqlite::types::Value,
+    taken_at: &str,
+    outcome: &str,
+    error: Option<&str>,
+    summary: &str,
+    now: &str,
+) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE sync_requests SET finished_at = ?7, outcome = ?4, error = ?5, summary = ?6
+          WHERE id = ?1 AND requested_at IS ?2 AND started_at IS ?3 AND finished_at IS NULL",
+        params![id, requested_at, taken_at, outcome, error, summary, now],
+    )?;
+    Ok(n == 1)
 }
 
 /// Withdraws a request nobody has taken yet; false when the daemon took it.
