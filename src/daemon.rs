@@ -25,6 +25,13 @@ use tracing::{error, info, warn};
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often `sync_requests` is looked at ("within about a second").
 const REQUESTS_EVERY: Duration = Duration::from_millis(500);
+/// Every how many looks the requests that seem taken are checked against
+/// the ones this daemon took (a scan of the unfinished taken rows).
+const FOREIGN_STARTED_EVERY: u32 = 20;
+/// Why a request that seems taken, but not by this daemon, is refused.
+const FOREIGN_STARTED: &str = "started_at was set, but not by this daemon (the program that \
+    inserted the request set it, or changed it after the daemon took the request): nothing would \
+    ever finish it. Insert requests with started_at and finished_at left out";
 
 /// The logs (`sync_runs`, `webhook_events`, attempts, finished
 /// `sync_requests`) are pruned this long after the start, then every
@@ -472,6 +479,7 @@ struct Reloaded {
 /// of its own, not by the row's id: a row deleted while it runs and another
 /// inserted with the same id are two requests, each answered by its own
 /// passes.
+#[derive(Clone)]
 struct RequestState {
     /// The row's id, and what tells it from a later row with the same id.
     row_id: i64,
@@ -753,11 +761,16 @@ impl Daemon {
     async fn take_requests(self: Arc<Self>) {
         let mut every = tokio::time::interval(REQUESTS_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut looks = 0u32;
         loop {
             tokio::select! {
                 _ = every.tick() => {}
                 _ = self.stop.cancelled() => return,
             }
+            if looks % FOREIGN_STARTED_EVERY == 0 {
+                self.refuse_foreign_started().await;
+            }
+            looks = looks.wrapping_add(1);
             let new = match self.store.call(|c| requests::new_requests(c)).await {
                 Ok(new) => new,
                 Err(e) => {
@@ -767,6 +780,52 @@ impl Daemon {
             };
             for r in new {
                 self.accept(r).await;
+            }
+        }
+    }
+
+    /// Refuses the requests that seem taken (`started_at` set, not finished)
+    /// but that this daemon did not take: before, such a row stayed open
+    /// until the next start, and whoever waited on it waited that long.
+    /// Runs on the taker's task, so a request being taken (its row marked,
+    /// then its ticket recorded) is never caught between the two; a request
+    /// whose passes ended keeps its ticket until its answer is written.
+    async fn refuse_foreign_started(&self) {
+        let open = match self.store.call(|c| requests::started_open(c, 1_000)).await {
+            Ok(open) => open,
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot read sync_requests");
+                return;
+            }
+        };
+        if open.is_empty() || self.stop.is_cancelled() {
+            return;
+        }
+        let ours: std::collections::HashSet<(i64, String)> = lock(&self.requests)
+            .values()
+            .map(|s| (s.row_id, s.taken_at.clone()))
+            .collect();
+        for (id, started_at) in open {
+            let mine = matches!(&started_at, rusqlite::types::Value::Text(t)
+                if ours.contains(&(id, t.clone())));
+            if mine {
+                continue;
+            }
+            let now = crate::time::now();
+            match self
+                .store
+                .call(move |c| requests::refuse_started(c, id, &started_at, FOREIGN_STARTED, &now))
+                .await
+            {
+                Ok(true) => warn!(
+                    request = id,
+                    error = FOREIGN_STARTED,
+                    "sync request refused"
+                ),
+                Ok(false) => {}
+                Err(e) => {
+                    warn!(request = id, error = %format!("{e:#}"), "cannot record a refused sync request")
+                }
             }
         }
     }
@@ -866,14 +925,14 @@ impl Daemon {
                 st.lines.push((business_id.to_string(), line.clone()));
                 st.failed += usize::from(!ok);
                 st.remaining = st.remaining.saturating_sub(1);
-                if st.remaining == 0
-                    && let Some(st) = states.remove(id)
-                {
-                    done.push((*id, st));
+                if st.remaining == 0 {
+                    // Kept until its answer is written: a request with no
+                    // ticket looks like one this daemon never took.
+                    done.push((*id, st.clone()));
                 }
             }
         }
-        for (_, st) in done {
+        for (ticket, st) in done {
             let (id, requested_at, taken_at) =
                 (st.row_id, st.requested_at.clone(), st.taken_at.clone());
             let (outcome, summary) = st.render();
@@ -905,6 +964,7 @@ impl Daemon {
                     warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request")
                 }
             }
+            lock(&self.requests).remove(&ticket);
         }
     }
 

@@ -699,3 +699,62 @@ async fn a_request_id_reused_while_its_pass_runs_gets_its_own_answer() {
         1
     );
 }
+
+/// A program inserts a request with `started_at` already set (or changes
+/// it after the daemon took the request): no daemon would ever take or
+/// finish it, and whoever waits on it used to wait until the next restart.
+/// The daemon refuses it with a reason, and its own running requests are
+/// untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_inserted_as_already_started_is_refused_not_left_open() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER) + "sync_concurrency = 1\n";
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let _daemon = Running(env.spawn_daemon());
+    env.wait_for_initial_passes(3);
+    env.sandbox.set_faults(Faults {
+        latency_ms: 1000,
+        ..Faults::default()
+    });
+    let sql = env.sql();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind) VALUES (1, ?1, 'full')",
+        [&ids[0]],
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind, started_at)
+         VALUES (2, ?1, 'head', '2026-01-01T00:00:00Z')",
+        [&ids[1]],
+    )
+    .unwrap();
+    wait_until_blocking("row 2 is refused", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 2 AND outcome = 'refused'
+               AND finished_at IS NOT NULL AND error LIKE '%started_at%'",
+        ) == 1
+    });
+    env.sandbox.set_faults(Faults::default());
+    wait_until_blocking("row 1 ends", Duration::from_secs(60), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 1 AND finished_at IS NOT NULL",
+        ) == 1
+    });
+    let (outcome, summary): (Option<String>, Option<String>) = env
+        .sql()
+        .query_row(
+            "SELECT outcome, summary FROM sync_requests WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome.as_deref(), Some("ok"), "{summary:?}");
+    assert!(
+        summary
+            .unwrap_or_default()
+            .starts_with(&format!("{}: ok — full scan", ids[0]))
+    );
+}

@@ -199,6 +199,38 @@ pub fn finish_taken(
     Ok(n == 1)
 }
 
+/// Requests taken (`started_at` set) and not finished: the daemon's own,
+/// and any a program inserted with `started_at` already set, or changed
+/// since the daemon took them. At most `limit`, oldest first.
+pub fn started_open(conn: &Connection, limit: usize) -> Result<Vec<(i64, rusqlite::types::Value)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT id, started_at FROM sync_requests
+          WHERE started_at IS NOT NULL AND finished_at IS NULL ORDER BY id LIMIT ?1",
+    )?;
+    let rows = stmt
+        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .collect::<rusqlite::Result<_>>()?;
+    Ok(rows)
+}
+
+/// Refuses a request that looks taken but that the daemon never took (or
+/// whose `started_at` changed since): nobody would ever finish it. Only
+/// while the row still has the `started_at` it was seen with.
+pub fn refuse_started(
+    conn: &Connection,
+    id: i64,
+    started_at: &rusqlite::types::Value,
+    why: &str,
+    now: &str,
+) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE sync_requests SET finished_at = ?4, outcome = 'refused', error = ?3, summary = ?3
+          WHERE id = ?1 AND started_at IS ?2 AND finished_at IS NULL",
+        params![id, started_at, why, now],
+    )?;
+    Ok(n == 1)
+}
+
 /// Withdraws a request nobody has taken yet; false when the daemon took it.
 pub fn withdraw(conn: &Connection, id: i64, why: &str, now: &str) -> Result<bool> {
     let n = conn.execute(
