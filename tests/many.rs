@@ -758,3 +758,24 @@ async fn a_request_inserted_as_already_started_is_refused_not_left_open() {
             .starts_with(&format!("{}: ok — full scan", ids[0]))
     );
 }
+
+/// Another program marks the request finished without an outcome (its own
+/// way to cancel it): `sync` exits 1 and says so, instead of exiting 1
+/// with nothing printed at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_says_so_when_another_program_finished_its_request() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, &[], Duration::from_secs(20), || {
+        env.sql()
+            .execute(
+                "UPDATE sync_requests SET finished_at = '2026-01-01T00:00:00Z'",
+                [],
+            )
+            .unwrap();
+    });
+    drop(held);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("without an outcome"), "{said}");
+}
