@@ -1129,6 +1129,9 @@ impl Daemon {
                     g.next = current.next;
                 }
             }
+            // Passes queued under a schedule their business left count
+            // in the lag of the one it is in now.
+            self.lock_queue().retag(&schedules);
             *live = schedules;
         }
         self.schedules_changed.notify_one();

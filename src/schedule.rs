@@ -337,6 +337,39 @@ impl SyncQueue {
         requests
     }
 
+    /// After a reload changed schedules: a waiting pass tagged with a
+    /// schedule its business is no longer in counts, in the lag, under the
+    /// business's schedule of the same kind now (none when it has none).
+    /// Else a backlog queued before `[poll] schedule` changed was shown
+    /// under no schedule at all: `status` said nothing waits while
+    /// thousands of passes did.
+    pub fn retag(&mut self, schedules: &Schedules) {
+        let current = |business_id: &str, key: &ScheduleKey| -> Option<ScheduleKey> {
+            if schedules
+                .groups
+                .get(key)
+                .is_some_and(|g| g.businesses.contains(business_id))
+            {
+                return Some(key.clone());
+            }
+            schedules
+                .groups
+                .iter()
+                .find(|(k, g)| k.kind == key.kind && g.businesses.contains(business_id))
+                .map(|(k, _)| k.clone())
+        };
+        let jobs = self.waiting.values_mut().map(|(_, job)| job).chain(
+            self.running
+                .values_mut()
+                .filter_map(|(_, after)| after.as_mut()),
+        );
+        for job in jobs {
+            if let Some(key) = &job.schedule {
+                job.schedule = current(&job.business_id, key);
+            }
+        }
+    }
+
     /// Passes waiting (not running).
     pub fn waiting(&self) -> usize {
         self.order.len()
@@ -726,6 +759,53 @@ mod tests {
         assert_eq!(q.remove("a"), vec![3]);
         assert_eq!(q.waiting(), 2);
         assert_eq!(q.oldest_due_ms(), Some(10));
+    }
+
+    /// `[poll] schedule` changed by a reload while passes wait: they count
+    /// in the lag of the schedule their businesses are in now.
+    #[test]
+    fn a_backlog_follows_its_businesses_to_their_new_schedule() {
+        let mut q = SyncQueue::default();
+        tick(&mut q, "a", 100);
+        tick(&mut q, "b", 50);
+        let running = q.pop().unwrap();
+        assert_eq!(running.business_id, "b");
+        q.push(
+            "b",
+            ScanKind::Full,
+            60,
+            Origin::Schedule(key(ScanKind::Full)),
+        );
+        let moved = ScheduleKey {
+            kind: ScanKind::Head,
+            expr: "*/10 * * * * *".into(),
+        };
+        let mut s = Schedules::default();
+        for (k, ids) in [
+            (moved.clone(), vec!["a", "b"]),
+            (key(ScanKind::Full), vec!["a", "b"]),
+        ] {
+            s.groups.insert(
+                k.clone(),
+                Group {
+                    cron: parse_cron(&k.expr).unwrap(),
+                    businesses: ids.into_iter().map(String::from).collect(),
+                    next: None,
+                },
+            );
+        }
+        q.retag(&s);
+        let lag = q.lag();
+        assert_eq!(lag.get(&moved), Some(&(1, 100)), "{lag:?}");
+        assert_eq!(lag.get(&key(ScanKind::Head)), None, "{lag:?}");
+        // The full scan waiting for b's running pass keeps its schedule.
+        q.finish("b");
+        assert_eq!(q.lag().get(&key(ScanKind::Full)), Some(&(1, 60)));
+        // A business left with no schedule of that kind: counted nowhere.
+        let mut q = SyncQueue::default();
+        tick(&mut q, "z", 10);
+        q.retag(&s);
+        assert!(q.lag().is_empty());
     }
 
     #[test]
