@@ -767,7 +767,7 @@ impl Daemon {
                 _ = every.tick() => {}
                 _ = self.stop.cancelled() => return,
             }
-            if looks % FOREIGN_STARTED_EVERY == 0 {
+            if looks.is_multiple_of(FOREIGN_STARTED_EVERY) {
                 self.refuse_foreign_started().await;
             }
             looks = looks.wrapping_add(1);
