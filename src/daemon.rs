@@ -28,6 +28,8 @@ const REQUESTS_EVERY: Duration = Duration::from_millis(500);
 /// Every how many looks the requests that seem taken are checked against
 /// the ones this daemon took (a scan of the unfinished taken rows).
 const FOREIGN_STARTED_EVERY: u32 = 20;
+/// How many of the requests that seem taken the sweep reads at a time.
+const SWEEP_PAGE: usize = 1_000;
 /// Why a request that seems taken, but not by this daemon, is refused.
 const FOREIGN_STARTED: &str = "started_at was set, but not by this daemon (the program that \
     inserted the request set it, or changed it after the daemon took the request): nothing would \
@@ -481,10 +483,9 @@ struct Reloaded {
 /// passes.
 #[derive(Clone)]
 struct RequestState {
-    /// The row's id, and what tells it from a later row with the same id.
     row_id: i64,
-    requested_at: rusqlite::types::Value,
-    /// The `started_at` the daemon wrote when it took the row.
+    /// The `started_at` the daemon wrote when it took the row (to the
+    /// millisecond): what tells it from a later row with the same id.
     taken_at: String,
     remaining: usize,
     /// (business id, the line `leadsync sync` prints for it).
@@ -492,6 +493,11 @@ struct RequestState {
     failed: usize,
     /// `sync --full --accept-missing`.
     accept_missing: bool,
+    /// Its passes all ended, but writing its answer failed (a partner held
+    /// the write lock past the busy timeout): the sweep writes it again.
+    /// The ticket is kept until the answer is written, else the sweep
+    /// would take the row for one this daemon never took.
+    unwritten: bool,
 }
 
 impl RequestState {
@@ -791,41 +797,66 @@ impl Daemon {
     /// then its ticket recorded) is never caught between the two; a request
     /// whose passes ended keeps its ticket until its answer is written.
     async fn refuse_foreign_started(&self) {
-        let open = match self.store.call(|c| requests::started_open(c, 1_000)).await {
-            Ok(open) => open,
-            Err(e) => {
-                warn!(error = %format!("{e:#}"), "cannot read sync_requests");
-                return;
-            }
-        };
-        if open.is_empty() || self.stop.is_cancelled() {
-            return;
-        }
-        let ours: std::collections::HashSet<(i64, String)> = lock(&self.requests)
-            .values()
-            .map(|s| (s.row_id, s.taken_at.clone()))
+        // First the answers whose write failed: written, their tickets go.
+        let unwritten: Vec<i64> = lock(&self.requests)
+            .iter()
+            .filter(|(_, s)| s.unwritten)
+            .map(|(t, _)| *t)
             .collect();
-        for (id, started_at) in open {
-            let mine = matches!(&started_at, rusqlite::types::Value::Text(t)
-                if ours.contains(&(id, t.clone())));
-            if mine {
-                continue;
-            }
-            let now = crate::time::now();
-            match self
+        for ticket in unwritten {
+            self.write_answer(ticket).await;
+        }
+        // A page at a time, paging on past this daemon's own rows, so that
+        // thousands of them never hide a foreign one.
+        let mut after = i64::MIN;
+        loop {
+            let page = match self
                 .store
-                .call(move |c| requests::refuse_started(c, id, &started_at, FOREIGN_STARTED, &now))
+                .call(move |c| requests::started_open(c, after, SWEEP_PAGE))
                 .await
             {
-                Ok(true) => warn!(
-                    request = id,
-                    error = FOREIGN_STARTED,
-                    "sync request refused"
-                ),
-                Ok(false) => {}
+                Ok(page) => page,
                 Err(e) => {
-                    warn!(request = id, error = %format!("{e:#}"), "cannot record a refused sync request")
+                    warn!(error = %format!("{e:#}"), "cannot read sync_requests");
+                    return;
                 }
+            };
+            if page.is_empty() || self.stop.is_cancelled() {
+                return;
+            }
+            let full = page.len() == SWEEP_PAGE;
+            after = page.last().map_or(after, |r| r.0);
+            let ours: std::collections::HashSet<(i64, String)> = lock(&self.requests)
+                .values()
+                .map(|s| (s.row_id, s.taken_at.clone()))
+                .collect();
+            for (id, started_at) in page {
+                let mine = matches!(&started_at, rusqlite::types::Value::Text(t)
+                    if ours.contains(&(id, t.clone())));
+                if mine {
+                    continue;
+                }
+                let now = crate::time::now();
+                match self
+                    .store
+                    .call(move |c| {
+                        requests::refuse_started(c, id, &started_at, FOREIGN_STARTED, &now)
+                    })
+                    .await
+                {
+                    Ok(true) => warn!(
+                        request = id,
+                        error = FOREIGN_STARTED,
+                        "sync request refused"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(request = id, error = %format!("{e:#}"), "cannot record a refused sync request")
+                    }
+                }
+            }
+            if !full {
+                return;
             }
         }
     }
@@ -898,12 +929,12 @@ impl Daemon {
             ticket,
             RequestState {
                 row_id: id,
-                requested_at: r.requested_at,
                 taken_at,
                 remaining: ids.len(),
                 lines: Vec::new(),
                 failed: 0,
                 accept_missing: r.accept_missing,
+                unwritten: false,
             },
         );
         self.enqueue(&ids, kind, now_ms(), Origin::Request(ticket));
@@ -926,45 +957,50 @@ impl Daemon {
                 st.failed += usize::from(!ok);
                 st.remaining = st.remaining.saturating_sub(1);
                 if st.remaining == 0 {
-                    // Kept until its answer is written: a request with no
-                    // ticket looks like one this daemon never took.
-                    done.push((*id, st.clone()));
+                    done.push(*id);
                 }
             }
         }
-        for (ticket, st) in done {
-            let (id, requested_at, taken_at) =
-                (st.row_id, st.requested_at.clone(), st.taken_at.clone());
-            let (outcome, summary) = st.render();
-            let now = crate::time::now();
-            let err = (outcome == "error").then(|| "some passes failed".to_string());
-            match self
-                .store
-                .call(move |c| {
-                    requests::finish_taken(
-                        c,
-                        id,
-                        &requested_at,
-                        &taken_at,
-                        outcome,
-                        err.as_deref(),
-                        &summary,
-                        &now,
-                    )
-                })
-                .await
-            {
-                Ok(true) => {}
-                Ok(false) => info!(
-                    request = id,
-                    "a sync request ended, but its row was deleted, finished or replaced meanwhile: \
-                     its answer is not recorded"
-                ),
-                Err(e) => {
-                    warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request")
+        for ticket in done {
+            self.write_answer(ticket).await;
+        }
+    }
+
+    /// Writes the answer of a request whose passes all ended. Its ticket
+    /// goes only once the row is written (or is no longer the one taken):
+    /// when the write fails the request is kept, marked, and the sweep
+    /// writes it again.
+    async fn write_answer(&self, ticket: i64) {
+        let Some(st) = lock(&self.requests).get(&ticket).cloned() else {
+            return;
+        };
+        let (id, taken_at) = (st.row_id, st.taken_at.clone());
+        let (outcome, summary) = st.render();
+        let now = crate::time::now();
+        let err = (outcome == "error").then(|| "some passes failed".to_string());
+        match self
+            .store
+            .call(move |c| {
+                requests::finish_taken(c, id, &taken_at, outcome, err.as_deref(), &summary, &now)
+            })
+            .await
+        {
+            Ok(written) => {
+                if !written {
+                    info!(
+                        request = id,
+                        "a sync request ended, but its row was deleted, finished or replaced \
+                         meanwhile: its answer is not recorded"
+                    );
+                }
+                lock(&self.requests).remove(&ticket);
+            }
+            Err(e) => {
+                warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request; it is written again within 10 s");
+                if let Some(st) = lock(&self.requests).get_mut(&ticket) {
+                    st.unwritten = true;
                 }
             }
-            lock(&self.requests).remove(&ticket);
         }
     }
 
@@ -973,23 +1009,27 @@ impl Daemon {
     async fn close_requests(&self) {
         let open: Vec<(i64, RequestState)> = lock(&self.requests).drain().collect();
         for (_, st) in open {
-            let (id, requested_at, taken_at) =
-                (st.row_id, st.requested_at.clone(), st.taken_at.clone());
-            let (_, summary) = st.render();
+            let (id, taken_at) = (st.row_id, st.taken_at.clone());
+            // One whose passes all ended but whose answer is not written yet
+            // gets that answer.
+            let ended = st.remaining == 0;
+            let (outcome, summary) = st.render();
+            let (outcome, err) = if ended {
+                (
+                    outcome,
+                    (outcome == "error").then_some("some passes failed"),
+                )
+            } else {
+                (
+                    "error",
+                    Some("interrupted: leadsync stopped before every pass of this request ran"),
+                )
+            };
             let now = crate::time::now();
             let _ = self
                 .store
                 .call(move |c| {
-                    requests::finish_taken(
-                        c,
-                        id,
-                        &requested_at,
-                        &taken_at,
-                        "error",
-                        Some("interrupted: leadsync stopped before every pass of this request ran"),
-                        &summary,
-                        &now,
-                    )
+                    requests::finish_taken(c, id, &taken_at, outcome, err, &summary, &now)
                 })
                 .await;
         }

@@ -702,9 +702,13 @@ async fn a_request_id_reused_while_its_pass_runs_gets_its_own_answer() {
 
 /// A program inserts a request with `started_at` already set (or changes
 /// it after the daemon took the request): no daemon would ever take or
-/// finish it, and whoever waits on it used to wait until the next restart.
+/// finish it, and whoever waited on it used to wait until the next restart.
 /// The daemon refuses it with a reason, and its own running requests are
-/// untouched.
+/// untouched — also one whose passes ended but whose answer could not be
+/// written (a partner holding the write lock past the busy timeout; here a
+/// partner's trigger fails it): the daemon used to drop it anyway, and the
+/// sweep then refused it as "not taken by this daemon" though its passes
+/// ran well. It is written again once the database lets it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_inserted_as_already_started_is_refused_not_left_open() {
     let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER) + "sync_concurrency = 1\n";
@@ -718,6 +722,20 @@ async fn a_request_inserted_as_already_started_is_refused_not_left_open() {
         ..Faults::default()
     });
     let sql = env.sql();
+    // Row 1 cannot be finished while the gate is shut: each try is logged.
+    sql.execute_batch(
+        "CREATE TABLE partner_gate (shut INTEGER NOT NULL);
+         INSERT INTO partner_gate VALUES (1);
+         CREATE TABLE partner_log (at TEXT);
+         CREATE TRIGGER partner_holds_row_1 BEFORE UPDATE OF finished_at ON sync_requests
+           WHEN NEW.id = 1 AND NEW.finished_at IS NOT NULL
+                AND (SELECT shut FROM partner_gate)
+         BEGIN
+           INSERT INTO partner_log VALUES (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
+           SELECT RAISE(FAIL, 'row 1 is held by a partner');
+         END;",
+    )
+    .unwrap();
     sql.execute(
         "INSERT INTO sync_requests (id, business_id, kind) VALUES (1, ?1, 'full')",
         [&ids[0]],
@@ -729,14 +747,37 @@ async fn a_request_inserted_as_already_started_is_refused_not_left_open() {
         [&ids[1]],
     )
     .unwrap();
+    let mut row_1_open_then = None;
     wait_until_blocking("row 2 is refused", Duration::from_secs(30), || {
-        count(
-            &env.sql(),
-            "SELECT count(*) FROM sync_requests WHERE id = 2 AND outcome = 'refused'
-               AND finished_at IS NOT NULL AND error LIKE '%started_at%'",
-        ) == 1
+        // One read: row 2's state and row 1's at the same moment.
+        let (refused, open): (i64, i64) = env
+            .sql()
+            .query_row(
+                "SELECT (SELECT count(*) FROM sync_requests WHERE id = 2 AND outcome = 'refused'
+                           AND finished_at IS NOT NULL AND error LIKE '%started_at%'),
+                        (SELECT count(*) FROM sync_requests WHERE id = 1 AND started_at IS NOT NULL
+                           AND finished_at IS NULL)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        row_1_open_then = Some(open);
+        refused == 1
     });
+    assert_eq!(
+        row_1_open_then,
+        Some(1),
+        "row 1 was not open when row 2 was refused"
+    );
     env.sandbox.set_faults(Faults::default());
+    wait_until_blocking(
+        "row 1's answer fails to be written",
+        Duration::from_secs(60),
+        || count(&env.sql(), "SELECT count(*) FROM partner_log") >= 1,
+    );
+    env.sql()
+        .execute("UPDATE partner_gate SET shut = 0", [])
+        .unwrap();
     wait_until_blocking("row 1 ends", Duration::from_secs(60), || {
         count(
             &env.sql(),

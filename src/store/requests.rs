@@ -13,9 +13,6 @@ pub struct NewRequest {
     /// `head` or `full`.
     pub kind: String,
     pub accept_missing: bool,
-    /// The row's `requested_at` as stored: with the `started_at` the daemon
-    /// writes, what tells this row from a later one given the same id.
-    pub requested_at: rusqlite::types::Value,
 }
 
 /// A request as its asker sees it.
@@ -78,7 +75,7 @@ pub fn new_requests(conn: &Connection) -> Result<Vec<NewRequest>> {
     let mut rows = Vec::new();
     {
         let mut stmt = conn.prepare_cached(
-            "SELECT id, business_id, kind, accept_missing, requested_at FROM sync_requests
+            "SELECT id, business_id, kind, accept_missing FROM sync_requests
               WHERE started_at IS NULL AND finished_at IS NULL ORDER BY id",
         )?;
         let mut q = stmt.query([])?;
@@ -124,13 +121,6 @@ fn read_request(id: i64, r: &rusqlite::Row<'_>) -> Result<NewRequest, &'static s
         },
         _ => return Err(NOT_TEXT),
     };
-    // Bytes that are not UTF-8 could not be matched when the answer is
-    // recorded: the request would stay open until the next start.
-    let requested_at = r
-        .get_ref(4)
-        .ok()
-        .and_then(|v| rusqlite::types::Value::try_from(v).ok())
-        .ok_or("requested_at is not readable text: leave it out (it defaults to now)")?;
     let kind = match r.get_ref(2) {
         Ok(ValueRef::Text(b"head")) => "head",
         Ok(ValueRef::Text(b"full")) => "full",
@@ -141,7 +131,6 @@ fn read_request(id: i64, r: &rusqlite::Row<'_>) -> Result<NewRequest, &'static s
         business_id,
         kind: kind.to_string(),
         accept_missing: matches!(r.get_ref(3), Ok(ValueRef::Integer(1))),
-        requested_at,
     })
 }
 
@@ -178,13 +167,14 @@ pub fn finish(
 /// deleted meanwhile (a program's way to cancel it) and another inserted
 /// with the same id (explicitly, or SQLite reusing the highest rowid) is
 /// another request, which this answer must not end. The row is told by the
-/// `started_at` the daemon wrote when it took it and its `requested_at`.
-/// False when the row is no longer that one, or already finished.
-#[allow(clippy::too_many_arguments)]
+/// `started_at` the daemon wrote when it took it (to the millisecond: the
+/// daemon takes rows at most every half second, so a reused id is taken at
+/// another time); nothing else of the row is compared, so a program that
+/// rewrites `requested_at` (an ORM touching its timestamps) still gets its
+/// answer. False when the row is no longer that one, or already finished.
 pub fn finish_taken(
     conn: &Connection,
     id: i64,
-    requested_at: &rusqlite::types::Value,
     taken_at: &str,
     outcome: &str,
     error: Option<&str>,
@@ -192,23 +182,31 @@ pub fn finish_taken(
     now: &str,
 ) -> Result<bool> {
     let n = conn.execute(
-        "UPDATE sync_requests SET finished_at = ?7, outcome = ?4, error = ?5, summary = ?6
-          WHERE id = ?1 AND requested_at IS ?2 AND started_at IS ?3 AND finished_at IS NULL",
-        params![id, requested_at, taken_at, outcome, error, summary, now],
+        "UPDATE sync_requests SET finished_at = ?6, outcome = ?3, error = ?4, summary = ?5
+          WHERE id = ?1 AND started_at IS ?2 AND finished_at IS NULL",
+        params![id, taken_at, outcome, error, summary, now],
     )?;
     Ok(n == 1)
 }
 
+/// The requests that seem taken, a page at a time: read through the
+/// partial index of migration 26, never a scan of the whole table (finished
+/// rows are kept for days, hundreds of thousands of them).
+const STARTED_OPEN: &str = "SELECT id, started_at FROM sync_requests
+  WHERE started_at IS NOT NULL AND finished_at IS NULL AND id > ?1 ORDER BY id LIMIT ?2";
+
 /// Requests taken (`started_at` set) and not finished: the daemon's own,
 /// and any a program inserted with `started_at` already set, or changed
-/// since the daemon took them. At most `limit`, oldest first.
-pub fn started_open(conn: &Connection, limit: usize) -> Result<Vec<(i64, rusqlite::types::Value)>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, started_at FROM sync_requests
-          WHERE started_at IS NOT NULL AND finished_at IS NULL ORDER BY id LIMIT ?1",
-    )?;
+/// since the daemon took them. At most `limit` with an id above `after`,
+/// oldest first (the caller pages on with the last id it got).
+pub fn started_open(
+    conn: &Connection,
+    after: i64,
+    limit: usize,
+) -> Result<Vec<(i64, rusqlite::types::Value)>> {
+    let mut stmt = conn.prepare_cached(STARTED_OPEN)?;
     let rows = stmt
-        .query_map([limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
         .collect::<rusqlite::Result<_>>()?;
     Ok(rows)
 }
@@ -443,5 +441,50 @@ mod tests {
         }
         assert!(outcome(&c, 1).1.unwrap().contains("NUL"));
         assert_eq!(new_requests(&c).unwrap().len(), 2);
+    }
+
+    /// The sweep for requests that seem taken runs every 10 s on the one
+    /// database thread: it reads the partial index, not the whole table.
+    #[test]
+    fn the_sweep_reads_the_started_open_index_not_the_table() {
+        let c = conn();
+        let plan: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {STARTED_OPEN}"))
+            .unwrap()
+            .query_map(params![i64::MIN, 1000], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|d| d.contains("USING INDEX sync_requests_started_open")),
+            "{plan:?}"
+        );
+    }
+
+    /// Pages on past the rows already seen, negative ids included; a row a
+    /// program rewrote `requested_at` of is still finished by its taker.
+    #[test]
+    fn started_open_pages_and_finish_taken_matches_on_started_at() {
+        let c = conn();
+        for id in [-5, 1, 2, 3] {
+            c.execute(
+                "INSERT INTO sync_requests (id, business_id, kind, started_at)
+                 VALUES (?1, '12', 'head', '2026-01-01T00:00:00.123Z')",
+                [id],
+            )
+            .unwrap();
+        }
+        let first = started_open(&c, i64::MIN, 2).unwrap();
+        assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), [-5, 1]);
+        let next = started_open(&c, 1, 2).unwrap();
+        assert_eq!(next.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
+        c.execute(
+            "UPDATE sync_requests SET requested_at = '2030-01-01T00:00:00Z' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+        assert!(finish_taken(&c, 2, "2026-01-01T00:00:00.123Z", "ok", None, "s", "now").unwrap());
+        assert!(!finish_taken(&c, 3, "2026-01-01T00:00:00.124Z", "ok", None, "s", "now").unwrap());
     }
 }
