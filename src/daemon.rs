@@ -715,28 +715,34 @@ impl Daemon {
             self.scheduler_beat.store(now_ms(), Ordering::Relaxed);
             let now = chrono::Utc::now();
             let (due, next) = {
+                // Queued under the schedules' lock: a reload replaces the
+                // schedules and retags the waiting passes under it too, so
+                // passes of an occurrence of the old schedules are never
+                // queued after the retag with a tag their business left.
                 let mut schedules = self.lock_schedules();
-                let due: Vec<(ScheduleKey, i64, Vec<String>)> = schedules
+                let due: Vec<(ScheduleKey, usize, usize, Vec<String>)> = schedules
                     .take_due(now)
                     .into_iter()
                     .filter_map(|(key, at)| {
-                        let ids = schedules
+                        let ids: Vec<String> = schedules
                             .groups
                             .get(&key)?
                             .businesses
                             .iter()
                             .cloned()
                             .collect();
-                        Some((key, at.timestamp_millis(), ids))
+                        let (queued, skipped) = self.enqueue(
+                            &ids,
+                            key.kind,
+                            at.timestamp_millis(),
+                            Origin::Schedule(key.clone()),
+                        );
+                        Some((key, ids.len(), queued, skipped))
                     })
                     .collect();
                 (due, schedules.next_due())
             };
-            for (key, at_ms, ids) in due {
-                let kind = key.kind;
-                let n = ids.len();
-                let (queued, skipped) =
-                    self.enqueue(&ids, kind, at_ms, Origin::Schedule(key.clone()));
+            for (key, n, queued, skipped) in due {
                 let behind = n - queued - skipped.len();
                 if !skipped.is_empty() {
                     if skipped.len() <= 20 {
