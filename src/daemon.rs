@@ -810,7 +810,11 @@ impl Daemon {
             .map(|(t, _)| *t)
             .collect();
         for ticket in unwritten {
-            self.write_answer(ticket).await;
+            // The database still refuses writes: the others wait for the
+            // next sweep rather than each wait out the busy timeout here.
+            if !self.write_answer(ticket).await {
+                break;
+            }
         }
         // A page at a time, paging on past this daemon's own rows, so that
         // thousands of them never hide a foreign one.
@@ -975,10 +979,10 @@ impl Daemon {
     /// Writes the answer of a request whose passes all ended. Its ticket
     /// goes only once the row is written (or is no longer the one taken):
     /// when the write fails the request is kept, marked, and the sweep
-    /// writes it again.
-    async fn write_answer(&self, ticket: i64) {
+    /// writes it again. False when the write failed.
+    async fn write_answer(&self, ticket: i64) -> bool {
         let Some(st) = lock(&self.requests).get(&ticket).cloned() else {
-            return;
+            return true;
         };
         let (id, taken_at) = (st.row_id, st.taken_at.clone());
         let (outcome, summary) = st.render();
@@ -1000,12 +1004,14 @@ impl Daemon {
                     );
                 }
                 lock(&self.requests).remove(&ticket);
+                true
             }
             Err(e) => {
                 warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request; it is written again within 10 s");
                 if let Some(st) = lock(&self.requests).get_mut(&ticket) {
                     st.unwritten = true;
                 }
+                false
             }
         }
     }

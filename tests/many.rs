@@ -820,3 +820,76 @@ async fn sync_says_so_when_another_program_finished_its_request() {
     assert_eq!(code, Some(1), "{said}");
     assert!(said.contains("without an outcome"), "{said}");
 }
+
+/// More than a page (1,000) of the daemon's own requests open — their
+/// answers held back by a partner's trigger — and then a row inserted as
+/// already started: the sweep pages on past its own rows and refuses it,
+/// instead of reading the same first thousand every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_started_row_behind_a_thousand_own_ones_is_refused() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER);
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let _daemon = Running(env.spawn_daemon());
+    env.wait_for_initial_passes(3);
+    let sql = env.sql();
+    sql.execute_batch(
+        "CREATE TABLE partner_gate (shut INTEGER NOT NULL);
+         INSERT INTO partner_gate VALUES (1);
+         CREATE TABLE partner_log (id INTEGER);
+         CREATE TRIGGER partner_holds_own_rows BEFORE UPDATE OF finished_at ON sync_requests
+           WHEN NEW.id < 5000 AND NEW.finished_at IS NOT NULL
+                AND (SELECT shut FROM partner_gate)
+         BEGIN
+           INSERT INTO partner_log VALUES (NEW.id);
+           SELECT RAISE(FAIL, 'held by a partner');
+         END;",
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind)
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1001)
+         SELECT i, ?1, 'head' FROM n",
+        [&ids[0]],
+    )
+    .unwrap();
+    wait_until_blocking(
+        "every own request ended, its answer held back",
+        Duration::from_secs(60),
+        || count(&env.sql(), "SELECT count(DISTINCT id) FROM partner_log") == 1001,
+    );
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind, started_at)
+         VALUES (5000, ?1, 'head', '2026-01-01T00:00:00Z')",
+        [&ids[1]],
+    )
+    .unwrap();
+    wait_until_blocking("row 5000 is refused", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 5000 AND outcome = 'refused'",
+        ) == 1
+    });
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id < 5000 AND finished_at IS NOT NULL"
+        ),
+        0,
+        "an own request was finished while its answer was held back"
+    );
+    env.sql()
+        .execute("UPDATE partner_gate SET shut = 0", [])
+        .unwrap();
+    wait_until_blocking(
+        "the own requests are answered",
+        Duration::from_secs(30),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_requests WHERE id < 5000 AND outcome = 'ok'",
+            ) == 1001
+        },
+    );
+}
