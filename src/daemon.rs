@@ -30,6 +30,9 @@ const REQUESTS_EVERY: Duration = Duration::from_millis(500);
 const FOREIGN_STARTED_EVERY: u32 = 20;
 /// How many of the requests that seem taken the sweep reads at a time.
 const SWEEP_PAGE: usize = 1_000;
+/// How often a request's answer that still cannot be written is logged
+/// again (the sweep tries it every 10 s; the first failure is logged).
+const HELD_WARN_EVERY_MS: i64 = 10 * 60 * 1000;
 /// Why a request that seems taken, but not by this daemon, is refused.
 const FOREIGN_STARTED: &str = "started_at was set, but not by this daemon (the program that \
     inserted the request set it, or changed it after the daemon took the request): nothing would \
@@ -498,6 +501,25 @@ struct RequestState {
     /// The ticket is kept until the answer is written, else the sweep
     /// would take the row for one this daemon never took.
     unwritten: bool,
+    /// When the failure to write its answer was last logged (ms): the
+    /// first one is, then one every [`HELD_WARN_EVERY_MS`], not one per
+    /// sweep for an answer a partner's trigger refuses for ever.
+    warned_ms: Option<i64>,
+    /// Failed writes of its answer so far.
+    failed_writes: u64,
+}
+
+/// How writing a request's answer went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnswerWrite {
+    /// Written (or the row is no longer the one taken): the ticket is gone.
+    Done,
+    /// SQLite gave up waiting for another connection's lock: the others
+    /// would wait out the busy timeout too.
+    Busy,
+    /// Refused otherwise (a trigger, a read-only or full disk): this
+    /// answer only, the others may still be written.
+    Failed,
 }
 
 impl RequestState {
@@ -804,21 +826,25 @@ impl Daemon {
     /// whose passes ended keeps its ticket until its answer is written.
     async fn refuse_foreign_started(&self) {
         // First the answers whose write failed: written, their tickets go.
-        let unwritten: Vec<i64> = lock(&self.requests)
+        // In ticket order (the oldest request first).
+        let mut unwritten: Vec<i64> = lock(&self.requests)
             .iter()
             .filter(|(_, s)| s.unwritten)
             .map(|(t, _)| *t)
             .collect();
+        unwritten.sort_unstable();
         for ticket in unwritten {
-            // The database still refuses writes: the others wait for the
-            // next sweep rather than each wait out the busy timeout here.
-            if !self.write_answer(ticket).await {
+            // The database is still locked: the others wait for the next
+            // sweep rather than each wait out the busy timeout here. Any
+            // other failure is this answer's own (a partner's trigger may
+            // refuse that row for ever): the next ones are still tried.
+            if self.write_answer(ticket).await == AnswerWrite::Busy {
                 break;
             }
         }
         // A page at a time, paging on past this daemon's own rows, so that
         // thousands of them never hide a foreign one.
-        let mut after = i64::MIN;
+        let mut after = None;
         loop {
             let page = match self
                 .store
@@ -835,7 +861,7 @@ impl Daemon {
                 return;
             }
             let full = page.len() == SWEEP_PAGE;
-            after = page.last().map_or(after, |r| r.0);
+            after = page.last().map_or(after, |r| Some(r.0));
             let ours: std::collections::HashSet<(i64, String)> = lock(&self.requests)
                 .values()
                 .map(|s| (s.row_id, s.taken_at.clone()))
@@ -945,6 +971,8 @@ impl Daemon {
                 failed: 0,
                 accept_missing: r.accept_missing,
                 unwritten: false,
+                warned_ms: None,
+                failed_writes: 0,
             },
         );
         self.enqueue(&ids, kind, now_ms(), Origin::Request(ticket));
@@ -979,11 +1007,12 @@ impl Daemon {
     /// Writes the answer of a request whose passes all ended. Its ticket
     /// goes only once the row is written (or is no longer the one taken):
     /// when the write fails the request is kept, marked, and the sweep
-    /// writes it again. False when the write failed.
-    async fn write_answer(&self, ticket: i64) -> bool {
+    /// writes it again.
+    async fn write_answer(&self, ticket: i64) -> AnswerWrite {
         let Some(st) = lock(&self.requests).get(&ticket).cloned() else {
-            return true;
+            return AnswerWrite::Done;
         };
+        let failed_writes = st.failed_writes;
         let (id, taken_at) = (st.row_id, st.taken_at.clone());
         let (outcome, summary) = st.render();
         let now = crate::time::now();
@@ -1002,16 +1031,43 @@ impl Daemon {
                         "a sync request ended, but its row was deleted, finished or replaced \
                          meanwhile: its answer is not recorded"
                     );
+                } else if failed_writes > 0 {
+                    info!(
+                        request = id,
+                        failed_writes, "the answer of a sync request is written at last"
+                    );
                 }
                 lock(&self.requests).remove(&ticket);
-                true
+                AnswerWrite::Done
             }
             Err(e) => {
-                warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request; it is written again within 10 s");
-                if let Some(st) = lock(&self.requests).get_mut(&ticket) {
-                    st.unwritten = true;
+                let now = now_ms();
+                let log = {
+                    let mut states = lock(&self.requests);
+                    states.get_mut(&ticket).is_some_and(|st| {
+                        st.unwritten = true;
+                        st.failed_writes += 1;
+                        let due = st.warned_ms.is_none_or(|at| now - at >= HELD_WARN_EVERY_MS);
+                        if due {
+                            st.warned_ms = Some(now);
+                        }
+                        due
+                    })
+                };
+                if log {
+                    warn!(
+                        request = id,
+                        failed_writes = failed_writes + 1,
+                        error = %format!("{e:#}"),
+                        "cannot record the end of a sync request; it is tried again every 10 s \
+                         (logged again every 10 minutes while it fails), its asker waits"
+                    );
                 }
-                false
+                if crate::store::is_busy_error(&e) {
+                    AnswerWrite::Busy
+                } else {
+                    AnswerWrite::Failed
+                }
             }
         }
     }
@@ -1312,6 +1368,17 @@ impl Daemon {
         let line = match line {
             Ok((leads, last, reauth, counts, replies)) => {
                 let now = chrono::Utc::now();
+                // Requests that ended but whose answer cannot be written:
+                // their askers (`leadsync sync`) wait.
+                let held = match lock(&self.requests)
+                    .values()
+                    .filter(|s| s.unwritten)
+                    .count()
+                {
+                    0 => String::new(),
+                    1 => "; 1 sync request answer not written (see the log)".into(),
+                    n => format!("; {n} sync request answers not written (see the log)"),
+                };
                 let last = last
                     .and_then(|t| crate::time::parse(&t))
                     .map(|t| format!("last sync {} ago", crate::time::age(t, now)))
@@ -1332,7 +1399,7 @@ impl Daemon {
                     )
                 };
                 format!(
-                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{replies}{reauth}",
+                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{replies}{reauth}{held}",
                     counts.pending + counts.sending,
                     counts.dead
                 )

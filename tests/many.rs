@@ -893,3 +893,98 @@ async fn a_foreign_started_row_behind_a_thousand_own_ones_is_refused() {
         },
     );
 }
+
+/// Held-back answers: rows 1 to 8 a partner's trigger refuses for ever,
+/// row 9 only until the partner lifts its hold. The sweep skips past the
+/// refused ones (the database accepts writes: only a busy one stops it)
+/// and writes row 9's answer, whatever order it tries them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_refused_for_ever_does_not_hold_back_the_others() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER);
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let socket_path = socket_path.display().to_string();
+    let _daemon = Running(env.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket_path)]));
+    // The first STATUS= line that holds `until`, within a minute.
+    let status_until = |what: &str, until: &dyn Fn(&str) -> bool| -> String {
+        let mut buf = [0u8; 4096];
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(s) = m.lines().find_map(|l| l.strip_prefix("STATUS="))
+                    && until(s)
+                {
+                    return s.to_string();
+                }
+            }
+        }
+        panic!("no STATUS= line {what} within a minute");
+    };
+    env.wait_for_initial_passes(3);
+    let sql = env.sql();
+    sql.execute_batch(
+        "CREATE TABLE partner_gate (shut INTEGER NOT NULL);
+         INSERT INTO partner_gate VALUES (1);
+         CREATE TABLE partner_log (id INTEGER);
+         CREATE TRIGGER partner_refuses BEFORE UPDATE OF finished_at ON sync_requests
+           WHEN NEW.finished_at IS NOT NULL
+                AND (NEW.id < 9 OR (SELECT shut FROM partner_gate))
+         BEGIN
+           INSERT INTO partner_log VALUES (NEW.id);
+           SELECT RAISE(FAIL, 'refused by a partner');
+         END;",
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind)
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 9)
+         SELECT i, ?1, 'head' FROM n",
+        [&ids[0]],
+    )
+    .unwrap();
+    wait_until_blocking(
+        "every request ended, its answer held back",
+        Duration::from_secs(60),
+        || count(&env.sql(), "SELECT count(DISTINCT id) FROM partner_log") == 9,
+    );
+    status_until("counting the held answers", &|s| {
+        s.ends_with("; 9 sync request answers not written (see the log)")
+    });
+    sql.execute("UPDATE partner_gate SET shut = 0", []).unwrap();
+    wait_until_blocking(
+        "row 9 is answered by the sweep",
+        Duration::from_secs(30),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_requests WHERE id = 9 AND outcome = 'ok'",
+            ) == 1
+        },
+    );
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id < 9 AND finished_at IS NOT NULL"
+        ),
+        0
+    );
+    status_until("counting what is still held", &|s| {
+        s.ends_with("; 8 sync request answers not written (see the log)")
+    });
+    // Tried every 10 s, each failure is logged once, not at every sweep.
+    let log = env.daemon_log();
+    assert_eq!(
+        log.matches("cannot record the end of a sync request")
+            .count(),
+        9,
+        "{log}"
+    );
+    assert_eq!(log.matches("written at last").count(), 1, "{log}");
+}

@@ -194,20 +194,32 @@ pub fn finish_taken(
 /// rows are kept for days, hundreds of thousands of them).
 const STARTED_OPEN: &str = "SELECT id, started_at FROM sync_requests
   WHERE started_at IS NOT NULL AND finished_at IS NULL AND id > ?1 ORDER BY id LIMIT ?2";
+/// The first page: from the lowest id there is, `i64::MIN` included (a
+/// program may give any id), which no `id > ?` bound can take in.
+const STARTED_OPEN_FIRST: &str = "SELECT id, started_at FROM sync_requests
+  WHERE started_at IS NOT NULL AND finished_at IS NULL ORDER BY id LIMIT ?1";
 
 /// Requests taken (`started_at` set) and not finished: the daemon's own,
 /// and any a program inserted with `started_at` already set, or changed
-/// since the daemon took them. At most `limit` with an id above `after`,
-/// oldest first (the caller pages on with the last id it got).
+/// since the daemon took them. At most `limit` with an id above `after`
+/// (from the first when `None`), oldest first (the caller pages on with
+/// the last id it got).
 pub fn started_open(
     conn: &Connection,
-    after: i64,
+    after: Option<i64>,
     limit: usize,
 ) -> Result<Vec<(i64, rusqlite::types::Value)>> {
-    let mut stmt = conn.prepare_cached(STARTED_OPEN)?;
-    let rows = stmt
-        .query_map(params![after, limit as i64], |r| Ok((r.get(0)?, r.get(1)?)))?
-        .collect::<rusqlite::Result<_>>()?;
+    let row = |r: &rusqlite::Row| Ok((r.get(0)?, r.get(1)?));
+    let rows = match after {
+        Some(after) => conn
+            .prepare_cached(STARTED_OPEN)?
+            .query_map(params![after, limit as i64], row)?
+            .collect::<rusqlite::Result<_>>()?,
+        None => conn
+            .prepare_cached(STARTED_OPEN_FIRST)?
+            .query_map(params![limit as i64], row)?
+            .collect::<rusqlite::Result<_>>()?,
+    };
     Ok(rows)
 }
 
@@ -315,6 +327,25 @@ mod tests {
         let mut c = Connection::open_in_memory().unwrap();
         crate::store::migrate(&mut c).unwrap();
         c
+    }
+
+    /// The sweep's first page starts at the lowest id there can be: a row
+    /// with id -9223372036854775808 (a program may give any id) is read too.
+    #[test]
+    fn the_first_page_of_started_rows_includes_the_lowest_id() {
+        let c = conn();
+        for id in [i64::MIN, i64::MIN + 1, 7] {
+            c.execute(
+                "INSERT INTO sync_requests (id, kind, started_at) VALUES (?1, 'head', 't')",
+                [id],
+            )
+            .unwrap();
+        }
+        let first = started_open(&c, None, 2).unwrap();
+        let ids: Vec<i64> = first.iter().map(|r| r.0).collect();
+        assert_eq!(ids, [i64::MIN, i64::MIN + 1]);
+        let next = started_open(&c, Some(ids[1]), 2).unwrap();
+        assert_eq!(next.iter().map(|r| r.0).collect::<Vec<_>>(), [7]);
     }
 
     #[test]
@@ -475,9 +506,9 @@ mod tests {
             )
             .unwrap();
         }
-        let first = started_open(&c, i64::MIN, 2).unwrap();
+        let first = started_open(&c, None, 2).unwrap();
         assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), [-5, 1]);
-        let next = started_open(&c, 1, 2).unwrap();
+        let next = started_open(&c, Some(1), 2).unwrap();
         assert_eq!(next.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
         c.execute(
             "UPDATE sync_requests SET requested_at = '2030-01-01T00:00:00Z' WHERE id = 2",
