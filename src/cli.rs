@@ -951,9 +951,26 @@ async fn sync_through_daemon(
                     "the running daemon refused the request: {}",
                     r.error.as_deref().unwrap_or("no reason recorded")
                 ),
+                // `finished_at` written by another program (its way to
+                // cancel the request), not by the daemon.
+                None => bail!(
+                    "sync_requests row {id} was marked finished without an outcome{}: not by the \
+                     daemon (another program ended it), so whether its passes ran is unknown",
+                    r.error
+                        .as_deref()
+                        .map(|e| format!(" ({})", printable(e)))
+                        .unwrap_or_default()
+                ),
                 _ => {
-                    if let Some(e) = r.error.as_deref().filter(|e| e.starts_with("interrupted")) {
-                        eprintln!("leadsync: {e}");
+                    // The lines say which passes failed; an error with no
+                    // lines (written by another program) is all there is.
+                    let no_lines = r.summary.as_deref().is_none_or(str::is_empty);
+                    if let Some(e) = r
+                        .error
+                        .as_deref()
+                        .filter(|e| e.starts_with("interrupted") || no_lines)
+                    {
+                        eprintln!("leadsync: {}", printable(e));
                     }
                     Ok(Some(1))
                 }

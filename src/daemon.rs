@@ -25,6 +25,18 @@ use tracing::{error, info, warn};
 const STATUS_EVERY: Duration = Duration::from_secs(10);
 /// How often `sync_requests` is looked at ("within about a second").
 const REQUESTS_EVERY: Duration = Duration::from_millis(500);
+/// Every how many looks the requests that seem taken are checked against
+/// the ones this daemon took (a scan of the unfinished taken rows).
+const FOREIGN_STARTED_EVERY: u32 = 20;
+/// How many of the requests that seem taken the sweep reads at a time.
+const SWEEP_PAGE: usize = 1_000;
+/// How often a request's answer that still cannot be written is logged
+/// again (the sweep tries it every 10 s; the first failure is logged).
+const HELD_WARN_EVERY_MS: i64 = 10 * 60 * 1000;
+/// Why a request that seems taken, but not by this daemon, is refused.
+const FOREIGN_STARTED: &str = "started_at was set, but not by this daemon (the program that \
+    inserted the request set it, or changed it after the daemon took the request): nothing would \
+    ever finish it. Insert requests with started_at and finished_at left out";
 
 /// The logs (`sync_runs`, `webhook_events`, attempts, finished
 /// `sync_requests`) are pruned this long after the start, then every
@@ -165,6 +177,7 @@ pub async fn run_with(
         schedules: Mutex::new(schedules),
         schedules_changed: Notify::new(),
         requests: Mutex::new(HashMap::new()),
+        last_ticket: AtomicI64::new(0),
         lag_written: Mutex::new(None),
         last_status_ms: AtomicI64::new(0),
         scheduler_beat: Arc::new(AtomicI64::new(now_ms())),
@@ -467,15 +480,46 @@ struct Reloaded {
     rows_written: usize,
 }
 
-/// A `sync_requests` row being worked on.
-#[derive(Default)]
+/// A `sync_requests` row being worked on. The daemon knows it by a ticket
+/// of its own, not by the row's id: a row deleted while it runs and another
+/// inserted with the same id are two requests, each answered by its own
+/// passes.
+#[derive(Clone)]
 struct RequestState {
+    row_id: i64,
+    /// The `started_at` the daemon wrote when it took the row (to the
+    /// millisecond): what tells it from a later row with the same id.
+    taken_at: String,
     remaining: usize,
     /// (business id, the line `leadsync sync` prints for it).
     lines: Vec<(String, String)>,
     failed: usize,
     /// `sync --full --accept-missing`.
     accept_missing: bool,
+    /// Its passes all ended, but writing its answer failed (a partner held
+    /// the write lock past the busy timeout): the sweep writes it again.
+    /// The ticket is kept until the answer is written, else the sweep
+    /// would take the row for one this daemon never took.
+    unwritten: bool,
+    /// When the failure to write its answer was last logged (ms): the
+    /// first one is, then one every [`HELD_WARN_EVERY_MS`], not one per
+    /// sweep for an answer a partner's trigger refuses for ever.
+    warned_ms: Option<i64>,
+    /// Failed writes of its answer so far.
+    failed_writes: u64,
+}
+
+/// How writing a request's answer went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AnswerWrite {
+    /// Written (or the row is no longer the one taken): the ticket is gone.
+    Done,
+    /// SQLite gave up waiting for another connection's lock: the others
+    /// would wait out the busy timeout too.
+    Busy,
+    /// Refused otherwise (a trigger, a read-only or full disk): this
+    /// answer only, the others may still be written.
+    Failed,
 }
 
 impl RequestState {
@@ -507,8 +551,11 @@ struct Daemon {
     /// One timer per distinct schedule, not per business.
     schedules: Mutex<Schedules>,
     schedules_changed: Notify,
-    /// `sync_requests` rows taken and not yet answered.
+    /// `sync_requests` rows taken and not yet answered, by ticket (the
+    /// `Origin::Request` of their passes).
     requests: Mutex<HashMap<i64, RequestState>>,
+    /// The last ticket given to a taken request.
+    last_ticket: AtomicI64,
     /// The backlog last written to `schedule_lag`, and when.
     lag_written: Mutex<Option<(Vec<requests::ScheduleLag>, i64)>>,
     last_status_ms: AtomicI64,
@@ -690,28 +737,34 @@ impl Daemon {
             self.scheduler_beat.store(now_ms(), Ordering::Relaxed);
             let now = chrono::Utc::now();
             let (due, next) = {
+                // Queued under the schedules' lock: a reload replaces the
+                // schedules and retags the waiting passes under it too, so
+                // passes of an occurrence of the old schedules are never
+                // queued after the retag with a tag their business left.
                 let mut schedules = self.lock_schedules();
-                let due: Vec<(ScheduleKey, i64, Vec<String>)> = schedules
+                let due: Vec<(ScheduleKey, usize, usize, Vec<String>)> = schedules
                     .take_due(now)
                     .into_iter()
                     .filter_map(|(key, at)| {
-                        let ids = schedules
+                        let ids: Vec<String> = schedules
                             .groups
                             .get(&key)?
                             .businesses
                             .iter()
                             .cloned()
                             .collect();
-                        Some((key, at.timestamp_millis(), ids))
+                        let (queued, skipped) = self.enqueue(
+                            &ids,
+                            key.kind,
+                            at.timestamp_millis(),
+                            Origin::Schedule(key.clone()),
+                        );
+                        Some((key, ids.len(), queued, skipped))
                     })
                     .collect();
                 (due, schedules.next_due())
             };
-            for (key, at_ms, ids) in due {
-                let kind = key.kind;
-                let n = ids.len();
-                let (queued, skipped) =
-                    self.enqueue(&ids, kind, at_ms, Origin::Schedule(key.clone()));
+            for (key, n, queued, skipped) in due {
                 let behind = n - queued - skipped.len();
                 if !skipped.is_empty() {
                     if skipped.len() <= 20 {
@@ -742,11 +795,16 @@ impl Daemon {
     async fn take_requests(self: Arc<Self>) {
         let mut every = tokio::time::interval(REQUESTS_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut looks = 0u32;
         loop {
             tokio::select! {
                 _ = every.tick() => {}
                 _ = self.stop.cancelled() => return,
             }
+            if looks.is_multiple_of(FOREIGN_STARTED_EVERY) {
+                self.refuse_foreign_started().await;
+            }
+            looks = looks.wrapping_add(1);
             let new = match self.store.call(|c| requests::new_requests(c)).await {
                 Ok(new) => new,
                 Err(e) => {
@@ -756,6 +814,85 @@ impl Daemon {
             };
             for r in new {
                 self.accept(r).await;
+            }
+        }
+    }
+
+    /// Refuses the requests that seem taken (`started_at` set, not finished)
+    /// but that this daemon did not take: before, such a row stayed open
+    /// until the next start, and whoever waited on it waited that long.
+    /// Runs on the taker's task, so a request being taken (its row marked,
+    /// then its ticket recorded) is never caught between the two; a request
+    /// whose passes ended keeps its ticket until its answer is written.
+    async fn refuse_foreign_started(&self) {
+        // First the answers whose write failed: written, their tickets go.
+        // In ticket order (the oldest request first).
+        let mut unwritten: Vec<i64> = lock(&self.requests)
+            .iter()
+            .filter(|(_, s)| s.unwritten)
+            .map(|(t, _)| *t)
+            .collect();
+        unwritten.sort_unstable();
+        for ticket in unwritten {
+            // The database is still locked: the others wait for the next
+            // sweep rather than each wait out the busy timeout here. Any
+            // other failure is this answer's own (a partner's trigger may
+            // refuse that row for ever): the next ones are still tried.
+            if self.write_answer(ticket).await == AnswerWrite::Busy {
+                break;
+            }
+        }
+        // A page at a time, paging on past this daemon's own rows, so that
+        // thousands of them never hide a foreign one.
+        let mut after = None;
+        loop {
+            let page = match self
+                .store
+                .call(move |c| requests::started_open(c, after, SWEEP_PAGE))
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    warn!(error = %format!("{e:#}"), "cannot read sync_requests");
+                    return;
+                }
+            };
+            if page.is_empty() || self.stop.is_cancelled() {
+                return;
+            }
+            let full = page.len() == SWEEP_PAGE;
+            after = page.last().map_or(after, |r| Some(r.0));
+            let ours: std::collections::HashSet<(i64, String)> = lock(&self.requests)
+                .values()
+                .map(|s| (s.row_id, s.taken_at.clone()))
+                .collect();
+            for (id, started_at) in page {
+                let mine = matches!(&started_at, rusqlite::types::Value::Text(t)
+                    if ours.contains(&(id, t.clone())));
+                if mine {
+                    continue;
+                }
+                let now = crate::time::now();
+                match self
+                    .store
+                    .call(move |c| {
+                        requests::refuse_started(c, id, &started_at, FOREIGN_STARTED, &now)
+                    })
+                    .await
+                {
+                    Ok(true) => warn!(
+                        request = id,
+                        error = FOREIGN_STARTED,
+                        "sync request refused"
+                    ),
+                    Ok(false) => {}
+                    Err(e) => {
+                        warn!(request = id, error = %format!("{e:#}"), "cannot record a refused sync request")
+                    }
+                }
+            }
+            if !full {
+                return;
             }
         }
     }
@@ -804,6 +941,7 @@ impl Daemon {
             }
             Ok(ids) => ids,
         };
+        let taken_at = now.clone();
         match self
             .store
             .call(move |c| requests::mark_started(c, id, &now))
@@ -822,50 +960,114 @@ impl Daemon {
             businesses = ids.len(),
             "sync request taken"
         );
+        let ticket = self.last_ticket.fetch_add(1, Ordering::Relaxed) + 1;
         lock(&self.requests).insert(
-            id,
+            ticket,
             RequestState {
+                row_id: id,
+                taken_at,
                 remaining: ids.len(),
+                lines: Vec::new(),
+                failed: 0,
                 accept_missing: r.accept_missing,
-                ..Default::default()
+                unwritten: false,
+                warned_ms: None,
+                failed_writes: 0,
             },
         );
-        self.enqueue(&ids, kind, now_ms(), Origin::Request(id));
+        self.enqueue(&ids, kind, now_ms(), Origin::Request(ticket));
     }
 
-    /// Records a pass's line in the requests it answers; a request whose
-    /// passes have all ended is finished.
-    async fn answer(&self, request_ids: &[i64], business_id: &str, line: String, ok: bool) {
-        if request_ids.is_empty() {
+    /// Records a pass's line in the requests (tickets) it answers; a
+    /// request whose passes have all ended is finished.
+    async fn answer(&self, tickets: &[i64], business_id: &str, line: String, ok: bool) {
+        if tickets.is_empty() {
             return;
         }
         let mut done = Vec::new();
         {
             let mut states = lock(&self.requests);
-            for id in request_ids {
+            for id in tickets {
                 let Some(st) = states.get_mut(id) else {
                     continue;
                 };
                 st.lines.push((business_id.to_string(), line.clone()));
                 st.failed += usize::from(!ok);
                 st.remaining = st.remaining.saturating_sub(1);
-                if st.remaining == 0
-                    && let Some(st) = states.remove(id)
-                {
-                    done.push((*id, st));
+                if st.remaining == 0 {
+                    done.push(*id);
                 }
             }
         }
-        for (id, st) in done {
-            let (outcome, summary) = st.render();
-            let now = crate::time::now();
-            let err = (outcome == "error").then(|| "some passes failed".to_string());
-            if let Err(e) = self
-                .store
-                .call(move |c| requests::finish(c, id, outcome, err.as_deref(), &summary, &now))
-                .await
-            {
-                warn!(request = id, error = %format!("{e:#}"), "cannot record the end of a sync request");
+        for ticket in done {
+            self.write_answer(ticket).await;
+        }
+    }
+
+    /// Writes the answer of a request whose passes all ended. Its ticket
+    /// goes only once the row is written (or is no longer the one taken):
+    /// when the write fails the request is kept, marked, and the sweep
+    /// writes it again.
+    async fn write_answer(&self, ticket: i64) -> AnswerWrite {
+        let Some(st) = lock(&self.requests).get(&ticket).cloned() else {
+            return AnswerWrite::Done;
+        };
+        let failed_writes = st.failed_writes;
+        let (id, taken_at) = (st.row_id, st.taken_at.clone());
+        let (outcome, summary) = st.render();
+        let now = crate::time::now();
+        let err = (outcome == "error").then(|| "some passes failed".to_string());
+        match self
+            .store
+            .call(move |c| {
+                requests::finish_taken(c, id, &taken_at, outcome, err.as_deref(), &summary, &now)
+            })
+            .await
+        {
+            Ok(written) => {
+                if !written {
+                    info!(
+                        request = id,
+                        "a sync request ended, but its row was deleted, finished or replaced \
+                         meanwhile: its answer is not recorded"
+                    );
+                } else if failed_writes > 0 {
+                    info!(
+                        request = id,
+                        failed_writes, "the answer of a sync request is written at last"
+                    );
+                }
+                lock(&self.requests).remove(&ticket);
+                AnswerWrite::Done
+            }
+            Err(e) => {
+                let now = now_ms();
+                let log = {
+                    let mut states = lock(&self.requests);
+                    states.get_mut(&ticket).is_some_and(|st| {
+                        st.unwritten = true;
+                        st.failed_writes += 1;
+                        let due = st.warned_ms.is_none_or(|at| now - at >= HELD_WARN_EVERY_MS);
+                        if due {
+                            st.warned_ms = Some(now);
+                        }
+                        due
+                    })
+                };
+                if log {
+                    warn!(
+                        request = id,
+                        failed_writes = failed_writes + 1,
+                        error = %format!("{e:#}"),
+                        "cannot record the end of a sync request; it is tried again every 10 s \
+                         (logged again every 10 minutes while it fails), its asker waits"
+                    );
+                }
+                if crate::store::is_busy_error(&e) {
+                    AnswerWrite::Busy
+                } else {
+                    AnswerWrite::Failed
+                }
             }
         }
     }
@@ -874,20 +1076,28 @@ impl Daemon {
     /// of the passes that did run.
     async fn close_requests(&self) {
         let open: Vec<(i64, RequestState)> = lock(&self.requests).drain().collect();
-        for (id, st) in open {
-            let (_, summary) = st.render();
+        for (_, st) in open {
+            let (id, taken_at) = (st.row_id, st.taken_at.clone());
+            // One whose passes all ended but whose answer is not written yet
+            // gets that answer.
+            let ended = st.remaining == 0;
+            let (outcome, summary) = st.render();
+            let (outcome, err) = if ended {
+                (
+                    outcome,
+                    (outcome == "error").then_some("some passes failed"),
+                )
+            } else {
+                (
+                    "error",
+                    Some("interrupted: leadsync stopped before every pass of this request ran"),
+                )
+            };
             let now = crate::time::now();
             let _ = self
                 .store
                 .call(move |c| {
-                    requests::finish(
-                        c,
-                        id,
-                        "error",
-                        Some("interrupted: leadsync stopped before every pass of this request ran"),
-                        &summary,
-                        &now,
-                    )
+                    requests::finish_taken(c, id, &taken_at, outcome, err, &summary, &now)
                 })
                 .await;
         }
@@ -1027,6 +1237,9 @@ impl Daemon {
                     g.next = current.next;
                 }
             }
+            // Passes queued under a schedule their business left count
+            // in the lag of the one it is in now.
+            self.lock_queue().retag(&schedules);
             *live = schedules;
         }
         self.schedules_changed.notify_one();
@@ -1155,6 +1368,17 @@ impl Daemon {
         let line = match line {
             Ok((leads, last, reauth, counts, replies)) => {
                 let now = chrono::Utc::now();
+                // Requests that ended but whose answer cannot be written:
+                // their askers (`leadsync sync`) wait.
+                let held = match lock(&self.requests)
+                    .values()
+                    .filter(|s| s.unwritten)
+                    .count()
+                {
+                    0 => String::new(),
+                    1 => "; 1 sync request answer not written (see the log)".into(),
+                    n => format!("; {n} sync request answers not written (see the log)"),
+                };
                 let last = last
                     .and_then(|t| crate::time::parse(&t))
                     .map(|t| format!("last sync {} ago", crate::time::age(t, now)))
@@ -1175,7 +1399,7 @@ impl Daemon {
                     )
                 };
                 format!(
-                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{replies}{reauth}",
+                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{replies}{reauth}{held}",
                     counts.pending + counts.sending,
                     counts.dead
                 )

@@ -621,3 +621,370 @@ async fn sync_meeting_another_command_holding_the_lock_says_so_at_once() {
         "the request is withdrawn"
     );
 }
+
+/// A program deletes a request the daemon is running (to "cancel" it) and
+/// a new request gets the same id (explicitly, or SQLite's rowid reuse
+/// after the highest row is deleted). The new request is answered by its
+/// own pass, never by the deleted one's: the daemon used to key its open
+/// requests by row id, so the first pass to end answered the new row with
+/// another business's line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_id_reused_while_its_pass_runs_gets_its_own_answer() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER) + "sync_concurrency = 1\n";
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    let _daemon = Running(env.spawn_daemon());
+    env.wait_for_initial_passes(3);
+    // A's full scan takes seconds: a slow page each time.
+    env.sandbox.set_faults(Faults {
+        latency_ms: 1500,
+        ..Faults::default()
+    });
+    env.sql()
+        .execute(
+            "INSERT INTO sync_requests (id, business_id, kind) VALUES (50, ?1, 'full')",
+            [&a],
+        )
+        .unwrap();
+    wait_until_blocking("A's requested pass runs", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 50 AND started_at IS NOT NULL",
+        ) == 1
+            && count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE kind = 'full' AND finished_at IS NULL",
+            ) == 1
+    });
+    let sql = env.sql();
+    sql.execute("DELETE FROM sync_requests WHERE id = 50", [])
+        .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind) VALUES (50, ?1, 'head')",
+        [&b],
+    )
+    .unwrap();
+    env.sandbox.set_faults(Faults::default());
+    wait_until_blocking("the new request 50 ends", Duration::from_secs(60), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 50 AND finished_at IS NOT NULL",
+        ) == 1
+    });
+    let (outcome, summary): (Option<String>, Option<String>) = env
+        .sql()
+        .query_row(
+            "SELECT outcome, summary FROM sync_requests WHERE id = 50",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let summary = summary.unwrap_or_default();
+    assert!(
+        summary.starts_with(&format!("{b}: ok — head scan")),
+        "request 50 (business {b}) was answered with: {summary:?}"
+    );
+    assert_eq!(outcome.as_deref(), Some("ok"));
+    // B's pass really ran after the request.
+    assert_eq!(
+        count(
+            &env.sql(),
+            &format!(
+                "SELECT count(*) FROM sync_runs WHERE business_id = '{b}' AND kind = 'head'
+                   AND started_at >= (SELECT requested_at FROM sync_requests WHERE id = 50)"
+            )
+        ),
+        1
+    );
+}
+
+/// A program inserts a request with `started_at` already set (or changes
+/// it after the daemon took the request): no daemon would ever take or
+/// finish it, and whoever waited on it used to wait until the next restart.
+/// The daemon refuses it with a reason, and its own running requests are
+/// untouched — also one whose passes ended but whose answer could not be
+/// written (a partner holding the write lock past the busy timeout; here a
+/// partner's trigger fails it): the daemon used to drop it anyway, and the
+/// sweep then refused it as "not taken by this daemon" though its passes
+/// ran well. It is written again once the database lets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_inserted_as_already_started_is_refused_not_left_open() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER) + "sync_concurrency = 1\n";
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let _daemon = Running(env.spawn_daemon());
+    env.wait_for_initial_passes(3);
+    env.sandbox.set_faults(Faults {
+        latency_ms: 1000,
+        ..Faults::default()
+    });
+    let sql = env.sql();
+    // Row 1 cannot be finished while the gate is shut: each try is logged.
+    sql.execute_batch(
+        "CREATE TABLE partner_gate (shut INTEGER NOT NULL);
+         INSERT INTO partner_gate VALUES (1);
+         CREATE TABLE partner_log (at TEXT);
+         CREATE TRIGGER partner_holds_row_1 BEFORE UPDATE OF finished_at ON sync_requests
+           WHEN NEW.id = 1 AND NEW.finished_at IS NOT NULL
+                AND (SELECT shut FROM partner_gate)
+         BEGIN
+           INSERT INTO partner_log VALUES (strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
+           SELECT RAISE(FAIL, 'row 1 is held by a partner');
+         END;",
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind) VALUES (1, ?1, 'full')",
+        [&ids[0]],
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind, started_at)
+         VALUES (2, ?1, 'head', '2026-01-01T00:00:00Z')",
+        [&ids[1]],
+    )
+    .unwrap();
+    let mut row_1_open_then = None;
+    wait_until_blocking("row 2 is refused", Duration::from_secs(30), || {
+        // One read: row 2's state and row 1's at the same moment.
+        let (refused, open): (i64, i64) = env
+            .sql()
+            .query_row(
+                "SELECT (SELECT count(*) FROM sync_requests WHERE id = 2 AND outcome = 'refused'
+                           AND finished_at IS NOT NULL AND error LIKE '%started_at%'),
+                        (SELECT count(*) FROM sync_requests WHERE id = 1 AND started_at IS NOT NULL
+                           AND finished_at IS NULL)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        row_1_open_then = Some(open);
+        refused == 1
+    });
+    assert_eq!(
+        row_1_open_then,
+        Some(1),
+        "row 1 was not open when row 2 was refused"
+    );
+    env.sandbox.set_faults(Faults::default());
+    wait_until_blocking(
+        "row 1's answer fails to be written",
+        Duration::from_secs(60),
+        || count(&env.sql(), "SELECT count(*) FROM partner_log") >= 1,
+    );
+    env.sql()
+        .execute("UPDATE partner_gate SET shut = 0", [])
+        .unwrap();
+    wait_until_blocking("row 1 ends", Duration::from_secs(60), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 1 AND finished_at IS NOT NULL",
+        ) == 1
+    });
+    let (outcome, summary): (Option<String>, Option<String>) = env
+        .sql()
+        .query_row(
+            "SELECT outcome, summary FROM sync_requests WHERE id = 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(outcome.as_deref(), Some("ok"), "{summary:?}");
+    assert!(
+        summary
+            .unwrap_or_default()
+            .starts_with(&format!("{}: ok — full scan", ids[0]))
+    );
+}
+
+/// Another program marks the request finished without an outcome (its own
+/// way to cancel it): `sync` exits 1 and says so, instead of exiting 1
+/// with nothing printed at all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_says_so_when_another_program_finished_its_request() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let (code, said) = sync_beside_a_silent_daemon(&env, &[], Duration::from_secs(20), || {
+        env.sql()
+            .execute(
+                "UPDATE sync_requests SET finished_at = '2026-01-01T00:00:00Z'",
+                [],
+            )
+            .unwrap();
+    });
+    drop(held);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("without an outcome"), "{said}");
+}
+
+/// More than a page (1,000) of the daemon's own requests open — their
+/// answers held back by a partner's trigger — and then a row inserted as
+/// already started: the sweep pages on past its own rows and refuses it,
+/// instead of reading the same first thousand every time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_foreign_started_row_behind_a_thousand_own_ones_is_refused() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER);
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let _daemon = Running(env.spawn_daemon());
+    env.wait_for_initial_passes(3);
+    let sql = env.sql();
+    sql.execute_batch(
+        "CREATE TABLE partner_gate (shut INTEGER NOT NULL);
+         INSERT INTO partner_gate VALUES (1);
+         CREATE TABLE partner_log (id INTEGER);
+         CREATE TRIGGER partner_holds_own_rows BEFORE UPDATE OF finished_at ON sync_requests
+           WHEN NEW.id < 5000 AND NEW.finished_at IS NOT NULL
+                AND (SELECT shut FROM partner_gate)
+         BEGIN
+           INSERT INTO partner_log VALUES (NEW.id);
+           SELECT RAISE(FAIL, 'held by a partner');
+         END;",
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind)
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1001)
+         SELECT i, ?1, 'head' FROM n",
+        [&ids[0]],
+    )
+    .unwrap();
+    wait_until_blocking(
+        "every own request ended, its answer held back",
+        Duration::from_secs(60),
+        || count(&env.sql(), "SELECT count(DISTINCT id) FROM partner_log") == 1001,
+    );
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind, started_at)
+         VALUES (5000, ?1, 'head', '2026-01-01T00:00:00Z')",
+        [&ids[1]],
+    )
+    .unwrap();
+    wait_until_blocking("row 5000 is refused", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id = 5000 AND outcome = 'refused'",
+        ) == 1
+    });
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id < 5000 AND finished_at IS NOT NULL"
+        ),
+        0,
+        "an own request was finished while its answer was held back"
+    );
+    env.sql()
+        .execute("UPDATE partner_gate SET shut = 0", [])
+        .unwrap();
+    wait_until_blocking(
+        "the own requests are answered",
+        Duration::from_secs(30),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_requests WHERE id < 5000 AND outcome = 'ok'",
+            ) == 1001
+        },
+    );
+}
+
+/// Held-back answers: rows 1 to 8 a partner's trigger refuses for ever,
+/// row 9 only until the partner lifts its hold. The sweep skips past the
+/// refused ones (the database accepts writes: only a busy one stops it)
+/// and writes row 9's answer, whatever order it tries them in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_refused_for_ever_does_not_hold_back_the_others() {
+    let overrides = FAST.replace("[poll]\npage_size = 10\n", NEVER);
+    let env = Env::new(SandboxOptions::default(), false, &overrides).await;
+    let mut ids = env.business_ids();
+    ids.sort();
+    let socket_path = env.dir.path().join("notify.sock");
+    let socket = std::os::unix::net::UnixDatagram::bind(&socket_path).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .unwrap();
+    let socket_path = socket_path.display().to_string();
+    let _daemon = Running(env.spawn_daemon_with(&[("NOTIFY_SOCKET", &socket_path)]));
+    // The first STATUS= line that holds `until`, within a minute.
+    let status_until = |what: &str, until: &dyn Fn(&str) -> bool| -> String {
+        let mut buf = [0u8; 4096];
+        let start = std::time::Instant::now();
+        while start.elapsed() < Duration::from_secs(60) {
+            if let Ok(n) = socket.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).to_string();
+                if let Some(s) = m.lines().find_map(|l| l.strip_prefix("STATUS="))
+                    && until(s)
+                {
+                    return s.to_string();
+                }
+            }
+        }
+        panic!("no STATUS= line {what} within a minute");
+    };
+    env.wait_for_initial_passes(3);
+    let sql = env.sql();
+    sql.execute_batch(
+        "CREATE TABLE partner_gate (shut INTEGER NOT NULL);
+         INSERT INTO partner_gate VALUES (1);
+         CREATE TABLE partner_log (id INTEGER);
+         CREATE TRIGGER partner_refuses BEFORE UPDATE OF finished_at ON sync_requests
+           WHEN NEW.finished_at IS NOT NULL
+                AND (NEW.id < 9 OR (SELECT shut FROM partner_gate))
+         BEGIN
+           INSERT INTO partner_log VALUES (NEW.id);
+           SELECT RAISE(FAIL, 'refused by a partner');
+         END;",
+    )
+    .unwrap();
+    sql.execute(
+        "INSERT INTO sync_requests (id, business_id, kind)
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 9)
+         SELECT i, ?1, 'head' FROM n",
+        [&ids[0]],
+    )
+    .unwrap();
+    wait_until_blocking(
+        "every request ended, its answer held back",
+        Duration::from_secs(60),
+        || count(&env.sql(), "SELECT count(DISTINCT id) FROM partner_log") == 9,
+    );
+    status_until("counting the held answers", &|s| {
+        s.ends_with("; 9 sync request answers not written (see the log)")
+    });
+    sql.execute("UPDATE partner_gate SET shut = 0", []).unwrap();
+    wait_until_blocking(
+        "row 9 is answered by the sweep",
+        Duration::from_secs(30),
+        || {
+            count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_requests WHERE id = 9 AND outcome = 'ok'",
+            ) == 1
+        },
+    );
+    assert_eq!(
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE id < 9 AND finished_at IS NOT NULL"
+        ),
+        0
+    );
+    status_until("counting what is still held", &|s| {
+        s.ends_with("; 8 sync request answers not written (see the log)")
+    });
+    // Tried every 10 s, each failure is logged once, not at every sweep.
+    let log = env.daemon_log();
+    assert_eq!(
+        log.matches("cannot record the end of a sync request")
+            .count(),
+        9,
+        "{log}"
+    );
+    assert_eq!(log.matches("written at last").count(), 1, "{log}");
+}

@@ -137,6 +137,10 @@ fn migrations() -> Vec<(i64, String)> {
             include_str!("migrations/0024_message_poll_backoff.sql").to_string(),
         ),
         (25, include_str!("migrations/0025_claim_id.sql").to_string()),
+        (
+            26,
+            include_str!("migrations/0026_sync_requests_started_open.sql").to_string(),
+        ),
     ]
 }
 

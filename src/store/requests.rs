@@ -163,6 +163,84 @@ pub fn finish(
     Ok(())
 }
 
+/// Records the end of a request the daemon took, on that row only: one
+/// deleted meanwhile (a program's way to cancel it) and another inserted
+/// with the same id (explicitly, or SQLite reusing the highest rowid) is
+/// another request, which this answer must not end. The row is told by the
+/// `started_at` the daemon wrote when it took it (to the millisecond: the
+/// daemon takes rows at most every half second, so a reused id is taken at
+/// another time); nothing else of the row is compared, so a program that
+/// rewrites `requested_at` (an ORM touching its timestamps) still gets its
+/// answer. False when the row is no longer that one, or already finished.
+pub fn finish_taken(
+    conn: &Connection,
+    id: i64,
+    taken_at: &str,
+    outcome: &str,
+    error: Option<&str>,
+    summary: &str,
+    now: &str,
+) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE sync_requests SET finished_at = ?6, outcome = ?3, error = ?4, summary = ?5
+          WHERE id = ?1 AND started_at IS ?2 AND finished_at IS NULL",
+        params![id, taken_at, outcome, error, summary, now],
+    )?;
+    Ok(n == 1)
+}
+
+/// The requests that seem taken, a page at a time: read through the
+/// partial index of migration 26, never a scan of the whole table (finished
+/// rows are kept for days, hundreds of thousands of them).
+const STARTED_OPEN: &str = "SELECT id, started_at FROM sync_requests
+  WHERE started_at IS NOT NULL AND finished_at IS NULL AND id > ?1 ORDER BY id LIMIT ?2";
+/// The first page: from the lowest id there is, `i64::MIN` included (a
+/// program may give any id), which no `id > ?` bound can take in.
+const STARTED_OPEN_FIRST: &str = "SELECT id, started_at FROM sync_requests
+  WHERE started_at IS NOT NULL AND finished_at IS NULL ORDER BY id LIMIT ?1";
+
+/// Requests taken (`started_at` set) and not finished: the daemon's own,
+/// and any a program inserted with `started_at` already set, or changed
+/// since the daemon took them. At most `limit` with an id above `after`
+/// (from the first when `None`), oldest first (the caller pages on with
+/// the last id it got).
+pub fn started_open(
+    conn: &Connection,
+    after: Option<i64>,
+    limit: usize,
+) -> Result<Vec<(i64, rusqlite::types::Value)>> {
+    let row = |r: &rusqlite::Row| Ok((r.get(0)?, r.get(1)?));
+    let rows = match after {
+        Some(after) => conn
+            .prepare_cached(STARTED_OPEN)?
+            .query_map(params![after, limit as i64], row)?
+            .collect::<rusqlite::Result<_>>()?,
+        None => conn
+            .prepare_cached(STARTED_OPEN_FIRST)?
+            .query_map(params![limit as i64], row)?
+            .collect::<rusqlite::Result<_>>()?,
+    };
+    Ok(rows)
+}
+
+/// Refuses a request that looks taken but that the daemon never took (or
+/// whose `started_at` changed since): nobody would ever finish it. Only
+/// while the row still has the `started_at` it was seen with.
+pub fn refuse_started(
+    conn: &Connection,
+    id: i64,
+    started_at: &rusqlite::types::Value,
+    why: &str,
+    now: &str,
+) -> Result<bool> {
+    let n = conn.execute(
+        "UPDATE sync_requests SET finished_at = ?4, outcome = 'refused', error = ?3, summary = ?3
+          WHERE id = ?1 AND started_at IS ?2 AND finished_at IS NULL",
+        params![id, started_at, why, now],
+    )?;
+    Ok(n == 1)
+}
+
 /// Withdraws a request nobody has taken yet; false when the daemon took it.
 pub fn withdraw(conn: &Connection, id: i64, why: &str, now: &str) -> Result<bool> {
     let n = conn.execute(
@@ -249,6 +327,25 @@ mod tests {
         let mut c = Connection::open_in_memory().unwrap();
         crate::store::migrate(&mut c).unwrap();
         c
+    }
+
+    /// The sweep's first page starts at the lowest id there can be: a row
+    /// with id -9223372036854775808 (a program may give any id) is read too.
+    #[test]
+    fn the_first_page_of_started_rows_includes_the_lowest_id() {
+        let c = conn();
+        for id in [i64::MIN, i64::MIN + 1, 7] {
+            c.execute(
+                "INSERT INTO sync_requests (id, kind, started_at) VALUES (?1, 'head', 't')",
+                [id],
+            )
+            .unwrap();
+        }
+        let first = started_open(&c, None, 2).unwrap();
+        let ids: Vec<i64> = first.iter().map(|r| r.0).collect();
+        assert_eq!(ids, [i64::MIN, i64::MIN + 1]);
+        let next = started_open(&c, Some(ids[1]), 2).unwrap();
+        assert_eq!(next.iter().map(|r| r.0).collect::<Vec<_>>(), [7]);
     }
 
     #[test]
@@ -375,5 +472,50 @@ mod tests {
         }
         assert!(outcome(&c, 1).1.unwrap().contains("NUL"));
         assert_eq!(new_requests(&c).unwrap().len(), 2);
+    }
+
+    /// The sweep for requests that seem taken runs every 10 s on the one
+    /// database thread: it reads the partial index, not the whole table.
+    #[test]
+    fn the_sweep_reads_the_started_open_index_not_the_table() {
+        let c = conn();
+        let plan: Vec<String> = c
+            .prepare(&format!("EXPLAIN QUERY PLAN {STARTED_OPEN}"))
+            .unwrap()
+            .query_map(params![i64::MIN, 1000], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|d| d.contains("USING INDEX sync_requests_started_open")),
+            "{plan:?}"
+        );
+    }
+
+    /// Pages on past the rows already seen, negative ids included; a row a
+    /// program rewrote `requested_at` of is still finished by its taker.
+    #[test]
+    fn started_open_pages_and_finish_taken_matches_on_started_at() {
+        let c = conn();
+        for id in [-5, 1, 2, 3] {
+            c.execute(
+                "INSERT INTO sync_requests (id, business_id, kind, started_at)
+                 VALUES (?1, '12', 'head', '2026-01-01T00:00:00.123Z')",
+                [id],
+            )
+            .unwrap();
+        }
+        let first = started_open(&c, None, 2).unwrap();
+        assert_eq!(first.iter().map(|r| r.0).collect::<Vec<_>>(), [-5, 1]);
+        let next = started_open(&c, Some(1), 2).unwrap();
+        assert_eq!(next.iter().map(|r| r.0).collect::<Vec<_>>(), [2, 3]);
+        c.execute(
+            "UPDATE sync_requests SET requested_at = '2030-01-01T00:00:00Z' WHERE id = 2",
+            [],
+        )
+        .unwrap();
+        assert!(finish_taken(&c, 2, "2026-01-01T00:00:00.123Z", "ok", None, "s", "now").unwrap());
+        assert!(!finish_taken(&c, 3, "2026-01-01T00:00:00.124Z", "ok", None, "s", "now").unwrap());
     }
 }
