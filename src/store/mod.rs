@@ -1587,9 +1587,10 @@ pub struct Store {
     /// a fresh connection reads the whole schema before its first
     /// statement (~4 M instructions with this schema, 5% of an unchanged
     /// re-sync of 100k leads: one read per business) and opens the files.
-    /// Declared first: dropped before the writer's channel closes, so
-    /// that the writer's connection is the last one, whose close
-    /// checkpoints the WAL.
+    /// The writer thread closes those still idle before its own
+    /// connection, so that its close, the last one, checkpoints the WAL
+    /// and removes it (declared first too, so that a dropped store's
+    /// share of the pool goes before the writer is told to stop).
     readers: Arc<std::sync::Mutex<Vec<Connection>>>,
     jobs: Handle,
     path: PathBuf,
@@ -1625,6 +1626,8 @@ impl Store {
         let queue = Arc::new(Queue::default());
         let queue_for_checkpoints = queue.clone();
         let jobs = Handle::new(queue.clone());
+        let readers: Arc<std::sync::Mutex<Vec<Connection>>> = Arc::default();
+        let idle = readers.clone();
         std::thread::Builder::new()
             .name("leadsync-db".into())
             .spawn(move || {
@@ -1644,6 +1647,11 @@ impl Store {
                     let _ =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
+                // Idle readers go first, whatever still holds the pool: the
+                // writer's connection must be the last one, whose close
+                // checkpoints the WAL and removes the -wal file.
+                idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                drop(conn);
             })
             .context("cannot start the database thread")?;
         spawn_checkpointer(path, Arc::downgrade(&queue_for_checkpoints));
@@ -1653,7 +1661,7 @@ impl Store {
             path: path.to_path_buf(),
             wal_sync,
             last_urgent_ms: Arc::new(std::sync::atomic::AtomicI64::new(0)),
-            readers: Arc::new(std::sync::Mutex::new(Vec::new())),
+            readers,
         })
     }
 
@@ -2493,6 +2501,42 @@ mod tests {
         );
         assert_eq!(store.idle_readers(), 0);
         assert_eq!(store.read(count).await.unwrap(), 3);
+    }
+
+    /// Dropping the store closes its idle readers before the writer's
+    /// connection, which is then the last one: its close checkpoints the
+    /// WAL and removes the `-wal` file. A reader still open then would
+    /// leave the WAL behind: the pool is held here past the store's drop,
+    /// as a field dropped after the writer's handle, or a read still in
+    /// progress, would hold it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_store_with_an_idle_reader_removes_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        let wal = sidecar(store.path(), "-wal");
+        store
+            .call(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+            .await
+            .unwrap();
+        let n = store
+            .read(|c| Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))?))
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(store.idle_readers(), 1);
+        assert!(wal.exists());
+        let pool = store.readers.clone();
+        drop(store);
+        // The writer closes on its own thread once its handle is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while wal.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the -wal file outlived the store"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(pool.lock().unwrap().is_empty());
     }
 
     /// After a failed write-back the kernel reports the error once and may
