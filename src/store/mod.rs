@@ -1688,8 +1688,13 @@ impl Store {
     /// The connection is one an earlier read gave back when there is one
     /// (no read shares it meanwhile): each read still sees what was
     /// committed before it began, as a new connection would, since a
-    /// connection given back holds no transaction open. One that `f` left
-    /// inside a transaction, or that failed, is closed instead.
+    /// connection given back holds no transaction open and no statement
+    /// stepping. One that `f` left inside a transaction or with a
+    /// statement not reset, or that failed, is closed instead.
+    ///
+    /// State set on the connection (temp tables, pragmas, ATTACH,
+    /// functions, collations) carries over to later reads that get it:
+    /// `f` must set none.
     pub async fn read<R, F>(&self, f: F) -> Result<R>
     where
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
@@ -1712,7 +1717,13 @@ impl Store {
                 }
             };
             let r = f(&conn);
-            if r.is_ok() && conn.is_autocommit() {
+            // A statement still stepping (one `f` left in the statement
+            // cache unreset) would hold its read mark on the WAL for as
+            // long as the connection idles, as a transaction would.
+            if r.is_ok() && conn.is_autocommit() && !conn.is_busy() {
+                // Any commit invalidates an idle connection's page cache
+                // before its next read: keeping it only costs memory.
+                let _ = conn.release_memory();
                 let mut idle = readers.lock().unwrap_or_else(|e| e.into_inner());
                 if idle.len() < IDLE_READERS {
                     idle.push(conn);
@@ -2501,6 +2512,65 @@ mod tests {
         );
         assert_eq!(store.idle_readers(), 0);
         assert_eq!(store.read(count).await.unwrap(), 3);
+        assert_eq!(store.idle_readers(), 1);
+        // A cached statement left stepping (its rows never dropped, so
+        // never reset) holds the read transaction open: closed too.
+        store
+            .read(|c| {
+                let mut stmt = c.prepare_cached("SELECT x FROM t")?;
+                let mut rows = stmt.query([])?;
+                assert!(rows.next()?.is_some());
+                std::mem::forget(rows);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.idle_readers(), 0);
+    }
+
+    /// A connection given back keeps no page cache: any commit would
+    /// invalidate it before the next read anyway.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_reader_keeps_no_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        store
+            .call(|c| {
+                Ok(c.execute_batch(
+                    "CREATE TABLE big (b BLOB);
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+                     INSERT INTO big SELECT zeroblob(2000) FROM n;",
+                )?)
+            })
+            .await
+            .unwrap();
+        fn cache_used(c: &Connection) -> i64 {
+            let (mut cur, mut hi) = (0, 0);
+            // SAFETY: the handle is open for the duration of the borrow.
+            let rc = unsafe {
+                rusqlite::ffi::sqlite3_db_status(
+                    c.handle(),
+                    rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+                    &mut cur,
+                    &mut hi,
+                    0,
+                )
+            };
+            assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
+            cur as i64
+        }
+        let after_scan = store
+            .read(|c| {
+                let n: i64 = c.query_row("SELECT count(length(b)) FROM big", [], |r| r.get(0))?;
+                assert_eq!(n, 1000);
+                Ok(cache_used(c))
+            })
+            .await
+            .unwrap();
+        assert!(after_scan > 1_000_000, "the scan cached {after_scan} bytes");
+        assert_eq!(store.idle_readers(), 1);
+        let idle = store.read(|c| Ok(cache_used(c))).await.unwrap();
+        assert!(idle < 100_000, "the idle reader kept {idle} bytes of cache");
     }
 
     /// Dropping the store closes its idle readers before the writer's
