@@ -1587,12 +1587,25 @@ fn sync_wal(
 /// thread that owns the connection, never on an async worker.
 #[derive(Clone)]
 pub struct Store {
+    /// Read-only connections [`Store::read`] gave back, for the next read:
+    /// a fresh connection reads the whole schema before its first
+    /// statement (~4 M instructions with this schema, 5% of an unchanged
+    /// re-sync of 100k leads: one read per business) and opens the files.
+    /// The writer thread closes those still idle before its own
+    /// connection, so that its close, the last one, checkpoints the WAL
+    /// and removes it (declared first too, so that a dropped store's
+    /// share of the pool goes before the writer is told to stop).
+    readers: Arc<std::sync::Mutex<Vec<Connection>>>,
     jobs: Handle,
     path: PathBuf,
     wal_sync: Arc<WalSync>,
     /// When the last urgent job was asked for (ms since the epoch; 0: never).
     last_urgent_ms: Arc<std::sync::atomic::AtomicI64>,
 }
+
+/// How many idle read-only connections a [`Store`] keeps (one per business
+/// scanned at the same time is what the sync asks for; more are closed).
+const IDLE_READERS: usize = 8;
 
 impl Store {
     /// Opens the mirror (creating and migrating it) and starts its writer thread.
@@ -1617,6 +1630,8 @@ impl Store {
         let queue = Arc::new(Queue::default());
         let queue_for_checkpoints = queue.clone();
         let jobs = Handle::new(queue.clone());
+        let readers: Arc<std::sync::Mutex<Vec<Connection>>> = Arc::default();
+        let idle = readers.clone();
         std::thread::Builder::new()
             .name("leadsync-db".into())
             .spawn(move || {
@@ -1636,6 +1651,11 @@ impl Store {
                     let _ =
                         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn)));
                 }
+                // Idle readers go first, whatever still holds the pool: the
+                // writer's connection must be the last one, whose close
+                // checkpoints the WAL and removes the -wal file.
+                idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                drop(conn);
             })
             .context("cannot start the database thread")?;
         spawn_checkpointer(path, Arc::downgrade(&queue_for_checkpoints));
@@ -1645,6 +1665,7 @@ impl Store {
             path: path.to_path_buf(),
             wal_sync,
             last_urgent_ms: Arc::new(std::sync::atomic::AtomicI64::new(0)),
+            readers,
         })
     }
 
@@ -1667,23 +1688,61 @@ impl Store {
     /// a long read (a business's known leads before a full scan) never
     /// holds the writer thread, which webhook deliveries wait on. In WAL
     /// mode it neither waits for the writer nor holds it up.
+    ///
+    /// The connection is one an earlier read gave back when there is one
+    /// (no read shares it meanwhile): each read still sees what was
+    /// committed before it began, as a new connection would, since a
+    /// connection given back holds no transaction open and no statement
+    /// stepping. One that `f` left inside a transaction or with a
+    /// statement not reset, or that failed, is closed instead.
+    ///
+    /// State set on the connection (temp tables, pragmas, ATTACH,
+    /// functions, collations) carries over to later reads that get it:
+    /// `f` must set none.
     pub async fn read<R, F>(&self, f: F) -> Result<R>
     where
         F: FnOnce(&Connection) -> Result<R> + Send + 'static,
         R: Send + 'static,
     {
         let path = self.path.clone();
+        let readers = self.readers.clone();
         tokio::task::spawn_blocking(move || {
-            let conn = Connection::open_with_flags(
-                &path,
-                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-            )
-            .with_context(|| format!("cannot open database {} to read", path.display()))?;
-            conn.busy_timeout(BUSY_TIMEOUT)?;
-            f(&conn)
+            let idle = readers.lock().unwrap_or_else(|e| e.into_inner()).pop();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => {
+                    let conn = Connection::open_with_flags(
+                        &path,
+                        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+                    )
+                    .with_context(|| format!("cannot open database {} to read", path.display()))?;
+                    conn.busy_timeout(BUSY_TIMEOUT)?;
+                    conn
+                }
+            };
+            let r = f(&conn);
+            // A statement still stepping (one `f` left in the statement
+            // cache unreset) would hold its read mark on the WAL for as
+            // long as the connection idles, as a transaction would.
+            if r.is_ok() && conn.is_autocommit() && !conn.is_busy() {
+                // Any commit invalidates an idle connection's page cache
+                // before its next read: keeping it only costs memory.
+                let _ = conn.release_memory();
+                let mut idle = readers.lock().unwrap_or_else(|e| e.into_inner());
+                if idle.len() < IDLE_READERS {
+                    idle.push(conn);
+                }
+            }
+            r
         })
         .await
         .map_err(|e| anyhow!("the read failed: {e}"))?
+    }
+
+    /// How many read-only connections wait for the next [`Store::read`].
+    #[cfg(test)]
+    fn idle_readers(&self) -> usize {
+        self.readers.lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Runs `f` on the writer thread and waits for its result.
@@ -2400,6 +2459,158 @@ mod tests {
             .await
             .unwrap();
         store
+    }
+
+    /// A read takes the connection an earlier read gave back (no schema
+    /// read, no files opened again) and still sees every commit made
+    /// before it; one left in a transaction, or whose read failed, is
+    /// closed rather than given back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_read_reuses_an_idle_connection_and_sees_later_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        let count =
+            |c: &Connection| Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))?);
+        assert_eq!(store.idle_readers(), 0);
+        assert_eq!(store.read(count).await.unwrap(), 0);
+        assert_eq!(store.idle_readers(), 1);
+        // Marks the connection: a new one would not have this temp table.
+        store
+            .read(|c| Ok(c.execute_batch("CREATE TEMP TABLE mark (x)")?))
+            .await
+            .unwrap();
+        for n in 1..=3 {
+            store
+                .call(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+                .await
+                .unwrap();
+            assert_eq!(store.read(count).await.unwrap(), n);
+            assert_eq!(store.idle_readers(), 1);
+        }
+        let marked = |c: &Connection| {
+            Ok(c.query_row(
+                "SELECT count(*) FROM temp.sqlite_schema WHERE name = 'mark'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )?)
+        };
+        assert_eq!(
+            store.read(marked).await.unwrap(),
+            1,
+            "the connection was not reused"
+        );
+        // Left inside a transaction: closed, not given back.
+        store
+            .read(|c| Ok(c.execute_batch("BEGIN; SELECT count(*) FROM t;")?))
+            .await
+            .unwrap();
+        assert_eq!(store.idle_readers(), 0);
+        assert_eq!(store.read(marked).await.unwrap(), 0);
+        assert_eq!(store.idle_readers(), 1);
+        // A failed read: closed too.
+        assert!(
+            store
+                .read(|c| Ok(c.execute_batch("SELECT nope FROM t")?))
+                .await
+                .is_err()
+        );
+        assert_eq!(store.idle_readers(), 0);
+        assert_eq!(store.read(count).await.unwrap(), 3);
+        assert_eq!(store.idle_readers(), 1);
+        // A cached statement left stepping (its rows never dropped, so
+        // never reset) holds the read transaction open: closed too.
+        store
+            .read(|c| {
+                let mut stmt = c.prepare_cached("SELECT x FROM t")?;
+                let mut rows = stmt.query([])?;
+                assert!(rows.next()?.is_some());
+                std::mem::forget(rows);
+                Ok(())
+            })
+            .await
+            .unwrap();
+        assert_eq!(store.idle_readers(), 0);
+    }
+
+    /// A connection given back keeps no page cache: any commit would
+    /// invalidate it before the next read anyway.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_idle_reader_keeps_no_page_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        store
+            .call(|c| {
+                Ok(c.execute_batch(
+                    "CREATE TABLE big (b BLOB);
+                     WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 1000)
+                     INSERT INTO big SELECT zeroblob(2000) FROM n;",
+                )?)
+            })
+            .await
+            .unwrap();
+        fn cache_used(c: &Connection) -> i64 {
+            let (mut cur, mut hi) = (0, 0);
+            // SAFETY: the handle is open for the duration of the borrow.
+            let rc = unsafe {
+                rusqlite::ffi::sqlite3_db_status(
+                    c.handle(),
+                    rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
+                    &mut cur,
+                    &mut hi,
+                    0,
+                )
+            };
+            assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
+            cur as i64
+        }
+        let after_scan = store
+            .read(|c| {
+                let n: i64 = c.query_row("SELECT count(length(b)) FROM big", [], |r| r.get(0))?;
+                assert_eq!(n, 1000);
+                Ok(cache_used(c))
+            })
+            .await
+            .unwrap();
+        assert!(after_scan > 1_000_000, "the scan cached {after_scan} bytes");
+        assert_eq!(store.idle_readers(), 1);
+        let idle = store.read(|c| Ok(cache_used(c))).await.unwrap();
+        assert!(idle < 100_000, "the idle reader kept {idle} bytes of cache");
+    }
+
+    /// Dropping the store closes its idle readers before the writer's
+    /// connection, which is then the last one: its close checkpoints the
+    /// WAL and removes the `-wal` file. A reader still open then would
+    /// leave the WAL behind: the pool is held here past the store's drop,
+    /// as a field dropped after the writer's handle, or a read still in
+    /// progress, would hold it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_store_with_an_idle_reader_removes_the_wal() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_with_t(&dir).await;
+        let wal = sidecar(store.path(), "-wal");
+        store
+            .call(|c| Ok(c.execute("INSERT INTO t VALUES (1)", [])?))
+            .await
+            .unwrap();
+        let n = store
+            .read(|c| Ok(c.query_row("SELECT count(*) FROM t", [], |r| r.get::<_, i64>(0))?))
+            .await
+            .unwrap();
+        assert_eq!(n, 1);
+        assert_eq!(store.idle_readers(), 1);
+        assert!(wal.exists());
+        let pool = store.readers.clone();
+        drop(store);
+        // The writer closes on its own thread once its handle is gone.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while wal.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the -wal file outlived the store"
+            );
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        assert!(pool.lock().unwrap().is_empty());
     }
 
     /// After a failed write-back the kernel reports the error once and may
