@@ -431,10 +431,25 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     let load = || -> Result<Config> { Ok(source.load()?) };
     match cli.command {
         Command::Run => {
-            let config = load()?;
-            config.require_client_secret()?;
+            // Before anything slow (reading thousands of files, a secret
+            // on a slow mount): a SIGHUP meeting its default disposition
+            // would kill the starting daemon. One received meanwhile is
+            // kept by `controls.reload` and applied once started.
             let controls = Controls::default();
             spawn_signal_handlers(&controls)?;
+            // SIGTERM stopped a start stuck reading a file at once before
+            // the handlers were in place; so it still does.
+            let reading = source.clone();
+            let config = tokio::select! {
+                loaded = tokio::task::spawn_blocking(move || reading.load()) => {
+                    loaded.context("reading the configuration")??
+                }
+                _ = controls.shutdown.cancelled() => {
+                    tracing::info!("stopped while reading the configuration, before the start");
+                    return Ok(0);
+                }
+            };
+            config.require_client_secret()?;
             daemon::run_with(config, Some(source), controls).await?;
             Ok(0)
         }
