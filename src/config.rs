@@ -599,6 +599,7 @@ impl ConfigSource {
         let replaced = businesses_replaced_by_env(&files);
         let mut config = validate(&figment, file, files)?;
         config.notes.extend(skipped);
+        config.notes.extend(secret_files_open_to_others(&config));
         if replaced > 0 {
             config.notes.push(format!(
                 "environment variable {ENV_PREFIX}BUSINESSES replaces {replaced} business(es) of the \
@@ -1795,6 +1796,82 @@ fn resolve_client_secret(
         }
     }
     Ok((None, None))
+}
+
+/// Whether a file's mode lets users other than its owner read or change
+/// it. A group bit counts too: the shipped `leadsync` group holds the
+/// partner's programs that write the outbox, who must not read grants.
+fn open_to_others(meta: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    meta.mode() & 0o077 != 0
+}
+
+/// Warnings for the secret files (client secret, webhook credentials,
+/// token files, the token store) other users can read: each names the file
+/// and the fix, never the content. Token files of many businesses make one
+/// warning. A file that cannot be read is another message's business.
+fn secret_files_open_to_others(config: &Config) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let loose = |path: &Path| {
+        std::fs::metadata(path)
+            .ok()
+            .filter(open_to_others)
+            .map(|m| format!("{:04o}", m.mode() & 0o7777))
+    };
+    let mut out = Vec::new();
+    let f = &config.file;
+    let mut single: Vec<(&str, &Path)> = Vec::new();
+    if let Some(p) = &f.oauth.client_secret_file {
+        single.push(("oauth.client_secret_file", p));
+    }
+    if let Some(p) = &f.webhooks.password_file {
+        single.push(("webhooks.password_file", p));
+    }
+    if let Some(p) = &f.webhooks.header_value_file {
+        single.push(("webhooks.header_value_file", p));
+    }
+    for (key, path) in single {
+        if let Some(mode) = loose(path) {
+            out.push(format!(
+                "{key} {} can be read by other users (mode {mode}): run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            ));
+        }
+    }
+    if config.uses_oauth()
+        && let Some(mode) = loose(&f.oauth.token_store)
+    {
+        out.push(format!(
+            "oauth.token_store {} can be read by other users (mode {mode}): it holds the rotated \
+             refresh tokens; leadsync sets it to 0600 when it opens the store, or run `chmod 600 {}`",
+            f.oauth.token_store.display(),
+            f.oauth.token_store.display()
+        ));
+    }
+    let tokens: Vec<String> = config
+        .businesses
+        .iter()
+        .filter_map(|b| {
+            let (TokenSource::Refresh(p) | TokenSource::Static(p)) = &b.token;
+            loose(p).map(|mode| format!("{} (business {}, mode {mode})", p.display(), b.id))
+        })
+        .collect();
+    if !tokens.is_empty() {
+        const SHOWN: usize = 5;
+        let more = tokens.len().saturating_sub(SHOWN);
+        out.push(format!(
+            "{} token file(s) can be read by other users: {}{}; run `chmod 600` on them",
+            tokens.len(),
+            tokens[..tokens.len().min(SHOWN)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    out
 }
 
 /// Reads a secret file, trimmed; empty or unreadable is an error.

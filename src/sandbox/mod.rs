@@ -834,8 +834,16 @@ impl Sandbox {
             base_q = q(&self.base_url()),
             db = path(dir.join("leadsync.db")),
         );
+        // Secrets as they should be: the owner's alone (a looser file is
+        // warned about at every start).
+        let write_secret = |path: &Path, text: String| -> Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(path, text)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            Ok(())
+        };
         if oauth {
-            std::fs::write(dir.join("client_secret"), format!("{client_secret}\n"))?;
+            write_secret(&dir.join("client_secret"), format!("{client_secret}\n"))?;
             toml.push_str(&format!(
                 "[oauth]\ntoken_url = {}\nclient_id = {}\nclient_secret_file = {}\ntoken_store = {}\n\n",
                 q(&self.token_url()),
@@ -854,7 +862,7 @@ impl Sandbox {
                     self.static_token(&b.id).unwrap_or_default(),
                 )
             };
-            std::fs::write(&file, format!("{token}\n"))?;
+            write_secret(&file, format!("{token}\n"))?;
             toml.push_str(&format!(
                 "[[businesses]]\nid = {}\nname = {}\n{key} = {}\n\n",
                 q(&b.id),
