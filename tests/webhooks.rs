@@ -2415,3 +2415,63 @@ async fn a_header_value_that_cannot_be_sent_without_a_receiver_raises_no_alert()
         "{log}"
     );
 }
+
+/// Review (odd): `list` and `register` read the first page of a business's
+/// webhooks only: with more webhooks than a page holds, `register` did not
+/// see its own on a later page and created another (each delivery then came
+/// twice), and `list` showed a part as the whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_and_register_read_every_page_of_webhooks() {
+    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+    let env = Env::small().await;
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-9\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let business = env.business_ids()[0].clone();
+    {
+        // Four webhooks of other programs first: leadsync's comes fifth.
+        let session = common::open_session(env.config()).await;
+        for i in 0..4 {
+            let body = RegisterBody {
+                webhook_url: format!("https://other-{i}.example.com/hooks"),
+                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
+                enabled: true,
+                auth: RegisterAuth::Basic {
+                    username: "o".into(),
+                    password: "other".into(),
+                },
+            };
+            session
+                .client
+                .create_webhook(&business, &body)
+                .await
+                .expect("create a webhook");
+        }
+    }
+    env.run_ok(&["webhooks", "register", "--business", &business]);
+    assert_eq!(env.sandbox.webhooks(&business).len(), 5);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        webhook_page_size: 2,
+        ..Default::default()
+    });
+
+    let o = env.run(&["webhooks", "register", "--business", &business]);
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("already registered"), "{out}");
+    assert_eq!(
+        env.sandbox.webhooks(&business).len(),
+        5,
+        "a duplicate was registered: {out}"
+    );
+    let o = env.run(&["webhooks", "list", "--business", &business, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        listed[0]["webhooks"].as_array().map(Vec::len),
+        Some(5),
+        "{listed}"
+    );
+}

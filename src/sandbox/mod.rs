@@ -121,6 +121,9 @@ pub struct Faults {
     pub webhook_twice: bool,
     /// Webhooks: send each batch of deliveries in reverse order.
     pub webhook_out_of_order: bool,
+    /// Webhooks: list at most this many subscriptions a page, the next page
+    /// named in `pagination.next` as other v4 lists do (0: all on one page).
+    pub webhook_page_size: usize,
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,
