@@ -128,8 +128,15 @@ pub fn router(settings: &Webhooks, store: Store) -> Router {
     });
     // No body-limit layer: it would answer 413 before the credentials are
     // checked, and uncounted; `receive` refuses an oversized body itself.
+    // Gzip bodies are decompressed as they are read, so the limit in
+    // `receive` bounds what they decompress to (a zip bomb stops there);
+    // any other encoding passes through for `receive` to refuse (415),
+    // after the credentials are checked and counted.
+    let gzip = tower_http::decompression::RequestDecompressionLayer::new()
+        .gzip(true)
+        .pass_through_unaccepted(true);
     Router::new()
-        .route(&settings.path, post(receive))
+        .route(&settings.path, post(receive).layer(gzip))
         .fallback(|| async {
             answer(
                 StatusCode::NOT_FOUND,
@@ -176,6 +183,27 @@ async fn receive(State(r): State<Arc<Receiver>>, request: Request) -> Response {
         }
         // A client without credentials keeps no connection slot (there are
         // 128) for another try on the same connection: it is closed now.
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    // What the decompression layer left encoded: not gzip.
+    if let Some(encoding) = request.headers().get(header::CONTENT_ENCODING)
+        && !encoding
+            .to_str()
+            .is_ok_and(|e| e.trim().eq_ignore_ascii_case("identity"))
+    {
+        let shown = String::from_utf8_lossy(encoding.as_bytes()).into_owned();
+        r.done("-", "unsupported_encoding");
+        let mut resp = answer(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            serde_json::json!({"error": format!(
+                "Content-Encoding {shown:?} is not supported: send the body as is or gzip"
+            )}),
+        );
+        resp.headers_mut()
+            .insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
+        // The body is not read: the connection cannot be reused.
         resp.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
         return resp;
@@ -342,6 +370,74 @@ mod tests {
             "answered 200 before a sync covering the delivery: rounds saw {:?}",
             seen.lock().unwrap()
         );
+    }
+
+    /// Review (odd): a delivery sent with `Content-Encoding: gzip` got a
+    /// 400 (its compressed bytes read as JSON). It is decompressed now, the
+    /// body limit applying to what it decompresses to (a small body that
+    /// inflates past it is 413, not memory spent); an encoding not
+    /// supported is a clear 415.
+    #[tokio::test]
+    async fn gzip_deliveries_are_read_under_the_body_limit_other_encodings_415() {
+        use std::io::Write;
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("w.db")).unwrap();
+        let settings = Webhooks {
+            listen: None,
+            path: "/hooks".into(),
+            public_url: None,
+            auth: WebhookAuth::Header {
+                name: "x-token".into(),
+                value: Secret::new("t"),
+            },
+            max_body_bytes: 64 * 1024,
+            read_timeout: Duration::from_secs(10),
+            auth_problem: None,
+        };
+        let gzip = |data: &[u8]| {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        };
+        let send = |body: Vec<u8>, encoding: &'static str| {
+            let app = router(&settings, store.clone());
+            async move {
+                // No Content-Length: as a chunked body, only reading bounds it.
+                let resp = app
+                    .oneshot(
+                        axum::http::Request::post("/hooks")
+                            .header("x-token", "t")
+                            .header(header::CONTENT_TYPE, "application/json")
+                            .header(header::CONTENT_ENCODING, encoding)
+                            .body(Body::from(body))
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let text = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&text).into_owned())
+            }
+        };
+        let delivery = r#"{"event":{"eventType":"MessageCreatedV4","webhookID":"wh-1"},
+            "data":{"messageID":"m1","negotiationID":"1","from":"Customer","text":"hi","sentAt":"2026-11-28T05:00:01Z"}}"#;
+        let (status, text) = send(gzip(delivery.as_bytes()), "gzip").await;
+        assert_eq!(status, StatusCode::OK, "{text}");
+
+        // 8 MiB of spaces (128 times the limit) compress to about 8 KiB.
+        let bomb = gzip(&vec![b' '; 8 << 20]);
+        assert!(bomb.len() < settings.max_body_bytes / 4, "{}", bomb.len());
+        let (status, text) = send(bomb, "gzip").await;
+        assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE, "{text}");
+
+        let (status, text) = send(delivery.as_bytes().to_vec(), "br").await;
+        assert_eq!(status, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{text}");
+        assert!(text.contains("br") && text.contains("gzip"), "{text}");
+        let (status, text) = send(delivery.as_bytes().to_vec(), "identity").await;
+        assert_eq!(status, StatusCode::OK, "{text}");
     }
 
     #[test]
