@@ -2475,3 +2475,136 @@ async fn list_and_register_read_every_page_of_webhooks() {
         "{listed}"
     );
 }
+
+/// An env whose receiver is configured, and `n` webhooks of other programs
+/// registered for its first business (returned).
+async fn with_other_webhooks(env: &Env, n: usize) -> String {
+    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+    let pw = common::write(env.dir.path(), "pw", "basic-secret-9\n");
+    env.set_overrides(&format!(
+        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
+        pw.display()
+    ));
+    let business = env.business_ids()[0].clone();
+    let session = common::open_session(env.config()).await;
+    for i in 0..n {
+        let body = RegisterBody {
+            webhook_url: format!("https://other-{i}.example.com/hooks"),
+            event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
+            enabled: true,
+            auth: RegisterAuth::Basic {
+                username: "o".into(),
+                password: "other".into(),
+            },
+        };
+        session
+            .client
+            .create_webhook(&business, &body)
+            .await
+            .expect("create a webhook");
+    }
+    business
+}
+
+/// Review (odd): a server naming a next page on every page (the last one,
+/// and the empty one past it) made `register` and `list` read 100 pages and
+/// fail, for every business, even one with no webhook at all. An empty
+/// page, or one shorter than the `pagination.limit` it echoed, ends the
+/// listing (as the leads listing ends).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_listing_that_always_names_a_next_page_ends_at_a_short_or_empty_page() {
+    let env = Env::small().await;
+    let business = with_other_webhooks(&env, 0).await;
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        webhook_page_size: 2,
+        webhook_always_next: true,
+        ..Default::default()
+    });
+    // No webhook: the first page is empty.
+    let o = env.run(&["webhooks", "register", "--business", &business]);
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(env.sandbox.webhooks(&business).len(), 1, "{out}");
+    // One: a short page.
+    let o = env.run(&["webhooks", "register", "--business", &business]);
+    let out = common::text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("already registered"), "{out}");
+    // Two: a full page, then an empty one.
+    with_other_webhooks(&env, 1).await;
+    let o = env.run(&["webhooks", "list", "--business", &business, "--json"]);
+    assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+    let listed: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        listed[0]["webhooks"].as_array().map(Vec::len),
+        Some(2),
+        "{listed}"
+    );
+    assert_eq!(env.sandbox.webhooks(&business).len(), 2);
+}
+
+/// Review (odd): the webhooks listing's error paths. A page named again, a
+/// page listing only webhooks already read (a server ignoring `offset`), a
+/// listing that never ends (100 pages), and a later page refused: each is a
+/// clear error for the business, `register` creating nothing (a part of the
+/// listing is never taken for the whole), `list` failing too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_listing_that_does_not_advance_or_fails_later_registers_nothing() {
+    let env = Env::small().await;
+    // Four of other programs: two full pages (an empty or short page ends
+    // the listing).
+    let business = with_other_webhooks(&env, 4).await;
+    let base = leadsync::sandbox::Faults {
+        webhook_page_size: 2,
+        ..Default::default()
+    };
+    for (faults, why) in [
+        (
+            leadsync::sandbox::Faults {
+                webhook_next_same: true,
+                ..base.clone()
+            },
+            "names a page it already answered",
+        ),
+        (
+            leadsync::sandbox::Faults {
+                webhook_ignore_offset: true,
+                ..base.clone()
+            },
+            "lists only webhooks of earlier pages",
+        ),
+        (
+            leadsync::sandbox::Faults {
+                webhook_endless_token: true,
+                ..base.clone()
+            },
+            "after 100 pages",
+        ),
+        (
+            leadsync::sandbox::Faults {
+                webhook_reject_offset: true,
+                ..base.clone()
+            },
+            "offset is not a known parameter",
+        ),
+    ] {
+        env.sandbox.set_faults(faults);
+        let o = env.run(&["webhooks", "register", "--business", &business]);
+        let out = common::text(&o);
+        assert_ne!(o.status.code(), Some(0), "{why}: {out}");
+        assert!(
+            out.contains(&format!("error {business}: cannot list its webhooks"))
+                && out.contains(why),
+            "{why}: {out}"
+        );
+        assert_eq!(
+            env.sandbox.webhooks(&business).len(),
+            4,
+            "{why}: a webhook was registered: {out}"
+        );
+        let o = env.run(&["webhooks", "list", "--business", &business]);
+        let out = common::text(&o);
+        assert_ne!(o.status.code(), Some(0), "{why}: {out}");
+        assert!(out.contains(why), "{why}: {out}");
+    }
+}

@@ -124,6 +124,24 @@ pub struct Faults {
     /// Webhooks: list at most this many subscriptions a page, the next page
     /// named in `pagination.next` as other v4 lists do (0: all on one page).
     pub webhook_page_size: usize,
+    /// Webhooks (with `webhook_page_size`): name a `pagination.next` on
+    /// every page, the last one and the empty one past it too (some v4
+    /// lists always do).
+    pub webhook_always_next: bool,
+    /// Webhooks (with `webhook_page_size`): `pagination.next` of a page
+    /// asked with `offset` names that page again (a server whose
+    /// pagination does not advance).
+    pub webhook_next_same: bool,
+    /// Webhooks (with `webhook_page_size`): serve from the first webhook
+    /// whatever `offset` asks, `next` still advancing (a server that does
+    /// not know the parameter).
+    pub webhook_ignore_offset: bool,
+    /// Webhooks: answer every page empty with a new `nextPageToken` (a
+    /// listing that never ends).
+    pub webhook_endless_token: bool,
+    /// Webhooks: answer `400` to a page asked with `offset` (a later page
+    /// failing).
+    pub webhook_reject_offset: bool,
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,

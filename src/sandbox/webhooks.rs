@@ -98,7 +98,19 @@ pub(crate) fn list_page(
 ) -> Result<serde_json::Value, String> {
     let params: std::collections::HashMap<String, String> =
         serde_urlencoded::from_str(query).map_err(|_| "the query string cannot be read")?;
+    if s.faults.webhook_endless_token {
+        let n = params
+            .get("pageToken")
+            .and_then(|t| t.trim_start_matches('t').parse::<u64>().ok())
+            .unwrap_or(0);
+        return Ok(serde_json::json!({
+            "data": [], "pagination": { "nextPageToken": format!("t{}", n + 1) }
+        }));
+    }
     let offset = match params.get("offset") {
+        Some(_) if s.faults.webhook_reject_offset => {
+            return Err("offset is not a known parameter".into());
+        }
         Some(o) => o
             .parse::<usize>()
             .map_err(|_| format!("offset {o:?} is not a number"))?,
@@ -114,17 +126,29 @@ pub(crate) fn list_page(
         let data: Vec<_> = all.iter().map(|w| w.to_json()).collect();
         return Ok(serde_json::json!({ "data": data }));
     }
-    let end = offset.saturating_add(size).min(all.len());
+    let from = if s.faults.webhook_ignore_offset {
+        0
+    } else {
+        offset
+    };
+    let end = from.saturating_add(size).min(all.len());
     let data: Vec<_> = all
-        .get(offset..end)
+        .get(from..end)
         .unwrap_or_default()
         .iter()
         .map(|w| w.to_json())
         .collect();
     let mut pagination = serde_json::json!({ "limit": size, "offset": offset });
-    if end < all.len() {
+    let next = if s.faults.webhook_next_same && params.contains_key("offset") {
+        Some(offset)
+    } else if end < all.len() || s.faults.webhook_always_next {
+        Some(offset.saturating_add(size))
+    } else {
+        None
+    };
+    if let Some(next) = next {
         pagination["next"] = serde_json::Value::String(format!(
-            "http://{host}/v4/businesses/{business_id}/webhooks?limit={size}&offset={end}"
+            "http://{host}/v4/businesses/{business_id}/webhooks?limit={size}&offset={next}"
         ));
     }
     Ok(serde_json::json!({ "data": data, "pagination": pagination }))
