@@ -440,13 +440,16 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             // SIGTERM stopped a start stuck reading a file at once before
             // the handlers were in place; so it still does.
             let reading = source.clone();
+            // Biased, the stop first: a SIGTERM that came while reading is
+            // obeyed even if the read is done by the time both are polled.
             let config = tokio::select! {
-                loaded = tokio::task::spawn_blocking(move || reading.load()) => {
-                    loaded.context("reading the configuration")??
-                }
+                biased;
                 _ = controls.shutdown.cancelled() => {
                     tracing::info!("stopped while reading the configuration, before the start");
                     return Ok(0);
+                }
+                loaded = tokio::task::spawn_blocking(move || reading.load()) => {
+                    loaded.context("reading the configuration")??
                 }
             };
             config.require_client_secret()?;
