@@ -531,7 +531,11 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
-            for w in config.warnings() {
+            for w in config
+                .warnings()
+                .into_iter()
+                .chain(config.token_store_warning())
+            {
                 println!("# warning: {w}");
             }
             for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {

@@ -1798,26 +1798,52 @@ fn resolve_client_secret(
     Ok((None, None))
 }
 
-/// Whether a file's mode lets users other than its owner read or change
-/// it. A group bit counts too: the shipped `leadsync` group holds the
-/// partner's programs that write the outbox, who must not read grants.
+/// Whether a file's mode lets users other than its owner read it (0620,
+/// a group that may only write, does not). The group's bit counts too: the
+/// shipped `leadsync` group holds the partner's programs that write the
+/// outbox, who must not read grants.
 fn open_to_others(meta: &std::fs::Metadata) -> bool {
     use std::os::unix::fs::MetadataExt;
-    meta.mode() & 0o077 != 0
+    meta.mode() & 0o044 != 0
+}
+
+/// The mode of `path` (as `0644`) when users other than its owner can read it.
+fn loose_mode(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path)
+        .ok()
+        .filter(open_to_others)
+        .map(|m| format!("{:04o}", m.mode() & 0o7777))
+}
+
+impl Config {
+    /// For `config check`: the token store other users can read. Not a
+    /// start or reload note: opening the store sets it to 0600 and warns
+    /// then (once is enough).
+    pub fn token_store_warning(&self) -> Option<String> {
+        let store = &self.file.oauth.token_store;
+        if !self.uses_oauth() {
+            return None;
+        }
+        loose_mode(store).map(|mode| {
+            format!(
+                "oauth.token_store {} can be read by other users (mode {mode}): it holds the \
+                 rotated refresh tokens; leadsync sets it to 0600 when it opens the store, or \
+                 run `chmod 600 {}`",
+                store.display(),
+                store.display()
+            )
+        })
+    }
 }
 
 /// Warnings for the secret files (client secret, webhook credentials,
-/// token files, the token store) other users can read: each names the file
-/// and the fix, never the content. Token files of many businesses make one
-/// warning. A file that cannot be read is another message's business.
+/// token files; the token store: [`Config::token_store_warning`]) other
+/// users can read: each names the file and the fix, never the content.
+/// Token files of many businesses make one warning. A file that cannot be
+/// read is another message's business.
 fn secret_files_open_to_others(config: &Config) -> Vec<String> {
-    use std::os::unix::fs::MetadataExt;
-    let loose = |path: &Path| {
-        std::fs::metadata(path)
-            .ok()
-            .filter(open_to_others)
-            .map(|m| format!("{:04o}", m.mode() & 0o7777))
-    };
+    let loose = loose_mode;
     let mut out = Vec::new();
     let f = &config.file;
     let mut single: Vec<(&str, &Path)> = Vec::new();
@@ -1838,16 +1864,6 @@ fn secret_files_open_to_others(config: &Config) -> Vec<String> {
                 path.display()
             ));
         }
-    }
-    if config.uses_oauth()
-        && let Some(mode) = loose(&f.oauth.token_store)
-    {
-        out.push(format!(
-            "oauth.token_store {} can be read by other users (mode {mode}): it holds the rotated \
-             refresh tokens; leadsync sets it to 0600 when it opens the store, or run `chmod 600 {}`",
-            f.oauth.token_store.display(),
-            f.oauth.token_store.display()
-        ));
     }
     let tokens: Vec<String> = config
         .businesses

@@ -1321,14 +1321,21 @@ fn secret_files_other_users_can_read_are_warned_about_by_name_not_content() {
     assert!(!t.contains(secret) && !t.contains(password), "{t}");
     assert!(!t.contains("sbx_static_secret_token_value"), "{t}");
 
-    for p in [&secret_file, &password_file, &store, &d.token] {
-        chmod(p, 0o600);
+    // Only reading counts: 0620 (the group may write, as to a log) and
+    // 0602 let nobody else read the secret.
+    for (p, mode) in [
+        (&secret_file, 0o600),
+        (&password_file, 0o620),
+        (&store, 0o602),
+        (&d.token, 0o600),
+    ] {
+        chmod(p, mode);
     }
     let o = check(&[&f], &[]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(
         !t.contains("other users"),
-        "0600 files draw no warning: {t}"
+        "files no one else can read draw no warning: {t}"
     );
 }

@@ -1454,3 +1454,31 @@ async fn a_sighup_during_the_start_is_applied_once_started_not_fatal() {
         Some(0)
     );
 }
+
+/// Review (odd): a token store other users could read was warned about
+/// twice at the start (the configuration's note, then the store setting it
+/// to 0600). Once is enough: the store's, which also says what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_open_to_others_is_warned_about_once_at_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = common::oauth_env(3600, "").await;
+    let store = env.dir.path().join("fixture").join("tokens.db");
+    std::fs::write(&store, "").unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon is up", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+    });
+    signal(&child, libc::SIGTERM);
+    let exit = wait_exit(&mut child, Duration::from_secs(15));
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    let name = store.display().to_string();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&name))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}

@@ -272,9 +272,11 @@ impl TokenStore {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 check_owned(path, "token store")?;
                 let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
+                if mode & 0o044 != 0 {
                     tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
                         "token store was readable by others; setting mode 0600");
+                }
+                if mode & 0o077 != 0 {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
                 }
             }

@@ -414,9 +414,9 @@ pub struct RegisterBody {
 mod tests {
     use super::*;
 
-    /// A webhook listed with `null` for a field (`"eventTypes": null`, as a
-    /// server marshals an empty list) made the whole list unreadable:
-    /// `webhooks list` and `register` failed for the business.
+    /// The page after a page of webhooks: `pagination.next`'s query (its
+    /// path is not ours), only from `base_url`'s host or Thumbtack's, or
+    /// `nextPageToken` sent back as `pageToken`; none on the last page.
     #[test]
     fn the_next_page_of_webhooks_is_its_query_on_our_path_and_only_from_a_known_host() {
         let base = "https://api.thumbtack.com";
@@ -445,6 +445,9 @@ mod tests {
         assert!(next_page_query(base, &no_query).is_err());
     }
 
+    /// A webhook listed with `null` for a field (`"eventTypes": null`, as a
+    /// server marshals an empty list) made the whole list unreadable:
+    /// `webhooks list` and `register` failed for the business.
     #[test]
     fn a_webhook_listed_with_null_fields_is_read() {
         let list = parse_subscription_page(
