@@ -2509,10 +2509,9 @@ async fn with_other_webhooks(env: &Env, n: usize) -> String {
 /// Review (odd): a server naming a next page on every page (the last one,
 /// and the empty one past it) made `register` and `list` read 100 pages and
 /// fail, for every business, even one with no webhook at all. An empty
-/// page, or one shorter than the `pagination.limit` it echoed, ends the
-/// listing (as the leads listing ends).
+/// page ends the listing (a short one is followed to the empty one past it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_webhooks_listing_that_always_names_a_next_page_ends_at_a_short_or_empty_page() {
+async fn a_webhooks_listing_that_always_names_a_next_page_ends_at_an_empty_page() {
     let env = Env::small().await;
     let business = with_other_webhooks(&env, 0).await;
     env.sandbox.set_faults(leadsync::sandbox::Faults {
@@ -2551,8 +2550,8 @@ async fn a_webhooks_listing_that_always_names_a_next_page_ends_at_a_short_or_emp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhooks_listing_that_does_not_advance_or_fails_later_registers_nothing() {
     let env = Env::small().await;
-    // Four of other programs: two full pages (an empty or short page ends
-    // the listing).
+    // Four of other programs: two full pages (an empty page ends the
+    // listing).
     let business = with_other_webhooks(&env, 4).await;
     let base = leadsync::sandbox::Faults {
         webhook_page_size: 2,
@@ -2606,5 +2605,56 @@ async fn a_webhooks_listing_that_does_not_advance_or_fails_later_registers_nothi
         let out = common::text(&o);
         assert_ne!(o.status.code(), Some(0), "{why}: {out}");
         assert!(out.contains(why), "{why}: {out}");
+    }
+}
+
+/// Review (odd, second): a server filtering after paging (disabled
+/// webhooks left out of a page already cut) serves a first page shorter
+/// than the limit it echoes and names the next one, where leadsync's
+/// webhook is. Ending the listing at that short page made `register` miss
+/// it and create a duplicate on every run: a short page is followed; only
+/// an empty one ends the listing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhooks_listing_filtered_after_paging_is_read_past_a_short_page() {
+    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
+    let env = Env::small().await;
+    // Two of other programs, the first disabled: leadsync's comes third.
+    let business = with_other_webhooks(&env, 0).await;
+    {
+        let session = common::open_session(env.config()).await;
+        for i in 0..2 {
+            let body = RegisterBody {
+                webhook_url: format!("https://other-{i}.example.com/hooks"),
+                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
+                enabled: i != 0,
+                auth: RegisterAuth::Basic {
+                    username: "o".into(),
+                    password: "other".into(),
+                },
+            };
+            session
+                .client
+                .create_webhook(&business, &body)
+                .await
+                .expect("create a webhook");
+        }
+    }
+    env.run_ok(&["webhooks", "register", "--business", &business]);
+    assert_eq!(env.sandbox.webhooks(&business).len(), 3);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        webhook_page_size: 2,
+        webhook_hide_disabled: true,
+        ..Default::default()
+    });
+    for _ in 0..2 {
+        let o = env.run(&["webhooks", "register", "--business", &business]);
+        let out = common::text(&o);
+        assert_eq!(o.status.code(), Some(0), "{out}");
+        assert!(out.contains("already registered"), "{out}");
+        assert_eq!(
+            env.sandbox.webhooks(&business).len(),
+            3,
+            "a duplicate was registered: {out}"
+        );
     }
 }

@@ -142,6 +142,11 @@ pub struct Faults {
     /// Webhooks: answer `400` to a page asked with `offset` (a later page
     /// failing).
     pub webhook_reject_offset: bool,
+    /// Webhooks (with `webhook_page_size`): leave disabled subscriptions
+    /// out of a page after cutting it, `limit` and `next` unchanged (a
+    /// server filtering after paging serves pages shorter than their limit
+    /// before the last).
+    pub webhook_hide_disabled: bool,
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,

@@ -136,6 +136,7 @@ pub(crate) fn list_page(
         .get(from..end)
         .unwrap_or_default()
         .iter()
+        .filter(|w| w.enabled || !s.faults.webhook_hide_disabled)
         .map(|w| w.to_json())
         .collect();
     let mut pagination = serde_json::json!({ "limit": size, "offset": offset });

@@ -742,10 +742,12 @@ impl Client {
     /// every page of them (`pagination.next` or `nextPageToken`), at most
     /// [`MAX_WEBHOOK_PAGES`]: a page asked twice, or one listing only
     /// webhooks already read (a server ignoring the cursor), is an error,
-    /// never an endless loop or a part taken for the whole. As the leads
-    /// listing ends (`paging`), a `next` by offset is not followed past an
-    /// empty page or one shorter than the `pagination.limit` it echoed:
-    /// some lists name a next page on every page.
+    /// never an endless loop or a part taken for the whole. A `next` by
+    /// offset is not followed past an empty page (some lists name a next
+    /// page on every page), but is past a page shorter than the
+    /// `pagination.limit` it echoed: a server filtering after paging, or
+    /// echoing its maximum while serving fewer, lists more after it, and a
+    /// webhook of ours missed there would be registered again on every run.
     pub async fn list_webhooks(&self, business_id: &str) -> Result<Vec<Subscription>, ApiError> {
         let list = self.url(&format!(
             "businesses/{}/webhooks",
@@ -769,7 +771,6 @@ impl Client {
                 .await?;
             let next = next_page_query(&self.settings.base_url, &page).map_err(broken)?;
             let listed = page.webhooks.len();
-            let short = listed == 0 || page.limit.is_some_and(|l| (listed as u64) < l);
             let before = all.len();
             // A webhook listed again (one created or deleted meanwhile
             // shifts the pages) is kept once.
@@ -783,7 +784,7 @@ impl Client {
             };
             let by_offset = serde_urlencoded::from_str::<Vec<(String, String)>>(&query)
                 .is_ok_and(|q| q.iter().any(|(k, _)| k == "offset"));
-            if short && by_offset {
+            if listed == 0 && by_offset {
                 // Nothing more at the next offset, whatever `next` says.
                 return Ok(all);
             }

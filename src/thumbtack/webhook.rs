@@ -297,8 +297,6 @@ pub struct SubscriptionPage {
     pub next: Option<String>,
     /// `pagination.nextPageToken`, sent back as `pageToken`.
     pub next_page_token: Option<String>,
-    /// `pagination.limit`: the page size the server applied, when echoed.
-    pub limit: Option<u64>,
 }
 
 /// Reads one page of subscriptions: `{"data": [...], "pagination": {...}}`
@@ -310,8 +308,6 @@ pub fn parse_subscription_page(body: &[u8]) -> Result<SubscriptionPage, String> 
         next: Option<String>,
         #[serde(rename = "nextPageToken", default)]
         next_page_token: Option<String>,
-        #[serde(default)]
-        limit: Option<serde_json::Value>,
     }
     #[derive(Deserialize)]
     #[serde(untagged)]
@@ -330,8 +326,6 @@ pub fn parse_subscription_page(body: &[u8]) -> Result<SubscriptionPage, String> 
                 webhooks: data,
                 next: m.next.filter(|n| !n.is_empty()),
                 next_page_token: m.next_page_token.filter(|t| !t.is_empty()),
-                // A limit not a positive number proves nothing of shortness.
-                limit: m.limit.and_then(|l| l.as_u64()).filter(|l| *l > 0),
             })
         }
         Ok(List::Bare(data)) => Ok(SubscriptionPage {
