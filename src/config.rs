@@ -1798,22 +1798,26 @@ fn resolve_client_secret(
     Ok((None, None))
 }
 
-/// Whether a file's mode lets users other than its owner read it (0620,
-/// a group that may only write, does not). The group's bit counts too: the
-/// shipped `leadsync` group holds the partner's programs that write the
-/// outbox, who must not read grants.
-fn open_to_others(meta: &std::fs::Metadata) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    meta.mode() & 0o044 != 0
+/// What users other than a file's owner can do with it, by its mode: read
+/// it (0640, 0604), change it (0620, 0602: replace a webhook password to
+/// forge deliveries, swap a refresh token for one of their grant), or both.
+/// The group's bits count too: the shipped `leadsync` group holds the
+/// partner's programs that write the outbox, who must not read grants.
+fn open_to_others(mode: u32) -> Option<&'static str> {
+    match (mode & 0o044 != 0, mode & 0o022 != 0) {
+        (true, true) => Some("can be read and changed by other users"),
+        (true, false) => Some("can be read by other users"),
+        (false, true) => Some("can be changed by other users"),
+        (false, false) => None,
+    }
 }
 
-/// The mode of `path` (as `0644`) when users other than its owner can read it.
-fn loose_mode(path: &Path) -> Option<String> {
+/// The mode of `path` (as `0644`) and what other users can do with it,
+/// when they can read or change it.
+fn loose_mode(path: &Path) -> Option<(String, &'static str)> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(path)
-        .ok()
-        .filter(open_to_others)
-        .map(|m| format!("{:04o}", m.mode() & 0o7777))
+    let mode = std::fs::metadata(path).ok()?.mode();
+    open_to_others(mode).map(|what| (format!("{:04o}", mode & 0o7777), what))
 }
 
 impl Config {
@@ -1825,11 +1829,11 @@ impl Config {
         if !self.uses_oauth() {
             return None;
         }
-        loose_mode(store).map(|mode| {
+        loose_mode(store).map(|(mode, what)| {
             format!(
-                "oauth.token_store {} can be read by other users (mode {mode}): it holds the \
-                 rotated refresh tokens; leadsync sets it to 0600 when it opens the store, or \
-                 run `chmod 600 {}`",
+                "oauth.token_store {} {what} (mode {mode}): it holds the rotated refresh \
+                 tokens; leadsync sets it to 0600 when it opens the store, or run \
+                 `chmod 600 {}`",
                 store.display(),
                 store.display()
             )
@@ -1839,7 +1843,8 @@ impl Config {
 
 /// Warnings for the secret files (client secret, webhook credentials,
 /// token files; the token store: [`Config::token_store_warning`]) other
-/// users can read: each names the file and the fix, never the content.
+/// users can read or change: each names the file, what they can do and the
+/// fix, never the content.
 /// Token files of many businesses make one warning. A file that cannot be
 /// read is another message's business.
 fn secret_files_open_to_others(config: &Config) -> Vec<String> {
@@ -1857,9 +1862,9 @@ fn secret_files_open_to_others(config: &Config) -> Vec<String> {
         single.push(("webhooks.header_value_file", p));
     }
     for (key, path) in single {
-        if let Some(mode) = loose(path) {
+        if let Some((mode, what)) = loose(path) {
             out.push(format!(
-                "{key} {} can be read by other users (mode {mode}): run `chmod 600 {}`",
+                "{key} {} {what} (mode {mode}): run `chmod 600 {}`",
                 path.display(),
                 path.display()
             ));
@@ -1870,14 +1875,17 @@ fn secret_files_open_to_others(config: &Config) -> Vec<String> {
         .iter()
         .filter_map(|b| {
             let (TokenSource::Refresh(p) | TokenSource::Static(p)) = &b.token;
-            loose(p).map(|mode| format!("{} (business {}, mode {mode})", p.display(), b.id))
+            loose(p).map(|(mode, what)| {
+                let what = what.trim_end_matches(" by other users");
+                format!("{} (business {}, mode {mode}: {what})", p.display(), b.id)
+            })
         })
         .collect();
     if !tokens.is_empty() {
         const SHOWN: usize = 5;
         let more = tokens.len().saturating_sub(SHOWN);
         out.push(format!(
-            "{} token file(s) can be read by other users: {}{}; run `chmod 600` on them",
+            "{} token file(s) open to other users: {}{}; run `chmod 600` on them",
             tokens.len(),
             tokens[..tokens.len().min(SHOWN)].join(", "),
             if more > 0 {

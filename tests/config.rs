@@ -1321,21 +1321,52 @@ fn secret_files_other_users_can_read_are_warned_about_by_name_not_content() {
     assert!(!t.contains(secret) && !t.contains(password), "{t}");
     assert!(!t.contains("sbx_static_secret_token_value"), "{t}");
 
-    // Only reading counts: 0620 (the group may write, as to a log) and
-    // 0602 let nobody else read the secret.
+    assert!(!t.contains("changed by other users"), "{t}");
+
+    // Review (odd, second): 0620 and 0602 let nobody else read the secret,
+    // but another user can replace it (a webhook password of theirs, to
+    // forge deliveries; a refresh token of their grant): a warning of its
+    // own, naming the file, the mode and the fix.
     for (p, mode) in [
         (&secret_file, 0o600),
         (&password_file, 0o620),
         (&store, 0o602),
-        (&d.token, 0o600),
+        (&d.token, 0o602),
     ] {
         chmod(p, mode);
+    }
+    let o = check(&[&f], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "a warning, not a failure: {t}");
+    let token = d.token.display().to_string();
+    assert!(
+        t.lines().any(|l| l.starts_with("# warning:")
+            && l.contains(&format!("{token} (business "))
+            && l.contains("mode 0602: can be changed)")),
+        "{t}"
+    );
+    assert!(!t.contains("read by other users"), "{t}");
+    let warnings: Vec<&str> = t.lines().filter(|l| l.starts_with("# warning:")).collect();
+    for (path, mode) in [(&password_file, "0620"), (&store, "0602")] {
+        let name = path.display().to_string();
+        assert!(
+            warnings.iter().any(|w| w.contains(&name)
+                && w.contains(mode)
+                && w.contains("changed by other users")
+                && w.contains("chmod 600")),
+            "no warning naming {name} ({mode}) as changeable: {t}"
+        );
+    }
+    assert_eq!(warnings.len(), 3, "{warnings:#?}");
+
+    for p in [&password_file, &store, &d.token] {
+        chmod(p, 0o600);
     }
     let o = check(&[&f], &[]);
     let t = text(&o);
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(
         !t.contains("other users"),
-        "files no one else can read draw no warning: {t}"
+        "files no one else can read or change draw no warning: {t}"
     );
 }

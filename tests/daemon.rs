@@ -1482,3 +1482,40 @@ async fn a_token_store_open_to_others_is_warned_about_once_at_the_start() {
     let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
 }
+
+/// Review (odd, second): a token store loosened after the start (a
+/// `chmod 644`, a restore from a backup) stayed readable by other users
+/// until a restart. A reload sets it to 0600 again and warns, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_loosened_after_the_start_is_set_to_0600_at_a_reload() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = common::oauth_env(3600, "").await;
+    let store = env.dir.path().join("fixture").join("tokens.db");
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon is up", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+    });
+    assert_eq!(
+        std::fs::metadata(&store).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for n in 1..=2 {
+        signal(&child, libc::SIGHUP);
+        wait_until_blocking("the reload applied", Duration::from_secs(30), || {
+            env.daemon_log().matches("configuration reloaded").count() == n
+        });
+    }
+    signal(&child, libc::SIGTERM);
+    let exit = wait_exit(&mut child, Duration::from_secs(15));
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{log}");
+    let name = store.display().to_string();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&name) && l.contains("0600"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+}
