@@ -431,10 +431,28 @@ pub async fn execute(cli: Cli) -> Result<u8> {
     let load = || -> Result<Config> { Ok(source.load()?) };
     match cli.command {
         Command::Run => {
-            let config = load()?;
-            config.require_client_secret()?;
+            // Before anything slow (reading thousands of files, a secret
+            // on a slow mount): a SIGHUP meeting its default disposition
+            // would kill the starting daemon. One received meanwhile is
+            // kept by `controls.reload` and applied once started.
             let controls = Controls::default();
             spawn_signal_handlers(&controls)?;
+            // SIGTERM stopped a start stuck reading a file at once before
+            // the handlers were in place; so it still does.
+            let reading = source.clone();
+            // Biased, the stop first: a SIGTERM that came while reading is
+            // obeyed even if the read is done by the time both are polled.
+            let config = tokio::select! {
+                biased;
+                _ = controls.shutdown.cancelled() => {
+                    tracing::info!("stopped while reading the configuration, before the start");
+                    return Ok(0);
+                }
+                loaded = tokio::task::spawn_blocking(move || reading.load()) => {
+                    loaded.context("reading the configuration")??
+                }
+            };
+            config.require_client_secret()?;
             daemon::run_with(config, Some(source), controls).await?;
             Ok(0)
         }
@@ -513,7 +531,11 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             if config.businesses.is_empty() {
                 println!("# warning: no business is configured");
             }
-            for w in config.warnings() {
+            for w in config
+                .warnings()
+                .into_iter()
+                .chain(config.token_store_warning())
+            {
                 println!("# warning: {w}");
             }
             for line in crate::schedule::Budget::of(&config, chrono::Utc::now()).render() {

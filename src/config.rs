@@ -599,6 +599,7 @@ impl ConfigSource {
         let replaced = businesses_replaced_by_env(&files);
         let mut config = validate(&figment, file, files)?;
         config.notes.extend(skipped);
+        config.notes.extend(secret_files_open_to_others(&config));
         if replaced > 0 {
             config.notes.push(format!(
                 "environment variable {ENV_PREFIX}BUSINESSES replaces {replaced} business(es) of the \
@@ -1795,6 +1796,106 @@ fn resolve_client_secret(
         }
     }
     Ok((None, None))
+}
+
+/// What users other than a file's owner can do with it, by its mode: read
+/// it (0640, 0604), change it (0620, 0602: replace a webhook password to
+/// forge deliveries, swap a refresh token for one of their grant), or both.
+/// The group's bits count too: the shipped `leadsync` group holds the
+/// partner's programs that write the outbox, who must not read grants.
+fn open_to_others(mode: u32) -> Option<&'static str> {
+    match (mode & 0o044 != 0, mode & 0o022 != 0) {
+        (true, true) => Some("can be read and changed by other users"),
+        (true, false) => Some("can be read by other users"),
+        (false, true) => Some("can be changed by other users"),
+        (false, false) => None,
+    }
+}
+
+/// The mode of `path` (as `0644`) and what other users can do with it,
+/// when they can read or change it.
+fn loose_mode(path: &Path) -> Option<(String, &'static str)> {
+    use std::os::unix::fs::MetadataExt;
+    let mode = std::fs::metadata(path).ok()?.mode();
+    open_to_others(mode).map(|what| (format!("{:04o}", mode & 0o7777), what))
+}
+
+impl Config {
+    /// For `config check`: the token store other users can read. Not a
+    /// start or reload note: opening the store sets it to 0600 and warns
+    /// then (once is enough).
+    pub fn token_store_warning(&self) -> Option<String> {
+        let store = &self.file.oauth.token_store;
+        if !self.uses_oauth() {
+            return None;
+        }
+        loose_mode(store).map(|(mode, what)| {
+            format!(
+                "oauth.token_store {} {what} (mode {mode}): it holds the rotated refresh \
+                 tokens; leadsync sets it to 0600 when it opens the store, or run \
+                 `chmod 600 {}`",
+                store.display(),
+                store.display()
+            )
+        })
+    }
+}
+
+/// Warnings for the secret files (client secret, webhook credentials,
+/// token files; the token store: [`Config::token_store_warning`]) other
+/// users can read or change: each names the file, what they can do and the
+/// fix, never the content.
+/// Token files of many businesses make one warning. A file that cannot be
+/// read is another message's business.
+fn secret_files_open_to_others(config: &Config) -> Vec<String> {
+    let loose = loose_mode;
+    let mut out = Vec::new();
+    let f = &config.file;
+    let mut single: Vec<(&str, &Path)> = Vec::new();
+    if let Some(p) = &f.oauth.client_secret_file {
+        single.push(("oauth.client_secret_file", p));
+    }
+    if let Some(p) = &f.webhooks.password_file {
+        single.push(("webhooks.password_file", p));
+    }
+    if let Some(p) = &f.webhooks.header_value_file {
+        single.push(("webhooks.header_value_file", p));
+    }
+    for (key, path) in single {
+        if let Some((mode, what)) = loose(path) {
+            out.push(format!(
+                "{key} {} {what} (mode {mode}): run `chmod 600 {}`",
+                path.display(),
+                path.display()
+            ));
+        }
+    }
+    let tokens: Vec<String> = config
+        .businesses
+        .iter()
+        .filter_map(|b| {
+            let (TokenSource::Refresh(p) | TokenSource::Static(p)) = &b.token;
+            loose(p).map(|(mode, what)| {
+                let what = what.trim_end_matches(" by other users");
+                format!("{} (business {}, mode {mode}: {what})", p.display(), b.id)
+            })
+        })
+        .collect();
+    if !tokens.is_empty() {
+        const SHOWN: usize = 5;
+        let more = tokens.len().saturating_sub(SHOWN);
+        out.push(format!(
+            "{} token file(s) open to other users: {}{}; run `chmod 600` on them",
+            tokens.len(),
+            tokens[..tokens.len().min(SHOWN)].join(", "),
+            if more > 0 {
+                format!(" and {more} more")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    out
 }
 
 /// Reads a secret file, trimmed; empty or unreadable is an error.

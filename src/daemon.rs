@@ -258,6 +258,11 @@ pub async fn run_with(
         tokio::select! {
             _ = controls.shutdown.cancelled() => break,
             _ = controls.reload.notified() => {
+                // A store loosened since it was opened (a chmod, a restore)
+                // is set to 0600 again, whatever the reload's outcome.
+                if daemon.auth.has_grant_store() {
+                    TokenStore::tighten(&daemon.config().file.oauth.token_store);
+                }
                 let Some(source) = &source else {
                     warn!("reload requested, but this daemon was not started from configuration files");
                     continue;

@@ -20,6 +20,8 @@ impl Dir {
             "tokens/468046965846925323",
             "sbx_static_secret_token_value\n",
         );
+        // As a secret should be (a looser one draws a warning).
+        chmod(&token, 0o600);
         Dir { dir, token }
     }
 
@@ -39,6 +41,11 @@ impl Dir {
     fn file(&self, name: &str, content: &str) -> PathBuf {
         write(self.path(), name, content)
     }
+}
+
+fn chmod(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
 }
 
 fn check(files: &[&Path], env: &[(&str, &str)]) -> Output {
@@ -772,7 +779,8 @@ fn the_shipped_example_takes_the_client_secret_from_the_units_credential() {
         .replace("/var/lib/leadsync/", &format!("{}/", var.display()));
     // Only the grant the example's business names; etc/client_secret is
     // not there (root-only: the service user cannot read it).
-    write(&etc, "tokens/468046965846925323", "the-refresh-token\n");
+    let grant = write(&etc, "tokens/468046965846925323", "the-refresh-token\n");
+    chmod(&grant, 0o600);
     let creds = tempfile::tempdir().unwrap();
     write(creds.path(), "client_secret", "cs-from-credential\n");
     let f = d.file("leadsync.toml", &example);
@@ -1261,4 +1269,104 @@ fn output_to_a_reader_gone_away_is_no_panic() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn secret_files_other_users_can_read_are_warned_about_by_name_not_content() {
+    // Review (odd): a client secret or token file left 0644 drew no word.
+    let d = Dir::new();
+    let secret = "cs_value_open_to_all_41";
+    let secret_file = d.file("client_secret", &format!("{secret}\n"));
+    let password = "hook_pw_open_to_group_52";
+    let password_file = d.file("hook_password", &format!("{password}\n"));
+    let store = d.path().join("tokens.db");
+    std::fs::write(&store, "").unwrap();
+    let f = d.file(
+        "c.toml",
+        &format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nusername = \"t\"\npassword_file = \"{}\"\n",
+            oauth_base(&d).replace(
+                "client_id = \"partner-app\"",
+                &format!(
+                    "client_id = \"partner-app\"\nclient_secret_file = \"{}\"",
+                    secret_file.display()
+                )
+            ),
+            password_file.display()
+        ),
+    );
+    chmod(&secret_file, 0o644);
+    chmod(&password_file, 0o640);
+    chmod(&store, 0o604);
+    chmod(&d.token, 0o640);
+
+    let o = check(&[&f], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "a warning, not a failure: {t}");
+    let warnings: Vec<&str> = t.lines().filter(|l| l.starts_with("# warning:")).collect();
+    for (path, mode) in [
+        (&secret_file, "0644"),
+        (&password_file, "0640"),
+        (&store, "0604"),
+        (&d.token, "0640"),
+    ] {
+        let name = path.display().to_string();
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains(&name) && w.contains(mode) && w.contains("chmod 600")),
+            "no warning naming {name} ({mode}) and the fix: {t}"
+        );
+    }
+    assert!(!t.contains(secret) && !t.contains(password), "{t}");
+    assert!(!t.contains("sbx_static_secret_token_value"), "{t}");
+
+    assert!(!t.contains("changed by other users"), "{t}");
+
+    // Review (odd, second): 0620 and 0602 let nobody else read the secret,
+    // but another user can replace it (a webhook password of theirs, to
+    // forge deliveries; a refresh token of their grant): a warning of its
+    // own, naming the file, the mode and the fix.
+    for (p, mode) in [
+        (&secret_file, 0o600),
+        (&password_file, 0o620),
+        (&store, 0o602),
+        (&d.token, 0o602),
+    ] {
+        chmod(p, mode);
+    }
+    let o = check(&[&f], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "a warning, not a failure: {t}");
+    let token = d.token.display().to_string();
+    assert!(
+        t.lines().any(|l| l.starts_with("# warning:")
+            && l.contains(&format!("{token} (business "))
+            && l.contains("mode 0602: can be changed)")),
+        "{t}"
+    );
+    assert!(!t.contains("read by other users"), "{t}");
+    let warnings: Vec<&str> = t.lines().filter(|l| l.starts_with("# warning:")).collect();
+    for (path, mode) in [(&password_file, "0620"), (&store, "0602")] {
+        let name = path.display().to_string();
+        assert!(
+            warnings.iter().any(|w| w.contains(&name)
+                && w.contains(mode)
+                && w.contains("changed by other users")
+                && w.contains("chmod 600")),
+            "no warning naming {name} ({mode}) as changeable: {t}"
+        );
+    }
+    assert_eq!(warnings.len(), 3, "{warnings:#?}");
+
+    for p in [&password_file, &store, &d.token] {
+        chmod(p, 0o600);
+    }
+    let o = check(&[&f], &[]);
+    let t = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{t}");
+    assert!(
+        !t.contains("other users"),
+        "files no one else can read or change draw no warning: {t}"
+    );
 }

@@ -1362,3 +1362,160 @@ async fn a_session_opened_with_the_lock_already_held_keeps_it_throughout() {
     drop(session);
     assert!(ProcessLock::try_acquire(&db).unwrap().is_some());
 }
+
+/// Opens the FIFO at `path` for writing once a reader has it open (a
+/// non-blocking open fails with ENXIO until then), within `within`.
+fn fifo_writer_once_read(path: &std::path::Path, within: Duration) -> std::fs::File {
+    use std::os::unix::fs::OpenOptionsExt;
+    let end = Instant::now() + within;
+    loop {
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+        {
+            Ok(f) => return f,
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => panic!("no reader of {} within {within:?}: {e}", path.display()),
+        }
+    }
+}
+
+/// Replaces the client secret file of an OAuth `env` by a FIFO: reading the
+/// configuration waits on it. Returns its path and the secret.
+fn client_secret_as_fifo(env: &Env) -> (std::path::PathBuf, Vec<u8>) {
+    let path = env.dir.path().join("fixture").join("client_secret");
+    let secret = std::fs::read(&path).unwrap();
+    std::fs::remove_file(&path).unwrap();
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: mkfifo(3) on a NUL-terminated path of our temp directory.
+    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
+    (path, secret)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_while_reading_the_configuration_still_stops_at_once() {
+    // With the handlers in place before the configuration is read, a stop
+    // must not wait for a read that may never end.
+    let env = common::oauth_env(3600, common::FAST).await;
+    let (secret_path, _) = client_secret_as_fifo(&env);
+    let mut child = Guard(env.spawn_daemon());
+    let _w = fifo_writer_once_read(&secret_path, Duration::from_secs(30));
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0),
+        "{}",
+        env.daemon_log()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_during_the_start_is_applied_once_started_not_fatal() {
+    // Review (odd): `kill -HUP` (systemd's ExecReload, an operator) while
+    // the daemon still read its configuration met SIGHUP's default
+    // disposition and killed it. The client secret file is a FIFO here, so
+    // the start waits on it for as long as the test wants: the signal
+    // arrives while the configuration is being read, for sure.
+    let env = common::oauth_env(3600, common::FAST).await;
+    let (secret_path, secret) = client_secret_as_fifo(&env);
+
+    let mut child = Guard(env.spawn_daemon());
+    // Write errors are the daemon gone: the assertion below says so.
+    let mut w = fifo_writer_once_read(&secret_path, Duration::from_secs(30));
+    // The daemon is blocked reading its configuration now.
+    signal(&child, libc::SIGHUP);
+    let _ = std::io::Write::write_all(&mut w, &secret);
+    drop(w);
+    wait_until_blocking(
+        "the daemon started, or exited",
+        Duration::from_secs(30),
+        || env.daemon_log().contains("leadsync started") || matches!(child.try_wait(), Ok(Some(_))),
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a SIGHUP during the start killed the daemon: {:?}\n{}",
+        child.try_wait(),
+        env.daemon_log()
+    );
+    // The reload asked for during the start is applied once started: it
+    // reads the configuration (and so the FIFO) again.
+    let mut w = fifo_writer_once_read(&secret_path, Duration::from_secs(30));
+    std::io::Write::write_all(&mut w, &secret).unwrap();
+    drop(w);
+    wait_until_blocking("the reload applied", Duration::from_secs(30), || {
+        env.daemon_log().contains("configuration reloaded")
+    });
+    signal(&child, libc::SIGTERM);
+    assert_eq!(
+        wait_exit(&mut child, Duration::from_secs(15)).code(),
+        Some(0)
+    );
+}
+
+/// Review (odd): a token store other users could read was warned about
+/// twice at the start (the configuration's note, then the store setting it
+/// to 0600). Once is enough: the store's, which also says what it did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_open_to_others_is_warned_about_once_at_the_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = common::oauth_env(3600, "").await;
+    let store = env.dir.path().join("fixture").join("tokens.db");
+    std::fs::write(&store, "").unwrap();
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon is up", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+    });
+    signal(&child, libc::SIGTERM);
+    let exit = wait_exit(&mut child, Duration::from_secs(15));
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    let name = store.display().to_string();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&name))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+}
+
+/// Review (odd, second): a token store loosened after the start (a
+/// `chmod 644`, a restore from a backup) stayed readable by other users
+/// until a restart. A reload sets it to 0600 again and warns, once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_store_loosened_after_the_start_is_set_to_0600_at_a_reload() {
+    use std::os::unix::fs::PermissionsExt;
+    let env = common::oauth_env(3600, "").await;
+    let store = env.dir.path().join("fixture").join("tokens.db");
+    let mut child = Guard(env.spawn_daemon());
+    wait_until_blocking("the daemon is up", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+    });
+    assert_eq!(
+        std::fs::metadata(&store).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    std::fs::set_permissions(&store, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for n in 1..=2 {
+        signal(&child, libc::SIGHUP);
+        wait_until_blocking("the reload applied", Duration::from_secs(30), || {
+            env.daemon_log().matches("configuration reloaded").count() == n
+        });
+    }
+    signal(&child, libc::SIGTERM);
+    let exit = wait_exit(&mut child, Duration::from_secs(15));
+    let log = env.daemon_log();
+    assert_eq!(exit.code(), Some(0), "{log}");
+    let mode = std::fs::metadata(&store).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{log}");
+    let name = store.display().to_string();
+    let warned: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("WARN") && l.contains(&name) && l.contains("0600"))
+        .collect();
+    assert_eq!(warned.len(), 1, "{warned:#?}");
+}

@@ -121,6 +121,32 @@ pub struct Faults {
     pub webhook_twice: bool,
     /// Webhooks: send each batch of deliveries in reverse order.
     pub webhook_out_of_order: bool,
+    /// Webhooks: list at most this many subscriptions a page, the next page
+    /// named in `pagination.next` as other v4 lists do (0: all on one page).
+    pub webhook_page_size: usize,
+    /// Webhooks (with `webhook_page_size`): name a `pagination.next` on
+    /// every page, the last one and the empty one past it too (some v4
+    /// lists always do).
+    pub webhook_always_next: bool,
+    /// Webhooks (with `webhook_page_size`): `pagination.next` of a page
+    /// asked with `offset` names that page again (a server whose
+    /// pagination does not advance).
+    pub webhook_next_same: bool,
+    /// Webhooks (with `webhook_page_size`): serve from the first webhook
+    /// whatever `offset` asks, `next` still advancing (a server that does
+    /// not know the parameter).
+    pub webhook_ignore_offset: bool,
+    /// Webhooks: answer every page empty with a new `nextPageToken` (a
+    /// listing that never ends).
+    pub webhook_endless_token: bool,
+    /// Webhooks: answer `400` to a page asked with `offset` (a later page
+    /// failing).
+    pub webhook_reject_offset: bool,
+    /// Webhooks (with `webhook_page_size`): leave disabled subscriptions
+    /// out of a page after cutting it, `limit` and `next` unchanged (a
+    /// server filtering after paging serves pages shorter than their limit
+    /// before the last).
+    pub webhook_hide_disabled: bool,
     /// Messages: list the newest messages whatever `sentBefore` asks (a
     /// server that does not know the parameter).
     pub ignore_sent_before: bool,
@@ -870,8 +896,16 @@ impl Sandbox {
             base_q = q(&self.base_url()),
             db = path(dir.join("leadsync.db")),
         );
+        // Secrets as they should be: the owner's alone (a looser file is
+        // warned about at every start).
+        let write_secret = |path: &Path, text: String| -> Result<()> {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::write(path, text)?;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+            Ok(())
+        };
         if oauth {
-            std::fs::write(dir.join("client_secret"), format!("{client_secret}\n"))?;
+            write_secret(&dir.join("client_secret"), format!("{client_secret}\n"))?;
             toml.push_str(&format!(
                 "[oauth]\ntoken_url = {}\nclient_id = {}\nclient_secret_file = {}\ntoken_store = {}\n\n",
                 q(&self.token_url()),
@@ -890,7 +924,7 @@ impl Sandbox {
                     self.static_token(&b.id).unwrap_or_default(),
                 )
             };
-            std::fs::write(&file, format!("{token}\n"))?;
+            write_secret(&file, format!("{token}\n"))?;
             toml.push_str(&format!(
                 "[[businesses]]\nid = {}\nname = {}\n{key} = {}\n\n",
                 q(&b.id),

@@ -288,6 +288,13 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 (&Method::POST, ["negotiations", n, "job-status"]) => {
                     job_status(&state, &business, n, &body, header("user-agent"))
                 }
+                (&Method::GET, ["businesses", b, "webhooks"]) if *b == business => {
+                    let page = super::webhooks::list_page(&lock(&state), b, &query, &host);
+                    match page {
+                        Ok(v) => json_response(StatusCode::OK, &v),
+                        Err(e) => problem(&state, StatusCode::BAD_REQUEST, "Bad Request", &e),
+                    }
+                }
                 (m, ["businesses", b, "webhooks", rest @ ..]) if *b == business => {
                     webhooks_api(&state, m, b, rest, &body)
                 }
@@ -1586,7 +1593,8 @@ fn edit(s: &mut State, negotiation_id: &str, f: impl FnOnce(&mut Value)) -> Resu
     Ok(())
 }
 
-/// `/api/v4/businesses/{id}/webhooks[/{webhookID}]`: list, create, get, delete.
+/// `/api/v4/businesses/{id}/webhooks[/{webhookID}]`: create, get, delete
+/// (the list: [`super::webhooks::list_page`]).
 fn webhooks_api(
     state: &Shared,
     method: &Method,
@@ -1605,16 +1613,6 @@ fn webhooks_api(
         )
     };
     match (method, rest) {
-        (&Method::GET, []) => {
-            let s = lock(state);
-            let list: Vec<Value> = s
-                .webhooks
-                .iter()
-                .filter(|w| w.business_id == business)
-                .map(Subscription::to_json)
-                .collect();
-            json_response(StatusCode::OK, &json!({"data": list}))
-        }
         (&Method::POST, []) => {
             let Ok(Value::Object(b)) = serde_json::from_slice::<Value>(body) else {
                 return bad("the body must be a JSON object");

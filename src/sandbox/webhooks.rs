@@ -86,6 +86,75 @@ pub(crate) struct Job {
     pub body: String,
 }
 
+/// One page of `GET /businesses/{id}/webhooks`: every subscription of
+/// `business_id`, or with the `webhook_page_size` fault that many from
+/// `?offset=`, `pagination.next` naming the rest as Thumbtack's other v4
+/// lists do (`host`, a path without `/api`). `Err`: a query to refuse (400).
+pub(crate) fn list_page(
+    s: &State,
+    business_id: &str,
+    query: &str,
+    host: &str,
+) -> Result<serde_json::Value, String> {
+    let params: std::collections::HashMap<String, String> =
+        serde_urlencoded::from_str(query).map_err(|_| "the query string cannot be read")?;
+    if s.faults.webhook_endless_token {
+        let n = params
+            .get("pageToken")
+            .and_then(|t| t.trim_start_matches('t').parse::<u64>().ok())
+            .unwrap_or(0);
+        return Ok(serde_json::json!({
+            "data": [], "pagination": { "nextPageToken": format!("t{}", n + 1) }
+        }));
+    }
+    let offset = match params.get("offset") {
+        Some(_) if s.faults.webhook_reject_offset => {
+            return Err("offset is not a known parameter".into());
+        }
+        Some(o) => o
+            .parse::<usize>()
+            .map_err(|_| format!("offset {o:?} is not a number"))?,
+        None => 0,
+    };
+    let all: Vec<&Subscription> = s
+        .webhooks
+        .iter()
+        .filter(|w| w.business_id == business_id)
+        .collect();
+    let size = s.faults.webhook_page_size;
+    if size == 0 {
+        let data: Vec<_> = all.iter().map(|w| w.to_json()).collect();
+        return Ok(serde_json::json!({ "data": data }));
+    }
+    let from = if s.faults.webhook_ignore_offset {
+        0
+    } else {
+        offset
+    };
+    let end = from.saturating_add(size).min(all.len());
+    let data: Vec<_> = all
+        .get(from..end)
+        .unwrap_or_default()
+        .iter()
+        .filter(|w| w.enabled || !s.faults.webhook_hide_disabled)
+        .map(|w| w.to_json())
+        .collect();
+    let mut pagination = serde_json::json!({ "limit": size, "offset": offset });
+    let next = if s.faults.webhook_next_same && params.contains_key("offset") {
+        Some(offset)
+    } else if end < all.len() || s.faults.webhook_always_next {
+        Some(offset.saturating_add(size))
+    } else {
+        None
+    };
+    if let Some(next) = next {
+        pagination["next"] = serde_json::Value::String(format!(
+            "http://{host}/v4/businesses/{business_id}/webhooks?limit={size}&offset={next}"
+        ));
+    }
+    Ok(serde_json::json!({ "data": data, "pagination": pagination }))
+}
+
 /// Builds the envelope Thumbtack sends.
 pub fn envelope(event_type: &str, webhook_id: &str, data_json: &str) -> String {
     let description = match event_type {

@@ -272,9 +272,11 @@ impl TokenStore {
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
                 check_owned(path, "token store")?;
                 let mode = std::fs::metadata(path)?.permissions().mode() & 0o777;
-                if mode & 0o077 != 0 {
+                if mode & 0o066 != 0 {
                     tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
-                        "token store was readable by others; setting mode 0600");
+                        "token store could be read or changed by others; setting mode 0600");
+                }
+                if mode & 0o077 != 0 {
                     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
                 }
             }
@@ -314,6 +316,31 @@ impl TokenStore {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Sets the store's file to 0600 again when other users can read or
+    /// write it (a `chmod`, a restore from a backup since it was opened),
+    /// warning then, once: the next call finds it 0600. A daemon calls it
+    /// at each reload. An error (the file gone) is warned about too.
+    pub fn tighten(path: &Path) {
+        let mode = match std::fs::metadata(path) {
+            Ok(m) => m.permissions().mode() & 0o777,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot read the token store's mode");
+                return;
+            }
+        };
+        if mode & 0o077 == 0 {
+            return;
+        }
+        match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+            Ok(()) => tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
+                "token store was open to other users since it was opened; setting mode 0600"),
+            Err(e) => tracing::warn!(path = %path.display(), mode = format!("{mode:o}"),
+                error = %e, "token store is open to other users and cannot be set to mode 0600: \
+                 run `chmod 600` on it"),
+        }
     }
 
     fn with<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {

@@ -10,11 +10,12 @@ use super::paging::Cursor;
 use super::problem::{
     ApiError, Disposition, describe_unreadable, is_success, parse_retry_after, trace_id_of,
 };
-use super::webhook::{RegisterBody, Subscription, parse_subscriptions};
+use super::webhook::{RegisterBody, Subscription, next_page_query, parse_subscription_page};
 use crate::config::Config;
 use crate::secret::Secret;
 use backon::{ExponentialBuilder, Retryable};
 use chrono::{DateTime, Utc};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tracing::warn;
@@ -784,15 +785,78 @@ impl Client {
     }
 }
 
+/// Pages of one business's webhooks read at most (a business has a few).
+pub const MAX_WEBHOOK_PAGES: usize = 100;
+
 impl Client {
-    /// The business's webhook subscriptions (`GET /businesses/{id}/webhooks`).
+    /// The business's webhook subscriptions (`GET /businesses/{id}/webhooks`),
+    /// every page of them (`pagination.next` or `nextPageToken`), at most
+    /// [`MAX_WEBHOOK_PAGES`]: a page asked twice, or one listing only
+    /// webhooks already read (a server ignoring the cursor), is an error,
+    /// never an endless loop or a part taken for the whole. A `next` by
+    /// offset is not followed past an empty page (some lists name a next
+    /// page on every page), but is past a page shorter than the
+    /// `pagination.limit` it echoed: a server filtering after paging, or
+    /// echoing its maximum while serving fewer, lists more after it, and a
+    /// webhook of ours missed there would be registered again on every run.
     pub async fn list_webhooks(&self, business_id: &str) -> Result<Vec<Subscription>, ApiError> {
-        let url = self.url(&format!(
+        let list = self.url(&format!(
             "businesses/{}/webhooks",
             path_segment(business_id)
         ));
-        self.get_retried(business_id, &url, parse_subscriptions)
-            .await
+        let broken = |message: String| ApiError {
+            disposition: Disposition::Dead,
+            http_status: Some(200),
+            trace_id: None,
+            retry_after: None,
+            from_api: false,
+            message,
+        };
+        let mut url = list.clone();
+        let mut asked = HashSet::from([String::new()]);
+        let mut seen = HashSet::new();
+        let mut all = Vec::new();
+        for _ in 0..MAX_WEBHOOK_PAGES {
+            let page = self
+                .get_retried(business_id, &url, parse_subscription_page)
+                .await?;
+            let next = next_page_query(&self.settings.base_url, &page).map_err(broken)?;
+            let listed = page.webhooks.len();
+            let before = all.len();
+            // A webhook listed again (one created or deleted meanwhile
+            // shifts the pages) is kept once.
+            all.extend(
+                page.webhooks
+                    .into_iter()
+                    .filter(|w| seen.insert(w.webhook_id.clone())),
+            );
+            let Some(query) = next else {
+                return Ok(all);
+            };
+            let by_offset = serde_urlencoded::from_str::<Vec<(String, String)>>(&query)
+                .is_ok_and(|q| q.iter().any(|(k, _)| k == "offset"));
+            if listed == 0 && by_offset {
+                // Nothing more at the next offset, whatever `next` says.
+                return Ok(all);
+            }
+            if listed > 0 && all.len() == before {
+                return Err(broken(format!(
+                    "a page of the webhooks listing lists only webhooks of earlier pages and \
+                     names a next one (?{query}): its pagination does not advance"
+                )));
+            }
+            if !asked.insert(query.clone()) {
+                return Err(broken(format!(
+                    "the webhooks listing names a page it already answered (?{query}): \
+                     its pagination does not advance"
+                )));
+            }
+            url = format!("{list}?{query}");
+        }
+        Err(broken(format!(
+            "the webhooks listing still names a next page after {MAX_WEBHOOK_PAGES} pages: \
+             not read further (its pagination may not advance)"
+        )))
     }
 
     /// Registers a webhook (`POST /businesses/{id}/webhooks`), once.

@@ -173,7 +173,7 @@ const MAX_EMPTY_PAGES: u32 = 3;
 /// documented `next` carries the production host even where the request
 /// went elsewhere. Its host is never contacted either way (only its query
 /// is used); another host means the response is not what we think it is.
-fn thumbtack_host(host: &str) -> bool {
+pub(crate) fn thumbtack_host(host: &str) -> bool {
     host == "thumbtack.com" || host.ends_with(".thumbtack.com")
 }
 

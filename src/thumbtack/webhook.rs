@@ -289,18 +289,83 @@ fn texts_or_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, 
         .collect())
 }
 
-/// Reads a list of subscriptions: `{"data": [...]}` or a bare array.
-pub fn parse_subscriptions(body: &[u8]) -> Result<Vec<Subscription>, String> {
+/// One page of a business's webhooks, and what it says of the next.
+#[derive(Debug, Default)]
+pub struct SubscriptionPage {
+    pub webhooks: Vec<Subscription>,
+    /// `pagination.next`: a URL of the next page.
+    pub next: Option<String>,
+    /// `pagination.nextPageToken`, sent back as `pageToken`.
+    pub next_page_token: Option<String>,
+}
+
+/// Reads one page of subscriptions: `{"data": [...], "pagination": {...}}`
+/// or a bare array (one page).
+pub fn parse_subscription_page(body: &[u8]) -> Result<SubscriptionPage, String> {
+    #[derive(Deserialize, Default)]
+    struct Markers {
+        #[serde(default)]
+        next: Option<String>,
+        #[serde(rename = "nextPageToken", default)]
+        next_page_token: Option<String>,
+    }
     #[derive(Deserialize)]
     #[serde(untagged)]
     enum List {
-        Envelope { data: Vec<Subscription> },
+        Envelope {
+            data: Vec<Subscription>,
+            #[serde(default)]
+            pagination: Option<Markers>,
+        },
         Bare(Vec<Subscription>),
     }
     match serde_json::from_slice::<List>(body) {
-        Ok(List::Envelope { data }) | Ok(List::Bare(data)) => Ok(data),
+        Ok(List::Envelope { data, pagination }) => {
+            let m = pagination.unwrap_or_default();
+            Ok(SubscriptionPage {
+                webhooks: data,
+                next: m.next.filter(|n| !n.is_empty()),
+                next_page_token: m.next_page_token.filter(|t| !t.is_empty()),
+            })
+        }
+        Ok(List::Bare(data)) => Ok(SubscriptionPage {
+            webhooks: data,
+            ..Default::default()
+        }),
         Err(e) => Err(format!("not a list of webhooks: {e}")),
     }
+}
+
+/// The query of the page after `page`, to apply to our own list path
+/// (`None`: the last page). A `next` URL gives only its query (the
+/// documented one has no `/api` in its path), and only from `base_url`'s
+/// host or Thumbtack's: another host means the answer is not what we think.
+pub fn next_page_query(base_url: &str, page: &SubscriptionPage) -> Result<Option<String>, String> {
+    if let Some(next) = &page.next {
+        let base = reqwest::Url::parse(base_url)
+            .map_err(|e| format!("api.base_url {base_url:?} is not a URL: {e}"))?;
+        let url = reqwest::Url::options()
+            .base_url(Some(&base))
+            .parse(next)
+            .map_err(|e| format!("pagination.next {next:?} of the webhooks is not a URL: {e}"))?;
+        let host = url.host_str().unwrap_or("");
+        if Some(host) != base.host_str() && !super::paging::thumbtack_host(host) {
+            return Err(format!(
+                "pagination.next of the webhooks names another host ({host}); it is never \
+                 followed: check api.base_url ({base_url})"
+            ));
+        }
+        return match url.query().filter(|q| !q.is_empty()) {
+            Some(q) => Ok(Some(q.to_string())),
+            None => Err(format!(
+                "pagination.next {next:?} of the webhooks names no page (no query)"
+            )),
+        };
+    }
+    Ok(page
+        .next_page_token
+        .as_ref()
+        .map(|t| serde_urlencoded::to_string([("pageToken", t.as_str())]).unwrap_or_default()))
 }
 
 /// How Thumbtack authenticates to the receiver, as registered.
@@ -343,16 +408,48 @@ pub struct RegisterBody {
 mod tests {
     use super::*;
 
+    /// The page after a page of webhooks: `pagination.next`'s query (its
+    /// path is not ours), only from `base_url`'s host or Thumbtack's, or
+    /// `nextPageToken` sent back as `pageToken`; none on the last page.
+    #[test]
+    fn the_next_page_of_webhooks_is_its_query_on_our_path_and_only_from_a_known_host() {
+        let base = "https://api.thumbtack.com";
+        let page = |body: &str| parse_subscription_page(body.as_bytes()).unwrap();
+        let last = page(r#"{"data":[],"pagination":{"limit":10}}"#);
+        assert_eq!(next_page_query(base, &last), Ok(None));
+        let bare = page(r#"[{"webhookID":"w1"}]"#);
+        assert_eq!(next_page_query(base, &bare), Ok(None));
+        let next = page(
+            r#"{"data":[],"pagination":{"next":"https://api.thumbtack.com/v4/businesses/1/webhooks?limit=10&offset=10"}}"#,
+        );
+        assert_eq!(
+            next_page_query(base, &next),
+            Ok(Some("limit=10&offset=10".into()))
+        );
+        let token = page(r#"{"data":[],"pagination":{"nextPageToken":"a b&c"}}"#);
+        assert_eq!(
+            next_page_query(base, &token),
+            Ok(Some("pageToken=a+b%26c".into()))
+        );
+        let elsewhere =
+            page(r#"{"data":[],"pagination":{"next":"https://evil.example/v4/x?offset=10"}}"#);
+        let e = next_page_query(base, &elsewhere).unwrap_err();
+        assert!(e.contains("another host (evil.example)"), "{e}");
+        let no_query = page(r#"{"data":[],"pagination":{"next":"/v4/x"}}"#);
+        assert!(next_page_query(base, &no_query).is_err());
+    }
+
     /// A webhook listed with `null` for a field (`"eventTypes": null`, as a
     /// server marshals an empty list) made the whole list unreadable:
     /// `webhooks list` and `register` failed for the business.
     #[test]
     fn a_webhook_listed_with_null_fields_is_read() {
-        let list = parse_subscriptions(
+        let list = parse_subscription_page(
             br#"{"data":[{"webhookID":"w1","webhookURL":null,"enabled":null,"eventTypes":null,"authType":null},
                 {"webhookID":"w2","webhookURL":"https://x/h","enabled":true,"eventTypes":["MessageCreatedV4",null]}]}"#,
         )
-        .unwrap();
+        .unwrap()
+        .webhooks;
         assert_eq!(list.len(), 2);
         assert_eq!(list[0].webhook_url, "");
         assert!(list[0].event_types.is_empty());
