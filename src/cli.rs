@@ -1341,7 +1341,12 @@ async fn auth_exchange(
         }
     );
     let covered = match auth.businesses_of(&config.file.api.base_url, &access).await {
-        Ok(list) => list,
+        Ok((list, notes)) => {
+            for n in notes {
+                eprintln!("leadsync: warning: {n}");
+            }
+            list
+        }
         Err(e) => {
             eprintln!("leadsync: warning: {e:#}");
             if write_conf.is_some() {

@@ -457,6 +457,90 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     })
 }
 
+/// A grant's businesses (id, name) and warnings about what their list left unread.
+pub type BusinessList = (Vec<(String, Option<String>)>, Vec<String>);
+
+/// The businesses of a `GET /api/v4/businesses` answer (id, name), and
+/// warnings about what it could not read. An answer holding no list is an
+/// error, not a grant covering nothing; an entry without a readable id is
+/// named; a page as long as its `limit`, or naming a next page, may leave
+/// businesses out (only the first page is read: the list's paging is not
+/// documented).
+pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
+    let Some(entries) = v
+        .get("data")
+        .and_then(|d| d.as_array())
+        .or_else(|| v.as_array())
+    else {
+        let keys = v
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .take(8)
+                    .map(|k| excerpt(k).chars().take(40).collect::<String>())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        anyhow::bail!(
+            "the business list answer holds no list of businesses (expected {{\"data\": [...]}}; \
+             top-level keys: {})",
+            if keys.is_empty() { "none" } else { &keys }
+        );
+    };
+    let mut notes = Vec::new();
+    let mut list = Vec::with_capacity(entries.len());
+    for (i, b) in entries.iter().enumerate() {
+        let name = b.get("name").and_then(|n| n.as_str()).map(str::to_string);
+        let id = match b.get("businessID") {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        match id {
+            Some(id) => list.push((id, name)),
+            None => notes.push(format!(
+                "entry {} of {} in the business list has no readable businessID{}: skipped",
+                i + 1,
+                entries.len(),
+                name.map(|n| format!(" (name \"{}\")", excerpt(&n)))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+    let pagination = v.get("pagination");
+    let named = |o: Option<&serde_json::Value>, k: &str| {
+        o.and_then(|o| o.get(k))
+            .is_some_and(|x| !x.is_null() && x.as_str() != Some(""))
+    };
+    let next = ["next", "nextPageToken", "pageToken"]
+        .iter()
+        .any(|k| named(pagination, k) || named(Some(&v), k));
+    let limit = pagination
+        .and_then(|p| p.get("limit"))
+        .and_then(|l| l.as_u64());
+    let full = limit.is_some_and(|l| l > 0 && entries.len() as u64 >= l);
+    if next || full {
+        notes.push(format!(
+            "the grant may cover more businesses than the {} listed ({}; leadsync reads the \
+             first page only): configure any other business of the pro's with a conf.d file \
+             naming the same refresh_token_file",
+            entries.len(),
+            if next {
+                "the answer names a next page".to_string()
+            } else {
+                format!(
+                    "the page is as long as its limit, {}",
+                    limit.unwrap_or_default()
+                )
+            }
+        ));
+    }
+    Ok((list, notes))
+}
+
 /// A short, printable excerpt of a server-written description (never a token body).
 fn excerpt(s: &str) -> String {
     s.chars().filter(|c| !c.is_control()).take(200).collect()
@@ -928,12 +1012,13 @@ impl Auth {
         self.exchange_on(chain, code, redirect_uri, true).await
     }
 
-    /// The businesses a grant's access token covers (`GET /api/v4/businesses`): id and name.
+    /// The businesses a grant's access token covers (`GET /api/v4/businesses`):
+    /// id and name, and warnings about what the answer left unread.
     pub async fn businesses_of(
         &self,
         base_url: &str,
         access_token: &Secret,
-    ) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    ) -> anyhow::Result<BusinessList> {
         let url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
         let resp = self
             .inner
@@ -963,25 +1048,7 @@ impl Auth {
                 ApiError::from_response(status, "", None, &body)
             );
         }
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
-        let list = v
-            .get("data")
-            .and_then(|d| d.as_array())
-            .or_else(|| v.as_array());
-        Ok(list
-            .into_iter()
-            .flatten()
-            .filter_map(|b| {
-                let id = match b.get("businessID")? {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Number(n) => n.to_string(),
-                    _ => return None,
-                };
-                let name = b.get("name").and_then(|n| n.as_str()).map(str::to_string);
-                Some((id, name))
-            })
-            .collect())
+        business_list(&body)
     }
 
     async fn exchange_on(
@@ -2657,6 +2724,68 @@ impl TokenFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_business_list_answer_without_a_list_is_an_error_not_an_empty_grant() {
+        // A 200 carrying an error object (or a list under another key) read
+        // as "the grant covers 0 businesses": nothing written, no word why.
+        for body in [
+            &br#"{"error":"temporarily unavailable"}"#[..],
+            br#"{"data":null}"#,
+            br#"{"data":{"businessID":"1"}}"#,
+            br#""ok""#,
+        ] {
+            let r = business_list(body);
+            assert!(r.is_err(), "{}: {r:?}", String::from_utf8_lossy(body));
+        }
+        let (list, notes) = business_list(br#"{"data":[],"pagination":{"limit":20}}"#).unwrap();
+        assert!(list.is_empty() && notes.is_empty(), "{notes:?}");
+    }
+
+    #[test]
+    fn a_business_list_entry_without_a_readable_id_is_named_not_dropped() {
+        let (list, notes) = business_list(
+            br#"{"data":[{"businessID":"11","name":"A"},{"name":"Pro B"},{"businessID":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(list, vec![("11".to_string(), Some("A".to_string()))]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("2 of 3"), "{notes:?}");
+        assert!(notes[0].contains("Pro B"), "{notes:?}");
+        assert!(notes[1].contains("3 of 3"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_full_or_continued_business_list_says_more_may_exist() {
+        // Only the first page is read: a page as long as its limit, or one
+        // naming a next page, may leave businesses out.
+        let page = |n: usize, pagination: &str| {
+            let data: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"businessID":"{}","name":"n"}}"#, 100 + i))
+                .collect();
+            format!(
+                r#"{{"data":[{}],"pagination":{pagination}}}"#,
+                data.join(",")
+            )
+        };
+        for (n, p) in [
+            (20, r#"{"limit":20}"#),
+            (
+                2,
+                r#"{"limit":20,"next":"https://api.thumbtack.com/v4/businesses?offset=2"}"#,
+            ),
+            (2, r#"{"limit":20,"nextPageToken":"abc"}"#),
+        ] {
+            let (list, notes) = business_list(page(n, p).as_bytes()).unwrap();
+            assert_eq!(list.len(), n);
+            assert!(
+                notes.iter().any(|m| m.contains("may cover more")),
+                "{p}: {notes:?}"
+            );
+        }
+        let (_, notes) = business_list(page(19, r#"{"limit":20}"#).as_bytes()).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+    }
 
     #[test]
     fn basic_credentials_are_form_urlencoded_first() {
