@@ -1355,53 +1355,127 @@ async fn auth_exchange(
             return Ok(0);
         }
     };
-    println!("the grant covers {} business(es):", covered.len());
+    onboard_confs(
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+        &covered,
+        write_conf,
+        &file,
+        &config,
+    )
+}
+
+/// What `auth exchange` prints of the grant's businesses, and with
+/// `--write-conf DIR` the `DIR/<id>.toml` it writes for each.
+fn onboard_confs(
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+    covered: &[(String, Option<String>)],
+    write_conf: Option<&std::path::Path>,
+    file: &std::path::Path,
+    config: &Config,
+) -> Result<u8> {
+    // A business listed twice is one business.
+    let mut seen = std::collections::HashSet::with_capacity(covered.len());
+    let covered: Vec<&(String, Option<String>)> =
+        covered.iter().filter(|(id, _)| seen.insert(id)).collect();
+    writeln!(out, "the grant covers {} business(es):", covered.len())?;
     for (id, name) in &covered {
-        println!("  {id}  {}", name.as_deref().unwrap_or(""));
+        // The server's text: no escape sequence reaches the terminal.
+        writeln!(
+            out,
+            "  {}  {}",
+            printable(id),
+            printable(name.as_deref().unwrap_or(""))
+        )?;
     }
-    if let Some(dir) = write_conf {
-        for (id, name) in &covered {
-            if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
-                eprintln!("leadsync: warning: skipping business id {id:?}: not a string of digits");
-                continue;
-            }
-            let path = dir.join(format!("{id}.toml"));
-            if config.business(id).is_some() {
-                println!("  {id} is configured already: no file written");
-                continue;
-            }
-            // `symlink_metadata`: a dangling link counts as existing.
-            if std::fs::symlink_metadata(&path).is_ok() {
-                println!("  {} exists: left as it is", path.display());
-                continue;
-            }
-            let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
-            let mut text = format!(
-                "# Written by `leadsync auth exchange` at {}: one grant covers the businesses\n\
-                 # naming the same refresh_token_file.\n[[businesses]]\nid = {}\n",
-                crate::time::now(),
-                quote(id)
-            );
-            if let Some(n) = name {
-                text.push_str(&format!("name = {}\n", quote(n)));
-            }
-            // Absolute: a path in the file is relative to conf.d, not to
-            // where this command ran.
-            let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
-            text.push_str(&format!(
-                "refresh_token_file = {}\n",
-                quote(&file.display().to_string())
-            ));
-            if !write_new_file(&path, &text)
-                .with_context(|| format!("cannot write {}", path.display()))?
-            {
-                println!("  {} exists: left as it is", path.display());
-                continue;
-            }
-            println!("  wrote {}", path.display());
+    let Some(dir) = write_conf else {
+        return Ok(0);
+    };
+    // Absolute: a path in the file is relative to conf.d, not to where
+    // this command ran.
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut failed = 0usize;
+    for (id, name) in &covered {
+        if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
+            writeln!(
+                err,
+                "leadsync: warning: skipping business id {id:?}: not a string of digits"
+            )?;
+            continue;
         }
-        println!("then: systemctl reload leadsync");
+        let path = dir.join(format!("{id}.toml"));
+        if let Some(b) = config.business(id) {
+            match &b.token {
+                crate::config::TokenSource::Refresh(f)
+                    if crate::thumbtack::auth::grant_key(f)
+                        != crate::thumbtack::auth::grant_key(&file) =>
+                {
+                    writeln!(
+                        out,
+                        "  {id} is configured already, on another grant (refresh_token_file = {}): \
+                         no file written, and it keeps that grant; to move it to this one, set its \
+                         refresh_token_file to {}",
+                        f.display(),
+                        file.display()
+                    )?
+                }
+                crate::config::TokenSource::Static(f) => writeln!(
+                    out,
+                    "  {id} is configured already, with access_token_file = {}: no file written; \
+                     to use this grant, replace that key with refresh_token_file = {}",
+                    f.display(),
+                    file.display()
+                )?,
+                _ => writeln!(out, "  {id} is configured already: no file written")?,
+            }
+            continue;
+        }
+        // `symlink_metadata`: a dangling link counts as existing.
+        if std::fs::symlink_metadata(&path).is_ok() {
+            writeln!(out, "  {} exists: left as it is", path.display())?;
+            continue;
+        }
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let mut text = format!(
+            "# Written by `leadsync auth exchange` at {}: one grant covers the businesses\n\
+             # naming the same refresh_token_file.\n[[businesses]]\nid = {}\n",
+            crate::time::now(),
+            quote(id)
+        );
+        if let Some(n) = name {
+            text.push_str(&format!("name = {}\n", quote(n)));
+        }
+        text.push_str(&format!(
+            "refresh_token_file = {}\n",
+            quote(&file.display().to_string())
+        ));
+        // One file that cannot be written (a name too long for the file
+        // system, a full disk) does not keep the others from theirs.
+        match write_new_file(&path, &text) {
+            Ok(true) => writeln!(out, "  wrote {}", path.display())?,
+            Ok(false) => writeln!(out, "  {} exists: left as it is", path.display())?,
+            Err(e) => {
+                failed += 1;
+                writeln!(
+                    err,
+                    "leadsync: error: cannot write {}: {e:#}",
+                    path.display()
+                )?;
+            }
+        }
     }
+    if failed > 0 {
+        writeln!(
+            err,
+            "leadsync: error: {failed} configuration file(s) not written; the grant is stored: \
+             write each by hand ([[businesses]], its id, refresh_token_file = {}) — do not run \
+             the exchange again (the code is spent)",
+            toml::Value::String(file.display().to_string())
+        )?;
+        return Ok(1);
+    }
+    writeln!(out, "then: systemctl reload leadsync")?;
     Ok(0)
 }
 
@@ -1431,7 +1505,21 @@ fn write_new_file(path: &std::path::Path, text: &str) -> Result<bool> {
         }
     })();
     let _ = std::fs::remove_file(&tmp);
-    Ok(result?)
+    let wrote = result?;
+    if wrote {
+        // The new name survives a power loss (the exchange cannot be run
+        // again to write it); best effort: the file is there now.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(directory = %dir.display(), error = %e,
+                "cannot sync the configuration directory: a power loss now could lose {}",
+                path.display());
+        }
+    }
+    Ok(wrote)
 }
 
 /// How long a command waits at its end for token refreshes in flight.
@@ -1570,6 +1658,107 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    fn onboard(
+        covered: &[(&str, Option<&str>)],
+        dir: &std::path::Path,
+    ) -> (Result<u8>, String, String) {
+        onboard_with("", covered, dir)
+    }
+
+    fn onboard_with(
+        conf: &str,
+        covered: &[(&str, Option<&str>)],
+        dir: &std::path::Path,
+    ) -> (Result<u8>, String, String) {
+        let covered: Vec<(String, Option<String>)> = covered
+            .iter()
+            .map(|(i, n)| (i.to_string(), n.map(str::to_string)))
+            .collect();
+        let file: crate::config::FileConfig = toml::from_str(conf).unwrap();
+        let config = Config::from_file_config(file).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = onboard_confs(
+            &mut out,
+            &mut err,
+            &covered,
+            Some(dir),
+            std::path::Path::new("/etc/leadsync/tokens/pro-1"),
+            &config,
+        );
+        let s = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (r, s(out), s(err))
+    }
+
+    #[test]
+    fn server_written_business_names_print_without_control_characters() {
+        // A name is the pro's own text, from the server: an escape sequence
+        // in it would drive the operator's terminal, a line break forge a
+        // line of output.
+        let dir = tempfile::tempdir().unwrap();
+        let (r, out, _) = onboard(
+            &[("11", Some("Pro\x1b]0;pwned\x07\n  wrote /etc/x"))],
+            dir.path(),
+        );
+        assert_eq!(r.unwrap(), 0);
+        assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
+        assert!(!out.contains("\n  wrote /etc/x"), "{out:?}");
+    }
+
+    #[test]
+    fn a_written_conf_holds_the_name_as_given_and_nothing_else() {
+        // TOML-special characters in a server-written name must not add keys.
+        let dir = tempfile::tempdir().unwrap();
+        let name = "x\"\nenabled = false\n[oauth]\nclient_id = 'evil' # \\";
+        let (r, _, _) = onboard(&[("11", Some(name))], dir.path());
+        assert_eq!(r.unwrap(), 0);
+        let text = std::fs::read_to_string(dir.path().join("11.toml")).unwrap();
+        let v: toml::Table = text.parse().unwrap();
+        assert_eq!(v.keys().collect::<Vec<_>>(), ["businesses"], "{text}");
+        let b = &v["businesses"][0];
+        assert_eq!(b["name"].as_str(), Some(name));
+        assert_eq!(b.as_table().unwrap().len(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_business_configured_on_another_grant_is_said_to_keep_it() {
+        // Re-authorizing a pro into a new token file leaves a configured
+        // business on its old grant (maybe the one needing re-authorization):
+        // "configured already" alone hid that.
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old-grant");
+        std::fs::write(&old, "t\n").unwrap();
+        let conf = format!(
+            "[oauth]\nclient_id = \"c\"\n[[businesses]]\nid = \"11\"\nrefresh_token_file = {:?}\n",
+            old.display().to_string()
+        );
+        let (r, out, _) = onboard_with(&conf, &[("11", None)], dir.path());
+        assert_eq!(r.unwrap(), 0);
+        assert!(out.contains("another grant"), "{out}");
+        assert!(out.contains(&old.display().to_string()), "{out}");
+        assert!(!dir.path().join("11.toml").exists());
+    }
+
+    #[test]
+    fn a_business_listed_twice_gets_one_file_and_no_false_exists_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, out, _) = onboard(&[("11", None), ("11", None)], dir.path());
+        assert_eq!(r.unwrap(), 0);
+        assert_eq!(out.matches("wrote").count(), 1, "{out}");
+        assert!(!out.contains("exists"), "{out}");
+    }
+
+    #[test]
+    fn a_conf_file_that_cannot_be_written_does_not_stop_the_others() {
+        // Too long a name for the file system (the server chose the id):
+        // the other businesses still get theirs, and the command fails.
+        let dir = tempfile::tempdir().unwrap();
+        let long = "9".repeat(300);
+        let (r, out, err) = onboard(&[(&long, None), ("22", None)], dir.path());
+        assert!(dir.path().join("22.toml").is_file(), "{out}{err}");
+        assert_eq!(r.unwrap(), 1, "{out}{err}");
+        assert!(err.contains(&long[..20]), "{err}");
+    }
 
     #[test]
     fn the_code_never_prints_in_debug() {
