@@ -555,6 +555,14 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             {
                 bail!("--write-conf {}: not a directory", dir.display());
             }
+            if let Some(dir) = &write_conf {
+                probe_dir(dir).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--write-conf {}: cannot create a file there ({e}); the code was not spent",
+                        dir.display()
+                    )
+                })?;
+            }
             let code = read_code(code, code_file.as_deref())?;
             let target = match (business, token_file) {
                 (Some(b), _) => ExchangeTarget::Business(b),
@@ -1349,8 +1357,16 @@ async fn auth_exchange(
         }
         Err(e) => {
             eprintln!("leadsync: warning: {e:#}");
-            if write_conf.is_some() {
-                bail!("cannot write configuration files without the grant's business list");
+            if let Some(dir) = write_conf {
+                let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
+                bail!(
+                    "the grant is stored, but without its business list no configuration file was \
+                     written: write {} for each of the pro's businesses, holding [[businesses]], \
+                     id = \"<businessID>\" and refresh_token_file = {} — do not run the exchange \
+                     again (the code is spent)",
+                    dir.join("<businessID>.toml").display(),
+                    toml::Value::String(file.display().to_string())
+                );
             }
             return Ok(0);
         }
@@ -1477,6 +1493,17 @@ fn onboard_confs(
     }
     writeln!(out, "then: systemctl reload leadsync")?;
     Ok(0)
+}
+
+/// Whether a new file can be created in `dir`: asked before the single-use
+/// code is spent, whose configuration files could otherwise not be written.
+fn probe_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".leadsync-probe-{}", std::process::id()));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    std::fs::remove_file(&probe)
 }
 
 /// Creates `path` with `text`, complete or not at all (a reload never reads

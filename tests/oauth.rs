@@ -2296,6 +2296,76 @@ async fn write_conf_never_writes_through_a_link_or_over_a_file() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_into_a_directory_that_refuses_files_does_not_spend_the_code() {
+    // The configuration files are written after the single-use code is
+    // spent: a directory that takes no file must be found before, or the
+    // pro's businesses are left to be configured by hand. (/proc/self is a
+    // directory that refuses a new file even to root, as tests may run.)
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = common::output(env.cli().args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        "/proc/self",
+    ]))
+    .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("/proc/self"), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 0, "the code is not spent: {}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_whose_business_list_fails_says_what_to_write_by_hand() {
+    // The code is spent and the grant stored when the list fails (an HTML
+    // page, a 401 for a missing scope): the exchange cannot be run again,
+    // so the error must say how to finish by hand.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        html_404: 1.0,
+        ..Default::default()
+    });
+    let o = common::output(env.cli().args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 1);
+    let out = text(&o);
+    assert!(
+        out.contains(&format!("refresh_token_file = \"{}\"", file.display())),
+        "{out}"
+    );
+    assert!(out.contains("do not run the exchange again"), "{out}");
+    assert!(!out.contains(&code), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_without_an_access_token_is_still_stored() {
     // The server used up the presented token and issued a new one; the
     // answer's missing access token does not make the new one disposable.
