@@ -447,6 +447,33 @@ fn probe_replaceable(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&tmp)
 }
 
+/// Opens (creating, mode 0600) the token file `auth exchange --token-file`
+/// writes, never through a link: one planted after the caller's check must
+/// not make it create, or chmod, the file it points to. (libc is not a
+/// dependency, so no O_NOFOLLOW: O_CREAT|O_EXCL never follows a link, and
+/// an existing file opened is checked to be the one at the path.)
+fn open_token_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => return Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let (opened, named) = (f.metadata()?, std::fs::symlink_metadata(path)?);
+    if !named.is_file() || (opened.dev(), opened.ino()) != (named.dev(), named.ino()) {
+        return Err(std::io::Error::other(
+            "a symbolic link or not a regular file: refusing it",
+        ));
+    }
+    Ok(f)
+}
+
 /// Replaces `path` with `text` atomically, mode 0600: a crash leaves the
 /// old content or the new, and a link planted at `path` is replaced, not
 /// followed.
@@ -954,7 +981,7 @@ impl Auth {
         code: &Secret,
         redirect_uri: &str,
     ) -> anyhow::Result<Secret> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         // A link would send the refresh token wherever it points.
         match std::fs::symlink_metadata(file) {
             Ok(m) if m.file_type().is_symlink() => anyhow::bail!(
@@ -968,12 +995,7 @@ impl Auth {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => anyhow::bail!("cannot inspect the token file {}: {e}", file.display()),
         }
-        let handle = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(file)
+        let handle = open_token_file(file)
             .map_err(|e| anyhow::anyhow!("cannot create the token file {}: {e}", file.display()))?;
         // An existing file keeps its mode (a `touch` under umask 022 makes
         // it 0644): make it the owner's alone before it holds a token.
@@ -2724,6 +2746,28 @@ impl TokenFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_planted_at_the_token_file_after_its_check_is_not_followed() {
+        // exchange_code_into refuses a link first, but one planted between
+        // that check and the open made root create, or chmod 0600, the
+        // file it points to (/etc/passwd made 0600 breaks every login).
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (absent, present) = (dir.path().join("absent"), dir.path().join("present"));
+        std::fs::write(&present, "x").unwrap();
+        std::fs::set_permissions(&present, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for target in [&absent, &present] {
+            let link = dir.path().join("grant");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(target, &link).unwrap();
+            let opened = open_token_file(&link);
+            assert!(opened.is_err(), "{}", target.display());
+        }
+        assert!(!absent.exists());
+        let mode = std::fs::metadata(&present).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
 
     #[test]
     fn a_business_list_answer_without_a_list_is_an_error_not_an_empty_grant() {
