@@ -566,7 +566,32 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             let code = read_code(code, code_file.as_deref())?;
             let target = match (business, token_file) {
                 (Some(b), _) => ExchangeTarget::Business(b),
-                (None, Some(f)) => ExchangeTarget::File(f),
+                (None, Some(f)) => {
+                    // Configured businesses' grant (their file emptied, the
+                    // grant in the store): replacing it would move them to
+                    // the new pro's grant without a word.
+                    let key = crate::thumbtack::auth::grant_key(&f);
+                    let naming: Vec<&str> = config
+                        .businesses
+                        .iter()
+                        .filter(|b| {
+                            matches!(&b.token, crate::config::TokenSource::Refresh(g)
+                                if crate::thumbtack::auth::grant_key(g) == key)
+                        })
+                        .map(|b| b.id.as_str())
+                        .collect();
+                    if let Some(first) = naming.first() {
+                        bail!(
+                            "the token file {} is the grant of configured business(es) {}: to \
+                             re-authorize them run `leadsync auth exchange --business {first}`; \
+                             --token-file onboards a new grant into a new file. The code was not \
+                             spent",
+                            f.display(),
+                            naming.join(", ")
+                        );
+                    }
+                    ExchangeTarget::File(f)
+                }
                 (None, None) => bail!("give --business ID or --token-file FILE"),
             };
             auth_exchange(config, target, &code, &redirect_uri, write_conf.as_deref()).await

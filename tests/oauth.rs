@@ -2170,6 +2170,35 @@ async fn onboarding_into_an_existing_readable_token_file_makes_it_private() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_never_replaces_another_grant_in_its_token_file() {
+    // `--token-file` naming a file that holds a token (a typo for another
+    // pro's file), or one configured businesses name, replaced that grant:
+    // its single-use refresh token overwritten in the file and the store,
+    // its businesses silently moved to the new pro's grant.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let other = grants.join("pro-9");
+    std::fs::write(&other, "old-pro-token\n").unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[1]]);
+    let o = exchange_into(&env, &other, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "old-pro-token\n");
+    // A configured business's file, emptied (its grant lives in the store).
+    let o = env.run(&["sync", "--business", &ids[0]]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let configured = token_file(&env, &ids[0]);
+    std::fs::write(&configured, "").unwrap();
+    let o = exchange_into(&env, &configured, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("--business"), "{}", text(&o));
+    assert!(text(&o).contains(&ids[0]), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 0, "the code is not spent: {}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboarding_where_the_token_file_cannot_be_replaced_does_not_spend_the_code() {
     // The token file is replaced through a sibling temporary file: a
     // directory that refuses it (read-only for the service user; here, as

@@ -991,6 +991,17 @@ impl Auth {
             Ok(m) if !m.is_file() => {
                 anyhow::bail!("the token file {} is not a regular file", file.display())
             }
+            // Another grant's token (a typo for another pro's file): the
+            // exchange would overwrite it, in the file and in the store.
+            Ok(_) if std::fs::read_to_string(file).is_ok_and(|t| !t.trim().is_empty()) => {
+                anyhow::bail!(
+                    "the token file {} holds a token already (another grant?): --token-file \
+                     onboards a new grant into a new or empty file; to re-authorize configured \
+                     businesses use --business ID; to replace this grant on purpose, empty the \
+                     file first. The code was not spent",
+                    file.display()
+                )
+            }
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => anyhow::bail!("cannot inspect the token file {}: {e}", file.display()),
