@@ -3273,3 +3273,112 @@ fn a_token_store_directory_another_user_owns_is_refused_a_shared_one_is_not() {
         assert!(e.contains("belongs to uid 54321"), "{e}");
     }
 }
+
+/// `auth exchange --token-file FILE --code CODE`, spawned with its output piped.
+fn spawn_exchange_into(env: &Env, file: &std::path::Path, code: &str) -> std::process::Child {
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    common::spawn(&mut c).unwrap()
+}
+
+async fn output_of(child: std::process::Child) -> std::process::Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stored_refresh_token(env: &Env, file: &std::path::Path) -> Option<String> {
+    let key = leadsync::thumbtack::auth::grant_key(file);
+    let db = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    db.query_row(
+        "SELECT refresh_token FROM grants WHERE grant_key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_stores_the_grant_when_its_token_file_cannot_be_written() {
+    // The token file's write failing after the code is spent (a full disk
+    // or a quota on the tokens directory) returned before the store was
+    // tried: the spent code's grant was lost though the store had room.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let child = spawn_exchange_into(&env, &file, &code);
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    // What the file's write makes next to it cannot be made now.
+    std::fs::create_dir(grants.join(".pro-1.leadsync-tmp")).unwrap();
+    let o = output_of(child).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot write the token file"),
+        "{}",
+        text(&o)
+    );
+    let stored = stored_refresh_token(&env, &file);
+    assert!(
+        stored.as_deref().is_some_and(|t| !t.is_empty()),
+        "the grant is in the token store: {}",
+        text(&o)
+    );
+    assert_eq!(codes_spent(&env), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_onboardings_into_one_token_file_keep_the_first_grant() {
+    // Both saw the file empty before either took the grant's lock: the
+    // second spent its code and silently replaced the first pro's grant.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let (first, second) = (
+        env.sandbox.mint_grant_code(&[&ids[0]]),
+        env.sandbox.mint_grant_code(&[&ids[1]]),
+    );
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let a = spawn_exchange_into(&env, &file, &first);
+    wait_until("the first code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    // The file is there, empty, while the first exchange waits for its answer.
+    let b = spawn_exchange_into(&env, &file, &second);
+    let (a, b) = (output_of(a).await, output_of(b).await);
+    assert_eq!(a.status.code(), Some(0), "{}", text(&a));
+    assert_ne!(b.status.code(), Some(0), "{}", text(&b));
+    assert!(text(&b).contains("not spent"), "{}", text(&b));
+    assert_eq!(codes_spent(&env), 1, "{}", text(&b));
+    let in_file = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        stored_refresh_token(&env, &file).as_deref(),
+        Some(in_file.trim())
+    );
+}

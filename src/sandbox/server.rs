@@ -1237,6 +1237,9 @@ fn token_endpoint(
     }
     let mut hold = 0;
     let mut lose = false;
+    if grant == "authorization_code" {
+        hold = faults.hold_code_ms;
+    }
     if grant == "refresh_token" {
         let presented = form.get("refresh_token").cloned().unwrap_or_default();
         if let Some(e) = s.refresh_tokens.get_mut(&presented) {

@@ -474,6 +474,38 @@ fn open_token_file(path: &Path) -> std::io::Result<std::fs::File> {
     Ok(f)
 }
 
+/// Refuses a token file `auth exchange --token-file` would overwrite: one
+/// holding anything but whitespace (another grant's token, or a file
+/// named by mistake), or one that cannot be read to tell. The code is
+/// not spent when this refuses.
+fn refuse_held(file: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    const MOST: u64 = 4096;
+    let held = (|| -> std::io::Result<bool> {
+        let mut bytes = Vec::new();
+        std::fs::File::open(file)?
+            .take(MOST + 1)
+            .read_to_end(&mut bytes)?;
+        Ok(bytes.len() as u64 > MOST || !bytes.iter().all(u8::is_ascii_whitespace))
+    })();
+    match held {
+        Ok(false) => Ok(()),
+        Ok(true) => anyhow::bail!(
+            "the token file {} is not empty (another grant's token? a previous onboarding may \
+             have written it): --token-file onboards a new grant into a new or empty file; to \
+             re-authorize configured businesses use --business ID; to replace this grant on \
+             purpose, move the file aside first (keep it until the new grant works). The code \
+             was not spent",
+            file.display()
+        ),
+        Err(e) => anyhow::bail!(
+            "cannot read the token file {} to check that it holds no other grant ({e}): \
+             refusing it. The code was not spent",
+            file.display()
+        ),
+    }
+}
+
 /// Replaces `path` with `text` atomically, mode 0600: a crash leaves the
 /// old content or the new, and a link planted at `path` is replaced, not
 /// followed.
@@ -991,18 +1023,10 @@ impl Auth {
             Ok(m) if !m.is_file() => {
                 anyhow::bail!("the token file {} is not a regular file", file.display())
             }
-            // Another grant's token (a typo for another pro's file): the
-            // exchange would overwrite it, in the file and in the store.
-            Ok(_) if std::fs::read_to_string(file).is_ok_and(|t| !t.trim().is_empty()) => {
-                anyhow::bail!(
-                    "the token file {} holds a token already (another grant?): --token-file \
-                     onboards a new grant into a new or empty file; to re-authorize configured \
-                     businesses use --business ID; to replace this grant on purpose, empty the \
-                     file first. The code was not spent",
-                    file.display()
-                )
-            }
-            Ok(_) => {}
+            // Another grant's token (a typo for another pro's file, or the
+            // mirror): the exchange would overwrite it, in the file and in
+            // the store. Refused before the file is opened, let alone chmodded.
+            Ok(_) => refuse_held(file)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => anyhow::bail!("cannot inspect the token file {}: {e}", file.display()),
         }
@@ -1124,6 +1148,11 @@ impl Auth {
                 }
             }
         };
+        // Onboarding: another exchange into the same file may have taken
+        // the lock first and written its grant since the caller's check.
+        if write_file {
+            refuse_held(&chain.file)?;
+        }
         // The file the exchange's fallback writes if the store fails after
         // the code is spent: the one the grant is keyed by (a symlinked
         // token file is written through, never replaced by a regular file,
@@ -1166,12 +1195,21 @@ impl Auth {
             );
         };
         let access = Inner::access_of(tokens.access_token, tokens.expires_in);
+        // The file holds the initial token; the store the same, as its seed.
+        // A file that cannot be written (a full disk, a quota on the tokens
+        // directory) does not keep the grant from the store: the code is spent.
+        let mut file_failure = None;
         let seed_fp = if write_file {
-            // The file holds the initial token; the store the same, as its seed.
-            write_private(&chain.file, &format!("{}\n", refresh.expose())).map_err(|e| {
-                anyhow::anyhow!("cannot write the token file {}: {e}", chain.file.display())
-            })?;
-            Some(sha256_hex(refresh.expose()))
+            if let Err(e) = write_private(&chain.file, &format!("{}\n", refresh.expose())) {
+                error!(grant = %chain.file.display(), error = %e,
+                    "cannot write the token file: the new grant goes to the token store only");
+                file_failure = Some(e.to_string());
+            }
+            // The seed is what the file holds now (the token, or nothing).
+            match read_token_file(&chain.file) {
+                Ok(t) if !t.is_empty() => Some(sha256_hex(&t)),
+                _ => None,
+            }
         } else {
             seed_fp
         };
@@ -1217,7 +1255,7 @@ impl Auth {
             let file = chain.file.display();
             error!(grant = %file, error = %failure,
                 "the token store could not take the new grant's refresh token");
-            if write_file {
+            if write_file && file_failure.is_none() {
                 anyhow::bail!(
                     "the token store could not take the new grant ({failure}); its refresh token is \
                      NOT lost: it is in the token file {file} (mode 0600), written before the store, \
@@ -1255,6 +1293,14 @@ impl Auth {
                      fix the token store, then authorize again (`leadsync auth exchange`)"
                 )),
             };
+        }
+        if let Some(e) = &file_failure {
+            warn!(grant = %chain.file.display(),
+                "the new grant's refresh token is NOT in the token file {} (it could not be \
+                 written: {e}) but it is stored in the token store, where every refresh takes it \
+                 from: the grant is usable, and the file may stay empty (it is only read for a \
+                 new grant) — do not run the exchange again (the code is spent)",
+                chain.file.display());
         }
         // A rotated token held unsaved (here, or by the process whose note
         // names it) may be in the token file, written there after the file
