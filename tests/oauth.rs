@@ -3382,3 +3382,26 @@ async fn two_onboardings_into_one_token_file_keep_the_first_grant() {
         Some(in_file.trim())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_refuses_a_file_that_is_not_text_and_leaves_its_mode() {
+    // `--token-file /var/lib/leadsync/leadsync.db` (a typo): the "holds a
+    // token" check only refused files read as text, so the mirror was let
+    // through and made 0600 before anything refused it.
+    use std::os::unix::fs::PermissionsExt;
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let file = env.dir.path().join("mirror.db");
+    let bytes = b"SQLite format 3\0\xff\xfe\x00\x01binary";
+    std::fs::write(&file, bytes).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert!(text(&o).contains("move the file aside"), "{}", text(&o));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "left as it was");
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    assert_eq!(codes_spent(&env), 0);
+}
