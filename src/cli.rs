@@ -1170,11 +1170,23 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
 }
 
 /// Text for a table on a terminal: every control character (line breaks,
-/// tabs, escape sequences a row could carry) becomes a space.
+/// tabs, escape sequences a row could carry) and every invisible format
+/// character that reorders or hides text (bidi overrides and isolates,
+/// zero-width characters) becomes a space.
 fn printable(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| if c.is_control() || is_format(c) { ' ' } else { c })
         .collect()
+}
+
+/// The format characters (Unicode Cf) a terminal shows as nothing or
+/// uses to reorder what follows (no Unicode tables are a dependency: the
+/// ones that matter, listed).
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
+        | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
 }
 
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
@@ -1363,7 +1375,10 @@ async fn auth_exchange(
         .filter(|b| matches!(&b.token, crate::config::TokenSource::Refresh(f) if *f == file))
         .map(|b| b.id.as_str())
         .collect();
-    println!(
+    // Output only (a closed standard output must not panic before the
+    // conf files are written): the grant is stored.
+    let _ = writeln!(
+        std::io::stdout(),
         "stored the new grant of {} in {}{}; a running daemon picks it up at its next sync",
         file.display(),
         config.file.oauth.token_store.display(),
@@ -1416,19 +1431,26 @@ fn onboard_confs(
     file: &std::path::Path,
     config: &Config,
 ) -> Result<u8> {
+    // Output only: a closed standard output (`| head -1`) must not stop
+    // the files, written after the grant was stored (the code is spent).
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            let _ = writeln!($($t)*);
+        }};
+    }
     // A business listed twice is one business.
     let mut seen = std::collections::HashSet::with_capacity(covered.len());
     let covered: Vec<&(String, Option<String>)> =
         covered.iter().filter(|(id, _)| seen.insert(id)).collect();
-    writeln!(out, "the grant covers {} business(es):", covered.len())?;
+    say!(out, "the grant covers {} business(es):", covered.len());
     for (id, name) in &covered {
         // The server's text: no escape sequence reaches the terminal.
-        writeln!(
+        say!(
             out,
             "  {}  {}",
             printable(id),
             printable(name.as_deref().unwrap_or(""))
-        )?;
+        );
     }
     let Some(dir) = write_conf else {
         return Ok(0);
@@ -1439,10 +1461,10 @@ fn onboard_confs(
     let mut failed = 0usize;
     for (id, name) in &covered {
         if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
-            writeln!(
+            say!(
                 err,
                 "leadsync: warning: skipping business id {id:?}: not a string of digits"
-            )?;
+            );
             continue;
         }
         let path = dir.join(format!("{id}.toml"));
@@ -1452,29 +1474,29 @@ fn onboard_confs(
                     if crate::thumbtack::auth::grant_key(f)
                         != crate::thumbtack::auth::grant_key(&file) =>
                 {
-                    writeln!(
+                    say!(
                         out,
                         "  {id} is configured already, on another grant (refresh_token_file = {}): \
                          no file written, and it keeps that grant; to move it to this one, set its \
                          refresh_token_file to {}",
                         f.display(),
                         file.display()
-                    )?
+                    )
                 }
-                crate::config::TokenSource::Static(f) => writeln!(
+                crate::config::TokenSource::Static(f) => say!(
                     out,
                     "  {id} is configured already, with access_token_file = {}: no file written; \
                      to use this grant, replace that key with refresh_token_file = {}",
                     f.display(),
                     file.display()
-                )?,
-                _ => writeln!(out, "  {id} is configured already: no file written")?,
+                ),
+                _ => say!(out, "  {id} is configured already: no file written"),
             }
             continue;
         }
         // `symlink_metadata`: a dangling link counts as existing.
         if std::fs::symlink_metadata(&path).is_ok() {
-            writeln!(out, "  {} exists: left as it is", path.display())?;
+            say!(out, "  {} exists: left as it is", path.display());
             continue;
         }
         let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
@@ -1494,29 +1516,29 @@ fn onboard_confs(
         // One file that cannot be written (a name too long for the file
         // system, a full disk) does not keep the others from theirs.
         match write_new_file(&path, &text) {
-            Ok(true) => writeln!(out, "  wrote {}", path.display())?,
-            Ok(false) => writeln!(out, "  {} exists: left as it is", path.display())?,
+            Ok(true) => say!(out, "  wrote {}", path.display()),
+            Ok(false) => say!(out, "  {} exists: left as it is", path.display()),
             Err(e) => {
                 failed += 1;
-                writeln!(
+                say!(
                     err,
                     "leadsync: error: cannot write {}: {e:#}",
                     path.display()
-                )?;
+                );
             }
         }
     }
     if failed > 0 {
-        writeln!(
+        say!(
             err,
             "leadsync: error: {failed} configuration file(s) not written; the grant is stored: \
              write each by hand ([[businesses]], its id, refresh_token_file = {}) — do not run \
              the exchange again (the code is spent)",
             toml::Value::String(file.display().to_string())
-        )?;
+        );
         return Ok(1);
     }
-    writeln!(out, "then: systemctl reload leadsync")?;
+    say!(out, "then: systemctl reload leadsync");
     Ok(0)
 }
 
@@ -1810,6 +1832,53 @@ mod tests {
         assert!(dir.path().join("22.toml").is_file(), "{out}{err}");
         assert_eq!(r.unwrap(), 1, "{out}{err}");
         assert!(err.contains(&long[..20]), "{err}");
+    }
+
+    /// Standard output piped into `head -1`: closed after the first line.
+    struct Closed(usize);
+    impl std::io::Write for Closed {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.0 -= 1;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_standard_output_does_not_stop_the_conf_files() {
+        // `auth exchange --write-conf DIR | head -1`: the grant is stored,
+        // but the listing's failed write stopped before any file was written.
+        let dir = tempfile::tempdir().unwrap();
+        let covered = vec![("11".to_string(), None), ("22".to_string(), None)];
+        let config = Config::from_file_config(toml::from_str("").unwrap()).unwrap();
+        let mut err = Vec::new();
+        let r = onboard_confs(
+            &mut Closed(1),
+            &mut err,
+            &covered,
+            Some(dir.path()),
+            std::path::Path::new("/etc/leadsync/tokens/pro-1"),
+            &config,
+        );
+        assert_eq!(r.unwrap(), 0, "{}", String::from_utf8_lossy(&err));
+        assert!(dir.path().join("11.toml").is_file());
+        assert!(dir.path().join("22.toml").is_file());
+    }
+
+    #[test]
+    fn format_characters_are_neutralised_in_server_text() {
+        // A bidi override (U+202E) or an isolate reorders what follows it on
+        // the terminal: a name could make an id read as another.
+        for c in ['\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200b}', '\u{feff}'] {
+            let p = printable(&format!("Pro{c}11"));
+            assert!(!p.contains(c), "{:?}", p);
+        }
+        assert_eq!(printable("Ökologische Gärten"), "Ökologische Gärten");
     }
 
     #[test]

@@ -554,7 +554,7 @@ pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
     for (i, b) in entries.iter().enumerate() {
         let name = b.get("name").and_then(|n| n.as_str()).map(str::to_string);
         let id = match b.get("businessID") {
-            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
             Some(serde_json::Value::Number(n)) => Some(n.to_string()),
             _ => None,
         };
@@ -2854,6 +2854,16 @@ mod tests {
         assert!(notes[0].contains("2 of 3"), "{notes:?}");
         assert!(notes[0].contains("Pro B"), "{notes:?}");
         assert!(notes[1].contains("3 of 3"), "{notes:?}");
+    }
+
+    #[test]
+    fn an_empty_business_id_is_named_like_an_unreadable_one() {
+        let (list, notes) =
+            business_list(br#"{"data":[{"businessID":"","name":"Pro E"},{"businessID":"12"}]}"#)
+                .unwrap();
+        assert_eq!(list, vec![("12".to_string(), None)]);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("Pro E"), "{notes:?}");
     }
 
     #[test]
