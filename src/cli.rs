@@ -1542,15 +1542,29 @@ fn onboard_confs(
     Ok(0)
 }
 
-/// Whether a new file can be created in `dir`: asked before the single-use
-/// code is spent, whose configuration files could otherwise not be written.
+/// Whether a new file can be created in `dir`, and linked to another name
+/// as `write_new_file` does: asked before the single-use code is spent,
+/// whose configuration files could otherwise not be written. Its names
+/// are this run's own (a leftover of an earlier run is not in the way).
 fn probe_dir(dir: &std::path::Path) -> std::io::Result<()> {
-    let probe = dir.join(format!(".leadsync-probe-{}", std::process::id()));
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let probe = dir.join(format!(".leadsync-probe-{}-{nanos}", std::process::id()));
+    let linked = dir.join(format!(
+        ".leadsync-probe-{}-{nanos}.link",
+        std::process::id()
+    ));
     std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .open(&probe)?;
-    std::fs::remove_file(&probe)
+    let link = std::fs::hard_link(&probe, &linked);
+    let _ = std::fs::remove_file(&linked);
+    let removed = std::fs::remove_file(&probe);
+    link.map_err(|e| std::io::Error::new(e.kind(), format!("cannot link a file there: {e}")))?;
+    removed
 }
 
 /// Creates `path` with `text`, complete or not at all (a reload never reads
@@ -1879,6 +1893,22 @@ mod tests {
             assert!(!p.contains(c), "{:?}", p);
         }
         assert_eq!(printable("Ökologische Gärten"), "Ökologische Gärten");
+    }
+
+    #[test]
+    fn a_leftover_probe_file_does_not_fail_the_directory_probe() {
+        // A probe named by pid alone collided with a leftover of an earlier
+        // run that had the same pid (killed between create and remove).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path()
+                .join(format!(".leadsync-probe-{}", std::process::id())),
+            "",
+        )
+        .unwrap();
+        probe_dir(dir.path()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "the probe removes its own files only");
     }
 
     #[test]
