@@ -715,6 +715,36 @@ fn spawn_signal_handlers(controls: &Controls) -> Result<()> {
     Ok(())
 }
 
+/// SIGINT, SIGTERM and SIGHUP held for the rest of the process: the first
+/// cancels `stop` and sets the flag returned, none kills the process.
+fn hold_signals(stop: CancellationToken) -> Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => "SIGHUP",
+            };
+            if !seen.swap(true, Ordering::SeqCst) {
+                // No panic on a terminal gone with the SSH session.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "leadsync: {name} received: the exchange stops before sending the code, \
+                     or else once its grant is stored"
+                );
+            }
+            stop.cancel();
+        }
+    });
+    Ok(flag)
+}
+
 /// A token cancelled by SIGTERM or SIGINT (for the one-shot commands).
 pub(crate) fn stop_on_signal() -> Result<CancellationToken> {
     let controls = Controls::default();
@@ -1175,7 +1205,13 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
 /// zero-width characters) becomes a space.
 fn printable(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() || is_format(c) { ' ' } else { c })
+        .map(|c| {
+            if c.is_control() || is_format(c) {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -1356,11 +1392,43 @@ async fn auth_exchange(
         tokio::task::spawn_blocking(move || store::Store::open(&path)).await??
     };
     let auth = crate::app::open_auth_with(&config, Some(mirror), Default::default(), true)?;
+    // Once the code is sent, the new grant's refresh token may be in this
+    // process alone until the store takes it (its writes are retried for
+    // seconds): SIGINT, SIGTERM and SIGHUP (an SSH session dropped) are held
+    // until then, and end the exchange only before the code is sent.
+    let interrupted = hold_signals(auth.stopping().clone())?;
     let result = match &target {
         ExchangeTarget::Business(b) => auth.exchange_code(b, code, redirect_uri).await,
         ExchangeTarget::File(f) => auth.exchange_code_into(f, code, redirect_uri).await,
     };
     auth.settle(settle_bound(&config)).await;
+    let stored_then_interrupted = |file: &std::path::Path| {
+        anyhow::anyhow!(
+            "interrupted: the new grant is stored (token file {}, token store {}); no \
+             configuration file was written: for each of the pro's businesses write a conf.d \
+             file holding [[businesses]], its id and refresh_token_file = {} — do not run the \
+             exchange again (the code is spent)",
+            file.display(),
+            config.file.oauth.token_store.display(),
+            toml::Value::String(
+                std::path::absolute(file)
+                    .unwrap_or_else(|_| file.to_path_buf())
+                    .display()
+                    .to_string()
+            )
+        )
+    };
+    if interrupted.load(Ordering::SeqCst) {
+        match (&result, &target) {
+            (Err(e), _) => bail!("interrupted: {e:#}"),
+            (Ok(_), ExchangeTarget::File(f)) => return Err(stored_then_interrupted(f)),
+            (Ok(_), ExchangeTarget::Business(_)) => bail!(
+                "interrupted: the new grant is stored in {}; a running daemon picks it up at \
+                 its next sync — do not run the exchange again (the code is spent)",
+                config.file.oauth.token_store.display()
+            ),
+        }
+    }
     let access = result?;
     let file = match &target {
         ExchangeTarget::Business(b) => match config.business(b).map(|b| &b.token) {
@@ -1888,7 +1956,9 @@ mod tests {
     fn format_characters_are_neutralised_in_server_text() {
         // A bidi override (U+202E) or an isolate reorders what follows it on
         // the terminal: a name could make an id read as another.
-        for c in ['\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200b}', '\u{feff}'] {
+        for c in [
+            '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200b}', '\u{feff}',
+        ] {
             let p = printable(&format!("Pro{c}11"));
             assert!(!p.contains(c), "{:?}", p);
         }

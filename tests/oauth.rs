@@ -3405,3 +3405,116 @@ async fn onboarding_refuses_a_file_that_is_not_text_and_leaves_its_mode() {
     assert_eq!(std::fs::read(&file).unwrap(), bytes);
     assert_eq!(codes_spent(&env), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_while_the_code_is_spent_waits_for_the_grant_to_be_stored() {
+    // An SSH drop (SIGHUP) or Ctrl-C after the code was sent killed the
+    // exchange with the new grant's refresh token in memory only.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let code = env.sandbox.mint_grant_code(&[&b]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = common::spawn(&mut c).unwrap();
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    for signal in ["-HUP", "-INT"] {
+        let killed = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    let o = output_of(child).await;
+    assert_eq!(o.status.code(), Some(1), "{:?} {}", o.status, text(&o));
+    assert!(text(&o).contains("interrupted"), "{}", text(&o));
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let db = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    let source: String = db
+        .query_row(
+            "SELECT source FROM grants WHERE grant_key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(source, "auth exchange", "{}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_before_the_code_is_sent_keeps_it_unspent() {
+    // Another process holds the grant's lock: the exchange waits for it,
+    // and Ctrl-C meanwhile ends it without sending the code.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let code = env.sandbox.mint_grant_code(&[&b]);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let store = TokenStore::open(&env.dir.path().join("fixture/tokens.db")).unwrap();
+    let lock = store
+        .try_lock_grant(&key)
+        .unwrap()
+        .expect("the grant's lock");
+    let mut c = env.cli();
+    c.env("LEADSYNC_LOG", "debug")
+        .args([
+            "auth",
+            "exchange",
+            "--business",
+            &b,
+            "--code",
+            &code,
+            "--redirect-uri",
+            "https://partner.example/callback",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = common::spawn(&mut c).unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&all).contains("waiting for it") {
+                return (true, stderr, all);
+            }
+        }
+        (false, stderr, all)
+    })
+    .await
+    .unwrap();
+    assert!(seen.0, "{}", String::from_utf8_lossy(&seen.2));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    drop(lock);
+    let mut rest = seen.2;
+    std::io::Read::read_to_end(&mut { seen.1 }, &mut rest).unwrap();
+    let err = String::from_utf8_lossy(&rest);
+    assert_eq!(status.code(), Some(1), "{status:?} {err}");
+    assert!(err.contains("not spent"), "{err}");
+    assert_eq!(codes_spent(&env), 0);
+}

@@ -1138,7 +1138,7 @@ impl Auth {
             match inner
                 .lock_grant_or_unsaved(&chain)
                 .await
-                .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?
+                .map_err(|e| anyhow::anyhow!("{}; the code was not spent", ApiError::from(e)))?
             {
                 Ok(lock) => Some(lock),
                 Err(held) => {
@@ -1174,6 +1174,11 @@ impl Auth {
                      token store and run the exchange again"
                 )
             })?;
+        }
+        // The last moment to stop (an interrupted `auth exchange`): once
+        // sent, the code's grant is stored whatever comes.
+        if inner.stopping.is_cancelled() {
+            anyhow::bail!("stopped before the code was sent: the code was not spent");
         }
         let form = [
             ("grant_type", "authorization_code"),
