@@ -1458,13 +1458,15 @@ async fn auth_exchange(
     );
     let covered = match auth.businesses_of(&config.file.api.base_url, &access).await {
         Ok((list, notes)) => {
+            // Not `eprintln!`, which panics on a dead terminal: the grant
+            // is stored, the conf files are still to be written.
             for n in notes {
-                eprintln!("leadsync: warning: {n}");
+                let _ = writeln!(std::io::stderr(), "leadsync: warning: {n}");
             }
             list
         }
         Err(e) => {
-            eprintln!("leadsync: warning: {e:#}");
+            let _ = writeln!(std::io::stderr(), "leadsync: warning: {e:#}");
             if let Some(dir) = write_conf {
                 let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
                 bail!(

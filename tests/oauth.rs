@@ -2395,6 +2395,57 @@ async fn write_conf_whose_business_list_fails_says_what_to_write_by_hand() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_business_list_on_a_dead_stderr_ends_with_its_exit_code() {
+    // The grant stored, the business list failed: its warning and the
+    // final error went out with `eprintln!`, which panics on a dead
+    // terminal (exit 101), before the conf files or in place of the
+    // exit code that says what happened.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        html_404: 1.0,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    let o = output_of(spawn_with_dead_stderr(&mut c)).await;
+    assert_eq!(o.status.code(), Some(0), "{:?} {}", o.status, text(&o));
+    assert!(text(&o).contains("stored the new grant"), "{}", text(&o));
+    // With --write-conf the failed list is an error: exit 1, not a panic.
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-2");
+    let code = env.sandbox.mint_grant_code(&[&ids[1]]);
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ]);
+    let o = output_of(spawn_with_dead_stderr(&mut c)).await;
+    assert_eq!(o.status.code(), Some(1), "{:?} {}", o.status, text(&o));
+    assert_eq!(codes_spent(&env), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_without_an_access_token_is_still_stored() {
     // The server used up the presented token and issued a new one; the
     // answer's missing access token does not make the new one disposable.
@@ -3344,6 +3395,63 @@ async fn onboarding_stores_the_grant_when_its_token_file_cannot_be_written() {
         "the grant is in the token store: {}",
         text(&o)
     );
+    assert_eq!(codes_spent(&env), 1);
+}
+
+/// `cmd` spawned with its stdout piped and its stderr a pipe whose reader
+/// is closed: every write there fails (EPIPE), as on a dead terminal.
+fn spawn_with_dead_stderr(cmd: &mut Command) -> std::process::Child {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(writer);
+    common::spawn(cmd).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_with_a_dead_stderr_still_stores_the_grant() {
+    // A dead terminal (an SSH session dropped, a closed pipe): the error
+    // logged when the token file cannot be written failed its stderr
+    // write, which tracing-subscriber reported with `eprintln!`, which
+    // panicked before the store was tried: the spent code's grant was lost.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    let child = spawn_with_dead_stderr(&mut c);
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    std::fs::create_dir(grants.join(".pro-1.leadsync-tmp")).unwrap();
+    let o = output_of(child).await;
+    let stored = stored_refresh_token(&env, &file);
+    assert!(
+        stored.as_deref().is_some_and(|t| !t.is_empty()),
+        "the grant is in the token store: {:?} {}",
+        o.status,
+        text(&o)
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("stored the new grant"), "{}", text(&o));
     assert_eq!(codes_spent(&env), 1);
 }
 
