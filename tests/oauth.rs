@@ -3456,6 +3456,44 @@ async fn onboarding_with_a_dead_stderr_still_stores_the_grant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_into_an_empty_file_whose_grant_is_only_stored_is_refused_unspent() {
+    // The token file's write failed after the code was spent: the file is
+    // empty, the grant is in the token store alone (keyed by the file's
+    // path). A later onboarding into that file saw it empty, spent its
+    // code and silently replaced that grant.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let child = spawn_exchange_into(&env, &file, &code);
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    let obstacle = grants.join(".pro-1.leadsync-tmp");
+    std::fs::create_dir(&obstacle).unwrap();
+    let o = output_of(child).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::remove_dir(&obstacle).unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "");
+    let first = stored_refresh_token(&env, &file).expect("stored");
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let code = env.sandbox.mint_grant_code(&[&ids[1]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert!(text(&o).contains("--business"), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 1, "{}", text(&o));
+    assert_eq!(stored_refresh_token(&env, &file), Some(first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_onboardings_into_one_token_file_keep_the_first_grant() {
     // Both saw the file empty before either took the grant's lock: the
     // second spent its code and silently replaced the first pro's grant.

@@ -506,6 +506,41 @@ fn refuse_held(file: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Refuses onboarding into an empty token file whose grant the token store
+/// holds alone: the file's write failed after an earlier exchange's code
+/// was spent (the store took the grant, keyed by the file's path). A new
+/// grant there would replace it without a word. A row Thumbtack refused
+/// is no grant to keep. The code is not spent when this refuses.
+async fn refuse_stored_only(store: &Arc<dyn GrantStore>, chain: &Chain) -> anyhow::Result<()> {
+    let (s, key) = (store.clone(), chain.key.clone());
+    let row = blocking(move || s.load(&key, None, &[])).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the token store to check that it holds no grant for the token file {}              ({e:#}): refusing it. The code was not spent",
+            chain.file.display()
+        )
+    })?;
+    let file = read_token_file(&chain.file).unwrap_or_default();
+    match row {
+        Some(g)
+            if g.refused.is_none()
+                && !g.refresh_token.expose().is_empty()
+                && g.refresh_token.expose() != file =>
+        {
+            anyhow::bail!(
+                "the token file {} is empty, but the token store holds a grant for it (an \
+                 earlier exchange could not write the file and kept the grant in the store \
+                 alone): a new grant here would replace it. Onboard the new grant into another \
+                 file (--token-file NEW_FILE); to re-authorize the businesses on that grant, \
+                 configure them with refresh_token_file = {} and use --business ID. The code \
+                 was not spent",
+                chain.file.display(),
+                chain.file.display()
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Replaces `path` with `text` atomically, mode 0600: a crash leaves the
 /// old content or the new, and a link planted at `path` is replaced, not
 /// followed.
@@ -1152,6 +1187,7 @@ impl Auth {
         // the lock first and written its grant since the caller's check.
         if write_file {
             refuse_held(&chain.file)?;
+            refuse_stored_only(&store, &chain).await?;
         }
         // The file the exchange's fallback writes if the store fails after
         // the code is spent: the one the grant is keyed by (a symlinked
