@@ -1216,11 +1216,12 @@ fn printable(s: &str) -> String {
 }
 
 /// The format characters (Unicode Cf) a terminal shows as nothing or
-/// uses to reorder what follows (no Unicode tables are a dependency: the
-/// ones that matter, listed).
+/// uses to reorder what follows, and the line and paragraph separators
+/// (U+2028/2029) some break the line at (no Unicode tables are a
+/// dependency: the ones that matter, listed).
 fn is_format(c: char) -> bool {
     matches!(c,
-        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}'
+        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
         | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
         | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
 }
@@ -1418,18 +1419,22 @@ async fn auth_exchange(
             )
         )
     };
-    if interrupted.load(Ordering::SeqCst) {
-        match (&result, &target) {
-            (Err(e), _) => bail!("interrupted: {e:#}"),
-            (Ok(_), ExchangeTarget::File(f)) => return Err(stored_then_interrupted(f)),
-            (Ok(_), ExchangeTarget::Business(_)) => bail!(
-                "interrupted: the new grant is stored in {}; a running daemon picks it up at \
-                 its next sync — do not run the exchange again (the code is spent)",
-                config.file.oauth.token_store.display()
-            ),
-        }
-    }
-    let access = result?;
+    let interrupted_after_store = || match &target {
+        ExchangeTarget::File(f) => stored_then_interrupted(f),
+        ExchangeTarget::Business(_) => anyhow::anyhow!(
+            "interrupted: the new grant is stored in {}; a running daemon picks it up at its \
+             next sync — do not run the exchange again (the code is spent)",
+            config.file.oauth.token_store.display()
+        ),
+    };
+    let access = match result {
+        // `context`, not a flattened message: exit_code_of reads the
+        // error's type (a configuration error, a refused code).
+        Err(e) if interrupted.load(Ordering::SeqCst) => return Err(e.context("interrupted")),
+        Err(e) => return Err(e),
+        Ok(_) if interrupted.load(Ordering::SeqCst) => return Err(interrupted_after_store()),
+        Ok(access) => access,
+    };
     let file = match &target {
         ExchangeTarget::Business(b) => match config.business(b).map(|b| &b.token) {
             Some(crate::config::TokenSource::Refresh(file)) => file.clone(),
@@ -1456,7 +1461,14 @@ async fn auth_exchange(
             format!(" (configured businesses naming it: {})", sharing.join(", "))
         }
     );
-    let covered = match auth.businesses_of(&config.file.api.base_url, &access).await {
+    // The grant is stored: a signal now ends the business list at once
+    // (its request may hang until the client's timeout). The conf files,
+    // local and quick, are written whole once the list is read.
+    let listed = tokio::select! {
+        listed = auth.businesses_of(&config.file.api.base_url, &access) => listed,
+        () = auth.stopping().cancelled() => return Err(interrupted_after_store()),
+    };
+    let covered = match listed {
         Ok((list, notes)) => {
             // Not `eprintln!`, which panics on a dead terminal: the grant
             // is stored, the conf files are still to be written.
@@ -1965,6 +1977,16 @@ mod tests {
             assert!(!p.contains(c), "{:?}", p);
         }
         assert_eq!(printable("Ökologische Gärten"), "Ökologische Gärten");
+    }
+
+    #[test]
+    fn line_and_paragraph_separators_are_neutralised_in_server_text() {
+        // U+2028/U+2029 (Zl/Zp: neither control nor format) break the line
+        // on some terminals: a name could print a line of its own.
+        for c in ['\u{2028}', '\u{2029}'] {
+            let p = printable(&format!("Pro{c}  wrote /etc/x"));
+            assert!(!p.contains(c), "{:?}", p);
+        }
     }
 
     #[test]

@@ -2446,6 +2446,55 @@ async fn a_failed_business_list_on_a_dead_stderr_ends_with_its_exit_code() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_the_business_list_hangs_ends_the_exchange_at_once() {
+    // The grant stored, Ctrl-C during the business list was held until the
+    // list's request gave up (the client's timeout), then ignored.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        timeout: 1.0,
+        timeout_ms: 120_000,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = common::spawn(&mut c).unwrap();
+    wait_until("the grant is stored", Duration::from_secs(30), || {
+        stored_refresh_token(&env, &file).is_some()
+    })
+    .await;
+    let signalled = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = output_of(child).await;
+    let took = signalled.elapsed();
+    assert_eq!(o.status.code(), Some(1), "{:?} {}", o.status, text(&o));
+    assert!(text(&o).contains("interrupted"), "{}", text(&o));
+    assert!(text(&o).contains("no configuration file"), "{}", text(&o));
+    assert!(took < Duration::from_secs(10), "{took:?}: {}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_refresh_token_without_an_access_token_is_still_stored() {
     // The server used up the presented token and issued a new one; the
     // answer's missing access token does not make the new one disposable.
