@@ -577,10 +577,43 @@ pub async fn execute(cli: Cli) -> Result<u8> {
             {
                 bail!("--write-conf {}: not a directory", dir.display());
             }
+            if let Some(dir) = &write_conf {
+                probe_dir(dir).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--write-conf {}: cannot create a file there ({e}); the code was not spent",
+                        dir.display()
+                    )
+                })?;
+            }
             let code = read_code(code, code_file.as_deref())?;
             let target = match (business, token_file) {
                 (Some(b), _) => ExchangeTarget::Business(b),
-                (None, Some(f)) => ExchangeTarget::File(f),
+                (None, Some(f)) => {
+                    // Configured businesses' grant (their file emptied, the
+                    // grant in the store): replacing it would move them to
+                    // the new pro's grant without a word.
+                    let key = crate::thumbtack::auth::grant_key(&f);
+                    let naming: Vec<&str> = config
+                        .businesses
+                        .iter()
+                        .filter(|b| {
+                            matches!(&b.token, crate::config::TokenSource::Refresh(g)
+                                if crate::thumbtack::auth::grant_key(g) == key)
+                        })
+                        .map(|b| b.id.as_str())
+                        .collect();
+                    if let Some(first) = naming.first() {
+                        bail!(
+                            "the token file {} is the grant of configured business(es) {}: to \
+                             re-authorize them run `leadsync auth exchange --business {first}`; \
+                             --token-file onboards a new grant into a new file. The code was not \
+                             spent",
+                            f.display(),
+                            naming.join(", ")
+                        );
+                    }
+                    ExchangeTarget::File(f)
+                }
                 (None, None) => bail!("give --business ID or --token-file FILE"),
             };
             auth_exchange(config, target, &code, &redirect_uri, write_conf.as_deref()).await
@@ -702,6 +735,36 @@ fn spawn_signal_handlers(controls: &Controls) -> Result<()> {
         }
     });
     Ok(())
+}
+
+/// SIGINT, SIGTERM and SIGHUP held for the rest of the process: the first
+/// cancels `stop` and sets the flag returned, none kills the process.
+fn hold_signals(stop: CancellationToken) -> Result<Arc<AtomicBool>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
+    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let flag = Arc::new(AtomicBool::new(false));
+    let seen = flag.clone();
+    tokio::spawn(async move {
+        loop {
+            let name = tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = int.recv() => "SIGINT",
+                _ = hup.recv() => "SIGHUP",
+            };
+            if !seen.swap(true, Ordering::SeqCst) {
+                // No panic on a terminal gone with the SSH session.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "leadsync: {name} received: the exchange stops before sending the code, \
+                     or else once its grant is stored"
+                );
+            }
+            stop.cancel();
+        }
+    });
+    Ok(flag)
 }
 
 /// A token cancelled by SIGTERM or SIGINT (for the one-shot commands).
@@ -1176,11 +1239,30 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
 }
 
 /// Text for a table on a terminal: every control character (line breaks,
-/// tabs, escape sequences a row could carry) becomes a space.
+/// tabs, escape sequences a row could carry) and every invisible format
+/// character that reorders or hides text (bidi overrides and isolates,
+/// zero-width characters) becomes a space.
 fn printable(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+        .map(|c| {
+            if c.is_control() || is_format(c) {
+                ' '
+            } else {
+                c
+            }
+        })
         .collect()
+}
+
+/// The format characters (Unicode Cf) a terminal shows as nothing or
+/// uses to reorder what follows, and the line and paragraph separators
+/// (U+2028/2029) some break the line at (no Unicode tables are a
+/// dependency: the ones that matter, listed).
+fn is_format(c: char) -> bool {
+    matches!(c,
+        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
+        | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
 }
 
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
@@ -1350,12 +1432,48 @@ async fn auth_exchange(
         tokio::task::spawn_blocking(move || store::Store::open(&path)).await??
     };
     let auth = crate::app::open_auth_with(&config, Some(mirror), Default::default(), true)?;
+    // Once the code is sent, the new grant's refresh token may be in this
+    // process alone until the store takes it (its writes are retried for
+    // seconds): SIGINT, SIGTERM and SIGHUP (an SSH session dropped) are held
+    // until then, and end the exchange only before the code is sent.
+    let interrupted = hold_signals(auth.stopping().clone())?;
     let result = match &target {
         ExchangeTarget::Business(b) => auth.exchange_code(b, code, redirect_uri).await,
         ExchangeTarget::File(f) => auth.exchange_code_into(f, code, redirect_uri).await,
     };
     auth.settle(settle_bound(&config)).await;
-    let access = result?;
+    let stored_then_interrupted = |file: &std::path::Path| {
+        anyhow::anyhow!(
+            "interrupted: the new grant is stored (token file {}, token store {}); no \
+             configuration file was written: for each of the pro's businesses write a conf.d \
+             file holding [[businesses]], its id and refresh_token_file = {} — do not run the \
+             exchange again (the code is spent)",
+            file.display(),
+            config.file.oauth.token_store.display(),
+            toml::Value::String(
+                std::path::absolute(file)
+                    .unwrap_or_else(|_| file.to_path_buf())
+                    .display()
+                    .to_string()
+            )
+        )
+    };
+    let interrupted_after_store = || match &target {
+        ExchangeTarget::File(f) => stored_then_interrupted(f),
+        ExchangeTarget::Business(_) => anyhow::anyhow!(
+            "interrupted: the new grant is stored in {}; a running daemon picks it up at its \
+             next sync — do not run the exchange again (the code is spent)",
+            config.file.oauth.token_store.display()
+        ),
+    };
+    let access = match result {
+        // `context`, not a flattened message: exit_code_of reads the
+        // error's type (a configuration error, a refused code).
+        Err(e) if interrupted.load(Ordering::SeqCst) => return Err(e.context("interrupted")),
+        Err(e) => return Err(e),
+        Ok(_) if interrupted.load(Ordering::SeqCst) => return Err(interrupted_after_store()),
+        Ok(access) => access,
+    };
     let file = match &target {
         ExchangeTarget::Business(b) => match config.business(b).map(|b| &b.token) {
             Some(crate::config::TokenSource::Refresh(file)) => file.clone(),
@@ -1369,7 +1487,10 @@ async fn auth_exchange(
         .filter(|b| matches!(&b.token, crate::config::TokenSource::Refresh(f) if *f == file))
         .map(|b| b.id.as_str())
         .collect();
-    println!(
+    // Output only (a closed standard output must not panic before the
+    // conf files are written): the grant is stored.
+    let _ = writeln!(
+        std::io::stdout(),
         "stored the new grant of {} in {}{}; a running daemon picks it up at its next sync",
         file.display(),
         config.file.oauth.token_store.display(),
@@ -1379,64 +1500,192 @@ async fn auth_exchange(
             format!(" (configured businesses naming it: {})", sharing.join(", "))
         }
     );
-    let covered = match auth.businesses_of(&config.file.api.base_url, &access).await {
-        Ok(list) => list,
+    // The grant is stored: a signal now ends the business list at once
+    // (its request may hang until the client's timeout). The conf files,
+    // local and quick, are written whole once the list is read.
+    let listed = tokio::select! {
+        listed = auth.businesses_of(&config.file.api.base_url, &access) => listed,
+        () = auth.stopping().cancelled() => return Err(interrupted_after_store()),
+    };
+    let covered = match listed {
+        Ok((list, notes)) => {
+            // Not `eprintln!`, which panics on a dead terminal: the grant
+            // is stored, the conf files are still to be written.
+            for n in notes {
+                let _ = writeln!(std::io::stderr(), "leadsync: warning: {n}");
+            }
+            list
+        }
         Err(e) => {
-            eprintln!("leadsync: warning: {e:#}");
-            if write_conf.is_some() {
-                bail!("cannot write configuration files without the grant's business list");
+            let _ = writeln!(std::io::stderr(), "leadsync: warning: {e:#}");
+            if let Some(dir) = write_conf {
+                let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
+                bail!(
+                    "the grant is stored, but without its business list no configuration file was \
+                     written: write {} for each of the pro's businesses, holding [[businesses]], \
+                     id = \"<businessID>\" and refresh_token_file = {} — do not run the exchange \
+                     again (the code is spent)",
+                    dir.join("<businessID>.toml").display(),
+                    toml::Value::String(file.display().to_string())
+                );
             }
             return Ok(0);
         }
     };
-    println!("the grant covers {} business(es):", covered.len());
+    onboard_confs(
+        &mut std::io::stdout(),
+        &mut std::io::stderr(),
+        &covered,
+        write_conf,
+        &file,
+        &config,
+    )
+}
+
+/// What `auth exchange` prints of the grant's businesses, and with
+/// `--write-conf DIR` the `DIR/<id>.toml` it writes for each.
+fn onboard_confs(
+    out: &mut dyn std::io::Write,
+    err: &mut dyn std::io::Write,
+    covered: &[(String, Option<String>)],
+    write_conf: Option<&std::path::Path>,
+    file: &std::path::Path,
+    config: &Config,
+) -> Result<u8> {
+    // Output only: a closed standard output (`| head -1`) must not stop
+    // the files, written after the grant was stored (the code is spent).
+    macro_rules! say {
+        ($($t:tt)*) => {{
+            let _ = writeln!($($t)*);
+        }};
+    }
+    // A business listed twice is one business.
+    let mut seen = std::collections::HashSet::with_capacity(covered.len());
+    let covered: Vec<&(String, Option<String>)> =
+        covered.iter().filter(|(id, _)| seen.insert(id)).collect();
+    say!(out, "the grant covers {} business(es):", covered.len());
     for (id, name) in &covered {
-        println!("  {id}  {}", name.as_deref().unwrap_or(""));
+        // The server's text: no escape sequence reaches the terminal.
+        say!(
+            out,
+            "  {}  {}",
+            printable(id),
+            printable(name.as_deref().unwrap_or(""))
+        );
     }
-    if let Some(dir) = write_conf {
-        for (id, name) in &covered {
-            if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
-                eprintln!("leadsync: warning: skipping business id {id:?}: not a string of digits");
-                continue;
-            }
-            let path = dir.join(format!("{id}.toml"));
-            if config.business(id).is_some() {
-                println!("  {id} is configured already: no file written");
-                continue;
-            }
-            // `symlink_metadata`: a dangling link counts as existing.
-            if std::fs::symlink_metadata(&path).is_ok() {
-                println!("  {} exists: left as it is", path.display());
-                continue;
-            }
-            let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
-            let mut text = format!(
-                "# Written by `leadsync auth exchange` at {}: one grant covers the businesses\n\
-                 # naming the same refresh_token_file.\n[[businesses]]\nid = {}\n",
-                crate::time::now(),
-                quote(id)
+    let Some(dir) = write_conf else {
+        return Ok(0);
+    };
+    // Absolute: a path in the file is relative to conf.d, not to where
+    // this command ran.
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let mut failed = 0usize;
+    for (id, name) in &covered {
+        if id.is_empty() || !id.bytes().all(|c| c.is_ascii_digit()) {
+            say!(
+                err,
+                "leadsync: warning: skipping business id {id:?}: not a string of digits"
             );
-            if let Some(n) = name {
-                text.push_str(&format!("name = {}\n", quote(n)));
-            }
-            // Absolute: a path in the file is relative to conf.d, not to
-            // where this command ran.
-            let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
-            text.push_str(&format!(
-                "refresh_token_file = {}\n",
-                quote(&file.display().to_string())
-            ));
-            if !write_new_file(&path, &text)
-                .with_context(|| format!("cannot write {}", path.display()))?
-            {
-                println!("  {} exists: left as it is", path.display());
-                continue;
-            }
-            println!("  wrote {}", path.display());
+            continue;
         }
-        println!("then: systemctl reload leadsync");
+        let path = dir.join(format!("{id}.toml"));
+        if let Some(b) = config.business(id) {
+            match &b.token {
+                crate::config::TokenSource::Refresh(f)
+                    if crate::thumbtack::auth::grant_key(f)
+                        != crate::thumbtack::auth::grant_key(&file) =>
+                {
+                    say!(
+                        out,
+                        "  {id} is configured already, on another grant (refresh_token_file = {}): \
+                         no file written, and it keeps that grant; to move it to this one, set its \
+                         refresh_token_file to {}",
+                        f.display(),
+                        file.display()
+                    )
+                }
+                crate::config::TokenSource::Static(f) => say!(
+                    out,
+                    "  {id} is configured already, with access_token_file = {}: no file written; \
+                     to use this grant, replace that key with refresh_token_file = {}",
+                    f.display(),
+                    file.display()
+                ),
+                _ => say!(out, "  {id} is configured already: no file written"),
+            }
+            continue;
+        }
+        // `symlink_metadata`: a dangling link counts as existing.
+        if std::fs::symlink_metadata(&path).is_ok() {
+            say!(out, "  {} exists: left as it is", path.display());
+            continue;
+        }
+        let quote = |s: &str| toml::Value::String(s.to_string()).to_string();
+        let mut text = format!(
+            "# Written by `leadsync auth exchange` at {}: one grant covers the businesses\n\
+             # naming the same refresh_token_file.\n[[businesses]]\nid = {}\n",
+            crate::time::now(),
+            quote(id)
+        );
+        if let Some(n) = name {
+            text.push_str(&format!("name = {}\n", quote(n)));
+        }
+        text.push_str(&format!(
+            "refresh_token_file = {}\n",
+            quote(&file.display().to_string())
+        ));
+        // One file that cannot be written (a name too long for the file
+        // system, a full disk) does not keep the others from theirs.
+        match write_new_file(&path, &text) {
+            Ok(true) => say!(out, "  wrote {}", path.display()),
+            Ok(false) => say!(out, "  {} exists: left as it is", path.display()),
+            Err(e) => {
+                failed += 1;
+                say!(
+                    err,
+                    "leadsync: error: cannot write {}: {e:#}",
+                    path.display()
+                );
+            }
+        }
     }
+    if failed > 0 {
+        say!(
+            err,
+            "leadsync: error: {failed} configuration file(s) not written; the grant is stored: \
+             write each by hand ([[businesses]], its id, refresh_token_file = {}) — do not run \
+             the exchange again (the code is spent)",
+            toml::Value::String(file.display().to_string())
+        );
+        return Ok(1);
+    }
+    say!(out, "then: systemctl reload leadsync");
     Ok(0)
+}
+
+/// Whether a new file can be created in `dir`, and linked to another name
+/// as `write_new_file` does: asked before the single-use code is spent,
+/// whose configuration files could otherwise not be written. Its names
+/// are this run's own (a leftover of an earlier run is not in the way).
+fn probe_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or_default();
+    let probe = dir.join(format!(".leadsync-probe-{}-{nanos}", std::process::id()));
+    let linked = dir.join(format!(
+        ".leadsync-probe-{}-{nanos}.link",
+        std::process::id()
+    ));
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)?;
+    let link = std::fs::hard_link(&probe, &linked);
+    let _ = std::fs::remove_file(&linked);
+    let removed = std::fs::remove_file(&probe);
+    link.map_err(|e| std::io::Error::new(e.kind(), format!("cannot link a file there: {e}")))?;
+    removed
 }
 
 /// Creates `path` with `text`, complete or not at all (a reload never reads
@@ -1465,7 +1714,21 @@ fn write_new_file(path: &std::path::Path, text: &str) -> Result<bool> {
         }
     })();
     let _ = std::fs::remove_file(&tmp);
-    Ok(result?)
+    let wrote = result?;
+    if wrote {
+        // The new name survives a power loss (the exchange cannot be run
+        // again to write it); best effort: the file is there now.
+        let dir = match path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => std::path::Path::new("."),
+        };
+        if let Err(e) = std::fs::File::open(dir).and_then(|d| d.sync_all()) {
+            tracing::warn!(directory = %dir.display(), error = %e,
+                "cannot sync the configuration directory: a power loss now could lose {}",
+                path.display());
+        }
+    }
+    Ok(wrote)
 }
 
 /// How long a command waits at its end for token refreshes in flight.
@@ -1604,6 +1867,182 @@ async fn sandbox(args: SandboxArgs) -> Result<u8> {
 mod tests {
     use super::*;
     use clap::Parser;
+
+    fn onboard(
+        covered: &[(&str, Option<&str>)],
+        dir: &std::path::Path,
+    ) -> (Result<u8>, String, String) {
+        onboard_with("", covered, dir)
+    }
+
+    fn onboard_with(
+        conf: &str,
+        covered: &[(&str, Option<&str>)],
+        dir: &std::path::Path,
+    ) -> (Result<u8>, String, String) {
+        let covered: Vec<(String, Option<String>)> = covered
+            .iter()
+            .map(|(i, n)| (i.to_string(), n.map(str::to_string)))
+            .collect();
+        let file: crate::config::FileConfig = toml::from_str(conf).unwrap();
+        let config = Config::from_file_config(file).unwrap();
+        let (mut out, mut err) = (Vec::new(), Vec::new());
+        let r = onboard_confs(
+            &mut out,
+            &mut err,
+            &covered,
+            Some(dir),
+            std::path::Path::new("/etc/leadsync/tokens/pro-1"),
+            &config,
+        );
+        let s = |b: Vec<u8>| String::from_utf8(b).unwrap();
+        (r, s(out), s(err))
+    }
+
+    #[test]
+    fn server_written_business_names_print_without_control_characters() {
+        // A name is the pro's own text, from the server: an escape sequence
+        // in it would drive the operator's terminal, a line break forge a
+        // line of output.
+        let dir = tempfile::tempdir().unwrap();
+        let (r, out, _) = onboard(
+            &[("11", Some("Pro\x1b]0;pwned\x07\n  wrote /etc/x"))],
+            dir.path(),
+        );
+        assert_eq!(r.unwrap(), 0);
+        assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
+        assert!(!out.contains("\n  wrote /etc/x"), "{out:?}");
+    }
+
+    #[test]
+    fn a_written_conf_holds_the_name_as_given_and_nothing_else() {
+        // TOML-special characters in a server-written name must not add keys.
+        let dir = tempfile::tempdir().unwrap();
+        let name = "x\"\nenabled = false\n[oauth]\nclient_id = 'evil' # \\";
+        let (r, _, _) = onboard(&[("11", Some(name))], dir.path());
+        assert_eq!(r.unwrap(), 0);
+        let text = std::fs::read_to_string(dir.path().join("11.toml")).unwrap();
+        let v: toml::Table = text.parse().unwrap();
+        assert_eq!(v.keys().collect::<Vec<_>>(), ["businesses"], "{text}");
+        let b = &v["businesses"][0];
+        assert_eq!(b["name"].as_str(), Some(name));
+        assert_eq!(b.as_table().unwrap().len(), 3, "{text}");
+    }
+
+    #[test]
+    fn a_business_configured_on_another_grant_is_said_to_keep_it() {
+        // Re-authorizing a pro into a new token file leaves a configured
+        // business on its old grant (maybe the one needing re-authorization):
+        // "configured already" alone hid that.
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join("old-grant");
+        std::fs::write(&old, "t\n").unwrap();
+        let conf = format!(
+            "[oauth]\nclient_id = \"c\"\n[[businesses]]\nid = \"11\"\nrefresh_token_file = {:?}\n",
+            old.display().to_string()
+        );
+        let (r, out, _) = onboard_with(&conf, &[("11", None)], dir.path());
+        assert_eq!(r.unwrap(), 0);
+        assert!(out.contains("another grant"), "{out}");
+        assert!(out.contains(&old.display().to_string()), "{out}");
+        assert!(!dir.path().join("11.toml").exists());
+    }
+
+    #[test]
+    fn a_business_listed_twice_gets_one_file_and_no_false_exists_message() {
+        let dir = tempfile::tempdir().unwrap();
+        let (r, out, _) = onboard(&[("11", None), ("11", None)], dir.path());
+        assert_eq!(r.unwrap(), 0);
+        assert_eq!(out.matches("wrote").count(), 1, "{out}");
+        assert!(!out.contains("exists"), "{out}");
+    }
+
+    #[test]
+    fn a_conf_file_that_cannot_be_written_does_not_stop_the_others() {
+        // Too long a name for the file system (the server chose the id):
+        // the other businesses still get theirs, and the command fails.
+        let dir = tempfile::tempdir().unwrap();
+        let long = "9".repeat(300);
+        let (r, out, err) = onboard(&[(&long, None), ("22", None)], dir.path());
+        assert!(dir.path().join("22.toml").is_file(), "{out}{err}");
+        assert_eq!(r.unwrap(), 1, "{out}{err}");
+        assert!(err.contains(&long[..20]), "{err}");
+    }
+
+    /// Standard output piped into `head -1`: closed after the first line.
+    struct Closed(usize);
+    impl std::io::Write for Closed {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            if self.0 == 0 {
+                return Err(std::io::ErrorKind::BrokenPipe.into());
+            }
+            self.0 -= 1;
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_closed_standard_output_does_not_stop_the_conf_files() {
+        // `auth exchange --write-conf DIR | head -1`: the grant is stored,
+        // but the listing's failed write stopped before any file was written.
+        let dir = tempfile::tempdir().unwrap();
+        let covered = vec![("11".to_string(), None), ("22".to_string(), None)];
+        let config = Config::from_file_config(toml::from_str("").unwrap()).unwrap();
+        let mut err = Vec::new();
+        let r = onboard_confs(
+            &mut Closed(1),
+            &mut err,
+            &covered,
+            Some(dir.path()),
+            std::path::Path::new("/etc/leadsync/tokens/pro-1"),
+            &config,
+        );
+        assert_eq!(r.unwrap(), 0, "{}", String::from_utf8_lossy(&err));
+        assert!(dir.path().join("11.toml").is_file());
+        assert!(dir.path().join("22.toml").is_file());
+    }
+
+    #[test]
+    fn format_characters_are_neutralised_in_server_text() {
+        // A bidi override (U+202E) or an isolate reorders what follows it on
+        // the terminal: a name could make an id read as another.
+        for c in [
+            '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200b}', '\u{feff}',
+        ] {
+            let p = printable(&format!("Pro{c}11"));
+            assert!(!p.contains(c), "{:?}", p);
+        }
+        assert_eq!(printable("Ökologische Gärten"), "Ökologische Gärten");
+    }
+
+    #[test]
+    fn line_and_paragraph_separators_are_neutralised_in_server_text() {
+        // U+2028/U+2029 (Zl/Zp: neither control nor format) break the line
+        // on some terminals: a name could print a line of its own.
+        for c in ['\u{2028}', '\u{2029}'] {
+            let p = printable(&format!("Pro{c}  wrote /etc/x"));
+            assert!(!p.contains(c), "{:?}", p);
+        }
+    }
+
+    #[test]
+    fn a_leftover_probe_file_does_not_fail_the_directory_probe() {
+        // A probe named by pid alone collided with a leftover of an earlier
+        // run that had the same pid (killed between create and remove).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path()
+                .join(format!(".leadsync-probe-{}", std::process::id())),
+            "",
+        )
+        .unwrap();
+        probe_dir(dir.path()).unwrap();
+        let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+        assert_eq!(left.len(), 1, "the probe removes its own files only");
+    }
 
     #[test]
     fn the_code_never_prints_in_debug() {

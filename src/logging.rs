@@ -3,7 +3,7 @@
 //! its own; JSON on request.
 
 use crate::cli::LogFormat;
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use tracing_subscriber::EnvFilter;
 
 /// Dependencies are quiet unless asked for by name in `LEADSYNC_LOG`.
@@ -51,13 +51,22 @@ pub fn stderr_is_journal() -> bool {
 pub fn init(format: LogFormat, default_level: &str) {
     let filter = match std::env::var("LEADSYNC_LOG") {
         Ok(spec) => EnvFilter::try_new(with_quiet_dependencies(&spec)).unwrap_or_else(|e| {
-            eprintln!("leadsync: LEADSYNC_LOG={spec:?} is not a valid filter ({e}); using {default_level:?}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "leadsync: LEADSYNC_LOG={spec:?} is not a valid filter ({e}); using {default_level:?}"
+            );
             EnvFilter::new(format!("{default_level},{QUIET_DEPENDENCIES}"))
         }),
         Err(_) => EnvFilter::new(format!("{default_level},{QUIET_DEPENDENCIES}")),
     };
     let journald = stderr_is_journal();
+    // `log_internal_errors(false)`: tracing-subscriber otherwise reports a
+    // failed stderr write (a closed pipe, a dead SSH terminal: EPIPE, EIO)
+    // with `eprintln!`, which panics — in `auth exchange` that was before
+    // the spent code's grant reached the store, and in the daemon it ends
+    // a sync. A log line that cannot be written is dropped.
     let builder = tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         .with_env_filter(filter)
         .with_target(false);

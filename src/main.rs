@@ -2,6 +2,7 @@
 
 use clap::Parser;
 use leadsync::cli::{Cli, EXIT_CONFIG, execute, exit_code_of};
+use std::io::Write;
 use std::process::ExitCode;
 
 /// `println!` panics when stdout's reader has gone away (`leadsync status |
@@ -43,7 +44,10 @@ fn main() -> ExitCode {
     {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("leadsync: error: cannot start the async runtime: {e}");
+            let _ = writeln!(
+                std::io::stderr(),
+                "leadsync: error: cannot start the async runtime: {e}"
+            );
             return ExitCode::from(1);
         }
     };
@@ -67,7 +71,9 @@ fn main() -> ExitCode {
             } else {
                 "error"
             };
-            eprintln!("leadsync: {what}: {e:#}");
+            // Not `eprintln!`, which panics (exit 101) on a dead terminal:
+            // the exit code still says what happened.
+            let _ = writeln!(std::io::stderr(), "leadsync: {what}: {e:#}");
             ExitCode::from(code)
         }
     }

@@ -2170,6 +2170,35 @@ async fn onboarding_into_an_existing_readable_token_file_makes_it_private() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_never_replaces_another_grant_in_its_token_file() {
+    // `--token-file` naming a file that holds a token (a typo for another
+    // pro's file), or one configured businesses name, replaced that grant:
+    // its single-use refresh token overwritten in the file and the store,
+    // its businesses silently moved to the new pro's grant.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let other = grants.join("pro-9");
+    std::fs::write(&other, "old-pro-token\n").unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[1]]);
+    let o = exchange_into(&env, &other, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "old-pro-token\n");
+    // A configured business's file, emptied (its grant lives in the store).
+    let o = env.run(&["sync", "--business", &ids[0]]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let configured = token_file(&env, &ids[0]);
+    std::fs::write(&configured, "").unwrap();
+    let o = exchange_into(&env, &configured, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("--business"), "{}", text(&o));
+    assert!(text(&o).contains(&ids[0]), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 0, "the code is not spent: {}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn onboarding_where_the_token_file_cannot_be_replaced_does_not_spend_the_code() {
     // The token file is replaced through a sibling temporary file: a
     // directory that refuses it (read-only for the service user; here, as
@@ -2293,6 +2322,176 @@ async fn write_conf_never_writes_through_a_link_or_over_a_file() {
         .filter(|n| !n.ends_with(".toml"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_into_a_directory_that_refuses_files_does_not_spend_the_code() {
+    // The configuration files are written after the single-use code is
+    // spent: a directory that takes no file must be found before, or the
+    // pro's businesses are left to be configured by hand. (/proc/self is a
+    // directory that refuses a new file even to root, as tests may run.)
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = common::output(env.cli().args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        "/proc/self",
+    ]))
+    .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("/proc/self"), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 0, "the code is not spent: {}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_whose_business_list_fails_says_what_to_write_by_hand() {
+    // The code is spent and the grant stored when the list fails (an HTML
+    // page, a 401 for a missing scope): the exchange cannot be run again,
+    // so the error must say how to finish by hand.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        html_404: 1.0,
+        ..Default::default()
+    });
+    let o = common::output(env.cli().args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ]))
+    .unwrap();
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 1);
+    let out = text(&o);
+    assert!(
+        out.contains(&format!("refresh_token_file = \"{}\"", file.display())),
+        "{out}"
+    );
+    assert!(out.contains("do not run the exchange again"), "{out}");
+    assert!(!out.contains(&code), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_business_list_on_a_dead_stderr_ends_with_its_exit_code() {
+    // The grant stored, the business list failed: its warning and the
+    // final error went out with `eprintln!`, which panics on a dead
+    // terminal (exit 101), before the conf files or in place of the
+    // exit code that says what happened.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        html_404: 1.0,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    let o = output_of(spawn_with_dead_stderr(&mut c)).await;
+    assert_eq!(o.status.code(), Some(0), "{:?} {}", o.status, text(&o));
+    assert!(text(&o).contains("stored the new grant"), "{}", text(&o));
+    // With --write-conf the failed list is an error: exit 1, not a panic.
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-2");
+    let code = env.sandbox.mint_grant_code(&[&ids[1]]);
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ]);
+    let o = output_of(spawn_with_dead_stderr(&mut c)).await;
+    assert_eq!(o.status.code(), Some(1), "{:?} {}", o.status, text(&o));
+    assert_eq!(codes_spent(&env), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signal_while_the_business_list_hangs_ends_the_exchange_at_once() {
+    // The grant stored, Ctrl-C during the business list was held until the
+    // list's request gave up (the client's timeout), then ignored.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        timeout: 1.0,
+        timeout_ms: 120_000,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = common::spawn(&mut c).unwrap();
+    wait_until("the grant is stored", Duration::from_secs(30), || {
+        stored_refresh_token(&env, &file).is_some()
+    })
+    .await;
+    let signalled = std::time::Instant::now();
+    let killed = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let o = output_of(child).await;
+    let took = signalled.elapsed();
+    assert_eq!(o.status.code(), Some(1), "{:?} {}", o.status, text(&o));
+    assert!(text(&o).contains("interrupted"), "{}", text(&o));
+    assert!(text(&o).contains("no configuration file"), "{}", text(&o));
+    assert!(took < Duration::from_secs(10), "{took:?}: {}", text(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -3284,4 +3483,344 @@ async fn ctrl_c_during_a_probes_token_refresh_keeps_the_rotated_token() {
     );
     assert_eq!(reauth_count(&env), 0);
     assert_no_secret_anywhere(&env, &all);
+}
+
+/// `auth exchange --token-file FILE --code CODE`, spawned with its output piped.
+fn spawn_exchange_into(env: &Env, file: &std::path::Path, code: &str) -> std::process::Child {
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    common::spawn(&mut c).unwrap()
+}
+
+async fn output_of(child: std::process::Child) -> std::process::Output {
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
+fn stored_refresh_token(env: &Env, file: &std::path::Path) -> Option<String> {
+    let key = leadsync::thumbtack::auth::grant_key(file);
+    let db = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    db.query_row(
+        "SELECT refresh_token FROM grants WHERE grant_key = ?1",
+        [key],
+        |r| r.get(0),
+    )
+    .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_stores_the_grant_when_its_token_file_cannot_be_written() {
+    // The token file's write failing after the code is spent (a full disk
+    // or a quota on the tokens directory) returned before the store was
+    // tried: the spent code's grant was lost though the store had room.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let child = spawn_exchange_into(&env, &file, &code);
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    // What the file's write makes next to it cannot be made now.
+    std::fs::create_dir(grants.join(".pro-1.leadsync-tmp")).unwrap();
+    let o = output_of(child).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(
+        text(&o).contains("cannot write the token file"),
+        "{}",
+        text(&o)
+    );
+    let stored = stored_refresh_token(&env, &file);
+    assert!(
+        stored.as_deref().is_some_and(|t| !t.is_empty()),
+        "the grant is in the token store: {}",
+        text(&o)
+    );
+    assert_eq!(codes_spent(&env), 1);
+}
+
+/// `cmd` spawned with its stdout piped and its stderr a pipe whose reader
+/// is closed: every write there fails (EPIPE), as on a dead terminal.
+fn spawn_with_dead_stderr(cmd: &mut Command) -> std::process::Child {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(writer);
+    common::spawn(cmd).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_with_a_dead_stderr_still_stores_the_grant() {
+    // A dead terminal (an SSH session dropped, a closed pipe): the error
+    // logged when the token file cannot be written failed its stderr
+    // write, which tracing-subscriber reported with `eprintln!`, which
+    // panicked before the store was tried: the spent code's grant was lost.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    let child = spawn_with_dead_stderr(&mut c);
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    std::fs::create_dir(grants.join(".pro-1.leadsync-tmp")).unwrap();
+    let o = output_of(child).await;
+    let stored = stored_refresh_token(&env, &file);
+    assert!(
+        stored.as_deref().is_some_and(|t| !t.is_empty()),
+        "the grant is in the token store: {:?} {}",
+        o.status,
+        text(&o)
+    );
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("stored the new grant"), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_into_an_empty_file_whose_grant_is_only_stored_is_refused_unspent() {
+    // The token file's write failed after the code was spent: the file is
+    // empty, the grant is in the token store alone (keyed by the file's
+    // path). A later onboarding into that file saw it empty, spent its
+    // code and silently replaced that grant.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let child = spawn_exchange_into(&env, &file, &code);
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    let obstacle = grants.join(".pro-1.leadsync-tmp");
+    std::fs::create_dir(&obstacle).unwrap();
+    let o = output_of(child).await;
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    std::fs::remove_dir(&obstacle).unwrap();
+    assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "");
+    let first = stored_refresh_token(&env, &file).expect("stored");
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let code = env.sandbox.mint_grant_code(&[&ids[1]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert!(text(&o).contains("--business"), "{}", text(&o));
+    assert_eq!(codes_spent(&env), 1, "{}", text(&o));
+    assert_eq!(stored_refresh_token(&env, &file), Some(first));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_onboardings_into_one_token_file_keep_the_first_grant() {
+    // Both saw the file empty before either took the grant's lock: the
+    // second spent its code and silently replaced the first pro's grant.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grants = env.dir.path().join("grants");
+    std::fs::create_dir_all(&grants).unwrap();
+    let file = grants.join("pro-1");
+    let (first, second) = (
+        env.sandbox.mint_grant_code(&[&ids[0]]),
+        env.sandbox.mint_grant_code(&[&ids[1]]),
+    );
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let a = spawn_exchange_into(&env, &file, &first);
+    wait_until("the first code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    // The file is there, empty, while the first exchange waits for its answer.
+    let b = spawn_exchange_into(&env, &file, &second);
+    let (a, b) = (output_of(a).await, output_of(b).await);
+    assert_eq!(a.status.code(), Some(0), "{}", text(&a));
+    assert_ne!(b.status.code(), Some(0), "{}", text(&b));
+    assert!(text(&b).contains("not spent"), "{}", text(&b));
+    assert_eq!(codes_spent(&env), 1, "{}", text(&b));
+    let in_file = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(
+        stored_refresh_token(&env, &file).as_deref(),
+        Some(in_file.trim())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_refuses_a_file_that_is_not_text_and_leaves_its_mode() {
+    // `--token-file /var/lib/leadsync/leadsync.db` (a typo): the "holds a
+    // token" check only refused files read as text, so the mirror was let
+    // through and made 0600 before anything refused it.
+    use std::os::unix::fs::PermissionsExt;
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let file = env.dir.path().join("mirror.db");
+    let bytes = b"SQLite format 3\0\xff\xfe\x00\x01binary";
+    std::fs::write(&file, bytes).unwrap();
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = exchange_into(&env, &file, &code);
+    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    assert!(text(&o).contains("not spent"), "{}", text(&o));
+    assert!(text(&o).contains("move the file aside"), "{}", text(&o));
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o644, "left as it was");
+    assert_eq!(std::fs::read(&file).unwrap(), bytes);
+    assert_eq!(codes_spent(&env), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hangup_while_the_code_is_spent_waits_for_the_grant_to_be_stored() {
+    // An SSH drop (SIGHUP) or Ctrl-C after the code was sent killed the
+    // exchange with the new grant's refresh token in memory only.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let code = env.sandbox.mint_grant_code(&[&b]);
+    env.sandbox.set_token_faults(TokenFaults {
+        hold_code_ms: 2500,
+        ..Default::default()
+    });
+    let mut c = env.cli();
+    c.args([
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ])
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::piped());
+    let child = common::spawn(&mut c).unwrap();
+    wait_until("the code is spent", Duration::from_secs(30), || {
+        codes_spent(&env) == 1
+    })
+    .await;
+    for signal in ["-HUP", "-INT"] {
+        let killed = Command::new("kill")
+            .args([signal, &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(killed.success());
+    }
+    let o = output_of(child).await;
+    assert_eq!(o.status.code(), Some(1), "{:?} {}", o.status, text(&o));
+    assert!(text(&o).contains("interrupted"), "{}", text(&o));
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let db = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    let source: String = db
+        .query_row(
+            "SELECT source FROM grants WHERE grant_key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(source, "auth exchange", "{}", text(&o));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupt_before_the_code_is_sent_keeps_it_unspent() {
+    // Another process holds the grant's lock: the exchange waits for it,
+    // and Ctrl-C meanwhile ends it without sending the code.
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let code = env.sandbox.mint_grant_code(&[&b]);
+    let key = leadsync::thumbtack::auth::grant_key(&token_file(&env, &b));
+    let store = TokenStore::open(&env.dir.path().join("fixture/tokens.db")).unwrap();
+    let lock = store
+        .try_lock_grant(&key)
+        .unwrap()
+        .expect("the grant's lock");
+    let mut c = env.cli();
+    c.env("LEADSYNC_LOG", "debug")
+        .args([
+            "auth",
+            "exchange",
+            "--business",
+            &b,
+            "--code",
+            &code,
+            "--redirect-uri",
+            "https://partner.example/callback",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = common::spawn(&mut c).unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let seen = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let (mut all, mut buf) = (Vec::new(), [0u8; 4096]);
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&all).contains("waiting for it") {
+                return (true, stderr, all);
+            }
+        }
+        (false, stderr, all)
+    })
+    .await
+    .unwrap();
+    assert!(seen.0, "{}", String::from_utf8_lossy(&seen.2));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::task::spawn_blocking(move || child.wait().unwrap())
+        .await
+        .unwrap();
+    drop(lock);
+    let mut rest = seen.2;
+    std::io::Read::read_to_end(&mut { seen.1 }, &mut rest).unwrap();
+    let err = String::from_utf8_lossy(&rest);
+    assert_eq!(status.code(), Some(1), "{status:?} {err}");
+    assert!(err.contains("not spent"), "{err}");
+    assert_eq!(codes_spent(&env), 0);
 }

@@ -276,6 +276,9 @@ pub struct TokenFaults {
     /// already used (a gateway rate-limiting the retry of a lost answer),
     /// before the grace period is looked at.
     pub throttle_reused: u32,
+    /// Hold the answer to an authorization-code grant this long after the
+    /// code was spent (the window in which a client may lose the grant).
+    pub hold_code_ms: u64,
 }
 
 /// A job status the sandbox accepted.

@@ -1301,6 +1301,12 @@ fn token_endpoint(
     }
     let mut hold = Hold::default();
     let mut lose = false;
+    if grant == "authorization_code" {
+        hold = Hold {
+            ms: faults.hold_code_ms,
+            gate: None,
+        };
+    }
     if grant == "refresh_token" {
         let presented = form.get("refresh_token").cloned().unwrap_or_default();
         if let Some(e) = s.refresh_tokens.get_mut(&presented) {

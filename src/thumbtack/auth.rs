@@ -447,6 +447,100 @@ fn probe_replaceable(path: &Path) -> std::io::Result<()> {
     std::fs::remove_file(&tmp)
 }
 
+/// Opens (creating, mode 0600) the token file `auth exchange --token-file`
+/// writes, never through a link: one planted after the caller's check must
+/// not make it create, or chmod, the file it points to. (libc is not a
+/// dependency, so no O_NOFOLLOW: O_CREAT|O_EXCL never follows a link, and
+/// an existing file opened is checked to be the one at the path.)
+fn open_token_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+    match std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+    {
+        Ok(f) => return Ok(f),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e),
+    }
+    let f = std::fs::OpenOptions::new().write(true).open(path)?;
+    let (opened, named) = (f.metadata()?, std::fs::symlink_metadata(path)?);
+    if !named.is_file() || (opened.dev(), opened.ino()) != (named.dev(), named.ino()) {
+        return Err(std::io::Error::other(
+            "a symbolic link or not a regular file: refusing it",
+        ));
+    }
+    Ok(f)
+}
+
+/// Refuses a token file `auth exchange --token-file` would overwrite: one
+/// holding anything but whitespace (another grant's token, or a file
+/// named by mistake), or one that cannot be read to tell. The code is
+/// not spent when this refuses.
+fn refuse_held(file: &Path) -> anyhow::Result<()> {
+    use std::io::Read;
+    const MOST: u64 = 4096;
+    let held = (|| -> std::io::Result<bool> {
+        let mut bytes = Vec::new();
+        std::fs::File::open(file)?
+            .take(MOST + 1)
+            .read_to_end(&mut bytes)?;
+        Ok(bytes.len() as u64 > MOST || !bytes.iter().all(u8::is_ascii_whitespace))
+    })();
+    match held {
+        Ok(false) => Ok(()),
+        Ok(true) => anyhow::bail!(
+            "the token file {} is not empty (another grant's token? a previous onboarding may \
+             have written it): --token-file onboards a new grant into a new or empty file; to \
+             re-authorize configured businesses use --business ID; to replace this grant on \
+             purpose, move the file aside first (keep it until the new grant works). The code \
+             was not spent",
+            file.display()
+        ),
+        Err(e) => anyhow::bail!(
+            "cannot read the token file {} to check that it holds no other grant ({e}): \
+             refusing it. The code was not spent",
+            file.display()
+        ),
+    }
+}
+
+/// Refuses onboarding into an empty token file whose grant the token store
+/// holds alone: the file's write failed after an earlier exchange's code
+/// was spent (the store took the grant, keyed by the file's path). A new
+/// grant there would replace it without a word. A row Thumbtack refused
+/// is no grant to keep. The code is not spent when this refuses.
+async fn refuse_stored_only(store: &Arc<dyn GrantStore>, chain: &Chain) -> anyhow::Result<()> {
+    let (s, key) = (store.clone(), chain.key.clone());
+    let row = blocking(move || s.load(&key, None, &[])).await.map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the token store to check that it holds no grant for the token file {}              ({e:#}): refusing it. The code was not spent",
+            chain.file.display()
+        )
+    })?;
+    let file = read_token_file(&chain.file).unwrap_or_default();
+    match row {
+        Some(g)
+            if g.refused.is_none()
+                && !g.refresh_token.expose().is_empty()
+                && g.refresh_token.expose() != file =>
+        {
+            anyhow::bail!(
+                "the token file {} is empty, but the token store holds a grant for it (an \
+                 earlier exchange could not write the file and kept the grant in the store \
+                 alone): a new grant here would replace it. Onboard the new grant into another \
+                 file (--token-file NEW_FILE); to re-authorize the businesses on that grant, \
+                 configure them with refresh_token_file = {} and use --business ID. The code \
+                 was not spent",
+                chain.file.display(),
+                chain.file.display()
+            )
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Replaces `path` with `text` atomically, mode 0600: a crash leaves the
 /// old content or the new, and a link planted at `path` is replaced, not
 /// followed.
@@ -455,6 +549,90 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     crate::secret::replace_private(path, &temp_of(path), text.as_bytes(), &|f, b| {
         f.write_all(b)
     })
+}
+
+/// A grant's businesses (id, name) and warnings about what their list left unread.
+pub type BusinessList = (Vec<(String, Option<String>)>, Vec<String>);
+
+/// The businesses of a `GET /api/v4/businesses` answer (id, name), and
+/// warnings about what it could not read. An answer holding no list is an
+/// error, not a grant covering nothing; an entry without a readable id is
+/// named; a page as long as its `limit`, or naming a next page, may leave
+/// businesses out (only the first page is read: the list's paging is not
+/// documented).
+pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
+    let v: serde_json::Value = serde_json::from_slice(body)
+        .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
+    let Some(entries) = v
+        .get("data")
+        .and_then(|d| d.as_array())
+        .or_else(|| v.as_array())
+    else {
+        let keys = v
+            .as_object()
+            .map(|o| {
+                o.keys()
+                    .take(8)
+                    .map(|k| excerpt(k).chars().take(40).collect::<String>())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            })
+            .unwrap_or_default();
+        anyhow::bail!(
+            "the business list answer holds no list of businesses (expected {{\"data\": [...]}}; \
+             top-level keys: {})",
+            if keys.is_empty() { "none" } else { &keys }
+        );
+    };
+    let mut notes = Vec::new();
+    let mut list = Vec::with_capacity(entries.len());
+    for (i, b) in entries.iter().enumerate() {
+        let name = b.get("name").and_then(|n| n.as_str()).map(str::to_string);
+        let id = match b.get("businessID") {
+            Some(serde_json::Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
+            Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+            _ => None,
+        };
+        match id {
+            Some(id) => list.push((id, name)),
+            None => notes.push(format!(
+                "entry {} of {} in the business list has no readable businessID{}: skipped",
+                i + 1,
+                entries.len(),
+                name.map(|n| format!(" (name \"{}\")", excerpt(&n)))
+                    .unwrap_or_default()
+            )),
+        }
+    }
+    let pagination = v.get("pagination");
+    let named = |o: Option<&serde_json::Value>, k: &str| {
+        o.and_then(|o| o.get(k))
+            .is_some_and(|x| !x.is_null() && x.as_str() != Some(""))
+    };
+    let next = ["next", "nextPageToken", "pageToken"]
+        .iter()
+        .any(|k| named(pagination, k) || named(Some(&v), k));
+    let limit = pagination
+        .and_then(|p| p.get("limit"))
+        .and_then(|l| l.as_u64());
+    let full = limit.is_some_and(|l| l > 0 && entries.len() as u64 >= l);
+    if next || full {
+        notes.push(format!(
+            "the grant may cover more businesses than the {} listed ({}; leadsync reads the \
+             first page only): configure any other business of the pro's with a conf.d file \
+             naming the same refresh_token_file",
+            entries.len(),
+            if next {
+                "the answer names a next page".to_string()
+            } else {
+                format!(
+                    "the page is as long as its limit, {}",
+                    limit.unwrap_or_default()
+                )
+            }
+        ));
+    }
+    Ok((list, notes))
 }
 
 /// A short, printable excerpt of a server-written description (never a token body).
@@ -870,7 +1048,7 @@ impl Auth {
         code: &Secret,
         redirect_uri: &str,
     ) -> anyhow::Result<Secret> {
-        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::PermissionsExt;
         // A link would send the refresh token wherever it points.
         match std::fs::symlink_metadata(file) {
             Ok(m) if m.file_type().is_symlink() => anyhow::bail!(
@@ -880,16 +1058,14 @@ impl Auth {
             Ok(m) if !m.is_file() => {
                 anyhow::bail!("the token file {} is not a regular file", file.display())
             }
-            Ok(_) => {}
+            // Another grant's token (a typo for another pro's file, or the
+            // mirror): the exchange would overwrite it, in the file and in
+            // the store. Refused before the file is opened, let alone chmodded.
+            Ok(_) => refuse_held(file)?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => anyhow::bail!("cannot inspect the token file {}: {e}", file.display()),
         }
-        let handle = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .open(file)
+        let handle = open_token_file(file)
             .map_err(|e| anyhow::anyhow!("cannot create the token file {}: {e}", file.display()))?;
         // An existing file keeps its mode (a `touch` under umask 022 makes
         // it 0644): make it the owner's alone before it holds a token.
@@ -928,12 +1104,13 @@ impl Auth {
         self.exchange_on(chain, code, redirect_uri, true).await
     }
 
-    /// The businesses a grant's access token covers (`GET /api/v4/businesses`): id and name.
+    /// The businesses a grant's access token covers (`GET /api/v4/businesses`):
+    /// id and name, and warnings about what the answer left unread.
     pub async fn businesses_of(
         &self,
         base_url: &str,
         access_token: &Secret,
-    ) -> anyhow::Result<Vec<(String, Option<String>)>> {
+    ) -> anyhow::Result<BusinessList> {
         let url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
         let resp = self
             .inner
@@ -963,25 +1140,7 @@ impl Auth {
                 ApiError::from_response(status, "", None, &body)
             );
         }
-        let v: serde_json::Value = serde_json::from_slice(&body)
-            .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
-        let list = v
-            .get("data")
-            .and_then(|d| d.as_array())
-            .or_else(|| v.as_array());
-        Ok(list
-            .into_iter()
-            .flatten()
-            .filter_map(|b| {
-                let id = match b.get("businessID")? {
-                    serde_json::Value::String(s) => s.clone(),
-                    serde_json::Value::Number(n) => n.to_string(),
-                    _ => return None,
-                };
-                let name = b.get("name").and_then(|n| n.as_str()).map(str::to_string);
-                Some((id, name))
-            })
-            .collect())
+        business_list(&body)
     }
 
     async fn exchange_on(
@@ -1014,7 +1173,7 @@ impl Auth {
             match inner
                 .lock_grant_or_unsaved(&chain)
                 .await
-                .map_err(|e| anyhow::anyhow!("{}", ApiError::from(e)))?
+                .map_err(|e| anyhow::anyhow!("{}; the code was not spent", ApiError::from(e)))?
             {
                 Ok(lock) => Some(lock),
                 Err(held) => {
@@ -1024,6 +1183,12 @@ impl Auth {
                 }
             }
         };
+        // Onboarding: another exchange into the same file may have taken
+        // the lock first and written its grant since the caller's check.
+        if write_file {
+            refuse_held(&chain.file)?;
+            refuse_stored_only(&store, &chain).await?;
+        }
         // The file the exchange's fallback writes if the store fails after
         // the code is spent: the one the grant is keyed by (a symlinked
         // token file is written through, never replaced by a regular file,
@@ -1046,6 +1211,11 @@ impl Auth {
                 )
             })?;
         }
+        // The last moment to stop (an interrupted `auth exchange`): once
+        // sent, the code's grant is stored whatever comes.
+        if inner.stopping.is_cancelled() {
+            anyhow::bail!("stopped before the code was sent: the code was not spent");
+        }
         let form = [
             ("grant_type", "authorization_code"),
             ("code", code.expose()),
@@ -1066,12 +1236,21 @@ impl Auth {
             );
         };
         let access = Inner::access_of(tokens.access_token, tokens.expires_in);
+        // The file holds the initial token; the store the same, as its seed.
+        // A file that cannot be written (a full disk, a quota on the tokens
+        // directory) does not keep the grant from the store: the code is spent.
+        let mut file_failure = None;
         let seed_fp = if write_file {
-            // The file holds the initial token; the store the same, as its seed.
-            write_private(&chain.file, &format!("{}\n", refresh.expose())).map_err(|e| {
-                anyhow::anyhow!("cannot write the token file {}: {e}", chain.file.display())
-            })?;
-            Some(sha256_hex(refresh.expose()))
+            if let Err(e) = write_private(&chain.file, &format!("{}\n", refresh.expose())) {
+                error!(grant = %chain.file.display(), error = %e,
+                    "cannot write the token file: the new grant goes to the token store only");
+                file_failure = Some(e.to_string());
+            }
+            // The seed is what the file holds now (the token, or nothing).
+            match read_token_file(&chain.file) {
+                Ok(t) if !t.is_empty() => Some(sha256_hex(&t)),
+                _ => None,
+            }
         } else {
             seed_fp
         };
@@ -1117,7 +1296,7 @@ impl Auth {
             let file = chain.file.display();
             error!(grant = %file, error = %failure,
                 "the token store could not take the new grant's refresh token");
-            if write_file {
+            if write_file && file_failure.is_none() {
                 anyhow::bail!(
                     "the token store could not take the new grant ({failure}); its refresh token is \
                      NOT lost: it is in the token file {file} (mode 0600), written before the store, \
@@ -1155,6 +1334,14 @@ impl Auth {
                      fix the token store, then authorize again (`leadsync auth exchange`)"
                 )),
             };
+        }
+        if let Some(e) = &file_failure {
+            warn!(grant = %chain.file.display(),
+                "the new grant's refresh token is NOT in the token file {} (it could not be \
+                 written: {e}) but it is stored in the token store, where every refresh takes it \
+                 from: the grant is usable, and the file may stay empty (it is only read for a \
+                 new grant) — do not run the exchange again (the code is spent)",
+                chain.file.display());
         }
         // A rotated token held unsaved (here, or by the process whose note
         // names it) may be in the token file, written there after the file
@@ -2657,6 +2844,100 @@ impl TokenFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_planted_at_the_token_file_after_its_check_is_not_followed() {
+        // exchange_code_into refuses a link first, but one planted between
+        // that check and the open made root create, or chmod 0600, the
+        // file it points to (/etc/passwd made 0600 breaks every login).
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (absent, present) = (dir.path().join("absent"), dir.path().join("present"));
+        std::fs::write(&present, "x").unwrap();
+        std::fs::set_permissions(&present, std::fs::Permissions::from_mode(0o644)).unwrap();
+        for target in [&absent, &present] {
+            let link = dir.path().join("grant");
+            let _ = std::fs::remove_file(&link);
+            std::os::unix::fs::symlink(target, &link).unwrap();
+            let opened = open_token_file(&link);
+            assert!(opened.is_err(), "{}", target.display());
+        }
+        assert!(!absent.exists());
+        let mode = std::fs::metadata(&present).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o644);
+    }
+
+    #[test]
+    fn a_business_list_answer_without_a_list_is_an_error_not_an_empty_grant() {
+        // A 200 carrying an error object (or a list under another key) read
+        // as "the grant covers 0 businesses": nothing written, no word why.
+        for body in [
+            &br#"{"error":"temporarily unavailable"}"#[..],
+            br#"{"data":null}"#,
+            br#"{"data":{"businessID":"1"}}"#,
+            br#""ok""#,
+        ] {
+            let r = business_list(body);
+            assert!(r.is_err(), "{}: {r:?}", String::from_utf8_lossy(body));
+        }
+        let (list, notes) = business_list(br#"{"data":[],"pagination":{"limit":20}}"#).unwrap();
+        assert!(list.is_empty() && notes.is_empty(), "{notes:?}");
+    }
+
+    #[test]
+    fn a_business_list_entry_without_a_readable_id_is_named_not_dropped() {
+        let (list, notes) = business_list(
+            br#"{"data":[{"businessID":"11","name":"A"},{"name":"Pro B"},{"businessID":null}]}"#,
+        )
+        .unwrap();
+        assert_eq!(list, vec![("11".to_string(), Some("A".to_string()))]);
+        assert_eq!(notes.len(), 2, "{notes:?}");
+        assert!(notes[0].contains("2 of 3"), "{notes:?}");
+        assert!(notes[0].contains("Pro B"), "{notes:?}");
+        assert!(notes[1].contains("3 of 3"), "{notes:?}");
+    }
+
+    #[test]
+    fn an_empty_business_id_is_named_like_an_unreadable_one() {
+        let (list, notes) =
+            business_list(br#"{"data":[{"businessID":"","name":"Pro E"},{"businessID":"12"}]}"#)
+                .unwrap();
+        assert_eq!(list, vec![("12".to_string(), None)]);
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].contains("Pro E"), "{notes:?}");
+    }
+
+    #[test]
+    fn a_full_or_continued_business_list_says_more_may_exist() {
+        // Only the first page is read: a page as long as its limit, or one
+        // naming a next page, may leave businesses out.
+        let page = |n: usize, pagination: &str| {
+            let data: Vec<String> = (0..n)
+                .map(|i| format!(r#"{{"businessID":"{}","name":"n"}}"#, 100 + i))
+                .collect();
+            format!(
+                r#"{{"data":[{}],"pagination":{pagination}}}"#,
+                data.join(",")
+            )
+        };
+        for (n, p) in [
+            (20, r#"{"limit":20}"#),
+            (
+                2,
+                r#"{"limit":20,"next":"https://api.thumbtack.com/v4/businesses?offset=2"}"#,
+            ),
+            (2, r#"{"limit":20,"nextPageToken":"abc"}"#),
+        ] {
+            let (list, notes) = business_list(page(n, p).as_bytes()).unwrap();
+            assert_eq!(list.len(), n);
+            assert!(
+                notes.iter().any(|m| m.contains("may cover more")),
+                "{p}: {notes:?}"
+            );
+        }
+        let (_, notes) = business_list(page(19, r#"{"limit":20}"#).as_bytes()).unwrap();
+        assert!(notes.is_empty(), "{notes:?}");
+    }
 
     #[test]
     fn basic_credentials_are_form_urlencoded_first() {
