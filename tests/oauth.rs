@@ -3824,3 +3824,47 @@ async fn an_interrupt_before_the_code_is_sent_keeps_it_unspent() {
     assert!(err.contains("not spent"), "{err}");
     assert_eq!(codes_spent(&env), 0);
 }
+
+/// `webhooks list | head -1`: the reader gone, a `println!` panicked
+/// (EPIPE) and main's panic hook exited before `auth.settle`: a rotated
+/// token the store could not take got neither its last write nor the loud
+/// line (review xb). Output now ignores a dead standard output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_list_into_a_closed_pipe_still_settles_its_rotated_token() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let db = rusqlite::Connection::open(env.dir.path().join("fixture/tokens.db")).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER refuse BEFORE UPDATE ON grants
+         BEGIN SELECT RAISE(ABORT, 'disk I/O error (test)'); END;",
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let mut c = env.cli();
+    c.args(["webhooks", "list", "--business", &b]);
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    c.stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped());
+    let child = common::spawn(&mut c).unwrap();
+    let o = output_of(child).await;
+    db.execute_batch("DROP TRIGGER refuse").unwrap();
+    let err = String::from_utf8_lossy(&o.stderr).to_string();
+    assert_eq!(refreshes(&env), before + 1, "{err}");
+    assert!(
+        err.contains("leadsync stops with a rotated refresh token the token store could not take"),
+        "settled: {:?} {err}",
+        o.status
+    );
+    // 1: the listing failed (its token cannot be stored), said on a dead
+    // standard output; not a panic.
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
