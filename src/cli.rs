@@ -664,32 +664,40 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
     let database = config.database().to_path_buf();
     let token_store = config.file.oauth.token_store.clone();
     let show = std::io::stderr().is_terminal();
-    // Ctrl-C or SIGTERM stops the copy between steps, so that its temporary
-    // file is removed instead of left beside FILE by a killed process.
+    // Ctrl-C, SIGTERM or SIGHUP (an SSH session dropped) stops the copy
+    // between steps, so that its temporary file is removed instead of left
+    // beside FILE by a killed process.
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
         let flag = interrupted.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
+                _ = hup.recv() => {}
             }
             flag.store(true, Ordering::SeqCst);
         });
     }
     let report = tokio::task::spawn_blocking(move || {
         let mut last = Instant::now();
+        // Progress is best effort: a terminal gone (EIO under nohup) made
+        // `eprint!` panic here, and the panic left the temporary file.
+        let mut show = show;
         store::backup::backup(&database, &[&token_store], &file, force, |copied, total| {
             if show && (copied == total || last.elapsed() >= Duration::from_millis(200)) {
                 last = Instant::now();
                 let pct = if total > 0 { copied * 100 / total } else { 100 };
-                eprint!("\rbackup: {pct:>3}% ({copied} of {total} pages)");
-                if copied == total {
-                    eprintln!();
-                }
+                let end = if copied == total { "\n" } else { "" };
+                show = write!(
+                    std::io::stderr(),
+                    "\rbackup: {pct:>3}% ({copied} of {total} pages){end}"
+                )
+                .is_ok();
             }
             !interrupted.load(Ordering::SeqCst)
         })
@@ -698,7 +706,8 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
     .await
     .context("the backup task failed")?;
     let (r, file) = report?;
-    println!(
+    let _ = writeln!(
+        std::io::stdout(),
         "backed up {} to {}: {} pages, {:.1} MiB, {} leads, {} outbox rows, schema version {}, in {:.1} s",
         config.database().display(),
         file.display(),
