@@ -1037,13 +1037,18 @@ async fn sync_through_daemon(
             if let Some(summary) = r.summary.as_deref().filter(|s| !s.is_empty())
                 && r.outcome.as_deref() != Some("refused")
             {
-                println!("{summary}");
+                // Any program may write the row: its text reaches the
+                // terminal line by line, without escape sequences.
+                println!(
+                    "{}",
+                    crate::terminal::safe_lines(summary, crate::terminal::Unsafe::Blank)
+                );
             }
             return match r.outcome.as_deref() {
                 Some("ok") => Ok(Some(0)),
                 Some("refused") => bail!(
                     "the running daemon refused the request: {}",
-                    r.error.as_deref().unwrap_or("no reason recorded")
+                    printable(r.error.as_deref().unwrap_or("no reason recorded"))
                 ),
                 // `finished_at` written by another program (its way to
                 // cancel the request), not by the daemon.
@@ -1249,29 +1254,10 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
 
 /// Text for a table on a terminal: every control character (line breaks,
 /// tabs, escape sequences a row could carry) and every invisible format
-/// character that reorders or hides text (bidi overrides and isolates,
-/// zero-width characters) becomes a space.
+/// character that reorders or hides text becomes a space
+/// ([`crate::terminal::is_unsafe`]).
 fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() || is_format(c) {
-                ' '
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
-/// The format characters (Unicode Cf) a terminal shows as nothing or
-/// uses to reorder what follows, and the line and paragraph separators
-/// (U+2028/2029) some break the line at (no Unicode tables are a
-/// dependency: the ones that matter, listed).
-fn is_format(c: char) -> bool {
-    matches!(c,
-        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
-        | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
+    crate::terminal::safe(s, crate::terminal::Unsafe::Blank)
 }
 
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
