@@ -664,32 +664,40 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
     let database = config.database().to_path_buf();
     let token_store = config.file.oauth.token_store.clone();
     let show = std::io::stderr().is_terminal();
-    // Ctrl-C or SIGTERM stops the copy between steps, so that its temporary
-    // file is removed instead of left beside FILE by a killed process.
+    // Ctrl-C, SIGTERM or SIGHUP (an SSH session dropped) stops the copy
+    // between steps, so that its temporary file is removed instead of left
+    // beside FILE by a killed process.
     let interrupted = Arc::new(AtomicBool::new(false));
     {
         use tokio::signal::unix::{SignalKind, signal};
         let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
         let flag = interrupted.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
+                _ = hup.recv() => {}
             }
             flag.store(true, Ordering::SeqCst);
         });
     }
     let report = tokio::task::spawn_blocking(move || {
         let mut last = Instant::now();
+        // Progress is best effort: a terminal gone (EIO under nohup) made
+        // `eprint!` panic here, and the panic left the temporary file.
+        let mut show = show;
         store::backup::backup(&database, &[&token_store], &file, force, |copied, total| {
             if show && (copied == total || last.elapsed() >= Duration::from_millis(200)) {
                 last = Instant::now();
                 let pct = if total > 0 { copied * 100 / total } else { 100 };
-                eprint!("\rbackup: {pct:>3}% ({copied} of {total} pages)");
-                if copied == total {
-                    eprintln!();
-                }
+                let end = if copied == total { "\n" } else { "" };
+                show = write!(
+                    std::io::stderr(),
+                    "\rbackup: {pct:>3}% ({copied} of {total} pages){end}"
+                )
+                .is_ok();
             }
             !interrupted.load(Ordering::SeqCst)
         })
@@ -698,7 +706,8 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
     .await
     .context("the backup task failed")?;
     let (r, file) = report?;
-    println!(
+    let _ = writeln!(
+        std::io::stdout(),
         "backed up {} to {}: {} pages, {:.1} MiB, {} leads, {} outbox rows, schema version {}, in {:.1} s",
         config.database().display(),
         file.display(),
@@ -1028,13 +1037,18 @@ async fn sync_through_daemon(
             if let Some(summary) = r.summary.as_deref().filter(|s| !s.is_empty())
                 && r.outcome.as_deref() != Some("refused")
             {
-                println!("{summary}");
+                // Any program may write the row: its text reaches the
+                // terminal line by line, without escape sequences.
+                println!(
+                    "{}",
+                    crate::terminal::safe_lines(summary, crate::terminal::Unsafe::Blank)
+                );
             }
             return match r.outcome.as_deref() {
                 Some("ok") => Ok(Some(0)),
                 Some("refused") => bail!(
                     "the running daemon refused the request: {}",
-                    r.error.as_deref().unwrap_or("no reason recorded")
+                    printable(r.error.as_deref().unwrap_or("no reason recorded"))
                 ),
                 // `finished_at` written by another program (its way to
                 // cancel the request), not by the daemon.
@@ -1240,29 +1254,10 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
 
 /// Text for a table on a terminal: every control character (line breaks,
 /// tabs, escape sequences a row could carry) and every invisible format
-/// character that reorders or hides text (bidi overrides and isolates,
-/// zero-width characters) becomes a space.
+/// character that reorders or hides text becomes a space
+/// ([`crate::terminal::is_unsafe`]).
 fn printable(s: &str) -> String {
-    s.chars()
-        .map(|c| {
-            if c.is_control() || is_format(c) {
-                ' '
-            } else {
-                c
-            }
-        })
-        .collect()
-}
-
-/// The format characters (Unicode Cf) a terminal shows as nothing or
-/// uses to reorder what follows, and the line and paragraph separators
-/// (U+2028/2029) some break the line at (no Unicode tables are a
-/// dependency: the ones that matter, listed).
-fn is_format(c: char) -> bool {
-    matches!(c,
-        '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
-        | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
-        | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
+    crate::terminal::safe(s, crate::terminal::Unsafe::Blank)
 }
 
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {

@@ -1370,20 +1370,16 @@ impl Daemon {
                 Ok((leads, last, reauth, counts, replies))
             })
             .await;
+        // Requests that ended but whose answer cannot be written: their
+        // askers (`leadsync sync`) wait. Kept when the counts cannot be read
+        // (the same database trouble is the likely cause).
+        let unwritten = lock(&self.requests)
+            .values()
+            .filter(|s| s.unwritten)
+            .count();
         let line = match line {
             Ok((leads, last, reauth, counts, replies)) => {
                 let now = chrono::Utc::now();
-                // Requests that ended but whose answer cannot be written:
-                // their askers (`leadsync sync`) wait.
-                let held = match lock(&self.requests)
-                    .values()
-                    .filter(|s| s.unwritten)
-                    .count()
-                {
-                    0 => String::new(),
-                    1 => "; 1 sync request answer not written (see the log)".into(),
-                    n => format!("; {n} sync request answers not written (see the log)"),
-                };
                 let last = last
                     .and_then(|t| crate::time::parse(&t))
                     .map(|t| format!("last sync {} ago", crate::time::age(t, now)))
@@ -1404,7 +1400,7 @@ impl Daemon {
                     )
                 };
                 format!(
-                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{replies}{reauth}{held}",
+                    "{leads} leads, {last}{backlog}; outbox: {} pending, {} dead{replies}{reauth}",
                     counts.pending + counts.sending,
                     counts.dead
                 )
@@ -1423,6 +1419,7 @@ impl Daemon {
             reload_failed.as_deref(),
             refused,
             self.store.durable_sync_failure().is_some(),
+            unwritten,
         );
         notify(&[NotifyState::Status(&line)]);
     }
@@ -1684,12 +1681,19 @@ fn status_line(
     reload_failed: Option<&str>,
     webhook_refused: bool,
     disk_failed: bool,
+    unwritten_answers: usize,
 ) -> String {
+    // The least serious alert, so the innermost prefix.
+    let line = match unwritten_answers {
+        0 => base,
+        1 => format!("1 sync request answer not written (see the log); {base}"),
+        n => format!("{n} sync request answers not written (see the log); {base}"),
+    };
     let line = match reload_failed {
         Some(at) => format!(
-            "configuration reload failed at {at}, running on the previous configuration (see the log); {base}"
+            "configuration reload failed at {at}, running on the previous configuration (see the log); {line}"
         ),
-        None => base,
+        None => line,
     };
     let line = if webhook_refused {
         format!(
@@ -1716,7 +1720,8 @@ mod tests {
     /// `systemctl status` cuts a long `STATUS=` line, so the alerts come
     /// most serious first: a database not synced to disk (every webhook
     /// delivery refused, data at risk) before a refused webhook header
-    /// value, before a failed reload, before the counts.
+    /// value, before a failed reload, before sync request answers not
+    /// written, before the counts.
     #[test]
     fn the_status_line_puts_the_most_serious_alert_first() {
         let line = status_line(
@@ -1724,7 +1729,11 @@ mod tests {
             Some("2026-11-29T12:00:00Z"),
             true,
             true,
+            2,
         );
+        let unwritten = line
+            .find("2 sync request answers not written (see the log)")
+            .unwrap();
         let disk = line.find("DATABASE NOT SYNCED TO DISK").unwrap();
         let webhook = line.find("WEBHOOK DELIVERIES REFUSED").unwrap();
         let reload = line
@@ -1733,22 +1742,36 @@ mod tests {
         let base = line.find("3 leads, no sync yet").unwrap();
         assert_eq!(disk, 0, "{line}");
         assert!(
-            disk < webhook && webhook < reload && reload < base,
+            disk < webhook && webhook < reload && reload < unwritten && unwritten < base,
             "{line}"
         );
         // Each alert alone still leads the line; none leaves the base out.
         assert_eq!(
-            status_line("b".into(), None, false, false),
+            status_line("b".into(), None, false, false, 0),
             "b",
             "no alert, no prefix"
         );
-        for (reload, refused, disk, head) in [
-            (Some("t"), false, false, "configuration reload failed at t"),
-            (None, true, false, "WEBHOOK DELIVERIES REFUSED"),
-            (None, false, true, "DATABASE NOT SYNCED TO DISK"),
-            (Some("t"), true, false, "WEBHOOK DELIVERIES REFUSED"),
+        for (reload, refused, disk, unwritten, head) in [
+            (
+                Some("t"),
+                false,
+                false,
+                0,
+                "configuration reload failed at t",
+            ),
+            (None, true, false, 0, "WEBHOOK DELIVERIES REFUSED"),
+            (None, false, true, 0, "DATABASE NOT SYNCED TO DISK"),
+            (Some("t"), true, false, 0, "WEBHOOK DELIVERIES REFUSED"),
+            (None, false, false, 1, "1 sync request answer not written"),
+            (
+                Some("t"),
+                false,
+                false,
+                3,
+                "configuration reload failed at t",
+            ),
         ] {
-            let line = status_line("b".into(), reload, refused, disk);
+            let line = status_line("b".into(), reload, refused, disk, unwritten);
             assert!(line.starts_with(head) && line.ends_with("; b"), "{line}");
         }
     }

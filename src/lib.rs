@@ -25,6 +25,7 @@ pub mod serve;
 pub mod status;
 pub mod store;
 pub mod sync;
+pub mod terminal;
 pub mod thumbtack;
 pub mod time;
 pub mod webhooks;

@@ -415,37 +415,11 @@ async fn token_seen(auth: &Auth, business_id: &str, source: &TokenSource) -> Tok
     }
 }
 
-/// Text the server chose, for a terminal: control characters (C0 and C1:
-/// escape sequences, newlines, carriage returns), bidirectional overrides,
-/// isolates and marks, and the Unicode line and paragraph separators are
-/// shown as `\u{..}` escapes, so that they can neither rewrite the screen
-/// nor forge a line of the report.
+/// Text the server chose, for a terminal: every character that could
+/// rewrite the screen, forge a line of the report or hide text
+/// ([`crate::terminal::is_unsafe`]) is shown as its `\u{..}` escape.
 fn shown(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if c.is_control() || bidi_or_separator(c) {
-            out.extend(c.escape_unicode());
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// Bidirectional overrides, isolates and marks, and the Unicode line and
-/// paragraph separators: not controls, but they reorder or break what a
-/// terminal shows.
-fn bidi_or_separator(c: char) -> bool {
-    matches!(
-        c,
-        '\u{202a}'..='\u{202e}'
-            | '\u{2066}'..='\u{2069}'
-            | '\u{200e}'
-            | '\u{200f}'
-            | '\u{61c}'
-            | '\u{2028}'
-            | '\u{2029}'
-    )
+    crate::terminal::safe(s, crate::terminal::Unsafe::Escape)
 }
 
 /// [`shown`] of each, joined.
@@ -481,18 +455,23 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
 }
 
 /// The report for programs (`--json`). serde_json escapes C0 controls
-/// only; DEL, C1 controls (U+009B is a one-character CSI) and the
-/// characters of [`bidi_or_separator`] are written as `\uXXXX` escapes
-/// too, so the output is safe on a terminal and reads back the same. Each
-/// can only be inside a string (the rest of the output is ASCII
-/// punctuation, digits, letters and whitespace), where such an escape
-/// stands for the character itself; all are in the BMP.
+/// only; DEL, C1 controls (U+009B is a one-character CSI) and the other
+/// characters of [`crate::terminal::is_unsafe`] are written as `\uXXXX`
+/// escapes too (a surrogate pair beyond the BMP: the tag characters), so
+/// the output is safe on a terminal and reads back the same. Each can only
+/// be inside a string (the rest of the output is ASCII punctuation,
+/// digits, letters and whitespace), where such an escape stands for the
+/// character itself.
 pub fn render_json(r: &ProbeReport) -> Result<String> {
     let raw = serde_json::to_string_pretty(r)?;
     let mut out = String::with_capacity(raw.len());
     for c in raw.chars() {
-        if (c.is_control() && c > '\u{1f}') || bidi_or_separator(c) {
-            let _ = write!(out, "\\u{:04x}", u32::from(c));
+        // C0 controls outside strings are the output's own line breaks
+        // and indentation; inside one serde_json escaped them already.
+        if c > '\u{1f}' && crate::terminal::is_unsafe(c) {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
         } else {
             out.push(c);
         }
@@ -659,13 +638,20 @@ mod tests {
         assert!(text.ends_with("probe: FAILED\n"), "{text}");
     }
 
+    /// Review xb: the zero-width characters, the word joiner, the byte
+    /// order mark, the soft hyphen and tag characters passed too (`cli`'s
+    /// blanking had them): both use [`crate::terminal`] now.
     fn is_bidi_or_separator(c: char) -> bool {
         matches!(
             c,
             '\u{202a}'..='\u{202e}'
                 | '\u{2066}'..='\u{2069}'
-                | '\u{200e}'
-                | '\u{200f}'
+                | '\u{200b}'..='\u{200f}'
+                | '\u{2060}'..='\u{2064}'
+                | '\u{feff}'
+                | '\u{ad}'
+                | '\u{e0001}'
+                | '\u{e0020}'..='\u{e007f}'
                 | '\u{61c}'
                 | '\u{2028}'
                 | '\u{2029}'
@@ -690,7 +676,8 @@ mod tests {
     }
 
     fn hostile_report() -> ProbeReport {
-        const ESC: &str = "\u{1b}[2J\u{9b}1A\u{202e}\u{200e}\u{200f}\u{61c}\u{2028}\u{2029}";
+        const ESC: &str = "\u{1b}[2J\u{9b}1A\u{202e}\u{200e}\u{200f}\u{61c}\u{2028}\u{2029}\
+                           \u{200b}\u{200d}\u{2060}\u{2064}\u{feff}\u{ad}\u{e0001}\u{e0041}";
         let call = |what: &str| Call {
             request: format!("GET /api/v4/negotiations/{what}"),
             http_status: Some(500),

@@ -6,7 +6,41 @@ use crate::config::{Config, ConfigError, WebhookAuth, check_public_url};
 use crate::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody, Subscription};
 use crate::thumbtack::{Auth, Client, ClientSettings};
 use anyhow::{Result, bail};
+use std::io::Write;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Standard output that a dead reader (`| head -1`, a dropped SSH
+/// session) cannot stop: `println!` panicked there (EPIPE, EIO) and main's
+/// panic hook exited before [`settled`] stored a rotated token. After the
+/// first failed write nothing more is written; the work goes on.
+#[derive(Default)]
+struct Out {
+    dead: AtomicBool,
+}
+
+impl Out {
+    fn line(&self, args: std::fmt::Arguments<'_>) {
+        if self.dead.load(Ordering::Relaxed) {
+            return;
+        }
+        let mut out = std::io::stdout().lock();
+        if out
+            .write_fmt(args)
+            .and_then(|()| out.write_all(b"\n"))
+            .is_err()
+        {
+            self.dead.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
+/// `println!` into an [`Out`].
+macro_rules! say {
+    ($out:expr, $($t:tt)*) => {
+        $out.line(format_args!($($t)*))
+    };
+}
 
 /// A client for commands that run beside the daemon (no process lock),
 /// and its token providers (settled at the end, see [`settled`]).
@@ -40,7 +74,7 @@ async fn settled(
     let outcome = tokio::select! {
         r = work => r,
         _ = stop.cancelled() => {
-            println!("stopped by a signal before every request was answered");
+            say!(Out::default(), "stopped by a signal before every request was answered");
             Ok(1)
         }
     };
@@ -88,7 +122,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
     check_public_url(public_url).map_err(|e| ConfigError(format!("webhooks.public_url: {e}")))?;
     w.require_usable_auth()?;
     if let Some(w) = w.public_path_warning() {
-        eprintln!("warning: {w}");
+        let _ = writeln!(std::io::stderr(), "warning: {w}");
     }
     let events: Vec<String> = if events.is_empty() {
         DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect()
@@ -116,9 +150,13 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         RegisterAuth::Basic { .. } => "Basic",
         RegisterAuth::Header { .. } => "Header",
     };
+    let out = Out::default();
     let ids = selected(config, businesses)?;
     if ids.is_empty() {
-        println!("no enabled business is configured: nothing to register");
+        say!(
+            out,
+            "no enabled business is configured: nothing to register"
+        );
         return Ok(0);
     }
     let (client, tokens) = client(config).await?;
@@ -128,7 +166,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             let existing = match client.list_webhooks(&id).await {
                 Ok(list) => list,
                 Err(e) => {
-                    println!("error {id}: cannot list its webhooks: {e}");
+                    say!(out, "error {id}: cannot list its webhooks: {e}");
                     failed = true;
                     continue;
                 }
@@ -202,7 +240,8 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                     1 => "one of them delivers each event type".to_string(),
                     n => format!("a delivery is sent up to {n} times"),
                 };
-                println!(
+                say!(
+                    out,
                     "already registered {id} ({} webhooks at {public_url}: {}), none kept: \
                      {repeats}, and any of them may hold an older secret (a password cannot be read back), its \
                      deliveries refused with 401: if you know which one was registered with the \
@@ -244,7 +283,8 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                         delete(&found.webhook_id)
                     ));
                 }
-                println!(
+                say!(
+                    out,
                     "already registered {id} (webhook {}){note}",
                     found.webhook_id
                 );
@@ -257,7 +297,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                 auth: auth.clone(),
             };
             match client.create_webhook(&id, &body).await {
-                Ok(s) => println!("registered {id} (webhook {})", s.webhook_id),
+                Ok(s) => say!(out, "registered {id} (webhook {})", s.webhook_id),
                 Err(e) => {
                     // An answer may quote the request (a gateway, a debug page):
                     // the credential it carried is never printed.
@@ -269,7 +309,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                     if !secret.is_empty() {
                         e = e.replace(secret.as_str(), crate::secret::MASK);
                     }
-                    println!("error {id}: {e}");
+                    say!(out, "error {id}: {e}");
                     failed = true;
                 }
             }
@@ -307,6 +347,7 @@ fn auth_kind(auth_type: Option<&str>) -> Option<&'static str> {
 /// Lists each business's subscriptions, one line each.
 pub async fn list(config: &Config, business: Option<String>, json: bool) -> Result<u8> {
     let ids = selected(config, business.as_slice())?;
+    let out = Out::default();
     let (client, auth) = client(config).await?;
     settled(config, &auth, async {
         let mut failed = false;
@@ -316,10 +357,11 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                 Ok(list) if json => {
                     all.push(serde_json::json!({"businessID": id, "webhooks": list}))
                 }
-                Ok(list) if list.is_empty() => println!("{id}: no webhook"),
+                Ok(list) if list.is_empty() => say!(out, "{id}: no webhook"),
                 Ok(list) => {
                     for s in list {
-                        println!(
+                        say!(
+                            out,
                             "{id} webhook {} {} {} [{}]",
                             s.webhook_id,
                             if s.enabled == Some(false) {
@@ -336,14 +378,14 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                     if json {
                         all.push(serde_json::json!({"businessID": id, "error": e.to_string()}));
                     } else {
-                        println!("error {id}: {e}");
+                        say!(out, "error {id}: {e}");
                     }
                     failed = true;
                 }
             }
         }
         if json {
-            println!("{}", serde_json::to_string_pretty(&all)?);
+            say!(out, "{}", serde_json::to_string_pretty(&all)?);
         }
         Ok(if failed { 1 } else { 0 })
     })
@@ -353,15 +395,19 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
 /// Deletes one subscription.
 pub async fn delete(config: &Config, business: &str, webhook: &str) -> Result<u8> {
     selected(config, &[business.to_string()])?;
+    let out = Out::default();
     let (client, auth) = client(config).await?;
     settled(config, &auth, async {
         match client.delete_webhook(business, webhook).await {
             Ok(()) => {
-                println!("deleted {business} webhook {webhook}");
+                say!(out, "deleted {business} webhook {webhook}");
                 Ok(0)
             }
             Err(e) => {
-                println!("error {business}: cannot delete webhook {webhook}: {e}");
+                say!(
+                    out,
+                    "error {business}: cannot delete webhook {webhook}: {e}"
+                );
                 Ok(1)
             }
         }

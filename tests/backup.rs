@@ -202,7 +202,8 @@ async fn backup_refuses_to_overwrite_without_force_and_never_the_mirror() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-/// SIGINT or SIGTERM in the middle of a copy: the backup stops, removes its
+/// SIGINT, SIGTERM or SIGHUP (an SSH session dropped: it killed the backup
+/// and left its `.FILE.partial-PID`) in the middle of a copy: the backup stops, removes its
 /// temporary file and leaves no FILE (or, if it had already finished, a
 /// whole one); a big database's copy is never left half-written in the
 /// destination directory.
@@ -226,7 +227,7 @@ async fn an_interrupted_backup_leaves_nothing_behind() {
             .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
             .count()
     };
-    for signal in ["-INT", "-TERM"] {
+    for signal in ["-INT", "-TERM", "-HUP"] {
         let file = out_dir.path().join(format!("copy{signal}.db"));
         let mut child = env
             .cli()
@@ -260,6 +261,88 @@ async fn an_interrupted_backup_leaves_nothing_behind() {
             );
         }
     }
+}
+
+/// The terminal gone during a copy (a dropped SSH session under `nohup`,
+/// whose progress line then fails with EIO): the progress `eprint!`
+/// panicked inside the copy's task and main's panic hook exited, leaving
+/// `.FILE.partial-PID` behind. Progress is best effort: the copy goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_terminal_is_gone_finishes_its_copy() {
+    let env = Env::new(SandboxOptions::default(), true, FAST).await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    env.sql()
+        .execute_batch(
+            "CREATE TABLE pad (x BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 24000)
+             INSERT INTO pad SELECT randomblob(4000) FROM n;",
+        )
+        .expect("pad the mirror");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let partials = || {
+        std::fs::read_dir(out_dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+            .count()
+    };
+    // A pseudo-terminal as standard error (not the child's controlling
+    // terminal: closing its master sends no SIGHUP, writes fail with EIO).
+    // Opened close-on-exec (std's `open` always is): a master inherited by
+    // any child, this test's or another's, would keep the terminal alive.
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open("/dev/ptmx")
+        .expect("open /dev/ptmx");
+    let mut name = [0 as libc::c_char; 128];
+    // SAFETY: our own master descriptor; ptsname_r writes at most the
+    // buffer's length.
+    unsafe {
+        assert_eq!(libc::grantpt(master.as_raw_fd()), 0, "grantpt");
+        assert_eq!(libc::unlockpt(master.as_raw_fd()), 0, "unlockpt");
+        assert_eq!(
+            libc::ptsname_r(master.as_raw_fd(), name.as_mut_ptr(), name.len()),
+            0,
+            "ptsname_r"
+        );
+    }
+    // SAFETY: ptsname_r wrote a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+        .to_str()
+        .expect("pty name")
+        .to_string();
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(&name)
+        .expect("open the pty's slave");
+    let file = out_dir.path().join("copy.db");
+    let mut child = env
+        .cli()
+        .args(["backup", file.to_str().expect("path")])
+        .stdout(std::process::Stdio::null())
+        .stderr(slave)
+        .spawn()
+        .expect("spawn backup");
+    let end = Instant::now() + Duration::from_secs(60);
+    while partials() == 0 && child.try_wait().expect("try_wait").is_none() {
+        assert!(Instant::now() < end, "the backup never started its copy");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    drop(master);
+    let status = child.wait().expect("wait");
+    assert_eq!(
+        partials(),
+        0,
+        "a temporary copy was left behind ({status:?})"
+    );
+    assert!(status.success(), "{status:?}");
+    check_backup(&file, 0, 180);
 }
 
 /// The statements of the README's restore procedure ("Backup and restore"),

@@ -821,6 +821,51 @@ async fn sync_says_so_when_another_program_finished_its_request() {
     assert!(said.contains("without an outcome"), "{said}");
 }
 
+/// The row's `summary` and `error` are anyone's to write: `sync` printed
+/// them raw, so a program's escape sequences reached the terminal (review
+/// xb). Each line is printed, without its control characters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_prints_a_request_rows_text_without_escape_sequences() {
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = leadsync::store::ProcessLock::acquire_as(&env.database(), true).unwrap();
+    for (outcome, code) in [("ok", Some(0)), ("refused", Some(1))] {
+        // The helper waits for the one row of this sync.
+        env.sql().execute("DELETE FROM sync_requests", []).unwrap();
+        let (got, said) = sync_beside_a_silent_daemon(&env, &[], Duration::from_secs(20), || {
+            env.sql()
+                .execute(
+                    "UPDATE sync_requests SET finished_at = '2026-01-01T00:00:00Z',
+                     outcome = ?1, summary = ?2, error = ?3 WHERE finished_at IS NULL",
+                    [
+                        outcome,
+                        "one: ok\u{1b}]0;pwned\u{7}\ntwo: ok\u{9b}2J\u{200b}",
+                        "no\u{1b}[2J reason",
+                    ],
+                )
+                .unwrap();
+        });
+        assert_eq!(got, code, "{said}");
+        assert!(
+            !said.chars().any(|c| c.is_control() && c != '\n'),
+            "{outcome}: {said:?}"
+        );
+        assert!(!said.contains('\u{200b}'), "{outcome}: {said:?}");
+        if outcome == "ok" {
+            assert!(
+                said.contains("one: ok") && said.contains("\ntwo: ok"),
+                "{said}"
+            );
+        } else {
+            assert!(
+                said.contains("refused the request: no [2J reason"),
+                "{said}"
+            );
+        }
+    }
+    drop(held);
+}
+
 /// More than a page (1,000) of the daemon's own requests open — their
 /// answers held back by a partner's trigger — and then a row inserted as
 /// already started: the sweep pages on past its own rows and refuses it,
@@ -955,7 +1000,7 @@ async fn an_answer_refused_for_ever_does_not_hold_back_the_others() {
         || count(&env.sql(), "SELECT count(DISTINCT id) FROM partner_log") == 9,
     );
     status_until("counting the held answers", &|s| {
-        s.ends_with("; 9 sync request answers not written (see the log)")
+        s.starts_with("9 sync request answers not written (see the log); ")
     });
     sql.execute("UPDATE partner_gate SET shut = 0", []).unwrap();
     wait_until_blocking(
@@ -976,7 +1021,7 @@ async fn an_answer_refused_for_ever_does_not_hold_back_the_others() {
         0
     );
     status_until("counting what is still held", &|s| {
-        s.ends_with("; 8 sync request answers not written (see the log)")
+        s.starts_with("8 sync request answers not written (see the log); ")
     });
     // Tried every 10 s, each failure is logged once, not at every sweep.
     let log = env.daemon_log();

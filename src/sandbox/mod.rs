@@ -276,9 +276,6 @@ pub struct TokenFaults {
     /// already used (a gateway rate-limiting the retry of a lost answer),
     /// before the grace period is looked at.
     pub throttle_reused: u32,
-    /// Hold the answer to an authorization-code grant this long after the
-    /// code was spent (the window in which a client may lose the grant).
-    pub hold_code_ms: u64,
 }
 
 /// A job status the sandbox accepted.
@@ -408,6 +405,9 @@ pub(crate) struct State {
     /// Set by [`Sandbox::hold_refresh_answers`]: successful refreshes
     /// answer once it is cancelled.
     refresh_gate: Option<CancellationToken>,
+    /// Set by [`Sandbox::hold_code_answers`]: successful code exchanges
+    /// answer once it is cancelled.
+    code_gate: Option<CancellationToken>,
     deliveries: Vec<Delivery>,
     /// Each lead's conversation, oldest first, generated on first use so a
     /// large sandbox does not pay for conversations nobody reads.
@@ -609,6 +609,7 @@ impl Sandbox {
             auth_codes: HashMap::new(),
             token_faults: TokenFaults::default(),
             refresh_gate: None,
+            code_gate: None,
             deliveries: Vec::new(),
             conversations: HashMap::new(),
             long_conversations: HashSet::new(),
@@ -766,6 +767,15 @@ impl Sandbox {
     pub fn hold_refresh_answers(&self) -> CancellationToken {
         let gate = CancellationToken::new();
         self.lock().refresh_gate = Some(gate.clone());
+        gate
+    }
+
+    /// Holds the answer of every successful authorization-code exchange
+    /// from now on, after the code was spent (the window in which a client
+    /// may lose the grant), until the returned token is cancelled.
+    pub fn hold_code_answers(&self) -> CancellationToken {
+        let gate = CancellationToken::new();
+        self.lock().code_gate = Some(gate.clone());
         gate
     }
 

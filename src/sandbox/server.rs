@@ -1102,7 +1102,8 @@ fn reply(
 #[derive(Default)]
 struct Hold {
     ms: u64,
-    /// Until it is cancelled ([`super::Sandbox::hold_refresh_answers`]).
+    /// Until it is cancelled ([`super::Sandbox::hold_refresh_answers`],
+    /// [`super::Sandbox::hold_code_answers`]).
     gate: Option<tokio_util::sync::CancellationToken>,
 }
 
@@ -1303,8 +1304,8 @@ fn token_endpoint(
     let mut lose = false;
     if grant == "authorization_code" {
         hold = Hold {
-            ms: faults.hold_code_ms,
-            gate: None,
+            ms: 0,
+            gate: s.code_gate.clone(),
         };
     }
     if grant == "refresh_token" {

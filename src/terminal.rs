@@ -1,0 +1,70 @@
+//! Text another party chose (Thumbtack's answers, rows a partner program
+//! wrote), made safe for a terminal: one list of the characters that can
+//! drive a screen or hide text, for every command that prints such text.
+
+/// Whether `c` must not reach a terminal as it is: control characters
+/// (C0 and C1: escape sequences, line breaks, tabs; U+009B is a
+/// one-character CSI) and the format characters (Unicode Cf) a terminal
+/// shows as nothing or uses to reorder what follows — bidirectional
+/// overrides, isolates and marks, zero-width characters, the soft hyphen,
+/// the byte order mark, tag characters — and the line and paragraph
+/// separators (U+2028/2029) some break the line at. No Unicode tables are
+/// a dependency: the ones that matter, listed.
+pub fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(c,
+            '\u{ad}' | '\u{61c}' | '\u{180e}' | '\u{200b}'..='\u{200f}' | '\u{2028}'..='\u{202e}'
+            | '\u{2060}'..='\u{2064}' | '\u{2066}'..='\u{206f}' | '\u{feff}' | '\u{fff9}'..='\u{fffb}'
+            | '\u{e0001}' | '\u{e0020}'..='\u{e007f}')
+}
+
+/// How an unsafe character is replaced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unsafe {
+    /// By a space: table cells and one-line messages.
+    Blank,
+    /// By its `\u{..}` escape, so that a report shows what was there.
+    Escape,
+}
+
+/// `s` with every [`is_unsafe`] character replaced as `how` says.
+pub fn safe(s: &str, how: Unsafe) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if !is_unsafe(c) {
+            out.push(c);
+        } else if how == Unsafe::Blank {
+            out.push(' ');
+        } else {
+            out.extend(c.escape_unicode());
+        }
+    }
+    out
+}
+
+/// `s` safe, each of its lines apart: text of several lines (a summary,
+/// one line per business) keeps its line breaks and nothing else.
+pub fn safe_lines(s: &str, how: Unsafe) -> String {
+    s.split('\n')
+        .map(|l| safe(l, how))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_hidden_or_controlling_character_is_replaced() {
+        let hostile = "a\u{1b}[2J\u{9b}\u{202e}\u{200b}\u{200d}\u{2060}\u{2064}\u{feff}\u{ad}\u{e0041}\u{2028}\tb";
+        let blank = safe(hostile, Unsafe::Blank);
+        assert!(blank.starts_with('a') && blank.ends_with('b'), "{blank:?}");
+        assert!(!blank.chars().any(is_unsafe), "{blank:?}");
+        let escaped = safe(hostile, Unsafe::Escape);
+        assert!(!escaped.chars().any(is_unsafe), "{escaped:?}");
+        assert!(escaped.contains("\\u{200b}") && escaped.contains("\\u{e0041}"));
+        assert_eq!(safe_lines("x\u{1b}\ny", Unsafe::Blank), "x \ny");
+        assert_eq!(safe("plain é", Unsafe::Escape), "plain é");
+    }
+}
