@@ -672,20 +672,21 @@ async fn backup(config: &Config, file: PathBuf, force: bool) -> Result<u8> {
         use tokio::signal::unix::{SignalKind, signal};
         let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
         let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-        let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+        let mut hup = hangups()?;
         let flag = interrupted.clone();
         tokio::spawn(async move {
             tokio::select! {
                 _ = int.recv() => {}
                 _ = term.recv() => {}
-                _ = hup.recv() => {}
+                _ = hangup(&mut hup) => {}
             }
             flag.store(true, Ordering::SeqCst);
         });
     }
     let report = tokio::task::spawn_blocking(move || {
         let mut last = Instant::now();
-        // Progress is best effort: a terminal gone (EIO under nohup) made
+        // Progress is best effort: a terminal gone (EIO: `… & disown` or
+        // `setsid` after the SSH session dropped, output still on it) made
         // `eprint!` panic here, and the panic left the temporary file.
         let mut show = show;
         store::backup::backup(&database, &[&token_store], &file, force, |copied, total| {
@@ -752,7 +753,7 @@ fn hold_signals(stop: CancellationToken) -> Result<Arc<AtomicBool>> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
     let mut int = signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?;
-    let mut hup = signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?;
+    let mut hup = hangups()?;
     let flag = Arc::new(AtomicBool::new(false));
     let seen = flag.clone();
     tokio::spawn(async move {
@@ -760,7 +761,7 @@ fn hold_signals(stop: CancellationToken) -> Result<Arc<AtomicBool>> {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
-                _ = hup.recv() => "SIGHUP",
+                _ = hangup(&mut hup) => "SIGHUP",
             };
             if !seen.swap(true, Ordering::SeqCst) {
                 // No panic on a terminal gone with the SSH session.
@@ -777,6 +778,44 @@ fn hold_signals(stop: CancellationToken) -> Result<Arc<AtomicBool>> {
 }
 
 /// A token cancelled by SIGTERM or SIGINT (for the one-shot commands).
+/// Whether SIGHUP was ignored when this process started (`nohup`, `trap ''
+/// HUP`, a supervisor's choice): the kernel's own record, the `SigIgn` mask
+/// of `/proc/self/status` (SIGHUP is its lowest bit). Read before anything
+/// in this process listens for SIGHUP, which replaces that disposition.
+pub(crate) fn hangup_ignored() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigIgn:"))
+        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
+        .is_some_and(|mask| mask & 1 == 1)
+}
+
+/// SIGHUP for a command that stops on it (`backup`, `auth exchange`), or
+/// none when it was ignored at the start: listening would override
+/// `nohup`, and a command meant to outlive the session would stop with it.
+fn hangups() -> Result<Option<tokio::signal::unix::Signal>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    if hangup_ignored() {
+        return Ok(None);
+    }
+    Ok(Some(
+        signal(SignalKind::hangup()).context("cannot listen for SIGHUP")?,
+    ))
+}
+
+/// The next SIGHUP of [`hangups`]; never, when there is none to wait for.
+async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
+    match hup {
+        Some(h) => {
+            h.recv().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
 pub(crate) fn stop_on_signal() -> Result<CancellationToken> {
     let controls = Controls::default();
     spawn_signal_handlers(&controls)?;

@@ -33,6 +33,18 @@ impl Out {
             self.dead.store(true, Ordering::Relaxed);
         }
     }
+
+    /// The command's exit code, at least 1 once the output was lost (a
+    /// full disk under `> list.json`, a closed pipe): a script must not take
+    /// a cut file for the whole answer, and a closed pipe ends with exit 1
+    /// as it does for every other command (README, "Exit codes").
+    fn exit(&self, code: u8) -> u8 {
+        if self.dead.load(Ordering::Relaxed) {
+            code.max(1)
+        } else {
+            code
+        }
+    }
 }
 
 /// `println!` into an [`Out`].
@@ -157,7 +169,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             out,
             "no enabled business is configured: nothing to register"
         );
-        return Ok(0);
+        return Ok(out.exit(0));
     }
     let (client, tokens) = client(config).await?;
     settled(config, &tokens, async {
@@ -317,6 +329,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
         Ok(if failed { 1 } else { 0 })
     })
     .await
+    .map(|code| out.exit(code))
 }
 
 /// Whether a listed `webhookURL` is `public_url`: compared as URLs (host
@@ -390,6 +403,7 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
         Ok(if failed { 1 } else { 0 })
     })
     .await
+    .map(|code| out.exit(code))
 }
 
 /// Deletes one subscription.
@@ -413,4 +427,5 @@ pub async fn delete(config: &Config, business: &str, webhook: &str) -> Result<u8
         }
     })
     .await
+    .map(|code| out.exit(code))
 }

@@ -263,6 +263,67 @@ async fn an_interrupted_backup_leaves_nothing_behind() {
     }
 }
 
+/// `nohup leadsync backup FILE &`, then the session ends: SIGHUP was
+/// ignored when the backup started, and listening for it (to clean up
+/// after a dropped session) replaced that, so the logout stopped a copy
+/// the user had asked to outlive it (review of xb). It finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_under_nohup_outlives_a_hangup() {
+    let env = Env::new(SandboxOptions::default(), true, FAST).await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    env.sql()
+        .execute_batch(
+            "CREATE TABLE pad (x BLOB);
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 24000)
+             INSERT INTO pad SELECT randomblob(4000) FROM n;",
+        )
+        .expect("pad the mirror");
+    let out_dir = tempfile::tempdir().expect("tempdir");
+    let partials = || {
+        std::fs::read_dir(out_dir.path())
+            .expect("dir")
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+            .count()
+    };
+    let file = out_dir.path().join("copy.db");
+    let mut cli = env.cli();
+    cli.args(["backup", file.to_str().expect("path")]);
+    // The same command under `nohup`, which ignores SIGHUP and execs it.
+    let mut nohup = std::process::Command::new("nohup");
+    nohup.arg(cli.get_program()).args(cli.get_args());
+    for (k, v) in cli.get_envs() {
+        match v {
+            Some(v) => nohup.env(k, v),
+            None => nohup.env_remove(k),
+        };
+    }
+    if let Some(dir) = cli.get_current_dir() {
+        nohup.current_dir(dir);
+    }
+    let mut child = nohup
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn nohup backup");
+    let end = Instant::now() + Duration::from_secs(60);
+    while partials() == 0 && child.try_wait().expect("try_wait").is_none() {
+        assert!(Instant::now() < end, "the backup never started its copy");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::process::Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .expect("kill");
+    let status = child.wait().expect("wait");
+    assert!(
+        status.success(),
+        "a hangup stopped a backup under nohup: {status:?}"
+    );
+    assert_eq!(partials(), 0);
+    check_backup(&file, 0, 180);
+}
+
 /// The terminal gone during a copy (a dropped SSH session under `nohup`,
 /// whose progress line then fails with EIO): the progress `eprint!`
 /// panicked inside the copy's task and main's panic hook exited, leaving

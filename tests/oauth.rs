@@ -3921,3 +3921,36 @@ async fn webhooks_list_into_a_closed_pipe_still_settles_its_rotated_token() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
+
+/// `webhooks list > list.json` on a full disk, or into a closed pipe: the
+/// output was lost, yet the command exited 0 once its writes stopped
+/// panicking (review of xb), so a script took a cut file for the whole
+/// answer. It exits 1, as every other command does on a closed pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_list_whose_output_is_lost_exits_1() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["webhooks", "list", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    for full_disk in [false, true] {
+        let mut c = env.cli();
+        c.args(["webhooks", "list", "--business", &b]);
+        if full_disk {
+            let full = std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap();
+            c.stdout(full);
+        } else {
+            let (reader, writer) = std::io::pipe().unwrap();
+            drop(reader);
+            c.stdout(writer);
+        }
+        c.stdin(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let o = output_of(common::spawn(&mut c).unwrap()).await;
+        let err = String::from_utf8_lossy(&o.stderr).to_string();
+        assert_eq!(o.status.code(), Some(1), "full disk {full_disk}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+    }
+}
