@@ -777,20 +777,21 @@ fn hold_signals(stop: CancellationToken) -> Result<Arc<AtomicBool>> {
     Ok(flag)
 }
 
-/// A token cancelled by SIGTERM or SIGINT (for the one-shot commands).
 /// Whether SIGHUP was ignored when this process started (`nohup`, `trap ''
 /// HUP`, a supervisor's choice): the kernel's own record, the `SigIgn` mask
 /// of `/proc/self/status` (SIGHUP is its lowest bit). Read before anything
 /// in this process listens for SIGHUP, which replaces that disposition.
-pub(crate) fn hangup_ignored() -> bool {
+fn hangup_ignored() -> bool {
     let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
         return false;
     };
     status
         .lines()
         .find_map(|l| l.strip_prefix("SigIgn:"))
-        .and_then(|mask| u64::from_str_radix(mask.trim(), 16).ok())
-        .is_some_and(|mask| mask & 1 == 1)
+        // Only the last hex digit: the mask is wider than 64 bits where
+        // there are 128 signals.
+        .and_then(|mask| mask.trim().chars().last()?.to_digit(16))
+        .is_some_and(|low| low & 1 == 1)
 }
 
 /// SIGHUP for a command that stops on it (`backup`, `auth exchange`), or
@@ -816,6 +817,7 @@ async fn hangup(hup: &mut Option<tokio::signal::unix::Signal>) {
     }
 }
 
+/// A token cancelled by SIGTERM or SIGINT (for the one-shot commands).
 pub(crate) fn stop_on_signal() -> Result<CancellationToken> {
     let controls = Controls::default();
     spawn_signal_handlers(&controls)?;

@@ -311,6 +311,29 @@ async fn a_backup_under_nohup_outlives_a_hangup() {
         assert!(Instant::now() < end, "the backup never started its copy");
         std::thread::sleep(Duration::from_millis(1));
     }
+    // Whatever the race with the copy: the kernel's record of the running
+    // backup (nohup exec'd it, same pid) says SIGHUP is still ignored and
+    // no handler was put in its place.
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", child.id()))
+        .expect("the backup still runs while its temporary copy exists");
+    let low = |field: &str| {
+        let mask = proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(field))
+            .unwrap_or_else(|| panic!("{field} in {proc_status}"));
+        mask.trim()
+            .chars()
+            .last()
+            .and_then(|c| c.to_digit(16))
+            .unwrap()
+            & 1
+    };
+    assert_eq!(low("SigIgn:"), 1, "SIGHUP no longer ignored: {proc_status}");
+    assert_eq!(
+        low("SigCgt:"),
+        0,
+        "SIGHUP caught under nohup: {proc_status}"
+    );
     std::process::Command::new("kill")
         .args(["-HUP", &child.id().to_string()])
         .status()
