@@ -635,9 +635,14 @@ pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
     Ok((list, notes))
 }
 
-/// A short, printable excerpt of a server-written description (never a token body).
+/// A short, printable excerpt of a server-written description (never a token body):
+/// without the characters [`crate::terminal::is_unsafe`] names, the one list
+/// every other piece of server text is cleaned by.
 fn excerpt(s: &str) -> String {
-    s.chars().filter(|c| !c.is_control()).take(200).collect()
+    s.chars()
+        .filter(|c| !crate::terminal::is_unsafe(*c))
+        .take(200)
+        .collect()
 }
 
 async fn blocking<R: Send + 'static>(
