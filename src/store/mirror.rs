@@ -99,6 +99,10 @@ fn lead_columns<'a>(
 struct Change<'a> {
     kind: &'static str,
     old_status: Option<&'a str>,
+    /// `new_status` is `old_status`, not the lead's: a `reappeared` row
+    /// followed by the `changed` row of the same observation, which
+    /// records the transition (once).
+    status_kept: bool,
     changed_fields: Option<String>,
     old_payload: Option<&'a str>,
 }
@@ -143,13 +147,17 @@ fn change_row(
     ctx: &PageContext,
     c: Change<'_>,
 ) -> rusqlite::Result<usize> {
+    let new_status = match c.status_kept {
+        true => c.old_status,
+        false => lead.status.as_deref(),
+    };
     stmt.execute(params![
         lead.negotiation_id,
         ctx.business_id,
         ctx.now,
         c.kind,
         c.old_status,
-        lead.status,
+        new_status,
         c.changed_fields,
         c.old_payload,
         ctx.run_id,
@@ -701,9 +709,13 @@ pub fn upsert_lead(
             "UPDATE negotiations SET missing_since = NULL, last_seen_at = ?2 WHERE negotiation_id = ?1",
         )?
         .execute(params![lead.negotiation_id, ctx.now])?;
+        // Changed as well: the `changed` row below records the transition,
+        // and this one the reappearance as the lead was (as a `missing`
+        // row does), so a status change is in the feed once.
         let c = Change {
             kind: "reappeared",
             old_status: old_status.as_deref(),
+            status_kept: changed_fields.is_some(),
             changed_fields: None,
             old_payload: None,
         };
@@ -737,6 +749,7 @@ pub fn upsert_lead(
             let c = Change {
                 kind: "changed",
                 old_status: old_status.as_deref(),
+                status_kept: false,
                 changed_fields: Some(serde_json::to_string(&fields)?),
                 old_payload: Some(&old),
             };
@@ -806,6 +819,7 @@ impl<'c> NewLeads<'c> {
         let c = Change {
             kind: "new",
             old_status: None,
+            status_kept: false,
             changed_fields: None,
             old_payload: None,
         };
@@ -2845,6 +2859,61 @@ mod tests {
                 r#"{"c":{"x":0,"n":"A","n":"B"}}"#
             )
             .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_lead_that_reappears_changed_records_its_status_change_once() {
+        // Open, marked missing, then listed again Hired: one observation,
+        // one transition Open -> Hired in the change feed (a consumer
+        // counting `old_status <> new_status` used to see it twice: on the
+        // `reappeared` row and on the `changed` row).
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "b".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: None,
+        };
+        let lead = |status: &str| {
+            let payload = format!(r#"{{"negotiationID":"1","status":"{status}"}}"#);
+            LeadRow {
+                negotiation_id: "1".into(),
+                hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+                payload,
+                status: Some(status.into()),
+                ..LeadRow::default()
+            }
+        };
+        write_page(&mut conn, &ctx, &[lead("Open")]).unwrap();
+        conn.execute(
+            "UPDATE negotiations SET missing_since = '2025-12-31T00:00:00.000Z'",
+            [],
+        )
+        .unwrap();
+        let stats = write_page(&mut conn, &ctx, &[lead("Hired")]).unwrap();
+        assert_eq!(stats.updated, 1, "{stats:?}");
+        let rows: Vec<(String, String, String)> = conn
+            .prepare(
+                "SELECT kind, old_status, new_status FROM negotiation_changes
+                  WHERE kind <> 'new' ORDER BY id",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let row = |k: &str, o: &str, n: &str| (k.to_string(), o.to_string(), n.to_string());
+        assert_eq!(
+            rows,
+            [
+                row("reappeared", "Open", "Open"),
+                row("changed", "Open", "Hired")
+            ]
         );
     }
 
