@@ -934,19 +934,21 @@ impl<'a> Members<'a> {
         serde_json::from_str(text).ok()
     }
 
-    /// The values of each key (in the order sent), by key.
-    fn by_key(&self) -> std::collections::BTreeMap<&str, Vec<&'a RawValue>> {
-        let mut keys = std::collections::BTreeMap::<&str, Vec<&RawValue>>::new();
-        for (k, v) in &self.0 {
-            keys.entry(k.as_str()).or_default().push(*v);
-        }
-        keys
+    /// The members of each key (its values in the order sent), by key.
+    fn by_key(&self) -> std::collections::BTreeMap<&str, &[(String, &'a RawValue)]> {
+        self.0
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|members| (members[0].0.as_str(), members))
+            .collect()
     }
 }
 
-/// Whether two lists of values are the same, one by one ([`same_json`]).
-fn same_values(p: &[&RawValue], q: &[&RawValue], depth: usize) -> bool {
-    p.len() == q.len() && p.iter().zip(q).all(|(v, w)| same_json(v, w, depth))
+/// Whether two keys' values are the same, one by one ([`same_json`]).
+fn same_values(p: &[(String, &RawValue)], q: &[(String, &RawValue)], depth: usize) -> bool {
+    p.len() == q.len()
+        && p.iter()
+            .zip(q)
+            .all(|((_, v), (_, w))| same_json(v, w, depth))
 }
 
 /// How deep [`same_json`] compares containers member by member; below
