@@ -2853,6 +2853,26 @@ mod tests {
         ] {
             assert_eq!(differing_fields(old, new), fields, "{old} -> {new}");
         }
+        // Past the 20 or so members a sort does by insertion (stable
+        // whatever the sort), the repeated key's values keep their order
+        // only if the sort of the members is stable.
+        let filler: String = (0..64).map(|i| format!(r#""k{i:02}":{i},"#)).collect();
+        let one_two = format!(r#"{{"s":1,{filler}"s":2}}"#);
+        let two_one = format!(r#"{{"s":2,{filler}"s":1}}"#);
+        assert_eq!(differing_fields(&one_two, &two_one), vec!["s"]);
+        assert!(differing_fields(&one_two, &one_two.replace(r#""k00":0,"#, "")).len() == 1);
+        // Forty values of one key, interleaved with other keys or after
+        // them: the same values in the same order, so the same lead.
+        let interleaved: Vec<String> = (0..40).map(|i| format!(r#""s":{i},"k{i:02}":0"#)).collect();
+        let keys_first: Vec<String> = (0..40)
+            .map(|i| format!(r#""k{i:02}":0"#))
+            .chain((0..40).map(|i| format!(r#""s":{i}"#)))
+            .collect();
+        let (interleaved, keys_first) = (
+            format!("{{{}}}", interleaved.join(",")),
+            format!("{{{}}}", keys_first.join(",")),
+        );
+        assert!(differing_fields(&interleaved, &keys_first).is_empty());
         // Other keys may move around a repeated one: still the same.
         assert!(differing_fields(r#"{"s":1,"a":2,"s":3}"#, r#"{"a":2,"s":1, "s":3}"#).is_empty());
         assert!(
