@@ -99,6 +99,10 @@ fn lead_columns<'a>(
 struct Change<'a> {
     kind: &'static str,
     old_status: Option<&'a str>,
+    /// `new_status` is `old_status`, not the lead's: a `reappeared` row
+    /// followed by the `changed` row of the same observation, which
+    /// records the transition (once).
+    status_kept: bool,
     changed_fields: Option<String>,
     old_payload: Option<&'a str>,
 }
@@ -143,13 +147,17 @@ fn change_row(
     ctx: &PageContext,
     c: Change<'_>,
 ) -> rusqlite::Result<usize> {
+    let new_status = match c.status_kept {
+        true => c.old_status,
+        false => lead.status.as_deref(),
+    };
     stmt.execute(params![
         lead.negotiation_id,
         ctx.business_id,
         ctx.now,
         c.kind,
         c.old_status,
-        lead.status,
+        new_status,
         c.changed_fields,
         c.old_payload,
         ctx.run_id,
@@ -701,9 +709,13 @@ pub fn upsert_lead(
             "UPDATE negotiations SET missing_since = NULL, last_seen_at = ?2 WHERE negotiation_id = ?1",
         )?
         .execute(params![lead.negotiation_id, ctx.now])?;
+        // Changed as well: the `changed` row below records the transition,
+        // and this one the reappearance as the lead was (as a `missing`
+        // row does), so a status change is in the feed once.
         let c = Change {
             kind: "reappeared",
             old_status: old_status.as_deref(),
+            status_kept: changed_fields.is_some(),
             changed_fields: None,
             old_payload: None,
         };
@@ -737,6 +749,7 @@ pub fn upsert_lead(
             let c = Change {
                 kind: "changed",
                 old_status: old_status.as_deref(),
+                status_kept: false,
                 changed_fields: Some(serde_json::to_string(&fields)?),
                 old_payload: Some(&old),
             };
@@ -806,6 +819,7 @@ impl<'c> NewLeads<'c> {
         let c = Change {
             kind: "new",
             old_status: None,
+            status_kept: false,
             changed_fields: None,
             old_payload: None,
         };
@@ -881,9 +895,61 @@ pub fn write_pages(
     Ok(all)
 }
 
-/// An object's members by decoded key (a repeated key: its last value,
-/// as `serde_json::Value` reads it), each value as its text.
-type Members<'a> = std::collections::BTreeMap<String, &'a RawValue>;
+/// An object's members by decoded key, each value as its text, sorted by
+/// key and, within a key that is repeated (JSON allows it), in the order
+/// sent. Every value of a repeated key is kept: SQLite's `json_extract`
+/// reads its first, the columns its last (README, "The lead"), so two
+/// copies that differ in any of them read differently, and one that keeps
+/// only the last value (`serde_json::Value`, a map) would take a copy that
+/// drops the first for the same lead and leave the mirror showing it.
+struct Members<'a>(Vec<(String, &'a RawValue)>);
+
+impl<'de: 'a, 'a> serde::Deserialize<'de> for Members<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<'a>(std::marker::PhantomData<&'a ()>);
+        impl<'de: 'a, 'a> serde::de::Visitor<'de> for V<'a> {
+            type Value = Members<'a>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut members = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some(member) = map.next_entry::<String, &'a RawValue>()? {
+                    members.push(member);
+                }
+                // Stable: a repeated key's values stay in the order sent.
+                members.sort_by(|a, b| a.0.cmp(&b.0));
+                Ok(Members(members))
+            }
+        }
+        d.deserialize_map(V(std::marker::PhantomData))
+    }
+}
+
+impl<'a> Members<'a> {
+    fn parse(text: &'a str) -> Option<Members<'a>> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// The members of each key (its values in the order sent), by key.
+    fn by_key(&self) -> std::collections::BTreeMap<&str, &[(String, &'a RawValue)]> {
+        self.0
+            .chunk_by(|a, b| a.0 == b.0)
+            .map(|members| (members[0].0.as_str(), members))
+            .collect()
+    }
+}
+
+/// Whether two keys' values are the same, one by one ([`same_json`]).
+fn same_values(p: &[(String, &RawValue)], q: &[(String, &RawValue)], depth: usize) -> bool {
+    p.len() == q.len()
+        && p.iter()
+            .zip(q)
+            .all(|((_, v), (_, w))| same_json(v, w, depth))
+}
 
 /// How deep [`same_json`] compares containers member by member; below
 /// that, values whose texts differ are taken as different. Each level
@@ -911,14 +977,14 @@ fn same_json(a: &RawValue, b: &RawValue, depth: usize) -> bool {
     }
     match (x.as_bytes().first(), y.as_bytes().first()) {
         (Some(b'{'), Some(b'{')) => {
-            match (
-                serde_json::from_str::<Members>(x),
-                serde_json::from_str::<Members>(y),
-            ) {
-                (Ok(p), Ok(q)) => {
-                    p.len() == q.len()
-                        && p.iter()
-                            .all(|(k, v)| q.get(k).is_some_and(|w| same_json(v, w, depth + 1)))
+            match (Members::parse(x), Members::parse(y)) {
+                // Sorted by key, a repeated key's values in the order sent.
+                (Some(p), Some(q)) => {
+                    p.0.len() == q.0.len()
+                        && p.0
+                            .iter()
+                            .zip(&q.0)
+                            .all(|((k, v), (l, w))| k == l && same_json(v, w, depth + 1))
                 }
                 _ => false,
             }
@@ -969,14 +1035,18 @@ fn same_number(x: &str, y: &str) -> bool {
 /// when they are equal as JSON, e.g. only key order or spacing differs;
 /// [`same_json`]).
 pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
-    let parse = |s| serde_json::from_str::<Members>(s).ok();
-    match (parse(old), parse(new)) {
+    match (Members::parse(old), Members::parse(new)) {
         (Some(a), Some(b)) => {
+            let (a, b) = (a.by_key(), b.by_key());
             let mut keys: Vec<String> = a
                 .iter()
-                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same_json(v, w, 0)))
-                .map(|(k, _)| k.clone())
-                .chain(b.keys().filter(|k| !a.contains_key(*k)).cloned())
+                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same_values(v, w, 0)))
+                .map(|(k, _)| k.to_string())
+                .chain(
+                    b.keys()
+                        .filter(|k| !a.contains_key(*k))
+                        .map(|k| k.to_string()),
+                )
                 .collect();
             keys.sort();
             keys
@@ -2756,6 +2826,167 @@ mod tests {
             differing_fields(r#"{"n":9007199254740993}"#, r#"{"n":9007199254740992}"#),
             vec!["n".to_string()]
         );
+    }
+
+    #[test]
+    fn a_repeated_key_is_compared_with_every_one_of_its_values() {
+        // SQLite's json_extract reads a repeated key's first value, the
+        // columns its last: a copy that drops or reorders a repeated key's
+        // values reads otherwise, and is a change.
+        for (old, new, fields) in [
+            (
+                r#"{"negotiationID":"1","status":"Open","status":"Canceled"}"#,
+                r#"{"negotiationID":"1","status":"Canceled"}"#,
+                vec!["status"],
+            ),
+            (
+                r#"{"negotiationID":"1","status":"Canceled"}"#,
+                r#"{"negotiationID":"1","status":"Open","status":"Canceled"}"#,
+                vec!["status"],
+            ),
+            (r#"{"s":1,"s":3}"#, r#"{"s":3,"s":1}"#, vec!["s"]),
+            (
+                r#"{"a":1,"customer":{"displayName":"A","displayName":"B"}}"#,
+                r#"{"a":1,"customer":{"displayName":"B"}}"#,
+                vec!["customer"],
+            ),
+        ] {
+            assert_eq!(differing_fields(old, new), fields, "{old} -> {new}");
+        }
+        // Past the 20 or so members a sort does by insertion (stable
+        // whatever the sort), the repeated key's values keep their order
+        // only if the sort of the members is stable.
+        let filler: String = (0..64).map(|i| format!(r#""k{i:02}":{i},"#)).collect();
+        let one_two = format!(r#"{{"s":1,{filler}"s":2}}"#);
+        let two_one = format!(r#"{{"s":2,{filler}"s":1}}"#);
+        assert_eq!(differing_fields(&one_two, &two_one), vec!["s"]);
+        assert!(differing_fields(&one_two, &one_two.replace(r#""k00":0,"#, "")).len() == 1);
+        // Forty values of one key, interleaved with other keys or after
+        // them: the same values in the same order, so the same lead.
+        let interleaved: Vec<String> = (0..40).map(|i| format!(r#""s":{i},"k{i:02}":0"#)).collect();
+        let keys_first: Vec<String> = (0..40)
+            .map(|i| format!(r#""k{i:02}":0"#))
+            .chain((0..40).map(|i| format!(r#""s":{i}"#)))
+            .collect();
+        let (interleaved, keys_first) = (
+            format!("{{{}}}", interleaved.join(",")),
+            format!("{{{}}}", keys_first.join(",")),
+        );
+        assert!(differing_fields(&interleaved, &keys_first).is_empty());
+        // Other keys may move around a repeated one: still the same.
+        assert!(differing_fields(r#"{"s":1,"a":2,"s":3}"#, r#"{"a":2,"s":1, "s":3}"#).is_empty());
+        assert!(
+            differing_fields(
+                r#"{"c":{"n":"A","x":0,"n":"B"}}"#,
+                r#"{"c":{"x":0,"n":"A","n":"B"}}"#
+            )
+            .is_empty()
+        );
+    }
+
+    #[test]
+    fn a_lead_that_reappears_changed_records_its_status_change_once() {
+        // Open, marked missing, then listed again Hired: one observation,
+        // one transition Open -> Hired in the change feed (a consumer
+        // counting `old_status <> new_status` used to see it twice: on the
+        // `reappeared` row and on the `changed` row).
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "b".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: None,
+        };
+        let lead = |status: &str| {
+            let payload = format!(r#"{{"negotiationID":"1","status":"{status}"}}"#);
+            LeadRow {
+                negotiation_id: "1".into(),
+                hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+                payload,
+                status: Some(status.into()),
+                ..LeadRow::default()
+            }
+        };
+        write_page(&mut conn, &ctx, &[lead("Open")]).unwrap();
+        conn.execute(
+            "UPDATE negotiations SET missing_since = '2025-12-31T00:00:00.000Z'",
+            [],
+        )
+        .unwrap();
+        let stats = write_page(&mut conn, &ctx, &[lead("Hired")]).unwrap();
+        assert_eq!(stats.updated, 1, "{stats:?}");
+        let rows: Vec<(String, String, String)> = conn
+            .prepare(
+                "SELECT kind, old_status, new_status FROM negotiation_changes
+                  WHERE kind <> 'new' ORDER BY id",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        let row = |k: &str, o: &str, n: &str| (k.to_string(), o.to_string(), n.to_string());
+        assert_eq!(
+            rows,
+            [
+                row("reappeared", "Open", "Open"),
+                row("changed", "Open", "Hired")
+            ]
+        );
+    }
+
+    #[test]
+    fn a_copy_without_a_repeated_key_replaces_one_with_it() {
+        // Mirrored with `status` twice (json_extract: Open; the column:
+        // Canceled), then listed with it once: the mirror must hold what
+        // Thumbtack sends now, or json_extract keeps saying Open.
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "b".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: None,
+        };
+        let lead = |payload: &str| LeadRow {
+            negotiation_id: "1".into(),
+            hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+            payload: payload.into(),
+            status: Some("Canceled".into()),
+            ..LeadRow::default()
+        };
+        let twice = lead(r#"{"negotiationID":"1","status":"Open","status":"Canceled"}"#);
+        let once = lead(r#"{"negotiationID":"1","status":"Canceled"}"#);
+        let stats = write_page(&mut conn, &ctx, &[twice]).unwrap();
+        assert_eq!(stats.inserted, 1);
+        let stats = write_page(&mut conn, &ctx, std::slice::from_ref(&once)).unwrap();
+        assert_eq!(stats.updated, 1, "{stats:?}");
+        let (payload, extracted): (String, String) = conn
+            .query_row(
+                "SELECT payload, json_extract(payload, '$.status') FROM negotiations",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            (payload.as_str(), extracted.as_str()),
+            (once.payload.as_str(), "Canceled")
+        );
+        let fields: String = conn
+            .query_row(
+                "SELECT changed_fields FROM negotiation_changes WHERE kind = 'changed'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(fields, r#"["status"]"#);
     }
 
     #[test]
