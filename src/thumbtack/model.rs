@@ -1670,6 +1670,8 @@ mod checked {
                 "\"k\":\"v\",",
                 "\"negotiationID\":\"7\",",
                 "\"negotiationID\" ,",
+                "\"negotiationIE\":1,",
+                "\"negotiation\\u0049D\":\"x\",",
                 "\"negotiationID\":{\"negotiationID\":\"8\"},",
                 "{\"negotiationID\":\"9\",",
                 "\"s\":\"x\\\"y\\\\\",",
