@@ -973,6 +973,9 @@ mod checked {
         }
     }
 
+    /// The key of a lead's id.
+    const ID_KEY: &[u8] = b"negotiationID";
+
     /// Where an object's first top-level `negotiationID` value starts, as
     /// the scan found it.
     #[derive(Clone, Copy, Debug, PartialEq)]
@@ -1156,7 +1159,7 @@ mod checked {
                 let key = &b[open + 1..close];
                 if key.contains(&b'\\') {
                     self.id = IdAt::Escaped;
-                } else if key == b"negotiationID" {
+                } else if key == ID_KEY {
                     let colon = skip_ws(b, close + 1);
                     if b.get(colon) != Some(&b':') {
                         return None;
@@ -1238,8 +1241,12 @@ mod checked {
         }
 
         /// The 64 bytes at `base`, with their [`Scan::strings`]. Only its
-        /// quotes and its brackets and commas outside strings are visited,
-        /// and its quotes only while a key may be the id's.
+        /// brackets and commas outside strings are visited, and, while a
+        /// key may be the id's, the quotes of the top-level keys: the
+        /// first opening quote after a `{` or `,` at depth 1 (one opening
+        /// quote being the next after a byte outside strings) and the
+        /// closing quote after it. The other quotes, which the byte scan
+        /// steps over without effect, are never visited.
         fn block(
             &mut self,
             b: &[u8],
@@ -1247,22 +1254,58 @@ mod checked {
             m: Masks,
             (quotes, inside, escape_out): (u64, u64, bool),
         ) -> Option<Option<usize>> {
-            let keys = matches!(self.id, IdAt::Absent) || self.key_open.is_some();
-            let mut events = (m.structural & !inside) | if keys { quotes } else { 0 };
+            let mut events = m.structural & !inside;
+            if matches!(self.id, IdAt::Absent) {
+                // Opening quotes are inside strings, closing ones not.
+                let (opening, closing) = (quotes & inside, quotes & !inside);
+                // The bits of the bytes visited so far.
+                let mut done = 0u64;
+                while matches!(self.id, IdAt::Absent) {
+                    let wanted = if self.key_open.is_some() {
+                        closing & !done
+                    } else if self.depth == 1 && self.key_next {
+                        opening & !done
+                    } else {
+                        0
+                    };
+                    let (q, s) = (wanted.trailing_zeros(), events.trailing_zeros());
+                    if q < s {
+                        let at = base + q as usize;
+                        if let Some(open) = self.key_open {
+                            // A key opened in this block, with no backslash
+                            // and not as long as `negotiationID`, is not the
+                            // id's: what `close_quote` would find, without
+                            // its call and its search for a backslash.
+                            let plain = open >= base && at - open - 1 != ID_KEY.len() && {
+                                let after_open = !(u64::MAX >> (63 - (open - base)));
+                                m.backslash & after_open & ((1u64 << q) - 1) == 0
+                            };
+                            if plain {
+                                self.key_open = None;
+                            } else {
+                                self.close_quote(b, at)?;
+                            }
+                        } else {
+                            self.open_quote(at);
+                        }
+                        done = u64::MAX >> (63 - q);
+                        continue;
+                    }
+                    if s == 64 {
+                        break;
+                    }
+                    events &= events - 1;
+                    done = u64::MAX >> (63 - s);
+                    if self.structural(b[base + s as usize])? {
+                        return Some(Some(base + s as usize + 1));
+                    }
+                }
+            }
             while events != 0 {
                 let k = events.trailing_zeros();
                 events &= events - 1;
-                let at = base + k as usize;
-                let c = b[at];
-                if c == b'"' {
-                    // Only a key's quotes matter (see `open_quote`).
-                    if self.key_open.is_some() {
-                        self.close_quote(b, at)?;
-                    } else if self.depth == 1 && self.key_next && inside >> k & 1 == 1 {
-                        self.open_quote(at);
-                    }
-                } else if self.structural(c)? {
-                    return Some(Some(at + 1));
+                if self.structural(b[base + k as usize])? {
+                    return Some(Some(base + k as usize + 1));
                 }
             }
             self.in_string = inside >> 63 == 1;
@@ -1611,6 +1654,70 @@ mod checked {
                     text.push_str(PIECES[next(PIECES.len())]);
                 }
                 agree(text.as_bytes(), 0);
+            }
+        }
+
+        /// Long random objects and arrays (several blocks), of pieces that
+        /// make keys, values, nested objects with keys named the same,
+        /// escaped quotes and backslashes, so that the id (or an escaped
+        /// key, or none) falls anywhere in a lead, in any block, after any
+        /// number of top-level keys: both scans agree on the whole text
+        /// and on prefixes cut at random.
+        #[test]
+        fn the_block_scan_agrees_on_long_random_leads() {
+            const PIECES: &[&str] = &[
+                "\"a\":1,",
+                "\"k\":\"v\",",
+                "\"negotiationID\":\"7\",",
+                "\"negotiationID\" ,",
+                "\"negotiationIE\":1,",
+                "\"negotiation\\u0049D\":\"x\",",
+                "\"negotiationID\":{\"negotiationID\":\"8\"},",
+                "{\"negotiationID\":\"9\",",
+                "\"s\":\"x\\\"y\\\\\",",
+                "\"\\u0061\":0,",
+                "\"t\":\"\\\"negotiationID\\\":\",",
+                "\"n\":[1,{\"b\":[\"]\"]}],",
+                "{",
+                "}",
+                "[",
+                "]",
+                ",",
+                "\"",
+                "\\",
+                ":",
+                " ",
+                "\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\",",
+                "\"k\":\"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\",",
+                "\"o\":{\"p\":{\"q\":[\"r\",\"s\"]},\"u\":\"v\"},",
+            ];
+            let mut state = 0x853c_49e6_748f_ea9bu64;
+            let mut next = |n: usize| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                (state % n as u64) as usize
+            };
+            for round in 0..2000 {
+                let mut text = String::from(["{", "["][usize::from(round % 4 == 3)]);
+                // Mostly well-formed keys and values, then any piece.
+                let wild = next(3) == 0;
+                for _ in 0..next(120) {
+                    let piece = if wild { next(PIECES.len()) } else { next(10) };
+                    let piece = if !wild && next(4) == 0 {
+                        19 + next(3)
+                    } else {
+                        piece
+                    };
+                    text.push_str(PIECES[piece]);
+                }
+                text.push_str(["\"z\":0}", "}", "]", ""][next(4)]);
+                let b = text.as_bytes();
+                assert_eq!(value_end(b, 0), value_end_before(b, 0), "{text:?}");
+                for _ in 0..4 {
+                    let cut = &b[..next(b.len() + 1)];
+                    assert_eq!(value_end(cut, 0), value_end_before(cut, 0), "{text:?}");
+                }
             }
         }
 
