@@ -1654,3 +1654,110 @@ async fn a_lead_removed_mid_scan_marks_no_neighbour_missing_offset() {
 async fn a_lead_removed_mid_scan_marks_no_neighbour_missing_next() {
     a_lead_removed_mid_scan(Pagination::Next).await;
 }
+
+/// Every transient fault SPEC §5 and §6 name, each striking a listing
+/// request of a real `sync --full` (the poller's code) at least once, in
+/// every pagination style: the pass retries through them, mirrors every
+/// lead, and marks exactly the removed leads missing — a page that failed
+/// on the way is neither skipped nor taken for the listing's end.
+async fn a_full_scan_through_every_transient_fault(style: Pagination, name: &str) {
+    use leadsync::sandbox::ScriptedFault as F;
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            pagination: style,
+            ..Default::default()
+        },
+        false,
+        &FAST
+            .replace("timeout_secs = 5", "timeout_secs = 1")
+            .replace("read_retries = 0", "read_retries = 3"),
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let ids = env.sandbox.lead_ids(&b);
+    let removed: BTreeSet<String> = [3, 31, 59].iter().map(|&i| ids[i].clone()).collect();
+    for id in &removed {
+        env.sandbox
+            .mutate(Mutation::Remove {
+                negotiation_id: id.clone(),
+            })
+            .unwrap();
+    }
+    env.sandbox
+        .mutate(Mutation::AddLeads {
+            business_id: b.clone(),
+            count: 2,
+        })
+        .unwrap();
+    // Two faults in a row on some requests (retried twice), one on others,
+    // spread over the listing's seven pages.
+    let script = [
+        F::Rate429,
+        F::Waf202,
+        F::Served,
+        F::Timeout,
+        F::Served,
+        F::Reset,
+        F::Malformed,
+        F::Served,
+        F::Html503,
+        F::Served,
+        F::Problem500,
+        F::Rate429Date,
+        F::Served,
+        F::Html404,
+        F::Served,
+        F::Redirect,
+    ];
+    env.sandbox.set_faults(Faults {
+        retry_after_secs: 1,
+        timeout_ms: 1500,
+        script: script.into_iter().collect(),
+        ..Default::default()
+    });
+    let before = env.sandbox.stats().faults_injected;
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{style:?}: {out}");
+    assert!(
+        env.sandbox.faults().script.is_empty(),
+        "{style:?}: every scripted fault struck"
+    );
+    assert_eq!(
+        env.sandbox.stats().faults_injected - before,
+        script.iter().filter(|f| **f != F::Served).count() as u64
+    );
+    assert!(out.contains("2 new"), "{style:?}: {out}");
+    assert!(out.contains("3 newly missing"), "{style:?}: {out}");
+    assert_eq!(missing_ids(&env), removed, "{style:?}: exactly the removed");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 62);
+    let (kind, outcome, pagination, error, missing) = last_run(&env);
+    assert_eq!(
+        (
+            kind.as_str(),
+            outcome.as_str(),
+            pagination.as_deref(),
+            error,
+            missing
+        ),
+        ("full", "ok", Some(name), None, 3),
+        "{style:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_next_scan_through_every_transient_fault_misses_nothing() {
+    a_full_scan_through_every_transient_fault(Pagination::Next, "next").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_token_scan_through_every_transient_fault_misses_nothing() {
+    a_full_scan_through_every_transient_fault(Pagination::Token, "token").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_offset_scan_through_every_transient_fault_misses_nothing() {
+    a_full_scan_through_every_transient_fault(Pagination::Offset, "offset").await;
+}

@@ -193,6 +193,40 @@ pub struct Faults {
     /// bytes (spaces, `Content-Length` set), larger than any page, as a
     /// broken proxy or a hostile server might.
     pub oversized_body_bytes: u64,
+    /// The next API requests (any route), one each in order, answered with
+    /// these faults whatever the rates say (`served`: answered as ever),
+    /// each entry consumed by the request it strikes: a test that must see
+    /// every kind strike, at a place of its choosing, instead of hoping the
+    /// dice do.
+    pub script: std::collections::VecDeque<ScriptedFault>,
+}
+
+/// One entry of [`Faults::script`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScriptedFault {
+    /// No fault: the request is answered as ever.
+    Served,
+    /// The connection closed without an answer.
+    Reset,
+    /// Hang for `timeout_ms`, then 504.
+    Timeout,
+    /// A 503 HTML gateway page.
+    Html503,
+    /// A 500 ProblemDetails.
+    Problem500,
+    /// A 429 ProblemDetails with `Retry-After: retry_after_secs` (seconds).
+    Rate429,
+    /// A 429 with `Retry-After` as an HTTP date.
+    Rate429Date,
+    /// A 202 WAF challenge page.
+    Waf202,
+    /// A broken body (truncated JSON with 200 on reads, garbage with 500 on writes).
+    Malformed,
+    /// A 301 elsewhere.
+    Redirect,
+    /// A proxy's HTML 404.
+    Html404,
 }
 
 /// How the sandbox answers a `GET` of a lead's messages ([`Faults::messages_get`]).
@@ -851,6 +885,11 @@ impl Sandbox {
             .get(&format!("list {business_id}"))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The fault knobs now (a script's entries not yet consumed included).
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.clone()
     }
 
     /// Replaces the fault knobs.
