@@ -63,14 +63,26 @@ fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Resu
         let ids = q
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        let foreign = c.query_row(
-            "SELECT (SELECT count(*) FROM outbox
-                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))
-                  + (SELECT count(*) FROM message_outbox
-                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))",
-            [],
-            |r| r.get(0),
-        )?;
+        // Only the outbox tables it has: a mirror of an earlier version
+        // (before `message_outbox`, say) is still the demo's own.
+        let mut foreign = 0;
+        for table in ["outbox", "message_outbox"] {
+            let exists: bool = c.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )?;
+            if exists {
+                foreign += c.query_row(
+                    &format!(
+                        "SELECT count(*) FROM {table}
+                         WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations)"
+                    ),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?;
+            }
+        }
         Ok((ids, foreign))
     })();
     let keep = format!(
