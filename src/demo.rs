@@ -14,10 +14,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Set once a line could not be written (a pipe whose reader has gone, a
+/// full disk): the demo still finishes its mirror, then exits 1.
+static OUTPUT_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn say(line: impl AsRef<str>) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", line.as_ref());
-    let _ = out.flush();
+    if writeln!(out, "{}", line.as_ref())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        OUTPUT_LOST.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Removes the previous demo's mirror and its SQLite side files (not its
@@ -471,7 +479,11 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     ] {
         say(format!("  sqlite3 -header -column {db} \"{q}\""));
     }
-    Ok(0)
+    // Its output was lost (`leadsync demo | head -1`): exit 1, quietly, as
+    // every command does when a pipe's reader has gone.
+    Ok(u8::from(
+        OUTPUT_LOST.load(std::sync::atomic::Ordering::SeqCst),
+    ))
 }
 
 /// Waits (up to 10 s) until `sql` counts at least one row; the time it took.

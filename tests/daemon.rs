@@ -899,6 +899,44 @@ fn the_demo_replaces_a_mirror_an_earlier_version_of_it_wrote() {
     assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 138);
 }
 
+/// `leadsync demo | head -1`: the reader goes after the first line. The
+/// demo still finishes its mirror (a whole one, its private directory
+/// removed) but exits 1, quietly, as every command whose output was lost
+/// does (README: a pipe whose reader has gone); it exited 0, every line
+/// after the first silently dropped.
+#[test]
+fn a_demo_whose_output_is_lost_finishes_its_mirror_and_exits_1() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .arg("demo")
+        .current_dir(dir.path())
+        .env("TMPDIR", tmp.path())
+        .env_remove("LEADSYNC_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("demo.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("leadsync demo:"), "{first}");
+    // The reader is gone: every later write fails with EPIPE.
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(dir.path().join("demo.err")).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    let db = rusqlite::Connection::open(dir.path().join("leadsync-demo.db")).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 138);
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "its private directory is removed"
+    );
+}
+
 #[test]
 fn the_demo_runs_with_its_mirror_in_a_sticky_shared_directory() {
     // Review (authfix): `demo --database /tmp/d.db` put the token store in
