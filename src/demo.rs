@@ -217,7 +217,15 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     // files under it made that one fail part way. The lock is held from
     // here until the session has it: let go in between, a second demo
     // could take it and remove this one's fresh mirror.
-    let lock = ProcessLock::try_acquire(database)?.with_context(|| {
+    let lock = ProcessLock::try_acquire(database)
+        .with_context(|| {
+            format!(
+                "the demo cannot write its mirror {} there: run it in a directory you can \
+                 write to, or give it --database PATH",
+                database.display()
+            )
+        })?
+        .with_context(|| {
         let pid = ProcessLock::holder(database)
             .map(|p| p.to_string())
             .unwrap_or_else(|| "unknown".into());

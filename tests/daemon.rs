@@ -937,6 +937,36 @@ fn a_demo_whose_output_is_lost_finishes_its_mirror_and_exits_1() {
     );
 }
 
+/// A demo that cannot write its mirror where it was asked to (a directory
+/// that is not writable or not there: the current one, on a fresh
+/// machine, may well be read-only) says what to do, not only which lock
+/// file it could not open, and creates nothing.
+#[test]
+fn a_demo_that_cannot_write_its_mirror_says_where_to_run_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let database = dir.path().join("gone").join("leadsync-demo.db");
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&database)
+            .current_dir(dir.path())
+            .env("TMPDIR", tmp.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!("cannot write its mirror {}", database.display()))
+            && out.contains("a directory you can write to, or give it --database PATH"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{out}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{out}");
+}
+
 #[test]
 fn the_demo_runs_with_its_mirror_in_a_sticky_shared_directory() {
     // Review (authfix): `demo --database /tmp/d.db` put the token store in
