@@ -1761,3 +1761,50 @@ async fn a_full_token_scan_through_every_transient_fault_misses_nothing() {
 async fn a_full_offset_scan_through_every_transient_fault_misses_nothing() {
     a_full_scan_through_every_transient_fault(Pagination::Offset, "offset").await;
 }
+
+/// The variant the `next` style tests stand on: the sandbox's `next` is the
+/// documented form, a path without `/api` (which the sandbox does not
+/// serve: a client following it could not pass those tests) and the page's
+/// query — `offset`, or `pageToken` for `next-token`. Were the sandbox to
+/// answer `/api/v4/...`, following `next` verbatim would pass unnoticed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_next_is_a_path_without_api_carrying_the_pages_query() {
+    let env = env_with(Pagination::Next, Shape::Mixed, 1).await;
+    let b = env.business_ids()[0].clone();
+    let token = env.sandbox.static_token(&b).unwrap();
+    let http = common::http_client();
+    let get = |url: String| {
+        let (http, token) = (http.clone(), token.clone());
+        async move {
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let first = format!(
+        "{}/api/v4/businesses/{b}/negotiations?limit=10",
+        env.sandbox.base_url()
+    );
+    for (style, key) in [
+        (Pagination::Next, "offset=10"),
+        (Pagination::NextToken, "pageToken="),
+    ] {
+        env.sandbox.set_pagination(style);
+        let (status, body) = get(first.clone()).await;
+        assert_eq!(status, 200, "{body}");
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let next = v["pagination"]["next"].as_str().unwrap().to_string();
+        let url = reqwest::Url::parse(&next).unwrap();
+        assert_eq!(
+            url.path(),
+            format!("/v4/businesses/{b}/negotiations"),
+            "{style:?}: {next}"
+        );
+        assert!(url.query().unwrap().contains(key), "{style:?}: {next}");
+        assert!(
+            url.query().unwrap().contains("limit=10"),
+            "{style:?}: {next}"
+        );
+        let (status, _) = get(next.clone()).await;
+        assert_eq!(status, 404, "{style:?}: {next} is not served as it stands");
+    }
+}
