@@ -260,8 +260,9 @@ pub struct TokenFaults {
     /// other), before the grant is looked at (nothing rotated).
     pub client_error: Option<String>,
     /// Answer the next token requests, one each, with these HTTP statuses
-    /// before anything is looked at (nothing rotated): `503`/`500` as an
-    /// HTML gateway page, `429` with `Retry-After: 1`, `408`, any other
+    /// before anything is looked at (nothing rotated): a 5xx as an HTML
+    /// gateway page, a 3xx (with a `Location` elsewhere) or `404` as a
+    /// proxy's HTML page, `429` with `Retry-After: 1`, `408`, any other
     /// status as an empty body; `0` closes the connection unanswered (a
     /// network error).
     pub before_rotate: Vec<u16>,

@@ -1155,9 +1155,23 @@ fn token_endpoint(
                 "text/html",
                 format!("<html><body><h1>{status} gateway</h1></body></html>"),
             )
+        } else if code.is_redirection() || code == StatusCode::NOT_FOUND {
+            // A moved or mistyped `oauth.token_url`: a proxy's page, no
+            // OAuth error in it.
+            respond(
+                code,
+                "text/html",
+                format!("<html><body><h1>{status}</h1><hr>nginx</body></html>"),
+            )
         } else {
             respond(code, "text/plain", "")
         };
+        if code.is_redirection() {
+            r.headers_mut().insert(
+                hyper::header::LOCATION,
+                HeaderValue::from_static("https://elsewhere.invalid/oauth2/token"),
+            );
+        }
         if status == 429 {
             r.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));
