@@ -46,6 +46,11 @@ fn remove_database(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The schema version that added `message_outbox` (migration
+/// `0007_messages.sql`): a mirror below it lacks the table and may still be
+/// an earlier demo's.
+const MESSAGE_OUTBOX_SINCE: i64 = 7;
+
 /// Refuses to replace a file the demo did not write: `--database` pointed
 /// at a real mirror (or any other file) deleted it, with the outbox rows
 /// the partner had written. A mirror whose businesses are all the
@@ -58,23 +63,27 @@ fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Resu
         Ok(_) => {}
     }
     // Its businesses and leads, and how many outbox rows name a lead it
-    // does not hold (a mirror written by `enqueue` alone, say).
-    let read = (|| -> rusqlite::Result<(Vec<String>, i64)> {
+    // does not hold (a mirror written by `enqueue` alone, say); `None` when
+    // it lacks an outbox table its schema version has.
+    let read = (|| -> rusqlite::Result<Option<(Vec<String>, i64)>> {
         let c = rusqlite::Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         c.busy_timeout(Duration::from_secs(5))?;
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let mut q = c.prepare(
             "SELECT business_id FROM businesses UNION SELECT business_id FROM negotiations",
         )?;
         let ids = q
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        // Only the outbox tables it has: a mirror of an earlier version
-        // (before `message_outbox`, say) is still the demo's own.
+        // Every schema has `outbox`; only one older than `message_outbox`
+        // lacks that: an earlier version's mirror is still the demo's own,
+        // while another program's file with empty lookalike `businesses`
+        // and `negotiations` tables is not.
         let mut foreign = 0;
-        for table in ["outbox", "message_outbox"] {
+        for (table, since) in [("outbox", 0), ("message_outbox", MESSAGE_OUTBOX_SINCE)] {
             let exists: bool = c.query_row(
                 "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
                 [table],
@@ -89,16 +98,18 @@ fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Resu
                     [],
                     |r| r.get::<_, i64>(0),
                 )?;
+            } else if version >= since {
+                return Ok(None);
             }
         }
-        Ok((ids, foreign))
+        Ok(Some((ids, foreign)))
     })();
     let keep = format!(
         "the demo replaces its database: give it another --database, or remove {} yourself",
         path.display()
     );
     match read {
-        Ok((ids, foreign)) => {
+        Ok(Some((ids, foreign))) => {
             match ids
                 .iter()
                 .find(|id| !businesses.iter().any(|b| &b.id == *id))
@@ -115,7 +126,7 @@ fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Resu
                 None => Ok(()),
             }
         }
-        Err(_) => anyhow::bail!(
+        Ok(None) | Err(_) => anyhow::bail!(
             "{} exists and is not a mirror the demo wrote; {keep}",
             path.display()
         ),

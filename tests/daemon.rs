@@ -1366,6 +1366,73 @@ fn the_demo_does_not_replace_a_mirror_it_did_not_write() {
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
 }
 
+/// Another program's SQLite file that happens to have (empty) `businesses`
+/// and `negotiations` tables with a `business_id` column, and full tables
+/// of its own, but no `outbox`: not a mirror any leadsync wrote (every
+/// schema has `outbox`). The demo accepted it as "an earlier demo's
+/// mirror" and deleted it.
+#[test]
+fn the_demo_does_not_replace_another_programs_file_with_empty_lookalike_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = dir.path().join("crm.db");
+    {
+        let db = rusqlite::Connection::open(&crm).unwrap();
+        db.execute_batch(
+            "CREATE TABLE businesses (business_id TEXT);
+             CREATE TABLE negotiations (business_id TEXT, negotiation_id TEXT);
+             CREATE TABLE contacts (name TEXT);
+             INSERT INTO contacts VALUES ('Ada'), ('Grace');",
+        )
+        .unwrap();
+    }
+    let before = std::fs::read(&crm).unwrap();
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&crm)
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("not a mirror the demo wrote"),
+        "says why: {}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read(&crm).unwrap(), before, "left byte-identical");
+    // A mirror of a schema that has `message_outbox` but lost it is not
+    // the demo's either: only one older than that table is excused.
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mirror = dir.path().join("leadsync-demo.db");
+    rusqlite::Connection::open(&mirror)
+        .unwrap()
+        .execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             DROP TABLE message_outbox_attempts;
+             DROP TABLE message_outbox;",
+        )
+        .unwrap();
+    let before = std::fs::read(&mirror).unwrap();
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(std::fs::read(&mirror).unwrap(), before);
+}
+
 /// Runs `leadsync demo` in `dir` with TMPDIR `tmp`, after `plant` (a shell
 /// command) has run in the same process: `$$` there is the demo's pid, so
 /// it can put something at the demo's predictable private directory name.
