@@ -197,7 +197,14 @@ pub struct Faults {
     /// these faults whatever the rates say (`served`: answered as ever),
     /// each entry consumed by the request it strikes: a test that must see
     /// every kind strike, at a place of its choosing, instead of hoping the
-    /// dice do.
+    /// dice do. Not consumed while `oversized_body_bytes` is set (that
+    /// answers first), nor by a `GET .../messages` while `messages_get` is
+    /// not `served` (that answers it); the token endpoint and the control
+    /// routes never consume it. With concurrent requests, which one takes
+    /// which entry is the order they reach the sandbox: arbitrary. Its
+    /// entries take their values from the other fields: `timeout` hangs
+    /// for `timeout_ms` (1 ms when 0, the default: a 504 at once), `rate429`
+    /// sends `Retry-After: retry_after_secs` (`0` by default: retry now).
     pub script: std::collections::VecDeque<ScriptedFault>,
 }
 
@@ -209,15 +216,17 @@ pub enum ScriptedFault {
     Served,
     /// The connection closed without an answer.
     Reset,
-    /// Hang for `timeout_ms`, then 504.
+    /// Hang for `timeout_ms` (at least 1 ms), then 504.
     Timeout,
     /// A 503 HTML gateway page.
     Html503,
     /// A 500 ProblemDetails.
     Problem500,
-    /// A 429 ProblemDetails with `Retry-After: retry_after_secs` (seconds).
+    /// A 429 ProblemDetails with `Retry-After: retry_after_secs` (seconds,
+    /// `0` unless set).
     Rate429,
-    /// A 429 with `Retry-After` as an HTTP date.
+    /// A 429 with `Retry-After` as an HTTP date `retry_after_secs` + 1
+    /// seconds ahead (rounded up to whole seconds).
     Rate429Date,
     /// A 202 WAF challenge page.
     Waf202,
