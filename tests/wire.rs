@@ -1808,3 +1808,92 @@ async fn the_sandbox_next_is_a_path_without_api_carrying_the_pages_query() {
         assert_eq!(status, 404, "{style:?}: {next} is not served as it stands");
     }
 }
+
+/// README's sandbox coverage table names tests as `file::function` (with
+/// `{a,b}` for alternatives, `*` or `…` for any run of characters, and
+/// "(N tests)" after a pattern for how many it matches): each must be a
+/// test function in `tests/FILE.rs`, so a renamed test, a helper named as
+/// one or a miscount is caught.
+#[test]
+fn every_test_the_readme_coverage_table_names_exists() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let table: Vec<&str> = readme
+        .split("### What the sandbox covers")
+        .nth(1)
+        .expect("the coverage section")
+        .lines()
+        .skip_while(|l| !l.starts_with('|'))
+        .take_while(|l| l.starts_with('|'))
+        .skip(2)
+        .collect();
+    assert!(table.len() > 20, "{table:?}");
+    // Test functions: a `fn` after a `#[test]` or `#[tokio::test...]`.
+    let tests_of = |file: &str| -> Vec<String> {
+        let src = std::fs::read_to_string(root.join("tests").join(format!("{file}.rs")))
+            .unwrap_or_else(|e| panic!("tests/{file}.rs: {e}"));
+        let mut names = Vec::new();
+        let mut attributed = false;
+        for line in src.lines().map(str::trim) {
+            if line.starts_with("#[test]") || line.starts_with("#[tokio::test") {
+                attributed = true;
+            } else if attributed && let Some(rest) = line.split("fn ").nth(1) {
+                names.push(rest.split('(').next().unwrap().to_string());
+                attributed = false;
+            }
+        }
+        names
+    };
+    fn expand(p: &str) -> Vec<String> {
+        match (p.find('{'), p.find('}')) {
+            (Some(a), Some(b)) if a < b => p[a + 1..b]
+                .split(',')
+                .flat_map(|alt| expand(&format!("{}{alt}{}", &p[..a], &p[b + 1..])))
+                .collect(),
+            _ => vec![p.to_string()],
+        }
+    }
+    fn matches(pattern: &str, name: &str) -> bool {
+        let parts: Vec<&str> = pattern.split(['*', '…']).collect();
+        if parts.len() == 1 {
+            return pattern == name;
+        }
+        let (first, last) = (parts[0], parts[parts.len() - 1]);
+        if !name.starts_with(first) || !name[first.len()..].ends_with(last) {
+            return false;
+        }
+        let mut rest = &name[first.len()..name.len() - last.len()];
+        for part in &parts[1..parts.len() - 1] {
+            match rest.find(part) {
+                Some(i) => rest = &rest[i + part.len()..],
+                None => return false,
+            }
+        }
+        true
+    }
+    let mut checked = 0;
+    for row in table {
+        let cell = row.trim_end_matches('|').rsplit('|').next().unwrap();
+        let spans: Vec<&str> = cell.split('`').collect();
+        for (i, span) in spans.iter().enumerate().skip(1).step_by(2) {
+            let Some((file, pattern)) = span.split_once("::") else {
+                continue;
+            };
+            let said = spans
+                .get(i + 1)
+                .and_then(|after| after.trim_start().strip_prefix('('))
+                .and_then(|after| after.split_once(" tests)"))
+                .and_then(|(n, _)| n.parse::<usize>().ok());
+            let tests = tests_of(file);
+            for pattern in expand(pattern) {
+                let n = tests.iter().filter(|t| matches(&pattern, t)).count();
+                assert!(n > 0, "README names {file}::{pattern}: no such test\n{row}");
+                if let Some(said) = said {
+                    assert_eq!(n, said, "README counts {file}::{pattern}\n{row}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 50, "{checked}");
+}
