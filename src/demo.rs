@@ -202,6 +202,56 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Words a failure to take the mirror's lock file by what is wrong (the
+/// underlying error, naming the lock file, follows).
+fn lock_error(database: &Path, e: anyhow::Error) -> anyhow::Error {
+    use std::io::ErrorKind as K;
+    let db = database.display();
+    let parent = match database.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.display().to_string(),
+        _ => ".".into(),
+    };
+    let Some(kind) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind)
+    else {
+        // Its own words say why (root refusing another user's lock file).
+        return e.context(format!(
+            "the demo will not write its mirror {db} there; give it --database PATH elsewhere"
+        ));
+    };
+    let mut lock = database.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = Path::new(&lock);
+    let why = match kind {
+        K::NotFound => format!(
+            "the demo cannot write its mirror {db}: {parent} does not exist; create it, or give \
+             it --database PATH"
+        ),
+        K::NotADirectory => format!(
+            "the demo cannot write its mirror {db}: a part of {parent} is not a directory; give it \
+             --database PATH"
+        ),
+        K::IsADirectory => format!(
+            "the demo cannot take its mirror's lock: {} is a directory; remove it, or give the \
+             demo --database PATH",
+            lock.display()
+        ),
+        K::PermissionDenied | K::ReadOnlyFilesystem if lock.exists() => format!(
+            "the demo may not write its lock file {} (another user's, or read-only); give it \
+             --database PATH elsewhere",
+            lock.display()
+        ),
+        K::PermissionDenied | K::ReadOnlyFilesystem => format!(
+            "the demo cannot write its mirror {db} there: run it in a directory you can write to, \
+             or give it --database PATH"
+        ),
+        _ => format!("the demo cannot take its mirror's lock beside {db}; give it --database PATH"),
+    };
+    e.context(why)
+}
+
 /// Runs the demo, writing the mirror to `database`; `replaced` is set once
 /// it has removed the previous one (`[1/7]`).
 pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> Result<u8> {
@@ -229,13 +279,7 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     // here until the session has it: let go in between, a second demo
     // could take it and remove this one's fresh mirror.
     let lock = ProcessLock::try_acquire(database)
-        .with_context(|| {
-            format!(
-                "the demo cannot write its mirror {} there: run it in a directory you can \
-                 write to, or give it --database PATH",
-                database.display()
-            )
-        })?
+        .map_err(|e| lock_error(database, e))?
         .with_context(|| {
         let pid = ProcessLock::holder(database)
             .map(|p| p.to_string())

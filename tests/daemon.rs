@@ -971,11 +971,65 @@ fn a_demo_that_cannot_write_its_mirror_says_where_to_run_it() {
     assert_eq!(o.status.code(), Some(1), "{out}");
     assert!(
         out.contains(&format!("cannot write its mirror {}", database.display()))
-            && out.contains("a directory you can write to, or give it --database PATH"),
+            && out.contains("does not exist; create it, or give it --database PATH"),
         "{out}"
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{out}");
     assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{out}");
+}
+
+/// Each way the mirror's lock file cannot be taken is worded by what is
+/// wrong: every one was "run it in a directory you can write to", also
+/// when the directory is writable and the lock path is a directory, a
+/// path component is a file, or the lock file is another user's.
+#[test]
+fn a_demo_that_cannot_take_its_lock_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = |database: &std::path::Path| {
+        let o = common::output(
+            std::process::Command::new(bin())
+                .arg("demo")
+                .arg("--database")
+                .arg(database)
+                .current_dir(dir.path())
+                .env("TMPDIR", tmp.path())
+                .env_remove("LEADSYNC_LOG"),
+        )
+        .unwrap();
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(!out.contains("a directory you can write to"), "{out}");
+        assert!(out.contains("--database"), "says what to do: {out}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{out}");
+        out
+    };
+    // The lock file's name is taken by a directory.
+    let db = dir.path().join("a.db");
+    std::fs::create_dir(dir.path().join("a.db.lock")).unwrap();
+    let out = demo(&db);
+    assert!(out.contains("a.db.lock is a directory"), "{out}");
+    // A file where a directory should be.
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let out = demo(&dir.path().join("file").join("b.db"));
+    assert!(out.contains("is not a directory"), "{out}");
+    // Another user's lock file: root refuses to use it (it would leave
+    // root-owned files there), anyone else may not write it.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    let lock = theirs.join("c.db.lock");
+    std::fs::write(&lock, "").unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&lock, Some(65534), Some(65534)).unwrap();
+        let out = demo(&theirs.join("c.db"));
+        assert!(out.contains("belongs to"), "{out}");
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let out = demo(&theirs.join("c.db"));
+        assert!(out.contains("may not write its lock file"), "{out}");
+    }
 }
 
 #[test]
