@@ -14,10 +14,18 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
+/// Set once a line could not be written (a pipe whose reader has gone, a
+/// full disk): the demo still finishes its mirror, then exits 1.
+static OUTPUT_LOST: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 fn say(line: impl AsRef<str>) {
     let mut out = std::io::stdout().lock();
-    let _ = writeln!(out, "{}", line.as_ref());
-    let _ = out.flush();
+    if writeln!(out, "{}", line.as_ref())
+        .and_then(|()| out.flush())
+        .is_err()
+    {
+        OUTPUT_LOST.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// Removes the previous demo's mirror and its SQLite side files (not its
@@ -38,6 +46,11 @@ fn remove_database(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The schema version that added `message_outbox` (migration
+/// `0007_messages.sql`): a mirror below it lacks the table and may still be
+/// an earlier demo's.
+const MESSAGE_OUTBOX_SINCE: i64 = 7;
+
 /// Refuses to replace a file the demo did not write: `--database` pointed
 /// at a real mirror (or any other file) deleted it, with the outbox rows
 /// the partner had written. A mirror whose businesses are all the
@@ -50,35 +63,53 @@ fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Resu
         Ok(_) => {}
     }
     // Its businesses and leads, and how many outbox rows name a lead it
-    // does not hold (a mirror written by `enqueue` alone, say).
-    let read = (|| -> rusqlite::Result<(Vec<String>, i64)> {
+    // does not hold (a mirror written by `enqueue` alone, say); `None` when
+    // it lacks an outbox table its schema version has.
+    let read = (|| -> rusqlite::Result<Option<(Vec<String>, i64)>> {
         let c = rusqlite::Connection::open_with_flags(
             path,
             rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
         )?;
         c.busy_timeout(Duration::from_secs(5))?;
+        let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
         let mut q = c.prepare(
             "SELECT business_id FROM businesses UNION SELECT business_id FROM negotiations",
         )?;
         let ids = q
             .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
-        let foreign = c.query_row(
-            "SELECT (SELECT count(*) FROM outbox
-                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))
-                  + (SELECT count(*) FROM message_outbox
-                     WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations))",
-            [],
-            |r| r.get(0),
-        )?;
-        Ok((ids, foreign))
+        // Every schema has `outbox`; only one older than `message_outbox`
+        // lacks that: an earlier version's mirror is still the demo's own,
+        // while another program's file with empty lookalike `businesses`
+        // and `negotiations` tables is not.
+        let mut foreign = 0;
+        for (table, since) in [("outbox", 0), ("message_outbox", MESSAGE_OUTBOX_SINCE)] {
+            let exists: bool = c.query_row(
+                "SELECT count(*) > 0 FROM sqlite_master WHERE type = 'table' AND name = ?1",
+                [table],
+                |r| r.get(0),
+            )?;
+            if exists {
+                foreign += c.query_row(
+                    &format!(
+                        "SELECT count(*) FROM {table}
+                         WHERE negotiation_id NOT IN (SELECT negotiation_id FROM negotiations)"
+                    ),
+                    [],
+                    |r| r.get::<_, i64>(0),
+                )?;
+            } else if version >= since {
+                return Ok(None);
+            }
+        }
+        Ok(Some((ids, foreign)))
     })();
     let keep = format!(
         "the demo replaces its database: give it another --database, or remove {} yourself",
         path.display()
     );
     match read {
-        Ok((ids, foreign)) => {
+        Ok(Some((ids, foreign))) => {
             match ids
                 .iter()
                 .find(|id| !businesses.iter().any(|b| &b.id == *id))
@@ -95,7 +126,7 @@ fn replaceable(path: &Path, businesses: &[crate::sandbox::BusinessInfo]) -> Resu
                 None => Ok(()),
             }
         }
-        Err(_) => anyhow::bail!(
+        Ok(None) | Err(_) => anyhow::bail!(
             "{} exists and is not a mirror the demo wrote; {keep}",
             path.display()
         ),
@@ -171,6 +202,56 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// Words a failure to take the mirror's lock file by what is wrong (the
+/// underlying error, naming the lock file, follows).
+fn lock_error(database: &Path, e: anyhow::Error) -> anyhow::Error {
+    use std::io::ErrorKind as K;
+    let db = database.display();
+    let parent = match database.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.display().to_string(),
+        _ => ".".into(),
+    };
+    let Some(kind) = e
+        .chain()
+        .find_map(|c| c.downcast_ref::<std::io::Error>())
+        .map(std::io::Error::kind)
+    else {
+        // Its own words say why (root refusing another user's lock file).
+        return e.context(format!(
+            "the demo will not write its mirror {db} there; give it --database PATH elsewhere"
+        ));
+    };
+    let mut lock = database.as_os_str().to_owned();
+    lock.push(".lock");
+    let lock = Path::new(&lock);
+    let why = match kind {
+        K::NotFound => format!(
+            "the demo cannot write its mirror {db}: {parent} does not exist; create it, or give \
+             it --database PATH"
+        ),
+        K::NotADirectory => format!(
+            "the demo cannot write its mirror {db}: a part of {parent} is not a directory; give it \
+             --database PATH"
+        ),
+        K::IsADirectory => format!(
+            "the demo cannot take its mirror's lock: {} is a directory; remove it, or give the \
+             demo --database PATH",
+            lock.display()
+        ),
+        K::PermissionDenied | K::ReadOnlyFilesystem if lock.exists() => format!(
+            "the demo may not write its lock file {} (another user's, or read-only); give it \
+             --database PATH elsewhere",
+            lock.display()
+        ),
+        K::PermissionDenied | K::ReadOnlyFilesystem => format!(
+            "the demo cannot write its mirror {db} there: run it in a directory you can write to, \
+             or give it --database PATH"
+        ),
+        _ => format!("the demo cannot take its mirror's lock beside {db}; give it --database PATH"),
+    };
+    e.context(why)
+}
+
 /// Runs the demo, writing the mirror to `database`; `replaced` is set once
 /// it has removed the previous one (`[1/7]`).
 pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> Result<u8> {
@@ -197,7 +278,9 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     // files under it made that one fail part way. The lock is held from
     // here until the session has it: let go in between, a second demo
     // could take it and remove this one's fresh mirror.
-    let lock = ProcessLock::try_acquire(database)?.with_context(|| {
+    let lock = ProcessLock::try_acquire(database)
+        .map_err(|e| lock_error(database, e))?
+        .with_context(|| {
         let pid = ProcessLock::holder(database)
             .map(|p| p.to_string())
             .unwrap_or_else(|| "unknown".into());
@@ -459,7 +542,11 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     ] {
         say(format!("  sqlite3 -header -column {db} \"{q}\""));
     }
-    Ok(0)
+    // Its output was lost (`leadsync demo | head -1`): exit 1, quietly, as
+    // every command does when a pipe's reader has gone.
+    Ok(u8::from(
+        OUTPUT_LOST.load(std::sync::atomic::Ordering::SeqCst),
+    ))
 }
 
 /// Waits (up to 10 s) until `sql` counts at least one row; the time it took.

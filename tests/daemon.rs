@@ -856,6 +856,182 @@ fn the_demo_runs_end_to_end_without_configuration() {
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
 
+/// A mirror an earlier leadsync's demo wrote, before `message_outbox`
+/// existed (schema 6), is the demo's own: the demo replaces it. It was
+/// refused as "not a mirror the demo wrote", because the check that it
+/// holds no outbox rows of foreign leads asked a table it did not have.
+#[test]
+fn the_demo_replaces_a_mirror_an_earlier_version_of_it_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let demo = || {
+        common::output(
+            std::process::Command::new(bin())
+                .arg("demo")
+                .current_dir(dir.path())
+                .env_remove("LEADSYNC_LOG"),
+        )
+        .unwrap()
+    };
+    let o = demo();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let path = dir.path().join("leadsync-demo.db");
+    {
+        let db = rusqlite::Connection::open(&path).unwrap();
+        db.execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             DROP TABLE message_outbox_attempts;
+             DROP TABLE message_outbox;
+             PRAGMA user_version = 6;",
+        )
+        .unwrap();
+    }
+    let o = demo();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let db = rusqlite::Connection::open(&path).unwrap();
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_outbox WHERE state = 'sent'"
+        ),
+        1,
+        "a new mirror, of the current schema"
+    );
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 138);
+}
+
+/// `leadsync demo | head -1`: the reader goes after the first line. The
+/// demo still finishes its mirror (a whole one, its private directory
+/// removed) but exits 1, quietly, as every command whose output was lost
+/// does (README: a pipe whose reader has gone); it exited 0, every line
+/// after the first silently dropped.
+#[test]
+fn a_demo_whose_output_is_lost_finishes_its_mirror_and_exits_1() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new(bin())
+        .arg("demo")
+        .current_dir(dir.path())
+        .env("TMPDIR", tmp.path())
+        .env_remove("LEADSYNC_LOG")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("demo.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.starts_with("leadsync demo:"), "{first}");
+    // The reader is gone: every later write fails with EPIPE.
+    let status = child.wait().unwrap();
+    let err = std::fs::read_to_string(dir.path().join("demo.err")).unwrap();
+    assert_eq!(status.code(), Some(1), "{err}");
+    // Quietly (README): no error message, no panic, no log line; any
+    // other failure exits 1 too and would say why here.
+    assert_eq!(err, "", "exits 1 quietly");
+    let db = rusqlite::Connection::open(dir.path().join("leadsync-demo.db")).unwrap();
+    assert_eq!(count(&db, "SELECT count(*) FROM negotiations"), 138);
+    // Its last step ran: the reply it enqueued went out.
+    assert_eq!(
+        count(
+            &db,
+            "SELECT count(*) FROM message_outbox WHERE state = 'sent'"
+        ),
+        1,
+        "the reply was sent"
+    );
+    assert_eq!(
+        std::fs::read_dir(tmp.path()).unwrap().count(),
+        0,
+        "its private directory is removed"
+    );
+}
+
+/// A demo that cannot write its mirror where it was asked to (a directory
+/// that is not writable or not there: the current one, on a fresh
+/// machine, may well be read-only) says what to do, not only which lock
+/// file it could not open, and creates nothing.
+#[test]
+fn a_demo_that_cannot_write_its_mirror_says_where_to_run_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let database = dir.path().join("gone").join("leadsync-demo.db");
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&database)
+            .current_dir(dir.path())
+            .env("TMPDIR", tmp.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains(&format!("cannot write its mirror {}", database.display()))
+            && out.contains("does not exist; create it, or give it --database PATH"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "{out}");
+    assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{out}");
+}
+
+/// Each way the mirror's lock file cannot be taken is worded by what is
+/// wrong: every one was "run it in a directory you can write to", also
+/// when the directory is writable and the lock path is a directory, a
+/// path component is a file, or the lock file is another user's.
+#[test]
+fn a_demo_that_cannot_take_its_lock_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = tempfile::tempdir().unwrap();
+    let demo = |database: &std::path::Path| {
+        let o = common::output(
+            std::process::Command::new(bin())
+                .arg("demo")
+                .arg("--database")
+                .arg(database)
+                .current_dir(dir.path())
+                .env("TMPDIR", tmp.path())
+                .env_remove("LEADSYNC_LOG"),
+        )
+        .unwrap();
+        let out = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{out}");
+        assert!(!out.contains("a directory you can write to"), "{out}");
+        assert!(out.contains("--database"), "says what to do: {out}");
+        assert_eq!(std::fs::read_dir(tmp.path()).unwrap().count(), 0, "{out}");
+        out
+    };
+    // The lock file's name is taken by a directory.
+    let db = dir.path().join("a.db");
+    std::fs::create_dir(dir.path().join("a.db.lock")).unwrap();
+    let out = demo(&db);
+    assert!(out.contains("a.db.lock is a directory"), "{out}");
+    // A file where a directory should be.
+    std::fs::write(dir.path().join("file"), "x").unwrap();
+    let out = demo(&dir.path().join("file").join("b.db"));
+    assert!(out.contains("is not a directory"), "{out}");
+    // Another user's lock file: root refuses to use it (it would leave
+    // root-owned files there), anyone else may not write it.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    let lock = theirs.join("c.db.lock");
+    std::fs::write(&lock, "").unwrap();
+    if unsafe { libc::geteuid() } == 0 {
+        std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+        std::os::unix::fs::chown(&lock, Some(65534), Some(65534)).unwrap();
+        let out = demo(&theirs.join("c.db"));
+        assert!(out.contains("belongs to"), "{out}");
+    } else {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let out = demo(&theirs.join("c.db"));
+        assert!(out.contains("may not write its lock file"), "{out}");
+    }
+}
+
 #[test]
 fn the_demo_runs_with_its_mirror_in_a_sticky_shared_directory() {
     // Review (authfix): `demo --database /tmp/d.db` put the token store in
@@ -1253,6 +1429,73 @@ fn the_demo_does_not_replace_a_mirror_it_did_not_write() {
     .unwrap();
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
+}
+
+/// Another program's SQLite file that happens to have (empty) `businesses`
+/// and `negotiations` tables with a `business_id` column, and full tables
+/// of its own, but no `outbox`: not a mirror any leadsync wrote (every
+/// schema has `outbox`). The demo accepted it as "an earlier demo's
+/// mirror" and deleted it.
+#[test]
+fn the_demo_does_not_replace_another_programs_file_with_empty_lookalike_tables() {
+    let dir = tempfile::tempdir().unwrap();
+    let crm = dir.path().join("crm.db");
+    {
+        let db = rusqlite::Connection::open(&crm).unwrap();
+        db.execute_batch(
+            "CREATE TABLE businesses (business_id TEXT);
+             CREATE TABLE negotiations (business_id TEXT, negotiation_id TEXT);
+             CREATE TABLE contacts (name TEXT);
+             INSERT INTO contacts VALUES ('Ada'), ('Grace');",
+        )
+        .unwrap();
+    }
+    let before = std::fs::read(&crm).unwrap();
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .arg("--database")
+            .arg(&crm)
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        text(&o).contains("not a mirror the demo wrote"),
+        "says why: {}",
+        text(&o)
+    );
+    assert_eq!(std::fs::read(&crm).unwrap(), before, "left byte-identical");
+    // A mirror of a schema that has `message_outbox` but lost it is not
+    // the demo's either: only one older than that table is excused.
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let mirror = dir.path().join("leadsync-demo.db");
+    rusqlite::Connection::open(&mirror)
+        .unwrap()
+        .execute_batch(
+            "PRAGMA foreign_keys = OFF;
+             DROP TABLE message_outbox_attempts;
+             DROP TABLE message_outbox;",
+        )
+        .unwrap();
+    let before = std::fs::read(&mirror).unwrap();
+    let o = common::output(
+        std::process::Command::new(bin())
+            .arg("demo")
+            .current_dir(dir.path())
+            .env_remove("LEADSYNC_LOG"),
+    )
+    .unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(std::fs::read(&mirror).unwrap(), before);
 }
 
 /// Runs `leadsync demo` in `dir` with TMPDIR `tmp`, after `plant` (a shell

@@ -1671,3 +1671,89 @@ async fn a_retried_reply_with_a_same_text_twin_is_still_posted() {
     );
     assert_eq!(env.sandbox.replies().len(), 3, "the twin's retry is posted");
 }
+
+/// The sandbox's messages endpoint as SPEC §6 and THUMBTACK.md describe
+/// Thumbtack's: `limit` 1–20 (default 10, anything else a 400), `sentBefore`
+/// and `sentAfter` both exclusive and combinable, newest first — the
+/// contract the poller's paging is held to, so it must hold itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sandbox_messages_endpoint_takes_limit_1_to_20_and_both_time_bounds() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.long_conversation_lead(&b).unwrap();
+    let all = env.sandbox.messages(&lead);
+    assert_eq!(all.len(), 45);
+    let token = env.sandbox.static_token(&b).unwrap();
+    let http = common::http_client();
+    let get = |query: String| {
+        let (http, token) = (http.clone(), token.clone());
+        let url = format!(
+            "{}/api/v4/negotiations/{lead}/messages{query}",
+            env.sandbox.base_url()
+        );
+        async move {
+            let r = http.get(url).bearer_auth(token).send().await.unwrap();
+            let status = r.status().as_u16();
+            let v: serde_json::Value = r.json().await.unwrap();
+            (status, v)
+        }
+    };
+    let ids = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["messageID"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let newest_first = |from: usize, n: usize| -> Vec<String> {
+        all[..from]
+            .iter()
+            .rev()
+            .take(n)
+            .map(|m| m.id.clone())
+            .collect()
+    };
+    for bad in ["0", "21", "-1", "ten", ""] {
+        let (status, v) = get(format!("?limit={bad}")).await;
+        assert_eq!(status, 400, "limit={bad}: {v}");
+        assert!(v["traceID"].is_string(), "a ProblemDetails: {v}");
+    }
+    let (status, v) = get(String::new()).await;
+    assert_eq!((status, ids(&v)), (200, newest_first(45, 10)), "default 10");
+    assert_eq!(v["pagination"]["limit"], 10);
+    for limit in [1, 20] {
+        let (status, v) = get(format!("?limit={limit}")).await;
+        assert_eq!((status, ids(&v)), (200, newest_first(45, limit)));
+        assert_eq!(v["pagination"]["limit"], limit);
+    }
+    let at = |i: usize| {
+        all[i]
+            .sent_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    };
+    // Exclusive bounds: the message sent at the bound itself is left out.
+    let (status, v) = get(format!("?limit=20&sentBefore={}", at(30))).await;
+    assert_eq!((status, ids(&v)), (200, newest_first(30, 20)));
+    let (status, v) = get(format!("?limit=20&sentAfter={}", at(40))).await;
+    assert_eq!((status, ids(&v)), (200, newest_first(45, 4)));
+    let (status, v) = get(format!(
+        "?limit=20&sentAfter={}&sentBefore={}",
+        at(10),
+        at(14)
+    ))
+    .await;
+    assert_eq!((status, ids(&v)), (200, newest_first(14, 3)));
+    for key in ["sentBefore", "sentAfter"] {
+        let (status, v) = get(format!("?{key}=yesterday")).await;
+        assert_eq!(status, 400, "{key}: {v}");
+    }
+}

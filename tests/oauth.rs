@@ -185,13 +185,17 @@ async fn client_credentials_with_any_characters_reach_the_token_endpoint() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transient_token_endpoint_failures_mark_nothing_and_keep_the_grant() {
     // A lost answer (5xx, a dropped connection) is asked again at once, up
-    // to 2 times; a 429 or 408 fails this pass only.
+    // to 2 times; a 429 or 408, a redirect (never followed) or a proxy's
+    // HTML 404 fails this pass only.
     for (statuses, code) in [
         (vec![503], 0),
         (vec![0], 0),
         (vec![500, 502, 503], 1),
         (vec![429], 1),
         (vec![408], 1),
+        // A moved or mistyped token_url: a proxy's page, not OAuth's words.
+        (vec![301], 1),
+        (vec![404], 1),
     ] {
         // A grant never used: the run must refresh.
         let env = Env::new(

@@ -719,6 +719,53 @@ async fn the_sandbox_delivers_to_a_registered_receiver() {
         )
         .unwrap();
     assert_eq!(Some(payload), env.sandbox.lead_json(&ids[0]));
+    // The sandbox's `mixed` shape alternates: one lead of each published
+    // shape came by webhook, and each fills its convenience columns from
+    // the first present source (SPEC §5), as a polled lead does.
+    let mut shapes = Vec::new();
+    for id in &ids {
+        let v: serde_json::Value =
+            serde_json::from_str(&env.sandbox.lead_json(id).unwrap()).unwrap();
+        shapes.push(v.get("createTime").is_some());
+        let s = |p: &str| v.pointer(p).and_then(|x| x.as_str()).map(str::to_string);
+        let name = s("/customer/displayName").or_else(|| {
+            s("/customer/firstName").map(|f| match s("/customer/lastName") {
+                Some(l) if !l.is_empty() => format!("{f} {l}"),
+                _ => f,
+            })
+        });
+        let expected = (
+            s("/request/category/name").or_else(|| s("/category/name")),
+            name,
+            s("/request/location/city").or_else(|| s("/customer/location/city")),
+            s("/request/location/zipCode").or_else(|| s("/customer/location/zipCode")),
+            s("/customer/phone"),
+            s("/leadPrice"),
+            s("/chargeState"),
+        );
+        assert!(expected.0.is_some() && expected.1.is_some() && expected.2.is_some());
+        let got = c
+            .query_row(
+                "SELECT category, customer_name, city, zip, customer_phone, lead_price, charge_state
+                   FROM negotiations WHERE negotiation_id = ?1",
+                [id],
+                |r| {
+                    Ok((
+                        r.get(0)?,
+                        r.get(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                        r.get(4)?,
+                        r.get(5)?,
+                        r.get(6)?,
+                    ))
+                },
+            )
+            .unwrap();
+        assert_eq!(got, expected, "{v}");
+    }
+    shapes.sort();
+    assert_eq!(shapes, [false, true], "one lead of each shape");
     // The receiver answers after its commit: the sandbox may record the
     // 200s a moment after the rows are visible.
     wait_until(

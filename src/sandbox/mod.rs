@@ -193,6 +193,49 @@ pub struct Faults {
     /// bytes (spaces, `Content-Length` set), larger than any page, as a
     /// broken proxy or a hostile server might.
     pub oversized_body_bytes: u64,
+    /// The next API requests (any route), one each in order, answered with
+    /// these faults whatever the rates say (`served`: answered as ever),
+    /// each entry consumed by the request it strikes: a test that must see
+    /// every kind strike, at a place of its choosing, instead of hoping the
+    /// dice do. Not consumed while `oversized_body_bytes` is set (that
+    /// answers first), nor by a `GET .../messages` while `messages_get` is
+    /// not `served` (that answers it); the token endpoint and the control
+    /// routes never consume it. With concurrent requests, which one takes
+    /// which entry is the order they reach the sandbox: arbitrary. Its
+    /// entries take their values from the other fields: `timeout` hangs
+    /// for `timeout_ms` (1 ms when 0, the default: a 504 at once), `rate429`
+    /// sends `Retry-After: retry_after_secs` (`0` by default: retry now).
+    pub script: std::collections::VecDeque<ScriptedFault>,
+}
+
+/// One entry of [`Faults::script`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ScriptedFault {
+    /// No fault: the request is answered as ever.
+    Served,
+    /// The connection closed without an answer.
+    Reset,
+    /// Hang for `timeout_ms` (at least 1 ms), then 504.
+    Timeout,
+    /// A 503 HTML gateway page.
+    Html503,
+    /// A 500 ProblemDetails.
+    Problem500,
+    /// A 429 ProblemDetails with `Retry-After: retry_after_secs` (seconds,
+    /// `0` unless set).
+    Rate429,
+    /// A 429 with `Retry-After` as an HTTP date `retry_after_secs` + 1
+    /// seconds ahead (rounded up to whole seconds).
+    Rate429Date,
+    /// A 202 WAF challenge page.
+    Waf202,
+    /// A broken body (truncated JSON with 200 on reads, garbage with 500 on writes).
+    Malformed,
+    /// A 301 elsewhere.
+    Redirect,
+    /// A proxy's HTML 404.
+    Html404,
 }
 
 /// How the sandbox answers a `GET` of a lead's messages ([`Faults::messages_get`]).
@@ -226,8 +269,9 @@ pub struct TokenFaults {
     /// other), before the grant is looked at (nothing rotated).
     pub client_error: Option<String>,
     /// Answer the next token requests, one each, with these HTTP statuses
-    /// before anything is looked at (nothing rotated): `503`/`500` as an
-    /// HTML gateway page, `429` with `Retry-After: 1`, `408`, any other
+    /// before anything is looked at (nothing rotated): a 5xx as an HTML
+    /// gateway page, a 3xx (with a `Location` elsewhere) or `404` as a
+    /// proxy's HTML page, `429` with `Retry-After: 1`, `408`, any other
     /// status as an empty body; `0` closes the connection unanswered (a
     /// network error).
     pub before_rotate: Vec<u16>,
@@ -851,6 +895,11 @@ impl Sandbox {
             .get(&format!("list {business_id}"))
             .copied()
             .unwrap_or(0)
+    }
+
+    /// The fault knobs now (a script's entries not yet consumed included).
+    pub fn faults(&self) -> Faults {
+        self.lock().faults.clone()
     }
 
     /// Replaces the fault knobs.

@@ -459,7 +459,23 @@ async fn inject_fault(
     }
     let fault = {
         let mut s = lock(state);
-        let fault = if roll(&mut s, f.reset) {
+        let scripted = s.faults.script.pop_front();
+        let fault = if let Some(scripted) = scripted {
+            use crate::sandbox::ScriptedFault as S;
+            match scripted {
+                S::Served => None,
+                S::Reset => Some(Fault::Reset),
+                S::Timeout => Some(Fault::Timeout),
+                S::Html503 => Some(Fault::ServerError(503, true)),
+                S::Problem500 => Some(Fault::ServerError(500, false)),
+                S::Rate429 => Some(Fault::TooMany(false)),
+                S::Rate429Date => Some(Fault::TooMany(true)),
+                S::Waf202 => Some(Fault::Waf),
+                S::Malformed => Some(Fault::Malformed),
+                S::Redirect => Some(Fault::Redirect),
+                S::Html404 => Some(Fault::Html404),
+            }
+        } else if roll(&mut s, f.reset) {
             Some(Fault::Reset)
         } else if roll(&mut s, f.timeout) {
             Some(Fault::Timeout)
@@ -1139,9 +1155,23 @@ fn token_endpoint(
                 "text/html",
                 format!("<html><body><h1>{status} gateway</h1></body></html>"),
             )
+        } else if code.is_redirection() || code == StatusCode::NOT_FOUND {
+            // A moved or mistyped `oauth.token_url`: a proxy's page, no
+            // OAuth error in it.
+            respond(
+                code,
+                "text/html",
+                format!("<html><body><h1>{status}</h1><hr>nginx</body></html>"),
+            )
         } else {
             respond(code, "text/plain", "")
         };
+        if code.is_redirection() {
+            r.headers_mut().insert(
+                hyper::header::LOCATION,
+                HeaderValue::from_static("https://elsewhere.invalid/oauth2/token"),
+            );
+        }
         if status == 429 {
             r.headers_mut()
                 .insert("retry-after", HeaderValue::from_static("1"));
