@@ -1366,15 +1366,29 @@ fn validate(
                 b.id
             ));
         }
-        if let Some(first) = seen.get(&b.id) {
+        // Thumbtack's ids are int64 numbers written as text: `0468…` and
+        // `468…` name one business, which would be synced (and its
+        // outbox rows sent) twice under two ids in the mirror.
+        let number = b.id.trim_start_matches('0');
+        let number = if number.is_empty() { "0" } else { number };
+        if let Some(first) = seen.get(number) {
+            let other = &file.businesses[*first].id;
             return err(format!(
-                "{}: business {} is configured twice (first at {})",
+                "{}: business {} is configured twice (first at {}){}",
                 locate_business(figment, i, "id"),
                 b.id,
-                locate_business(figment, *first, "id")
+                locate_business(figment, *first, "id"),
+                if *other != b.id {
+                    format!(
+                        ": `{other}` and `{}` are the same number to Thumbtack; remove the leading zeros",
+                        b.id
+                    )
+                } else {
+                    String::new()
+                }
             ));
         }
-        seen.insert(b.id.clone(), i);
+        seen.insert(number.to_string(), i);
         let token = match (&b.refresh_token_file, &b.access_token_file) {
             (Some(r), None) => {
                 read_readable(r, "refresh token file", || {

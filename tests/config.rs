@@ -161,6 +161,42 @@ fn business_ids_must_be_digits_and_unique_across_files() {
 }
 
 #[test]
+fn business_ids_that_are_the_same_number_are_duplicates() {
+    // Review (conf): `0468…` in one conf.d file and `468…` in another
+    // were two businesses, though Thumbtack's ids are int64 numbers: the
+    // same pro synced twice under two ids in the mirror.
+    let d = Dir::new();
+    let first = d.file("conf.d/10-first.toml", &d.base());
+    let second = d.file(
+        "conf.d/20-second.toml",
+        &format!(
+            "[[businesses]]\nid = \"0468046965846925323\"\naccess_token_file = \"{}\"\n",
+            d.token.display()
+        ),
+    );
+    assert_config_error(
+        &check(&[&first, &second], &[]),
+        &[
+            "20-second.toml",
+            "twice",
+            "10-first.toml",
+            "same number",
+            "leading zeros",
+        ],
+    );
+    // Distinct numbers stay distinct, a single leading-zero id stays valid.
+    let third = d.file(
+        "conf.d/30-third.toml",
+        &format!(
+            "[[businesses]]\nid = \"0468046965846925324\"\naccess_token_file = \"{}\"\n",
+            d.token.display()
+        ),
+    );
+    let o = check(&[&first, &third], &[]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
 fn cron_expressions_are_checked_and_five_fields_accepted() {
     let d = Dir::new();
     let bad = d.file(
