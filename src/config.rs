@@ -466,6 +466,10 @@ pub struct Config {
     pub client_secret_problem: Option<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
+    /// The default locations that existed when it was read (the main file,
+    /// the conf.d directory; none with `--config`): a reload refuses to run
+    /// without one of them ([`ConfigSource::reload`]).
+    pub present: Vec<PathBuf>,
     /// `admin.listen`, parsed: the admin listener's address, if on.
     pub admin_listen: Option<std::net::SocketAddr>,
     /// `[webhooks]`, when credentials are configured (always when `listen` is set).
@@ -573,6 +577,9 @@ impl Config {
 pub struct ConfigSource {
     /// `--config` files in order; empty means the default locations.
     pub files: Vec<PathBuf>,
+    /// The directory of the default locations (`leadsync.toml`, `conf.d/`);
+    /// `None` is `/etc/leadsync` (tests give another).
+    pub root: Option<PathBuf>,
 }
 
 impl ConfigSource {
@@ -580,7 +587,7 @@ impl ConfigSource {
     /// process's `LEADSYNC_*` environment).
     pub fn load(&self) -> Result<Config, ConfigError> {
         check_env_names()?;
-        let (files, skipped) = self.resolve_files()?;
+        let (files, skipped, present) = self.resolve_files()?;
         let mut figment = Figment::new();
         for f in &files {
             // admerge: `[[businesses]]` from several files add up; other keys: later wins.
@@ -598,6 +605,7 @@ impl ConfigSource {
         resolve_relative_paths(&figment, &mut file)?;
         let replaced = businesses_replaced_by_env(&files);
         let mut config = validate(&figment, file, files)?;
+        config.present = present;
         config.notes.extend(skipped);
         config.notes.extend(secret_files_open_to_others(&config));
         if replaced > 0 {
@@ -610,8 +618,29 @@ impl ConfigSource {
         Ok(config)
     }
 
-    /// The files to read, and warnings about files skipped.
-    fn resolve_files(&self) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> {
+    /// Like [`ConfigSource::load`], for a reload of the daemon running on
+    /// `running`: the main file or the conf.d directory of the default
+    /// locations, read then and missing now, is an error (the previous
+    /// configuration is kept). Without it, a `leadsync.toml` moved aside
+    /// while being edited put every key of it back to its default (the
+    /// production API, the default schedules and budget), and a conf.d
+    /// renamed or unmounted dropped every business in it, as a success.
+    pub fn reload(&self, running: &Config) -> Result<Config, ConfigError> {
+        let new = self.load()?;
+        if let Some(gone) = running.present.iter().find(|p| !new.present.contains(p)) {
+            return err(format!(
+                "{}: read at the start (or the last reload) and missing now; a reload does not run \
+                 without it (its keys would fall back to their defaults, or its businesses be \
+                 dropped): put it back, or restart leadsync to run without it",
+                gone.display()
+            ));
+        }
+        Ok(new)
+    }
+
+    /// The files to read, warnings about files skipped, and which default
+    /// locations exist (the main file, the conf.d directory).
+    fn resolve_files(&self) -> Result<ResolvedFiles, ConfigError> {
         if !self.files.is_empty() {
             for f in &self.files {
                 if !f.is_file() {
@@ -621,25 +650,41 @@ impl ConfigSource {
                     ));
                 }
             }
-            return Ok((self.files.clone(), Vec::new()));
+            return Ok((self.files.clone(), Vec::new(), Vec::new()));
         }
+        let (main, conf_d_dir) = match &self.root {
+            Some(root) => (root.join("leadsync.toml"), root.join("conf.d")),
+            None => (
+                PathBuf::from(DEFAULT_CONFIG_FILE),
+                PathBuf::from(DEFAULT_CONF_D),
+            ),
+        };
         let mut files = Vec::new();
-        let main = PathBuf::from(DEFAULT_CONFIG_FILE);
+        let mut present = Vec::new();
         if main.is_file() {
-            files.push(main);
+            files.push(main.clone());
+            present.push(main.clone());
         }
-        let (conf_d, skipped) = conf_d_files(Path::new(DEFAULT_CONF_D))?;
+        if conf_d_dir.is_dir() {
+            present.push(conf_d_dir.clone());
+        }
+        let (conf_d, skipped) = conf_d_files(&conf_d_dir)?;
         files.extend(conf_d);
         if files.is_empty() {
             return err(format!(
-                "no configuration: {DEFAULT_CONFIG_FILE} does not exist and {DEFAULT_CONF_D}/ has no *.toml file; \
+                "no configuration: {} does not exist and {}/ has no *.toml file; \
                  create one (see config/leadsync.toml in the source) or pass --config FILE{}",
+                main.display(),
+                conf_d_dir.display(),
                 skipped.iter().map(|s| format!("\n{s}")).collect::<String>()
             ));
         }
-        Ok((files, skipped))
+        Ok((files, skipped, present))
     }
 }
+
+/// The files to read, warnings about files skipped, the default locations present.
+type ResolvedFiles = (Vec<PathBuf>, Vec<String>, Vec<PathBuf>);
 
 /// Refuses a `LEADSYNC_*` variable with an empty part (`LEADSYNC_`,
 /// `LEADSYNC_OUTBOX__CONCURRENCY__`, `LEADSYNC_OUTBOX____CONCURRENCY`): the
@@ -1523,6 +1568,7 @@ fn validate(
         client_secret_source,
         client_secret_problem,
         files,
+        present: Vec::new(),
         webhooks,
         admin_listen,
         notes,
@@ -1966,6 +2012,59 @@ mod tests {
         std::os::unix::fs::symlink("20-b.toml", dir.path().join("20-b.toml")).unwrap();
         let e = conf_d_files(dir.path()).unwrap_err().0;
         assert!(e.contains("20-b.toml") && !e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_reload_without_the_main_file_or_conf_d_read_before_is_refused() {
+        // Review (conf): at a reload, a leadsync.toml moved aside (being
+        // edited, deleted by mistake) put its keys back to their defaults
+        // and a conf.d renamed or not mounted dropped all its businesses,
+        // both applied as a successful reload.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        let business = |id: &str| {
+            format!(
+                "[[businesses]]\nid = \"{id}\"\naccess_token_file = \"{}\"\n",
+                token.display()
+            )
+        };
+        let main = root.path().join("leadsync.toml");
+        std::fs::write(
+            &main,
+            format!(
+                "database = \"{}\"\n[api]\nmax_requests_per_second = 1\n{}",
+                root.path().join("m.db").display(),
+                business("1")
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(conf_d.join("2.toml"), business("2")).unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        assert_eq!(running.businesses.len(), 2);
+
+        let aside = root.path().join("conf.d.old");
+        std::fs::rename(&conf_d, &aside).unwrap();
+        // A start without conf.d is fine; a reload losing it is not.
+        assert_eq!(source.load().unwrap().businesses.len(), 1);
+        let e = source.reload(&running).unwrap_err().0;
+        assert!(e.contains("conf.d") && e.contains("missing"), "{e}");
+        // An emptied conf.d is a removal the user asked for.
+        std::fs::create_dir(&conf_d).unwrap();
+        assert_eq!(source.reload(&running).unwrap().businesses.len(), 1);
+        std::fs::remove_dir(&conf_d).unwrap();
+        std::fs::rename(&aside, &conf_d).unwrap();
+
+        std::fs::rename(&main, root.path().join("leadsync.toml.old")).unwrap();
+        assert_eq!(source.load().unwrap().file.api.max_requests_per_second, 5.0);
+        let e = source.reload(&running).unwrap_err().0;
+        assert!(e.contains("leadsync.toml") && e.contains("missing"), "{e}");
     }
 
     #[test]

@@ -270,7 +270,8 @@ pub async fn run_with(
                 // Reading thousands of files takes a while: it runs off this
                 // loop, which keeps answering SIGTERM meanwhile.
                 let source = source.clone();
-                let load = tokio::task::spawn_blocking(move || source.load());
+                let running = daemon.config();
+                let load = tokio::task::spawn_blocking(move || source.reload(&running));
                 let loaded = tokio::select! {
                     _ = controls.shutdown.cancelled() => {
                         info!("stopping during a configuration reload; the reload is abandoned");
@@ -1789,7 +1790,12 @@ mod tests {
             format!("database = {:?}\n", db.display().to_string()),
         )
         .unwrap();
-        let config = ConfigSource { files: vec![conf] }.load().unwrap();
+        let config = ConfigSource {
+            files: vec![conf],
+            ..Default::default()
+        }
+        .load()
+        .unwrap();
         let store = Store::open(&db).unwrap();
         let alert = DiskAlert::default();
         assert!(
