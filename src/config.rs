@@ -601,7 +601,9 @@ impl ConfigSource {
                     .ignore(ENV_TEXT_KEYS),
             )
             .merge(EnvText);
-        let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        let mut file: FileConfig = figment
+            .extract()
+            .map_err(|e| describe_figment_error(&figment, e))?;
         resolve_relative_paths(&figment, &mut file)?;
         let replaced = businesses_replaced_by_env(&files);
         let mut config = validate(&figment, file, files)?;
@@ -1041,11 +1043,20 @@ fn origin(md: Option<&Metadata>, path: &[String]) -> String {
     }
 }
 
-fn describe_figment_error(e: figment::Error) -> ConfigError {
+fn describe_figment_error(figment: &Figment, e: figment::Error) -> ConfigError {
+    let tags = std::cell::OnceCell::new();
     let lines: Vec<String> = e
         .into_iter()
         .map(|e| {
-            let path: Vec<String> = e.path.iter().filter(|p| *p != "default").cloned().collect();
+            let mut path: Vec<String> =
+                e.path.iter().filter(|p| *p != "default").cloned().collect();
+            if let [first, index, ..] = path.as_mut_slice()
+                && first == "businesses"
+                && let Ok(i) = index.parse::<usize>()
+            {
+                let tags = tags.get_or_init(|| business_tags(figment));
+                *index = index_in_its_file(figment, tags, i).to_string();
+            }
             let what = match &e.kind {
                 figment::error::Kind::UnknownField(f, expected) => format!(
                     "unknown key `{f}` (expected one of: {})",
@@ -1133,17 +1144,37 @@ impl<'a> BusinessLocator<'a> {
     }
 
     fn at(&self, index: usize, field: &str) -> String {
-        let tags = self
-            .tags
-            .get_or_init(|| match self.figment.find_value("businesses") {
-                Ok(Value::Array(_, items)) => items.iter().map(|i| i.tag()).collect(),
-                _ => Vec::new(),
-            });
+        let tags = self.tags.get_or_init(|| business_tags(self.figment));
         let md = tags
             .get(index)
             .and_then(|tag| self.figment.get_metadata(*tag));
-        let path = vec!["businesses".into(), index.to_string(), field.into()];
+        let in_file = index_in_its_file(self.figment, tags, index);
+        let path = vec!["businesses".into(), in_file.to_string(), field.into()];
         origin(md, &path)
+    }
+}
+
+/// Where each merged `[[businesses]]` entry came from.
+fn business_tags(figment: &Figment) -> Vec<figment::value::Tag> {
+    match figment.find_value("businesses") {
+        Ok(Value::Array(_, items)) => items.iter().map(|i| i.tag()).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The position of the merged `businesses[index]` among the entries of its
+/// own file (or variable): the entries of all files add up, so with a
+/// conf.d file per business the 5001st is `businesses.0` of its file, the
+/// key a user finds there (an error named `businesses.5000` in a file of
+/// one entry).
+fn index_in_its_file(figment: &Figment, tags: &[figment::value::Tag], index: usize) -> usize {
+    let from = |t: &figment::value::Tag| figment.get_metadata(*t).map(|m| (&m.name, &m.source));
+    match tags.get(index) {
+        Some(tag) => {
+            let mine = from(tag);
+            tags[..index].iter().filter(|t| from(t) == mine).count()
+        }
+        None => index,
     }
 }
 

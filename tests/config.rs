@@ -154,9 +154,32 @@ fn business_ids_must_be_digits_and_unique_across_files() {
             d.token.display()
         ),
     );
+    // Review (conf): the key is the one in that file (`businesses.0`, its
+    // first entry), not the position among all files' entries
+    // (`businesses.1`), which a file of one entry does not have.
     assert_config_error(
         &check(&[&first, &second], &[]),
-        &["20-second.toml", "businesses.1.id", "twice"],
+        &[
+            "20-second.toml: key `businesses.0.id`",
+            "twice",
+            "10-first.toml: key `businesses.0.id`",
+        ],
+    );
+    // So do figment's own errors (unknown keys, wrong types).
+    let typo = d.file(
+        "conf.d/30-typo.toml",
+        &format!(
+            "[[businesses]]\nid = \"468046965846925324\"\naccess_token_file = \"{t}\"\n\
+             [[businesses]]\nid = \"468046965846925325\"\nacess_token_file = \"{t}\"\n",
+            t = d.token.display()
+        ),
+    );
+    assert_config_error(
+        &check(&[&first, &typo], &[]),
+        &[
+            "30-typo.toml: key `businesses.1.acess_token_file`",
+            "unknown key",
+        ],
     );
 }
 
@@ -533,10 +556,9 @@ fn thousands_of_conf_d_files_load_quickly_and_errors_still_name_the_file() {
     assert_config_error(
         &check(&refs, &[]),
         &[
-            "99999.toml",
-            &format!("businesses.{N}.id"),
+            "99999.toml: key `businesses.0.id`",
             "twice",
-            "00017.toml",
+            "00017.toml: key `businesses.0.id`",
         ],
     );
 }
