@@ -667,10 +667,16 @@ impl ConfigSource {
             files.push(main.clone());
             present.push(main.clone());
         }
-        if conf_d_dir.is_dir() {
-            present.push(conf_d_dir.clone());
-        }
-        let (conf_d, skipped) = conf_d_files(&conf_d_dir)?;
+        // Present only if read: one found a directory, then renamed before
+        // its read, counted as present and empty (a reload dropped all its
+        // businesses).
+        let (conf_d, skipped) = match conf_d_files(&conf_d_dir)? {
+            Some(read) => {
+                present.push(conf_d_dir.clone());
+                read
+            }
+            None => Default::default(),
+        };
         files.extend(conf_d);
         if files.is_empty() {
             return err(format!(
@@ -972,12 +978,16 @@ impl figment::Provider for EnvText {
     }
 }
 
-/// `dir/*.toml` in lexical order (a missing directory is empty), and a
-/// warning for each hidden `.x.toml` file skipped.
-fn conf_d_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> {
+/// `dir/*.toml` in lexical order, and a warning for each hidden `.x.toml`
+/// file skipped; `None` when the directory does not exist.
+fn conf_d_files(dir: &Path) -> Result<Option<(Vec<PathBuf>, Vec<String>)>, ConfigError> {
+    #[cfg(test)]
+    if let Some(f) = BEFORE_CONF_D_READ.with(|h| h.borrow_mut().take()) {
+        f();
+    }
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return err(format!("{}: cannot read directory: {e}", dir.display())),
     };
     let mut files = Vec::new();
@@ -1020,7 +1030,7 @@ fn conf_d_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> 
     }
     files.sort();
     skipped.sort();
-    Ok((files, skipped))
+    Ok(Some((files, skipped)))
 }
 
 /// Where a value came from, in the user's words.
@@ -1206,6 +1216,9 @@ impl CronChecks {
 thread_local! {
     /// Cron expressions parsed by [`normalize_cron`] on this thread.
     static CRON_PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Run just before conf.d is read on this thread (a rename racing the read).
+    static BEFORE_CONF_D_READ: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Normalises a cron expression to six fields and checks it with the parser
@@ -2076,7 +2089,7 @@ mod tests {
         std::os::unix::fs::symlink("user@host.1:1", dir.path().join(".#10-a.toml")).unwrap();
         std::fs::write(dir.path().join(".hidden.toml"), "").unwrap();
         std::fs::write(dir.path().join(".notes"), "").unwrap();
-        let (files, skipped) = conf_d_files(dir.path()).unwrap();
+        let (files, skipped) = conf_d_files(dir.path()).unwrap().unwrap();
         assert_eq!(files, vec![dir.path().join("10-a.toml")]);
         // Review (cfg, 2nd): earlier versions read a hidden `.x.toml`; now
         // skipped, its businesses vanished at the upgrade without a word.
@@ -2155,6 +2168,49 @@ mod tests {
         assert_eq!(source.load().unwrap().file.api.max_requests_per_second, 5.0);
         let e = source.reload(&running).unwrap_err().0;
         assert!(e.contains("leadsync.toml") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_conf_d_renamed_while_a_reload_reads_it_is_missing_not_empty() {
+        // Review (conf, 2nd): conf.d was found a directory, then read: one
+        // renamed between the two counted as present and empty, and the
+        // reload applied with all its businesses dropped.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        let business = |id: &str| {
+            format!(
+                "[[businesses]]\nid = \"{id}\"\naccess_token_file = \"{}\"\n",
+                token.display()
+            )
+        };
+        std::fs::write(
+            root.path().join("leadsync.toml"),
+            format!(
+                "database = \"{}\"\n{}",
+                root.path().join("m.db").display(),
+                business("1")
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(conf_d.join("2.toml"), business("2")).unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        assert_eq!(running.businesses.len(), 2);
+        let (from, to) = (conf_d.clone(), root.path().join("conf.d.old"));
+        BEFORE_CONF_D_READ
+            .with(|h| *h.borrow_mut() = Some(Box::new(move || std::fs::rename(from, to).unwrap())));
+        let e = source.reload(&running).map(|c| c.businesses.len());
+        assert!(
+            e.as_ref()
+                .is_err_and(|e| e.0.contains("conf.d") && e.0.contains("missing")),
+            "{e:?}"
+        );
     }
 
     #[test]
