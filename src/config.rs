@@ -586,8 +586,26 @@ impl ConfigSource {
     /// Reads, merges and validates the configuration (files, then the
     /// process's `LEADSYNC_*` environment).
     pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_for(&[])
+    }
+
+    /// Like [`ConfigSource::load`], for a reload of the daemon running on
+    /// `running`: the main file or the conf.d directory of the default
+    /// locations, read then and missing now, is an error (the previous
+    /// configuration is kept). Without it, a `leadsync.toml` moved aside
+    /// while being edited put every key of it back to its default (the
+    /// production API, the default schedules and budget), and a conf.d
+    /// renamed dropped every business in it, as a success. It is checked
+    /// before the rest is read and validated: the error says what is
+    /// missing, not what the remaining files lack without it.
+    pub fn reload(&self, running: &Config) -> Result<Config, ConfigError> {
+        self.load_for(&running.present)
+    }
+
+    /// [`ConfigSource::load`], refusing to run without one of `required`.
+    fn load_for(&self, required: &[PathBuf]) -> Result<Config, ConfigError> {
         check_env_names()?;
-        let (files, skipped, present) = self.resolve_files()?;
+        let (files, skipped, present) = self.resolve_files(required)?;
         let mut figment = Figment::new();
         for f in &files {
             // admerge: `[[businesses]]` from several files add up; other keys: later wins.
@@ -620,29 +638,10 @@ impl ConfigSource {
         Ok(config)
     }
 
-    /// Like [`ConfigSource::load`], for a reload of the daemon running on
-    /// `running`: the main file or the conf.d directory of the default
-    /// locations, read then and missing now, is an error (the previous
-    /// configuration is kept). Without it, a `leadsync.toml` moved aside
-    /// while being edited put every key of it back to its default (the
-    /// production API, the default schedules and budget), and a conf.d
-    /// renamed or unmounted dropped every business in it, as a success.
-    pub fn reload(&self, running: &Config) -> Result<Config, ConfigError> {
-        let new = self.load()?;
-        if let Some(gone) = running.present.iter().find(|p| !new.present.contains(p)) {
-            return err(format!(
-                "{}: read at the start (or the last reload) and missing now; a reload does not run \
-                 without it (its keys would fall back to their defaults, or its businesses be \
-                 dropped): put it back, or restart leadsync to run without it",
-                gone.display()
-            ));
-        }
-        Ok(new)
-    }
-
     /// The files to read, warnings about files skipped, and which default
-    /// locations exist (the main file, the conf.d directory).
-    fn resolve_files(&self) -> Result<ResolvedFiles, ConfigError> {
+    /// locations exist (the main file, the conf.d directory); an error if one
+    /// of `required` does not.
+    fn resolve_files(&self, required: &[PathBuf]) -> Result<ResolvedFiles, ConfigError> {
         if !self.files.is_empty() {
             for f in &self.files {
                 if !f.is_file() {
@@ -678,6 +677,14 @@ impl ConfigSource {
             None => Default::default(),
         };
         files.extend(conf_d);
+        if let Some(gone) = required.iter().find(|p| !present.contains(p)) {
+            return err(format!(
+                "{}: read at the start (or the last reload) and missing now; a reload does not run \
+                 without it (its keys would fall back to their defaults, or its businesses be \
+                 dropped): put it back, or restart leadsync to run without it",
+                gone.display()
+            ));
+        }
         if files.is_empty() {
             return err(format!(
                 "no configuration: {} does not exist and {}/ has no *.toml file; \
@@ -2210,6 +2217,47 @@ mod tests {
             e.as_ref()
                 .is_err_and(|e| e.0.contains("conf.d") && e.0.contains("missing")),
             "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_reload_without_the_main_file_says_so_before_validating_the_rest() {
+        // Review (conf, 2nd): the configuration was loaded whole before the
+        // check: with oauth.client_id in leadsync.toml and the businesses in
+        // conf.d, the main file moved aside gave "oauth.client_id:
+        // required", not that leadsync.toml is missing.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("refresh");
+        std::fs::write(&token, "r\n").unwrap();
+        let main = root.path().join("leadsync.toml");
+        std::fs::write(
+            &main,
+            format!(
+                "database = \"{}\"\n[oauth]\nclient_id = \"c\"\n",
+                root.path().join("m.db").display()
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(
+            conf_d.join("2.toml"),
+            format!(
+                "[[businesses]]\nid = \"2\"\nrefresh_token_file = \"{}\"\n",
+                token.display()
+            ),
+        )
+        .unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        std::fs::rename(&main, root.path().join("leadsync.toml.old")).unwrap();
+        let e = source.reload(&running).unwrap_err().0;
+        assert!(
+            e.contains("leadsync.toml") && e.contains("missing") && !e.contains("client_id"),
+            "{e}"
         );
     }
 
