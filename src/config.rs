@@ -662,9 +662,17 @@ impl ConfigSource {
         };
         let mut files = Vec::new();
         let mut present = Vec::new();
-        if main.is_file() {
-            files.push(main.clone());
-            present.push(main.clone());
+        // Absent only if not there: `is_file()` is false for any error (a
+        // directory denied, a link loop), which skipped the file at a start
+        // and called it missing at a reload.
+        match std::fs::metadata(&main) {
+            Ok(m) if m.is_file() => {
+                files.push(main.clone());
+                present.push(main.clone());
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return err(format!("{}: cannot be read: {e}", main.display())),
         }
         // Present only if read: one found a directory, then renamed before
         // its read, counted as present and empty (a reload dropped all its
@@ -2259,6 +2267,45 @@ mod tests {
             e.contains("leadsync.toml") && e.contains("missing") && !e.contains("client_id"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn a_main_file_that_cannot_be_looked_at_is_an_error_not_missing() {
+        // Review (conf, 2nd): `is_file()` is false for any error (a denied
+        // directory, a link loop): such a leadsync.toml was skipped at a
+        // start and reported "missing now" at a reload.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(
+            conf_d.join("1.toml"),
+            format!(
+                "database = \"{}\"\n[[businesses]]\nid = \"1\"\naccess_token_file = \"{}\"\n",
+                root.path().join("m.db").display(),
+                token.display()
+            ),
+        )
+        .unwrap();
+        let main = root.path().join("leadsync.toml");
+        std::fs::write(&main, "").unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        std::fs::remove_file(&main).unwrap();
+        std::os::unix::fs::symlink("leadsync.toml", &main).unwrap();
+        for e in [source.load().err(), source.reload(&running).err()] {
+            let e = e.expect("refused").0;
+            assert!(
+                e.contains("leadsync.toml")
+                    && !e.contains("missing")
+                    && e.contains("symbolic links"),
+                "{e}"
+            );
+        }
     }
 
     #[test]
