@@ -1510,9 +1510,10 @@ fn validate(
                 b.id
             ));
         }
-        // Thumbtack's ids are int64 numbers written as text: `0468…` and
-        // `468…` name one business, which would be synced (and its
-        // outbox rows sent) twice under two ids in the mirror.
+        // Thumbtack's ids are int64-range numbers written as text
+        // (THUMBTACK.md): `0468…` and `468…` are the same number, likely
+        // one business, which would be synced (and its outbox rows sent)
+        // twice under two ids in the mirror.
         let number = b.id.trim_start_matches('0');
         let number = if number.is_empty() { "0" } else { number };
         if let Some(first) = seen.get(number) {
@@ -1524,7 +1525,8 @@ fn validate(
                 locate_business(figment, *first, "id"),
                 if *other != b.id {
                     format!(
-                        ": `{other}` and `{}` are the same number to Thumbtack; remove the leading zeros",
+                        ": `{other}` and `{}` are the same number, likely the same business at \
+                         Thumbtack; remove the leading zeros",
                         b.id
                     )
                 } else {
@@ -1533,6 +1535,14 @@ fn validate(
             ));
         }
         seen.insert(number.to_string(), i);
+        if number != b.id {
+            notes.push(format!(
+                "{}: business id `{}` has leading zeros: Thumbtack's ids are numbers, so its webhooks \
+                 and API likely name it `{number}`; write it without them",
+                locate_business(figment, i, "id"),
+                b.id
+            ));
+        }
         let token = match (&b.refresh_token_file, &b.access_token_file) {
             (Some(r), None) => {
                 read_readable(r, "refresh token file", || {
