@@ -470,6 +470,10 @@ pub struct Config {
     /// the conf.d directory; none with `--config`): a reload refuses to run
     /// without one of them ([`ConfigSource::reload`]).
     pub present: Vec<PathBuf>,
+    /// Whether the conf.d directory read was on another filesystem than
+    /// its parent (a mount point, or a link to one): a reload refuses to
+    /// run with it on the parent's filesystem (not mounted).
+    pub conf_d_mounted: bool,
     /// `admin.listen`, parsed: the admin listener's address, if on.
     pub admin_listen: Option<std::net::SocketAddr>,
     /// `[webhooks]`, when credentials are configured (always when `listen` is set).
@@ -586,7 +590,7 @@ impl ConfigSource {
     /// Reads, merges and validates the configuration (files, then the
     /// process's `LEADSYNC_*` environment).
     pub fn load(&self) -> Result<Config, ConfigError> {
-        self.load_for(&[])
+        self.load_for(&[], false)
     }
 
     /// Like [`ConfigSource::load`], for a reload of the daemon running on
@@ -599,13 +603,14 @@ impl ConfigSource {
     /// before the rest is read and validated: the error says what is
     /// missing, not what the remaining files lack without it.
     pub fn reload(&self, running: &Config) -> Result<Config, ConfigError> {
-        self.load_for(&running.present)
+        self.load_for(&running.present, running.conf_d_mounted)
     }
 
-    /// [`ConfigSource::load`], refusing to run without one of `required`.
-    fn load_for(&self, required: &[PathBuf]) -> Result<Config, ConfigError> {
+    /// [`ConfigSource::load`], refusing to run without one of `required`,
+    /// or with conf.d not mounted if `mounted`.
+    fn load_for(&self, required: &[PathBuf], mounted: bool) -> Result<Config, ConfigError> {
         check_env_names()?;
-        let (files, skipped, present) = self.resolve_files(required)?;
+        let (files, skipped, present, conf_d_mounted) = self.resolve_files(required, mounted)?;
         let mut figment = Figment::new();
         for f in &files {
             // admerge: `[[businesses]]` from several files add up; other keys: later wins.
@@ -626,6 +631,7 @@ impl ConfigSource {
         let replaced = businesses_replaced_by_env(&files);
         let mut config = validate(&figment, file, files)?;
         config.present = present;
+        config.conf_d_mounted = conf_d_mounted;
         config.notes.extend(skipped);
         config.notes.extend(secret_files_open_to_others(&config));
         if replaced > 0 {
@@ -639,9 +645,14 @@ impl ConfigSource {
     }
 
     /// The files to read, warnings about files skipped, and which default
-    /// locations exist (the main file, the conf.d directory); an error if one
-    /// of `required` does not.
-    fn resolve_files(&self, required: &[PathBuf]) -> Result<ResolvedFiles, ConfigError> {
+    /// locations exist (the main file, the conf.d directory), whether conf.d
+    /// is on another filesystem than its parent; an error if one of
+    /// `required` does not exist, or conf.d is not mounted if `mounted`.
+    fn resolve_files(
+        &self,
+        required: &[PathBuf],
+        mounted: bool,
+    ) -> Result<ResolvedFiles, ConfigError> {
         if !self.files.is_empty() {
             for f in &self.files {
                 if !f.is_file() {
@@ -651,7 +662,7 @@ impl ConfigSource {
                     ));
                 }
             }
-            return Ok((self.files.clone(), Vec::new(), Vec::new()));
+            return Ok((self.files.clone(), Vec::new(), Vec::new(), false));
         }
         let (main, conf_d_dir) = match &self.root {
             Some(root) => (root.join("leadsync.toml"), root.join("conf.d")),
@@ -684,6 +695,30 @@ impl ConfigSource {
             }
             None => Default::default(),
         };
+        // An unmounted conf.d leaves its mount point, an empty directory on
+        // the parent's filesystem: taken for an emptied conf.d, a reload
+        // dropped all its businesses.
+        let conf_d_mounted = present.contains(&conf_d_dir) && {
+            use std::os::unix::fs::MetadataExt;
+            let dev = |p: &Path| {
+                std::fs::metadata(p)
+                    .map(|m| m.dev())
+                    .or_else(|e| err(format!("{}: cannot be read: {e}", p.display())))
+            };
+            let parent = std::path::absolute(&conf_d_dir)
+                .ok()
+                .and_then(|d| d.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("/"));
+            dev(&conf_d_dir)? != dev(&parent)?
+        };
+        if mounted && present.contains(&conf_d_dir) && !conf_d_mounted {
+            return err(format!(
+                "{}: on another filesystem than its directory (a mount) at the start or the last \
+                 reload, on the same one now: not mounted? A reload does not run with it (its \
+                 businesses would be dropped): mount it, or restart leadsync to use it as it is",
+                conf_d_dir.display()
+            ));
+        }
         files.extend(conf_d);
         if let Some(gone) = required.iter().find(|p| !present.contains(p)) {
             return err(format!(
@@ -702,12 +737,13 @@ impl ConfigSource {
                 skipped.iter().map(|s| format!("\n{s}")).collect::<String>()
             ));
         }
-        Ok((files, skipped, present))
+        Ok((files, skipped, present, conf_d_mounted))
     }
 }
 
-/// The files to read, warnings about files skipped, the default locations present.
-type ResolvedFiles = (Vec<PathBuf>, Vec<String>, Vec<PathBuf>);
+/// The files to read, warnings about files skipped, the default locations
+/// present, whether conf.d is on another filesystem than its parent.
+type ResolvedFiles = (Vec<PathBuf>, Vec<String>, Vec<PathBuf>, bool);
 
 /// Refuses a `LEADSYNC_*` variable with an empty part (`LEADSYNC_`,
 /// `LEADSYNC_OUTBOX__CONCURRENCY__`, `LEADSYNC_OUTBOX____CONCURRENCY`): the
@@ -1697,6 +1733,7 @@ fn validate(
         client_secret_problem,
         files,
         present: Vec::new(),
+        conf_d_mounted: false,
         webhooks,
         admin_listen,
         notes,
@@ -2316,6 +2353,46 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn a_reload_refuses_a_conf_d_mount_point_that_is_not_mounted_now() {
+        // Review (conf, 2nd): an unmounted conf.d leaves its mount point,
+        // an empty directory, taken for an emptied conf.d: the reload
+        // applied with all its businesses dropped. conf.d on another
+        // filesystem than its directory at the last read and on the same
+        // one now is refused. (/proc stands for the mount: a link to it is
+        // on another filesystem too.)
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        std::fs::write(
+            root.path().join("leadsync.toml"),
+            format!(
+                "database = \"{}\"\n[[businesses]]\nid = \"1\"\naccess_token_file = \"{}\"\n",
+                root.path().join("m.db").display(),
+                token.display()
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::os::unix::fs::symlink("/proc", &conf_d).unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        std::fs::remove_file(&conf_d).unwrap();
+        std::fs::create_dir(&conf_d).unwrap();
+        let e = source.reload(&running).map(|c| c.businesses.len());
+        assert!(
+            e.as_ref()
+                .is_err_and(|e| e.0.contains("conf.d") && e.0.contains("not mounted")),
+            "{e:?}"
+        );
+        // A start takes it as it is; so does a reload after that one.
+        let now = source.load().unwrap();
+        assert_eq!(source.reload(&now).unwrap().businesses.len(), 1);
     }
 
     #[test]
