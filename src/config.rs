@@ -1029,9 +1029,12 @@ impl figment::Provider for EnvText {
     }
 }
 
+/// The `*.toml` files of a conf.d directory, and warnings about files skipped.
+type ConfDFiles = (Vec<PathBuf>, Vec<String>);
+
 /// `dir/*.toml` in lexical order, and a warning for each hidden `.x.toml`
 /// file skipped; `None` when the directory does not exist.
-fn conf_d_files(dir: &Path) -> Result<Option<(Vec<PathBuf>, Vec<String>)>, ConfigError> {
+fn conf_d_files(dir: &Path) -> Result<Option<ConfDFiles>, ConfigError> {
     #[cfg(test)]
     if let Some(f) = BEFORE_CONF_D_READ.with(|h| h.borrow_mut().take()) {
         f();
