@@ -427,6 +427,7 @@ pub fn exit_code_of(e: &anyhow::Error) -> u8 {
 pub async fn execute(cli: Cli) -> Result<u8> {
     let source = ConfigSource {
         files: cli.config.clone(),
+        ..Default::default()
     };
     let load = || -> Result<Config> { Ok(source.load()?) };
     match cli.command {

@@ -466,6 +466,14 @@ pub struct Config {
     pub client_secret_problem: Option<String>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
+    /// The default locations that existed when it was read (the main file,
+    /// the conf.d directory; none with `--config`): a reload refuses to run
+    /// without one of them ([`ConfigSource::reload`]).
+    pub present: Vec<PathBuf>,
+    /// Whether the conf.d directory read was on another filesystem than
+    /// its parent (a mount point, or a link to one): a reload refuses to
+    /// run with it on the parent's filesystem (not mounted).
+    pub conf_d_mounted: bool,
     /// `admin.listen`, parsed: the admin listener's address, if on.
     pub admin_listen: Option<std::net::SocketAddr>,
     /// `[webhooks]`, when credentials are configured (always when `listen` is set).
@@ -573,14 +581,36 @@ impl Config {
 pub struct ConfigSource {
     /// `--config` files in order; empty means the default locations.
     pub files: Vec<PathBuf>,
+    /// The directory of the default locations (`leadsync.toml`, `conf.d/`);
+    /// `None` is `/etc/leadsync` (tests give another).
+    pub root: Option<PathBuf>,
 }
 
 impl ConfigSource {
     /// Reads, merges and validates the configuration (files, then the
     /// process's `LEADSYNC_*` environment).
     pub fn load(&self) -> Result<Config, ConfigError> {
+        self.load_for(&[], false)
+    }
+
+    /// Like [`ConfigSource::load`], for a reload of the daemon running on
+    /// `running`: the main file or the conf.d directory of the default
+    /// locations, read then and missing now, is an error (the previous
+    /// configuration is kept). Without it, a `leadsync.toml` moved aside
+    /// while being edited put every key of it back to its default (the
+    /// production API, the default schedules and budget), and a conf.d
+    /// renamed dropped every business in it, as a success. It is checked
+    /// before the rest is read and validated: the error says what is
+    /// missing, not what the remaining files lack without it.
+    pub fn reload(&self, running: &Config) -> Result<Config, ConfigError> {
+        self.load_for(&running.present, running.conf_d_mounted)
+    }
+
+    /// [`ConfigSource::load`], refusing to run without one of `required`,
+    /// or with conf.d not mounted if `mounted`.
+    fn load_for(&self, required: &[PathBuf], mounted: bool) -> Result<Config, ConfigError> {
         check_env_names()?;
-        let (files, skipped) = self.resolve_files()?;
+        let (files, skipped, present, conf_d_mounted) = self.resolve_files(required, mounted)?;
         let mut figment = Figment::new();
         for f in &files {
             // admerge: `[[businesses]]` from several files add up; other keys: later wins.
@@ -594,10 +624,14 @@ impl ConfigSource {
                     .ignore(ENV_TEXT_KEYS),
             )
             .merge(EnvText);
-        let mut file: FileConfig = figment.extract().map_err(describe_figment_error)?;
+        let mut file: FileConfig = figment
+            .extract()
+            .map_err(|e| describe_figment_error(&figment, e))?;
         resolve_relative_paths(&figment, &mut file)?;
         let replaced = businesses_replaced_by_env(&files);
         let mut config = validate(&figment, file, files)?;
+        config.present = present;
+        config.conf_d_mounted = conf_d_mounted;
         config.notes.extend(skipped);
         config.notes.extend(secret_files_open_to_others(&config));
         if replaced > 0 {
@@ -610,8 +644,15 @@ impl ConfigSource {
         Ok(config)
     }
 
-    /// The files to read, and warnings about files skipped.
-    fn resolve_files(&self) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> {
+    /// The files to read, warnings about files skipped, and which default
+    /// locations exist (the main file, the conf.d directory), whether conf.d
+    /// is on another filesystem than its parent; an error if one of
+    /// `required` does not exist, or conf.d is not mounted if `mounted`.
+    fn resolve_files(
+        &self,
+        required: &[PathBuf],
+        mounted: bool,
+    ) -> Result<ResolvedFiles, ConfigError> {
         if !self.files.is_empty() {
             for f in &self.files {
                 if !f.is_file() {
@@ -621,25 +662,88 @@ impl ConfigSource {
                     ));
                 }
             }
-            return Ok((self.files.clone(), Vec::new()));
+            return Ok((self.files.clone(), Vec::new(), Vec::new(), false));
         }
+        let (main, conf_d_dir) = match &self.root {
+            Some(root) => (root.join("leadsync.toml"), root.join("conf.d")),
+            None => (
+                PathBuf::from(DEFAULT_CONFIG_FILE),
+                PathBuf::from(DEFAULT_CONF_D),
+            ),
+        };
         let mut files = Vec::new();
-        let main = PathBuf::from(DEFAULT_CONFIG_FILE);
-        if main.is_file() {
-            files.push(main);
+        let mut present = Vec::new();
+        // Absent only if not there: `is_file()` is false for any error (a
+        // directory denied, a link loop), which skipped the file at a start
+        // and called it missing at a reload.
+        match std::fs::metadata(&main) {
+            Ok(m) if m.is_file() => {
+                files.push(main.clone());
+                present.push(main.clone());
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return err(format!("{}: cannot be read: {e}", main.display())),
         }
-        let (conf_d, skipped) = conf_d_files(Path::new(DEFAULT_CONF_D))?;
+        // Present only if read: one found a directory, then renamed before
+        // its read, counted as present and empty (a reload dropped all its
+        // businesses).
+        let (conf_d, skipped) = match conf_d_files(&conf_d_dir)? {
+            Some(read) => {
+                present.push(conf_d_dir.clone());
+                read
+            }
+            None => Default::default(),
+        };
+        // An unmounted conf.d leaves its mount point, an empty directory on
+        // the parent's filesystem: taken for an emptied conf.d, a reload
+        // dropped all its businesses.
+        let conf_d_mounted = present.contains(&conf_d_dir) && {
+            use std::os::unix::fs::MetadataExt;
+            let dev = |p: &Path| {
+                std::fs::metadata(p)
+                    .map(|m| m.dev())
+                    .or_else(|e| err(format!("{}: cannot be read: {e}", p.display())))
+            };
+            let parent = std::path::absolute(&conf_d_dir)
+                .ok()
+                .and_then(|d| d.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("/"));
+            dev(&conf_d_dir)? != dev(&parent)?
+        };
+        if mounted && present.contains(&conf_d_dir) && !conf_d_mounted {
+            return err(format!(
+                "{}: on another filesystem than its directory (a mount) at the start or the last \
+                 reload, on the same one now: not mounted? A reload does not run with it (its \
+                 businesses would be dropped): mount it, or restart leadsync to use it as it is",
+                conf_d_dir.display()
+            ));
+        }
         files.extend(conf_d);
+        if let Some(gone) = required.iter().find(|p| !present.contains(p)) {
+            return err(format!(
+                "{}: read at the start (or the last reload) and missing now; a reload does not run \
+                 without it (its keys would fall back to their defaults, or its businesses be \
+                 dropped): put it back, or restart leadsync to run without it",
+                gone.display()
+            ));
+        }
         if files.is_empty() {
             return err(format!(
-                "no configuration: {DEFAULT_CONFIG_FILE} does not exist and {DEFAULT_CONF_D}/ has no *.toml file; \
+                "no configuration: {} does not exist and {}/ has no *.toml file; \
                  create one (see config/leadsync.toml in the source) or pass --config FILE{}",
+                main.display(),
+                conf_d_dir.display(),
                 skipped.iter().map(|s| format!("\n{s}")).collect::<String>()
             ));
         }
-        Ok((files, skipped))
+        Ok((files, skipped, present, conf_d_mounted))
     }
 }
+
+/// The files to read, warnings about files skipped, the default locations
+/// present, whether conf.d is on another filesystem than its parent.
+type ResolvedFiles = (Vec<PathBuf>, Vec<String>, Vec<PathBuf>, bool);
 
 /// Refuses a `LEADSYNC_*` variable with an empty part (`LEADSYNC_`,
 /// `LEADSYNC_OUTBOX__CONCURRENCY__`, `LEADSYNC_OUTBOX____CONCURRENCY`): the
@@ -925,12 +1029,19 @@ impl figment::Provider for EnvText {
     }
 }
 
-/// `dir/*.toml` in lexical order (a missing directory is empty), and a
-/// warning for each hidden `.x.toml` file skipped.
-fn conf_d_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> {
+/// The `*.toml` files of a conf.d directory, and warnings about files skipped.
+type ConfDFiles = (Vec<PathBuf>, Vec<String>);
+
+/// `dir/*.toml` in lexical order, and a warning for each hidden `.x.toml`
+/// file skipped; `None` when the directory does not exist.
+fn conf_d_files(dir: &Path) -> Result<Option<ConfDFiles>, ConfigError> {
+    #[cfg(test)]
+    if let Some(f) = BEFORE_CONF_D_READ.with(|h| h.borrow_mut().take()) {
+        f();
+    }
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return err(format!("{}: cannot read directory: {e}", dir.display())),
     };
     let mut files = Vec::new();
@@ -949,7 +1060,9 @@ fn conf_d_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> 
         if hidden {
             if std::fs::metadata(&p).is_ok_and(|m| m.is_file()) {
                 skipped.push(format!(
-                    "{}: not read, as a hidden file (leadsync reads conf.d/*.toml as the shell matches                      it; earlier versions read hidden files too): rename it without the leading dot                      to use it, or remove it",
+                    "{}: not read, as a hidden file (leadsync reads conf.d/*.toml as the shell matches \
+                     it; earlier versions read hidden files too): rename it without the leading dot \
+                     to use it, or remove it",
                     p.display()
                 ));
             }
@@ -971,7 +1084,7 @@ fn conf_d_files(dir: &Path) -> Result<(Vec<PathBuf>, Vec<String>), ConfigError> 
     }
     files.sort();
     skipped.sort();
-    Ok((files, skipped))
+    Ok(Some((files, skipped)))
 }
 
 /// Where a value came from, in the user's words.
@@ -994,11 +1107,20 @@ fn origin(md: Option<&Metadata>, path: &[String]) -> String {
     }
 }
 
-fn describe_figment_error(e: figment::Error) -> ConfigError {
+fn describe_figment_error(figment: &Figment, e: figment::Error) -> ConfigError {
+    let tags = std::cell::OnceCell::new();
     let lines: Vec<String> = e
         .into_iter()
         .map(|e| {
-            let path: Vec<String> = e.path.iter().filter(|p| *p != "default").cloned().collect();
+            let mut path: Vec<String> =
+                e.path.iter().filter(|p| *p != "default").cloned().collect();
+            if let [first, index, ..] = path.as_mut_slice()
+                && first == "businesses"
+                && let Ok(i) = index.parse::<usize>()
+            {
+                let entries = tags.get_or_init(|| business_entries(figment));
+                *index = in_its_file(entries, i).to_string();
+            }
             let what = match &e.kind {
                 figment::error::Kind::UnknownField(f, expected) => format!(
                     "unknown key `{f}` (expected one of: {})",
@@ -1074,7 +1196,7 @@ fn locate_beside(figment: &Figment, key: &str, near: &str) -> String {
 /// which made loading quadratic in the number of businesses.
 struct BusinessLocator<'a> {
     figment: &'a Figment,
-    tags: std::cell::OnceCell<Vec<figment::value::Tag>>,
+    tags: std::cell::OnceCell<Vec<(figment::value::Tag, usize)>>,
 }
 
 impl<'a> BusinessLocator<'a> {
@@ -1086,18 +1208,71 @@ impl<'a> BusinessLocator<'a> {
     }
 
     fn at(&self, index: usize, field: &str) -> String {
-        let tags = self
-            .tags
-            .get_or_init(|| match self.figment.find_value("businesses") {
-                Ok(Value::Array(_, items)) => items.iter().map(|i| i.tag()).collect(),
-                _ => Vec::new(),
-            });
-        let md = tags
+        let entries = self.tags.get_or_init(|| business_entries(self.figment));
+        let md = entries
             .get(index)
-            .and_then(|tag| self.figment.get_metadata(*tag));
-        let path = vec!["businesses".into(), index.to_string(), field.into()];
+            .and_then(|(tag, _)| self.figment.get_metadata(*tag));
+        let path = vec![
+            "businesses".into(),
+            in_its_file(entries, index).to_string(),
+            field.into(),
+        ];
         origin(md, &path)
     }
+}
+
+/// Where each merged `[[businesses]]` entry came from, and its position
+/// among the entries of its own file (or variable): the entries of all
+/// files add up, so with a conf.d file per business the 5001st is
+/// `businesses.0` of its file, the key a user finds there (an error named
+/// `businesses.5000` in a file of one entry). Linear: built once.
+fn business_entries(figment: &Figment) -> Vec<(figment::value::Tag, usize)> {
+    let Ok(Value::Array(_, items)) = figment.find_value("businesses") else {
+        return Vec::new();
+    };
+    // One metadata entry per provider (file, variable).
+    let mut seen: HashMap<Option<*const Metadata>, usize> = HashMap::new();
+    items
+        .iter()
+        .map(|item| {
+            let from = figment.get_metadata(item.tag()).map(std::ptr::from_ref);
+            let n = seen.entry(from).or_default();
+            *n += 1;
+            (item.tag(), *n - 1)
+        })
+        .collect()
+}
+
+/// `businesses[index]`'s position in its own file ([`business_entries`]).
+fn in_its_file(entries: &[(figment::value::Tag, usize)], index: usize) -> usize {
+    entries.get(index).map_or(index, |(_, n)| *n)
+}
+
+/// [`normalize_cron`] and [`cron_day_warning`] of each distinct expression,
+/// checked once per load: parsing one costs about 0.1 ms, and thousands of
+/// businesses with their own `schedule` (mostly the same few expressions)
+/// made loading 10,000 take over 2 s (SPEC §11: ≤ 1 s).
+#[derive(Default)]
+struct CronChecks(HashMap<String, (Result<String, String>, Option<String>)>);
+
+impl CronChecks {
+    fn check(&mut self, expr: &str) -> (Result<String, String>, Option<String>) {
+        if let Some(known) = self.0.get(expr) {
+            return known.clone();
+        }
+        let checked = (normalize_cron(expr), cron_day_warning(expr));
+        self.0.insert(expr.to_string(), checked.clone());
+        checked
+    }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Cron expressions parsed by [`normalize_cron`] on this thread.
+    static CRON_PARSES: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+    /// Run just before conf.d is read on this thread (a rename racing the read).
+    static BEFORE_CONF_D_READ: std::cell::RefCell<Option<Box<dyn FnOnce()>>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 /// Normalises a cron expression to six fields and checks it with the parser
@@ -1113,6 +1288,8 @@ pub fn normalize_cron(expr: &str) -> Result<String, String> {
             ));
         }
     };
+    #[cfg(test)]
+    CRON_PARSES.with(|n| n.set(n.get() + 1));
     let cron = croner::parser::CronParser::builder()
         .seconds(croner::parser::Seconds::Required)
         .dom_and_dow(false)
@@ -1354,6 +1531,12 @@ fn validate(
     }
     let admin_listen = validate_admin(figment, &file.admin)?;
 
+    let mut crons = CronChecks::default();
+    // One warning per (field, expression), however many businesses share
+    // it: 10,000 businesses on one schedule made 10,000 lines at each
+    // reload. Keyed by the warning, which quotes the expression.
+    let mut day_warned: std::collections::BTreeMap<(&str, String), (String, Vec<String>)> =
+        std::collections::BTreeMap::new();
     let mut businesses: Vec<Business> = Vec::with_capacity(file.businesses.len());
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(file.businesses.len());
     let locator = BusinessLocator::new(figment);
@@ -1366,15 +1549,39 @@ fn validate(
                 b.id
             ));
         }
-        if let Some(first) = seen.get(&b.id) {
+        // Thumbtack's ids are int64-range numbers written as text
+        // (THUMBTACK.md): `0468…` and `468…` are the same number, likely
+        // one business, which would be synced (and its outbox rows sent)
+        // twice under two ids in the mirror.
+        let number = b.id.trim_start_matches('0');
+        let number = if number.is_empty() { "0" } else { number };
+        if let Some(first) = seen.get(number) {
+            let other = &file.businesses[*first].id;
             return err(format!(
-                "{}: business {} is configured twice (first at {})",
+                "{}: business {} is configured twice (first at {}){}",
                 locate_business(figment, i, "id"),
                 b.id,
-                locate_business(figment, *first, "id")
+                locate_business(figment, *first, "id"),
+                if *other != b.id {
+                    format!(
+                        ": `{other}` and `{}` are the same number, likely the same business at \
+                         Thumbtack; remove the leading zeros",
+                        b.id
+                    )
+                } else {
+                    String::new()
+                }
             ));
         }
-        seen.insert(b.id.clone(), i);
+        seen.insert(number.to_string(), i);
+        if number != b.id {
+            notes.push(format!(
+                "{}: business id `{}` has leading zeros: Thumbtack's ids are numbers, so its webhooks \
+                 and API likely name it `{number}`; write it without them",
+                locate_business(figment, i, "id"),
+                b.id
+            ));
+        }
         let token = match (&b.refresh_token_file, &b.access_token_file) {
             (Some(r), None) => {
                 read_readable(r, "refresh token file", || {
@@ -1409,30 +1616,51 @@ fn validate(
                 ));
             }
         };
-        let own = |field: &str, v: &Option<String>, default: &String| match v {
-            Some(expr) => normalize_cron(expr)
+        let mut own = |field: &str, v: &Option<String>, default: &String| match v {
+            Some(expr) => crons
+                .check(expr)
+                .0
                 .or_else(|e| err(format!("{}: {e}", locate_business(figment, i, field)))),
             None => Ok(default.clone()),
         };
+        let schedule = own("schedule", &b.schedule, &schedule)?;
+        let full_schedule = own("full_schedule", &b.full_schedule, &full_schedule)?;
         for (field, expr) in [
             ("schedule", &b.schedule),
             ("full_schedule", &b.full_schedule),
         ] {
-            if let Some(w) = expr.as_deref().and_then(cron_day_warning) {
-                notes.push(format!(
-                    "{}: business {} {field}: {w}",
-                    locate_business(figment, i, field),
-                    b.id
-                ));
+            if let Some(w) = expr.as_deref().and_then(|e| crons.check(e).1) {
+                let same = day_warned
+                    .entry((field, w))
+                    .or_insert_with(|| (locate_business(figment, i, field), Vec::new()));
+                same.1.push(b.id.clone());
             }
         }
         businesses.push(Business {
             id: b.id.clone(),
             name: b.name.clone(),
             token,
-            schedule: own("schedule", &b.schedule, &schedule)?,
-            full_schedule: own("full_schedule", &b.full_schedule, &full_schedule)?,
+            schedule,
+            full_schedule,
             enabled: b.enabled,
+        });
+    }
+
+    for ((field, w), (first, ids)) in day_warned {
+        const SHOWN: usize = 5;
+        notes.push(if ids.len() == 1 {
+            format!("{first}: business {} {field}: {w}", ids[0])
+        } else {
+            format!(
+                "{first}: {field} of {} businesses ({}{}): {w}",
+                ids.len(),
+                ids[..SHOWN.min(ids.len())].join(", "),
+                if ids.len() > SHOWN {
+                    format!(" and {} more", ids.len() - SHOWN)
+                } else {
+                    String::new()
+                }
+            )
         });
     }
 
@@ -1507,6 +1735,8 @@ fn validate(
         client_secret_source,
         client_secret_problem,
         files,
+        present: Vec::new(),
+        conf_d_mounted: false,
         webhooks,
         admin_listen,
         notes,
@@ -1924,7 +2154,7 @@ mod tests {
         std::os::unix::fs::symlink("user@host.1:1", dir.path().join(".#10-a.toml")).unwrap();
         std::fs::write(dir.path().join(".hidden.toml"), "").unwrap();
         std::fs::write(dir.path().join(".notes"), "").unwrap();
-        let (files, skipped) = conf_d_files(dir.path()).unwrap();
+        let (files, skipped) = conf_d_files(dir.path()).unwrap().unwrap();
         assert_eq!(files, vec![dir.path().join("10-a.toml")]);
         // Review (cfg, 2nd): earlier versions read a hidden `.x.toml`; now
         // skipped, its businesses vanished at the upgrade without a word.
@@ -1935,6 +2165,9 @@ mod tests {
             skipped[0].contains(".hidden.toml") && skipped[0].contains("not read"),
             "{skipped:?}"
         );
+        // Review (conf): the message carried two runs of 22 spaces (a lost
+        // line continuation) into the log and `config check`.
+        assert!(!skipped[0].contains("  "), "{skipped:?}");
         std::os::unix::fs::symlink("/nonexistent/pro.toml", dir.path().join("20-b.toml")).unwrap();
         let e = conf_d_files(dir.path()).unwrap_err().0;
         assert!(e.contains("20-b.toml") && e.contains("missing"), "{e}");
@@ -1947,6 +2180,270 @@ mod tests {
         std::os::unix::fs::symlink("20-b.toml", dir.path().join("20-b.toml")).unwrap();
         let e = conf_d_files(dir.path()).unwrap_err().0;
         assert!(e.contains("20-b.toml") && !e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_reload_without_the_main_file_or_conf_d_read_before_is_refused() {
+        // Review (conf): at a reload, a leadsync.toml moved aside (being
+        // edited, deleted by mistake) put its keys back to their defaults
+        // and a conf.d renamed or not mounted dropped all its businesses,
+        // both applied as a successful reload.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        let business = |id: &str| {
+            format!(
+                "[[businesses]]\nid = \"{id}\"\naccess_token_file = \"{}\"\n",
+                token.display()
+            )
+        };
+        let main = root.path().join("leadsync.toml");
+        std::fs::write(
+            &main,
+            format!(
+                "database = \"{}\"\n[api]\nmax_requests_per_second = 1\n{}",
+                root.path().join("m.db").display(),
+                business("1")
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(conf_d.join("2.toml"), business("2")).unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        assert_eq!(running.businesses.len(), 2);
+
+        let aside = root.path().join("conf.d.old");
+        std::fs::rename(&conf_d, &aside).unwrap();
+        // A start without conf.d is fine; a reload losing it is not.
+        assert_eq!(source.load().unwrap().businesses.len(), 1);
+        let e = source.reload(&running).unwrap_err().0;
+        assert!(e.contains("conf.d") && e.contains("missing"), "{e}");
+        // An emptied conf.d is a removal the user asked for.
+        std::fs::create_dir(&conf_d).unwrap();
+        assert_eq!(source.reload(&running).unwrap().businesses.len(), 1);
+        std::fs::remove_dir(&conf_d).unwrap();
+        std::fs::rename(&aside, &conf_d).unwrap();
+
+        std::fs::rename(&main, root.path().join("leadsync.toml.old")).unwrap();
+        assert_eq!(source.load().unwrap().file.api.max_requests_per_second, 5.0);
+        let e = source.reload(&running).unwrap_err().0;
+        assert!(e.contains("leadsync.toml") && e.contains("missing"), "{e}");
+    }
+
+    #[test]
+    fn a_conf_d_renamed_while_a_reload_reads_it_is_missing_not_empty() {
+        // Review (conf, 2nd): conf.d was found a directory, then read: one
+        // renamed between the two counted as present and empty, and the
+        // reload applied with all its businesses dropped.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        let business = |id: &str| {
+            format!(
+                "[[businesses]]\nid = \"{id}\"\naccess_token_file = \"{}\"\n",
+                token.display()
+            )
+        };
+        std::fs::write(
+            root.path().join("leadsync.toml"),
+            format!(
+                "database = \"{}\"\n{}",
+                root.path().join("m.db").display(),
+                business("1")
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(conf_d.join("2.toml"), business("2")).unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        assert_eq!(running.businesses.len(), 2);
+        let (from, to) = (conf_d.clone(), root.path().join("conf.d.old"));
+        BEFORE_CONF_D_READ
+            .with(|h| *h.borrow_mut() = Some(Box::new(move || std::fs::rename(from, to).unwrap())));
+        let e = source.reload(&running).map(|c| c.businesses.len());
+        assert!(
+            e.as_ref()
+                .is_err_and(|e| e.0.contains("conf.d") && e.0.contains("missing")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn a_reload_without_the_main_file_says_so_before_validating_the_rest() {
+        // Review (conf, 2nd): the configuration was loaded whole before the
+        // check: with oauth.client_id in leadsync.toml and the businesses in
+        // conf.d, the main file moved aside gave "oauth.client_id:
+        // required", not that leadsync.toml is missing.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("refresh");
+        std::fs::write(&token, "r\n").unwrap();
+        let main = root.path().join("leadsync.toml");
+        std::fs::write(
+            &main,
+            format!(
+                "database = \"{}\"\n[oauth]\nclient_id = \"c\"\n",
+                root.path().join("m.db").display()
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(
+            conf_d.join("2.toml"),
+            format!(
+                "[[businesses]]\nid = \"2\"\nrefresh_token_file = \"{}\"\n",
+                token.display()
+            ),
+        )
+        .unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        std::fs::rename(&main, root.path().join("leadsync.toml.old")).unwrap();
+        let e = source.reload(&running).unwrap_err().0;
+        assert!(
+            e.contains("leadsync.toml") && e.contains("missing") && !e.contains("client_id"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_main_file_that_cannot_be_looked_at_is_an_error_not_missing() {
+        // Review (conf, 2nd): `is_file()` is false for any error (a denied
+        // directory, a link loop): such a leadsync.toml was skipped at a
+        // start and reported "missing now" at a reload.
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::fs::create_dir(&conf_d).unwrap();
+        std::fs::write(
+            conf_d.join("1.toml"),
+            format!(
+                "database = \"{}\"\n[[businesses]]\nid = \"1\"\naccess_token_file = \"{}\"\n",
+                root.path().join("m.db").display(),
+                token.display()
+            ),
+        )
+        .unwrap();
+        let main = root.path().join("leadsync.toml");
+        std::fs::write(&main, "").unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        std::fs::remove_file(&main).unwrap();
+        std::os::unix::fs::symlink("leadsync.toml", &main).unwrap();
+        for e in [source.load().err(), source.reload(&running).err()] {
+            let e = e.expect("refused").0;
+            assert!(
+                e.contains("leadsync.toml")
+                    && !e.contains("missing")
+                    && e.contains("symbolic links"),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_reload_refuses_a_conf_d_mount_point_that_is_not_mounted_now() {
+        // Review (conf, 2nd): an unmounted conf.d leaves its mount point,
+        // an empty directory, taken for an emptied conf.d: the reload
+        // applied with all its businesses dropped. conf.d on another
+        // filesystem than its directory at the last read and on the same
+        // one now is refused. (/proc stands for the mount: a link to it is
+        // on another filesystem too.)
+        let root = tempfile::tempdir().unwrap();
+        let token = root.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        std::fs::write(
+            root.path().join("leadsync.toml"),
+            format!(
+                "database = \"{}\"\n[[businesses]]\nid = \"1\"\naccess_token_file = \"{}\"\n",
+                root.path().join("m.db").display(),
+                token.display()
+            ),
+        )
+        .unwrap();
+        let conf_d = root.path().join("conf.d");
+        std::os::unix::fs::symlink("/proc", &conf_d).unwrap();
+        let source = ConfigSource {
+            files: Vec::new(),
+            root: Some(root.path().to_path_buf()),
+        };
+        let running = source.load().unwrap();
+        std::fs::remove_file(&conf_d).unwrap();
+        std::fs::create_dir(&conf_d).unwrap();
+        let e = source.reload(&running).map(|c| c.businesses.len());
+        assert!(
+            e.as_ref()
+                .is_err_and(|e| e.0.contains("conf.d") && e.0.contains("not mounted")),
+            "{e:?}"
+        );
+        // A start takes it as it is; so does a reload after that one.
+        let now = source.load().unwrap();
+        assert_eq!(source.reload(&now).unwrap().businesses.len(), 1);
+    }
+
+    #[test]
+    fn a_schedule_shared_by_many_businesses_is_parsed_once_per_load() {
+        // Review (conf): each business's own `schedule` was parsed three
+        // times (its check, the day-field warning's check, for each field):
+        // 5,000 businesses with one took 1.08 s to load in a release build
+        // against 0.44 s without (SPEC §11: 10,000 in ≤ 1 s).
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("token");
+        std::fs::write(&token, "static\n").unwrap();
+        let mut text = format!("database = \"{}\"\n", dir.path().join("m.db").display());
+        for i in 0..1000 {
+            text.push_str(&format!(
+                "[[businesses]]\nid = \"{}\"\naccess_token_file = \"{}\"\n\
+                 schedule = \"0 */10 * * * *\"\nfull_schedule = \"0 0 0 1 * MON\"\n",
+                1000 + i,
+                token.display()
+            ));
+        }
+        let file = dir.path().join("leadsync.toml");
+        std::fs::write(&file, text).unwrap();
+        let before = CRON_PARSES.with(|n| n.get());
+        let config = ConfigSource {
+            files: vec![file],
+            root: None,
+        }
+        .load()
+        .unwrap();
+        let parses = CRON_PARSES.with(|n| n.get()) - before;
+        assert_eq!(config.businesses.len(), 1000);
+        // The [poll] pair, the two shared ones, their day-field checks.
+        assert!(parses <= 10, "{parses} parses for 2 distinct expressions");
+        // One warning for the 1,000 that share it (each business's line
+        // flooded config check and every reload's log), naming a few and
+        // the count.
+        let warned: Vec<String> = config
+            .warnings()
+            .into_iter()
+            .filter(|w| w.contains("both restricted"))
+            .collect();
+        assert_eq!(warned.len(), 1, "{warned:?}");
+        assert!(
+            warned[0].contains("full_schedule of 1000 businesses (1000, 1001")
+                && warned[0].contains("and 995 more")
+                && warned[0].contains("businesses.0.full_schedule"),
+            "{warned:?}"
+        );
     }
 
     #[test]

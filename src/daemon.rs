@@ -83,6 +83,24 @@ pub struct Controls {
     pub reload: Arc<Notify>,
     /// Set once the listeners are bound, before READY=1 (subscribe to wait for it).
     pub bound: Arc<tokio::sync::watch::Sender<Option<Bound>>>,
+    /// Each finished reload, in order (subscribe to wait for one).
+    pub reloads: Arc<tokio::sync::watch::Sender<Vec<ReloadOutcome>>>,
+}
+
+/// A finished reload's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadOutcome {
+    /// Why it failed (the previous configuration kept); `None` if applied.
+    pub error: Option<String>,
+    /// The businesses in force after it.
+    pub businesses: usize,
+}
+
+impl Controls {
+    fn reloaded(&self, businesses: usize, error: Option<String>) {
+        self.reloads
+            .send_modify(|r| r.push(ReloadOutcome { error, businesses }));
+    }
 }
 
 /// The addresses the daemon's listeners are bound to: with port 0 in the
@@ -105,6 +123,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             shutdown,
             reload: Arc::new(Notify::new()),
             bound: Default::default(),
+            reloads: Default::default(),
         },
     )
     .await
@@ -270,7 +289,8 @@ pub async fn run_with(
                 // Reading thousands of files takes a while: it runs off this
                 // loop, which keeps answering SIGTERM meanwhile.
                 let source = source.clone();
-                let load = tokio::task::spawn_blocking(move || source.load());
+                let running = daemon.config();
+                let load = tokio::task::spawn_blocking(move || source.reload(&running));
                 let loaded = tokio::select! {
                     _ = controls.shutdown.cancelled() => {
                         info!("stopping during a configuration reload; the reload is abandoned");
@@ -282,10 +302,12 @@ pub async fn run_with(
                     Err(e) => {
                         error!(error = %e, "configuration reload failed (a bug); keeping the previous configuration");
                         daemon.reload_outcome(false).await;
+                        controls.reloaded(daemon.config().businesses.len(), Some(e.to_string()));
                     }
                     Ok(Err(e)) => {
                         error!(error = %e, "configuration reload failed; keeping the previous configuration");
                         daemon.reload_outcome(false).await;
+                        controls.reloaded(daemon.config().businesses.len(), Some(e.to_string()));
                     }
                     // Its writes may wait long for a locked mirror (behind
                     // the other jobs of the database thread): a stop abandons
@@ -320,10 +342,12 @@ pub async fn run_with(
                                 elapsed_ms = r.started.elapsed().as_millis() as u64,
                                 "configuration reloaded"
                             );
+                            controls.reloaded(daemon.config().businesses.len(), None);
                         }
                         Err(e) => {
                             error!(error = %format!("{e:#}"), "configuration reload failed; keeping the previous configuration");
                             daemon.reload_outcome(false).await;
+                            controls.reloaded(daemon.config().businesses.len(), Some(format!("{e:#}")));
                         }
                     },
                 }
@@ -1789,7 +1813,12 @@ mod tests {
             format!("database = {:?}\n", db.display().to_string()),
         )
         .unwrap();
-        let config = ConfigSource { files: vec![conf] }.load().unwrap();
+        let config = ConfigSource {
+            files: vec![conf],
+            ..Default::default()
+        }
+        .load()
+        .unwrap();
         let store = Store::open(&db).unwrap();
         let alert = DiskAlert::default();
         assert!(

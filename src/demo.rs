@@ -310,6 +310,7 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     let config_path = sandbox.write_fixture(&fixture, true)?;
     let mut config = ConfigSource {
         files: vec![config_path],
+        ..Default::default()
     }
     .load()?;
     config.file.database = database.to_path_buf();

@@ -473,6 +473,7 @@ mod tests {
             .unwrap();
             let config = crate::config::ConfigSource {
                 files: vec![conf.clone()],
+                ..Default::default()
             }
             .load()
             .unwrap();

@@ -1762,3 +1762,70 @@ async fn a_token_store_loosened_after_the_start_is_set_to_0600_at_a_reload() {
         .collect();
     assert_eq!(warned.len(), 1, "{warned:#?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_signal_refuses_to_run_without_the_conf_d_read_at_the_start() {
+    // Review (conf, 2nd): the daemon's reload called `ConfigSource::reload`
+    // (which refuses to drop a conf.d read before), but no test ran it:
+    // the tests start the daemon with --config, and `source.load()` in its
+    // place passed them all.
+    let env = Env::small().await;
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    // The first business in leadsync.toml, the others in conf.d.
+    let first = fixture.find("[[businesses]]").expect("a business");
+    let second = first + 1 + fixture[first + 1..].find("[[businesses]]").expect("two");
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("leadsync.toml"), &fixture[..second]).unwrap();
+    let conf_d = root.path().join("conf.d");
+    std::fs::create_dir(&conf_d).unwrap();
+    std::fs::write(conf_d.join("00-fast.toml"), common::FAST).unwrap();
+    std::fs::write(conf_d.join("10-more.toml"), &fixture[second..]).unwrap();
+    let source = leadsync::config::ConfigSource {
+        files: Vec::new(),
+        root: Some(root.path().to_path_buf()),
+    };
+    let config = source.load().unwrap();
+    let all = config.businesses.len();
+    assert!(all >= 2, "{all}");
+
+    let controls = leadsync::daemon::Controls::default();
+    let mut bound = controls.bound.subscribe();
+    let mut reloads = controls.reloads.subscribe();
+    let mut daemon = tokio::spawn(leadsync::daemon::run_with(
+        config,
+        Some(source),
+        controls.clone(),
+    ));
+    let minute = Duration::from_secs(60);
+    tokio::select! {
+        b = bound.wait_for(Option::is_some) => { b.expect("the daemon runs"); }
+        end = &mut daemon => panic!("the daemon stopped at its start: {end:?}"),
+        _ = tokio::time::sleep(minute) => panic!("the daemon did not start within a minute"),
+    }
+    let mut reload = async |n: usize| {
+        controls.reload.notify_one();
+        let r = tokio::time::timeout(minute, reloads.wait_for(|r| r.len() == n))
+            .await
+            .expect("the reload ended within a minute")
+            .expect("the daemon runs");
+        r[n - 1].clone()
+    };
+
+    let aside = root.path().join("conf.d.old");
+    std::fs::rename(&conf_d, &aside).unwrap();
+    let failed = reload(1).await;
+    assert_eq!(failed.businesses, all, "{failed:?}");
+    let e = failed.error.as_deref().expect("the reload is refused");
+    assert!(e.contains("conf.d") && e.contains("missing"), "{e}");
+
+    std::fs::rename(&aside, &conf_d).unwrap();
+    let applied = reload(2).await;
+    assert_eq!((applied.error, applied.businesses), (None, all));
+
+    controls.shutdown.cancel();
+    tokio::time::timeout(minute, daemon)
+        .await
+        .expect("the daemon stopped within a minute")
+        .unwrap()
+        .unwrap();
+}

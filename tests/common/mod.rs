@@ -138,6 +138,7 @@ impl Env {
     pub fn config(&self) -> Config {
         ConfigSource {
             files: self.config_files(),
+            ..Default::default()
         }
         .load()
         .expect("test configuration is valid")
