@@ -1197,6 +1197,16 @@ fn validate(
             notes.push(format!("{}: {w}", named(figment, key)));
         }
     }
+    // Before any other check of these URLs: their messages quote the URL.
+    for (key, url) in [
+        ("api.base_url", Some(&file.api.base_url)),
+        ("oauth.token_url", Some(&file.oauth.token_url)),
+        ("webhooks.public_url", file.webhooks.public_url.as_ref()),
+    ] {
+        if let Some(problem) = url.and_then(|u| userinfo_problem(u)) {
+            return err(format!("{}: {problem}", locate(figment, key)));
+        }
+    }
     let api = &file.api;
     match reqwest::Url::parse(&api.base_url) {
         // Every request carries a bearer token, and `webhooks register` the
@@ -1513,6 +1523,43 @@ fn validate(
     })
 }
 
+/// The URL as it may be shown: any `user:password@` before the host
+/// replaced by `***@`, read from the text itself so that a URL that does
+/// not parse is masked too. Config validation refuses such URLs
+/// ([`userinfo_problem`]); this keeps the refusal from printing them.
+pub fn shown_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_string();
+    };
+    let start = scheme_end + 3;
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// Why a configured URL carrying a user name or password (`user:pw@host`)
+/// is refused: it would be printed wherever the URL is shown (`config
+/// check`, `probe`, logs) and in every network error, which reqwest words
+/// with the URL and leadsync stores (`sync_runs.error`, the outbox's
+/// `last_error`). Thumbtack authenticates by bearer token and the token
+/// endpoint by the client secret, never by URL credentials.
+pub fn userinfo_problem(url: &str) -> Option<String> {
+    let has = match reqwest::Url::parse(url) {
+        Ok(u) => !u.username().is_empty() || u.password().is_some(),
+        Err(_) => shown_url(url) != url,
+    };
+    has.then(|| {
+        format!(
+            "`{}` carries a user name or password (`user:password@`), refused: it would be \
+             printed wherever the URL is shown and in network errors; remove it",
+            shown_url(url)
+        )
+    })
+}
+
 /// True for `localhost` and loopback addresses.
 pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -1524,6 +1571,9 @@ pub fn is_loopback_host(host: &str) -> bool {
 
 /// Checks `webhooks.public_url`: an absolute https URL (http only on loopback).
 pub fn check_public_url(url: &str) -> Result<(), String> {
+    if let Some(problem) = userinfo_problem(url) {
+        return Err(problem);
+    }
     let u = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
     let host = u.host_str().unwrap_or("");
     match u.scheme() {

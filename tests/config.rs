@@ -1370,3 +1370,91 @@ fn secret_files_other_users_can_read_are_warned_about_by_name_not_content() {
         "files no one else can read or change draw no warning: {t}"
     );
 }
+
+/// A URL carrying `user:password@` would print the password wherever the URL
+/// is shown: `config check`, `probe`, the logs, and every network error
+/// (reqwest's message names the URL), which lands in `sync_runs.error` and
+/// the outbox's `last_error`. Such a URL is refused, naming the key and
+/// never the password — even when it would also fail another check, or is
+/// not a URL at all.
+#[test]
+fn a_url_with_a_password_in_it_is_refused_without_printing_the_password() {
+    let d = Dir::new();
+    let secret = "hunter2-url-secret";
+    let hook = "\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nusername = \"thumbtack\"\npassword = \"p-123456\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"https://partner:{secret}@api.thumbtack.com\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"http://partner:{secret}@api.thumbtack.com\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"https://partner:{secret}@api.thumbtack.com:99999\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"https://{secret}@127.0.0.1:9\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[oauth]\ntoken_url = \"https://partner:{secret}@auth.thumbtack.com/oauth2/token\"\n",
+                d.base()
+            ),
+            "oauth.token_url",
+        ),
+        (
+            format!(
+                "{}\n[oauth]\ntoken_url = \"http://partner:{secret}@auth.thumbtack.com/oauth2/token\"\n",
+                d.base()
+            ),
+            "oauth.token_url",
+        ),
+        (
+            format!(
+                "{}{hook}public_url = \"https://partner:{secret}@hooks.example.com/thumbtack/webhooks\"\n",
+                d.base()
+            ),
+            "webhooks.public_url",
+        ),
+        (
+            format!(
+                "{}{hook}public_url = \"http://partner:{secret}@hooks.example.com/thumbtack/webhooks\"\n",
+                d.base()
+            ),
+            "webhooks.public_url",
+        ),
+    ];
+    for (i, (content, key)) in cases.iter().enumerate() {
+        let f = d.file(&format!("userinfo{i}.toml"), content);
+        let o = check(&[&f], &[]);
+        assert_config_error(&o, &[key, "user"]);
+        let t = text(&o);
+        assert!(!t.contains(secret), "case {i} printed the password:\n{t}");
+    }
+    // From the environment too.
+    let o = check(
+        &[&d.file("ok.toml", &d.base())],
+        &[(
+            "LEADSYNC_API__BASE_URL",
+            &format!("https://u:{secret}@api.thumbtack.com"),
+        )],
+    );
+    assert_config_error(&o, &["LEADSYNC_API__BASE_URL", "user"]);
+    assert!(!text(&o).contains(secret), "{}", text(&o));
+}
