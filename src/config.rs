@@ -1775,6 +1775,9 @@ fn validate_webhooks(
 /// The largest `daemon.sync_concurrency` (one worker task each).
 pub const MAX_SYNC_CONCURRENCY: usize = 65536;
 
+/// The shortest `admin.stale_after_secs`: two of the loops' one-second beats.
+pub const MIN_STALE_AFTER_SECS: f64 = 2.0;
+
 /// `[admin]`: a socket address, loopback unless `allow_remote`, and sane timers.
 fn validate_admin(
     figment: &Figment,
@@ -1793,6 +1796,18 @@ fn validate_admin(
                 u64::MAX
             ));
         }
+    }
+    // The loops beat once a second (plus the time a round takes): a limit
+    // nearer than two beats flags a healthy loop between two of them, and
+    // `/healthz` flaps between 200 and 503.
+    if admin.stale_after_secs < MIN_STALE_AFTER_SECS {
+        return err(format!(
+            "{}: {} is too short: the scheduler and the drainer loops beat once a second, so \
+             `/healthz` would turn 503 between two beats of a healthy loop; must be at least {} seconds",
+            locate(figment, "admin.stale_after_secs"),
+            admin.stale_after_secs,
+            MIN_STALE_AFTER_SECS
+        ));
     }
     let Some(listen) = &admin.listen else {
         return Ok(None);

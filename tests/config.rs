@@ -1458,3 +1458,27 @@ fn a_url_with_a_password_in_it_is_refused_without_printing_the_password() {
     assert_config_error(&o, &["LEADSYNC_API__BASE_URL", "user"]);
     assert!(!text(&o).contains(secret), "{}", text(&o));
 }
+
+/// The scheduler and the drainer beat once a second: a staleness limit
+/// below two beats flags a healthy loop between two of them, and `/healthz`
+/// flaps between 200 and 503. It is refused, naming the key.
+#[test]
+fn a_staleness_limit_below_two_beats_is_refused() {
+    let d = Dir::new();
+    for value in ["0.05", "0.5", "1", "1.9"] {
+        let f = d.file(
+            "stale.toml",
+            &format!("{}\n[admin]\nstale_after_secs = {value}\n", d.base()),
+        );
+        assert_config_error(
+            &check(&[&f], &[]),
+            &["admin.stale_after_secs", "at least 2", "once a second"],
+        );
+    }
+    let f = d.file(
+        "ok.toml",
+        &format!("{}\n[admin]\nstale_after_secs = 2\n", d.base()),
+    );
+    let o = check(&[&f], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
