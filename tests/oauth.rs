@@ -3954,3 +3954,50 @@ async fn webhooks_list_whose_output_is_lost_exits_1() {
         assert!(!err.contains("panicked"), "{err}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_follows_every_page_of_the_business_list() {
+    // The list answers `pagination: {limit}` and no `next`, as Thumbtack's
+    // does: reading its first page only wrote one conf file of three, and
+    // the code is spent, so the others had to be written by hand.
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    assert!(ids.len() >= 3, "{ids:?}");
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1], &ids[2]]);
+    env.sandbox.set_faults(leadsync::sandbox::Faults {
+        business_page_size: 1,
+        ..Default::default()
+    });
+    // A configuration with the OAuth client but no business yet.
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let base = common::write(env.dir.path(), "base.toml", &head);
+    let mut c = Command::new(common::bin());
+    c.arg("--config")
+        .arg(&base)
+        .arg("--config")
+        .arg(&env.overrides)
+        .env_remove("LEADSYNC_LOG");
+    let o = common::output(c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    for id in &ids[..3] {
+        assert!(conf_d.join(format!("{id}.toml")).is_file(), "{id}: {out}");
+    }
+    assert!(!out.contains("may cover more"), "{out}");
+}

@@ -117,6 +117,10 @@ pub struct Faults {
     pub redirect: f64,
     /// A 404 HTML page, as a proxy in front of the API sends.
     pub html_404: f64,
+    /// `GET /api/v4/businesses`: list at most this many businesses a page
+    /// (from `?offset=`, `pagination: {limit}` as Thumbtack answers, no
+    /// `next`); 0: Thumbtack's 20.
+    pub business_page_size: usize,
     /// Webhooks: send every delivery twice.
     pub webhook_twice: bool,
     /// Webhooks: send each batch of deliveries in reverse order.

@@ -275,7 +275,7 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 _ => granted.first().cloned().unwrap_or_default(),
             };
             let mut response = match (&method, rest) {
-                (&Method::GET, ["businesses"]) => businesses_of(&state, &granted),
+                (&Method::GET, ["businesses"]) => businesses_of(&state, &granted, &query),
                 (&Method::GET, ["businesses", b, "negotiations"]) => {
                     let page = list(&state, &business, b, &query, &host);
                     if faults.list_hold_ms > 0 {
@@ -585,17 +585,36 @@ fn authenticate(state: &Shared, authorization: Option<String>) -> Option<Vec<Str
     }
 }
 
-/// `GET /api/v4/businesses`: the businesses the token covers.
-fn businesses_of(state: &Shared, granted: &[String]) -> Response<Full<Bytes>> {
+/// `GET /api/v4/businesses`: the businesses the token covers, a page of
+/// them from `?offset=` (`limit` at most the page size: 20, or the
+/// `business_page_size` fault), `pagination: {limit}` only, as Thumbtack
+/// answers.
+fn businesses_of(state: &Shared, granted: &[String], query: &str) -> Response<Full<Bytes>> {
     let s = lock(state);
+    let params: HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let size = match s.faults.business_page_size {
+        0 => 20,
+        n => n,
+    };
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .map_or(size, |l| l.min(size));
+    let offset = params
+        .get("offset")
+        .and_then(|o| o.parse::<usize>().ok())
+        .unwrap_or(0);
     let data: Vec<Value> = granted
         .iter()
         .filter_map(|id| s.business(id))
+        .skip(offset)
+        .take(limit)
         .map(|b| json!({"businessID": b.id, "name": b.name, "imageURL": null}))
         .collect();
     json_response(
         StatusCode::OK,
-        &json!({"data": data, "pagination": {"limit": 20}}),
+        &json!({"data": data, "pagination": {"limit": limit}}),
     )
 }
 

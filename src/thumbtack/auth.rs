@@ -554,13 +554,26 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
 /// A grant's businesses (id, name) and warnings about what their list left unread.
 pub type BusinessList = (Vec<(String, Option<String>)>, Vec<String>);
 
-/// The businesses of a `GET /api/v4/businesses` answer (id, name), and
-/// warnings about what it could not read. An answer holding no list is an
-/// error, not a grant covering nothing; an entry without a readable id is
-/// named; a page as long as its `limit`, or naming a next page, may leave
-/// businesses out (only the first page is read: the list's paging is not
-/// documented).
-pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
+/// One page of `GET /api/v4/businesses`: its businesses (id, name),
+/// warnings about entries it could not read, and what it says of the next.
+#[derive(Debug, Default)]
+pub struct BusinessPage {
+    pub list: Vec<(String, Option<String>)>,
+    pub notes: Vec<String>,
+    /// Entries on the page, readable or not (the next offset counts them).
+    pub entries: usize,
+    /// `pagination.limit`, when echoed (Thumbtack answers `{limit: 20}`).
+    pub limit: Option<u64>,
+    /// `pagination.next` (a URL) or a top-level `next`.
+    pub next: Option<String>,
+    /// `nextPageToken` (sent back as `pageToken`).
+    pub next_page_token: Option<String>,
+}
+
+/// Reads one page of a `GET /api/v4/businesses` answer. An answer holding
+/// no list is an error, not a grant covering nothing; an entry without a
+/// readable id is named.
+pub fn business_page(body: &[u8]) -> anyhow::Result<BusinessPage> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
     let Some(entries) = v
@@ -605,35 +618,65 @@ pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
         }
     }
     let pagination = v.get("pagination");
-    let named = |o: Option<&serde_json::Value>, k: &str| {
-        o.and_then(|o| o.get(k))
-            .is_some_and(|x| !x.is_null() && x.as_str() != Some(""))
+    let text = |k: &str| {
+        pagination
+            .and_then(|p| p.get(k))
+            .or_else(|| v.get(k))
+            .and_then(|x| x.as_str())
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
     };
-    let next = ["next", "nextPageToken", "pageToken"]
-        .iter()
-        .any(|k| named(pagination, k) || named(Some(&v), k));
-    let limit = pagination
-        .and_then(|p| p.get("limit"))
-        .and_then(|l| l.as_u64());
-    let full = limit.is_some_and(|l| l > 0 && entries.len() as u64 >= l);
-    if next || full {
-        notes.push(format!(
-            "the grant may cover more businesses than the {} listed ({}; leadsync reads the \
-             first page only): configure any other business of the pro's with a conf.d file \
-             naming the same refresh_token_file",
-            entries.len(),
-            if next {
-                "the answer names a next page".to_string()
-            } else {
-                format!(
-                    "the page is as long as its limit, {}",
-                    limit.unwrap_or_default()
-                )
-            }
+    Ok(BusinessPage {
+        list,
+        notes,
+        entries: entries.len(),
+        limit: pagination
+            .and_then(|p| p.get("limit"))
+            .and_then(|l| l.as_u64())
+            .filter(|l| *l > 0),
+        next: text("next"),
+        next_page_token: text("nextPageToken").or_else(|| text("pageToken")),
+    })
+}
+
+/// The query of the business list's page after `page` (`None`: none
+/// named): `next`'s query, only from `base_url`'s host or Thumbtack's;
+/// else `nextPageToken` as `pageToken`; else, on a page echoing its
+/// `limit` (Thumbtack names no next page), the next `offset`.
+fn next_business_query(
+    base_url: &str,
+    page: &BusinessPage,
+    offset: usize,
+) -> Result<Option<String>, String> {
+    if let Some(next) = &page.next {
+        let base =
+            reqwest::Url::parse(base_url).map_err(|e| format!("api.base_url is not a URL: {e}"))?;
+        let url = reqwest::Url::options()
+            .base_url(Some(&base))
+            .parse(next)
+            .map_err(|e| format!("its pagination.next is not a URL: {e}"))?;
+        let host = url.host_str().unwrap_or("");
+        if Some(host) != base.host_str() && !super::paging::thumbtack_host(host) {
+            return Err(format!(
+                "its pagination.next names another host ({}), never followed",
+                excerpt(host)
+            ));
+        }
+        return match url.query().filter(|q| !q.is_empty()) {
+            Some(q) => Ok(Some(q.to_string())),
+            None => Err("its pagination.next names no page (no query)".into()),
+        };
+    }
+    if let Some(t) = &page.next_page_token {
+        return Ok(Some(
+            serde_urlencoded::to_string([("pageToken", t.as_str())]).unwrap_or_default(),
         ));
     }
-    Ok((list, notes))
+    Ok(page.limit.map(|l| format!("limit={l}&offset={offset}")))
 }
+
+/// Pages of the business list read at most.
+pub const MAX_BUSINESS_PAGES: usize = 100;
 
 /// A short, printable excerpt of a server-written description (never a token body):
 /// without the characters [`crate::terminal::is_unsafe`] names, the one list
@@ -1110,17 +1153,112 @@ impl Auth {
     }
 
     /// The businesses a grant's access token covers (`GET /api/v4/businesses`):
-    /// id and name, and warnings about what the answer left unread.
+    /// id and name, and warnings about what the answer left unread. Every
+    /// page is read, as the webhooks listing is: `next`, `nextPageToken`,
+    /// or (Thumbtack echoes only `{limit}`) the next `offset`, until an
+    /// empty page, at most [`MAX_BUSINESS_PAGES`]. A first page that fails
+    /// is an error; a later one, or a server whose paging does not advance,
+    /// keeps the businesses read and warns that the grant may cover more.
     pub async fn businesses_of(
         &self,
         base_url: &str,
         access_token: &Secret,
     ) -> anyhow::Result<BusinessList> {
-        let url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
+        let list_url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
+        let more = |all: &Vec<(String, Option<String>)>, why: String| {
+            format!(
+                "the grant may cover more businesses than the {} listed: {why}; configure any \
+                 other business of the pro's with a conf.d file naming the same refresh_token_file",
+                all.len()
+            )
+        };
+        let mut url = list_url.clone();
+        let mut asked = std::collections::HashSet::from([String::new()]);
+        let mut seen = std::collections::HashSet::new();
+        let (mut all, mut notes) = (Vec::new(), Vec::new());
+        let mut offset = 0usize;
+        let mut after_short = false;
+        for n in 0..MAX_BUSINESS_PAGES {
+            let page = match self.business_page_at(&url, access_token).await {
+                Ok(page) => page,
+                Err(e) if n == 0 => return Err(e),
+                // After a page shorter than its limit, the offset past it
+                // only confirms the end: a server refusing `offset` (which
+                // Thumbtack does not document) leaves nothing unread.
+                Err(e) if after_short => {
+                    debug!(error = %format!("{e:#}"), "the page after a short page of the business list failed");
+                    return Ok((all, notes));
+                }
+                Err(e) => {
+                    notes.push(more(
+                        &all,
+                        format!("its page {} could not be read ({e:#})", n + 1),
+                    ));
+                    return Ok((all, notes));
+                }
+            };
+            notes.extend(page.notes.iter().cloned());
+            let before = all.len();
+            all.extend(
+                page.list
+                    .iter()
+                    .filter(|(id, _)| seen.insert(id.clone()))
+                    .cloned(),
+            );
+            offset += page.entries;
+            if page.entries == 0 {
+                return Ok((all, notes));
+            }
+            let query = match next_business_query(base_url, &page, offset) {
+                Ok(Some(q)) => q,
+                Ok(None) => return Ok((all, notes)),
+                Err(e) => {
+                    notes.push(more(&all, format!("page {} of the list: {e}", n + 1)));
+                    return Ok((all, notes));
+                }
+            };
+            // A page of businesses already read: a server ignoring the
+            // offset (or a token) serves the same page again. After a page
+            // shorter than its limit that is the whole list.
+            let short = page.limit.is_some_and(|l| (page.entries as u64) < l)
+                && page.next.is_none()
+                && page.next_page_token.is_none();
+            if all.len() == before && page.list.len() == page.entries {
+                if !short {
+                    notes.push(more(
+                        &all,
+                        format!("page {} lists only businesses of earlier pages: its paging does not advance", n + 1),
+                    ));
+                }
+                return Ok((all, notes));
+            }
+            if !asked.insert(query.clone()) {
+                notes.push(more(
+                    &all,
+                    format!("the list names a page it already answered (?{query})"),
+                ));
+                return Ok((all, notes));
+            }
+            after_short = short;
+            url = format!("{list_url}?{query}");
+        }
+        notes.push(more(
+            &all,
+            format!("the list still names a next page after {MAX_BUSINESS_PAGES} pages"),
+        ));
+        Ok((all, notes))
+    }
+
+    /// One page of the business list at `url`.
+    async fn business_page_at(
+        &self,
+        url: &str,
+        access_token: &Secret,
+    ) -> anyhow::Result<BusinessPage> {
         let resp = self
             .inner
             .http
-            .get(&url)
+            .get(url)
             .bearer_auth(access_token.expose())
             .send()
             .await
@@ -1145,7 +1283,7 @@ impl Auth {
                 ApiError::from_response(status, "", None, &body)
             );
         }
-        business_list(&body)
+        business_page(&body)
     }
 
     async fn exchange_on(
@@ -2882,16 +3020,16 @@ mod tests {
             br#"{"data":{"businessID":"1"}}"#,
             br#""ok""#,
         ] {
-            let r = business_list(body);
+            let r = business_page(body);
             assert!(r.is_err(), "{}: {r:?}", String::from_utf8_lossy(body));
         }
-        let (list, notes) = business_list(br#"{"data":[],"pagination":{"limit":20}}"#).unwrap();
-        assert!(list.is_empty() && notes.is_empty(), "{notes:?}");
+        let p = business_page(br#"{"data":[],"pagination":{"limit":20}}"#).unwrap();
+        assert!(p.list.is_empty() && p.notes.is_empty(), "{p:?}");
     }
 
     #[test]
     fn a_business_list_entry_without_a_readable_id_is_named_not_dropped() {
-        let (list, notes) = business_list(
+        let BusinessPage { list, notes, .. } = business_page(
             br#"{"data":[{"businessID":"11","name":"A"},{"name":"Pro B"},{"businessID":null}]}"#,
         )
         .unwrap();
@@ -2904,8 +3042,8 @@ mod tests {
 
     #[test]
     fn an_empty_business_id_is_named_like_an_unreadable_one() {
-        let (list, notes) =
-            business_list(br#"{"data":[{"businessID":"","name":"Pro E"},{"businessID":"12"}]}"#)
+        let BusinessPage { list, notes, .. } =
+            business_page(br#"{"data":[{"businessID":"","name":"Pro E"},{"businessID":"12"}]}"#)
                 .unwrap();
         assert_eq!(list, vec![("12".to_string(), None)]);
         assert_eq!(notes.len(), 1, "{notes:?}");
@@ -2913,35 +3051,25 @@ mod tests {
     }
 
     #[test]
-    fn a_full_or_continued_business_list_says_more_may_exist() {
-        // Only the first page is read: a page as long as its limit, or one
-        // naming a next page, may leave businesses out.
-        let page = |n: usize, pagination: &str| {
-            let data: Vec<String> = (0..n)
-                .map(|i| format!(r#"{{"businessID":"{}","name":"n"}}"#, 100 + i))
-                .collect();
-            format!(
-                r#"{{"data":[{}],"pagination":{pagination}}}"#,
-                data.join(",")
-            )
-        };
-        for (n, p) in [
-            (20, r#"{"limit":20}"#),
-            (
-                2,
-                r#"{"limit":20,"next":"https://api.thumbtack.com/v4/businesses?offset=2"}"#,
-            ),
-            (2, r#"{"limit":20,"nextPageToken":"abc"}"#),
-        ] {
-            let (list, notes) = business_list(page(n, p).as_bytes()).unwrap();
-            assert_eq!(list.len(), n);
-            assert!(
-                notes.iter().any(|m| m.contains("may cover more")),
-                "{p}: {notes:?}"
-            );
-        }
-        let (_, notes) = business_list(page(19, r#"{"limit":20}"#).as_bytes()).unwrap();
-        assert!(notes.is_empty(), "{notes:?}");
+    fn the_business_lists_next_page_is_its_next_its_token_or_the_next_offset() {
+        let base = "https://api.thumbtack.com";
+        let page = |body: &str| business_page(body.as_bytes()).unwrap();
+        let q = |p: &BusinessPage, offset| next_business_query(base, p, offset);
+        // Thumbtack echoes only the limit: the next offset.
+        let p = page(r#"{"data":[{"businessID":"1"}],"pagination":{"limit":20}}"#);
+        assert_eq!(q(&p, 1), Ok(Some("limit=20&offset=1".into())));
+        // A bare list names no paging: one page.
+        assert_eq!(q(&page(r#"[{"businessID":"1"}]"#), 1), Ok(None));
+        let p = page(
+            r#"{"data":[],"pagination":{"limit":2,"next":"https://api.thumbtack.com/v4/businesses?limit=2&offset=2"}}"#,
+        );
+        assert_eq!(q(&p, 0), Ok(Some("limit=2&offset=2".into())));
+        let p = page(r#"{"data":[],"pagination":{"limit":2,"nextPageToken":"a b"}}"#);
+        assert_eq!(q(&p, 0), Ok(Some("pageToken=a+b".into())));
+        let p = page(
+            r#"{"data":[],"pagination":{"next":"https://evil.example/v4/businesses?offset=2"}}"#,
+        );
+        assert!(q(&p, 0).unwrap_err().contains("another host"));
     }
 
     #[test]
