@@ -1523,38 +1523,44 @@ fn validate(
     })
 }
 
-/// The URL as it may be shown: any `user:password@` before the host
-/// replaced by `***@`, read from the text itself so that a URL that does
-/// not parse is masked too. Config validation refuses such URLs
-/// ([`userinfo_problem`]); this keeps the refusal from printing them.
+/// The URL as it may be shown: everything before its last `@` replaced by
+/// `***` (a plain `scheme://` kept), read from the text alone. Where the
+/// authority ends is not guessed: a password may hold `/`, `?` or `#`, the
+/// slashes may be one or backslashes, and the parser's reading of such text
+/// (`https://u:12#pw@host` is host `u`, port 12) is not what a reader meant.
+/// Config validation refuses any URL with an `@` ([`userinfo_problem`]);
+/// this keeps the refusal, and any message quoting a URL, from printing it.
 pub fn shown_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
+    let Some(at) = url.rfind('@') else {
         return url.to_string();
     };
-    let start = scheme_end + 3;
-    let rest = &url[start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &rest[at..]),
-        None => url.to_string(),
-    }
+    let keep = url
+        .split_once("://")
+        .filter(|(scheme, _)| {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        })
+        .map_or(0, |(scheme, _)| scheme.len() + 3)
+        .min(at);
+    format!("{}***{}", &url[..keep], &url[at..])
 }
 
-/// Why a configured URL carrying a user name or password (`user:pw@host`)
-/// is refused: it would be printed wherever the URL is shown (`config
-/// check`, `probe`, logs) and in every network error, which reqwest words
-/// with the URL and leadsync stores (`sync_runs.error`, the outbox's
-/// `last_error`). Thumbtack authenticates by bearer token and the token
-/// endpoint by the client secret, never by URL credentials.
+/// Why a configured URL containing an `@` anywhere is refused: an `@`
+/// makes a user name or password (`user:pw@host`) or text that a parser may
+/// or may not read as one, and either would be printed wherever the URL is
+/// shown (`config check`, `probe`, logs) and in every network error, which
+/// reqwest words with the URL and leadsync stores (`sync_runs.error`, the
+/// outbox's `last_error`). Thumbtack authenticates by bearer token and the
+/// token endpoint by the client secret, never by URL credentials; an `@` in
+/// a path or query of these URLs has no use either.
 pub fn userinfo_problem(url: &str) -> Option<String> {
-    let has = match reqwest::Url::parse(url) {
-        Ok(u) => !u.username().is_empty() || u.password().is_some(),
-        Err(_) => shown_url(url) != url,
-    };
-    has.then(|| {
+    url.contains('@').then(|| {
         format!(
-            "`{}` carries a user name or password (`user:password@`), refused: it would be \
-             printed wherever the URL is shown and in network errors; remove it",
+            "`{}` contains `@`, read as a user name or password (`user:password@`), refused: it \
+             would be printed wherever the URL is shown and in network errors; remove it (an `@` \
+             elsewhere must be percent-encoded as %40)",
             shown_url(url)
         )
     })

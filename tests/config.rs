@@ -1482,3 +1482,48 @@ fn a_staleness_limit_below_two_beats_is_refused() {
     let o = check(&[&f], &[]);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// The masking must not depend on the URL parsing, nor on a literal `://`,
+/// nor on where the text's authority would end: `#`, `/` or `?` inside the
+/// password, a single slash or backslashes after the scheme, and a URL the
+/// parser takes as host `u`, port 12 with the rest as a fragment. Any `@`
+/// in a configured URL is refused, and no message quotes what comes before
+/// the last `@`.
+#[test]
+fn a_url_with_an_at_sign_never_prints_what_precedes_it() {
+    let d = Dir::new();
+    let hook = "\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nusername = \"thumbtack\"\npassword = \"p-123456\"\n";
+    let urls = [
+        r"https://u:p#SECRET1@api.example.com",
+        r"https://u:SE/CRET2@api.example.com",
+        r"https:/u:SECRET3@api.example.com",
+        r"https:\\u:SECRET4@api.example.com",
+        r"https:\u:SECRET4b@api.example.com",
+        r"https://u:SE?CRET5@api.example.com",
+        r"https://u:12#SECRET7@api.example.com",
+        r"https://u:SECRET8@x@api.example.com",
+        r"u:SECRET9@api.example.com",
+        r"https://api.example.com/p?x=SECRET10@y",
+    ];
+    for (k, key) in ["api.base_url", "oauth.token_url", "webhooks.public_url"]
+        .iter()
+        .enumerate()
+    {
+        for (i, url) in urls.iter().enumerate() {
+            // TOML literal strings: the backslashes stay as they are.
+            let content = match *key {
+                "api.base_url" => format!("{}\n[api]\nbase_url = '{url}'\n", d.base()),
+                "oauth.token_url" => format!("{}\n[oauth]\ntoken_url = '{url}'\n", d.base()),
+                _ => format!("{}{hook}public_url = '{url}'\n", d.base()),
+            };
+            let f = d.file(&format!("at{k}-{i}.toml"), &content);
+            let o = check(&[&f], &[]);
+            let t = text(&o);
+            assert_config_error(&o, &[key]);
+            assert!(
+                !t.contains("SECRET") && !t.contains("SE/CRET") && !t.contains("SE?CRET"),
+                "{key} = {url} printed what precedes its last @:\n{t}"
+            );
+        }
+    }
+}
