@@ -4001,3 +4001,82 @@ async fn write_conf_follows_every_page_of_the_business_list() {
     }
     assert!(!out.contains("may cover more"), "{out}");
 }
+
+/// Runs `auth exchange --write-conf` for a grant of the first three
+/// businesses with `faults` set: its output, and which of the three got
+/// a conf file.
+async fn exchange_three_with(
+    faults: leadsync::sandbox::Faults,
+) -> (std::process::Output, Vec<bool>) {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    assert!(ids.len() >= 3, "{ids:?}");
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1], &ids[2]]);
+    env.sandbox.set_faults(faults);
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let base = common::write(env.dir.path(), "base.toml", &head);
+    let mut c = Command::new(common::bin());
+    c.arg("--config")
+        .arg(&base)
+        .arg("--config")
+        .arg(&env.overrides)
+        .env_remove("LEADSYNC_LOG");
+    let o = common::output(c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let written = ids[..3]
+        .iter()
+        .map(|id| conf_d.join(format!("{id}.toml")).is_file())
+        .collect();
+    (o, written)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_business_list_reading_offset_as_a_page_number_is_warned_about() {
+    // Pages of 2; offset 2 read as page 2 (businesses 5..) answers empty:
+    // taken for the end, the third business silently got no conf file.
+    let (o, written) = exchange_three_with(leadsync::sandbox::Faults {
+        business_page_size: 2,
+        offset_as_page: true,
+        ..Default::default()
+    })
+    .await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(written, [true, true, false], "{out}");
+    assert!(
+        out.contains("may cover more") && out.contains("empty after a full page"),
+        "{out}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_page_of_the_business_list_failing_keeps_what_was_read() {
+    let (o, written) = exchange_three_with(leadsync::sandbox::Faults {
+        business_page_size: 1,
+        business_offset_503: true,
+        ..Default::default()
+    })
+    .await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(written, [true, false, false], "{out}");
+    assert!(
+        out.contains("may cover more") && out.contains("page 2 could not be read"),
+        "{out}"
+    );
+}

@@ -605,6 +605,17 @@ fn businesses_of(state: &Shared, granted: &[String], query: &str) -> Response<Fu
         .get("offset")
         .and_then(|o| o.parse::<usize>().ok())
         .unwrap_or(0);
+    if offset > 0 && s.faults.business_offset_503 {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"title": "Service Unavailable", "status": 503}),
+        );
+    }
+    let offset = if s.faults.offset_as_page {
+        offset.saturating_mul(limit)
+    } else {
+        offset
+    };
     let data: Vec<Value> = granted
         .iter()
         .filter_map(|id| s.business(id))

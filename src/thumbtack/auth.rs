@@ -678,6 +678,136 @@ fn next_business_query(
 /// Pages of the business list read at most.
 pub const MAX_BUSINESS_PAGES: usize = 100;
 
+/// Reads every page of the business list, each asked of `fetch` by its
+/// query (`""` first): `next`, `nextPageToken`, or (Thumbtack echoes only
+/// `{limit}`) the next `offset`, until an empty page, at most
+/// [`MAX_BUSINESS_PAGES`]. A first page that fails is an error; a later
+/// one, or paging that does not advance, keeps the businesses read and
+/// warns that the grant may cover more. A page shorter than its limit
+/// proves the end only until a page after one brings new businesses (a
+/// server capping pages below the limit it echoes). An empty offset page
+/// after a full one proves the end only when `limit=2&offset={end-1}`
+/// answers the last business read first: a server reading `offset` as a
+/// page number answers an empty page there with more businesses unread.
+pub async fn read_business_list(
+    base_url: &str,
+    mut fetch: impl AsyncFnMut(&str) -> anyhow::Result<BusinessPage>,
+) -> anyhow::Result<BusinessList> {
+    let more = |all: &Vec<(String, Option<String>)>, why: String| {
+        format!(
+            "the grant may cover more businesses than the {} listed: {why}; configure any \
+             other business of the pro's with a conf.d file naming the same refresh_token_file",
+            all.len()
+        )
+    };
+    let mut query = String::new();
+    let mut asked = std::collections::HashSet::from([String::new()]);
+    let mut seen = std::collections::HashSet::new();
+    let (mut all, mut notes) = (Vec::new(), Vec::new());
+    let mut offset = 0usize;
+    // The page before was shorter than its limit (and that still proves
+    // the end), or full and asked on by offset (its last business, if read).
+    let mut after_short = false;
+    let mut shorts_lie = false;
+    let mut after_full_offset: Option<Option<String>> = None;
+    for n in 0..MAX_BUSINESS_PAGES {
+        let page = match fetch(&query).await {
+            Ok(page) => page,
+            Err(e) if n == 0 => return Err(e),
+            // After a page shorter than its limit, the offset past it
+            // only confirms the end: a server refusing `offset` (which
+            // Thumbtack does not document) leaves nothing unread.
+            Err(e) if after_short => {
+                debug!(error = %format!("{e:#}"), "the page after a short page of the business list failed");
+                return Ok((all, notes));
+            }
+            Err(e) => {
+                notes.push(more(
+                    &all,
+                    format!("its page {} could not be read ({e:#})", n + 1),
+                ));
+                return Ok((all, notes));
+            }
+        };
+        notes.extend(page.notes.iter().cloned());
+        let before = all.len();
+        all.extend(
+            page.list
+                .iter()
+                .filter(|(id, _)| seen.insert(id.clone()))
+                .cloned(),
+        );
+        if after_short && all.len() > before {
+            shorts_lie = true;
+        }
+        offset += page.entries;
+        if page.entries == 0 {
+            if let Some(last) = after_full_offset.take() {
+                let proof = format!("limit=2&offset={}", offset.saturating_sub(1));
+                let proven = match (&last, fetch(&proof).await) {
+                    (Some(last), Ok(p)) => p.list.first().is_some_and(|(id, _)| id == last),
+                    _ => false,
+                };
+                if !proven {
+                    notes.push(more(
+                        &all,
+                        format!(
+                            "page {} (offset {offset}) is empty after a full page, and the list \
+                             asked at offset {} does not begin with the last business read: the \
+                             server may not read `offset` as a count of businesses",
+                            n + 1,
+                            offset.saturating_sub(1)
+                        ),
+                    ));
+                }
+            }
+            return Ok((all, notes));
+        }
+        let next = match next_business_query(base_url, &page, offset) {
+            Ok(Some(q)) => q,
+            Ok(None) => return Ok((all, notes)),
+            Err(e) => {
+                notes.push(more(&all, format!("page {} of the list: {e}", n + 1)));
+                return Ok((all, notes));
+            }
+        };
+        // A page of businesses already read: a server ignoring the
+        // offset (or a token) serves the same page again. After a page
+        // shorter than its limit that is the whole list.
+        let by_offset = page.next.is_none() && page.next_page_token.is_none();
+        let short =
+            !shorts_lie && by_offset && page.limit.is_some_and(|l| (page.entries as u64) < l);
+        if all.len() == before && page.list.len() == page.entries {
+            if !short {
+                notes.push(more(
+                    &all,
+                    format!("page {} lists only businesses of earlier pages: its paging does not advance", n + 1),
+                ));
+            }
+            return Ok((all, notes));
+        }
+        if !asked.insert(next.clone()) {
+            notes.push(more(
+                &all,
+                format!("the list names a page it already answered (?{next})"),
+            ));
+            return Ok((all, notes));
+        }
+        after_short = short;
+        after_full_offset = (by_offset && !short).then(|| {
+            (page.list.len() == page.entries)
+                .then(|| page.list.last().map(|(id, _)| id.clone()))
+                .flatten()
+        });
+        query = next;
+    }
+    notes.push(more(
+        &all,
+        format!("the list still names a next page after {MAX_BUSINESS_PAGES} pages"),
+    ));
+    Ok((all, notes))
+}
+
 /// A short, printable excerpt of a server-written description (never a token body):
 /// without the characters [`crate::terminal::is_unsafe`] names, the one list
 /// every other piece of server text is cleaned by.
@@ -1153,100 +1283,23 @@ impl Auth {
     }
 
     /// The businesses a grant's access token covers (`GET /api/v4/businesses`):
-    /// id and name, and warnings about what the answer left unread. Every
-    /// page is read, as the webhooks listing is: `next`, `nextPageToken`,
-    /// or (Thumbtack echoes only `{limit}`) the next `offset`, until an
-    /// empty page, at most [`MAX_BUSINESS_PAGES`]. A first page that fails
-    /// is an error; a later one, or a server whose paging does not advance,
-    /// keeps the businesses read and warns that the grant may cover more.
+    /// id and name, and warnings about what the answer left unread (see
+    /// [`read_business_list`]).
     pub async fn businesses_of(
         &self,
         base_url: &str,
         access_token: &Secret,
     ) -> anyhow::Result<BusinessList> {
         let list_url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
-        let more = |all: &Vec<(String, Option<String>)>, why: String| {
-            format!(
-                "the grant may cover more businesses than the {} listed: {why}; configure any \
-                 other business of the pro's with a conf.d file naming the same refresh_token_file",
-                all.len()
-            )
-        };
-        let mut url = list_url.clone();
-        let mut asked = std::collections::HashSet::from([String::new()]);
-        let mut seen = std::collections::HashSet::new();
-        let (mut all, mut notes) = (Vec::new(), Vec::new());
-        let mut offset = 0usize;
-        let mut after_short = false;
-        for n in 0..MAX_BUSINESS_PAGES {
-            let page = match self.business_page_at(&url, access_token).await {
-                Ok(page) => page,
-                Err(e) if n == 0 => return Err(e),
-                // After a page shorter than its limit, the offset past it
-                // only confirms the end: a server refusing `offset` (which
-                // Thumbtack does not document) leaves nothing unread.
-                Err(e) if after_short => {
-                    debug!(error = %format!("{e:#}"), "the page after a short page of the business list failed");
-                    return Ok((all, notes));
-                }
-                Err(e) => {
-                    notes.push(more(
-                        &all,
-                        format!("its page {} could not be read ({e:#})", n + 1),
-                    ));
-                    return Ok((all, notes));
-                }
+        read_business_list(base_url, async |query: &str| {
+            let url = if query.is_empty() {
+                list_url.clone()
+            } else {
+                format!("{list_url}?{query}")
             };
-            notes.extend(page.notes.iter().cloned());
-            let before = all.len();
-            all.extend(
-                page.list
-                    .iter()
-                    .filter(|(id, _)| seen.insert(id.clone()))
-                    .cloned(),
-            );
-            offset += page.entries;
-            if page.entries == 0 {
-                return Ok((all, notes));
-            }
-            let query = match next_business_query(base_url, &page, offset) {
-                Ok(Some(q)) => q,
-                Ok(None) => return Ok((all, notes)),
-                Err(e) => {
-                    notes.push(more(&all, format!("page {} of the list: {e}", n + 1)));
-                    return Ok((all, notes));
-                }
-            };
-            // A page of businesses already read: a server ignoring the
-            // offset (or a token) serves the same page again. After a page
-            // shorter than its limit that is the whole list.
-            let short = page.limit.is_some_and(|l| (page.entries as u64) < l)
-                && page.next.is_none()
-                && page.next_page_token.is_none();
-            if all.len() == before && page.list.len() == page.entries {
-                if !short {
-                    notes.push(more(
-                        &all,
-                        format!("page {} lists only businesses of earlier pages: its paging does not advance", n + 1),
-                    ));
-                }
-                return Ok((all, notes));
-            }
-            if !asked.insert(query.clone()) {
-                notes.push(more(
-                    &all,
-                    format!("the list names a page it already answered (?{query})"),
-                ));
-                return Ok((all, notes));
-            }
-            after_short = short;
-            url = format!("{list_url}?{query}");
-        }
-        notes.push(more(
-            &all,
-            format!("the list still names a next page after {MAX_BUSINESS_PAGES} pages"),
-        ));
-        Ok((all, notes))
+            self.business_page_at(&url, access_token).await
+        })
+        .await
     }
 
     /// One page of the business list at `url`.
@@ -3117,6 +3170,178 @@ mod tests {
         assert!(
             instant_of("+200000-01-01T00:00:00Z")
                 .is_none_or(|i| i <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN))
+        );
+    }
+
+    /// A business list served by offset: `total` businesses `b1`..,
+    /// at most `cap` a page, echoing `echo` (else the page's own limit),
+    /// `offset` read as a page number when `as_page`, failing from
+    /// `fail_from` on.
+    fn offset_server(
+        total: usize,
+        cap: usize,
+        echo: Option<usize>,
+        as_page: bool,
+        fail_from: Option<usize>,
+    ) -> impl FnMut(&str) -> anyhow::Result<String> {
+        move |q: &str| {
+            let p: HashMap<String, usize> = serde_urlencoded::from_str(q).unwrap();
+            let offset = p.get("offset").copied().unwrap_or(0);
+            if fail_from.is_some_and(|f| offset >= f && offset > 0) {
+                anyhow::bail!("HTTP 503");
+            }
+            let size = p.get("limit").copied().unwrap_or(20).min(cap);
+            let skip = if as_page { offset * size } else { offset };
+            let data: Vec<_> = (skip..total.max(skip))
+                .take(size)
+                .map(|i| serde_json::json!({"businessID": format!("b{}", i + 1)}))
+                .collect();
+            Ok(
+                serde_json::json!({"data": data, "pagination": {"limit": echo.unwrap_or(size)}})
+                    .to_string(),
+            )
+        }
+    }
+
+    /// Runs [`read_business_list`] on `serve`: the list and the queries asked.
+    async fn list_with(
+        mut serve: impl FnMut(&str) -> anyhow::Result<String>,
+    ) -> (anyhow::Result<BusinessList>, Vec<String>) {
+        let mut asked = Vec::new();
+        let r = read_business_list("https://api.thumbtack.com", async |q: &str| {
+            asked.push(q.to_string());
+            business_page(serve(q)?.as_bytes())
+        })
+        .await;
+        (r, asked)
+    }
+
+    #[tokio::test]
+    async fn a_business_list_serving_the_same_page_forever_stops_and_warns() {
+        let page = r#"{"data":[{"businessID":"1"}],"pagination":{"limit":1}}"#;
+        let (r, asked) = list_with(|_| Ok(page.to_string())).await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("does not advance")),
+            "{notes:?}"
+        );
+        // The same token forever, each page with a new business.
+        let mut n = 0;
+        let (r, asked) = list_with(|_| {
+            n += 1;
+            Ok(format!(
+                r#"{{"data":[{{"businessID":"{n}"}}],"nextPageToken":"t"}}"#
+            ))
+        })
+        .await;
+        let (list, notes) = r.unwrap();
+        assert_eq!((list.len(), asked.len()), (2, 2), "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("already answered")),
+            "{notes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_business_list_next_on_another_host_is_never_followed() {
+        let page = r#"{"data":[{"businessID":"1"}],"pagination":{"next":"https://evil.example/api/v4/businesses?offset=1"}}"#;
+        let (r, asked) = list_with(|_| Ok(page.to_string())).await;
+        let (list, notes) = r.unwrap();
+        assert_eq!((list.len(), asked.len()), (1, 1), "{asked:?}");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("another host") && n.contains("may cover more")),
+            "{notes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_later_page_failing_keeps_the_businesses_read_and_warns() {
+        let (r, _) = list_with(offset_server(5, 2, None, false, Some(1))).await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(
+            notes.iter().any(|n| n.contains("page 2 could not be read")),
+            "{notes:?}"
+        );
+        // The first page failing is an error.
+        let (r, _) = list_with(|_| anyhow::bail!("HTTP 503")).await;
+        assert!(r.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_business_list_is_read_at_most_max_pages() {
+        let mut n = 0;
+        let (r, asked) = list_with(|_| {
+            n += 1;
+            Ok(format!(
+                r#"{{"data":[{{"businessID":"{n}"}}],"nextPageToken":"t{n}"}}"#
+            ))
+        })
+        .await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(
+            (list.len(), asked.len()),
+            (MAX_BUSINESS_PAGES, MAX_BUSINESS_PAGES)
+        );
+        assert!(
+            notes.iter().any(|n| n.contains("after 100 pages")),
+            "{notes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn pages_capped_below_the_limit_they_echo_then_failing_warn() {
+        // Pages of 10 echoing limit 20: each looks short, yet the next one
+        // brings new businesses, so a short page no longer proves the end.
+        let (r, asked) = list_with(offset_server(25, 10, Some(20), false, Some(20))).await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(list.len(), 20, "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("page 3 could not be read")),
+            "{notes:?}"
+        );
+        // Read whole, it ends without a warning.
+        let (r, asked) = list_with(offset_server(25, 10, Some(20), false, None)).await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(list.len(), 25, "{asked:?}");
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_page_after_a_full_one_proves_the_end_or_warns() {
+        // `offset` read as a page number: offset 20 is page 20, empty.
+        let (r, asked) = list_with(offset_server(30, 20, None, true, None)).await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(list.len(), 20, "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("empty after a full page")),
+            "{notes:?}"
+        );
+        // Exactly two full pages of a server counting businesses: the
+        // proof answers the last business read, and no warning.
+        let (r, asked) = list_with(offset_server(40, 20, None, false, None)).await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(list.len(), 40);
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(asked.last().unwrap(), "limit=2&offset=39", "{asked:?}");
+        // A proof that fails warns too.
+        let mut serve = offset_server(40, 20, None, false, None);
+        let (r, _) = list_with(move |q: &str| {
+            if q.ends_with("offset=39") {
+                anyhow::bail!("HTTP 503")
+            }
+            serve(q)
+        })
+        .await;
+        let (list, notes) = r.unwrap();
+        assert_eq!(list.len(), 40);
+        assert!(
+            notes.iter().any(|n| n.contains("empty after a full page")),
+            "{notes:?}"
         );
     }
 }
