@@ -1540,7 +1540,11 @@ async fn auth_exchange(
     // (its request may hang until the client's timeout). The conf files,
     // local and quick, are written whole once the list is read.
     let listed = tokio::select! {
-        listed = auth.businesses_of(&config.file.api.base_url, &access) => listed,
+        listed = auth.businesses_of(
+            &config.file.api.base_url,
+            &access,
+            config.file.api.max_requests_per_second,
+        ) => listed,
         () = auth.stopping().cancelled() => return Err(interrupted_after_store()),
     };
     let covered = match listed {

@@ -4080,3 +4080,18 @@ async fn a_later_page_of_the_business_list_failing_keeps_what_was_read() {
         "{out}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_passing_outage_of_the_business_list_is_retried() {
+    // Two 503s, then the list: one 503 ended the listing before.
+    let (o, written) = exchange_three_with(leadsync::sandbox::Faults {
+        business_page_size: 1,
+        business_fail_first: 2,
+        ..Default::default()
+    })
+    .await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(written, [true, true, true], "{out}");
+    assert!(!out.contains("warning"), "{out}");
+}

@@ -121,6 +121,9 @@ pub struct Faults {
     /// (from `?offset=`, `pagination: {limit}` as Thumbtack answers, no
     /// `next`); 0: Thumbtack's 20.
     pub business_page_size: usize,
+    /// `GET /api/v4/businesses`: answer this many requests `503` (no
+    /// `Retry-After`) before serving again (a passing outage).
+    pub business_fail_first: u32,
     /// `GET /api/v4/businesses`: answer `503` to every page asked with an
     /// `offset` past 0 (a later page failing).
     pub business_offset_503: bool,

@@ -590,7 +590,7 @@ fn authenticate(state: &Shared, authorization: Option<String>) -> Option<Vec<Str
 /// `business_page_size` fault), `pagination: {limit}` only, as Thumbtack
 /// answers.
 fn businesses_of(state: &Shared, granted: &[String], query: &str) -> Response<Full<Bytes>> {
-    let s = lock(state);
+    let mut s = lock(state);
     let params: HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
     let size = match s.faults.business_page_size {
         0 => 20,
@@ -605,7 +605,8 @@ fn businesses_of(state: &Shared, granted: &[String], query: &str) -> Response<Fu
         .get("offset")
         .and_then(|o| o.parse::<usize>().ok())
         .unwrap_or(0);
-    if offset > 0 && s.faults.business_offset_503 {
+    if s.faults.business_fail_first > 0 || (offset > 0 && s.faults.business_offset_503) {
+        s.faults.business_fail_first = s.faults.business_fail_first.saturating_sub(1);
         return json_response(
             StatusCode::SERVICE_UNAVAILABLE,
             &json!({"title": "Service Unavailable", "status": 503}),

@@ -678,6 +678,13 @@ fn next_business_query(
 /// Pages of the business list read at most.
 pub const MAX_BUSINESS_PAGES: usize = 100;
 
+/// Tries of one page of the business list while it fails transiently.
+pub const BUSINESS_PAGE_ATTEMPTS: u32 = 3;
+/// The wait before trying a page again when the server names none.
+pub const BUSINESS_RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait before trying a page again (`Retry-After` included).
+pub const BUSINESS_RETRY_CAP: Duration = Duration::from_secs(10);
+
 /// Reads every page of the business list, each asked of `fetch` by its
 /// query (`""` first): `next`, `nextPageToken`, or (Thumbtack echoes only
 /// `{limit}`) the next `offset`, until an empty page, at most
@@ -1284,30 +1291,57 @@ impl Auth {
 
     /// The businesses a grant's access token covers (`GET /api/v4/businesses`):
     /// id and name, and warnings about what the answer left unread (see
-    /// [`read_business_list`]).
+    /// [`read_business_list`]). Each page is tried up to
+    /// [`BUSINESS_PAGE_ATTEMPTS`] times while it fails transiently (network,
+    /// 429 honouring `Retry-After` up to [`BUSINESS_RETRY_CAP`], 5xx), and
+    /// requests are spaced by `api.max_requests_per_second`. The caller
+    /// stops it by dropping it (a signal): every wait is a sleep.
     pub async fn businesses_of(
         &self,
         base_url: &str,
         access_token: &Secret,
+        max_requests_per_second: f64,
     ) -> anyhow::Result<BusinessList> {
         let list_url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
+        let gap = if max_requests_per_second.is_finite() && max_requests_per_second > 0.0 {
+            Duration::from_secs_f64((1.0 / max_requests_per_second).min(60.0))
+        } else {
+            Duration::ZERO
+        };
+        let mut last: Option<tokio::time::Instant> = None;
         read_business_list(base_url, async |query: &str| {
             let url = if query.is_empty() {
                 list_url.clone()
             } else {
                 format!("{list_url}?{query}")
             };
-            self.business_page_at(&url, access_token).await
+            let mut attempt = 1;
+            loop {
+                if let Some(t) = last {
+                    tokio::time::sleep_until(t + gap).await;
+                }
+                last = Some(tokio::time::Instant::now());
+                match self.business_page_at(&url, access_token).await {
+                    Ok(page) => return Ok(page),
+                    Err((e, Some(wait))) if attempt < BUSINESS_PAGE_ATTEMPTS => {
+                        debug!(error = %format!("{e:#}"), attempt, "a page of the business list failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        attempt += 1;
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
         })
         .await
     }
 
-    /// One page of the business list at `url`.
+    /// One page of the business list at `url`; a failure carries the wait
+    /// before a retry when it is transient (network, 429, 5xx).
     async fn business_page_at(
         &self,
         url: &str,
         access_token: &Secret,
-    ) -> anyhow::Result<BusinessPage> {
+    ) -> Result<BusinessPage, (anyhow::Error, Option<Duration>)> {
         let resp = self
             .inner
             .http
@@ -1316,27 +1350,53 @@ impl Auth {
             .send()
             .await
             .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot list the grant's businesses: {}",
-                    ApiError::transport(&e)
+                (
+                    anyhow::anyhow!(
+                        "cannot list the grant's businesses: {}",
+                        ApiError::transport(&e)
+                    ),
+                    Some(BUSINESS_RETRY_BACKOFF),
                 )
             })?;
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                super::problem::parse_retry_after(v, chrono::Utc::now(), BUSINESS_RETRY_CAP)
+            });
+        let transient = status == 429 || (500..600).contains(&status);
+        let wait = transient.then(|| {
+            retry_after
+                .unwrap_or(BUSINESS_RETRY_BACKOFF)
+                .min(BUSINESS_RETRY_CAP)
+        });
         let body = match super::client::read_body(resp, super::client::MAX_BODY_BYTES).await {
             Ok(body) => body,
-            Err(super::client::BodyError::Read(e)) => return Err(e.into()),
-            Err(super::client::BodyError::TooLarge(what)) => anyhow::bail!(
-                "cannot list the grant's businesses: HTTP {status} with a body {what} larger than {} bytes",
-                super::client::MAX_BODY_BYTES
-            ),
+            Err(super::client::BodyError::Read(e)) => {
+                return Err((e.into(), Some(BUSINESS_RETRY_BACKOFF)));
+            }
+            Err(super::client::BodyError::TooLarge(what)) => {
+                return Err((
+                    anyhow::anyhow!(
+                        "cannot list the grant's businesses: HTTP {status} with a body {what} larger than {} bytes",
+                        super::client::MAX_BODY_BYTES
+                    ),
+                    None,
+                ));
+            }
         };
         if !super::problem::is_success(status) {
-            anyhow::bail!(
-                "cannot list the grant's businesses: {}",
-                ApiError::from_response(status, "", None, &body)
-            );
+            return Err((
+                anyhow::anyhow!(
+                    "cannot list the grant's businesses: {}",
+                    ApiError::from_response(status, "", None, &body)
+                ),
+                wait,
+            ));
         }
-        business_page(&body)
+        business_page(&body).map_err(|e| (e, None))
     }
 
     async fn exchange_on(
