@@ -1362,7 +1362,7 @@ fn validate(
             ));
         }
     }
-    let admin_listen = validate_admin(figment, &file.admin)?;
+    let admin_listen = validate_admin(figment, &file.admin, &mut notes)?;
 
     let mut businesses: Vec<Business> = Vec::with_capacity(file.businesses.len());
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(file.businesses.len());
@@ -1788,31 +1788,53 @@ pub const MIN_STALE_AFTER_SECS: f64 = 2.0;
 fn validate_admin(
     figment: &Figment,
     admin: &AdminConfig,
+    notes: &mut Vec<String>,
 ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-    for (key, v) in [
-        ("refresh_secs", admin.refresh_secs),
-        ("stale_after_secs", admin.stale_after_secs),
+    for (key, v, min) in [
+        ("refresh_secs", admin.refresh_secs, 0.05),
+        (
+            "stale_after_secs",
+            admin.stale_after_secs,
+            MIN_STALE_AFTER_SECS,
+        ),
     ] {
         // One a duration cannot hold (1e300) panicked converting it at the
         // start; large ones (a week, 1e9 to switch staleness off) are fine.
-        if !(v.is_finite() && v >= 0.05 && std::time::Duration::try_from_secs_f64(v).is_ok()) {
+        // Below the minimum is left to the check after (one message whatever
+        // the value, 0.01 or 1.9).
+        if !(v.is_finite() && v >= 0.0 && std::time::Duration::try_from_secs_f64(v).is_ok()) {
             return err(format!(
-                "{}: must be a number of seconds, at least 0.05 and at most {} (about 584 billion years)",
+                "{}: must be a number of seconds, at least {min} and at most {} (about 584 billion years)",
                 locate(figment, &format!("admin.{key}")),
                 u64::MAX
             ));
         }
     }
+    if admin.refresh_secs < 0.05 {
+        return err(format!(
+            "{}: {} is too short: must be at least 0.05 seconds",
+            locate(figment, "admin.refresh_secs"),
+            admin.refresh_secs
+        ));
+    }
     // The loops beat once a second (plus the time a round takes): a limit
     // nearer than two beats flags a healthy loop between two of them, and
-    // `/healthz` flaps between 200 and 503.
+    // `/healthz` flaps between 200 and 503. It matters only with the admin
+    // listener: without one it is a warning, so that an upgrade does not
+    // stop a service whose unused key was short.
     if admin.stale_after_secs < MIN_STALE_AFTER_SECS {
-        return err(format!(
+        let problem = format!(
             "{}: {} is too short: the scheduler and the drainer loops beat once a second, so \
              `/healthz` would turn 503 between two beats of a healthy loop; must be at least {} seconds",
             locate(figment, "admin.stale_after_secs"),
             admin.stale_after_secs,
             MIN_STALE_AFTER_SECS
+        );
+        if admin.listen.is_some() {
+            return err(problem);
+        }
+        notes.push(format!(
+            "{problem} (unused while admin.listen is unset; refused once it is set)"
         ));
     }
     let Some(listen) = &admin.listen else {
