@@ -1547,11 +1547,13 @@ async fn auth_exchange(
         ) => listed,
         () = auth.stopping().cancelled() => return Err(interrupted_after_store()),
     };
+    let mut partial = false;
     let covered = match listed {
         Ok((list, notes)) => {
             // Not `eprintln!`, which panics on a dead terminal: the grant
             // is stored, the conf files are still to be written.
             for n in notes {
+                partial |= n.starts_with(crate::thumbtack::auth::MAY_COVER_MORE);
                 let _ = writeln!(std::io::stderr(), "leadsync: warning: {n}");
             }
             list
@@ -1572,14 +1574,32 @@ async fn auth_exchange(
             return Ok(0);
         }
     };
-    onboard_confs(
+    let code = onboard_confs(
         &mut std::io::stdout(),
         &mut std::io::stderr(),
         &covered,
         write_conf,
         &file,
         &config,
-    )
+    )?;
+    // Exit status unchanged (0 when every file listed was written): the
+    // grant is stored and the code spent, so a script must not take a
+    // partial list for a failed exchange and retry it. The last line says it.
+    if partial {
+        let _ = writeln!(
+            std::io::stderr(),
+            "leadsync: WARNING: the business list may be incomplete (see above): the grant IS \
+             stored — do not run the exchange again (the code is spent); add any business of \
+             the pro's missing above by hand, naming refresh_token_file = {}",
+            toml::Value::String(
+                std::path::absolute(&file)
+                    .unwrap_or_else(|_| file.clone())
+                    .display()
+                    .to_string()
+            )
+        );
+    }
+    Ok(code)
 }
 
 /// What `auth exchange` prints of the grant's businesses, and with

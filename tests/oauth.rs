@@ -4079,6 +4079,18 @@ async fn a_later_page_of_the_business_list_failing_keeps_what_was_read() {
         out.contains("may cover more") && out.contains("page 2 could not be read"),
         "{out}"
     );
+    // Exit 0 (the grant is stored, the code spent: nothing to retry), and
+    // the last line of the error output says the list may be incomplete.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    assert!(
+        last.contains("may be incomplete") && last.contains("do not run the exchange again"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

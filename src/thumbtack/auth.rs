@@ -678,6 +678,9 @@ fn next_business_query(
 /// Pages of the business list read at most.
 pub const MAX_BUSINESS_PAGES: usize = 100;
 
+/// How a warning that the business list may be incomplete begins.
+pub const MAY_COVER_MORE: &str = "the grant may cover more businesses";
+
 /// Tries of one page of the business list while it fails transiently.
 pub const BUSINESS_PAGE_ATTEMPTS: u32 = 3;
 /// The wait before trying a page again when the server names none.
@@ -702,8 +705,8 @@ pub async fn read_business_list(
 ) -> anyhow::Result<BusinessList> {
     let more = |all: &Vec<(String, Option<String>)>, why: String| {
         format!(
-            "the grant may cover more businesses than the {} listed: {why}; configure any \
-             other business of the pro's with a conf.d file naming the same refresh_token_file",
+            "{MAY_COVER_MORE} than the {} listed: {why}; configure any other business of the \
+             pro's with a conf.d file naming the same refresh_token_file",
             all.len()
         )
     };
