@@ -1547,28 +1547,30 @@ async fn auth_exchange(
         ) => listed,
         () = auth.stopping().cancelled() => return Err(interrupted_after_store()),
     };
-    let mut partial = false;
-    let covered = match listed {
-        Ok((list, notes)) => {
+    let token_file = toml::Value::String(
+        std::path::absolute(&file)
+            .unwrap_or_else(|_| file.clone())
+            .display()
+            .to_string(),
+    );
+    let (covered, complete) = match listed {
+        Ok(listed) => {
             // Not `eprintln!`, which panics on a dead terminal: the grant
             // is stored, the conf files are still to be written.
-            for n in notes {
-                partial |= n.starts_with(crate::thumbtack::auth::MAY_COVER_MORE);
+            for n in &listed.notes {
                 let _ = writeln!(std::io::stderr(), "leadsync: warning: {n}");
             }
-            list
+            (listed.list, listed.complete)
         }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "leadsync: warning: {e:#}");
             if let Some(dir) = write_conf {
-                let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
                 bail!(
                     "the grant is stored, but without its business list no configuration file was \
                      written: write {} for each of the pro's businesses, holding [[businesses]], \
-                     id = \"<businessID>\" and refresh_token_file = {} — do not run the exchange \
-                     again (the code is spent)",
+                     id = \"<businessID>\" and refresh_token_file = {token_file} — do not run the \
+                     exchange again (the code is spent)",
                     dir.join("<businessID>.toml").display(),
-                    toml::Value::String(file.display().to_string())
                 );
             }
             return Ok(0);
@@ -1585,18 +1587,12 @@ async fn auth_exchange(
     // Exit status unchanged (0 when every file listed was written): the
     // grant is stored and the code spent, so a script must not take a
     // partial list for a failed exchange and retry it. The last line says it.
-    if partial {
+    if !complete {
         let _ = writeln!(
             std::io::stderr(),
             "leadsync: WARNING: the business list may be incomplete (see above): the grant IS \
              stored — do not run the exchange again (the code is spent); add any business of \
-             the pro's missing above by hand, naming refresh_token_file = {}",
-            toml::Value::String(
-                std::path::absolute(&file)
-                    .unwrap_or_else(|_| file.clone())
-                    .display()
-                    .to_string()
-            )
+             the pro's missing above by hand, naming refresh_token_file = {token_file}"
         );
     }
     Ok(code)

@@ -551,8 +551,37 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     })
 }
 
-/// A grant's businesses (id, name) and warnings about what their list left unread.
-pub type BusinessList = (Vec<(String, Option<String>)>, Vec<String>);
+/// A grant's businesses as its list answered them.
+#[derive(Debug, Default)]
+pub struct BusinessList {
+    /// (id, name) of each business read.
+    pub list: Vec<(String, Option<String>)>,
+    /// Warnings about what the list left unread.
+    pub notes: Vec<String>,
+    /// False when the grant may cover businesses not in `list`: a page
+    /// that could not be read, paging that did not advance or was not
+    /// proven at its end, or an entry without a readable `businessID`.
+    pub complete: bool,
+}
+
+/// Why a page of the business list could not be read.
+#[derive(Debug)]
+pub struct PageError {
+    pub error: anyhow::Error,
+    /// The server answered 4xx (429 aside): it refuses that page, which
+    /// after a short page means there is none; anything else (network,
+    /// 5xx, 429, an unreadable body) says nothing of what remains.
+    pub refused: bool,
+}
+
+impl From<anyhow::Error> for PageError {
+    fn from(error: anyhow::Error) -> PageError {
+        PageError {
+            error,
+            refused: false,
+        }
+    }
+}
 
 /// One page of `GET /api/v4/businesses`: its businesses (id, name),
 /// warnings about entries it could not read, and what it says of the next.
@@ -701,15 +730,8 @@ pub const BUSINESS_RETRY_CAP: Duration = Duration::from_secs(10);
 /// page number answers an empty page there with more businesses unread.
 pub async fn read_business_list(
     base_url: &str,
-    mut fetch: impl AsyncFnMut(&str) -> anyhow::Result<BusinessPage>,
+    mut fetch: impl AsyncFnMut(&str) -> Result<BusinessPage, PageError>,
 ) -> anyhow::Result<BusinessList> {
-    let more = |all: &Vec<(String, Option<String>)>, why: String| {
-        format!(
-            "{MAY_COVER_MORE} than the {} listed: {why}; configure any other business of the \
-             pro's with a conf.d file naming the same refresh_token_file",
-            all.len()
-        )
-    };
     let mut query = String::new();
     let mut asked = std::collections::HashSet::from([String::new()]);
     let mut seen = std::collections::HashSet::new();
@@ -720,102 +742,111 @@ pub async fn read_business_list(
     let mut after_short = false;
     let mut shorts_lie = false;
     let mut after_full_offset: Option<Option<String>> = None;
-    for n in 0..MAX_BUSINESS_PAGES {
-        let page = match fetch(&query).await {
-            Ok(page) => page,
-            Err(e) if n == 0 => return Err(e),
-            // After a page shorter than its limit, the offset past it
-            // only confirms the end: a server refusing `offset` (which
-            // Thumbtack does not document) leaves nothing unread.
-            Err(e) if after_short => {
-                debug!(error = %format!("{e:#}"), "the page after a short page of the business list failed");
-                return Ok((all, notes));
-            }
-            Err(e) => {
-                notes.push(more(
-                    &all,
-                    format!("its page {} could not be read ({e:#})", n + 1),
-                ));
-                return Ok((all, notes));
-            }
-        };
-        notes.extend(page.notes.iter().cloned());
-        let before = all.len();
-        all.extend(
-            page.list
-                .iter()
-                .filter(|(id, _)| seen.insert(id.clone()))
-                .cloned(),
-        );
-        if after_short && all.len() > before {
-            shorts_lie = true;
-        }
-        offset += page.entries;
-        if page.entries == 0 {
-            if let Some(last) = after_full_offset.take() {
-                let proof = format!("limit=2&offset={}", offset.saturating_sub(1));
-                let proven = match (&last, fetch(&proof).await) {
-                    (Some(last), Ok(p)) => p.list.first().is_some_and(|(id, _)| id == last),
-                    _ => false,
-                };
-                if !proven {
-                    notes.push(more(
-                        &all,
-                        format!(
-                            "page {} (offset {offset}) is empty after a full page, and the list \
-                             asked at offset {} does not begin with the last business read: the \
-                             server may not read `offset` as a count of businesses",
-                            n + 1,
-                            offset.saturating_sub(1)
-                        ),
+    let mut skipped = false;
+    // Why the list may cover more (`None`: read to its proven end).
+    let why: Option<String> = 'list: {
+        for n in 0..MAX_BUSINESS_PAGES {
+            let page = match fetch(&query).await {
+                Ok(page) => page,
+                Err(e) if n == 0 => return Err(e.error),
+                // After a page shorter than its limit, the offset past it
+                // only confirms the end: a server refusing `offset` (which
+                // Thumbtack does not document) leaves nothing unread. An
+                // outage there (5xx, 429, network) proves nothing.
+                Err(e) if after_short && e.refused => {
+                    debug!(error = %format!("{:#}", e.error), "the page after a short page of the business list was refused");
+                    break 'list None;
+                }
+                Err(e) => {
+                    break 'list Some(format!(
+                        "its page {} could not be read ({:#})",
+                        n + 1,
+                        e.error
                     ));
                 }
+            };
+            notes.extend(page.notes.iter().cloned());
+            // An entry without a readable id: that business gets no conf file.
+            skipped |= page.list.len() < page.entries;
+            let before = all.len();
+            all.extend(
+                page.list
+                    .iter()
+                    .filter(|(id, _)| seen.insert(id.clone()))
+                    .cloned(),
+            );
+            if after_short && all.len() > before {
+                shorts_lie = true;
             }
-            return Ok((all, notes));
-        }
-        let next = match next_business_query(base_url, &page, offset) {
-            Ok(Some(q)) => q,
-            Ok(None) => return Ok((all, notes)),
-            Err(e) => {
-                notes.push(more(&all, format!("page {} of the list: {e}", n + 1)));
-                return Ok((all, notes));
+            offset += page.entries;
+            if page.entries == 0 {
+                if let Some(last) = after_full_offset.take() {
+                    let proof = format!("limit=2&offset={}", offset.saturating_sub(1));
+                    let proven = match (&last, fetch(&proof).await) {
+                        (Some(last), Ok(p)) => p.list.first().is_some_and(|(id, _)| id == last),
+                        _ => false,
+                    };
+                    if !proven {
+                        break 'list Some(format!(
+                            "page {} (offset {offset}) is empty after a full page, and the list \
+                         asked at offset {} does not begin with the last business read: the \
+                         server may not read `offset` as a count of businesses",
+                            n + 1,
+                            offset.saturating_sub(1)
+                        ));
+                    }
+                }
+                break 'list None;
             }
-        };
-        // A page of businesses already read: a server ignoring the
-        // offset (or a token) serves the same page again. After a page
-        // shorter than its limit that is the whole list.
-        let by_offset = page.next.is_none() && page.next_page_token.is_none();
-        let short =
-            !shorts_lie && by_offset && page.limit.is_some_and(|l| (page.entries as u64) < l);
-        if all.len() == before && page.list.len() == page.entries {
-            if !short {
-                notes.push(more(
-                    &all,
-                    format!("page {} lists only businesses of earlier pages: its paging does not advance", n + 1),
+            let next = match next_business_query(base_url, &page, offset) {
+                Ok(Some(q)) => q,
+                Ok(None) => break 'list None,
+                Err(e) => break 'list Some(format!("page {} of the list: {e}", n + 1)),
+            };
+            // A page of businesses already read: a server ignoring the
+            // offset (or a token) serves the same page again. After a page
+            // shorter than its limit that is the whole list.
+            let by_offset = page.next.is_none() && page.next_page_token.is_none();
+            let short =
+                !shorts_lie && by_offset && page.limit.is_some_and(|l| (page.entries as u64) < l);
+            if all.len() == before && page.list.len() == page.entries {
+                if !short {
+                    break 'list Some(format!(
+                        "page {} lists only businesses of earlier pages: its paging does not advance",
+                        n + 1
+                    ));
+                }
+                break 'list None;
+            }
+            if !asked.insert(next.clone()) {
+                break 'list Some(format!(
+                    "the list names a page it already answered (?{next})"
                 ));
             }
-            return Ok((all, notes));
+            after_short = short;
+            after_full_offset = (by_offset && !short).then(|| {
+                (page.list.len() == page.entries)
+                    .then(|| page.list.last().map(|(id, _)| id.clone()))
+                    .flatten()
+            });
+            query = next;
         }
-        if !asked.insert(next.clone()) {
-            notes.push(more(
-                &all,
-                format!("the list names a page it already answered (?{next})"),
-            ));
-            return Ok((all, notes));
-        }
-        after_short = short;
-        after_full_offset = (by_offset && !short).then(|| {
-            (page.list.len() == page.entries)
-                .then(|| page.list.last().map(|(id, _)| id.clone()))
-                .flatten()
-        });
-        query = next;
+        Some(format!(
+            "the list still names a next page after {MAX_BUSINESS_PAGES} pages"
+        ))
+    };
+    if let Some(why) = &why {
+        notes.push(format!(
+            "{MAY_COVER_MORE} than the {} listed: {why}; configure any other business of the \
+             pro's with a conf.d file naming the same refresh_token_file",
+            all.len()
+        ));
     }
-    notes.push(more(
-        &all,
-        format!("the list still names a next page after {MAX_BUSINESS_PAGES} pages"),
-    ));
-    Ok((all, notes))
+    Ok(BusinessList {
+        list: all,
+        notes,
+        complete: why.is_none() && !skipped,
+    })
 }
 
 /// A short, printable excerpt of a server-written description (never a token body):
@@ -1327,7 +1358,7 @@ impl Auth {
                 match self.business_page_at(&url, access_token).await {
                     Ok(page) => return Ok(page),
                     Err((e, Some(wait))) if attempt < BUSINESS_PAGE_ATTEMPTS => {
-                        debug!(error = %format!("{e:#}"), attempt, "a page of the business list failed; retrying");
+                        debug!(error = %format!("{:#}", e.error), attempt, "a page of the business list failed; retrying");
                         tokio::time::sleep(wait).await;
                         attempt += 1;
                     }
@@ -1339,12 +1370,13 @@ impl Auth {
     }
 
     /// One page of the business list at `url`; a failure carries the wait
-    /// before a retry when it is transient (network, 429, 5xx).
+    /// before a retry when it is transient (network, 429, 5xx), and says
+    /// whether the server refused the page (4xx but 429).
     async fn business_page_at(
         &self,
         url: &str,
         access_token: &Secret,
-    ) -> Result<BusinessPage, (anyhow::Error, Option<Duration>)> {
+    ) -> Result<BusinessPage, (PageError, Option<Duration>)> {
         let resp = self
             .inner
             .http
@@ -1357,7 +1389,8 @@ impl Auth {
                     anyhow::anyhow!(
                         "cannot list the grant's businesses: {}",
                         ApiError::transport(&e)
-                    ),
+                    )
+                    .into(),
                     Some(BUSINESS_RETRY_BACKOFF),
                 )
             })?;
@@ -1369,19 +1402,21 @@ impl Auth {
             .and_then(|v| {
                 super::problem::parse_retry_after(v, chrono::Utc::now(), BUSINESS_RETRY_CAP)
             });
+        let refused = (400..500).contains(&status) && status != 429;
         let transient = status == 429 || (500..600).contains(&status);
         let wait = transient.then(|| {
             retry_after
                 .unwrap_or(BUSINESS_RETRY_BACKOFF)
                 .min(BUSINESS_RETRY_CAP)
         });
+        let fail = |error: anyhow::Error, wait| (PageError { error, refused }, wait);
         let body = match super::client::read_body(resp, super::client::MAX_BODY_BYTES).await {
             Ok(body) => body,
             Err(super::client::BodyError::Read(e)) => {
-                return Err((e.into(), Some(BUSINESS_RETRY_BACKOFF)));
+                return Err(fail(e.into(), Some(BUSINESS_RETRY_BACKOFF)));
             }
             Err(super::client::BodyError::TooLarge(what)) => {
-                return Err((
+                return Err(fail(
                     anyhow::anyhow!(
                         "cannot list the grant's businesses: HTTP {status} with a body {what} larger than {} bytes",
                         super::client::MAX_BODY_BYTES
@@ -1391,7 +1426,7 @@ impl Auth {
             }
         };
         if !super::problem::is_success(status) {
-            return Err((
+            return Err(fail(
                 anyhow::anyhow!(
                     "cannot list the grant's businesses: {}",
                     ApiError::from_response(status, "", None, &body)
@@ -1399,7 +1434,7 @@ impl Auth {
                 wait,
             ));
         }
-        business_page(&body).map_err(|e| (e, None))
+        business_page(&body).map_err(|e| (e.into(), None))
     }
 
     async fn exchange_on(
@@ -3273,7 +3308,13 @@ mod tests {
         let mut asked = Vec::new();
         let r = read_business_list("https://api.thumbtack.com", async |q: &str| {
             asked.push(q.to_string());
-            business_page(serve(q)?.as_bytes())
+            // An error `HTTP 4..` (429 aside) stands for a refusal.
+            let text = serve(q).map_err(|error| PageError {
+                refused: format!("{error}").starts_with("HTTP 4")
+                    && !format!("{error}").starts_with("HTTP 429"),
+                error,
+            })?;
+            Ok(business_page(text.as_bytes())?)
         })
         .await;
         (r, asked)
@@ -3283,7 +3324,7 @@ mod tests {
     async fn a_business_list_serving_the_same_page_forever_stops_and_warns() {
         let page = r#"{"data":[{"businessID":"1"}],"pagination":{"limit":1}}"#;
         let (r, asked) = list_with(|_| Ok(page.to_string())).await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(list.len(), 1);
         assert_eq!(asked.len(), 2, "{asked:?}");
         assert!(
@@ -3299,7 +3340,7 @@ mod tests {
             ))
         })
         .await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!((list.len(), asked.len()), (2, 2), "{asked:?}");
         assert!(
             notes.iter().any(|n| n.contains("already answered")),
@@ -3311,7 +3352,7 @@ mod tests {
     async fn a_business_list_next_on_another_host_is_never_followed() {
         let page = r#"{"data":[{"businessID":"1"}],"pagination":{"next":"https://evil.example/api/v4/businesses?offset=1"}}"#;
         let (r, asked) = list_with(|_| Ok(page.to_string())).await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!((list.len(), asked.len()), (1, 1), "{asked:?}");
         assert!(
             notes
@@ -3324,7 +3365,7 @@ mod tests {
     #[tokio::test]
     async fn a_later_page_failing_keeps_the_businesses_read_and_warns() {
         let (r, _) = list_with(offset_server(5, 2, None, false, Some(1))).await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(list.len(), 2);
         assert!(
             notes.iter().any(|n| n.contains("page 2 could not be read")),
@@ -3345,7 +3386,7 @@ mod tests {
             ))
         })
         .await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(
             (list.len(), asked.len()),
             (MAX_BUSINESS_PAGES, MAX_BUSINESS_PAGES)
@@ -3361,7 +3402,7 @@ mod tests {
         // Pages of 10 echoing limit 20: each looks short, yet the next one
         // brings new businesses, so a short page no longer proves the end.
         let (r, asked) = list_with(offset_server(25, 10, Some(20), false, Some(20))).await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(list.len(), 20, "{asked:?}");
         assert!(
             notes.iter().any(|n| n.contains("page 3 could not be read")),
@@ -3369,7 +3410,7 @@ mod tests {
         );
         // Read whole, it ends without a warning.
         let (r, asked) = list_with(offset_server(25, 10, Some(20), false, None)).await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(list.len(), 25, "{asked:?}");
         assert!(notes.is_empty(), "{notes:?}");
     }
@@ -3378,7 +3419,7 @@ mod tests {
     async fn an_empty_page_after_a_full_one_proves_the_end_or_warns() {
         // `offset` read as a page number: offset 20 is page 20, empty.
         let (r, asked) = list_with(offset_server(30, 20, None, true, None)).await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(list.len(), 20, "{asked:?}");
         assert!(
             notes.iter().any(|n| n.contains("empty after a full page")),
@@ -3387,7 +3428,7 @@ mod tests {
         // Exactly two full pages of a server counting businesses: the
         // proof answers the last business read, and no warning.
         let (r, asked) = list_with(offset_server(40, 20, None, false, None)).await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(list.len(), 40);
         assert!(notes.is_empty(), "{notes:?}");
         assert_eq!(asked.last().unwrap(), "limit=2&offset=39", "{asked:?}");
@@ -3400,11 +3441,53 @@ mod tests {
             serve(q)
         })
         .await;
-        let (list, notes) = r.unwrap();
+        let BusinessList { list, notes, .. } = r.unwrap();
         assert_eq!(list.len(), 40);
         assert!(
             notes.iter().any(|n| n.contains("empty after a full page")),
             "{notes:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn an_outage_after_a_short_page_warns_only_a_refusal_ends_the_list() {
+        // Pages capped at 10 echoing limit 20, 25 businesses: page 2
+        // failing with a 503 (retries spent) proves nothing.
+        let (r, asked) = list_with(offset_server(25, 10, Some(20), false, Some(10))).await;
+        let l = r.unwrap();
+        assert_eq!(l.list.len(), 10, "{asked:?}");
+        assert!(!l.complete);
+        assert!(
+            l.notes
+                .iter()
+                .any(|n| n.contains("may cover more") && n.contains("page 2 could not be read")),
+            "{:?}",
+            l.notes
+        );
+        // A 4xx there refuses the offset: the short page was the end.
+        let mut serve = offset_server(5, 10, Some(20), false, None);
+        let (r, _) = list_with(move |q: &str| {
+            if q.contains("offset=5") {
+                anyhow::bail!("HTTP 400")
+            }
+            serve(q)
+        })
+        .await;
+        let l = r.unwrap();
+        assert_eq!(l.list.len(), 5);
+        assert!(l.complete && l.notes.is_empty(), "{:?}", l.notes);
+    }
+
+    #[tokio::test]
+    async fn a_list_with_an_unreadable_entry_or_a_warning_is_not_complete() {
+        let page = r#"{"data":[{"businessID":"1"},{"name":"no id"}]}"#;
+        let (r, _) = list_with(|_| Ok(page.to_string())).await;
+        let l = r.unwrap();
+        assert_eq!(l.list.len(), 1);
+        assert!(!l.complete, "{:?}", l.notes);
+        let (r, _) = list_with(offset_server(5, 2, None, false, Some(1))).await;
+        assert!(!r.unwrap().complete);
+        let (r, _) = list_with(offset_server(3, 20, None, false, None)).await;
+        assert!(r.unwrap().complete);
     }
 }
