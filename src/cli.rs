@@ -1547,6 +1547,10 @@ async fn auth_exchange(
         ) => listed,
         () = auth.stopping().cancelled() => return Err(interrupted_after_store()),
     };
+    // The grant is stored and the code spent: whatever fails from here
+    // on exits as it would without it (never 1 for the list alone, which a
+    // script would take for a failed exchange and retry with the spent
+    // code, RFC 6749 §4.1.2), and the last line says what to do by hand.
     let token_file = toml::Value::String(
         std::path::absolute(&file)
             .unwrap_or_else(|_| file.clone())
@@ -1565,25 +1569,34 @@ async fn auth_exchange(
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "leadsync: warning: {e:#}");
             if let Some(dir) = write_conf {
-                bail!(
-                    "the grant is stored, but without its business list no configuration file was \
-                     written: write {} for each of the pro's businesses, holding [[businesses]], \
-                     id = \"<businessID>\" and refresh_token_file = {token_file} — do not run the \
-                     exchange again (the code is spent)",
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "leadsync: WARNING: the business list could not be read (see above), so no \
+                     configuration file was written: the grant IS stored — do not run the \
+                     exchange again (the code is spent); write {} for each of the pro's \
+                     businesses by hand, holding [[businesses]], id = \"<businessID>\" and \
+                     refresh_token_file = {token_file}",
                     dir.join("<businessID>.toml").display(),
                 );
             }
             return Ok(0);
         }
     };
-    let code = onboard_confs(
+    let code = match onboard_confs(
         &mut std::io::stdout(),
         &mut std::io::stderr(),
         &covered,
         write_conf,
         &file,
         &config,
-    )?;
+    ) {
+        Ok(code) => code,
+        // Printed here, not returned: the warning below stays the last line.
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "leadsync: error: {e:#}");
+            1
+        }
+    };
     // Exit status unchanged (0 when every file listed was written): the
     // grant is stored and the code spent, so a script must not take a
     // partial list for a failed exchange and retry it. The last line says it.

@@ -2383,7 +2383,8 @@ async fn write_conf_whose_business_list_fails_says_what_to_write_by_hand() {
         conf_d.to_str().unwrap(),
     ]))
     .unwrap();
-    assert_ne!(o.status.code(), Some(0), "{}", text(&o));
+    // Exit 0: a script must not take it for a failed exchange and retry.
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
     assert_eq!(codes_spent(&env), 1);
     let out = text(&o);
     assert!(
@@ -2422,7 +2423,7 @@ async fn a_failed_business_list_on_a_dead_stderr_ends_with_its_exit_code() {
     let o = output_of(spawn_with_dead_stderr(&mut c)).await;
     assert_eq!(o.status.code(), Some(0), "{:?} {}", o.status, text(&o));
     assert!(text(&o).contains("stored the new grant"), "{}", text(&o));
-    // With --write-conf the failed list is an error: exit 1, not a panic.
+    // With --write-conf too: exit 0 (the grant is stored), not a panic.
     let conf_d = env.dir.path().join("conf.d");
     std::fs::create_dir_all(&conf_d).unwrap();
     let file = env.dir.path().join("pro-2");
@@ -2441,7 +2442,7 @@ async fn a_failed_business_list_on_a_dead_stderr_ends_with_its_exit_code() {
         conf_d.to_str().unwrap(),
     ]);
     let o = output_of(spawn_with_dead_stderr(&mut c)).await;
-    assert_eq!(o.status.code(), Some(1), "{:?} {}", o.status, text(&o));
+    assert_eq!(o.status.code(), Some(0), "{:?} {}", o.status, text(&o));
     assert_eq!(codes_spent(&env), 2);
 }
 
@@ -4106,4 +4107,32 @@ async fn a_passing_outage_of_the_business_list_is_retried() {
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert_eq!(written, [true, true, true], "{out}");
     assert!(!out.contains("warning"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_business_page_failing_after_its_retries_exits_0_with_the_warning_last() {
+    // Every try of the first page fails: the grant is stored and the code
+    // spent, so exit 1 invited a script to run the exchange again.
+    let (o, written) = exchange_three_with(leadsync::sandbox::Faults {
+        business_page_size: 1,
+        business_fail_first: leadsync::thumbtack::auth::BUSINESS_PAGE_ATTEMPTS,
+        ..Default::default()
+    })
+    .await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(written, [false, false, false], "{out}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    let last = err
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
+    assert!(
+        last.starts_with("leadsync: WARNING:")
+            && last.contains("do not run the exchange again")
+            && last.contains("<businessID>.toml")
+            && last.contains("refresh_token_file"),
+        "{err}"
+    );
 }
