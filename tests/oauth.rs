@@ -4136,3 +4136,25 @@ async fn a_first_business_page_failing_after_its_retries_exits_0_with_the_warnin
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_on_the_business_list_is_retried_after_its_retry_after() {
+    // Two 429s naming Retry-After: 1, then the list: each retry waits the
+    // second it names (a lower bound; the tries are not spent).
+    let started = std::time::Instant::now();
+    let (o, written) = exchange_three_with(leadsync::sandbox::Faults {
+        business_page_size: 1,
+        business_fail_first: 2,
+        business_fail_retry_after: Some(1),
+        ..Default::default()
+    })
+    .await;
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert_eq!(written, [true, true, true], "{out}");
+    assert!(!out.contains("warning"), "{out}");
+    assert!(
+        started.elapsed() >= std::time::Duration::from_secs(2),
+        "{out}"
+    );
+}

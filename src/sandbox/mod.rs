@@ -124,6 +124,9 @@ pub struct Faults {
     /// `GET /api/v4/businesses`: answer this many requests `503` (no
     /// `Retry-After`) before serving again (a passing outage).
     pub business_fail_first: u32,
+    /// `GET /api/v4/businesses`: the `business_fail_first` answers are
+    /// `429` with `Retry-After:` this many seconds instead of `503`.
+    pub business_fail_retry_after: Option<u64>,
     /// `GET /api/v4/businesses`: answer `503` to every page asked with an
     /// `offset` past 0 (a later page failing).
     pub business_offset_503: bool,

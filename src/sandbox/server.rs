@@ -605,6 +605,20 @@ fn businesses_of(state: &Shared, granted: &[String], query: &str) -> Response<Fu
         .get("offset")
         .and_then(|o| o.parse::<usize>().ok())
         .unwrap_or(0);
+    if let (n @ 1.., Some(secs)) = (
+        s.faults.business_fail_first,
+        s.faults.business_fail_retry_after,
+    ) {
+        s.faults.business_fail_first = n - 1;
+        let mut r = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!({"title": "Too Many Requests", "status": 429}),
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert("retry-after", v);
+        }
+        return r;
+    }
     if s.faults.business_fail_first > 0 || (offset > 0 && s.faults.business_offset_503) {
         s.faults.business_fail_first = s.faults.business_fail_first.saturating_sub(1);
         return json_response(

@@ -717,6 +717,17 @@ pub const BUSINESS_RETRY_BACKOFF: Duration = Duration::from_millis(500);
 /// The longest wait before trying a page again (`Retry-After` included).
 pub const BUSINESS_RETRY_CAP: Duration = Duration::from_secs(10);
 
+/// The wait before trying a page of the business list again after an
+/// answer of `status` (`None`: not transient, not tried again): its
+/// `Retry-After` (`0` or a past date: the backoff) up to the cap.
+fn business_retry_wait(status: u16, retry_after: Option<Duration>) -> Option<Duration> {
+    (status == 429 || (500..600).contains(&status)).then(|| {
+        retry_after
+            .unwrap_or(BUSINESS_RETRY_BACKOFF)
+            .clamp(BUSINESS_RETRY_BACKOFF, BUSINESS_RETRY_CAP)
+    })
+}
+
 /// Reads every page of the business list, each asked of `fetch` by its
 /// query (`""` first): `next`, `nextPageToken`, or (Thumbtack echoes only
 /// `{limit}`) the next `offset`, until an empty page, at most
@@ -782,9 +793,13 @@ pub async fn read_business_list(
             if page.entries == 0 {
                 if let Some(last) = after_full_offset.take() {
                     let proof = format!("limit=2&offset={}", offset.saturating_sub(1));
-                    let proven = match (&last, fetch(&proof).await) {
-                        (Some(last), Ok(p)) => p.list.first().is_some_and(|(id, _)| id == last),
-                        _ => false,
+                    // No last business read (its entry unreadable): nothing
+                    // to prove the end by, so nothing is asked.
+                    let proven = match &last {
+                        Some(last) => fetch(&proof)
+                            .await
+                            .is_ok_and(|p| p.list.first().is_some_and(|(id, _)| id == last)),
+                        None => false,
                     };
                     if !proven {
                         break 'list Some(format!(
@@ -1403,17 +1418,17 @@ impl Auth {
                 super::problem::parse_retry_after(v, chrono::Utc::now(), BUSINESS_RETRY_CAP)
             });
         let refused = (400..500).contains(&status) && status != 429;
-        let transient = status == 429 || (500..600).contains(&status);
-        let wait = transient.then(|| {
-            retry_after
-                .unwrap_or(BUSINESS_RETRY_BACKOFF)
-                .min(BUSINESS_RETRY_CAP)
-        });
+        let wait = business_retry_wait(status, retry_after);
         let fail = |error: anyhow::Error, wait| (PageError { error, refused }, wait);
         let body = match super::client::read_body(resp, super::client::MAX_BODY_BYTES).await {
             Ok(body) => body,
+            // The status is known: a refusal (401, 403, 404...) whose
+            // body broke off is still a refusal, never tried again.
             Err(super::client::BodyError::Read(e)) => {
-                return Err(fail(e.into(), Some(BUSINESS_RETRY_BACKOFF)));
+                return Err(fail(
+                    e.into(),
+                    (!refused).then_some(wait.unwrap_or(BUSINESS_RETRY_BACKOFF)),
+                ));
             }
             Err(super::client::BodyError::TooLarge(what)) => {
                 return Err(fail(
@@ -3489,5 +3504,47 @@ mod tests {
         assert!(!r.unwrap().complete);
         let (r, _) = list_with(offset_server(3, 20, None, false, None)).await;
         assert!(r.unwrap().complete);
+    }
+
+    #[tokio::test]
+    async fn a_full_page_ending_on_an_unreadable_entry_asks_no_proof() {
+        // Two entries echoing limit 2, the last without an id, then an
+        // empty page: no last business to prove the end by.
+        let (r, asked) = list_with(|q: &str| {
+            Ok(if q.is_empty() {
+                r#"{"data":[{"businessID":"1"},{"name":"x"}],"pagination":{"limit":2}}"#
+            } else {
+                r#"{"data":[],"pagination":{"limit":2}}"#
+            }
+            .to_string())
+        })
+        .await;
+        let l = r.unwrap();
+        assert_eq!(asked, ["", "limit=2&offset=2"], "{asked:?}");
+        assert!(
+            !l.complete
+                && l.notes
+                    .iter()
+                    .any(|n| n.contains("empty after a full page")),
+            "{:?}",
+            l.notes
+        );
+    }
+
+    #[test]
+    fn a_retry_after_of_0_or_past_waits_the_backoff() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            business_retry_wait(429, Some(Duration::ZERO)),
+            Some(BUSINESS_RETRY_BACKOFF)
+        );
+        assert_eq!(business_retry_wait(503, None), Some(BUSINESS_RETRY_BACKOFF));
+        assert_eq!(business_retry_wait(429, Some(ms(2000))), Some(ms(2000)));
+        assert_eq!(
+            business_retry_wait(503, Some(Duration::from_secs(3600))),
+            Some(BUSINESS_RETRY_CAP)
+        );
+        assert_eq!(business_retry_wait(401, Some(ms(2000))), None);
+        assert_eq!(business_retry_wait(200, None), None);
     }
 }
