@@ -1541,42 +1541,75 @@ async fn auth_exchange(
     // (its request may hang until the client's timeout). The conf files,
     // local and quick, are written whole once the list is read.
     let listed = tokio::select! {
-        listed = auth.businesses_of(&config.file.api.base_url, &access) => listed,
+        listed = auth.businesses_of(
+            &config.file.api.base_url,
+            &access,
+            config.file.api.max_requests_per_second,
+        ) => listed,
         () = auth.stopping().cancelled() => return Err(interrupted_after_store()),
     };
-    let covered = match listed {
-        Ok((list, notes)) => {
+    // The grant is stored and the code spent: whatever fails from here
+    // on exits as it would without it (never 1 for the list alone, which a
+    // script would take for a failed exchange and retry with the spent
+    // code, RFC 6749 §4.1.2), and the last line says what to do by hand.
+    let token_file = toml::Value::String(
+        std::path::absolute(&file)
+            .unwrap_or_else(|_| file.clone())
+            .display()
+            .to_string(),
+    );
+    let (covered, complete) = match listed {
+        Ok(listed) => {
             // Not `eprintln!`, which panics on a dead terminal: the grant
             // is stored, the conf files are still to be written.
-            for n in notes {
+            for n in &listed.notes {
                 let _ = writeln!(std::io::stderr(), "leadsync: warning: {n}");
             }
-            list
+            (listed.list, listed.complete)
         }
         Err(e) => {
             let _ = writeln!(std::io::stderr(), "leadsync: warning: {e:#}");
             if let Some(dir) = write_conf {
-                let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
-                bail!(
-                    "the grant is stored, but without its business list no configuration file was \
-                     written: write {} for each of the pro's businesses, holding [[businesses]], \
-                     id = \"<businessID>\" and refresh_token_file = {} — do not run the exchange \
-                     again (the code is spent)",
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "leadsync: WARNING: the business list could not be read (see above), so no \
+                     configuration file was written: the grant IS stored — do not run the \
+                     exchange again (the code is spent); write {} for each of the pro's \
+                     businesses by hand, holding [[businesses]], id = \"<businessID>\" and \
+                     refresh_token_file = {token_file}",
                     dir.join("<businessID>.toml").display(),
-                    toml::Value::String(file.display().to_string())
                 );
             }
             return Ok(0);
         }
     };
-    onboard_confs(
+    let code = match onboard_confs(
         &mut std::io::stdout(),
         &mut std::io::stderr(),
         &covered,
         write_conf,
         &file,
         &config,
-    )
+    ) {
+        Ok(code) => code,
+        // Printed here, not returned: the warning below stays the last line.
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "leadsync: error: {e:#}");
+            1
+        }
+    };
+    // Exit status unchanged (0 when every file listed was written): the
+    // grant is stored and the code spent, so a script must not take a
+    // partial list for a failed exchange and retry it. The last line says it.
+    if !complete {
+        let _ = writeln!(
+            std::io::stderr(),
+            "leadsync: WARNING: the business list may be incomplete (see above): the grant IS \
+             stored — do not run the exchange again (the code is spent); add any business of \
+             the pro's missing above by hand, naming refresh_token_file = {token_file}"
+        );
+    }
+    Ok(code)
 }
 
 /// What `auth exchange` prints of the grant's businesses, and with

@@ -1374,6 +1374,16 @@ fn validate(
             notes.push(format!("{}: {w}", named(figment, key)));
         }
     }
+    // Before any other check of these URLs: their messages quote the URL.
+    for (key, url) in [
+        ("api.base_url", Some(&file.api.base_url)),
+        ("oauth.token_url", Some(&file.oauth.token_url)),
+        ("webhooks.public_url", file.webhooks.public_url.as_ref()),
+    ] {
+        if let Some(problem) = url.and_then(|u| userinfo_problem(u)) {
+            return err(format!("{}: {problem}", locate(figment, key)));
+        }
+    }
     let api = &file.api;
     match reqwest::Url::parse(&api.base_url) {
         // Every request carries a bearer token, and `webhooks register` the
@@ -1529,7 +1539,7 @@ fn validate(
             ));
         }
     }
-    let admin_listen = validate_admin(figment, &file.admin)?;
+    let admin_listen = validate_admin(figment, &file.admin, &mut notes)?;
 
     let mut crons = CronChecks::default();
     // One warning per (field, expression), however many businesses share
@@ -1743,6 +1753,49 @@ fn validate(
     })
 }
 
+/// The URL as it may be shown: everything before its last `@` replaced by
+/// `***` (a plain `scheme://` kept), read from the text alone. Where the
+/// authority ends is not guessed: a password may hold `/`, `?` or `#`, the
+/// slashes may be one or backslashes, and the parser's reading of such text
+/// (`https://u:12#pw@host` is host `u`, port 12) is not what a reader meant.
+/// Config validation refuses any URL with an `@` ([`userinfo_problem`]);
+/// this keeps the refusal, and any message quoting a URL, from printing it.
+pub fn shown_url(url: &str) -> String {
+    let Some(at) = url.rfind('@') else {
+        return url.to_string();
+    };
+    let keep = url
+        .split_once("://")
+        .filter(|(scheme, _)| {
+            scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+                && scheme
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        })
+        .map_or(0, |(scheme, _)| scheme.len() + 3)
+        .min(at);
+    format!("{}***{}", &url[..keep], &url[at..])
+}
+
+/// Why a configured URL containing an `@` anywhere is refused: an `@`
+/// makes a user name or password (`user:pw@host`) or text that a parser may
+/// or may not read as one, and either would be printed wherever the URL is
+/// shown (`config check`, `probe`, logs) and in every network error, which
+/// reqwest words with the URL and leadsync stores (`sync_runs.error`, the
+/// outbox's `last_error`). Thumbtack authenticates by bearer token and the
+/// token endpoint by the client secret, never by URL credentials; an `@` in
+/// a path or query of these URLs has no use either.
+pub fn userinfo_problem(url: &str) -> Option<String> {
+    url.contains('@').then(|| {
+        format!(
+            "`{}` contains `@`, read as a user name or password (`user:password@`), refused: it \
+             would be printed wherever the URL is shown and in network errors; remove it (an `@` \
+             elsewhere must be percent-encoded as %40)",
+            shown_url(url)
+        )
+    })
+}
+
 /// True for `localhost` and loopback addresses.
 pub fn is_loopback_host(host: &str) -> bool {
     let host = host.trim_start_matches('[').trim_end_matches(']');
@@ -1754,6 +1807,9 @@ pub fn is_loopback_host(host: &str) -> bool {
 
 /// Checks `webhooks.public_url`: an absolute https URL (http only on loopback).
 pub fn check_public_url(url: &str) -> Result<(), String> {
+    if let Some(problem) = userinfo_problem(url) {
+        return Err(problem);
+    }
     let u = reqwest::Url::parse(url).map_err(|e| format!("`{url}` is not a URL: {e}"))?;
     let host = u.host_str().unwrap_or("");
     match u.scheme() {
@@ -1955,24 +2011,61 @@ fn validate_webhooks(
 /// The largest `daemon.sync_concurrency` (one worker task each).
 pub const MAX_SYNC_CONCURRENCY: usize = 65536;
 
+/// The shortest `admin.stale_after_secs`: two of the loops' one-second beats.
+pub const MIN_STALE_AFTER_SECS: f64 = 2.0;
+
 /// `[admin]`: a socket address, loopback unless `allow_remote`, and sane timers.
 fn validate_admin(
     figment: &Figment,
     admin: &AdminConfig,
+    notes: &mut Vec<String>,
 ) -> Result<Option<std::net::SocketAddr>, ConfigError> {
-    for (key, v) in [
-        ("refresh_secs", admin.refresh_secs),
-        ("stale_after_secs", admin.stale_after_secs),
+    for (key, v, min) in [
+        ("refresh_secs", admin.refresh_secs, 0.05),
+        (
+            "stale_after_secs",
+            admin.stale_after_secs,
+            MIN_STALE_AFTER_SECS,
+        ),
     ] {
         // One a duration cannot hold (1e300) panicked converting it at the
         // start; large ones (a week, 1e9 to switch staleness off) are fine.
-        if !(v.is_finite() && v >= 0.05 && std::time::Duration::try_from_secs_f64(v).is_ok()) {
+        // Below the minimum is left to the check after (one message whatever
+        // the value, 0.01 or 1.9).
+        if !(v.is_finite() && v >= 0.0 && std::time::Duration::try_from_secs_f64(v).is_ok()) {
             return err(format!(
-                "{}: must be a number of seconds, at least 0.05 and at most {} (about 584 billion years)",
+                "{}: must be a number of seconds, at least {min} and at most {} (about 584 billion years)",
                 locate(figment, &format!("admin.{key}")),
                 u64::MAX
             ));
         }
+    }
+    if admin.refresh_secs < 0.05 {
+        return err(format!(
+            "{}: {} is too short: must be at least 0.05 seconds",
+            locate(figment, "admin.refresh_secs"),
+            admin.refresh_secs
+        ));
+    }
+    // The loops beat once a second (plus the time a round takes): a limit
+    // nearer than two beats flags a healthy loop between two of them, and
+    // `/healthz` flaps between 200 and 503. It matters only with the admin
+    // listener: without one it is a warning, so that an upgrade does not
+    // stop a service whose unused key was short.
+    if admin.stale_after_secs < MIN_STALE_AFTER_SECS {
+        let problem = format!(
+            "{}: {} is too short: the scheduler and the drainer loops beat once a second, so \
+             `/healthz` would turn 503 between two beats of a healthy loop; must be at least {} seconds",
+            locate(figment, "admin.stale_after_secs"),
+            admin.stale_after_secs,
+            MIN_STALE_AFTER_SECS
+        );
+        if admin.listen.is_some() {
+            return err(problem);
+        }
+        notes.push(format!(
+            "{problem} (unused while admin.listen is unset; refused once it is set)"
+        ));
     }
     let Some(listen) = &admin.listen else {
         return Ok(None);

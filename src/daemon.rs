@@ -10,6 +10,7 @@ use crate::store::tokens::TokenStore;
 use crate::store::{Store, mirror, outbox, requests, retention};
 use crate::sync::{PANICKED, PassOutcome, PassReport, PassSettings, ScanKind, sync_business};
 use crate::thumbtack::{Auth, Client, ClientSettings};
+use crate::time::Heartbeat;
 use anyhow::Result;
 use sd_notify::NotifyState;
 use std::collections::HashMap;
@@ -199,8 +200,8 @@ pub async fn run_with(
         last_ticket: AtomicI64::new(0),
         lag_written: Mutex::new(None),
         last_status_ms: AtomicI64::new(0),
-        scheduler_beat: Arc::new(AtomicI64::new(now_ms())),
-        drain_beat: Arc::new(AtomicI64::new(now_ms())),
+        scheduler_beat: Arc::new(Heartbeat::new()),
+        drain_beat: Arc::new(Heartbeat::new()),
         drainer: Arc::new(Drainer::new(
             session.store.clone(),
             session.client.clone(),
@@ -490,15 +491,10 @@ fn notify_to(socket_name: &[u8], state: &[NotifyState]) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Whether both work loops showed progress recently enough for a watchdog ping.
-fn loops_alive(
-    now_ms: i64,
-    scheduler_beat_ms: i64,
-    drainer_beat_ms: i64,
-    stale_after: Duration,
-) -> bool {
-    let fresh = |beat: i64| Duration::from_millis((now_ms - beat).max(0) as u64) <= stale_after;
-    fresh(scheduler_beat_ms) && fresh(drainer_beat_ms)
+/// Whether both work loops showed progress recently enough for a watchdog
+/// ping (their idle times, on the monotonic clock).
+fn loops_alive(scheduler_idle: Duration, drainer_idle: Duration, stale_after: Duration) -> bool {
+    scheduler_idle <= stale_after && drainer_idle <= stale_after
 }
 
 /// What a reload changed.
@@ -588,8 +584,8 @@ struct Daemon {
     /// The backlog last written to `schedule_lag`, and when.
     lag_written: Mutex<Option<(Vec<requests::ScheduleLag>, i64)>>,
     last_status_ms: AtomicI64,
-    scheduler_beat: Arc<AtomicI64>,
-    drain_beat: Arc<AtomicI64>,
+    scheduler_beat: Arc<Heartbeat>,
+    drain_beat: Arc<Heartbeat>,
     drainer: Arc<Drainer>,
     /// Where the daemon alert of a failed sync to disk stands.
     disk_alert: DiskAlert,
@@ -763,7 +759,7 @@ impl Daemon {
     /// second (the scheduler's heartbeat for the watchdog).
     async fn timer(self: Arc<Self>) {
         loop {
-            self.scheduler_beat.store(now_ms(), Ordering::Relaxed);
+            self.scheduler_beat.beat();
             let now = chrono::Utc::now();
             let (due, next) = {
                 // Queued under the schedules' lock: a reload replaces the
@@ -1501,16 +1497,13 @@ impl Daemon {
         loop {
             tokio::time::sleep(tick).await;
             if watchdog.is_some() {
-                let (sched, drain) = (
-                    self.scheduler_beat.load(Ordering::Relaxed),
-                    self.drain_beat.load(Ordering::Relaxed),
-                );
-                if loops_alive(now_ms(), sched, drain, stale_after) {
+                let (sched, drain) = (self.scheduler_beat.idle(), self.drain_beat.idle());
+                if loops_alive(sched, drain, stale_after) {
                     notify(&[NotifyState::Watchdog]);
                 } else {
                     error!(
-                        scheduler_idle_ms = now_ms() - sched,
-                        drainer_idle_ms = now_ms() - drain,
+                        scheduler_idle_ms = sched.as_millis() as u64,
+                        drainer_idle_ms = drain.as_millis() as u64,
                         "a work loop is stuck; withholding the watchdog ping so systemd restarts leadsync"
                     );
                 }
@@ -1995,8 +1988,9 @@ mod tests {
     #[test]
     fn a_stale_loop_withholds_the_watchdog() {
         let stale = Duration::from_secs(3);
-        assert!(loops_alive(10_000, 9_000, 9_500, stale));
-        assert!(!loops_alive(10_000, 6_000, 9_500, stale), "scheduler stuck");
-        assert!(!loops_alive(10_000, 9_900, 1_000, stale), "drainer stuck");
+        let ms = Duration::from_millis;
+        assert!(loops_alive(ms(1_000), ms(500), stale));
+        assert!(!loops_alive(ms(4_000), ms(500), stale), "scheduler stuck");
+        assert!(!loops_alive(ms(100), ms(9_000), stale), "drainer stuck");
     }
 }

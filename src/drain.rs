@@ -14,7 +14,7 @@ use crate::thumbtack::model::{JobStatusBody, Message, MessageBody};
 use crate::thumbtack::{Client, Disposition};
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -1149,7 +1149,11 @@ impl Drainer {
     /// The daemon's loop: looks for due rows every `poll_interval` (and as
     /// soon as a send finishes) until `stop`, then lets in-flight sends
     /// finish within the shutdown grace.
-    pub async fn run(self: Arc<Self>, stop: CancellationToken, heartbeat: Arc<AtomicI64>) {
+    pub async fn run(
+        self: Arc<Self>,
+        stop: CancellationToken,
+        heartbeat: Arc<crate::time::Heartbeat>,
+    ) {
         let mut inflight: JoinSet<Vec<RowResult>> = JoinSet::new();
         let mut last_recheck = Instant::now();
         let mut recheck: Option<tokio::task::JoinHandle<()>> = None;
@@ -1160,7 +1164,7 @@ impl Drainer {
             let (settings, client) = (self.settings(), self.client());
             // Wake at least every second so the watchdog sees the loop alive.
             let tick = settings.poll_interval.min(Duration::from_secs(1));
-            heartbeat.store(chrono::Utc::now().timestamp_millis(), Ordering::Relaxed);
+            heartbeat.beat();
             if stop.is_cancelled() {
                 break;
             }

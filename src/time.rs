@@ -203,3 +203,57 @@ mod tests {
         );
     }
 }
+
+/// A work loop's heartbeat (the scheduler's, the drainer's), read by
+/// `/healthz` and the systemd watchdog to tell a stuck loop. Staleness is
+/// measured on the monotonic clock: a wall clock stepped back (NTP) would
+/// otherwise hide a stuck loop for the step's length, and one stepped
+/// forward would flag a healthy one. Nothing of it is shown as a time of
+/// day, only as an idle duration.
+#[derive(Debug)]
+pub struct Heartbeat {
+    origin: tokio::time::Instant,
+    /// Milliseconds after `origin` of the last beat.
+    last_ms: std::sync::atomic::AtomicU64,
+    count: std::sync::atomic::AtomicU64,
+}
+
+impl Default for Heartbeat {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Heartbeat {
+    /// A heartbeat that beat just now (a loop starting is not yet stuck).
+    pub fn new() -> Heartbeat {
+        Heartbeat {
+            origin: tokio::time::Instant::now(),
+            last_ms: std::sync::atomic::AtomicU64::new(0),
+            count: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// The loop is alive now.
+    pub fn beat(&self) {
+        use std::sync::atomic::Ordering;
+        self.last_ms.fetch_max(self.elapsed_ms(), Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How long since the last beat (or since creation).
+    pub fn idle(&self) -> std::time::Duration {
+        use std::sync::atomic::Ordering;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        std::time::Duration::from_millis(self.elapsed_ms().saturating_sub(last))
+    }
+
+    /// How many times the loop beat.
+    pub fn count(&self) -> u64 {
+        self.count.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}

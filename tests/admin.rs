@@ -789,7 +789,7 @@ async fn healthz_turns_503_while_the_drainer_is_stuck() {
     let env = Env::new(
         SandboxOptions::default(),
         false,
-        &admin_overrides("127.0.0.1:0", "stale_after_secs = 1\n"),
+        &admin_overrides("127.0.0.1:0", "stale_after_secs = 2\n"),
     )
     .await;
     let (mut daemon, _) = Daemon::start(&env, &[]).await;

@@ -1440,3 +1440,181 @@ fn secret_files_other_users_can_read_are_warned_about_by_name_not_content() {
         "files no one else can read or change draw no warning: {t}"
     );
 }
+
+/// A URL carrying `user:password@` would print the password wherever the URL
+/// is shown: `config check`, `probe`, the logs, and every network error
+/// (reqwest's message names the URL), which lands in `sync_runs.error` and
+/// the outbox's `last_error`. Such a URL is refused, naming the key and
+/// never the password — even when it would also fail another check, or is
+/// not a URL at all.
+#[test]
+fn a_url_with_a_password_in_it_is_refused_without_printing_the_password() {
+    let d = Dir::new();
+    let secret = "hunter2-url-secret";
+    let hook = "\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nusername = \"thumbtack\"\npassword = \"p-123456\"\n";
+    let cases: Vec<(String, &str)> = vec![
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"https://partner:{secret}@api.thumbtack.com\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"http://partner:{secret}@api.thumbtack.com\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"https://partner:{secret}@api.thumbtack.com:99999\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[api]\nbase_url = \"https://{secret}@127.0.0.1:9\"\n",
+                d.base()
+            ),
+            "api.base_url",
+        ),
+        (
+            format!(
+                "{}\n[oauth]\ntoken_url = \"https://partner:{secret}@auth.thumbtack.com/oauth2/token\"\n",
+                d.base()
+            ),
+            "oauth.token_url",
+        ),
+        (
+            format!(
+                "{}\n[oauth]\ntoken_url = \"http://partner:{secret}@auth.thumbtack.com/oauth2/token\"\n",
+                d.base()
+            ),
+            "oauth.token_url",
+        ),
+        (
+            format!(
+                "{}{hook}public_url = \"https://partner:{secret}@hooks.example.com/thumbtack/webhooks\"\n",
+                d.base()
+            ),
+            "webhooks.public_url",
+        ),
+        (
+            format!(
+                "{}{hook}public_url = \"http://partner:{secret}@hooks.example.com/thumbtack/webhooks\"\n",
+                d.base()
+            ),
+            "webhooks.public_url",
+        ),
+    ];
+    for (i, (content, key)) in cases.iter().enumerate() {
+        let f = d.file(&format!("userinfo{i}.toml"), content);
+        let o = check(&[&f], &[]);
+        assert_config_error(&o, &[key, "user"]);
+        let t = text(&o);
+        assert!(!t.contains(secret), "case {i} printed the password:\n{t}");
+    }
+    // From the environment too.
+    let o = check(
+        &[&d.file("ok.toml", &d.base())],
+        &[(
+            "LEADSYNC_API__BASE_URL",
+            &format!("https://u:{secret}@api.thumbtack.com"),
+        )],
+    );
+    assert_config_error(&o, &["LEADSYNC_API__BASE_URL", "user"]);
+    assert!(!text(&o).contains(secret), "{}", text(&o));
+}
+
+/// The scheduler and the drainer beat once a second: a staleness limit
+/// below two beats flags a healthy loop between two of them, and `/healthz`
+/// flaps between 200 and 503. With the admin listener it is refused,
+/// naming the key, in one message whatever the value (0.01 said "at least
+/// 0.05"); without it the key is unused and a warning says so, so that an
+/// upgrade does not stop a service over it.
+#[test]
+fn a_staleness_limit_below_two_beats_is_refused() {
+    let d = Dir::new();
+    for value in ["0", "0.01", "0.05", "0.5", "1", "1.9"] {
+        let f = d.file(
+            "stale.toml",
+            &format!(
+                "{}\n[admin]\nlisten = \"127.0.0.1:9187\"\nstale_after_secs = {value}\n",
+                d.base()
+            ),
+        );
+        assert_config_error(
+            &check(&[&f], &[]),
+            &[
+                "admin.stale_after_secs",
+                "at least 2 seconds",
+                "once a second",
+            ],
+        );
+        let f = d.file(
+            "stale-off.toml",
+            &format!("{}\n[admin]\nstale_after_secs = {value}\n", d.base()),
+        );
+        let o = check(&[&f], &[]);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(0), "{value}: {t}");
+        assert!(
+            t.contains("admin.stale_after_secs") && t.contains("at least 2 seconds"),
+            "{value}: {t}"
+        );
+    }
+    let f = d.file(
+        "ok.toml",
+        &format!("{}\n[admin]\nstale_after_secs = 2\n", d.base()),
+    );
+    let o = check(&[&f], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// The masking must not depend on the URL parsing, nor on a literal `://`,
+/// nor on where the text's authority would end: `#`, `/` or `?` inside the
+/// password, a single slash or backslashes after the scheme, and a URL the
+/// parser takes as host `u`, port 12 with the rest as a fragment. Any `@`
+/// in a configured URL is refused, and no message quotes what comes before
+/// the last `@`.
+#[test]
+fn a_url_with_an_at_sign_never_prints_what_precedes_it() {
+    let d = Dir::new();
+    let hook = "\n[webhooks]\nlisten = \"127.0.0.1:8780\"\nusername = \"thumbtack\"\npassword = \"p-123456\"\n";
+    let urls = [
+        r"https://u:p#SECRET1@api.example.com",
+        r"https://u:SE/CRET2@api.example.com",
+        r"https:/u:SECRET3@api.example.com",
+        r"https:\\u:SECRET4@api.example.com",
+        r"https:\u:SECRET4b@api.example.com",
+        r"https://u:SE?CRET5@api.example.com",
+        r"https://u:12#SECRET7@api.example.com",
+        r"https://u:SECRET8@x@api.example.com",
+        r"u:SECRET9@api.example.com",
+        r"https://api.example.com/p?x=SECRET10@y",
+    ];
+    for (k, key) in ["api.base_url", "oauth.token_url", "webhooks.public_url"]
+        .iter()
+        .enumerate()
+    {
+        for (i, url) in urls.iter().enumerate() {
+            // TOML literal strings: the backslashes stay as they are.
+            let content = match *key {
+                "api.base_url" => format!("{}\n[api]\nbase_url = '{url}'\n", d.base()),
+                "oauth.token_url" => format!("{}\n[oauth]\ntoken_url = '{url}'\n", d.base()),
+                _ => format!("{}{hook}public_url = '{url}'\n", d.base()),
+            };
+            let f = d.file(&format!("at{k}-{i}.toml"), &content);
+            let o = check(&[&f], &[]);
+            let t = text(&o);
+            assert_config_error(&o, &[key]);
+            assert!(
+                !t.contains("SECRET") && !t.contains("SE/CRET") && !t.contains("SE?CRET"),
+                "{key} = {url} printed what precedes its last @:\n{t}"
+            );
+        }
+    }
+}

@@ -820,11 +820,11 @@ async fn the_running_drainer_rebases_retries_when_its_wall_clock_steps_back() {
         }
     }));
     let stop = CancellationToken::new();
-    let beat = Arc::new(std::sync::atomic::AtomicI64::new(0));
+    let beat = Arc::new(leadsync::time::Heartbeat::new());
     let run = tokio::spawn(rig.drainer.clone().run(stop.clone(), beat.clone()));
     // The loop has looked at the clock ahead; then it is corrected.
     common::wait_until("the drainer's loop runs", Duration::from_secs(30), || {
-        beat.load(std::sync::atomic::Ordering::SeqCst) != 0
+        beat.count() != 0
     })
     .await;
     let before = chrono::Utc::now();
@@ -1061,7 +1061,7 @@ async fn an_answer_in_before_the_send_bound_is_recorded_after_it_while_time_is_l
     let run = tokio::spawn(
         rig.drainer
             .clone()
-            .run(stop.clone(), Arc::new(std::sync::atomic::AtomicI64::new(0))),
+            .run(stop.clone(), Arc::new(leadsync::time::Heartbeat::new())),
     );
     common::wait_until(
         "Thumbtack took the row and its outcome waits to be recorded",
@@ -1130,7 +1130,7 @@ async fn a_request_without_an_answer_at_the_send_bound_is_given_up_there() {
     let run = tokio::spawn(
         rig.drainer
             .clone()
-            .run(stop.clone(), Arc::new(std::sync::atomic::AtomicI64::new(0))),
+            .run(stop.clone(), Arc::new(leadsync::time::Heartbeat::new())),
     );
     common::wait_until("the request is out", Duration::from_secs(60), || {
         rig.env

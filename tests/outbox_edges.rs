@@ -580,7 +580,7 @@ async fn a_hanging_token_endpoint_stalls_neither_claims_nor_the_heartbeat() {
         settings,
     ));
     let stop = CancellationToken::new();
-    let heartbeat = Arc::new(AtomicI64::new(0));
+    let heartbeat = Arc::new(leadsync::time::Heartbeat::new());
     let run = tokio::spawn(drainer.run(stop.clone(), heartbeat.clone()));
     common::wait_until(
         "the recheck reaches the token endpoint",
@@ -588,7 +588,7 @@ async fn a_hanging_token_endpoint_stalls_neither_claims_nor_the_heartbeat() {
         || accepted.load(Ordering::SeqCst) > 0,
     )
     .await;
-    let beat = heartbeat.load(Ordering::SeqCst);
+    let beat = heartbeat.count();
     let id = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
     common::wait_until(
         "a row of another business is sent while the refresh hangs",
@@ -597,7 +597,7 @@ async fn a_hanging_token_endpoint_stalls_neither_claims_nor_the_heartbeat() {
     )
     .await;
     common::wait_until("the heartbeat goes on", Duration::from_secs(3), || {
-        heartbeat.load(Ordering::SeqCst) > beat
+        heartbeat.count() > beat
     })
     .await;
     assert_eq!(

@@ -117,6 +117,19 @@ pub struct Faults {
     pub redirect: f64,
     /// A 404 HTML page, as a proxy in front of the API sends.
     pub html_404: f64,
+    /// `GET /api/v4/businesses`: list at most this many businesses a page
+    /// (from `?offset=`, `pagination: {limit}` as Thumbtack answers, no
+    /// `next`); 0: Thumbtack's 20.
+    pub business_page_size: usize,
+    /// `GET /api/v4/businesses`: answer this many requests `503` (no
+    /// `Retry-After`) before serving again (a passing outage).
+    pub business_fail_first: u32,
+    /// `GET /api/v4/businesses`: the `business_fail_first` answers are
+    /// `429` with `Retry-After:` this many seconds instead of `503`.
+    pub business_fail_retry_after: Option<u64>,
+    /// `GET /api/v4/businesses`: answer `503` to every page asked with an
+    /// `offset` past 0 (a later page failing).
+    pub business_offset_503: bool,
     /// Webhooks: send every delivery twice.
     pub webhook_twice: bool,
     /// Webhooks: send each batch of deliveries in reverse order.
@@ -176,8 +189,8 @@ pub struct Faults {
     /// Listing: answer `503` (an HTML gateway page) to a request that
     /// carries `offset` (an outage that strikes past the first page).
     pub offset_503: bool,
-    /// Listing: read `offset` as a page number (`offset × limit` leads
-    /// skipped), as a server paging by page might.
+    /// Listing (and the business list): read `offset` as a page number
+    /// (`offset × limit` entries skipped), as a server paging by page might.
     pub offset_as_page: bool,
     /// Listing: answer `400` (ProblemDetails) to an `offset` that is not a
     /// multiple of the page's `limit` (a server paging by page that checks

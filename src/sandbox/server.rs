@@ -275,7 +275,7 @@ async fn handle(state: Shared, req: Request<Incoming>) -> Result<Response<Full<B
                 _ => granted.first().cloned().unwrap_or_default(),
             };
             let mut response = match (&method, rest) {
-                (&Method::GET, ["businesses"]) => businesses_of(&state, &granted),
+                (&Method::GET, ["businesses"]) => businesses_of(&state, &granted, &query),
                 (&Method::GET, ["businesses", b, "negotiations"]) => {
                     let page = list(&state, &business, b, &query, &host);
                     if faults.list_hold_ms > 0 {
@@ -601,17 +601,62 @@ fn authenticate(state: &Shared, authorization: Option<String>) -> Option<Vec<Str
     }
 }
 
-/// `GET /api/v4/businesses`: the businesses the token covers.
-fn businesses_of(state: &Shared, granted: &[String]) -> Response<Full<Bytes>> {
-    let s = lock(state);
+/// `GET /api/v4/businesses`: the businesses the token covers, a page of
+/// them from `?offset=` (`limit` at most the page size: 20, or the
+/// `business_page_size` fault), `pagination: {limit}` only, as Thumbtack
+/// answers.
+fn businesses_of(state: &Shared, granted: &[String], query: &str) -> Response<Full<Bytes>> {
+    let mut s = lock(state);
+    let params: HashMap<String, String> = serde_urlencoded::from_str(query).unwrap_or_default();
+    let size = match s.faults.business_page_size {
+        0 => 20,
+        n => n,
+    };
+    let limit = params
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        .map_or(size, |l| l.min(size));
+    let offset = params
+        .get("offset")
+        .and_then(|o| o.parse::<usize>().ok())
+        .unwrap_or(0);
+    if let (n @ 1.., Some(secs)) = (
+        s.faults.business_fail_first,
+        s.faults.business_fail_retry_after,
+    ) {
+        s.faults.business_fail_first = n - 1;
+        let mut r = json_response(
+            StatusCode::TOO_MANY_REQUESTS,
+            &json!({"title": "Too Many Requests", "status": 429}),
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert("retry-after", v);
+        }
+        return r;
+    }
+    if s.faults.business_fail_first > 0 || (offset > 0 && s.faults.business_offset_503) {
+        s.faults.business_fail_first = s.faults.business_fail_first.saturating_sub(1);
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &json!({"title": "Service Unavailable", "status": 503}),
+        );
+    }
+    let offset = if s.faults.offset_as_page {
+        offset.saturating_mul(limit)
+    } else {
+        offset
+    };
     let data: Vec<Value> = granted
         .iter()
         .filter_map(|id| s.business(id))
+        .skip(offset)
+        .take(limit)
         .map(|b| json!({"businessID": b.id, "name": b.name, "imageURL": null}))
         .collect();
     json_response(
         StatusCode::OK,
-        &json!({"data": data, "pagination": {"limit": 20}}),
+        &json!({"data": data, "pagination": {"limit": limit}}),
     )
 }
 

@@ -7,6 +7,7 @@
 
 use crate::config::Config;
 use crate::store;
+use crate::time::Heartbeat;
 use anyhow::Result;
 use axum::Router;
 use axum::extract::State;
@@ -14,7 +15,6 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
@@ -23,10 +23,10 @@ use tracing::{info, warn};
 /// What `/healthz` and `/readyz` look at.
 #[derive(Debug)]
 pub struct Health {
-    /// Unix milliseconds of the scheduler loop's last beat.
-    pub scheduler_beat: Arc<AtomicI64>,
-    /// Unix milliseconds of the drainer loop's last beat.
-    pub drain_beat: Arc<AtomicI64>,
+    /// The scheduler loop's heartbeat.
+    pub scheduler_beat: Arc<Heartbeat>,
+    /// The drainer loop's heartbeat.
+    pub drain_beat: Arc<Heartbeat>,
     /// A loop silent for longer is stuck.
     pub stale_after: Duration,
     /// Cancelled when the daemon starts shutting down.
@@ -55,7 +55,7 @@ impl Health {
     }
 
     /// `None` while both loops beat and the database syncs to disk, else why not.
-    pub fn problem(&self, now_ms: i64) -> Option<String> {
+    pub fn problem(&self) -> Option<String> {
         let mut stuck = Vec::new();
         if let Some(why) = self.disk_failure() {
             stuck.push(disk_failure_message(&why));
@@ -64,7 +64,7 @@ impl Health {
             ("scheduler", &self.scheduler_beat),
             ("drainer", &self.drain_beat),
         ] {
-            let idle = Duration::from_millis((now_ms - beat.load(Ordering::Relaxed)).max(0) as u64);
+            let idle = beat.idle();
             if idle > self.stale_after {
                 stuck.push(format!(
                     "the {name} loop has not beaten for {:.1} s (limit {:.1} s)",
@@ -103,8 +103,7 @@ async fn metrics(State(health): State<Arc<Health>>, headers: HeaderMap) -> Respo
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> Response {
-    let now = chrono::Utc::now().timestamp_millis();
-    match health.problem(now) {
+    match health.problem() {
         None => (
             StatusCode::OK,
             "ok: the scheduler and the drainer loops beat\n",
@@ -199,8 +198,8 @@ impl Admin {
     pub async fn start(
         config: &Config,
         database: PathBuf,
-        scheduler_beat: Arc<AtomicI64>,
-        drain_beat: Arc<AtomicI64>,
+        scheduler_beat: Arc<Heartbeat>,
+        drain_beat: Arc<Heartbeat>,
         disk: Option<store::DurableSyncWatch>,
     ) -> Result<Option<Admin>> {
         let Some(addr) = config.admin_listen else {
@@ -320,10 +319,9 @@ mod tests {
         use tower::ServiceExt;
         let dir = tempfile::tempdir().unwrap();
         let store = store::Store::open(&dir.path().join("m.db")).unwrap();
-        let now = chrono::Utc::now().timestamp_millis();
         let health = Arc::new(Health {
-            scheduler_beat: Arc::new(AtomicI64::new(now)),
-            drain_beat: Arc::new(AtomicI64::new(now)),
+            scheduler_beat: Arc::new(Heartbeat::new()),
+            drain_beat: Arc::new(Heartbeat::new()),
             stale_after: Duration::from_secs(3600),
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
@@ -370,22 +368,33 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_silent_loop_is_named() {
+    /// Staleness is read on the monotonic clock: tokio's paused clock
+    /// advances it while the wall clock barely moves, as when NTP steps the
+    /// wall clock back by as much as the loop has been stuck (on the wall
+    /// clock the drainer would look fresh, the scheduler too).
+    #[tokio::test(start_paused = true)]
+    async fn a_silent_loop_is_named_on_the_monotonic_clock() {
         let h = Health {
-            scheduler_beat: Arc::new(AtomicI64::new(10_000)),
-            drain_beat: Arc::new(AtomicI64::new(4_000)),
+            scheduler_beat: Arc::new(Heartbeat::new()),
+            drain_beat: Arc::new(Heartbeat::new()),
             stale_after: Duration::from_secs(3),
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
             disk: None,
         };
-        let why = h.problem(10_500).expect("the drainer is stale");
+        assert_eq!(h.problem(), None);
+        tokio::time::advance(Duration::from_millis(2_500)).await;
+        h.scheduler_beat.beat();
+        assert_eq!(h.problem(), None);
+        tokio::time::advance(Duration::from_millis(4_000)).await;
+        h.scheduler_beat.beat();
+        let why = h.problem().expect("the drainer is stale");
         assert!(
             why.contains("drainer loop has not beaten for 6.5 s"),
             "{why}"
         );
         assert!(!why.contains("scheduler"), "{why}");
-        assert_eq!(h.problem(6_000), None);
+        h.drain_beat.beat();
+        assert_eq!(h.problem(), None);
     }
 }

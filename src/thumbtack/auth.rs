@@ -551,16 +551,58 @@ fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     })
 }
 
-/// A grant's businesses (id, name) and warnings about what their list left unread.
-pub type BusinessList = (Vec<(String, Option<String>)>, Vec<String>);
+/// A grant's businesses as its list answered them.
+#[derive(Debug, Default)]
+pub struct BusinessList {
+    /// (id, name) of each business read.
+    pub list: Vec<(String, Option<String>)>,
+    /// Warnings about what the list left unread.
+    pub notes: Vec<String>,
+    /// False when the grant may cover businesses not in `list`: a page
+    /// that could not be read, paging that did not advance or was not
+    /// proven at its end, or an entry without a readable `businessID`.
+    pub complete: bool,
+}
 
-/// The businesses of a `GET /api/v4/businesses` answer (id, name), and
-/// warnings about what it could not read. An answer holding no list is an
-/// error, not a grant covering nothing; an entry without a readable id is
-/// named; a page as long as its `limit`, or naming a next page, may leave
-/// businesses out (only the first page is read: the list's paging is not
-/// documented).
-pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
+/// Why a page of the business list could not be read.
+#[derive(Debug)]
+pub struct PageError {
+    pub error: anyhow::Error,
+    /// The server answered 4xx (429 aside): it refuses that page, which
+    /// after a short page means there is none; anything else (network,
+    /// 5xx, 429, an unreadable body) says nothing of what remains.
+    pub refused: bool,
+}
+
+impl From<anyhow::Error> for PageError {
+    fn from(error: anyhow::Error) -> PageError {
+        PageError {
+            error,
+            refused: false,
+        }
+    }
+}
+
+/// One page of `GET /api/v4/businesses`: its businesses (id, name),
+/// warnings about entries it could not read, and what it says of the next.
+#[derive(Debug, Default)]
+pub struct BusinessPage {
+    pub list: Vec<(String, Option<String>)>,
+    pub notes: Vec<String>,
+    /// Entries on the page, readable or not (the next offset counts them).
+    pub entries: usize,
+    /// `pagination.limit`, when echoed (Thumbtack answers `{limit: 20}`).
+    pub limit: Option<u64>,
+    /// `pagination.next` (a URL) or a top-level `next`.
+    pub next: Option<String>,
+    /// `nextPageToken` (sent back as `pageToken`).
+    pub next_page_token: Option<String>,
+}
+
+/// Reads one page of a `GET /api/v4/businesses` answer. An answer holding
+/// no list is an error, not a grant covering nothing; an entry without a
+/// readable id is named.
+pub fn business_page(body: &[u8]) -> anyhow::Result<BusinessPage> {
     let v: serde_json::Value = serde_json::from_slice(body)
         .map_err(|_| anyhow::anyhow!("the business list is not JSON ({} bytes)", body.len()))?;
     let Some(entries) = v
@@ -605,34 +647,221 @@ pub fn business_list(body: &[u8]) -> anyhow::Result<BusinessList> {
         }
     }
     let pagination = v.get("pagination");
-    let named = |o: Option<&serde_json::Value>, k: &str| {
-        o.and_then(|o| o.get(k))
-            .is_some_and(|x| !x.is_null() && x.as_str() != Some(""))
+    let text = |k: &str| {
+        pagination
+            .and_then(|p| p.get(k))
+            .or_else(|| v.get(k))
+            .and_then(|x| x.as_str())
+            .filter(|x| !x.is_empty())
+            .map(str::to_string)
     };
-    let next = ["next", "nextPageToken", "pageToken"]
-        .iter()
-        .any(|k| named(pagination, k) || named(Some(&v), k));
-    let limit = pagination
-        .and_then(|p| p.get("limit"))
-        .and_then(|l| l.as_u64());
-    let full = limit.is_some_and(|l| l > 0 && entries.len() as u64 >= l);
-    if next || full {
-        notes.push(format!(
-            "the grant may cover more businesses than the {} listed ({}; leadsync reads the \
-             first page only): configure any other business of the pro's with a conf.d file \
-             naming the same refresh_token_file",
-            entries.len(),
-            if next {
-                "the answer names a next page".to_string()
-            } else {
-                format!(
-                    "the page is as long as its limit, {}",
-                    limit.unwrap_or_default()
-                )
-            }
+    Ok(BusinessPage {
+        list,
+        notes,
+        entries: entries.len(),
+        limit: pagination
+            .and_then(|p| p.get("limit"))
+            .and_then(|l| l.as_u64())
+            .filter(|l| *l > 0),
+        next: text("next"),
+        next_page_token: text("nextPageToken").or_else(|| text("pageToken")),
+    })
+}
+
+/// The query of the business list's page after `page` (`None`: none
+/// named): `next`'s query, only from `base_url`'s host or Thumbtack's;
+/// else `nextPageToken` as `pageToken`; else, on a page echoing its
+/// `limit` (Thumbtack names no next page), the next `offset`.
+fn next_business_query(
+    base_url: &str,
+    page: &BusinessPage,
+    offset: usize,
+) -> Result<Option<String>, String> {
+    if let Some(next) = &page.next {
+        let base =
+            reqwest::Url::parse(base_url).map_err(|e| format!("api.base_url is not a URL: {e}"))?;
+        let url = reqwest::Url::options()
+            .base_url(Some(&base))
+            .parse(next)
+            .map_err(|e| format!("its pagination.next is not a URL: {e}"))?;
+        let host = url.host_str().unwrap_or("");
+        if Some(host) != base.host_str() && !super::paging::thumbtack_host(host) {
+            return Err(format!(
+                "its pagination.next names another host ({}), never followed",
+                excerpt(host)
+            ));
+        }
+        return match url.query().filter(|q| !q.is_empty()) {
+            Some(q) => Ok(Some(q.to_string())),
+            None => Err("its pagination.next names no page (no query)".into()),
+        };
+    }
+    if let Some(t) = &page.next_page_token {
+        return Ok(Some(
+            serde_urlencoded::to_string([("pageToken", t.as_str())]).unwrap_or_default(),
         ));
     }
-    Ok((list, notes))
+    Ok(page.limit.map(|l| format!("limit={l}&offset={offset}")))
+}
+
+/// Pages of the business list read at most.
+pub const MAX_BUSINESS_PAGES: usize = 100;
+
+/// How a warning that the business list may be incomplete begins.
+pub const MAY_COVER_MORE: &str = "the grant may cover more businesses";
+
+/// Tries of one page of the business list while it fails transiently.
+pub const BUSINESS_PAGE_ATTEMPTS: u32 = 3;
+/// The wait before trying a page again when the server names none.
+pub const BUSINESS_RETRY_BACKOFF: Duration = Duration::from_millis(500);
+/// The longest wait before trying a page again (`Retry-After` included).
+pub const BUSINESS_RETRY_CAP: Duration = Duration::from_secs(10);
+
+/// The wait before trying a page of the business list again after an
+/// answer of `status` (`None`: not transient, not tried again): its
+/// `Retry-After` (`0` or a past date: the backoff) up to the cap.
+fn business_retry_wait(status: u16, retry_after: Option<Duration>) -> Option<Duration> {
+    (status == 429 || (500..600).contains(&status)).then(|| {
+        retry_after
+            .unwrap_or(BUSINESS_RETRY_BACKOFF)
+            .clamp(BUSINESS_RETRY_BACKOFF, BUSINESS_RETRY_CAP)
+    })
+}
+
+/// Reads every page of the business list, each asked of `fetch` by its
+/// query (`""` first): `next`, `nextPageToken`, or (Thumbtack echoes only
+/// `{limit}`) the next `offset`, until an empty page, at most
+/// [`MAX_BUSINESS_PAGES`]. A first page that fails is an error; a later
+/// one, or paging that does not advance, keeps the businesses read and
+/// warns that the grant may cover more. A page shorter than its limit
+/// proves the end only until a page after one brings new businesses (a
+/// server capping pages below the limit it echoes). An empty offset page
+/// after a full one proves the end only when `limit=2&offset={end-1}`
+/// answers the last business read first: a server reading `offset` as a
+/// page number answers an empty page there with more businesses unread.
+pub async fn read_business_list(
+    base_url: &str,
+    mut fetch: impl AsyncFnMut(&str) -> Result<BusinessPage, PageError>,
+) -> anyhow::Result<BusinessList> {
+    let mut query = String::new();
+    let mut asked = std::collections::HashSet::from([String::new()]);
+    let mut seen = std::collections::HashSet::new();
+    let (mut all, mut notes) = (Vec::new(), Vec::new());
+    let mut offset = 0usize;
+    // The page before was shorter than its limit (and that still proves
+    // the end), or full and asked on by offset (its last business, if read).
+    let mut after_short = false;
+    let mut shorts_lie = false;
+    let mut after_full_offset: Option<Option<String>> = None;
+    let mut skipped = false;
+    // Why the list may cover more (`None`: read to its proven end).
+    let why: Option<String> = 'list: {
+        for n in 0..MAX_BUSINESS_PAGES {
+            let page = match fetch(&query).await {
+                Ok(page) => page,
+                Err(e) if n == 0 => return Err(e.error),
+                // After a page shorter than its limit, the offset past it
+                // only confirms the end: a server refusing `offset` (which
+                // Thumbtack does not document) leaves nothing unread. An
+                // outage there (5xx, 429, network) proves nothing.
+                Err(e) if after_short && e.refused => {
+                    debug!(error = %format!("{:#}", e.error), "the page after a short page of the business list was refused");
+                    break 'list None;
+                }
+                Err(e) => {
+                    break 'list Some(format!(
+                        "its page {} could not be read ({:#})",
+                        n + 1,
+                        e.error
+                    ));
+                }
+            };
+            notes.extend(page.notes.iter().cloned());
+            // An entry without a readable id: that business gets no conf file.
+            skipped |= page.list.len() < page.entries;
+            let before = all.len();
+            all.extend(
+                page.list
+                    .iter()
+                    .filter(|(id, _)| seen.insert(id.clone()))
+                    .cloned(),
+            );
+            if after_short && all.len() > before {
+                shorts_lie = true;
+            }
+            offset += page.entries;
+            if page.entries == 0 {
+                if let Some(last) = after_full_offset.take() {
+                    let proof = format!("limit=2&offset={}", offset.saturating_sub(1));
+                    // No last business read (its entry unreadable): nothing
+                    // to prove the end by, so nothing is asked.
+                    let proven = match &last {
+                        Some(last) => fetch(&proof)
+                            .await
+                            .is_ok_and(|p| p.list.first().is_some_and(|(id, _)| id == last)),
+                        None => false,
+                    };
+                    if !proven {
+                        break 'list Some(format!(
+                            "page {} (offset {offset}) is empty after a full page, and the list \
+                         asked at offset {} does not begin with the last business read: the \
+                         server may not read `offset` as a count of businesses",
+                            n + 1,
+                            offset.saturating_sub(1)
+                        ));
+                    }
+                }
+                break 'list None;
+            }
+            let next = match next_business_query(base_url, &page, offset) {
+                Ok(Some(q)) => q,
+                Ok(None) => break 'list None,
+                Err(e) => break 'list Some(format!("page {} of the list: {e}", n + 1)),
+            };
+            // A page of businesses already read: a server ignoring the
+            // offset (or a token) serves the same page again. After a page
+            // shorter than its limit that is the whole list.
+            let by_offset = page.next.is_none() && page.next_page_token.is_none();
+            let short =
+                !shorts_lie && by_offset && page.limit.is_some_and(|l| (page.entries as u64) < l);
+            if all.len() == before && page.list.len() == page.entries {
+                if !short {
+                    break 'list Some(format!(
+                        "page {} lists only businesses of earlier pages: its paging does not advance",
+                        n + 1
+                    ));
+                }
+                break 'list None;
+            }
+            if !asked.insert(next.clone()) {
+                break 'list Some(format!(
+                    "the list names a page it already answered (?{next})"
+                ));
+            }
+            after_short = short;
+            after_full_offset = (by_offset && !short).then(|| {
+                (page.list.len() == page.entries)
+                    .then(|| page.list.last().map(|(id, _)| id.clone()))
+                    .flatten()
+            });
+            query = next;
+        }
+        Some(format!(
+            "the list still names a next page after {MAX_BUSINESS_PAGES} pages"
+        ))
+    };
+    if let Some(why) = &why {
+        notes.push(format!(
+            "{MAY_COVER_MORE} than the {} listed: {why}; configure any other business of the \
+             pro's with a conf.d file naming the same refresh_token_file",
+            all.len()
+        ));
+    }
+    Ok(BusinessList {
+        list: all,
+        notes,
+        complete: why.is_none() && !skipped,
+    })
 }
 
 /// A short, printable excerpt of a server-written description (never a token body):
@@ -1110,42 +1339,117 @@ impl Auth {
     }
 
     /// The businesses a grant's access token covers (`GET /api/v4/businesses`):
-    /// id and name, and warnings about what the answer left unread.
+    /// id and name, and warnings about what the answer left unread (see
+    /// [`read_business_list`]). Each page is tried up to
+    /// [`BUSINESS_PAGE_ATTEMPTS`] times while it fails transiently (network,
+    /// 429 honouring `Retry-After` up to [`BUSINESS_RETRY_CAP`], 5xx), and
+    /// requests are spaced by `api.max_requests_per_second`. The caller
+    /// stops it by dropping it (a signal): every wait is a sleep.
     pub async fn businesses_of(
         &self,
         base_url: &str,
         access_token: &Secret,
+        max_requests_per_second: f64,
     ) -> anyhow::Result<BusinessList> {
-        let url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
+        let list_url = format!("{}/api/v4/businesses", base_url.trim_end_matches('/'));
+        let gap = if max_requests_per_second.is_finite() && max_requests_per_second > 0.0 {
+            Duration::from_secs_f64((1.0 / max_requests_per_second).min(60.0))
+        } else {
+            Duration::ZERO
+        };
+        let mut last: Option<tokio::time::Instant> = None;
+        read_business_list(base_url, async |query: &str| {
+            let url = if query.is_empty() {
+                list_url.clone()
+            } else {
+                format!("{list_url}?{query}")
+            };
+            let mut attempt = 1;
+            loop {
+                if let Some(t) = last {
+                    tokio::time::sleep_until(t + gap).await;
+                }
+                last = Some(tokio::time::Instant::now());
+                match self.business_page_at(&url, access_token).await {
+                    Ok(page) => return Ok(page),
+                    Err((e, Some(wait))) if attempt < BUSINESS_PAGE_ATTEMPTS => {
+                        debug!(error = %format!("{:#}", e.error), attempt, "a page of the business list failed; retrying");
+                        tokio::time::sleep(wait).await;
+                        attempt += 1;
+                    }
+                    Err((e, _)) => return Err(e),
+                }
+            }
+        })
+        .await
+    }
+
+    /// One page of the business list at `url`; a failure carries the wait
+    /// before a retry when it is transient (network, 429, 5xx), and says
+    /// whether the server refused the page (4xx but 429).
+    async fn business_page_at(
+        &self,
+        url: &str,
+        access_token: &Secret,
+    ) -> Result<BusinessPage, (PageError, Option<Duration>)> {
         let resp = self
             .inner
             .http
-            .get(&url)
+            .get(url)
             .bearer_auth(access_token.expose())
             .send()
             .await
             .map_err(|e| {
-                anyhow::anyhow!(
-                    "cannot list the grant's businesses: {}",
-                    ApiError::transport(&e)
+                (
+                    anyhow::anyhow!(
+                        "cannot list the grant's businesses: {}",
+                        ApiError::transport(&e)
+                    )
+                    .into(),
+                    Some(BUSINESS_RETRY_BACKOFF),
                 )
             })?;
         let status = resp.status().as_u16();
+        let retry_after = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| {
+                super::problem::parse_retry_after(v, chrono::Utc::now(), BUSINESS_RETRY_CAP)
+            });
+        let refused = (400..500).contains(&status) && status != 429;
+        let wait = business_retry_wait(status, retry_after);
+        let fail = |error: anyhow::Error, wait| (PageError { error, refused }, wait);
         let body = match super::client::read_body(resp, super::client::MAX_BODY_BYTES).await {
             Ok(body) => body,
-            Err(super::client::BodyError::Read(e)) => return Err(e.into()),
-            Err(super::client::BodyError::TooLarge(what)) => anyhow::bail!(
-                "cannot list the grant's businesses: HTTP {status} with a body {what} larger than {} bytes",
-                super::client::MAX_BODY_BYTES
-            ),
+            // The status is known: a refusal (401, 403, 404...) whose
+            // body broke off is still a refusal, never tried again.
+            Err(super::client::BodyError::Read(e)) => {
+                return Err(fail(
+                    e.into(),
+                    (!refused).then_some(wait.unwrap_or(BUSINESS_RETRY_BACKOFF)),
+                ));
+            }
+            Err(super::client::BodyError::TooLarge(what)) => {
+                return Err(fail(
+                    anyhow::anyhow!(
+                        "cannot list the grant's businesses: HTTP {status} with a body {what} larger than {} bytes",
+                        super::client::MAX_BODY_BYTES
+                    ),
+                    None,
+                ));
+            }
         };
         if !super::problem::is_success(status) {
-            anyhow::bail!(
-                "cannot list the grant's businesses: {}",
-                ApiError::from_response(status, "", None, &body)
-            );
+            return Err(fail(
+                anyhow::anyhow!(
+                    "cannot list the grant's businesses: {}",
+                    ApiError::from_response(status, "", None, &body)
+                ),
+                wait,
+            ));
         }
-        business_list(&body)
+        business_page(&body).map_err(|e| (e.into(), None))
     }
 
     async fn exchange_on(
@@ -2882,16 +3186,16 @@ mod tests {
             br#"{"data":{"businessID":"1"}}"#,
             br#""ok""#,
         ] {
-            let r = business_list(body);
+            let r = business_page(body);
             assert!(r.is_err(), "{}: {r:?}", String::from_utf8_lossy(body));
         }
-        let (list, notes) = business_list(br#"{"data":[],"pagination":{"limit":20}}"#).unwrap();
-        assert!(list.is_empty() && notes.is_empty(), "{notes:?}");
+        let p = business_page(br#"{"data":[],"pagination":{"limit":20}}"#).unwrap();
+        assert!(p.list.is_empty() && p.notes.is_empty(), "{p:?}");
     }
 
     #[test]
     fn a_business_list_entry_without_a_readable_id_is_named_not_dropped() {
-        let (list, notes) = business_list(
+        let BusinessPage { list, notes, .. } = business_page(
             br#"{"data":[{"businessID":"11","name":"A"},{"name":"Pro B"},{"businessID":null}]}"#,
         )
         .unwrap();
@@ -2904,8 +3208,8 @@ mod tests {
 
     #[test]
     fn an_empty_business_id_is_named_like_an_unreadable_one() {
-        let (list, notes) =
-            business_list(br#"{"data":[{"businessID":"","name":"Pro E"},{"businessID":"12"}]}"#)
+        let BusinessPage { list, notes, .. } =
+            business_page(br#"{"data":[{"businessID":"","name":"Pro E"},{"businessID":"12"}]}"#)
                 .unwrap();
         assert_eq!(list, vec![("12".to_string(), None)]);
         assert_eq!(notes.len(), 1, "{notes:?}");
@@ -2913,35 +3217,25 @@ mod tests {
     }
 
     #[test]
-    fn a_full_or_continued_business_list_says_more_may_exist() {
-        // Only the first page is read: a page as long as its limit, or one
-        // naming a next page, may leave businesses out.
-        let page = |n: usize, pagination: &str| {
-            let data: Vec<String> = (0..n)
-                .map(|i| format!(r#"{{"businessID":"{}","name":"n"}}"#, 100 + i))
-                .collect();
-            format!(
-                r#"{{"data":[{}],"pagination":{pagination}}}"#,
-                data.join(",")
-            )
-        };
-        for (n, p) in [
-            (20, r#"{"limit":20}"#),
-            (
-                2,
-                r#"{"limit":20,"next":"https://api.thumbtack.com/v4/businesses?offset=2"}"#,
-            ),
-            (2, r#"{"limit":20,"nextPageToken":"abc"}"#),
-        ] {
-            let (list, notes) = business_list(page(n, p).as_bytes()).unwrap();
-            assert_eq!(list.len(), n);
-            assert!(
-                notes.iter().any(|m| m.contains("may cover more")),
-                "{p}: {notes:?}"
-            );
-        }
-        let (_, notes) = business_list(page(19, r#"{"limit":20}"#).as_bytes()).unwrap();
-        assert!(notes.is_empty(), "{notes:?}");
+    fn the_business_lists_next_page_is_its_next_its_token_or_the_next_offset() {
+        let base = "https://api.thumbtack.com";
+        let page = |body: &str| business_page(body.as_bytes()).unwrap();
+        let q = |p: &BusinessPage, offset| next_business_query(base, p, offset);
+        // Thumbtack echoes only the limit: the next offset.
+        let p = page(r#"{"data":[{"businessID":"1"}],"pagination":{"limit":20}}"#);
+        assert_eq!(q(&p, 1), Ok(Some("limit=20&offset=1".into())));
+        // A bare list names no paging: one page.
+        assert_eq!(q(&page(r#"[{"businessID":"1"}]"#), 1), Ok(None));
+        let p = page(
+            r#"{"data":[],"pagination":{"limit":2,"next":"https://api.thumbtack.com/v4/businesses?limit=2&offset=2"}}"#,
+        );
+        assert_eq!(q(&p, 0), Ok(Some("limit=2&offset=2".into())));
+        let p = page(r#"{"data":[],"pagination":{"limit":2,"nextPageToken":"a b"}}"#);
+        assert_eq!(q(&p, 0), Ok(Some("pageToken=a+b".into())));
+        let p = page(
+            r#"{"data":[],"pagination":{"next":"https://evil.example/v4/businesses?offset=2"}}"#,
+        );
+        assert!(q(&p, 0).unwrap_err().contains("another host"));
     }
 
     #[test]
@@ -2990,5 +3284,267 @@ mod tests {
             instant_of("+200000-01-01T00:00:00Z")
                 .is_none_or(|i| i <= Instant::now() + Duration::from_secs(MAX_EXPIRES_IN))
         );
+    }
+
+    /// A business list served by offset: `total` businesses `b1`..,
+    /// at most `cap` a page, echoing `echo` (else the page's own limit),
+    /// `offset` read as a page number when `as_page`, failing from
+    /// `fail_from` on.
+    fn offset_server(
+        total: usize,
+        cap: usize,
+        echo: Option<usize>,
+        as_page: bool,
+        fail_from: Option<usize>,
+    ) -> impl FnMut(&str) -> anyhow::Result<String> {
+        move |q: &str| {
+            let p: HashMap<String, usize> = serde_urlencoded::from_str(q).unwrap();
+            let offset = p.get("offset").copied().unwrap_or(0);
+            if fail_from.is_some_and(|f| offset >= f && offset > 0) {
+                anyhow::bail!("HTTP 503");
+            }
+            let size = p.get("limit").copied().unwrap_or(20).min(cap);
+            let skip = if as_page { offset * size } else { offset };
+            let data: Vec<_> = (skip..total.max(skip))
+                .take(size)
+                .map(|i| serde_json::json!({"businessID": format!("b{}", i + 1)}))
+                .collect();
+            Ok(
+                serde_json::json!({"data": data, "pagination": {"limit": echo.unwrap_or(size)}})
+                    .to_string(),
+            )
+        }
+    }
+
+    /// Runs [`read_business_list`] on `serve`: the list and the queries asked.
+    async fn list_with(
+        mut serve: impl FnMut(&str) -> anyhow::Result<String>,
+    ) -> (anyhow::Result<BusinessList>, Vec<String>) {
+        let mut asked = Vec::new();
+        let r = read_business_list("https://api.thumbtack.com", async |q: &str| {
+            asked.push(q.to_string());
+            // An error `HTTP 4..` (429 aside) stands for a refusal.
+            let text = serve(q).map_err(|error| PageError {
+                refused: format!("{error}").starts_with("HTTP 4")
+                    && !format!("{error}").starts_with("HTTP 429"),
+                error,
+            })?;
+            Ok(business_page(text.as_bytes())?)
+        })
+        .await;
+        (r, asked)
+    }
+
+    #[tokio::test]
+    async fn a_business_list_serving_the_same_page_forever_stops_and_warns() {
+        let page = r#"{"data":[{"businessID":"1"}],"pagination":{"limit":1}}"#;
+        let (r, asked) = list_with(|_| Ok(page.to_string())).await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(list.len(), 1);
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("does not advance")),
+            "{notes:?}"
+        );
+        // The same token forever, each page with a new business.
+        let mut n = 0;
+        let (r, asked) = list_with(|_| {
+            n += 1;
+            Ok(format!(
+                r#"{{"data":[{{"businessID":"{n}"}}],"nextPageToken":"t"}}"#
+            ))
+        })
+        .await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!((list.len(), asked.len()), (2, 2), "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("already answered")),
+            "{notes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_business_list_next_on_another_host_is_never_followed() {
+        let page = r#"{"data":[{"businessID":"1"}],"pagination":{"next":"https://evil.example/api/v4/businesses?offset=1"}}"#;
+        let (r, asked) = list_with(|_| Ok(page.to_string())).await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!((list.len(), asked.len()), (1, 1), "{asked:?}");
+        assert!(
+            notes
+                .iter()
+                .any(|n| n.contains("another host") && n.contains("may cover more")),
+            "{notes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_later_page_failing_keeps_the_businesses_read_and_warns() {
+        let (r, _) = list_with(offset_server(5, 2, None, false, Some(1))).await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(list.len(), 2);
+        assert!(
+            notes.iter().any(|n| n.contains("page 2 could not be read")),
+            "{notes:?}"
+        );
+        // The first page failing is an error.
+        let (r, _) = list_with(|_| anyhow::bail!("HTTP 503")).await;
+        assert!(r.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_business_list_is_read_at_most_max_pages() {
+        let mut n = 0;
+        let (r, asked) = list_with(|_| {
+            n += 1;
+            Ok(format!(
+                r#"{{"data":[{{"businessID":"{n}"}}],"nextPageToken":"t{n}"}}"#
+            ))
+        })
+        .await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(
+            (list.len(), asked.len()),
+            (MAX_BUSINESS_PAGES, MAX_BUSINESS_PAGES)
+        );
+        assert!(
+            notes.iter().any(|n| n.contains("after 100 pages")),
+            "{notes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn pages_capped_below_the_limit_they_echo_then_failing_warn() {
+        // Pages of 10 echoing limit 20: each looks short, yet the next one
+        // brings new businesses, so a short page no longer proves the end.
+        let (r, asked) = list_with(offset_server(25, 10, Some(20), false, Some(20))).await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(list.len(), 20, "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("page 3 could not be read")),
+            "{notes:?}"
+        );
+        // Read whole, it ends without a warning.
+        let (r, asked) = list_with(offset_server(25, 10, Some(20), false, None)).await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(list.len(), 25, "{asked:?}");
+        assert!(notes.is_empty(), "{notes:?}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_page_after_a_full_one_proves_the_end_or_warns() {
+        // `offset` read as a page number: offset 20 is page 20, empty.
+        let (r, asked) = list_with(offset_server(30, 20, None, true, None)).await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(list.len(), 20, "{asked:?}");
+        assert!(
+            notes.iter().any(|n| n.contains("empty after a full page")),
+            "{notes:?}"
+        );
+        // Exactly two full pages of a server counting businesses: the
+        // proof answers the last business read, and no warning.
+        let (r, asked) = list_with(offset_server(40, 20, None, false, None)).await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(list.len(), 40);
+        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(asked.last().unwrap(), "limit=2&offset=39", "{asked:?}");
+        // A proof that fails warns too.
+        let mut serve = offset_server(40, 20, None, false, None);
+        let (r, _) = list_with(move |q: &str| {
+            if q.ends_with("offset=39") {
+                anyhow::bail!("HTTP 503")
+            }
+            serve(q)
+        })
+        .await;
+        let BusinessList { list, notes, .. } = r.unwrap();
+        assert_eq!(list.len(), 40);
+        assert!(
+            notes.iter().any(|n| n.contains("empty after a full page")),
+            "{notes:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_outage_after_a_short_page_warns_only_a_refusal_ends_the_list() {
+        // Pages capped at 10 echoing limit 20, 25 businesses: page 2
+        // failing with a 503 (retries spent) proves nothing.
+        let (r, asked) = list_with(offset_server(25, 10, Some(20), false, Some(10))).await;
+        let l = r.unwrap();
+        assert_eq!(l.list.len(), 10, "{asked:?}");
+        assert!(!l.complete);
+        assert!(
+            l.notes
+                .iter()
+                .any(|n| n.contains("may cover more") && n.contains("page 2 could not be read")),
+            "{:?}",
+            l.notes
+        );
+        // A 4xx there refuses the offset: the short page was the end.
+        let mut serve = offset_server(5, 10, Some(20), false, None);
+        let (r, _) = list_with(move |q: &str| {
+            if q.contains("offset=5") {
+                anyhow::bail!("HTTP 400")
+            }
+            serve(q)
+        })
+        .await;
+        let l = r.unwrap();
+        assert_eq!(l.list.len(), 5);
+        assert!(l.complete && l.notes.is_empty(), "{:?}", l.notes);
+    }
+
+    #[tokio::test]
+    async fn a_list_with_an_unreadable_entry_or_a_warning_is_not_complete() {
+        let page = r#"{"data":[{"businessID":"1"},{"name":"no id"}]}"#;
+        let (r, _) = list_with(|_| Ok(page.to_string())).await;
+        let l = r.unwrap();
+        assert_eq!(l.list.len(), 1);
+        assert!(!l.complete, "{:?}", l.notes);
+        let (r, _) = list_with(offset_server(5, 2, None, false, Some(1))).await;
+        assert!(!r.unwrap().complete);
+        let (r, _) = list_with(offset_server(3, 20, None, false, None)).await;
+        assert!(r.unwrap().complete);
+    }
+
+    #[tokio::test]
+    async fn a_full_page_ending_on_an_unreadable_entry_asks_no_proof() {
+        // Two entries echoing limit 2, the last without an id, then an
+        // empty page: no last business to prove the end by.
+        let (r, asked) = list_with(|q: &str| {
+            Ok(if q.is_empty() {
+                r#"{"data":[{"businessID":"1"},{"name":"x"}],"pagination":{"limit":2}}"#
+            } else {
+                r#"{"data":[],"pagination":{"limit":2}}"#
+            }
+            .to_string())
+        })
+        .await;
+        let l = r.unwrap();
+        assert_eq!(asked, ["", "limit=2&offset=2"], "{asked:?}");
+        assert!(
+            !l.complete
+                && l.notes
+                    .iter()
+                    .any(|n| n.contains("empty after a full page")),
+            "{:?}",
+            l.notes
+        );
+    }
+
+    #[test]
+    fn a_retry_after_of_0_or_past_waits_the_backoff() {
+        let ms = Duration::from_millis;
+        assert_eq!(
+            business_retry_wait(429, Some(Duration::ZERO)),
+            Some(BUSINESS_RETRY_BACKOFF)
+        );
+        assert_eq!(business_retry_wait(503, None), Some(BUSINESS_RETRY_BACKOFF));
+        assert_eq!(business_retry_wait(429, Some(ms(2000))), Some(ms(2000)));
+        assert_eq!(
+            business_retry_wait(503, Some(Duration::from_secs(3600))),
+            Some(BUSINESS_RETRY_CAP)
+        );
+        assert_eq!(business_retry_wait(401, Some(ms(2000))), None);
+        assert_eq!(business_retry_wait(200, None), None);
     }
 }
