@@ -647,7 +647,12 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         Command::Backup { file, force } => backup(&load()?, file, force).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "leadsync", &mut std::io::stdout());
+            // Into memory first: clap_complete writes with `expect`, so a
+            // reader gone away (`| head`) was a panic, exit 101. Written
+            // here, a closed pipe is an error like any command's, exit 1.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "leadsync", &mut script);
+            std::io::stdout().write_all(&script)?;
             Ok(0)
         }
         Command::Man => {
