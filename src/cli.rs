@@ -497,7 +497,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                     .unwrap_or_else(|| "cannot read the status".to_string())
             })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", crate::status::render_json(&report)?);
             } else {
                 print!("{}", crate::status::render_text(&report));
             }

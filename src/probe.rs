@@ -454,29 +454,12 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
     }
 }
 
-/// The report for programs (`--json`). serde_json escapes C0 controls
-/// only; DEL, C1 controls (U+009B is a one-character CSI) and the other
-/// characters of [`crate::terminal::is_unsafe`] are written as `\uXXXX`
-/// escapes too (a surrogate pair beyond the BMP: the tag characters), so
-/// the output is safe on a terminal and reads back the same. Each can only
-/// be inside a string (the rest of the output is ASCII punctuation,
-/// digits, letters and whitespace), where such an escape stands for the
-/// character itself.
+/// The report for programs (`--json`), safe on a terminal
+/// ([`crate::terminal::safe_json`]); it reads back the same.
 pub fn render_json(r: &ProbeReport) -> Result<String> {
-    let raw = serde_json::to_string_pretty(r)?;
-    let mut out = String::with_capacity(raw.len());
-    for c in raw.chars() {
-        // C0 controls outside strings are the output's own line breaks
-        // and indentation; inside one serde_json escaped them already.
-        if c > '\u{1f}' && crate::terminal::is_unsafe(c) {
-            for unit in c.encode_utf16(&mut [0; 2]) {
-                let _ = write!(out, "\\u{unit:04x}");
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    Ok(out)
+    Ok(crate::terminal::safe_json(&serde_json::to_string_pretty(
+        r,
+    )?))
 }
 
 /// The report for people.

@@ -51,6 +51,30 @@ pub fn safe_lines(s: &str, how: Unsafe) -> String {
         .join("\n")
 }
 
+/// JSON as serde_json wrote it (`raw`), safe on a terminal: serde_json
+/// escapes C0 controls only; DEL, C1 controls (U+009B is a one-character
+/// CSI) and the other characters of [`is_unsafe`] are written as `\uXXXX`
+/// escapes too (a surrogate pair beyond the BMP: the tag characters), so
+/// the output reads back the same. Each can only be inside a string (the
+/// rest of serde_json's output is ASCII punctuation, digits, letters and
+/// whitespace), where such an escape stands for the character itself.
+pub fn safe_json(raw: &str) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        // C0 controls outside strings are the output's own line breaks
+        // and indentation; inside one serde_json escaped them already.
+        if c > '\u{1f}' && is_unsafe(c) {
+            for unit in c.encode_utf16(&mut [0; 2]) {
+                let _ = write!(out, "\\u{unit:04x}");
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
