@@ -1316,7 +1316,10 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             let conn = list_connection(config)?;
             let rows = outbox::list_messages(&conn, state.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!(
+                    "{}",
+                    crate::terminal::safe_json(&serde_json::to_string_pretty(&rows)?)
+                );
                 return Ok(0);
             }
             let mut out = std::io::stdout().lock();
@@ -1351,7 +1354,10 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             let conn = list_connection(config)?;
             let rows = outbox::list(&conn, state.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!(
+                    "{}",
+                    crate::terminal::safe_json(&serde_json::to_string_pretty(&rows)?)
+                );
                 return Ok(0);
             }
             let mut out = std::io::stdout().lock();
