@@ -372,18 +372,21 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                 }
                 Ok(list) if list.is_empty() => say!(out, "{id}: no webhook"),
                 Ok(list) => {
+                    // The server's text, each terminal-driving or invisible
+                    // character a space (crate::terminal::is_unsafe).
+                    let shown = |t: &str| crate::terminal::safe(t, crate::terminal::Unsafe::Blank);
                     for s in list {
                         say!(
                             out,
                             "{id} webhook {} {} {} [{}]",
-                            s.webhook_id,
+                            shown(&s.webhook_id),
                             if s.enabled == Some(false) {
                                 "disabled"
                             } else {
                                 "enabled"
                             },
-                            s.webhook_url,
-                            s.event_types.join(",")
+                            shown(&s.webhook_url),
+                            shown(&s.event_types.join(","))
                         );
                     }
                 }
@@ -391,14 +394,22 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                     if json {
                         all.push(serde_json::json!({"businessID": id, "error": e.to_string()}));
                     } else {
-                        say!(out, "error {id}: {e}");
+                        say!(
+                            out,
+                            "error {id}: {}",
+                            crate::terminal::safe(&e.to_string(), crate::terminal::Unsafe::Blank)
+                        );
                     }
                     failed = true;
                 }
             }
         }
         if json {
-            say!(out, "{}", serde_json::to_string_pretty(&all)?);
+            say!(
+                out,
+                "{}",
+                crate::terminal::safe_json(&serde_json::to_string_pretty(&all)?)
+            );
         }
         Ok(if failed { 1 } else { 0 })
     })
