@@ -1370,3 +1370,63 @@ fn secret_files_other_users_can_read_are_warned_about_by_name_not_content() {
         "files no one else can read or change draw no warning: {t}"
     );
 }
+
+/// The README's configuration table is where an operator looks a key up;
+/// `config/leadsync.toml` is "a complete commented example". Every key the
+/// example sets (or shows commented out) has a row in the table, and every
+/// row names a key of the example: the `[webhooks]` keys had no row (only
+/// the Webhooks section's sample), so a reader of the table did not know
+/// they existed.
+#[test]
+fn the_readme_table_and_the_example_name_the_same_keys() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("| key | default | meaning |")
+        .expect("the README's configuration table");
+    let table = &readme[start..];
+    let table = &table[..table.find("\n\n").unwrap_or(table.len())];
+    let mut documented = std::collections::BTreeSet::new();
+    for row in table.lines().skip(2) {
+        let cell = row.split('|').nth(1).unwrap_or("");
+        let mut prefix = String::new();
+        for (i, key) in cell.split('`').skip(1).step_by(2).enumerate() {
+            // `businesses[].schedule`, `full_schedule`: the second shares the prefix.
+            if i == 0 {
+                prefix = key
+                    .rsplit_once('.')
+                    .map_or(String::new(), |(p, _)| format!("{p}."));
+                documented.insert(key.to_string());
+            } else {
+                documented.insert(format!("{prefix}{key}"));
+            }
+        }
+    }
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/leadsync.toml"))
+            .unwrap();
+    let mut section = String::new();
+    let mut shown = std::collections::BTreeSet::new();
+    for line in example.lines() {
+        let l = line.trim().trim_start_matches('#').trim();
+        let word = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            section = format!("{name}[].");
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']'))
+            && word(name)
+        {
+            section = format!("{name}.");
+        } else if let Some((key, _)) = l.split_once(" = ")
+            && word(key.trim())
+        {
+            shown.insert(format!("{section}{}", key.trim()));
+        }
+    }
+    assert!(shown.len() > 30, "the example was not read: {shown:?}");
+    let undocumented: Vec<_> = shown.difference(&documented).collect();
+    let not_in_example: Vec<_> = documented.difference(&shown).collect();
+    assert!(
+        undocumented.is_empty() && not_in_example.is_empty(),
+        "keys of config/leadsync.toml with no row in the README's table: {undocumented:?}\n\
+         rows of the table the example does not show: {not_in_example:?}"
+    );
+}
