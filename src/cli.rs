@@ -549,7 +549,9 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                     p.replace('\n', " ")
                 );
             }
-            print!("{}", config.to_masked_toml());
+            // A name `auth exchange --write-conf` took from the server may
+            // hold characters a terminal obeys: escaped, still valid TOML.
+            print!("{}", crate::terminal::safe_toml(&config.to_masked_toml()));
             Ok(0)
         }
         Command::Auth {

@@ -75,6 +75,94 @@ pub fn safe_json(raw: &str) -> String {
     out
 }
 
+/// TOML as the `toml` crate wrote it (`raw`), safe on a terminal and read
+/// back the same: in a basic string each [`is_unsafe`] character (line
+/// breaks of a multi-line string aside) is written as its `\uXXXX` /
+/// `\UXXXXXXXX` escape; a literal string (which has no escapes) holding one
+/// is written as a basic string instead. `config check` prints the
+/// configuration this way: a business name `auth exchange --write-conf`
+/// took from the server can hold such characters.
+pub fn safe_toml(raw: &str) -> String {
+    let chars: Vec<char> = raw.chars().collect();
+    let mut out = String::with_capacity(raw.len());
+    let starts = |i: usize, q: char| {
+        chars
+            .get(i..i + 3)
+            .is_some_and(|w| w.iter().all(|c| *c == q))
+    };
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c != '"' && c != '\'' {
+            if c != '\n' && is_unsafe(c) {
+                push_toml_escape(&mut out, c);
+            } else {
+                out.push(c);
+            }
+            i += 1;
+            continue;
+        }
+        let multi = starts(i, c);
+        let open = if multi { 3 } else { 1 };
+        // The string's content as written (escapes kept), and its end:
+        // a multi-line string may end with up to two more quotes.
+        let mut j = i + open;
+        let mut body = String::new();
+        while j < chars.len() {
+            if c == '"' && chars[j] == '\\' {
+                body.extend(chars.get(j..j + 2).unwrap_or(&chars[j..]));
+                j += 2;
+                continue;
+            }
+            if (multi && starts(j, c) && !starts(j + 1, c)) || (!multi && chars[j] == c) {
+                break;
+            }
+            body.push(chars[j]);
+            j += 1;
+        }
+        let close = (j + open).min(chars.len());
+        let hostile = |ch: char| is_unsafe(ch) && !(multi && ch == '\n');
+        if c == '"' {
+            out.extend(&chars[i..i + open]);
+            for ch in body.chars() {
+                if hostile(ch) {
+                    push_toml_escape(&mut out, ch);
+                } else {
+                    out.push(ch);
+                }
+            }
+            out.extend(&chars[j.min(chars.len())..close]);
+        } else if body.chars().any(hostile) {
+            let quotes = if multi { "\"\"\"" } else { "\"" };
+            out.push_str(quotes);
+            for ch in body.chars() {
+                match ch {
+                    '\\' => out.push_str("\\\\"),
+                    '"' => out.push_str("\\\""),
+                    ch if hostile(ch) => push_toml_escape(&mut out, ch),
+                    ch => out.push(ch),
+                }
+            }
+            out.push_str(quotes);
+        } else {
+            out.extend(&chars[i..close]);
+        }
+        i = close;
+    }
+    out
+}
+
+/// `c` as a TOML basic string's escape.
+fn push_toml_escape(out: &mut String, c: char) {
+    use std::fmt::Write;
+    let n = c as u32;
+    let _ = if n <= 0xffff {
+        write!(out, "\\u{n:04X}")
+    } else {
+        write!(out, "\\U{n:08X}")
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -90,5 +178,39 @@ mod tests {
         assert!(escaped.contains("\\u{200b}") && escaped.contains("\\u{e0041}"));
         assert_eq!(safe_lines("x\u{1b}\ny", Unsafe::Blank), "x \ny");
         assert_eq!(safe("plain é", Unsafe::Escape), "plain é");
+    }
+
+    /// Whatever style the toml crate picks for a string (basic, literal,
+    /// multi-line), the safe output has no character a terminal obeys and
+    /// reads back as the same value.
+    #[test]
+    fn toml_strings_of_every_style_are_escaped_and_read_back_the_same() {
+        #[derive(serde::Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct T {
+            v: Vec<String>,
+        }
+        let t = T {
+            v: [
+                "a\u{9b}2J\u{202e}b",
+                "quote\" and \u{9b} C1",
+                "back\\slash \u{200b} and 'single'",
+                "two\nlines \u{1b}[2J\u{9b}",
+                "two\nlines \"q\" \\ \u{e0041}",
+                "tab\there",
+                "plain é",
+                "'''triple''' \u{9b}",
+                "ends with quotes \u{9b}\"\"",
+            ]
+            .map(String::from)
+            .to_vec(),
+        };
+        let raw = toml::to_string_pretty(&t).unwrap();
+        let safe = safe_toml(&raw);
+        assert!(
+            !safe.chars().any(|c| c != '\n' && is_unsafe(c)),
+            "{raw}\n=>\n{safe}"
+        );
+        let back: T = toml::from_str(&safe).unwrap_or_else(|e| panic!("{e}\n{safe}"));
+        assert_eq!(back, t, "{raw}\n=>\n{safe}");
     }
 }

@@ -1430,3 +1430,54 @@ fn the_readme_table_and_the_example_name_the_same_keys() {
          rows of the table the example does not show: {not_in_example:?}"
     );
 }
+
+/// `auth exchange --write-conf` writes each business's name as Thumbtack
+/// gives it, and TOML allows C1 controls (U+009B is a one-character CSI),
+/// bidirectional overrides and zero-width characters in a string: `config
+/// check` printed them raw. It now writes each as its TOML escape (a
+/// literal string holding one becomes a basic string), so the printed
+/// configuration is safe on a terminal and still reads back the same.
+#[test]
+fn config_check_prints_hostile_names_escaped_and_still_valid_toml() {
+    let d = Dir::new();
+    let f = d.file(
+        "c.toml",
+        &format!(
+            // The second name makes the toml crate pick a literal string.
+            "{}\n[[businesses]]\nid = \"468046965846925324\"\naccess_token_file = \"t\"\nname = 'say \"hi\" \u{9b}'\n",
+            d.base().replace(
+                "name = \"Robert's Remodeling\"",
+                "name = \"Rob\\u009b2J\\u202eerts\\u200b\"",
+            )
+        ),
+    );
+    std::fs::write(d.path().join("t"), "token\n").unwrap();
+    chmod(&d.path().join("t"), 0o600);
+    let o = check(&[&f], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let bad: Vec<String> = out
+        .chars()
+        .filter(|c| *c != '\n' && leadsync::terminal::is_unsafe(*c))
+        .map(|c| c.escape_unicode().to_string())
+        .collect();
+    assert!(bad.is_empty(), "config check printed {bad:?}:\n{out}");
+    let printed: toml::Value = toml::from_str(
+        &out.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{out}"));
+    let names: Vec<&str> = printed["businesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["Rob\u{9b}2J\u{202e}erts\u{200b}", "say \"hi\" \u{9b}"],
+        "{out}"
+    );
+}
