@@ -914,9 +914,11 @@ async fn sync(
     let reports: Vec<_> = reports
         .into_iter()
         .map(|(r, polled)| {
-            println!("{}", r.summary());
+            // The server's words in a failure, cleaned here where they
+            // are shown (the mirror keeps them as sent).
+            println!("{}", crate::terminal::blank(&r.summary()));
             if let Some(p) = polled {
-                println!("{p}");
+                println!("{}", crate::terminal::blank(&p));
             }
             r
         })
@@ -1254,7 +1256,10 @@ async fn drain(config: Config) -> Result<u8> {
     if waiting > 0 {
         match session.auth.client_refused() {
             Some(why) => {
-                println!("{waiting} rows wait: OAuth client refused: {why} (see `leadsync status`)")
+                println!(
+                    "{waiting} rows wait: OAuth client refused: {} (see `leadsync status`)",
+                    crate::terminal::blank(&why)
+                )
             }
             None => println!(
                 "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",

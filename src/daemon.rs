@@ -687,7 +687,7 @@ impl Daemon {
         )
         .await;
         if !report.is_ok() {
-            warn!("{}", report.summary());
+            warn!("{}", crate::terminal::blank(&report.summary()));
         }
         // The conversations of the leads the pass found new or changed; a
         // failure here is logged and recorded, never fails the pass.
@@ -702,7 +702,9 @@ impl Daemon {
             )
             .await
             {
-                Ok(r) if !r.failed.is_empty() => warn!("{}", r.summary(&job.business_id)),
+                Ok(r) if !r.failed.is_empty() => {
+                    warn!("{}", crate::terminal::blank(&r.summary(&job.business_id)))
+                }
                 Ok(_) => {}
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),
             }

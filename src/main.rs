@@ -73,7 +73,16 @@ fn main() -> ExitCode {
             };
             // Not `eprintln!`, which panics (exit 101) on a dead terminal:
             // the exit code still says what happened.
-            let _ = writeln!(std::io::stderr(), "leadsync: {what}: {e:#}");
+            // Server text in the chain (an API error's detail) is cleaned here,
+            // where it is shown: the line breaks of the message kept.
+            let _ = writeln!(
+                std::io::stderr(),
+                "leadsync: {what}: {}",
+                leadsync::terminal::safe_lines(
+                    &format!("{e:#}"),
+                    leadsync::terminal::Unsafe::Blank
+                )
+            );
             ExitCode::from(code)
         }
     }

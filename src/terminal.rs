@@ -42,6 +42,14 @@ pub fn safe(s: &str, how: Unsafe) -> String {
     out
 }
 
+/// `s` as one line of a table or a message: every [`is_unsafe`] character
+/// (line breaks and tabs too) is a space. What leadsync prints of text
+/// another party chose goes through this or [`safe_lines`]; the text is
+/// stored as it was sent.
+pub fn blank(s: &str) -> String {
+    safe(s, Unsafe::Blank)
+}
+
 /// `s` safe, each of its lines apart: text of several lines (a summary,
 /// one line per business) keeps its line breaks and nothing else.
 pub fn safe_lines(s: &str, how: Unsafe) -> String {

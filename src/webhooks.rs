@@ -178,7 +178,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             let existing = match client.list_webhooks(&id).await {
                 Ok(list) => list,
                 Err(e) => {
-                    say!(out, "error {id}: cannot list its webhooks: {e}");
+                    say!(out, "error {id}: cannot list its webhooks: {}", crate::terminal::blank(&e.to_string()));
                     failed = true;
                     continue;
                 }
@@ -321,7 +321,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                     if !secret.is_empty() {
                         e = e.replace(secret.as_str(), crate::secret::MASK);
                     }
-                    say!(out, "error {id}: {e}");
+                    say!(out, "error {id}: {}", crate::terminal::blank(&e));
                     failed = true;
                 }
             }
@@ -431,7 +431,8 @@ pub async fn delete(config: &Config, business: &str, webhook: &str) -> Result<u8
             Err(e) => {
                 say!(
                     out,
-                    "error {business}: cannot delete webhook {webhook}: {e}"
+                    "error {business}: cannot delete webhook {webhook}: {}",
+                    crate::terminal::blank(&e.to_string())
                 );
                 Ok(1)
             }

@@ -1,0 +1,119 @@
+//! Text the server chose is stored as it was sent (the mirror is data the
+//! user cannot get back) and cleaned only where it is shown: `sync` and
+//! `drain` print no character that drives a terminal.
+
+mod common;
+
+use common::{Env, FAST, text};
+use std::io::{Read, Write};
+
+/// A server that answers every request with `status`, `content_type` and
+/// `body`, one request a connection.
+fn answering(status: &str, content_type: &str, body: &[u8]) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (status, content_type, body) =
+        (status.to_string(), content_type.to_string(), body.to_vec());
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            // The request's head (the bodies these requests carry are small).
+            let mut request = Vec::new();
+            let mut buf = [0u8; 8192];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = format!(
+                "HTTP/1.1 {status}\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = conn.write_all(head.as_bytes());
+            let _ = conn.write_all(&body);
+        }
+    });
+    addr
+}
+
+fn point_at(env: &Env, addr: std::net::SocketAddr) {
+    env.set_overrides(&FAST.replacen(
+        "[api]\n",
+        &format!("[api]\nbase_url = \"http://{addr}\"\n"),
+        1,
+    ));
+}
+
+fn assert_no_terminal_control(what: &str, out: &str) {
+    assert!(
+        !out.contains(['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}']),
+        "{what} printed a terminal-driving character: {out:?}"
+    );
+}
+
+/// A ProblemDetails `detail` of several lines, with a tab and an escape
+/// sequence, is kept byte for byte in `sync_runs.error` and the outbox
+/// row's `last_error`; `sync` and `drain` print it cleaned.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_problem_detail_is_stored_as_sent_and_printed_clean() {
+    let env = Env::new(Default::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let b = env.business_ids()[0].clone();
+    let lead = env.sandbox.lead_ids(&b)[0].clone();
+
+    let detail = "line one\nline\ttwo \u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m\u{202e}end";
+    let problem = serde_json::json!({
+        "type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail,
+    })
+    .to_string();
+    point_at(
+        &env,
+        answering(
+            "400 Bad Request",
+            "application/problem+json",
+            problem.as_bytes(),
+        ),
+    );
+
+    let sync = env.run(&["sync", "--business", &b]);
+    assert_eq!(sync.status.code(), Some(1), "{}", text(&sync));
+    assert_no_terminal_control("sync", &text(&sync));
+    assert!(
+        String::from_utf8_lossy(&sync.stdout).contains("line one line two"),
+        "{}",
+        text(&sync)
+    );
+    let stored: String = env
+        .sql()
+        .query_row(
+            "SELECT error FROM sync_runs WHERE outcome = 'error' ORDER BY started_at DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stored.contains(detail), "sync_runs.error: {stored:?}");
+
+    let id = env.run_ok(&[
+        "enqueue",
+        "--negotiation",
+        &lead,
+        "--status",
+        "appt_scheduled",
+        "--at",
+        "2024-06-14T09:30:00Z",
+    ]);
+    let id: i64 = String::from_utf8_lossy(&id.stdout).trim().parse().unwrap();
+    let drain = env.run(&["drain"]);
+    assert_eq!(drain.status.code(), Some(1), "{}", text(&drain));
+    assert_no_terminal_control("drain", &text(&drain));
+    let (state, last_error): (String, String) = env
+        .sql()
+        .query_row(
+            "SELECT state, last_error FROM outbox WHERE id = ?1",
+            [id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(state, "dead");
+    assert!(last_error.contains(detail), "last_error: {last_error:?}");
+}
