@@ -117,3 +117,30 @@ async fn a_problem_detail_is_stored_as_sent_and_printed_clean() {
     assert_eq!(state, "dead");
     assert!(last_error.contains(detail), "last_error: {last_error:?}");
 }
+
+/// A 200 HTML page (a proxy's login page, say) is no API answer: `sync`
+/// names it with an excerpt of the page, which reached its summary line as
+/// the server wrote it (an OSC title change, BEL, a one-character CSI).
+/// The summary shows the excerpt blanked; `sync_runs.error` keeps it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_html_page_in_a_sync_summary_is_printed_clean() {
+    let env = Env::new(Default::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let b = env.business_ids()[0].clone();
+    let page = "<p>\u{1b}]0;x\u{7}\u{9b}2J</p>";
+    point_at(&env, answering("200 OK", "text/html", page.as_bytes()));
+    let sync = env.run(&["sync", "--business", &b]);
+    assert_eq!(sync.status.code(), Some(1), "{}", text(&sync));
+    let stdout = String::from_utf8_lossy(&sync.stdout).to_string();
+    assert!(stdout.contains("HTML page"), "{stdout}");
+    assert_no_terminal_control("sync", &text(&sync));
+    let stored: String = env
+        .sql()
+        .query_row(
+            "SELECT error FROM sync_runs WHERE outcome = 'error' ORDER BY started_at DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stored.contains(page), "sync_runs.error: {stored:?}");
+}
