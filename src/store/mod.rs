@@ -364,7 +364,6 @@ fn open_connection_with(
     Ok(conn)
 }
 
-/// The database's schema version (`PRAGMA user_version`).
 /// SQLite found no database in the file, or a damaged one.
 fn not_a_database(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
@@ -379,6 +378,7 @@ fn not_a_database(e: &anyhow::Error) -> bool {
     })
 }
 
+/// The database's schema version (`PRAGMA user_version`).
 fn version_of(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
 }
