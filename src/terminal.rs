@@ -101,6 +101,19 @@ pub fn safe_toml(raw: &str) -> String {
     let mut i = 0;
     while i < chars.len() {
         let c = chars[i];
+        if c == '#' {
+            // A comment (a line of leadsync's own, such as a rendering
+            // failure's): to the end of its line, a quote in it no string.
+            while i < chars.len() && chars[i] != '\n' {
+                if is_unsafe(chars[i]) {
+                    push_toml_escape(&mut out, chars[i]);
+                } else {
+                    out.push(chars[i]);
+                }
+                i += 1;
+            }
+            continue;
+        }
         if c != '"' && c != '\'' {
             if c != '\n' && is_unsafe(c) {
                 push_toml_escape(&mut out, c);
@@ -220,5 +233,23 @@ mod tests {
         );
         let back: T = toml::from_str(&safe).unwrap_or_else(|e| panic!("{e}\n{safe}"));
         assert_eq!(back, t, "{raw}\n=>\n{safe}");
+    }
+
+    /// A comment outside any string (`config check`'s `# cannot render:
+    /// {e}` when the configuration cannot be written as TOML) with an
+    /// apostrophe or a quote in it: that quote opened a "string" that ran
+    /// into the next line's value and garbled it.
+    #[test]
+    fn a_quote_in_a_comment_opens_no_string() {
+        let raw = "# cannot render: it's \"odd\" \u{9b}\nkey = 'a\u{9b}'\nother = \"b\"\n";
+        let safe = safe_toml(raw);
+        assert!(!safe.chars().any(|c| c != '\n' && is_unsafe(c)), "{safe}");
+        assert!(
+            safe.starts_with("# cannot render: it's \"odd\" \\u009B\n"),
+            "{safe}"
+        );
+        let back: toml::Table = toml::from_str(&safe).unwrap_or_else(|e| panic!("{e}\n{safe}"));
+        assert_eq!(back["key"].as_str(), Some("a\u{9b}"), "{safe}");
+        assert_eq!(back["other"].as_str(), Some("b"), "{safe}");
     }
 }
