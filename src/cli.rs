@@ -497,7 +497,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                     .unwrap_or_else(|| "cannot read the status".to_string())
             })?;
             if json {
-                println!("{}", crate::status::render_json(&report)?);
+                println!("{}", crate::terminal::pretty_json(&report)?);
             } else {
                 print!("{}", crate::status::render_text(&report));
             }
@@ -1098,7 +1098,7 @@ async fn sync_through_daemon(
                 Some("ok") => Ok(Some(0)),
                 Some("refused") => bail!(
                     "the running daemon refused the request: {}",
-                    printable(r.error.as_deref().unwrap_or("no reason recorded"))
+                    crate::terminal::blank(r.error.as_deref().unwrap_or("no reason recorded"))
                 ),
                 // `finished_at` written by another program (its way to
                 // cancel the request), not by the daemon.
@@ -1107,7 +1107,7 @@ async fn sync_through_daemon(
                      daemon (another program ended it), so whether its passes ran is unknown",
                     r.error
                         .as_deref()
-                        .map(|e| format!(" ({})", printable(e)))
+                        .map(|e| format!(" ({})", crate::terminal::blank(e)))
                         .unwrap_or_default()
                 ),
                 _ => {
@@ -1119,7 +1119,7 @@ async fn sync_through_daemon(
                         .as_deref()
                         .filter(|e| e.starts_with("interrupted") || no_lines)
                     {
-                        eprintln!("leadsync: {}", printable(e));
+                        eprintln!("leadsync: {}", crate::terminal::blank(e));
                     }
                     Ok(Some(1))
                 }
@@ -1305,14 +1305,6 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
     Ok(0)
 }
 
-/// Text for a table on a terminal: every control character (line breaks,
-/// tabs, escape sequences a row could carry) and every invisible format
-/// character that reorders or hides text becomes a space
-/// ([`crate::terminal::is_unsafe`]).
-fn printable(s: &str) -> String {
-    crate::terminal::safe(s, crate::terminal::Unsafe::Blank)
-}
-
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
     match command {
         OutboxCommand::List {
@@ -1323,10 +1315,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             let conn = list_connection(config)?;
             let rows = outbox::list_messages(&conn, state.as_deref())?;
             if json {
-                println!(
-                    "{}",
-                    crate::terminal::safe_json(&serde_json::to_string_pretty(&rows)?)
-                );
+                println!("{}", crate::terminal::pretty_json(&rows)?);
                 return Ok(0);
             }
             let mut out = std::io::stdout().lock();
@@ -1336,7 +1325,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                 "ID", "NEGOTIATION", "STATE", "TRY", "TEXT"
             )?;
             for r in &rows {
-                let mut text = printable(&r.text.chars().take(40).collect::<String>());
+                let mut text = crate::terminal::blank(&r.text.chars().take(40).collect::<String>());
                 if r.text.chars().count() > 40 {
                     text.pop();
                     text.push('…');
@@ -1345,11 +1334,11 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                     out,
                     "{:>6}  {:<20} {:<9} {:>4}  {:<40}  {}",
                     r.id,
-                    printable(&r.negotiation_id),
-                    printable(&r.state),
+                    crate::terminal::blank(&r.negotiation_id),
+                    crate::terminal::blank(&r.state),
                     r.attempts,
                     text,
-                    printable(r.last_error.as_deref().unwrap_or(""))
+                    crate::terminal::blank(r.last_error.as_deref().unwrap_or(""))
                 )?;
             }
             if rows.is_empty() {
@@ -1361,10 +1350,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             let conn = list_connection(config)?;
             let rows = outbox::list(&conn, state.as_deref())?;
             if json {
-                println!(
-                    "{}",
-                    crate::terminal::safe_json(&serde_json::to_string_pretty(&rows)?)
-                );
+                println!("{}", crate::terminal::pretty_json(&rows)?);
                 return Ok(0);
             }
             let mut out = std::io::stdout().lock();
@@ -1378,15 +1364,15 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                     out,
                     "{:>6}  {:<20} {:<16} {:<26} {:>10}  {:<9} {:>4}  {}",
                     r.id,
-                    printable(&r.negotiation_id),
-                    printable(&r.status),
-                    printable(&r.partner_status_changed_at),
+                    crate::terminal::blank(&r.negotiation_id),
+                    crate::terminal::blank(&r.status),
+                    crate::terminal::blank(&r.partner_status_changed_at),
                     r.invoice_amount_in_cents
                         .map(|c| c.to_string())
                         .unwrap_or_default(),
-                    printable(&r.state),
+                    crate::terminal::blank(&r.state),
                     r.attempts,
-                    printable(r.last_error.as_deref().unwrap_or(""))
+                    crate::terminal::blank(r.last_error.as_deref().unwrap_or(""))
                 )?;
             }
             if rows.is_empty() {
@@ -1623,8 +1609,8 @@ fn onboard_confs(
         say!(
             out,
             "  {}  {}",
-            printable(id),
-            printable(name.as_deref().unwrap_or(""))
+            crate::terminal::blank(id),
+            crate::terminal::blank(name.as_deref().unwrap_or(""))
         );
     }
     let Some(dir) = write_conf else {
@@ -2066,10 +2052,13 @@ mod tests {
         for c in [
             '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200b}', '\u{feff}',
         ] {
-            let p = printable(&format!("Pro{c}11"));
+            let p = crate::terminal::blank(&format!("Pro{c}11"));
             assert!(!p.contains(c), "{:?}", p);
         }
-        assert_eq!(printable("Ökologische Gärten"), "Ökologische Gärten");
+        assert_eq!(
+            crate::terminal::blank("Ökologische Gärten"),
+            "Ökologische Gärten"
+        );
     }
 
     #[test]
@@ -2077,7 +2066,7 @@ mod tests {
         // U+2028/U+2029 (Zl/Zp: neither control nor format) break the line
         // on some terminals: a name could print a line of its own.
         for c in ['\u{2028}', '\u{2029}'] {
-            let p = printable(&format!("Pro{c}  wrote /etc/x"));
+            let p = crate::terminal::blank(&format!("Pro{c}  wrote /etc/x"));
             assert!(!p.contains(c), "{:?}", p);
         }
     }

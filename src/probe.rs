@@ -233,7 +233,7 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     };
     let report = report?;
     if json {
-        println!("{}", render_json(&report)?);
+        println!("{}", crate::terminal::pretty_json(&report)?);
     } else {
         print!("{}", render_text(&report));
     }
@@ -454,14 +454,6 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
     }
 }
 
-/// The report for programs (`--json`), safe on a terminal
-/// ([`crate::terminal::safe_json`]); it reads back the same.
-pub fn render_json(r: &ProbeReport) -> Result<String> {
-    Ok(crate::terminal::safe_json(&serde_json::to_string_pretty(
-        r,
-    )?))
-}
-
 /// The report for people.
 pub fn render_text(r: &ProbeReport) -> String {
     let mut out = String::new();
@@ -648,7 +640,7 @@ mod tests {
     #[test]
     fn json_escapes_c1_controls_and_bidi_characters_and_reads_back_the_same() {
         let report = hostile_report();
-        let json = render_json(&report).unwrap();
+        let json = crate::terminal::pretty_json(&report).unwrap();
         assert!(
             !json.chars().any(|c| c.is_control() && c != '\n'),
             "{json:?}"

@@ -2,6 +2,11 @@
 
 use crate::config::Config;
 use crate::store::{messages, outbox};
+// Text from the mirror (ids, names, a server's error text, alerts: what
+// another program or an older configuration wrote) is shown one cell or
+// line at a time as `shown` (terminal::blank); `--json` is
+// terminal::pretty_json.
+use crate::terminal::blank as shown;
 use anyhow::Result;
 use chrono::Utc;
 use rusqlite::Connection;
@@ -293,23 +298,6 @@ fn ago(secs: Option<i64>) -> String {
             )
         }
     }
-}
-
-/// Text from the mirror (ids, names, a server's error text, alerts: what
-/// another program or an older configuration wrote) for one cell or line:
-/// every character that could drive the terminal, break the line or hide
-/// text ([`crate::terminal::is_unsafe`]) is a space.
-fn shown(s: &str) -> String {
-    crate::terminal::safe(s, crate::terminal::Unsafe::Blank)
-}
-
-/// The report for programs (`--json`): as serde_json writes it, with the
-/// characters it leaves raw that a terminal would obey as `\uXXXX`
-/// escapes ([`crate::terminal::safe_json`]); it reads back the same.
-pub fn render_json(r: &StatusReport) -> Result<String> {
-    Ok(crate::terminal::safe_json(&serde_json::to_string_pretty(
-        r,
-    )?))
 }
 
 /// The report as a table for people.

@@ -83,6 +83,13 @@ pub fn safe_json(raw: &str) -> String {
     out
 }
 
+/// `v` as pretty JSON for a terminal (`--json` of `status`, `probe`,
+/// `outbox list`, `webhooks list`): serde_json's output through
+/// [`safe_json`]; it reads back as the same values.
+pub fn pretty_json<T: serde::Serialize + ?Sized>(v: &T) -> serde_json::Result<String> {
+    Ok(safe_json(&serde_json::to_string_pretty(v)?))
+}
+
 /// TOML as the `toml` crate wrote it (`raw`), safe on a terminal and read
 /// back the same: in a basic string each [`is_unsafe`] character (line
 /// breaks of a multi-line string aside) is written as its `\uXXXX` /

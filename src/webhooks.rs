@@ -374,7 +374,7 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                 Ok(list) => {
                     // The server's text, each terminal-driving or invisible
                     // character a space (crate::terminal::is_unsafe).
-                    let shown = |t: &str| crate::terminal::safe(t, crate::terminal::Unsafe::Blank);
+                    let shown = crate::terminal::blank;
                     for s in list {
                         say!(
                             out,
@@ -397,7 +397,7 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                         say!(
                             out,
                             "error {id}: {}",
-                            crate::terminal::safe(&e.to_string(), crate::terminal::Unsafe::Blank)
+                            crate::terminal::blank(&e.to_string())
                         );
                     }
                     failed = true;
@@ -405,11 +405,7 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
             }
         }
         if json {
-            say!(
-                out,
-                "{}",
-                crate::terminal::safe_json(&serde_json::to_string_pretty(&all)?)
-            );
+            say!(out, "{}", crate::terminal::pretty_json(&all)?);
         }
         Ok(if failed { 1 } else { 0 })
     })
