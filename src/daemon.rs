@@ -532,7 +532,14 @@ impl RequestState {
     fn render(mut self) -> (&'static str, String) {
         self.lines.sort();
         let n = self.lines.len();
-        let mut summary: Vec<String> = self.lines.into_iter().map(|(_, l)| l).collect();
+        // One line per business, blanked as a local `sync` prints it: the
+        // server's words in a failure (a detail of several lines) are kept
+        // as sent in sync_runs.error, not here.
+        let mut summary: Vec<String> = self
+            .lines
+            .into_iter()
+            .map(|(_, l)| crate::terminal::blank(&l))
+            .collect();
         if self.failed > 0 {
             summary.push(format!("{} of {n} businesses failed", self.failed));
         }

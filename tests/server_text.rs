@@ -6,6 +6,7 @@ mod common;
 
 use common::{Env, FAST, text};
 use std::io::{Read, Write};
+use std::time::Duration;
 
 /// A server that answers every request with `status`, `content_type` and
 /// `body`, one request a connection.
@@ -143,4 +144,65 @@ async fn an_html_page_in_a_sync_summary_is_printed_clean() {
         )
         .unwrap();
     assert!(stored.contains(page), "sync_runs.error: {stored:?}");
+}
+
+/// Kills the daemon if a test fails before stopping it.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// With the daemon running, `sync` prints the daemon's answer: one line
+/// per business, as a local pass prints it. A detail of several lines
+/// split the business's line (the daemon stored the summary unblanked).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_answers_a_sync_request_one_line_per_business() {
+    let never =
+        "\n[poll]\npage_size = 10\nschedule = \"0 0 0 1 1 *\"\nfull_schedule = \"0 0 0 1 1 *\"\n";
+    let env = Env::new(
+        Default::default(),
+        false,
+        &FAST.replace("[poll]\npage_size = 10\n", never),
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let detail = "line one\nline\ttwo \u{1b}[2J\u{9b}31m end";
+    let problem =
+        serde_json::json!({"title": "Bad Request", "status": 400, "detail": detail}).to_string();
+    let addr = answering(
+        "400 Bad Request",
+        "application/problem+json",
+        problem.as_bytes(),
+    );
+    env.set_overrides(&FAST.replace("[poll]\npage_size = 10\n", never).replacen(
+        "[api]\n",
+        &format!("[api]\nbase_url = \"http://{addr}\"\n"),
+        1,
+    ));
+    let _daemon = Running(env.spawn_daemon());
+    common::wait_until_blocking("the daemon's first pass", Duration::from_secs(30), || {
+        env.daemon_log().contains("leadsync started")
+            && common::count(
+                &env.sql(),
+                "SELECT count(*) FROM sync_runs WHERE outcome = 'error'",
+            ) > 0
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("sync_requests row"),
+        "{}",
+        text(&o)
+    );
+    let out = String::from_utf8_lossy(&o.stdout).to_string();
+    assert_no_terminal_control("sync", &out);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    assert!(lines[0].starts_with(&format!("{b}: FAILED")), "{out}");
+    assert!(lines[0].contains("line one line two"), "{out}");
+    assert_eq!(lines[1], "1 of 1 businesses failed", "{out}");
 }
