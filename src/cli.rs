@@ -1557,7 +1557,13 @@ async fn auth_exchange(
             list
         }
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "leadsync: warning: {e:#}");
+            // The list's error may quote the server (a ProblemDetails
+            // detail): one line, cleaned.
+            let _ = writeln!(
+                std::io::stderr(),
+                "leadsync: warning: {}",
+                crate::terminal::blank(&format!("{e:#}"))
+            );
             if let Some(dir) = write_conf {
                 let file = std::path::absolute(&file).unwrap_or_else(|_| file.clone());
                 bail!(

@@ -349,7 +349,7 @@ pub async fn sync_business(
                 "pass finished"
             );
             if let Some(note) = &note {
-                warn!(note = %note, "pass finished with a note");
+                warn!(note = %crate::terminal::blank(note), "pass finished with a note");
             }
             report(PassOutcome::Ok(stats), note)
         }

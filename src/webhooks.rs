@@ -317,7 +317,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                         RegisterAuth::Basic { password, .. } => password,
                         RegisterAuth::Header { value, .. } => value,
                     };
-                    let mut e = e.to_string();
+                    let mut e = e.message;
                     if !secret.is_empty() {
                         e = e.replace(secret.as_str(), crate::secret::MASK);
                     }
@@ -392,7 +392,7 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                 }
                 Err(e) => {
                     if json {
-                        all.push(serde_json::json!({"businessID": id, "error": e.to_string()}));
+                        all.push(serde_json::json!({"businessID": id, "error": e.message}));
                     } else {
                         say!(
                             out,

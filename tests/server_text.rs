@@ -5,6 +5,7 @@
 mod common;
 
 use common::{Env, FAST, text};
+use leadsync::sandbox::{Pagination, SandboxOptions};
 use std::io::{Read, Write};
 use std::time::Duration;
 
@@ -45,10 +46,22 @@ fn point_at(env: &Env, addr: std::net::SocketAddr) {
     ));
 }
 
+/// What a hostile server puts after a line break of its text, to forge a
+/// line of leadsync's own.
+const FORGED: &str = "leadsync: ok";
+
+/// No character that drives a terminal, and no line the server made: a
+/// line break of its text would start a line that reads as leadsync's.
 fn assert_no_terminal_control(what: &str, out: &str) {
     assert!(
         !out.contains(['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}']),
         "{what} printed a terminal-driving character: {out:?}"
+    );
+    assert!(
+        !out.lines().any(|l| l.trim_start().starts_with(FORGED)
+            || l.trim_start().starts_with("line\ttwo")
+            || l.trim_start().starts_with("line two")),
+        "{what} printed a line the server made: {out:?}"
     );
 }
 
@@ -205,4 +218,168 @@ async fn the_daemon_answers_a_sync_request_one_line_per_business() {
     assert!(lines[0].starts_with(&format!("{b}: FAILED")), "{out}");
     assert!(lines[0].contains("line one line two"), "{out}");
     assert_eq!(lines[1], "1 of 1 businesses failed", "{out}");
+}
+
+/// A 503 ProblemDetails is retried: each retry's warning names the error.
+/// The error's text went out as the server wrote it in that warning (a
+/// tracing field is not escaped), a line break starting a forged line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_read_warns_without_the_servers_line_breaks_or_escapes() {
+    let env = Env::new(Default::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let b = env.business_ids()[0].clone();
+    let detail = format!("x\n{FORGED}\u{1b}]0;owned\u{7}");
+    let problem = serde_json::json!({
+        "type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": detail,
+    })
+    .to_string();
+    let addr = answering(
+        "503 Service Unavailable",
+        "application/problem+json",
+        problem.as_bytes(),
+    );
+    env.set_overrides(
+        &FAST
+            .replace("read_retries = 0", "read_retries = 2")
+            .replacen(
+                "[api]\n",
+                &format!("[api]\nbase_url = \"http://{addr}\"\n"),
+                1,
+            ),
+    );
+    let sync = env.run(&["sync", "--business", &b]);
+    assert_eq!(sync.status.code(), Some(1), "{}", text(&sync));
+    let stderr = String::from_utf8_lossy(&sync.stderr).to_string();
+    assert!(stderr.contains("retrying"), "{stderr}");
+    assert_no_terminal_control("sync", &text(&sync));
+    let stored: String = env
+        .sql()
+        .query_row(
+            "SELECT error FROM sync_runs WHERE outcome = 'error' ORDER BY started_at DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stored.contains(&detail), "sync_runs.error: {stored:?}");
+}
+
+/// A proxy to `to` that answers `400` with `problem` to a request whose
+/// line contains `refuse`, one request a connection.
+fn refusing(to: std::net::SocketAddr, refuse: &str, problem: &str) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (refuse, problem) = (refuse.to_string(), problem.to_string());
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 8192];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let head = String::from_utf8_lossy(&request).to_string();
+            let Some((line, rest)) = head.split_once("\r\n") else {
+                continue;
+            };
+            if line.contains(&refuse) {
+                let _ = conn.write_all(
+                    format!(
+                        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/problem+json\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{problem}",
+                        problem.len()
+                    )
+                    .as_bytes(),
+                );
+                continue;
+            }
+            let Ok(mut upstream) = std::net::TcpStream::connect(to) else {
+                continue;
+            };
+            let _ = upstream.write_all(format!("{line}\r\nconnection: close\r\n{rest}").as_bytes());
+            let mut answer = Vec::new();
+            let _ = upstream.read_to_end(&mut answer);
+            let _ = conn.write_all(&answer);
+        }
+    });
+    addr
+}
+
+/// A full offset page's proof (its last lead asked back) refused with a
+/// detail of several lines: the pass reads on and finishes with a note
+/// quoting the refusal, which its warning printed as the server wrote it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_offset_proof_is_noted_without_the_servers_line_breaks_or_escapes() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 30,
+            pagination: Pagination::Offset,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let detail = format!("no\n{FORGED}\u{1b}]0;owned\u{7}\u{9b}2J");
+    let problem = serde_json::json!({
+        "type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail,
+    })
+    .to_string();
+    point_at(&env, refusing(env.sandbox.addr(), "offset=9", &problem));
+    let sync = env.run(&["sync", "--full"]);
+    assert_eq!(sync.status.code(), Some(0), "{}", text(&sync));
+    let out = text(&sync);
+    assert!(out.contains("was refused"), "{out}");
+    assert!(out.contains("pass finished with a note"), "{out}");
+    assert_no_terminal_control("sync", &out);
+    let stored: String = env
+        .sql()
+        .query_row(
+            "SELECT error FROM sync_runs WHERE outcome = 'ok' ORDER BY started_at DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(stored.contains(&detail), "sync_runs.error: {stored:?}");
+}
+
+/// `auth exchange` stores the grant, then lists its businesses: a refusal
+/// of that list, a detail of several lines, was printed as the server
+/// wrote it in the exchange's warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_business_list_warns_without_the_servers_line_breaks_or_escapes() {
+    let env = common::oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let detail = format!("no\n{FORGED}\u{1b}]0;owned\u{7}\u{9b}2J");
+    let problem = serde_json::json!({
+        "type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail,
+    })
+    .to_string();
+    point_at(
+        &env,
+        answering(
+            "400 Bad Request",
+            "application/problem+json",
+            problem.as_bytes(),
+        ),
+    );
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
+    let o = env.run(&[
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = text(&o);
+    assert!(out.contains("cannot list the grant's businesses"), "{out}");
+    assert!(out.contains("leadsync: ok"), "{out}");
+    assert_no_terminal_control("auth exchange", &out);
 }

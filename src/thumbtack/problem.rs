@@ -110,8 +110,14 @@ impl Problem {
 }
 
 /// A failed call to Thumbtack, classified.
+///
+/// Its `Display` is [`Self::message`] as one line, cleaned
+/// ([`crate::terminal::blank`]): whatever formats it (a log field, which
+/// tracing does not escape, an error's chain printed by `main`) shows no
+/// line or escape the server made. Where the text is stored, `.message`
+/// is used: stored text stays as sent.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
+#[error("{}", crate::terminal::blank(.message))]
 pub struct ApiError {
     pub disposition: Disposition,
     /// `None` when no HTTP response arrived.
@@ -125,7 +131,8 @@ pub struct ApiError {
     /// For people: what happened, with the problem's title/detail and traceID.
     /// The server's words as it sent them (the mirror's `last_error` and
     /// `sync_runs.error` keep them): whatever prints it to a terminal or a
-    /// log line cleans it there ([`crate::terminal::blank`]).
+    /// log line cleans it there ([`crate::terminal::blank`], as `Display`
+    /// does).
     pub message: String,
 }
 
@@ -499,5 +506,21 @@ mod tests {
         for e in errors {
             assert!(e.message.contains(hostile), "{:?}", e.message);
         }
+    }
+
+    /// Formatted (a log field, an error chain `main` prints line by line),
+    /// an error is one clean line: the server's line break would start a
+    /// line that reads as leadsync's own. `.message` keeps the text as sent.
+    #[test]
+    fn an_error_displays_as_one_clean_line_its_message_as_sent() {
+        let detail = "x\nleadsync: ok\u{1b}]0;owned\u{7}";
+        let body = serde_json::json!({"title": "Unavailable", "status": 503, "detail": detail})
+            .to_string();
+        let e = ApiError::from_response(503, "Service Unavailable", None, body.as_bytes());
+        assert!(e.message.contains(detail), "{:?}", e.message);
+        let chain = format!("{:#}", anyhow::Error::new(e.clone()).context("sync"));
+        assert!(!chain.contains(['\n', '\u{1b}', '\u{7}']), "{chain:?}");
+        assert!(chain.contains("x leadsync: ok"), "{chain:?}");
+        assert_eq!(e.to_string(), crate::terminal::blank(&e.message));
     }
 }
