@@ -203,8 +203,15 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                     .cloned()
                     .collect()
             };
-            let delete =
-                |w: &str| format!("leadsync webhooks delete --business {id} --webhook {w}");
+            // The ids are the server's text: shown cleaned, as one word of
+            // a line (a line break in one would forge a line of our own).
+            let shown_id = |w: &str| crate::terminal::blank(w);
+            let delete = |w: &str| {
+                format!(
+                    "leadsync webhooks delete --business {id} --webhook {}",
+                    shown_id(w)
+                )
+            };
             if matches.len() > 1 {
                 // `already registered` (SPEC's line), but none is kept: a
                 // password cannot be read back, so the one
@@ -229,9 +236,9 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                             notes.push(format!("without {}", missing.join(",")));
                         }
                         if notes.is_empty() {
-                            s.webhook_id.clone()
+                            shown_id(&s.webhook_id)
                         } else {
-                            format!("{} ({})", s.webhook_id, notes.join(", "))
+                            format!("{} ({})", shown_id(&s.webhook_id), notes.join(", "))
                         }
                     })
                     .collect();
@@ -298,7 +305,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                 say!(
                     out,
                     "already registered {id} (webhook {}){note}",
-                    found.webhook_id
+                    shown_id(&found.webhook_id)
                 );
                 continue;
             }
@@ -309,7 +316,11 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                 auth: auth.clone(),
             };
             match client.create_webhook(&id, &body).await {
-                Ok(s) => say!(out, "registered {id} (webhook {})", s.webhook_id),
+                Ok(s) => say!(
+                    out,
+                    "registered {id} (webhook {})",
+                    crate::terminal::blank(&s.webhook_id)
+                ),
                 Err(e) => {
                     // An answer may quote the request (a gateway, a debug page):
                     // the credential it carried is never printed.

@@ -383,3 +383,76 @@ async fn a_refused_business_list_warns_without_the_servers_line_breaks_or_escape
     assert!(out.contains("leadsync: ok"), "{out}");
     assert_no_terminal_control("auth exchange", &out);
 }
+
+/// A server that answers a `GET` with `list` and a `POST` with `201` and
+/// `created`, one request a connection.
+fn webhooks_server(list: String, created: String) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut conn in listener.incoming().flatten() {
+            let mut request = Vec::new();
+            let mut buf = [0u8; 8192];
+            while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let (status, body) = if request.starts_with(b"POST") {
+                ("201 Created", &created)
+            } else {
+                ("200 OK", &list)
+            };
+            let _ = conn.write_all(
+                format!(
+                    "HTTP/1.1 {status}\r\ncontent-type: application/json\r\n\
+                     content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                )
+                .as_bytes(),
+            );
+        }
+    });
+    addr
+}
+
+/// The webhook id Thumbtack chose, printed by `webhooks register` in its
+/// `registered` and `already registered` lines, went out as the server
+/// wrote it: a line break in it forged a line, an escape drove the terminal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_id_is_printed_clean() {
+    let env = Env::new(Default::default(), false, FAST).await;
+    let password = common::write(env.dir.path(), "webhook_password", "correct horse");
+    let hostile = format!("w1\n{FORGED}\u{1b}]0;owned\u{7}\u{9b}2J");
+    let public_url = "https://partner.example/thumbtack";
+    let register = |addr: std::net::SocketAddr| {
+        env.set_overrides(&format!(
+            "{}\n[webhooks]\nlisten = \"127.0.0.1:0\"\npath = \"/thumbtack\"\n\
+             public_url = \"{public_url}\"\nusername = \"thumbtack\"\npassword_file = \"{}\"\n",
+            FAST.replacen(
+                "[api]\n",
+                &format!("[api]\nbase_url = \"http://{addr}\"\n"),
+                1
+            ),
+            password.display()
+        ));
+        env.run(&["webhooks", "register"])
+    };
+    let created = serde_json::json!({"webhookID": hostile}).to_string();
+    let o = register(webhooks_server(r#"{"data":[]}"#.into(), created));
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(out.contains("registered "), "{out}");
+    assert_no_terminal_control("webhooks register", &out);
+    // Already there: the id in the `already registered` line.
+    let listed = serde_json::json!({"data": [{
+        "webhookID": hostile, "webhookURL": public_url, "enabled": true,
+        "eventTypes": leadsync::thumbtack::webhook::DEFAULT_EVENTS, "authType": "basic",
+    }]})
+    .to_string();
+    let o = register(webhooks_server(listed, "{}".into()));
+    let out = text(&o);
+    assert!(out.contains("already registered "), "{out}");
+    assert_no_terminal_control("webhooks register", &out);
+}
