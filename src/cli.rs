@@ -498,7 +498,7 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                     .unwrap_or_else(|| "cannot read the status".to_string())
             })?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
+                println!("{}", crate::terminal::pretty_json(&report)?);
             } else {
                 print!("{}", crate::status::render_text(&report));
             }
@@ -550,7 +550,9 @@ pub async fn execute(cli: Cli) -> Result<u8> {
                     p.replace('\n', " ")
                 );
             }
-            print!("{}", config.to_masked_toml());
+            // A name `auth exchange --write-conf` took from the server may
+            // hold characters a terminal obeys: escaped, still valid TOML.
+            print!("{}", crate::terminal::safe_toml(&config.to_masked_toml()));
             Ok(0)
         }
         Command::Auth {
@@ -648,7 +650,12 @@ pub async fn execute(cli: Cli) -> Result<u8> {
         Command::Backup { file, force } => backup(&load()?, file, force).await,
         Command::Completions { shell } => {
             let mut cmd = <Cli as clap::CommandFactory>::command();
-            clap_complete::generate(shell, &mut cmd, "leadsync", &mut std::io::stdout());
+            // Into memory first: clap_complete writes with `expect`, so a
+            // reader gone away (`| head`) was a panic, exit 101. Written
+            // here, a closed pipe is an error like any command's, exit 1.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut cmd, "leadsync", &mut script);
+            std::io::stdout().write_all(&script)?;
             Ok(0)
         }
         Command::Man => {
@@ -908,9 +915,11 @@ async fn sync(
     let reports: Vec<_> = reports
         .into_iter()
         .map(|(r, polled)| {
-            println!("{}", r.summary());
+            // The server's words in a failure, cleaned here where they
+            // are shown (the mirror keeps them as sent).
+            println!("{}", crate::terminal::blank(&r.summary()));
             if let Some(p) = polled {
-                println!("{p}");
+                println!("{}", crate::terminal::blank(&p));
             }
             r
         })
@@ -1090,7 +1099,7 @@ async fn sync_through_daemon(
                 Some("ok") => Ok(Some(0)),
                 Some("refused") => bail!(
                     "the running daemon refused the request: {}",
-                    printable(r.error.as_deref().unwrap_or("no reason recorded"))
+                    crate::terminal::blank(r.error.as_deref().unwrap_or("no reason recorded"))
                 ),
                 // `finished_at` written by another program (its way to
                 // cancel the request), not by the daemon.
@@ -1099,7 +1108,7 @@ async fn sync_through_daemon(
                      daemon (another program ended it), so whether its passes ran is unknown",
                     r.error
                         .as_deref()
-                        .map(|e| format!(" ({})", printable(e)))
+                        .map(|e| format!(" ({})", crate::terminal::blank(e)))
                         .unwrap_or_default()
                 ),
                 _ => {
@@ -1111,7 +1120,7 @@ async fn sync_through_daemon(
                         .as_deref()
                         .filter(|e| e.starts_with("interrupted") || no_lines)
                     {
-                        eprintln!("leadsync: {}", printable(e));
+                        eprintln!("leadsync: {}", crate::terminal::blank(e));
                     }
                     Ok(Some(1))
                 }
@@ -1248,7 +1257,10 @@ async fn drain(config: Config) -> Result<u8> {
     if waiting > 0 {
         match session.auth.client_refused() {
             Some(why) => {
-                println!("{waiting} rows wait: OAuth client refused: {why} (see `leadsync status`)")
+                println!(
+                    "{waiting} rows wait: OAuth client refused: {} (see `leadsync status`)",
+                    crate::terminal::blank(&why)
+                )
             }
             None => println!(
                 "{waiting} rows wait for businesses needing re-authorization: {} (see `leadsync status`)",
@@ -1294,14 +1306,6 @@ fn reply(config: &Config, args: ReplyArgs) -> Result<u8> {
     Ok(0)
 }
 
-/// Text for a table on a terminal: every control character (line breaks,
-/// tabs, escape sequences a row could carry) and every invisible format
-/// character that reorders or hides text becomes a space
-/// ([`crate::terminal::is_unsafe`]).
-fn printable(s: &str) -> String {
-    crate::terminal::safe(s, crate::terminal::Unsafe::Blank)
-}
-
 fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
     match command {
         OutboxCommand::List {
@@ -1312,7 +1316,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             let conn = list_connection(config)?;
             let rows = outbox::list_messages(&conn, state.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!("{}", crate::terminal::pretty_json(&rows)?);
                 return Ok(0);
             }
             let mut out = std::io::stdout().lock();
@@ -1322,7 +1326,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                 "ID", "NEGOTIATION", "STATE", "TRY", "TEXT"
             )?;
             for r in &rows {
-                let mut text = printable(&r.text.chars().take(40).collect::<String>());
+                let mut text = crate::terminal::blank(&r.text.chars().take(40).collect::<String>());
                 if r.text.chars().count() > 40 {
                     text.pop();
                     text.push('…');
@@ -1331,11 +1335,11 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                     out,
                     "{:>6}  {:<20} {:<9} {:>4}  {:<40}  {}",
                     r.id,
-                    printable(&r.negotiation_id),
-                    printable(&r.state),
+                    crate::terminal::blank(&r.negotiation_id),
+                    crate::terminal::blank(&r.state),
                     r.attempts,
                     text,
-                    printable(r.last_error.as_deref().unwrap_or(""))
+                    crate::terminal::blank(r.last_error.as_deref().unwrap_or(""))
                 )?;
             }
             if rows.is_empty() {
@@ -1347,7 +1351,7 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
             let conn = list_connection(config)?;
             let rows = outbox::list(&conn, state.as_deref())?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&rows)?);
+                println!("{}", crate::terminal::pretty_json(&rows)?);
                 return Ok(0);
             }
             let mut out = std::io::stdout().lock();
@@ -1361,15 +1365,15 @@ fn outbox_command(config: &Config, command: OutboxCommand) -> Result<u8> {
                     out,
                     "{:>6}  {:<20} {:<16} {:<26} {:>10}  {:<9} {:>4}  {}",
                     r.id,
-                    printable(&r.negotiation_id),
-                    printable(&r.status),
-                    printable(&r.partner_status_changed_at),
+                    crate::terminal::blank(&r.negotiation_id),
+                    crate::terminal::blank(&r.status),
+                    crate::terminal::blank(&r.partner_status_changed_at),
                     r.invoice_amount_in_cents
                         .map(|c| c.to_string())
                         .unwrap_or_default(),
-                    printable(&r.state),
+                    crate::terminal::blank(&r.state),
                     r.attempts,
-                    printable(r.last_error.as_deref().unwrap_or(""))
+                    crate::terminal::blank(r.last_error.as_deref().unwrap_or(""))
                 )?;
             }
             if rows.is_empty() {
@@ -1568,7 +1572,13 @@ async fn auth_exchange(
             (listed.list, listed.complete)
         }
         Err(e) => {
-            let _ = writeln!(std::io::stderr(), "leadsync: warning: {e:#}");
+            // The list's error may quote the server (a ProblemDetails
+            // detail): one line, cleaned.
+            let _ = writeln!(
+                std::io::stderr(),
+                "leadsync: warning: {}",
+                crate::terminal::blank(&format!("{e:#}"))
+            );
             if let Some(dir) = write_conf {
                 let _ = writeln!(
                     std::io::stderr(),
@@ -1639,8 +1649,8 @@ fn onboard_confs(
         say!(
             out,
             "  {}  {}",
-            printable(id),
-            printable(name.as_deref().unwrap_or(""))
+            crate::terminal::blank(id),
+            crate::terminal::blank(name.as_deref().unwrap_or(""))
         );
     }
     let Some(dir) = write_conf else {
@@ -2082,10 +2092,13 @@ mod tests {
         for c in [
             '\u{202a}', '\u{202e}', '\u{2066}', '\u{2069}', '\u{200b}', '\u{feff}',
         ] {
-            let p = printable(&format!("Pro{c}11"));
+            let p = crate::terminal::blank(&format!("Pro{c}11"));
             assert!(!p.contains(c), "{:?}", p);
         }
-        assert_eq!(printable("Ökologische Gärten"), "Ökologische Gärten");
+        assert_eq!(
+            crate::terminal::blank("Ökologische Gärten"),
+            "Ökologische Gärten"
+        );
     }
 
     #[test]
@@ -2093,7 +2106,7 @@ mod tests {
         // U+2028/U+2029 (Zl/Zp: neither control nor format) break the line
         // on some terminals: a name could print a line of its own.
         for c in ['\u{2028}', '\u{2029}'] {
-            let p = printable(&format!("Pro{c}  wrote /etc/x"));
+            let p = crate::terminal::blank(&format!("Pro{c}  wrote /etc/x"));
             assert!(!p.contains(c), "{:?}", p);
         }
     }

@@ -552,7 +552,14 @@ impl RequestState {
     fn render(mut self) -> (&'static str, String) {
         self.lines.sort();
         let n = self.lines.len();
-        let mut summary: Vec<String> = self.lines.into_iter().map(|(_, l)| l).collect();
+        // One line per business, blanked as a local `sync` prints it: the
+        // server's words in a failure (a detail of several lines) are kept
+        // as sent in sync_runs.error, not here.
+        let mut summary: Vec<String> = self
+            .lines
+            .into_iter()
+            .map(|(_, l)| crate::terminal::blank(&l))
+            .collect();
         if self.failed > 0 {
             summary.push(format!("{} of {n} businesses failed", self.failed));
         }
@@ -707,7 +714,7 @@ impl Daemon {
         )
         .await;
         if !report.is_ok() {
-            warn!("{}", report.summary());
+            warn!("{}", crate::terminal::blank(&report.summary()));
         }
         // The conversations of the leads the pass found new or changed; a
         // failure here is logged and recorded, never fails the pass.
@@ -722,7 +729,9 @@ impl Daemon {
             )
             .await
             {
-                Ok(r) if !r.failed.is_empty() => warn!("{}", r.summary(&job.business_id)),
+                Ok(r) if !r.failed.is_empty() => {
+                    warn!("{}", crate::terminal::blank(&r.summary(&job.business_id)))
+                }
                 Ok(_) => {}
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),
             }

@@ -343,7 +343,7 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
             &stop,
         )
         .await;
-        say(format!("      {}", r.summary()));
+        say(format!("      {}", crate::terminal::blank(&r.summary())));
     }
 
     let first = &businesses[0];
@@ -385,7 +385,7 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     .await;
     say(format!(
         "      head scan (stops at the first page with nothing new): {}",
-        r.summary()
+        crate::terminal::blank(&r.summary())
     ));
     let r = sync_business(
         &session.store,
@@ -398,7 +398,7 @@ pub async fn run(database: &Path, replaced: &std::sync::atomic::AtomicBool) -> R
     .await;
     say(format!(
         "      full scan (finds removals):                          {}",
-        r.summary()
+        crate::terminal::blank(&r.summary())
     ));
 
     // The partner's software writes the outbox with plain SQL.

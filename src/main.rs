@@ -73,7 +73,18 @@ fn main() -> ExitCode {
             };
             // Not `eprintln!`, which panics (exit 101) on a dead terminal:
             // the exit code still says what happened.
-            let _ = writeln!(std::io::stderr(), "leadsync: {what}: {e:#}");
+            // Each line of the chain is cleaned here, where it is shown, its
+            // line breaks kept (leadsync's own messages of several lines):
+            // server text never brings one, as an `ApiError` displays as one
+            // cleaned line (its stored `.message` keeps the text as sent).
+            let _ = writeln!(
+                std::io::stderr(),
+                "leadsync: {what}: {}",
+                leadsync::terminal::safe_lines(
+                    &format!("{e:#}"),
+                    leadsync::terminal::Unsafe::Blank
+                )
+            );
             ExitCode::from(code)
         }
     }

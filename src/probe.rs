@@ -233,7 +233,7 @@ pub async fn run(config: Config, business_id: &str, json: bool) -> Result<u8> {
     };
     let report = report?;
     if json {
-        println!("{}", render_json(&report)?);
+        println!("{}", crate::terminal::pretty_json(&report)?);
     } else {
         print!("{}", render_text(&report));
     }
@@ -454,31 +454,6 @@ fn call_lines(out: &mut String, title: &str, c: &Call) {
     }
 }
 
-/// The report for programs (`--json`). serde_json escapes C0 controls
-/// only; DEL, C1 controls (U+009B is a one-character CSI) and the other
-/// characters of [`crate::terminal::is_unsafe`] are written as `\uXXXX`
-/// escapes too (a surrogate pair beyond the BMP: the tag characters), so
-/// the output is safe on a terminal and reads back the same. Each can only
-/// be inside a string (the rest of the output is ASCII punctuation,
-/// digits, letters and whitespace), where such an escape stands for the
-/// character itself.
-pub fn render_json(r: &ProbeReport) -> Result<String> {
-    let raw = serde_json::to_string_pretty(r)?;
-    let mut out = String::with_capacity(raw.len());
-    for c in raw.chars() {
-        // C0 controls outside strings are the output's own line breaks
-        // and indentation; inside one serde_json escaped them already.
-        if c > '\u{1f}' && crate::terminal::is_unsafe(c) {
-            for unit in c.encode_utf16(&mut [0; 2]) {
-                let _ = write!(out, "\\u{unit:04x}");
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    Ok(out)
-}
-
 /// The report for people.
 pub fn render_text(r: &ProbeReport) -> String {
     let mut out = String::new();
@@ -665,7 +640,7 @@ mod tests {
     #[test]
     fn json_escapes_c1_controls_and_bidi_characters_and_reads_back_the_same() {
         let report = hostile_report();
-        let json = render_json(&report).unwrap();
+        let json = crate::terminal::pretty_json(&report).unwrap();
         assert!(
             !json.chars().any(|c| c.is_control() && c != '\n'),
             "{json:?}"

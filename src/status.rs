@@ -2,6 +2,11 @@
 
 use crate::config::Config;
 use crate::store::{messages, outbox};
+// Text from the mirror (ids, names, a server's error text, alerts: what
+// another program or an older configuration wrote) is shown one cell or
+// line at a time as `shown` (terminal::blank); `--json` is
+// terminal::pretty_json.
+use crate::terminal::blank as shown;
 use anyhow::Result;
 use chrono::Utc;
 use rusqlite::Connection;
@@ -297,17 +302,25 @@ fn ago(secs: Option<i64>) -> String {
 
 /// The report as a table for people.
 pub fn render_text(r: &StatusReport) -> String {
-    let mut out = format!("database: {}\n", r.database);
+    let mut out = format!("database: {}\n", shown(&r.database));
     if !r.daemon_alerts.is_empty() {
         out.push_str("\ndaemon:\n");
         for a in &r.daemon_alerts {
-            out.push_str(&format!("  ! {} (since {})\n", a.message, a.since));
+            out.push_str(&format!(
+                "  ! {} (since {})\n",
+                shown(&a.message),
+                shown(&a.since)
+            ));
         }
     }
     if !r.auth_alerts.is_empty() {
         out.push_str("\nOAuth:\n");
         for a in &r.auth_alerts {
-            out.push_str(&format!("  ! {} (since {})\n", a.message, a.since));
+            out.push_str(&format!(
+                "  ! {} (since {})\n",
+                shown(&a.message),
+                shown(&a.since)
+            ));
         }
     }
     out.push_str("\nbusinesses:\n");
@@ -327,9 +340,11 @@ pub fn render_text(r: &StatusReport) -> String {
         if b.needs_reauth {
             notes.push(format!(
                 "NEEDS RE-AUTHORIZATION: {}",
-                b.needs_reauth_reason
-                    .as_deref()
-                    .unwrap_or("the token was refused")
+                shown(
+                    b.needs_reauth_reason
+                        .as_deref()
+                        .unwrap_or("the token was refused")
+                )
             ));
         }
         if !b.configured {
@@ -345,22 +360,19 @@ pub fn render_text(r: &StatusReport) -> String {
             && !b.needs_reauth
             && !(client_refused && e.contains("OAuth client refused"))
         {
-            notes.push(format!("error: {e}"));
+            notes.push(format!("error: {}", shown(e)));
         }
-        let name: String = b
-            .name
-            .clone()
-            .unwrap_or_default()
+        let name: String = shown(b.name.as_deref().unwrap_or_default())
             .chars()
             .take(24)
             .collect();
         out.push_str(&format!(
             "  {:<20} {:<24} {:>7}  {:<12} {:<7} {}\n",
-            b.business_id,
+            shown(&b.business_id),
             name,
             b.leads,
             ago(b.last_sync_age_secs),
-            b.last_sync_outcome.as_deref().unwrap_or("-"),
+            shown(b.last_sync_outcome.as_deref().unwrap_or("-")),
             notes.join("; ")
         ));
     }
@@ -381,8 +393,8 @@ pub fn render_text(r: &StatusReport) -> String {
             };
             out.push_str(&format!(
                 "  {:<4} `{}`: {} businesses, {lag}{}\n",
-                s.lag.kind,
-                s.lag.schedule,
+                shown(&s.lag.kind),
+                shown(&s.lag.schedule),
                 s.lag.businesses,
                 if s.stale {
                     " (not refreshed for over 2 minutes: is the daemon running?)"
@@ -406,9 +418,9 @@ pub fn render_text(r: &StatusReport) -> String {
             out.push_str(&format!(
                 "    #{} negotiation {} {}: {}\n",
                 d.id,
-                d.negotiation_id,
-                d.status,
-                d.last_error.as_deref().unwrap_or("(no error recorded)")
+                shown(&d.negotiation_id),
+                shown(&d.status),
+                shown(d.last_error.as_deref().unwrap_or("(no error recorded)"))
             ));
         }
     }
@@ -424,8 +436,9 @@ pub fn render_text(r: &StatusReport) -> String {
                 m.mirrored.failed_polls,
                 match &m.mirrored.waiting_until {
                     Some(until) if m.mirrored.waiting_polls > 0 => format!(
-                        "{} refused, waiting until {until} at the latest unless they change; ",
-                        m.mirrored.waiting_polls
+                        "{} refused, waiting until {} at the latest unless they change; ",
+                        m.mirrored.waiting_polls,
+                        shown(until)
                     ),
                     _ => String::new(),
                 }

@@ -178,7 +178,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
             let existing = match client.list_webhooks(&id).await {
                 Ok(list) => list,
                 Err(e) => {
-                    say!(out, "error {id}: cannot list its webhooks: {e}");
+                    say!(out, "error {id}: cannot list its webhooks: {}", crate::terminal::blank(&e.to_string()));
                     failed = true;
                     continue;
                 }
@@ -203,8 +203,15 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                     .cloned()
                     .collect()
             };
-            let delete =
-                |w: &str| format!("leadsync webhooks delete --business {id} --webhook {w}");
+            // The ids are the server's text: shown cleaned, as one word of
+            // a line (a line break in one would forge a line of our own).
+            let shown_id = |w: &str| crate::terminal::blank(w);
+            let delete = |w: &str| {
+                format!(
+                    "leadsync webhooks delete --business {id} --webhook {}",
+                    shown_id(w)
+                )
+            };
             if matches.len() > 1 {
                 // `already registered` (SPEC's line), but none is kept: a
                 // password cannot be read back, so the one
@@ -229,9 +236,9 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                             notes.push(format!("without {}", missing.join(",")));
                         }
                         if notes.is_empty() {
-                            s.webhook_id.clone()
+                            shown_id(&s.webhook_id)
                         } else {
-                            format!("{} ({})", s.webhook_id, notes.join(", "))
+                            format!("{} ({})", shown_id(&s.webhook_id), notes.join(", "))
                         }
                     })
                     .collect();
@@ -298,7 +305,7 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                 say!(
                     out,
                     "already registered {id} (webhook {}){note}",
-                    found.webhook_id
+                    shown_id(&found.webhook_id)
                 );
                 continue;
             }
@@ -309,7 +316,11 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                 auth: auth.clone(),
             };
             match client.create_webhook(&id, &body).await {
-                Ok(s) => say!(out, "registered {id} (webhook {})", s.webhook_id),
+                Ok(s) => say!(
+                    out,
+                    "registered {id} (webhook {})",
+                    crate::terminal::blank(&s.webhook_id)
+                ),
                 Err(e) => {
                     // An answer may quote the request (a gateway, a debug page):
                     // the credential it carried is never printed.
@@ -317,11 +328,11 @@ pub async fn register(config: &Config, businesses: &[String], events: &[String])
                         RegisterAuth::Basic { password, .. } => password,
                         RegisterAuth::Header { value, .. } => value,
                     };
-                    let mut e = e.to_string();
+                    let mut e = e.message;
                     if !secret.is_empty() {
                         e = e.replace(secret.as_str(), crate::secret::MASK);
                     }
-                    say!(out, "error {id}: {e}");
+                    say!(out, "error {id}: {}", crate::terminal::blank(&e));
                     failed = true;
                 }
             }
@@ -372,33 +383,40 @@ pub async fn list(config: &Config, business: Option<String>, json: bool) -> Resu
                 }
                 Ok(list) if list.is_empty() => say!(out, "{id}: no webhook"),
                 Ok(list) => {
+                    // The server's text, each terminal-driving or invisible
+                    // character a space (crate::terminal::is_unsafe).
+                    let shown = crate::terminal::blank;
                     for s in list {
                         say!(
                             out,
                             "{id} webhook {} {} {} [{}]",
-                            s.webhook_id,
+                            shown(&s.webhook_id),
                             if s.enabled == Some(false) {
                                 "disabled"
                             } else {
                                 "enabled"
                             },
-                            s.webhook_url,
-                            s.event_types.join(",")
+                            shown(&s.webhook_url),
+                            shown(&s.event_types.join(","))
                         );
                     }
                 }
                 Err(e) => {
                     if json {
-                        all.push(serde_json::json!({"businessID": id, "error": e.to_string()}));
+                        all.push(serde_json::json!({"businessID": id, "error": e.message}));
                     } else {
-                        say!(out, "error {id}: {e}");
+                        say!(
+                            out,
+                            "error {id}: {}",
+                            crate::terminal::blank(&e.to_string())
+                        );
                     }
                     failed = true;
                 }
             }
         }
         if json {
-            say!(out, "{}", serde_json::to_string_pretty(&all)?);
+            say!(out, "{}", crate::terminal::pretty_json(&all)?);
         }
         Ok(if failed { 1 } else { 0 })
     })
@@ -420,7 +438,8 @@ pub async fn delete(config: &Config, business: &str, webhook: &str) -> Result<u8
             Err(e) => {
                 say!(
                     out,
-                    "error {business}: cannot delete webhook {webhook}: {e}"
+                    "error {business}: cannot delete webhook {webhook}: {}",
+                    crate::terminal::blank(&e.to_string())
                 );
                 Ok(1)
             }

@@ -159,3 +159,38 @@ fn the_state_directory_is_group_writable_and_setgid_not_sticky() {
         "files group read/write, nothing for others"
     );
 }
+
+/// `leadsync completions bash | head -1` (or a package build whose reader
+/// died): clap_complete writes with `expect`, so a closed pipe was a panic
+/// with exit 101 and a backtrace hint; now the same quiet failure as
+/// `man` and every other command, exit 1 (SPEC §1: any other failure).
+#[test]
+fn completions_and_man_to_a_reader_gone_away_are_no_panic() {
+    use std::os::fd::FromRawFd;
+    for args in [
+        &["completions", "bash"][..],
+        &["completions", "zsh"],
+        &["completions", "fish"],
+        &["completions", "elvish"],
+        &["completions", "powershell"],
+        &["man"],
+    ] {
+        let mut fds = [0; 2];
+        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+        // The read end closed before the child starts: its first write fails.
+        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[0]) });
+        let write_end = unsafe { std::os::fd::OwnedFd::from_raw_fd(fds[1]) };
+        let mut cmd = Command::new(bin());
+        cmd.args(args)
+            .stdin(std::process::Stdio::null())
+            .stdout(write_end)
+            .stderr(std::process::Stdio::piped());
+        let o = common::spawn(&mut cmd)
+            .expect("run leadsync")
+            .wait_with_output()
+            .expect("wait");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

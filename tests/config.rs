@@ -1618,3 +1618,114 @@ fn a_url_with_an_at_sign_never_prints_what_precedes_it() {
         }
     }
 }
+
+/// The README's configuration table is where an operator looks a key up;
+/// `config/leadsync.toml` is "a complete commented example". Every key the
+/// example sets (or shows commented out) has a row in the table, and every
+/// row names a key of the example: the `[webhooks]` keys had no row (only
+/// the Webhooks section's sample), so a reader of the table did not know
+/// they existed.
+#[test]
+fn the_readme_table_and_the_example_name_the_same_keys() {
+    let readme = include_str!("../README.md");
+    let start = readme
+        .find("| key | default | meaning |")
+        .expect("the README's configuration table");
+    let table = &readme[start..];
+    let table = &table[..table.find("\n\n").unwrap_or(table.len())];
+    let mut documented = std::collections::BTreeSet::new();
+    for row in table.lines().skip(2) {
+        let cell = row.split('|').nth(1).unwrap_or("");
+        let mut prefix = String::new();
+        for (i, key) in cell.split('`').skip(1).step_by(2).enumerate() {
+            // `businesses[].schedule`, `full_schedule`: the second shares the prefix.
+            if i == 0 {
+                prefix = key
+                    .rsplit_once('.')
+                    .map_or(String::new(), |(p, _)| format!("{p}."));
+                documented.insert(key.to_string());
+            } else {
+                documented.insert(format!("{prefix}{key}"));
+            }
+        }
+    }
+    let example =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config/leadsync.toml"))
+            .unwrap();
+    let mut section = String::new();
+    let mut shown = std::collections::BTreeSet::new();
+    for line in example.lines() {
+        let l = line.trim().trim_start_matches('#').trim();
+        let word = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c == '_');
+        if let Some(name) = l.strip_prefix("[[").and_then(|r| r.strip_suffix("]]")) {
+            section = format!("{name}[].");
+        } else if let Some(name) = l.strip_prefix('[').and_then(|r| r.strip_suffix(']'))
+            && word(name)
+        {
+            section = format!("{name}.");
+        } else if let Some((key, _)) = l.split_once(" = ")
+            && word(key.trim())
+        {
+            shown.insert(format!("{section}{}", key.trim()));
+        }
+    }
+    assert!(shown.len() > 30, "the example was not read: {shown:?}");
+    let undocumented: Vec<_> = shown.difference(&documented).collect();
+    let not_in_example: Vec<_> = documented.difference(&shown).collect();
+    assert!(
+        undocumented.is_empty() && not_in_example.is_empty(),
+        "keys of config/leadsync.toml with no row in the README's table: {undocumented:?}\n\
+         rows of the table the example does not show: {not_in_example:?}"
+    );
+}
+
+/// `auth exchange --write-conf` writes each business's name as Thumbtack
+/// gives it, and TOML allows C1 controls (U+009B is a one-character CSI),
+/// bidirectional overrides and zero-width characters in a string: `config
+/// check` printed them raw. It now writes each as its TOML escape (a
+/// literal string holding one becomes a basic string), so the printed
+/// configuration is safe on a terminal and still reads back the same.
+#[test]
+fn config_check_prints_hostile_names_escaped_and_still_valid_toml() {
+    let d = Dir::new();
+    let f = d.file(
+        "c.toml",
+        &format!(
+            // The second name makes the toml crate pick a literal string.
+            "{}\n[[businesses]]\nid = \"468046965846925324\"\naccess_token_file = \"t\"\nname = 'say \"hi\" \u{9b}'\n",
+            d.base().replace(
+                "name = \"Robert's Remodeling\"",
+                "name = \"Rob\\u009b2J\\u202eerts\\u200b\"",
+            )
+        ),
+    );
+    std::fs::write(d.path().join("t"), "token\n").unwrap();
+    chmod(&d.path().join("t"), 0o600);
+    let o = check(&[&f], &[]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let out = String::from_utf8(o.stdout).unwrap();
+    let bad: Vec<String> = out
+        .chars()
+        .filter(|c| *c != '\n' && leadsync::terminal::is_unsafe(*c))
+        .map(|c| c.escape_unicode().to_string())
+        .collect();
+    assert!(bad.is_empty(), "config check printed {bad:?}:\n{out}");
+    let printed: toml::Value = toml::from_str(
+        &out.lines()
+            .filter(|l| !l.starts_with('#'))
+            .collect::<Vec<_>>()
+            .join("\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{out}"));
+    let names: Vec<&str> = printed["businesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        names,
+        ["Rob\u{9b}2J\u{202e}erts\u{200b}", "say \"hi\" \u{9b}"],
+        "{out}"
+    );
+}

@@ -1265,3 +1265,134 @@ async fn status_and_outbox_list_never_migrate_the_database() {
         "outbox list migrated the database"
     );
 }
+
+/// The mirror holds text others chose: a business the configuration no
+/// longer names (its id and name as an older configuration or a partner's
+/// program wrote them), a server's error text, an alert, a dead row's
+/// error. `status` printed them as they were, so an escape sequence in one
+/// could clear the screen, retitle the terminal or forge a line of the
+/// report; `outbox list` already cleaned its cells. The table now shows
+/// each such character as a space; `--json` escapes the C1 controls and
+/// invisible characters serde_json leaves raw, and reads back the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_hostile_text_from_the_mirror_harmlessly() {
+    use leadsync::terminal::is_unsafe;
+    let env = Env::small().await;
+    env.run_ok(&["sync"]);
+    let hostile = "x\u{1b}[2J\u{9b}31m\u{202e}\u{200b}\u{7}y";
+    let c = env.sql();
+    c.execute(
+        "INSERT INTO businesses (business_id, name, configured, enabled, last_sync_outcome, last_error,
+                                 needs_reauth, needs_reauth_reason)
+         VALUES ('999' || ?1, 'gone' || ?1, 0, 1, 'error', 'err' || ?1, 1, 'why' || ?1)",
+        [hostile],
+    )
+    .unwrap();
+    c.execute(
+        "INSERT INTO auth_alerts (alert_key, message, since) VALUES ('t', 'alert' || ?1, '2024-06-14T09:30:00Z'),
+                ('daemon:t', 'daemon' || ?1, '2024-06-14T09:30:00Z')",
+        [hostile],
+    )
+    .unwrap();
+    let id: i64 = c
+        .query_row(
+            "INSERT INTO outbox (negotiation_id, business_id, status, partner_status_changed_at)
+             VALUES ('1', '999', 'pro_cancel', '2024-06-14T09:30:00Z') RETURNING id",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    c.execute(
+        "UPDATE outbox SET state = 'dead', last_error = 'dead' || ?1 WHERE id = ?2",
+        rusqlite::params![hostile, id],
+    )
+    .unwrap();
+    drop(c);
+
+    let o = env.run_ok(&["status"]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    for what in ["gone", "why", "alert", "daemon", "dead"] {
+        assert!(out.contains(&format!("{what}x")), "no {what} in\n{out}");
+    }
+    let bad: Vec<String> = out
+        .chars()
+        .filter(|c| *c != '\n' && is_unsafe(*c))
+        .map(|c| c.escape_unicode().to_string())
+        .collect();
+    assert!(bad.is_empty(), "status printed {bad:?}:\n{out:?}");
+
+    let o = env.run_ok(&["status", "--json"]);
+    let out = String::from_utf8(o.stdout).unwrap();
+    let bad: Vec<String> = out
+        .chars()
+        .filter(|c| *c != '\n' && is_unsafe(*c))
+        .map(|c| c.escape_unicode().to_string())
+        .collect();
+    assert!(bad.is_empty(), "status --json printed {bad:?}:\n{out:?}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let gone = v["businesses"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["configured"] == false)
+        .expect("the unconfigured business");
+    assert_eq!(gone["name"], format!("gone{hostile}"), "{gone}");
+    assert_eq!(gone["business_id"], format!("999{hostile}"), "{gone}");
+}
+
+/// `outbox list --json` (both kinds) wrote C1 controls (U+009B is a
+/// one-character CSI) and bidirectional overrides raw, as serde_json does;
+/// the table already blanked them. Now escaped, and it reads back the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbox_list_json_escapes_what_a_terminal_would_obey() {
+    use leadsync::terminal::is_unsafe;
+    let env = Env::small().await;
+    env.run_ok(&["sync"]);
+    let hostile = "x\u{9b}2J\u{202e}\u{200b}y";
+    let c = env.sql();
+    let negotiation: String = c
+        .query_row("SELECT negotiation_id FROM negotiations LIMIT 1", [], |r| {
+            r.get(0)
+        })
+        .unwrap();
+    let id: i64 = c
+        .query_row(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES (?1, 'pro_cancel', '2024-06-14T09:30:00Z') RETURNING id",
+            [&negotiation],
+            |r| r.get(0),
+        )
+        .unwrap();
+    c.execute(
+        "UPDATE outbox SET state = 'dead', last_error = ?1 WHERE id = ?2",
+        rusqlite::params![hostile, id],
+    )
+    .unwrap();
+    drop(c);
+    env.run_ok(&[
+        "reply",
+        "--negotiation",
+        &negotiation,
+        "--text",
+        &format!("hi {hostile}"),
+    ]);
+    for (args, field) in [
+        (&["outbox", "list", "--json"][..], "last_error"),
+        (&["outbox", "list", "--kind", "message", "--json"], "text"),
+    ] {
+        let o = env.run_ok(args);
+        let out = String::from_utf8(o.stdout).unwrap();
+        let bad: Vec<String> = out
+            .chars()
+            .filter(|c| *c != '\n' && is_unsafe(*c))
+            .map(|c| c.escape_unicode().to_string())
+            .collect();
+        assert!(bad.is_empty(), "{args:?} printed {bad:?}:\n{out:?}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let row = &v.as_array().unwrap()[0];
+        assert!(
+            row[field].as_str().unwrap().ends_with(hostile),
+            "{args:?}: {row}"
+        );
+    }
+}

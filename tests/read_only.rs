@@ -241,3 +241,28 @@ async fn a_wal_without_its_shm_is_said_and_left_alone() {
         assert_eq!(files_in(&dir), before, "{args:?} left a file behind");
     }
 }
+
+/// A mirror file that is not a SQLite database (damaged, overwritten, a
+/// wrong `database` path pointing at another file): `status` and `outbox
+/// list` blamed permissions ("this user must be able to read it ... run
+/// the command as the user of the service"), sending the operator to sudo
+/// rather than to the file. They now say what it is, and leave it as it was.
+#[tokio::test]
+async fn status_on_a_file_that_is_no_database_says_so_not_permissions() {
+    let env = Env::small().await;
+    std::fs::create_dir_all(env.database().parent().unwrap()).unwrap();
+    let garbage = "not a database: a log file, or a mirror overwritten\n".repeat(200);
+    std::fs::write(env.database(), &garbage).unwrap();
+    for args in [&["status"][..], &["outbox", "list"]] {
+        let o = env.run(args);
+        let t = text(&o);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {t}");
+        assert!(t.contains("not a SQLite database"), "{args:?}: {t}");
+        assert!(
+            t.contains(&env.database().display().to_string()),
+            "{args:?}: {t}"
+        );
+        assert!(!t.contains("must be able to read"), "{args:?}: {t}");
+        assert_eq!(std::fs::read_to_string(env.database()).unwrap(), garbage);
+    }
+}

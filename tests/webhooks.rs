@@ -2705,3 +2705,58 @@ async fn a_webhooks_listing_filtered_after_paging_is_read_past_a_short_page() {
         );
     }
 }
+
+/// `webhooks list` printed the server's webhook ids, URLs and event types
+/// as they came: an escape sequence in one (a subscription another program
+/// registered, a compromised or buggy server) reached the terminal. The
+/// lines now show such characters as spaces, and `--json` escapes those
+/// serde_json leaves raw (C1 controls, bidirectional overrides).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_list_shows_hostile_server_text_harmlessly() {
+    use leadsync::terminal::is_unsafe;
+    use leadsync::thumbtack::webhook::{RegisterAuth, RegisterBody};
+    let env = Env::small().await;
+    let business = with_other_webhooks(&env, 0).await;
+    let hostile = "x\u{1b}]0;owned\u{7}\u{9b}2J\u{202e}\u{200b}y";
+    let session = common::open_session(env.config()).await;
+    session
+        .client
+        .create_webhook(
+            &business,
+            &RegisterBody {
+                webhook_url: format!("https://other.example.com/{hostile}"),
+                event_types: vec![format!("NegotiationCreatedV4{hostile}")],
+                enabled: true,
+                auth: RegisterAuth::Basic {
+                    username: "o".into(),
+                    password: "other".into(),
+                },
+            },
+        )
+        .await
+        .expect("create a webhook");
+    for json in [false, true] {
+        let mut args = vec!["webhooks", "list", "--business", &business];
+        if json {
+            args.push("--json");
+        }
+        let o = env.run(&args);
+        let out = String::from_utf8(o.stdout.clone()).unwrap();
+        assert_eq!(o.status.code(), Some(0), "{}", common::text(&o));
+        assert!(out.contains("other.example.com"), "{out}");
+        let bad: Vec<String> = out
+            .chars()
+            .filter(|c| *c != '\n' && is_unsafe(*c))
+            .map(|c| c.escape_unicode().to_string())
+            .collect();
+        assert!(bad.is_empty(), "{args:?} printed {bad:?}:\n{out:?}");
+        if json {
+            let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+            assert_eq!(
+                v[0]["webhooks"][0]["webhookURL"],
+                format!("https://other.example.com/{hostile}"),
+                "{v}"
+            );
+        }
+    }
+}

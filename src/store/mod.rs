@@ -364,6 +364,20 @@ fn open_connection_with(
     Ok(conn)
 }
 
+/// SQLite found no database in the file, or a damaged one.
+fn not_a_database(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<rusqlite::Error>(),
+            Some(rusqlite::Error::SqliteFailure(f, _))
+                if matches!(
+                    f.code,
+                    rusqlite::ErrorCode::NotADatabase | rusqlite::ErrorCode::DatabaseCorrupt
+                )
+        )
+    })
+}
+
 /// The database's schema version (`PRAGMA user_version`).
 fn version_of(conn: &Connection) -> Result<i64> {
     Ok(conn.query_row("PRAGMA user_version", [], |r| r.get(0))?)
@@ -498,7 +512,20 @@ pub fn open_read_only(path: &Path) -> Result<(Connection, i64)> {
     };
     let conn = Connection::open_with_flags(Path::new(&target), flags).with_context(unreadable)?;
     conn.busy_timeout(BUSY_TIMEOUT)?;
-    let version = version_of(&conn).with_context(unreadable)?;
+    let version = version_of(&conn).map_err(|e| {
+        // A file SQLite does not recognise is no matter of permissions:
+        // sending the operator to sudo would hide what is wrong.
+        if not_a_database(&e) {
+            e.context(format!(
+                "database {} is not a SQLite database (damaged or overwritten, or `database` \
+                 names another file): fix the path, or restore the mirror from a backup \
+                 (README, \"Backup and restore\")",
+                path.display()
+            ))
+        } else {
+            e.context(unreadable())
+        }
+    })?;
     // A newer leadsync's schema is refused as the daemon refuses it (exit 78).
     if version > schema_version() {
         return Err(NewerSchema {

@@ -865,13 +865,10 @@ pub async fn read_business_list(
 }
 
 /// A short, printable excerpt of a server-written description (never a token body):
-/// without the characters [`crate::terminal::is_unsafe`] names, the one list
-/// every other piece of server text is cleaned by.
+/// the characters [`crate::terminal::is_unsafe`] names are spaces, as in
+/// every other piece of server text shown ([`crate::terminal::blank`]).
 fn excerpt(s: &str) -> String {
-    s.chars()
-        .filter(|c| !crate::terminal::is_unsafe(*c))
-        .take(200)
-        .collect()
+    crate::terminal::blank(s).chars().take(200).collect()
 }
 
 async fn blocking<R: Send + 'static>(
@@ -3153,6 +3150,18 @@ impl TokenFailure {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The business list's excerpts deleted the unsafe characters where
+    /// every other piece of server text shown has them as spaces: a line
+    /// break or tab between two words joined them.
+    #[test]
+    fn an_excerpt_has_unsafe_characters_as_spaces_like_all_shown_text() {
+        assert_eq!(
+            excerpt("Acme\nPlumbing\t\u{1b}[2J\u{202e}x"),
+            "Acme Plumbing  [2J x"
+        );
+        assert_eq!(excerpt(&"é".repeat(300)).chars().count(), 200);
+    }
 
     #[test]
     fn a_link_planted_at_the_token_file_after_its_check_is_not_followed() {

@@ -110,8 +110,14 @@ impl Problem {
 }
 
 /// A failed call to Thumbtack, classified.
+///
+/// Its `Display` is [`Self::message`] as one line, cleaned
+/// ([`crate::terminal::blank`]): whatever formats it (a log field, which
+/// tracing does not escape, an error's chain printed by `main`) shows no
+/// line or escape the server made. Where the text is stored, `.message`
+/// is used: stored text stays as sent.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("{message}")]
+#[error("{}", crate::terminal::blank(.message))]
 pub struct ApiError {
     pub disposition: Disposition,
     /// `None` when no HTTP response arrived.
@@ -123,6 +129,10 @@ pub struct ApiError {
     /// proxy's page or a failure on the way.
     pub from_api: bool,
     /// For people: what happened, with the problem's title/detail and traceID.
+    /// The server's words as it sent them (the mirror's `last_error` and
+    /// `sync_runs.error` keep them): whatever prints it to a terminal or a
+    /// log line cleans it there ([`crate::terminal::blank`], as `Display`
+    /// does).
     pub message: String,
 }
 
@@ -456,5 +466,61 @@ mod tests {
             ApiError::from_response(502, "Bad Gateway", None, b"<html><body>nginx</body></html>");
         assert_eq!(e.disposition, Disposition::Retry);
         assert!(e.message.contains("HTML"));
+    }
+
+    /// Thumbtack's (or a proxy's) words become the error's message, which
+    /// the mirror keeps (`last_error`, `sync_runs.error`) as data the user
+    /// cannot get back: a title, detail, field error, trace id, first line
+    /// of a page, reason phrase or redirect target keeps every character,
+    /// the ones that drive a terminal too; they are cleaned where printed.
+    #[test]
+    fn server_text_in_a_message_is_kept_as_sent() {
+        let hostile = "a\u{1b}[2J\u{9b}31m\u{202e}\u{200b}\u{7}b";
+        let problem = serde_json::json!({
+            "title": format!("Bad {hostile}"),
+            "detail": format!("detail\n\t{hostile}"),
+            "traceID": format!("t{hostile}"),
+            "errors": {"f": format!("e{hostile}")},
+        })
+        .to_string();
+        let e = ApiError::from_response(400, "Bad Request", None, problem.as_bytes());
+        for part in [
+            format!("Bad {hostile}"),
+            format!("detail\n\t{hostile}"),
+            format!("t{hostile}"),
+        ] {
+            assert!(e.message.contains(&part), "{part:?} in {:?}", e.message);
+        }
+        let errors = [
+            ApiError::from_response(
+                404,
+                "Not Found",
+                None,
+                format!("<p>{hostile}</p>").as_bytes(),
+            ),
+            ApiError::from_response(500, "Oops", None, format!("<p>{hostile}</p>").as_bytes()),
+            ApiError::from_response(500, "Oops", None, format!("plain {hostile}").as_bytes()),
+            ApiError::from_response(503, &format!("Reason {hostile}"), None, b""),
+            ApiError::redirected(302, "Found", Some(&format!("https://x/{hostile}"))),
+        ];
+        for e in errors {
+            assert!(e.message.contains(hostile), "{:?}", e.message);
+        }
+    }
+
+    /// Formatted (a log field, an error chain `main` prints line by line),
+    /// an error is one clean line: the server's line break would start a
+    /// line that reads as leadsync's own. `.message` keeps the text as sent.
+    #[test]
+    fn an_error_displays_as_one_clean_line_its_message_as_sent() {
+        let detail = "x\nleadsync: ok\u{1b}]0;owned\u{7}";
+        let body = serde_json::json!({"title": "Unavailable", "status": 503, "detail": detail})
+            .to_string();
+        let e = ApiError::from_response(503, "Service Unavailable", None, body.as_bytes());
+        assert!(e.message.contains(detail), "{:?}", e.message);
+        let chain = format!("{:#}", anyhow::Error::new(e.clone()).context("sync"));
+        assert!(!chain.contains(['\n', '\u{1b}', '\u{7}']), "{chain:?}");
+        assert!(chain.contains("x leadsync: ok"), "{chain:?}");
+        assert_eq!(e.to_string(), crate::terminal::blank(&e.message));
     }
 }
