@@ -1566,8 +1566,13 @@ async fn auth_exchange(
         Ok(listed) => {
             // Not `eprintln!`, which panics on a dead terminal: the grant
             // is stored, the conf files are still to be written.
+            // Cleaned here too, whatever the note quotes from the server.
             for n in &listed.notes {
-                let _ = writeln!(std::io::stderr(), "leadsync: warning: {n}");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "leadsync: warning: {}",
+                    crate::terminal::blank(n)
+                );
             }
             (listed.list, listed.complete)
         }
@@ -1639,10 +1644,13 @@ fn onboard_confs(
             let _ = writeln!($($t)*);
         }};
     }
-    // A business listed twice is one business.
+    // A business listed twice is one business, and so are two ids of one
+    // number (`0468`, `468`), as the configuration takes them.
     let mut seen = std::collections::HashSet::with_capacity(covered.len());
-    let covered: Vec<&(String, Option<String>)> =
-        covered.iter().filter(|(id, _)| seen.insert(id)).collect();
+    let covered: Vec<&(String, Option<String>)> = covered
+        .iter()
+        .filter(|(id, _)| seen.insert(crate::config::id_number(id)))
+        .collect();
     say!(out, "the grant covers {} business(es):", covered.len());
     for (id, name) in &covered {
         // The server's text: no escape sequence reaches the terminal.
@@ -1669,7 +1677,13 @@ fn onboard_confs(
             continue;
         }
         let path = dir.join(format!("{id}.toml"));
-        if let Some(b) = config.business(id) {
+        if let Some(b) = config.business_of_number(id) {
+            // Named as configured when that is another spelling of the id.
+            let as_configured = if b.id == **id {
+                String::new()
+            } else {
+                format!(" as {}", b.id)
+            };
             match &b.token {
                 crate::config::TokenSource::Refresh(f)
                     if crate::thumbtack::auth::grant_key(f)
@@ -1677,7 +1691,7 @@ fn onboard_confs(
                 {
                     say!(
                         out,
-                        "  {id} is configured already, on another grant (refresh_token_file = {}): \
+                        "  {id} is configured already{as_configured}, on another grant (refresh_token_file = {}): \
                          no file written, and it keeps that grant; to move it to this one, set its \
                          refresh_token_file to {}",
                         f.display(),
@@ -1686,12 +1700,15 @@ fn onboard_confs(
                 }
                 crate::config::TokenSource::Static(f) => say!(
                     out,
-                    "  {id} is configured already, with access_token_file = {}: no file written; \
+                    "  {id} is configured already{as_configured}, with access_token_file = {}: no file written; \
                      to use this grant, replace that key with refresh_token_file = {}",
                     f.display(),
                     file.display()
                 ),
-                _ => say!(out, "  {id} is configured already: no file written"),
+                _ => say!(
+                    out,
+                    "  {id} is configured already{as_configured}: no file written"
+                ),
             }
             continue;
         }

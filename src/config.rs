@@ -482,6 +482,14 @@ pub struct Config {
     notes: Vec<String>,
 }
 
+/// A business id as the number it names: without its leading zeros (`0`
+/// when it is all zeros). Two ids of one number are one business to the
+/// configuration.
+pub fn id_number(id: &str) -> &str {
+    let number = id.trim_start_matches('0');
+    if number.is_empty() { "0" } else { number }
+}
+
 impl Config {
     /// The mirror database path.
     pub fn database(&self) -> &Path {
@@ -491,6 +499,16 @@ impl Config {
     /// The business with this id, if configured.
     pub fn business(&self, id: &str) -> Option<&Business> {
         self.index.get(id).and_then(|&i| self.businesses.get(i))
+    }
+
+    /// The business configured under this id or under the same number
+    /// written with other leading zeros (`0468` for `468`), which the
+    /// configuration takes as one business ([`id_number`]).
+    pub fn business_of_number(&self, id: &str) -> Option<&Business> {
+        self.business(id).or_else(|| {
+            let number = id_number(id);
+            self.businesses.iter().find(|b| id_number(&b.id) == number)
+        })
     }
 
     /// For commands that call the token endpoint: the client secret must be there.
@@ -1563,8 +1581,7 @@ fn validate(
         // (THUMBTACK.md): `0468…` and `468…` are the same number, likely
         // one business, which would be synced (and its outbox rows sent)
         // twice under two ids in the mirror.
-        let number = b.id.trim_start_matches('0');
-        let number = if number.is_empty() { "0" } else { number };
+        let number = id_number(&b.id);
         if let Some(first) = seen.get(number) {
             let other = &file.businesses[*first].id;
             return err(format!(

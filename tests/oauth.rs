@@ -4162,3 +4162,63 @@ async fn a_429_on_the_business_list_is_retried_after_its_retry_after() {
         "{out}"
     );
 }
+
+/// A business configured with leading zeros (`0468`, which config check
+/// only warns about) is the one the grant lists as `468`: config refuses
+/// the two as one business configured twice, so writing `468.toml` would
+/// make the reload the command suggests refuse the whole configuration,
+/// and the next start exit 78. It is "configured already", as the exact
+/// id would be, and no file is written for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_conf_takes_a_business_configured_with_leading_zeros_as_configured() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    assert!(ids.len() >= 2, "{ids:?}");
+    let conf_d = env.dir.path().join("conf.d");
+    std::fs::create_dir_all(&conf_d).unwrap();
+    let file = env.dir.path().join("pro-1");
+    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
+    let static_token = common::write(env.dir.path(), "static-token", "tok\n");
+    let base = common::write(
+        env.dir.path(),
+        "base.toml",
+        &format!(
+            "{head}\n[[businesses]]\nid = \"0{}\"\naccess_token_file = {:?}\n",
+            ids[0],
+            static_token.to_str().unwrap()
+        ),
+    );
+    let mut c = Command::new(common::bin());
+    c.arg("--config")
+        .arg(&base)
+        .arg("--config")
+        .arg(&env.overrides)
+        .env_remove("LEADSYNC_LOG");
+    let o = common::output(c.args([
+        "auth",
+        "exchange",
+        "--token-file",
+        file.to_str().unwrap(),
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+        "--write-conf",
+        conf_d.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(0), "{out}");
+    assert!(
+        !conf_d.join(format!("{}.toml", ids[0])).exists(),
+        "a second entry for 0{} was written: {out}",
+        ids[0]
+    );
+    assert!(
+        out.contains(&format!("{} is configured already as 0{}", ids[0], ids[0])),
+        "{out}"
+    );
+    assert!(conf_d.join(format!("{}.toml", ids[1])).is_file(), "{out}");
+}
