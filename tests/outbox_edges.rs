@@ -1539,3 +1539,47 @@ async fn rows_with_a_nul_from_before_schema_13_fail_alone_in_both_outboxes() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_a_partners_trigger_refuses_to_change_stalls_nothing() {
+    // A partner's own trigger refuses every UPDATE of one row (an audit
+    // rule, say): neither `sending` nor `dead` can be written on it. The
+    // claim failed as a whole, tick after tick: every other row, of every
+    // business, stalled behind it.
+    let rig = Rig::new(FAST).await;
+    let stuck = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let ignored = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_freeze BEFORE UPDATE ON outbox WHEN OLD.id = {stuck}
+         BEGIN SELECT RAISE(ABORT, 'frozen by the partner''s audit rule'); END;
+         CREATE TRIGGER partner_ignore BEFORE UPDATE ON outbox WHEN OLD.id = {ignored}
+         BEGIN SELECT RAISE(IGNORE); END;"
+    ));
+    let others: Vec<i64> = (1..4)
+        .map(|i| {
+            rig.insert(
+                &rig.lead(i % 2, i),
+                "appt_scheduled",
+                "2024-06-14T09:30:00Z",
+            )
+        })
+        .collect();
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 3, "{s:?}");
+    for id in others {
+        assert_eq!(rig.state(id).0, "sent", "row {id}");
+    }
+    // The rows the triggers guard are untouched, and no attempt is logged
+    // for them claim after claim.
+    rig.drain().await;
+    for id in [stuck, ignored] {
+        assert_eq!(rig.state(id).0, "pending", "row {id}");
+        assert_eq!(
+            rig.count(&format!(
+                "SELECT count(*) FROM outbox_attempts WHERE outbox_id = {id}"
+            )),
+            0,
+            "row {id}"
+        );
+    }
+}

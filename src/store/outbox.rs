@@ -693,7 +693,7 @@ fn fail_alone(
         ),
         params![id, now, why],
     )?;
-    tx.execute(
+    let dead = tx.execute(
         &format!(
             "UPDATE {} SET state = 'dead', sending_since = NULL, waiting_for = NULL, last_error = ?2
               WHERE id = ?1",
@@ -701,14 +701,88 @@ fn fail_alone(
         ),
         params![id, why],
     )?;
+    if dead == 0 {
+        // A trigger's RAISE(IGNORE): the row is still first in line, and
+        // taking it for dead would walk the claim back to it for ever.
+        return Err(Untouchable("its UPDATE to `dead` was ignored".into()).into());
+    }
     tracing::error!(outbox_id = id, kind = kind.as_str(), error = %why, "{} marked dead", kind.row_name());
     Ok(())
 }
 
+/// A row the table will not let the drainer change at all (a partner's
+/// trigger refuses or ignores every UPDATE of it): it is left as it is.
+#[derive(Debug)]
+struct Untouchable(String);
+
+impl std::fmt::Display for Untouchable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Untouchable {}
+
+/// The rows already logged as untouchable, so that a claim every tick does
+/// not log them every tick.
+static UNTOUCHABLE_LOGGED: std::sync::Mutex<
+    Option<std::collections::HashSet<(&'static str, i64)>>,
+> = std::sync::Mutex::new(None);
+
 /// Decides about one candidate (a pending, due, first-in-line row): fails
 /// it alone, puts it aside for its business, or marks it `sending` and
-/// counts the attempt.
+/// counts the attempt. A row whose every change the table refuses (a
+/// partner's trigger: RAISE(ABORT) or RAISE(IGNORE) on any UPDATE of it)
+/// is left exactly as it was and skipped: it cannot be marked `sending`
+/// nor `dead`, and failing the whole claim for it stalled every other row.
+/// The later rows of its negotiation wait behind it (README, Outbox).
 fn take(
+    tx: &rusqlite::Transaction<'_>,
+    kind: Kind,
+    candidate: Candidate,
+    filter: &ClaimFilter,
+    now: &str,
+    pins: &Pins,
+) -> Result<Taken> {
+    let id = candidate.id;
+    tx.execute_batch("SAVEPOINT leadsync_take")?;
+    let taken = take_row(tx, kind, candidate, filter, now, pins);
+    let refused = match &taken {
+        Ok(_) => None,
+        Err(e) => e
+            .downcast_ref::<Untouchable>()
+            .map(|u| u.0.clone())
+            .or_else(|| {
+                e.downcast_ref::<rusqlite::Error>()
+                    .and_then(super::constraint_message)
+            }),
+    };
+    let Some(why) = refused else {
+        // An error of another kind fails the claim: its transaction is
+        // rolled back whole.
+        let _ = tx.execute_batch("RELEASE leadsync_take");
+        return taken;
+    };
+    tx.execute_batch("ROLLBACK TO leadsync_take; RELEASE leadsync_take")?;
+    let first = UNTOUCHABLE_LOGGED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(Default::default)
+        .insert((kind.table(), id));
+    if first {
+        tracing::error!(
+            outbox_id = id,
+            kind = kind.as_str(),
+            error = %why,
+            "{} cannot be changed by leadsync (a trigger of the database refuses it): \
+             left as it is, unsent; the later rows of its negotiation wait behind it",
+            kind.row_name()
+        );
+    }
+    Ok(Taken::Skipped)
+}
+
+fn take_row(
     tx: &rusqlite::Transaction<'_>,
     kind: Kind,
     candidate: Candidate,
@@ -777,6 +851,9 @@ fn take(
     );
     match marked {
         Ok(late) => c.late = late,
+        Err(rusqlite::Error::QueryReturnedNoRows) => {
+            return Err(Untouchable("its UPDATE to `sending` was ignored".into()).into());
+        }
         Err(e) => match super::constraint_message(&e) {
             Some(msg) => {
                 fail_alone(tx, kind, id, &msg, now)?;
