@@ -1583,3 +1583,49 @@ async fn a_row_a_partners_trigger_refuses_to_change_stalls_nothing() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_left_sending_that_a_trigger_guards_stops_no_start() {
+    // A row left `sending` by a kill, which a partner's trigger then
+    // refuses to let change: the start-up recovery failed as a whole, so
+    // no `drain`, `sync` or daemon could open the database at all.
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let ids = env.business_ids();
+    let lead = |b: usize, n: usize| env.sandbox.lead_ids(&ids[b])[n].clone();
+    let db = env.sql();
+    let insert = |negotiation: &str| {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [negotiation],
+        )
+        .unwrap();
+        db.last_insert_rowid()
+    };
+    let stuck = insert(&lead(0, 0));
+    let other = insert(&lead(1, 0));
+    // As a claim leaves it, then a kill.
+    db.execute_batch(&format!(
+        "UPDATE outbox SET state = 'sending', attempts = attempts + 1,
+             sending_since = '2024-06-14T09:31:00Z', claim_id = 7 WHERE id = {stuck};
+         CREATE TRIGGER partner_freeze BEFORE UPDATE ON outbox WHEN OLD.id = {stuck}
+         BEGIN SELECT RAISE(ABORT, 'frozen by the partner''s audit rule'); END;"
+    ))
+    .unwrap();
+    let out = env.run(&["drain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let state = |id: i64| -> String {
+        db.query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(state(other), "sent");
+    assert_eq!(state(stuck), "sending", "left as the trigger wants it");
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM outbox_attempts WHERE outbox_id = {stuck}")
+        ),
+        0
+    );
+}

@@ -1548,25 +1548,25 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
                 Kind::Message => "message",
             }
         );
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (outbox_id, attempt, started_at, http_status, outcome, error)
-                 SELECT id, attempts, COALESCE(sending_since, ?1), NULL, 'interrupted', ?2
-                   FROM {} WHERE state = 'sending'",
-                kind.attempts_table(),
-                kind.table()
-            ),
-            params![now, why],
-        )?;
         let table = kind.table();
-        let back: Vec<(i64, bool)> = tx
-            .prepare(&format!(
-                "UPDATE {table} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
-                     last_error = ?2, last_http_status = NULL
-                  WHERE state = 'sending' RETURNING id, business_filled IS 1"
-            ))?
-            .query_map(params![now, why], |r| Ok((r.get(0)?, r.get(1)?)))?
+        // Row by row: a row a partner's trigger will not let change (see
+        // [`take`]) is left `sending` as it is, and the others still come
+        // back. Refusing the whole recovery for it stopped every start.
+        let left: Vec<i64> = tx
+            .prepare(&format!("SELECT id FROM {table} WHERE state = 'sending'"))?
+            .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
+        let mut log = tx.prepare(&format!(
+            "INSERT INTO {} (outbox_id, attempt, started_at, http_status, outcome, error)
+             SELECT id, attempts, COALESCE(sending_since, ?1), NULL, 'interrupted', ?2
+               FROM {table} WHERE id = ?3 AND state = 'sending'",
+            kind.attempts_table(),
+        ))?;
+        let mut back = tx.prepare(&format!(
+            "UPDATE {table} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
+                 last_error = ?2, last_http_status = NULL
+              WHERE id = ?3 AND state = 'sending' RETURNING business_filled IS 1"
+        ))?;
         // In a second step: the content is frozen while the row is not
         // `pending`. A row from before a check the table now makes is
         // refused any change of content: it keeps the business (as in
@@ -1574,7 +1574,35 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
         let mut unfill = tx.prepare(&format!(
             "UPDATE {table} SET business_id = NULL, business_filled = 0 WHERE id = ?1"
         ))?;
-        for (id, filled) in back {
+        for id in left {
+            tx.execute_batch("SAVEPOINT leadsync_recover")?;
+            log.execute(params![now, why, id])?;
+            let filled = match back
+                .query_row(params![now, why, id], |r| r.get::<_, bool>(0))
+                .optional()
+            {
+                Ok(Some(filled)) => filled,
+                Ok(None) => {
+                    tx.execute_batch("ROLLBACK TO leadsync_recover; RELEASE leadsync_recover")?;
+                    tracing::error!(
+                        outbox_id = id,
+                        kind = kind.as_str(),
+                        "{} left `sending` cannot be set back to pending (a trigger of the database ignores the change): left as it is",
+                        kind.row_name()
+                    );
+                    continue;
+                }
+                Err(e) => match super::constraint_message(&e) {
+                    Some(why) => {
+                        tx.execute_batch("ROLLBACK TO leadsync_recover; RELEASE leadsync_recover")?;
+                        tracing::error!(outbox_id = id, kind = kind.as_str(), error = %why,
+                            "{} left `sending` cannot be set back to pending (a trigger of the database refuses it): left as it is",
+                            kind.row_name());
+                        continue;
+                    }
+                    None => return Err(e.into()),
+                },
+            };
             if filled {
                 match unfill.execute([id]) {
                     Ok(_) => {}
@@ -1582,6 +1610,7 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
                     Err(e) => return Err(e.into()),
                 }
             }
+            tx.execute_batch("RELEASE leadsync_recover")?;
             recovered.push((kind, id));
         }
     }
@@ -1681,7 +1710,14 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
             } else {
                 now_t
             };
-            if set.execute(params![id, next, crate::time::fmt(due)])? == 1 {
+            // A row a partner's trigger will not let change keeps its wait
+            // (see [`take`]): refusing the start for it stopped everything.
+            let set_it = match set.execute(params![id, next, crate::time::fmt(due)]) {
+                Ok(n) => n,
+                Err(e) if super::constraint_message(&e).is_some() => 0,
+                Err(e) => return Err(e.into()),
+            };
+            if set_it == 1 {
                 mark.execute(params![log, now])?;
                 changed.push((kind, id));
             }
