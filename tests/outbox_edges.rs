@@ -1629,3 +1629,42 @@ async fn a_row_left_sending_that_a_trigger_guards_stops_no_start() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_row_a_trigger_guards_stalls_nothing_when_its_business_comes_back() {
+    // Rows put aside for a removed business come back (or are put aside)
+    // with one UPDATE per business: a partner's trigger refusing any
+    // change of one of them failed it, and with it every claim of every
+    // business.
+    let rig = Rig::new(FAST).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let free = rig.insert(&rig.lead(2, 1), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.drain().await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE waiting_for IS NOT NULL"),
+        2
+    );
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_freeze BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ABORT, 'frozen by the partner''s audit rule'); END;"
+    ));
+    // Configured again: the others go out.
+    rig.drainer.update(full, rig.session.client.clone());
+    let other = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(rig.state(free).0, "sent");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(guarded).0, "pending");
+}

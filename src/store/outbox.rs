@@ -933,14 +933,68 @@ fn park_followers(kind: Kind, pins: &Pins) -> String {
 }
 
 /// Puts aside the ready rows that name business ?1, with why (?2), found
-/// in the index of ready rows by business.
+/// in the index of ready rows by business: the statement [`sync_waits`]
+/// runs (through [`update_rows`]), whole, for the test of its plan.
+#[cfg(test)]
 fn set_aside(kind: Kind, pins: &Pins) -> String {
-    let table = kind.table();
-    format!(
-        "UPDATE {table} {ready} SET waiting_for = ?1, last_error = ?2
-          WHERE business_id = ?1 AND state = 'pending' AND waiting_for IS NULL",
-        ready = pins.by(&format!("{table}_ready_by_business"))
+    let (by, set, filter) = set_aside_parts(kind, pins);
+    format!("UPDATE {} {by} SET {set} WHERE {filter}", kind.table())
+}
+
+/// [`set_aside`] in the parts [`update_rows`] takes.
+fn set_aside_parts(kind: Kind, pins: &Pins) -> (String, &'static str, &'static str) {
+    (
+        pins.by(&format!("{}_ready_by_business", kind.table())),
+        "waiting_for = ?1, last_error = ?2",
+        "business_id = ?1 AND state = 'pending' AND waiting_for IS NULL",
     )
+}
+
+/// `UPDATE {table} {by} SET {set} WHERE {filter}` over many rows, bound to
+/// `values` (`?1`…). When the table refuses it (a partner's trigger on one
+/// of the rows: see [`take`]), the rows are updated one by one and the ones
+/// refused are left as they are: one row must not hold every other row of
+/// every business where it was. Returns the rows changed.
+fn update_rows(
+    tx: &rusqlite::Transaction<'_>,
+    table: &str,
+    by: &str,
+    set: &str,
+    filter: &str,
+    values: &[rusqlite::types::Value],
+) -> Result<usize> {
+    match tx
+        .prepare_cached(&format!("UPDATE {table} {by} SET {set} WHERE {filter}"))?
+        .execute(rusqlite::params_from_iter(values))
+    {
+        Ok(n) => return Ok(n),
+        Err(e) if super::constraint_message(&e).is_some() => {}
+        Err(e) => return Err(e.into()),
+    }
+    let ids: Vec<i64> = tx
+        .prepare(&format!("SELECT id FROM {table} WHERE {filter}"))?
+        .query_map(rusqlite::params_from_iter(values), |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut one = tx.prepare(&format!(
+        "UPDATE {table} SET {set} WHERE ({filter}) AND id = ?{}",
+        values.len() + 1
+    ))?;
+    let mut changed = 0;
+    for id in ids {
+        let mut bound = values.to_vec();
+        bound.push(rusqlite::types::Value::Integer(id));
+        match one.execute(rusqlite::params_from_iter(bound)) {
+            Ok(n) => changed += n,
+            Err(e) => match super::constraint_message(&e) {
+                Some(why) => {
+                    tracing::error!(outbox_id = id, table, error = %why,
+                        "a row a trigger of the database will not let leadsync change is left as it is");
+                }
+                None => return Err(e.into()),
+            },
+        }
+    }
+    Ok(changed)
 }
 
 /// Brings the rows put aside in line with `filter`: rows of a business that
@@ -949,6 +1003,7 @@ fn set_aside(kind: Kind, pins: &Pins) -> String {
 /// businesses and of rows that move, never the rows that stay aside; the
 /// drainer calls it when its view of the businesses changes.
 pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
+    use rusqlite::types::Value;
     let now = crate::time::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let recorded: Vec<(String, String)> = tx
@@ -962,17 +1017,16 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
             None => {
                 for kind in Kind::ALL {
                     let table = kind.table();
-                    tx.execute(
-                        &format!(
-                            "UPDATE {table} SET waiting_for = NULL, last_error = NULL
-                              WHERE waiting_for = ?1 AND state = 'pending'"
-                        ),
-                        [&business_id],
+                    let b = [Value::Text(business_id.clone())];
+                    update_rows(
+                        &tx,
+                        table,
+                        "",
+                        "waiting_for = NULL, last_error = NULL",
+                        "waiting_for = ?1 AND state = 'pending'",
+                        &b,
                     )?;
-                    tx.execute(
-                        &format!("UPDATE {table} SET waiting_for = NULL WHERE waiting_for = ?1"),
-                        [&business_id],
-                    )?;
+                    update_rows(&tx, table, "", "waiting_for = NULL", "waiting_for = ?1", &b)?;
                 }
                 tx.execute(
                     "DELETE FROM outbox_waits WHERE business_id = ?1",
@@ -982,12 +1036,13 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
             Some(why) => {
                 if why != reason {
                     for kind in Kind::ALL {
-                        tx.execute(
-                            &format!(
-                                "UPDATE {} SET last_error = ?2 WHERE waiting_for = ?1 AND state = 'pending'",
-                                kind.table()
-                            ),
-                            params![business_id, why],
+                        update_rows(
+                            &tx,
+                            kind.table(),
+                            "",
+                            "last_error = ?2",
+                            "waiting_for = ?1 AND state = 'pending'",
+                            &[Value::Text(business_id.clone()), Value::Text(why.clone())],
                         )?;
                     }
                     tx.execute(
@@ -1005,15 +1060,18 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
         }
         for kind in Kind::ALL {
             let table = kind.table();
-            tx.execute(&set_aside(kind, &pins), params![business_id, why])?;
+            let b = [Value::Text(business_id.clone()), Value::Text(why.clone())];
+            let (by, set, filter) = set_aside_parts(kind, &pins);
+            update_rows(&tx, table, &by, set, filter, &b)?;
             // Rows that name no business: theirs is their lead's.
-            tx.execute(
-                &format!(
-                    "UPDATE {table} SET waiting_for = ?1, last_error = ?2
-                      WHERE negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
-                        AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL"
-                ),
-                params![business_id, why],
+            update_rows(
+                &tx,
+                table,
+                "",
+                "waiting_for = ?1, last_error = ?2",
+                "negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
+                   AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL",
+                &b,
             )?;
         }
         tx.execute(
@@ -1069,18 +1127,22 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
                 }
                 None => {
                     let stored = Stored::sql(1);
-                    tx.execute(
-                        &format!(
-                            "UPDATE {table} SET waiting_for = NULL, last_error = NULL
-                              WHERE waiting_for IS {stored} AND state = 'pending'"
-                        ),
-                        params![value.value, value.text],
+                    let v = [value.value.clone(), Value::Integer(i64::from(value.text))];
+                    update_rows(
+                        &tx,
+                        table,
+                        "",
+                        "waiting_for = NULL, last_error = NULL",
+                        &format!("waiting_for IS {stored} AND state = 'pending'"),
+                        &v,
                     )?;
-                    tx.execute(
-                        &format!(
-                            "UPDATE {table} SET waiting_for = NULL WHERE waiting_for IS {stored}"
-                        ),
-                        params![value.value, value.text],
+                    update_rows(
+                        &tx,
+                        table,
+                        "",
+                        "waiting_for = NULL",
+                        &format!("waiting_for IS {stored}"),
+                        &v,
                     )?;
                 }
             }
