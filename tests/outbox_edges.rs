@@ -1668,3 +1668,34 @@ async fn a_waiting_row_a_trigger_guards_stalls_nothing_when_its_business_comes_b
     assert_eq!(rig.state(other).0, "sent");
     assert_eq!(rig.state(guarded).0, "pending");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_rolls_back_the_claim_writes_nothing_outside_it() {
+    // A partner's RAISE(ROLLBACK) on one row's UPDATE ends the claim's
+    // transaction: what the drainer wrote next for that row (its `dead`
+    // attempt) ran outside any transaction and stayed, one row of
+    // outbox_attempts per claim, for ever; and every claim failed.
+    let rig = Rig::new(FAST).await;
+    let stuck = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    // A row sent just before a guarded one of its negotiation: the claim of
+    // the next row is made with the first one's outcome.
+    let before = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let next = rig.insert(&rig.lead(2, 0), "job_complete", "2024-06-14T10:30:00Z");
+    let other = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id IN ({stuck}, {next})
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ));
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(before).0, "sent", "its outcome is recorded");
+    assert_eq!(rig.state(next).0, "pending");
+    assert_eq!(rig.state(stuck).0, "pending");
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM outbox_attempts WHERE outbox_id = {stuck}"
+        )),
+        0
+    );
+}

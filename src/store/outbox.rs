@@ -723,11 +723,48 @@ impl std::fmt::Display for Untouchable {
 
 impl std::error::Error for Untouchable {}
 
+/// A partner's trigger answered a change of row `id` with RAISE(ROLLBACK):
+/// the transaction it was made in is gone (with whatever it had done). The
+/// claim starts again without that row ([`claim`]); a finish records its
+/// outcome again without claiming the next row ([`finish`]).
+#[derive(Debug)]
+struct TransactionEnded {
+    id: i64,
+    why: String,
+}
+
+impl std::fmt::Display for TransactionEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "row {} undid the transaction: {}", self.id, self.why)
+    }
+}
+
+impl std::error::Error for TransactionEnded {}
+
 /// The rows already logged as untouchable, so that a claim every tick does
 /// not log them every tick.
 static UNTOUCHABLE_LOGGED: std::sync::Mutex<
     Option<std::collections::HashSet<(&'static str, i64)>>,
 > = std::sync::Mutex::new(None);
+
+/// Logs, once per row and process, that row `id` cannot be changed.
+fn log_untouchable(kind: Kind, id: i64, why: &str) {
+    let first = UNTOUCHABLE_LOGGED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(Default::default)
+        .insert((kind.table(), id));
+    if first {
+        tracing::error!(
+            outbox_id = id,
+            kind = kind.as_str(),
+            error = %why,
+            "{} cannot be changed by leadsync (a trigger of the database refuses it): \
+             left as it is, unsent; the later rows of its negotiation wait behind it",
+            kind.row_name()
+        );
+    }
+}
 
 /// Decides about one candidate (a pending, due, first-in-line row): fails
 /// it alone, puts it aside for its business, or marks it `sending` and
@@ -763,22 +800,12 @@ fn take(
         let _ = tx.execute_batch("RELEASE leadsync_take");
         return taken;
     };
-    tx.execute_batch("ROLLBACK TO leadsync_take; RELEASE leadsync_take")?;
-    let first = UNTOUCHABLE_LOGGED
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get_or_insert_with(Default::default)
-        .insert((kind.table(), id));
-    if first {
-        tracing::error!(
-            outbox_id = id,
-            kind = kind.as_str(),
-            error = %why,
-            "{} cannot be changed by leadsync (a trigger of the database refuses it): \
-             left as it is, unsent; the later rows of its negotiation wait behind it",
-            kind.row_name()
-        );
+    if tx.is_autocommit() {
+        // RAISE(ROLLBACK): the savepoint went with the transaction.
+        return Err(TransactionEnded { id, why }.into());
     }
+    tx.execute_batch("ROLLBACK TO leadsync_take; RELEASE leadsync_take")?;
+    log_untouchable(kind, id, &why);
     Ok(Taken::Skipped)
 }
 
@@ -855,6 +882,9 @@ fn take_row(
             return Err(Untouchable("its UPDATE to `sending` was ignored".into()).into());
         }
         Err(e) => match super::constraint_message(&e) {
+            // A RAISE(ROLLBACK) ended the claim's transaction: anything
+            // written now would be written outside it, claim after claim.
+            Some(msg) if tx.is_autocommit() => return Err(TransactionEnded { id, why: msg }.into()),
             Some(msg) => {
                 fail_alone(tx, kind, id, &msg, now)?;
                 return Ok(Taken::Dead);
@@ -968,7 +998,9 @@ fn update_rows(
         .execute(rusqlite::params_from_iter(values))
     {
         Ok(n) => return Ok(n),
-        Err(e) if super::constraint_message(&e).is_some() => {}
+        // Not after a RAISE(ROLLBACK): the transaction is gone, and each
+        // row's UPDATE would be written outside it.
+        Err(e) if super::constraint_message(&e).is_some() && !tx.is_autocommit() => {}
         Err(e) => return Err(e.into()),
     }
     let ids: Vec<i64> = tx
@@ -986,11 +1018,11 @@ fn update_rows(
         match one.execute(rusqlite::params_from_iter(bound)) {
             Ok(n) => changed += n,
             Err(e) => match super::constraint_message(&e) {
-                Some(why) => {
+                Some(why) if !tx.is_autocommit() => {
                     tracing::error!(outbox_id = id, table, error = %why,
                         "a row a trigger of the database will not let leadsync change is left as it is");
                 }
-                None => return Err(e.into()),
+                _ => return Err(e.into()),
             },
         }
     }
@@ -1257,6 +1289,35 @@ pub fn claim(
     if !any_due(conn, kind, due_by, &Pins::read(conn)?)? {
         return Ok(Vec::new());
     }
+    // Rows whose change a partner's trigger answered with RAISE(ROLLBACK):
+    // the claim's transaction went with it, and the walk starts again
+    // without them (each row once, so this ends).
+    let mut skip = HashSet::new();
+    loop {
+        match claim_walk(conn, kind, due_by, limit, filter, &skip) {
+            Err(e) => match e.downcast::<TransactionEnded>() {
+                Ok(ended) => {
+                    log_untouchable(kind, ended.id, &ended.why);
+                    if !skip.insert(ended.id) {
+                        return Err(ended.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            },
+            claimed => return claimed,
+        }
+    }
+}
+
+/// [`claim`]'s walk, in one transaction, past the rows in `skip`.
+fn claim_walk(
+    conn: &mut Connection,
+    kind: Kind,
+    due_by: &str,
+    limit: usize,
+    filter: &ClaimFilter,
+    skip: &HashSet<i64>,
+) -> Result<Vec<Claimed>> {
     let now = crate::time::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let pins = Pins::read(&tx)?;
@@ -1301,6 +1362,9 @@ pub fn claim(
                 break;
             }
             after = Some((next_attempt_at, candidate.id));
+            if skip.contains(&candidate.id) {
+                continue;
+            }
             match take(&tx, kind, candidate, filter, &now, &pins)? {
                 Taken::Claimed(c) => claimed.push(c),
                 Taken::Parked | Taken::Dead => set_aside = true,
@@ -1587,7 +1651,19 @@ pub fn finish(
         return Ok((recorded, None));
     }
     let claimed = match next {
-        Some(next) => claim_head_of(&tx, row.kind, &row.negotiation_id, next.due_by, next.filter)?,
+        Some(next) => {
+            match claim_head_of(&tx, row.kind, &row.negotiation_id, next.due_by, next.filter) {
+                Ok(claimed) => claimed,
+                // The next row's trigger undid the outcome with the claim:
+                // recorded again, the next row left to a claim (which
+                // walks past it).
+                Err(e) if e.downcast_ref::<TransactionEnded>().is_some() => {
+                    drop(tx);
+                    return self::finish(conn, row, finish, attempts, now, None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         None => None,
     };
     tx.commit()?;
@@ -1655,14 +1731,14 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
                     continue;
                 }
                 Err(e) => match super::constraint_message(&e) {
-                    Some(why) => {
+                    Some(why) if !tx.is_autocommit() => {
                         tx.execute_batch("ROLLBACK TO leadsync_recover; RELEASE leadsync_recover")?;
                         tracing::error!(outbox_id = id, kind = kind.as_str(), error = %why,
                             "{} left `sending` cannot be set back to pending (a trigger of the database refuses it): left as it is",
                             kind.row_name());
                         continue;
                     }
-                    None => return Err(e.into()),
+                    _ => return Err(e.into()),
                 },
             };
             if filled {
