@@ -1699,3 +1699,60 @@ async fn a_trigger_that_rolls_back_the_claim_writes_nothing_outside_it() {
         0
     );
 }
+
+/// `drain_once` on a thread and runtime of its own, failing the test when
+/// it has not returned in `secs` (a claim that loops for ever would hang
+/// the test, not fail it; the thread is left behind, on this test's own
+/// database).
+fn drain_within(rig: &Rig, secs: u64) -> leadsync::drain::DrainSummary {
+    let d = rig.drainer.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = tx.send(rt.block_on(d.drain_once(&CancellationToken::new())));
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("drain_once did not return within {secs} s"))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ignored_row_whose_business_must_wait_ends_the_claim() {
+    // A row a partner's trigger answers with RAISE(IGNORE), of a business
+    // that must wait (removed from the configuration): putting it aside
+    // changed nothing, so the claim walked again from the start, found it
+    // first again, for ever, holding the write lock.
+    let rig = Rig::new(FAST).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_ignore BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(IGNORE); END;"
+    ));
+    let other = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = drain_within(&rig, 30);
+    assert_eq!(s.sent, 1, "{s:?}");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(guarded).0, "pending");
+    // And again: the next claim ends too.
+    drain_within(&rig, 30);
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM outbox WHERE id = {guarded} AND waiting_for IS NULL"
+        )),
+        1
+    );
+}

@@ -929,10 +929,17 @@ fn park(
     pins: &Pins,
 ) -> Result<()> {
     let table = kind.table();
-    tx.prepare_cached(&format!(
-        "UPDATE {table} SET waiting_for = ?2, last_error = ?3 WHERE id = ?1"
-    ))?
-    .execute(params![id, business_id, why])?;
+    let parked = tx
+        .prepare_cached(&format!(
+            "UPDATE {table} SET waiting_for = ?2, last_error = ?3 WHERE id = ?1"
+        ))?
+        .execute(params![id, business_id, why])?;
+    if parked == 0 {
+        // A trigger's RAISE(IGNORE): the row is still first in line, and
+        // taking it for put aside would walk the claim back to it for ever
+        // (inside the claim's transaction, holding the write lock).
+        return Err(Untouchable("its UPDATE putting it aside was ignored".into()).into());
+    }
     tx.prepare_cached(&park_followers(kind, pins))?
         .execute(params![id, business_id, why])?;
     tx.prepare_cached(
