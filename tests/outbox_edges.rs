@@ -1756,3 +1756,40 @@ async fn an_ignored_row_whose_business_must_wait_ends_the_claim() {
         1
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_row_whose_trigger_rolls_back_stalls_nothing_when_its_business_comes_back() {
+    // Rows put aside for a removed business come back when it is
+    // configured again; a partner's RAISE(ROLLBACK) on one of them failed
+    // that whole step, and with it the claim of every business, every tick.
+    let rig = Rig::new(FAST).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let free = rig.insert(&rig.lead(2, 1), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.drain().await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE waiting_for IS NOT NULL"),
+        2
+    );
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ));
+    rig.drainer.update(full, rig.session.client.clone());
+    let other = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = drain_within(&rig, 30);
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(rig.state(free).0, "sent");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(guarded).0, "pending");
+}

@@ -987,28 +987,80 @@ fn set_aside_parts(kind: Kind, pins: &Pins) -> (String, &'static str, &'static s
     )
 }
 
+/// How [`update_rows`] goes past rows a partner's trigger answers with
+/// RAISE(ROLLBACK): such an answer ends the transaction, so [`sync_waits`]
+/// starts again, row by row (the bulk UPDATE does not say which row), and
+/// then without each row that did it.
+#[derive(Default)]
+struct RowGuard {
+    one_by_one: bool,
+    skip: HashSet<i64>,
+}
+
+/// The transaction of [`sync_waits`] ended under it (RAISE(ROLLBACK)): in
+/// a bulk UPDATE (`None`), or on row `Some(id)`.
+#[derive(Debug)]
+struct UpdateEnded {
+    table: &'static str,
+    id: Option<i64>,
+    why: String,
+}
+
+impl std::fmt::Display for UpdateEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.id {
+            Some(id) => write!(
+                f,
+                "row {id} of {} undid the transaction: {}",
+                self.table, self.why
+            ),
+            None => write!(
+                f,
+                "a row of {} undid the transaction: {}",
+                self.table, self.why
+            ),
+        }
+    }
+}
+
+impl std::error::Error for UpdateEnded {}
+
 /// `UPDATE {table} {by} SET {set} WHERE {filter}` over many rows, bound to
 /// `values` (`?1`…). When the table refuses it (a partner's trigger on one
 /// of the rows: see [`take`]), the rows are updated one by one and the ones
 /// refused are left as they are: one row must not hold every other row of
-/// every business where it was. Returns the rows changed.
+/// every business where it was. A RAISE(ROLLBACK) is an [`UpdateEnded`]
+/// (nothing may be written after it: it would be outside the transaction);
+/// with `guard.one_by_one` the rows go one by one at once, past the rows in
+/// `guard.skip`. Returns the rows changed.
 fn update_rows(
     tx: &rusqlite::Transaction<'_>,
-    table: &str,
+    guard: &RowGuard,
+    table: &'static str,
     by: &str,
     set: &str,
     filter: &str,
     values: &[rusqlite::types::Value],
 ) -> Result<usize> {
-    match tx
-        .prepare_cached(&format!("UPDATE {table} {by} SET {set} WHERE {filter}"))?
-        .execute(rusqlite::params_from_iter(values))
-    {
-        Ok(n) => return Ok(n),
-        // Not after a RAISE(ROLLBACK): the transaction is gone, and each
-        // row's UPDATE would be written outside it.
-        Err(e) if super::constraint_message(&e).is_some() && !tx.is_autocommit() => {}
-        Err(e) => return Err(e.into()),
+    if !guard.one_by_one {
+        match tx
+            .prepare_cached(&format!("UPDATE {table} {by} SET {set} WHERE {filter}"))?
+            .execute(rusqlite::params_from_iter(values))
+        {
+            Ok(n) => return Ok(n),
+            Err(e) => match super::constraint_message(&e) {
+                Some(_) if !tx.is_autocommit() => {}
+                Some(why) => {
+                    return Err(UpdateEnded {
+                        table,
+                        id: None,
+                        why,
+                    }
+                    .into());
+                }
+                None => return Err(e.into()),
+            },
+        }
     }
     let ids: Vec<i64> = tx
         .prepare(&format!("SELECT id FROM {table} WHERE {filter}"))?
@@ -1020,6 +1072,9 @@ fn update_rows(
     ))?;
     let mut changed = 0;
     for id in ids {
+        if guard.skip.contains(&id) {
+            continue;
+        }
         let mut bound = values.to_vec();
         bound.push(rusqlite::types::Value::Integer(id));
         match one.execute(rusqlite::params_from_iter(bound)) {
@@ -1029,7 +1084,15 @@ fn update_rows(
                     tracing::error!(outbox_id = id, table, error = %why,
                         "a row a trigger of the database will not let leadsync change is left as it is");
                 }
-                _ => return Err(e.into()),
+                Some(why) => {
+                    return Err(UpdateEnded {
+                        table,
+                        id: Some(id),
+                        why,
+                    }
+                    .into());
+                }
+                None => return Err(e.into()),
             },
         }
     }
@@ -1041,7 +1104,31 @@ fn update_rows(
 /// started waiting are put aside, in bulk. Costs the number of waiting
 /// businesses and of rows that move, never the rows that stay aside; the
 /// drainer calls it when its view of the businesses changes.
+/// A row a partner's trigger answers with RAISE(ROLLBACK) is left where it
+/// is: the step starts again, row by row, without it (each row once, so
+/// this ends), and the others move.
 pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
+    let mut guard = RowGuard::default();
+    loop {
+        match sync_waits_once(conn, filter, &guard) {
+            Err(e) => match e.downcast::<UpdateEnded>() {
+                Ok(ended) => match ended.id {
+                    None if !guard.one_by_one => guard.one_by_one = true,
+                    Some(id) if guard.skip.insert(id) => {
+                        tracing::error!(outbox_id = id, table = ended.table, error = %ended.why,
+                            "a row a trigger of the database will not let leadsync change is left as it is");
+                    }
+                    _ => return Err(ended.into()),
+                },
+                Err(e) => return Err(e),
+            },
+            done => return done,
+        }
+    }
+}
+
+/// [`sync_waits`] in one transaction, as `guard` says.
+fn sync_waits_once(conn: &mut Connection, filter: &ClaimFilter, guard: &RowGuard) -> Result<()> {
     use rusqlite::types::Value;
     let now = crate::time::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
@@ -1059,13 +1146,22 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
                     let b = [Value::Text(business_id.clone())];
                     update_rows(
                         &tx,
+                        guard,
                         table,
                         "",
                         "waiting_for = NULL, last_error = NULL",
                         "waiting_for = ?1 AND state = 'pending'",
                         &b,
                     )?;
-                    update_rows(&tx, table, "", "waiting_for = NULL", "waiting_for = ?1", &b)?;
+                    update_rows(
+                        &tx,
+                        guard,
+                        table,
+                        "",
+                        "waiting_for = NULL",
+                        "waiting_for = ?1",
+                        &b,
+                    )?;
                 }
                 tx.execute(
                     "DELETE FROM outbox_waits WHERE business_id = ?1",
@@ -1077,6 +1173,7 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
                     for kind in Kind::ALL {
                         update_rows(
                             &tx,
+                            guard,
                             kind.table(),
                             "",
                             "last_error = ?2",
@@ -1101,10 +1198,11 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
             let table = kind.table();
             let b = [Value::Text(business_id.clone()), Value::Text(why.clone())];
             let (by, set, filter) = set_aside_parts(kind, &pins);
-            update_rows(&tx, table, &by, set, filter, &b)?;
+            update_rows(&tx, guard, table, &by, set, filter, &b)?;
             // Rows that name no business: theirs is their lead's.
             update_rows(
                 &tx,
+                guard,
                 table,
                 "",
                 "waiting_for = ?1, last_error = ?2",
@@ -1169,6 +1267,7 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
                     let v = [value.value.clone(), Value::Integer(i64::from(value.text))];
                     update_rows(
                         &tx,
+                        guard,
                         table,
                         "",
                         "waiting_for = NULL, last_error = NULL",
@@ -1177,6 +1276,7 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
                     )?;
                     update_rows(
                         &tx,
+                        guard,
                         table,
                         "",
                         "waiting_for = NULL",
