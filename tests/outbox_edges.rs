@@ -1793,3 +1793,73 @@ async fn a_waiting_row_whose_trigger_rolls_back_stalls_nothing_when_its_business
     assert_eq!(rig.state(other).0, "sent");
     assert_eq!(rig.state(guarded).0, "pending");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_a_clock_ahead_scheduled_on_a_row_whose_trigger_rolls_back_stops_no_start() {
+    // At start, waits a clock ahead scheduled are counted from now again;
+    // a partner's RAISE(ROLLBACK) on one such row ended the transaction
+    // unseen: the later rows were written outside it, its commit failed,
+    // and so did every start.
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let ids = env.business_ids();
+    let lead = |b: usize, n: usize| env.sandbox.lead_ids(&ids[b])[n].clone();
+    let db = env.sql();
+    // Logged as tried under a clock two days ahead, due an hour after that
+    // (with no attempt counted: due at once when rebased).
+    let ahead = |negotiation: &str| {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+             VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z',
+                     strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days', '+1 hour'))",
+            [negotiation],
+        )
+        .unwrap();
+        let id = db.last_insert_rowid();
+        db.execute(
+            "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+             VALUES (?1, 1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days'), 503, 'retry', 'HTTP 503')",
+            [id],
+        )
+        .unwrap();
+        id
+    };
+    let guarded = ahead(&lead(0, 0));
+    let rebased = ahead(&lead(1, 0));
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        [lead(2, 0)],
+    )
+    .unwrap();
+    let due = db.last_insert_rowid();
+    db.execute_batch(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ))
+    .unwrap();
+    let next_of = |id: i64| -> String {
+        db.query_row(
+            "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let (guarded_next, rebased_next) = (next_of(guarded), next_of(rebased));
+    let out = env.run(&["drain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let state = |id: i64| -> String {
+        db.query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(state(due), "sent");
+    assert_eq!(
+        next_of(guarded),
+        guarded_next,
+        "left as the trigger wants it"
+    );
+    assert!(next_of(rebased) < rebased_next, "the other wait is rebased");
+    assert_eq!(state(rebased), "sent");
+    assert_eq!(state(guarded), "pending");
+}

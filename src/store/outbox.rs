@@ -1889,7 +1889,35 @@ pub const LONGEST_OWN_WAIT: chrono::TimeDelta = chrono::TimeDelta::hours(8 * 24 
 /// before that rebase too, and with the wait it had then — a rebase
 /// repeated at every look would shorten it each time. Returns the rows
 /// changed.
+///
+/// A row a partner's trigger answers with RAISE(ROLLBACK) keeps its wait:
+/// the transaction went with it, and the rebase starts again without that
+/// row (each row once, so this ends).
 pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
+    let mut skip = HashSet::new();
+    loop {
+        match rebase_future_waits_once(conn, now, &skip) {
+            Err(e) => match e.downcast::<TransactionEnded>() {
+                Ok(ended) => {
+                    tracing::error!(outbox_id = ended.id, error = %ended.why,
+                        "a row a trigger of the database will not let leadsync change keeps its wait");
+                    if !skip.insert(ended.id) {
+                        return Err(ended.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            },
+            done => return done,
+        }
+    }
+}
+
+/// [`rebase_future_waits`] in one transaction, past the rows in `skip`.
+fn rebase_future_waits_once(
+    conn: &mut Connection,
+    now: &str,
+    skip: &HashSet<i64>,
+) -> Result<Vec<(Kind, i64)>> {
     let Some(now_t) = crate::time::parse(now) else {
         return Ok(Vec::new());
     };
@@ -1927,6 +1955,9 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
             "UPDATE {attempts_table} SET wait_rebased_at = ?2 WHERE id = ?1"
         ))?;
         for (id, attempts, next) in rows {
+            if skip.contains(&id) {
+                continue;
+            }
             let Some((log, tried, rebased)) = last_tried
                 .query_row([id], |r| {
                     Ok((
@@ -1957,10 +1988,17 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
             };
             // A row a partner's trigger will not let change keeps its wait
             // (see [`take`]): refusing the start for it stopped everything.
+            // A RAISE(ROLLBACK) ended the transaction: nothing may be
+            // written after it (it would be outside it, and the commit fails).
             let set_it = match set.execute(params![id, next, crate::time::fmt(due)]) {
                 Ok(n) => n,
-                Err(e) if super::constraint_message(&e).is_some() => 0,
-                Err(e) => return Err(e.into()),
+                Err(e) => match super::constraint_message(&e) {
+                    Some(why) if tx.is_autocommit() => {
+                        return Err(TransactionEnded { id, why }.into());
+                    }
+                    Some(_) => 0,
+                    None => return Err(e.into()),
+                },
             };
             if set_it == 1 {
                 mark.execute(params![log, now])?;
