@@ -2896,6 +2896,40 @@ mod tests {
         }
     }
 
+    /// A finish that claims the next row of its negotiation, whose
+    /// partner's trigger answers the claim with RAISE(ROLLBACK): the
+    /// outcome went with the transaction, and the finish records it again
+    /// at once (the next row left to a claim), in either table. Failing the
+    /// finish instead left the row `sending` until the drainer retried it.
+    #[test]
+    fn a_finish_whose_next_claim_is_rolled_back_records_its_outcome_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let first = insert(&conn, kind, "1", "7", 1);
+            let next = insert(&conn, kind, "1", "7", 2);
+            let row = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            assert_eq!(row.id, first);
+            conn.execute_batch(&format!(
+                "CREATE TRIGGER partner_rollback_{table} BEFORE UPDATE ON {table} WHEN OLD.id = {next}
+                 BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+            ))
+            .unwrap();
+            assert!(sent(&mut conn, &row, true).is_none(), "{kind:?}");
+            assert_eq!(
+                waits(&conn, kind),
+                [
+                    (first, "sent".to_string(), None),
+                    (next, "pending".to_string(), None)
+                ],
+                "{kind:?}"
+            );
+        }
+    }
+
     /// A finish queued twice for one claim (a stop's dropped round whose job
     /// still ran, then its retry) logs the request's attempt row once.
     #[test]
