@@ -851,7 +851,8 @@ fn take_row(
                             AND waiting_for = {}",
                         Stored::sql(2)
                     ))?
-                    .execute(params![id, aside.value, aside.text])?;
+                    .execute(params![id, aside.value, aside.text])
+                    .map_err(|e| other_row_refused(e, "a row of its negotiation put aside"))?;
                 // Walked again from the start, where the row may now be
                 // (only when one came back: the walk must end).
                 Ok(if back > 0 {
@@ -941,13 +942,24 @@ fn park(
         return Err(Untouchable("its UPDATE putting it aside was ignored".into()).into());
     }
     tx.prepare_cached(&park_followers(kind, pins))?
-        .execute(params![id, business_id, why])?;
+        .execute(params![id, business_id, why])
+        .map_err(|e| other_row_refused(e, "a later row of its negotiation"))?;
     tx.prepare_cached(
         "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
          ON CONFLICT (business_id) DO NOTHING",
     )?
     .execute(params![business_id, why, now])?;
     Ok(())
+}
+
+/// A trigger's refusal met while changing other rows of a candidate's
+/// negotiation with it (`whose`): the candidate is left as it is too, and
+/// the log says which row refused, not the candidate alone.
+fn other_row_refused(e: rusqlite::Error, whose: &str) -> anyhow::Error {
+    match super::constraint_message(&e) {
+        Some(why) => Untouchable(format!("{whose} cannot be changed with it: {why}")).into(),
+        None => e.into(),
+    }
 }
 
 /// Puts aside (for ?2, why ?3) the pending rows of row ?1's negotiation
