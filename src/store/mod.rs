@@ -1875,6 +1875,69 @@ impl Store {
 /// in-flight rows and race for single-use refresh tokens.
 pub struct ProcessLock {
     _file: File,
+    /// The flock on the database file itself: deleting the lock file while
+    /// its holder runs lets another process take a new one, but not this.
+    _database: Option<DatabaseHold>,
+}
+
+/// Descriptors of database files this process opened for their flock
+/// ([`ProcessLock`]): (device, inode, file, held now). Never closed while
+/// the process runs: closing any descriptor of a file drops every POSIX
+/// (fcntl) lock the process holds on it, SQLite's own included; an idle
+/// one is used again for the next hold. flock(2) is independent of those
+/// locks on a local Linux file system: taking or releasing it leaves
+/// SQLite's alone.
+static DATABASE_FILES: std::sync::Mutex<Vec<(u64, u64, File, bool)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// An exclusive flock on a database file, released (not closed) when dropped.
+struct DatabaseHold(usize);
+
+impl DatabaseHold {
+    /// Takes it; `Ok(None)` when another holder has it. A database that
+    /// does not exist yet (`probe` before the first start) is not held.
+    fn take(database: &Path) -> Result<Option<Option<DatabaseHold>>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(database) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", database.display()));
+            }
+        };
+        let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = files
+            .iter()
+            .position(|(dev, ino, _, held)| (*dev, *ino) == (meta.dev(), meta.ino()) && !held);
+        let at = match idle {
+            Some(at) => at,
+            None => {
+                let file = File::open(database)
+                    .with_context(|| format!("cannot open {} to lock it", database.display()))?;
+                let m = file.metadata()?;
+                files.push((m.dev(), m.ino(), file, false));
+                files.len() - 1
+            }
+        };
+        match files[at].2.try_lock() {
+            Ok(()) => {
+                files[at].3 = true;
+                Ok(Some(Some(DatabaseHold(at))))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", database.display()))
+            }
+        }
+    }
+}
+
+impl Drop for DatabaseHold {
+    fn drop(&mut self) {
+        let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = files[self.0].2.unlock();
+        files[self.0].3 = false;
+    }
 }
 
 /// What the lock file says of its holder on its second line: the daemon
@@ -1982,12 +2045,22 @@ impl ProcessLock {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
+        // And the database itself: a holder whose lock file was deleted
+        // (by hand, a cleanup of the directory) still holds it, and a
+        // second process would set its rows in flight back to pending at
+        // start, to be sent twice.
+        let Some(database_hold) = DatabaseHold::take(database)? else {
+            return Ok(None);
+        };
         // The pid, and the holder's role on a second line.
         use std::os::unix::fs::FileExt;
         let role = role.as_str();
         file.set_len(0)?;
         file.write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
-        Ok(Some(ProcessLock { _file: file }))
+        Ok(Some(ProcessLock {
+            _file: file,
+            _database: database_hold,
+        }))
     }
 
     /// Whether some process holds the lock now. Nothing is kept: a shared
