@@ -726,16 +726,25 @@ impl std::error::Error for Untouchable {}
 /// A partner's trigger answered a change of row `id` with RAISE(ROLLBACK):
 /// the transaction it was made in is gone (with whatever it had done). The
 /// claim starts again without that row ([`claim`]); a finish records its
-/// outcome again without claiming the next row ([`finish`]).
+/// outcome again without claiming the next row ([`finish`]). `kind` says
+/// which table: `outbox` and `message_outbox` count their ids apart, so an
+/// id alone names a row of each.
 #[derive(Debug)]
 struct TransactionEnded {
+    kind: Kind,
     id: i64,
     why: String,
 }
 
 impl std::fmt::Display for TransactionEnded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "row {} undid the transaction: {}", self.id, self.why)
+        write!(
+            f,
+            "row {} of {} undid the transaction: {}",
+            self.id,
+            self.kind.table(),
+            self.why
+        )
     }
 }
 
@@ -802,7 +811,7 @@ fn take(
     };
     if tx.is_autocommit() {
         // RAISE(ROLLBACK): the savepoint went with the transaction.
-        return Err(TransactionEnded { id, why }.into());
+        return Err(TransactionEnded { kind, id, why }.into());
     }
     tx.execute_batch("ROLLBACK TO leadsync_take; RELEASE leadsync_take")?;
     log_untouchable(kind, id, &why);
@@ -885,7 +894,9 @@ fn take_row(
         Err(e) => match super::constraint_message(&e) {
             // A RAISE(ROLLBACK) ended the claim's transaction: anything
             // written now would be written outside it, claim after claim.
-            Some(msg) if tx.is_autocommit() => return Err(TransactionEnded { id, why: msg }.into()),
+            Some(msg) if tx.is_autocommit() => {
+                return Err(TransactionEnded { kind, id, why: msg }.into());
+            }
             Some(msg) => {
                 fail_alone(tx, kind, id, &msg, now)?;
                 return Ok(Taken::Dead);
@@ -1002,11 +1013,13 @@ fn set_aside_parts(kind: Kind, pins: &Pins) -> (String, &'static str, &'static s
 /// How [`update_rows`] goes past rows a partner's trigger answers with
 /// RAISE(ROLLBACK): such an answer ends the transaction, so [`sync_waits`]
 /// starts again, row by row (the bulk UPDATE does not say which row), and
-/// then without each row that did it.
+/// then without each row that did it: (table, id), since `outbox` and
+/// `message_outbox` count their ids apart (by id alone, the other table's
+/// row of the same id was left where it was too, unsent for ever).
 #[derive(Default)]
 struct RowGuard {
     one_by_one: bool,
-    skip: HashSet<i64>,
+    skip: HashSet<(&'static str, i64)>,
 }
 
 /// The transaction of [`sync_waits`] ended under it (RAISE(ROLLBACK)): in
@@ -1084,7 +1097,7 @@ fn update_rows(
     ))?;
     let mut changed = 0;
     for id in ids {
-        if guard.skip.contains(&id) {
+        if guard.skip.contains(&(table, id)) {
             continue;
         }
         let mut bound = values.to_vec();
@@ -1126,7 +1139,7 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
             Err(e) => match e.downcast::<UpdateEnded>() {
                 Ok(ended) => match ended.id {
                     None if !guard.one_by_one => guard.one_by_one = true,
-                    Some(id) if guard.skip.insert(id) => {
+                    Some(id) if guard.skip.insert((ended.table, id)) => {
                         tracing::error!(outbox_id = id, table = ended.table, error = %ended.why,
                             "a row a trigger of the database will not let leadsync change is left as it is");
                     }
@@ -1911,9 +1924,10 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
         match rebase_future_waits_once(conn, now, &skip) {
             Err(e) => match e.downcast::<TransactionEnded>() {
                 Ok(ended) => {
-                    tracing::error!(outbox_id = ended.id, error = %ended.why,
+                    tracing::error!(outbox_id = ended.id, table = ended.kind.table(), error = %ended.why,
                         "a row a trigger of the database will not let leadsync change keeps its wait");
-                    if !skip.insert(ended.id) {
+                    // By table and id: the two tables count ids apart.
+                    if !skip.insert((ended.kind, ended.id)) {
                         return Err(ended.into());
                     }
                 }
@@ -1928,7 +1942,7 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
 fn rebase_future_waits_once(
     conn: &mut Connection,
     now: &str,
-    skip: &HashSet<i64>,
+    skip: &HashSet<(Kind, i64)>,
 ) -> Result<Vec<(Kind, i64)>> {
     let Some(now_t) = crate::time::parse(now) else {
         return Ok(Vec::new());
@@ -1967,7 +1981,7 @@ fn rebase_future_waits_once(
             "UPDATE {attempts_table} SET wait_rebased_at = ?2 WHERE id = ?1"
         ))?;
         for (id, attempts, next) in rows {
-            if skip.contains(&id) {
+            if skip.contains(&(kind, id)) {
                 continue;
             }
             let Some((log, tried, rebased)) = last_tried
@@ -2006,7 +2020,7 @@ fn rebase_future_waits_once(
                 Ok(n) => n,
                 Err(e) => match super::constraint_message(&e) {
                     Some(why) if tx.is_autocommit() => {
-                        return Err(TransactionEnded { id, why }.into());
+                        return Err(TransactionEnded { kind, id, why }.into());
                     }
                     Some(_) => 0,
                     None => return Err(e.into()),
