@@ -1874,10 +1874,15 @@ impl Store {
 /// requests (`run`, `sync`, `drain`): two of them would reset each other's
 /// in-flight rows and race for single-use refresh tokens.
 pub struct ProcessLock {
-    _file: File,
     /// The flock on the database file itself: deleting the lock file while
     /// its holder runs lets another process take a new one, but not this.
+    /// Declared first, so dropped first (fields drop in declaration order):
+    /// released after the lock file, it was still held for a moment when
+    /// the lock file was free, and a command taking the lock then without
+    /// retrying (`sync_through_daemon`, `wait_for_migration`, the demo) was
+    /// refused as if another leadsync ran.
     _database: Option<DatabaseHold>,
+    _file: File,
 }
 
 /// Descriptors of database files this process opened for their flock
@@ -2058,8 +2063,8 @@ impl ProcessLock {
         file.set_len(0)?;
         file.write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
         Ok(Some(ProcessLock {
-            _file: file,
             _database: database_hold,
+            _file: file,
         }))
     }
 
@@ -3760,6 +3765,67 @@ mod tests {
         assert_eq!(
             refused, 0,
             "refused {refused} of 5000 starts ({probes} probes)"
+        );
+    }
+
+    /// A holder releases the database's flock before its lock file's: in
+    /// between, a command that takes the lock without retrying
+    /// (`sync_through_daemon`, `wait_for_migration`, the demo) found the
+    /// lock file free and the database held, and was refused as if another
+    /// leadsync ran. Another open description spins on the lock file while
+    /// the holder drops, and looks at the database the instant it is free.
+    #[test]
+    fn the_database_is_free_once_the_lock_file_is() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::mpsc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        std::fs::write(&path, b"").unwrap();
+        drop(ProcessLock::try_acquire(&path).unwrap().unwrap());
+        let lock_file = File::open(lock_path(&path)).unwrap();
+        let database = File::open(&path).unwrap();
+        let spinning = std::sync::Arc::new(AtomicBool::new(false));
+        let (go, went) = mpsc::channel::<()>();
+        let (found, seen) = mpsc::channel::<bool>();
+        let watcher = {
+            let spinning = spinning.clone();
+            std::thread::spawn(move || {
+                for () in went {
+                    loop {
+                        match lock_file.try_lock() {
+                            Ok(()) => break,
+                            Err(std::fs::TryLockError::WouldBlock) => {
+                                spinning.store(true, Ordering::Release)
+                            }
+                            Err(std::fs::TryLockError::Error(e)) => panic!("{e}"),
+                        }
+                    }
+                    let free = database.try_lock().is_ok();
+                    let _ = database.unlock();
+                    lock_file.unlock().unwrap();
+                    found.send(free).unwrap();
+                }
+            })
+        };
+        let rounds = 500;
+        let mut held = 0;
+        for _ in 0..rounds {
+            let lock = ProcessLock::try_acquire(&path).unwrap().expect("free");
+            spinning.store(false, Ordering::Release);
+            go.send(()).unwrap();
+            while !spinning.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            drop(lock);
+            if !seen.recv().unwrap() {
+                held += 1;
+            }
+        }
+        drop(go);
+        watcher.join().unwrap();
+        assert_eq!(
+            held, 0,
+            "the database was still held when the lock file was free ({held} of {rounds})"
         );
     }
 
