@@ -3829,6 +3829,71 @@ mod tests {
         );
     }
 
+    /// Taking and dropping the process lock twice, with a write transaction
+    /// open on the same database: SQLite's own (fcntl) locks must stay.
+    /// Closing any descriptor of the file would drop every fcntl lock this
+    /// process holds on it, and another process could write under the
+    /// transaction; fcntl locks are per process, so the other writer is this
+    /// test binary again ([`another_process_tries_to_write`]).
+    #[test]
+    fn taking_and_dropping_the_lock_leaves_sqlites_locks_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        // A rollback journal: the write lock is on the database file itself.
+        let path = dir.path().join("m.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch("CREATE TABLE t (x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        let other_writes = || -> String {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "store::tests::another_process_tries_to_write",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("LEADSYNC_TEST_WRITE_DB", &path)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "{text}");
+            ["write refused: busy", "write taken"]
+                .into_iter()
+                .find(|w| text.contains(w))
+                .unwrap_or_else(|| panic!("the other process said nothing: {text}"))
+                .to_string()
+        };
+        assert_eq!(other_writes(), "write refused: busy", "before the lock");
+        for _ in 0..2 {
+            drop(ProcessLock::try_acquire(&path).unwrap().expect("free"));
+        }
+        assert_eq!(other_writes(), "write refused: busy", "after the lock");
+        writer.execute_batch("COMMIT").unwrap();
+        assert_eq!(other_writes(), "write taken", "once committed");
+    }
+
+    /// Run by [`taking_and_dropping_the_lock_leaves_sqlites_locks_in_place`]
+    /// as another process, with `LEADSYNC_TEST_WRITE_DB` set: tries at once
+    /// to start writing to that database and says what SQLite answered.
+    /// Without it (the suite), there is nothing to do.
+    #[test]
+    fn another_process_tries_to_write() {
+        let Some(path) = std::env::var_os("LEADSYNC_TEST_WRITE_DB") else {
+            return;
+        };
+        let conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::ZERO).unwrap();
+        match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => println!("write taken"),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                println!("write refused: busy")
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+
     /// After a package upgrade, before the service restarts, the older
     /// daemon still runs on the mirror: another command of the newer binary
     /// (`status`, `enqueue`, a `drain` about to be refused) must not migrate
