@@ -229,3 +229,24 @@ async fn the_shipped_state_directory_draws_no_warning_about_the_token_directory(
     assert_eq!(o.status.code(), Some(0), "{t}");
     assert!(!t.contains("WARN"), "a default install warns: {t}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_writer_is_refused_after_the_lock_file_was_deleted() {
+    // The lock file deleted under a running holder (by hand, a cleanup of
+    // the directory): a second `drain` took a new one, and its start set
+    // the first one's rows in flight back to pending, to be sent twice.
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let held = store::ProcessLock::acquire(&env.database()).unwrap();
+    std::fs::remove_file(lock_file(&env)).unwrap();
+    let out = env.run(&["drain"]);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        text(&out).contains("another leadsync process"),
+        "{}",
+        text(&out)
+    );
+    drop(held);
+    let out = env.run(&["drain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+}

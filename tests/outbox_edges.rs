@@ -1539,3 +1539,435 @@ async fn rows_with_a_nul_from_before_schema_13_fail_alone_in_both_outboxes() {
         ]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_a_partners_trigger_refuses_to_change_stalls_nothing() {
+    // A partner's own trigger refuses every UPDATE of one row (an audit
+    // rule, say): neither `sending` nor `dead` can be written on it. The
+    // claim failed as a whole, tick after tick: every other row, of every
+    // business, stalled behind it.
+    let rig = Rig::new(FAST).await;
+    let stuck = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let ignored = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_freeze BEFORE UPDATE ON outbox WHEN OLD.id = {stuck}
+         BEGIN SELECT RAISE(ABORT, 'frozen by the partner''s audit rule'); END;
+         CREATE TRIGGER partner_ignore BEFORE UPDATE ON outbox WHEN OLD.id = {ignored}
+         BEGIN SELECT RAISE(IGNORE); END;"
+    ));
+    let others: Vec<i64> = (1..4)
+        .map(|i| {
+            rig.insert(
+                &rig.lead(i % 2, i),
+                "appt_scheduled",
+                "2024-06-14T09:30:00Z",
+            )
+        })
+        .collect();
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 3, "{s:?}");
+    for id in others {
+        assert_eq!(rig.state(id).0, "sent", "row {id}");
+    }
+    // The rows the triggers guard are untouched, and no attempt is logged
+    // for them claim after claim.
+    rig.drain().await;
+    for id in [stuck, ignored] {
+        assert_eq!(rig.state(id).0, "pending", "row {id}");
+        assert_eq!(
+            rig.count(&format!(
+                "SELECT count(*) FROM outbox_attempts WHERE outbox_id = {id}"
+            )),
+            0,
+            "row {id}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_left_sending_that_a_trigger_guards_stops_no_start() {
+    // A row left `sending` by a kill, which a partner's trigger then
+    // refuses to let change: the start-up recovery failed as a whole, so
+    // no `drain`, `sync` or daemon could open the database at all.
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let ids = env.business_ids();
+    let lead = |b: usize, n: usize| env.sandbox.lead_ids(&ids[b])[n].clone();
+    let db = env.sql();
+    let insert = |negotiation: &str| {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+             VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+            [negotiation],
+        )
+        .unwrap();
+        db.last_insert_rowid()
+    };
+    let stuck = insert(&lead(0, 0));
+    let other = insert(&lead(1, 0));
+    // As a claim leaves it, then a kill.
+    db.execute_batch(&format!(
+        "UPDATE outbox SET state = 'sending', attempts = attempts + 1,
+             sending_since = '2024-06-14T09:31:00Z', claim_id = 7 WHERE id = {stuck};
+         CREATE TRIGGER partner_freeze BEFORE UPDATE ON outbox WHEN OLD.id = {stuck}
+         BEGIN SELECT RAISE(ABORT, 'frozen by the partner''s audit rule'); END;"
+    ))
+    .unwrap();
+    let out = env.run(&["drain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let state = |id: i64| -> String {
+        db.query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(state(other), "sent");
+    assert_eq!(state(stuck), "sending", "left as the trigger wants it");
+    assert_eq!(
+        count(
+            &db,
+            &format!("SELECT count(*) FROM outbox_attempts WHERE outbox_id = {stuck}")
+        ),
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_row_a_trigger_guards_stalls_nothing_when_its_business_comes_back() {
+    // Rows put aside for a removed business come back (or are put aside)
+    // with one UPDATE per business: a partner's trigger refusing any
+    // change of one of them failed it, and with it every claim of every
+    // business.
+    let rig = Rig::new(FAST).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let free = rig.insert(&rig.lead(2, 1), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.drain().await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE waiting_for IS NOT NULL"),
+        2
+    );
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_freeze BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ABORT, 'frozen by the partner''s audit rule'); END;"
+    ));
+    // Configured again: the others go out.
+    rig.drainer.update(full, rig.session.client.clone());
+    let other = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(rig.state(free).0, "sent");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(guarded).0, "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trigger_that_rolls_back_the_claim_writes_nothing_outside_it() {
+    // A partner's RAISE(ROLLBACK) on one row's UPDATE ends the claim's
+    // transaction: what the drainer wrote next for that row (its `dead`
+    // attempt) ran outside any transaction and stayed, one row of
+    // outbox_attempts per claim, for ever; and every claim failed.
+    let rig = Rig::new(FAST).await;
+    let stuck = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    // A row sent just before a guarded one of its negotiation: the claim of
+    // the next row is made with the first one's outcome.
+    let before = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let next = rig.insert(&rig.lead(2, 0), "job_complete", "2024-06-14T10:30:00Z");
+    let other = rig.insert(&rig.lead(1, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id IN ({stuck}, {next})
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ));
+    let s = rig.drain().await;
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(before).0, "sent", "its outcome is recorded");
+    assert_eq!(rig.state(next).0, "pending");
+    assert_eq!(rig.state(stuck).0, "pending");
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM outbox_attempts WHERE outbox_id = {stuck}"
+        )),
+        0
+    );
+}
+
+/// `drain_once` on a thread and runtime of its own, failing the test when
+/// it has not returned in `secs` (a claim that loops for ever would hang
+/// the test, not fail it; the thread is left behind, on this test's own
+/// database).
+fn drain_within(rig: &Rig, secs: u64) -> leadsync::drain::DrainSummary {
+    let d = rig.drainer.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let _ = tx.send(rt.block_on(d.drain_once(&CancellationToken::new())));
+    });
+    rx.recv_timeout(Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("drain_once did not return within {secs} s"))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ignored_row_whose_business_must_wait_ends_the_claim() {
+    // A row a partner's trigger answers with RAISE(IGNORE), of a business
+    // that must wait (removed from the configuration): putting it aside
+    // changed nothing, so the claim walked again from the start, found it
+    // first again, for ever, holding the write lock.
+    let rig = Rig::new(FAST).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_ignore BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(IGNORE); END;"
+    ));
+    let other = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = drain_within(&rig, 30);
+    assert_eq!(s.sent, 1, "{s:?}");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(guarded).0, "pending");
+    // And again: the next claim ends too.
+    drain_within(&rig, 30);
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM outbox WHERE id = {guarded} AND waiting_for IS NULL"
+        )),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_row_whose_trigger_rolls_back_stalls_nothing_when_its_business_comes_back() {
+    // Rows put aside for a removed business come back when it is
+    // configured again; a partner's RAISE(ROLLBACK) on one of them failed
+    // that whole step, and with it the claim of every business, every tick.
+    let rig = Rig::new(FAST).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let free = rig.insert(&rig.lead(2, 1), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.drain().await;
+    assert_eq!(
+        rig.count("SELECT count(*) FROM outbox WHERE waiting_for IS NOT NULL"),
+        2
+    );
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ));
+    rig.drainer.update(full, rig.session.client.clone());
+    let other = rig.insert(&rig.lead(0, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    let s = drain_within(&rig, 30);
+    assert_eq!(s.sent, 2, "{s:?}");
+    assert_eq!(rig.state(free).0, "sent");
+    assert_eq!(rig.state(other).0, "sent");
+    assert_eq!(rig.state(guarded).0, "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wait_a_clock_ahead_scheduled_on_a_row_whose_trigger_rolls_back_stops_no_start() {
+    // At start, waits a clock ahead scheduled are counted from now again;
+    // a partner's RAISE(ROLLBACK) on one such row ended the transaction
+    // unseen: the later rows were written outside it, its commit failed,
+    // and so did every start.
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let ids = env.business_ids();
+    let lead = |b: usize, n: usize| env.sandbox.lead_ids(&ids[b])[n].clone();
+    let db = env.sql();
+    // Logged as tried under a clock two days ahead, due an hour after that
+    // (with no attempt counted: due at once when rebased).
+    let ahead = |negotiation: &str| {
+        db.execute(
+            "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+             VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z',
+                     strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days', '+1 hour'))",
+            [negotiation],
+        )
+        .unwrap();
+        let id = db.last_insert_rowid();
+        db.execute(
+            "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+             VALUES (?1, 1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days'), 503, 'retry', 'HTTP 503')",
+            [id],
+        )
+        .unwrap();
+        id
+    };
+    let guarded = ahead(&lead(0, 0));
+    let rebased = ahead(&lead(1, 0));
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        [lead(2, 0)],
+    )
+    .unwrap();
+    let due = db.last_insert_rowid();
+    db.execute_batch(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ))
+    .unwrap();
+    let next_of = |id: i64| -> String {
+        db.query_row(
+            "SELECT next_attempt_at FROM outbox WHERE id = ?1",
+            [id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let (guarded_next, rebased_next) = (next_of(guarded), next_of(rebased));
+    let out = env.run(&["drain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let state = |id: i64| -> String {
+        db.query_row("SELECT state FROM outbox WHERE id = ?1", [id], |r| r.get(0))
+            .unwrap()
+    };
+    assert_eq!(state(due), "sent");
+    assert_eq!(
+        next_of(guarded),
+        guarded_next,
+        "left as the trigger wants it"
+    );
+    assert!(next_of(rebased) < rebased_next, "the other wait is rebased");
+    assert_eq!(state(rebased), "sent");
+    assert_eq!(state(guarded), "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_with_the_id_of_an_outbox_row_whose_trigger_rolls_back_still_comes_back() {
+    // `outbox` and `message_outbox` count their ids apart: the rows a step
+    // left where they were (RAISE(ROLLBACK)) were named by id alone, so the
+    // reply with the same id as a guarded transition stayed put aside for a
+    // business long back, unsent for ever, and no log named it.
+    let rig = Rig::new(FAST).await;
+    let removed = rig.env.business_ids()[2].clone();
+    let full = DrainSettings::from_config(&rig.session.config);
+    let mut without = full.clone();
+    without.configured = Arc::new(
+        full.configured
+            .iter()
+            .filter(|b| **b != removed)
+            .cloned()
+            .collect(),
+    );
+    rig.drainer.update(without, rig.session.client.clone());
+    let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
+    rig.sql(&format!(
+        "INSERT INTO message_outbox (id, negotiation_id, text) VALUES ({guarded}, '{}', 'On my way')",
+        rig.lead(2, 1)
+    ));
+    rig.drain().await;
+    for table in ["outbox", "message_outbox"] {
+        assert_eq!(
+            rig.count(&format!(
+                "SELECT count(*) FROM {table} WHERE id = {guarded} AND waiting_for IS NOT NULL"
+            )),
+            1,
+            "{table}"
+        );
+    }
+    rig.sql(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ));
+    rig.drainer.update(full, rig.session.client.clone());
+    drain_within(&rig, 30);
+    assert_eq!(
+        rig.count(&format!(
+            "SELECT count(*) FROM message_outbox WHERE id = {guarded} AND waiting_for IS NULL"
+        )),
+        1,
+        "the reply came back"
+    );
+    if rig.reply_state(guarded).0 != "sent" {
+        drain_within(&rig, 30);
+    }
+    assert_eq!(rig.reply_state(guarded).0, "sent");
+    assert_eq!(rig.state(guarded).0, "pending");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_with_the_id_of_an_outbox_row_whose_trigger_rolls_back_is_rebased_at_start() {
+    // The clock rebase at start left out the rows a RAISE(ROLLBACK) answered
+    // by id alone: the reply with the same id as the guarded transition
+    // kept a wait a clock two days ahead scheduled.
+    let env = Env::new(SandboxOptions::default(), false, FAST).await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let ids = env.business_ids();
+    let lead = |b: usize, n: usize| env.sandbox.lead_ids(&ids[b])[n].clone();
+    let db = env.sql();
+    db.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at, next_attempt_at)
+         VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z',
+                 strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days', '+1 hour'))",
+        [lead(0, 0)],
+    )
+    .unwrap();
+    let guarded = db.last_insert_rowid();
+    db.execute(
+        "INSERT INTO outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+         VALUES (?1, 1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days'), 503, 'retry', 'HTTP 503')",
+        [guarded],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO message_outbox (id, negotiation_id, text, next_attempt_at)
+         VALUES (?1, ?2, 'On my way', strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days', '+1 hour'))",
+        rusqlite::params![guarded, lead(1, 0)],
+    )
+    .unwrap();
+    db.execute(
+        "INSERT INTO message_outbox_attempts (outbox_id, attempt, started_at, http_status, outcome, error)
+         VALUES (?1, 1, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '+2 days'), 503, 'retry', 'HTTP 503')",
+        [guarded],
+    )
+    .unwrap();
+    db.execute_batch(&format!(
+        "CREATE TRIGGER partner_rollback BEFORE UPDATE ON outbox WHEN OLD.id = {guarded}
+         BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+    ))
+    .unwrap();
+    let out = env.run(&["drain"]);
+    assert_eq!(out.status.code(), Some(0), "{}", common::text(&out));
+    let state = |table: &str| -> String {
+        db.query_row(
+            &format!("SELECT state FROM {table} WHERE id = ?1"),
+            [guarded],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(state("message_outbox"), "sent", "the reply was rebased");
+    assert_eq!(state("outbox"), "pending");
+}

@@ -1901,7 +1901,75 @@ impl Store {
 /// requests (`run`, `sync`, `drain`): two of them would reset each other's
 /// in-flight rows and race for single-use refresh tokens.
 pub struct ProcessLock {
+    /// The flock on the database file itself: deleting the lock file while
+    /// its holder runs lets another process take a new one, but not this.
+    /// Declared first, so dropped first (fields drop in declaration order):
+    /// released after the lock file, it was still held for a moment when
+    /// the lock file was free, and a command taking the lock then without
+    /// retrying (`sync_through_daemon`, `wait_for_migration`, the demo) was
+    /// refused as if another leadsync ran.
+    _database: Option<DatabaseHold>,
     _file: File,
+}
+
+/// Descriptors of database files this process opened for their flock
+/// ([`ProcessLock`]): (device, inode, file, held now). Never closed while
+/// the process runs: closing any descriptor of a file drops every POSIX
+/// (fcntl) lock the process holds on it, SQLite's own included; an idle
+/// one is used again for the next hold. flock(2) is independent of those
+/// locks on a local Linux file system: taking or releasing it leaves
+/// SQLite's alone.
+static DATABASE_FILES: std::sync::Mutex<Vec<(u64, u64, File, bool)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// An exclusive flock on a database file, released (not closed) when dropped.
+struct DatabaseHold(usize);
+
+impl DatabaseHold {
+    /// Takes it; `Ok(None)` when another holder has it. A database that
+    /// does not exist yet (`probe` before the first start) is not held.
+    fn take(database: &Path) -> Result<Option<Option<DatabaseHold>>> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(database) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
+            Err(e) => {
+                return Err(e).with_context(|| format!("cannot read {}", database.display()));
+            }
+        };
+        let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = files
+            .iter()
+            .position(|(dev, ino, _, held)| (*dev, *ino) == (meta.dev(), meta.ino()) && !held);
+        let at = match idle {
+            Some(at) => at,
+            None => {
+                let file = File::open(database)
+                    .with_context(|| format!("cannot open {} to lock it", database.display()))?;
+                let m = file.metadata()?;
+                files.push((m.dev(), m.ino(), file, false));
+                files.len() - 1
+            }
+        };
+        match files[at].2.try_lock() {
+            Ok(()) => {
+                files[at].3 = true;
+                Ok(Some(Some(DatabaseHold(at))))
+            }
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => {
+                Err(e).with_context(|| format!("cannot lock {}", database.display()))
+            }
+        }
+    }
+}
+
+impl Drop for DatabaseHold {
+    fn drop(&mut self) {
+        let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = files[self.0].2.unlock();
+        files[self.0].3 = false;
+    }
 }
 
 /// What the lock file says of its holder on its second line: the daemon
@@ -2009,12 +2077,22 @@ impl ProcessLock {
                 return Err(e).with_context(|| format!("cannot lock {}", path.display()));
             }
         }
+        // And the database itself: a holder whose lock file was deleted
+        // (by hand, a cleanup of the directory) still holds it, and a
+        // second process would set its rows in flight back to pending at
+        // start, to be sent twice.
+        let Some(database_hold) = DatabaseHold::take(database)? else {
+            return Ok(None);
+        };
         // The pid, and the holder's role on a second line.
         use std::os::unix::fs::FileExt;
         let role = role.as_str();
         file.set_len(0)?;
         file.write_all_at(format!("{}\n{role}\n", std::process::id()).as_bytes(), 0)?;
-        Ok(Some(ProcessLock { _file: file }))
+        Ok(Some(ProcessLock {
+            _database: database_hold,
+            _file: file,
+        }))
     }
 
     /// Whether some process holds the lock now. Nothing is kept: a shared
@@ -3715,6 +3793,132 @@ mod tests {
             refused, 0,
             "refused {refused} of 5000 starts ({probes} probes)"
         );
+    }
+
+    /// A holder releases the database's flock before its lock file's: in
+    /// between, a command that takes the lock without retrying
+    /// (`sync_through_daemon`, `wait_for_migration`, the demo) found the
+    /// lock file free and the database held, and was refused as if another
+    /// leadsync ran. Another open description spins on the lock file while
+    /// the holder drops, and looks at the database the instant it is free.
+    #[test]
+    fn the_database_is_free_once_the_lock_file_is() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::mpsc;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        std::fs::write(&path, b"").unwrap();
+        drop(ProcessLock::try_acquire(&path).unwrap().unwrap());
+        let lock_file = File::open(lock_path(&path)).unwrap();
+        let database = File::open(&path).unwrap();
+        let spinning = std::sync::Arc::new(AtomicBool::new(false));
+        let (go, went) = mpsc::channel::<()>();
+        let (found, seen) = mpsc::channel::<bool>();
+        let watcher = {
+            let spinning = spinning.clone();
+            std::thread::spawn(move || {
+                for () in went {
+                    loop {
+                        match lock_file.try_lock() {
+                            Ok(()) => break,
+                            Err(std::fs::TryLockError::WouldBlock) => {
+                                spinning.store(true, Ordering::Release)
+                            }
+                            Err(std::fs::TryLockError::Error(e)) => panic!("{e}"),
+                        }
+                    }
+                    let free = database.try_lock().is_ok();
+                    let _ = database.unlock();
+                    lock_file.unlock().unwrap();
+                    found.send(free).unwrap();
+                }
+            })
+        };
+        let rounds = 500;
+        let mut held = 0;
+        for _ in 0..rounds {
+            let lock = ProcessLock::try_acquire(&path).unwrap().expect("free");
+            spinning.store(false, Ordering::Release);
+            go.send(()).unwrap();
+            while !spinning.load(Ordering::Acquire) {
+                std::thread::yield_now();
+            }
+            drop(lock);
+            if !seen.recv().unwrap() {
+                held += 1;
+            }
+        }
+        drop(go);
+        watcher.join().unwrap();
+        assert_eq!(
+            held, 0,
+            "the database was still held when the lock file was free ({held} of {rounds})"
+        );
+    }
+
+    /// Taking and dropping the process lock twice, with a write transaction
+    /// open on the same database: SQLite's own (fcntl) locks must stay.
+    /// Closing any descriptor of the file would drop every fcntl lock this
+    /// process holds on it, and another process could write under the
+    /// transaction; fcntl locks are per process, so the other writer is this
+    /// test binary again ([`another_process_tries_to_write`]).
+    #[test]
+    fn taking_and_dropping_the_lock_leaves_sqlites_locks_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        // A rollback journal: the write lock is on the database file itself.
+        let path = dir.path().join("m.db");
+        let writer = Connection::open(&path).unwrap();
+        writer
+            .execute_batch("CREATE TABLE t (x); BEGIN IMMEDIATE; INSERT INTO t VALUES (1);")
+            .unwrap();
+        let other_writes = || -> String {
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([
+                    "--exact",
+                    "store::tests::another_process_tries_to_write",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("LEADSYNC_TEST_WRITE_DB", &path)
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout).into_owned();
+            assert!(out.status.success(), "{text}");
+            ["write refused: busy", "write taken"]
+                .into_iter()
+                .find(|w| text.contains(w))
+                .unwrap_or_else(|| panic!("the other process said nothing: {text}"))
+                .to_string()
+        };
+        assert_eq!(other_writes(), "write refused: busy", "before the lock");
+        for _ in 0..2 {
+            drop(ProcessLock::try_acquire(&path).unwrap().expect("free"));
+        }
+        assert_eq!(other_writes(), "write refused: busy", "after the lock");
+        writer.execute_batch("COMMIT").unwrap();
+        assert_eq!(other_writes(), "write taken", "once committed");
+    }
+
+    /// Run by [`taking_and_dropping_the_lock_leaves_sqlites_locks_in_place`]
+    /// as another process, with `LEADSYNC_TEST_WRITE_DB` set: tries at once
+    /// to start writing to that database and says what SQLite answered.
+    /// Without it (the suite), there is nothing to do.
+    #[test]
+    fn another_process_tries_to_write() {
+        let Some(path) = std::env::var_os("LEADSYNC_TEST_WRITE_DB") else {
+            return;
+        };
+        let conn = Connection::open(path).unwrap();
+        conn.busy_timeout(Duration::ZERO).unwrap();
+        match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => println!("write taken"),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DatabaseBusy =>
+            {
+                println!("write refused: busy")
+            }
+            Err(e) => panic!("{e}"),
+        }
     }
 
     /// After a package upgrade, before the service restarts, the older

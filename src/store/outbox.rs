@@ -693,7 +693,7 @@ fn fail_alone(
         ),
         params![id, now, why],
     )?;
-    tx.execute(
+    let dead = tx.execute(
         &format!(
             "UPDATE {} SET state = 'dead', sending_since = NULL, waiting_for = NULL, last_error = ?2
               WHERE id = ?1",
@@ -701,14 +701,124 @@ fn fail_alone(
         ),
         params![id, why],
     )?;
+    if dead == 0 {
+        // A trigger's RAISE(IGNORE): the row is still first in line, and
+        // taking it for dead would walk the claim back to it for ever.
+        return Err(Untouchable("its UPDATE to `dead` was ignored".into()).into());
+    }
     tracing::error!(outbox_id = id, kind = kind.as_str(), error = %why, "{} marked dead", kind.row_name());
     Ok(())
 }
 
+/// A row the table will not let the drainer change at all (a partner's
+/// trigger refuses or ignores every UPDATE of it): it is left as it is.
+#[derive(Debug)]
+struct Untouchable(String);
+
+impl std::fmt::Display for Untouchable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Untouchable {}
+
+/// A partner's trigger answered a change of row `id` with RAISE(ROLLBACK):
+/// the transaction it was made in is gone (with whatever it had done). The
+/// claim starts again without that row ([`claim`]); a finish records its
+/// outcome again without claiming the next row ([`finish`]). `kind` says
+/// which table: `outbox` and `message_outbox` count their ids apart, so an
+/// id alone names a row of each.
+#[derive(Debug)]
+struct TransactionEnded {
+    kind: Kind,
+    id: i64,
+    why: String,
+}
+
+impl std::fmt::Display for TransactionEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "row {} of {} undid the transaction: {}",
+            self.id,
+            self.kind.table(),
+            self.why
+        )
+    }
+}
+
+impl std::error::Error for TransactionEnded {}
+
+/// The rows already logged as untouchable, so that a claim every tick does
+/// not log them every tick.
+static UNTOUCHABLE_LOGGED: std::sync::Mutex<
+    Option<std::collections::HashSet<(&'static str, i64)>>,
+> = std::sync::Mutex::new(None);
+
+/// Logs, once per row and process, that row `id` cannot be changed.
+fn log_untouchable(kind: Kind, id: i64, why: &str) {
+    let first = UNTOUCHABLE_LOGGED
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get_or_insert_with(Default::default)
+        .insert((kind.table(), id));
+    if first {
+        tracing::error!(
+            outbox_id = id,
+            kind = kind.as_str(),
+            error = %why,
+            "{} cannot be changed by leadsync (a trigger of the database refuses it): \
+             left as it is, unsent; the later rows of its negotiation wait behind it",
+            kind.row_name()
+        );
+    }
+}
+
 /// Decides about one candidate (a pending, due, first-in-line row): fails
 /// it alone, puts it aside for its business, or marks it `sending` and
-/// counts the attempt.
+/// counts the attempt. A row whose every change the table refuses (a
+/// partner's trigger: RAISE(ABORT) or RAISE(IGNORE) on any UPDATE of it)
+/// is left exactly as it was and skipped: it cannot be marked `sending`
+/// nor `dead`, and failing the whole claim for it stalled every other row.
+/// The later rows of its negotiation wait behind it (README, Outbox).
 fn take(
+    tx: &rusqlite::Transaction<'_>,
+    kind: Kind,
+    candidate: Candidate,
+    filter: &ClaimFilter,
+    now: &str,
+    pins: &Pins,
+) -> Result<Taken> {
+    let id = candidate.id;
+    tx.execute_batch("SAVEPOINT leadsync_take")?;
+    let taken = take_row(tx, kind, candidate, filter, now, pins);
+    let refused = match &taken {
+        Ok(_) => None,
+        Err(e) => e
+            .downcast_ref::<Untouchable>()
+            .map(|u| u.0.clone())
+            .or_else(|| {
+                e.downcast_ref::<rusqlite::Error>()
+                    .and_then(super::constraint_message)
+            }),
+    };
+    let Some(why) = refused else {
+        // An error of another kind fails the claim: its transaction is
+        // rolled back whole.
+        let _ = tx.execute_batch("RELEASE leadsync_take");
+        return taken;
+    };
+    if tx.is_autocommit() {
+        // RAISE(ROLLBACK): the savepoint went with the transaction.
+        return Err(TransactionEnded { kind, id, why }.into());
+    }
+    tx.execute_batch("ROLLBACK TO leadsync_take; RELEASE leadsync_take")?;
+    log_untouchable(kind, id, &why);
+    Ok(Taken::Skipped)
+}
+
+fn take_row(
     tx: &rusqlite::Transaction<'_>,
     kind: Kind,
     candidate: Candidate,
@@ -750,7 +860,8 @@ fn take(
                             AND waiting_for = {}",
                         Stored::sql(2)
                     ))?
-                    .execute(params![id, aside.value, aside.text])?;
+                    .execute(params![id, aside.value, aside.text])
+                    .map_err(|e| other_row_refused(e, "a row of its negotiation put aside"))?;
                 // Walked again from the start, where the row may now be
                 // (only when one came back: the walk must end).
                 Ok(if back > 0 {
@@ -777,7 +888,15 @@ fn take(
     );
     match marked {
         Ok(late) => c.late = late,
+        Err(rusqlite::Error::QueryReturnedNoRows) => {
+            return Err(Untouchable("its UPDATE to `sending` was ignored".into()).into());
+        }
         Err(e) => match super::constraint_message(&e) {
+            // A RAISE(ROLLBACK) ended the claim's transaction: anything
+            // written now would be written outside it, claim after claim.
+            Some(msg) if tx.is_autocommit() => {
+                return Err(TransactionEnded { kind, id, why: msg }.into());
+            }
             Some(msg) => {
                 fail_alone(tx, kind, id, &msg, now)?;
                 return Ok(Taken::Dead);
@@ -822,18 +941,36 @@ fn park(
     pins: &Pins,
 ) -> Result<()> {
     let table = kind.table();
-    tx.prepare_cached(&format!(
-        "UPDATE {table} SET waiting_for = ?2, last_error = ?3 WHERE id = ?1"
-    ))?
-    .execute(params![id, business_id, why])?;
-    tx.prepare_cached(&park_followers(kind, pins))?
+    let parked = tx
+        .prepare_cached(&format!(
+            "UPDATE {table} SET waiting_for = ?2, last_error = ?3 WHERE id = ?1"
+        ))?
         .execute(params![id, business_id, why])?;
+    if parked == 0 {
+        // A trigger's RAISE(IGNORE): the row is still first in line, and
+        // taking it for put aside would walk the claim back to it for ever
+        // (inside the claim's transaction, holding the write lock).
+        return Err(Untouchable("its UPDATE putting it aside was ignored".into()).into());
+    }
+    tx.prepare_cached(&park_followers(kind, pins))?
+        .execute(params![id, business_id, why])
+        .map_err(|e| other_row_refused(e, "a later row of its negotiation"))?;
     tx.prepare_cached(
         "INSERT INTO outbox_waits (business_id, reason, since) VALUES (?1, ?2, ?3)
          ON CONFLICT (business_id) DO NOTHING",
     )?
     .execute(params![business_id, why, now])?;
     Ok(())
+}
+
+/// A trigger's refusal met while changing other rows of a candidate's
+/// negotiation with it (`whose`): the candidate is left as it is too, and
+/// the log says which row refused, not the candidate alone.
+fn other_row_refused(e: rusqlite::Error, whose: &str) -> anyhow::Error {
+    match super::constraint_message(&e) {
+        Some(why) => Untouchable(format!("{whose} cannot be changed with it: {why}")).into(),
+        None => e.into(),
+    }
 }
 
 /// Puts aside (for ?2, why ?3) the pending rows of row ?1's negotiation
@@ -856,14 +993,135 @@ fn park_followers(kind: Kind, pins: &Pins) -> String {
 }
 
 /// Puts aside the ready rows that name business ?1, with why (?2), found
-/// in the index of ready rows by business.
+/// in the index of ready rows by business: the statement [`sync_waits`]
+/// runs (through [`update_rows`]), whole, for the test of its plan.
+#[cfg(test)]
 fn set_aside(kind: Kind, pins: &Pins) -> String {
-    let table = kind.table();
-    format!(
-        "UPDATE {table} {ready} SET waiting_for = ?1, last_error = ?2
-          WHERE business_id = ?1 AND state = 'pending' AND waiting_for IS NULL",
-        ready = pins.by(&format!("{table}_ready_by_business"))
+    let (by, set, filter) = set_aside_parts(kind, pins);
+    format!("UPDATE {} {by} SET {set} WHERE {filter}", kind.table())
+}
+
+/// [`set_aside`] in the parts [`update_rows`] takes.
+fn set_aside_parts(kind: Kind, pins: &Pins) -> (String, &'static str, &'static str) {
+    (
+        pins.by(&format!("{}_ready_by_business", kind.table())),
+        "waiting_for = ?1, last_error = ?2",
+        "business_id = ?1 AND state = 'pending' AND waiting_for IS NULL",
     )
+}
+
+/// How [`update_rows`] goes past rows a partner's trigger answers with
+/// RAISE(ROLLBACK): such an answer ends the transaction, so [`sync_waits`]
+/// starts again, row by row (the bulk UPDATE does not say which row), and
+/// then without each row that did it: (table, id), since `outbox` and
+/// `message_outbox` count their ids apart (by id alone, the other table's
+/// row of the same id was left where it was too, unsent for ever).
+#[derive(Default)]
+struct RowGuard {
+    one_by_one: bool,
+    skip: HashSet<(&'static str, i64)>,
+}
+
+/// The transaction of [`sync_waits`] ended under it (RAISE(ROLLBACK)): in
+/// a bulk UPDATE (`None`), or on row `Some(id)`.
+#[derive(Debug)]
+struct UpdateEnded {
+    table: &'static str,
+    id: Option<i64>,
+    why: String,
+}
+
+impl std::fmt::Display for UpdateEnded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.id {
+            Some(id) => write!(
+                f,
+                "row {id} of {} undid the transaction: {}",
+                self.table, self.why
+            ),
+            None => write!(
+                f,
+                "a row of {} undid the transaction: {}",
+                self.table, self.why
+            ),
+        }
+    }
+}
+
+impl std::error::Error for UpdateEnded {}
+
+/// `UPDATE {table} {by} SET {set} WHERE {filter}` over many rows, bound to
+/// `values` (`?1`…). When the table refuses it (a partner's trigger on one
+/// of the rows: see [`take`]), the rows are updated one by one and the ones
+/// refused are left as they are: one row must not hold every other row of
+/// every business where it was. A RAISE(ROLLBACK) is an [`UpdateEnded`]
+/// (nothing may be written after it: it would be outside the transaction);
+/// with `guard.one_by_one` the rows go one by one at once, past the rows in
+/// `guard.skip`. Returns the rows changed.
+fn update_rows(
+    tx: &rusqlite::Transaction<'_>,
+    guard: &RowGuard,
+    table: &'static str,
+    by: &str,
+    set: &str,
+    filter: &str,
+    values: &[rusqlite::types::Value],
+) -> Result<usize> {
+    if !guard.one_by_one {
+        match tx
+            .prepare_cached(&format!("UPDATE {table} {by} SET {set} WHERE {filter}"))?
+            .execute(rusqlite::params_from_iter(values))
+        {
+            Ok(n) => return Ok(n),
+            Err(e) => match super::constraint_message(&e) {
+                Some(_) if !tx.is_autocommit() => {}
+                Some(why) => {
+                    return Err(UpdateEnded {
+                        table,
+                        id: None,
+                        why,
+                    }
+                    .into());
+                }
+                None => return Err(e.into()),
+            },
+        }
+    }
+    let ids: Vec<i64> = tx
+        .prepare(&format!("SELECT id FROM {table} WHERE {filter}"))?
+        .query_map(rusqlite::params_from_iter(values), |r| r.get(0))?
+        .collect::<rusqlite::Result<_>>()?;
+    let mut one = tx.prepare(&format!(
+        "UPDATE {table} SET {set} WHERE ({filter}) AND id = ?{}",
+        values.len() + 1
+    ))?;
+    let mut changed = 0;
+    for id in ids {
+        if guard.skip.contains(&(table, id)) {
+            continue;
+        }
+        let mut bound = values.to_vec();
+        bound.push(rusqlite::types::Value::Integer(id));
+        match one.execute(rusqlite::params_from_iter(bound)) {
+            Ok(n) => changed += n,
+            Err(e) => match super::constraint_message(&e) {
+                Some(why) if !tx.is_autocommit() => {
+                    tracing::error!(outbox_id = id, table, error = %why,
+                        "a row a trigger of the database will not let leadsync change is left as it is");
+                }
+                Some(why) => {
+                    return Err(UpdateEnded {
+                        table,
+                        id: Some(id),
+                        why,
+                    }
+                    .into());
+                }
+                None => return Err(e.into()),
+            },
+        }
+    }
+    Ok(changed)
 }
 
 /// Brings the rows put aside in line with `filter`: rows of a business that
@@ -871,7 +1129,32 @@ fn set_aside(kind: Kind, pins: &Pins) -> String {
 /// started waiting are put aside, in bulk. Costs the number of waiting
 /// businesses and of rows that move, never the rows that stay aside; the
 /// drainer calls it when its view of the businesses changes.
+/// A row a partner's trigger answers with RAISE(ROLLBACK) is left where it
+/// is: the step starts again, row by row, without it (each row once, so
+/// this ends), and the others move.
 pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
+    let mut guard = RowGuard::default();
+    loop {
+        match sync_waits_once(conn, filter, &guard) {
+            Err(e) => match e.downcast::<UpdateEnded>() {
+                Ok(ended) => match ended.id {
+                    None if !guard.one_by_one => guard.one_by_one = true,
+                    Some(id) if guard.skip.insert((ended.table, id)) => {
+                        tracing::error!(outbox_id = id, table = ended.table, error = %ended.why,
+                            "a row a trigger of the database will not let leadsync change is left as it is");
+                    }
+                    _ => return Err(ended.into()),
+                },
+                Err(e) => return Err(e),
+            },
+            done => return done,
+        }
+    }
+}
+
+/// [`sync_waits`] in one transaction, as `guard` says.
+fn sync_waits_once(conn: &mut Connection, filter: &ClaimFilter, guard: &RowGuard) -> Result<()> {
+    use rusqlite::types::Value;
     let now = crate::time::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let recorded: Vec<(String, String)> = tx
@@ -885,16 +1168,24 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
             None => {
                 for kind in Kind::ALL {
                     let table = kind.table();
-                    tx.execute(
-                        &format!(
-                            "UPDATE {table} SET waiting_for = NULL, last_error = NULL
-                              WHERE waiting_for = ?1 AND state = 'pending'"
-                        ),
-                        [&business_id],
+                    let b = [Value::Text(business_id.clone())];
+                    update_rows(
+                        &tx,
+                        guard,
+                        table,
+                        "",
+                        "waiting_for = NULL, last_error = NULL",
+                        "waiting_for = ?1 AND state = 'pending'",
+                        &b,
                     )?;
-                    tx.execute(
-                        &format!("UPDATE {table} SET waiting_for = NULL WHERE waiting_for = ?1"),
-                        [&business_id],
+                    update_rows(
+                        &tx,
+                        guard,
+                        table,
+                        "",
+                        "waiting_for = NULL",
+                        "waiting_for = ?1",
+                        &b,
                     )?;
                 }
                 tx.execute(
@@ -905,12 +1196,14 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
             Some(why) => {
                 if why != reason {
                     for kind in Kind::ALL {
-                        tx.execute(
-                            &format!(
-                                "UPDATE {} SET last_error = ?2 WHERE waiting_for = ?1 AND state = 'pending'",
-                                kind.table()
-                            ),
-                            params![business_id, why],
+                        update_rows(
+                            &tx,
+                            guard,
+                            kind.table(),
+                            "",
+                            "last_error = ?2",
+                            "waiting_for = ?1 AND state = 'pending'",
+                            &[Value::Text(business_id.clone()), Value::Text(why.clone())],
                         )?;
                     }
                     tx.execute(
@@ -928,15 +1221,19 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
         }
         for kind in Kind::ALL {
             let table = kind.table();
-            tx.execute(&set_aside(kind, &pins), params![business_id, why])?;
+            let b = [Value::Text(business_id.clone()), Value::Text(why.clone())];
+            let (by, set, filter) = set_aside_parts(kind, &pins);
+            update_rows(&tx, guard, table, &by, set, filter, &b)?;
             // Rows that name no business: theirs is their lead's.
-            tx.execute(
-                &format!(
-                    "UPDATE {table} SET waiting_for = ?1, last_error = ?2
-                      WHERE negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
-                        AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL"
-                ),
-                params![business_id, why],
+            update_rows(
+                &tx,
+                guard,
+                table,
+                "",
+                "waiting_for = ?1, last_error = ?2",
+                "negotiation_id IN (SELECT negotiation_id FROM negotiations WHERE business_id = ?1)
+                   AND business_id IS NULL AND state = 'pending' AND waiting_for IS NULL",
+                &b,
             )?;
         }
         tx.execute(
@@ -992,18 +1289,24 @@ pub fn sync_waits(conn: &mut Connection, filter: &ClaimFilter) -> Result<()> {
                 }
                 None => {
                     let stored = Stored::sql(1);
-                    tx.execute(
-                        &format!(
-                            "UPDATE {table} SET waiting_for = NULL, last_error = NULL
-                              WHERE waiting_for IS {stored} AND state = 'pending'"
-                        ),
-                        params![value.value, value.text],
+                    let v = [value.value.clone(), Value::Integer(i64::from(value.text))];
+                    update_rows(
+                        &tx,
+                        guard,
+                        table,
+                        "",
+                        "waiting_for = NULL, last_error = NULL",
+                        &format!("waiting_for IS {stored} AND state = 'pending'"),
+                        &v,
                     )?;
-                    tx.execute(
-                        &format!(
-                            "UPDATE {table} SET waiting_for = NULL WHERE waiting_for IS {stored}"
-                        ),
-                        params![value.value, value.text],
+                    update_rows(
+                        &tx,
+                        guard,
+                        table,
+                        "",
+                        "waiting_for = NULL",
+                        &format!("waiting_for IS {stored}"),
+                        &v,
                     )?;
                 }
             }
@@ -1118,6 +1421,35 @@ pub fn claim(
     if !any_due(conn, kind, due_by, &Pins::read(conn)?)? {
         return Ok(Vec::new());
     }
+    // Rows whose change a partner's trigger answered with RAISE(ROLLBACK):
+    // the claim's transaction went with it, and the walk starts again
+    // without them (each row once, so this ends).
+    let mut skip = HashSet::new();
+    loop {
+        match claim_walk(conn, kind, due_by, limit, filter, &skip) {
+            Err(e) => match e.downcast::<TransactionEnded>() {
+                Ok(ended) => {
+                    log_untouchable(kind, ended.id, &ended.why);
+                    if !skip.insert(ended.id) {
+                        return Err(ended.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            },
+            claimed => return claimed,
+        }
+    }
+}
+
+/// [`claim`]'s walk, in one transaction, past the rows in `skip`.
+fn claim_walk(
+    conn: &mut Connection,
+    kind: Kind,
+    due_by: &str,
+    limit: usize,
+    filter: &ClaimFilter,
+    skip: &HashSet<i64>,
+) -> Result<Vec<Claimed>> {
     let now = crate::time::now();
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let pins = Pins::read(&tx)?;
@@ -1162,6 +1494,9 @@ pub fn claim(
                 break;
             }
             after = Some((next_attempt_at, candidate.id));
+            if skip.contains(&candidate.id) {
+                continue;
+            }
             match take(&tx, kind, candidate, filter, &now, &pins)? {
                 Taken::Claimed(c) => claimed.push(c),
                 Taken::Parked | Taken::Dead => set_aside = true,
@@ -1448,7 +1783,19 @@ pub fn finish(
         return Ok((recorded, None));
     }
     let claimed = match next {
-        Some(next) => claim_head_of(&tx, row.kind, &row.negotiation_id, next.due_by, next.filter)?,
+        Some(next) => {
+            match claim_head_of(&tx, row.kind, &row.negotiation_id, next.due_by, next.filter) {
+                Ok(claimed) => claimed,
+                // The next row's trigger undid the outcome with the claim:
+                // recorded again, the next row left to a claim (which
+                // walks past it).
+                Err(e) if e.downcast_ref::<TransactionEnded>().is_some() => {
+                    drop(tx);
+                    return self::finish(conn, row, finish, attempts, now, None);
+                }
+                Err(e) => return Err(e),
+            }
+        }
         None => None,
     };
     tx.commit()?;
@@ -1471,25 +1818,25 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
                 Kind::Message => "message",
             }
         );
-        tx.execute(
-            &format!(
-                "INSERT INTO {} (outbox_id, attempt, started_at, http_status, outcome, error)
-                 SELECT id, attempts, COALESCE(sending_since, ?1), NULL, 'interrupted', ?2
-                   FROM {} WHERE state = 'sending'",
-                kind.attempts_table(),
-                kind.table()
-            ),
-            params![now, why],
-        )?;
         let table = kind.table();
-        let back: Vec<(i64, bool)> = tx
-            .prepare(&format!(
-                "UPDATE {table} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
-                     last_error = ?2, last_http_status = NULL
-                  WHERE state = 'sending' RETURNING id, business_filled IS 1"
-            ))?
-            .query_map(params![now, why], |r| Ok((r.get(0)?, r.get(1)?)))?
+        // Row by row: a row a partner's trigger will not let change (see
+        // [`take`]) is left `sending` as it is, and the others still come
+        // back. Refusing the whole recovery for it stopped every start.
+        let left: Vec<i64> = tx
+            .prepare(&format!("SELECT id FROM {table} WHERE state = 'sending'"))?
+            .query_map([], |r| r.get(0))?
             .collect::<rusqlite::Result<_>>()?;
+        let mut log = tx.prepare(&format!(
+            "INSERT INTO {} (outbox_id, attempt, started_at, http_status, outcome, error)
+             SELECT id, attempts, COALESCE(sending_since, ?1), NULL, 'interrupted', ?2
+               FROM {table} WHERE id = ?3 AND state = 'sending'",
+            kind.attempts_table(),
+        ))?;
+        let mut back = tx.prepare(&format!(
+            "UPDATE {table} SET state = 'pending', next_attempt_at = ?1, sending_since = NULL,
+                 last_error = ?2, last_http_status = NULL
+              WHERE id = ?3 AND state = 'sending' RETURNING business_filled IS 1"
+        ))?;
         // In a second step: the content is frozen while the row is not
         // `pending`. A row from before a check the table now makes is
         // refused any change of content: it keeps the business (as in
@@ -1497,7 +1844,35 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
         let mut unfill = tx.prepare(&format!(
             "UPDATE {table} SET business_id = NULL, business_filled = 0 WHERE id = ?1"
         ))?;
-        for (id, filled) in back {
+        for id in left {
+            tx.execute_batch("SAVEPOINT leadsync_recover")?;
+            log.execute(params![now, why, id])?;
+            let filled = match back
+                .query_row(params![now, why, id], |r| r.get::<_, bool>(0))
+                .optional()
+            {
+                Ok(Some(filled)) => filled,
+                Ok(None) => {
+                    tx.execute_batch("ROLLBACK TO leadsync_recover; RELEASE leadsync_recover")?;
+                    tracing::error!(
+                        outbox_id = id,
+                        kind = kind.as_str(),
+                        "{} left `sending` cannot be set back to pending (a trigger of the database ignores the change): left as it is",
+                        kind.row_name()
+                    );
+                    continue;
+                }
+                Err(e) => match super::constraint_message(&e) {
+                    Some(why) if !tx.is_autocommit() => {
+                        tx.execute_batch("ROLLBACK TO leadsync_recover; RELEASE leadsync_recover")?;
+                        tracing::error!(outbox_id = id, kind = kind.as_str(), error = %why,
+                            "{} left `sending` cannot be set back to pending (a trigger of the database refuses it): left as it is",
+                            kind.row_name());
+                        continue;
+                    }
+                    _ => return Err(e.into()),
+                },
+            };
             if filled {
                 match unfill.execute([id]) {
                     Ok(_) => {}
@@ -1505,6 +1880,7 @@ pub fn recover_sending(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i6
                     Err(e) => return Err(e.into()),
                 }
             }
+            tx.execute_batch("RELEASE leadsync_recover")?;
             recovered.push((kind, id));
         }
     }
@@ -1538,7 +1914,36 @@ pub const LONGEST_OWN_WAIT: chrono::TimeDelta = chrono::TimeDelta::hours(8 * 24 
 /// before that rebase too, and with the wait it had then — a rebase
 /// repeated at every look would shorten it each time. Returns the rows
 /// changed.
+///
+/// A row a partner's trigger answers with RAISE(ROLLBACK) keeps its wait:
+/// the transaction went with it, and the rebase starts again without that
+/// row (each row once, so this ends).
 pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind, i64)>> {
+    let mut skip = HashSet::new();
+    loop {
+        match rebase_future_waits_once(conn, now, &skip) {
+            Err(e) => match e.downcast::<TransactionEnded>() {
+                Ok(ended) => {
+                    tracing::error!(outbox_id = ended.id, table = ended.kind.table(), error = %ended.why,
+                        "a row a trigger of the database will not let leadsync change keeps its wait");
+                    // By table and id: the two tables count ids apart.
+                    if !skip.insert((ended.kind, ended.id)) {
+                        return Err(ended.into());
+                    }
+                }
+                Err(e) => return Err(e),
+            },
+            done => return done,
+        }
+    }
+}
+
+/// [`rebase_future_waits`] in one transaction, past the rows in `skip`.
+fn rebase_future_waits_once(
+    conn: &mut Connection,
+    now: &str,
+    skip: &HashSet<(Kind, i64)>,
+) -> Result<Vec<(Kind, i64)>> {
     let Some(now_t) = crate::time::parse(now) else {
         return Ok(Vec::new());
     };
@@ -1576,6 +1981,9 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
             "UPDATE {attempts_table} SET wait_rebased_at = ?2 WHERE id = ?1"
         ))?;
         for (id, attempts, next) in rows {
+            if skip.contains(&(kind, id)) {
+                continue;
+            }
             let Some((log, tried, rebased)) = last_tried
                 .query_row([id], |r| {
                     Ok((
@@ -1604,7 +2012,21 @@ pub fn rebase_future_waits(conn: &mut Connection, now: &str) -> Result<Vec<(Kind
             } else {
                 now_t
             };
-            if set.execute(params![id, next, crate::time::fmt(due)])? == 1 {
+            // A row a partner's trigger will not let change keeps its wait
+            // (see [`take`]): refusing the start for it stopped everything.
+            // A RAISE(ROLLBACK) ended the transaction: nothing may be
+            // written after it (it would be outside it, and the commit fails).
+            let set_it = match set.execute(params![id, next, crate::time::fmt(due)]) {
+                Ok(n) => n,
+                Err(e) => match super::constraint_message(&e) {
+                    Some(why) if tx.is_autocommit() => {
+                        return Err(TransactionEnded { kind, id, why }.into());
+                    }
+                    Some(_) => 0,
+                    None => return Err(e.into()),
+                },
+            };
+            if set_it == 1 {
                 mark.execute(params![log, now])?;
                 changed.push((kind, id));
             }
@@ -2497,6 +2919,40 @@ mod tests {
             let rebased = rebase_future_waits(&mut conn, &fmt(t + minutes(n))).unwrap();
             assert_eq!(rebased.len(), usize::from(n == 62), "{n}");
             assert_eq!(next(&conn), fmt(t + minutes(122)), "{n}");
+        }
+    }
+
+    /// A finish that claims the next row of its negotiation, whose
+    /// partner's trigger answers the claim with RAISE(ROLLBACK): the
+    /// outcome went with the transaction, and the finish records it again
+    /// at once (the next row left to a claim), in either table. Failing the
+    /// finish instead left the row `sending` until the drainer retried it.
+    #[test]
+    fn a_finish_whose_next_claim_is_rolled_back_records_its_outcome_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        for kind in Kind::ALL {
+            let table = kind.table();
+            let first = insert(&conn, kind, "1", "7", 1);
+            let next = insert(&conn, kind, "1", "7", 2);
+            let row = claim(&mut conn, kind, FAR, 10, &filter())
+                .unwrap()
+                .remove(0);
+            assert_eq!(row.id, first);
+            conn.execute_batch(&format!(
+                "CREATE TRIGGER partner_rollback_{table} BEFORE UPDATE ON {table} WHEN OLD.id = {next}
+                 BEGIN SELECT RAISE(ROLLBACK, 'rolled back by the partner''s rule'); END;"
+            ))
+            .unwrap();
+            assert!(sent(&mut conn, &row, true).is_none(), "{kind:?}");
+            assert_eq!(
+                waits(&conn, kind),
+                [
+                    (first, "sent".to_string(), None),
+                    (next, "pending".to_string(), None)
+                ],
+                "{kind:?}"
+            );
         }
     }
 
