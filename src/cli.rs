@@ -1646,10 +1646,22 @@ fn onboard_confs(
     }
     // A business listed twice is one business, and so are two ids of one
     // number (`0468`, `468`), as the configuration takes them.
-    let mut seen = std::collections::HashSet::with_capacity(covered.len());
+    let mut seen = std::collections::HashMap::with_capacity(covered.len());
+    let mut again = Vec::new();
     let covered: Vec<&(String, Option<String>)> = covered
         .iter()
-        .filter(|(id, _)| seen.insert(crate::config::id_number(id)))
+        .filter(|(id, _)| match seen.entry(crate::config::id_number(id)) {
+            std::collections::hash_map::Entry::Vacant(v) => {
+                v.insert(id);
+                true
+            }
+            std::collections::hash_map::Entry::Occupied(o) => {
+                if *o.get() != id {
+                    again.push((id, *o.get()));
+                }
+                false
+            }
+        })
         .collect();
     say!(out, "the grant covers {} business(es):", covered.len());
     for (id, name) in &covered {
@@ -1659,6 +1671,14 @@ fn onboard_confs(
             "  {}  {}",
             crate::terminal::blank(id),
             crate::terminal::blank(name.as_deref().unwrap_or(""))
+        );
+    }
+    for (id, first) in again {
+        say!(
+            out,
+            "  {}: listed again as {}, one business to the configuration (the same number)",
+            crate::terminal::blank(id),
+            crate::terminal::blank(first)
         );
     }
     let Some(dir) = write_conf else {
@@ -2009,6 +2029,19 @@ mod tests {
         assert_eq!(r.unwrap(), 0);
         assert!(!out.contains('\x1b') && !out.contains('\x07'), "{out:?}");
         assert!(!out.contains("\n  wrote /etc/x"), "{out:?}");
+    }
+
+    #[test]
+    fn two_spellings_of_one_number_in_the_list_are_one_business_said_so() {
+        // `468` and `0468` are one business to the configuration: one file,
+        // and a line naming the spelling left out rather than silence.
+        let dir = tempfile::tempdir().unwrap();
+        let (r, out, _) = onboard(&[("468", Some("A")), ("0468", Some("B"))], dir.path());
+        assert_eq!(r.unwrap(), 0);
+        assert!(out.contains("covers 1 business"), "{out}");
+        assert!(out.contains("0468: listed again as 468"), "{out}");
+        assert!(dir.path().join("468.toml").is_file(), "{out}");
+        assert!(!dir.path().join("0468.toml").exists(), "{out}");
     }
 
     #[test]
