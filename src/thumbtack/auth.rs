@@ -680,17 +680,14 @@ fn next_business_query(
     if let Some(next) = &page.next {
         let base =
             reqwest::Url::parse(base_url).map_err(|e| format!("api.base_url is not a URL: {e}"))?;
-        let url = reqwest::Url::options()
-            .base_url(Some(&base))
-            .parse(next)
-            .map_err(|e| format!("its pagination.next is not a URL: {e}"))?;
-        let host = url.host_str().unwrap_or("");
-        if Some(host) != base.host_str() && !super::paging::thumbtack_host(host) {
-            return Err(format!(
+        use super::paging::{NextRefused, resolve_next};
+        let url = resolve_next(&base, next).map_err(|refused| match refused {
+            NextRefused::NotUrl(e) => format!("its pagination.next is not a URL: {e}"),
+            NextRefused::OtherHost(host) => format!(
                 "its pagination.next names another host ({}), never followed",
-                excerpt(host)
-            ));
-        }
+                excerpt(&host)
+            ),
+        })?;
         return match url.query().filter(|q| !q.is_empty()) {
             Some(q) => Ok(Some(q.to_string())),
             None => Err("its pagination.next names no page (no query)".into()),

@@ -177,6 +177,30 @@ pub(crate) fn thumbtack_host(host: &str) -> bool {
     host == "thumbtack.com" || host.ends_with(".thumbtack.com")
 }
 
+/// Why a `pagination.next` is not followed ([`resolve_next`]).
+pub(crate) enum NextRefused {
+    /// Not a URL, even relative to `api.base_url` (the parser's words).
+    NotUrl(String),
+    /// Names a host other than `api.base_url`'s or Thumbtack's.
+    OtherHost(String),
+}
+
+/// `next` read relative to `base` (a relative `next` is a path on it), or
+/// refused when it names a host other than `base`'s or Thumbtack's
+/// ([`thumbtack_host`]). The lead listing, the business list and the
+/// webhook list each word the refusal their own way.
+pub(crate) fn resolve_next(base: &reqwest::Url, next: &str) -> Result<reqwest::Url, NextRefused> {
+    let url = reqwest::Url::options()
+        .base_url(Some(base))
+        .parse(next)
+        .map_err(|e| NextRefused::NotUrl(e.to_string()))?;
+    let host = url.host_str().unwrap_or("");
+    if Some(host) != base.host_str() && !thumbtack_host(host) {
+        return Err(NextRefused::OtherHost(host.to_string()));
+    }
+    Ok(url)
+}
+
 impl Listing {
     /// A listing read `limit` leads at a time from `base_url`.
     pub fn new(base_url: &str, limit: u32) -> Result<Listing, String> {
@@ -483,18 +507,14 @@ impl Listing {
         }
         let step = if let Some(next) = &m.next {
             self.seen_first(Style::Next);
-            let url = reqwest::Url::options()
-                .base_url(Some(&self.base))
-                .parse(next)
-                .map_err(|e| format!("pagination.next {next:?} is not a URL: {e}"))?;
-            let host = url.host_str().unwrap_or("");
-            if Some(host) != self.base.host_str() && !thumbtack_host(host) {
-                return Err(format!(
+            let url = resolve_next(&self.base, next).map_err(|refused| match refused {
+                NextRefused::NotUrl(e) => format!("pagination.next {next:?} is not a URL: {e}"),
+                NextRefused::OtherHost(host) => format!(
                     "pagination.next names another host ({host}); it is never followed: \
                      check api.base_url ({})",
                     self.base
-                ));
-            }
+                ),
+            })?;
             let query: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| (k.into_owned(), v.into_owned()))

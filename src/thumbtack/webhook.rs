@@ -344,17 +344,16 @@ pub fn next_page_query(base_url: &str, page: &SubscriptionPage) -> Result<Option
     if let Some(next) = &page.next {
         let base = reqwest::Url::parse(base_url)
             .map_err(|e| format!("api.base_url {base_url:?} is not a URL: {e}"))?;
-        let url = reqwest::Url::options()
-            .base_url(Some(&base))
-            .parse(next)
-            .map_err(|e| format!("pagination.next {next:?} of the webhooks is not a URL: {e}"))?;
-        let host = url.host_str().unwrap_or("");
-        if Some(host) != base.host_str() && !super::paging::thumbtack_host(host) {
-            return Err(format!(
+        use super::paging::{NextRefused, resolve_next};
+        let url = resolve_next(&base, next).map_err(|refused| match refused {
+            NextRefused::NotUrl(e) => {
+                format!("pagination.next {next:?} of the webhooks is not a URL: {e}")
+            }
+            NextRefused::OtherHost(host) => format!(
                 "pagination.next of the webhooks names another host ({host}); it is never \
                  followed: check api.base_url ({base_url})"
-            ));
-        }
+            ),
+        })?;
         return match url.query().filter(|q| !q.is_empty()) {
             Some(q) => Ok(Some(q.to_string())),
             None => Err(format!(
