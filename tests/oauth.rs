@@ -3965,45 +3965,14 @@ async fn write_conf_follows_every_page_of_the_business_list() {
     // The list answers `pagination: {limit}` and no `next`, as Thumbtack's
     // does: reading its first page only wrote one conf file of three, and
     // the code is spent, so the others had to be written by hand.
-    let env = oauth_env(3600, FAST).await;
-    let ids = env.business_ids();
-    assert!(ids.len() >= 3, "{ids:?}");
-    let conf_d = env.dir.path().join("conf.d");
-    std::fs::create_dir_all(&conf_d).unwrap();
-    let file = env.dir.path().join("pro-1");
-    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1], &ids[2]]);
-    env.sandbox.set_faults(leadsync::sandbox::Faults {
+    let (o, written) = exchange_three_with(leadsync::sandbox::Faults {
         business_page_size: 1,
         ..Default::default()
-    });
-    // A configuration with the OAuth client but no business yet.
-    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
-    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
-    let base = common::write(env.dir.path(), "base.toml", &head);
-    let mut c = Command::new(common::bin());
-    c.arg("--config")
-        .arg(&base)
-        .arg("--config")
-        .arg(&env.overrides)
-        .env_remove("LEADSYNC_LOG");
-    let o = common::output(c.args([
-        "auth",
-        "exchange",
-        "--token-file",
-        file.to_str().unwrap(),
-        "--code",
-        &code,
-        "--redirect-uri",
-        "https://partner.example/callback",
-        "--write-conf",
-        conf_d.to_str().unwrap(),
-    ]))
-    .unwrap();
+    })
+    .await;
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
-    for id in &ids[..3] {
-        assert!(conf_d.join(format!("{id}.toml")).is_file(), "{id}: {out}");
-    }
+    assert_eq!(written, [true, true, true], "{out}");
     assert!(!out.contains("may cover more"), "{out}");
 }
 
@@ -4013,6 +3982,17 @@ async fn write_conf_follows_every_page_of_the_business_list() {
 async fn exchange_three_with(
     faults: leadsync::sandbox::Faults,
 ) -> (std::process::Output, Vec<bool>) {
+    let (o, written, _) = exchange_three_configured(faults, |_, _| String::new()).await;
+    (o, written)
+}
+
+/// [`exchange_three_with`], with `businesses(ids, dir)` appended to the
+/// configuration (businesses configured before the exchange); also
+/// returns the three ids.
+async fn exchange_three_configured(
+    faults: leadsync::sandbox::Faults,
+    businesses: impl FnOnce(&[String], &std::path::Path) -> String,
+) -> (std::process::Output, Vec<bool>, Vec<String>) {
     let env = oauth_env(3600, FAST).await;
     let ids = env.business_ids();
     assert!(ids.len() >= 3, "{ids:?}");
@@ -4023,7 +4003,8 @@ async fn exchange_three_with(
     env.sandbox.set_faults(faults);
     let fixture = std::fs::read_to_string(&env.fixture).unwrap();
     let head = fixture.split("[[businesses]]").next().unwrap().to_string();
-    let base = common::write(env.dir.path(), "base.toml", &head);
+    let extra = businesses(&ids[..3], env.dir.path());
+    let base = common::write(env.dir.path(), "base.toml", &format!("{head}\n{extra}"));
     let mut c = Command::new(common::bin());
     c.arg("--config")
         .arg(&base)
@@ -4047,7 +4028,7 @@ async fn exchange_three_with(
         .iter()
         .map(|id| conf_d.join(format!("{id}.toml")).is_file())
         .collect();
-    (o, written)
+    (o, written, ids[..3].to_vec())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -4171,54 +4152,26 @@ async fn a_429_on_the_business_list_is_retried_after_its_retry_after() {
 /// id would be, and no file is written for it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn write_conf_takes_a_business_configured_with_leading_zeros_as_configured() {
-    let env = oauth_env(3600, FAST).await;
-    let ids = env.business_ids();
-    assert!(ids.len() >= 2, "{ids:?}");
-    let conf_d = env.dir.path().join("conf.d");
-    std::fs::create_dir_all(&conf_d).unwrap();
-    let file = env.dir.path().join("pro-1");
-    let code = env.sandbox.mint_grant_code(&[&ids[0], &ids[1]]);
-    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
-    let head = fixture.split("[[businesses]]").next().unwrap().to_string();
-    let static_token = common::write(env.dir.path(), "static-token", "tok\n");
-    let base = common::write(
-        env.dir.path(),
-        "base.toml",
-        &format!(
-            "{head}\n[[businesses]]\nid = \"0{}\"\naccess_token_file = {:?}\n",
-            ids[0],
-            static_token.to_str().unwrap()
-        ),
-    );
-    let mut c = Command::new(common::bin());
-    c.arg("--config")
-        .arg(&base)
-        .arg("--config")
-        .arg(&env.overrides)
-        .env_remove("LEADSYNC_LOG");
-    let o = common::output(c.args([
-        "auth",
-        "exchange",
-        "--token-file",
-        file.to_str().unwrap(),
-        "--code",
-        &code,
-        "--redirect-uri",
-        "https://partner.example/callback",
-        "--write-conf",
-        conf_d.to_str().unwrap(),
-    ]))
-    .unwrap();
+    let (o, written, ids) =
+        exchange_three_configured(leadsync::sandbox::Faults::default(), |ids, dir| {
+            let token = common::write(dir, "static-token", "tok\n");
+            format!(
+                "[[businesses]]\nid = \"0{}\"\naccess_token_file = {:?}\n",
+                ids[0],
+                token.to_str().unwrap()
+            )
+        })
+        .await;
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
-    assert!(
-        !conf_d.join(format!("{}.toml", ids[0])).exists(),
-        "a second entry for 0{} was written: {out}",
+    assert_eq!(
+        written,
+        [false, true, true],
+        "a second entry for 0{}: {out}",
         ids[0]
     );
     assert!(
         out.contains(&format!("{} is configured already as 0{}", ids[0], ids[0])),
         "{out}"
     );
-    assert!(conf_d.join(format!("{}.toml", ids[1])).is_file(), "{out}");
 }
