@@ -491,16 +491,7 @@ async fn rows_of_a_removed_business_wait_without_counting_attempts() {
     // Defect 9: the waiting path counted attempts, so rows of a business
     // removed from the configuration died without one HTTP attempt.
     let rig = Rig::new(&FAST.replace("max_attempts = 5", "max_attempts = 2")).await;
-    let removed = rig.env.business_ids()[2].clone();
-    let full = DrainSettings::from_config(&rig.session.config);
-    let mut without = full.clone();
-    without.configured = Arc::new(
-        full.configured
-            .iter()
-            .filter(|b| **b != removed)
-            .cloned()
-            .collect(),
-    );
+    let (full, without) = rig.settings_without(2);
     rig.drainer.update(without, rig.session.client.clone());
     let id = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
     let named = {
@@ -852,6 +843,22 @@ async fn a_second_writer_racing_the_drainer_under_faults() {
 // one finish — these hold them to it.
 
 impl Rig {
+    /// The drainer's settings from the configuration, and the same without
+    /// the business at `index` (as a reload removing it would give).
+    fn settings_without(&self, index: usize) -> (DrainSettings, DrainSettings) {
+        let removed = self.env.business_ids()[index].clone();
+        let full = DrainSettings::from_config(&self.session.config);
+        let mut without = full.clone();
+        without.configured = Arc::new(
+            full.configured
+                .iter()
+                .filter(|b| **b != removed)
+                .cloned()
+                .collect(),
+        );
+        (full, without)
+    }
+
     fn reply(&self, negotiation: &str, text: &str) -> i64 {
         let db = self.env.sql();
         db.execute(
@@ -998,16 +1005,7 @@ async fn late_replies_are_sent_and_marked_late_and_ids_are_never_reused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replies_of_a_removed_or_refused_business_wait_without_counting_attempts() {
     let rig = Rig::new(&FAST.replace("max_attempts = 5", "max_attempts = 2")).await;
-    let removed = rig.env.business_ids()[2].clone();
-    let full = DrainSettings::from_config(&rig.session.config);
-    let mut without = full.clone();
-    without.configured = Arc::new(
-        full.configured
-            .iter()
-            .filter(|b| **b != removed)
-            .cloned()
-            .collect(),
-    );
+    let (full, without) = rig.settings_without(2);
     rig.drainer.update(without, rig.session.client.clone());
     // Business 0 loses its grant: its replies wait for re-authorization.
     let b0 = rig.env.business_ids()[0].clone();
@@ -1637,16 +1635,7 @@ async fn a_waiting_row_a_trigger_guards_stalls_nothing_when_its_business_comes_b
     // change of one of them failed it, and with it every claim of every
     // business.
     let rig = Rig::new(FAST).await;
-    let removed = rig.env.business_ids()[2].clone();
-    let full = DrainSettings::from_config(&rig.session.config);
-    let mut without = full.clone();
-    without.configured = Arc::new(
-        full.configured
-            .iter()
-            .filter(|b| **b != removed)
-            .cloned()
-            .collect(),
-    );
+    let (full, without) = rig.settings_without(2);
     rig.drainer.update(without, rig.session.client.clone());
     let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
     let free = rig.insert(&rig.lead(2, 1), "appt_scheduled", "2024-06-14T09:30:00Z");
@@ -1726,16 +1715,7 @@ async fn an_ignored_row_whose_business_must_wait_ends_the_claim() {
     // changed nothing, so the claim walked again from the start, found it
     // first again, for ever, holding the write lock.
     let rig = Rig::new(FAST).await;
-    let removed = rig.env.business_ids()[2].clone();
-    let full = DrainSettings::from_config(&rig.session.config);
-    let mut without = full.clone();
-    without.configured = Arc::new(
-        full.configured
-            .iter()
-            .filter(|b| **b != removed)
-            .cloned()
-            .collect(),
-    );
+    let (_, without) = rig.settings_without(2);
     rig.drainer.update(without, rig.session.client.clone());
     let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
     rig.sql(&format!(
@@ -1763,16 +1743,7 @@ async fn a_waiting_row_whose_trigger_rolls_back_stalls_nothing_when_its_business
     // configured again; a partner's RAISE(ROLLBACK) on one of them failed
     // that whole step, and with it the claim of every business, every tick.
     let rig = Rig::new(FAST).await;
-    let removed = rig.env.business_ids()[2].clone();
-    let full = DrainSettings::from_config(&rig.session.config);
-    let mut without = full.clone();
-    without.configured = Arc::new(
-        full.configured
-            .iter()
-            .filter(|b| **b != removed)
-            .cloned()
-            .collect(),
-    );
+    let (full, without) = rig.settings_without(2);
     rig.drainer.update(without, rig.session.client.clone());
     let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
     let free = rig.insert(&rig.lead(2, 1), "appt_scheduled", "2024-06-14T09:30:00Z");
@@ -1871,16 +1842,7 @@ async fn a_reply_with_the_id_of_an_outbox_row_whose_trigger_rolls_back_still_com
     // reply with the same id as a guarded transition stayed put aside for a
     // business long back, unsent for ever, and no log named it.
     let rig = Rig::new(FAST).await;
-    let removed = rig.env.business_ids()[2].clone();
-    let full = DrainSettings::from_config(&rig.session.config);
-    let mut without = full.clone();
-    without.configured = Arc::new(
-        full.configured
-            .iter()
-            .filter(|b| **b != removed)
-            .cloned()
-            .collect(),
-    );
+    let (full, without) = rig.settings_without(2);
     rig.drainer.update(without, rig.session.client.clone());
     let guarded = rig.insert(&rig.lead(2, 0), "appt_scheduled", "2024-06-14T09:30:00Z");
     rig.sql(&format!(
