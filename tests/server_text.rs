@@ -52,6 +52,17 @@ const FORGED: &str = "leadsync: ok";
 
 /// No character that drives a terminal, and no line the server made: a
 /// line break of its text would start a line that reads as leadsync's.
+/// `sync_runs.error` of the last pass that failed, as stored.
+fn last_sync_error(env: &Env) -> String {
+    env.sql()
+        .query_row(
+            "SELECT error FROM sync_runs WHERE outcome = 'error' ORDER BY started_at DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap()
+}
+
 fn assert_no_terminal_control(what: &str, out: &str) {
     assert!(
         !out.contains(['\u{1b}', '\u{7}', '\u{9b}', '\u{202e}']),
@@ -97,14 +108,7 @@ async fn a_problem_detail_is_stored_as_sent_and_printed_clean() {
         "{}",
         text(&sync)
     );
-    let stored: String = env
-        .sql()
-        .query_row(
-            "SELECT error FROM sync_runs WHERE outcome = 'error' ORDER BY started_at DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let stored = last_sync_error(&env);
     assert!(stored.contains(detail), "sync_runs.error: {stored:?}");
 
     let id = env.run_ok(&[
@@ -148,14 +152,7 @@ async fn an_html_page_in_a_sync_summary_is_printed_clean() {
     let stdout = String::from_utf8_lossy(&sync.stdout).to_string();
     assert!(stdout.contains("HTML page"), "{stdout}");
     assert_no_terminal_control("sync", &text(&sync));
-    let stored: String = env
-        .sql()
-        .query_row(
-            "SELECT error FROM sync_runs WHERE outcome = 'error' ORDER BY started_at DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let stored = last_sync_error(&env);
     assert!(stored.contains(page), "sync_runs.error: {stored:?}");
 }
 
@@ -252,14 +249,7 @@ async fn a_retried_read_warns_without_the_servers_line_breaks_or_escapes() {
     let stderr = String::from_utf8_lossy(&sync.stderr).to_string();
     assert!(stderr.contains("retrying"), "{stderr}");
     assert_no_terminal_control("sync", &text(&sync));
-    let stored: String = env
-        .sql()
-        .query_row(
-            "SELECT error FROM sync_runs WHERE outcome = 'error' ORDER BY started_at DESC LIMIT 1",
-            [],
-            |r| r.get(0),
-        )
-        .unwrap();
+    let stored = last_sync_error(&env);
     assert!(stored.contains(&detail), "sync_runs.error: {stored:?}");
 }
 
