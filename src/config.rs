@@ -2292,12 +2292,9 @@ mod tests {
         assert!(e.contains("20-b.toml") && !e.contains("missing"), "{e}");
     }
 
-    #[test]
-    fn a_reload_without_the_main_file_or_conf_d_read_before_is_refused() {
-        // Review (conf): at a reload, a leadsync.toml moved aside (being
-        // edited, deleted by mistake) put its keys back to their defaults
-        // and a conf.d renamed or not mounted dropped all its businesses,
-        // both applied as a successful reload.
+    /// A configuration root: business 1 in `leadsync.toml` (after
+    /// `main_extra`), business 2 in `conf.d/2.toml`, static tokens.
+    fn root_with_two_businesses(main_extra: &str) -> (tempfile::TempDir, ConfigSource) {
         let root = tempfile::tempdir().unwrap();
         let token = root.path().join("token");
         std::fs::write(&token, "static\n").unwrap();
@@ -2307,11 +2304,10 @@ mod tests {
                 token.display()
             )
         };
-        let main = root.path().join("leadsync.toml");
         std::fs::write(
-            &main,
+            root.path().join("leadsync.toml"),
             format!(
-                "database = \"{}\"\n[api]\nmax_requests_per_second = 1\n{}",
+                "database = \"{}\"\n{main_extra}{}",
                 root.path().join("m.db").display(),
                 business("1")
             ),
@@ -2324,6 +2320,18 @@ mod tests {
             files: Vec::new(),
             root: Some(root.path().to_path_buf()),
         };
+        (root, source)
+    }
+
+    #[test]
+    fn a_reload_without_the_main_file_or_conf_d_read_before_is_refused() {
+        // Review (conf): at a reload, a leadsync.toml moved aside (being
+        // edited, deleted by mistake) put its keys back to their defaults
+        // and a conf.d renamed or not mounted dropped all its businesses,
+        // both applied as a successful reload.
+        let (root, source) = root_with_two_businesses("[api]\nmax_requests_per_second = 1\n");
+        let main = root.path().join("leadsync.toml");
+        let conf_d = root.path().join("conf.d");
         let running = source.load().unwrap();
         assert_eq!(running.businesses.len(), 2);
 
@@ -2350,31 +2358,8 @@ mod tests {
         // Review (conf, 2nd): conf.d was found a directory, then read: one
         // renamed between the two counted as present and empty, and the
         // reload applied with all its businesses dropped.
-        let root = tempfile::tempdir().unwrap();
-        let token = root.path().join("token");
-        std::fs::write(&token, "static\n").unwrap();
-        let business = |id: &str| {
-            format!(
-                "[[businesses]]\nid = \"{id}\"\naccess_token_file = \"{}\"\n",
-                token.display()
-            )
-        };
-        std::fs::write(
-            root.path().join("leadsync.toml"),
-            format!(
-                "database = \"{}\"\n{}",
-                root.path().join("m.db").display(),
-                business("1")
-            ),
-        )
-        .unwrap();
+        let (root, source) = root_with_two_businesses("");
         let conf_d = root.path().join("conf.d");
-        std::fs::create_dir(&conf_d).unwrap();
-        std::fs::write(conf_d.join("2.toml"), business("2")).unwrap();
-        let source = ConfigSource {
-            files: Vec::new(),
-            root: Some(root.path().to_path_buf()),
-        };
         let running = source.load().unwrap();
         assert_eq!(running.businesses.len(), 2);
         let (from, to) = (conf_d.clone(), root.path().join("conf.d.old"));
