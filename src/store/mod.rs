@@ -3841,6 +3841,9 @@ mod tests {
             spinning.store(false, Ordering::Release);
             go.send(()).unwrap();
             while !spinning.load(Ordering::Acquire) {
+                // A watcher that panicked (a lock error) never spins: fail,
+                // not hang.
+                assert!(!watcher.is_finished(), "the watcher stopped");
                 std::thread::yield_now();
             }
             drop(lock);
