@@ -1429,6 +1429,9 @@ pub fn claim(
         match claim_walk(conn, kind, due_by, limit, filter, &skip) {
             Err(e) => match e.downcast::<TransactionEnded>() {
                 Ok(ended) => {
+                    // The walk touches rows of its own table only, so an
+                    // id alone is enough to skip here (unlike sync_waits).
+                    debug_assert_eq!(ended.kind, kind, "a claim walk ended on another table");
                     log_untouchable(kind, ended.id, &ended.why);
                     if !skip.insert(ended.id) {
                         return Err(ended.into());
