@@ -3568,11 +3568,12 @@ fn stored_refresh_token(env: &Env, file: &std::path::Path) -> Option<String> {
     .ok()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn onboarding_stores_the_grant_when_its_token_file_cannot_be_written() {
-    // The token file's write failing after the code is spent (a full disk
-    // or a quota on the tokens directory) returned before the store was
-    // tried: the spent code's grant was lost though the store had room.
+/// An onboarding of the first business into `grants/pro-1` whose token
+/// file cannot be written once its code is spent (a directory stands
+/// where the write makes its temporary file, left there): the env, the
+/// business ids, the token file and the exchange's output (exit 0 checked).
+async fn exchange_whose_token_file_cannot_be_written()
+-> (Env, Vec<String>, std::path::PathBuf, std::process::Output) {
     let env = oauth_env(3600, FAST).await;
     let ids = env.business_ids();
     let grants = env.dir.path().join("grants");
@@ -3585,11 +3586,19 @@ async fn onboarding_stores_the_grant_when_its_token_file_cannot_be_written() {
         codes_spent(&env) == 1
     })
     .await;
-    // What the file's write makes next to it cannot be made now.
     std::fs::create_dir(grants.join(".pro-1.leadsync-tmp")).unwrap();
     answer.cancel();
     let o = output_of(child).await;
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    (env, ids, file, o)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn onboarding_stores_the_grant_when_its_token_file_cannot_be_written() {
+    // The token file's write failing after the code is spent (a full disk
+    // or a quota on the tokens directory) returned before the store was
+    // tried: the spent code's grant was lost though the store had room.
+    let (env, _, file, o) = exchange_whose_token_file_cannot_be_written().await;
     assert!(
         text(&o).contains("cannot write the token file"),
         "{}",
@@ -3665,23 +3674,8 @@ async fn onboarding_into_an_empty_file_whose_grant_is_only_stored_is_refused_uns
     // empty, the grant is in the token store alone (keyed by the file's
     // path). A later onboarding into that file saw it empty, spent its
     // code and silently replaced that grant.
-    let env = oauth_env(3600, FAST).await;
-    let ids = env.business_ids();
-    let grants = env.dir.path().join("grants");
-    std::fs::create_dir_all(&grants).unwrap();
-    let file = grants.join("pro-1");
-    let code = env.sandbox.mint_grant_code(&[&ids[0]]);
-    let answer = env.sandbox.hold_code_answers();
-    let child = spawn_exchange_into(&env, &file, &code);
-    wait_until("the code is spent", Duration::from_secs(30), || {
-        codes_spent(&env) == 1
-    })
-    .await;
-    let obstacle = grants.join(".pro-1.leadsync-tmp");
-    std::fs::create_dir(&obstacle).unwrap();
-    answer.cancel();
-    let o = output_of(child).await;
-    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    let (env, ids, file, _) = exchange_whose_token_file_cannot_be_written().await;
+    let obstacle = file.with_file_name(".pro-1.leadsync-tmp");
     std::fs::remove_dir(&obstacle).unwrap();
     assert_eq!(std::fs::read_to_string(&file).unwrap().trim(), "");
     let first = stored_refresh_token(&env, &file).expect("stored");
