@@ -202,16 +202,11 @@ async fn backup_refuses_to_overwrite_without_force_and_never_the_mirror() {
     assert!(leftovers.is_empty(), "{leftovers:?}");
 }
 
-/// SIGINT, SIGTERM or SIGHUP (an SSH session dropped: it killed the backup
-/// and left its `.FILE.partial-PID`) in the middle of a copy: the backup stops, removes its
-/// temporary file and leaves no FILE (or, if it had already finished, a
-/// whole one); a big database's copy is never left half-written in the
-/// destination directory.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_interrupted_backup_leaves_nothing_behind() {
+/// A synced mirror padded with about 96 MiB of pages, so that a backup's
+/// copy takes a while.
+async fn padded_mirror() -> Env {
     let env = Env::new(SandboxOptions::default(), true, FAST).await;
     assert_eq!(env.run(&["sync"]).status.code(), Some(0));
-    // About 96 MiB of pages, so that the copy takes a while.
     env.sql()
         .execute_batch(
             "CREATE TABLE pad (x BLOB);
@@ -219,14 +214,28 @@ async fn an_interrupted_backup_leaves_nothing_behind() {
              INSERT INTO pad SELECT randomblob(4000) FROM n;",
         )
         .expect("pad the mirror");
+    env
+}
+
+/// How many of a backup's temporary `.FILE.partial-PID` copies `dir` holds.
+fn partials_in(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir)
+        .expect("dir")
+        .filter_map(|e| e.ok())
+        .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
+        .count()
+}
+
+/// SIGINT, SIGTERM or SIGHUP (an SSH session dropped: it killed the backup
+/// and left its `.FILE.partial-PID`) in the middle of a copy: the backup stops, removes its
+/// temporary file and leaves no FILE (or, if it had already finished, a
+/// whole one); a big database's copy is never left half-written in the
+/// destination directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_backup_leaves_nothing_behind() {
+    let env = padded_mirror().await;
     let out_dir = tempfile::tempdir().expect("tempdir");
-    let partials = || {
-        std::fs::read_dir(out_dir.path())
-            .expect("dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
-            .count()
-    };
+    let partials = || partials_in(out_dir.path());
     for signal in ["-INT", "-TERM", "-HUP"] {
         let file = out_dir.path().join(format!("copy{signal}.db"));
         let mut child = env
@@ -269,23 +278,9 @@ async fn an_interrupted_backup_leaves_nothing_behind() {
 /// the user had asked to outlive it (review of xb). It finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_under_nohup_outlives_a_hangup() {
-    let env = Env::new(SandboxOptions::default(), true, FAST).await;
-    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
-    env.sql()
-        .execute_batch(
-            "CREATE TABLE pad (x BLOB);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 24000)
-             INSERT INTO pad SELECT randomblob(4000) FROM n;",
-        )
-        .expect("pad the mirror");
+    let env = padded_mirror().await;
     let out_dir = tempfile::tempdir().expect("tempdir");
-    let partials = || {
-        std::fs::read_dir(out_dir.path())
-            .expect("dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
-            .count()
-    };
+    let partials = || partials_in(out_dir.path());
     let file = out_dir.path().join("copy.db");
     let mut cli = env.cli();
     cli.args(["backup", file.to_str().expect("path")]);
@@ -353,23 +348,9 @@ async fn a_backup_under_nohup_outlives_a_hangup() {
 /// `.FILE.partial-PID` behind. Progress is best effort: the copy goes on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_whose_terminal_is_gone_finishes_its_copy() {
-    let env = Env::new(SandboxOptions::default(), true, FAST).await;
-    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
-    env.sql()
-        .execute_batch(
-            "CREATE TABLE pad (x BLOB);
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 24000)
-             INSERT INTO pad SELECT randomblob(4000) FROM n;",
-        )
-        .expect("pad the mirror");
+    let env = padded_mirror().await;
     let out_dir = tempfile::tempdir().expect("tempdir");
-    let partials = || {
-        std::fs::read_dir(out_dir.path())
-            .expect("dir")
-            .filter_map(|e| e.ok())
-            .filter(|e| e.file_name().to_string_lossy().contains(".partial-"))
-            .count()
-    };
+    let partials = || partials_in(out_dir.path());
     // A pseudo-terminal as standard error (not the child's controlling
     // terminal: closing its master sends no SIGHUP, writes fail with EIO).
     // Opened close-on-exec (std's `open` always is): a master inherited by
