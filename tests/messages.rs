@@ -1384,6 +1384,30 @@ async fn a_server_that_pages_by_five_without_saying_so_still_gives_the_whole_con
     }
 }
 
+/// A sandbox-backed environment whose replies are tried `max_attempts` times.
+async fn env_with_max_attempts(max_attempts: u32) -> Env {
+    Env::new(
+        SandboxOptions::default(),
+        false,
+        &FAST.replace(
+            "max_attempts = 5",
+            &format!("max_attempts = {max_attempts}"),
+        ),
+    )
+    .await
+}
+
+/// Mirrors the leads, then has Thumbtack accept every POST and lose its
+/// answer: the first lead, whose replies will be in doubt.
+fn losing_answers(env: &Env) -> String {
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    env.sandbox.set_faults(Faults {
+        lose_after_accept: 1.0,
+        ..Default::default()
+    });
+    env.first_leads(1)[0].clone()
+}
+
 /// A reply Thumbtack accepted whose answer was lost (the connection closed
 /// after the POST was taken) was posted again at every retry: the customer
 /// read it once per attempt. Before a reply whose earlier attempt may have
@@ -1391,18 +1415,8 @@ async fn a_server_that_pages_by_five_without_saying_so_still_gives_the_whole_con
 /// reply found there is `sent`, with the id Thumbtack gave it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_whose_answer_was_lost_is_found_in_the_conversation_not_sent_again() {
-    let env = Env::new(
-        SandboxOptions::default(),
-        false,
-        &FAST.replace("max_attempts = 5", "max_attempts = 8"),
-    )
-    .await;
-    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
-    env.sandbox.set_faults(Faults {
-        lose_after_accept: 1.0,
-        ..Default::default()
-    });
-    let lead = env.first_leads(1)[0].clone();
+    let env = env_with_max_attempts(8).await;
+    let lead = losing_answers(&env);
     let db = env.sql();
     db.execute(
         "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'On my way!')",
@@ -1453,18 +1467,8 @@ async fn a_reply_whose_answer_was_lost_is_found_in_the_conversation_not_sent_aga
 /// attempt's number, so the retried reply is found, not posted again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_reply_retried_by_hand_is_found_in_the_conversation_not_sent_again() {
-    let env = Env::new(
-        SandboxOptions::default(),
-        false,
-        &FAST.replace("max_attempts = 5", "max_attempts = 1"),
-    )
-    .await;
-    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
-    env.sandbox.set_faults(Faults {
-        lose_after_accept: 1.0,
-        ..Default::default()
-    });
-    let lead = env.first_leads(1)[0].clone();
+    let env = env_with_max_attempts(1).await;
+    let lead = losing_answers(&env);
     let db = env.sql();
     db.execute(
         "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, 'See you at 9')",
@@ -1491,12 +1495,7 @@ async fn a_dead_reply_retried_by_hand_is_found_in_the_conversation_not_sent_agai
 /// back by `outbox retry` with `faults` set: its next attempt looks for it
 /// in the conversation first.
 fn lost_then_retried(env: &Env, text_of_reply: &str, faults: Faults) -> String {
-    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
-    env.sandbox.set_faults(Faults {
-        lose_after_accept: 1.0,
-        ..Default::default()
-    });
-    let lead = env.first_leads(1)[0].clone();
+    let lead = losing_answers(env);
     env.sql()
         .execute(
             "INSERT INTO message_outbox (negotiation_id, text) VALUES (?1, ?2)",
@@ -1633,18 +1632,8 @@ async fn a_stop_during_the_conversation_check_leaves_the_reply_pending_not_in_do
 /// rather than a reply lost).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retried_reply_with_a_same_text_twin_is_still_posted() {
-    let env = Env::new(
-        SandboxOptions::default(),
-        false,
-        &FAST.replace("max_attempts = 5", "max_attempts = 1"),
-    )
-    .await;
-    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
-    env.sandbox.set_faults(Faults {
-        lose_after_accept: 1.0,
-        ..Default::default()
-    });
-    let lead = env.first_leads(1)[0].clone();
+    let env = env_with_max_attempts(1).await;
+    let lead = losing_answers(&env);
     let db = env.sql();
     let insert = || {
         db.execute(
