@@ -447,6 +447,22 @@ mod tests {
         );
     }
 
+    /// A receiver at `/hooks` taking `x-token: t`, bodies up to 64 KiB.
+    fn header_token_settings() -> Webhooks {
+        Webhooks {
+            listen: None,
+            path: "/hooks".into(),
+            public_url: None,
+            auth: WebhookAuth::Header {
+                name: "x-token".into(),
+                value: Secret::new("t"),
+            },
+            max_body_bytes: 64 * 1024,
+            read_timeout: Duration::from_secs(10),
+            auth_problem: None,
+        }
+    }
+
     /// Review (odd): a delivery sent with `Content-Encoding: gzip` got a
     /// 400 (its compressed bytes read as JSON). It is decompressed now, the
     /// body limit applying to what it decompresses to (a small body that
@@ -458,18 +474,7 @@ mod tests {
         use tower::ServiceExt;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("w.db")).unwrap();
-        let settings = Webhooks {
-            listen: None,
-            path: "/hooks".into(),
-            public_url: None,
-            auth: WebhookAuth::Header {
-                name: "x-token".into(),
-                value: Secret::new("t"),
-            },
-            max_body_bytes: 64 * 1024,
-            read_timeout: Duration::from_secs(10),
-            auth_problem: None,
-        };
+        let settings = header_token_settings();
         let gzip = |data: &[u8]| {
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
             e.write_all(data).unwrap();
@@ -534,18 +539,7 @@ mod tests {
         use tower::ServiceExt;
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("w.db")).unwrap();
-        let settings = Webhooks {
-            listen: None,
-            path: "/hooks".into(),
-            public_url: None,
-            auth: WebhookAuth::Header {
-                name: "x-token".into(),
-                value: Secret::new("t"),
-            },
-            max_body_bytes: 64 * 1024,
-            read_timeout: Duration::from_secs(10),
-            auth_problem: None,
-        };
+        let settings = header_token_settings();
         let gzip = |data: &[u8], name: Option<Vec<u8>>| {
             let mut b = flate2::GzBuilder::new();
             if let Some(name) = name {
