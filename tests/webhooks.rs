@@ -2469,34 +2469,9 @@ async fn a_header_value_that_cannot_be_sent_without_a_receiver_raises_no_alert()
 /// twice), and `list` showed a part as the whole.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn list_and_register_read_every_page_of_webhooks() {
-    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
     let env = Env::small().await;
-    let pw = common::write(env.dir.path(), "pw", "basic-secret-9\n");
-    env.set_overrides(&format!(
-        "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
-        pw.display()
-    ));
-    let business = env.business_ids()[0].clone();
-    {
-        // Four webhooks of other programs first: leadsync's comes fifth.
-        let session = common::open_session(env.config()).await;
-        for i in 0..4 {
-            let body = RegisterBody {
-                webhook_url: format!("https://other-{i}.example.com/hooks"),
-                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
-                enabled: true,
-                auth: RegisterAuth::Basic {
-                    username: "o".into(),
-                    password: "other".into(),
-                },
-            };
-            session
-                .client
-                .create_webhook(&business, &body)
-                .await
-                .expect("create a webhook");
-        }
-    }
+    // Four webhooks of other programs first: leadsync's comes fifth.
+    let business = with_other_webhooks(&env, 4).await;
     env.run_ok(&["webhooks", "register", "--business", &business]);
     assert_eq!(env.sandbox.webhooks(&business).len(), 5);
     env.sandbox.set_faults(leadsync::sandbox::Faults {
@@ -2526,19 +2501,26 @@ async fn list_and_register_read_every_page_of_webhooks() {
 /// An env whose receiver is configured, and `n` webhooks of other programs
 /// registered for its first business (returned).
 async fn with_other_webhooks(env: &Env, n: usize) -> String {
-    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
     let pw = common::write(env.dir.path(), "pw", "basic-secret-9\n");
     env.set_overrides(&format!(
         "{FAST}\n[webhooks]\nusername = \"t\"\npassword_file = \"{}\"\npublic_url = \"https://leads.example.com/thumbtack/webhooks\"\n",
         pw.display()
     ));
     let business = env.business_ids()[0].clone();
+    add_other_webhooks(env, &business, n, |_| true).await;
+    business
+}
+
+/// `n` webhooks of other programs registered for `business`, the `i`th
+/// enabled when `enabled(i)`.
+async fn add_other_webhooks(env: &Env, business: &str, n: usize, enabled: impl Fn(usize) -> bool) {
+    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
     let session = common::open_session(env.config()).await;
     for i in 0..n {
         let body = RegisterBody {
             webhook_url: format!("https://other-{i}.example.com/hooks"),
             event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
-            enabled: true,
+            enabled: enabled(i),
             auth: RegisterAuth::Basic {
                 username: "o".into(),
                 password: "other".into(),
@@ -2546,11 +2528,10 @@ async fn with_other_webhooks(env: &Env, n: usize) -> String {
         };
         session
             .client
-            .create_webhook(&business, &body)
+            .create_webhook(business, &body)
             .await
             .expect("create a webhook");
     }
-    business
 }
 
 /// Review (odd): a server naming a next page on every page (the last one,
@@ -2663,29 +2644,10 @@ async fn a_webhooks_listing_that_does_not_advance_or_fails_later_registers_nothi
 /// an empty one ends the listing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_webhooks_listing_filtered_after_paging_is_read_past_a_short_page() {
-    use leadsync::thumbtack::webhook::{DEFAULT_EVENTS, RegisterAuth, RegisterBody};
     let env = Env::small().await;
     // Two of other programs, the first disabled: leadsync's comes third.
     let business = with_other_webhooks(&env, 0).await;
-    {
-        let session = common::open_session(env.config()).await;
-        for i in 0..2 {
-            let body = RegisterBody {
-                webhook_url: format!("https://other-{i}.example.com/hooks"),
-                event_types: DEFAULT_EVENTS.iter().map(|e| e.to_string()).collect(),
-                enabled: i != 0,
-                auth: RegisterAuth::Basic {
-                    username: "o".into(),
-                    password: "other".into(),
-                },
-            };
-            session
-                .client
-                .create_webhook(&business, &body)
-                .await
-                .expect("create a webhook");
-        }
-    }
+    add_other_webhooks(&env, &business, 2, |i| i != 0).await;
     env.run_ok(&["webhooks", "register", "--business", &business]);
     assert_eq!(env.sandbox.webhooks(&business).len(), 3);
     env.sandbox.set_faults(leadsync::sandbox::Faults {
