@@ -1040,15 +1040,7 @@ fn the_demo_runs_with_its_mirror_in_a_sticky_shared_directory() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
     let db = dir.path().join("d.db");
-    let o = common::output(
-        std::process::Command::new(bin())
-            .arg("demo")
-            .arg("--database")
-            .arg(&db)
-            .current_dir(dir.path())
-            .env_remove("LEADSYNC_LOG"),
-    )
-    .unwrap();
+    let o = demo_into(dir.path(), &db);
     let out = text(&o);
     assert_eq!(o.status.code(), Some(0), "{out}");
     assert!(!out.contains("chmod"), "{out}");
@@ -1400,15 +1392,7 @@ fn the_demo_does_not_replace_a_mirror_it_did_not_write() {
     )
     .unwrap();
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
-    let o = common::output(
-        std::process::Command::new(bin())
-            .arg("demo")
-            .arg("--database")
-            .arg(&real)
-            .current_dir(dir.path())
-            .env_remove("LEADSYNC_LOG"),
-    )
-    .unwrap();
+    let o = demo_into(dir.path(), &real);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         text(&o).contains("not one the demo wrote"),
@@ -1419,16 +1403,22 @@ fn the_demo_does_not_replace_a_mirror_it_did_not_write() {
     assert_eq!(count(&db, "SELECT count(*) FROM outbox"), 1);
     // A file that is no mirror at all is not replaced either.
     let notes = common::write(dir.path(), "notes.txt", "my notes\n");
-    let o = common::output(
+    let o = demo_into(dir.path(), &notes);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
+}
+
+/// `leadsync demo --database DATABASE` run in `cwd`: its output.
+fn demo_into(cwd: &std::path::Path, database: &std::path::Path) -> std::process::Output {
+    common::output(
         std::process::Command::new(bin())
             .arg("demo")
             .arg("--database")
-            .arg(&notes)
-            .current_dir(dir.path()),
+            .arg(database)
+            .current_dir(cwd)
+            .env_remove("LEADSYNC_LOG"),
     )
-    .unwrap();
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    assert_eq!(std::fs::read_to_string(&notes).unwrap(), "my notes\n");
+    .unwrap()
 }
 
 /// Another program's SQLite file that happens to have (empty) `businesses`
@@ -1451,15 +1441,7 @@ fn the_demo_does_not_replace_another_programs_file_with_empty_lookalike_tables()
         .unwrap();
     }
     let before = std::fs::read(&crm).unwrap();
-    let o = common::output(
-        std::process::Command::new(bin())
-            .arg("demo")
-            .arg("--database")
-            .arg(&crm)
-            .current_dir(dir.path())
-            .env_remove("LEADSYNC_LOG"),
-    )
-    .unwrap();
+    let o = demo_into(dir.path(), &crm);
     assert_eq!(o.status.code(), Some(1), "{}", text(&o));
     assert!(
         text(&o).contains("not a mirror the demo wrote"),
