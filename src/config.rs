@@ -1619,7 +1619,7 @@ fn validate(
             (None, Some(a)) => {
                 let at = || locate_business(figment, i, "access_token_file");
                 let content = read_readable(a, "access token file", at)?;
-                if content.trim_ascii().is_empty() {
+                if crate::secret::trim_secret(&String::from_utf8_lossy(&content)).is_empty() {
                     return err(format!(
                         "{}: access token file {} is empty",
                         at(),
@@ -2242,7 +2242,7 @@ fn secret_files_open_to_others(config: &Config) -> Vec<String> {
 pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
     let content = std::fs::read_to_string(path)
         .map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
-    let trimmed = content.trim();
+    let trimmed = crate::secret::trim_secret(&content);
     if trimmed.is_empty() {
         return Err(format!("{} is empty", path.display()));
     }

@@ -4169,3 +4169,22 @@ async fn write_conf_takes_a_business_configured_with_leading_zeros_as_configured
         "{out}"
     );
 }
+
+/// Review (oauth adversarial): a token file saved by an editor that writes a
+/// UTF-8 byte order mark (Notepad, PowerShell 5's `-Encoding UTF8`) with CRLF
+/// line ends was presented with the BOM (`trim` keeps U+FEFF): Thumbtack
+/// refused it and the business was marked `needs_reauth` ("re-authorize the
+/// pro") for a token that was fine all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_with_a_byte_order_mark_and_crlf_is_its_token() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = token_file(&env, &b);
+    let token = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("\u{feff}{}\r\n", token.trim())).unwrap();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0);
+    assert_eq!(refreshes(&env), 1);
+}
+

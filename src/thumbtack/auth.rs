@@ -410,7 +410,7 @@ pub fn grant_key(file: &Path) -> String {
 
 fn read_token_file(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
+        .map(|s| crate::secret::trim_secret(&s).to_string())
         .map_err(|e| Failure::Retry(format!("cannot read token file {}: {e}", path.display())))
 }
 
@@ -486,7 +486,10 @@ fn refuse_held(file: &Path) -> anyhow::Result<()> {
         std::fs::File::open(file)?
             .take(MOST + 1)
             .read_to_end(&mut bytes)?;
-        Ok(bytes.len() as u64 > MOST || !bytes.iter().all(u8::is_ascii_whitespace))
+        // Whitespace and an editor's byte order mark are empty, as they
+        // are when the file is read.
+        Ok(bytes.len() as u64 > MOST
+            || !crate::secret::trim_secret(&String::from_utf8_lossy(&bytes)).is_empty())
     })();
     match held {
         Ok(false) => Ok(()),
@@ -2212,7 +2215,7 @@ impl Inner {
             // sent with, and is not written over.
             let content = || -> std::io::Result<Option<String>> {
                 match std::fs::read_to_string(&p) {
-                    Ok(t) => Ok(Some(t.trim().to_string())
+                    Ok(t) => Ok(Some(crate::secret::trim_secret(&t).to_string())
                         .filter(|t| !t.is_empty())
                         .map(|t| sha256_hex(&t))),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -2248,8 +2251,8 @@ impl Inner {
                     } else {
                         // Renamed into place, then the directory's fsync
                         // failed: the token is in the file, not yet durable.
-                        let there =
-                            std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token.expose());
+                        let there = std::fs::read_to_string(&p)
+                            .is_ok_and(|t| crate::secret::trim_secret(&t) == token.expose());
                         Kept::Written(r.err().map(|e| e.to_string()), there)
                     }
                 }
