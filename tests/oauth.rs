@@ -4188,3 +4188,46 @@ async fn a_token_file_with_a_byte_order_mark_and_crlf_is_its_token() {
     assert_eq!(refreshes(&env), 1);
 }
 
+/// Review (oauth adversarial): two businesses of one pro configured with
+/// two token files holding the same grant (the onboarding's file copied
+/// instead of named twice) were two chains presenting one single-use
+/// token: the second presented it spent (or, racing, spent the first's),
+/// and one business had to be re-authorized. The copy is not presented:
+/// both businesses wait with a reason naming the other file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_copied_into_a_second_token_file_is_never_presented_twice() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grant = env.sandbox.mint_grant(&[&ids[0], &ids[1]]);
+    std::fs::write(token_file(&env, &ids[0]), format!("{grant}\n")).unwrap();
+    std::fs::write(token_file(&env, &ids[1]), format!("{grant}\n")).unwrap();
+    let o = env.run(&["sync"]);
+    let out = text(&o);
+    assert_eq!(
+        env.sandbox.stats().reused_refresh_tokens,
+        0,
+        "the copy was presented spent: {out}"
+    );
+    assert_eq!(env.sandbox.stats().grace_replays, 0, "{out}");
+    assert!(
+        out.contains("holds the same refresh token as")
+            && out.contains(&token_file(&env, &ids[1]).display().to_string()),
+        "{out}"
+    );
+    assert_eq!(
+        refreshes(&env),
+        1,
+        "only the third business refreshed: {out}"
+    );
+    // Named once, the grant works for both.
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap().replace(
+        &token_file(&env, &ids[1]).display().to_string(),
+        &token_file(&env, &ids[0]).display().to_string(),
+    );
+    std::fs::write(&env.fixture, fixture).unwrap();
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+

@@ -2328,6 +2328,17 @@ impl Inner {
             .unwrap_or_default()
     }
 
+    /// Another chain of this process whose token file holds the token
+    /// whose fingerprint is `seed` (read now): its file and businesses.
+    fn twin_file(&self, chain: &Arc<Chain>, seed: Option<&str>) -> Option<(PathBuf, Vec<String>)> {
+        let seed = seed?;
+        self.other_chains(chain).into_iter().find_map(|o| {
+            let content = read_token_file(&o.file).ok()?;
+            (!content.is_empty() && sha256_hex(&content) == seed)
+                .then(|| (o.file.clone(), self.members_of(&o)))
+        })
+    }
+
     /// Whether another chain of this process keeps, unsaved, the rotated
     /// token whose copy in its token file has fingerprint `seed`.
     fn holds_in_file(&self, chain: &Arc<Chain>, seed: Option<&str>) -> bool {
@@ -2597,12 +2608,47 @@ impl Inner {
                  under the file's former name; it is taken over once the token store takes it"
             )));
         }
+        // The file holds what another grant's token file holds (the
+        // onboarding's file copied for a second business of the pro,
+        // instead of named twice): one single-use token in two chains, each
+        // presenting it: the second presents it spent (or spends the
+        // first's). Not presented; the stored chain, if any, is used.
+        let twin = if file_is_new {
+            self.twin_file(chain, seed_fp.as_deref())
+        } else {
+            None
+        };
+        let twin_reason = twin.map(|(other, members)| {
+            let named = if members.is_empty() {
+                "which no configured business names since a reload: remove that file (then                  this one takes its stored chain over)"
+                    .to_string()
+            } else {
+                format!(
+                    "the token file of business(es) {}: name that one refresh_token_file for                      every business of the grant (a grant is one chain of single-use tokens;                      two files would present it twice), then reload",
+                    members.join(", ")
+                )
+            };
+            format!(
+                "the token file {file} holds the same refresh token as {}, {named}",
+                other.display()
+            )
+        });
+        if let Some(m) = &twin_reason
+            && stored.is_some()
+        {
+            warn!(grant = %file, "{m}; not presented: using the grant's stored refresh token");
+        }
         let mut candidates: Vec<(bool, Secret)> = Vec::new();
-        if file_is_new {
+        if file_is_new && twin_reason.is_none() {
             candidates.push((true, Secret::new(seed)));
         }
         if let Some(s) = &stored {
             candidates.push((false, s.clone()));
+        }
+        if candidates.is_empty()
+            && let Some(m) = twin_reason
+        {
+            return Err(Failure::Reauth(format!("{who} is not refreshed: {m}")));
         }
         if candidates.is_empty() {
             return Err(Failure::Reauth(match row.and_then(|r| r.refused) {
