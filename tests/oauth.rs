@@ -4231,3 +4231,25 @@ async fn a_grant_copied_into_a_second_token_file_is_never_presented_twice() {
     assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
 }
 
+/// Review (oauth adversarial): a static `access_token_file` given a new
+/// token and reloaded kept sending the old one (cached since its first
+/// read) until the API refused it, so a token replaced because it was
+/// leaked, or named the wrong account, stayed in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_sends_the_new_content_of_a_static_token_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = env.dir.path().join("static-token");
+    std::fs::write(&file, "static_old\n").unwrap();
+    let mut config = env.config();
+    for business in &mut config.businesses {
+        if business.id == b {
+            business.token = leadsync::config::TokenSource::Static(file.clone());
+        }
+    }
+    let auth = leadsync::thumbtack::Auth::new(&config, None, None, Default::default()).unwrap();
+    assert_eq!(auth.token(&b).await.unwrap().expose(), "static_old");
+    std::fs::write(&file, "static_new\n").unwrap();
+    auth.reconfigure(&config);
+    assert_eq!(auth.token(&b).await.unwrap().expose(), "static_new");
+}

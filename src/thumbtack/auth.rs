@@ -976,7 +976,17 @@ impl Auth {
         for b in &config.businesses {
             let m = match &b.token {
                 TokenSource::Static(file) => match old.get(&b.id) {
-                    Some(Member::Static(s)) if s.file == *file => Member::Static(s.clone()),
+                    Some(Member::Static(s)) if s.file == *file => {
+                        // Read again at its next use: a reload is how a
+                        // new token put in the file is taken (one replaced
+                        // because it leaked, or named the wrong account,
+                        // must not stay in use until the API refuses it).
+                        // What the API refused is still remembered.
+                        if let Ok(mut st) = s.state.lock() {
+                            st.0 = None;
+                        }
+                        Member::Static(s.clone())
+                    }
                     _ => Member::Static(Arc::new(StaticToken {
                         business_id: b.id.clone(),
                         file: file.clone(),
