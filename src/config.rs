@@ -521,10 +521,14 @@ impl Config {
 
     /// Everything `config check` and the daemon's start and reload warn
     /// about: [`Config::shutdown_warnings`], secrets that look padded or
-    /// quoted, schedules whose day fields combine with OR.
+    /// quoted, schedules whose day fields combine with OR, refresh token
+    /// files holding one grant.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = self.notes.clone();
         out.extend(self.shutdown_warnings());
+        // Here, not in `notes`: it reads every token file, which the
+        // commands that only load the configuration (`enqueue`, ...) need not.
+        out.extend(grant_copies(self));
         out
     }
 
@@ -2179,6 +2183,53 @@ impl Config {
             )
         })
     }
+}
+
+/// Warnings for refresh token files (different files, not one named
+/// twice) holding the same token: the grant copied for a second business of
+/// the pro instead of named twice. Two chains would present one single-use
+/// token, so the refresh presents neither (see `auth`); this says so before
+/// the start. Compared by content, never quoted. Empty files
+/// (an onboarding's) and files that cannot be read are no copies.
+fn grant_copies(config: &Config) -> Vec<String> {
+    use std::collections::BTreeMap;
+    let mut files: BTreeMap<PathBuf, Vec<&str>> = BTreeMap::new();
+    for b in &config.businesses {
+        if let TokenSource::Refresh(p) = &b.token {
+            let key = p.canonicalize().unwrap_or_else(|_| p.clone());
+            files.entry(key).or_default().push(&b.id);
+        }
+    }
+    let mut by_content: BTreeMap<String, Vec<(&PathBuf, Vec<&str>)>> = BTreeMap::new();
+    for (path, ids) in &files {
+        let Ok(text) = std::fs::read_to_string(path) else {
+            continue;
+        };
+        let token = crate::secret::trim_secret(&text);
+        if token.is_empty() {
+            continue;
+        }
+        by_content
+            .entry(token.to_string())
+            .or_default()
+            .push((path, ids.clone()));
+    }
+    by_content
+        .into_values()
+        .filter(|same| same.len() > 1)
+        .map(|same| {
+            let named: Vec<String> = same
+                .iter()
+                .map(|(p, ids)| format!("{} (business {})", p.display(), ids.join(", ")))
+                .collect();
+            format!(
+                "the refresh token files {} hold the same refresh token (one grant copied instead \
+                 of named twice): leadsync presents neither file's token, as two chains would present \
+                 one single-use token twice; name one refresh_token_file for every business of the grant",
+                named.join(" and ")
+            )
+        })
+        .collect()
 }
 
 /// Warnings for the secret files (client secret, webhook credentials,

@@ -4253,3 +4253,29 @@ async fn a_reload_sends_the_new_content_of_a_static_token_file() {
     auth.reconfigure(&config);
     assert_eq!(auth.token(&b).await.unwrap().expose(), "static_new");
 }
+
+/// Review (oauth adversarial): `config check` said nothing of two token
+/// files holding one grant; the refresh refuses them (above), so the
+/// operator learns of it before the start, with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_warns_of_a_grant_copied_into_two_token_files() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grant = env.sandbox.mint_grant(&[&ids[0], &ids[1]]);
+    std::fs::write(token_file(&env, &ids[0]), format!("{grant}\n")).unwrap();
+    std::fs::write(token_file(&env, &ids[1]), format!("\u{feff}{grant}\r\n")).unwrap();
+    let o = env.run(&["config", "check"]);
+    let out = text(&o);
+    assert!(
+        out.contains("hold the same refresh token")
+            && out.contains(&token_file(&env, &ids[0]).display().to_string())
+            && out.contains(&token_file(&env, &ids[1]).display().to_string()),
+        "{out}"
+    );
+    assert!(!out.contains(&grant), "{out}");
+    // Empty token files (onboarding's) are no copies of each other.
+    std::fs::write(token_file(&env, &ids[0]), "\n").unwrap();
+    std::fs::write(token_file(&env, &ids[1]), "").unwrap();
+    let o = env.run(&["config", "check"]);
+    assert!(!text(&o).contains("same refresh token"), "{}", text(&o));
+}
