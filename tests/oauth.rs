@@ -4279,3 +4279,48 @@ async fn config_check_warns_of_a_grant_copied_into_two_token_files() {
     let o = env.run(&["config", "check"]);
     assert!(!text(&o).contains("same refresh token"), "{}", text(&o));
 }
+
+/// Review (oauth adversarial): an exchange whose answer was lost (the
+/// connection cut after the code was sent) or that the token endpoint did
+/// not serve (a 503 page, a 429) ended with the bare transport error: the
+/// operator could not tell whether the single-use code was spent, nor what
+/// to do. It says what happened to the code and the next step; a code the
+/// endpoint never took still works when run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_without_an_answer_says_what_became_of_the_code() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[1].clone();
+    std::fs::write(token_file(&env, &b), "").unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    let args = [
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ];
+    for (status, says) in [
+        (0, "the code may have been spent"),
+        (503, "the code may have been spent"),
+        (429, "the code was not spent"),
+    ] {
+        env.sandbox.set_token_faults(TokenFaults {
+            before_rotate: vec![status],
+            ..Default::default()
+        });
+        let o = env.run(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o).contains(says) && text(&o).contains("run the same command again"),
+            "HTTP {status}: {}",
+            text(&o)
+        );
+        assert!(!text(&o).contains(&code));
+    }
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}

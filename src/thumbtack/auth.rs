@@ -1544,7 +1544,18 @@ impl Auth {
                 "the authorization code was refused ({m}); codes are single-use and short-lived: authorize again"
             ),
             Err(TokenFailure::ClientRefused(m)) => anyhow::bail!("OAuth client refused: {m}"),
-            Err(TokenFailure::Lost(m) | TokenFailure::Transient(m)) => anyhow::bail!("{m}"),
+            // Not asked again: a code is single-use, and a second use may
+            // revoke what the first one issued (RFC 6749 §4.1.2). The
+            // operator is told what became of it, and what to do.
+            Err(TokenFailure::Lost(m)) => anyhow::bail!(
+                "{m}: the code may have been spent without its answer arriving — run the same \
+                 command again at once (a code the endpoint did not take still works); if it is \
+                 refused as used, the pro must authorize again for a new code"
+            ),
+            Err(TokenFailure::Transient(m)) => anyhow::bail!(
+                "{m}: the code was not spent (the endpoint did not take the request) — run the same \
+                 command again (codes are short-lived: soon)"
+            ),
         };
         let Some(refresh) = tokens.refresh_token.filter(|t| !t.is_empty()) else {
             anyhow::bail!(
