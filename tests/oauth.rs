@@ -4324,3 +4324,27 @@ async fn an_exchange_without_an_answer_says_what_became_of_the_code() {
     let o = env.run(&args);
     assert_eq!(o.status.code(), Some(0), "{}", text(&o));
 }
+
+/// Review (oauth adversarial): a redirecting token endpoint (a moved or
+/// mistyped `oauth.token_url`) is never followed — the client secret and
+/// the refresh token must not go where it points — but the error said only
+/// "answered HTTP 301 (N bytes)": it names where it was sent and the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_token_endpoint_is_named_with_its_target_and_the_key() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        before_rotate: vec![307],
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("redirected to https://elsewhere.invalid/oauth2/token")
+            && out.contains("check oauth.token_url"),
+        "{out}"
+    );
+    assert_eq!(refreshes(&env), 1, "not followed: {out}");
+    assert_eq!(reauth_count(&env), 0);
+}

@@ -3079,6 +3079,10 @@ impl Inner {
             TokenFailure::Lost(format!("token endpoint {what} after the request was sent"))
         })?;
         let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
         // A token response is a few hundred bytes: one larger than this
         // is not read, and what it says is unknown — whatever its status: a
         // small `400 invalid_grant` cannot have rotated the token, but an
@@ -3173,6 +3177,16 @@ impl Inner {
             )));
         }
         match (status, oauth_error.error.as_deref()) {
+            // Never followed (the client secret and the refresh token must
+            // not go where it points), nor read as the endpoint's words:
+            // a redirect's body is not its answer.
+            (300..=399, _) => Err(TokenFailure::Transient(format!(
+                "token endpoint answered HTTP {status}: redirected to {} (not followed: check \
+                 oauth.token_url)",
+                location
+                    .as_deref()
+                    .map_or_else(|| "(no Location header)".to_string(), clean)
+            ))),
             (_, Some("invalid_grant")) => {
                 Err(TokenFailure::GrantRefused(describe("invalid_grant")))
             }
