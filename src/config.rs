@@ -2225,7 +2225,8 @@ fn grant_copies(config: &Config) -> Vec<String> {
             format!(
                 "the refresh token files {} hold the same refresh token (one grant copied instead \
                  of named twice): leadsync presents neither file's token, as two chains would present \
-                 one single-use token twice; name one refresh_token_file for every business of the grant",
+                 one single-use token twice; name one refresh_token_file for every business of the grant: \
+                 the one whose business refreshes (`status` shows the other waiting, naming it)",
                 named.join(" and ")
             )
         })

@@ -330,6 +330,13 @@ struct Inner {
     /// Notified when [`Auth::settle`] starts: the tasks writing unsaved
     /// tokens again end, and settle makes the last try itself.
     settling: tokio::sync::Notify,
+    /// The chains' token files by content fingerprint, read once per
+    /// configuration (at the first refresh of a changed file after it), so
+    /// that [`Inner::twin_file`] need not read every token file at every
+    /// such refresh (a first start with thousands of new grants).
+    /// With the configuration's generation (a reload counts it up and
+    /// drops the index: an index read before is not kept).
+    file_index: Mutex<(u64, Option<HashMap<String, Vec<String>>>)>,
 }
 
 /// Token providers for every configured business.
@@ -922,6 +929,7 @@ impl Auth {
                 stopping: CancellationToken::new(),
                 refresh_deadline: Mutex::new(None),
                 settling: tokio::sync::Notify::new(),
+                file_index: Mutex::new((0, None)),
             }),
         };
         auth.reconfigure(config);
@@ -1014,6 +1022,12 @@ impl Auth {
                 }
             };
             members.insert(b.id.clone(), m);
+        }
+        drop((members, chains));
+        // Read again for the new chains (never under `chains`: twin_file
+        // takes `file_index` then `chains`).
+        if let Ok(mut index) = self.inner.file_index.lock() {
+            *index = (index.0 + 1, None);
         }
     }
 
@@ -2351,13 +2365,56 @@ impl Inner {
 
     /// Another chain of this process whose token file holds the token
     /// whose fingerprint is `seed` (read now): its file and businesses.
-    fn twin_file(&self, chain: &Arc<Chain>, seed: Option<&str>) -> Option<(PathBuf, Vec<String>)> {
+    /// The files are looked up in [`Inner::file_index`] (built on first
+    /// use, off the runtime's threads), and a match is read again to
+    /// confirm it.
+    async fn twin_file(
+        &self,
+        chain: &Arc<Chain>,
+        seed: Option<&str>,
+    ) -> Option<(PathBuf, Vec<String>)> {
         let seed = seed?;
-        self.other_chains(chain).into_iter().find_map(|o| {
-            let content = read_token_file(&o.file).ok()?;
-            (!content.is_empty() && sha256_hex(&content) == seed)
-                .then(|| (o.file.clone(), self.members_of(&o)))
-        })
+        fn fingerprint(file: &Path) -> Option<String> {
+            read_token_file(file)
+                .ok()
+                .filter(|t| !t.is_empty())
+                .map(|t| sha256_hex(&t))
+        }
+        let (generation, built) = {
+            let index = self.file_index.lock().ok()?;
+            (index.0, index.1.is_some())
+        };
+        if !built {
+            let chains: Vec<Arc<Chain>> = self
+                .chains
+                .lock()
+                .map(|c| c.values().cloned().collect())
+                .unwrap_or_default();
+            let read = blocking(move || {
+                let mut by_fingerprint: HashMap<String, Vec<String>> = HashMap::new();
+                for c in chains {
+                    if let Some(fp) = fingerprint(&c.file) {
+                        by_fingerprint.entry(fp).or_default().push(c.key.clone());
+                    }
+                }
+                Ok(by_fingerprint)
+            })
+            .await
+            .ok()?;
+            let mut index = self.file_index.lock().ok()?;
+            if index.0 == generation && index.1.is_none() {
+                index.1 = Some(read);
+            }
+        }
+        let keys: Vec<String> = {
+            let index = self.file_index.lock().ok()?;
+            index.1.as_ref()?.get(seed).cloned().unwrap_or_default()
+        };
+        self.other_chains(chain)
+            .into_iter()
+            .filter(|o| keys.contains(&o.key))
+            .find(|o| fingerprint(&o.file).as_deref() == Some(seed))
+            .map(|o| (o.file.clone(), self.members_of(&o)))
     }
 
     /// Whether another chain of this process keeps, unsaved, the rotated
@@ -2635,7 +2692,7 @@ impl Inner {
         // presenting it: the second presents it spent (or spends the
         // first's). Not presented; the stored chain, if any, is used.
         let twin = if file_is_new {
-            self.twin_file(chain, seed_fp.as_deref())
+            self.twin_file(chain, seed_fp.as_deref()).await
         } else {
             None
         };
