@@ -336,8 +336,11 @@ struct Inner {
     /// such refresh (a first start with thousands of new grants).
     /// With the configuration's generation (a reload counts it up and
     /// drops the index: an index read before is not kept).
-    file_index: Mutex<(u64, Option<HashMap<String, Vec<String>>>)>,
+    file_index: Mutex<(u64, Option<FileIndex>)>,
 }
+
+/// Token file content fingerprint → the keys of the chains whose file holds it.
+type FileIndex = HashMap<String, Vec<String>>;
 
 /// Token providers for every configured business.
 pub struct Auth {
@@ -2391,7 +2394,7 @@ impl Inner {
                 .map(|c| c.values().cloned().collect())
                 .unwrap_or_default();
             let read = blocking(move || {
-                let mut by_fingerprint: HashMap<String, Vec<String>> = HashMap::new();
+                let mut by_fingerprint = FileIndex::new();
                 for c in chains {
                     if let Some(fp) = fingerprint(&c.file) {
                         by_fingerprint.entry(fp).or_default().push(c.key.clone());
