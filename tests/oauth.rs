@@ -4348,3 +4348,23 @@ async fn a_redirecting_token_endpoint_is_named_with_its_target_and_the_key() {
     assert_eq!(refreshes(&env), 1, "not followed: {out}");
     assert_eq!(reauth_count(&env), 0);
 }
+
+/// Review (oauth adversarial): an access token answered with a trailing
+/// newline (a token service padding its values) was sent as is: no HTTP
+/// header may hold it, so every request of the business failed as a
+/// "connection failed: builder error" until the token expired (an hour),
+/// and then again with the next one. Whitespace around it is no part of
+/// it (a refresh token is kept exactly as answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_token_answered_with_a_trailing_newline_is_used_without_it() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        padded_access_token_after_rotate: 1,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 1);
+    assert_eq!(reauth_count(&env), 0);
+}

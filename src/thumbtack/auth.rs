@@ -3173,7 +3173,18 @@ impl Inner {
             })?;
         if (200..300).contains(&status) && status != 202 {
             // Never quote this body: it holds tokens.
-            let parsed = serde_json::from_slice::<TokenResponse>(&body).ok();
+            // Whitespace around an access token is no part of it: no HTTP
+            // header could carry a newline, and every request would fail
+            // until it expired. (A refresh token is kept exactly as answered.)
+            let parsed = serde_json::from_slice::<TokenResponse>(&body)
+                .ok()
+                .map(|mut t| {
+                    let trimmed = t.access_token.expose().trim();
+                    if trimmed.len() != t.access_token.expose().len() {
+                        t.access_token = Secret::new(trimmed);
+                    }
+                    t
+                });
             let has_refresh =
                 |t: &TokenResponse| t.refresh_token.as_ref().is_some_and(|r| !r.is_empty());
             match parsed {
