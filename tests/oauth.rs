@@ -4368,3 +4368,61 @@ async fn an_access_token_answered_with_a_trailing_newline_is_used_without_it() {
     assert_eq!(refreshes(&env), 1);
     assert_eq!(reauth_count(&env), 0);
 }
+
+/// Review (oauth adversarial): the other token files were indexed once per
+/// configuration, so a copy made after the index was read was presented:
+/// A refreshed (index read), the pro re-authorized A (a new grant in A's
+/// file), the operator copied A's file over B's without a reload: B spent
+/// A's new token, and A needed re-authorization again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_copied_after_a_refresh_is_not_presented_by_the_copy() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    let config = env.config();
+    let store =
+        leadsync::app::StoreGrants(TokenStore::open(&config.file.oauth.token_store).unwrap());
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    auth.token(&a).await.expect("A refreshes");
+    let grant = env.sandbox.mint_grant(&[&a, &b]);
+    std::fs::write(token_file(&env, &a), format!("{grant}\n")).unwrap();
+    std::fs::copy(token_file(&env, &a), token_file(&env, &b)).unwrap();
+    let refused = auth.token(&b).await.expect_err("the copy is not presented");
+    assert!(
+        format!("{refused:?}").contains("holds the same refresh token as"),
+        "{refused:?}"
+    );
+    auth.token(&a).await.expect("A's new grant works");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+/// Review (oauth adversarial): a token file renamed by copying (`cp old
+/// new`, the configuration pointed at the new name, reloaded) was the twin
+/// of the old name's chain, which no business names any more: the business
+/// waited as needs_reauth until a restart. A chain without businesses is
+/// nobody's copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_renamed_by_a_copy_is_presented() {
+    let env = oauth_env(3600, FAST).await;
+    let a = env.business_ids()[0].clone();
+    let mut config = env.config();
+    let store =
+        leadsync::app::StoreGrants(TokenStore::open(&config.file.oauth.token_store).unwrap());
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    let renamed = env.dir.path().join("renamed.tok");
+    std::fs::copy(token_file(&env, &a), &renamed).unwrap();
+    for business in &mut config.businesses {
+        if business.id == a {
+            business.token = leadsync::config::TokenSource::Refresh(renamed.clone());
+        }
+    }
+    auth.reconfigure(&config);
+    auth.token(&a)
+        .await
+        .expect("the renamed file's grant is presented");
+    assert!(auth.blocked().is_empty(), "{:?}", auth.blocked());
+}

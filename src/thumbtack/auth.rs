@@ -330,17 +330,38 @@ struct Inner {
     /// Notified when [`Auth::settle`] starts: the tasks writing unsaved
     /// tokens again end, and settle makes the last try itself.
     settling: tokio::sync::Notify,
-    /// The chains' token files by content fingerprint, read once per
-    /// configuration (at the first refresh of a changed file after it), so
-    /// that [`Inner::twin_file`] need not read every token file at every
-    /// such refresh (a first start with thousands of new grants).
-    /// With the configuration's generation (a reload counts it up and
-    /// drops the index: an index read before is not kept).
-    file_index: Mutex<(u64, Option<FileIndex>)>,
+    /// The configured chains' token files as last looked at (see
+    /// [`Inner::twin_file`]): when, and each file's metadata and content
+    /// fingerprint. A look reads again only the files whose metadata
+    /// changed, and serves every check that started before it.
+    file_index: tokio::sync::Mutex<FileIndex>,
 }
 
-/// Token file content fingerprint → the keys of the chains whose file holds it.
-type FileIndex = HashMap<String, Vec<String>>;
+/// What [`Inner::file_index`] keeps.
+#[derive(Default)]
+struct FileIndex {
+    /// When the last look started.
+    looked: Option<Instant>,
+    /// Token file → its metadata (device, inode, length, modification and
+    /// change times) and content fingerprint (None: empty or unreadable).
+    files: HashMap<PathBuf, (FileStamp, Option<String>)>,
+}
+
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn file_stamp(file: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
+}
 
 /// Token providers for every configured business.
 pub struct Auth {
@@ -932,7 +953,7 @@ impl Auth {
                 stopping: CancellationToken::new(),
                 refresh_deadline: Mutex::new(None),
                 settling: tokio::sync::Notify::new(),
-                file_index: Mutex::new((0, None)),
+                file_index: tokio::sync::Mutex::new(FileIndex::default()),
             }),
         };
         auth.reconfigure(config);
@@ -1025,12 +1046,6 @@ impl Auth {
                 }
             };
             members.insert(b.id.clone(), m);
-        }
-        drop((members, chains));
-        // Read again for the new chains (never under `chains`: twin_file
-        // takes `file_index` then `chains`).
-        if let Ok(mut index) = self.inner.file_index.lock() {
-            *index = (index.0 + 1, None);
         }
     }
 
@@ -2366,58 +2381,66 @@ impl Inner {
             .unwrap_or_default()
     }
 
-    /// Another chain of this process whose token file holds the token
-    /// whose fingerprint is `seed` (read now): its file and businesses.
-    /// The files are looked up in [`Inner::file_index`] (built on first
-    /// use, off the runtime's threads), and a match is read again to
-    /// confirm it.
+    /// Another chain of this process, named by a configured business,
+    /// whose token file holds the token whose fingerprint is `seed`: its
+    /// file and businesses. Called after the caller read its own file: the
+    /// other files are looked at after that read (a look started before
+    /// it is not used: a copy made meanwhile would be missed), each read
+    /// again only when its metadata changed since the last look; checks
+    /// waiting together share one look. A chain no business names (a file
+    /// renamed by a copy, then reloaded) is nobody's copy. Err: the files
+    /// could not be looked at (the caller retries, never presents).
     async fn twin_file(
         &self,
         chain: &Arc<Chain>,
-        seed: Option<&str>,
-    ) -> Option<(PathBuf, Vec<String>)> {
-        let seed = seed?;
-        fn fingerprint(file: &Path) -> Option<String> {
-            read_token_file(file)
-                .ok()
-                .filter(|t| !t.is_empty())
-                .map(|t| sha256_hex(&t))
-        }
-        let (generation, built) = {
-            let index = self.file_index.lock().ok()?;
-            (index.0, index.1.is_some())
-        };
-        if !built {
-            let chains: Vec<Arc<Chain>> = self
+        seed: &str,
+    ) -> Result<Option<(PathBuf, Vec<String>)>, String> {
+        let asked = Instant::now();
+        let named: Vec<(Arc<Chain>, Vec<String>)> = {
+            let chains = self
                 .chains
                 .lock()
-                .map(|c| c.values().cloned().collect())
-                .unwrap_or_default();
-            let read = blocking(move || {
-                let mut by_fingerprint = FileIndex::new();
-                for c in chains {
-                    if let Some(fp) = fingerprint(&c.file) {
-                        by_fingerprint.entry(fp).or_default().push(c.key.clone());
-                    }
+                .map_err(|_| "the grants' state is poisoned".to_string())?;
+            chains
+                .values()
+                .map(|c| (c.clone(), self.members_of(c)))
+                .filter(|(_, m)| !m.is_empty())
+                .collect()
+        };
+        if !named.iter().any(|(c, _)| !Arc::ptr_eq(c, chain)) {
+            return Ok(None);
+        }
+        let mut index = self.file_index.lock().await;
+        if index.looked.is_none_or(|at| at < asked) {
+            let started = Instant::now();
+            let mut before = std::mem::take(&mut index.files);
+            let files: Vec<PathBuf> = named.iter().map(|(c, _)| c.file.clone()).collect();
+            index.files = blocking(move || {
+                let mut now = HashMap::new();
+                for file in files {
+                    let Some(stamp) = file_stamp(&file) else {
+                        continue;
+                    };
+                    let fingerprint = match before.remove(&file) {
+                        Some((was, fp)) if was == stamp => fp,
+                        _ => read_token_file(&file)
+                            .ok()
+                            .filter(|t| !t.is_empty())
+                            .map(|t| sha256_hex(&t)),
+                    };
+                    now.insert(file, (stamp, fingerprint));
                 }
-                Ok(by_fingerprint)
+                Ok(now)
             })
             .await
-            .ok()?;
-            let mut index = self.file_index.lock().ok()?;
-            if index.0 == generation && index.1.is_none() {
-                index.1 = Some(read);
-            }
+            .map_err(|e| format!("cannot look at the other token files: {e:#}"))?;
+            index.looked = Some(started);
         }
-        let keys: Vec<String> = {
-            let index = self.file_index.lock().ok()?;
-            index.1.as_ref()?.get(seed).cloned().unwrap_or_default()
-        };
-        self.other_chains(chain)
+        Ok(named
             .into_iter()
-            .filter(|o| keys.contains(&o.key))
-            .find(|o| fingerprint(&o.file).as_deref() == Some(seed))
-            .map(|o| (o.file.clone(), self.members_of(&o)))
+            .filter(|(c, _)| !Arc::ptr_eq(c, chain))
+            .find(|(c, _)| index.files.get(&c.file).and_then(|(_, fp)| fp.as_deref()) == Some(seed))
+            .map(|(c, members)| (c.file.clone(), members)))
     }
 
     /// Whether another chain of this process keeps, unsaved, the rotated
@@ -2694,24 +2717,18 @@ impl Inner {
         // instead of named twice): one single-use token in two chains, each
         // presenting it: the second presents it spent (or spends the
         // first's). Not presented; the stored chain, if any, is used.
-        let twin = if file_is_new {
-            self.twin_file(chain, seed_fp.as_deref()).await
-        } else {
-            None
+        let twin = match seed_fp.as_deref() {
+            Some(fp) if file_is_new => self.twin_file(chain, fp).await.map_err(Failure::Retry)?,
+            _ => None,
         };
         let twin_reason = twin.map(|(other, members)| {
-            let named = if members.is_empty() {
-                "which no configured business names since a reload: remove that file (then                  this one takes its stored chain over)"
-                    .to_string()
-            } else {
-                format!(
-                    "the token file of business(es) {}: name that one refresh_token_file for                      every business of the grant (a grant is one chain of single-use tokens;                      two files would present it twice), then reload",
-                    members.join(", ")
-                )
-            };
             format!(
-                "the token file {file} holds the same refresh token as {}, {named}",
-                other.display()
+                "the token file {file} holds the same refresh token as {}, the token file of \
+                 business(es) {}: name that one refresh_token_file for every business of the \
+                 grant (a grant is one chain of single-use tokens; two files would present it \
+                 twice), then reload",
+                other.display(),
+                members.join(", ")
             )
         });
         if let Some(m) = &twin_reason
