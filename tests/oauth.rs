@@ -4426,3 +4426,45 @@ async fn a_token_file_renamed_by_a_copy_is_presented() {
         .expect("the renamed file's grant is presented");
     assert!(auth.blocked().is_empty(), "{:?}", auth.blocked());
 }
+
+/// Review (oauth adversarial): every exchange the endpoint did not serve
+/// said "the code was not spent ... run the same command again", a
+/// redirect too (running it again meets the same redirect) and any other
+/// 4xx (the endpoint refused it without saying why). A redirect says to
+/// fix oauth.token_url first; another refusal does not claim to know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_redirected_or_refused_without_a_reason_says_what_to_fix() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[1].clone();
+    std::fs::write(token_file(&env, &b), "").unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    let args = [
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ];
+    for (status, says) in [
+        (307, "fix oauth.token_url, then run the command again"),
+        (
+            404,
+            "without an OAuth error: the code is most likely not spent",
+        ),
+    ] {
+        env.sandbox.set_token_faults(TokenFaults {
+            before_rotate: vec![status],
+            ..Default::default()
+        });
+        let o = env.run(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o).contains(says) && !text(&o).contains("the code was not spent"),
+            "HTTP {status}: {}",
+            text(&o)
+        );
+    }
+}

@@ -547,12 +547,15 @@ fn refuse_held(file: &Path) -> anyhow::Result<()> {
 /// is no grant to keep. The code is not spent when this refuses.
 async fn refuse_stored_only(store: &Arc<dyn GrantStore>, chain: &Chain) -> anyhow::Result<()> {
     let (s, key) = (store.clone(), chain.key.clone());
-    let row = blocking(move || s.load(&key, None, &[])).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read the token store to check that it holds no grant for the token file {}              ({e:#}): refusing it. The code was not spent",
-            chain.file.display()
-        )
-    })?;
+    let row = blocking(move || s.load(&key, None, &[]))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the token store to check that it holds no grant for the token file {} \
+             ({e:#}): refusing it. The code was not spent",
+                chain.file.display()
+            )
+        })?;
     let file = read_token_file(&chain.file).unwrap_or_default();
     match row {
         Some(g)
@@ -901,6 +904,11 @@ pub async fn read_business_list(
 fn excerpt(s: &str) -> String {
     crate::terminal::blank(s).chars().take(200).collect()
 }
+
+/// How a token endpoint's redirect is told ([`TokenFailure::Transient`]).
+const REDIRECTED: &str = "redirected to";
+/// How a token endpoint that could not be reached is told.
+const UNREACHABLE: &str = "token endpoint unreachable";
 
 async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<R> + Send + 'static,
@@ -1584,9 +1592,25 @@ impl Auth {
                  command again at once (a code the endpoint did not take still works); if it is \
                  refused as used, the pro must authorize again for a new code"
             ),
+            // A redirect is met again until the key is fixed; an answer
+            // without an OAuth error (a 404, a proxy's 400) says nothing
+            // of the code.
+            Err(TokenFailure::Transient(m)) if m.contains(REDIRECTED) => anyhow::bail!(
+                "{m}: the code was not passed on (a redirect is never followed) — fix \
+                 oauth.token_url, then run the command again (codes are short-lived: soon)"
+            ),
+            Err(TokenFailure::Transient(m))
+                if m.contains(UNREACHABLE) || m.contains("HTTP 408") || m.contains("HTTP 429") =>
+            {
+                anyhow::bail!(
+                    "{m}: the code was not spent (the endpoint did not take the request) — run \
+                     the same command again (codes are short-lived: soon)"
+                )
+            }
             Err(TokenFailure::Transient(m)) => anyhow::bail!(
-                "{m}: the code was not spent (the endpoint did not take the request) — run the same \
-                 command again (codes are short-lived: soon)"
+                "{m}: the endpoint refused the request without an OAuth error: the code is most \
+                 likely not spent — check oauth.token_url, then run the command again (codes are \
+                 short-lived: soon); if it is refused as used, the pro must authorize again"
             ),
         };
         let Some(refresh) = tokens.refresh_token.filter(|t| !t.is_empty()) else {
@@ -2401,10 +2425,24 @@ impl Inner {
                 .chains
                 .lock()
                 .map_err(|_| "the grants' state is poisoned".to_string())?;
-            chains
-                .values()
-                .map(|c| (c.clone(), self.members_of(c)))
-                .filter(|(_, m)| !m.is_empty())
+            let members = self
+                .members
+                .read()
+                .map_err(|_| "the businesses' state is poisoned".to_string())?;
+            let mut by_chain: HashMap<&str, Vec<String>> = HashMap::new();
+            for (id, m) in members.iter() {
+                if let Member::Grant(g) = m
+                    && chains.get(&g.key).is_some_and(|c| Arc::ptr_eq(c, g))
+                {
+                    by_chain.entry(g.key.as_str()).or_default().push(id.clone());
+                }
+            }
+            by_chain
+                .into_iter()
+                .filter_map(|(key, mut ids)| {
+                    ids.sort();
+                    Some((chains.get(key)?.clone(), ids))
+                })
                 .collect()
         };
         if !named.iter().any(|(c, _)| !Arc::ptr_eq(c, chain)) {
@@ -3147,9 +3185,7 @@ impl Inner {
             let what = if e.is_timeout() {
                 "timed out"
             } else if e.is_connect() {
-                return TokenFailure::Transient(
-                    "token endpoint unreachable: could not connect".into(),
-                );
+                return TokenFailure::Transient(format!("{UNREACHABLE}: could not connect"));
             } else {
                 "connection failed"
             };
@@ -3269,7 +3305,7 @@ impl Inner {
             // not go where it points), nor read as the endpoint's words:
             // a redirect's body is not its answer.
             (300..=399, _) => Err(TokenFailure::Transient(format!(
-                "token endpoint answered HTTP {status}: redirected to {} (not followed: check \
+                "token endpoint answered HTTP {status}: {REDIRECTED} {} (not followed: check \
                  oauth.token_url)",
                 location
                     .as_deref()
