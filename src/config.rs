@@ -526,9 +526,6 @@ impl Config {
     pub fn warnings(&self) -> Vec<String> {
         let mut out = self.notes.clone();
         out.extend(self.shutdown_warnings());
-        // Here, not in `notes`: it reads every token file, which the
-        // commands that only load the configuration (`enqueue`, ...) need not.
-        out.extend(grant_copies(self));
         out
     }
 
@@ -1571,6 +1568,7 @@ fn validate(
         std::collections::BTreeMap::new();
     let mut businesses: Vec<Business> = Vec::with_capacity(file.businesses.len());
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(file.businesses.len());
+    let mut token_files: Vec<(PathBuf, String, String)> = Vec::new();
     let locator = BusinessLocator::new(figment);
     let locate_business = |_: &Figment, i: usize, field: &str| locator.at(i, field);
     for (i, b) in file.businesses.iter().enumerate() {
@@ -1615,9 +1613,21 @@ fn validate(
         }
         let token = match (&b.refresh_token_file, &b.access_token_file) {
             (Some(r), None) => {
-                read_readable(r, "refresh token file", || {
+                let content = read_readable(r, "refresh token file", || {
                     locate_business(figment, i, "refresh_token_file")
                 })?;
+                // Its fingerprint, for `grant_copies` (the file is not
+                // read twice; the token is not kept).
+                if let Ok(text) = String::from_utf8(content) {
+                    let token = crate::secret::trim_secret(&text);
+                    if !token.is_empty() {
+                        token_files.push((
+                            r.clone(),
+                            b.id.clone(),
+                            crate::store::tokens::sha256_hex(token),
+                        ));
+                    }
+                }
                 TokenSource::Refresh(r.clone())
             }
             (None, Some(a)) => {
@@ -1749,6 +1759,7 @@ fn validate(
         }
     }
 
+    notes.extend(grant_copies(token_files));
     let webhooks = validate_webhooks(figment, &file.webhooks)?;
     if let Some(w) = webhooks.as_ref().and_then(Webhooks::public_path_warning) {
         notes.push(w);
@@ -2189,30 +2200,26 @@ impl Config {
 /// twice) holding the same token: the grant copied for a second business of
 /// the pro instead of named twice. Two chains would present one single-use
 /// token, so the refresh presents neither (see `auth`); this says so before
-/// the start. Compared by content, never quoted. Empty files
-/// (an onboarding's) and files that cannot be read are no copies.
-fn grant_copies(config: &Config) -> Vec<String> {
+/// the start. Compared by content fingerprint (`token_files`: path,
+/// business, SHA-256 of the token, from validation's read), never quoted.
+/// Empty files (an onboarding's) and files that are not text are no copies.
+fn grant_copies(token_files: Vec<(PathBuf, String, String)>) -> Vec<String> {
     use std::collections::BTreeMap;
-    let mut files: BTreeMap<PathBuf, Vec<&str>> = BTreeMap::new();
-    for b in &config.businesses {
-        if let TokenSource::Refresh(p) = &b.token {
-            let key = p.canonicalize().unwrap_or_else(|_| p.clone());
-            files.entry(key).or_default().push(&b.id);
-        }
+    // By fingerprint first (validation's read), so that only the files of
+    // a shared fingerprint are resolved (one file named by two paths is
+    // named twice, no copy).
+    let mut by_fp: BTreeMap<String, Vec<(PathBuf, String)>> = BTreeMap::new();
+    for (path, id, fp) in token_files {
+        by_fp.entry(fp).or_default().push((path, id));
     }
-    let mut by_content: BTreeMap<String, Vec<(&PathBuf, Vec<&str>)>> = BTreeMap::new();
-    for (path, ids) in &files {
-        let Ok(text) = std::fs::read_to_string(path) else {
-            continue;
-        };
-        let token = crate::secret::trim_secret(&text);
-        if token.is_empty() {
-            continue;
+    let mut by_content: BTreeMap<String, Vec<(PathBuf, Vec<String>)>> = BTreeMap::new();
+    for (fp, named) in by_fp.into_iter().filter(|(_, n)| n.len() > 1) {
+        let mut files: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+        for (path, id) in named {
+            let key = path.canonicalize().unwrap_or(path);
+            files.entry(key).or_default().push(id);
         }
-        by_content
-            .entry(token.to_string())
-            .or_default()
-            .push((path, ids.clone()));
+        by_content.insert(fp, files.into_iter().collect());
     }
     by_content
         .into_values()
