@@ -342,6 +342,12 @@ struct Inner {
 struct FileIndex {
     /// When the last look started.
     looked: Option<Instant>,
+    /// The same, by the wall clock file times are in: a file modified or
+    /// changed at or after it (less a second, for filesystems' coarse
+    /// clocks) is read again at the next look even if its metadata is
+    /// unchanged (Git's "racily clean" rule: a same-length rewrite in the
+    /// tick in which the look read it leaves its metadata as then).
+    looked_wall: Option<std::time::SystemTime>,
     /// Token file → its metadata (device, inode, length, modification and
     /// change times) and content fingerprint (None: empty or unreadable).
     files: HashMap<PathBuf, (FileStamp, Option<String>)>,
@@ -2410,8 +2416,10 @@ impl Inner {
     /// file and businesses. Called after the caller read its own file: the
     /// other files are looked at after that read (a look started before
     /// it is not used: a copy made meanwhile would be missed), each read
-    /// again only when its metadata changed since the last look; checks
-    /// waiting together share one look. A chain no business names (a file
+    /// again only when its metadata changed since the last look (or was
+    /// changed less than a second before it began); checks waiting
+    /// together share one look. A file that cannot be statted counts as
+    /// no copy. A chain no business names (a file
     /// renamed by a copy, then reloaded) is nobody's copy. Err: the files
     /// could not be looked at (the caller retries, never presents).
     async fn twin_file(
@@ -2420,6 +2428,13 @@ impl Inner {
         seed: &str,
     ) -> Result<Option<(PathBuf, Vec<String>)>, String> {
         let asked = Instant::now();
+        // The list is taken under the look's lock, after the look's start:
+        // a look another check started with a list taken before a reload
+        // (which added a file) must not be reused by a check that began
+        // after the reload.
+        let mut index = self.file_index.lock().await;
+        let started = Instant::now();
+        let started_wall = std::time::SystemTime::now();
         let named: Vec<(Arc<Chain>, Vec<String>)> = {
             let chains = self
                 .chains
@@ -2448,9 +2463,17 @@ impl Inner {
         if !named.iter().any(|(c, _)| !Arc::ptr_eq(c, chain)) {
             return Ok(None);
         }
-        let mut index = self.file_index.lock().await;
         if index.looked.is_none_or(|at| at < asked) {
-            let started = Instant::now();
+            let racy_from = index
+                .looked_wall
+                .map(|t| {
+                    t.checked_sub(Duration::from_secs(1))
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or((i64::MIN, 0), |d| {
+                            (d.as_secs() as i64, i64::from(d.subsec_nanos()))
+                        })
+                })
+                .unwrap_or((i64::MIN, 0));
             let mut before = std::mem::take(&mut index.files);
             let files: Vec<PathBuf> = named.iter().map(|(c, _)| c.file.clone()).collect();
             index.files = blocking(move || {
@@ -2460,7 +2483,13 @@ impl Inner {
                         continue;
                     };
                     let fingerprint = match before.remove(&file) {
-                        Some((was, fp)) if was == stamp => fp,
+                        Some((was, fp))
+                            if was == stamp
+                                && (stamp.3, stamp.4) < racy_from
+                                && (stamp.5, stamp.6) < racy_from =>
+                        {
+                            fp
+                        }
                         _ => read_token_file(&file)
                             .ok()
                             .filter(|t| !t.is_empty())
@@ -2473,6 +2502,7 @@ impl Inner {
             .await
             .map_err(|e| format!("cannot look at the other token files: {e:#}"))?;
             index.looked = Some(started);
+            index.looked_wall = Some(started_wall);
         }
         Ok(named
             .into_iter()
@@ -3742,6 +3772,115 @@ mod tests {
                     .any(|n| n.contains("empty after a full page")),
             "{:?}",
             l.notes
+        );
+    }
+
+    fn bare_inner() -> Inner {
+        Inner {
+            http: crate::thumbtack::client::http_client(Duration::from_secs(5), "test").unwrap(),
+            timeout: Duration::from_secs(5),
+            oauth: RwLock::new(None),
+            store: Default::default(),
+            recorder: None,
+            members: RwLock::new(HashMap::new()),
+            chains: Mutex::new(HashMap::new()),
+            client_refused: Mutex::new(None),
+            client_alert_cleared: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            refresh_deadline: Mutex::new(None),
+            settling: tokio::sync::Notify::new(),
+            file_index: tokio::sync::Mutex::new(FileIndex::default()),
+        }
+    }
+
+    /// What a reload naming business `id` with token file `file` does.
+    fn add_grant(inner: &Inner, id: &str, file: &Path) -> Arc<Chain> {
+        let chain = Arc::new(Chain {
+            key: grant_key(file),
+            file: file.to_path_buf(),
+            state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
+            reauth: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+            retrying_unsaved: AtomicBool::new(false),
+            file_unreadable: AtomicBool::new(false),
+        });
+        inner
+            .chains
+            .lock()
+            .unwrap()
+            .insert(chain.key.clone(), chain.clone());
+        inner
+            .members
+            .write()
+            .unwrap()
+            .insert(id.to_string(), Member::Grant(chain.clone()));
+        chain
+    }
+
+    fn fingerprint(file: &Path) -> String {
+        sha256_hex(&read_token_file(file).ok().unwrap())
+    }
+
+    /// Polls `f` once: whether it is still waiting.
+    async fn waits<F: Future>(f: &mut std::pin::Pin<Box<F>>) -> bool {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_pending())).await
+    }
+
+    #[tokio::test]
+    async fn a_check_waiting_on_a_look_begun_before_a_reload_sees_the_added_file() {
+        // C's check took its list of files before a reload added B (whose
+        // file copies A's), then waited on the look; A's check, started
+        // after the reload, waited behind it and reused C's look, which
+        // never looked at B's file: A presented its token, B later the
+        // spent copy.
+        let dir = tempfile::tempdir().unwrap();
+        let (fa, fb, fc) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        std::fs::write(&fa, "token-a").unwrap();
+        std::fs::write(&fc, "token-c").unwrap();
+        let inner = bare_inner();
+        let a = add_grant(&inner, "A", &fa);
+        let c = add_grant(&inner, "C", &fc);
+        let held = inner.file_index.lock().await;
+        let seed_c = fingerprint(&fc);
+        let mut c_check = Box::pin(inner.twin_file(&c, &seed_c));
+        assert!(waits(&mut c_check).await);
+        std::fs::copy(&fa, &fb).unwrap();
+        add_grant(&inner, "B", &fb);
+        let seed_a = fingerprint(&fa);
+        let mut a_check = Box::pin(inner.twin_file(&a, &seed_a));
+        assert!(waits(&mut a_check).await);
+        drop(held);
+        assert_eq!(c_check.await, Ok(None));
+        assert_eq!(a_check.await, Ok(Some((fb, vec!["B".to_string()]))));
+    }
+
+    #[tokio::test]
+    async fn a_file_written_since_the_last_look_began_is_read_again_at_the_next() {
+        // A same-length rewrite in the timestamp tick in which a look read
+        // the file leaves its metadata as that look saw it: the look's
+        // fingerprint (made stale here) was kept, and the copy missed.
+        let dir = tempfile::tempdir().unwrap();
+        let (fa, fb) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&fa, "token-a").unwrap();
+        std::fs::write(&fb, "token-b").unwrap();
+        let inner = bare_inner();
+        let a = add_grant(&inner, "A", &fa);
+        add_grant(&inner, "B", &fb);
+        assert_eq!(inner.twin_file(&a, &fingerprint(&fa)).await, Ok(None));
+        {
+            let mut index = inner.file_index.lock().await;
+            let entry = index.files.get_mut(&fb).unwrap();
+            assert_eq!(Some(entry.0), file_stamp(&fb));
+            entry.1 = Some(sha256_hex("token-x"));
+        }
+        assert_eq!(
+            inner.twin_file(&a, &fingerprint(&fb)).await,
+            Ok(Some((fb, vec!["B".to_string()])))
         );
     }
 
