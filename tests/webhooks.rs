@@ -2722,3 +2722,100 @@ async fn webhooks_list_shows_hostile_server_text_harmlessly() {
         }
     }
 }
+
+/// Review (hooks): a delivery whose JSON repeats a key (JSON allows it) was
+/// refused or set aside where the poller reads the same object: a repeated
+/// `event`, `data` or `eventType` got a 400 (SPEC §8: only a body that is
+/// not JSON or has no `event.eventType` is), and a lead repeating
+/// `negotiationID` or `business` (a message repeating `text`) was
+/// `ignored` ("duplicate field"), while a listing of that lead is mirrored
+/// with the last value of each key. Now the last value counts everywhere,
+/// as in the listing (and JavaScript's `JSON.parse`).
+#[test]
+fn a_delivery_that_repeats_a_key_is_read_as_the_poller_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let lead = "900000000000000081";
+    let data = format!(
+        r#"{{"negotiationID":"0","negotiationID":"{lead}","business":{{"businessID":"1"}},"business":{{"businessID":"{business}"}},"status":"Open","status":"Canceled"}}"#
+    );
+    let body = format!(
+        r#"{{"event":{{"eventType":"ReviewCreatedV4"}},"event":{{"eventType":"Other","eventType":"NegotiationCreatedV4","triggeredAt":"2026-11-28T04:00:00Z"}},"data":{{}},"data":{data}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    let polled = leadsync::thumbtack::model::parse_lead_body(&data).unwrap();
+    assert_eq!(polled.negotiation_id, lead);
+    let (status, hash, payload): (String, i64, String) = conn
+        .query_row(
+            "SELECT status, payload_hash, payload FROM negotiations WHERE negotiation_id = ?1",
+            [lead],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), hash), ("Canceled", polled.hash));
+    assert_eq!(payload, data);
+
+    let message = r#"{"messageID":"m-81","negotiationID":"900000000000000081","from":"Customer","text":"first","text":"second","sentAt":"2026-11-28T05:00:01+01:00"}"#;
+    let body = format!(
+        r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{message}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+        "applied"
+    );
+    let text: String = conn
+        .query_row(
+            "SELECT text FROM messages WHERE message_id = 'm-81'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(text, "second");
+}
+
+/// Review (hooks): a message delivered by webhook got other columns than
+/// the same message polled (SPEC §8: the two paths give the same mirror):
+/// an empty `text` (a message of attachments only), `from` or `sentAt`
+/// was stored as `''` where the poller stores NULL, and a number where
+/// the poller keeps its digits was stored as NULL.
+#[test]
+fn a_delivered_message_has_the_columns_of_the_same_message_polled() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    for (i, data) in [
+        r#"{"messageID":"m-90","negotiationID":"9","from":"Business","text":"","attachments":[{"url":"x"}],"sentAt":"2026-11-28T05:00:01Z"}"#,
+        r#"{"messageID":"m-91","negotiationID":"9","from":"","text":"hi","sentAt":""}"#,
+        r#"{"messageID":"m-92","negotiationID":"9","from":"Customer","text":42,"sentAt":1764306001}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{data}}}"#
+        );
+        assert_eq!(
+            deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+            "applied",
+            "{data}"
+        );
+        let raw: &serde_json::value::RawValue = serde_json::from_str(data).unwrap();
+        let polled = leadsync::thumbtack::model::parse_message(raw).unwrap();
+        let stored: (Option<String>, Option<String>, Option<String>) = conn
+            .query_row(
+                "SELECT sender, text, sent_at FROM messages WHERE message_id = ?1",
+                [format!("m-9{i}")],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            stored,
+            (polled.sender, polled.text, polled.sent_at),
+            "{data}"
+        );
+    }
+}

@@ -286,6 +286,12 @@ fn text(raw: Option<&RawValue>) -> Option<String> {
     text_ref(raw).map(Cow::into_owned)
 }
 
+/// [`text`] for a reader of the same wire elsewhere (a webhook delivery's
+/// message): a field read by one rule whichever way it came.
+pub(crate) fn column_text(raw: Option<&RawValue>) -> Option<String> {
+    text(raw)
+}
+
 /// [`text`], borrowed from the JSON text when it needs no decoding (a
 /// string without escapes, a number): a column read from a page costs one
 /// allocation, its own, and a text only looked at (a name's parts, a time

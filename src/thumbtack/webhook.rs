@@ -61,40 +61,148 @@ pub struct Message {
     pub payload: String,
 }
 
-#[derive(Deserialize)]
+/// The members of a JSON object named in `KEYS` (in that order), the other
+/// members skipped. A repeated key's **last** value counts, as in
+/// JavaScript's `JSON.parse` and as the poller reads a lead's top level
+/// ([`super::model::parse_lead`]): a derived `Deserialize` refused such an
+/// object ("duplicate field"), so a delivery the poller would read was
+/// answered 400 or set aside. `Err` when `raw` is not one JSON object.
+fn members<'a, const N: usize>(
+    raw: &'a str,
+    keys: [&'static str; N],
+) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
+    use serde::de::{Deserializer as _, MapAccess, Visitor};
+    use std::borrow::Cow;
+    /// A key, borrowed when it has no escapes.
+    struct Key<'a>(Cow<'a, str>);
+    impl<'de> Deserialize<'de> for Key<'de> {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Key<'de>;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("an object key")
+                }
+                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Borrowed(v)))
+                }
+                fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
+                    Ok(Key(Cow::Owned(v.to_string())))
+                }
+            }
+            d.deserialize_str(V)
+        }
+    }
+    struct Members<const N: usize>([&'static str; N]);
+    impl<'de, const N: usize> Visitor<'de> for Members<N> {
+        type Value = [Option<&'de RawValue>; N];
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = [None; N];
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                match self.0.iter().position(|k| *k == key.0) {
+                    Some(i) => found[i] = Some(map.next_value::<&'de RawValue>()?),
+                    None => {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let found = (&mut de).deserialize_map(Members(keys))?;
+    de.end()?;
+    Ok(found)
+}
+
+/// The envelope's members.
 struct Envelope<'a> {
-    #[serde(borrow, default)]
     event: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     data: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize)]
+impl<'a> Envelope<'a> {
+    fn read(raw: &'a str) -> Result<Envelope<'a>, serde_json::Error> {
+        let [event, data] = members(raw, ["event", "data"])?;
+        Ok(Envelope { event, data })
+    }
+}
+
+/// `event`'s members.
 struct Event<'a> {
-    #[serde(rename = "eventType", borrow, default)]
     event_type: Option<&'a RawValue>,
-    #[serde(rename = "webhookID", borrow, default)]
     webhook_id: Option<&'a RawValue>,
-    #[serde(rename = "triggeredAt", borrow, default)]
     triggered_at: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize, Default)]
+impl<'a> Event<'a> {
+    fn read(raw: &'a str) -> Result<Event<'a>, serde_json::Error> {
+        let [event_type, webhook_id, triggered_at] =
+            members(raw, ["eventType", "webhookID", "triggeredAt"])?;
+        Ok(Event {
+            event_type,
+            webhook_id,
+            triggered_at,
+        })
+    }
+}
+
+/// The members of `data` read here (a lead's columns are read by
+/// [`parse_lead`], a message's by the poller's rule, [`column`]).
+#[derive(Default)]
 struct Ids<'a> {
-    #[serde(rename = "negotiationID", borrow, default)]
     negotiation_id: Option<&'a RawValue>,
-    #[serde(rename = "messageID", borrow, default)]
     message_id: Option<&'a RawValue>,
-    #[serde(rename = "businessID", borrow, default)]
     business_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     business: Option<&'a RawValue>,
-    #[serde(rename = "sentAt", borrow, default)]
     sent_at: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     from: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     text: Option<&'a RawValue>,
+}
+
+impl<'a> Ids<'a> {
+    fn read(raw: &'a str) -> Result<Ids<'a>, serde_json::Error> {
+        let [
+            negotiation_id,
+            message_id,
+            business_id,
+            business,
+            sent_at,
+            from,
+            text,
+        ] = members(
+            raw,
+            [
+                "negotiationID",
+                "messageID",
+                "businessID",
+                "business",
+                "sentAt",
+                "from",
+                "text",
+            ],
+        )?;
+        Ok(Ids {
+            negotiation_id,
+            message_id,
+            business_id,
+            business,
+            sent_at,
+            from,
+            text,
+        })
+    }
+}
+
+/// A message's column as the poller reads it
+/// ([`super::model::parse_message`]): a non-empty string, or a number's
+/// digits as sent; `None` otherwise (an empty string too). A message
+/// delivered and the same message polled get the same row.
+fn column(raw: Option<&RawValue>) -> Option<String> {
+    super::model::column_text(raw)
 }
 
 /// A JSON string, else `None` (ids are strings on the wire: a number is refused).
@@ -126,15 +234,10 @@ fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
 
 /// `data.business.businessID`, else `data.businessID` (strings only).
 fn business_of(ids: &Ids) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Business<'a> {
-        #[serde(rename = "businessID", borrow, default)]
-        business_id: Option<&'a RawValue>,
-    }
     ids.business
         .filter(|b| is_object(b))
-        .and_then(|b| serde_json::from_str::<Business>(b.get()).ok())
-        .and_then(|b| string(b.business_id))
+        .and_then(|b| members(b.get(), ["businessID"]).ok())
+        .and_then(|[business_id]| string(business_id))
         .or_else(|| string(ids.business_id))
         .filter(|s| !s.is_empty())
 }
@@ -149,14 +252,13 @@ pub fn parse_delivery(body: &[u8]) -> Result<Delivery, String> {
     if !is_object(value) {
         return Err("the body is not a JSON object".into());
     }
-    let env: Envelope = serde_json::from_str(value.get())
+    let env = Envelope::read(value.get())
         .map_err(|e| format!("the body is not a delivery envelope: {e}"))?;
     let event = env
         .event
         .filter(|e| is_object(e))
         .ok_or_else(|| "the body has no `event` object".to_string())?;
-    let event: Event =
-        serde_json::from_str(event.get()).map_err(|e| format!("`event` is not readable: {e}"))?;
+    let event = Event::read(event.get()).map_err(|e| format!("`event` is not readable: {e}"))?;
     let event_type = string(event.event_type)
         .filter(|t| !t.trim().is_empty())
         .ok_or_else(|| "`event.eventType` is missing or not a string".to_string())?;
@@ -195,8 +297,7 @@ fn data_ids(data: Option<&RawValue>) -> Result<(&RawValue, Ids<'_>), String> {
     if !is_object(data) {
         return Err("`data` is not a JSON object".into());
     }
-    let ids: Ids =
-        serde_json::from_str(data.get()).map_err(|e| format!("`data` is not readable: {e}"))?;
+    let ids = Ids::read(data.get()).map_err(|e| format!("`data` is not readable: {e}"))?;
     Ok((data, ids))
 }
 
@@ -238,12 +339,12 @@ fn message(data: Option<&RawValue>) -> Content {
             };
         }
     };
-    let sent_at = string(ids.sent_at).map(|t| crate::time::sortable_utc(&t).unwrap_or(t));
+    let sent_at = column(ids.sent_at).map(|t| crate::time::sortable_utc(&t).unwrap_or(t));
     Content::Message(Message {
         business_id: business_of(&ids),
         sent_at,
-        sender: string(ids.from),
-        text: string(ids.text),
+        sender: column(ids.from),
+        text: column(ids.text),
         message_id,
         negotiation_id,
         payload: data.get().to_string(),
