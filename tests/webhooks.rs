@@ -296,9 +296,9 @@ async fn hostile_deliveries_get_their_status_and_store_nothing() {
             "ignored",
         ),
         (
-            "negotiationID is a number",
+            "negotiationID is neither a string nor a number",
             format!(
-                r#"{{"event":{{"eventType":"NegotiationCreatedV4"}},"data":{{"negotiationID":900000000000000003,"businessID":"{business}"}}}}"#
+                r#"{{"event":{{"eventType":"NegotiationCreatedV4"}},"data":{{"negotiationID":[900000000000000003],"businessID":"{business}"}}}}"#
             ),
             "ignored",
         ),
@@ -2818,4 +2818,66 @@ fn a_delivered_message_has_the_columns_of_the_same_message_polled() {
             "{data}"
         );
     }
+}
+
+/// Review (hooks): a delivery naming its lead, message or business by a
+/// JSON number was set aside (`ignored`, `unknown_business`) where the
+/// poller mirrors the same lead under the number's digits (SPEC §8: "exactly
+/// like a polled lead"); a message so named was lost to the mirror unless
+/// message polling is on (off by default). Now an id is read by the
+/// poller's rule: a string, or a number's digits exactly as sent (never
+/// through a float: 519153480500518912 keeps every digit).
+#[test]
+fn a_delivery_naming_its_ids_by_numbers_is_mirrored_as_the_poller_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let data = format!(
+        r#"{{"negotiationID":519153480500518912,"business":{{"businessID":{business}}},"status":"Open"}}"#
+    );
+    let body = format!(
+        r#"{{"event":{{"eventType":"NegotiationCreatedV4","triggeredAt":"2026-11-28T04:00:00Z"}},"data":{data}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    let polled = leadsync::thumbtack::model::parse_lead_body(&data).unwrap();
+    assert_eq!(polled.negotiation_id, "519153480500518912");
+    assert_eq!(status_of(&conn, &polled.negotiation_id).0, "Open");
+    // The same lead listed: unchanged, no second row, no change row.
+    poll_lead_at(
+        &mut conn,
+        business,
+        &body,
+        "Open",
+        "2026-11-28T05:00:00.000Z",
+    );
+    assert_eq!(count(&conn, "SELECT count(*) FROM negotiations"), 1);
+    assert_eq!(count(&conn, "SELECT count(*) FROM negotiation_changes"), 1);
+
+    let message =
+        r#"{"messageID":7001,"negotiationID":519153480500518912,"from":"Customer","text":"hi"}"#;
+    let body = format!(
+        r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{message}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+        "applied"
+    );
+    let stored: (String, String, Option<String>) = conn
+        .query_row(
+            "SELECT message_id, negotiation_id, business_id FROM messages",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        stored,
+        (
+            "7001".to_string(),
+            "519153480500518912".to_string(),
+            Some(business.to_string())
+        )
+    );
 }

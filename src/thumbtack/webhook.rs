@@ -205,7 +205,7 @@ fn column(raw: Option<&RawValue>) -> Option<String> {
     super::model::column_text(raw)
 }
 
-/// A JSON string, else `None` (ids are strings on the wire: a number is refused).
+/// A JSON string, else `None`.
 fn string(raw: Option<&RawValue>) -> Option<String> {
     match serde_json::from_str::<serde_json::Value>(raw?.get()).ok()? {
         serde_json::Value::String(s) => Some(s),
@@ -217,29 +217,32 @@ fn is_object(raw: &RawValue) -> bool {
     raw.get().trim_start().starts_with('{')
 }
 
-/// Why an id field cannot be used, or the id.
+/// Why an id field cannot be used, or the id: read by the poller's rule
+/// ([`column`]: a string, or a number's digits exactly as sent), so that a
+/// lead or message delivered gets the id it gets polled.
 fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
     match raw {
         None => Err(format!("data has no {name}")),
-        Some(r) => match string(Some(r)) {
+        Some(r) => match column(Some(r)) {
             Some(s) if !s.trim().is_empty() => Ok(s),
-            Some(_) => Err(format!("data.{name} is empty")),
-            None => Err(format!(
-                "data.{name} is {}, not a string",
+            _ if r.get().trim_start().starts_with('"') => Err(format!("data.{name} is empty")),
+            _ => Err(format!(
+                "data.{name} is {}, not a string or a number",
                 r.get().chars().take(40).collect::<String>()
             )),
         },
     }
 }
 
-/// `data.business.businessID`, else `data.businessID` (strings only).
+/// `data.business.businessID`, else `data.businessID` (as [`id_field`] reads
+/// an id).
 fn business_of(ids: &Ids) -> Option<String> {
     ids.business
         .filter(|b| is_object(b))
         .and_then(|b| members(b.get(), ["businessID"]).ok())
-        .and_then(|[business_id]| string(business_id))
-        .or_else(|| string(ids.business_id))
-        .filter(|s| !s.is_empty())
+        .and_then(|[business_id]| column(business_id))
+        .or_else(|| column(ids.business_id))
+        .filter(|s| !s.trim().is_empty())
 }
 
 /// Reads a delivery. `Err` is the reason for a 400: not JSON, not an
@@ -262,15 +265,6 @@ pub fn parse_delivery(body: &[u8]) -> Result<Delivery, String> {
     let event_type = string(event.event_type)
         .filter(|t| !t.trim().is_empty())
         .ok_or_else(|| "`event.eventType` is missing or not a string".to_string())?;
-    let text_or_number = |raw: Option<&RawValue>| {
-        raw.and_then(
-            |r| match serde_json::from_str::<serde_json::Value>(r.get()).ok()? {
-                serde_json::Value::String(s) => Some(s),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            },
-        )
-    };
     let content = match event_type.as_str() {
         NEGOTIATION_CREATED => negotiation(env.data),
         MESSAGE_CREATED => message(env.data),
@@ -278,8 +272,9 @@ pub fn parse_delivery(body: &[u8]) -> Result<Delivery, String> {
     };
     Ok(Delivery {
         event_type,
-        webhook_id: text_or_number(event.webhook_id),
-        triggered_at: text_or_number(event.triggered_at),
+        // A string, or a number's digits as sent (never through a float).
+        webhook_id: column(event.webhook_id),
+        triggered_at: column(event.triggered_at),
         content,
     })
 }
@@ -616,9 +611,10 @@ mod tests {
             (r#","data":[1]"#, "not a JSON object"),
             (r#","data":{"x":1}"#, "no negotiationID"),
             (
-                r#","data":{"negotiationID":519153480500518912}"#,
-                "not a string",
+                r#","data":{"negotiationID":{"id":"519153480500518912"}}"#,
+                "not a string or a number",
             ),
+            (r#","data":{"negotiationID":" "}"#, "is empty"),
         ] {
             let body = format!(r#"{{"event":{{"eventType":"NegotiationCreatedV4"}}{data}}}"#);
             match parse_delivery(body.as_bytes()).unwrap().content {
