@@ -225,7 +225,13 @@ fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
         None => Err(format!("data has no {name}")),
         Some(r) => match column(Some(r)) {
             Some(s) if !s.trim().is_empty() => Ok(s),
-            _ if r.get().trim_start().starts_with('"') => Err(format!("data.{name} is empty")),
+            Some(_) => Err(format!("data.{name} is empty")),
+            None if r.get().trim() == "\"\"" => Err(format!("data.{name} is empty")),
+            // A string whose escapes decode to no text (a lone surrogate).
+            None if r.get().trim_start().starts_with('"') => Err(format!(
+                "data.{name} is not readable text: {}",
+                r.get().chars().take(40).collect::<String>()
+            )),
             _ => Err(format!(
                 "data.{name} is {}, not a string or a number",
                 r.get().chars().take(40).collect::<String>()
@@ -615,6 +621,12 @@ mod tests {
                 "not a string or a number",
             ),
             (r#","data":{"negotiationID":" "}"#, "is empty"),
+            // Review (hooks): a string that is no text (a lone surrogate
+            // escape) was reported as "empty".
+            (
+                r#","data":{"negotiationID":"1\ud800"}"#,
+                "not readable text",
+            ),
         ] {
             let body = format!(r#"{{"event":{{"eventType":"NegotiationCreatedV4"}}{data}}}"#);
             match parse_delivery(body.as_bytes()).unwrap().content {
