@@ -2881,3 +2881,57 @@ fn a_delivery_naming_its_ids_by_numbers_is_mirrored_as_the_poller_would() {
         )
     );
 }
+
+/// The same lead through a delivery then a listing, or through listings
+/// only, leaves the same mirror: the row's columns and the change rows
+/// (but their `source`) are alike (SPEC §8: "exactly like a polled lead").
+#[test]
+fn a_delivered_then_listed_lead_leaves_the_mirror_a_listing_would() {
+    let business = "468046965846925323";
+    let lead = "900000000000000091";
+    let body = lead_delivery(lead, business);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = mirror_with_business(&dir_a, business);
+    let mut b = mirror_with_business(&dir_b, business);
+    assert_eq!(
+        deliver_at(&mut a, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    poll_lead_at(&mut b, business, &body, "Open", "2026-11-28T04:00:01.000Z");
+    for (status, at) in [
+        ("Open", "2026-11-28T05:00:00.000Z"),
+        ("Canceled", "2026-11-28T06:00:00.000Z"),
+    ] {
+        poll_lead_at(&mut a, business, &body, status, at);
+        poll_lead_at(&mut b, business, &body, status, at);
+    }
+    let mirror = |c: &rusqlite::Connection| {
+        let row: Vec<Option<String>> = c
+            .query_row(
+                "SELECT business_id, status, created_at, payload, CAST(payload_hash AS TEXT),
+                        category, customer_name, city, zip, customer_phone, lead_price,
+                        charge_state, first_seen_at, last_seen_at, changed_at, missing_since
+                   FROM negotiations WHERE negotiation_id = ?1",
+                [lead],
+                |r| (0..16).map(|i| r.get(i)).collect(),
+            )
+            .unwrap();
+        let mut stmt = c
+            .prepare(
+                "SELECT observed_at, kind, old_status, new_status, changed_fields, old_payload
+                   FROM negotiation_changes WHERE negotiation_id = ?1 ORDER BY id",
+            )
+            .unwrap();
+        let changes: Vec<Vec<Option<String>>> = stmt
+            .query_map([lead], |r| (0..6).map(|i| r.get(i)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        (row, changes)
+    };
+    let (row, changes) = mirror(&a);
+    assert_eq!((row.clone(), changes.clone()), mirror(&b));
+    assert_eq!(row[1].as_deref(), Some("Canceled"));
+    let kinds: Vec<_> = changes.iter().map(|c| c[1].as_deref().unwrap()).collect();
+    assert_eq!(kinds, ["new", "changed"]);
+}
