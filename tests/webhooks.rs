@@ -2845,16 +2845,27 @@ fn a_delivery_naming_its_ids_by_numbers_is_mirrored_as_the_poller_would() {
     let polled = leadsync::thumbtack::model::parse_lead_body(&data).unwrap();
     assert_eq!(polled.negotiation_id, "519153480500518912");
     assert_eq!(status_of(&conn, &polled.negotiation_id).0, "Open");
-    // The same lead listed: unchanged, no second row, no change row.
-    poll_lead_at(
-        &mut conn,
-        business,
-        &body,
-        "Open",
-        "2026-11-28T05:00:00.000Z",
-    );
-    assert_eq!(count(&conn, "SELECT count(*) FROM negotiations"), 1);
-    assert_eq!(count(&conn, "SELECT count(*) FROM negotiation_changes"), 1);
+    // The same lead listed, its id as the same number or (review: as
+    // Thumbtack documents it) as a string: unchanged, no second row, no
+    // change row (a listing alone never writes one for the id's type).
+    for listed in [
+        body.clone(),
+        body.replace("519153480500518912", "\"519153480500518912\""),
+    ] {
+        poll_lead_at(
+            &mut conn,
+            business,
+            &listed,
+            "Open",
+            "2026-11-28T05:00:00.000Z",
+        );
+        assert_eq!(count(&conn, "SELECT count(*) FROM negotiations"), 1);
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM negotiation_changes"),
+            1,
+            "{listed}"
+        );
+    }
 
     let message =
         r#"{"messageID":7001,"negotiationID":519153480500518912,"from":"Customer","text":"hi"}"#;
@@ -2934,4 +2945,60 @@ fn a_delivered_then_listed_lead_leaves_the_mirror_a_listing_would() {
     assert_eq!(row[1].as_deref(), Some("Canceled"));
     let kinds: Vec<_> = changes.iter().map(|c| c[1].as_deref().unwrap()).collect();
     assert_eq!(kinds, ["new", "changed"]);
+}
+
+/// Review (hooks): an id sent as a JSON number that is not plain digits
+/// (`1e3`, `-0`, `1.0`, `1e400`, or a float's rounding of a long id,
+/// `5.191534805005189e17`) was taken as its text and `applied`: a fake lead
+/// beside the real one (which a listing then mirrors under its digits), a
+/// message attached to the fake lead for good. Such a delivery is now
+/// `ignored` with the reason, as the poller skips such an entry.
+#[test]
+fn a_delivery_naming_its_lead_by_a_number_that_is_not_plain_digits_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    for (i, id) in ["5.191534805005189e17", "1e3", "-0", "1.0", "1e400", "-7"]
+        .into_iter()
+        .enumerate()
+    {
+        let data = format!(
+            r#"{{"negotiationID":{id},"business":{{"businessID":"{business}"}},"status":"Open"}}"#
+        );
+        let body = format!(
+            r#"{{"event":{{"eventType":"NegotiationCreatedV4","triggeredAt":"2026-11-28T04:00:00Z"}},"data":{data}}}"#
+        );
+        assert_eq!(
+            deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+            "ignored",
+            "{id}"
+        );
+        assert_eq!(
+            leadsync::thumbtack::model::parse_lead_body(&data),
+            None,
+            "{id}"
+        );
+        let message = format!(
+            r#"{{"messageID":"m-{i}","negotiationID":{id},"from":"Customer","text":"hi"}}"#
+        );
+        let body = format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{message}}}"#
+        );
+        assert_eq!(
+            deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+            "ignored",
+            "{id}"
+        );
+        let reason: String = conn
+            .query_row(
+                "SELECT error FROM webhook_events ORDER BY rowid DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(reason.contains("not plain digits"), "{id}: {reason}");
+    }
+    assert_eq!(count(&conn, "SELECT count(*) FROM negotiations"), 0);
+    assert_eq!(count(&conn, "SELECT count(*) FROM messages"), 0);
+    assert_eq!(count(&conn, "SELECT count(*) FROM negotiation_changes"), 0);
 }

@@ -61,63 +61,6 @@ pub struct Message {
     pub payload: String,
 }
 
-/// The members of a JSON object named in `KEYS` (in that order), the other
-/// members skipped. A repeated key's **last** value counts, as in
-/// JavaScript's `JSON.parse` and as the poller reads a lead's top level
-/// ([`super::model::parse_lead`]): a derived `Deserialize` refused such an
-/// object ("duplicate field"), so a delivery the poller would read was
-/// answered 400 or set aside. `Err` when `raw` is not one JSON object.
-fn members<'a, const N: usize>(
-    raw: &'a str,
-    keys: [&'static str; N],
-) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
-    use serde::de::{Deserializer as _, MapAccess, Visitor};
-    use std::borrow::Cow;
-    /// A key, borrowed when it has no escapes.
-    struct Key<'a>(Cow<'a, str>);
-    impl<'de> Deserialize<'de> for Key<'de> {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Key<'de>;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("an object key")
-                }
-                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                    Ok(Key(Cow::Borrowed(v)))
-                }
-                fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                    Ok(Key(Cow::Owned(v.to_string())))
-                }
-            }
-            d.deserialize_str(V)
-        }
-    }
-    struct Members<const N: usize>([&'static str; N]);
-    impl<'de, const N: usize> Visitor<'de> for Members<N> {
-        type Value = [Option<&'de RawValue>; N];
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
-            let mut found = [None; N];
-            while let Some(key) = map.next_key::<Key<'de>>()? {
-                match self.0.iter().position(|k| *k == key.0) {
-                    Some(i) => found[i] = Some(map.next_value::<&'de RawValue>()?),
-                    None => {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-            }
-            Ok(found)
-        }
-    }
-    let mut de = serde_json::Deserializer::from_str(raw);
-    let found = (&mut de).deserialize_map(Members(keys))?;
-    de.end()?;
-    Ok(found)
-}
-
 /// The envelope's members.
 struct Envelope<'a> {
     event: Option<&'a RawValue>,
@@ -126,7 +69,7 @@ struct Envelope<'a> {
 
 impl<'a> Envelope<'a> {
     fn read(raw: &'a str) -> Result<Envelope<'a>, serde_json::Error> {
-        let [event, data] = members(raw, ["event", "data"])?;
+        let [event, data] = super::model::members(raw, ["event", "data"])?;
         Ok(Envelope { event, data })
     }
 }
@@ -141,7 +84,7 @@ struct Event<'a> {
 impl<'a> Event<'a> {
     fn read(raw: &'a str) -> Result<Event<'a>, serde_json::Error> {
         let [event_type, webhook_id, triggered_at] =
-            members(raw, ["eventType", "webhookID", "triggeredAt"])?;
+            super::model::members(raw, ["eventType", "webhookID", "triggeredAt"])?;
         Ok(Event {
             event_type,
             webhook_id,
@@ -173,7 +116,7 @@ impl<'a> Ids<'a> {
             sent_at,
             from,
             text,
-        ] = members(
+        ] = super::model::members(
             raw,
             [
                 "negotiationID",
@@ -218,26 +161,30 @@ fn is_object(raw: &RawValue) -> bool {
 }
 
 /// Why an id field cannot be used, or the id: read by the poller's rule
-/// ([`column`]: a string, or a number's digits exactly as sent), so that a
-/// lead or message delivered gets the id it gets polled.
+/// ([`super::model::id_text`]: a string that is not blank, or a number
+/// sent as plain digits, exactly as sent), so that a lead or message
+/// delivered gets the id it gets polled, and a number written otherwise
+/// (`1e3`, `1.0`, a float's rounding of a long id) names no lead.
 fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
-    match raw {
-        None => Err(format!("data has no {name}")),
-        Some(r) => match column(Some(r)) {
-            Some(s) if !s.trim().is_empty() => Ok(s),
-            Some(_) => Err(format!("data.{name} is empty")),
-            None if r.get().trim() == "\"\"" => Err(format!("data.{name} is empty")),
-            // A string whose escapes decode to no text (a lone surrogate).
-            None if r.get().trim_start().starts_with('"') => Err(format!(
-                "data.{name} is not readable text: {}",
-                r.get().chars().take(40).collect::<String>()
-            )),
-            _ => Err(format!(
-                "data.{name} is {}, not a string or a number",
-                r.get().chars().take(40).collect::<String>()
-            )),
-        },
+    let Some(r) = raw else {
+        return Err(format!("data has no {name}"));
+    };
+    if let Some(id) = super::model::id_text(Some(r)) {
+        return Ok(id);
     }
+    let shown = r.get().trim().chars().take(40).collect::<String>();
+    Err(match r.get().trim().as_bytes().first() {
+        Some(b'"') => match string(Some(r)) {
+            Some(_) => format!("data.{name} is empty"),
+            // A string whose escapes decode to no text (a lone surrogate).
+            None => format!("data.{name} is not readable text: {shown}"),
+        },
+        Some(b'-' | b'0'..=b'9') => format!(
+            "data.{name} is {shown}, a number not plain digits (an id sent as a \
+             number must be a whole number written as digits)"
+        ),
+        _ => format!("data.{name} is {shown}, not a string or a number"),
+    })
 }
 
 /// `data.business.businessID`, else `data.businessID` (as [`id_field`] reads
@@ -245,10 +192,9 @@ fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
 fn business_of(ids: &Ids) -> Option<String> {
     ids.business
         .filter(|b| is_object(b))
-        .and_then(|b| members(b.get(), ["businessID"]).ok())
-        .and_then(|[business_id]| column(business_id))
-        .or_else(|| column(ids.business_id))
-        .filter(|s| !s.trim().is_empty())
+        .and_then(|b| super::model::members(b.get(), ["businessID"]).ok())
+        .and_then(|[business_id]| super::model::id_text(business_id))
+        .or_else(|| super::model::id_text(ids.business_id))
 }
 
 /// Reads a delivery. `Err` is the reason for a 400: not JSON, not an
@@ -367,12 +313,17 @@ pub struct Subscription {
     pub auth_type: Option<String>,
 }
 
+/// `webhookID`: a string, or a number's digits exactly as sent (never
+/// through a float, which would make a number past u64
+/// `1.2345678901234568e22`).
 fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!(
-            "webhookID is {other}, not a string"
+    let raw = Box::<RawValue>::deserialize(d)?;
+    match raw.get().trim().as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(raw.get()).map_err(serde::de::Error::custom),
+        Some(b'-' | b'0'..=b'9') => Ok(raw.get().trim().to_string()),
+        _ => Err(serde::de::Error::custom(format!(
+            "webhookID is {}, not a string",
+            raw.get().chars().take(40).collect::<String>()
         ))),
     }
 }
@@ -412,17 +363,28 @@ pub fn parse_subscription_page(body: &[u8]) -> Result<SubscriptionPage, String> 
         next_page_token: Option<String>,
     }
     #[derive(Deserialize)]
-    #[serde(untagged)]
+    struct Envelope {
+        data: Vec<Subscription>,
+        #[serde(default)]
+        pagination: Option<Markers>,
+    }
+    // Not an untagged enum: that buffers each value first, a number past
+    // u64 as a float, where a webhook id keeps its digits ([`id_text`]).
     enum List {
-        Envelope {
-            data: Vec<Subscription>,
-            #[serde(default)]
-            pagination: Option<Markers>,
-        },
+        Envelope(Envelope),
         Bare(Vec<Subscription>),
     }
-    match serde_json::from_slice::<List>(body) {
-        Ok(List::Envelope { data, pagination }) => {
+    let bare = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    let list = if bare {
+        serde_json::from_slice(body).map(List::Bare)
+    } else {
+        serde_json::from_slice(body).map(List::Envelope)
+    };
+    match list {
+        Ok(List::Envelope(Envelope { data, pagination })) => {
             let m = pagination.unwrap_or_default();
             Ok(SubscriptionPage {
                 webhooks: data,
@@ -621,6 +583,16 @@ mod tests {
                 "not a string or a number",
             ),
             (r#","data":{"negotiationID":" "}"#, "is empty"),
+            // Review (hooks): a number that is not plain digits was taken
+            // as its text, a fake lead beside the real one.
+            (
+                r#","data":{"negotiationID":5.191534805005189e17}"#,
+                "not plain digits",
+            ),
+            (r#","data":{"negotiationID":1e3}"#, "not plain digits"),
+            (r#","data":{"negotiationID":-0}"#, "not plain digits"),
+            (r#","data":{"negotiationID":1.0}"#, "not plain digits"),
+            (r#","data":{"negotiationID":1e400}"#, "not plain digits"),
             // Review (hooks): a string that is no text (a lone surrogate
             // escape) was reported as "empty".
             (
@@ -646,5 +618,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Review (hooks): a webhook id sent as a number past u64 went through
+    /// a float (`1.2345678901234568e22`); it is now its digits as sent.
+    #[test]
+    fn a_subscription_id_sent_as_a_long_number_keeps_its_digits() {
+        for body in [
+            r#"{"data":[{"webhookID":12345678901234567890123,"webhookURL":"https://x/h"}]}"#,
+            r#"[{"webhookID":12345678901234567890123,"webhookURL":"https://x/h"}]"#,
+        ] {
+            let page = parse_subscription_page(body.as_bytes()).unwrap();
+            assert_eq!(page.webhooks[0].webhook_id, "12345678901234567890123");
+        }
+        let one: Subscription =
+            serde_json::from_str(r#"{"webhookID":12345678901234567890123}"#).unwrap();
+        assert_eq!(one.webhook_id, "12345678901234567890123");
+        assert!(serde_json::from_str::<Subscription>(r#"{"webhookID":null}"#).is_err());
     }
 }
