@@ -10,7 +10,9 @@
 //! break cannot start a line that reads as leadsync's and an escape
 //! sequence cannot drive the terminal of whoever reads the log; in JSON,
 //! serde escapes the C0 controls and [`JsonSafe`] the rest. One place for
-//! every event: the call sites log text as it is.
+//! every event: the call sites log text as it is. Each value is cut to
+//! [`VALUE_MAX`] and each line to [`LINE_MAX`], well under journald's
+//! `LineMax`, past which one line would be several journal entries.
 
 use crate::cli::LogFormat;
 use crate::terminal::is_unsafe;
@@ -121,14 +123,14 @@ where
             .finish()
             .into(),
         Output::Journal => builder
-            .with_writer(writer)
+            .with_writer(LineMax(writer))
             .fmt_fields(CleanFields)
             .without_time()
             .with_ansi(false)
             .finish()
             .into(),
         Output::Stream { ansi } => builder
-            .with_writer(writer)
+            .with_writer(LineMax(writer))
             .fmt_fields(CleanFields)
             .with_ansi(ansi)
             .finish()
@@ -136,33 +138,100 @@ where
     }
 }
 
-/// A `fmt::Write` that writes each [`is_unsafe`] character as its escape,
-/// as Rust's `{:?}` writes it in a string: `\n`, `\r`, `\t`, else
-/// `\u{1b}`. Runs of other characters are written as they come: nothing
-/// is allocated.
-pub struct Escaped<'a, W: ?Sized>(pub &'a mut W);
+/// At most this many bytes of one value (a field, the message, an
+/// error's list of sources) are written, escaped (in JSON: as JSON writes
+/// them), then `…[N bytes more]`, N the bytes left out: a partner's
+/// trigger message has no length limit, and journald makes a line longer
+/// than its `LineMax` (48K by default) several entries.
+pub const VALUE_MAX: usize = 4096;
+
+/// At most this many bytes a line, its line break included: text lines
+/// longer (several long values) are cut, with the same marker; in JSON the
+/// line's string values then share half of it (see [`JsonSafe`]).
+pub const LINE_MAX: usize = 32 * 1024;
+
+/// A `fmt::Write` that writes each [`is_unsafe`] character as its escape:
+/// `\n`, `\r`, `\t`, else `\u{1b}` (a backslash is written as it is).
+/// Writes at most `max` bytes, each character or escape whole or not at
+/// all, and counts the rest for [`Self::finish`]'s marker. Nothing is
+/// allocated.
+pub struct Escaped<'a, W: ?Sized> {
+    out: &'a mut W,
+    room: usize,
+    more: usize,
+}
+
+impl<'a, W: fmt::Write + ?Sized> Escaped<'a, W> {
+    pub fn new(out: &'a mut W, max: usize) -> Self {
+        Escaped {
+            out,
+            room: max,
+            more: 0,
+        }
+    }
+
+    /// `s` whole if it fits and nothing was left out before it; else counted.
+    fn piece(&mut self, s: &str) -> fmt::Result {
+        if self.more == 0 && s.len() <= self.room {
+            self.room -= s.len();
+            self.out.write_str(s)
+        } else {
+            self.more += s.len();
+            Ok(())
+        }
+    }
+
+    /// A run of safe characters: as many whole ones as fit.
+    fn run(&mut self, s: &str) -> fmt::Result {
+        if self.more > 0 || s.len() <= self.room {
+            return self.piece(s);
+        }
+        let mut end = self.room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.piece(&s[..end])?;
+        self.more += s.len() - end;
+        Ok(())
+    }
+
+    /// Ends the value: `…[N bytes more]` if N bytes were left out.
+    pub fn finish(self) -> fmt::Result {
+        match self.more {
+            0 => Ok(()),
+            n => write!(self.out, "…[{n} bytes more]"),
+        }
+    }
+}
 
 impl<W: fmt::Write + ?Sized> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         // Printable ASCII, by far the most of what is logged: as it is.
         if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-            return self.0.write_str(s);
+            return self.run(s);
         }
         let mut from = 0;
         for (i, c) in s.char_indices() {
             if !is_unsafe(c) {
                 continue;
             }
-            self.0.write_str(&s[from..i])?;
+            self.run(&s[from..i])?;
             match c {
-                '\n' => self.0.write_str("\\n")?,
-                '\r' => self.0.write_str("\\r")?,
-                '\t' => self.0.write_str("\\t")?,
-                c => write!(self.0, "{}", c.escape_unicode())?,
+                '\n' => self.piece("\\n")?,
+                '\r' => self.piece("\\r")?,
+                '\t' => self.piece("\\t")?,
+                c => {
+                    let mut buf = [0u8; 12];
+                    let mut at = 0;
+                    for e in c.escape_unicode() {
+                        at += e.encode_utf8(&mut buf[at..]).len();
+                    }
+                    self.piece(std::str::from_utf8(&buf[..at]).expect("ASCII"))?
+                }
             }
             from = i + c.len_utf8();
         }
-        self.0.write_str(&s[from..])
+        self.run(&s[from..])
     }
 }
 
@@ -228,7 +297,8 @@ impl CleanVisitor<'_> {
 
     fn value(&mut self, args: fmt::Arguments<'_>) {
         use fmt::Write as _;
-        self.result = Escaped(&mut self.writer).write_fmt(args);
+        let mut e = Escaped::new(&mut self.writer, VALUE_MAX);
+        self.result = e.write_fmt(args).and_then(|_| e.finish());
     }
 }
 
@@ -252,31 +322,37 @@ impl Visit for CleanVisitor<'_> {
         let Some(source) = value.source() else {
             return;
         };
-        // ` error.sources=[first, second]`, as `DefaultFields` writes it.
-        let name = field.name();
-        let name = name.strip_prefix("r#").unwrap_or(name);
+        // ` error.sources=[first, second]`, as `DefaultFields` writes it
+        // (the name as tracing gives it, `r#` and all); the list is one
+        // value: one bound for the whole chain.
         self.result = self
             .result
             .and_then(|_| self.writer.write_char(' '))
-            .and_then(|_| self.styled(ITALIC, name))
+            .and_then(|_| self.styled(ITALIC, field.name()))
             .and_then(|_| self.styled(ITALIC, ".sources"))
             .and_then(|_| self.styled(DIMMED, "="))
             .and_then(|_| self.writer.write_char('['));
+        if self.result.is_err() {
+            return;
+        }
+        use fmt::Write as _;
+        let mut list = Escaped::new(&mut self.writer, VALUE_MAX);
         let mut next = Some(source);
+        let mut result = Ok(());
         let mut first = true;
         while let Some(e) = next
-            && self.result.is_ok()
+            && result.is_ok()
         {
             if !first {
-                self.result = self.writer.write_str(", ");
+                result = list.write_str(", ");
             }
             first = false;
-            if self.result.is_ok() {
-                self.value(format_args!("{e}"));
-            }
+            result = result.and_then(|_| write!(list, "{e}"));
             next = e.source();
         }
-        self.result = self.result.and_then(|_| self.writer.write_char(']'));
+        self.result = result
+            .and_then(|_| list.finish())
+            .and_then(|_| self.writer.write_char(']'));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
@@ -286,12 +362,74 @@ impl Visit for CleanVisitor<'_> {
     }
 }
 
+/// The text formats' writer: a line longer than [`LINE_MAX`] (only
+/// several long values make one) is cut before it, between characters,
+/// outside an escape and outside a colour sequence, and ends with
+/// `…[N bytes more]` (and a colour reset when coloured) and its line break.
+#[derive(Clone, Copy, Debug)]
+pub struct LineMax<M>(pub M);
+
+impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for LineMax<M> {
+    type Writer = LineMax<M::Writer>;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        LineMax(self.0.make_writer())
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LineMax(self.0.make_writer_for(meta))
+    }
+}
+
+impl<W: Write> Write for LineMax<W> {
+    /// tracing-subscriber formats each event, its line break included,
+    /// into one `String` and writes it with one `write_all`: `buf` is a
+    /// whole line, written in one call too.
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if buf.len() <= LINE_MAX {
+            return self.0.write_all(buf).map(|_| buf.len());
+        }
+        let body = buf.strip_suffix(b"\n").unwrap_or(buf);
+        // Room for the marker, a colour reset and the line break.
+        let mut cut = LINE_MAX - 64;
+        while cut > 0 && body[cut] & 0xc0 == 0x80 {
+            cut -= 1;
+        }
+        // An escape (`\u{10ffff}` at most) cut short begins with the last
+        // backslash of its 9 bytes before the cut; one that is whole, or a
+        // backslash as written, is only cut a little earlier.
+        if let Some(i) = body[cut - 9..cut].iter().rposition(|&b| b == b'\\') {
+            cut = cut - 9 + i;
+        }
+        // Only the formatter's colours hold ESC (the values are escaped).
+        let coloured = body.contains(&0x1b);
+        if let Some(i) = body[..cut].iter().rposition(|&b| b == 0x1b)
+            && !body[i..cut].contains(&b'm')
+        {
+            cut = i;
+        }
+        let mut line = body[..cut].to_vec();
+        if coloured {
+            line.extend_from_slice(b"\x1b[0m");
+        }
+        line.extend_from_slice(format!("…[{} bytes more]\n", body.len() - cut).as_bytes());
+        self.0.write_all(&line).map(|_| buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.flush()
+    }
+}
+
 /// The JSON format's writer: serde_json escapes the C0 controls, and
 /// leaves DEL, the C1 controls (U+009B is a one-character CSI) and the
 /// other [`is_unsafe`] characters as they are; each can only be inside a
 /// string, where its `\uXXXX` escape stands for it, so the line is the
-/// same JSON. A line with none of them (every line but a hostile one) is
-/// written as it is, without a copy.
+/// same JSON. A string value longer than [`VALUE_MAX`] as written is cut
+/// (between characters and escapes) and ends with `…[N bytes more]`; if
+/// the line is still longer than [`LINE_MAX`], its string values share
+/// half of that equally. A line with none of this to do (every line but a
+/// hostile one) is written as it is, without a copy.
 #[derive(Clone, Copy, Debug)]
 pub struct JsonSafe<M>(pub M);
 
@@ -308,35 +446,111 @@ impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for JsonSafe<M> {
 }
 
 impl<W: Write> Write for JsonSafe<W> {
-    /// The formatter writes each event, its line break included, in one
-    /// call; it is written in one call too (no line split between writes).
+    /// tracing-subscriber formats each event, its line break included,
+    /// into one `String` and writes it with one `write_all`: `buf` is a
+    /// whole line of UTF-8 (no character split between calls), written in
+    /// one call too.
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let clean = |c: char| c <= '\u{1f}' || !is_unsafe(c);
-        let text = match std::str::from_utf8(buf) {
-            Ok(text) if !buf.is_ascii() || buf.contains(&0x7f) => text,
-            // ASCII without DEL (nearly every line), or not text at all.
-            _ => return self.0.write_all(buf).map(|_| buf.len()),
-        };
-        if text.chars().all(clean) {
-            return self.0.write_all(buf).map(|_| buf.len());
+        debug_assert!(
+            std::str::from_utf8(buf).is_ok(),
+            "a line split in a character"
+        );
+        // Should a line ever come in pieces, a split character is written
+        // as U+FFFD rather than as bytes no one checked.
+        let text = String::from_utf8_lossy(buf);
+        let short = buf.len() <= VALUE_MAX;
+        if short && (buf.is_ascii() && !buf.contains(&0x7f) || text.chars().all(clean)) {
+            return self.0.write_all(text.as_bytes()).map(|_| buf.len());
         }
-        let mut out = String::with_capacity(text.len() + 16);
-        for c in text.chars() {
-            if clean(c) {
-                out.push(c);
-            } else {
-                for unit in c.encode_utf16(&mut [0; 2]) {
-                    use fmt::Write as _;
-                    let _ = write!(out, "\\u{unit:04x}");
-                }
-            }
+        let (mut line, values) = json_line(&text, VALUE_MAX);
+        if line.len() > LINE_MAX {
+            line = json_line(&text, LINE_MAX / 2 / values.max(1)).0;
         }
-        self.0.write_all(out.as_bytes()).map(|_| buf.len())
+        self.0.write_all(line.as_bytes()).map(|_| buf.len())
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
     }
+}
+
+/// `line` (serde_json's compact output) with every [`is_unsafe`]
+/// character serde left as a `\uXXXX` escape, and every string value
+/// (not a key) cut to `max` bytes as written, each character or escape
+/// whole, with `…[N bytes more]`; and how many string values it holds.
+fn json_line(line: &str, max: usize) -> (String, usize) {
+    let mut out = String::with_capacity(line.len().min(2 * LINE_MAX));
+    // Whether each open container is an object; the last character
+    // outside a string that is not white space.
+    let mut objects: Vec<bool> = Vec::new();
+    let mut last = ' ';
+    let mut values = 0;
+    let mut chars = line.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {}
+            '{' | '[' => {
+                objects.push(c == '{');
+                last = c;
+                out.push(c);
+                continue;
+            }
+            '}' | ']' => {
+                objects.pop();
+                last = c;
+                out.push(c);
+                continue;
+            }
+            c => {
+                if !c.is_whitespace() {
+                    last = c;
+                }
+                out.push(c);
+                continue;
+            }
+        }
+        // A string: a key if it opens a member of an object.
+        let key = objects.last() == Some(&true) && matches!(last, '{' | ',');
+        values += usize::from(!key);
+        out.push('"');
+        let (mut room, mut more) = (if key { usize::MAX } else { max }, 0);
+        let mut piece = String::new();
+        while let Some(c) = chars.next() {
+            piece.clear();
+            match c {
+                '"' => break,
+                '\\' => {
+                    piece.push(c);
+                    let kind = chars.next().unwrap_or('\\');
+                    piece.push(kind);
+                    if kind == 'u' {
+                        piece.extend(chars.by_ref().take(4));
+                    }
+                }
+                c if c <= '\u{1f}' || !is_unsafe(c) => piece.push(c),
+                c => {
+                    for unit in c.encode_utf16(&mut [0; 2]) {
+                        use fmt::Write as _;
+                        let _ = write!(piece, "\\u{unit:04x}");
+                    }
+                }
+            }
+            if more == 0 && piece.len() <= room {
+                room -= piece.len();
+                out.push_str(&piece);
+            } else {
+                more += piece.len();
+            }
+        }
+        if more > 0 {
+            use fmt::Write as _;
+            let _ = write!(out, "…[{more} bytes more]");
+        }
+        out.push('"');
+        last = '"';
+    }
+    (out, values)
 }
 
 #[cfg(test)]
@@ -394,13 +608,21 @@ mod tests {
     }
 
     /// Six events, one of each way text reaches a line: a Display field,
-    /// the message, a Debug field, a span's field, an error with a source,
-    /// a `&str` field; and a field named as a keyword.
+    /// the message, a Debug field, a span's field (and one recorded
+    /// later), an error with a source, a `&str` field; and a field named
+    /// as a keyword.
     fn six_events(t: &str) {
         tracing::error!(outbox_id = 7, error = %t, "dead: not sent");
         tracing::warn!("{t}");
         tracing::warn!(note = ?t, "pass finished with a note");
-        let span = tracing::info_span!("send", kind = "transition", negotiation_id = %t);
+        let span = tracing::info_span!(
+            "send",
+            kind = "transition",
+            negotiation_id = %t,
+            lead = tracing::field::Empty
+        );
+        // A field recorded after the span was made (`Span::record`).
+        span.record("lead", tracing::field::display(t));
         span.in_scope(|| tracing::info!(business_id = "b1", "sent"));
         let e = Failure(t.to_string(), Some(Box::new(Failure(t.to_string(), None))));
         tracing::error!(
@@ -460,7 +682,7 @@ mod tests {
             let shown = format!(
                 "why\\n{FORGED}\\r\\u{{1b}}]0;owned\\u{{7}}\\u{{1b}}[2J\\u{{9b}}31m\\u{{202e}}\\t\\u{{7f}}end"
             );
-            assert_eq!(plain.matches(&shown).count(), 7, "{output:?}: {out}");
+            assert_eq!(plain.matches(&shown).count(), 8, "{output:?}: {out}");
         }
     }
 
@@ -488,7 +710,178 @@ mod tests {
             hostile().as_str(),
             "{out}"
         );
+        assert_eq!(lines[3]["span"]["lead"], hostile().as_str(), "{out}");
         assert_eq!(lines[5]["type"], hostile().as_str(), "{out}");
+    }
+
+    /// Every output.
+    const OUTPUTS: [Output; 4] = [
+        Output::Journal,
+        Output::Stream { ansi: false },
+        Output::Stream { ansi: true },
+        Output::Json,
+    ];
+
+    /// The value after `name=` (text) or of `name` (JSON) in `line`, as
+    /// written (JSON: as read back).
+    fn value_of(output: Output, line: &str, name: &str) -> String {
+        if output == Output::Json {
+            let v: serde_json::Value =
+                serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+            return v[name].as_str().unwrap().to_string();
+        }
+        let plain = without_sgr(line);
+        let at = plain.find(&format!("{name}=")).unwrap() + name.len() + 1;
+        let rest = &plain[at..];
+        let end = rest.find(' ').unwrap_or(rest.len());
+        let end = match rest.find("…[") {
+            // The marker of a cut value has spaces of its own.
+            Some(i) if i < end => i + rest[i..].find(']').unwrap() + 1,
+            _ => end,
+        };
+        rest[..end].to_string()
+    }
+
+    /// `(kept, n)` of a value cut as `kept…[n bytes more]`.
+    fn cut(value: &str) -> (&str, usize) {
+        let (kept, marker) = value
+            .split_once("…[")
+            .unwrap_or_else(|| panic!("no marker: {value:.200}"));
+        let n = marker.strip_suffix(" bytes more]").unwrap();
+        (kept, n.parse().unwrap())
+    }
+
+    /// journald makes a line longer than its LineMax (48K) several
+    /// entries: 100 KB of a partner's trigger message followed by a line
+    /// of "leadsync's" started an entry of its own. A value is cut to a
+    /// few KiB, with how much was cut, on the event's one line.
+    #[test]
+    fn a_long_value_is_cut_with_a_marker_and_its_line_stays_short() {
+        let long = format!("{}\n{FORGED}", "x".repeat(100_000));
+        // Written, the line break is two bytes (`\n`, serde's too).
+        let written = 100_000 + 2 + FORGED.len();
+        for output in OUTPUTS {
+            let out = capture(
+                output,
+                || tracing::error!(error = %long, outbox_id = 7, "dead: not sent"),
+            );
+            assert_eq!(out.matches('\n').count(), 1, "{output:?}: {out:.300}");
+            assert!(out.len() < 8 * 1024, "{output:?}: {} bytes", out.len());
+            let value = value_of(output, &out, "error");
+            let (kept, n) = cut(&value);
+            assert!(
+                kept.len() <= 4096 && kept.len() > 4000,
+                "{output:?}: {}",
+                kept.len()
+            );
+            assert!(kept.bytes().all(|b| b == b'x'), "{output:?}: {kept:.100}");
+            assert_eq!(kept.len() + n, written, "{output:?}: {value:.100}");
+            assert!(!out.contains(FORGED), "{output:?}");
+            // The fields after it are still there.
+            assert!(
+                without_sgr(&out).contains("outbox_id"),
+                "{output:?}: {out:.300}"
+            );
+        }
+    }
+
+    /// The cut falls between characters and between escapes, never in one.
+    #[test]
+    fn a_cut_never_splits_a_character_or_an_escape() {
+        for pad in 0..4 {
+            let long = format!("{}{}", "a".repeat(pad), "é\u{1b}\u{9b}".repeat(5000));
+            for output in OUTPUTS {
+                let out = capture(
+                    output,
+                    || tracing::warn!(note = %long, "pass finished with a note"),
+                );
+                let value = value_of(output, &out, "note");
+                let (kept, _) = cut(&value);
+                let kept = kept.trim_start_matches('a');
+                let rest = if output == Output::Json {
+                    kept.replace(['\u{1b}', '\u{9b}'], "")
+                } else {
+                    kept.replace("\\u{1b}", "").replace("\\u{9b}", "")
+                };
+                assert!(
+                    rest.chars().all(|c| c == 'é'),
+                    "{output:?} {pad}: {kept:.100}"
+                );
+                // Written, each 5 bytes of JSON's text are 14 (two `\u009b`).
+                let least = if output == Output::Json {
+                    4000 * 5 / 14
+                } else {
+                    4000
+                };
+                assert!(kept.len() > least, "{output:?}: {}", kept.len());
+            }
+        }
+    }
+
+    /// Many long values, and a span field recorded again and again, do
+    /// not add up past the line bound: one line, still valid JSON.
+    #[test]
+    fn many_long_values_keep_the_line_under_the_line_bound() {
+        let v = "y".repeat(10_000);
+        for output in OUTPUTS {
+            let out = capture(output, || {
+                let span = tracing::info_span!("send", note = tracing::field::Empty);
+                for _ in 0..12 {
+                    span.record("note", tracing::field::display(&v));
+                }
+                span.in_scope(|| {
+                    tracing::warn!(
+                        a = %v, b = %v, c = %v, d = %v, e = %v, f = %v,
+                        g = %v, h = %v, i = %v, j = %v, k = %v, l = %v,
+                        "many"
+                    )
+                });
+            });
+            assert_eq!(out.matches('\n').count(), 1, "{output:?}: {out:.300}");
+            assert!(out.len() <= 32 * 1024, "{output:?}: {} bytes", out.len());
+            assert!(out.contains(" bytes more]"), "{output:?}: {out:.300}");
+            if output == Output::Json {
+                serde_json::from_str::<serde_json::Value>(&out).unwrap();
+            }
+        }
+    }
+
+    /// What tracing-subscriber's own formatter writes of `f`'s events.
+    fn default_output(ansi: bool, f: impl FnOnce()) -> String {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let reference = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new("trace"))
+            .with_target(false)
+            .with_writer(move || w.clone())
+            .without_time()
+            .with_ansi(ansi)
+            .finish();
+        tracing::subscriber::with_default(reference, f);
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    /// An error field whose name starts with `r#` (tracing's macros strip
+    /// it from `r#type`, not from a name given as a string): its sources
+    /// are `r#type.sources=[..]`, as the default formatter names them.
+    #[test]
+    fn a_keyword_errors_sources_are_named_as_the_default_names_them() {
+        let e = Failure(
+            "outer".into(),
+            Some(Box::new(Failure("inner".into(), None))),
+        );
+        let log = || {
+            tracing::error!(
+                "r#type" = &e as &(dyn std::error::Error + 'static),
+                "cannot poll messages"
+            )
+        };
+        assert_eq!(capture(Output::Journal, log), default_output(false, log));
+        let untimed = |s: String| s.split_once(' ').map(|(_, r)| r.to_string()).unwrap();
+        assert_eq!(
+            untimed(capture(Output::Stream { ansi: true }, log)),
+            default_output(true, log)
+        );
     }
 
     /// Plain text is written as tracing-subscriber's own formatter writes
