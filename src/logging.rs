@@ -150,15 +150,31 @@ pub const VALUE_MAX: usize = 4096;
 /// line's string values then share half of it (see [`JsonSafe`]).
 pub const LINE_MAX: usize = 32 * 1024;
 
+/// The longest marker: `…[N bytes more]`, N of up to 10 digits.
+const MARKER_MAX: usize = "…[".len() + 10 + " bytes more]".len();
+
 /// A `fmt::Write` that writes each [`is_unsafe`] character as its escape:
 /// `\n`, `\r`, `\t`, else `\u{1b}` (a backslash is written as it is).
 /// Writes at most `max` bytes, each character or escape whole or not at
-/// all, and counts the rest for [`Self::finish`]'s marker. Nothing is
-/// allocated.
+/// all, and counts the rest for [`Self::finish`]'s marker. Inside a quoted
+/// string (a `?` field: Debug writes `"a \"b\" \\ c"`), a backslash and
+/// what it escapes (`\\`, `\"`, `\u{1b}`) are whole or not at all too,
+/// and a cut in one writes the marker and its closing quote, so the
+/// string ends as it began. Nothing is allocated.
 pub struct Escaped<'a, W: ?Sized> {
     out: &'a mut W,
     room: usize,
     more: usize,
+    /// Inside a quoted string, as far as the value was read.
+    open: bool,
+    /// Inside a quoted string, as far as the value was written.
+    written_open: bool,
+    /// An unescaped quote was left out, the one that closes the string
+    /// the cut fell in: [`Self::finish`] writes it.
+    left_quote: bool,
+    /// A backslash escape of a quoted string not yet whole, as written.
+    escape: [u8; 16],
+    escape_len: usize,
 }
 
 impl<'a, W: fmt::Write + ?Sized> Escaped<'a, W> {
@@ -167,6 +183,11 @@ impl<'a, W: fmt::Write + ?Sized> Escaped<'a, W> {
             out,
             room: max,
             more: 0,
+            open: false,
+            written_open: false,
+            left_quote: false,
+            escape: [0; 16],
+            escape_len: 0,
         }
     }
 
@@ -195,10 +216,85 @@ impl<'a, W: fmt::Write + ?Sized> Escaped<'a, W> {
         Ok(())
     }
 
-    /// Ends the value: `…[N bytes more]` if N bytes were left out.
-    pub fn finish(self) -> fmt::Result {
+    /// `c` as written: itself, or its escape if [`is_unsafe`].
+    fn written(c: char, buf: &mut [u8; 12]) -> &str {
+        if !is_unsafe(c) {
+            return c.encode_utf8(buf);
+        }
+        match c {
+            '\n' => "\\n",
+            '\r' => "\\r",
+            '\t' => "\\t",
+            c => {
+                let mut at = 0;
+                for e in c.escape_unicode() {
+                    at += e.encode_utf8(&mut buf[at..]).len();
+                }
+                std::str::from_utf8(&buf[..at]).expect("ASCII")
+            }
+        }
+    }
+
+    /// One character of a quoted string, or of the escape it ends or continues.
+    fn quoted(&mut self, c: char) -> fmt::Result {
+        let mut buf = [0u8; 12];
+        let w = Self::written(c, &mut buf);
+        if self.escape_len > 0 {
+            // `\` and the character it escapes; `\u{..}` to its brace.
+            let unicode = self.escape_len > 1 && self.escape[1] == b'u';
+            let goes_on =
+                self.escape_len == 1 || unicode && (c == '{' || c == '}' || c.is_ascii_hexdigit());
+            if !goes_on || self.escape_len + w.len() > self.escape.len() {
+                self.end_escape()?;
+                return self.quoted(c);
+            }
+            self.escape[self.escape_len..][..w.len()].copy_from_slice(w.as_bytes());
+            self.escape_len += w.len();
+            if self.escape[1] != b'u' || c == '}' {
+                self.end_escape()?;
+            }
+            return Ok(());
+        }
+        match c {
+            '\\' => {
+                self.escape[0] = b'\\';
+                self.escape_len = 1;
+                Ok(())
+            }
+            '"' => {
+                self.piece("\"")?;
+                if self.more == 0 {
+                    self.written_open = false;
+                } else if self.written_open {
+                    self.left_quote = true;
+                }
+                self.open = false;
+                Ok(())
+            }
+            _ => self.piece(w),
+        }
+    }
+
+    /// Writes the pending escape, whole or not at all.
+    fn end_escape(&mut self) -> fmt::Result {
+        let n = std::mem::take(&mut self.escape_len);
+        let escape = self.escape;
+        self.piece(std::str::from_utf8(&escape[..n]).expect("whole characters"))
+    }
+
+    /// Ends the value: `…[N bytes more]` if N bytes were left out, and
+    /// the quote that closes a string the cut fell in (not counted in N
+    /// if it was left out).
+    pub fn finish(mut self) -> fmt::Result {
+        if self.escape_len > 0 {
+            self.end_escape()?;
+        }
         match self.more {
             0 => Ok(()),
+            n if self.written_open => {
+                let n = n - usize::from(self.left_quote);
+                write!(self.out, "…[{n} bytes more]\"")
+            }
             n => write!(self.out, "…[{n} bytes more]"),
         }
     }
@@ -206,30 +302,29 @@ impl<'a, W: fmt::Write + ?Sized> Escaped<'a, W> {
 
 impl<W: fmt::Write + ?Sized> fmt::Write for Escaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
+        let plain = |b: u8| (0x20..0x7f).contains(&b) && b != b'"' && b != b'\\';
         // Printable ASCII, by far the most of what is logged: as it is.
-        if s.bytes().all(|b| (0x20..0x7f).contains(&b)) {
+        if self.escape_len == 0 && s.bytes().all(plain) {
             return self.run(s);
         }
         let mut from = 0;
         for (i, c) in s.char_indices() {
-            if !is_unsafe(c) {
+            let quote = c == '"' || (c == '\\' && self.open);
+            if !(is_unsafe(c) || quote || self.escape_len > 0) {
                 continue;
             }
             self.run(&s[from..i])?;
-            match c {
-                '\n' => self.piece("\\n")?,
-                '\r' => self.piece("\\r")?,
-                '\t' => self.piece("\\t")?,
-                c => {
-                    let mut buf = [0u8; 12];
-                    let mut at = 0;
-                    for e in c.escape_unicode() {
-                        at += e.encode_utf8(&mut buf[at..]).len();
-                    }
-                    self.piece(std::str::from_utf8(&buf[..at]).expect("ASCII"))?
-                }
-            }
             from = i + c.len_utf8();
+            if self.open || self.escape_len > 0 {
+                self.quoted(c)?;
+            } else if c == '"' {
+                self.piece("\"")?;
+                self.open = true;
+                self.written_open |= self.more == 0;
+            } else {
+                let mut buf = [0u8; 12];
+                self.piece(Self::written(c, &mut buf))?;
+            }
         }
         self.run(&s[from..])
     }
@@ -428,7 +523,8 @@ impl<W: Write> Write for LineMax<W> {
 /// same JSON. A string value longer than [`VALUE_MAX`] as written is cut
 /// (between characters and escapes) and ends with `…[N bytes more]`; if
 /// the line is still longer than [`LINE_MAX`], its string values share
-/// half of that equally. A line with none of this to do (every line but a
+/// half of that equally, quotes and markers counted (within the bound for
+/// up to 500 string values: 16 KiB / [`MARKER_MAX`] and quotes). A line with none of this to do (every line but a
 /// hostile one) is written as it is, without a copy.
 #[derive(Clone, Copy, Debug)]
 pub struct JsonSafe<M>(pub M);
@@ -463,9 +559,11 @@ impl<W: Write> Write for JsonSafe<W> {
         if short && (buf.is_ascii() && !buf.contains(&0x7f) || text.chars().all(clean)) {
             return self.0.write_all(text.as_bytes()).map(|_| buf.len());
         }
-        let (mut line, values) = json_line(&text, VALUE_MAX);
+        let (mut line, values) = json_line(&text, VALUE_MAX, 0);
         if line.len() > LINE_MAX {
-            line = json_line(&text, LINE_MAX / 2 / values.max(1)).0;
+            // Each string's share, its quotes and marker included.
+            let share = (LINE_MAX / 2 / values.max(1)).saturating_sub(2);
+            line = json_line(&text, share, MARKER_MAX).0;
         }
         self.0.write_all(line.as_bytes()).map(|_| buf.len())
     }
@@ -479,7 +577,9 @@ impl<W: Write> Write for JsonSafe<W> {
 /// character serde left as a `\uXXXX` escape, and every string value
 /// (not a key) cut to `max` bytes as written, each character or escape
 /// whole, with `…[N bytes more]`; and how many string values it holds.
-fn json_line(line: &str, max: usize) -> (String, usize) {
+/// A string cut keeps at most `max - reserve` bytes (none if `max` is
+/// less), to leave `reserve` bytes for its marker.
+fn json_line(line: &str, max: usize, reserve: usize) -> (String, usize) {
     let mut out = String::with_capacity(line.len().min(2 * LINE_MAX));
     // Whether each open container is an object; the last character
     // outside a string that is not white space.
@@ -514,7 +614,12 @@ fn json_line(line: &str, max: usize) -> (String, usize) {
         let key = objects.last() == Some(&true) && matches!(last, '{' | ',');
         values += usize::from(!key);
         out.push('"');
-        let (mut room, mut more) = (if key { usize::MAX } else { max }, 0);
+        let cap = if key { usize::MAX } else { max };
+        let (mut room, mut more) = (cap, 0);
+        // Where a cut string ends, and the bytes it keeps: the last piece
+        // within `cap - reserve`.
+        let (mut kept, mut keep) = (out.len(), 0);
+        let soft = cap.saturating_sub(reserve);
         let mut piece = String::new();
         while let Some(c) = chars.next() {
             piece.clear();
@@ -539,11 +644,16 @@ fn json_line(line: &str, max: usize) -> (String, usize) {
             if more == 0 && piece.len() <= room {
                 room -= piece.len();
                 out.push_str(&piece);
+                if cap - room <= soft {
+                    (kept, keep) = (out.len(), cap - room);
+                }
             } else {
                 more += piece.len();
             }
         }
         if more > 0 {
+            more += cap - room - keep;
+            out.truncate(kept);
             use fmt::Write as _;
             let _ = write!(out, "…[{more} bytes more]");
         }
@@ -844,6 +954,88 @@ mod tests {
                 serde_json::from_str::<serde_json::Value>(&out).unwrap();
             }
         }
+    }
+
+    /// A cut quoted value (a `?` field: `error = ?error`, `rows = ?rows`)
+    /// lost its closing quote and could end on half a `\\` escape, whose
+    /// odd backslash escaped the marker: a logfmt reader took the rest of
+    /// the line as part of the value. The cut falls between escapes and
+    /// the marker ends the quoted string, closed.
+    #[test]
+    fn a_cut_quoted_value_keeps_whole_escapes_and_its_closing_quote() {
+        for output in [
+            Output::Journal,
+            Output::Stream { ansi: false },
+            Output::Stream { ansi: true },
+        ] {
+            let long = "\\".repeat(5000);
+            let out = capture(output, || tracing::warn!(note = ?long, after = 1, "m"));
+            let out = without_sgr(&out);
+            let at = out.find("note=\"").unwrap_or_else(|| panic!("{out:.300}")) + 6;
+            let rest = &out[at..];
+            let kept = rest.trim_start_matches('\\');
+            let slashes = rest.len() - kept.len();
+            assert!(
+                slashes.is_multiple_of(2) && slashes > 4000,
+                "{output:?}: {slashes}"
+            );
+            let (marker, tail) = kept.split_once('"').unwrap();
+            // Written: 10,000 backslashes and two quotes, of which the
+            // opening quote, `slashes` and the closing quote are there.
+            assert_eq!(
+                marker,
+                format!("…[{} bytes more]", 10_000 - slashes),
+                "{output:?}"
+            );
+            assert!(tail.starts_with(" after=1"), "{output:?}: {tail:.100}");
+
+            // Escapes of every length, cut at every offset: whole ones only.
+            for pad in 0..4 {
+                let long = format!("{}{}", "a".repeat(pad), "é\u{1b}\\\"\n".repeat(2000));
+                let out = capture(output, || tracing::warn!(note = ?long, after = 1, "m"));
+                let out = without_sgr(&out);
+                let at = out.find("note=\"").unwrap() + 6;
+                let (kept, tail) = out[at..].split_once("…[").unwrap();
+                let rest = kept
+                    .trim_start_matches('a')
+                    .replace("\\u{1b}", "")
+                    .replace("\\\\", "")
+                    .replace("\\\"", "")
+                    .replace("\\n", "");
+                assert!(
+                    rest.chars().all(|c| c == 'é'),
+                    "{output:?} {pad}: {rest:.100}"
+                );
+                assert!(kept.len() > 4000, "{output:?} {pad}");
+                let (_, tail) = tail.split_once(" bytes more]\"").unwrap();
+                assert!(tail.starts_with(" after=1"), "{output:?}: {tail:.100}");
+            }
+        }
+    }
+
+    /// The JSON second pass gave each string value its share of 16 KiB
+    /// without counting its marker: a line of many values stayed over the
+    /// line bound. A line of 500 long values (what the README promises)
+    /// fits, still valid JSON.
+    #[test]
+    fn a_json_line_of_many_values_counts_their_markers_in_the_bound() {
+        let members: Vec<String> = (0..500)
+            .map(|i| format!("\"field_name_{i:03}\":\"{}\"", "y".repeat(200)))
+            .collect();
+        let line = format!("{{{}}}\n", members.join(","));
+        let buf = Buf::default();
+        JsonSafe(buf.clone()).write_all(line.as_bytes()).unwrap();
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(out.len() <= LINE_MAX, "{} bytes", out.len());
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(v.as_object().unwrap().len(), 500);
+        assert!(
+            v["field_name_499"]
+                .as_str()
+                .unwrap()
+                .ends_with(" bytes more]"),
+            "{out:.300}"
+        );
     }
 
     /// What tracing-subscriber's own formatter writes of `f`'s events.
