@@ -555,7 +555,7 @@ impl<W: Write> Write for JsonSafe<W> {
         // Should a line ever come in pieces, a split character is written
         // as U+FFFD rather than as bytes no one checked.
         let text = String::from_utf8_lossy(buf);
-        let short = buf.len() <= VALUE_MAX;
+        let short = buf.len() <= VALUE_MAX || !needs_cut(buf);
         if short && (buf.is_ascii() && !buf.contains(&0x7f) || text.chars().all(clean)) {
             return self.0.write_all(text.as_bytes()).map(|_| buf.len());
         }
@@ -571,6 +571,31 @@ impl<W: Write> Write for JsonSafe<W> {
     fn flush(&mut self) -> std::io::Result<()> {
         self.0.flush()
     }
+}
+
+/// Whether [`json_line`] would cut something of `line` (serde_json's
+/// compact output, each string as written): the line is longer than
+/// [`LINE_MAX`], or a string (a key too, though keys are not cut) longer
+/// than [`VALUE_MAX`]. One pass over the bytes: a backslash is only ever
+/// in a string, and escapes the byte after it.
+fn needs_cut(line: &[u8]) -> bool {
+    if line.len() > LINE_MAX {
+        return true;
+    }
+    let (mut open, mut escaped, mut from) = (false, false, 0);
+    for (i, &b) in line.iter().enumerate() {
+        if escaped {
+            escaped = false;
+        } else if b == b'\\' {
+            escaped = true;
+        } else if b == b'"' {
+            if open && i - from - 1 > VALUE_MAX {
+                return true;
+            }
+            (open, from) = (!open, i);
+        }
+    }
+    false
 }
 
 /// `line` (serde_json's compact output) with every [`is_unsafe`]
@@ -1036,6 +1061,44 @@ mod tests {
                 .ends_with(" bytes more]"),
             "{out:.300}"
         );
+    }
+
+    /// A clean JSON line over 4 KiB was parsed and copied every time: it
+    /// is written as it is unless a string in it is longer than
+    /// [`VALUE_MAX`] as written (an escaped quote does not end one) or the
+    /// line is longer than [`LINE_MAX`]. Skipped, the rewrite would have
+    /// changed nothing; a long key (never cut) is rewritten, needlessly.
+    #[test]
+    fn a_clean_json_line_is_written_as_it_is_unless_a_cut_is_due() {
+        let y = |n: usize| "y".repeat(n);
+        let lines = [
+            (format!("{{\"a\":\"{}\",\"b\":1}}\n", y(VALUE_MAX)), true),
+            (
+                format!("{{\"a\":\"{}\",\"b\":1}}\n", y(VALUE_MAX + 1)),
+                false,
+            ),
+            (format!("{{\"a\":\"{}\\\"{}\"}}\n", y(3000), y(3000)), false),
+            (
+                format!("{{\"a\":\"{}\\\\\",\"b\":\"{}\"}}\n", y(3000), y(3000)),
+                true,
+            ),
+            (format!("{{\"{}\":\"x\"}}\n", y(VALUE_MAX + 1)), false),
+            (
+                format!(
+                    "{{\"a\":[{}\"z\"]}}\n",
+                    format!("\"{}\",", y(4000)).repeat(9)
+                ),
+                false,
+            ),
+            (format!("{{\"a\":\"{}\"}}\n", y(100)), true),
+        ];
+        for (line, skipped) in &lines {
+            assert_eq!(!needs_cut(line.as_bytes()), *skipped, "{line:.80}");
+            if *skipped {
+                assert_eq!(json_line(line, VALUE_MAX, 0).0, *line);
+                assert!(line.len() <= LINE_MAX);
+            }
+        }
     }
 
     /// What tracing-subscriber's own formatter writes of `f`'s events.
