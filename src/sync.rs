@@ -192,7 +192,7 @@ pub async fn sync_business(
         {
             warn!(error = %format!("{err:#}"), "cannot record the skipped pass");
         }
-        info!(reason = %crate::terminal::blank(&e.message), "pass skipped: the business needs re-authorization");
+        info!(reason = %e.message, "pass skipped: the business needs re-authorization");
         return report(PassOutcome::Skipped(e.message), None);
     }
 
@@ -349,12 +349,12 @@ pub async fn sync_business(
                 "pass finished"
             );
             if let Some(note) = &note {
-                warn!(note = %crate::terminal::blank(note), "pass finished with a note");
+                warn!(note = %note, "pass finished with a note");
             }
             report(PassOutcome::Ok(stats), note)
         }
         Some(e) => {
-            warn!(pages = stats.pages, error = %crate::terminal::blank(&e), "pass failed");
+            warn!(pages = stats.pages, error = %e, "pass failed");
             report(PassOutcome::Failed(stats, e), None)
         }
     }
@@ -606,7 +606,7 @@ fn drop_asked_back(listing: &Listing, page: &mut crate::thumbtack::model::Page) 
 fn proof_refused(listing: &mut Listing, e: &ApiError) -> Cursor {
     let cursor = listing.proof_refused(&e.message);
     warn!(
-        error = %crate::terminal::blank(&e.message),
+        error = %e.message,
         next = %cursor.to_query_string(),
         "the proof that the server pages by lead offset was refused; reading on unproven (the end will be unknown)"
     );
