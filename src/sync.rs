@@ -142,6 +142,20 @@ fn unknown_end_note(kind: ScanKind, why: &str) -> String {
     }
 }
 
+/// Why a full scan whose listing held `unnamed` entries without a readable
+/// `negotiationID` marked no lead missing.
+fn unnamed_note(unnamed: i64) -> String {
+    // Counted as read: an entry a confirmation asked back is read twice.
+    let entries = match unnamed {
+        1 => "1 list entry".to_string(),
+        n => format!("{n} list entries"),
+    };
+    format!(
+        "{entries} read without a readable negotiationID: any unlisted lead may be one of them, \
+         so no lead was marked missing"
+    )
+}
+
 async fn fetch(client: Arc<Client>, business_id: String, cursor: Cursor) -> Result<Page, ApiError> {
     // `read_at`: when the request that got the page was sent (the page
     // reflects some moment between that and its answer arriving, and a
@@ -218,6 +232,9 @@ pub async fn sync_business(
     let mut seen = mirror::Fingerprints::default();
     let mut style = None;
     let mut why = None;
+    // List entries of a full scan that name no lead (Page::skipped less
+    // Page::unread_ids): each is a lead listed that cannot be told apart.
+    let mut unnamed = 0i64;
     let result = read_pages(
         store,
         client,
@@ -225,7 +242,7 @@ pub async fn sync_business(
         kind,
         settings,
         run_id,
-        &mut stats,
+        (&mut stats, &mut unnamed),
         &mut seen,
         (&mut style, &mut why),
         stop,
@@ -240,6 +257,8 @@ pub async fn sync_business(
     };
     // Leads only the second reading of a full scan listed (confirm_unseen).
     let mut listed_again = false;
+    // Why a full scan that read its listing to a known end marks nothing.
+    let mut unproven = None;
     // A request the stop kept from being sent (or its token refresh) ends
     // the pass like a stop between pages does.
     let result = match result {
@@ -251,6 +270,14 @@ pub async fn sync_business(
     let result = match result {
         Ok(End::Unknown) => {
             stats.end_unknown = true;
+            Ok(())
+        }
+        // Entries the scan listed but cannot name: any lead it did not
+        // list may be one of them, so none is proven gone. The pass
+        // succeeds, marks nothing and says why (like an unknown end).
+        Ok(_) if kind == ScanKind::Full && unnamed > 0 => {
+            stats.end_unknown = true;
+            unproven = Some(unnamed_note(unnamed));
             Ok(())
         }
         Ok(_) if kind == ScanKind::Full => 'full: {
@@ -297,12 +324,14 @@ pub async fn sync_business(
         Err(e) => Err(e),
     };
     let error = result.as_ref().err().cloned();
-    let note = stats.end_unknown.then(|| {
-        unknown_end_note(
-            kind,
-            why.as_deref()
-                .unwrap_or("a full page with no pagination marker"),
-        )
+    let note = unproven.or_else(|| {
+        stats.end_unknown.then(|| {
+            unknown_end_note(
+                kind,
+                why.as_deref()
+                    .unwrap_or("a full page with no pagination marker"),
+            )
+        })
     });
     let every = kind == ScanKind::Full && error.is_none() && !stats.end_unknown && !listed_again;
     {
@@ -480,7 +509,7 @@ async fn read_pages(
     kind: ScanKind,
     settings: PassSettings,
     run_id: i64,
-    stats: &mut RunStats,
+    (stats, unnamed): (&mut RunStats, &mut i64),
     seen: &mut mirror::Fingerprints,
     (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
@@ -492,7 +521,7 @@ async fn read_pages(
             business_id,
             settings,
             run_id,
-            stats,
+            (stats, unnamed),
             seen,
             (style, why),
             stop,
@@ -876,7 +905,7 @@ async fn read_all_pages(
     business_id: &str,
     settings: PassSettings,
     run_id: i64,
-    stats: &mut RunStats,
+    (stats, unnamed): (&mut RunStats, &mut i64),
     seen: &mut mirror::Fingerprints,
     (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
@@ -1001,6 +1030,8 @@ async fn read_all_pages(
                 seen.extend(page.unchanged.iter().map(|id| mirror::id_fingerprint(id)));
                 // Listed though unreadable: never marked missing for that.
                 seen.extend(page.unread_ids.iter().map(|id| mirror::id_fingerprint(id)));
+                // Listed, naming no lead: no unlisted lead is proven gone.
+                *unnamed += (page.skipped - page.unread_ids.len() as i64).max(0);
                 let mut leads = std::mem::take(&mut page.leads);
                 let listed = leads.len() + page.unchanged.len();
                 let mut all_unknown = true;
