@@ -610,9 +610,16 @@ pub fn upsert_lead(
             let keep = match origin {
                 // A copy delivered for an event after the page was read, or
                 // less than LISTING_MARGIN before: such a listing may lag
-                // the event (listing_lags).
+                // the event (listing_lags). And a copy another business's
+                // listing wrote from a page asked for after this one: the
+                // lead moved, and this page (of a pass running beside
+                // that one) shows it before the move. Passes of one
+                // business never overlap, so its own pages are written in
+                // the order they were asked for.
                 Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
                     text(6).is_some_and(|copy_event| listing_lags(copy_event, read_at.as_bytes()))
+                        || (!same_business
+                            && ours(7).is_some_and(|copy_read| copy_read > read_at.as_bytes()))
                 }),
                 Origin::Delivered { triggered_at: None } => true,
                 Origin::Delivered {
@@ -2097,6 +2104,57 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap()
+    }
+
+    /// A lead moved from business `a` to `b` on Thumbtack. `b`'s pass, its
+    /// page asked for after the move, wrote it as `b`'s; `a`'s full scan
+    /// had asked for its page before the move and wrote it later (a full
+    /// scan writes its pages some time after reading them, and passes of
+    /// different businesses run side by side). That older copy used to
+    /// move the lead back to `a`, with a change row, until `b`'s next
+    /// listing of it (an old lead: its next full scan) — meanwhile `a`'s
+    /// next full scan marked it missing. A page of another business is
+    /// written over the mirrored copy only when asked for after that
+    /// copy's page was.
+    #[test]
+    fn a_page_of_another_business_asked_for_before_a_move_does_not_move_the_lead_back() {
+        let mut m = Ordering::new();
+        m.pass(
+            "a",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
+        assert_eq!(m.column("1", "business_id").as_deref(), Some("b"));
+        assert_eq!(changes_of(&m, "1"), 1);
+        let older = Page {
+            read_at: Some(T1),
+            written: T5,
+            insert_first: false,
+        };
+        m.pass_paged(
+            "a",
+            "full",
+            T1,
+            &older,
+            &[lead_row("1", "Canceled")],
+            Some(Covered::Nothing),
+        );
+        assert_eq!(m.column("1", "business_id").as_deref(), Some("b"));
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 1, "no change row for the older copy");
+        // A page of `a` asked for after `b`'s: the lead really moved back.
+        let newer = Page {
+            read_at: Some("2026-01-01T13:00:00.001Z"),
+            written: T5,
+            insert_first: false,
+        };
+        m.pass_paged("a", "head", T3, &newer, &[lead_row("1", "Canceled")], None);
+        assert_eq!(m.column("1", "business_id").as_deref(), Some("a"));
+        assert_eq!(m.status("1"), "Canceled");
+        assert_eq!(changes_of(&m, "1"), 2);
     }
 
     #[test]
