@@ -574,20 +574,34 @@ pub fn upsert_lead(
         .query_row([&lead.negotiation_id], |r| {
             // The unchanged path (most leads of most passes) compares the
             // stored columns in place and allocates nothing; the old status
-            // is copied out only for a lead that may get a change row.
-            let hash = r.get::<_, i64>(0)?;
+            // is copied out only for a lead that may get a change row. A
+            // value of a type leadsync never writes (the partner's edit)
+            // fails nothing: a hash that is no integer differs, a stamp
+            // that is no text is stale, a business that is no text is
+            // another one, and the listing writes the lead over it.
+            use rusqlite::types::ValueRef;
+            let hash = match r.get_ref(0)? {
+                ValueRef::Integer(h) => Some(h),
+                _ => None,
+            };
+            let hash_differs = hash != Some(lead.hash);
             // A last_seen_at far ahead of now was written under a wall
             // clock ahead, since corrected: rewritten too, not left "seen"
             // in the future until the clock catches up. (The clock is read
             // only for a stamp after the context's `now`, itself a reading
             // of it: none on the unchanged path.)
-            let last_seen = r.get_ref(1)?.as_str()?;
-            let stale = last_seen < ctx.stale_before.as_str()
-                || (last_seen > ctx.now.as_str() && far_ahead(last_seen.as_bytes()));
-            let missing = !matches!(r.get_ref(2)?, rusqlite::types::ValueRef::Null);
-            let same_business = r.get_ref(3)?.as_str()? == ctx.business_id;
-            let old_status = if missing || hash != lead.hash || !same_business {
-                r.get::<_, Option<String>>(4)?
+            let stale = match r.get_ref(1)? {
+                ValueRef::Text(last_seen) => {
+                    last_seen < ctx.stale_before.as_bytes()
+                        || (last_seen > ctx.now.as_bytes() && far_ahead(last_seen))
+                }
+                _ => true,
+            };
+            let missing = !matches!(r.get_ref(2)?, ValueRef::Null);
+            let same_business =
+                matches!(r.get_ref(3)?, ValueRef::Text(b) if b == ctx.business_id.as_bytes());
+            let old_status = if missing || hash_differs || !same_business {
+                value_text(r.get_ref(4)?)
             } else {
                 None
             };
@@ -669,7 +683,7 @@ pub fn upsert_lead(
                 _ => None,
             };
             Ok((
-                hash,
+                hash_differs,
                 stale,
                 missing,
                 same_business,
@@ -679,7 +693,8 @@ pub fn upsert_lead(
             ))
         })
         .optional()?;
-    let Some((hash, stale, missing, same_business, old_status, mut keep, listings)) = existing
+    let Some((hash_differs, stale, missing, same_business, old_status, mut keep, listings)) =
+        existing
     else {
         // Not mirrored, as just looked up in this transaction: inserted.
         if !NewLeads::prepare(tx)?.insert(ctx, lead, origin)? {
@@ -697,10 +712,11 @@ pub fn upsert_lead(
         keep = listed_since(tx, &business_id, &lead.negotiation_id, &changed_at, t)?;
     }
     let mut changed_fields = None;
-    if hash != lead.hash || !same_business {
+    if hash_differs || !same_business {
         let old: String = tx
             .prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?
-            .query_row([&lead.negotiation_id], |r| r.get(0))?;
+            .query_row([&lead.negotiation_id], |r| Ok(value_text(r.get_ref(0)?)))?
+            .unwrap_or_default();
         let fields = differing_fields(&old, &lead.payload);
         if !fields.is_empty() || !same_business {
             changed_fields = Some((old, fields));
@@ -774,6 +790,18 @@ pub fn upsert_lead(
             Upserted::Unchanged
         }
     })
+}
+
+/// A stored value as text, whatever its type (the partner's program may
+/// have written a number where leadsync writes text): `None` for NULL.
+fn value_text(v: rusqlite::types::ValueRef<'_>) -> Option<String> {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+    }
 }
 
 const INSERT_LEAD: &str =
@@ -1253,7 +1281,7 @@ pub fn mark_missing(
              VALUES (?1, ?2, ?3, 'missing', ?4, ?4, ?5)",
         )?;
         for id in &missing {
-            let status: Option<String> = status_of.query_row([id], |r| r.get(0))?;
+            let status = status_of.query_row([id], |r| Ok(value_text(r.get_ref(0)?)))?;
             mark.execute(params![id, listed_from])?;
             change.execute(params![id, business_id, now, status, run_id])?;
         }
@@ -1741,6 +1769,83 @@ mod tests {
         ] {
             assert_eq!(instant_key(odd.as_bytes()), None, "{odd}");
         }
+    }
+
+    /// The partner's program edited mirrored rows with values of types
+    /// leadsync never writes (SQLite keeps whatever type it is given): a
+    /// hash or a stamp as text or a number, a business id as a number, a
+    /// status as a number. Reading such a row failed the page's write, so
+    /// every pass of the business failed at that page (and every delivery
+    /// of the lead), for good. The listing now writes the lead as it
+    /// would any changed one, and nothing fails.
+    #[test]
+    fn a_row_the_partner_edited_with_values_of_other_types_does_not_fail_the_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "12".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: Some("2026-01-01T00:00:00.000Z".into()),
+        };
+        let lead = |id: &str, status: &str| {
+            let payload = format!(r#"{{"negotiationID":"{id}","status":"{status}"}}"#);
+            LeadRow {
+                negotiation_id: id.into(),
+                hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+                payload,
+                status: Some(status.into()),
+                ..LeadRow::default()
+            }
+        };
+        let ids = ["hash", "seen", "business", "status"];
+        let page: Vec<LeadRow> = ids.iter().map(|id| lead(id, "Open")).collect();
+        write_page(&mut conn, &ctx, &page).unwrap();
+        conn.execute_batch(
+            "UPDATE negotiations SET payload_hash = 'edited' WHERE negotiation_id = 'hash';
+             UPDATE negotiations SET last_seen_at = 0 WHERE negotiation_id = 'seen';
+             UPDATE negotiations SET business_id = 12 WHERE negotiation_id = 'business';
+             UPDATE negotiations SET status = 1 WHERE negotiation_id = 'status';",
+        )
+        .unwrap();
+        // Listed as they were, then changed: neither write fails.
+        write_page(&mut conn, &ctx, &page).unwrap();
+        let changed: Vec<LeadRow> = ids.iter().map(|id| lead(id, "Hired")).collect();
+        let stats = write_page(&mut conn, &ctx, &changed).unwrap();
+        assert_eq!(stats.updated, 4, "{stats:?}");
+        for id in ids {
+            let (business, status, hash_type, seen_type): (String, String, String, String) = conn
+                .query_row(
+                    "SELECT business_id, status, typeof(payload_hash), typeof(last_seen_at)
+                       FROM negotiations WHERE negotiation_id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (
+                    business.as_str(),
+                    status.as_str(),
+                    hash_type.as_str(),
+                    seen_type.as_str()
+                ),
+                ("12", "Hired", "integer", "text"),
+                "{id}"
+            );
+        }
+        // The change rows name what the row held, read as text.
+        let old: Option<String> = conn
+            .query_row(
+                "SELECT old_status FROM negotiation_changes
+                  WHERE negotiation_id = 'status' AND new_status = 'Hired'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old.as_deref(), Some("1"));
     }
 
     #[test]
