@@ -1091,8 +1091,25 @@ pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
     }
 }
 
+/// The error of a pass whose end could not be recorded ([`start_run`]).
+const UNRECORDED_END: &str =
+    "the pass's end could not be recorded (closed when the next pass of the business started)";
+
 /// Registers a sync pass; returns its `sync_runs` id.
 pub fn start_run(conn: &Connection, business_id: &str, kind: &str, now: &str) -> Result<i64> {
+    // A pass of the business still `running` is one whose end could not be
+    // recorded (the mirror busy or failing when it finished): passes of one
+    // business never overlap (the queue; across processes, the database
+    // lock). Closed now, it does not read `running` until the next start.
+    // Only the business's latest pass can be one (each start closes the one
+    // before; the start of the process closes all): one index probe.
+    conn.execute(
+        "UPDATE sync_runs SET outcome = 'error', finished_at = ?2,
+             error = coalesce(error || '; ', '') || ?3
+          WHERE id = (SELECT max(id) FROM sync_runs WHERE business_id = ?1)
+            AND outcome = 'running'",
+        params![business_id, now, UNRECORDED_END],
+    )?;
     conn.execute(
         "INSERT INTO sync_runs (business_id, kind, started_at) VALUES (?1, ?2, ?3)",
         params![business_id, kind, now],
@@ -1846,6 +1863,37 @@ mod tests {
             )
             .unwrap();
         assert_eq!(old.as_deref(), Some("1"));
+    }
+
+    /// A pass whose end could not be recorded (the mirror locked by the
+    /// partner's program past the busy timeout when it finished) left its
+    /// `sync_runs` row `running` for as long as the daemon ran: a query for
+    /// running passes showed it, and it was never pruned. The business's
+    /// next pass closes it (passes of one business never overlap, in one
+    /// process or across them: the database lock).
+    #[test]
+    fn a_pass_whose_end_was_not_recorded_is_closed_by_the_next_pass_of_its_business() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let lost = start_run(&conn, "b", "full", "2026-01-01T00:00:00.000Z").unwrap();
+        let other = start_run(&conn, "c", "head", "2026-01-01T00:00:00.000Z").unwrap();
+        let next = start_run(&conn, "b", "head", "2026-01-01T00:05:00.000Z").unwrap();
+        let row = |id: i64| -> (String, Option<String>, Option<String>) {
+            conn.query_row(
+                "SELECT outcome, finished_at, error FROM sync_runs WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+        };
+        let (outcome, finished, error) = row(lost);
+        assert_eq!(
+            (outcome.as_str(), finished.as_deref()),
+            ("error", Some("2026-01-01T00:05:00.000Z"))
+        );
+        assert!(error.unwrap().contains("could not be recorded"));
+        assert_eq!(row(other).0, "running", "another business's pass");
+        assert_eq!(row(next).0, "running");
     }
 
     #[test]
