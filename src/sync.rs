@@ -296,8 +296,15 @@ pub async fn sync_business(
                 // to mark, and the index is not read a second time. (A lead
                 // that turns present meanwhile, a webhook's copy of a
                 // missing one, is left present: the next full scan decides.)
-                Ok((0, _)) => break 'full Ok(()),
-                Ok((_, found_again)) => listed_again = found_again,
+                Ok(Confirmed { unseen: 0, .. }) => break 'full Ok(()),
+                // The second reading listed entries it cannot name: any
+                // lead still unlisted may be one of them.
+                Ok(Confirmed { unnamed, .. }) if unnamed > 0 => {
+                    stats.end_unknown = true;
+                    unproven = Some(unnamed_note(unnamed));
+                    break 'full Ok(());
+                }
+                Ok(Confirmed { found_again, .. }) => listed_again = found_again,
                 Err(e) => break 'full Err(e),
             }
             let (id, now, accept) = (
@@ -389,6 +396,17 @@ pub async fn sync_business(
     }
 }
 
+/// What [`confirm_unseen`] found.
+struct Confirmed {
+    /// Present leads the scan had not listed (before the second reading).
+    unseen: i64,
+    /// The second reading listed some of them.
+    found_again: bool,
+    /// Entries of the second reading that name no lead: any lead it did not
+    /// list either may be one of them, so none is proven gone.
+    unnamed: i64,
+}
+
 /// Before a full scan marks leads missing: a listing read by position
 /// (offset paging, and cursors that hide an offset) that lost a lead while
 /// the scan was between two pages shifted the later leads one place, and
@@ -399,7 +417,8 @@ pub async fn sync_business(
 /// present leads the scan had not listed (before the second reading), and
 /// whether the second reading listed any of them: those were not compared
 /// with the mirror (nothing of the second reading is written), so the pass
-/// cannot say it confirmed every lead (mirror::Covered).
+/// cannot say it confirmed every lead (mirror::Covered); and how many of
+/// its entries name no lead ([`Confirmed`]).
 async fn confirm_unseen(
     store: &Store,
     client: &Arc<Client>,
@@ -408,7 +427,7 @@ async fn confirm_unseen(
     run_id: i64,
     seen: &mut mirror::Fingerprints,
     stop: &CancellationToken,
-) -> Result<(i64, bool), String> {
+) -> Result<Confirmed, String> {
     let unseen = {
         let (id, now, snapshot) = (business_id.to_string(), crate::time::now(), seen.clone());
         store
@@ -417,9 +436,14 @@ async fn confirm_unseen(
             .map_err(|e| format!("cannot count unlisted leads: {e:#}"))?
     };
     if unseen == 0 {
-        return Ok((0, false));
+        return Ok(Confirmed {
+            unseen,
+            found_again: false,
+            unnamed: 0,
+        });
     }
     let mut found_again = false;
+    let mut unnamed = 0i64;
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
     let mut cursor = listing.first();
     let mut confirm = false;
@@ -455,6 +479,7 @@ async fn confirm_unseen(
         for id in ids.chain(&page.unread_ids) {
             found_again |= seen.insert(mirror::id_fingerprint(id));
         }
+        unnamed += (page.skipped - page.unread_ids.len() as i64).max(0);
         match listing.advance(&page)? {
             Step::Next(next) => (cursor, confirm) = (next, false),
             Step::Confirm(next) => (cursor, confirm) = (next, true),
@@ -476,7 +501,11 @@ async fn confirm_unseen(
         unseen,
         pages, "unlisted leads confirmed by a second reading of the listing"
     );
-    Ok((unseen, found_again))
+    Ok(Confirmed {
+        unseen,
+        found_again,
+        unnamed,
+    })
 }
 
 /// Pages a full scan may have fetched and not yet written. The pages waiting
