@@ -1789,9 +1789,10 @@ mod tests {
     }
 
     /// The partner's program edited mirrored rows with values of types
-    /// leadsync never writes (SQLite keeps whatever type it is given): a
-    /// hash or a stamp as text or a number, a business id as a number, a
-    /// status as a number. Reading such a row failed the page's write, so
+    /// leadsync never writes (SQLite keeps a text in an INTEGER column, and
+    /// a blob anywhere; a number in a TEXT column becomes text): a hash as
+    /// text, a stamp, a business id or a status as a blob. Reading such a
+    /// row failed the page's write, so
     /// every pass of the business failed at that page (and every delivery
     /// of the lead), for good. The listing now writes the lead as it
     /// would any changed one, and nothing fails.
@@ -1823,9 +1824,9 @@ mod tests {
         write_page(&mut conn, &ctx, &page).unwrap();
         conn.execute_batch(
             "UPDATE negotiations SET payload_hash = 'edited' WHERE negotiation_id = 'hash';
-             UPDATE negotiations SET last_seen_at = 0 WHERE negotiation_id = 'seen';
-             UPDATE negotiations SET business_id = 12 WHERE negotiation_id = 'business';
-             UPDATE negotiations SET status = 1 WHERE negotiation_id = 'status';",
+             UPDATE negotiations SET last_seen_at = X'30' WHERE negotiation_id = 'seen';
+             UPDATE negotiations SET business_id = X'3132' WHERE negotiation_id = 'business';
+             UPDATE negotiations SET status = X'31' WHERE negotiation_id = 'status';",
         )
         .unwrap();
         // Listed as they were, then changed: neither write fails.
@@ -1854,6 +1855,15 @@ mod tests {
             );
         }
         // The change rows name what the row held, read as text.
+        let kinds: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM negotiations
+                  WHERE typeof(business_id) = 'text' AND typeof(status) = 'text'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kinds, 4);
         let old: Option<String> = conn
             .query_row(
                 "SELECT old_status FROM negotiation_changes
