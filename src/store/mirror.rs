@@ -1875,6 +1875,113 @@ mod tests {
         assert_eq!(old.as_deref(), Some("1"));
     }
 
+    /// A row the partner's program rewrote with the same values in other
+    /// types: the business id `12` as the blob X'3132', the payload hash as
+    /// a text (or an integer that is not the payload's hash). A listing of
+    /// the lead as it was wrote a `changed` row for the blob business (the
+    /// same business, read as another one; `changed_fields` []), and never
+    /// rewrote the hash, so every pass paid a read of the payload and a
+    /// JSON comparison for the lead, for good. Now the business is compared
+    /// by its bytes and both are written back in their own types, with no
+    /// change row.
+    #[test]
+    fn a_listing_rewrites_values_of_other_types_without_a_change_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "12".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: Some("2026-01-01T00:00:00.000Z".into()),
+        };
+        let lead = |id: &str| {
+            let payload = format!(r#"{{"negotiationID":"{id}","status":"Open"}}"#);
+            LeadRow {
+                negotiation_id: id.into(),
+                hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+                payload,
+                status: Some("Open".into()),
+                ..LeadRow::default()
+            }
+        };
+        let ids = ["business", "text-hash", "real-hash", "wrong-hash", "all"];
+        let page: Vec<LeadRow> = ids.iter().map(|id| lead(id)).collect();
+        write_page(&mut conn, &ctx, &page).unwrap();
+        conn.execute_batch(
+            "UPDATE negotiations SET business_id = X'3132'
+              WHERE negotiation_id IN ('business', 'all');
+             UPDATE negotiations SET payload_hash = 'edited'
+              WHERE negotiation_id IN ('text-hash', 'all');
+             UPDATE negotiations SET payload_hash = 1.5 WHERE negotiation_id = 'real-hash';
+             UPDATE negotiations SET payload_hash = 7 WHERE negotiation_id = 'wrong-hash';",
+        )
+        .unwrap();
+        let stats = write_page(&mut conn, &ctx, &page).unwrap();
+        assert_eq!((stats.updated, stats.unchanged), (0, 5), "{stats:?}");
+        let changes: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM negotiation_changes WHERE kind <> 'new'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(changes, 0, "a listing alone creates no change row");
+        for l in &page {
+            let (business, hash): (rusqlite::types::Value, rusqlite::types::Value) = conn
+                .query_row(
+                    "SELECT business_id, payload_hash FROM negotiations WHERE negotiation_id = ?1",
+                    [&l.negotiation_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (business, hash),
+                (
+                    rusqlite::types::Value::Text("12".into()),
+                    rusqlite::types::Value::Integer(l.hash)
+                ),
+                "{}",
+                l.negotiation_id
+            );
+        }
+        // Written back once: the full scan's known leads hold them again
+        // (a lead known unchanged takes no query at all).
+        let known = known_leads(&conn, "12").unwrap();
+        for l in &page {
+            assert!(
+                known
+                    .get(&id_fingerprint(&l.negotiation_id))
+                    .is_some_and(|k| k.unchanged(l.hash, &ctx.stale_before)),
+                "{}",
+                l.negotiation_id
+            );
+        }
+    }
+
+    /// A webhook delivery older than a listing that confirmed the mirrored
+    /// copy is kept out ([`listed_since`]), also when the partner's program
+    /// rewrote the row's business id as a blob: that business was read as
+    /// no business, the listings were not asked, and the older copy was
+    /// written over the newer one.
+    #[test]
+    fn a_delivery_older_than_a_listing_is_kept_out_when_the_business_is_a_blob() {
+        let mut m = Ordering::open_listed();
+        m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
+        m.conn
+            .execute(
+                "UPDATE negotiations SET business_id = X'62' WHERE negotiation_id = '1'",
+                [],
+            )
+            .unwrap();
+        let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+        assert_eq!(done, Upserted::Kept { identical: false });
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 0);
+    }
+
     /// A pass whose end could not be recorded (the mirror locked by the
     /// partner's program past the busy timeout when it finished) left its
     /// `sync_runs` row `running` for as long as the daemon ran: a query for
