@@ -577,8 +577,9 @@ pub fn upsert_lead(
             // is copied out only for a lead that may get a change row. A
             // value of a type leadsync never writes (the partner's edit)
             // fails nothing: a hash that is no integer differs, a stamp
-            // that is no text is stale, a business that is no text is
-            // another one, and the listing writes the lead over it.
+            // that is no text is stale, and the listing writes the lead
+            // over it. A business is compared by its bytes (a blob of the
+            // same bytes is the same business, written back as text).
             use rusqlite::types::ValueRef;
             let hash = match r.get_ref(0)? {
                 ValueRef::Integer(h) => Some(h),
@@ -598,8 +599,11 @@ pub fn upsert_lead(
                 _ => true,
             };
             let missing = !matches!(r.get_ref(2)?, ValueRef::Null);
-            let same_business =
-                matches!(r.get_ref(3)?, ValueRef::Text(b) if b == ctx.business_id.as_bytes());
+            let (same_business, business_blob) = match r.get_ref(3)? {
+                ValueRef::Text(b) => (b == ctx.business_id.as_bytes(), false),
+                ValueRef::Blob(b) => (b == ctx.business_id.as_bytes(), true),
+                _ => (false, false),
+            };
             let old_status = if missing || hash_differs || !same_business {
                 value_text(r.get_ref(4)?)
             } else {
@@ -675,7 +679,12 @@ pub fn upsert_lead(
                     newer_copy || gone_after
                 }
             };
-            let listings = match (ask_listings, text(3), text(5)) {
+            // The business read leniently, as it was compared above.
+            let business = match r.get_ref(3) {
+                Ok(ValueRef::Text(v) | ValueRef::Blob(v)) => Some(v),
+                _ => None,
+            };
+            let listings = match (ask_listings, business, text(5)) {
                 (true, Some(business), Some(changed_at)) => Some((
                     String::from_utf8_lossy(business).into_owned(),
                     String::from_utf8_lossy(changed_at).into_owned(),
@@ -683,18 +692,27 @@ pub fn upsert_lead(
                 _ => None,
             };
             Ok((
-                hash_differs,
+                hash,
                 stale,
                 missing,
                 same_business,
+                same_business && business_blob,
                 old_status,
                 keep,
                 listings,
             ))
         })
         .optional()?;
-    let Some((hash_differs, stale, missing, same_business, old_status, mut keep, listings)) =
-        existing
+    let Some((
+        hash,
+        stale,
+        missing,
+        same_business,
+        business_retyped,
+        old_status,
+        mut keep,
+        listings,
+    )) = existing
     else {
         // Not mirrored, as just looked up in this transaction: inserted.
         if !NewLeads::prepare(tx)?.insert(ctx, lead, origin)? {
@@ -712,15 +730,36 @@ pub fn upsert_lead(
         keep = listed_since(tx, &business_id, &lead.negotiation_id, &changed_at, t)?;
     }
     let mut changed_fields = None;
-    if hash_differs || !same_business {
+    // The hash the stored payload should have, when the stored one is not
+    // it (the partner's edit: a text, a real, another integer). Left so,
+    // the lead would pay the payload's read and comparison on every pass.
+    let mut repaired_hash = None;
+    if hash != Some(lead.hash) || !same_business {
         let old: String = tx
             .prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?
             .query_row([&lead.negotiation_id], |r| Ok(value_text(r.get_ref(0)?)))?
             .unwrap_or_default();
+        let old_hash = xxhash_rust::xxh3::xxh3_64(old.as_bytes()) as i64;
+        repaired_hash = Some(old_hash).filter(|h| hash != Some(*h));
         let fields = differing_fields(&old, &lead.payload);
         if !fields.is_empty() || !same_business {
             changed_fields = Some((old, fields));
         }
+    }
+    // A row not written over below keeps its values, each written back in
+    // its own type (the hash of its payload, its business as text): no
+    // change row, as nothing Thumbtack sent changed.
+    if (changed_fields.is_none() || keep) && (business_retyped || repaired_hash.is_some()) {
+        tx.prepare_cached(
+            "UPDATE negotiations SET business_id = coalesce(?2, business_id),
+                 payload_hash = coalesce(?3, payload_hash)
+              WHERE negotiation_id = ?1",
+        )?
+        .execute(params![
+            lead.negotiation_id,
+            business_retyped.then_some(ctx.business_id.as_str()),
+            repaired_hash
+        ])?;
     }
     if keep {
         return Ok(Upserted::Kept {
