@@ -2021,6 +2021,37 @@ mod tests {
         assert_eq!(changes_of(&m, "1"), 0);
     }
 
+    /// The hash written back over a partner's retyped one is the hash of the
+    /// payload the row keeps, not of the copy kept out: a row whose
+    /// `payload_hash` is not its payload's would be compared wrongly for
+    /// good (an unchanged listing taken for a change, or the reverse).
+    #[test]
+    fn a_kept_out_delivery_over_a_retyped_hash_writes_back_the_kept_payloads_hash() {
+        let mut m = Ordering::open_listed();
+        m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
+        m.conn
+            .execute(
+                "UPDATE negotiations SET payload_hash = 'partner' WHERE negotiation_id = '1'",
+                [],
+            )
+            .unwrap();
+        let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+        assert_eq!(done, Upserted::Kept { identical: false });
+        let (payload, hash, kind): (String, i64, String) = m
+            .conn
+            .query_row(
+                "SELECT payload, payload_hash, typeof(payload_hash) FROM negotiations
+                  WHERE negotiation_id = '1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(kind, "integer");
+        assert_eq!(hash, xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64);
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 0);
+    }
+
     /// A pass whose end could not be recorded (the mirror locked by the
     /// partner's program past the busy timeout when it finished) left its
     /// `sync_runs` row `running` for as long as the daemon ran: a query for
