@@ -714,7 +714,7 @@ impl Daemon {
         )
         .await;
         if !report.is_ok() {
-            warn!("{}", crate::terminal::blank(&report.summary()));
+            warn!("{}", report.summary());
         }
         // The conversations of the leads the pass found new or changed; a
         // failure here is logged and recorded, never fails the pass.
@@ -730,7 +730,7 @@ impl Daemon {
             .await
             {
                 Ok(r) if !r.failed.is_empty() => {
-                    warn!("{}", crate::terminal::blank(&r.summary(&job.business_id)))
+                    warn!("{}", r.summary(&job.business_id))
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),

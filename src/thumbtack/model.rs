@@ -23,6 +23,12 @@ pub struct Page {
     /// `1e3`, read as its text). Such a lead is listed: a full scan never
     /// marks it missing.
     pub unread_ids: Vec<String>,
+    /// Skipped entries that name no lead a reader takes: no readable
+    /// `negotiationID`, or one that is blank or a number not written as
+    /// plain digits (whose text is in [`Page::unread_ids`] all the same).
+    /// Any lead a full scan did not list may be one of them, so such a
+    /// scan marks no lead missing.
+    pub unnamed: i64,
     /// What the page said about the listing (see `paging.rs` for what it means).
     pub markers: Markers,
     /// xxh3 of the ids of every lead listed (read or unchanged), in listing
@@ -579,7 +585,10 @@ fn id_and_hash(payload: &str) -> Option<(String, i64)> {
 /// missing for it. Keys are compared as
 /// bytes, so a key that is no text (a lone surrogate escape, which makes
 /// the lead unreadable) does not stop the scan.
-fn unread_id(payload: &str) -> Option<String> {
+///
+/// With the text: whether a reader takes it as an id ([`id_text`]); an
+/// entry whose id it does not take names no lead ([`Page::unnamed`]).
+fn unread_id(payload: &str) -> Option<(String, bool)> {
     struct IsId(bool);
     impl<'de> Deserialize<'de> for IsId {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -599,8 +608,8 @@ fn unread_id(payload: &str) -> Option<String> {
             d.deserialize_bytes(V)
         }
     }
-    struct LastId<'a>(&'a mut Option<String>);
-    impl<'de> serde::de::Visitor<'de> for LastId<'_> {
+    struct LastId<'a, 'de>(&'a mut Option<&'de RawValue>);
+    impl<'de> serde::de::Visitor<'de> for LastId<'_, 'de> {
         type Value = ();
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a lead object")
@@ -608,7 +617,7 @@ fn unread_id(payload: &str) -> Option<String> {
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             while let Some(IsId(is_id)) = map.next_key()? {
                 if is_id {
-                    *self.0 = text(map.next_value::<Option<&'de RawValue>>()?);
+                    *self.0 = map.next_value::<Option<&'de RawValue>>()?;
                 } else {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -622,7 +631,24 @@ fn unread_id(payload: &str) -> Option<String> {
     let mut id = None;
     let mut de = serde_json::Deserializer::from_str(payload);
     serde::Deserializer::deserialize_map(&mut de, LastId(&mut id)).ok()?;
-    id
+    let id = id?;
+    Some((text(Some(id))?, id_of(id.get()).is_some()))
+}
+
+/// Counts an entry no reader could read into `page` (`payload`: its text):
+/// skipped, its id's text named when it has one, and counted as naming no
+/// lead unless that id is one a reader takes.
+fn skip_entry(page: &mut Page, payload: &str) {
+    page.skipped += 1;
+    match unread_id(payload) {
+        Some((id, usable)) => {
+            page.unread_ids.push(id);
+            if !usable {
+                page.unnamed += 1;
+            }
+        }
+        None => page.unnamed += 1,
+    }
 }
 
 /// A caller's check of a listed lead by its id and payload hash: true when
@@ -694,8 +720,7 @@ fn parse_page_scanning_each(
                     &page.leads[page.leads.len() - 1].negotiation_id
                 }
                 None => {
-                    page.skipped += 1;
-                    page.unread_ids.extend(unread_id(raw.get()));
+                    skip_entry(&mut page, raw.get());
                     ids.skip();
                     continue;
                 }
@@ -775,7 +800,10 @@ fn page_of(read: fast::Read) -> Page {
     let mut ids = IdsDigest::default();
     for lead in read.entries {
         let Some(lead) = lead else {
+            // The fast reader gives up on an entry naming an id it cannot
+            // read (`fast`): one it skips names none.
             page.skipped += 1;
+            page.unnamed += 1;
             ids.skip();
             continue;
         };
@@ -1044,7 +1072,7 @@ mod fast {
 /// care: serde_json skips a raw value, as the other reader reads each entry
 /// and each other value, without a depth limit.)
 mod checked {
-    use super::{IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, unread_id};
+    use super::{IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, skip_entry};
     use serde_json::value::RawValue;
 
     fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -1469,8 +1497,7 @@ mod checked {
                             page.leads.push(lead);
                         }
                         None => {
-                            page.skipped += 1;
-                            page.unread_ids.extend(unread_id(raw.get()));
+                            skip_entry(page, raw.get());
                             ids.skip();
                         }
                     }
@@ -3433,6 +3460,8 @@ mod tests {
                 let named = serde_json::from_str::<String>(id).unwrap_or_else(|_| id.to_string());
                 assert_eq!(page.unread_ids, [named.clone(), named], "{id}");
                 assert_eq!(page.skipped, 2, "{id}");
+                // Yet no lead a reader takes: a full scan cannot name them.
+                assert_eq!(page.unnamed, 2, "{id}");
             }
         }
     }
