@@ -1964,6 +1964,45 @@ impl DatabaseHold {
     }
 }
 
+impl DatabaseHold {
+    /// Whether another holder has the database's flock now: a shared flock
+    /// taken on one of [`DATABASE_FILES`]' descriptors (never closed: see
+    /// there) and released at once. A database that does not exist is not
+    /// held; one that cannot be opened or locked is, as far as can be told.
+    fn is_held(database: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(database) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(_) => return true,
+        };
+        let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = files
+            .iter()
+            .position(|(dev, ino, _, held)| (*dev, *ino) == (meta.dev(), meta.ino()) && !held);
+        let at = match idle {
+            Some(at) => at,
+            None => {
+                let Ok(file) = File::open(database) else {
+                    return true;
+                };
+                let Ok(m) = file.metadata() else {
+                    return true;
+                };
+                files.push((m.dev(), m.ino(), file, false));
+                files.len() - 1
+            }
+        };
+        match files[at].2.try_lock_shared() {
+            Ok(()) => {
+                let _ = files[at].2.unlock();
+                false
+            }
+            Err(_) => true,
+        }
+    }
+}
+
 impl Drop for DatabaseHold {
     fn drop(&mut self) {
         let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
@@ -2096,21 +2135,24 @@ impl ProcessLock {
     }
 
     /// Whether some process holds the lock now. Nothing is kept: a shared
-    /// lock taken to find out is released at once. No lock file: nobody
-    /// holds it; a file that cannot be read: held, as far as can be told.
+    /// lock taken to find out is released at once. A lock file that cannot
+    /// be read: held, as far as can be told. A free or missing lock file is
+    /// not the whole answer: a holder whose lock file was deleted (by hand,
+    /// a cleanup of the directory) still holds the database's own flock,
+    /// and runs (`sync` called such a daemon stopped).
     pub fn is_held(database: &Path) -> bool {
-        let file = match File::open(lock_path(database)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
-            Err(_) => return true,
-        };
-        match file.try_lock_shared() {
-            Ok(()) => {
-                let _ = file.unlock();
-                false
-            }
+        let file_held = match File::open(lock_path(database)) {
+            Ok(file) => match file.try_lock_shared() {
+                Ok(()) => {
+                    let _ = file.unlock();
+                    false
+                }
+                Err(_) => true,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(_) => true,
-        }
+        };
+        file_held || DatabaseHold::is_held(database)
     }
 
     /// The pid the lock file names (the holder's, while it is held).
