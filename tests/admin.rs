@@ -858,6 +858,54 @@ async fn healthz_turns_503_while_the_drainer_is_stuck() {
     assert_eq!(status("/nope").await.map(|r| r.0), Some(404));
 }
 
+/// The mirror's file removed or moved away under the running daemon (a
+/// cleanup, a restore gone wrong): the daemon goes on writing to a file
+/// nobody else can open, lost when it stops, while the partner's programs
+/// write a new one it never reads. `/healthz` said 200 all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_while_the_database_file_is_gone() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides("127.0.0.1:0", ""),
+    )
+    .await;
+    let (mut daemon, _) = Daemon::start(&env, &[]).await;
+    let url = format!("{}/healthz", daemon.base);
+    let mut wait_for = async |what: &str, ok: &dyn Fn(u16, &str) -> bool| -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        loop {
+            daemon.assert_running(what);
+            if let Some((s, _, body)) = get(&url).await {
+                if ok(s, &body) {
+                    return body;
+                }
+                last = Some((s, body));
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{what}: never (last: {last:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait_for("healthz answering 200", &|s, _| s == 200).await;
+    let db = env.database();
+    let moved = db.with_extension("moved");
+    std::fs::rename(&db, &moved).unwrap();
+    let body = wait_for("healthz naming the missing database", &|s, b| {
+        s == 503 && b.contains("database file")
+    })
+    .await;
+    assert!(
+        body.contains(&db.display().to_string()) && body.contains("removed or replaced"),
+        "{body}"
+    );
+    std::fs::rename(&moved, &db).unwrap();
+    wait_for("healthz recovering", &|s, _| s == 200).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_admin_address_needs_allow_remote() {
     let env = Env::small().await;

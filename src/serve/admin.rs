@@ -36,6 +36,49 @@ pub struct Health {
     /// Whether a sync of the database to disk has failed (then webhook
     /// deliveries are refused until restart); `None`: not watched.
     pub disk: Option<store::DurableSyncWatch>,
+    /// The mirror's file as opened, to tell when it is removed or replaced
+    /// under the daemon; `None`: not watched.
+    pub database: Option<DatabaseFile>,
+}
+
+/// The mirror's path and the file (device, inode) it named when the
+/// daemon opened it.
+#[derive(Debug)]
+pub struct DatabaseFile {
+    path: PathBuf,
+    id: (u64, u64),
+}
+
+impl DatabaseFile {
+    /// The file `path` names now.
+    pub fn of(path: &std::path::Path) -> std::io::Result<DatabaseFile> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path)?;
+        Ok(DatabaseFile {
+            path: path.to_path_buf(),
+            id: (m.dev(), m.ino()),
+        })
+    }
+
+    /// Why the path no longer names the file opened, if it does not (a
+    /// path that cannot be looked at says nothing either way).
+    fn problem(&self) -> Option<String> {
+        use std::os::unix::fs::MetadataExt;
+        let now = match std::fs::metadata(&self.path) {
+            Ok(m) => Some((m.dev(), m.ino())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => return None,
+        };
+        (now != Some(self.id)).then(|| {
+            format!(
+                "the database file {} was removed or replaced while leadsync runs: leadsync \
+                 still writes the file it opened, which no other program sees and which is lost \
+                 when leadsync stops, and outbox rows written to a new file are never read; put \
+                 the file back, or restart leadsync to open what is there now",
+                self.path.display()
+            )
+        })
+    }
 }
 
 /// What `/healthz`, `status` and the log say once a sync of the database
@@ -59,6 +102,9 @@ impl Health {
         let mut stuck = Vec::new();
         if let Some(why) = self.disk_failure() {
             stuck.push(disk_failure_message(&why));
+        }
+        if let Some(why) = self.database.as_ref().and_then(DatabaseFile::problem) {
+            stuck.push(why);
         }
         for (name, beat) in [
             ("scheduler", &self.scheduler_beat),
@@ -206,7 +252,11 @@ impl Admin {
             return Ok(None);
         };
         let listener = super::bind(addr, "admin.listen").await?;
+        let database_file = DatabaseFile::of(&database)
+            .map_err(|e| warn!(error = %e, database = %database.display(), "cannot watch the database file for /healthz"))
+            .ok();
         let health = Arc::new(Health {
+            database: database_file,
             scheduler_beat,
             drain_beat,
             stale_after: Duration::from_secs_f64(config.file.admin.stale_after_secs),
@@ -326,6 +376,7 @@ mod tests {
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
             disk: Some(store.durable_sync_watch()),
+            database: None,
         });
         let get = |path: &'static str| {
             let health = health.clone();
@@ -381,6 +432,7 @@ mod tests {
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
             disk: None,
+            database: None,
         };
         assert_eq!(h.problem(), None);
         tokio::time::advance(Duration::from_millis(2_500)).await;
