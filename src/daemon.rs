@@ -248,6 +248,7 @@ pub async fn run_with(
         daemon.scheduler_beat.clone(),
         daemon.drain_beat.clone(),
         Some(session.store.durable_sync_watch()),
+        Some(session.store.write_watch()),
     )
     .await?;
     controls.bound.send_replace(Some(Bound {

@@ -39,6 +39,9 @@ pub struct Health {
     /// The mirror's file as opened, to tell when it is removed or replaced
     /// under the daemon; `None`: not watched.
     pub database: Option<DatabaseFile>,
+    /// Whether the daemon's writes to the mirror fail for want of storage;
+    /// `None`: not watched.
+    pub writes: Option<store::WriteWatch>,
 }
 
 /// The mirror's path and the file (device, inode) it named when the
@@ -105,6 +108,13 @@ impl Health {
         }
         if let Some(why) = self.database.as_ref().and_then(DatabaseFile::problem) {
             stuck.push(why);
+        }
+        if let Some((why, since)) = self.writes.as_ref().and_then(store::WriteWatch::failure) {
+            stuck.push(format!(
+                "writes to the database fail ({why}) for {:.1} s: no pass, send or webhook \
+                 delivery is recorded; check the disk that holds it (full? read-only?)",
+                since.as_secs_f64()
+            ));
         }
         for (name, beat) in [
             ("scheduler", &self.scheduler_beat),
@@ -173,6 +183,14 @@ async fn readyz(State(health): State<Arc<Health>>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", disk_failure_message(&why)),
+        )
+            .into_response();
+    }
+    // Nor can a delivery be stored while writes fail.
+    if let Some((why, _)) = health.writes.as_ref().and_then(store::WriteWatch::failure) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: writes to the database fail ({why})\n"),
         )
             .into_response();
     }
@@ -247,6 +265,7 @@ impl Admin {
         scheduler_beat: Arc<Heartbeat>,
         drain_beat: Arc<Heartbeat>,
         disk: Option<store::DurableSyncWatch>,
+        writes: Option<store::WriteWatch>,
     ) -> Result<Option<Admin>> {
         let Some(addr) = config.admin_listen else {
             return Ok(None);
@@ -257,6 +276,7 @@ impl Admin {
             .ok();
         let health = Arc::new(Health {
             database: database_file,
+            writes,
             scheduler_beat,
             drain_beat,
             stale_after: Duration::from_secs_f64(config.file.admin.stale_after_secs),
@@ -377,6 +397,7 @@ mod tests {
             mirror_error: Mutex::new(None),
             disk: Some(store.durable_sync_watch()),
             database: None,
+            writes: None,
         });
         let get = |path: &'static str| {
             let health = health.clone();
@@ -433,6 +454,7 @@ mod tests {
             mirror_error: Mutex::new(None),
             disk: None,
             database: None,
+            writes: None,
         };
         assert_eq!(h.problem(), None);
         tokio::time::advance(Duration::from_millis(2_500)).await;

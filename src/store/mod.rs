@@ -1628,6 +1628,51 @@ pub struct Store {
     wal_sync: Arc<WalSync>,
     /// When the last urgent job was asked for (ms since the epoch; 0: never).
     last_urgent_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether the writer thread's writes fail for want of storage.
+    writes: WriteWatch,
+}
+
+/// Whether the writer thread's last writes failed for want of storage (a
+/// full disk, an I/O error, a file system turned read-only), and since
+/// when; cleared by the next job that commits a change. For `/healthz`:
+/// the loops go on beating while none of their writes lands.
+#[derive(Clone, Debug, Default)]
+pub struct WriteWatch(Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>);
+
+impl WriteWatch {
+    /// Why writes fail, and for how long, while they do.
+    pub fn failure(&self) -> Option<(String, Duration)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(why, since)| (why.clone(), since.elapsed()))
+    }
+
+    /// A job's result: `wrote` when it committed a change.
+    fn note<R>(&self, result: &Result<R>, wrote: bool) {
+        let mut failed = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(_) if wrote => *failed = None,
+            Ok(_) => {}
+            Err(e) => {
+                let storage = e.chain().find_map(|c| {
+                    let code = c.downcast_ref::<rusqlite::Error>()?.sqlite_error_code()?;
+                    matches!(
+                        code,
+                        rusqlite::ErrorCode::DiskFull
+                            | rusqlite::ErrorCode::SystemIoFailure
+                            | rusqlite::ErrorCode::ReadOnly
+                    )
+                    .then(|| c.to_string())
+                });
+                if let Some(why) = storage {
+                    let since = failed.take().map_or_else(std::time::Instant::now, |f| f.1);
+                    *failed = Some((why, since));
+                }
+            }
+        }
+    }
 }
 
 /// How many idle read-only connections a [`Store`] keeps (one per business
@@ -1693,6 +1738,7 @@ impl Store {
             wal_sync,
             last_urgent_ms: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             readers,
+            writes: WriteWatch::default(),
         })
     }
 
@@ -1826,6 +1872,12 @@ impl Store {
         self.wal_sync.lock().failed.clone()
     }
 
+    /// A handle that tells whether the writer thread's writes fail for want
+    /// of storage ([`WriteWatch`]), without keeping the store open.
+    pub fn write_watch(&self) -> WriteWatch {
+        self.writes.clone()
+    }
+
     /// A handle that tells [`Store::durable_sync_failure`] without keeping
     /// the store (its writer thread) open.
     pub fn durable_sync_watch(&self) -> DurableSyncWatch {
@@ -1886,9 +1938,16 @@ impl Store {
         R: Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let writes = self.writes.clone();
         self.jobs.0.push(
             Box::new(move |conn| {
-                let _ = tx.send(f(conn));
+                let before = conn.total_changes();
+                let result = f(conn);
+                writes.note(
+                    &result,
+                    conn.total_changes() != before && conn.is_autocommit(),
+                );
+                let _ = tx.send(result);
             }),
             urgent,
         );
