@@ -254,7 +254,13 @@ fn the_unit_gives_up_on_a_crash_loop() {
     );
     let analyze = std::path::Path::new("/usr/bin/systemd-analyze");
     if !analyze.exists() {
-        eprintln!("no systemd-analyze here: the unit is not verified");
+        // CI images may lack systemd: the start limit above is still
+        // checked; only systemd's own reading of the unit is skipped.
+        eprintln!(
+            "SKIPPED part of the_unit_gives_up_on_a_crash_loop: {} is not installed, \
+             so `systemd-analyze verify` of the unit did not run (its start limit was checked)",
+            analyze.display()
+        );
         return;
     }
     // `verify` wants ExecStart's binary to exist: the one built here.

@@ -2045,8 +2045,15 @@ impl DatabaseHold {
                 let Ok(file) = File::open(database) else {
                     return true;
                 };
-                let Ok(m) = file.metadata() else {
-                    return true;
+                let m = match file.metadata() {
+                    Ok(m) => m,
+                    Err(_) => {
+                        // Closing any descriptor on the database drops this
+                        // process's SQLite (fcntl) locks on it: never close
+                        // this one either (see DATABASE_FILES).
+                        std::mem::forget(file);
+                        return true;
+                    }
                 };
                 files.push((m.dev(), m.ino(), file, false));
                 files.len() - 1
