@@ -940,15 +940,10 @@ fn set_file_size_limit(pid: u32, limit: u64) {
 /// no signal): it cannot take a sync request, record a pass or a send, nor
 /// store a webhook delivery, and logged a warning twice a second, while
 /// `/healthz` answered `ok`. It says why until a write succeeds again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn healthz_turns_503_while_the_daemons_writes_fail() {
+/// `leadsync run` with SIGXFSZ ignored (a full disk sends no signal: its
+/// writes just fail), once its admin listener answers.
+async fn daemon_whose_file_size_limit_can_be_lowered(env: &Env) -> Daemon {
     use std::os::unix::process::CommandExt;
-    let env = Env::new(
-        SandboxOptions::default(),
-        false,
-        &admin_overrides("127.0.0.1:0", ""),
-    )
-    .await;
     let log = env.dir.path().join("daemon.log");
     let mut cmd = env.cli();
     cmd.arg("run").stderr(std::fs::File::create(&log).unwrap());
@@ -977,45 +972,81 @@ async fn healthz_turns_503_while_the_daemons_writes_fail() {
         tokio::time::sleep(Duration::from_millis(25)).await;
     };
     daemon.base = format!("http://{at}");
+    daemon
+}
+
+/// Waits until `url` answers as `ok` says, and returns the body.
+async fn wait_for_answer(
+    daemon: &mut Daemon,
+    url: &str,
+    what: &str,
+    ok: &dyn Fn(u16, &str) -> bool,
+) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    loop {
+        daemon.assert_running(what);
+        if let Some((s, _, body)) = get(url).await {
+            if ok(s, &body) {
+                return body;
+            }
+            last = Some((s, body));
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{what}: never (last: {last:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `body` names why the writes fail as SQLite says it (no fixed
+/// text that any body holds).
+fn names_the_storage_error(body: &str) -> bool {
+    [
+        "(database or disk is full)",
+        "(disk I/O error)",
+        "(attempt to write a readonly database)",
+    ]
+    .iter()
+    .any(|why| body.contains(&format!("writes to the database fail {why}")))
+}
+
+/// The daemon's writes to the mirror fail (a full disk; here its file size
+/// limit is lowered to 0 under it, with SIGXFSZ ignored as a full disk sends
+/// no signal): it cannot take a sync request, record a pass or a send, nor
+/// store a webhook delivery, and logged a warning twice a second, while
+/// `/healthz` answered `ok`. It says why until a write succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_while_the_daemons_writes_fail() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides("127.0.0.1:0", ""),
+    )
+    .await;
+    let mut daemon = daemon_whose_file_size_limit_can_be_lowered(&env).await;
     env.wait_for_initial_passes(3);
     let url = format!("{}/healthz", daemon.base);
     let readyz = format!("{}/readyz", daemon.base);
-    let mut wait_for = async |what: &str, ok: &dyn Fn(u16, &str) -> bool| -> String {
-        let end = std::time::Instant::now() + Duration::from_secs(30);
-        let mut last = None;
-        loop {
-            daemon.assert_running(what);
-            if let Some((s, _, body)) = get(&url).await {
-                if ok(s, &body) {
-                    return body;
-                }
-                last = Some((s, body));
-            }
-            assert!(
-                std::time::Instant::now() < end,
-                "{what}: never (last: {last:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    };
-    wait_for("healthz answering 200", &|s, _| s == 200).await;
+    wait_for_answer(&mut daemon, &url, "healthz answering 200", &|s, _| s == 200).await;
     let pid = daemon_pid(&env);
     set_file_size_limit(pid, 0);
     env.sql()
         .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
         .unwrap();
-    let body = wait_for("healthz naming the failed writes", &|s, b| {
+    let body = wait_for_answer(&mut daemon, &url, "healthz naming the failed writes", &|s, b| {
         s == 503 && b.contains("writes to the database fail")
     })
     .await;
-    assert!(body.contains("disk"), "{body}");
+    assert!(names_the_storage_error(&body), "{body}");
     let ready = get(&readyz).await;
     assert!(
         matches!(&ready, Some((503, _, b)) if b.contains("writes to the database fail")),
         "{ready:?}"
     );
     set_file_size_limit(pid, u64::MAX);
-    wait_for("healthz recovering", &|s, _| s == 200).await;
+    wait_for_answer(&mut daemon, &url, "healthz recovering", &|s, _| s == 200).await;
     common::wait_until("the request runs", Duration::from_secs(30), || {
         count(
             &env.sql(),
@@ -1023,6 +1054,47 @@ async fn healthz_turns_503_while_the_daemons_writes_fail() {
         ) == 1
     })
     .await;
+}
+
+/// The same with no business enabled (a daemon that only stores webhook
+/// deliveries, or waits for businesses to be enabled): nothing it writes
+/// changed a row once the failed request was withdrawn (its lag table is
+/// empty, so rewriting it deletes nothing), so nothing cleared the failure
+/// after the disk had room again, and `/readyz` at 503 withheld the very
+/// deliveries whose writes would have cleared it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_recovers_with_no_business_enabled_once_writes_work_again() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides("127.0.0.1:0", ""),
+    )
+    .await;
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    assert!(fixture.contains("[[businesses]]\n"), "{fixture}");
+    std::fs::write(
+        &env.fixture,
+        fixture.replace("[[businesses]]\n", "[[businesses]]\nenabled = false\n"),
+    )
+    .unwrap();
+    let mut daemon = daemon_whose_file_size_limit_can_be_lowered(&env).await;
+    let url = format!("{}/healthz", daemon.base);
+    let readyz = format!("{}/readyz", daemon.base);
+    wait_for_answer(&mut daemon, &url, "healthz answering 200", &|s, _| s == 200).await;
+    let pid = daemon_pid(&env);
+    set_file_size_limit(pid, 0);
+    env.sql()
+        .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
+        .unwrap();
+    let body = wait_for_answer(&mut daemon, &url, "healthz naming the failed writes", &|s, b| {
+        s == 503 && b.contains("writes to the database fail")
+    })
+    .await;
+    assert!(names_the_storage_error(&body), "{body}");
+    env.sql().execute("DELETE FROM sync_requests", []).unwrap();
+    set_file_size_limit(pid, u64::MAX);
+    wait_for_answer(&mut daemon, &url, "healthz recovering", &|s, _| s == 200).await;
+    wait_for_answer(&mut daemon, &readyz, "readyz recovering", &|s, _| s == 200).await;
 }
 
 /// The pid the mirror's lock file names (the daemon's).

@@ -1634,7 +1634,8 @@ pub struct Store {
 
 /// Whether the writer thread's last writes failed for want of storage (a
 /// full disk, an I/O error, a file system turned read-only), and since
-/// when; cleared by the next job that commits a change. For `/healthz`:
+/// when; cleared by the next job that commits a write to the disk (pages
+/// written to the WAL, whether or not a row changed). For `/healthz`:
 /// the loops go on beating while none of their writes lands.
 #[derive(Clone, Debug, Default)]
 pub struct WriteWatch(Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>);
@@ -1649,7 +1650,7 @@ impl WriteWatch {
             .map(|(why, since)| (why.clone(), since.elapsed()))
     }
 
-    /// A job's result: `wrote` when it committed a change.
+    /// A job's result: `wrote` when it committed pages to the disk.
     fn note<R>(&self, result: &Result<R>, wrote: bool) {
         let mut failed = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match result {
@@ -1941,11 +1942,11 @@ impl Store {
         let writes = self.writes.clone();
         self.jobs.0.push(
             Box::new(move |conn| {
-                let before = conn.total_changes();
+                let before = pages_written(conn);
                 let result = f(conn);
                 writes.note(
                     &result,
-                    conn.total_changes() != before && conn.is_autocommit(),
+                    pages_written(conn) != before && conn.is_autocommit(),
                 );
                 let _ = tx.send(result);
             }),
@@ -1953,6 +1954,31 @@ impl Store {
         );
         rx.await
             .map_err(|_| anyhow!("the database thread stopped before answering"))?
+    }
+}
+
+/// Pages `conn` has written to the WAL so far (SQLite's
+/// `SQLITE_DBSTATUS_CACHE_WRITE`): what tells a write that reached the disk,
+/// whether or not it changed a row (rewriting an empty table changes none
+/// but writes its page), from one that wrote nothing (an UPDATE that
+/// matched no row).
+fn pages_written(conn: &Connection) -> i64 {
+    let (mut cur, mut hi) = (0, 0);
+    // SAFETY: the handle is open for the duration of the borrow, and the
+    // pointers are to live locals.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_status(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_WRITE,
+            &mut cur,
+            &mut hi,
+            0,
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        i64::from(cur)
+    } else {
+        0
     }
 }
 
