@@ -1035,9 +1035,12 @@ async fn healthz_turns_503_while_the_daemons_writes_fail() {
     env.sql()
         .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
         .unwrap();
-    let body = wait_for_answer(&mut daemon, &url, "healthz naming the failed writes", &|s, b| {
-        s == 503 && b.contains("writes to the database fail")
-    })
+    let body = wait_for_answer(
+        &mut daemon,
+        &url,
+        "healthz naming the failed writes",
+        &|s, b| s == 503 && b.contains("writes to the database fail"),
+    )
     .await;
     assert!(names_the_storage_error(&body), "{body}");
     let ready = get(&readyz).await;
@@ -1086,9 +1089,12 @@ async fn healthz_recovers_with_no_business_enabled_once_writes_work_again() {
     env.sql()
         .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
         .unwrap();
-    let body = wait_for_answer(&mut daemon, &url, "healthz naming the failed writes", &|s, b| {
-        s == 503 && b.contains("writes to the database fail")
-    })
+    let body = wait_for_answer(
+        &mut daemon,
+        &url,
+        "healthz naming the failed writes",
+        &|s, b| s == 503 && b.contains("writes to the database fail"),
+    )
     .await;
     assert!(names_the_storage_error(&body), "{body}");
     env.sql().execute("DELETE FROM sync_requests", []).unwrap();
