@@ -232,8 +232,9 @@ pub async fn sync_business(
     let mut seen = mirror::Fingerprints::default();
     let mut style = None;
     let mut why = None;
-    // List entries of a full scan that name no lead (Page::skipped less
-    // Page::unread_ids): each is a lead listed that cannot be told apart.
+    // List entries of a full scan that name no lead (Page::unnamed: no
+    // readable negotiationID, or a blank or odd one): each is a lead listed
+    // that cannot be told apart.
     let mut unnamed = 0i64;
     let result = read_pages(
         store,
@@ -479,7 +480,7 @@ async fn confirm_unseen(
         for id in ids.chain(&page.unread_ids) {
             found_again |= seen.insert(mirror::id_fingerprint(id));
         }
-        unnamed += (page.skipped - page.unread_ids.len() as i64).max(0);
+        unnamed += page.unnamed;
         match listing.advance(&page)? {
             Step::Next(next) => (cursor, confirm) = (next, false),
             Step::Confirm(next) => (cursor, confirm) = (next, true),
@@ -1060,7 +1061,7 @@ async fn read_all_pages(
                 // Listed though unreadable: never marked missing for that.
                 seen.extend(page.unread_ids.iter().map(|id| mirror::id_fingerprint(id)));
                 // Listed, naming no lead: no unlisted lead is proven gone.
-                *unnamed += (page.skipped - page.unread_ids.len() as i64).max(0);
+                *unnamed += page.unnamed;
                 let mut leads = std::mem::take(&mut page.leads);
                 let listed = leads.len() + page.unchanged.len();
                 let mut all_unknown = true;

@@ -555,6 +555,54 @@ async fn a_full_scan_listing_an_entry_it_cannot_name_marks_no_lead_missing() {
     assert_eq!((outcome.as_str(), error), ("ok", None), "{out}");
 }
 
+/// Merge of poll and hooks: an entry whose `negotiationID` is blank or a
+/// number not written as plain digits (`1000.0`) is skipped, its text
+/// named in `unread_ids` (hooks), yet it names no lead either: any lead the
+/// scan did not list may be that one. Counted as listed by name only, it
+/// let the scan mark the unlisted leads missing, the lead behind that
+/// entry among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_scan_listing_a_blank_or_odd_id_marks_no_lead_missing() {
+    for odd in [serde_json::json!(" "), serde_json::json!(1000.0)] {
+        let env = Env::new(
+            SandboxOptions {
+                businesses: 1,
+                leads_per_business: 8,
+                ..Default::default()
+            },
+            false,
+            FAST,
+        )
+        .await;
+        let b = env.business_ids()[0].clone();
+        let ids = env.sandbox.lead_ids(&b);
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 0, "{out}");
+        env.sandbox
+            .mutate(Mutation::Patch {
+                negotiation_id: ids[2].clone(),
+                patch: serde_json::json!({ "negotiationID": odd }),
+            })
+            .unwrap();
+        env.sandbox
+            .mutate(Mutation::Remove {
+                negotiation_id: ids[6].clone(),
+            })
+            .unwrap();
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 0, "{odd}: {out}");
+        assert_eq!(missing_ids(&env), BTreeSet::new(), "{odd}: {out}");
+        let (_, outcome, _, error, missing) = last_run(&env);
+        assert_eq!((outcome.as_str(), missing), ("ok", 0), "{odd}: {out}");
+        assert!(
+            error
+                .unwrap_or_default()
+                .contains("1 list entry read without a readable negotiationID"),
+            "{odd}: {out}"
+        );
+    }
+}
+
 /// A strict server that refuses `offset` (400): the confirmation fails,
 /// so the end is unknown: the pass succeeds, marks nothing, says why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
