@@ -167,7 +167,7 @@ pub async fn poll_after_pass(
         report.leads += 1;
         report.new_messages += new;
         if let Some(e) = &error {
-            warn!(negotiation_id, error = %crate::terminal::blank(e), "cannot read the lead's messages");
+            warn!(negotiation_id, error = %e, "cannot read the lead's messages");
             report.failed.push((negotiation_id.clone(), e.clone()));
         }
         // Only a refusal counts toward the backoff: a failure on the way (an
