@@ -375,12 +375,18 @@ impl Admin {
         let database_file = DatabaseFile::of(&database)
             .map_err(|e| warn!(error = %e, database = %database.display(), "cannot watch the database file for /healthz"))
             .ok();
+        let stale_after = Duration::from_secs_f64(config.file.admin.stale_after_secs);
+        if let Some(writes) = &writes {
+            // A failure of writes is cleared once they have worked for as
+            // long as a loop may be silent, at most 30 s.
+            writes.set_quiet(stale_after.min(store::WRITES_QUIET));
+        }
         let health = Arc::new(Health {
             database: database_file,
             writes,
             scheduler_beat,
             drain_beat,
-            stale_after: Duration::from_secs_f64(config.file.admin.stale_after_secs),
+            stale_after,
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
             disk,
