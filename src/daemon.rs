@@ -199,6 +199,7 @@ pub async fn run_with(
         requests: Mutex::new(HashMap::new()),
         last_ticket: AtomicI64::new(0),
         lag_written: Mutex::new(None),
+        lag_failing: Mutex::new(None),
         last_status_ms: AtomicI64::new(0),
         scheduler_beat: Arc::new(Heartbeat::new()),
         drain_beat: Arc::new(Heartbeat::new()),
@@ -510,6 +511,14 @@ struct Reloaded {
 /// of its own, not by the row's id: a row deleted while it runs and another
 /// inserted with the same id are two requests, each answered by its own
 /// passes.
+/// Writing `schedule_lag` fails: since when, when that was last logged,
+/// and how many tries failed.
+struct LagFailing {
+    since_ms: i64,
+    logged_ms: i64,
+    attempts: u64,
+}
+
 #[derive(Clone)]
 struct RequestState {
     row_id: i64,
@@ -591,6 +600,9 @@ struct Daemon {
     last_ticket: AtomicI64,
     /// The backlog last written to `schedule_lag`, and when.
     lag_written: Mutex<Option<(Vec<requests::ScheduleLag>, i64)>>,
+    /// Since when writing `schedule_lag` fails, while it does: logged when
+    /// it starts, at most once a minute meanwhile, and when it ends.
+    lag_failing: Mutex<Option<LagFailing>>,
     last_status_ms: AtomicI64,
     scheduler_beat: Arc<Heartbeat>,
     drain_beat: Arc<Heartbeat>,
@@ -814,10 +826,16 @@ impl Daemon {
             }
             self.write_lag().await;
             record_disk_failure(&self.store, &self.disk_alert).await;
-            let wait = next
-                .and_then(|n| (n - chrono::Utc::now()).to_std().ok())
-                .unwrap_or(Duration::ZERO)
-                .clamp(Duration::from_millis(5), Duration::from_secs(1));
+            // No schedule (no business enabled): the second of the
+            // heartbeat; with `Duration::ZERO` there, the timer spun every
+            // 5 ms, and rewrote `schedule_lag` as often while writes failed.
+            let wait = match next {
+                None => Duration::from_secs(1),
+                Some(n) => (n - chrono::Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO)
+                    .clamp(Duration::from_millis(5), Duration::from_secs(1)),
+            };
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
                 _ = self.schedules_changed.notified() => {}
@@ -1303,9 +1321,12 @@ impl Daemon {
     /// at least once a minute, so `status` can tell a live daemon's figures).
     /// Called by the timer about once a second; writes nothing while idle,
     /// except while the store's writes fail for want of storage: then it
-    /// writes each time, so the first write that lands again clears that
-    /// failure (`/healthz`, `/readyz`) even with no business to sync and no
+    /// writes each time until one lands, so that the failure (`/healthz`,
+    /// `/readyz`) is cleared once writes have worked for its quiet period
+    /// ([`crate::store::WriteWatch`]) even with no business to sync and no
     /// other write to make (the table rewritten empty still writes a page).
+    /// A failure to write it is logged when it starts, at most once a
+    /// minute while it lasts, and when it ends.
     async fn write_lag(&self) {
         let rows: Vec<requests::ScheduleLag> = {
             let lag = self.lock_queue().lag();
@@ -1335,7 +1356,7 @@ impl Daemon {
             if let Some((last, at)) = written.as_ref()
                 && *last == rows
                 && now - at < 60_000
-                && self.store.write_watch().failure().is_none()
+                && !self.store.write_watch().failing()
             {
                 return;
             }
@@ -1354,8 +1375,41 @@ impl Daemon {
             .call(move |c| requests::write_lag(c, &stamped))
             .await
         {
-            Ok(()) => *lock(&self.lag_written) = Some((rows, now)),
-            Err(e) => warn!(error = %format!("{e:#}"), "cannot record the schedules' lag"),
+            Ok(()) => {
+                *lock(&self.lag_written) = Some((rows, now));
+                if let Some(f) = lock(&self.lag_failing).take() {
+                    info!(
+                        failed_for_secs = (now - f.since_ms) / 1000,
+                        attempts = f.attempts,
+                        "the schedules' lag is recorded again"
+                    );
+                }
+            }
+            Err(e) => {
+                let mut failing = lock(&self.lag_failing);
+                match failing.as_mut() {
+                    None => {
+                        warn!(error = %format!("{e:#}"), "cannot record the schedules' lag (tried again every second; logged again at most once a minute while it fails)");
+                        *failing = Some(LagFailing {
+                            since_ms: now,
+                            logged_ms: now,
+                            attempts: 1,
+                        });
+                    }
+                    Some(f) => {
+                        f.attempts += 1;
+                        if now - f.logged_ms >= 60_000 {
+                            f.logged_ms = now;
+                            warn!(
+                                error = %format!("{e:#}"),
+                                failing_for_secs = (now - f.since_ms) / 1000,
+                                attempts = f.attempts,
+                                "still cannot record the schedules' lag"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 

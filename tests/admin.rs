@@ -946,7 +946,9 @@ async fn daemon_whose_file_size_limit_can_be_lowered(env: &Env) -> Daemon {
     use std::os::unix::process::CommandExt;
     let log = env.dir.path().join("daemon.log");
     let mut cmd = env.cli();
-    cmd.arg("run").stderr(std::fs::File::create(&log).unwrap());
+    // Through a pipe, copied to the log by this process: the daemon's file
+    // size limit would stop its own writes to a log file as well.
+    cmd.arg("run").stderr(std::process::Stdio::piped());
     // SAFETY: signal(2) only, between fork and exec; an ignored signal
     // stays ignored across exec.
     unsafe {
@@ -955,7 +957,21 @@ async fn daemon_whose_file_size_limit_can_be_lowered(env: &Env) -> Daemon {
             Ok(())
         });
     }
-    let child = common::spawn(&mut cmd).unwrap();
+    let mut child = common::spawn(&mut cmd).unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let mut file = std::fs::File::create(&log).unwrap();
+    std::thread::spawn(move || {
+        use std::io::Write;
+        let mut buf = [0; 4096];
+        loop {
+            match std::io::Read::read(&mut stderr, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    let _ = file.write_all(&buf[..n]);
+                }
+            }
+        }
+    });
     let mut daemon = Daemon {
         child,
         log: log.clone(),
@@ -1022,7 +1038,7 @@ async fn healthz_turns_503_while_the_daemons_writes_fail() {
     let env = Env::new(
         SandboxOptions::default(),
         false,
-        &admin_overrides("127.0.0.1:0", ""),
+        &admin_overrides("127.0.0.1:0", QUIET),
     )
     .await;
     let mut daemon = daemon_whose_file_size_limit_can_be_lowered(&env).await;
@@ -1070,7 +1086,7 @@ async fn healthz_recovers_with_no_business_enabled_once_writes_work_again() {
     let env = Env::new(
         SandboxOptions::default(),
         false,
-        &admin_overrides("127.0.0.1:0", ""),
+        &admin_overrides("127.0.0.1:0", QUIET),
     )
     .await;
     let fixture = std::fs::read_to_string(&env.fixture).unwrap();
@@ -1097,11 +1113,57 @@ async fn healthz_recovers_with_no_business_enabled_once_writes_work_again() {
     )
     .await;
     assert!(names_the_storage_error(&body), "{body}");
+    // The lag table is rewritten every second while writes fail: each
+    // failure was logged, 3,600 warnings an hour onto what is likely the
+    // same full disk. Once at first, then at most once a minute.
+    wait_for_answer(&mut daemon, &url, "writes failing for 4 s", &|s, b| {
+        s == 503 && failing_for(b).is_some_and(|secs| secs >= 4.0)
+    })
+    .await;
+    let lag_warnings = || {
+        std::fs::read_to_string(&daemon.log)
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("cannot record the schedules' lag"))
+            .count()
+    };
+    assert_eq!(
+        lag_warnings(),
+        1,
+        "{}",
+        std::fs::read_to_string(&daemon.log).unwrap()
+    );
     env.sql().execute("DELETE FROM sync_requests", []).unwrap();
     set_file_size_limit(pid, u64::MAX);
     wait_for_answer(&mut daemon, &url, "healthz recovering", &|s, _| s == 200).await;
     wait_for_answer(&mut daemon, &readyz, "readyz recovering", &|s, _| s == 200).await;
+    let log = std::fs::read_to_string(&daemon.log).unwrap();
+    let again = log
+        .lines()
+        .find(|l| l.contains("the schedules' lag is recorded again"))
+        .unwrap_or_else(|| panic!("{log}"));
+    // About one try a second: with no schedule the timer spun every 5 ms,
+    // and rewrote the table 200 times a second while writes failed.
+    let field = |name: &str| -> i64 {
+        again
+            .split_once(&format!("{name}="))
+            .and_then(|(_, v)| v.split(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in {again}"))
+    };
+    let (secs, attempts) = (field("failed_for_secs"), field("attempts"));
+    assert!(attempts <= secs + 3, "{again}");
 }
+
+/// How long `/healthz` says writes have failed, if it says so.
+fn failing_for(body: &str) -> Option<f64> {
+    let (_, rest) = body.split_once("writes to the database fail (")?;
+    let (_, rest) = rest.split_once(") for ")?;
+    rest.split_once(" s")?.0.parse().ok()
+}
+
+/// `[admin]` for the tests of failing writes: a failure is cleared once
+/// writes have worked for `stale_after_secs`, at most 30 s; 3 s here.
+const QUIET: &str = "stale_after_secs = 3\n";
 
 /// The pid the mirror's lock file names (the daemon's).
 fn daemon_pid(env: &Env) -> u32 {

@@ -54,8 +54,17 @@ pub struct DatabaseFile {
     look: fn(&std::path::Path) -> std::io::Result<(u64, u64)>,
     /// How long `/healthz` waits for that before it answers 503.
     within: Duration,
-    /// Whether a look is under way (perhaps hung on the storage).
-    looking: Arc<std::sync::atomic::AtomicBool>,
+    /// The look under way (perhaps hung on the storage), if one is.
+    looking: Arc<Mutex<Option<Look>>>,
+}
+
+/// A look at the database file under way: when it started, and its answer
+/// once it has one (`Some(problem)`; the sender dropped with none: it
+/// panicked, which says nothing either way).
+#[derive(Debug)]
+struct Look {
+    started: std::time::Instant,
+    answer: tokio::sync::watch::Receiver<Option<Option<String>>>,
 }
 
 /// The (device, inode) `path` names now.
@@ -106,11 +115,12 @@ impl DatabaseFile {
 
     /// [`DatabaseFile::problem`] off the async workers: a stat(2) on hung
     /// storage (a dead NFS server, a failing disk) blocks, and would tie up
-    /// a worker per probe. One look at a time; one that does not return
-    /// within `within` (or is still under way from an earlier probe) is a
-    /// problem itself.
+    /// a worker per probe. One look at a time: a probe that arrives while
+    /// one is under way waits for that look's answer (two monitors probing
+    /// together both get it); a look that has not answered within `within`
+    /// of its start is a problem itself, for the probe that started it and
+    /// for every later one until it returns.
     async fn problem_promptly(&self) -> Option<String> {
-        use std::sync::atomic::Ordering;
         let hung = || {
             format!(
                 "the database file {} could not be looked at within {:.1} s: the storage that \
@@ -119,23 +129,43 @@ impl DatabaseFile {
                 self.within.as_secs_f64()
             )
         };
-        if self.looking.swap(true, Ordering::AcqRel) {
-            return Some(hung());
-        }
-        let (path, id, look, looking) =
-            (self.path.clone(), self.id, self.look, self.looking.clone());
-        let task = tokio::task::spawn_blocking(move || {
-            let problem = Self::problem_of(&path, id, look);
-            looking.store(false, Ordering::Release);
-            problem
-        });
-        match tokio::time::timeout(self.within, task).await {
-            Ok(Ok(problem)) => problem,
-            // A look that panicked says nothing either way.
-            Ok(Err(_)) => {
-                self.looking.store(false, Ordering::Release);
-                None
+        let (started, mut answer) = {
+            let mut looking = self.looking.lock().unwrap_or_else(|p| p.into_inner());
+            match looking.as_ref() {
+                Some(look) => (look.started, look.answer.clone()),
+                None => {
+                    let (tx, rx) = tokio::sync::watch::channel(None);
+                    let started = std::time::Instant::now();
+                    *looking = Some(Look {
+                        started,
+                        answer: rx.clone(),
+                    });
+                    let (path, id, look, slot) =
+                        (self.path.clone(), self.id, self.look, self.looking.clone());
+                    // Not awaited: a look that hangs is left to finish (or
+                    // never), and marks the file as hung meanwhile.
+                    drop(tokio::task::spawn_blocking(move || {
+                        /// Clears the mark however the look ends, a panic
+                        /// included: else every later probe answered 503
+                        /// until a restart.
+                        struct Done(Arc<Mutex<Option<Look>>>);
+                        impl Drop for Done {
+                            fn drop(&mut self) {
+                                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+                            }
+                        }
+                        let _done = Done(slot);
+                        let _ = tx.send(Some(Self::problem_of(&path, id, look)));
+                    }));
+                    (started, rx)
+                }
             }
+        };
+        let left = self.within.saturating_sub(started.elapsed());
+        match tokio::time::timeout(left, answer.wait_for(Option::is_some)).await {
+            Ok(Ok(problem)) => problem.clone().flatten(),
+            // A look that panicked says nothing either way.
+            Ok(Err(_)) => None,
             Err(_) => Some(hung()),
         }
     }
@@ -345,12 +375,18 @@ impl Admin {
         let database_file = DatabaseFile::of(&database)
             .map_err(|e| warn!(error = %e, database = %database.display(), "cannot watch the database file for /healthz"))
             .ok();
+        let stale_after = Duration::from_secs_f64(config.file.admin.stale_after_secs);
+        if let Some(writes) = &writes {
+            // A failure of writes is cleared once they have worked for as
+            // long as a loop may be silent, at most 30 s.
+            writes.set_quiet(stale_after.min(store::WRITES_QUIET));
+        }
         let health = Arc::new(Health {
             database: database_file,
             writes,
             scheduler_beat,
             drain_beat,
-            stale_after: Duration::from_secs_f64(config.file.admin.stale_after_secs),
+            stale_after,
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
             disk,
@@ -583,6 +619,110 @@ mod tests {
         let end = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let (status, body) = probe(health.clone()).await.unwrap();
+            if status == StatusCode::OK {
+                break;
+            }
+            assert!(std::time::Instant::now() < end, "never 200 again: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// `/healthz` on a `Health` whose only problem could be the database file.
+    fn healthz_probe(health: Arc<Health>) -> tokio::task::JoinHandle<(StatusCode, String)> {
+        use tower::ServiceExt;
+        tokio::spawn(async move {
+            let resp = router(health)
+                .oneshot(
+                    axum::http::Request::get("/healthz")
+                        .body(axum::body::Body::empty())
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let status = resp.status();
+            let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                .await
+                .unwrap();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        })
+    }
+
+    fn health_looking_with(
+        path: &str,
+        look: fn(&std::path::Path) -> std::io::Result<(u64, u64)>,
+        within: Duration,
+    ) -> Arc<Health> {
+        Arc::new(Health {
+            scheduler_beat: Arc::new(Heartbeat::new()),
+            drain_beat: Arc::new(Heartbeat::new()),
+            stale_after: Duration::from_secs(3600),
+            stopping: CancellationToken::new(),
+            mirror_error: Mutex::new(None),
+            disk: None,
+            database: Some(DatabaseFile {
+                path: PathBuf::from(path),
+                id: (1, 1),
+                look,
+                within,
+                looking: Arc::default(),
+            }),
+            writes: None,
+        })
+    }
+
+    /// Two monitors probing at once: the second probe, arriving while the
+    /// first one's look (well within the limit) was under way, was answered
+    /// 503 "could not be looked at" at once. It shares that look instead.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_healthz_probes_of_a_healthy_daemon_all_answer_200() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static NOW: AtomicUsize = AtomicUsize::new(0);
+        static MOST: AtomicUsize = AtomicUsize::new(0);
+        fn slowish(_: &std::path::Path) -> std::io::Result<(u64, u64)> {
+            MOST.fetch_max(NOW.fetch_add(1, Ordering::SeqCst) + 1, Ordering::SeqCst);
+            // A slow but healthy stat: far below the limit.
+            std::thread::sleep(Duration::from_millis(30));
+            NOW.fetch_sub(1, Ordering::SeqCst);
+            Ok((1, 1))
+        }
+        let health = health_looking_with("/slowish/m.db", slowish, Duration::from_secs(5));
+        let probes: Vec<_> = (0..32).map(|_| healthz_probe(health.clone())).collect();
+        for probe in probes {
+            let (status, body) = probe.await.unwrap();
+            assert_eq!(status, StatusCode::OK, "{body}");
+        }
+        assert_eq!(MOST.load(Ordering::SeqCst), 1, "one look at a time");
+    }
+
+    /// A look that panics after the probe that started it gave up left the
+    /// "a look is under way" mark set for good: 503 until a restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_look_that_panics_after_its_probe_gave_up_does_not_block_later_ones() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        static RELEASE: AtomicBool = AtomicBool::new(false);
+        static LOOKS: AtomicUsize = AtomicUsize::new(0);
+        fn hangs_then_panics(_: &std::path::Path) -> std::io::Result<(u64, u64)> {
+            if LOOKS.fetch_add(1, Ordering::SeqCst) > 0 {
+                return Ok((1, 1));
+            }
+            let end = std::time::Instant::now() + Duration::from_secs(8);
+            while !RELEASE.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            panic!("the look panics (injected)");
+        }
+        let health = health_looking_with(
+            "/panics/m.db",
+            hangs_then_panics,
+            Duration::from_millis(100),
+        );
+        let (status, body) = healthz_probe(health.clone()).await.unwrap();
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("could not be looked at"), "{body}");
+        RELEASE.store(true, Ordering::SeqCst);
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = healthz_probe(health.clone()).await.unwrap();
             if status == StatusCode::OK {
                 break;
             }

@@ -1632,29 +1632,107 @@ pub struct Store {
     writes: WriteWatch,
 }
 
-/// Whether the writer thread's last writes failed for want of storage (a
-/// full disk, an I/O error, a file system turned read-only), and since
-/// when; cleared by the next job that commits a write to the disk (pages
-/// written to the WAL, whether or not a row changed). For `/healthz`:
-/// the loops go on beating while none of their writes lands.
+/// Whether the writer thread's writes fail for want of storage (a full
+/// disk, an I/O error, a file system turned read-only), and since when. For
+/// `/healthz` and `/readyz`: the loops go on beating while none of their
+/// writes lands.
+///
+/// A failure is cleared only once writes have worked for a quiet period
+/// ([`WRITES_QUIET`] unless [`WriteWatch::set_quiet`] says otherwise) with
+/// no storage failure in it: a job that commits pages to the WAL file
+/// (whether or not a row changed) starts that period, the next storage
+/// failure ends it. One small write that still fits (the lag table,
+/// rewritten every second while writes fail) between two failures of a
+/// large one (a sync pass) cleared it, and `/healthz` flapped to 200 while
+/// every pass failed. The "since" of a failure is kept until it is cleared,
+/// so the time it reports goes on counting across such flaps.
 #[derive(Clone, Debug, Default)]
-pub struct WriteWatch(Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>);
+pub struct WriteWatch(Arc<std::sync::Mutex<WriteState>>);
+
+/// How long writes must work with no storage failure before a failure is
+/// cleared, unless [`WriteWatch::set_quiet`] says otherwise.
+pub const WRITES_QUIET: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct WriteState {
+    failed: Option<WriteFailure>,
+    quiet: Duration,
+}
+
+impl Default for WriteState {
+    fn default() -> Self {
+        WriteState {
+            failed: None,
+            quiet: WRITES_QUIET,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct WriteFailure {
+    /// The last storage error.
+    why: String,
+    /// The first storage failure since the last clearing.
+    since: std::time::Instant,
+    /// The first write that worked after the last storage failure.
+    working_since: Option<std::time::Instant>,
+}
+
+impl WriteState {
+    /// Clears a failure whose quiet period has passed.
+    fn settle(&mut self) {
+        if self
+            .failed
+            .as_ref()
+            .and_then(|f| f.working_since)
+            .is_some_and(|t| t.elapsed() >= self.quiet)
+        {
+            self.failed = None;
+        }
+    }
+}
 
 impl WriteWatch {
-    /// Why writes fail, and for how long, while they do.
-    pub fn failure(&self) -> Option<(String, Duration)> {
-        self.0
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .as_ref()
-            .map(|(why, since)| (why.clone(), since.elapsed()))
+    fn lock(&self) -> std::sync::MutexGuard<'_, WriteState> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A job's result: `wrote` when it committed pages to the disk.
+    /// Why writes fail, and for how long, until they have worked for the
+    /// quiet period.
+    pub fn failure(&self) -> Option<(String, Duration)> {
+        let mut state = self.lock();
+        state.settle();
+        state
+            .failed
+            .as_ref()
+            .map(|f| (f.why.clone(), f.since.elapsed()))
+    }
+
+    /// Whether the last write that committed or failed for storage failed:
+    /// no write has worked since the last storage failure.
+    pub fn failing(&self) -> bool {
+        self.lock()
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.working_since.is_none())
+    }
+
+    /// How long writes must work with no storage failure before a failure
+    /// is cleared ([`WRITES_QUIET`] by default).
+    pub fn set_quiet(&self, quiet: Duration) {
+        self.lock().quiet = quiet;
+    }
+
+    /// A job's result: `wrote` when it committed pages to the WAL file.
     fn note<R>(&self, result: &Result<R>, wrote: bool) {
-        let mut failed = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.lock();
+        state.settle();
         match result {
-            Ok(_) if wrote => *failed = None,
+            Ok(_) if wrote => {
+                if let Some(f) = state.failed.as_mut() {
+                    f.working_since.get_or_insert_with(std::time::Instant::now);
+                }
+            }
             Ok(_) => {}
             Err(e) => {
                 let storage = e.chain().find_map(|c| {
@@ -1668,8 +1746,15 @@ impl WriteWatch {
                     .then(|| c.to_string())
                 });
                 if let Some(why) = storage {
-                    let since = failed.take().map_or_else(std::time::Instant::now, |f| f.1);
-                    *failed = Some((why, since));
+                    let since = state
+                        .failed
+                        .take()
+                        .map_or_else(std::time::Instant::now, |f| f.since);
+                    state.failed = Some(WriteFailure {
+                        why,
+                        since,
+                        working_since: None,
+                    });
                 }
             }
         }
@@ -1957,8 +2042,10 @@ impl Store {
     }
 }
 
-/// Pages `conn` has written to the WAL so far (SQLite's
-/// `SQLITE_DBSTATUS_CACHE_WRITE`): what tells a write that reached the disk,
+/// Pages `conn` has written to the WAL file so far (SQLite's
+/// `SQLITE_DBSTATUS_CACHE_WRITE`): what tells a write the file system took
+/// (with `synchronous = NORMAL` a commit is written to the WAL file, which
+/// is in the OS page cache until the WAL is next synced or checkpointed),
 /// whether or not it changed a row (rewriting an empty table changes none
 /// but writes its page), from one that wrote nothing (an UPDATE that
 /// matched no row).
@@ -2031,7 +2118,17 @@ impl DatabaseHold {
             None => {
                 let file = File::open(database)
                     .with_context(|| format!("cannot open {} to lock it", database.display()))?;
-                let m = file.metadata()?;
+                let m = match file.metadata() {
+                    Ok(m) => m,
+                    Err(e) => {
+                        // Closing any descriptor on the database drops this
+                        // process's SQLite (fcntl) locks on it: never close
+                        // this one either (see DATABASE_FILES).
+                        std::mem::forget(file);
+                        return Err(e)
+                            .with_context(|| format!("cannot read {}", database.display()));
+                    }
+                };
                 files.push((m.dev(), m.ino(), file, false));
                 files.len() - 1
             }
@@ -2510,6 +2607,56 @@ fn free_name(tx: &Connection, base: &str) -> rusqlite::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A storage error as the writer thread sees one.
+    fn disk_full() -> Result<()> {
+        Err(anyhow::Error::new(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        ))
+        .context("cannot record the pass"))
+    }
+
+    /// A large write that keeps failing (a sync pass) and small ones that
+    /// still fit (the lag table, rewritten every second while writes fail):
+    /// each small one cleared the failure, and `/healthz` went 200 between
+    /// two failed passes. Writes must work for a quiet period with no
+    /// storage failure first, and the "for N s" goes on counting meanwhile.
+    #[test]
+    fn a_small_write_that_fits_between_failing_ones_does_not_clear_the_failure() {
+        let watch = WriteWatch::default();
+        watch.note(&disk_full(), false);
+        let (why, _) = watch.failure().expect("a failure");
+        assert!(why.contains("full"), "{why}");
+        // As if it had failed for a minute.
+        let minute = Duration::from_secs(60);
+        watch.lock().failed.as_mut().unwrap().since -= minute;
+        watch.note(&Ok(()), true);
+        assert!(
+            watch.failure().is_some(),
+            "cleared by one small write right after a failure"
+        );
+        watch.note(&disk_full(), false);
+        let (_, since) = watch.failure().expect("failing again");
+        assert!(since >= minute, "the count restarted: {since:?}");
+        assert!(watch.failing());
+        watch.note(&Ok(()), true);
+        assert!(watch.failure().is_some());
+        assert!(!watch.failing(), "a write worked since the last failure");
+        // A write that committed nothing starts no quiet period.
+        let other = WriteWatch::default();
+        other.set_quiet(Duration::ZERO);
+        other.note(&disk_full(), false);
+        other.note(&Ok(()), false);
+        assert!(other.failure().is_some());
+        // Once the quiet period has passed with no failure, it is cleared,
+        // and a later failure counts from itself.
+        watch.set_quiet(Duration::ZERO);
+        assert_eq!(watch.failure(), None);
+        watch.note(&disk_full(), false);
+        let (_, again) = watch.failure().expect("failing anew");
+        assert!(again < minute, "{again:?} counts from the earlier failure");
+    }
 
     /// `sudo leadsync probe` (root) before the daemon's first start: the
     /// probe takes the lock before anything else, and a lock file root
