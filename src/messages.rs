@@ -54,6 +54,15 @@ pub fn next_poll_after(failures: i64, polled: DateTime<Utc>) -> Option<DateTime<
     Some(polled + wait)
 }
 
+/// How far before a lead's mark a page must reach for a poll to stop
+/// there. A message can become visible after a later one was listed (sent
+/// while a poll read the conversation, stamped by a server whose clock is a
+/// little behind): dated just before the mark, it fell on the page after
+/// the one that reached the mark, and no later poll, stopping even sooner,
+/// ever read it. Reading on this far costs a page more at most, and only
+/// when the messages around the mark straddle a page's end.
+pub const LATE_SLACK: chrono::Duration = chrono::Duration::minutes(10);
+
 /// A conversation longer than this many pages is not read further in one
 /// poll: paging that does not end is a loop, not a conversation.
 const MAX_PAGES: i64 = 500;
@@ -258,8 +267,9 @@ impl Failure {
 }
 
 /// Reads one lead's conversation back from the newest message until it
-/// reaches `complete_through` (the newest message of the last complete
-/// poll: everything before it is in the mirror), or the end. A message the
+/// reaches [`LATE_SLACK`] before `complete_through` (the newest message of
+/// the last complete poll: everything before it is in the mirror, but for
+/// a message that became visible late), or the end. A message the
 /// mirror has from a webhook is not such a mark: a webhook brings one
 /// message, not the history before it.
 async fn poll_lead(
@@ -372,7 +382,8 @@ async fn poll_lead(
         if let Some(t) = times.iter().max() {
             poll.newest = poll.newest.max(Some(*t));
         }
-        let reached_known = complete_through.is_some_and(|known| times.iter().any(|t| *t <= known));
+        let reached_known =
+            complete_through.is_some_and(|known| times.iter().any(|t| *t <= known - LATE_SLACK));
         let (n, b, now) = (
             negotiation_id.to_string(),
             business_id.to_string(),

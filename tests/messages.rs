@@ -1746,3 +1746,45 @@ async fn the_sandbox_messages_endpoint_takes_limit_1_to_20_and_both_time_bounds(
         assert_eq!(status, 400, "{key}: {v}");
     }
 }
+
+/// A message that becomes visible late (another node's clock a little
+/// behind, a listing that showed it only after the poll) can be dated just
+/// before the lead's mark. A later poll stopped on the first page holding
+/// a message at or before the mark: when the page ended exactly there, the
+/// late message was on the next page, and no poll ever read it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_visible_late_just_before_the_mark_is_still_read() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let lead = env
+        .sandbox
+        .lead_ids(&business)
+        .into_iter()
+        .find(|l| env.sandbox.messages(l).is_empty())
+        .expect("a lead without messages");
+    env.run_ok(&["sync", "--business", &business]);
+    let now = chrono::Utc::now();
+    let at = |minutes: i64| leadsync::time::fmt(now - chrono::Duration::minutes(minutes));
+    env.add_messages_at(&lead, vec![at(60), at(30)]);
+    env.set_status(&lead, "Picked");
+    env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    assert_eq!(messages_of(&db, &lead), 2);
+    // 19 newer messages, and one dated a second before the mark: the
+    // newest page is the 19 and the mark's message, exactly.
+    let mut times: Vec<String> = (1..=19)
+        .map(|k| leadsync::time::fmt(now - chrono::Duration::seconds(1000 - k)))
+        .collect();
+    times.push(leadsync::time::fmt(
+        now - chrono::Duration::minutes(30) - chrono::Duration::seconds(1),
+    ));
+    env.add_messages_at(&lead, times);
+    env.set_status(&lead, "Hired");
+    let o = env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(
+        messages_of(&db, &lead),
+        env.sandbox.messages(&lead).len() as i64,
+        "every message of the conversation is mirrored: {}",
+        text(&o)
+    );
+}
