@@ -1788,3 +1788,61 @@ async fn a_message_visible_late_just_before_the_mark_is_still_read() {
         text(&o)
     );
 }
+
+/// The same message object stored by a webhook delivery and by a poll gave
+/// two different rows: an empty `text` was `''` from a webhook and NULL from
+/// a poll, a `sentAt` that is a number was NULL from a webhook and the
+/// number from a poll. Whichever path brings it first, a message's columns
+/// are the same.
+#[test]
+fn a_message_has_the_same_columns_whether_delivered_or_polled() {
+    use leadsync::thumbtack::webhook::parse_delivery;
+    for data in [
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"","sentAt":"2024-06-14T09:30:00+23:59"}"#,
+        r#"{"messageID":"2","negotiationID":"5","from":"","text":"hi","sentAt":1718357400}"#,
+        r#"{"messageID":"3","negotiationID":"5","from":"Business","text":"a\u0000b","sentAt":"2024-06-14T09:30:00.1Z"}"#,
+        r#"{"messageID":"4","negotiationID":"5","from":7,"text":12,"sentAt":null}"#,
+        r#"{"messageID":"5","negotiationID":"5","from":"Customer","text":"ok \ud83d\ude00","sentAt":"x"}"#,
+    ] {
+        let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+        let (_, effect) = leadsync::ingest::delivery_effect(
+            parse_delivery(body.as_bytes()).unwrap(),
+            &body,
+            leadsync::time::now(),
+        );
+        let messages::Effect::Message(hook) = effect else {
+            panic!("{data}: not a message");
+        };
+        let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
+        let polled = parse_message(&raw).unwrap();
+        assert_eq!(
+            (&hook.sent_at, &hook.sender, &hook.text, &hook.payload),
+            (
+                &polled.sent_at,
+                &polled.sender,
+                &polled.text,
+                &polled.payload
+            ),
+            "{data}"
+        );
+    }
+}
+
+/// A text with an escape that is no Unicode character (a lone surrogate,
+/// as a client that cut an emoji in two sends it) was stored as NULL, by a
+/// webhook and by a poll alike: the message looked empty. Its text is kept,
+/// the broken escape shown as U+FFFD; the payload keeps it exactly.
+#[test]
+fn a_message_text_with_a_lone_surrogate_keeps_the_rest_of_its_text() {
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let data = r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"On my way \ud83d and \"more\"\ude00","sentAt":"2024-06-14T09:30:00Z"}"#;
+    let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
+    let expected = "On my way \u{FFFD} and \"more\"\u{FFFD}";
+    assert_eq!(parse_message(&raw).unwrap().text.as_deref(), Some(expected));
+    let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+    let Content::Message(m) = parse_delivery(body.as_bytes()).unwrap().content else {
+        panic!("not a message");
+    };
+    assert_eq!(m.text.as_deref(), Some(expected));
+    assert_eq!(m.payload, data);
+}

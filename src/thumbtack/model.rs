@@ -1870,11 +1870,69 @@ pub fn parse_message(raw: &RawValue) -> Option<Message> {
         sent_at: sent_at_raw
             .as_deref()
             .map(|t| crate::time::sortable_utc(t).unwrap_or_else(|| t.to_string())),
-        sender: text(f.from),
-        text: text(f.text),
+        sender: f.from.and_then(|r| string_lossy(r.get())),
+        text: f.text.and_then(|r| string_lossy(r.get())),
         sent_at_raw,
         payload: payload.to_string(),
     })
+}
+
+/// A JSON string's text exactly, an empty one included (a message with
+/// attachments only has the text `""`, not none); `None` for any other
+/// value. An escape that is no Unicode character (a lone surrogate, as a
+/// client that cut an emoji in two writes it) becomes U+FFFD instead of
+/// costing the whole text; the payload keeps it as sent. A message's
+/// `from` and `text` are read by this alone, whether a webhook or a poll
+/// brings them, so that both store the same row.
+pub fn string_lossy(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(inner.to_string());
+    }
+    if let Ok(s) = serde_json::from_str::<String>(raw) {
+        return Some(s);
+    }
+    let mut out = String::with_capacity(inner.len());
+    // UTF-16 units of consecutive `\u` escapes, decoded together so that
+    // a pair is one character and a lone half is U+FFFD.
+    let mut units: Vec<u16> = Vec::new();
+    let flush = |units: &mut Vec<u16>, out: &mut String| {
+        out.extend(
+            char::decode_utf16(units.drain(..)).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)),
+        );
+    };
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            flush(&mut units, &mut out);
+            out.push(c);
+            continue;
+        }
+        let unescaped = match chars.next()? {
+            'u' => {
+                let hex: String = chars.by_ref().take(4).collect();
+                if hex.len() != 4 {
+                    return None;
+                }
+                units.push(u16::from_str_radix(&hex, 16).ok()?);
+                continue;
+            }
+            '"' => '"',
+            '\\' => '\\',
+            '/' => '/',
+            'b' => '\u{8}',
+            'f' => '\u{c}',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            _ => return None,
+        };
+        flush(&mut units, &mut out);
+        out.push(unescaped);
+    }
+    flush(&mut units, &mut out);
+    Some(out)
 }
 
 /// Parses a conversation page: `{"data": [...], "pagination": {"limit": N}}`

@@ -3,7 +3,7 @@
 //! the two event types leadsync applies, and the subscription objects of
 //! `/businesses/{id}/webhooks`. Every assumption about their shape is here.
 
-use super::model::parse_lead;
+use super::model::{parse_lead, parse_message};
 use crate::lead::LeadRow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -89,12 +89,6 @@ struct Ids<'a> {
     business_id: Option<&'a RawValue>,
     #[serde(borrow, default)]
     business: Option<&'a RawValue>,
-    #[serde(rename = "sentAt", borrow, default)]
-    sent_at: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    from: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    text: Option<&'a RawValue>,
 }
 
 /// A JSON string, else `None` (ids are strings on the wire: a number is refused).
@@ -238,12 +232,21 @@ fn message(data: Option<&RawValue>) -> Content {
             };
         }
     };
-    let sent_at = string(ids.sent_at).map(|t| crate::time::sortable_utc(&t).unwrap_or(t));
+    // `sentAt`, `from` and `text` as a poll reads them ([`parse_message`]):
+    // the same message is the same row whichever path brings it first.
+    let Some(read) = parse_message(data) else {
+        return Content::Unusable {
+            reason: "`data` is not a readable message".into(),
+            negotiation_id: Some(negotiation_id),
+            message_id: Some(message_id),
+        };
+    };
+    let (sent_at, sender, text) = (read.sent_at, read.sender, read.text);
     Content::Message(Message {
         business_id: business_of(&ids),
         sent_at,
-        sender: string(ids.from),
-        text: string(ids.text),
+        sender,
+        text,
         message_id,
         negotiation_id,
         payload: data.get().to_string(),
