@@ -1846,3 +1846,38 @@ fn a_message_text_with_a_lone_surrogate_keeps_the_rest_of_its_text() {
     assert_eq!(m.text.as_deref(), Some(expected));
     assert_eq!(m.payload, data);
 }
+
+/// JSON allows a repeated key, and a lead that repeats one is read with its
+/// last value counting. A message that repeated one (any key: `text`,
+/// `attachments`) was not a message at all: a poll skipped it as "without a
+/// messageID" and a webhook kept it as `ignored`, so it was never mirrored.
+/// Its last value counts, by either path.
+#[test]
+fn a_message_that_repeats_a_key_is_stored_with_its_last_value() {
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let data = r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"draft","text":"final","sentAt":"2024-06-14T09:30:00Z","attachments":[],"attachments":[]}"#;
+    let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
+    let polled = parse_message(&raw).expect("a message repeating a key is a message");
+    assert_eq!(
+        (polled.message_id.as_str(), polled.text.as_deref()),
+        ("1", Some("final"))
+    );
+    let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+    match parse_delivery(body.as_bytes()).unwrap().content {
+        Content::Message(m) => assert_eq!(m.text.as_deref(), Some("final")),
+        Content::Unusable { reason, .. } => panic!("unusable: {reason}"),
+        _ => panic!("not a message"),
+    }
+    // A lead delivered repeating a key is a lead too, as a poll reads it.
+    let body = r#"{"event":{"eventType":"NegotiationCreatedV4"},"data":{"negotiationID":"5","business":{"businessID":"1"},"business":{"businessID":"2"},"status":"Open"}}"#;
+    match parse_delivery(body.as_bytes()).unwrap().content {
+        Content::Negotiation { lead, business_id } => {
+            assert_eq!(
+                (lead.negotiation_id.as_str(), business_id.as_deref()),
+                ("5", Some("2"))
+            )
+        }
+        Content::Unusable { reason, .. } => panic!("unusable: {reason}"),
+        _ => panic!("not a negotiation"),
+    }
+}

@@ -1841,18 +1841,41 @@ struct LimitOnly {
     limit: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct MessageFields<'a> {
-    #[serde(rename = "messageID", borrow, default)]
-    message_id: Option<&'a RawValue>,
-    #[serde(rename = "negotiationID", borrow, default)]
-    negotiation_id: Option<&'a RawValue>,
-    #[serde(rename = "sentAt", borrow, default)]
-    sent_at: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    from: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    text: Option<&'a RawValue>,
+/// The raw values of `keys` in the JSON object `payload`, in their order;
+/// `None` when `payload` is not a readable object. A key the object repeats
+/// (JSON allows it) counts with its last value, as in JavaScript and as a
+/// lead's do: a message or a delivery repeating one is still read, by a
+/// poll and a webhook alike.
+pub fn object_fields<'a, const N: usize>(
+    payload: &'a str,
+    keys: [&str; N],
+) -> Option<[Option<&'a RawValue>; N]> {
+    struct Fields<'k, const N: usize>(&'k [&'k str; N]);
+    impl<'de, const N: usize> serde::de::Visitor<'de> for Fields<'_, N> {
+        type Value = [Option<&'de RawValue>; N];
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut values = [None; N];
+            while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
+                match self.0.iter().position(|k| *k == key) {
+                    Some(i) => values[i] = Some(map.next_value::<&'de RawValue>()?),
+                    None => {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(values)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(payload);
+    let values = serde::Deserializer::deserialize_map(&mut de, Fields(&keys)).ok()?;
+    de.end().ok()?;
+    Some(values)
 }
 
 /// Reads one message; `None` when it is not an object with a `messageID`.
@@ -1861,17 +1884,20 @@ pub fn parse_message(raw: &RawValue) -> Option<Message> {
     if !payload.trim_start().starts_with('{') {
         return None;
     }
-    let f: MessageFields = serde_json::from_str(payload).ok()?;
-    let message_id = text(f.message_id).filter(|s| !s.is_empty())?;
-    let sent_at_raw = text(f.sent_at);
+    let [message_id, negotiation_id, sent_at, from, text_field] = object_fields(
+        payload,
+        ["messageID", "negotiationID", "sentAt", "from", "text"],
+    )?;
+    let message_id = text(message_id).filter(|s| !s.is_empty())?;
+    let sent_at_raw = text(sent_at);
     Some(Message {
         message_id,
-        negotiation_id: text(f.negotiation_id).filter(|s| !s.is_empty()),
+        negotiation_id: text(negotiation_id).filter(|s| !s.is_empty()),
         sent_at: sent_at_raw
             .as_deref()
             .map(|t| crate::time::sortable_utc(t).unwrap_or_else(|| t.to_string())),
-        sender: f.from.and_then(|r| string_lossy(r.get())),
-        text: f.text.and_then(|r| string_lossy(r.get())),
+        sender: from.and_then(|r| string_lossy(r.get())),
+        text: text_field.and_then(|r| string_lossy(r.get())),
         sent_at_raw,
         payload: payload.to_string(),
     })

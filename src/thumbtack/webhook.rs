@@ -3,7 +3,7 @@
 //! the two event types leadsync applies, and the subscription objects of
 //! `/businesses/{id}/webhooks`. Every assumption about their shape is here.
 
-use super::model::{parse_lead, parse_message};
+use super::model::{object_fields, parse_lead, parse_message};
 use crate::lead::LeadRow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -79,15 +79,13 @@ struct Event<'a> {
     triggered_at: Option<&'a RawValue>,
 }
 
-#[derive(Deserialize, Default)]
+/// The ids of a delivery's `data` (a repeated key counts with its last
+/// value, as a poll reads it: [`object_fields`]).
+#[derive(Default)]
 struct Ids<'a> {
-    #[serde(rename = "negotiationID", borrow, default)]
     negotiation_id: Option<&'a RawValue>,
-    #[serde(rename = "messageID", borrow, default)]
     message_id: Option<&'a RawValue>,
-    #[serde(rename = "businessID", borrow, default)]
     business_id: Option<&'a RawValue>,
-    #[serde(borrow, default)]
     business: Option<&'a RawValue>,
 }
 
@@ -120,15 +118,10 @@ fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
 
 /// `data.business.businessID`, else `data.businessID` (strings only).
 fn business_of(ids: &Ids) -> Option<String> {
-    #[derive(Deserialize)]
-    struct Business<'a> {
-        #[serde(rename = "businessID", borrow, default)]
-        business_id: Option<&'a RawValue>,
-    }
     ids.business
         .filter(|b| is_object(b))
-        .and_then(|b| serde_json::from_str::<Business>(b.get()).ok())
-        .and_then(|b| string(b.business_id))
+        .and_then(|b| object_fields(b.get(), ["businessID"]))
+        .and_then(|[b]| string(b))
         .or_else(|| string(ids.business_id))
         .filter(|s| !s.is_empty())
 }
@@ -189,8 +182,17 @@ fn data_ids(data: Option<&RawValue>) -> Result<(&RawValue, Ids<'_>), String> {
     if !is_object(data) {
         return Err("`data` is not a JSON object".into());
     }
-    let ids: Ids =
-        serde_json::from_str(data.get()).map_err(|e| format!("`data` is not readable: {e}"))?;
+    let [negotiation_id, message_id, business_id, business] = object_fields(
+        data.get(),
+        ["negotiationID", "messageID", "businessID", "business"],
+    )
+    .ok_or_else(|| "`data` is not readable".to_string())?;
+    let ids = Ids {
+        negotiation_id,
+        message_id,
+        business_id,
+        business,
+    };
     Ok((data, ids))
 }
 
