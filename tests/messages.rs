@@ -1881,3 +1881,29 @@ fn a_message_that_repeats_a_key_is_stored_with_its_last_value() {
         _ => panic!("not a negotiation"),
     }
 }
+
+/// A delivery whose envelope or `event` repeats a key is still JSON, and
+/// SPEC §8 answers 400 only to a body that is not JSON or has no
+/// `event.eventType`. It was refused with a 400 ("not a delivery
+/// envelope: duplicate field"), so the message it carried was never
+/// stored, not even in `webhook_events`, and Thumbtack retried it in vain.
+#[test]
+fn a_delivery_that_repeats_a_key_of_its_envelope_is_read() {
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let message = r#"{"messageID":"1","negotiationID":"5","text":"hi"}"#;
+    for body in [
+        format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4","webhookID":"w","eventType":"MessageCreatedV4"}},"data":{message}}}"#
+        ),
+        format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{{"messageID":"0"}},"data":{message}}}"#
+        ),
+    ] {
+        let delivery = parse_delivery(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+        match delivery.content {
+            Content::Message(m) => assert_eq!(m.text.as_deref(), Some("hi"), "{body}"),
+            Content::Unusable { reason, .. } => panic!("{body}: unusable: {reason}"),
+            _ => panic!("{body}: not a message"),
+        }
+    }
+}
