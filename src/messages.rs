@@ -59,8 +59,9 @@ pub fn next_poll_after(failures: i64, polled: DateTime<Utc>) -> Option<DateTime<
 /// while a poll read the conversation, stamped by a server whose clock is a
 /// little behind): dated just before the mark, it fell on the page after
 /// the one that reached the mark, and no later poll, stopping even sooner,
-/// ever read it. Reading on this far costs a page more at most, and only
-/// when the messages around the mark straddle a page's end.
+/// ever read it. Reading on this far costs a page more at most (unless
+/// more than a page of messages were sent within it), and only when the
+/// messages around the mark straddle a page's end.
 pub const LATE_SLACK: chrono::Duration = chrono::Duration::minutes(10);
 
 /// A conversation longer than this many pages is not read further in one
