@@ -270,9 +270,11 @@ impl Failure {
 /// Reads one lead's conversation back from the newest message until it
 /// reaches [`LATE_SLACK`] before `complete_through` (the newest message of
 /// the last complete poll: everything before it is in the mirror, but for
-/// a message that became visible late), or the end. A message the
-/// mirror has from a webhook is not such a mark: a webhook brings one
-/// message, not the history before it.
+/// a message that became visible late), or the end. When it cannot page
+/// back that far (the server lists the same page again), a page that
+/// reached `complete_through` itself ends it as if it had stopped there.
+/// A message the mirror has from a webhook is not such a mark: a webhook
+/// brings one message, not the history before it.
 async fn poll_lead(
     store: &Store,
     client: &Arc<Client>,
@@ -301,11 +303,20 @@ async fn poll_lead(
     // stays), but only after reading on past that millisecond: the history
     // before it is not lost with the messages that did not fit.
     let mut crowded: Option<String> = None;
+    // Set once a page reaches the mark itself (without the slack), to the
+    // poll's outcome had it stopped there, as it did before the slack: if
+    // the poll cannot read on to the slack (a server that does not page
+    // back), it ends as it used to, not in an error every later poll would
+    // repeat. Nothing is lost to it: a server that lists no older page
+    // shows no late message however far a poll asks.
+    let mut at_mark: Option<Option<String>> = None;
     loop {
         if poll.pages >= MAX_PAGES {
-            poll.error = Some(format!(
-                "stopped after {MAX_PAGES} pages: the conversation does not end"
-            ));
+            poll.error = at_mark.unwrap_or_else(|| {
+                Some(format!(
+                    "stopped after {MAX_PAGES} pages: the conversation does not end"
+                ))
+            });
             return poll;
         }
         if stop.is_cancelled() {
@@ -385,6 +396,11 @@ async fn poll_lead(
         }
         let reached_known =
             complete_through.is_some_and(|known| times.iter().any(|t| *t <= known - LATE_SLACK));
+        if at_mark.is_none()
+            && complete_through.is_some_and(|known| times.iter().any(|t| *t <= known))
+        {
+            at_mark = Some(crowded.clone());
+        }
         let (n, b, now) = (
             negotiation_id.to_string(),
             business_id.to_string(),
@@ -417,9 +433,12 @@ async fn poll_lead(
         // The next page ends with the oldest instant of this one, included.
         match oldest {
             None => {
-                poll.error = Some(
-                    "a full page of messages without a readable sentAt: cannot page back".into(),
-                );
+                poll.error = at_mark.unwrap_or_else(|| {
+                    Some(
+                        "a full page of messages without a readable sentAt: cannot page back"
+                            .into(),
+                    )
+                });
                 return poll;
             }
             Some(t) if oldest_read.is_some_and(|o| t >= o) => {
@@ -430,11 +449,13 @@ async fn poll_lead(
                 if before == Some(millisecond) {
                     // Asked for the messages before that millisecond and
                     // listed it again: the server does not page back.
-                    poll.error = Some(format!(
-                        "paging back by sentBefore does not advance: asked for the messages sent before {}, \
-                         the server listed messages sent at or after it",
-                        crate::time::fmt(millisecond)
-                    ));
+                    poll.error = at_mark.unwrap_or_else(|| {
+                        Some(format!(
+                            "paging back by sentBefore does not advance: asked for the messages sent before {}, \
+                             the server listed messages sent at or after it",
+                            crate::time::fmt(millisecond)
+                        ))
+                    });
                     return poll;
                 }
                 // Of a page size the server did not say, a page of one

@@ -1789,6 +1789,58 @@ async fn a_message_visible_late_just_before_the_mark_is_still_read() {
     );
 }
 
+/// Reading on to [`LATE_SLACK`] before the mark turned a server that
+/// ignores `sentBefore` into a lasting error: its first page held the
+/// mark's message, which ended the poll before the slack, but that page
+/// stops short of the slack, and paging back by a server that lists the
+/// same page again "does not advance". The poll failed, its mark stayed,
+/// and every later poll failed the same way, polled less and less often.
+/// A page that reached the mark itself ends such a poll as it used to.
+///
+/// [`LATE_SLACK`]: leadsync::messages::LATE_SLACK
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_sent_before_still_ends_a_poll_that_reached_the_mark() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let lead = env
+        .sandbox
+        .lead_ids(&business)
+        .into_iter()
+        .find(|l| env.sandbox.messages(l).is_empty())
+        .expect("a lead without messages");
+    env.run_ok(&["sync", "--business", &business]);
+    let now = chrono::Utc::now();
+    let at = |seconds: i64| leadsync::time::fmt(now - chrono::Duration::seconds(seconds));
+    env.add_messages_at(&lead, vec![at(3600), at(1800)]);
+    env.set_status(&lead, "Picked");
+    env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    let mark = || -> Option<String> {
+        db.query_row(
+            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            [&lead],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(mark(), Some(at(1800)));
+    env.sandbox.set_faults(Faults {
+        ignore_sent_before: true,
+        ..Faults::default()
+    });
+    // 19 messages from 29.8 to 26.8 minutes ago: the newest page is they
+    // and the mark's message, and nothing older is ever listed.
+    env.add_messages_at(&lead, (0..19).map(|k| at(1788 - 10 * k)).collect());
+    for (round, status) in ["Hired", "Picked"].into_iter().enumerate() {
+        env.set_status(&lead, status);
+        let o = env.run_ok(&["sync", "--business", &business]);
+        let (outcome, _) = pages_of(&db, &lead);
+        assert_eq!(outcome, "ok", "poll {round}: {}", text(&o));
+        assert_eq!(messages_of(&db, &lead), 21, "poll {round}");
+        assert_eq!(mark(), Some(at(1788 - 180)), "poll {round}");
+    }
+}
+
 /// The same message object stored by a webhook delivery and by a poll gave
 /// two different rows: an empty `text` was `''` from a webhook and NULL from
 /// a poll, a `sentAt` that is a number was NULL from a webhook and the
