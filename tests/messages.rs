@@ -1877,6 +1877,11 @@ fn a_message_has_the_same_columns_whether_delivered_or_polled() {
             ),
             "{data}"
         );
+        // Agreeing is not enough: a message of attachments only has the
+        // text `""`, not none, by either path.
+        if polled.message_id == "1" {
+            assert_eq!(polled.text.as_deref(), Some(""), "{data}");
+        }
     }
 }
 
@@ -1907,18 +1912,26 @@ fn a_message_text_with_a_lone_surrogate_keeps_the_rest_of_its_text() {
 #[test]
 fn a_message_that_repeats_a_key_is_stored_with_its_last_value() {
     use leadsync::thumbtack::webhook::{Content, parse_delivery};
-    let data = r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"draft","text":"final","sentAt":"2024-06-14T09:30:00Z","attachments":[],"attachments":[]}"#;
-    let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
-    let polled = parse_message(&raw).expect("a message repeating a key is a message");
-    assert_eq!(
-        (polled.message_id.as_str(), polled.text.as_deref()),
-        ("1", Some("final"))
-    );
-    let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
-    match parse_delivery(body.as_bytes()).unwrap().content {
-        Content::Message(m) => assert_eq!(m.text.as_deref(), Some("final")),
-        Content::Unusable { reason, .. } => panic!("unusable: {reason}"),
-        _ => panic!("not a message"),
+    // A key is the same key however it is escaped: `te\u0078t` is `text`.
+    for data in [
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"draft","text":"final","sentAt":"2024-06-14T09:30:00Z","attachments":[],"attachments":[]}"#,
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"draft","te\u0078t":"final","sentAt":"2024-06-14T09:30:00Z"}"#,
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","te\u0078t":"draft","te\u0078t":"final","sentAt":"2024-06-14T09:30:00Z"}"#,
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","te\u0078t":"draft","text":"final","sentAt":"2024-06-14T09:30:00Z"}"#,
+    ] {
+        let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
+        let polled = parse_message(&raw).expect("a message repeating a key is a message");
+        assert_eq!(
+            (polled.message_id.as_str(), polled.text.as_deref()),
+            ("1", Some("final")),
+            "{data}"
+        );
+        let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+        match parse_delivery(body.as_bytes()).unwrap().content {
+            Content::Message(m) => assert_eq!(m.text.as_deref(), Some("final"), "{data}"),
+            Content::Unusable { reason, .. } => panic!("{data}: unusable: {reason}"),
+            _ => panic!("{data}: not a message"),
+        }
     }
     // A lead delivered repeating a key is a lead too, as a poll reads it.
     let body = r#"{"event":{"eventType":"NegotiationCreatedV4"},"data":{"negotiationID":"5","business":{"businessID":"1"},"business":{"businessID":"2"},"status":"Open"}}"#;
