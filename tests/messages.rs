@@ -1972,3 +1972,39 @@ fn a_delivery_that_repeats_a_key_of_its_envelope_is_read() {
         }
     }
 }
+
+/// A key repeated inside a message is read with its last value, but a
+/// conversation page that repeats `data` or `pagination` is not guessed
+/// at: it is refused whole (an unreadable answer, the lead polled again
+/// after the next pass), as a page of leads is.
+#[test]
+fn a_messages_page_that_repeats_data_or_pagination_is_refused_whole() {
+    use leadsync::thumbtack::model::{parse_message_page, parse_page};
+    let m = r#"{"messageID":"1","negotiationID":"5","text":"hi","sentAt":"2024-06-14T09:30:00Z"}"#;
+    let l = r#"{"negotiationID":"5","status":"Open"}"#;
+    for (page, entry) in [(true, m), (false, l)] {
+        let read = |body: String| {
+            if page {
+                parse_message_page(body.as_bytes()).map(|_| ())
+            } else {
+                parse_page(body.as_bytes()).map(|_| ())
+            }
+        };
+        assert!(
+            read(format!(
+                r#"{{"data":[{entry}],"pagination":{{"limit":20}}}}"#
+            ))
+            .is_ok()
+        );
+        for body in [
+            format!(r#"{{"data":[{entry}],"data":[{entry}]}}"#),
+            format!(r#"{{"data":[],"data":[{entry}]}}"#),
+            format!(
+                r#"{{"data":[{entry}],"pagination":{{"limit":20}},"pagination":{{"limit":20}}}}"#
+            ),
+            format!(r#"{{"d\u0061ta":[{entry}],"data":[{entry}]}}"#),
+        ] {
+            assert!(read(body.clone()).is_err(), "{body}");
+        }
+    }
+}
