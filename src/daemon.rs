@@ -248,6 +248,7 @@ pub async fn run_with(
         daemon.scheduler_beat.clone(),
         daemon.drain_beat.clone(),
         Some(session.store.durable_sync_watch()),
+        Some(session.store.write_watch()),
     )
     .await?;
     controls.bound.send_replace(Some(Bound {
@@ -714,7 +715,7 @@ impl Daemon {
         )
         .await;
         if !report.is_ok() {
-            warn!("{}", crate::terminal::blank(&report.summary()));
+            warn!("{}", report.summary());
         }
         // The conversations of the leads the pass found new or changed; a
         // failure here is logged and recorded, never fails the pass.
@@ -730,7 +731,7 @@ impl Daemon {
             .await
             {
                 Ok(r) if !r.failed.is_empty() => {
-                    warn!("{}", crate::terminal::blank(&r.summary(&job.business_id)))
+                    warn!("{}", r.summary(&job.business_id))
                 }
                 Ok(_) => {}
                 Err(e) => warn!(error = %format!("{e:#}"), "cannot poll messages"),
@@ -1300,7 +1301,11 @@ impl Daemon {
 
     /// Writes each schedule's backlog to `schedule_lag` when it changed (and
     /// at least once a minute, so `status` can tell a live daemon's figures).
-    /// Called by the timer about once a second; writes nothing while idle.
+    /// Called by the timer about once a second; writes nothing while idle,
+    /// except while the store's writes fail for want of storage: then it
+    /// writes each time, so the first write that lands again clears that
+    /// failure (`/healthz`, `/readyz`) even with no business to sync and no
+    /// other write to make (the table rewritten empty still writes a page).
     async fn write_lag(&self) {
         let rows: Vec<requests::ScheduleLag> = {
             let lag = self.lock_queue().lag();
@@ -1330,6 +1335,7 @@ impl Daemon {
             if let Some((last, at)) = written.as_ref()
                 && *last == rows
                 && now - at < 60_000
+                && self.store.write_watch().failure().is_none()
             {
                 return;
             }

@@ -988,10 +988,10 @@ impl Drainer {
             ),
             (Ok(()), _) => info!(business_id, "sent"),
             (Err(e), RowResult::Dead) => {
-                error!(business_id, error = %crate::terminal::blank(&e.message), "dead: not sent")
+                error!(business_id, error = %e.message, "dead: not sent")
             }
             (Err(e), _) => {
-                warn!(business_id, error = %crate::terminal::blank(&e.message), ?result, "not sent yet")
+                warn!(business_id, error = %e.message, ?result, "not sent yet")
             }
         }
         (finish, attempts, result)
@@ -1047,7 +1047,7 @@ impl Drainer {
             )
             .map(|m| (m.message_id.clone(), trace_id)),
             Err(e) => {
-                warn!(error = %crate::terminal::blank(&e.to_string()), "an earlier attempt may have reached Thumbtack, but the conversation \
+                warn!(error = %e.message, "an earlier attempt may have reached Thumbtack, but the conversation \
                     cannot be read to check; posting it (the customer may see it twice)");
                 None
             }

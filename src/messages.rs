@@ -177,7 +177,7 @@ pub async fn poll_after_pass(
         report.leads += 1;
         report.new_messages += new;
         if let Some(e) = &error {
-            warn!(negotiation_id, error = %crate::terminal::blank(e), "cannot read the lead's messages");
+            warn!(negotiation_id, error = %e, "cannot read the lead's messages");
             report.failed.push((negotiation_id.clone(), e.clone()));
         }
         // Only a refusal counts toward the backoff: a failure on the way (an
@@ -357,7 +357,7 @@ async fn poll_lead(
             warn!(
                 negotiation_id,
                 skipped = page.skipped,
-                "messages without a messageID were not stored"
+                "messages without a usable messageID or negotiationID were not stored"
             );
         }
         // A message that names another negotiation is not this lead's: it

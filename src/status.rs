@@ -101,7 +101,9 @@ pub struct DeadRow {
     pub id: i64,
     pub negotiation_id: String,
     pub status: String,
-    pub last_http_status: Option<i64>,
+    /// A number as leadsync writes it; anything else the partner's
+    /// program wrote, as text (as `outbox list` shows a column).
+    pub last_http_status: Option<serde_json::Value>,
     pub last_trace_id: Option<String>,
     pub last_error: Option<String>,
 }
@@ -210,14 +212,20 @@ pub fn report(conn: &Connection, config: &Config) -> Result<StatusReport> {
             "SELECT id, negotiation_id, status, last_http_status, last_trace_id, last_error
                FROM outbox WHERE state = 'dead' ORDER BY id DESC LIMIT 10",
         )?;
+        // Leniently, as `outbox list`: the partner's program may have
+        // written a row itself (a BLOB error, a text HTTP status); one such
+        // row must not fail the whole report.
         let rows = stmt.query_map([], |r| {
             Ok(DeadRow {
                 id: r.get(0)?,
-                negotiation_id: r.get(1)?,
-                status: r.get(2)?,
-                last_http_status: r.get(3)?,
-                last_trace_id: r.get(4)?,
-                last_error: r.get(5)?,
+                negotiation_id: outbox::shown(r, 1)?.unwrap_or_default(),
+                status: outbox::shown(r, 2)?.unwrap_or_default(),
+                last_http_status: match r.get_ref(3)? {
+                    rusqlite::types::ValueRef::Integer(n) => Some(n.into()),
+                    _ => outbox::shown(r, 3)?.map(Into::into),
+                },
+                last_trace_id: outbox::shown(r, 4)?,
+                last_error: outbox::shown(r, 5)?,
             })
         })?;
         for row in rows {

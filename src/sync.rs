@@ -142,6 +142,20 @@ fn unknown_end_note(kind: ScanKind, why: &str) -> String {
     }
 }
 
+/// Why a full scan whose listing held `unnamed` entries without a readable
+/// `negotiationID` marked no lead missing.
+fn unnamed_note(unnamed: i64) -> String {
+    // Counted as read: an entry a confirmation asked back is read twice.
+    let entries = match unnamed {
+        1 => "1 list entry".to_string(),
+        n => format!("{n} list entries"),
+    };
+    format!(
+        "{entries} read without a readable negotiationID: any unlisted lead may be one of them, \
+         so no lead was marked missing"
+    )
+}
+
 async fn fetch(client: Arc<Client>, business_id: String, cursor: Cursor) -> Result<Page, ApiError> {
     // `read_at`: when the request that got the page was sent (the page
     // reflects some moment between that and its answer arriving, and a
@@ -192,7 +206,7 @@ pub async fn sync_business(
         {
             warn!(error = %format!("{err:#}"), "cannot record the skipped pass");
         }
-        info!(reason = %crate::terminal::blank(&e.message), "pass skipped: the business needs re-authorization");
+        info!(reason = %e.message, "pass skipped: the business needs re-authorization");
         return report(PassOutcome::Skipped(e.message), None);
     }
 
@@ -218,6 +232,10 @@ pub async fn sync_business(
     let mut seen = mirror::Fingerprints::default();
     let mut style = None;
     let mut why = None;
+    // List entries of a full scan that name no lead (Page::unnamed: no
+    // readable negotiationID, or a blank or odd one): each is a lead listed
+    // that cannot be told apart.
+    let mut unnamed = 0i64;
     let result = read_pages(
         store,
         client,
@@ -225,7 +243,7 @@ pub async fn sync_business(
         kind,
         settings,
         run_id,
-        &mut stats,
+        (&mut stats, &mut unnamed),
         &mut seen,
         (&mut style, &mut why),
         stop,
@@ -240,6 +258,8 @@ pub async fn sync_business(
     };
     // Leads only the second reading of a full scan listed (confirm_unseen).
     let mut listed_again = false;
+    // Why a full scan that read its listing to a known end marks nothing.
+    let mut unproven = None;
     // A request the stop kept from being sent (or its token refresh) ends
     // the pass like a stop between pages does.
     let result = match result {
@@ -251,6 +271,14 @@ pub async fn sync_business(
     let result = match result {
         Ok(End::Unknown) => {
             stats.end_unknown = true;
+            Ok(())
+        }
+        // Entries the scan listed but cannot name: any lead it did not
+        // list may be one of them, so none is proven gone. The pass
+        // succeeds, marks nothing and says why (like an unknown end).
+        Ok(_) if kind == ScanKind::Full && unnamed > 0 => {
+            stats.end_unknown = true;
+            unproven = Some(unnamed_note(unnamed));
             Ok(())
         }
         Ok(_) if kind == ScanKind::Full => 'full: {
@@ -269,8 +297,15 @@ pub async fn sync_business(
                 // to mark, and the index is not read a second time. (A lead
                 // that turns present meanwhile, a webhook's copy of a
                 // missing one, is left present: the next full scan decides.)
-                Ok((0, _)) => break 'full Ok(()),
-                Ok((_, found_again)) => listed_again = found_again,
+                Ok(Confirmed { unseen: 0, .. }) => break 'full Ok(()),
+                // The second reading listed entries it cannot name: any
+                // lead still unlisted may be one of them.
+                Ok(Confirmed { unnamed, .. }) if unnamed > 0 => {
+                    stats.end_unknown = true;
+                    unproven = Some(unnamed_note(unnamed));
+                    break 'full Ok(());
+                }
+                Ok(Confirmed { found_again, .. }) => listed_again = found_again,
                 Err(e) => break 'full Err(e),
             }
             let (id, now, accept) = (
@@ -297,12 +332,14 @@ pub async fn sync_business(
         Err(e) => Err(e),
     };
     let error = result.as_ref().err().cloned();
-    let note = stats.end_unknown.then(|| {
-        unknown_end_note(
-            kind,
-            why.as_deref()
-                .unwrap_or("a full page with no pagination marker"),
-        )
+    let note = unproven.or_else(|| {
+        stats.end_unknown.then(|| {
+            unknown_end_note(
+                kind,
+                why.as_deref()
+                    .unwrap_or("a full page with no pagination marker"),
+            )
+        })
     });
     let every = kind == ScanKind::Full && error.is_none() && !stats.end_unknown && !listed_again;
     {
@@ -349,15 +386,26 @@ pub async fn sync_business(
                 "pass finished"
             );
             if let Some(note) = &note {
-                warn!(note = %crate::terminal::blank(note), "pass finished with a note");
+                warn!(note = %note, "pass finished with a note");
             }
             report(PassOutcome::Ok(stats), note)
         }
         Some(e) => {
-            warn!(pages = stats.pages, error = %crate::terminal::blank(&e), "pass failed");
+            warn!(pages = stats.pages, error = %e, "pass failed");
             report(PassOutcome::Failed(stats, e), None)
         }
     }
+}
+
+/// What [`confirm_unseen`] found.
+struct Confirmed {
+    /// Present leads the scan had not listed (before the second reading).
+    unseen: i64,
+    /// The second reading listed some of them.
+    found_again: bool,
+    /// Entries of the second reading that name no lead: any lead it did not
+    /// list either may be one of them, so none is proven gone.
+    unnamed: i64,
 }
 
 /// Before a full scan marks leads missing: a listing read by position
@@ -370,7 +418,8 @@ pub async fn sync_business(
 /// present leads the scan had not listed (before the second reading), and
 /// whether the second reading listed any of them: those were not compared
 /// with the mirror (nothing of the second reading is written), so the pass
-/// cannot say it confirmed every lead (mirror::Covered).
+/// cannot say it confirmed every lead (mirror::Covered); and how many of
+/// its entries name no lead ([`Confirmed`]).
 async fn confirm_unseen(
     store: &Store,
     client: &Arc<Client>,
@@ -379,7 +428,7 @@ async fn confirm_unseen(
     run_id: i64,
     seen: &mut mirror::Fingerprints,
     stop: &CancellationToken,
-) -> Result<(i64, bool), String> {
+) -> Result<Confirmed, String> {
     let unseen = {
         let (id, now, snapshot) = (business_id.to_string(), crate::time::now(), seen.clone());
         store
@@ -388,9 +437,14 @@ async fn confirm_unseen(
             .map_err(|e| format!("cannot count unlisted leads: {e:#}"))?
     };
     if unseen == 0 {
-        return Ok((0, false));
+        return Ok(Confirmed {
+            unseen,
+            found_again: false,
+            unnamed: 0,
+        });
     }
     let mut found_again = false;
+    let mut unnamed = 0i64;
     let mut listing = Listing::new(client.base_url(), settings.page_size)?;
     let mut cursor = listing.first();
     let mut confirm = false;
@@ -426,6 +480,7 @@ async fn confirm_unseen(
         for id in ids.chain(&page.unread_ids) {
             found_again |= seen.insert(mirror::id_fingerprint(id));
         }
+        unnamed += page.unnamed;
         match listing.advance(&page)? {
             Step::Next(next) => (cursor, confirm) = (next, false),
             Step::Confirm(next) => (cursor, confirm) = (next, true),
@@ -447,7 +502,11 @@ async fn confirm_unseen(
         unseen,
         pages, "unlisted leads confirmed by a second reading of the listing"
     );
-    Ok((unseen, found_again))
+    Ok(Confirmed {
+        unseen,
+        found_again,
+        unnamed,
+    })
 }
 
 /// Pages a full scan may have fetched and not yet written. The pages waiting
@@ -480,7 +539,7 @@ async fn read_pages(
     kind: ScanKind,
     settings: PassSettings,
     run_id: i64,
-    stats: &mut RunStats,
+    (stats, unnamed): (&mut RunStats, &mut i64),
     seen: &mut mirror::Fingerprints,
     (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
@@ -492,7 +551,7 @@ async fn read_pages(
             business_id,
             settings,
             run_id,
-            stats,
+            (stats, unnamed),
             seen,
             (style, why),
             stop,
@@ -606,7 +665,7 @@ fn drop_asked_back(listing: &Listing, page: &mut crate::thumbtack::model::Page) 
 fn proof_refused(listing: &mut Listing, e: &ApiError) -> Cursor {
     let cursor = listing.proof_refused(&e.message);
     warn!(
-        error = %crate::terminal::blank(&e.message),
+        error = %e.message,
         next = %cursor.to_query_string(),
         "the proof that the server pages by lead offset was refused; reading on unproven (the end will be unknown)"
     );
@@ -876,7 +935,7 @@ async fn read_all_pages(
     business_id: &str,
     settings: PassSettings,
     run_id: i64,
-    stats: &mut RunStats,
+    (stats, unnamed): (&mut RunStats, &mut i64),
     seen: &mut mirror::Fingerprints,
     (style, why): (&mut Option<Style>, &mut Option<String>),
     stop: &CancellationToken,
@@ -1001,6 +1060,8 @@ async fn read_all_pages(
                 seen.extend(page.unchanged.iter().map(|id| mirror::id_fingerprint(id)));
                 // Listed though unreadable: never marked missing for that.
                 seen.extend(page.unread_ids.iter().map(|id| mirror::id_fingerprint(id)));
+                // Listed, naming no lead: no unlisted lead is proven gone.
+                *unnamed += page.unnamed;
                 let mut leads = std::mem::take(&mut page.leads);
                 let listed = leads.len() + page.unchanged.len();
                 let mut all_unknown = true;

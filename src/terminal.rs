@@ -45,7 +45,8 @@ pub fn safe(s: &str, how: Unsafe) -> String {
 /// `s` as one line of a table or a message: every [`is_unsafe`] character
 /// (line breaks and tabs too) is a space. What leadsync prints of text
 /// another party chose goes through this or [`safe_lines`]; the text is
-/// stored as it was sent.
+/// stored as it was sent. Log lines need neither: the log formatter
+/// escapes every field and message ([`crate::logging`]).
 pub fn blank(s: &str) -> String {
     safe(s, Unsafe::Blank)
 }

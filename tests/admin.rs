@@ -858,6 +858,256 @@ async fn healthz_turns_503_while_the_drainer_is_stuck() {
     assert_eq!(status("/nope").await.map(|r| r.0), Some(404));
 }
 
+/// The mirror's file removed or moved away under the running daemon (a
+/// cleanup, a restore gone wrong): the daemon goes on writing to a file
+/// nobody else can open, lost when it stops, while the partner's programs
+/// write a new one it never reads. `/healthz` said 200 all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_while_the_database_file_is_gone() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides("127.0.0.1:0", ""),
+    )
+    .await;
+    let (mut daemon, _) = Daemon::start(&env, &[]).await;
+    let url = format!("{}/healthz", daemon.base);
+    let mut wait_for = async |what: &str, ok: &dyn Fn(u16, &str) -> bool| -> String {
+        let end = std::time::Instant::now() + Duration::from_secs(30);
+        let mut last = None;
+        loop {
+            daemon.assert_running(what);
+            if let Some((s, _, body)) = get(&url).await {
+                if ok(s, &body) {
+                    return body;
+                }
+                last = Some((s, body));
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{what}: never (last: {last:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    wait_for("healthz answering 200", &|s, _| s == 200).await;
+    let db = env.database();
+    let moved = db.with_extension("moved");
+    std::fs::rename(&db, &moved).unwrap();
+    let body = wait_for("healthz naming the missing database", &|s, b| {
+        s == 503 && b.contains("database file")
+    })
+    .await;
+    assert!(
+        body.contains(&db.display().to_string()) && body.contains("removed or replaced"),
+        "{body}"
+    );
+    std::fs::rename(&moved, &db).unwrap();
+    wait_for("healthz recovering", &|s, _| s == 200).await;
+}
+
+/// Sets the soft `RLIMIT_FSIZE` of the process `pid` (a child of this one).
+fn set_file_size_limit(pid: u32, limit: u64) {
+    let mut now = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: prlimit(2) on our own child, with valid pointers.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            std::ptr::null(),
+            &mut now,
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+    now.rlim_cur = limit.min(now.rlim_max);
+    // SAFETY: as above.
+    let r = unsafe {
+        libc::prlimit(
+            pid as libc::pid_t,
+            libc::RLIMIT_FSIZE,
+            &now,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(r, 0, "prlimit: {}", std::io::Error::last_os_error());
+}
+
+/// The daemon's writes to the mirror fail (a full disk; here its file size
+/// limit is lowered to 0 under it, with SIGXFSZ ignored as a full disk sends
+/// no signal): it cannot take a sync request, record a pass or a send, nor
+/// store a webhook delivery, and logged a warning twice a second, while
+/// `/healthz` answered `ok`. It says why until a write succeeds again.
+/// `leadsync run` with SIGXFSZ ignored (a full disk sends no signal: its
+/// writes just fail), once its admin listener answers.
+async fn daemon_whose_file_size_limit_can_be_lowered(env: &Env) -> Daemon {
+    use std::os::unix::process::CommandExt;
+    let log = env.dir.path().join("daemon.log");
+    let mut cmd = env.cli();
+    cmd.arg("run").stderr(std::fs::File::create(&log).unwrap());
+    // SAFETY: signal(2) only, between fork and exec; an ignored signal
+    // stays ignored across exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let child = common::spawn(&mut cmd).unwrap();
+    let mut daemon = Daemon {
+        child,
+        log: log.clone(),
+        base: String::new(),
+    };
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    let at = loop {
+        daemon.assert_running("the admin listener");
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(at) = common::listen_address(&text, "admin listener") {
+            break at;
+        }
+        assert!(std::time::Instant::now() < end, "no admin listener: {text}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    };
+    daemon.base = format!("http://{at}");
+    daemon
+}
+
+/// Waits until `url` answers as `ok` says, and returns the body.
+async fn wait_for_answer(
+    daemon: &mut Daemon,
+    url: &str,
+    what: &str,
+    ok: &dyn Fn(u16, &str) -> bool,
+) -> String {
+    let end = std::time::Instant::now() + Duration::from_secs(30);
+    let mut last = None;
+    loop {
+        daemon.assert_running(what);
+        if let Some((s, _, body)) = get(url).await {
+            if ok(s, &body) {
+                return body;
+            }
+            last = Some((s, body));
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "{what}: never (last: {last:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether `body` names why the writes fail as SQLite says it (no fixed
+/// text that any body holds).
+fn names_the_storage_error(body: &str) -> bool {
+    [
+        "(database or disk is full)",
+        "(disk I/O error)",
+        "(attempt to write a readonly database)",
+    ]
+    .iter()
+    .any(|why| body.contains(&format!("writes to the database fail {why}")))
+}
+
+/// The daemon's writes to the mirror fail (a full disk; here its file size
+/// limit is lowered to 0 under it, with SIGXFSZ ignored as a full disk sends
+/// no signal): it cannot take a sync request, record a pass or a send, nor
+/// store a webhook delivery, and logged a warning twice a second, while
+/// `/healthz` answered `ok`. It says why until a write succeeds again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_turns_503_while_the_daemons_writes_fail() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides("127.0.0.1:0", ""),
+    )
+    .await;
+    let mut daemon = daemon_whose_file_size_limit_can_be_lowered(&env).await;
+    env.wait_for_initial_passes(3);
+    let url = format!("{}/healthz", daemon.base);
+    let readyz = format!("{}/readyz", daemon.base);
+    wait_for_answer(&mut daemon, &url, "healthz answering 200", &|s, _| s == 200).await;
+    let pid = daemon_pid(&env);
+    set_file_size_limit(pid, 0);
+    env.sql()
+        .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
+        .unwrap();
+    let body = wait_for_answer(
+        &mut daemon,
+        &url,
+        "healthz naming the failed writes",
+        &|s, b| s == 503 && b.contains("writes to the database fail"),
+    )
+    .await;
+    assert!(names_the_storage_error(&body), "{body}");
+    let ready = get(&readyz).await;
+    assert!(
+        matches!(&ready, Some((503, _, b)) if b.contains("writes to the database fail")),
+        "{ready:?}"
+    );
+    set_file_size_limit(pid, u64::MAX);
+    wait_for_answer(&mut daemon, &url, "healthz recovering", &|s, _| s == 200).await;
+    common::wait_until("the request runs", Duration::from_secs(30), || {
+        count(
+            &env.sql(),
+            "SELECT count(*) FROM sync_requests WHERE outcome = 'ok'",
+        ) == 1
+    })
+    .await;
+}
+
+/// The same with no business enabled (a daemon that only stores webhook
+/// deliveries, or waits for businesses to be enabled): nothing it writes
+/// changed a row once the failed request was withdrawn (its lag table is
+/// empty, so rewriting it deletes nothing), so nothing cleared the failure
+/// after the disk had room again, and `/readyz` at 503 withheld the very
+/// deliveries whose writes would have cleared it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_recovers_with_no_business_enabled_once_writes_work_again() {
+    let env = Env::new(
+        SandboxOptions::default(),
+        false,
+        &admin_overrides("127.0.0.1:0", ""),
+    )
+    .await;
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap();
+    assert!(fixture.contains("[[businesses]]\n"), "{fixture}");
+    std::fs::write(
+        &env.fixture,
+        fixture.replace("[[businesses]]\n", "[[businesses]]\nenabled = false\n"),
+    )
+    .unwrap();
+    let mut daemon = daemon_whose_file_size_limit_can_be_lowered(&env).await;
+    let url = format!("{}/healthz", daemon.base);
+    let readyz = format!("{}/readyz", daemon.base);
+    wait_for_answer(&mut daemon, &url, "healthz answering 200", &|s, _| s == 200).await;
+    let pid = daemon_pid(&env);
+    set_file_size_limit(pid, 0);
+    env.sql()
+        .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
+        .unwrap();
+    let body = wait_for_answer(
+        &mut daemon,
+        &url,
+        "healthz naming the failed writes",
+        &|s, b| s == 503 && b.contains("writes to the database fail"),
+    )
+    .await;
+    assert!(names_the_storage_error(&body), "{body}");
+    env.sql().execute("DELETE FROM sync_requests", []).unwrap();
+    set_file_size_limit(pid, u64::MAX);
+    wait_for_answer(&mut daemon, &url, "healthz recovering", &|s, _| s == 200).await;
+    wait_for_answer(&mut daemon, &readyz, "readyz recovering", &|s, _| s == 200).await;
+}
+
+/// The pid the mirror's lock file names (the daemon's).
+fn daemon_pid(env: &Env) -> u32 {
+    leadsync::store::ProcessLock::holder(&env.database()).expect("the daemon's pid")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_remote_admin_address_needs_allow_remote() {
     let env = Env::small().await;

@@ -622,6 +622,32 @@ async fn sync_meeting_another_command_holding_the_lock_says_so_at_once() {
     );
 }
 
+/// The daemon's lock file deleted while it runs (by hand, a cleanup of
+/// the state directory): the daemon still holds the flock on the database
+/// file itself, so it runs. `sync` looked at the lock file alone, found it
+/// free and said "the daemon stopped before taking the request", withdrawing
+/// it after 1.5 s; the truth is the daemon has not taken it (here: it is
+/// stuck, played by this test process).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_beside_a_daemon_whose_lock_file_was_deleted_does_not_call_it_stopped() {
+    use leadsync::store::ProcessLock;
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync"]).status.code(), Some(0));
+    let held = ProcessLock::acquire_as(&env.database(), true).unwrap();
+    let mut lock_file = std::fs::canonicalize(env.database())
+        .unwrap()
+        .into_os_string();
+    lock_file.push(".lock");
+    std::fs::remove_file(&lock_file).unwrap();
+    let (code, said) =
+        sync_beside_a_silent_daemon(&env, &["--wait", "3"], Duration::from_secs(20), || {});
+    drop(held);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(!said.contains("stopped"), "{said}");
+    assert!(said.contains("has not taken the request"), "{said}");
+    assert!(said.contains("within 3 s"), "{said}");
+}
+
 /// A program deletes a request the daemon is running (to "cancel" it) and
 /// a new request gets the same id (explicitly, or SQLite's rowid reuse
 /// after the highest row is deleted). The new request is answered by its

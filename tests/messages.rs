@@ -1904,6 +1904,61 @@ fn a_message_text_with_a_lone_surrogate_keeps_the_rest_of_its_text() {
     assert_eq!(m.payload, data);
 }
 
+/// Review (merge of main's id rule): a webhook takes a message's
+/// `messageID` and `negotiationID` only as a non-blank string or a number
+/// of plain digits (`model::id_text`), yet a poll took any string or number
+/// as its text: a message whose id was `1e3`, `1.0` or `" "` was stored by
+/// a poll and ignored by a webhook. The same bytes now have the same
+/// outcome by either path: stored under the same ids, or skipped by both.
+#[test]
+fn a_message_polled_and_delivered_has_the_same_outcome_for_any_id() {
+    use leadsync::thumbtack::model::parse_message_page;
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let ids = [
+        r#""7""#,
+        "7",
+        "519153480500518912",
+        "1e3",
+        "1E3",
+        "1.0",
+        "-0",
+        "-7",
+        r#"" ""#,
+        r#""\t""#,
+        r#""""#,
+    ];
+    let mut stored = 0;
+    for message_id in ids {
+        for negotiation_id in ids {
+            let data = format!(
+                r#"{{"messageID":{message_id},"negotiationID":{negotiation_id},"from":"Customer","text":"hi","sentAt":"2024-06-14T09:30:00Z"}}"#
+            );
+            let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+            let hook = match parse_delivery(body.as_bytes()).unwrap().content {
+                Content::Message(m) => Some((m.message_id, m.negotiation_id)),
+                Content::Unusable { .. } => None,
+                _ => panic!("{data}: not a message delivery"),
+            };
+            let page = format!(r#"{{"data":[{data}],"pagination":{{"limit":50}}}}"#);
+            let page = parse_message_page(page.as_bytes()).unwrap();
+            let polled = page
+                .messages
+                .into_iter()
+                .map(|m| (m.message_id, m.negotiation_id))
+                .next();
+            assert_eq!(polled.is_none() as i64, page.skipped, "{data}");
+            assert_eq!(
+                polled,
+                hook.map(|(m, n)| (m, Some(n))),
+                "{data}: polled and delivered differ"
+            );
+            stored += page.skipped.abs_diff(1) as usize;
+        }
+    }
+    // Plain digits and non-blank strings are ids on both paths: 3 × 3.
+    assert_eq!(stored, 9);
+}
+
 /// JSON allows a repeated key, and a lead that repeats one is read with its
 /// last value counting. A message that repeated one (any key: `text`,
 /// `attachments`) was not a message at all: a poll skipped it as "without a

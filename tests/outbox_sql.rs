@@ -1396,3 +1396,83 @@ async fn outbox_list_json_escapes_what_a_terminal_would_obey() {
         );
     }
 }
+
+/// What `drain` logs under journald (stderr is the stream
+/// `JOURNAL_STREAM` names, as under systemd) when a partner's own trigger
+/// refuses leadsync's change of a row with `why` (plain SQL:
+/// `RAISE(ABORT, '...')`), with the command's own output.
+async fn drain_log_when_a_trigger_refuses(why: &str) -> (String, String) {
+    use std::os::unix::fs::MetadataExt;
+    let env = Env::small().await;
+    assert_eq!(env.run(&["sync", "--full"]).status.code(), Some(0));
+    let lead = env.first_leads(1)[0].clone();
+    let conn = env.sql();
+    conn.execute(
+        "INSERT INTO outbox (negotiation_id, status, partner_status_changed_at) VALUES (?1, 'appt_scheduled', '2024-06-14T09:30:00Z')",
+        [&lead],
+    )
+    .unwrap();
+    conn.execute_batch(&format!(
+        "CREATE TRIGGER partner_freeze BEFORE UPDATE ON outbox
+         BEGIN SELECT RAISE(ABORT, '{why}'); END;"
+    ))
+    .unwrap();
+    drop(conn);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("journal");
+    let journal = std::fs::File::create(&path).unwrap();
+    let m = journal.metadata().unwrap();
+    let child = common::spawn(
+        env.cli()
+            .args(["drain"])
+            .env("JOURNAL_STREAM", format!("{}:{}", m.dev(), m.ino()))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(journal),
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    (std::fs::read_to_string(&path).unwrap(), text(&out))
+}
+
+/// A partner's own trigger refuses leadsync's change of a row with a
+/// message holding a line break and escape sequences; `drain` logs it as
+/// the reason the row is left as it is. Under journald the line break
+/// forged an ERROR line of its own, and the escape sequences reached
+/// whoever reads the journal on a terminal. The message is shown escaped,
+/// on the one line of the event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partners_trigger_message_forges_no_log_line_under_journald() {
+    let why = "frozen\nERROR leadsync: forged\r\u{1b}]0;owned\u{7}\u{9b}2J";
+    let (log, out) = drain_log_when_a_trigger_refuses(why).await;
+    assert!(
+        log.contains("frozen\\nERROR leadsync: forged\\r\\u{1b}]0;owned\\u{7}\\u{9b}2J"),
+        "{out}\n{log}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.trim_start().starts_with("ERROR leadsync: forged")),
+        "a forged line: {log}"
+    );
+    assert!(
+        !log.chars()
+            .any(|c| c != '\n' && leadsync::terminal::is_unsafe(c)),
+        "a control character reached the journal: {log:?}"
+    );
+}
+
+/// journald makes a line longer than its LineMax (48K by default) several
+/// entries: 100 KB of a trigger's message followed by a line of
+/// "leadsync's" started an entry of its own. The message is cut, saying
+/// how much, and every line stays well under the bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partners_long_trigger_message_stays_one_journal_entry() {
+    let why = format!("{}\nERROR leadsync: forged", "x".repeat(100_000));
+    let (log, out) = drain_log_when_a_trigger_refuses(&why).await;
+    assert!(log.contains(&"x".repeat(4000)), "{out}\n{log:.500}");
+    assert!(log.contains(" bytes more]"), "{out}\n{log:.500}");
+    assert!(!log.contains("forged"), "{log:.500}");
+    for line in log.lines() {
+        assert!(line.len() <= 32 * 1024, "a line of {} bytes", line.len());
+    }
+}

@@ -296,9 +296,9 @@ async fn hostile_deliveries_get_their_status_and_store_nothing() {
             "ignored",
         ),
         (
-            "negotiationID is a number",
+            "negotiationID is neither a string nor a number",
             format!(
-                r#"{{"event":{{"eventType":"NegotiationCreatedV4"}},"data":{{"negotiationID":900000000000000003,"businessID":"{business}"}}}}"#
+                r#"{{"event":{{"eventType":"NegotiationCreatedV4"}},"data":{{"negotiationID":[900000000000000003],"businessID":"{business}"}}}}"#
             ),
             "ignored",
         ),
@@ -2721,4 +2721,284 @@ async fn webhooks_list_shows_hostile_server_text_harmlessly() {
             );
         }
     }
+}
+
+/// Review (hooks): a delivery whose JSON repeats a key (JSON allows it) was
+/// refused or set aside where the poller reads the same object: a repeated
+/// `event`, `data` or `eventType` got a 400 (SPEC §8: only a body that is
+/// not JSON or has no `event.eventType` is), and a lead repeating
+/// `negotiationID` or `business` (a message repeating `text`) was
+/// `ignored` ("duplicate field"), while a listing of that lead is mirrored
+/// with the last value of each key. Now the last value counts everywhere,
+/// as in the listing (and JavaScript's `JSON.parse`).
+#[test]
+fn a_delivery_that_repeats_a_key_is_read_as_the_poller_reads_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let lead = "900000000000000081";
+    let data = format!(
+        r#"{{"negotiationID":"0","negotiationID":"{lead}","business":{{"businessID":"1"}},"business":{{"businessID":"{business}"}},"status":"Open","status":"Canceled"}}"#
+    );
+    let body = format!(
+        r#"{{"event":{{"eventType":"ReviewCreatedV4"}},"event":{{"eventType":"Other","eventType":"NegotiationCreatedV4","triggeredAt":"2026-11-28T04:00:00Z"}},"data":{{}},"data":{data}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    let polled = leadsync::thumbtack::model::parse_lead_body(&data).unwrap();
+    assert_eq!(polled.negotiation_id, lead);
+    let (status, hash, payload): (String, i64, String) = conn
+        .query_row(
+            "SELECT status, payload_hash, payload FROM negotiations WHERE negotiation_id = ?1",
+            [lead],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!((status.as_str(), hash), ("Canceled", polled.hash));
+    assert_eq!(payload, data);
+
+    let message = r#"{"messageID":"m-81","negotiationID":"900000000000000081","from":"Customer","text":"first","text":"second","sentAt":"2026-11-28T05:00:01+01:00"}"#;
+    let body = format!(
+        r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{message}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+        "applied"
+    );
+    let text: String = conn
+        .query_row(
+            "SELECT text FROM messages WHERE message_id = 'm-81'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(text, "second");
+}
+
+/// Review (hooks): a message delivered by webhook got other columns than
+/// the same message polled (SPEC §8: the two paths give the same mirror):
+/// an empty `text` (a message of attachments only), `from` or `sentAt`
+/// was stored as `''` where the poller stores NULL, and a number where
+/// the poller keeps its digits was stored as NULL.
+#[test]
+fn a_delivered_message_has_the_columns_of_the_same_message_polled() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    for (i, data) in [
+        r#"{"messageID":"m-90","negotiationID":"9","from":"Business","text":"","attachments":[{"url":"x"}],"sentAt":"2026-11-28T05:00:01Z"}"#,
+        r#"{"messageID":"m-91","negotiationID":"9","from":"","text":"hi","sentAt":""}"#,
+        r#"{"messageID":"m-92","negotiationID":"9","from":"Customer","text":42,"sentAt":1764306001}"#,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let body = format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{data}}}"#
+        );
+        assert_eq!(
+            deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+            "applied",
+            "{data}"
+        );
+        let raw: &serde_json::value::RawValue = serde_json::from_str(data).unwrap();
+        let polled = leadsync::thumbtack::model::parse_message(raw).unwrap();
+        let stored: (Option<String>, Option<String>, Option<String>) = conn
+            .query_row(
+                "SELECT sender, text, sent_at FROM messages WHERE message_id = ?1",
+                [format!("m-9{i}")],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(
+            stored,
+            (polled.sender, polled.text, polled.sent_at),
+            "{data}"
+        );
+    }
+}
+
+/// Review (hooks): a delivery naming its lead, message or business by a
+/// JSON number was set aside (`ignored`, `unknown_business`) where the
+/// poller mirrors the same lead under the number's digits (SPEC §8: "exactly
+/// like a polled lead"); a message so named was lost to the mirror unless
+/// message polling is on (off by default). Now an id is read by the
+/// poller's rule: a string, or a number's digits exactly as sent (never
+/// through a float: 519153480500518912 keeps every digit).
+#[test]
+fn a_delivery_naming_its_ids_by_numbers_is_mirrored_as_the_poller_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    let data = format!(
+        r#"{{"negotiationID":519153480500518912,"business":{{"businessID":{business}}},"status":"Open"}}"#
+    );
+    let body = format!(
+        r#"{{"event":{{"eventType":"NegotiationCreatedV4","triggeredAt":"2026-11-28T04:00:00Z"}},"data":{data}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    let polled = leadsync::thumbtack::model::parse_lead_body(&data).unwrap();
+    assert_eq!(polled.negotiation_id, "519153480500518912");
+    assert_eq!(status_of(&conn, &polled.negotiation_id).0, "Open");
+    // The same lead listed, its id as the same number or (review: as
+    // Thumbtack documents it) as a string: unchanged, no second row, no
+    // change row (a listing alone never writes one for the id's type).
+    for listed in [
+        body.clone(),
+        body.replace("519153480500518912", "\"519153480500518912\""),
+    ] {
+        poll_lead_at(
+            &mut conn,
+            business,
+            &listed,
+            "Open",
+            "2026-11-28T05:00:00.000Z",
+        );
+        assert_eq!(count(&conn, "SELECT count(*) FROM negotiations"), 1);
+        assert_eq!(
+            count(&conn, "SELECT count(*) FROM negotiation_changes"),
+            1,
+            "{listed}"
+        );
+    }
+
+    let message =
+        r#"{"messageID":7001,"negotiationID":519153480500518912,"from":"Customer","text":"hi"}"#;
+    let body = format!(
+        r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{message}}}"#
+    );
+    assert_eq!(
+        deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+        "applied"
+    );
+    let stored: (String, String, Option<String>) = conn
+        .query_row(
+            "SELECT message_id, negotiation_id, business_id FROM messages",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .unwrap();
+    assert_eq!(
+        stored,
+        (
+            "7001".to_string(),
+            "519153480500518912".to_string(),
+            Some(business.to_string())
+        )
+    );
+}
+
+/// The same lead through a delivery then a listing, or through listings
+/// only, leaves the same mirror: the row's columns and the change rows
+/// (but their `source`) are alike (SPEC §8: "exactly like a polled lead").
+#[test]
+fn a_delivered_then_listed_lead_leaves_the_mirror_a_listing_would() {
+    let business = "468046965846925323";
+    let lead = "900000000000000091";
+    let body = lead_delivery(lead, business);
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut a = mirror_with_business(&dir_a, business);
+    let mut b = mirror_with_business(&dir_b, business);
+    assert_eq!(
+        deliver_at(&mut a, &body, "2026-11-28T04:00:01.000Z"),
+        "applied"
+    );
+    poll_lead_at(&mut b, business, &body, "Open", "2026-11-28T04:00:01.000Z");
+    for (status, at) in [
+        ("Open", "2026-11-28T05:00:00.000Z"),
+        ("Canceled", "2026-11-28T06:00:00.000Z"),
+    ] {
+        poll_lead_at(&mut a, business, &body, status, at);
+        poll_lead_at(&mut b, business, &body, status, at);
+    }
+    let mirror = |c: &rusqlite::Connection| {
+        let row: Vec<Option<String>> = c
+            .query_row(
+                "SELECT business_id, status, created_at, payload, CAST(payload_hash AS TEXT),
+                        category, customer_name, city, zip, customer_phone, lead_price,
+                        charge_state, first_seen_at, last_seen_at, changed_at, missing_since
+                   FROM negotiations WHERE negotiation_id = ?1",
+                [lead],
+                |r| (0..16).map(|i| r.get(i)).collect(),
+            )
+            .unwrap();
+        let mut stmt = c
+            .prepare(
+                "SELECT observed_at, kind, old_status, new_status, changed_fields, old_payload
+                   FROM negotiation_changes WHERE negotiation_id = ?1 ORDER BY id",
+            )
+            .unwrap();
+        let changes: Vec<Vec<Option<String>>> = stmt
+            .query_map([lead], |r| (0..6).map(|i| r.get(i)).collect())
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        (row, changes)
+    };
+    let (row, changes) = mirror(&a);
+    assert_eq!((row.clone(), changes.clone()), mirror(&b));
+    assert_eq!(row[1].as_deref(), Some("Canceled"));
+    let kinds: Vec<_> = changes.iter().map(|c| c[1].as_deref().unwrap()).collect();
+    assert_eq!(kinds, ["new", "changed"]);
+}
+
+/// Review (hooks): an id sent as a JSON number that is not plain digits
+/// (`1e3`, `-0`, `1.0`, `1e400`, or a float's rounding of a long id,
+/// `5.191534805005189e17`) was taken as its text and `applied`: a fake lead
+/// beside the real one (which a listing then mirrors under its digits), a
+/// message attached to the fake lead for good. Such a delivery is now
+/// `ignored` with the reason, as the poller skips such an entry.
+#[test]
+fn a_delivery_naming_its_lead_by_a_number_that_is_not_plain_digits_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let business = "468046965846925323";
+    let mut conn = mirror_with_business(&dir, business);
+    for (i, id) in ["5.191534805005189e17", "1e3", "-0", "1.0", "1e400", "-7"]
+        .into_iter()
+        .enumerate()
+    {
+        let data = format!(
+            r#"{{"negotiationID":{id},"business":{{"businessID":"{business}"}},"status":"Open"}}"#
+        );
+        let body = format!(
+            r#"{{"event":{{"eventType":"NegotiationCreatedV4","triggeredAt":"2026-11-28T04:00:00Z"}},"data":{data}}}"#
+        );
+        assert_eq!(
+            deliver_at(&mut conn, &body, "2026-11-28T04:00:01.000Z"),
+            "ignored",
+            "{id}"
+        );
+        assert_eq!(
+            leadsync::thumbtack::model::parse_lead_body(&data),
+            None,
+            "{id}"
+        );
+        let message = format!(
+            r#"{{"messageID":"m-{i}","negotiationID":{id},"from":"Customer","text":"hi"}}"#
+        );
+        let body = format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4","triggeredAt":"2026-11-28T04:00:02Z"}},"data":{message}}}"#
+        );
+        assert_eq!(
+            deliver_at(&mut conn, &body, "2026-11-28T04:00:03.000Z"),
+            "ignored",
+            "{id}"
+        );
+        let reason: String = conn
+            .query_row(
+                "SELECT error FROM webhook_events ORDER BY rowid DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert!(reason.contains("not plain digits"), "{id}: {reason}");
+    }
+    assert_eq!(count(&conn, "SELECT count(*) FROM negotiations"), 0);
+    assert_eq!(count(&conn, "SELECT count(*) FROM messages"), 0);
+    assert_eq!(count(&conn, "SELECT count(*) FROM negotiation_changes"), 0);
 }

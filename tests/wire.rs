@@ -447,12 +447,31 @@ async fn a_capped_page_ending_in_an_unreadable_id_is_not_confirmed_unchecked() {
     assert_eq!((outcome.as_str(), missing), ("ok", 0));
     assert!(error.unwrap_or_default().contains("lead offset"), "{out}");
     // A server that pages by offset: the page's last listed lead comes
-    // back first, the listing is read to its end, and a lead really gone
-    // is marked missing.
+    // back first and the listing is read to its end; while it lists an
+    // entry it cannot name (ids[2]'s), no lead is proven gone
+    // (wire::a_full_scan_listing_an_entry_it_cannot_name_marks_no_lead_missing);
+    // once it can, a lead really gone is marked missing.
     env.sandbox.set_faults(Faults::default());
     env.sandbox
         .mutate(Mutation::Remove {
             negotiation_id: ids[6].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0), "{out}");
+    assert!(
+        error
+            .unwrap_or_default()
+            .contains("read without a readable negotiationID"),
+        "{out}"
+    );
+    assert!(missing_ids(&env).is_disjoint(&unread), "{out}");
+    env.sandbox
+        .mutate(Mutation::Patch {
+            negotiation_id: ids[2].clone(),
+            patch: serde_json::json!({"negotiationID": ids[2], "negotiationId": null}),
         })
         .unwrap();
     let (code, out) = sync(&env, &["--full"]);
@@ -464,6 +483,124 @@ async fn a_capped_page_ending_in_an_unreadable_id_is_not_confirmed_unchecked() {
         missing_ids(&env).is_disjoint(&unread.iter().filter(|i| **i != ids[6]).cloned().collect()),
         "{out}"
     );
+}
+
+/// A list entry with no readable `negotiationID` (here the lead spells it
+/// `negotiationId`) is a lead the scan listed but cannot name: any of the
+/// leads it did not list may be that one. A full scan used to mark every
+/// unlisted lead missing all the same, the lead behind that entry with
+/// them (a lead Thumbtack still lists shown gone). It now marks none,
+/// says why, and does not claim to have confirmed every lead; once the
+/// entry is readable again, a lead really gone is marked as usual.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_scan_listing_an_entry_it_cannot_name_marks_no_lead_missing() {
+    let env = Env::new(
+        SandboxOptions {
+            businesses: 1,
+            leads_per_business: 8,
+            ..Default::default()
+        },
+        false,
+        FAST,
+    )
+    .await;
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 8);
+    env.sandbox
+        .mutate(Mutation::Patch {
+            negotiation_id: ids[2].clone(),
+            patch: serde_json::json!({"negotiationID": null, "negotiationId": ids[2]}),
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[6].clone(),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::new(), "{out}");
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0), "{out}");
+    let error = error.unwrap_or_default();
+    assert!(
+        error.contains("1 list entry read without a readable negotiationID")
+            && error.contains("no lead was marked missing"),
+        "{error}"
+    );
+    assert!(out.contains("without a readable negotiationID"), "{out}");
+    let confirmed_every = count(
+        &env.sql(),
+        "SELECT count(*) FROM sync_runs WHERE id = (SELECT max(id) FROM sync_runs)
+             AND listed_at IS NOT NULL AND listed_ids IS NULL",
+    );
+    assert_eq!(
+        confirmed_every, 0,
+        "the scan did not name every lead it listed"
+    );
+    // Readable again: the listing names every lead, and the gone one is missing.
+    env.sandbox
+        .mutate(Mutation::Patch {
+            negotiation_id: ids[2].clone(),
+            patch: serde_json::json!({"negotiationID": ids[2], "negotiationId": null}),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[6].clone()]), "{out}");
+    let (_, outcome, _, error, _) = last_run(&env);
+    assert_eq!((outcome.as_str(), error), ("ok", None), "{out}");
+}
+
+/// Merge of poll and hooks: an entry whose `negotiationID` is blank or a
+/// number not written as plain digits (`1000.0`) is skipped, its text
+/// named in `unread_ids` (hooks), yet it names no lead either: any lead the
+/// scan did not list may be that one. Counted as listed by name only, it
+/// let the scan mark the unlisted leads missing, the lead behind that
+/// entry among them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_scan_listing_a_blank_or_odd_id_marks_no_lead_missing() {
+    for odd in [serde_json::json!(" "), serde_json::json!(1000.0)] {
+        let env = Env::new(
+            SandboxOptions {
+                businesses: 1,
+                leads_per_business: 8,
+                ..Default::default()
+            },
+            false,
+            FAST,
+        )
+        .await;
+        let b = env.business_ids()[0].clone();
+        let ids = env.sandbox.lead_ids(&b);
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 0, "{out}");
+        env.sandbox
+            .mutate(Mutation::Patch {
+                negotiation_id: ids[2].clone(),
+                patch: serde_json::json!({ "negotiationID": odd }),
+            })
+            .unwrap();
+        env.sandbox
+            .mutate(Mutation::Remove {
+                negotiation_id: ids[6].clone(),
+            })
+            .unwrap();
+        let (code, out) = sync(&env, &["--full"]);
+        assert_eq!(code, 0, "{odd}: {out}");
+        assert_eq!(missing_ids(&env), BTreeSet::new(), "{odd}: {out}");
+        let (_, outcome, _, error, missing) = last_run(&env);
+        assert_eq!((outcome.as_str(), missing), ("ok", 0), "{odd}: {out}");
+        assert!(
+            error
+                .unwrap_or_default()
+                .contains("1 list entry read without a readable negotiationID"),
+            "{odd}: {out}"
+        );
+    }
 }
 
 /// A strict server that refuses `offset` (400): the confirmation fails,
@@ -1643,6 +1780,75 @@ async fn a_lead_removed_mid_scan(style: Pagination) {
     assert_eq!(code, 0, "{out}");
     assert_eq!(missing_ids(&env), BTreeSet::from([ids[3].clone()]), "{out}");
     assert_eq!(confirmed(), 1, "every lead listed, or found gone");
+}
+
+/// [`a_lead_removed_mid_scan`], and the lead the shift hid from the scan
+/// (ids[10]) loses its readable id meanwhile: the second reading, which
+/// looks for the leads the first one did not list, lists it as an entry it
+/// cannot name. It used to be marked missing all the same, though it is
+/// listed; now no lead is (any unlisted one may be that entry), the pass
+/// says why, and a later scan that can name it marks only the gone lead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_the_second_reading_cannot_name_marks_no_lead_missing() {
+    let env = env_with(Pagination::Next, Shape::Mixed, 1).await;
+    let b = env.business_ids()[0].clone();
+    let ids = env.sandbox.lead_ids(&b);
+    let (code, out) = sync(&env, &[]);
+    assert_eq!(code, 0, "{out}");
+    env.sandbox.set_faults(Faults {
+        latency_ms: 400,
+        ..Faults::default()
+    });
+    let before = env.sandbox.list_requests(&b);
+    let scan = env
+        .cli()
+        .args(["sync", "--full"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_until(
+        "the second page is requested",
+        std::time::Duration::from_secs(30),
+        || env.sandbox.list_requests(&b) >= before + 2,
+    )
+    .await;
+    env.sandbox
+        .mutate(Mutation::Remove {
+            negotiation_id: ids[3].clone(),
+        })
+        .unwrap();
+    env.sandbox
+        .mutate(Mutation::Patch {
+            negotiation_id: ids[10].clone(),
+            patch: serde_json::json!({"negotiationID": null, "negotiationId": ids[10]}),
+        })
+        .unwrap();
+    env.sandbox.set_faults(Faults::default());
+    let o = tokio::task::spawn_blocking(move || scan.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(missing_ids(&env), BTreeSet::new(), "{}", text(&o));
+    let (_, outcome, _, error, missing) = last_run(&env);
+    assert_eq!((outcome.as_str(), missing), ("ok", 0), "{}", text(&o));
+    assert!(
+        error
+            .unwrap_or_default()
+            .contains("1 list entry read without a readable negotiationID"),
+        "{}",
+        text(&o)
+    );
+    env.sandbox
+        .mutate(Mutation::Patch {
+            negotiation_id: ids[10].clone(),
+            patch: serde_json::json!({"negotiationID": ids[10], "negotiationId": null}),
+        })
+        .unwrap();
+    let (code, out) = sync(&env, &["--full"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(missing_ids(&env), BTreeSet::from([ids[3].clone()]), "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

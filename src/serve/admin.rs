@@ -36,6 +36,109 @@ pub struct Health {
     /// Whether a sync of the database to disk has failed (then webhook
     /// deliveries are refused until restart); `None`: not watched.
     pub disk: Option<store::DurableSyncWatch>,
+    /// The mirror's file as opened, to tell when it is removed or replaced
+    /// under the daemon; `None`: not watched.
+    pub database: Option<DatabaseFile>,
+    /// Whether the daemon's writes to the mirror fail for want of storage;
+    /// `None`: not watched.
+    pub writes: Option<store::WriteWatch>,
+}
+
+/// The mirror's path and the file (device, inode) it named when the
+/// daemon opened it.
+#[derive(Debug)]
+pub struct DatabaseFile {
+    path: PathBuf,
+    id: (u64, u64),
+    /// How the file the path names is told (stat(2); a hook in tests).
+    look: fn(&std::path::Path) -> std::io::Result<(u64, u64)>,
+    /// How long `/healthz` waits for that before it answers 503.
+    within: Duration,
+    /// Whether a look is under way (perhaps hung on the storage).
+    looking: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// The (device, inode) `path` names now.
+fn file_id(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok((m.dev(), m.ino()))
+}
+
+impl DatabaseFile {
+    /// The file `path` names now.
+    pub fn of(path: &std::path::Path) -> std::io::Result<DatabaseFile> {
+        Ok(DatabaseFile {
+            path: path.to_path_buf(),
+            id: file_id(path)?,
+            look: file_id,
+            within: Duration::from_secs(2),
+            looking: Arc::default(),
+        })
+    }
+
+    /// Why the path no longer names the file opened, if it does not (a
+    /// path that cannot be looked at says nothing either way).
+    fn problem(&self) -> Option<String> {
+        Self::problem_of(&self.path, self.id, self.look)
+    }
+
+    fn problem_of(
+        path: &std::path::Path,
+        id: (u64, u64),
+        look: fn(&std::path::Path) -> std::io::Result<(u64, u64)>,
+    ) -> Option<String> {
+        let now = match look(path) {
+            Ok(now) => Some(now),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(_) => return None,
+        };
+        (now != Some(id)).then(|| {
+            format!(
+                "the database file {} was removed or replaced while leadsync runs: leadsync \
+                 still writes the file it opened, which no other program sees and which is lost \
+                 when leadsync stops, and outbox rows written to a new file are never read; put \
+                 the file back, or restart leadsync to open what is there now",
+                path.display()
+            )
+        })
+    }
+
+    /// [`DatabaseFile::problem`] off the async workers: a stat(2) on hung
+    /// storage (a dead NFS server, a failing disk) blocks, and would tie up
+    /// a worker per probe. One look at a time; one that does not return
+    /// within `within` (or is still under way from an earlier probe) is a
+    /// problem itself.
+    async fn problem_promptly(&self) -> Option<String> {
+        use std::sync::atomic::Ordering;
+        let hung = || {
+            format!(
+                "the database file {} could not be looked at within {:.1} s: the storage that \
+                 holds it may hang, and writes to it with it",
+                self.path.display(),
+                self.within.as_secs_f64()
+            )
+        };
+        if self.looking.swap(true, Ordering::AcqRel) {
+            return Some(hung());
+        }
+        let (path, id, look, looking) =
+            (self.path.clone(), self.id, self.look, self.looking.clone());
+        let task = tokio::task::spawn_blocking(move || {
+            let problem = Self::problem_of(&path, id, look);
+            looking.store(false, Ordering::Release);
+            problem
+        });
+        match tokio::time::timeout(self.within, task).await {
+            Ok(Ok(problem)) => problem,
+            // A look that panicked says nothing either way.
+            Ok(Err(_)) => {
+                self.looking.store(false, Ordering::Release);
+                None
+            }
+            Err(_) => Some(hung()),
+        }
+    }
 }
 
 /// What `/healthz`, `status` and the log say once a sync of the database
@@ -56,9 +159,33 @@ impl Health {
 
     /// `None` while both loops beat and the database syncs to disk, else why not.
     pub fn problem(&self) -> Option<String> {
+        self.problem_with(self.database.as_ref().and_then(DatabaseFile::problem))
+    }
+
+    /// [`Health::problem`], with the database file looked at off the async
+    /// workers ([`DatabaseFile::problem_promptly`]).
+    async fn problem_promptly(&self) -> Option<String> {
+        let database = match &self.database {
+            Some(file) => file.problem_promptly().await,
+            None => None,
+        };
+        self.problem_with(database)
+    }
+
+    fn problem_with(&self, database: Option<String>) -> Option<String> {
         let mut stuck = Vec::new();
         if let Some(why) = self.disk_failure() {
             stuck.push(disk_failure_message(&why));
+        }
+        if let Some(why) = database {
+            stuck.push(why);
+        }
+        if let Some((why, since)) = self.writes.as_ref().and_then(store::WriteWatch::failure) {
+            stuck.push(format!(
+                "writes to the database fail ({why}) for {:.1} s: no pass, send or webhook \
+                 delivery is recorded; check the disk that holds it (full? read-only?)",
+                since.as_secs_f64()
+            ));
         }
         for (name, beat) in [
             ("scheduler", &self.scheduler_beat),
@@ -103,7 +230,7 @@ async fn metrics(State(health): State<Arc<Health>>, headers: HeaderMap) -> Respo
 }
 
 async fn healthz(State(health): State<Arc<Health>>) -> Response {
-    match health.problem() {
+    match health.problem_promptly().await {
         None => (
             StatusCode::OK,
             "ok: the scheduler and the drainer loops beat\n",
@@ -127,6 +254,14 @@ async fn readyz(State(health): State<Arc<Health>>) -> Response {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
             format!("not ready: {}\n", disk_failure_message(&why)),
+        )
+            .into_response();
+    }
+    // Nor can a delivery be stored while writes fail.
+    if let Some((why, _)) = health.writes.as_ref().and_then(store::WriteWatch::failure) {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: writes to the database fail ({why})\n"),
         )
             .into_response();
     }
@@ -201,12 +336,18 @@ impl Admin {
         scheduler_beat: Arc<Heartbeat>,
         drain_beat: Arc<Heartbeat>,
         disk: Option<store::DurableSyncWatch>,
+        writes: Option<store::WriteWatch>,
     ) -> Result<Option<Admin>> {
         let Some(addr) = config.admin_listen else {
             return Ok(None);
         };
         let listener = super::bind(addr, "admin.listen").await?;
+        let database_file = DatabaseFile::of(&database)
+            .map_err(|e| warn!(error = %e, database = %database.display(), "cannot watch the database file for /healthz"))
+            .ok();
         let health = Arc::new(Health {
+            database: database_file,
+            writes,
             scheduler_beat,
             drain_beat,
             stale_after: Duration::from_secs_f64(config.file.admin.stale_after_secs),
@@ -326,6 +467,8 @@ mod tests {
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
             disk: Some(store.durable_sync_watch()),
+            database: None,
+            writes: None,
         });
         let get = |path: &'static str| {
             let health = health.clone();
@@ -368,6 +511,86 @@ mod tests {
         );
     }
 
+    /// A stat(2) of the database file that hangs (a dead NFS server, a
+    /// failing disk) ran on the async worker answering `/healthz`: each
+    /// probe tied up a worker until the storage answered, and the probe
+    /// itself got no answer. Now it is looked at off the workers, one look
+    /// at a time, and `/healthz` answers 503 at once when it hangs.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn healthz_answers_503_promptly_while_the_database_file_cannot_be_looked_at() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use tower::ServiceExt;
+        static RELEASE: AtomicBool = AtomicBool::new(false);
+        static LOOKS: AtomicUsize = AtomicUsize::new(0);
+        fn hung(_: &std::path::Path) -> std::io::Result<(u64, u64)> {
+            LOOKS.fetch_add(1, Ordering::SeqCst);
+            // Bounded, so that a look made on a worker fails the test
+            // rather than hangs it.
+            let end = std::time::Instant::now() + Duration::from_secs(8);
+            while !RELEASE.load(Ordering::SeqCst) && std::time::Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Ok((1, 1))
+        }
+        let health = Arc::new(Health {
+            scheduler_beat: Arc::new(Heartbeat::new()),
+            drain_beat: Arc::new(Heartbeat::new()),
+            stale_after: Duration::from_secs(3600),
+            stopping: CancellationToken::new(),
+            mirror_error: Mutex::new(None),
+            disk: None,
+            database: Some(DatabaseFile {
+                path: PathBuf::from("/hung/m.db"),
+                id: (1, 1),
+                look: hung,
+                within: Duration::from_millis(200),
+                looking: Arc::default(),
+            }),
+            writes: None,
+        });
+        let probe = |health: Arc<Health>| {
+            tokio::spawn(async move {
+                let resp = router(health)
+                    .oneshot(
+                        axum::http::Request::get("/healthz")
+                            .body(axum::body::Body::empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            })
+        };
+        let mut answers = Vec::new();
+        for _ in 0..2 {
+            let answer = tokio::time::timeout(Duration::from_secs(5), probe(health.clone())).await;
+            answers.push(answer);
+        }
+        RELEASE.store(true, Ordering::SeqCst);
+        for answer in answers {
+            let (status, body) = answer.expect("healthz answers within 5 s").unwrap();
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+            assert!(
+                body.contains("/hung/m.db could not be looked at within 0.2 s"),
+                "{body}"
+            );
+        }
+        assert_eq!(LOOKS.load(Ordering::SeqCst), 1, "one look at a time");
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, body) = probe(health.clone()).await.unwrap();
+            if status == StatusCode::OK {
+                break;
+            }
+            assert!(std::time::Instant::now() < end, "never 200 again: {body}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Staleness is read on the monotonic clock: tokio's paused clock
     /// advances it while the wall clock barely moves, as when NTP steps the
     /// wall clock back by as much as the loop has been stuck (on the wall
@@ -381,6 +604,8 @@ mod tests {
             stopping: CancellationToken::new(),
             mirror_error: Mutex::new(None),
             disk: None,
+            database: None,
+            writes: None,
         };
         assert_eq!(h.problem(), None);
         tokio::time::advance(Duration::from_millis(2_500)).await;

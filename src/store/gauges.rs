@@ -128,7 +128,10 @@ pub fn read(conn: &mut Connection) -> Result<TableGauges> {
             }));
         let oldest: Option<String> = tx
             .query_row(
-                &format!("SELECT min(created_at) FROM {table} WHERE state = 'pending'"),
+                &format!(
+                    "SELECT min(created_at) FROM {table} WHERE state = 'pending' AND {}",
+                    super::outbox::TIME_SHAPED_CREATED_AT
+                ),
                 [],
                 |r| r.get(0),
             )

@@ -574,20 +574,38 @@ pub fn upsert_lead(
         .query_row([&lead.negotiation_id], |r| {
             // The unchanged path (most leads of most passes) compares the
             // stored columns in place and allocates nothing; the old status
-            // is copied out only for a lead that may get a change row.
-            let hash = r.get::<_, i64>(0)?;
+            // is copied out only for a lead that may get a change row. A
+            // value of a type leadsync never writes (the partner's edit)
+            // fails nothing: a hash that is no integer differs, a stamp
+            // that is no text is stale, and the listing writes the lead
+            // over it. A business is compared by its bytes (a blob of the
+            // same bytes is the same business, written back as text).
+            use rusqlite::types::ValueRef;
+            let hash = match r.get_ref(0)? {
+                ValueRef::Integer(h) => Some(h),
+                _ => None,
+            };
+            let hash_differs = hash != Some(lead.hash);
             // A last_seen_at far ahead of now was written under a wall
             // clock ahead, since corrected: rewritten too, not left "seen"
             // in the future until the clock catches up. (The clock is read
             // only for a stamp after the context's `now`, itself a reading
             // of it: none on the unchanged path.)
-            let last_seen = r.get_ref(1)?.as_str()?;
-            let stale = last_seen < ctx.stale_before.as_str()
-                || (last_seen > ctx.now.as_str() && far_ahead(last_seen.as_bytes()));
-            let missing = !matches!(r.get_ref(2)?, rusqlite::types::ValueRef::Null);
-            let same_business = r.get_ref(3)?.as_str()? == ctx.business_id;
-            let old_status = if missing || hash != lead.hash || !same_business {
-                r.get::<_, Option<String>>(4)?
+            let stale = match r.get_ref(1)? {
+                ValueRef::Text(last_seen) => {
+                    last_seen < ctx.stale_before.as_bytes()
+                        || (last_seen > ctx.now.as_bytes() && far_ahead(last_seen))
+                }
+                _ => true,
+            };
+            let missing = !matches!(r.get_ref(2)?, ValueRef::Null);
+            let (same_business, business_blob) = match r.get_ref(3)? {
+                ValueRef::Text(b) => (b == ctx.business_id.as_bytes(), false),
+                ValueRef::Blob(b) => (b == ctx.business_id.as_bytes(), true),
+                _ => (false, false),
+            };
+            let old_status = if missing || hash_differs || !same_business {
+                value_text(r.get_ref(4)?)
             } else {
                 None
             };
@@ -610,9 +628,16 @@ pub fn upsert_lead(
             let keep = match origin {
                 // A copy delivered for an event after the page was read, or
                 // less than LISTING_MARGIN before: such a listing may lag
-                // the event (listing_lags).
+                // the event (listing_lags). And a copy another business's
+                // listing wrote from a page asked for after this one: the
+                // lead moved, and this page (of a pass running beside
+                // that one) shows it before the move. Passes of one
+                // business never overlap, so its own pages are written in
+                // the order they were asked for.
                 Origin::Listed => ctx.read_at.as_deref().is_some_and(|read_at| {
                     text(6).is_some_and(|copy_event| listing_lags(copy_event, read_at.as_bytes()))
+                        || (!same_business
+                            && ours(7).is_some_and(|copy_read| copy_read > read_at.as_bytes()))
                 }),
                 Origin::Delivered { triggered_at: None } => true,
                 Origin::Delivered {
@@ -654,7 +679,12 @@ pub fn upsert_lead(
                     newer_copy || gone_after
                 }
             };
-            let listings = match (ask_listings, text(3), text(5)) {
+            // The business read leniently, as it was compared above.
+            let business = match r.get_ref(3) {
+                Ok(ValueRef::Text(v) | ValueRef::Blob(v)) => Some(v),
+                _ => None,
+            };
+            let listings = match (ask_listings, business, text(5)) {
                 (true, Some(business), Some(changed_at)) => Some((
                     String::from_utf8_lossy(business).into_owned(),
                     String::from_utf8_lossy(changed_at).into_owned(),
@@ -666,13 +696,23 @@ pub fn upsert_lead(
                 stale,
                 missing,
                 same_business,
+                same_business && business_blob,
                 old_status,
                 keep,
                 listings,
             ))
         })
         .optional()?;
-    let Some((hash, stale, missing, same_business, old_status, mut keep, listings)) = existing
+    let Some((
+        hash,
+        stale,
+        missing,
+        same_business,
+        business_retyped,
+        old_status,
+        mut keep,
+        listings,
+    )) = existing
     else {
         // Not mirrored, as just looked up in this transaction: inserted.
         if !NewLeads::prepare(tx)?.insert(ctx, lead, origin)? {
@@ -690,14 +730,36 @@ pub fn upsert_lead(
         keep = listed_since(tx, &business_id, &lead.negotiation_id, &changed_at, t)?;
     }
     let mut changed_fields = None;
-    if hash != lead.hash || !same_business {
+    // The hash the stored payload should have, when the stored one is not
+    // it (the partner's edit: a text, a real, another integer). Left so,
+    // the lead would pay the payload's read and comparison on every pass.
+    let mut repaired_hash = None;
+    if hash != Some(lead.hash) || !same_business {
         let old: String = tx
             .prepare_cached("SELECT payload FROM negotiations WHERE negotiation_id = ?1")?
-            .query_row([&lead.negotiation_id], |r| r.get(0))?;
-        let fields = differing_fields(&old, &lead.payload);
+            .query_row([&lead.negotiation_id], |r| Ok(value_text(r.get_ref(0)?)))?
+            .unwrap_or_default();
+        let old_hash = xxhash_rust::xxh3::xxh3_64(old.as_bytes()) as i64;
+        repaired_hash = Some(old_hash).filter(|h| hash != Some(*h));
+        let fields = lead_fields_differing(&old, &lead.payload, &lead.negotiation_id);
         if !fields.is_empty() || !same_business {
             changed_fields = Some((old, fields));
         }
+    }
+    // A row not written over below keeps its values, each written back in
+    // its own type (the hash of its payload, its business as text): no
+    // change row, as nothing Thumbtack sent changed.
+    if (changed_fields.is_none() || keep) && (business_retyped || repaired_hash.is_some()) {
+        tx.prepare_cached(
+            "UPDATE negotiations SET business_id = coalesce(?2, business_id),
+                 payload_hash = coalesce(?3, payload_hash)
+              WHERE negotiation_id = ?1",
+        )?
+        .execute(params![
+            lead.negotiation_id,
+            business_retyped.then_some(ctx.business_id.as_str()),
+            repaired_hash
+        ])?;
     }
     if keep {
         return Ok(Upserted::Kept {
@@ -767,6 +829,18 @@ pub fn upsert_lead(
             Upserted::Unchanged
         }
     })
+}
+
+/// A stored value as text, whatever its type (the partner's program may
+/// have written a number where leadsync writes text): `None` for NULL.
+fn value_text(v: rusqlite::types::ValueRef<'_>) -> Option<String> {
+    use rusqlite::types::ValueRef;
+    match v {
+        ValueRef::Null => None,
+        ValueRef::Integer(i) => Some(i.to_string()),
+        ValueRef::Real(f) => Some(f.to_string()),
+        ValueRef::Text(t) | ValueRef::Blob(t) => Some(String::from_utf8_lossy(t).into_owned()),
+    }
 }
 
 const INSERT_LEAD: &str =
@@ -1035,12 +1109,44 @@ fn same_number(x: &str, y: &str) -> bool {
 /// when they are equal as JSON, e.g. only key order or spacing differs;
 /// [`same_json`]).
 pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
+    fields_differing(old, new, None)
+}
+
+/// [`differing_fields`] of two copies of the lead mirrored under `id`,
+/// where a top-level value that is that id, written once as a JSON string
+/// and once as a JSON number of the same digits (`"519153480500518912"`,
+/// `519153480500518912`), is the same: both are read as the same lead's
+/// id, so the copy that changes only that is no change (no `changed` row;
+/// the payload stays as first stored, as for a change of key order).
+pub fn lead_fields_differing(old: &str, new: &str, id: &str) -> Vec<String> {
+    fields_differing(old, new, Some(id))
+}
+
+fn fields_differing(old: &str, new: &str, id: Option<&str>) -> Vec<String> {
+    // The value is `id` as a string on one side and as a number on the other.
+    let same_id = |v: &RawValue, w: &RawValue| {
+        let Some(id) = id.filter(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())) else {
+            return false;
+        };
+        let (x, y) = (v.get().trim(), w.get().trim());
+        let string_id = |t: &str| {
+            t.starts_with('"') && serde_json::from_str::<String>(t).is_ok_and(|s| s == id)
+        };
+        (x == id && string_id(y)) || (y == id && string_id(x))
+    };
+    let same = |p: &[(String, &RawValue)], q: &[(String, &RawValue)]| {
+        same_values(p, q, 0)
+            || (p.len() == q.len()
+                && p.iter()
+                    .zip(q)
+                    .all(|((_, v), (_, w))| same_json(v, w, 0) || same_id(v, w)))
+    };
     match (Members::parse(old), Members::parse(new)) {
         (Some(a), Some(b)) => {
             let (a, b) = (a.by_key(), b.by_key());
             let mut keys: Vec<String> = a
                 .iter()
-                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same_values(v, w, 0)))
+                .filter(|(k, v)| !b.get(*k).is_some_and(|w| same(v, w)))
                 .map(|(k, _)| k.to_string())
                 .chain(
                     b.keys()
@@ -1056,8 +1162,25 @@ pub fn differing_fields(old: &str, new: &str) -> Vec<String> {
     }
 }
 
+/// The error of a pass whose end could not be recorded ([`start_run`]).
+const UNRECORDED_END: &str =
+    "the pass's end could not be recorded (closed when the next pass of the business started)";
+
 /// Registers a sync pass; returns its `sync_runs` id.
 pub fn start_run(conn: &Connection, business_id: &str, kind: &str, now: &str) -> Result<i64> {
+    // A pass of the business still `running` is one whose end could not be
+    // recorded (the mirror busy or failing when it finished): passes of one
+    // business never overlap (the queue; across processes, the database
+    // lock). Closed now, it does not read `running` until the next start.
+    // Only the business's latest pass can be one (each start closes the one
+    // before; the start of the process closes all): one index probe.
+    conn.execute(
+        "UPDATE sync_runs SET outcome = 'error', finished_at = ?2,
+             error = coalesce(error || '; ', '') || ?3
+          WHERE id = (SELECT max(id) FROM sync_runs WHERE business_id = ?1)
+            AND outcome = 'running'",
+        params![business_id, now, UNRECORDED_END],
+    )?;
     conn.execute(
         "INSERT INTO sync_runs (business_id, kind, started_at) VALUES (?1, ?2, ?3)",
         params![business_id, kind, now],
@@ -1246,7 +1369,7 @@ pub fn mark_missing(
              VALUES (?1, ?2, ?3, 'missing', ?4, ?4, ?5)",
         )?;
         for id in &missing {
-            let status: Option<String> = status_of.query_row([id], |r| r.get(0))?;
+            let status = status_of.query_row([id], |r| Ok(value_text(r.get_ref(0)?)))?;
             mark.execute(params![id, listed_from])?;
             change.execute(params![id, business_id, now, status, run_id])?;
         }
@@ -1736,6 +1859,262 @@ mod tests {
         }
     }
 
+    /// The partner's program edited mirrored rows with values of types
+    /// leadsync never writes (SQLite keeps a text in an INTEGER column, and
+    /// a blob anywhere; a number in a TEXT column becomes text): a hash as
+    /// text, a stamp, a business id or a status as a blob. Reading such a
+    /// row failed the page's write, so
+    /// every pass of the business failed at that page (and every delivery
+    /// of the lead), for good. The listing now writes the lead as it
+    /// would any changed one, and nothing fails.
+    #[test]
+    fn a_row_the_partner_edited_with_values_of_other_types_does_not_fail_the_page() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "12".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: Some("2026-01-01T00:00:00.000Z".into()),
+        };
+        let lead = |id: &str, status: &str| {
+            let payload = format!(r#"{{"negotiationID":"{id}","status":"{status}"}}"#);
+            LeadRow {
+                negotiation_id: id.into(),
+                hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+                payload,
+                status: Some(status.into()),
+                ..LeadRow::default()
+            }
+        };
+        let ids = ["hash", "seen", "business", "status"];
+        let page: Vec<LeadRow> = ids.iter().map(|id| lead(id, "Open")).collect();
+        write_page(&mut conn, &ctx, &page).unwrap();
+        conn.execute_batch(
+            "UPDATE negotiations SET payload_hash = 'edited' WHERE negotiation_id = 'hash';
+             UPDATE negotiations SET last_seen_at = X'30' WHERE negotiation_id = 'seen';
+             UPDATE negotiations SET business_id = X'3132' WHERE negotiation_id = 'business';
+             UPDATE negotiations SET status = X'31' WHERE negotiation_id = 'status';",
+        )
+        .unwrap();
+        // Listed as they were, then changed: neither write fails.
+        write_page(&mut conn, &ctx, &page).unwrap();
+        let changed: Vec<LeadRow> = ids.iter().map(|id| lead(id, "Hired")).collect();
+        let stats = write_page(&mut conn, &ctx, &changed).unwrap();
+        assert_eq!(stats.updated, 4, "{stats:?}");
+        for id in ids {
+            let (business, status, hash_type, seen_type): (String, String, String, String) = conn
+                .query_row(
+                    "SELECT business_id, status, typeof(payload_hash), typeof(last_seen_at)
+                       FROM negotiations WHERE negotiation_id = ?1",
+                    [id],
+                    |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (
+                    business.as_str(),
+                    status.as_str(),
+                    hash_type.as_str(),
+                    seen_type.as_str()
+                ),
+                ("12", "Hired", "integer", "text"),
+                "{id}"
+            );
+        }
+        // The change rows name what the row held, read as text.
+        let kinds: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM negotiations
+                  WHERE typeof(business_id) = 'text' AND typeof(status) = 'text'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(kinds, 4);
+        let old: Option<String> = conn
+            .query_row(
+                "SELECT old_status FROM negotiation_changes
+                  WHERE negotiation_id = 'status' AND new_status = 'Hired'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(old.as_deref(), Some("1"));
+    }
+
+    /// A row the partner's program rewrote with the same values in other
+    /// types: the business id `12` as the blob X'3132', the payload hash as
+    /// a text (or an integer that is not the payload's hash). A listing of
+    /// the lead as it was wrote a `changed` row for the blob business (the
+    /// same business, read as another one; `changed_fields` []), and never
+    /// rewrote the hash, so every pass paid a read of the payload and a
+    /// JSON comparison for the lead, for good. Now the business is compared
+    /// by its bytes and both are written back in their own types, with no
+    /// change row.
+    #[test]
+    fn a_listing_rewrites_values_of_other_types_without_a_change_row() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let ctx = PageContext {
+            business_id: "12".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: Some("2026-01-01T00:00:00.000Z".into()),
+        };
+        let lead = |id: &str| {
+            let payload = format!(r#"{{"negotiationID":"{id}","status":"Open"}}"#);
+            LeadRow {
+                negotiation_id: id.into(),
+                hash: xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64,
+                payload,
+                status: Some("Open".into()),
+                ..LeadRow::default()
+            }
+        };
+        let ids = ["business", "text-hash", "real-hash", "wrong-hash", "all"];
+        let page: Vec<LeadRow> = ids.iter().map(|id| lead(id)).collect();
+        write_page(&mut conn, &ctx, &page).unwrap();
+        conn.execute_batch(
+            "UPDATE negotiations SET business_id = X'3132'
+              WHERE negotiation_id IN ('business', 'all');
+             UPDATE negotiations SET payload_hash = 'edited'
+              WHERE negotiation_id IN ('text-hash', 'all');
+             UPDATE negotiations SET payload_hash = 1.5 WHERE negotiation_id = 'real-hash';
+             UPDATE negotiations SET payload_hash = 7 WHERE negotiation_id = 'wrong-hash';",
+        )
+        .unwrap();
+        let stats = write_page(&mut conn, &ctx, &page).unwrap();
+        assert_eq!((stats.updated, stats.unchanged), (0, 5), "{stats:?}");
+        let changes: i64 = conn
+            .query_row(
+                "SELECT count(*) FROM negotiation_changes WHERE kind <> 'new'",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(changes, 0, "a listing alone creates no change row");
+        for l in &page {
+            let (business, hash): (rusqlite::types::Value, rusqlite::types::Value) = conn
+                .query_row(
+                    "SELECT business_id, payload_hash FROM negotiations WHERE negotiation_id = ?1",
+                    [&l.negotiation_id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .unwrap();
+            assert_eq!(
+                (business, hash),
+                (
+                    rusqlite::types::Value::Text("12".into()),
+                    rusqlite::types::Value::Integer(l.hash)
+                ),
+                "{}",
+                l.negotiation_id
+            );
+        }
+        // Written back once: the full scan's known leads hold them again
+        // (a lead known unchanged takes no query at all).
+        let known = known_leads(&conn, "12").unwrap();
+        for l in &page {
+            assert!(
+                known
+                    .get(&id_fingerprint(&l.negotiation_id))
+                    .is_some_and(|k| k.unchanged(l.hash, &ctx.stale_before)),
+                "{}",
+                l.negotiation_id
+            );
+        }
+    }
+
+    /// A webhook delivery older than a listing that confirmed the mirrored
+    /// copy is kept out ([`listed_since`]), also when the partner's program
+    /// rewrote the row's business id as a blob: that business was read as
+    /// no business, the listings were not asked, and the older copy was
+    /// written over the newer one.
+    #[test]
+    fn a_delivery_older_than_a_listing_is_kept_out_when_the_business_is_a_blob() {
+        let mut m = Ordering::open_listed();
+        m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
+        m.conn
+            .execute(
+                "UPDATE negotiations SET business_id = X'62' WHERE negotiation_id = '1'",
+                [],
+            )
+            .unwrap();
+        let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+        assert_eq!(done, Upserted::Kept { identical: false });
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 0);
+    }
+
+    /// The hash written back over a partner's retyped one is the hash of the
+    /// payload the row keeps, not of the copy kept out: a row whose
+    /// `payload_hash` is not its payload's would be compared wrongly for
+    /// good (an unchanged listing taken for a change, or the reverse).
+    #[test]
+    fn a_kept_out_delivery_over_a_retyped_hash_writes_back_the_kept_payloads_hash() {
+        let mut m = Ordering::open_listed();
+        m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
+        m.conn
+            .execute(
+                "UPDATE negotiations SET payload_hash = 'partner' WHERE negotiation_id = '1'",
+                [],
+            )
+            .unwrap();
+        let done = m.deliver("b", &lead_row("1", "Canceled"), T1);
+        assert_eq!(done, Upserted::Kept { identical: false });
+        let (payload, hash, kind): (String, i64, String) = m
+            .conn
+            .query_row(
+                "SELECT payload, payload_hash, typeof(payload_hash) FROM negotiations
+                  WHERE negotiation_id = '1'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap();
+        assert_eq!(kind, "integer");
+        assert_eq!(hash, xxhash_rust::xxh3::xxh3_64(payload.as_bytes()) as i64);
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 0);
+    }
+
+    /// A pass whose end could not be recorded (the mirror locked by the
+    /// partner's program past the busy timeout when it finished) left its
+    /// `sync_runs` row `running` for as long as the daemon ran: a query for
+    /// running passes showed it, and it was never pruned. The business's
+    /// next pass closes it (passes of one business never overlap, in one
+    /// process or across them: the database lock).
+    #[test]
+    fn a_pass_whose_end_was_not_recorded_is_closed_by_the_next_pass_of_its_business() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
+        let lost = start_run(&conn, "b", "full", "2026-01-01T00:00:00.000Z").unwrap();
+        let other = start_run(&conn, "c", "head", "2026-01-01T00:00:00.000Z").unwrap();
+        let next = start_run(&conn, "b", "head", "2026-01-01T00:05:00.000Z").unwrap();
+        let row = |id: i64| -> (String, Option<String>, Option<String>) {
+            conn.query_row(
+                "SELECT outcome, finished_at, error FROM sync_runs WHERE id = ?1",
+                [id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .unwrap()
+        };
+        let (outcome, finished, error) = row(lost);
+        assert_eq!(
+            (outcome.as_str(), finished.as_deref()),
+            ("error", Some("2026-01-01T00:05:00.000Z"))
+        );
+        assert!(error.unwrap().contains("could not be recorded"));
+        assert_eq!(row(other).0, "running", "another business's pass");
+        assert_eq!(row(next).0, "running");
+    }
+
     #[test]
     fn a_page_written_insert_first_falls_back_for_leads_mirrored_after_all() {
         let dir = tempfile::tempdir().unwrap();
@@ -2097,6 +2476,57 @@ mod tests {
                 |r| r.get(0),
             )
             .unwrap()
+    }
+
+    /// A lead moved from business `a` to `b` on Thumbtack. `b`'s pass, its
+    /// page asked for after the move, wrote it as `b`'s; `a`'s full scan
+    /// had asked for its page before the move and wrote it later (a full
+    /// scan writes its pages some time after reading them, and passes of
+    /// different businesses run side by side). That older copy used to
+    /// move the lead back to `a`, with a change row, until `b`'s next
+    /// listing of it (an old lead: its next full scan) — meanwhile `a`'s
+    /// next full scan marked it missing. A page of another business is
+    /// written over the mirrored copy only when asked for after that
+    /// copy's page was.
+    #[test]
+    fn a_page_of_another_business_asked_for_before_a_move_does_not_move_the_lead_back() {
+        let mut m = Ordering::new();
+        m.pass(
+            "a",
+            "full",
+            T0,
+            &[lead_row("1", "Open")],
+            Some(Covered::Every),
+        );
+        m.pass("b", "head", T3, &[lead_row("1", "Open")], None);
+        assert_eq!(m.column("1", "business_id").as_deref(), Some("b"));
+        assert_eq!(changes_of(&m, "1"), 1);
+        let older = Page {
+            read_at: Some(T1),
+            written: T5,
+            insert_first: false,
+        };
+        m.pass_paged(
+            "a",
+            "full",
+            T1,
+            &older,
+            &[lead_row("1", "Canceled")],
+            Some(Covered::Nothing),
+        );
+        assert_eq!(m.column("1", "business_id").as_deref(), Some("b"));
+        assert_eq!(m.status("1"), "Open");
+        assert_eq!(changes_of(&m, "1"), 1, "no change row for the older copy");
+        // A page of `a` asked for after `b`'s: the lead really moved back.
+        let newer = Page {
+            read_at: Some("2026-01-01T13:00:00.001Z"),
+            written: T5,
+            insert_first: false,
+        };
+        m.pass_paged("a", "head", T3, &newer, &[lead_row("1", "Canceled")], None);
+        assert_eq!(m.column("1", "business_id").as_deref(), Some("a"));
+        assert_eq!(m.status("1"), "Canceled");
+        assert_eq!(changes_of(&m, "1"), 2);
     }
 
     #[test]
@@ -2810,6 +3240,31 @@ mod tests {
         assert!(
             plan.iter().any(|p| p.contains("INDEX sync_runs_listed")),
             "{plan:?}"
+        );
+    }
+
+    /// Review (hooks): a lead delivered with its id as a number then listed
+    /// with it as a string got a `changed` row naming the id, which a
+    /// listing alone never writes. Only the lead's own id is so compared.
+    #[test]
+    fn the_leads_own_id_as_a_number_or_a_string_is_no_change() {
+        let id = "519153480500518912";
+        let number = r#"{"negotiationID":519153480500518912,"n":7,"s":"7"}"#;
+        let string = r#"{"negotiationID":"519153480500518912","n":7,"s":"7"}"#;
+        assert!(lead_fields_differing(number, string, id).is_empty());
+        assert!(lead_fields_differing(string, number, id).is_empty());
+        assert_eq!(differing_fields(number, string), ["negotiationID"]);
+        assert_eq!(
+            lead_fields_differing(number, string, "519153480500518913"),
+            ["negotiationID"]
+        );
+        assert_eq!(
+            lead_fields_differing(r#"{"n":7,"x":1}"#, r#"{"n":"7","x":1}"#, "7"),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            lead_fields_differing(r#"{"n":7,"x":1}"#, r#"{"n":"7","x":2}"#, "8"),
+            ["n", "x"]
         );
     }
 

@@ -1628,6 +1628,52 @@ pub struct Store {
     wal_sync: Arc<WalSync>,
     /// When the last urgent job was asked for (ms since the epoch; 0: never).
     last_urgent_ms: Arc<std::sync::atomic::AtomicI64>,
+    /// Whether the writer thread's writes fail for want of storage.
+    writes: WriteWatch,
+}
+
+/// Whether the writer thread's last writes failed for want of storage (a
+/// full disk, an I/O error, a file system turned read-only), and since
+/// when; cleared by the next job that commits a write to the disk (pages
+/// written to the WAL, whether or not a row changed). For `/healthz`:
+/// the loops go on beating while none of their writes lands.
+#[derive(Clone, Debug, Default)]
+pub struct WriteWatch(Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>);
+
+impl WriteWatch {
+    /// Why writes fail, and for how long, while they do.
+    pub fn failure(&self) -> Option<(String, Duration)> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(why, since)| (why.clone(), since.elapsed()))
+    }
+
+    /// A job's result: `wrote` when it committed pages to the disk.
+    fn note<R>(&self, result: &Result<R>, wrote: bool) {
+        let mut failed = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match result {
+            Ok(_) if wrote => *failed = None,
+            Ok(_) => {}
+            Err(e) => {
+                let storage = e.chain().find_map(|c| {
+                    let code = c.downcast_ref::<rusqlite::Error>()?.sqlite_error_code()?;
+                    matches!(
+                        code,
+                        rusqlite::ErrorCode::DiskFull
+                            | rusqlite::ErrorCode::SystemIoFailure
+                            | rusqlite::ErrorCode::ReadOnly
+                    )
+                    .then(|| c.to_string())
+                });
+                if let Some(why) = storage {
+                    let since = failed.take().map_or_else(std::time::Instant::now, |f| f.1);
+                    *failed = Some((why, since));
+                }
+            }
+        }
+    }
 }
 
 /// How many idle read-only connections a [`Store`] keeps (one per business
@@ -1693,6 +1739,7 @@ impl Store {
             wal_sync,
             last_urgent_ms: Arc::new(std::sync::atomic::AtomicI64::new(0)),
             readers,
+            writes: WriteWatch::default(),
         })
     }
 
@@ -1826,6 +1873,12 @@ impl Store {
         self.wal_sync.lock().failed.clone()
     }
 
+    /// A handle that tells whether the writer thread's writes fail for want
+    /// of storage ([`WriteWatch`]), without keeping the store open.
+    pub fn write_watch(&self) -> WriteWatch {
+        self.writes.clone()
+    }
+
     /// A handle that tells [`Store::durable_sync_failure`] without keeping
     /// the store (its writer thread) open.
     pub fn durable_sync_watch(&self) -> DurableSyncWatch {
@@ -1886,14 +1939,46 @@ impl Store {
         R: Send + 'static,
     {
         let (tx, rx) = tokio::sync::oneshot::channel();
+        let writes = self.writes.clone();
         self.jobs.0.push(
             Box::new(move |conn| {
-                let _ = tx.send(f(conn));
+                let before = pages_written(conn);
+                let result = f(conn);
+                writes.note(
+                    &result,
+                    pages_written(conn) != before && conn.is_autocommit(),
+                );
+                let _ = tx.send(result);
             }),
             urgent,
         );
         rx.await
             .map_err(|_| anyhow!("the database thread stopped before answering"))?
+    }
+}
+
+/// Pages `conn` has written to the WAL so far (SQLite's
+/// `SQLITE_DBSTATUS_CACHE_WRITE`): what tells a write that reached the disk,
+/// whether or not it changed a row (rewriting an empty table changes none
+/// but writes its page), from one that wrote nothing (an UPDATE that
+/// matched no row).
+fn pages_written(conn: &Connection) -> i64 {
+    let (mut cur, mut hi) = (0, 0);
+    // SAFETY: the handle is open for the duration of the borrow, and the
+    // pointers are to live locals.
+    let rc = unsafe {
+        rusqlite::ffi::sqlite3_db_status(
+            conn.handle(),
+            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_WRITE,
+            &mut cur,
+            &mut hi,
+            0,
+        )
+    };
+    if rc == rusqlite::ffi::SQLITE_OK {
+        i64::from(cur)
+    } else {
+        0
     }
 }
 
@@ -1960,6 +2045,52 @@ impl DatabaseHold {
             Err(std::fs::TryLockError::Error(e)) => {
                 Err(e).with_context(|| format!("cannot lock {}", database.display()))
             }
+        }
+    }
+}
+
+impl DatabaseHold {
+    /// Whether another holder has the database's flock now: a shared flock
+    /// taken on one of [`DATABASE_FILES`]' descriptors (never closed: see
+    /// there) and released at once. A database that does not exist is not
+    /// held; one that cannot be opened or locked is, as far as can be told.
+    fn is_held(database: &Path) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let meta = match std::fs::metadata(database) {
+            Ok(m) => m,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
+            Err(_) => return true,
+        };
+        let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = files
+            .iter()
+            .position(|(dev, ino, _, held)| (*dev, *ino) == (meta.dev(), meta.ino()) && !held);
+        let at = match idle {
+            Some(at) => at,
+            None => {
+                let Ok(file) = File::open(database) else {
+                    return true;
+                };
+                let m = match file.metadata() {
+                    Ok(m) => m,
+                    Err(_) => {
+                        // Closing any descriptor on the database drops this
+                        // process's SQLite (fcntl) locks on it: never close
+                        // this one either (see DATABASE_FILES).
+                        std::mem::forget(file);
+                        return true;
+                    }
+                };
+                files.push((m.dev(), m.ino(), file, false));
+                files.len() - 1
+            }
+        };
+        match files[at].2.try_lock_shared() {
+            Ok(()) => {
+                let _ = files[at].2.unlock();
+                false
+            }
+            Err(_) => true,
         }
     }
 }
@@ -2096,21 +2227,24 @@ impl ProcessLock {
     }
 
     /// Whether some process holds the lock now. Nothing is kept: a shared
-    /// lock taken to find out is released at once. No lock file: nobody
-    /// holds it; a file that cannot be read: held, as far as can be told.
+    /// lock taken to find out is released at once. A lock file that cannot
+    /// be read: held, as far as can be told. A free or missing lock file is
+    /// not the whole answer: a holder whose lock file was deleted (by hand,
+    /// a cleanup of the directory) still holds the database's own flock,
+    /// and runs (`sync` called such a daemon stopped).
     pub fn is_held(database: &Path) -> bool {
-        let file = match File::open(lock_path(database)) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
-            Err(_) => return true,
-        };
-        match file.try_lock_shared() {
-            Ok(()) => {
-                let _ = file.unlock();
-                false
-            }
+        let file_held = match File::open(lock_path(database)) {
+            Ok(file) => match file.try_lock_shared() {
+                Ok(()) => {
+                    let _ = file.unlock();
+                    false
+                }
+                Err(_) => true,
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
             Err(_) => true,
-        }
+        };
+        file_held || DatabaseHold::is_held(database)
     }
 
     /// The pid the lock file names (the holder's, while it is held).

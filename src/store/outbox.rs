@@ -264,7 +264,7 @@ pub fn list_messages(conn: &Connection, state: Option<&str>) -> Result<Vec<Messa
 }
 
 /// A column as text for people, whatever its type (a BLOB shows as hex).
-fn shown(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<String>> {
+pub(crate) fn shown(r: &rusqlite::Row<'_>, i: usize) -> rusqlite::Result<Option<String>> {
     use rusqlite::types::ValueRef;
     Ok(match r.get_ref(i)? {
         ValueRef::Null => None,
@@ -2076,6 +2076,13 @@ pub fn counts(conn: &Connection) -> Result<Counts> {
     counts_of(conn, Kind::Transition)
 }
 
+/// Rows whose `created_at` is a time (the partner's program may write the
+/// column itself): a BLOB sorts after every text and text such as `1 hour
+/// ago` before every time, so `min(created_at)` over them was no time (and
+/// read as a BLOB, an error) and the age of the oldest pending row was lost.
+pub const TIME_SHAPED_CREATED_AT: &str = "typeof(created_at) = 'text'
+    AND created_at GLOB '[0-9][0-9][0-9][0-9]-[0-9][0-9]-[0-9][0-9]T*'";
+
 /// Counts the rows of one kind's table by state.
 pub fn counts_of(conn: &Connection, kind: Kind) -> Result<Counts> {
     let table = kind.table();
@@ -2097,7 +2104,10 @@ pub fn counts_of(conn: &Connection, kind: Kind) -> Result<Counts> {
     }
     c.oldest_pending_created_at = conn
         .query_row(
-            &format!("SELECT min(created_at) FROM {table} WHERE state IN ('pending', 'sending')"),
+            &format!(
+                "SELECT min(created_at) FROM {table}
+                  WHERE state IN ('pending', 'sending') AND {TIME_SHAPED_CREATED_AT}"
+            ),
             [],
             |r| r.get(0),
         )

@@ -19,9 +19,16 @@ pub struct Page {
     /// The ids of skipped entries that still name one: an object whose
     /// last top-level `negotiationID` (the one a read lead's id comes from)
     /// is readable though the lead is not (e.g. a key that is no text:
-    /// `{"negotiationID":"1","\ud800":0}`). Such a lead is listed: a full
-    /// scan never marks it missing.
+    /// `{"negotiationID":"1","\ud800":0}`, or an id no reader takes, `" "`,
+    /// `1e3`, read as its text). Such a lead is listed: a full scan never
+    /// marks it missing.
     pub unread_ids: Vec<String>,
+    /// Skipped entries that name no lead a reader takes: no readable
+    /// `negotiationID`, or one that is blank or a number not written as
+    /// plain digits (whose text is in [`Page::unread_ids`] all the same).
+    /// Any lead a full scan did not list may be one of them, so such a
+    /// scan marks no lead missing.
+    pub unnamed: i64,
     /// What the page said about the listing (see `paging.rs` for what it means).
     pub markers: Markers,
     /// xxh3 of the ids of every lead listed (read or unchanged), in listing
@@ -286,6 +293,74 @@ fn text(raw: Option<&RawValue>) -> Option<String> {
     text_ref(raw).map(Cow::into_owned)
 }
 
+/// [`text`] for a reader of the same wire elsewhere (a webhook delivery's
+/// message): a field read by one rule whichever way it came.
+pub(crate) fn column_text(raw: Option<&RawValue>) -> Option<String> {
+    text(raw)
+}
+
+/// A lead's (or a delivered message's) id as every reader takes it: a
+/// string that is not blank, or a number sent as plain digits (its digits
+/// exactly as sent, never through a float: `519153480500518912` keeps every
+/// one). A number written otherwise (`1e3`, `1.0`, `-0`, `1e400`,
+/// `5.191534805005189e17`, a float's rounding of a long id) names no lead:
+/// its text is no id Thumbtack gives as a string, and taking it would
+/// mirror a lead beside the real one. `None` for anything else.
+pub(crate) fn id_text(raw: Option<&RawValue>) -> Option<String> {
+    id_of(raw?.get()).map(Cow::into_owned)
+}
+
+/// [`id_text`] of a value's raw text.
+fn id_of(raw: &str) -> Option<Cow<'_, str>> {
+    let t = text_of(raw)?;
+    let usable = if raw.trim_start().starts_with('"') {
+        !t.trim().is_empty()
+    } else {
+        t.bytes().all(|b| b.is_ascii_digit())
+    };
+    usable.then_some(t)
+}
+
+/// The members of the JSON object `raw` named in `keys` (in that order),
+/// the other members skipped. A repeated key's **last** value counts, as
+/// in JavaScript's `JSON.parse` and as the poller reads a lead's top level
+/// ([`parse_lead`]): a derived `Deserialize` refused such an object
+/// ("duplicate field"), so a delivery or a polled message the poller would
+/// read as a lead was answered 400, set aside or skipped. Keys are compared
+/// decoded (`"te\u0078t"` is `text`). `Err` when `raw` is not one JSON
+/// object. The one reader of an object's members by name: a delivery's
+/// envelope, `event` and `data`, a message ([`parse_message`]), a sent
+/// message's response ([`sent_message_id`]).
+pub(crate) fn members<'a, const N: usize>(
+    raw: &'a str,
+    keys: [&str; N],
+) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
+    use serde::de::{Deserializer as _, MapAccess, Visitor};
+    struct Members<'k, const N: usize>(&'k [&'k str; N]);
+    impl<'de, const N: usize> Visitor<'de> for Members<'_, N> {
+        type Value = [Option<&'de RawValue>; N];
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut found = [None; N];
+            while let Some(key) = map.next_key::<Key<'de>>()? {
+                match self.0.iter().position(|k| *k == key.0) {
+                    Some(i) => found[i] = Some(map.next_value::<&'de RawValue>()?),
+                    None => {
+                        map.next_value::<serde::de::IgnoredAny>()?;
+                    }
+                }
+            }
+            Ok(found)
+        }
+    }
+    let mut de = serde_json::Deserializer::from_str(raw);
+    let found = (&mut de).deserialize_map(Members(&keys))?;
+    de.end()?;
+    Ok(found)
+}
+
 /// [`text`], borrowed from the JSON text when it needs no decoding (a
 /// string without escapes, a number): a column read from a page costs one
 /// allocation, its own, and a text only looked at (a name's parts, a time
@@ -368,7 +443,7 @@ pub fn parse_lead(raw: &RawValue) -> Option<LeadRow> {
 
 /// The row of a lead read in one pass, `payload` being its exact text.
 fn lead_row(f: &LeadFields, payload: &str) -> Option<LeadRow> {
-    let negotiation_id = text(f.negotiation_id)?;
+    let negotiation_id = id_text(f.negotiation_id)?;
     let created_at = text_ref(f.create_time)
         .or_else(|| text_ref(f.created_at))
         .map(|t| lead_time(&t));
@@ -465,7 +540,7 @@ fn id_and_hash(payload: &str) -> Option<(String, i64)> {
             while let Some(key) = map.next_key::<Key<'de>>()? {
                 if key.0 == "negotiationID" {
                     let value: &'de RawValue = map.next_value()?;
-                    *self.0 = text(Some(value));
+                    *self.0 = id_text(Some(value));
                     // The rest of the object is not read (serde_json then
                     // reports the unread rest, which is ignored).
                     return Ok(());
@@ -486,10 +561,17 @@ fn id_and_hash(payload: &str) -> Option<(String, i64)> {
 
 /// The id an entry [`parse_lead`] could not read still names: its last
 /// top-level `negotiationID` (the value a read lead's id is taken from; a
-/// last one that is `null` or no text names none). Keys are compared as
+/// last one that is `null` or no text names none). Read as [`text`] reads
+/// it, not as [`id_text`]: an entry whose id is blank or a number not
+/// written as plain digits is skipped, yet names the lead an earlier
+/// version mirrored under that text, which a full scan must then not mark
+/// missing for it. Keys are compared as
 /// bytes, so a key that is no text (a lone surrogate escape, which makes
 /// the lead unreadable) does not stop the scan.
-fn unread_id(payload: &str) -> Option<String> {
+///
+/// With the text: whether a reader takes it as an id ([`id_text`]); an
+/// entry whose id it does not take names no lead ([`Page::unnamed`]).
+fn unread_id(payload: &str) -> Option<(String, bool)> {
     struct IsId(bool);
     impl<'de> Deserialize<'de> for IsId {
         fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -509,8 +591,8 @@ fn unread_id(payload: &str) -> Option<String> {
             d.deserialize_bytes(V)
         }
     }
-    struct LastId<'a>(&'a mut Option<String>);
-    impl<'de> serde::de::Visitor<'de> for LastId<'_> {
+    struct LastId<'a, 'de>(&'a mut Option<&'de RawValue>);
+    impl<'de> serde::de::Visitor<'de> for LastId<'_, 'de> {
         type Value = ();
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a lead object")
@@ -518,7 +600,7 @@ fn unread_id(payload: &str) -> Option<String> {
         fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
             while let Some(IsId(is_id)) = map.next_key()? {
                 if is_id {
-                    *self.0 = text(map.next_value::<Option<&'de RawValue>>()?);
+                    *self.0 = map.next_value::<Option<&'de RawValue>>()?;
                 } else {
                     map.next_value::<serde::de::IgnoredAny>()?;
                 }
@@ -532,7 +614,24 @@ fn unread_id(payload: &str) -> Option<String> {
     let mut id = None;
     let mut de = serde_json::Deserializer::from_str(payload);
     serde::Deserializer::deserialize_map(&mut de, LastId(&mut id)).ok()?;
-    id
+    let id = id?;
+    Some((text(Some(id))?, id_of(id.get()).is_some()))
+}
+
+/// Counts an entry no reader could read into `page` (`payload`: its text):
+/// skipped, its id's text named when it has one, and counted as naming no
+/// lead unless that id is one a reader takes.
+fn skip_entry(page: &mut Page, payload: &str) {
+    page.skipped += 1;
+    match unread_id(payload) {
+        Some((id, usable)) => {
+            page.unread_ids.push(id);
+            if !usable {
+                page.unnamed += 1;
+            }
+        }
+        None => page.unnamed += 1,
+    }
 }
 
 /// A caller's check of a listed lead by its id and payload hash: true when
@@ -604,8 +703,7 @@ fn parse_page_scanning_each(
                     &page.leads[page.leads.len() - 1].negotiation_id
                 }
                 None => {
-                    page.skipped += 1;
-                    page.unread_ids.extend(unread_id(raw.get()));
+                    skip_entry(&mut page, raw.get());
                     ids.skip();
                     continue;
                 }
@@ -685,7 +783,10 @@ fn page_of(read: fast::Read) -> Page {
     let mut ids = IdsDigest::default();
     for lead in read.entries {
         let Some(lead) = lead else {
+            // The fast reader gives up on an entry naming an id it cannot
+            // read (`fast`): one it skips names none.
             page.skipped += 1;
+            page.unnamed += 1;
             ids.skip();
             continue;
         };
@@ -902,7 +1003,13 @@ mod fast {
             let end = last.map(|(at, closing)| (at, closing + 1));
             let text = span(self.0, first_key, end)
                 .ok_or_else(|| A::Error::custom("a lead not located"))?;
-            Ok(lead_row(&f, text))
+            let row = lead_row(&f, text);
+            // An id no reader takes (`" "`, `1e3`) still names a lead
+            // (`Page::unread_ids`), which only the other reader records.
+            if row.is_none() && super::text(f.negotiation_id).is_some() {
+                return Err(A::Error::custom("an unusable id"));
+            }
+            Ok(row)
         }
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Entry, A::Error> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
@@ -948,9 +1055,7 @@ mod fast {
 /// care: serde_json skips a raw value, as the other reader reads each entry
 /// and each other value, without a depth limit.)
 mod checked {
-    use super::{
-        IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, text_of, unread_id,
-    };
+    use super::{IdsDigest, Page, Unchanged, id_and_hash, page_markers, parse_lead, skip_entry};
     use serde_json::value::RawValue;
 
     fn skip_ws(b: &[u8], mut i: usize) -> usize {
@@ -1315,14 +1420,14 @@ mod checked {
     }
 
     /// The text of the id whose value starts at `at`, read as
-    /// [`super::text`] reads it.
+    /// [`super::id_text`] reads it.
     fn id_text(b: &[u8], at: usize) -> Option<std::borrow::Cow<'_, str>> {
         let end = match *b.get(at)? {
             b'"' => string_end(b, at + 1)? + 1,
             b'-' | b'0'..=b'9' => value_end(b, at)?.0,
             _ => return None,
         };
-        text_of(utf8(b.get(at..end)?)?)
+        super::id_of(utf8(b.get(at..end)?)?)
     }
 
     fn utf8(b: &[u8]) -> Option<&str> {
@@ -1375,8 +1480,7 @@ mod checked {
                             page.leads.push(lead);
                         }
                         None => {
-                            page.skipped += 1;
-                            page.unread_ids.extend(unread_id(raw.get()));
+                            skip_entry(page, raw.get());
                             ids.skip();
                         }
                     }
@@ -1829,7 +1933,8 @@ pub struct Message {
 #[derive(Debug, Clone, Default)]
 pub struct MessagePage {
     pub messages: Vec<Message>,
-    /// Entries that are not objects with a `messageID` (counted, not stored).
+    /// Entries [`parse_message`] does not read: not objects with a
+    /// `messageID`, or whose ids are no ids (counted, not stored).
     pub skipped: i64,
     /// `pagination.limit` as the server answered it (it may lower the one asked for).
     pub limit: Option<u32>,
@@ -1841,58 +1946,31 @@ struct LimitOnly {
     limit: Option<serde_json::Value>,
 }
 
-/// The raw values of `keys` in the JSON object `payload`, in their order;
-/// `None` when `payload` is not a readable object. A key the object repeats
-/// (JSON allows it) counts with its last value, as in JavaScript and as a
-/// lead's do: a message or a delivery repeating one is still read, by a
-/// poll and a webhook alike.
-pub fn object_fields<'a, const N: usize>(
-    payload: &'a str,
-    keys: [&str; N],
-) -> Option<[Option<&'a RawValue>; N]> {
-    struct Fields<'k, const N: usize>(&'k [&'k str; N]);
-    impl<'de, const N: usize> serde::de::Visitor<'de> for Fields<'_, N> {
-        type Value = [Option<&'de RawValue>; N];
-        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-            f.write_str("a JSON object")
-        }
-        fn visit_map<A: serde::de::MapAccess<'de>>(
-            self,
-            mut map: A,
-        ) -> Result<Self::Value, A::Error> {
-            let mut values = [None; N];
-            while let Some(Key(key)) = map.next_key::<Key<'de>>()? {
-                match self.0.iter().position(|k| *k == key) {
-                    Some(i) => values[i] = Some(map.next_value::<&'de RawValue>()?),
-                    None => {
-                        map.next_value::<serde::de::IgnoredAny>()?;
-                    }
-                }
-            }
-            Ok(values)
-        }
-    }
-    let mut de = serde_json::Deserializer::from_str(payload);
-    let values = serde::Deserializer::deserialize_map(&mut de, Fields(&keys)).ok()?;
-    de.end().ok()?;
-    Some(values)
-}
-
-/// Reads one message; `None` when it is not an object with a `messageID`.
+/// Reads one message; `None` when it is not an object with a `messageID`
+/// that is an id ([`id_text`]: a non-blank string, or a number of plain
+/// digits kept as sent), or when it names its `negotiationID` by anything
+/// but such an id (`null` reads as absent: the lead polled). A webhook
+/// delivering the same bytes reads its ids by the same rule, so a message
+/// is stored by both paths or by neither.
 pub fn parse_message(raw: &RawValue) -> Option<Message> {
     let payload = raw.get();
     if !payload.trim_start().starts_with('{') {
         return None;
     }
-    let [message_id, negotiation_id, sent_at, from, text_field] = object_fields(
+    let [message_id, negotiation_id, sent_at, from, text_field] = members(
         payload,
         ["messageID", "negotiationID", "sentAt", "from", "text"],
-    )?;
-    let message_id = text(message_id).filter(|s| !s.is_empty())?;
+    )
+    .ok()?;
+    let message_id = id_text(message_id)?;
+    let negotiation_id = match negotiation_id.filter(|n| n.get().trim() != "null") {
+        Some(n) => Some(id_text(Some(n))?),
+        None => None,
+    };
     let sent_at_raw = text(sent_at);
     Some(Message {
         message_id,
-        negotiation_id: text(negotiation_id).filter(|s| !s.is_empty()),
+        negotiation_id,
         sent_at: sent_at_raw
             .as_deref()
             .map(|t| crate::time::sortable_utc(t).unwrap_or_else(|| t.to_string())),
@@ -1999,15 +2077,17 @@ pub struct MessageBody {
 /// The id of a sent message, from the response to its `POST`. The response
 /// is not documented: `messageID` at the top or under `data` is read, and
 /// anything else (an empty body included) means "no id".
+///
+/// Read as [`parse_message`] reads a message's id ([`id_text`]: a
+/// non-blank string, or a number of plain digits exactly as sent, never
+/// through a float), a repeated key's last value counting.
 pub fn sent_message_id(body: &[u8]) -> Option<String> {
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    [&v["messageID"], &v["data"]["messageID"]]
-        .into_iter()
-        .find_map(|id| match id {
-            serde_json::Value::String(s) if !s.is_empty() => Some(s.clone()),
-            serde_json::Value::Number(n) => Some(n.to_string()),
-            _ => None,
-        })
+    let body = std::str::from_utf8(body).ok()?;
+    let [id, data] = members(body, ["messageID", "data"]).ok()?;
+    id_text(id).or_else(|| {
+        let [id] = members(data?.get(), ["messageID"]).ok()?;
+        id_text(id)
+    })
 }
 
 /// The lead parser before issue 16: each nested object parsed on its own
@@ -2016,7 +2096,7 @@ pub fn sent_message_id(body: &[u8]) -> Option<String> {
 /// value of a nested object's place, since that value is parsed there, not
 /// skipped; such a lead is still stored with the columns it had.
 mod separate {
-    use super::{Key, lead_time, object};
+    use super::{lead_time, object};
     use crate::lead::LeadRow;
     use serde::Deserialize;
     use serde_json::value::RawValue;
@@ -2108,56 +2188,54 @@ mod separate {
     /// keeps the last too), the nested objects read as `parse_lead` reads
     /// them. `None` when the text is not an object or has no id.
     pub(super) fn parse_lead_last_wins(raw: &RawValue) -> Option<LeadRow> {
-        struct LastWins<'a>(LeadFields<'a>);
-        impl<'de> Deserialize<'de> for LastWins<'de> {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl<'de> serde::de::Visitor<'de> for V {
-                    type Value = LastWins<'de>;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("a lead object")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(
-                        self,
-                        mut map: A,
-                    ) -> Result<LastWins<'de>, A::Error> {
-                        let mut f = LeadFields::default();
-                        while let Some(key) = map.next_key::<Key<'de>>()? {
-                            let place = match key.0.as_ref() {
-                                "negotiationID" => &mut f.negotiation_id,
-                                "status" => &mut f.status,
-                                "createTime" => &mut f.create_time,
-                                "createdAt" => &mut f.created_at,
-                                "category" => &mut f.category,
-                                "customer" => &mut f.customer,
-                                "request" => &mut f.request,
-                                "leadPrice" => &mut f.lead_price,
-                                "chargeState" => &mut f.charge_state,
-                                _ => {
-                                    map.next_value::<serde::de::IgnoredAny>()?;
-                                    continue;
-                                }
-                            };
-                            // `null` reads as absent, as the derived field reads it.
-                            *place = map.next_value::<Option<&'de RawValue>>()?;
-                        }
-                        Ok(LastWins(f))
-                    }
-                }
-                d.deserialize_map(V)
-            }
-        }
         let payload = raw.get();
         if !payload.trim_start().starts_with('{') {
             return None;
         }
-        let f: LastWins = serde_json::from_str(payload).ok()?;
-        row(f.0, payload)
+        let [
+            negotiation_id,
+            status,
+            create_time,
+            created_at,
+            category,
+            customer,
+            request,
+            lead_price,
+            charge_state,
+        ] = super::members(
+            payload,
+            [
+                "negotiationID",
+                "status",
+                "createTime",
+                "createdAt",
+                "category",
+                "customer",
+                "request",
+                "leadPrice",
+                "chargeState",
+            ],
+        )
+        .ok()?
+        // `null` reads as absent, as the derived field reads it.
+        .map(|v| v.filter(|v| v.get().trim() != "null"));
+        let f = LeadFields {
+            negotiation_id,
+            status,
+            create_time,
+            created_at,
+            category,
+            customer,
+            request,
+            lead_price,
+            charge_state,
+        };
+        row(f, payload)
     }
 
     /// The row of a lead's fields, `payload` being its exact text.
     fn row(f: LeadFields, payload: &str) -> Option<LeadRow> {
-        let negotiation_id = text(f.negotiation_id)?;
+        let negotiation_id = super::id_text(f.negotiation_id)?;
         let created_at = text(f.create_time)
             .or_else(|| text(f.created_at))
             .map(|t| lead_time(&t));
@@ -3368,5 +3446,91 @@ mod tests {
             }
         }
         assert!(checked * 10 > n, "{checked} of {n}");
+    }
+
+    /// Review (hooks): a lead id sent as a JSON number that is not plain
+    /// digits (`1e3`, `-0`, `1.0`, `1e400`, a float's rounding of a long id)
+    /// was read as its text: a lead mirrored under a name no string id
+    /// has, beside the real one. Every reader now skips such an entry (an
+    /// id sent as plain digits is read as before).
+    #[test]
+    fn a_lead_id_sent_as_a_number_counts_only_when_plain_digits() {
+        // Review (hooks): a blank id was mirrored by the poller, ignored
+        // by the receiver; now by neither.
+        let odd = [
+            "5.191534805005189e17",
+            "1e3",
+            "1E3",
+            "-0",
+            "1.0",
+            "1e400",
+            "-7",
+            "\" \"",
+            "\"\\t\"",
+        ];
+        for id in odd {
+            let lead = format!(r#"{{"negotiationID":{id},"status":"Open"}}"#);
+            assert_eq!(parse_lead_body(&lead), None, "{id}");
+            let raw: &RawValue = serde_json::from_str(&lead).unwrap();
+            assert_eq!(separate::parse_lead(raw), None, "{id}");
+            let twice = format!(r#"{{"negotiationID":"1","status":"Open","negotiationID":{id}}}"#);
+            assert_eq!(parse_lead_body(&twice), None, "{id}");
+            let entries = [
+                format!(r#"{{"negotiationID":{id},"status":"a"}}"#),
+                format!(r#"{{"\u0061":1,"negotiationID":{id}}}"#),
+                r#"{"negotiationID":519153480500518912,"status":"b"}"#.to_string(),
+            ];
+            let body = format!(r#"{{"data":[{}]}}"#, entries.join(","));
+            let everything_else_unchanged = |i: &str, _| i != "519153480500518912";
+            for page in [
+                parse_page(body.as_bytes()).unwrap(),
+                parse_page_with(body.as_bytes(), Some(&|_: &str, _| false)).unwrap(),
+                parse_page_with(body.as_bytes(), Some(&everything_else_unchanged)).unwrap(),
+            ] {
+                let ids: Vec<_> = page
+                    .leads
+                    .iter()
+                    .map(|l| l.negotiation_id.as_str())
+                    .collect();
+                assert_eq!(ids, ["519153480500518912"], "{id}");
+                assert!(page.unchanged.is_empty(), "{id}: {:?}", page.unchanged);
+                // Named still, as an earlier version mirrored them: never
+                // marked missing for being skipped.
+                let named = serde_json::from_str::<String>(id).unwrap_or_else(|_| id.to_string());
+                assert_eq!(page.unread_ids, [named.clone(), named], "{id}");
+                assert_eq!(page.skipped, 2, "{id}");
+                // Yet no lead a reader takes: a full scan cannot name them.
+                assert_eq!(page.unnamed, 2, "{id}");
+            }
+        }
+    }
+
+    /// Review (hooks): a sent message's id past u64 went through a float
+    /// (`1.2345678901234568e22`), where the poller keeps its digits.
+    #[test]
+    fn a_sent_message_id_sent_as_a_long_number_keeps_its_digits() {
+        for body in [
+            r#"{"messageID":12345678901234567890123}"#,
+            r#"{"data":{"messageID":12345678901234567890123}}"#,
+            r#"{"messageID":"","data":{"messageID":12345678901234567890123}}"#,
+        ] {
+            assert_eq!(
+                sent_message_id(body.as_bytes()).as_deref(),
+                Some("12345678901234567890123"),
+                "{body}"
+            );
+        }
+        assert_eq!(
+            sent_message_id(br#"{"messageID":"m1"}"#).as_deref(),
+            Some("m1")
+        );
+        for none in [
+            &b""[..],
+            b"[]",
+            br#"{"messageID":null}"#,
+            br#"{"data":[1]}"#,
+        ] {
+            assert_eq!(sent_message_id(none), None);
+        }
     }
 }

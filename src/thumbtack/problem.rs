@@ -112,9 +112,10 @@ impl Problem {
 /// A failed call to Thumbtack, classified.
 ///
 /// Its `Display` is [`Self::message`] as one line, cleaned
-/// ([`crate::terminal::blank`]): whatever formats it (a log field, which
-/// tracing does not escape, an error's chain printed by `main`) shows no
-/// line or escape the server made. Where the text is stored, `.message`
+/// ([`crate::terminal::blank`]): whatever prints it (an error's chain
+/// printed by `main`, a command's output) shows no line or escape the
+/// server made. Log lines log `.message` as sent: the formatter escapes
+/// every field ([`crate::logging`]). Where the text is stored, `.message`
 /// is used: stored text stays as sent.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error("{}", crate::terminal::blank(.message))]
@@ -130,9 +131,9 @@ pub struct ApiError {
     pub from_api: bool,
     /// For people: what happened, with the problem's title/detail and traceID.
     /// The server's words as it sent them (the mirror's `last_error` and
-    /// `sync_runs.error` keep them): whatever prints it to a terminal or a
-    /// log line cleans it there ([`crate::terminal::blank`], as `Display`
-    /// does).
+    /// `sync_runs.error` keep them): whatever prints it to a terminal
+    /// cleans it there ([`crate::terminal::blank`], as `Display` does); a
+    /// log line shows it escaped ([`crate::logging`]).
     pub message: String,
 }
 

@@ -3,7 +3,7 @@
 //! the two event types leadsync applies, and the subscription objects of
 //! `/businesses/{id}/webhooks`. Every assumption about their shape is here.
 
-use super::model::{object_fields, parse_lead, parse_message};
+use super::model::{column_text, members, parse_lead, parse_message};
 use crate::lead::LeadRow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -61,8 +61,41 @@ pub struct Message {
     pub payload: String,
 }
 
-/// The ids of a delivery's `data` (a repeated key counts with its last
-/// value, as a poll reads it: [`object_fields`]).
+/// The envelope's members.
+struct Envelope<'a> {
+    event: Option<&'a RawValue>,
+    data: Option<&'a RawValue>,
+}
+
+impl<'a> Envelope<'a> {
+    fn read(raw: &'a str) -> Result<Envelope<'a>, serde_json::Error> {
+        let [event, data] = members(raw, ["event", "data"])?;
+        Ok(Envelope { event, data })
+    }
+}
+
+/// `event`'s members.
+struct Event<'a> {
+    event_type: Option<&'a RawValue>,
+    webhook_id: Option<&'a RawValue>,
+    triggered_at: Option<&'a RawValue>,
+}
+
+impl<'a> Event<'a> {
+    fn read(raw: &'a str) -> Result<Event<'a>, serde_json::Error> {
+        let [event_type, webhook_id, triggered_at] =
+            members(raw, ["eventType", "webhookID", "triggeredAt"])?;
+        Ok(Event {
+            event_type,
+            webhook_id,
+            triggered_at,
+        })
+    }
+}
+
+/// The ids `data` names (a lead's columns are read by [`parse_lead`], a
+/// message's by [`parse_message`]: a poll reads the same object by the same
+/// functions).
 #[derive(Default)]
 struct Ids<'a> {
     negotiation_id: Option<&'a RawValue>,
@@ -71,7 +104,22 @@ struct Ids<'a> {
     business: Option<&'a RawValue>,
 }
 
-/// A JSON string, else `None` (ids are strings on the wire: a number is refused).
+impl<'a> Ids<'a> {
+    fn read(raw: &'a str) -> Result<Ids<'a>, serde_json::Error> {
+        let [negotiation_id, message_id, business_id, business] = members(
+            raw,
+            ["negotiationID", "messageID", "businessID", "business"],
+        )?;
+        Ok(Ids {
+            negotiation_id,
+            message_id,
+            business_id,
+            business,
+        })
+    }
+}
+
+/// A JSON string, else `None`.
 fn string(raw: Option<&RawValue>) -> Option<String> {
     match serde_json::from_str::<serde_json::Value>(raw?.get()).ok()? {
         serde_json::Value::String(s) => Some(s),
@@ -83,29 +131,41 @@ fn is_object(raw: &RawValue) -> bool {
     raw.get().trim_start().starts_with('{')
 }
 
-/// Why an id field cannot be used, or the id.
+/// Why an id field cannot be used, or the id: read by the poller's rule
+/// ([`super::model::id_text`]: a string that is not blank, or a number
+/// sent as plain digits, exactly as sent), so that a lead or message
+/// delivered gets the id it gets polled, and a number written otherwise
+/// (`1e3`, `1.0`, a float's rounding of a long id) names no lead.
 fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
-    match raw {
-        None => Err(format!("data has no {name}")),
-        Some(r) => match string(Some(r)) {
-            Some(s) if !s.trim().is_empty() => Ok(s),
-            Some(_) => Err(format!("data.{name} is empty")),
-            None => Err(format!(
-                "data.{name} is {}, not a string",
-                r.get().chars().take(40).collect::<String>()
-            )),
-        },
+    let Some(r) = raw else {
+        return Err(format!("data has no {name}"));
+    };
+    if let Some(id) = super::model::id_text(Some(r)) {
+        return Ok(id);
     }
+    let shown = r.get().trim().chars().take(40).collect::<String>();
+    Err(match r.get().trim().as_bytes().first() {
+        Some(b'"') => match string(Some(r)) {
+            Some(_) => format!("data.{name} is empty"),
+            // A string whose escapes decode to no text (a lone surrogate).
+            None => format!("data.{name} is not readable text: {shown}"),
+        },
+        Some(b'-' | b'0'..=b'9') => format!(
+            "data.{name} is {shown}, a number not plain digits (an id sent as a \
+             number must be a whole number written as digits)"
+        ),
+        _ => format!("data.{name} is {shown}, not a string or a number"),
+    })
 }
 
-/// `data.business.businessID`, else `data.businessID` (strings only).
+/// `data.business.businessID`, else `data.businessID` (as [`id_field`] reads
+/// an id).
 fn business_of(ids: &Ids) -> Option<String> {
     ids.business
         .filter(|b| is_object(b))
-        .and_then(|b| object_fields(b.get(), ["businessID"]))
-        .and_then(|[b]| string(b))
-        .or_else(|| string(ids.business_id))
-        .filter(|s| !s.is_empty())
+        .and_then(|b| members(b.get(), ["businessID"]).ok())
+        .and_then(|[business_id]| super::model::id_text(business_id))
+        .or_else(|| super::model::id_text(ids.business_id))
 }
 
 /// Reads a delivery. `Err` is the reason for a 400: not JSON, not an
@@ -118,37 +178,26 @@ pub fn parse_delivery(body: &[u8]) -> Result<Delivery, String> {
     if !is_object(value) {
         return Err("the body is not a JSON object".into());
     }
-    // A repeated key (JSON allows it) counts with its last value, here as
-    // in `data`: such a body is JSON, never a 400.
-    let [event, data] = object_fields(value.get(), ["event", "data"])
-        .ok_or_else(|| "the body is not a delivery envelope".to_string())?;
-    let event = event
+    let env = Envelope::read(value.get())
+        .map_err(|e| format!("the body is not a delivery envelope: {e}"))?;
+    let event = env
+        .event
         .filter(|e| is_object(e))
         .ok_or_else(|| "the body has no `event` object".to_string())?;
-    let [event_type, webhook_id, triggered_at] =
-        object_fields(event.get(), ["eventType", "webhookID", "triggeredAt"])
-            .ok_or_else(|| "`event` is not readable".to_string())?;
-    let event_type = string(event_type)
+    let event = Event::read(event.get()).map_err(|e| format!("`event` is not readable: {e}"))?;
+    let event_type = string(event.event_type)
         .filter(|t| !t.trim().is_empty())
         .ok_or_else(|| "`event.eventType` is missing or not a string".to_string())?;
-    let text_or_number = |raw: Option<&RawValue>| {
-        raw.and_then(
-            |r| match serde_json::from_str::<serde_json::Value>(r.get()).ok()? {
-                serde_json::Value::String(s) => Some(s),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            },
-        )
-    };
     let content = match event_type.as_str() {
-        NEGOTIATION_CREATED => negotiation(data),
-        MESSAGE_CREATED => message(data),
+        NEGOTIATION_CREATED => negotiation(env.data),
+        MESSAGE_CREATED => message(env.data),
         _ => Content::Other,
     };
     Ok(Delivery {
         event_type,
-        webhook_id: text_or_number(webhook_id),
-        triggered_at: text_or_number(triggered_at),
+        // A string, or a number's digits as sent (never through a float).
+        webhook_id: column_text(event.webhook_id),
+        triggered_at: column_text(event.triggered_at),
         content,
     })
 }
@@ -166,17 +215,7 @@ fn data_ids(data: Option<&RawValue>) -> Result<(&RawValue, Ids<'_>), String> {
     if !is_object(data) {
         return Err("`data` is not a JSON object".into());
     }
-    let [negotiation_id, message_id, business_id, business] = object_fields(
-        data.get(),
-        ["negotiationID", "messageID", "businessID", "business"],
-    )
-    .ok_or_else(|| "`data` is not readable".to_string())?;
-    let ids = Ids {
-        negotiation_id,
-        message_id,
-        business_id,
-        business,
-    };
+    let ids = Ids::read(data.get()).map_err(|e| format!("`data` is not readable: {e}"))?;
     Ok((data, ids))
 }
 
@@ -254,12 +293,17 @@ pub struct Subscription {
     pub auth_type: Option<String>,
 }
 
+/// `webhookID`: a string, or a number's digits exactly as sent (never
+/// through a float, which would make a number past u64
+/// `1.2345678901234568e22`).
 fn id_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
-    match serde_json::Value::deserialize(d)? {
-        serde_json::Value::String(s) => Ok(s),
-        serde_json::Value::Number(n) => Ok(n.to_string()),
-        other => Err(serde::de::Error::custom(format!(
-            "webhookID is {other}, not a string"
+    let raw = Box::<RawValue>::deserialize(d)?;
+    match raw.get().trim().as_bytes().first() {
+        Some(b'"') => serde_json::from_str::<String>(raw.get()).map_err(serde::de::Error::custom),
+        Some(b'-' | b'0'..=b'9') => Ok(raw.get().trim().to_string()),
+        _ => Err(serde::de::Error::custom(format!(
+            "webhookID is {}, not a string",
+            raw.get().chars().take(40).collect::<String>()
         ))),
     }
 }
@@ -299,17 +343,28 @@ pub fn parse_subscription_page(body: &[u8]) -> Result<SubscriptionPage, String> 
         next_page_token: Option<String>,
     }
     #[derive(Deserialize)]
-    #[serde(untagged)]
+    struct Envelope {
+        data: Vec<Subscription>,
+        #[serde(default)]
+        pagination: Option<Markers>,
+    }
+    // Not an untagged enum: that buffers each value first, a number past
+    // u64 as a float, where a webhook id keeps its digits ([`id_text`]).
     enum List {
-        Envelope {
-            data: Vec<Subscription>,
-            #[serde(default)]
-            pagination: Option<Markers>,
-        },
+        Envelope(Envelope),
         Bare(Vec<Subscription>),
     }
-    match serde_json::from_slice::<List>(body) {
-        Ok(List::Envelope { data, pagination }) => {
+    let bare = body
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'[');
+    let list = if bare {
+        serde_json::from_slice(body).map(List::Bare)
+    } else {
+        serde_json::from_slice(body).map(List::Envelope)
+    };
+    match list {
+        Ok(List::Envelope(Envelope { data, pagination })) => {
             let m = pagination.unwrap_or_default();
             Ok(SubscriptionPage {
                 webhooks: data,
@@ -504,8 +559,25 @@ mod tests {
             (r#","data":[1]"#, "not a JSON object"),
             (r#","data":{"x":1}"#, "no negotiationID"),
             (
-                r#","data":{"negotiationID":519153480500518912}"#,
-                "not a string",
+                r#","data":{"negotiationID":{"id":"519153480500518912"}}"#,
+                "not a string or a number",
+            ),
+            (r#","data":{"negotiationID":" "}"#, "is empty"),
+            // Review (hooks): a number that is not plain digits was taken
+            // as its text, a fake lead beside the real one.
+            (
+                r#","data":{"negotiationID":5.191534805005189e17}"#,
+                "not plain digits",
+            ),
+            (r#","data":{"negotiationID":1e3}"#, "not plain digits"),
+            (r#","data":{"negotiationID":-0}"#, "not plain digits"),
+            (r#","data":{"negotiationID":1.0}"#, "not plain digits"),
+            (r#","data":{"negotiationID":1e400}"#, "not plain digits"),
+            // Review (hooks): a string that is no text (a lone surrogate
+            // escape) was reported as "empty".
+            (
+                r#","data":{"negotiationID":"1\ud800"}"#,
+                "not readable text",
             ),
         ] {
             let body = format!(r#"{{"event":{{"eventType":"NegotiationCreatedV4"}}{data}}}"#);
@@ -526,5 +598,22 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Review (hooks): a webhook id sent as a number past u64 went through
+    /// a float (`1.2345678901234568e22`); it is now its digits as sent.
+    #[test]
+    fn a_subscription_id_sent_as_a_long_number_keeps_its_digits() {
+        for body in [
+            r#"{"data":[{"webhookID":12345678901234567890123,"webhookURL":"https://x/h"}]}"#,
+            r#"[{"webhookID":12345678901234567890123,"webhookURL":"https://x/h"}]"#,
+        ] {
+            let page = parse_subscription_page(body.as_bytes()).unwrap();
+            assert_eq!(page.webhooks[0].webhook_id, "12345678901234567890123");
+        }
+        let one: Subscription =
+            serde_json::from_str(r#"{"webhookID":12345678901234567890123}"#).unwrap();
+        assert_eq!(one.webhook_id, "12345678901234567890123");
+        assert!(serde_json::from_str::<Subscription>(r#"{"webhookID":null}"#).is_err());
     }
 }
