@@ -1446,7 +1446,7 @@ fn read_code(code: Option<Secret>, file: Option<&std::path::Path>) -> Result<Sec
             .with_context(|| format!("cannot read the code file {}", p.display()))?,
         (None, None) => bail!("give the code with --code-file FILE (or - for stdin) or --code"),
     };
-    let text = text.trim().to_string();
+    let text = crate::secret::trim_secret(&text).to_string();
     if text.is_empty() {
         bail!("the authorization code is empty");
     }

@@ -521,7 +521,8 @@ impl Config {
 
     /// Everything `config check` and the daemon's start and reload warn
     /// about: [`Config::shutdown_warnings`], secrets that look padded or
-    /// quoted, schedules whose day fields combine with OR.
+    /// quoted, schedules whose day fields combine with OR, refresh token
+    /// files holding one grant.
     pub fn warnings(&self) -> Vec<String> {
         let mut out = self.notes.clone();
         out.extend(self.shutdown_warnings());
@@ -1567,6 +1568,7 @@ fn validate(
         std::collections::BTreeMap::new();
     let mut businesses: Vec<Business> = Vec::with_capacity(file.businesses.len());
     let mut seen: HashMap<String, usize> = HashMap::with_capacity(file.businesses.len());
+    let mut token_files: Vec<(PathBuf, String, String)> = Vec::new();
     let locator = BusinessLocator::new(figment);
     let locate_business = |_: &Figment, i: usize, field: &str| locator.at(i, field);
     for (i, b) in file.businesses.iter().enumerate() {
@@ -1611,15 +1613,27 @@ fn validate(
         }
         let token = match (&b.refresh_token_file, &b.access_token_file) {
             (Some(r), None) => {
-                read_readable(r, "refresh token file", || {
+                let content = read_readable(r, "refresh token file", || {
                     locate_business(figment, i, "refresh_token_file")
                 })?;
+                // Its fingerprint, for `grant_copies` (the file is not
+                // read twice; the token is not kept).
+                if let Ok(text) = String::from_utf8(content) {
+                    let token = crate::secret::trim_secret(&text);
+                    if !token.is_empty() {
+                        token_files.push((
+                            r.clone(),
+                            b.id.clone(),
+                            crate::store::tokens::sha256_hex(token),
+                        ));
+                    }
+                }
                 TokenSource::Refresh(r.clone())
             }
             (None, Some(a)) => {
                 let at = || locate_business(figment, i, "access_token_file");
                 let content = read_readable(a, "access token file", at)?;
-                if content.trim_ascii().is_empty() {
+                if crate::secret::trim_secret(&String::from_utf8_lossy(&content)).is_empty() {
                     return err(format!(
                         "{}: access token file {} is empty",
                         at(),
@@ -1745,6 +1759,7 @@ fn validate(
         }
     }
 
+    notes.extend(grant_copies(token_files));
     let webhooks = validate_webhooks(figment, &file.webhooks)?;
     if let Some(w) = webhooks.as_ref().and_then(Webhooks::public_path_warning) {
         notes.push(w);
@@ -2181,6 +2196,50 @@ impl Config {
     }
 }
 
+/// Warnings for refresh token files (different files, not one named
+/// twice) holding the same token: the grant copied for a second business of
+/// the pro instead of named twice. Two chains would present one single-use
+/// token, so the refresh presents neither (see `auth`); this says so before
+/// the start. Compared by content fingerprint (`token_files`: path,
+/// business, SHA-256 of the token, from validation's read), never quoted.
+/// Empty files (an onboarding's) and files that are not text are no copies.
+fn grant_copies(token_files: Vec<(PathBuf, String, String)>) -> Vec<String> {
+    use std::collections::BTreeMap;
+    // By fingerprint first (validation's read), so that only the files of
+    // a shared fingerprint are resolved (one file named by two paths is
+    // named twice, no copy).
+    let mut by_fp: BTreeMap<String, Vec<(PathBuf, String)>> = BTreeMap::new();
+    for (path, id, fp) in token_files {
+        by_fp.entry(fp).or_default().push((path, id));
+    }
+    let mut by_content: BTreeMap<String, Vec<(PathBuf, Vec<String>)>> = BTreeMap::new();
+    for (fp, named) in by_fp.into_iter().filter(|(_, n)| n.len() > 1) {
+        let mut files: BTreeMap<PathBuf, Vec<String>> = BTreeMap::new();
+        for (path, id) in named {
+            let key = path.canonicalize().unwrap_or(path);
+            files.entry(key).or_default().push(id);
+        }
+        by_content.insert(fp, files.into_iter().collect());
+    }
+    by_content
+        .into_values()
+        .filter(|same| same.len() > 1)
+        .map(|same| {
+            let named: Vec<String> = same
+                .iter()
+                .map(|(p, ids)| format!("{} (business {})", p.display(), ids.join(", ")))
+                .collect();
+            format!(
+                "the refresh token files {} hold the same refresh token (one grant copied instead \
+                 of named twice): leadsync presents neither file's token, as two chains would present \
+                 one single-use token twice; name one refresh_token_file for every business of the grant: \
+                 the one whose business refreshes (`status` shows the other waiting, naming it)",
+                named.join(" and ")
+            )
+        })
+        .collect()
+}
+
 /// Warnings for the secret files (client secret, webhook credentials,
 /// token files; the token store: [`Config::token_store_warning`]) other
 /// users can read or change: each names the file, what they can do and the
@@ -2242,7 +2301,7 @@ fn secret_files_open_to_others(config: &Config) -> Vec<String> {
 pub fn read_secret_file(path: &Path) -> Result<Secret, String> {
     let content = std::fs::read_to_string(path)
         .map_err(|e| format!("{} cannot be read: {e}", path.display()))?;
-    let trimmed = content.trim();
+    let trimmed = crate::secret::trim_secret(&content);
     if trimmed.is_empty() {
         return Err(format!("{} is empty", path.display()));
     }

@@ -94,6 +94,17 @@ impl<'de> Deserialize<'de> for Secret {
     }
 }
 
+/// The secret a file (or a pasted value) holds: without surrounding
+/// whitespace (a trailing newline, CRLF) and without a leading UTF-8 byte
+/// order mark, which some editors write (Notepad, PowerShell 5's
+/// `-Encoding UTF8`) and `str::trim` keeps: a token sent with it is
+/// refused, and a refused refresh token tells the operator to have the pro
+/// re-authorize for a token that was fine. No token, code or secret
+/// starts with U+FEFF.
+pub fn trim_secret(text: &str) -> &str {
+    text.trim().trim_start_matches('\u{feff}').trim()
+}
+
 /// Replaces `path` with `bytes` atomically, mode 0600, through `temp` (a
 /// sibling): a crash leaves the old content or the new, a link planted at
 /// either is replaced or refused, not followed, and the directory is synced
@@ -157,5 +168,13 @@ mod tests {
         assert!(!format!("{s}").contains("hunter2"));
         assert!(!serde_json::to_string(&s).unwrap().contains("hunter2"));
         assert_eq!(s.expose(), "hunter2-very-secret");
+    }
+
+    #[test]
+    fn a_secret_is_read_without_a_byte_order_mark_or_line_ends() {
+        assert_eq!(trim_secret("\u{feff}tok\r\n"), "tok");
+        assert_eq!(trim_secret(" \u{feff} tok \n"), "tok");
+        assert_eq!(trim_secret("\u{feff}\r\n"), "");
+        assert_eq!(trim_secret("a\u{feff}b"), "a\u{feff}b");
     }
 }

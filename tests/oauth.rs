@@ -4169,3 +4169,302 @@ async fn write_conf_takes_a_business_configured_with_leading_zeros_as_configured
         "{out}"
     );
 }
+
+/// Review (oauth adversarial): a token file saved by an editor that writes a
+/// UTF-8 byte order mark (Notepad, PowerShell 5's `-Encoding UTF8`) with CRLF
+/// line ends was presented with the BOM (`trim` keeps U+FEFF): Thumbtack
+/// refused it and the business was marked `needs_reauth` ("re-authorize the
+/// pro") for a token that was fine all along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_with_a_byte_order_mark_and_crlf_is_its_token() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = token_file(&env, &b);
+    let token = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(&file, format!("\u{feff}{}\r\n", token.trim())).unwrap();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0);
+    assert_eq!(refreshes(&env), 1);
+}
+
+/// Review (oauth adversarial): two businesses of one pro configured with
+/// two token files holding the same grant (the onboarding's file copied
+/// instead of named twice) were two chains presenting one single-use
+/// token: the second presented it spent (or, racing, spent the first's),
+/// and one business had to be re-authorized. The copy is not presented:
+/// both businesses wait with a reason naming the other file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_copied_into_a_second_token_file_is_never_presented_twice() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grant = env.sandbox.mint_grant(&[&ids[0], &ids[1]]);
+    std::fs::write(token_file(&env, &ids[0]), format!("{grant}\n")).unwrap();
+    std::fs::write(token_file(&env, &ids[1]), format!("{grant}\n")).unwrap();
+    let o = env.run(&["sync"]);
+    let out = text(&o);
+    assert_eq!(
+        env.sandbox.stats().reused_refresh_tokens,
+        0,
+        "the copy was presented spent: {out}"
+    );
+    assert_eq!(env.sandbox.stats().grace_replays, 0, "{out}");
+    assert!(
+        out.contains("holds the same refresh token as")
+            && out.contains(&token_file(&env, &ids[1]).display().to_string()),
+        "{out}"
+    );
+    assert_eq!(
+        refreshes(&env),
+        1,
+        "only the third business refreshed: {out}"
+    );
+    // Named once, the grant works for both.
+    let fixture = std::fs::read_to_string(&env.fixture).unwrap().replace(
+        &token_file(&env, &ids[1]).display().to_string(),
+        &token_file(&env, &ids[0]).display().to_string(),
+    );
+    std::fs::write(&env.fixture, fixture).unwrap();
+    let o = env.run(&["sync"]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(reauth_count(&env), 0, "{}", text(&o));
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+/// Review (oauth adversarial): a static `access_token_file` given a new
+/// token and reloaded kept sending the old one (cached since its first
+/// read) until the API refused it, so a token replaced because it was
+/// leaked, or named the wrong account, stayed in use.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_sends_the_new_content_of_a_static_token_file() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let file = env.dir.path().join("static-token");
+    std::fs::write(&file, "static_old\n").unwrap();
+    let mut config = env.config();
+    for business in &mut config.businesses {
+        if business.id == b {
+            business.token = leadsync::config::TokenSource::Static(file.clone());
+        }
+    }
+    let auth = leadsync::thumbtack::Auth::new(&config, None, None, Default::default()).unwrap();
+    assert_eq!(auth.token(&b).await.unwrap().expose(), "static_old");
+    std::fs::write(&file, "static_new\n").unwrap();
+    auth.reconfigure(&config);
+    assert_eq!(auth.token(&b).await.unwrap().expose(), "static_new");
+}
+
+/// Review (oauth adversarial): `config check` said nothing of two token
+/// files holding one grant; the refresh refuses them (above), so the
+/// operator learns of it before the start, with the fix.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_check_warns_of_a_grant_copied_into_two_token_files() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let grant = env.sandbox.mint_grant(&[&ids[0], &ids[1]]);
+    std::fs::write(token_file(&env, &ids[0]), format!("{grant}\n")).unwrap();
+    std::fs::write(token_file(&env, &ids[1]), format!("\u{feff}{grant}\r\n")).unwrap();
+    let o = env.run(&["config", "check"]);
+    let out = text(&o);
+    assert!(
+        out.contains("hold the same refresh token")
+            && out.contains(&token_file(&env, &ids[0]).display().to_string())
+            && out.contains(&token_file(&env, &ids[1]).display().to_string()),
+        "{out}"
+    );
+    assert!(!out.contains(&grant), "{out}");
+    // Empty token files (onboarding's) are no copies of each other.
+    std::fs::write(token_file(&env, &ids[0]), "\n").unwrap();
+    std::fs::write(token_file(&env, &ids[1]), "").unwrap();
+    let o = env.run(&["config", "check"]);
+    assert!(!text(&o).contains("same refresh token"), "{}", text(&o));
+}
+
+/// Review (oauth adversarial): an exchange whose answer was lost (the
+/// connection cut after the code was sent) or that the token endpoint did
+/// not serve (a 503 page, a 429) ended with the bare transport error: the
+/// operator could not tell whether the single-use code was spent, nor what
+/// to do. It says what happened to the code and the next step; a code the
+/// endpoint never took still works when run again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_without_an_answer_says_what_became_of_the_code() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[1].clone();
+    std::fs::write(token_file(&env, &b), "").unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    let args = [
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ];
+    for (status, says) in [
+        (0, "the code may have been spent"),
+        (503, "the code may have been spent"),
+        (429, "the code was not spent"),
+    ] {
+        env.sandbox.set_token_faults(TokenFaults {
+            before_rotate: vec![status],
+            ..Default::default()
+        });
+        let o = env.run(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o).contains(says) && text(&o).contains("run the same command again"),
+            "HTTP {status}: {}",
+            text(&o)
+        );
+        assert!(!text(&o).contains(&code));
+    }
+    env.sandbox.set_token_faults(TokenFaults::default());
+    let o = env.run(&args);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+}
+
+/// Review (oauth adversarial): a redirecting token endpoint (a moved or
+/// mistyped `oauth.token_url`) is never followed — the client secret and
+/// the refresh token must not go where it points — but the error said only
+/// "answered HTTP 301 (N bytes)": it names where it was sent and the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redirecting_token_endpoint_is_named_with_its_target_and_the_key() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        before_rotate: vec![307],
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(1), "{out}");
+    assert!(
+        out.contains("redirected to https://elsewhere.invalid/oauth2/token")
+            && out.contains("check oauth.token_url"),
+        "{out}"
+    );
+    assert_eq!(refreshes(&env), 1, "not followed: {out}");
+    assert_eq!(reauth_count(&env), 0);
+}
+
+/// Review (oauth adversarial): an access token answered with a trailing
+/// newline (a token service padding its values) was sent as is: no HTTP
+/// header may hold it, so every request of the business failed as a
+/// "connection failed: builder error" until the token expired (an hour),
+/// and then again with the next one. Whitespace around it is no part of
+/// it (a refresh token is kept exactly as answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_access_token_answered_with_a_trailing_newline_is_used_without_it() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    env.sandbox.set_token_faults(TokenFaults {
+        padded_access_token_after_rotate: 1,
+        ..Default::default()
+    });
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    assert_eq!(refreshes(&env), 1);
+    assert_eq!(reauth_count(&env), 0);
+}
+
+/// Review (oauth adversarial): the other token files were indexed once per
+/// configuration, so a copy made after the index was read was presented:
+/// A refreshed (index read), the pro re-authorized A (a new grant in A's
+/// file), the operator copied A's file over B's without a reload: B spent
+/// A's new token, and A needed re-authorization again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grant_copied_after_a_refresh_is_not_presented_by_the_copy() {
+    let env = oauth_env(3600, FAST).await;
+    let ids = env.business_ids();
+    let (a, b) = (ids[0].clone(), ids[1].clone());
+    let config = env.config();
+    let store =
+        leadsync::app::StoreGrants(TokenStore::open(&config.file.oauth.token_store).unwrap());
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    auth.token(&a).await.expect("A refreshes");
+    let grant = env.sandbox.mint_grant(&[&a, &b]);
+    std::fs::write(token_file(&env, &a), format!("{grant}\n")).unwrap();
+    std::fs::copy(token_file(&env, &a), token_file(&env, &b)).unwrap();
+    let refused = auth.token(&b).await.expect_err("the copy is not presented");
+    assert!(
+        format!("{refused:?}").contains("holds the same refresh token as"),
+        "{refused:?}"
+    );
+    auth.token(&a).await.expect("A's new grant works");
+    assert_eq!(env.sandbox.stats().reused_refresh_tokens, 0);
+}
+
+/// Review (oauth adversarial): a token file renamed by copying (`cp old
+/// new`, the configuration pointed at the new name, reloaded) was the twin
+/// of the old name's chain, which no business names any more: the business
+/// waited as needs_reauth until a restart. A chain without businesses is
+/// nobody's copy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_file_renamed_by_a_copy_is_presented() {
+    let env = oauth_env(3600, FAST).await;
+    let a = env.business_ids()[0].clone();
+    let mut config = env.config();
+    let store =
+        leadsync::app::StoreGrants(TokenStore::open(&config.file.oauth.token_store).unwrap());
+    let auth =
+        leadsync::thumbtack::Auth::new(&config, Some(Arc::new(store)), None, Default::default())
+            .unwrap();
+    let renamed = env.dir.path().join("renamed.tok");
+    std::fs::copy(token_file(&env, &a), &renamed).unwrap();
+    for business in &mut config.businesses {
+        if business.id == a {
+            business.token = leadsync::config::TokenSource::Refresh(renamed.clone());
+        }
+    }
+    auth.reconfigure(&config);
+    auth.token(&a)
+        .await
+        .expect("the renamed file's grant is presented");
+    assert!(auth.blocked().is_empty(), "{:?}", auth.blocked());
+}
+
+/// Review (oauth adversarial): every exchange the endpoint did not serve
+/// said "the code was not spent ... run the same command again", a
+/// redirect too (running it again meets the same redirect) and any other
+/// 4xx (the endpoint refused it without saying why). A redirect says to
+/// fix oauth.token_url first; another refusal does not claim to know.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exchange_redirected_or_refused_without_a_reason_says_what_to_fix() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[1].clone();
+    std::fs::write(token_file(&env, &b), "").unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    let args = [
+        "auth",
+        "exchange",
+        "--business",
+        &b,
+        "--code",
+        &code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ];
+    for (status, says) in [
+        (307, "fix oauth.token_url, then run the command again"),
+        (
+            404,
+            "without an OAuth error: the code is most likely not spent",
+        ),
+    ] {
+        env.sandbox.set_token_faults(TokenFaults {
+            before_rotate: vec![status],
+            ..Default::default()
+        });
+        let o = env.run(&args);
+        assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+        assert!(
+            text(&o).contains(says) && !text(&o).contains("the code was not spent"),
+            "HTTP {status}: {}",
+            text(&o)
+        );
+    }
+}

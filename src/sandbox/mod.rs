@@ -329,6 +329,9 @@ pub struct TokenFaults {
     /// Answer this many successful refreshes with the rotated refresh token
     /// but an empty `access_token` (a broken token service).
     pub no_access_token_after_rotate: u32,
+    /// Answer this many successful refreshes with the access token followed
+    /// by a newline (a token service that pads its values).
+    pub padded_access_token_after_rotate: u32,
     /// Answer `429` to this many requests presenting a refresh token
     /// already used (a gateway rate-limiting the retry of a lost answer),
     /// before the grace period is looked at.

@@ -1393,6 +1393,13 @@ fn token_endpoint(
             ms: faults.hold_after_rotate_ms,
             gate: s.refresh_gate.clone(),
         };
+        if s.token_faults.padded_access_token_after_rotate > 0 {
+            s.token_faults.padded_access_token_after_rotate -= 1;
+            let mut padded = answer.clone();
+            let access = answer["access_token"].as_str().unwrap_or_default();
+            padded["access_token"] = json!(format!("{access}\n"));
+            return (json_response(StatusCode::OK, &padded), hold, false);
+        }
         if s.token_faults.no_access_token_after_rotate > 0 {
             s.token_faults.no_access_token_after_rotate -= 1;
             let mut broken = answer.clone();

@@ -330,6 +330,43 @@ struct Inner {
     /// Notified when [`Auth::settle`] starts: the tasks writing unsaved
     /// tokens again end, and settle makes the last try itself.
     settling: tokio::sync::Notify,
+    /// The configured chains' token files as last looked at (see
+    /// [`Inner::twin_file`]): when, and each file's metadata and content
+    /// fingerprint. A look reads again only the files whose metadata
+    /// changed, and serves every check that started before it.
+    file_index: tokio::sync::Mutex<FileIndex>,
+}
+
+/// What [`Inner::file_index`] keeps.
+#[derive(Default)]
+struct FileIndex {
+    /// When the last look started.
+    looked: Option<Instant>,
+    /// The same, by the wall clock file times are in: a file modified or
+    /// changed at or after it (less a second, for filesystems' coarse
+    /// clocks) is read again at the next look even if its metadata is
+    /// unchanged (Git's "racily clean" rule: a same-length rewrite in the
+    /// tick in which the look read it leaves its metadata as then).
+    looked_wall: Option<std::time::SystemTime>,
+    /// Token file → its metadata (device, inode, length, modification and
+    /// change times) and content fingerprint (None: empty or unreadable).
+    files: HashMap<PathBuf, (FileStamp, Option<String>)>,
+}
+
+type FileStamp = (u64, u64, u64, i64, i64, i64, i64);
+
+fn file_stamp(file: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(file).ok()?;
+    Some((
+        m.dev(),
+        m.ino(),
+        m.size(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+    ))
 }
 
 /// Token providers for every configured business.
@@ -410,7 +447,7 @@ pub fn grant_key(file: &Path) -> String {
 
 fn read_token_file(path: &Path) -> Result<String, Failure> {
     std::fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
+        .map(|s| crate::secret::trim_secret(&s).to_string())
         .map_err(|e| Failure::Retry(format!("cannot read token file {}: {e}", path.display())))
 }
 
@@ -486,7 +523,10 @@ fn refuse_held(file: &Path) -> anyhow::Result<()> {
         std::fs::File::open(file)?
             .take(MOST + 1)
             .read_to_end(&mut bytes)?;
-        Ok(bytes.len() as u64 > MOST || !bytes.iter().all(u8::is_ascii_whitespace))
+        // Whitespace and an editor's byte order mark are empty, as they
+        // are when the file is read.
+        Ok(bytes.len() as u64 > MOST
+            || !crate::secret::trim_secret(&String::from_utf8_lossy(&bytes)).is_empty())
     })();
     match held {
         Ok(false) => Ok(()),
@@ -513,12 +553,15 @@ fn refuse_held(file: &Path) -> anyhow::Result<()> {
 /// is no grant to keep. The code is not spent when this refuses.
 async fn refuse_stored_only(store: &Arc<dyn GrantStore>, chain: &Chain) -> anyhow::Result<()> {
     let (s, key) = (store.clone(), chain.key.clone());
-    let row = blocking(move || s.load(&key, None, &[])).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read the token store to check that it holds no grant for the token file {}              ({e:#}): refusing it. The code was not spent",
-            chain.file.display()
-        )
-    })?;
+    let row = blocking(move || s.load(&key, None, &[]))
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot read the token store to check that it holds no grant for the token file {} \
+             ({e:#}): refusing it. The code was not spent",
+                chain.file.display()
+            )
+        })?;
     let file = read_token_file(&chain.file).unwrap_or_default();
     match row {
         Some(g)
@@ -868,6 +911,11 @@ fn excerpt(s: &str) -> String {
     crate::terminal::blank(s).chars().take(200).collect()
 }
 
+/// How a token endpoint's redirect is told ([`TokenFailure::Transient`]).
+const REDIRECTED: &str = "redirected to";
+/// How a token endpoint that could not be reached is told.
+const UNREACHABLE: &str = "token endpoint unreachable";
+
 async fn blocking<R: Send + 'static>(
     f: impl FnOnce() -> anyhow::Result<R> + Send + 'static,
 ) -> anyhow::Result<R> {
@@ -919,6 +967,7 @@ impl Auth {
                 stopping: CancellationToken::new(),
                 refresh_deadline: Mutex::new(None),
                 settling: tokio::sync::Notify::new(),
+                file_index: tokio::sync::Mutex::new(FileIndex::default()),
             }),
         };
         auth.reconfigure(config);
@@ -973,7 +1022,17 @@ impl Auth {
         for b in &config.businesses {
             let m = match &b.token {
                 TokenSource::Static(file) => match old.get(&b.id) {
-                    Some(Member::Static(s)) if s.file == *file => Member::Static(s.clone()),
+                    Some(Member::Static(s)) if s.file == *file => {
+                        // Read again at its next use: a reload is how a
+                        // new token put in the file is taken (one replaced
+                        // because it leaked, or named the wrong account,
+                        // must not stay in use until the API refuses it).
+                        // What the API refused is still remembered.
+                        if let Ok(mut st) = s.state.lock() {
+                            st.0 = None;
+                        }
+                        Member::Static(s.clone())
+                    }
                     _ => Member::Static(Arc::new(StaticToken {
                         business_id: b.id.clone(),
                         file: file.clone(),
@@ -1531,7 +1590,34 @@ impl Auth {
                 "the authorization code was refused ({m}); codes are single-use and short-lived: authorize again"
             ),
             Err(TokenFailure::ClientRefused(m)) => anyhow::bail!("OAuth client refused: {m}"),
-            Err(TokenFailure::Lost(m) | TokenFailure::Transient(m)) => anyhow::bail!("{m}"),
+            // Not asked again: a code is single-use, and a second use may
+            // revoke what the first one issued (RFC 6749 §4.1.2). The
+            // operator is told what became of it, and what to do.
+            Err(TokenFailure::Lost(m)) => anyhow::bail!(
+                "{m}: the code may have been spent without its answer arriving — run the same \
+                 command again at once (a code the endpoint did not take still works); if it is \
+                 refused as used, the pro must authorize again for a new code"
+            ),
+            // A redirect is met again until the key is fixed; an answer
+            // without an OAuth error (a 404, a proxy's 400) says nothing
+            // of the code.
+            Err(TokenFailure::Transient(m)) if m.contains(REDIRECTED) => anyhow::bail!(
+                "{m}: the code was not passed on (a redirect is never followed) — fix \
+                 oauth.token_url, then run the command again (codes are short-lived: soon)"
+            ),
+            Err(TokenFailure::Transient(m))
+                if m.contains(UNREACHABLE) || m.contains("HTTP 408") || m.contains("HTTP 429") =>
+            {
+                anyhow::bail!(
+                    "{m}: the code was not spent (the endpoint did not take the request) — run \
+                     the same command again (codes are short-lived: soon)"
+                )
+            }
+            Err(TokenFailure::Transient(m)) => anyhow::bail!(
+                "{m}: the endpoint refused the request without an OAuth error: the code is most \
+                 likely not spent — check oauth.token_url, then run the command again (codes are \
+                 short-lived: soon); if it is refused as used, the pro must authorize again"
+            ),
         };
         let Some(refresh) = tokens.refresh_token.filter(|t| !t.is_empty()) else {
             anyhow::bail!(
@@ -2212,7 +2298,7 @@ impl Inner {
             // sent with, and is not written over.
             let content = || -> std::io::Result<Option<String>> {
                 match std::fs::read_to_string(&p) {
-                    Ok(t) => Ok(Some(t.trim().to_string())
+                    Ok(t) => Ok(Some(crate::secret::trim_secret(&t).to_string())
                         .filter(|t| !t.is_empty())
                         .map(|t| sha256_hex(&t))),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
@@ -2248,8 +2334,8 @@ impl Inner {
                     } else {
                         // Renamed into place, then the directory's fsync
                         // failed: the token is in the file, not yet durable.
-                        let there =
-                            std::fs::read_to_string(&p).is_ok_and(|t| t.trim() == token.expose());
+                        let there = std::fs::read_to_string(&p)
+                            .is_ok_and(|t| crate::secret::trim_secret(&t) == token.expose());
                         Kept::Written(r.err().map(|e| e.to_string()), there)
                     }
                 }
@@ -2323,6 +2409,106 @@ impl Inner {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// Another chain of this process, named by a configured business,
+    /// whose token file holds the token whose fingerprint is `seed`: its
+    /// file and businesses. Called after the caller read its own file: the
+    /// other files are looked at after that read (a look started before
+    /// it is not used: a copy made meanwhile would be missed), each read
+    /// again only when its metadata changed since the last look (or was
+    /// changed less than a second before it began); checks waiting
+    /// together share one look. A file that cannot be statted counts as
+    /// no copy. A chain no business names (a file
+    /// renamed by a copy, then reloaded) is nobody's copy. Err: the files
+    /// could not be looked at (the caller retries, never presents).
+    async fn twin_file(
+        &self,
+        chain: &Arc<Chain>,
+        seed: &str,
+    ) -> Result<Option<(PathBuf, Vec<String>)>, String> {
+        let asked = Instant::now();
+        // The list is taken under the look's lock, after the look's start:
+        // a look another check started with a list taken before a reload
+        // (which added a file) must not be reused by a check that began
+        // after the reload.
+        let mut index = self.file_index.lock().await;
+        let started = Instant::now();
+        let started_wall = std::time::SystemTime::now();
+        let named: Vec<(Arc<Chain>, Vec<String>)> = {
+            let chains = self
+                .chains
+                .lock()
+                .map_err(|_| "the grants' state is poisoned".to_string())?;
+            let members = self
+                .members
+                .read()
+                .map_err(|_| "the businesses' state is poisoned".to_string())?;
+            let mut by_chain: HashMap<&str, Vec<String>> = HashMap::new();
+            for (id, m) in members.iter() {
+                if let Member::Grant(g) = m
+                    && chains.get(&g.key).is_some_and(|c| Arc::ptr_eq(c, g))
+                {
+                    by_chain.entry(g.key.as_str()).or_default().push(id.clone());
+                }
+            }
+            by_chain
+                .into_iter()
+                .filter_map(|(key, mut ids)| {
+                    ids.sort();
+                    Some((chains.get(key)?.clone(), ids))
+                })
+                .collect()
+        };
+        if !named.iter().any(|(c, _)| !Arc::ptr_eq(c, chain)) {
+            return Ok(None);
+        }
+        if index.looked.is_none_or(|at| at < asked) {
+            let racy_from = index
+                .looked_wall
+                .map(|t| {
+                    t.checked_sub(Duration::from_secs(1))
+                        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                        .map_or((i64::MIN, 0), |d| {
+                            (d.as_secs() as i64, i64::from(d.subsec_nanos()))
+                        })
+                })
+                .unwrap_or((i64::MIN, 0));
+            let mut before = std::mem::take(&mut index.files);
+            let files: Vec<PathBuf> = named.iter().map(|(c, _)| c.file.clone()).collect();
+            index.files = blocking(move || {
+                let mut now = HashMap::new();
+                for file in files {
+                    let Some(stamp) = file_stamp(&file) else {
+                        continue;
+                    };
+                    let fingerprint = match before.remove(&file) {
+                        Some((was, fp))
+                            if was == stamp
+                                && (stamp.3, stamp.4) < racy_from
+                                && (stamp.5, stamp.6) < racy_from =>
+                        {
+                            fp
+                        }
+                        _ => read_token_file(&file)
+                            .ok()
+                            .filter(|t| !t.is_empty())
+                            .map(|t| sha256_hex(&t)),
+                    };
+                    now.insert(file, (stamp, fingerprint));
+                }
+                Ok(now)
+            })
+            .await
+            .map_err(|e| format!("cannot look at the other token files: {e:#}"))?;
+            index.looked = Some(started);
+            index.looked_wall = Some(started_wall);
+        }
+        Ok(named
+            .into_iter()
+            .filter(|(c, _)| !Arc::ptr_eq(c, chain))
+            .find(|(c, _)| index.files.get(&c.file).and_then(|(_, fp)| fp.as_deref()) == Some(seed))
+            .map(|(c, members)| (c.file.clone(), members)))
     }
 
     /// Whether another chain of this process keeps, unsaved, the rotated
@@ -2594,12 +2780,41 @@ impl Inner {
                  under the file's former name; it is taken over once the token store takes it"
             )));
         }
+        // The file holds what another grant's token file holds (the
+        // onboarding's file copied for a second business of the pro,
+        // instead of named twice): one single-use token in two chains, each
+        // presenting it: the second presents it spent (or spends the
+        // first's). Not presented; the stored chain, if any, is used.
+        let twin = match seed_fp.as_deref() {
+            Some(fp) if file_is_new => self.twin_file(chain, fp).await.map_err(Failure::Retry)?,
+            _ => None,
+        };
+        let twin_reason = twin.map(|(other, members)| {
+            format!(
+                "the token file {file} holds the same refresh token as {}, the token file of \
+                 business(es) {}: name that one refresh_token_file for every business of the \
+                 grant (a grant is one chain of single-use tokens; two files would present it \
+                 twice), then reload",
+                other.display(),
+                members.join(", ")
+            )
+        });
+        if let Some(m) = &twin_reason
+            && stored.is_some()
+        {
+            warn!(grant = %file, "{m}; not presented: using the grant's stored refresh token");
+        }
         let mut candidates: Vec<(bool, Secret)> = Vec::new();
-        if file_is_new {
+        if file_is_new && twin_reason.is_none() {
             candidates.push((true, Secret::new(seed)));
         }
         if let Some(s) = &stored {
             candidates.push((false, s.clone()));
+        }
+        if candidates.is_empty()
+            && let Some(m) = twin_reason
+        {
+            return Err(Failure::Reauth(format!("{who} is not refreshed: {m}")));
         }
         if candidates.is_empty() {
             return Err(Failure::Reauth(match row.and_then(|r| r.refused) {
@@ -3000,15 +3215,17 @@ impl Inner {
             let what = if e.is_timeout() {
                 "timed out"
             } else if e.is_connect() {
-                return TokenFailure::Transient(
-                    "token endpoint unreachable: could not connect".into(),
-                );
+                return TokenFailure::Transient(format!("{UNREACHABLE}: could not connect"));
             } else {
                 "connection failed"
             };
             TokenFailure::Lost(format!("token endpoint {what} after the request was sent"))
         })?;
         let status = resp.status().as_u16();
+        let location = resp
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
         // A token response is a few hundred bytes: one larger than this
         // is not read, and what it says is unknown — whatever its status: a
         // small `400 invalid_grant` cannot have rotated the token, but an
@@ -3039,7 +3256,18 @@ impl Inner {
             })?;
         if (200..300).contains(&status) && status != 202 {
             // Never quote this body: it holds tokens.
-            let parsed = serde_json::from_slice::<TokenResponse>(&body).ok();
+            // Whitespace around an access token is no part of it: no HTTP
+            // header could carry a newline, and every request would fail
+            // until it expired. (A refresh token is kept exactly as answered.)
+            let parsed = serde_json::from_slice::<TokenResponse>(&body)
+                .ok()
+                .map(|mut t| {
+                    let trimmed = t.access_token.expose().trim();
+                    if trimmed.len() != t.access_token.expose().len() {
+                        t.access_token = Secret::new(trimmed);
+                    }
+                    t
+                });
             let has_refresh =
                 |t: &TokenResponse| t.refresh_token.as_ref().is_some_and(|r| !r.is_empty());
             match parsed {
@@ -3103,6 +3331,16 @@ impl Inner {
             )));
         }
         match (status, oauth_error.error.as_deref()) {
+            // Never followed (the client secret and the refresh token must
+            // not go where it points), nor read as the endpoint's words:
+            // a redirect's body is not its answer.
+            (300..=399, _) => Err(TokenFailure::Transient(format!(
+                "token endpoint answered HTTP {status}: {REDIRECTED} {} (not followed: check \
+                 oauth.token_url)",
+                location
+                    .as_deref()
+                    .map_or_else(|| "(no Location header)".to_string(), clean)
+            ))),
             (_, Some("invalid_grant")) => {
                 Err(TokenFailure::GrantRefused(describe("invalid_grant")))
             }
@@ -3534,6 +3772,115 @@ mod tests {
                     .any(|n| n.contains("empty after a full page")),
             "{:?}",
             l.notes
+        );
+    }
+
+    fn bare_inner() -> Inner {
+        Inner {
+            http: crate::thumbtack::client::http_client(Duration::from_secs(5), "test").unwrap(),
+            timeout: Duration::from_secs(5),
+            oauth: RwLock::new(None),
+            store: Default::default(),
+            recorder: None,
+            members: RwLock::new(HashMap::new()),
+            chains: Mutex::new(HashMap::new()),
+            client_refused: Mutex::new(None),
+            client_alert_cleared: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            refresh_deadline: Mutex::new(None),
+            settling: tokio::sync::Notify::new(),
+            file_index: tokio::sync::Mutex::new(FileIndex::default()),
+        }
+    }
+
+    /// What a reload naming business `id` with token file `file` does.
+    fn add_grant(inner: &Inner, id: &str, file: &Path) -> Arc<Chain> {
+        let chain = Arc::new(Chain {
+            key: grant_key(file),
+            file: file.to_path_buf(),
+            state: Arc::new(tokio::sync::Mutex::new(ChainState::default())),
+            reauth: Mutex::new(None),
+            refreshing: AtomicBool::new(false),
+            retrying_unsaved: AtomicBool::new(false),
+            file_unreadable: AtomicBool::new(false),
+        });
+        inner
+            .chains
+            .lock()
+            .unwrap()
+            .insert(chain.key.clone(), chain.clone());
+        inner
+            .members
+            .write()
+            .unwrap()
+            .insert(id.to_string(), Member::Grant(chain.clone()));
+        chain
+    }
+
+    fn fingerprint(file: &Path) -> String {
+        sha256_hex(&read_token_file(file).ok().unwrap())
+    }
+
+    /// Polls `f` once: whether it is still waiting.
+    async fn waits<F: Future>(f: &mut std::pin::Pin<Box<F>>) -> bool {
+        std::future::poll_fn(|cx| std::task::Poll::Ready(f.as_mut().poll(cx).is_pending())).await
+    }
+
+    #[tokio::test]
+    async fn a_check_waiting_on_a_look_begun_before_a_reload_sees_the_added_file() {
+        // C's check took its list of files before a reload added B (whose
+        // file copies A's), then waited on the look; A's check, started
+        // after the reload, waited behind it and reused C's look, which
+        // never looked at B's file: A presented its token, B later the
+        // spent copy.
+        let dir = tempfile::tempdir().unwrap();
+        let (fa, fb, fc) = (
+            dir.path().join("a"),
+            dir.path().join("b"),
+            dir.path().join("c"),
+        );
+        std::fs::write(&fa, "token-a").unwrap();
+        std::fs::write(&fc, "token-c").unwrap();
+        let inner = bare_inner();
+        let a = add_grant(&inner, "A", &fa);
+        let c = add_grant(&inner, "C", &fc);
+        let held = inner.file_index.lock().await;
+        let seed_c = fingerprint(&fc);
+        let mut c_check = Box::pin(inner.twin_file(&c, &seed_c));
+        assert!(waits(&mut c_check).await);
+        std::fs::copy(&fa, &fb).unwrap();
+        add_grant(&inner, "B", &fb);
+        let seed_a = fingerprint(&fa);
+        let mut a_check = Box::pin(inner.twin_file(&a, &seed_a));
+        assert!(waits(&mut a_check).await);
+        drop(held);
+        assert_eq!(c_check.await, Ok(None));
+        assert_eq!(a_check.await, Ok(Some((fb, vec!["B".to_string()]))));
+    }
+
+    #[tokio::test]
+    async fn a_file_written_since_the_last_look_began_is_read_again_at_the_next() {
+        // A same-length rewrite in the timestamp tick in which a look read
+        // the file leaves its metadata as that look saw it: the look's
+        // fingerprint (made stale here) was kept, and the copy missed.
+        let dir = tempfile::tempdir().unwrap();
+        let (fa, fb) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&fa, "token-a").unwrap();
+        std::fs::write(&fb, "token-b").unwrap();
+        let inner = bare_inner();
+        let a = add_grant(&inner, "A", &fa);
+        add_grant(&inner, "B", &fb);
+        assert_eq!(inner.twin_file(&a, &fingerprint(&fa)).await, Ok(None));
+        {
+            let mut index = inner.file_index.lock().await;
+            let entry = index.files.get_mut(&fb).unwrap();
+            assert_eq!(Some(entry.0), file_stamp(&fb));
+            entry.1 = Some(sha256_hex("token-x"));
+        }
+        assert_eq!(
+            inner.twin_file(&a, &fingerprint(&fb)).await,
+            Ok(Some((fb, vec!["B".to_string()])))
         );
     }
 
