@@ -54,6 +54,16 @@ pub fn next_poll_after(failures: i64, polled: DateTime<Utc>) -> Option<DateTime<
     Some(polled + wait)
 }
 
+/// How far before a lead's mark a page must reach for a poll to stop
+/// there. A message can become visible after a later one was listed (sent
+/// while a poll read the conversation, stamped by a server whose clock is a
+/// little behind): dated just before the mark, it fell on the page after
+/// the one that reached the mark, and no later poll, stopping even sooner,
+/// ever read it. Reading on this far costs a page more at most (unless
+/// more than a page of messages were sent within it), and only when the
+/// messages around the mark straddle a page's end.
+pub const LATE_SLACK: chrono::Duration = chrono::Duration::minutes(10);
+
 /// A conversation longer than this many pages is not read further in one
 /// poll: paging that does not end is a loop, not a conversation.
 const MAX_PAGES: i64 = 500;
@@ -258,10 +268,13 @@ impl Failure {
 }
 
 /// Reads one lead's conversation back from the newest message until it
-/// reaches `complete_through` (the newest message of the last complete
-/// poll: everything before it is in the mirror), or the end. A message the
-/// mirror has from a webhook is not such a mark: a webhook brings one
-/// message, not the history before it.
+/// reaches [`LATE_SLACK`] before `complete_through` (the newest message of
+/// the last complete poll: everything before it is in the mirror, but for
+/// a message that became visible late), or the end. When it cannot page
+/// back that far (the server lists the same page again), a page that
+/// reached `complete_through` itself ends it as if it had stopped there.
+/// A message the mirror has from a webhook is not such a mark: a webhook
+/// brings one message, not the history before it.
 async fn poll_lead(
     store: &Store,
     client: &Arc<Client>,
@@ -290,11 +303,20 @@ async fn poll_lead(
     // stays), but only after reading on past that millisecond: the history
     // before it is not lost with the messages that did not fit.
     let mut crowded: Option<String> = None;
+    // Set once a page reaches the mark itself (without the slack), to the
+    // poll's outcome had it stopped there, as it did before the slack: if
+    // the poll cannot read on to the slack (a server that does not page
+    // back), it ends as it used to, not in an error every later poll would
+    // repeat. Nothing is lost to it: a server that lists no older page
+    // shows no late message however far a poll asks.
+    let mut at_mark: Option<Option<String>> = None;
     loop {
         if poll.pages >= MAX_PAGES {
-            poll.error = Some(format!(
-                "stopped after {MAX_PAGES} pages: the conversation does not end"
-            ));
+            poll.error = at_mark.unwrap_or_else(|| {
+                Some(format!(
+                    "stopped after {MAX_PAGES} pages: the conversation does not end"
+                ))
+            });
             return poll;
         }
         if stop.is_cancelled() {
@@ -335,7 +357,7 @@ async fn poll_lead(
             warn!(
                 negotiation_id,
                 skipped = page.skipped,
-                "messages without a messageID were not stored"
+                "messages without a usable messageID or negotiationID were not stored"
             );
         }
         // A message that names another negotiation is not this lead's: it
@@ -372,7 +394,13 @@ async fn poll_lead(
         if let Some(t) = times.iter().max() {
             poll.newest = poll.newest.max(Some(*t));
         }
-        let reached_known = complete_through.is_some_and(|known| times.iter().any(|t| *t <= known));
+        let reached_known =
+            complete_through.is_some_and(|known| times.iter().any(|t| *t <= known - LATE_SLACK));
+        if at_mark.is_none()
+            && complete_through.is_some_and(|known| times.iter().any(|t| *t <= known))
+        {
+            at_mark = Some(crowded.clone());
+        }
         let (n, b, now) = (
             negotiation_id.to_string(),
             business_id.to_string(),
@@ -405,9 +433,12 @@ async fn poll_lead(
         // The next page ends with the oldest instant of this one, included.
         match oldest {
             None => {
-                poll.error = Some(
-                    "a full page of messages without a readable sentAt: cannot page back".into(),
-                );
+                poll.error = at_mark.unwrap_or_else(|| {
+                    Some(
+                        "a full page of messages without a readable sentAt: cannot page back"
+                            .into(),
+                    )
+                });
                 return poll;
             }
             Some(t) if oldest_read.is_some_and(|o| t >= o) => {
@@ -418,11 +449,13 @@ async fn poll_lead(
                 if before == Some(millisecond) {
                     // Asked for the messages before that millisecond and
                     // listed it again: the server does not page back.
-                    poll.error = Some(format!(
-                        "paging back by sentBefore does not advance: asked for the messages sent before {}, \
-                         the server listed messages sent at or after it",
-                        crate::time::fmt(millisecond)
-                    ));
+                    poll.error = at_mark.unwrap_or_else(|| {
+                        Some(format!(
+                            "paging back by sentBefore does not advance: asked for the messages sent before {}, \
+                             the server listed messages sent at or after it",
+                            crate::time::fmt(millisecond)
+                        ))
+                    });
                     return poll;
                 }
                 // Of a page size the server did not say, a page of one

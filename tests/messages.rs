@@ -1746,3 +1746,320 @@ async fn the_sandbox_messages_endpoint_takes_limit_1_to_20_and_both_time_bounds(
         assert_eq!(status, 400, "{key}: {v}");
     }
 }
+
+/// A message that becomes visible late (another node's clock a little
+/// behind, a listing that showed it only after the poll) can be dated just
+/// before the lead's mark. A later poll stopped on the first page holding
+/// a message at or before the mark: when the page ended exactly there, the
+/// late message was on the next page, and no poll ever read it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_visible_late_just_before_the_mark_is_still_read() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let lead = env
+        .sandbox
+        .lead_ids(&business)
+        .into_iter()
+        .find(|l| env.sandbox.messages(l).is_empty())
+        .expect("a lead without messages");
+    env.run_ok(&["sync", "--business", &business]);
+    let now = chrono::Utc::now();
+    let at = |minutes: i64| leadsync::time::fmt(now - chrono::Duration::minutes(minutes));
+    env.add_messages_at(&lead, vec![at(60), at(30)]);
+    env.set_status(&lead, "Picked");
+    env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    assert_eq!(messages_of(&db, &lead), 2);
+    // 19 newer messages, and one dated a second before the mark: the
+    // newest page is the 19 and the mark's message, exactly.
+    let mut times: Vec<String> = (1..=19)
+        .map(|k| leadsync::time::fmt(now - chrono::Duration::seconds(1000 - k)))
+        .collect();
+    times.push(leadsync::time::fmt(
+        now - chrono::Duration::minutes(30) - chrono::Duration::seconds(1),
+    ));
+    env.add_messages_at(&lead, times);
+    env.set_status(&lead, "Hired");
+    let o = env.run_ok(&["sync", "--business", &business]);
+    assert_eq!(
+        messages_of(&db, &lead),
+        env.sandbox.messages(&lead).len() as i64,
+        "every message of the conversation is mirrored: {}",
+        text(&o)
+    );
+}
+
+/// Reading on to [`LATE_SLACK`] before the mark turned a server that
+/// ignores `sentBefore` into a lasting error: its first page held the
+/// mark's message, which ended the poll before the slack, but that page
+/// stops short of the slack, and paging back by a server that lists the
+/// same page again "does not advance". The poll failed, its mark stayed,
+/// and every later poll failed the same way, polled less and less often.
+/// A page that reached the mark itself ends such a poll as it used to.
+///
+/// [`LATE_SLACK`]: leadsync::messages::LATE_SLACK
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_that_ignores_sent_before_still_ends_a_poll_that_reached_the_mark() {
+    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
+    let business = env.business_ids()[0].clone();
+    let lead = env
+        .sandbox
+        .lead_ids(&business)
+        .into_iter()
+        .find(|l| env.sandbox.messages(l).is_empty())
+        .expect("a lead without messages");
+    env.run_ok(&["sync", "--business", &business]);
+    let now = chrono::Utc::now();
+    let at = |seconds: i64| leadsync::time::fmt(now - chrono::Duration::seconds(seconds));
+    env.add_messages_at(&lead, vec![at(3600), at(1800)]);
+    env.set_status(&lead, "Picked");
+    env.run_ok(&["sync", "--business", &business]);
+    let db = env.sql();
+    let mark = || -> Option<String> {
+        db.query_row(
+            "SELECT complete_through FROM message_polls WHERE negotiation_id = ?1",
+            [&lead],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(mark(), Some(at(1800)));
+    env.sandbox.set_faults(Faults {
+        ignore_sent_before: true,
+        ..Faults::default()
+    });
+    // 19 messages from 29.8 to 26.8 minutes ago: the newest page is they
+    // and the mark's message, and nothing older is ever listed.
+    env.add_messages_at(&lead, (0..19).map(|k| at(1788 - 10 * k)).collect());
+    for (round, status) in ["Hired", "Picked"].into_iter().enumerate() {
+        env.set_status(&lead, status);
+        let o = env.run_ok(&["sync", "--business", &business]);
+        let (outcome, _) = pages_of(&db, &lead);
+        assert_eq!(outcome, "ok", "poll {round}: {}", text(&o));
+        assert_eq!(messages_of(&db, &lead), 21, "poll {round}");
+        assert_eq!(mark(), Some(at(1788 - 180)), "poll {round}");
+    }
+}
+
+/// The same message object stored by a webhook delivery and by a poll gave
+/// two different rows: an empty `text` was `''` from a webhook and NULL from
+/// a poll, a `sentAt` that is a number was NULL from a webhook and the
+/// number from a poll. Whichever path brings it first, a message's columns
+/// are the same.
+#[test]
+fn a_message_has_the_same_columns_whether_delivered_or_polled() {
+    use leadsync::thumbtack::webhook::parse_delivery;
+    for data in [
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"","sentAt":"2024-06-14T09:30:00+23:59"}"#,
+        r#"{"messageID":"2","negotiationID":"5","from":"","text":"hi","sentAt":1718357400}"#,
+        r#"{"messageID":"3","negotiationID":"5","from":"Business","text":"a\u0000b","sentAt":"2024-06-14T09:30:00.1Z"}"#,
+        r#"{"messageID":"4","negotiationID":"5","from":7,"text":12,"sentAt":null}"#,
+        r#"{"messageID":"5","negotiationID":"5","from":"Customer","text":"ok \ud83d\ude00","sentAt":"x"}"#,
+    ] {
+        let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+        let (_, effect) = leadsync::ingest::delivery_effect(
+            parse_delivery(body.as_bytes()).unwrap(),
+            &body,
+            leadsync::time::now(),
+        );
+        let messages::Effect::Message(hook) = effect else {
+            panic!("{data}: not a message");
+        };
+        let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
+        let polled = parse_message(&raw).unwrap();
+        assert_eq!(
+            (&hook.sent_at, &hook.sender, &hook.text, &hook.payload),
+            (
+                &polled.sent_at,
+                &polled.sender,
+                &polled.text,
+                &polled.payload
+            ),
+            "{data}"
+        );
+        // Agreeing is not enough: a message of attachments only has the
+        // text `""`, not none, by either path.
+        if polled.message_id == "1" {
+            assert_eq!(polled.text.as_deref(), Some(""), "{data}");
+        }
+    }
+}
+
+/// A text with an escape that is no Unicode character (a lone surrogate,
+/// as a client that cut an emoji in two sends it) was stored as NULL, by a
+/// webhook and by a poll alike: the message looked empty. Its text is kept,
+/// the broken escape shown as U+FFFD; the payload keeps it exactly.
+#[test]
+fn a_message_text_with_a_lone_surrogate_keeps_the_rest_of_its_text() {
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let data = r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"On my way \ud83d and \"more\"\ude00","sentAt":"2024-06-14T09:30:00Z"}"#;
+    let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
+    let expected = "On my way \u{FFFD} and \"more\"\u{FFFD}";
+    assert_eq!(parse_message(&raw).unwrap().text.as_deref(), Some(expected));
+    let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+    let Content::Message(m) = parse_delivery(body.as_bytes()).unwrap().content else {
+        panic!("not a message");
+    };
+    assert_eq!(m.text.as_deref(), Some(expected));
+    assert_eq!(m.payload, data);
+}
+
+/// Review (merge of main's id rule): a webhook takes a message's
+/// `messageID` and `negotiationID` only as a non-blank string or a number
+/// of plain digits (`model::id_text`), yet a poll took any string or number
+/// as its text: a message whose id was `1e3`, `1.0` or `" "` was stored by
+/// a poll and ignored by a webhook. The same bytes now have the same
+/// outcome by either path: stored under the same ids, or skipped by both.
+#[test]
+fn a_message_polled_and_delivered_has_the_same_outcome_for_any_id() {
+    use leadsync::thumbtack::model::parse_message_page;
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let ids = [
+        r#""7""#,
+        "7",
+        "519153480500518912",
+        "1e3",
+        "1E3",
+        "1.0",
+        "-0",
+        "-7",
+        r#"" ""#,
+        r#""\t""#,
+        r#""""#,
+    ];
+    let mut stored = 0;
+    for message_id in ids {
+        for negotiation_id in ids {
+            let data = format!(
+                r#"{{"messageID":{message_id},"negotiationID":{negotiation_id},"from":"Customer","text":"hi","sentAt":"2024-06-14T09:30:00Z"}}"#
+            );
+            let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+            let hook = match parse_delivery(body.as_bytes()).unwrap().content {
+                Content::Message(m) => Some((m.message_id, m.negotiation_id)),
+                Content::Unusable { .. } => None,
+                _ => panic!("{data}: not a message delivery"),
+            };
+            let page = format!(r#"{{"data":[{data}],"pagination":{{"limit":50}}}}"#);
+            let page = parse_message_page(page.as_bytes()).unwrap();
+            let polled = page
+                .messages
+                .into_iter()
+                .map(|m| (m.message_id, m.negotiation_id))
+                .next();
+            assert_eq!(polled.is_none() as i64, page.skipped, "{data}");
+            assert_eq!(
+                polled,
+                hook.map(|(m, n)| (m, Some(n))),
+                "{data}: polled and delivered differ"
+            );
+            stored += page.skipped.abs_diff(1) as usize;
+        }
+    }
+    // Plain digits and non-blank strings are ids on both paths: 3 × 3.
+    assert_eq!(stored, 9);
+}
+
+/// JSON allows a repeated key, and a lead that repeats one is read with its
+/// last value counting. A message that repeated one (any key: `text`,
+/// `attachments`) was not a message at all: a poll skipped it as "without a
+/// messageID" and a webhook kept it as `ignored`, so it was never mirrored.
+/// Its last value counts, by either path.
+#[test]
+fn a_message_that_repeats_a_key_is_stored_with_its_last_value() {
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    // A key is the same key however it is escaped: `te\u0078t` is `text`.
+    for data in [
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"draft","text":"final","sentAt":"2024-06-14T09:30:00Z","attachments":[],"attachments":[]}"#,
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","text":"draft","te\u0078t":"final","sentAt":"2024-06-14T09:30:00Z"}"#,
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","te\u0078t":"draft","te\u0078t":"final","sentAt":"2024-06-14T09:30:00Z"}"#,
+        r#"{"messageID":"1","negotiationID":"5","from":"Customer","te\u0078t":"draft","text":"final","sentAt":"2024-06-14T09:30:00Z"}"#,
+    ] {
+        let raw: Box<serde_json::value::RawValue> = serde_json::from_str(data).unwrap();
+        let polled = parse_message(&raw).expect("a message repeating a key is a message");
+        assert_eq!(
+            (polled.message_id.as_str(), polled.text.as_deref()),
+            ("1", Some("final")),
+            "{data}"
+        );
+        let body = format!(r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{data}}}"#);
+        match parse_delivery(body.as_bytes()).unwrap().content {
+            Content::Message(m) => assert_eq!(m.text.as_deref(), Some("final"), "{data}"),
+            Content::Unusable { reason, .. } => panic!("{data}: unusable: {reason}"),
+            _ => panic!("{data}: not a message"),
+        }
+    }
+    // A lead delivered repeating a key is a lead too, as a poll reads it.
+    let body = r#"{"event":{"eventType":"NegotiationCreatedV4"},"data":{"negotiationID":"5","business":{"businessID":"1"},"business":{"businessID":"2"},"status":"Open"}}"#;
+    match parse_delivery(body.as_bytes()).unwrap().content {
+        Content::Negotiation { lead, business_id } => {
+            assert_eq!(
+                (lead.negotiation_id.as_str(), business_id.as_deref()),
+                ("5", Some("2"))
+            )
+        }
+        Content::Unusable { reason, .. } => panic!("unusable: {reason}"),
+        _ => panic!("not a negotiation"),
+    }
+}
+
+/// A delivery whose envelope or `event` repeats a key is still JSON, and
+/// SPEC §8 answers 400 only to a body that is not JSON or has no
+/// `event.eventType`. It was refused with a 400 ("not a delivery
+/// envelope: duplicate field"), so the message it carried was never
+/// stored, not even in `webhook_events`, and Thumbtack retried it in vain.
+#[test]
+fn a_delivery_that_repeats_a_key_of_its_envelope_is_read() {
+    use leadsync::thumbtack::webhook::{Content, parse_delivery};
+    let message = r#"{"messageID":"1","negotiationID":"5","text":"hi"}"#;
+    for body in [
+        format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4","webhookID":"w","eventType":"MessageCreatedV4"}},"data":{message}}}"#
+        ),
+        format!(
+            r#"{{"event":{{"eventType":"MessageCreatedV4"}},"data":{{"messageID":"0"}},"data":{message}}}"#
+        ),
+    ] {
+        let delivery = parse_delivery(body.as_bytes()).unwrap_or_else(|e| panic!("{body}: {e}"));
+        match delivery.content {
+            Content::Message(m) => assert_eq!(m.text.as_deref(), Some("hi"), "{body}"),
+            Content::Unusable { reason, .. } => panic!("{body}: unusable: {reason}"),
+            _ => panic!("{body}: not a message"),
+        }
+    }
+}
+
+/// A key repeated inside a message is read with its last value, but a
+/// conversation page that repeats `data` or `pagination` is not guessed
+/// at: it is refused whole (an unreadable answer, the lead polled again
+/// after the next pass), as a page of leads is.
+#[test]
+fn a_messages_page_that_repeats_data_or_pagination_is_refused_whole() {
+    use leadsync::thumbtack::model::{parse_message_page, parse_page};
+    let m = r#"{"messageID":"1","negotiationID":"5","text":"hi","sentAt":"2024-06-14T09:30:00Z"}"#;
+    let l = r#"{"negotiationID":"5","status":"Open"}"#;
+    for (page, entry) in [(true, m), (false, l)] {
+        let read = |body: String| {
+            if page {
+                parse_message_page(body.as_bytes()).map(|_| ())
+            } else {
+                parse_page(body.as_bytes()).map(|_| ())
+            }
+        };
+        assert!(
+            read(format!(
+                r#"{{"data":[{entry}],"pagination":{{"limit":20}}}}"#
+            ))
+            .is_ok()
+        );
+        for body in [
+            format!(r#"{{"data":[{entry}],"data":[{entry}]}}"#),
+            format!(r#"{{"data":[],"data":[{entry}]}}"#),
+            format!(
+                r#"{{"data":[{entry}],"pagination":{{"limit":20}},"pagination":{{"limit":20}}}}"#
+            ),
+            format!(r#"{{"d\u0061ta":[{entry}],"data":[{entry}]}}"#),
+        ] {
+            assert!(read(body.clone()).is_err(), "{body}");
+        }
+    }
+}

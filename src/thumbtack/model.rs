@@ -321,40 +321,23 @@ fn id_of(raw: &str) -> Option<Cow<'_, str>> {
     usable.then_some(t)
 }
 
-/// The members of a JSON object named in `KEYS` (in that order), the other
-/// members skipped. A repeated key's **last** value counts, as in
-/// JavaScript's `JSON.parse` and as the poller reads a lead's top level
-/// ([`parse_lead`]): a derived `Deserialize` refused such an
-/// object ("duplicate field"), so a delivery the poller would read was
-/// answered 400 or set aside. `Err` when `raw` is not one JSON object.
+/// The members of the JSON object `raw` named in `keys` (in that order),
+/// the other members skipped. A repeated key's **last** value counts, as
+/// in JavaScript's `JSON.parse` and as the poller reads a lead's top level
+/// ([`parse_lead`]): a derived `Deserialize` refused such an object
+/// ("duplicate field"), so a delivery or a polled message the poller would
+/// read as a lead was answered 400, set aside or skipped. Keys are compared
+/// decoded (`"te\u0078t"` is `text`). `Err` when `raw` is not one JSON
+/// object. The one reader of an object's members by name: a delivery's
+/// envelope, `event` and `data`, a message ([`parse_message`]), a sent
+/// message's response ([`sent_message_id`]).
 pub(crate) fn members<'a, const N: usize>(
     raw: &'a str,
-    keys: [&'static str; N],
+    keys: [&str; N],
 ) -> Result<[Option<&'a RawValue>; N], serde_json::Error> {
     use serde::de::{Deserializer as _, MapAccess, Visitor};
-    use std::borrow::Cow;
-    /// A key, borrowed when it has no escapes.
-    struct Key<'a>(Cow<'a, str>);
-    impl<'de> Deserialize<'de> for Key<'de> {
-        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-            struct V;
-            impl<'de> Visitor<'de> for V {
-                type Value = Key<'de>;
-                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                    f.write_str("an object key")
-                }
-                fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                    Ok(Key(Cow::Borrowed(v)))
-                }
-                fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                    Ok(Key(Cow::Owned(v.to_string())))
-                }
-            }
-            d.deserialize_str(V)
-        }
-    }
-    struct Members<const N: usize>([&'static str; N]);
-    impl<'de, const N: usize> Visitor<'de> for Members<N> {
+    struct Members<'k, const N: usize>(&'k [&'k str; N]);
+    impl<'de, const N: usize> Visitor<'de> for Members<'_, N> {
         type Value = [Option<&'de RawValue>; N];
         fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
             f.write_str("a JSON object")
@@ -373,7 +356,7 @@ pub(crate) fn members<'a, const N: usize>(
         }
     }
     let mut de = serde_json::Deserializer::from_str(raw);
-    let found = (&mut de).deserialize_map(Members(keys))?;
+    let found = (&mut de).deserialize_map(Members(&keys))?;
     de.end()?;
     Ok(found)
 }
@@ -1950,7 +1933,8 @@ pub struct Message {
 #[derive(Debug, Clone, Default)]
 pub struct MessagePage {
     pub messages: Vec<Message>,
-    /// Entries that are not objects with a `messageID` (counted, not stored).
+    /// Entries [`parse_message`] does not read: not objects with a
+    /// `messageID`, or whose ids are no ids (counted, not stored).
     pub skipped: i64,
     /// `pagination.limit` as the server answered it (it may lower the one asked for).
     pub limit: Option<u32>,
@@ -1962,40 +1946,97 @@ struct LimitOnly {
     limit: Option<serde_json::Value>,
 }
 
-#[derive(Deserialize)]
-struct MessageFields<'a> {
-    #[serde(rename = "messageID", borrow, default)]
-    message_id: Option<&'a RawValue>,
-    #[serde(rename = "negotiationID", borrow, default)]
-    negotiation_id: Option<&'a RawValue>,
-    #[serde(rename = "sentAt", borrow, default)]
-    sent_at: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    from: Option<&'a RawValue>,
-    #[serde(borrow, default)]
-    text: Option<&'a RawValue>,
-}
-
-/// Reads one message; `None` when it is not an object with a `messageID`.
+/// Reads one message; `None` when it is not an object with a `messageID`
+/// that is an id ([`id_text`]: a non-blank string, or a number of plain
+/// digits kept as sent), or when it names its `negotiationID` by anything
+/// but such an id (`null` reads as absent: the lead polled). A webhook
+/// delivering the same bytes reads its ids by the same rule, so a message
+/// is stored by both paths or by neither.
 pub fn parse_message(raw: &RawValue) -> Option<Message> {
     let payload = raw.get();
     if !payload.trim_start().starts_with('{') {
         return None;
     }
-    let f: MessageFields = serde_json::from_str(payload).ok()?;
-    let message_id = text(f.message_id).filter(|s| !s.is_empty())?;
-    let sent_at_raw = text(f.sent_at);
+    let [message_id, negotiation_id, sent_at, from, text_field] = members(
+        payload,
+        ["messageID", "negotiationID", "sentAt", "from", "text"],
+    )
+    .ok()?;
+    let message_id = id_text(message_id)?;
+    let negotiation_id = match negotiation_id.filter(|n| n.get().trim() != "null") {
+        Some(n) => Some(id_text(Some(n))?),
+        None => None,
+    };
+    let sent_at_raw = text(sent_at);
     Some(Message {
         message_id,
-        negotiation_id: text(f.negotiation_id).filter(|s| !s.is_empty()),
+        negotiation_id,
         sent_at: sent_at_raw
             .as_deref()
             .map(|t| crate::time::sortable_utc(t).unwrap_or_else(|| t.to_string())),
-        sender: text(f.from),
-        text: text(f.text),
+        sender: from.and_then(|r| string_lossy(r.get())),
+        text: text_field.and_then(|r| string_lossy(r.get())),
         sent_at_raw,
         payload: payload.to_string(),
     })
+}
+
+/// A JSON string's text exactly, an empty one included (a message with
+/// attachments only has the text `""`, not none); `None` for any other
+/// value. An escape that is no Unicode character (a lone surrogate, as a
+/// client that cut an emoji in two writes it) becomes U+FFFD instead of
+/// costing the whole text; the payload keeps it as sent. A message's
+/// `from` and `text` are read by this alone, whether a webhook or a poll
+/// brings them, so that both store the same row.
+pub fn string_lossy(raw: &str) -> Option<String> {
+    let raw = raw.trim();
+    let inner = raw.strip_prefix('"')?.strip_suffix('"')?;
+    if !inner.contains('\\') {
+        return Some(inner.to_string());
+    }
+    if let Ok(s) = serde_json::from_str::<String>(raw) {
+        return Some(s);
+    }
+    let mut out = String::with_capacity(inner.len());
+    // UTF-16 units of consecutive `\u` escapes, decoded together so that
+    // a pair is one character and a lone half is U+FFFD.
+    let mut units: Vec<u16> = Vec::new();
+    let flush = |units: &mut Vec<u16>, out: &mut String| {
+        out.extend(
+            char::decode_utf16(units.drain(..)).map(|c| c.unwrap_or(char::REPLACEMENT_CHARACTER)),
+        );
+    };
+    let mut chars = inner.chars();
+    while let Some(c) = chars.next() {
+        if c != '\\' {
+            flush(&mut units, &mut out);
+            out.push(c);
+            continue;
+        }
+        let unescaped = match chars.next()? {
+            'u' => {
+                let hex: String = chars.by_ref().take(4).collect();
+                if hex.len() != 4 {
+                    return None;
+                }
+                units.push(u16::from_str_radix(&hex, 16).ok()?);
+                continue;
+            }
+            '"' => '"',
+            '\\' => '\\',
+            '/' => '/',
+            'b' => '\u{8}',
+            'f' => '\u{c}',
+            'n' => '\n',
+            'r' => '\r',
+            't' => '\t',
+            _ => return None,
+        };
+        flush(&mut units, &mut out);
+        out.push(unescaped);
+    }
+    flush(&mut units, &mut out);
+    Some(out)
 }
 
 /// Parses a conversation page: `{"data": [...], "pagination": {"limit": N}}`
@@ -2037,15 +2078,15 @@ pub struct MessageBody {
 /// is not documented: `messageID` at the top or under `data` is read, and
 /// anything else (an empty body included) means "no id".
 ///
-/// Read as [`parse_message`] reads a message's id (a non-empty string, or
-/// a number's digits exactly as sent, never through a float), a repeated
-/// key's last value counting.
+/// Read as [`parse_message`] reads a message's id ([`id_text`]: a
+/// non-blank string, or a number of plain digits exactly as sent, never
+/// through a float), a repeated key's last value counting.
 pub fn sent_message_id(body: &[u8]) -> Option<String> {
     let body = std::str::from_utf8(body).ok()?;
     let [id, data] = members(body, ["messageID", "data"]).ok()?;
-    text(id).or_else(|| {
+    id_text(id).or_else(|| {
         let [id] = members(data?.get(), ["messageID"]).ok()?;
-        text(id)
+        id_text(id)
     })
 }
 
@@ -2055,7 +2096,7 @@ pub fn sent_message_id(body: &[u8]) -> Option<String> {
 /// value of a nested object's place, since that value is parsed there, not
 /// skipped; such a lead is still stored with the columns it had.
 mod separate {
-    use super::{Key, lead_time, object};
+    use super::{lead_time, object};
     use crate::lead::LeadRow;
     use serde::Deserialize;
     use serde_json::value::RawValue;
@@ -2147,51 +2188,49 @@ mod separate {
     /// keeps the last too), the nested objects read as `parse_lead` reads
     /// them. `None` when the text is not an object or has no id.
     pub(super) fn parse_lead_last_wins(raw: &RawValue) -> Option<LeadRow> {
-        struct LastWins<'a>(LeadFields<'a>);
-        impl<'de> Deserialize<'de> for LastWins<'de> {
-            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-                struct V;
-                impl<'de> serde::de::Visitor<'de> for V {
-                    type Value = LastWins<'de>;
-                    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                        f.write_str("a lead object")
-                    }
-                    fn visit_map<A: serde::de::MapAccess<'de>>(
-                        self,
-                        mut map: A,
-                    ) -> Result<LastWins<'de>, A::Error> {
-                        let mut f = LeadFields::default();
-                        while let Some(key) = map.next_key::<Key<'de>>()? {
-                            let place = match key.0.as_ref() {
-                                "negotiationID" => &mut f.negotiation_id,
-                                "status" => &mut f.status,
-                                "createTime" => &mut f.create_time,
-                                "createdAt" => &mut f.created_at,
-                                "category" => &mut f.category,
-                                "customer" => &mut f.customer,
-                                "request" => &mut f.request,
-                                "leadPrice" => &mut f.lead_price,
-                                "chargeState" => &mut f.charge_state,
-                                _ => {
-                                    map.next_value::<serde::de::IgnoredAny>()?;
-                                    continue;
-                                }
-                            };
-                            // `null` reads as absent, as the derived field reads it.
-                            *place = map.next_value::<Option<&'de RawValue>>()?;
-                        }
-                        Ok(LastWins(f))
-                    }
-                }
-                d.deserialize_map(V)
-            }
-        }
         let payload = raw.get();
         if !payload.trim_start().starts_with('{') {
             return None;
         }
-        let f: LastWins = serde_json::from_str(payload).ok()?;
-        row(f.0, payload)
+        let [
+            negotiation_id,
+            status,
+            create_time,
+            created_at,
+            category,
+            customer,
+            request,
+            lead_price,
+            charge_state,
+        ] = super::members(
+            payload,
+            [
+                "negotiationID",
+                "status",
+                "createTime",
+                "createdAt",
+                "category",
+                "customer",
+                "request",
+                "leadPrice",
+                "chargeState",
+            ],
+        )
+        .ok()?
+        // `null` reads as absent, as the derived field reads it.
+        .map(|v| v.filter(|v| v.get().trim() != "null"));
+        let f = LeadFields {
+            negotiation_id,
+            status,
+            create_time,
+            created_at,
+            category,
+            customer,
+            request,
+            lead_price,
+            charge_state,
+        };
+        row(f, payload)
     }
 
     /// The row of a lead's fields, `payload` being its exact text.

@@ -3,7 +3,7 @@
 //! the two event types leadsync applies, and the subscription objects of
 //! `/businesses/{id}/webhooks`. Every assumption about their shape is here.
 
-use super::model::parse_lead;
+use super::model::{column_text, members, parse_lead, parse_message};
 use crate::lead::LeadRow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -69,7 +69,7 @@ struct Envelope<'a> {
 
 impl<'a> Envelope<'a> {
     fn read(raw: &'a str) -> Result<Envelope<'a>, serde_json::Error> {
-        let [event, data] = super::model::members(raw, ["event", "data"])?;
+        let [event, data] = members(raw, ["event", "data"])?;
         Ok(Envelope { event, data })
     }
 }
@@ -84,7 +84,7 @@ struct Event<'a> {
 impl<'a> Event<'a> {
     fn read(raw: &'a str) -> Result<Event<'a>, serde_json::Error> {
         let [event_type, webhook_id, triggered_at] =
-            super::model::members(raw, ["eventType", "webhookID", "triggeredAt"])?;
+            members(raw, ["eventType", "webhookID", "triggeredAt"])?;
         Ok(Event {
             event_type,
             webhook_id,
@@ -93,59 +93,30 @@ impl<'a> Event<'a> {
     }
 }
 
-/// The members of `data` read here (a lead's columns are read by
-/// [`parse_lead`], a message's by the poller's rule, [`column`]).
+/// The ids `data` names (a lead's columns are read by [`parse_lead`], a
+/// message's by [`parse_message`]: a poll reads the same object by the same
+/// functions).
 #[derive(Default)]
 struct Ids<'a> {
     negotiation_id: Option<&'a RawValue>,
     message_id: Option<&'a RawValue>,
     business_id: Option<&'a RawValue>,
     business: Option<&'a RawValue>,
-    sent_at: Option<&'a RawValue>,
-    from: Option<&'a RawValue>,
-    text: Option<&'a RawValue>,
 }
 
 impl<'a> Ids<'a> {
     fn read(raw: &'a str) -> Result<Ids<'a>, serde_json::Error> {
-        let [
-            negotiation_id,
-            message_id,
-            business_id,
-            business,
-            sent_at,
-            from,
-            text,
-        ] = super::model::members(
+        let [negotiation_id, message_id, business_id, business] = members(
             raw,
-            [
-                "negotiationID",
-                "messageID",
-                "businessID",
-                "business",
-                "sentAt",
-                "from",
-                "text",
-            ],
+            ["negotiationID", "messageID", "businessID", "business"],
         )?;
         Ok(Ids {
             negotiation_id,
             message_id,
             business_id,
             business,
-            sent_at,
-            from,
-            text,
         })
     }
-}
-
-/// A message's column as the poller reads it
-/// ([`super::model::parse_message`]): a non-empty string, or a number's
-/// digits as sent; `None` otherwise (an empty string too). A message
-/// delivered and the same message polled get the same row.
-fn column(raw: Option<&RawValue>) -> Option<String> {
-    super::model::column_text(raw)
 }
 
 /// A JSON string, else `None`.
@@ -192,7 +163,7 @@ fn id_field(raw: Option<&RawValue>, name: &str) -> Result<String, String> {
 fn business_of(ids: &Ids) -> Option<String> {
     ids.business
         .filter(|b| is_object(b))
-        .and_then(|b| super::model::members(b.get(), ["businessID"]).ok())
+        .and_then(|b| members(b.get(), ["businessID"]).ok())
         .and_then(|[business_id]| super::model::id_text(business_id))
         .or_else(|| super::model::id_text(ids.business_id))
 }
@@ -225,8 +196,8 @@ pub fn parse_delivery(body: &[u8]) -> Result<Delivery, String> {
     Ok(Delivery {
         event_type,
         // A string, or a number's digits as sent (never through a float).
-        webhook_id: column(event.webhook_id),
-        triggered_at: column(event.triggered_at),
+        webhook_id: column_text(event.webhook_id),
+        triggered_at: column_text(event.triggered_at),
         content,
     })
 }
@@ -286,12 +257,21 @@ fn message(data: Option<&RawValue>) -> Content {
             };
         }
     };
-    let sent_at = column(ids.sent_at).map(|t| crate::time::sortable_utc(&t).unwrap_or(t));
+    // `sentAt`, `from` and `text` as a poll reads them ([`parse_message`]):
+    // the same message is the same row whichever path brings it first.
+    let Some(read) = parse_message(data) else {
+        return Content::Unusable {
+            reason: "`data` is not a readable message".into(),
+            negotiation_id: Some(negotiation_id),
+            message_id: Some(message_id),
+        };
+    };
+    let (sent_at, sender, text) = (read.sent_at, read.sender, read.text);
     Content::Message(Message {
         business_id: business_of(&ids),
         sent_at,
-        sender: column(ids.from),
-        text: column(ids.text),
+        sender,
+        text,
         message_id,
         negotiation_id,
         payload: data.get().to_string(),
