@@ -1403,7 +1403,7 @@ fn unlisted(
     run_id: i64,
     seen: &Fingerprints,
     now: &str,
-) -> Result<(i64, i64, Vec<String>, String)> {
+) -> Result<(i64, i64, Vec<rusqlite::types::Value>, String)> {
     let started: String = conn
         .prepare_cached("SELECT started_at FROM sync_runs WHERE id = ?1")?
         .query_row([run_id], |r| r.get::<_, Option<String>>(0))
@@ -1431,18 +1431,36 @@ fn unlisted(
     let (mut present, mut unseen, mut ids) = (0, 0, Vec::new());
     while let Some(r) = rows.next()? {
         present += 1;
-        let id = r.get_ref(0)?.as_str()?;
-        if seen.contains(&id_fingerprint(id)) {
+        // An id the partner's program rewrote as a blob (or a number) is
+        // compared by its text, and that very row (its own value) is the
+        // one marked: read as text only, it failed every full scan.
+        let raw = r.get_ref(0)?;
+        let listed = match raw {
+            rusqlite::types::ValueRef::Text(t) if std::str::from_utf8(t).is_ok() => {
+                seen.contains(&id_fingerprint(raw.as_str()?))
+            }
+            other => value_text(other).is_some_and(|t| seen.contains(&id_fingerprint(&t))),
+        };
+        if listed {
             continue;
         }
         unseen += 1;
+        let id = match raw {
+            rusqlite::types::ValueRef::Null => rusqlite::types::Value::Null,
+            rusqlite::types::ValueRef::Integer(i) => rusqlite::types::Value::Integer(i),
+            rusqlite::types::ValueRef::Real(f) => rusqlite::types::Value::Real(f),
+            rusqlite::types::ValueRef::Text(t) => {
+                rusqlite::types::Value::Text(String::from_utf8_lossy(t).into_owned())
+            }
+            rusqlite::types::ValueRef::Blob(b) => rusqlite::types::Value::Blob(b.to_vec()),
+        };
         if !observed
             .query_row(params![id, started, since, after], |r| {
                 r.get::<_, Option<bool>>(0)
             })?
             .unwrap_or(false)
         {
-            ids.push(id.to_string());
+            ids.push(id);
         }
     }
     Ok((present, unseen, ids, started))
@@ -3027,6 +3045,45 @@ mod tests {
             "2026-01-01T12:20:00.000Z",
         );
         assert_eq!(m.status("2"), "Picked");
+    }
+
+    /// A partner's program that rewrote a lead's id as a blob
+    /// (`CAST(negotiation_id AS BLOB)`) made every full scan of its business
+    /// fail ("cannot count unlisted leads"): the id was read as text only.
+    /// A blob id is read by its bytes: listed, it is left alone; unlisted,
+    /// that very row is marked missing.
+    #[test]
+    fn a_lead_id_the_partner_rewrote_as_a_blob_fails_no_full_scan() {
+        let mut m = Ordering::new();
+        let leads: Vec<LeadRow> = (1..=3).map(|i| lead_row(&i.to_string(), "Open")).collect();
+        m.pass("b", "full", T0, &leads, Some(Covered::Every));
+        m.conn
+            .execute(
+                "UPDATE negotiations SET negotiation_id = CAST(negotiation_id AS BLOB)
+                  WHERE negotiation_id IN ('2', '3')",
+                [],
+            )
+            .unwrap();
+        let run = start_run(&m.conn, "b", "full", T1).unwrap();
+        let seen: Fingerprints = ["1", "2"].iter().map(|i| id_fingerprint(i)).collect();
+        let end = "2026-01-01T11:30:00.000Z";
+        let marked = mark_missing(&mut m.conn, "b", run, &seen, true, end).unwrap();
+        assert_eq!(marked, Missing::Marked(1));
+        let missing: Vec<(String, bool)> = m
+            .conn
+            .prepare(
+                "SELECT CAST(negotiation_id AS TEXT), missing_since IS NOT NULL
+                   FROM negotiations ORDER BY 1",
+            )
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            missing,
+            [("1".into(), false), ("2".into(), false), ("3".into(), true)]
+        );
     }
 
     #[test]
