@@ -18,6 +18,9 @@ pub struct Session {
     pub store: Store,
     pub auth: Arc<Auth>,
     pub client: Arc<Client>,
+    /// The token store, when one was opened with the session (a business
+    /// uses OAuth): the daemon's `/healthz` watches it.
+    pub tokens: Option<TokenStore>,
     _lock: ProcessLock,
 }
 
@@ -96,7 +99,17 @@ impl Session {
                 "sync passes left running by a stopped process were recorded as interrupted"
             );
         }
-        let auth = Arc::new(open_auth(&config, Some(store.clone()), needs_reauth)?);
+        let tokens = if config.uses_oauth() {
+            Some(TokenStore::open(&config.file.oauth.token_store)?)
+        } else {
+            None
+        };
+        let auth = Arc::new(auth_with(
+            &config,
+            Some(store.clone()),
+            needs_reauth,
+            tokens.clone(),
+        )?);
         let client = Arc::new(Client::new(
             ClientSettings::from_config(&config),
             auth.clone(),
@@ -106,6 +119,7 @@ impl Session {
             store,
             auth,
             client,
+            tokens,
             _lock: lock,
         })
     }
@@ -130,13 +144,22 @@ pub fn open_auth_with(
     needs_reauth: HashMap<String, String>,
     open_store: bool,
 ) -> Result<Auth> {
-    let grants: Option<Arc<dyn GrantStore>> = if open_store {
-        Some(Arc::new(StoreGrants(TokenStore::open(
-            &config.file.oauth.token_store,
-        )?)))
+    let tokens = if open_store {
+        Some(TokenStore::open(&config.file.oauth.token_store)?)
     } else {
         None
     };
+    auth_with(config, mirror, needs_reauth, tokens)
+}
+
+/// [`open_auth`] with the token store opened (or not) already.
+fn auth_with(
+    config: &Config,
+    mirror: Option<Store>,
+    needs_reauth: HashMap<String, String>,
+    tokens: Option<TokenStore>,
+) -> Result<Auth> {
+    let grants = tokens.map(|t| Arc::new(StoreGrants(t)) as Arc<dyn GrantStore>);
     let recorder = mirror.map(|m| Arc::new(MirrorRecorder(m)) as Arc<dyn AuthRecorder>);
     Auth::new(config, grants, recorder, needs_reauth)
 }

@@ -250,6 +250,7 @@ pub async fn run_with(
         daemon.drain_beat.clone(),
         Some(session.store.durable_sync_watch()),
         Some(session.store.write_watch()),
+        session.tokens.as_ref().map(TokenStore::watch),
     )
     .await?;
     controls.bound.send_replace(Some(Bound {

@@ -793,6 +793,49 @@ async fn held_unsaved(env: &Env, store: Hooked, fail: &AtomicBool) -> leadsync::
     auth
 }
 
+/// The token store moved aside under a running process (`mv private
+/// private.old`): SQLite refuses writes to the moved file ("readonly
+/// database"), so no refresh started, but the failure said only "make the
+/// token store writable". It says the store was moved now, and where.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_refresh_starts_while_the_token_store_is_moved_aside() {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[0].clone();
+    let o = env.run(&["sync", "--business", &b]);
+    assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+    forget_stored_access_tokens(&env);
+    let config = env.config();
+    let path = config.file.oauth.token_store.clone();
+    let auth = leadsync::thumbtack::Auth::new(
+        &config,
+        Some(Arc::new(leadsync::app::StoreGrants(
+            TokenStore::open(&path).unwrap(),
+        ))),
+        None,
+        Default::default(),
+    )
+    .unwrap();
+    let before = refreshes(&env);
+    let aside = env.dir.path().join("tokens.db.aside");
+    std::fs::rename(&path, &aside).unwrap();
+    let e = auth
+        .token(&b)
+        .await
+        .expect_err("no refresh while moved aside");
+    assert!(
+        e.message.contains(&path.display().to_string()) && e.message.contains("was moved"),
+        "{}",
+        e.message
+    );
+    assert_eq!(refreshes(&env), before, "a refresh was sent");
+    std::fs::rename(&aside, &path).unwrap();
+    auth.token(&b)
+        .await
+        .expect("refreshes once the store is back");
+    assert_eq!(refreshes(&env), before + 1);
+    auth.settle(Duration::from_secs(5)).await;
+}
+
 /// While a rotated token is held in memory, unsaved, its process holds the
 /// grant's lock: nothing else can tell whether it lives. It named itself in
 /// the lock file, but /proc may not show it (systemd's

@@ -1,7 +1,8 @@
 //! The admin listener (`[admin] listen`, SPEC §10): `GET /metrics` in the
 //! Prometheus text format, `GET /healthz` (200 while the scheduler and the
-//! drainer loops beat and the database syncs to disk, else 503 with the
-//! reason), `GET /readyz` (200 once the mirror is open and migrated, 503
+//! drainer loops beat, the database syncs to disk, and the mirror's and the
+//! token store's paths name the files opened and take writes, else 503 with
+//! the reason), `GET /readyz` (200 once the mirror is open and migrated, 503
 //! while stopping, when the mirror cannot be read, or once a sync to disk
 //! failed: webhook deliveries are refused until a restart).
 
@@ -42,6 +43,9 @@ pub struct Health {
     /// Whether the daemon's writes to the mirror fail for want of storage;
     /// `None`: not watched.
     pub writes: Option<store::WriteWatch>,
+    /// Whether the daemon's writes to the token store fail for want of
+    /// storage; `None`: not watched (no token store open at the start).
+    pub token_writes: Option<store::WriteWatch>,
 }
 
 /// The mirror's path and the file (device, inode) it named when the
@@ -56,6 +60,10 @@ pub struct DatabaseFile {
     within: Duration,
     /// The look under way (perhaps hung on the storage), if one is.
     looking: Arc<Mutex<Option<Look>>>,
+    /// The token store's path and the file it named when opened, looked
+    /// at with the mirror's (one look at a time for both); `None`: not
+    /// watched.
+    tokens: Option<(PathBuf, (u64, u64))>,
 }
 
 /// A look at the database file under way: when it started, and its answer
@@ -75,24 +83,44 @@ fn file_id(path: &std::path::Path) -> std::io::Result<(u64, u64)> {
 }
 
 impl DatabaseFile {
-    /// The file `path` names now.
-    pub fn of(path: &std::path::Path) -> std::io::Result<DatabaseFile> {
+    /// The file `path` names now, and the token store's as it was opened.
+    pub fn of(
+        path: &std::path::Path,
+        tokens: Option<&store::tokens::TokenWatch>,
+    ) -> std::io::Result<DatabaseFile> {
         Ok(DatabaseFile {
             path: path.to_path_buf(),
             id: file_id(path)?,
             look: file_id,
             within: Duration::from_secs(2),
             looking: Arc::default(),
+            tokens: tokens.and_then(|t| Some((t.path.clone(), t.opened?))),
         })
     }
 
     /// Why the path no longer names the file opened, if it does not (a
     /// path that cannot be looked at says nothing either way).
     fn problem(&self) -> Option<String> {
-        Self::problem_of(&self.path, self.id, self.look)
+        Self::problem_of(&self.path, self.id, self.look, self.tokens.as_ref())
     }
 
+    /// The mirror's problem and the token store's, if any.
     fn problem_of(
+        path: &std::path::Path,
+        id: (u64, u64),
+        look: fn(&std::path::Path) -> std::io::Result<(u64, u64)>,
+        tokens: Option<&(PathBuf, (u64, u64))>,
+    ) -> Option<String> {
+        let problems: Vec<String> = Self::mirror_problem(path, id, look)
+            .into_iter()
+            .chain(
+                tokens.and_then(|(path, id)| store::tokens::moved_problem(path, *id, look(path))),
+            )
+            .collect();
+        (!problems.is_empty()).then(|| problems.join("; "))
+    }
+
+    fn mirror_problem(
         path: &std::path::Path,
         id: (u64, u64),
         look: fn(&std::path::Path) -> std::io::Result<(u64, u64)>,
@@ -122,9 +150,13 @@ impl DatabaseFile {
     /// for every later one until it returns.
     async fn problem_promptly(&self) -> Option<String> {
         let hung = || {
+            let tokens = match &self.tokens {
+                Some((path, _)) => format!(" (or the token store {})", path.display()),
+                None => String::new(),
+            };
             format!(
-                "the database file {} could not be looked at within {:.1} s: the storage that \
-                 holds it may hang, and writes to it with it",
+                "the database file {}{tokens} could not be looked at within {:.1} s: the storage \
+                 that holds it may hang, and writes to it with it",
                 self.path.display(),
                 self.within.as_secs_f64()
             )
@@ -140,8 +172,13 @@ impl DatabaseFile {
                         started,
                         answer: rx.clone(),
                     });
-                    let (path, id, look, slot) =
-                        (self.path.clone(), self.id, self.look, self.looking.clone());
+                    let (path, id, look, slot, tokens) = (
+                        self.path.clone(),
+                        self.id,
+                        self.look,
+                        self.looking.clone(),
+                        self.tokens.clone(),
+                    );
                     // Not awaited: a look that hangs is left to finish (or
                     // never), and marks the file as hung meanwhile.
                     drop(tokio::task::spawn_blocking(move || {
@@ -155,7 +192,7 @@ impl DatabaseFile {
                             }
                         }
                         let _done = Done(slot);
-                        let _ = tx.send(Some(Self::problem_of(&path, id, look)));
+                        let _ = tx.send(Some(Self::problem_of(&path, id, look, tokens.as_ref())));
                     }));
                     (started, rx)
                 }
@@ -214,6 +251,18 @@ impl Health {
             stuck.push(format!(
                 "writes to the database fail ({why}) for {:.1} s: no pass, send or webhook \
                  delivery is recorded; check the disk that holds it (full? read-only?)",
+                since.as_secs_f64()
+            ));
+        }
+        if let Some((why, since)) = self
+            .token_writes
+            .as_ref()
+            .and_then(store::WriteWatch::failure)
+        {
+            stuck.push(format!(
+                "writes to the token store fail ({why}) for {:.1} s: a rotated refresh token \
+                 that cannot be stored is held in memory only, and no other refresh of its grant \
+                 starts; check the disk that holds the token store (full? read-only?)",
                 since.as_secs_f64()
             ));
         }
@@ -367,16 +416,18 @@ impl Admin {
         drain_beat: Arc<Heartbeat>,
         disk: Option<store::DurableSyncWatch>,
         writes: Option<store::WriteWatch>,
+        tokens: Option<store::tokens::TokenWatch>,
     ) -> Result<Option<Admin>> {
         let Some(addr) = config.admin_listen else {
             return Ok(None);
         };
         let listener = super::bind(addr, "admin.listen").await?;
-        let database_file = DatabaseFile::of(&database)
+        let database_file = DatabaseFile::of(&database, tokens.as_ref())
             .map_err(|e| warn!(error = %e, database = %database.display(), "cannot watch the database file for /healthz"))
             .ok();
         let stale_after = Duration::from_secs_f64(config.file.admin.stale_after_secs);
-        if let Some(writes) = &writes {
+        let token_writes = tokens.map(|t| t.writes);
+        for writes in writes.iter().chain(&token_writes) {
             // A failure of writes is cleared once they have worked for as
             // long as a loop may be silent, at most 30 s.
             writes.set_quiet(stale_after.min(store::WRITES_QUIET));
@@ -384,6 +435,7 @@ impl Admin {
         let health = Arc::new(Health {
             database: database_file,
             writes,
+            token_writes,
             scheduler_beat,
             drain_beat,
             stale_after,
@@ -505,6 +557,7 @@ mod tests {
             disk: Some(store.durable_sync_watch()),
             database: None,
             writes: None,
+            token_writes: None,
         });
         let get = |path: &'static str| {
             let health = health.clone();
@@ -581,8 +634,10 @@ mod tests {
                 look: hung,
                 within: Duration::from_millis(200),
                 looking: Arc::default(),
+                tokens: None,
             }),
             writes: None,
+            token_writes: None,
         });
         let probe = |health: Arc<Health>| {
             tokio::spawn(async move {
@@ -627,6 +682,95 @@ mod tests {
         }
     }
 
+    /// The token store moved aside under a running daemon (`mv private
+    /// private.old`) or failing writes for storage left `/healthz` 200:
+    /// rotated tokens went into the moved file, and the next start found
+    /// an empty store. `/healthz` names both now; `/readyz` (can webhook
+    /// deliveries be stored?) does not depend on the token store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn healthz_names_a_token_store_moved_aside_or_failing_writes() {
+        use tower::ServiceExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mirror = dir.path().join("m.db");
+        std::fs::write(&mirror, b"").unwrap();
+        let private = dir.path().join("private");
+        let tokens = store::tokens::TokenStore::open(&private.join("tokens.db")).unwrap();
+        let watch = tokens.watch();
+        watch.writes.set_quiet(Duration::ZERO);
+        let health = Arc::new(Health {
+            scheduler_beat: Arc::new(Heartbeat::new()),
+            drain_beat: Arc::new(Heartbeat::new()),
+            stale_after: Duration::from_secs(3600),
+            stopping: CancellationToken::new(),
+            mirror_error: Mutex::new(None),
+            disk: None,
+            database: Some(DatabaseFile::of(&mirror, Some(&watch)).unwrap()),
+            writes: None,
+            token_writes: Some(watch.writes.clone()),
+        });
+        let get = |path: &'static str| {
+            let health = health.clone();
+            async move {
+                let resp = router(health)
+                    .oneshot(
+                        axum::http::Request::get(path)
+                            .body(axum::body::Body::empty())
+                            .unwrap(),
+                    )
+                    .await
+                    .unwrap();
+                let status = resp.status();
+                let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
+                    .await
+                    .unwrap();
+                (status, String::from_utf8_lossy(&body).into_owned())
+            }
+        };
+        // A probe right after a look may still share that look's answer:
+        // `/healthz` until it answers `want`.
+        let healthz = |want: StatusCode| {
+            let get = &get;
+            async move {
+                let end = std::time::Instant::now() + Duration::from_secs(10);
+                loop {
+                    let (status, body) = get("/healthz").await;
+                    if status == want {
+                        return body;
+                    }
+                    assert!(std::time::Instant::now() < end, "never {want}: {body}");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        };
+        assert_eq!(get("/healthz").await.0, StatusCode::OK);
+        assert_eq!(get("/readyz").await.0, StatusCode::OK);
+        std::fs::rename(&private, dir.path().join("private.old")).unwrap();
+        let body = healthz(StatusCode::SERVICE_UNAVAILABLE).await;
+        assert!(
+            body.contains("token store") && body.contains("tokens.db"),
+            "{body}"
+        );
+        // Webhook deliveries are still stored: not a reason to route them away.
+        assert_eq!(get("/readyz").await.0, StatusCode::OK);
+        std::fs::rename(dir.path().join("private.old"), &private).unwrap();
+        healthz(StatusCode::OK).await;
+        tokens.set_query_only(true);
+        let write = store::tokens::GrantWrite {
+            refresh_token: crate::secret::Secret::new("r"),
+            access_token: None,
+            seed_sha256: None,
+            source: "refresh".into(),
+        };
+        assert!(tokens.put("g", 0, &write).is_err());
+        let (status, body) = get("/healthz").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("token store"), "{body}");
+        assert_eq!(get("/readyz").await.0, StatusCode::OK);
+        tokens.set_query_only(false);
+        assert!(tokens.put("g", 0, &write).is_ok());
+        healthz(StatusCode::OK).await;
+    }
+
     /// `/healthz` on a `Health` whose only problem could be the database file.
     fn healthz_probe(health: Arc<Health>) -> tokio::task::JoinHandle<(StatusCode, String)> {
         use tower::ServiceExt;
@@ -665,8 +809,10 @@ mod tests {
                 look,
                 within,
                 looking: Arc::default(),
+                tokens: None,
             }),
             writes: None,
+            token_writes: None,
         })
     }
 
@@ -746,6 +892,7 @@ mod tests {
             disk: None,
             database: None,
             writes: None,
+            token_writes: None,
         };
         assert_eq!(h.problem(), None);
         tokio::time::advance(Duration::from_millis(2_500)).await;

@@ -78,6 +78,44 @@ pub enum Written {
 pub struct TokenStore {
     conn: Arc<Mutex<Connection>>,
     path: PathBuf,
+    /// The file (device, inode) `path` named when it was opened.
+    opened: Option<(u64, u64)>,
+    /// Whether writes to it fail for want of storage.
+    writes: super::WriteWatch,
+}
+
+/// What `/healthz` watches of a token store: its path, the file (device,
+/// inode) it named when opened, and whether writes to it fail for storage.
+#[derive(Clone, Debug)]
+pub struct TokenWatch {
+    pub path: PathBuf,
+    pub opened: Option<(u64, u64)>,
+    pub writes: super::WriteWatch,
+}
+
+/// Why the token store's path no longer names the file opened as
+/// `opened`, if it does not (a path that cannot be looked at for another
+/// reason than its absence says nothing either way).
+pub fn moved_problem(
+    path: &Path,
+    opened: (u64, u64),
+    now: std::io::Result<(u64, u64)>,
+) -> Option<String> {
+    let now = match now {
+        Ok(now) => Some(now),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(_) => return None,
+    };
+    (now != Some(opened)).then(|| {
+        format!(
+            "the token store {} was moved, removed or replaced while leadsync runs: rotated \
+             refresh tokens would be written only into the file it opened, and the next start \
+             would find no chains there (every business re-authorized), so no token refresh \
+             starts; put the file (or its directory) back where it was, or stop leadsync, put \
+             the store you mean to keep at that path and start it",
+            path.display()
+        )
+    })
 }
 
 /// The grant lock's note while a rotated token is held in memory, unsaved,
@@ -307,10 +345,32 @@ impl TokenStore {
         .with_context(|| format!("cannot initialise token store {}", path.display()))?;
         migrate(&conn)
             .with_context(|| format!("cannot initialise token store {}", path.display()))?;
+        // The file as opened (NOFOLLOW: the path names it, not a link).
+        let opened = std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()));
         Ok(TokenStore {
             conn: Arc::new(Mutex::new(conn)),
             path: path.to_path_buf(),
+            opened,
+            writes: super::WriteWatch::default(),
         })
+    }
+
+    /// What `/healthz` watches of this store.
+    pub fn watch(&self) -> TokenWatch {
+        TokenWatch {
+            path: self.path.clone(),
+            opened: self.opened,
+            writes: self.writes.clone(),
+        }
+    }
+
+    /// Why the store's path no longer names the file opened, if it does
+    /// not (moved aside, removed, replaced): then a rotated token written
+    /// would land only in a file the next start does not open.
+    pub fn moved_away(&self) -> Option<String> {
+        let opened = self.opened?;
+        let now = std::fs::metadata(&self.path).map(|m| (m.dev(), m.ino()));
+        moved_problem(&self.path, opened, now)
     }
 
     /// The file.
@@ -349,6 +409,22 @@ impl TokenStore {
             .lock()
             .map_err(|_| anyhow::anyhow!("token store lock poisoned"))?;
         f(&mut conn)
+    }
+
+    /// Makes writes fail as on a read-only file system (tests: root may
+    /// write whatever the modes say).
+    #[cfg(test)]
+    pub(crate) fn set_query_only(&self, on: bool) {
+        self.with(|c| Ok(c.pragma_update(None, "query_only", on)?))
+            .unwrap();
+    }
+
+    /// [`TokenStore::with`] for a write: a failure for want of storage is
+    /// recorded for `/healthz` until writes work again.
+    fn write<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
+        let result = self.with(f);
+        self.writes.note(&result, result.is_ok());
+        result
     }
 
     /// The directory of the grants' lock and note files (`<token store>.locks/`).
@@ -762,8 +838,16 @@ impl TokenStore {
     /// header's schema version rewritten with its own value, journaled and
     /// synced like every write), asked before a single-use authorization
     /// code is spent.
+    ///
+    /// A store whose path no longer names the file opened is not writable:
+    /// a token written into the file opened would be lost at the next
+    /// start (SQLite refuses that write too, as "readonly database"; this
+    /// says what happened).
     pub fn check_writable(&self) -> Result<()> {
-        self.with(|c| {
+        if let Some(why) = self.moved_away() {
+            bail!(why);
+        }
+        self.write(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             // Its own value: an older leadsync (during an upgrade) must not
             // set a newer store's version back.
@@ -778,7 +862,7 @@ impl TokenStore {
     /// Stores a grant's new refresh token if the row still has generation
     /// `expected` (0: no row, or a row that never held a token).
     pub fn put(&self, grant: &str, expected: i64, w: &GrantWrite) -> Result<Written> {
-        self.with(|c| {
+        self.write(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let found: Option<i64> = tx
                 .query_row(
@@ -842,7 +926,7 @@ impl TokenStore {
         seed_sha256: Option<&str>,
         reason: &str,
     ) -> Result<bool> {
-        self.with(|c| {
+        self.write(|c| {
             let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
             let found: Option<i64> = tx
                 .query_row(
@@ -873,7 +957,7 @@ impl TokenStore {
     /// Records that Thumbtack refused a token file content while the stored
     /// chain stays in use (a stale or mistyped file).
     pub fn mark_file_refused(&self, grant: &str, file_sha256: &str) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE grants SET file_refused_sha256 = ?2 WHERE grant_key = ?1",
                 params![grant, file_sha256],
@@ -884,7 +968,7 @@ impl TokenStore {
 
     /// Forgets a stored access token the API refused (401), so no process adopts it.
     pub fn forget_access(&self, grant: &str, access_token: &Secret) -> Result<()> {
-        self.with(|c| {
+        self.write(|c| {
             c.execute(
                 "UPDATE grants SET access_token = NULL, access_expires_at = NULL
                   WHERE grant_key = ?1 AND access_token = ?2",
@@ -1267,6 +1351,48 @@ mod tests {
             .query_row("PRAGMA user_version", [], |r| r.get(0))
             .unwrap();
         assert_eq!(v, SCHEMA_VERSION);
+    }
+
+    #[test]
+    fn a_store_moved_aside_is_named_and_refuses_a_refresh_until_it_is_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let private = dir.path().join("private");
+        let path = private.join("tokens.db");
+        let s = TokenStore::open(&path).unwrap();
+        assert_eq!(s.moved_away(), None);
+        // `mv private private.old` under a running daemon.
+        std::fs::rename(&private, dir.path().join("private.old")).unwrap();
+        let why = s.moved_away().expect("a moved-aside store is a problem");
+        assert!(why.contains(&path.display().to_string()), "{why}");
+        assert!(why.contains("token store"), "{why}");
+        let watch = s.watch();
+        assert_eq!(watch.path, path);
+        // An empty store made at the path is not the file opened either.
+        std::fs::create_dir(&private).unwrap();
+        drop(TokenStore::open(&path).unwrap());
+        assert!(s.moved_away().is_some());
+        // Put back, it is the file opened again.
+        std::fs::remove_dir_all(&private).unwrap();
+        std::fs::rename(dir.path().join("private.old"), &private).unwrap();
+        assert_eq!(s.moved_away(), None);
+    }
+
+    #[test]
+    fn a_write_that_fails_for_storage_is_watched_until_writes_work_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let watch = s.watch().writes;
+        watch.set_quiet(std::time::Duration::ZERO);
+        assert!(s.put("g", 0, &write("a")).is_ok());
+        assert!(watch.failure().is_none());
+        // A read-only store (as a file system turned read-only answers).
+        s.set_query_only(true);
+        assert!(s.put("g", 1, &write("b")).is_err());
+        let (why, _) = watch.failure().expect("the failed write is watched");
+        assert!(why.contains("readonly"), "{why}");
+        s.set_query_only(false);
+        assert!(s.put("g", 1, &write("b")).is_ok());
+        assert!(watch.failure().is_none());
     }
 
     #[test]
