@@ -2049,7 +2049,7 @@ impl Store {
 /// whether or not it changed a row (rewriting an empty table changes none
 /// but writes its page), from one that wrote nothing (an UPDATE that
 /// matched no row).
-fn pages_written(conn: &Connection) -> i64 {
+pub(crate) fn pages_written(conn: &Connection) -> i64 {
     let (mut cur, mut hi) = (0, 0);
     // SAFETY: the handle is open for the duration of the borrow, and the
     // pointers are to live locals.

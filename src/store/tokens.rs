@@ -421,9 +421,19 @@ impl TokenStore {
 
     /// [`TokenStore::with`] for a write: a failure for want of storage is
     /// recorded for `/healthz` until writes work again.
+    /// Only a call that wrote a page proves writes work again (as the
+    /// mirror's [`super::WriteWatch`] counts): a put that lost its
+    /// compare-and-set, or a forget that matched nothing, succeeds on a full
+    /// disk too.
     fn write<R>(&self, f: impl FnOnce(&mut Connection) -> Result<R>) -> Result<R> {
-        let result = self.with(f);
-        self.writes.note(&result, result.is_ok());
+        let mut wrote = false;
+        let result = self.with(|conn| {
+            let before = super::pages_written(conn);
+            let result = f(conn);
+            wrote = super::pages_written(conn) != before && conn.is_autocommit();
+            result
+        });
+        self.writes.note(&result, result.is_ok() && wrote);
         result
     }
 
@@ -1392,6 +1402,32 @@ mod tests {
         assert!(why.contains("readonly"), "{why}");
         s.set_query_only(false);
         assert!(s.put("g", 1, &write("b")).is_ok());
+        assert!(watch.failure().is_none());
+    }
+
+    /// A call that succeeds without writing a page (a put that lost its
+    /// compare-and-set, a forget that matched nothing) succeeds on a full
+    /// disk too: it is no proof that writes work again, and counted as one
+    /// it turned `/healthz` 200 while a rotated token waited in memory.
+    #[test]
+    fn a_call_that_writes_no_page_does_not_clear_a_storage_failure() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = TokenStore::open(&dir.path().join("tokens.db")).unwrap();
+        let watch = s.watch().writes;
+        watch.set_quiet(std::time::Duration::ZERO);
+        assert_eq!(s.put("g", 0, &write("a")).unwrap(), Written::Stored(1));
+        s.set_query_only(true);
+        assert!(s.put("g", 1, &write("b")).is_err());
+        s.set_query_only(false);
+        assert!(matches!(
+            s.put("g", 0, &write("c")),
+            Ok(Written::Conflict(_))
+        ));
+        assert!(
+            watch.failure().is_some(),
+            "cleared by a put that wrote nothing"
+        );
+        assert_eq!(s.put("g", 1, &write("b")).unwrap(), Written::Stored(2));
         assert!(watch.failure().is_none());
     }
 
