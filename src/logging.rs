@@ -457,6 +457,24 @@ impl Visit for CleanVisitor<'_> {
     }
 }
 
+/// `MakeWriter` for a line-filtering writer `$name<M>`: it makes the
+/// inner writer and wraps it, for every event alike.
+macro_rules! wrap_make_writer {
+    ($name:ident) => {
+        impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for $name<M> {
+            type Writer = $name<M::Writer>;
+
+            fn make_writer(&'a self) -> Self::Writer {
+                $name(self.0.make_writer())
+            }
+
+            fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+                $name(self.0.make_writer_for(meta))
+            }
+        }
+    };
+}
+
 /// The text formats' writer: a line longer than [`LINE_MAX`] (only
 /// several long values make one) is cut before it, between characters,
 /// outside an escape and outside a colour sequence, and ends with
@@ -464,17 +482,7 @@ impl Visit for CleanVisitor<'_> {
 #[derive(Clone, Copy, Debug)]
 pub struct LineMax<M>(pub M);
 
-impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for LineMax<M> {
-    type Writer = LineMax<M::Writer>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        LineMax(self.0.make_writer())
-    }
-
-    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
-        LineMax(self.0.make_writer_for(meta))
-    }
-}
+wrap_make_writer!(LineMax);
 
 impl<W: Write> Write for LineMax<W> {
     /// tracing-subscriber formats each event, its line break included,
@@ -524,22 +532,13 @@ impl<W: Write> Write for LineMax<W> {
 /// (between characters and escapes) and ends with `…[N bytes more]`; if
 /// the line is still longer than [`LINE_MAX`], its string values share
 /// half of that equally, quotes and markers counted (within the bound for
-/// up to 500 string values: 16 KiB / [`MARKER_MAX`] and quotes). A line with none of this to do (every line but a
-/// hostile one) is written as it is, without a copy.
+/// up to 500 string values: 16 KiB / [`MARKER_MAX`] and quotes). A line
+/// with none of this to do (every line but a hostile one) is written as it
+/// is, without a copy.
 #[derive(Clone, Copy, Debug)]
 pub struct JsonSafe<M>(pub M);
 
-impl<'a, M: MakeWriter<'a>> MakeWriter<'a> for JsonSafe<M> {
-    type Writer = JsonSafe<M::Writer>;
-
-    fn make_writer(&'a self) -> Self::Writer {
-        JsonSafe(self.0.make_writer())
-    }
-
-    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
-        JsonSafe(self.0.make_writer_for(meta))
-    }
-}
+wrap_make_writer!(JsonSafe);
 
 impl<W: Write> Write for JsonSafe<W> {
     /// tracing-subscriber formats each event, its line break included,

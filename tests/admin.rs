@@ -1028,6 +1028,22 @@ fn names_the_storage_error(body: &str) -> bool {
     .any(|why| body.contains(&format!("writes to the database fail {why}")))
 }
 
+/// Lowers the daemon's file size limit to 0 and asks it for a sync, which
+/// it cannot record: its pid and the `/healthz` body (at `url`) once that
+/// answers 503 naming the failed writes.
+async fn make_the_daemons_writes_fail(env: &Env, daemon: &mut Daemon, url: &str) -> (u32, String) {
+    let pid = daemon_pid(env);
+    set_file_size_limit(pid, 0);
+    env.sql()
+        .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
+        .unwrap();
+    let body = wait_for_answer(daemon, url, "healthz naming the failed writes", &|s, b| {
+        s == 503 && b.contains("writes to the database fail")
+    })
+    .await;
+    (pid, body)
+}
+
 /// The daemon's writes to the mirror fail (a full disk; here its file size
 /// limit is lowered to 0 under it, with SIGXFSZ ignored as a full disk sends
 /// no signal): it cannot take a sync request, record a pass or a send, nor
@@ -1046,18 +1062,7 @@ async fn healthz_turns_503_while_the_daemons_writes_fail() {
     let url = format!("{}/healthz", daemon.base);
     let readyz = format!("{}/readyz", daemon.base);
     wait_for_answer(&mut daemon, &url, "healthz answering 200", &|s, _| s == 200).await;
-    let pid = daemon_pid(&env);
-    set_file_size_limit(pid, 0);
-    env.sql()
-        .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
-        .unwrap();
-    let body = wait_for_answer(
-        &mut daemon,
-        &url,
-        "healthz naming the failed writes",
-        &|s, b| s == 503 && b.contains("writes to the database fail"),
-    )
-    .await;
+    let (pid, body) = make_the_daemons_writes_fail(&env, &mut daemon, &url).await;
     assert!(names_the_storage_error(&body), "{body}");
     let ready = get(&readyz).await;
     assert!(
@@ -1100,18 +1105,7 @@ async fn healthz_recovers_with_no_business_enabled_once_writes_work_again() {
     let url = format!("{}/healthz", daemon.base);
     let readyz = format!("{}/readyz", daemon.base);
     wait_for_answer(&mut daemon, &url, "healthz answering 200", &|s, _| s == 200).await;
-    let pid = daemon_pid(&env);
-    set_file_size_limit(pid, 0);
-    env.sql()
-        .execute("INSERT INTO sync_requests (kind) VALUES ('head')", [])
-        .unwrap();
-    let body = wait_for_answer(
-        &mut daemon,
-        &url,
-        "healthz naming the failed writes",
-        &|s, b| s == 503 && b.contains("writes to the database fail"),
-    )
-    .await;
+    let (pid, body) = make_the_daemons_writes_fail(&env, &mut daemon, &url).await;
     assert!(names_the_storage_error(&body), "{body}");
     // The lag table is rewritten every second while writes fail: each
     // failure was logged, 3,600 warnings an hour onto what is likely the

@@ -1747,13 +1747,9 @@ async fn the_sandbox_messages_endpoint_takes_limit_1_to_20_and_both_time_bounds(
     }
 }
 
-/// A message that becomes visible late (another node's clock a little
-/// behind, a listing that showed it only after the poll) can be dated just
-/// before the lead's mark. A later poll stopped on the first page holding
-/// a message at or before the mark: when the page ended exactly there, the
-/// late message was on the next page, and no poll ever read it again.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_visible_late_just_before_the_mark_is_still_read() {
+/// A daemon polling messages, its first business mirrored once, and a lead
+/// of it without messages: (env, business id, lead id).
+async fn mirrored_silent_lead() -> (Env, String, String) {
     let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
     let business = env.business_ids()[0].clone();
     let lead = env
@@ -1763,6 +1759,17 @@ async fn a_message_visible_late_just_before_the_mark_is_still_read() {
         .find(|l| env.sandbox.messages(l).is_empty())
         .expect("a lead without messages");
     env.run_ok(&["sync", "--business", &business]);
+    (env, business, lead)
+}
+
+/// A message that becomes visible late (another node's clock a little
+/// behind, a listing that showed it only after the poll) can be dated just
+/// before the lead's mark. A later poll stopped on the first page holding
+/// a message at or before the mark: when the page ended exactly there, the
+/// late message was on the next page, and no poll ever read it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_visible_late_just_before_the_mark_is_still_read() {
+    let (env, business, lead) = mirrored_silent_lead().await;
     let now = chrono::Utc::now();
     let at = |minutes: i64| leadsync::time::fmt(now - chrono::Duration::minutes(minutes));
     env.add_messages_at(&lead, vec![at(60), at(30)]);
@@ -1800,15 +1807,7 @@ async fn a_message_visible_late_just_before_the_mark_is_still_read() {
 /// [`LATE_SLACK`]: leadsync::messages::LATE_SLACK
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_that_ignores_sent_before_still_ends_a_poll_that_reached_the_mark() {
-    let env = Env::new(SandboxOptions::default(), false, &with_messages()).await;
-    let business = env.business_ids()[0].clone();
-    let lead = env
-        .sandbox
-        .lead_ids(&business)
-        .into_iter()
-        .find(|l| env.sandbox.messages(l).is_empty())
-        .expect("a lead without messages");
-    env.run_ok(&["sync", "--business", &business]);
+    let (env, business, lead) = mirrored_silent_lead().await;
     let now = chrono::Utc::now();
     let at = |seconds: i64| leadsync::time::fmt(now - chrono::Duration::seconds(seconds));
     env.add_messages_at(&lead, vec![at(3600), at(1800)]);

@@ -4323,6 +4323,30 @@ async fn config_check_warns_of_a_grant_copied_into_two_token_files() {
     assert!(!text(&o).contains("same refresh token"), "{}", text(&o));
 }
 
+/// An OAuth daemon's second business with an empty token file and a fresh
+/// authorization code: (env, business id, code).
+async fn a_business_awaiting_its_exchange() -> (Env, String, String) {
+    let env = oauth_env(3600, FAST).await;
+    let b = env.business_ids()[1].clone();
+    std::fs::write(token_file(&env, &b), "").unwrap();
+    let code = env.sandbox.mint_auth_code(&b);
+    (env, b, code)
+}
+
+/// `auth exchange` of `code` for business `b`.
+fn exchange_args<'a>(b: &'a str, code: &'a str) -> [&'a str; 8] {
+    [
+        "auth",
+        "exchange",
+        "--business",
+        b,
+        "--code",
+        code,
+        "--redirect-uri",
+        "https://partner.example/callback",
+    ]
+}
+
 /// Review (oauth adversarial): an exchange whose answer was lost (the
 /// connection cut after the code was sent) or that the token endpoint did
 /// not serve (a 503 page, a 429) ended with the bare transport error: the
@@ -4331,20 +4355,8 @@ async fn config_check_warns_of_a_grant_copied_into_two_token_files() {
 /// endpoint never took still works when run again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exchange_without_an_answer_says_what_became_of_the_code() {
-    let env = oauth_env(3600, FAST).await;
-    let b = env.business_ids()[1].clone();
-    std::fs::write(token_file(&env, &b), "").unwrap();
-    let code = env.sandbox.mint_auth_code(&b);
-    let args = [
-        "auth",
-        "exchange",
-        "--business",
-        &b,
-        "--code",
-        &code,
-        "--redirect-uri",
-        "https://partner.example/callback",
-    ];
+    let (env, b, code) = a_business_awaiting_its_exchange().await;
+    let args = exchange_args(&b, &code);
     for (status, says) in [
         (0, "the code may have been spent"),
         (503, "the code may have been spent"),
@@ -4477,20 +4489,8 @@ async fn a_token_file_renamed_by_a_copy_is_presented() {
 /// fix oauth.token_url first; another refusal does not claim to know.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exchange_redirected_or_refused_without_a_reason_says_what_to_fix() {
-    let env = oauth_env(3600, FAST).await;
-    let b = env.business_ids()[1].clone();
-    std::fs::write(token_file(&env, &b), "").unwrap();
-    let code = env.sandbox.mint_auth_code(&b);
-    let args = [
-        "auth",
-        "exchange",
-        "--business",
-        &b,
-        "--code",
-        &code,
-        "--redirect-uri",
-        "https://partner.example/callback",
-    ];
+    let (env, b, code) = a_business_awaiting_its_exchange().await;
+    let args = exchange_args(&b, &code);
     for (status, says) in [
         (307, "fix oauth.token_url, then run the command again"),
         (

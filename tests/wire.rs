@@ -1727,25 +1727,8 @@ async fn a_lead_removed_mid_scan(style: Pagination) {
     assert_eq!(code, 0, "{out}");
     assert_eq!(count(&env.sql(), "SELECT count(*) FROM negotiations"), 60);
 
-    env.sandbox.set_faults(Faults {
-        latency_ms: 400,
-        ..Faults::default()
-    });
-    let before = env.sandbox.list_requests(&b);
-    let scan = env
-        .cli()
-        .args(["sync", "--full"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let scan = full_scan_at_its_second_page(&env, &b).await;
     // The second page is asked for (and held 400 ms): remove a lead of the first.
-    common::wait_until(
-        "the second page is requested",
-        std::time::Duration::from_secs(30),
-        || env.sandbox.list_requests(&b) >= before + 2,
-    )
-    .await;
     env.sandbox
         .mutate(Mutation::Remove {
             negotiation_id: ids[3].clone(),
@@ -1782,6 +1765,31 @@ async fn a_lead_removed_mid_scan(style: Pagination) {
     assert_eq!(confirmed(), 1, "every lead listed, or found gone");
 }
 
+/// A `sync --full` started with every answer held 400 ms, once business
+/// `b`'s second page is requested: the first page is read, the second not
+/// yet. The caller clears the faults.
+async fn full_scan_at_its_second_page(env: &Env, b: &str) -> std::process::Child {
+    env.sandbox.set_faults(Faults {
+        latency_ms: 400,
+        ..Faults::default()
+    });
+    let before = env.sandbox.list_requests(b);
+    let scan = env
+        .cli()
+        .args(["sync", "--full"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    common::wait_until(
+        "the second page is requested",
+        std::time::Duration::from_secs(30),
+        || env.sandbox.list_requests(b) >= before + 2,
+    )
+    .await;
+    scan
+}
+
 /// [`a_lead_removed_mid_scan`], and the lead the shift hid from the scan
 /// (ids[10]) loses its readable id meanwhile: the second reading, which
 /// looks for the leads the first one did not list, lists it as an entry it
@@ -1795,24 +1803,7 @@ async fn an_entry_the_second_reading_cannot_name_marks_no_lead_missing() {
     let ids = env.sandbox.lead_ids(&b);
     let (code, out) = sync(&env, &[]);
     assert_eq!(code, 0, "{out}");
-    env.sandbox.set_faults(Faults {
-        latency_ms: 400,
-        ..Faults::default()
-    });
-    let before = env.sandbox.list_requests(&b);
-    let scan = env
-        .cli()
-        .args(["sync", "--full"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    common::wait_until(
-        "the second page is requested",
-        std::time::Duration::from_secs(30),
-        || env.sandbox.list_requests(&b) >= before + 2,
-    )
-    .await;
+    let scan = full_scan_at_its_second_page(&env, &b).await;
     env.sandbox
         .mutate(Mutation::Remove {
             negotiation_id: ids[3].clone(),

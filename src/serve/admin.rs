@@ -608,7 +608,6 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn healthz_answers_503_promptly_while_the_database_file_cannot_be_looked_at() {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        use tower::ServiceExt;
         static RELEASE: AtomicBool = AtomicBool::new(false);
         static LOOKS: AtomicUsize = AtomicUsize::new(0);
         fn hung(_: &std::path::Path) -> std::io::Result<(u64, u64)> {
@@ -621,41 +620,8 @@ mod tests {
             }
             Ok((1, 1))
         }
-        let health = Arc::new(Health {
-            scheduler_beat: Arc::new(Heartbeat::new()),
-            drain_beat: Arc::new(Heartbeat::new()),
-            stale_after: Duration::from_secs(3600),
-            stopping: CancellationToken::new(),
-            mirror_error: Mutex::new(None),
-            disk: None,
-            database: Some(DatabaseFile {
-                path: PathBuf::from("/hung/m.db"),
-                id: (1, 1),
-                look: hung,
-                within: Duration::from_millis(200),
-                looking: Arc::default(),
-                tokens: None,
-            }),
-            writes: None,
-            token_writes: None,
-        });
-        let probe = |health: Arc<Health>| {
-            tokio::spawn(async move {
-                let resp = router(health)
-                    .oneshot(
-                        axum::http::Request::get("/healthz")
-                            .body(axum::body::Body::empty())
-                            .unwrap(),
-                    )
-                    .await
-                    .unwrap();
-                let status = resp.status();
-                let body = axum::body::to_bytes(resp.into_body(), 1 << 20)
-                    .await
-                    .unwrap();
-                (status, String::from_utf8_lossy(&body).into_owned())
-            })
-        };
+        let health = health_looking_with("/hung/m.db", hung, Duration::from_millis(200));
+        let probe = healthz_probe;
         let mut answers = Vec::new();
         for _ in 0..2 {
             let answer = tokio::time::timeout(Duration::from_secs(5), probe(health.clone())).await;

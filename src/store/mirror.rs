@@ -1877,6 +1877,19 @@ mod tests {
         }
     }
 
+    /// A poll's page of business 12, read and written at the new year.
+    fn poll_of_business_12() -> PageContext {
+        PageContext {
+            business_id: "12".into(),
+            run_id: None,
+            source: Source::Poll,
+            now: "2026-01-01T00:00:00.000Z".into(),
+            stale_before: "2025-12-31T23:00:00.000Z".into(),
+            insert_first: false,
+            read_at: Some("2026-01-01T00:00:00.000Z".into()),
+        }
+    }
+
     /// The partner's program edited mirrored rows with values of types
     /// leadsync never writes (SQLite keeps a text in an INTEGER column, and
     /// a blob anywhere; a number in a TEXT column becomes text): a hash as
@@ -1889,15 +1902,7 @@ mod tests {
     fn a_row_the_partner_edited_with_values_of_other_types_does_not_fail_the_page() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
-        let ctx = PageContext {
-            business_id: "12".into(),
-            run_id: None,
-            source: Source::Poll,
-            now: "2026-01-01T00:00:00.000Z".into(),
-            stale_before: "2025-12-31T23:00:00.000Z".into(),
-            insert_first: false,
-            read_at: Some("2026-01-01T00:00:00.000Z".into()),
-        };
+        let ctx = poll_of_business_12();
         let lead = |id: &str, status: &str| {
             let payload = format!(r#"{{"negotiationID":"{id}","status":"{status}"}}"#);
             LeadRow {
@@ -1977,15 +1982,7 @@ mod tests {
     fn a_listing_rewrites_values_of_other_types_without_a_change_row() {
         let dir = tempfile::tempdir().unwrap();
         let mut conn = crate::store::open_connection(&dir.path().join("m.db"), true).unwrap();
-        let ctx = PageContext {
-            business_id: "12".into(),
-            run_id: None,
-            source: Source::Poll,
-            now: "2026-01-01T00:00:00.000Z".into(),
-            stale_before: "2025-12-31T23:00:00.000Z".into(),
-            insert_first: false,
-            read_at: Some("2026-01-01T00:00:00.000Z".into()),
-        };
+        let ctx = poll_of_business_12();
         let lead = |id: &str| {
             let payload = format!(r#"{{"negotiationID":"{id}","status":"Open"}}"#);
             LeadRow {

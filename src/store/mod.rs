@@ -2050,23 +2050,22 @@ impl Store {
 /// but writes its page), from one that wrote nothing (an UPDATE that
 /// matched no row).
 pub(crate) fn pages_written(conn: &Connection) -> i64 {
-    let (mut cur, mut hi) = (0, 0);
-    // SAFETY: the handle is open for the duration of the borrow, and the
-    // pointers are to live locals.
-    let rc = unsafe {
-        rusqlite::ffi::sqlite3_db_status(
-            conn.handle(),
-            rusqlite::ffi::SQLITE_DBSTATUS_CACHE_WRITE,
-            &mut cur,
-            &mut hi,
-            0,
-        )
-    };
+    let (rc, cur) = db_status(conn, rusqlite::ffi::SQLITE_DBSTATUS_CACHE_WRITE);
     if rc == rusqlite::ffi::SQLITE_OK {
-        i64::from(cur)
+        cur
     } else {
         0
     }
+}
+
+/// `sqlite3_db_status(conn, op)` without reset: SQLite's result code and
+/// the counter's current value.
+fn db_status(conn: &Connection, op: std::ffi::c_int) -> (std::ffi::c_int, i64) {
+    let (mut cur, mut hi) = (0, 0);
+    // SAFETY: the handle is open for the duration of the borrow, and the
+    // pointers are to live locals.
+    let rc = unsafe { rusqlite::ffi::sqlite3_db_status(conn.handle(), op, &mut cur, &mut hi, 0) };
+    (rc, i64::from(cur))
 }
 
 /// An exclusive hold on a database for one leadsync process that sends
@@ -2935,19 +2934,9 @@ mod tests {
             .await
             .unwrap();
         fn cache_used(c: &Connection) -> i64 {
-            let (mut cur, mut hi) = (0, 0);
-            // SAFETY: the handle is open for the duration of the borrow.
-            let rc = unsafe {
-                rusqlite::ffi::sqlite3_db_status(
-                    c.handle(),
-                    rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED,
-                    &mut cur,
-                    &mut hi,
-                    0,
-                )
-            };
+            let (rc, cur) = super::db_status(c, rusqlite::ffi::SQLITE_DBSTATUS_CACHE_USED);
             assert_eq!(rc, rusqlite::ffi::SQLITE_OK);
-            cur as i64
+            cur
         }
         let after_scan = store
             .read(|c| {

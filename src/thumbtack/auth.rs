@@ -953,22 +953,7 @@ impl Auth {
         let timeout = Duration::from_secs(config.file.api.timeout_secs);
         let http = super::client::http_client(timeout, &config.file.api.user_agent)?;
         let auth = Auth {
-            inner: Arc::new(Inner {
-                http,
-                timeout,
-                oauth: RwLock::new(None),
-                store: store.map(std::sync::OnceLock::from).unwrap_or_default(),
-                recorder,
-                members: RwLock::new(HashMap::new()),
-                chains: Mutex::new(HashMap::new()),
-                client_refused: Mutex::new(None),
-                client_alert_cleared: AtomicBool::new(false),
-                tasks: TaskTracker::new(),
-                stopping: CancellationToken::new(),
-                refresh_deadline: Mutex::new(None),
-                settling: tokio::sync::Notify::new(),
-                file_index: tokio::sync::Mutex::new(FileIndex::default()),
-            }),
+            inner: Arc::new(Inner::new(http, timeout, store, recorder)),
         };
         auth.reconfigure(config);
         for (id, reason) in needs_reauth {
@@ -1784,6 +1769,31 @@ impl Auth {
 }
 
 impl Inner {
+    /// No members yet, nothing in flight: what [`Auth::reconfigure`] fills.
+    fn new(
+        http: reqwest::Client,
+        timeout: Duration,
+        store: Option<Arc<dyn GrantStore>>,
+        recorder: Option<Arc<dyn AuthRecorder>>,
+    ) -> Inner {
+        Inner {
+            http,
+            timeout,
+            oauth: RwLock::new(None),
+            store: store.map(std::sync::OnceLock::from).unwrap_or_default(),
+            recorder,
+            members: RwLock::new(HashMap::new()),
+            chains: Mutex::new(HashMap::new()),
+            client_refused: Mutex::new(None),
+            client_alert_cleared: AtomicBool::new(false),
+            tasks: TaskTracker::new(),
+            stopping: CancellationToken::new(),
+            refresh_deadline: Mutex::new(None),
+            settling: tokio::sync::Notify::new(),
+            file_index: tokio::sync::Mutex::new(FileIndex::default()),
+        }
+    }
+
     /// One compare-and-set write of a new grant (`auth exchange`): `Ok(false)`
     /// when the row changed meanwhile.
     async fn store_grant(
@@ -3776,22 +3786,12 @@ mod tests {
     }
 
     fn bare_inner() -> Inner {
-        Inner {
-            http: crate::thumbtack::client::http_client(Duration::from_secs(5), "test").unwrap(),
-            timeout: Duration::from_secs(5),
-            oauth: RwLock::new(None),
-            store: Default::default(),
-            recorder: None,
-            members: RwLock::new(HashMap::new()),
-            chains: Mutex::new(HashMap::new()),
-            client_refused: Mutex::new(None),
-            client_alert_cleared: AtomicBool::new(false),
-            tasks: TaskTracker::new(),
-            stopping: CancellationToken::new(),
-            refresh_deadline: Mutex::new(None),
-            settling: tokio::sync::Notify::new(),
-            file_index: tokio::sync::Mutex::new(FileIndex::default()),
-        }
+        Inner::new(
+            crate::thumbtack::client::http_client(Duration::from_secs(5), "test").unwrap(),
+            Duration::from_secs(5),
+            None,
+            None,
+        )
     }
 
     /// What a reload naming business `id` with token file `file` does.
