@@ -2093,6 +2093,42 @@ pub struct ProcessLock {
 static DATABASE_FILES: std::sync::Mutex<Vec<(u64, u64, File, bool)>> =
     std::sync::Mutex::new(Vec::new());
 
+/// Why [`idle_descriptor`] has no descriptor to give.
+enum Unopened {
+    Open(std::io::Error),
+    Stat(std::io::Error),
+}
+
+/// The index in [`DATABASE_FILES`] of a descriptor on the database `meta`
+/// describes that no hold has: one kept from before, else one opened now
+/// and kept for good.
+fn idle_descriptor(
+    files: &mut Vec<(u64, u64, File, bool)>,
+    database: &Path,
+    meta: &std::fs::Metadata,
+) -> std::result::Result<usize, Unopened> {
+    use std::os::unix::fs::MetadataExt;
+    if let Some(at) = files
+        .iter()
+        .position(|(dev, ino, _, held)| (*dev, *ino) == (meta.dev(), meta.ino()) && !held)
+    {
+        return Ok(at);
+    }
+    let file = File::open(database).map_err(Unopened::Open)?;
+    match file.metadata() {
+        Ok(m) => {
+            files.push((m.dev(), m.ino(), file, false));
+            Ok(files.len() - 1)
+        }
+        Err(e) => {
+            // Closing any descriptor on the database drops this process's
+            // SQLite (fcntl) locks on it: never close this one either.
+            std::mem::forget(file);
+            Err(Unopened::Stat(e))
+        }
+    }
+}
+
 /// An exclusive flock on a database file, released (not closed) when dropped.
 struct DatabaseHold(usize);
 
@@ -2100,7 +2136,6 @@ impl DatabaseHold {
     /// Takes it; `Ok(None)` when another holder has it. A database that
     /// does not exist yet (`probe` before the first start) is not held.
     fn take(database: &Path) -> Result<Option<Option<DatabaseHold>>> {
-        use std::os::unix::fs::MetadataExt;
         let meta = match std::fs::metadata(database) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(None)),
@@ -2109,27 +2144,14 @@ impl DatabaseHold {
             }
         };
         let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = files
-            .iter()
-            .position(|(dev, ino, _, held)| (*dev, *ino) == (meta.dev(), meta.ino()) && !held);
-        let at = match idle {
-            Some(at) => at,
-            None => {
-                let file = File::open(database)
-                    .with_context(|| format!("cannot open {} to lock it", database.display()))?;
-                let m = match file.metadata() {
-                    Ok(m) => m,
-                    Err(e) => {
-                        // Closing any descriptor on the database drops this
-                        // process's SQLite (fcntl) locks on it: never close
-                        // this one either (see DATABASE_FILES).
-                        std::mem::forget(file);
-                        return Err(e)
-                            .with_context(|| format!("cannot read {}", database.display()));
-                    }
-                };
-                files.push((m.dev(), m.ino(), file, false));
-                files.len() - 1
+        let at = match idle_descriptor(&mut files, database, &meta) {
+            Ok(at) => at,
+            Err(Unopened::Open(e)) => {
+                return Err(e)
+                    .with_context(|| format!("cannot open {} to lock it", database.display()));
+            }
+            Err(Unopened::Stat(e)) => {
+                return Err(e).with_context(|| format!("cannot read {}", database.display()));
             }
         };
         match files[at].2.try_lock() {
@@ -2151,35 +2173,14 @@ impl DatabaseHold {
     /// there) and released at once. A database that does not exist is not
     /// held; one that cannot be opened or locked is, as far as can be told.
     fn is_held(database: &Path) -> bool {
-        use std::os::unix::fs::MetadataExt;
         let meta = match std::fs::metadata(database) {
             Ok(m) => m,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return false,
             Err(_) => return true,
         };
         let mut files = DATABASE_FILES.lock().unwrap_or_else(|p| p.into_inner());
-        let idle = files
-            .iter()
-            .position(|(dev, ino, _, held)| (*dev, *ino) == (meta.dev(), meta.ino()) && !held);
-        let at = match idle {
-            Some(at) => at,
-            None => {
-                let Ok(file) = File::open(database) else {
-                    return true;
-                };
-                let m = match file.metadata() {
-                    Ok(m) => m,
-                    Err(_) => {
-                        // Closing any descriptor on the database drops this
-                        // process's SQLite (fcntl) locks on it: never close
-                        // this one either (see DATABASE_FILES).
-                        std::mem::forget(file);
-                        return true;
-                    }
-                };
-                files.push((m.dev(), m.ino(), file, false));
-                files.len() - 1
-            }
+        let Ok(at) = idle_descriptor(&mut files, database, &meta) else {
+            return true;
         };
         match files[at].2.try_lock_shared() {
             Ok(()) => {
