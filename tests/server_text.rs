@@ -38,6 +38,23 @@ fn answering(status: &str, content_type: &str, body: &[u8]) -> std::net::SocketA
     addr
 }
 
+/// A 400 problem detail (RFC 9457) with this `detail`.
+fn problem_400(detail: &str) -> String {
+    serde_json::json!({
+        "type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail,
+    })
+    .to_string()
+}
+
+/// A server answering every request with the 400 `problem`.
+fn answering_problem_400(problem: &str) -> std::net::SocketAddr {
+    answering(
+        "400 Bad Request",
+        "application/problem+json",
+        problem.as_bytes(),
+    )
+}
+
 fn point_at(env: &Env, addr: std::net::SocketAddr) {
     env.set_overrides(&FAST.replacen(
         "[api]\n",
@@ -87,18 +104,8 @@ async fn a_problem_detail_is_stored_as_sent_and_printed_clean() {
     let lead = env.sandbox.lead_ids(&b)[0].clone();
 
     let detail = "line one\nline\ttwo \u{1b}]0;owned\u{7}\u{1b}[2J\u{9b}31m\u{202e}end";
-    let problem = serde_json::json!({
-        "type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail,
-    })
-    .to_string();
-    point_at(
-        &env,
-        answering(
-            "400 Bad Request",
-            "application/problem+json",
-            problem.as_bytes(),
-        ),
-    );
+    let problem = problem_400(detail);
+    point_at(&env, answering_problem_400(&problem));
 
     let sync = env.run(&["sync", "--business", &b]);
     assert_eq!(sync.status.code(), Some(1), "{}", text(&sync));
@@ -313,10 +320,7 @@ async fn a_refused_offset_proof_is_noted_without_the_servers_line_breaks_or_esca
     )
     .await;
     let detail = format!("no\n{FORGED}\u{1b}]0;owned\u{7}\u{9b}2J");
-    let problem = serde_json::json!({
-        "type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail,
-    })
-    .to_string();
+    let problem = problem_400(&detail);
     point_at(&env, refusing(env.sandbox.addr(), "offset=9", &problem));
     let sync = env.run(&["sync", "--full"]);
     assert_eq!(sync.status.code(), Some(0), "{}", text(&sync));
@@ -343,18 +347,8 @@ async fn a_refused_business_list_warns_without_the_servers_line_breaks_or_escape
     let env = common::oauth_env(3600, FAST).await;
     let ids = env.business_ids();
     let detail = format!("no\n{FORGED}\u{1b}]0;owned\u{7}\u{9b}2J");
-    let problem = serde_json::json!({
-        "type": "about:blank", "title": "Bad Request", "status": 400, "detail": detail,
-    })
-    .to_string();
-    point_at(
-        &env,
-        answering(
-            "400 Bad Request",
-            "application/problem+json",
-            problem.as_bytes(),
-        ),
-    );
+    let problem = problem_400(&detail);
+    point_at(&env, answering_problem_400(&problem));
     let file = env.dir.path().join("pro-1");
     let code = env.sandbox.mint_grant_code(&[&ids[0]]);
     let o = env.run(&[
